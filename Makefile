@@ -1,0 +1,42 @@
+# Hourglass — everything a new clone needs goes through these targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DB ?= hourglass.duckdb
+
+.PHONY: install demo test lint bench bench-ingest bench-analysis bench-api clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Starts `hourglass serve` on the embedded DuckDB store, runs the sample workload through the
+# real OTLP exporter and prints the ranked recommendations.
+demo: install
+	$(PY) -m api.demo --db $(DB)
+
+# Every test. Installs headless Chromium (Debian's package) for the report-page tests when root.
+test: install
+	bash scripts/ensure-chromium
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check collector analysis api tests bench
+	$(VENV)/bin/mypy
+
+bench: bench-ingest bench-analysis bench-api
+
+bench-ingest: install
+	$(PY) -m bench.ingest
+
+bench-analysis: install
+	$(PY) -m bench.analysis
+
+bench-api: install
+	$(PY) -m bench.api
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

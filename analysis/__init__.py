@@ -1,0 +1,1 @@
+"""Understanding spans: trace frames, repair, critical path, detectors, what-if savings, ranking, write-up."""

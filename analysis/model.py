@@ -1,0 +1,86 @@
+"""What detectors report and how the what-if engine re-times a trace.
+
+A detector returns :class:`Finding` objects: one per bottleneck signature (the same bottleneck
+seen in many traces is one finding), each carrying its per-trace :class:`Occurrence` list. An
+occurrence says which spans are involved and which :class:`Intervention` would remove the
+bottleneck in that trace; the what-if engine applies the interventions to the trace and re-times
+it along its critical path, so savings are measured at the root, never as a local ``sum - max``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Category = Literal["parallelization", "fault_tolerance"]
+
+
+@dataclass(frozen=True)
+class RunConcurrently:
+    """These sibling spans start together, at the earliest start among them (serialized calls,
+    N+1 done concurrently, a fan-out whose pool cap is lifted)."""
+
+    span_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ShortenSpan:
+    """This span's duration is cut by ``by_ns`` (lock wait removed, straggler brought to the
+    median, a call bounded by a timeout). Its children keep their offsets from its start."""
+
+    span_id: str
+    by_ns: int
+
+
+@dataclass(frozen=True)
+class CollapseSpans:
+    """N sibling calls become one batched call: the first span takes ``duration_ns`` and the
+    rest disappear (N+1 → one batched query)."""
+
+    span_ids: tuple[str, ...]
+    duration_ns: int
+
+
+Intervention = RunConcurrently | ShortenSpan | CollapseSpans
+
+
+@dataclass
+class Occurrence:
+    """One instance of a bottleneck in one trace."""
+
+    trace_id: str
+    span_ids: tuple[str, ...]  # the spans involved; for a parent/children pattern the parent first
+    interventions: tuple[Intervention, ...] = ()
+    numbers: dict[str, float] = field(default_factory=dict)  # per-occurrence detector numbers
+
+
+@dataclass
+class Finding:
+    """A bottleneck or a fault-tolerance gap, aggregated across traces by a stable signature."""
+
+    kind: str
+    category: Category
+    service: str  # where the change is made
+    operation: str  # that span's name
+    targets: list[dict[str, str]]  # [{"service": ..., "operation": ...}]
+    occurrences: list[Occurrence]
+    confidence: float
+    evidence: dict[str, Any] = field(default_factory=dict)  # aggregated detector numbers
+    requests_at_risk: int | None = None  # fault-tolerance findings ranked by this when no latency
+    signature_extra: str = ""  # anything else that distinguishes two findings of one kind
+
+    @property
+    def signature(self) -> str:
+        targets = ",".join(sorted(f"{t.get('service', '')}/{t.get('operation', '')}" for t in self.targets))
+        return f"{self.kind}|{self.service}|{self.operation}|{targets}|{self.signature_extra}"
+
+    @property
+    def id(self) -> str:
+        """Stable id: the same bottleneck gets the same id across runs."""
+        digest = hashlib.sha256(self.signature.encode()).hexdigest()[:16]
+        return f"{self.kind}-{digest}"
+
+    @property
+    def trace_ids(self) -> list[str]:
+        return list(dict.fromkeys(o.trace_id for o in self.occurrences))

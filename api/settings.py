@@ -1,0 +1,47 @@
+"""Settings for `hourglass serve` and the CLI: flags win, then HOURGLASS_* variables, then defaults.
+
+Every setting here is documented in the README's settings table (a test checks it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+DEFAULT_DB = "hourglass.duckdb"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def parse_duration_seconds(text: str) -> float:
+    """'90', '90s', '15m', '12h', '7d' -> seconds."""
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+@dataclass
+class Settings:
+    db: str = field(default_factory=lambda: _env("HOURGLASS_DB", DEFAULT_DB))
+    host: str = field(default_factory=lambda: _env("HOURGLASS_HOST", "127.0.0.1"))
+    grpc_port: int = field(default_factory=lambda: int(_env("HOURGLASS_GRPC_PORT", "4317")))
+    http_port: int = field(default_factory=lambda: int(_env("HOURGLASS_HTTP_PORT", "4318")))
+    api_port: int = field(default_factory=lambda: int(_env("HOURGLASS_API_PORT", "8000")))
+    api_token: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_API_TOKEN") or None)
+    max_message_bytes: int = field(
+        default_factory=lambda: int(_env("HOURGLASS_MAX_MESSAGE_BYTES", str(32 * 1024 * 1024)))
+    )
+    retention_seconds: float = field(
+        default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_RETENTION", "7d"))
+    )
+    settle_seconds: float = field(default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_SETTLE", "10s")))
+    llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-4-5"))
+
+
+SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}
+SETTING_ENV_VARS["retention_seconds"] = "HOURGLASS_RETENTION"
+SETTING_ENV_VARS["settle_seconds"] = "HOURGLASS_SETTLE"
