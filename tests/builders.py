@@ -1,0 +1,90 @@
+"""Hand-built traces for unit tests: rows of collector.schema.SPAN_SCHEMA without a decoder.
+
+    b = TraceBuilder(service="frontend")
+    root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+    b.span("SELECT user", parent=root, start_ms=10, dur_ms=50, service="users-db", kind=KIND_CLIENT,
+           db_system="sqlite", db_statement="SELECT * FROM users WHERE id = ?")
+    table = spans_table(b)            # or spans_table([b1, b2, ...])
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+
+from collector.schema import KIND_INTERNAL, SPAN_SCHEMA, STATUS_UNSET
+
+BASE_NS = 1_760_000_000_000_000_000  # an arbitrary epoch time in 2025
+_trace_counter = itertools.count(1)
+_span_counter = itertools.count(1)
+
+
+class TraceBuilder:
+    def __init__(self, service: str = "frontend", trace_id: str | None = None, base_ns: int = BASE_NS) -> None:
+        self.service = service
+        self.trace_id = trace_id or f"{next(_trace_counter):032x}"
+        self.base_ns = base_ns
+        self.rows: list[dict[str, Any]] = []
+
+    def span(
+        self,
+        name: str,
+        *,
+        start_ms: float,
+        dur_ms: float,
+        parent: str | None = None,
+        service: str | None = None,
+        kind: int = KIND_INTERNAL,
+        status_code: int = STATUS_UNSET,
+        span_id: str | None = None,
+        events: Iterable[tuple[str, float, dict[str, Any]]] = (),
+        hints: dict[str, Any] | None = None,
+        links: Iterable[str] = (),
+        follows_from: bool = False,
+        **columns: Any,
+    ) -> str:
+        """Add a span; times in milliseconds from the builder's base; returns its span id."""
+        sid = span_id or f"{next(_span_counter):016x}"
+        start = self.base_ns + int(start_ms * 1_000_000)
+        events = list(events)
+        event_hints = [
+            {"name": n, "time_ns": self.base_ns + int(t * 1_000_000), "attributes": a} for n, t, a in events if a
+        ]
+        row: dict[str, Any] = {name_: None for name_ in SPAN_SCHEMA.names}
+        row.update(
+            trace_id=self.trace_id,
+            span_id=sid,
+            parent_span_id=parent,
+            service=service or self.service,
+            name=name,
+            kind=kind,
+            start_ns=start,
+            end_ns=start + int(dur_ms * 1_000_000),
+            status_code=status_code,
+            event_names=[n for n, _, _ in events],
+            event_times_ns=[self.base_ns + int(t * 1_000_000) for _, t, _ in events],
+            event_hints=json.dumps(event_hints) if event_hints else None,
+            hints=json.dumps(hints) if hints else None,
+            links=list(links),
+            follows_from=follows_from,
+            resource_json=json.dumps({"service.name": service or self.service}),
+            raw=b"",
+            ingested_ns=self.base_ns,
+        )
+        unknown = set(columns) - set(SPAN_SCHEMA.names)
+        if unknown:
+            raise TypeError(f"unknown span columns: {sorted(unknown)}")
+        row.update(columns)
+        self.rows.append(row)
+        return sid
+
+
+def spans_table(builders: TraceBuilder | Iterable[TraceBuilder]) -> pa.Table:
+    if isinstance(builders, TraceBuilder):
+        builders = [builders]
+    rows = [row for b in builders for row in b.rows]
+    return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
