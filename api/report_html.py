@@ -246,11 +246,9 @@ def render_waterfall_svg(exemplar: Exemplar, colours: Mapping[str, str], *, figu
         f'<svg class="waterfall" id="{esc(figure_id)}" xmlns="http://www.w3.org/2000/svg" '
         f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{esc("Waterfall of trace " + exemplar.trace_id)}">',
-        '<defs><pattern id="{0}-saved" width="6" height="6" patternUnits="userSpaceOnUse" '
+        f'<defs><pattern id="{esc(figure_id)}-saved" width="6" height="6" patternUnits="userSpaceOnUse" '
         'patternTransform="rotate(45)"><rect width="6" height="6" fill="#e8f6ec"/>'
-        '<line x1="0" y1="0" x2="0" y2="6" stroke="#59a14f" stroke-width="2"/></pattern></defs>'.format(
-            esc(figure_id)
-        ),
+        '<line x1="0" y1="0" x2="0" y2="6" stroke="#59a14f" stroke-width="2"/></pattern></defs>',
     ]
     # Panel headings, axis ticks and grid lines.
     for panel, x0 in panels:
@@ -263,7 +261,7 @@ def render_waterfall_svg(exemplar: Exemplar, colours: Mapping[str, str], *, figu
                 share = saved / before_ms if before_ms > 0 else 0.0
                 heading += f" · saves {fmt_ms(saved)} ({share:.0%})"
         out.append(f'<text class="panel-title" x="{x0}" y="13">{esc(heading)}</text>')
-        ticks = int(math.floor(total_ms / step + 1e-9))
+        ticks = math.floor(total_ms / step + 1e-9)
         for i in range(ticks + 1):
             x = x0 + i * step * scale
             out.append(
@@ -310,7 +308,9 @@ def render_waterfall_svg(exemplar: Exemplar, colours: Mapping[str, str], *, figu
         if is_bottleneck:
             marker = f'<rect class="marker-bottleneck" x="{indent}" y="{y + 4}" width="4" height="{BAR_HEIGHT - 1}"/>'
         elif on_path:
-            marker = f'<rect class="marker-path" x="{indent}" y="{y + 4}" width="4" height="{BAR_HEIGHT - 1}"/>'
+            marker = (
+                f'<rect class="marker-path" x="{indent}" y="{y + 4}" width="4" height="{BAR_HEIGHT - 1}"/>'
+            )
         duration_ms = (span.end_ns - span.start_ns) / NS_PER_MS
         offset_ms = (span.start_ns - t0) / NS_PER_MS
         roles = [r for r, on in (("on the critical path", on_path), ("bottleneck span", is_bottleneck)) if on]
@@ -386,7 +386,9 @@ def legend_html(colours: Mapping[str, str], services: Iterable[str]) -> str:
     items.append(
         '<span class="legend-item"><span class="swatch swatch-bottleneck"></span>bottleneck span</span>'
     )
-    items.append('<span class="legend-item"><span class="swatch swatch-off"></span>off the critical path</span>')
+    items.append(
+        '<span class="legend-item"><span class="swatch swatch-off"></span>off the critical path</span>'
+    )
     items.append(
         '<span class="legend-item"><span class="swatch swatch-removed"></span>removed by the change</span>'
     )
@@ -555,7 +557,7 @@ def render_report_html(
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         # Nothing on this page may load from anywhere: no script, no remote style, image or font.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "style-src 'unsafe-inline'; img-src data:\">",
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
         f'<header class="top"><h1>{HOURGLASS_ICON} {esc(title)}</h1>'
@@ -605,10 +607,14 @@ def render_report_html(
     return "".join(parts)
 
 
-def _recommendation_html(rec: Mapping[str, Any], exemplar: Exemplar | None, colours: Mapping[str, str]) -> str:
+def _recommendation_html(
+    rec: Mapping[str, Any], exemplar: Exemplar | None, colours: Mapping[str, str]
+) -> str:
     impact = rec.get("impact") or {}
     category = str(rec.get("category") or "")
-    targets = ", ".join(f"{t.get('service', '')} · {t.get('operation', '')}" for t in rec.get("targets") or [])
+    targets = ", ".join(
+        f"{t.get('service', '')} · {t.get('operation', '')}" for t in rec.get("targets") or []
+    )
     out = [
         f'<section class="rec" id="{esc(_anchor(rec))}">',
         f'<h2><span class="rank">#{esc(rec.get("rank", ""))}</span>{esc(rec.get("title") or rec.get("kind"))}</h2>',
