@@ -1,0 +1,25 @@
+"""Detector registry: one module per bottleneck kind, each exporting ``detect(ctx) -> list[Finding]``.
+
+Contract::
+
+    Detector = Callable[[AnalysisContext], list[Finding]]
+    DETECTORS: dict[str, Detector]   # kind -> detect function
+
+A detector reads :class:`analysis.context.AnalysisContext` (repaired spans with critical-path columns),
+aggregates across traces by a stable signature (one bottleneck in 10,000 traces is one Finding with
+10,000 occurrences) and attaches per-trace interventions (``analysis.model``) so the what-if engine can
+measure the saving at the root. Its module docstring states its rule, thresholds and why.
+
+Keep ``DETECTORS`` a plain dict literal with one import per detector module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from analysis.context import AnalysisContext
+from analysis.model import Finding
+
+Detector = Callable[[AnalysisContext], list[Finding]]
+
+DETECTORS: dict[str, Detector] = {}

@@ -1,0 +1,255 @@
+"""Trace repair: small composable adjusters in the spirit of Jaeger's query-side adjusters.
+
+Each adjuster is a function of the span frame (or of the numpy arrays derived from it) and does one
+thing; :func:`analysis.context.AnalysisContext.from_table` runs them in this order:
+
+1. :func:`split_shared_spans` — Zipkin "shared" spans: a CLIENT and a SERVER span carrying the same
+   span id. The server half gets a new id (``<id>:server``) and the client as its parent; the server
+   service's children of that id are re-pointed at the server half (Jaeger's SpanIDDeduper).
+2. :func:`deduplicate` — one row per (trace_id, span_id): the same span delivered twice (exporter
+   retries, overlapping files) is kept once, the longest copy winning.
+3. :func:`link_parents` — parent row index per span; a span whose parent id is absent from the trace
+   is an **orphan**: kept as the root of its own subtree and flagged, and its trace is marked
+   incomplete. A span naming itself as parent, and parent cycles, are cut the same way.
+4. :func:`tree_depth_and_root` — depth and subtree root by pointer jumping (O(n log depth), no
+   recursion, fine for 10,000-deep chains).
+5. :func:`clock_skew_shift` — Jaeger's ClockSkew rule: a child on another host or service that does
+   not fit inside its parent is moved inside it. When the child is shorter than the parent, the
+   network latency is assumed split evenly (child start = parent start + (parent − child) / 2); when it
+   is longer, only its start is aligned with the parent's. A subtree moves with its root (the
+   shifts add up along the path), so spans of one host keep their relative positions. Asynchronous
+   relations (FOLLOWS_FROM, messaging) are never adjusted: a consumer may legitimately run later.
+6. :func:`blocking_flags` — whether the parent waits for the child. Not blocking: FOLLOWS_FROM
+   references, messaging hand-offs (a CONSUMER child or a PRODUCER parent across services, or a
+   PRODUCER→CONSUMER pair), and children that end after their (skew-corrected) parent ends by more
+   than the tolerance: the parent did not wait for them.
+
+Tolerance (:func:`tolerance_ns`): 1 % of the parent's duration, at least 1 µs and at most 1 ms —
+timestamps from different processes routinely disagree by tens of microseconds, and a 1 % overlap
+does not change which call a parent waited for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER
+
+TOLERANCE_FRACTION = 0.01
+TOLERANCE_MIN_NS = 1_000
+TOLERANCE_MAX_NS = 1_000_000
+SHARED_SERVER_SUFFIX = ":server"
+_MAX_JUMPS = 64  # 2**64 levels: pointer jumping always converges before this unless there is a cycle
+
+
+def tolerance_ns(parent_duration_ns: np.ndarray) -> np.ndarray:
+    """Per-parent overlap tolerance (see module docstring)."""
+    return np.clip(
+        (parent_duration_ns * TOLERANCE_FRACTION).astype(np.int64), TOLERANCE_MIN_NS, TOLERANCE_MAX_NS
+    )
+
+
+def split_shared_spans(df: pl.DataFrame) -> pl.DataFrame:
+    """Give the SERVER half of a Zipkin shared span its own id, parented by the CLIENT half."""
+    key = ["trace_id", "span_id"]
+    clients = df.filter(pl.col("kind") == KIND_CLIENT).select(key).unique()
+    servers = df.filter(pl.col("kind") == KIND_SERVER).join(clients, on=key, how="semi")
+    if servers.height == 0:
+        return df
+    shared = servers.select(
+        "trace_id",
+        pl.col("span_id").alias("_shared_id"),
+        pl.col("service").alias("_server_service"),
+    ).unique(subset=["trace_id", "_shared_id"], keep="first")
+    new_id = pl.col("span_id") + SHARED_SERVER_SUFFIX
+    is_server_half = (pl.col("kind") == KIND_SERVER) & pl.col("_server_service").is_not_null()
+    out = (
+        df.join(
+            shared,
+            left_on=["trace_id", "span_id"],
+            right_on=["trace_id", "_shared_id"],
+            how="left",
+            maintain_order="left",
+        )
+        .with_columns(
+            pl.when(is_server_half)
+            .then(pl.col("span_id"))
+            .otherwise(pl.col("parent_span_id"))
+            .alias("parent_span_id"),
+            pl.when(is_server_half).then(new_id).otherwise(pl.col("span_id")).alias("span_id"),
+        )
+        .drop("_server_service")
+    )
+    # Children recorded by the server's process point at the shared id: re-point them at the server half.
+    out = out.join(
+        shared,
+        left_on=["trace_id", "parent_span_id"],
+        right_on=["trace_id", "_shared_id"],
+        how="left",
+        maintain_order="left",
+    )
+    repoint = (
+        pl.col("_server_service").is_not_null()
+        & (pl.col("service") == pl.col("_server_service"))
+        & ~pl.col("span_id").str.ends_with(SHARED_SERVER_SUFFIX)
+    )
+    return out.with_columns(
+        pl.when(repoint)
+        .then(pl.col("parent_span_id") + SHARED_SERVER_SUFFIX)
+        .otherwise(pl.col("parent_span_id"))
+        .alias("parent_span_id")
+    ).drop("_server_service")
+
+
+def deduplicate(df: pl.DataFrame) -> pl.DataFrame:
+    """One row per (trace_id, span_id); of several copies the longest one is kept."""
+    if df.select(pl.struct("trace_id", "span_id").n_unique()).item() == df.height:
+        return df
+    df = split_shared_spans(df)
+    return (
+        df.with_row_index("_order")
+        .sort(
+            ["trace_id", "span_id", pl.col("end_ns") - pl.col("start_ns"), "_order"],
+            descending=[False, False, True, False],
+        )
+        .unique(subset=["trace_id", "span_id"], keep="first", maintain_order=True)
+        .sort("_order")
+        .drop("_order")
+    )
+
+
+def link_parents(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent)."""
+    lookup = df.select("trace_id", "span_id").with_row_index("_parent_row")
+    joined = df.select("trace_id", "parent_span_id", "span_id").join(
+        lookup.rename({"span_id": "parent_span_id"}),
+        on=["trace_id", "parent_span_id"],
+        how="left",
+        maintain_order="left",
+    )
+    has_parent_id = (
+        joined["parent_span_id"].is_not_null().to_numpy()
+        & (joined["parent_span_id"] != "").fill_null(False).to_numpy()
+    )
+    self_parent = (joined["parent_span_id"] == joined["span_id"]).fill_null(False).to_numpy()
+    parent = joined["_parent_row"].fill_null(-1).cast(pl.Int64).to_numpy().copy()
+    parent[self_parent] = -1
+    orphan = has_parent_id & (parent < 0)
+    return parent, orphan
+
+
+def _break_cycles(parent: np.ndarray, start_ns: np.ndarray) -> np.ndarray:
+    """Cut parent links that never reach a root. Every cycle has an edge whose parent does not start
+    before its child; cutting those edges among unresolved spans breaks every cycle."""
+    rows = np.arange(parent.size)
+    top = np.where(parent >= 0, parent, rows)
+    for _ in range(_MAX_JUMPS):
+        nxt = top[top]
+        if np.array_equal(nxt, top):
+            break
+        top = nxt
+    unresolved = parent[top] >= 0
+    if not unresolved.any():
+        return parent
+    parent = parent.copy()
+    cut = unresolved & (parent >= 0)
+    cut[cut] = start_ns[parent[cut]] >= start_ns[cut]
+    parent[cut] = -1
+    return _break_cycles(parent, start_ns) if cut.any() else parent
+
+
+def pointer_jump_sum(parent: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sum of ``values`` over each row and all its ancestors (list ranking by pointer jumping)."""
+    total = values.copy()
+    anc = parent.copy()
+    for _ in range(_MAX_JUMPS):
+        idx = np.nonzero(anc >= 0)[0]
+        if idx.size == 0:
+            break
+        up = anc[idx]
+        total[idx] = total[idx] + total[up]
+        anc[idx] = anc[up]
+    return total
+
+
+def pointer_jump_all(parent: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """True where ``flags`` holds for the row and every ancestor."""
+    ok = flags.copy()
+    anc = parent.copy()
+    for _ in range(_MAX_JUMPS):
+        idx = np.nonzero((anc >= 0) & ok)[0]
+        if idx.size == 0:
+            break
+        up = anc[idx]
+        ok[idx] = ok[up]
+        anc[idx] = anc[up]
+    return ok
+
+
+def tree_depth_and_root(
+    parent: np.ndarray, start_ns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent with cycles cut, depth, subtree root row) for every row."""
+    parent = _break_cycles(parent, start_ns)
+    rows = np.arange(parent.size)
+    depth = pointer_jump_sum(parent, (parent >= 0).astype(np.int64))
+    root = np.where(parent >= 0, parent, rows)
+    for _ in range(_MAX_JUMPS):
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    return parent, depth.astype(np.int32), root
+
+
+def messaging_or_follows(
+    parent: np.ndarray, kind: np.ndarray, service_code: np.ndarray, follows_from: np.ndarray
+) -> np.ndarray:
+    """Relations the parent never waits for by construction: FOLLOWS_FROM and messaging hand-offs."""
+    has = parent >= 0
+    p = np.where(has, parent, 0)
+    pkind = kind[p]
+    cross_service = service_code != service_code[p]
+    messaging = (
+        ((kind == KIND_CONSUMER) & cross_service)
+        | ((pkind == KIND_PRODUCER) & cross_service)
+        | ((pkind == KIND_PRODUCER) & (kind == KIND_CONSUMER))
+    )
+    return has & (follows_from | messaging)
+
+
+def clock_skew_shift(
+    parent: np.ndarray,
+    start_ns: np.ndarray,
+    end_ns: np.ndarray,
+    host_code: np.ndarray,
+    service_code: np.ndarray,
+    asynchronous: np.ndarray,
+) -> np.ndarray:
+    """Nanoseconds to add to each span's start and end (see rule 5 in the module docstring)."""
+    has = parent >= 0
+    p = np.where(has, parent, 0)
+    other_clock = (host_code != host_code[p]) | (service_code != service_code[p])
+    candidate = has & other_clock & ~asynchronous
+    ps, pe = start_ns[p], end_ns[p]
+    pdur, cdur = pe - ps, end_ns - start_ns
+    outside = (start_ns < ps) | (end_ns > pe)
+    longer = cdur > pdur
+    centred = ps + (pdur - cdur) // 2 - start_ns
+    aligned = np.where(start_ns < ps, ps - start_ns, 0)
+    local = np.where(candidate & outside, np.where(longer, aligned, centred), 0).astype(np.int64)
+    if not local.any():
+        return local
+    return pointer_jump_sum(parent, local)
+
+
+def blocking_flags(
+    parent: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray, asynchronous: np.ndarray
+) -> np.ndarray:
+    """True where the parent waits for the child (roots: True). Times are skew-corrected."""
+    has = parent >= 0
+    p = np.where(has, parent, 0)
+    tol = tolerance_ns(end_ns[p] - start_ns[p])
+    outlives = end_ns > end_ns[p] + tol
+    return ~has | (~asynchronous & ~outlives)
