@@ -1,0 +1,358 @@
+"""error_propagation: a dependency's errors reach the root request with no fallback.
+
+Rule
+----
+A *failed* span has status ERROR, or (status not explicitly OK and) an HTTP status >= 500 or 429.
+For every failed span with no failed child (the deepest failure of its branch, the *leaf*), the
+*dependency* that failed is found and attributed to the lowest service that could catch it:
+
+* the leaf is an outgoing call (CLIENT kind, or it carries ``db_system`` / ``rpc_method`` /
+  ``messaging_destination`` / a peer): the dependency is that call's target, and the service that
+  made the call is the one that could catch it (``service`` = the leaf's service, ``operation`` =
+  the call's name, ``targets`` = the peer / database / destination and the call's name);
+* otherwise the error was born inside a service B: the dependency is B's entry span (the top of
+  the unbroken same-service chain above the leaf, usually B's SERVER span) and the catcher is its
+  caller — the parent of that entry span, in service A. Errors born in the root's own service
+  without any outgoing call are not dependency failures and are not reported.
+
+The dependency's failure *propagated* when every ancestor of the dependency span up to the real
+root (not an orphan) passes the error on: an ancestor is failed, or it is an INTERNAL span with
+unset status and no HTTP status (it says nothing, so it cannot have contained the error) — and the
+root itself is failed. The failure was *contained* (a fallback exists) when some ancestor, or the
+root, succeeded.
+
+A finding is one dependency signature (catcher service + call operation + dependency) whose
+failures propagated to the root in at least ``MIN_PROPAGATED_TRACES`` traces. Why: one failed
+request may be bad luck; the same dependency repeatedly taking whole requests down means the
+caller has no fallback (default value, cached copy, degraded response, circuit breaker).
+
+False-positive protections
+--------------------------
+* Contained failures (a parent or the root succeeded) never count: that is a working fallback.
+* Evidence that the *same* caller contains the dependency's failures in other traces lowers the
+  confidence in proportion (the fallback exists but is not always used); a fallback used by *other*
+  callers of the same dependency lowers it by a further 20 % and is named in the evidence.
+* Orphan chains (an ancestor is missing) never count as reaching the root.
+* Several failed spans of one dependency in one trace (retries) are one occurrence.
+
+Numbers: ``requests_at_risk`` = root requests that failed because of the dependency; evidence holds
+the dependency's call count, error count and error rate, contained traces (same caller / others),
+the failing root operations, and an exemplar chain of operations from the dependency to the root.
+No interventions: a fallback changes the outcome, not the latency, so no latency saving is claimed.
+
+Everything is vectorised: polars filters and joins restricted to the traces that contain a failure,
+and numpy pointer doubling (``nxt = nxt[nxt]``, log2(depth) steps, no recursion) to find how far up
+each failure travels and where each service's span chain begins.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.model import Finding, Occurrence
+from collector.schema import (
+    KIND_CLIENT,
+    KIND_INTERNAL,
+    KIND_PRODUCER,
+    KIND_UNSPECIFIED,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_UNSET,
+)
+
+KIND = "error_propagation"
+MIN_PROPAGATED_TRACES = 2  # one failed request can be bad luck; two or more is a pattern
+OTHER_CALLER_FALLBACK_FACTOR = 0.8  # confidence factor when other callers contain the same dependency
+CHAIN_DISPLAY_LIMIT = 12  # operations shown in the exemplar chain
+
+
+def failed_expr() -> pl.Expr:
+    """A span that reports failure: status ERROR, or an HTTP 5xx / 429 not overridden by status OK."""
+    http = pl.col("http_status_code")
+    return (pl.col("status_code") == STATUS_ERROR) | (
+        (pl.col("status_code") != STATUS_OK) & ((http >= 500) | (http == 429)).fill_null(False)
+    )
+
+
+def call_target_expr() -> pl.Expr:
+    """What an outgoing call talks to (peer, database system, destination); "" for other spans.
+
+    Only CLIENT/PRODUCER spans use ``peer``: on a SERVER span the peer is the *caller's* address,
+    which varies per connection and would split one operation into many."""
+    outgoing = pl.col("kind").is_in([KIND_CLIENT, KIND_PRODUCER])
+    return (
+        pl.when(outgoing)
+        .then(pl.coalesce(pl.col("peer"), pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
+        .otherwise(pl.coalesce(pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
+    )
+
+
+def outgoing_call_expr() -> pl.Expr:
+    """A span that calls something outside its service (whether or not the callee is traced)."""
+    return (
+        pl.col("kind").is_in([KIND_CLIENT, KIND_PRODUCER])
+        | pl.col("db_system").is_not_null()
+        | pl.col("rpc_method").is_not_null() & (pl.col("kind") != KIND_INTERNAL)
+        | pl.col("messaging_destination").is_not_null()
+    )
+
+
+def pointer_fixpoint(nxt: np.ndarray) -> np.ndarray:
+    """Follow ``nxt`` until it stops moving (``nxt[i] == i`` marks an end), by pointer doubling:
+    log2(longest chain) vectorised steps, no recursion."""
+    while True:
+        jumped = nxt[nxt]
+        if np.array_equal(jumped, nxt):
+            return nxt
+        nxt = jumped
+
+
+def _confidence(propagated: int, contained_same: int, contained_other: int) -> float:
+    volume = min(1.0, math.log10(propagated + 1) / 2.0)  # 1 trace ≈ 0.15, 100 traces → 1.0
+    consistency = propagated / (propagated + contained_same)
+    value = (0.5 + 0.45 * volume) * consistency
+    if contained_other:
+        value *= OTHER_CALLER_FALLBACK_FACTOR
+    return round(max(0.05, min(0.95, value)), 3)
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    spans = ctx.spans
+    if not spans.select((failed_expr() & ~pl.col("is_root")).any()).item():
+        return []
+
+    sub = spans.select(
+        "trace_id",
+        "span_id",
+        "service",
+        "name",
+        "is_root",
+        "orphan",
+        "depth",
+        "root_duration_ns",
+        failed=failed_expr(),
+        outgoing=outgoing_call_expr(),
+        target=call_target_expr(),
+        silent=pl.col("kind").is_in([KIND_INTERNAL, KIND_UNSPECIFIED])
+        & (pl.col("status_code") == STATUS_UNSET)
+        & pl.col("http_status_code").is_null(),
+        pid=pl.col("parent_row").fill_null(-1),
+    ).with_row_index("nid")
+    nid = np.arange(sub.height, dtype=np.int64)
+    pid = sub["pid"].to_numpy().astype(np.int64)
+    has_parent = pid >= 0
+    parent_safe = np.where(has_parent, pid, nid)
+
+    failed = sub["failed"].to_numpy()
+    silent = sub["silent"].to_numpy()
+    is_root = sub["is_root"].to_numpy()
+    orphan = sub["orphan"].to_numpy()
+    service_code = sub.select(pl.col("service").rank("dense"))["service"].to_numpy()
+
+    # How far up can an error travel? Through failed ancestors and silent non-root ones.
+    passes_error = failed | (silent & ~is_root & has_parent)
+    top_reached = pointer_fixpoint(np.where(has_parent & passes_error[parent_safe], parent_safe, nid))
+    # Where does each span's unbroken same-service chain begin?
+    same_service_up = has_parent & (service_code[parent_safe] == service_code)
+    segment_top = pointer_fixpoint(np.where(same_service_up, parent_safe, nid))
+
+    # Leaves: failed spans with no failed child.
+    has_failed_child = np.zeros(len(nid), dtype=bool)
+    has_failed_child[pid[failed & has_parent]] = True
+    leaf = failed & ~has_failed_child & ~is_root
+    outgoing = sub["outgoing"].to_numpy()
+
+    # Dependency span D and the caller's call span C for each leaf.
+    leaf_idx = np.flatnonzero(leaf)
+    leaf_out = outgoing[leaf_idx]
+    entry = segment_top[leaf_idx]
+    dep = np.where(leaf_out, leaf_idx, entry)
+    call = np.where(leaf_out, leaf_idx, pid[entry])
+    usable = (call >= 0) & failed[dep]  # errors born in the root's own code, or handled inside B, drop
+    leaf_idx, dep, call = leaf_idx[usable], dep[usable], call[usable]
+    if len(dep) == 0:
+        return []
+    top = top_reached[dep]
+    propagated = is_root[top] & ~orphan[top] & failed[top]
+
+    events = pl.DataFrame(
+        {"dep": dep, "call": call, "propagated": propagated, "top": top},
+        schema={"dep": pl.UInt32, "call": pl.UInt32, "propagated": pl.Boolean, "top": pl.UInt32},
+    ).unique("dep")
+    info = sub.select(
+        "nid", "trace_id", "span_id", "service", "name", "target", "outgoing", "depth", "root_duration_ns"
+    )
+    events = (
+        events.join(info.rename(lambda c: f"dep_{c}"), left_on="dep", right_on="dep_nid")
+        .join(info.rename(lambda c: f"call_{c}"), left_on="call", right_on="call_nid")
+        .with_columns(
+            trace_id=pl.col("dep_trace_id"),
+            catcher_service=pl.col("call_service"),
+            operation=pl.col("call_name"),
+            target_service=pl.when(pl.col("dep_outgoing"))
+            .then(
+                pl.when(pl.col("dep_target") != "").then(pl.col("dep_target")).otherwise(pl.col("dep_name"))
+            )
+            .otherwise(pl.col("dep_service")),
+            target_operation=pl.col("dep_name"),
+        )
+    )
+    signature_cols = ["catcher_service", "operation", "target_service", "target_operation"]
+    dependency_cols = ["target_service", "target_operation"]
+
+    per_sig = events.group_by(signature_cols).agg(
+        propagated_traces=pl.col("trace_id").filter(pl.col("propagated")).n_unique(),
+        contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
+    )
+    per_dep = events.group_by(dependency_cols).agg(
+        dependency_contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
+    )
+    per_sig = (
+        per_sig.join(per_dep, on=dependency_cols, how="left")
+        .with_columns(
+            contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
+        )
+        .filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
+    )
+    if per_sig.height == 0:
+        return []
+
+    reported = events.filter(pl.col("propagated")).join(
+        per_sig.select(signature_cols), on=signature_cols, how="semi"
+    )
+
+    # Dependency call volume and error rate, over every span with the dependency span's identity.
+    dep_keys = reported.select(
+        pl.col("dep_service").alias("service"),
+        pl.col("dep_name").alias("name"),
+        pl.col("dep_target").alias("target"),
+    ).unique()
+    volume = (
+        spans.filter(pl.col("name").is_in(dep_keys["name"].unique().implode()))
+        .select("service", "name", target=call_target_expr(), failed=failed_expr())
+        .join(dep_keys, on=["service", "name", "target"], how="semi")
+        .group_by("service", "name", "target")
+        .agg(calls=pl.len(), errors=pl.col("failed").sum())
+    )
+    dep_volume = (
+        reported.select(
+            *signature_cols,
+            pl.col("dep_service").alias("service"),
+            pl.col("dep_name").alias("name"),
+            pl.col("dep_target").alias("target"),
+        )
+        .unique()
+        .join(volume, on=["service", "name", "target"], how="left")
+        .group_by(signature_cols)
+        .agg(dependency_calls=pl.col("calls").sum(), dependency_errors=pl.col("errors").sum())
+    )
+
+    # Root operations taken down, and how often each fails overall.
+    roots = ctx.traces.select("trace_id", "root_name", "root_service")
+    reported = reported.join(roots, on="trace_id", how="left")
+    occurrences = (
+        reported.group_by([*signature_cols, "trace_id"])
+        .agg(
+            call_ids=pl.col("call_span_id").unique(maintain_order=True),
+            dep_ids=pl.col("dep_span_id").unique(maintain_order=True),
+            failed_dependency_spans=pl.len(),
+            depth=pl.col("dep_depth").max(),
+            root_name=pl.col("root_name").first(),
+            root_service=pl.col("root_service").first(),
+            exemplar_dep=pl.col("dep").first(),
+            root_duration_ns=pl.col("dep_root_duration_ns").first(),
+        )
+        .sort("trace_id")
+    )
+    root_names = occurrences["root_name"].drop_nulls().unique().implode()
+    root_totals = (
+        ctx.traces.filter(pl.col("root_name").is_in(root_names))
+        .group_by("root_service", "root_name")
+        .agg(root_requests=pl.len())
+    )
+
+    findings: list[Finding] = []
+    occurrence_groups = occurrences.partition_by(signature_cols, as_dict=True)
+    stats = per_sig.join(dep_volume, on=signature_cols, how="left")
+    for row in stats.iter_rows(named=True):  # one iteration per finding, not per span
+        key = tuple(row[c] for c in signature_cols)
+        group = occurrence_groups[key]
+        by_root = (
+            group.group_by("root_service", "root_name")
+            .agg(failed_requests=pl.len())
+            .join(root_totals, on=["root_service", "root_name"], how="left")
+            .sort("failed_requests", descending=True)
+        )
+        occurrence_list = [
+            Occurrence(
+                trace_id=r["trace_id"],
+                span_ids=tuple(dict.fromkeys([*r["call_ids"], *r["dep_ids"]])),
+                numbers={
+                    "failed_dependency_spans": float(r["failed_dependency_spans"]),
+                    "dependency_depth": float(r["depth"] or 0),
+                    "root_duration_ms": (r["root_duration_ns"] or 0) / 1e6,
+                },
+            )
+            for r in group.iter_rows(named=True)
+        ]
+        propagated_traces = int(row["propagated_traces"])
+        calls = int(row["dependency_calls"] or 0)
+        errors = int(row["dependency_errors"] or 0)
+        evidence: dict[str, Any] = {
+            "failed_root_requests": propagated_traces,
+            "contained_traces": int(row["contained_traces"]),
+            "contained_by_other_callers_traces": int(row["contained_by_other_callers"]),
+            "fallback_seen": bool(row["contained_traces"] or row["contained_by_other_callers"]),
+            "dependency_calls": calls,
+            "dependency_errors": errors,
+            "dependency_error_rate": round(errors / calls, 4) if calls else None,
+            "root_operations": [
+                {
+                    "service": r["root_service"],
+                    "operation": r["root_name"],
+                    "failed_requests": int(r["failed_requests"]),
+                    "requests": int(r["root_requests"] or 0),
+                }
+                for r in by_root.head(5).iter_rows(named=True)
+            ],
+            "chain": _exemplar_chain(sub, parent_safe, has_parent, int(group["exemplar_dep"][0])),
+            "trace_ids": [o.trace_id for o in occurrence_list[:10]],
+            "span_ids": [sid for o in occurrence_list[:10] for sid in o.span_ids[:2]],
+        }
+        findings.append(
+            Finding(
+                kind=KIND,
+                category="fault_tolerance",
+                service=row["catcher_service"],
+                operation=row["operation"],
+                targets=[{"service": row["target_service"], "operation": row["target_operation"]}],
+                occurrences=occurrence_list,
+                confidence=_confidence(
+                    propagated_traces, int(row["contained_traces"]), int(row["contained_by_other_callers"])
+                ),
+                evidence=evidence,
+                requests_at_risk=propagated_traces,
+            )
+        )
+    findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
+    return findings
+
+
+def _exemplar_chain(
+    sub: pl.DataFrame, parent_safe: np.ndarray, has_parent: np.ndarray, start: int
+) -> list[str]:
+    """ "service: operation" from the failing dependency up to the root, for one exemplar span
+    (a walk along one trace's ancestors, bounded by the display limit)."""
+    chain: list[int] = [start]
+    while has_parent[chain[-1]] and len(chain) < CHAIN_DISPLAY_LIMIT:
+        chain.append(int(parent_safe[chain[-1]]))
+    rows = sub.select("service", "name")[chain]
+    labels = [f"{s}: {n}" for s, n in rows.iter_rows()]
+    if has_parent[chain[-1]]:
+        labels.append("…")
+    return labels

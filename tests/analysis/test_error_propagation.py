@@ -1,0 +1,255 @@
+"""error_propagation on hand-built traces: failures that take the root down vs. contained ones."""
+
+from __future__ import annotations
+
+from analysis.context import AnalysisContext
+from analysis.detectors.error_propagation import detect
+from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, STATUS_OK, STATUS_UNSET
+from tests.builders import TraceBuilder, spans_table
+
+
+def checkout_trace(
+    *, payment_fails: bool, root_fails: bool, via_silent_handler: bool = False
+) -> TraceBuilder:
+    """frontend GET /checkout → (handler) → POST /charge (client) → payment POST /charge → charge card."""
+    b = TraceBuilder(service="frontend")
+    root = b.span(
+        "GET /checkout",
+        start_ms=0,
+        dur_ms=120,
+        kind=KIND_SERVER,
+        status_code=STATUS_ERROR if root_fails else STATUS_UNSET,
+        http_status_code=500 if root_fails else 200,
+    )
+    parent = root
+    if via_silent_handler:
+        parent = b.span("checkout handler", parent=root, start_ms=1, dur_ms=115, kind=KIND_INTERNAL)
+    b.span(
+        "GET cart", parent=parent, start_ms=2, dur_ms=10, kind=KIND_CLIENT, peer="cart", http_status_code=200
+    )
+    status = STATUS_ERROR if payment_fails else STATUS_UNSET
+    code = 503 if payment_fails else 200
+    call = b.span(
+        "POST /charge",
+        parent=parent,
+        start_ms=15,
+        dur_ms=60,
+        kind=KIND_CLIENT,
+        peer="payment",
+        status_code=status,
+        http_status_code=code,
+    )
+    server = b.span(
+        "POST /charge",
+        parent=call,
+        start_ms=16,
+        dur_ms=58,
+        kind=KIND_SERVER,
+        service="payment",
+        status_code=status,
+        http_status_code=code,
+    )
+    b.span("charge card", parent=server, start_ms=18, dur_ms=50, service="payment", status_code=status)
+    return b
+
+
+def analyse(builders: list[TraceBuilder]):
+    return detect(AnalysisContext.from_table(spans_table(builders)))
+
+
+def test_dependency_failure_reaching_the_root_is_attributed_to_the_caller() -> None:
+    traces = [checkout_trace(payment_fails=True, root_fails=True) for _ in range(5)]
+    traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(15)]
+    findings = analyse(traces)
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.kind, f.category, f.service, f.operation) == (
+        "error_propagation",
+        "fault_tolerance",
+        "frontend",
+        "POST /charge",
+    )
+    assert f.targets == [{"service": "payment", "operation": "POST /charge"}]
+    assert f.requests_at_risk == 5
+    assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
+    assert f.evidence["failed_root_requests"] == 5
+    assert f.evidence["contained_traces"] == 0
+    assert f.evidence["fallback_seen"] is False
+    assert f.evidence["dependency_calls"] == 20
+    assert f.evidence["dependency_errors"] == 5
+    assert f.evidence["dependency_error_rate"] == 0.25
+    assert f.evidence["root_operations"] == [
+        {"service": "frontend", "operation": "GET /checkout", "failed_requests": 5, "requests": 20}
+    ]
+    assert f.evidence["chain"] == [
+        "payment: POST /charge",
+        "frontend: POST /charge",
+        "frontend: GET /checkout",
+    ]
+    assert f.occurrences[0].interventions == ()
+    # parent first: the caller's call span, then the failing dependency's entry span
+    first = f.occurrences[0]
+    assert len(first.span_ids) == 2
+    assert first.numbers["failed_dependency_spans"] == 1.0
+    assert 0.5 < f.confidence <= 0.95
+
+
+def test_failures_contained_by_a_fallback_are_not_reported() -> None:
+    traces = [checkout_trace(payment_fails=True, root_fails=False) for _ in range(10)]
+    assert analyse(traces) == []
+
+
+def test_healthy_traffic_and_a_single_failed_request_are_not_reported() -> None:
+    traces = [checkout_trace(payment_fails=False, root_fails=False) for _ in range(10)]
+    traces.append(checkout_trace(payment_fails=True, root_fails=True))
+    assert analyse(traces) == []
+
+
+def test_a_fallback_seen_in_some_traces_lowers_confidence() -> None:
+    always = analyse([checkout_trace(payment_fails=True, root_fails=True) for _ in range(6)])
+    sometimes = analyse(
+        [checkout_trace(payment_fails=True, root_fails=True) for _ in range(6)]
+        + [checkout_trace(payment_fails=True, root_fails=False) for _ in range(6)]
+    )
+    assert len(always) == len(sometimes) == 1
+    assert sometimes[0].evidence["contained_traces"] == 6
+    assert sometimes[0].evidence["fallback_seen"] is True
+    assert sometimes[0].confidence < always[0].confidence
+    assert sometimes[0].requests_at_risk == always[0].requests_at_risk == 6
+
+
+def test_silent_internal_spans_pass_the_error_on() -> None:
+    findings = analyse(
+        [checkout_trace(payment_fails=True, root_fails=True, via_silent_handler=True) for _ in range(3)]
+    )
+    assert [(f.service, f.operation, f.requests_at_risk) for f in findings] == [
+        ("frontend", "POST /charge", 3)
+    ]
+
+
+def test_an_explicitly_successful_intermediate_span_contains_the_error() -> None:
+    traces = []
+    for _ in range(4):
+        b = TraceBuilder(service="orders")
+        root = b.span("POST /orders", start_ms=0, dur_ms=50, kind=KIND_SERVER, status_code=STATUS_ERROR)
+        guard = b.span("load prices with fallback", parent=root, start_ms=1, dur_ms=30, status_code=STATUS_OK)
+        b.span(
+            "GET /prices",
+            parent=guard,
+            start_ms=2,
+            dur_ms=20,
+            kind=KIND_CLIENT,
+            peer="pricing",
+            status_code=STATUS_ERROR,
+        )
+        traces.append(b)
+    assert analyse(traces) == []
+
+
+def test_failing_database_call_is_attributed_to_the_service_that_queries_it() -> None:
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="gateway")
+        root = b.span("GET /orders/{id}", start_ms=0, dur_ms=40, kind=KIND_SERVER, http_status_code=502)
+        call = b.span(
+            "GET /orders/{id}",
+            parent=root,
+            start_ms=1,
+            dur_ms=35,
+            kind=KIND_CLIENT,
+            peer="orders",
+            http_status_code=500,
+        )
+        server = b.span(
+            "GET /orders/{id}",
+            parent=call,
+            start_ms=2,
+            dur_ms=33,
+            kind=KIND_SERVER,
+            service="orders",
+            http_status_code=500,
+        )
+        b.span(
+            "SELECT orders",
+            parent=server,
+            start_ms=3,
+            dur_ms=30,
+            kind=KIND_CLIENT,
+            service="orders",
+            db_system="postgresql",
+            status_code=STATUS_ERROR,
+        )
+        traces.append(b)
+    findings = analyse(traces)
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.service, f.operation) == ("orders", "SELECT orders")
+    assert f.targets == [{"service": "postgresql", "operation": "SELECT orders"}]
+    assert f.requests_at_risk == 3
+    assert f.evidence["chain"][0] == "orders: SELECT orders"
+    assert f.evidence["chain"][-1] == "gateway: GET /orders/{id}"
+
+
+def test_errors_born_in_the_root_service_itself_are_not_dependency_failures() -> None:
+    traces = []
+    for _ in range(4):
+        b = TraceBuilder(service="api")
+        root = b.span("POST /login", start_ms=0, dur_ms=20, kind=KIND_SERVER, status_code=STATUS_ERROR)
+        b.span("validate password", parent=root, start_ms=1, dur_ms=5, status_code=STATUS_ERROR)
+        traces.append(b)
+    assert analyse(traces) == []
+
+
+def test_orphan_chains_never_count_as_reaching_the_root() -> None:
+    traces = []
+    for _ in range(4):
+        b = TraceBuilder(service="payment")
+        server = b.span(
+            "POST /charge",
+            parent="00000000deadbeef",
+            start_ms=0,
+            dur_ms=20,
+            kind=KIND_SERVER,
+            status_code=STATUS_ERROR,
+        )
+        b.span(
+            "charge card",
+            parent=server,
+            start_ms=1,
+            dur_ms=10,
+            kind=KIND_CLIENT,
+            peer="bank",
+            status_code=STATUS_ERROR,
+        )
+        traces.append(b)
+    assert analyse(traces) == []
+
+
+def test_a_fallback_used_by_another_caller_lowers_confidence() -> None:
+    def trace(service: str, root_fails: bool) -> TraceBuilder:
+        b = TraceBuilder(service=service)
+        root = b.span(
+            "GET /page",
+            start_ms=0,
+            dur_ms=30,
+            kind=KIND_SERVER,
+            status_code=STATUS_ERROR if root_fails else STATUS_UNSET,
+        )
+        b.span(
+            "GET /recommendations",
+            parent=root,
+            start_ms=1,
+            dur_ms=20,
+            kind=KIND_CLIENT,
+            peer="recommender",
+            status_code=STATUS_ERROR,
+        )
+        return b
+
+    alone = analyse([trace("web", True) for _ in range(4)])
+    with_other = analyse(
+        [trace("web", True) for _ in range(4)] + [trace("mobile-bff", False) for _ in range(4)]
+    )
+    assert [f.service for f in with_other] == ["web"]
+    assert with_other[0].evidence["contained_by_other_callers_traces"] == 4
+    assert with_other[0].confidence < alone[0].confidence
