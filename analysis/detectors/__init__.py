@@ -18,8 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from analysis.context import AnalysisContext
+from analysis.detectors import fanout_concurrency_limit, fanout_straggler
 from analysis.model import Finding
 
 Detector = Callable[[AnalysisContext], list[Finding]]
 
-DETECTORS: dict[str, Detector] = {}
+DETECTORS: dict[str, Detector] = {
+    "fanout_straggler": fanout_straggler.detect,
+    "fanout_concurrency_limit": fanout_concurrency_limit.detect,
+}

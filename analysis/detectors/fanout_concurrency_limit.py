@@ -1,0 +1,220 @@
+"""fanout_concurrency_limit: a fan-out that runs at most k of its n children at a time.
+
+Rule
+----
+Siblings are the blocking children of one parent that share one operation (same child service and
+span name); a group needs ``n >= MIN_CHILDREN`` (3) of them. Their concurrency is measured with a
+sweep: a +1 event at each start, a -1 event at each end (moved ``OVERLAP_TOLERANCE`` earlier, at most
+0.5 ms or 5 % of the child's duration, so that back-to-back children whose clocks disagree by a hair
+do not count as overlapping), sorted, and summed cumulatively. ``k`` is the largest concurrency
+reached. The group is a capped fan-out when all of these hold:
+
+* ``1 <= k < n`` — some children had to wait for a free slot;
+* the first wave fills the pool: exactly ``k`` children start together at the beginning (within
+  ``LAUNCH_TOLERANCE``: 1 ms or 10 % of the median child duration, whichever is larger);
+* the rest form a staircase: at least ``STAIRCASE_SHARE`` (80 %) of the later children start within
+  ``LAUNCH_TOLERANCE`` after a sibling ended, and with the pool full again (concurrency back at
+  ``k`` once they start). This is the signature of a worker pool, a semaphore or a connection pool:
+  a slot frees, the next queued task takes it at once.
+
+``k = 1`` is a strictly sequential loop; it is left to ``serialized_calls``/``n_plus_one`` unless there
+is pool evidence — a hint attribute or event on the parent or a child whose key names a pool, worker,
+semaphore or concurrency/parallelism setting — because the fix for a pool of one (raise the cap) is
+different from the fix for a loop (issue the calls together).
+
+Every occurrence asks the what-if engine to start all ``n`` children together
+(``RunConcurrently``): the cap lifted. Occurrences are aggregated across traces by (parent service,
+parent operation, child service, child operation); evidence reports the usual ``k`` and ``n``, how
+consistent ``k`` is, and the time the children spent queued for a slot.
+
+No finding for a fully parallel fan-out (``k = n``), for children that start at unrelated times
+(no staircase), or for a plain sequential loop without pool evidence.
+
+Confidence starts at 0.6 and rises with the number of traces (+0.1 at 5, +0.1 at 20), with a
+consistent ``k`` (+0.1 when one value covers 80 % of occurrences) and with pool evidence (+0.05);
+capped at 0.95.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.detectors.fanout_straggler import sibling_groups, stat
+from analysis.model import Finding, Occurrence, RunConcurrently
+
+KIND = "fanout_concurrency_limit"
+MIN_CHILDREN = 3
+OVERLAP_TOLERANCE_NS = 500_000
+OVERLAP_TOLERANCE_SHARE = 0.05
+LAUNCH_TOLERANCE_NS = 1_000_000
+LAUNCH_TOLERANCE_SHARE = 0.10
+STAIRCASE_SHARE = 0.8
+# A hint key (JSON object key) or an event name that speaks of a pool or a concurrency cap.
+_POOL_HINT = r'(?i)"[^"]*(?:pool|worker|semaphore|concurren|parallelism|max_in_flight|permits?)[^"]*"\s*:'
+_POOL_EVENT = r"(?i)pool|worker|semaphore|permit|slot"
+
+
+def _pool_evidence(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
+    """group_id -> has_pool_evidence, from the children's and the parent's hints and events."""
+    has_hint = pl.col("hints").str.contains(_POOL_HINT).fill_null(False)
+    has_event = (
+        pl.col("event_names").list.eval(pl.element().str.contains(_POOL_EVENT)).list.any().fill_null(False)
+    )
+    flagged = spans.lazy().filter(has_hint | has_event).select("trace_id", "span_id")
+    child_flag = kids.lazy().join(flagged, on=["trace_id", "span_id"], how="semi").select("group_id")
+    parent_flag = (
+        kids.lazy()
+        .select("group_id", "trace_id", pl.col("parent_span_id").alias("span_id"))
+        .join(flagged, on=["trace_id", "span_id"], how="semi")
+        .select("group_id")
+    )
+    return pl.concat([child_flag, parent_flag]).unique().with_columns(pool_evidence=pl.lit(True)).collect()
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    spans = ctx.spans
+    kids = sibling_groups(spans, MIN_CHILDREN)
+    if kids.is_empty():
+        return []
+    # Fully parallel fan-outs (every child started before the first ended) cannot be capped.
+    kids = kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
+    if kids.is_empty():
+        return []
+
+    overlap_tol = pl.min_horizontal(
+        pl.lit(OVERLAP_TOLERANCE_NS), (pl.col("duration_ns") * OVERLAP_TOLERANCE_SHARE).cast(pl.Int64)
+    )
+    launch_tol = pl.max_horizontal(
+        pl.lit(LAUNCH_TOLERANCE_NS), (pl.col("median_ns") * LAUNCH_TOLERANCE_SHARE).cast(pl.Int64)
+    )
+    kids = kids.with_columns(launch_tol_ns=launch_tol, sweep_end_ns=pl.col("end_ns") - overlap_tol)
+
+    # Concurrency sweep: sorted by (group, time, delta) so ends at the same instant come before
+    # starts; the cumulative sum over the whole frame is the per-group concurrency because every
+    # group's deltas sum to zero.
+    starts = kids.select("group_id", "span_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
+    ends = kids.select("group_id", "span_id", t=pl.col("sweep_end_ns"), delta=pl.lit(-1, pl.Int32))
+    sweep = (
+        pl.concat([starts, ends])
+        .sort(["group_id", "t", "delta"])
+        .with_columns(concurrency=pl.col("delta").cum_sum())
+        # Children launched at the same instant see each other: the concurrency at a start is the
+        # value after every event of that instant.
+        .with_columns(concurrency_at_t=pl.col("concurrency").last().over(["group_id", "t"]))
+    )
+    k_per_group = sweep.group_by("group_id").agg(k=pl.col("concurrency").max())
+    at_start = sweep.filter(pl.col("delta") == 1).select(
+        "group_id", "span_id", conc_at_start="concurrency_at_t"
+    )
+    kids = kids.join(k_per_group, on="group_id").join(at_start, on=["group_id", "span_id"])
+
+    # The latest sibling end at or before each child's start (+ tolerance): the slot it took over.
+    ends_sorted = (
+        kids.select("group_id", prev_end_ns=pl.col("end_ns"))
+        .sort("prev_end_ns")
+        .with_columns(t=pl.col("prev_end_ns"))
+    )
+    kids = (
+        kids.with_columns(t=pl.col("start_ns") + pl.col("launch_tol_ns"))
+        .sort("t")
+        .join_asof(ends_sorted, on="t", by="group_id", strategy="backward", check_sortedness=False)
+        .drop("t")
+    )
+    first_wave = pl.col("start_ns") <= pl.col("first_start_ns") + pl.col("launch_tol_ns")
+    took_a_slot = (
+        pl.col("prev_end_ns").is_not_null()
+        & ((pl.col("start_ns") - pl.col("prev_end_ns")).abs() <= pl.col("launch_tol_ns"))
+        & (pl.col("conc_at_start") == pl.col("k"))
+    )
+    groups = (
+        kids.with_columns(first_wave=first_wave, staircase=~first_wave & took_a_slot)
+        .sort(["group_id", "start_ns"])
+        .group_by("group_id", maintain_order=True)
+        .agg(
+            pl.col(["trace_id", "parent_span_id", "service", "name", "n", "k", "first_start_ns"]).first(),
+            child_ids=pl.col("span_id"),
+            first_wave=pl.col("first_wave").sum(),
+            staircase=pl.col("staircase").sum(),
+            queued_ns=(pl.col("start_ns") - pl.col("first_start_ns")).sum(),
+            makespan_ns=pl.col("end_ns").max() - pl.col("start_ns").min(),
+            longest_child_ns=pl.col("duration_ns").max(),
+        )
+        .filter(
+            (pl.col("k") >= 1)
+            & (pl.col("k") < pl.col("n"))
+            & (pl.col("first_wave") == pl.col("k"))
+            & (pl.col("staircase") >= STAIRCASE_SHARE * (pl.col("n") - pl.col("k")))
+        )
+    )
+    if groups.is_empty():
+        return []
+    groups = groups.join(
+        _pool_evidence(spans, kids.filter(pl.col("group_id").is_in(groups["group_id"].implode()))),
+        on="group_id",
+        how="left",
+    ).with_columns(pl.col("pool_evidence").fill_null(False))
+    groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
+    if groups.is_empty():
+        return []
+    parents = spans.select(
+        "trace_id",
+        pl.col("span_id").alias("parent_span_id"),
+        pl.col("service").alias("parent_service"),
+        pl.col("name").alias("parent_name"),
+    )
+    groups = groups.join(parents, on=["trace_id", "parent_span_id"], how="inner").sort(
+        ["first_start_ns", "trace_id", "parent_span_id"]
+    )
+    sig = ["parent_service", "parent_name", "service", "name"]
+    return [_finding(frame) for frame in groups.partition_by(sig, maintain_order=True)]
+
+
+def _finding(frame: pl.DataFrame) -> Finding:
+    first = frame.row(0, named=True)
+    traces = frame["trace_id"].n_unique()
+    k_counts = frame["k"].value_counts(sort=True)
+    k_mode = int(k_counts[0, "k"])
+    k_share = float(k_counts[0, "count"]) / frame.height
+    pool_evidence = bool(frame["pool_evidence"].any())
+    occurrences = [
+        Occurrence(
+            trace_id=row["trace_id"],
+            span_ids=(row["parent_span_id"], *row["child_ids"]),
+            interventions=(RunConcurrently(span_ids=tuple(row["child_ids"])),),
+            numbers={
+                "k": float(row["k"]),
+                "n": float(row["n"]),
+                "queued_ms": row["queued_ns"] / 1e6,
+                "makespan_ms": row["makespan_ns"] / 1e6,
+                "longest_child_ms": row["longest_child_ns"] / 1e6,
+            },
+        )
+        for row in frame.iter_rows(named=True)
+    ]
+    confidence = 0.6
+    confidence += 0.1 if traces >= 5 else 0.0
+    confidence += 0.1 if traces >= 20 else 0.0
+    confidence += 0.1 if k_share >= 0.8 else 0.0
+    confidence += 0.05 if pool_evidence else 0.0
+    evidence = {
+        "k": k_mode,
+        "k_share": round(k_share, 3),
+        "n_p50": stat(frame["n"]),
+        "n_max": int(frame["n"].max() or 0),  # type: ignore[arg-type]
+        "queued_ms_p50": stat(frame["queued_ns"], scale=1e6),
+        "queued_ms_p95": stat(frame["queued_ns"], 0.95, 1e6),
+        "makespan_ms_p50": stat(frame["makespan_ns"], scale=1e6),
+        "longest_child_ms_p50": stat(frame["longest_child_ns"], scale=1e6),
+        "pool_evidence": pool_evidence,
+    }
+    return Finding(
+        kind=KIND,
+        category="parallelization",
+        service=first["parent_service"],
+        operation=first["parent_name"],
+        targets=[{"service": first["service"], "operation": first["name"]}],
+        occurrences=occurrences,
+        confidence=round(min(confidence, 0.95), 3),
+        evidence=evidence,
+    )

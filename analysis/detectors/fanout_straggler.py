@@ -1,0 +1,284 @@
+"""fanout_straggler: a parallel fan-out held back by its slowest branch.
+
+Rule
+----
+A *fan-out* is a group of at least ``MIN_BRANCHES`` (3) blocking children of one parent that share
+one operation (same child service and span name) and all run at the same time: every child starts
+before the earliest-finishing child ends (``max(start) < min(end)``). A fan-out that starts its
+children in waves is a concurrency limit, not a straggler (see ``fanout_concurrency_limit``).
+
+The fan-out has a *straggler* when its slowest child dominates:
+
+* ``max >= STRAGGLER_RATIO (2.0) × median`` of the children's durations — the parent waits at least
+  twice as long as a typical branch needs; below 2× the spread is ordinary jitter and hedging would
+  add load for little gain;
+* ``max - median >= MIN_EXCESS_NS (5 ms)`` — shaving less than 5 ms is not worth a recommendation and
+  is within timer noise of many exporters;
+* the straggler is on the trace's critical path — otherwise shortening it saves nothing at the root.
+
+Every child that passes the first two tests is a straggler of that fan-out; the occurrence shortens
+each of them to the median branch duration (``ShortenSpan(span, duration - median)``) and the
+what-if engine measures what that saves at the root.
+
+Skew or tail
+------------
+Occurrences are aggregated across traces by (parent service, parent operation, child service,
+child operation). For each occurrence the slowest branch is identified by the first of these that
+tells the siblings apart: a shard/partition/bucket/replica attribute (``hints``), the peer
+(``peer.service`` / ``server.address``), the host of the server span that answered the call, the
+child's own host, and finally the branch's launch position. If one branch is the slowest in
+``SKEW_SHARE`` (60 %) or more of at least ``MIN_TRACES_FOR_PATTERN`` (3) occurrences — far above the
+``1/n`` a random tail gives — the pattern is ``"skew"`` (a hot shard/host: rebalance or split it);
+otherwise ``"tail"`` (random slowness: hedged requests, per-branch timeouts). With fewer than three
+occurrences the pattern is ``"undetermined"``.
+
+No finding when the fan-outs are balanced, or when stragglers are rare: a signature needs either
+``MIN_STRAGGLER_RATE`` (10 %) of its fan-outs to straggle or at least ``MIN_OCCURRENCES_RARE`` (5)
+straggling traces.
+
+Confidence starts at 0.55 and rises with the number of traces (+0.15 at 5, +0.1 at 20), with the
+straggler rate (+0.1 when at least half the fan-outs straggle) and with an identified skewed branch
+(+0.05); capped at 0.95.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.model import Finding, Occurrence, ShortenSpan
+from collector.schema import KIND_SERVER
+
+KIND = "fanout_straggler"
+MIN_BRANCHES = 3
+STRAGGLER_RATIO = 2.0
+MIN_EXCESS_NS = 5_000_000
+SKEW_SHARE = 0.6
+MIN_TRACES_FOR_PATTERN = 3
+MIN_STRAGGLER_RATE = 0.10
+MIN_OCCURRENCES_RARE = 5
+
+GROUP_KEYS = ["trace_id", "parent_span_id", "service", "name"]
+_CHILD_COLUMNS = [
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "service",
+    "name",
+    "start_ns",
+    "end_ns",
+    "duration_ns",
+    "on_critical_path",
+    "peer",
+    "host",
+    "hints",
+]
+# A shard/partition-like attribute value inside the hints JSON object.
+_SHARD_HINT = r'"[^"]*(?:shard|partition|bucket|replica)[^"]*"\s*:\s*"?([^",}\]]+)'
+
+
+def stat(series: pl.Series, quantile: float = 0.5, scale: float = 1.0) -> float:
+    """A quantile of a numeric series divided by ``scale`` (0.0 for an empty series)."""
+    value = series.quantile(quantile, interpolation="linear") if series.len() else None
+    return float(value) / scale if isinstance(value, int | float) else 0.0
+
+
+def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.DataFrame:
+    """Blocking children grouped by (trace, parent, child service, child name), one row per child,
+    for groups with at least ``min_children`` members. Adds per-group ``n``, ``median_ns``,
+    ``first_start_ns``, ``last_start_ns``, ``first_end_ns`` and ``group_id`` (dense, per call)."""
+    children = spans.lazy().filter(
+        pl.col("blocking") & ~pl.col("is_root") & pl.col("parent_span_id").is_not_null()
+    )
+    grouped = (
+        children.select(_CHILD_COLUMNS)
+        .group_by(GROUP_KEYS)
+        .agg(
+            pl.all(),
+            n=pl.len(),
+            median_ns=pl.col("duration_ns").median(),
+            first_start_ns=pl.col("start_ns").min(),
+            last_start_ns=pl.col("start_ns").max(),
+            first_end_ns=pl.col("end_ns").min(),
+        )
+        .filter(pl.col("n") >= min_children)
+        .with_row_index("group_id")
+    )
+    exploded = [c for c in _CHILD_COLUMNS if c not in GROUP_KEYS]
+    return grouped.explode(exploded).collect()
+
+
+def _parents(spans: pl.DataFrame, parent_ids: pl.DataFrame) -> pl.DataFrame:
+    return parent_ids.join(
+        spans.select(
+            "trace_id",
+            pl.col("span_id").alias("parent_span_id"),
+            pl.col("service").alias("parent_service"),
+            pl.col("name").alias("parent_name"),
+        ),
+        on=["trace_id", "parent_span_id"],
+        how="inner",
+    )
+
+
+def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``branch`` and ``branch_source``: the first identity that tells siblings apart."""
+    server_hosts = (
+        spans.lazy()
+        .filter((pl.col("kind") == KIND_SERVER) & pl.col("host").is_not_null())
+        .select("trace_id", pl.col("parent_span_id").alias("span_id"), pl.col("host").alias("server_host"))
+        .unique(subset=["trace_id", "span_id"], keep="first")
+    )
+    kids = (
+        kids.lazy()
+        .join(server_hosts, on=["trace_id", "span_id"], how="left")
+        .with_columns(
+            shard=pl.col("hints").str.extract(_SHARD_HINT, 1),
+            position=(pl.col("start_ns").rank("ordinal").over("group_id") - 1).cast(pl.Utf8),
+        )
+        .collect()
+    )
+    candidates = ["shard", "peer", "server_host", "host"]
+    distinct = kids.group_by("group_id").agg(
+        [(pl.col(c).n_unique() > 1) & pl.col(c).is_not_null().all() for c in candidates]
+    )
+    choose_label: Any = pl.when(pl.lit(False)).then(pl.lit(None, pl.Utf8))
+    choose_source: Any = pl.when(pl.lit(False)).then(pl.lit(None, pl.Utf8))
+    for c in candidates:
+        choose_label = choose_label.when(pl.col(f"{c}_distinct")).then(pl.col(c))
+        choose_source = choose_source.when(pl.col(f"{c}_distinct")).then(pl.lit(c))
+    distinct = distinct.rename({c: f"{c}_distinct" for c in candidates})
+    return (
+        kids.join(distinct, on="group_id", how="left")
+        .with_columns(
+            branch=choose_label.otherwise(pl.lit("position ") + pl.col("position")),
+            branch_source=choose_source.otherwise(pl.lit("position")),
+        )
+        .drop([f"{c}_distinct" for c in candidates] + ["shard", "position", "server_host"])
+    )
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    spans = ctx.spans
+    kids = sibling_groups(spans)
+    if kids.is_empty():
+        return []
+    # Fan-outs that ran fully in parallel: every child started before the first one finished.
+    kids = kids.filter(pl.col("last_start_ns") < pl.col("first_end_ns"))
+    if kids.is_empty():
+        return []
+    fanouts = _parents(spans, kids.select(["trace_id", "parent_span_id"]).unique())
+    kids = kids.join(fanouts, on=["trace_id", "parent_span_id"], how="inner")
+    sig = ["parent_service", "parent_name", "service", "name"]
+    fanouts_seen = kids.group_by(sig).agg(fanouts_seen=pl.col("group_id").n_unique())
+
+    kids = kids.with_columns(
+        is_straggler=(pl.col("duration_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
+        & ((pl.col("duration_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS),
+        is_slowest=pl.col("duration_ns").rank("ordinal", descending=True).over("group_id") == 1,
+    )
+    slowest = kids.filter(pl.col("is_slowest") & pl.col("is_straggler") & pl.col("on_critical_path"))
+    if slowest.is_empty():
+        return []
+    hit_groups = slowest.select("group_id")
+    kids = kids.join(hit_groups, on="group_id", how="semi")
+    kids = _branch_labels(spans, kids)
+    occurrences = (
+        kids.sort(["group_id", "start_ns"])
+        .group_by("group_id", maintain_order=True)
+        .agg(
+            pl.col([*sig, "trace_id", "parent_span_id", "n", "median_ns"]).first(),
+            child_ids=pl.col("span_id"),
+            straggler_ids=pl.col("span_id").filter(pl.col("is_straggler")),
+            shorten_by=(pl.col("duration_ns") - pl.col("median_ns"))
+            .filter(pl.col("is_straggler"))
+            .cast(pl.Int64),
+            max_ns=pl.col("duration_ns").max(),
+            slow_branch=pl.col("branch").sort_by("duration_ns", descending=True).first(),
+            branch_source=pl.col("branch_source").first(),
+            root_start=pl.col("start_ns").min(),
+        )
+        .join(fanouts_seen, on=sig, how="left")
+        .sort(["root_start", "trace_id", "parent_span_id"])
+    )
+
+    findings: list[Finding] = []
+    for frame in occurrences.partition_by(sig, maintain_order=True):
+        finding = _finding(frame)
+        if finding is not None:
+            findings.append(finding)
+    return findings
+
+
+def _finding(frame: pl.DataFrame) -> Finding | None:
+    first = frame.row(0, named=True)
+    traces = frame["trace_id"].n_unique()
+    fanouts_seen = int(first["fanouts_seen"])
+    rate = frame.height / fanouts_seen if fanouts_seen else 1.0
+    if rate < MIN_STRAGGLER_RATE and traces < MIN_OCCURRENCES_RARE:
+        return None
+
+    branch_counts = frame["slow_branch"].value_counts(sort=True)
+    top_branch = str(branch_counts[0, "slow_branch"])
+    top_share = float(branch_counts[0, "count"]) / frame.height
+    if traces < MIN_TRACES_FOR_PATTERN:
+        pattern = "undetermined"
+    elif top_share >= SKEW_SHARE:
+        pattern = "skew"
+    else:
+        pattern = "tail"
+    branch_source = frame["branch_source"].mode().sort().item(0)
+
+    ratio = frame["max_ns"] / frame["median_ns"]
+    excess = frame["max_ns"] - frame["median_ns"]
+    occurrences = [
+        Occurrence(
+            trace_id=row["trace_id"],
+            span_ids=(row["parent_span_id"], *row["child_ids"]),
+            interventions=tuple(
+                ShortenSpan(span_id=sid, by_ns=int(by))
+                for sid, by in zip(row["straggler_ids"], row["shorten_by"], strict=True)
+            ),
+            numbers={
+                "branches": float(row["n"]),
+                "median_ms": row["median_ns"] / 1e6,
+                "max_ms": row["max_ns"] / 1e6,
+                "max_over_median": row["max_ns"] / row["median_ns"] if row["median_ns"] else float("inf"),
+                "stragglers": float(len(row["straggler_ids"])),
+            },
+        )
+        for row in frame.iter_rows(named=True)
+    ]
+    confidence = 0.55
+    confidence += 0.15 if traces >= 5 else 0.0
+    confidence += 0.10 if traces >= 20 else 0.0
+    confidence += 0.10 if rate >= 0.5 else 0.0
+    confidence += 0.05 if pattern == "skew" and branch_source != "position" else 0.0
+    evidence = {
+        "pattern": pattern,
+        "slow_branch": top_branch,
+        "slow_branch_share": round(top_share, 3),
+        "branch_identity": branch_source,
+        "branches_p50": stat(frame["n"]),
+        "fanouts_seen": fanouts_seen,
+        "fanouts_with_straggler": frame.height,
+        "straggler_rate": round(rate, 3),
+        "median_branch_ms_p50": stat(frame["median_ns"], scale=1e6),
+        "slowest_branch_ms_p50": stat(frame["max_ns"], scale=1e6),
+        "slowest_branch_ms_p95": stat(frame["max_ns"], 0.95, 1e6),
+        "max_over_median_p50": stat(ratio),
+        "excess_ms_p50": stat(excess, scale=1e6),
+        "excess_ms_p95": stat(excess, 0.95, 1e6),
+    }
+    return Finding(
+        kind=KIND,
+        category="parallelization",
+        service=first["parent_service"],
+        operation=first["parent_name"],
+        targets=[{"service": first["service"], "operation": first["name"]}],
+        occurrences=occurrences,
+        confidence=round(min(confidence, 0.95), 3),
+        evidence=evidence,
+    )

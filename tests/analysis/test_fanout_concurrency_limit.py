@@ -1,0 +1,115 @@
+"""fanout_concurrency_limit on hand-built traces: pools of k, parallel fan-outs, sequential loops."""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import pytest
+
+from analysis.context import AnalysisContext
+from analysis.detectors.fanout_concurrency_limit import detect
+from analysis.model import RunConcurrently
+from collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.builders import TraceBuilder, spans_table
+
+
+def pooled_trace(
+    durations_ms: list[float], workers: int, *, parent_hints: dict[str, Any] | None = None
+) -> tuple[TraceBuilder, list[str]]:
+    """GET /dispatch computes one route per driver through a pool of ``workers``: each task starts
+    the moment a worker frees up (HotROD's route worker pool has this shape)."""
+    b = TraceBuilder(service="frontend")
+    free_at = [2.0] * workers
+    heapq.heapify(free_at)
+    plan = []
+    for dur in durations_ms:
+        start = heapq.heappop(free_at)
+        plan.append((start, dur))
+        heapq.heappush(free_at, start + dur)
+    end = max(s + d for s, d in plan)
+    root = b.span("HTTP GET /dispatch", start_ms=0, dur_ms=end + 3, kind=KIND_SERVER, hints=parent_hints)
+    ids = [
+        b.span("HTTP GET /route", parent=root, start_ms=s, dur_ms=d, kind=KIND_CLIENT, peer="route")
+        for s, d in plan
+    ]
+    return b, ids
+
+
+def analyse(builders: list[TraceBuilder]):
+    return detect(AnalysisContext.from_table(spans_table(builders)))
+
+
+DURATIONS = [50, 55, 48, 52, 60, 45, 51, 49, 58, 53]
+
+
+def test_pool_of_three_is_found_with_k_n_and_all_children_run_concurrently() -> None:
+    built = [pooled_trace(DURATIONS[i:] + DURATIONS[:i], 3) for i in range(5)]
+    findings = analyse([b for b, _ in built])
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.kind, f.category, f.service, f.operation) == (
+        "fanout_concurrency_limit",
+        "parallelization",
+        "frontend",
+        "HTTP GET /dispatch",
+    )
+    assert f.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
+    assert f.evidence["k"] == 3 and f.evidence["k_share"] == 1.0
+    assert f.evidence["n_p50"] == 10
+    assert f.evidence["pool_evidence"] is False
+    assert len(f.occurrences) == 5
+    ids_by_trace = {b.trace_id: ids for b, ids in built}
+    for occ in f.occurrences:
+        (run,) = occ.interventions
+        assert isinstance(run, RunConcurrently)
+        assert sorted(run.span_ids) == sorted(ids_by_trace[occ.trace_id])
+        assert occ.numbers["k"] == 3 and occ.numbers["n"] == 10
+        assert occ.numbers["longest_child_ms"] == 60
+    assert f.evidence["queued_ms_p50"] > 0
+    assert f.confidence >= 0.8
+
+
+def test_queued_time_is_the_sum_of_start_delays() -> None:
+    # Pool of 2, four 10 ms tasks: starts at 2, 2, 12, 12 ms -> 20 ms queued in total.
+    b, _ = pooled_trace([10, 10, 10, 10], 2)
+    (f,) = analyse([b])
+    (occ,) = f.occurrences
+    assert occ.numbers["queued_ms"] == pytest.approx(20)
+    assert occ.numbers["makespan_ms"] == pytest.approx(20)
+
+
+def test_fully_parallel_fanout_gives_nothing() -> None:
+    assert analyse([pooled_trace(DURATIONS, len(DURATIONS))[0] for _ in range(3)]) == []
+
+
+def test_sequential_loop_without_pool_evidence_is_left_to_serialized_calls() -> None:
+    assert analyse([pooled_trace([20, 22, 21, 25], 1)[0] for _ in range(3)]) == []
+
+
+def test_pool_of_one_with_pool_evidence_is_a_limit() -> None:
+    built = [
+        pooled_trace([20, 22, 21, 25], 1, parent_hints={"db.pool.max_connections": 1})[0] for _ in range(3)
+    ]
+    (f,) = analyse(built)
+    assert f.evidence["k"] == 1
+    assert f.evidence["pool_evidence"] is True
+
+
+def test_children_at_unrelated_times_are_not_a_staircase() -> None:
+    # Overlapping but not a pool: later calls start long after any sibling ended or mid-flight.
+    b = TraceBuilder(service="api")
+    root = b.span("GET /feed", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+    for start, dur in [(1, 40), (1, 40), (70, 40), (95, 40), (160, 30)]:
+        b.span("fetch post", parent=root, start_ms=start, dur_ms=dur, kind=KIND_CLIENT)
+    assert analyse([b]) == []
+
+
+def test_back_to_back_with_clock_jitter_still_counts_as_a_slot_handover() -> None:
+    # Pool of 2 whose next task starts 0.1 ms *before* the previous one's recorded end.
+    b = TraceBuilder(service="api")
+    root = b.span("POST /import", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+    for start, dur in [(1, 30), (1, 30), (30.9, 30), (30.9, 30), (60.8, 30), (60.8, 30)]:
+        b.span("insert batch", parent=root, start_ms=start, dur_ms=dur, kind=KIND_CLIENT)
+    (f,) = analyse([b])
+    assert f.evidence["k"] == 2 and f.evidence["n_max"] == 6

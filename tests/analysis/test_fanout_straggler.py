@@ -1,0 +1,123 @@
+"""fanout_straggler on hand-built traces: skewed and random stragglers, balanced fan-outs."""
+
+from __future__ import annotations
+
+import pytest
+
+from analysis.context import AnalysisContext
+from analysis.detectors.fanout_straggler import detect
+from analysis.model import ShortenSpan
+from collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.builders import TraceBuilder, spans_table
+
+
+def search_trace(
+    branch_ms: list[float], *, shard_attr: bool = False, launch_gap_ms: float = 0.2
+) -> TraceBuilder:
+    """GET /search fans out one 'query shard' call per shard, launched together, then merges."""
+    b = TraceBuilder(service="search-api")
+    slowest = max(branch_ms)
+    root = b.span("GET /search", start_ms=0, dur_ms=5 + slowest + 10, kind=KIND_SERVER)
+    for i, dur in enumerate(branch_ms):
+        b.span(
+            "query shard",
+            parent=root,
+            start_ms=5 + i * launch_gap_ms,
+            dur_ms=dur,
+            kind=KIND_CLIENT,
+            service="search-api",
+            peer=None if shard_attr else f"shard-{i}.search.svc",
+            hints={"search.shard_id": str(i)} if shard_attr else None,
+        )
+    b.span("merge results", parent=root, start_ms=5 + slowest + 1, dur_ms=8)
+    return b
+
+
+def analyse(builders: list[TraceBuilder]):
+    return detect(AnalysisContext.from_table(spans_table(builders)))
+
+
+def test_same_shard_always_slow_is_skew_and_straggler_goes_to_the_median() -> None:
+    traces = [search_trace([40, 42, 200 + 10 * i, 41]) for i in range(5)]
+    findings = analyse(traces)
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.kind, f.category, f.service, f.operation) == (
+        "fanout_straggler",
+        "parallelization",
+        "search-api",
+        "GET /search",
+    )
+    assert f.targets == [{"service": "search-api", "operation": "query shard"}]
+    assert f.evidence["pattern"] == "skew"
+    assert f.evidence["slow_branch"] == "shard-2.search.svc"
+    assert f.evidence["slow_branch_share"] == 1.0
+    assert f.evidence["branch_identity"] == "peer"
+    assert f.evidence["fanouts_with_straggler"] == 5
+    assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
+    slowest_ms = {b.trace_id: 200 + 10 * i for i, b in enumerate(traces)}
+    for occ in f.occurrences:
+        # median of [40, 41, 42, 200+10i] is 41.5 ms: the straggler is cut by (200+10i) - 41.5 ms.
+        assert len(occ.interventions) == 1
+        (cut,) = occ.interventions
+        assert isinstance(cut, ShortenSpan)
+        assert cut.by_ns == pytest.approx((slowest_ms[occ.trace_id] - 41.5) * 1e6, abs=10)
+        assert occ.numbers["median_ms"] == pytest.approx(41.5)
+        assert occ.numbers["branches"] == 4
+        assert len(occ.span_ids) == 5  # the parent, then the four branches
+    assert f.evidence["max_over_median_p50"] == pytest.approx(220 / 41.5, rel=1e-3)
+    assert f.confidence > 0.7
+
+
+def test_random_slow_shard_is_tail() -> None:
+    traces = []
+    for i in range(6):
+        branches = [30.0, 31.0, 32.0, 33.0]
+        branches[i % 4] = 150.0
+        traces.append(search_trace(branches, shard_attr=True))
+    (f,) = analyse(traces)
+    assert f.evidence["pattern"] == "tail"
+    assert f.evidence["branch_identity"] == "shard"
+    assert f.evidence["slow_branch_share"] <= 0.5
+
+
+def test_shard_attribute_names_the_hot_shard() -> None:
+    traces = [search_trace([20, 21, 22, 23, 120], shard_attr=True) for _ in range(4)]
+    (f,) = analyse(traces)
+    assert f.evidence["pattern"] == "skew"
+    assert f.evidence["slow_branch"] == "4"
+    assert f.evidence["branch_identity"] == "shard"
+
+
+def test_balanced_fanout_gives_nothing() -> None:
+    assert analyse([search_trace([40, 45, 52, 48, 60]) for _ in range(5)]) == []
+
+
+def test_small_absolute_excess_is_noise() -> None:
+    # 3× the median but only 4 ms more: below the 5 ms floor.
+    assert analyse([search_trace([2, 2, 6]) for _ in range(5)]) == []
+
+
+def test_two_branches_are_not_a_fanout() -> None:
+    assert analyse([search_trace([20, 200]) for _ in range(5)]) == []
+
+
+def test_staircase_fanout_is_not_a_straggler() -> None:
+    # Four calls through a pool of two: the second wave starts when the first ends.
+    b = TraceBuilder(service="api")
+    root = b.span("GET /batch", start_ms=0, dur_ms=400, kind=KIND_SERVER)
+    for i, (start, dur) in enumerate([(1, 50), (1, 52), (51, 48), (53, 300)]):
+        b.span("fetch item", parent=root, start_ms=start, dur_ms=dur, kind=KIND_CLIENT, peer=f"item-{i}")
+    assert analyse([b]) == []
+
+
+def test_straggler_off_the_critical_path_is_ignored() -> None:
+    # The fan-out is fire-and-forget work beside a longer sequential call: the slow branch does not
+    # decide when the root ends.
+    b = TraceBuilder(service="api")
+    root = b.span("GET /page", start_ms=0, dur_ms=1000, kind=KIND_SERVER)
+    fan = b.span("prefetch", parent=root, start_ms=1, dur_ms=120)
+    for i, dur in enumerate([20, 21, 110]):
+        b.span("warm cache", parent=fan, start_ms=2, dur_ms=dur, kind=KIND_CLIENT, peer=f"cache-{i}")
+    b.span("render", parent=root, start_ms=0.5, dur_ms=990)
+    assert analyse([b]) == []
