@@ -1,0 +1,267 @@
+"""retry_without_backoff: a failed call retried at once, again and again.
+
+Rule
+----
+*Attempts* of one call are sibling spans (same parent) with the same service, name, target (peer /
+database / destination) and request (URL or statement when recorded), taken in start order. An
+attempt is a *retry* of the one before it when
+
+* it starts no earlier than ``SKEW_TOLERANCE_NS`` before the previous attempt ended (a retry waits
+  for the failure; concurrent copies are hedged requests, not retries), and
+* the previous attempt failed — status ERROR, HTTP 5xx or 429, or an ``exception`` event — or the
+  span carries an explicit attempt number larger than the previous one's (``http.request.resend_count``,
+  ``retry.attempt``, ``retry_count``, ``attempt``... keys in ``hints``).
+
+A chain of retries is a *retry sequence* (the first attempt plus its retries). It is reported when it
+has at least ``MIN_ATTEMPTS`` attempts, its median gap (previous end → next start) is at most
+``IMMEDIATE_GAP_NS`` (5 ms: no deliberate wait; even aggressive backoff policies start at tens of
+milliseconds), and its gaps are not growing (strictly increasing to beyond the immediate bound is
+exponential backoff with a small base, which is fine).
+
+Why: retrying a failing dependency immediately multiplies its load exactly when it is struggling
+(a retry storm) and rarely succeeds, because the cause — overload, a restart, a rate limit — has not
+had time to clear. Exponential backoff with jitter (and a retry budget) spreads retries out.
+
+False-positive protections
+--------------------------
+* Retries with backoff (median gap above 5 ms, or growing gaps) are healthy: nothing is reported.
+* A single failure, or a failure followed by a different call, is not a retry.
+* Repeated successful calls are N+1 / serialized work, not retries: the earlier attempt must fail
+  or say it is a resend.
+* Different URLs or statements are different requests (a redirect or a loop over ids), not retries.
+* Overlapping copies of a call (hedging) are not chained.
+
+Aggregation: one finding per (service, retried operation, callee service/operation); ``evidence``
+has bursts, attempts per burst (p50/max), gaps (p50/max ms), how many bursts exhausted every attempt,
+the status codes seen, the parent operations that retry, whether explicit attempt attributes were
+seen. ``requests_at_risk`` = root requests that contained such a burst. No interventions: adding
+backoff adds latency, so no latency saving is claimed; the finding is ranked by risk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.detectors.error_propagation import call_target_expr, failed_expr
+from analysis.model import Finding, Occurrence
+from collector.schema import KIND_SERVER
+
+KIND = "retry_without_backoff"
+MIN_ATTEMPTS = 2
+IMMEDIATE_GAP_NS = 5_000_000  # 5 ms
+SKEW_TOLERANCE_NS = 1_000_000  # 1 ms of overlap tolerated between an attempt and its retry (clock jitter)
+# An explicit attempt number among the hint attributes, e.g. {"http.request.resend_count": 2}.
+ATTEMPT_HINT_PATTERN = r'"[^"]*(?:resend_count|retry_count|retries|retry[._]?attempt|attempt[._]?(?:number|count)?|retry)"\s*:\s*"?(\d+)'
+TOP_CODES = 5
+
+
+def attempt_failed_expr() -> pl.Expr:
+    """A failed attempt: failed status / HTTP code, or an exception recorded on it."""
+    exception = pl.col("event_names").list.contains("exception").fill_null(False)
+    return failed_expr() | exception
+
+
+def attempt_number_expr() -> pl.Expr:
+    return pl.col("hints").str.extract(ATTEMPT_HINT_PATTERN, 1).cast(pl.Int64, strict=False)
+
+
+def _confidence(bursts: int, max_attempts: int, explicit: bool) -> float:
+    value = 0.35 + 0.2 * min(1.0, math.log10(bursts + 1) / 2.0)
+    if max_attempts >= 3:
+        value += 0.25  # again and again, not a single immediate retry
+    if explicit:
+        value += 0.15  # the instrumentation itself says these are retries
+    return round(min(0.95, value), 3)
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    spans = ctx.spans
+    candidates = spans.filter(
+        pl.col("parent_row").is_not_null() & (attempt_failed_expr() | attempt_number_expr().is_not_null())
+    )
+    if candidates.height == 0:
+        return []
+    parent_rows = candidates["parent_row"].unique().implode()
+    key = ["parent_row", "service", "name", "target", "request"]
+    siblings = (
+        spans.filter(pl.col("parent_row").is_in(parent_rows))
+        .select(
+            "trace_id",
+            "span_id",
+            "parent_row",
+            "service",
+            "name",
+            "start_ns",
+            "end_ns",
+            "row",
+            "http_status_code",
+            "status_code",
+            target=call_target_expr(),
+            request=pl.coalesce(pl.col("http_url"), pl.col("db_statement"), pl.lit("")),
+            failed=attempt_failed_expr(),
+            attempt=attempt_number_expr(),
+        )
+        .sort([*key, "start_ns", "span_id"])
+    )
+    same_call = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in key]).fill_null(False)
+    gap = pl.col("start_ns") - pl.col("end_ns").shift(1)
+    explicit_resend = (pl.col("attempt") > pl.col("attempt").shift(1).fill_null(0)).fill_null(False)
+    is_retry = (
+        same_call
+        & (gap >= -SKEW_TOLERANCE_NS)
+        & (pl.col("failed").shift(1).fill_null(False) | explicit_resend)
+    )
+    attempts = siblings.with_columns(gap_ns=gap, is_retry=is_retry).with_columns(
+        sequence=(~pl.col("is_retry")).cum_sum()
+    )
+
+    retry_gap = pl.col("gap_ns").filter(pl.col("is_retry"))
+    sequences = (
+        attempts.group_by("sequence")
+        .agg(
+            pl.col("trace_id").first(),
+            pl.col("parent_row").first(),
+            pl.col("service").first(),
+            pl.col("name").first(),
+            pl.col("target").first(),
+            attempts=pl.len(),
+            failed_attempts=pl.col("failed").sum(),
+            last_failed=pl.col("failed").last(),
+            explicit=pl.col("attempt").is_not_null().any(),
+            span_ids=pl.col("span_id"),
+            rows=pl.col("row"),
+            first_start_ns=pl.col("start_ns").first(),
+            first_end_ns=pl.col("end_ns").first(),
+            last_end_ns=pl.col("end_ns").last(),
+            codes=pl.col("http_status_code").filter(pl.col("failed")).drop_nulls(),
+            median_gap_ns=retry_gap.median(),
+            max_gap_ns=retry_gap.max(),
+            first_gap_ns=retry_gap.first(),
+            last_gap_ns=retry_gap.last(),
+            growing=(retry_gap.diff().drop_nulls() > 0).all(),
+        )
+        .filter(
+            (pl.col("attempts") >= MIN_ATTEMPTS)
+            & (pl.col("median_gap_ns") <= IMMEDIATE_GAP_NS)
+            & ~((pl.col("attempts") >= 3) & pl.col("growing") & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS))
+        )
+    )
+    if sequences.height == 0:
+        return []
+
+    # Callee: the attempts' server-side child in another service when traced, else the call's target.
+    attempt_rows = sequences["rows"].explode().cast(pl.Int64).implode()
+    callees = (
+        spans.filter(pl.col("parent_row").is_in(attempt_rows))
+        .filter(pl.col("kind") == KIND_SERVER)
+        .select(pl.col("parent_row").alias("attempt_row"), callee_service="service", callee_name="name")
+        .unique("attempt_row")
+    )
+    parent_info = spans.select(
+        pl.col("row").cast(pl.Int64).alias("parent_row"), parent_span_id="span_id", parent_name="name"
+    )
+    sequences = (
+        sequences.with_columns(attempt_row=pl.col("rows").list.first().cast(pl.Int64))
+        .join(callees, on="attempt_row", how="left")
+        .join(
+            parent_info.filter(pl.col("parent_row").is_in(sequences["parent_row"].implode())),
+            on="parent_row",
+            how="left",
+        )
+        .with_columns(
+            target_service=pl.when(
+                pl.col("callee_service").is_not_null() & (pl.col("callee_service") != pl.col("service"))
+            )
+            .then(pl.col("callee_service"))
+            .when(pl.col("target") != "")
+            .then(pl.col("target"))
+            .otherwise(pl.col("service")),
+            target_operation=pl.coalesce(pl.col("callee_name"), pl.col("name")),
+            retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"),
+        )
+        .sort("trace_id", "first_start_ns")
+    )
+
+    signature = ["service", "name", "target_service", "target_operation"]
+    findings: list[Finding] = []
+    for group_key, group in sequences.partition_by(signature, as_dict=True, maintain_order=True).items():
+        service, operation, target_service, target_operation = (str(v) for v in group_key)
+        occurrences = [
+            Occurrence(
+                trace_id=r["trace_id"],
+                span_ids=(r["parent_span_id"], *r["span_ids"]),
+                numbers={
+                    "attempts": float(r["attempts"]),
+                    "failed_attempts": float(r["failed_attempts"]),
+                    "median_gap_ms": r["median_gap_ns"] / 1e6,
+                    "max_gap_ms": r["max_gap_ns"] / 1e6,
+                    "retry_time_ms": r["retry_time_ns"] / 1e6,
+                    "exhausted": float(bool(r["last_failed"])),
+                },
+            )
+            for r in group.iter_rows(named=True)
+        ]
+        findings.append(_finding(service, operation, target_service, target_operation, group, occurrences))
+    findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
+    return findings
+
+
+def _finding(
+    service: str,
+    operation: str,
+    target_service: str,
+    target_operation: str,
+    group: pl.DataFrame,
+    occurrences: list[Occurrence],
+) -> Finding:
+    stats = group.select(
+        traces=pl.col("trace_id").n_unique(),
+        bursts=pl.len(),
+        attempts_p50=pl.col("attempts").median(),
+        attempts_max=pl.col("attempts").max(),
+        retries_total=(pl.col("attempts") - 1).sum(),
+        gap_ms_p50=pl.col("median_gap_ns").median() / 1e6,
+        gap_ms_max=pl.col("max_gap_ns").max() / 1e6,
+        retry_time_ms_p50=pl.col("retry_time_ns").median() / 1e6,
+        exhausted_bursts=pl.col("last_failed").sum(),
+        explicit=pl.col("explicit").any(),
+    ).row(0, named=True)
+    codes = (
+        group.select(pl.col("codes").explode().drop_nulls().value_counts(sort=True))
+        .unnest("codes")
+        .head(TOP_CODES)
+    )
+    parents = group["parent_name"].drop_nulls().value_counts(sort=True).head(5)
+    bursts = int(stats["bursts"])
+    evidence: dict[str, Any] = {
+        "bursts": bursts,
+        "traces_with_bursts": int(stats["traces"]),
+        "attempts_per_burst_p50": float(stats["attempts_p50"]),
+        "attempts_per_burst_max": int(stats["attempts_max"]),
+        "retries_total": int(stats["retries_total"]),
+        "gap_ms_p50": round(float(stats["gap_ms_p50"]), 3),
+        "gap_ms_max": round(float(stats["gap_ms_max"]), 3),
+        "retry_time_ms_p50": round(float(stats["retry_time_ms_p50"]), 3),
+        "exhausted_bursts": int(stats["exhausted_bursts"]),
+        "exhausted_share": round(int(stats["exhausted_bursts"]) / bursts, 4),
+        "explicit_attempt_attributes": bool(stats["explicit"]),
+        "failure_status_codes": {str(r[0]): int(r[1]) for r in codes.iter_rows()},
+        "parent_operations": [str(r[0]) for r in parents.iter_rows()],
+        "trace_ids": [o.trace_id for o in occurrences[:10]],
+        "span_ids": [sid for o in occurrences[:10] for sid in o.span_ids[1:3]],
+    }
+    return Finding(
+        kind=KIND,
+        category="fault_tolerance",
+        service=service,
+        operation=operation,
+        targets=[{"service": target_service, "operation": target_operation}],
+        occurrences=occurrences,
+        confidence=_confidence(bursts, int(stats["attempts_max"]), bool(stats["explicit"])),
+        evidence=evidence,
+        requests_at_risk=int(stats["traces"]),
+    )

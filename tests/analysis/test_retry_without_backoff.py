@@ -1,0 +1,195 @@
+"""retry_without_backoff on hand-built traces: immediate retry bursts vs. backoff and other repeats."""
+
+from __future__ import annotations
+
+from analysis.context import AnalysisContext
+from analysis.detectors.retry_without_backoff import detect
+from collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
+from tests.builders import TraceBuilder, spans_table
+
+
+def product_trace(
+    gaps_ms: list[float],
+    *,
+    outcomes: list[bool],
+    attempt_ms: float = 8,
+    traced_callee: bool = False,
+    url: str | None = "http://inventory/items/42",
+    resend_attr: bool = False,
+    mark_failures: bool = True,
+) -> TraceBuilder:
+    """GET /product calls GET /inventory len(outcomes) times; outcome True = success; gaps between."""
+    assert len(gaps_ms) == len(outcomes) - 1
+    b = TraceBuilder(service="product")
+    total = len(outcomes) * attempt_ms + sum(gaps_ms) + 10
+    root = b.span("GET /product", start_ms=0, dur_ms=total, kind=KIND_SERVER)
+    t = 2.0
+    for i, ok in enumerate(outcomes):
+        failed = not ok and mark_failures
+        call = b.span(
+            "GET /inventory",
+            parent=root,
+            start_ms=t,
+            dur_ms=attempt_ms,
+            kind=KIND_CLIENT,
+            peer="inventory",
+            http_url=url,
+            status_code=STATUS_ERROR if failed else STATUS_UNSET,
+            http_status_code=503 if failed else 200,
+            hints={"http.request.resend_count": i} if resend_attr and i > 0 else None,
+        )
+        if traced_callee:
+            b.span(
+                "GET /items/{id}",
+                parent=call,
+                start_ms=t + 0.5,
+                dur_ms=attempt_ms - 1,
+                kind=KIND_SERVER,
+                service="inventory",
+                status_code=STATUS_ERROR if failed else STATUS_UNSET,
+            )
+        t += attempt_ms + (gaps_ms[i] if i < len(gaps_ms) else 0)
+    b.span("render", parent=root, start_ms=t + 1, dur_ms=3)
+    return b
+
+
+def analyse(builders: list[TraceBuilder]):
+    return detect(AnalysisContext.from_table(spans_table(builders)))
+
+
+def test_immediate_retries_of_a_failing_call_are_one_finding() -> None:
+    traces = [product_trace([0.2, 0.1, 0.3], outcomes=[False, False, False, True]) for _ in range(5)]
+    traces += [product_trace([], outcomes=[True]) for _ in range(5)]
+    findings = analyse(traces)
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.kind, f.category, f.service, f.operation) == (
+        "retry_without_backoff",
+        "fault_tolerance",
+        "product",
+        "GET /inventory",
+    )
+    assert f.targets == [{"service": "inventory", "operation": "GET /inventory"}]
+    assert f.requests_at_risk == 5
+    assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
+    ev = f.evidence
+    assert ev["bursts"] == 5
+    assert ev["attempts_per_burst_p50"] == 4 and ev["attempts_per_burst_max"] == 4
+    assert ev["retries_total"] == 15
+    assert 0.1 <= ev["gap_ms_p50"] <= 0.3 and ev["gap_ms_max"] == 0.3
+    assert ev["exhausted_bursts"] == 0
+    assert ev["failure_status_codes"] == {"503": 15}
+    assert ev["parent_operations"] == ["GET /product"]
+    assert ev["explicit_attempt_attributes"] is False
+    occ = f.occurrences[0]
+    assert len(occ.span_ids) == 5  # the parent, then the four attempts
+    assert occ.numbers["attempts"] == 4 and occ.numbers["failed_attempts"] == 3
+    assert occ.interventions == ()
+    assert f.confidence >= 0.6
+
+
+def test_retries_with_exponential_backoff_are_healthy() -> None:
+    traces = [product_trace([100, 200, 400], outcomes=[False, False, False, True]) for _ in range(5)]
+    assert analyse(traces) == []
+
+
+def test_small_but_growing_gaps_are_backoff() -> None:
+    traces = [product_trace([0.5, 1, 2, 8], outcomes=[False, False, False, False, True]) for _ in range(5)]
+    assert analyse(traces) == []
+
+
+def test_a_single_failure_is_not_a_retry() -> None:
+    traces = [product_trace([], outcomes=[False]) for _ in range(5)]
+    assert analyse(traces) == []
+
+
+def test_repeated_successful_calls_are_not_retries() -> None:
+    traces = [product_trace([0.1, 0.1, 0.1], outcomes=[True, True, True, True]) for _ in range(5)]
+    assert analyse(traces) == []
+
+
+def test_failing_calls_to_different_urls_are_a_loop_not_a_retry() -> None:
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="product")
+        root = b.span("GET /products", start_ms=0, dur_ms=60, kind=KIND_SERVER)
+        for i in range(4):
+            b.span(
+                "GET /inventory",
+                parent=root,
+                start_ms=2 + i * 10,
+                dur_ms=10,
+                kind=KIND_CLIENT,
+                peer="inventory",
+                http_url=f"http://inventory/items/{i}",
+                status_code=STATUS_ERROR,
+            )
+        traces.append(b)
+    assert analyse(traces) == []
+
+
+def test_hedged_concurrent_copies_are_not_retries() -> None:
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="product")
+        root = b.span("GET /product", start_ms=0, dur_ms=40, kind=KIND_SERVER)
+        for i in range(3):
+            b.span(
+                "GET /inventory",
+                parent=root,
+                start_ms=2 + i,
+                dur_ms=30,
+                kind=KIND_CLIENT,
+                peer="inventory",
+                status_code=STATUS_ERROR if i < 2 else STATUS_UNSET,
+            )
+        traces.append(b)
+    assert analyse(traces) == []
+
+
+def test_exhausted_bursts_and_traced_callee() -> None:
+    traces = [product_trace([0.0, 0.0], outcomes=[False, False, False], traced_callee=True) for _ in range(3)]
+    findings = analyse(traces)
+    assert len(findings) == 1
+    f = findings[0]
+    assert f.targets == [{"service": "inventory", "operation": "GET /items/{id}"}]
+    assert f.evidence["exhausted_bursts"] == 3 and f.evidence["exhausted_share"] == 1.0
+    assert f.occurrences[0].numbers["exhausted"] == 1.0
+
+
+def test_explicit_resend_count_marks_retries_even_without_error_status() -> None:
+    traces = [
+        product_trace([0.1, 0.1], outcomes=[False, False, True], resend_attr=True, mark_failures=False)
+        for _ in range(4)
+    ]
+    findings = analyse(traces)
+    assert len(findings) == 1
+    assert findings[0].evidence["explicit_attempt_attributes"] is True
+    assert findings[0].evidence["attempts_per_burst_max"] == 3
+    plain = analyse([product_trace([0.1, 0.1], outcomes=[False, False, True]) for _ in range(4)])
+    assert findings[0].confidence > plain[0].confidence
+
+
+def test_exception_events_mark_a_failed_attempt() -> None:
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="worker")
+        root = b.span("process job", start_ms=0, dur_ms=40)
+        for i in range(3):
+            b.span(
+                "SELECT job",
+                parent=root,
+                start_ms=1 + i * 5.05,
+                dur_ms=5,
+                kind=KIND_CLIENT,
+                db_system="postgresql",
+                events=[("exception", 1 + i * 5.05 + 4, {"exception.type": "OperationalError"})]
+                if i < 2
+                else (),
+            )
+        traces.append(b)
+    findings = analyse(traces)
+    assert [(f.service, f.operation, f.targets[0]["service"]) for f in findings] == [
+        ("worker", "SELECT job", "postgresql")
+    ]
+    assert findings[0].evidence["attempts_per_burst_max"] == 3
