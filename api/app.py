@@ -1,25 +1,401 @@
-"""The FastAPI application factory: REST API and report pages over a span store."""
+"""The FastAPI application factory: REST API and report pages over a span store.
+
+Routes (all ``/v1`` routes and the report page need ``Authorization: Bearer <token>`` when
+``Settings.api_token`` / ``HOURGLASS_API_TOKEN`` is set; the page also accepts HTTP Basic with the
+token as password, so a browser can open it; ``/healthz`` and the OpenAPI docs stay open):
+
+* ``GET /healthz`` — liveness.
+* ``GET /v1/stats`` — stored span and trace counts, and the background analysis' state.
+* ``GET /v1/recommendations`` — the cached ``hourglass.report/v1`` report, filtered in memory by
+  ``service``, ``kind``, ``category`` and ``limit``; ``since`` analyses that window on demand.
+* ``GET /v1/recommendations/{id}`` — one recommendation with its exemplar traces.
+* ``GET /v1/traces/{trace_id}`` — one trace's spans, critical path and the findings touching it.
+* ``GET /v1/services`` — services seen in the store, with their recommendation counts.
+* ``POST /v1/analyses`` — re-run the analysis now.
+* ``GET /`` — the HTML report.
+
+Reads never analyse on the request path (see :mod:`api.analysis_service`): the hot routes are
+``async`` and only join pre-serialised JSON bytes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi.responses import HTMLResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api import rest_models as m
+from api.analysis_service import AnalysisService, ReportSnapshot, critical_path_ids, finding_ids, trace_detail
+from api.settings import Settings, parse_duration_seconds
+from collector.schema import KIND_NAMES
 from collector.store import SpanStore
 
+log = logging.getLogger("hourglass.api")
 
-def create_app(store: SpanStore, **options: Any) -> FastAPI:
-    app = FastAPI(title="Hourglass", version="0.1.0")
+TRACE_ID_PATTERN = r"^[0-9a-fA-F]{1,32}$"  # hex, leading zeros optional (stored left-padded to 32)
+RECOMMENDATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+MAX_EXEMPLARS = 3  # exemplar traces returned with one recommendation
+JSON = "application/json"
+
+_bearer = HTTPBearer(auto_error=False, description="Needed when HOURGLASS_API_TOKEN is set")
+
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """``since`` → unix ns: a duration back from now ('90s', '15m', '12h', '7d') or an ISO 8601 time."""
+    text = text.strip()
+    now = time.time() if now is None else now
+    if re.fullmatch(r"\d+(\.\d+)?[smhdw]?", text, re.IGNORECASE):
+        seconds = parse_duration_seconds(text)
+        if seconds > 100 * 365 * 86400:
+            raise ValueError(f"since={text!r}: duration longer than 100 years")
+        return int((now - seconds) * 1e9)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"since={text!r}: expected a duration back from now (90s, 15m, 12h, 7d) or an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        raise ValueError(f"since={text!r}: the ISO time needs a timezone (e.g. Z or +00:00)")
+    return int(moment.timestamp() * 1e9)
+
+
+def _authorized(header: str | None, token: str) -> bool:
+    if not header:
+        return False
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.encode(), token.encode())
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        _, _, password = decoded.partition(":")
+        return hmac.compare_digest(password.encode(), token.encode())
+    return False
+
+
+def create_app(
+    store: SpanStore,
+    *,
+    settings: Settings | None = None,
+    analysis: AnalysisService | None = None,
+    writer: Any = "auto",
+    start_analysis: bool = True,
+    first_report_timeout: float = 30.0,
+    **options: Any,
+) -> FastAPI:
+    """The Hourglass HTTP app over ``store``.
+
+    ``settings`` supplies ``api_token`` and ``settle_seconds`` (default: ``Settings()``, i.e. the
+    ``HOURGLASS_*`` variables). ``analysis`` may be a prepared :class:`AnalysisService`; otherwise
+    one is made with ``writer`` ("auto": the Anthropic agent when configured, else the template).
+    With ``start_analysis`` the background thread runs for the app's lifespan. A read that
+    arrives before the first report waits for it up to ``first_report_timeout`` seconds.
+    """
+    if options:
+        log.debug("create_app: ignoring unknown options %s", sorted(options))
+    settings = settings or Settings()
+    service = analysis or AnalysisService(store, settle_seconds=settings.settle_seconds, writer=writer)
+    token = settings.api_token
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_analysis:
+            service.start()
+        try:
+            yield
+        finally:
+            if start_analysis:
+                await anyio.to_thread.run_sync(service.stop)
+
+    app = FastAPI(
+        title="Hourglass",
+        version="0.1.0",
+        description="Ranked parallelization and fault-tolerance recommendations from distributed traces.",
+        lifespan=lifespan,
+    )
     app.state.store = store
+    app.state.analysis = service
+    app.state.settings = settings
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def require_token(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+    ) -> None:
+        if token is None:
+            return
+        if _authorized(request.headers.get("authorization"), token):
+            return
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong bearer token (Authorization: Bearer <HOURGLASS_API_TOKEN>)",
+            headers={"WWW-Authenticate": 'Bearer realm="hourglass", Basic realm="hourglass"'},
+        )
+
+    auth_errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": m.ErrorBody, "description": "Token needed"}
+    }
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=auth_errors)
+
+    async def current_snapshot() -> ReportSnapshot:
+        snapshot = service.snapshot
+        if snapshot is None:
+            snapshot = await anyio.to_thread.run_sync(service.wait_first, first_report_timeout)
+        if snapshot is None:
+            status = service.status()
+            raise HTTPException(
+                status_code=503,
+                detail=f"no report yet (analysis {status['state']}"
+                + (f": {status['last_error']}" if status["last_error"] else "")
+                + ")",
+                headers={"Retry-After": "5"},
+            )
+        return snapshot
+
+    @app.get("/healthz", response_model=m.Health, tags=["service"])
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/stats")
-    def stats() -> dict[str, int]:
+    @v1.get("/stats", response_model=m.Stats, tags=["service"])
+    def stats() -> dict[str, Any]:
+        """Stored span and trace counts, and the state of the background analysis."""
         s = store.stats()
-        return {"spans": s.spans, "traces": s.traces}
+        return {"spans": s.spans, "traces": s.traces, "analysis": service.status()}
 
+    @v1.get(
+        "/recommendations",
+        response_model=m.Report,
+        tags=["recommendations"],
+        responses={
+            422: {"description": "Bad filter"},
+            503: {"model": m.ErrorBody, "description": "No report yet"},
+        },
+    )
+    async def recommendations(
+        service_name: Annotated[
+            str | None,
+            Query(alias="service", max_length=500, description="Where the change is made, or a target"),
+        ] = None,
+        kind: Annotated[
+            list[str] | None,
+            Query(description="One or more kinds (repeat the parameter or separate with commas)"),
+        ] = None,
+        category: Annotated[Literal["parallelization", "fault_tolerance"] | None, Query()] = None,
+        since: Annotated[
+            str | None,
+            Query(
+                max_length=64,
+                description="Only spans since then: a duration back from now (15m, 12h, 7d) or an ISO 8601 "
+                "time. Analyses that window on demand (slower than the cached report).",
+            ),
+        ] = None,
+        limit: Annotated[
+            int | None, Query(ge=1, le=10_000, description="At most this many, best first")
+        ] = None,
+    ) -> Response:
+        """The ranked recommendations (``hourglass.report/v1``), from the cached report."""
+        if since is not None:
+            try:
+                since_ns = parse_since(since)
+            except ValueError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            snapshot = await anyio.to_thread.run_sync(service.window, since_ns)
+        else:
+            snapshot = await current_snapshot()
+        kinds = [k.strip() for item in kind or [] for k in item.split(",") if k.strip()] or None
+        if service_name is None and kinds is None and category is None and limit is None:
+            return Response(snapshot.body(), media_type=JSON)
+        indices = snapshot.filter_indices(service=service_name, kind=kinds, category=category, limit=limit)
+        return Response(snapshot.body(indices), media_type=JSON)
+
+    def _trace_view(trace_id: str, snapshot: ReportSnapshot | None) -> dict[str, Any] | None:
+        spans = store.trace(trace_id)
+        if spans.num_rows == 0:
+            return None
+        report = snapshot.report if snapshot is not None else {"recommendations": []}
+        detail = trace_detail(spans, report)
+        path = critical_path_ids(detail)
+        on_path = set(path)
+        rows = sorted(spans.to_pylist(), key=lambda r: (r["start_ns"], r["span_id"]))
+        t0 = rows[0]["start_ns"]
+        t_end = max(r["end_ns"] for r in rows)
+        present = {r["span_id"] for r in rows}
+        touching = dict.fromkeys(finding_ids(detail))
+        by_id = snapshot.by_id if snapshot is not None else {}
+        for rec_id, rec in by_id.items():
+            if trace_id in ((rec.get("evidence") or {}).get("trace_ids") or []):
+                touching.setdefault(rec_id)
+        findings = []
+        for rec_id in touching:
+            rec = by_id.get(rec_id, {})
+            span_ids = [s for s in (rec.get("evidence") or {}).get("span_ids") or [] if s in present]
+            findings.append(
+                {
+                    "id": rec_id,
+                    "rank": rec.get("rank"),
+                    "kind": rec.get("kind"),
+                    "category": rec.get("category"),
+                    "title": rec.get("title"),
+                    "span_ids": span_ids,
+                }
+            )
+        return {
+            "trace_id": trace_id,
+            "span_count": len(rows),
+            "duration_ms": (t_end - t0) / 1e6,
+            "services": sorted({r["service"] for r in rows}),
+            "critical_path": path,
+            "findings": findings,
+            "spans": [
+                {
+                    "span_id": r["span_id"],
+                    "parent_span_id": r["parent_span_id"],
+                    "service": r["service"],
+                    "name": r["name"],
+                    "kind": KIND_NAMES.get(r["kind"], "unspecified"),
+                    "start_ns": r["start_ns"],
+                    "end_ns": r["end_ns"],
+                    "start_offset_ms": (r["start_ns"] - t0) / 1e6,
+                    "duration_ms": (r["end_ns"] - r["start_ns"]) / 1e6,
+                    "status_code": r["status_code"],
+                    "status_message": r.get("status_message"),
+                    "on_critical_path": r["span_id"] in on_path,
+                }
+                for r in rows
+            ],
+        }
+
+    @v1.get(
+        "/traces/{trace_id}",
+        response_model=m.TraceDetail,
+        tags=["traces"],
+        responses={
+            404: {"model": m.ErrorBody, "description": "Unknown trace"},
+            422: {"description": "Bad id"},
+        },
+    )
+    def trace(
+        trace_id: Annotated[
+            str,
+            Path(
+                pattern=TRACE_ID_PATTERN, description="Hex trace id (32 characters; leading zeros optional)"
+            ),
+        ],
+    ) -> dict[str, Any]:
+        """One trace: its spans, its critical path and the recommendations that touch it."""
+        normalized = trace_id.lower().rjust(32, "0")
+        view = _trace_view(normalized, service.snapshot)
+        if view is None:
+            raise HTTPException(status_code=404, detail=f"trace {normalized} is not in the store")
+        return view
+
+    @v1.get(
+        "/recommendations/{recommendation_id}",
+        response_model=m.RecommendationDetail,
+        tags=["recommendations"],
+        responses={404: {"model": m.ErrorBody, "description": "Unknown recommendation"}},
+    )
+    def recommendation(
+        recommendation_id: Annotated[str, Path(pattern=RECOMMENDATION_ID_PATTERN)],
+    ) -> dict[str, Any]:
+        """One recommendation of the current report, with up to three exemplar traces."""
+        snapshot = service.wait_first(first_report_timeout)
+        rec = snapshot.by_id.get(recommendation_id) if snapshot is not None else None
+        if snapshot is None or rec is None:
+            raise HTTPException(
+                status_code=404, detail=f"no recommendation {recommendation_id!r} in the current report"
+            )
+        exemplars = []
+        for trace_id in ((rec.get("evidence") or {}).get("trace_ids") or [])[:MAX_EXEMPLARS]:
+            view = _trace_view(str(trace_id), snapshot)
+            if view is not None:
+                exemplars.append(view)
+        return {**rec, "exemplars": exemplars}
+
+    @v1.get("/services", response_model=m.Services, tags=["service"])
+    def services() -> dict[str, Any]:
+        """Services seen in the store, with how many current recommendations concern each."""
+        counts: dict[str, int] = dict.fromkeys(store.services(), 0)
+        snapshot = service.snapshot
+        for rec in snapshot.recommendations if snapshot is not None else []:
+            concerned = {rec.get("service")} | {t.get("service") for t in rec.get("targets") or []}
+            for name in concerned:
+                if name:
+                    counts[str(name)] = counts.get(str(name), 0) + 1
+        return {"services": [{"name": n, "recommendations": c} for n, c in sorted(counts.items())]}
+
+    @v1.post(
+        "/analyses",
+        response_model=m.AnalysisRun,
+        tags=["recommendations"],
+        responses={202: {"model": m.AnalysisRun, "description": "Started (wait=false)"}},
+    )
+    def run_analysis(
+        response: Response,
+        wait: Annotated[
+            bool, Query(description="Wait for the run to finish (default) or return at once")
+        ] = True,
+    ) -> dict[str, Any]:
+        """Re-run the analysis now over everything stored; returns the new report's summary."""
+        if not wait:
+            threading.Thread(target=_run_quietly, name="hourglass-analysis-request", daemon=True).start()
+            response.status_code = 202
+            return {
+                "status": "accepted",
+                "generation": service.status()["generation"],
+                "analysis": service.status(),
+            }
+        try:
+            snapshot = service.run_now(reason="requested")
+        except Exception as exc:
+            raise HTTPException(
+                status_code=500, detail=f"analysis failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        report = snapshot.report
+        return {
+            "status": "completed",
+            "generation": snapshot.generation,
+            "generated_at": report.get("generated_at"),
+            "traces_analyzed": report.get("traces_analyzed"),
+            "spans_analyzed": report.get("spans_analyzed"),
+            "recommendations": len(snapshot.by_id),
+            "duration_ms": round((snapshot.finished_at - snapshot.started_at) * 1000, 1),
+            "analysis": service.status(),
+        }
+
+    def _run_quietly() -> None:
+        # A failure is logged and recorded in the status by run_now.
+        with contextlib.suppress(Exception):
+            service.run_now(reason="requested")
+
+    @app.get(
+        "/",
+        response_class=HTMLResponse,
+        tags=["report"],
+        dependencies=[Depends(require_token)],
+        responses={401: {"description": "Token needed"}, 503: {"description": "No report yet"}},
+    )
+    async def report_page() -> Response:
+        """The HTML report: ranked recommendations with before/after trace waterfalls."""
+        snapshot = await current_snapshot()
+        page = await anyio.to_thread.run_sync(service.html, snapshot)
+        return HTMLResponse(page)
+
+    app.include_router(v1)
     return app

@@ -1,0 +1,579 @@
+"""Background analysis for the API: re-analyse the store as traces settle, serve cached reports.
+
+Reads must be fast and must never block ingest, so the REST API never analyses on a request's
+path. One background thread watches the store and re-runs the whole analysis when
+
+* new spans arrived and nothing new arrived for ``settle_seconds`` (the traces have settled:
+  their late spans are in), or
+* new spans keep arriving without a pause, and the cached report is older than
+  ``max_staleness_seconds`` (default ``max(6 × settle, 60 s)``), so a busy system still gets
+  fresh reports.
+
+Each run produces an immutable :class:`ReportSnapshot`: the report object, the recommendations
+indexed by id, and each recommendation pre-serialised to JSON, so a read filters in memory and
+joins bytes. The HTML page (with its exemplar waterfalls, which need the exemplar traces from the
+store) is rendered right after the run, in the same background thread.
+
+Runs are serialised by a lock; a run asked for while another is in progress waits for it and,
+if that run started after the request, returns its result instead of analysing twice.
+Failures are never swallowed: the error is logged with its traceback, kept in
+:meth:`AnalysisService.status` (served by ``/v1/stats`` and ``POST /v1/analyses``), and the last
+good report keeps being served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from api import report_html
+from collector.schema import ANALYSIS_COLUMNS
+from collector.store import SpanStore
+
+log = logging.getLogger("hourglass.api.analysis")
+
+AnalyzeFn = Callable[..., dict[str, Any]]
+TraceFetcher = Callable[[str], pa.Table]
+
+WINDOW_CACHE_SIZE = 8  # analyses of a `since` window kept per report generation
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def _finite(obj: Any) -> Any:
+    """A copy of a JSON-like structure with NaN/inf floats as null (JSON has no NaN); no recursion."""
+    root: list[Any] = [obj]
+    stack: list[tuple[Any, Any, Any]] = [(root, 0, obj)]
+    while stack:
+        container, key, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            container[key] = None
+        elif isinstance(value, Mapping):
+            copy = dict(value)
+            container[key] = copy
+            stack.extend((copy, k, v) for k, v in copy.items())
+        elif isinstance(value, (list, tuple)):
+            copy_list = list(value)
+            container[key] = copy_list
+            stack.extend((copy_list, i, v) for i, v in enumerate(copy_list))
+    return root[0]
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot serialise {type(value).__name__} in a report")
+
+
+def dumps(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, default=_json_default, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:  # NaN or infinity somewhere: null them
+        return json.dumps(_finite(obj), default=_json_default, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class ReportSnapshot:
+    """One analysis result, immutable once published; reads share it without locks."""
+
+    report: dict[str, Any]
+    generation: int
+    spans_in_store: int
+    started_at: float  # unix seconds
+    finished_at: float
+    started_monotonic: float
+    reason: str
+    by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rec_json: tuple[bytes, ...] = ()
+    head_json: bytes = b"{"  # the report without its recommendations, without the closing brace
+
+    @classmethod
+    def build(
+        cls,
+        report: dict[str, Any],
+        *,
+        generation: int,
+        spans_in_store: int,
+        started_at: float,
+        started_monotonic: float,
+        reason: str,
+    ) -> ReportSnapshot:
+        recs = list(report.get("recommendations") or [])
+        head = {k: v for k, v in report.items() if k != "recommendations"}
+        head_bytes = dumps(head)
+        head_json = head_bytes[:-1] + (b"," if len(head_bytes) > 2 else b"")
+        return cls(
+            report=report,
+            generation=generation,
+            spans_in_store=spans_in_store,
+            started_at=started_at,
+            finished_at=time.time(),
+            started_monotonic=started_monotonic,
+            reason=reason,
+            by_id={str(r.get("id")): r for r in recs},
+            rec_json=tuple(dumps(r) for r in recs),
+            head_json=head_json,
+        )
+
+    @property
+    def recommendations(self) -> list[dict[str, Any]]:
+        return list(self.report.get("recommendations") or [])
+
+    def body(self, indices: list[int] | None = None) -> bytes:
+        """The report as JSON bytes, with only the recommendations at ``indices`` when given."""
+        chosen = self.rec_json if indices is None else [self.rec_json[i] for i in indices]
+        return self.head_json + b'"recommendations":[' + b",".join(chosen) + b"]}"
+
+    def filter_indices(
+        self,
+        *,
+        service: str | None = None,
+        kind: list[str] | None = None,
+        category: str | None = None,
+        limit: int | None = None,
+    ) -> list[int]:
+        """Recommendations (by position, rank order kept) matching every given filter.
+
+        ``service`` matches where the change is made or any target service; ``kind`` is any of
+        the given kinds; ``limit`` keeps the first N after filtering.
+        """
+        out: list[int] = []
+        for i, rec in enumerate(self.recommendations):
+            if service is not None and rec.get("service") != service:
+                targets = rec.get("targets") or []
+                if not any(t.get("service") == service for t in targets):
+                    continue
+            if kind and rec.get("kind") not in kind:
+                continue
+            if category is not None and rec.get("category") != category:
+                continue
+            out.append(i)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Exemplars: the trace pictures of the HTML report
+
+
+def _span_ids(value: Any) -> list[str]:
+    """Span ids from a list of ids or of span dicts (``{"span_id": ...}``)."""
+    out: list[str] = []
+    for item in value or []:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping) and item.get("span_id") is not None:
+            out.append(str(item["span_id"]))
+    return out
+
+
+def critical_path_ids(detail: Mapping[str, Any]) -> list[str]:
+    """The critical path's span ids from an ``analysis.pipeline.trace_detail`` result."""
+    for key in ("critical_path", "critical_path_span_ids", "critical_path_ids"):
+        if key in detail:
+            return _span_ids(detail[key])
+    spans = detail.get("spans") or []
+    return [str(s["span_id"]) for s in spans if isinstance(s, Mapping) and s.get("on_critical_path")]
+
+
+def finding_ids(detail: Mapping[str, Any]) -> list[str]:
+    """The recommendation ids that touch the trace, from a ``trace_detail`` result."""
+    for key in ("findings", "recommendations", "finding_ids", "recommendation_ids"):
+        if key in detail:
+            out = []
+            for item in detail[key] or []:
+                if isinstance(item, str):
+                    out.append(item)
+                elif isinstance(item, Mapping) and item.get("id") is not None:
+                    out.append(str(item["id"]))
+            return out
+    return []
+
+
+def trace_detail(spans: pa.Table, report: Mapping[str, Any]) -> dict[str, Any]:
+    from analysis.pipeline import trace_detail as analysis_trace_detail
+
+    return dict(analysis_trace_detail(pl.from_arrow(spans), report))
+
+
+def retimed_spans(spans: pa.Table, recommendation: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """span id → (start_ns, end_ns) of the trace re-timed as if ``recommendation`` were applied."""
+    from analysis.whatif import retime_trace
+
+    frame = pl.from_arrow(spans)
+    assert isinstance(frame, pl.DataFrame)
+    after = retime_trace(frame, recommendation)
+    if not isinstance(after, pl.DataFrame):
+        after = pl.DataFrame(after)
+    start_col = next(c for c in ("new_start_ns", "start_ns") if c in after.columns)
+    end_col = next(c for c in ("new_end_ns", "end_ns") if c in after.columns)
+    if "removed" in after.columns:
+        after = after.filter(~pl.col("removed").fill_null(False))
+    ids = after.get_column("span_id").to_list()
+    starts = after.get_column(start_col).to_list()
+    ends = after.get_column(end_col).to_list()
+    return {str(i): (int(s), int(e)) for i, s, e in zip(ids, starts, ends, strict=True) if s is not None}
+
+
+def build_exemplar(
+    recommendation: Mapping[str, Any], report: Mapping[str, Any], fetch_trace: TraceFetcher
+) -> report_html.Exemplar | None:
+    """The first exemplar trace of a recommendation with its critical path, bottleneck and re-timing.
+
+    Failures of the analysis helpers are logged and shown on the figure (``note``), never hidden.
+    """
+    evidence = recommendation.get("evidence") or {}
+    trace_ids = [str(t) for t in evidence.get("trace_ids") or []]
+    if not trace_ids:
+        return None
+    trace_id = trace_ids[0]
+    spans = fetch_trace(trace_id)
+    if spans.num_rows == 0:
+        return report_html.Exemplar(trace_id=trace_id, spans=[], note="The trace is no longer in the store.")
+    rows = spans.select(
+        [
+            c
+            for c in ("span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code")
+            if c in spans.column_names
+        ]
+    ).to_pylist()
+    exemplar = report_html.Exemplar(trace_id=trace_id, spans=report_html.spans_from_rows(rows))
+    present = {s.span_id for s in exemplar.spans}
+    exemplar.bottleneck = {s for s in _span_ids(evidence.get("span_ids")) if s in present}
+    notes = []
+    try:
+        exemplar.critical_path = set(critical_path_ids(trace_detail(spans, report)))
+    except Exception as exc:
+        log.exception("critical path of exemplar trace %s failed", trace_id)
+        notes.append(f"Critical path unavailable ({type(exc).__name__}: {exc}).")
+    try:
+        exemplar.after = retimed_spans(spans, recommendation)
+    except Exception as exc:
+        log.exception("re-timing exemplar trace %s for %s failed", trace_id, recommendation.get("id"))
+        notes.append(f"Re-timing unavailable ({type(exc).__name__}: {exc}).")
+    exemplar.note = " ".join(notes) or None
+    return exemplar
+
+
+def build_exemplars(report: Mapping[str, Any], fetch_trace: TraceFetcher) -> dict[str, report_html.Exemplar]:
+    out: dict[str, report_html.Exemplar] = {}
+    for rec in report.get("recommendations") or []:
+        try:
+            exemplar = build_exemplar(rec, report, fetch_trace)
+        except Exception:
+            log.exception("exemplar of recommendation %s failed", rec.get("id"))
+            continue
+        if exemplar is not None:
+            out[str(rec.get("id"))] = exemplar
+    return out
+
+
+def table_trace_fetcher(table: pa.Table) -> TraceFetcher:
+    """Exemplar traces looked up in an in-memory span table (reports from files)."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+
+    def fetch(trace_id: str) -> pa.Table:
+        return frame.filter(pl.col("trace_id") == trace_id).to_arrow()
+
+    return fetch
+
+
+# ----------------------------------------------------------------------------------------------
+# The service
+
+
+def default_analyze() -> AnalyzeFn:
+    from analysis.pipeline import analyze
+
+    return analyze
+
+
+def select_writer() -> Any:
+    """The Anthropic writer when configured (``analysis.agent.select_writer``), else None (template)."""
+    try:
+        from analysis.agent import select_writer as agent_select_writer
+    except ImportError:
+        return None
+    return agent_select_writer()
+
+
+class AnalysisService:
+    """Runs the analysis in a background thread as traces settle and keeps the latest report."""
+
+    def __init__(
+        self,
+        store: SpanStore,
+        *,
+        settle_seconds: float = 10.0,
+        max_staleness_seconds: float | None = None,
+        poll_seconds: float | None = None,
+        writer: Any = "auto",
+        analyze: AnalyzeFn | None = None,
+        render_html: bool = True,
+    ) -> None:
+        self.store = store
+        self.settle_seconds = max(float(settle_seconds), 0.0)
+        self.max_staleness_seconds = (
+            max_staleness_seconds if max_staleness_seconds is not None else max(6 * self.settle_seconds, 60.0)
+        )
+        self.poll_seconds = (
+            poll_seconds if poll_seconds is not None else min(max(self.settle_seconds / 4, 0.2), 2.0)
+        )
+        self._writer = writer
+        self._writer_resolved = writer != "auto"
+        self._analyze = analyze
+        self.render_html = render_html
+        self._snapshot: ReportSnapshot | None = None
+        self._html: tuple[int, bytes] | None = None
+        self._run_lock = threading.Lock()
+        self._html_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._first_done = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running_since: float | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._last_duration_s: float | None = None
+        self._runs = 0
+        self._failures = 0
+        self._generation = 0
+        self._windows: OrderedDict[tuple[int, int], ReportSnapshot] = OrderedDict()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="hourglass-analysis", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        last_seen: int | None = None
+        last_change = time.monotonic()
+        first = True
+        while not self._stop.is_set():
+            try:
+                count = self.store.stats().spans
+            except Exception as exc:
+                log.exception("store stats failed; retrying")
+                self._record_error(exc)
+                self._stop.wait(max(self.poll_seconds, 1.0))
+                continue
+            now = time.monotonic()
+            if count != last_seen:
+                last_seen, last_change = count, now
+            snapshot = self._snapshot
+            due = False
+            if first:
+                due = True  # whatever is stored already has settled: report it at once
+            elif snapshot is None or count != snapshot.spans_in_store:
+                settled = now - last_change >= self.settle_seconds
+                stale = snapshot is None or now - snapshot.started_monotonic >= self.max_staleness_seconds
+                due = settled or stale
+            if due:
+                first = False
+                # A failure is logged and recorded by run_now; the last good report keeps being served.
+                with contextlib.suppress(Exception):
+                    self.run_now(reason="startup" if self._runs == 0 else "settled")
+            self._stop.wait(self.poll_seconds)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _resolve_writer(self) -> Any:
+        if not self._writer_resolved:
+            self._writer = select_writer()
+            self._writer_resolved = True
+        return self._writer
+
+    def _record_error(self, exc: BaseException) -> None:
+        with self._state_lock:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._last_error_at = time.time()
+
+    def _run_analysis(self, *, since_ns: int | None = None) -> tuple[dict[str, Any], int]:
+        analyze = self._analyze or default_analyze()
+        spans_in_store = self.store.stats().spans
+        table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+        report = analyze(table, writer=self._resolve_writer(), since_ns=since_ns)
+        return report, spans_in_store
+
+    def run_now(self, reason: str = "requested") -> ReportSnapshot:
+        """Analyse the whole store now and publish the result (coalescing concurrent requests)."""
+        requested = time.monotonic()
+        with self._run_lock:
+            current = self._snapshot
+            if current is not None and current.started_monotonic >= requested:
+                return current  # a run that started after this request has just finished
+            started_monotonic = time.monotonic()
+            started_at = time.time()
+            with self._state_lock:
+                self._running_since = started_at
+            try:
+                report, spans_in_store = self._run_analysis()
+                snapshot = ReportSnapshot.build(
+                    report,
+                    generation=self._generation + 1,
+                    spans_in_store=spans_in_store,
+                    started_at=started_at,
+                    started_monotonic=started_monotonic,
+                    reason=reason,
+                )
+            except Exception as exc:
+                log.exception("analysis run failed (%s)", reason)
+                with self._state_lock:
+                    self._failures += 1
+                    self._running_since = None
+                self._record_error(exc)
+                raise
+            with self._state_lock:
+                self._generation = snapshot.generation
+                self._snapshot = snapshot
+                self._runs += 1
+                self._last_duration_s = snapshot.finished_at - started_at
+                self._running_since = None
+                self._last_error = None
+                self._windows.clear()
+            self._first_done.set()
+            log.info(
+                "analysis %d (%s): %s spans, %d recommendations in %.2f s",
+                snapshot.generation,
+                reason,
+                report.get("spans_analyzed"),
+                len(snapshot.by_id),
+                self._last_duration_s,
+            )
+        if self.render_html:
+            try:
+                self.html(snapshot)
+            except Exception as exc:
+                log.exception("rendering the HTML report failed")
+                self._record_error(exc)
+        return snapshot
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> ReportSnapshot | None:
+        return self._snapshot
+
+    def wait_first(self, timeout: float) -> ReportSnapshot | None:
+        """The current report, waiting up to ``timeout`` s for the first run (started if not yet)."""
+        if self._snapshot is not None:
+            return self._snapshot
+        if not self.running:
+            try:
+                return self.run_now(reason="first read")
+            except Exception:
+                return None
+        self._first_done.wait(timeout)
+        return self._snapshot
+
+    def window(self, since_ns: int) -> ReportSnapshot:
+        """A report over spans since ``since_ns`` (analysed on demand, cached per generation)."""
+        generation = self._generation
+        key = (generation, since_ns)
+        with self._state_lock:
+            cached = self._windows.get(key)
+            if cached is not None:
+                self._windows.move_to_end(key)
+                return cached
+        started_monotonic, started_at = time.monotonic(), time.time()
+        report, spans_in_store = self._run_analysis(since_ns=since_ns)
+        snapshot = ReportSnapshot.build(
+            report,
+            generation=generation,
+            spans_in_store=spans_in_store,
+            started_at=started_at,
+            started_monotonic=started_monotonic,
+            reason="window",
+        )
+        with self._state_lock:
+            self._windows[key] = snapshot
+            while len(self._windows) > WINDOW_CACHE_SIZE:
+                self._windows.popitem(last=False)
+        return snapshot
+
+    def html(self, snapshot: ReportSnapshot | None = None) -> bytes:
+        """The HTML page of a report (the current one by default), rendered once per generation."""
+        snapshot = snapshot or self._snapshot
+        if snapshot is None:
+            raise RuntimeError("no report yet")
+        cached = self._html
+        if cached is not None and cached[0] == snapshot.generation:
+            return cached[1]
+        with self._html_lock:
+            cached = self._html
+            if cached is not None and cached[0] == snapshot.generation:
+                return cached[1]
+            exemplars = build_exemplars(snapshot.report, self.store.trace)
+            generated = datetime.fromtimestamp(snapshot.finished_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            page = report_html.render_report_html(
+                snapshot.report, exemplars, source=f"analysis #{snapshot.generation}, finished {generated}"
+            ).encode()
+            if self._html is None or self._html[0] <= snapshot.generation:
+                self._html = (snapshot.generation, page)
+            return page
+
+    def status(self) -> dict[str, Any]:
+        with self._state_lock:
+            snapshot = self._snapshot
+            if self._running_since is not None:
+                state = "running"
+            elif snapshot is None:
+                state = "failed" if self._last_error else "pending"
+            else:
+                state = "ready"
+            return {
+                "state": state,
+                "generation": self._generation,
+                "runs": self._runs,
+                "failures": self._failures,
+                "running_since": _iso(self._running_since),
+                "last_started_at": _iso(snapshot.started_at) if snapshot else None,
+                "last_finished_at": _iso(snapshot.finished_at) if snapshot else None,
+                "last_duration_ms": round(self._last_duration_s * 1000, 1) if self._last_duration_s else None,
+                "last_reason": snapshot.reason if snapshot else None,
+                "spans_at_last_run": snapshot.spans_in_store if snapshot else None,
+                "last_error": self._last_error,
+                "last_error_at": _iso(self._last_error_at),
+                "settle_seconds": self.settle_seconds,
+                "max_staleness_seconds": self.max_staleness_seconds,
+            }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,153 @@
+"""Pydantic models of the REST API's responses: they make the OpenAPI schema precise.
+
+The report objects follow the ``hourglass.report/v1`` contract (DESIGN.md). Models allow extra
+fields so the analysis can add detector numbers and metadata without breaking clients; the
+fields listed here are the ones clients may rely on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorBody(BaseModel):
+    detail: Any = Field(description="What was wrong with the request")
+
+
+class Target(_Open):
+    service: str
+    operation: str
+
+
+class Impact(_Open):
+    saved_ms_p50: float | None = Field(None, description="Root latency saved per affected trace, median, ms")
+    saved_ms_p95: float | None = Field(None, description="Root latency saved per affected trace, p95, ms")
+    saved_ms_total: float | None = Field(None, description="Root latency saved over all affected traces, ms")
+    share_of_root_latency: float | None = Field(
+        None, description="Saved latency / root latency of affected traces"
+    )
+
+
+class Evidence(_Open):
+    trace_ids: list[str] = Field(default_factory=list, description="Exemplar trace ids, best first")
+    span_ids: list[str] = Field(default_factory=list, description="Spans involved in the exemplars")
+
+
+class Recommendation(_Open):
+    id: str = Field(description="Stable id: the same bottleneck gets the same id across runs")
+    rank: int
+    kind: str = Field(description="serialized_calls, n_plus_one, lock_contention, fanout_straggler, ...")
+    category: str = Field(description="parallelization or fault_tolerance")
+    service: str = Field(description="Where the change is made")
+    operation: str
+    targets: list[Target] = Field(default_factory=list)
+    traces_affected: int
+    occurrences: int
+    impact: Impact
+    confidence: float
+    evidence: Evidence
+    title: str
+    summary: str
+    actions: list[str]
+
+
+class Report(_Open):
+    schema_: str = Field("hourglass.report/v1", alias="schema")
+    generated_at: str
+    traces_analyzed: int
+    spans_analyzed: int
+    recommendations: list[Recommendation]
+
+
+class TraceSpan(_Open):
+    span_id: str
+    parent_span_id: str | None
+    service: str
+    name: str
+    kind: str = Field(description="internal, server, client, producer, consumer or unspecified")
+    start_ns: int
+    end_ns: int
+    start_offset_ms: float = Field(description="Start relative to the trace's first span, ms")
+    duration_ms: float
+    status_code: int = Field(description="0 unset, 1 ok, 2 error")
+    status_message: str | None = None
+    on_critical_path: bool
+
+
+class FindingRef(_Open):
+    id: str
+    rank: int | None = None
+    kind: str | None = None
+    category: str | None = None
+    title: str | None = None
+    span_ids: list[str] = Field(default_factory=list, description="This trace's spans the finding is about")
+
+
+class TraceDetail(_Open):
+    trace_id: str
+    span_count: int
+    duration_ms: float
+    services: list[str]
+    critical_path: list[str] = Field(description="Span ids on the critical path, root first")
+    findings: list[FindingRef] = Field(
+        description="Recommendations of the current report touching this trace"
+    )
+    spans: list[TraceSpan] = Field(description="Spans in start order")
+
+
+class RecommendationDetail(Recommendation):
+    exemplars: list[TraceDetail] = Field(description="Exemplar traces still in the store")
+
+
+class ServiceInfo(BaseModel):
+    name: str
+    recommendations: int = Field(description="Recommendations of the current report made in or targeting it")
+
+
+class Services(BaseModel):
+    services: list[ServiceInfo]
+
+
+class AnalysisStatus(_Open):
+    state: Literal["pending", "running", "ready", "failed"]
+    generation: int
+    runs: int
+    failures: int
+    running_since: str | None
+    last_started_at: str | None
+    last_finished_at: str | None
+    last_duration_ms: float | None
+    last_reason: str | None
+    spans_at_last_run: int | None
+    last_error: str | None
+    last_error_at: str | None
+    settle_seconds: float
+    max_staleness_seconds: float
+
+
+class Stats(_Open):
+    spans: int
+    traces: int
+    analysis: AnalysisStatus
+
+
+class AnalysisRun(_Open):
+    status: Literal["completed", "accepted", "failed"]
+    generation: int
+    generated_at: str | None = None
+    traces_analyzed: int | None = None
+    spans_analyzed: int | None = None
+    recommendations: int | None = None
+    duration_ms: float | None = None
+    error: str | None = None
+    analysis: AnalysisStatus

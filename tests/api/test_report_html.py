@@ -1,0 +1,188 @@
+"""The HTML report page: waterfall drawing, escaping of untrusted trace text, self-containment."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from api.report_html import (
+    MAX_ROWS,
+    Exemplar,
+    WaterfallSpan,
+    fmt_tick,
+    nice_step_ms,
+    render_report_html,
+    render_waterfall_svg,
+    select_rows,
+    tree_order,
+)
+
+MS = 1_000_000
+SVG_NS = "{http://www.w3.org/2000/svg}"
+EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def _serialized_exemplar(name_of_second: str = "GET /cart") -> Exemplar:
+    spans = [
+        WaterfallSpan("root", None, "frontend", "GET /checkout", 0, 330 * MS),
+        WaterfallSpan("a", "root", "frontend", "GET /users", 5 * MS, 105 * MS),
+        WaterfallSpan("a1", "a", "users", "SELECT user", 10 * MS, 100 * MS),
+        WaterfallSpan("b", "root", "frontend", name_of_second, 107 * MS, 207 * MS),
+        WaterfallSpan("c", "root", "frontend", "GET /prices", 210 * MS, 320 * MS, error=True),
+    ]
+    after = {
+        "root": (0, 125 * MS),
+        "a": (5 * MS, 105 * MS),
+        "a1": (10 * MS, 100 * MS),
+        "b": (5 * MS, 105 * MS),
+        "c": (5 * MS, 115 * MS),
+    }
+    return Exemplar("0af7651916cd43dd8448eb211c80319c", spans, {"root", "c"}, {"a", "b", "c"}, after)
+
+
+def _report(**rec_fields: object) -> dict[str, object]:
+    rec = {
+        "id": "serialized_calls-0123456789abcdef",
+        "rank": 1,
+        "kind": "serialized_calls",
+        "category": "parallelization",
+        "service": "frontend",
+        "operation": "GET /checkout",
+        "targets": [{"service": "frontend", "operation": "GET /users"}],
+        "traces_affected": 20,
+        "occurrences": 20,
+        "impact": {
+            "saved_ms_p50": 205.0,
+            "saved_ms_p95": 210.0,
+            "saved_ms_total": 4100.0,
+            "share_of_root_latency": 0.62,
+        },
+        "confidence": 0.8,
+        "evidence": {"trace_ids": ["0af7651916cd43dd8448eb211c80319c"], "span_ids": ["a", "b", "c"]},
+        "title": "Run the three calls of GET /checkout concurrently",
+        "summary": "They run one after another.",
+        "actions": ["Issue them together (asyncio.gather)."],
+    }
+    rec.update(rec_fields)
+    return {
+        "schema": "hourglass.report/v1",
+        "generated_at": "2026-11-28T00:00:00Z",
+        "traces_analyzed": 20,
+        "spans_analyzed": 100,
+        "recommendations": [rec],
+    }
+
+
+def _svg_root(svg: str) -> ET.Element:
+    return ET.fromstring(svg)  # well-formed XML, or this raises
+
+
+def test_waterfall_marks_critical_path_bottleneck_and_saving() -> None:
+    ex = _serialized_exemplar()
+    svg = render_waterfall_svg(ex, {"frontend": "#4e79a7", "users": "#f28e2b"}, figure_id="wf-1")
+    root = _svg_root(svg)
+    bars = [r for r in root.iter(f"{SVG_NS}rect") if "bar" in (r.get("class") or "").split()]
+    assert len(bars) == 2 * 5  # before and after, one bar per span
+    bottleneck = [r for r in bars if "bar-bottleneck" in r.get("class", "")]
+    on_path = [r for r in bars if "bar-path" in r.get("class", "")]
+    assert len(bottleneck) == 2 * 3
+    assert len(on_path) == 2 * 2
+    texts = "".join(t.text or "" for t in root.iter(f"{SVG_NS}text"))
+    assert "Before · 330 ms" in texts
+    assert "saves 205 ms (62%)" in texts
+    assert "−205 ms" in texts
+    # Same time scale in both panels: the re-timed root bar is 125/330 of the original.
+    root_before, root_after = sorted(
+        (r for r in on_path if "bar-bottleneck" not in r.get("class", "")), key=lambda r: float(r.get("x", 0))
+    )
+    ratio = float(root_after.get("width", 0)) / float(root_before.get("width", 1))
+    assert abs(ratio - 125 / 330) < 0.01
+    # Tooltips on every row.
+    titles = [t.text or "" for t in root.iter(f"{SVG_NS}title")]
+    assert any("GET /prices" in t and "error status" in t and "bottleneck span" in t for t in titles)
+
+
+def test_removed_spans_are_drawn_as_ghosts() -> None:
+    ex = _serialized_exemplar()
+    assert ex.after is not None
+    del ex.after["b"]
+    svg = render_waterfall_svg(ex, {}, figure_id="wf-2")
+    ghosts = [r for r in _svg_root(svg).iter(f"{SVG_NS}rect") if r.get("class") == "bar-removed"]
+    assert len(ghosts) == 1
+
+
+def test_untrusted_strings_are_escaped_everywhere() -> None:
+    ex = _serialized_exemplar(name_of_second=EVIL)
+    ex = Exemplar(
+        ex.trace_id,
+        [*ex.spans, WaterfallSpan("d", "root", EVIL, "x", 0, MS)],
+        ex.critical_path,
+        ex.bottleneck,
+        ex.after,
+    )
+    page = render_report_html(
+        _report(
+            title=EVIL, summary=EVIL, actions=[EVIL], service=EVIL, evidence={"trace_ids": [EVIL], EVIL: EVIL}
+        ),
+        {"serialized_calls-0123456789abcdef": ex},
+    )
+    assert "<script" not in page
+    assert "<img" not in page
+    assert "&lt;script&gt;" in page
+    # The SVG of the page stays well-formed XML.
+    svg = re.search(r"<svg class=\"waterfall\".*?</svg>", page, re.S)
+    assert svg is not None
+    _svg_root(svg.group(0))
+
+
+def test_page_is_self_contained() -> None:
+    page = render_report_html(_report(), {"serialized_calls-0123456789abcdef": _serialized_exemplar()})
+    # No scripts, no external resources: the only URL is the SVG namespace identifier.
+    assert "<script" not in page
+    urls = set(re.findall(r"(?:https?:)?//[^\s\"')<>]+", page))
+    assert urls <= {"http://www.w3.org/2000/svg"}, urls
+    assert not re.search(r"\b(src|href)=\"(?!#)", page)
+    assert "Content-Security-Policy" in page
+    assert "Run the three calls of GET /checkout concurrently" in page
+    assert 'href="#rec-serialized_calls-0123456789abcdef"' in page
+
+
+def test_empty_report_says_so() -> None:
+    page = render_report_html(
+        {"schema": "hourglass.report/v1", "traces_analyzed": 5, "spans_analyzed": 9, "recommendations": []}
+    )
+    assert "No bottlenecks found" in page
+    assert '<svg class="waterfall"' not in page
+
+
+def test_big_trace_is_cut_keeping_path_and_bottleneck() -> None:
+    spans = [WaterfallSpan("r", None, "svc", "root", 0, 10_000 * MS)]
+    spans += [WaterfallSpan(f"s{i}", "r", "svc", f"op{i}", i * MS, (i + 1) * MS) for i in range(10_000)]
+    ex = Exemplar("t" * 32, spans, critical_path={"r", "s9999"}, bottleneck={"s5000"})
+    ordered = tree_order(spans)
+    assert len(ordered) == 10_001
+    rows = select_rows(ordered, ex.critical_path | ex.bottleneck)
+    ids = [s.span_id for s, _ in rows]
+    assert len(rows) == MAX_ROWS
+    assert {"r", "s9999", "s5000"} <= set(ids)
+    svg = render_waterfall_svg(ex, {}, figure_id="big")
+    assert "9953 more spans not shown" in svg
+
+
+def test_tree_order_survives_cycles_and_orphans() -> None:
+    spans = [
+        WaterfallSpan("a", "b", "s", "a", 0, MS),
+        WaterfallSpan("b", "a", "s", "b", MS, 2 * MS),  # a cycle: corrupt input
+        WaterfallSpan("c", "missing", "s", "c", 0, MS),  # an orphan
+        WaterfallSpan("d", "d", "s", "d", 0, MS),  # its own parent
+    ]
+    ordered = tree_order(spans)
+    assert sorted(s.span_id for s, _ in ordered) == ["a", "b", "c", "d"]
+
+
+def test_axis_ticks_are_round() -> None:
+    assert nice_step_ms(330) == 100
+    assert nice_step_ms(0.9) == 0.2
+    assert fmt_tick(200, 100) == "200 ms"
+    assert fmt_tick(0.4, 0.2) == "0.4 ms"
+    assert fmt_tick(4000, 1000) == "4 s"
