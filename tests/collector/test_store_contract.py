@@ -1,0 +1,186 @@
+"""The SpanStore contract: every backend runs this suite (DuckDB file and :memory: today)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from collector.duckdb_store import DuckDBSpanStore
+from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
+from collector.store import SpanStore, StoreStats
+from tests.builders import BASE_NS, TraceBuilder, spans_table
+
+StoreFactory = Callable[[], SpanStore]
+MS = 1_000_000
+
+
+@pytest.fixture(params=["duckdb-file", "duckdb-memory"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    opened: list[SpanStore] = []
+
+    def factory() -> SpanStore:
+        if request.param == "duckdb-file":
+            store: SpanStore = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+        else:
+            store = DuckDBSpanStore(":memory:")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+def _two_traces() -> tuple[TraceBuilder, TraceBuilder]:
+    a = TraceBuilder(service="frontend")
+    root = a.span("GET /a", start_ms=0, dur_ms=100)
+    a.span("SELECT", parent=root, start_ms=10, dur_ms=20, service="db", db_system="postgresql")
+    b = TraceBuilder(service="billing", base_ns=BASE_NS + 10_000 * MS)
+    b.span("POST /pay", start_ms=0, dur_ms=50)
+    return a, b
+
+
+def test_is_a_span_store(make_store: StoreFactory) -> None:
+    assert isinstance(make_store(), SpanStore)
+
+
+def test_write_scan_round_trip(make_store: StoreFactory) -> None:
+    store = make_store()
+    a, b = _two_traces()
+    table = spans_table([a, b])
+    store.write(table)
+    everything = store.scan(columns=SPAN_COLUMNS)
+    assert everything.schema == SPAN_SCHEMA
+    assert sorted(everything.to_pylist(), key=lambda r: r["span_id"]) == sorted(
+        table.to_pylist(), key=lambda r: r["span_id"]
+    )
+    default = store.scan()
+    assert tuple(default.column_names) == ANALYSIS_COLUMNS
+    assert store.stats() == StoreStats(spans=3, traces=2)
+    assert store.services() == ["billing", "db", "frontend"]
+
+
+def test_duplicates_are_seen_once_and_compacted(make_store: StoreFactory) -> None:
+    store = make_store()
+    a, b = _two_traces()
+    store.write(spans_table([a, b]))
+    store.write(spans_table([a]))  # the same Export retried
+    assert store.stats() == StoreStats(spans=3, traces=2)
+    assert store.scan().num_rows == 3
+    assert store.trace(a.trace_id).num_rows == 2
+    if isinstance(store, DuckDBSpanStore):
+        assert store.raw_row_count() == 5
+        assert store.compact() == 2
+        assert store.raw_row_count() == 3
+        store.write(spans_table([b]))
+        assert store.compact() == 1  # incremental compaction still finds the new duplicate
+        assert store.raw_row_count() == 3
+
+
+def test_scan_filters_return_whole_traces(make_store: StoreFactory) -> None:
+    store = make_store()
+    a, b = _two_traces()
+    store.write(spans_table([a, b]))
+    by_service = store.scan(services=["db"])
+    assert set(by_service.column("trace_id").to_pylist()) == {a.trace_id}
+    assert by_service.num_rows == 2  # the whole trace, not only the db span
+    late = store.scan(since_ns=BASE_NS + 5_000 * MS)
+    assert set(late.column("trace_id").to_pylist()) == {b.trace_id}
+    early = store.scan(until_ns=BASE_NS + 5_000 * MS)
+    assert set(early.column("trace_id").to_pylist()) == {a.trace_id}
+    assert store.scan(trace_ids=[b.trace_id.upper()]).num_rows == 1
+    assert store.scan(services=["nobody"]).num_rows == 0
+    narrow = store.scan(columns=("trace_id", "span_id", "hints"))
+    assert narrow.column_names == ["trace_id", "span_id", "hints"]
+    with pytest.raises(ValueError, match="unknown span column"):
+        store.scan(columns=("nope",))
+
+
+def test_trace_and_unknown_trace(make_store: StoreFactory) -> None:
+    store = make_store()
+    a, _ = _two_traces()
+    store.write(spans_table(a))
+    spans = store.trace(a.trace_id)
+    assert spans.num_rows == 2 and spans.schema == SPAN_SCHEMA
+    assert spans.column("start_ns").to_pylist() == sorted(spans.column("start_ns").to_pylist())
+    empty = store.trace("f" * 32)
+    assert empty.num_rows == 0 and empty.schema == SPAN_SCHEMA
+
+
+def test_retention_drops_whole_old_traces(make_store: StoreFactory) -> None:
+    store = make_store()
+    a, b = _two_traces()
+    store.write(spans_table([a, b]))
+    removed = store.delete_older_than(BASE_NS + 1_000 * MS)  # a ended at +100 ms, b at +10.05 s
+    assert removed == 2
+    assert store.stats() == StoreStats(spans=1, traces=1)
+    assert store.delete_older_than(0) == 0
+
+
+def test_empty_store_and_empty_write(make_store: StoreFactory) -> None:
+    store = make_store()
+    store.write(SPAN_SCHEMA.empty_table())
+    assert store.stats() == StoreStats(spans=0, traces=0)
+    assert store.scan().num_rows == 0
+    assert store.services() == []
+
+
+def test_write_rejects_wrong_schema(make_store: StoreFactory) -> None:
+    store = make_store()
+    with pytest.raises(ValueError, match="SPAN_SCHEMA"):
+        store.write(pa.table({"trace_id": ["a"]}))
+
+
+def test_file_store_survives_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "reopen.duckdb")
+    a, b = _two_traces()
+    with DuckDBSpanStore(path) as store:
+        store.write(spans_table([a, b]))
+    with DuckDBSpanStore(path) as store:
+        assert store.stats() == StoreStats(spans=3, traces=2)
+
+
+def test_write_is_durable_across_kill_9(tmp_path: Path) -> None:
+    """A row whose write() returned survives a SIGKILL right after (WAL replay on the next open)."""
+    path = tmp_path / "killed.duckdb"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from collector.duckdb_store import DuckDBSpanStore
+        from tests.builders import TraceBuilder, spans_table
+        store = DuckDBSpanStore({str(path)!r})
+        for i in range(5):
+            b = TraceBuilder(service="s", trace_id=f"{{i + 1:032x}}")
+            b.span("op", start_ms=0, dur_ms=1)
+            store.write(spans_table(b))
+            print("committed", i, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(5)]
+        assert lines[-1].strip() == "committed 4"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    with DuckDBSpanStore(str(path)) as store:
+        assert store.stats() == StoreStats(spans=5, traces=5)
