@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from analysis.context import AnalysisContext
-from analysis.detectors import fanout_concurrency_limit, fanout_straggler
+from analysis.detectors import fanout_concurrency_limit, fanout_straggler, lock_contention
 from analysis.model import Finding
 
 Detector = Callable[[AnalysisContext], list[Finding]]
@@ -26,4 +26,5 @@ Detector = Callable[[AnalysisContext], list[Finding]]
 DETECTORS: dict[str, Detector] = {
     "fanout_straggler": fanout_straggler.detect,
     "fanout_concurrency_limit": fanout_concurrency_limit.detect,
+    "lock_contention": lock_contention.detect,
 }

@@ -1,0 +1,243 @@
+"""lock_contention on hand-built traces: explicit lock events, wait attributes, wait spans, and
+convoys inferred across concurrent traces — each with its healthy counterpart."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+
+from analysis.context import AnalysisContext
+from analysis.detectors.lock_contention import detect
+from analysis.model import ShortenSpan
+from collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
+from tests.builders import BASE_NS, TraceBuilder, spans_table
+
+
+def analyse(builders: list[TraceBuilder]):
+    return detect(AnalysisContext.from_table(spans_table(builders)))
+
+
+def customer_trace(wait_ms: float, behind: int, customer_id: int) -> tuple[TraceBuilder, str]:
+    """HotROD's customer service: the MySQL query takes a process-wide lock and logs its wait."""
+    b = TraceBuilder(service="customer")
+    root = b.span("HTTP GET /customer", start_ms=0, dur_ms=wait_ms + 310, kind=KIND_SERVER)
+    events = []
+    if behind:
+        events.append((f"Waiting for lock behind {behind} transactions", 1.0, {"blockers": "[a b]"}))
+    events.append((f"Acquired lock with {max(behind - 1, 0)} transactions waiting behind", 1.0 + wait_ms, {}))
+    sql = b.span(
+        "SQL SELECT",
+        parent=root,
+        start_ms=1,
+        dur_ms=wait_ms + 300,
+        kind=KIND_CLIENT,
+        service="customer",
+        db_system="mysql",
+        db_statement=f"SELECT * FROM customer WHERE customer_id={customer_id}",
+        peer="mysql",
+        events=events,
+    )
+    return b, sql
+
+
+def test_lock_wait_events_are_one_finding_with_wait_share_and_shortened_query() -> None:
+    built = [customer_trace(wait_ms=300.0 * (i % 3), behind=i % 3, customer_id=100 + i) for i in range(9)]
+    findings = analyse([b for b, _ in built])
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.kind, f.category, f.service, f.operation) == (
+        "lock_contention",
+        "parallelization",
+        "customer",
+        "SQL SELECT",
+    )
+    assert f.targets == [{"service": "mysql", "operation": "SELECT * FROM customer WHERE customer_id=?"}]
+    assert f.evidence["evidence"] == "explicit" and f.evidence["sources"] == ["events"]
+    # Six traces waited, 300 ms or 600 ms; the three that got the lock at once are not occurrences.
+    assert len(f.occurrences) == 6
+    assert f.evidence["wait_ms_p50"] == pytest.approx(450)
+    assert f.evidence["queue_depth_max"] == 2
+    assert f.evidence["wait_share_p50"] == pytest.approx((300 / 600 + 600 / 900) / 2, abs=1e-3)
+    sql_by_trace = {b.trace_id: sql for b, sql in built}
+    for occ in f.occurrences:
+        (cut,) = occ.interventions
+        assert isinstance(cut, ShortenSpan) and cut.span_id == sql_by_trace[occ.trace_id]
+        assert cut.by_ns in (300_000_000, 600_000_000)
+        assert occ.numbers["wait_ms"] == cut.by_ns / 1e6
+    assert f.confidence >= 0.85
+
+
+def test_uncontended_lock_gives_nothing() -> None:
+    assert analyse([customer_trace(wait_ms=0.0, behind=0, customer_id=i)[0] for i in range(5)]) == []
+
+
+def test_wait_attribute_with_unit_suffix() -> None:
+    builders = []
+    for wait in (35, 40, 45):
+        b = TraceBuilder(service="inventory")
+        root = b.span("POST /reserve", start_ms=0, dur_ms=wait + 30, kind=KIND_SERVER)
+        b.span(
+            "UPDATE stock",
+            parent=root,
+            start_ms=2,
+            dur_ms=wait + 20,
+            kind=KIND_CLIENT,
+            db_system="postgresql",
+            db_statement="UPDATE stock SET qty = qty - 1 WHERE sku = 'A-1'",
+            hints={"db.lock_wait_ms": wait, "db.lock.mode": "RowExclusiveLock"},
+        )
+        builders.append(b)
+    (f,) = analyse(builders)
+    assert f.evidence["sources"] == ["attributes"]
+    assert f.operation == "UPDATE stock"
+    assert f.targets == [
+        {"service": "postgresql", "operation": "UPDATE stock SET qty = qty - ? WHERE sku = ?"}
+    ]
+    assert sorted(o.interventions[0].by_ns for o in f.occurrences) == [35_000_000, 40_000_000, 45_000_000]
+
+
+def test_wait_attribute_in_seconds_and_counts_are_not_durations() -> None:
+    b = TraceBuilder(service="jobs")
+    root = b.span("run job", start_ms=0, dur_ms=500, kind=KIND_SERVER)
+    b.span(
+        "claim job",
+        parent=root,
+        start_ms=1,
+        dur_ms=400,
+        hints={"queue.wait_seconds": 0.25, "queue.waiters": 7},
+    )
+    (f,) = analyse([b])
+    (occ,) = f.occurrences
+    assert occ.interventions[0].by_ns == 250_000_000
+
+
+def test_wait_span_shortened_and_reported_under_its_parent() -> None:
+    builders, waits = [], {}
+    for wait in (40, 60, 80, 0.2):
+        b = TraceBuilder(service="orders")
+        root = b.span("POST /orders", start_ms=0, dur_ms=wait + 60, kind=KIND_SERVER)
+        acquire = b.span(
+            "pool.acquire", parent=root, start_ms=1, dur_ms=wait, hints={"db.pool.name": "orders-rw"}
+        )
+        b.span(
+            "INSERT order",
+            parent=root,
+            start_ms=1 + wait,
+            dur_ms=50,
+            kind=KIND_CLIENT,
+            db_system="postgresql",
+        )
+        builders.append(b)
+        waits[b.trace_id] = (acquire, wait)
+    (f,) = analyse(builders)
+    assert (f.service, f.operation) == ("orders", "POST /orders")
+    assert f.targets == [{"service": "orders", "operation": "pool.acquire"}]
+    assert f.evidence["resource"] == "orders-rw"
+    assert f.evidence["sources"] == ["wait_span"]
+    assert len(f.occurrences) == 3  # the 0.2 ms acquire is below the 1 ms floor
+    for occ in f.occurrences:
+        acquire, wait = waits[occ.trace_id]
+        assert occ.interventions == (ShortenSpan(acquire, int(wait * 1e6)),)
+
+
+def test_messaging_spans_are_not_waits() -> None:
+    b = TraceBuilder(service="worker")
+    root = b.span("process batch", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+    b.span(
+        "wait for queue message",
+        parent=root,
+        start_ms=1,
+        dur_ms=200,
+        kind=KIND_CONSUMER,
+        messaging_destination="jobs",
+    )
+    b.span("queue wait", parent=root, start_ms=201, dur_ms=90, messaging_destination="jobs")
+    assert analyse([b]) == []
+
+
+def server_traces(
+    arrivals_ms: list[float], service_ms: list[float], servers: int
+) -> tuple[list[TraceBuilder], dict[str, tuple[str, float]]]:
+    """Requests to POST /checkout, each running UPDATE inventory on a database that serves
+    ``servers`` statements at a time in arrival order. Returns the builders and, per trace, the
+    statement span and its queueing time."""
+    free = [0.0] * servers
+    heapq.heapify(free)
+    builders, waits = [], {}
+    for arrival, service in zip(arrivals_ms, service_ms, strict=True):
+        begin = max(arrival + 1, heapq.heappop(free))
+        finish = begin + service
+        heapq.heappush(free, finish)
+        b = TraceBuilder(service="checkout", base_ns=BASE_NS + int(arrival * 1e6))
+        root = b.span("POST /checkout", start_ms=0, dur_ms=finish - arrival + 2, kind=KIND_SERVER)
+        stmt = b.span(
+            "UPDATE inventory",
+            parent=root,
+            start_ms=1,
+            dur_ms=finish - arrival - 1,
+            kind=KIND_CLIENT,
+            db_system="postgresql",
+            db_statement=f"UPDATE inventory SET qty = qty - 1 WHERE sku = {int(arrival) % 50}",
+        )
+        builders.append(b)
+        waits[b.trace_id] = (stmt, begin - (arrival + 1))
+    return builders, waits
+
+
+def bursty_arrivals(n: int, seed: int, mean_gap_ms: float) -> list[float]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(1 / mean_gap_ms)
+        out.append(t)
+    return out
+
+
+def test_convoy_on_one_row_is_inferred_across_traces() -> None:
+    rng = random.Random(3)
+    arrivals = bursty_arrivals(80, seed=11, mean_gap_ms=12.0)
+    service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
+    builders, waits = server_traces(arrivals, service, servers=1)
+    findings = analyse(builders)
+    assert len(findings) == 1, [(f.service, f.operation) for f in findings]
+    f = findings[0]
+    assert (f.service, f.operation) == ("checkout", "UPDATE inventory")  # not the POST /checkout callers
+    assert f.evidence["evidence"] == "inferred_convoy"
+    assert f.targets == [
+        {"service": "postgresql", "operation": "UPDATE inventory SET qty = qty - ? WHERE sku = ?"}
+    ]
+    assert f.evidence["latency_vs_peers_correlation"] >= 0.6
+    assert f.evidence["uncontended_ms"] == pytest.approx(10, abs=1.5)
+    assert f.evidence["service_time_ms"] == pytest.approx(10, abs=1.5)
+    assert f.evidence["added_ms_per_peer"] > 3
+    assert 0.45 <= f.confidence <= 0.8
+    # Each queued statement is shortened by about its true queueing time.
+    errors = []
+    for occ in f.occurrences:
+        (cut,) = occ.interventions
+        stmt, true_wait = waits[occ.trace_id]
+        assert cut.span_id == stmt
+        errors.append(abs(cut.by_ns / 1e6 - true_wait))
+    assert len(f.occurrences) >= 20
+    assert sorted(errors)[len(errors) // 2] < 1.5
+
+
+def test_busy_operation_with_flat_latency_gives_nothing() -> None:
+    # Same load on a database with plenty of capacity: many statements overlap, none waits.
+    rng = random.Random(5)
+    arrivals = bursty_arrivals(80, seed=11, mean_gap_ms=3.0)
+    service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
+    builders, _ = server_traces(arrivals, service, servers=64)
+    assert analyse(builders) == []
+
+
+def test_saturated_parallel_pool_is_not_a_single_server_convoy() -> None:
+    # Eight workers overloaded: latency grows with load, but completions come eight at a time,
+    # not one service time apart, so this is not a lock.
+    rng = random.Random(9)
+    arrivals = bursty_arrivals(160, seed=4, mean_gap_ms=1.3)
+    service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
+    builders, _ = server_traces(arrivals, service, servers=8)
+    assert analyse(builders) == []
