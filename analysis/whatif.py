@@ -1,0 +1,353 @@
+"""What-if savings: re-time traces as if a finding's interventions were applied.
+
+Re-timing rule (the dependency structure is read from the original timings):
+
+* A blocking child depends on the **latest sibling that ended before it started** (within the
+  overlap tolerance of :mod:`analysis.repair`) and keeps its gap after it; a child with no such
+  sibling keeps its offset from the parent's start. Non-blocking children keep their offsets.
+* A parent's end moves with the work that determined it: its duration changes by the change of
+  its last-finishing blocking child's end (its own tail after that child is kept), minus any
+  ``ShortenSpan`` applied to the parent itself. Changes propagate level by level to the root.
+* ``RunConcurrently``: the members start together where the earliest one started, after the caller
+  work that separated them (the sum of the gaps between consecutive members is kept, so only the
+  calls' own time is overlapped: a conservative estimate). Siblings that waited for a member now
+  wait for the longest one.
+* ``ShortenSpan``: the span's duration is cut by ``by_ns`` (never below zero); children keep their
+  offsets from its start.
+* ``CollapseSpans``: the earliest member takes ``duration_ns``, the others take no time (their gaps
+  are kept, as for ``RunConcurrently``).
+
+saved = old root duration − new root duration, per affected trace (all of a finding's occurrences in
+one trace are applied together). A finding's impact: p50/p95 of that per-trace saving, the total,
+and ``share_of_root_latency`` = total saved / sum of the root durations of the affected traces.
+
+Everything runs on numpy arrays over the whole span frame: only the intervened spans and their
+ancestors ("dirty" spans) are re-timed, all affected traces at once, one numpy step per tree level
+that holds a dirty span (pointer jumping within a level for chains of siblings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.critical_path import sibling_predecessor
+from analysis.model import CollapseSpans, Finding, RunConcurrently, ShortenSpan
+from analysis.repair import pointer_jump_sum
+
+
+@dataclass
+class Impact:
+    trace_ids: list[str]
+    saved_ns: np.ndarray  # per affected trace
+    root_ns: np.ndarray  # old root duration per affected trace
+
+    @property
+    def total_ns(self) -> int:
+        return int(self.saved_ns.sum())
+
+    def as_dict(self) -> dict[str, float | None]:
+        if self.saved_ns.size == 0:
+            return {
+                "saved_ms_p50": None,
+                "saved_ms_p95": None,
+                "saved_ms_total": None,
+                "share_of_root_latency": None,
+            }
+        root_total = float(self.root_ns.sum())
+        return {
+            "saved_ms_p50": round(float(np.percentile(self.saved_ns, 50)) / 1e6, 3),
+            "saved_ms_p95": round(float(np.percentile(self.saved_ns, 95)) / 1e6, 3),
+            "saved_ms_total": round(self.total_ns / 1e6, 3),
+            "share_of_root_latency": round(self.total_ns / root_total, 4) if root_total > 0 else 0.0,
+        }
+
+
+@dataclass
+class _Plan:
+    """One finding's interventions as per-row overrides (rows of the engine's arrays)."""
+
+    dirty: np.ndarray  # bool, intervened rows and their ancestors
+    shorten_ns: np.ndarray  # int64, sum of ShortenSpan cuts
+    fixed_ns: np.ndarray  # int64, -1 = no override (CollapseSpans)
+    removed: np.ndarray  # bool, collapsed away
+    pred: np.ndarray  # int64, dependency per row after RunConcurrently overrides
+    gap: np.ndarray  # int64, gap after pred (or offset from parent start when pred < 0)
+    concurrent_set: np.ndarray  # int64, RunConcurrently group of a member, -1 otherwise
+    waits_for_set: np.ndarray  # int64, RunConcurrently group a sibling waited for, -1 otherwise
+
+
+class Retimer:
+    """Re-timing engine over arrays of one span frame (a whole context or a single trace)."""
+
+    def __init__(self, spans: pl.DataFrame) -> None:
+        self.spans = spans
+        n = spans.height
+        self.n = n
+        self.start = spans["start_ns"].to_numpy().astype(np.int64)
+        self.end = spans["end_ns"].to_numpy().astype(np.int64)
+        self.dur = self.end - self.start
+        self.blocking = spans["blocking"].to_numpy().astype(bool)
+        self.depth = spans["depth"].to_numpy().astype(np.int64)
+        parent = spans["parent_row"].fill_null(-1).to_numpy().astype(np.int64)
+        if n and "row" in spans.columns:
+            first_row = int(spans["row"][0])
+            rows = spans["row"].to_numpy().astype(np.int64)
+            if not np.array_equal(rows, np.arange(first_row, first_row + n)):
+                raise ValueError("Retimer needs a contiguous row range (one trace or a whole context)")
+            parent = np.where(parent >= 0, parent - first_row, -1)
+            if ((parent < -1) | (parent >= n)).any():
+                raise ValueError("a span's parent lies outside the given spans")
+        self.parent = parent
+        pred = np.full(n, -1, dtype=np.int64)
+        rows_sorted, prev, _, _ = sibling_predecessor(parent, self.start, self.end, self.blocking)
+        has_prev = prev >= 0
+        pred[rows_sorted[has_prev]] = rows_sorted[prev[has_prev]]
+        self.pred = pred
+        p = np.where(parent >= 0, parent, 0)
+        self.base_gap = np.where(
+            pred >= 0, self.start - self.end[np.where(pred >= 0, pred, 0)], self.start - self.start[p]
+        )
+        # children by parent (CSR) for expanding a set of parents into their children
+        child_rows = np.nonzero(parent >= 0)[0]
+        order = np.argsort(parent[child_rows], kind="stable")
+        self.child_rows = child_rows[order]
+        counts = np.bincount(parent[child_rows], minlength=n) if n else np.zeros(0, dtype=np.int64)
+        self.child_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._row_lookup = spans.select("trace_id", "span_id").with_row_index("_row")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _children_of(self, parents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(children rows, index into ``parents`` of each child's parent)."""
+        lo = self.child_offsets[parents]
+        counts = self.child_offsets[parents + 1] - lo
+        total = int(counts.sum())
+        if total == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        owner = np.repeat(np.arange(parents.size), counts)
+        starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return self.child_rows[np.arange(total) + starts], owner
+
+    def _ancestors_and_self(self, rows: np.ndarray) -> np.ndarray:
+        mark = np.zeros(self.n, dtype=bool)
+        frontier = np.unique(rows)
+        while frontier.size:
+            frontier = frontier[~mark[frontier]]
+            mark[frontier] = True
+            frontier = self.parent[frontier]
+            frontier = np.unique(frontier[frontier >= 0])
+        return mark
+
+    def rows_of(self, keys: list[tuple[str, str]]) -> np.ndarray:
+        """Row per (trace_id, span_id); -1 where unknown."""
+        if not keys:
+            return np.empty(0, dtype=np.int64)
+        probe = pl.DataFrame(
+            {"trace_id": [k[0] for k in keys], "span_id": [k[1] for k in keys]},
+            schema={"trace_id": pl.String, "span_id": pl.String},
+        )
+        hit = probe.join(self._row_lookup, on=["trace_id", "span_id"], how="left", maintain_order="left")
+        return hit["_row"].fill_null(-1).cast(pl.Int64).to_numpy()
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    def plan(self, finding: Finding, trace_ids: set[str] | None = None) -> _Plan:
+        n = self.n
+        shorten = np.zeros(n, dtype=np.int64)
+        fixed = np.full(n, -1, dtype=np.int64)
+        removed = np.zeros(n, dtype=bool)
+        pred = self.pred.copy()
+        gap = self.base_gap.copy()
+        cset = np.full(n, -1, dtype=np.int64)
+        waits = np.full(n, -1, dtype=np.int64)
+        # Resolve every span id of every intervention in one join.
+        keys: list[tuple[str, str]] = []
+        for occ in finding.occurrences:
+            if trace_ids is not None and occ.trace_id not in trace_ids:
+                continue
+            for iv in occ.interventions:
+                ids = (iv.span_id,) if isinstance(iv, ShortenSpan) else iv.span_ids
+                keys.extend((occ.trace_id, sid) for sid in ids)
+        rows = self.rows_of(keys)
+        touched: list[np.ndarray] = []
+        pos = 0
+        set_id = 0
+        for occ in finding.occurrences:
+            if trace_ids is not None and occ.trace_id not in trace_ids:
+                continue
+            for iv in occ.interventions:
+                if isinstance(iv, ShortenSpan):
+                    r = rows[pos]
+                    pos += 1
+                    if r >= 0:
+                        shorten[r] += max(0, int(iv.by_ns))
+                        touched.append(np.array([r]))
+                    continue
+                members = rows[pos : pos + len(iv.span_ids)]
+                pos += len(iv.span_ids)
+                members = np.unique(members[members >= 0])
+                if members.size == 0:
+                    continue
+                members = members[np.argsort(self.start[members], kind="stable")]
+                if isinstance(iv, CollapseSpans):
+                    fixed[members[0]] = max(0, int(iv.duration_ns))
+                    fixed[members[1:]] = 0
+                    removed[members[1:]] = True
+                    touched.append(members)
+                elif isinstance(iv, RunConcurrently):
+                    members = members[self.blocking[members]]
+                    if members.size < 2 or np.unique(self.parent[members]).size != 1:
+                        continue  # only blocking siblings of one parent can be run together
+                    gaps = self.start[members[1:]] - self.end[members[:-1]]
+                    kept = int(np.clip(gaps, 0, None).sum())
+                    first = members[0]
+                    member_set = np.zeros(n, dtype=bool)
+                    member_set[members] = True
+                    pred[members] = self.pred[first]
+                    gap[members] = self.base_gap[first] + kept
+                    cset[members] = set_id
+                    siblings, _ = self._children_of(np.array([self.parent[first]]))
+                    dependents = siblings[(self.pred[siblings] >= 0) & ~member_set[siblings]]
+                    dependents = dependents[member_set[self.pred[dependents]]]
+                    waits[dependents] = set_id
+                    set_id += 1
+                    touched.append(members)
+        dirty = self._ancestors_and_self(np.concatenate(touched)) if touched else np.zeros(n, dtype=bool)
+        return _Plan(dirty, shorten, fixed, removed, pred, gap, cset, waits)
+
+    # -- re-time -------------------------------------------------------------------------------
+
+    def retime(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(new duration, relative end inside the parent, relative-end-known flag) per row."""
+        new_dur = self.dur.copy()
+        rel_end = np.zeros(self.n, dtype=np.int64)
+        rel_known = np.zeros(self.n, dtype=bool)
+        dirty_rows = np.nonzero(plan.dirty)[0]
+        if dirty_rows.size == 0:
+            return new_dur, rel_end, rel_known
+        local = np.full(self.n, -1, dtype=np.int64)
+        depths = self.depth[dirty_rows]
+        order = np.argsort(-depths, kind="stable")
+        dirty_rows, depths = dirty_rows[order], depths[order]
+        bounds = np.nonzero(np.diff(depths))[0] + 1
+        for level in np.split(dirty_rows, bounds):
+            children, owner = self._children_of(level)
+            keep = self.blocking[children]
+            children, owner = children[keep], owner[keep]
+            delta = np.zeros(level.size, dtype=np.int64)
+            if children.size:
+                pred = plan.pred[children].copy()
+                waits = plan.waits_for_set[children]
+                if (waits >= 0).any():
+                    members = np.nonzero(plan.concurrent_set >= 0)[0]
+                    msets = plan.concurrent_set[members]
+                    # longest member of each set (members of one set start together)
+                    by = np.lexsort((-new_dur[members], msets))
+                    first_of_set = np.ones(by.size, dtype=bool)
+                    first_of_set[1:] = msets[by][1:] != msets[by][:-1]
+                    best = np.full(int(msets.max()) + 1, -1, dtype=np.int64)
+                    best[msets[by][first_of_set]] = members[by][first_of_set]
+                    w = waits >= 0
+                    pred[w] = best[waits[w]]
+                value = plan.gap[children] + new_dur[children]
+                local[children] = np.arange(children.size)
+                local_pred = np.where(pred >= 0, local[np.where(pred >= 0, pred, 0)], -1)
+                ends = pointer_jump_sum(local_pred, value)
+                local[children] = -1
+                rel_end[children] = ends
+                rel_known[children] = True
+                parent_start = self.start[level[owner]]
+                old_max = np.full(level.size, np.iinfo(np.int64).min, dtype=np.int64)
+                new_max = old_max.copy()
+                np.maximum.at(old_max, owner, self.end[children] - parent_start)
+                np.maximum.at(new_max, owner, ends)
+                has = old_max > np.iinfo(np.int64).min
+                delta[has] = new_max[has] - old_max[has]
+            dur = np.maximum(0, self.dur[level] - plan.shorten_ns[level] + delta)
+            fixed = plan.fixed_ns[level]
+            new_dur[level] = np.where(fixed >= 0, fixed, dur)
+        return new_dur, rel_end, rel_known
+
+    def new_times(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+        """New absolute (start, end) per row."""
+        new_dur, rel_end, rel_known = self.retime(plan)
+        has = self.parent >= 0
+        p = np.where(has, self.parent, 0)
+        offset = self.start - self.start[p]
+        parent_dirty = plan.dirty[p] & has
+        rel_start = np.where(parent_dirty & rel_known, rel_end - new_dur, offset)
+        rel_start = np.where(has, rel_start, 0)
+        top = np.arange(self.n)
+        for _ in range(64):
+            nxt = np.where(self.parent[top] >= 0, self.parent[top], top)
+            if np.array_equal(nxt, top):
+                break
+            top = nxt
+        new_start = self.start[top] + pointer_jump_sum(self.parent, rel_start)
+        return new_start, new_start + new_dur
+
+
+def trace_root_rows(ctx: AnalysisContext) -> pl.DataFrame:
+    """trace_id -> row of the trace root and its duration."""
+    return ctx.traces.select("trace_id", "root_span_id", "root_duration_ns").join(
+        ctx.spans.select("trace_id", pl.col("span_id").alias("root_span_id"), "row"),
+        on=["trace_id", "root_span_id"],
+        how="left",
+    )
+
+
+class WhatIf:
+    """Savings of findings over one analysis context."""
+
+    def __init__(self, ctx: AnalysisContext) -> None:
+        self.ctx = ctx
+        self.engine = Retimer(ctx.spans)
+        roots = trace_root_rows(ctx)
+        self._root_row = dict(zip(roots["trace_id"].to_list(), roots["row"].to_list(), strict=True))
+
+    def impact(self, finding: Finding) -> Impact:
+        trace_ids = finding.trace_ids
+        if not trace_ids or not any(o.interventions for o in finding.occurrences):
+            return Impact(trace_ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        plan = self.engine.plan(finding)
+        new_dur, _, _ = self.engine.retime(plan)
+        roots = np.array([self._root_row.get(t, -1) for t in trace_ids], dtype=np.int64)
+        known = roots >= 0
+        roots = roots[known]
+        kept_ids = [t for t, k in zip(trace_ids, known, strict=True) if k]
+        old = self.engine.dur[roots]
+        saved = np.maximum(0, old - new_dur[roots])
+        return Impact(kept_ids, saved, old)
+
+
+def retime_trace(spans_of_one_trace: pl.DataFrame, finding: Finding) -> pl.DataFrame:
+    """The trace's spans with ``new_start_ns``, ``new_end_ns`` and ``removed`` after applying the
+    finding's interventions for this trace (the HTML report draws "after" from it).
+
+    Accepts spans of an :class:`AnalysisContext` (with its ``row``/``parent_row`` columns) or raw span
+    rows (they are repaired first)."""
+    spans = spans_of_one_trace
+    if "parent_row" not in spans.columns or "blocking" not in spans.columns:
+        spans = AnalysisContext.from_table(spans).spans
+    else:
+        spans = spans.sort("row")
+    trace_ids = set(spans["trace_id"].unique().to_list())
+    if len(trace_ids) > 1:
+        raise ValueError("retime_trace takes the spans of one trace")
+    engine = Retimer(spans)
+    plan = engine.plan(finding, trace_ids=trace_ids)
+    new_start, new_end = engine.new_times(plan)
+    return spans.with_columns(
+        pl.Series("new_start_ns", new_start),
+        pl.Series("new_end_ns", new_end),
+        pl.Series("removed", plan.removed),
+    )
+
+
+def impact_summary(impact: Impact) -> dict[str, Any]:
+    return impact.as_dict()
