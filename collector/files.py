@@ -1,0 +1,624 @@
+"""Trace files → span rows: format detection, decompression, streaming, problems with positions.
+
+Used by ``hourglass import`` (rows go to the store) and ``hourglass analyze FILE...`` (rows go
+straight to the analysis)::
+
+    reader = TraceFileReader(on_problem=print)
+    for table in reader.read(["traces.jsonl.gz", "jaeger.json"]):
+        ...                      # pa.Table of collector.schema.SPAN_SCHEMA
+    reader.reports               # per file: format, spans kept, spans skipped, failed or not
+
+**Detection is by content, never by file name.** Compression first, from magic bytes (gzip
+``1f 8b``, bzip2 ``BZh``, xz ``fd 37 7a 58 5a 00``; zstd ``28 b5 2f fd`` is recognised and refused
+with advice), then the decompressed content:
+
+- text that starts with ``{`` or ``[`` → JSON. When one of its first two non-empty lines is a whole
+  trace document by itself, the file is JSON Lines (the Collector file exporter's default: one
+  ``TracesData`` per line; Jaeger or Zipkin documents per line work too) and is streamed line by
+  line. Otherwise it is one document: OTLP JSON (``resourceSpans``), Jaeger JSON (``data``,
+  ``spans`` + ``processes``, model proto-JSON) or Zipkin v2 (a list) — see ``collector.readers``.
+- binary starting with ``0x0A`` → one OTLP protobuf message; binary starting with a 4-byte
+  big-endian size followed by ``0x0A`` → the file exporter's length-prefixed ``format: proto`` stream,
+  streamed frame by frame.
+
+**Problems** are reported through ``on_problem`` as :class:`FileProblem` and printed as
+``FILE:POSITION: reason``. POSITION is a line number for JSON Lines (``traces.jsonl:3``, with the
+JSON path inside the line when known: ``traces.jsonl:3:resourceSpans[0]...spans[2].traceId``), a
+byte offset in the decompressed stream for protobuf streams (``traces.pb:byte 1045``), a JSON path
+for documents (``jaeger.json:data[0].spans[3].spanID``), or ``LINE:COLUMN`` for JSON syntax errors.
+A bad record is skipped and the good records beside it are kept; a truncated or corrupt
+compressed stream keeps everything read before the damage. ``skipped=False`` problems are
+warnings: the record was kept with what is known.
+
+**Cost**: JSON Lines and protobuf streams are read record by record and decoded in batches of
+about ``batch_bytes`` (protobuf frames are concatenated — protobuf merges concatenated messages —
+and JSON lines merged into one ``TracesData``), so the per-call overhead of the decoder is paid per
+batch, not per record. A batch is re-decoded record by record only when it has a problem, to name
+the record. A JSON document is parsed whole (JSON has no cheaper way in).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+
+from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
+from collector.readers import RecordProblem
+from collector.readers.jaeger import is_jaeger_json, jaeger_to_otlp_json
+from collector.readers.otlp_json import is_otlp_json, merge_traces_data
+from collector.readers.otlp_proto import FramingError, iter_length_prefixed, looks_like_length_prefixed
+from collector.readers.zipkin import is_zipkin_json, zipkin_to_otlp_json
+
+__all__ = [
+    "FileProblem",
+    "FileReport",
+    "TraceFileReader",
+    "detect_format",
+    "expand_paths",
+    "read_trace_files",
+]
+
+DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+HEAD_BYTES = 64 * 1024
+READ_BUFFER_BYTES = 1024 * 1024
+# Errors a decompressor raises on truncated or corrupt input.
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    EOFError,
+    gzip.BadGzipFile,
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """A problem in one file: where and why; ``skipped`` says whether data was dropped."""
+
+    file: str
+    position: str | None
+    reason: str
+    skipped: bool = True
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.position}" if self.position else self.file
+        return f"{where}: {self.reason}" if self.skipped else f"{where}: warning: {self.reason}"
+
+
+@dataclass
+class FileReport:
+    """What happened to one file."""
+
+    file: str
+    format: str | None = None  # e.g. "otlp-jsonl", "zipkin-json"
+    compression: str | None = None  # "gzip", "bzip2", "xz" or None
+    size_bytes: int = 0
+    spans: int = 0  # rows produced
+    skipped_spans: int = 0  # spans (or records) left out
+    problems: int = 0  # problems that dropped data
+    warnings: int = 0
+    failed: bool = False  # the file, or its rest, could not be read
+
+    @property
+    def clean(self) -> bool:
+        return not (self.failed or self.problems or self.skipped_spans)
+
+
+class _FileError(Exception):
+    def __init__(self, position: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.position = position
+        self.reason = reason
+
+
+class _CountingReader(io.RawIOBase):
+    """Raw file wrapper that reports every byte read (the progress bar counts file bytes)."""
+
+    def __init__(self, raw: BinaryIO, progress: Callable[[int], None] | None) -> None:
+        self._raw = raw
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
+        if n and self._progress is not None:
+            self._progress(n)
+        return n or 0
+
+
+class _HeadThenRest(io.RawIOBase):
+    """Serves bytes already read for detection, then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _read_head(stream: BinaryIO, size: int) -> bytes:
+    chunks = []
+    have = 0
+    while have < size:
+        chunk = stream.read(size - have)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    return b"".join(chunks)
+
+
+_BINARY_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def detect_format(head: bytes) -> str:
+    """The format family of decompressed content from its first bytes.
+
+    Returns ``"json"`` (JSON or JSON Lines; decided later), ``"otlp-proto"`` (one message) or
+    ``"otlp-proto-stream"`` (length-prefixed); raises ``ValueError`` saying what the bytes look like.
+    """
+    if not head:
+        raise ValueError("empty file")
+    text_head = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    stripped = text_head.lstrip()
+    if stripped[:1] in (b"{", b"[") and not _BINARY_CONTROL.search(text_head[:4096]):
+        return "json"
+    if head[0] == 0x0A:
+        return "otlp-proto"
+    if looks_like_length_prefixed(head):
+        return "otlp-proto-stream"
+    if not stripped:
+        raise ValueError("the file holds only whitespace")
+    if not _BINARY_CONTROL.search(text_head[:4096]):
+        sample = stripped[:40].decode("utf-8", "replace").splitlines()[0]
+        raise ValueError(
+            f"not a trace file: text starting {sample!r}, not JSON; expected OTLP JSON/JSON Lines/"
+            "protobuf, Jaeger JSON or Zipkin v2 JSON, optionally gzip-compressed"
+        )
+    raise ValueError(
+        f"not a trace file this tool reads (starts with bytes {head[:8].hex(' ')}); expected OTLP JSON/"
+        "JSON Lines/protobuf, Jaeger JSON or Zipkin v2 JSON, optionally gzip-compressed"
+    )
+
+
+def _open_decompressed(buffered: Any) -> tuple[Any, str | None]:
+    magic = buffered.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered, mode="rb"), "gzip"
+    if magic[:3] == b"BZh":
+        return bz2.BZ2File(buffered, mode="rb"), "bzip2"
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(buffered, mode="rb"), "xz"
+    if magic[:4] == b"\x28\xb5\x2f\xfd":
+        raise _FileError(None, "zstd-compressed; decompress it first (zstd -d FILE) or re-export with gzip")
+    return buffered, None
+
+
+def _json_value_kind(value: Any) -> str | None:
+    if is_otlp_json(value):
+        return "otlp-json"
+    if is_zipkin_json(value):
+        return "zipkin-json"
+    if is_jaeger_json(value):
+        return "jaeger-json"
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        keys = ", ".join(repr(k) for k in list(value)[:6])
+        return f"a JSON object with keys {keys}" if keys else "an empty JSON object"
+    if isinstance(value, list):
+        first = value[0] if value else None
+        return f"a JSON list of {type(first).__name__}" if value else "an empty JSON list"
+    return f"a JSON {type(value).__name__}"
+
+
+_PATH_PREFIX = re.compile(r"^([A-Za-z_$][\w$]*(?:\[\d+\]|\.[\w$]+)*|\[\d+\][\w$.\[\]]*): (.*)$", re.S)
+
+
+def _split_path(message: str) -> tuple[str | None, str]:
+    match = _PATH_PREFIX.match(message)
+    if match is None:
+        return None, message
+    return match.group(1), match.group(2)
+
+
+def _join_position(prefix: str, path: str | None) -> str | None:
+    if prefix and path:
+        return f"{prefix}:{path}"
+    return prefix or path
+
+
+class TraceFileReader:
+    """Reads trace files into span tables, reporting problems as it goes (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        on_problem: Callable[[FileProblem], None],
+        progress: Callable[[int], None] | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ) -> None:
+        self._on_problem = on_problem
+        self._progress = progress
+        self._batch_bytes = batch_bytes
+        self.reports: list[FileReport] = []
+
+    # ----------------------------------------------------------------------------------------
+    def read(self, paths: Iterable[str | Path]) -> Iterator[pa.Table]:
+        """Span tables from every file in turn (directories are expanded, see :func:`expand_paths`)."""
+        for path in expand_paths(paths):
+            yield from self.read_file(path)
+
+    def read_file(self, path: str | Path) -> Iterator[pa.Table]:
+        report = FileReport(file=str(path))
+        self.reports.append(report)
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed below; the generator outlives a with block
+        except OSError as exc:
+            self._problem(report, None, exc.strerror or str(exc), fatal=True)
+            return
+        try:
+            try:
+                report.size_bytes = Path(path).stat().st_size
+            except OSError:
+                report.size_bytes = 0
+            buffered = io.BufferedReader(_CountingReader(raw, self._progress), READ_BUFFER_BYTES)
+            try:
+                stream, report.compression = _open_decompressed(buffered)
+                head = _read_head(stream, HEAD_BYTES)
+                family = detect_format(head)
+            except _FileError as exc:
+                self._problem(report, exc.position, exc.reason, fatal=True)
+                return
+            except ValueError as exc:
+                self._problem(report, None, str(exc), fatal=True)
+                return
+            except _STREAM_ERRORS as exc:
+                self._problem(
+                    report, None, f"{report.compression or 'file'} data unreadable: {exc}", fatal=True
+                )
+                return
+            body = io.BufferedReader(_HeadThenRest(head, stream), READ_BUFFER_BYTES)
+            if family == "json":
+                yield from self._read_json(report, body)
+            elif family == "otlp-proto":
+                yield from self._read_proto_message(report, body)
+            else:
+                yield from self._read_proto_stream(report, body)
+        finally:
+            raw.close()
+
+    # ----------------------------------------------------------------------------------------
+    def _problem(self, report: FileReport, position: str | None, reason: str, *, fatal: bool = False) -> None:
+        if fatal:
+            report.failed = True
+        report.problems += 1
+        self._on_problem(FileProblem(report.file, position, reason))
+
+    def _warning(self, report: FileReport, position: str | None, reason: str) -> None:
+        report.warnings += 1
+        self._on_problem(FileProblem(report.file, position, reason, skipped=False))
+
+    def _record_problems(self, report: FileReport, prefix: str, problems: list[RecordProblem]) -> None:
+        for problem in problems:
+            position = _join_position(prefix, problem.position)
+            if problem.skipped:
+                report.skipped_spans += 1
+                self._problem(report, position, problem.reason)
+            else:
+                self._warning(report, position, problem.reason)
+
+    def _decode_rejections(
+        self, report: FileReport, prefix: str, result: DecodeResult, converted: bool
+    ) -> None:
+        if not result.rejected:
+            return
+        report.skipped_spans += result.rejected
+        note = " (in the OTLP data converted from this record)" if converted else ""
+        for message in result.errors:
+            path, reason = _split_path(message)
+            report.problems += 1
+            self._on_problem(
+                FileProblem(report.file, _join_position(prefix, path), f"{reason}; span skipped{note}")
+            )
+        more = result.rejected - len(result.errors)
+        if more > 0:
+            report.problems += 1
+            self._on_problem(
+                FileProblem(report.file, prefix or None, f"and {more} more spans skipped for bad ids")
+            )
+
+    def _emit(self, report: FileReport, table: pa.Table) -> Iterator[pa.Table]:
+        if table.num_rows:
+            report.spans += table.num_rows
+            yield table
+
+    # ----------------------------------------------------------------------------------------
+    # JSON and JSON Lines
+
+    def _convert(self, report: FileReport, prefix: str, value: Any) -> tuple[dict[str, Any], bool] | None:
+        """OTLP JSON for one parsed document, converting Jaeger/Zipkin; None when not a trace document."""
+        kind = _json_value_kind(value)
+        if kind is None:
+            self._problem(
+                report,
+                prefix or None,
+                f"not a trace document: {_describe(value)} (expected OTLP JSON 'resourceSpans', Jaeger "
+                "JSON 'data'/'spans' or a Zipkin v2 list of spans)",
+            )
+            return None
+        if report.format is None:
+            report.format = kind
+        if kind == "otlp-json":
+            return value, False
+        try:
+            converted = zipkin_to_otlp_json(value) if kind == "zipkin-json" else jaeger_to_otlp_json(value)
+        except (TypeError, AttributeError, ValueError) as exc:  # a document of a wrong shape deep inside
+            self._problem(report, prefix or None, f"cannot read this {kind} document: {exc}")
+            return None
+        self._record_problems(report, prefix, converted.problems)
+        return converted.traces_data, True
+
+    def _decode_batch(
+        self, report: FileReport, batch: list[tuple[str, dict[str, Any], bool]]
+    ) -> Iterator[pa.Table]:
+        if not batch:
+            return
+        if len(batch) > 1:
+            try:
+                merged = decode_otlp_json(merge_traces_data([doc for _, doc, _ in batch]))
+            except DecodeError:
+                merged = None
+            if merged is not None and not merged.rejected:
+                yield from self._emit(report, merged.table)
+                return
+        for prefix, doc, converted in batch:  # one by one, to say which record holds the problem
+            try:
+                result = decode_otlp_json(doc)
+            except DecodeError as exc:
+                path, reason = _split_path(str(exc))
+                report.skipped_spans += 1
+                self._problem(report, _join_position(prefix, path), f"{reason}; record skipped")
+                continue
+            self._decode_rejections(report, prefix, result, converted)
+            yield from self._emit(report, result.table)
+
+    def _read_json(self, report: FileReport, body: BinaryIO) -> Iterator[pa.Table]:
+        first_lines: list[bytes] = []
+        jsonl = False
+        nonempty = 0
+        try:
+            while nonempty < 2:
+                line = body.readline()
+                if not line:
+                    break
+                first_lines.append(line)
+                if line.strip():
+                    nonempty += 1
+                    if _is_whole_document(line):
+                        jsonl = True
+                        break
+        except _STREAM_ERRORS as exc:
+            self._problem(
+                report, None, f"{report.compression or 'file'} data truncated or corrupt: {exc}", fatal=True
+            )
+            return
+        if jsonl:
+            yield from self._read_jsonl(report, first_lines, body)
+        else:
+            yield from self._read_json_document(report, first_lines, body)
+
+    def _read_json_document(
+        self, report: FileReport, first_lines: list[bytes], body: BinaryIO
+    ) -> Iterator[pa.Table]:
+        try:
+            data = b"".join(first_lines) + body.read()
+        except _STREAM_ERRORS as exc:
+            self._problem(
+                report,
+                None,
+                f"{report.compression or 'file'} data truncated or corrupt: {exc}; nothing read",
+                fatal=True,
+            )
+            return
+        try:
+            value = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            self._problem(report, f"byte {exc.start}", f"not UTF-8 text: {exc.reason}", fatal=True)
+            return
+        except json.JSONDecodeError as exc:
+            self._problem(report, f"{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}", fatal=True)
+            return
+        del data
+        converted = self._convert(report, "", value)
+        if converted is None:
+            report.failed = True
+            return
+        yield from self._decode_batch(report, [("", converted[0], converted[1])])
+
+    def _read_jsonl(self, report: FileReport, first_lines: list[bytes], body: BinaryIO) -> Iterator[pa.Table]:
+        report.format = None  # set from the first good line, suffixed with "l" below
+        batch: list[tuple[str, dict[str, Any], bool]] = []
+        batch_bytes = 0
+        lineno = 0
+        stream_error: BaseException | None = None
+
+        def lines() -> Iterator[bytes]:
+            yield from first_lines
+            yield from body
+
+        try:
+            for line in lines():
+                lineno += 1
+                if not line.strip():
+                    continue
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    report.skipped_spans += 1
+                    self._problem(report, f"{lineno}:{exc.colno}", f"invalid JSON: {exc.msg}; line skipped")
+                    continue
+                except UnicodeDecodeError as exc:
+                    report.skipped_spans += 1
+                    self._problem(report, str(lineno), f"not UTF-8 text: {exc.reason}; line skipped")
+                    continue
+                converted = self._convert(report, str(lineno), value)
+                if converted is None:
+                    continue
+                batch.append((str(lineno), converted[0], converted[1]))
+                batch_bytes += len(line)
+                if batch_bytes >= self._batch_bytes:
+                    yield from self._decode_batch(report, batch)
+                    batch, batch_bytes = [], 0
+        except _STREAM_ERRORS as exc:
+            stream_error = exc
+        yield from self._decode_batch(report, batch)
+        if report.format is not None and not report.format.endswith("l"):
+            report.format += "l"  # otlp-jsonl, jaeger-jsonl, zipkin-jsonl
+        if stream_error is not None:
+            self._problem(
+                report,
+                str(lineno + 1),
+                f"{report.compression or 'file'} data truncated or corrupt ({stream_error}); "
+                f"the lines before are kept, the rest of the file is lost",
+                fatal=True,
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # protobuf
+
+    def _read_proto_message(self, report: FileReport, body: BinaryIO) -> Iterator[pa.Table]:
+        report.format = "otlp-proto"
+        try:
+            data = body.read()
+        except _STREAM_ERRORS as exc:
+            self._problem(
+                report,
+                None,
+                f"{report.compression or 'file'} data truncated or corrupt: {exc}; nothing read",
+                fatal=True,
+            )
+            return
+        try:
+            result = decode_export_request(data)
+        except DecodeError as exc:
+            self._problem(report, None, str(exc), fatal=True)
+            return
+        self._decode_rejections(report, "", result, False)
+        yield from self._emit(report, result.table)
+
+    def _decode_frames(self, report: FileReport, frames: list[tuple[int, bytes]]) -> Iterator[pa.Table]:
+        if not frames:
+            return
+        if len(frames) > 1:
+            try:
+                merged = decode_export_request(b"".join(message for _, message in frames))
+            except DecodeError:
+                merged = None
+            if merged is not None and not merged.rejected:
+                yield from self._emit(report, merged.table)
+                return
+        for offset, message in frames:
+            position = f"byte {offset}"
+            try:
+                result = decode_export_request(message)
+            except DecodeError as exc:
+                report.skipped_spans += 1
+                self._problem(report, position, f"{exc}; message skipped")
+                continue
+            self._decode_rejections(report, position, result, False)
+            yield from self._emit(report, result.table)
+
+    def _read_proto_stream(self, report: FileReport, body: BinaryIO) -> Iterator[pa.Table]:
+        report.format = "otlp-proto-stream"
+        frames: list[tuple[int, bytes]] = []
+        size = 0
+        failure: tuple[str, str] | None = None
+        try:
+            for offset, message in iter_length_prefixed(body):
+                frames.append((offset, message))
+                size += len(message)
+                if size >= self._batch_bytes:
+                    yield from self._decode_frames(report, frames)
+                    frames, size = [], 0
+        except FramingError as exc:
+            failure = (f"byte {exc.offset}", f"{exc.reason}; the messages before are kept")
+        except _STREAM_ERRORS as exc:
+            end = frames[-1][0] + 4 + len(frames[-1][1]) if frames else 0
+            failure = (
+                f"byte {end}" if frames else "",
+                f"{report.compression or 'file'} data truncated or corrupt ({exc}); the messages before are kept",
+            )
+        yield from self._decode_frames(report, frames)
+        if failure is not None:
+            self._problem(report, failure[0] or None, failure[1], fatal=True)
+
+
+def _is_whole_document(line: bytes) -> bool:
+    """True when one line is a complete trace document on its own (the JSON Lines test)."""
+    text = line.strip()
+    if text.startswith(b"\xef\xbb\xbf"):
+        text = text[3:]
+    if text[:1] not in (b"{", b"[") or not text.endswith((b"}", b"]")):
+        return False
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return _json_value_kind(value) is not None
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; a directory stands for the files under it (sorted, hidden ones skipped)."""
+    out: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            out.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            )
+        else:
+            out.append(path)
+    return out
+
+
+def read_trace_files(
+    paths: Iterable[str | Path],
+    *,
+    on_error: Callable[[FileProblem], None],
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[pa.Table]:
+    """Span tables from trace files; problems go to ``on_error`` (see :class:`TraceFileReader`)."""
+    return TraceFileReader(on_problem=on_error, progress=progress).read(paths)
