@@ -1,0 +1,323 @@
+"""missing_timeout: calls left running far past their usual time, with no deadline to cut them.
+
+Rule
+----
+A *call* is a blocking, non-root span that crosses a boundary: a CLIENT span, a span carrying
+``db_system`` / ``rpc_method`` (an outgoing call instrumented as INTERNAL), or a SERVER span whose
+parent is not a CLIENT span (the caller's side was not instrumented). SERVER spans under a CLIENT
+span are represented by that client call. An *operation* is (service, name, target) with target the
+peer / database / destination of the call.
+
+For every operation with at least ``MIN_CALLS`` calls, with p50 its median duration, a call is an
+*outlier* when it lasts at least ``OUTLIER_FACTOR`` (10) × p50 and at least ``MIN_EXCESS_NS``
+(200 ms) more than p50, and it sits on the critical path (it held the request up). An outlier whose
+excess is mostly (≥ ``EXPLAINED_SHARE``) explained by a slow call beneath it is not counted: the
+deadline belongs on the lowest call that hung, not on every caller above it.
+
+An outlier *timed out* when it carries timeout evidence: HTTP 408/504, or a status message, event
+or hint mentioning timeout / deadline / cancel. An operation is reported when at least
+``MIN_OUTLIERS`` outliers did not time out, and
+
+* most of its outliers are not timed out (otherwise a deadline exists and works), and
+* its outliers do not cluster at one ceiling: when at least 3 outliers and at least half of them end
+  within ``CEILING_BAND`` (3 %) of the longest one, something cuts them at a consistent bound — a
+  timeout exists (perhaps a loose one), so the operation is not reported.
+
+Why: a call without a deadline holds its caller (and the user) for as long as the dependency takes
+to fail; a deadline derived from the operation's healthy latency, with a fallback or a fast error,
+bounds the damage and frees the caller's threads and connections.
+
+What-if: each outlier gets ``ShortenSpan(span, duration − timeout)`` where the suggested timeout is
+``TIMEOUT_MARGIN`` (2) × the p99 of the operation's non-outlier calls: the latency the request would
+have had with that deadline and an instant fallback. The what-if engine measures it at the root.
+
+False-positive protections: an operation that is always slow has a high p50 and no outliers; a
+single slow call is below ``MIN_OUTLIERS``; calls cut at a consistent ceiling or ending in timeout
+errors already have a deadline; off-critical-path and non-blocking (async) calls hold nothing up;
+callers whose slowness is explained by a hanging call beneath them are not double-reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.detectors.error_propagation import call_target_expr
+from analysis.model import Finding, Occurrence, ShortenSpan
+from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
+
+KIND = "missing_timeout"
+MIN_CALLS = 20  # enough samples for a meaningful median
+OUTLIER_FACTOR = 10.0  # an outlier lasts at least 10 × the operation's median
+MIN_EXCESS_NS = 200_000_000  # and at least 200 ms longer than the median (GC pauses and jitter stay below)
+MIN_OUTLIERS = 2  # a single slow call is an anecdote
+EXPLAINED_SHARE = 0.5  # a caller's excess explained at least this much by a hanging call beneath it
+CEILING_BAND = 0.03  # outliers within 3 % of the longest one are "at the ceiling"
+CEILING_MIN_CALLS = 3
+TIMEOUT_MARGIN = 2.0  # suggested deadline = 2 × p99 of the healthy calls
+TIMEOUT_TEXT = r"(?i)time[ -]?out|timed out|deadline|cancel"
+
+
+def _call_expr() -> pl.Expr:
+    outgoing = (pl.col("kind") == KIND_CLIENT) | pl.col("db_system").is_not_null()
+    outgoing |= pl.col("rpc_method").is_not_null() & (pl.col("kind") == KIND_INTERNAL)
+    uninstrumented_caller = (pl.col("kind") == KIND_SERVER) & (pl.col("parent_kind") != KIND_CLIENT)
+    return pl.col("blocking") & ~pl.col("is_root") & (outgoing | uninstrumented_caller)
+
+
+def _timed_out_expr() -> pl.Expr:
+    return (
+        pl.col("http_status_code").is_in([408, 504]).fill_null(False)
+        | pl.col("status_message").str.contains(TIMEOUT_TEXT).fill_null(False)
+        | pl.col("event_hints").str.contains(TIMEOUT_TEXT).fill_null(False)
+        | pl.col("hints").str.contains(TIMEOUT_TEXT).fill_null(False)
+        | pl.col("event_names").list.eval(pl.element().str.contains(TIMEOUT_TEXT)).list.any().fill_null(False)
+    )
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    spans = ctx.spans
+    parent_kind = spans["kind"].gather(spans["parent_row"].fill_null(0)).alias("parent_kind")
+    calls = (
+        spans.with_columns(parent_kind)
+        .filter(_call_expr())
+        .select(
+            "row",
+            "parent_row",
+            "duration_ns",
+            "on_critical_path",
+            "service",
+            "name",
+            target=call_target_expr(),
+        )
+    )
+    op = ["service", "name", "target"]
+    stats = (
+        calls.group_by(op)
+        .agg(calls=pl.len(), p50_ns=pl.col("duration_ns").median())
+        .filter(pl.col("calls") >= MIN_CALLS)
+    )
+    threshold = pl.max_horizontal(pl.col("p50_ns") * OUTLIER_FACTOR, pl.col("p50_ns") + MIN_EXCESS_NS)
+    outliers = (
+        calls.join(stats, on=op, how="inner")
+        .filter((pl.col("duration_ns") >= threshold) & pl.col("on_critical_path"))
+        .with_columns(excess_ns=pl.col("duration_ns") - pl.col("p50_ns"))
+    )
+    if outliers.height == 0:
+        return []
+    outliers = _drop_explained_callers(outliers, spans["parent_row"].fill_null(-1).to_numpy())
+    detail = spans.filter(pl.col("row").is_in(outliers["row"].implode())).select(
+        "row", "trace_id", "span_id", timed_out=_timed_out_expr()
+    )
+    outliers = outliers.join(detail, on="row", how="left")
+
+    per_op = (
+        outliers.group_by(op)
+        .agg(
+            outlier_calls=pl.len(),
+            timed_out_calls=pl.col("timed_out").sum(),
+            longest_ns=pl.col("duration_ns").max(),
+            at_ceiling=(pl.col("duration_ns") >= pl.col("duration_ns").max() * (1 - CEILING_BAND)).sum(),
+        )
+        .with_columns(missing=pl.col("outlier_calls") - pl.col("timed_out_calls"))
+        .filter(
+            (pl.col("missing") >= MIN_OUTLIERS)
+            & (pl.col("timed_out_calls") * 2 < pl.col("outlier_calls"))
+            & ~(
+                (pl.col("at_ceiling") >= CEILING_MIN_CALLS)
+                & (pl.col("at_ceiling") * 2 >= pl.col("outlier_calls"))
+            )
+        )
+    )
+    if per_op.height == 0:
+        return []
+
+    # Healthy latency of the reported operations: every call that is not an outlier.
+    healthy = (
+        calls.join(per_op.select(op), on=op, how="semi")
+        .join(stats.select(*op, "p50_ns"), on=op)
+        .group_by(op)
+        .agg(
+            p99_ns=pl.col("duration_ns").quantile(0.99, "linear"),
+            p99_healthy_ns=pl.col("duration_ns")
+            .filter(pl.col("duration_ns") < threshold)
+            .quantile(0.99, "linear"),
+        )
+    )
+    per_op = (
+        per_op.join(stats, on=op)
+        .join(healthy, on=op)
+        .with_columns(timeout_ns=(pl.col("p99_healthy_ns") * TIMEOUT_MARGIN).round().cast(pl.Int64))
+    )
+    reported = (
+        outliers.filter(~pl.col("timed_out"))
+        .join(per_op.select(*op, "timeout_ns"), on=op)
+        .with_columns(held_ns=(pl.col("duration_ns") - pl.col("timeout_ns")).clip(lower_bound=0))
+    )
+    reported = _attribute(reported, spans)
+
+    signature = ["caller_service", "caller_operation", "target_service", "target_operation"]
+    findings: list[Finding] = []
+    per_op_rows = {tuple(r[c] for c in op): r for r in per_op.iter_rows(named=True)}
+    for key, group in reported.partition_by(signature, as_dict=True, maintain_order=True).items():
+        caller_service, caller_operation, target_service, target_operation = (str(v) for v in key)
+        op_rows = [per_op_rows[k] for k in group.select(op).unique(maintain_order=True).iter_rows()]
+        findings.append(
+            _finding(caller_service, caller_operation, target_service, target_operation, group, op_rows)
+        )
+    findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
+    return findings
+
+
+def _drop_explained_callers(outliers: pl.DataFrame, parent_row: np.ndarray) -> pl.DataFrame:
+    """Remove outliers whose excess is mostly explained by an outlier call beneath them.
+
+    Each outlier walks up to its nearest outlier ancestor (vectorised over the outliers, one step
+    per tree level, no recursion); an ancestor is dropped when one such descendant's excess is at
+    least ``EXPLAINED_SHARE`` of its own."""
+    rows = outliers["row"].cast(pl.Int64).to_numpy()
+    excess = outliers["excess_ns"].cast(pl.Float64).to_numpy()
+    position = {int(r): i for i, r in enumerate(rows)}  # outliers are few; this is not per span
+    is_outlier = np.zeros(len(parent_row), dtype=bool)
+    is_outlier[rows] = True
+    nearest = np.full(len(rows), -1, dtype=np.int64)
+    cursor = parent_row[rows].astype(np.int64)
+    active = cursor >= 0
+    while active.any():
+        hit = active & is_outlier[np.where(active, cursor, 0)]
+        nearest[hit] = cursor[hit]
+        active &= ~hit
+        cursor = np.where(active, parent_row[np.where(active, cursor, 0)], -1)
+        active &= cursor >= 0
+    explained = np.zeros(len(rows), dtype=bool)
+    for child in np.flatnonzero(nearest >= 0):
+        ancestor = position[int(nearest[child])]
+        if excess[child] >= EXPLAINED_SHARE * excess[ancestor]:
+            explained[ancestor] = True
+    return outliers.filter(pl.Series(~explained))
+
+
+def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
+    """Who sets the deadline, on what: a client call's own service and name, its callee (the traced
+    SERVER child, else the call's target); a SERVER span with an uninstrumented caller is attributed
+    to its parent (the caller) and targets itself."""
+    rows = reported["row"].cast(pl.Int64).implode()
+    callees = (
+        spans.filter(pl.col("parent_row").is_in(rows) & (pl.col("kind") == KIND_SERVER))
+        .select(pl.col("parent_row").alias("row"), callee_service="service", callee_name="name")
+        .unique("row")
+    )
+    own = spans.filter(pl.col("row").is_in(reported["row"].implode())).select(
+        pl.col("row").cast(pl.Int64), "kind"
+    )
+    parents = spans.filter(pl.col("row").is_in(reported["parent_row"].implode())).select(
+        pl.col("row").cast(pl.Int64).alias("parent_row"),
+        parent_service="service",
+        parent_name="name",
+        parent_span_id="span_id",
+    )
+    server_side = pl.col("kind") == KIND_SERVER
+    return (
+        reported.with_columns(pl.col("row").cast(pl.Int64))
+        .join(own, on="row", how="left")
+        .join(callees, on="row", how="left")
+        .join(parents, on="parent_row", how="left")
+        .with_columns(
+            caller_service=pl.when(server_side).then(pl.col("parent_service")).otherwise(pl.col("service")),
+            caller_operation=pl.when(server_side).then(pl.col("parent_name")).otherwise(pl.col("name")),
+            target_service=pl.when(server_side)
+            .then(pl.col("service"))
+            .when(pl.col("callee_service").is_not_null())
+            .then(pl.col("callee_service"))
+            .when(pl.col("target") != "")
+            .then(pl.col("target"))
+            .otherwise(pl.col("service")),
+            target_operation=pl.when(server_side)
+            .then(pl.col("name"))
+            .otherwise(pl.coalesce(pl.col("callee_name"), pl.col("name"))),
+        )
+        .sort("trace_id", "row")
+    )
+
+
+def _finding(
+    caller_service: str,
+    caller_operation: str,
+    target_service: str,
+    target_operation: str,
+    group: pl.DataFrame,
+    op_rows: list[dict[str, Any]],
+) -> Finding:
+    occurrences: list[Occurrence] = []
+    for trace in group.partition_by("trace_id", maintain_order=True):
+        spans_held = list(trace.iter_rows(named=True))
+        occurrences.append(
+            Occurrence(
+                trace_id=spans_held[0]["trace_id"],
+                span_ids=tuple(
+                    dict.fromkeys([spans_held[0]["parent_span_id"], *(r["span_id"] for r in spans_held)])
+                ),
+                interventions=tuple(
+                    ShortenSpan(span_id=r["span_id"], by_ns=int(r["held_ns"]))
+                    for r in spans_held
+                    if r["held_ns"] > 0
+                ),
+                numbers={
+                    "longest_ms": max(r["duration_ns"] for r in spans_held) / 1e6,
+                    "excess_over_p50_ms": sum(r["excess_ns"] for r in spans_held) / 1e6,
+                    "held_past_timeout_ms": sum(r["held_ns"] for r in spans_held) / 1e6,
+                    "timeout_ms": spans_held[0]["timeout_ns"] / 1e6,
+                    "slow_calls": float(len(spans_held)),
+                },
+            )
+        )
+    main = max(op_rows, key=lambda r: r["calls"])
+    calls = sum(int(r["calls"]) for r in op_rows)
+    slow = group.height
+    timed_out = sum(int(r["timed_out_calls"]) for r in op_rows)
+    held = group.select(
+        total=pl.col("held_ns").sum() / 1e6,
+        p50=pl.col("held_ns").median() / 1e6,
+        longest=pl.col("duration_ns").max(),
+    ).row(0, named=True)
+    ratio = held["longest"] / main["p50_ns"] if main["p50_ns"] else float("inf")
+    evidence: dict[str, Any] = {
+        "calls": calls,
+        "p50_ms": round(main["p50_ns"] / 1e6, 3),
+        "p99_ms": round(main["p99_ns"] / 1e6, 3),
+        "p99_healthy_ms": round(main["p99_healthy_ns"] / 1e6, 3),
+        "longest_ms": round(held["longest"] / 1e6, 3),
+        "longest_over_p50": round(ratio, 1),
+        "outlier_threshold_ms": round(
+            max(main["p50_ns"] * OUTLIER_FACTOR, main["p50_ns"] + MIN_EXCESS_NS) / 1e6, 3
+        ),
+        "slow_calls_without_timeout": slow,
+        "slow_call_share": round(slow / calls, 4),
+        "timed_out_calls": timed_out,
+        "suggested_timeout_ms": round(main["timeout_ns"] / 1e6, 3),
+        "requests_held": len(occurrences),
+        "held_past_timeout_ms_total": round(held["total"], 3),
+        "held_past_timeout_ms_p50": round(held["p50"], 3),
+        "trace_ids": [o.trace_id for o in occurrences[:10]],
+        "span_ids": [sid for o in occurrences[:10] for sid in o.span_ids[1:2]],
+    }
+    confidence = 0.4 + 0.3 * min(1.0, math.log10(slow + 1) / 1.5)
+    confidence += 0.15 if ratio >= 30 else 0.0
+    confidence += 0.1 if calls >= 100 else 0.0
+    if timed_out:
+        confidence *= 0.7  # some calls of this operation do time out: a deadline may exist elsewhere
+    return Finding(
+        kind=KIND,
+        category="fault_tolerance",
+        service=caller_service,
+        operation=caller_operation,
+        targets=[{"service": target_service, "operation": target_operation}],
+        occurrences=occurrences,
+        confidence=round(min(0.95, confidence), 3),
+        evidence=evidence,
+        requests_at_risk=len(occurrences),
+    )
