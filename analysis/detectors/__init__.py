@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from analysis.context import AnalysisContext
-from analysis.detectors import fanout_concurrency_limit, fanout_straggler, lock_contention
+from analysis.detectors import (
+    error_propagation,
+    fanout_concurrency_limit,
+    fanout_straggler,
+    lock_contention,
+    missing_timeout,
+    retry_without_backoff,
+)
 from analysis.model import Finding
 
 Detector = Callable[[AnalysisContext], list[Finding]]
@@ -27,4 +34,7 @@ DETECTORS: dict[str, Detector] = {
     "fanout_straggler": fanout_straggler.detect,
     "fanout_concurrency_limit": fanout_concurrency_limit.detect,
     "lock_contention": lock_contention.detect,
+    "retry_without_backoff": retry_without_backoff.detect,
+    "error_propagation": error_propagation.detect,
+    "missing_timeout": missing_timeout.detect,
 }
