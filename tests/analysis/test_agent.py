@@ -1,0 +1,664 @@
+"""The Anthropic write-up agent against a fake Messages API on 127.0.0.1 (the real SDK client, the
+real HTTP wire format): tool-use turns, direct answers, malformed answers, 429/500/401, timeouts,
+an unreachable endpoint, the turn limit, the write-up cache, prompt-caching markers, and planted
+secrets that must appear in no request body."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from analysis.agent import (
+    DEFAULT_MODEL,
+    TOOLS,
+    AgentLimits,
+    AnthropicWriter,
+    extract_json_object,
+    ungrounded_numbers,
+)
+from analysis.writer import WriteOutcome, WrittenText
+from tests.fake_anthropic import (
+    FakeAnthropic,
+    error_reply,
+    json_reply,
+    message_reply,
+    raw_reply,
+    slow_reply,
+    text_reply,
+    tool_use_reply,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+MODEL = "claude-test-model"
+REC_A = "serialized_calls-00000000000000aa"
+REC_B = "n_plus_one-00000000000000bb"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+# Planted secrets: each must never leave the machine.
+SECRET_EMAIL = "jane.doe@example.com"
+SECRET_BEARER = "Bearer s3cr3tT0kenValue42xyz"
+SECRET_BEARER_TOKEN = "s3cr3tT0kenValue42xyz"
+SECRET_QUERY_PASSWORD = "hunter2pass"
+SECRET_SSN = "078-05-1120"
+SECRET_USER_ID = "user-8812731"
+SECRETS = [SECRET_EMAIL, SECRET_BEARER_TOKEN, SECRET_QUERY_PASSWORD, SECRET_SSN, SECRET_USER_ID]
+
+
+def recommendations(saved_p50: float = 118.0) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": REC_A,
+            "rank": 1,
+            "kind": "serialized_calls",
+            "category": "parallelization",
+            "service": "checkout",
+            "operation": "POST /checkout",
+            "targets": [
+                {"service": "inventory", "operation": "GET /stock"},
+                {"service": "pricing", "operation": "GET /price"},
+            ],
+            "traces_affected": 310,
+            "occurrences": 942,
+            "impact": {
+                "saved_ms_p50": saved_p50,
+                "saved_ms_p95": 201.5,
+                "saved_ms_total": 40120.0,
+                "share_of_root_latency": 0.41,
+            },
+            "confidence": 0.8,
+            "evidence": {
+                "trace_ids": [TRACE_ID],
+                "span_ids": ["00f067aa0ba902b7"],
+                "gap_ms_p50": 1.2,
+                "example_url": f"https://pricing.internal/api/price?sku=77&password={SECRET_QUERY_PASSWORD}",
+                "attributes": {
+                    "enduser.id": SECRET_USER_ID,
+                    "http.request.header.authorization": SECRET_BEARER,
+                },
+            },
+            "title": "",
+            "summary": "",
+            "actions": [],
+        },
+        {
+            "id": REC_B,
+            "rank": 2,
+            "kind": "n_plus_one",
+            "category": "parallelization",
+            "service": "orders",
+            "operation": "GET /orders",
+            "targets": [{"service": "orders-db", "operation": "SELECT orders_items"}],
+            "traces_affected": 120,
+            "occurrences": 120,
+            "impact": {
+                "saved_ms_p50": 64.0,
+                "saved_ms_p95": 90.0,
+                "saved_ms_total": 7680.0,
+                "share_of_root_latency": 0.22,
+            },
+            "confidence": 0.9,
+            "evidence": {
+                "trace_ids": [TRACE_ID],
+                "repeats_p50": 25,
+                "statement": f"SELECT * FROM items WHERE order_id = 991 AND ssn = '{SECRET_SSN}'",
+                "notified": SECRET_EMAIL,
+            },
+            "title": "",
+            "summary": "",
+            "actions": [],
+        },
+    ]
+
+
+class PlantedContext:
+    """A WriterContext whose answers carry the planted secrets in span attributes and statements."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def finding_evidence(self, recommendation_id: str) -> dict[str, Any] | None:
+        self.calls.append(("evidence", recommendation_id))
+        if recommendation_id not in (REC_A, REC_B):
+            return None
+        return {
+            "id": recommendation_id,
+            "occurrences": [
+                {
+                    "trace_id": TRACE_ID,
+                    "numbers": {"saved_ms": 117.5, "serial_ms": 240.0},
+                    "spans": [
+                        {
+                            "name": f"GET /users?email={SECRET_EMAIL}",
+                            "attributes": [
+                                {
+                                    "key": "http.request.header.authorization",
+                                    "value": {"stringValue": SECRET_BEARER},
+                                },
+                                {"key": "user.id", "value": {"stringValue": SECRET_USER_ID}},
+                                {
+                                    "key": "db.statement",
+                                    "value": f"SELECT name FROM people WHERE ssn = '{SECRET_SSN}'",
+                                },
+                                {
+                                    "key": "http.url",
+                                    "value": f"https://api.example.org/login?user=jd&password={SECRET_QUERY_PASSWORD}",
+                                },
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+
+    def critical_path(self, trace_id: str) -> list[dict[str, Any]] | None:
+        self.calls.append(("critical_path", trace_id))
+        if trace_id != TRACE_ID:
+            return None
+        return [
+            {"service": "checkout", "name": "POST /checkout", "duration_ms": 420.0, "self_ms": 12.0},
+            {
+                "service": "inventory",
+                "name": f"GET /stock?owner={SECRET_EMAIL}",
+                "duration_ms": 180.0,
+                "self_ms": 180.0,
+            },
+            {"service": "pricing", "name": "GET /price", "duration_ms": 160.0, "self_ms": 160.0},
+        ]
+
+    def service_neighbours(self, service: str) -> dict[str, list[dict[str, Any]]]:
+        self.calls.append(("neighbours", service))
+        return {
+            "callers": [{"service": "frontend", "operation": "POST /buy", "calls": 310, "p50_ms": 450.0}],
+            "callees": [
+                {
+                    "service": "inventory",
+                    "operation": f"Authorization: {SECRET_BEARER}",
+                    "calls": 310,
+                    "p50_ms": 180.0,
+                }
+            ],
+        }
+
+
+class StubTemplateWriter:
+    """Stands in for the template writer: deterministic text naming the id."""
+
+    name = "template"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def write(self, recommendations: list[dict[str, Any]], context: Any) -> WriteOutcome:
+        self.calls.append([r["id"] for r in recommendations])
+        texts = {
+            r["id"]: WrittenText(
+                f"template title {r['id']}", f"template summary {r['id']}", ["template action"]
+            )
+            for r in recommendations
+        }
+        return WriteOutcome(texts=texts, writer="template")
+
+
+def good_answer(ids: tuple[str, ...] = (REC_A, REC_B)) -> dict[str, Any]:
+    texts = {
+        REC_A: {
+            "title": "Run `GET /stock` and `GET /price` in parallel in `checkout`",
+            "summary": "`POST /checkout` waits for `GET /stock` before calling `GET /price`. Running them together "
+            "saves 118 ms at p50 and 201.5 ms at p95 across 310 traces (41% of root latency).",
+            "actions": ["Issue `GET /stock` and `GET /price` concurrently in `POST /checkout`."],
+        },
+        REC_B: {
+            "title": "Batch `SELECT orders_items` in `GET /orders`",
+            "summary": "`GET /orders` runs `SELECT orders_items` 25 times per request; one batched query saves 64 ms at p50.",
+            "actions": [
+                "Load the items of all orders with one `IN (...)` query.",
+                "Add a test that counts the queries.",
+            ],
+        },
+    }
+    return {rid: texts[rid] for rid in ids}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAnthropic]:
+    server = FakeAnthropic().start()
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("HOURGLASS_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def make_writer(tmp_path: Path, **limits: Any) -> tuple[AnthropicWriter, StubTemplateWriter]:
+    fallback = StubTemplateWriter()
+    settings = {"request_timeout_s": 2.0, "deadline_s": 8.0, "max_retries": 2, "max_turns": 6} | limits
+    writer = AnthropicWriter(
+        fallback, model=MODEL, limits=AgentLimits(**settings), cache_dir=tmp_path / "writeups"
+    )
+    return writer, fallback
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def test_direct_answer_without_tools(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()))
+    writer, fallback = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == f"anthropic:{MODEL}"
+    assert outcome.fallback_reason is None
+    assert outcome.texts[REC_A].title == good_answer()[REC_A]["title"]
+    assert outcome.texts[REC_B].actions == good_answer()[REC_B]["actions"]
+    assert fallback.calls == []
+    assert fake.request_count == 1
+    assert fake.paths == ["/v1/messages"]
+    request = fake.requests[0]
+    assert request["model"] == MODEL
+    assert "tool_choice" not in request
+    assert [t["name"] for t in request["tools"]] == [
+        "get_finding_evidence",
+        "get_critical_path",
+        "get_service_neighbours",
+    ]
+    assert REC_A in request["messages"][0]["content"][0]["text"]
+    assert outcome.metadata["requests"] == 1 and outcome.metadata["cache"] == "miss"
+
+
+def test_prompt_caching_markers_on_system_tools_and_payload(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path)
+    writer.write(recommendations(), PlantedContext())
+    request = fake.requests[0]
+    assert request["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert request["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert request["messages"][0]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    markers = json.dumps(request).count('"cache_control"')
+    assert markers <= 4  # the API allows at most four breakpoints
+
+
+def test_tool_use_turns_then_answer(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(
+        tool_use_reply(
+            ("get_finding_evidence", {"recommendation_id": REC_A}),
+            ("get_critical_path", {"trace_id": TRACE_ID}),
+        ),
+        tool_use_reply(("get_service_neighbours", {"service": "checkout"}), text="Checking the callers."),
+        json_reply(good_answer()),
+    )
+    writer, _ = make_writer(tmp_path)
+    context = PlantedContext()
+    outcome = writer.write(recommendations(), context)
+    assert outcome.fallback_reason is None
+    assert outcome.writer == f"anthropic:{MODEL}"
+    assert context.calls == [("evidence", REC_A), ("critical_path", TRACE_ID), ("neighbours", "checkout")]
+    assert fake.request_count == 3
+    assert outcome.metadata["tool_calls"] == [
+        "get_finding_evidence",
+        "get_critical_path",
+        "get_service_neighbours",
+    ]
+
+    second = fake.requests[1]["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert [b["type"] for b in second[1]["content"]] == [
+        "tool_use",
+        "tool_use",
+    ]  # the model's turn, echoed back
+    results = second[2]["content"]
+    assert [r["type"] for r in results] == ["tool_result", "tool_result"]
+    assert results[0]["tool_use_id"] == second[1]["content"][0]["id"]
+    assert "117.5" in results[0]["content"]  # the evidence's numbers reach the model
+    assert json.loads(results[1]["content"])["spans"][0]["duration_ms"] == 420.0
+    third = fake.requests[2]["messages"]
+    assert json.loads(third[4]["content"][0]["content"])["callers"][0]["calls"] == 310
+
+
+def test_tool_errors_are_reported_to_the_model_not_fatal(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(
+        tool_use_reply(
+            ("get_finding_evidence", {"recommendation_id": "no-such-id"}),
+            ("get_critical_path", {"trace_id": "../../etc/passwd"}),
+            ("delete_everything", {}),
+        ),
+        json_reply(good_answer()),
+    )
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.fallback_reason is None
+    results = fake.requests[1]["messages"][2]["content"]
+    assert all(r["is_error"] for r in results)
+    assert "unknown recommendation id" in results[0]["content"]
+    assert "no tool named" in results[2]["content"]
+    assert outcome.metadata["tool_errors"] == 3
+
+
+def test_answer_inside_prose_and_code_fence_is_found(fake: FakeAnthropic, tmp_path: Path) -> None:
+    body = json.dumps(good_answer(), indent=2)
+    fake.script(text_reply(f"Here are the write-ups {{as asked}}:\n```json\n{body}\n```\nLet me know."))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.fallback_reason is None
+    assert outcome.texts[REC_B].title == good_answer()[REC_B]["title"]
+
+
+def test_list_shaped_answer_is_accepted() -> None:
+    answer = [{"id": REC_A, **good_answer()[REC_A]}]
+    assert extract_json_object(f"result: {json.dumps({'recommendations': answer})}", [REC_A]) == {
+        "recommendations": answer
+    }
+
+
+def test_non_json_answer_falls_back(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(text_reply("I think you should parallelise the calls. Hope this helps!"))
+    writer, fallback = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None and "not JSON" in outcome.fallback_reason
+    assert outcome.texts[REC_A].title == f"template title {REC_A}"
+    assert fallback.calls == [[REC_A, REC_B]]
+
+
+def test_wrong_shape_answer_falls_back(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply({REC_A: {"title": "", "summary": 3}, REC_B: ["not", "an", "object"]}))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None and "covered none" in outcome.fallback_reason
+
+
+def test_missing_id_gets_template_text(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer((REC_A,)) | {"made-up-id": good_answer()[REC_B]}))
+    writer, fallback = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == f"anthropic:{MODEL}"
+    assert outcome.texts[REC_A].title == good_answer()[REC_A]["title"]
+    assert outcome.texts[REC_B].title == f"template title {REC_B}"
+    assert fallback.calls == [[REC_B]]
+    assert outcome.fallback_reason is not None
+    assert REC_B in outcome.fallback_reason and "not covered" in outcome.fallback_reason
+    assert outcome.metadata["template_ids"] == [REC_B]
+
+
+def test_invented_numbers_are_rejected(fake: FakeAnthropic, tmp_path: Path) -> None:
+    answer = good_answer()
+    answer[REC_B]["summary"] = "Batching saves 999 ms and makes the page 7.5x faster."
+    fake.script(json_reply(answer))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.texts[REC_A].title == good_answer()[REC_A]["title"]
+    assert outcome.texts[REC_B].title == f"template title {REC_B}"
+    assert outcome.fallback_reason is not None and "999 ms" in outcome.fallback_reason
+
+
+def test_grounding_allows_rounding_units_and_percentages() -> None:
+    shown = [118.0, 201.5, 0.41, 40120.0, 310.0]
+    text = WrittenText(
+        "Save about 120 ms",
+        "Saves 118 ms (0.2 s at p95, 41% of root latency, 40.1 s in total, 40,120 ms) in 310 traces; "
+        "the N+1 in `GET /v2/items` and 5xx answers, p95 and 2 calls.",
+        ["Do it."],
+    )
+    assert ungrounded_numbers(text, shown) == []
+    assert ungrounded_numbers(WrittenText("t", "saves 150 ms", ["x"]), shown) == ["150 ms"]
+
+
+@pytest.mark.parametrize(("stop_reason", "reason"), [("max_tokens", "max_tokens"), ("refusal", "refused")])
+def test_truncated_or_refused_answer_falls_back(
+    fake: FakeAnthropic, tmp_path: Path, stop_reason: str, reason: str
+) -> None:
+    fake.script(text_reply('{"partial": ', stop_reason=stop_reason))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None and reason in outcome.fallback_reason
+
+
+def test_thinking_blocks_are_echoed_back_and_ignored_in_the_answer(
+    fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    thinking = {"type": "thinking", "thinking": "Look at the evidence first.", "signature": "sig-abc"}
+    tool_call = {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "get_finding_evidence",
+        "input": {"recommendation_id": REC_B},
+    }
+    fake.script(
+        message_reply([thinking, tool_call], "tool_use"),
+        message_reply([thinking, {"type": "text", "text": json.dumps(good_answer())}]),
+    )
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.fallback_reason is None
+    echoed = fake.requests[1]["messages"][1]["content"]
+    assert echoed[0] == thinking
+
+
+# --- failures of the API ---------------------------------------------------------------------
+
+
+def test_rate_limited_then_success(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(error_reply(429, "rate limited"), json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.fallback_reason is None
+    assert fake.request_count == 2
+    assert outcome.metadata["attempts"] == 2
+
+
+def test_server_errors_until_fallback(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = error_reply(500, "internal")
+    writer, _ = make_writer(tmp_path, max_retries=2)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 3
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None
+    assert "500" in outcome.fallback_reason and "after 3 attempts" in outcome.fallback_reason
+    assert outcome.texts[REC_A].title == f"template title {REC_A}"
+    assert outcome.metadata["agent"]["attempts"] == 3
+
+
+def test_overloaded_529_is_retried(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(error_reply(529, "overloaded"), json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path)
+    assert writer.write(recommendations(), PlantedContext()).fallback_reason is None
+
+
+def test_authentication_error_is_not_retried(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(error_reply(401, "invalid x-api-key"))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 1
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None
+    assert "401" in outcome.fallback_reason and "invalid x-api-key" in outcome.fallback_reason
+
+
+def test_retry_after_beyond_the_deadline_gives_up_at_once(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(error_reply(429, "slow down", retry_after_ms=60_000))
+    writer, _ = make_writer(tmp_path, deadline_s=3.0)
+    started = time.monotonic()
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert time.monotonic() - started < 1.5
+    assert fake.request_count == 1
+    assert outcome.fallback_reason is not None and "deadline" in outcome.fallback_reason
+
+
+def test_timeout_falls_back(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = slow_reply(3.0, json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path, request_timeout_s=0.3, max_retries=1)
+    started = time.monotonic()
+    outcome = writer.write(recommendations(), PlantedContext())
+    elapsed = time.monotonic() - started
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None and "timed out" in outcome.fallback_reason
+    assert fake.request_count == 2  # the first attempt and one retry
+    assert elapsed < 2.5
+
+
+def test_overall_deadline_bounds_the_write(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = slow_reply(3.0)
+    writer, _ = make_writer(tmp_path, request_timeout_s=5.0, deadline_s=0.6, max_retries=3)
+    started = time.monotonic()
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert time.monotonic() - started < 2.0
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None
+
+
+def test_unreachable_endpoint_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago and now has no listener
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
+    writer, _ = make_writer(tmp_path, max_retries=1)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None and "unreachable" in outcome.fallback_reason
+
+
+def test_html_instead_of_json_falls_back(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(raw_reply(b"<html><body>proxy login</body></html>"))
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason
+
+
+def test_too_many_turns_falls_back(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = lambda request: tool_use_reply(("get_service_neighbours", {"service": "checkout"}))
+    writer, _ = make_writer(tmp_path, max_turns=3)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 3
+    assert outcome.writer == "template"
+    assert outcome.fallback_reason is not None and "3 turns" in outcome.fallback_reason
+    # The last allowed turn forbids tools and says so.
+    assert fake.requests[2]["tool_choice"] == {"type": "none"}
+    assert "tool_choice" not in fake.requests[1]
+    assert fake.requests[2]["messages"][-1]["content"][-1]["type"] == "text"
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+def test_unchanged_report_is_answered_from_the_cache(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()))
+    first_writer, _ = make_writer(tmp_path)
+    first = first_writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 1
+
+    second_writer, fallback = make_writer(tmp_path)  # a new process would build a new writer
+    second = second_writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 1  # no API call
+    assert second.metadata["cache"] == "hit"
+    assert second.writer == f"anthropic:{MODEL}"
+    assert second.texts == first.texts
+    assert fallback.calls == []
+
+    fake.script(json_reply(good_answer()))
+    second_writer.write(recommendations(saved_p50=118.5), PlantedContext())  # a number changed
+    assert fake.request_count == 2
+
+
+def test_cache_keeps_partial_answers_and_their_reason(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer((REC_A,))))
+    writer, _ = make_writer(tmp_path)
+    first = writer.write(recommendations(), PlantedContext())
+    again = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 1
+    assert again.texts == first.texts
+    assert again.fallback_reason == first.fallback_reason
+
+
+def test_failures_are_not_cached(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(text_reply("not json"), json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path)
+    assert writer.write(recommendations(), PlantedContext()).writer == "template"
+    assert writer.write(recommendations(), PlantedContext()).writer == f"anthropic:{MODEL}"
+    assert fake.request_count == 2
+
+
+def test_corrupt_cache_entry_is_a_miss(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()), json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path)
+    writer.write(recommendations(), PlantedContext())
+    (entry,) = (tmp_path / "writeups").glob("*.json")
+    entry.write_text("{not json", encoding="utf-8")
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 2
+    assert outcome.fallback_reason is None
+    assert json.loads(entry.read_text(encoding="utf-8"))["texts"][REC_A]["title"]
+
+
+def test_model_is_part_of_the_cache_key(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()), json_reply(good_answer()))
+    writer, fallback = make_writer(tmp_path)
+    writer.write(recommendations(), PlantedContext())
+    other = AnthropicWriter(
+        fallback, model="claude-other", limits=writer.limits, cache_dir=tmp_path / "writeups"
+    )
+    other.write(recommendations(), PlantedContext())
+    assert fake.request_count == 2
+    assert fake.requests[1]["model"] == "claude-other"
+
+
+# --- privacy ---------------------------------------------------------------------------------
+
+
+def test_planted_secrets_appear_in_no_request_body(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(
+        tool_use_reply(
+            ("get_finding_evidence", {"recommendation_id": REC_A}),
+            ("get_finding_evidence", {"recommendation_id": REC_B}),
+            ("get_critical_path", {"trace_id": TRACE_ID}),
+            ("get_service_neighbours", {"service": "inventory"}),
+        ),
+        json_reply(good_answer()),
+    )
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.fallback_reason is None
+    assert fake.request_count == 2
+    sent = fake.all_request_text()
+    for secret in SECRETS:
+        assert secret not in sent, f"{secret!r} left the machine"
+    assert "Bearer s3cr3t" not in sent
+    # ... while the numbers and names the write-up needs did reach the model.
+    for needed in (
+        "201.5",
+        "117.5",
+        "POST /checkout",
+        TRACE_ID,
+        "https://api.example.org/login?user=?&password=?",
+    ):
+        assert needed in sent
+
+
+def test_default_model_is_the_current_sonnet() -> None:
+    assert DEFAULT_MODEL.startswith("claude-sonnet-")
+    assert TOOLS[-1]["cache_control"] == {"type": "ephemeral"}
+
+
+def test_model_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOURGLASS_LLM_MODEL", "claude-from-env")
+    writer = AnthropicWriter(StubTemplateWriter())
+    assert writer.name == "anthropic:claude-from-env"
+    monkeypatch.delenv("HOURGLASS_LLM_MODEL")
+    assert AnthropicWriter(StubTemplateWriter()).model == DEFAULT_MODEL
+
+
+def test_empty_report_makes_no_request(fake: FakeAnthropic, tmp_path: Path) -> None:
+    writer, _ = make_writer(tmp_path)
+    outcome = writer.write([], PlantedContext())
+    assert outcome.texts == {} and fake.request_count == 0
