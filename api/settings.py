@@ -39,7 +39,7 @@ class Settings:
         default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_RETENTION", "7d"))
     )
     settle_seconds: float = field(default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_SETTLE", "10s")))
-    llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-4-5"))
+    llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
 
 
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}
