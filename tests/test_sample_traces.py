@@ -1,0 +1,66 @@
+"""Every sample trace file, analysed by the real CLI, satisfies its labels file.
+
+Runs ``hourglass analyze FILE --format json`` exactly as a user would, checks each
+``<scenario>.labels.json`` (every ``must_find`` reported, no ``must_not_find``), and prints recall
+and precision over all files (visible with ``pytest -s``; also in the assertion message).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workload.labels import LabelCheck, check_report, load_labels, scores
+from workload.scenarios import SCENARIOS
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample-traces"
+HOURGLASS = Path(sys.executable).with_name("hourglass")
+LABEL_FILES = sorted(SAMPLES.glob("*.labels.json"))
+
+
+def analyze_file(path: Path) -> dict:
+    proc = subprocess.run(
+        [str(HOURGLASS), "analyze", str(path), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, f"hourglass analyze {path.name} exited {proc.returncode}:\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def test_every_scenario_has_a_small_trace_file_and_labels() -> None:
+    names = {p.name.removesuffix(".labels.json") for p in LABEL_FILES}
+    assert names == {s.name for s in SCENARIOS}
+    for labels_path in LABEL_FILES:
+        labels = load_labels(labels_path)
+        trace_file = SAMPLES / labels["trace_file"]
+        assert trace_file.is_file(), f"{labels_path.name} names a missing trace file {trace_file.name}"
+        assert trace_file.stat().st_size < 1_000_000, f"{trace_file.name} should stay under 1 MB"
+        assert labels["must_find"] and labels["must_not_find"]
+        # Every line is one OTLP/JSON export request with hex ids, as the Collector writes them.
+        first = json.loads(trace_file.read_text().splitlines()[0])
+        span = first["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+        assert len(span["traceId"]) == 32 and len(span["spanId"]) == 16
+        int(span["traceId"], 16)
+
+
+@pytest.mark.slow
+def test_sample_traces_match_their_labels() -> None:
+    checks: list[LabelCheck] = []
+    for labels_path in LABEL_FILES:
+        labels = load_labels(labels_path)
+        report = analyze_file(SAMPLES / labels["trace_file"])
+        assert report["schema"] == "hourglass.report/v1"
+        assert report["spans_analyzed"] > 0
+        checks.append(check_report(labels["scenario"], labels, report))
+    summary = scores(checks)
+    lines = [line for check in checks for line in check.lines()]
+    text = "\n".join([*lines, f"sample traces: {summary.line()}"])
+    print("\n" + text)
+    assert all(check.ok for check in checks), text
