@@ -101,6 +101,7 @@ class ReportSnapshot:
     finished_at: float
     started_monotonic: float
     reason: str
+    change_marker: int = -1  # the store's change marker when the run started (see _change_marker)
     by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
     rec_json: tuple[bytes, ...] = ()
     head_json: bytes = b"{"  # the report without its recommendations, without the closing brace
@@ -115,6 +116,7 @@ class ReportSnapshot:
         started_at: float,
         started_monotonic: float,
         reason: str,
+        change_marker: int = -1,
     ) -> ReportSnapshot:
         recs = list(report.get("recommendations") or [])
         head = {k: v for k, v in report.items() if k != "recommendations"}
@@ -128,6 +130,7 @@ class ReportSnapshot:
             finished_at=time.time(),
             started_monotonic=started_monotonic,
             reason=reason,
+            change_marker=change_marker,
             by_id={str(r.get("id")): r for r in recs},
             rec_json=tuple(dumps(r) for r in recs),
             head_json=head_json,
@@ -308,13 +311,12 @@ def default_analyze() -> AnalyzeFn:
     return analyze
 
 
-def select_writer() -> Any:
-    """The Anthropic writer when configured (``analysis.agent.select_writer``), else None (template)."""
-    try:
-        from analysis.agent import select_writer as agent_select_writer
-    except ImportError:
-        return None
-    return agent_select_writer()
+def select_writer(settings: Any = None) -> Any:
+    """The Anthropic agent when ``ANTHROPIC_API_KEY`` is set, else the template writer
+    (``analysis.agent.select_writer``, shared with ``hourglass analyze``)."""
+    from analysis.agent import select_writer as agent_select_writer
+
+    return agent_select_writer(settings)
 
 
 class AnalysisService:
@@ -328,6 +330,7 @@ class AnalysisService:
         max_staleness_seconds: float | None = None,
         poll_seconds: float | None = None,
         writer: Any = "auto",
+        settings: Any = None,
         analyze: AnalyzeFn | None = None,
         render_html: bool = True,
     ) -> None:
@@ -341,6 +344,7 @@ class AnalysisService:
         )
         self._writer = writer
         self._writer_resolved = writer != "auto"
+        self._settings = settings
         self._analyze = analyze
         self.render_html = render_html
         self._snapshot: ReportSnapshot | None = None
@@ -385,7 +389,7 @@ class AnalysisService:
         first = True
         while not self._stop.is_set():
             try:
-                count = self.store.stats().spans
+                count = self._change_marker()
             except Exception as exc:
                 log.exception("store stats failed; retrying")
                 self._record_error(exc)
@@ -398,7 +402,7 @@ class AnalysisService:
             due = False
             if first:
                 due = True  # whatever is stored already has settled: report it at once
-            elif snapshot is None or count != snapshot.spans_in_store:
+            elif snapshot is None or count != snapshot.change_marker:
                 settled = now - last_change >= self.settle_seconds
                 stale = snapshot is None or now - snapshot.started_monotonic >= self.max_staleness_seconds
                 due = settled or stale
@@ -413,7 +417,7 @@ class AnalysisService:
 
     def _resolve_writer(self) -> Any:
         if not self._writer_resolved:
-            self._writer = select_writer()
+            self._writer = select_writer(self._settings)
             self._writer_resolved = True
         return self._writer
 
@@ -422,12 +426,21 @@ class AnalysisService:
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._last_error_at = time.time()
 
-    def _run_analysis(self, *, since_ns: int | None = None) -> tuple[dict[str, Any], int]:
+    def _change_marker(self) -> int:
+        """A number that changes when spans are written: the store's physical row count when it
+        offers one (``raw_row_count``, cheap: no de-duplication), else its span count."""
+        raw_row_count = getattr(self.store, "raw_row_count", None)
+        if callable(raw_row_count):
+            return int(raw_row_count())
+        return int(self.store.stats().spans)
+
+    def _run_analysis(self, *, since_ns: int | None = None) -> tuple[dict[str, Any], int, int]:
         analyze = self._analyze or default_analyze()
+        marker = self._change_marker()
         spans_in_store = self.store.stats().spans
         table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
         report = analyze(table, writer=self._resolve_writer(), since_ns=since_ns)
-        return report, spans_in_store
+        return report, spans_in_store, marker
 
     def run_now(self, reason: str = "requested") -> ReportSnapshot:
         """Analyse the whole store now and publish the result (coalescing concurrent requests)."""
@@ -441,11 +454,12 @@ class AnalysisService:
             with self._state_lock:
                 self._running_since = started_at
             try:
-                report, spans_in_store = self._run_analysis()
+                report, spans_in_store, marker = self._run_analysis()
                 snapshot = ReportSnapshot.build(
                     report,
                     generation=self._generation + 1,
                     spans_in_store=spans_in_store,
+                    change_marker=marker,
                     started_at=started_at,
                     started_monotonic=started_monotonic,
                     reason=reason,
@@ -510,7 +524,7 @@ class AnalysisService:
                 self._windows.move_to_end(key)
                 return cached
         started_monotonic, started_at = time.monotonic(), time.time()
-        report, spans_in_store = self._run_analysis(since_ns=since_ns)
+        report, spans_in_store, marker = self._run_analysis(since_ns=since_ns)
         snapshot = ReportSnapshot.build(
             report,
             generation=generation,
@@ -518,6 +532,7 @@ class AnalysisService:
             started_at=started_at,
             started_monotonic=started_monotonic,
             reason="window",
+            change_marker=marker,
         )
         with self._state_lock:
             self._windows[key] = snapshot

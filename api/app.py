@@ -112,7 +112,9 @@ def create_app(
     if options:
         log.debug("create_app: ignoring unknown options %s", sorted(options))
     settings = settings or Settings()
-    service = analysis or AnalysisService(store, settle_seconds=settings.settle_seconds, writer=writer)
+    service = analysis or AnalysisService(
+        store, settle_seconds=settings.settle_seconds, writer=writer, settings=settings
+    )
     token = settings.api_token
 
     @asynccontextmanager

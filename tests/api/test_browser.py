@@ -1,0 +1,100 @@
+"""The HTML report in headless Chromium (Debian's package): it renders, and it stays on 127.0.0.1.
+
+Served by a real `hourglass serve` (bearer token on, sent by the browser as an extra header) fed by
+the OpenTelemetry SDK exporter. Skipped, with the reason, only when /usr/bin/chromium is absent
+(`make test` installs it through scripts/ensure-chromium).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.api.live_server import LiveServer, running_server, send_traces, wait_for_spans
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOKEN = "browser-token"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} not installed (scripts/ensure-chromium)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with running_server(tmp_path_factory.mktemp("browser"), token=TOKEN) as srv:
+        send_traces(srv, checkout=20, home=5)
+        wait_for_spans(srv, 25 * 7)
+        with srv.client() as client:
+            assert client.post("/v1/analyses").status_code == 200
+        yield srv
+
+
+def test_report_page_renders_waterfalls_offline(server: LiveServer, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    requested: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(
+                viewport={"width": 1360, "height": 1000},
+                extra_http_headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            page = context.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            response = page.goto(server.base_url + "/", wait_until="networkidle", timeout=60_000)
+            assert response is not None and response.status == 200
+            assert "Hourglass report" in page.title()
+
+            waterfalls = page.locator("svg.waterfall")
+            assert waterfalls.count() >= 1
+            first = waterfalls.first
+            first.scroll_into_view_if_needed()
+            assert first.is_visible()
+            box = first.bounding_box()
+            assert box is not None and box["width"] > 300 and box["height"] > 100, box
+            bars = first.locator("rect.bar")
+            assert bars.count() >= 7 * 2  # every span of the exemplar, before and after
+            bar_box = bars.first.bounding_box()
+            assert bar_box is not None and bar_box["width"] > 0 and bar_box["height"] > 0
+            assert first.locator("rect.bar-path").count() >= 1
+            assert first.locator("rect.bar-bottleneck").count() >= 1
+            assert "saves" in (first.text_content() or "")
+
+            # The serialized-calls recommendation is on the page, with its exemplar drawn.
+            section = page.locator("section.rec", has_text="GET /checkout").first
+            assert section.locator("svg.waterfall").count() == 1
+
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            first.screenshot(path=str(tmp_path / "waterfall.png"))
+            keep = os.environ.get("HOURGLASS_SCREENSHOT_DIR")
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                (Path(keep) / "report.png").write_bytes(shot.read_bytes())
+                (Path(keep) / "waterfall.png").write_bytes((tmp_path / "waterfall.png").read_bytes())
+        finally:
+            browser.close()
+
+    assert requested, "the browser made no request at all"
+    outside = [url for url in requested if urlsplit(url).hostname not in ("127.0.0.1",)]
+    assert not outside, f"requests left 127.0.0.1: {outside}"

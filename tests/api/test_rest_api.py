@@ -1,0 +1,214 @@
+"""The REST API over real HTTP: `hourglass serve` fed by the OpenTelemetry SDK's OTLP/gRPC exporter.
+
+One server per module (bearer token on), 20 traces with three serialized calls under
+``frontend · GET /checkout`` and 20 healthy traces whose calls already run in parallel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.api.live_server import LiveServer, running_server, send_traces, wait_for_spans
+
+pytestmark = pytest.mark.timeout(180)
+
+TOKEN = "s3cret-token"
+SPANS_PER_TRACE = 7
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with running_server(tmp_path_factory.mktemp("rest"), token=TOKEN, settle="0.5s") as srv:
+        send_traces(srv, checkout=20, home=20)
+        wait_for_spans(srv, 40 * SPANS_PER_TRACE)
+        with srv.client() as client:
+            run = client.post("/v1/analyses")
+            assert run.status_code == 200, run.text
+        yield srv
+
+
+def _serialized(report: dict) -> dict:
+    recs = [
+        r
+        for r in report["recommendations"]
+        if r["kind"] == "serialized_calls"
+        and r["service"] == "frontend"
+        and r["operation"] == "GET /checkout"
+    ]
+    assert len(recs) == 1, [(r["kind"], r["service"], r["operation"]) for r in report["recommendations"]]
+    return recs[0]
+
+
+def test_health_is_open_and_v1_needs_the_token(server: LiveServer) -> None:
+    with server.client(auth=False) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        for path in ("/v1/stats", "/v1/recommendations", "/v1/services", "/"):
+            response = anonymous.get(path)
+            assert response.status_code == 401, path
+            assert "Bearer" in response.headers["www-authenticate"]
+        assert anonymous.post("/v1/analyses").status_code == 401
+        wrong = anonymous.get("/v1/stats", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        # A browser can send the token as the Basic password.
+        basic = anonymous.get("/v1/stats", auth=("anyone", TOKEN))
+        assert basic.status_code == 200
+        assert anonymous.get("/openapi.json").status_code == 200
+
+
+def test_stats_count_what_the_exporter_sent(server: LiveServer) -> None:
+    with server.client() as client:
+        stats = client.get("/v1/stats").json()
+    assert stats["spans"] >= 40 * SPANS_PER_TRACE
+    assert stats["traces"] >= 40
+    assert stats["analysis"]["state"] in ("ready", "running")
+    assert stats["analysis"]["runs"] >= 1
+
+
+def test_recommendations_find_the_serialized_calls(server: LiveServer) -> None:
+    with server.client() as client:
+        report = client.get("/v1/recommendations").json()
+    assert report["schema"] == "hourglass.report/v1"
+    assert report["traces_analyzed"] >= 40
+    assert report["spans_analyzed"] >= 40 * SPANS_PER_TRACE
+    rec = _serialized(report)
+    assert rec["category"] == "parallelization"
+    assert rec["traces_affected"] == 20
+    # Three 30 ms calls one after another; run together the root ends ~62 ms sooner.
+    assert 40 <= rec["impact"]["saved_ms_p50"] <= 80, rec["impact"]
+    assert set(rec["evidence"]["trace_ids"]) <= set(server.sent_traces)
+    assert rec["title"] and rec["summary"] and rec["actions"]
+    # The healthy, already-parallel GET /home is not reported as serialized.
+    assert not any(
+        r["operation"] == "GET /home" and r["kind"] == "serialized_calls" for r in report["recommendations"]
+    )
+    ranks = [r["rank"] for r in report["recommendations"]]
+    assert ranks == sorted(ranks)
+
+
+def test_recommendation_filters(server: LiveServer) -> None:
+    with server.client() as client:
+        full = client.get("/v1/recommendations").json()["recommendations"]
+        by_kind = client.get("/v1/recommendations", params={"kind": "serialized_calls"}).json()[
+            "recommendations"
+        ]
+        assert by_kind and all(r["kind"] == "serialized_calls" for r in by_kind)
+        assert (
+            client.get("/v1/recommendations", params={"kind": "no_such_kind"}).json()["recommendations"] == []
+        )
+        both = client.get("/v1/recommendations", params={"kind": "no_such_kind,serialized_calls"}).json()
+        assert [r["id"] for r in both["recommendations"]] == [r["id"] for r in by_kind]
+        by_service = client.get("/v1/recommendations", params={"service": "frontend"}).json()[
+            "recommendations"
+        ]
+        assert _serialized({"recommendations": by_service})
+        assert client.get("/v1/recommendations", params={"service": "nobody"}).json()["recommendations"] == []
+        par = client.get("/v1/recommendations", params={"category": "parallelization"}).json()[
+            "recommendations"
+        ]
+        assert all(r["category"] == "parallelization" for r in par)
+        assert client.get("/v1/recommendations", params={"category": "bogus"}).status_code == 422
+        limited = client.get("/v1/recommendations", params={"limit": 1}).json()["recommendations"]
+        assert [r["id"] for r in limited] == [r["id"] for r in full[:1]]
+        assert client.get("/v1/recommendations", params={"limit": 0}).status_code == 422
+        # `since` analyses the window: the spans were sent ~2 minutes back in time.
+        recent = client.get("/v1/recommendations", params={"since": "1h"}).json()
+        assert _serialized(recent)["traces_affected"] == 20
+        future = client.get("/v1/recommendations", params={"since": "2999-01-01T00:00:00Z"}).json()
+        assert future["recommendations"] == []
+        bad = client.get("/v1/recommendations", params={"since": "yesterday-ish"})
+        assert bad.status_code == 422 and "since" in bad.text
+
+
+def test_recommendation_detail_has_exemplar_traces(server: LiveServer) -> None:
+    with server.client() as client:
+        rec = _serialized(client.get("/v1/recommendations").json())
+        detail = client.get(f"/v1/recommendations/{rec['id']}").json()
+        assert detail["id"] == rec["id"]
+        assert detail["exemplars"], detail
+        exemplar = detail["exemplars"][0]
+        assert exemplar["trace_id"] in server.sent_traces
+        assert exemplar["span_count"] == SPANS_PER_TRACE
+        root = next(s for s in exemplar["spans"] if s["parent_span_id"] is None)
+        assert root["name"] == "GET /checkout"
+        assert exemplar["critical_path"][0] == root["span_id"]
+        assert any(f["id"] == rec["id"] for f in exemplar["findings"])
+        assert client.get("/v1/recommendations/serialized_calls-0000000000000000").status_code == 404
+        assert client.get("/v1/recommendations/bad%20id!").status_code == 422
+
+
+def test_trace_endpoint(server: LiveServer) -> None:
+    trace_id = server.sent_traces[0]
+    with server.client() as client:
+        body = client.get(f"/v1/traces/{trace_id}").json()
+        assert body["trace_id"] == trace_id
+        assert body["span_count"] == SPANS_PER_TRACE
+        assert sorted(body["services"]) == ["cart", "frontend", "prices", "users"]
+        names = {s["name"] for s in body["spans"]}
+        assert {"GET /checkout", "GET /users", "GET /cart", "GET /prices"} <= names
+        on_path = {s["span_id"] for s in body["spans"] if s["on_critical_path"]}
+        assert on_path == set(body["critical_path"])
+        # Serialized calls are all on the critical path: each one sets when the next can start.
+        client_calls = [s for s in body["spans"] if s["kind"] == "client"]
+        assert len(client_calls) == 3 and all(s["on_critical_path"] for s in client_calls)
+        assert any(f["kind"] == "serialized_calls" for f in body["findings"])
+        # Upper-case ids are the same trace.
+        assert client.get(f"/v1/traces/{trace_id.upper()}").json()["trace_id"] == trace_id
+        # Malformed → 422, unknown → 404, never a 500.
+        for bad in ("xyz", "0" * 33, "g" * 32, "%20", "1234-5678"):
+            response = client.get(f"/v1/traces/{bad}")
+            assert response.status_code == 422, (bad, response.status_code, response.text)
+        unknown = client.get("/v1/traces/" + "ab" * 16)
+        assert unknown.status_code == 404 and "not in the store" in unknown.json()["detail"]
+
+
+def test_services(server: LiveServer) -> None:
+    with server.client() as client:
+        services = {s["name"]: s["recommendations"] for s in client.get("/v1/services").json()["services"]}
+    assert {"frontend", "users", "cart", "prices"} <= set(services)
+    assert services["frontend"] >= 1
+
+
+def test_html_report_page(server: LiveServer) -> None:
+    with server.client() as client:
+        page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert '<svg class="waterfall"' in page.text
+    assert "GET /checkout" in page.text
+    assert "After (re-timed)" in page.text
+
+
+def test_background_analysis_picks_up_new_traces(server: LiveServer) -> None:
+    """No POST: new spans settle (0.5 s) and the background thread re-analyses on its own."""
+    with server.client() as client:
+        before = client.get("/v1/stats").json()
+        send_traces(server, checkout=5, home=0)
+        expected = before["spans"] + 5 * SPANS_PER_TRACE
+        wait_for_spans(server, expected)
+        deadline = time.monotonic() + 60
+        while True:
+            stats = client.get("/v1/stats").json()
+            if stats["analysis"]["spans_at_last_run"] == expected and stats["analysis"]["state"] == "ready":
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.2)
+        assert stats["analysis"]["generation"] > before["analysis"]["generation"]
+        rec = _serialized(client.get("/v1/recommendations").json())
+        assert rec["traces_affected"] == 25
+    assert Path(server.db).exists()
+
+
+def test_post_analyses_reruns_now(server: LiveServer) -> None:
+    with server.client() as client:
+        generation = client.get("/v1/stats").json()["analysis"]["generation"]
+        run = client.post("/v1/analyses").json()
+        assert run["status"] == "completed"
+        assert run["generation"] > generation
+        assert run["recommendations"] >= 1
+        assert run["spans_analyzed"] >= 40 * SPANS_PER_TRACE
+        accepted = client.post("/v1/analyses", params={"wait": "false"})
+        assert accepted.status_code == 202 and accepted.json()["status"] == "accepted"
