@@ -369,7 +369,8 @@ class AnthropicWriter:
             response = self._create(client, request, run)
             _add_usage(run, response)
             stop = response.stop_reason
-            if stop == "tool_use":
+            calls = [block for block in response.content if block.type == "tool_use"]
+            if stop == "tool_use" and calls:
                 if last_turn:
                     raise AgentError(
                         f"model kept calling tools: no final answer within {self.limits.max_turns} turns"
@@ -377,11 +378,7 @@ class AnthropicWriter:
                 messages.append(
                     {"role": "assistant", "content": [block.to_dict() for block in response.content]}
                 )
-                results = [
-                    self._run_tool(block, context, run)
-                    for block in response.content
-                    if block.type == "tool_use"
-                ]
+                results = [self._run_tool(block, context, run) for block in calls]
                 if turn + 1 == self.limits.max_turns:
                     results.append(
                         {

@@ -662,3 +662,60 @@ def test_empty_report_makes_no_request(fake: FakeAnthropic, tmp_path: Path) -> N
     writer, _ = make_writer(tmp_path)
     outcome = writer.write([], PlantedContext())
     assert outcome.texts == {} and fake.request_count == 0
+
+
+# --- choosing the writer ---------------------------------------------------------------------
+
+
+def test_select_writer_without_a_key_is_the_template_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("analysis.template_writer")
+    from analysis.agent import select_writer
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    assert not isinstance(select_writer(), AnthropicWriter)
+    assert not isinstance(select_writer({"HOURGLASS_LLM_MODEL": "claude-x"}), AnthropicWriter)
+
+
+def test_select_writer_with_a_key_is_the_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("analysis.template_writer")
+    from analysis.agent import select_writer
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("HOURGLASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("HOURGLASS_LLM_MODEL", raising=False)
+    writer = select_writer()
+    assert isinstance(writer, AnthropicWriter)
+    assert writer.name == f"anthropic:{DEFAULT_MODEL}"
+    assert writer.cache is not None and writer.cache.directory == tmp_path / "writeups"
+    assert not isinstance(writer.fallback, AnthropicWriter)
+
+    class SettingsLike:
+        llm_model = "claude-from-settings"
+
+    assert select_writer(SettingsLike()).name == "anthropic:claude-from-settings"
+    env_writer = select_writer(
+        {
+            "ANTHROPIC_API_KEY": "k",
+            "HOURGLASS_LLM_MODEL": "claude-env-map",
+            "HOURGLASS_CACHE_DIR": str(tmp_path),
+        }
+    )
+    assert env_writer.name == "anthropic:claude-env-map"
+
+
+def test_select_writer_with_an_env_mapping_talks_to_its_base_url(
+    fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("analysis.template_writer")
+    from analysis.agent import select_writer
+
+    base_url = fake.base_url
+    monkeypatch.delenv("ANTHROPIC_BASE_URL")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    fake.script(json_reply(good_answer()))
+    writer = select_writer(
+        {"ANTHROPIC_API_KEY": "sk-map", "ANTHROPIC_BASE_URL": base_url, "HOURGLASS_CACHE_DIR": str(tmp_path)}
+    )
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.fallback_reason is None
+    assert fake.headers[0]["x-api-key"] == "sk-map"
