@@ -7,6 +7,7 @@ import pytest
 from analysis.context import AnalysisContext
 from analysis.detectors.missing_timeout import detect
 from analysis.model import ShortenSpan
+from analysis.whatif import WhatIf
 from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
 
@@ -157,3 +158,14 @@ def test_traced_callee_names_the_target_and_an_uninstrumented_caller_is_blamed_v
     assert [(f.service, f.operation, f.targets) for f in findings] == [
         ("frontend", "load ads", [{"service": "ads", "operation": "GET /ads"}])
     ]
+
+
+def test_the_what_if_engine_measures_the_deadline_saving_at_the_root() -> None:
+    ctx = AnalysisContext.from_table(
+        spans_table(usual(30) + [home_trace(ms) for ms in (2_000.0, 3_500.0, 5_200.0)])
+    )
+    (finding,) = detect(ctx)
+    impact = WhatIf(ctx).impact(finding)
+    held_ms = {o.trace_id: o.numbers["held_past_timeout_ms"] for o in finding.occurrences}
+    saved_ms = dict(zip(impact.trace_ids, (impact.saved_ns / 1e6).tolist(), strict=True))
+    assert saved_ms == pytest.approx(held_ms, abs=0.01)
