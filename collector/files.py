@@ -65,6 +65,7 @@ __all__ = [
     "FileReport",
     "TraceFileReader",
     "detect_format",
+    "expand_path_origins",
     "expand_paths",
     "read_trace_files",
 ]
@@ -109,6 +110,8 @@ class FileReport:
     problems: int = 0  # problems that dropped data
     warnings: int = 0
     failed: bool = False  # the file, or its rest, could not be read
+    from_folder: bool = False  # found by expanding a folder argument
+    ignored: bool = False  # found in a folder and not a trace file at all: skipped with a warning
 
     @property
     def clean(self) -> bool:
@@ -272,11 +275,14 @@ class TraceFileReader:
     # ----------------------------------------------------------------------------------------
     def read(self, paths: Iterable[str | Path]) -> Iterator[pa.Table]:
         """Span tables from every file in turn (directories are expanded, see :func:`expand_paths`)."""
-        for path in expand_paths(paths):
-            yield from self.read_file(path)
+        for path, from_folder in expand_path_origins(paths):
+            yield from self.read_file(path, from_folder=from_folder)
 
-    def read_file(self, path: str | Path) -> Iterator[pa.Table]:
-        report = FileReport(file=str(path))
+    def read_file(self, path: str | Path, *, from_folder: bool = False) -> Iterator[pa.Table]:
+        """Span tables from one file. ``from_folder``: the file was found by expanding a folder, so
+        one that is not a trace file at all (a README, a labels file) is ignored with a warning
+        instead of counting as a failure; a named file always counts."""
+        report = FileReport(file=str(path), from_folder=from_folder)
         self.reports.append(report)
         try:
             raw = open(path, "rb")  # noqa: SIM115 - closed below; the generator outlives a with block
@@ -297,7 +303,10 @@ class TraceFileReader:
                 self._problem(report, exc.position, exc.reason, fatal=True)
                 return
             except ValueError as exc:
-                self._problem(report, None, str(exc), fatal=True)
+                if from_folder:
+                    self._ignore(report, str(exc))
+                else:
+                    self._problem(report, None, str(exc), fatal=True)
                 return
             except _STREAM_ERRORS as exc:
                 self._problem(
@@ -320,6 +329,10 @@ class TraceFileReader:
             report.failed = True
         report.problems += 1
         self._on_problem(FileProblem(report.file, position, reason))
+
+    def _ignore(self, report: FileReport, reason: str) -> None:
+        report.ignored = True
+        self._warning(report, None, f"{reason}; ignored (found in a folder)")
 
     def _warning(self, report: FileReport, position: str | None, reason: str) -> None:
         report.warnings += 1
@@ -365,6 +378,9 @@ class TraceFileReader:
     def _convert(self, report: FileReport, prefix: str, value: Any) -> tuple[dict[str, Any], bool] | None:
         """OTLP JSON for one parsed document, converting Jaeger/Zipkin; None when not a trace document."""
         kind = _json_value_kind(value)
+        if kind is None and not prefix and report.from_folder:
+            self._ignore(report, f"not a trace document: {_describe(value)}")
+            return None
         if kind is None:
             self._problem(
                 report,
@@ -458,7 +474,7 @@ class TraceFileReader:
         del data
         converted = self._convert(report, "", value)
         if converted is None:
-            report.failed = True
+            report.failed = not report.ignored
             return
         yield from self._decode_batch(report, [("", converted[0], converted[1])])
 
@@ -596,22 +612,27 @@ def _is_whole_document(line: bytes) -> bool:
     return _json_value_kind(value) is not None
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given; a directory stands for the files under it (sorted, hidden ones skipped)."""
-    out: list[Path] = []
+def expand_path_origins(paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:
+    """``(file, found_in_a_folder)``: files as given; a folder stands for the files under it
+    (recursively, sorted, hidden files and folders skipped)."""
+    out: list[tuple[Path, bool]] = []
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            out.extend(
-                sorted(
-                    p
-                    for p in path.rglob("*")
-                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                )
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
+            out.extend((p, True) for p in found)
         else:
-            out.append(path)
+            out.append((path, False))
     return out
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """The files :func:`expand_path_origins` finds, without their origin."""
+    return [path for path, _ in expand_path_origins(paths)]
 
 
 def read_trace_files(
