@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -307,8 +308,28 @@ def _redact_scalar(value: Any, key: str | None) -> Any:
             return redact_statement(value)
         if lowered in _QUERY_KEYS:
             return redact_text("/?" + value)[2:] if "=" in value else (REDACTED if value else value)
+        embedded = _embedded_json(value)
+        if embedded is not None:
+            # A JSON document stored as a string (the span's hint attributes, a logged request
+            # body): redact it structurally so its keys count, then store it as JSON again.
+            return json.dumps(redact(embedded), separators=(",", ":"), ensure_ascii=False)
         return redact_text(value)
     return value
+
+
+_MAX_EMBEDDED_JSON_CHARS = 1_000_000
+
+
+def _embedded_json(text: str) -> Any:
+    """The parsed value when ``text`` is a JSON object or array, else None."""
+    stripped = text.strip()
+    if len(stripped) < 2 or len(stripped) > _MAX_EMBEDDED_JSON_CHARS or stripped[0] not in "{[":
+        return None
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict | list) else None
 
 
 def redact(value: Any) -> Any:

@@ -271,3 +271,14 @@ def test_deep_nesting_does_not_recurse() -> None:
         depth += 1
     assert depth == 5000
     assert out == {"leaf": f"mail me at {EMAIL_MARK}"}
+
+
+def test_json_documents_inside_strings_are_redacted_by_key_too() -> None:
+    hints = json.dumps({"user.id": "u-77", "lock.wait_ms": 12.5, "note": "ping bob@example.com"})
+    out = redact({"hints": hints, "plain": "[not json"})
+    assert json.loads(out["hints"]) == {
+        "user.id": REDACTED,
+        "lock.wait_ms": 12.5,
+        "note": f"ping {EMAIL_MARK}",
+    }
+    assert out["plain"] == "[not json"
