@@ -24,13 +24,17 @@ from analysis.detectors import (
     fanout_straggler,
     lock_contention,
     missing_timeout,
+    n_plus_one,
     retry_without_backoff,
+    serialized_calls,
 )
 from analysis.model import Finding
 
 Detector = Callable[[AnalysisContext], list[Finding]]
 
 DETECTORS: dict[str, Detector] = {
+    "serialized_calls": serialized_calls.detect,
+    "n_plus_one": n_plus_one.detect,
     "fanout_straggler": fanout_straggler.detect,
     "fanout_concurrency_limit": fanout_concurrency_limit.detect,
     "lock_contention": lock_contention.detect,

@@ -1,0 +1,130 @@
+"""Helpers shared by detectors: operation keys, statement/route normalisation, call children.
+
+Normalisation (polars expressions, vectorised):
+
+* SQL (:func:`normalized_sql`): quoted strings, numbers, hex blobs, booleans and NULL literals become
+  ``?``; ``IN (?, ?, ?)`` lists collapse to ``IN (?)``; whitespace collapses. Two statements that
+  differ only in literals — the N+1 signature — normalise to the same text, and the result carries
+  no user data (safe to show and to send to the agent).
+* Routes (:func:`normalized_route`): the ``http.route`` template when the instrumentation recorded
+  one; otherwise the URL path without scheme, host and query, with UUIDs, numbers, long hex/base64-like
+  ids and e-mail-like segments replaced by ``{id}``.
+
+An operation key (:func:`operation_key`) is ``service`` + the first of: normalised statement,
+``METHOD route``, rpc method, span name. Its label (:func:`operation_label`) is what a person reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER
+
+MAX_LABEL_CHARS = 160
+
+_SQL_REPLACEMENTS: tuple[tuple[str, str], ...] = (
+    (r"'(?:[^']|'')*'", "?"),  # single-quoted strings (with '' escapes)
+    (r"\bx'[0-9a-fA-F]*'", "?"),
+    (r"\b0x[0-9a-fA-F]+\b", "?"),
+    (r"(?i)\b(?:true|false|null)\b", "?"),
+    (r"-?\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b", "?"),
+    (r"\$\d+|:\w+|%s|@\w+", "?"),  # driver placeholders: $1, :name, %s, @p
+    (r"\s+", " "),
+    (r"(?i)\bIN\s*\(\s*\?(?:\s*,\s*\?)*\s*\)", "IN (?)"),
+    (r"(?i)\bVALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))*", "VALUES $1"),
+)
+
+_ROUTE_REPLACEMENTS: tuple[tuple[str, str], ...] = (
+    (r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", ""),  # scheme://host[:port]
+    (r"[?#].*$", ""),  # query string and fragment
+    (r"/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?:/|$)", "/{id}/"),
+    (r"/[^/@]+@[^/]+(?:/|$)", "/{id}/"),
+    (r"/-?\d+(?:\.\d+)?(?:/|$)", "/{id}/"),
+    (r"/[0-9a-fA-F]{12,}(?:/|$)", "/{id}/"),
+    (r"/[A-Za-z0-9_-]*\d[A-Za-z0-9_-]*(?:/|$)", "/{id}/"),  # tokens mixing letters and digits
+    (r"/+$", ""),
+)
+
+
+def _apply(expr: pl.Expr, replacements: tuple[tuple[str, str], ...]) -> pl.Expr:
+    for pattern, repl in replacements:
+        expr = expr.str.replace_all(pattern, repl)
+    return expr
+
+
+def normalized_sql(column: str = "db_statement") -> pl.Expr:
+    return _apply(pl.col(column), _SQL_REPLACEMENTS).str.strip_chars()
+
+
+def normalized_route() -> pl.Expr:
+    """Route template of an HTTP span (null when neither route nor URL is known)."""
+    # Replacing "/{id}/" twice handles consecutive id segments (/a/1/2 -> /a/{id}/{id}).
+    path = _apply(_apply(pl.col("http_url"), _ROUTE_REPLACEMENTS), _ROUTE_REPLACEMENTS[2:])
+    path = pl.when(path == "").then(pl.lit("/")).otherwise(path)
+    return pl.coalesce(pl.col("http_route"), path)
+
+
+def operation_detail() -> pl.Expr:
+    """What the operation does, literals removed: statement, METHOD route, rpc method or null."""
+    route = normalized_route()
+    http = pl.when(route.is_not_null()).then(
+        pl.concat_str([pl.col("http_method").fill_null(""), route], separator=" ").str.strip_chars()
+    )
+    return pl.coalesce(normalized_sql(), http, pl.col("rpc_method"))
+
+
+def operation_label() -> pl.Expr:
+    """Readable operation: the span name, with its normalised detail when that says more."""
+    detail = operation_detail().str.slice(0, MAX_LABEL_CHARS)
+    return (
+        pl.when(detail.is_null() | (detail == pl.col("name")))
+        .then(pl.col("name"))
+        .otherwise(pl.col("name") + pl.lit(": ") + detail)
+    )
+
+
+def operation_key() -> pl.Expr:
+    return pl.concat_str([pl.col("service"), operation_label()], separator=" | ")
+
+
+def parameters() -> pl.Expr:
+    """The literal-bearing text of a call (statement, URL): differs between N+1 iterations."""
+    return pl.coalesce(pl.col("db_statement"), pl.col("http_url"), pl.col("rpc_method"), pl.col("name"))
+
+
+def is_call() -> pl.Expr:
+    """A span that waits on something outside its process: a client/producer span, a span with
+    database/HTTP/RPC attributes, or a server span whose parent (the caller) is another service
+    (instrumentation without client spans). Needs the ``parent_service`` column."""
+    return (
+        pl.col("kind").is_in([KIND_CLIENT, KIND_PRODUCER])
+        | pl.col("db_system").is_not_null()
+        | pl.col("db_statement").is_not_null()
+        | pl.col("http_url").is_not_null()
+        | pl.col("rpc_method").is_not_null()
+        | ((pl.col("kind") == KIND_SERVER) & (pl.col("service") != pl.col("parent_service")))
+    )
+
+
+def target_of(frame: pl.DataFrame, label_column: str = "op_label") -> list[dict[str, str]]:
+    """Distinct {"service", "operation"} pairs of a frame, in first-seen order."""
+    pairs = frame.select("target_service", label_column).unique(maintain_order=True)
+    return [{"service": s, "operation": o} for s, o in pairs.iter_rows()]
+
+
+def target_service() -> pl.Expr:
+    """The service a call goes to: the peer when recorded, the database system, the URL's host, else
+    the span's own service."""
+    url_host = pl.col("http_url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)", 1)
+    return pl.coalesce(pl.col("peer"), pl.col("db_system"), url_host, pl.col("service"))
+
+
+def exemplars(trace_ids: list[str], limit: int = 5) -> list[str]:
+    return list(dict.fromkeys(trace_ids))[:limit]
+
+
+def num(value: Any) -> float:
+    """A polars scalar (median, max, ...) as float; 0.0 for null/empty."""
+    return float(value) if isinstance(value, int | float) else 0.0

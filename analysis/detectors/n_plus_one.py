@@ -1,0 +1,166 @@
+"""n_plus_one: the same operation called again and again, one call after another, under one parent.
+
+Rule
+----
+Among the blocking *calls* of one parent (see :func:`analysis.detectors._common.is_call`) that share
+one normalised operation — same service and same statement with literals removed, or same HTTP
+method and route template (ids, numbers and UUIDs in the path become ``{id}``), or same RPC method —
+take them in start order. A call continues the sequence when it starts after the previous call of that
+operation ended (up to the repair tolerance of overlap); calls that overlap are already concurrent and
+break the sequence. A sequence is reported when
+
+* it has at least ``MIN_REPEATS`` (5) calls — Sentry's N+1 DB detector uses the same bar: fewer
+  repetitions are usually a handful of distinct lookups, not a loop;
+* the calls carry **different parameters** (different literal statements or URLs), or the same
+  parameters (then the fix is to cache or hoist the call, and the evidence says so);
+* it is not a retry burst: sequences where most calls failed with identical parameters belong to
+  ``retry_without_backoff``;
+* the time it could save is at least ``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the
+  root's duration, and at least one call is on the critical path.
+
+Batching model (the intervention): the N calls collapse into one call that takes as long as the
+slowest of them plus ``PER_ITEM_COST_FRACTION`` (5 %) of the others' time — one round trip instead of
+N, with a little extra work for the extra rows. The caller's work between calls is kept. The what-if
+engine measures the saving at the root.
+
+Aggregation: by (caller service, caller operation, called service, normalised operation).
+Confidence: 0.6, +0.1 when parameters differ (a classic loop over ids), +0.1 when the median
+sequence has 10 or more calls, +0.1 with 5 or more traces; capped at 0.95.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.detectors import _common
+from analysis.detectors.serialized_calls import _tolerance, call_children
+from analysis.model import CollapseSpans, Finding, Occurrence
+from collector.schema import STATUS_ERROR
+
+KIND = "n_plus_one"
+MIN_REPEATS = 5
+PER_ITEM_COST_FRACTION = 0.05
+MIN_SAVING_NS = 1_000_000
+MIN_SAVING_SHARE = 0.01
+MAX_EXEMPLARS = 5
+
+
+def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
+    tol = _tolerance(pl.col("parent_duration_ns"))
+    ordered = calls.with_columns(_common.parameters().alias("params")).sort(
+        ["parent_row", "op_key", "start_ns", "span_id"]
+    )
+    same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
+        pl.col("op_key") == pl.col("op_key").shift(1)
+    )
+    ordered = ordered.with_columns(
+        pl.col("end_ns").cum_max().over(["parent_row", "op_key"]).alias("_cum_end")
+    ).with_columns(
+        (same & (pl.col("start_ns") >= pl.col("_cum_end").shift(1) - tol))
+        .fill_null(False)
+        .alias("_continues")
+    )
+    ordered = ordered.with_columns((~pl.col("_continues")).cum_sum().alias("seq_id"))
+    return (
+        ordered.group_by("seq_id", maintain_order=True)
+        .agg(
+            pl.col("trace_id").first(),
+            pl.col("parent_span_id_").first().alias("caller_span_id"),
+            pl.col("parent_service").first().alias("caller_service"),
+            pl.col("parent_name").first().alias("caller_name"),
+            pl.col("parent_on_critical_path").first(),
+            pl.col("root_duration_ns").first(),
+            pl.col("op_key").first(),
+            pl.col("op_label").first(),
+            pl.col("target_service").first(),
+            pl.col("span_id"),
+            pl.len().alias("calls"),
+            pl.col("params").n_unique().alias("distinct_params"),
+            (pl.col("status_code") == STATUS_ERROR).mean().alias("error_share"),
+            pl.col("duration_ns").sum().alias("serial_ns"),
+            pl.col("duration_ns").max().alias("longest_ns"),
+            pl.col("on_critical_path").any().alias("any_on_path"),
+        )
+        .filter(pl.col("calls") >= MIN_REPEATS)
+        .with_columns(
+            (pl.col("longest_ns") + ((pl.col("serial_ns") - pl.col("longest_ns")) * PER_ITEM_COST_FRACTION))
+            .cast(pl.Int64)
+            .alias("batched_ns")
+        )
+        .with_columns((pl.col("serial_ns") - pl.col("batched_ns")).alias("local_saving_ns"))
+        .filter(
+            pl.col("parent_on_critical_path")
+            & pl.col("any_on_path")
+            & ~((pl.col("error_share") > 0.5) & (pl.col("distinct_params") == 1))
+            & (pl.col("local_saving_ns") >= MIN_SAVING_NS)
+            & (pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE)
+        )
+    )
+
+
+def confidence(distinct_params_share: float, median_calls: float, traces: int) -> float:
+    score = 0.6
+    if distinct_params_share >= 0.5:
+        score += 0.1
+    if median_calls >= 10:
+        score += 0.1
+    if traces >= 5:
+        score += 0.1
+    return round(min(0.95, score), 3)
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    if ctx.spans.height == 0:
+        return []
+    calls = call_children(ctx)
+    if calls.height < MIN_REPEATS:
+        return []
+    sequences = _sequences(calls)
+    findings: list[Finding] = []
+    for (caller_service, caller_name, target_service, op_key), group in sequences.group_by(
+        ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
+    ):
+        occurrences = [
+            Occurrence(
+                trace_id=r["trace_id"],
+                span_ids=(r["caller_span_id"], *r["span_id"]),
+                interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
+                numbers={
+                    "calls": float(r["calls"]),
+                    "distinct_parameters": float(r["distinct_params"]),
+                    "serial_ms": r["serial_ns"] / 1e6,
+                    "batched_ms": r["batched_ns"] / 1e6,
+                },
+            )
+            for r in group.iter_rows(named=True)
+        ]
+        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        distinct_share = _common.num((group["distinct_params"] > 1).mean())
+        median_calls = _common.num(group["calls"].median())
+        label = str(group["op_label"][0])
+        findings.append(
+            Finding(
+                kind=KIND,
+                category="parallelization",
+                service=str(caller_service),
+                operation=str(caller_name),
+                targets=[{"service": str(target_service), "operation": label}],
+                occurrences=occurrences,
+                confidence=confidence(distinct_share, median_calls, len(trace_ids)),
+                evidence={
+                    "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
+                    "span_ids": list(occurrences[0].span_ids[: 1 + MAX_EXEMPLARS]),
+                    "calls_p50": median_calls,
+                    "calls_max": int(_common.num(group["calls"].max())),
+                    "serial_ms_p50": round(_common.num(group["serial_ns"].median()) / 1e6, 3),
+                    "call_ms_p50": round(
+                        _common.num((group["serial_ns"] / group["calls"]).median()) / 1e6, 3
+                    ),
+                    "different_parameters": distinct_share >= 0.5,
+                    "statement": label,
+                },
+                signature_extra=str(op_key),
+            )
+        )
+    return findings

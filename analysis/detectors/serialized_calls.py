@@ -1,0 +1,276 @@
+"""serialized_calls: calls made one after another that could run at the same time.
+
+Rule
+----
+Candidates are the *calls* (see :func:`analysis.detectors._common.is_call`: client/producer spans,
+database/HTTP/RPC spans, server spans entered from another service, and in-process wrapper spans that
+directly contain such a call) that are blocking children of a parent on the critical path. Under one
+parent, in start order, a call *follows* the calls before it when
+
+* it starts after all of them ended (an overlap of up to the repair tolerance, 1 % of the parent,
+  is clock noise and still counts as "after"), and
+* the gap since the last of them ended is at most ``MAX_GAP_FRACTION`` (10 %) of the parent's
+  duration or ``MIN_MAX_GAP_NS`` (1 ms), whichever is larger — a larger gap means the caller did
+  real work in between, which concurrency would not remove.
+
+A *run* is a maximal chain of such calls. It is reported when it holds at least two calls of at least
+two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
+repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it), at least one call is
+on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
+``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the root's duration — below that no one
+should restructure code. The occurrence's intervention runs the calls concurrently; the what-if
+engine measures the saving at the root (a run off the critical path saves nothing and is dropped).
+
+Runs are aggregated across traces by (caller service, caller operation, set of called operations).
+
+Independence and confidence
+---------------------------
+Traces do not show data flow, so whether the second call needs the first one's result cannot be
+seen directly. The detector uses what traces *can* show, across every instance of the caller (not
+only the serialized ones):
+
+* the calls' order varies between instances → they do not depend on each other (confidence 0.7+);
+* the calls overlap in some instances → they can run concurrently (confidence 0.7+; 0.8+ with both);
+* neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances → not enough evidence either
+  way (0.5);
+* neither, in 10 or more instances (same order every time, never overlapping) → consistent with a
+  data dependency: reported at low confidence (0.35) so it ranks below verified findings, with
+  ``order_fixed`` in the evidence so the write-up asks the reader to check for a dependency.
+
+Up to +0.1 more with the number of traces (full at 20). Sentry's "Consecutive DB Queries" detector
+decides independence from the statement text (no WHERE clause, no parameters); cross-trace order and
+overlap evidence works for any kind of call and is measured rather than guessed.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from analysis.context import AnalysisContext
+from analysis.detectors import _common
+from analysis.model import Finding, Occurrence, RunConcurrently
+from analysis.repair import TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
+
+KIND = "serialized_calls"
+MAX_GAP_FRACTION = 0.10
+MIN_MAX_GAP_NS = 1_000_000
+MIN_SAVING_NS = 1_000_000
+MIN_SAVING_SHARE = 0.01
+FIXED_ORDER_MIN_INSTANCES = 10
+NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
+MAX_EXEMPLARS = 5
+
+
+def _tolerance(parent_duration: pl.Expr) -> pl.Expr:
+    return (parent_duration * TOLERANCE_FRACTION).cast(pl.Int64).clip(TOLERANCE_MIN_NS, TOLERANCE_MAX_NS)
+
+
+def call_children(ctx: AnalysisContext) -> pl.DataFrame:
+    """Blocking call children with parent columns, operation key/label and target service, sorted by
+    (parent_row, start_ns)."""
+    with_parent = ctx.with_parent()
+    calls = with_parent.filter(pl.col("blocking") & _common.is_call())
+    wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
+    wrappers = with_parent.filter(
+        pl.col("blocking")
+        & ~_common.is_call()
+        & (pl.col("service") == pl.col("parent_service"))
+        & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"])
+    )
+    out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
+    return out.with_columns(
+        _common.operation_key().alias("op_key"),
+        _common.operation_label().alias("op_label"),
+        _common.target_service().alias("target_service"),
+    ).sort(["parent_row", "start_ns", "span_id"])
+
+
+def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``prev_end`` (latest end of earlier calls of the same parent), ``overlaps_prev``,
+    ``gap_ns`` and ``follows`` (starts after them with a small gap). ``calls`` sorted by
+    (parent_row, start_ns)."""
+    same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
+    tol = _tolerance(pl.col("parent_duration_ns"))
+    max_gap = pl.max_horizontal(
+        (pl.col("parent_duration_ns") * MAX_GAP_FRACTION).cast(pl.Int64), pl.lit(MIN_MAX_GAP_NS)
+    )
+    return (
+        calls.with_columns(pl.col("end_ns").cum_max().over("parent_row").alias("_cum_end"))
+        .with_columns(pl.when(same_parent).then(pl.col("_cum_end").shift(1)).alias("prev_end"))
+        .with_columns(
+            (pl.col("start_ns") < pl.col("prev_end") - tol).fill_null(False).alias("overlaps_prev"),
+            (pl.col("start_ns") - pl.col("prev_end")).alias("gap_ns"),
+        )
+        .with_columns(
+            (
+                pl.col("prev_end").is_not_null() & ~pl.col("overlaps_prev") & (pl.col("gap_ns") <= max_gap)
+            ).alias("follows")
+        )
+        .drop("_cum_end")
+    )
+
+
+def _runs(linked: pl.DataFrame) -> pl.DataFrame:
+    """One row per run of at least two calls (members listed in start order)."""
+    runs = linked.with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+    sizes = runs.group_by("run_id").agg(pl.len().alias("_n"))
+    runs = runs.join(sizes.filter(pl.col("_n") >= 2), on="run_id", how="semi")
+    # Operations repeated N+1-style inside a run belong to n_plus_one: leave them out.
+    runs = runs.with_columns(pl.len().over(["run_id", "op_key"]).alias("_repeats")).filter(
+        pl.col("_repeats") < NPLUSONE_REPEATS
+    )
+    return (
+        runs.group_by("run_id", maintain_order=True)
+        .agg(
+            pl.col("trace_id").first(),
+            pl.col("parent_row").first(),
+            pl.col("parent_span_id_").first().alias("caller_span_id"),
+            pl.col("parent_service").first().alias("caller_service"),
+            pl.col("parent_name").first().alias("caller_name"),
+            pl.col("parent_on_critical_path").first(),
+            pl.col("root_duration_ns").first(),
+            pl.col("span_id"),
+            pl.col("op_key"),
+            pl.col("op_label"),
+            pl.col("target_service"),
+            pl.col("duration_ns").sum().alias("serial_ns"),
+            pl.col("duration_ns").max().alias("longest_ns"),
+            pl.col("on_critical_path").any().alias("any_on_path"),
+            pl.col("op_key").n_unique().alias("distinct_ops"),
+            pl.len().alias("calls"),
+        )
+        .with_columns((pl.col("serial_ns") - pl.col("longest_ns")).alias("local_saving_ns"))
+        .filter(
+            (pl.col("calls") >= 2)
+            & (pl.col("distinct_ops") >= 2)
+            & pl.col("parent_on_critical_path")
+            & pl.col("any_on_path")
+            & (pl.col("local_saving_ns") >= MIN_SAVING_NS)
+            & (pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE)
+        )
+        .with_columns(pl.col("op_key").list.unique().list.sort().list.join(" || ").alias("signature"))
+    )
+
+
+def _independence(calls: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """Per signature: instances of the caller holding >= 2 of its operations, how many distinct
+    orders they show, and how many show two different operations overlapping."""
+    sig_ops = runs.select("signature", "caller_service", "caller_name", "op_key").explode("op_key").unique()
+    seen = calls.join(
+        sig_ops,
+        left_on=["parent_service", "parent_name", "op_key"],
+        right_on=["caller_service", "caller_name", "op_key"],
+        how="inner",
+    ).sort(["signature", "parent_row", "start_ns"])
+    tol = _tolerance(pl.col("parent_duration_ns"))
+    same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
+        pl.col("signature") == pl.col("signature").shift(1)
+    )
+    seen = seen.with_columns(
+        pl.col("end_ns").cum_max().over(["signature", "parent_row"]).alias("_cum_end")
+    ).with_columns(
+        (
+            same
+            & (pl.col("start_ns") < pl.col("_cum_end").shift(1) - tol)
+            & (pl.col("op_key") != pl.col("op_key").shift(1))
+        )
+        .fill_null(False)
+        .alias("_overlap")
+    )
+    first_seen = seen.group_by(["signature", "parent_row", "op_key"]).agg(pl.col("start_ns").min())
+    orders = (
+        first_seen.sort(["signature", "parent_row", "start_ns", "op_key"])
+        .group_by(["signature", "parent_row"], maintain_order=True)
+        .agg(pl.col("op_key").str.join(" -> ").alias("order"), pl.len().alias("ops"))
+        .filter(pl.col("ops") >= 2)
+    )
+    overlaps = seen.group_by(["signature", "parent_row"]).agg(pl.col("_overlap").any())
+    return (
+        orders.join(overlaps, on=["signature", "parent_row"], how="left")
+        .group_by("signature")
+        .agg(
+            pl.len().alias("instances"),
+            pl.col("order").n_unique().alias("distinct_orders"),
+            pl.col("_overlap").sum().alias("overlapping_instances"),
+        )
+    )
+
+
+def confidence(instances: int, distinct_orders: int, overlapping: int, traces: int) -> float:
+    """Confidence from cross-trace independence evidence (see the module docstring)."""
+    varies, overlaps = distinct_orders > 1, overlapping > 0
+    if varies or overlaps:
+        base = 0.8 if (varies and overlaps) else 0.7
+    elif instances < FIXED_ORDER_MIN_INSTANCES:
+        base = 0.5
+    else:
+        return 0.35
+    return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    if ctx.spans.height == 0:
+        return []
+    calls = call_children(ctx)
+    if calls.height < 2:
+        return []
+    runs = _runs(sequential_links(calls))
+    if runs.height == 0:
+        return []
+    evidence = {row["signature"]: row for row in _independence(calls, runs).iter_rows(named=True)}
+    findings: list[Finding] = []
+    for (signature, caller_service, caller_name), group in runs.group_by(
+        ["signature", "caller_service", "caller_name"], maintain_order=True
+    ):
+        occurrences = [
+            Occurrence(
+                trace_id=r["trace_id"],
+                span_ids=(r["caller_span_id"], *r["span_id"]),
+                interventions=(RunConcurrently(tuple(r["span_id"])),),
+                numbers={
+                    "calls": float(r["calls"]),
+                    "serial_ms": r["serial_ns"] / 1e6,
+                    "local_saving_ms": r["local_saving_ns"] / 1e6,
+                },
+            )
+            for r in group.iter_rows(named=True)
+        ]
+        targets_frame = (
+            group.select("op_key", "op_label", "target_service")
+            .explode(["op_key", "op_label", "target_service"])
+            .unique(subset="op_key")
+            .sort("op_key")
+        )
+        targets = [
+            {"service": s, "operation": o}
+            for s, o in targets_frame.select("target_service", "op_label").iter_rows()
+        ]
+        ev = evidence.get(str(signature), {})
+        instances = int(ev.get("instances") or 0)
+        distinct_orders = int(ev.get("distinct_orders") or 0)
+        overlapping = int(ev.get("overlapping_instances") or 0)
+        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        findings.append(
+            Finding(
+                kind=KIND,
+                category="parallelization",
+                service=str(caller_service),
+                operation=str(caller_name),
+                targets=targets,
+                occurrences=occurrences,
+                confidence=confidence(instances, distinct_orders, overlapping, len(trace_ids)),
+                evidence={
+                    "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
+                    "span_ids": list(occurrences[0].span_ids),
+                    "calls_p50": _common.num(group["calls"].median()),
+                    "serial_ms_p50": round(_common.num(group["serial_ns"].median()) / 1e6, 3),
+                    "local_saving_ms_p50": round(_common.num(group["local_saving_ns"].median()) / 1e6, 3),
+                    "caller_instances": instances,
+                    "distinct_orders": distinct_orders,
+                    "overlapping_instances": overlapping,
+                    "order_fixed": distinct_orders <= 1 and overlapping == 0,
+                },
+                signature_extra=str(signature),
+            )
+        )
+    return findings
