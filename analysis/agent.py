@@ -376,7 +376,7 @@ class AnthropicWriter:
                         f"model kept calling tools: no final answer within {self.limits.max_turns} turns"
                     )
                 messages.append(
-                    {"role": "assistant", "content": [block.to_dict() for block in response.content]}
+                    {"role": "assistant", "content": [_echo(block) for block in response.content]}
                 )
                 results = [self._run_tool(block, context, run) for block in calls]
                 if turn + 1 == self.limits.max_turns:
@@ -390,7 +390,7 @@ class AnthropicWriter:
                 continue
             if stop == "pause_turn":
                 messages.append(
-                    {"role": "assistant", "content": [block.to_dict() for block in response.content]}
+                    {"role": "assistant", "content": [_echo(block) for block in response.content]}
                 )
                 continue
             if stop == "max_tokens":
@@ -585,6 +585,13 @@ def _describe_api_error(exc: Exception) -> str:
                 kind = f" {error.get('type', '')}: {error.get('message', '')}".rstrip(": ")
         return f"Anthropic API error {exc.status_code}{kind}"
     return f"Anthropic API error: {exc}"
+
+
+def _echo(block: Any) -> dict[str, Any]:
+    """A response content block as a request block for the next turn (thinking signatures kept,
+    null fields dropped)."""
+    echoed: dict[str, Any] = block.to_dict(mode="json", exclude_none=True)
+    return echoed
 
 
 def _add_usage(run: _Run, response: Any) -> None:
