@@ -1,1 +1,51 @@
-"""(being written)"""
+"""`hourglass serve`: run the OTLP receivers and the REST API over one span store (see api.serve)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from api._cli_app import app
+from api.settings import Settings
+
+
+@app.command()
+def serve(
+    db: Annotated[
+        str | None, typer.Option("--db", help="DuckDB file of the span store [env HOURGLASS_DB]")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="interface to listen on [env HOURGLASS_HOST; default 127.0.0.1]")
+    ] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="OTLP/gRPC port; 0 = any free port [env HOURGLASS_GRPC_PORT; 4317]")
+    ] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="OTLP/HTTP port [env HOURGLASS_HTTP_PORT; 4318]")
+    ] = None,
+    api_port: Annotated[int | None, typer.Option(help="REST API port [env HOURGLASS_API_PORT; 8000]")] = None,
+    max_message_bytes: Annotated[
+        int | None, typer.Option(help="largest accepted Export [env HOURGLASS_MAX_MESSAGE_BYTES; 32 MiB]")
+    ] = None,
+) -> None:
+    """Receive OTLP traces (gRPC and HTTP), store them durably, serve the REST API and report."""
+    from api.serve import run_serve
+
+    settings = Settings()
+    overrides = {
+        "db": db,
+        "host": host,
+        "grpc_port": grpc_port,
+        "http_port": http_port,
+        "api_port": api_port,
+        "max_message_bytes": max_message_bytes,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(settings, name, value)
+    try:
+        run_serve(settings)
+    except OSError as exc:
+        typer.echo(f"hourglass serve: {exc}", err=True)
+        raise typer.Exit(1) from None

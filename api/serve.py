@@ -1,0 +1,222 @@
+"""`hourglass serve`: OTLP/gRPC + OTLP/HTTP receivers and the REST API in one process, one store.
+
+Startup prints one line per endpoint (with the port actually bound: ``0`` picks a free one).
+
+Shutdown (SIGTERM or SIGINT, or ``stop_event``), in this order, so that nothing uncommitted is
+acknowledged and nothing acknowledged is lost:
+
+1. the receivers stop accepting (gRPC health turns NOT_SERVING, new RPCs are refused, new HTTP
+   connections are not accepted) while requests already in flight run to completion — their
+   rows are still committed by the pipeline, and only then answered;
+2. the ingest pipeline closes: it commits what is queued and fails (never acknowledges) what it
+   could not commit;
+3. the REST API stops, duplicates are compacted, the store is checkpointed and closed; exit 0.
+
+Maintenance runs in the background: compaction of duplicate spans every
+``COMPACT_INTERVAL_S`` seconds and retention (``Settings.retention_seconds``; 0 disables it)
+every ``RETENTION_INTERVAL_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from api.settings import Settings
+from collector.duckdb_store import DuckDBSpanStore
+from collector.grpc_receiver import GrpcReceiver
+from collector.http_receiver import create_otlp_http_app
+from collector.ingest import IngestPipeline
+
+log = logging.getLogger("hourglass.serve")
+
+COMPACT_INTERVAL_S = 60.0
+RETENTION_INTERVAL_S = 300.0
+RECEIVER_GRACE_S = 10
+PIPELINE_CLOSE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ServeEndpoints:
+    grpc: str
+    http: str
+    api: str
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to ``run_serve`` (one shutdown sequence)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bound_port(server: uvicorn.Server) -> int:
+    for listener in server.servers:
+        for sock in listener.sockets:
+            return int(sock.getsockname()[1])
+    raise RuntimeError("uvicorn server has no listening socket")
+
+
+def _say(text: str) -> None:
+    print(f"hourglass: {text}", flush=True)
+
+
+async def _serve_async(
+    settings: Settings,
+    ready: threading.Event | None,
+    stop: threading.Event | None,
+    endpoints_out: list[ServeEndpoints],
+    compact_interval_s: float,
+) -> None:
+    from api.app import create_app
+
+    store = DuckDBSpanStore(settings.db)
+    pipeline = IngestPipeline(store)
+    grpc_receiver = GrpcReceiver(
+        pipeline,
+        host=settings.host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+        api_token=settings.api_token,
+    )
+    loop = asyncio.get_running_loop()
+    shutdown = asyncio.Event()
+
+    def request_shutdown(*_: Any) -> None:
+        loop.call_soon_threadsafe(shutdown.set)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, request_shutdown)
+    if stop is not None:
+
+        def wait_for_stop() -> None:
+            stop.wait()
+            request_shutdown()
+
+        threading.Thread(target=wait_for_stop, daemon=True).start()
+
+    http_server = _Server(
+        uvicorn.Config(
+            create_otlp_http_app(
+                pipeline, max_message_bytes=settings.max_message_bytes, api_token=settings.api_token
+            ),
+            host=settings.host,
+            port=settings.http_port,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=RECEIVER_GRACE_S,
+        )
+    )
+    api_server = _Server(
+        uvicorn.Config(
+            create_app(store, settings=settings),
+            host=settings.host,
+            port=settings.api_port,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        grpc_port = grpc_receiver.start()
+        tasks = [asyncio.create_task(http_server.serve()), asyncio.create_task(api_server.serve())]
+        while not (http_server.started and api_server.started):
+            done = [t for t in tasks if t.done()]
+            if done:
+                for t in done:
+                    t.result()  # re-raise a bind error
+                raise RuntimeError("an HTTP server stopped during startup")
+            await asyncio.sleep(0.02)
+        endpoints = ServeEndpoints(
+            grpc=f"{settings.host}:{grpc_port}",
+            http=f"http://{settings.host}:{_bound_port(http_server)}/v1/traces",
+            api=f"http://{settings.host}:{_bound_port(api_server)}",
+        )
+        endpoints_out.append(endpoints)
+        stats = store.stats()
+        _say(f"store {settings.db} ({stats.spans} spans, {stats.traces} traces)")
+        _say(f"OTLP/gRPC listening on {endpoints.grpc}")
+        _say(f"OTLP/HTTP listening on {endpoints.http}")
+        _say(f"REST API listening on {endpoints.api} (GET /healthz, /v1/stats, /v1/recommendations)")
+        if settings.api_token:
+            _say("bearer token required on all endpoints (HOURGLASS_API_TOKEN)")
+        if ready is not None:
+            ready.set()
+
+        maintenance = asyncio.create_task(_maintenance(store, settings, shutdown, compact_interval_s))
+        await shutdown.wait()
+        _say("shutting down: refusing new Exports, committing the ones in flight")
+        grpc_receiver.begin_shutdown()
+        http_server.should_exit = True
+        await asyncio.gather(asyncio.to_thread(grpc_receiver.stop, RECEIVER_GRACE_S), tasks[0])
+        await asyncio.to_thread(pipeline.close, PIPELINE_CLOSE_TIMEOUT_S)
+        maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await maintenance
+        api_server.should_exit = True
+        await tasks[1]
+        removed = await asyncio.to_thread(store.compact)
+        stats = store.stats()
+        _say(
+            f"stopped: {pipeline.stats.committed_spans} spans committed this run, {removed} duplicates "
+            f"compacted; store holds {stats.spans} spans, {stats.traces} traces"
+        )
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        if not pipeline.closing:
+            grpc_receiver.stop(0)
+            pipeline.close(PIPELINE_CLOSE_TIMEOUT_S)
+        store.close()
+
+
+async def _maintenance(
+    store: DuckDBSpanStore, settings: Settings, shutdown: asyncio.Event, compact_interval_s: float
+) -> None:
+    next_retention = time.monotonic()
+    while not shutdown.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(shutdown.wait(), timeout=compact_interval_s)
+        if shutdown.is_set():
+            return
+        try:
+            removed = await asyncio.to_thread(store.compact)
+            if removed:
+                log.info("compaction removed %d duplicate spans", removed)
+            if settings.retention_seconds > 0 and time.monotonic() >= next_retention:
+                cutoff = time.time_ns() - int(settings.retention_seconds * 1e9)
+                dropped = await asyncio.to_thread(store.delete_older_than, cutoff)
+                if dropped:
+                    _say(f"retention removed {dropped} spans older than {settings.retention_seconds:g}s")
+                next_retention = time.monotonic() + RETENTION_INTERVAL_S
+        except Exception:  # maintenance must not stop ingest; the error is reported and retried
+            log.exception("store maintenance failed")
+
+
+def run_serve(
+    settings: Settings,
+    ready_event: threading.Event | None = None,
+    stop_event: threading.Event | None = None,
+    *,
+    compact_interval_s: float = COMPACT_INTERVAL_S,
+) -> ServeEndpoints:
+    """Run until SIGTERM/SIGINT (main thread) or ``stop_event``; returns the bound endpoints."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    endpoints: list[ServeEndpoints] = []
+    asyncio.run(_serve_async(settings, ready_event, stop_event, endpoints, compact_interval_s))
+    return endpoints[0]

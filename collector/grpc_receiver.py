@@ -1,0 +1,164 @@
+"""OTLP/gRPC receiver: ``opentelemetry.proto.collector.trace.v1.TraceService/Export``.
+
+A generic handler receives the raw request bytes (grpc does no protobuf work), decodes them with
+``collector.decode`` and hands the rows to the group-commit pipeline; the answer is sent only
+after the rows are committed. Status codes follow the OTLP spec:
+
+- OK with ``partial_success`` (count and reasons) when some spans were rejected (bad ids);
+- INVALID_ARGUMENT for bytes that are not an ExportTraceServiceRequest (not retryable);
+- RESOURCE_EXHAUSTED with ``google.rpc.RetryInfo`` in ``grpc-status-details-bin`` when the
+  pipeline is over its memory caps; UNAVAILABLE with RetryInfo while shutting down or when a
+  commit failed — exporters back off and retry instead of the server running out of memory;
+- UNAUTHENTICATED when a bearer token is configured and the request does not carry it.
+
+gzip-compressed requests are decompressed by grpc; messages over ``max_message_bytes`` are
+refused by grpc with RESOURCE_EXHAUSTED before any parsing. The standard ``grpc.health.v1``
+service reports SERVING until shutdown starts.
+
+Server model: grpc's synchronous server with a thread pool. Decoding holds the GIL either way;
+the pool lets many requests wait for a shared commit at once, which is what group commit needs.
+``max_concurrent_rpcs`` bounds the requests held in memory before admission control sees them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from collector.decode import (
+    RPC_CODE_RESOURCE_EXHAUSTED,
+    RPC_CODE_UNAVAILABLE,
+    DecodeError,
+    add_health_service,
+    decode_export_request,
+    export_response,
+    status_details_with_retry,
+)
+from collector.ingest import IngestClosed, IngestPipeline, Overloaded
+
+log = logging.getLogger("hourglass.grpc")
+
+SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
+EXPORT_METHOD = f"/{SERVICE_NAME}/Export"
+DEFAULT_WORKERS = 32
+SHUTDOWN_RETRY_AFTER_S = 5.0
+COMMIT_TIMEOUT_S = 120.0
+
+
+def _abort_with_retry(
+    context: grpc.ServicerContext, code: grpc.StatusCode, rpc_code: int, message: str, retry_after_s: float
+) -> None:
+    context.set_trailing_metadata(
+        (("grpc-status-details-bin", status_details_with_retry(rpc_code, message, retry_after_s)),)
+    )
+    context.abort(code, message)
+
+
+class GrpcReceiver:
+    """The OTLP/gRPC endpoint; ``start()`` binds and returns the port (0 picks a free one)."""
+
+    def __init__(
+        self,
+        pipeline: IngestPipeline,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4317,
+        max_message_bytes: int = 32 * 1024 * 1024,
+        api_token: str | None = None,
+        workers: int = DEFAULT_WORKERS,
+        max_concurrent_rpcs: int | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.host = host
+        self.port = port
+        self.max_message_bytes = max_message_bytes
+        self._expected_auth = f"Bearer {api_token}".encode() if api_token else None
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
+        self._server = grpc.server(
+            self._executor,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=max_concurrent_rpcs or workers * 2,
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    self.export, request_deserializer=None, response_serializer=None
+                )
+            },
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        self._health = add_health_service(self._server)
+
+    def start(self) -> int:
+        bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise OSError(f"cannot bind OTLP/gRPC on {self.host}:{self.port}")
+        self.port = bound
+        self._server.start()
+        return bound
+
+    def begin_shutdown(self) -> None:
+        """Report NOT_SERVING to health checks; new Exports are refused by the closing pipeline."""
+        self._health.enter_graceful_shutdown()
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait(grace + 1)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the RPC -----------------------------------------------------------------------------
+    def _authorised(self, context: grpc.ServicerContext) -> bool:
+        if self._expected_auth is None:
+            return True
+        for key, value in context.invocation_metadata():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected_auth)
+        return False
+
+    def export(self, request: bytes, context: grpc.ServicerContext) -> Any:
+        if not self._authorised(context):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
+            )
+        pipeline = self.pipeline
+        try:
+            pipeline.check_capacity()
+            try:
+                result = decode_export_request(request)
+            except DecodeError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            future = pipeline.submit(result.table)
+        except Overloaded as exc:
+            _abort_with_retry(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                RPC_CODE_RESOURCE_EXHAUSTED,
+                str(exc),
+                exc.retry_after_s,
+            )
+        except IngestClosed as exc:
+            _abort_with_retry(
+                context, grpc.StatusCode.UNAVAILABLE, RPC_CODE_UNAVAILABLE, str(exc), SHUTDOWN_RETRY_AFTER_S
+            )
+        try:
+            future.result(timeout=COMMIT_TIMEOUT_S)
+        except Exception as exc:  # not committed: the exporter must retry, never a false ack
+            log.error("Export not committed: %s", exc)
+            _abort_with_retry(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                RPC_CODE_UNAVAILABLE,
+                f"spans were not committed: {exc}",
+                SHUTDOWN_RETRY_AFTER_S,
+            )
+        return export_response(result.rejected, result.error_message())

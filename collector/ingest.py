@@ -1,0 +1,217 @@
+"""Group commit and admission control between the receivers and the span store.
+
+Receivers decode a request into an Arrow table and ``submit`` it; one writer thread takes every
+table queued at that moment (up to ``max_batch_spans``), concatenates them, writes them in ONE
+store transaction, and only then completes each request's future — an Export is acknowledged
+only after its rows are committed. Concurrent requests therefore share commits (group commit),
+and the store sees big batches, which is what DuckDB inserts fast.
+
+Admission control keeps memory bounded under sustained overload: spans and bytes accepted but
+not yet committed are capped (``max_pending_spans``, ``max_pending_bytes``). A request that would
+exceed a cap is refused at once with ``Overloaded`` (the receivers answer gRPC RESOURCE_EXHAUSTED
+with RetryInfo / HTTP 429 with Retry-After) instead of queueing without limit. A single request
+bigger than the caps is still admitted when nothing else is pending, so it cannot be starved.
+
+``close()`` stops admitting (``IngestClosed``), commits what is queued, and fails — never
+acknowledges — anything it could not commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from collector.store import SpanStore
+
+log = logging.getLogger("hourglass.ingest")
+
+DEFAULT_MAX_PENDING_SPANS = 200_000
+DEFAULT_MAX_PENDING_BYTES = 192 * 1024 * 1024
+DEFAULT_MAX_BATCH_SPANS = 100_000
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+class Overloaded(Exception):
+    """Too much accepted-but-uncommitted data; the client should retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class IngestClosed(Exception):
+    """The pipeline is shutting down and admits nothing new."""
+
+
+@dataclass
+class _Pending:
+    table: pa.Table
+    nbytes: int
+    future: Future[int]
+
+
+@dataclass
+class IngestStats:
+    committed_spans: int = 0
+    committed_batches: int = 0
+    committed_requests: int = 0
+    rejected_overloaded: int = 0
+    failed_requests: int = 0
+    pending_spans: int = 0
+    pending_bytes: int = 0
+    peak_pending_bytes: int = 0
+
+
+class IngestPipeline:
+    """One writer thread in front of a ``SpanStore``: group commit + bounded admission."""
+
+    def __init__(
+        self,
+        store: SpanStore,
+        *,
+        max_pending_spans: int = DEFAULT_MAX_PENDING_SPANS,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_batch_spans: int = DEFAULT_MAX_BATCH_SPANS,
+        retry_after_s: float = DEFAULT_RETRY_AFTER_S,
+    ) -> None:
+        self.store = store
+        self.max_pending_spans = max_pending_spans
+        self.max_pending_bytes = max_pending_bytes
+        self.max_batch_spans = max_batch_spans
+        self.retry_after_s = retry_after_s
+        self.stats = IngestStats()
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._writer = threading.Thread(target=self._run, name="hourglass-writer", daemon=True)
+        self._writer.start()
+
+    # -- admission ---------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Cheap pre-check before decoding: raise ``Overloaded``/``IngestClosed`` when full/closing."""
+        if self._closing:
+            raise IngestClosed("hourglass is shutting down")
+        s = self.stats
+        if s.pending_spans >= self.max_pending_spans or s.pending_bytes >= self.max_pending_bytes:
+            s.rejected_overloaded += 1
+            raise Overloaded(self._overload_message(), self.retry_after_s)
+
+    def _overload_message(self) -> str:
+        s = self.stats
+        return (
+            f"ingest overloaded: {s.pending_spans} spans / {s.pending_bytes} bytes waiting for commit "
+            f"(limits {self.max_pending_spans} spans, {self.max_pending_bytes} bytes); retry after "
+            f"{self.retry_after_s:g}s"
+        )
+
+    def submit(self, table: pa.Table) -> Future[int]:
+        """Queue rows for the next commit; the future resolves to the row count once committed.
+
+        Raises ``Overloaded`` when admitting the rows would exceed a cap, ``IngestClosed`` when closing.
+        """
+        future: Future[int] = Future()
+        rows = table.num_rows
+        if rows == 0:
+            future.set_result(0)
+            return future
+        nbytes = table.nbytes
+        with self._cond:
+            if self._closing:
+                raise IngestClosed("hourglass is shutting down")
+            s = self.stats
+            busy = s.pending_spans > 0
+            if busy and (
+                s.pending_spans + rows > self.max_pending_spans
+                or s.pending_bytes + nbytes > self.max_pending_bytes
+            ):
+                s.rejected_overloaded += 1
+                raise Overloaded(self._overload_message(), self.retry_after_s)
+            s.pending_spans += rows
+            s.pending_bytes += nbytes
+            s.peak_pending_bytes = max(s.peak_pending_bytes, s.pending_bytes)
+            self._queue.append(_Pending(table, nbytes, future))
+            self._cond.notify()
+        return future
+
+    def write(self, table: pa.Table, timeout: float | None = None) -> int:
+        """Submit and wait for the commit (for synchronous callers)."""
+        return self.submit(table).result(timeout=timeout)
+
+    # -- the writer --------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue and (not batch or rows + self._queue[0].table.num_rows <= self.max_batch_spans):
+            item = self._queue.popleft()
+            batch.append(item)
+            rows += item.table.num_rows
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue and self._closing:
+                    return
+                batch = self._take_batch()
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        rows = sum(item.table.num_rows for item in batch)
+        nbytes = sum(item.nbytes for item in batch)
+        error: BaseException | None = None
+        started = time.perf_counter()
+        try:
+            tables = [item.table for item in batch]
+            combined = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            self.store.write(combined)
+        except BaseException as exc:  # every waiting request must learn that its rows are not stored
+            error = exc
+            log.error("commit of %d spans from %d requests failed: %s", rows, len(batch), exc)
+        with self._cond:
+            s = self.stats
+            s.pending_spans -= rows
+            s.pending_bytes -= nbytes
+            if error is None:
+                s.committed_spans += rows
+                s.committed_batches += 1
+                s.committed_requests += len(batch)
+            else:
+                s.failed_requests += len(batch)
+        for item in batch:
+            if error is None:
+                item.future.set_result(item.table.num_rows)
+            else:
+                item.future.set_exception(error)
+        log.debug(
+            "committed %d spans (%d requests) in %.1f ms",
+            rows,
+            len(batch),
+            1e3 * (time.perf_counter() - started),
+        )
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop admitting, commit everything queued, fail what could not be committed in time."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._writer.join(timeout)
+        if self._writer.is_alive():
+            with self._cond:
+                leftover = list(self._queue)
+                self._queue.clear()
+            for item in leftover:
+                item.future.set_exception(IngestClosed("shut down before these spans could be committed"))
+            log.error("writer did not finish within %ss; %d queued requests failed", timeout, len(leftover))
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
