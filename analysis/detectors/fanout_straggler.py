@@ -26,7 +26,8 @@ Occurrences are aggregated across traces by (parent service, parent operation, c
 child operation). For each occurrence the slowest branch is identified by the first of these that
 tells the siblings apart: a shard/partition/bucket/replica attribute (``hints``), the peer
 (``peer.service`` / ``server.address``), the host of the server span that answered the call, the
-child's own host, and finally the branch's launch position. If one branch is the slowest in
+call's URL without its query string (``/shards/3/search``), the child's own host, and finally the
+branch's launch position. If one branch is the slowest in
 ``SKEW_SHARE`` (60 %) or more of at least ``MIN_TRACES_FOR_PATTERN`` (3) occurrences — far above the
 ``1/n`` a random tail gives — the pattern is ``"skew"`` (a hot shard/host: rebalance or split it);
 otherwise ``"tail"`` (random slowness: hedged requests, per-branch timeouts). With fewer than three
@@ -74,6 +75,7 @@ _CHILD_COLUMNS = [
     "peer",
     "host",
     "hints",
+    "http_url",
 ]
 # A shard/partition-like attribute value inside the hints JSON object.
 _SHARD_HINT = r'"[^"]*(?:shard|partition|bucket|replica)[^"]*"\s*:\s*"?([^",}\]]+)'
@@ -136,11 +138,12 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
         .join(server_hosts, on=["trace_id", "span_id"], how="left")
         .with_columns(
             shard=pl.col("hints").str.extract(_SHARD_HINT, 1),
+            url=pl.col("http_url").str.replace(r"[?#].*$", ""),
             position=(pl.col("start_ns").rank("ordinal").over("group_id") - 1).cast(pl.Utf8),
         )
         .collect()
     )
-    candidates = ["shard", "peer", "server_host", "host"]
+    candidates = ["shard", "peer", "server_host", "url", "host"]
     distinct = kids.group_by("group_id").agg(
         [(pl.col(c).n_unique() > 1) & pl.col(c).is_not_null().all() for c in candidates]
     )
@@ -156,7 +159,7 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
             branch=choose_label.otherwise(pl.lit("position ") + pl.col("position")),
             branch_source=choose_source.otherwise(pl.lit("position")),
         )
-        .drop([f"{c}_distinct" for c in candidates] + ["shard", "position", "server_host"])
+        .drop([*(f"{c}_distinct" for c in candidates), "shard", "url", "position", "server_host"])
     )
 
 

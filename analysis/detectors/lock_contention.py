@@ -16,11 +16,13 @@ Explicit waits (confidence 0.75 and up)
   ``blocked``/``contention``/``lock``) *and* a time (``time``, ``duration``, ``latency``, ``delay`` or a
   unit suffix), e.g. ``db.lock_wait_ms``, ``pool.wait_time_ns``, ``queue.time``. The unit comes from
   the key's suffix (ns, us, ms, s/sec/seconds); without one, milliseconds are assumed — the unit most
-  instrumentations use for un-suffixed durations.
+  instrumentations use for un-suffixed durations. A count attribute (``lock.waiters_ahead``,
+  ``queue.depth`` ...) is kept as the queue depth, never read as a time.
 * **Wait spans**: a span that *is* the wait — its name pairs a resource word with a wait verb
   (``lock.acquire``, ``acquire lock``, ``pool.acquire``, ``wait for connection``, ``queue wait``,
   ``semaphore.acquire``); messaging spans (PRODUCER/CONSUMER or with a messaging destination) are never
-  wait spans. Its whole duration is wait; the finding's operation is its parent (the code that waits).
+  wait spans. Its whole duration is wait (or the wait its own attribute or events state); the
+  finding's operation is its parent (the code that waits) and the wait span is the target.
 
 Each wait is clamped to the waiting span's duration and kept when it is at least ``MIN_WAIT_NS``
 (1 ms: below that a lock is uncontended for any latency budget) and the span that waits is on the
@@ -92,6 +94,9 @@ _WAIT_SPAN_NAME = (
 # "key": number, with the key naming a wait and a time; group 1 the key, group 2 the value.
 _WAIT_ATTRIBUTE = r'"([^"]*(?:wait|queue|acquir|blocked|contention|lock)[^"]*)"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?)'
 _TIME_KEY = r"(?i)time|duration|latency|delay|elapsed|(?:^|[._-])(?:ns|us|µs|ms|s|sec|secs|seconds|nanos|micros|millis)$"
+_QUEUE_DEPTH_HINT = (
+    r'"[^"]*(?:waiters|ahead|behind|queue[._-]?(?:depth|length|size|position))[^"]*"\s*:\s*(\d+)'
+)
 _RESOURCE_HINT = (
     r'"[^"]*(?:lock|mutex|semaphore|pool|queue|resource)[._-]?(?:name|key|id|resource)?"\s*:\s*"([^"]+)"'
 )
@@ -202,7 +207,13 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
     return (
         spans.lazy()
         .filter(pl.col("hints").is_not_null())
-        .select("trace_id", "span_id", "duration_ns", pair=pl.col("hints").str.extract_all(_WAIT_ATTRIBUTE))
+        .select(
+            "trace_id",
+            "span_id",
+            "duration_ns",
+            depth=pl.col("hints").str.extract(_QUEUE_DEPTH_HINT, 1).cast(pl.Int64),
+            pair=pl.col("hints").str.extract_all(_WAIT_ATTRIBUTE),
+        )
         .explode("pair")
         .filter(pl.col("pair").is_not_null())
         .with_columns(
@@ -214,11 +225,11 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
             wait_ns=(pl.col("wait_value") * _unit_ns()).cast(pl.Int64).clip(0, pl.col("duration_ns"))
         )
         .group_by("trace_id", "span_id")
-        .agg(pl.col("wait_ns").max())
+        .agg(pl.col("wait_ns").max(), queue_depth=pl.col("depth").max())
         .select(
             "trace_id",
             "span_id",
-            pl.lit(None, pl.Int64).alias("queue_depth"),
+            "queue_depth",
             "wait_ns",
             source=pl.lit("attributes"),
         )
@@ -231,14 +242,6 @@ def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
     cols = spans.lazy().select(_SPAN_COLUMNS)
     own = pl.concat([_event_waits(spans), _attribute_waits(spans)], how="vertical_relaxed")
     own = own.sort("wait_ns", descending=True).unique(subset=["trace_id", "span_id"], keep="first")
-    carriers = cols.join(own.lazy(), on=["trace_id", "span_id"], how="inner").with_columns(
-        waiter_service=pl.col("service"),
-        waiter_name=pl.col("name"),
-        waiter_duration_ns=pl.col("duration_ns"),
-        target_service=pl.coalesce(pl.col("db_system"), pl.col("peer"), pl.col("service")),
-        target_operation=pl.coalesce(normalized_statement(), pl.col("messaging_destination"), pl.col("name")),
-        resource=_resource(),
-    )
     is_wait_span = (
         pl.col("name").str.contains(_WAIT_SPAN_NAME)
         & ~pl.col("kind").is_in([KIND_PRODUCER, KIND_CONSUMER])
@@ -251,6 +254,27 @@ def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
         pl.col("service").alias("waiter_service"),
         pl.col("name").alias("waiter_name"),
         pl.col("duration_ns").alias("waiter_duration_ns"),
+    )
+    # A span that carries its own wait evidence waits itself -- unless it is a wait span (e.g.
+    # "lock.acquire" with a lock.wait_ms attribute), whose parent is the code that waits.
+    own_target = (
+        pl.coalesce(pl.col("db_system"), pl.col("peer"), pl.col("service")),
+        pl.coalesce(normalized_statement(), pl.col("messaging_destination"), pl.col("name")),
+    )
+    in_parent = is_wait_span & pl.col("waiter_name").is_not_null()
+    carriers = (
+        cols.join(own.lazy(), on=["trace_id", "span_id"], how="inner")
+        .join(parents, on=["trace_id", "parent_span_id"], how="left")
+        .with_columns(
+            waiter_service=pl.when(in_parent).then(pl.col("waiter_service")).otherwise(pl.col("service")),
+            waiter_name=pl.when(in_parent).then(pl.col("waiter_name")).otherwise(pl.col("name")),
+            waiter_duration_ns=pl.when(in_parent)
+            .then(pl.col("waiter_duration_ns"))
+            .otherwise(pl.col("duration_ns")),
+            target_service=pl.when(in_parent).then(pl.col("service")).otherwise(own_target[0]),
+            target_operation=pl.when(in_parent).then(pl.col("name")).otherwise(own_target[1]),
+            resource=_resource(),
+        )
     )
     wait_spans = (
         cols.filter(is_wait_span)

@@ -113,3 +113,39 @@ def test_back_to_back_with_clock_jitter_still_counts_as_a_slot_handover() -> Non
         b.span("insert batch", parent=root, start_ms=start, dur_ms=dur, kind=KIND_CLIENT)
     (f,) = analyse([b])
     assert f.evidence["k"] == 2 and f.evidence["n_max"] == 6
+
+
+def gallery_trace(round_starts_ms: list[float], dur_ms: float = 14) -> TraceBuilder:
+    """Rounds of two thumbnails through a semaphore of 2, with the slack a busy event loop adds
+    between a slot freeing and the next task running (as in the sample workload's traces)."""
+    b = TraceBuilder(service="storefront")
+    root = b.span(
+        "GET /albums/{album_id}/gallery",
+        start_ms=0,
+        dur_ms=round_starts_ms[-1] + dur_ms + 10,
+        kind=KIND_SERVER,
+    )
+    for start in round_starts_ms:
+        for offset in (0.0, 0.6):
+            b.span(
+                "GET /images/{image_id}/thumbnail",
+                parent=root,
+                start_ms=start + offset,
+                dur_ms=dur_ms,
+                kind=KIND_CLIENT,
+            )
+    return b
+
+
+def test_semaphore_rounds_with_slow_handovers_are_still_a_cap() -> None:
+    (f,) = analyse([gallery_trace([1, 30, 84, 145]) for _ in range(4)])
+    assert f.evidence["k"] == 2 and f.evidence["n_p50"] == 8
+    assert f.evidence["handover_gap_ms_p50"] > 10
+    assert f.evidence["capped_rate"] == 1.0
+
+
+def test_a_cap_seen_in_one_fanout_of_many_is_chance() -> None:
+    # One fan-out looks capped; three equally wide fan-outs of the same operation ran fully parallel.
+    capped = gallery_trace([1, 30, 84, 145])
+    parallel = [gallery_trace([1, 1.1, 1.2, 1.3]) for _ in range(3)]
+    assert analyse([capped, *parallel]) == []
