@@ -28,6 +28,7 @@ that holds a dirty span (pointer jumping within a level for chains of siblings).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ import polars as pl
 
 from analysis.context import AnalysisContext
 from analysis.critical_path import sibling_predecessor
-from analysis.model import CollapseSpans, Finding, RunConcurrently, ShortenSpan
+from analysis.model import CollapseSpans, Finding, Intervention, Occurrence, RunConcurrently, ShortenSpan
 from analysis.repair import pointer_jump_sum
 
 
@@ -325,12 +326,40 @@ class WhatIf:
         return Impact(kept_ids, saved, old)
 
 
-def retime_trace(spans_of_one_trace: pl.DataFrame, finding: Finding) -> pl.DataFrame:
+def _finding_from_recommendation(rec: Mapping[str, Any], spans: pl.DataFrame) -> Finding:
+    """A Finding carrying the interventions a report recommendation recorded for this trace
+    (``evidence.interventions``); when the report has none for it, the recommendation's detector is
+    run on the trace and its finding with the same id is used."""
+    trace_id = str(spans["trace_id"][0]) if spans.height else ""
+    recorded = ((rec.get("evidence") or {}).get("interventions") or {}).get(trace_id)
+    if recorded:
+        return Finding(
+            kind=str(rec.get("kind", "")),
+            category=rec.get("category", "parallelization"),
+            service=str(rec.get("service", "")),
+            operation=str(rec.get("operation", "")),
+            targets=list(rec.get("targets") or []),
+            occurrences=[Occurrence(trace_id, (), tuple(intervention_from_dict(d) for d in recorded))],
+            confidence=float(rec.get("confidence") or 0.0),
+        )
+    from analysis.detectors import DETECTORS
+
+    detect = DETECTORS.get(str(rec.get("kind")))
+    if detect is not None:
+        ctx = AnalysisContext(spans=spans, traces=pl.DataFrame())
+        for finding in detect(ctx):
+            if finding.id == rec.get("id"):
+                return finding
+    return Finding(str(rec.get("kind", "")), "parallelization", "", "", [], [], 0.0)
+
+
+def retime_trace(spans_of_one_trace: pl.DataFrame, finding: Finding | Mapping[str, Any]) -> pl.DataFrame:
     """The trace's spans with ``new_start_ns``, ``new_end_ns`` and ``removed`` after applying the
     finding's interventions for this trace (the HTML report draws "after" from it).
 
-    Accepts spans of an :class:`AnalysisContext` (with its ``row``/``parent_row`` columns) or raw span
-    rows (they are repaired first)."""
+    ``finding`` is a :class:`Finding` or a report recommendation dict. ``spans_of_one_trace`` holds
+    spans of an :class:`AnalysisContext` (with its ``row``/``parent_row`` columns) or raw span rows
+    (they are repaired first)."""
     spans = spans_of_one_trace
     if "parent_row" not in spans.columns or "blocking" not in spans.columns:
         spans = AnalysisContext.from_table(spans).spans
@@ -339,6 +368,11 @@ def retime_trace(spans_of_one_trace: pl.DataFrame, finding: Finding) -> pl.DataF
     trace_ids = set(spans["trace_id"].unique().to_list())
     if len(trace_ids) > 1:
         raise ValueError("retime_trace takes the spans of one trace")
+    if not isinstance(finding, Finding):
+        if "parent_row" not in spans_of_one_trace.columns:
+            finding = _finding_from_recommendation(finding, spans)
+        else:
+            finding = _finding_from_recommendation(finding, AnalysisContext.from_table(spans).spans)
     engine = Retimer(spans)
     plan = engine.plan(finding, trace_ids=trace_ids)
     new_start, new_end = engine.new_times(plan)
@@ -349,5 +383,20 @@ def retime_trace(spans_of_one_trace: pl.DataFrame, finding: Finding) -> pl.DataF
     )
 
 
-def impact_summary(impact: Impact) -> dict[str, Any]:
-    return impact.as_dict()
+def intervention_to_dict(iv: Intervention) -> dict[str, Any]:
+    if isinstance(iv, RunConcurrently):
+        return {"type": "run_concurrently", "span_ids": list(iv.span_ids)}
+    if isinstance(iv, ShortenSpan):
+        return {"type": "shorten_span", "span_id": iv.span_id, "by_ns": int(iv.by_ns)}
+    return {"type": "collapse_spans", "span_ids": list(iv.span_ids), "duration_ns": int(iv.duration_ns)}
+
+
+def intervention_from_dict(d: Mapping[str, Any]) -> Intervention:
+    kind = d.get("type")
+    if kind == "run_concurrently":
+        return RunConcurrently(tuple(str(s) for s in d["span_ids"]))
+    if kind == "shorten_span":
+        return ShortenSpan(str(d["span_id"]), int(d["by_ns"]))
+    if kind == "collapse_spans":
+        return CollapseSpans(tuple(str(s) for s in d["span_ids"]), int(d["duration_ns"]))
+    raise ValueError(f"unknown intervention type {kind!r}")

@@ -73,6 +73,7 @@ def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
             pl.col("root_duration_ns").first(),
             pl.col("op_key").first(),
             pl.col("op_label").first(),
+            pl.col("op_detail").first(),
             pl.col("target_service").first(),
             pl.col("span_id"),
             pl.len().alias("calls"),
@@ -139,6 +140,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         distinct_share = _common.num((group["distinct_params"] > 1).mean())
         median_calls = _common.num(group["calls"].median())
         label = str(group["op_label"][0])
+        statement = str(group["op_detail"][0] or group["op_label"][0])
         findings.append(
             Finding(
                 kind=KIND,
@@ -158,7 +160,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                         _common.num((group["serial_ns"] / group["calls"]).median()) / 1e6, 3
                     ),
                     "different_parameters": distinct_share >= 0.5,
-                    "statement": label,
+                    "statement": statement,
                 },
                 signature_extra=str(op_key),
             )

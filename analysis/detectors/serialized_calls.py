@@ -81,6 +81,7 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
     return out.with_columns(
         _common.operation_key().alias("op_key"),
         _common.operation_label().alias("op_label"),
+        _common.operation_detail().alias("op_detail"),
         _common.target_service().alias("target_service"),
     ).sort(["parent_row", "start_ns", "span_id"])
 

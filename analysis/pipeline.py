@@ -1,0 +1,237 @@
+"""The analysis entry point: spans in, ``hourglass.report/v1`` out.
+
+``analyze(table_or_frame, *, writer=None, services=None, since_ns=None)`` runs, in order:
+selection (whole traces that touch ``services`` / end at or after ``since_ns``), trace repair and
+critical path (:class:`analysis.context.AnalysisContext`), every detector in
+:data:`analysis.detectors.DETECTORS`, what-if savings (:mod:`analysis.whatif`), ranking
+(:mod:`analysis.ranking`) and the writer (the offline template writer when ``writer`` is None). A
+writer that fails falls back to the template writer and the report says why.
+
+Parallelization findings whose re-timing saves less than ``MIN_REPORTED_SAVING_NS`` (0.5 ms) at p95
+are dropped: the pattern exists but is not on the path that decides the request's latency.
+
+Also here: :class:`ContextView`, the read-only ``analysis.writer.WriterContext`` over an analysis
+(for writers that look things up), and :func:`trace_detail` for the REST API's trace view.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from analysis.context import AnalysisContext, to_analysis_frame
+from analysis.detectors import DETECTORS
+from analysis.model import Finding
+from analysis.ranking import Scored, expected_value_ms, rank
+from analysis.report import build_report
+from analysis.whatif import Impact, WhatIf
+from analysis.writer import Writer, WriterContext
+
+log = logging.getLogger(__name__)
+
+MIN_REPORTED_SAVING_NS = 500_000
+
+
+def select_traces(
+    frame: pl.DataFrame, *, services: list[str] | None = None, since_ns: int | None = None
+) -> pl.DataFrame:
+    """Whole traces with at least one span in ``services`` and one span ending at or after ``since_ns``."""
+    if services:
+        keep = frame.filter(pl.col("service").is_in(list(services))).select("trace_id").unique()
+        frame = frame.join(keep, on="trace_id", how="semi")
+    if since_ns is not None:
+        keep = frame.filter(pl.col("end_ns") >= since_ns).select("trace_id").unique()
+        frame = frame.join(keep, on="trace_id", how="semi")
+    return frame
+
+
+def run_detectors(ctx: AnalysisContext) -> list[Finding]:
+    findings: list[Finding] = []
+    for kind, detect in DETECTORS.items():
+        try:
+            found = detect(ctx)
+        except Exception as exc:  # a broken detector must not hide the others' findings — but say so
+            raise RuntimeError(f"detector {kind!r} failed: {exc}") from exc
+        findings.extend(found)
+    return findings
+
+
+def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored]:
+    whatif = WhatIf(ctx) if findings else None
+    root_ms = dict(
+        zip(ctx.traces["trace_id"].to_list(), (ctx.traces["root_duration_ns"] / 1e6).to_list(), strict=True)
+    )
+    scored: list[Scored] = []
+    for finding in findings:
+        impact: Impact | None = None
+        if whatif is not None and any(o.interventions for o in finding.occurrences):
+            impact = whatif.impact(finding)
+        if finding.category == "parallelization" and (
+            impact is None
+            or impact.saved_ns.size == 0
+            or float(np.percentile(impact.saved_ns, 95)) < MIN_REPORTED_SAVING_NS
+        ):
+            continue
+        roots = [root_ms[t] for t in finding.trace_ids if t in root_ms]
+        median_root = float(np.median(roots)) if roots else 0.0
+        score, has_latency = expected_value_ms(finding, impact, median_root)
+        scored.append(Scored(finding, impact, score, has_latency))
+    return rank(scored)
+
+
+def _template_writer() -> Writer:
+    from analysis.template_writer import TemplateWriter
+
+    return TemplateWriter()
+
+
+def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterContext) -> None:
+    recs = report["recommendations"]
+    chosen = writer or _template_writer()
+    fallback_reason: str | None = None
+    try:
+        outcome = chosen.write(recs, view)
+    except Exception as exc:
+        if writer is None or getattr(chosen, "name", "") == "template":
+            raise
+        log.warning("writer %s failed, using the template writer: %s", getattr(chosen, "name", chosen), exc)
+        fallback_reason = f"{getattr(chosen, 'name', 'writer')} failed: {exc}"
+        outcome = _template_writer().write(recs, view)
+    missing = [r for r in recs if r["id"] not in outcome.texts]
+    if missing:  # a writer that skipped some recommendations: fill them from the templates
+        filled = _template_writer().write(missing, view)
+        outcome.texts.update(filled.texts)
+        fallback_reason = (
+            fallback_reason
+            or outcome.fallback_reason
+            or (f"{len(missing)} recommendation(s) written by the template writer")
+        )
+    for rec in recs:
+        text = outcome.texts[rec["id"]]
+        rec["title"], rec["summary"], rec["actions"] = text.title, text.summary, list(text.actions)
+    report["writer"] = {"name": outcome.writer, "fallback_reason": fallback_reason or outcome.fallback_reason}
+    if outcome.metadata:
+        report["writer"]["metadata"] = outcome.metadata
+
+
+class ContextView:
+    """Read-only views of an analysis for writers (implements ``analysis.writer.WriterContext``)."""
+
+    def __init__(self, ctx: AnalysisContext, report: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self._recs = {r["id"]: r for r in report.get("recommendations", [])}
+
+    def finding_evidence(self, recommendation_id: str) -> dict[str, Any] | None:
+        rec = self._recs.get(recommendation_id)
+        if rec is None:
+            return None
+        keys = ("id", "kind", "category", "service", "operation", "targets", "traces_affected", "occurrences")
+        return {
+            **{k: rec[k] for k in keys},
+            "impact": rec["impact"],
+            "confidence": rec["confidence"],
+            "evidence": rec["evidence"],
+        }
+
+    def critical_path(self, trace_id: str) -> list[dict[str, Any]] | None:
+        spans = self.ctx.trace_spans(trace_id)
+        if spans.height == 0:
+            return None
+        path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])
+        return [
+            {
+                "span_id": r["span_id"],
+                "service": r["service"],
+                "name": r["name"],
+                "depth": r["depth"],
+                "duration_ms": round(r["duration_ns"] / 1e6, 3),
+                "self_ms": round(r["critical_ns"] / 1e6, 3),
+            }
+            for r in path.iter_rows(named=True)
+        ]
+
+    def service_neighbours(self, service: str) -> dict[str, list[dict[str, Any]]]:
+        edges = self.ctx.with_parent().filter(pl.col("service") != pl.col("parent_service"))
+
+        def summarise(frame: pl.DataFrame, svc: str, op: str) -> list[dict[str, Any]]:
+            agg = (
+                frame.group_by(svc, op)
+                .agg(pl.len().alias("calls"), (pl.col("duration_ns").median() / 1e6).alias("p50_ms"))
+                .sort(["calls", svc, op], descending=[True, False, False])
+                .head(50)
+            )
+            return [
+                {"service": s, "operation": o, "calls": int(c), "p50_ms": round(float(p or 0), 3)}
+                for s, o, c, p in agg.iter_rows()
+            ]
+
+        callers = summarise(edges.filter(pl.col("service") == service), "parent_service", "parent_name")
+        callees = summarise(edges.filter(pl.col("parent_service") == service), "service", "name")
+        return {"callers": callers, "callees": callees}
+
+
+def analyze_context(
+    ctx: AnalysisContext, *, writer: Writer | None = None
+) -> tuple[dict[str, Any], list[Scored]]:
+    ranked = score_findings(ctx, run_detectors(ctx))
+    report = build_report(ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height)
+    write_texts(report, writer, ContextView(ctx, report))
+    return report, ranked
+
+
+def analyze(
+    table_or_frame: pa.Table | pl.DataFrame,
+    *,
+    writer: Writer | None = None,
+    services: list[str] | None = None,
+    since_ns: int | None = None,
+) -> dict[str, Any]:
+    """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict."""
+    frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
+    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer)
+    return report
+
+
+def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
+    """One trace for the REST API: repaired spans, critical path span ids (root first) and the ids
+    of the report's recommendations that touch it (exemplar trace or one of their span ids)."""
+    ctx = AnalysisContext.from_table(spans_of_one_trace)
+    spans = ctx.spans
+    trace_ids = spans["trace_id"].unique().to_list()
+    span_ids = set(spans["span_id"].to_list())
+    path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])["span_id"].to_list()
+    touching = []
+    for rec in report.get("recommendations", []):
+        ev = rec.get("evidence") or {}
+        if set(ev.get("trace_ids") or []) & set(trace_ids) or set(ev.get("span_ids") or []) & span_ids:
+            touching.append(rec["id"])
+    columns = [
+        "span_id",
+        "parent_span_id",
+        "service",
+        "name",
+        "kind",
+        "start_ns",
+        "end_ns",
+        "duration_ns",
+        "status_code",
+        "depth",
+        "is_root",
+        "orphan",
+        "blocking",
+        "on_critical_path",
+        "critical_ns",
+        "clock_skew_ns",
+    ]
+    return {
+        "trace_id": trace_ids[0] if len(trace_ids) == 1 else None,
+        "span_count": spans.height,
+        "incomplete": bool(ctx.traces["incomplete"].any()) if ctx.traces.height else False,
+        "spans": spans.sort(["depth", "start_ns"]).select(columns).to_dicts(),
+        "critical_path": path,
+        "finding_ids": touching,
+    }
