@@ -9,10 +9,12 @@ For every failed span with no failed child (the deepest failure of its branch, t
 * the leaf is an outgoing call (CLIENT kind, or it carries ``db_system`` / ``rpc_method`` /
   ``messaging_destination`` / a peer): the dependency is that call's target, and the service that
   made the call is the one that could catch it (``service`` = the leaf's service, ``operation`` =
-  the call's name, ``targets`` = the peer / database / destination and the call's name);
+  the operation that makes the call — the client span's parent —, ``targets`` = the peer /
+  database / destination and the call's name);
 * otherwise the error was born inside a service B: the dependency is B's entry span (the top of
   the unbroken same-service chain above the leaf, usually B's SERVER span) and the catcher is its
-  caller — the parent of that entry span, in service A. Errors born in the root's own service
+  caller — the parent of that entry span, in service A (``operation`` = the operation making that
+  call: the parent of A's client span, or the parent itself when A has no client span). Errors born in the root's own service
   without any outgoing call are not dependency failures and are not reported.
 
 The dependency's failure *propagated* when every ancestor of the dependency span up to the real
@@ -21,7 +23,7 @@ unset status and no HTTP status (it says nothing, so it cannot have contained th
 root itself is failed. The failure was *contained* (a fallback exists) when some ancestor, or the
 root, succeeded.
 
-A finding is one dependency signature (catcher service + call operation + dependency) whose
+A finding is one dependency signature (catcher service + calling operation + dependency) whose
 failures propagated to the root in at least ``MIN_PROPAGATED_TRACES`` traces. Why: one failed
 request may be bad luck; the same dependency repeatedly taking whole requests down means the
 caller has no fallback (default value, cached copy, degraded response, circuit breaker).
@@ -175,14 +177,22 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     call = np.where(leaf_out, leaf_idx, pid[entry])
     usable = (call >= 0) & failed[dep]  # errors born in the root's own code, or handled inside B, drop
     leaf_idx, dep, call = leaf_idx[usable], dep[usable], call[usable]
+    # The operation that makes the call: the call span's parent when the call is its own (client) span.
+    caller = np.where(outgoing[call] & has_parent[call], parent_safe[call], call)
     if len(dep) == 0:
         return []
     top = top_reached[dep]
     propagated = is_root[top] & ~orphan[top] & failed[top]
 
     events = pl.DataFrame(
-        {"dep": dep, "call": call, "propagated": propagated, "top": top},
-        schema={"dep": pl.UInt32, "call": pl.UInt32, "propagated": pl.Boolean, "top": pl.UInt32},
+        {"dep": dep, "call": call, "caller": caller, "propagated": propagated, "top": top},
+        schema={
+            "dep": pl.UInt32,
+            "call": pl.UInt32,
+            "caller": pl.UInt32,
+            "propagated": pl.Boolean,
+            "top": pl.UInt32,
+        },
     ).unique("dep")
     info = sub.select(
         "nid", "trace_id", "span_id", "service", "name", "target", "outgoing", "depth", "root_duration_ns"
@@ -190,10 +200,13 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     events = (
         events.join(info.rename(lambda c: f"dep_{c}"), left_on="dep", right_on="dep_nid")
         .join(info.rename(lambda c: f"call_{c}"), left_on="call", right_on="call_nid")
+        .join(
+            info.select("nid", caller_span_id="span_id", caller_name="name"), left_on="caller", right_on="nid"
+        )
         .with_columns(
             trace_id=pl.col("dep_trace_id"),
             catcher_service=pl.col("call_service"),
-            operation=pl.col("call_name"),
+            operation=pl.col("caller_name"),
             target_service=pl.when(pl.col("dep_outgoing"))
             .then(
                 pl.when(pl.col("dep_target") != "").then(pl.col("dep_target")).otherwise(pl.col("dep_name"))
@@ -258,7 +271,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     occurrences = (
         reported.group_by([*signature_cols, "trace_id"])
         .agg(
-            call_ids=pl.col("call_span_id").unique(maintain_order=True),
+            call_ids=pl.concat_list("caller_span_id", "call_span_id").explode().unique(maintain_order=True),
             dep_ids=pl.col("dep_span_id").unique(maintain_order=True),
             failed_dependency_spans=pl.len(),
             depth=pl.col("dep_depth").max(),

@@ -2,6 +2,9 @@
 
 Rule
 ----
+A finding names the operation that makes the call (the call span's parent: where the deadline is
+set) as ``operation`` and the callee as ``targets``.
+
 A *call* is a blocking, non-root span that crosses a boundary: a CLIENT span, a span carrying
 ``db_system`` / ``rpc_method`` (an outgoing call instrumented as INTERNAL), or a SERVER span whose
 parent is not a CLIENT span (the caller's side was not instrumented). SERVER spans under a CLIENT
@@ -202,9 +205,9 @@ def _drop_explained_callers(outliers: pl.DataFrame, parent_row: np.ndarray) -> p
 
 
 def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
-    """Who sets the deadline, on what: a client call's own service and name, its callee (the traced
-    SERVER child, else the call's target); a SERVER span with an uninstrumented caller is attributed
-    to its parent (the caller) and targets itself."""
+    """Who sets the deadline, on what: the operation that makes the call (the call span's parent, in
+    the call's service) and the callee (the traced SERVER child, else the call's target); a SERVER
+    span with an uninstrumented caller is attributed to its parent (the caller) and targets itself."""
     rows = reported["row"].cast(pl.Int64).implode()
     callees = (
         spans.filter(pl.col("parent_row").is_in(rows) & (pl.col("kind") == KIND_SERVER))
@@ -228,7 +231,7 @@ def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
         .join(parents, on="parent_row", how="left")
         .with_columns(
             caller_service=pl.when(server_side).then(pl.col("parent_service")).otherwise(pl.col("service")),
-            caller_operation=pl.when(server_side).then(pl.col("parent_name")).otherwise(pl.col("name")),
+            caller_operation=pl.col("parent_name"),
             target_service=pl.when(server_side)
             .then(pl.col("service"))
             .when(pl.col("callee_service").is_not_null())

@@ -12,11 +12,20 @@ attempt is a *retry* of the one before it when
   span carries an explicit attempt number larger than the previous one's (``http.request.resend_count``,
   ``retry.attempt``, ``retry_count``, ``attempt``... keys in ``hints``).
 
-A chain of retries is a *retry sequence* (the first attempt plus its retries). It is reported when it
-has at least ``MIN_ATTEMPTS`` attempts, its median gap (previous end → next start) is at most
-``IMMEDIATE_GAP_NS`` (5 ms: no deliberate wait; even aggressive backoff policies start at tens of
-milliseconds), and its gaps are not growing (strictly increasing to beyond the immediate bound is
-exponential backoff with a small base, which is fine).
+A chain of retries is a *retry sequence* (the first attempt plus its retries); its *gaps* run from
+an attempt's end to the next attempt's start, and the k-th retry of a sequence has *retry index* k.
+A sequence whose gaps strictly grow beyond the immediate bound is backoff and is set aside.
+
+Retries are judged per signature — (service, operation that retries, callee service, callee
+operation) — over every sequence in every trace, because one trace's gaps are noisy (scheduler
+hiccups, TCP delayed ACKs add tens of milliseconds to some gaps at random). A signature lacks
+backoff when it has at least ``MIN_RETRIES`` retries and either
+
+* **immediate**: the median gap is at most ``IMMEDIATE_GAP_NS`` (5 ms: no deliberate wait), or
+* **constant short delay**: the median gap is at most ``MAX_FLAT_GAP_NS`` (50 ms — below the base
+  delay of common backoff policies: AWS SDKs 100 ms, gRPC 1 s, resilience4j 500 ms) and the gaps do
+  not grow with the retry index: at least ``MIN_LATER_RETRIES`` retries with index ≥ 2 show a median
+  gap below ``GROWTH_FACTOR`` (1.5) × the median gap of first retries (exponential backoff doubles).
 
 Why: retrying a failing dependency immediately multiplies its load exactly when it is struggling
 (a retry storm) and rarely succeeds, because the cause — overload, a restart, a rate limit — has not
@@ -24,18 +33,21 @@ had time to clear. Exponential backoff with jitter (and a retry budget) spreads 
 
 False-positive protections
 --------------------------
-* Retries with backoff (median gap above 5 ms, or growing gaps) are healthy: nothing is reported.
+* Retries with backoff — gaps that grow with the retry index, even with full jitter, or a median
+  gap above 50 ms — are healthy: nothing is reported.
 * A single failure, or a failure followed by a different call, is not a retry.
 * Repeated successful calls are N+1 / serialized work, not retries: the earlier attempt must fail
   or say it is a resend.
 * Different URLs or statements are different requests (a redirect or a loop over ids), not retries.
 * Overlapping copies of a call (hedging) are not chained.
+* A constant delay is only judged where growth could have shown (retries with index ≥ 2 exist).
 
-Aggregation: one finding per (service, retried operation, callee service/operation); ``evidence``
-has bursts, attempts per burst (p50/max), gaps (p50/max ms), how many bursts exhausted every attempt,
-the status codes seen, the parent operations that retry, whether explicit attempt attributes were
-seen. ``requests_at_risk`` = root requests that contained such a burst. No interventions: adding
-backoff adds latency, so no latency saving is claimed; the finding is ranked by risk.
+Aggregation: one finding per signature; ``operation`` is the parent span (the code that loops),
+``targets`` the callee. ``evidence`` has bursts, attempts per burst (p50/max), gaps (p50/max ms,
+median per retry index), the share of immediate gaps, how many bursts exhausted every attempt, the
+status codes seen, whether explicit attempt attributes were seen. ``requests_at_risk`` = root
+requests that contained such a burst. No interventions: adding backoff adds latency, so no latency
+saving is claimed; the finding is ranked by risk.
 """
 
 from __future__ import annotations
@@ -51,12 +63,16 @@ from analysis.model import Finding, Occurrence
 from collector.schema import KIND_SERVER
 
 KIND = "retry_without_backoff"
-MIN_ATTEMPTS = 2
-IMMEDIATE_GAP_NS = 5_000_000  # 5 ms
+MIN_RETRIES = 2  # a signature needs at least two retries across its traces
+IMMEDIATE_GAP_NS = 5_000_000  # 5 ms: no deliberate wait
+MAX_FLAT_GAP_NS = 50_000_000  # 50 ms: a constant delay below common backoff bases
+GROWTH_FACTOR = 1.5  # later retries waiting ≥ 1.5 × the first retry's gap is growing (backoff)
+MIN_LATER_RETRIES = 2  # retries with index ≥ 2 needed to judge growth
 SKEW_TOLERANCE_NS = 1_000_000  # 1 ms of overlap tolerated between an attempt and its retry (clock jitter)
 # An explicit attempt number among the hint attributes, e.g. {"http.request.resend_count": 2}.
 ATTEMPT_HINT_PATTERN = r'"[^"]*(?:resend_count|retry_count|retries|retry[._]?attempt|attempt[._]?(?:number|count)?|retry)"\s*:\s*"?(\d+)'
 TOP_CODES = 5
+SIGNATURE = ["service", "parent_name", "target_service", "target_operation"]
 
 
 def attempt_failed_expr() -> pl.Expr:
@@ -69,10 +85,12 @@ def attempt_number_expr() -> pl.Expr:
     return pl.col("hints").str.extract(ATTEMPT_HINT_PATTERN, 1).cast(pl.Int64, strict=False)
 
 
-def _confidence(bursts: int, max_attempts: int, explicit: bool) -> float:
-    value = 0.35 + 0.2 * min(1.0, math.log10(bursts + 1) / 2.0)
+def _confidence(bursts: int, max_attempts: int, explicit: bool, immediate: bool) -> float:
+    value = 0.3 + 0.2 * min(1.0, math.log10(bursts + 1) / 2.0)
     if max_attempts >= 3:
-        value += 0.25  # again and again, not a single immediate retry
+        value += 0.2  # again and again, not a single retry
+    if immediate:
+        value += 0.1  # no wait at all, rather than a short constant one
     if explicit:
         value += 0.15  # the instrumentation itself says these are retries
     return round(min(0.95, value), 3)
@@ -85,110 +103,21 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     )
     if candidates.height == 0:
         return []
-    parent_rows = candidates["parent_row"].unique().implode()
-    key = ["parent_row", "service", "name", "target", "request"]
-    siblings = (
-        spans.filter(pl.col("parent_row").is_in(parent_rows))
-        .select(
-            "trace_id",
-            "span_id",
-            "parent_row",
-            "service",
-            "name",
-            "start_ns",
-            "end_ns",
-            "row",
-            "http_status_code",
-            "status_code",
-            target=call_target_expr(),
-            request=pl.coalesce(pl.col("http_url"), pl.col("db_statement"), pl.lit("")),
-            failed=attempt_failed_expr(),
-            attempt=attempt_number_expr(),
-        )
-        .sort([*key, "start_ns", "span_id"])
-    )
-    same_call = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in key]).fill_null(False)
-    gap = pl.col("start_ns") - pl.col("end_ns").shift(1)
-    explicit_resend = (pl.col("attempt") > pl.col("attempt").shift(1).fill_null(0)).fill_null(False)
-    is_retry = (
-        same_call
-        & (gap >= -SKEW_TOLERANCE_NS)
-        & (pl.col("failed").shift(1).fill_null(False) | explicit_resend)
-    )
-    attempts = siblings.with_columns(gap_ns=gap, is_retry=is_retry).with_columns(
-        sequence=(~pl.col("is_retry")).cum_sum()
-    )
-
-    retry_gap = pl.col("gap_ns").filter(pl.col("is_retry"))
-    sequences = (
-        attempts.group_by("sequence")
-        .agg(
-            pl.col("trace_id").first(),
-            pl.col("parent_row").first(),
-            pl.col("service").first(),
-            pl.col("name").first(),
-            pl.col("target").first(),
-            attempts=pl.len(),
-            failed_attempts=pl.col("failed").sum(),
-            last_failed=pl.col("failed").last(),
-            explicit=pl.col("attempt").is_not_null().any(),
-            span_ids=pl.col("span_id"),
-            rows=pl.col("row"),
-            first_start_ns=pl.col("start_ns").first(),
-            first_end_ns=pl.col("end_ns").first(),
-            last_end_ns=pl.col("end_ns").last(),
-            codes=pl.col("http_status_code").filter(pl.col("failed")).drop_nulls(),
-            median_gap_ns=retry_gap.median(),
-            max_gap_ns=retry_gap.max(),
-            first_gap_ns=retry_gap.first(),
-            last_gap_ns=retry_gap.last(),
-            growing=(retry_gap.diff().drop_nulls() > 0).all(),
-        )
-        .filter(
-            (pl.col("attempts") >= MIN_ATTEMPTS)
-            & (pl.col("median_gap_ns") <= IMMEDIATE_GAP_NS)
-            & ~((pl.col("attempts") >= 3) & pl.col("growing") & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS))
-        )
-    )
+    attempts = _attempts(spans, candidates["parent_row"].unique().implode())
+    sequences = _sequences(attempts)
     if sequences.height == 0:
         return []
+    sequences = _attribute(sequences, spans)
+    retries = attempts.filter(pl.col("is_retry")).join(
+        sequences.select("sequence", *SIGNATURE), on="sequence", how="inner"
+    )
+    verdicts = _judge(retries)
+    if verdicts.height == 0:
+        return []
+    sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort("trace_id", "first_start_ns")
 
-    # Callee: the attempts' server-side child in another service when traced, else the call's target.
-    attempt_rows = sequences["rows"].explode().cast(pl.Int64).implode()
-    callees = (
-        spans.filter(pl.col("parent_row").is_in(attempt_rows))
-        .filter(pl.col("kind") == KIND_SERVER)
-        .select(pl.col("parent_row").alias("attempt_row"), callee_service="service", callee_name="name")
-        .unique("attempt_row")
-    )
-    parent_info = spans.select(
-        pl.col("row").cast(pl.Int64).alias("parent_row"), parent_span_id="span_id", parent_name="name"
-    )
-    sequences = (
-        sequences.with_columns(attempt_row=pl.col("rows").list.first().cast(pl.Int64))
-        .join(callees, on="attempt_row", how="left")
-        .join(
-            parent_info.filter(pl.col("parent_row").is_in(sequences["parent_row"].implode())),
-            on="parent_row",
-            how="left",
-        )
-        .with_columns(
-            target_service=pl.when(
-                pl.col("callee_service").is_not_null() & (pl.col("callee_service") != pl.col("service"))
-            )
-            .then(pl.col("callee_service"))
-            .when(pl.col("target") != "")
-            .then(pl.col("target"))
-            .otherwise(pl.col("service")),
-            target_operation=pl.coalesce(pl.col("callee_name"), pl.col("name")),
-            retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"),
-        )
-        .sort("trace_id", "first_start_ns")
-    )
-
-    signature = ["service", "name", "target_service", "target_operation"]
     findings: list[Finding] = []
-    for group_key, group in sequences.partition_by(signature, as_dict=True, maintain_order=True).items():
+    for group_key, group in sequences.partition_by(SIGNATURE, as_dict=True, maintain_order=True).items():
         service, operation, target_service, target_operation = (str(v) for v in group_key)
         occurrences = [
             Occurrence(
@@ -210,6 +139,149 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     return findings
 
 
+def _attempts(spans: pl.DataFrame, parent_rows: pl.Series) -> pl.DataFrame:
+    """Siblings under parents that hold a failed or numbered attempt, chained into retry sequences."""
+    key = ["parent_row", "service", "name", "target", "request"]
+    siblings = (
+        spans.filter(pl.col("parent_row").is_in(parent_rows))
+        .select(
+            "trace_id",
+            "span_id",
+            "parent_row",
+            "service",
+            "name",
+            "start_ns",
+            "end_ns",
+            "row",
+            "http_status_code",
+            target=call_target_expr(),
+            request=pl.coalesce(pl.col("http_url"), pl.col("db_statement"), pl.lit("")),
+            failed=attempt_failed_expr(),
+            attempt=attempt_number_expr(),
+        )
+        .sort([*key, "start_ns", "span_id"])
+    )
+    same_call = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in key]).fill_null(False)
+    gap = pl.col("start_ns") - pl.col("end_ns").shift(1)
+    explicit_resend = (pl.col("attempt") > pl.col("attempt").shift(1).fill_null(0)).fill_null(False)
+    is_retry = (
+        same_call
+        & (gap >= -SKEW_TOLERANCE_NS)
+        & (pl.col("failed").shift(1).fill_null(False) | explicit_resend)
+    )
+    position = pl.int_range(pl.len(), dtype=pl.Int64)
+    return (
+        siblings.with_columns(gap_ns=gap, is_retry=is_retry)
+        .with_columns(
+            sequence=(~pl.col("is_retry")).cum_sum(),
+            retry_index=position - pl.when(~pl.col("is_retry")).then(position).forward_fill(),
+        )
+        .with_columns(gap_ns=pl.when(pl.col("is_retry")).then(pl.col("gap_ns")))
+    )
+
+
+def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
+    """One row per retry sequence of ≥ 2 attempts; sequences with strictly growing gaps dropped."""
+    retry_gap = pl.col("gap_ns").filter(pl.col("is_retry"))
+    return (
+        attempts.group_by("sequence")
+        .agg(
+            pl.col("trace_id").first(),
+            pl.col("parent_row").first(),
+            pl.col("service").first(),
+            pl.col("name").first(),
+            pl.col("target").first(),
+            attempts=pl.len(),
+            failed_attempts=pl.col("failed").sum(),
+            last_failed=pl.col("failed").last(),
+            explicit=pl.col("attempt").is_not_null().any(),
+            span_ids=pl.col("span_id"),
+            first_row=pl.col("row").first().cast(pl.Int64),
+            first_start_ns=pl.col("start_ns").first(),
+            first_end_ns=pl.col("end_ns").first(),
+            last_end_ns=pl.col("end_ns").last(),
+            codes=pl.col("http_status_code").filter(pl.col("failed")).drop_nulls(),
+            median_gap_ns=retry_gap.median(),
+            max_gap_ns=retry_gap.max(),
+            last_gap_ns=retry_gap.last(),
+            growing=(retry_gap.diff().drop_nulls() > 0).all(),
+        )
+        .filter(
+            (pl.col("attempts") >= 2)
+            & ~((pl.col("attempts") >= 3) & pl.col("growing") & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS))
+        )
+        .with_columns(retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"))
+    )
+
+
+def _attribute(sequences: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
+    """Parent operation (where the loop lives) and callee: the attempts' SERVER child in another
+    service when traced, else the call's target."""
+    first_rows = sequences["first_row"].implode()
+    callees = (
+        spans.filter(pl.col("parent_row").is_in(first_rows) & (pl.col("kind") == KIND_SERVER))
+        .select(pl.col("parent_row").alias("first_row"), callee_service="service", callee_name="name")
+        .unique("first_row")
+    )
+    parents = spans.filter(pl.col("row").is_in(sequences["parent_row"].implode())).select(
+        pl.col("row").cast(pl.Int64).alias("parent_row"), parent_span_id="span_id", parent_name="name"
+    )
+    callee_elsewhere = pl.col("callee_service").is_not_null() & (
+        pl.col("callee_service") != pl.col("service")
+    )
+    return (
+        sequences.join(callees, on="first_row", how="left")
+        .join(parents, on="parent_row", how="left")
+        .with_columns(
+            target_service=pl.when(callee_elsewhere)
+            .then(pl.col("callee_service"))
+            .when(pl.col("target") != "")
+            .then(pl.col("target"))
+            .otherwise(pl.col("service")),
+            target_operation=pl.coalesce(pl.col("callee_name"), pl.col("name")),
+        )
+    )
+
+
+def _judge(retries: pl.DataFrame) -> pl.DataFrame:
+    """Signatures whose retries wait (almost) nothing, or a constant short delay; with the gap numbers."""
+    first = pl.col("retry_index") == 1
+    later = pl.col("retry_index") >= 2
+    stats = retries.group_by(SIGNATURE).agg(
+        retries=pl.len(),
+        gap_p50_ns=pl.col("gap_ns").median(),
+        gap_max_ns=pl.col("gap_ns").max(),
+        immediate_share=(pl.col("gap_ns") <= IMMEDIATE_GAP_NS).mean(),
+        first_gap_p50_ns=pl.col("gap_ns").filter(first).median(),
+        later_gap_p50_ns=pl.col("gap_ns").filter(later).median(),
+        later_retries=later.sum(),
+    )
+    by_index = (
+        retries.with_columns(index=pl.col("retry_index").clip(upper_bound=5))
+        .group_by([*SIGNATURE, "index"])
+        .agg(p50=pl.col("gap_ns").median())
+        .sort("index")
+        .group_by(SIGNATURE)
+        .agg(gap_p50_ms_by_retry_index=(pl.col("p50") / 1e6).round(3))
+    )
+    immediate = pl.col("gap_p50_ns") <= IMMEDIATE_GAP_NS
+    flat = (
+        (pl.col("gap_p50_ns") <= MAX_FLAT_GAP_NS)
+        & (pl.col("later_retries") >= MIN_LATER_RETRIES)
+        & (
+            pl.col("later_gap_p50_ns")
+            < GROWTH_FACTOR * pl.col("first_gap_p50_ns").clip(lower_bound=IMMEDIATE_GAP_NS)
+        )
+    )
+    return (
+        stats.filter((pl.col("retries") >= MIN_RETRIES) & (immediate | flat))
+        .with_columns(
+            pattern=pl.when(immediate).then(pl.lit("immediate")).otherwise(pl.lit("constant_short_delay"))
+        )
+        .join(by_index, on=SIGNATURE, how="left")
+    )
+
+
 def _finding(
     service: str,
     operation: str,
@@ -224,33 +296,36 @@ def _finding(
         attempts_p50=pl.col("attempts").median(),
         attempts_max=pl.col("attempts").max(),
         retries_total=(pl.col("attempts") - 1).sum(),
-        gap_ms_p50=pl.col("median_gap_ns").median() / 1e6,
-        gap_ms_max=pl.col("max_gap_ns").max() / 1e6,
         retry_time_ms_p50=pl.col("retry_time_ns").median() / 1e6,
         exhausted_bursts=pl.col("last_failed").sum(),
         explicit=pl.col("explicit").any(),
+        retried_operations=pl.col("name").unique().sort().implode(),
     ).row(0, named=True)
+    verdict = group.row(0, named=True)
     codes = (
         group.select(pl.col("codes").explode().drop_nulls().value_counts(sort=True))
         .unnest("codes")
         .head(TOP_CODES)
     )
-    parents = group["parent_name"].drop_nulls().value_counts(sort=True).head(5)
     bursts = int(stats["bursts"])
+    immediate = verdict["pattern"] == "immediate"
     evidence: dict[str, Any] = {
+        "pattern": verdict["pattern"],
         "bursts": bursts,
         "traces_with_bursts": int(stats["traces"]),
         "attempts_per_burst_p50": float(stats["attempts_p50"]),
         "attempts_per_burst_max": int(stats["attempts_max"]),
         "retries_total": int(stats["retries_total"]),
-        "gap_ms_p50": round(float(stats["gap_ms_p50"]), 3),
-        "gap_ms_max": round(float(stats["gap_ms_max"]), 3),
+        "gap_ms_p50": round(verdict["gap_p50_ns"] / 1e6, 3),
+        "gap_ms_max": round(verdict["gap_max_ns"] / 1e6, 3),
+        "gap_ms_p50_by_retry_index": verdict["gap_p50_ms_by_retry_index"],
+        "immediate_gap_share": round(float(verdict["immediate_share"]), 4),
         "retry_time_ms_p50": round(float(stats["retry_time_ms_p50"]), 3),
         "exhausted_bursts": int(stats["exhausted_bursts"]),
         "exhausted_share": round(int(stats["exhausted_bursts"]) / bursts, 4),
         "explicit_attempt_attributes": bool(stats["explicit"]),
         "failure_status_codes": {str(r[0]): int(r[1]) for r in codes.iter_rows()},
-        "parent_operations": [str(r[0]) for r in parents.iter_rows()],
+        "retried_operations": list(stats["retried_operations"]),
         "trace_ids": [o.trace_id for o in occurrences[:10]],
         "span_ids": [sid for o in occurrences[:10] for sid in o.span_ids[1:3]],
     }
@@ -261,7 +336,7 @@ def _finding(
         operation=operation,
         targets=[{"service": target_service, "operation": target_operation}],
         occurrences=occurrences,
-        confidence=_confidence(bursts, int(stats["attempts_max"]), bool(stats["explicit"])),
+        confidence=_confidence(bursts, int(stats["attempts_max"]), bool(stats["explicit"]), immediate),
         evidence=evidence,
         requests_at_risk=int(stats["traces"]),
     )

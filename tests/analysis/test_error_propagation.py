@@ -67,7 +67,7 @@ def test_dependency_failure_reaching_the_root_is_attributed_to_the_caller() -> N
         "error_propagation",
         "fault_tolerance",
         "frontend",
-        "POST /charge",
+        "GET /checkout",
     )
     assert f.targets == [{"service": "payment", "operation": "POST /charge"}]
     assert f.requests_at_risk == 5
@@ -87,9 +87,9 @@ def test_dependency_failure_reaching_the_root_is_attributed_to_the_caller() -> N
         "frontend: GET /checkout",
     ]
     assert f.occurrences[0].interventions == ()
-    # parent first: the caller's call span, then the failing dependency's entry span
+    # parent first: the calling operation, its call span, then the failing dependency's entry span
     first = f.occurrences[0]
-    assert len(first.span_ids) == 2
+    assert len(first.span_ids) == 3
     assert first.numbers["failed_dependency_spans"] == 1.0
     assert 0.5 < f.confidence <= 0.95
 
@@ -123,7 +123,7 @@ def test_silent_internal_spans_pass_the_error_on() -> None:
         [checkout_trace(payment_fails=True, root_fails=True, via_silent_handler=True) for _ in range(3)]
     )
     assert [(f.service, f.operation, f.requests_at_risk) for f in findings] == [
-        ("frontend", "POST /charge", 3)
+        ("frontend", "checkout handler", 3)
     ]
 
 
@@ -183,7 +183,7 @@ def test_failing_database_call_is_attributed_to_the_service_that_queries_it() ->
     findings = analyse(traces)
     assert len(findings) == 1
     f = findings[0]
-    assert (f.service, f.operation) == ("orders", "SELECT orders")
+    assert (f.service, f.operation) == ("orders", "GET /orders/{id}")
     assert f.targets == [{"service": "postgresql", "operation": "SELECT orders"}]
     assert f.requests_at_risk == 3
     assert f.evidence["chain"][0] == "orders: SELECT orders"

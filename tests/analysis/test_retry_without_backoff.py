@@ -67,7 +67,7 @@ def test_immediate_retries_of_a_failing_call_are_one_finding() -> None:
         "retry_without_backoff",
         "fault_tolerance",
         "product",
-        "GET /inventory",
+        "GET /product",
     )
     assert f.targets == [{"service": "inventory", "operation": "GET /inventory"}]
     assert f.requests_at_risk == 5
@@ -79,7 +79,9 @@ def test_immediate_retries_of_a_failing_call_are_one_finding() -> None:
     assert 0.1 <= ev["gap_ms_p50"] <= 0.3 and ev["gap_ms_max"] == 0.3
     assert ev["exhausted_bursts"] == 0
     assert ev["failure_status_codes"] == {"503": 15}
-    assert ev["parent_operations"] == ["GET /product"]
+    assert ev["retried_operations"] == ["GET /inventory"]
+    assert ev["pattern"] == "immediate"
+    assert ev["gap_ms_p50_by_retry_index"] == [0.2, 0.1, 0.3]
     assert ev["explicit_attempt_attributes"] is False
     occ = f.occurrences[0]
     assert len(occ.span_ids) == 5  # the parent, then the four attempts
@@ -190,6 +192,36 @@ def test_exception_events_mark_a_failed_attempt() -> None:
         traces.append(b)
     findings = analyse(traces)
     assert [(f.service, f.operation, f.targets[0]["service"]) for f in findings] == [
-        ("worker", "SELECT job", "postgresql")
+        ("worker", "process job", "postgresql")
     ]
     assert findings[0].evidence["attempts_per_burst_max"] == 3
+
+
+def test_a_constant_short_delay_that_never_grows_is_no_backoff() -> None:
+    """Gaps of ~40 ms on every retry (a fixed sleep, or TCP delayed ACKs on an immediate loop)."""
+    traces = [
+        product_trace([40 + i % 3, 41, 40.5, 42], outcomes=[False, False, False, False, True])
+        for i in range(6)
+    ]
+    findings = analyse(traces)
+    assert len(findings) == 1
+    ev = findings[0].evidence
+    assert ev["pattern"] == "constant_short_delay"
+    assert 40 <= ev["gap_ms_p50"] <= 42
+    assert ev["immediate_gap_share"] == 0.0
+
+
+def test_full_jitter_backoff_with_some_short_first_gaps_is_healthy() -> None:
+    """Exponential backoff with full jitter: first waits can be tiny, later ones grow on the whole
+    (though not in every sequence)."""
+    first_gaps = [1.0, 3.0, 7.0, 2.0, 12.0, 0.5]
+    traces = [
+        product_trace([g, 35 + 5 * i, 90 + 7 * i if i % 2 else 20 + i], outcomes=[False, False, False, True])
+        for i, g in enumerate(first_gaps)
+    ]
+    assert analyse(traces) == []
+
+
+def test_a_constant_delay_above_common_backoff_bases_is_not_flagged() -> None:
+    traces = [product_trace([200, 200, 200], outcomes=[False, False, False, True]) for _ in range(5)]
+    assert analyse(traces) == []
