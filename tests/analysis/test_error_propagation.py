@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from analysis.context import AnalysisContext
 from analysis.detectors.error_propagation import detect
+from analysis.pipeline import analyze
 from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, STATUS_OK, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
 
@@ -253,3 +254,23 @@ def test_a_fallback_used_by_another_caller_lowers_confidence() -> None:
     assert [f.service for f in with_other] == ["web"]
     assert with_other[0].evidence["contained_by_other_callers_traces"] == 4
     assert with_other[0].confidence < alone[0].confidence
+
+
+def test_end_to_end_the_report_carries_the_propagation_finding_ranked_by_risk() -> None:
+    traces = [checkout_trace(payment_fails=True, root_fails=True) for _ in range(4)]
+    traces += [checkout_trace(payment_fails=True, root_fails=False) for _ in range(2)]
+    traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(14)]
+    report = analyze(spans_table(traces))
+    recs = [r for r in report["recommendations"] if r["kind"] == "error_propagation"]
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec["category"] == "fault_tolerance"
+    assert (rec["service"], rec["operation"]) == ("frontend", "GET /checkout")
+    assert rec["targets"] == [{"service": "payment", "operation": "POST /charge"}]
+    assert rec["traces_affected"] == 4
+    assert rec["impact"]["saved_ms_p50"] is None
+    assert rec["evidence"]["requests_at_risk"] == 4
+    assert rec["evidence"]["contained_traces"] == 2
+    assert rec["evidence"]["dependency_error_rate"] == 0.3
+    assert rec["rank"] >= 1 and 0 < rec["confidence"] <= 1
+    assert "POST /charge" in rec["title"] and rec["summary"] and rec["actions"]

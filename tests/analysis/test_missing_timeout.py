@@ -7,6 +7,7 @@ import pytest
 from analysis.context import AnalysisContext
 from analysis.detectors.missing_timeout import detect
 from analysis.model import ShortenSpan
+from analysis.pipeline import analyze
 from analysis.whatif import WhatIf
 from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
@@ -169,3 +170,22 @@ def test_the_what_if_engine_measures_the_deadline_saving_at_the_root() -> None:
     held_ms = {o.trace_id: o.numbers["held_past_timeout_ms"] for o in finding.occurrences}
     saved_ms = dict(zip(impact.trace_ids, (impact.saved_ns / 1e6).tolist(), strict=True))
     assert saved_ms == pytest.approx(held_ms, abs=0.01)
+
+
+def test_end_to_end_the_report_carries_the_timeout_finding_with_its_root_saving() -> None:
+    hung = [home_trace(ms) for ms in (2_000.0, 3_500.0, 5_200.0)]
+    report = analyze(spans_table(usual(30) + hung))
+    recs = [r for r in report["recommendations"] if r["kind"] == "missing_timeout"]
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec["rank"] == 1
+    assert rec["category"] == "fault_tolerance"
+    assert (rec["service"], rec["operation"]) == ("frontend", "GET /home")
+    assert rec["traces_affected"] == 3
+    impact = rec["impact"]
+    assert impact["saved_ms_p50"] == pytest.approx(3_500.0 - rec["evidence"]["suggested_timeout_ms"], abs=0.5)
+    assert impact["saved_ms_total"] > impact["saved_ms_p95"] >= impact["saved_ms_p50"] > 0
+    assert 0.9 < impact["share_of_root_latency"] < 1.0
+    assert rec["evidence"]["requests_at_risk"] == 3
+    assert rec["evidence"]["interventions"]  # exemplar deadlines for the report's "after" view
+    assert "GET /ads" in rec["title"] and rec["summary"] and rec["actions"]

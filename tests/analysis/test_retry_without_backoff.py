@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from analysis.context import AnalysisContext
 from analysis.detectors.retry_without_backoff import detect
+from analysis.pipeline import analyze
 from collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
 
@@ -225,3 +226,22 @@ def test_full_jitter_backoff_with_some_short_first_gaps_is_healthy() -> None:
 def test_a_constant_delay_above_common_backoff_bases_is_not_flagged() -> None:
     traces = [product_trace([200, 200, 200], outcomes=[False, False, False, True]) for _ in range(5)]
     assert analyse(traces) == []
+
+
+def test_end_to_end_the_report_carries_the_retry_finding_ranked_by_risk() -> None:
+    traces = [product_trace([0.2, 0.1, 0.3], outcomes=[False, False, False, True]) for _ in range(5)]
+    traces += [product_trace([100, 200, 400], outcomes=[False, False, False, True]) for _ in range(5)]
+    traces += [product_trace([], outcomes=[True]) for _ in range(10)]
+    report = analyze(spans_table(traces))
+    assert report["traces_analyzed"] == 20
+    recs = [r for r in report["recommendations"] if r["kind"] == "retry_without_backoff"]
+    assert len(recs) == 1
+    rec = recs[0]
+    assert rec["category"] == "fault_tolerance"
+    assert (rec["service"], rec["operation"]) == ("product", "GET /product")
+    assert rec["traces_affected"] == 5 and rec["occurrences"] == 5
+    assert rec["impact"]["saved_ms_p50"] is None  # backoff adds latency: no saving is claimed
+    assert rec["evidence"]["requests_at_risk"] == 5
+    assert rec["evidence"]["trace_ids"] and rec["evidence"]["span_ids"]
+    assert rec["rank"] >= 1 and 0 < rec["confidence"] <= 1
+    assert "GET /inventory" in rec["title"] and rec["summary"] and rec["actions"]
