@@ -143,11 +143,13 @@ class _CountingReader(io.RawIOBase):
 
 
 class _HeadThenRest(io.RawIOBase):
-    """Serves bytes already read for detection, then the rest of the stream."""
+    """Serves bytes already read for detection, then the rest of the stream (or the error that
+    cut the head short, so that the data before a truncation is still read)."""
 
-    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+    def __init__(self, head: bytes, rest: BinaryIO, error: BaseException | None = None) -> None:
         self._head = memoryview(head)
         self._rest = rest
+        self._error = error
 
     def readable(self) -> bool:
         return True
@@ -158,21 +160,31 @@ class _HeadThenRest(io.RawIOBase):
             buffer[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        data = self._rest.read(len(buffer))
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        # read1: one decompressor step at a time, so that a truncation loses only the data after it
+        data = self._rest.read1(len(buffer))  # type: ignore[attr-defined]
         buffer[: len(data)] = data
         return len(data)
 
 
-def _read_head(stream: BinaryIO, size: int) -> bytes:
+def _read_head(stream: BinaryIO, size: int) -> tuple[bytes, BaseException | None]:
+    """Up to ``size`` bytes, and the decompression error that stopped the reading early, if any."""
     chunks = []
     have = 0
+    error: BaseException | None = None
     while have < size:
-        chunk = stream.read(size - have)
+        try:
+            chunk = stream.read1(size - have)  # type: ignore[attr-defined]
+        except _STREAM_ERRORS as exc:
+            error = exc
+            break
         if not chunk:
             break
         chunks.append(chunk)
         have += len(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), error
 
 
 _BINARY_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -197,6 +209,8 @@ def detect_format(head: bytes) -> str:
     if not stripped:
         raise ValueError("the file holds only whitespace")
     if not _BINARY_CONTROL.search(text_head[:4096]):
+        if re.search(rb"^\s*[{\[]", text_head, re.M):
+            return "json"  # JSON Lines whose first line is damaged
         sample = stripped[:40].decode("utf-8", "replace").splitlines()[0]
         raise ValueError(
             f"not a trace file: text starting {sample!r}, not JSON; expected OTLP JSON/JSON Lines/"
@@ -271,6 +285,8 @@ class TraceFileReader:
         self._progress = progress
         self._batch_bytes = batch_bytes
         self.reports: list[FileReport] = []
+        # JSON Lines: problems of a batch are held until it is decoded, then told in line order
+        self._held: list[FileProblem] | None = None
 
     # ----------------------------------------------------------------------------------------
     def read(self, paths: Iterable[str | Path]) -> Iterator[pa.Table]:
@@ -297,7 +313,9 @@ class TraceFileReader:
             buffered = io.BufferedReader(_CountingReader(raw, self._progress), READ_BUFFER_BYTES)
             try:
                 stream, report.compression = _open_decompressed(buffered)
-                head = _read_head(stream, HEAD_BYTES)
+                head, head_error = _read_head(stream, HEAD_BYTES)
+                if not head and head_error is not None:
+                    raise head_error
                 family = detect_format(head)
             except _FileError as exc:
                 self._problem(report, exc.position, exc.reason, fatal=True)
@@ -310,10 +328,13 @@ class TraceFileReader:
                 return
             except _STREAM_ERRORS as exc:
                 self._problem(
-                    report, None, f"{report.compression or 'file'} data unreadable: {exc}", fatal=True
+                    report,
+                    None,
+                    f"{report.compression or 'file'} data truncated or corrupt: {exc}",
+                    fatal=True,
                 )
                 return
-            body = io.BufferedReader(_HeadThenRest(head, stream), READ_BUFFER_BYTES)
+            body = io.BufferedReader(_HeadThenRest(head, stream, head_error), READ_BUFFER_BYTES)
             if family == "json":
                 yield from self._read_json(report, body)
             elif family == "otlp-proto":
@@ -328,7 +349,19 @@ class TraceFileReader:
         if fatal:
             report.failed = True
         report.problems += 1
-        self._on_problem(FileProblem(report.file, position, reason))
+        self._tell(FileProblem(report.file, position, reason))
+
+    def _tell(self, problem: FileProblem) -> None:
+        if self._held is not None:
+            self._held.append(problem)
+        else:
+            self._on_problem(problem)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], []
+        held.sort(key=lambda p: int(p.position.split(":", 1)[0]) if p.position else 0)
+        for problem in held:
+            self._on_problem(problem)
 
     def _ignore(self, report: FileReport, reason: str) -> None:
         report.ignored = True
@@ -336,7 +369,7 @@ class TraceFileReader:
 
     def _warning(self, report: FileReport, position: str | None, reason: str) -> None:
         report.warnings += 1
-        self._on_problem(FileProblem(report.file, position, reason, skipped=False))
+        self._tell(FileProblem(report.file, position, reason, skipped=False))
 
     def _record_problems(self, report: FileReport, prefix: str, problems: list[RecordProblem]) -> None:
         for problem in problems:
@@ -357,15 +390,13 @@ class TraceFileReader:
         for message in result.errors:
             path, reason = _split_path(message)
             report.problems += 1
-            self._on_problem(
+            self._tell(
                 FileProblem(report.file, _join_position(prefix, path), f"{reason}; span skipped{note}")
             )
         more = result.rejected - len(result.errors)
         if more > 0:
             report.problems += 1
-            self._on_problem(
-                FileProblem(report.file, prefix or None, f"and {more} more spans skipped for bad ids")
-            )
+            self._tell(FileProblem(report.file, prefix or None, f"and {more} more spans skipped for bad ids"))
 
     def _emit(self, report: FileReport, table: pa.Table) -> Iterator[pa.Table]:
         if table.num_rows:
@@ -382,6 +413,8 @@ class TraceFileReader:
             self._ignore(report, f"not a trace document: {_describe(value)}")
             return None
         if kind is None:
+            if prefix:  # a line of a JSON Lines file: one record skipped
+                report.skipped_spans += 1
             self._problem(
                 report,
                 prefix or None,
@@ -440,6 +473,15 @@ class TraceFileReader:
                     if _is_whole_document(line):
                         jsonl = True
                         break
+            if jsonl:  # a file of one line is a document, not JSON Lines: positions without "1:"
+                while True:
+                    line = body.readline()
+                    if not line:
+                        jsonl = nonempty > 1
+                        break
+                    first_lines.append(line)
+                    if line.strip():
+                        break
         except _STREAM_ERRORS as exc:
             self._problem(
                 report, None, f"{report.compression or 'file'} data truncated or corrupt: {exc}", fatal=True
@@ -480,6 +522,15 @@ class TraceFileReader:
 
     def _read_jsonl(self, report: FileReport, first_lines: list[bytes], body: BinaryIO) -> Iterator[pa.Table]:
         report.format = None  # set from the first good line, suffixed with "l" below
+        self._held = []
+        try:
+            yield from self._jsonl_lines(report, first_lines, body)
+        finally:
+            self._held = None
+
+    def _jsonl_lines(
+        self, report: FileReport, first_lines: list[bytes], body: BinaryIO
+    ) -> Iterator[pa.Table]:
         batch: list[tuple[str, dict[str, Any], bool]] = []
         batch_bytes = 0
         lineno = 0
@@ -513,10 +564,12 @@ class TraceFileReader:
                 batch_bytes += len(line)
                 if batch_bytes >= self._batch_bytes:
                     yield from self._decode_batch(report, batch)
+                    self._release_held()
                     batch, batch_bytes = [], 0
         except _STREAM_ERRORS as exc:
             stream_error = exc
         yield from self._decode_batch(report, batch)
+        self._release_held()
         if report.format is not None and not report.format.endswith("l"):
             report.format += "l"  # otlp-jsonl, jaeger-jsonl, zipkin-jsonl
         if stream_error is not None:
@@ -527,6 +580,7 @@ class TraceFileReader:
                 f"the lines before are kept, the rest of the file is lost",
                 fatal=True,
             )
+            self._release_held()
 
     # ----------------------------------------------------------------------------------------
     # protobuf
