@@ -1,0 +1,280 @@
+"""`hourglass serve` as users run it: the real CLI in a subprocess, the real SDK exporters.
+
+Ports are chosen by the server (``--*-port 0``) and read from its startup lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from collector.duckdb_store import DuckDBSpanStore
+from collector.schema import SPAN_COLUMNS
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[2]
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+@dataclass
+class Serve:
+    process: subprocess.Popen[bytes]
+    log: Path
+    db: Path
+    grpc: str
+    http: str
+    api: str
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        reply = httpx.get(f"{self.api}/v1/stats", timeout=10)
+        reply.raise_for_status()
+        data = reply.json()
+        return {"spans": data["spans"], "traces": data["traces"]}
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def start_serve(db: Path, log: Path, *extra: str) -> Serve:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(db), "--host", "127.0.0.1"]
+    cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0", *extra]
+    with log.open("ab") as out:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace").split("hourglass: store")[-1]
+        found = {
+            "grpc": re.search(r"OTLP/gRPC listening on (\S+)", text),
+            "http": re.search(r"OTLP/HTTP listening on (\S+)", text),
+            "api": re.search(r"REST API listening on (\S+)", text),
+        }
+        if all(found.values()):
+            serve = Serve(process, log, db, **{k: m.group(1) for k, m in found.items() if m})
+            try:
+                if httpx.get(f"{serve.api}/healthz", timeout=5).status_code == 200:
+                    return serve
+            except httpx.HTTPError:
+                pass
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"serve did not start:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    server = start_serve(tmp_path / "spans.duckdb", tmp_path / "serve.log")
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+
+
+def _emit(exporter: object, service: str) -> None:
+    provider = TracerProvider(resource=Resource.create({"service.name": service, "host.name": "box-1"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[arg-type]
+    tracer = provider.get_tracer("test.lib")
+    with tracer.start_as_current_span("GET /orders", kind=SpanKind.SERVER) as root:
+        root.set_attribute("http.request.method", "GET")
+        root.set_attribute("http.route", "/orders")
+        for i in range(3):
+            with tracer.start_as_current_span("SELECT orders", kind=SpanKind.CLIENT) as db:
+                db.set_attribute("db.system", "postgresql")
+                db.set_attribute("db.statement", f"SELECT * FROM orders WHERE id = {i}")
+                db.add_event("lock.wait", {"lock.name": "orders", "waiters": i})
+        root.set_status(Status(StatusCode.ERROR, "one failed"))
+    provider.shutdown()
+
+
+def test_sdk_exporters_grpc_and_http_every_span_once(serve: Serve) -> None:
+    _emit(GrpcExporter(endpoint=serve.grpc, insecure=True, timeout=10), "via-grpc")
+    _emit(HttpExporter(endpoint=serve.http, timeout=10), "via-http")
+    assert serve.stats() == {"spans": 8, "traces": 2}
+    assert serve.stop() == 0
+    assert "stopped:" in serve.log_text()
+    with DuckDBSpanStore(str(serve.db)) as store:
+        assert store.raw_row_count() == 8
+        rows = store.scan(columns=SPAN_COLUMNS).to_pylist()
+    assert {r["service"] for r in rows} == {"via-grpc", "via-http"}
+    for service in ("via-grpc", "via-http"):
+        mine = [r for r in rows if r["service"] == service]
+        root = next(r for r in mine if r["name"] == "GET /orders")
+        children = [r for r in mine if r["name"] == "SELECT orders"]
+        assert len(children) == 3 and all(c["parent_span_id"] == root["span_id"] for c in children)
+        assert root["http_method"] == "GET" and root["http_route"] == "/orders"
+        assert root["status_code"] == 2 and root["status_message"] == "one failed"
+        assert root["host"] == "box-1" and json.loads(root["resource_json"])["service.name"] == service
+        assert sorted(c["db_statement"] for c in children) == [
+            f"SELECT * FROM orders WHERE id = {i}" for i in range(3)
+        ]
+        assert all(c["event_names"] == ["lock.wait"] for c in children)
+        hints = sorted(json.loads(c["event_hints"])[0]["attributes"]["waiters"] for c in children)
+        assert hints == [0, 1, 2]
+        original = trace_pb2.Span.FromString(root["raw"])
+        assert original.name == "GET /orders" and len(original.attributes) == 2
+
+
+def test_same_export_twice_is_stored_once(serve: Serve) -> None:
+    memory = InMemorySpanExporter()
+    _emit(memory, "twice")
+    body = encode_spans(memory.get_finished_spans()).SerializeToString()  # the SDK exporters' encoder
+    with grpc.insecure_channel(serve.grpc) as channel:
+        for _ in range(2):  # an exporter retry after a lost response sends the same bytes again
+            channel.unary_unary(EXPORT_METHOD)(body, timeout=10)
+    reply = httpx.post(
+        serve.http, content=body, headers={"content-type": "application/x-protobuf"}, timeout=10
+    )
+    assert reply.status_code == 200
+    assert serve.stats() == {"spans": 4, "traces": 1}
+    assert serve.stop() == 0  # shutdown compacts
+    with DuckDBSpanStore(str(serve.db)) as store:
+        assert store.raw_row_count() == 4
+
+
+def test_bad_input_gets_clear_errors_and_server_keeps_serving(serve: Serve) -> None:
+    _emit(GrpcExporter(endpoint=serve.grpc, insecure=True, timeout=10), "good")
+    with grpc.insecure_channel(serve.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(EXPORT_METHOD)(b"\xff\xff garbage", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = httpx.post(
+        serve.http, json={"resourceSpans": [{"scopeSpans": [{"spans": [{"name": 5, "traceId": 3}]}]}]}
+    )
+    assert reply.status_code == 200 and reply.json()["partialSuccess"]["rejectedSpans"] == "1"
+    truncated = httpx.post(
+        serve.http,
+        content=b"\x1f\x8b\x08\x00\x00\x00",
+        headers={"content-type": "application/x-protobuf", "content-encoding": "gzip"},
+    )
+    assert truncated.status_code == 400
+    assert serve.stats() == {"spans": 4, "traces": 1}
+
+
+def _unique_request(index: int, spans: int = 50) -> bytes:
+    msg = trace_service_pb2.ExportTraceServiceRequest()
+    rs = msg.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "kill9"
+    batch = rs.scope_spans.add().spans
+    for j in range(spans):
+        s = batch.add(name="op", start_time_unix_nano=10**18, end_time_unix_nano=10**18 + 5)
+        s.trace_id = (index + 1).to_bytes(16, "big")
+        s.span_id = (index * 1000 + j + 1).to_bytes(8, "big")
+    return msg.SerializeToString()
+
+
+def test_kill_9_keeps_every_acknowledged_export(tmp_path: Path) -> None:
+    db, log = tmp_path / "k.duckdb", tmp_path / "serve.log"
+    server = start_serve(db, log)
+    acked: list[int] = []
+    acked_lock = threading.Lock()
+    stop = threading.Event()
+
+    def sender(worker: int) -> None:
+        with grpc.insecure_channel(server.grpc) as channel:
+            call = channel.unary_unary(EXPORT_METHOD)
+            index = worker
+            while not stop.is_set():
+                try:
+                    call(_unique_request(index), timeout=10)
+                except grpc.RpcError:
+                    return  # the server died: this Export was not acknowledged
+                with acked_lock:
+                    acked.append(index)
+                index += 4
+
+    threads = [threading.Thread(target=sender, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(acked) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    assert len(acked) >= 40
+    restarted = start_serve(db, tmp_path / "restart.log")
+    try:
+        with acked_lock:
+            expected = {f"{i + 1:032x}" for i in acked}
+        stats = restarted.stats()
+        assert stats["spans"] >= 50 * len(expected)
+        assert restarted.stop() == 0
+    finally:
+        if restarted.process.poll() is None:
+            restarted.process.kill()
+    with DuckDBSpanStore(str(db)) as store:
+        stored = set(store.scan(columns=("trace_id",)).column("trace_id").to_pylist())
+        counts = store.stats()
+    missing = expected - stored
+    assert not missing, f"{len(missing)} acknowledged Exports lost after kill -9"
+    assert counts.spans == 50 * counts.traces  # no partial Export: each commit is all-or-nothing
+
+
+def test_sigterm_with_exports_in_flight_acks_only_committed(tmp_path: Path) -> None:
+    server = start_serve(tmp_path / "t.duckdb", tmp_path / "serve.log")
+    results: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+
+    def sender(worker: int) -> None:
+        with grpc.insecure_channel(server.grpc) as channel:
+            call = channel.unary_unary(EXPORT_METHOD)
+            for k in range(400):
+                index = worker + 8 * k
+                try:
+                    call(_unique_request(index, spans=200), timeout=20)
+                    ok = True
+                except grpc.RpcError:
+                    ok = False
+                with lock:
+                    results.append((index, ok))
+                if not ok:
+                    return
+
+    threads = [threading.Thread(target=sender, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    while len(results) < 16:
+        time.sleep(0.02)
+    assert server.stop() == 0
+    for t in threads:
+        t.join(30)
+    with DuckDBSpanStore(str(server.db)) as store:
+        stored = set(store.scan(columns=("trace_id",)).column("trace_id").to_pylist())
+    acked = {f"{i + 1:032x}" for i, ok in results if ok}
+    assert acked <= stored
+    assert "shutting down" in server.log_text()
