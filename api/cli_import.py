@@ -92,6 +92,7 @@ def import_command(
             "file exporter's proto stream), Jaeger JSON, Zipkin v2 JSON; gzip, bzip2 or xz compressed "
             "or not. The format is detected from the content.",
             show_default=False,
+            metavar="FILE...",
         ),
     ],
     db: Annotated[
@@ -114,7 +115,7 @@ def import_command(
     if output_format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--format")
     db_path = db or Settings().db
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     paths = expand_path_origins(files)
     total_bytes = 0
     for path, _ in paths:
