@@ -128,33 +128,28 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     if not spans.select((failed_expr() & ~pl.col("is_root")).any()).item():
         return []
 
-    sub = spans.select(
-        "trace_id",
-        "span_id",
-        "service",
-        "name",
+    # Flags over every span (no strings materialised); names are gathered later for the few rows that matter.
+    flags = spans.select(
         "is_root",
         "orphan",
-        "depth",
-        "root_duration_ns",
         failed=failed_expr(),
         outgoing=outgoing_call_expr(),
-        target=call_target_expr(),
         silent=pl.col("kind").is_in([KIND_INTERNAL, KIND_UNSPECIFIED])
         & (pl.col("status_code") == STATUS_UNSET)
         & pl.col("http_status_code").is_null(),
         pid=pl.col("parent_row").fill_null(-1),
-    ).with_row_index("nid")
-    nid = np.arange(sub.height, dtype=np.int64)
-    pid = sub["pid"].to_numpy().astype(np.int64)
+        service_code=pl.col("service").cast(pl.Categorical).to_physical(),
+    )
+    nid = np.arange(flags.height, dtype=np.int64)
+    pid = flags["pid"].to_numpy().astype(np.int64)
     has_parent = pid >= 0
     parent_safe = np.where(has_parent, pid, nid)
 
-    failed = sub["failed"].to_numpy()
-    silent = sub["silent"].to_numpy()
-    is_root = sub["is_root"].to_numpy()
-    orphan = sub["orphan"].to_numpy()
-    service_code = sub.select(pl.col("service").rank("dense"))["service"].to_numpy()
+    failed = flags["failed"].to_numpy()
+    silent = flags["silent"].to_numpy()
+    is_root = flags["is_root"].to_numpy()
+    orphan = flags["orphan"].to_numpy()
+    service_code = flags["service_code"].to_numpy()
 
     # How far up can an error travel? Through failed ancestors and silent non-root ones.
     passes_error = failed | (silent & ~is_root & has_parent)
@@ -167,7 +162,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     has_failed_child = np.zeros(len(nid), dtype=bool)
     has_failed_child[pid[failed & has_parent]] = True
     leaf = failed & ~has_failed_child & ~is_root
-    outgoing = sub["outgoing"].to_numpy()
+    outgoing = flags["outgoing"].to_numpy()
 
     # Dependency span D and the caller's call span C for each leaf.
     leaf_idx = np.flatnonzero(leaf)
@@ -194,8 +189,17 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             "top": pl.UInt32,
         },
     ).unique("dep")
-    info = sub.select(
-        "nid", "trace_id", "span_id", "service", "name", "target", "outgoing", "depth", "root_duration_ns"
+    rows = np.unique(np.concatenate([dep, call, caller]))
+    info = spans[rows].select(
+        "trace_id",
+        "span_id",
+        "service",
+        "name",
+        "depth",
+        "root_duration_ns",
+        nid=pl.col("row"),
+        outgoing=outgoing_call_expr(),
+        target=call_target_expr(),
     )
     events = (
         events.join(info.rename(lambda c: f"dep_{c}"), left_on="dep", right_on="dep_nid")
@@ -333,7 +337,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                 }
                 for r in by_root.head(5).iter_rows(named=True)
             ],
-            "chain": _exemplar_chain(sub, parent_safe, has_parent, int(group["exemplar_dep"][0])),
+            "chain": _exemplar_chain(spans, parent_safe, has_parent, int(group["exemplar_dep"][0])),
             "trace_ids": [o.trace_id for o in occurrence_list[:10]],
             "span_ids": [sid for o in occurrence_list[:10] for sid in o.span_ids[:2]],
         }
@@ -357,14 +361,14 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
 
 
 def _exemplar_chain(
-    sub: pl.DataFrame, parent_safe: np.ndarray, has_parent: np.ndarray, start: int
+    spans: pl.DataFrame, parent_safe: np.ndarray, has_parent: np.ndarray, start: int
 ) -> list[str]:
-    """ "service: operation" from the failing dependency up to the root, for one exemplar span
+    """``service: operation`` from the failing dependency up to the root, for one exemplar span
     (a walk along one trace's ancestors, bounded by the display limit)."""
     chain: list[int] = [start]
     while has_parent[chain[-1]] and len(chain) < CHAIN_DISPLAY_LIMIT:
         chain.append(int(parent_safe[chain[-1]]))
-    rows = sub.select("service", "name")[chain]
+    rows = spans.select("service", "name")[chain]
     labels = [f"{s}: {n}" for s, n in rows.iter_rows()]
     if has_parent[chain[-1]]:
         labels.append("…")
