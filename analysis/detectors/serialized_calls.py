@@ -13,7 +13,10 @@ parent, in start order, a call *follows* the calls before it when
   duration or ``MIN_MAX_GAP_NS`` (1 ms), whichever is larger — a larger gap means the caller did
   real work in between, which concurrency would not remove.
 
-A *run* is a maximal chain of such calls. It is reported when it holds at least two calls of at least
+A *run* is a maximal chain of such calls. **Gate calls** end a run and never join one: a call whose
+name, statement/route or target says it authenticates, authorises, validates, rate-limits, takes a
+lock or checks idempotency (``GATE_PATTERN``) is a precondition of the calls after it — the classic
+"authenticate, then call the backend" sequence is a dependency, not a missed parallelism. It is reported when it holds at least two calls of at least
 two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
 repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it), at least one call is
 on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
@@ -57,6 +60,10 @@ MIN_MAX_GAP_NS = 1_000_000
 MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
 FIXED_ORDER_MIN_INSTANCES = 10
+GATE_PATTERN = (
+    r"(?i)(?:^|[^a-z])(?:auth[a-z]*|log-?in|sign-?in|o?auth2?|tokens?|sessions?|permissions?|acl|captcha"
+    r"|rate-?limit[a-z]*|quotas?|verify|validat[a-z]*|locks?|acquire|mutex|idempoten[a-z]*)(?:$|[^a-z])"
+)
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5
 
@@ -78,12 +85,19 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
         & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"])
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
-    return out.with_columns(
+    out = out.with_columns(
         _common.operation_key().alias("op_key"),
         _common.operation_label().alias("op_label"),
         _common.operation_detail().alias("op_detail"),
         _common.target_service().alias("target_service"),
-    ).sort(["parent_row", "start_ns", "span_id"])
+    )
+    gate_text = pl.concat_str(
+        [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
+        separator=" ",
+    )
+    return out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate")).sort(
+        ["parent_row", "start_ns", "span_id"]
+    )
 
 
 def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
@@ -104,7 +118,11 @@ def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
         )
         .with_columns(
             (
-                pl.col("prev_end").is_not_null() & ~pl.col("overlaps_prev") & (pl.col("gap_ns") <= max_gap)
+                pl.col("prev_end").is_not_null()
+                & ~pl.col("overlaps_prev")
+                & (pl.col("gap_ns") <= max_gap)
+                & ~pl.col("is_gate")
+                & ~(pl.col("is_gate").shift(1).fill_null(False) & same_parent)
             ).alias("follows")
         )
         .drop("_cum_end")

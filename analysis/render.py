@@ -1,0 +1,130 @@
+"""Output forms of a ``hourglass.report/v1`` report: JSON, Markdown (for pull requests) and a rich table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+FORMATS = ("json", "markdown", "table")
+
+
+def render_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+
+
+def _ms(value: Any) -> str:
+    if value is None:
+        return "–"
+    v = float(value)
+    return f"{v / 1000:.2f} s" if v >= 1000 else (f"{v:.0f} ms" if v >= 10 else f"{v:.1f} ms")
+
+
+def _share(value: Any) -> str:
+    return "–" if value is None else f"{float(value) * 100:.0f} %"
+
+
+def _cell(text: Any) -> str:
+    """Markdown table cell: no pipes or newlines."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _saving(rec: dict[str, Any]) -> str:
+    imp = rec.get("impact") or {}
+    if imp.get("saved_ms_p50") is None:
+        risk = (rec.get("evidence") or {}).get("requests_at_risk")
+        return f"{risk} requests at risk" if risk is not None else "–"
+    return f"{_ms(imp['saved_ms_p50'])} / {_ms(imp['saved_ms_p95'])}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    recs = report.get("recommendations") or []
+    lines = [
+        f"## Hourglass: {len(recs)} recommendation{'s' if len(recs) != 1 else ''}",
+        "",
+        f"{report.get('traces_analyzed', 0)} traces and {report.get('spans_analyzed', 0)} spans analysed "
+        f"({report.get('generated_at', '')}).",
+        "",
+    ]
+    if not recs:
+        lines.append("No bottlenecks or fault-tolerance gaps found.")
+        return "\n".join(lines) + "\n"
+    lines += [
+        "| # | Recommendation | Where | Saved p50 / p95 | Share of latency | Confidence | Traces |",
+        "|---:|---|---|---|---:|---:|---:|",
+    ]
+    for rec in recs:
+        lines.append(
+            f"| {rec['rank']} | {_cell(rec['title'])} | {_cell(rec['service'])} · {_cell(rec['operation'])} "
+            f"| {_cell(_saving(rec))} | {_share((rec.get('impact') or {}).get('share_of_root_latency'))} "
+            f"| {rec['confidence']:.2f} | {rec['traces_affected']} |"
+        )
+    for rec in recs:
+        ev = rec.get("evidence") or {}
+        lines += ["", f"### {rec['rank']}. {rec['title']}", "", rec["summary"], ""]
+        if rec.get("actions"):
+            lines.append("**What to do**")
+            lines.append("")
+            lines += [f"- {a}" for a in rec["actions"]]
+            lines.append("")
+        numbers = {
+            k: v
+            for k, v in ev.items()
+            if k not in ("trace_ids", "span_ids", "interventions") and isinstance(v, int | float | str | bool)
+        }
+        lines += [
+            "<details><summary>Evidence</summary>",
+            "",
+            f"- kind: `{rec['kind']}` ({rec['category']}), id `{rec['id']}`",
+            f"- exemplar traces: {', '.join(f'`{t}`' for t in ev.get('trace_ids') or []) or '–'}",
+        ]
+        lines += [f"- {k}: {v}" for k, v in numbers.items()]
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def render_table(report: dict[str, Any], console: Console | None = None) -> str:
+    """The report as a rich table (returned as text; colours only when ``console`` is a terminal)."""
+    recs = report.get("recommendations") or []
+    table = Table(
+        title=f"Hourglass — {report.get('traces_analyzed', 0)} traces, {report.get('spans_analyzed', 0)} spans",
+        box=box.SIMPLE_HEAVY,
+        show_lines=False,
+    )
+    table.add_column("#", justify="right")
+    table.add_column("Recommendation", overflow="fold", ratio=3)
+    table.add_column("Where", overflow="fold", ratio=2)
+    table.add_column("Saved p50 / p95", justify="right")
+    table.add_column("Share", justify="right")
+    table.add_column("Conf.", justify="right")
+    table.add_column("Traces", justify="right")
+    for rec in recs:
+        table.add_row(
+            str(rec["rank"]),
+            rec["title"],
+            f"{rec['service']} · {rec['operation']}",
+            _saving(rec),
+            _share((rec.get("impact") or {}).get("share_of_root_latency")),
+            f"{rec['confidence']:.2f}",
+            str(rec["traces_affected"]),
+        )
+    out = console or Console(width=140, record=True, force_terminal=False, color_system=None)
+    with out.capture() as capture:
+        if recs:
+            out.print(table)
+        else:
+            out.print("No bottlenecks or fault-tolerance gaps found.")
+    return capture.get()
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return render_json(report)
+    if fmt == "markdown":
+        return render_markdown(report)
+    if fmt == "table":
+        return render_table(report)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
