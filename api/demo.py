@@ -5,7 +5,8 @@ until Ctrl-C.
     python -m api.demo --db hourglass.duckdb [--no-wait] [--exporter grpc|http] [--report-json PATH]
 
 Ports default to 4317 (OTLP/gRPC), 4318 (OTLP/HTTP) and 8000 (API and report); a default port that
-is busy is replaced by a free one, and the demo says so. An explicitly given port is used as is.
+is busy is replaced by a free one, and the demo says so. An explicitly given port is used as is;
+port 0 means "any free port".
 ``--no-wait`` prints the recommendations and stops the server (for CI and tests, where there is no
 terminal to press Ctrl-C in).
 
@@ -38,6 +39,9 @@ from api.settings import Settings
 
 DEFAULT_PORTS = {"grpc": 4317, "http": 4318, "api": 8000}
 console = Console(highlight=False)
+if not console.is_terminal:
+    # Logs and CI captures have no width to respect: keep each recommendation on one line.
+    console = Console(highlight=False, width=200)
 
 
 class DemoError(RuntimeError):
@@ -66,7 +70,9 @@ def choose_ports(host: str, requested: dict[str, int | None]) -> tuple[dict[str,
     notes: list[str] = []
     for name, default in DEFAULT_PORTS.items():
         port = requested.get(name)
-        if port is not None:
+        if port == 0:
+            ports[name] = _free_port(host)  # "any free port": chosen here, so the demo knows it
+        elif port is not None:
             ports[name] = port
         elif _port_is_free(host, default):
             ports[name] = default
