@@ -26,6 +26,9 @@ or hint mentioning timeout / deadline / cancel. An operation is reported when at
   within ``CEILING_BAND`` (3 %) of the longest one, something cuts them at a consistent bound — a
   timeout exists (perhaps a loose one), so the operation is not reported.
 
+A finding (one calling operation → callee) also needs slow calls in at least ``MIN_OUTLIERS``
+distinct requests.
+
 Why: a call without a deadline holds its caller (and the user) for as long as the dependency takes
 to fail; a deadline derived from the operation's healthy latency, with a fallback or a fast error,
 bounds the damage and frees the caller's threads and connections.
@@ -35,7 +38,7 @@ What-if: each outlier gets ``ShortenSpan(span, duration − timeout)`` where the
 have had with that deadline and an instant fallback. The what-if engine measures it at the root.
 
 False-positive protections: an operation that is always slow has a high p50 and no outliers; a
-single slow call is below ``MIN_OUTLIERS``; calls cut at a consistent ceiling or ending in timeout
+single slow call, or slow calls in a single request, are below ``MIN_OUTLIERS``; calls cut at a consistent ceiling or ending in timeout
 errors already have a deadline; off-critical-path and non-blocking (async) calls hold nothing up;
 callers whose slowness is explained by a hanging call beneath them are not double-reported.
 """
@@ -57,7 +60,7 @@ KIND = "missing_timeout"
 MIN_CALLS = 20  # enough samples for a meaningful median
 OUTLIER_FACTOR = 10.0  # an outlier lasts at least 10 × the operation's median
 MIN_EXCESS_NS = 200_000_000  # and at least 200 ms longer than the median (GC pauses and jitter stay below)
-MIN_OUTLIERS = 2  # a single slow call is an anecdote
+MIN_OUTLIERS = 2  # slow calls (per operation) and held requests (per finding); one is an anecdote
 EXPLAINED_SHARE = 0.5  # a caller's excess explained at least this much by a hanging call beneath it
 CEILING_BAND = 0.03  # outliers within 3 % of the longest one are "at the ceiling"
 CEILING_MIN_CALLS = 3
@@ -167,6 +170,8 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     findings: list[Finding] = []
     per_op_rows = {tuple(r[c] for c in op): r for r in per_op.iter_rows(named=True)}
     for key, group in reported.partition_by(signature, as_dict=True, maintain_order=True).items():
+        if group["trace_id"].n_unique() < MIN_OUTLIERS:
+            continue  # this caller's share of the slow calls is one request: an anecdote
         caller_service, caller_operation, target_service, target_operation = (str(v) for v in key)
         op_rows = [per_op_rows[k] for k in group.select(op).unique(maintain_order=True).iter_rows()]
         findings.append(

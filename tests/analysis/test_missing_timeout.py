@@ -189,3 +189,16 @@ def test_end_to_end_the_report_carries_the_timeout_finding_with_its_root_saving(
     assert rec["evidence"]["requests_at_risk"] == 3
     assert rec["evidence"]["interventions"]  # exemplar deadlines for the report's "after" view
     assert "GET /ads" in rec["title"] and rec["summary"] and rec["actions"]
+
+
+def test_slow_calls_split_across_callers_need_two_requests_each() -> None:
+    def trace(root: str, ads_ms: float) -> TraceBuilder:
+        b = TraceBuilder(service="frontend")
+        handler = b.span(root, start_ms=0, dur_ms=ads_ms + 10, kind=KIND_SERVER)
+        b.span("GET /ads", parent=handler, start_ms=5, dur_ms=ads_ms, kind=KIND_CLIENT, peer="ads")
+        return b
+
+    traces = [trace("GET /home" if i % 2 else "GET /cart", USUAL_MS[i % 5]) for i in range(30)]
+    assert analyse([*traces, trace("GET /home", 2_500.0), trace("GET /cart", 3_100.0)]) == []
+    findings = analyse([*traces, trace("GET /home", 2_500.0), trace("GET /home", 3_100.0)])
+    assert [(f.operation, f.requests_at_risk) for f in findings] == [("GET /home", 2)]
