@@ -23,7 +23,6 @@ good report keeps being served.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -44,7 +43,8 @@ from collector.store import SpanStore
 
 log = logging.getLogger("hourglass.api.analysis")
 
-AnalyzeFn = Callable[..., dict[str, Any]]
+# trace id -> [(recommendation id, the trace's spans involved)], over every affected trace
+TraceIndex = dict[str, list[tuple[str, tuple[str, ...]]]]
 TraceFetcher = Callable[[str], pa.Table]
 
 WINDOW_CACHE_SIZE = 8  # analyses of a `since` window kept per report generation
@@ -102,6 +102,7 @@ class ReportSnapshot:
     started_monotonic: float
     reason: str
     change_marker: int = -1  # the store's change marker when the run started (see _change_marker)
+    trace_index: TraceIndex = field(default_factory=dict)
     by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
     rec_json: tuple[bytes, ...] = ()
     head_json: bytes = b"{"  # the report without its recommendations, without the closing brace
@@ -117,6 +118,7 @@ class ReportSnapshot:
         started_monotonic: float,
         reason: str,
         change_marker: int = -1,
+        trace_index: TraceIndex | None = None,
     ) -> ReportSnapshot:
         recs = list(report.get("recommendations") or [])
         head = {k: v for k, v in report.items() if k != "recommendations"}
@@ -131,6 +133,7 @@ class ReportSnapshot:
             started_monotonic=started_monotonic,
             reason=reason,
             change_marker=change_marker,
+            trace_index=trace_index or {},
             by_id={str(r.get("id")): r for r in recs},
             rec_json=tuple(dumps(r) for r in recs),
             head_json=head_json,
@@ -215,64 +218,78 @@ def finding_ids(detail: Mapping[str, Any]) -> list[str]:
 def trace_detail(spans: pa.Table, report: Mapping[str, Any]) -> dict[str, Any]:
     from analysis.pipeline import trace_detail as analysis_trace_detail
 
-    return dict(analysis_trace_detail(pl.from_arrow(spans), report))
+    return dict(analysis_trace_detail(spans, dict(report)))
 
 
-def retimed_spans(spans: pa.Table, recommendation: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """span id → (start_ns, end_ns) of the trace re-timed as if ``recommendation`` were applied."""
+def retime(spans: pa.Table, recommendation: Mapping[str, Any]) -> pl.DataFrame:
+    """The trace's repaired spans with ``new_start_ns``, ``new_end_ns`` and ``removed``, as if
+    ``recommendation`` were applied (``analysis.whatif.retime_trace``)."""
     from analysis.whatif import retime_trace
 
     frame = pl.from_arrow(spans)
     assert isinstance(frame, pl.DataFrame)
-    after = retime_trace(frame, recommendation)
-    if not isinstance(after, pl.DataFrame):
-        after = pl.DataFrame(after)
-    start_col = next(c for c in ("new_start_ns", "start_ns") if c in after.columns)
-    end_col = next(c for c in ("new_end_ns", "end_ns") if c in after.columns)
-    if "removed" in after.columns:
-        after = after.filter(~pl.col("removed").fill_null(False))
-    ids = after.get_column("span_id").to_list()
-    starts = after.get_column(start_col).to_list()
-    ends = after.get_column(end_col).to_list()
-    return {str(i): (int(s), int(e)) for i, s, e in zip(ids, starts, ends, strict=True) if s is not None}
+    return retime_trace(frame, recommendation)
+
+
+def _intervention_span_ids(recommendation: Mapping[str, Any], trace_id: str) -> set[str]:
+    """Spans named by the interventions the report recorded for this exemplar trace."""
+    recorded = ((recommendation.get("evidence") or {}).get("interventions") or {}).get(trace_id) or []
+    out: set[str] = set()
+    for iv in recorded:
+        if isinstance(iv, Mapping):
+            out.update(str(s) for s in iv.get("span_ids") or [])
+            if iv.get("span_id") is not None:
+                out.add(str(iv["span_id"]))
+    return out
 
 
 def build_exemplar(
     recommendation: Mapping[str, Any], report: Mapping[str, Any], fetch_trace: TraceFetcher
 ) -> report_html.Exemplar | None:
-    """The first exemplar trace of a recommendation with its critical path, bottleneck and re-timing.
+    """The first exemplar trace of a recommendation: spans, critical path, bottleneck, re-timing.
 
-    Failures of the analysis helpers are logged and shown on the figure (``note``), never hidden.
+    Spans are drawn as the analysis sees them (repaired: clock skew corrected), so the before and
+    after pictures and the critical path agree. The bottleneck spans are the ones the recorded
+    interventions name (else the evidence's span ids). A failing analysis helper is logged and
+    shown on the figure (``note``), never hidden.
     """
     evidence = recommendation.get("evidence") or {}
     trace_ids = [str(t) for t in evidence.get("trace_ids") or []]
     if not trace_ids:
         return None
     trace_id = trace_ids[0]
-    spans = fetch_trace(trace_id)
-    if spans.num_rows == 0:
+    raw = fetch_trace(trace_id)
+    if raw.num_rows == 0:
         return report_html.Exemplar(trace_id=trace_id, spans=[], note="The trace is no longer in the store.")
-    rows = spans.select(
-        [
-            c
-            for c in ("span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code")
-            if c in spans.column_names
-        ]
-    ).to_pylist()
-    exemplar = report_html.Exemplar(trace_id=trace_id, spans=report_html.spans_from_rows(rows))
-    present = {s.span_id for s in exemplar.spans}
-    exemplar.bottleneck = {s for s in _span_ids(evidence.get("span_ids")) if s in present}
-    notes = []
+    notes: list[str] = []
+    exemplar = report_html.Exemplar(trace_id=trace_id, spans=[])
     try:
-        exemplar.critical_path = set(critical_path_ids(trace_detail(spans, report)))
+        exemplar.critical_path = set(critical_path_ids(trace_detail(raw, report)))
     except Exception as exc:
         log.exception("critical path of exemplar trace %s failed", trace_id)
         notes.append(f"Critical path unavailable ({type(exc).__name__}: {exc}).")
     try:
-        exemplar.after = retimed_spans(spans, recommendation)
+        retimed = retime(raw, recommendation)
+        exemplar.spans = report_html.spans_from_rows(
+            retimed.select(
+                "span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code"
+            ).to_dicts()
+        )
+        kept = retimed.filter(~pl.col("removed").fill_null(False))
+        exemplar.after = {
+            str(i): (int(a), int(b))
+            for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
+        }
     except Exception as exc:
         log.exception("re-timing exemplar trace %s for %s failed", trace_id, recommendation.get("id"))
         notes.append(f"Re-timing unavailable ({type(exc).__name__}: {exc}).")
+        columns = ("span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code")
+        exemplar.spans = report_html.spans_from_rows(
+            raw.select([c for c in columns if c in raw.column_names]).to_pylist()
+        )
+    present = {s.span_id for s in exemplar.spans}
+    named = _intervention_span_ids(recommendation, trace_id) or set(_span_ids(evidence.get("span_ids")))
+    exemplar.bottleneck = named & present
     exemplar.note = " ".join(notes) or None
     return exemplar
 
@@ -305,10 +322,29 @@ def table_trace_fetcher(table: pa.Table) -> TraceFetcher:
 # The service
 
 
-def default_analyze() -> AnalyzeFn:
-    from analysis.pipeline import analyze
+def analyze_spans(
+    table: pa.Table, *, writer: Any = None, services: list[str] | None = None, since_ns: int | None = None
+) -> tuple[dict[str, Any], TraceIndex]:
+    """``analysis.pipeline.analyze``, plus which recommendations touch each affected trace.
 
-    return analyze
+    The report lists only a few exemplar traces per recommendation; the API's trace view needs
+    every affected trace, so the findings' occurrences are indexed here (per occurrence, not per
+    span).
+    """
+    from analysis.context import AnalysisContext, to_analysis_frame
+    from analysis.pipeline import analyze_context, select_traces
+
+    frame = select_traces(to_analysis_frame(table), services=services, since_ns=since_ns)
+    report, ranked = analyze_context(AnalysisContext.from_table(frame), writer=writer)
+    reported = {str(r.get("id")) for r in report.get("recommendations") or []}
+    index: TraceIndex = {}
+    for scored in ranked:
+        finding = scored.finding
+        if finding.id not in reported:
+            continue
+        for occurrence in finding.occurrences:
+            index.setdefault(occurrence.trace_id, []).append((finding.id, tuple(occurrence.span_ids)))
+    return report, index
 
 
 def select_writer(settings: Any = None) -> Any:
@@ -331,7 +367,6 @@ class AnalysisService:
         poll_seconds: float | None = None,
         writer: Any = "auto",
         settings: Any = None,
-        analyze: AnalyzeFn | None = None,
         render_html: bool = True,
     ) -> None:
         self.store = store
@@ -345,7 +380,6 @@ class AnalysisService:
         self._writer = writer
         self._writer_resolved = writer != "auto"
         self._settings = settings
-        self._analyze = analyze
         self.render_html = render_html
         self._snapshot: ReportSnapshot | None = None
         self._html: tuple[int, bytes] | None = None
@@ -387,6 +421,8 @@ class AnalysisService:
         last_seen: int | None = None
         last_change = time.monotonic()
         first = True
+        retry_at = 0.0  # after a failed run, wait before the next attempt (doubling, up to a minute)
+        backoff = 1.0
         while not self._stop.is_set():
             try:
                 count = self._change_marker()
@@ -406,11 +442,15 @@ class AnalysisService:
                 settled = now - last_change >= self.settle_seconds
                 stale = snapshot is None or now - snapshot.started_monotonic >= self.max_staleness_seconds
                 due = settled or stale
-            if due:
+            if due and now >= retry_at:
                 first = False
-                # A failure is logged and recorded by run_now; the last good report keeps being served.
-                with contextlib.suppress(Exception):
+                try:
                     self.run_now(reason="startup" if self._runs == 0 else "settled")
+                    backoff = 1.0
+                except Exception:
+                    # Logged and recorded by run_now; the last good report keeps being served.
+                    retry_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, 60.0)
             self._stop.wait(self.poll_seconds)
 
     # -- running -----------------------------------------------------------------------------
@@ -434,13 +474,12 @@ class AnalysisService:
             return int(raw_row_count())
         return int(self.store.stats().spans)
 
-    def _run_analysis(self, *, since_ns: int | None = None) -> tuple[dict[str, Any], int, int]:
-        analyze = self._analyze or default_analyze()
+    def _run_analysis(self, *, since_ns: int | None = None) -> tuple[dict[str, Any], TraceIndex, int, int]:
         marker = self._change_marker()
         spans_in_store = self.store.stats().spans
         table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
-        report = analyze(table, writer=self._resolve_writer(), since_ns=since_ns)
-        return report, spans_in_store, marker
+        report, index = analyze_spans(table, writer=self._resolve_writer(), since_ns=since_ns)
+        return report, index, spans_in_store, marker
 
     def run_now(self, reason: str = "requested") -> ReportSnapshot:
         """Analyse the whole store now and publish the result (coalescing concurrent requests)."""
@@ -454,9 +493,10 @@ class AnalysisService:
             with self._state_lock:
                 self._running_since = started_at
             try:
-                report, spans_in_store, marker = self._run_analysis()
+                report, index, spans_in_store, marker = self._run_analysis()
                 snapshot = ReportSnapshot.build(
                     report,
+                    trace_index=index,
                     generation=self._generation + 1,
                     spans_in_store=spans_in_store,
                     change_marker=marker,
@@ -524,9 +564,10 @@ class AnalysisService:
                 self._windows.move_to_end(key)
                 return cached
         started_monotonic, started_at = time.monotonic(), time.time()
-        report, spans_in_store, marker = self._run_analysis(since_ns=since_ns)
+        report, index, spans_in_store, marker = self._run_analysis(since_ns=since_ns)
         snapshot = ReportSnapshot.build(
             report,
+            trace_index=index,
             generation=generation,
             spans_in_store=spans_in_store,
             started_at=started_at,

@@ -238,15 +238,18 @@ def create_app(
         t0 = rows[0]["start_ns"]
         t_end = max(r["end_ns"] for r in rows)
         present = {r["span_id"] for r in rows}
-        touching = dict.fromkeys(finding_ids(detail))
+        # Every affected trace is in the snapshot's index; the detail adds exemplar matches.
+        touching: dict[str, set[str]] = {}
+        for rec_id, occurrence_spans in snapshot.trace_index.get(trace_id, []) if snapshot else []:
+            touching.setdefault(rec_id, set()).update(occurrence_spans)
         by_id = snapshot.by_id if snapshot is not None else {}
-        for rec_id, rec in by_id.items():
-            if trace_id in ((rec.get("evidence") or {}).get("trace_ids") or []):
-                touching.setdefault(rec_id)
-        findings = []
-        for rec_id in touching:
+        for rec_id in finding_ids(detail):
             rec = by_id.get(rec_id, {})
-            span_ids = [s for s in (rec.get("evidence") or {}).get("span_ids") or [] if s in present]
+            touching.setdefault(rec_id, set()).update((rec.get("evidence") or {}).get("span_ids") or [])
+        findings = []
+        for rec_id, involved in touching.items():
+            rec = by_id.get(rec_id, {})
+            span_ids = sorted(s for s in involved if s in present)
             findings.append(
                 {
                     "id": rec_id,

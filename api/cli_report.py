@@ -1,1 +1,158 @@
-"""(being written)"""
+"""`hourglass report`: the report page (or JSON / Markdown) from a store or from trace files.
+
+    hourglass report --html report.html                 # the store at --db (default hourglass.duckdb)
+    hourglass report --html report.html traces.jsonl    # files alone, no store, no server
+    hourglass report --format markdown > report.md      # paste into a pull request
+
+The HTML is the same self-contained page the API serves at ``/``: ranked recommendations, each
+with an exemplar trace drawn before and after the change. Bad records in files are reported with
+file, position and reason and skipped; the good data beside them is still analysed and the report
+written. Exit codes as ``hourglass import``: 0 — all read; 2 — the report was written but something
+was skipped (or the command line was wrong); 1 — the store could not be opened.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import pyarrow as pa
+import typer
+
+from api._cli_app import app
+from api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
+from api.report_html import render_report_html
+from api.settings import DEFAULT_DB, Settings, parse_duration_seconds
+from collector.schema import ANALYSIS_COLUMNS, empty_span_table
+
+
+class ReportFormat(StrEnum):
+    html = "html"
+    json = "json"
+    markdown = "markdown"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"hourglass report: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _read_files(paths: list[Path]) -> tuple[pa.Table, bool]:
+    """Every span in the files (problems printed as FILE:POSITION: reason); True when something was skipped."""
+    from collector.files import TraceFileReader
+
+    for path in paths:
+        if not path.exists():
+            raise _fail(f"{path}: no such file")
+    problems: list[str] = []
+
+    def on_problem(problem: Any) -> None:
+        problems.append(str(problem))
+        typer.echo(f"hourglass report: {problem}", err=True)
+
+    reader = TraceFileReader(on_problem=on_problem)
+    tables = [t for t in reader.read([str(p) for p in paths]) if t.num_rows]
+    table = pa.concat_tables(tables) if tables else empty_span_table()
+    skipped = bool(problems) or any(not r.clean for r in reader.reports)
+    return table, skipped
+
+
+@app.command("report")
+def report_command(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Trace files to analyse instead of the store (any supported format)"),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write the HTML report page to this file")
+    ] = None,
+    output_format: Annotated[
+        ReportFormat | None,
+        typer.Option(
+            "--format", "-f", help="html, json or markdown (default: html with --html, else markdown)"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option("--db", help=f"The span store (default $HOURGLASS_DB or {DEFAULT_DB})")
+    ] = None,
+    service: Annotated[
+        list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only spans from the last 15m, 12h, 7d, ... (store only)")
+    ] = None,
+) -> None:
+    """Write the ranked recommendations as an HTML page with trace pictures, JSON or Markdown."""
+    settings = Settings()
+    fmt = output_format or (ReportFormat.html if html is not None else ReportFormat.markdown)
+    if html is not None and output is not None:
+        raise _fail("give either --html FILE or --output FILE, not both")
+    if html is not None and output_format not in (None, ReportFormat.html):
+        raise _fail("--html writes HTML; use --output with --format json|markdown")
+    target = html or output
+    since_ns: int | None = None
+    if since is not None:
+        try:
+            since_ns = time.time_ns() - int(parse_duration_seconds(since) * 1e9)
+        except ValueError:
+            raise _fail(f"--since {since!r}: expected a duration such as 90s, 15m, 12h or 7d") from None
+
+    skipped = False
+    store = None
+    if files:
+        table, skipped = _read_files(list(files))
+        source = ", ".join(str(f) for f in files)
+        fetch_trace = table_trace_fetcher(table)
+    else:
+        from collector.duckdb_store import DuckDBSpanStore
+
+        path = db or settings.db
+        if path != ":memory:" and not Path(path).exists():
+            raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
+        try:
+            store = DuckDBSpanStore(path)
+        except Exception as exc:  # duckdb raises IOException when a running server holds the file
+            raise _fail(
+                f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, "
+                "open its report page at / or query its API instead.",
+                code=1,
+            ) from exc
+        table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
+        source = f"store {path}"
+        fetch_trace = store.trace
+
+    try:
+        from analysis.pipeline import analyze
+
+        report = analyze(table, writer=select_writer(settings), services=service, since_ns=since_ns)
+        if fmt is ReportFormat.html:
+            exemplars = build_exemplars(report, fetch_trace)
+            text = render_report_html(report, exemplars, source=source)
+        elif fmt is ReportFormat.json:
+            text = dumps(report).decode() + "\n"
+        else:
+            from analysis.render import render_markdown
+
+            text = render_markdown(report)
+    finally:
+        if store is not None:
+            store.close()
+
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        recs = len(report.get("recommendations") or [])
+        typer.echo(
+            f"hourglass report: wrote {target} ({recs} recommendations from {report.get('traces_analyzed', 0)} traces)",
+            err=True,
+        )
+    else:
+        sys.stdout.write(text)
+    if skipped:
+        raise typer.Exit(2)

@@ -546,9 +546,12 @@ def render_report_html(
 
     generated = report.get("generated_at") or ""
     meta_bits = [f"generated {generated}" if generated else None, source]
-    writer = report.get("writer") or (report.get("metadata") or {}).get("writer")
-    if writer:
-        meta_bits.append(f"written by {writer}")
+    writer = report.get("writer")
+    writer_name = writer.get("name") if isinstance(writer, Mapping) else writer
+    if writer_name:
+        meta_bits.append(f"written by {writer_name}")
+    if isinstance(writer, Mapping) and writer.get("fallback_reason"):
+        meta_bits.append(f"(fallback: {writer['fallback_reason']})")
     meta = " · ".join(b for b in meta_bits if b)
 
     total_saved = sum(float((r.get("impact") or {}).get("saved_ms_total") or 0.0) for r in recs)

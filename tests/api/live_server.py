@@ -127,13 +127,12 @@ def running_server(tmp: Path, *, token: str | None = None, settle: str = "0.5s")
                 process.wait(timeout=5)
 
 
-def _provider(service: str, endpoint: str) -> TracerProvider:
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service, "host.name": f"{service}-1"})
-    )
-    provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=10))
-    )
+def _provider(service: str, endpoint: str, token: str | None) -> TracerProvider:
+    resource = Resource.create({"service.name": service, "host.name": f"{service}-1"})
+    provider = TracerProvider(resource=resource)
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=10, headers=headers)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
@@ -146,7 +145,8 @@ def send_traces(
     """
     base_ns = base_ns if base_ns is not None else time.time_ns() - 120_000 * MS
     providers = {
-        name: _provider(name, server.grpc_endpoint) for name in ("frontend", "users", "cart", "prices")
+        name: _provider(name, server.grpc_endpoint, server.token)
+        for name in ("frontend", "users", "cart", "prices")
     }
     front = providers["frontend"].get_tracer("tests.live_server")
     checkout_ids: list[str] = []
