@@ -41,6 +41,9 @@ False-positive protections
 * Different URLs or statements are different requests (a redirect or a loop over ids), not retries.
 * Overlapping copies of a call (hedging) are not chained.
 * A constant delay is only judged where growth could have shown (retries with index ≥ 2 exist).
+* Where the same call is also repeated right after a *success* under the same parent (a loop over
+  items whose URL or statement is not recorded), a "retry" may be the loop's next item: without
+  explicit attempt numbers, confidence is lowered by half the share of such bursts.
 
 Aggregation: one finding per signature; ``operation`` is the parent span (the code that loops),
 ``targets`` the callee. ``evidence`` has bursts, attempts per burst (p50/max), gaps (p50/max ms,
@@ -85,7 +88,9 @@ def attempt_number_expr() -> pl.Expr:
     return pl.col("hints").str.extract(ATTEMPT_HINT_PATTERN, 1).cast(pl.Int64, strict=False)
 
 
-def _confidence(bursts: int, max_attempts: int, explicit: bool, immediate: bool) -> float:
+def _confidence(
+    bursts: int, max_attempts: int, explicit: bool, immediate: bool, in_loop_share: float
+) -> float:
     value = 0.3 + 0.2 * min(1.0, math.log10(bursts + 1) / 2.0)
     if max_attempts >= 3:
         value += 0.2  # again and again, not a single retry
@@ -93,6 +98,8 @@ def _confidence(bursts: int, max_attempts: int, explicit: bool, immediate: bool)
         value += 0.1  # no wait at all, rather than a short constant one
     if explicit:
         value += 0.15  # the instrumentation itself says these are retries
+    else:
+        value *= 1 - 0.5 * in_loop_share  # could be a loop's next item rather than a retry
     return round(min(0.95, value), 3)
 
 
@@ -169,9 +176,12 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series) -> pl.DataFrame:
         & (gap >= -SKEW_TOLERANCE_NS)
         & (pl.col("failed").shift(1).fill_null(False) | explicit_resend)
     )
+    # The same call repeated right after a success: a loop over items the key cannot tell apart
+    # (no URL or statement recorded), so a "retry" here may be the loop's next item.
+    repeat_after_success = same_call & ~pl.col("failed").shift(1).fill_null(False) & ~explicit_resend
     position = pl.int_range(pl.len(), dtype=pl.Int64)
     return (
-        siblings.with_columns(gap_ns=gap, is_retry=is_retry)
+        siblings.with_columns(gap_ns=gap, is_retry=is_retry, in_loop=repeat_after_success.any().over(key))
         .with_columns(
             sequence=(~pl.col("is_retry")).cum_sum(),
             retry_index=position - pl.when(~pl.col("is_retry")).then(position).forward_fill(),
@@ -191,6 +201,7 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             pl.col("service").first(),
             pl.col("name").first(),
             pl.col("target").first(),
+            pl.col("in_loop").first(),
             attempts=pl.len(),
             failed_attempts=pl.col("failed").sum(),
             last_failed=pl.col("failed").last(),
@@ -299,6 +310,7 @@ def _finding(
         retry_time_ms_p50=pl.col("retry_time_ns").median() / 1e6,
         exhausted_bursts=pl.col("last_failed").sum(),
         explicit=pl.col("explicit").any(),
+        in_loop_share=pl.col("in_loop").mean(),
         retried_operations=pl.col("name").unique().sort().implode(),
     ).row(0, named=True)
     verdict = group.row(0, named=True)
@@ -324,6 +336,7 @@ def _finding(
         "exhausted_bursts": int(stats["exhausted_bursts"]),
         "exhausted_share": round(int(stats["exhausted_bursts"]) / bursts, 4),
         "explicit_attempt_attributes": bool(stats["explicit"]),
+        "in_loop_share": round(float(stats["in_loop_share"]), 4),
         "failure_status_codes": {str(r[0]): int(r[1]) for r in codes.iter_rows()},
         "retried_operations": list(stats["retried_operations"]),
         "trace_ids": [o.trace_id for o in occurrences[:10]],
@@ -336,7 +349,13 @@ def _finding(
         operation=operation,
         targets=[{"service": target_service, "operation": target_operation}],
         occurrences=occurrences,
-        confidence=_confidence(bursts, int(stats["attempts_max"]), bool(stats["explicit"]), immediate),
+        confidence=_confidence(
+            bursts,
+            int(stats["attempts_max"]),
+            bool(stats["explicit"]),
+            immediate,
+            float(stats["in_loop_share"]),
+        ),
         evidence=evidence,
         requests_at_risk=int(stats["traces"]),
     )

@@ -245,3 +245,14 @@ def test_end_to_end_the_report_carries_the_retry_finding_ranked_by_risk() -> Non
     assert rec["evidence"]["trace_ids"] and rec["evidence"]["span_ids"]
     assert rec["rank"] >= 1 and 0 < rec["confidence"] <= 1
     assert "GET /inventory" in rec["title"] and rec["summary"] and rec["actions"]
+
+
+def test_a_loop_over_unnamed_items_with_sporadic_failures_lowers_confidence() -> None:
+    """GET /inventory repeated per item with no URL recorded: F S S F S looks like retries, or a loop."""
+    looped = [product_trace([0.2] * 4, outcomes=[False, True, True, False, True], url=None) for _ in range(5)]
+    retried = [product_trace([0.2], outcomes=[False, True], url=None) for _ in range(10)]  # as many bursts
+    (loop_finding,) = analyse(looped)
+    (retry_finding,) = analyse(retried)
+    assert loop_finding.evidence["in_loop_share"] == 1.0
+    assert retry_finding.evidence["in_loop_share"] == 0.0
+    assert loop_finding.confidence < retry_finding.confidence
