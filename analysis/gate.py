@@ -70,6 +70,13 @@ def severity(recommendation: dict[str, Any], traces_analyzed: int) -> str:
     return "medium" if at_risk >= MEDIUM_TRACE_SHARE else "low"
 
 
+def registered_kinds() -> set[str]:
+    """Kinds of the detectors in the registry, so a new detector's kind is accepted at once."""
+    from analysis.detectors import DETECTORS
+
+    return set(DETECTORS)
+
+
 class GateSpecError(ValueError):
     """A ``--fail-on`` token that is no kind, category, severity or ``any``."""
 
@@ -85,7 +92,7 @@ class GateSpec:
     def parse(cls, values: Iterable[str], extra_kinds: Iterable[str] = ()) -> GateSpec:
         """Parse ``--fail-on`` values (each comma-separated). Unknown tokens raise
         :class:`GateSpecError` naming the valid ones: a typo must not silently pass a CI gate."""
-        known_kinds = set(KNOWN_KINDS) | set(extra_kinds)
+        known_kinds = set(KNOWN_KINDS) | registered_kinds() | set(extra_kinds)
         kinds: set[str] = set()
         categories: set[str] = set()
         severities: list[str] = []

@@ -11,7 +11,8 @@
 Bad records in files are reported on stderr as ``FILE:POSITION: reason`` and skipped; the good data
 beside them is still analysed and the report printed. Exit codes: 0 — everything read and analysed;
 2 — the report was printed but input was skipped, or the command line was wrong (a missing file,
-a bad ``--since``); 1 — the store could not be opened.
+a bad ``--since``); 1 — the store could not be opened; 3 — ``--fail-on`` matched a recommendation
+(the CI gate; rules and severities in ``analysis.gate``; takes precedence over 2).
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def analyze_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
     ] = None,
+    fail_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-on",
+            help="CI gate: exit 3 when a recommendation matches a kind, a category, a severity "
+            "(low|medium|high: that or worse) or 'any'; comma-separated or repeated",
+        ),
+    ] = None,
 ) -> None:
     """Find serialized calls, N+1, lock contention, fan-out problems and fault-tolerance gaps."""
     settings = Settings()
@@ -139,6 +148,14 @@ def analyze_command(
         try:
             since_ns = parse_since(since)
         except ValueError as exc:
+            raise _fail(str(exc)) from None
+    gate_spec = None
+    if fail_on:
+        from analysis.gate import GateSpec, GateSpecError
+
+        try:
+            gate_spec = GateSpec.parse(fail_on)
+        except GateSpecError as exc:
             raise _fail(str(exc)) from None
     problems = 0
     if files:
@@ -158,5 +175,13 @@ def analyze_command(
     else:
         typer.echo(text, nl=False)
     code = exit_code(report, problems)
+    if gate_spec is not None:
+        from analysis.gate import GATE_EXIT_CODE, gate, gate_lines
+
+        matches = gate(report, gate_spec)
+        for line in gate_lines(matches, ",".join(fail_on or [])):
+            typer.echo(line, err=True)
+        if matches:
+            code = GATE_EXIT_CODE
     if code:
         raise typer.Exit(code)
