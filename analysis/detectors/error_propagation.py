@@ -179,16 +179,20 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     top = top_reached[dep]
     propagated = is_root[top] & ~orphan[top] & failed[top]
 
-    events = pl.DataFrame(
-        {"dep": dep, "call": call, "caller": caller, "propagated": propagated, "top": top},
-        schema={
-            "dep": pl.UInt32,
-            "call": pl.UInt32,
-            "caller": pl.UInt32,
-            "propagated": pl.Boolean,
-            "top": pl.UInt32,
-        },
-    ).unique("dep")
+    events = (
+        pl.DataFrame(
+            {"dep": dep, "call": call, "caller": caller, "propagated": propagated, "top": top},
+            schema={
+                "dep": pl.UInt32,
+                "call": pl.UInt32,
+                "caller": pl.UInt32,
+                "propagated": pl.Boolean,
+                "top": pl.UInt32,
+            },
+        )
+        .unique("dep")
+        .sort("dep")
+    )  # deterministic order: same spans, same report
     rows = np.unique(np.concatenate([dep, call, caller]))
     info = spans[rows].select(
         "trace_id",
@@ -281,7 +285,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             depth=pl.col("dep_depth").max(),
             root_name=pl.col("root_name").first(),
             root_service=pl.col("root_service").first(),
-            exemplar_dep=pl.col("dep").first(),
+            exemplar_dep=pl.col("dep").min(),
             root_duration_ns=pl.col("dep_root_duration_ns").first(),
         )
         .sort("trace_id")
@@ -303,7 +307,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             group.group_by("root_service", "root_name")
             .agg(failed_requests=pl.len())
             .join(root_totals, on=["root_service", "root_name"], how="left")
-            .sort("failed_requests", descending=True)
+            .sort(["failed_requests", "root_service", "root_name"], descending=[True, False, False])
         )
         occurrence_list = [
             Occurrence(

@@ -315,8 +315,9 @@ def _finding(
     ).row(0, named=True)
     verdict = group.row(0, named=True)
     codes = (
-        group.select(pl.col("codes").explode().drop_nulls().value_counts(sort=True))
+        group.select(pl.col("codes").explode().drop_nulls().value_counts())
         .unnest("codes")
+        .sort(["count", "codes"], descending=[True, False])
         .head(TOP_CODES)
     )
     bursts = int(stats["bursts"])
