@@ -189,7 +189,6 @@ def _drop_explained_callers(outliers: pl.DataFrame, parent_row: np.ndarray) -> p
     least ``EXPLAINED_SHARE`` of its own."""
     rows = outliers["row"].cast(pl.Int64).to_numpy()
     excess = outliers["excess_ns"].cast(pl.Float64).to_numpy()
-    position = {int(r): i for i, r in enumerate(rows)}  # outliers are few; this is not per span
     is_outlier = np.zeros(len(parent_row), dtype=bool)
     is_outlier[rows] = True
     nearest = np.full(len(rows), -1, dtype=np.int64)
@@ -201,11 +200,14 @@ def _drop_explained_callers(outliers: pl.DataFrame, parent_row: np.ndarray) -> p
         active &= ~hit
         cursor = np.where(active, parent_row[np.where(active, cursor, 0)], -1)
         active &= cursor >= 0
-    explained = np.zeros(len(rows), dtype=bool)
-    for child in np.flatnonzero(nearest >= 0):
-        ancestor = position[int(nearest[child])]
-        if excess[child] >= EXPLAINED_SHARE * excess[ancestor]:
-            explained[ancestor] = True
+    # Largest excess among each ancestor's nearest outlier descendants, then compare.
+    order = np.argsort(rows)
+    children = np.flatnonzero(nearest >= 0)
+    ancestor_position = order[np.searchsorted(rows[order], nearest[children])]
+    largest_below = np.zeros(len(rows))
+    np.maximum.at(largest_below, ancestor_position, excess[children])
+    explained = largest_below >= EXPLAINED_SHARE * excess
+    explained &= largest_below > 0
     return outliers.filter(pl.Series(~explained))
 
 
