@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -133,18 +134,33 @@ class _ServeProcess:
         return self.proc.returncode
 
 
+@dataclass
+class ExportTally:
+    """Spans the exporters sent and the server acknowledged, and spans whose export failed."""
+
+    acknowledged: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, spans: int, ok: bool) -> None:
+        with self.lock:
+            if ok:
+                self.acknowledged += spans
+            else:
+                self.failed += spans
+
+
 def run_workload(
     host: str, ports: dict[str, int], exporter: str, scenario_names: Sequence[str] | None
-) -> int:
-    """Run every scenario against the services with the real OTLP exporter; returns spans exported."""
+) -> ExportTally:
+    """Run the scenarios against the services with the real OTLP exporter; count what was acknowledged."""
     from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     from workload.cluster import WorkloadCluster
     from workload.scenarios import SCENARIOS, SCENARIOS_BY_NAME, drive
 
-    counted = 0
-    counted_lock = threading.Lock()
+    tally = ExportTally()
 
     def make_exporter() -> SpanExporter:
         if exporter == "http":
@@ -155,16 +171,28 @@ def run_workload(
 
         return GrpcExporter(endpoint=f"{host}:{ports['grpc']}", insecure=True, timeout=30)
 
-    class CountingBatchProcessor(BatchSpanProcessor):
-        def on_end(self, span: ReadableSpan) -> None:
-            nonlocal counted
-            with counted_lock:
-                counted += 1
-            super().on_end(span)
+    class TallyingExporter(SpanExporter):
+        """The real OTLP exporter, counting each batch by whether the server acknowledged it."""
 
-    def processor() -> CountingBatchProcessor:
+        def __init__(self, inner: SpanExporter) -> None:
+            self.inner = inner
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            result = self.inner.export(spans)
+            tally.add(len(spans), result == SpanExportResult.SUCCESS)
+            return result
+
+        def shutdown(self) -> None:
+            self.inner.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return self.inner.force_flush(timeout_millis)
+
+    def processor() -> BatchSpanProcessor:
         # A queue big enough that nothing is dropped: the demo counts on every span arriving.
-        return CountingBatchProcessor(make_exporter(), max_queue_size=50_000, schedule_delay_millis=500)
+        return BatchSpanProcessor(
+            TallyingExporter(make_exporter()), max_queue_size=50_000, schedule_delay_millis=500
+        )
 
     chosen = [SCENARIOS_BY_NAME[n] for n in scenario_names] if scenario_names else list(SCENARIOS)
     with WorkloadCluster(processor) as cluster:
@@ -175,8 +203,8 @@ def run_workload(
                 f"  {scenario.name:26} {scenario.requests_per_handler * 2:4} requests "
                 f"in {time.perf_counter() - started:4.1f} s"
             )
-    # Leaving the cluster flushed and shut down every provider: every span has been acknowledged.
-    return counted
+    # Leaving the cluster flushed and shut down every provider: every batch has been answered.
+    return tally
 
 
 def wait_for_spans(api_url: str, expected: int, timeout_s: float) -> int:
@@ -275,8 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Server healthy in {t_ready - started:.1f} s. Running the workload (OTLP/{args.exporter}):"
         )
         before = wait_for_spans(server.api_url, 0, 5)
-        exported = run_workload(args.host, ports, args.exporter, args.scenario)
+        tally = run_workload(args.host, ports, args.exporter, args.scenario)
         t_work = time.perf_counter()
+        if tally.failed:
+            raise DemoError(
+                f"`hourglass serve` refused {tally.failed} spans ({tally.acknowledged} acknowledged); "
+                f"its log:\n{server.log_tail()}"
+            )
+        exported = tally.acknowledged
         stored = wait_for_spans(server.api_url, before + exported, timeout_s=60)
         console.print(
             f"Workload done in {t_work - t_ready:.1f} s: {exported} spans exported, {stored} spans in the store."
