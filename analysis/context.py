@@ -4,7 +4,7 @@ Contract (detectors code against it; keep these names working)::
 
     @dataclass
     class AnalysisContext:
-        spans: pl.DataFrame   # one row per span, repaired, sorted by (trace_id, start_ns, span_id)
+        spans: pl.DataFrame   # one row per span, repaired; a trace's spans are contiguous, by start
         traces: pl.DataFrame  # one row per trace
         @classmethod
         def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext
@@ -83,12 +83,15 @@ class AnalysisContext:
     spans: pl.DataFrame
     traces: pl.DataFrame
     critical: CriticalPath | None = field(default=None, repr=False)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # shared intermediate frames
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
         df = to_analysis_frame(table)
         df = repair.deduplicate(df)
-        df = df.sort(["trace_id", "start_ns", "span_id"])
+        # Group each trace's spans together in a deterministic order (hashing is far cheaper than
+        # sorting strings; a hash collision between two traces only interleaves their rows).
+        df = df.sort([pl.col("trace_id").hash(), "start_ns", pl.col("span_id").hash()])
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
@@ -97,8 +100,8 @@ class AnalysisContext:
         parent, depth, root = repair.tree_depth_and_root(parent, start)
         orphan = had_parent_id & (parent < 0)
         codes = df.select(
-            pl.col("service").rank("dense").cast(pl.Int64).alias("s"),
-            pl.col("host").fill_null("").rank("dense").cast(pl.Int64).alias("h"),
+            pl.col("service").cast(pl.Categorical).to_physical().cast(pl.Int64).alias("s"),
+            pl.col("host").fill_null("").cast(pl.Categorical).to_physical().cast(pl.Int64).alias("h"),
         )
         service_code = codes["s"].to_numpy()
         host_code = codes["h"].to_numpy()

@@ -87,12 +87,12 @@ def compute_critical_path(
 ) -> CriticalPath:
     n = parent.size
     is_root = parent < 0
-    rows, prev, _gstart, gend = sibling_predecessor(parent, start_ns, end_ns, blocking)
+    rows, prev, gstart, gend = sibling_predecessor(parent, start_ns, end_ns, blocking)
     chain_member = is_root.copy()
     # "current point" each chain member was chosen against: parent end for the last-finishing child.
     current = end_ns.copy()
     if rows.size:
-        last_positions = np.unique(gend)
+        last_positions = gend[np.nonzero(np.diff(gstart, append=-1))[0]]  # one per sibling group
         frontier = last_positions
         current[rows[frontier]] = end_ns[parent[rows[frontier]]]
         while frontier.size:

@@ -104,6 +104,9 @@ def split_shared_spans(df: pl.DataFrame) -> pl.DataFrame:
 
 def deduplicate(df: pl.DataFrame) -> pl.DataFrame:
     """One row per (trace_id, span_id); of several copies the longest one is kept."""
+    # Distinct hashes prove there is no duplicate (cheap); equal hashes are checked exactly.
+    if df.select(pl.struct("trace_id", "span_id").hash().n_unique()).item() == df.height:
+        return df
     if df.select(pl.struct("trace_id", "span_id").n_unique()).item() == df.height:
         return df
     df = split_shared_spans(df)
@@ -120,21 +123,34 @@ def deduplicate(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def link_parents(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent)."""
-    lookup = df.select("trace_id", "span_id").with_row_index("_parent_row")
-    joined = df.select("trace_id", "parent_span_id", "span_id").join(
-        lookup.rename({"span_id": "parent_span_id"}),
-        on=["trace_id", "parent_span_id"],
-        how="left",
-        maintain_order="left",
+    """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent).
+
+    Joined on a 64-bit hash of (trace_id, span_id) — far cheaper than joining two string columns —
+    and every match is then verified on the strings, so a hash collision can only lose a link
+    (the span becomes an orphan), never make a wrong one."""
+    keys = df.select(
+        pl.struct("trace_id", "span_id").hash().alias("_key"),
+        pl.struct("trace_id", pl.col("parent_span_id").alias("span_id")).hash().alias("_parent_key"),
+        (pl.col("parent_span_id").is_not_null() & (pl.col("parent_span_id") != "")).alias("_has_parent_id"),
+        (pl.col("parent_span_id") == pl.col("span_id")).fill_null(False).alias("_self_parent"),
     )
-    has_parent_id = (
-        joined["parent_span_id"].is_not_null().to_numpy()
-        & (joined["parent_span_id"] != "").fill_null(False).to_numpy()
+    lookup = keys.select("_key").with_row_index("_parent_row").unique(subset="_key", keep="first")
+    joined = keys.join(
+        lookup.rename({"_key": "_parent_key"}), on="_parent_key", how="left", maintain_order="left"
     )
-    self_parent = (joined["parent_span_id"] == joined["span_id"]).fill_null(False).to_numpy()
+    has_parent_id = joined["_has_parent_id"].to_numpy()
     parent = joined["_parent_row"].fill_null(-1).cast(pl.Int64).to_numpy().copy()
-    parent[self_parent] = -1
+    parent[~has_parent_id | joined["_self_parent"].to_numpy()] = -1
+    linked = np.nonzero(parent >= 0)[0]
+    if linked.size:
+        trace_ids, span_ids, parent_ids = df["trace_id"], df["span_id"], df["parent_span_id"]
+        idx = pl.Series(linked)
+        up = pl.Series(parent[linked])
+        same = (trace_ids.gather(idx) == trace_ids.gather(up)) & (
+            parent_ids.gather(idx) == span_ids.gather(up)
+        )
+        wrong = ~same.fill_null(False).to_numpy()
+        parent[linked[wrong]] = -1
     orphan = has_parent_id & (parent < 0)
     return parent, orphan
 

@@ -75,9 +75,21 @@ def operation_detail() -> pl.Expr:
     return pl.coalesce(normalized_sql(), http, pl.col("rpc_method"))
 
 
-def operation_label() -> pl.Expr:
-    """Readable operation: the span name, with its normalised detail when that says more."""
-    detail = operation_detail().str.slice(0, MAX_LABEL_CHARS)
+def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``op_detail``, ``op_label``, ``op_key`` and ``target_service``, normalising each row once."""
+    frame = frame.with_columns(
+        operation_detail().alias("op_detail"), target_service().alias("target_service")
+    )
+    frame = frame.with_columns(operation_label(pl.col("op_detail")).alias("op_label"))
+    return frame.with_columns(
+        pl.concat_str([pl.col("service"), pl.col("op_label")], separator=" | ").alias("op_key")
+    )
+
+
+def operation_label(detail: pl.Expr | None = None) -> pl.Expr:
+    """Readable operation: the span name, with its normalised detail when that says more.
+    ``detail``: an already computed :func:`operation_detail` column (computing it is the costly part)."""
+    detail = (operation_detail() if detail is None else detail).str.slice(0, MAX_LABEL_CHARS)
     return (
         pl.when(detail.is_null() | (detail == pl.col("name")))
         .then(pl.col("name"))

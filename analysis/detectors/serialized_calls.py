@@ -72,10 +72,20 @@ def _tolerance(parent_duration: pl.Expr) -> pl.Expr:
     return (parent_duration * TOLERANCE_FRACTION).cast(pl.Int64).clip(TOLERANCE_MIN_NS, TOLERANCE_MAX_NS)
 
 
+CALL_COLUMNS = (
+    "trace_id", "span_id", "row", "parent_row", "service", "name", "kind", "start_ns", "end_ns", "duration_ns",
+    "status_code", "blocking", "on_critical_path", "root_duration_ns", "db_system", "db_statement",
+    "http_method", "http_route", "http_url", "rpc_method", "peer",
+)  # fmt: skip
+
+
 def call_children(ctx: AnalysisContext) -> pl.DataFrame:
     """Blocking call children with parent columns, operation key/label and target service, sorted by
-    (parent_row, start_ns)."""
-    with_parent = ctx.with_parent()
+    (parent_row, start_ns). Computed once per context (n_plus_one reads the same frame)."""
+    cached = ctx.cache.get("call_children")
+    if isinstance(cached, pl.DataFrame):
+        return cached
+    with_parent = ctx.with_parent(ctx.spans.filter(pl.col("parent_row").is_not_null()).select(CALL_COLUMNS))
     calls = with_parent.filter(pl.col("blocking") & _common.is_call())
     wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
     wrappers = with_parent.filter(
@@ -85,19 +95,16 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
         & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"])
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
-    out = out.with_columns(
-        _common.operation_key().alias("op_key"),
-        _common.operation_label().alias("op_label"),
-        _common.operation_detail().alias("op_detail"),
-        _common.target_service().alias("target_service"),
-    )
+    out = _common.annotate_operations(out)
     gate_text = pl.concat_str(
         [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
         separator=" ",
     )
-    return out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate")).sort(
-        ["parent_row", "start_ns", "span_id"]
+    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate")).sort(
+        ["parent_row", "start_ns", "row"]
     )
+    ctx.cache["call_children"] = out
+    return out
 
 
 def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
