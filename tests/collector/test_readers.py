@@ -436,3 +436,113 @@ def test_merge_traces_data_equals_separate_decodes() -> None:
     merged = decode_otlp_json(merge_traces_data([one, two])).table
     separate = pa.concat_tables([decode_otlp_json(one).table, decode_otlp_json(two).table])
     assert merged.drop(["ingested_ns"]).equals(separate.drop(["ingested_ns"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode's fast OTLP JSON span path (message constructors instead of ParseDict) must build the
+# very same spans as ParseDict for everything the readers produce and the real files hold.
+
+
+def _spans_of(traces_data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        span
+        for rs in traces_data.get("resourceSpans", [])
+        for ss in rs.get("scopeSpans", [])
+        for span in ss.get("spans", [])
+    ]
+
+
+def _otlp_span_dicts() -> list[dict[str, Any]]:
+    spans: list[dict[str, Any]] = []
+    for path in sorted(REAL_TRACES.iterdir()):
+        if path.name.startswith("otlp-json__"):
+            spans.extend(_spans_of(json.loads(path.read_text())))
+        elif path.name.startswith("otlp-jsonl__"):
+            for line in path.read_text().splitlines():
+                spans.extend(_spans_of(json.loads(line)))
+        elif path.name.startswith("zipkin"):
+            spans.extend(_spans_of(zipkin_to_otlp_json(json.loads(path.read_text())).traces_data))
+        elif path.name.startswith("jaeger"):
+            spans.extend(_spans_of(jaeger_to_otlp_json(json.loads(path.read_text())).traces_data))
+    base = {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174", "name": "x"}
+    spans += [
+        {**base, "kind": "SPAN_KIND_CLIENT", "status": {"code": "STATUS_CODE_ERROR", "message": "m"}},
+        {**base, "status": {}, "events": [{}], "links": [], "attributes": []},
+        {
+            **base,
+            "attributes": [
+                {"key": "k"},
+                {"key": "e", "value": {}},
+                {"key": "d", "value": {"doubleValue": 3}},
+            ],
+        },
+        {
+            **base,
+            "attributes": [
+                {"key": "i", "value": {"intValue": -7}},
+                {"key": "b", "value": {"boolValue": False}},
+            ],
+        },
+        {**base, "startTimeUnixNano": 1, "endTimeUnixNano": "2", "flags": 257, "traceState": "a=b"},
+        {
+            **base,
+            "links": [
+                {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b175", "flags": 1}
+            ],
+        },
+        {**base, "droppedAttributesCount": 1, "droppedEventsCount": "2", "droppedLinksCount": 3},
+        {**base, "parentSpanId": ""},
+        {
+            **base,
+            "attributes": [
+                {"key": "a", "value": {"arrayValue": {}}},
+                {"key": "b", "value": {"bytesValue": ""}},
+            ],
+        },
+    ]
+    return spans
+
+
+def test_decode_fast_span_path_equals_parse_dict() -> None:
+    from google.protobuf import json_format
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    from collector import decode
+
+    spans = _otlp_span_dicts()
+    assert len(spans) == 8 + 19 + 32 + 64 + 9  # OTLP JSON + JSONL + Jaeger + Zipkin + synthetic
+    fast_count = 0
+    for span in spans:
+        fast = decode._fast_span(span)
+        normalised = decode._normalise_ids(span, "span", decode._ID_FIELDS)
+        if "links" in normalised:
+            normalised["links"] = [
+                decode._normalise_ids(link, "link", decode._LINK_ID_FIELDS) for link in span["links"]
+            ]
+        slow = json_format.ParseDict(normalised, trace_pb2.Span(), ignore_unknown_fields=True)
+        if fast is not None:
+            fast_count += 1
+            assert fast.SerializeToString(deterministic=True) == slow.SerializeToString(deterministic=True), (
+                span
+            )
+    # every span of the readers and of the real OTLP JSON files takes the fast path
+    assert fast_count == len(spans)
+
+
+@pytest.mark.parametrize(
+    "span",
+    [
+        {"traceId": "zzz", "spanId": "eee19b7ec3c1b174"},  # bad id: ParseDict's path reports it
+        {"trace_id": "5b8efff798038103d269b633813fc60c"},  # snake_case
+        {
+            "traceId": "5b8efff798038103d269b633813fc60c",
+            "attributes": [{"key": "a", "value": {"kvlistValue": {"values": []}}}],
+        },
+        {"traceId": "5b8efff798038103d269b633813fc60c", "startTimeUnixNano": 1.5},
+        {"traceId": "5b8efff798038103d269b633813fc60c", "kind": "SOMETHING"},
+    ],
+)
+def test_decode_fast_span_path_declines_what_it_does_not_handle(span: dict[str, Any]) -> None:
+    from collector import decode
+
+    assert decode._fast_span(span) is None
