@@ -147,8 +147,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
 
 
 def _attempts(spans: pl.DataFrame, parent_rows: pl.Series) -> pl.DataFrame:
-    """Siblings under parents that hold a failed or numbered attempt, chained into retry sequences."""
-    key = ["parent_row", "service", "name", "target", "request"]
+    """Siblings under parents that hold a failed or numbered attempt, chained into retry sequences;
+    only the attempts of sequences with at least one retry are returned."""
+    key = ["parent_row", "call"]  # call: one 64-bit hash of service, name, target and request
     siblings = (
         spans.filter(pl.col("parent_row").is_in(parent_rows))
         .select(
@@ -166,27 +167,27 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series) -> pl.DataFrame:
             failed=attempt_failed_expr(),
             attempt=attempt_number_expr(),
         )
-        .sort([*key, "start_ns", "span_id"])
+        .with_columns(call=pl.struct("service", "name", "target", "request").hash())
+        .sort([*key, "start_ns", "row"])
     )
     same_call = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in key]).fill_null(False)
     gap = pl.col("start_ns") - pl.col("end_ns").shift(1)
     explicit_resend = (pl.col("attempt") > pl.col("attempt").shift(1).fill_null(0)).fill_null(False)
-    is_retry = (
-        same_call
-        & (gap >= -SKEW_TOLERANCE_NS)
-        & (pl.col("failed").shift(1).fill_null(False) | explicit_resend)
-    )
+    previous_failed = pl.col("failed").shift(1).fill_null(False)
+    is_retry = same_call & (gap >= -SKEW_TOLERANCE_NS) & (previous_failed | explicit_resend)
     # The same call repeated right after a success: a loop over items the key cannot tell apart
     # (no URL or statement recorded), so a "retry" here may be the loop's next item.
-    repeat_after_success = same_call & ~pl.col("failed").shift(1).fill_null(False) & ~explicit_resend
+    repeat_after_success = same_call & ~previous_failed & ~explicit_resend
     position = pl.int_range(pl.len(), dtype=pl.Int64)
     return (
-        siblings.with_columns(gap_ns=gap, is_retry=is_retry, in_loop=repeat_after_success.any().over(key))
+        siblings.with_columns(gap_ns=gap, is_retry=is_retry, in_loop=repeat_after_success)
         .with_columns(
+            pl.col("in_loop").any().over(key),  # computed row-wise first: shifts inside over() run per group
             sequence=(~pl.col("is_retry")).cum_sum(),
             retry_index=position - pl.when(~pl.col("is_retry")).then(position).forward_fill(),
         )
         .with_columns(gap_ns=pl.when(pl.col("is_retry")).then(pl.col("gap_ns")))
+        .filter(pl.col("is_retry") | pl.col("is_retry").shift(-1).fill_null(False))
     )
 
 
