@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -476,6 +477,8 @@ svg.waterfall g.row:hover .label { fill:var(--accent); }
 .empty { background:var(--card); border:1px dashed var(--line); border-radius:10px; padding:28px; text-align:center;
   color:var(--muted); }
 .muted { color:var(--muted); }
+.summary-text code, ul.actions code { font:12.5px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  background:#eef1f6; border:1px solid var(--line); border-radius:4px; padding:0 4px; }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:16px; }
 """
 
@@ -486,6 +489,14 @@ HOURGLASS_ICON = (
     'fill="none" stroke="#f2b632" stroke-width="2" stroke-linecap="round"/>'
     '<path d="M6.5 18.5 9 15.5l2.5 3z" fill="#f2b632"/></svg>'
 )
+
+
+_CODE_SPAN = re.compile(r"`([^`\n]{1,300})`")
+
+
+def prose(text: object) -> str:
+    """Escape writer text, then show its `backtick` spans (names of services, operations) as code."""
+    return _CODE_SPAN.sub(r"<code>\1</code>", esc(text))
 
 
 def _num(value: Any, digits: int = 1) -> str:
@@ -591,7 +602,7 @@ def render_report_html(
             impact = rec.get("impact") or {}
             parts.append(
                 f"<tr><td>{esc(rec.get('rank', ''))}</td>"
-                f'<td><a href="#{esc(_anchor(rec))}">{esc(rec.get("title") or rec.get("kind"))}</a></td>'
+                f'<td><a href="#{esc(_anchor(rec))}">{prose(rec.get("title") or rec.get("kind"))}</a></td>'
                 f"<td>{esc(rec.get('kind'))}</td>"
                 f"<td>{esc(rec.get('service'))} · {esc(rec.get('operation'))}</td>"
                 f'<td class="num">{_ms(impact.get("saved_ms_p50"))}</td>'
@@ -620,7 +631,7 @@ def _recommendation_html(
     )
     out = [
         f'<section class="rec" id="{esc(_anchor(rec))}">',
-        f'<h2><span class="rank">#{esc(rec.get("rank", ""))}</span>{esc(rec.get("title") or rec.get("kind"))}</h2>',
+        f'<h2><span class="rank">#{esc(rec.get("rank", ""))}</span>{prose(rec.get("title") or rec.get("kind"))}</h2>',
         '<div class="badges">',
         f'<span class="badge {esc(category)}">{esc(category.replace("_", " "))}</span>',
         f'<span class="badge">{esc(rec.get("kind"))}</span>',
@@ -645,10 +656,10 @@ def _recommendation_html(
         out.append(f'<div><div class="v">{esc(value)}</div><div class="k">{esc(key)}</div></div>')
     out.append("</div>")
     if rec.get("summary"):
-        out.append(f'<p class="summary-text">{esc(rec.get("summary"))}</p>')
+        out.append(f'<p class="summary-text">{prose(rec.get("summary"))}</p>')
     actions = rec.get("actions") or []
     if actions:
-        out.append('<ul class="actions">' + "".join(f"<li>{esc(a)}</li>" for a in actions) + "</ul>")
+        out.append('<ul class="actions">' + "".join(f"<li>{prose(a)}</li>" for a in actions) + "</ul>")
     out.append(_evidence_html(rec.get("evidence") or {}))
     if exemplar is not None:
         figure_id = "wf-" + _anchor(rec)[4:]

@@ -135,6 +135,13 @@ def test_untrusted_strings_are_escaped_everywhere() -> None:
     _svg_root(svg.group(0))
 
 
+def test_backticks_become_code_after_escaping() -> None:
+    page = render_report_html(_report(summary="calls `GET /a?x=<b>` then `<script>`", title="`svc` slow"))
+    assert "<code>GET /a?x=&lt;b&gt;</code>" in page
+    assert "<code>&lt;script&gt;</code>" in page
+    assert "<script" not in page
+
+
 def test_page_is_self_contained() -> None:
     page = render_report_html(_report(), {"serialized_calls-0123456789abcdef": _serialized_exemplar()})
     # No scripts, no external resources: the only URL is the SVG namespace identifier.
