@@ -15,8 +15,9 @@ with advice), then the decompressed content:
 - text that starts with ``{`` or ``[`` → JSON. When one of its first two non-empty lines is a whole
   trace document by itself, the file is JSON Lines (the Collector file exporter's default: one
   ``TracesData`` per line; Jaeger or Zipkin documents per line work too) and is streamed line by
-  line. Otherwise it is one document: OTLP JSON (``resourceSpans``), Jaeger JSON (``data``,
-  ``spans`` + ``processes``, model proto-JSON) or Zipkin v2 (a list) — see ``collector.readers``.
+  line. Otherwise it is one document: OTLP JSON (``resourceSpans``; also inside Jaeger ``/api/v3``'s
+  ``result``), Jaeger JSON (``data``, ``spans`` + ``processes``, model proto-JSON) or Zipkin v2
+  (a list) — see ``collector.readers``.
 - binary starting with ``0x0A`` → one OTLP protobuf message; binary starting with a 4-byte
   big-endian size followed by ``0x0A`` → the file exporter's length-prefixed ``format: proto`` stream,
   streamed frame by frame.
@@ -56,7 +57,7 @@ import pyarrow as pa
 from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
 from collector.readers import RecordProblem
 from collector.readers.jaeger import is_jaeger_json, jaeger_to_otlp_json
-from collector.readers.otlp_json import is_otlp_json, merge_traces_data
+from collector.readers.otlp_json import is_otlp_json, merge_traces_data, unwrap_otlp_json
 from collector.readers.otlp_proto import FramingError, iter_length_prefixed, looks_like_length_prefixed
 from collector.readers.zipkin import is_zipkin_json, zipkin_to_otlp_json
 
@@ -408,6 +409,7 @@ class TraceFileReader:
 
     def _convert(self, report: FileReport, prefix: str, value: Any) -> tuple[dict[str, Any], bool] | None:
         """OTLP JSON for one parsed document, converting Jaeger/Zipkin; None when not a trace document."""
+        value = unwrap_otlp_json(value)
         kind = _json_value_kind(value)
         if kind is None and not prefix and report.from_folder:
             self._ignore(report, f"not a trace document: {_describe(value)}")
@@ -663,7 +665,7 @@ def _is_whole_document(line: bytes) -> bool:
         value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return _json_value_kind(value) is not None
+    return _json_value_kind(unwrap_otlp_json(value)) is not None
 
 
 def expand_path_origins(paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["is_otlp_json", "merge_traces_data", "resource_spans_of"]
+__all__ = ["is_otlp_json", "merge_traces_data", "resource_spans_of", "unwrap_otlp_json"]
 
 _KEYS = ("resourceSpans", "resource_spans")
 
@@ -17,6 +17,14 @@ _KEYS = ("resourceSpans", "resource_spans")
 def is_otlp_json(obj: Any) -> bool:
     """A JSON object with ``resourceSpans`` (or protobuf's snake_case ``resource_spans``)."""
     return isinstance(obj, dict) and any(key in obj for key in _KEYS)
+
+
+def unwrap_otlp_json(obj: Any) -> Any:
+    """OTLP JSON wrapped as Jaeger's ``/api/v3`` answers it (``{"result": {"resourceSpans": ...}}``)
+    → the inner ``TracesData``; anything else unchanged."""
+    if isinstance(obj, dict) and len(obj) == 1 and is_otlp_json(obj.get("result")):
+        return obj["result"]
+    return obj
 
 
 def resource_spans_of(obj: dict[str, Any]) -> list[Any]:

@@ -277,3 +277,11 @@ def test_detect_format() -> None:
         detect_format(b"")
     with pytest.raises(ValueError, match="not JSON"):
         detect_format(b"hello world")
+
+
+def test_jaeger_api_v3_result_wrapper(tmp_path: Path) -> None:
+    inner = json.loads((REAL_TRACES / "otlp-json__jaeger-example_trace.json").read_text())
+    path = tmp_path / "v3.json"
+    path.write_text(json.dumps({"result": inner}))
+    table, problems, reader = read([path])
+    assert table.num_rows == 5 and problems == [] and reader.reports[0].format == "otlp-json"
