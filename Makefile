@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check collector analysis api tests bench
+	$(VENV)/bin/ruff check collector analysis api tests bench workload deploy
 	$(VENV)/bin/mypy
 
 bench: bench-ingest bench-analysis bench-api
