@@ -201,8 +201,10 @@ def fanout_concurrency_limit(rec: Rec) -> WrittenText:
 def retry_without_backoff(rec: Rec) -> WrittenText:
     ev = rec["evidence"]
     summary = (
-        f"{_caller(rec)} retries failed calls to {_targets(rec)} immediately: {ev.get('attempts_per_burst_p50')} attempts "
-        f"per burst at the median, {ms(ev.get('gap_ms_p50'))} apart. Instant retries hammer a struggling dependency "
+        f"{_caller(rec)} retries failed calls to {_targets(rec)} "
+        f"{'after the same short wait every time' if ev.get('pattern') == 'constant_short_delay' else 'immediately'}: "
+        f"{ev.get('attempts_per_burst_p50')} attempts per burst at the median (up to {ev.get('attempts_per_burst_max')}), "
+        f"{ms(ev.get('gap_ms_p50'))} apart. Retries without backoff hammer a struggling dependency "
         f"and turn a blip into an outage. {_seen(rec)}"
     )
     actions = [

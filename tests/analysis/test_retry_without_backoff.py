@@ -245,6 +245,7 @@ def test_end_to_end_the_report_carries_the_retry_finding_ranked_by_risk() -> Non
     assert rec["evidence"]["trace_ids"] and rec["evidence"]["span_ids"]
     assert rec["rank"] >= 1 and 0 < rec["confidence"] <= 1
     assert "GET /inventory" in rec["title"] and rec["summary"] and rec["actions"]
+    assert "immediately" in rec["summary"] and "up to 4" in rec["summary"]
 
 
 def test_a_loop_over_unnamed_items_with_sporadic_failures_lowers_confidence() -> None:
