@@ -137,6 +137,8 @@ def _b64(text: str) -> bytes | None:
 
 def otlp_value(value: Any) -> dict[str, Any]:
     """A Python value as an OTLP JSON ``AnyValue`` (int64 as a string, as protobuf JSON does)."""
+    if type(value) is str:  # by far the most common: Zipkin tags are all strings
+        return {"stringValue": value}
     if isinstance(value, bool):
         return {"boolValue": value}
     if isinstance(value, int):
@@ -155,6 +157,8 @@ def otlp_value(value: Any) -> dict[str, Any]:
 
 
 def otlp_attribute(key: str, value: Any) -> dict[str, Any]:
+    if type(value) is str:
+        return {"key": key, "value": {"stringValue": value}}
     return {"key": key, "value": otlp_value(value)}
 
 

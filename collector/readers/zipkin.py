@@ -19,6 +19,7 @@ Mapping rules:
   An ``error`` tag sets status ERROR; its value is the status message unless it is empty or "true".
 - ``annotations`` → events (the value is the event name).
 - IDs are hex (16 or 32 characters; shorter ones are left-padded, 64-bit trace ids become 128-bit).
+  A 64-bit trace id equal to the low half of a 128-bit one in the same document joins that trace.
 - **Times** are epoch microseconds as the Zipkin v2 spec says. What the yelp test file shows is not
   a unit mix but a precision mix: spans written by proxies (``tracer: syslog2scribe.*``) carry
   microsecond values rounded to whole milliseconds (``1571896375322000``), beside microsecond-precise
@@ -167,6 +168,7 @@ def zipkin_to_otlp_json(obj: list[Any]) -> ConvertedTraces:
             where = f"{path}.{exc.field}" if exc.field else path
             problems.append(RecordProblem(where, exc.reason))
 
+    _merge_mixed_length_trace_ids(entries)
     _split_shared_spans(entries)
     _fill_missing_timestamps(entries, problems)
 
@@ -220,6 +222,17 @@ def _entry(path: str, span: Any, problems: list[RecordProblem]) -> _Entry:
         service=service if isinstance(service, str) and service else "unknown_service",
         timestamp=timestamp,
     )
+
+
+def _merge_mixed_length_trace_ids(entries: list[_Entry]) -> None:
+    """A 64-bit trace id whose value equals the low half of a 128-bit trace id in the same document
+    is that trace (instrumentation that propagates only 64 bits; Zipkin merges them the same way)."""
+    full_by_low = {e.trace_id[16:]: e.trace_id for e in entries if not e.trace_id.startswith("0" * 16)}
+    if not full_by_low:
+        return
+    for entry in entries:
+        if entry.trace_id.startswith("0" * 16):
+            entry.trace_id = full_by_low.get(entry.trace_id[16:], entry.trace_id)
 
 
 def _split_shared_spans(entries: list[_Entry]) -> None:
@@ -356,12 +369,12 @@ def _convert(
     tags = tags or {}
     for key, value in tags.items():
         attributes.append(otlp_attribute(str(key), value))
-        if key == "error":
+        aliases = ZIPKIN_TAG_ALIASES.get(key)
+        if aliases is not None:
+            attributes.extend(otlp_attribute(alias, value) for alias in aliases if alias not in tags)
+        elif key == "error":
             text = "" if value is None else str(value)
             status = {"code": 2, "message": "" if text.lower() in ("", "true") else text}
-    for key, aliases in ZIPKIN_TAG_ALIASES.items():
-        if key in tags:
-            attributes.extend(otlp_attribute(alias, tags[key]) for alias in aliases if alias not in tags)
     if "kafka.topic" in tags and "messaging.system" not in tags:
         attributes.append(otlp_attribute("messaging.system", "kafka"))
     remote_service = remote.get("serviceName")

@@ -546,3 +546,14 @@ def test_decode_fast_span_path_declines_what_it_does_not_handle(span: dict[str, 
     from collector import decode
 
     assert decode._fast_span(span) is None
+
+
+def test_zipkin_64_bit_trace_id_joins_its_128_bit_trace() -> None:
+    doc = [
+        _zspan("0000000000000001", "root", traceId="5af7183fb1d4cf5f463ac35c9f6413ad"),
+        _zspan("0000000000000002", "child", parentId="0000000000000001"),  # 463ac35c9f6413ad: low half
+        _zspan("0000000000000003", "other", traceId="1111111111111111"),
+    ]
+    rows = _by_name(_rows(zipkin_to_otlp_json(doc).traces_data))
+    assert rows["child"]["trace_id"] == rows["root"]["trace_id"] == "5af7183fb1d4cf5f463ac35c9f6413ad"
+    assert rows["other"]["trace_id"] == "00000000000000001111111111111111"
