@@ -12,6 +12,9 @@ attempt is a *retry* of the one before it when
   span carries an explicit attempt number larger than the previous one's (``http.request.resend_count``,
   ``retry.attempt``, ``retry_count``, ``attempt``... keys in ``hints``).
 
+Explicit evidence — attempt numbers, or the parent span logging that it retries (an event or event
+attribute matching ``RETRY_LOG_PATTERN``, e.g. "Retrying GetDriver after error") — raises confidence.
+
 A chain of retries is a *retry sequence* (the first attempt plus its retries); its *gaps* run from
 an attempt's end to the next attempt's start, and the k-th retry of a sequence has *retry index* k.
 A sequence whose gaps strictly grow beyond the immediate bound is backoff and is set aside.
@@ -75,6 +78,8 @@ SKEW_TOLERANCE_NS = 1_000_000  # 1 ms of overlap tolerated between an attempt an
 # An explicit attempt number among the hint attributes, e.g. {"http.request.resend_count": 2}.
 ATTEMPT_HINT_PATTERN = r'"[^"]*(?:resend_count|retry_count|retries|retry[._]?attempt|attempt[._]?(?:number|count)?|retry)"\s*:\s*"?(\d+)'
 TOP_CODES = 5
+# The calling span says it retries (a log/event such as "Retrying GetDriver after error").
+RETRY_LOG_PATTERN = r"(?i)\bretr(?:y|ying|ied|ies)\b"
 SIGNATURE = ["service", "parent_name", "target_service", "target_operation"]
 
 
@@ -236,7 +241,16 @@ def _attribute(sequences: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
         .unique("first_row")
     )
     parents = spans.filter(pl.col("row").is_in(sequences["parent_row"].implode())).select(
-        pl.col("row").cast(pl.Int64).alias("parent_row"), parent_span_id="span_id", parent_name="name"
+        pl.col("row").cast(pl.Int64).alias("parent_row"),
+        parent_span_id="span_id",
+        parent_name="name",
+        parent_logs_retry=(
+            pl.col("event_names")
+            .list.eval(pl.element().str.contains(RETRY_LOG_PATTERN))
+            .list.any()
+            .fill_null(False)
+            | pl.col("event_hints").str.contains(RETRY_LOG_PATTERN).fill_null(False)
+        ),
     )
     callee_elsewhere = pl.col("callee_service").is_not_null() & (
         pl.col("callee_service") != pl.col("service")
@@ -311,6 +325,7 @@ def _finding(
         retry_time_ms_p50=pl.col("retry_time_ns").median() / 1e6,
         exhausted_bursts=pl.col("last_failed").sum(),
         explicit=pl.col("explicit").any(),
+        parent_logs_retry=pl.col("parent_logs_retry").any(),
         in_loop_share=pl.col("in_loop").mean(),
         retried_operations=pl.col("name").unique().sort().implode(),
     ).row(0, named=True)
@@ -338,6 +353,7 @@ def _finding(
         "exhausted_bursts": int(stats["exhausted_bursts"]),
         "exhausted_share": round(int(stats["exhausted_bursts"]) / bursts, 4),
         "explicit_attempt_attributes": bool(stats["explicit"]),
+        "retries_logged_by_caller": bool(stats["parent_logs_retry"]),
         "in_loop_share": round(float(stats["in_loop_share"]), 4),
         "failure_status_codes": {str(r[0]): int(r[1]) for r in codes.iter_rows()},
         "retried_operations": list(stats["retried_operations"]),
@@ -354,7 +370,7 @@ def _finding(
         confidence=_confidence(
             bursts,
             int(stats["attempts_max"]),
-            bool(stats["explicit"]),
+            bool(stats["explicit"] or stats["parent_logs_retry"]),
             immediate,
             float(stats["in_loop_share"]),
         ),

@@ -257,3 +257,35 @@ def test_a_loop_over_unnamed_items_with_sporadic_failures_lowers_confidence() ->
     assert loop_finding.evidence["in_loop_share"] == 1.0
     assert retry_finding.evidence["in_loop_share"] == 0.0
     assert loop_finding.confidence < retry_finding.confidence
+
+
+def test_a_caller_logging_its_retries_is_explicit_evidence() -> None:
+    """HotROD-style: GetDriver per driver (no id recorded), the caller logs 'Retrying GetDriver after error'."""
+
+    def trace(logged: bool) -> TraceBuilder:
+        b = TraceBuilder(service="driver")
+        events = (
+            [("error", 20, {"message": "Retrying GetDriver after error", "retry_no": 1})] if logged else []
+        )
+        root = b.span("FindNearest", start_ms=0, dur_ms=80, kind=KIND_SERVER, events=events)
+        t = 1.0
+        for failed in (False, True, False, False, True, False):
+            b.span(
+                "GetDriver",
+                parent=root,
+                start_ms=t,
+                dur_ms=10,
+                kind=KIND_CLIENT,
+                service="driver",
+                peer="redis",
+                status_code=STATUS_ERROR if failed else STATUS_UNSET,
+            )
+            t += 10.1
+        return b
+
+    (plain,) = analyse([trace(False) for _ in range(5)])
+    (logged,) = analyse([trace(True) for _ in range(5)])
+    assert plain.targets == [{"service": "redis", "operation": "GetDriver"}]
+    assert plain.evidence["in_loop_share"] == 1.0 and plain.evidence["retries_logged_by_caller"] is False
+    assert logged.evidence["retries_logged_by_caller"] is True
+    assert logged.confidence > plain.confidence
