@@ -6,16 +6,17 @@ A *failed* span has status ERROR, or (status not explicitly OK and) an HTTP stat
 For every failed span with no failed child (the deepest failure of its branch, the *leaf*), the
 *dependency* that failed is found and attributed to the lowest service that could catch it:
 
-* the leaf is an outgoing call (CLIENT kind, or it carries ``db_system`` / ``rpc_method`` /
-  ``messaging_destination`` / a peer): the dependency is that call's target, and the service that
+* the leaf is an outgoing call (CLIENT or PRODUCER kind, or it carries ``db_system`` /
+  ``messaging_destination``, or ``rpc_method`` on a non-INTERNAL span): the dependency is that call's target, and the service that
   made the call is the one that could catch it (``service`` = the leaf's service, ``operation`` =
   the operation that makes the call — the client span's parent —, ``targets`` = the peer /
   database / destination and the call's name);
 * otherwise the error was born inside a service B: the dependency is B's entry span (the top of
   the unbroken same-service chain above the leaf, usually B's SERVER span) and the catcher is its
   caller — the parent of that entry span, in service A (``operation`` = the operation making that
-  call: the parent of A's client span, or the parent itself when A has no client span). Errors born in the root's own service
-  without any outgoing call are not dependency failures and are not reported.
+  call: the parent of A's client span, or the parent itself when A has no client span). Errors
+  born in the root's own service without any outgoing call are not dependency failures and are not
+  reported; neither are errors that B handled itself (B's entry span did not fail).
 
 The dependency's failure *propagated* when every ancestor of the dependency span up to the real
 root (not an orphan) passes the error on: an ancestor is failed, or it is an INTERNAL span with
@@ -42,8 +43,8 @@ the dependency's call count, error count and error rate, contained traces (same 
 the failing root operations, and an exemplar chain of operations from the dependency to the root.
 No interventions: a fallback changes the outcome, not the latency, so no latency saving is claimed.
 
-Everything is vectorised: polars filters and joins restricted to the traces that contain a failure,
-and numpy pointer doubling (``nxt = nxt[nxt]``, log2(depth) steps, no recursion) to find how far up
+Everything is vectorised: per-span flags in one polars pass (no strings materialised), names
+gathered only for the failing rows, and numpy pointer doubling (``nxt = nxt[nxt]``, log2(depth) steps, no recursion) to find how far up
 each failure travels and where each service's span chain begins.
 """
 
