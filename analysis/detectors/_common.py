@@ -29,8 +29,9 @@ _SQL_REPLACEMENTS: tuple[tuple[str, str], ...] = (
     (r"\bx'[0-9a-fA-F]*'", "?"),
     (r"\b0x[0-9a-fA-F]+\b", "?"),
     (r"(?i)\b(?:true|false|null)\b", "?"),
+    (r"\$\d+|%s|@\w+", "?"),  # driver placeholders: $1, %s, @p
+    (r"([\s(=,]):[A-Za-z_]\w*", "$1?"),  # :name placeholders (not ::type casts)
     (r"-?\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b", "?"),
-    (r"\$\d+|:\w+|%s|@\w+", "?"),  # driver placeholders: $1, :name, %s, @p
     (r"\s+", " "),
     (r"(?i)\bIN\s*\(\s*\?(?:\s*,\s*\?)*\s*\)", "IN (?)"),
     (r"(?i)\bVALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))*", "VALUES $1"),

@@ -92,7 +92,7 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
         pl.col("blocking")
         & ~_common.is_call()
         & (pl.col("service") == pl.col("parent_service"))
-        & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"])
+        & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
     out = _common.annotate_operations(out)

@@ -1,0 +1,127 @@
+"""serialized_calls on hand-built traces, each with its healthy counterpart."""
+
+from __future__ import annotations
+
+from analysis.context import AnalysisContext
+from analysis.detectors import serialized_calls
+from analysis.model import RunConcurrently
+from analysis.pipeline import analyze
+from collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.builders import TraceBuilder, spans_table
+
+
+def checkout(
+    *, order: tuple[str, ...] = ("users", "cart", "prices"), gap_ms: float = 1, overlap: bool = False
+) -> TraceBuilder:
+    """frontend GET /checkout calling three services; sequential unless ``overlap``."""
+    b = TraceBuilder(service="frontend")
+    root = b.span("GET /checkout", start_ms=0, dur_ms=400, kind=KIND_SERVER)
+    durations = {"users": 60, "cart": 80, "prices": 50}
+    t = 10.0
+    for name in order:
+        start = 10.0 if overlap else t
+        call = b.span(f"GET {name}", parent=root, start_ms=start, dur_ms=durations[name], kind=KIND_CLIENT,
+                      http_method="GET", http_url=f"http://{name}/api/{name}/42")  # fmt: skip
+        b.span(f"GET /api/{name}/{{id}}", parent=call, start_ms=start + 1, dur_ms=durations[name] - 2,
+               service=name, kind=KIND_SERVER)  # fmt: skip
+        t += durations[name] + gap_ms
+    return b
+
+
+def detect(*builders: TraceBuilder) -> list:
+    return serialized_calls.detect(AnalysisContext.from_table(spans_table(list(builders))))
+
+
+def test_three_back_to_back_calls_are_one_finding_with_run_concurrently() -> None:
+    findings = detect(checkout())
+    assert len(findings) == 1
+    f = findings[0]
+    assert (f.kind, f.category, f.service, f.operation) == (
+        "serialized_calls",
+        "parallelization",
+        "frontend",
+        "GET /checkout",
+    )
+    assert {t["service"] for t in f.targets} == {"users", "cart", "prices"}
+    (iv,) = f.occurrences[0].interventions
+    assert isinstance(iv, RunConcurrently) and len(iv.span_ids) == 3
+    assert f.evidence["local_saving_ms_p50"] == 190 - 80
+
+
+def test_saving_is_measured_at_the_root() -> None:
+    report = analyze(spans_table(checkout()))
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "serialized_calls"]
+    # 60 + 80 + 50 ms in a row with two 1 ms gaps -> 80 ms after the 2 ms of gaps: saves 110 ms
+    assert rec["impact"]["saved_ms_p50"] == 110.0
+    assert rec["impact"]["share_of_root_latency"] == round(110 / 400, 4)
+
+
+def test_already_parallel_calls_give_nothing() -> None:
+    assert detect(*[checkout(overlap=True) for _ in range(5)]) == []
+
+
+def test_a_single_slow_call_gives_nothing() -> None:
+    b = TraceBuilder(service="frontend")
+    root = b.span("GET /report", start_ms=0, dur_ms=500, kind=KIND_SERVER)
+    b.span("GET warehouse", parent=root, start_ms=5, dur_ms=480, kind=KIND_CLIENT, http_url="http://dwh/q")
+    assert detect(b) == []
+
+
+def test_calls_separated_by_real_work_give_nothing() -> None:
+    # 60 ms of the caller's own work between calls (more than 10 % of the 400 ms request)
+    assert detect(checkout(gap_ms=60)) == []
+
+
+def test_authentication_before_the_call_is_a_dependency_not_a_finding() -> None:
+    b = TraceBuilder(service="gateway")
+    root = b.span("POST /transfer", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+    b.span("POST auth-service/v1/authentications", parent=root, start_ms=2, dur_ms=30, kind=KIND_CLIENT,
+           http_url="http://auth-service/v1/authentications")  # fmt: skip
+    b.span(
+        "POST transfers", parent=root, start_ms=33, dur_ms=60, kind=KIND_CLIENT, http_url="http://transfers/t"
+    )
+    assert detect(b) == []
+
+
+def test_order_varying_across_traces_raises_confidence() -> None:
+    varied = detect(
+        *[checkout(order=o) for o in [("users", "cart", "prices"), ("cart", "users", "prices")] * 3]
+    )
+    fixed_few = detect(*[checkout() for _ in range(3)])
+    assert len(varied) == 1 and len(fixed_few) == 1
+    assert varied[0].evidence["distinct_orders"] == 2
+    assert varied[0].confidence >= 0.7 > fixed_few[0].confidence
+
+
+def test_overlap_seen_in_some_traces_raises_confidence_and_is_not_flagged_itself() -> None:
+    findings = detect(*[checkout() for _ in range(4)], *[checkout(overlap=True) for _ in range(2)])
+    assert len(findings) == 1
+    f = findings[0]
+    assert len(f.occurrences) == 4  # the parallel traces are evidence, not occurrences
+    assert f.evidence["overlapping_instances"] == 2
+    assert f.confidence >= 0.7
+
+
+def test_fixed_order_in_many_traces_is_reported_with_low_confidence() -> None:
+    """Same order in every trace and never overlapping is also what a data dependency (the second
+    call needs the first one's result) looks like: reported, but ranked below verified findings."""
+    (dependent,) = detect(*[checkout() for _ in range(12)])
+    assert dependent.evidence["order_fixed"] and dependent.confidence <= 0.4
+
+
+def test_same_operation_repeated_is_left_to_n_plus_one() -> None:
+    b = TraceBuilder(service="orders")
+    root = b.span("GET /orders", start_ms=0, dur_ms=200, kind=KIND_SERVER)
+    for i in range(8):
+        b.span("SELECT", parent=root, start_ms=5 + i * 20, dur_ms=19, kind=KIND_CLIENT, db_system="mysql",
+               db_statement=f"SELECT * FROM items WHERE id = {i}")  # fmt: skip
+    assert detect(b) == []
+
+
+def test_calls_under_an_async_branch_are_not_reported() -> None:
+    b = TraceBuilder(service="frontend")
+    root = b.span("GET /page", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+    job = b.span("background refresh", parent=root, start_ms=50, dur_ms=400)  # outlives the request
+    b.span("GET a", parent=job, start_ms=60, dur_ms=150, kind=KIND_CLIENT, http_url="http://a/x")
+    b.span("GET b", parent=job, start_ms=211, dur_ms=150, kind=KIND_CLIENT, http_url="http://b/y")
+    assert detect(b) == []
