@@ -25,6 +25,7 @@ from analysis.agent import (
 from analysis.writer import WriteOutcome, WrittenText
 from tests.fake_anthropic import (
     FakeAnthropic,
+    Step,
     error_reply,
     json_reply,
     message_reply,
@@ -718,4 +719,246 @@ def test_select_writer_with_an_env_mapping_talks_to_its_base_url(
     )
     outcome = writer.write(recommendations(), PlantedContext())
     assert outcome.fallback_reason is None
-    assert fake.headers[0]["x-api-key"] == "sk-map"
+    sent = fake.headers[0]
+    assert sent.get("x-api-key") == "sk-map" or sent.get("authorization") == "Bearer sk-map"
+
+
+# --- end to end: the pipeline and the CLI with the agent pointed at the fake server -----------
+
+E2E_MODEL = "claude-e2e-model"
+
+
+def _request_payload(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recommendation objects the agent sent (from the first user message)."""
+    text = request["messages"][0]["content"][0]["text"]
+    start, end = text.index("<recommendations>") + len("<recommendations>"), text.index("</recommendations>")
+    payload: list[dict[str, Any]] = json.loads(text[start:end])
+    return payload
+
+
+def fake_model_step(request: dict[str, Any]) -> Step:
+    """A scripted model: first turn calls all three tools on the top recommendation, the next turn
+    answers for every id with numbers taken from the payload (so they are grounded)."""
+    payload = _request_payload(request)
+    last = request["messages"][-1]
+    answered_tools = isinstance(last["content"], list) and any(
+        b.get("type") == "tool_result" for b in last["content"]
+    )
+    if not answered_tools:
+        top = payload[0]
+        return tool_use_reply(
+            ("get_finding_evidence", {"recommendation_id": top["id"]}),
+            ("get_critical_path", {"trace_id": top["evidence"]["trace_ids"][0]}),
+            ("get_service_neighbours", {"service": top["service"]}),
+        )
+    answer = {
+        rec["id"]: {
+            "title": f"Fake model: fix {rec['kind']} in `{rec['service']}`",
+            "summary": f"Seen in {rec['traces_affected']} traces (fake model summary).",
+            "actions": [f"Change `{rec['operation']}` (fake model action)."],
+        }
+        for rec in payload
+    }
+    return json_reply(answer)
+
+
+def planted_n_plus_one_traces(count: int = 6) -> list[Any]:
+    """N+1 traces whose span names, statements, URLs and attributes carry the planted secrets."""
+    from collector.schema import KIND_CLIENT, KIND_SERVER
+    from tests.builders import TraceBuilder
+
+    builders = []
+    for _ in range(count):
+        b = TraceBuilder(service="orders-api")
+        root = b.span(
+            f"GET /orders?email={SECRET_EMAIL}&password={SECRET_QUERY_PASSWORD}",
+            start_ms=0,
+            dur_ms=140,
+            kind=KIND_SERVER,
+            http_method="GET",
+            http_url=f"https://shop.example.com/orders?password={SECRET_QUERY_PASSWORD}",
+            status_message=f"served {SECRET_EMAIL}",
+            hints={"enduser.id": SECRET_USER_ID, "http.request.header.authorization": SECRET_BEARER},
+        )
+        for i in range(10):
+            b.span(
+                f"SELECT * FROM items WHERE order_id = {100 + i} AND ssn = '{SECRET_SSN}'",
+                parent=root,
+                start_ms=5 + i * 12,
+                dur_ms=10,
+                service="orders-db",
+                kind=KIND_CLIENT,
+                db_system="postgresql",
+                db_statement=f"SELECT * FROM items WHERE order_id = {100 + i} AND ssn = '{SECRET_SSN}'",
+            )
+        b.span(
+            f"POST /audit {SECRET_BEARER}",
+            parent=root,
+            start_ms=126,
+            dur_ms=8,
+            service="audit",
+            kind=KIND_CLIENT,
+        )
+        builders.append(b)
+    return builders
+
+
+def test_pipeline_report_written_by_the_agent(fake: FakeAnthropic, tmp_path: Path) -> None:
+    from analysis.pipeline import analyze
+    from analysis.template_writer import TemplateWriter
+    from tests.builders import spans_table
+
+    fake.default = fake_model_step
+    writer = AnthropicWriter(
+        TemplateWriter(),
+        model=E2E_MODEL,
+        limits=AgentLimits(request_timeout_s=2, deadline_s=8),
+        cache_dir=tmp_path / "w",
+    )
+    report = analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+
+    assert report["recommendations"], "the planted N+1 must be found"
+    assert report["writer"]["name"] == f"anthropic:{E2E_MODEL}"
+    assert report["writer"]["fallback_reason"] is None
+    for rec in report["recommendations"]:
+        assert rec["title"].startswith("Fake model: fix ")
+        assert rec["actions"][0].endswith("(fake model action).")
+    assert fake.request_count == 2
+    sent = fake.all_request_text()
+    for secret in SECRETS:
+        assert secret not in sent, f"{secret!r} left the machine"
+    # The tools really ran over the analysed spans (critical path names, redacted, reached the model).
+    results = [b for b in fake.requests[1]["messages"][-1]["content"] if b["type"] == "tool_result"]
+    evidence, path, neighbours = (json.loads(r["content"]) for r in results)
+    assert evidence["id"] == report["recommendations"][0]["id"]
+    assert path["spans"][0]["name"] == "GET /orders?email=?&password=?"
+    assert path["spans"][0]["duration_ms"] == 140.0
+    assert {c["service"] for c in neighbours["callees"]} >= {"orders-db", "audit"}
+
+
+def test_pipeline_report_falls_back_when_the_api_fails(fake: FakeAnthropic, tmp_path: Path) -> None:
+    from analysis.pipeline import analyze
+    from analysis.template_writer import TemplateWriter
+    from tests.builders import spans_table
+
+    fake.default = error_reply(500, "upstream exploded")
+    writer = AnthropicWriter(
+        TemplateWriter(),
+        model=E2E_MODEL,
+        limits=AgentLimits(request_timeout_s=2, deadline_s=8, max_retries=1),
+        cache_dir=tmp_path / "w",
+    )
+    report = analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+    assert report["recommendations"]
+    assert report["writer"]["name"] == "template"
+    reason = report["writer"]["fallback_reason"]
+    assert reason is not None and "500" in reason and "upstream exploded" in reason
+    assert all(
+        rec["title"] and not rec["title"].startswith("Fake model") for rec in report["recommendations"]
+    )
+    assert fake.request_count == 2
+
+
+def _otlp_json_line(builders: list[Any]) -> str:
+    """OTLP/JSON (one ExportTraceServiceRequest) for builder spans, with the planted secrets also
+    in span attributes — the file a user would hand to `hourglass analyze`."""
+    spans_by_service: dict[str, list[dict[str, Any]]] = {}
+    for b in builders:
+        for row in b.rows:
+            attributes = [{"key": "enduser.id", "value": {"stringValue": SECRET_USER_ID}}]
+            if row["db_statement"]:
+                attributes += [
+                    {"key": "db.system", "value": {"stringValue": row["db_system"]}},
+                    {"key": "db.statement", "value": {"stringValue": row["db_statement"]}},
+                ]
+            if row["http_url"]:
+                attributes += [
+                    {"key": "http.method", "value": {"stringValue": "GET"}},
+                    {"key": "http.url", "value": {"stringValue": row["http_url"]}},
+                    {"key": "http.request.header.authorization", "value": {"stringValue": SECRET_BEARER}},
+                ]
+            span = {
+                "traceId": row["trace_id"],
+                "spanId": row["span_id"],
+                "name": row["name"],
+                "kind": row["kind"],
+                "startTimeUnixNano": str(row["start_ns"]),
+                "endTimeUnixNano": str(row["end_ns"]),
+                "attributes": attributes,
+            }
+            if row["parent_span_id"]:
+                span["parentSpanId"] = row["parent_span_id"]
+            spans_by_service.setdefault(row["service"], []).append(span)
+    return json.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+                    "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
+                }
+                for service, spans in spans_by_service.items()
+            ]
+        }
+    )
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    hourglass = Path(sys.executable).with_name("hourglass")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))} | env
+    return subprocess.run(
+        [str(hourglass), *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cli_analyze_uses_the_agent_when_a_key_is_set(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = fake_model_step
+    trace_file = tmp_path / "planted.otlp.json"
+    trace_file.write_text(_otlp_json_line(planted_n_plus_one_traces()), encoding="utf-8")
+    env = {
+        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        "ANTHROPIC_BASE_URL": fake.base_url,
+        "HOURGLASS_LLM_MODEL": E2E_MODEL,
+        "HOURGLASS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    result = _run_cli(["analyze", str(trace_file), "--format", "json"], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["writer"]["name"] == f"anthropic:{E2E_MODEL}"
+    assert report["recommendations"] and all(
+        r["title"].startswith("Fake model") for r in report["recommendations"]
+    )
+    assert fake.request_count == 2
+    sent = fake.all_request_text()
+    for secret in SECRETS:
+        assert secret not in sent, f"{secret!r} left the machine"
+
+    # Same report again: the write-up comes from the cache, no API call.
+    again = _run_cli(["analyze", str(trace_file), "--format", "json"], env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["recommendations"][0]["title"] == report["recommendations"][0]["title"]
+    assert fake.request_count == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cli_analyze_reports_the_fallback_reason(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = error_reply(401, "invalid x-api-key")
+    trace_file = tmp_path / "planted.otlp.json"
+    trace_file.write_text(_otlp_json_line(planted_n_plus_one_traces()), encoding="utf-8")
+    env = {
+        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        "ANTHROPIC_BASE_URL": fake.base_url,
+        "HOURGLASS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    result = _run_cli(["analyze", str(trace_file), "--format", "json"], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["writer"]["name"] == "template"
+    assert "401" in report["writer"]["fallback_reason"]
+    assert fake.requests[0]["model"] == DEFAULT_MODEL
