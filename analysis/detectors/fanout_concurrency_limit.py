@@ -11,11 +11,12 @@ reached. One fan-out is capped when all of these hold:
 
 * ``1 <= k < n`` — some children had to wait for a free slot;
 * the first wave fills the pool: exactly ``k`` children start together at the beginning (within
-  ``LAUNCH_TOLERANCE``: 1 ms or 10 % of the median child duration, whichever is larger). A loop that
+  ``LAUNCH_TOLERANCE``: 1 ms or 10 % of the mean child duration, whichever is larger). A loop that
   issues calls one after another with slight overlaps starts them one by one and fails this;
 * the cap is hit again and again: the number of starts that bring the concurrency up to ``k`` is at
-  least ``ceil(n / k)``, the number of rounds a pool of ``k`` needs for ``n`` tasks. Calls that just
-  happen to overlap now and then reach their peak once or twice, not every round.
+  least ``max(2, n // k)``, the number of full rounds a pool of ``k`` needs for ``n`` tasks (the last,
+  partial round never reaches ``k``). Calls that just happen to overlap reach their peak once, not
+  every round.
 
 No rule asks the next child to start the instant a slot frees: a semaphore often also covers work
 after the call, and a busy event loop delays the hand-over (the sample workload shows 2-40 ms
@@ -48,7 +49,7 @@ from __future__ import annotations
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors.fanout_straggler import sibling_groups, stat
+from analysis.detectors.fanout_straggler import sibling_groups, stat, with_span_columns
 from analysis.model import Finding, Occurrence, RunConcurrently
 
 KIND = "fanout_concurrency_limit"
@@ -64,52 +65,56 @@ _POOL_HINT = r'(?i)"[^"]*(?:pool|worker|semaphore|concurren|parallelism|max_in_f
 _POOL_EVENT = r"(?i)pool|worker|semaphore|permit|slot"
 
 
-def _pool_evidence(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
-    """group_id -> has_pool_evidence, from the children's and the parent's hints and events."""
+def _pool_evidence_groups(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.Series:
+    """The group ids whose children or parent carry a pool hint attribute or a pool event."""
     has_hint = pl.col("hints").str.contains(_POOL_HINT).fill_null(False)
     has_event = (
         pl.col("event_names").list.eval(pl.element().str.contains(_POOL_EVENT)).list.any().fill_null(False)
     )
-    flagged = spans.lazy().filter(has_hint | has_event).select("trace_id", "span_id")
-    child_flag = kids.lazy().join(flagged, on=["trace_id", "span_id"], how="semi").select("group_id")
-    parent_flag = (
-        kids.lazy()
-        .select("group_id", "trace_id", pl.col("parent_span_id").alias("span_id"))
-        .join(flagged, on=["trace_id", "span_id"], how="semi")
-        .select("group_id")
+    flagged_rows = (
+        spans.lazy()
+        .filter(pl.col("hints").is_not_null() | (pl.col("event_names").list.len() > 0))
+        .filter(has_hint | has_event)
+        .select(pl.col("row").cast(pl.Int64))
+        .collect()
+        .to_series()
+        .implode()
     )
-    return pl.concat([child_flag, parent_flag]).unique().with_columns(pool_evidence=pl.lit(True)).collect()
+    flagged = kids.filter(
+        pl.col("row").cast(pl.Int64).is_in(flagged_rows) | pl.col("parent_row").is_in(flagged_rows)
+    )
+    return flagged["group_id"].unique()
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
     spans = ctx.spans
-    kids = sibling_groups(spans, MIN_CHILDREN)
-    if kids.is_empty():
+    all_kids = sibling_groups(spans, MIN_CHILDREN)
+    if all_kids.is_empty():
         return []
-    parents = spans.select(
-        "trace_id",
-        pl.col("span_id").alias("parent_span_id"),
-        pl.col("service").alias("parent_service"),
-        pl.col("name").alias("parent_name"),
-    )
-    # Every fan-out, for the per-signature capped rate.
-    all_fanouts = (
-        kids.unique(subset=["group_id"])
-        .select("trace_id", "parent_span_id", "service", "name", "n")
-        .join(parents, on=["trace_id", "parent_span_id"], how="inner")
-    )
     # Fully parallel fan-outs (every child started before the first ended) cannot be capped.
-    kids = kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
+    kids = all_kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
     if kids.is_empty():
         return []
+    # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
+    # k = 1 needs pool evidence. Sequential loops (most sibling groups) stop here.
+    launch_tol = pl.max_horizontal(
+        pl.lit(LAUNCH_TOLERANCE_NS), (pl.col("duration_ns").mean() * LAUNCH_TOLERANCE_SHARE).cast(pl.Int64)
+    )
+    early = kids.group_by("group_id").agg(
+        launch_tol_ns=launch_tol,
+        first_wave=(pl.col("start_ns") <= pl.col("first_start_ns").first() + launch_tol).sum(),
+    )
+    pooled = _pool_evidence_groups(spans, kids)
+    early = early.filter((pl.col("first_wave") >= 2) | pl.col("group_id").is_in(pooled.implode()))
+    if early.is_empty():
+        return []
+    kids = kids.join(early.select("group_id", "launch_tol_ns"), on="group_id", how="inner")
+    kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
 
     overlap_tol = pl.min_horizontal(
         pl.lit(OVERLAP_TOLERANCE_NS), (pl.col("duration_ns") * OVERLAP_TOLERANCE_SHARE).cast(pl.Int64)
     )
-    launch_tol = pl.max_horizontal(
-        pl.lit(LAUNCH_TOLERANCE_NS), (pl.col("median_ns") * LAUNCH_TOLERANCE_SHARE).cast(pl.Int64)
-    )
-    kids = kids.with_columns(launch_tol_ns=launch_tol, sweep_end_ns=pl.col("end_ns") - overlap_tol)
+    kids = kids.with_columns(sweep_end_ns=pl.col("end_ns") - overlap_tol)
 
     # Concurrency sweep: sorted by (group, time, delta) so ends at the same instant come before
     # starts; the cumulative sum over the whole frame is the per-group concurrency because every
@@ -148,7 +153,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         .group_by("group_id", maintain_order=True)
         .agg(
             pl.col(
-                ["trace_id", "parent_span_id", "service", "name", "n", "k", "cap_hits", "first_start_ns"]
+                [*SIGNATURE, "trace_id", "parent_span_id", "n", "k", "cap_hits", "first_start_ns"]
             ).first(),
             child_ids=pl.col("span_id"),
             first_wave=pl.col("first_wave").sum(),
@@ -163,20 +168,17 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             capped=(pl.col("k") >= 1)
             & (pl.col("k") < pl.col("n"))
             & (pl.col("first_wave") == pl.col("k"))
-            & (pl.col("cap_hits") >= (pl.col("n") / pl.col("k")).ceil())
+            & (pl.col("cap_hits") >= pl.max_horizontal(pl.lit(2), pl.col("n") // pl.col("k")))
         )
     )
-    groups = fanouts.filter("capped").join(parents, on=["trace_id", "parent_span_id"], how="inner")
-    if groups.is_empty():
-        return []
-    groups = groups.join(
-        _pool_evidence(spans, kids.filter(pl.col("group_id").is_in(groups["group_id"].implode()))),
-        on="group_id",
-        how="left",
-    ).with_columns(pl.col("pool_evidence").fill_null(False))
+    groups = fanouts.filter("capped").with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
     groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
     if groups.is_empty():
         return []
+    # Every fan-out of the signatures found, for the per-signature capped rate.
+    all_fanouts = with_span_columns(
+        spans, all_kids.group_by("group_id").agg(pl.col(["row", "parent_row", "n"]).first()), SIGNATURE
+    )
     groups = groups.sort(["first_start_ns", "trace_id", "parent_span_id"])
     findings = []
     for frame in groups.partition_by(SIGNATURE, maintain_order=True):

@@ -61,16 +61,12 @@ MIN_TRACES_FOR_PATTERN = 3
 MIN_STRAGGLER_RATE = 0.10
 MIN_OCCURRENCES_RARE = 5
 
-GROUP_KEYS = ["trace_id", "parent_span_id", "service", "name"]
 _CHILD_COLUMNS = [
     "trace_id",
     "span_id",
     "parent_span_id",
     "service",
     "name",
-    "start_ns",
-    "end_ns",
-    "duration_ns",
     "on_critical_path",
     "peer",
     "host",
@@ -88,41 +84,48 @@ def stat(series: pl.Series, quantile: float = 0.5, scale: float = 1.0) -> float:
 
 
 def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.DataFrame:
-    """Blocking children grouped by (trace, parent, child service, child name), one row per child,
-    for groups with at least ``min_children`` members. Adds per-group ``n``, ``median_ns``,
-    ``first_start_ns``, ``last_start_ns``, ``first_end_ns`` and ``group_id`` (dense, per call)."""
-    children = spans.lazy().filter(
-        pl.col("blocking") & ~pl.col("is_root") & pl.col("parent_span_id").is_not_null()
-    )
-    grouped = (
-        children.select(_CHILD_COLUMNS)
-        .group_by(GROUP_KEYS)
-        .agg(
-            pl.all(),
-            n=pl.len(),
-            median_ns=pl.col("duration_ns").median(),
-            first_start_ns=pl.col("start_ns").min(),
-            last_start_ns=pl.col("start_ns").max(),
-            first_end_ns=pl.col("end_ns").min(),
+    """Blocking children grouped by (parent, child service, child name), one row per child, for
+    groups with at least ``min_children`` members: ``row``, ``parent_row``, ``start_ns``, ``end_ns``,
+    ``duration_ns`` and per group ``group_id``, ``n``, ``first_start_ns``, ``last_start_ns``,
+    ``first_end_ns``. Other span columns are fetched for the few rows that need them with
+    :func:`with_span_columns`.
+
+    The group key is a 64-bit hash of (parent row, service, name) and the frame carries only
+    integers: windows over it stay cheap at a million spans, where carrying the string columns
+    through a join costs more than the whole detector may."""
+    return (
+        spans.lazy()
+        .filter(pl.col("blocking") & pl.col("parent_row").is_not_null())
+        .select(
+            "row",
+            "parent_row",
+            "start_ns",
+            "end_ns",
+            "duration_ns",
+            group_id=pl.struct("parent_row", "service", "name").hash(),
         )
+        .with_columns(n=pl.len().over("group_id"))
         .filter(pl.col("n") >= min_children)
-        .with_row_index("group_id")
+        .with_columns(
+            first_start_ns=pl.col("start_ns").min().over("group_id"),
+            last_start_ns=pl.col("start_ns").max().over("group_id"),
+            first_end_ns=pl.col("end_ns").min().over("group_id"),
+        )
+        .collect()
     )
-    exploded = [c for c in _CHILD_COLUMNS if c not in GROUP_KEYS]
-    return grouped.explode(exploded).collect()
 
 
-def _parents(spans: pl.DataFrame, parent_ids: pl.DataFrame) -> pl.DataFrame:
-    return parent_ids.join(
-        spans.select(
-            "trace_id",
-            pl.col("span_id").alias("parent_span_id"),
-            pl.col("service").alias("parent_service"),
-            pl.col("name").alias("parent_name"),
-        ),
-        on=["trace_id", "parent_span_id"],
-        how="inner",
-    )
+def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """Adds span ``columns`` by ``row``, and ``parent_service``/``parent_name`` by ``parent_row``
+    when asked for."""
+    rows = frame["row"]
+    own = [spans[c].gather(rows) for c in columns if c not in ("parent_service", "parent_name")]
+    parents = [
+        spans[c.removeprefix("parent_")].gather(frame["parent_row"]).alias(c)
+        for c in columns
+        if c in ("parent_service", "parent_name")
+    ]
+    return frame.with_columns(own + parents)
 
 
 def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
@@ -172,17 +175,26 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     kids = kids.filter(pl.col("last_start_ns") < pl.col("first_end_ns"))
     if kids.is_empty():
         return []
-    fanouts = _parents(spans, kids.select(["trace_id", "parent_span_id"]).unique())
-    kids = kids.join(fanouts, on=["trace_id", "parent_span_id"], how="inner")
     sig = ["parent_service", "parent_name", "service", "name"]
-    fanouts_seen = kids.group_by(sig).agg(fanouts_seen=pl.col("group_id").n_unique())
-
+    groups = kids.group_by("group_id").agg(
+        pl.col(["row", "parent_row"]).first(),
+        median_ns=pl.col("duration_ns").median(),
+        max_ns=pl.col("duration_ns").max(),
+    )
+    groups = with_span_columns(spans, groups, sig)
+    fanouts_seen = groups.group_by(sig).agg(fanouts_seen=pl.len())
+    groups = groups.filter(
+        (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
+        & ((pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS)
+    )
+    kids = kids.join(groups.select("group_id", "median_ns"), on="group_id", how="inner")
+    kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name"])
     kids = kids.with_columns(
         is_straggler=(pl.col("duration_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
         & ((pl.col("duration_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS),
         is_slowest=pl.col("duration_ns").rank("ordinal", descending=True).over("group_id") == 1,
     )
-    slowest = kids.filter(pl.col("is_slowest") & pl.col("is_straggler") & pl.col("on_critical_path"))
+    slowest = kids.filter(pl.col("is_slowest") & pl.col("on_critical_path"))
     if slowest.is_empty():
         return []
     hit_groups = slowest.select("group_id")

@@ -97,10 +97,11 @@ def test_pool_of_one_with_pool_evidence_is_a_limit() -> None:
 
 
 def test_children_at_unrelated_times_are_not_a_staircase() -> None:
-    # Overlapping but not a pool: later calls start long after any sibling ended or mid-flight.
+    # Overlapping but not a pool: the peak of three in flight is reached once, then calls come
+    # one or two at a time as the parent gets round to them.
     b = TraceBuilder(service="api")
     root = b.span("GET /feed", start_ms=0, dur_ms=300, kind=KIND_SERVER)
-    for start, dur in [(1, 40), (1, 40), (70, 40), (95, 40), (160, 30)]:
+    for start, dur in [(1, 40), (1, 40), (20, 40), (95, 40), (120, 40), (160, 30)]:
         b.span("fetch post", parent=root, start_ms=start, dur_ms=dur, kind=KIND_CLIENT)
     assert analyse([b]) == []
 
@@ -149,3 +150,17 @@ def test_a_cap_seen_in_one_fanout_of_many_is_chance() -> None:
     capped = gallery_trace([1, 30, 84, 145])
     parallel = [gallery_trace([1, 1.1, 1.2, 1.3]) for _ in range(3)]
     assert analyse([capped, *parallel]) == []
+
+
+def test_waves_with_a_partial_last_round() -> None:
+    # Ten tasks in waves of three (batches awaited together): 3 + 3 + 3 + 1.
+    b = TraceBuilder(service="api")
+    root = b.span("GET /b", start_ms=0, dur_ms=50, kind=KIND_SERVER)
+    for i in range(10):
+        b.span("fetch item", parent=root, start_ms=1 + (i // 3) * 10, dur_ms=9.99, kind=KIND_CLIENT)
+    (f,) = analyse([b])
+    assert f.evidence["k"] == 3
+    (occ,) = f.occurrences
+    assert occ.numbers["cap_hits"] == 3
+    # queued: 3 × 10 + 3 × 20 + 1 × 30 ms
+    assert occ.numbers["queued_ms"] == pytest.approx(120)
