@@ -34,7 +34,8 @@ to fail; a deadline derived from the operation's healthy latency, with a fallbac
 bounds the damage and frees the caller's threads and connections.
 
 What-if: each outlier gets ``ShortenSpan(span, duration − timeout)`` where the suggested timeout is
-``TIMEOUT_MARGIN`` (2) × the p99 of the operation's non-outlier calls: the latency the request would
+``TIMEOUT_MARGIN`` (2) × the p99 of the operation's non-outlier calls (at least ``MIN_TIMEOUT_NS``,
+10 ms): the latency the request would
 have had with that deadline and an instant fallback. The what-if engine measures it at the root.
 
 False-positive protections: an operation that is always slow has a high p50 and no outliers; a
@@ -65,6 +66,7 @@ EXPLAINED_SHARE = 0.5  # a caller's excess explained at least this much by a han
 CEILING_BAND = 0.03  # outliers within 3 % of the longest one are "at the ceiling"
 CEILING_MIN_CALLS = 3
 TIMEOUT_MARGIN = 2.0  # suggested deadline = 2 × p99 of the healthy calls
+MIN_TIMEOUT_NS = 10_000_000  # but never below 10 ms: sub-millisecond deadlines are not practical
 TIMEOUT_TEXT = r"(?i)time[ -]?out|timed out|deadline|cancel"
 
 
@@ -105,7 +107,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     stats = (
         calls.group_by(op)
         .agg(calls=pl.len(), p50_ns=pl.col("duration_ns").median())
-        .filter(pl.col("calls") >= MIN_CALLS)
+        .filter((pl.col("calls") >= MIN_CALLS) & (pl.col("p50_ns") > 0))  # no usual latency: no judgement
     )
     threshold = pl.max_horizontal(pl.col("p50_ns") * OUTLIER_FACTOR, pl.col("p50_ns") + MIN_EXCESS_NS)
     outliers = (
@@ -157,7 +159,11 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     per_op = (
         per_op.join(stats, on=op)
         .join(healthy, on=op)
-        .with_columns(timeout_ns=(pl.col("p99_healthy_ns") * TIMEOUT_MARGIN).round().cast(pl.Int64))
+        .with_columns(
+            timeout_ns=pl.max_horizontal(pl.col("p99_healthy_ns") * TIMEOUT_MARGIN, pl.lit(MIN_TIMEOUT_NS))
+            .round()
+            .cast(pl.Int64)
+        )
     )
     reported = (
         outliers.filter(~pl.col("timed_out"))

@@ -202,3 +202,11 @@ def test_slow_calls_split_across_callers_need_two_requests_each() -> None:
     assert analyse([*traces, trace("GET /home", 2_500.0), trace("GET /cart", 3_100.0)]) == []
     findings = analyse([*traces, trace("GET /home", 2_500.0), trace("GET /home", 3_100.0)])
     assert [(f.operation, f.requests_at_risk) for f in findings] == [("GET /home", 2)]
+
+
+def test_a_very_fast_operation_gets_a_practical_minimum_deadline() -> None:
+    fast = [home_trace(0.3 + 0.05 * (i % 3)) for i in range(30)]
+    findings = analyse([*fast, home_trace(900.0), home_trace(1_400.0)])
+    (f,) = findings
+    assert f.evidence["suggested_timeout_ms"] == 10.0
+    assert {o.interventions[0].by_ns for o in f.occurrences} == {890_000_000, 1_390_000_000}
