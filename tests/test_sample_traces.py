@@ -64,3 +64,32 @@ def test_sample_traces_match_their_labels() -> None:
     text = "\n".join([*lines, f"sample traces: {summary.line()}"])
     print("\n" + text)
     assert all(check.ok for check in checks), text
+
+
+@pytest.mark.timeout(120)
+def test_generator_writes_otlp_jsonl_that_imports_span_for_span(tmp_path: Path) -> None:
+    """Regenerate one scenario with the real script, then import it with the real CLI: every span
+    the workload produced is read back, in the Collector file exporter's format, with its labels."""
+    generated = subprocess.run(
+        [sys.executable, "-m", "workload.generate", "--out", str(tmp_path), "--scenario", "lock_contention"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+    )
+    assert generated.returncode == 0, generated.stderr
+    spans_written = int(generated.stderr.split(" spans,")[0].rsplit(" ", 1)[-1])
+    trace_file = tmp_path / "lock_contention.otlp.jsonl"
+    assert json.loads((tmp_path / "lock_contention.labels.json").read_text())["trace_file"] == trace_file.name
+    imported = subprocess.run(
+        [str(HOURGLASS), "import", "--db", str(tmp_path / "s.duckdb"), str(trace_file), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    summary = json.loads(imported.stdout)
+    assert summary["per_file"][0]["format"] == "otlp-jsonl"
+    assert summary["spans"] == spans_written and summary["skipped_spans"] == 0
+    scenario = next(s for s in SCENARIOS if s.name == "lock_contention")
+    assert summary["traces"] == 2 * scenario.requests_per_handler  # one trace per request
