@@ -962,3 +962,29 @@ def test_cli_analyze_reports_the_fallback_reason(fake: FakeAnthropic, tmp_path: 
     assert report["writer"]["name"] == "template"
     assert "401" in report["writer"]["fallback_reason"]
     assert fake.requests[0]["model"] == DEFAULT_MODEL
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_rest_api_report_is_written_by_the_agent_too(fake: FakeAnthropic, tmp_path: Path) -> None:
+    """`hourglass serve` (real process, real OTLP exporter) writes with the same agent as the CLI."""
+    from tests.api.live_server import running_server, send_traces, wait_for_spans
+
+    fake.default = fake_model_step
+    env = {
+        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        "ANTHROPIC_BASE_URL": fake.base_url,
+        "HOURGLASS_LLM_MODEL": E2E_MODEL,
+        "HOURGLASS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    with running_server(tmp_path, settle="0.3s", env=env) as server:
+        send_traces(server, checkout=8, home=2)
+        wait_for_spans(server, 10 * 7)
+        with server.client() as client:
+            assert client.post("/v1/analyses").status_code == 200
+            report = client.get("/v1/recommendations").json()
+    assert report["recommendations"], "the live server's serialized calls must be found"
+    assert report["writer"]["name"] == f"anthropic:{E2E_MODEL}", report["writer"]
+    assert all(r["title"].startswith("Fake model") for r in report["recommendations"])
+    assert fake.request_count >= 2
+    assert all(r["model"] == E2E_MODEL for r in fake.requests)

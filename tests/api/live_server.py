@@ -70,13 +70,18 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, *, token: str | None = None, settle: str = "0.5s") -> Iterator[LiveServer]:
-    """Start `hourglass serve` on free ports over a fresh DuckDB file; stop it (SIGTERM, then kill)."""
+def running_server(
+    tmp: Path, *, token: str | None = None, settle: str = "0.5s", env: dict[str, str] | None = None
+) -> Iterator[LiveServer]:
+    """Start `hourglass serve` on free ports over a fresh DuckDB file; stop it (SIGTERM, then kill).
+    ``env`` adds variables (e.g. ANTHROPIC_* to point the write-up agent at a fake server)."""
+    extra_env = env or {}
     grpc_port, http_port, api_port = free_port(), free_port(), free_port()
     db = tmp / "hourglass.duckdb"
     log = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     env["HOURGLASS_SETTLE"] = settle
+    env.update(extra_env)
     if token:
         env["HOURGLASS_API_TOKEN"] = token
     cmd = [
