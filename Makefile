@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install demo test lint bench bench-ingest bench-analysis bench-api clean
+.PHONY: install demo test lint bench bench-ingest bench-analysis bench-api bench-import clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ bench-analysis: install
 
 bench-api: install
 	$(PY) -m bench.api
+
+bench-import: install
+	$(PY) -m bench.import_files
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
