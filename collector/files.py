@@ -9,8 +9,8 @@ straight to the analysis)::
     reader.reports               # per file: format, spans kept, spans skipped, failed or not
 
 **Detection is by content, never by file name.** Compression first, from magic bytes (gzip
-``1f 8b``, bzip2 ``BZh``, xz ``fd 37 7a 58 5a 00``; zstd ``28 b5 2f fd`` is recognised and refused
-with advice), then the decompressed content:
+``1f 8b``, bzip2 ``BZh``, xz ``fd 37 7a 58 5a 00``, zstd ``28 b5 2f fd`` — the file exporter's
+``compression: zstd`` with its native-compression gate), then the decompressed content:
 
 - text that starts with ``{`` or ``[`` → JSON. When one of its first two non-empty lines is a whole
   trace document by itself, the file is JSON Lines (the Collector file exporter's default: one
@@ -20,7 +20,9 @@ with advice), then the decompressed content:
   (a list) — see ``collector.readers``.
 - binary starting with ``0x0A`` → one OTLP protobuf message; binary starting with a 4-byte
   big-endian size followed by ``0x0A`` → the file exporter's length-prefixed ``format: proto`` stream,
-  streamed frame by frame.
+  streamed frame by frame. The file exporter's legacy ``compression: zstd`` compresses each message
+  before framing it, for ``format: proto`` and ``format: json`` alike: a frame whose payload is zstd is
+  decompressed, then read as protobuf or as OTLP JSON.
 
 **Problems** are reported through ``on_problem`` as :class:`FileProblem` and printed as
 ``FILE:POSITION: reason``. POSITION is a line number for JSON Lines (``traces.jsonl:3``, with the
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow as pa
+import zstandard
 
 from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
 from collector.readers import RecordProblem
@@ -75,7 +78,9 @@ DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
 READ_BUFFER_BYTES = 1024 * 1024
 # Errors a decompressor raises on truncated or corrupt input.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    zstandard.ZstdError,
     EOFError,
     gzip.BadGzipFile,
     zlib.error,
@@ -141,6 +146,64 @@ class _CountingReader(io.RawIOBase):
         if n and self._progress is not None:
             self._progress(n)
         return n or 0
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd stream of one or more frames, decompressed as it is read.
+
+    Unlike ``zstandard``'s own stream reader, input that ends inside a frame raises ``EOFError``
+    (a truncated file must be reported, not read as a shorter one).
+    """
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._source = source
+        self._pending = b""
+        self._offset = 0
+        self._in_frame = False
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._offset >= len(self._pending):
+            if self._done:
+                return 0
+            chunk = self._source.read(READ_BUFFER_BYTES)
+            if not chunk:
+                self._done = True
+                if self._in_frame:
+                    raise EOFError("zstd data ended before the end of its frame")
+                return 0
+            self._pending, self._offset = self._feed(chunk), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def _feed(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._in_frame = True
+            out.append(self._frame.decompress(chunk))
+            if not self._frame.eof:
+                break
+            chunk = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+
+def zstd_decompress_frame(data: bytes) -> bytes:
+    """One complete zstd frame (the file exporter's per-message compression); raises ``EOFError``
+    when it is cut short."""
+    frame = zstandard.ZstdDecompressor().decompressobj()
+    out = frame.decompress(data)
+    if not frame.eof:
+        raise EOFError("zstd frame is incomplete")
+    return out
 
 
 class _HeadThenRest(io.RawIOBase):
@@ -231,8 +294,8 @@ def _open_decompressed(buffered: Any) -> tuple[Any, str | None]:
         return bz2.BZ2File(buffered, mode="rb"), "bzip2"
     if magic == b"\xfd7zXZ\x00":
         return lzma.LZMAFile(buffered, mode="rb"), "xz"
-    if magic[:4] == b"\x28\xb5\x2f\xfd":
-        raise _FileError(None, "zstd-compressed; decompress it first (zstd -d FILE) or re-export with gzip")
+    if magic[:4] == ZSTD_MAGIC:
+        return io.BufferedReader(_ZstdReader(buffered), READ_BUFFER_BYTES), "zstd"
     return buffered, None
 
 
@@ -629,6 +692,18 @@ class TraceFileReader:
             self._decode_rejections(report, position, result, False)
             yield from self._emit(report, result.table)
 
+    def _json_frame(self, report: FileReport, position: str, payload: bytes) -> Iterator[pa.Table]:
+        """A frame holding OTLP JSON (the file exporter's ``format: json`` with legacy compression)."""
+        try:
+            value = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            report.skipped_spans += 1
+            self._problem(report, position, f"invalid JSON in the message: {exc}; message skipped")
+            return
+        converted = self._convert(report, position, value)
+        if converted is not None:
+            yield from self._decode_batch(report, [(position, converted[0], converted[1])])
+
     def _read_proto_stream(self, report: FileReport, body: BinaryIO) -> Iterator[pa.Table]:
         report.format = "otlp-proto-stream"
         frames: list[tuple[int, bytes]] = []
@@ -636,6 +711,17 @@ class TraceFileReader:
         failure: tuple[str, str] | None = None
         try:
             for offset, message in iter_length_prefixed(body):
+                if message[:4] == ZSTD_MAGIC:
+                    try:
+                        message = zstd_decompress_frame(message)
+                    except (EOFError, zstandard.ZstdError) as exc:
+                        report.skipped_spans += 1
+                        self._problem(report, f"byte {offset}", f"zstd-compressed message unreadable: {exc}")
+                        continue
+                if message.lstrip()[:1] == b"{":
+                    report.format = "otlp-json-stream"
+                    yield from self._json_frame(report, f"byte {offset}", message)
+                    continue
                 frames.append((offset, message))
                 size += len(message)
                 if size >= self._batch_bytes:

@@ -8,7 +8,8 @@ framing needs no protobuf classes, so it lives here; parsing is :mod:`collector.
 
 Detection: a ``TracesData`` message starts with the tag of field 1 (``resource_spans``, wire type 2),
 byte ``0x0A``; a length-prefixed stream starts with a big-endian size whose first byte is zero for
-any message under 16 MiB, followed by that same ``0x0A`` (or nothing, for an empty message).
+any message under 16 MiB, followed by that same ``0x0A`` (or nothing, for an empty message) — or by
+the zstd magic number when the exporter's legacy ``compression: zstd`` compressed each message.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = ["FRAME_HEADER_BYTES", "FramingError", "iter_length_prefixed", "looks_
 FRAME_HEADER_BYTES = 4
 _HEADER = struct.Struct(">I")
 FIELD_1_LEN_TAG = 0x0A
+ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"  # legacy ``compression: zstd`` compresses each message
 
 
 class FramingError(ValueError):
@@ -40,7 +42,8 @@ def looks_like_length_prefixed(head: bytes) -> bool:
     (size,) = _HEADER.unpack_from(head)
     if size == 0:
         return True
-    return len(head) > FRAME_HEADER_BYTES and head[FRAME_HEADER_BYTES] == FIELD_1_LEN_TAG
+    payload = head[FRAME_HEADER_BYTES : FRAME_HEADER_BYTES + 4]
+    return payload[:1] == bytes([FIELD_1_LEN_TAG]) or payload == ZSTD_FRAME_MAGIC
 
 
 def iter_length_prefixed(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import zstandard
 
 from collector.files import FileProblem, TraceFileReader, detect_format
 
@@ -223,7 +224,7 @@ def test_bad_files_are_reported_and_do_not_stop_the_others(tmp_path: Path) -> No
     by_file = {Path(p.file).name: p for p in problems}
     assert by_file["empty.json"].reason == "empty file"
     assert "not a trace file this tool reads" in by_file["garbage.bin"].reason
-    assert "zstd" in by_file["zstd.json.zst"].reason
+    assert "zstd" in by_file["zstd.json.zst"].reason and by_file["zstd.json.zst"].skipped
     assert by_file["broken.json"].position == "1:24" and "invalid JSON" in by_file["broken.json"].reason
     assert "not a trace document: a JSON object with keys 'kind', 'values'" in by_file["unknown.json"].reason
     assert "No such file" in by_file["missing.json"].reason
@@ -285,3 +286,38 @@ def test_jaeger_api_v3_result_wrapper(tmp_path: Path) -> None:
     path.write_text(json.dumps({"result": inner}))
     table, problems, reader = read([path])
     assert table.num_rows == 5 and problems == [] and reader.reports[0].format == "otlp-json"
+
+
+def test_zstd_file_and_truncated_zstd(tmp_path: Path) -> None:
+    source = (REAL_TRACES / "otlp-jsonl__otlp2parquet-traces.jsonl").read_bytes()
+    whole = tmp_path / "export.jsonl.zst"
+    compressed = zstandard.ZstdCompressor().compress(source[:8000]) + zstandard.ZstdCompressor().compress(
+        source[8000:]
+    )
+    whole.write_bytes(compressed)  # two frames, as a restarted exporter appends
+    table, problems, reader = read([whole])
+    assert table.num_rows == 19 and problems == [] and reader.reports[0].compression == "zstd"
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(compressed[:-40])
+    table, problems, reader = read([cut])
+    assert 0 < table.num_rows < 19 and reader.reports[0].failed
+    assert "zstd data truncated or corrupt" in problems[-1].reason
+
+
+def test_file_exporter_legacy_zstd_frames_proto_and_json(tmp_path: Path) -> None:
+    """``compression: zstd`` without the native-compression gate: each message is compressed, then
+    framed — for ``format: proto`` and for ``format: json``."""
+    zstd = zstandard.ZstdCompressor()
+    proto = (REAL_TRACES / "otlp-proto__otlp2parquet-traces.pb").read_bytes()
+    path = tmp_path / "legacy-proto"
+    path.write_bytes(
+        frame(zstd.compress(proto)) + frame(b"\x28\xb5\x2f\xfd broken") + frame(zstd.compress(proto))
+    )
+    table, problems, reader = read([path])
+    assert table.num_rows == 38 and reader.reports[0].format == "otlp-proto-stream"
+    assert [(p.position, p.skipped) for p in problems] == [(f"byte {len(frame(zstd.compress(proto)))}", True)]
+    lines = (REAL_TRACES / "otlp-jsonl__otlp2parquet-traces.jsonl").read_bytes().splitlines()
+    path = tmp_path / "legacy-json"
+    path.write_bytes(b"".join(frame(zstd.compress(line)) for line in lines))
+    table, problems, reader = read([path])
+    assert table.num_rows == 19 and problems == [] and reader.reports[0].format == "otlp-json-stream"
