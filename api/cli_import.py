@@ -89,7 +89,7 @@ def import_command(
         list[Path],
         typer.Argument(
             help="Trace files or folders of them: OTLP JSON / JSON Lines / protobuf (also the Collector "
-            "file exporter's proto stream), Jaeger JSON, Zipkin v2 JSON; gzip, bzip2 or xz compressed "
+            "file exporter's proto stream), Jaeger JSON, Zipkin v2 JSON; gzip, zstd, bzip2 or xz compressed "
             "or not. The format is detected from the content.",
             show_default=False,
             metavar="FILE...",
