@@ -78,9 +78,10 @@ def operation_detail() -> pl.Expr:
 
 def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
     """Adds ``op_detail``, ``op_label``, ``op_key`` and ``target_service``, normalising each row once."""
-    frame = frame.with_columns(
-        operation_detail().alias("op_detail"), target_service().alias("target_service")
-    )
+    target = target_service()
+    if "callee_service" in frame.columns:  # the service whose server span answered the call
+        target = pl.coalesce(pl.col("callee_service"), target)
+    frame = frame.with_columns(operation_detail().alias("op_detail"), target.alias("target_service"))
     frame = frame.with_columns(operation_label(pl.col("op_detail")).alias("op_label"))
     return frame.with_columns(
         pl.concat_str([pl.col("service"), pl.col("op_label")], separator=" | ").alias("op_key")
@@ -88,11 +89,14 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def operation_label(detail: pl.Expr | None = None) -> pl.Expr:
-    """Readable operation: the span name, with its normalised detail when that says more.
+    """Readable operation: the span name, with its normalised detail when that says more (not when the
+    name is already a template such as ``GET /users/{id}``).
     ``detail``: an already computed :func:`operation_detail` column (computing it is the costly part)."""
     detail = (operation_detail() if detail is None else detail).str.slice(0, MAX_LABEL_CHARS)
     return (
-        pl.when(detail.is_null() | (detail == pl.col("name")))
+        pl.when(
+            detail.is_null() | (detail == pl.col("name")) | pl.col("name").str.contains("{", literal=True)
+        )
         .then(pl.col("name"))
         .otherwise(pl.col("name") + pl.lit(": ") + detail)
     )

@@ -9,9 +9,10 @@ parent, in start order, a call *follows* the calls before it when
 
 * it starts after all of them ended (an overlap of up to the repair tolerance, 1 % of the parent,
   is clock noise and still counts as "after"), and
-* the gap since the last of them ended is at most ``MAX_GAP_FRACTION`` (10 %) of the parent's
-  duration or ``MIN_MAX_GAP_NS`` (1 ms), whichever is larger — a larger gap means the caller did
-  real work in between, which concurrency would not remove.
+* the gap since the last of them ended is at most ``MAX_GAP_FRACTION`` (50 %) of the parent's
+  duration or ``MIN_MAX_GAP_NS`` (1 ms), whichever is larger — calls further apart belong to
+  different phases of the request. Smaller gaps (the caller's own work between the calls) do not
+  stop a run: the calls can still be overlapped, and the what-if keeps that work in place.
 
 A *run* is a maximal chain of such calls. **Gate calls** end a run and never join one: a call whose
 name, statement/route or target says it authenticates, authorises, validates, rate-limits, takes a
@@ -24,7 +25,9 @@ on the critical path, and the local saving ``sum(durations) − max(duration)`` 
 should restructure code. The occurrence's intervention runs the calls concurrently; the what-if
 engine measures the saving at the root (a run off the critical path saves nothing and is dropped).
 
-Runs are aggregated across traces by (caller service, caller operation, set of called operations).
+Runs are aggregated across traces by caller (service, operation); the finding's targets — and its
+signature — are the called operations present in at least half of its runs (at least the two most
+frequent ones), so a run that now and then misses one call does not split the finding.
 
 Independence and confidence
 ---------------------------
@@ -53,9 +56,11 @@ from analysis.context import AnalysisContext
 from analysis.detectors import _common
 from analysis.model import Finding, Occurrence, RunConcurrently
 from analysis.repair import TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
+from collector.schema import KIND_SERVER
 
 KIND = "serialized_calls"
-MAX_GAP_FRACTION = 0.10
+MAX_GAP_FRACTION = 0.5
+MAJORITY_SHARE = 0.5
 MIN_MAX_GAP_NS = 1_000_000
 MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
@@ -95,6 +100,16 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
         & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
+    callees = (
+        ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
+        .select(pl.col("parent_row").cast(pl.UInt32).alias("row"), pl.col("service").alias("callee_service"))
+        .unique(subset="row", keep="first")
+    )
+    out = out.join(callees, on="row", how="left").with_columns(
+        pl.when(pl.col("callee_service") != pl.col("service"))
+        .then(pl.col("callee_service"))
+        .alias("callee_service")
+    )
     out = _common.annotate_operations(out)
     gate_text = pl.concat_str(
         [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
@@ -174,14 +189,39 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
             & (pl.col("local_saving_ns") >= MIN_SAVING_NS)
             & (pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE)
         )
-        .with_columns(pl.col("op_key").list.unique().list.sort().list.join(" || ").alias("signature"))
     )
+
+
+def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
+    """One signature per caller: the called operations present in at least ``MAJORITY_SHARE`` of its
+    runs (at least the two most frequent), so runs that miss a call now and then stay one finding."""
+    caller = ["caller_service", "caller_name"]
+    per_op = (
+        runs.select(*caller, pl.col("op_key").list.unique())
+        .explode("op_key")
+        .group_by([*caller, "op_key"])
+        .agg(pl.len().alias("_runs_with_op"))
+        .join(runs.group_by(caller).agg(pl.len().alias("_runs")), on=caller)
+        .sort([*caller, "_runs_with_op", "op_key"], descending=[False, False, True, False])
+        .with_columns(pl.int_range(pl.len()).over(caller).alias("_rank"))
+        .filter((pl.col("_runs_with_op") >= pl.col("_runs") * MAJORITY_SHARE) | (pl.col("_rank") < 2))
+    )
+    signatures = (
+        per_op.group_by(caller)
+        .agg(pl.col("op_key").sort().alias("sig_ops"))
+        .with_columns(pl.col("sig_ops").list.join(" || ").alias("signature"))
+    )
+    return runs.join(signatures, on=caller, how="left", maintain_order="left")
 
 
 def _independence(calls: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """Per signature: instances of the caller holding >= 2 of its operations, how many distinct
     orders they show, and how many show two different operations overlapping."""
-    sig_ops = runs.select("signature", "caller_service", "caller_name", "op_key").explode("op_key").unique()
+    sig_ops = (
+        runs.select("signature", "caller_service", "caller_name", pl.col("sig_ops").alias("op_key"))
+        .unique(subset="signature")
+        .explode("op_key")
+    )
     seen = calls.join(
         sig_ops,
         left_on=["parent_service", "parent_name", "op_key"],
@@ -243,6 +283,8 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     runs = _runs(sequential_links(calls))
     if runs.height == 0:
         return []
+    runs = _assign_signatures(runs)
+    labels = calls.select("op_key", "op_label", "target_service").unique(subset="op_key", keep="first")
     evidence = {row["signature"]: row for row in _independence(calls, runs).iter_rows(named=True)}
     findings: list[Finding] = []
     for (signature, caller_service, caller_name), group in runs.group_by(
@@ -261,15 +303,12 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             )
             for r in group.iter_rows(named=True)
         ]
-        targets_frame = (
-            group.select("op_key", "op_label", "target_service")
-            .explode(["op_key", "op_label", "target_service"])
-            .unique(subset="op_key")
-            .sort("op_key")
-        )
+        sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
         targets = [
-            {"service": s, "operation": o}
-            for s, o in targets_frame.select("target_service", "op_label").iter_rows()
+            {"service": str(svc), "operation": str(op)}
+            for svc, op in sig_ops.join(labels, on="op_key", how="left", maintain_order="left")
+            .select("target_service", "op_label")
+            .iter_rows()
         ]
         ev = evidence.get(str(signature), {})
         instances = int(ev.get("instances") or 0)

@@ -67,9 +67,19 @@ def test_a_single_slow_call_gives_nothing() -> None:
     assert detect(b) == []
 
 
-def test_calls_separated_by_real_work_give_nothing() -> None:
-    # 60 ms of the caller's own work between calls (more than 10 % of the 400 ms request)
-    assert detect(checkout(gap_ms=60)) == []
+def test_calls_in_different_phases_of_the_request_give_nothing() -> None:
+    # 600 ms of the caller's own work between the calls: more than half the request apart
+    b = TraceBuilder(service="frontend")
+    root = b.span("POST /import", start_ms=0, dur_ms=1000, kind=KIND_SERVER)
+    b.span("GET schema", parent=root, start_ms=10, dur_ms=50, kind=KIND_CLIENT, http_url="http://schema/s")
+    b.span("PUT rows", parent=root, start_ms=660, dur_ms=60, kind=KIND_CLIENT, http_url="http://store/rows")
+    assert detect(b) == []
+
+
+def test_runs_missing_a_call_now_and_then_stay_one_finding() -> None:
+    traces = [checkout() for _ in range(4)] + [checkout(order=("users", "cart"))]
+    (f,) = detect(*traces)
+    assert len(f.occurrences) == 5 and {t["service"] for t in f.targets} == {"users", "cart", "prices"}
 
 
 def test_authentication_before_the_call_is_a_dependency_not_a_finding() -> None:
