@@ -84,6 +84,7 @@ def failed_expr() -> pl.Expr:
 
 def call_target_expr() -> pl.Expr:
     """What an outgoing call talks to (peer, database system, destination); "" for other spans.
+    (Findings name a URL's host when none of these is recorded: :func:`url_host_expr`.)
 
     Only CLIENT/PRODUCER spans use ``peer``: on a SERVER span the peer is the *caller's* address,
     which varies per connection and would split one operation into many."""
@@ -93,6 +94,15 @@ def call_target_expr() -> pl.Expr:
         .then(pl.coalesce(pl.col("peer"), pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
         .otherwise(pl.coalesce(pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
     )
+
+
+URL_HOST_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@?#]*@)?([^/:?#]+)"
+
+
+def url_host_expr(column: str = "http_url") -> pl.Expr:
+    """The host of a URL column (null when it is not a URL). A regex per value: use it on the few
+    rows a finding names, never as a grouping key over every span."""
+    return pl.col(column).str.extract(URL_HOST_PATTERN, 1)
 
 
 def outgoing_call_expr() -> pl.Expr:
@@ -205,6 +215,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         nid=pl.col("row"),
         outgoing=outgoing_call_expr(),
         target=call_target_expr(),
+        url_host=url_host_expr(),
     )
     events = (
         events.join(info.rename(lambda c: f"dep_{c}"), left_on="dep", right_on="dep_nid")
@@ -218,7 +229,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             operation=pl.col("caller_name"),
             target_service=pl.when(pl.col("dep_outgoing"))
             .then(
-                pl.when(pl.col("dep_target") != "").then(pl.col("dep_target")).otherwise(pl.col("dep_name"))
+                pl.when(pl.col("dep_target") != "")
+                .then(pl.col("dep_target"))
+                .otherwise(pl.coalesce(pl.col("dep_url_host"), pl.col("dep_name")))
             )
             .otherwise(pl.col("dep_service")),
             target_operation=pl.col("dep_name"),

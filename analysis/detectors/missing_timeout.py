@@ -53,7 +53,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors.error_propagation import call_target_expr
+from analysis.detectors.error_propagation import call_target_expr, url_host_expr
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
 
@@ -228,7 +228,7 @@ def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
         .unique("row")
     )
     own = spans.filter(pl.col("row").is_in(reported["row"].implode())).select(
-        pl.col("row").cast(pl.Int64), "kind"
+        pl.col("row").cast(pl.Int64), "kind", url_host=url_host_expr()
     )
     parents = spans.filter(pl.col("row").is_in(reported["parent_row"].implode())).select(
         pl.col("row").cast(pl.Int64).alias("parent_row"),
@@ -251,7 +251,7 @@ def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
             .then(pl.col("callee_service"))
             .when(pl.col("target") != "")
             .then(pl.col("target"))
-            .otherwise(pl.col("service")),
+            .otherwise(pl.coalesce(pl.col("url_host"), pl.col("service"))),
             target_operation=pl.when(server_side)
             .then(pl.col("name"))
             .otherwise(pl.coalesce(pl.col("callee_name"), pl.col("name"))),

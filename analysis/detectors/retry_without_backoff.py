@@ -64,7 +64,7 @@ from typing import Any
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors.error_propagation import call_target_expr, failed_expr
+from analysis.detectors.error_propagation import call_target_expr, failed_expr, url_host_expr
 from analysis.model import Finding, Occurrence
 from collector.schema import KIND_SERVER
 
@@ -208,6 +208,7 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             pl.col("name").first(),
             pl.col("target").first(),
             pl.col("in_loop").first(),
+            pl.col("request").first(),
             attempts=pl.len(),
             failed_attempts=pl.col("failed").sum(),
             last_failed=pl.col("failed").last(),
@@ -263,7 +264,7 @@ def _attribute(sequences: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
             .then(pl.col("callee_service"))
             .when(pl.col("target") != "")
             .then(pl.col("target"))
-            .otherwise(pl.col("service")),
+            .otherwise(pl.coalesce(url_host_expr("request"), pl.col("service"))),
             target_operation=pl.coalesce(pl.col("callee_name"), pl.col("name")),
         )
     )

@@ -210,3 +210,21 @@ def test_a_very_fast_operation_gets_a_practical_minimum_deadline() -> None:
     (f,) = findings
     assert f.evidence["suggested_timeout_ms"] == 10.0
     assert {o.interventions[0].by_ns for o in f.occurrences} == {890_000_000, 1_390_000_000}
+
+
+def test_without_peer_the_url_host_names_the_target() -> None:
+    def trace(ms: float) -> TraceBuilder:
+        b = TraceBuilder(service="frontend")
+        root = b.span("GET /home", start_ms=0, dur_ms=ms + 10, kind=KIND_SERVER)
+        b.span(
+            "GET ads",
+            parent=root,
+            start_ms=5,
+            dur_ms=ms,
+            kind=KIND_CLIENT,
+            http_url="http://ads.internal/v1/ads",
+        )
+        return b
+
+    (f,) = analyse([trace(USUAL_MS[i % 5]) for i in range(25)] + [trace(1_500.0), trace(2_200.0)])
+    assert f.targets == [{"service": "ads.internal", "operation": "GET ads"}]

@@ -289,3 +289,27 @@ def test_a_caller_logging_its_retries_is_explicit_evidence() -> None:
     assert plain.evidence["in_loop_share"] == 1.0 and plain.evidence["retries_logged_by_caller"] is False
     assert logged.evidence["retries_logged_by_caller"] is True
     assert logged.confidence > plain.confidence
+
+
+def test_without_peer_or_traced_callee_the_url_host_names_the_target() -> None:
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="payments")
+        root = b.span("POST /pay", start_ms=0, dur_ms=140, kind=KIND_SERVER)
+        for i in range(4):
+            b.span(
+                "POST charge",
+                parent=root,
+                start_ms=2 + 31 * i,
+                dur_ms=30,
+                kind=KIND_CLIENT,
+                http_url="https://user@bank.example:8443/charge?x=1",
+                status_code=STATUS_ERROR if i < 3 else 0,
+            )
+        traces.append(b)
+    (f,) = analyse(traces)
+    assert (f.service, f.operation, f.targets) == (
+        "payments",
+        "POST /pay",
+        [{"service": "bank.example", "operation": "POST charge"}],
+    )
