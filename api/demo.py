@@ -283,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=None, help="server log file (default: next to --db)")
     args = parser.parse_args(argv)
 
+    # Ctrl-C and SIGTERM both stop the demo cleanly. SIGINT is set explicitly: a shell that starts
+    # the demo as a background job leaves SIGINT ignored, and Python then never raises on it.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     started = time.perf_counter()
     ports, notes = choose_ports(
         args.host, {"grpc": args.grpc_port, "http": args.http_port, "api": args.api_port}

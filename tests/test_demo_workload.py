@@ -6,10 +6,14 @@ labelled bottleneck is reported and none of the healthy handlers is flagged.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from workload.labels import check_report, load_labels, merge_labels, scores
@@ -18,20 +22,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample-traces"
 
 
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """Kill the demo and its `hourglass serve` child (own session) if a test left them running."""
+    if proc.poll() is not None:
+        return
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait(timeout=10)
+
+
 def run_demo(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     report_path = tmp_path / "report.json"
     command = [sys.executable, "-m", "api.demo", "--db", str(tmp_path / "demo.duckdb")]
     command += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]  # free ports, chosen by the demo
     command += ["--no-wait", "--report-json", str(report_path), *extra]
-    proc = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, f"demo exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc, json.loads(report_path.read_text())
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        kill_tree(proc)
+    completed = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    assert completed.returncode == 0, f"demo exited {completed.returncode}:\n{stdout}\n{stderr}"
+    return completed, json.loads(report_path.read_text())
 
 
 @pytest.mark.slow
@@ -59,3 +72,43 @@ def test_demo_over_otlp_http_stores_every_span(tmp_path: Path) -> None:
     exported = int(proc.stdout.split(" spans exported")[0].rsplit(" ", 1)[-1])
     assert report["spans_analyzed"] == exported
     assert any(r["kind"] == "fanout_straggler" for r in report["recommendations"])
+
+
+@pytest.mark.timeout(180)
+def test_demo_keeps_serving_until_ctrl_c_then_stops_the_server(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "api.demo",
+        "--db",
+        str(tmp_path / "demo.duckdb"),
+        "--scenario",
+        "n_plus_one",
+    ]
+    command += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "press Ctrl-C" in line:
+                serving.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert serving.wait(120), "demo never reached serving:\n" + "".join(lines)
+        api_url = next(line.split()[1] for line in lines if line.startswith("Report:"))
+        assert httpx.get(f"{api_url}healthz", timeout=5).status_code == 200, "still serving after printing"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=40) == 0
+        reader.join(timeout=10)
+        output = "".join(lines)
+        assert "Stopping" in output and "`hourglass serve` stopped (exit code 0)" in output
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{api_url}healthz", timeout=2)
+    finally:
+        kill_tree(proc)
