@@ -5,8 +5,9 @@ How one :meth:`AnthropicWriter.write` goes:
 
 1. The recommendation objects (numbers filled in, text empty) are **redacted**
    (:mod:`analysis.redaction`) — nothing leaves the machine unredacted, tool results included.
-2. The redacted payload and the model name are hashed; an on-disk **cache** entry under that hash
-   answers at once, so an unchanged report costs no API call.
+2. Each redacted recommendation is hashed with the model name (rank and exemplar ids left out);
+   an on-disk **cache** entry under that hash answers at once, so an unchanged report costs no API
+   call and a report where one finding changed sends only that one.
 3. Otherwise an **agent loop** runs: a stable system prompt and three read-only tool definitions,
    both marked with ``cache_control`` (prompt caching: the stable prefix is billed once per five
    minutes, not once per turn); the model may answer directly or call
@@ -200,7 +201,9 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 class WriteupCache:
-    """One JSON file per (model, prompt version, redacted recommendations) hash.
+    """One JSON file per recommendation content hash (see :func:`cache_key`): either the accepted
+    ``text`` or the reason the model's text was ``rejected`` (so a text that failed validation is
+    not paid for again while the finding is unchanged).
 
     Writes are atomic (temp file + rename) so concurrent analyses never read half a file. A file
     that cannot be read or parsed is reported in the log and treated as a miss; it is overwritten
@@ -222,7 +225,9 @@ class WriteupCache:
         except (OSError, ValueError) as exc:
             log.warning("write-up cache entry %s unreadable (%s); asking the model again", path, exc)
             return None
-        if not isinstance(data, dict) or not isinstance(data.get("texts"), dict):
+        if not isinstance(data, dict) or not (
+            isinstance(data.get("text"), dict) or isinstance(data.get("rejected"), str)
+        ):
             log.warning("write-up cache entry %s has an unexpected shape; asking the model again", path)
             return None
         return data
@@ -247,9 +252,24 @@ def recommendation_payload(recommendations: Iterable[Mapping[str, Any]]) -> list
     return payload
 
 
-def cache_key(model: str, payload: list[dict[str, Any]]) -> str:
+# Parts of a recommendation that change from run to run without changing what it says: its rank
+# (moves when other findings change) and which exemplar traces were picked.
+_VOLATILE_KEYS = frozenset({"rank"})
+_VOLATILE_EVIDENCE_KEYS = frozenset(
+    {"trace_ids", "span_ids", "interventions", "exemplars", "exemplar_trace_ids"}
+)
+
+
+def cache_key(model: str, rec_payload: Mapping[str, Any]) -> str:
+    """Hash of one redacted recommendation's content (its id, kind, names and every number), the
+    model and the prompt version. Rank and exemplar ids are left out: they change between runs
+    while the write-up stays true."""
+    content = {k: v for k, v in rec_payload.items() if k not in _VOLATILE_KEYS}
+    evidence = content.get("evidence")
+    if isinstance(evidence, dict):
+        content["evidence"] = {k: v for k, v in evidence.items() if k not in _VOLATILE_EVIDENCE_KEYS}
     material = json.dumps(
-        {"model": model, "prompt": PROMPT_VERSION, "recommendations": payload},
+        {"model": model, "prompt": PROMPT_VERSION, "recommendation": content},
         sort_keys=True,
         separators=(",", ":"),
         default=str,
@@ -291,50 +311,99 @@ class AnthropicWriter:
     def write(self, recommendations: list[dict[str, Any]], context: WriterContext) -> WriteOutcome:
         if not recommendations:
             return WriteOutcome(texts={}, writer=self.name, metadata={"model": self.model, "requests": 0})
-        ids = [str(rec["id"]) for rec in recommendations]
         payload = recommendation_payload(recommendations)
-        key = cache_key(self.model, payload)
+        keys = {str(rec["id"]): cache_key(self.model, rec) for rec in payload}
 
-        cached = self.cache.get(key) if self.cache is not None else None
-        if cached is not None:
-            texts = _texts_from_json(cached["texts"], ids)
-            if texts:
-                return self._outcome(
-                    recommendations,
-                    context,
-                    texts,
-                    rejected=cached.get("rejected", {}),
-                    metadata={"model": self.model, "cache": "hit", "cache_key": key, "requests": 0},
-                )
+        # Recommendations whose content is unchanged since a previous write cost nothing.
+        cached: dict[str, WrittenText] = {}
+        cached_rejected: dict[str, str] = {}
+        if self.cache is not None:
+            for rid, key in keys.items():
+                entry = self.cache.get(key)
+                if entry is None:
+                    continue
+                text, _ = _validate_entry(entry.get("text"))
+                if text is not None:
+                    cached[rid] = text
+                elif isinstance(entry.get("rejected"), str):
+                    cached_rejected[rid] = entry["rejected"]
+        todo = [
+            rec for rec in payload if str(rec["id"]) not in cached and str(rec["id"]) not in cached_rejected
+        ]
+        cache_state = {
+            "cache": "disabled"
+            if self.cache is None
+            else ("hit" if not todo else "miss" if not cached else "partial"),
+            "cache_hits": len(cached) + len(cached_rejected),
+        }
+        if not todo:
+            return self._outcome(
+                recommendations,
+                context,
+                cached,
+                rejected=cached_rejected,
+                metadata={"model": self.model, "requests": 0} | cache_state,
+            )
 
         started = time.monotonic()
         run = _Run(started=started, deadline=started + self.limits.deadline_s)
+        failure: str | None = None
         try:
-            answer_text = self._converse(payload, context, run)
-            accepted, rejected = self._accept(answer_text, ids, payload, run)
+            answer_text = self._converse(todo, context, run)
+            accepted, rejected = self._accept(answer_text, [str(rec["id"]) for rec in todo], run)
         except AgentError as exc:
-            return self._fall_back(recommendations, context, str(exc), run)
+            failure = str(exc)
         except anthropic.APIError as exc:
-            return self._fall_back(recommendations, context, _describe_api_error(exc), run)
+            failure = _describe_api_error(exc)
         except Exception as exc:  # a bug or an SDK surprise: the report must still be written
             log.exception("write-up agent failed unexpectedly; using the template writer")
-            return self._fall_back(recommendations, context, f"unexpected {type(exc).__name__}: {exc}", run)
+            failure = f"unexpected {type(exc).__name__}: {exc}"
+        if failure is not None:
+            if not cached:
+                return self._fall_back(recommendations, context, failure, run)
+            log.warning("write-up agent failed (%s); cached texts kept, template for the rest", failure)
+            return self._outcome(
+                recommendations,
+                context,
+                cached,
+                rejected=cached_rejected,
+                metadata=self._run_metadata(run) | cache_state,
+                failure=failure,
+            )
 
-        metadata = self._run_metadata(run) | {"cache": "miss" if self.cache else "disabled", "cache_key": key}
+        metadata = self._run_metadata(run) | cache_state
         if self.cache is not None:
-            entry = {
-                "model": self.model,
-                "prompt_version": PROMPT_VERSION,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "texts": {rid: _text_to_json(text) for rid, text in accepted.items()},
-                "rejected": rejected,
-            }
             try:
-                self.cache.put(key, entry)
+                self._store(keys, accepted, rejected)
             except OSError as exc:
                 log.warning("could not store the write-up in %s: %s", self.cache.directory, exc)
                 metadata["cache_error"] = str(exc)
-        return self._outcome(recommendations, context, accepted, rejected=rejected, metadata=metadata)
+        if not accepted and not cached:
+            detail = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
+            return self._fall_back(
+                recommendations,
+                context,
+                f"model answer usable for none of the {len(todo)} recommendations ({detail})",
+                run,
+            )
+        return self._outcome(
+            recommendations,
+            context,
+            cached | accepted,
+            rejected=cached_rejected | rejected,
+            metadata=metadata,
+        )
+
+    def _store(
+        self, keys: Mapping[str, str], accepted: Mapping[str, WrittenText], rejected: Mapping[str, str]
+    ) -> None:
+        assert self.cache is not None
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        common = {"model": self.model, "prompt_version": PROMPT_VERSION, "created_at": created}
+        for rid, text in accepted.items():
+            self.cache.put(keys[rid], common | {"recommendation_id": rid, "text": _text_to_json(text)})
+        for rid, reason in rejected.items():
+            self.cache.put(keys[rid], common | {"recommendation_id": rid, "rejected": reason})
 
     # --- the loop --------------------------------------------------------------------------
     def _converse(self, payload: list[dict[str, Any]], context: WriterContext, run: _Run) -> str:
@@ -452,7 +521,7 @@ class AnthropicWriter:
 
     # --- the answer ------------------------------------------------------------------------
     def _accept(
-        self, answer_text: str, ids: list[str], payload: list[dict[str, Any]], run: _Run
+        self, answer_text: str, ids: list[str], run: _Run
     ) -> tuple[dict[str, WrittenText], dict[str, str]]:
         """Parse and validate the answer: (accepted texts by id, rejected id -> why)."""
         answer = extract_json_object(answer_text, ids)
@@ -472,9 +541,8 @@ class AnthropicWriter:
                     rejected[rid] = "numbers not in the evidence: " + ", ".join(ungrounded[:5])
                     continue
             accepted[rid] = text
-        if not accepted:
-            detail = f" ({'; '.join(f'{k}: {v}' for k, v in list(rejected.items())[:3])})" if rejected else ""
-            raise AgentError(f"model answer covered none of the {len(ids)} recommendations usably{detail}")
+        if not accepted and not rejected:
+            raise AgentError(f"model answer covered none of the {len(ids)} recommendations")
         return accepted, rejected
 
     # --- outcomes --------------------------------------------------------------------------
@@ -486,6 +554,7 @@ class AnthropicWriter:
         *,
         rejected: dict[str, str],
         metadata: dict[str, Any],
+        failure: str | None = None,
     ) -> WriteOutcome:
         ids = [str(rec["id"]) for rec in recommendations]
         missing = [rid for rid in ids if rid not in accepted]
@@ -497,16 +566,20 @@ class AnthropicWriter:
             )
             texts.update(template.texts)
             uncovered = [rid for rid in missing if rid not in rejected]
-            parts = []
-            if uncovered:
-                parts.append(f"{len(uncovered)} not covered by the model ({', '.join(uncovered[:5])})")
+            parts: list[str] = []
             if rejected:
                 parts.append(
                     f"{len(rejected)} rejected ({'; '.join(f'{k}: {v}' for k, v in list(rejected.items())[:5])})"
                 )
+            if failure is not None:
+                parts.insert(0, f"the agent failed for {len(uncovered)} ({failure})")
+            elif uncovered:
+                parts.insert(0, f"{len(uncovered)} not covered by the model ({', '.join(uncovered[:5])})")
             reason = f"template text for {len(missing)} of {len(ids)} recommendations: " + "; ".join(parts)
             metadata = metadata | {"template_ids": missing, "rejected": rejected}
-        return WriteOutcome(texts=texts, writer=self.name, fallback_reason=reason, metadata=metadata)
+        # The writer named is the one that wrote the texts: the model if it wrote any.
+        writer = self.name if accepted else self.fallback.name
+        return WriteOutcome(texts=texts, writer=writer, fallback_reason=reason, metadata=metadata)
 
     def _fall_back(
         self, recommendations: list[dict[str, Any]], context: WriterContext, reason: str, run: _Run
@@ -718,15 +791,6 @@ def _validate_entry(entry: Any) -> tuple[WrittenText | None, str]:
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def _texts_from_json(data: Mapping[str, Any], ids: list[str]) -> dict[str, WrittenText]:
-    texts = {}
-    for rid in ids:
-        text, _ = _validate_entry(data.get(rid))
-        if text is not None:
-            texts[rid] = text
-    return texts
 
 
 def _text_to_json(text: WrittenText) -> dict[str, Any]:

@@ -374,7 +374,12 @@ def test_wrong_shape_answer_falls_back(fake: FakeAnthropic, tmp_path: Path) -> N
     writer, _ = make_writer(tmp_path)
     outcome = writer.write(recommendations(), PlantedContext())
     assert outcome.writer == "template"
-    assert outcome.fallback_reason is not None and "covered none" in outcome.fallback_reason
+    assert outcome.fallback_reason is not None
+    assert "usable for none" in outcome.fallback_reason and "missing title" in outcome.fallback_reason
+    # The rejected answer is remembered for this content: asking again would cost and fail again.
+    again = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 1
+    assert again.writer == "template" and again.fallback_reason and "missing title" in again.fallback_reason
 
 
 def test_missing_id_gets_template_text(fake: FakeAnthropic, tmp_path: Path) -> None:
@@ -553,33 +558,78 @@ def test_too_many_turns_falls_back(fake: FakeAnthropic, tmp_path: Path) -> None:
 # --- cache -----------------------------------------------------------------------------------
 
 
+def _sent_ids(request: dict[str, Any]) -> list[str]:
+    text = request["messages"][0]["content"][0]["text"]
+    payload = json.loads(text[text.index("<recommendations>") + 17 : text.index("</recommendations>")])
+    return [rec["id"] for rec in payload]
+
+
 def test_unchanged_report_is_answered_from_the_cache(fake: FakeAnthropic, tmp_path: Path) -> None:
     fake.script(json_reply(good_answer()))
     first_writer, _ = make_writer(tmp_path)
     first = first_writer.write(recommendations(), PlantedContext())
     assert fake.request_count == 1
+    assert first.metadata["cache"] == "miss"
 
     second_writer, fallback = make_writer(tmp_path)  # a new process would build a new writer
     second = second_writer.write(recommendations(), PlantedContext())
     assert fake.request_count == 1  # no API call
-    assert second.metadata["cache"] == "hit"
+    assert second.metadata["cache"] == "hit" and second.metadata["requests"] == 0
     assert second.writer == f"anthropic:{MODEL}"
+    assert second.fallback_reason is None
     assert second.texts == first.texts
     assert fallback.calls == []
 
+
+def test_only_changed_recommendations_are_sent_again(fake: FakeAnthropic, tmp_path: Path) -> None:
     fake.script(json_reply(good_answer()))
-    second_writer.write(recommendations(saved_p50=118.5), PlantedContext())  # a number changed
-    assert fake.request_count == 2
+    writer, _ = make_writer(tmp_path)
+    writer.write(recommendations(), PlantedContext())
 
-
-def test_cache_keeps_partial_answers_and_their_reason(fake: FakeAnthropic, tmp_path: Path) -> None:
+    changed = recommendations(saved_p50=118.4)  # one number of REC_A changed
+    changed[0]["rank"], changed[1]["rank"] = 2, 1  # ranks moved: not a content change
+    changed[1]["evidence"]["trace_ids"] = ["ffffffffffffffffffffffffffffffff"]  # other exemplars: neither
     fake.script(json_reply(good_answer((REC_A,))))
+    outcome = writer.write(changed, PlantedContext())
+    assert fake.request_count == 2
+    assert _sent_ids(fake.requests[1]) == [REC_A]
+    assert outcome.metadata["cache"] == "partial" and outcome.metadata["cache_hits"] == 1
+    assert outcome.fallback_reason is None
+    assert set(outcome.texts) == {REC_A, REC_B}
+
+
+def test_uncovered_recommendations_are_asked_again_rejected_ones_are_not(
+    fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    answer = good_answer((REC_A,))
+    fake.script(json_reply(answer))
     writer, _ = make_writer(tmp_path)
     first = writer.write(recommendations(), PlantedContext())
-    again = writer.write(recommendations(), PlantedContext())
-    assert fake.request_count == 1
-    assert again.texts == first.texts
-    assert again.fallback_reason == first.fallback_reason
+    assert first.texts[REC_B].title == f"template title {REC_B}"
+    # REC_B was left out: the next run asks for it alone, REC_A comes from the cache.
+    bad = good_answer((REC_B,))
+    bad[REC_B]["summary"] = "Saves 4321 ms."
+    fake.script(json_reply(bad))
+    second = writer.write(recommendations(), PlantedContext())
+    assert _sent_ids(fake.requests[1]) == [REC_B]
+    assert second.texts[REC_A] == first.texts[REC_A]
+    assert second.fallback_reason is not None and "4321" in second.fallback_reason
+    # The rejection is remembered: an unchanged report makes no further request.
+    third = writer.write(recommendations(), PlantedContext())
+    assert fake.request_count == 2
+    assert third.texts == second.texts and third.fallback_reason == second.fallback_reason
+
+
+def test_agent_failure_keeps_cached_texts(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path, max_retries=0)
+    first = writer.write(recommendations(), PlantedContext())
+    fake.default = error_reply(500, "down")
+    outcome = writer.write(recommendations(saved_p50=99.0), PlantedContext())
+    assert outcome.writer == f"anthropic:{MODEL}"
+    assert outcome.texts[REC_B] == first.texts[REC_B]
+    assert outcome.texts[REC_A].title == f"template title {REC_A}"
+    assert outcome.fallback_reason is not None and "500" in outcome.fallback_reason
 
 
 def test_failures_are_not_cached(fake: FakeAnthropic, tmp_path: Path) -> None:
@@ -594,12 +644,15 @@ def test_corrupt_cache_entry_is_a_miss(fake: FakeAnthropic, tmp_path: Path) -> N
     fake.script(json_reply(good_answer()), json_reply(good_answer()))
     writer, _ = make_writer(tmp_path)
     writer.write(recommendations(), PlantedContext())
-    (entry,) = (tmp_path / "writeups").glob("*.json")
-    entry.write_text("{not json", encoding="utf-8")
+    entries = sorted((tmp_path / "writeups").glob("*.json"))
+    assert len(entries) == 2
+    for entry in entries:
+        entry.write_text("{not json", encoding="utf-8")
     outcome = writer.write(recommendations(), PlantedContext())
     assert fake.request_count == 2
     assert outcome.fallback_reason is None
-    assert json.loads(entry.read_text(encoding="utf-8"))["texts"][REC_A]["title"]
+    stored = {json.loads(e.read_text(encoding="utf-8"))["recommendation_id"] for e in entries}
+    assert stored == {REC_A, REC_B}
 
 
 def test_model_is_part_of_the_cache_key(fake: FakeAnthropic, tmp_path: Path) -> None:
