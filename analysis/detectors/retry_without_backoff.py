@@ -8,7 +8,8 @@ attempt is a *retry* of the one before it when
 
 * it starts no earlier than ``SKEW_TOLERANCE_NS`` before the previous attempt ended (a retry waits
   for the failure; concurrent copies are hedged requests, not retries), and
-* the previous attempt failed — status ERROR, HTTP 5xx or 429, or an ``exception`` event — or the
+* the previous attempt failed — status ERROR, HTTP 5xx or 429, an ``exception`` event, or its
+  traced SERVER side failed (older client instrumentations leave the client span unmarked) — or the
   span carries an explicit attempt number larger than the previous one's (``http.request.resend_count``,
   ``retry.attempt``, ``retry_count``, ``attempt``... keys in ``hints``).
 
@@ -112,10 +113,18 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     spans = ctx.spans
     candidates = spans.filter(
         pl.col("parent_row").is_not_null() & (attempt_failed_expr() | attempt_number_expr().is_not_null())
-    )
+    ).select("parent_row", "kind")
     if candidates.height == 0:
         return []
-    attempts = _attempts(spans, candidates["parent_row"].unique().implode())
+    # A CLIENT attempt whose traced SERVER side failed failed too, even if the client span says nothing.
+    failed_by_callee = candidates.filter(pl.col("kind") == KIND_SERVER)["parent_row"].unique()
+    parent_rows = pl.concat(
+        [
+            candidates["parent_row"],
+            spans.filter(pl.col("row").is_in(failed_by_callee.implode()))["parent_row"].drop_nulls(),
+        ]
+    ).unique()
+    attempts = _attempts(spans, parent_rows.implode(), failed_by_callee.implode())
     sequences = _sequences(attempts)
     if sequences.height == 0:
         return []
@@ -151,7 +160,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     return findings
 
 
-def _attempts(spans: pl.DataFrame, parent_rows: pl.Series) -> pl.DataFrame:
+def _attempts(spans: pl.DataFrame, parent_rows: pl.Series, failed_by_callee: pl.Series) -> pl.DataFrame:
     """Siblings under parents that hold a failed or numbered attempt, chained into retry sequences;
     only the attempts of sequences with at least one retry are returned."""
     key = ["parent_row", "call"]  # call: one 64-bit hash of service, name, target and request
@@ -169,7 +178,7 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series) -> pl.DataFrame:
             "http_status_code",
             target=call_target_expr(),
             request=pl.coalesce(pl.col("http_url"), pl.col("db_statement"), pl.lit("")),
-            failed=attempt_failed_expr(),
+            failed=attempt_failed_expr() | pl.col("row").cast(pl.Int64).is_in(failed_by_callee),
             attempt=attempt_number_expr(),
         )
         .with_columns(call=pl.struct("service", "name", "target", "request").hash())

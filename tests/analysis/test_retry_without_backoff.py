@@ -313,3 +313,32 @@ def test_without_peer_or_traced_callee_the_url_host_names_the_target() -> None:
         "POST /pay",
         [{"service": "bank.example", "operation": "POST charge"}],
     )
+
+
+def test_a_failed_server_side_marks_an_unmarked_client_attempt_as_failed() -> None:
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="product")
+        root = b.span("GET /product", start_ms=0, dur_ms=50, kind=KIND_SERVER)
+        for i in range(3):
+            call = b.span(
+                "GET /inventory",
+                parent=root,
+                start_ms=1 + 8.1 * i,
+                dur_ms=8,
+                kind=KIND_CLIENT,
+                peer="inventory",
+            )  # old client instrumentation: no status, no HTTP code
+            b.span(
+                "GET /items/{id}",
+                parent=call,
+                start_ms=1.5 + 8.1 * i,
+                dur_ms=7,
+                kind=KIND_SERVER,
+                service="inventory",
+                status_code=STATUS_ERROR if i < 2 else STATUS_UNSET,
+            )
+        traces.append(b)
+    (f,) = analyse(traces)
+    assert f.targets == [{"service": "inventory", "operation": "GET /items/{id}"}]
+    assert f.evidence["attempts_per_burst_max"] == 3
