@@ -30,6 +30,7 @@ __all__ = [
     "InvalidRecord",
     "RecordProblem",
     "ResourceGroups",
+    "check_time_ns",
     "join_path",
     "normalize_id",
     "otlp_attribute",
@@ -135,14 +136,27 @@ def _b64(text: str) -> bytes | None:
         return None
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_time_ns(value: int, field: str) -> int:
+    """``value`` when it is a possible epoch time in nanoseconds (0 to 2^63-1), else InvalidRecord."""
+    if not 0 <= value <= INT64_MAX:
+        raise InvalidRecord(field, f"time {value} ns is out of range")
+    return value
+
+
 def otlp_value(value: Any) -> dict[str, Any]:
-    """A Python value as an OTLP JSON ``AnyValue`` (int64 as a string, as protobuf JSON does)."""
+    """A Python value as an OTLP JSON ``AnyValue`` (int64 as a string, as protobuf JSON does;
+    an integer beyond int64 is kept as its decimal text)."""
     if type(value) is str:  # by far the most common: Zipkin tags are all strings
         return {"stringValue": value}
     if isinstance(value, bool):
         return {"boolValue": value}
     if isinstance(value, int):
-        return {"intValue": str(value)}
+        if INT64_MIN <= value <= INT64_MAX:
+            return {"intValue": str(value)}
+        return {"stringValue": str(value)}
     if isinstance(value, float):
         return {"doubleValue": value}
     if isinstance(value, str):

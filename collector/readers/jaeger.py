@@ -45,6 +45,7 @@ from collector.readers import (
     InvalidRecord,
     RecordProblem,
     ResourceGroups,
+    check_time_ns,
     join_path,
     normalize_id,
     otlp_attribute,
@@ -148,10 +149,10 @@ def _time_ns(value: Any, field: str) -> int:
         raise InvalidRecord(field, "missing")
     if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
         try:
-            return parse_rfc3339_ns(value)
+            return check_time_ns(parse_rfc3339_ns(value), field)
         except ValueError as exc:
             raise InvalidRecord(field, str(exc)) from None
-    return _micros_to_ns(value, field)
+    return check_time_ns(_micros_to_ns(value, field), field)
 
 
 def _duration_ns(value: Any, field: str) -> int:
@@ -193,8 +194,12 @@ def _tag_value(tag: dict[str, Any], field: str) -> Any:
         if vtype == "FLOAT64":
             return float(raw)
         if vtype == "BINARY":
-            return base64.b64decode(raw) if isinstance(raw, str) else bytes(raw)
-    except (TypeError, ValueError) as exc:
+            if isinstance(raw, str):
+                return base64.b64decode(raw)
+            if isinstance(raw, list):
+                return bytes(raw)
+            raise InvalidRecord(field, f"binary tag value {raw!r} is not base64 text")
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidRecord(field, f"{vtype.lower()} tag value {raw!r}: {exc}") from None
     raise InvalidRecord(field, f"unknown tag type {vtype!r}")
 
@@ -300,6 +305,8 @@ class _Converter:
         if not isinstance(process, dict):
             process_id = span.get("processID")
             if process_id is not None:
+                if not isinstance(process_id, str):
+                    raise InvalidRecord("processID", f"expected a process key, got {process_id!r}")
                 process = processes.get(process_id)
                 if not isinstance(process, dict):
                     raise InvalidRecord("processID", f"{process_id!r} is not in the trace's processes")
@@ -364,7 +371,7 @@ class _Converter:
             "name": str(span.get("operationName") or ""),
             "kind": kind,
             "startTimeUnixNano": str(start_ns),
-            "endTimeUnixNano": str(start_ns + duration_ns),
+            "endTimeUnixNano": str(check_time_ns(start_ns + duration_ns, "duration")),
             "attributes": attributes,
         }
         if parent_id:

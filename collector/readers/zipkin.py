@@ -55,6 +55,7 @@ from collector.readers import (
     InvalidRecord,
     RecordProblem,
     ResourceGroups,
+    check_time_ns,
     normalize_id,
     otlp_attribute,
 )
@@ -327,6 +328,8 @@ def _convert(
     local = _endpoint(span, "localEndpoint")
     remote = _endpoint(span, "remoteEndpoint")
     local_ip = local.get("ipv4") or local.get("ipv6")
+    if not isinstance(local_ip, str):
+        local_ip = None
     resource_key = (entry.service, local_ip)
     if not groups.has(resource_key):
         resource_attributes = [otlp_attribute("service.name", entry.service)]
@@ -412,7 +415,8 @@ def _convert(
         except InvalidRecord as exc:
             raise InvalidRecord(f"annotations[{i}].timestamp", exc.reason) from None
         assert ts is not None
-        events.append({"timeUnixNano": str(ts * 1000), "name": str(annotation.get("value") or "")})
+        time_ns = check_time_ns(ts * 1000, f"annotations[{i}].timestamp")
+        events.append({"timeUnixNano": str(time_ns), "name": str(annotation.get("value") or "")})
 
     kind = _KINDS.get(entry.kind, 1 if not entry.kind else 0)
     out: dict[str, Any] = {
@@ -420,8 +424,8 @@ def _convert(
         "spanId": entry.new_span_id or entry.span_id,
         "name": str(span.get("name") or ""),
         "kind": kind,
-        "startTimeUnixNano": str(start_us * 1000),
-        "endTimeUnixNano": str((start_us + duration_us) * 1000),
+        "startTimeUnixNano": str(check_time_ns(start_us * 1000, "timestamp")),
+        "endTimeUnixNano": str(check_time_ns((start_us + duration_us) * 1000, "duration")),
         "attributes": attributes,
     }
     if entry.parent_id:

@@ -557,3 +557,24 @@ def test_zipkin_64_bit_trace_id_joins_its_128_bit_trace() -> None:
     rows = _by_name(_rows(zipkin_to_otlp_json(doc).traces_data))
     assert rows["child"]["trace_id"] == rows["root"]["trace_id"] == "5af7183fb1d4cf5f463ac35c9f6413ad"
     assert rows["other"]["trace_id"] == "00000000000000001111111111111111"
+
+
+def test_out_of_range_values_are_caught_where_they_are() -> None:
+    doc = _jaeger_trace(
+        [
+            _jspan("0000000000000001", "negative-start", startTime=-5),
+            _jspan("0000000000000002", "huge-duration", duration=10**30),
+            _jspan("0000000000000003", "huge-tag", tags=[{"key": "n", "type": "int64", "value": 10**30}]),
+            _jspan("0000000000000004", "bad-binary", tags=[{"key": "b", "type": "binary", "value": 7}]),
+        ]
+    )
+    converted = jaeger_to_otlp_json(doc)
+    assert [p.position for p in converted.problems] == [
+        "data[0].spans[0].startTime",
+        "data[0].spans[1].duration",
+        "data[0].spans[3].tags[0]",
+    ]
+    (row,) = _rows(converted.traces_data)
+    assert _attributes(row)["n"] == str(10**30)  # beyond int64: kept as its text
+    zipkin = zipkin_to_otlp_json([_zspan("0000000000000001", "z", duration=10**30)])
+    assert [p.position for p in zipkin.problems] == ["[0].duration"]
