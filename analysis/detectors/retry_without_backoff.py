@@ -47,7 +47,11 @@ False-positive protections
 * A constant delay is only judged where growth could have shown (retries with index ≥ 2 exist).
 * Where the same call is also repeated right after a *success* under the same parent (a loop over
   items whose URL or statement is not recorded), a "retry" may be the loop's next item: without
-  explicit attempt numbers, confidence is lowered by half the share of such bursts.
+  explicit evidence, confidence is lowered by half the share of such bursts.
+
+Confidence: 0.3, up to +0.2 with the number of bursts (log scale, full at 100), +0.2 when some
+burst has 3+ attempts (again and again), +0.1 for the immediate pattern, +0.15 with explicit
+evidence; capped at 0.95.
 
 Aggregation: one finding per signature; ``operation`` is the parent span (the code that loops),
 ``targets`` the callee. ``evidence`` has bursts, attempts per burst (p50/max), gaps (p50/max ms,
