@@ -43,6 +43,10 @@ the dependency's call count, error count and error rate, contained traces (same 
 the failing root operations, and an exemplar chain of operations from the dependency to the root.
 No interventions: a fallback changes the outcome, not the latency, so no latency saving is claimed.
 
+Confidence: (0.5 + 0.45 × volume) × consistency, volume = log10(failed requests + 1) / 2 capped at
+1, consistency = failed / (failed + contained by the same caller); × 0.8 when other callers contain
+the dependency's failures; within [0.05, 0.95].
+
 Everything is vectorised: per-span flags in one polars pass (no strings materialised), names
 gathered only for the failing rows, and numpy pointer doubling (``nxt = nxt[nxt]``, log2(depth) steps, no recursion) to find how far up
 each failure travels and where each service's span chain begins.

@@ -38,6 +38,10 @@ What-if: each outlier gets ``ShortenSpan(span, duration − timeout)`` where the
 10 ms): the latency the request would
 have had with that deadline and an instant fallback. The what-if engine measures it at the root.
 
+Confidence: 0.4 + 0.3 × min(1, log10(slow calls + 1) / 1.5), + 0.15 when the longest call is 30× the
+median or more, + 0.1 with 100+ calls; × 0.7 when some calls of the operation did time out (a
+deadline may exist on another path); capped at 0.95.
+
 False-positive protections: an operation that is always slow has a high p50 and no outliers; a
 single slow call, or slow calls in a single request, are below ``MIN_OUTLIERS``; calls cut at a consistent ceiling or ending in timeout
 errors already have a deadline; off-critical-path and non-blocking (async) calls hold nothing up;
