@@ -59,7 +59,7 @@ import zstandard
 
 from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
 from collector.readers import RecordProblem
-from collector.readers.jaeger import is_jaeger_json, jaeger_to_otlp_json
+from collector.readers.jaeger import is_jaeger_json, jaeger_api_errors, jaeger_to_otlp_json
 from collector.readers.otlp_json import is_otlp_json, merge_traces_data, unwrap_otlp_json
 from collector.readers.otlp_proto import FramingError, iter_length_prefixed, looks_like_length_prefixed
 from collector.readers.zipkin import is_zipkin_json, zipkin_to_otlp_json
@@ -405,6 +405,8 @@ class TraceFileReader:
                 yield from self._read_proto_message(report, body)
             else:
                 yield from self._read_proto_stream(report, body)
+            if not (report.spans or report.skipped_spans or report.problems or report.ignored):
+                self._warning(report, None, "the file holds no spans")
         finally:
             raw.close()
 
@@ -474,6 +476,13 @@ class TraceFileReader:
         """OTLP JSON for one parsed document, converting Jaeger/Zipkin; None when not a trace document."""
         value = unwrap_otlp_json(value)
         kind = _json_value_kind(value)
+        api_errors = jaeger_api_errors(value)
+        if api_errors:  # the query API's own errors, saved with (or instead of) the data
+            reason = f"the Jaeger query API answered with errors: {'; '.join(api_errors)}"
+            if kind is None:
+                self._problem(report, prefix or None, reason, fatal=not prefix)
+                return None
+            self._warning(report, prefix or None, reason)
         if kind is None and not prefix and report.from_folder:
             self._ignore(report, f"not a trace document: {_describe(value)}")
             return None

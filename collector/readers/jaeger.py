@@ -51,7 +51,13 @@ from collector.readers import (
     otlp_attribute,
 )
 
-__all__ = ["is_jaeger_json", "jaeger_to_otlp_json", "parse_duration_ns", "parse_rfc3339_ns"]
+__all__ = [
+    "is_jaeger_json",
+    "jaeger_api_errors",
+    "jaeger_to_otlp_json",
+    "parse_duration_ns",
+    "parse_rfc3339_ns",
+]
 
 SCOPE_NAME = "hourglass.import.jaeger"
 _KINDS = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}
@@ -73,6 +79,21 @@ def is_jaeger_json(obj: Any) -> bool:
         first = obj[0]
         return isinstance(first.get("spans"), list) and ("traceID" in first or "processes" in first)
     return False
+
+
+def jaeger_api_errors(obj: Any) -> list[str]:
+    """The ``errors`` of a saved Jaeger query API answer (``{"data": null, "errors": [{"code", "msg"}]}``)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("errors"), list) or "data" not in obj:
+        return []
+    out = []
+    for error in obj["errors"]:
+        if isinstance(error, dict):
+            code = error.get("code")
+            msg = error.get("msg") or error.get("message") or ""
+            out.append(f"{msg} ({code})" if code is not None else str(msg))
+        else:
+            out.append(str(error))
+    return out
 
 
 def _looks_like_jaeger_span(span: Any) -> bool:

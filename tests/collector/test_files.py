@@ -321,3 +321,17 @@ def test_file_exporter_legacy_zstd_frames_proto_and_json(tmp_path: Path) -> None
     path.write_bytes(b"".join(frame(zstd.compress(line)) for line in lines))
     table, problems, reader = read([path])
     assert table.num_rows == 19 and problems == [] and reader.reports[0].format == "otlp-json-stream"
+
+
+def test_jaeger_api_errors_and_empty_files_are_said(tmp_path: Path) -> None:
+    not_found = tmp_path / "not-found.json"
+    not_found.write_text('{"data": null, "total": 0, "errors": [{"code": 404, "msg": "trace not found"}]}')
+    empty = tmp_path / "empty-list.json"
+    empty.write_text("[]")
+    table, problems, reader = read([not_found, empty])
+    assert table.num_rows == 0
+    assert [(Path(p.file).name, p.reason, p.skipped) for p in problems] == [
+        ("not-found.json", "the Jaeger query API answered with errors: trace not found (404)", True),
+        ("empty-list.json", "the file holds no spans", False),
+    ]
+    assert reader.reports[0].failed and reader.reports[1].clean
