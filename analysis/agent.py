@@ -68,7 +68,7 @@ MODEL_ENV = "HOURGLASS_LLM_MODEL"
 CACHE_DIR_ENV = "HOURGLASS_CACHE_DIR"
 
 # Bumped whenever the prompt, the tools or the answer rules change: old cache entries stop matching.
-PROMPT_VERSION = "2026-11-28.1"
+PROMPT_VERSION = "2026-11-28.2"
 
 SYSTEM_PROMPT = """\
 You are the write-up agent of Hourglass, a tool that reads distributed traces (OpenTelemetry) and \
@@ -82,7 +82,8 @@ Rules:
 1. Ground every number in the data. Use only numbers that appear in the recommendation objects or \
 in tool results; you may round them, convert milliseconds to seconds, or show a share as a \
 percentage. Never invent, estimate, extrapolate or compute new numbers (no sums, ratios or \
-"x times faster"). If a number is not in the data, say it without a number.
+"x times faster"), and give no example settings (backoff steps, pool sizes) that are not in the \
+data: describe the policy instead. If a number is not in the data, say it without a number.
 2. Name services and operations exactly as they are given, in backticks.
 3. Title: at most 80 characters, says what to change and where, e.g. "Run `GET /inventory` and \
 `GET /pricing` in parallel in `checkout`".
@@ -244,9 +245,21 @@ class WriteupCache:
             raise
 
 
+# Evidence entries left out of the request: per-trace span id lists the write-up never quotes
+# (a third of the request on the sample traces). get_finding_evidence still returns them.
+_OMITTED_EVIDENCE_KEYS = frozenset({"interventions", "span_ids"})
+
+
 def recommendation_payload(recommendations: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The redacted recommendation objects as sent to the model (text fields left out)."""
-    stripped = [{k: v for k, v in rec.items() if k not in _TEXT_FIELDS} for rec in recommendations]
+    """The redacted recommendation objects as sent to the model: text fields and span id lists
+    left out (exemplar trace ids stay, for get_critical_path)."""
+    stripped = []
+    for rec in recommendations:
+        item = {k: v for k, v in rec.items() if k not in _TEXT_FIELDS}
+        evidence = item.get("evidence")
+        if isinstance(evidence, Mapping):
+            item["evidence"] = {k: v for k, v in evidence.items() if k not in _OMITTED_EVIDENCE_KEYS}
+        stripped.append(item)
     payload = redact(stripped)
     assert isinstance(payload, list)
     return payload
@@ -713,7 +726,7 @@ def _request_text(payload: list[dict[str, Any]]) -> str:
     return (
         f"Write the title, summary and actions for these {len(payload)} recommendations "
         "(ranked; numbers final; values in brackets were redacted).\n\n"
-        f"<recommendations>\n{json.dumps(payload, indent=1, sort_keys=True, default=str)}\n</recommendations>\n\n"
+        f"<recommendations>\n{json.dumps(payload, sort_keys=True, separators=(',', ':'), default=str)}\n</recommendations>\n\n"
         "Reply with one JSON object whose keys are exactly these ids: "
         f"{json.dumps(ids)}; each value "
         '{"title": "...", "summary": "...", "actions": ["...", "..."]}.'
@@ -805,7 +818,8 @@ _PROSE_NUMBER = re.compile(
     r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:\s?(?:%|ms|s|x|×))?(?![\w.]\w)(?!\w)"
 )
 _DATA_NUMBER = re.compile(r"(?<![\w])\d+(?:\.\d+)?")
-_FREE_NUMBERS = frozenset(range(11))
+# Small counts, and the HTTP statuses a retry or timeout policy names ("retry on 429 and 503").
+_FREE_NUMBERS = frozenset({*range(11), 408, 429, 500, 502, 503, 504})
 
 
 def _numbers_in(value: Any) -> list[float]:
@@ -834,8 +848,8 @@ def ungrounded_numbers(text: WrittenText, shown: Iterable[float]) -> list[str]:
 
     A written number x with d decimals matches a shown number y when x is within half a unit of
     its last digit, or within 2 %, of y, of y/1000 (milliseconds written as seconds) or, for
-    0 < y ≤ 1, of y·100 (a share written as a percentage). Integers 0–10 always pass (counts like
-    "two calls", "N+1").
+    0 < y ≤ 1, of y·100 (a share written as a percentage). Integers 0–10 (counts like "two calls",
+    "N+1") and the retryable HTTP statuses (408, 429, 500, 502, 503, 504) always pass.
     """
     targets: list[float] = []
     for y in set(shown):
