@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from analysis.context import AnalysisContext
 from analysis.detectors.error_propagation import detect
 from analysis.pipeline import analyze
@@ -274,3 +276,102 @@ def test_end_to_end_the_report_carries_the_propagation_finding_ranked_by_risk() 
     assert rec["evidence"]["dependency_error_rate"] == 0.3
     assert rec["rank"] >= 1 and 0 < rec["confidence"] <= 1
     assert "POST /charge" in rec["title"] and rec["summary"] and rec["actions"]
+
+
+def _reference_findings(builders: list[TraceBuilder]) -> dict[tuple[str, str, str, str], set[str]]:
+    """The rule of the module docstring, walked span by span in plain Python (small inputs only)."""
+    result: dict[tuple[str, str, str, str], set[str]] = {}
+    for b in builders:
+        spans = {r["span_id"]: r for r in b.rows}
+        children: dict[str, list[str]] = {}
+        for r in b.rows:
+            if r["parent_span_id"]:
+                children.setdefault(r["parent_span_id"], []).append(r["span_id"])
+
+        def failed(r: dict) -> bool:
+            code = r["http_status_code"]
+            return r["status_code"] == STATUS_ERROR or (
+                r["status_code"] != STATUS_OK and code is not None and (code >= 500 or code == 429)
+            )
+
+        def outgoing(r: dict) -> bool:
+            return r["kind"] == KIND_CLIENT or r["db_system"] is not None
+
+        def silent(r: dict) -> bool:
+            return (
+                r["kind"] == KIND_INTERNAL
+                and r["status_code"] == STATUS_UNSET
+                and r["http_status_code"] is None
+            )
+
+        for r in b.rows:
+            if not failed(r) or not r["parent_span_id"]:
+                continue
+            if any(failed(spans[c]) for c in children.get(r["span_id"], [])):
+                continue
+            if outgoing(r):
+                dep = call = r
+            else:
+                dep = r
+                while dep["parent_span_id"] and spans[dep["parent_span_id"]]["service"] == dep["service"]:
+                    dep = spans[dep["parent_span_id"]]
+                if not dep["parent_span_id"] or not failed(dep):
+                    continue
+                call = spans[dep["parent_span_id"]]
+            caller = spans[call["parent_span_id"]] if outgoing(call) and call["parent_span_id"] else call
+            node, propagated = dep, True
+            while node["parent_span_id"]:
+                node = spans[node["parent_span_id"]]
+                is_root = not node["parent_span_id"]
+                if not (failed(node) or (silent(node) and not is_root)):
+                    propagated = False
+                    break
+            if not propagated:
+                continue
+            target = (dep["peer"] or dep["db_system"] or dep["name"]) if outgoing(dep) else dep["service"]
+            key = (call["service"], caller["name"], target, dep["name"])
+            result.setdefault(key, set()).add(b.trace_id)
+    return {k: v for k, v in result.items() if len(v) >= 2}
+
+
+def test_vectorised_rule_matches_a_plain_walk_on_random_trees() -> None:
+    rng = random.Random(20261128)
+    services = ["gateway", "orders", "stock"]
+    builders = []
+    for _ in range(150):
+        b = TraceBuilder(service="gateway")
+        root = b.span(
+            "GET /page",
+            start_ms=0,
+            dur_ms=1000,
+            kind=KIND_SERVER,
+            status_code=rng.choice([STATUS_ERROR, STATUS_UNSET, STATUS_UNSET]),
+        )
+        nodes = [(root, "gateway", 0.0, 1000.0)]
+        for _ in range(rng.randint(1, 12)):
+            parent, parent_service, start, dur = rng.choice(nodes)
+            service = rng.choice([parent_service, parent_service, rng.choice(services)])
+            kind = rng.choice([KIND_CLIENT, KIND_SERVER, KIND_INTERNAL])
+            child_start, child_dur = start + dur * 0.05, dur * 0.8
+            status = rng.choice([STATUS_ERROR, STATUS_UNSET, STATUS_UNSET, STATUS_OK])
+            sid = b.span(
+                f"op{rng.randint(0, 3)}",
+                parent=parent,
+                start_ms=child_start,
+                dur_ms=child_dur,
+                service=service,
+                kind=kind,
+                status_code=status,
+                peer=rng.choice([None, "db-host"]) if kind == KIND_CLIENT else None,
+                db_system=rng.choice([None, None, "postgresql"]),
+                http_status_code=rng.choice([None, None, 500, 200]),
+            )
+            nodes.append((sid, service, child_start, child_dur))
+        builders.append(b)
+    expected = _reference_findings(builders)
+    found = {
+        (f.service, f.operation, f.targets[0]["service"], f.targets[0]["operation"]): set(f.trace_ids)
+        for f in analyse(builders)
+    }
+    assert expected, "the random traces should contain propagating failures"
+    assert found == expected
