@@ -286,7 +286,8 @@ def redact_text(text: str) -> str:
 _QUERY_KEYS = frozenset({"url.query", "http.query", "query_string", "querystring", "http.query_string"})
 # Keys holding a database statement. A statement that is not SQL (Redis, Memcached, a Mongo
 # document) has no portable literal syntax, so only its first word (the command) is kept.
-_STATEMENT_KEYS = frozenset({"db.statement", "db.query.text", "db.query", "statement", "query.text"})
+# (Only the OpenTelemetry attribute names: a detector's evidence "statement" is already normalised.)
+_STATEMENT_KEYS = frozenset({"db.statement", "db.query.text", "db.query"})
 
 
 def redact_statement(statement: str) -> str:

@@ -223,6 +223,8 @@ def test_url_query_key_holds_a_bare_query_string() -> None:
 
 def test_statement_key_redacts_non_sql() -> None:
     assert redact({"db.statement": "GET user:42:profile"}) == {"db.statement": "GET ?"}
+    # A detector's normalised statement (an operation template) is not a raw db statement.
+    assert redact({"statement": "GET /images/{id}/thumbnail"}) == {"statement": "GET /images/{id}/thumbnail"}
 
 
 def test_containers_under_sensitive_keys_are_replaced_whole() -> None:
