@@ -16,8 +16,9 @@ parent, in start order, a call *follows* the calls before it when
 
 A *run* is a maximal chain of such calls. **Gate calls** end a run and never join one: a call whose
 name, statement/route or target says it authenticates, authorises, validates, rate-limits, takes a
-lock or checks idempotency (``GATE_PATTERN``) is a precondition of the calls after it — the classic
-"authenticate, then call the backend" sequence is a dependency, not a missed parallelism. It is reported when it holds at least two calls of at least
+lock, checks idempotency or draws the next value of a database sequence (``GATE_PATTERN``) is a
+precondition of the calls after it — "authenticate, then call the backend" and "get the next id,
+then insert with it" are dependencies, not missed parallelism. It is reported when it holds at least two calls of at least
 two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
 repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it), at least one call is
 on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
@@ -67,7 +68,8 @@ MIN_SAVING_SHARE = 0.01
 FIXED_ORDER_MIN_INSTANCES = 10
 GATE_PATTERN = (
     r"(?i)(?:^|[^a-z])(?:auth[a-z]*|log-?in|sign-?in|o?auth2?|tokens?|sessions?|permissions?|acl|captcha"
-    r"|rate-?limit[a-z]*|quotas?|verify|validat[a-z]*|locks?|acquire|mutex|idempoten[a-z]*)(?:$|[^a-z])"
+    r"|rate-?limit[a-z]*|quotas?|verify|validat[a-z]*|locks?|acquire|mutex|idempoten[a-z]*"
+    r"|nextval|next value|sequence)(?:$|[^a-z])"
 )
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5

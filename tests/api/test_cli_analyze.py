@@ -1,0 +1,114 @@
+"""`hourglass analyze` through the real CLI (subprocess), on files and on a store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL_TRACES = ROOT.parent / "shared" / "real-traces"
+SAMPLES = ROOT / "sample-traces"
+HOURGLASS = Path(sys.executable).with_name("hourglass")
+SIMPLE_DB = REAL_TRACES / "zipkin-v2__simple-db-p6.json"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    return subprocess.run(
+        [str(HOURGLASS), "analyze", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.skipif(not SIMPLE_DB.exists(), reason="shared real traces not present")
+def test_three_back_to_back_inserts_are_reported_as_serialized_work(tmp_path: Path) -> None:
+    result = run(SIMPLE_DB, "--format", "json", cwd=tmp_path)  # no store, no server
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["schema"] == "hourglass.report/v1" and report["spans_analyzed"] == 5
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "serialized_calls"]
+    assert rec["service"] == "bootifulmeters" and rec["operation"] == "http:/book"
+    assert len(rec["evidence"]["span_ids"]) == 4  # the caller and the three inserts
+    assert all("insert" in t["operation"] for t in rec["targets"])
+    assert rec["impact"]["saved_ms_p50"] > 0
+    assert not list(tmp_path.iterdir()), "analysing files must not create a store"
+
+
+@pytest.mark.skipif(not REAL_TRACES.exists(), reason="shared real traces not present")
+def test_all_real_trace_files_at_once_as_markdown() -> None:
+    files = sorted(
+        p
+        for p in REAL_TRACES.iterdir()
+        if p.suffix in (".json", ".jsonl", ".pb") and not p.name.startswith("invalid")
+    )
+    result = run(*files, "--format", "markdown")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("## Hourglass: ")
+    assert "| # | Recommendation |" in result.stdout and "http:/book" in result.stdout
+
+
+def test_table_output_on_a_sample_workload() -> None:
+    result = run(SAMPLES / "n_plus_one.otlp.jsonl", "--format", "table")
+    assert result.returncode == 0, result.stderr
+    assert "Saved p50 / p95" in result.stdout and "Batch the" in result.stdout
+
+
+def test_store_and_filters(tmp_path: Path) -> None:
+    from collector.duckdb_store import DuckDBSpanStore
+    from collector.files import read_trace_files
+
+    db = tmp_path / "spans.duckdb"
+    store = DuckDBSpanStore(str(db))
+    try:
+        for table in read_trace_files([str(SAMPLES / "serialized_calls.otlp.jsonl")], on_error=print):
+            store.write(table)
+    finally:
+        store.close()
+    result = run("--db", db, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert any(r["kind"] == "serialized_calls" for r in report["recommendations"])
+    only_other = json.loads(run("--db", db, "--service", "no-such-service", "--format", "json").stdout)
+    assert only_other["traces_analyzed"] == 0
+    future = json.loads(run("--db", db, "--since", "2999-01-01T00:00:00Z", "--format", "json").stdout)
+    assert future["traces_analyzed"] == 0
+    recent = run("--db", db, "--since", "15m", "--format", "json")
+    assert recent.returncode == 0, recent.stderr
+
+
+def test_a_bad_record_is_named_and_the_good_data_still_analysed(tmp_path: Path) -> None:
+    lines = (SAMPLES / "n_plus_one.otlp.jsonl").read_text().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(
+        "\n".join(
+            [lines[0], '{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 5}]}]}]}', *lines[1:]]
+        )
+        + "\n"
+    )
+    result = run(broken, "--format", "json")
+    assert result.returncode == 2
+    assert f"{broken}:2" in result.stderr  # file and line
+    report = json.loads(result.stdout)
+    assert any(r["kind"] == "n_plus_one" for r in report["recommendations"])
+
+
+def test_command_line_errors_exit_non_zero_with_a_reason(tmp_path: Path) -> None:
+    missing = run(tmp_path / "nope.json")
+    assert missing.returncode == 2 and "nope.json: no such file" in missing.stderr
+    bad_since = run(SAMPLES / "n_plus_one.otlp.jsonl", "--since", "yesterday-ish")
+    assert bad_since.returncode == 2 and "--since 'yesterday-ish'" in bad_since.stderr
+    no_store = run("--db", tmp_path / "absent.duckdb")
+    assert no_store.returncode == 2 and "no such store" in no_store.stderr
+    bad_format = run(SAMPLES / "n_plus_one.otlp.jsonl", "--format", "yaml")
+    assert bad_format.returncode == 2
