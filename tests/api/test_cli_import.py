@@ -136,3 +136,23 @@ def test_db_default_comes_from_settings(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert env_db.exists() and f"into {env_db}" in result.stdout
+
+
+def test_follows_from_and_shared_zipkin_spans_reach_the_store(tmp_path: Path) -> None:
+    jaeger = json.loads((REAL_TRACES / "jaeger-json__petclinic-child-longer-than-parent.json").read_text())
+    child = jaeger["spans"][0]
+    child["references"] = [
+        {"refType": "FOLLOWS_FROM", **{k: v for k, v in child["references"][0].items() if k != "refType"}}
+    ]
+    jaeger_path = tmp_path / "follows-from.json"
+    jaeger_path.write_text(json.dumps(jaeger))
+    db = tmp_path / "db.duckdb"
+    result = run("--db", str(db), str(jaeger_path), str(REAL_TRACES / "zipkin-v2__skew.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with DuckDBSpanStore(str(db)) as store:
+        rows = store.trace("9ced30503c58dab894a2d7598b01a87a").to_pylist()
+        follows = {r["span_id"]: r["follows_from"] for r in rows}
+        assert follows.pop(child["spanID"].rjust(16, "0")) is True and not any(follows.values())
+        skew = store.trace("00000000000000001e223ff1f80f1c69").to_pylist()
+        assert len(skew) == 4  # the client and server halves of the shared span are both kept
+        assert sorted(r["kind"] for r in skew if r["name"] == "post") == [2, 3]
