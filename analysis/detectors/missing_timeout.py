@@ -42,6 +42,9 @@ Confidence: 0.4 + 0.3 × min(1, log10(slow calls + 1) / 1.5), + 0.15 when the lo
 median or more, + 0.1 with 100+ calls; × 0.7 when some calls of the operation did time out (a
 deadline may exist on another path); capped at 0.95.
 
+Operations that stay open by design (names matching ``LONG_BY_DESIGN``: streams, long polls,
+watches, subscriptions, waits) are not judged.
+
 False-positive protections: an operation that is always slow has a high p50 and no outliers; a
 single slow call, or slow calls in a single request, are below ``MIN_OUTLIERS``; calls cut at a consistent ceiling or ending in timeout
 errors already have a deadline; off-critical-path and non-blocking (async) calls hold nothing up;
@@ -72,6 +75,8 @@ CEILING_MIN_CALLS = 3
 TIMEOUT_MARGIN = 2.0  # suggested deadline = 2 × p99 of the healthy calls
 MIN_TIMEOUT_NS = 10_000_000  # but never below 10 ms: sub-millisecond deadlines are not practical
 TIMEOUT_TEXT = r"(?i)time[ -]?out|timed out|deadline|cancel"
+# Calls that stay open by design (streams, long polls, watches, subscriptions): long is not hung.
+LONG_BY_DESIGN = r"(?i)\bstream|streaming|\bsubscribe\b|long.?poll|\bpoll\b|\bwatch\b|websocket|\bsse\b|\blisten\b|\bwait\b"
 
 
 def _call_expr() -> pl.Expr:
@@ -112,6 +117,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         calls.group_by(op)
         .agg(calls=pl.len(), p50_ns=pl.col("duration_ns").median())
         .filter((pl.col("calls") >= MIN_CALLS) & (pl.col("p50_ns") > 0))  # no usual latency: no judgement
+        .filter(~pl.col("name").str.contains(LONG_BY_DESIGN))
     )
     threshold = pl.max_horizontal(pl.col("p50_ns") * OUTLIER_FACTOR, pl.col("p50_ns") + MIN_EXCESS_NS)
     outliers = (

@@ -228,3 +228,13 @@ def test_without_peer_the_url_host_names_the_target() -> None:
 
     (f,) = analyse([trace(USUAL_MS[i % 5]) for i in range(25)] + [trace(1_500.0), trace(2_200.0)])
     assert f.targets == [{"service": "ads.internal", "operation": "GET ads"}]
+
+
+def test_calls_that_stay_open_by_design_are_not_judged() -> None:
+    def trace(ms: float) -> TraceBuilder:
+        b = TraceBuilder(service="frontend")
+        root = b.span("GET /feed", start_ms=0, dur_ms=ms + 10, kind=KIND_SERVER)
+        b.span("LongPoll updates", parent=root, start_ms=5, dur_ms=ms, kind=KIND_CLIENT, peer="feed")
+        return b
+
+    assert analyse([trace(USUAL_MS[i % 5]) for i in range(25)] + [trace(1_500.0), trace(2_200.0)]) == []
