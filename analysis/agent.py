@@ -421,6 +421,14 @@ class AnthropicWriter:
     # --- the loop --------------------------------------------------------------------------
     def _converse(self, payload: list[dict[str, Any]], context: WriterContext, run: _Run) -> str:
         client = self._client_factory(self.limits)
+        try:
+            return self._converse_with(client, payload, context, run)
+        finally:
+            client.close()  # one client per write: no connection pool outlives it
+
+    def _converse_with(
+        self, client: anthropic.Anthropic, payload: list[dict[str, Any]], context: WriterContext, run: _Run
+    ) -> str:
         run.shown_numbers.extend(_numbers_in(payload))
         messages: list[dict[str, Any]] = [
             {
