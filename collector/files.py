@@ -77,8 +77,8 @@ __all__ = [
 DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
 READ_BUFFER_BYTES = 1024 * 1024
-# Errors a decompressor raises on truncated or corrupt input.
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Errors a decompressor raises on truncated or corrupt input.
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
     zstandard.ZstdError,
     EOFError,
@@ -109,7 +109,7 @@ class FileReport:
 
     file: str
     format: str | None = None  # e.g. "otlp-jsonl", "zipkin-json"
-    compression: str | None = None  # "gzip", "bzip2", "xz" or None
+    compression: str | None = None  # "gzip", "zstd", "bzip2", "xz" or None
     size_bytes: int = 0
     spans: int = 0  # rows produced
     skipped_spans: int = 0  # spans (or records) left out
@@ -122,13 +122,6 @@ class FileReport:
     @property
     def clean(self) -> bool:
         return not (self.failed or self.problems or self.skipped_spans)
-
-
-class _FileError(Exception):
-    def __init__(self, position: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.position = position
-        self.reason = reason
 
 
 class _CountingReader(io.RawIOBase):
@@ -381,22 +374,19 @@ class TraceFileReader:
                 if not head and head_error is not None:
                     raise head_error
                 family = detect_format(head)
-            except _FileError as exc:
-                self._problem(report, exc.position, exc.reason, fatal=True)
-                return
-            except ValueError as exc:
-                if from_folder:
-                    self._ignore(report, str(exc))
-                else:
-                    self._problem(report, None, str(exc), fatal=True)
-                return
-            except _STREAM_ERRORS as exc:
+            except _STREAM_ERRORS as exc:  # the compressed data is damaged
                 self._problem(
                     report,
                     None,
                     f"{report.compression or 'file'} data truncated or corrupt: {exc}",
                     fatal=True,
                 )
+                return
+            except ValueError as exc:  # detect_format: not a trace file
+                if from_folder:
+                    self._ignore(report, str(exc))
+                else:
+                    self._problem(report, None, str(exc), fatal=True)
                 return
             body = io.BufferedReader(_HeadThenRest(head, stream, head_error), READ_BUFFER_BYTES)
             if family == "json":
