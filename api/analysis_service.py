@@ -288,6 +288,12 @@ def build_exemplar(
         exemplar.spans = report_html.spans_from_rows(
             raw.select([c for c in columns if c in raw.column_names]).to_pylist()
         )
+    if exemplar.after is not None and all(
+        exemplar.after.get(span.span_id) == (span.start_ns, span.end_ns) for span in exemplar.spans
+    ):
+        # Nothing moves (fault-tolerance gaps carry no latency estimate): one picture is enough.
+        exemplar.after = None
+        notes.append("Applying it does not change this trace's timing; the picture shows where it happens.")
     present = {s.span_id for s in exemplar.spans}
     named = _intervention_span_ids(recommendation, trace_id) or set(_span_ids(evidence.get("span_ids")))
     exemplar.bottleneck = named & present

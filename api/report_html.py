@@ -356,14 +356,18 @@ def render_waterfall_svg(exemplar: Exemplar, colours: Mapping[str, str], *, figu
                 f'height="{BAR_HEIGHT}" rx="2" fill="{esc(colour)}"/>'
             )
             text = fmt_ms((end - start) / NS_PER_MS)
-            text_x = x + w + 3
-            anchor = "start"
-            if text_x + 6 * len(text) > x0 + PANEL_WIDTH + PANEL_GAP - 4:
-                text_x, anchor = x - 3, "end"
+            text_width = 5.6 * len(text)
+            text_x, anchor, text_class = x + w + 3, "start", "dur"
+            if text_x + text_width > x0 + PANEL_WIDTH + PANEL_GAP - 4:
+                if w > text_width + 8:  # no room after the bar: inside it, at its end
+                    text_x, anchor, text_class = x + w - 4, "end", "dur dur-inside"
+                else:
+                    text_x, anchor = x - 3, "end"
             if span.error:
                 out.append(f'<circle class="error-dot" cx="{x + 4:.1f}" cy="{y + 10:.1f}" r="3.2"/>')
             out.append(
-                f'<text class="dur" x="{text_x:.1f}" y="{y + 13.5}" text-anchor="{anchor}">{esc(text)}</text>'
+                f'<text class="{text_class}" x="{text_x:.1f}" y="{y + 13.5}" text-anchor="{anchor}">'
+                f"{esc(text)}</text>"
             )
         out.append("</g>")
     if hidden:
@@ -470,6 +474,7 @@ svg.waterfall .bar-removed { fill:none; stroke:#7b8394; stroke-width:1.2; stroke
 svg.waterfall .marker-path { fill:#1d2330; }
 svg.waterfall .marker-bottleneck { fill:#d62728; }
 svg.waterfall .dur { font-size:10px; fill:#5b6475; font-variant-numeric:tabular-nums; }
+svg.waterfall .dur-inside { fill:#fff; font-weight:600; }
 svg.waterfall .old-end { stroke:#2f9e44; stroke-width:1.2; stroke-dasharray:4 3; }
 svg.waterfall .saved-label { font-size:11px; font-weight:700; fill:#2f9e44; }
 svg.waterfall .hidden-note { font-size:11px; fill:#5b6475; font-style:italic; }
@@ -650,8 +655,11 @@ def _recommendation_html(
         ("occurrences", _num(rec.get("occurrences"))),
         ("confidence", _share(rec.get("confidence"))),
     ]
-    if rec.get("requests_at_risk") is not None:
-        figures.append(("requests at risk", _num(rec.get("requests_at_risk"))))
+    at_risk = rec.get("requests_at_risk")
+    if at_risk is None:
+        at_risk = (rec.get("evidence") or {}).get("requests_at_risk")
+    if at_risk is not None:
+        figures.append(("requests at risk", _num(at_risk)))
     for key, value in figures:
         out.append(f'<div><div class="v">{esc(value)}</div><div class="k">{esc(key)}</div></div>')
     out.append("</div>")
@@ -664,8 +672,13 @@ def _recommendation_html(
     if exemplar is not None:
         figure_id = "wf-" + _anchor(rec)[4:]
         out.append(
-            f'<figure class="exemplar"><figcaption>Exemplar trace <code>{esc(exemplar.trace_id)}</code>: before, and '
-            "re-timed as if this recommendation were applied (same time scale). Hover a span for details."
+            f'<figure class="exemplar"><figcaption>Exemplar trace <code>{esc(exemplar.trace_id)}</code>'
+            + (
+                ": before, and re-timed as if this recommendation were applied (same time scale)."
+                if exemplar.after is not None
+                else "."
+            )
+            + " Hover a span for details."
             + (f" {esc(exemplar.note)}" if exemplar.note else "")
             + "</figcaption>"
         )

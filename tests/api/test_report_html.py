@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
 
 from api.report_html import (
     MAX_ROWS,
@@ -193,3 +200,57 @@ def test_axis_ticks_are_round() -> None:
     assert fmt_tick(200, 100) == "200 ms"
     assert fmt_tick(0.4, 0.2) == "0.4 ms"
     assert fmt_tick(4000, 1000) == "4 s"
+
+
+# ----------------------------------------------------------------------------------------------
+# `hourglass report` through the real console script
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "sample-traces" / "serialized_calls.otlp.jsonl"
+
+
+def _hourglass(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = ROOT / ".venv" / "bin" / "hourglass"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(300)
+def test_report_cli_from_files_and_from_a_store(tmp_path: Path) -> None:
+    # Files alone: a good file and a broken one beside it.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"resourceSpans": [ {"oops": \n')
+    out = tmp_path / "report.html"
+    done = _hourglass("report", "--html", str(out), str(SAMPLE), str(broken), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr  # written, but something was skipped
+    assert "broken.jsonl" in done.stderr
+    page = out.read_text()
+    assert '<svg class="waterfall"' in page
+    assert "serialized_calls" in page and "After (re-timed)" in page
+    assert "<script" not in page
+
+    as_json = _hourglass("report", "--format", "json", str(SAMPLE), cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["schema"] == "hourglass.report/v1"
+    serialized = [r for r in report["recommendations"] if r["kind"] == "serialized_calls"]
+    assert serialized
+
+    as_markdown = _hourglass("report", "--format", "markdown", str(SAMPLE), cwd=tmp_path)
+    assert as_markdown.returncode == 0, as_markdown.stderr
+    assert serialized[0]["id"] in as_markdown.stdout
+
+    # The same spans through a store give the same recommendations and the same page content.
+    db = tmp_path / "store.duckdb"
+    imported = _hourglass("import", "--db", str(db), str(SAMPLE), cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    from_store = tmp_path / "from-store.html"
+    done = _hourglass("report", "--db", str(db), "--html", str(from_store), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    store_page = from_store.read_text()
+    for rec in report["recommendations"]:
+        assert f'id="rec-{rec["id"]}"' in store_page
+
+    missing = _hourglass("report", "--db", str(tmp_path / "nope.duckdb"), "--html", str(out), cwd=tmp_path)
+    assert missing.returncode == 2 and "no such store" in missing.stderr
