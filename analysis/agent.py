@@ -193,12 +193,16 @@ class _Run:
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     """``$HOURGLASS_CACHE_DIR/writeups``, else ``$XDG_CACHE_HOME/hourglass/writeups``, else
-    ``~/.cache/hourglass/writeups``."""
+    ``~/.cache/hourglass/writeups`` (the temp directory when there is no home)."""
     env = os.environ if env is None else env
     if env.get(CACHE_DIR_ENV):
         return Path(env[CACHE_DIR_ENV]) / "writeups"
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "hourglass" / "writeups"
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "hourglass" / "writeups"
+    try:
+        return Path.home() / ".cache" / "hourglass" / "writeups"
+    except RuntimeError:  # no home directory (a container user without one): the temp dir
+        return Path(tempfile.gettempdir()) / "hourglass-cache" / "writeups"
 
 
 class WriteupCache:

@@ -1041,3 +1041,23 @@ def test_rest_api_report_is_written_by_the_agent_too(fake: FakeAnthropic, tmp_pa
     assert all(r["title"].startswith("Fake model") for r in report["recommendations"])
     assert fake.request_count >= 2
     assert all(r["model"] == E2E_MODEL for r in fake.requests)
+
+
+def test_cache_directory_resolution(tmp_path: Path) -> None:
+    from analysis.agent import default_cache_dir
+
+    assert default_cache_dir({"HOURGLASS_CACHE_DIR": str(tmp_path)}) == tmp_path / "writeups"
+    assert default_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "hourglass" / "writeups"
+    assert default_cache_dir({}) == Path.home() / ".cache" / "hourglass" / "writeups"
+
+
+def test_unwritable_cache_does_not_cost_the_write_up(fake: FakeAnthropic, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be", encoding="utf-8")
+    fake.script(json_reply(good_answer()))
+    writer = AnthropicWriter(
+        StubTemplateWriter(), model=MODEL, limits=AgentLimits(deadline_s=5), cache_dir=blocker / "w"
+    )
+    outcome = writer.write(recommendations(), PlantedContext())
+    assert outcome.writer == f"anthropic:{MODEL}" and outcome.fallback_reason is None
+    assert "cache_error" in outcome.metadata
