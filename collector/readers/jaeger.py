@@ -285,14 +285,31 @@ class _Converter:
             except InvalidRecord as exc:
                 self.problems.append(RecordProblem(join_path(span_path, exc.field), exc.reason))
 
-    def _resource_key(self, process: dict[str, Any], field: str) -> str:
+    def _resource_key(self, process: dict[str, Any], process_path: str) -> str:
+        """The resource of a process; a process without a service name or with bad tags costs no
+        spans: it becomes ``unknown_service`` / loses the bad tags, with a warning (once per process)."""
         cached = self._resource_keys.get(id(process))
         if cached is not None:
             return cached
         service = process.get("serviceName")
         if not isinstance(service, str) or not service:
-            raise InvalidRecord(join_path(field, "serviceName"), "missing service name")
-        tags = _tags(process.get("tags"), join_path(field, "tags"))
+            self.problems.append(
+                RecordProblem(
+                    join_path(process_path, "serviceName"),
+                    "missing; spans kept as unknown_service",
+                    skipped=False,
+                )
+            )
+            service = "unknown_service"
+        try:
+            tags = _tags(process.get("tags"), "tags")
+        except InvalidRecord as exc:
+            self.problems.append(
+                RecordProblem(
+                    join_path(process_path, exc.field), f"{exc.reason}; process tags dropped", skipped=False
+                )
+            )
+            tags = []
         key = json.dumps([service, tags], default=repr, sort_keys=True)
         if not self.groups.has(key):
             attributes = [otlp_attribute("service.name", service)]
@@ -322,7 +339,7 @@ class _Converter:
         span_id = _id(span.get(sid_key), 8, expect, sid_key)
 
         process = span.get("process")
-        process_field = "process"
+        process_path = join_path(path, "process")
         if not isinstance(process, dict):
             process_id = span.get("processID")
             if process_id is not None:
@@ -331,16 +348,13 @@ class _Converter:
                 process = processes.get(process_id)
                 if not isinstance(process, dict):
                     raise InvalidRecord("processID", f"{process_id!r} is not in the trace's processes")
-                process_field = join_path(trace_path, f"processes.{process_id}")
+                process_path = join_path(trace_path, f"processes.{process_id}")
             elif isinstance(batch_process, dict):
                 process = batch_process
-                process_field = join_path(trace_path, "process")
+                process_path = join_path(trace_path, "process")
             else:
                 raise InvalidRecord("process", "span has neither process nor processID")
-        try:
-            resource_key = self._resource_key(process, "")
-        except InvalidRecord as exc:
-            raise InvalidRecord(join_path(process_field, exc.field), exc.reason) from None
+        resource_key = self._resource_key(process, process_path)
 
         start_ns = _time_ns(span.get("startTime"), "startTime")
         duration = span.get("duration")

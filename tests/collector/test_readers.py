@@ -578,3 +578,17 @@ def test_out_of_range_values_are_caught_where_they_are() -> None:
     assert _attributes(row)["n"] == str(10**30)  # beyond int64: kept as its text
     zipkin = zipkin_to_otlp_json([_zspan("0000000000000001", "z", duration=10**30)])
     assert [p.position for p in zipkin.problems] == ["[0].duration"]
+
+
+def test_jaeger_process_problems_cost_no_spans() -> None:
+    doc = _jaeger_trace(
+        [_jspan("0000000000000001", "a"), _jspan("0000000000000002", "b", processID="p2")],
+        processes={"p1": {"tags": []}, "p2": {"serviceName": "svc", "tags": [{"nokey": 1}]}},
+    )
+    converted = jaeger_to_otlp_json(doc)
+    assert [(p.position, p.skipped) for p in converted.problems] == [
+        ("data[0].processes.p1.serviceName", False),
+        ("data[0].processes.p2.tags[0]", False),
+    ]
+    rows = _by_name(_rows(converted.traces_data))
+    assert rows["a"]["service"] == "unknown_service" and rows["b"]["service"] == "svc"
