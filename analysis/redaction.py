@@ -15,7 +15,7 @@ Two rules apply, both on a copy (the input is never modified):
 * **By value** — every string (dict keys too) is scanned for patterns: authorization schemes
   (``Bearer``/``Basic``/``Token``/``Digest`` credentials), JWTs, well-known API-key shapes,
   ``name=value`` secrets inside free text, URL user-info, URL query values (the path stays, each
-  query value becomes ``?``), SQL literals (strings and numbers in anything that reads as a SQL
+  query value becomes ``?``), long random-looking path segments (``/reset/<token>``), SQL literals (strings and numbers in anything that reads as a SQL
   statement become ``?``), emails, US social security numbers, card numbers (13–19 digits that pass
   the Luhn check) and public IP addresses. Private, loopback and link-local addresses are kept: they
   name infrastructure (the slow shard's host), not people.
@@ -168,6 +168,12 @@ _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userin
 # A query string: '?' right after a URL/path character and followed by name=value pairs.
 _QUERY = re.compile(r"(?<=[\w/.\-~%])\?(?P<query>[^\s#\"'<>]*=[^\s#\"'<>]*)")
 _QUERY_PAIR = re.compile(r"(?P<name>[^=&;]*)(?:=(?P<value>[^&;]*))?(?P<sep>[&;]?)")
+# A long random-looking path segment (a reset or session token, an API key in a route): at least
+# 24 characters of [A-Za-z0-9_-] with both letters and digits, right after a '/'.
+_PATH_TOKEN = re.compile(
+    r"(?<=/)(?=[A-Za-z0-9_\-]*\d)(?=[A-Za-z0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{24,}(?=[/?#\s\"']|$)"
+)
+PATH_TOKEN_MARK = "{token}"
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b")
 _SSN = re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b")
 # Card numbers start with 2-6 (Mastercard, Amex, Visa, Discover, ...); nanosecond and millisecond
@@ -273,6 +279,7 @@ def redact_text(text: str) -> str:
     text = _KNOWN_TOKENS.sub(TOKEN_MARK, text)
     text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     text = _QUERY.sub(_query_sub, text)
+    text = _PATH_TOKEN.sub(PATH_TOKEN_MARK, text)
     text = _INLINE_SECRET.sub(_inline_secret_sub, text)
     text = _EMAIL.sub(EMAIL_MARK, text)
     text = _SSN.sub(SSN_MARK, text)

@@ -284,3 +284,15 @@ def test_json_documents_inside_strings_are_redacted_by_key_too() -> None:
         "note": f"ping {EMAIL_MARK}",
     }
     assert out["plain"] == "[not json"
+
+
+def test_long_random_path_segments_are_replaced() -> None:
+    assert (
+        redact_text("POST /password-reset/k9QzT2vX8rLmN4pW7sYbC1dF/confirm")
+        == "POST /password-reset/{token}/confirm"
+    )
+    # Ordinary long route names (no digits) and short ids stay.
+    assert (
+        redact_text("GET /api/v1/get_customer_orders_by_region/42")
+        == "GET /api/v1/get_customer_orders_by_region/42"
+    )
