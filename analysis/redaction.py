@@ -15,9 +15,10 @@ Two rules apply, both on a copy (the input is never modified):
 * **By value** — every string (dict keys too) is scanned for patterns: authorization schemes
   (``Bearer``/``Basic``/``Token``/``Digest`` credentials), JWTs, well-known API-key shapes,
   ``name=value`` secrets inside free text, URL user-info, URL query values (the path stays, each
-  query value becomes ``?``), long random-looking path segments (``/reset/<token>``), SQL literals (strings and numbers in anything that reads as a SQL
-  statement become ``?``), emails, US social security numbers, card numbers (13–19 digits that pass
-  the Luhn check) and public IP addresses. Private, loopback and link-local addresses are kept: they
+  query value becomes ``?``), long random-looking path segments (``/reset/<token>``), SQL
+  literals (strings and numbers in anything that reads as a SQL statement become ``?``), emails,
+  US social security numbers, card numbers (13–19 digits that pass the Luhn check) and public IP
+  addresses. JSON documents stored in strings are parsed and redacted by key as well. Private, loopback and link-local addresses are kept: they
   name infrastructure (the slow shard's host), not people.
 
 Numbers stored as numbers are left alone unless their key is sensitive: the detector numbers
