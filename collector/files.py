@@ -60,7 +60,7 @@ import zstandard
 from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
 from collector.readers import RecordProblem
 from collector.readers.jaeger import is_jaeger_json, jaeger_api_errors, jaeger_to_otlp_json
-from collector.readers.otlp_json import is_otlp_json, merge_traces_data, unwrap_otlp_json
+from collector.readers.otlp_json import is_otlp_json, merge_traces_data, resource_spans_of, unwrap_otlp_json
 from collector.readers.otlp_proto import FramingError, iter_length_prefixed, looks_like_length_prefixed
 from collector.readers.zipkin import is_zipkin_json, zipkin_to_otlp_json
 
@@ -515,10 +515,36 @@ class TraceFileReader:
             try:
                 result = decode_otlp_json(doc)
             except DecodeError as exc:
+                resources = resource_spans_of(doc)
+                if len(resources) > 1:  # a bad resource or scope: keep the other resources
+                    yield from self._decode_resources(report, prefix, resources, converted)
+                    continue
                 path, reason = _split_path(str(exc))
                 report.skipped_spans += 1
                 self._problem(report, _join_position(prefix, path), f"{reason}; record skipped")
                 continue
+            self._decode_rejections(report, prefix, result, converted)
+            yield from self._emit(report, result.table)
+
+    def _decode_resources(
+        self, report: FileReport, prefix: str, resources: list[Any], converted: bool
+    ) -> Iterator[pa.Table]:
+        """Decode a document's ``resourceSpans`` one at a time, so that one bad resource or scope
+        (which the decoder refuses whole) costs only its own spans; paths keep their real index."""
+        for index, resource in enumerate(resources):
+
+            def real_path(message: str, index: int = index) -> str:
+                return message.replace("resourceSpans[0]", f"resourceSpans[{index}]", 1)
+
+            try:
+                result = decode_otlp_json({"resourceSpans": [resource]})
+            except DecodeError as exc:
+                path, reason = _split_path(real_path(str(exc)))
+                spans = _count_spans(resource)
+                report.skipped_spans += max(spans, 1)
+                self._problem(report, _join_position(prefix, path), f"{reason}; its {spans} spans skipped")
+                continue
+            result.errors = [real_path(message) for message in result.errors]
             self._decode_rejections(report, prefix, result, converted)
             yield from self._emit(report, result.table)
 
@@ -737,6 +763,14 @@ class TraceFileReader:
         yield from self._decode_frames(report, frames)
         if failure is not None:
             self._problem(report, failure[0] or None, failure[1], fatal=True)
+
+
+def _count_spans(resource: Any) -> int:
+    """Spans in one OTLP JSON ``resourceSpans`` entry, as far as its shape allows counting."""
+    scopes = resource.get("scopeSpans") if isinstance(resource, dict) else None
+    if not isinstance(scopes, list):
+        return 0
+    return sum(len(s["spans"]) for s in scopes if isinstance(s, dict) and isinstance(s.get("spans"), list))
 
 
 def _is_whole_document(line: bytes) -> bool:

@@ -335,3 +335,18 @@ def test_jaeger_api_errors_and_empty_files_are_said(tmp_path: Path) -> None:
         ("empty-list.json", "the file holds no spans", False),
     ]
     assert reader.reports[0].failed and reader.reports[1].clean
+
+
+def test_a_bad_resource_costs_only_its_own_spans(tmp_path: Path) -> None:
+    doc = json.loads((REAL_TRACES / "otlp-json__otlp2parquet-trace.json").read_text())
+    good = doc["resourceSpans"][0]
+    bad = json.loads(json.dumps(good))
+    bad["resource"] = {"attributes": "not a list"}
+    doc["resourceSpans"] = [good, bad, good]
+    path = tmp_path / "three-resources.json"
+    path.write_text(json.dumps(doc, indent=1))
+    table, problems, reader = read([path])
+    spans_per_resource = sum(len(s["spans"]) for s in good["scopeSpans"])
+    assert table.num_rows == 2 * spans_per_resource
+    assert [p.position for p in problems] == ["resourceSpans[1].resource"]
+    assert reader.reports[0].skipped_spans == spans_per_resource
