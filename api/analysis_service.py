@@ -9,6 +9,10 @@ path. One background thread watches the store and re-runs the whole analysis whe
   ``max_staleness_seconds`` (default ``max(6 × settle, 60 s)``), so a busy system still gets
   fresh reports.
 
+The analysis itself runs in a long-lived worker process (:class:`AnalysisWorker`): the server
+process only scans the store (DuckDB, outside the GIL) and hands the Arrow table over, so the
+analysis' CPU time never competes for the GIL with the OTLP receivers and the API.
+
 Each run produces an immutable :class:`ReportSnapshot`: the report object, the recommendations
 indexed by id, and each recommendation pre-serialised to JSON, so a read filters in memory and
 joins bytes. The HTML page (with its exemplar waterfalls, which need the exemplar traces from the
@@ -27,12 +31,16 @@ import gc
 import json
 import logging
 import math
+import multiprocessing
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import polars as pl
@@ -326,6 +334,99 @@ def table_trace_fetcher(table: pa.Table) -> TraceFetcher:
 
 
 # ----------------------------------------------------------------------------------------------
+# The worker process
+
+
+def _worker_main(conn: Connection) -> None:
+    """Loop of the analysis worker process: (table, settings, since_ns) in, ("ok", result) or
+    ("error", traceback text) out, until the pipe closes."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    while True:
+        try:
+            table, settings, since_ns = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            result: tuple[str, Any] = (
+                "ok",
+                analyze_spans(table, writer=select_writer(settings), since_ns=since_ns),
+            )
+        except Exception:
+            result = ("error", traceback.format_exc())
+        del table
+        try:
+            conn.send(result)
+        except (OSError, ValueError):
+            return
+
+
+class AnalysisWorker:
+    """Runs :func:`analyze_spans` in a separate, long-lived process.
+
+    The analysis is CPU-bound for seconds to a minute at 1M spans, partly in Python; in the server
+    process it would hold the GIL away from the OTLP receivers and the API. The worker gets the
+    scanned span table (Arrow, pickled through a pipe), picks the writer itself (the Anthropic
+    agent is not picklable) and returns the report and the trace index. One request at a time; a
+    worker that dies is restarted on the next run, and its death is an error of that run.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def _ensure(self) -> Connection:
+        if self._process is None or not self._process.is_alive() or self._conn is None:
+            self._kill()
+            context = multiprocessing.get_context("spawn")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_worker_main, args=(child,), name="hourglass-analysis-worker", daemon=True
+            )
+            process.start()
+            child.close()
+            self._process, self._conn = process, parent
+        return self._conn
+
+    def run(
+        self, table: pa.Table, *, settings: Any = None, since_ns: int | None = None
+    ) -> tuple[dict[str, Any], TraceIndex]:
+        with self._lock:
+            conn = self._ensure()
+            try:
+                conn.send((table, settings, since_ns))
+                status, payload = conn.recv()
+            except (EOFError, OSError) as exc:
+                code = self._process.exitcode if self._process is not None else None
+                self._kill()
+                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
+        if status != "ok":
+            raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
+        report, index = payload
+        return report, index
+
+    def _kill(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(5)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join(5)
+            self._process = None
+
+    def close(self) -> None:
+        """Stop the worker, also in the middle of a run (that run then fails)."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()  # unblocks a run waiting in recv(); it then cleans up
+        with self._lock:
+            self._kill()
+
+
+# ----------------------------------------------------------------------------------------------
 # The service
 
 
@@ -374,6 +475,7 @@ class AnalysisService:
         poll_seconds: float | None = None,
         writer: Any = "auto",
         settings: Any = None,
+        isolate: bool = True,
         render_html: bool = True,
         freeze_gc: bool = True,
     ) -> None:
@@ -388,6 +490,8 @@ class AnalysisService:
         self._writer = writer
         self._writer_resolved = writer != "auto"
         self._settings = settings
+        # The analysis runs in a worker process unless a writer object was given (not picklable).
+        self._worker = AnalysisWorker() if isolate and writer == "auto" else None
         self.render_html = render_html
         self.freeze_gc = freeze_gc
         self._snapshot: ReportSnapshot | None = None
@@ -418,6 +522,8 @@ class AnalysisService:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if self._worker is not None:
+            self._worker.close()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -487,7 +593,11 @@ class AnalysisService:
         marker = self._change_marker()
         spans_in_store = self.store.stats().spans
         table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
-        report, index = analyze_spans(table, writer=self._resolve_writer(), since_ns=since_ns)
+        if self._worker is not None:
+            report, index = self._worker.run(table, settings=self._settings, since_ns=since_ns)
+        else:
+            report, index = analyze_spans(table, writer=self._resolve_writer(), since_ns=since_ns)
+        del table
         return report, index, spans_in_store, marker
 
     def run_now(self, reason: str = "requested") -> ReportSnapshot:
