@@ -33,7 +33,7 @@ Inferred convoys (confidence 0.45 to 0.8)
 -----------------------------------------
 Spans of one operation on one resource (service + span name + the first of db statement, messaging
 destination, peer, route, rpc method) across all traces. A sweep over start/end events (sorted,
-cumulative sum; ties broken so that the one that finished first was served first) gives each span
+cumulative sum, at microsecond resolution with ends before starts at one instant) gives each span
 the number of same-operation spans in flight when it started, itself included (``peers``). The
 operation is a convoy when:
 
@@ -59,10 +59,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors.fanout_straggler import stat
+from analysis.detectors.fanout_straggler import stat, with_span_columns
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_CONSUMER, KIND_PRODUCER
 
@@ -162,7 +163,7 @@ def _resource() -> pl.Expr:
 def _event_waits(spans: pl.DataFrame) -> pl.DataFrame:
     with_events = spans.lazy().filter(pl.col("event_names").list.len() > 0)
     events = (
-        with_events.select("trace_id", "span_id", "start_ns", "duration_ns", "event_names", "event_times_ns")
+        with_events.select("row", "start_ns", "duration_ns", "event_names", "event_times_ns")
         .explode(["event_names", "event_times_ns"])
         .rename({"event_names": "event", "event_times_ns": "event_ns"})
         .filter(pl.col("event").str.contains(_RESOURCE_IN_EVENT))
@@ -176,7 +177,7 @@ def _event_waits(spans: pl.DataFrame) -> pl.DataFrame:
         )
     )
     per_span = (
-        events.group_by("trace_id", "span_id")
+        events.group_by("row")
         .agg(
             pl.col("start_ns").first(),
             pl.col("duration_ns").first(),
@@ -193,8 +194,7 @@ def _event_waits(spans: pl.DataFrame) -> pl.DataFrame:
             .otherwise(pl.col("start_ns"))
         )
         .select(
-            "trace_id",
-            "span_id",
+            "row",
             "queue_depth",
             wait_ns=(pl.col("acquired_ns") - pl.col("wait_from")).clip(0, pl.col("duration_ns")),
             source=pl.lit("events"),
@@ -208,8 +208,7 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
         spans.lazy()
         .filter(pl.col("hints").is_not_null())
         .select(
-            "trace_id",
-            "span_id",
+            "row",
             "duration_ns",
             depth=pl.col("hints").str.extract(_QUEUE_DEPTH_HINT, 1).cast(pl.Int64),
             pair=pl.col("hints").str.extract_all(_WAIT_ATTRIBUTE),
@@ -224,11 +223,10 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
         .with_columns(
             wait_ns=(pl.col("wait_value") * _unit_ns()).cast(pl.Int64).clip(0, pl.col("duration_ns"))
         )
-        .group_by("trace_id", "span_id")
+        .group_by("row")
         .agg(pl.col("wait_ns").max(), queue_depth=pl.col("depth").max())
         .select(
-            "trace_id",
-            "span_id",
+            "row",
             "queue_depth",
             "wait_ns",
             source=pl.lit("attributes"),
@@ -237,84 +235,66 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _wait_span_names(spans: pl.DataFrame) -> pl.Series:
+    """Span names that name a wait (matched once per distinct name, not once per span)."""
+    names = spans["name"].unique()
+    return names.filter(names.str.contains(_WAIT_SPAN_NAME))
+
+
 def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
     """One row per waiting span: the span to shorten, its wait, and who waits on what."""
-    cols = spans.lazy().select(_SPAN_COLUMNS)
     own = pl.concat([_event_waits(spans), _attribute_waits(spans)], how="vertical_relaxed")
-    own = own.sort("wait_ns", descending=True).unique(subset=["trace_id", "span_id"], keep="first")
+    own = own.sort("wait_ns", descending=True).unique(subset=["row"], keep="first")
+    wait_names = _wait_span_names(spans).implode()
     is_wait_span = (
-        pl.col("name").str.contains(_WAIT_SPAN_NAME)
+        pl.col("name").is_in(wait_names)
         & ~pl.col("kind").is_in([KIND_PRODUCER, KIND_CONSUMER])
         & pl.col("messaging_destination").is_null()
-        & pl.col("parent_span_id").is_not_null()
+        & pl.col("parent_row").is_not_null()
     )
-    parents = cols.select(
-        "trace_id",
-        pl.col("span_id").alias("parent_span_id"),
-        pl.col("service").alias("waiter_service"),
-        pl.col("name").alias("waiter_name"),
-        pl.col("duration_ns").alias("waiter_duration_ns"),
+    wait_spans = (
+        spans.lazy()
+        .filter(is_wait_span)
+        .select("row", wait_ns=pl.col("duration_ns"))
+        .join(own.lazy().select("row"), on="row", how="anti")
+        .with_columns(queue_depth=pl.lit(None, pl.Int64), source=pl.lit("wait_span"))
+        .collect()
     )
-    # A span that carries its own wait evidence waits itself -- unless it is a wait span (e.g.
-    # "lock.acquire" with a lock.wait_ms attribute), whose parent is the code that waits.
+    waits = pl.concat([own, wait_spans.select(own.columns)], how="vertical_relaxed")
+    waits = with_span_columns(spans, waits, [*_SPAN_COLUMNS, "parent_row"])
+    # The waiter: a span that carries its own wait evidence waits itself -- unless it is a wait span
+    # ("lock.acquire", with or without a wait attribute), whose parent is the code that waits.
+    parent_rows = waits["parent_row"]
+    waits = waits.with_columns(
+        in_parent=is_wait_span,
+        parent_service=spans["service"].gather(parent_rows),
+        parent_name=spans["name"].gather(parent_rows),
+        parent_duration_ns=spans["duration_ns"].gather(parent_rows),
+    )
+    in_parent = pl.col("in_parent")
     own_target = (
         pl.coalesce(pl.col("db_system"), pl.col("peer"), pl.col("service")),
         pl.coalesce(normalized_statement(), pl.col("messaging_destination"), pl.col("name")),
     )
-    in_parent = is_wait_span & pl.col("waiter_name").is_not_null()
-    carriers = (
-        cols.join(own.lazy(), on=["trace_id", "span_id"], how="inner")
-        .join(parents, on=["trace_id", "parent_span_id"], how="left")
-        .with_columns(
-            waiter_service=pl.when(in_parent).then(pl.col("waiter_service")).otherwise(pl.col("service")),
-            waiter_name=pl.when(in_parent).then(pl.col("waiter_name")).otherwise(pl.col("name")),
-            waiter_duration_ns=pl.when(in_parent)
-            .then(pl.col("waiter_duration_ns"))
-            .otherwise(pl.col("duration_ns")),
-            target_service=pl.when(in_parent).then(pl.col("service")).otherwise(own_target[0]),
-            target_operation=pl.when(in_parent).then(pl.col("name")).otherwise(own_target[1]),
-            resource=_resource(),
-        )
+    return waits.with_columns(
+        waiter_service=pl.when(in_parent).then(pl.col("parent_service")).otherwise(pl.col("service")),
+        waiter_name=pl.when(in_parent).then(pl.col("parent_name")).otherwise(pl.col("name")),
+        waiter_duration_ns=pl.when(in_parent)
+        .then(pl.col("parent_duration_ns"))
+        .otherwise(pl.col("duration_ns")),
+        target_service=pl.when(in_parent).then(pl.col("service")).otherwise(own_target[0]),
+        target_operation=pl.when(in_parent).then(pl.col("name")).otherwise(own_target[1]),
+        resource=pl.when(in_parent)
+        .then(pl.coalesce(pl.col("hints").str.extract(_RESOURCE_HINT, 1), pl.col("name")))
+        .otherwise(_resource()),
     )
-    wait_spans = (
-        cols.filter(is_wait_span)
-        .join(parents, on=["trace_id", "parent_span_id"], how="inner")
-        .with_columns(
-            queue_depth=pl.lit(None, pl.Int64),
-            wait_ns=pl.col("duration_ns"),
-            source=pl.lit("wait_span"),
-            target_service=pl.col("service"),
-            target_operation=pl.col("name"),
-            resource=pl.coalesce(pl.col("hints").str.extract(_RESOURCE_HINT, 1), pl.col("name")),
-        )
-        .join(own.lazy().select("trace_id", "span_id"), on=["trace_id", "span_id"], how="anti")
-    )
-    keep = [
-        "trace_id",
-        "span_id",
-        "start_ns",
-        "on_critical_path",
-        "waiter_service",
-        "waiter_name",
-        "waiter_duration_ns",
-        "target_service",
-        "target_operation",
-        "resource",
-        "wait_ns",
-        "queue_depth",
-        "source",
-    ]
-    return pl.concat([carriers.select(keep), wait_spans.select(keep)], how="vertical_relaxed").collect()
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
     spans = ctx.spans
     explicit = _explicit_waits(spans)
     findings = _explicit_findings(explicit)
-    explicit_ops = explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS).select(
-        pl.col("target_service").alias("service"), pl.col("target_operation").alias("name")
-    )
-    findings.extend(_convoy_findings(spans, explicit, explicit_ops))
+    findings.extend(_convoy_findings(spans, explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)))
     return findings
 
 
@@ -363,70 +343,122 @@ def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
 
 
 def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
+    """One occurrence per trace: every waiting span of the finding in it, each shortened by its wait."""
+    count_name = "peers" if "peers" in frame.columns else "queue_depth"
     per_trace = frame.group_by("trace_id", maintain_order=True).agg(
         span_ids=pl.col("span_id"),
         waits=pl.col("wait_ns"),
-        wait_ns=pl.col("wait_ns").sum(),
-        wait_share=pl.col("wait_share").max(),
-        peers=pl.col("peers").max() if "peers" in frame.columns else pl.col("queue_depth").max(),
+        wait_ms=pl.col("wait_ns").sum() / 1e6,
+        wait_share=pl.col("wait_share").max().cast(pl.Float64),
+        count=pl.col(count_name).max().cast(pl.Float64),
     )
+    columns = per_trace.to_dict(as_series=False)
     occurrences = []
-    for row in per_trace.iter_rows(named=True):
-        numbers = {"wait_ms": row["wait_ns"] / 1e6, "wait_share": float(row["wait_share"])}
-        if row["peers"] is not None:
-            numbers["peers" if "peers" in frame.columns else "queue_depth"] = float(row["peers"])
+    for trace_id, span_ids, waits, wait_ms, wait_share, count in zip(
+        columns["trace_id"],
+        columns["span_ids"],
+        columns["waits"],
+        columns["wait_ms"],
+        columns["wait_share"],
+        columns["count"],
+        strict=True,
+    ):
+        numbers = {"wait_ms": wait_ms, "wait_share": wait_share}
+        if count is not None:
+            numbers[count_name] = count
         occurrences.append(
             Occurrence(
-                trace_id=row["trace_id"],
-                span_ids=tuple(row["span_ids"]),
-                interventions=tuple(
-                    ShortenSpan(span_id=sid, by_ns=int(w))
-                    for sid, w in zip(row["span_ids"], row["waits"], strict=True)
-                ),
+                trace_id=trace_id,
+                span_ids=tuple(span_ids),
+                interventions=tuple(ShortenSpan(sid, w) for sid, w in zip(span_ids, waits, strict=True)),
                 numbers=numbers,
             )
         )
     return occurrences
 
 
-def _convoy_findings(
-    spans: pl.DataFrame, explicit: pl.DataFrame, explicit_ops: pl.DataFrame
-) -> list[Finding]:
+def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
+    """For each span (columns gid, start_ns, end_ns), how many spans of its group were in flight
+    when it started, itself included: a sweep of +1 at each start and -1 at each end, sorted by
+    (group, time) with ends before starts at one instant, summed cumulatively (every group sums to
+    zero, so one running sum over the whole sorted frame is each group's concurrency).
+
+    The sort is the cost, so (dense group, microsecond time, start flag) is packed into one int64
+    key when it fits (fewer than 2**22 groups and a time range under 2**40 µs, about 12 days);
+    otherwise a multi-column sort does the same at a few times the price."""
+    t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
+    span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
+    idx = pl.int_range(pl.len(), dtype=pl.UInt32).alias("idx")
+    dense = cand.select(
+        idx, g=pl.col("gid").rank("dense").cast(pl.Int64), s=pl.col("start_ns"), e=pl.col("end_ns")
+    )
+    groups = int(dense["g"].max())  # type: ignore[arg-type]
+    if groups < (1 << 22) and span_us < (1 << 40):
+        packed = pl.col("g") * (1 << 41)
+        events = pl.concat(
+            [
+                dense.select(
+                    "idx", key=packed + (pl.col("s") - t0) // 1000 * 2 + 1, delta=pl.lit(1, pl.Int8)
+                ),
+                dense.select("idx", key=packed + (pl.col("e") - t0) // 1000 * 2, delta=pl.lit(-1, pl.Int8)),
+            ]
+        ).sort("key")
+    else:
+        events = pl.concat(
+            [
+                dense.select("idx", "g", t=pl.col("s"), delta=pl.lit(1, pl.Int8)),
+                dense.select("idx", "g", t=pl.col("e"), delta=pl.lit(-1, pl.Int8)),
+            ]
+        ).sort(["g", "t", "delta"])
+    sweep = events.with_columns(peers=pl.col("delta").cast(pl.Int32).cum_sum()).filter(pl.col("delta") == 1)
+    peers = np.empty(cand.height, dtype=np.int32)
+    peers[sweep["idx"].to_numpy()] = sweep["peers"].to_numpy()
+    return pl.Series("peers", peers)
+
+
+def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Finding]:
+    # Integer-only frame: row, group key and times; strings are fetched by row for the few convoys
+    # found. The group key hashes every resource column (a finer split than ``_resource``'s first
+    # non-null, and free of string copies); statements count by shape, normalised once per
+    # distinct text.
+    shapes = (
+        spans.select(pl.col("db_statement").unique())
+        .drop_nulls()
+        .with_columns(shape=normalized_statement().hash())
+    )
+    statement_shape = pl.col("db_statement").replace_strict(
+        shapes["db_statement"], shapes["shape"], default=None, return_dtype=pl.UInt64
+    )
+    resource_key = pl.struct(
+        "service",
+        "name",
+        pl.col("hints").str.extract(_RESOURCE_HINT, 1),
+        statement_shape,
+        "messaging_destination",
+        "peer",
+        "http_route",
+        "rpc_method",
+    ).hash()
+    explicit_ops = explicit.select(pl.struct("service", "name").hash().alias("op"))["op"].unique().implode()
     cand = (
         spans.lazy()
-        .filter(pl.col("duration_ns") > 0)
-        .select([*_SPAN_COLUMNS, "end_ns"])
-        .with_columns(resource=_resource())
-        .join(explicit_ops.lazy().unique(), on=["service", "name"], how="anti")
-    )
-    keys = ["service", "name", "resource"]
-    groups = (
-        cand.group_by(keys).agg(n=pl.len()).filter(pl.col("n") >= MIN_SAMPLES).with_row_index("gid").collect()
-    )
-    if groups.is_empty():
-        return []
-    cand_df = cand.join(groups.lazy().select([*keys, "gid"]), on=keys, how="inner").collect()
-
-    # Sweep: +1 at each start, -1 at each end; ends before starts at one instant, and among starts at
-    # one instant, the one that ended first (served first) counts first.
-    cand_df = cand_df.with_row_index("row_id")
-    sweep = (
-        pl.concat(
-            [
-                cand_df.select(
-                    "gid", "row_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32), tie=pl.col("end_ns")
-                ),
-                cand_df.select(
-                    "gid", "row_id", t=pl.col("end_ns"), delta=pl.lit(-1, pl.Int32), tie=pl.col("end_ns")
-                ),
-            ]
+        .filter((pl.col("duration_ns") > 0) & ~pl.struct("service", "name").hash().is_in(explicit_ops))
+        .select(
+            "row",
+            "start_ns",
+            "end_ns",
+            "duration_ns",
+            gid=resource_key,
         )
-        .sort(["gid", "t", "delta", "tie"])
-        .with_columns(peers=pl.col("delta").cum_sum())
-        .filter(pl.col("delta") == 1)
-        .select("row_id", "peers")
+        .with_columns(n=pl.len().over("gid"))
+        .filter(pl.col("n") >= MIN_SAMPLES)
+        .drop("n")
+        .collect()
     )
-    cand_df = cand_df.join(sweep, on="row_id", how="inner")
+    if cand.is_empty():
+        return []
+
+    cand = cand.with_columns(peers=_peers_at_start(cand))
 
     base_expr = (
         pl.when((pl.col("peers") == 1).sum() >= 3)
@@ -434,7 +466,7 @@ def _convoy_findings(
         .otherwise(pl.col("duration_ns").quantile(0.05))
     )
     stats = (
-        cand_df.group_by("gid")
+        cand.group_by("gid")
         .agg(
             n=pl.len(),
             peak=pl.col("peers").max(),
@@ -442,20 +474,21 @@ def _convoy_findings(
             corr=pl.corr("duration_ns", "peers"),
             cov=pl.cov("duration_ns", "peers"),
             var=pl.col("peers").cast(pl.Float64).var(),
-            base_ns=base_expr,
         )
         .with_columns(slope_ns=pl.col("cov") / pl.col("var"))
         .filter(
             (pl.col("peak") >= MIN_PEAK_PEERS)
             & (pl.col("queued_share") >= MIN_QUEUED_SHARE)
             & (pl.col("corr") >= MIN_CORRELATION)
-            & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
-            & (pl.col("base_ns") > 0)
         )
     )
     if stats.is_empty():
         return []
-    convoy = cand_df.join(stats.select("gid", "base_ns", "corr", "slope_ns"), on="gid", how="inner")
+    convoy = cand.join(stats.select("gid"), on="gid", how="semi")
+    stats = stats.join(convoy.group_by("gid").agg(base_ns=base_expr), on="gid").filter(
+        (pl.col("base_ns") > 0) & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
+    )
+    convoy = convoy.join(stats.select("gid", "base_ns"), on="gid", how="inner")
 
     # Completion spacing of spans that were queued behind the previous completion.
     spacing = (
@@ -484,37 +517,28 @@ def _convoy_findings(
     if spacing.is_empty():
         return []
     convoy = convoy.join(spacing, on="gid", how="inner")
+    convoy = with_span_columns(spans, convoy, [*_SPAN_COLUMNS, "parent_row"])
 
-    # Prefer the deepest convoy: drop groups whose spans mostly contain a convoy or explicit wait.
-    flagged_children = pl.concat(
+    # Prefer the deepest convoy: drop groups whose spans mostly contain a convoy or explicit wait
+    # (an explicit waiting span counts as containing itself).
+    explicit_rows = explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)
+    flagged_rows = pl.concat(
         [
-            convoy.select("trace_id", "parent_span_id"),
-            explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)
-            .select("trace_id", "span_id")
-            .join(spans.select("trace_id", "span_id", "parent_span_id"), on=["trace_id", "span_id"])
-            .select("trace_id", "parent_span_id"),
-            # A waiting span of the explicit kind is a flagged "child" of itself.
-            explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS).select(
-                "trace_id", pl.col("span_id").alias("parent_span_id")
-            ),
+            convoy["parent_row"].drop_nulls(),
+            explicit_rows["parent_row"].drop_nulls(),
+            explicit_rows["row"].cast(pl.Int64),
         ]
     ).unique()
-    nested = (
-        convoy.join(
-            flagged_children.rename({"parent_span_id": "span_id"}).with_columns(
-                has_flagged_child=pl.lit(True)
-            ),
-            on=["trace_id", "span_id"],
-            how="left",
-        )
-        .group_by("gid")
-        .agg(nested_share=pl.col("has_flagged_child").fill_null(False).mean())
+    nested = convoy.group_by("gid").agg(
+        nested_share=pl.col("row").cast(pl.Int64).is_in(flagged_rows.implode()).mean()
     )
     convoy = convoy.join(
         nested.filter(pl.col("nested_share") < NESTED_CONVOY_SHARE).select("gid"), on="gid", how="semi"
     )
     if convoy.is_empty():
         return []
+    convoy = convoy.with_columns(resource=_resource())
+    stats = stats.join(spacing, on="gid")
 
     convoy = convoy.with_columns(
         wait_ns=(pl.col("duration_ns") - pl.col("base_ns")).clip(0).cast(pl.Int64),
