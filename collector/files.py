@@ -61,7 +61,12 @@ from collector.decode import DecodeError, DecodeResult, decode_export_request, d
 from collector.readers import RecordProblem
 from collector.readers.jaeger import is_jaeger_json, jaeger_api_errors, jaeger_to_otlp_json
 from collector.readers.otlp_json import is_otlp_json, merge_traces_data, resource_spans_of, unwrap_otlp_json
-from collector.readers.otlp_proto import FramingError, iter_length_prefixed, looks_like_length_prefixed
+from collector.readers.otlp_proto import (
+    FramingError,
+    iter_length_prefixed,
+    looks_like_length_prefixed,
+    split_resource_spans,
+)
 from collector.readers.zipkin import is_zipkin_json, zipkin_to_otlp_json
 
 __all__ = [
@@ -677,23 +682,56 @@ class TraceFileReader:
 
     def _read_proto_message(self, report: FileReport, body: BinaryIO) -> Iterator[pa.Table]:
         report.format = "otlp-proto"
+        chunks = []
+        stream_error: BaseException | None = None
         try:
-            data = body.read()
+            while chunk := body.read1(READ_BUFFER_BYTES):  # type: ignore[attr-defined]
+                chunks.append(chunk)
         except _STREAM_ERRORS as exc:
+            stream_error = exc
+        data = b"".join(chunks)
+        if stream_error is None:
+            try:
+                result = decode_export_request(data)
+            except DecodeError:
+                pass  # damaged somewhere: keep the resources that are whole, below
+            else:
+                self._decode_rejections(report, "", result, False)
+                yield from self._emit(report, result.table)
+                return
+        yield from self._read_proto_pieces(report, data, report_damage=stream_error is None)
+        if stream_error is not None:
             self._problem(
                 report,
-                None,
-                f"{report.compression or 'file'} data truncated or corrupt: {exc}; nothing read",
+                f"byte {len(data)}",
+                f"{report.compression or 'file'} data truncated or corrupt ({stream_error}); "
+                "the whole resources before are kept",
                 fatal=True,
             )
-            return
-        try:
-            result = decode_export_request(data)
-        except DecodeError as exc:
-            self._problem(report, None, str(exc), fatal=True)
-            return
-        self._decode_rejections(report, "", result, False)
-        yield from self._emit(report, result.table)
+
+    def _read_proto_pieces(
+        self, report: FileReport, data: bytes, *, report_damage: bool
+    ) -> Iterator[pa.Table]:
+        """A damaged message, one top-level ``resourceSpans`` at a time: keep every whole resource.
+        ``report_damage=False`` when the caller reports the cause (a truncated compressed stream)."""
+        pieces, damage = split_resource_spans(data)
+        for offset, piece in pieces:
+            try:
+                result = decode_export_request(piece)
+            except DecodeError as exc:
+                report.skipped_spans += 1
+                self._problem(report, f"byte {offset}", f"{exc}; this resourceSpans is skipped")
+                continue
+            self._decode_rejections(report, f"byte {offset}", result, False)
+            yield from self._emit(report, result.table)
+        if damage is not None and report_damage:
+            report.skipped_spans += 1
+            self._problem(
+                report,
+                f"byte {damage[0]}",
+                f"not a whole OTLP protobuf message: {damage[1]}; the rest is lost",
+                fatal=True,
+            )
 
     def _decode_frames(self, report: FileReport, frames: list[tuple[int, bytes]]) -> Iterator[pa.Table]:
         if not frames:

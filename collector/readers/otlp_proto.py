@@ -18,7 +18,13 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-__all__ = ["FRAME_HEADER_BYTES", "FramingError", "iter_length_prefixed", "looks_like_length_prefixed"]
+__all__ = [
+    "FRAME_HEADER_BYTES",
+    "FramingError",
+    "iter_length_prefixed",
+    "looks_like_length_prefixed",
+    "split_resource_spans",
+]
 
 FRAME_HEADER_BYTES = 4
 _HEADER = struct.Struct(">I")
@@ -73,3 +79,59 @@ def iter_length_prefixed(
             )
         yield offset, message
         offset += FRAME_HEADER_BYTES + size
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the base-128 varint at ``pos``; ValueError when it is cut short."""
+    value = 0
+    shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("ends inside a varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def split_resource_spans(data: bytes) -> tuple[list[tuple[int, bytes]], tuple[int, str] | None]:
+    """Cut the bytes of a ``TracesData`` into its top-level ``resource_spans`` records.
+
+    Each piece (tag, length and body) is itself a valid ``TracesData`` holding one resource, so a
+    message the decoder refuses whole can be decoded piece by piece and lose only the damaged
+    resource. Returns ``(pieces with their byte offsets, (offset, reason) of the first damage or
+    None)``; reading stops at the first damage (nothing after it can be framed). Fields other than
+    ``resource_spans`` are skipped as protobuf parsers do.
+    """
+    pieces: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        start = pos
+        try:
+            tag, pos = _varint(data, pos)
+            wire_type = tag & 7
+            if wire_type == 2:
+                length, pos = _varint(data, pos)
+                if pos + length > len(data):
+                    return pieces, (
+                        start,
+                        f"truncated: a field says {length} bytes, only {len(data) - pos} remain",
+                    )
+                pos += length
+            elif wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+                if pos > len(data):
+                    return pieces, (start, "truncated inside a fixed-size field")
+            else:
+                return pieces, (start, f"unreadable field (wire type {wire_type})")
+        except ValueError as exc:
+            return pieces, (start, str(exc))
+        if tag >> 3 == 1 and wire_type == 2:
+            pieces.append((start, data[start:pos]))
+    return pieces, None

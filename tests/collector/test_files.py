@@ -350,3 +350,22 @@ def test_a_bad_resource_costs_only_its_own_spans(tmp_path: Path) -> None:
     assert table.num_rows == 2 * spans_per_resource
     assert [p.position for p in problems] == ["resourceSpans[1].resource"]
     assert reader.reports[0].skipped_spans == spans_per_resource
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_truncated_protobuf_message_keeps_its_whole_resources(compress: bool, tmp_path: Path) -> None:
+    data = (REAL_TRACES / "otlp-proto__otlp2parquet-traces.pb").read_bytes()  # 19 resourceSpans
+    cut = data[: len(data) // 2]
+    path = tmp_path / "cut.pb"
+    path.write_bytes(gzip.compress(cut)[:-12] if compress else cut)
+    table, problems, reader = read([path])
+    assert 0 < table.num_rows < 19 and reader.reports[0].failed
+    assert (
+        len(problems) == 1 and problems[0].position is not None and problems[0].position.startswith("byte ")
+    )
+    assert (
+        "gzip data truncated" if compress else "not a whole OTLP protobuf message: truncated"
+    ) in problems[0].reason
+    # what was kept is exactly the first resources of the whole file
+    whole, _, _ = read([REAL_TRACES / "otlp-proto__otlp2parquet-traces.pb"])
+    assert table.column("span_id").to_pylist() == whole.column("span_id").to_pylist()[: table.num_rows]
