@@ -119,7 +119,12 @@ class Retimer:
         self.child_rows = child_rows[order]
         counts = np.bincount(parent[child_rows], minlength=n) if n else np.zeros(0, dtype=np.int64)
         self.child_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._row_lookup = spans.select("trace_id", "span_id").with_row_index("_row")
+        self._span_ids = spans["span_id"]
+        self._row_lookup = (
+            spans.select(pl.struct("trace_id", "span_id").hash().alias("_key"))
+            .with_row_index("_row")
+            .unique(subset="_key", keep="first")
+        )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -152,12 +157,22 @@ class Retimer:
             {"trace_id": [k[0] for k in keys], "span_id": [k[1] for k in keys]},
             schema={"trace_id": pl.String, "span_id": pl.String},
         )
-        hit = probe.join(self._row_lookup, on=["trace_id", "span_id"], how="left", maintain_order="left")
-        return hit["_row"].fill_null(-1).cast(pl.Int64).to_numpy()
+        hit = probe.select(pl.struct("trace_id", "span_id").hash().alias("_key")).join(
+            self._row_lookup, on="_key", how="left", maintain_order="left"
+        )
+        found = hit["_row"].fill_null(-1).cast(pl.Int64).to_numpy().copy()
+        ok = found >= 0
+        if ok.any():  # verify on the strings: a hash collision must not pick another span
+            same = (
+                self._span_ids.gather(pl.Series(found[ok])) == probe["span_id"].filter(pl.Series(ok))
+            ).to_numpy()
+            found[np.nonzero(ok)[0][~same]] = -1
+        return found
 
     # -- plan ----------------------------------------------------------------------------------
 
     def plan(self, finding: Finding, trace_ids: set[str] | None = None) -> _Plan:
+        """The finding's interventions as per-row overrides, vectorised over all its occurrences."""
         n = self.n
         shorten = np.zeros(n, dtype=np.int64)
         fixed = np.full(n, -1, dtype=np.int64)
@@ -166,59 +181,87 @@ class Retimer:
         gap = self.base_gap.copy()
         cset = np.full(n, -1, dtype=np.int64)
         waits = np.full(n, -1, dtype=np.int64)
-        # Resolve every span id of every intervention in one join.
+        # Flatten: one entry per (intervention, span id); resolve every span id in one join.
         keys: list[tuple[str, str]] = []
+        iv_of_key: list[int] = []
+        iv_type: list[int] = []  # 0 shorten, 1 collapse, 2 run concurrently
+        iv_value: list[int] = []
         for occ in finding.occurrences:
             if trace_ids is not None and occ.trace_id not in trace_ids:
                 continue
             for iv in occ.interventions:
-                ids = (iv.span_id,) if isinstance(iv, ShortenSpan) else iv.span_ids
-                keys.extend((occ.trace_id, sid) for sid in ids)
-        rows = self.rows_of(keys)
-        touched: list[np.ndarray] = []
-        pos = 0
-        set_id = 0
-        for occ in finding.occurrences:
-            if trace_ids is not None and occ.trace_id not in trace_ids:
-                continue
-            for iv in occ.interventions:
+                index = len(iv_type)
                 if isinstance(iv, ShortenSpan):
-                    r = rows[pos]
-                    pos += 1
-                    if r >= 0:
-                        shorten[r] += max(0, int(iv.by_ns))
-                        touched.append(np.array([r]))
-                    continue
-                members = rows[pos : pos + len(iv.span_ids)]
-                pos += len(iv.span_ids)
-                members = np.unique(members[members >= 0])
-                if members.size == 0:
-                    continue
-                members = members[np.argsort(self.start[members], kind="stable")]
-                if isinstance(iv, CollapseSpans):
-                    fixed[members[0]] = max(0, int(iv.duration_ns))
-                    fixed[members[1:]] = 0
-                    removed[members[1:]] = True
-                    touched.append(members)
-                elif isinstance(iv, RunConcurrently):
-                    members = members[self.blocking[members]]
-                    if members.size < 2 or np.unique(self.parent[members]).size != 1:
-                        continue  # only blocking siblings of one parent can be run together
-                    gaps = self.start[members[1:]] - self.end[members[:-1]]
-                    kept = int(np.clip(gaps, 0, None).sum())
-                    first = members[0]
-                    member_set = np.zeros(n, dtype=bool)
-                    member_set[members] = True
-                    pred[members] = self.pred[first]
-                    gap[members] = self.base_gap[first] + kept
-                    cset[members] = set_id
-                    siblings, _ = self._children_of(np.array([self.parent[first]]))
-                    dependents = siblings[(self.pred[siblings] >= 0) & ~member_set[siblings]]
-                    dependents = dependents[member_set[self.pred[dependents]]]
-                    waits[dependents] = set_id
-                    set_id += 1
-                    touched.append(members)
-        dirty = self._ancestors_and_self(np.concatenate(touched)) if touched else np.zeros(n, dtype=bool)
+                    ids: tuple[str, ...] = (iv.span_id,)
+                    iv_type.append(0)
+                    iv_value.append(max(0, int(iv.by_ns)))
+                elif isinstance(iv, CollapseSpans):
+                    ids = iv.span_ids
+                    iv_type.append(1)
+                    iv_value.append(max(0, int(iv.duration_ns)))
+                else:
+                    ids = iv.span_ids
+                    iv_type.append(2)
+                    iv_value.append(0)
+                keys.extend((occ.trace_id, sid) for sid in ids)
+                iv_of_key.extend([index] * len(ids))
+        rows = self.rows_of(keys)
+        known = rows >= 0
+        rows, owner = rows[known], np.asarray(iv_of_key, dtype=np.int64)[known]
+        types = np.asarray(iv_type, dtype=np.int64)[owner] if owner.size else owner
+        values = np.asarray(iv_value, dtype=np.int64)
+        touched = [rows[types != 2]]
+        # ShortenSpan
+        is_short = types == 0
+        np.add.at(shorten, rows[is_short], values[owner[is_short]])
+        # Members of one intervention in start order; the first one of each is its anchor.
+        order = np.lexsort((rows, self.start[rows], owner))
+        rows, owner, types = rows[order], owner[order], types[order]
+        keep = np.ones(rows.size, dtype=bool)
+        keep[1:] = (rows[1:] != rows[:-1]) | (owner[1:] != owner[:-1])  # a span named twice counts once
+        rows, owner, types = rows[keep], owner[keep], types[keep]
+        first_of = np.ones(rows.size, dtype=bool)
+        first_of[1:] = owner[1:] != owner[:-1]
+        # CollapseSpans: the anchor takes the batched duration, the rest take none.
+        col = types == 1
+        anchor = col & first_of
+        fixed[rows[anchor]] = values[owner[anchor]]
+        rest = col & ~first_of
+        fixed[rows[rest]] = 0
+        removed[rows[rest]] = True
+        # RunConcurrently: blocking siblings of one parent only.
+        run = (types == 2) & self.blocking[rows]
+        r_rows, r_owner = rows[run], owner[run]
+        if r_rows.size:
+            group_first = np.ones(r_rows.size, dtype=bool)
+            group_first[1:] = r_owner[1:] != r_owner[:-1]
+            group_id = np.cumsum(group_first) - 1
+            starts = np.nonzero(group_first)[0]
+            sizes = np.diff(np.append(starts, r_rows.size))
+            parents = self.parent[r_rows]
+            same_parent = np.minimum.reduceat(parents, starts) == np.maximum.reduceat(parents, starts)
+            valid = (sizes >= 2) & same_parent
+            gaps = np.zeros(r_rows.size, dtype=np.int64)
+            gaps[1:] = np.clip(self.start[r_rows[1:]] - self.end[r_rows[:-1]], 0, None)
+            gaps[group_first] = 0
+            kept = np.add.reduceat(gaps, starts)
+            member = valid[group_id]
+            r_rows, group_id = r_rows[member], group_id[member]
+            anchor_rows = r_rows[np.nonzero(group_first[member])[0]] if r_rows.size else r_rows
+            anchor_of_group = np.full(valid.size, -1, dtype=np.int64)
+            anchor_of_group[group_id[group_first[member]]] = anchor_rows
+            anchors = anchor_of_group[group_id]
+            pred[r_rows] = self.pred[anchors]
+            gap[r_rows] = self.base_gap[anchors] + kept[group_id]
+            cset[r_rows] = group_id
+            # Siblings that waited for a member now wait for the whole set.
+            has_pred = self.pred >= 0
+            pred_set = np.where(has_pred, cset[np.where(has_pred, self.pred, 0)], -1)
+            dependents = np.nonzero((pred_set >= 0) & (cset < 0))[0]
+            waits[dependents] = pred_set[dependents]
+            touched.append(r_rows)
+        all_touched = np.concatenate(touched) if touched else np.empty(0, dtype=np.int64)
+        dirty = self._ancestors_and_self(all_touched) if all_touched.size else np.zeros(n, dtype=bool)
         return _Plan(dirty, shorten, fixed, removed, pred, gap, cset, waits)
 
     # -- re-time -------------------------------------------------------------------------------

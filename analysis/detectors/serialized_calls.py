@@ -102,6 +102,9 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
         & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
+    # Only calls with a sibling call can be serialized or repeated: normalise just those.
+    siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
+    out = out.join(siblings.select("parent_row"), on="parent_row", how="semi")
     callees = (
         ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
         .select(pl.col("parent_row").cast(pl.UInt32).alias("row"), pl.col("service").alias("callee_service"))
