@@ -39,6 +39,10 @@ _ARROW_TO_DUCKDB = {
     pa.list_(pa.int64()): "BIGINT[]",
 }
 
+# DuckDB's buffer pool defaults to 80 % of RAM; one serve on a shared machine should stay small.
+# Larger-than-memory sorts and joins spill to a temporary directory beside the file instead.
+DEFAULT_MEMORY_LIMIT = "512MB"
+
 # Rows are kept once per (trace_id, span_id): the first ingested copy wins.
 _DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
 
@@ -61,9 +65,12 @@ def _check_columns(columns: Sequence[str]) -> list[str]:
 class DuckDBSpanStore:
     """``SpanStore`` on a DuckDB file (``path``) or in memory (``":memory:"``)."""
 
-    def __init__(self, path: str = ":memory:") -> None:
+    def __init__(self, path: str = ":memory:", *, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> None:
         self.path = path
-        self._con = duckdb.connect(path)
+        # a larger WAL between checkpoints: fewer rewrites of fresh rows under sustained ingest
+        self._con = duckdb.connect(
+            path, config={"memory_limit": memory_limit, "checkpoint_threshold": "256MB"}
+        )
         self._con.execute(_create_table_sql())
         self._write_lock = threading.Lock()
         self._local = threading.local()

@@ -44,7 +44,7 @@ log = logging.getLogger("hourglass.grpc")
 
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT_METHOD = f"/{SERVICE_NAME}/Export"
-DEFAULT_WORKERS = 32
+DEFAULT_WORKERS = 16
 SHUTDOWN_RETRY_AFTER_S = 5.0
 COMMIT_TIMEOUT_S = 120.0
 

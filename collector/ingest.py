@@ -31,9 +31,10 @@ from collector.store import SpanStore
 
 log = logging.getLogger("hourglass.ingest")
 
-DEFAULT_MAX_PENDING_SPANS = 200_000
-DEFAULT_MAX_PENDING_BYTES = 192 * 1024 * 1024
-DEFAULT_MAX_BATCH_SPANS = 100_000
+# ~100k decoded spans (~900 B each as Arrow) may wait for a commit: two full group commits.
+DEFAULT_MAX_PENDING_SPANS = 100_000
+DEFAULT_MAX_PENDING_BYTES = 96 * 1024 * 1024
+DEFAULT_MAX_BATCH_SPANS = 50_000
 DEFAULT_RETRY_AFTER_S = 1.0
 
 
