@@ -164,3 +164,18 @@ def test_waves_with_a_partial_last_round() -> None:
     assert occ.numbers["cap_hits"] == 3
     # queued: 3 × 10 + 3 × 20 + 1 × 30 ms
     assert occ.numbers["queued_ms"] == pytest.approx(120)
+
+
+def test_end_to_end_saving_is_the_queueing_removed() -> None:
+    from analysis.pipeline import analyze
+
+    # Four 10 ms tasks through a pool of two take 20 ms; all at once they take 10 ms. The root
+    # (25 ms: 2 ms before, 3 ms after) gets 10 ms back in each of the three traces.
+    report = analyze(spans_table([pooled_trace([10, 10, 10, 10], 2)[0] for _ in range(3)]))
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "fanout_concurrency_limit"]
+    assert (rec["service"], rec["operation"]) == ("frontend", "HTTP GET /dispatch")
+    impact = rec["impact"]
+    assert impact["saved_ms_p50"] == pytest.approx(10, abs=0.01)
+    assert impact["saved_ms_total"] == pytest.approx(30, abs=0.05)
+    assert impact["share_of_root_latency"] == pytest.approx(30 / 75, abs=1e-3)
+    assert rec["evidence"]["k"] == 2

@@ -121,3 +121,20 @@ def test_straggler_off_the_critical_path_is_ignored() -> None:
         b.span("warm cache", parent=fan, start_ms=2, dur_ms=dur, kind=KIND_CLIENT, peer=f"cache-{i}")
     b.span("render", parent=root, start_ms=0.5, dur_ms=990)
     assert analyse([b]) == []
+
+
+def test_end_to_end_saving_is_the_straggler_cut_to_the_median() -> None:
+    from analysis.pipeline import analyze
+
+    # Slowest branch 200 + 10i ms against a 41.5 ms median: the merge step waits for the straggler,
+    # so each trace gets (200 + 10i) - 41.5 ms back: 158.5 ... 198.5 ms.
+    report = analyze(spans_table([search_trace([40, 42, 200 + 10 * i, 41]) for i in range(5)]))
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "fanout_straggler"]
+    assert (rec["service"], rec["operation"]) == ("search-api", "GET /search")
+    assert rec["traces_affected"] == 5
+    impact = rec["impact"]
+    assert impact["saved_ms_p50"] == pytest.approx(178.5, abs=0.01)
+    assert impact["saved_ms_total"] == pytest.approx(5 * 158.5 + 100, abs=0.05)
+    # Root durations are 215 + 10i ms.
+    assert impact["share_of_root_latency"] == pytest.approx((5 * 158.5 + 100) / (5 * 215 + 100), abs=1e-3)
+    assert rec["evidence"]["pattern"] == "skew"
