@@ -330,8 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_wait:
             return 0
         console.print(
-            "Serving. Point your own OpenTelemetry SDK here with "
-            f"OTEL_EXPORTER_OTLP_ENDPOINT=http://{args.host}:{ports['grpc']} — press Ctrl-C to stop."
+            "Serving. Point your own OpenTelemetry SDK here:\n"
+            f"  OTEL_EXPORTER_OTLP_ENDPOINT=http://{args.host}:{ports['grpc']}  (OTLP/gRPC), or\n"
+            f"  OTEL_EXPORTER_OTLP_ENDPOINT=http://{args.host}:{ports['http']} "
+            "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf  (OTLP/HTTP)\n"
+            "Press Ctrl-C to stop."
         )
         while server.proc.poll() is None:
             time.sleep(0.5)

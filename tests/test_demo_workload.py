@@ -94,7 +94,7 @@ def test_demo_keeps_serving_until_ctrl_c_then_stops_the_server(tmp_path: Path) -
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "press Ctrl-C" in line:
+            if "Press Ctrl-C" in line:
                 serving.set()
 
     reader = threading.Thread(target=read, daemon=True)
