@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -112,3 +113,18 @@ def test_demo_keeps_serving_until_ctrl_c_then_stops_the_server(tmp_path: Path) -
             httpx.get(f"{api_url}healthz", timeout=2)
     finally:
         kill_tree(proc)
+
+
+def test_busy_default_ports_are_replaced_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from api import demo
+
+    with socket.socket() as busy, socket.socket() as spare:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        spare.bind(("127.0.0.1", 0))
+        busy_port, spare_port = busy.getsockname()[1], spare.getsockname()[1]
+        spare.close()  # free: the default stays as is
+        monkeypatch.setattr(demo, "DEFAULT_PORTS", {"grpc": busy_port, "http": spare_port, "api": busy_port})
+        ports, notes = demo.choose_ports("127.0.0.1", {"grpc": None, "http": None, "api": 12345})
+    assert ports["grpc"] not in (busy_port, 0) and ports["http"] == spare_port and ports["api"] == 12345
+    assert notes == [f"port {busy_port} (grpc) is busy: using {ports['grpc']} instead"]
