@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install demo test lint bench bench-ingest bench-analysis bench-api bench-import clean
+.PHONY: install demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 # real OTLP exporter and prints the ranked recommendations.
 demo: install
 	$(PY) -m api.demo --db $(DB)
+
+# Regenerates sample-traces/ from the instrumented workload (about 20 s; see sample-traces/README.md).
+sample-traces: install
+	PYTHON=$(PY) scripts/generate-sample-traces
 
 # Every test. Installs headless Chromium (Debian's package) for the report-page tests when root.
 test: install
