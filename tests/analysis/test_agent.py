@@ -586,10 +586,12 @@ def test_only_changed_recommendations_are_sent_again(fake: FakeAnthropic, tmp_pa
     writer, _ = make_writer(tmp_path)
     writer.write(recommendations(), PlantedContext())
 
-    changed = recommendations(saved_p50=118.4)  # one number of REC_A changed
+    changed = recommendations(saved_p50=150.0)  # one number of REC_A changed (its text says 118 ms)
     changed[0]["rank"], changed[1]["rank"] = 2, 1  # ranks moved: not a content change
     changed[1]["evidence"]["trace_ids"] = ["ffffffffffffffffffffffffffffffff"]  # other exemplars: neither
-    fake.script(json_reply(good_answer((REC_A,))))
+    answer = good_answer((REC_A,))
+    answer[REC_A]["summary"] = answer[REC_A]["summary"].replace("118 ms", "150 ms")
+    fake.script(json_reply(answer))
     outcome = writer.write(changed, PlantedContext())
     assert fake.request_count == 2
     assert _sent_ids(fake.requests[1]) == [REC_A]
@@ -645,7 +647,7 @@ def test_corrupt_cache_entry_is_a_miss(fake: FakeAnthropic, tmp_path: Path) -> N
     writer, _ = make_writer(tmp_path)
     writer.write(recommendations(), PlantedContext())
     entries = sorted((tmp_path / "writeups").glob("*.json"))
-    assert len(entries) == 2
+    assert len(entries) == 4  # by content and latest by id, for each recommendation
     for entry in entries:
         entry.write_text("{not json", encoding="utf-8")
     outcome = writer.write(recommendations(), PlantedContext())
@@ -1061,3 +1063,18 @@ def test_unwritable_cache_does_not_cost_the_write_up(fake: FakeAnthropic, tmp_pa
     outcome = writer.write(recommendations(), PlantedContext())
     assert outcome.writer == f"anthropic:{MODEL}" and outcome.fallback_reason is None
     assert "cache_error" in outcome.metadata
+
+
+def test_text_still_true_of_drifted_numbers_is_reused(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.script(json_reply(good_answer()))
+    writer, _ = make_writer(tmp_path)
+    first = writer.write(recommendations(), PlantedContext())
+    drifted = writer.write(recommendations(saved_p50=118.4), PlantedContext())  # "118 ms" is still true
+    assert fake.request_count == 1
+    assert drifted.texts == first.texts
+    assert drifted.metadata["cache_reused"] == 1 and drifted.fallback_reason is None
+    fake.script(json_reply(good_answer((REC_A,))))
+    outcome = writer.write(recommendations(saved_p50=131.0), PlantedContext())  # "118 ms" is no longer true
+    assert fake.request_count == 2
+    assert _sent_ids(fake.requests[1]) == [REC_A]
+    assert outcome.texts[REC_A].title == f"template title {REC_A}"  # the old answer no longer passes
