@@ -417,7 +417,7 @@ class _Converter:
             out["status"] = {"code": status_code, "message": status_message}
         flags = span.get("flags")
         if isinstance(flags, int) and not isinstance(flags, bool):
-            out["flags"] = flags & 0xFF
+            out["flags"] = flags & 0x01  # Jaeger's sampled bit is W3C's; its debug bit (2) has no place
         events = self._logs(span.get("logs"))
         if events:
             out["events"] = events
@@ -443,7 +443,10 @@ class _Converter:
             if not isinstance(ref, dict):
                 self._warn_ref(ref_path, "expected an object")
                 continue
-            ref_type = str(ref.get("refType") or "CHILD_OF").lower()  # proto3 JSON omits CHILD_OF (0)
+            # proto3 JSON omits CHILD_OF (0); some encoders write the enum number
+            raw_type = ref.get("refType") or 0
+            ref_type = {0: "child_of", 1: "follows_from"}.get(raw_type, "") if type(raw_type) is int else ""
+            ref_type = ref_type or str(raw_type).lower()
             if ref_type not in ("child_of", "follows_from"):
                 self._warn_ref(
                     join_path(ref_path, "refType"), f"unknown reference type {ref.get('refType')!r}"

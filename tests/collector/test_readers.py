@@ -592,3 +592,22 @@ def test_jaeger_process_problems_cost_no_spans() -> None:
     ]
     rows = _by_name(_rows(converted.traces_data))
     assert rows["a"]["service"] == "unknown_service" and rows["b"]["service"] == "svc"
+
+
+def test_jaeger_model_json_numeric_ref_type_and_flags() -> None:
+    trace_id, parent, child = "AAAAAAAAAABSlpqJVVcaPw==", "AAAAAABkfZg=", "AAAAAABkfZk="
+    process = {"serviceName": "api"}
+    doc = {
+        "spans": [
+            {"traceId": trace_id, "spanId": parent, "operationName": "p", "startTime": "2017-01-26T16:46:31Z",
+             "duration": "1s", "process": process, "flags": 3},
+            {"traceId": trace_id, "spanId": child, "operationName": "c", "startTime": "2017-01-26T16:46:32Z",
+             "duration": "0.5s", "process": process, "references": [{"refType": 1, "traceId": trace_id, "spanId": parent}]},
+        ]
+    }  # fmt: skip
+    rows = _by_name(_rows(jaeger_to_otlp_json(doc).traces_data))
+    assert rows["c"]["parent_span_id"] == "0000000000647d98" and rows["c"]["follows_from"] is True
+    assert rows["c"]["end_ns"] - rows["c"]["start_ns"] == 500_000_000
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    assert trace_pb2.Span.FromString(rows["p"]["raw"]).flags == 1  # sampled kept, Jaeger's debug bit not
