@@ -215,11 +215,44 @@ class WriteupCache:
 
     Writes are atomic (temp file + rename) so concurrent analyses never read half a file. A file
     that cannot be read or parsed is reported in the log and treated as a miss; it is overwritten
-    by the next successful write.
+    by the next successful write. A hit touches its file; entries untouched for ``max_age_s``
+    (30 days) are deleted, checked at most once an hour, so a long-running server's cache does not
+    grow without bound as its findings' numbers change.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, max_age_s: float = 30 * 86400) -> None:
         self.directory = directory
+        self.max_age_s = max_age_s
+        self._last_prune: float | None = None
+
+    def prune(self, *, now: float | None = None) -> int:
+        """Delete entries not used for ``max_age_s``; returns how many were deleted."""
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            paths = list(self.directory.glob("*.json"))
+        except OSError:
+            return 0
+        for path in paths:
+            try:
+                if now - path.stat().st_mtime > self.max_age_s:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # pruned by another process at the same time
+        return removed
+
+    def maybe_prune(self) -> None:
+        if self._last_prune is not None and time.monotonic() - self._last_prune < 3600:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            removed = self.prune()
+        except OSError as exc:
+            log.warning("could not prune the write-up cache %s: %s", self.directory, exc)
+            return
+        if removed:
+            log.info("pruned %d unused write-up cache entries from %s", removed, self.directory)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -238,6 +271,8 @@ class WriteupCache:
         ):
             log.warning("write-up cache entry %s has an unexpected shape; asking the model again", path)
             return None
+        with contextlib.suppress(OSError):  # recency for pruning only; a read-only cache still serves
+            os.utime(path)
         return data
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
@@ -411,6 +446,7 @@ class AnthropicWriter:
 
         metadata = self._run_metadata(run) | cache_state
         if self.cache is not None:
+            self.cache.maybe_prune()
             try:
                 self._store(keys, accepted, rejected)
             except OSError as exc:

@@ -1078,3 +1078,19 @@ def test_text_still_true_of_drifted_numbers_is_reused(fake: FakeAnthropic, tmp_p
     assert fake.request_count == 2
     assert _sent_ids(fake.requests[1]) == [REC_A]
     assert outcome.texts[REC_A].title == f"template title {REC_A}"  # the old answer no longer passes
+
+
+def test_cache_prunes_entries_unused_for_a_month(tmp_path: Path) -> None:
+    import os
+
+    from analysis.agent import WriteupCache
+
+    cache = WriteupCache(tmp_path, max_age_s=30 * 86400)
+    cache.put("old", {"text": {"title": "t", "summary": "s", "actions": ["a"]}})
+    cache.put("used", {"text": {"title": "t", "summary": "s", "actions": ["a"]}})
+    month_ago = time.time() - 31 * 86400
+    for name in ("old", "used"):
+        os.utime(tmp_path / f"{name}.json", (month_ago, month_ago))
+    assert cache.get("used") is not None  # a hit refreshes the entry
+    assert cache.prune() == 1
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["used.json"]
