@@ -29,15 +29,18 @@ straight to the analysis)::
 JSON path inside the line when known: ``traces.jsonl:3:resourceSpans[0]...spans[2].traceId``), a
 byte offset in the decompressed stream for protobuf streams (``traces.pb:byte 1045``), a JSON path
 for documents (``jaeger.json:data[0].spans[3].spanID``), or ``LINE:COLUMN`` for JSON syntax errors.
-A bad record is skipped and the good records beside it are kept; a truncated or corrupt
-compressed stream keeps everything read before the damage. ``skipped=False`` problems are
-warnings: the record was kept with what is known.
+A bad record is skipped and the good records beside it are kept: a bad span costs that span, a
+bad resource in an OTLP JSON document that resource, a damaged OTLP protobuf message the
+resources from the damage on, a truncated or corrupt compressed stream what comes after the damage.
+``skipped=False`` problems are warnings: the record was kept with what is known (e.g. a Zipkin
+span without a duration); a file found in a folder that is not a trace file is ignored with one.
 
 **Cost**: JSON Lines and protobuf streams are read record by record and decoded in batches of
 about ``batch_bytes`` (protobuf frames are concatenated — protobuf merges concatenated messages —
 and JSON lines merged into one ``TracesData``), so the per-call overhead of the decoder is paid per
 batch, not per record. A batch is re-decoded record by record only when it has a problem, to name
-the record. A JSON document is parsed whole (JSON has no cheaper way in).
+the record. A single JSON document is parsed whole: it needs a few times its size in memory, so
+very large exports are better written as JSON Lines (the Collector's default) or protobuf.
 """
 
 from __future__ import annotations
