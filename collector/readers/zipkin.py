@@ -36,7 +36,9 @@ Mapping rules:
   while the server's work does (Zipkin's tree builder matches on the exact local endpoint instead;
   the yelp file shows why that is too strict — the server half reports ``yelp_main/api_proxy``,
   its children ``yelp-main``). De-duplication no longer collapses the two halves. A lone server
-  half keeps its id.
+  half keeps its id (renaming it would cut it from its parent when the client was never traced).
+  Limitation: halves are paired within one document (one file, or one JSON Lines line); halves in
+  different documents keep the same id and the store keeps only one of them.
 - **Missing timestamp or duration**: the span is kept with what is known and a warning says so.
   A missing timestamp is taken from its earliest annotation, else its shared counterpart, else its
   parent, else the earliest span of its trace; a missing duration ends the span at its last
