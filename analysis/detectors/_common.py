@@ -24,29 +24,28 @@ from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER
 
 MAX_LABEL_CHARS = 160
 
+_SQL_LITERAL = (
+    r"'(?:[^']|'')*'"  # single-quoted strings (with '' escapes)
+    r"|\bx'[0-9a-fA-F]*'|\b0x[0-9a-fA-F]+\b"  # hex blobs
+    r"|\b(?:[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Nn][Uu][Ll][Ll])\b"
+    r"|\$\d+|%s|@\w+"  # driver placeholders: $1, %s, @p
+    r"|-?\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b"  # numbers
+)
 _SQL_REPLACEMENTS: tuple[tuple[str, str], ...] = (
-    (r"'(?:[^']|'')*'", "?"),  # single-quoted strings (with '' escapes)
-    (r"\bx'[0-9a-fA-F]*'", "?"),
-    (r"\b0x[0-9a-fA-F]+\b", "?"),
-    (r"(?i)\b(?:true|false|null)\b", "?"),
-    (r"\$\d+|%s|@\w+", "?"),  # driver placeholders: $1, %s, @p
+    (_SQL_LITERAL, "?"),
     (r"([\s(=,]):[A-Za-z_]\w*", "$1?"),  # :name placeholders (not ::type casts)
-    (r"-?\b\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\b", "?"),
     (r"\s+", " "),
     (r"(?i)\bIN\s*\(\s*\?(?:\s*,\s*\?)*\s*\)", "IN (?)"),
     (r"(?i)\bVALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))*", "VALUES $1"),
 )
-
-_ROUTE_REPLACEMENTS: tuple[tuple[str, str], ...] = (
-    (r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", ""),  # scheme://host[:port]
-    (r"[?#].*$", ""),  # query string and fragment
-    (r"/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?:/|$)", "/{id}/"),
-    (r"/[^/@]+@[^/]+(?:/|$)", "/{id}/"),
-    (r"/-?\d+(?:\.\d+)?(?:/|$)", "/{id}/"),
-    (r"/[0-9a-fA-F]{12,}(?:/|$)", "/{id}/"),
-    (r"/[A-Za-z0-9_-]*\d[A-Za-z0-9_-]*(?:/|$)", "/{id}/"),  # tokens mixing letters and digits
-    (r"/+$", ""),
+_URL_PREFIX = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*|[?#].*$"  # scheme://host[:port], query, fragment
+# A path segment that is a value rather than part of the route: a number, a UUID, a long hex string,
+# an e-mail address, or a long token of letters and digits (>= 8 characters with >= 2 digits).
+_ID_SEGMENT = (
+    r"^(?:-?\d+(?:\.\d+)?|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|[0-9a-fA-F]{12,}|[^@]+@[^@]+)$"
 )
+_TOKEN = r"^[A-Za-z0-9_~.-]{8,}$"
 
 
 def _apply(expr: pl.Expr, replacements: tuple[tuple[str, str], ...]) -> pl.Expr:
@@ -59,17 +58,31 @@ def normalized_sql(column: str = "db_statement") -> pl.Expr:
     return _apply(pl.col(column), _SQL_REPLACEMENTS).str.strip_chars()
 
 
+def route_template(url: pl.Expr) -> pl.Expr:
+    """URL -> path template: scheme, host, query and fragment dropped; value segments -> ``{id}``."""
+    path = url.str.replace_all(_URL_PREFIX, "")
+    segment = pl.element()
+    is_value = segment.str.contains(_ID_SEGMENT) | (
+        segment.str.contains(_TOKEN) & (segment.str.count_matches(r"\d") >= 2)
+    )
+    templated = (
+        path.str.split("/")
+        .list.eval(pl.when(is_value).then(pl.lit("{id}")).otherwise(segment))
+        .list.join("/")
+        .str.replace(r"/+$", "")
+    )
+    return pl.when(templated == "").then(pl.lit("/")).otherwise(templated)
+
+
 def normalized_route() -> pl.Expr:
     """Route template of an HTTP span (null when neither route nor URL is known)."""
-    # Replacing "/{id}/" twice handles consecutive id segments (/a/1/2 -> /a/{id}/{id}).
-    path = _apply(_apply(pl.col("http_url"), _ROUTE_REPLACEMENTS), _ROUTE_REPLACEMENTS[2:])
-    path = pl.when(path == "").then(pl.lit("/")).otherwise(path)
-    return pl.coalesce(pl.col("http_route"), path)
+    return pl.coalesce(pl.col("http_route"), route_template(pl.col("http_url")))
 
 
-def operation_detail() -> pl.Expr:
-    """What the operation does, literals removed: statement, METHOD route, rpc method or null."""
-    route = normalized_route()
+def operation_detail(route: pl.Expr | None = None) -> pl.Expr:
+    """What the operation does, literals removed: statement, METHOD route, rpc method or null.
+    ``route``: an already computed :func:`normalized_route` column."""
+    route = normalized_route() if route is None else route
     http = pl.when(route.is_not_null()).then(
         pl.concat_str([pl.col("http_method").fill_null(""), route], separator=" ").str.strip_chars()
     )
@@ -81,7 +94,8 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
     target = target_service()
     if "callee_service" in frame.columns:  # the service whose server span answered the call
         target = pl.coalesce(pl.col("callee_service"), target)
-    frame = frame.with_columns(operation_detail().alias("op_detail"), target.alias("target_service"))
+    frame = frame.with_columns(normalized_route().alias("_route"), target.alias("target_service"))
+    frame = frame.with_columns(operation_detail(pl.col("_route")).alias("op_detail")).drop("_route")
     frame = frame.with_columns(operation_label(pl.col("op_detail")).alias("op_label"))
     return frame.with_columns(
         pl.concat_str([pl.col("service"), pl.col("op_label")], separator=" | ").alias("op_key")

@@ -114,6 +114,8 @@ def test_sql_normalisation(statement: str, normalised: str) -> None:
         ("http://h/u/jane@example.com/settings", "/u/{id}/settings"),
         ("http://h/", "/"),
         ("/static/app.js", "/static/app.js"),
+        ("http://h/api/v1/users/a7Bx92kQ3z", "/api/v1/users/{id}"),  # version segments stay
+        ("http://h/ipv6/h264/", "/ipv6/h264"),
     ],
 )
 def test_route_normalisation(url: str, route: str) -> None:
