@@ -168,6 +168,7 @@ class AgentLimits:
 
     max_turns: int = 6  # Messages API requests per write, tool-use turns included
     request_timeout_s: float = 60.0  # one HTTP attempt
+    connect_timeout_s: float = 5.0  # establishing the connection, within request_timeout_s
     deadline_s: float = 180.0  # the whole write, retries and tool calls included
     max_retries: int = 2  # extra attempts per request on 408/409/429/5xx/connection errors/timeouts
     max_tokens: int = 8192  # room for adaptive thinking plus the JSON answer
@@ -563,7 +564,10 @@ class AnthropicWriter:
             remaining = run.remaining()
             if remaining <= 0.05:
                 raise AgentError(f"deadline of {self.limits.deadline_s:g}s exceeded")
-            timeout = min(self.limits.request_timeout_s, remaining)
+            budget = min(self.limits.request_timeout_s, remaining)
+            # A short connect timeout: with no route to the API (CI without egress) the write
+            # falls back in seconds, not after the whole request timeout per attempt.
+            timeout = anthropic.Timeout(budget, connect=min(self.limits.connect_timeout_s, budget))
             run.attempts += 1
             try:
                 return client.messages.create(**request, timeout=timeout)
