@@ -11,7 +11,8 @@ Explicit waits (confidence 0.75 and up)
   ``obtained``, ``dequeued`` ...) — each naming a lock, mutex, semaphore, latch, permit, slot,
   connection, pool, queue or transaction. Wait = the first "got it" event minus the first "waiting"
   event (the span start when there is no "waiting" event). A "waiting" event without a "got it" event
-  cannot be measured and is not used. "behind N" in the event name is kept as the queue depth.
+  cannot be measured and is not used. "behind N" in the event name is kept as the queue depth, and
+  the time from the grant to the span's end as the hold time (the critical section it ran).
 * **Attributes**: a numeric hint attribute whose key names a wait (``wait``/``queue``/``acquire``/
   ``blocked``/``contention``/``lock``) *and* a time (``time``, ``duration``, ``latency``, ``delay`` or a
   unit suffix), e.g. ``db.lock_wait_ms``, ``pool.wait_time_ns``, ``queue.time``. The unit comes from
@@ -22,7 +23,9 @@ Explicit waits (confidence 0.75 and up)
   (``lock.acquire``, ``acquire lock``, ``pool.acquire``, ``wait for connection``, ``queue wait``,
   ``semaphore.acquire``); messaging spans (PRODUCER/CONSUMER or with a messaging destination) are never
   wait spans. Its whole duration is wait (or the wait its own attribute or events state); the
-  finding's operation is its parent (the code that waits) and the wait span is the target.
+  finding's operation is its parent (the code that waits) and the wait span is the target. The
+  sibling that starts as the wait ends (within 1 ms) is taken as the critical section: its duration
+  is the hold time.
 
 Each wait is clamped to the waiting span's duration and kept when it is at least ``MIN_WAIT_NS``
 (1 ms: below that a lock is uncontended for any latency budget) and the span that waits is on the
@@ -69,6 +72,7 @@ from collector.schema import KIND_CONSUMER, KIND_PRODUCER
 
 KIND = "lock_contention"
 MIN_WAIT_NS = 1_000_000
+HANDOFF_NS = 1_000_000
 MIN_SAMPLES = 20
 MIN_PEAK_PEERS = 3
 MIN_QUEUED_SHARE = 0.2
@@ -198,6 +202,8 @@ def _event_waits(spans: pl.DataFrame) -> pl.DataFrame:
             "queue_depth",
             wait_ns=(pl.col("acquired_ns") - pl.col("wait_from")).clip(0, pl.col("duration_ns")),
             source=pl.lit("events"),
+            # Time held: from the grant to the end of the span (the critical section it ran).
+            hold_ns=(pl.col("start_ns") + pl.col("duration_ns") - pl.col("acquired_ns")).clip(0),
         )
     )
     return per_span.collect()
@@ -230,6 +236,7 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
             "queue_depth",
             "wait_ns",
             source=pl.lit("attributes"),
+            hold_ns=pl.lit(None, pl.Int64),
         )
         .collect()
     )
@@ -257,7 +264,9 @@ def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
         .filter(is_wait_span)
         .select("row", wait_ns=pl.col("duration_ns"))
         .join(own.lazy().select("row"), on="row", how="anti")
-        .with_columns(queue_depth=pl.lit(None, pl.Int64), source=pl.lit("wait_span"))
+        .with_columns(
+            queue_depth=pl.lit(None, pl.Int64), source=pl.lit("wait_span"), hold_ns=pl.lit(None, pl.Int64)
+        )
         .collect()
     )
     waits = pl.concat([own, wait_spans.select(own.columns)], how="vertical_relaxed")
@@ -271,6 +280,7 @@ def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
         parent_name=spans["name"].gather(parent_rows),
         parent_duration_ns=spans["duration_ns"].gather(parent_rows),
     )
+    waits = _with_next_sibling_hold(spans, waits)
     in_parent = pl.col("in_parent")
     own_target = (
         pl.coalesce(pl.col("db_system"), pl.col("peer"), pl.col("service")),
@@ -287,6 +297,39 @@ def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
         resource=pl.when(in_parent)
         .then(pl.coalesce(pl.col("hints").str.extract(_RESOURCE_HINT, 1), pl.col("name")))
         .otherwise(_resource()),
+    )
+
+
+def _with_next_sibling_hold(spans: pl.DataFrame, waits: pl.DataFrame) -> pl.DataFrame:
+    """For a wait span without a measured hold, the critical section is the sibling that starts as
+    the wait ends (within ``HANDOFF_NS``, 1 ms): its duration becomes ``hold_ns``."""
+    need = waits.filter(pl.col("in_parent") & pl.col("hold_ns").is_null()).select(
+        "row", "parent_row", t=pl.col("start_ns") + pl.col("duration_ns")
+    )
+    if need.is_empty():
+        return waits
+    siblings = (
+        spans.lazy()
+        .filter(pl.col("parent_row").is_in(need["parent_row"].unique().implode()))
+        .select(
+            "parent_row",
+            t=pl.col("start_ns"),
+            sibling_start=pl.col("start_ns"),
+            sibling_ns=pl.col("duration_ns"),
+        )
+        .sort("t")
+        .collect()
+    )
+    found = (
+        need.sort("t")
+        .join_asof(siblings, on="t", by="parent_row", strategy="forward", check_sortedness=False)
+        .filter(pl.col("sibling_start") - pl.col("t") <= HANDOFF_NS)
+        .select("row", next_hold_ns=pl.col("sibling_ns"))
+    )
+    return (
+        waits.join(found, on="row", how="left")
+        .with_columns(hold_ns=pl.coalesce(pl.col("hold_ns"), pl.col("next_hold_ns")))
+        .drop("next_hold_ns")
     )
 
 
@@ -322,6 +365,9 @@ def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
             "wait_share_p50": round(stat(frame["wait_share"]), 3),
             "wait_share_p95": round(stat(frame["wait_share"], 0.95), 3),
         }
+        hold = frame["hold_ns"].drop_nulls()
+        if hold.len():
+            evidence["hold_ms_p50"] = stat(hold, scale=1e6)
         depth = frame["queue_depth"].drop_nulls()
         if depth.len():
             evidence["queue_depth_p50"] = stat(depth)

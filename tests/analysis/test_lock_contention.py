@@ -60,6 +60,7 @@ def test_lock_wait_events_are_one_finding_with_wait_share_and_shortened_query() 
     assert len(f.occurrences) == 6
     assert f.evidence["wait_ms_p50"] == pytest.approx(450)
     assert f.evidence["queue_depth_max"] == 2
+    assert f.evidence["hold_ms_p50"] == pytest.approx(300)  # the query ran 300 ms under the lock
     assert f.evidence["wait_share_p50"] == pytest.approx((300 / 600 + 600 / 900) / 2, abs=1e-3)
     sql_by_trace = {b.trace_id: sql for b, sql in built}
     for occ in f.occurrences:
@@ -138,6 +139,7 @@ def test_wait_span_shortened_and_reported_under_its_parent() -> None:
     assert f.evidence["resource"] == "orders-rw"
     assert f.evidence["sources"] == ["wait_span"]
     assert len(f.occurrences) == 3  # the 0.2 ms acquire is below the 1 ms floor
+    assert f.evidence["hold_ms_p50"] == pytest.approx(50)  # INSERT order runs as the wait ends
     for occ in f.occurrences:
         acquire, wait = waits[occ.trace_id]
         assert occ.interventions == (ShortenSpan(acquire, int(wait * 1e6)),)
