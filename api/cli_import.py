@@ -7,7 +7,8 @@ count); the summary goes to stdout (``--format json`` for machines).
 Exit codes: 0 — every file imported completely (warnings, e.g. a Zipkin span without a duration
 kept as zero-length, do not count); 2 — the import finished but something was skipped: a file
 that could not be read, or records in it (the good data beside them *is* stored); 1 — the store
-could not be opened or written.
+could not be opened or written; 130 — interrupted (what was written before stays: every store
+write is durable).
 """
 
 from __future__ import annotations
@@ -73,9 +74,16 @@ class _ProblemPrinter:
             )
 
 
+class _StoreWriteFailed(Exception):
+    pass
+
+
 def _write(store: Any, pending: list[pa.Table]) -> None:
     if pending:
-        store.write(pa.concat_tables(pending) if len(pending) > 1 else pending[0])
+        try:
+            store.write(pa.concat_tables(pending) if len(pending) > 1 else pending[0])
+        except Exception as exc:  # any store failure (disk full, file removed) ends the import
+            raise _StoreWriteFailed(str(exc)) from exc
         pending.clear()
 
 
@@ -170,10 +178,15 @@ def import_command(
                 printer.file_done(str(path))
             _write(store, pending)
         stats = store.stats()
-    except Exception as exc:
+    except _StoreWriteFailed as exc:
         err.print(f"{db_path}: writing to the span store failed: {exc}", markup=False)
         store.close()
         raise typer.Exit(EXIT_STORE_FAILED) from None
+    except KeyboardInterrupt:
+        written = store.stats().spans - stored_before
+        store.close()
+        err.print(f"interrupted: {written} new spans were stored before the interruption", markup=False)
+        raise typer.Exit(130) from None
     store.close()
 
     reports = reader.reports
