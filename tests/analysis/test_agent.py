@@ -1094,3 +1094,10 @@ def test_cache_prunes_entries_unused_for_a_month(tmp_path: Path) -> None:
     assert cache.get("used") is not None  # a hit refreshes the entry
     assert cache.prune() == 1
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["used.json"]
+
+
+def test_settings_default_model_matches_the_agent_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.settings import Settings
+
+    monkeypatch.delenv("HOURGLASS_LLM_MODEL", raising=False)
+    assert Settings().llm_model == DEFAULT_MODEL
