@@ -5,6 +5,7 @@ secrets that must appear in no request body."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -1101,3 +1102,39 @@ def test_settings_default_model_matches_the_agent_default(monkeypatch: pytest.Mo
 
     monkeypatch.delenv("HOURGLASS_LLM_MODEL", raising=False)
     assert Settings().llm_model == DEFAULT_MODEL
+
+
+def test_connect_timeout_is_short_even_with_a_long_request_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A listener whose accept queue is full drops SYNs, like a firewalled route: the connection
+    never completes. The write falls back after the connect timeout, not the request timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the accept queue
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
+        writer = AnthropicWriter(
+            StubTemplateWriter(),
+            model=MODEL,
+            limits=AgentLimits(request_timeout_s=10.0, connect_timeout_s=0.3, deadline_s=10.0, max_retries=0),
+            cache_dir=tmp_path / "w",
+        )
+        started = time.monotonic()
+        outcome = writer.write(recommendations(), PlantedContext())
+        assert time.monotonic() - started < 3.0
+        assert outcome.writer == "template"
+        assert outcome.fallback_reason is not None and "timed out" in outcome.fallback_reason
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
