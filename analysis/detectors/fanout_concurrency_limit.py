@@ -2,8 +2,8 @@
 
 Rule
 ----
-Siblings are the blocking children of one parent that share one operation (same child service and
-span name); a group needs ``n >= MIN_CHILDREN`` (3) of them. Their concurrency is measured with a
+Siblings are the blocking children of one parent that share one operation (same child service,
+span name and endpoint shape, as for ``fanout_straggler``); a group needs ``n >= MIN_CHILDREN`` (3) of them. Their concurrency is measured with a
 sweep: a +1 event at each start, a -1 event at each end (moved ``OVERLAP_TOLERANCE`` earlier, at most
 0.5 ms or 5 % of the child's duration, so that back-to-back children whose clocks disagree by a hair
 do not count as overlapping), sorted, and summed cumulatively. ``k`` is the largest concurrency
@@ -49,7 +49,7 @@ from __future__ import annotations
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors.fanout_straggler import sibling_groups, stat, with_span_columns
+from analysis.detectors.fanout_straggler import sibling_groups, stat, target_operation, with_span_columns
 from analysis.model import Finding, Occurrence, RunConcurrently
 
 KIND = "fanout_concurrency_limit"
@@ -59,7 +59,7 @@ OVERLAP_TOLERANCE_SHARE = 0.05
 LAUNCH_TOLERANCE_NS = 1_000_000
 LAUNCH_TOLERANCE_SHARE = 0.10
 MIN_CAPPED_RATE = 0.5
-SIGNATURE = ["parent_service", "parent_name", "service", "name"]
+SIGNATURE = ["parent_service", "parent_name", "service", "name", "endpoint"]
 # A hint key (JSON object key) or an event name that speaks of a pool or a concurrency cap.
 _POOL_HINT = r'(?i)"[^"]*(?:pool|worker|semaphore|concurren|parallelism|max_in_flight|permits?)[^"]*"\s*:'
 _POOL_EVENT = r"(?i)pool|worker|semaphore|permit|slot"
@@ -182,15 +182,10 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     groups = groups.sort(["first_start_ns", "trace_id", "parent_span_id"])
     findings = []
     for frame in groups.partition_by(SIGNATURE, maintain_order=True):
-        first = frame.row(0, named=True)
         k_mode = int(frame["k"].mode().min())  # type: ignore[arg-type]
         # Fan-outs of this signature wide enough to hit the cap: a real cap shows in most of them.
-        same = all_fanouts.filter(
-            (pl.col("parent_service") == first["parent_service"])
-            & (pl.col("parent_name") == first["parent_name"])
-            & (pl.col("service") == first["service"])
-            & (pl.col("name") == first["name"])
-            & (pl.col("n") > k_mode)
+        same = all_fanouts.join(frame.select(SIGNATURE).head(1), on=SIGNATURE, how="semi").filter(
+            pl.col("n") > k_mode
         )
         rate = frame.height / max(same.height, 1)
         if rate < MIN_CAPPED_RATE:
@@ -244,8 +239,11 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
         category="parallelization",
         service=first["parent_service"],
         operation=first["parent_name"],
-        targets=[{"service": first["service"], "operation": first["name"]}],
+        targets=[
+            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
+        ],
         occurrences=occurrences,
         confidence=round(min(confidence, 0.95), 3),
         evidence=evidence,
+        signature_extra=first["endpoint"],
     )

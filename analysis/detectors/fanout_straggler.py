@@ -3,7 +3,9 @@
 Rule
 ----
 A *fan-out* is a group of at least ``MIN_BRANCHES`` (3) blocking children of one parent that share
-one operation (same child service and span name) and all run at the same time: every child starts
+one operation (same child service, span name and endpoint shape: the route, or the URL path with
+its numeric segments masked, so ``GET /shards/3/search`` calls group while a ``GET`` to another
+endpoint does not) and all run at the same time: every child starts
 before the earliest-finishing child ends (``max(start) < min(end)``). A fan-out that starts its
 children in waves is a concurrency limit, not a straggler (see ``fanout_concurrency_limit``).
 
@@ -83,8 +85,29 @@ def stat(series: pl.Series, quantile: float = 0.5, scale: float = 1.0) -> float:
     return float(value) / scale if isinstance(value, int | float) else 0.0
 
 
+def _endpoint() -> pl.Expr:
+    """The call's endpoint shape: the route, else the URL path with every segment that holds a
+    digit replaced by ``{}`` (``/shards/3/search`` → ``/shards/{}/search``); null when neither is
+    known. Generic client span names (``GET``, ``HTTP GET``) would otherwise put calls to different
+    endpoints in one group."""
+    path = (
+        pl.col("http_url")
+        .str.replace(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*", "")
+        .str.replace(r"[?#].*$", "")
+        .str.replace_all(r"/[^/]*[0-9][^/]*", "/{}")
+    )
+    return pl.coalesce(pl.col("http_route"), path)
+
+
+def target_operation(name: str, endpoint: str) -> str:
+    """The child operation as a finding names it: the span name, with the endpoint shape appended
+    when the name carries no path of its own (``HTTP GET`` → ``HTTP GET /route``)."""
+    return name if not endpoint or "/" in name else f"{name} {endpoint}"
+
+
 def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.DataFrame:
-    """Blocking children grouped by (parent, child service, child name), one row per child, for
+    """Blocking children grouped by (parent, child service, child name, endpoint shape — see
+    :func:`_endpoint`), one row per child, for
     groups with at least ``min_children`` members: ``row``, ``parent_row``, ``start_ns``, ``end_ns``,
     ``duration_ns`` and per group ``group_id``, ``n``, ``first_start_ns``, ``last_start_ns``,
     ``first_end_ns``. Other span columns are fetched for the few rows that need them with
@@ -102,7 +125,7 @@ def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.
             "start_ns",
             "end_ns",
             "duration_ns",
-            group_id=pl.struct("parent_row", "service", "name").hash(),
+            group_id=pl.struct("parent_row", "service", "name", _endpoint()).hash(),
         )
         .with_columns(n=pl.len().over("group_id"))
         .filter(pl.col("n") >= min_children)
@@ -116,10 +139,14 @@ def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.
 
 
 def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """Adds span ``columns`` by ``row``, and ``parent_service``/``parent_name`` by ``parent_row``
-    when asked for."""
+    """Adds span ``columns`` by ``row``; ``parent_service``/``parent_name`` come by ``parent_row``
+    and ``endpoint`` is :func:`_endpoint` ("" when unknown)."""
     rows = frame["row"]
-    own = [spans[c].gather(rows) for c in columns if c not in ("parent_service", "parent_name")]
+    derived = ("parent_service", "parent_name", "endpoint")
+    own = [spans[c].gather(rows) for c in columns if c not in derived]
+    if "endpoint" in columns:
+        call = pl.DataFrame([spans["http_route"].gather(rows), spans["http_url"].gather(rows)])
+        own.append(call.select(_endpoint().fill_null("").alias("endpoint")).to_series())
     parents = [
         spans[c.removeprefix("parent_")].gather(frame["parent_row"]).alias(c)
         for c in columns
@@ -175,7 +202,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     kids = kids.filter(pl.col("last_start_ns") < pl.col("first_end_ns"))
     if kids.is_empty():
         return []
-    sig = ["parent_service", "parent_name", "service", "name"]
+    sig = ["parent_service", "parent_name", "service", "name", "endpoint"]
     groups = kids.group_by("group_id").agg(
         pl.col(["row", "parent_row"]).first(),
         median_ns=pl.col("duration_ns").median(),
@@ -188,7 +215,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         & ((pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS)
     )
     kids = kids.join(groups.select("group_id", "median_ns"), on="group_id", how="inner")
-    kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name"])
+    kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"])
     kids = kids.with_columns(
         is_straggler=(pl.col("duration_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
         & ((pl.col("duration_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS),
@@ -292,8 +319,11 @@ def _finding(frame: pl.DataFrame) -> Finding | None:
         category="parallelization",
         service=first["parent_service"],
         operation=first["parent_name"],
-        targets=[{"service": first["service"], "operation": first["name"]}],
+        targets=[
+            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
+        ],
         occurrences=occurrences,
         confidence=round(min(confidence, 0.95), 3),
         evidence=evidence,
+        signature_extra=first["endpoint"],
     )

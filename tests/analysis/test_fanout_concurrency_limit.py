@@ -179,3 +179,41 @@ def test_end_to_end_saving_is_the_queueing_removed() -> None:
     assert impact["saved_ms_total"] == pytest.approx(30, abs=0.05)
     assert impact["share_of_root_latency"] == pytest.approx(30 / 75, abs=1e-3)
     assert rec["evidence"]["k"] == 2
+
+
+def test_generic_client_span_names_are_split_by_endpoint() -> None:
+    # HotROD's shape: one "HTTP GET" to the customer service, then ten "HTTP GET" route calls
+    # through a pool of three. Span names alone would put the customer call in the route fan-out.
+    builders = []
+    for _ in range(3):
+        b = TraceBuilder(service="frontend")
+        free = [40.0] * 3
+        heapq.heapify(free)
+        plan = []
+        for i in range(10):
+            start = heapq.heappop(free)
+            plan.append((start, 50.0 + 3 * (i % 4)))
+            heapq.heappush(free, start + plan[-1][1])
+        end = max(s + d for s, d in plan)
+        root = b.span("HTTP GET /dispatch", start_ms=0, dur_ms=end + 2, kind=KIND_SERVER)
+        b.span(
+            "HTTP GET",
+            parent=root,
+            start_ms=1,
+            dur_ms=30,
+            kind=KIND_CLIENT,
+            http_url="http://customer:8081/customer?customer=123",
+        )
+        for i, (s, d) in enumerate(plan):
+            b.span(
+                "HTTP GET",
+                parent=root,
+                start_ms=s,
+                dur_ms=d,
+                kind=KIND_CLIENT,
+                http_url=f"http://route:8083/route?pickup={i},{i}&dropoff=7,7",
+            )
+        builders.append(b)
+    (f,) = analyse(builders)
+    assert f.evidence["k"] == 3 and f.evidence["n_p50"] == 10
+    assert f.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
