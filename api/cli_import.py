@@ -98,7 +98,7 @@ def import_command(
         typer.Argument(
             help="Trace files or folders of them: OTLP JSON / JSON Lines / protobuf (also the Collector "
             "file exporter's proto stream), Jaeger JSON, Zipkin v2 JSON; gzip, zstd, bzip2 or xz compressed "
-            "or not. The format is detected from the content.",
+            "or not. The format is detected from the content. - reads standard input.",
             show_default=False,
             metavar="FILE...",
         ),

@@ -51,6 +51,7 @@ import io
 import json
 import lzma
 import re
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+STDIN_PATH = "-"
 HEAD_BYTES = 64 * 1024
 READ_BUFFER_BYTES = 1024 * 1024
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -362,17 +364,19 @@ class TraceFileReader:
     def read_file(self, path: str | Path, *, from_folder: bool = False) -> Iterator[pa.Table]:
         """Span tables from one file. ``from_folder``: the file was found by expanding a folder, so
         one that is not a trace file at all (a README, a labels file) is ignored with a warning
-        instead of counting as a failure; a named file always counts."""
-        report = FileReport(file=str(path), from_folder=from_folder)
+        instead of counting as a failure; a named file always counts. ``-`` reads standard input."""
+        stdin = str(path) == STDIN_PATH
+        report = FileReport(file="<stdin>" if stdin else str(path), from_folder=from_folder)
         self.reports.append(report)
         try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed below; the generator outlives a with block
+            # closed below; the generator outlives a with block
+            raw = sys.stdin.buffer if stdin else open(path, "rb")  # noqa: SIM115
         except OSError as exc:
             self._problem(report, None, exc.strerror or str(exc), fatal=True)
             return
         try:
             try:
-                report.size_bytes = Path(path).stat().st_size
+                report.size_bytes = 0 if stdin else Path(path).stat().st_size
             except OSError:
                 report.size_bytes = 0
             buffered = io.BufferedReader(_CountingReader(raw, self._progress), READ_BUFFER_BYTES)
@@ -406,7 +410,8 @@ class TraceFileReader:
             if not (report.spans or report.skipped_spans or report.problems or report.ignored):
                 self._warning(report, None, "the file holds no spans")
         finally:
-            raw.close()
+            if not stdin:
+                raw.close()
 
     # ----------------------------------------------------------------------------------------
     def _problem(self, report: FileReport, position: str | None, reason: str, *, fatal: bool = False) -> None:

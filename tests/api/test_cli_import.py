@@ -156,3 +156,16 @@ def test_follows_from_and_shared_zipkin_spans_reach_the_store(tmp_path: Path) ->
         skew = store.trace("00000000000000001e223ff1f80f1c69").to_pylist()
         assert len(skew) == 4  # the client and server halves of the shared span are both kept
         assert sorted(r["kind"] for r in skew if r["name"] == "post") == [2, 3]
+
+
+def test_standard_input(tmp_path: Path) -> None:
+    db = tmp_path / "stdin.duckdb"
+    result = subprocess.run(
+        [HOURGLASS, "import", "--db", str(db), "-"],
+        input=gzip.compress((REAL_TRACES / "zipkin-v2__messaging-kafka.json").read_bytes()),
+        capture_output=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"Imported 28 spans in 1 trace from 1 of 1 file" in result.stdout
