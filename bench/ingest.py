@@ -307,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each measured phase")
     parser.add_argument("--senders", type=int, default=2, help="sender processes")
-    parser.add_argument("--concurrency", type=int, default=6, help="concurrent Exports per sender process")
+    parser.add_argument("--concurrency", type=int, default=12, help="concurrent Exports per sender process")
     parser.add_argument("--overload-seconds", type=float, default=8.0)
     parser.add_argument(
-        "--overload-concurrency", type=int, default=48, help="concurrent Exports per sender when overloading"
+        "--overload-concurrency", type=int, default=64, help="concurrent Exports per sender when overloading"
     )
     parser.add_argument(
         "--quick", action="store_true", help="5-second phases (a smoke run, not the reported figure)"
