@@ -499,7 +499,7 @@ class AnalysisService:
         self._run_lock = threading.Lock()
         self._html_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._first_done = threading.Event()
+        self._first_done = threading.Event()  # set when the first run ends, well or not
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running_since: float | None = None
@@ -629,6 +629,7 @@ class AnalysisService:
                     self._failures += 1
                     self._running_since = None
                 self._record_error(exc)
+                self._first_done.set()  # readers waiting for a first report get the error now
                 raise
             with self._state_lock:
                 self._generation = snapshot.generation

@@ -48,6 +48,7 @@ log = logging.getLogger("hourglass.api")
 
 TRACE_ID_PATTERN = r"^[0-9a-fA-F]{1,32}$"  # hex, leading zeros optional (stored left-padded to 32)
 RECOMMENDATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+SINCE_STEP_NS = 10 * 1_000_000_000
 MAX_EXEMPLARS = 3  # exemplar traces returned with one recommendation
 JSON = "application/json"
 
@@ -217,6 +218,8 @@ def create_app(
                 since_ns = parse_since(since)
             except ValueError as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
+            # Whole 10 s steps, so repeated relative queries ("1h") share one cached window analysis.
+            since_ns -= since_ns % SINCE_STEP_NS
             snapshot = await anyio.to_thread.run_sync(service.window, since_ns)
         else:
             snapshot = await current_snapshot()

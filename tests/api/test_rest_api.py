@@ -6,13 +6,21 @@ One server per module (bearer token on), 20 traces with three serialized calls u
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pyarrow as pa
 import pytest
+import uvicorn
 
-from tests.api.live_server import LiveServer, running_server, send_traces, wait_for_spans
+from api.app import create_app
+from api.settings import Settings
+from collector.duckdb_store import DuckDBSpanStore
+from tests.api.live_server import LiveServer, free_port, running_server, send_traces, wait_for_spans
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -212,3 +220,43 @@ def test_post_analyses_reruns_now(server: LiveServer) -> None:
         assert run["spans_analyzed"] >= 40 * SPANS_PER_TRACE
         accepted = client.post("/v1/analyses", params={"wait": "false"})
         assert accepted.status_code == 202 and accepted.json()["status"] == "accepted"
+
+
+class _ScanFailsStore(DuckDBSpanStore):
+    """A store whose reads for the analysis fail (a broken disk): the API must say so, not hang."""
+
+    def scan(self, **kwargs: Any) -> pa.Table:
+        raise OSError("disk on fire")
+
+
+def test_failed_analysis_is_reported_not_hidden() -> None:
+    """create_app in-process under uvicorn on a free port, over a store whose scans fail."""
+    store = _ScanFailsStore(":memory:")
+    port = free_port()
+    app = create_app(store, settings=Settings(api_token=None, settle_seconds=0.2), first_report_timeout=20)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 30
+            while not server.started:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert client.get("/healthz").status_code == 200
+            started = time.monotonic()
+            response = client.get("/v1/recommendations")
+            assert response.status_code == 503, response.text
+            assert "disk on fire" in response.json()["detail"]
+            assert time.monotonic() - started < 15  # the failed first run ends the wait
+            assert response.headers["retry-after"]
+            stats = client.get("/v1/stats").json()
+            assert stats["analysis"]["state"] == "failed"
+            assert "disk on fire" in stats["analysis"]["last_error"]
+            assert client.get("/").status_code == 503
+            run = client.post("/v1/analyses")
+            assert run.status_code == 500 and "disk on fire" in run.json()["detail"]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        store.close()
