@@ -1,7 +1,8 @@
 """`hourglass diff BASE CANDIDATE`: bottlenecks that are new, grew, improved or went away between two
 runs of the same load test — for a pipeline that replays a load test before merging.
 
-BASE and CANDIDATE are each a trace file, a folder of trace files, a span store (``.duckdb``), or
+BASE and CANDIDATE are each a trace file, a folder of trace files, a quoted glob pattern
+(``"run-1/*.jsonl.gz"``), a span store (``.duckdb``), or
 a saved report (the JSON of ``hourglass analyze --format json``, so a pipeline can keep the
 baseline's report instead of its traces). Matching, "grew" and its thresholds: ``analysis.diff``.
 
@@ -12,6 +13,7 @@ input could not be read or analysed; 2 — usage error.
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 from pathlib import Path
@@ -44,7 +46,17 @@ def _saved_report(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _is_pattern(path: Path) -> bool:
+    return any(c in str(path) for c in "*?[")
+
+
 def _trace_files(path: Path) -> list[Path]:
+    """A folder's trace files, a quoted glob pattern's matches ("load-test/*.jsonl"), or the file."""
+    if _is_pattern(path) and not path.exists():
+        matches = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+        if not matches:
+            raise InputError(f"{path}: pattern matches no files")
+        return matches
     if path.is_dir():
         files = sorted(
             p
@@ -59,7 +71,7 @@ def _trace_files(path: Path) -> list[Path]:
 
 def report_for(path: Path) -> dict[str, Any]:
     """Analyse ``path`` (store, saved report, folder or trace file) into an ``hourglass.report/v1``."""
-    if not path.exists():
+    if not path.exists() and not _is_pattern(path):
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
         saved = _saved_report(path)
@@ -99,7 +111,7 @@ def diff_command(
     base: Annotated[
         Path,
         typer.Argument(
-            help="Baseline: trace file, folder of trace files, .duckdb store or saved report JSON."
+            help="Baseline: trace file, folder of trace files, quoted glob, .duckdb store or saved report JSON."
         ),
     ],
     candidate: Annotated[Path, typer.Argument(help="Candidate: same kinds of input as BASE.")],

@@ -140,6 +140,13 @@ def test_diff_reports_new_and_resolved_between_trace_sets(tmp_path: Path) -> Non
     assert gated.returncode == GATE_EXIT_CODE, gated.stderr
     assert "NEW" in gated.stdout
 
+    # A quoted glob names the same set of files as the folder.
+    by_glob = hourglass("diff", SERIALIZED, str(candidate / "*.otlp.jsonl"), "--format", "json")
+    assert by_glob.returncode == 0, by_glob.stderr
+    assert {r["id"] for r in json.loads(by_glob.stdout)["new"]} == {r["id"] for r in result["new"]}
+    no_match = hourglass("diff", SERIALIZED, str(candidate / "*.nothing"))
+    assert no_match.returncode == 1 and "pattern matches no files" in no_match.stderr
+
     backward = hourglass("diff", candidate, SERIALIZED, "--format", "markdown", "--fail-on", "n_plus_one")
     assert backward.returncode == 0, backward.stderr
     assert "| resolved | n_plus_one |" in backward.stdout
