@@ -271,7 +271,8 @@ def test_compose_replicas_have_their_own_store_and_default_ports(
 def k8s() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+        if path.name != "kustomization.yaml":
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
 
 
@@ -279,6 +280,12 @@ def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
+
+
+def test_k8s_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    manifests = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests
 
 
 def test_k8s_statefulset_probes_ports_and_storage(k8s: list[dict[str, Any]], defaults: Settings) -> None:
