@@ -4,7 +4,7 @@ Contract (detectors code against it; keep these names working)::
 
     @dataclass
     class AnalysisContext:
-        spans: pl.DataFrame   # one row per span, repaired; a trace's spans are contiguous, by start
+        spans: pl.DataFrame   # one row per span, repaired, sorted by (trace_id, start_ns, span_id)
         traces: pl.DataFrame  # one row per trace
         @classmethod
         def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext
@@ -89,9 +89,10 @@ class AnalysisContext:
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
         df = to_analysis_frame(table)
         df = repair.deduplicate(df)
-        # Group each trace's spans together in a deterministic order (hashing is far cheaper than
-        # sorting strings; a hash collision between two traces only interleaves their rows).
-        df = df.sort([pl.col("trace_id").hash(), "start_ns", pl.col("span_id").hash()])
+        # Canonical order (trace_id, start_ns, span_id): a trace's spans are contiguous and the
+        # report does not depend on input order. Stores already return rows in this order.
+        if not _is_canonical_order(df):
+            df = df.sort(["trace_id", "start_ns", "span_id"])
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
@@ -162,6 +163,16 @@ class AnalysisContext:
 
     def summary(self) -> dict[str, Any]:
         return {"traces": self.traces.height, "spans": self.spans.height}
+
+
+def _is_canonical_order(df: pl.DataFrame) -> bool:
+    if df.height < 2:
+        return True
+    t, s, i = pl.col("trace_id"), pl.col("start_ns"), pl.col("span_id")
+    later = (t > t.shift(1)) | (
+        (t == t.shift(1)) & ((s > s.shift(1)) | ((s == s.shift(1)) & (i > i.shift(1))))
+    )
+    return bool(df.select(later.slice(1).all()).item())
 
 
 def _trace_frame(spans: pl.DataFrame) -> pl.DataFrame:

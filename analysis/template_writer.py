@@ -110,32 +110,31 @@ def serialized_calls(rec: Rec) -> WrittenText:
 def n_plus_one(rec: Rec) -> WrittenText:
     ev = rec["evidence"]
     target = (rec.get("targets") or [{}])[0]
-    statement = ev.get("statement") or target.get("operation")
+    statement = str(ev.get("statement") or target.get("operation"))
     calls = ev.get("calls_p50")
-    params = (
-        "each with different parameters"
-        if ev.get("different_parameters")
-        else "with the same parameters each time"
+    different = ev.get("different_parameters")
+    params = {True: "each with different parameters", False: "with the same parameters each time"}.get(
+        different, "(the spans do not record the parameters)"
     )
     summary = (
         f"{_caller(rec)} runs {code(statement)} against {target.get('service')} {plural(calls, 'time')} per request "
         f"at the median (up to {ev.get('calls_max')}), one call after another, {params}; each call takes "
         f"{ms(ev.get('call_ms_p50'))} and together they take {ms(ev.get('serial_ms_p50'))}. {_saving(rec)} {_seen(rec)}"
     )
-    if ev.get("different_parameters"):
-        actions = [
-            f"Fetch all rows in one query (WHERE id IN (...) or a JOIN) or one batch request instead of {plural(calls, 'call')}.",
-            "With an ORM, eager-load the relation (select_related/prefetch_related, JOIN FETCH, include) "
-            "or use a DataLoader that batches per request.",
-            "If batching is not possible, issue the calls concurrently with a bounded pool.",
-        ]
-    else:
-        actions = [
-            f"The same call is repeated {plural(calls, 'time')} with identical parameters: call it once and reuse the result.",
-            "Cache the result for the duration of the request (or longer if the data allows).",
-        ]
+    batch = [
+        f"Fetch all rows in one query (WHERE id IN (...) or a JOIN) or one batch request instead of {plural(calls, 'call')}.",
+        "With an ORM, eager-load the relation (select_related/prefetch_related, JOIN FETCH, include) "
+        "or use a DataLoader that batches per request.",
+        "If batching is not possible, issue the calls concurrently with a bounded pool.",
+    ]
+    cache = [
+        f"The same call is repeated {plural(calls, 'time')} with identical parameters: call it once and reuse the result.",
+        "Cache the result for the duration of the request (or longer if the data allows).",
+    ]
+    actions = batch if different else (cache if different is False else [*batch[:2], cache[1]])
+    short = statement if len(statement) <= 60 else statement[:57] + "..."
     return WrittenText(
-        f"Batch the {plural(calls, 'call')} to {statement} in {rec['operation']}", summary.strip(), actions
+        f"Batch the {plural(calls, 'call')} to {short} in {rec['operation']}", summary.strip(), actions
     )
 
 

@@ -295,22 +295,22 @@ def _healthy_big() -> list[Row]:
     for k in range(10):  # ten stages, each a small parallel tree
         stage = len(rows)
         rows.append((0, "batch", f"stage {k}", N, 2 + k * 39, 38, {}))
-        for j in range(4):
+        for j in range(5):
             rows.append((stage, "batch", "work", N, 3 + k * 39, 30 + j, {}))
     return rows
 
 
 SHAPES: dict[str, tuple[float, list[Row]]] = {
-    # name: (share of traces, template)
-    "serialized": (0.16, _serialized()),
+    # name: (share of traces, template); about 20 spans a trace on average
+    "serialized": (0.14, _serialized()),
     "n_plus_one": (0.12, _n_plus_one()),
-    "straggler": (0.08, _straggler()),
-    "pool": (0.10, _pool()),
-    "lock": (0.10, _lock()),
-    "retry": (0.08, _retry()),
-    "error": (0.06, _error()),
-    "healthy_parallel": (0.18, _healthy_parallel()),
-    "healthy_big": (0.12, _healthy_big()),
+    "straggler": (0.10, _straggler()),
+    "pool": (0.08, _pool()),
+    "lock": (0.08, _lock()),
+    "retry": (0.07, _retry()),
+    "error": (0.05, _error()),
+    "healthy_parallel": (0.16, _healthy_parallel()),
+    "healthy_big": (0.20, _healthy_big()),
 }
 
 

@@ -121,8 +121,9 @@ def operation_key() -> pl.Expr:
 
 
 def parameters() -> pl.Expr:
-    """The literal-bearing text of a call (statement, URL): differs between N+1 iterations."""
-    return pl.coalesce(pl.col("db_statement"), pl.col("http_url"), pl.col("rpc_method"), pl.col("name"))
+    """The literal-bearing text of a call (statement, URL), null when the span records neither:
+    it differs between N+1 iterations."""
+    return pl.coalesce(pl.col("db_statement"), pl.col("http_url"))
 
 
 def is_call() -> pl.Expr:

@@ -12,7 +12,8 @@ break the sequence. A sequence is reported when
 * it has at least ``MIN_REPEATS`` (5) calls — Sentry's N+1 DB detector uses the same bar: fewer
   repetitions are usually a handful of distinct lookups, not a loop;
 * the calls carry **different parameters** (different literal statements or URLs), or the same
-  parameters (then the fix is to cache or hoist the call, and the evidence says so);
+  parameters (then the fix is to cache or hoist the call, and the evidence says so); when the spans
+  record neither statement nor URL the evidence says the parameters are unknown;
 * it is not a retry burst: sequences where most calls failed with identical parameters belong to
   ``retry_without_backoff``;
 * the time it could save is at least ``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the
@@ -77,7 +78,8 @@ def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
             pl.col("target_service").first(),
             pl.col("span_id"),
             pl.len().alias("calls"),
-            pl.col("params").n_unique().alias("distinct_params"),
+            pl.col("params").drop_nulls().n_unique().alias("distinct_params"),
+            pl.col("params").is_not_null().any().alias("params_known"),
             (pl.col("status_code") == STATUS_ERROR).mean().alias("error_share"),
             pl.col("duration_ns").sum().alias("serial_ns"),
             pl.col("duration_ns").max().alias("longest_ns"),
@@ -93,7 +95,7 @@ def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
         .filter(
             pl.col("parent_on_critical_path")
             & pl.col("any_on_path")
-            & ~((pl.col("error_share") > 0.5) & (pl.col("distinct_params") == 1))
+            & ~((pl.col("error_share") > 0.5) & (pl.col("distinct_params") <= 1))
             & (pl.col("local_saving_ns") >= MIN_SAVING_NS)
             & (pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE)
         )
@@ -138,6 +140,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         ]
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
         distinct_share = _common.num((group["distinct_params"] > 1).mean())
+        params_known = bool(group["params_known"].any())
         median_calls = _common.num(group["calls"].median())
         label = str(group["op_label"][0])
         statement = str(group["op_detail"][0] or group["op_label"][0])
@@ -159,7 +162,8 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                     "call_ms_p50": round(
                         _common.num((group["serial_ns"] / group["calls"]).median()) / 1e6, 3
                     ),
-                    "different_parameters": distinct_share >= 0.5,
+                    # None: the spans record no statement or URL, so parameters cannot be compared
+                    "different_parameters": (distinct_share >= 0.5) if params_known else None,
                     "statement": statement,
                 },
                 signature_extra=str(op_key),
