@@ -8,6 +8,8 @@ the OpenTelemetry SDK exporter. Skipped, with the reason, only when /usr/bin/chr
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -98,3 +100,40 @@ def test_report_page_renders_waterfalls_offline(server: LiveServer, tmp_path: Pa
     assert requested, "the browser made no request at all"
     outside = [url for url in requested if urlsplit(url).hostname not in ("127.0.0.1",)]
     assert not outside, f"requests left 127.0.0.1: {outside}"
+
+
+def test_report_file_from_the_cli_renders_offline(tmp_path: Path) -> None:
+    """`hourglass report --html` writes a page that renders from disk with no request at all."""
+    from playwright.sync_api import sync_playwright
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report.html"
+    exe = root / ".venv" / "bin" / "hourglass"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
+    sample = root / "sample-traces" / "n_plus_one.otlp.jsonl"
+    done = subprocess.run(
+        [*cmd, "report", "--html", str(out), str(sample)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+    requested: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(out.as_uri(), wait_until="load", timeout=60_000)
+            waterfall = page.locator("svg.waterfall").first
+            waterfall.scroll_into_view_if_needed()
+            box = waterfall.bounding_box()
+            assert box is not None and box["width"] > 300 and box["height"] > 60
+            assert waterfall.locator("rect.bar-bottleneck").count() >= 2
+            page.screenshot(path=str(tmp_path / "file-report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert requested == [out.as_uri()], requested
