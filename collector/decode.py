@@ -267,7 +267,7 @@ def _build_lean_classes() -> dict[str, Any]:
             ("dropped_events_count", 12, u32, False, None),
             ("links", 13, b, True, None),
             ("dropped_links_count", 14, u32, False, None),
-            ("status", 15, m, False, "Status"),
+            ("status", 15, b, False, None),  # bytes: most spans repeat a few statuses
             ("flags", 16, f32, False, None),
         ],
         "Event": [
@@ -301,6 +301,30 @@ _LEAN = _build_lean_classes()
 _LeanTracesData = _LEAN["TracesData"]
 _KeyValue = common_pb2.KeyValue
 _KeyValueFromString = common_pb2.KeyValue.FromString
+
+
+_TRACE_ID_LENGTHS = frozenset({16})
+_SPAN_ID_LENGTHS = frozenset({8})
+_PARENT_ID_LENGTHS = frozenset({0, 8})
+_ZERO_TRACE_ID = bytes(16)
+_ZERO_SPAN_ID = bytes(8)
+_STATUS_CACHE: dict[bytes, tuple[int, str | None]] = {b"": (0, None)}
+_STATUS_CACHE_MAX_KEY_BYTES = 256
+
+
+def _status(encoded: bytes) -> tuple[int, str | None]:
+    """(code, message or None) of a serialized ``Status``; short ones are cached (they repeat)."""
+    cached = _STATUS_CACHE.get(encoded)
+    if cached is not None:
+        return cached
+    status = _LEAN["Status"].FromString(encoded)
+    result = (status.code, status.message or None)
+    if len(encoded) <= _STATUS_CACHE_MAX_KEY_BYTES:
+        if len(_STATUS_CACHE) >= _MAX_CACHED_KEYS:
+            _STATUS_CACHE.clear()
+            _STATUS_CACHE[b""] = (0, None)
+        _STATUS_CACHE[encoded] = result
+    return result
 
 
 def _attribute_key(encoded: bytes) -> str:
@@ -392,7 +416,25 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
         for si, scope_spans in enumerate(resource_spans.scope_spans):
             scope_name = common_pb2.InstrumentationScope.FromString(scope_spans.scope).name or None
             scope_start = len(kept)
-            for pi, span in enumerate(scope_spans.spans):
+            scope_list = list(scope_spans.spans)
+            scope_trace_ids = [s.trace_id for s in scope_list]
+            scope_span_ids = [s.span_id for s in scope_list]
+            scope_parent_ids = [s.parent_span_id for s in scope_list]
+            # the common case checked at C speed: every id well-formed, none all-zero
+            if (
+                set(map(len, scope_trace_ids)) <= _TRACE_ID_LENGTHS
+                and set(map(len, scope_span_ids)) <= _SPAN_ID_LENGTHS
+                and set(map(len, scope_parent_ids)) <= _PARENT_ID_LENGTHS
+                and _ZERO_TRACE_ID not in scope_trace_ids
+                and _ZERO_SPAN_ID not in scope_span_ids
+            ):
+                kept.extend(scope_list)
+                trace_ids.extend([t.hex() for t in scope_trace_ids])
+                span_ids.extend([t.hex() for t in scope_span_ids])
+                parent_ids.extend([p.hex() if p else None for p in scope_parent_ids])
+                scope_names.extend([scope_name] * len(scope_list))
+                continue
+            for pi, span in enumerate(scope_list):
                 trace_id = span.trace_id
                 span_id = span.span_id
                 parent_id = span.parent_span_id
@@ -420,7 +462,7 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
 
     rows = len(kept)
     # pass 2: plain fields, one comprehension per column (no per-row appends)
-    statuses = [s.status for s in kept]
+    statuses = [_status(s.status) for s in kept]
     columns: dict[str, Any] = {
         "trace_id": trace_ids,
         "span_id": span_ids,
@@ -430,8 +472,8 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
         "kind": [s.kind for s in kept],
         "start_ns": [s.start_time_unix_nano for s in kept],
         "end_ns": [s.end_time_unix_nano for s in kept],
-        "status_code": [st.code for st in statuses],
-        "status_message": [st.message or None for st in statuses],
+        "status_code": [st[0] for st in statuses],
+        "status_message": [st[1] for st in statuses],
         "scope_name": scope_names,
         "host": hosts,
     }
