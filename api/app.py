@@ -28,13 +28,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -154,7 +154,18 @@ def create_app(
     auth_errors: dict[int | str, dict[str, Any]] = {
         401: {"model": m.ErrorBody, "description": "Token needed"}
     }
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=auth_errors)
+
+    def v1(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a ``/v1`` route on the app itself (plain routes: the route table lists them)
+        with the token check and its 401 answer documented."""
+        responses = {**auth_errors, **kwargs.pop("responses", {})}
+        return app.api_route(
+            "/v1" + path,
+            methods=[method],
+            dependencies=[Depends(require_token)],
+            responses=responses,
+            **kwargs,
+        )
 
     async def current_snapshot() -> ReportSnapshot:
         snapshot = service.snapshot
@@ -175,13 +186,14 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @v1.get("/stats", response_model=m.Stats, tags=["service"])
+    @v1("GET", "/stats", response_model=m.Stats, tags=["service"])
     def stats() -> dict[str, Any]:
         """Stored span and trace counts, and the state of the background analysis."""
         s = store.stats()
         return {"spans": s.spans, "traces": s.traces, "analysis": service.status()}
 
-    @v1.get(
+    @v1(
+        "GET",
         "/recommendations",
         response_model=m.Report,
         tags=["recommendations"],
@@ -289,7 +301,8 @@ def create_app(
             ],
         }
 
-    @v1.get(
+    @v1(
+        "GET",
         "/traces/{trace_id}",
         response_model=m.TraceDetail,
         tags=["traces"],
@@ -313,7 +326,8 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"trace {normalized} is not in the store")
         return view
 
-    @v1.get(
+    @v1(
+        "GET",
         "/recommendations/{recommendation_id}",
         response_model=m.RecommendationDetail,
         tags=["recommendations"],
@@ -336,7 +350,7 @@ def create_app(
                 exemplars.append(view)
         return {**rec, "exemplars": exemplars}
 
-    @v1.get("/services", response_model=m.Services, tags=["service"])
+    @v1("GET", "/services", response_model=m.Services, tags=["service"])
     def services() -> dict[str, Any]:
         """Services seen in the store, with how many current recommendations concern each."""
         counts: dict[str, int] = dict.fromkeys(store.services(), 0)
@@ -348,7 +362,8 @@ def create_app(
                     counts[str(name)] = counts.get(str(name), 0) + 1
         return {"services": [{"name": n, "recommendations": c} for n, c in sorted(counts.items())]}
 
-    @v1.post(
+    @v1(
+        "POST",
         "/analyses",
         response_model=m.AnalysisRun,
         tags=["recommendations"],
@@ -405,5 +420,4 @@ def create_app(
         page = await anyio.to_thread.run_sync(service.html, snapshot)
         return HTMLResponse(page)
 
-    app.include_router(v1)
     return app
