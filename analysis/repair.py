@@ -126,30 +126,37 @@ def link_parents(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent).
 
     Joined on a 64-bit hash of (trace_id, span_id) — far cheaper than joining two string columns —
-    and every match is then verified on the strings, so a hash collision can only lose a link
-    (the span becomes an orphan), never make a wrong one."""
+    and every match is then verified with independent hashes of the trace id and the span id, so a
+    collision can only lose a link (the span becomes an orphan), never make a wrong one."""
     keys = df.select(
         pl.struct("trace_id", "span_id").hash().alias("_key"),
         pl.struct("trace_id", pl.col("parent_span_id").alias("span_id")).hash().alias("_parent_key"),
         (pl.col("parent_span_id").is_not_null() & (pl.col("parent_span_id") != "")).alias("_has_parent_id"),
         (pl.col("parent_span_id") == pl.col("span_id")).fill_null(False).alias("_self_parent"),
     )
-    lookup = keys.select("_key").with_row_index("_parent_row").unique(subset="_key", keep="first")
-    joined = keys.join(
-        lookup.rename({"_key": "_parent_key"}), on="_parent_key", how="left", maintain_order="left"
+    key = keys["_key"].to_numpy()
+    parent_key = keys["_parent_key"].to_numpy()
+    has_parent_id = keys["_has_parent_id"].to_numpy()
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    query_order = np.argsort(parent_key)  # sorted queries: searchsorted walks memory in order
+    pos = np.empty(parent_key.size, dtype=np.int64)
+    pos[query_order] = np.searchsorted(sorted_key, parent_key[query_order])
+    pos = np.minimum(pos, max(key.size - 1, 0))
+    found = (sorted_key[pos] == parent_key) if key.size else np.zeros(0, dtype=bool)
+    parent = np.where(found & has_parent_id & ~keys["_self_parent"].to_numpy(), order[pos], -1).astype(
+        np.int64
     )
-    has_parent_id = joined["_has_parent_id"].to_numpy()
-    parent = joined["_parent_row"].fill_null(-1).cast(pl.Int64).to_numpy().copy()
-    parent[~has_parent_id | joined["_self_parent"].to_numpy()] = -1
     linked = np.nonzero(parent >= 0)[0]
-    if linked.size:
-        trace_ids, span_ids, parent_ids = df["trace_id"], df["span_id"], df["parent_span_id"]
-        idx = pl.Series(linked)
-        up = pl.Series(parent[linked])
-        same = (trace_ids.gather(idx) == trace_ids.gather(up)) & (
-            parent_ids.gather(idx) == span_ids.gather(up)
+    if linked.size:  # verify with independent hashes of each id: a collision cannot survive both
+        check = df.select(
+            pl.col("trace_id").hash(seed=0x5EED).alias("t"),
+            pl.col("span_id").hash(seed=0x5EED).alias("s"),
+            pl.col("parent_span_id").hash(seed=0x5EED).alias("p"),
         )
-        wrong = ~same.fill_null(False).to_numpy()
+        t, sid, pid = check["t"].to_numpy(), check["s"].to_numpy(), check["p"].to_numpy()
+        up = parent[linked]
+        wrong = (t[linked] != t[up]) | (pid[linked] != sid[up])
         parent[linked[wrong]] = -1
     orphan = has_parent_id & (parent < 0)
     return parent, orphan
