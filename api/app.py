@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -223,8 +223,14 @@ def create_app(
         limit: Annotated[
             int | None, Query(ge=1, le=10_000, description="At most this many, best first")
         ] = None,
+        if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
     ) -> Response:
-        """The ranked recommendations (``hourglass.report/v1``), from the cached report."""
+        """The ranked recommendations (``hourglass.report/v1``), from the cached report.
+
+        The ``ETag`` names the analysis run (the same URL gives the same body until the next run),
+        so a poller sending ``If-None-Match`` gets ``304 Not Modified`` until there is news.
+        ``since`` answers carry no ETag: their window moves with the clock.
+        """
         if since is not None:
             try:
                 since_ns = parse_since(since)
@@ -235,11 +241,17 @@ def create_app(
             snapshot = await anyio.to_thread.run_sync(service.window, since_ns)
         else:
             snapshot = await current_snapshot()
+        headers = {"X-Hourglass-Generation": str(snapshot.generation)}
+        if since is None:
+            etag = f'"hourglass-{snapshot.generation}-{int(snapshot.started_at * 1000)}"'
+            headers["ETag"] = etag
+            if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+                return Response(status_code=304, headers=headers)
         kinds = [k.strip() for item in kind or [] for k in item.split(",") if k.strip()] or None
         if service_name is None and kinds is None and category is None and limit is None:
-            return Response(snapshot.body(), media_type=JSON)
+            return Response(snapshot.body(), media_type=JSON, headers=headers)
         indices = snapshot.filter_indices(service=service_name, kind=kinds, category=category, limit=limit)
-        return Response(snapshot.body(indices), media_type=JSON)
+        return Response(snapshot.body(indices), media_type=JSON, headers=headers)
 
     def _trace_view(trace_id: str, snapshot: ReportSnapshot | None) -> dict[str, Any] | None:
         spans = store.trace(trace_id)

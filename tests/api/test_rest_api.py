@@ -97,6 +97,18 @@ def test_recommendations_find_the_serialized_calls(server: LiveServer) -> None:
     assert ranks == sorted(ranks)
 
 
+def test_etag_answers_not_modified_until_the_next_run(server: LiveServer) -> None:
+    with server.client() as client:
+        first = client.get("/v1/recommendations")
+        etag = first.headers["etag"]
+        again = client.get("/v1/recommendations", headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b""
+        assert client.get("/v1/recommendations", headers={"If-None-Match": '"other"'}).status_code == 200
+        assert client.post("/v1/analyses").status_code == 200
+        fresh = client.get("/v1/recommendations", headers={"If-None-Match": etag})
+        assert fresh.status_code == 200 and fresh.headers["etag"] != etag
+
+
 def test_recommendation_filters(server: LiveServer) -> None:
     with server.client() as client:
         full = client.get("/v1/recommendations").json()["recommendations"]
