@@ -389,8 +389,7 @@ def _finding_from_recommendation(rec: Mapping[str, Any], spans: pl.DataFrame) ->
 
     detect = DETECTORS.get(str(rec.get("kind")))
     if detect is not None:
-        ctx = AnalysisContext(spans=spans, traces=pl.DataFrame())
-        for finding in detect(ctx):
+        for finding in detect(AnalysisContext.from_table(spans)):
             if finding.id == rec.get("id"):
                 return finding
     return Finding(str(rec.get("kind", "")), "parallelization", "", "", [], [], 0.0)
@@ -412,10 +411,7 @@ def retime_trace(spans_of_one_trace: pl.DataFrame, finding: Finding | Mapping[st
     if len(trace_ids) > 1:
         raise ValueError("retime_trace takes the spans of one trace")
     if not isinstance(finding, Finding):
-        if "parent_row" not in spans_of_one_trace.columns:
-            finding = _finding_from_recommendation(finding, spans)
-        else:
-            finding = _finding_from_recommendation(finding, AnalysisContext.from_table(spans).spans)
+        finding = _finding_from_recommendation(finding, spans)
     engine = Retimer(spans)
     plan = engine.plan(finding, trace_ids=trace_ids)
     new_start, new_end = engine.new_times(plan)

@@ -139,3 +139,22 @@ def test_deep_trace_is_retimed_without_recursion() -> None:
     ctx = AnalysisContext.from_table(spans_table(b))
     f = finding(Occurrence(b.trace_id, (parent,), (ShortenSpan(parent, 1_000 * MS),)))
     assert WhatIf(ctx).impact(f).total_ns == 1_000 * MS
+
+
+def test_retime_trace_reruns_the_detector_when_the_report_recorded_no_interventions() -> None:
+    from analysis.pipeline import analyze
+
+    builders = []
+    for _ in range(2):
+        b = TraceBuilder(service="shop")
+        root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+        b.span("GET users", parent=root, start_ms=10, dur_ms=100, kind=KIND_CLIENT, http_url="http://users/u")
+        b.span("GET cart", parent=root, start_ms=111, dur_ms=100, kind=KIND_CLIENT, http_url="http://cart/c")
+        builders.append(b)
+    (rec,) = analyze(spans_table(builders))["recommendations"]
+    rec["evidence"].pop("interventions")
+    raw = pl.from_arrow(spans_table(builders[1]))
+    assert isinstance(raw, pl.DataFrame)
+    after = retime_trace(raw, rec)
+    root = after.filter(pl.col("name") == "GET /checkout").row(0, named=True)
+    assert (root["new_end_ns"] - root["new_start_ns"]) / MS == 200
