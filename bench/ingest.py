@@ -246,19 +246,37 @@ def null_receiver_main(port_file: str) -> None:
 
 
 class RssSampler:
+    """Samples a process's RSS every 50 ms: the peak, and peaks per half of the sampling window
+    (under sustained overload a bounded server's second-half peak does not exceed the first's
+    by much; an unbounded queue keeps growing)."""
+
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
         self.peak = 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                rss = self.process.memory_info().rss
+                self.peak = max(self.peak, rss)
+                self.samples.append((time.monotonic(), rss))
             except psutil.Error:
                 return
             self._stop.wait(0.05)
+
+    def half_peaks(self, skip_s: float = 3.0) -> tuple[int, int]:
+        """Peak RSS in the first and second half of the window, after ``skip_s`` of sender start-up."""
+        if not self.samples:
+            return 0, 0
+        start = self.samples[0][0] + skip_s
+        window = [(t, r) for t, r in self.samples if t >= start] or self.samples
+        middle = (window[0][0] + window[-1][0]) / 2
+        first = max((r for t, r in window if t <= middle), default=0)
+        second = max((r for t, r in window if t > middle), default=first)
+        return first, second
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -404,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         f"acknowledged spans: {expected:,}; stored unique spans after shutdown: {stored:,} "
         f"({'all acknowledged spans stored' if stored >= expected else 'MISSING SPANS'}); serve exit code {code}; "
         f"store {db_mb:,.0f} MB"
+    )
+    first, second = overload_rss.half_peaks()
+    bounded = second <= first * 1.15 + 32 * 2**20
+    print(
+        f"overload peak RSS: first half {first / 2**20:,.0f} MiB, second half {second / 2**20:,.0f} MiB "
+        f"({'bounded' if bounded else 'STILL GROWING'})"
     )
     print(
         f"stored / ceiling: {ratio:.2f}   (targets: >= 100,000 spans/s, >= 0.10 of the ceiling, bounded RSS)"
