@@ -258,7 +258,13 @@ def create_app(
         if spans.num_rows == 0:
             return None
         report = snapshot.report if snapshot is not None else {"recommendations": []}
-        detail = trace_detail(spans, report)
+        analysis_error = None
+        try:
+            detail = trace_detail(spans, report)
+        except Exception as exc:
+            # The stored spans are still worth showing; the failure is logged and in the answer.
+            log.exception("critical path of trace %s failed", trace_id)
+            detail, analysis_error = {}, f"{type(exc).__name__}: {exc}"
         path = critical_path_ids(detail)
         on_path = set(path)
         rows = sorted(spans.to_pylist(), key=lambda r: (r["start_ns"], r["span_id"]))
@@ -293,6 +299,7 @@ def create_app(
             "duration_ms": (t_end - t0) / 1e6,
             "services": sorted({r["service"] for r in rows}),
             "critical_path": path,
+            "analysis_error": analysis_error,
             "findings": findings,
             "spans": [
                 {

@@ -99,6 +99,9 @@ class TraceDetail(_Open):
     duration_ms: float
     services: list[str]
     critical_path: list[str] = Field(description="Span ids on the critical path, root first")
+    analysis_error: str | None = Field(
+        None, description="Why the critical path could not be computed (the spans are still shown)"
+    )
     findings: list[FindingRef] = Field(
         description="Recommendations of the current report touching this trace"
     )

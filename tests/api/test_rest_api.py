@@ -6,6 +6,7 @@ One server per module (bearer token on), 20 traces with three serialized calls u
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ import uvicorn
 from api.app import create_app
 from api.settings import Settings
 from collector.duckdb_store import DuckDBSpanStore
+from collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.api.live_server import LiveServer, free_port, running_server, send_traces, wait_for_spans
+from tests.builders import TraceBuilder, spans_table
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -241,20 +244,31 @@ class _ScanFailsStore(DuckDBSpanStore):
         raise OSError("disk on fire")
 
 
-def test_failed_analysis_is_reported_not_hidden() -> None:
-    """create_app in-process under uvicorn on a free port, over a store whose scans fail."""
-    store = _ScanFailsStore(":memory:")
+@contextlib.contextmanager
+def _in_process(store: DuckDBSpanStore) -> Iterator[httpx.Client]:
+    """create_app in-process under uvicorn on a free port (real HTTP), no token."""
     port = free_port()
     app = create_app(store, settings=Settings(api_token=None, settle_seconds=0.2), first_report_timeout=20)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 30
-            while not server.started:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_failed_analysis_is_reported_not_hidden() -> None:
+    """Over a store whose scans fail: the API says so at once, with the reason."""
+    store = _ScanFailsStore(":memory:")
+    try:
+        with _in_process(store) as client:
             assert client.get("/healthz").status_code == 200
             started = time.monotonic()
             response = client.get("/v1/recommendations")
@@ -269,6 +283,32 @@ def test_failed_analysis_is_reported_not_hidden() -> None:
             run = client.post("/v1/analyses")
             assert run.status_code == 500 and "disk on fire" in run.json()["detail"]
     finally:
-        server.should_exit = True
-        thread.join(30)
+        store.close()
+
+
+def test_corrupt_traces_are_served_not_500() -> None:
+    """Parent cycles, self-parents, orphans and a 5,000-span trace: the trace view answers 200."""
+    cyclic = TraceBuilder(service="svc")
+    cyclic.span("a", start_ms=0, dur_ms=10, span_id="a" * 16, parent="b" * 16)
+    cyclic.span("b", start_ms=1, dur_ms=5, span_id="b" * 16, parent="a" * 16)
+    cyclic.span("self", start_ms=2, dur_ms=1, span_id="c" * 16, parent="c" * 16)
+    cyclic.span("orphan", start_ms=3, dur_ms=1, span_id="d" * 16, parent="e" * 16)
+    big = TraceBuilder(service="svc")
+    root = big.span("root", start_ms=0, dur_ms=6000, kind=KIND_SERVER)
+    for i in range(4999):
+        big.span(f"step {i}", parent=root, start_ms=i, dur_ms=1, kind=KIND_CLIENT)
+    store = DuckDBSpanStore(":memory:")
+    store.write(spans_table([cyclic, big]))
+    try:
+        with _in_process(store) as client:
+            for builder, count in ((cyclic, 4), (big, 5000)):
+                response = client.get(f"/v1/traces/{builder.trace_id}")
+                assert response.status_code == 200, response.text[:500]
+                body = response.json()
+                assert body["span_count"] == count
+                assert body["critical_path"] or body["analysis_error"]
+            assert client.get("/v1/recommendations").status_code == 200
+            page = client.get("/")
+            assert page.status_code == 200
+    finally:
         store.close()
