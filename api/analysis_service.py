@@ -624,7 +624,10 @@ class AnalysisService:
                     reason=reason,
                 )
             except Exception as exc:
-                log.exception("analysis run failed (%s)", reason)
+                if self._stop.is_set():
+                    log.info("analysis run (%s) interrupted by shutdown", reason)
+                else:
+                    log.exception("analysis run failed (%s)", reason)
                 with self._state_lock:
                     self._failures += 1
                     self._running_since = None
