@@ -3,9 +3,10 @@
 Rule
 ----
 A *fan-out* is a group of at least ``MIN_BRANCHES`` (3) blocking children of one parent that share
-one operation (same child service, span name and endpoint shape: the route, or the URL path with
-its numeric segments masked, so ``GET /shards/3/search`` calls group while a ``GET`` to another
-endpoint does not) and all run at the same time: every child starts
+one operation (same child service and span name, and for generic HTTP client names such as ``GET``
+the same endpoint shape: the route, or the URL path with its numeric segments masked, so calls to
+``/shards/3/search`` group while a ``GET`` to another endpoint does not) and all run at the same
+time: every child starts
 before the earliest-finishing child ends (``max(start) < min(end)``). A fan-out that starts its
 children in waves is a concurrency limit, not a straggler (see ``fanout_concurrency_limit``).
 
@@ -46,8 +47,10 @@ straggler rate (+0.1 when at least half the fan-outs straggle) and with an ident
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
@@ -101,22 +104,49 @@ def _endpoint() -> pl.Expr:
 
 def target_operation(name: str, endpoint: str) -> str:
     """The child operation as a finding names it: the span name, with the endpoint shape appended
-    when the name carries no path of its own (``HTTP GET`` → ``HTTP GET /route``)."""
-    return name if not endpoint or "/" in name else f"{name} {endpoint}"
+    when the name is a generic HTTP one (``HTTP GET`` → ``HTTP GET /route``)."""
+    return f"{name} {endpoint}" if endpoint else name
+
+
+# HTTP client span names that say nothing about the endpoint ("GET", "HTTP GET", "http.request").
+_GENERIC_HTTP_NAME = (
+    r"(?i)^(?:https?[ ._-]?)?(?:(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS)|request|client[ ._-]?request)?$"
+)
+# One cached result per spans frame: both fan-out detectors group the same siblings.
+_sibling_cache: dict[int, tuple[weakref.ref[pl.DataFrame], int, pl.DataFrame]] = {}
+
+
+def _generic_names(spans: pl.DataFrame) -> pl.Series:
+    names = spans["name"].unique()
+    return names.filter(names.str.contains(_GENERIC_HTTP_NAME))
 
 
 def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.DataFrame:
-    """Blocking children grouped by (parent, child service, child name, endpoint shape — see
-    :func:`_endpoint`), one row per child, for
-    groups with at least ``min_children`` members: ``row``, ``parent_row``, ``start_ns``, ``end_ns``,
-    ``duration_ns`` and per group ``group_id``, ``n``, ``first_start_ns``, ``last_start_ns``,
-    ``first_end_ns``. Other span columns are fetched for the few rows that need them with
-    :func:`with_span_columns`.
+    """See :func:`_sibling_groups`; the result is cached for the frame (one entry, by identity)."""
+    cached = _sibling_cache.get(id(spans))
+    if cached is not None and cached[0]() is spans and cached[1] == min_children:
+        return cached[2]
+    result = _sibling_groups(spans, min_children)
+    _sibling_cache.clear()
+    _sibling_cache[id(spans)] = (weakref.ref(spans), min_children, result)
+    weakref.finalize(spans, _sibling_cache.pop, id(spans), None)  # no memory kept past the frame
+    return result
 
-    The group key is a 64-bit hash of (parent row, service, name) and the frame carries only
-    integers: windows over it stay cheap at a million spans, where carrying the string columns
-    through a join costs more than the whole detector may."""
-    return (
+
+def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
+    """Blocking children grouped by (parent, child service, child name, endpoint shape — see
+    :func:`_endpoint`), one row per child, for groups with at least ``min_children`` members:
+    ``row``, ``parent_row``, ``start_ns``, ``end_ns``, ``duration_ns`` and per group ``group_id``,
+    ``n``, ``first_start_ns``, ``last_start_ns``, ``first_end_ns``. Other span columns are fetched
+    for the few rows that need them with :func:`with_span_columns`.
+
+    The group key is a 64-bit hash and the frame carries only integers: windows over it stay cheap
+    at a million spans, where carrying string columns through a join costs more than the whole
+    detector may. The endpoint (regular expressions over URLs, the dearest step) is computed only
+    for children already in a group of ``min_children`` by name whose span name is a generic HTTP
+    one (``GET``, ``HTTP GET``, ``http.request``): any other name is the instrumentation's own
+    statement of what the call is."""
+    by_name = (
         spans.lazy()
         .filter(pl.col("blocking") & pl.col("parent_row").is_not_null())
         .select(
@@ -125,7 +155,30 @@ def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.
             "start_ns",
             "end_ns",
             "duration_ns",
-            group_id=pl.struct("parent_row", "service", "name", _endpoint()).hash(),
+            name_key=pl.struct("parent_row", "service", "name").hash(),
+            needs_endpoint=pl.col("name").is_in(_generic_names(spans).implode())
+            & (pl.col("http_url").is_not_null() | pl.col("http_route").is_not_null()),
+        )
+        .with_columns(n=pl.len().over("name_key"))
+        .filter(pl.col("n") >= min_children)
+        .collect()
+    )
+    endpoint_key = np.zeros(by_name.height, dtype=np.uint64)
+    needs = by_name["needs_endpoint"].to_numpy()
+    if needs.any():
+        rows = by_name["row"].filter(by_name["needs_endpoint"])
+        calls = pl.DataFrame([spans["http_route"].gather(rows), spans["http_url"].gather(rows)])
+        endpoint_key[needs] = calls.select(_endpoint().hash()).to_series().to_numpy()
+    return (
+        by_name.lazy()
+        .with_columns(endpoint_key=pl.Series(endpoint_key))
+        .select(
+            "row",
+            "parent_row",
+            "start_ns",
+            "end_ns",
+            "duration_ns",
+            group_id=pl.struct("name_key", "endpoint_key").hash(),
         )
         .with_columns(n=pl.len().over("group_id"))
         .filter(pl.col("n") >= min_children)
@@ -145,8 +198,10 @@ def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[st
     derived = ("parent_service", "parent_name", "endpoint")
     own = [spans[c].gather(rows) for c in columns if c not in derived]
     if "endpoint" in columns:
-        call = pl.DataFrame([spans["http_route"].gather(rows), spans["http_url"].gather(rows)])
-        own.append(call.select(_endpoint().fill_null("").alias("endpoint")).to_series())
+        call = pl.DataFrame([spans[c].gather(rows) for c in ("name", "http_route", "http_url")])
+        generic = pl.col("name").is_in(_generic_names(spans).implode())
+        endpoint = pl.when(generic).then(_endpoint()).otherwise(None)
+        own.append(call.select(endpoint.fill_null("").alias("endpoint")).to_series())
     parents = [
         spans[c.removeprefix("parent_")].gather(frame["parent_row"]).alias(c)
         for c in columns
