@@ -346,27 +346,37 @@ def trace_root_rows(ctx: AnalysisContext) -> pl.DataFrame:
 
 
 class WhatIf:
-    """Savings of findings over one analysis context."""
+    """Savings of findings over one analysis context.
+
+    The saving is measured at the root of the subtree that holds the intervention: the trace root for
+    a complete trace; the orphan's subtree root when spans above it are missing (a saving inside an
+    orphaned subtree is real even though the trace cannot say how it reaches the true root). Several
+    subtrees of one trace add up; their root durations make the trace's ``root_ns``.
+    """
 
     def __init__(self, ctx: AnalysisContext) -> None:
         self.ctx = ctx
         self.engine = Retimer(ctx.spans)
-        roots = trace_root_rows(ctx)
-        self._root_row = dict(zip(roots["trace_id"].to_list(), roots["row"].to_list(), strict=True))
+        trace_ids = ctx.spans["trace_id"]
+        self._trace_index = (trace_ids != trace_ids.shift(1)).fill_null(True).cum_sum().to_numpy() - 1
+        self._trace_ids = trace_ids
+        self._is_root = self.engine.parent < 0
 
     def impact(self, finding: Finding) -> Impact:
-        trace_ids = finding.trace_ids
-        if not trace_ids or not any(o.interventions for o in finding.occurrences):
-            return Impact(trace_ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        if not finding.trace_ids or not any(o.interventions for o in finding.occurrences):
+            return Impact(finding.trace_ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         plan = self.engine.plan(finding)
         new_dur, _, _ = self.engine.retime(plan)
-        roots = np.array([self._root_row.get(t, -1) for t in trace_ids], dtype=np.int64)
-        known = roots >= 0
-        roots = roots[known]
-        kept_ids = [t for t, k in zip(trace_ids, known, strict=True) if k]
+        roots = np.nonzero(plan.dirty & self._is_root)[0]
+        if roots.size == 0:
+            return Impact([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         old = self.engine.dur[roots]
         saved = np.maximum(0, old - new_dur[roots])
-        return Impact(kept_ids, saved, old)
+        traces, first, inverse = np.unique(self._trace_index[roots], return_index=True, return_inverse=True)
+        saved_per_trace = np.bincount(inverse, weights=saved, minlength=traces.size).astype(np.int64)
+        root_per_trace = np.bincount(inverse, weights=old, minlength=traces.size).astype(np.int64)
+        ids = self._trace_ids.gather(pl.Series(roots[first])).to_list()
+        return Impact(ids, saved_per_trace, root_per_trace)
 
 
 def _finding_from_recommendation(rec: Mapping[str, Any], spans: pl.DataFrame) -> Finding:

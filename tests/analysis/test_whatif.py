@@ -158,3 +158,14 @@ def test_retime_trace_reruns_the_detector_when_the_report_recorded_no_interventi
     after = retime_trace(raw, rec)
     root = after.filter(pl.col("name") == "GET /checkout").row(0, named=True)
     assert (root["new_end_ns"] - root["new_start_ns"]) / MS == 200
+
+
+def test_saving_inside_an_orphaned_subtree_is_measured_at_its_root() -> None:
+    b = TraceBuilder()
+    b.span("root", start_ms=0, dur_ms=500, kind=KIND_SERVER)
+    lost = b.span("lost handler", parent="ffffffffffffffff", start_ms=100, dur_ms=200)
+    a = b.span("a", parent=lost, start_ms=110, dur_ms=80)
+    c = b.span("c", parent=lost, start_ms=190, dur_ms=100)
+    ctx = AnalysisContext.from_table(spans_table(b))
+    impact = WhatIf(ctx).impact(finding(Occurrence(b.trace_id, (a, c), (RunConcurrently((a, c)),))))
+    assert impact.saved_ns.tolist() == [80 * MS] and impact.root_ns.tolist() == [200 * MS]
