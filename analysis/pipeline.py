@@ -155,7 +155,18 @@ class ContextView:
         ]
 
     def service_neighbours(self, service: str) -> dict[str, list[dict[str, Any]]]:
-        edges = self.ctx.with_parent().filter(pl.col("service") != pl.col("parent_service"))
+        edges = self.ctx.cache.get("service_edges")
+        if not isinstance(edges, pl.DataFrame):
+            edges = (
+                self.ctx.with_parent(
+                    self.ctx.spans.filter(pl.col("parent_row").is_not_null()).select(
+                        "parent_row", "service", "name", "duration_ns"
+                    )
+                )
+                .filter(pl.col("service") != pl.col("parent_service"))
+                .select("service", "name", "duration_ns", "parent_service", "parent_name")
+            )
+            self.ctx.cache["service_edges"] = edges
 
         def summarise(frame: pl.DataFrame, svc: str, op: str) -> list[dict[str, Any]]:
             agg = (
