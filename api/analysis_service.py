@@ -550,17 +550,18 @@ class AnalysisService:
             if count != last_seen:
                 last_seen, last_change = count, now
             snapshot = self._snapshot
-            due = False
-            if first:
-                due = True  # whatever is stored already has settled: report it at once
+            reason: str | None = None
+            if first or self._runs == 0:
+                reason = "startup"  # whatever is stored already has settled: report it at once
             elif snapshot is None or count != snapshot.change_marker:
-                settled = now - last_change >= self.settle_seconds
-                stale = snapshot is None or now - snapshot.started_monotonic >= self.max_staleness_seconds
-                due = settled or stale
-            if due and now >= retry_at:
+                if now - last_change >= self.settle_seconds:
+                    reason = "settled"
+                elif snapshot is None or now - snapshot.started_monotonic >= self.max_staleness_seconds:
+                    reason = "stale"  # spans keep arriving without a pause
+            if reason is not None and now >= retry_at:
                 first = False
                 try:
-                    self.run_now(reason="startup" if self._runs == 0 else "settled")
+                    self.run_now(reason=reason)
                     backoff = 1.0
                 except Exception:
                     # Logged and recorded by run_now; the last good report keeps being served.

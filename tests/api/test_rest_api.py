@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 import uvicorn
 
+from api.analysis_service import AnalysisService
 from api.app import create_app
 from api.settings import Settings
 from collector.duckdb_store import DuckDBSpanStore
@@ -311,4 +312,40 @@ def test_corrupt_traces_are_served_not_500() -> None:
             page = client.get("/")
             assert page.status_code == 200
     finally:
+        store.close()
+
+
+def test_continuous_ingest_still_gets_fresh_reports() -> None:
+    """Spans arriving every 100 ms never settle (settle 1 s); the staleness bound (2 s) re-runs anyway."""
+    store = DuckDBSpanStore(":memory:")
+    service = AnalysisService(
+        store, settle_seconds=1.0, max_staleness_seconds=2.0, poll_seconds=0.1, writer=None, render_html=False
+    )
+    stop = threading.Event()
+
+    def ingest() -> None:
+        while not stop.is_set():
+            b = TraceBuilder(service="svc")
+            root = b.span("GET /", start_ms=0, dur_ms=10, kind=KIND_SERVER)
+            b.span("call", parent=root, start_ms=1, dur_ms=5, kind=KIND_CLIENT)
+            store.write(spans_table(b))
+            stop.wait(0.1)
+
+    writer = threading.Thread(target=ingest, daemon=True)
+    writer.start()
+    service.start()
+    try:
+        first = service.wait_first(30)
+        assert first is not None
+        deadline = time.monotonic() + 30
+        while (service.snapshot or first).generation < first.generation + 2:
+            assert time.monotonic() < deadline, service.status()
+            time.sleep(0.1)
+        latest = service.snapshot
+        assert latest is not None and latest.spans_in_store > first.spans_in_store
+        assert latest.reason == "stale"
+    finally:
+        stop.set()
+        writer.join(5)
+        service.stop()
         store.close()
