@@ -100,7 +100,6 @@ def create_app(
     writer: Any = "auto",
     start_analysis: bool = True,
     first_report_timeout: float = 30.0,
-    **options: Any,
 ) -> FastAPI:
     """The Hourglass HTTP app over ``store``.
 
@@ -110,8 +109,6 @@ def create_app(
     With ``start_analysis`` the background thread runs for the app's lifespan. A read that
     arrives before the first report waits for it up to ``first_report_timeout`` seconds.
     """
-    if options:
-        log.debug("create_app: ignoring unknown options %s", sorted(options))
     settings = settings or Settings()
     service = analysis or AnalysisService(
         store, settle_seconds=settings.settle_seconds, writer=writer, settings=settings
