@@ -68,6 +68,20 @@ def start_serve(db: Path, log: Path, *extra: str) -> Serve:
     cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0", *extra]
     with log.open("ab") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        return _wait_until_serving(process, db, log)
+    except BaseException:
+        _kill(process)
+        raise
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], db: Path, log: Path) -> Serve:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace").split("hourglass: store")[-1]
@@ -86,7 +100,6 @@ def start_serve(db: Path, log: Path, *extra: str) -> Serve:
         if process.poll() is not None:
             raise RuntimeError(f"serve exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         time.sleep(0.1)
-    process.kill()
     raise RuntimeError(f"serve did not start:\n{log.read_text(errors='replace')}")
 
 
@@ -96,9 +109,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     try:
         yield server
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(10)
+        _kill(server.process)
 
 
 def _emit(exporter: object, service: str) -> None:
@@ -223,6 +234,7 @@ def test_kill_9_keeps_every_acknowledged_export(tmp_path: Path) -> None:
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(10)
     finally:
+        _kill(server.process)
         stop.set()
         for t in threads:
             t.join(20)
@@ -235,8 +247,7 @@ def test_kill_9_keeps_every_acknowledged_export(tmp_path: Path) -> None:
         assert stats["spans"] >= 50 * len(expected)
         assert restarted.stop() == 0
     finally:
-        if restarted.process.poll() is None:
-            restarted.process.kill()
+        _kill(restarted.process)
     with DuckDBSpanStore(str(db)) as store:
         stored = set(store.scan(columns=("trace_id",)).column("trace_id").to_pylist())
         counts = store.stats()
@@ -266,13 +277,17 @@ def test_sigterm_with_exports_in_flight_acks_only_committed(tmp_path: Path) -> N
                     return
 
     threads = [threading.Thread(target=sender, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    while len(results) < 16:
-        time.sleep(0.02)
-    assert server.stop() == 0
-    for t in threads:
-        t.join(30)
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(results) < 16 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.stop() == 0
+    finally:
+        _kill(server.process)
+        for t in threads:
+            t.join(30)
     with DuckDBSpanStore(str(server.db)) as store:
         stored = set(store.scan(columns=("trace_id",)).column("trace_id").to_pylist())
     acked = {f"{i + 1:032x}" for i, ok in results if ok}
