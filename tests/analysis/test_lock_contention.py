@@ -301,3 +301,29 @@ def test_end_to_end_convoy_saving_matches_the_true_queueing() -> None:
     # The statement is the root's last work, so removing its queueing gives the root that time
     # back; the inferred wait (duration minus the uncontended ~10 ms) is within a few percent.
     assert rec["impact"]["saved_ms_total"] == pytest.approx(true_total_ms, rel=0.1)
+
+
+def test_wait_span_with_its_own_wait_attribute_reports_that_wait_under_the_handler() -> None:
+    # The sample ledger's shape: "lock.acquire ledger.journal" states its wait; the journal append
+    # that follows is the critical section.
+    builders = []
+    for wait in (30.0, 50.0, 70.0):
+        b = TraceBuilder(service="ledger")
+        root = b.span("POST /accounts/{account_id}/transfers", start_ms=0, dur_ms=wait + 30, kind=KIND_SERVER)
+        b.span(
+            "lock.acquire ledger.journal",
+            parent=root,
+            start_ms=2,
+            dur_ms=wait + 0.4,
+            hints={"lock.name": "ledger.journal", "lock.wait_ms": wait, "lock.waiters_ahead": 2},
+        )
+        b.span("journal.append", parent=root, start_ms=2.5 + wait, dur_ms=20)
+        builders.append(b)
+    (f,) = analyse(builders)
+    assert (f.service, f.operation) == ("ledger", "POST /accounts/{account_id}/transfers")
+    assert f.targets == [{"service": "ledger", "operation": "lock.acquire ledger.journal"}]
+    assert f.evidence["sources"] == ["attributes"] and f.evidence["resource"] == "ledger.journal"
+    assert f.evidence["wait_ms_p50"] == pytest.approx(50)  # the attribute, not the span's 50.4 ms
+    assert f.evidence["hold_ms_p50"] == pytest.approx(20)
+    assert f.evidence["queue_depth_max"] == 2
+    assert f.evidence["wait_share_p50"] == pytest.approx(50 / 80, abs=1e-3)
