@@ -85,7 +85,7 @@ def report_command(
         list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
     ] = None,
     since: Annotated[
-        str | None, typer.Option("--since", help="Only spans from the last 15m, 12h, 7d, ... (store only)")
+        str | None, typer.Option("--since", help="Only traces from the last 15m, 12h, 7d, ...")
     ] = None,
 ) -> None:
     """Write the ranked recommendations as an HTML page with trace pictures, JSON or Markdown."""
