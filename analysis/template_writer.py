@@ -173,6 +173,12 @@ def fanout_straggler(rec: Rec) -> WrittenText:
             f"Rebalance or split the hot branch {code(ev.get('slow_branch'))}: move keys off it or add a replica.",
             "Check that branch's host for resource pressure (CPU, GC, disk) or a slower version.",
         ]
+    elif pattern == "undetermined":
+        summary += "Too few requests show it to tell a hot branch (skew) from a random tail. "
+        actions = [
+            "Compare the branches over more requests: rebalance a branch that is always the slow one.",
+            "Give each branch a timeout and return partial results when one branch is late.",
+        ]
     else:
         summary += "A different branch is the slow one each time, a random tail. "
         actions = [

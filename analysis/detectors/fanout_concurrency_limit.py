@@ -33,8 +33,9 @@ different from the fix for a loop (issue the calls together).
 
 Every occurrence asks the what-if engine to start all ``n`` children together
 (``RunConcurrently``): the cap lifted. Evidence reports the usual ``k`` and ``n``, how consistent
-``k`` is, and the time the children spent queued for a slot (sum over children of start minus the
-first start).
+``k`` is, and the time spent queued for a slot: ``queued_ms_p50``/``p95`` per queued call (its
+start minus the fan-out's first start, averaged over the calls that were not in the first wave)
+and ``queued_total_ms_p50`` summed over a fan-out's children.
 
 No finding for a fully parallel fan-out (``k = n``), for children that overlap only now and then,
 or for a plain sequential loop without pool evidence.
@@ -161,6 +162,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             .filter(~pl.col("first_wave"))
             .median(),
             queued_ns=(pl.col("start_ns") - pl.col("first_start_ns")).sum(),
+            queued_per_call_ns=(pl.col("start_ns") - pl.col("first_start_ns"))
+            .filter(~pl.col("first_wave"))
+            .mean(),
             makespan_ns=pl.col("end_ns").max() - pl.col("start_ns").min(),
             longest_child_ns=pl.col("duration_ns").max(),
         )
@@ -208,6 +212,7 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
                 "k": float(row["k"]),
                 "n": float(row["n"]),
                 "queued_ms": row["queued_ns"] / 1e6,
+                "queued_per_call_ms": (row["queued_per_call_ns"] or 0) / 1e6,
                 "makespan_ms": row["makespan_ns"] / 1e6,
                 "longest_child_ms": row["longest_child_ns"] / 1e6,
                 "cap_hits": float(row["cap_hits"]),
@@ -225,8 +230,9 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
         "k_share": round(k_share, 3),
         "n_p50": stat(frame["n"]),
         "n_max": int(frame["n"].max() or 0),  # type: ignore[arg-type]
-        "queued_ms_p50": stat(frame["queued_ns"], scale=1e6),
-        "queued_ms_p95": stat(frame["queued_ns"], 0.95, 1e6),
+        "queued_ms_p50": stat(frame["queued_per_call_ns"].drop_nulls(), scale=1e6),
+        "queued_ms_p95": stat(frame["queued_per_call_ns"].drop_nulls(), 0.95, 1e6),
+        "queued_total_ms_p50": stat(frame["queued_ns"], scale=1e6),
         "makespan_ms_p50": stat(frame["makespan_ns"], scale=1e6),
         "longest_child_ms_p50": stat(frame["longest_child_ns"], scale=1e6),
         "pool_evidence": pool_evidence,

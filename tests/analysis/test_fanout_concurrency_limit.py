@@ -76,6 +76,9 @@ def test_queued_time_is_the_sum_of_start_delays() -> None:
     (f,) = analyse([b])
     (occ,) = f.occurrences
     assert occ.numbers["queued_ms"] == pytest.approx(20)
+    assert occ.numbers["queued_per_call_ms"] == pytest.approx(10)
+    assert f.evidence["queued_ms_p50"] == pytest.approx(10)
+    assert f.evidence["queued_total_ms_p50"] == pytest.approx(20)
     assert occ.numbers["makespan_ms"] == pytest.approx(20)
 
 
@@ -164,6 +167,7 @@ def test_waves_with_a_partial_last_round() -> None:
     assert occ.numbers["cap_hits"] == 3
     # queued: 3 × 10 + 3 × 20 + 1 × 30 ms
     assert occ.numbers["queued_ms"] == pytest.approx(120)
+    assert occ.numbers["queued_per_call_ms"] == pytest.approx(120 / 7)
 
 
 def test_end_to_end_saving_is_the_queueing_removed() -> None:
