@@ -60,11 +60,14 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
     return findings
 
 
+def _median_root_ms(ctx: AnalysisContext, trace_ids: list[str]) -> float:
+    durations = ctx.traces.filter(pl.col("trace_id").is_in(pl.Series(trace_ids, dtype=pl.String).implode()))
+    median = durations["root_duration_ns"].median()
+    return float(median) / 1e6 if isinstance(median, int | float) else 0.0
+
+
 def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored]:
     whatif = WhatIf(ctx) if findings else None
-    root_ms = dict(
-        zip(ctx.traces["trace_id"].to_list(), (ctx.traces["root_duration_ns"] / 1e6).to_list(), strict=True)
-    )
     scored: list[Scored] = []
     for finding in findings:
         impact: Impact | None = None
@@ -76,8 +79,7 @@ def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored
             or float(np.percentile(impact.saved_ns, 95)) < MIN_REPORTED_SAVING_NS
         ):
             continue
-        roots = [root_ms[t] for t in finding.trace_ids if t in root_ms]
-        median_root = float(np.median(roots)) if roots else 0.0
+        median_root = _median_root_ms(ctx, finding.trace_ids) if finding.requests_at_risk else 0.0
         score, has_latency = expected_value_ms(finding, impact, median_root)
         scored.append(Scored(finding, impact, score, has_latency))
     return rank(scored)

@@ -119,12 +119,18 @@ class Retimer:
         self.child_rows = child_rows[order]
         counts = np.bincount(parent[child_rows], minlength=n) if n else np.zeros(0, dtype=np.int64)
         self.child_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._span_ids = spans["span_id"]
-        self._row_lookup = (
-            spans.select(pl.struct("trace_id", "span_id").hash().alias("_key"))
-            .with_row_index("_row")
-            .unique(subset="_key", keep="first")
+        # (trace_id, span_id) -> row: 64-bit hash keys sorted once, matches verified with a second,
+        # independently seeded hash of each id (see rows_of).
+        hashed = spans.select(
+            pl.struct("trace_id", "span_id").hash().alias("k"),
+            pl.col("trace_id").hash(seed=0x5EED).alias("t"),
+            pl.col("span_id").hash(seed=0x5EED).alias("s"),
         )
+        keys = hashed["k"].to_numpy()
+        self._key_order = np.argsort(keys)
+        self._sorted_keys = keys[self._key_order]
+        self._check_trace = hashed["t"].to_numpy()
+        self._check_span = hashed["s"].to_numpy()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -141,32 +147,35 @@ class Retimer:
 
     def _ancestors_and_self(self, rows: np.ndarray) -> np.ndarray:
         mark = np.zeros(self.n, dtype=bool)
-        frontier = np.unique(rows)
-        while frontier.size:
+        frontier = rows
+        while frontier.size:  # duplicates are harmless: the frontier never grows
             frontier = frontier[~mark[frontier]]
             mark[frontier] = True
             frontier = self.parent[frontier]
-            frontier = np.unique(frontier[frontier >= 0])
+            frontier = frontier[frontier >= 0]
         return mark
 
     def rows_of(self, keys: list[tuple[str, str]]) -> np.ndarray:
         """Row per (trace_id, span_id); -1 where unknown."""
-        if not keys:
-            return np.empty(0, dtype=np.int64)
+        if not keys or self.n == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
         probe = pl.DataFrame(
             {"trace_id": [k[0] for k in keys], "span_id": [k[1] for k in keys]},
             schema={"trace_id": pl.String, "span_id": pl.String},
+        ).select(
+            pl.struct("trace_id", "span_id").hash().alias("k"),
+            pl.col("trace_id").hash(seed=0x5EED).alias("t"),
+            pl.col("span_id").hash(seed=0x5EED).alias("s"),
         )
-        hit = probe.select(pl.struct("trace_id", "span_id").hash().alias("_key")).join(
-            self._row_lookup, on="_key", how="left", maintain_order="left"
-        )
-        found = hit["_row"].fill_null(-1).cast(pl.Int64).to_numpy().copy()
+        query = probe["k"].to_numpy()
+        pos = np.minimum(np.searchsorted(self._sorted_keys, query), self.n - 1)
+        found = np.where(self._sorted_keys[pos] == query, self._key_order[pos], -1).astype(np.int64)
         ok = found >= 0
-        if ok.any():  # verify on the strings: a hash collision must not pick another span
-            same = (
-                self._span_ids.gather(pl.Series(found[ok])) == probe["span_id"].filter(pl.Series(ok))
-            ).to_numpy()
-            found[np.nonzero(ok)[0][~same]] = -1
+        rows = found[ok]
+        verified = (self._check_trace[rows] == probe["t"].to_numpy()[ok]) & (
+            self._check_span[rows] == probe["s"].to_numpy()[ok]
+        )
+        found[np.nonzero(ok)[0][~verified]] = -1
         return found
 
     # -- plan ----------------------------------------------------------------------------------
