@@ -138,3 +138,13 @@ def test_end_to_end_saving_is_the_straggler_cut_to_the_median() -> None:
     # Root durations are 215 + 10i ms.
     assert impact["share_of_root_latency"] == pytest.approx((5 * 158.5 + 100) / (5 * 215 + 100), abs=1e-3)
     assert rec["evidence"]["pattern"] == "skew"
+
+
+def test_an_occasional_slow_branch_among_many_balanced_fanouts_is_noise() -> None:
+    # 2 straggling fan-outs in 30 (under the 10 % rate): busy-host jitter, not a tail to hedge.
+    traces = [search_trace([40, 42, 45, 41]) for _ in range(28)]
+    traces += [search_trace([40, 42, 120, 41]) for _ in range(2)]
+    assert analyse(traces) == []
+    # The same two among ten fan-outs are a pattern.
+    (f,) = analyse(traces[:8] + traces[-2:])
+    assert f.evidence["straggler_rate"] == 0.2
