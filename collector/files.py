@@ -15,8 +15,8 @@ straight to the analysis)::
 - text that starts with ``{`` or ``[`` → JSON. When one of its first two non-empty lines is a whole
   trace document by itself, the file is JSON Lines (the Collector file exporter's default: one
   ``TracesData`` per line; Jaeger or Zipkin documents per line work too) and is streamed line by
-  line. Otherwise it is one document: OTLP JSON (``resourceSpans``; also inside Jaeger ``/api/v3``'s
-  ``result``), Jaeger JSON (``data``, ``spans`` + ``processes``, model proto-JSON) or Zipkin v2
+  line. Otherwise it is one document: OTLP JSON (``resourceSpans``; also as Jaeger ``/api/v3`` and
+  Grafana Tempo wrap it), Jaeger JSON (``data``, ``spans`` + ``processes``, model proto-JSON) or Zipkin v2
   (a list) — see ``collector.readers``.
 - binary starting with ``0x0A`` → one OTLP protobuf message; binary starting with a 4-byte
   big-endian size followed by ``0x0A`` → the file exporter's length-prefixed ``format: proto`` stream,

@@ -20,10 +20,26 @@ def is_otlp_json(obj: Any) -> bool:
 
 
 def unwrap_otlp_json(obj: Any) -> Any:
-    """OTLP JSON wrapped as Jaeger's ``/api/v3`` answers it (``{"result": {"resourceSpans": ...}}``)
-    → the inner ``TracesData``; anything else unchanged."""
-    if isinstance(obj, dict) and len(obj) == 1 and is_otlp_json(obj.get("result")):
-        return obj["result"]
+    """OTLP JSON as trace backends wrap it → a plain ``TracesData``; anything else unchanged.
+
+    - Jaeger ``/api/v3``: ``{"result": {"resourceSpans": [...]}}``;
+    - Grafana Tempo ``/api/v2/traces/{id}``: ``{"trace": {"resourceSpans": [...]}}``;
+    - Tempo ``/api/traces/{id}`` and Grafana's trace download: ``{"batches": [...]}`` (Tempo's name
+      for ``resourceSpans``), also inside ``trace``.
+    """
+    if not isinstance(obj, dict):
+        return obj
+    for wrapper in ("result", "trace"):
+        inner = obj.get(wrapper)
+        if (
+            len(obj) <= 2
+            and isinstance(inner, dict)
+            and (is_otlp_json(inner) or isinstance(inner.get("batches"), list))
+        ):
+            obj = inner
+            break
+    if "resourceSpans" not in obj and isinstance(obj.get("batches"), list):
+        return {"resourceSpans": obj["batches"]}
     return obj
 
 

@@ -9,7 +9,9 @@ import lzma
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -369,3 +371,19 @@ def test_truncated_protobuf_message_keeps_its_whole_resources(compress: bool, tm
     # what was kept is exactly the first resources of the whole file
     whole, _, _ = read([REAL_TRACES / "otlp-proto__otlp2parquet-traces.pb"])
     assert table.column("span_id").to_pylist() == whole.column("span_id").to_pylist()[: table.num_rows]
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda doc: {"trace": doc},  # Tempo /api/v2/traces/{id}
+        lambda doc: {"batches": doc["resourceSpans"]},  # Tempo /api/traces/{id}, Grafana download
+        lambda doc: {"trace": {"batches": doc["resourceSpans"]}, "metrics": {}},
+    ],
+)
+def test_tempo_shapes(wrap: Callable[[dict[str, Any]], dict[str, Any]], tmp_path: Path) -> None:
+    inner = json.loads((REAL_TRACES / "otlp-json__jaeger-example_trace.json").read_text())
+    path = tmp_path / "tempo.json"
+    path.write_text(json.dumps(wrap(inner)))
+    table, problems, reader = read([path])
+    assert table.num_rows == 5 and problems == [] and reader.reports[0].format == "otlp-json"
