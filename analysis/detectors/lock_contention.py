@@ -29,7 +29,10 @@ Explicit waits (confidence 0.75, +0.1 at 5 traces, +0.05 at 20)
 
 Each wait is clamped to the waiting span's duration and kept when it is at least ``MIN_WAIT_NS``
 (1 ms: below that a lock is uncontended for any latency budget) and the span that waits is on the
-critical path (a wait off the critical path costs the request nothing). The intervention is
+critical path (a wait off the critical path costs the request nothing). A finding needs at least
+``MIN_CONTENTION_RATE`` (5 %) of the acquisitions its evidence shows (every lock event pair, wait
+attribute or wait span of that operation, contended or not) to have waited: a lock that makes one
+request in a thousand wait a few ms is not a bottleneck. The intervention is
 ``ShortenSpan(span, wait)``: the critical section no longer makes anyone wait.
 
 Inferred convoys (confidence 0.45, +0.1 for a correlation of 0.8, +0.1 at 100 spans, +0.05 at 20
@@ -73,6 +76,7 @@ from collector.schema import KIND_CONSUMER, KIND_PRODUCER
 
 KIND = "lock_contention"
 MIN_WAIT_NS = 1_000_000
+MIN_CONTENTION_RATE = 0.05
 HANDOFF_NS = 1_000_000
 MIN_SAMPLES = 20
 MIN_PEAK_PEERS = 3
@@ -343,15 +347,21 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
 
 
 def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
+    sig = ["waiter_service", "waiter_name", "target_service", "target_operation", "resource"]
+    # Every acquisition the evidence shows, contended or not: the denominator of the contention rate.
+    acquisitions = waits.group_by(sig).agg(acquisitions=pl.len())
     waits = waits.filter((pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")).with_columns(
         wait_share=pl.col("wait_ns") / pl.col("waiter_duration_ns").clip(1)
     )
     if waits.is_empty():
         return []
-    sig = ["waiter_service", "waiter_name", "target_service", "target_operation", "resource"]
+    waits = waits.join(acquisitions, on=sig, how="left", nulls_equal=True)
     findings = []
     for frame in waits.sort(["start_ns", "trace_id"]).partition_by(sig, maintain_order=True):
         first = frame.row(0, named=True)
+        contention_rate = frame.height / max(int(first["acquisitions"] or 0), frame.height)
+        if contention_rate < MIN_CONTENTION_RATE:
+            continue
         sources = sorted(set(frame["source"].to_list()))
         traces = frame["trace_id"].n_unique()
         confidence = 0.75 + (0.1 if traces >= 5 else 0.0) + (0.05 if traces >= 20 else 0.0)
@@ -360,6 +370,8 @@ def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
             "sources": sources,
             "resource": first["resource"],
             "waits": frame.height,
+            "acquisitions": int(first["acquisitions"] or frame.height),
+            "contention_rate": round(contention_rate, 3),
             "wait_ms_p50": stat(frame["wait_ns"], scale=1e6),
             "wait_ms_p95": stat(frame["wait_ns"], 0.95, 1e6),
             "wait_ms_total": float(frame["wait_ns"].sum()) / 1e6,

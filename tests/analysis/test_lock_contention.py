@@ -327,3 +327,12 @@ def test_wait_span_with_its_own_wait_attribute_reports_that_wait_under_the_handl
     assert f.evidence["hold_ms_p50"] == pytest.approx(20)
     assert f.evidence["queue_depth_max"] == 2
     assert f.evidence["wait_share_p50"] == pytest.approx(50 / 80, abs=1e-3)
+
+
+def test_a_lock_that_rarely_makes_anyone_wait_is_not_a_bottleneck() -> None:
+    # One contended acquisition in 40: under the 5 % contention rate.
+    built = [customer_trace(wait_ms=0.0, behind=0, customer_id=i)[0] for i in range(39)]
+    built.append(customer_trace(wait_ms=20.0, behind=1, customer_id=99)[0])
+    assert analyse(built) == []
+    (f,) = analyse(built[-10:])
+    assert f.evidence["acquisitions"] == 10 and f.evidence["contention_rate"] == 0.1
