@@ -122,41 +122,45 @@ def deduplicate(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
 def link_parents(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent).
 
-    Joined on a 64-bit hash of (trace_id, span_id) — far cheaper than joining two string columns —
-    and every match is then verified with independent hashes of the trace id and the span id, so a
-    collision can only lose a link (the span becomes an orphan), never make a wrong one."""
-    keys = df.select(
-        pl.struct("trace_id", "span_id").hash().alias("_key"),
-        pl.struct("trace_id", pl.col("parent_span_id").alias("span_id")).hash().alias("_parent_key"),
-        (pl.col("parent_span_id").is_not_null() & (pl.col("parent_span_id") != "")).alias("_has_parent_id"),
-        (pl.col("parent_span_id") == pl.col("span_id")).fill_null(False).alias("_self_parent"),
+    ``df`` must hold each trace's rows together (the context sorts by trace first). The lookup key
+    is the trace's position mixed with a 64-bit hash of the span id — integers, far cheaper than
+    joining string columns — and every match is verified with an independently seeded hash of the
+    ids and the trace position, so a collision can only lose a link (the span becomes an orphan),
+    never make a wrong one."""
+    ids = df.select(
+        ((pl.col("trace_id") != pl.col("trace_id").shift(1)).fill_null(True).cum_sum() - 1)
+        .cast(pl.UInt64)
+        .alias("trace"),
+        pl.col("span_id").hash().alias("s"),
+        pl.col("parent_span_id").hash().alias("p"),
+        pl.col("span_id").hash(seed=0x5EED).alias("s2"),
+        pl.col("parent_span_id").hash(seed=0x5EED).alias("p2"),
+        (pl.col("parent_span_id").is_not_null() & (pl.col("parent_span_id") != "")).alias("has_parent_id"),
+        (pl.col("parent_span_id") == pl.col("span_id")).fill_null(False).alias("self_parent"),
     )
-    key = keys["_key"].to_numpy()
-    parent_key = keys["_parent_key"].to_numpy()
-    has_parent_id = keys["_has_parent_id"].to_numpy()
-    order = np.argsort(key, kind="stable")
+    trace = ids["trace"].to_numpy()
+    with np.errstate(over="ignore"):
+        key = trace * _MIX + ids["s"].to_numpy()
+        parent_key = trace * _MIX + ids["p"].to_numpy()
+    has_parent_id = ids["has_parent_id"].to_numpy()
+    order = np.argsort(key)
     sorted_key = key[order]
     query_order = np.argsort(parent_key)  # sorted queries: searchsorted walks memory in order
     pos = np.empty(parent_key.size, dtype=np.int64)
     pos[query_order] = np.searchsorted(sorted_key, parent_key[query_order])
     pos = np.minimum(pos, max(key.size - 1, 0))
     found = (sorted_key[pos] == parent_key) if key.size else np.zeros(0, dtype=bool)
-    parent = np.where(found & has_parent_id & ~keys["_self_parent"].to_numpy(), order[pos], -1).astype(
-        np.int64
-    )
+    parent = np.where(found & has_parent_id & ~ids["self_parent"].to_numpy(), order[pos], -1).astype(np.int64)
     linked = np.nonzero(parent >= 0)[0]
-    if linked.size:  # verify with independent hashes of each id: a collision cannot survive both
-        check = df.select(
-            pl.col("trace_id").hash(seed=0x5EED).alias("t"),
-            pl.col("span_id").hash(seed=0x5EED).alias("s"),
-            pl.col("parent_span_id").hash(seed=0x5EED).alias("p"),
-        )
-        t, sid, pid = check["t"].to_numpy(), check["s"].to_numpy(), check["p"].to_numpy()
+    if linked.size:
         up = parent[linked]
-        wrong = (t[linked] != t[up]) | (pid[linked] != sid[up])
+        wrong = (trace[linked] != trace[up]) | (ids["p2"].to_numpy()[linked] != ids["s2"].to_numpy()[up])
         parent[linked[wrong]] = -1
     orphan = has_parent_id & (parent < 0)
     return parent, orphan
