@@ -221,3 +221,12 @@ def test_generic_client_span_names_are_split_by_endpoint() -> None:
     (f,) = analyse(builders)
     assert f.evidence["k"] == 3 and f.evidence["n_p50"] == 10
     assert f.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
+
+
+def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
+    from collector.schema import empty_span_table
+
+    assert detect(AnalysisContext.from_table(empty_span_table())) == []
+    b = TraceBuilder(service="api")
+    b.span("tick", start_ms=0, dur_ms=0)
+    assert analyse([b]) == []

@@ -148,3 +148,12 @@ def test_an_occasional_slow_branch_among_many_balanced_fanouts_is_noise() -> Non
     # The same two among ten fan-outs are a pattern.
     (f,) = analyse(traces[:8] + traces[-2:])
     assert f.evidence["straggler_rate"] == 0.2
+
+
+def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
+    from collector.schema import empty_span_table
+
+    assert detect(AnalysisContext.from_table(empty_span_table())) == []
+    b = TraceBuilder(service="api")
+    b.span("tick", start_ms=0, dur_ms=0)
+    assert analyse([b]) == []

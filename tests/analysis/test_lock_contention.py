@@ -336,3 +336,12 @@ def test_a_lock_that_rarely_makes_anyone_wait_is_not_a_bottleneck() -> None:
     assert analyse(built) == []
     (f,) = analyse(built[-10:])
     assert f.evidence["acquisitions"] == 10 and f.evidence["contention_rate"] == 0.1
+
+
+def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
+    from collector.schema import empty_span_table
+
+    assert detect(AnalysisContext.from_table(empty_span_table())) == []
+    b = TraceBuilder(service="api")
+    b.span("tick", start_ms=0, dur_ms=0)
+    assert analyse([b]) == []
