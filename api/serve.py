@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import uvicorn
 
 from api.settings import Settings
@@ -220,6 +222,19 @@ def _tune_gc_for_ingest() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
 
 
+def _use_jemalloc_for_arrow() -> None:
+    """Arrow's default pool (mimalloc) returns freed pages eagerly and re-faults them as zeroed
+    huge pages: ~11 % of serve's CPU in perf under load was the kernel clearing pages. jemalloc
+    keeps dirty pages for reuse; the ingest benchmark showed ~160 MiB lower peak RSS, same
+    throughput. ``ARROW_DEFAULT_MEMORY_POOL`` still wins when set."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # a pyarrow build without jemalloc keeps its default
+        log.debug("pyarrow has no jemalloc pool; keeping %s", pa.default_memory_pool().backend_name)
+
+
 def run_serve(
     settings: Settings,
     ready_event: threading.Event | None = None,
@@ -230,6 +245,7 @@ def run_serve(
     """Run until SIGTERM/SIGINT (main thread) or ``stop_event``; returns the bound endpoints."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _tune_gc_for_ingest()
+    _use_jemalloc_for_arrow()
     endpoints: list[ServeEndpoints] = []
     asyncio.run(_serve_async(settings, ready_event, stop_event, endpoints, compact_interval_s))
     return endpoints[0]
