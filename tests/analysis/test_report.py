@@ -108,6 +108,13 @@ def test_ids_and_order_do_not_depend_on_input_order() -> None:
     assert a == b
 
 
+def test_no_spans_give_an_empty_report() -> None:
+    from collector.schema import empty_span_table
+
+    report = analyze(empty_span_table())
+    assert (report["traces_analyzed"], report["spans_analyzed"], report["recommendations"]) == (0, 0, [])
+
+
 def test_selection_by_service_and_time_keeps_whole_traces() -> None:
     table = workload()
     assert analyze(table, services=["nobody"])["traces_analyzed"] == 0
@@ -194,6 +201,22 @@ def test_writer_context_views() -> None:
     assert view.critical_path("missing") is None
     neighbours = view.service_neighbours("shop")
     assert neighbours["callers"] == [] and neighbours["callees"] == []  # client spans stay in "shop"
+    b = TraceBuilder(service="web")
+    root = b.span("GET /", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+    call = b.span("GET users", parent=root, start_ms=5, dur_ms=40, kind=KIND_CLIENT)
+    b.span("GET /users", parent=call, start_ms=6, dur_ms=38, service="users", kind=KIND_SERVER)
+    other = AnalysisContext.from_table(spans_table(b))
+    view = ContextView(other, {"recommendations": []})
+    assert view.service_neighbours("users") == {
+        "callers": [{"service": "web", "operation": "GET users", "calls": 1, "p50_ms": 38.0}],  # time in "users"
+        "callees": [],
+    }
+    assert view.service_neighbours("web")["callees"] == [
+        {"service": "users", "operation": "GET /users", "calls": 1, "p50_ms": 38.0}
+    ]
+    path = view.critical_path(b.trace_id)
+    assert [p["name"] for p in path] == ["GET /", "GET users", "GET /users"]
+    assert sum(p["self_ms"] for p in path) == 100.0
 
 
 def test_markdown_and_table_renderings_carry_the_numbers() -> None:
