@@ -4,7 +4,8 @@ Rule
 ----
 Candidates are the *calls* (see :func:`analysis.detectors._common.is_call`: client/producer spans,
 database/HTTP/RPC spans, server spans entered from another service, and in-process wrapper spans that
-directly contain such a call) that are blocking children of a parent on the critical path. Under one
+directly contain such a call) that are blocking children of a parent on the critical path, and that
+have at least one sibling call. Under one
 parent, in start order, a call *follows* the calls before it when
 
 * it starts after all of them ended (an overlap of up to the repair tolerance, 1 % of the parent,
@@ -18,8 +19,9 @@ A *run* is a maximal chain of such calls. **Gate calls** end a run and never joi
 name, statement/route or target says it authenticates, authorises, validates, rate-limits, takes a
 lock, checks idempotency or draws the next value of a database sequence (``GATE_PATTERN``) is a
 precondition of the calls after it — "authenticate, then call the backend" and "get the next id,
-then insert with it" are dependencies, not missed parallelism. It is reported when it holds at least two calls of at least
-two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
+then insert with it" are dependencies, not missed parallelism.
+
+A run is reported when it holds at least two calls of at least two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
 repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it), at least one call is
 on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
 ``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the root's duration — below that no one
