@@ -212,15 +212,20 @@ def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[st
 
 def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
     """Adds ``branch`` and ``branch_source``: the first identity that tells siblings apart."""
+    # The host of the server span that answered each branch (its child), found by row numbers.
     server_hosts = (
         spans.lazy()
-        .filter((pl.col("kind") == KIND_SERVER) & pl.col("host").is_not_null())
-        .select("trace_id", pl.col("parent_span_id").alias("span_id"), pl.col("host").alias("server_host"))
-        .unique(subset=["trace_id", "span_id"], keep="first")
+        .filter(
+            (pl.col("kind") == KIND_SERVER)
+            & pl.col("host").is_not_null()
+            & pl.col("parent_row").is_in(kids["row"].cast(pl.Int64).implode())
+        )
+        .select(row=pl.col("parent_row").cast(pl.UInt32), server_host=pl.col("host"))
+        .unique(subset=["row"], keep="first")
     )
     kids = (
         kids.lazy()
-        .join(server_hosts, on=["trace_id", "span_id"], how="left")
+        .join(server_hosts, on="row", how="left")
         .with_columns(
             shard=pl.col("hints").str.extract(_SHARD_HINT, 1),
             url=pl.col("http_url").str.replace(r"[?#].*$", ""),

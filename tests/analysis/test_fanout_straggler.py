@@ -157,3 +157,28 @@ def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
     b = TraceBuilder(service="api")
     b.span("tick", start_ms=0, dur_ms=0)
     assert analyse([b]) == []
+
+
+def test_the_answering_server_host_names_the_branch() -> None:
+    # Same peer name for every branch (a load balancer); the server spans say which replica answered.
+    traces = []
+    for _ in range(4):
+        b = TraceBuilder(service="api")
+        root = b.span("GET /report", start_ms=0, dur_ms=130, kind=KIND_SERVER)
+        for r, dur in enumerate([20, 22, 110, 23]):
+            call = b.span(
+                "fetch partition", parent=root, start_ms=1, dur_ms=dur, kind=KIND_CLIENT, peer="store.svc"
+            )
+            b.span(
+                "fetch partition",
+                parent=call,
+                start_ms=1.5,
+                dur_ms=dur - 1,
+                kind=KIND_SERVER,
+                service="store",
+                host=f"store-{r}",
+            )
+        traces.append(b)
+    (f,) = analyse(traces)
+    assert f.evidence["branch_identity"] == "server_host"
+    assert f.evidence["slow_branch"] == "store-2" and f.evidence["pattern"] == "skew"
