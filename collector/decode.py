@@ -309,6 +309,10 @@ _PARENT_ID_LENGTHS = frozenset({0, 8})
 _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
 _STATUS_CACHE: dict[bytes, tuple[int, str | None]] = {b"": (0, None)}
+# serialized semantic KeyValue -> (code, value); only short ones, as high-cardinality values
+# (full URLs, statements) would only churn the cache
+_SEMANTIC_VALUE_CACHE: dict[bytes, tuple[int, Any]] = {}
+_VALUE_CACHE_MAX_BYTES = 96
 _STATUS_CACHE_MAX_KEY_BYTES = 256
 
 
@@ -485,10 +489,22 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
     key_codes = _KEY_CODES
     classify = _classify_wire_key
     missing = -2
+    value_cache = _SEMANTIC_VALUE_CACHE
     for row, attributes in enumerate([s.attributes for s in kept]):
         span_hints: dict[str, Any] | None = None
         for encoded in attributes:
-            # a serialized KeyValue starts 0x0a <key length> <key>: one dict lookup per attribute
+            # low-cardinality semantic attributes (method, route, status, peer...) repeat byte for
+            # byte across spans: one lookup of the whole KeyValue gives column, priority and value
+            cached = value_cache.get(encoded)
+            if cached is not None:
+                cached_code, value = cached
+                index = cached_code >> 4
+                priorities = semantic_priority[index]
+                if (cached_code & 15) < priorities[row]:
+                    priorities[row] = cached_code & 15
+                    semantic_values[index][row] = value
+                continue
+            # a serialized KeyValue starts 0x0a <key length> <key>: one dict lookup per key
             if encoded[0] == 0x0A and encoded[1] < 0x80:
                 key_end = 2 + encoded[1]
                 key = encoded[2:key_end]
@@ -510,7 +526,12 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
             priorities = semantic_priority[index]
             if (code & 15) < priorities[row]:
                 priorities[row] = code & 15
-                semantic_values[index][row] = _semantic_value(encoded, key_end, index)
+                value = _semantic_value(encoded, key_end, index)
+                semantic_values[index][row] = value
+                if len(encoded) <= _VALUE_CACHE_MAX_BYTES:
+                    if len(value_cache) >= _MAX_CACHED_KEYS:
+                        value_cache.clear()
+                    value_cache[encoded] = (code, value)
         if span_hints is not None:
             hints[row] = json.dumps(span_hints, separators=(",", ":"))
     for index, column in enumerate(_SEMANTIC_COLUMNS):

@@ -313,3 +313,31 @@ def test_response_helpers() -> None:
     retry = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(retry)
     assert retry.retry_delay.ToNanoseconds() == 1_500_000_000
+
+
+def test_cached_semantic_values_keep_priority_rules() -> None:
+    """Repeated semantic KeyValues come from a cache; priority must hold in any order."""
+
+    def request(*attribute_lists: list[tuple[str, object]]) -> bytes:
+        msg = trace_pb2.TracesData()
+        spans = msg.resource_spans.add().scope_spans.add().spans
+        for n, attributes in enumerate(attribute_lists, start=1):
+            span = spans.add(name=f"s{n}", trace_id=n.to_bytes(16, "big"), span_id=n.to_bytes(8, "big"))
+            for key, value in attributes:
+                kv = span.attributes.add(key=key)
+                if isinstance(value, int):
+                    kv.value.int_value = value
+                else:
+                    kv.value.string_value = str(value)
+        return msg.SerializeToString()
+
+    older, current = ("http.method", "POST"), ("http.request.method", "GET")
+    status = ("http.response.status_code", 404)
+    for _ in range(2):  # the second round is served from the cache
+        rows = decode_export_request(
+            request(
+                [older], [older, current], [current, older], [status], [status, ("http.status_code", 500)]
+            )
+        ).table.to_pylist()
+        assert [r["http_method"] for r in rows] == ["POST", "GET", "GET", None, None]
+        assert [r["http_status_code"] for r in rows] == [None, None, None, 404, 404]
