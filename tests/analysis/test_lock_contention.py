@@ -4,7 +4,11 @@ convoys inferred across concurrent traces — each with its healthy counterpart.
 from __future__ import annotations
 
 import heapq
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -345,3 +349,98 @@ def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
     b = TraceBuilder(service="api")
     b.span("tick", start_ms=0, dur_ms=0)
     assert analyse([b]) == []
+
+
+def hotrod_jaeger_json(waits_ms: list[float]) -> dict:
+    """HotROD's customer lookups as the Jaeger query API returns them: the MySQL span logs
+    "Waiting for lock behind N transactions" and "Acquired lock with N transactions waiting behind"."""
+    base_us = 1_760_000_000_000_000
+    traces = []
+    for i, wait in enumerate(waits_ms):
+        trace_id = f"{i + 1:016x}"
+        start = base_us + i * 2_000_000
+        wait_us = int(wait * 1000)
+        logs = []
+        if wait:
+            logs.append(
+                {
+                    "timestamp": start + 1_100,
+                    "fields": [
+                        {"key": "event", "type": "string", "value": "Waiting for lock behind 2 transactions"},
+                        {"key": "blockers", "type": "string", "value": "[731-4 731-5]"},
+                    ],
+                }
+            )
+        logs.append(
+            {
+                "timestamp": start + 1_100 + wait_us,
+                "fields": [
+                    {
+                        "key": "event",
+                        "type": "string",
+                        "value": "Acquired lock with 0 transactions waiting behind",
+                    }
+                ],
+            }
+        )
+        traces.append(
+            {
+                "traceID": trace_id,
+                "spans": [
+                    {
+                        "traceID": trace_id,
+                        "spanID": f"{i + 1:08x}00000001",
+                        "operationName": "HTTP GET /customer",
+                        "references": [],
+                        "startTime": start,
+                        "duration": wait_us + 310_000,
+                        "tags": [{"key": "span.kind", "type": "string", "value": "server"}],
+                        "logs": [],
+                        "processID": "p1",
+                    },
+                    {
+                        "traceID": trace_id,
+                        "spanID": f"{i + 1:08x}00000002",
+                        "operationName": "SQL SELECT",
+                        "references": [
+                            {"refType": "CHILD_OF", "traceID": trace_id, "spanID": f"{i + 1:08x}00000001"}
+                        ],
+                        "startTime": start + 1_000,
+                        "duration": wait_us + 300_000,
+                        "tags": [
+                            {"key": "span.kind", "type": "string", "value": "client"},
+                            {
+                                "key": "sql.query",
+                                "type": "string",
+                                "value": f"SELECT * FROM customer WHERE customer_id={i}",
+                            },
+                        ],
+                        "logs": logs,
+                        "processID": "p2",
+                    },
+                ],
+                "processes": {
+                    "p1": {"serviceName": "customer", "tags": []},
+                    "p2": {"serviceName": "mysql", "tags": []},
+                },
+            }
+        )
+    return {"data": traces}
+
+
+def test_cli_reports_hotrod_lock_waits_from_a_jaeger_file(tmp_path: Path) -> None:
+    path = tmp_path / "hotrod.json"
+    path.write_text(json.dumps(hotrod_jaeger_json([0, 250, 500, 0, 250, 500])))
+    cli = Path(sys.executable).with_name("hourglass")
+    done = subprocess.run(
+        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "lock_contention"]
+    assert (rec["service"], rec["operation"]) == ("mysql", "SQL SELECT")
+    assert rec["traces_affected"] == 4
+    # The query is the handler's last work: each trace gets its wait back at the root.
+    assert rec["impact"]["saved_ms_p50"] == pytest.approx(375, abs=0.5)
+    assert rec["impact"]["saved_ms_total"] == pytest.approx(1500, abs=1)
+    assert rec["evidence"]["queue_depth_max"] == 2
