@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import heapq
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -230,3 +234,73 @@ def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
     b = TraceBuilder(service="api")
     b.span("tick", start_ms=0, dur_ms=0)
     assert analyse([b]) == []
+
+
+def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None:
+    # HotROD's dispatch: ten "HTTP GET" route calls through three workers, as OTLP JSON.
+    base = 1_760_000_000_000_000_000
+    spans = []
+    for t in range(4):
+        trace_id = f"{t + 1:032x}"
+        root_id = f"{t + 1:08x}00000000"
+        free = [1.0] * 3
+        heapq.heapify(free)
+        calls = []
+        for _ in range(10):
+            start = heapq.heappop(free)
+            calls.append((start, 40.0))
+            heapq.heappush(free, start + 40.0)
+        end = max(s + d for s, d in calls) + 2
+
+        def ms(x: float, t: int = t) -> str:
+            return str(base + t * 10**9 + int(x * 1e6))
+
+        spans.append(
+            {
+                "traceId": trace_id,
+                "spanId": root_id,
+                "name": "HTTP GET /dispatch",
+                "kind": 2,
+                "startTimeUnixNano": ms(0),
+                "endTimeUnixNano": ms(end),
+            }
+        )
+        for i, (s, d) in enumerate(calls):
+            spans.append(
+                {
+                    "traceId": trace_id,
+                    "spanId": f"{t + 1:08x}{i + 1:08x}",
+                    "parentSpanId": root_id,
+                    "name": "HTTP GET",
+                    "kind": 3,
+                    "startTimeUnixNano": ms(s),
+                    "endTimeUnixNano": ms(s + d),
+                    "attributes": [
+                        {"key": "url.full", "value": {"stringValue": f"http://route:8083/route?pickup={i}"}}
+                    ],
+                }
+            )
+    document = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "frontend"}}]},
+                "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
+            }
+        ]
+    }
+    path = tmp_path / "dispatch.otlp.json"
+    path.write_text(json.dumps(document))
+    cli = Path(sys.executable).with_name("hourglass")
+    done = subprocess.run(
+        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (rec,) = [
+        r for r in json.loads(done.stdout)["recommendations"] if r["kind"] == "fanout_concurrency_limit"
+    ]
+    assert (rec["service"], rec["operation"]) == ("frontend", "HTTP GET /dispatch")
+    assert rec["targets"] == [{"service": "frontend", "operation": "HTTP GET /route"}]
+    assert rec["evidence"]["k"] == 3
+    # Four rounds of 40 ms become one: 120 ms back per trace.
+    assert rec["impact"]["saved_ms_p50"] == pytest.approx(120, abs=0.01)
+    assert rec["traces_affected"] == 4
