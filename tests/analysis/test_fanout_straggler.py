@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from analysis.context import AnalysisContext
@@ -182,3 +187,65 @@ def test_the_answering_server_host_names_the_branch() -> None:
     (f,) = analyse(traces)
     assert f.evidence["branch_identity"] == "server_host"
     assert f.evidence["slow_branch"] == "store-2" and f.evidence["pattern"] == "skew"
+
+
+def test_cli_reports_a_hot_shard_from_an_otlp_json_file(tmp_path: Path) -> None:
+    base = 1_760_000_000_000_000_000
+    spans = []
+    for t in range(5):
+        trace_id = f"{t + 1:032x}"
+        root_id = f"{t + 1:08x}00000000"
+
+        def ns(x: float, t: int = t) -> str:
+            return str(base + t * 10**9 + int(x * 1e6))
+
+        spans.append(
+            {
+                "traceId": trace_id,
+                "spanId": root_id,
+                "name": "GET /search",
+                "kind": 2,
+                "startTimeUnixNano": ns(0),
+                "endTimeUnixNano": ns(95),
+            }
+        )
+        for shard, dur in enumerate([20, 21, 22, 90]):
+            spans.append(
+                {
+                    "traceId": trace_id,
+                    "spanId": f"{t + 1:08x}{shard + 1:08x}",
+                    "parentSpanId": root_id,
+                    "name": "GET",
+                    "kind": 3,
+                    "startTimeUnixNano": ns(2),
+                    "endTimeUnixNano": ns(2 + dur),
+                    "attributes": [
+                        {
+                            "key": "url.full",
+                            "value": {"stringValue": f"http://index/shards/{shard}/search?q=x"},
+                        }
+                    ],
+                }
+            )
+    document = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "search-api"}}]},
+                "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
+            }
+        ]
+    }
+    path = tmp_path / "search.otlp.json"
+    path.write_text(json.dumps(document))
+    cli = Path(sys.executable).with_name("hourglass")
+    done = subprocess.run(
+        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (rec,) = [r for r in json.loads(done.stdout)["recommendations"] if r["kind"] == "fanout_straggler"]
+    assert rec["targets"] == [{"service": "search-api", "operation": "GET /shards/{}/search"}]
+    assert rec["evidence"]["pattern"] == "skew"
+    assert rec["evidence"]["slow_branch"] == "http://index/shards/3/search"
+    # Shard 3 (90 ms) cut to the 21.5 ms median; the fan-out then ends with the 22 ms shard, so the
+    # root ends 92 - 24 = 68 ms earlier.
+    assert rec["impact"]["saved_ms_p50"] == pytest.approx(68.0, abs=0.01)
