@@ -1,7 +1,7 @@
 """The analysis entry point: spans in, ``hourglass.report/v1`` out.
 
 ``analyze(table_or_frame, *, writer=None, services=None, since_ns=None)`` runs, in order:
-selection (whole traces that touch ``services`` / end at or after ``since_ns``), trace repair and
+selection (whole traces that touch ``services`` / have a span starting at or after ``since_ns``), trace repair and
 critical path (:class:`analysis.context.AnalysisContext`), every detector in
 :data:`analysis.detectors.DETECTORS`, what-if savings (:mod:`analysis.whatif`), ranking
 (:mod:`analysis.ranking`) and the writer (the offline template writer when ``writer`` is None). A
@@ -39,12 +39,13 @@ MIN_REPORTED_SAVING_NS = 500_000
 def select_traces(
     frame: pl.DataFrame, *, services: list[str] | None = None, since_ns: int | None = None
 ) -> pl.DataFrame:
-    """Whole traces with at least one span in ``services`` and one span ending at or after ``since_ns``."""
+    """Whole traces with at least one span in ``services`` and one span starting at or after
+    ``since_ns`` (the store's ``scan`` selects the same way, so files and store agree)."""
     if services:
         keep = frame.filter(pl.col("service").is_in(list(services))).select("trace_id").unique()
         frame = frame.join(keep, on="trace_id", how="semi")
     if since_ns is not None:
-        keep = frame.filter(pl.col("end_ns") >= since_ns).select("trace_id").unique()
+        keep = frame.filter(pl.col("start_ns") >= since_ns).select("trace_id").unique()
         frame = frame.join(keep, on="trace_id", how="semi")
     return frame
 

@@ -5,7 +5,7 @@
     hourglass analyze --service checkout --format markdown > findings.md
 
 ``--since`` takes a duration (``90s``, ``15m``, ``2h``, ``7d``) or an ISO 8601 time
-(``2026-11-27T12:00:00Z``); whole traces with a span ending at or after it are analysed.
+(``2026-11-27T12:00:00Z``); whole traces with a span starting at or after it are analysed.
 ``--service`` (repeatable) keeps whole traces that touch the service.
 
 Bad records in files are reported on stderr as ``FILE:POSITION: reason`` and skipped; the good data
@@ -158,6 +158,8 @@ def analyze_command(
         except GateSpecError as exc:
             raise _fail(str(exc)) from None
     problems = 0
+    if files and db is not None:
+        raise _fail("give trace files or --db, not both (files are analysed without a store)")
     if files:
         table, problems = read_files(list(files))
     else:

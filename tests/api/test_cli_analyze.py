@@ -110,5 +110,7 @@ def test_command_line_errors_exit_non_zero_with_a_reason(tmp_path: Path) -> None
     assert bad_since.returncode == 2 and "--since 'yesterday-ish'" in bad_since.stderr
     no_store = run("--db", tmp_path / "absent.duckdb")
     assert no_store.returncode == 2 and "no such store" in no_store.stderr
+    both = run(SAMPLES / "n_plus_one.otlp.jsonl", "--db", tmp_path / "x.duckdb")
+    assert both.returncode == 2 and "not both" in both.stderr
     bad_format = run(SAMPLES / "n_plus_one.otlp.jsonl", "--format", "yaml")
     assert bad_format.returncode == 2
