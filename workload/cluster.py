@@ -27,8 +27,16 @@ SERVICE_NAMES = ("storefront", "orders", "ledger", "search-index", "media", "ban
 
 
 def _bind_free_port() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A listening socket on a free loopback port, with TCP_NODELAY as servers set it.
+
+    The protocol must be IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted
+    connections whose socket says so, and with Nagle's algorithm on, a response written as
+    headers then body waits for the client's delayed ACK — a 40 ms stall after each response on a
+    kept-alive connection that would show in the traces as a fake gap (and hide an immediate
+    retry loop behind what looks like a backoff)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     sock.setblocking(False)

@@ -122,18 +122,18 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="fanout_straggler",
         kind="fanout_straggler",
-        description="Product search fans out to 6 shards and shard 3 (hot products) always takes ~60 ms "
-        "against ~10 ms for the others; review search fans out to 6 balanced shards.",
+        description="Product search fans out to 6 shards and shard 3 (hot products) always takes ~200 ms "
+        "against ~40 ms for the others; review search fans out to 6 balanced shards (~40 ms).",
         bottleneck=Endpoint("storefront", "GET", "/search/products", query="q=lamp"),
         healthy=Endpoint("storefront", "GET", "/search/reviews", query="q=lamp"),
         requests_per_handler=30,
-        concurrency=4,
+        concurrency=2,
     ),
     Scenario(
         name="fanout_concurrency_limit",
         kind="fanout_concurrency_limit",
-        description="The gallery renders an album's 8 thumbnails through asyncio.Semaphore(2): four rounds "
-        "of two. The slideshow renders the same 8 thumbnails all at once.",
+        description="The gallery renders an album's 8 thumbnails (~30 ms each) through asyncio.Semaphore(2): "
+        "four rounds of two. The slideshow renders the same 8 thumbnails all at once.",
         bottleneck=Endpoint("storefront", "GET", "/albums/{album_id}/gallery"),
         healthy=Endpoint("storefront", "GET", "/albums/{album_id}/slideshow"),
         requests_per_handler=24,

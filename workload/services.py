@@ -11,7 +11,7 @@ on ``order_id``, so every per-order query scans it, as an unindexed query in pro
 | storefront | ``GET /checkout/{cart_id}/serial``: stock, quote and shipping estimate awaited one after another | ``GET /checkout/{cart_id}/parallel``: the same three calls with ``asyncio.gather`` |
 | orders | ``GET /customers/{customer_id}/orders``: list orders, then one items query per order (N+1) | ``GET /customers/{customer_id}/orders/batched``: one ``IN (...)`` query |
 | ledger | ``POST /accounts/{account_id}/transfers``: every transfer takes one global journal lock | ``GET /accounts/{account_id}/statement``: busy work under a per-account lock nobody else wants |
-| storefront | ``GET /search/products``: fan-out to 6 shards, shard 3 holds the hot products and is always slow | ``GET /search/reviews``: fan-out to 6 balanced shards |
+| storefront | ``GET /search/products``: fan-out to 6 shards (~40 ms), shard 3 holds the hot products and always takes ~200 ms | ``GET /search/reviews``: fan-out to 6 balanced shards |
 | storefront | ``GET /albums/{album_id}/gallery``: 8 thumbnails through ``asyncio.Semaphore(2)`` | ``GET /albums/{album_id}/slideshow``: 8 thumbnails, all at once |
 | storefront | ``POST /orders/{order_id}/payment``: a flaky bank (fails 60 %) retried at once, up to 6 times | ``POST /subscriptions/{subscription_id}/renewal``: retried with exponential backoff (25 ms base, equal jitter) |
 """
@@ -41,6 +41,12 @@ SERIAL_STEPS = (
 )
 SHARD_COUNT = 6
 SLOW_SHARD = 3  # the "products" index keeps its hot products on shard 3
+# Fan-out branch latencies stay well above the CPU an in-process HTTP hop costs (~1-2 ms of
+# instrumentation, h11 and FastAPI per call, all under one GIL, on a shared 2-core machine): with
+# 10 ms shards, six concurrent branches queued on the CPU and a balanced fan-out grew real tails.
+SHARD_MS = 40.0
+SLOW_SHARD_MS = 200.0
+THUMBNAIL_MS = 30.0
 ALBUM_SIZE = 8
 THUMBNAIL_POOL_SIZE = 2
 PAYMENT_MAX_ATTEMPTS = 6
@@ -92,9 +98,9 @@ def search_index_app(telemetry: ServiceTelemetry, seed: int) -> FastAPI:
     @app.get("/indexes/{index}/shards/{shard_id}/search")
     async def search_shard(index: str, shard_id: int, q: str = "") -> dict[str, Any]:
         if index == "products" and shard_id == SLOW_SHARD:
-            delay_ms = _jitter_ms(rng, 60.0, 6.0)
+            delay_ms = _jitter_ms(rng, SLOW_SHARD_MS, 15.0)
         else:
-            delay_ms = _jitter_ms(rng, 10.0, 2.0)
+            delay_ms = _jitter_ms(rng, SHARD_MS, 4.0)
         await asyncio.sleep(delay_ms / 1000)
         return {"index": index, "shard": shard_id, "hits": rng.randrange(50)}
 
@@ -108,7 +114,7 @@ def media_app(telemetry: ServiceTelemetry, seed: int) -> FastAPI:
 
     @app.get("/images/{image_id}/thumbnail")
     async def thumbnail(image_id: int) -> dict[str, Any]:
-        await asyncio.sleep(_jitter_ms(rng, 12.0, 2.0) / 1000)
+        await asyncio.sleep(_jitter_ms(rng, THUMBNAIL_MS, 3.0) / 1000)
         return {"image_id": image_id, "bytes": 4096}
 
     telemetry.instrument_app(app)
