@@ -194,6 +194,8 @@ def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
 def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
     """Adds span ``columns`` by ``row``; ``parent_service``/``parent_name`` come by ``parent_row``
     and ``endpoint`` is :func:`_endpoint` ("" when unknown)."""
+    if spans.height and spans["row"][-1] != spans.height - 1:
+        raise ValueError("spans.row must be each span's position in the frame (AnalysisContext contract)")
     rows = frame["row"]
     derived = ("parent_service", "parent_name", "endpoint")
     own = [spans[c].gather(rows) for c in columns if c not in derived]
