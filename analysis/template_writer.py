@@ -28,6 +28,14 @@ def ms(value: Any) -> str:
     return f"{v:.1f} ms"
 
 
+def count(value: Any) -> str:
+    """A count for people: 8 rather than 8.0, one decimal only when it is not whole (6.5)."""
+    if value is None:
+        return "several"
+    v = float(value)
+    return f"{v:.0f}" if v.is_integer() else f"{v:.1f}"
+
+
 def pct(value: Any) -> str:
     return "an unknown share" if value is None else f"{float(value) * 100:.0f} %"
 
@@ -60,7 +68,7 @@ def _saving(rec: Rec) -> str:
     if imp.get("saved_ms_p50") is None:
         return ""
     return (
-        f"Doing so would cut end-to-end latency by {ms(imp['saved_ms_p50'])} at the median and "
+        f"Fixing this would cut end-to-end latency by {ms(imp['saved_ms_p50'])} at the median and "
         f"{ms(imp['saved_ms_p95'])} at p95 ({pct(imp.get('share_of_root_latency'))} of the affected requests' "
         f"latency, {ms(imp.get('saved_ms_total'))} over the {plural(rec['traces_affected'], 'trace')} analysed)."
     )
@@ -82,11 +90,6 @@ def serialized_calls(rec: Rec) -> WrittenText:
                 else f"they already overlap in {plural(ev.get('overlapping_instances'), 'request')}"
             )
             + "."
-        )
-    elif ev.get("order_fixed") and ev.get("caller_instances", 0) >= 10:
-        independence = (
-            f"They ran in the same order in all {ev.get('caller_instances')} requests and never overlapped, "
-            "which is also what a data dependency looks like: check that no call needs another's result."
         )
     else:
         independence = (
@@ -149,7 +152,7 @@ def lock_contention(rec: Rec) -> WrittenText:
         bits.append(f"{pct(share)} of its time")
     text = ", ".join(bits) + "."
     if peers:
-        text += f" Requests queue behind about {peers} concurrent peers; latency grows by {ms(ev.get('added_ms_per_peer'))} per peer."
+        text += f" Requests queue behind about {count(peers)} concurrent peers; latency grows by {ms(ev.get('added_ms_per_peer'))} per peer."
     summary = f"{text} {_saving(rec)} {_seen(rec)}"
     actions = [
         f"Shorten the critical section that holds {code(resource)}: do reads, remote calls and computation before taking the lock.",
@@ -164,7 +167,7 @@ def fanout_straggler(rec: Rec) -> WrittenText:
     pattern = ev.get("pattern")
     target = _targets(rec)
     summary = (
-        f"{_caller(rec)} fans out to {target} across {ev.get('branches_p50', 'several')} branches and waits for the slowest: "
+        f"{_caller(rec)} fans out to {target} across {count(ev.get('branches_p50'))} branches and waits for the slowest: "
         f"{ms(ev.get('slowest_branch_ms_p50'))} against a median branch of {ms(ev.get('median_branch_ms_p50'))}. "
     )
     if pattern == "skew":
@@ -193,7 +196,7 @@ def fanout_concurrency_limit(rec: Rec) -> WrittenText:
     ev = rec["evidence"]
     k = ev.get("k")
     summary = (
-        f"{_caller(rec)} runs its {ev.get('n_p50', 'many')} calls to {_targets(rec)} at most {k} at a time, "
+        f"{_caller(rec)} runs its {count(ev.get('n_p50'))} calls to {_targets(rec)} at most {k} at a time, "
         f"so later calls queue for {ms(ev.get('queued_ms_p50'))} at the median. {_saving(rec)} {_seen(rec)}"
     )
     actions = [
@@ -208,7 +211,7 @@ def retry_without_backoff(rec: Rec) -> WrittenText:
     summary = (
         f"{_caller(rec)} retries failed calls to {_targets(rec)} "
         f"{'after the same short wait every time' if ev.get('pattern') == 'constant_short_delay' else 'immediately'}: "
-        f"{ev.get('attempts_per_burst_p50')} attempts per burst at the median (up to {ev.get('attempts_per_burst_max')}), "
+        f"{count(ev.get('attempts_per_burst_p50'))} attempts per burst at the median (up to {ev.get('attempts_per_burst_max')}), "
         f"{ms(ev.get('gap_ms_p50'))} apart. Retries without backoff hammer a struggling dependency "
         f"and turn a blip into an outage. {_seen(rec)}"
     )

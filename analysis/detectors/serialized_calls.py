@@ -42,9 +42,14 @@ only the serialized ones):
 * the calls overlap in some instances → they can run concurrently (confidence 0.7+; 0.8+ with both);
 * neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances → not enough evidence either
   way (0.5);
-* neither, in 10 or more instances (same order every time, never overlapping) → consistent with a
-  data dependency: reported at low confidence (0.35) so it ranks below verified findings, with
-  ``order_fixed`` in the evidence so the write-up asks the reader to check for a dependency.
+* neither, in 10 or more instances (same order every time, never overlapping) → **not reported**:
+  that is exactly what a data dependency (the second call needs the first one's result, e.g. a
+  query for ids followed by ``WHERE id IN (...)``) looks like, and a detector that cannot tell the
+  two apart should stay quiet rather than ask for a change that breaks the code.
+
+A finding also needs its serialized runs in at least ``MIN_RUN_SHARE`` (20 %) of the caller's
+instances once there are ``MIN_INSTANCES_FOR_SHARE`` (5) of them: a run in one request out of thirty
+is a timing fluke of a caller that is otherwise fine, not a pattern.
 
 Up to +0.1 more with the number of traces (full at 20). Sentry's "Consecutive DB Queries" detector
 decides independence from the statement text (no WHERE clause, no parameters); cross-trace order and
@@ -64,6 +69,8 @@ from collector.schema import KIND_SERVER
 KIND = "serialized_calls"
 MAX_GAP_FRACTION = 0.5
 MAJORITY_SHARE = 0.5
+MIN_RUN_SHARE = 0.2
+MIN_INSTANCES_FOR_SHARE = 5
 MIN_MAX_GAP_NS = 1_000_000
 MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
@@ -269,15 +276,16 @@ def _independence(calls: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def confidence(instances: int, distinct_orders: int, overlapping: int, traces: int) -> float:
-    """Confidence from cross-trace independence evidence (see the module docstring)."""
+def confidence(instances: int, distinct_orders: int, overlapping: int, traces: int) -> float | None:
+    """Confidence from cross-trace independence evidence, or None when the evidence points to a
+    data dependency (see the module docstring)."""
     varies, overlaps = distinct_orders > 1, overlapping > 0
     if varies or overlaps:
         base = 0.8 if (varies and overlaps) else 0.7
     elif instances < FIXED_ORDER_MIN_INSTANCES:
         base = 0.5
     else:
-        return 0.35
+        return None
     return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
 
 
@@ -322,6 +330,11 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         distinct_orders = int(ev.get("distinct_orders") or 0)
         overlapping = int(ev.get("overlapping_instances") or 0)
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        score = confidence(instances, distinct_orders, overlapping, len(trace_ids))
+        if score is None or (
+            instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances
+        ):
+            continue  # a likely data dependency, or a rare timing fluke of an otherwise fine caller
         findings.append(
             Finding(
                 kind=KIND,
@@ -330,7 +343,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                 operation=str(caller_name),
                 targets=targets,
                 occurrences=occurrences,
-                confidence=confidence(instances, distinct_orders, overlapping, len(trace_ids)),
+                confidence=score,
                 evidence={
                     "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
                     "span_ids": list(occurrences[0].span_ids),
