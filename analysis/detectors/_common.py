@@ -121,9 +121,22 @@ def operation_key() -> pl.Expr:
 
 
 def parameters() -> pl.Expr:
-    """The literal-bearing text of a call (statement, URL), null when the span records neither:
-    it differs between N+1 iterations."""
-    return pl.coalesce(pl.col("db_statement"), pl.col("http_url"))
+    """The parameters a call carries, as far as the span shows them, else null. Needs ``op_detail``.
+
+    A statement with literals in it (it differs from its normalised form); a URL of a request without
+    a body (GET, HEAD, DELETE, OPTIONS). A parameterised statement (``WHERE id = ?``) or a POST/PUT
+    hides its parameters: null, so "same parameters" is never claimed without evidence."""
+    statement = pl.col("db_statement")
+    has_literals = statement.str.replace_all(r"\s+", " ").str.strip_chars() != pl.col("op_detail")
+    bodyless = pl.col("http_method").is_null() | pl.col("http_method").str.to_uppercase().is_in(
+        ["GET", "HEAD", "DELETE", "OPTIONS"]
+    )
+    return (
+        pl.when(statement.is_not_null())
+        .then(pl.when(has_literals).then(statement))
+        .when(pl.col("http_url").is_not_null() & bodyless)
+        .then(pl.col("http_url"))
+    )
 
 
 def is_call() -> pl.Expr:

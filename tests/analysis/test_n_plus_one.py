@@ -70,6 +70,16 @@ def test_identical_parameters_are_reported_as_a_cacheable_repeat() -> None:
     assert not f.evidence["different_parameters"]
 
 
+def test_parameterised_statements_do_not_claim_identical_parameters() -> None:
+    b = TraceBuilder(service="orders")
+    root = b.span("GET /orders", start_ms=0, dur_ms=120, kind=KIND_SERVER)
+    for i in range(8):
+        b.span("SELECT items", parent=root, start_ms=5 + i * 14, dur_ms=13, kind=KIND_CLIENT, db_system="sqlite",
+               db_statement="SELECT * FROM items WHERE order_id = ?")  # fmt: skip
+    (f,) = detect(b)
+    assert f.evidence["different_parameters"] is None
+
+
 def test_failing_identical_calls_are_a_retry_burst_not_n_plus_one() -> None:
     assert detect(orders_page(same_params=True, error=True)) == []
 
