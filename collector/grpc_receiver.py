@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 from concurrent import futures
 from typing import Any
 
@@ -45,6 +46,9 @@ log = logging.getLogger("hourglass.grpc")
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT_METHOD = f"/{SERVICE_NAME}/Export"
 DEFAULT_WORKERS = 16
+# Decoding holds the GIL, so more than a couple of decodes at once gain nothing and each holds
+# its half-built columns in memory; the other workers wait for their commit, holding only a table.
+CONCURRENT_DECODES = 2
 SHUTDOWN_RETRY_AFTER_S = 5.0
 COMMIT_TIMEOUT_S = 120.0
 
@@ -77,6 +81,7 @@ class GrpcReceiver:
         self.port = port
         self.max_message_bytes = max_message_bytes
         self._expected_auth = f"Bearer {api_token}".encode() if api_token else None
+        self._decode_slots = threading.BoundedSemaphore(CONCURRENT_DECODES)
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
         self._server = grpc.server(
             self._executor,
@@ -134,7 +139,8 @@ class GrpcReceiver:
         try:
             pipeline.check_capacity()
             try:
-                result = decode_export_request(request)
+                with self._decode_slots:
+                    result = decode_export_request(request)
             except DecodeError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             future = pipeline.submit(result.table)
