@@ -116,12 +116,12 @@ def n_plus_one(rec: Rec) -> WrittenText:
     statement = str(ev.get("statement") or target.get("operation"))
     calls = ev.get("calls_p50")
     different = ev.get("different_parameters")
-    params = {True: "each with different parameters", False: "with the same parameters each time"}.get(
-        different, "(the spans do not record the parameters)"
+    params = {True: ", each with different parameters", False: ", with the same parameters each time"}.get(
+        different, ""
     )
     summary = (
         f"{_caller(rec)} runs {code(statement)} against {target.get('service')} {plural(calls, 'time')} per request "
-        f"at the median (up to {ev.get('calls_max')}), one call after another, {params}; each call takes "
+        f"at the median (up to {ev.get('calls_max')}), one call after another{params}; each call takes "
         f"{ms(ev.get('call_ms_p50'))} and together they take {ms(ev.get('serial_ms_p50'))}. {_saving(rec)} {_seen(rec)}"
     )
     batch = [
@@ -134,7 +134,7 @@ def n_plus_one(rec: Rec) -> WrittenText:
         f"The same call is repeated {plural(calls, 'time')} with identical parameters: call it once and reuse the result.",
         "Cache the result for the duration of the request (or longer if the data allows).",
     ]
-    actions = batch if different else (cache if different is False else [*batch[:2], cache[1]])
+    actions = cache if different is False else batch
     short = statement if len(statement) <= 60 else statement[:57] + "..."
     return WrittenText(
         f"Batch the {plural(calls, 'call')} to {short} in {rec['operation']}", summary.strip(), actions
