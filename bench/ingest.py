@@ -72,7 +72,7 @@ def build_template(seed: int) -> bytes:
     request = trace_service_pb2.ExportTraceServiceRequest()
     services = ["frontend", "checkout", "inventory", "payments", "shipping"]
     per_resource = SPANS_PER_REQUEST // RESOURCES
-    base = 1_790_000_000_000_000_000
+    base = time.time_ns() - 60 * 10**9  # recent: retention (by span end time) must not drop the load
     span_counter = 0
     for r in range(RESOURCES):
         rs = request.resource_spans.add()
