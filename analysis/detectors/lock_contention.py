@@ -81,6 +81,7 @@ HANDOFF_NS = 1_000_000
 MIN_SAMPLES = 20
 MIN_PEAK_PEERS = 3
 MIN_QUEUED_SHARE = 0.2
+BUSY_PREFILTER = 0.8  # margin for microsecond ties between the pre-filter and the sweep
 MIN_CORRELATION = 0.6
 MIN_SLOPE_SHARE = 0.3
 SERVICE_TIME_BAND = (0.5, 1.5)
@@ -475,6 +476,31 @@ def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
     return pl.Series("peers", peers)
 
 
+def _busy_groups(cand: pl.DataFrame) -> pl.Series:
+    """The group keys (``gid``) where at least ``BUSY_PREFILTER`` × ``MIN_QUEUED_SHARE`` of the spans
+    started while an earlier-started span of the group was still running — exactly the spans the
+    sweep would give ``peers >= 2``, found with one sort of the starts and a running maximum of the
+    ends (groups are packed into one int64 key, so a group's running maximum never leaks into the
+    next). A necessary condition for a convoy: the full sweep then runs on these groups alone.
+    Returns every group when the packed key does not fit."""
+    t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
+    span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
+    dense = cand.select("gid", "start_ns", "end_ns", g=pl.col("gid").rank("dense").cast(pl.Int64))
+    if int(dense["g"].max()) >= (1 << 22) or span_us >= (1 << 40):  # type: ignore[arg-type]
+        return cand["gid"].unique()
+    packed = pl.col("g") * (1 << 41)
+    ordered = dense.select(
+        "gid",
+        start_key=packed + (pl.col("start_ns") - t0) // 1000,
+        end_key=packed + (pl.col("end_ns") - t0) // 1000,
+    ).sort("start_key")
+    overlapped = ordered.select(
+        "gid", overlapped=(pl.col("start_key") < pl.col("end_key").cum_max().shift(1)).fill_null(False)
+    )
+    shares = overlapped.group_by("gid").agg(share=pl.col("overlapped").mean())
+    return shares.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"]
+
+
 def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Finding]:
     # Integer-only frame: row, group key and times; strings are fetched by row for the few convoys
     # found. The group key hashes every resource column (a finer split than ``_resource``'s first
@@ -516,7 +542,9 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
     )
     if cand.is_empty():
         return []
-
+    cand = cand.filter(pl.col("gid").is_in(_busy_groups(cand).implode()))
+    if cand.is_empty():
+        return []
     cand = cand.with_columns(peers=_peers_at_start(cand))
 
     base_expr = (
