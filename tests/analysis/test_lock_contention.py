@@ -14,7 +14,13 @@ import polars as pl
 import pytest
 
 from analysis.context import AnalysisContext
-from analysis.detectors.lock_contention import _peers_at_start, detect
+from analysis.detectors.lock_contention import (
+    BUSY_PREFILTER,
+    MIN_QUEUED_SHARE,
+    _busy_groups,
+    _peers_at_start,
+    detect,
+)
 from analysis.model import ShortenSpan
 from collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
 from tests.builders import BASE_NS, TraceBuilder, spans_table
@@ -444,3 +450,26 @@ def test_cli_reports_hotrod_lock_waits_from_a_jaeger_file(tmp_path: Path) -> Non
     assert rec["impact"]["saved_ms_p50"] == pytest.approx(375, abs=0.5)
     assert rec["impact"]["saved_ms_total"] == pytest.approx(1500, abs=1)
     assert rec["evidence"]["queue_depth_max"] == 2
+
+
+def test_busy_group_prefilter_keeps_exactly_the_groups_the_sweep_finds_queued() -> None:
+    rng = random.Random(8)
+    rows = []
+    for gid in range(1, 41):
+        load = gid / 40  # from nearly idle to saturated
+        t = 0
+        for _ in range(50):
+            t += int(rng.expovariate(load / 10_000_000))
+            rows.append((gid, t, t + rng.randrange(5_000_000, 15_000_000)))
+    frame = pl.DataFrame(rows, schema=["gid", "start_ns", "end_ns"], orient="row").with_columns(
+        pl.col("gid").cast(pl.UInt64)
+    )
+    queued = (
+        frame.with_columns(peers=_peers_at_start(frame))
+        .group_by("gid")
+        .agg(share=(pl.col("peers") >= 2).mean())
+    )
+    expected = set(queued.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"].to_list())
+    kept = set(_busy_groups(frame).to_list())
+    assert 0 < len(kept) < 40
+    assert kept == expected
