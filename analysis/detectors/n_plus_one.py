@@ -19,6 +19,10 @@ break the sequence. A sequence is reported when
 * the time it could save is at least ``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the
   root's duration, and at least one call is on the critical path.
 
+A finding also needs its sequences in at least ``MIN_SEQUENCE_SHARE`` (20 %) of the requests that
+make the call that often, once there are ``MIN_INSTANCES_FOR_SHARE`` (5) of them: a fan-out that
+is concurrent in most requests and happens to run one-by-one in a few is not an N+1 loop.
+
 Batching model (the intervention): the N calls collapse into one call that takes as long as the
 slowest of them plus ``PER_ITEM_COST_FRACTION`` (5 %) of the others' time — one round trip instead of
 N, with a little extra work for the extra rows. The caller's work between calls is kept. The what-if
@@ -45,6 +49,8 @@ PER_ITEM_COST_FRACTION = 0.05
 MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
 MAX_EXEMPLARS = 5
+MIN_SEQUENCE_SHARE = 0.2
+MIN_INSTANCES_FOR_SHARE = 5
 
 
 def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
@@ -120,10 +126,25 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     if calls.height < MIN_REPEATS:
         return []
     sequences = _sequences(calls)
+    if sequences.height == 0:
+        return []
+    # Caller instances that made the call MIN_REPEATS times or more, sequential or not.
+    instances = dict(
+        calls.group_by(["parent_row", "parent_service", "parent_name", "op_key"])
+        .agg(pl.len().alias("n"))
+        .filter(pl.col("n") >= MIN_REPEATS)
+        .group_by(["parent_service", "parent_name", "op_key"])
+        .agg(pl.len().alias("instances"))
+        .select(pl.concat_str(["parent_service", "parent_name", "op_key"], separator="\x1f"), "instances")
+        .iter_rows()
+    )
     findings: list[Finding] = []
     for (caller_service, caller_name, target_service, op_key), group in sequences.group_by(
         ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
     ):
+        seen = instances.get(f"{caller_service}\x1f{caller_name}\x1f{op_key}", 0)
+        if seen >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_SEQUENCE_SHARE * seen:
+            continue  # mostly concurrent; a few sequential requests are timing, not a loop
         occurrences = [
             Occurrence(
                 trace_id=r["trace_id"],

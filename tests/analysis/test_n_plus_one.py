@@ -133,3 +133,7 @@ def test_route_normalisation(url: str, route: str) -> None:
         {"http_url": [url], "http_route": [None]}, schema={"http_url": pl.String, "http_route": pl.String}
     )
     assert out.select(_common.normalized_route()).item() == route
+
+
+def test_a_fan_out_that_is_sequential_only_now_and_then_gives_nothing() -> None:
+    assert detect(orders_page(), *[orders_page(concurrent=True) for _ in range(9)]) == []
