@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,7 @@ async def _serve_async(
     stop: threading.Event | None,
     endpoints_out: list[ServeEndpoints],
     compact_interval_s: float,
+    on_ready: Callable[[ServeEndpoints], None] | None,
 ) -> None:
     from api.app import create_app
 
@@ -158,6 +159,8 @@ async def _serve_async(
         _say(f"REST API listening on {endpoints.api} (GET /healthz, /v1/stats, /v1/recommendations)")
         if settings.api_token:
             _say("bearer token required on all endpoints (HOURGLASS_API_TOKEN)")
+        if on_ready is not None:
+            on_ready(endpoints)
         if ready is not None:
             ready.set()
 
@@ -241,11 +244,16 @@ def run_serve(
     stop_event: threading.Event | None = None,
     *,
     compact_interval_s: float = COMPACT_INTERVAL_S,
+    on_ready: Callable[[ServeEndpoints], None] | None = None,
 ) -> ServeEndpoints:
-    """Run until SIGTERM/SIGINT (main thread) or ``stop_event``; returns the bound endpoints."""
+    """Run until SIGTERM/SIGINT (main thread) or ``stop_event``; returns the bound endpoints.
+
+    ``on_ready`` is called with the bound endpoints (ports chosen when 0 was asked for) before
+    ``ready_event`` is set — for the demo and tests that start serve in-process.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _tune_gc_for_ingest()
     _use_jemalloc_for_arrow()
     endpoints: list[ServeEndpoints] = []
-    asyncio.run(_serve_async(settings, ready_event, stop_event, endpoints, compact_interval_s))
+    asyncio.run(_serve_async(settings, ready_event, stop_event, endpoints, compact_interval_s, on_ready))
     return endpoints[0]

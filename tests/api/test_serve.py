@@ -293,3 +293,48 @@ def test_sigterm_with_exports_in_flight_acks_only_committed(tmp_path: Path) -> N
     acked = {f"{i + 1:032x}" for i, ok in results if ok}
     assert acked <= stored
     assert "shutting down" in server.log_text()
+
+
+def test_run_serve_in_process_runs_retention_and_stops_on_event(tmp_path: Path) -> None:
+    """The python-level entry point; retention periodically removes traces older than the window."""
+    from api.serve import ServeEndpoints, run_serve
+    from api.settings import Settings
+
+    settings = Settings()
+    settings.db = str(tmp_path / "retention.duckdb")
+    settings.grpc_port = settings.http_port = settings.api_port = 0
+    settings.api_token = None
+    settings.retention_seconds = 3600.0
+    ready, stop = threading.Event(), threading.Event()
+    bound: list[ServeEndpoints] = []
+    thread = threading.Thread(
+        target=run_serve,
+        args=(settings, ready, stop),
+        kwargs={"compact_interval_s": 0.3, "on_ready": bound.append},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        assert ready.wait(60)
+        now = time.time_ns()
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        spans = request.resource_spans.add().scope_spans.add().spans
+        for tid, end in ((1, now - 2 * 3600 * 10**9), (2, now)):  # one trace 2 h old, one fresh
+            span = spans.add(name="op", start_time_unix_nano=end - 1000, end_time_unix_nano=end)
+            span.trace_id, span.span_id = tid.to_bytes(16, "big"), tid.to_bytes(8, "big")
+        with grpc.insecure_channel(bound[0].grpc) as channel:
+            channel.unary_unary(EXPORT_METHOD)(request.SerializeToString(), timeout=10)
+        deadline = time.monotonic() + 20
+        stats = None
+        while time.monotonic() < deadline:
+            stats = httpx.get(f"{bound[0].api}/v1/stats", timeout=10).json()
+            if stats["spans"] == 1:
+                break
+            time.sleep(0.2)
+        assert stats is not None and (stats["spans"], stats["traces"]) == (1, 1)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    with DuckDBSpanStore(settings.db) as store:
+        assert store.scan(columns=("trace_id",)).column("trace_id").to_pylist() == [f"{2:032x}"]
