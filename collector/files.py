@@ -63,7 +63,13 @@ import zstandard
 
 from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
 from collector.readers import RecordProblem
-from collector.readers.jaeger import is_jaeger_json, jaeger_api_errors, jaeger_to_otlp_json
+from collector.readers.jaeger import (
+    is_jaeger_json,
+    jaeger_api_errors,
+    jaeger_to_otlp_json,
+    jaeger_traces_to_otlp_json,
+)
+from collector.readers.json_stream import JsonStreamError, iter_json_events
 from collector.readers.otlp_json import is_otlp_json, merge_traces_data, resource_spans_of, unwrap_otlp_json
 from collector.readers.otlp_proto import (
     FramingError,
@@ -71,7 +77,7 @@ from collector.readers.otlp_proto import (
     looks_like_length_prefixed,
     split_resource_spans,
 )
-from collector.readers.zipkin import is_zipkin_json, zipkin_to_otlp_json
+from collector.readers.zipkin import is_zipkin_json, zipkin_items_to_otlp_json, zipkin_to_otlp_json
 
 __all__ = [
     "FileProblem",
@@ -84,6 +90,13 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+# Longer first lines mean a one-line document, not JSON Lines (the Collector writes one export
+# request per line: a few MiB at most with its default batch sizes).
+JSONL_MAX_LINE_BYTES = 16 * 1024 * 1024
+# A streamed JSON document is converted and decoded in chunks of about this many spans.
+DOCUMENT_CHUNK_SPANS = 20_000
+# Members whose array is streamed element by element (the bulk of every trace export).
+STREAMED_KEYS = frozenset({"data", "resourceSpans", "resource_spans", "batches"})
 STDIN_PATH = "-"
 HEAD_BYTES = 64 * 1024
 READ_BUFFER_BYTES = 1024 * 1024
@@ -540,14 +553,22 @@ class TraceFileReader:
             yield from self._emit(report, result.table)
 
     def _decode_resources(
-        self, report: FileReport, prefix: str, resources: list[Any], converted: bool
+        self,
+        report: FileReport,
+        prefix: str,
+        resources: list[Any],
+        converted: bool,
+        *,
+        first: int = 0,
+        key: str = "resourceSpans",
     ) -> Iterator[pa.Table]:
         """Decode a document's ``resourceSpans`` one at a time, so that one bad resource or scope
-        (which the decoder refuses whole) costs only its own spans; paths keep their real index."""
-        for index, resource in enumerate(resources):
+        (which the decoder refuses whole) costs only its own spans; paths keep their real index
+        (``first`` is the index of ``resources[0]`` in the document, ``key`` the array's name)."""
+        for offset, resource in enumerate(resources):
 
-            def real_path(message: str, index: int = index) -> str:
-                return message.replace("resourceSpans[0]", f"resourceSpans[{index}]", 1)
+            def real_path(message: str, index: int = first + offset) -> str:
+                return message.replace("resourceSpans[0]", f"{key}[{index}]", 1)
 
             try:
                 result = decode_otlp_json({"resourceSpans": [resource]})
@@ -562,34 +583,31 @@ class TraceFileReader:
             yield from self._emit(report, result.table)
 
     def _read_json(self, report: FileReport, body: BinaryIO) -> Iterator[pa.Table]:
+        """JSON Lines or one document? Decided on the first three non-empty lines, without parsing
+        them (a one-line document may be huge): JSON Lines when two of them look like whole objects
+        or arrays (``{`` ... ``}``), or the first does and another line follows. A line longer than
+        ``JSONL_MAX_LINE_BYTES`` means one document. A file of one line is a document (positions
+        then read ``data[0]...``, not ``1:data[0]...``)."""
         first_lines: list[bytes] = []
-        jsonl = False
-        nonempty = 0
+        looks_whole: list[bool] = []
         try:
-            while nonempty < 2:
-                line = body.readline()
+            while len(looks_whole) < 3:
+                line = body.readline(JSONL_MAX_LINE_BYTES)
                 if not line:
                     break
                 first_lines.append(line)
-                if line.strip():
-                    nonempty += 1
-                    if _is_whole_document(line):
-                        jsonl = True
-                        break
-            if jsonl:  # a file of one line is a document, not JSON Lines: positions without "1:"
-                while True:
-                    line = body.readline()
-                    if not line:
-                        jsonl = nonempty > 1
-                        break
-                    first_lines.append(line)
-                    if line.strip():
-                        break
+                if not line.strip():
+                    continue
+                complete = line.endswith(b"\n") or len(line) < JSONL_MAX_LINE_BYTES
+                looks_whole.append(complete and _looks_whole(line))
+                if not complete:
+                    break
         except _STREAM_ERRORS as exc:
             self._problem(
                 report, None, f"{report.compression or 'file'} data truncated or corrupt: {exc}", fatal=True
             )
             return
+        jsonl = looks_whole.count(True) >= 2 or (len(looks_whole) >= 2 and looks_whole[0])
         if jsonl:
             yield from self._read_jsonl(report, first_lines, body)
         else:
@@ -598,30 +616,125 @@ class TraceFileReader:
     def _read_json_document(
         self, report: FileReport, first_lines: list[bytes], body: BinaryIO
     ) -> Iterator[pa.Table]:
+        """One JSON document, streamed: the elements of its big array (Jaeger ``data``, OTLP
+        ``resourceSpans``, a Zipkin list of traces) are converted and decoded in chunks of about
+        ``DOCUMENT_CHUNK_SPANS`` spans, so memory follows the chunk, not the file. Shapes whose parts
+        depend on each other (a flat Zipkin span list, one Jaeger trace with its ``processes``) are
+        gathered whole first."""
+        stream = io.BufferedReader(_HeadThenRest(b"".join(first_lines), body), READ_BUFFER_BYTES)
+        damage = "the document is cut short or corrupt"
         try:
-            data = b"".join(first_lines) + body.read()
-        except _STREAM_ERRORS as exc:
+            yield from self._document_events(report, iter_json_events(stream, STREAMED_KEYS))
+        except JsonStreamError as exc:
+            kept = "; the traces before are kept" if report.spans else ""
             self._problem(
-                report,
-                None,
-                f"{report.compression or 'file'} data truncated or corrupt: {exc}; nothing read",
-                fatal=True,
+                report, f"{exc.line}:{exc.column}", f"invalid JSON: {exc.message}{kept}", fatal=True
             )
-            return
-        try:
-            value = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
-            self._problem(report, f"byte {exc.start}", f"not UTF-8 text: {exc.reason}", fatal=True)
+            self._problem(report, None, f"not UTF-8 text: {exc.reason}", fatal=True)
+        except _STREAM_ERRORS as exc:
+            damage = f"{report.compression or 'file'} data truncated or corrupt ({exc})"
+            kept = "; the traces before are kept" if report.spans else ""
+            self._problem(report, None, f"{damage}{kept}", fatal=True)
+
+    def _document_events(
+        self, report: FileReport, events: Iterator[tuple[str, Any, Any]]
+    ) -> Iterator[pa.Table]:
+        _, top, _ = next(events)
+        members: dict[str, Any] = {}
+        scalar: Any = None
+        gathered: list[Any] = []  # items of a shape that must be read whole
+        gathered_key: str | None = None
+        unit: str | None = None  # what a streamed item is: jaeger-trace, zipkin-trace, otlp-resource
+        chunk: list[tuple[str, Any]] = []
+        chunk_spans = 0
+        # a flat Zipkin span list: spans grouped by trace (low 64 bits of the id, as Zipkin pairs
+        # 64- and 128-bit ids), converted a group of traces at a time once the list is read
+        zipkin_traces: dict[str, list[tuple[str, Any]]] = {}
+        for event, where, value in events:
+            if event == "member":
+                members[where] = value
+                continue
+            if event == "value":
+                scalar = value
+                continue
+            if event == "array":
+                if gathered_key is None:
+                    gathered_key = where  # kept even when the array is empty
+                continue
+            key, index = where
+            if unit is None:
+                unit = _stream_unit(key, value)
+            if unit == "gather":
+                gathered.append(value)
+                continue
+            if unit == "zipkin-span":
+                trace = value.get("traceId") if isinstance(value, dict) else None
+                group = trace[-16:].lower() if isinstance(trace, str) else repr(trace)
+                zipkin_traces.setdefault(group, []).append((f"[{index}]", value))
+                continue
+            chunk.append((f"{key}[{index}]" if key else f"[{index}]", value))
+            chunk_spans += _unit_spans(unit, value)
+            if chunk_spans >= DOCUMENT_CHUNK_SPANS:
+                yield from self._decode_units(report, unit, chunk)
+                chunk, chunk_spans = [], 0
+        if unit == "zipkin-span":
+            for spans in zipkin_traces.values():
+                chunk.extend(spans)
+                if len(chunk) >= DOCUMENT_CHUNK_SPANS:
+                    yield from self._decode_units(report, "zipkin-trace", chunk)
+                    chunk = []
+            zipkin_traces.clear()
+            unit = "zipkin-trace"
+        if unit not in (None, "gather"):
+            yield from self._decode_units(report, unit, chunk)
+            errors = jaeger_api_errors({"data": None, **members})
+            if errors:
+                self._warning(report, None, f"the Jaeger query API answered with errors: {'; '.join(errors)}")
             return
-        except json.JSONDecodeError as exc:
-            self._problem(report, f"{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}", fatal=True)
-            return
-        del data
-        converted = self._convert(report, "", value)
+        # nothing streamed: the whole document, as it was
+        if top == "array":
+            document: Any = gathered
+        elif top == "object":
+            document = members
+            if gathered_key is not None:
+                document[gathered_key] = gathered
+        else:
+            document = scalar
+        converted = self._convert(report, "", document)
         if converted is None:
             report.failed = not report.ignored
             return
         yield from self._decode_batch(report, [("", converted[0], converted[1])])
+
+    def _decode_units(
+        self, report: FileReport, unit: str, chunk: list[tuple[str, Any]]
+    ) -> Iterator[pa.Table]:
+        if not chunk:
+            return
+        if report.format is None:
+            report.format = {"jaeger-trace": "jaeger-json", "zipkin-trace": "zipkin-json"}.get(
+                unit, "otlp-json"
+            )
+        if unit == "otlp-resource":
+            key = chunk[0][0].split("[", 1)[0]
+            first = int(chunk[0][0][len(key) + 1 : -1])
+            resources = [value for _, value in chunk]
+            try:
+                result = decode_otlp_json({"resourceSpans": resources})
+            except DecodeError:
+                result = None
+            if result is not None and not result.rejected:
+                yield from self._emit(report, result.table)
+            else:  # one resource at a time, to name the bad ones by their real index
+                yield from self._decode_resources(report, "", resources, False, first=first, key=key)
+            return
+        if unit == "jaeger-trace":
+            converted = jaeger_traces_to_otlp_json(chunk)
+        else:
+            converted = zipkin_items_to_otlp_json(chunk)
+        self._record_problems(report, "", converted.problems)
+        yield from self._decode_batch(report, [("", converted.traces_data, True)])
 
     def _read_jsonl(self, report: FileReport, first_lines: list[bytes], body: BinaryIO) -> Iterator[pa.Table]:
         report.format = None  # set from the first good line, suffixed with "l" below
@@ -811,6 +924,32 @@ class TraceFileReader:
             self._problem(report, failure[0] or None, failure[1], fatal=True)
 
 
+def _stream_unit(key: str | None, item: Any) -> str:
+    """What the items of a streamed array are, decided on the first one; "gather" when they must
+    be read whole (their conversion needs the rest of the document)."""
+    if key in ("resourceSpans", "resource_spans", "batches"):
+        return "otlp-resource"
+    if (
+        isinstance(item, dict)
+        and isinstance(item.get("spans"), list)
+        and (key == "data" or "processes" in item)
+    ):
+        return "jaeger-trace"
+    if key is None and isinstance(item, list):
+        return "zipkin-trace"  # /api/v2/traces: a list of traces, each a list of spans
+    if key is None and isinstance(item, dict) and "traceId" in item and "id" in item:
+        return "zipkin-span"  # /api/v2/trace/{id} or a UI download: one list of spans
+    return "gather"
+
+
+def _unit_spans(unit: str, item: Any) -> int:
+    if unit == "otlp-resource":
+        return _count_spans(item)
+    if unit == "jaeger-trace":
+        return len(item["spans"])
+    return len(item) if isinstance(item, list) else 1
+
+
 def _count_spans(resource: Any) -> int:
     """Spans in one OTLP JSON ``resourceSpans`` entry, as far as its shape allows counting."""
     scopes = resource.get("scopeSpans") if isinstance(resource, dict) else None
@@ -819,18 +958,12 @@ def _count_spans(resource: Any) -> int:
     return sum(len(s["spans"]) for s in scopes if isinstance(s, dict) and isinstance(s.get("spans"), list))
 
 
-def _is_whole_document(line: bytes) -> bool:
-    """True when one line is a complete trace document on its own (the JSON Lines test)."""
+def _looks_whole(line: bytes) -> bool:
+    """A line that starts and ends like one JSON object or array (the JSON Lines test)."""
     text = line.strip()
     if text.startswith(b"\xef\xbb\xbf"):
-        text = text[3:]
-    if text[:1] not in (b"{", b"[") or not text.endswith((b"}", b"]")):
-        return False
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return _json_value_kind(unwrap_otlp_json(value)) is not None
+        text = text[3:].lstrip()
+    return (text[:1] == b"{" and text.endswith(b"}")) or (text[:1] == b"[" and text.endswith(b"]"))
 
 
 def expand_path_origins(paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +56,7 @@ __all__ = [
     "is_jaeger_json",
     "jaeger_api_errors",
     "jaeger_to_otlp_json",
+    "jaeger_traces_to_otlp_json",
     "parse_duration_ns",
     "parse_rfc3339_ns",
 ]
@@ -521,7 +523,13 @@ def jaeger_to_otlp_json(obj: Any) -> ConvertedTraces:
 
     Bad spans are left out and listed in ``problems`` with their JSON path; the rest is kept.
     """
+    return jaeger_traces_to_otlp_json(_iter_traces(obj))
+
+
+def jaeger_traces_to_otlp_json(traces: Iterable[tuple[str, Any]]) -> ConvertedTraces:
+    """Convert Jaeger trace objects given with their JSON paths (``("data[7]", trace)``) — the unit
+    a streamed ``{"data": [...]}`` document is read in."""
     converter = _Converter()
-    for path, trace in _iter_traces(obj):
+    for path, trace in traces:
         converter.trace(path, trace)
     return ConvertedTraces(converter.groups.traces_data(), converter.records, converter.problems)

@@ -49,6 +49,7 @@ Mapping rules:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,13 @@ from collector.readers import (
     otlp_attribute,
 )
 
-__all__ = ["ZIPKIN_TAG_ALIASES", "is_zipkin_json", "shared_server_span_id", "zipkin_to_otlp_json"]
+__all__ = [
+    "ZIPKIN_TAG_ALIASES",
+    "is_zipkin_json",
+    "shared_server_span_id",
+    "zipkin_items_to_otlp_json",
+    "zipkin_to_otlp_json",
+]
 
 SCOPE_NAME = "hourglass.import.zipkin"
 _KINDS = {"CLIENT": 3, "SERVER": 2, "PRODUCER": 4, "CONSUMER": 5}
@@ -129,13 +136,13 @@ def _micros(value: Any, field_path: str, problems: list[RecordProblem]) -> int |
     return micros
 
 
-def _spans_with_paths(obj: list[Any]) -> list[tuple[str, Any]]:
+def _spans_with_paths(items: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    for i, item in enumerate(obj):
+    for path, item in items:
         if isinstance(item, list):
-            out.extend((f"[{i}][{j}]", span) for j, span in enumerate(item))
+            out.extend((f"{path}[{j}]", span) for j, span in enumerate(item))
         else:
-            out.append((f"[{i}]", item))
+            out.append((path, item))
     return out
 
 
@@ -160,10 +167,17 @@ def _endpoint(span: dict[str, Any], key: str) -> dict[str, Any]:
 
 def zipkin_to_otlp_json(obj: list[Any]) -> ConvertedTraces:
     """Convert one Zipkin v2 JSON document to OTLP JSON; bad spans are listed and left out."""
+    return zipkin_items_to_otlp_json((f"[{i}]", item) for i, item in enumerate(obj))
+
+
+def zipkin_items_to_otlp_json(items: Iterable[tuple[str, Any]]) -> ConvertedTraces:
+    """Convert elements of a Zipkin document given with their JSON paths: spans, or traces (lists
+    of spans) — the unit a streamed ``/api/v2/traces`` answer is read in. Shared spans are paired
+    within the elements given together."""
     problems: list[RecordProblem] = []
     entries: list[_Entry] = []
     records = 0
-    for path, span in _spans_with_paths(obj):
+    for path, span in _spans_with_paths(items):
         records += 1
         try:
             entries.append(_entry(path, span, problems))

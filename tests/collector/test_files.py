@@ -387,3 +387,72 @@ def test_tempo_shapes(wrap: Callable[[dict[str, Any]], dict[str, Any]], tmp_path
     path.write_text(json.dumps(wrap(inner)))
     table, problems, reader = read([path])
     assert table.num_rows == 5 and problems == [] and reader.reports[0].format == "otlp-json"
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stream JSON documents in tiny pieces so every chunk boundary is crossed."""
+    import collector.files
+    import collector.readers.json_stream
+
+    monkeypatch.setattr(collector.readers.json_stream, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(collector.files, "DOCUMENT_CHUNK_SPANS", 3)
+
+
+def test_streamed_jaeger_document_keeps_paths_and_rows(tiny_chunks: None, tmp_path: Path) -> None:
+    trace = json.loads((REAL_TRACES / "jaeger-json__petclinic-overlapping-siblings.json").read_text())
+    other = json.loads((REAL_TRACES / "jaeger-json__petclinic-child-longer-than-parent.json").read_text())
+    broken = json.loads(json.dumps(other))
+    broken["spans"][2]["spanID"] = "nope"
+    path = tmp_path / "query-api.json"
+    path.write_text(
+        json.dumps({"data": [trace, broken, other], "total": 3, "limit": 0, "errors": None}, indent=2)
+    )
+    table, problems, reader = read([path])
+    assert table.num_rows == 17 + 7 + 8 and reader.reports[0].format == "jaeger-json"
+    assert [(p.position, p.skipped) for p in problems] == [("data[1].spans[2].spanID", True)]
+    whole = pa.concat_tables(
+        [
+            read([REAL_TRACES / "jaeger-json__petclinic-overlapping-siblings.json"])[0],
+            read([REAL_TRACES / "jaeger-json__petclinic-child-longer-than-parent.json"])[0],
+        ]
+    )
+    assert set(table.column("span_id").to_pylist()) == set(whole.column("span_id").to_pylist())
+
+
+def test_streamed_otlp_document_bad_resource_index(tiny_chunks: None, tmp_path: Path) -> None:
+    doc = json.loads((REAL_TRACES / "otlp-json__otlp2parquet-trace.json").read_text())
+    good = doc["resourceSpans"][0]
+    bad = {**good, "resource": {"attributes": 7}}
+    path = tmp_path / "otlp.json"
+    path.write_text(json.dumps({"resourceSpans": [good, good, bad, good]}))
+    table, problems, _ = read([path])
+    per_resource = sum(len(s["spans"]) for s in good["scopeSpans"])
+    assert table.num_rows == 3 * per_resource
+    assert [p.position for p in problems] == ["resourceSpans[2].resource"]
+
+
+def test_streamed_zipkin_traces_and_truncation(tiny_chunks: None, tmp_path: Path) -> None:
+    traces = [
+        json.loads((REAL_TRACES / name).read_text())
+        for name in ("zipkin-v2__skew.json", "zipkin-v2__yelp.json")
+    ]
+    traces[1][0]["traceId"] = "xyz"
+    path = tmp_path / "traces.json"
+    path.write_text(json.dumps(traces))
+    table, problems, _ = read([path])
+    assert table.num_rows == 4 + 15 and [p.position for p in problems] == ["[1][0].traceId"]
+    # a flat span list streamed in groups of traces: shared halves still paired
+    flat = tmp_path / "flat.json"
+    flat.write_text(
+        json.dumps(traces[0] + json.loads((REAL_TRACES / "zipkin-v2__messaging2.json").read_text()))
+    )
+    table, problems, _ = read([flat])
+    assert table.num_rows == 4 + 11 and len(set(table.column("span_id").to_pylist())) == 15 and problems == []
+    # cut short: the whole traces before the damage are kept
+    cut = tmp_path / "cut.json"
+    text = json.dumps(traces[:1] * 5)
+    cut.write_text(text[: len(text) * 3 // 4])
+    table, problems, reader = read([cut])
+    assert table.num_rows > 0 and table.num_rows % 4 == 0 and reader.reports[0].failed
+    assert "invalid JSON" in problems[-1].reason and "the traces before are kept" in problems[-1].reason
