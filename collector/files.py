@@ -12,8 +12,8 @@ straight to the analysis)::
 ``1f 8b``, bzip2 ``BZh``, xz ``fd 37 7a 58 5a 00``, zstd ``28 b5 2f fd`` — the file exporter's
 ``compression: zstd`` with its native-compression gate), then the decompressed content:
 
-- text that starts with ``{`` or ``[`` → JSON. When one of its first two non-empty lines is a whole
-  trace document by itself, the file is JSON Lines (the Collector file exporter's default: one
+- text that starts with ``{`` or ``[`` → JSON. When its first lines each look like a whole object
+  (see ``_read_json``), the file is JSON Lines (the Collector file exporter's default: one
   ``TracesData`` per line; Jaeger or Zipkin documents per line work too) and is streamed line by
   line. Otherwise it is one document: OTLP JSON (``resourceSpans``; also as Jaeger ``/api/v3`` and
   Grafana Tempo wrap it), Jaeger JSON (``data``, ``spans`` + ``processes``, model proto-JSON) or Zipkin v2
@@ -39,8 +39,10 @@ span without a duration); a file found in a folder that is not a trace file is i
 about ``batch_bytes`` (protobuf frames are concatenated — protobuf merges concatenated messages —
 and JSON lines merged into one ``TracesData``), so the per-call overhead of the decoder is paid per
 batch, not per record. A batch is re-decoded record by record only when it has a problem, to name
-the record. A single JSON document is parsed whole: it needs a few times its size in memory, so
-very large exports are better written as JSON Lines (the Collector's default) or protobuf.
+the record. A single JSON document is streamed too: the big array of the export (Jaeger ``data``,
+OTLP ``resourceSpans``, a Zipkin list) is parsed element by element (``collector.readers.json_stream``)
+and converted in chunks of ``DOCUMENT_CHUNK_SPANS``; only a flat Zipkin span list is held whole
+(its spans are grouped by trace before conversion) and one Jaeger trace with its ``processes``.
 """
 
 from __future__ import annotations
