@@ -208,7 +208,9 @@ def test_writer_context_views() -> None:
     other = AnalysisContext.from_table(spans_table(b))
     view = ContextView(other, {"recommendations": []})
     assert view.service_neighbours("users") == {
-        "callers": [{"service": "web", "operation": "GET users", "calls": 1, "p50_ms": 38.0}],  # time in "users"
+        "callers": [
+            {"service": "web", "operation": "GET users", "calls": 1, "p50_ms": 38.0}
+        ],  # time in "users"
         "callees": [],
     }
     assert view.service_neighbours("web")["callees"] == [
