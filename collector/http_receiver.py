@@ -48,6 +48,7 @@ log = logging.getLogger("hourglass.http")
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 SHUTDOWN_RETRY_AFTER_S = 5.0
+CONCURRENT_DECODES = 2
 RPC_CODE_OUT_OF_RANGE_SIZE = RPC_CODE_RESOURCE_EXHAUSTED
 
 
@@ -81,6 +82,9 @@ def create_otlp_http_app(
     pipeline: IngestPipeline, *, max_message_bytes: int = 32 * 1024 * 1024, api_token: str | None = None
 ) -> Starlette:
     expected_auth = f"Bearer {api_token}".encode() if api_token else None
+    # decoding holds the GIL: a couple at a time keeps the event loop free and bounds the memory
+    # of half-decoded requests (the rest wait with only their compressed bodies)
+    decode_slots = asyncio.Semaphore(CONCURRENT_DECODES)
 
     def _error_response(error: _RequestError, content_type: str) -> Response:
         as_json = content_type == JSON
@@ -148,7 +152,8 @@ def create_otlp_http_app(
             if encoding == "gzip":
                 body = _gunzip(body, max_message_bytes)
             try:
-                result = await run_in_threadpool(_decode, body, content_type)
+                async with decode_slots:
+                    result = await run_in_threadpool(_decode, body, content_type)
             except DecodeError as exc:
                 raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
             future = pipeline.submit(result.table)
