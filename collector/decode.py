@@ -6,7 +6,8 @@ functions: one function per input shape, no state besides small caches.
 
 Rules (see ``collector/schema.py`` for the columns):
 
-- IDs become lowercase hex. A span whose trace id is not 16 bytes, whose span id is not 8 bytes,
+- IDs become lowercase hex; an empty or all-zero parent id means a root span (null parent).
+  A span whose trace id is not 16 bytes, whose span id is not 8 bytes,
   whose parent id is neither empty nor 8 bytes, or whose trace/span id is all zero is *rejected*:
   it is counted in ``DecodeResult.rejected`` with a reason naming its position
   (``resourceSpans[i].scopeSpans[j].spans[k]``) and the good spans beside it are kept.
@@ -435,7 +436,7 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
                 kept.extend(scope_list)
                 trace_ids.extend([t.hex() for t in scope_trace_ids])
                 span_ids.extend([t.hex() for t in scope_span_ids])
-                parent_ids.extend([p.hex() if p else None for p in scope_parent_ids])
+                parent_ids.extend([p.hex() if p and p != _ZERO_SPAN_ID else None for p in scope_parent_ids])
                 scope_names.extend([scope_name] * len(scope_list))
                 continue
             for pi, span in enumerate(scope_list):
@@ -452,7 +453,7 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
                     kept.append(span)
                     trace_ids.append(trace_id.hex())
                     span_ids.append(span_id.hex())
-                    parent_ids.append(parent_id.hex() if parent_id else None)
+                    parent_ids.append(parent_id.hex() if parent_id and parent_id != _ZERO_SPAN_ID else None)
                     continue
                 rejected += 1
                 if len(errors) < MAX_ERROR_MESSAGES:

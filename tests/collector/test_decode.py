@@ -341,3 +341,14 @@ def test_cached_semantic_values_keep_priority_rules() -> None:
         ).table.to_pylist()
         assert [r["http_method"] for r in rows] == ["POST", "GET", "GET", None, None]
         assert [r["http_status_code"] for r in rows] == [None, None, None, 404, 404]
+
+
+def test_all_zero_parent_means_root() -> None:
+    msg = _one_span_request(b"\x01" * 16, b"\x02" * 8, b"\x00" * 8)
+    bad = (
+        msg.resource_spans[0].scope_spans[0].spans.add(name="bad", trace_id=b"\x01" * 8, span_id=b"\x03" * 8)
+    )
+    bad.parent_span_id = b"\x00" * 8
+    for message in (msg, _one_span_request(b"\x01" * 16, b"\x02" * 8, b"\x00" * 8)):  # slow and fast path
+        rows = decode_traces_message(message).table.to_pylist()
+        assert [r["parent_span_id"] for r in rows] == [None]
