@@ -25,6 +25,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +63,19 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    """A listening socket, so that a busy port is a one-line error naming the endpoint."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _bound_port(server: uvicorn.Server) -> int:
@@ -138,7 +152,12 @@ async def _serve_async(
     tasks: list[asyncio.Task[None]] = []
     try:
         grpc_port = grpc_receiver.start()
-        tasks = [asyncio.create_task(http_server.serve()), asyncio.create_task(api_server.serve())]
+        http_socket = _listen(settings.host, settings.http_port, "OTLP/HTTP")
+        api_socket = _listen(settings.host, settings.api_port, "the REST API")
+        tasks = [
+            asyncio.create_task(http_server.serve(sockets=[http_socket])),
+            asyncio.create_task(api_server.serve(sockets=[api_socket])),
+        ]
         while not (http_server.started and api_server.started):
             done = [t for t in tasks if t.done()]
             if done:

@@ -104,9 +104,12 @@ class GrpcReceiver:
         self._health = add_health_service(self._server)
 
     def start(self) -> int:
-        bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        try:
+            bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError as exc:  # grpc reports a busy port this way
+            raise OSError(f"cannot listen for OTLP/gRPC on {self.host}:{self.port}: {exc}") from None
         if bound == 0:
-            raise OSError(f"cannot bind OTLP/gRPC on {self.host}:{self.port}")
+            raise OSError(f"cannot listen for OTLP/gRPC on {self.host}:{self.port}")
         self.port = bound
         self._server.start()
         return bound

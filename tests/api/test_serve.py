@@ -338,3 +338,25 @@ def test_run_serve_in_process_runs_retention_and_stops_on_event(tmp_path: Path) 
     assert not thread.is_alive()
     with DuckDBSpanStore(settings.db) as store:
         assert store.scan(columns=("trace_id",)).column("trace_id").to_pylist() == [f"{2:032x}"]
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--api-port"])
+def test_busy_port_is_a_clear_error(tmp_path: Path, flag: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {"--grpc-port": "0", "--http-port": "0", "--api-port": "0", flag: str(port)}
+        cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(tmp_path / "x.duckdb")]
+        result = subprocess.run(
+            [*cmd, *[item for pair in ports.items() for item in pair]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "cannot listen for" in result.stderr and str(port) in result.stderr
+    assert "Traceback" not in result.stderr
