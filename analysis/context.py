@@ -154,9 +154,12 @@ class AnalysisContext:
         )
 
     def with_parent(self, frame: pl.DataFrame | None = None) -> pl.DataFrame:
-        """``frame`` (default: all non-root spans) joined to its parent's columns."""
+        """``frame`` (default: all non-root spans) with its parent's columns (``parents``), gathered
+        by ``parent_row`` (null for roots) — a positional gather, cheaper than a join."""
         base = self.spans.filter(pl.col("parent_row").is_not_null()) if frame is None else frame
-        return base.join(self.parents, on="parent_row", how="left")
+        index = base["parent_row"]
+        parents = self.parents.drop("parent_row")
+        return base.with_columns([parents[c].gather(index) for c in parents.columns])
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
         return self.spans.filter(pl.col("trace_id") == trace_id)

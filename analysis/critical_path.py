@@ -36,6 +36,7 @@ class CriticalPath:
     chain_member: np.ndarray  # bool per row: chosen in its parent's chain (root: True)
     effective_start: np.ndarray  # int64 per row
     effective_end: np.ndarray  # int64 per row
+    predecessor: np.ndarray  # int64 per row: the blocking sibling it follows (-1: none), for what-if
 
 
 def sibling_predecessor(
@@ -113,6 +114,10 @@ def compute_critical_path(
     eff_start = np.where(has, np.maximum(start_ns, start_ns[p]), start_ns)
     eff_end = np.where(has, np.minimum(np.minimum(end_ns, current), end_ns[p]), end_ns)
     eff_end = np.maximum(eff_end, eff_start)
+    predecessor = np.full(n, -1, dtype=np.int64)
+    if rows.size:
+        has_prev = prev >= 0
+        predecessor[rows[has_prev]] = rows[prev[has_prev]]
     on_path = pointer_jump_all(parent, chain_member)
     # Covered time of each chain child inside its parent's effective interval.
     child = np.nonzero(has & chain_member)[0]
@@ -124,4 +129,4 @@ def compute_critical_path(
     np.add.at(covered_sum, cp, covered)
     self_time = np.maximum(0, eff_end - eff_start - covered_sum)
     critical_ns = np.where(on_path, self_time, 0).astype(np.int64)
-    return CriticalPath(on_path, critical_ns, chain_member, eff_start, eff_end)
+    return CriticalPath(on_path, critical_ns, chain_member, eff_start, eff_end, predecessor)

@@ -85,7 +85,9 @@ class _Plan:
 class Retimer:
     """Re-timing engine over arrays of one span frame (a whole context or a single trace)."""
 
-    def __init__(self, spans: pl.DataFrame) -> None:
+    def __init__(self, spans: pl.DataFrame, predecessor: np.ndarray | None = None) -> None:
+        """``predecessor``: the blocking sibling each row follows, when already known (the context's
+        critical path computed it with the same rule); computed here otherwise."""
         self.spans = spans
         n = spans.height
         self.n = n
@@ -104,10 +106,13 @@ class Retimer:
             if ((parent < -1) | (parent >= n)).any():
                 raise ValueError("a span's parent lies outside the given spans")
         self.parent = parent
-        pred = np.full(n, -1, dtype=np.int64)
-        rows_sorted, prev, _, _ = sibling_predecessor(parent, self.start, self.end, self.blocking)
-        has_prev = prev >= 0
-        pred[rows_sorted[has_prev]] = rows_sorted[prev[has_prev]]
+        if predecessor is not None and predecessor.size == n:
+            pred = predecessor
+        else:
+            pred = np.full(n, -1, dtype=np.int64)
+            rows_sorted, prev, _, _ = sibling_predecessor(parent, self.start, self.end, self.blocking)
+            has_prev = prev >= 0
+            pred[rows_sorted[has_prev]] = rows_sorted[prev[has_prev]]
         self.pred = pred
         p = np.where(parent >= 0, parent, 0)
         self.base_gap = np.where(
@@ -365,7 +370,7 @@ class WhatIf:
 
     def __init__(self, ctx: AnalysisContext) -> None:
         self.ctx = ctx
-        self.engine = Retimer(ctx.spans)
+        self.engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
         trace_ids = ctx.spans["trace_id"]
         self._trace_index = (trace_ids != trace_ids.shift(1)).fill_null(True).cum_sum().to_numpy() - 1
         self._trace_ids = trace_ids
