@@ -94,8 +94,27 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
     target = target_service()
     if "callee_service" in frame.columns:  # the service whose server span answered the call
         target = pl.coalesce(pl.col("callee_service"), target)
-    frame = frame.with_columns(normalized_route().alias("_route"), target.alias("target_service"))
-    frame = frame.with_columns(operation_detail(pl.col("_route")).alias("op_detail")).drop("_route")
+    # Normalise each distinct statement / URL once (parameterised statements repeat a lot).
+    statements = frame.select(pl.col("db_statement").unique().drop_nulls())
+    statements = statements.with_columns(normalized_sql().alias("_sql"))
+    urls = frame.select(pl.col("http_url").unique().drop_nulls())
+    urls = urls.with_columns(route_template(pl.col("http_url")).alias("_url_route"))
+    frame = (
+        frame.join(statements, on="db_statement", how="left", maintain_order="left")
+        .join(urls, on="http_url", how="left", maintain_order="left")
+        .with_columns(
+            pl.coalesce(pl.col("http_route"), pl.col("_url_route")).alias("_route"),
+            target.alias("target_service"),
+        )
+    )
+    http = pl.when(pl.col("_route").is_not_null()).then(
+        pl.concat_str(
+            [pl.col("http_method").fill_null(""), pl.col("_route")], separator=" "
+        ).str.strip_chars()
+    )
+    frame = frame.with_columns(
+        pl.coalesce(pl.col("_sql"), http, pl.col("rpc_method")).alias("op_detail")
+    ).drop("_route", "_sql", "_url_route")
     frame = frame.with_columns(operation_label(pl.col("op_detail")).alias("op_label"))
     return frame.with_columns(
         pl.concat_str([pl.col("service"), pl.col("op_label")], separator=" | ").alias("op_key")
