@@ -7,26 +7,32 @@ from typing import Annotated
 import typer
 
 from api._cli_app import app
-from api.settings import Settings
+from api.settings import Settings, parse_duration_seconds
 
 
 @app.command()
 def serve(
     db: Annotated[
-        str | None, typer.Option("--db", help="DuckDB file of the span store [env HOURGLASS_DB]")
+        str | None, typer.Option("--db", help="DuckDB file of the span store (env HOURGLASS_DB)")
     ] = None,
     host: Annotated[
-        str | None, typer.Option(help="interface to listen on [env HOURGLASS_HOST; default 127.0.0.1]")
+        str | None, typer.Option(help="interface to listen on (env HOURGLASS_HOST; default 127.0.0.1)")
     ] = None,
     grpc_port: Annotated[
-        int | None, typer.Option(help="OTLP/gRPC port; 0 = any free port [env HOURGLASS_GRPC_PORT; 4317]")
+        int | None, typer.Option(help="OTLP/gRPC port; 0 = any free port (env HOURGLASS_GRPC_PORT; 4317)")
     ] = None,
     http_port: Annotated[
-        int | None, typer.Option(help="OTLP/HTTP port [env HOURGLASS_HTTP_PORT; 4318]")
+        int | None, typer.Option(help="OTLP/HTTP port (env HOURGLASS_HTTP_PORT; 4318)")
     ] = None,
-    api_port: Annotated[int | None, typer.Option(help="REST API port [env HOURGLASS_API_PORT; 8000]")] = None,
+    api_port: Annotated[int | None, typer.Option(help="REST API port (env HOURGLASS_API_PORT; 8000)")] = None,
     max_message_bytes: Annotated[
-        int | None, typer.Option(help="largest accepted Export [env HOURGLASS_MAX_MESSAGE_BYTES; 32 MiB]")
+        int | None, typer.Option(help="largest accepted Export (env HOURGLASS_MAX_MESSAGE_BYTES; 32 MiB)")
+    ] = None,
+    retention: Annotated[
+        str | None,
+        typer.Option(
+            help="drop traces that ended longer ago than this, e.g. 12h, 7d; 0 keeps all (env HOURGLASS_RETENTION; 7d)"
+        ),
     ] = None,
 ) -> None:
     """Receive OTLP traces (gRPC and HTTP), store them durably, serve the REST API and report."""
@@ -44,6 +50,15 @@ def serve(
     for name, value in overrides.items():
         if value is not None:
             setattr(settings, name, value)
+    if retention is not None:
+        try:
+            settings.retention_seconds = parse_duration_seconds(retention)
+        except ValueError:
+            typer.echo(
+                f"hourglass serve: --retention {retention!r} is not a duration like 90s, 15m, 12h, 7d",
+                err=True,
+            )
+            raise typer.Exit(2) from None
     try:
         run_serve(settings)
     except OSError as exc:
