@@ -34,7 +34,13 @@ from rich.progress import (
 
 from api._cli_app import app
 from api.settings import Settings
-from collector.files import FileProblem, FileReport, TraceFileReader, expand_path_origins
+from collector.files import (
+    FileProblem,
+    FileReport,
+    TraceFileReader,
+    expand_path_origins,
+    gc_tuned_for_bulk_reading,
+)
 
 EXIT_SKIPPED = 2
 EXIT_STORE_FAILED = 1
@@ -164,7 +170,7 @@ def import_command(
     pending: list[pa.Table] = []
     pending_rows = 0
     try:
-        with bar:
+        with bar, gc_tuned_for_bulk_reading():
             for path, from_folder in paths:
                 bar.update(task, description=path.name)
                 for table in reader.read_file(path, from_folder=from_folder):

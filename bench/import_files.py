@@ -6,7 +6,8 @@ What it does, in one run:
    event a span) in four files: OTLP JSON Lines (the Collector file exporter's default), the file
    exporter's length-prefixed protobuf stream, Zipkin v2 JSON and Jaeger query-API JSON;
 2. for each file times ``collector.files.TraceFileReader`` — detection, parsing, conversion to
-   OTLP (Jaeger/Zipkin), decoding to span rows — and, as the **baseline in the same run**, the bare
+   OTLP (Jaeger/Zipkin), decoding to span rows, with the GC thresholds ``hourglass import`` uses —
+   and, as the **baseline in the same run**, the bare
    parse nothing can avoid: ``json.loads`` of every line or of the document for the JSON formats,
    frame splitting plus ``TracesData.ParseFromString`` (through ``collector.decode.parse_traces_data``)
    for the protobuf stream;
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.decode import otlp_json_to_message, parse_traces_data
-from collector.files import TraceFileReader
+from collector.files import TraceFileReader, gc_tuned_for_bulk_reading
 from collector.readers.otlp_proto import iter_length_prefixed
 
 SPANS_PER_TRACE = 20
@@ -190,7 +191,8 @@ def _baseline(fmt: str, path: Path) -> None:
 def _read(path: Path) -> int:
     problems: list[object] = []
     reader = TraceFileReader(on_problem=problems.append)
-    spans = sum(t.num_rows for t in reader.read([path]))
+    with gc_tuned_for_bulk_reading():  # as `hourglass import` reads
+        spans = sum(t.num_rows for t in reader.read([path]))
     if problems:
         raise SystemExit(f"bench data has problems: {problems[:3]}")
     return spans

@@ -48,6 +48,7 @@ and converted in chunks of ``DOCUMENT_CHUNK_SPANS``; only a flat Zipkin span lis
 from __future__ import annotations
 
 import bz2
+import gc
 import gzip
 import io
 import json
@@ -56,6 +57,7 @@ import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,6 +90,7 @@ __all__ = [
     "detect_format",
     "expand_path_origins",
     "expand_paths",
+    "gc_tuned_for_bulk_reading",
     "read_trace_files",
 ]
 
@@ -989,6 +992,26 @@ def expand_path_origins(paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     """The files :func:`expand_path_origins` finds, without their origin."""
     return [path for path, _ in expand_path_origins(paths)]
+
+
+# Reading builds and drops millions of small dicts and lists, none of them in cycles; with the
+# default thresholds (700, 10, 10) the cyclic collector keeps re-walking the live ones and costs
+# 30-50 % of the read (measured on the bench-import files). Bulk readers raise the thresholds.
+BULK_GC_THRESHOLDS = (100_000, 50, 100)
+
+
+@contextmanager
+def gc_tuned_for_bulk_reading() -> Iterator[None]:
+    """Raise the cyclic GC thresholds while a command reads trace files; restore them after.
+
+    Process-wide, so it is for commands (``hourglass import``, ``analyze FILE...``), not for the
+    server. Memory is unaffected: the objects are freed by reference counting as before."""
+    previous = gc.get_threshold()
+    gc.set_threshold(*BULK_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
 
 
 def read_trace_files(
