@@ -456,3 +456,15 @@ def test_streamed_zipkin_traces_and_truncation(tiny_chunks: None, tmp_path: Path
     table, problems, reader = read([cut])
     assert table.num_rows > 0 and table.num_rows % 4 == 0 and reader.reports[0].failed
     assert "invalid JSON" in problems[-1].reason and "the traces before are kept" in problems[-1].reason
+
+
+def test_gc_thresholds_are_restored() -> None:
+    import gc
+
+    from collector.files import BULK_GC_THRESHOLDS, gc_tuned_for_bulk_reading
+
+    before = gc.get_threshold()
+    with gc_tuned_for_bulk_reading():
+        assert gc.get_threshold() == BULK_GC_THRESHOLDS
+        table, _, _ = read([REAL_TRACES / "zipkin-v2__yelp.json"])
+    assert gc.get_threshold() == before and table.num_rows == 16
