@@ -126,7 +126,7 @@ def diff_command(
         typer.Option(
             "--fail-on",
             help=f"Exit {GATE_EXIT_CODE} when a NEW or GROWN bottleneck matches: kinds, categories, "
-            "severities (low|medium|high, or worse), comma-separated or repeated; see `analyze --fail-on`.",
+            "severities (low|medium|high: that or worse), comma-separated or repeated; see `analyze --fail-on`.",
         ),
     ] = None,
     threshold: Annotated[
