@@ -48,11 +48,19 @@ CHECKPOINT_THRESHOLD = "128MB"
 _DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
 
 
+# The serialized spans compress far better and cheaper with zstd than with DuckDB's automatic
+# choice (DICT_FSST): on the bench-ingest request, insert + checkpoint CPU 7.9 -> 5.2 us/row and
+# the file 349 -> 85 B/row. Every other column keeps DuckDB's choice (dictionary, bitpacking...).
+_COLUMN_COMPRESSION = {"raw": "zstd"}
+
+
 def _create_table_sql() -> str:
     columns = []
     for f in SPAN_SCHEMA:
         sql_type = _ARROW_TO_DUCKDB[f.type]
-        columns.append(f"{f.name} {sql_type}{'' if f.nullable else ' NOT NULL'}")
+        compression = _COLUMN_COMPRESSION.get(f.name)
+        using = f" USING COMPRESSION '{compression}'" if compression else ""
+        columns.append(f"{f.name} {sql_type}{using}{'' if f.nullable else ' NOT NULL'}")
     return "CREATE TABLE IF NOT EXISTS spans (" + ", ".join(columns) + ")"
 
 
