@@ -425,9 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     first, second = overload_rss.half_peaks()
     bounded = second <= first * 1.15 + 32 * 2**20
+    verdict = "bounded" if bounded else "STILL GROWING"
+    if args.overload_seconds < 8:
+        verdict = f"phase too short to judge a plateau; {verdict} so far"
     print(
         f"overload peak RSS: first half {first / 2**20:,.0f} MiB, second half {second / 2**20:,.0f} MiB "
-        f"({'bounded' if bounded else 'STILL GROWING'})"
+        f"({verdict})"
     )
     print(
         f"stored / ceiling: {ratio:.2f}   (targets: >= 100,000 spans/s, >= 0.10 of the ceiling, bounded RSS)"
