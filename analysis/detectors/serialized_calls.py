@@ -42,18 +42,26 @@ only the serialized ones):
 * the calls overlap in some instances → they can run concurrently (confidence 0.7+; 0.8+ with both);
 * neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances → not enough evidence either
   way (0.5);
-* neither, in 10 or more instances (same order every time, never overlapping) → **not reported**:
-  that is exactly what a data dependency (the second call needs the first one's result, e.g. a
-  query for ids followed by ``WHERE id IN (...)``) looks like, and a detector that cannot tell the
-  two apart should stay quiet rather than ask for a change that breaks the code.
+* neither, in 10 or more instances (same order every time, never overlapping), but every called
+  operation except at most one is *self-contained* — it takes no input that an earlier call could
+  have produced: an HTTP ``GET``/``HEAD`` with no path parameter, no query string and no id-like
+  path segment, or a SQL ``SELECT`` with no ``WHERE`` clause and no bind parameter — so all of them
+  could be shifted to the start of the sequence (Sentry's "Consecutive DB Queries" rule, extended
+  to HTTP) → reported (0.6);
+* neither, in 10 or more instances, and two or more calls take inputs → **not reported**: that is
+  exactly what a data dependency (the second call needs the first one's result, e.g. a query for
+  ids followed by ``WHERE id IN (...)``, or HotROD's customer lookup before the driver search)
+  looks like, and a detector that cannot tell the two apart should stay quiet rather than ask for
+  a change that breaks the code.
 
 A finding also needs its serialized runs in at least ``MIN_RUN_SHARE`` (20 %) of the caller's
 instances once there are ``MIN_INSTANCES_FOR_SHARE`` (5) of them: a run in one request out of thirty
 is a timing fluke of a caller that is otherwise fine, not a pattern.
 
 Up to +0.1 more with the number of traces (full at 20). Sentry's "Consecutive DB Queries" detector
-decides independence from the statement text (no WHERE clause, no parameters); cross-trace order and
-overlap evidence works for any kind of call and is measured rather than guessed.
+decides independence from the statement text alone (no WHERE clause, no parameters); here the text
+is the fallback, and cross-trace order and overlap evidence — which works for any kind of call and
+is measured rather than guessed — comes first.
 """
 
 from __future__ import annotations
@@ -75,6 +83,10 @@ MIN_MAX_GAP_NS = 1_000_000
 MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
 FIXED_ORDER_MIN_INSTANCES = 10
+# A call that takes no input an earlier call could have produced (see the module docstring).
+_ID_SEGMENT = r"/(?:\d+|[0-9a-fA-F]{16,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?:[/?#\s]|$)"
+_HTTP_INPUT = r"[{?]|" + _ID_SEGMENT
+_SQL_INPUT = r"(?i)\bwhere\b|\?|\$\d|:[a-z_]\w*|%s|%\("
 GATE_PATTERN = (
     r"(?i)(?:^|[^a-z])(?:auth[a-z]*|log-?in|sign-?in|o?auth2?|tokens?|sessions?|permissions?|acl|captcha"
     r"|rate-?limit[a-z]*|quotas?|verify|validat[a-z]*|locks?|acquire|mutex|idempoten[a-z]*"
@@ -82,6 +94,28 @@ GATE_PATTERN = (
 )
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5
+
+
+def self_contained_call() -> pl.Expr:
+    """True for a call that cannot consume an earlier sibling's result: an HTTP GET/HEAD without
+    path parameters, query string or id-like path segments, or a SQL SELECT without WHERE or bind
+    parameters."""
+    method = pl.coalesce(
+        pl.col("http_method").str.to_uppercase(), pl.col("name").str.extract(r"^([A-Z]+)\s", 1)
+    )
+    http_text = pl.concat_str(
+        [pl.col("http_route"), pl.col("http_url"), pl.col("name")], separator=" ", ignore_nulls=True
+    )
+    http_ok = (
+        method.is_in(["GET", "HEAD"])
+        & pl.col("db_statement").is_null()
+        & pl.col("rpc_method").is_null()
+        & ~http_text.str.contains(_HTTP_INPUT)
+    )
+    sql_ok = pl.col("db_statement").str.contains(r"(?i)^\s*select\b") & ~pl.col("db_statement").str.contains(
+        _SQL_INPUT
+    )
+    return (http_ok.fill_null(False) | sql_ok.fill_null(False)).alias("self_contained")
 
 
 def _tolerance(parent_duration: pl.Expr) -> pl.Expr:
@@ -129,7 +163,7 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
         [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
         separator=" ",
     )
-    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate")).sort(
+    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate"), self_contained_call()).sort(
         ["parent_row", "start_ns", "row"]
     )
     ctx.cache["call_children"] = out
@@ -276,14 +310,19 @@ def _independence(calls: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def confidence(instances: int, distinct_orders: int, overlapping: int, traces: int) -> float | None:
+def confidence(
+    instances: int, distinct_orders: int, overlapping: int, traces: int, shiftable: bool = False
+) -> float | None:
     """Confidence from cross-trace independence evidence, or None when the evidence points to a
-    data dependency (see the module docstring)."""
+    data dependency (see the module docstring). ``shiftable``: every called operation but at most
+    one is self-contained."""
     varies, overlaps = distinct_orders > 1, overlapping > 0
     if varies or overlaps:
         base = 0.8 if (varies and overlaps) else 0.7
     elif instances < FIXED_ORDER_MIN_INSTANCES:
         base = 0.5
+    elif shiftable:
+        base = 0.6
     else:
         return None
     return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
@@ -301,6 +340,12 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     runs = _assign_signatures(runs)
     labels = calls.select("op_key", "op_label", "target_service").unique(subset="op_key", keep="first")
     evidence = {row["signature"]: row for row in _independence(calls, runs).iter_rows(named=True)}
+    self_contained_ops = set(
+        calls.group_by("op_key")
+        .agg(pl.col("self_contained").all())
+        .filter("self_contained")["op_key"]
+        .to_list()
+    )
     findings: list[Finding] = []
     for (signature, caller_service, caller_name), group in runs.group_by(
         ["signature", "caller_service", "caller_name"], maintain_order=True
@@ -330,7 +375,10 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         distinct_orders = int(ev.get("distinct_orders") or 0)
         overlapping = int(ev.get("overlapping_instances") or 0)
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        score = confidence(instances, distinct_orders, overlapping, len(trace_ids))
+        sig_op_keys = group["sig_ops"][0].to_list()
+        takes_input = sum(1 for op in sig_op_keys if op not in self_contained_ops)
+        shiftable = takes_input <= 1
+        score = confidence(instances, distinct_orders, overlapping, len(trace_ids), shiftable)
         if score is None or (
             instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances
         ):
@@ -354,6 +402,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                     "distinct_orders": distinct_orders,
                     "overlapping_instances": overlapping,
                     "order_fixed": distinct_orders <= 1 and overlapping == 0,
+                    "calls_taking_input": takes_input,
                 },
                 signature_extra=str(signature),
             )

@@ -140,3 +140,50 @@ def test_calls_under_an_async_branch_are_not_reported() -> None:
     b.span("GET a", parent=job, start_ms=60, dur_ms=150, kind=KIND_CLIENT, http_url="http://a/x")
     b.span("GET b", parent=job, start_ms=211, dur_ms=150, kind=KIND_CLIENT, http_url="http://b/y")
     assert detect(b) == []
+
+
+def _fixed_order_page(
+    *, urls: tuple[str, ...], statements: tuple[str | None, ...] | None = None
+) -> TraceBuilder:
+    """frontend GET /home making the same calls in the same order every time."""
+    b = TraceBuilder(service="frontend")
+    root = b.span("GET /home", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+    t = 5.0
+    for i, url in enumerate(urls):
+        statement = statements[i] if statements else None
+        if statement:
+            b.span("SELECT", parent=root, start_ms=t, dur_ms=40, kind=KIND_CLIENT, db_system="postgresql",
+                   db_statement=statement)  # fmt: skip
+        else:
+            b.span(f"GET {url}", parent=root, start_ms=t, dur_ms=40, kind=KIND_CLIENT, http_method="GET",
+                   http_url=f"http://backend{url}")  # fmt: skip
+        t += 41
+    return b
+
+
+def test_fixed_order_calls_that_take_no_input_are_reported() -> None:
+    """Same order every time, but the later calls take nothing an earlier one could produce
+    (parameterless GETs): they can all start at the beginning of the sequence."""
+    findings = detect(*[_fixed_order_page(urls=("/banner", "/menu", "/footer")) for _ in range(12)])
+    assert len(findings) == 1
+    assert findings[0].evidence["order_fixed"] is True
+    assert findings[0].evidence["calls_taking_input"] == 0
+    assert findings[0].confidence < 0.7  # weaker than measured independence
+
+
+def test_fixed_order_with_one_parameterised_call_first_is_still_shiftable() -> None:
+    statements = ("SELECT * FROM users WHERE id = $1", "SELECT * FROM settings", "SELECT count(*) FROM news")
+    findings = detect(*[_fixed_order_page(urls=("", "", ""), statements=statements) for _ in range(12)])
+    assert len(findings) == 1 and findings[0].evidence["calls_taking_input"] == 1
+
+
+def test_fixed_order_calls_that_take_input_stay_quiet() -> None:
+    """ids first, then WHERE id IN (...): two calls with inputs in a fixed order look exactly like a
+    data dependency."""
+    statements = (
+        "SELECT id FROM orders WHERE customer_id = $1",
+        "SELECT * FROM items WHERE order_id IN ($1, $2)",
+    )
+    assert detect(*[_fixed_order_page(urls=("", ""), statements=statements) for _ in range(12)]) == []
+    with_ids = [_fixed_order_page(urls=("/customer?customer=123", "/driver/42")) for _ in range(12)]
+    assert detect(*with_ids) == []
