@@ -39,8 +39,8 @@ class OutputFormat(StrEnum):
     table = "table"
 
 
-def _fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
-    typer.echo(f"hourglass analyze: {message}", err=True)
+def _fail(message: str, code: int = EXIT_INPUT, command: str = "analyze") -> typer.Exit:
+    typer.echo(f"hourglass {command}: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -63,20 +63,21 @@ def parse_since(text: str, now_ns: int | None = None) -> int:
     return int(when.timestamp() * 1_000_000) * 1000
 
 
-def read_files(paths: list[Path]) -> tuple[pa.Table, int]:
-    """Every span in the files; problems printed as FILE:POSITION: reason. Returns (table, problems)."""
+def read_files(paths: list[Path], command: str = "analyze") -> tuple[pa.Table, int]:
+    """Every span in the files; problems printed as FILE:POSITION: reason (prefixed with the
+    ``command`` name). Returns (table, number of problems that skipped data)."""
     from collector.files import FileProblem, read_trace_files
 
     for path in paths:
         if not path.exists():
-            raise _fail(f"{path}: no such file")
+            raise _fail(f"{path}: no such file", command=command)
     problems = 0
 
     def on_error(problem: FileProblem) -> None:
         nonlocal problems
         if problem.skipped:
             problems += 1
-        typer.echo(f"hourglass analyze: {problem}", err=True)
+        typer.echo(f"hourglass {command}: {problem}", err=True)
 
     tables = [t for t in read_trace_files([str(p) for p in paths], on_error=on_error) if t.num_rows]
     table = pa.concat_tables(tables) if tables else empty_span_table()

@@ -17,16 +17,16 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import pyarrow as pa
 import typer
 
 from api._cli_app import app
 from api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
+from api.cli_analyze import read_files
 from api.report_html import render_report_html
 from api.settings import DEFAULT_DB, Settings, parse_duration_seconds
-from collector.schema import ANALYSIS_COLUMNS, empty_span_table
+from collector.schema import ANALYSIS_COLUMNS
 
 
 class ReportFormat(StrEnum):
@@ -38,26 +38,6 @@ class ReportFormat(StrEnum):
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"hourglass report: {message}", err=True)
     return typer.Exit(code)
-
-
-def _read_files(paths: list[Path]) -> tuple[pa.Table, bool]:
-    """Every span in the files (problems printed as FILE:POSITION: reason); True when something was skipped."""
-    from collector.files import TraceFileReader
-
-    for path in paths:
-        if not path.exists():
-            raise _fail(f"{path}: no such file")
-    problems: list[str] = []
-
-    def on_problem(problem: Any) -> None:
-        problems.append(str(problem))
-        typer.echo(f"hourglass report: {problem}", err=True)
-
-    reader = TraceFileReader(on_problem=on_problem)
-    tables = [t for t in reader.read([str(p) for p in paths]) if t.num_rows]
-    table = pa.concat_tables(tables) if tables else empty_span_table()
-    skipped = bool(problems) or any(not r.clean for r in reader.reports)
-    return table, skipped
 
 
 @app.command("report")
@@ -106,7 +86,8 @@ def report_command(
     skipped = False
     store = None
     if files:
-        table, skipped = _read_files(list(files))
+        table, problems = read_files(list(files), command="report")
+        skipped = problems > 0
         source = ", ".join(str(f) for f in files)
         fetch_trace = table_trace_fetcher(table)
     else:
