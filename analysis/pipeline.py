@@ -34,6 +34,9 @@ from analysis.writer import Writer, WriterContext
 log = logging.getLogger(__name__)
 
 MIN_REPORTED_SAVING_NS = 500_000
+# Below this a detector is saying "probably not a problem" (e.g. failures that a fallback almost
+# always contains); a recommendation that weak costs a reader more than it offers.
+MIN_REPORTED_CONFIDENCE = 0.2
 
 
 def select_traces(
@@ -71,6 +74,8 @@ def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored
     whatif = WhatIf(ctx) if findings else None
     scored: list[Scored] = []
     for finding in findings:
+        if finding.confidence < MIN_REPORTED_CONFIDENCE:
+            continue
         impact: Impact | None = None
         if whatif is not None and any(o.interventions for o in finding.occurrences):
             impact = whatif.impact(finding)

@@ -293,3 +293,23 @@ def test_same_spans_from_files_and_from_the_store_give_the_same_report(tmp_path:
         report.pop("generated_at")
     assert from_files["recommendations"], "the workload should produce findings"
     assert from_files == from_store
+
+
+def test_findings_below_the_confidence_floor_are_not_recommended() -> None:
+    from analysis.pipeline import MIN_REPORTED_CONFIDENCE, score_findings
+
+    b = TraceBuilder(service="shop")
+    root = b.span("POST /pay", start_ms=0, dur_ms=100, kind=KIND_SERVER, status_code=2)
+    call = b.span("POST bank", parent=root, start_ms=5, dur_ms=50, kind=KIND_CLIENT, status_code=2)
+    ctx = AnalysisContext.from_table(spans_table(b))
+
+    def finding(confidence: float) -> Finding:
+        return Finding(
+            kind="error_propagation", category="fault_tolerance", service="shop", operation="POST /pay",
+            targets=[{"service": "bank", "operation": "POST bank"}],
+            occurrences=[Occurrence(trace_id=b.trace_id, span_ids=(root, call))],
+            confidence=confidence, requests_at_risk=1,
+        )  # fmt: skip
+
+    kept = score_findings(ctx, [finding(MIN_REPORTED_CONFIDENCE), finding(MIN_REPORTED_CONFIDENCE / 4)])
+    assert [s.finding.confidence for s in kept] == [MIN_REPORTED_CONFIDENCE]
