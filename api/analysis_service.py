@@ -341,16 +341,17 @@ def _worker_main(conn: Connection) -> None:
     """Loop of the analysis worker process: (table, settings, since_ns) in, ("ok", result) or
     ("error", traceback text) out, until the pipe closes."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import analysis.pipeline  # noqa: F401  -- imported while waiting for the first table, not after
+
     while True:
         try:
             table, settings, since_ns = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            result: tuple[str, Any] = (
-                "ok",
-                analyze_spans(table, writer=select_writer(settings), since_ns=since_ns),
-            )
+            started = time.perf_counter()
+            report, index = analyze_spans(table, writer=select_writer(settings), since_ns=since_ns)
+            result: tuple[str, Any] = ("ok", (report, index, time.perf_counter() - started))
         except Exception:
             result = ("error", traceback.format_exc())
         del table
@@ -375,6 +376,12 @@ class AnalysisWorker:
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
 
+    def start(self) -> None:
+        """Start the process now (it takes ~1 s to import polars and the analysis), so the first
+        run does not wait for it."""
+        with self._lock:
+            self._ensure()
+
     def _ensure(self) -> Connection:
         if self._process is None or not self._process.is_alive() or self._conn is None:
             self._kill()
@@ -389,20 +396,37 @@ class AnalysisWorker:
         return self._conn
 
     def run(
-        self, table: pa.Table, *, settings: Any = None, since_ns: int | None = None
+        self,
+        table: pa.Table,
+        *,
+        settings: Any = None,
+        since_ns: int | None = None,
+        stages: dict[str, float] | None = None,
     ) -> tuple[dict[str, Any], TraceIndex]:
+        """The report and trace index; ``stages`` (when given) gets the seconds spent starting the
+        process (``worker_start``), shipping the table (``send``), analysing in the worker
+        (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
+        stages = {} if stages is None else stages
         with self._lock:
+            started = time.perf_counter()
             conn = self._ensure()
+            stages["worker_start"] = time.perf_counter() - started
             try:
+                started = time.perf_counter()
                 conn.send((table, settings, since_ns))
+                stages["send"] = time.perf_counter() - started
+                started = time.perf_counter()
                 status, payload = conn.recv()
+                waited = time.perf_counter() - started
             except (EOFError, OSError) as exc:
                 code = self._process.exitcode if self._process is not None else None
                 self._kill()
                 raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
         if status != "ok":
             raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
-        report, index = payload
+        report, index, analysis_s = payload
+        stages["analysis"] = analysis_s
+        stages["receive"] = max(waited - analysis_s, 0.0)
         return report, index
 
     def _kill(self) -> None:
@@ -506,6 +530,7 @@ class AnalysisService:
         self._last_error: str | None = None
         self._last_error_at: float | None = None
         self._last_duration_s: float | None = None
+        self._last_stages_s: dict[str, float] = {}  # seconds per step of the last run (status)
         self._runs = 0
         self._failures = 0
         self._generation = 0
@@ -517,6 +542,8 @@ class AnalysisService:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        if self._worker is not None:
+            self._worker.start()
         self._thread = threading.Thread(target=self._loop, name="hourglass-analysis", daemon=True)
         self._thread.start()
 
@@ -590,14 +617,24 @@ class AnalysisService:
             return int(raw_row_count())
         return int(self.store.stats().spans)
 
-    def _run_analysis(self, *, since_ns: int | None = None) -> tuple[dict[str, Any], TraceIndex, int, int]:
+    def _run_analysis(
+        self, *, since_ns: int | None = None, stages: dict[str, float] | None = None
+    ) -> tuple[dict[str, Any], TraceIndex, int, int]:
+        """One analysis of the store; ``stages`` (when given) gets the seconds of each step."""
+        stages = {} if stages is None else stages
+        started = time.perf_counter()
         marker = self._change_marker()
         spans_in_store = self.store.stats().spans
+        stages["store_stats"] = time.perf_counter() - started
+        started = time.perf_counter()
         table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+        stages["scan"] = time.perf_counter() - started
         if self._worker is not None:
-            report, index = self._worker.run(table, settings=self._settings, since_ns=since_ns)
+            report, index = self._worker.run(table, settings=self._settings, since_ns=since_ns, stages=stages)
         else:
+            started = time.perf_counter()
             report, index = analyze_spans(table, writer=self._resolve_writer(), since_ns=since_ns)
+            stages["analysis"] = time.perf_counter() - started
         del table
         return report, index, spans_in_store, marker
 
@@ -612,8 +649,10 @@ class AnalysisService:
             started_at = time.time()
             with self._state_lock:
                 self._running_since = started_at
+            stages: dict[str, float] = {}
             try:
-                report, index, spans_in_store, marker = self._run_analysis()
+                report, index, spans_in_store, marker = self._run_analysis(stages=stages)
+                built = time.perf_counter()
                 snapshot = ReportSnapshot.build(
                     report,
                     trace_index=index,
@@ -624,6 +663,7 @@ class AnalysisService:
                     started_monotonic=started_monotonic,
                     reason=reason,
                 )
+                stages["snapshot"] = time.perf_counter() - built
             except Exception as exc:
                 if self._stop.is_set():
                     log.info("analysis run (%s) interrupted by shutdown", reason)
@@ -640,21 +680,26 @@ class AnalysisService:
                 self._snapshot = snapshot
                 self._runs += 1
                 self._last_duration_s = snapshot.finished_at - started_at
+                self._last_stages_s = stages
                 self._running_since = None
                 self._last_error = None
                 self._windows.clear()
             self._first_done.set()
             log.info(
-                "analysis %d (%s): %s spans, %d recommendations in %.2f s",
+                "analysis %d (%s): %s spans, %d recommendations in %.2f s (%s)",
                 snapshot.generation,
                 reason,
                 report.get("spans_analyzed"),
                 len(snapshot.by_id),
                 self._last_duration_s,
+                ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
             )
         if self.render_html:
             try:
+                started = time.perf_counter()
                 self.html(snapshot)
+                with self._state_lock:
+                    self._last_stages_s = {**stages, "html": time.perf_counter() - started}
             except Exception as exc:
                 log.exception("rendering the HTML report failed")
                 self._record_error(exc)
@@ -751,6 +796,9 @@ class AnalysisService:
                 "last_started_at": _iso(snapshot.started_at) if snapshot else None,
                 "last_finished_at": _iso(snapshot.finished_at) if snapshot else None,
                 "last_duration_ms": round(self._last_duration_s * 1000, 1) if self._last_duration_s else None,
+                # where the last run's time went: store_stats, scan, worker_start, send, analysis,
+                # receive, snapshot (all inside last_duration_ms) and html (rendered after it)
+                "last_stages_ms": {k: round(v * 1000, 1) for k, v in self._last_stages_s.items()},
                 "last_reason": snapshot.reason if snapshot else None,
                 "spans_at_last_run": snapshot.spans_in_store if snapshot else None,
                 "last_error": self._last_error,

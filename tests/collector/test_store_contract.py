@@ -125,6 +125,20 @@ def test_retention_drops_whole_old_traces(make_store: StoreFactory) -> None:
     assert store.delete_older_than(0) == 0
 
 
+def test_stats_follow_every_change_between_reads(make_store: StoreFactory) -> None:
+    """stats() may reuse its counts between reads, but never across a write or a deletion."""
+    store = make_store()
+    a, b = _two_traces()
+    assert store.stats() == StoreStats(spans=0, traces=0)
+    store.write(spans_table([a]))
+    assert store.stats() == StoreStats(spans=2, traces=1)
+    assert store.stats() == StoreStats(spans=2, traces=1)
+    store.write(spans_table([b]))
+    assert store.stats() == StoreStats(spans=3, traces=2)
+    store.delete_older_than(BASE_NS + 1_000 * MS)  # drops trace a
+    assert store.stats() == StoreStats(spans=1, traces=1)
+
+
 def test_empty_store_and_empty_write(make_store: StoreFactory) -> None:
     store = make_store()
     store.write(SPAN_SCHEMA.empty_table())
