@@ -331,14 +331,38 @@ class Retimer:
             new_dur[level] = np.where(fixed >= 0, fixed, dur)
         return new_dur, rel_end, rel_known
 
+    def _compression(self, plan: _Plan, new_dur: np.ndarray) -> np.ndarray:
+        """Per row, the factor by which shortened ancestors compress its time: the work inside a
+        ``ShortenSpan`` (a straggler's server span and its queries, say) gets faster with it, so
+        its untouched descendants are scaled into the shortened span instead of sticking out of it."""
+        factor = np.ones(self.n, dtype=np.float64)
+        shortened = np.nonzero(plan.shorten_ns > 0)[0]
+        if shortened.size == 0:
+            return factor
+        ratio = np.ones(self.n, dtype=np.float64)
+        has_dur = self.dur[shortened] > 0
+        ratio[shortened[has_dur]] = new_dur[shortened[has_dur]] / self.dur[shortened[has_dur]]
+        frontier = shortened
+        while frontier.size:  # top-down through the shortened subtrees, one level per step
+            children, owner = self._children_of(frontier)
+            if children.size == 0:
+                break
+            factor[children] = factor[frontier[owner]] * ratio[frontier[owner]]
+            frontier = children
+        return factor
+
     def new_times(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
         """New absolute (start, end) per row."""
         new_dur, rel_end, rel_known = self.retime(plan)
         has = self.parent >= 0
         p = np.where(has, self.parent, 0)
         offset = self.start - self.start[p]
+        compress = self._compression(plan, new_dur)
+        scaled = ~plan.dirty & (compress < 1.0)
+        new_dur = np.where(scaled, (self.dur * compress).astype(np.int64), new_dur)
+        offset = np.where(scaled, (offset * compress).astype(np.int64), offset)
         parent_dirty = plan.dirty[p] & has
-        rel_start = np.where(parent_dirty & rel_known, rel_end - new_dur, offset)
+        rel_start = np.where(parent_dirty & rel_known & ~scaled, rel_end - new_dur, offset)
         rel_start = np.where(has, rel_start, 0)
         top = np.arange(self.n)
         for _ in range(64):

@@ -169,3 +169,31 @@ def test_saving_inside_an_orphaned_subtree_is_measured_at_its_root() -> None:
     ctx = AnalysisContext.from_table(spans_table(b))
     impact = WhatIf(ctx).impact(finding(Occurrence(b.trace_id, (a, c), (RunConcurrently((a, c)),))))
     assert impact.saved_ns.tolist() == [80 * MS] and impact.root_ns.tolist() == [200 * MS]
+
+
+def test_retimed_trace_compresses_the_work_inside_a_shortened_span() -> None:
+    """A straggler brought to the median takes its server span and queries with it: in the drawn
+    "after" trace nothing sticks out of the shortened span, and the trace's envelope ends where the
+    engine's root ends (the report page's "saves X ms" is read from that envelope)."""
+    b = TraceBuilder(service="front")
+    root = b.span("GET /search", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+    branches = []
+    for duration in (50, 52, 280):
+        call = b.span("GET shard", parent=root, start_ms=5, dur_ms=duration, kind=KIND_CLIENT)
+        server = b.span(
+            "search", parent=call, start_ms=6, dur_ms=duration - 2, kind=KIND_SERVER, service="idx"
+        )
+        b.span("scan", parent=server, start_ms=8, dur_ms=duration - 6, service="idx")
+        branches.append(call)
+    ctx = AnalysisContext.from_table(spans_table(b))
+    straggler = Finding(
+        "fanout_straggler", "parallelization", "front", "GET /search", [],
+        [Occurrence(b.trace_id, (root, branches[2]), (ShortenSpan(branches[2], 228_000_000),))], 0.9,
+    )  # fmt: skip
+    saved_ns = int(WhatIf(ctx).impact(straggler).saved_ns[0])
+    after = retime_trace(ctx.spans, straggler)
+    envelope = int(after["new_end_ns"].max() - after["new_start_ns"].min())
+    assert envelope == 300_000_000 - saved_ns
+    slow = after.filter(pl.col("span_id") == branches[2]).row(0, named=True)
+    inside = after.filter(pl.col("service") == "idx")
+    assert (inside["new_end_ns"] <= max(slow["new_end_ns"], 0) + 5_000_000).all()
