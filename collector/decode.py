@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import re
 import time
@@ -36,7 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -227,9 +230,10 @@ def _id_problem(trace_id: bytes, span_id: bytes, parent_id: bytes) -> str | None
 # ``SerializeToString`` of a lean span gives exactly the bytes of the OTLP ``Span``.
 
 
-def _build_lean_classes() -> dict[str, Any]:
+def _build_lean_classes(*, events_as_bytes: bool = False) -> dict[str, Any]:
+    suffix = "_event_bytes" if events_as_bytes else ""
     fdp = descriptor_pb2.FileDescriptorProto(
-        name="hourglass/lean_trace.proto", package="hourglass.lean", syntax="proto3"
+        name=f"hourglass/lean_trace{suffix}.proto", package=f"hourglass.lean{suffix}", syntax="proto3"
     )
     fd = descriptor_pb2.FieldDescriptorProto
     b, s, m, f64, f32, i32, u32 = (
@@ -264,7 +268,7 @@ def _build_lean_classes() -> dict[str, Any]:
             ("end_time_unix_nano", 8, f64, False, None),
             ("attributes", 9, b, True, None),
             ("dropped_attributes_count", 10, u32, False, None),
-            ("events", 11, m, True, "Event"),
+            ("events", 11, m, True, "Event"),  # bytes in the events-as-bytes view below
             ("dropped_events_count", 12, u32, False, None),
             ("links", 13, b, True, None),
             ("dropped_links_count", 14, u32, False, None),
@@ -279,6 +283,8 @@ def _build_lean_classes() -> dict[str, Any]:
         ],
         "Status": [("message", 2, s, False, None), ("code", 3, i32, False, None)],
     }
+    if events_as_bytes:
+        layout["Span"] = [("events", 11, b, True, None) if f[0] == "events" else f for f in layout["Span"]]
     for message_name, fields in layout.items():
         message = fdp.message_type.add(name=message_name)
         for field_name, number, field_type, repeated, type_name in fields:
@@ -289,19 +295,26 @@ def _build_lean_classes() -> dict[str, Any]:
                 label=fd.LABEL_REPEATED if repeated else fd.LABEL_OPTIONAL,
             )
             if type_name:
-                f.type_name = f".hourglass.lean.{type_name}"
+                f.type_name = f".{fdp.package}.{type_name}"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"hourglass.lean.{name}"))
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{fdp.package}.{name}"))
         for name in layout
     }
 
 
 _LEAN = _build_lean_classes()
+# The view the decoder reads: the same layout with ``Span.events`` as undecoded bytes. Reading
+# events through upb wrappers cost ~1.8 µs/span (one wrapper per event, per access); the bytes are
+# read in bulk with numpy instead (``_event_columns``). Parsing a request with ``_LeanTracesData``
+# first keeps the validation exactly as strict as before (it is C-only, ~0.1 µs/span).
+_LEAN_EVENT_BYTES = _build_lean_classes(events_as_bytes=True)
 _LeanTracesData = _LEAN["TracesData"]
+_LeanTracesDataEventBytes = _LEAN_EVENT_BYTES["TracesData"]
 _KeyValue = common_pb2.KeyValue
 _KeyValueFromString = common_pb2.KeyValue.FromString
+_LeanEventFromString = _LEAN["Event"].FromString
 
 
 _TRACE_ID_LENGTHS = frozenset({16})
@@ -363,10 +376,11 @@ def _semantic_value(encoded: bytes, key_end: int, column_index: int) -> Any:
 
 
 def _hint_events(events: Any, names: list[str]) -> str | None:
+    """``event_hints`` of one span from its serialized events (``names`` in the same order)."""
     hint_events = []
     for index, name in enumerate(names):
         if _is_hint_event(name):
-            event = events[index]
+            event = _LeanEventFromString(events[index])
             attributes: dict[str, Any] = {}
             for encoded in event.attributes:
                 kv = _KeyValueFromString(encoded)
@@ -374,6 +388,89 @@ def _hint_events(events: Any, names: list[str]) -> str | None:
                     attributes[kv.key] = any_value_to_python(kv.value)
             hint_events.append({"name": name, "time_ns": event.time_unix_nano, "attributes": attributes})
     return json.dumps(hint_events, separators=(",", ":")) if hint_events else None
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _event_columns(all_events: list[Any]) -> tuple[pa.Array, pa.Array, list[str | None]]:
+    """``event_names``, ``event_times_ns`` and ``event_hints`` from each span's serialized events.
+
+    Fast path (every event as the SDKs and the Collector write it: ``0x09 <fixed64 time> 0x12
+    <name length < 128> <name>`` first): the times and names are sliced out of all events at once
+    with numpy and become Arrow list arrays directly. Anything else (other field order, long
+    names, invalid UTF-8, a time beyond int64) goes through the parsed ``Event`` messages. Only
+    spans that carry an event whose name matches ``HINT_EVENT_PATTERN`` get per-span work.
+    """
+    rows = len(all_events)
+    counts = np.fromiter(map(len, all_events), dtype=np.int64, count=rows)
+    span_offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(counts, out=span_offsets[1:])
+    flat: list[bytes] = list(itertools.chain.from_iterable(all_events))
+    fast = _event_names_and_times_fast(flat)
+    if fast is not None:
+        names_array, times_array = fast
+    else:
+        events = [_LeanEventFromString(e) for e in flat]
+        names_array = pa.array([e.name for e in events], type=pa.string())
+        times_array = pa.array([e.time_unix_nano for e in events], type=pa.int64())
+    offsets = pa.array(span_offsets, type=pa.int32())
+    names_column = pa.ListArray.from_arrays(offsets, names_array, type=pa.list_(pa.string()))
+    times_column = pa.ListArray.from_arrays(offsets, times_array, type=pa.list_(pa.int64()))
+
+    event_hints: list[str | None] = [None] * rows
+    if flat:
+        unique_names = pc.unique(names_array).to_pylist()
+        plain = _PLAIN_EVENT_NAMES
+        hint_names = [n for n in unique_names if n not in plain and _is_hint_event(n)]
+        if hint_names:
+            is_hint = pc.is_in(names_array, value_set=pa.array(hint_names, type=pa.string()))
+            event_rows = np.repeat(np.arange(rows), counts)
+            hint_rows = np.unique(event_rows[is_hint.to_numpy(zero_copy_only=False)])
+            for row in hint_rows.tolist():
+                start, end = int(span_offsets[row]), int(span_offsets[row + 1])
+                names = names_array.slice(start, end - start).to_pylist()
+                event_hints[row] = _hint_events(all_events[row], names)
+    return names_column, times_column, event_hints
+
+
+def _event_names_and_times_fast(flat: list[bytes]) -> tuple[pa.Array, pa.Array] | None:
+    """Names and times of serialized events in the ``0x09 <fixed64> 0x12 <len> <name>`` layout.
+
+    None when any event has another layout, a name that is not UTF-8, or a time beyond int64.
+    """
+    count = len(flat)
+    if count == 0:
+        return pa.array([], type=pa.string()), pa.array([], type=pa.int64())
+    lengths = np.fromiter(map(len, flat), dtype=np.int64, count=count)
+    if int(lengths.min()) < 11:
+        return None
+    buffer = np.frombuffer(b"".join(flat), dtype=np.uint8)
+    starts = np.zeros(count, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    name_lengths = buffer[starts + 10].astype(np.int64)
+    if not (
+        bool((buffer[starts] == 0x09).all())
+        and bool((buffer[starts + 9] == 0x12).all())
+        and bool((name_lengths < 0x80).all())
+        and bool((11 + name_lengths <= lengths).all())
+    ):
+        return None
+    times = buffer[(starts + 1)[:, None] + np.arange(8)].copy().view("<u8").ravel()
+    if int(times.max()) > _INT64_MAX:
+        return None
+    name_offsets = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(name_lengths, out=name_offsets[1:])
+    total = int(name_offsets[-1])
+    gather = np.repeat(starts + 11 - name_offsets[:-1], name_lengths) + np.arange(total, dtype=np.int64)
+    names = pa.StringArray.from_buffers(
+        count, pa.py_buffer(name_offsets.astype(np.int32)), pa.py_buffer(buffer[gather].tobytes())
+    )
+    try:
+        names.validate(full=True)  # UTF-8, as the parsed message would have required
+    except pa.ArrowInvalid:
+        return None
+    return names, pa.array(times.astype(np.int64), type=pa.int64())
 
 
 def _links(links: Any, parent_id: bytes) -> tuple[list[str], bool]:
@@ -541,15 +638,7 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
 
     # pass 4: events and links
     all_events = [s.events for s in kept]
-    event_names = [[e.name for e in events] for events in all_events]
-    columns["event_names"] = event_names
-    columns["event_times_ns"] = [[e.time_unix_nano for e in events] for events in all_events]
-    event_hints: list[str | None] = [None] * rows
-    plain = _PLAIN_EVENT_NAMES
-    for row, names in enumerate(event_names):
-        if names and not plain.issuperset(names):
-            event_hints[row] = _hint_events(all_events[row], names)
-    columns["event_hints"] = event_hints
+    columns["event_names"], columns["event_times_ns"], columns["event_hints"] = _event_columns(all_events)
     links_col: list[list[str]] = [[]] * rows
     follows: list[bool] = [False] * rows
     for row, span in enumerate(kept):
@@ -560,7 +649,10 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
     columns["resource_json"] = resource_jsons
     columns["raw"] = [s.SerializeToString() for s in kept]
     columns["ingested_ns"] = [ingested_ns] * rows
-    arrays = [pa.array(columns[f.name], type=f.type) for f in SPAN_SCHEMA]
+    arrays = [
+        value if isinstance(value, pa.Array) else pa.array(value, type=f.type)
+        for f, value in ((f, columns[f.name]) for f in SPAN_SCHEMA)
+    ]
     table = pa.Table.from_arrays(arrays, schema=SPAN_SCHEMA)
     return DecodeResult(table=table, rejected=rejected, errors=errors)
 
@@ -595,8 +687,9 @@ def decode_export_request(data: bytes, *, ingested_ns: int | None = None) -> Dec
     Raises ``DecodeError`` when the bytes are not such a message (also when an attribute, the
     resource or the scope inside it is malformed).
     """
-    lean = _LeanTracesData()
+    lean = _LeanTracesDataEventBytes()
     try:
+        _LeanTracesData().ParseFromString(data)  # validates the events' structure too
         lean.ParseFromString(data)
         return _decode_lean(lean, time.time_ns() if ingested_ns is None else ingested_ns)
     except _ProtobufDecodeError as exc:
