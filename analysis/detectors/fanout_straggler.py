@@ -290,7 +290,8 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     kids = kids.join(hit_groups, on="group_id", how="semi")
     kids = _branch_labels(spans, kids)
     occurrences = (
-        kids.sort(["group_id", "start_ns"])
+        # span_id breaks start ties (fan-out children often start together): a stable report
+        kids.sort(["group_id", "start_ns", "span_id"])
         .group_by("group_id", maintain_order=True)
         .agg(
             pl.col([*sig, "trace_id", "parent_span_id", "n", "median_ns"]).first(),

@@ -135,19 +135,25 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
     cached = ctx.cache.get("call_children")
     if isinstance(cached, pl.DataFrame):
         return cached
-    with_parent = ctx.with_parent(ctx.spans.filter(pl.col("parent_row").is_not_null()).select(CALL_COLUMNS))
-    calls = with_parent.filter(pl.col("blocking") & _common.is_call())
+    # Blocking children first, with only the parent's service (is_call needs it); the other parent
+    # columns are gathered for the few rows that survive (a gather of strings costs per row).
+    blocking = ctx.spans.filter(pl.col("parent_row").is_not_null() & pl.col("blocking")).select(CALL_COLUMNS)
+    blocking = blocking.with_columns(
+        ctx.spans["service"].gather(blocking["parent_row"]).alias("parent_service")
+    )
+    calls = blocking.filter(_common.is_call())
     wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
-    wrappers = with_parent.filter(
-        pl.col("blocking")
-        & ~_common.is_call()
+    wrappers = blocking.filter(
+        ~_common.is_call()
         & (pl.col("service") == pl.col("parent_service"))
         & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
     # Only calls with a sibling call can be serialized or repeated: normalise just those.
     siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
-    out = out.join(siblings.select("parent_row"), on="parent_row", how="semi")
+    out = ctx.with_parent(
+        out.join(siblings.select("parent_row"), on="parent_row", how="semi").drop("parent_service")
+    )
     callees = (
         ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
         .select(pl.col("parent_row").cast(pl.UInt32).alias("row"), pl.col("service").alias("callee_service"))
