@@ -8,8 +8,12 @@ set) as ``operation`` and the callee as ``targets``.
 A *call* is a blocking, non-root span that crosses a boundary: a CLIENT span, a span carrying
 ``db_system`` / ``rpc_method`` (an outgoing call instrumented as INTERNAL), or a SERVER span whose
 parent is not a CLIENT span (the caller's side was not instrumented). SERVER spans under a CLIENT
-span are represented by that client call. An *operation* is (service, name, target) with target the
-peer / database / destination of the call.
+span are represented by that client call. An *operation* is (service, name, target, endpoint) with
+target the peer / database / destination of the call, and endpoint the route template (``http.route``,
+else the URL path with ids masked) when the span name is a generic HTTP one (``GET``, ``HTTP GET``):
+one client calling two endpoints of a host has two usual latencies (HotROD's frontend names its
+300 ms+ ``/customer`` calls and its 50 ms ``/route`` calls both ``HTTP GET`` to ``0.0.0.0``; mixed,
+every ``/customer`` call looked like a hang).
 
 For every operation with at least ``MIN_CALLS`` calls, with p50 its median duration, a call is an
 *outlier* when it lasts at least ``OUTLIER_FACTOR`` (10) × p50 and at least ``MIN_EXCESS_NS``
@@ -60,6 +64,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
+from analysis.detectors._common import route_template
 from analysis.detectors.error_propagation import call_target_expr, url_host_expr
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
@@ -77,6 +82,11 @@ MIN_TIMEOUT_NS = 10_000_000  # but never below 10 ms: sub-millisecond deadlines 
 TIMEOUT_TEXT = r"(?i)time[ -]?out|timed out|deadline|cancel"
 # Calls that stay open by design (streams, long polls, watches, subscriptions): long is not hung.
 LONG_BY_DESIGN = r"(?i)\bstream|streaming|\bsubscribe\b|long.?poll|\bpoll\b|\bwatch\b|websocket|\bsse\b|\blisten\b|\bwait\b"
+# HTTP client span names that say nothing about the endpoint ("GET", "HTTP GET", "http.request"),
+# the same names fanout_straggler tells apart by endpoint.
+GENERIC_HTTP_NAME = (
+    r"(?i)^(?:https?[ ._-]?)?(?:(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS)|request|client[ ._-]?request)?$"
+)
 
 
 def _call_expr() -> pl.Expr:
@@ -109,10 +119,13 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             "on_critical_path",
             "service",
             "name",
+            "http_url",
+            "http_route",
             target=call_target_expr(),
         )
     )
-    op = ["service", "name", "target"]
+    calls = _with_endpoint(calls)
+    op = ["service", "name", "target", "endpoint"]
     stats = (
         calls.group_by(op)
         .agg(calls=pl.len(), p50_ns=pl.col("duration_ns").median())
@@ -195,6 +208,21 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def _with_endpoint(calls: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``endpoint`` (and drops the URL columns): the route template of calls whose span name is
+    a generic HTTP one, "" for the others. Each distinct URL is templated once."""
+    names = calls["name"].unique()
+    is_generic = pl.col("name").is_in(names.filter(names.str.contains(GENERIC_HTTP_NAME)).implode())
+    urls = calls.filter(is_generic).select(pl.col("http_url").unique().drop_nulls())
+    urls = urls.with_columns(route_template(pl.col("http_url")).alias("_url_route"))
+    endpoint = pl.coalesce(pl.col("http_route"), pl.col("_url_route"), pl.lit(""))
+    return (
+        calls.join(urls, on="http_url", how="left", maintain_order="left")
+        .with_columns(endpoint=pl.when(is_generic).then(endpoint).otherwise(pl.lit("")))
+        .drop("http_url", "http_route", "_url_route")
+    )
 
 
 def _drop_explained_callers(outliers: pl.DataFrame, parent_row: np.ndarray) -> pl.DataFrame:

@@ -238,3 +238,40 @@ def test_calls_that_stay_open_by_design_are_not_judged() -> None:
         return b
 
     assert analyse([trace(USUAL_MS[i % 5]) for i in range(25)] + [trace(1_500.0), trace(2_200.0)]) == []
+
+
+def two_endpoint_trace(customer_ms: float, route_ms: float, routes: int = 4) -> TraceBuilder:
+    """HotROD's frontend: ``HTTP GET`` to /customer, then ``routes`` × ``HTTP GET`` to /route (the last
+    one taking ``route_ms``, the others 50 ms), all to one host."""
+    b = TraceBuilder(service="frontend")
+    calls = [("/customer?customer=123", customer_ms)] + [("/route?pickup=1%2C2", 50.0)] * (routes - 1)
+    calls.append(("/route?pickup=3%2C4", route_ms))
+    root = b.span("/dispatch", start_ms=0, dur_ms=sum(ms + 1 for _, ms in calls) + 5, kind=KIND_SERVER)
+    start = 1.0
+    for path, ms in calls:
+        b.span(
+            "HTTP GET",
+            parent=root,
+            start_ms=start,
+            dur_ms=ms,
+            kind=KIND_CLIENT,
+            peer="0.0.0.0",
+            http_method="GET",
+            http_url=f"http://0.0.0.0:8081{path}",
+        )
+        start += ms + 1
+    return b
+
+
+def test_generic_http_names_are_judged_per_endpoint() -> None:
+    """A slow endpoint is not a hung call of a fast endpoint that shares its generic span name."""
+    slow_customer = [300.0 + 60 * (i % 25) for i in range(25)]  # 0.3-1.7 s: a lock convoy, not a hang
+    builders = [two_endpoint_trace(ms, 50.0) for ms in slow_customer]
+    assert analyse(builders) == []
+    # A real hang on one endpoint is still found, and judged against that endpoint's latency.
+    hung = [two_endpoint_trace(400.0, ms) for ms in (2_000.0, 3_100.0)]
+    (f,) = analyse(builders + hung)
+    assert f.evidence["calls"] == 27 * 4
+    assert f.evidence["p50_ms"] == 50.0
+    assert f.evidence["longest_ms"] == 3_100.0
+    assert sorted(f.trace_ids) == sorted(b.trace_id for b in hung)
