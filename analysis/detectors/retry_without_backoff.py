@@ -21,7 +21,8 @@ an attempt's end to the next attempt's start, and the k-th retry of a sequence h
 A sequence whose gaps strictly grow beyond the immediate bound is backoff and is set aside.
 
 Retries are judged per signature — (service, operation that retries, callee service, callee
-operation) — over every sequence in every trace, because one trace's gaps are noisy (scheduler
+operation), the service being the retrying operation's (usually also the attempts'; HotROD traces its
+redis client calls under a service of their own, "redis-manual", while the retry loop is the driver's) — over every sequence in every trace, because one trace's gaps are noisy (scheduler
 hiccups, TCP delayed ACKs add tens of milliseconds to some gaps at random). A signature lacks
 backoff when it has at least ``MIN_RETRIES`` retries and either
 
@@ -85,7 +86,7 @@ ATTEMPT_HINT_PATTERN = r'"[^"]*(?:resend_count|retry_count|retries|retry[._]?att
 TOP_CODES = 5
 # The calling span says it retries (a log/event such as "Retrying GetDriver after error").
 RETRY_LOG_PATTERN = r"(?i)\bretr(?:y|ying|ied|ies)\b"
-SIGNATURE = ["service", "parent_name", "target_service", "target_operation"]
+SIGNATURE = ["parent_service", "parent_name", "target_service", "target_operation"]
 
 
 def attempt_failed_expr() -> pl.Expr:
@@ -257,6 +258,7 @@ def _attribute(sequences: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
     parents = spans.filter(pl.col("row").is_in(sequences["parent_row"].implode())).select(
         pl.col("row").cast(pl.Int64).alias("parent_row"),
         parent_span_id="span_id",
+        parent_service="service",
         parent_name="name",
         parent_logs_retry=(
             pl.col("event_names")

@@ -291,6 +291,30 @@ def test_a_caller_logging_its_retries_is_explicit_evidence() -> None:
     assert logged.confidence > plain.confidence
 
 
+def test_the_finding_names_the_service_of_the_retrying_operation() -> None:
+    """HotROD traces its redis calls under their own service ("redis-manual") while the retry loop is
+    the driver's FindNearest handler: the finding names the driver, where the backoff goes."""
+    traces = []
+    for _ in range(5):
+        b = TraceBuilder(service="driver")
+        root = b.span("driver.DriverService/FindNearest", start_ms=0, dur_ms=80, kind=KIND_SERVER)
+        for i, failed in enumerate((True, False, False, True, False)):
+            b.span(
+                "GetDriver",
+                parent=root,
+                start_ms=1 + 10.1 * i,
+                dur_ms=10,
+                kind=KIND_CLIENT,
+                service="redis-manual",
+                db_system="redis",
+                status_code=STATUS_ERROR if failed else STATUS_UNSET,
+            )
+        traces.append(b)
+    (f,) = analyse(traces)
+    assert (f.service, f.operation) == ("driver", "driver.DriverService/FindNearest")
+    assert f.targets == [{"service": "redis", "operation": "GetDriver"}]
+
+
 def test_without_peer_or_traced_callee_the_url_host_names_the_target() -> None:
     traces = []
     for _ in range(3):
