@@ -437,6 +437,15 @@ def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
     return occurrences
 
 
+def _dense_group(cand: pl.DataFrame) -> pl.Expr:
+    """1..k numbering of the ``gid`` values in first-seen order: a hash lookup, where
+    ``rank("dense")`` sorts. Only used to pack a group into the high bits of a sort key, so any
+    one-to-one numbering does."""
+    groups = cand["gid"].unique(maintain_order=True)
+    numbers = pl.int_range(1, groups.len() + 1, dtype=pl.Int64, eager=True)
+    return pl.col("gid").replace_strict(groups, numbers, return_dtype=pl.Int64)
+
+
 def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
     """For each span (columns gid, start_ns, end_ns), how many spans of its group were in flight
     when it started, itself included: a sweep of +1 at each start and -1 at each end, sorted by
@@ -449,9 +458,7 @@ def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
     t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
     span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
     idx = pl.int_range(pl.len(), dtype=pl.UInt32).alias("idx")
-    dense = cand.select(
-        idx, g=pl.col("gid").rank("dense").cast(pl.Int64), s=pl.col("start_ns"), e=pl.col("end_ns")
-    )
+    dense = cand.select(idx, g=_dense_group(cand), s=pl.col("start_ns"), e=pl.col("end_ns"))
     groups = int(dense["g"].max())  # type: ignore[arg-type]
     if groups < (1 << 22) and span_us < (1 << 40):
         packed = pl.col("g") * (1 << 41)
@@ -485,7 +492,7 @@ def _busy_groups(cand: pl.DataFrame) -> pl.Series:
     Returns every group when the packed key does not fit."""
     t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
     span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
-    dense = cand.select("gid", "start_ns", "end_ns", g=pl.col("gid").rank("dense").cast(pl.Int64))
+    dense = cand.select("gid", "start_ns", "end_ns", g=_dense_group(cand))
     if int(dense["g"].max()) >= (1 << 22) or span_us >= (1 << 40):  # type: ignore[arg-type]
         return cand["gid"].unique()
     packed = pl.col("g") * (1 << 41)
