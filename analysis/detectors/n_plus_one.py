@@ -55,6 +55,9 @@ MIN_INSTANCES_FOR_SHARE = 5
 
 def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
     tol = _tolerance(pl.col("parent_duration_ns"))
+    # A sequence is a chain inside one (parent, operation) group: groups with fewer than
+    # MIN_REPEATS calls cannot hold one, so they are dropped before the sort (most call groups).
+    calls = calls.filter(pl.len().over(["parent_row", "op_key"]) >= MIN_REPEATS)
     ordered = calls.with_columns(_common.parameters().alias("params")).sort(
         ["parent_row", "op_key", "start_ns", "span_id"]
     )
