@@ -162,10 +162,14 @@ class Retimer:
 
     def rows_of(self, keys: list[tuple[str, str]]) -> np.ndarray:
         """Row per (trace_id, span_id); -1 where unknown."""
-        if not keys or self.n == 0:
-            return np.full(len(keys), -1, dtype=np.int64)
+        return self._rows_of_columns([k[0] for k in keys], [k[1] for k in keys])
+
+    def _rows_of_columns(self, trace_ids: list[str], span_ids: list[str]) -> np.ndarray:
+        """Row per (trace_ids[i], span_ids[i]); -1 where unknown."""
+        if not trace_ids or self.n == 0:
+            return np.full(len(trace_ids), -1, dtype=np.int64)
         probe = pl.DataFrame(
-            {"trace_id": [k[0] for k in keys], "span_id": [k[1] for k in keys]},
+            {"trace_id": trace_ids, "span_id": span_ids},
             schema={"trace_id": pl.String, "span_id": pl.String},
         ).select(
             pl.struct("trace_id", "span_id").hash().alias("k"),
@@ -196,7 +200,8 @@ class Retimer:
         cset = np.full(n, -1, dtype=np.int64)
         waits = np.full(n, -1, dtype=np.int64)
         # Flatten: one entry per (intervention, span id); resolve every span id in one join.
-        keys: list[tuple[str, str]] = []
+        key_traces: list[str] = []
+        key_spans: list[str] = []
         iv_of_key: list[int] = []
         iv_type: list[int] = []  # 0 shorten, 1 collapse, 2 run concurrently
         iv_value: list[int] = []
@@ -217,9 +222,10 @@ class Retimer:
                     ids = iv.span_ids
                     iv_type.append(2)
                     iv_value.append(0)
-                keys.extend((occ.trace_id, sid) for sid in ids)
+                key_traces.extend([occ.trace_id] * len(ids))
+                key_spans.extend(ids)
                 iv_of_key.extend([index] * len(ids))
-        rows = self.rows_of(keys)
+        rows = self._rows_of_columns(key_traces, key_spans)
         known = rows >= 0
         rows, owner = rows[known], np.asarray(iv_of_key, dtype=np.int64)[known]
         types = np.asarray(iv_type, dtype=np.int64)[owner] if owner.size else owner
