@@ -74,7 +74,15 @@ SEMANTIC_ATTRIBUTE_COLUMNS: dict[str, tuple[str, ...]] = {
     "http_url": ("url.full", "http.url", "url.path", "http.target"),
     "http_status_code": ("http.response.status_code", "http.status_code"),
     "rpc_method": ("rpc.method",),
-    "peer": ("peer.service", "server.address", "net.peer.name", "net.sock.peer.addr", "network.peer.address"),
+    # service.peer.name replaced peer.service in semantic conventions 1.39 (HotROD sets it on its mysql span)
+    "peer": (
+        "service.peer.name",
+        "peer.service",
+        "server.address",
+        "net.peer.name",
+        "net.sock.peer.addr",
+        "network.peer.address",
+    ),
     "messaging_destination": ("messaging.destination.name", "messaging.destination"),
 }
 

@@ -352,3 +352,13 @@ def test_all_zero_parent_means_root() -> None:
     for message in (msg, _one_span_request(b"\x01" * 16, b"\x02" * 8, b"\x00" * 8)):  # slow and fast path
         rows = decode_traces_message(message).table.to_pylist()
         assert [r["parent_span_id"] for r in rows] == [None]
+
+
+def test_service_peer_name_is_the_peer_and_wins_over_older_keys() -> None:
+    """Semantic conventions 1.39 renamed ``peer.service`` to ``service.peer.name``."""
+    msg = _one_span_request(b"\x01" * 16, b"\x02" * 8)
+    span = msg.resource_spans[0].scope_spans[0].spans[0]
+    span.attributes.add(key="server.address").value.string_value = "10.0.0.7"
+    span.attributes.add(key="service.peer.name").value.string_value = "mysql"
+    span.attributes.add(key="peer.service").value.string_value = "mysql-legacy"
+    assert decode_traces_message(msg).table.to_pylist()[0]["peer"] == "mysql"
