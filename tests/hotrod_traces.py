@@ -236,8 +236,9 @@ class HotROD:
     """Shared state of one HotROD deployment (``hotrod all``): the MySQL mutex, the redis error
     counter and the frontend's route worker pool are shared by every concurrent request."""
 
-    def __init__(self, rng: random.Random, sim: Simulator) -> None:
+    def __init__(self, rng: random.Random, sim: Simulator, mysql_mutex: bool = True) -> None:
         self.rng = rng
+        self.mysql_mutex = mysql_mutex  # false: ``hotrod all -M`` (config.MySQLMutexDisabled)
         self.sim = sim
         self.ids = IdSource(rng)
         self.mysql_lock = Resource(free=1)
@@ -369,6 +370,11 @@ class HotROD:
                 "db.query.text": f"SELECT * FROM customer WHERE customer_id={customer_id}",
             },
         )
+        if not self.mysql_mutex:
+            yield Sleep(self.delay(MYSQL_GET_DELAY, MYSQL_GET_DELAY_STDDEV))
+            query.end = self.sim.now
+            yield Sleep(self.tick())
+            return 200, 96
         # tracing.Mutex.Lock
         session = self.request_ids[trace.trace_id]
         query.attributes["request"] = session
@@ -607,11 +613,13 @@ def click_times(rng: random.Random, requests: int) -> list[int]:
     return times
 
 
-def generate(seed: int = 7, requests: int = 40) -> dict[str, Any]:
-    """Simulate ``requests`` clicks on the HotROD page and return Jaeger's ``/api/traces`` document."""
+def generate(seed: int = 7, requests: int = 40, mysql_mutex: bool = True) -> dict[str, Any]:
+    """Simulate ``requests`` clicks on the HotROD page and return Jaeger's ``/api/traces`` document.
+    ``mysql_mutex=False`` runs HotROD as ``-M`` does (the tutorial's first fix): queries run in
+    parallel, so requests overlap and their route calls compete for the frontend's shared pool."""
     rng = random.Random(seed)
     sim = Simulator()
-    hotrod = HotROD(rng, sim)
+    hotrod = HotROD(rng, sim, mysql_mutex)
     session = str(rng.randrange(1, 10_000))
     for number, at in enumerate(click_times(rng, requests), start=1):
         customer_id = rng.choice(sorted(CUSTOMERS))
@@ -700,8 +708,8 @@ def jaeger_trace(trace: TraceRecord) -> dict[str, Any]:
     return {"traceID": trace.trace_id, "spans": spans, "processes": processes, "warnings": None}
 
 
-def write(path: Path, seed: int = 7, requests: int = 40) -> Path:
-    path.write_text(json.dumps(generate(seed, requests)))
+def write(path: Path, seed: int = 7, requests: int = 40, mysql_mutex: bool = True) -> Path:
+    path.write_text(json.dumps(generate(seed, requests, mysql_mutex)))
     return path
 
 
