@@ -1,0 +1,52 @@
+"""The analysis worker process: the table it gets (an Arrow IPC file it memory-maps, or the pipe)
+gives the same report as analysing in-process, and no shipped file is left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from api import analysis_service
+from api.analysis_service import AnalysisWorker, analyze_spans
+from collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.builders import TraceBuilder, spans_table
+
+
+def _serialized_calls_table() -> pa.Table:
+    builders = []
+    for _ in range(6):
+        b = TraceBuilder(service="frontend")
+        root = b.span("GET /checkout", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+        b.span("GET users", parent=root, start_ms=1, dur_ms=40, kind=KIND_CLIENT, http_url="http://users/u")
+        b.span("GET cart", parent=root, start_ms=42, dur_ms=50, kind=KIND_CLIENT, http_url="http://cart/c")
+        builders.append(b)
+    return spans_table(builders)
+
+
+def _without_time(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "generated_at"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("through_file", [True, False])
+def test_worker_report_equals_in_process(
+    through_file: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = _serialized_calls_table()
+    monkeypatch.setattr(analysis_service, "_ipc_dir", lambda nbytes: str(tmp_path) if through_file else None)
+    worker = AnalysisWorker()
+    try:
+        stages: dict[str, float] = {}
+        report, index = worker.run(table, stages=stages)
+    finally:
+        worker.close()
+    expected, expected_index = analyze_spans(table)
+    assert report["recommendations"], "the table holds serialized calls: the report must say so"
+    assert _without_time(report) == _without_time(expected)
+    assert index == expected_index
+    assert set(stages) == {"worker_start", "send", "analysis", "receive"}
+    assert os.listdir(tmp_path) == []
