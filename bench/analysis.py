@@ -12,9 +12,9 @@ What it does, in one run:
    its parent and flags children that start after their previous sibling ended — and then the
    **whole analysis** (repair + critical path + all detectors + what-if + ranking + template
    writer, i.e. ``analysis.pipeline.analyze``) on the same in-memory frame, so the ratio compares
-   like with like; it prints both (best of 3 reference runs, best of 2 analysis runs), their
-   ratio, the load time and the total (load + analysis) beside them, the recommendations found and
-   the peak RSS.
+   like with like; it prints both (best of 3 alternating rounds, every run shown), their ratio,
+   the load time and the total (load + analysis) beside them, the recommendations found and the
+   peak RSS.
 
 Targets (issue 3): whole analysis ≤ 10× the reference pass, peak memory ≤ 4 GiB, time growing
 linearly with spans.
@@ -49,9 +49,9 @@ from collector.schema import (
 
 TARGET_RATIO = 10.0
 # Best of several runs on both sides: the machines are shared, and a single run mostly measures
-# the neighbours. The analysis gets fewer runs (it is the long one), which can only hurt its figure.
-REFERENCE_RUNS = 3
-ANALYSIS_RUNS = 2
+# the neighbours. The runs alternate (reference, analysis, reference, ...) so a busy or a quiet
+# spell lands on both sides alike instead of flattering one of them.
+ROUNDS = 3
 TARGET_RSS_GIB = 4.0
 BASE_NS = 1_764_000_000_000_000_000
 GOLDEN = 0x9E3779B97F4A7C15
@@ -500,19 +500,18 @@ def measure(db_path: str) -> dict[str, Any]:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     del table
-    reference_runs = []
-    for _ in range(REFERENCE_RUNS):
+    # Like for like: the analysis is timed from the same in-memory frame the reference pass gets.
+    # The store scan is timed on its own, and the total (load + analysis) is printed beside it.
+    reference_runs, analysis_runs, analysis_cpu = [], [], []
+    report: dict[str, Any] = {}
+    for _ in range(ROUNDS):
         started = time.perf_counter()
         reference_pass(frame)
         reference_runs.append(time.perf_counter() - started)
-    # Like for like: the analysis is timed from the same in-memory frame the reference pass gets.
-    # The store scan is timed on its own, and the total (load + analysis) is printed beside it.
-    analysis_runs = []
-    report: dict[str, Any] = {}
-    for _ in range(ANALYSIS_RUNS):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         report = analyze(frame)
         analysis_runs.append(time.perf_counter() - started)
+        analysis_cpu.append(time.process_time() - cpu_started)
     del frame
     store.close()
     reference_s, analysis_s = min(reference_runs), min(analysis_runs)
@@ -525,6 +524,9 @@ def measure(db_path: str) -> dict[str, Any]:
         "load_s": load_s,
         "reference_s": reference_s,
         "analysis_s": analysis_s,
+        "analysis_runs": analysis_runs,
+        "reference_runs": reference_runs,
+        "analysis_cpu_s": min(analysis_cpu),
         "recommendations": len(report["recommendations"]),
         "kinds": kinds,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
@@ -564,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"reference pass {r['reference_s']:.2f} s | "
                 f"whole analysis {r['analysis_s']:.2f} s ({r['analysis_s'] / r['reference_s']:.1f}x reference) | "
                 f"store load {r['load_s']:.2f} s, load + analysis {r['load_s'] + r['analysis_s']:.2f} s | "
+                f"runs: reference {'/'.join(f'{x:.2f}' for x in r['reference_runs'])} s, "
+                f"analysis {'/'.join(f'{x:.2f}' for x in r['analysis_runs'])} s "
+                f"(cpu {r['analysis_cpu_s']:.2f} s) | "
                 f"peak RSS {r['peak_rss_gib']:.2f} GiB | {r['recommendations']} recommendations {r['kinds']}"
             )
             path.unlink(missing_ok=True)
