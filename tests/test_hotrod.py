@@ -273,3 +273,9 @@ def test_without_the_mutex_starved_route_calls_are_not_n_plus_one(
     report_without_mutex: dict[str, Any],
 ) -> None:
     assert [r for r in findings(report_without_mutex, "n_plus_one") if r["service"] == "frontend"] == []
+
+
+def test_exemplar_traces_are_distinct(report: dict[str, Any]) -> None:
+    for rec in report["recommendations"]:
+        exemplars = rec["evidence"]["trace_ids"]
+        assert exemplars and len(exemplars) == len(set(exemplars)), (rec["kind"], exemplars)

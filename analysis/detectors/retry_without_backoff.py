@@ -373,7 +373,8 @@ def _finding(
         "in_loop_share": round(float(stats["in_loop_share"]), 4),
         "failure_status_codes": {str(r[0]): int(r[1]) for r in codes.iter_rows()},
         "retried_operations": list(stats["retried_operations"]),
-        "trace_ids": [o.trace_id for o in occurrences[:10]],
+        # Distinct traces: one trace often holds several bursts (HotROD retries ~2 drivers a request).
+        "trace_ids": list(dict.fromkeys(o.trace_id for o in occurrences))[:10],
         "span_ids": [sid for o in occurrences[:10] for sid in o.span_ids[1:3]],
     }
     return Finding(

@@ -313,6 +313,8 @@ def test_the_finding_names_the_service_of_the_retrying_operation() -> None:
     (f,) = analyse(traces)
     assert (f.service, f.operation) == ("driver", "driver.DriverService/FindNearest")
     assert f.targets == [{"service": "redis", "operation": "GetDriver"}]
+    assert f.evidence["bursts"] == 10
+    assert f.evidence["trace_ids"] == [b.trace_id for b in traces]  # exemplars: distinct traces
 
 
 def test_without_peer_or_traced_callee_the_url_host_names_the_target() -> None:
