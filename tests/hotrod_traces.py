@@ -399,8 +399,10 @@ class HotROD:
 
     # -- driver + redis ---------------------------------------------------------------------
     def find_nearest(self, trace: TraceRecord, parent: Span, location: str) -> Process:
-        """driver.Client.FindNearest (otelgrpc client, 1 s deadline) → driver.Server.FindNearest."""
-        rpc = {"rpc.system": "grpc", "rpc.service": "driver.DriverService", "rpc.method": "FindNearest"}
+        """driver.Client.FindNearest (otelgrpc client, 1 s deadline) → driver.Server.FindNearest.
+        otelgrpc 0.69 (HotROD's go.mod) defaults to the current RPC conventions: ``rpc.system.name``,
+        a fully qualified ``rpc.method`` and a string ``rpc.response.status_code``."""
+        rpc = {"rpc.system.name": "grpc", "rpc.method": "driver.DriverService/FindNearest"}
         client = self.span(
             trace,
             parent,
@@ -425,12 +427,13 @@ class HotROD:
         yield Sleep(self.tick())
         server.log(self.sim.now, "Searching for nearby drivers", location=location)
         drivers = yield from self.search_drivers(trace, server, location)
-        code = 0 if drivers is not None else 2  # codes.Unknown for the redis error
+        code = "OK" if drivers is not None else "UNKNOWN"  # a plain Go error is codes.Unknown
         for span in (server, client):
             if span is client:
                 yield Sleep(self.hop())
-            span.attributes["rpc.grpc.status_code"] = code
-            if code:
+            span.attributes["rpc.response.status_code"] = code
+            if code != "OK":
+                span.attributes["error.type"] = code
                 span.status_error = "redis timeout"
             span.end = self.sim.now
         return drivers
