@@ -323,10 +323,13 @@ _PARENT_ID_LENGTHS = frozenset({0, 8})
 _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
 _STATUS_CACHE: dict[bytes, tuple[int, str | None]] = {b"": (0, None)}
-# serialized semantic KeyValue -> (code, value); only short ones, as high-cardinality values
+# serialized semantic (or ignored) KeyValue -> (code, value); only short ones, as high-cardinality values
 # (full URLs, statements) would only churn the cache
 _SEMANTIC_VALUE_CACHE: dict[bytes, tuple[int, Any]] = {}
 _VALUE_CACHE_MAX_BYTES = 96
+# cached for short KeyValues whose key maps to nothing: repeated ones (user agent, port...) then
+# cost one lookup instead of key slicing and classification
+_IGNORED_ATTRIBUTE: tuple[int, Any] = (-16, None)
 _STATUS_CACHE_MAX_KEY_BYTES = 256
 
 
@@ -622,6 +625,8 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
             cached = value_cache.get(encoded)
             if cached is not None:
                 cached_code, value = cached
+                if cached_code < 0:  # an attribute no column or hint uses
+                    continue
                 index = cached_code >> 4
                 priorities = semantic_priority[index]
                 if (cached_code & 15) < priorities[row]:
@@ -639,6 +644,10 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
                 key_end = -1
                 code = classify(_attribute_key(encoded).encode())
             if code is None:
+                if len(encoded) <= _VALUE_CACHE_MAX_BYTES:
+                    if len(value_cache) >= _MAX_CACHED_KEYS:
+                        value_cache.clear()
+                    value_cache[encoded] = _IGNORED_ATTRIBUTE
                 continue
             if code == HINT_CODE:
                 kv = _KeyValueFromString(encoded)
