@@ -685,6 +685,7 @@ def jaeger_trace(trace: TraceRecord) -> dict[str, Any]:
             {
                 "traceID": trace.trace_id,
                 "spanID": span.span_id,
+                "flags": 1,  # sampled
                 "operationName": span.name,
                 "references": references,
                 "startTime": (EPOCH_NS + span.start) // US,
