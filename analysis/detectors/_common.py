@@ -24,6 +24,10 @@ from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER
 
 MAX_LABEL_CHARS = 160
 
+# Collapse every whitespace run to one space. Written to match only the runs that change (two or
+# more characters, or one that is not a plain space): ``\s+`` also "replaced" every single space,
+# and on statements that made it the costliest step of normalisation (0.05 of 0.08 s at 1M spans).
+WHITESPACE_RUN = r"\s{2,}|[^\S ]"
 _SQL_LITERAL = (
     r"'(?:[^']|'')*'"  # single-quoted strings (with '' escapes)
     r"|\bx'[0-9a-fA-F]*'|\b0x[0-9a-fA-F]+\b"  # hex blobs
@@ -34,7 +38,7 @@ _SQL_LITERAL = (
 _SQL_REPLACEMENTS: tuple[tuple[str, str], ...] = (
     (_SQL_LITERAL, "?"),
     (r"([\s(=,]):[A-Za-z_]\w*", "$1?"),  # :name placeholders (not ::type casts)
-    (r"\s+", " "),
+    (WHITESPACE_RUN, " "),
     (r"(?i)\bIN\s*\(\s*\?(?:\s*,\s*\?)*\s*\)", "IN (?)"),
     (r"(?i)\bVALUES\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))*", "VALUES $1"),
 )
@@ -146,7 +150,7 @@ def parameters() -> pl.Expr:
     a body (GET, HEAD, DELETE, OPTIONS). A parameterised statement (``WHERE id = ?``) or a POST/PUT
     hides its parameters: null, so "same parameters" is never claimed without evidence."""
     statement = pl.col("db_statement")
-    has_literals = statement.str.replace_all(r"\s+", " ").str.strip_chars() != pl.col("op_detail")
+    has_literals = statement.str.replace_all(WHITESPACE_RUN, " ").str.strip_chars() != pl.col("op_detail")
     bodyless = pl.col("http_method").is_null() | pl.col("http_method").str.to_uppercase().is_in(
         ["GET", "HEAD", "DELETE", "OPTIONS"]
     )

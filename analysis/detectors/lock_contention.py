@@ -70,6 +70,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
+from analysis.detectors._common import WHITESPACE_RUN
 from analysis.detectors.fanout_straggler import stat, with_span_columns
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_CONSUMER, KIND_PRODUCER
@@ -154,7 +155,7 @@ def normalized_statement() -> pl.Expr:
         pl.col("db_statement")
         .str.replace_all(r"'(?:[^']|'')*'", "?")
         .str.replace_all(r"\b\d+(?:\.\d+)?\b", "?")
-        .str.replace_all(r"\s+", " ")
+        .str.replace_all(WHITESPACE_RUN, " ")
     )
 
 
