@@ -3,8 +3,8 @@
 Rules:
 
 - Table ``spans`` has exactly the ``SPAN_SCHEMA`` columns as real columns. Arrow batches are
-  inserted as they are (``INSERT INTO spans SELECT * FROM batch``); one ``write`` is one
-  transaction, and DuckDB commits to its write-ahead log before ``execute`` returns, so rows are
+  inserted as they are (``con.from_arrow(batch).insert_into("spans")``); one ``write`` is one
+  transaction, and DuckDB commits to its write-ahead log before the insert returns, so rows are
   durable when ``write`` returns (a kill -9 afterwards keeps them; WAL replay on the next open).
 - No PRIMARY KEY: a unique index costs 2-4x on the insert path (see the cost notes). Duplicates
   (exporter retries) are removed at read time — every read keeps one row per (trace_id, span_id),
@@ -123,11 +123,11 @@ class DuckDBSpanStore:
         with self._write_lock:
             if self._closed:
                 raise RuntimeError(f"span store {self.path} is closed")
-            self._writer.register("_hourglass_batch", spans)
-            try:
-                self._writer.execute("INSERT INTO spans SELECT * FROM _hourglass_batch")
-            finally:
-                self._writer.unregister("_hourglass_batch")
+            # A relation insert, not register + "INSERT ... SELECT" + unregister: DuckDB's Python
+            # client takes the GIL back repeatedly while it runs a statement (signal checks,
+            # registering the view), and in serve the decoders hold the GIL, so the writer
+            # waited for it. Same single auto-committed statement, same column order.
+            self._writer.from_arrow(spans).insert_into("spans")
             self._changes += 1
             batch_min = pc.min(spans.column("ingested_ns")).as_py()
             if not self._dirty:
