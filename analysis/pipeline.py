@@ -17,6 +17,7 @@ Also here: :class:`ContextView`, the read-only ``analysis.writer.WriterContext``
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -53,15 +54,39 @@ def select_traces(
     return frame
 
 
-def run_detectors(ctx: AnalysisContext) -> list[Finding]:
-    findings: list[Finding] = []
-    for kind, detect in DETECTORS.items():
+# The detectors run in two threads ("lanes"): most of their time is in polars and numpy, which
+# release the GIL, and much of it is single-threaded, so on 2 cores a second lane overlaps it
+# (measured at 1M spans, best of 4 on a shared machine: 1.54 s -> 1.37 s for all detectors).
+# Detectors that share a cached intermediate stay in one lane, in order: serialized_calls builds
+# call_children for n_plus_one; both fan-out detectors share fanout_straggler.sibling_groups.
+# A detector not listed runs in the first lane. Findings are assembled in DETECTORS order, so the
+# report does not depend on which lane finished first.
+DETECTOR_LANES: tuple[tuple[str, ...], ...] = (
+    ("serialized_calls", "n_plus_one", "retry_without_backoff", "error_propagation", "missing_timeout"),
+    ("fanout_straggler", "fanout_concurrency_limit", "lock_contention"),
+)
+
+
+def _run_lane(ctx: AnalysisContext, kinds: list[str]) -> dict[str, list[Finding]]:
+    out: dict[str, list[Finding]] = {}
+    for kind in kinds:
         try:
-            found = detect(ctx)
+            out[kind] = DETECTORS[kind](ctx)
         except Exception as exc:  # a broken detector must not hide the others' findings — but say so
             raise RuntimeError(f"detector {kind!r} failed: {exc}") from exc
-        findings.extend(found)
-    return findings
+    return out
+
+
+def run_detectors(ctx: AnalysisContext) -> list[Finding]:
+    lanes = [[k for k in lane if k in DETECTORS] for lane in DETECTOR_LANES]
+    listed = {k for lane in lanes for k in lane}
+    lanes[0].extend(k for k in DETECTORS if k not in listed)
+    with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="hourglass-detectors") as pool:
+        futures = [pool.submit(_run_lane, ctx, lane) for lane in lanes if lane]
+        found: dict[str, list[Finding]] = {}
+        for future in futures:
+            found.update(future.result())
+    return [finding for kind in DETECTORS for finding in found[kind]]
 
 
 def _median_root_ms(ctx: AnalysisContext, trace_ids: list[str]) -> float:
