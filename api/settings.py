@@ -38,7 +38,9 @@ class Settings:
     retention_seconds: float = field(
         default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_RETENTION", "7d"))
     )
-    settle_seconds: float = field(default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_SETTLE", "10s")))
+    settle_seconds: float = field(
+        default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_SETTLE", "10s"))
+    )
     llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
 
 
