@@ -101,6 +101,7 @@ async def _serve_async(
     endpoints_out: list[ServeEndpoints],
     compact_interval_s: float,
     on_ready: Callable[[ServeEndpoints], None] | None,
+    retention_interval_s: float = RETENTION_INTERVAL_S,
 ) -> None:
     from api.app import create_app
 
@@ -189,7 +190,9 @@ async def _serve_async(
         if ready is not None:
             ready.set()
 
-        maintenance = asyncio.create_task(_maintenance(store, settings, shutdown, compact_interval_s))
+        maintenance = asyncio.create_task(
+            _maintenance(store, settings, shutdown, compact_interval_s, retention_interval_s)
+        )
         await shutdown.wait()
         _say("shutting down: refusing new Exports, committing the ones in flight")
         grpc_receiver.begin_shutdown()
@@ -218,7 +221,11 @@ async def _serve_async(
 
 
 async def _maintenance(
-    store: DuckDBSpanStore, settings: Settings, shutdown: asyncio.Event, compact_interval_s: float
+    store: DuckDBSpanStore,
+    settings: Settings,
+    shutdown: asyncio.Event,
+    compact_interval_s: float,
+    retention_interval_s: float = RETENTION_INTERVAL_S,
 ) -> None:
     next_retention = time.monotonic()
     while not shutdown.is_set():
@@ -235,7 +242,7 @@ async def _maintenance(
                 dropped = await asyncio.to_thread(store.delete_older_than, cutoff)
                 if dropped:
                     _say(f"retention removed {dropped} spans older than {settings.retention_seconds:g}s")
-                next_retention = time.monotonic() + RETENTION_INTERVAL_S
+                next_retention = time.monotonic() + retention_interval_s
         except Exception:  # maintenance must not stop ingest; the error is reported and retried
             log.exception("store maintenance failed")
 
@@ -269,6 +276,7 @@ def run_serve(
     stop_event: threading.Event | None = None,
     *,
     compact_interval_s: float = COMPACT_INTERVAL_S,
+    retention_interval_s: float = RETENTION_INTERVAL_S,
     on_ready: Callable[[ServeEndpoints], None] | None = None,
 ) -> ServeEndpoints:
     """Run until SIGTERM/SIGINT (main thread) or ``stop_event``; returns the bound endpoints.
@@ -280,5 +288,9 @@ def run_serve(
     _tune_gc_for_ingest()
     _use_jemalloc_for_arrow()
     endpoints: list[ServeEndpoints] = []
-    asyncio.run(_serve_async(settings, ready_event, stop_event, endpoints, compact_interval_s, on_ready))
+    asyncio.run(
+        _serve_async(
+            settings, ready_event, stop_event, endpoints, compact_interval_s, on_ready, retention_interval_s
+        )
+    )
     return endpoints[0]

@@ -310,7 +310,7 @@ def test_run_serve_in_process_runs_retention_and_stops_on_event(tmp_path: Path) 
     thread = threading.Thread(
         target=run_serve,
         args=(settings, ready, stop),
-        kwargs={"compact_interval_s": 0.3, "on_ready": bound.append},
+        kwargs={"compact_interval_s": 0.3, "retention_interval_s": 0.3, "on_ready": bound.append},
         daemon=True,
     )
     thread.start()
