@@ -360,3 +360,30 @@ def test_busy_port_is_a_clear_error(tmp_path: Path, flag: str) -> None:
     assert result.returncode == 1
     assert "cannot listen for" in result.stderr and str(port) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_listening_sockets_give_accepted_connections_tcp_nodelay() -> None:
+    """Without TCP_NODELAY, Nagle plus delayed ACKs add ~40 ms to keep-alive responses."""
+    import asyncio
+    import socket
+
+    from api.serve import _listen
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=_listen("127.0.0.1", 0, "test"))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
