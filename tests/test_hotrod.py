@@ -262,13 +262,6 @@ def test_without_the_mutex_the_shared_route_pool_is_still_found(report_without_m
     assert rec["evidence"]["k"] == ROUTE_WORKER_POOL_SIZE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="n_plus_one reports /dispatch -> GET /route (confidence 0.8, 10 of 40 traces): when other "
-    "requests hold the shared pool's workers, a request's route calls run one after another, and 25 % "
-    "of requests clears MIN_SEQUENCE_SHARE (20 %); the calls overlap (up to 3) in the other traces, so "
-    "this is a starved pool, not a loop to batch.",
-)
 def test_without_the_mutex_starved_route_calls_are_not_n_plus_one(
     report_without_mutex: dict[str, Any],
 ) -> None:

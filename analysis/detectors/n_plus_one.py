@@ -21,7 +21,10 @@ break the sequence. A sequence is reported when
 
 A finding also needs its sequences in at least ``MIN_SEQUENCE_SHARE`` (20 %) of the requests that
 make the call that often, once there are ``MIN_INSTANCES_FOR_SHARE`` (5) of them: a fan-out that
-is concurrent in most requests and happens to run one-by-one in a few is not an N+1 loop.
+is concurrent in most requests and happens to run one-by-one in a few is not an N+1 loop. For the
+same reason, when the calls overlap one another in at least ``MAX_CONCURRENT_SHARE`` (50 %) of those
+requests, the code issues them concurrently and the one-by-one requests are waiting for a shared,
+starved worker pool (HotROD's route calls without its MySQL mutex): batching is not the fix there.
 
 Batching model (the intervention): the N calls collapse into one call that takes as long as the
 slowest of them plus ``PER_ITEM_COST_FRACTION`` (5 %) of the others' time — one round trip instead of
@@ -50,10 +53,13 @@ MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
 MAX_EXEMPLARS = 5
 MIN_SEQUENCE_SHARE = 0.2
+MAX_CONCURRENT_SHARE = 0.5
 MIN_INSTANCES_FOR_SHARE = 5
 
 
-def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
+def _ordered_calls(calls: pl.DataFrame) -> pl.DataFrame:
+    """Calls of (parent, operation) groups of at least ``MIN_REPEATS``, in start order, with
+    ``_continues``: the call starts after every earlier call of its group ended."""
     tol = _tolerance(pl.col("parent_duration_ns"))
     # A sequence is a chain inside one (parent, operation) group: groups with fewer than
     # MIN_REPEATS calls cannot hold one, so they are dropped before the sort (most call groups).
@@ -71,6 +77,24 @@ def _sequences(calls: pl.DataFrame) -> pl.DataFrame:
         .fill_null(False)
         .alias("_continues")
     )
+    return ordered.with_columns(same.fill_null(False).alias("_same_group"))
+
+
+def _concurrent_instances(ordered: pl.DataFrame) -> dict[str, float]:
+    """Per (caller service, caller operation, operation): the share of caller instances whose calls
+    overlap one another — the code makes them concurrently."""
+    per_instance = ordered.group_by(["parent_row", "parent_service", "parent_name", "op_key"]).agg(
+        (pl.col("_same_group") & ~pl.col("_continues")).any().alias("overlaps")
+    )
+    return dict(
+        per_instance.group_by(["parent_service", "parent_name", "op_key"])
+        .agg(pl.col("overlaps").mean().alias("share"))
+        .select(pl.concat_str(["parent_service", "parent_name", "op_key"], separator="\x1f"), "share")
+        .iter_rows()
+    )
+
+
+def _sequences(ordered: pl.DataFrame) -> pl.DataFrame:
     ordered = ordered.with_columns((~pl.col("_continues")).cum_sum().alias("seq_id"))
     return (
         ordered.group_by("seq_id", maintain_order=True)
@@ -128,9 +152,11 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     calls = call_children(ctx)
     if calls.height < MIN_REPEATS:
         return []
-    sequences = _sequences(calls)
+    ordered = _ordered_calls(calls)
+    sequences = _sequences(ordered)
     if sequences.height == 0:
         return []
+    concurrent_share = _concurrent_instances(ordered)
     # Caller instances that made the call MIN_REPEATS times or more, sequential or not.
     instances = dict(
         calls.group_by(["parent_row", "parent_service", "parent_name", "op_key"])
@@ -145,9 +171,12 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     for (caller_service, caller_name, target_service, op_key), group in sequences.group_by(
         ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
     ):
-        seen = instances.get(f"{caller_service}\x1f{caller_name}\x1f{op_key}", 0)
-        if seen >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_SEQUENCE_SHARE * seen:
-            continue  # mostly concurrent; a few sequential requests are timing, not a loop
+        key = f"{caller_service}\x1f{caller_name}\x1f{op_key}"
+        seen = instances.get(key, 0)
+        if seen >= MIN_INSTANCES_FOR_SHARE and (
+            group.height < MIN_SEQUENCE_SHARE * seen or concurrent_share.get(key, 0.0) >= MAX_CONCURRENT_SHARE
+        ):
+            continue  # the code makes these calls concurrently; sequential requests are a starved pool
         occurrences = [
             Occurrence(
                 trace_id=r["trace_id"],

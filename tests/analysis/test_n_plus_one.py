@@ -137,3 +137,24 @@ def test_route_normalisation(url: str, route: str) -> None:
 
 def test_a_fan_out_that_is_sequential_only_now_and_then_gives_nothing() -> None:
     assert detect(orders_page(), *[orders_page(concurrent=True) for _ in range(9)]) == []
+
+
+def _route_calls(*, one_at_a_time: bool) -> TraceBuilder:
+    """frontend /dispatch calling GET /route for 6 drivers through a shared pool of 3 workers."""
+    b = TraceBuilder(service="frontend")
+    root = b.span("/dispatch", start_ms=0, dur_ms=400, kind=KIND_SERVER)
+    for i in range(6):
+        start = 10 + (i * 52 if one_at_a_time else (i // 3) * 52)
+        b.span("HTTP GET", parent=root, start_ms=start, dur_ms=50, kind=KIND_CLIENT, http_method="GET",
+               http_url=f"http://route:8083/route?pickup={i}&dropoff={i + 1}")  # fmt: skip
+    return b
+
+
+def test_a_starved_shared_pool_is_not_a_loop_to_batch() -> None:
+    """The calls overlap (3 at a time) in most requests: the code issues them concurrently, and the
+    requests that ran them one by one were waiting for the shared pool's workers."""
+    mostly_concurrent = [_route_calls(one_at_a_time=False) for _ in range(7)]
+    starved = [_route_calls(one_at_a_time=True) for _ in range(3)]
+    assert detect(*mostly_concurrent, *starved) == []
+    # The same one-by-one requests with no concurrent instances beside them are an N+1 loop.
+    assert len(detect(*[_route_calls(one_at_a_time=True) for _ in range(10)])) == 1
