@@ -117,7 +117,11 @@ def create_otlp_http_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _decode(body: bytes, content_type: str) -> DecodeResult:
+    def _decode(body: bytes, content_type: str, gzipped: bool) -> DecodeResult:
+        # runs in the thread pool: inflating up to max_message_bytes on the event loop would stall
+        # every other connection of this receiver meanwhile
+        if gzipped:
+            body = _gunzip(body, max_message_bytes)
         if content_type == PROTOBUF:
             return decode_export_request(body)
         try:
@@ -149,11 +153,9 @@ def create_otlp_http_app(
                 )
             body = await _read_body(request)
             pipeline.check_capacity()
-            if encoding == "gzip":
-                body = _gunzip(body, max_message_bytes)
             try:
                 async with decode_slots:
-                    result = await run_in_threadpool(_decode, body, content_type)
+                    result = await run_in_threadpool(_decode, body, content_type, encoding == "gzip")
             except DecodeError as exc:
                 raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
             future = pipeline.submit(result.table)
