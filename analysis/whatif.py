@@ -380,15 +380,6 @@ class Retimer:
         return new_start, new_start + new_dur
 
 
-def trace_root_rows(ctx: AnalysisContext) -> pl.DataFrame:
-    """trace_id -> row of the trace root and its duration."""
-    return ctx.traces.select("trace_id", "root_span_id", "root_duration_ns").join(
-        ctx.spans.select("trace_id", pl.col("span_id").alias("root_span_id"), "row"),
-        on=["trace_id", "root_span_id"],
-        how="left",
-    )
-
-
 class WhatIf:
     """Savings of findings over one analysis context.
 

@@ -176,12 +176,6 @@ def is_call() -> pl.Expr:
     )
 
 
-def target_of(frame: pl.DataFrame, label_column: str = "op_label") -> list[dict[str, str]]:
-    """Distinct {"service", "operation"} pairs of a frame, in first-seen order."""
-    pairs = frame.select("target_service", label_column).unique(maintain_order=True)
-    return [{"service": s, "operation": o} for s, o in pairs.iter_rows()]
-
-
 def target_service() -> pl.Expr:
     """The service a call goes to: the peer when recorded, the database system, the URL's host, else
     the span's own service."""
