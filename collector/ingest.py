@@ -100,7 +100,8 @@ class IngestPipeline:
             raise IngestClosed("hourglass is shutting down")
         s = self.stats
         if s.pending_spans >= self.max_pending_spans or s.pending_bytes >= self.max_pending_bytes:
-            s.rejected_overloaded += 1
+            with self._cond:  # receiver threads reject concurrently: an unlocked += loses counts
+                s.rejected_overloaded += 1
             raise Overloaded(self._overload_message(), self.retry_after_s)
 
     def _overload_message(self) -> str:
