@@ -14,7 +14,6 @@ was skipped (or the command line was wrong); 1 — the store could not be opened
 from __future__ import annotations
 
 import sys
-import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -23,9 +22,9 @@ import typer
 
 from api._cli_app import app
 from api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
-from api.cli_analyze import read_files
+from api.cli_analyze import parse_since, read_files
 from api.report_html import render_report_html
-from api.settings import DEFAULT_DB, Settings, parse_duration_seconds
+from api.settings import DEFAULT_DB, Settings
 from collector.schema import ANALYSIS_COLUMNS
 
 
@@ -65,7 +64,7 @@ def report_command(
         list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
     ] = None,
     since: Annotated[
-        str | None, typer.Option("--since", help="Only traces from the last 15m, 12h, 7d, ...")
+        str | None, typer.Option("--since", help="Only traces since 15m, 12h, 7d ago or an ISO time")
     ] = None,
 ) -> None:
     """Write the ranked recommendations as an HTML page with trace pictures, JSON or Markdown."""
@@ -79,9 +78,9 @@ def report_command(
     since_ns: int | None = None
     if since is not None:
         try:
-            since_ns = time.time_ns() - int(parse_duration_seconds(since) * 1e9)
-        except ValueError:
-            raise _fail(f"--since {since!r}: expected a duration such as 90s, 15m, 12h or 7d") from None
+            since_ns = parse_since(since)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
 
     skipped = False
     store = None
