@@ -72,7 +72,7 @@ def _run_lane(ctx: AnalysisContext, kinds: list[str]) -> dict[str, list[Finding]
     for kind in kinds:
         try:
             out[kind] = DETECTORS[kind](ctx)
-        except Exception as exc:  # a broken detector must not hide the others' findings — but say so
+        except Exception as exc:  # the whole analysis fails, naming the detector
             raise RuntimeError(f"detector {kind!r} failed: {exc}") from exc
     return out
 
