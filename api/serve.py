@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -37,7 +36,7 @@ import uvicorn
 
 from api.settings import Settings
 from collector.duckdb_store import DuckDBSpanStore
-from collector.grpc_receiver import GrpcReceiver
+from collector.grpc_receiver import GrpcReceiver, tune_gc_for_decoding
 from collector.http_receiver import create_otlp_http_app
 from collector.ingest import IngestPipeline
 
@@ -47,7 +46,6 @@ COMPACT_INTERVAL_S = 60.0
 RETENTION_INTERVAL_S = 300.0
 RECEIVER_GRACE_S = 10
 PIPELINE_CLOSE_TIMEOUT_S = 60.0
-GC_GEN0_THRESHOLD = 50_000
 # OTLP/gRPC requests are decoded in this many worker processes (one per core, at most 2: the
 # target machines have 2), so decoding does not hold the GIL the writer thread needs; see
 # collector.grpc_receiver. In-process serve A/B, 2 senders x 12: threads 87k-104k spans/s,
@@ -252,16 +250,6 @@ async def _maintenance(
             log.exception("store maintenance failed")
 
 
-def _tune_gc_for_ingest() -> None:
-    """Decoding allocates ~20 container objects per span, so CPython's default cyclic-GC trigger
-    (every 700 net allocations) runs a collection every few dozen spans; profiles of serve under
-    load showed ~7 % of CPU in gc. Objects alive after startup (modules, app) are frozen out of
-    collections and the young-generation trigger is raised; cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
-
-
 def _use_jemalloc_for_arrow() -> None:
     """Arrow's default pool (mimalloc) returns freed pages eagerly and re-faults them as zeroed
     huge pages: ~11 % of serve's CPU in perf under load was the kernel clearing pages. jemalloc
@@ -290,7 +278,7 @@ def run_serve(
     ``ready_event`` is set — for the demo and tests that start serve in-process.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _tune_gc_for_ingest()
+    tune_gc_for_decoding()
     _use_jemalloc_for_arrow()
     endpoints: list[ServeEndpoints] = []
     asyncio.run(
