@@ -9,6 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from analysis.template_writer import ms
+
 FORMATS = ("json", "markdown", "table")
 
 
@@ -17,10 +19,7 @@ def render_json(report: dict[str, Any]) -> str:
 
 
 def _ms(value: Any) -> str:
-    if value is None:
-        return "–"
-    v = float(value)
-    return f"{v / 1000:.2f} s" if v >= 1000 else (f"{v:.0f} ms" if v >= 10 else f"{v:.1f} ms")
+    return "–" if value is None else ms(value)
 
 
 def _share(value: Any) -> str:
