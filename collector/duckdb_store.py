@@ -87,7 +87,7 @@ class DuckDBSpanStore:
         self._con.execute(_create_table_sql())
         self._write_lock = threading.Lock()
         self._local = threading.local()
-        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors: list[tuple[threading.Thread, duckdb.DuckDBPyConnection]] = []
         self._cursors_lock = threading.Lock()
         self._writer = self._con.cursor()
         self._closed = False
@@ -110,7 +110,13 @@ class DuckDBSpanStore:
             cursor = self._con.cursor()
             self._local.cursor = cursor
             with self._cursors_lock:
-                self._cursors.append(cursor)
+                # Threads come and go (the API's worker threads exit after 10 s idle): close the
+                # cursors of threads that ended, or a long-running serve keeps one per thread ever used.
+                for thread, stale in self._cursors:
+                    if not thread.is_alive():
+                        stale.close()
+                self._cursors = [(t, c) for t, c in self._cursors if t.is_alive()]
+                self._cursors.append((threading.current_thread(), cursor))
         return cursor
 
     # -- writes ------------------------------------------------------------------------------
@@ -265,7 +271,7 @@ class DuckDBSpanStore:
                 return
             self._closed = True
             with self._cursors_lock:
-                for cursor in self._cursors:
+                for _, cursor in self._cursors:
                     cursor.close()
                 self._cursors.clear()
             self._writer.close()
