@@ -393,7 +393,10 @@ def create_app(
     ) -> dict[str, Any]:
         """Re-run the analysis now over everything stored; returns the new report's summary."""
         if not wait:
-            threading.Thread(target=_run_quietly, name="hourglass-analysis-request", daemon=True).start()
+            if requested_runs.acquire(blocking=False):
+                threading.Thread(target=_run_quietly, name="hourglass-analysis-request", daemon=True).start()
+            # else: one run is in progress and another already queued behind it; the queued one starts
+            # after this request, so it covers it (run_now coalesces) — no thread per request.
             response.status_code = 202
             return {
                 "status": "accepted",
@@ -418,10 +421,16 @@ def create_app(
             "analysis": service.status(),
         }
 
+    # At most two background runs asked for over REST: one running, one queued behind it.
+    requested_runs = threading.BoundedSemaphore(2)
+
     def _run_quietly() -> None:
         # A failure is logged and recorded in the status by run_now.
-        with contextlib.suppress(Exception):
-            service.run_now(reason="requested")
+        try:
+            with contextlib.suppress(Exception):
+                service.run_now(reason="requested")
+        finally:
+            requested_runs.release()
 
     @app.get(
         "/",

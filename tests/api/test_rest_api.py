@@ -349,3 +349,35 @@ def test_continuous_ingest_still_gets_fresh_reports() -> None:
         writer.join(5)
         service.stop()
         store.close()
+
+
+def test_background_runs_asked_for_over_rest_are_bounded(tmp_path: Path) -> None:
+    """A burst of POST /v1/analyses?wait=false starts one run and queues one more, not a thread
+    per request: the queued run starts after every request of the burst, so it covers them all."""
+    from fastapi.testclient import TestClient
+
+    store = DuckDBSpanStore(str(tmp_path / "burst.duckdb"))
+    service = AnalysisService(store, isolate=False, writer=None)
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow_run_now(reason: str = "requested") -> Any:
+        calls.append(reason)
+        release.wait(10)
+
+    service.run_now = slow_run_now  # type: ignore[method-assign]
+    try:
+        app = create_app(store, analysis=service, start_analysis=False, settings=Settings())
+        with TestClient(app) as client:
+            for _ in range(20):
+                assert client.post("/v1/analyses", params={"wait": "false"}).status_code == 202
+            requested = [t for t in threading.enumerate() if t.name == "hourglass-analysis-request"]
+            assert 1 <= len(requested) <= 2
+            release.set()
+            deadline = time.monotonic() + 10
+            while len(calls) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert len(calls) == 2
+    finally:
+        release.set()
+        store.close()
