@@ -25,12 +25,9 @@ import binascii
 import contextlib
 import hmac
 import logging
-import re
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -40,7 +37,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import rest_models as m
 from api.analysis_service import AnalysisService, ReportSnapshot, critical_path_ids, finding_ids, trace_detail
-from api.settings import Settings, parse_duration_seconds
+from api.settings import Settings, parse_since
 from collector.schema import KIND_NAMES
 from collector.store import SpanStore
 
@@ -53,26 +50,6 @@ MAX_EXEMPLARS = 3  # exemplar traces returned with one recommendation
 JSON = "application/json"
 
 _bearer = HTTPBearer(auto_error=False, description="Needed when HOURGLASS_API_TOKEN is set")
-
-
-def parse_since(text: str, now: float | None = None) -> int:
-    """``since`` → unix ns: a duration back from now ('90s', '15m', '12h', '7d') or an ISO 8601 time."""
-    text = text.strip()
-    now = time.time() if now is None else now
-    if re.fullmatch(r"\d+(\.\d+)?[smhdw]?", text, re.IGNORECASE):
-        seconds = parse_duration_seconds(text)
-        if seconds > 100 * 365 * 86400:
-            raise ValueError(f"since={text!r}: duration longer than 100 years")
-        return int((now - seconds) * 1e9)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"since={text!r}: expected a duration back from now (90s, 15m, 12h, 7d) or an ISO 8601 time"
-        ) from None
-    if moment.tzinfo is None:
-        raise ValueError(f"since={text!r}: the ISO time needs a timezone (e.g. Z or +00:00)")
-    return int(moment.timestamp() * 1e9)
 
 
 def _authorized(header: str | None, token: str) -> bool:

@@ -17,8 +17,6 @@ a bad ``--since``); 1 — the store could not be opened; 3 — ``--fail-on`` mat
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +25,7 @@ import pyarrow as pa
 import typer
 
 from api._cli_app import app
-from api.settings import DEFAULT_DB, Settings, parse_duration_seconds
+from api.settings import DEFAULT_DB, Settings, parse_since
 from collector.schema import ANALYSIS_COLUMNS, empty_span_table
 
 EXIT_OK, EXIT_STORE, EXIT_INPUT = 0, 1, 2
@@ -42,25 +40,6 @@ class OutputFormat(StrEnum):
 def _fail(message: str, code: int = EXIT_INPUT, command: str = "analyze") -> typer.Exit:
     typer.echo(f"hourglass {command}: {message}", err=True)
     return typer.Exit(code)
-
-
-def parse_since(text: str, now_ns: int | None = None) -> int:
-    """``15m``/``2h``/``7d`` (before now) or an ISO 8601 time -> epoch nanoseconds."""
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    try:
-        return now_ns - int(parse_duration_seconds(text) * 1e9)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: expected a duration such as 15m, 2h or 7d, or an ISO time such as "
-            "2026-11-27T12:00:00Z"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1_000_000) * 1000
 
 
 def read_files(paths: list[Path], command: str = "analyze") -> tuple[pa.Table, int]:
@@ -147,7 +126,7 @@ def analyze_command(
     since_ns: int | None = None
     if since is not None:
         try:
-            since_ns = parse_since(since)
+            since_ns = parse_since(since, name="--since")
         except ValueError as exc:
             raise _fail(str(exc)) from None
     gate_spec = None

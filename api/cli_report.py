@@ -22,9 +22,9 @@ import typer
 
 from api._cli_app import app
 from api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
-from api.cli_analyze import parse_since, read_files
+from api.cli_analyze import read_files
 from api.report_html import render_report_html
-from api.settings import DEFAULT_DB, Settings
+from api.settings import DEFAULT_DB, Settings, parse_since
 from collector.schema import ANALYSIS_COLUMNS
 
 
@@ -78,7 +78,7 @@ def report_command(
     since_ns: int | None = None
     if since is not None:
         try:
-            since_ns = parse_since(since)
+            since_ns = parse_since(since, name="--since")
         except ValueError as exc:
             raise _fail(str(exc)) from None
 

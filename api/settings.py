@@ -6,7 +6,10 @@ Every setting here is documented in the README's settings table (a test checks i
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 
 DEFAULT_DB = "hourglass.duckdb"
 
@@ -22,6 +25,32 @@ def parse_duration_seconds(text: str) -> float:
     if text and text[-1] in units:
         return float(text[:-1]) * units[text[-1]]
     return float(text)
+
+
+MAX_SINCE_SECONDS = 100 * 365 * 86400
+
+
+def parse_since(text: str, now_ns: int | None = None, name: str = "since") -> int:
+    """``since`` for the CLI and the REST API alike -> unix nanoseconds: a duration back from now
+    ('90s', '15m', '12h', '7d') or an ISO 8601 time (UTC when it names no timezone). ``name`` is
+    how the caller spells the parameter in its error messages ('since', '--since')."""
+    text = text.strip()
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if re.fullmatch(r"\d+(\.\d+)?[smhdw]?", text, re.IGNORECASE):
+        seconds = parse_duration_seconds(text)
+        if seconds > MAX_SINCE_SECONDS:
+            raise ValueError(f"{name} {text!r}: duration longer than 100 years")
+        return now_ns - int(seconds * 1e9)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{name} {text!r}: expected a duration back from now such as 15m, 2h or 7d, or an ISO time "
+            "such as 2026-11-27T12:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1_000_000) * 1000
 
 
 @dataclass
