@@ -43,9 +43,8 @@ REQUESTS = 40
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    path = write(tmp_path_factory.mktemp("hotrod") / "hotrod-jaeger.json", seed=7, requests=REQUESTS)
+def analyze_file(path: Path, label: str) -> dict[str, Any]:
+    """`hourglass analyze FILE --format json` through the real CLI; prints the findings (``-s``)."""
     proc = subprocess.run(
         [str(HOURGLASS), "analyze", str(path), "--format", "json"],
         capture_output=True,
@@ -54,13 +53,19 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert proc.returncode == 0, f"hourglass analyze exited {proc.returncode}:\n{proc.stderr}"
     result: dict[str, Any] = json.loads(proc.stdout)
-    print("\nHotROD report (kind, service, operation, confidence, saved_ms_p50):")
+    print(f"\n{label} report (kind, service, operation, confidence, saved_ms_p50):")
     for rec in result["recommendations"]:
         print(
             f"  {rec['kind']:<26} {rec['service']:<13} {rec['operation']:<34} "
             f"{rec['confidence']:<5} {rec['impact']['saved_ms_p50']}"
         )
     return result
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = write(tmp_path_factory.mktemp("hotrod") / "hotrod-jaeger.json", seed=7, requests=REQUESTS)
+    return analyze_file(path, "HotROD")
 
 
 def findings(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -218,21 +223,7 @@ def test_nothing_else_is_claimed_with_confidence(report: dict[str, Any]) -> None
 def report_without_mutex(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("hotrod-M") / "hotrod-jaeger.json"
     write(path, seed=7, requests=REQUESTS, mysql_mutex=False)
-    proc = subprocess.run(
-        [str(HOURGLASS), "analyze", str(path), "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert proc.returncode == 0, f"hourglass analyze exited {proc.returncode}:\n{proc.stderr}"
-    result: dict[str, Any] = json.loads(proc.stdout)
-    print("\nHotROD -M report (kind, service, operation, confidence, saved_ms_p50):")
-    for rec in result["recommendations"]:
-        print(
-            f"  {rec['kind']:<26} {rec['service']:<13} {rec['operation']:<34} "
-            f"{rec['confidence']:<5} {rec['impact']['saved_ms_p50']}"
-        )
-    return result
+    return analyze_file(path, "HotROD -M")
 
 
 def test_without_the_mutex_there_is_no_lock_event_and_no_lock_contention(
