@@ -31,6 +31,7 @@ import base64
 import binascii
 import itertools
 import json
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -78,6 +79,13 @@ UNKNOWN_SERVICE = "unknown_service"
 FOLLOWS_FROM_LINK_ATTRIBUTE = ("opentracing.ref_type", "follows_from")
 # At most this many rejection reasons are listed; the count is always exact.
 MAX_ERROR_MESSAGES = 20
+_INT64_MAX = 2**63 - 1
+# A span kind or status code the OTLP enums do not define is stored as unspecified / unset (the
+# raw span keeps the number); the columns are int8.
+KIND_MIN, KIND_MAX, KIND_UNSPECIFIED = 0, 5, 0
+STATUS_MIN, STATUS_MAX, STATUS_UNSET = 0, 2, 0
+# the range of the int32 ``http_status_code`` column
+HTTP_STATUS_MIN, HTTP_STATUS_MAX = -(2**31), 2**31 - 1
 # Event attributes never copied into ``event_hints`` (large, and no detector reads them).
 DROPPED_EVENT_ATTRIBUTES = frozenset({"exception.stacktrace"})
 
@@ -194,13 +202,15 @@ def _column_value(column: str, value: common_pb2.AnyValue) -> Any:
     """A semantic attribute as its column type: int for http_status_code, text otherwise."""
     kind = value.WhichOneof("value")
     if column == "http_status_code":
+        code: int | None = None
         if kind == "int_value":
-            return value.int_value
-        if kind == "string_value" and value.string_value.strip().isdigit():
-            return int(value.string_value)
-        if kind == "double_value":
-            return int(value.double_value)
-        return None
+            code = value.int_value
+        elif kind == "string_value" and value.string_value.strip().isdigit():
+            code = int(value.string_value)
+        elif kind == "double_value" and math.isfinite(value.double_value):
+            code = int(value.double_value)
+        # the column is int32: a value no HTTP status can have is dropped, not an error for the request
+        return code if code is not None and HTTP_STATUS_MIN <= code <= HTTP_STATUS_MAX else None
     if kind == "string_value":
         return value.string_value
     if kind is None:
@@ -209,7 +219,9 @@ def _column_value(column: str, value: common_pb2.AnyValue) -> Any:
     return converted if isinstance(converted, str) else json.dumps(converted)
 
 
-def _id_problem(trace_id: bytes, span_id: bytes, parent_id: bytes) -> str | None:
+def _span_problem(span: Any) -> str | None:
+    """Why a span is rejected: an id of the wrong size or all zero, or a time beyond int64."""
+    trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_span_id
     if len(trace_id) != 16:
         return f"trace_id is {len(trace_id)} bytes, expected 16"
     if len(span_id) != 8:
@@ -220,6 +232,9 @@ def _id_problem(trace_id: bytes, span_id: bytes, parent_id: bytes) -> str | None
         return "trace_id is all zero"
     if not any(span_id):
         return "span_id is all zero"
+    for field_name in ("start_time_unix_nano", "end_time_unix_nano"):
+        if getattr(span, field_name) > _INT64_MAX:
+            return f"{field_name} {getattr(span, field_name)} is beyond int64 (after the year 2262)"
     return None
 
 
@@ -393,9 +408,6 @@ def _hint_events(events: Any, names: list[str]) -> str | None:
     return json.dumps(hint_events, separators=(",", ":")) if hint_events else None
 
 
-_INT64_MAX = 2**63 - 1
-
-
 def _hex_ids(ids: list[bytes], size: int, *, empty_or_zero_is_null: bool = False) -> pa.Array:
     """Lowercase hex of validated ids (each ``size`` bytes, or empty when nullable) as one string
     array, made with one ``bytes.hex`` over all of them instead of one per id."""
@@ -441,7 +453,10 @@ def _event_columns(all_events: list[Any]) -> tuple[pa.Array, pa.Array, list[str 
     else:
         events = [_LeanEventFromString(e) for e in flat]
         names_array = pa.array([e.name for e in events], type=pa.string())
-        times_array = pa.array([e.time_unix_nano for e in events], type=pa.int64())
+        # a time beyond int64 (after the year 2262) is not a time: null
+        times_array = pa.array(
+            [e.time_unix_nano if e.time_unix_nano <= _INT64_MAX else None for e in events], type=pa.int64()
+        )
     offsets = pa.array(span_offsets, type=pa.int32())
     names_column = pa.ListArray.from_arrays(offsets, names_array, type=pa.list_(pa.string()))
     times_column = pa.ListArray.from_arrays(offsets, times_array, type=pa.list_(pa.int64()))
@@ -517,6 +532,26 @@ def _links(links: Any, parent_id: bytes) -> tuple[list[str], bool]:
     return texts, follows
 
 
+def resource_columns(encoded: bytes) -> tuple[str, str | None, str]:
+    """(service, host, resource_json) of a serialized ``Resource`` (b"" when absent)."""
+    resource = resource_pb2.Resource.FromString(encoded)
+    resource_attrs = _attributes_to_dict(resource.attributes)
+    service_value = resource_attrs.get("service.name")
+    service = str(service_value) if service_value not in (None, "") else UNKNOWN_SERVICE
+    host: str | None = None
+    for host_key in HOST_RESOURCE_KEYS:
+        host_value = resource_attrs.get(host_key)
+        if host_value not in (None, ""):
+            host = str(host_value)
+            break
+    return service, host, json.dumps(resource_attrs, separators=(",", ":"))
+
+
+def scope_name_of(encoded: bytes) -> str | None:
+    """The name of a serialized ``InstrumentationScope``, None when empty."""
+    return common_pb2.InstrumentationScope.FromString(encoded).name or None
+
+
 def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
     kept: list[Any] = []  # valid lean spans, in row order
     # ids as raw bytes (validated); hex text is made for all rows at once (``_hex_ids``)
@@ -532,32 +567,24 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
 
     # pass 1: validate ids, resource and scope columns
     for ri, resource_spans in enumerate(msg.resource_spans):
-        resource = resource_pb2.Resource.FromString(resource_spans.resource)
-        resource_attrs = _attributes_to_dict(resource.attributes)
-        service_value = resource_attrs.get("service.name")
-        service = str(service_value) if service_value not in (None, "") else UNKNOWN_SERVICE
-        host: str | None = None
-        for host_key in HOST_RESOURCE_KEYS:
-            host_value = resource_attrs.get(host_key)
-            if host_value not in (None, ""):
-                host = str(host_value)
-                break
-        resource_json = json.dumps(resource_attrs, separators=(",", ":"))
+        service, host, resource_json = resource_columns(resource_spans.resource)
         resource_start = len(kept)
         for si, scope_spans in enumerate(resource_spans.scope_spans):
-            scope_name = common_pb2.InstrumentationScope.FromString(scope_spans.scope).name or None
+            scope_name = scope_name_of(scope_spans.scope)
             scope_start = len(kept)
             scope_list = list(scope_spans.spans)
             scope_trace_ids = [s.trace_id for s in scope_list]
             scope_span_ids = [s.span_id for s in scope_list]
             scope_parent_ids = [s.parent_span_id for s in scope_list]
-            # the common case checked at C speed: every id well-formed, none all-zero
+            # the common case checked at C speed: every id well-formed, none all-zero, times in int64
             if (
                 set(map(len, scope_trace_ids)) <= _TRACE_ID_LENGTHS
                 and set(map(len, scope_span_ids)) <= _SPAN_ID_LENGTHS
                 and set(map(len, scope_parent_ids)) <= _PARENT_ID_LENGTHS
                 and _ZERO_TRACE_ID not in scope_trace_ids
                 and _ZERO_SPAN_ID not in scope_span_ids
+                and max((s.start_time_unix_nano for s in scope_list), default=0) <= _INT64_MAX
+                and max((s.end_time_unix_nano for s in scope_list), default=0) <= _INT64_MAX
             ):
                 kept.extend(scope_list)
                 trace_ids.extend(scope_trace_ids)
@@ -566,24 +593,15 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
                 scope_names.extend([scope_name] * len(scope_list))
                 continue
             for pi, span in enumerate(scope_list):
-                trace_id = span.trace_id
-                span_id = span.span_id
-                parent_id = span.parent_span_id
-                if (
-                    len(trace_id) == 16
-                    and len(span_id) == 8
-                    and (not parent_id or len(parent_id) == 8)
-                    and any(trace_id)
-                    and any(span_id)
-                ):
+                problem = _span_problem(span)
+                if problem is None:
                     kept.append(span)
-                    trace_ids.append(trace_id)
-                    span_ids.append(span_id)
-                    parent_ids.append(parent_id)
+                    trace_ids.append(span.trace_id)
+                    span_ids.append(span.span_id)
+                    parent_ids.append(span.parent_span_id)
                     continue
                 rejected += 1
                 if len(errors) < MAX_ERROR_MESSAGES:
-                    problem = _id_problem(trace_id, span_id, parent_id)
                     errors.append(f"resourceSpans[{ri}].scopeSpans[{si}].spans[{pi}]: {problem}")
             scope_names.extend([scope_name] * (len(kept) - scope_start))
         count = len(kept) - resource_start
@@ -594,16 +612,22 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
     rows = len(kept)
     # pass 2: plain fields, one comprehension per column (no per-row appends)
     statuses = [_status(s.status) for s in kept]
+    kinds = [s.kind for s in kept]
+    if kinds and (min(kinds) < KIND_MIN or max(kinds) > KIND_MAX):
+        kinds = [k if KIND_MIN <= k <= KIND_MAX else KIND_UNSPECIFIED for k in kinds]
+    status_codes = [st[0] for st in statuses]
+    if status_codes and (min(status_codes) < STATUS_MIN or max(status_codes) > STATUS_MAX):
+        status_codes = [c if STATUS_MIN <= c <= STATUS_MAX else STATUS_UNSET for c in status_codes]
     columns: dict[str, Any] = {
         "trace_id": _hex_ids(trace_ids, 16),
         "span_id": _hex_ids(span_ids, 8),
         "parent_span_id": _hex_ids(parent_ids, 8, empty_or_zero_is_null=True),
         "service": services,
         "name": [s.name for s in kept],
-        "kind": [s.kind for s in kept],
+        "kind": kinds,
         "start_ns": [s.start_time_unix_nano for s in kept],
         "end_ns": [s.end_time_unix_nano for s in kept],
-        "status_code": [st[0] for st in statuses],
+        "status_code": status_codes,
         "status_message": [st[1] for st in statuses],
         "scope_name": scope_names,
         "host": hosts,
@@ -716,17 +740,30 @@ def parse_traces_data(data: bytes) -> trace_pb2.TracesData:
     return msg
 
 
-def decode_export_request(data: bytes, *, ingested_ns: int | None = None) -> DecodeResult:
+def decode_export_request(
+    data: bytes, *, ingested_ns: int | None = None, native: bool = True
+) -> DecodeResult:
     """Rows of the bytes of an ``ExportTraceServiceRequest`` (or ``TracesData``).
 
     Raises ``DecodeError`` when the bytes are not such a message (also when an attribute, the
     resource or the scope inside it is malformed).
+
+    The C scanner (``collector.native_decode``) decodes the common shape; every other request
+    (and every request when ``native`` is false or the extension is not built) goes through the
+    pure-Python decoder below, which gives the same rows.
     """
+    ns = time.time_ns() if ingested_ns is None else ingested_ns
+    if native:
+        from collector.native_decode import decode_native
+
+        result = decode_native(data, ns)
+        if result is not None:
+            return result
     lean = _LeanTracesDataEventBytes()
     try:
         _LeanTracesData().ParseFromString(data)  # validates the events' structure too
         lean.ParseFromString(data)
-        return _decode_lean(lean, time.time_ns() if ingested_ns is None else ingested_ns)
+        return _decode_lean(lean, ns)
     except _ProtobufDecodeError as exc:
         raise DecodeError(
             f"not an OTLP ExportTraceServiceRequest/TracesData protobuf message: {exc}"

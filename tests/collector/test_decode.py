@@ -362,3 +362,23 @@ def test_service_peer_name_is_the_peer_and_wins_over_older_keys() -> None:
     span.attributes.add(key="service.peer.name").value.string_value = "mysql"
     span.attributes.add(key="peer.service").value.string_value = "mysql-legacy"
     assert decode_traces_message(msg).table.to_pylist()[0]["peer"] == "mysql"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_out_of_range_numbers_never_fail_the_request(native: bool) -> None:
+    # found by fuzzing: these raised OverflowError/ArrowInvalid and failed the whole Export
+    msg = _one_span_request(b"\x01" * 16, b"\x02" * 8, name="late")
+    msg.resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano = 2**64 - 1
+    odd = (
+        msg.resource_spans[0].scope_spans[0].spans.add(trace_id=b"\x01" * 16, span_id=b"\x03" * 8, name="odd")
+    )
+    odd.kind = 9  # not a SpanKind
+    odd.status.code = 7  # not a status code
+    odd.attributes.add(key="http.response.status_code").value.int_value = 2**40
+    result = decode_export_request(msg.SerializeToString(), native=native)
+    assert result.rejected == 1
+    assert "start_time_unix_nano 18446744073709551615 is beyond int64" in result.error_message()
+    [row] = result.table.to_pylist()
+    assert row["name"] == "odd" and row["kind"] == 0 and row["status_code"] == 0
+    assert row["http_status_code"] is None
+    assert trace_pb2.Span.FromString(row["raw"]).kind == 9  # the raw span keeps what was sent
