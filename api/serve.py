@@ -35,6 +35,7 @@ import pyarrow as pa
 import uvicorn
 
 from api.settings import Settings
+from collector import native_decode
 from collector.duckdb_store import DuckDBSpanStore
 from collector.grpc_receiver import GrpcReceiver, tune_gc_for_decoding
 from collector.http_receiver import create_otlp_http_app
@@ -46,11 +47,15 @@ COMPACT_INTERVAL_S = 60.0
 RETENTION_INTERVAL_S = 300.0
 RECEIVER_GRACE_S = 10
 PIPELINE_CLOSE_TIMEOUT_S = 60.0
-# OTLP/gRPC requests are decoded in this many worker processes (one per core, at most 2: the
-# target machines have 2), so decoding does not hold the GIL the writer thread needs; see
-# collector.grpc_receiver. In-process serve A/B, 2 senders x 12: threads 87k-104k spans/s,
-# worker processes a steady 106k-107k spans/s.
-DECODE_PROCESSES = max(1, min(2, os.cpu_count() or 1))
+# With the C scanner (collector.native_decode) OTLP/gRPC requests are decoded in the handler
+# threads: the scan releases the GIL and the rest is a few numpy/Arrow calls per request
+# (bench-ingest, 2 senders x 12: in-process 145k-162k spans/s, worker processes 86k). Without the
+# extension (no C compiler at install) the pure-Python decoder holds the GIL, so it runs in this
+# many worker processes instead (one per core, at most 2).
+DECODE_PROCESSES = 0 if native_decode.AVAILABLE else max(1, min(2, os.cpu_count() or 1))
+# One DuckDB thread for the serve store: a parallel insert splits row groups (each thread writes
+# its own), which the next checkpoint merges and rewrites; ~1 µs/span more (bench-ingest notes).
+STORE_THREADS = 1
 
 
 @dataclass
@@ -108,7 +113,12 @@ async def _serve_async(
 ) -> None:
     from api.app import create_app
 
-    store = DuckDBSpanStore(settings.db)
+    store = DuckDBSpanStore(settings.db, ingest_log=True, threads=STORE_THREADS)
+    if not native_decode.AVAILABLE:
+        log.warning(
+            "the C extension collector._otlpscan is not built (no C compiler at install?): OTLP decoding "
+            "uses the pure-Python decoder, about 3x slower; reinstall with gcc available"
+        )
     pipeline = IngestPipeline(store)
     grpc_receiver = GrpcReceiver(
         pipeline,

@@ -22,13 +22,15 @@ StoreFactory = Callable[[], SpanStore]
 MS = 1_000_000
 
 
-@pytest.fixture(params=["duckdb-file", "duckdb-memory"])
+@pytest.fixture(params=["duckdb-file", "duckdb-file-ingest-log", "duckdb-memory"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     opened: list[SpanStore] = []
 
     def factory() -> SpanStore:
         if request.param == "duckdb-file":
             store: SpanStore = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+        elif request.param == "duckdb-file-ingest-log":  # as serve opens it
+            store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"), ingest_log=True, threads=1)
         else:
             store = DuckDBSpanStore(":memory:")
         opened.append(store)

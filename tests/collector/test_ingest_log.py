@@ -1,0 +1,148 @@
+"""collector.ingest_log and the store's ingest-log mode: durable on append, loaded in whole row
+groups, read-your-writes, replay after a crash, torn tails cut."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from collector import duckdb_store
+from collector.duckdb_store import ROW_GROUP_ROWS, DuckDBSpanStore
+from collector.ingest_log import IngestLog
+from tests.builders import TraceBuilder, spans_table
+
+
+def _batch(first: int, count: int) -> pa.Table:
+    """``count`` spans in traces of 5, numbered from ``first`` (unique ids)."""
+    builders = []
+    for t in range(first // 5, (first + count) // 5):
+        builder = TraceBuilder(trace_id=f"{t + 1:032x}")
+        root = builder.span("root", start_ms=0, dur_ms=10)
+        for c in range(4):
+            builder.span(f"child-{c}", parent=root, start_ms=c, dur_ms=1)
+        builders.append(builder)
+    return spans_table(builders)
+
+
+def test_log_round_trip_partial_apply_and_segments(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    ingest_log = IngestLog(directory, segment_bytes=1)  # every append opens a new segment
+    batches = [_batch(i * 10, 10) for i in range(4)]
+    for batch in batches:
+        ingest_log.append(batch)
+    assert ingest_log.next_row == 40
+    assert len(list(directory.glob("segment-*.hglog"))) == 4
+    ingest_log.mark_applied(15)  # the first segment and half of the second are in the store
+    assert len(list(directory.glob("segment-*.hglog"))) == 3
+    ingest_log.close()
+
+    reopened = IngestLog(directory)
+    assert reopened.applied == 15 and reopened.next_row == 40
+    replayed = pa.concat_tables(list(reopened.replay()))
+    assert replayed.equals(pa.concat_tables(batches).slice(15))
+
+
+def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    ingest_log = IngestLog(directory)
+    ingest_log.append(_batch(0, 10))
+    ingest_log.append(_batch(10, 10))
+    ingest_log.close()
+    [segment] = directory.glob("segment-*.hglog")
+    size = segment.stat().st_size
+    with segment.open("r+b") as f:  # a crash in the middle of the second append
+        f.truncate(size - 100)
+    reopened = IngestLog(directory)
+    assert reopened.next_row == 10
+    assert pa.concat_tables(list(reopened.replay())).num_rows == 10
+    reopened.append(_batch(20, 10))  # appends continue after the cut
+    reopened.close()
+    assert IngestLog(directory).next_row == 20
+
+
+def test_corrupt_record_ends_the_log(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    ingest_log = IngestLog(directory)
+    ingest_log.append(_batch(0, 10))
+    ingest_log.append(_batch(10, 10))
+    ingest_log.close()
+    [segment] = directory.glob("segment-*.hglog")
+    data = bytearray(segment.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the last record's payload: its checksum fails
+    segment.write_bytes(bytes(data))
+    assert IngestLog(directory).next_row == 10
+
+
+def test_store_reads_see_staged_rows_and_close_removes_the_log(tmp_path: Path) -> None:
+    db = tmp_path / "spans.duckdb"
+    store = DuckDBSpanStore(str(db), ingest_log=True, threads=1)
+    store.write(_batch(0, 50))
+    assert (tmp_path / "spans.duckdb.ingest-log").is_dir()
+    assert store.raw_row_count() == 50  # staged, counted without loading
+    assert store.stats().spans == 50  # a read loads what is staged first
+    store.write(_batch(50, 50))
+    assert store.scan().num_rows == 100
+    assert store.trace(f"{1:032x}").num_rows == 5
+    store.close()
+    assert not (tmp_path / "spans.duckdb.ingest-log").exists()
+    with DuckDBSpanStore(str(db)) as reopened:
+        assert reopened.stats().spans == 100
+
+
+def test_loader_inserts_whole_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(duckdb_store, "ROW_GROUP_ROWS", 100)
+    inserted: list[int] = []
+    original = DuckDBSpanStore._insert
+
+    def spy(self: DuckDBSpanStore, spans: pa.Table) -> None:
+        inserted.append(spans.num_rows)
+        original(self, spans)
+
+    monkeypatch.setattr(DuckDBSpanStore, "_insert", spy)
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"), ingest_log=True, threads=1)
+    for i in range(5):
+        store.write(_batch(i * 70, 70))  # 350 rows: the loader takes 300 in multiples of 100
+    deadline = time.monotonic() + 10
+    while sum(inserted) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(inserted) == 300 and all(n % 100 == 0 for n in inserted)
+    assert store.stats().spans == 350  # the read loads the remaining 50
+    assert inserted[-1] == 50
+    store.close()
+
+
+def _write_then_die(db: str, batches: int) -> None:
+    store = DuckDBSpanStore(db, ingest_log=True, threads=1)
+    store.write(_batch(0, ROW_GROUP_ROWS // 1000 * 5))  # staged only: below a row group
+    for i in range(1, batches):
+        store.write(_batch(i * 1000, 1000))
+    os._exit(0)  # no close: as after kill -9, every write() that returned must survive
+
+
+def test_rows_written_before_a_crash_are_replayed_on_open(tmp_path: Path) -> None:
+    db = str(tmp_path / "spans.duckdb")
+    DuckDBSpanStore(db).close()  # the database file exists, as under serve
+    child = multiprocessing.get_context("spawn").Process(target=_write_then_die, args=(db, 6))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert (tmp_path / "spans.duckdb.ingest-log").is_dir()
+    with DuckDBSpanStore(db) as store:  # any open replays; this one writes directly afterwards
+        assert store.stats().spans == ROW_GROUP_ROWS // 1000 * 5 + 5 * 1000
+    assert not (tmp_path / "spans.duckdb.ingest-log").exists()
+
+
+def test_log_of_a_deleted_database_is_not_replayed(tmp_path: Path) -> None:
+    db = tmp_path / "spans.duckdb"
+    directory = tmp_path / "spans.duckdb.ingest-log"
+    ingest_log = IngestLog(directory)
+    ingest_log.append(_batch(0, 10))
+    ingest_log.close()
+    with DuckDBSpanStore(str(db)) as store:
+        assert store.stats().spans == 0
+    assert not directory.exists()
