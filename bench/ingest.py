@@ -142,7 +142,9 @@ def build_template(seed: int) -> bytes:
 
 
 # -- senders ------------------------------------------------------------------------------------
-def _retry_delay(err: grpc.RpcError) -> float:
+def _retry_delay(err: grpc.RpcError) -> float | None:
+    """The server's RetryInfo delay; None when the refusal carries none (the OpenTelemetry
+    Collector's exporter then treats RESOURCE_EXHAUSTED as permanent and drops the data)."""
     for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
@@ -150,7 +152,7 @@ def _retry_delay(err: grpc.RpcError) -> float:
                 info = error_details_pb2.RetryInfo()
                 if detail.Unpack(info):
                     return info.retry_delay.ToNanoseconds() / 1e9
-    return 0.5
+    return None
 
 
 def _sender_process(
@@ -160,6 +162,7 @@ def _sender_process(
     deadline = start_at + seconds
     acked = [0] * threads
     refused = [0] * threads
+    refused_without_retry_info = [0] * threads
     errors: list[str] = []
 
     def run(thread_id: int) -> None:
@@ -179,7 +182,11 @@ def _sender_process(
                 code = err.code()
                 if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
                     refused[thread_id] += 1
-                    time.sleep(min(_retry_delay(err), max(0.0, deadline - time.time())))
+                    delay = _retry_delay(err)
+                    if delay is None:
+                        refused_without_retry_info[thread_id] += 1
+                        delay = 0.5
+                    time.sleep(min(delay, max(0.0, deadline - time.time())))
                 else:
                     errors.append(f"{code}: {err.details()}")
                     return
@@ -190,13 +197,14 @@ def _sender_process(
         w.start()
     for w in workers:
         w.join()
-    out.put((sum(acked), sum(refused), errors))
+    out.put((sum(acked), sum(refused), sum(refused_without_retry_info), errors))
 
 
 @dataclass
 class LoadResult:
     acked_spans: int
     refused: int
+    refused_without_retry_info: int
     seconds: float
     errors: list[str]
 
@@ -221,8 +229,9 @@ def run_load(target: str, *, phase: int, senders: int, concurrency: int, seconds
     return LoadResult(
         acked_spans=sum(r[0] for r in results),
         refused=sum(r[1] for r in results),
+        refused_without_retry_info=sum(r[2] for r in results),
         seconds=seconds,
-        errors=[e for r in results for e in r[2]],
+        errors=[e for r in results for e in r[3]],
     )
 
 
@@ -430,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         f"acknowledged spans: {expected:,}; stored unique spans after shutdown: {stored:,} "
         f"({'all acknowledged spans stored' if stored >= expected else 'MISSING SPANS'}); serve exit code {code}; "
         f"store {db_mb:,.0f} MB"
+    )
+    without_retry_info = loaded.refused_without_retry_info + overload.refused_without_retry_info
+    print(
+        f"refusals without RetryInfo (an OpenTelemetry Collector exporter drops these): {without_retry_info:,} "
+        f"of {loaded.refused + overload.refused:,}"
     )
     first, second = overload_rss.half_peaks()
     bounded = second <= first * 1.15 + 32 * 2**20

@@ -16,14 +16,16 @@ refused by grpc with RESOURCE_EXHAUSTED before any parsing. The standard ``grpc.
 service reports SERVING until shutdown starts.
 
 Server model: grpc's synchronous server with a thread pool; the pool lets many requests wait for
-a shared commit at once, which is what group commit needs. ``max_concurrent_rpcs`` bounds the
-requests held in memory before admission control sees them. Decoding runs in the handler thread
-(``decode_processes=0``) or, as ``hourglass serve`` does, in worker processes (see
-``_ProcessDecoder``), so that the GIL stays free for the writer thread.
+a shared commit at once, which is what group commit needs. ``max_concurrent_rpcs`` is a
+last-resort bound on calls waiting for a thread, far above the pool size. Decoding runs in
+the handler thread (``decode_processes=0``; with the C scanner, as ``hourglass serve`` does) or,
+without the C extension, in worker processes (see ``_ProcessDecoder``) so that the pure-Python
+decoder does not hold the GIL the writer thread needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hmac
 import logging
@@ -31,6 +33,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -54,7 +57,12 @@ log = logging.getLogger("hourglass.grpc")
 
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT_METHOD = f"/{SERVICE_NAME}/Export"
-DEFAULT_WORKERS = 16
+# Handler threads mostly wait for a group commit (the scan releases the GIL, DuckDB works in the
+# loader): enough of them that an Export beyond the admission caps reaches admission control at
+# once and is refused with RetryInfo, instead of waiting behind committing ones.
+DEFAULT_WORKERS = 64
+MAX_QUEUED_RPCS_PER_WORKER = 4
+MAX_UNDECODED_BYTES = 64 * 1024 * 1024
 # Decoding holds the GIL, so more than a couple of decodes at once gain nothing and each holds
 # its half-built columns in memory; the other workers wait for their commit, holding only a table.
 CONCURRENT_DECODES = 2
@@ -135,6 +143,35 @@ class _ProcessDecoder:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _UndecodedBytes:
+    """Admission for request bytes received but not yet decoded: handler threads waiting for a
+    decode slot hold them, and the pipeline's caps only count decoded rows. Over ``limit`` an
+    Export is refused (``Overloaded``: RESOURCE_EXHAUSTED with RetryInfo); one request is always
+    let through when none is held, so a request bigger than the limit is not starved."""
+
+    def __init__(self, limit: int, pipeline: IngestPipeline) -> None:
+        self.limit = limit
+        self.held = 0
+        self._pipeline = pipeline
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        with self._lock:
+            if self.held and self.held + size > self.limit:
+                raise Overloaded(
+                    f"ingest overloaded: {self.held} bytes of Exports waiting to be decoded (limit "
+                    f"{self.limit}); retry after {self._pipeline.retry_after_s:g}s",
+                    self._pipeline.retry_after_s,
+                )
+            self.held += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= size
+
+
 def _abort_with_retry(
     context: grpc.ServicerContext, code: grpc.StatusCode, rpc_code: int, message: str, retry_after_s: float
 ) -> None:
@@ -169,6 +206,7 @@ class GrpcReceiver:
         # in-process decodes hold the GIL: a couple at once is enough; with worker processes,
         # one request per worker is decoded at a time and the others wait with their bytes only
         self._decode_slots = threading.BoundedSemaphore(decode_processes or CONCURRENT_DECODES)
+        self._undecoded = _UndecodedBytes(MAX_UNDECODED_BYTES, pipeline)
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
         self._server = grpc.server(
             self._executor,
@@ -177,7 +215,12 @@ class GrpcReceiver:
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=max_concurrent_rpcs or workers * 2,
+            # grpc's own limit refuses with RESOURCE_EXHAUSTED and no RetryInfo, which an
+            # OpenTelemetry Collector exporter treats as permanent (the batch is dropped); it is a
+            # last resort far above the pool size, so that under overload admission control
+            # answers, with RetryInfo. Calls waiting for a handler thread hold no request bytes
+            # yet: grpc reads the message when a thread takes the call.
+            maximum_concurrent_rpcs=max_concurrent_rpcs or workers * MAX_QUEUED_RPCS_PER_WORKER,
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE_NAME,
@@ -233,7 +276,7 @@ class GrpcReceiver:
         try:
             pipeline.check_capacity()
             try:
-                with self._decode_slots:
+                with self._undecoded.hold(len(request)), self._decode_slots:
                     decoder = self._decoder
                     result = decode_export_request(request) if decoder is None else decoder.decode(request)
             except DecodeError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -203,6 +204,64 @@ def test_overload_grpc_resource_exhausted_and_http_429() -> None:
     finally:
         store.release.set()
         gen.close()
+
+
+def test_many_concurrent_exports_are_refused_with_retry_info() -> None:
+    # grpc's own concurrency limit answers RESOURCE_EXHAUSTED without RetryInfo, which the
+    # OpenTelemetry Collector's exporter treats as permanent (data dropped). With 40 Exports
+    # admitted and waiting for a (blocked) commit, 60 more must still reach admission control.
+    store = BlockingStore()
+    gen = _start(store, max_pending_spans=41, retry_after_s=2.0)
+    r = next(gen)
+    outcomes: list[tuple[grpc.StatusCode, float | None]] = []
+
+    def send(index: int) -> None:
+        try:
+            r.export(make_request(1, first=100 + index))
+            outcomes.append((grpc.StatusCode.OK, None))
+        except grpc.RpcError as err:
+            trailers = dict(err.trailing_metadata() or ())
+            outcomes.append(
+                (err.code(), _retry_delay_s(err) if "grpc-status-details-bin" in trailers else None)
+            )
+
+    try:
+        first = threading.Thread(target=send, args=(-1,))
+        first.start()
+        assert store.writing.wait(10)  # the writer holds this one; the next 40 queue behind it
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(100)]
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 20
+        while len(outcomes) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        store.release.set()
+        for sender in [first, *senders]:
+            sender.join(30)
+        refused = [o for o in outcomes if o[0] != grpc.StatusCode.OK]
+        assert len(outcomes) == 101 and refused
+        assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, 2.0)}
+    finally:
+        store.release.set()
+        gen.close()
+
+
+def test_undecoded_request_bytes_are_bounded() -> None:
+    from collector.grpc_receiver import _UndecodedBytes
+
+    pipeline = IngestPipeline(DuckDBSpanStore(":memory:"), retry_after_s=3.0)
+    try:
+        budget = _UndecodedBytes(100, pipeline)
+        with budget.hold(250):  # bigger than the limit, but nothing else held: let through
+            with pytest.raises(Overloaded) as refused, budget.hold(1):
+                pass
+            assert refused.value.retry_after_s == 3.0
+        with budget.hold(60), budget.hold(40):
+            assert budget.held == 100
+        assert budget.held == 0
+    finally:
+        pipeline.close()
 
 
 def test_failed_commit_is_not_acknowledged() -> None:
