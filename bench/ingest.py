@@ -1,6 +1,6 @@
 """Ingest benchmark: OTLP/gRPC Exports into a real `hourglass serve`, beside the transport ceiling.
 
-    python -m bench.ingest [--seconds 15] [--senders 2] [--concurrency 6] [--quick]
+    python -m bench.ingest [--seconds 15] [--senders 2] [--concurrency 12] [--quick]
 
 What it does, all in one run on this machine:
 
@@ -14,7 +14,8 @@ What it does, all in one run on this machine:
    it counts acknowledged spans, samples the RSS of serve and its child processes (psutil),
    then stops serve with SIGTERM, opens the file and verifies that every acknowledged span is
    stored;
-4. **overload**: a short phase with many more concurrent senders; serve must answer
+4. **OTLP/HTTP**: the same load as 3 over OTLP/HTTP (protobuf, keep-alive), for comparison;
+5. **overload**: a short phase with many more concurrent senders; serve must answer
    RESOURCE_EXHAUSTED (senders back off for the advised delay) and its peak RSS must stay bounded.
 
 Targets (issue 2): ≥ 100,000 spans/s durably stored and ≥ 0.10 of the ceiling, memory bounded.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import multiprocessing as mp
 import os
 import random
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +203,50 @@ def _sender_process(
     out.put((sum(acked), sum(refused), sum(refused_without_retry_info), errors))
 
 
+def _http_sender_process(
+    url: str, phase: int, sender_id: int, threads: int, seconds: float, start_at: float, out: mp.Queue
+) -> None:
+    """The same load as ``_sender_process`` over OTLP/HTTP (protobuf), one keep-alive connection per thread."""
+    templates = [build_template(seed) for seed in range(TEMPLATES)]
+    deadline = start_at + seconds
+    parsed = urllib.parse.urlsplit(url)
+    acked = [0] * threads
+    refused = [0] * threads
+    errors: list[str] = []
+
+    def run(thread_id: int) -> None:
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+        counter = 0
+        while time.time() < start_at:
+            time.sleep(0.001)
+        while time.time() < deadline:
+            counter += 1
+            prefix = struct.pack(">BBHI", phase, sender_id, thread_id, counter)
+            data = templates[counter % TEMPLATES].replace(PLACEHOLDER, prefix)
+            connection.request(
+                "POST", parsed.path, body=data, headers={"Content-Type": "application/x-protobuf"}
+            )
+            response = connection.getresponse()
+            response.read()
+            if response.status == 200:
+                acked[thread_id] += SPANS_PER_REQUEST
+            elif response.status in (429, 503):
+                refused[thread_id] += 1
+                delay = float(response.getheader("Retry-After") or 0.5)
+                time.sleep(min(delay, max(0.0, deadline - time.time())))
+            else:
+                errors.append(f"HTTP {response.status}")
+                return
+        connection.close()
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.put((sum(acked), sum(refused), 0, errors))
+
+
 @dataclass
 class LoadResult:
     acked_spans: int
@@ -213,12 +260,16 @@ class LoadResult:
         return self.acked_spans / self.seconds
 
 
-def run_load(target: str, *, phase: int, senders: int, concurrency: int, seconds: float) -> LoadResult:
+def run_load(
+    target: str, *, phase: int, senders: int, concurrency: int, seconds: float, http: bool = False
+) -> LoadResult:
+    """``target``: host:port for gRPC, or the OTLP/HTTP URL with ``http``."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     start_at = time.time() + 3.0  # every sender has built its templates by then
+    sender = _http_sender_process if http else _sender_process
     procs = [
-        ctx.Process(target=_sender_process, args=(target, phase, i, concurrency, seconds, start_at, queue))
+        ctx.Process(target=sender, args=(target, phase, i, concurrency, seconds, start_at, queue))
         for i in range(senders)
     ]
     for p in procs:
@@ -302,7 +353,8 @@ class RssSampler:
         self._thread.join(2)
 
 
-def _start_serve(db: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_serve(db: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """(process, gRPC host:port, OTLP/HTTP URL)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
     cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(db)]
     cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]
@@ -310,9 +362,11 @@ def _start_serve(db: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = re.search(r"OTLP/gRPC listening on (\S+)", log.read_text(errors="replace"))
-        if found:
-            return proc, found.group(1)
+        text = log.read_text(errors="replace")
+        grpc_found = re.search(r"OTLP/gRPC listening on (\S+)", text)
+        http_found = re.search(r"OTLP/HTTP listening on (\S+)", text)
+        if grpc_found and http_found:
+            return proc, grpc_found.group(1), http_found.group(1)
         if proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -388,11 +442,21 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. serve
         db = tmp / "bench.duckdb"
-        proc, target = _start_serve(db, tmp / "serve.log")
+        proc, target, http_url = _start_serve(db, tmp / "serve.log")
         try:
             with RssSampler(proc.pid) as rss:
                 loaded = run_load(
                     target, phase=2, senders=args.senders, concurrency=args.concurrency, seconds=args.seconds
+                )
+            # 2b. the same load over OTLP/HTTP
+            with RssSampler(proc.pid) as http_rss:
+                http_loaded = run_load(
+                    http_url,
+                    phase=4,
+                    senders=args.senders,
+                    concurrency=args.concurrency,
+                    seconds=args.seconds,
+                    http=True,
                 )
             # 3. overload
             with RssSampler(proc.pid) as overload_rss:
@@ -406,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             code = _stop(proc)
         stored = _stored_unique_spans(db)
-        expected = loaded.acked_spans + overload.acked_spans
+        expected = loaded.acked_spans + http_loaded.acked_spans + overload.acked_spans
         if code != 0:
             print((tmp / "serve.log").read_text(errors="replace")[-3000:])
         db_mb = sum(f.stat().st_size for f in tmp.glob("bench.duckdb*")) / 1e6
@@ -420,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{stored_rate:,.0f}",
             f"{rss.peak / 2**20:,.0f}",
             f"{loaded.refused}",
+        ),
+        (
+            "same load over OTLP/HTTP, acked + stored",
+            f"{http_loaded.spans_per_s if stored >= expected else float('nan'):,.0f}",
+            f"{http_rss.peak / 2**20:,.0f}",
+            f"{http_loaded.refused}",
         ),
         (
             f"overload ({args.senders}×{args.overload_concurrency} concurrent)",
@@ -458,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         f"stored / ceiling: {ratio:.2f}   (targets: >= 100,000 spans/s, >= 0.10 of the ceiling, bounded RSS)"
     )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    errors = loaded.errors + overload.errors + ceiling.errors
+    errors = loaded.errors + http_loaded.errors + overload.errors + ceiling.errors
     for e in errors[:5]:
         print(f"sender error: {e}")
     return 0 if stored >= expected and code == 0 and not errors else 1
