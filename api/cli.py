@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 # Each module registers its commands on the shared Typer app when imported.
 from api import cli_analyze, cli_diff, cli_import, cli_report, cli_serve  # noqa: F401
 from api._cli_app import app
+from api.settings import SettingError
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SettingError as exc:  # a bad HOURGLASS_* variable: one line, not a traceback
+        print(f"hourglass: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -14,8 +14,28 @@ from datetime import UTC, datetime
 DEFAULT_DB = "hourglass.duckdb"
 
 
+class SettingError(ValueError):
+    """A HOURGLASS_* variable that cannot be read; the CLI prints it and exits 2."""
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = _env(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingError(f"{name}={text!r} is not a whole number") from None
+
+
+def _env_duration(name: str, default: str) -> float:
+    text = _env(name, default)
+    try:
+        return parse_duration_seconds(text)
+    except ValueError:
+        raise SettingError(f"{name}={text!r} is not a duration like 90s, 15m, 12h, 7d") from None
 
 
 def parse_duration_seconds(text: str) -> float:
@@ -57,19 +77,15 @@ def parse_since(text: str, now_ns: int | None = None, name: str = "since") -> in
 class Settings:
     db: str = field(default_factory=lambda: _env("HOURGLASS_DB", DEFAULT_DB))
     host: str = field(default_factory=lambda: _env("HOURGLASS_HOST", "127.0.0.1"))
-    grpc_port: int = field(default_factory=lambda: int(_env("HOURGLASS_GRPC_PORT", "4317")))
-    http_port: int = field(default_factory=lambda: int(_env("HOURGLASS_HTTP_PORT", "4318")))
-    api_port: int = field(default_factory=lambda: int(_env("HOURGLASS_API_PORT", "8000")))
+    grpc_port: int = field(default_factory=lambda: _env_int("HOURGLASS_GRPC_PORT", 4317))
+    http_port: int = field(default_factory=lambda: _env_int("HOURGLASS_HTTP_PORT", 4318))
+    api_port: int = field(default_factory=lambda: _env_int("HOURGLASS_API_PORT", 8000))
     api_token: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_API_TOKEN") or None)
     max_message_bytes: int = field(
-        default_factory=lambda: int(_env("HOURGLASS_MAX_MESSAGE_BYTES", str(32 * 1024 * 1024)))
+        default_factory=lambda: _env_int("HOURGLASS_MAX_MESSAGE_BYTES", 32 * 1024 * 1024)
     )
-    retention_seconds: float = field(
-        default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_RETENTION", "7d"))
-    )
-    settle_seconds: float = field(
-        default_factory=lambda: parse_duration_seconds(_env("HOURGLASS_SETTLE", "10s"))
-    )
+    retention_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_RETENTION", "7d"))
+    settle_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_SETTLE", "10s"))
     llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
 
 

@@ -362,6 +362,28 @@ def test_busy_port_is_a_clear_error(tmp_path: Path, flag: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("HOURGLASS_RETENTION", "banana", "HOURGLASS_RETENTION='banana' is not a duration like 90s"),
+        ("HOURGLASS_API_PORT", "eighty", "HOURGLASS_API_PORT='eighty' is not a whole number"),
+    ],
+)
+def test_bad_setting_variable_is_a_clear_error(tmp_path: Path, variable: str, value: str, says: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOURGLASS_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve", "--db", str(tmp_path / "x.duckdb")],
+        cwd=ROOT,
+        env={**env, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_listening_sockets_give_accepted_connections_tcp_nodelay() -> None:
     """Without TCP_NODELAY, Nagle plus delayed ACKs add ~40 ms to keep-alive responses."""
     import asyncio
