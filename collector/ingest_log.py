@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,8 +73,9 @@ class IngestLog:
         self.applied = self._read_applied()
         self._segments: list[_Segment] = []
         self.next_row = self.applied
-        for path in sorted(self.directory.glob(_SEGMENT_GLOB)):
-            first_row = int(path.stem.split("-", 1)[1])
+        for first_row, path in sorted(
+            (int(p.stem.split("-")[1]), p) for p in self.directory.glob(_SEGMENT_GLOB)
+        ):
             end_row, good_bytes = self._scan_segment(path, first_row)
             if good_bytes < path.stat().st_size:
                 log.warning(
@@ -135,6 +137,9 @@ class IngestLog:
     # -- writing -------------------------------------------------------------------------------
     def _open_segment(self) -> int:
         path = _segment_path(self.directory, self.next_row)
+        if path.exists() and self._scan_segment(path, self.next_row)[1] != path.stat().st_size:
+            # left torn by an append whose cut failed: keep its good records, write elsewhere
+            path = path.with_name(f"{path.stem}-{time.time_ns()}.hglog")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._segments.append(_Segment(path, self.next_row, self.next_row))
         self._file_bytes = os.fstat(fd).st_size
@@ -152,10 +157,21 @@ class IngestLog:
             self._file = self._open_segment()
         payload = _ipc_bytes(table)
         header = _HEADER.pack(MAGIC, zlib.crc32(payload), self.next_row, rows, payload.size)
-        written = os.writev(self._file, [header, payload])
-        if written != len(header) + payload.size:  # a short write on a full disk: fail, never ack
-            raise OSError(f"ingest log {self._segments[-1].path}: short write ({written} bytes)")
-        os.fdatasync(self._file)
+        try:
+            written = os.writev(self._file, [header, payload])
+            if written != len(header) + payload.size:  # a short write on a full disk: fail, never ack
+                raise OSError(f"ingest log {self._segments[-1].path}: short write ({written} bytes)")
+            os.fdatasync(self._file)
+        except OSError:
+            # Not acknowledged. Cut what this append left so that later records do not follow a
+            # torn one (replay stops at the first bad record); if even that fails, the next
+            # append starts a new segment file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file, self._file_bytes)
+                os.fdatasync(self._file)
+            os.close(self._file)
+            self._file = None
+            raise
         self._file_bytes += written
         self.next_row += rows
         self._segments[-1].end_row = self.next_row

@@ -146,3 +146,25 @@ def test_log_of_a_deleted_database_is_not_replayed(tmp_path: Path) -> None:
     with DuckDBSpanStore(str(db)) as store:
         assert store.stats().spans == 0
     assert not directory.exists()
+
+
+def test_a_failed_append_leaves_no_torn_record_before_later_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "log"
+    ingest_log = IngestLog(directory)
+    first, lost, last = _batch(0, 10), _batch(10, 10), _batch(20, 10)
+    ingest_log.append(first)
+    real_fdatasync = os.fdatasync
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ingest_log.append(lost)  # written, but not durable: not acknowledged
+    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+    ingest_log.append(last)  # acknowledged: must be readable after it
+    ingest_log.close()
+    replayed = pa.concat_tables(list(IngestLog(directory).replay()))
+    assert replayed.equals(pa.concat_tables([first, last]))
