@@ -143,7 +143,10 @@ typedef struct {
 
 static status_t next_field(const uint8_t **pp, const uint8_t *end, field_t *f) {
     uint64_t tag;
+    const uint8_t *tag_start = *pp;
     if (!read_varint(pp, end, &tag)) return F_MALFORMED;
+    /* upb rejects a tag longer than 5 bytes (padded with 0x80s) as corrupt: do the same */
+    if (*pp - tag_start > 5) return F_MALFORMED;
     uint64_t number = tag >> 3;
     if (number == 0 || number > 536870911u) return F_MALFORMED;
     f->number = (uint32_t)number;
@@ -159,7 +162,10 @@ static status_t next_field(const uint8_t **pp, const uint8_t *end, field_t *f) {
         return OK;
     case 2: {
         uint64_t len;
+        const uint8_t *len_start = *pp;
         if (!read_varint(pp, end, &len)) return F_MALFORMED;
+        /* upb also rejects a length longer than 5 bytes */
+        if (*pp - len_start > 5) return F_MALFORMED;
         if (len > (uint64_t)(end - *pp)) return F_MALFORMED;
         f->payload = *pp;
         f->len = (size_t)len;
@@ -353,7 +359,7 @@ static status_t scan_key_value(scan_t *s, const uint8_t *p, const uint8_t *end, 
             key_len = f.len;
         } else if (f.number == 2 && f.wire == 2) {
             SEEN(2);
-            /* the row may move when the table grows: write through the index, not the pointer */
+            /* ``row`` stays valid: nothing below pushes onto the attributes table */
             TRY(scan_any_value(s, f.payload, f.payload + f.len, row));
         } else {
             return F_UNKNOWN_FIELD;
@@ -415,7 +421,8 @@ static status_t scan_status(scan_t *s, const uint8_t *p, const uint8_t *end, int
         } else if (f.number == 3 && f.wire == 0) {
             SEEN(3);
             /* a code the enum does not define is stored as unset, as the Python decoder does */
-            row[SP_STATUS_CODE] = f.varint <= 2 ? (int64_t)f.varint : 0;
+            /* code is an int32: protobuf keeps the low 32 bits of the varint */
+            row[SP_STATUS_CODE] = (uint32_t)f.varint <= 2 ? (int64_t)(uint32_t)f.varint : 0;
         } else {
             return F_UNKNOWN_FIELD;
         }
@@ -483,7 +490,8 @@ static status_t scan_span(scan_t *s, const uint8_t *p, const uint8_t *end, int64
             if (f.wire != 0) return F_UNKNOWN_FIELD;
             SEEN(6);
             /* a kind the enum does not define is stored as unspecified, as the Python decoder does */
-            row[SP_KIND] = f.varint <= 5 ? (int64_t)f.varint : 0;
+            /* kind is an int32: protobuf keeps the low 32 bits of the varint */
+            row[SP_KIND] = (uint32_t)f.varint <= 5 ? (int64_t)(uint32_t)f.varint : 0;
             break;
         case 7: /* start_time_unix_nano */
         case 8: /* end_time_unix_nano */
@@ -668,16 +676,20 @@ static PyObject *otlpscan_gather(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t n = starts.len / (Py_ssize_t)sizeof(int64_t);
-    const int64_t *st = (const int64_t *)starts.buf;
-    const int64_t *ln = (const int64_t *)lengths.buf;
+    /* any bytes-like object is accepted: read the int64s with memcpy (no alignment assumed) */
+    const char *st = (const char *)starts.buf;
+    const char *ln = (const char *)lengths.buf;
     int64_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (ln[i] < 0 || st[i] < 0 || st[i] > data.len || ln[i] > data.len - st[i]) {
+        int64_t s0, l0;
+        memcpy(&s0, st + i * 8, 8);
+        memcpy(&l0, ln + i * 8, 8);
+        if (l0 < 0 || s0 < 0 || s0 > data.len || l0 > data.len - s0) {
             PyErr_Format(PyExc_ValueError, "slice %zd [%lld, +%lld) is outside the %zd-byte buffer", i,
-                         (long long)st[i], (long long)ln[i], data.len);
+                         (long long)s0, (long long)l0, data.len);
             goto done;
         }
-        total += ln[i];
+        total += l0;
         if (total > INT32_MAX) {
             PyErr_SetString(PyExc_ValueError, "gathered slices exceed 2 GiB (int32 Arrow offsets)");
             goto done;
@@ -690,15 +702,29 @@ static PyObject *otlpscan_gather(PyObject *self, PyObject *args) {
         int32_t *off = (int32_t *)PyBytes_AS_STRING(offsets_obj);
         char *out = PyBytes_AS_STRING(values_obj);
         const char *src = (const char *)data.buf;
+        int changed = 0;
         Py_BEGIN_ALLOW_THREADS
-        int32_t pos = 0;
+        int64_t pos = 0;
         off[0] = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
-            memcpy(out + pos, src + st[i], (size_t)ln[i]);
-            pos += (int32_t)ln[i];
-            off[i + 1] = pos;
+            /* without the GIL another thread may write to mutable starts/lengths buffers: check again */
+            int64_t s0, l0;
+            memcpy(&s0, st + i * 8, 8);
+            memcpy(&l0, ln + i * 8, 8);
+            if (l0 < 0 || s0 < 0 || s0 > data.len || l0 > data.len - s0 || l0 > total - pos) {
+                changed = 1;
+                break;
+            }
+            memcpy(out + pos, src + s0, (size_t)l0);
+            pos += l0;
+            off[i + 1] = (int32_t)pos;
         }
+        if (!changed && pos != total) changed = 1;
         Py_END_ALLOW_THREADS
+        if (changed) {
+            PyErr_SetString(PyExc_ValueError, "starts or lengths changed during gather");
+            goto done;
+        }
     }
     result = PyTuple_Pack(2, offsets_obj, values_obj);
 done:

@@ -205,8 +205,8 @@ def _column_value(column: str, value: common_pb2.AnyValue) -> Any:
         code: int | None = None
         if kind == "int_value":
             code = value.int_value
-        elif kind == "string_value" and value.string_value.strip().isdigit():
-            code = int(value.string_value)
+        elif kind == "string_value" and (text := value.string_value.strip()).isascii() and text.isdigit():
+            code = int(text)
         elif kind == "double_value" and math.isfinite(value.double_value):
             code = int(value.double_value)
         # the column is int32: a value no HTTP status can have is dropped, not an error for the request
@@ -658,7 +658,7 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
                     semantic_values[index][row] = value
                 continue
             # a serialized KeyValue starts 0x0a <key length> <key>: one dict lookup per key
-            if encoded[0] == 0x0A and encoded[1] < 0x80:
+            if len(encoded) >= 2 and encoded[0] == 0x0A and encoded[1] < 0x80:
                 key_end = 2 + encoded[1]
                 key = encoded[2:key_end]
                 code = key_codes.get(key, missing)

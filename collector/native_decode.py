@@ -231,6 +231,9 @@ def decode_native(data: bytes, ingested_ns: int) -> _py.DecodeResult | None:
     """
     if _otlpscan is None:
         return None
+    # bytes (the receivers' type) is taken as is; anything else is copied first, so the offsets
+    # refer to exactly the bytes that were scanned
+    data = bytes(data)
     scanned = _otlpscan.scan(data)
     if isinstance(scanned, str):
         return None
@@ -241,7 +244,6 @@ def decode_native(data: bytes, ingested_ns: int) -> _py.DecodeResult | None:
     rows = len(spans)
     if rows == 0:
         return None  # nothing to gain; the Python decoder builds the empty table
-    data = bytes(data)  # slices below must be bytes (the receivers already pass bytes: no copy)
     data_u8 = np.frombuffer(data, dtype=np.uint8)
     try:
         return _assemble(data, data_u8, ingested_ns, spans, attrs, keys, events, links, scopes, resources)

@@ -270,3 +270,44 @@ def test_fallback_reasons_are_reported() -> None:
     assert _otlpscan.scan(b"\x0a\x05abc") == "malformed protobuf"
     table = decode_export_request(bad_id.SerializeToString()).table  # the Python decoder rejects it
     assert table.num_rows == 0 and isinstance(table, pa.Table)
+
+
+@pytest.mark.parametrize(
+    ("request_hex", "expected"),
+    [
+        # found by fuzzing the scanner under ASan: a 6-byte (padded) tag, which upb rejects
+        ("8a8080808000231221121f0a1001010101010101010101010101010101120802020202020202022a016e", "error"),
+        (
+            "0a2d122b12290a1001010101010101010101010101010101120802020202020202022a016e7a08928080808000016d",
+            "error",
+        ),
+        # kind and status code are int32: protobuf keeps the low 32 bits of 2**32 + 2 and 2**32 + 1
+        (
+            "0a29122712250a1001010101010101010101010101010101120802020202020202022a016e308280808010",
+            {"kind": 2},
+        ),
+        (
+            "0a2b122912270a1001010101010101010101010101010101120802020202020202022a016e7a06188180808010",
+            {"status_code": 1},
+        ),
+        # an empty attribute (KeyValue with no fields) and a truncated one
+        ("0a221220121e0a1001010101010101010101010101010101120802020202020202024a00", {"kind": 0}),
+        ("0a231221121f0a1001010101010101010101010101010101120802020202020202024a010a", "error"),
+        # http.status_code "²": str.isdigit() is true, int() fails
+        (
+            "0a3d123b12390a1001010101010101010101010101010101120802020202020202022a016e4a180a106874"
+            "74702e7374617475735f636f646512040a02c2b2",
+            {"http_status_code": None},
+        ),
+    ],
+)
+def test_fuzzer_findings(request_hex: str, expected: object) -> None:
+    data = bytes.fromhex(request_hex)
+    _assert_same(data)
+    native, _ = _decode_both(data)
+    if expected == "error":
+        assert isinstance(native, str) and native.startswith("DecodeError")
+    else:
+        assert not isinstance(native, str)
+        [row] = native.table.to_pylist()
+        assert {key: row[key] for key in expected} == expected
