@@ -62,6 +62,8 @@ EXPORT_METHOD = f"/{SERVICE_NAME}/Export"
 # once and is refused with RetryInfo, instead of waiting behind committing ones.
 DEFAULT_WORKERS = 64
 MAX_QUEUED_RPCS_PER_WORKER = 4
+REFUSAL_THREADS = 2
+GRPC_LIMIT_FACTOR = 16  # grpc's bare limit, as a multiple of ours (see GrpcReceiver.__init__)
 MAX_UNDECODED_BYTES = 64 * 1024 * 1024
 # Decoding holds the GIL, so more than a couple of decodes at once gain nothing and each holds
 # its half-built columns in memory; the other workers wait for their commit, holding only a table.
@@ -143,6 +145,62 @@ class _ProcessDecoder:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _CountingExecutor(futures.ThreadPoolExecutor):
+    """The handler pool, counting calls submitted and not yet finished (running or queued)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outstanding = 0
+        self._count_lock = threading.Lock()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        with self._count_lock:
+            self.outstanding += 1
+
+        def counted() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._count_lock:
+                    self.outstanding -= 1
+
+        try:
+            return super().submit(counted)
+        except BaseException:
+            with self._count_lock:
+                self.outstanding -= 1
+            raise
+
+
+class _ExportHandlers(grpc.GenericRpcHandler):
+    """Export's handler, chosen per call in grpc's polling thread: the real one, or, when more
+    calls are outstanding than the receiver takes, one that refuses with RetryInfo."""
+
+    def __init__(self, receiver: GrpcReceiver) -> None:
+        self._receiver = receiver
+        self._export = grpc.unary_unary_rpc_method_handler(
+            receiver.export, request_deserializer=None, response_serializer=None
+        )
+
+        # refusals run in their own small pool: the handler pool may be full of Exports waiting
+        # for a commit, and a refusal must not wait behind them (grpc's per-handler pool hook)
+        def refuse(request: bytes, context: grpc.ServicerContext) -> Any:
+            return receiver.refuse_busy(request, context)
+
+        refuse.experimental_thread_pool = receiver._refusal_executor  # type: ignore[attr-defined]
+        self._refuse = grpc.unary_unary_rpc_method_handler(
+            refuse, request_deserializer=None, response_serializer=None
+        )
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method != EXPORT_METHOD:
+            return None
+        receiver = self._receiver
+        if receiver._executor.outstanding >= receiver.max_queued_calls:
+            return self._refuse
+        return self._export
+
+
 class _UndecodedBytes:
     """Admission for request bytes received but not yet decoded: handler threads waiting for a
     decode slot hold them, and the pipeline's caps only count decoded rows. Over ``limit`` an
@@ -207,7 +265,16 @@ class GrpcReceiver:
         # one request per worker is decoded at a time and the others wait with their bytes only
         self._decode_slots = threading.BoundedSemaphore(decode_processes or CONCURRENT_DECODES)
         self._undecoded = _UndecodedBytes(MAX_UNDECODED_BYTES, pipeline)
-        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
+        self._executor = _CountingExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
+        self._refusal_executor = futures.ThreadPoolExecutor(
+            max_workers=REFUSAL_THREADS, thread_name_prefix="hourglass-grpc-refuse"
+        )
+        # Calls beyond this many (running or waiting for a handler thread) are answered at once
+        # with RESOURCE_EXHAUSTED and RetryInfo. grpc's own limit (maximum_concurrent_rpcs) refuses
+        # with no RetryInfo, which an OpenTelemetry Collector exporter treats as permanent (the
+        # batch is dropped), so it stays a last resort far above this one. Calls waiting for a
+        # thread hold no request bytes yet: grpc reads the message when a thread takes the call.
+        self.max_queued_calls = max_concurrent_rpcs or workers * MAX_QUEUED_RPCS_PER_WORKER
         self._server = grpc.server(
             self._executor,
             options=[
@@ -215,22 +282,9 @@ class GrpcReceiver:
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],
-            # grpc's own limit refuses with RESOURCE_EXHAUSTED and no RetryInfo, which an
-            # OpenTelemetry Collector exporter treats as permanent (the batch is dropped); it is a
-            # last resort far above the pool size, so that under overload admission control
-            # answers, with RetryInfo. Calls waiting for a handler thread hold no request bytes
-            # yet: grpc reads the message when a thread takes the call.
-            maximum_concurrent_rpcs=max_concurrent_rpcs or workers * MAX_QUEUED_RPCS_PER_WORKER,
+            maximum_concurrent_rpcs=self.max_queued_calls * GRPC_LIMIT_FACTOR,
         )
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Export": grpc.unary_unary_rpc_method_handler(
-                    self.export, request_deserializer=None, response_serializer=None
-                )
-            },
-        )
-        self._server.add_generic_rpc_handlers((handler,))
+        self._server.add_generic_rpc_handlers((_ExportHandlers(self),))
         self._health = add_health_service(self._server)
 
     def start(self) -> int:
@@ -254,6 +308,7 @@ class GrpcReceiver:
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait(grace + 1)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._refusal_executor.shutdown(wait=False, cancel_futures=True)
         if self._decoder is not None:
             self._decoder.close()
 
@@ -266,6 +321,18 @@ class GrpcReceiver:
                 given = value.encode() if isinstance(value, str) else value
                 return hmac.compare_digest(given, self._expected_auth)
         return False
+
+    def refuse_busy(self, request: bytes, context: grpc.ServicerContext) -> Any:
+        retry_after_s = self.pipeline.retry_after_s
+        self.pipeline.count_overload_refusal()
+        _abort_with_retry(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            RPC_CODE_RESOURCE_EXHAUSTED,
+            f"ingest overloaded: more than {self.max_queued_calls} Exports in progress; retry after "
+            f"{retry_after_s:g}s",
+            retry_after_s,
+        )
 
     def export(self, request: bytes, context: grpc.ServicerContext) -> Any:
         if not self._authorised(context):

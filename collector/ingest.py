@@ -100,9 +100,13 @@ class IngestPipeline:
             raise IngestClosed("hourglass is shutting down")
         s = self.stats
         if s.pending_spans >= self.max_pending_spans or s.pending_bytes >= self.max_pending_bytes:
-            with self._cond:  # receiver threads reject concurrently: an unlocked += loses counts
-                s.rejected_overloaded += 1
+            self.count_overload_refusal()
             raise Overloaded(self._overload_message(), self.retry_after_s)
+
+    def count_overload_refusal(self) -> None:
+        """Count an Export refused for overload (also by a receiver's own limits)."""
+        with self._cond:  # receiver threads reject concurrently: an unlocked += loses counts
+            self.stats.rejected_overloaded += 1
 
     def _overload_message(self) -> str:
         s = self.stats

@@ -85,10 +85,17 @@ class Receivers:
 
 
 def _start(
-    store: DuckDBSpanStore, *, token: str | None = None, max_message_bytes: int = 1 << 20, **caps: float
+    store: DuckDBSpanStore,
+    *,
+    token: str | None = None,
+    max_message_bytes: int = 1 << 20,
+    grpc_options: dict[str, int] | None = None,
+    **caps: float,
 ) -> Generator[Receivers, None, None]:
     pipeline = IngestPipeline(store, **caps)  # type: ignore[arg-type]
-    grpc_receiver = GrpcReceiver(pipeline, port=0, max_message_bytes=max_message_bytes, api_token=token)
+    grpc_receiver = GrpcReceiver(
+        pipeline, port=0, max_message_bytes=max_message_bytes, api_token=token, **(grpc_options or {})
+    )
     grpc_port = grpc_receiver.start()
     app = create_otlp_http_app(pipeline, max_message_bytes=max_message_bytes, api_token=token)
     server = uvicorn.Server(
@@ -242,6 +249,52 @@ def test_many_concurrent_exports_are_refused_with_retry_info() -> None:
         refused = [o for o in outcomes if o[0] != grpc.StatusCode.OK]
         assert len(outcomes) == 101 and refused
         assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, 2.0)}
+    finally:
+        store.release.set()
+        gen.close()
+
+
+def test_calls_beyond_the_queue_limit_are_refused_with_retry_info() -> None:
+    # 2 handler threads, at most 4 calls outstanding: with the commit blocked, the 3 admitted
+    # Exports hold both threads and one queue place; of 30 more, every one beyond the limit is
+    # refused at once by the receiver (RetryInfo), not by grpc's bare concurrency limit
+    store = BlockingStore()
+    gen = _start(
+        store,
+        max_pending_spans=1000,
+        retry_after_s=2.0,
+        grpc_options={"workers": 2, "max_concurrent_rpcs": 4},
+    )
+    r = next(gen)
+    outcomes: list[tuple[grpc.StatusCode, float | None]] = []
+
+    def send(index: int) -> None:
+        try:
+            r.export(make_request(1, first=300 + index))
+            outcomes.append((grpc.StatusCode.OK, None))
+        except grpc.RpcError as err:
+            trailers = dict(err.trailing_metadata() or ())
+            outcomes.append(
+                (err.code(), _retry_delay_s(err) if "grpc-status-details-bin" in trailers else None)
+            )
+
+    try:
+        first = threading.Thread(target=send, args=(-1,))
+        first.start()
+        assert store.writing.wait(10)
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(30)]
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 20
+        while len(outcomes) < 27 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store.release.set()
+        for sender in [first, *senders]:
+            sender.join(30)
+        refused = [o for o in outcomes if o[0] != grpc.StatusCode.OK]
+        assert len(outcomes) == 31 and len(refused) >= 27
+        assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, 2.0)}
+        assert r.pipeline.stats.rejected_overloaded == len(refused)
     finally:
         store.release.set()
         gen.close()
