@@ -25,7 +25,6 @@ decoder does not hold the GIL the writer thread needs.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hmac
 import logging
@@ -33,7 +32,6 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -51,7 +49,7 @@ from collector.decode import (
     export_response,
     status_details_with_retry,
 )
-from collector.ingest import IngestClosed, IngestPipeline, Overloaded
+from collector.ingest import MAX_UNDECODED_BYTES, IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
 
 log = logging.getLogger("hourglass.grpc")
 
@@ -64,7 +62,6 @@ DEFAULT_WORKERS = 64
 MAX_QUEUED_RPCS_PER_WORKER = 4
 REFUSAL_THREADS = 2
 GRPC_LIMIT_FACTOR = 16  # grpc's bare limit, as a multiple of ours (see GrpcReceiver.__init__)
-MAX_UNDECODED_BYTES = 64 * 1024 * 1024
 # Decoding holds the GIL, so more than a couple of decodes at once gain nothing and each holds
 # its half-built columns in memory; the other workers wait for their commit, holding only a table.
 CONCURRENT_DECODES = 2
@@ -201,35 +198,6 @@ class _ExportHandlers(grpc.GenericRpcHandler):
         return self._export
 
 
-class _UndecodedBytes:
-    """Admission for request bytes received but not yet decoded: handler threads waiting for a
-    decode slot hold them, and the pipeline's caps only count decoded rows. Over ``limit`` an
-    Export is refused (``Overloaded``: RESOURCE_EXHAUSTED with RetryInfo); one request is always
-    let through when none is held, so a request bigger than the limit is not starved."""
-
-    def __init__(self, limit: int, pipeline: IngestPipeline) -> None:
-        self.limit = limit
-        self.held = 0
-        self._pipeline = pipeline
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        with self._lock:
-            if self.held and self.held + size > self.limit:
-                raise Overloaded(
-                    f"ingest overloaded: {self.held} bytes of Exports waiting to be decoded (limit "
-                    f"{self.limit}); retry after {self._pipeline.retry_after_s:g}s",
-                    self._pipeline.retry_after_s,
-                )
-            self.held += size
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.held -= size
-
-
 def _abort_with_retry(
     context: grpc.ServicerContext, code: grpc.StatusCode, rpc_code: int, message: str, retry_after_s: float
 ) -> None:
@@ -264,7 +232,7 @@ class GrpcReceiver:
         # in-process decodes hold the GIL: a couple at once is enough; with worker processes,
         # one request per worker is decoded at a time and the others wait with their bytes only
         self._decode_slots = threading.BoundedSemaphore(decode_processes or CONCURRENT_DECODES)
-        self._undecoded = _UndecodedBytes(MAX_UNDECODED_BYTES, pipeline)
+        self._undecoded = UndecodedBytes(MAX_UNDECODED_BYTES, pipeline.retry_after_s)
         self._executor = _CountingExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
         self._refusal_executor = futures.ThreadPoolExecutor(
             max_workers=REFUSAL_THREADS, thread_name_prefix="hourglass-grpc-refuse"

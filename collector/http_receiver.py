@@ -41,7 +41,7 @@ from collector.decode import (
     export_response,
     rpc_status,
 )
-from collector.ingest import IngestClosed, IngestPipeline, Overloaded
+from collector.ingest import MAX_UNDECODED_BYTES, IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
 
 log = logging.getLogger("hourglass.http")
 
@@ -85,6 +85,7 @@ def create_otlp_http_app(
     # decoding holds the GIL: a couple at a time keeps the event loop free and bounds the memory
     # of half-decoded requests (the rest wait with only their compressed bodies)
     decode_slots = asyncio.Semaphore(CONCURRENT_DECODES)
+    undecoded = UndecodedBytes(MAX_UNDECODED_BYTES, pipeline.retry_after_s)
 
     def _error_response(error: _RequestError, content_type: str) -> Response:
         as_json = content_type == JSON
@@ -151,13 +152,22 @@ def create_otlp_http_app(
                 raise _RequestError(
                     415, RPC_CODE_INVALID_ARGUMENT, f"unsupported content encoding {encoding!r}; use gzip"
                 )
-            body = await _read_body(request)
-            pipeline.check_capacity()
+            pipeline.check_capacity()  # before reading: a refused body is never held
+            declared = request.headers.get("content-length", "")
+            reserved = int(declared) if declared.isdigit() and int(declared) <= max_message_bytes else 0
+            undecoded.reserve(reserved)
             try:
-                async with decode_slots:
-                    result = await run_in_threadpool(_decode, body, content_type, encoding == "gzip")
-            except DecodeError as exc:
-                raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
+                body = await _read_body(request)
+                if len(body) > reserved:  # chunked, or longer than declared: reserve the rest now
+                    undecoded.reserve(len(body) - reserved)
+                    reserved = len(body)
+                try:
+                    async with decode_slots:
+                        result = await run_in_threadpool(_decode, body, content_type, encoding == "gzip")
+                except DecodeError as exc:
+                    raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
+            finally:
+                undecoded.release(reserved)
             future = pipeline.submit(result.table)
             try:
                 await asyncio.wrap_future(future)

@@ -18,10 +18,12 @@ acknowledges — anything it could not commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -44,6 +46,46 @@ class Overloaded(Exception):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+# Request bytes received but not decoded yet (waiting for a decode slot), per receiver.
+MAX_UNDECODED_BYTES = 64 * 1024 * 1024
+
+
+class UndecodedBytes:
+    """Admission for request bytes a receiver holds before decoding them: the pipeline's caps only
+    count decoded rows, and requests waiting for a decode slot hold their bytes meanwhile. Over
+    ``limit`` an Export is refused (``Overloaded``: gRPC RESOURCE_EXHAUSTED with RetryInfo, HTTP
+    429); one request is always let through when none is held, so a request bigger than the
+    limit is not starved."""
+
+    def __init__(self, limit: int, retry_after_s: float) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self.held and self.held + size > self.limit:
+                raise Overloaded(
+                    f"ingest overloaded: {self.held} bytes of Exports waiting to be decoded (limit "
+                    f"{self.limit}); retry after {self.retry_after_s:g}s",
+                    self.retry_after_s,
+                )
+            self.held += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+    @contextlib.contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        self.reserve(size)
+        try:
+            yield
+        finally:
+            self.release(size)
 
 
 class IngestClosed(Exception):

@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from collector.duckdb_store import DuckDBSpanStore
 from collector.grpc_receiver import EXPORT_METHOD, GrpcReceiver
 from collector.http_receiver import create_otlp_http_app
-from collector.ingest import IngestClosed, IngestPipeline, Overloaded
+from collector.ingest import IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
 from collector.store import StoreStats
 
 pytestmark = pytest.mark.timeout(60)
@@ -301,20 +301,14 @@ def test_calls_beyond_the_queue_limit_are_refused_with_retry_info() -> None:
 
 
 def test_undecoded_request_bytes_are_bounded() -> None:
-    from collector.grpc_receiver import _UndecodedBytes
-
-    pipeline = IngestPipeline(DuckDBSpanStore(":memory:"), retry_after_s=3.0)
-    try:
-        budget = _UndecodedBytes(100, pipeline)
-        with budget.hold(250):  # bigger than the limit, but nothing else held: let through
-            with pytest.raises(Overloaded) as refused, budget.hold(1):
-                pass
-            assert refused.value.retry_after_s == 3.0
-        with budget.hold(60), budget.hold(40):
-            assert budget.held == 100
-        assert budget.held == 0
-    finally:
-        pipeline.close()
+    budget = UndecodedBytes(100, retry_after_s=3.0)
+    with budget.hold(250):  # bigger than the limit, but nothing else held: let through
+        with pytest.raises(Overloaded) as refused, budget.hold(1):
+            pass
+        assert refused.value.retry_after_s == 3.0
+    with budget.hold(60), budget.hold(40):
+        assert budget.held == 100
+    assert budget.held == 0
 
 
 def test_failed_commit_is_not_acknowledged() -> None:
