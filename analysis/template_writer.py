@@ -195,6 +195,23 @@ def fanout_straggler(rec: Rec) -> WrittenText:
 def fanout_concurrency_limit(rec: Rec) -> WrittenText:
     ev = rec["evidence"]
     k = ev.get("k")
+    if ev.get("shared_across_traces"):
+        summary = (
+            f"{_caller(rec)} sends its {count(ev.get('n_p50'))} calls to {_targets(rec)} through a pool that every "
+            f"concurrent request shares and that runs at most {k} calls at once: "
+            f"{pct(ev.get('saturation'))} of the calls found it full, so later calls queue "
+            f"for {ms(ev.get('queued_ms_p50'))} at the median. {_saving(rec)} {_seen(rec)}"
+        )
+        actions = [
+            f"Raise the shared worker or connection pool above {k}: it serves all requests at once, so "
+            "size it for the peak number of concurrent requests times their fan-out.",
+            "Or give each request its own bounded concurrency, so one request's fan-out does not wait "
+            "behind another's.",
+            "If the downstream cannot take more concurrent calls, batch the calls instead.",
+        ]
+        return WrittenText(
+            f"Enlarge the shared {k}-worker pool behind {rec['operation']}", summary.strip(), actions
+        )
     summary = (
         f"{_caller(rec)} runs its {count(ev.get('n_p50'))} calls to {_targets(rec)} at most {k} at a time, "
         f"so later calls queue for {ms(ev.get('queued_ms_p50'))} at the median. {_saving(rec)} {_seen(rec)}"

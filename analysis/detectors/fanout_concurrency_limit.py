@@ -40,6 +40,28 @@ and ``queued_total_ms_p50`` summed over a fan-out's children.
 No finding for a fully parallel fan-out (``k = n``), for children that overlap only now and then,
 or for a plain sequential loop without pool evidence.
 
+Shared pool across requests
+---------------------------
+A pool shared by all concurrent requests (HotROD's route workers) caps the *operation*, not one
+fan-out: inside one trace the calls run 1 to k at a time and the rules above fail. For a
+signature the per-fan-out rule did not report, the calls of its queued fan-outs (some children
+overlap, not all ran at once) are swept together, across traces. It is a shared pool of
+``k`` (the largest concurrency reached) when all of these hold:
+
+* at least ``MIN_SHARED_CALLS`` (30) calls in ``MIN_SHARED_TRACES`` (5) traces, and ``k >= 2``
+  (one at a time across requests is a lock: ``lock_contention``);
+* saturation: at least ``MIN_SATURATION`` (80 %) of the calls start by bringing the concurrency
+  up to exactly ``k`` — the pool is full nearly every time a call gets in;
+* hand-over: at least ``MIN_HANDOVER`` (50 %) of the calls start within ``HANDOVER_TOLERANCE``
+  (1 ms or 5 % of the median call) after another call of the signature ended, and at least
+  ``MIN_CROSS_TRACE_HANDOVER`` (20 %) after one *of another trace* ended. A per-request loop
+  hands over only to itself; unrelated traffic starts at random concurrency levels.
+
+Evidence adds ``shared_across_traces``, ``calls``, ``saturation``, ``handover_rate`` and
+``cross_trace_handover_rate``; confidence starts at 0.6, +0.1 at 20 traces, +0.1 for saturation
+of 90 %, +0.05 for pool evidence; capped at 0.9. The what-if is the same: each fan-out's
+children all start together.
+
 Confidence starts at 0.6 and rises with the number of traces (+0.1 at 5, +0.1 at 20), with a
 consistent ``k`` (+0.1 when one value covers 80 % of occurrences) and with pool evidence (+0.05);
 capped at 0.95.
@@ -60,6 +82,13 @@ OVERLAP_TOLERANCE_SHARE = 0.05
 LAUNCH_TOLERANCE_NS = 1_000_000
 LAUNCH_TOLERANCE_SHARE = 0.10
 MIN_CAPPED_RATE = 0.5
+MIN_SHARED_CALLS = 30
+MIN_SHARED_TRACES = 5
+MIN_SATURATION = 0.8
+MIN_HANDOVER = 0.5
+MIN_CROSS_TRACE_HANDOVER = 0.2
+HANDOVER_TOLERANCE_NS = 1_000_000
+HANDOVER_TOLERANCE_SHARE = 0.05
 SIGNATURE = ["parent_service", "parent_name", "service", "name", "endpoint"]
 # A hint key (JSON object key) or an event name that speaks of a pool or a concurrency cap.
 _POOL_HINT = r'(?i)"[^"]*(?:pool|worker|semaphore|concurren|parallelism|max_in_flight|permits?)[^"]*"\s*:'
@@ -93,9 +122,19 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     if all_kids.is_empty():
         return []
     # Fully parallel fan-outs (every child started before the first ended) cannot be capped.
-    kids = all_kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
-    if kids.is_empty():
+    queued_kids = all_kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
+    if queued_kids.is_empty():
         return []
+    findings = _per_fanout_findings(spans, all_kids, queued_kids)
+    found = {tuple(f.evidence["signature"]) for f in findings}
+    findings += _shared_pool_findings(spans, queued_kids, found)
+    for finding in findings:
+        del finding.evidence["signature"]
+    return findings
+
+
+def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.DataFrame) -> list[Finding]:
+    """The per-fan-out rule (module doc, first part)."""
     # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
     # k = 1 needs pool evidence. Sequential loops (most sibling groups) stop here.
     launch_tol = pl.max_horizontal(
@@ -194,7 +233,140 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         rate = frame.height / max(same.height, 1)
         if rate < MIN_CAPPED_RATE:
             continue
-        findings.append(_finding(frame, k_mode, rate, same.height))
+        finding = _finding(frame, k_mode, rate, same.height)
+        finding.evidence["signature"] = [first_of(frame, c) for c in SIGNATURE]
+        findings.append(finding)
+    return findings
+
+
+def first_of(frame: pl.DataFrame, column: str) -> str:
+    return str(frame[column][0])
+
+
+def _shared_pool_findings(
+    spans: pl.DataFrame, kids: pl.DataFrame, found: set[tuple[str, ...]]
+) -> list[Finding]:
+    """The shared-pool rule (module doc, second part), over the queued fan-outs ``kids``."""
+    # Only fan-outs whose children overlap somewhere: a plain sequential loop never does, and
+    # loops are most queued groups, so they are dropped before any string column is fetched.
+    overlapping = (
+        kids.lazy()
+        .sort(["group_id", "start_ns"])
+        .with_columns(prev_end_max=pl.col("end_ns").cum_max().shift(1).over("group_id"))
+        .group_by("group_id")
+        .agg(overlaps=(pl.col("start_ns") < pl.col("prev_end_max")).any())
+        .filter("overlaps")
+        .select("group_id")
+        .collect()
+    )
+    kids = kids.join(overlapping, on="group_id", how="semi")
+    if kids.height < MIN_SHARED_CALLS:
+        return []
+    kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
+    kids = kids.with_columns(signature_id=pl.struct(SIGNATURE).hash())
+    per_signature = kids.group_by("signature_id").agg(
+        calls=pl.len(), traces=pl.col("trace_id").n_unique(), median_ns=pl.col("duration_ns").median()
+    )
+    per_signature = per_signature.filter(
+        (pl.col("calls") >= MIN_SHARED_CALLS) & (pl.col("traces") >= MIN_SHARED_TRACES)
+    )
+    if per_signature.is_empty():
+        return []
+    kids = kids.join(per_signature.select("signature_id", "median_ns"), on="signature_id")
+
+    # Concurrency across traces: the sweep of the fan-out rule, by signature instead of fan-out.
+    starts = kids.select("signature_id", "span_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
+    ends = kids.select("signature_id", "span_id", t=pl.col("end_ns"), delta=pl.lit(-1, pl.Int32))
+    sweep = (
+        pl.concat([starts, ends])
+        .sort(["signature_id", "t", "delta"])
+        .with_columns(concurrency=pl.col("delta").cum_sum())
+    )
+    k = sweep.group_by("signature_id").agg(k=pl.col("concurrency").max())
+    saturation = (
+        sweep.join(k, on="signature_id")
+        .filter(pl.col("delta") == 1)
+        .group_by("signature_id")
+        .agg(saturation=(pl.col("concurrency") == pl.col("k")).mean())
+    )
+    # Hand-over: the latest end of another call of the signature at or before each start.
+    tolerance = pl.max_horizontal(
+        pl.lit(HANDOVER_TOLERANCE_NS), (pl.col("median_ns") * HANDOVER_TOLERANCE_SHARE).cast(pl.Int64)
+    )
+    previous_ends = kids.select("signature_id", t=pl.col("end_ns"), end_trace=pl.col("trace_id")).sort("t")
+    handover = (
+        kids.select("signature_id", "trace_id", "median_ns", t=pl.col("start_ns"))
+        .sort("t")
+        .join_asof(
+            previous_ends.with_columns(prev_end_ns=pl.col("t")),
+            on="t",
+            by="signature_id",
+            strategy="backward",
+            check_sortedness=False,
+        )
+        .with_columns(handed=(pl.col("t") - pl.col("prev_end_ns") <= tolerance).fill_null(False))
+        .group_by("signature_id")
+        .agg(
+            handover_rate=pl.col("handed").mean(),
+            cross_trace_handover_rate=(pl.col("handed") & (pl.col("end_trace") != pl.col("trace_id"))).mean(),
+        )
+    )
+    shared = (
+        per_signature.join(k, on="signature_id")
+        .join(saturation, on="signature_id")
+        .join(handover, on="signature_id")
+        .filter(
+            (pl.col("k") >= 2)
+            & (pl.col("saturation") >= MIN_SATURATION)
+            & (pl.col("handover_rate") >= MIN_HANDOVER)
+            & (pl.col("cross_trace_handover_rate") >= MIN_CROSS_TRACE_HANDOVER)
+        )
+    )
+    if shared.is_empty():
+        return []
+    pooled = _pool_evidence_groups(spans, kids)
+    findings = []
+    for stats in shared.sort("calls", descending=True).iter_rows(named=True):
+        calls = kids.filter(pl.col("signature_id") == stats["signature_id"])
+        if tuple(first_of(calls, c) for c in SIGNATURE) in found:
+            continue
+        fanouts = (
+            calls.sort(["group_id", "start_ns"])
+            .group_by("group_id", maintain_order=True)
+            .agg(
+                pl.col([*SIGNATURE, "trace_id", "parent_span_id", "n"]).first(),
+                child_ids=pl.col("span_id"),
+                first_start_ns=pl.col("start_ns").min(),
+                queued_ns=(pl.col("start_ns") - pl.col("start_ns").min()).sum(),
+                queued_per_call_ns=(pl.col("start_ns") - pl.col("start_ns").min())
+                .filter(pl.col("start_ns") > pl.col("start_ns").min())
+                .mean(),
+                makespan_ns=pl.col("end_ns").max() - pl.col("start_ns").min(),
+                longest_child_ns=pl.col("duration_ns").max(),
+                k=pl.lit(stats["k"], pl.Int64),
+                cap_hits=pl.lit(0, pl.Int64),
+                handover_gap_ns=pl.lit(None, pl.Int64),
+            )
+            .with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
+            .sort(["first_start_ns", "trace_id", "parent_span_id"])
+        )
+        finding = _finding(fanouts, int(stats["k"]), 1.0, fanouts.height)
+        evidence = finding.evidence
+        for key in ("k_share", "capped_rate", "handover_gap_ms_p50"):
+            evidence.pop(key, None)
+        evidence.update(
+            shared_across_traces=True,
+            calls=int(stats["calls"]),
+            saturation=round(float(stats["saturation"]), 3),
+            handover_rate=round(float(stats["handover_rate"]), 3),
+            cross_trace_handover_rate=round(float(stats["cross_trace_handover_rate"]), 3),
+        )
+        traces = int(stats["traces"])
+        confidence = 0.6 + (0.1 if traces >= 20 else 0.0) + (0.1 if stats["saturation"] >= 0.9 else 0.0)
+        confidence += 0.05 if evidence["pool_evidence"] else 0.0
+        finding.confidence = round(min(confidence, 0.9), 3)
+        finding.evidence["signature"] = [first_of(calls, c) for c in SIGNATURE]
+        findings.append(finding)
     return findings
 
 

@@ -304,3 +304,64 @@ def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None
     # Four rounds of 40 ms become one: 120 ms back per trace.
     assert rec["impact"]["saved_ms_p50"] == pytest.approx(120, abs=0.01)
     assert rec["traces_affected"] == 4
+
+
+# -- a pool shared by every concurrent request (the second rule) ---------------------------------
+def shared_pool_traces(
+    requests: int, workers: int | None, *, arrival_gap_ms: float, seed: int = 3, per_request: bool = False
+) -> list[TraceBuilder]:
+    """``requests`` /dispatch traces arriving every ``arrival_gap_ms``, each with 10 route calls.
+    ``workers``: one FIFO pool of that size shared by all requests (None: no pool, every call
+    starts when its request submits it); ``per_request``: each request has its own pool instead."""
+    import random
+
+    rng = random.Random(seed)
+    shared_free = [0.0] * (workers or 0)
+    builders = []
+    for r in range(requests):
+        arrival = r * arrival_gap_ms
+        own_free = [arrival] * (workers or 0)
+        free = own_free if per_request else shared_free
+        plan = []
+        for _ in range(10):
+            dur = rng.uniform(40, 60)
+            if workers is None:
+                start = arrival + rng.uniform(0, 30)
+            else:
+                start = max(arrival, heapq.heappop(free))
+                heapq.heappush(free, start + dur)
+            plan.append((start, dur))
+        b = TraceBuilder(service="frontend")
+        end = max(s + d for s, d in plan)
+        root = b.span("HTTP GET /dispatch", start_ms=arrival, dur_ms=end - arrival + 2, kind=KIND_SERVER)
+        for s, d in sorted(plan):
+            b.span("HTTP GET /route", parent=root, start_ms=s, dur_ms=d, kind=KIND_CLIENT, peer="route")
+        builders.append(b)
+    return builders
+
+
+def test_a_pool_shared_across_requests_is_found() -> None:
+    # requests arrive faster than a pool of 3 drains 10 calls: each trace runs 1-3 calls at a
+    # time, so only the sweep across traces shows the cap
+    [finding] = analyse(shared_pool_traces(30, 3, arrival_gap_ms=120))
+    assert finding.evidence["shared_across_traces"] is True
+    assert finding.evidence["k"] == 3
+    assert finding.evidence["saturation"] >= 0.8
+    assert finding.evidence["cross_trace_handover_rate"] >= 0.2
+    assert finding.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
+    assert all(isinstance(o.interventions[0], RunConcurrently) for o in finding.occurrences)
+
+
+def test_a_per_request_pool_is_reported_once_by_the_fanout_rule() -> None:
+    [finding] = analyse(shared_pool_traces(30, 3, arrival_gap_ms=120, per_request=True))
+    assert finding.evidence["k"] == 3 and "shared_across_traces" not in finding.evidence
+
+
+def test_overlapping_requests_without_a_pool_give_nothing() -> None:
+    assert analyse(shared_pool_traces(30, None, arrival_gap_ms=40)) == []
+
+
+def test_sequential_loops_of_overlapping_requests_are_not_a_shared_pool() -> None:
+    # each request calls one at a time (a pool of 1 of its own): globally ~4 run at once and each
+    # call follows the end of its own predecessor, never another request's
+    assert analyse(shared_pool_traces(30, 1, arrival_gap_ms=130, per_request=True)) == []
