@@ -24,7 +24,7 @@ Rules:
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -108,13 +108,23 @@ class DuckDBSpanStore:
         module doc; ignored for ``:memory:``). ``threads``: DuckDB's worker threads (default:
         one per core); serve uses 1, as a parallel insert splits row groups and costs
         ~1 µs/span more."""
-        self.path = path
         file_backed = path != ":memory:"
+        if file_backed:
+            # DuckDB expands "~" itself; the log beside the file must be found at the same place
+            path = os.path.expanduser(path)
+        self.path = path
         log_directory = Path(f"{path}.ingest-log")
         if file_backed and not Path(path).exists() and log_directory.exists():
-            # the log of a database file that is gone: replaying it into a new file would be wrong
-            log.warning("removing ingest log %s: its database file no longer exists", log_directory)
-            shutil.rmtree(log_directory, ignore_errors=True)
+            # The log of a database file that is gone: replaying it into a new file would be wrong,
+            # and deleting spans is not for us to decide: set it aside, loudly.
+            aside = log_directory.with_name(f"{log_directory.name}.orphaned-{time.strftime('%Y%m%dT%H%M%S')}")
+            log.error(
+                "ingest log %s belongs to a database file that no longer exists; moved to %s "
+                "(its spans were never loaded anywhere)",
+                log_directory,
+                aside,
+            )
+            log_directory.rename(aside)
         # Checkpoint after 128 MB of WAL instead of DuckDB's 16 MB: each checkpoint compresses
         # (FSST) what was appended and the partly filled row group it went into, so frequent
         # ones made the writer the bottleneck
@@ -409,8 +419,10 @@ class DuckDBSpanStore:
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests
         and compaction metrics)."""
-        staged = self._staged_rows
-        return staged + int(self._cursor().execute("SELECT count(*) FROM spans").fetchall()[0][0])
+        # under the write lock: the loader moves rows from staged to the table while holding it
+        with self._write_lock:
+            staged = self._staged_rows
+            return staged + int(self._cursor().execute("SELECT count(*) FROM spans").fetchall()[0][0])
 
     def close(self) -> None:
         """Checkpoint and close; rows committed before are kept either way."""

@@ -141,6 +141,9 @@ class IngestLog:
             # left torn by an append whose cut failed: keep its good records, write elsewhere
             path = path.with_name(f"{path.stem}-{time.time_ns()}.hglog")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # the same file may already be listed (empty: reopened after a failed first append, or
+        # found empty at start-up): one entry per file, or mark_applied would delete the live one
+        self._segments = [segment for segment in self._segments if segment.path != path]
         self._segments.append(_Segment(path, self.next_row, self.next_row))
         self._file_bytes = os.fstat(fd).st_size
         _fsync_directory(self.directory)
@@ -188,12 +191,14 @@ class IngestLog:
             os.fsync(f.fileno())
         os.replace(temporary, self.directory / _APPLIED_FILE)
         keep: list[_Segment] = []
+        drop: list[_Segment] = []
         for index, segment in enumerate(self._segments):
             is_current = index == len(self._segments) - 1 and self._file is not None
-            if segment.end_row <= rows and not is_current:
+            (drop if segment.end_row <= rows and not is_current else keep).append(segment)
+        in_use = {segment.path for segment in keep}
+        for segment in drop:
+            if segment.path not in in_use:  # never a file a kept entry still writes or needs
                 segment.path.unlink(missing_ok=True)
-            else:
-                keep.append(segment)
         self._segments = keep
 
     def close(self, *, remove: bool = False) -> None:

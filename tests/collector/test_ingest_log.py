@@ -146,6 +146,46 @@ def test_log_of_a_deleted_database_is_not_replayed(tmp_path: Path) -> None:
     with DuckDBSpanStore(str(db)) as store:
         assert store.stats().spans == 0
     assert not directory.exists()
+    [aside] = tmp_path.glob("spans.duckdb.ingest-log.orphaned-*")  # set aside, not deleted
+    assert pa.concat_tables(list(IngestLog(aside).replay())).num_rows == 10
+
+
+def test_a_home_relative_path_finds_its_log_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DuckDB expands "~" (HOURGLASS_DB=~/x.duckdb from a unit file); the log must follow it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    DuckDBSpanStore("~/spans.duckdb").close()
+    ingest_log = IngestLog(tmp_path / "spans.duckdb.ingest-log")  # as a killed serve leaves it
+    ingest_log.append(_batch(0, 10))
+    ingest_log.close()
+    with DuckDBSpanStore("~/spans.duckdb") as store:
+        assert store.stats().spans == 10
+
+
+def test_an_empty_segment_reopened_is_not_deleted_under_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # found in review: a segment file reopened (after a failed first append, or found empty at
+    # start-up) was listed twice, and mark_applied deleted the live file
+    directory = tmp_path / "log"
+    ingest_log = IngestLog(directory)
+    real_fdatasync = os.fdatasync
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    with pytest.raises(OSError):
+        ingest_log.append(_batch(0, 10))
+    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+    first, second = _batch(10, 10), _batch(20, 10)
+    ingest_log.append(first)
+    ingest_log.append(second)
+    ingest_log.mark_applied(10)
+    ingest_log.close()
+    assert pa.concat_tables(list(IngestLog(directory).replay())).equals(second)
 
 
 def test_a_failed_append_leaves_no_torn_record_before_later_ones(
