@@ -232,7 +232,11 @@ class GrpcReceiver:
         # in-process decodes hold the GIL: a couple at once is enough; with worker processes,
         # one request per worker is decoded at a time and the others wait with their bytes only
         self._decode_slots = threading.BoundedSemaphore(decode_processes or CONCURRENT_DECODES)
-        self._undecoded = UndecodedBytes(MAX_UNDECODED_BYTES, pipeline.retry_after_s)
+        self._undecoded = UndecodedBytes(
+            max(MAX_UNDECODED_BYTES, 2 * max_message_bytes),
+            pipeline.retry_after_s,
+            pipeline.count_overload_refusal,
+        )
         self._executor = _CountingExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
         self._refusal_executor = futures.ThreadPoolExecutor(
             max_workers=REFUSAL_THREADS, thread_name_prefix="hourglass-grpc-refuse"
@@ -291,6 +295,10 @@ class GrpcReceiver:
         return False
 
     def refuse_busy(self, request: bytes, context: grpc.ServicerContext) -> Any:
+        if not self._authorised(context):  # a wrong token is told so, busy or not
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
+            )
         retry_after_s = self.pipeline.retry_after_s
         self.pipeline.count_overload_refusal()
         _abort_with_retry(
@@ -316,6 +324,15 @@ class GrpcReceiver:
                     result = decode_export_request(request) if decoder is None else decoder.decode(request)
             except DecodeError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except MemoryError:  # a pathological request: retryable, never UNKNOWN
+                log.error("out of memory decoding an Export of %d bytes", len(request))
+                _abort_with_retry(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    RPC_CODE_UNAVAILABLE,
+                    "out of memory decoding the request",
+                    SHUTDOWN_RETRY_AFTER_S,
+                )
             except (BrokenProcessPool, futures.TimeoutError) as exc:
                 # not decoded, nothing stored: the exporter retries, the server keeps serving
                 log.error("decode worker failed: %r", exc)

@@ -85,7 +85,11 @@ def create_otlp_http_app(
     # decoding holds the GIL: a couple at a time keeps the event loop free and bounds the memory
     # of half-decoded requests (the rest wait with only their compressed bodies)
     decode_slots = asyncio.Semaphore(CONCURRENT_DECODES)
-    undecoded = UndecodedBytes(MAX_UNDECODED_BYTES, pipeline.retry_after_s)
+    undecoded = UndecodedBytes(
+        max(MAX_UNDECODED_BYTES, 2 * max_message_bytes),
+        pipeline.retry_after_s,
+        pipeline.count_overload_refusal,
+    )
 
     def _error_response(error: _RequestError, content_type: str) -> Response:
         as_json = content_type == JSON
@@ -99,7 +103,9 @@ def create_otlp_http_app(
             body, status_code=error.http_status, media_type=JSON if as_json else PROTOBUF, headers=headers
         )
 
-    async def _read_body(request: Request) -> bytes:
+    async def _read_body(request: Request, reserved: list[int]) -> bytes:
+        """The body, reserving each chunk in the undecoded-bytes budget as it arrives (the caller
+        releases ``reserved[0]``): a slow sender holds only what it has sent."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_message_bytes:
             raise _RequestError(
@@ -115,6 +121,8 @@ def create_otlp_http_app(
                 raise _RequestError(
                     413, RPC_CODE_OUT_OF_RANGE_SIZE, f"body exceeds the {max_message_bytes}-byte limit"
                 )
+            undecoded.reserve(len(chunk))
+            reserved[0] += len(chunk)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -153,21 +161,23 @@ def create_otlp_http_app(
                     415, RPC_CODE_INVALID_ARGUMENT, f"unsupported content encoding {encoding!r}; use gzip"
                 )
             pipeline.check_capacity()  # before reading: a refused body is never held
-            declared = request.headers.get("content-length", "")
-            reserved = int(declared) if declared.isdigit() and int(declared) <= max_message_bytes else 0
-            undecoded.reserve(reserved)
+            reserved = [0]
             try:
-                body = await _read_body(request)
-                if len(body) > reserved:  # chunked, or longer than declared: reserve the rest now
-                    undecoded.reserve(len(body) - reserved)
-                    reserved = len(body)
+                body = await _read_body(request, reserved)
                 try:
                     async with decode_slots:
                         result = await run_in_threadpool(_decode, body, content_type, encoding == "gzip")
                 except DecodeError as exc:
                     raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
+                except MemoryError:  # a pathological request: retryable, never UNKNOWN
+                    raise _RequestError(
+                        503,
+                        RPC_CODE_UNAVAILABLE,
+                        "out of memory decoding the request",
+                        SHUTDOWN_RETRY_AFTER_S,
+                    ) from None
             finally:
-                undecoded.release(reserved)
+                undecoded.release(reserved[0])
             future = pipeline.submit(result.table)
             try:
                 await asyncio.wrap_future(future)

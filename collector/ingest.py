@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -59,21 +59,26 @@ class UndecodedBytes:
     429); one request is always let through when none is held, so a request bigger than the
     limit is not starved."""
 
-    def __init__(self, limit: int, retry_after_s: float) -> None:
+    def __init__(self, limit: int, retry_after_s: float, on_refuse: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.held = 0
+        self._on_refuse = on_refuse  # the pipeline's overload counter
         self._lock = threading.Lock()
 
     def reserve(self, size: int) -> None:
         with self._lock:
-            if self.held and self.held + size > self.limit:
-                raise Overloaded(
-                    f"ingest overloaded: {self.held} bytes of Exports waiting to be decoded (limit "
-                    f"{self.limit}); retry after {self.retry_after_s:g}s",
-                    self.retry_after_s,
-                )
-            self.held += size
+            refuse = self.held and self.held + size > self.limit
+            if not refuse:
+                self.held += size
+        if refuse:
+            if self._on_refuse is not None:
+                self._on_refuse()
+            raise Overloaded(
+                f"ingest overloaded: {self.held} bytes of Exports waiting to be decoded (limit "
+                f"{self.limit}); retry after {self.retry_after_s:g}s",
+                self.retry_after_s,
+            )
 
     def release(self, size: int) -> None:
         with self._lock:

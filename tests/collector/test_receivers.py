@@ -300,8 +300,64 @@ def test_calls_beyond_the_queue_limit_are_refused_with_retry_info() -> None:
         gen.close()
 
 
+def test_a_slow_http_upload_holds_only_what_it_sent() -> None:
+    # found in review: reserving the declared Content-Length up front let one connection that
+    # declared 64 MiB and sent 2 bytes block every other Export with 429
+    import socket
+
+    gen = _start(DuckDBSpanStore(":memory:"), max_message_bytes=64 << 20)
+    r = next(gen)
+    host, port = r.http_url.split("//")[1].split("/")[0].split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(
+                b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                b"Content-Length: " + str(64 << 20).encode() + b"\r\n\r\n\x0a\x00"
+            )
+            time.sleep(0.3)
+            reply = httpx.post(
+                r.http_url,
+                content=make_request(1, first=900),
+                headers={"content-type": "application/x-protobuf"},
+                timeout=10,
+            )
+            assert reply.status_code == 200
+    finally:
+        gen.close()
+
+
+def test_busy_refusal_still_checks_the_token() -> None:
+    store = BlockingStore()
+    pipeline = IngestPipeline(store)
+    receiver = GrpcReceiver(pipeline, port=0, api_token="s3cret", workers=1, max_concurrent_rpcs=1)
+    port = receiver.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    call = channel.unary_unary(EXPORT_METHOD)
+    try:
+        held = threading.Thread(
+            target=lambda: call(make_request(1), timeout=20, metadata=(("authorization", "Bearer s3cret"),))
+        )
+        held.start()
+        assert store.writing.wait(10)  # the one call allowed is in progress
+        with pytest.raises(grpc.RpcError) as wrong:
+            call(make_request(1, first=5), timeout=10, metadata=(("authorization", "Bearer nope"),))
+        assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as busy:
+            call(make_request(1, first=6), timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+        assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _retry_delay_s(busy.value) > 0
+        store.release.set()
+        held.join(10)
+    finally:
+        store.release.set()
+        channel.close()
+        receiver.stop(1)
+        pipeline.close(10)
+        store.close()
+
+
 def test_undecoded_request_bytes_are_bounded() -> None:
-    budget = UndecodedBytes(100, retry_after_s=3.0)
+    refusals: list[int] = []
+    budget = UndecodedBytes(100, retry_after_s=3.0, on_refuse=lambda: refusals.append(1))
     with budget.hold(250):  # bigger than the limit, but nothing else held: let through
         with pytest.raises(Overloaded) as refused, budget.hold(1):
             pass
@@ -309,6 +365,7 @@ def test_undecoded_request_bytes_are_bounded() -> None:
     with budget.hold(60), budget.hold(40):
         assert budget.held == 100
     assert budget.held == 0
+    assert refusals == [1]  # counted as an overload refusal
 
 
 def test_failed_commit_is_not_acknowledged() -> None:
