@@ -93,6 +93,22 @@ def _check_columns(columns: Sequence[str]) -> list[str]:
     return list(columns)
 
 
+def _close_cursor(cursor: duckdb.DuckDBPyConnection) -> None:
+    """Close a reader's cursor even while it runs a query (a long analysis scan at shutdown):
+    DuckDB refuses to close a busy connection, so the query is interrupted first."""
+    try:
+        cursor.close()
+    except duckdb.Error:
+        cursor.interrupt()
+        for _ in range(100):
+            try:
+                cursor.close()
+                return
+            except duckdb.Error:
+                time.sleep(0.05)
+        log.warning("a reader's DuckDB cursor stayed busy at close; leaving it to the connection")
+
+
 class DuckDBSpanStore:
     """``SpanStore`` on a DuckDB file (``path``) or in memory (``":memory:"``)."""
 
@@ -445,7 +461,7 @@ class DuckDBSpanStore:
                     self._log.close(remove=True)
             with self._cursors_lock:
                 for _, cursor in self._cursors:
-                    cursor.close()
+                    _close_cursor(cursor)
                 self._cursors.clear()
             self._writer.close()
             if self.path != ":memory:":

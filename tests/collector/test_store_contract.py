@@ -200,3 +200,26 @@ def test_write_is_durable_across_kill_9(tmp_path: Path) -> None:
             proc.wait(timeout=10)
     with DuckDBSpanStore(str(path)) as store:
         assert store.stats() == StoreStats(spans=5, traces=5)
+
+
+def test_close_interrupts_a_reader_still_running_a_query(tmp_path: Path) -> None:
+    # serve stopping while the background analysis scans a big store: DuckDB refuses to close a
+    # busy cursor, and close() raised ResourceInUseException (serve exited 1 after storing all)
+    import threading
+    import time
+
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"), ingest_log=True, threads=1)
+    errors: list[str] = []
+
+    def long_query() -> None:
+        try:
+            store._cursor().execute("SELECT count(*) FROM range(3000000000) a, range(10) b").fetchall()
+        except Exception as exc:
+            errors.append(type(exc).__name__)
+
+    reader = threading.Thread(target=long_query)
+    reader.start()
+    time.sleep(0.5)
+    store.close()
+    reader.join(30)
+    assert not reader.is_alive() and errors
