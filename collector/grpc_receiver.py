@@ -62,8 +62,9 @@ DEFAULT_WORKERS = 64
 MAX_QUEUED_RPCS_PER_WORKER = 4
 REFUSAL_THREADS = 2
 GRPC_LIMIT_FACTOR = 16  # grpc's bare limit, as a multiple of ours (see GrpcReceiver.__init__)
-# Decoding holds the GIL, so more than a couple of decodes at once gain nothing and each holds
-# its half-built columns in memory; the other workers wait for their commit, holding only a table.
+# Decodes at once in the handler threads: the C scan releases the GIL but the column assembly
+# holds it, so more gain nothing and each holds its half-built columns; the other handlers wait
+# for a slot holding only the request bytes (bounded by the undecoded-bytes budget).
 CONCURRENT_DECODES = 2
 SHUTDOWN_RETRY_AFTER_S = 5.0
 COMMIT_TIMEOUT_S = 120.0

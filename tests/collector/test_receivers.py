@@ -11,7 +11,7 @@ import gzip
 import json
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -213,6 +213,24 @@ def test_overload_grpc_resource_exhausted_and_http_429() -> None:
         gen.close()
 
 
+def _send_collecting(
+    r: Receivers, outcomes: list[tuple[grpc.StatusCode, float | None]], first: int
+) -> Callable[[int], None]:
+    """A sender for threads: exports one span and records (status, RetryInfo delay or None)."""
+
+    def send(index: int) -> None:
+        try:
+            r.export(make_request(1, first=first + index))
+            outcomes.append((grpc.StatusCode.OK, None))
+        except grpc.RpcError as err:
+            trailers = dict(err.trailing_metadata() or ())
+            outcomes.append(
+                (err.code(), _retry_delay_s(err) if "grpc-status-details-bin" in trailers else None)
+            )
+
+    return send
+
+
 def test_many_concurrent_exports_are_refused_with_retry_info() -> None:
     # grpc's own concurrency limit answers RESOURCE_EXHAUSTED without RetryInfo, which the
     # OpenTelemetry Collector's exporter treats as permanent (data dropped). With 40 Exports
@@ -221,16 +239,7 @@ def test_many_concurrent_exports_are_refused_with_retry_info() -> None:
     gen = _start(store, max_pending_spans=41, retry_after_s=2.0)
     r = next(gen)
     outcomes: list[tuple[grpc.StatusCode, float | None]] = []
-
-    def send(index: int) -> None:
-        try:
-            r.export(make_request(1, first=100 + index))
-            outcomes.append((grpc.StatusCode.OK, None))
-        except grpc.RpcError as err:
-            trailers = dict(err.trailing_metadata() or ())
-            outcomes.append(
-                (err.code(), _retry_delay_s(err) if "grpc-status-details-bin" in trailers else None)
-            )
+    send = _send_collecting(r, outcomes, first=100)
 
     try:
         first = threading.Thread(target=send, args=(-1,))
@@ -267,16 +276,7 @@ def test_calls_beyond_the_queue_limit_are_refused_with_retry_info() -> None:
     )
     r = next(gen)
     outcomes: list[tuple[grpc.StatusCode, float | None]] = []
-
-    def send(index: int) -> None:
-        try:
-            r.export(make_request(1, first=300 + index))
-            outcomes.append((grpc.StatusCode.OK, None))
-        except grpc.RpcError as err:
-            trailers = dict(err.trailing_metadata() or ())
-            outcomes.append(
-                (err.code(), _retry_delay_s(err) if "grpc-status-details-bin" in trailers else None)
-            )
+    send = _send_collecting(r, outcomes, first=300)
 
     try:
         first = threading.Thread(target=send, args=(-1,))
