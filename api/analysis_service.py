@@ -7,7 +7,9 @@ path. One background thread watches the store and re-runs the whole analysis whe
   their late spans are in), or
 * new spans keep arriving without a pause, and the cached report is older than
   ``max_staleness_seconds`` (default ``max(6 × settle, 60 s)``), so a busy system still gets
-  fresh reports.
+  fresh reports — or than ``STALE_DURATION_FACTOR`` (10) times the last run's duration, if that
+  is longer: under continuous ingest into a big store, re-analysis then takes at most about a
+  tenth of the time instead of running back to back against ingest.
 
 The analysis itself runs in a long-lived worker process (:class:`AnalysisWorker`): the server
 process only scans the store (DuckDB, outside the GIL) and hands the Arrow table over, so the
@@ -344,6 +346,7 @@ def table_trace_fetcher(table: pa.Table) -> TraceFetcher:
 # the thread that scans the store). A 75-second bench-ingest run fell from ~270k to ~110k spans/s
 # once the store held millions of spans and the once-a-minute re-analysis competed at equal priority.
 BACKGROUND_NICENESS = 10
+STALE_DURATION_FACTOR = 10
 
 
 def lower_priority_of_this_thread() -> None:
@@ -651,7 +654,7 @@ class AnalysisService:
             elif snapshot is None or count != snapshot.change_marker:
                 if now - last_change >= self.settle_seconds:
                     reason = "settled"
-                elif snapshot is None or now - snapshot.started_monotonic >= self.max_staleness_seconds:
+                elif snapshot is None or now - snapshot.started_monotonic >= self.stale_after_seconds():
                     reason = "stale"  # spans keep arriving without a pause
             if reason is not None and now >= retry_at:
                 first = False
@@ -665,6 +668,10 @@ class AnalysisService:
             self._stop.wait(self.poll_seconds)
 
     # -- running -----------------------------------------------------------------------------
+
+    def stale_after_seconds(self) -> float:
+        """How old the report may get while spans keep arriving (see the module doc)."""
+        return max(self.max_staleness_seconds, STALE_DURATION_FACTOR * (self._last_duration_s or 0.0))
 
     def _resolve_writer(self) -> Any:
         if not self._writer_resolved:
@@ -873,6 +880,7 @@ class AnalysisService:
                 "last_error_at": _iso(self._last_error_at),
                 "settle_seconds": self.settle_seconds,
                 "max_staleness_seconds": self.max_staleness_seconds,
+                "stale_after_seconds": round(self.stale_after_seconds(), 1),
             }
 
 

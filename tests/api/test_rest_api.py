@@ -315,6 +315,19 @@ def test_corrupt_traces_are_served_not_500() -> None:
         store.close()
 
 
+def test_a_slow_analysis_is_rerun_at_most_a_tenth_of_the_time() -> None:
+    # a 30 s analysis of a big store re-run every 60 s would compete with ingest half the time
+    service = AnalysisService(
+        DuckDBSpanStore(":memory:"), settle_seconds=10.0, writer=None, render_html=False
+    )
+    assert service.stale_after_seconds() == 60.0
+    service._last_duration_s = 0.5
+    assert service.stale_after_seconds() == 60.0
+    service._last_duration_s = 30.0
+    assert service.stale_after_seconds() == 300.0
+    service.store.close()
+
+
 def test_continuous_ingest_still_gets_fresh_reports() -> None:
     """Spans arriving every 100 ms never settle (settle 1 s); the staleness bound (2 s) re-runs anyway."""
     store = DuckDBSpanStore(":memory:")
