@@ -133,6 +133,21 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     return findings
 
 
+def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.DataFrame:
+    """Concurrency of the calls per ``key``: a +1 event at each start and a -1 event at each
+    ``end_column``, sorted by (key, time, delta) so that ends at the same instant come before
+    starts; the cumulative sum over the whole frame is the per-key concurrency because every key's
+    deltas sum to zero. Columns: key, span_id, t, delta, concurrency and ``k``, the key's maximum."""
+    starts = calls.select(key, "span_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
+    ends = calls.select(key, "span_id", t=pl.col(end_column), delta=pl.lit(-1, pl.Int32))
+    sweep = (
+        pl.concat([starts, ends])
+        .sort([key, "t", "delta"])
+        .with_columns(concurrency=pl.col("delta").cum_sum())
+    )
+    return sweep.join(sweep.group_by(key).agg(k=pl.col("concurrency").max()), on=key)
+
+
 def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.DataFrame) -> list[Finding]:
     """The per-fan-out rule (module doc, first part)."""
     # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
@@ -156,18 +171,8 @@ def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.D
     )
     kids = kids.with_columns(sweep_end_ns=pl.col("end_ns") - overlap_tol)
 
-    # Concurrency sweep: sorted by (group, time, delta) so ends at the same instant come before
-    # starts; the cumulative sum over the whole frame is the per-group concurrency because every
-    # group's deltas sum to zero.
-    starts = kids.select("group_id", "span_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
-    ends = kids.select("group_id", "span_id", t=pl.col("sweep_end_ns"), delta=pl.lit(-1, pl.Int32))
-    sweep = (
-        pl.concat([starts, ends])
-        .sort(["group_id", "t", "delta"])
-        .with_columns(concurrency=pl.col("delta").cum_sum())
-    )
-    k_per_group = sweep.group_by("group_id").agg(k=pl.col("concurrency").max())
-    sweep = sweep.join(k_per_group, on="group_id")
+    sweep = _concurrency_sweep(kids, "group_id", "sweep_end_ns")
+    k_per_group = sweep.group_by("group_id").agg(pl.col("k").first())
     # Each start that brings the concurrency up to k is one time the cap was hit.
     cap_hits = sweep.group_by("group_id").agg(
         cap_hits=((pl.col("delta") == 1) & (pl.col("concurrency") == pl.col("k"))).sum()
@@ -275,17 +280,10 @@ def _shared_pool_findings(
     kids = kids.join(per_signature.select("signature_id", "median_ns"), on="signature_id")
 
     # Concurrency across traces: the sweep of the fan-out rule, by signature instead of fan-out.
-    starts = kids.select("signature_id", "span_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
-    ends = kids.select("signature_id", "span_id", t=pl.col("end_ns"), delta=pl.lit(-1, pl.Int32))
-    sweep = (
-        pl.concat([starts, ends])
-        .sort(["signature_id", "t", "delta"])
-        .with_columns(concurrency=pl.col("delta").cum_sum())
-    )
-    k = sweep.group_by("signature_id").agg(k=pl.col("concurrency").max())
+    sweep = _concurrency_sweep(kids, "signature_id", "end_ns")
+    k = sweep.group_by("signature_id").agg(pl.col("k").first())
     saturation = (
-        sweep.join(k, on="signature_id")
-        .filter(pl.col("delta") == 1)
+        sweep.filter(pl.col("delta") == 1)
         .group_by("signature_id")
         .agg(saturation=(pl.col("concurrency") == pl.col("k")).mean())
     )
