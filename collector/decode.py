@@ -408,29 +408,37 @@ def _hint_events(events: Any, names: list[str]) -> str | None:
     return json.dumps(hint_events, separators=(",", ":")) if hint_events else None
 
 
+def validity_bitmap(valid: np.ndarray | None, count: int) -> tuple[pa.Buffer | None, int]:
+    """Arrow validity bitmap and null count of a boolean mask (None, or all true: no bitmap)."""
+    if valid is None:
+        return None, 0
+    null_count = count - int(np.count_nonzero(valid))
+    if not null_count:
+        return None, 0
+    return pa.py_buffer(np.packbits(valid, bitorder="little")), null_count
+
+
+def hex_id_array(ids: bytes, count: int, size: int, valid: np.ndarray | None = None) -> pa.Array:
+    """``count`` ids of ``size`` bytes each, concatenated in ``ids``, as lowercase hex strings (one
+    ``bytes.hex`` over all of them instead of one per id); null where not ``valid``."""
+    offsets = np.arange(0, 2 * size * count + 1, 2 * size, dtype=np.int32)
+    validity, null_count = validity_bitmap(valid, count)
+    return pa.StringArray.from_buffers(
+        count, pa.py_buffer(offsets), pa.py_buffer(ids.hex().encode("ascii")), validity, null_count
+    )
+
+
 def _hex_ids(ids: list[bytes], size: int, *, empty_or_zero_is_null: bool = False) -> pa.Array:
-    """Lowercase hex of validated ids (each ``size`` bytes, or empty when nullable) as one string
-    array, made with one ``bytes.hex`` over all of them instead of one per id."""
+    """Lowercase hex of validated ids (each ``size`` bytes, or empty when nullable)."""
     count = len(ids)
     if empty_or_zero_is_null:
         zero = bytes(size)
         ids = [i or zero for i in ids]
     data = b"".join(ids)
-    offsets = np.arange(0, 2 * len(data) + 1, 2 * size, dtype=np.int32)
-    validity = None
-    null_count = 0
+    valid: np.ndarray | None = None
     if empty_or_zero_is_null and count:
-        valid = np.frombuffer(data, dtype=np.uint8).reshape(count, size).any(axis=1)
-        null_count = count - int(valid.sum())
-        if null_count:
-            validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
-    return pa.StringArray.from_buffers(
-        count,
-        pa.py_buffer(offsets),
-        pa.py_buffer(data.hex().encode("ascii")),
-        validity,
-        null_count,
-    )
+        valid = np.asarray(np.frombuffer(data, dtype=np.uint8).reshape(count, size).any(axis=1))
+    return hex_id_array(data, count, size, valid)
 
 
 def _event_columns(all_events: list[Any]) -> tuple[pa.Array, pa.Array, list[str | None]]:

@@ -61,16 +61,6 @@ V_NONE, V_STRING, V_BOOL, V_INT, V_DOUBLE = 0, 1, 2, 3, 4
 _IGNORED = -16  # key code of an attribute no column or hint uses (``_py`` returns None for it)
 
 
-def _validity(valid: np.ndarray | None, count: int) -> tuple[pa.Buffer | None, int]:
-    """Arrow validity bitmap and null count of a boolean mask (None: all valid)."""
-    if valid is None:
-        return None, 0
-    null_count = count - int(np.count_nonzero(valid))
-    if not null_count:
-        return None, 0
-    return pa.py_buffer(np.packbits(valid, bitorder="little")), null_count
-
-
 def _strings(
     data: bytes,
     starts: np.ndarray,
@@ -84,7 +74,7 @@ def _strings(
     offsets, values = _otlpscan.gather(
         data, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64)
     )
-    validity, null_count = _validity(valid, count)
+    validity, null_count = _py.validity_bitmap(valid, count)
     return pa.Array.from_buffers(
         pa.binary() if binary else pa.string(),
         count,
@@ -94,17 +84,13 @@ def _strings(
 
 
 def _hex(data_u8: np.ndarray, starts: np.ndarray, size: int, valid: np.ndarray | None = None) -> pa.Array:
-    """Lowercase hex of ``size``-byte ids at ``starts`` (zeros where not ``valid``) as a string array."""
-    count = len(starts)
+    """Lowercase hex of ``size``-byte ids at ``starts`` (null where not ``valid``) as a string array."""
     if valid is not None:
         starts = np.where(valid, starts, 0)
     ids = data_u8[starts[:, None] + np.arange(size)]
     if valid is not None:
         ids[~valid] = 0
-    text = ids.tobytes().hex().encode("ascii")
-    offsets = np.arange(0, 2 * size * count + 1, 2 * size, dtype=np.int32)
-    validity, null_count = _validity(valid, count)
-    return pa.StringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(text), validity, null_count)
+    return _py.hex_id_array(ids.tobytes(), len(starts), size, valid)
 
 
 def _key_codes(data: bytes, keys: np.ndarray) -> np.ndarray:

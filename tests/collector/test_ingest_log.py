@@ -47,13 +47,19 @@ def test_log_round_trip_partial_apply_and_segments(tmp_path: Path) -> None:
     assert replayed.equals(pa.concat_tables(batches).slice(15))
 
 
-def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path) -> None:
-    directory = tmp_path / "log"
+def _two_records(directory: Path) -> Path:
+    """A closed log of two 10-row records in one segment; returns the segment."""
     ingest_log = IngestLog(directory)
     ingest_log.append(_batch(0, 10))
     ingest_log.append(_batch(10, 10))
     ingest_log.close()
     [segment] = directory.glob("segment-*.hglog")
+    return segment
+
+
+def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    segment = _two_records(directory)
     size = segment.stat().st_size
     with segment.open("r+b") as f:  # a crash in the middle of the second append
         f.truncate(size - 100)
@@ -67,11 +73,7 @@ def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path) -> None:
 
 def test_corrupt_record_ends_the_log(tmp_path: Path) -> None:
     directory = tmp_path / "log"
-    ingest_log = IngestLog(directory)
-    ingest_log.append(_batch(0, 10))
-    ingest_log.append(_batch(10, 10))
-    ingest_log.close()
-    [segment] = directory.glob("segment-*.hglog")
+    segment = _two_records(directory)
     data = bytearray(segment.read_bytes())
     data[-5] ^= 0xFF  # a flipped bit in the last record's payload: its checksum fails
     segment.write_bytes(bytes(data))
