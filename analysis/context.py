@@ -49,6 +49,7 @@ import pyarrow as pa
 
 from analysis import repair
 from analysis.critical_path import CriticalPath, compute_critical_path
+from analysis.model import NearMiss
 from collector.schema import ANALYSIS_COLUMNS, SPAN_SCHEMA
 
 _ANALYSIS_SCHEMA = pa.schema([SPAN_SCHEMA.field(c) for c in ANALYSIS_COLUMNS])
@@ -84,6 +85,7 @@ class AnalysisContext:
     traces: pl.DataFrame
     critical: CriticalPath | None = field(default=None, repr=False)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # shared intermediate frames
+    near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # see note_near_miss
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
@@ -160,6 +162,30 @@ class AnalysisContext:
         index = base["parent_row"]
         parents = self.parents.drop("parent_row")
         return base.with_columns([parents[c].gather(index) for c in parents.columns])
+
+    def note_near_miss(
+        self,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> None:
+        """Record a candidate that was formed and then dropped (``--explain``). Detectors run in
+        two threads; ``list.append`` is atomic, so no lock is needed."""
+        self.near_misses.append(
+            NearMiss(
+                kind,
+                service,
+                operation,
+                reason,
+                tuple(trace_ids)[:5],
+                tuple(span_ids)[:20],
+                traces or len(set(trace_ids)),
+            )
+        )
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
         return self.spans.filter(pl.col("trace_id") == trace_id)

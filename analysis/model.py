@@ -55,6 +55,23 @@ class Occurrence:
     numbers: dict[str, float] = field(default_factory=dict)  # per-occurrence detector numbers
 
 
+@dataclass(frozen=True)
+class NearMiss:
+    """A candidate a detector (or the pipeline) formed and then dropped, and why — what
+    ``hourglass analyze --explain`` lists under ``near_misses`` so "nothing found" can be read.
+
+    ``reason`` names the rule or threshold and the measured value, e.g. "saving 0.8 ms < 1 ms
+    floor" or "overlap share 0.62 > 0.5: concurrent"."""
+
+    kind: str
+    service: str
+    operation: str
+    reason: str
+    trace_ids: tuple[str, ...] = ()
+    span_ids: tuple[str, ...] = ()
+    traces: int = 0  # traces in which the candidate was seen (0: len(trace_ids))
+
+
 @dataclass
 class Finding:
     """A bottleneck or a fault-tolerance gap, aggregated across traces by a stable signature."""
