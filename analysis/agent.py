@@ -58,7 +58,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anthropic
+import anthropic  # only imported when a key is set: see analysis.writer.select_writer
 
 from analysis.redaction import redact
 from analysis.writer import WriteOutcome, Writer, WriterContext, WrittenText
@@ -942,37 +942,3 @@ def ungrounded_numbers(text: WrittenText, shown: Iterable[float]) -> list[str]:
             if not any(abs(x - y) <= max(half_unit, 0.02 * abs(y)) for y in targets):
                 bad.append(match.group(0))
     return bad
-
-
-# --- choosing a writer -----------------------------------------------------------------------
-
-
-def template_writer() -> Writer:
-    """The offline template writer (imported lazily: it lives beside this module)."""
-    from analysis.template_writer import TemplateWriter
-
-    return TemplateWriter()
-
-
-def select_writer(settings_or_env: Any = None) -> Writer:
-    """The Anthropic agent when ``ANTHROPIC_API_KEY`` is set, else the template writer.
-
-    ``settings_or_env`` is an object with an ``llm_model`` attribute (``api.settings.Settings``), a
-    mapping of environment variables, or None for ``os.environ``. The CLI and the REST API both
-    call this, so ``hourglass analyze`` and the API write the same way.
-    """
-    env: Mapping[str, str] = os.environ
-    model: str | None = None
-    if isinstance(settings_or_env, Mapping):
-        env = settings_or_env
-    elif settings_or_env is not None:
-        model = getattr(settings_or_env, "llm_model", None)
-    fallback = template_writer()
-    if not env.get("ANTHROPIC_API_KEY"):
-        return fallback
-    return AnthropicWriter(
-        fallback,
-        model=model or env.get(MODEL_ENV) or DEFAULT_MODEL,
-        cache_dir=default_cache_dir(env),
-        env=env,
-    )

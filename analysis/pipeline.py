@@ -30,7 +30,7 @@ from analysis.model import Finding
 from analysis.ranking import Scored, expected_value_ms, rank
 from analysis.report import build_report
 from analysis.whatif import Impact, WhatIf
-from analysis.writer import Writer, WriterContext
+from analysis.writer import Writer, WriterContext, template_writer
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,9 @@ def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored
     return rank(scored)
 
 
-def _template_writer() -> Writer:
-    from analysis.template_writer import TemplateWriter
-
-    return TemplateWriter()
-
-
 def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterContext) -> None:
     recs = report["recommendations"]
-    chosen = writer or _template_writer()
+    chosen = writer or template_writer()
     fallback_reason: str | None = None
     try:
         outcome = chosen.write(recs, view)
@@ -133,10 +127,10 @@ def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterConte
             raise
         log.warning("writer %s failed, using the template writer: %s", getattr(chosen, "name", chosen), exc)
         fallback_reason = f"{getattr(chosen, 'name', 'writer')} failed: {exc}"
-        outcome = _template_writer().write(recs, view)
+        outcome = template_writer().write(recs, view)
     missing = [r for r in recs if r["id"] not in outcome.texts]
     if missing:  # a writer that skipped some recommendations: fill them from the templates
-        filled = _template_writer().write(missing, view)
+        filled = template_writer().write(missing, view)
         outcome.texts.update(filled.texts)
         fallback_reason = (
             fallback_reason

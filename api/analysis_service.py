@@ -51,6 +51,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from analysis.writer import select_writer
 from api import report_html
 from collector.schema import ANALYSIS_COLUMNS
 from collector.store import SpanStore
@@ -547,14 +548,6 @@ def analyze_spans(
         for occurrence in finding.occurrences:
             index.setdefault(occurrence.trace_id, []).append((finding.id, tuple(occurrence.span_ids)))
     return report, index
-
-
-def select_writer(settings: Any = None) -> Any:
-    """The Anthropic agent when ``ANTHROPIC_API_KEY`` is set, else the template writer
-    (``analysis.agent.select_writer``, shared with ``hourglass analyze``)."""
-    from analysis.agent import select_writer as agent_select_writer
-
-    return agent_select_writer(settings)
 
 
 class AnalysisService:

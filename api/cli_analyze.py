@@ -145,9 +145,9 @@ def analyze_command(
     else:
         table = read_store(db or settings.db, services=service, since_ns=since_ns)
 
-    from analysis.agent import select_writer
     from analysis.pipeline import analyze
     from analysis.render import render
+    from analysis.writer import select_writer
 
     report = analyze(table, writer=select_writer(settings), services=service, since_ns=since_ns)
     text = render(report, output_format.value)

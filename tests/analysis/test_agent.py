@@ -726,7 +726,7 @@ def test_empty_report_makes_no_request(fake: FakeAnthropic, tmp_path: Path) -> N
 
 def test_select_writer_without_a_key_is_the_template_writer(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("analysis.template_writer")
-    from analysis.agent import select_writer
+    from analysis.writer import select_writer
 
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     assert not isinstance(select_writer(), AnthropicWriter)
@@ -735,7 +735,7 @@ def test_select_writer_without_a_key_is_the_template_writer(monkeypatch: pytest.
 
 def test_select_writer_with_a_key_is_the_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("analysis.template_writer")
-    from analysis.agent import select_writer
+    from analysis.writer import select_writer
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.setenv("HOURGLASS_CACHE_DIR", str(tmp_path))
@@ -764,7 +764,7 @@ def test_select_writer_with_an_env_mapping_talks_to_its_base_url(
     fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("analysis.template_writer")
-    from analysis.agent import select_writer
+    from analysis.writer import select_writer
 
     base_url = fake.base_url
     monkeypatch.delenv("ANTHROPIC_BASE_URL")
