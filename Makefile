@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import clean
+.PHONY: install demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ bench-api: install
 
 bench-import: install
 	$(PY) -m bench.import_files
+
+# The whole `hourglass analyze --db` process at 1M, 5M and 10M spans beside the reference pass.
+bench-scaling: install
+	$(PY) -m bench.scaling
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

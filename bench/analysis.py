@@ -374,13 +374,14 @@ def _template_frame(rows: list[Row]) -> pl.DataFrame:
     )
 
 
-def generate_spans(target_spans: int, seed: int = 7) -> pa.Table:
-    """About ``target_spans`` spans (whole traces) of mixed shapes as a SPAN_SCHEMA table."""
+def generate_spans(target_spans: int, seed: int = 7, first_trace: int = 0) -> pa.Table:
+    """About ``target_spans`` spans (whole traces) of mixed shapes as a SPAN_SCHEMA table; trace
+    numbers start at ``first_trace``, so chunks generated with different starts never collide."""
     rng = np.random.default_rng(seed)
     mean_size = sum(share * len(rows) for share, rows in SHAPES.values())
     n_traces = max(len(SHAPES), int(target_spans / mean_size))
     frames = []
-    next_trace = 0
+    next_trace = first_trace
     for name, (share, rows) in SHAPES.items():
         count = max(1, round(n_traces * share))
         trace_no = np.arange(next_trace, next_trace + count, dtype=np.uint64)
@@ -457,15 +458,26 @@ def generate_spans(target_spans: int, seed: int = 7) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=SPAN_SCHEMA.names).cast(SPAN_SCHEMA)
 
 
+GENERATE_CHUNK_SPANS = 1_000_000
+
+
 def build_store(path: Path, spans: int) -> tuple[int, float]:
+    """A DuckDB store of about ``spans`` spans, generated and written a million spans at a time
+    (so a 10M-span store never needs the whole table in memory)."""
     from collector.duckdb_store import DuckDBSpanStore
 
     started = time.perf_counter()
-    table = generate_spans(spans)
     store = DuckDBSpanStore(str(path))
     try:
-        for offset in range(0, table.num_rows, 250_000):
-            store.write(table.slice(offset, 250_000))
+        first_trace, chunk_no = 0, 0
+        for chunk_start in range(0, spans, GENERATE_CHUNK_SPANS):
+            size = min(GENERATE_CHUNK_SPANS, spans - chunk_start)
+            table = generate_spans(size, seed=7 + chunk_no, first_trace=first_trace)
+            first_trace += size  # more than the traces in the chunk: numbers never collide
+            chunk_no += 1
+            for offset in range(0, table.num_rows, 250_000):
+                store.write(table.slice(offset, 250_000))
+            del table
         stored = store.stats().spans
     finally:
         store.close()

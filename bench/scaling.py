@@ -1,0 +1,218 @@
+"""What a user waits for: the whole `hourglass analyze --db` process at 1M, 5M and 10M spans.
+
+`make bench-scaling` (`python -m bench.scaling`). In one run it
+
+1. generates DuckDB stores of mixed-shape traces (``--sizes``, default 1M, 5M and 10M spans; the
+   generator of :mod:`bench.analysis`, a million spans at a time; ``--keep DIR`` keeps them
+   between runs, since building 10M spans takes a minute or two);
+2. times the **reference pass** on the 1M store in a process of its own — one polars join of every
+   span to its parent plus the sibling-order flag (:func:`bench.analysis.reference_pass`), best of
+   3 on the frame in memory; the store load and the process start-up are printed beside it;
+3. runs the real command, ``hourglass analyze --db STORE --format json``, as a process for each
+   size (``--rounds`` times, alternating with the reference process, median quoted), measuring
+   its wall time from outside and its peak RSS from the kernel's accounting of the finished child
+   (``wait4``'s ``ru_maxrss``) — start-up, imports, the store read, the analysis and the JSON
+   written to a file all included;
+4. prints each figure beside the targets of issue 11: 1M spans end to end ≤ 8 × the reference
+   pass and ≤ 1.5 GiB peak; 5M and 10M spans ≤ 2 GiB peak, time growing linearly.
+
+``--workers 1,2`` adds ``--workers N`` to the command once ``hourglass analyze`` has that option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_RATIO_1M = 8.0
+TARGET_RSS_1M_GIB = 1.5
+TARGET_RSS_LARGE_GIB = 2.0
+REFERENCE_ROUNDS = 3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hourglass() -> list[str]:
+    """The installed console script next to this interpreter, else ``python -m api.cli``."""
+    script = Path(sys.executable).with_name("hourglass")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli"]
+
+
+def run_process(argv: list[str], *, stdout_path: str | None = None) -> dict[str, Any]:
+    """Runs ``argv`` to completion: wall seconds, peak RSS (GiB) of that process, exit code."""
+    out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL  # noqa: SIM115
+    started = time.perf_counter()
+    try:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, cwd=ROOT)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if stdout_path:
+            out.close()  # type: ignore[union-attr]
+    return {
+        "wall_s": wall,
+        "peak_rss_gib": usage.ru_maxrss / 1024**2,
+        "code": proc.returncode,
+        "stderr": err.decode(errors="replace")[-2000:],
+    }
+
+
+def reference_child(db_path: str) -> dict[str, Any]:
+    """In a child process: load the store into polars, then the reference pass, best of 3."""
+    import polars as pl
+
+    from bench.analysis import reference_pass
+    from collector.duckdb_store import DuckDBSpanStore
+    from collector.schema import ANALYSIS_COLUMNS
+
+    started = time.perf_counter()
+    store = DuckDBSpanStore(db_path)
+    table = store.scan(columns=ANALYSIS_COLUMNS)
+    store.close()
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    del table
+    load_s = time.perf_counter() - started
+    runs = []
+    for _ in range(REFERENCE_ROUNDS):
+        t = time.perf_counter()
+        reference_pass(frame)
+        runs.append(time.perf_counter() - t)
+    return {"spans": frame.height, "load_s": load_s, "reference_s": min(runs), "runs": runs}
+
+
+def _analyze_argv(db: Path, out: Path, workers: int | None) -> list[str]:
+    argv = [*_hourglass(), "analyze", "--db", str(db), "--format", "json", "--output", str(out)]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    return argv
+
+
+def _supports_workers() -> bool:
+    helped = subprocess.run([*_hourglass(), "analyze", "--help"], capture_output=True, text=True, cwd=ROOT)
+    return "--workers" in helped.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000000,5000000,10000000", help="comma-separated span counts")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of the command per size (median quoted)")
+    parser.add_argument("--workers", default="1,2", help="worker counts, when `analyze` has --workers")
+    parser.add_argument("--keep", help="keep the generated stores in this folder (reused when present)")
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reference:
+        print(json.dumps(reference_child(args.reference)))
+        return 0
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    workers: list[int | None] = [None]
+    if _supports_workers():
+        workers = [int(w) for w in args.workers.split(",")]
+    else:
+        print("bench.scaling: `hourglass analyze` has no --workers option yet: one process per size")
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hourglass-scaling-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"bench.scaling: {os.cpu_count()} cores, sizes {sizes}, stores in {folder}")
+    try:
+        return _run(folder, sizes, workers, max(1, args.rounds))
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _store(folder: Path, size: int) -> Path:
+    from bench.analysis import build_store
+
+    path = folder / f"spans-{size}.duckdb"
+    if not path.exists():
+        stored, build_s = build_store(path, size)
+        print(f"  generated and stored {stored:,} spans in {build_s:.1f} s")
+    return path
+
+
+def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int) -> int:
+    stores = {size: _store(folder, size) for size in sizes}
+    ref_store = stores[min(sizes, key=lambda s: abs(s - 1_000_000))]
+    out = folder / "report.json"
+    reference: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        for w in workers:
+            runs = []
+            for round_no in range(rounds if size <= 1_000_000 else 1):
+                if stores[size] == ref_store and (round_no < rounds):
+                    ref = run_process(
+                        [sys.executable, "-m", "bench.scaling", "--reference", str(ref_store)],
+                        stdout_path=str(folder / "reference.json"),
+                    )
+                    if ref["code"] != 0:
+                        print(ref["stderr"], file=sys.stderr)
+                        return 1
+                    reference.append(
+                        ref | json.loads((folder / "reference.json").read_text().strip().splitlines()[-1])
+                    )
+                run = run_process(_analyze_argv(stores[size], out, w))
+                if run["code"] != 0:
+                    print(f"hourglass analyze failed on {size:,} spans:\n{run['stderr']}", file=sys.stderr)
+                    return 1
+                runs.append(run)
+            report = json.loads(out.read_text())
+            row = {
+                "size": size,
+                "workers": w,
+                "spans": report["spans_analyzed"],
+                "recommendations": len(report["recommendations"]),
+                "wall_s": statistics.median(r["wall_s"] for r in runs),
+                "walls": [r["wall_s"] for r in runs],
+                "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+            }
+            rows.append(row)
+            label = "1 process" if w is None else f"{w} worker(s)"
+            print(
+                f"{row['spans']:>11,} spans, {label}: hourglass analyze --db {row['wall_s']:6.2f} s "
+                f"(runs {'/'.join(f'{x:.2f}' for x in row['walls'])} s), peak RSS {row['peak_rss_gib']:.2f} GiB, "
+                f"{row['recommendations']} recommendations"
+            )
+    ref_s = min(r["reference_s"] for r in reference)
+    ref = reference[0]
+    print(
+        f"\nreference pass on {ref['spans']:,} spans: {ref_s:.3f} s (best of {REFERENCE_ROUNDS} x {len(reference)} "
+        f"processes; that process also loaded the store in {min(r['load_s'] for r in reference):.2f} s, "
+        f"{statistics.median(r['wall_s'] for r in reference):.2f} s and "
+        f"{max(r['peak_rss_gib'] for r in reference):.2f} GiB as a whole process)"
+    )
+    verdicts = []
+    for row in rows:
+        size_label = f"{row['spans']:,} spans" + ("" if row["workers"] is None else f", {row['workers']} worker(s)")
+        if stores[row["size"]] == ref_store:
+            ratio = row["wall_s"] / ref_s
+            ok = ratio <= TARGET_RATIO_1M and row["peak_rss_gib"] <= TARGET_RSS_1M_GIB
+            verdicts.append(
+                f"{size_label}: {ratio:.1f}x the reference pass end to end (target <= {TARGET_RATIO_1M:.0f}x), "
+                f"peak {row['peak_rss_gib']:.2f} GiB (target <= {TARGET_RSS_1M_GIB} GiB): {'MET' if ok else 'NOT MET'}"
+            )
+        else:
+            ok = row["peak_rss_gib"] <= TARGET_RSS_LARGE_GIB
+            verdicts.append(
+                f"{size_label}: peak {row['peak_rss_gib']:.2f} GiB (target <= {TARGET_RSS_LARGE_GIB:.0f} GiB): "
+                f"{'MET' if ok else 'NOT MET'}"
+            )
+    print("\n".join(verdicts))
+    per_span = [f"{r['wall_s'] / r['spans'] * 1e6:.2f}" for r in rows]
+    print("µs per span by size (flat = linear): " + ", ".join(per_span))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
