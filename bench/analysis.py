@@ -469,12 +469,11 @@ def build_store(path: Path, spans: int) -> tuple[int, float]:
     started = time.perf_counter()
     store = DuckDBSpanStore(str(path))
     try:
-        first_trace, chunk_no = 0, 0
-        for chunk_start in range(0, spans, GENERATE_CHUNK_SPANS):
+        first_trace = 0
+        for chunk_no, chunk_start in enumerate(range(0, spans, GENERATE_CHUNK_SPANS)):
             size = min(GENERATE_CHUNK_SPANS, spans - chunk_start)
             table = generate_spans(size, seed=7 + chunk_no, first_trace=first_trace)
             first_trace += size  # more than the traces in the chunk: numbers never collide
-            chunk_no += 1
             for offset in range(0, table.num_rows, 250_000):
                 store.write(table.slice(offset, 250_000))
             del table
