@@ -11,11 +11,17 @@ aggregates across traces by a stable signature (one bottleneck in 10,000 traces 
 measure the saving at the root. Its module docstring states its rule, thresholds and why.
 
 Keep ``DETECTORS`` a plain dict literal with one import per detector module.
+
+Split detectors (issue 11, :mod:`analysis.partitions`) also export ``extract(ctx) -> Rows`` — the
+per-trace half, small tables from a set of whole traces — and ``decide(rows, notes) ->
+list[Finding]`` — the cross-trace half on those tables alone, for any number of partitions — with
+``detect(ctx) == decide(extract(ctx), ctx)``. ``PARTS`` lists them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from analysis.context import AnalysisContext
 from analysis.detectors import (
@@ -28,6 +34,7 @@ from analysis.detectors import (
     retry_without_backoff,
     serialized_calls,
 )
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.model import Finding
 
 Detector = Callable[[AnalysisContext], list[Finding]]
@@ -41,4 +48,15 @@ DETECTORS: dict[str, Detector] = {
     "retry_without_backoff": retry_without_backoff.detect,
     "error_propagation": error_propagation.detect,
     "missing_timeout": missing_timeout.detect,
+}
+
+
+@dataclass(frozen=True)
+class DetectorParts:
+    extract: Callable[[AnalysisContext], Rows]
+    decide: Callable[[Rows, NearMissSink], list[Finding]]
+
+
+PARTS: dict[str, DetectorParts] = {
+    "fanout_straggler": DetectorParts(fanout_straggler.extract, fanout_straggler.decide),
 }

@@ -16,13 +16,35 @@ An operation key (:func:`operation_key`) is ``service`` + the first of: normalis
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
 from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER
 
 MAX_LABEL_CHARS = 160
+
+# What a detector's per-trace extraction returns: small named tables (candidate occurrences,
+# per-instance evidence, partial counts) that its cross-trace decision reads. The rows of several
+# partitions of whole traces are concatenated table by table before the decision, so a table holds
+# rows or partial aggregates that the decision re-aggregates — never a result final for one part.
+Rows = dict[str, pl.DataFrame]
+
+
+class NearMissSink(Protocol):
+    """Where a decision records a candidate it dropped (``AnalysisContext`` is one)."""
+
+    def note_near_miss(
+        self,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> None: ...
+
 
 # Collapse every whitespace run to one space. Written to match only the runs that change (two or
 # more characters, or one that is not a plain space): ``\s+`` also "replaced" every single space,

@@ -55,6 +55,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_SERVER
 
@@ -255,16 +256,20 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+SIGNATURE = ["parent_service", "parent_name", "service", "name", "endpoint"]
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``occurrences`` (one row per fan-out whose straggler is on the critical
+    path, with its branches and the straggler shortening) and ``fanouts`` (parallel fan-outs seen
+    per signature, a partial count that :func:`decide` sums)."""
     spans = ctx.spans
     kids = sibling_groups(spans)
-    if kids.is_empty():
-        return []
     # Fan-outs that ran fully in parallel: every child started before the first one finished.
     kids = kids.filter(pl.col("last_start_ns") < pl.col("first_end_ns"))
     if kids.is_empty():
-        return []
-    sig = ["parent_service", "parent_name", "service", "name", "endpoint"]
+        return {}
+    sig = SIGNATURE
     groups = kids.group_by("group_id").agg(
         pl.col(["row", "parent_row"]).first(),
         median_ns=pl.col("duration_ns").median(),
@@ -283,10 +288,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         & ((pl.col("duration_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS),
         is_slowest=pl.col("duration_ns").rank("ordinal", descending=True).over("group_id") == 1,
     )
-    slowest = kids.filter(pl.col("is_slowest") & pl.col("on_critical_path"))
-    if slowest.is_empty():
-        return []
-    hit_groups = slowest.select("group_id")
+    hit_groups = kids.filter(pl.col("is_slowest") & pl.col("on_critical_path")).select("group_id")
+    if hit_groups.is_empty():
+        return {"fanouts": fanouts_seen}
     kids = kids.join(hit_groups, on="group_id", how="semi")
     kids = _branch_labels(spans, kids)
     occurrences = (
@@ -305,16 +309,31 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             branch_source=pl.col("branch_source").first(),
             root_start=pl.col("start_ns").min(),
         )
-        .join(fanouts_seen, on=sig, how="left")
-        .sort(["root_start", "trace_id", "parent_span_id"])
+        .drop("group_id")
     )
+    return {"occurrences": occurrences, "fanouts": fanouts_seen}
 
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: straggler rate, skew or tail, confidence — on :func:`extract`'s rows of
+    any number of partitions."""
+    occurrences = rows.get("occurrences")
+    if occurrences is None or occurrences.is_empty():
+        return []
+    fanouts_seen = rows["fanouts"].group_by(SIGNATURE).agg(pl.col("fanouts_seen").sum())
+    occurrences = occurrences.join(fanouts_seen, on=SIGNATURE, how="left").sort(
+        ["root_start", "trace_id", "parent_span_id"]
+    )
     findings: list[Finding] = []
-    for frame in occurrences.partition_by(sig, maintain_order=True):
+    for frame in occurrences.partition_by(SIGNATURE, maintain_order=True):
         finding = _finding(frame)
         if finding is not None:
             findings.append(finding)
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
 
 
 def _finding(frame: pl.DataFrame) -> Finding | None:

@@ -1,0 +1,104 @@
+"""Split detectors: extraction over partitions of whole traces + one decision == the whole.
+
+For every detector in ``analysis.detectors.PARTS`` and every trace set we have — the labelled sample
+traces, a generated mix of every bench shape, the HotROD traces, the real trace files and the real
+workloads in ``../shared`` — the findings of ``detect`` over all spans equal those of ``decide``
+over the combined extractions of 1, 3 and 7 partitions: the same ids, confidence, evidence,
+targets and occurrences (trace, spans, interventions, numbers) in the same order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from analysis import partitions
+from analysis.context import AnalysisContext, to_analysis_frame
+from analysis.detectors import DETECTORS, PARTS
+from analysis.model import Finding
+from collector.files import read_trace_files
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared"
+SAMPLE_FILES = sorted((ROOT / "sample-traces").glob("*.otlp.jsonl"))
+REAL_FILES = sorted(p for p in (SHARED / "real-traces").glob("*") if p.suffix in (".json", ".jsonl", ".pb"))
+WORKLOADS = sorted((SHARED / "real-workloads").glob("*.gz"))
+
+
+def _read(paths: list[Path]) -> pl.DataFrame:
+    tables = [
+        t for t in read_trace_files([str(p) for p in paths], on_error=lambda problem: None) if t.num_rows
+    ]
+    return to_analysis_frame(pa.concat_tables(tables))
+
+
+def _generated() -> pl.DataFrame:
+    from bench.analysis import generate_spans
+
+    return to_analysis_frame(generate_spans(40_000, seed=3))
+
+
+def _hotrod(tmp: Path) -> pl.DataFrame:
+    from tests.hotrod_traces import write
+
+    return _read([write(tmp / "hotrod.json", requests=60)])
+
+
+def _comparable(finding: Finding) -> dict[str, Any]:
+    return {
+        "id": finding.id,
+        "confidence": finding.confidence,
+        "targets": finding.targets,
+        "evidence": finding.evidence,
+        "requests_at_risk": finding.requests_at_risk,
+        "occurrences": [(o.trace_id, o.span_ids, o.interventions, o.numbers) for o in finding.occurrences],
+    }
+
+
+TRACE_SETS: dict[str, Any] = {
+    "sample-traces": lambda: _read(SAMPLE_FILES),
+    "generated": _generated,
+    "hotrod": None,
+    "real-traces": lambda: _read(REAL_FILES),
+    **{f"workload-{p.name.split('-')[1]}": (lambda p=p: _read([p])) for p in WORKLOADS},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TRACE_SETS))
+def trace_set(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, pl.DataFrame, AnalysisContext]:
+    name = request.param
+    if name == "real-traces" and not REAL_FILES:
+        pytest.skip(f"no real trace files in {SHARED / 'real-traces'}")
+    make = TRACE_SETS[name]
+    frame = _hotrod(tmp_path_factory.mktemp("hotrod")) if make is None else make()
+    return name, frame, AnalysisContext.from_table(frame)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_partitioned_extraction_decides_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], parts: int
+) -> None:
+    name, frame, whole = trace_set
+    expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in PARTS}
+    pieces = partitions.split_by_trace(frame, parts)
+    assert sum(p.height for p in pieces) == frame.height
+    assert len({t for p in pieces for t in p["trace_id"].unique().to_list()}) == frame["trace_id"].n_unique()
+    extracted = [partitions.extract(AnalysisContext.from_table(piece)) for piece in pieces]
+    got = partitions.decide(partitions.combine(extracted), whole)
+    for kind in PARTS:
+        assert [_comparable(f) for f in got[kind]] == expected[kind], (
+            f"{kind} on {name} in {parts} partitions"
+        )
+
+
+def test_the_generated_mix_exercises_every_split_detector() -> None:
+    """Guards the property test against passing on nothing."""
+    whole = AnalysisContext.from_table(_generated())
+    for kind in PARTS:
+        assert DETECTORS[kind](whole), f"the generated mix has no {kind} finding"
