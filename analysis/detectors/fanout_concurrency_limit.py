@@ -72,6 +72,7 @@ from __future__ import annotations
 import polars as pl
 
 from analysis.context import AnalysisContext
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.detectors.fanout_straggler import sibling_groups, stat, target_operation, with_span_columns
 from analysis.model import Finding, Occurrence, RunConcurrently
 
@@ -116,21 +117,51 @@ def _pool_evidence_groups(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.Series:
     return flagged["group_id"].unique()
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``widths`` (fan-outs per signature and width, a partial count),
+    ``fanouts`` (one row per capped fan-out of the per-fan-out rule) and ``pool_calls`` (the calls
+    of queued fan-outs whose children overlap: the rows the shared-pool rule sweeps across
+    traces). Fan-outs are keyed by ``fanout_id``, a hash of the trace, the parent span and the
+    signature, so partitions never collide."""
     spans = ctx.spans
     all_kids = sibling_groups(spans, MIN_CHILDREN)
     if all_kids.is_empty():
-        return []
+        return {}
+    widths = (
+        with_span_columns(
+            spans, all_kids.group_by("group_id").agg(pl.col(["row", "parent_row", "n"]).first()), SIGNATURE
+        )
+        .group_by([*SIGNATURE, "n"])
+        .agg(fanouts=pl.len())
+    )
     # Fully parallel fan-outs (every child started before the first ended) cannot be capped.
     queued_kids = all_kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
     if queued_kids.is_empty():
-        return []
-    findings = _per_fanout_findings(spans, all_kids, queued_kids)
+        return {"widths": widths}
+    pooled = _pool_evidence_groups(spans, queued_kids)
+    return {
+        "widths": widths,
+        "fanouts": _capped_fanouts(spans, queued_kids, pooled),
+        "pool_calls": _overlapping_calls(spans, queued_kids, pooled),
+    }
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: the capped rate per signature, and the shared-pool sweep across traces."""
+    findings = _per_fanout_findings(rows.get("fanouts"), rows.get("widths"))
     found = {tuple(f.evidence["signature"]) for f in findings}
-    findings += _shared_pool_findings(spans, queued_kids, found)
+    findings += _shared_pool_findings(rows.get("pool_calls"), found)
     for finding in findings:
         del finding.evidence["signature"]
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
+
+
+def _fanout_id() -> pl.Expr:
+    return pl.struct("trace_id", "parent_span_id", *SIGNATURE).hash().alias("fanout_id")
 
 
 def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.DataFrame:
@@ -148,8 +179,8 @@ def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.Dat
     return sweep.join(sweep.group_by(key).agg(k=pl.col("concurrency").max()), on=key)
 
 
-def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.DataFrame) -> list[Finding]:
-    """The per-fan-out rule (module doc, first part)."""
+def _capped_fanouts(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series) -> pl.DataFrame:
+    """The per-fan-out rule (module doc, first part) inside each trace: the capped fan-outs."""
     # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
     # k = 1 needs pool evidence. Sequential loops (most sibling groups) stop here.
     launch_tol = pl.max_horizontal(
@@ -159,10 +190,9 @@ def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.D
         launch_tol_ns=launch_tol,
         first_wave=(pl.col("start_ns") <= pl.col("first_start_ns").first() + launch_tol).sum(),
     )
-    pooled = _pool_evidence_groups(spans, kids)
     early = early.filter((pl.col("first_wave") >= 2) | pl.col("group_id").is_in(pooled.implode()))
     if early.is_empty():
-        return []
+        return pl.DataFrame()
     kids = kids.join(early.select("group_id", "launch_tol_ns"), on="group_id", how="inner")
     kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
 
@@ -194,7 +224,7 @@ def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.D
     first_wave = pl.col("start_ns") <= pl.col("first_start_ns") + pl.col("launch_tol_ns")
     fanouts = (
         kids.with_columns(first_wave=first_wave)
-        .sort(["group_id", "start_ns"])
+        .sort(["group_id", "start_ns", "row"])
         .group_by("group_id", maintain_order=True)
         .agg(
             pl.col(
@@ -221,24 +251,28 @@ def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.D
     )
     groups = fanouts.filter("capped").with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
     groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
-    if groups.is_empty():
+    return groups.with_columns(_fanout_id()).drop("group_id")
+
+
+def _per_fanout_findings(groups: pl.DataFrame | None, widths: pl.DataFrame | None) -> list[Finding]:
+    """The per-fan-out rule across traces: a signature's capped fan-outs must be most of those
+    wide enough to hit the cap."""
+    if groups is None or groups.is_empty() or widths is None:
         return []
-    # Every fan-out of the signatures found, for the per-signature capped rate.
-    all_fanouts = with_span_columns(
-        spans, all_kids.group_by("group_id").agg(pl.col(["row", "parent_row", "n"]).first()), SIGNATURE
-    )
     groups = groups.sort(["first_start_ns", "trace_id", "parent_span_id"])
     findings = []
     for frame in groups.partition_by(SIGNATURE, maintain_order=True):
         k_mode = int(frame["k"].mode().min())  # type: ignore[arg-type]
         # Fan-outs of this signature wide enough to hit the cap: a real cap shows in most of them.
-        same = all_fanouts.join(frame.select(SIGNATURE).head(1), on=SIGNATURE, how="semi").filter(
-            pl.col("n") > k_mode
+        wide = int(
+            widths.join(frame.select(SIGNATURE).head(1), on=SIGNATURE, how="semi")
+            .filter(pl.col("n") > k_mode)["fanouts"]
+            .sum()
         )
-        rate = frame.height / max(same.height, 1)
+        rate = frame.height / max(wide, 1)
         if rate < MIN_CAPPED_RATE:
             continue
-        finding = _finding(frame, k_mode, rate, same.height)
+        finding = _finding(frame, k_mode, rate, wide)
         finding.evidence["signature"] = [first_of(frame, c) for c in SIGNATURE]
         findings.append(finding)
     return findings
@@ -248,12 +282,10 @@ def first_of(frame: pl.DataFrame, column: str) -> str:
     return str(frame[column][0])
 
 
-def _shared_pool_findings(
-    spans: pl.DataFrame, kids: pl.DataFrame, found: set[tuple[str, ...]]
-) -> list[Finding]:
-    """The shared-pool rule (module doc, second part), over the queued fan-outs ``kids``."""
-    # Only fan-outs whose children overlap somewhere: a plain sequential loop never does, and
-    # loops are most queued groups, so they are dropped before any string column is fetched.
+def _overlapping_calls(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series) -> pl.DataFrame:
+    """The calls of the queued fan-outs ``kids`` whose children overlap somewhere — a plain
+    sequential loop never does, and loops are most queued groups, so they are dropped before any
+    string column is fetched — with their signature and pool evidence."""
     overlapping = (
         kids.lazy()
         .sort(["group_id", "start_ns"])
@@ -265,9 +297,22 @@ def _shared_pool_findings(
         .collect()
     )
     kids = kids.join(overlapping, on="group_id", how="semi")
-    if kids.height < MIN_SHARED_CALLS:
-        return []
+    if kids.is_empty():
+        return pl.DataFrame()
     kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
+    return (
+        kids.with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()), fanout_id=_fanout_id())
+        .drop("group_id")
+        .sort(["fanout_id", "start_ns", "row"])
+        .drop("row", "parent_row")
+    )
+
+
+def _shared_pool_findings(kids: pl.DataFrame | None, found: set[tuple[str, ...]]) -> list[Finding]:
+    """The shared-pool rule (module doc, second part), over the calls of every trace's queued,
+    overlapping fan-outs."""
+    if kids is None or kids.height < MIN_SHARED_CALLS:
+        return []
     kids = kids.with_columns(signature_id=pl.struct(SIGNATURE).hash())
     per_signature = kids.group_by("signature_id").agg(
         calls=pl.len(), traces=pl.col("trace_id").n_unique(), median_ns=pl.col("duration_ns").median()
@@ -291,7 +336,10 @@ def _shared_pool_findings(
     tolerance = pl.max_horizontal(
         pl.lit(HANDOVER_TOLERANCE_NS), (pl.col("median_ns") * HANDOVER_TOLERANCE_SHARE).cast(pl.Int64)
     )
-    previous_ends = kids.select("signature_id", t=pl.col("end_ns"), end_trace=pl.col("trace_id")).sort("t")
+    # ties at one instant are ordered by trace, so the report does not depend on row order
+    previous_ends = kids.select("signature_id", t=pl.col("end_ns"), end_trace=pl.col("trace_id")).sort(
+        ["t", "end_trace"]
+    )
     handover = (
         kids.select("signature_id", "trace_id", "median_ns", t=pl.col("start_ns"))
         .sort("t")
@@ -322,15 +370,13 @@ def _shared_pool_findings(
     )
     if shared.is_empty():
         return []
-    pooled = _pool_evidence_groups(spans, kids)
     findings = []
-    for stats in shared.sort("calls", descending=True).iter_rows(named=True):
+    for stats in shared.sort(["calls", "signature_id"], descending=[True, False]).iter_rows(named=True):
         calls = kids.filter(pl.col("signature_id") == stats["signature_id"])
         if tuple(first_of(calls, c) for c in SIGNATURE) in found:
             continue
         fanouts = (
-            calls.sort(["group_id", "start_ns"])
-            .group_by("group_id", maintain_order=True)
+            calls.group_by("fanout_id", maintain_order=True)
             .agg(
                 pl.col([*SIGNATURE, "trace_id", "parent_span_id", "n"]).first(),
                 child_ids=pl.col("span_id"),
@@ -344,8 +390,8 @@ def _shared_pool_findings(
                 k=pl.lit(stats["k"], pl.Int64),
                 cap_hits=pl.lit(0, pl.Int64),
                 handover_gap_ns=pl.lit(None, pl.Int64),
+                pool_evidence=pl.col("pool_evidence").any(),
             )
-            .with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
             .sort(["first_start_ns", "trace_id", "parent_span_id"])
         )
         finding = _finding(fanouts, int(stats["k"]), 1.0, fanouts.height)
