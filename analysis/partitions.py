@@ -56,16 +56,20 @@ def combine(extracted: Iterable[dict[str, Rows]]) -> dict[str, Rows]:
         for kind, rows in by_kind.items():
             kind_tables = tables.setdefault(kind, {})
             for name, frame in rows.items():
-                kind_tables.setdefault(name, [])
-                if frame.height:
-                    kind_tables[name].append(frame)
+                frames = kind_tables.setdefault(name, [])
+                if frame.height or not frames:  # an empty table is kept only for its columns
+                    frames.append(frame)
     return {
-        kind: {
-            name: pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
-            for name, frames in kind_tables.items()
-        }
+        kind: {name: _concat(frames) for name, frames in kind_tables.items()}
         for kind, kind_tables in tables.items()
     }
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    filled = [f for f in frames if f.height]
+    if not filled:
+        return frames[0]
+    return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
 
 
 def decide(rows: dict[str, Rows], notes: NearMissSink) -> dict[str, list[Finding]]:

@@ -62,4 +62,5 @@ PARTS: dict[str, DetectorParts] = {
     "fanout_concurrency_limit": DetectorParts(
         fanout_concurrency_limit.extract, fanout_concurrency_limit.decide
     ),
+    "lock_contention": DetectorParts(lock_contention.extract, lock_contention.decide),
 }

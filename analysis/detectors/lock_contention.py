@@ -70,7 +70,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors._common import WHITESPACE_RUN
+from analysis.detectors._common import WHITESPACE_RUN, NearMissSink, Rows
 from analysis.detectors.fanout_straggler import stat, with_span_columns
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_CONSUMER, KIND_PRODUCER
@@ -340,26 +340,72 @@ def _with_next_sibling_hold(spans: pl.DataFrame, waits: pl.DataFrame) -> pl.Data
     )
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+EXPLICIT_SIGNATURE = ["waiter_service", "waiter_name", "target_service", "target_operation", "resource"]
+_CANDIDATE_LABELS = ["service", "name", "db_system", "peer", "hints", "db_statement", "messaging_destination",
+                     "http_route", "rpc_method"]  # fmt: skip
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half. Explicit evidence: ``acquisitions`` (a partial count per signature) and
+    ``waits`` (contended waits on the critical path). Inferred convoys look across concurrent
+    traces, so every span is a *resource row* here — ``candidates``: resource key, operation key,
+    times, ids and a tie-break key — with ``labels`` (the earliest span of each resource key, for
+    the finding's names) and, to exclude and nest: ``explicit_ops`` and ``explicit_marks`` (the
+    waiting spans and their parents)."""
     spans = ctx.spans
     explicit = _explicit_waits(spans)
-    findings = _explicit_findings(explicit)
-    findings.extend(_convoy_findings(spans, explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)))
+    acquisitions = explicit.group_by(EXPLICIT_SIGNATURE).agg(acquisitions=pl.len())
+    contended = explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)
+    waits = contended.filter(pl.col("on_critical_path")).with_columns(
+        wait_share=pl.col("wait_ns") / pl.col("waiter_duration_ns").clip(1)
+    )
+    marks = pl.concat(
+        [
+            contended.select("trace_id", "span_id"),
+            contended.select("trace_id", span_id=pl.col("parent_span_id")).drop_nulls(),
+        ]
+    ).unique()
+    candidates, labels = _convoy_candidates(spans)
+    return {
+        "acquisitions": acquisitions,
+        "waits": waits.select(
+            *EXPLICIT_SIGNATURE,
+            "trace_id",
+            "span_id",
+            "start_ns",
+            "wait_ns",
+            "wait_share",
+            "hold_ns",
+            "queue_depth",
+            "source",
+        ),
+        "explicit_ops": contended.select(op=pl.struct("service", "name").hash()).unique(),
+        "explicit_marks": marks,
+        "candidates": candidates,
+        "labels": labels,
+    }
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: contention rates of explicit waits, and the convoy rules per resource."""
+    findings = _explicit_findings(rows.get("waits"), rows.get("acquisitions"))
+    findings.extend(_convoy_findings(rows))
     return findings
 
 
-def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
-    sig = ["waiter_service", "waiter_name", "target_service", "target_operation", "resource"]
-    # Every acquisition the evidence shows, contended or not: the denominator of the contention rate.
-    acquisitions = waits.group_by(sig).agg(acquisitions=pl.len())
-    waits = waits.filter((pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")).with_columns(
-        wait_share=pl.col("wait_ns") / pl.col("waiter_duration_ns").clip(1)
-    )
-    if waits.is_empty():
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
+
+
+def _explicit_findings(waits: pl.DataFrame | None, acquisitions: pl.DataFrame | None) -> list[Finding]:
+    if waits is None or waits.is_empty() or acquisitions is None:
         return []
+    sig = EXPLICIT_SIGNATURE
+    # Every acquisition the evidence shows, contended or not: the denominator of the contention rate.
+    acquisitions = acquisitions.group_by(sig).agg(pl.col("acquisitions").sum())
     waits = waits.join(acquisitions, on=sig, how="left", nulls_equal=True)
     findings = []
-    for frame in waits.sort(["start_ns", "trace_id"]).partition_by(sig, maintain_order=True):
+    for frame in waits.sort(["start_ns", "trace_id", "span_id"]).partition_by(sig, maintain_order=True):
         first = frame.row(0, named=True)
         contention_rate = frame.height / max(int(first["acquisitions"] or 0), frame.height)
         if contention_rate < MIN_CONTENTION_RATE:
@@ -448,7 +494,7 @@ def _dense_group(cand: pl.DataFrame) -> pl.Expr:
 
 
 def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
-    """For each span (columns gid, start_ns, end_ns), how many spans of its group were in flight
+    """For each span (columns gid, start_ns, end_ns, uid), how many spans of its group were in flight
     when it started, itself included: a sweep of +1 at each start and -1 at each end, sorted by
     (group, time) with ends before starts at one instant, summed cumulatively (every group sums to
     zero, so one running sum over the whole sorted frame is each group's concurrency).
@@ -459,25 +505,27 @@ def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
     t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
     span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
     idx = pl.int_range(pl.len(), dtype=pl.UInt32).alias("idx")
-    dense = cand.select(idx, g=_dense_group(cand), s=pl.col("start_ns"), e=pl.col("end_ns"))
+    dense = cand.select(idx, "uid", g=_dense_group(cand), s=pl.col("start_ns"), e=pl.col("end_ns"))
     groups = int(dense["g"].max())  # type: ignore[arg-type]
     if groups < (1 << 22) and span_us < (1 << 40):
         packed = pl.col("g") * (1 << 41)
         events = pl.concat(
             [
                 dense.select(
-                    "idx", key=packed + (pl.col("s") - t0) // 1000 * 2 + 1, delta=pl.lit(1, pl.Int8)
+                    "idx", "uid", key=packed + (pl.col("s") - t0) // 1000 * 2 + 1, delta=pl.lit(1, pl.Int8)
                 ),
-                dense.select("idx", key=packed + (pl.col("e") - t0) // 1000 * 2, delta=pl.lit(-1, pl.Int8)),
+                dense.select(
+                    "idx", "uid", key=packed + (pl.col("e") - t0) // 1000 * 2, delta=pl.lit(-1, pl.Int8)
+                ),
             ]
-        ).sort("key")
+        ).sort(["key", "uid"])
     else:
         events = pl.concat(
             [
-                dense.select("idx", "g", t=pl.col("s"), delta=pl.lit(1, pl.Int8)),
-                dense.select("idx", "g", t=pl.col("e"), delta=pl.lit(-1, pl.Int8)),
+                dense.select("idx", "uid", "g", t=pl.col("s"), delta=pl.lit(1, pl.Int8)),
+                dense.select("idx", "uid", "g", t=pl.col("e"), delta=pl.lit(-1, pl.Int8)),
             ]
-        ).sort(["g", "t", "delta"])
+        ).sort(["g", "t", "delta", "uid"])
     sweep = events.with_columns(peers=pl.col("delta").cast(pl.Int32).cum_sum()).filter(pl.col("delta") == 1)
     peers = np.empty(cand.height, dtype=np.int32)
     peers[sweep["idx"].to_numpy()] = sweep["peers"].to_numpy()
@@ -509,9 +557,10 @@ def _busy_groups(cand: pl.DataFrame) -> pl.Series:
     return shares.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"]
 
 
-def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Finding]:
-    # Integer-only frame: row, group key and times; strings are fetched by row for the few convoys
-    # found. The group key hashes every resource column (a finer split than ``_resource``'s first
+def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Resource rows for the convoy rule: one per span with a duration (integers but for the ids),
+    and per resource key the names of its earliest span."""
+    # The group key hashes every resource column (a finer split than ``_resource``'s first
     # non-null, and free of string copies); statements count by shape, normalised once per
     # distinct text.
     shapes = (
@@ -532,27 +581,51 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
         "http_route",
         "rpc_method",
     ).hash()
-    explicit_ops = explicit.select(pl.struct("service", "name").hash().alias("op"))["op"].unique().implode()
     cand = (
         spans.lazy()
-        .filter((pl.col("duration_ns") > 0) & ~pl.struct("service", "name").hash().is_in(explicit_ops))
+        .filter(pl.col("duration_ns") > 0)
         .select(
             "row",
             "start_ns",
             "end_ns",
             "duration_ns",
+            "trace_id",
+            "span_id",
+            "parent_span_id",
+            "on_critical_path",
             gid=resource_key,
+            op=pl.struct("service", "name").hash(),
+            # breaks ties between spans starting or ending in the same microsecond, whatever
+            # the order of the rows
+            uid=pl.struct("trace_id", "span_id").hash(),
         )
-        .with_columns(n=pl.len().over("gid"))
-        .filter(pl.col("n") >= MIN_SAMPLES)
-        .drop("n")
         .collect()
     )
+    earliest = cand.sort(["gid", "start_ns", "trace_id", "span_id"]).unique(
+        subset="gid", keep="first", maintain_order=True
+    )
+    labels = with_span_columns(
+        spans, earliest.select("row", "gid", "start_ns", "trace_id", "span_id"), _CANDIDATE_LABELS
+    )
+    return cand.drop("row"), labels.drop("row")
+
+
+def _convoy_findings(rows: Rows) -> list[Finding]:
+    """The convoy rules per resource key, over every trace's resource rows."""
+    cand = rows.get("candidates")
+    if cand is None or cand.is_empty():
+        return []
+    explicit_ops = rows.get("explicit_ops")
+    if explicit_ops is not None and explicit_ops.height:
+        cand = cand.filter(~pl.col("op").is_in(explicit_ops["op"].unique().implode()))
+    cand = cand.with_columns(n=pl.len().over("gid")).filter(pl.col("n") >= MIN_SAMPLES).drop("n")
     if cand.is_empty():
         return []
     cand = cand.filter(pl.col("gid").is_in(_busy_groups(cand).implode()))
     if cand.is_empty():
         return []
+    # One row order whatever the partitioning, so float sums (covariance, variance) are identical.
+    cand = cand.sort(["gid", "start_ns", "uid"])
     cand = cand.with_columns(peers=_peers_at_start(cand))
 
     base_expr = (
@@ -587,7 +660,7 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
 
     # Completion spacing of spans that were queued behind the previous completion.
     spacing = (
-        convoy.sort(["gid", "end_ns"])
+        convoy.sort(["gid", "end_ns", "uid"])
         .with_columns(
             prev_end=pl.col("end_ns").shift(1),
             same_group=pl.col("gid") == pl.col("gid").shift(1),
@@ -612,27 +685,32 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
     if spacing.is_empty():
         return []
     convoy = convoy.join(spacing, on="gid", how="inner")
-    convoy = with_span_columns(spans, convoy, [*_SPAN_COLUMNS, "parent_row"])
 
     # Prefer the deepest convoy: drop groups whose spans mostly contain a convoy or explicit wait
     # (an explicit waiting span counts as containing itself).
-    explicit_rows = explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)
-    flagged_rows = pl.concat(
+    marks = pl.concat(
         [
-            convoy["parent_row"].drop_nulls(),
-            explicit_rows["parent_row"].drop_nulls(),
-            explicit_rows["row"].cast(pl.Int64),
-        ]
+            convoy.select("trace_id", span_id=pl.col("parent_span_id")).drop_nulls(),
+            *[m for m in (rows.get("explicit_marks"),) if m is not None and m.height],
+        ],
+        how="vertical_relaxed",
     ).unique()
-    nested = convoy.group_by("gid").agg(
-        nested_share=pl.col("row").cast(pl.Int64).is_in(flagged_rows.implode()).mean()
-    )
+    convoy = convoy.join(
+        marks.with_columns(_marked=pl.lit(True)), on=["trace_id", "span_id"], how="left"
+    ).with_columns(pl.col("_marked").fill_null(False))
+    nested = convoy.group_by("gid").agg(nested_share=pl.col("_marked").mean())
     convoy = convoy.join(
         nested.filter(pl.col("nested_share") < NESTED_CONVOY_SHARE).select("gid"), on="gid", how="semi"
-    )
+    ).drop("_marked")
     if convoy.is_empty():
         return []
-    convoy = convoy.with_columns(resource=_resource())
+    labels = (
+        rows["labels"]
+        .sort(["gid", "start_ns", "trace_id", "span_id"])
+        .unique(subset="gid", keep="first", maintain_order=True)
+        .with_columns(resource=_resource())
+        .select("gid", "service", "name", "db_system", "peer", "resource")
+    )
     stats = stats.join(spacing, on="gid")
 
     convoy = convoy.with_columns(
@@ -640,8 +718,8 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
         wait_share=((pl.col("duration_ns") - pl.col("base_ns")).clip(0) / pl.col("duration_ns")),
     )
     findings = []
-    for frame in convoy.sort(["start_ns", "trace_id"]).partition_by("gid", maintain_order=True):
-        first = frame.row(0, named=True)
+    for frame in convoy.sort(["start_ns", "trace_id", "span_id"]).partition_by("gid", maintain_order=True):
+        first = frame.row(0, named=True) | labels.filter(pl.col("gid") == frame["gid"][0]).row(0, named=True)
         group_stats = stats.filter(pl.col("gid") == first["gid"]).row(0, named=True)
         waiting = frame.filter(
             (pl.col("peers") >= 2) & (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")

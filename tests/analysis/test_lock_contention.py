@@ -271,7 +271,7 @@ def test_peer_sweep_packed_and_wide_time_ranges_agree() -> None:
     ]
     for subset in (rows[:60], rows):
         frame = pl.DataFrame(subset, schema=["gid", "start_ns", "end_ns"], orient="row").with_columns(
-            pl.col("gid").cast(pl.UInt64)
+            pl.col("gid").cast(pl.UInt64), uid=pl.int_range(pl.len(), dtype=pl.UInt64)
         )
         got = _peers_at_start(frame).to_list()
         want = expected[: len(subset)]
@@ -462,7 +462,7 @@ def test_busy_group_prefilter_keeps_exactly_the_groups_the_sweep_finds_queued() 
             t += int(rng.expovariate(load / 10_000_000))
             rows.append((gid, t, t + rng.randrange(5_000_000, 15_000_000)))
     frame = pl.DataFrame(rows, schema=["gid", "start_ns", "end_ns"], orient="row").with_columns(
-        pl.col("gid").cast(pl.UInt64)
+        pl.col("gid").cast(pl.UInt64), uid=pl.int_range(pl.len(), dtype=pl.UInt64)
     )
     queued = (
         frame.with_columns(peers=_peers_at_start(frame))
