@@ -63,4 +63,5 @@ PARTS: dict[str, DetectorParts] = {
         fanout_concurrency_limit.extract, fanout_concurrency_limit.decide
     ),
     "lock_contention": DetectorParts(lock_contention.extract, lock_contention.decide),
+    "retry_without_backoff": DetectorParts(retry_without_backoff.extract, retry_without_backoff.decide),
 }

@@ -70,6 +70,7 @@ from typing import Any
 import polars as pl
 
 from analysis.context import AnalysisContext
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.detectors.error_propagation import call_target_expr, failed_expr, url_host_expr
 from analysis.model import Finding, Occurrence
 from collector.schema import KIND_SERVER
@@ -114,13 +115,15 @@ def _confidence(
     return round(min(0.95, value), 3)
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``sequences`` (one row per retry sequence, attributed to its caller and
+    callee) and ``retries`` (one row per retry: its signature, gap and retry index)."""
     spans = ctx.spans
     candidates = spans.filter(
         pl.col("parent_row").is_not_null() & (attempt_failed_expr() | attempt_number_expr().is_not_null())
     ).select("parent_row", "kind")
     if candidates.height == 0:
-        return []
+        return {}
     # A CLIENT attempt whose traced SERVER side failed failed too, even if the client span says nothing.
     failed_by_callee = candidates.filter(pl.col("kind") == KIND_SERVER)["parent_row"].unique()
     parent_rows = pl.concat(
@@ -132,15 +135,28 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     attempts = _attempts(spans, parent_rows.implode(), failed_by_callee.implode())
     sequences = _sequences(attempts)
     if sequences.height == 0:
-        return []
+        return {}
     sequences = _attribute(sequences, spans)
     retries = attempts.filter(pl.col("is_retry")).join(
         sequences.select("sequence", *SIGNATURE), on="sequence", how="inner"
     )
+    return {
+        "sequences": sequences.drop("sequence", "parent_row", "first_row"),
+        "retries": retries.select(*SIGNATURE, "gap_ns", "retry_index"),
+    }
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: a signature's gaps over every sequence of every trace."""
+    sequences, retries = rows.get("sequences"), rows.get("retries")
+    if sequences is None or sequences.is_empty() or retries is None:
+        return []
     verdicts = _judge(retries)
     if verdicts.height == 0:
         return []
-    sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort("trace_id", "first_start_ns")
+    sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort(
+        "trace_id", "first_start_ns", pl.col("span_ids").list.first()
+    )
 
     findings: list[Finding] = []
     for group_key, group in sequences.partition_by(SIGNATURE, as_dict=True, maintain_order=True).items():
@@ -163,6 +179,10 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         findings.append(_finding(service, operation, target_service, target_operation, group, occurrences))
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
 
 
 def _attempts(spans: pl.DataFrame, parent_rows: pl.Series, failed_by_callee: pl.Series) -> pl.DataFrame:
