@@ -61,6 +61,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.model import Finding, Occurrence
 from collector.schema import (
     KIND_CLIENT,
@@ -138,10 +139,23 @@ def _confidence(propagated: int, contained_same: int, contained_other: int) -> f
     return round(max(0.05, min(0.95, value)), 3)
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+SIGNATURE = ["catcher_service", "operation", "target_service", "target_operation"]
+DEPENDENCY = ["target_service", "target_operation"]
+IDENTITY = ["service", "name", "target"]  # a dependency span's identity, for its call volume
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``signatures`` and ``dependencies`` (traces whose failure propagated or was
+    contained: partial counts, as every trace lies in one partition), ``occurrences`` (one row
+    per signature and trace whose failure reached the root), ``reported`` (the dependency span
+    identities behind them), ``chains`` (per signature, the exemplar chain of this part's first
+    trace), ``volume`` (calls and errors per span identity) and ``roots`` (requests per root
+    operation)."""
     spans = ctx.spans
+    volume = _volume(spans)
+    roots = ctx.traces.group_by("root_service", "root_name").agg(root_requests=pl.len())
     if not spans.select((failed_expr() & ~pl.col("is_root")).any()).item():
-        return []
+        return {"volume": volume, "roots": roots}
 
     # Flags over every span (no strings materialised); names are gathered later for the few rows that matter.
     flags = spans.select(
@@ -190,7 +204,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     # The operation that makes the call: the call span's parent when the call is its own (client) span.
     caller = np.where(outgoing[call] & has_parent[call], parent_safe[call], call)
     if len(dep) == 0:
-        return []
+        return {"volume": volume, "roots": roots}
     top = top_reached[dep]
     propagated = is_root[top] & ~orphan[top] & failed[top]
 
@@ -241,59 +255,24 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             target_operation=pl.col("dep_name"),
         )
     )
-    signature_cols = ["catcher_service", "operation", "target_service", "target_operation"]
-    dependency_cols = ["target_service", "target_operation"]
-
-    per_sig = events.group_by(signature_cols).agg(
+    signature_cols, dependency_cols = SIGNATURE, DEPENDENCY
+    signatures = events.group_by(signature_cols).agg(
         propagated_traces=pl.col("trace_id").filter(pl.col("propagated")).n_unique(),
         contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
     )
-    per_dep = events.group_by(dependency_cols).agg(
+    dependencies = events.group_by(dependency_cols).agg(
         dependency_contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
     )
-    per_sig = (
-        per_sig.join(per_dep, on=dependency_cols, how="left")
-        .with_columns(
-            contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
-        )
-        .filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
-    )
-    if per_sig.height == 0:
-        return []
-
-    reported = events.filter(pl.col("propagated")).join(
-        per_sig.select(signature_cols), on=signature_cols, how="semi"
-    )
-
-    # Dependency call volume and error rate, over every span with the dependency span's identity.
-    dep_keys = reported.select(
+    reported = events.filter(pl.col("propagated"))
+    reported_deps = reported.select(
+        *signature_cols,
         pl.col("dep_service").alias("service"),
         pl.col("dep_name").alias("name"),
         pl.col("dep_target").alias("target"),
     ).unique()
-    volume = (
-        spans.filter(pl.col("name").is_in(dep_keys["name"].unique().implode()))
-        .select("service", "name", target=call_target_expr(), failed=failed_expr())
-        .join(dep_keys, on=["service", "name", "target"], how="semi")
-        .group_by("service", "name", "target")
-        .agg(calls=pl.len(), errors=pl.col("failed").sum())
+    reported = reported.join(
+        ctx.traces.select("trace_id", "root_name", "root_service"), on="trace_id", how="left"
     )
-    dep_volume = (
-        reported.select(
-            *signature_cols,
-            pl.col("dep_service").alias("service"),
-            pl.col("dep_name").alias("name"),
-            pl.col("dep_target").alias("target"),
-        )
-        .unique()
-        .join(volume, on=["service", "name", "target"], how="left")
-        .group_by(signature_cols)
-        .agg(dependency_calls=pl.col("calls").sum(), dependency_errors=pl.col("errors").sum())
-    )
-
-    # Root operations taken down, and how often each fails overall.
-    roots = ctx.traces.select("trace_id", "root_name", "root_service")
-    reported = reported.join(roots, on="trace_id", how="left")
     occurrences = (
         reported.group_by([*signature_cols, "trace_id"])
         .agg(
@@ -308,12 +287,69 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         )
         .sort("trace_id")
     )
-    root_names = occurrences["root_name"].drop_nulls().unique().implode()
-    root_totals = (
-        ctx.traces.filter(pl.col("root_name").is_in(root_names))
-        .group_by("root_service", "root_name")
-        .agg(root_requests=pl.len())
+    # The exemplar chain of each signature's first trace here; the decision keeps the first overall.
+    firsts = occurrences.unique(subset=signature_cols, keep="first", maintain_order=True)
+    chains = firsts.select(
+        *signature_cols,
+        "trace_id",
+        chain=pl.Series(
+            [_exemplar_chain(spans, parent_safe, has_parent, int(d)) for d in firsts["exemplar_dep"]],
+            dtype=pl.List(pl.String),
+        ),
     )
+    return {
+        "signatures": signatures,
+        "dependencies": dependencies,
+        "occurrences": occurrences.drop("exemplar_dep"),
+        "reported": reported_deps,
+        "chains": chains,
+        "volume": volume,
+        "roots": roots,
+    }
+
+
+def _volume(spans: pl.DataFrame) -> pl.DataFrame:
+    """Calls and errors per span identity (service, name, call target) — over every span, since
+    a dependency failing in one partition may be called without failing in another. Grouped by a
+    64-bit hash of the identity, the names taken once per group."""
+    keyed = spans.select("service", "name", target=call_target_expr(), failed=failed_expr()).with_columns(
+        key=pl.struct(IDENTITY).hash()
+    )
+    return keyed.group_by("key").agg(pl.col(IDENTITY).first(), calls=pl.len(), errors=pl.col("failed").sum())
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: traces taken down per signature, fallbacks seen, dependency volume."""
+    signature_cols, dependency_cols = SIGNATURE, DEPENDENCY
+    if rows.get("signatures") is None or rows["signatures"].is_empty():
+        return []
+    per_sig = (
+        rows["signatures"].group_by(signature_cols).agg(pl.col("propagated_traces", "contained_traces").sum())
+    )
+    per_dep = rows["dependencies"].group_by(dependency_cols).agg(pl.col("dependency_contained_traces").sum())
+
+    per_sig = (
+        per_sig.join(per_dep, on=dependency_cols, how="left")
+        .with_columns(
+            contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
+        )
+        .filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
+    )
+    if per_sig.height == 0:
+        return []
+
+    reported = rows["reported"].unique().join(per_sig.select(signature_cols), on=signature_cols, how="semi")
+    # Dependency call volume and error rate, over every span with the dependency span's identity.
+    volume = rows["volume"].group_by("key").agg(pl.col(IDENTITY).first(), pl.col("calls", "errors").sum())
+    dep_volume = (
+        reported.join(volume.drop("key"), on=IDENTITY, how="left")
+        .group_by(signature_cols)
+        .agg(dependency_calls=pl.col("calls").sum(), dependency_errors=pl.col("errors").sum())
+    )
+    occurrences = rows["occurrences"].join(per_sig.select(signature_cols), on=signature_cols, how="semi")
+    occurrences = occurrences.sort("trace_id")
+    chains = rows["chains"].sort("trace_id").unique(subset=signature_cols, keep="first", maintain_order=True)
+    root_totals = rows["roots"].group_by("root_service", "root_name").agg(pl.col("root_requests").sum())
 
     findings: list[Finding] = []
     occurrence_groups = occurrences.partition_by(signature_cols, as_dict=True)
@@ -359,7 +395,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                 }
                 for r in by_root.head(5).iter_rows(named=True)
             ],
-            "chain": _exemplar_chain(spans, parent_safe, has_parent, int(group["exemplar_dep"][0])),
+            "chain": chains.join(group.head(1).select(signature_cols), on=signature_cols, how="semi")[
+                "chain"
+            ][0].to_list(),
             "trace_ids": [o.trace_id for o in occurrence_list[:10]],
             "span_ids": [sid for o in occurrence_list[:10] for sid in o.span_ids[:2]],
         }
@@ -380,6 +418,10 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
 
 
 def _exemplar_chain(
