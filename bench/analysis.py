@@ -276,6 +276,16 @@ def _error() -> list[Row]:
     ]
 
 
+def _inventory(stock_ms: float) -> list[Row]:
+    """GET /inventory calling the stock service; ``stock_ms`` is 20 in most traces and seconds in a
+    few (the "hung" shape): the same operation, so the few are outliers far past its usual time."""
+    return [
+        (-1, "shop", "GET /inventory", S, 0, stock_ms + 15, {"http_method": "GET", "http_route": "/inventory"}),
+        (0, "shop", "GET stock", C, 5, stock_ms, {"http_method": "GET", "http_url": "http://stock/levels", "peer": "stock"}),
+        (0, "shop", "render", N, stock_ms + 7, 5, {}),
+    ]  # fmt: skip
+
+
 def _healthy_parallel() -> list[Row]:
     rows: list[Row] = [(-1, "frontend", "GET /home", S, 0, 80, {"http_method": "GET", "http_route": "/home"})]
     for k, svc in enumerate(["ads", "news", "weather", "stocks"]):
@@ -315,6 +325,8 @@ SHAPES: dict[str, tuple[float, list[Row]]] = {
     "lock": (0.08, _lock()),
     "retry": (0.07, _retry()),
     "error": (0.05, _error()),
+    "inventory": (0.05, _inventory(20)),
+    "hung": (0.003, _inventory(2_500)),
     "healthy_parallel": (0.16, _healthy_parallel()),
     "healthy_big": (0.20, _healthy_big()),
 }

@@ -194,7 +194,9 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int)
     )
     verdicts = []
     for row in rows:
-        size_label = f"{row['spans']:,} spans" + ("" if row["workers"] is None else f", {row['workers']} worker(s)")
+        size_label = f"{row['spans']:,} spans" + (
+            "" if row["workers"] is None else f", {row['workers']} worker(s)"
+        )
         if stores[row["size"]] == ref_store:
             ratio = row["wall_s"] / ref_s
             ok = ratio <= TARGET_RATIO_1M and row["peak_rss_gib"] <= TARGET_RSS_1M_GIB

@@ -65,4 +65,5 @@ PARTS: dict[str, DetectorParts] = {
     "lock_contention": DetectorParts(lock_contention.extract, lock_contention.decide),
     "retry_without_backoff": DetectorParts(retry_without_backoff.extract, retry_without_backoff.decide),
     "error_propagation": DetectorParts(error_propagation.extract, error_propagation.decide),
+    "missing_timeout": DetectorParts(missing_timeout.extract, missing_timeout.decide),
 }

@@ -64,7 +64,7 @@ import numpy as np
 import polars as pl
 
 from analysis.context import AnalysisContext
-from analysis.detectors._common import route_template
+from analysis.detectors._common import NearMissSink, Rows, route_template
 from analysis.detectors.error_propagation import call_target_expr, url_host_expr
 from analysis.model import Finding, Occurrence, ShortenSpan
 from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
@@ -106,7 +106,16 @@ def _timed_out_expr() -> pl.Expr:
     )
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+OP = ["service", "name", "target", "endpoint"]
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half. ``calls``: every call as (operation key, duration) — the usual latency of
+    an operation is a cross-trace statistic; ``operations``: the key's names; ``slow``: the calls
+    that could be outliers whatever the usual latency turns out to be (on the critical path and at
+    least ``MIN_EXCESS_NS`` long, since an outlier lasts p50 + 200 ms or more), with their timeout
+    evidence, attribution and their slow call ancestors (nearest first) for the explained-caller
+    rule."""
     spans = ctx.spans
     parent_kind = spans["kind"].gather(spans["parent_row"].fill_null(0)).alias("parent_kind")
     calls = (
@@ -124,27 +133,58 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             target=call_target_expr(),
         )
     )
-    calls = _with_endpoint(calls)
-    op = ["service", "name", "target", "endpoint"]
+    calls = _with_endpoint(calls).with_columns(op_key=pl.struct(OP).hash())
+    operations = calls.select("op_key", *OP).unique(subset="op_key", keep="first")
+    slow = calls.filter(pl.col("on_critical_path") & (pl.col("duration_ns") >= MIN_EXCESS_NS))
+    out: Rows = {"calls": calls.select("op_key", "duration_ns"), "operations": operations}
+    if slow.height == 0:
+        return out
+    slow = slow.with_columns(
+        ancestors=_slow_ancestors(
+            slow["row"].cast(pl.Int64).to_numpy(), spans["parent_row"].fill_null(-1).to_numpy()
+        )
+    )
+    detail = spans.filter(pl.col("row").is_in(slow["row"].implode())).select(
+        "row", "trace_id", "span_id", timed_out=_timed_out_expr()
+    )
+    slow = _attribute(slow.join(detail, on="row", how="left"), spans)
+    # Ancestors as span ids: rows are positions in this part only.
+    ids = slow.select(pl.col("row").cast(pl.Int64), "span_id")
+    ancestors = (
+        slow.select("span_id", "ancestors")
+        .explode("ancestors")
+        .join(ids.rename({"row": "ancestors", "span_id": "ancestor_id"}), on="ancestors", how="left")
+        .group_by("span_id", maintain_order=True)
+        .agg(ancestor_ids=pl.col("ancestor_id").drop_nulls())
+    )
+    out["slow"] = slow.drop("ancestors", "parent_row").join(ancestors, on="span_id", how="left")
+    return out
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: usual latency per operation, outliers, deadlines evidence, attribution."""
+    slow = rows.get("slow")
+    if slow is None or slow.is_empty():
+        return []
+    op = OP
+    labels = rows["operations"].unique(subset="op_key", keep="first")
     stats = (
-        calls.group_by(op)
+        rows["calls"]
+        .group_by("op_key")
         .agg(calls=pl.len(), p50_ns=pl.col("duration_ns").median())
+        .join(labels, on="op_key")
         .filter((pl.col("calls") >= MIN_CALLS) & (pl.col("p50_ns") > 0))  # no usual latency: no judgement
         .filter(~pl.col("name").str.contains(LONG_BY_DESIGN))
     )
     threshold = pl.max_horizontal(pl.col("p50_ns") * OUTLIER_FACTOR, pl.col("p50_ns") + MIN_EXCESS_NS)
     outliers = (
-        calls.join(stats, on=op, how="inner")
-        .filter((pl.col("duration_ns") >= threshold) & pl.col("on_critical_path"))
+        slow.join(stats.select("op_key", "calls", "p50_ns"), on="op_key", how="inner")
+        .filter(pl.col("duration_ns") >= threshold)
         .with_columns(excess_ns=pl.col("duration_ns") - pl.col("p50_ns"))
     )
     if outliers.height == 0:
         return []
-    outliers = _drop_explained_callers(outliers, spans["parent_row"].fill_null(-1).to_numpy())
-    detail = spans.filter(pl.col("row").is_in(outliers["row"].implode())).select(
-        "row", "trace_id", "span_id", timed_out=_timed_out_expr()
-    )
-    outliers = outliers.join(detail, on="row", how="left")
+    outliers = _drop_explained_callers(outliers)
 
     per_op = (
         outliers.group_by(op)
@@ -168,9 +208,10 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         return []
 
     # Healthy latency of the reported operations: every call that is not an outlier.
+    reported_ops = stats.join(per_op.select(op), on=op, how="semi")
     healthy = (
-        calls.join(per_op.select(op), on=op, how="semi")
-        .join(stats.select(*op, "p50_ns"), on=op)
+        rows["calls"]
+        .join(reported_ops.select("op_key", *op, "p50_ns"), on="op_key")
         .group_by(op)
         .agg(
             p99_ns=pl.col("duration_ns").quantile(0.99, "linear"),
@@ -180,7 +221,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         )
     )
     per_op = (
-        per_op.join(stats, on=op)
+        per_op.join(stats.drop("op_key"), on=op)
         .join(healthy, on=op)
         .with_columns(
             timeout_ns=pl.max_horizontal(pl.col("p99_healthy_ns") * TIMEOUT_MARGIN, pl.lit(MIN_TIMEOUT_NS))
@@ -192,8 +233,8 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         outliers.filter(~pl.col("timed_out"))
         .join(per_op.select(*op, "timeout_ns"), on=op)
         .with_columns(held_ns=(pl.col("duration_ns") - pl.col("timeout_ns")).clip(lower_bound=0))
+        .sort("trace_id", "row")
     )
-    reported = _attribute(reported, spans)
 
     signature = ["caller_service", "caller_operation", "target_service", "target_operation"]
     findings: list[Finding] = []
@@ -208,6 +249,10 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
 
 
 def _with_endpoint(calls: pl.DataFrame) -> pl.DataFrame:
@@ -225,34 +270,62 @@ def _with_endpoint(calls: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _drop_explained_callers(outliers: pl.DataFrame, parent_row: np.ndarray) -> pl.DataFrame:
-    """Remove outliers whose excess is mostly explained by an outlier call beneath them.
-
-    Each outlier walks up to its nearest outlier ancestor (vectorised over the outliers, one step
-    per tree level, no recursion); an ancestor is dropped when one such descendant's excess is at
-    least ``EXPLAINED_SHARE`` of its own."""
-    rows = outliers["row"].cast(pl.Int64).to_numpy()
-    excess = outliers["excess_ns"].cast(pl.Float64).to_numpy()
-    is_outlier = np.zeros(len(parent_row), dtype=bool)
-    is_outlier[rows] = True
-    nearest = np.full(len(rows), -1, dtype=np.int64)
+def _slow_ancestors(rows: np.ndarray, parent_row: np.ndarray) -> pl.Series:
+    """For each of the slow calls at ``rows``, the rows of its slow call ancestors, nearest first
+    (vectorised over the calls, one step per tree level, no recursion)."""
+    is_slow = np.zeros(len(parent_row), dtype=bool)
+    is_slow[rows] = True
+    owners: list[np.ndarray] = []
+    hits: list[np.ndarray] = []
     cursor = parent_row[rows].astype(np.int64)
     active = cursor >= 0
     while active.any():
-        hit = active & is_outlier[np.where(active, cursor, 0)]
-        nearest[hit] = cursor[hit]
-        active &= ~hit
+        hit = np.flatnonzero(active & is_slow[np.where(active, cursor, 0)])
+        owners.append(hit)
+        hits.append(cursor[hit])
         cursor = np.where(active, parent_row[np.where(active, cursor, 0)], -1)
         active &= cursor >= 0
-    # Largest excess among each ancestor's nearest outlier descendants, then compare.
-    order = np.argsort(rows)
-    children = np.flatnonzero(nearest >= 0)
-    ancestor_position = order[np.searchsorted(rows[order], nearest[children])]
-    largest_below = np.zeros(len(rows))
-    np.maximum.at(largest_below, ancestor_position, excess[children])
-    explained = largest_below >= EXPLAINED_SHARE * excess
-    explained &= largest_below > 0
-    return outliers.filter(pl.Series(~explained))
+    found = pl.DataFrame(
+        {
+            "i": np.concatenate([np.arange(len(rows)), *owners]),
+            "a": np.concatenate([np.full(len(rows), -1), *hits]),
+        },
+        schema={"i": pl.Int64, "a": pl.Int64},
+    )  # levels in order: nearest ancestor first; -1 keeps calls with no slow ancestor
+    lists = found.group_by("i", maintain_order=True).agg(pl.col("a").filter(pl.col("a") >= 0)).sort("i")
+    return lists["a"].alias("ancestors")
+
+
+def _drop_explained_callers(outliers: pl.DataFrame) -> pl.DataFrame:
+    """Remove outliers whose excess is mostly explained by an outlier call beneath them: each
+    outlier's nearest outlier ancestor (the first of its slow ancestors that is an outlier) is
+    dropped when one such descendant's excess is at least ``EXPLAINED_SHARE`` of its own."""
+    keys = outliers.select("trace_id", "span_id", "excess_ns")
+    nearest = (
+        outliers.select("trace_id", "span_id", "excess_ns", "ancestor_ids")
+        .with_row_index("_i")
+        .explode("ancestor_ids")
+        .with_row_index("_pos")
+        .join(
+            keys.select("trace_id", ancestor_ids="span_id", _is_outlier=pl.lit(True)),
+            on=["trace_id", "ancestor_ids"],
+            how="inner",
+        )
+        .sort("_pos")
+        .unique(subset="_i", keep="first")
+        .group_by("trace_id", "ancestor_ids")
+        .agg(largest_below=pl.col("excess_ns").max())
+    )
+    explained = (
+        keys.join(
+            nearest, left_on=["trace_id", "span_id"], right_on=["trace_id", "ancestor_ids"], how="inner"
+        )
+        .filter(
+            (pl.col("largest_below") >= EXPLAINED_SHARE * pl.col("excess_ns")) & (pl.col("largest_below") > 0)
+        )
+        .select("trace_id", "span_id")
+    )
+    return outliers.join(explained, on=["trace_id", "span_id"], how="anti", maintain_order="left")
 
 
 def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
