@@ -19,14 +19,27 @@ the same partition, as the OpenTelemetry Collector's ``loadbalancing`` exporter 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import multiprocessing
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from analysis.context import AnalysisContext
 from analysis.detectors import PARTS
 from analysis.detectors._common import NearMissSink, Rows
 from analysis.model import Finding
+from analysis.whatif import Impact, WhatIf
+from collector.schema import ANALYSIS_COLUMNS
+
+log = logging.getLogger(__name__)
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -81,3 +94,307 @@ def decide(rows: dict[str, Rows], notes: NearMissSink) -> dict[str, list[Finding
         except Exception as exc:
             raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running partitions: where the spans come from, what a task returns, who runs the tasks
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """Partitions read from a span store by each task itself (``scan_partition``): a DuckDB file
+    opened read-only (so several processes read it at once) — on a cluster, a path every worker
+    reaches (shared storage) — or a ClickHouse server URL."""
+
+    location: str
+    since_ns: int | None = None
+    services: tuple[str, ...] | None = None
+
+    def load(self, part: int, parts: int) -> pa.Table:
+        store = open_for_reading(self.location)
+        try:
+            return store.scan_partition(
+                part,
+                parts,
+                since_ns=self.since_ns,
+                services=list(self.services) if self.services else None,
+                columns=ANALYSIS_COLUMNS,
+            )
+        finally:
+            store.close()
+
+
+@dataclass(frozen=True)
+class FrameSource:
+    """Partitions of spans already in memory (trace files): split by trace id here."""
+
+    frame: pl.DataFrame
+
+    def load(self, part: int, parts: int) -> pl.DataFrame:
+        return split_by_trace(self.frame, parts)[part] if parts > 1 else self.frame
+
+
+Source = StoreSource | FrameSource
+
+
+def open_for_reading(location: str) -> Any:
+    """The store a ``--db`` value names, opened for reading by one partition task."""
+    from collector.duckdb_store import DuckDBSpanStore
+
+    return DuckDBSpanStore(location, read_only=True, threads=1)
+
+
+@dataclass
+class PartResult:
+    """What one partition's extraction returns: every split detector's rows, the partition's
+    trace summaries (``AnalysisContext.traces``) and its span count."""
+
+    part: int
+    rows: dict[str, Rows]
+    traces: pl.DataFrame
+    spans: int
+
+
+def extract_part(source: Source, part: int, parts: int) -> PartResult:
+    """One task of the first pass: read a partition, repair it, extract every detector's rows."""
+    ctx = AnalysisContext.from_table(source.load(part, parts))
+    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height)
+
+
+PricedImpact = tuple[list[str], np.ndarray, np.ndarray]  # trace ids, saved ns, root ns
+
+
+def price_part(source: Source, part: int, parts: int, findings: list[Finding]) -> dict[str, PricedImpact]:
+    """One task of the second pass: the what-if saving of each finding in this partition's
+    traces (per-trace savings are independent of other traces, so the parts add up exactly)."""
+    ctx = AnalysisContext.from_table(source.load(part, parts))
+    return price(ctx, findings)
+
+
+def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
+    """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces."""
+    here = set(ctx.traces["trace_id"].to_list())
+    out: dict[str, PricedImpact] = {}
+    whatif: WhatIf | None = None
+    for finding in findings:
+        mine = [o for o in finding.occurrences if o.interventions and o.trace_id in here]
+        if not mine:
+            continue
+        whatif = whatif or WhatIf(ctx)
+        impact = whatif.impact(replace(finding, occurrences=mine))
+        out[finding.id] = (impact.trace_ids, impact.saved_ns, impact.root_ns)
+    return out
+
+
+def merge_impacts(parts: Iterable[dict[str, PricedImpact]]) -> dict[str, Impact]:
+    """The partitions' savings per finding as one :class:`Impact` each."""
+    collected: dict[str, list[PricedImpact]] = {}
+    for priced in parts:
+        for finding_id, impact in priced.items():
+            collected.setdefault(finding_id, []).append(impact)
+    return {
+        finding_id: Impact(
+            trace_ids=[t for ids, _, _ in pieces for t in ids],
+            saved_ns=np.concatenate([saved for _, saved, _ in pieces]),
+            root_ns=np.concatenate([root for _, _, root in pieces]),
+        )
+        for finding_id, pieces in collected.items()
+    }
+
+
+class PartitionError(RuntimeError):
+    """A partition task that failed twice (the first failure is retried once)."""
+
+    def __init__(self, phase: str, part: int, parts: int, cause: BaseException | str) -> None:
+        self.part, self.parts = part, parts
+        super().__init__(f"{phase} of partition {part + 1}/{parts} failed twice: {cause}")
+
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class SerialExecutor:
+    """Partitions one after another in this process: bounded memory, one core for the detectors."""
+
+    workers = 1
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        results = []
+        for done, args in enumerate(calls):
+            try:
+                results.append(fn(*args))
+            except MemoryError:
+                raise
+            except Exception as first:
+                log.warning(
+                    "%s of partition %d/%d failed (%s); retrying once", phase, args[1] + 1, args[2], first
+                )
+                try:
+                    results.append(fn(*args))
+                except Exception as exc:
+                    raise PartitionError(phase, args[1], args[2], exc) from exc
+            if progress:
+                progress(phase, done + 1, len(calls))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
+    this process is inherited). A task that raises, or whose worker dies, is retried once."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _ensure(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        results: list[Any] = [None] * len(calls)
+        failures = [0] * len(calls)
+        pending = set(range(len(calls)))
+        finished = 0
+        while pending:
+            pool = self._ensure()
+            futures = {pool.submit(fn, *calls[i]): i for i in sorted(pending)}
+            broken = False
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool as exc:  # a worker died: every unfinished task is charged
+                    broken = True
+                    failures[i] += 1
+                    if failures[i] > 1:
+                        self.close()
+                        raise PartitionError(
+                            phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
+                        ) from exc
+                    continue
+                except Exception as exc:
+                    failures[i] += 1
+                    if failures[i] > 1:
+                        self.close()
+                        raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+                    log.warning(
+                        "%s of partition %d/%d failed (%s); retrying once",
+                        phase,
+                        calls[i][1] + 1,
+                        calls[i][2],
+                        exc,
+                    )
+                    continue
+                pending.discard(i)
+                finished += 1
+                if progress:
+                    progress(phase, finished, len(calls))
+            if broken:
+                self.close()
+        return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class ClusterError(RuntimeError):
+    """The Dask scheduler cannot be reached (or ``distributed`` is not installed)."""
+
+
+class DaskExecutor:
+    """Partitions as tasks on an existing Dask distributed cluster. Each task reads its partition
+    itself (:class:`StoreSource`: a store path on storage every worker shares, or a ClickHouse
+    URL), so only the small extracted rows travel; the decision runs here, on the client. Dask
+    retries a failed task once (``retries=1``) and reschedules the tasks of a worker that died."""
+
+    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+        try:
+            from distributed import Client
+        except ImportError as exc:
+            raise ClusterError(
+                "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
+            ) from exc
+        try:
+            self.client = Client(address, timeout=timeout_s, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {exc}"
+            ) from None
+        self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        self._run = uuid.uuid4().hex[:8]
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        from distributed import as_completed as dask_completed
+
+        futures = [
+            self.client.submit(
+                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
+            )
+            for args in calls
+        ]
+        index = {future.key: i for i, future in enumerate(futures)}
+        results: list[Any] = [None] * len(calls)
+        for finished, future in enumerate(dask_completed(futures), start=1):
+            i = index[future.key]
+            try:
+                results[i] = future.result()
+            except Exception as exc:
+                self.client.cancel(futures)
+                raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+            if progress:
+                progress(phase, finished, len(calls))
+        return results
+
+    def close(self) -> None:
+        self.client.close()
+
+
+Executor = SerialExecutor | ProcessExecutor | DaskExecutor
+
+
+@dataclass
+class Extracted:
+    """The first pass over every partition: findings decided on the combined rows, the trace
+    summaries and span count of the whole."""
+
+    findings: list[Finding]
+    traces: pl.DataFrame
+    spans: int
+
+
+def run_extraction(
+    source: Source, parts: int, executor: Executor, notes: NearMissSink, progress: Progress | None = None
+) -> Extracted:
+    """Extract every partition (in ``executor``) and decide each split detector on the combined rows."""
+    results = executor.map("extracting", extract_part, [(source, p, parts) for p in range(parts)], progress)
+    decided = decide(combine(r.rows for r in results), notes)
+    traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
+    findings = [f for kind in PARTS for f in decided.get(kind, [])]
+    return Extracted(findings, traces, sum(r.spans for r in results))
+
+
+def run_pricing(
+    source: Source, parts: int, executor: Executor, findings: list[Finding], progress: Progress | None = None
+) -> dict[str, Impact]:
+    """The second pass: each finding's what-if saving, partition by partition."""
+    priced = [f for f in findings if any(o.interventions for o in f.occurrences)]
+    if not priced:
+        return {}
+    results = executor.map(
+        "pricing", price_part, [(source, p, parts, priced) for p in range(parts)], progress
+    )
+    return merge_impacts(results)

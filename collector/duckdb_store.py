@@ -119,11 +119,14 @@ class DuckDBSpanStore:
         memory_limit: str = DEFAULT_MEMORY_LIMIT,
         ingest_log: bool = False,
         threads: int | None = None,
+        read_only: bool = False,
     ) -> None:
         """``ingest_log``: writes go through the ingest log and whole-row-group loads (see the
         module doc; ignored for ``:memory:``). ``threads``: DuckDB's worker threads (default:
         one per core); serve uses 1, as a parallel insert splits row groups and costs
-        ~1 µs/span more."""
+        ~1 µs/span more. ``read_only``: reads only, so several processes (the partitions of one
+        analysis) can open the file at once; an ingest log is not replayed (open the store
+        once without it first) and nothing is written."""
         file_backed = path != ":memory:"
         if file_backed:
             # DuckDB expands "~" itself; the log beside the file must be found at the same place
@@ -149,8 +152,12 @@ class DuckDBSpanStore:
         config: dict[str, Any] = {"memory_limit": memory_limit, "checkpoint_threshold": CHECKPOINT_THRESHOLD}
         if threads is not None:
             config["threads"] = threads
-        self._con = duckdb.connect(path, config=config)
-        self._con.execute(_create_table_sql())
+        self.read_only = read_only and file_backed
+        if self.read_only:
+            self._con = duckdb.connect(path, read_only=True, config=config)
+        else:
+            self._con = duckdb.connect(path, config=config)
+            self._con.execute(_create_table_sql())
         # RLock: compaction, retention and close load the staged rows first, under the same lock
         self._write_lock = threading.RLock()
         self._local = threading.local()
@@ -175,7 +182,7 @@ class DuckDBSpanStore:
         self._stage = threading.Condition()
         self._loader: threading.Thread | None = None
         self._stopping = False
-        if file_backed and (ingest_log or log_directory.exists()):
+        if file_backed and not self.read_only and (ingest_log or log_directory.exists()):
             self._log = IngestLog(log_directory)
             self._replay_log()
             if ingest_log:
@@ -398,6 +405,42 @@ class DuckDBSpanStore:
         table = self._cursor().sql(query, params=params or None).to_arrow_table()
         return self._conform(table, selected)
 
+    def scan_partition(
+        self,
+        part: int,
+        parts: int,
+        *,
+        since_ns: int | None = None,
+        services: list[str] | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """Like ``scan``, for the traces with ``hash(trace_id) % parts == part`` only: the
+        partitions of one ``parts`` split every trace into exactly one of them, whole."""
+        if parts < 1 or not 0 <= part < parts:
+            raise ValueError(f"scan_partition needs 0 <= part < parts, got part={part}, parts={parts}")
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        if not selected:
+            return pa.table({})
+        self.load_staged()
+        in_part = f"hash(trace_id) % {int(parts)} = {int(part)}"
+        conditions = [in_part]
+        params: list[Any] = []
+        if since_ns is not None:
+            conditions.append("start_ns >= ?")
+            params.append(since_ns)
+        if services is not None:
+            conditions.append("list_contains(?, service)")
+            params.append(list(services))
+        source = f"(SELECT * FROM spans WHERE {in_part})"
+        if len(conditions) > 1:
+            source = (
+                f"(SELECT * FROM spans WHERE {in_part} AND trace_id IN "
+                f"(SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
+            )
+        query = f"SELECT {', '.join(selected)} FROM {source} {_DEDUP} ORDER BY trace_id, start_ns, span_id"
+        table = self._cursor().sql(query, params=params or None).to_arrow_table()
+        return self._conform(table, selected)
+
     @staticmethod
     def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
         schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])
@@ -486,7 +529,7 @@ class DuckDBSpanStore:
                     _close_cursor(cursor)
                 self._cursors.clear()
             self._writer.close()
-            if self.path != ":memory:":
+            if self.path != ":memory:" and not self.read_only:
                 self._con.execute("CHECKPOINT")
             self._con.close()
 

@@ -361,8 +361,8 @@ def extract(ctx: AnalysisContext) -> Rows:
     )
     marks = pl.concat(
         [
-            contended.select("trace_id", "span_id"),
-            contended.select("trace_id", span_id=pl.col("parent_span_id")).drop_nulls(),
+            contended.select(uid=_uid("span_id")),
+            contended.filter(pl.col("parent_span_id").is_not_null()).select(uid=_uid("parent_span_id")),
         ]
     ).unique()
     candidates, labels = _convoy_candidates(spans)
@@ -557,6 +557,10 @@ def _busy_groups(cand: pl.DataFrame) -> pl.Series:
     return shares.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"]
 
 
+def _uid(span_column: str) -> pl.Expr:
+    return pl.struct("trace_id", span_column).hash()
+
+
 def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Resource rows for the convoy rule: one per span with a duration (integers but for the ids),
     and per resource key the names of its earliest span."""
@@ -589,15 +593,15 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
             "start_ns",
             "end_ns",
             "duration_ns",
+            "on_critical_path",
             "trace_id",
             "span_id",
-            "parent_span_id",
-            "on_critical_path",
             gid=resource_key,
             op=pl.struct("service", "name").hash(),
-            # breaks ties between spans starting or ending in the same microsecond, whatever
-            # the order of the rows
-            uid=pl.struct("trace_id", "span_id").hash(),
+            # a span and its parent as 64-bit keys: the sweep breaks ties within a microsecond by
+            # ``uid`` (whatever the row order), and nesting is a match of ``puid`` against ``uid``
+            uid=_uid("span_id"),
+            puid=pl.when(pl.col("parent_span_id").is_not_null()).then(_uid("parent_span_id")),
         )
         .collect()
     )
@@ -606,6 +610,13 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     )
     labels = with_span_columns(
         spans, earliest.select("row", "gid", "start_ns", "trace_id", "span_id"), _CANDIDATE_LABELS
+    )
+    # One row per span travels to the decision: the ids as text only where the span can be a
+    # wait of the finding (on the critical path and at least MIN_WAIT_NS long).
+    could_wait = pl.col("on_critical_path") & (pl.col("duration_ns") >= MIN_WAIT_NS)
+    cand = cand.with_columns(
+        trace_id=pl.when(could_wait).then(pl.col("trace_id")),
+        span_id=pl.when(could_wait).then(pl.col("span_id")),
     )
     return cand.drop("row"), labels.drop("row")
 
@@ -690,14 +701,12 @@ def _convoy_findings(rows: Rows) -> list[Finding]:
     # (an explicit waiting span counts as containing itself).
     marks = pl.concat(
         [
-            convoy.select("trace_id", span_id=pl.col("parent_span_id")).drop_nulls(),
+            convoy.select(uid=pl.col("puid")).drop_nulls(),
             *[m for m in (rows.get("explicit_marks"),) if m is not None and m.height],
         ],
         how="vertical_relaxed",
-    ).unique()
-    convoy = convoy.join(
-        marks.with_columns(_marked=pl.lit(True)), on=["trace_id", "span_id"], how="left"
-    ).with_columns(pl.col("_marked").fill_null(False))
+    )["uid"].unique()
+    convoy = convoy.with_columns(_marked=pl.col("uid").is_in(marks.implode()))
     nested = convoy.group_by("gid").agg(nested_share=pl.col("_marked").mean())
     convoy = convoy.join(
         nested.filter(pl.col("nested_share") < NESTED_CONVOY_SHARE).select("gid"), on="gid", how="semi"
