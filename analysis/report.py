@@ -60,6 +60,9 @@ def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
             )
     if interventions:
         evidence["interventions"] = interventions
+    if scored.cost is not None:  # fault tolerance: what the traces show it cost (analysis.ranking)
+        evidence["cost_basis"] = scored.cost.basis
+        evidence["risk_ms"] = round(scored.cost.risk_ms, 3)
     impact = (
         scored.impact.as_dict()
         if scored.impact is not None and scored.has_latency
@@ -70,6 +73,8 @@ def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
             "share_of_root_latency": None,
         }
     )
+    if scored.cost is not None:
+        impact = {**impact, **scored.cost.as_impact()}
     return _json_safe(
         {
             "id": f.id,

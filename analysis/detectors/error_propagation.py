@@ -40,7 +40,9 @@ False-positive protections
 
 Numbers: ``requests_at_risk`` = root requests that failed because of the dependency; evidence holds
 the dependency's call count, error count and error rate, contained traces (same caller / others),
-the failing root operations, and an exemplar chain of operations from the dependency to the root.
+the failing root operations, an exemplar chain of operations from the dependency to the root, and
+the cost the ranking reads: ``failed_request_ms`` per occurrence (the failed request's duration: the
+user waited that long for an error), ``failed_request_ms_total``/``_p50`` in the evidence.
 No interventions: a fallback changes the outcome, not the latency, so no latency saving is claimed.
 
 Confidence: (0.5 + 0.45 × volume) × consistency, volume = log10(failed requests + 1) / 2 capped at
@@ -335,11 +337,14 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                     "failed_dependency_spans": float(r["failed_dependency_spans"]),
                     "dependency_depth": float(r["depth"] or 0),
                     "root_duration_ms": (r["root_duration_ns"] or 0) / 1e6,
+                    # The cost the ranking reads: the failed request ran this long for an error.
+                    "failed_request_ms": (r["root_duration_ns"] or 0) / 1e6,
                 },
             )
             for r in group.iter_rows(named=True)
         ]
         propagated_traces = int(row["propagated_traces"])
+        failed_ms = group["root_duration_ns"].fill_null(0) / 1e6
         calls = int(row["dependency_calls"] or 0)
         errors = int(row["dependency_errors"] or 0)
         evidence: dict[str, Any] = {
@@ -347,6 +352,8 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             "contained_traces": int(row["contained_traces"]),
             "contained_by_other_callers_traces": int(row["contained_by_other_callers"]),
             "fallback_seen": bool(row["contained_traces"] or row["contained_by_other_callers"]),
+            "failed_request_ms_total": round(float(failed_ms.sum()), 3),
+            "failed_request_ms_p50": round(float(failed_ms.median() or 0.0), 3),
             "dependency_calls": calls,
             "dependency_errors": errors,
             "dependency_error_rate": round(errors / calls, 4) if calls else None,

@@ -57,9 +57,12 @@ evidence; capped at 0.95.
 Aggregation: one finding per signature; ``operation`` is the parent span (the code that loops),
 ``targets`` the callee. ``evidence`` has bursts, attempts per burst (p50/max), gaps (p50/max ms,
 median per retry index), the share of immediate gaps, how many bursts exhausted every attempt, the
-status codes seen, whether explicit attempt attributes were seen. ``requests_at_risk`` = root
-requests that contained such a burst. No interventions: adding backoff adds latency, so no latency
-saving is claimed; the finding is ranked by risk.
+status codes seen, whether explicit attempt attributes were seen, and the time the bursts cost:
+``failed_attempts_ms`` per occurrence (from the first attempt's start to the end of the last failed
+attempt: the failed attempts and the re-sends between them), ``failed_attempts_ms_p50``/``_total``
+in the evidence. ``requests_at_risk`` = root requests that contained such a burst. No
+interventions: adding backoff adds latency, so no latency saving is claimed; the finding is ranked
+by that measured cost plus the risk term (:mod:`analysis.ranking`).
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                     "median_gap_ms": r["median_gap_ns"] / 1e6,
                     "max_gap_ms": r["max_gap_ns"] / 1e6,
                     "retry_time_ms": r["retry_time_ns"] / 1e6,
+                    "failed_attempts_ms": r["failed_attempts_ns"] / 1e6,
                     "exhausted": float(bool(r["last_failed"])),
                 },
             )
@@ -232,6 +236,7 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             first_start_ns=pl.col("start_ns").first(),
             first_end_ns=pl.col("end_ns").first(),
             last_end_ns=pl.col("end_ns").last(),
+            last_failed_end_ns=pl.col("end_ns").filter(pl.col("failed")).max(),
             codes=pl.col("http_status_code").filter(pl.col("failed")).drop_nulls(),
             median_gap_ns=retry_gap.median(),
             max_gap_ns=retry_gap.max(),
@@ -242,7 +247,11 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             (pl.col("attempts") >= 2)
             & ~((pl.col("attempts") >= 3) & pl.col("growing") & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS))
         )
-        .with_columns(retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"))
+        .with_columns(
+            retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"),
+            # The sequence's cost to the request: its failed attempts and the re-sends between them.
+            failed_attempts_ns=(pl.col("last_failed_end_ns") - pl.col("first_start_ns")).clip(0).fill_null(0),
+        )
     )
 
 
@@ -339,6 +348,8 @@ def _finding(
         attempts_max=pl.col("attempts").max(),
         retries_total=(pl.col("attempts") - 1).sum(),
         retry_time_ms_p50=pl.col("retry_time_ns").median() / 1e6,
+        failed_attempts_ms_total=pl.col("failed_attempts_ns").sum() / 1e6,
+        failed_attempts_ms_p50=pl.col("failed_attempts_ns").median() / 1e6,
         exhausted_bursts=pl.col("last_failed").sum(),
         explicit=pl.col("explicit").any(),
         parent_logs_retry=pl.col("parent_logs_retry").any(),
@@ -366,6 +377,8 @@ def _finding(
         "gap_ms_p50_by_retry_index": verdict["gap_p50_ms_by_retry_index"],
         "immediate_gap_share": round(float(verdict["immediate_share"]), 4),
         "retry_time_ms_p50": round(float(stats["retry_time_ms_p50"]), 3),
+        "failed_attempts_ms_p50": round(float(stats["failed_attempts_ms_p50"]), 3),
+        "failed_attempts_ms_total": round(float(stats["failed_attempts_ms_total"]), 3),
         "exhausted_bursts": int(stats["exhausted_bursts"]),
         "exhausted_share": round(int(stats["exhausted_bursts"]) / bursts, 4),
         "explicit_attempt_attributes": bool(stats["explicit"]),
