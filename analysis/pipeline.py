@@ -1,6 +1,6 @@
 """The analysis entry point: spans in, ``hourglass.report/v1`` out.
 
-``analyze(table_or_frame, *, writer=None, services=None, since_ns=None)`` runs, in order:
+``analyze(table_or_frame, *, writer=None, services=None, since_ns=None, explain=False)`` runs, in order:
 selection (whole traces that touch ``services`` / have a span starting at or after ``since_ns``), trace repair and
 critical path (:class:`analysis.context.AnalysisContext`), every detector in
 :data:`analysis.detectors.DETECTORS`, what-if savings (:mod:`analysis.whatif`), ranking
@@ -15,7 +15,7 @@ Floors (:func:`score_findings`): a finding is reported only when a person would 
 
   - the **absolute floor of its kind**, :data:`MIN_SAVING_BY_KIND` (below it nobody rewrites code:
     the gain is within timer noise and run-to-run jitter), and
-  - the **relative rule**: at least ``MIN_SAVING_SHARE`` (2 %) of the median root duration of the
+  - the **relative rule**: at least ``MIN_SAVING_SHARE`` (1 %, the detectors' own relative rule) of the median root duration of the
     affected requests — a few ms of a 2 s request is noise, while a 2 × 3 s sequence (3 s saved
     of 6 s) is not.
 
@@ -66,7 +66,7 @@ MIN_SAVING_BY_KIND: dict[str, int] = {
 # Kinds not in the table (new detectors) use this floor until they get their own row.
 DEFAULT_MIN_SAVING_NS = 2_000_000
 # The relative rule: the p95 saving must be at least this share of the median request (root) duration.
-MIN_SAVING_SHARE = 0.02
+MIN_SAVING_SHARE = 0.01
 # Below this a detector is saying "probably not a problem" (e.g. failures that a fallback almost
 # always contains); a recommendation that weak costs a reader more than it offers.
 MIN_REPORTED_CONFIDENCE = 0.2
@@ -293,10 +293,16 @@ class ContextView:
 
 
 def analyze_context(
-    ctx: AnalysisContext, *, writer: Writer | None = None
+    ctx: AnalysisContext, *, writer: Writer | None = None, explain: bool = False
 ) -> tuple[dict[str, Any], list[Scored]]:
+    """Detect, score and write; with ``explain`` the report carries ``near_misses``."""
     ranked = score_findings(ctx, run_detectors(ctx))
-    report = build_report(ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height)
+    report = build_report(
+        ranked,
+        traces_analyzed=ctx.traces.height,
+        spans_analyzed=ctx.spans.height,
+        near_misses=list(ctx.near_misses) if explain else None,
+    )
     write_texts(report, writer, ContextView(ctx, report))
     return report, ranked
 
@@ -307,10 +313,12 @@ def analyze(
     writer: Writer | None = None,
     services: list[str] | None = None,
     since_ns: int | None = None,
+    explain: bool = False,
 ) -> dict[str, Any]:
-    """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict."""
+    """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict
+    (with ``near_misses`` when ``explain``)."""
     frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
-    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer)
+    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer, explain=explain)
     return report
 
 

@@ -344,7 +344,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             for r in group.iter_rows(named=True)
         ]
         propagated_traces = int(row["propagated_traces"])
-        failed_ms = group["root_duration_ns"].fill_null(0) / 1e6
+        failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()
         calls = int(row["dependency_calls"] or 0)
         errors = int(row["dependency_errors"] or 0)
         evidence: dict[str, Any] = {
@@ -353,7 +353,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             "contained_by_other_callers_traces": int(row["contained_by_other_callers"]),
             "fallback_seen": bool(row["contained_traces"] or row["contained_by_other_callers"]),
             "failed_request_ms_total": round(float(failed_ms.sum()), 3),
-            "failed_request_ms_p50": round(float(failed_ms.median() or 0.0), 3),
+            "failed_request_ms_p50": round(float(np.median(failed_ms)) if failed_ms.size else 0.0, 3),
             "dependency_calls": calls,
             "dependency_errors": errors,
             "dependency_error_rate": round(errors / calls, 4) if calls else None,
