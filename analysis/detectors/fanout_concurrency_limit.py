@@ -125,9 +125,25 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     queued_kids = all_kids.filter(pl.col("last_start_ns") >= pl.col("first_end_ns"))
     if queued_kids.is_empty():
         return []
-    findings = _per_fanout_findings(spans, all_kids, queued_kids)
+    misses: list[tuple[tuple[str, ...], str, list[str], int]] = []  # (signature, reason, traces, count)
+    findings = _per_fanout_findings(spans, all_kids, queued_kids, misses)
     found = {tuple(f.evidence["signature"]) for f in findings}
-    findings += _shared_pool_findings(spans, queued_kids, found)
+    findings += _shared_pool_findings(spans, queued_kids, found, misses)
+    found = {tuple(f.evidence["signature"]) for f in findings}
+    noted: set[tuple[str, ...]] = set()
+    for signature, reason, trace_ids, traces in misses:  # one per signature: the last rule it failed
+        if signature in found or signature in noted:
+            continue
+        noted.add(signature)
+        parent_service, parent_name, service, name, endpoint = signature
+        ctx.note_near_miss(
+            KIND,
+            parent_service,
+            parent_name,
+            f"{service} {target_operation(name, endpoint)}: {reason}",
+            trace_ids=trace_ids,
+            traces=traces,
+        )
     for finding in findings:
         del finding.evidence["signature"]
     return findings
@@ -148,8 +164,32 @@ def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.Dat
     return sweep.join(sweep.group_by(key).agg(k=pl.col("concurrency").max()), on=key)
 
 
-def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.DataFrame) -> list[Finding]:
-    """The per-fan-out rule (module doc, first part)."""
+Miss = tuple[tuple[str, ...], str, list[str], int]
+
+
+def _signature_misses(frame: pl.DataFrame, reason: pl.Expr, misses: list[Miss]) -> None:
+    """Appends one near miss per signature of ``frame`` (one row per fan-out or call, with
+    SIGNATURE and trace_id), ``reason`` an aggregate expression giving the text."""
+    rows = (
+        frame.group_by(SIGNATURE)
+        .agg(
+            reason=reason,
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+        )
+        .sort(SIGNATURE)
+    )
+    for r in rows.iter_rows(named=True):
+        misses.append(
+            (tuple(str(r[c]) for c in SIGNATURE), str(r["reason"]), list(r["trace_ids"]), r["traces"])
+        )
+
+
+def _per_fanout_findings(
+    spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.DataFrame, misses: list[Miss] | None = None
+) -> list[Finding]:
+    """The per-fan-out rule (module doc, first part); candidates dropped go to ``misses``."""
+    misses = [] if misses is None else misses
     # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
     # k = 1 needs pool evidence. Sequential loops (most sibling groups) stop here.
     launch_tol = pl.max_horizontal(
@@ -219,7 +259,29 @@ def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.D
             & (pl.col("cap_hits") >= pl.max_horizontal(pl.lit(2), pl.col("n") // pl.col("k")))
         )
     )
+    # Near misses: signatures none of whose queued fan-outs showed a cap.
+    fanouts = fanouts.with_columns(any_capped=pl.col("capped").any().over(SIGNATURE))
+    _signature_misses(
+        fanouts.filter(~pl.col("any_capped")),
+        pl.format(
+            "no pool cap in {} queued fan-outs: the first wave does not fill a pool of k or k is reached once "
+            "(k p50 {}, n p50 {}, first wave p50 {})",
+            pl.len(),
+            pl.col("k").median(),
+            pl.col("n").median(),
+            pl.col("first_wave").median(),
+        ),
+        misses,
+    )
     groups = fanouts.filter("capped").with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
+    _signature_misses(
+        groups.filter((pl.col("k") < 2) & ~pl.col("pool_evidence")),
+        pl.format(
+            "k = 1 in {} fan-outs without pool evidence: a sequential loop, left to serialized_calls / n_plus_one",
+            pl.len(),
+        ),
+        misses,
+    )
     groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
     if groups.is_empty():
         return []
@@ -237,6 +299,15 @@ def _per_fanout_findings(spans: pl.DataFrame, all_kids: pl.DataFrame, kids: pl.D
         )
         rate = frame.height / max(same.height, 1)
         if rate < MIN_CAPPED_RATE:
+            misses.append(
+                (
+                    tuple(first_of(frame, c) for c in SIGNATURE),
+                    f"capped at k = {k_mode} in {frame.height} of {same.height} fan-outs wider than k "
+                    f"({rate:.0%}) < {MIN_CAPPED_RATE:.0%}: no consistent cap",
+                    frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
+                    frame["trace_id"].n_unique(),
+                )
+            )
             continue
         finding = _finding(frame, k_mode, rate, same.height)
         finding.evidence["signature"] = [first_of(frame, c) for c in SIGNATURE]
@@ -249,9 +320,11 @@ def first_of(frame: pl.DataFrame, column: str) -> str:
 
 
 def _shared_pool_findings(
-    spans: pl.DataFrame, kids: pl.DataFrame, found: set[tuple[str, ...]]
+    spans: pl.DataFrame, kids: pl.DataFrame, found: set[tuple[str, ...]], misses: list[Miss] | None = None
 ) -> list[Finding]:
-    """The shared-pool rule (module doc, second part), over the queued fan-outs ``kids``."""
+    """The shared-pool rule (module doc, second part), over the queued fan-outs ``kids``; signatures
+    with enough calls that fail it go to ``misses``."""
+    misses = [] if misses is None else misses
     # Only fan-outs whose children overlap somewhere: a plain sequential loop never does, and
     # loops are most queued groups, so they are dropped before any string column is fetched.
     overlapping = (
@@ -309,17 +382,40 @@ def _shared_pool_findings(
             cross_trace_handover_rate=(pl.col("handed") & (pl.col("end_trace") != pl.col("trace_id"))).mean(),
         )
     )
-    shared = (
+    judged = (
         per_signature.join(k, on="signature_id")
         .join(saturation, on="signature_id")
         .join(handover, on="signature_id")
-        .filter(
-            (pl.col("k") >= 2)
+        .with_columns(
+            shared=(pl.col("k") >= 2)
             & (pl.col("saturation") >= MIN_SATURATION)
             & (pl.col("handover_rate") >= MIN_HANDOVER)
             & (pl.col("cross_trace_handover_rate") >= MIN_CROSS_TRACE_HANDOVER)
         )
     )
+    not_shared = judged.filter(~pl.col("shared"))
+    if not_shared.height:
+        _signature_misses(
+            kids.join(
+                not_shared.select(
+                    "signature_id", "k", "saturation", "handover_rate", "cross_trace_handover_rate"
+                ),
+                on="signature_id",
+            ),
+            pl.format(
+                "not a shared pool across requests: peak concurrency k = {} (needs >= 2), saturation {} "
+                "(needs >= {}), hand-over {} (needs >= {}), across traces {} (needs >= {})",
+                pl.col("k").first(),
+                pl.col("saturation").first().round(2),
+                pl.lit(MIN_SATURATION),
+                pl.col("handover_rate").first().round(2),
+                pl.lit(MIN_HANDOVER),
+                pl.col("cross_trace_handover_rate").first().round(2),
+                pl.lit(MIN_CROSS_TRACE_HANDOVER),
+            ),
+            misses,
+        )
+    shared = judged.filter("shared")
     if shared.is_empty():
         return []
     pooled = _pool_evidence_groups(spans, kids)

@@ -270,12 +270,14 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         median_ns=pl.col("duration_ns").median(),
         max_ns=pl.col("duration_ns").max(),
     )
-    groups = with_span_columns(spans, groups, sig)
+    groups = with_span_columns(spans, groups, [*sig, "trace_id"])
     fanouts_seen = groups.group_by(sig).agg(fanouts_seen=pl.len())
-    groups = groups.filter(
-        (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
-        & ((pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS)
+    straggles = (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns")) & (
+        (pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS
     )
+    groups = groups.with_columns(straggles=straggles)
+    _note_balanced(ctx, groups, sig)
+    groups = groups.filter("straggles").drop("straggles")
     kids = kids.join(groups.select("group_id", "median_ns"), on="group_id", how="inner")
     kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"])
     kids = kids.with_columns(
@@ -284,6 +286,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         is_slowest=pl.col("duration_ns").rank("ordinal", descending=True).over("group_id") == 1,
     )
     slowest = kids.filter(pl.col("is_slowest") & pl.col("on_critical_path"))
+    _note_off_critical_path(ctx, kids, slowest, sig)
     if slowest.is_empty():
         return []
     hit_groups = slowest.select("group_id")
@@ -311,18 +314,92 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
 
     findings: list[Finding] = []
     for frame in occurrences.partition_by(sig, maintain_order=True):
-        finding = _finding(frame)
+        finding = _finding(frame, ctx)
         if finding is not None:
             findings.append(finding)
     return findings
 
 
-def _finding(frame: pl.DataFrame) -> Finding | None:
+def _target(name: str, endpoint: str) -> str:
+    return target_operation(name, endpoint)
+
+
+def _note_balanced(ctx: AnalysisContext, groups: pl.DataFrame, sig: list[str]) -> None:
+    """Near misses: parallel fan-outs of a signature where no fan-out has a straggler (one row per
+    signature, aggregated in polars)."""
+    balanced = (
+        groups.group_by(sig)
+        .agg(
+            fanouts=pl.len(),
+            straggling=pl.col("straggles").sum(),
+            ratio_max=(pl.col("max_ns") / pl.col("median_ns").clip(1)).max(),
+            excess_max_ns=(pl.col("max_ns") - pl.col("median_ns")).max(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+        )
+        .filter(pl.col("straggling") == 0)
+        .sort(sig)
+    )
+    for r in balanced.iter_rows(named=True):  # one per signature, not per span
+        ctx.note_near_miss(
+            KIND,
+            r["parent_service"],
+            r["parent_name"],
+            f"balanced fan-out to {r['service']} {_target(r['name'], r['endpoint'])}: slowest branch at most "
+            f"{r['ratio_max']:.2g}x the median (at most +{r['excess_max_ns'] / 1e6:.3g} ms) in {r['fanouts']} "
+            f"fan-outs; a straggler needs >= {STRAGGLER_RATIO:g}x and +{MIN_EXCESS_NS / 1e6:g} ms",
+            trace_ids=r["trace_ids"],
+            traces=r["traces"],
+        )
+
+
+def _note_off_critical_path(
+    ctx: AnalysisContext, kids: pl.DataFrame, slowest: pl.DataFrame, sig: list[str]
+) -> None:
+    """Near misses: signatures whose straggling fan-outs all had their slowest branch off the
+    critical path (shortening it would save nothing at the root)."""
+    off = (
+        kids.filter(pl.col("is_slowest"))
+        .join(slowest.select("group_id"), on="group_id", how="anti")
+        .group_by(sig)
+        .agg(
+            fanouts=pl.len(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+            span_ids=pl.col("span_id").head(5),
+        )
+        .join(slowest.select(sig).unique(), on=sig, how="anti")
+        .sort(sig)
+    )
+    for r in off.iter_rows(named=True):
+        ctx.note_near_miss(
+            KIND,
+            r["parent_service"],
+            r["parent_name"],
+            f"straggler to {r['service']} {_target(r['name'], r['endpoint'])} off the critical path in all "
+            f"{r['fanouts']} straggling fan-outs: shortening it saves nothing at the root",
+            trace_ids=r["trace_ids"],
+            span_ids=r["span_ids"],
+            traces=r["traces"],
+        )
+
+
+def _finding(frame: pl.DataFrame, ctx: AnalysisContext | None = None) -> Finding | None:
     first = frame.row(0, named=True)
     traces = frame["trace_id"].n_unique()
     fanouts_seen = int(first["fanouts_seen"])
     rate = frame.height / fanouts_seen if fanouts_seen else 1.0
     if rate < MIN_STRAGGLER_RATE:
+        if ctx is not None:
+            ctx.note_near_miss(
+                KIND,
+                first["parent_service"],
+                first["parent_name"],
+                f"stragglers to {first['service']} {_target(first['name'], first['endpoint'])} in {frame.height} "
+                f"of {fanouts_seen} fan-outs ({rate:.0%}) < {MIN_STRAGGLER_RATE:.0%}: occasional, not systematic",
+                trace_ids=frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
+                traces=traces,
+            )
         return None
 
     branch_counts = frame["slow_branch"].value_counts(sort=True)
