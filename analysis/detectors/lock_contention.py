@@ -60,6 +60,12 @@ least 3 of them), else the 5th percentile of all durations. Each queued span's w
 minus that latency. A convoy whose spans mostly (``NESTED_CONVOY_SHARE``, 50 %) contain a child that is
 itself a convoy or an explicit wait is dropped in favour of the deeper one: the callers of a locked
 operation queue because of it, not for a lock of their own.
+
+Near misses (``--explain``): explicit evidence none of whose waits counted (under 1 ms or off the
+critical path), a contention rate under 5 %, and busy operations (peak and queued share met) that
+fail a later convoy rule — a latency/load correlation between ``NEAR_MISS_CORRELATION`` (0.3) and
+0.6, a slope under 30 %, completions not spaced like one server, nested in a deeper convoy, or no
+queued wait of 1 ms on the critical path. One per operation, with the rule and the measured value.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ MIN_SLOPE_SHARE = 0.3
 SERVICE_TIME_BAND = (0.5, 1.5)
 MAX_BUNCHED_SHARE = 0.2
 NESTED_CONVOY_SHARE = 0.5
+NEAR_MISS_CORRELATION = 0.3  # a busy operation is listed by --explain from half the correlation rule
 
 _RESOURCE_WORDS = (
     r"lock|mutex|semaphore|latch|permit|slot|connection|conn|pool|queue|transaction|turn|monitor"
@@ -343,16 +350,43 @@ def _with_next_sibling_hold(spans: pl.DataFrame, waits: pl.DataFrame) -> pl.Data
 def detect(ctx: AnalysisContext) -> list[Finding]:
     spans = ctx.spans
     explicit = _explicit_waits(spans)
-    findings = _explicit_findings(explicit)
-    findings.extend(_convoy_findings(spans, explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)))
+    findings = _explicit_findings(explicit, ctx)
+    findings.extend(_convoy_findings(spans, explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS), ctx))
     return findings
 
 
-def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
+def _explicit_findings(waits: pl.DataFrame, ctx: AnalysisContext | None = None) -> list[Finding]:
     sig = ["waiter_service", "waiter_name", "target_service", "target_operation", "resource"]
     # Every acquisition the evidence shows, contended or not: the denominator of the contention rate.
     acquisitions = waits.group_by(sig).agg(acquisitions=pl.len())
-    waits = waits.filter((pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")).with_columns(
+    counted = (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")
+    if ctx is not None and waits.height:
+        # Near misses: explicit wait evidence none of whose waits counted (one row per signature).
+        idle = (
+            waits.group_by(sig)
+            .agg(
+                acquisitions=pl.len(),
+                counted=counted.sum(),
+                longest_ms=pl.col("wait_ns").max() / 1e6,
+                longest_on_path_ms=pl.col("wait_ns").filter(pl.col("on_critical_path")).max() / 1e6,
+                trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+                traces=pl.col("trace_id").n_unique(),
+            )
+            .filter(pl.col("counted") == 0)
+            .sort(sig, nulls_last=True)
+        )
+        for r in idle.iter_rows(named=True):
+            ctx.note_near_miss(
+                KIND,
+                r["waiter_service"],
+                r["waiter_name"],
+                f"{r['acquisitions']} waits for {r['resource'] or r['target_operation']}: longest "
+                f"{r['longest_ms']:.3g} ms, on the critical path {r['longest_on_path_ms'] or 0:.3g} ms "
+                f"< {MIN_WAIT_NS / 1e6:g} ms: uncontended",
+                trace_ids=r["trace_ids"],
+                traces=r["traces"],
+            )
+    waits = waits.filter(counted).with_columns(
         wait_share=pl.col("wait_ns") / pl.col("waiter_duration_ns").clip(1)
     )
     if waits.is_empty():
@@ -363,6 +397,17 @@ def _explicit_findings(waits: pl.DataFrame) -> list[Finding]:
         first = frame.row(0, named=True)
         contention_rate = frame.height / max(int(first["acquisitions"] or 0), frame.height)
         if contention_rate < MIN_CONTENTION_RATE:
+            if ctx is not None:
+                ctx.note_near_miss(
+                    KIND,
+                    first["waiter_service"],
+                    first["waiter_name"],
+                    f"{first['resource'] or first['target_operation']}: {frame.height} of "
+                    f"{first['acquisitions']} acquisitions waited ({contention_rate:.1%}) < "
+                    f"{MIN_CONTENTION_RATE:.0%}: rarely contended",
+                    trace_ids=frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
+                    traces=frame["trace_id"].n_unique(),
+                )
             continue
         sources = sorted(set(frame["source"].to_list()))
         traces = frame["trace_id"].n_unique()
@@ -509,7 +554,53 @@ def _busy_groups(cand: pl.DataFrame) -> pl.Series:
     return shares.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"]
 
 
-def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Finding]:
+def _note_convoy_misses(
+    ctx: AnalysisContext, spans: pl.DataFrame, cand: pl.DataFrame, reasons: list[pl.DataFrame]
+) -> None:
+    """Near misses: busy operations (enough load to judge) that failed a convoy rule, one per
+    operation with the first rule it failed; names fetched for those spans only."""
+    frames = [r for r in reasons if r.height]
+    if not frames:
+        return
+    why = pl.concat(frames).unique("gid", keep="first", maintain_order=True)
+    rows = cand.join(why, on="gid", how="inner").select("row", "gid", "reason")
+    rows = with_span_columns(spans, rows, ["service", "name", "trace_id"])
+    per_op = (
+        rows.group_by("gid")
+        .agg(
+            pl.col("service").first(),
+            pl.col("name").first(),
+            pl.col("reason").first(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+        )
+        .sort("service", "name", "reason")
+    )
+    for r in per_op.iter_rows(named=True):
+        ctx.note_near_miss(
+            KIND,
+            r["service"],
+            r["name"],
+            f"no convoy: {r['reason']}",
+            trace_ids=r["trace_ids"],
+            traces=r["traces"],
+        )
+
+
+def _convoy_findings(
+    spans: pl.DataFrame, explicit: pl.DataFrame, ctx: AnalysisContext | None = None
+) -> list[Finding]:
+    state: dict[str, Any] = {"reasons": []}  # the candidate frame and (gid, reason) of dropped groups
+    findings = _convoy_findings_noting(spans, explicit, state)
+    if ctx is not None and "cand" in state:
+        _note_convoy_misses(ctx, spans, state["cand"], state["reasons"])
+    return findings
+
+
+def _convoy_findings_noting(
+    spans: pl.DataFrame, explicit: pl.DataFrame, state: dict[str, Any]
+) -> list[Finding]:
+    reasons: list[pl.DataFrame] = state["reasons"]
     # Integer-only frame: row, group key and times; strings are fetched by row for the few convoys
     # found. The group key hashes every resource column (a finer split than ``_resource``'s first
     # non-null, and free of string copies); statements count by shape, normalised once per
@@ -554,6 +645,7 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
     if cand.is_empty():
         return []
     cand = cand.with_columns(peers=_peers_at_start(cand))
+    state["cand"] = cand
 
     base_expr = (
         pl.when((pl.col("peers") == 1).sum() >= 3)
@@ -571,18 +663,38 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
             var=pl.col("peers").cast(pl.Float64).var(),
         )
         .with_columns(slope_ns=pl.col("cov") / pl.col("var"))
-        .filter(
-            (pl.col("peak") >= MIN_PEAK_PEERS)
-            & (pl.col("queued_share") >= MIN_QUEUED_SHARE)
-            & (pl.col("corr") >= MIN_CORRELATION)
+        .filter((pl.col("peak") >= MIN_PEAK_PEERS) & (pl.col("queued_share") >= MIN_QUEUED_SHARE))
+    )
+    # Busy enough to judge from here on: a group dropped below is a near miss.
+    flat = ~(pl.col("corr") >= MIN_CORRELATION).fill_null(False)
+    reasons.append(  # only near misses: every busy operation has a flat latency, those are not news
+        stats.filter(flat & (pl.col("corr") >= NEAR_MISS_CORRELATION)).select(
+            "gid",
+            reason=pl.format(
+                "latency does not grow with load (correlation with concurrent peers {} < {})",
+                pl.col("corr").fill_nan(None).round(2),
+                pl.lit(MIN_CORRELATION),
+            ),
         )
     )
+    stats = stats.filter(~flat)
     if stats.is_empty():
         return []
     convoy = cand.join(stats.select("gid"), on="gid", how="semi")
-    stats = stats.join(convoy.group_by("gid").agg(base_ns=base_expr), on="gid").filter(
-        (pl.col("base_ns") > 0) & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
+    stats = stats.join(convoy.group_by("gid").agg(base_ns=base_expr), on="gid")
+    steep = (pl.col("base_ns") > 0) & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
+    reasons.append(
+        stats.filter(~steep).select(
+            "gid",
+            reason=pl.format(
+                "each extra peer adds {} ms < {}% of the {} ms uncontended latency",
+                (pl.col("slope_ns") / 1e6).round(3),
+                pl.lit(round(MIN_SLOPE_SHARE * 100)),
+                (pl.col("base_ns") / 1e6).round(3),
+            ),
+        )
     )
+    stats = stats.filter(steep)
     convoy = convoy.join(stats.select("gid", "base_ns"), on="gid", how="inner")
 
     # Completion spacing of spans that were queued behind the previous completion.
@@ -601,14 +713,31 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
             bunched=(pl.col("gap") < 0.25 * pl.col("base_ns")).mean(),
             base_ns=pl.col("base_ns").first(),
         )
-        .filter(
-            (pl.col("gaps") >= MIN_SAMPLES // 2)
-            & (pl.col("gap_p50") >= SERVICE_TIME_BAND[0] * pl.col("base_ns"))
-            & (pl.col("gap_p50") <= SERVICE_TIME_BAND[1] * pl.col("base_ns"))
-            & (pl.col("bunched") <= MAX_BUNCHED_SHARE)
-        )
-        .select("gid", "gap_p50")
     )
+    single_server = (
+        (pl.col("gaps") >= MIN_SAMPLES // 2)
+        & (pl.col("gap_p50") >= SERVICE_TIME_BAND[0] * pl.col("base_ns"))
+        & (pl.col("gap_p50") <= SERVICE_TIME_BAND[1] * pl.col("base_ns"))
+        & (pl.col("bunched") <= MAX_BUNCHED_SHARE)
+    )
+    reasons.append(
+        convoy.select("gid", "base_ns")
+        .unique("gid")
+        .join(spacing, on="gid", how="left")
+        .filter(~single_server.fill_null(False))
+        .select(
+            "gid",
+            reason=pl.format(
+                "completions not spaced like one server: {} queued completions, gap p50 {} ms vs {} ms "
+                "uncontended, {} bunched (a pool of parallel workers)",
+                pl.col("gaps").fill_null(0),
+                (pl.col("gap_p50") / 1e6).round(3),
+                (pl.col("base_ns") / 1e6).round(3),
+                pl.col("bunched").round(2),
+            ),
+        )
+    )
+    spacing = spacing.filter(single_server).select("gid", "gap_p50")
     if spacing.is_empty():
         return []
     convoy = convoy.join(spacing, on="gid", how="inner")
@@ -626,6 +755,15 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
     ).unique()
     nested = convoy.group_by("gid").agg(
         nested_share=pl.col("row").cast(pl.Int64).is_in(flagged_rows.implode()).mean()
+    )
+    reasons.append(
+        nested.filter(pl.col("nested_share") >= NESTED_CONVOY_SHARE).select(
+            "gid",
+            reason=pl.format(
+                "{} of its spans contain a deeper convoy or explicit wait, reported there instead",
+                (pl.col("nested_share") * 100).round(0).cast(pl.Int64).cast(pl.String) + pl.lit("%"),
+            ),
+        )
     )
     convoy = convoy.join(
         nested.filter(pl.col("nested_share") < NESTED_CONVOY_SHARE).select("gid"), on="gid", how="semi"
@@ -647,6 +785,15 @@ def _convoy_findings(spans: pl.DataFrame, explicit: pl.DataFrame) -> list[Findin
             (pl.col("peers") >= 2) & (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")
         )
         if waiting.is_empty():
+            reasons.append(
+                pl.DataFrame(
+                    {
+                        "gid": [first["gid"]],
+                        "reason": [f"no queued wait >= {MIN_WAIT_NS / 1e6:g} ms on the critical path"],
+                    },
+                    schema={"gid": cand.schema["gid"], "reason": pl.String},
+                )
+            )
             continue
         traces = waiting["trace_id"].n_unique()
         confidence = 0.45
