@@ -253,13 +253,11 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     per_dep = events.group_by(dependency_cols).agg(
         dependency_contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
     )
-    per_sig = (
-        per_sig.join(per_dep, on=dependency_cols, how="left")
-        .with_columns(
-            contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
-        )
-        .filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
+    per_sig = per_sig.join(per_dep, on=dependency_cols, how="left").with_columns(
+        contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
     )
+    _note_near_misses(ctx, events, per_sig, signature_cols)
+    per_sig = per_sig.filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
     if per_sig.height == 0:
         return []
 
@@ -387,6 +385,46 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def _note_near_misses(
+    ctx: AnalysisContext, events: pl.DataFrame, per_sig: pl.DataFrame, signature_cols: list[str]
+) -> None:
+    """Near misses, one per dependency signature below ``MIN_PROPAGATED_TRACES``: failures that a
+    fallback contained, or that reached the root in too few requests."""
+    below = per_sig.filter(pl.col("propagated_traces") < MIN_PROPAGATED_TRACES)
+    if below.height == 0:
+        return
+    exemplars = (
+        events.join(below.select(signature_cols), on=signature_cols, how="semi")
+        .sort("trace_id")
+        .group_by(signature_cols)
+        .agg(
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            span_ids=pl.concat_list("call_span_id", "dep_span_id").first(),
+            traces=pl.col("trace_id").n_unique(),
+        )
+    )
+    rows = below.join(exemplars, on=signature_cols, how="left").sort(signature_cols)
+    for r in rows.iter_rows(named=True):  # one per signature, not per span
+        propagated, contained = int(r["propagated_traces"]), int(r["contained_traces"])
+        target = f"{r['target_service']} {r['target_operation']}"
+        if propagated == 0:
+            reason = f"failures of {target} contained in {contained} traces: a fallback works"
+        else:
+            reason = (
+                f"failure of {target} reached the root in {propagated} trace < {MIN_PROPAGATED_TRACES} "
+                f"(contained in {contained}): one failed request may be bad luck"
+            )
+        ctx.note_near_miss(
+            KIND,
+            str(r["catcher_service"]),
+            str(r["operation"]),
+            reason,
+            trace_ids=r["trace_ids"] or (),
+            span_ids=r["span_ids"] or (),
+            traces=int(r["traces"] or 0),
+        )
 
 
 def _exemplar_chain(

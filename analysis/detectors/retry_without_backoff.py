@@ -137,10 +137,14 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     if sequences.height == 0:
         return []
     sequences = _attribute(sequences, spans)
+    backed_off = sequences.filter("backed_off")
+    sequences = sequences.filter(~pl.col("backed_off"))
     retries = attempts.filter(pl.col("is_retry")).join(
         sequences.select("sequence", *SIGNATURE), on="sequence", how="inner"
     )
-    verdicts = _judge(retries)
+    judged = _judge(retries)
+    verdicts = judged.filter("lacks_backoff").drop("lacks_backoff")
+    _note_near_misses(ctx, sequences, backed_off, judged.filter(~pl.col("lacks_backoff")), verdicts)
     if verdicts.height == 0:
         return []
     sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort("trace_id", "first_start_ns")
@@ -215,7 +219,8 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series, failed_by_callee: pl.
 
 
 def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
-    """One row per retry sequence of ≥ 2 attempts; sequences with strictly growing gaps dropped."""
+    """One row per retry sequence of ≥ 2 attempts; ``backed_off`` marks sequences with strictly
+    growing gaps (set aside by the caller, and listed as near misses)."""
     retry_gap = pl.col("gap_ns").filter(pl.col("is_retry"))
     return (
         attempts.group_by("sequence")
@@ -243,9 +248,11 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             last_gap_ns=retry_gap.last(),
             growing=(retry_gap.diff().drop_nulls() > 0).all(),
         )
-        .filter(
-            (pl.col("attempts") >= 2)
-            & ~((pl.col("attempts") >= 3) & pl.col("growing") & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS))
+        .filter(pl.col("attempts") >= 2)
+        .with_columns(
+            backed_off=(pl.col("attempts") >= 3)
+            & pl.col("growing")
+            & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS)
         )
         .with_columns(
             retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"),
@@ -325,12 +332,89 @@ def _judge(retries: pl.DataFrame) -> pl.DataFrame:
         )
     )
     return (
-        stats.filter((pl.col("retries") >= MIN_RETRIES) & (immediate | flat))
+        stats.with_columns(lacks_backoff=(pl.col("retries") >= MIN_RETRIES) & (immediate | flat))
         .with_columns(
             pattern=pl.when(immediate).then(pl.lit("immediate")).otherwise(pl.lit("constant_short_delay"))
         )
         .join(by_index, on=SIGNATURE, how="left")
     )
+
+
+def _note_near_misses(
+    ctx: AnalysisContext,
+    sequences: pl.DataFrame,
+    backed_off: pl.DataFrame,
+    healthy: pl.DataFrame,
+    reported: pl.DataFrame,
+) -> None:
+    """Near misses, one per signature: retry sequences whose gaps grow (backoff), and signatures
+    judged not to lack backoff, with the rule and the measured gaps."""
+    ms = 1e6
+    why = healthy.select(
+        *SIGNATURE,
+        reason=pl.when(pl.col("retries") < MIN_RETRIES)
+        .then(pl.format("{} retry < {} needed", pl.col("retries"), pl.lit(MIN_RETRIES)))
+        .when(pl.col("gap_p50_ns") > MAX_FLAT_GAP_NS)
+        .then(
+            pl.format(
+                "median gap {} ms > {} ms: a deliberate delay",
+                (pl.col("gap_p50_ns") / ms).round(3),
+                pl.lit(MAX_FLAT_GAP_NS / ms),
+            )
+        )
+        .when(pl.col("later_retries") < MIN_LATER_RETRIES)
+        .then(
+            pl.format(
+                "median gap {} ms > {} ms and {} later retries: too few to judge growth",
+                (pl.col("gap_p50_ns") / ms).round(3),
+                pl.lit(IMMEDIATE_GAP_NS / ms),
+                pl.col("later_retries"),
+            )
+        )
+        .otherwise(
+            pl.format(
+                "gaps grow: later retries wait {} ms >= {} x the first retry's {} ms (backoff)",
+                (pl.col("later_gap_p50_ns") / ms).round(3),
+                pl.lit(GROWTH_FACTOR),
+                (pl.col("first_gap_p50_ns") / ms).round(3),
+            )
+        ),
+    )
+    counted = sequences.join(why, on=SIGNATURE, how="inner")
+    growing = backed_off.join(reported.select(SIGNATURE), on=SIGNATURE, how="anti").with_columns(
+        reason=pl.format(
+            "gaps grow within each burst (backoff): last gap {} ms", (pl.col("last_gap_ns") / ms).round(3)
+        )
+    )
+    both = pl.concat(
+        [
+            counted.select(*SIGNATURE, "trace_id", "reason", "span_ids"),
+            growing.select(*SIGNATURE, "trace_id", "reason", "span_ids"),
+        ]
+    )
+    if both.height == 0:
+        return
+    rows = (
+        both.group_by(SIGNATURE)
+        .agg(
+            pl.col("reason").first(),
+            bursts=pl.len(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+            span_ids=pl.col("span_ids").first(),
+        )
+        .sort(SIGNATURE)
+    )
+    for r in rows.iter_rows(named=True):  # one per signature
+        ctx.note_near_miss(
+            KIND,
+            str(r["parent_service"]),
+            str(r["parent_name"]),
+            f"{r['bursts']} retried bursts to {r['target_service']} {r['target_operation']}: {r['reason']}",
+            trace_ids=r["trace_ids"],
+            span_ids=r["span_ids"] or (),
+            traces=r["traces"],
+        )
 
 
 def _finding(
