@@ -7,8 +7,12 @@ Top level: ``schema``, ``generated_at``, ``traces_analyzed``, ``spans_analyzed``
     impact {saved_ms_p50, saved_ms_p95, saved_ms_total, share_of_root_latency},
     confidence, evidence {trace_ids (<= 5 exemplars), span_ids, ...detector numbers}, title, summary, actions
 
-``impact`` numbers are null for fault-tolerance findings without a latency estimate (their
-``evidence.requests_at_risk`` says how many requests they put at risk). ``evidence.interventions``
+``impact`` savings are null for fault-tolerance findings without a latency saving (their
+``evidence.requests_at_risk`` says how many requests they put at risk). Fault-tolerance findings
+whose cost the traces measure also carry the additive keys ``impact.cost_ms_p50``, ``cost_ms_p95``,
+``cost_ms_total`` and ``cost_share_of_root_latency`` (per affected trace), with
+``evidence.cost_basis`` (what was measured) and ``evidence.risk_ms`` (the ranking's risk term,
+:mod:`analysis.ranking`). ``evidence.interventions``
 holds, per exemplar trace, the interventions the what-if engine applied, so the "after" picture of
 an exemplar can be redrawn from the report alone (:func:`analysis.whatif.retime_trace`).
 
