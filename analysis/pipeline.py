@@ -297,11 +297,14 @@ def analyze_context(
 ) -> tuple[dict[str, Any], list[Scored]]:
     """Detect, score and write; with ``explain`` the report carries ``near_misses``."""
     ranked = score_findings(ctx, run_detectors(ctx))
+    near_misses = None
+    if explain:
+        # A near miss of a (kind, service, operation) that is reported is covered by the
+        # recommendation (e.g. an explicit lock wait reported, its inferred convoy dropped).
+        reported = {(s.finding.kind, s.finding.service, s.finding.operation) for s in ranked}
+        near_misses = [m for m in ctx.near_misses if (m.kind, m.service, m.operation) not in reported]
     report = build_report(
-        ranked,
-        traces_analyzed=ctx.traces.height,
-        spans_analyzed=ctx.spans.height,
-        near_misses=list(ctx.near_misses) if explain else None,
+        ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
     )
     write_texts(report, writer, ContextView(ctx, report))
     return report, ranked

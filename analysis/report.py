@@ -21,7 +21,9 @@ report also carries ``near_misses``: every candidate a detector (or the pipeline
 and then dropped, as ``{kind, service, operation, reason, traces, trace_ids (<= 5 exemplars),
 span_ids}`` — deduplicated by (kind, service, operation, reason), sorted by traces (most first),
 then kind, service, operation and reason, and capped at ``MAX_NEAR_MISSES`` with
-``near_misses_omitted`` counting the rest. Without ``explain`` neither key is present.
+``near_misses_omitted`` counting the rest; a near miss of a (kind, service, operation) that is
+also a recommendation is left out (the recommendation covers it). Without ``explain`` neither key
+is present.
 """
 
 from __future__ import annotations

@@ -267,9 +267,9 @@ def _per_fanout_findings(
             "no pool cap in {} queued fan-outs: the first wave does not fill a pool of k or k is reached once "
             "(k p50 {}, n p50 {}, first wave p50 {})",
             pl.len(),
-            pl.col("k").median(),
-            pl.col("n").median(),
-            pl.col("first_wave").median(),
+            pl.col("k").median().round(0).cast(pl.Int64),
+            pl.col("n").median().round(0).cast(pl.Int64),
+            pl.col("first_wave").median().round(0).cast(pl.Int64),
         ),
         misses,
     )

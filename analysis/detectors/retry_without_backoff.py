@@ -359,7 +359,7 @@ def _note_near_misses(
             pl.format(
                 "median gap {} ms > {} ms: a deliberate delay",
                 (pl.col("gap_p50_ns") / ms).round(3),
-                pl.lit(MAX_FLAT_GAP_NS / ms),
+                pl.lit(MAX_FLAT_GAP_NS // 1_000_000),
             )
         )
         .when(pl.col("later_retries") < MIN_LATER_RETRIES)
@@ -367,7 +367,7 @@ def _note_near_misses(
             pl.format(
                 "median gap {} ms > {} ms and {} later retries: too few to judge growth",
                 (pl.col("gap_p50_ns") / ms).round(3),
-                pl.lit(IMMEDIATE_GAP_NS / ms),
+                pl.lit(IMMEDIATE_GAP_NS // 1_000_000),
                 pl.col("later_retries"),
             )
         )

@@ -338,3 +338,21 @@ def test_near_misses_are_deduplicated_sorted_and_capped() -> None:
         ("k", "op0000"),
     ]
     assert entries[1]["trace_ids"] == ["t1", "t2"] and entries[1]["traces"] == 3
+
+
+def test_near_misses_covered_by_a_recommendation_are_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import analysis.pipeline as pipeline
+
+    b, calls = sequence_trace(50, 200)
+
+    def planted_detector(ctx: AnalysisContext) -> list[Finding]:
+        ctx.note_near_miss(
+            "serialized_calls", "frontend", "GET /page", "another target dropped", [b.trace_id]
+        )
+        ctx.note_near_miss("serialized_calls", "frontend", "GET /other", "saving too small", [b.trace_id])
+        return [planted("serialized_calls", b, calls)]
+
+    monkeypatch.setattr(pipeline, "DETECTORS", {"serialized_calls": planted_detector})
+    report = analyze(spans_table(b), explain=True)
+    assert [r["operation"] for r in report["recommendations"]] == ["GET /page"]
+    assert [m["operation"] for m in report["near_misses"]] == ["GET /other"]
