@@ -121,11 +121,11 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
     return [finding for kind in DETECTORS for finding in found[kind]]
 
 
-def _root_durations(ctx: AnalysisContext, trace_ids: list[str]) -> dict[str, float]:
-    """Root duration (ms) of each of ``trace_ids``."""
-    durations = ctx.traces.filter(pl.col("trace_id").is_in(pl.Series(trace_ids, dtype=pl.String).implode()))
-    return dict(
-        zip(durations["trace_id"].to_list(), (durations["root_duration_ns"] / 1e6).to_list(), strict=True)
+def _affected_roots(ctx: AnalysisContext, trace_ids: list[str]) -> pl.DataFrame:
+    """trace_id and root duration (ms) of ``trace_ids``."""
+    ids = pl.Series(trace_ids, dtype=pl.String).implode()
+    return ctx.traces.filter(pl.col("trace_id").is_in(ids)).select(
+        "trace_id", root_ms=pl.col("root_duration_ns") / 1e6
     )
 
 
@@ -172,8 +172,9 @@ def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored
         impact: Impact | None = None
         if whatif is not None and any(o.interventions for o in finding.occurrences):
             impact = whatif.impact(finding)
-        roots = _root_durations(ctx, finding.trace_ids)
-        median_root = float(np.median(list(roots.values()))) if roots else 0.0
+        roots = _affected_roots(ctx, finding.trace_ids)
+        median = roots["root_ms"].median() if roots.height else None
+        median_root = float(median) if isinstance(median, int | float) else 0.0
         if finding.category == "parallelization":
             if impact is None or impact.saved_ns.size == 0 or impact.total_ns <= 0:
                 _drop(ctx, finding, "no saving at the root: the pattern is off the critical path")
@@ -184,7 +185,10 @@ def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored
             if reason is not None:
                 _drop(ctx, finding, reason)
                 continue
-        cost = measured_cost(finding, impact, roots, median_root)
+        cost = None
+        if finding.category == "fault_tolerance":  # per-trace roots only where a cost is measured
+            by_trace = dict(zip(roots["trace_id"].to_list(), roots["root_ms"].to_list(), strict=True))
+            cost = measured_cost(finding, impact, by_trace, median_root)
         score, has_latency = expected_value_ms(finding, impact, cost)
         scored.append(Scored(finding, impact, score, has_latency, cost))
     return rank(scored)
