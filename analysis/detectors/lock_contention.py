@@ -760,7 +760,7 @@ def _convoy_findings_noting(
         nested.filter(pl.col("nested_share") >= NESTED_CONVOY_SHARE).select(
             "gid",
             reason=pl.format(
-                "{} of its spans contain a deeper convoy or explicit wait, reported there instead",
+                "nested: {} of its spans contain a deeper convoy or explicit wait, judged there",
                 (pl.col("nested_share") * 100).round(0).cast(pl.Int64).cast(pl.String) + pl.lit("%"),
             ),
         )
