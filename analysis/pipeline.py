@@ -1,14 +1,26 @@
 """The analysis entry point: spans in, ``hourglass.report/v1`` out.
 
-``analyze(table_or_frame, *, writer=None, services=None, since_ns=None)`` runs, in order:
+``analyze(table_or_frame, *, writer=None, services=None, since_ns=None, explain=False)`` runs, in order:
 selection (whole traces that touch ``services`` / have a span starting at or after ``since_ns``), trace repair and
 critical path (:class:`analysis.context.AnalysisContext`), every detector in
 :data:`analysis.detectors.DETECTORS`, what-if savings (:mod:`analysis.whatif`), ranking
 (:mod:`analysis.ranking`) and the writer (the offline template writer when ``writer`` is None). A
 writer that fails falls back to the template writer and the report says why.
 
-Parallelization findings whose re-timing saves less than ``MIN_REPORTED_SAVING_NS`` (0.5 ms) at p95
-are dropped: the pattern exists but is not on the path that decides the request's latency.
+Floors (:func:`score_findings`): a finding is reported only when a person would act on it.
+
+* Confidence at least ``MIN_REPORTED_CONFIDENCE`` (0.2).
+* A parallelization finding must save something at the root (a pattern off the critical path saves
+  nothing), and its p95 saving per affected request must clear both
+
+  - the **absolute floor of its kind**, :data:`MIN_SAVING_BY_KIND` (below it nobody rewrites code:
+    the gain is within timer noise and run-to-run jitter), and
+  - the **relative rule**: at least ``MIN_SAVING_SHARE`` (1 %, the detectors' own relative rule) of the median root duration of the
+    affected requests — a few ms of a 2 s request is noise, while a 2 × 3 s sequence (3 s saved
+    of 6 s) is not.
+
+Every candidate dropped here is recorded as a near miss (``AnalysisContext.note_near_miss``) with
+the rule and the measured value, for ``--explain``.
 
 Also here: :class:`ContextView`, the read-only ``analysis.writer.WriterContext`` over an analysis
 (for writers that look things up), and :func:`trace_detail` for the REST API's trace view.
@@ -27,14 +39,34 @@ import pyarrow as pa
 from analysis.context import AnalysisContext, to_analysis_frame
 from analysis.detectors import DETECTORS
 from analysis.model import Finding
-from analysis.ranking import Scored, expected_value_ms, rank
+from analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from analysis.report import build_report
 from analysis.whatif import Impact, WhatIf
 from analysis.writer import Writer, WriterContext, template_writer
 
 log = logging.getLogger(__name__)
 
-MIN_REPORTED_SAVING_NS = 500_000
+MIN_REPORTED_SAVING_NS = 500_000  # below every kind's floor; kept for callers that import it
+# Absolute floors on the p95 saving per affected request at the root, by kind (nanoseconds). One
+# table for every parallelization detector (the detectors' own 1 ms / 1 % rules find candidates;
+# these decide what is worth a reader's time). Reasons:
+MIN_SAVING_BY_KIND: dict[str, int] = {
+    # Issuing calls together costs futures, error handling and ordering care; under 2 ms per request
+    # that is less than the jitter of one network round trip.
+    "serialized_calls": 2_000_000,
+    # A batch endpoint or a bulk query changes an API or a schema: worth it from 2 ms per request.
+    "n_plus_one": 2_000_000,
+    # Hedging or rebalancing adds load and moving parts; the detector already needs a 5 ms excess.
+    "fanout_straggler": 5_000_000,
+    # Raising a pool cap adds downstream load; 2 ms per request is the least that pays for it.
+    "fanout_concurrency_limit": 2_000_000,
+    # A lock wait is pure waste and the fix (shorter critical section) is local: 1 ms is enough.
+    "lock_contention": 1_000_000,
+}
+# Kinds not in the table (new detectors) use this floor until they get their own row.
+DEFAULT_MIN_SAVING_NS = 2_000_000
+# The relative rule: the p95 saving must be at least this share of the median request (root) duration.
+MIN_SAVING_SHARE = 0.01
 # Below this a detector is saying "probably not a problem" (e.g. failures that a fallback almost
 # always contains); a recommendation that weak costs a reader more than it offers.
 MIN_REPORTED_CONFIDENCE = 0.2
@@ -89,30 +121,76 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
     return [finding for kind in DETECTORS for finding in found[kind]]
 
 
-def _median_root_ms(ctx: AnalysisContext, trace_ids: list[str]) -> float:
-    durations = ctx.traces.filter(pl.col("trace_id").is_in(pl.Series(trace_ids, dtype=pl.String).implode()))
-    median = durations["root_duration_ns"].median()
-    return float(median) / 1e6 if isinstance(median, int | float) else 0.0
+def _affected_roots(ctx: AnalysisContext, trace_ids: list[str]) -> pl.DataFrame:
+    """trace_id and root duration (ms) of ``trace_ids``."""
+    ids = pl.Series(trace_ids, dtype=pl.String).implode()
+    return ctx.traces.filter(pl.col("trace_id").is_in(ids)).select(
+        "trace_id", root_ms=pl.col("root_duration_ns") / 1e6
+    )
+
+
+def _fmt_ms(value_ms: float) -> str:
+    return f"{value_ms:.3g} ms" if value_ms < 10 else f"{value_ms:,.0f} ms"
+
+
+def saving_floor_reason(kind: str, saved_p95_ms: float, median_root_ms: float) -> str | None:
+    """Why a parallelization saving is below the floors (None when it clears them)."""
+    floor_ms = MIN_SAVING_BY_KIND.get(kind, DEFAULT_MIN_SAVING_NS) / 1e6
+    if saved_p95_ms < floor_ms:
+        return f"p95 saving {_fmt_ms(saved_p95_ms)} < {_fmt_ms(floor_ms)} floor for {kind}"
+    relative_ms = MIN_SAVING_SHARE * median_root_ms
+    if saved_p95_ms < relative_ms:
+        return (
+            f"p95 saving {_fmt_ms(saved_p95_ms)} < {MIN_SAVING_SHARE:.0%} of the {_fmt_ms(median_root_ms)} "
+            f"median request ({_fmt_ms(relative_ms)})"
+        )
+    return None
+
+
+def _drop(ctx: AnalysisContext, finding: Finding, reason: str) -> None:
+    exemplar = next(iter(finding.occurrences), None)
+    ctx.note_near_miss(
+        finding.kind,
+        finding.service,
+        finding.operation,
+        reason,
+        trace_ids=finding.trace_ids[:5],
+        span_ids=exemplar.span_ids if exemplar is not None else (),
+        traces=len(finding.trace_ids),
+    )
 
 
 def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored]:
+    """Prices every finding (:mod:`analysis.ranking`) and applies the floors (module docstring);
+    dropped findings become near misses."""
     whatif = WhatIf(ctx) if findings else None
     scored: list[Scored] = []
     for finding in findings:
         if finding.confidence < MIN_REPORTED_CONFIDENCE:
+            _drop(ctx, finding, f"confidence {finding.confidence:.2f} < {MIN_REPORTED_CONFIDENCE} floor")
             continue
         impact: Impact | None = None
         if whatif is not None and any(o.interventions for o in finding.occurrences):
             impact = whatif.impact(finding)
-        if finding.category == "parallelization" and (
-            impact is None
-            or impact.saved_ns.size == 0
-            or float(np.percentile(impact.saved_ns, 95)) < MIN_REPORTED_SAVING_NS
-        ):
-            continue
-        median_root = _median_root_ms(ctx, finding.trace_ids) if finding.requests_at_risk else 0.0
-        score, has_latency = expected_value_ms(finding, impact, median_root)
-        scored.append(Scored(finding, impact, score, has_latency))
+        roots = _affected_roots(ctx, finding.trace_ids)
+        median = roots["root_ms"].median() if roots.height else None
+        median_root = float(median) if isinstance(median, int | float) else 0.0
+        if finding.category == "parallelization":
+            if impact is None or impact.saved_ns.size == 0 or impact.total_ns <= 0:
+                _drop(ctx, finding, "no saving at the root: the pattern is off the critical path")
+                continue
+            reason = saving_floor_reason(
+                finding.kind, float(np.percentile(impact.saved_ns, 95)) / 1e6, median_root
+            )
+            if reason is not None:
+                _drop(ctx, finding, reason)
+                continue
+        cost = None
+        if finding.category == "fault_tolerance":  # per-trace roots only where a cost is measured
+            by_trace = dict(zip(roots["trace_id"].to_list(), roots["root_ms"].to_list(), strict=True))
+            cost = measured_cost(finding, impact, by_trace, median_root)
+        score, has_latency = expected_value_ms(finding, impact, cost)
+        scored.append(Scored(finding, impact, score, has_latency, cost))
     return rank(scored)
 
 
@@ -213,10 +291,19 @@ class ContextView:
 
 
 def analyze_context(
-    ctx: AnalysisContext, *, writer: Writer | None = None
+    ctx: AnalysisContext, *, writer: Writer | None = None, explain: bool = False
 ) -> tuple[dict[str, Any], list[Scored]]:
+    """Detect, score and write; with ``explain`` the report carries ``near_misses``."""
     ranked = score_findings(ctx, run_detectors(ctx))
-    report = build_report(ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height)
+    near_misses = None
+    if explain:
+        # A near miss of a (kind, service, operation) that is reported is covered by the
+        # recommendation (e.g. an explicit lock wait reported, its inferred convoy dropped).
+        reported = {(s.finding.kind, s.finding.service, s.finding.operation) for s in ranked}
+        near_misses = [m for m in ctx.near_misses if (m.kind, m.service, m.operation) not in reported]
+    report = build_report(
+        ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
+    )
     write_texts(report, writer, ContextView(ctx, report))
     return report, ranked
 
@@ -227,10 +314,12 @@ def analyze(
     writer: Writer | None = None,
     services: list[str] | None = None,
     since_ns: int | None = None,
+    explain: bool = False,
 ) -> dict[str, Any]:
-    """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict."""
+    """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict
+    (with ``near_misses`` when ``explain``)."""
     frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
-    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer)
+    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer, explain=explain)
     return report
 
 

@@ -35,8 +35,36 @@ def _saving(rec: dict[str, Any]) -> str:
     imp = rec.get("impact") or {}
     if imp.get("saved_ms_p50") is None:
         risk = (rec.get("evidence") or {}).get("requests_at_risk")
-        return f"{risk} requests at risk" if risk is not None else "–"
+        at_risk = f"{risk} requests at risk" if risk is not None else "–"
+        if imp.get("cost_ms_p50") is not None:  # the measured cost, not a saving (analysis.ranking)
+            return f"costs {_ms(imp['cost_ms_p50'])} / {_ms(imp['cost_ms_p95'])}; {at_risk}"
+        return at_risk
     return f"{_ms(imp['saved_ms_p50'])} / {_ms(imp['saved_ms_p95'])}"
+
+
+def _near_misses_markdown(report: dict[str, Any]) -> list[str]:
+    """The ``--explain`` section: candidates formed and dropped, with the rule and measured value."""
+    if "near_misses" not in report:
+        return []
+    misses = report.get("near_misses") or []
+    omitted = int(report.get("near_misses_omitted") or 0)
+    lines = [
+        "",
+        f"## Seen and not reported: {len(misses) + omitted} near miss{'es' if len(misses) + omitted != 1 else ''}",
+        "",
+    ]
+    if not misses:
+        return [*lines, "No candidate was formed and dropped."]
+    lines += ["| Kind | Where | Why not reported | Traces | Exemplar trace |", "|---|---|---|---:|---|"]
+    for miss in misses:
+        exemplar = next(iter(miss.get("trace_ids") or []), None)
+        lines.append(
+            f"| `{_cell(miss['kind'])}` | {_cell(miss['service'])} · {_cell(miss['operation'])} "
+            f"| {_cell(miss['reason'])} | {miss['traces']} | {f'`{exemplar}`' if exemplar else '–'} |"
+        )
+    if omitted:
+        lines += ["", f"… and {omitted} more near misses."]
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -50,7 +78,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if not recs:
         lines.append("No bottlenecks or fault-tolerance gaps found.")
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *_near_misses_markdown(report)]) + "\n"
     lines += [
         "| # | Recommendation | Where | Saved p50 / p95 | Share of latency | Confidence | Traces |",
         "|---:|---|---|---|---:|---:|---:|",
@@ -82,7 +110,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         lines += [f"- {k}: {v}" for k, v in numbers.items()]
         lines += ["", "</details>"]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_near_misses_markdown(report)]) + "\n"
 
 
 def render_table(report: dict[str, Any], console: Console | None = None) -> str:
@@ -116,7 +144,39 @@ def render_table(report: dict[str, Any], console: Console | None = None) -> str:
             out.print(table)
         else:
             out.print("No bottlenecks or fault-tolerance gaps found.")
+        if "near_misses" in report:
+            _print_near_misses(out, report)
     return capture.get()
+
+
+def _print_near_misses(out: Console, report: dict[str, Any]) -> None:
+    """The ``--explain`` table, printed after the recommendations."""
+    misses = report.get("near_misses") or []
+    omitted = int(report.get("near_misses_omitted") or 0)
+    if not misses:
+        out.print("Near misses: no candidate was formed and dropped.")
+        return
+    table = Table(
+        title=f"Seen and not reported — {len(misses) + omitted} near miss{'es' if len(misses) + omitted != 1 else ''}",
+        box=box.SIMPLE_HEAVY,
+        show_lines=False,
+    )
+    table.add_column("Kind", overflow="fold")
+    table.add_column("Where", overflow="fold", ratio=2)
+    table.add_column("Why not reported", overflow="fold", ratio=3)
+    table.add_column("Traces", justify="right")
+    table.add_column("Exemplar trace", overflow="fold")
+    for miss in misses:
+        table.add_row(
+            miss["kind"],
+            f"{miss['service']} · {miss['operation']}",
+            miss["reason"],
+            str(miss["traces"]),
+            next(iter(miss.get("trace_ids") or []), "–"),
+        )
+    out.print(table)
+    if omitted:
+        out.print(f"… and {omitted} more near misses (see --format json).")
 
 
 def render(report: dict[str, Any], fmt: str) -> str:

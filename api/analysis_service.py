@@ -121,6 +121,9 @@ class ReportSnapshot:
     by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
     rec_json: tuple[bytes, ...] = ()
     head_json: bytes = b"{"  # the report without its recommendations, without the closing brace
+    # ``"near_misses":[...],"near_misses_omitted":N`` kept apart so that ``?explain=true`` answers
+    # from the cached run while the plain report keeps its shape (b"" when the run kept none).
+    near_misses_json: bytes = b""
 
     @classmethod
     def build(
@@ -135,6 +138,12 @@ class ReportSnapshot:
         change_marker: int = -1,
         trace_index: TraceIndex | None = None,
     ) -> ReportSnapshot:
+        explain_keys = ("near_misses", "near_misses_omitted")
+        near_misses_json = b""
+        if "near_misses" in report:
+            explained = {k: report[k] for k in explain_keys if k in report}
+            near_misses_json = dumps(explained)[1:-1]
+            report = {k: v for k, v in report.items() if k not in explain_keys}
         recs = list(report.get("recommendations") or [])
         head = {k: v for k, v in report.items() if k != "recommendations"}
         head_bytes = dumps(head)
@@ -152,16 +161,21 @@ class ReportSnapshot:
             by_id={str(r.get("id")): r for r in recs},
             rec_json=tuple(dumps(r) for r in recs),
             head_json=head_json,
+            near_misses_json=near_misses_json,
         )
 
     @property
     def recommendations(self) -> list[dict[str, Any]]:
         return list(self.report.get("recommendations") or [])
 
-    def body(self, indices: list[int] | None = None) -> bytes:
-        """The report as JSON bytes, with only the recommendations at ``indices`` when given."""
+    def body(self, indices: list[int] | None = None, *, explain: bool = False) -> bytes:
+        """The report as JSON bytes, with only the recommendations at ``indices`` when given, and
+        with ``near_misses`` / ``near_misses_omitted`` when ``explain`` (empty when the run kept none)."""
         chosen = self.rec_json if indices is None else [self.rec_json[i] for i in indices]
-        return self.head_json + b'"recommendations":[' + b",".join(chosen) + b"]}"
+        body = self.head_json + b'"recommendations":[' + b",".join(chosen) + b"]"
+        if explain:
+            body += b"," + (self.near_misses_json or b'"near_misses":[],"near_misses_omitted":0')
+        return body + b"}"
 
     def filter_indices(
         self,
@@ -366,13 +380,15 @@ def _worker_main(conn: Connection) -> None:
 
     while True:
         try:
-            shipped, settings, since_ns = conn.recv()
+            shipped, settings, since_ns, explain = conn.recv()
         except (EOFError, OSError):
             return
         try:
             started = time.perf_counter()
             table = _receive_table(shipped)
-            report, index = analyze_spans(table, writer=select_writer(settings), since_ns=since_ns)
+            report, index = analyze_spans(
+                table, writer=select_writer(settings), since_ns=since_ns, explain=explain
+            )
             result: tuple[str, Any] = ("ok", (report, index, time.perf_counter() - started))
         except Exception:
             result = ("error", traceback.format_exc())
@@ -468,8 +484,9 @@ class AnalysisWorker:
         settings: Any = None,
         since_ns: int | None = None,
         stages: dict[str, float] | None = None,
+        explain: bool = False,
     ) -> tuple[dict[str, Any], TraceIndex]:
-        """The report and trace index; ``stages`` (when given) gets the seconds spent starting the
+        """The report (with ``near_misses`` when ``explain``) and trace index; ``stages`` (when given) gets the seconds spent starting the
         process (``worker_start``), shipping the table (``send``), analysing in the worker
         (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
         stages = {} if stages is None else stages
@@ -480,7 +497,7 @@ class AnalysisWorker:
             started = time.perf_counter()
             shipped, written = _ship_table(table)
             try:
-                conn.send((shipped, settings, since_ns))
+                conn.send((shipped, settings, since_ns, explain))
                 stages["send"] = time.perf_counter() - started
                 started = time.perf_counter()
                 status, payload = conn.recv()
@@ -526,9 +543,15 @@ class AnalysisWorker:
 
 
 def analyze_spans(
-    table: pa.Table, *, writer: Any = None, services: list[str] | None = None, since_ns: int | None = None
+    table: pa.Table,
+    *,
+    writer: Any = None,
+    services: list[str] | None = None,
+    since_ns: int | None = None,
+    explain: bool = False,
 ) -> tuple[dict[str, Any], TraceIndex]:
-    """``analysis.pipeline.analyze``, plus which recommendations touch each affected trace.
+    """``analysis.pipeline.analyze``, plus which recommendations touch each affected trace
+    (``explain``: the report carries ``near_misses``).
 
     The report lists only a few exemplar traces per recommendation; the API's trace view needs
     every affected trace, so the findings' occurrences are indexed here (per occurrence, not per
@@ -538,7 +561,7 @@ def analyze_spans(
     from analysis.pipeline import analyze_context, select_traces
 
     frame = select_traces(to_analysis_frame(table), services=services, since_ns=since_ns)
-    report, ranked = analyze_context(AnalysisContext.from_table(frame), writer=writer)
+    report, ranked = analyze_context(AnalysisContext.from_table(frame), writer=writer, explain=explain)
     reported = {str(r.get("id")) for r in report.get("recommendations") or []}
     index: TraceIndex = {}
     for scored in ranked:
@@ -698,10 +721,14 @@ class AnalysisService:
         table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
         stages["scan"] = time.perf_counter() - started
         if self._worker is not None:
-            report, index = self._worker.run(table, settings=self._settings, since_ns=since_ns, stages=stages)
+            report, index = self._worker.run(
+                table, settings=self._settings, since_ns=since_ns, stages=stages, explain=True
+            )
         else:
             started = time.perf_counter()
-            report, index = analyze_spans(table, writer=self._resolve_writer(), since_ns=since_ns)
+            report, index = analyze_spans(
+                table, writer=self._resolve_writer(), since_ns=since_ns, explain=True
+            )
             stages["analysis"] = time.perf_counter() - started
         del table
         return report, index, spans_in_store, marker

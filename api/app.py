@@ -7,7 +7,8 @@ token as password, so a browser can open it; ``/healthz`` and the OpenAPI docs s
 * ``GET /healthz`` — liveness.
 * ``GET /v1/stats`` — stored span and trace counts, and the background analysis' state.
 * ``GET /v1/recommendations`` — the cached ``hourglass.report/v1`` report, filtered in memory by
-  ``service``, ``kind``, ``category`` and ``limit``; ``since`` analyses that window on demand.
+  ``service``, ``kind``, ``category`` and ``limit``; ``since`` analyses that window on demand;
+  ``explain=true`` adds ``near_misses`` (candidates seen and dropped, kept by the background run).
 * ``GET /v1/recommendations/{id}`` — one recommendation with its exemplar traces.
 * ``GET /v1/traces/{trace_id}`` — one trace's spans, critical path and the findings touching it.
 * ``GET /v1/services`` — services seen in the store, with their recommendation counts.
@@ -197,6 +198,13 @@ def create_app(
         limit: Annotated[
             int | None, Query(ge=1, le=10_000, description="At most this many, best first")
         ] = None,
+        explain: Annotated[
+            bool,
+            Query(
+                description="Also list the near misses: every candidate a detector formed and then dropped, "
+                "with the rule and the measured value (from the same analysis run)"
+            ),
+        ] = False,
         if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
     ) -> Response:
         """The ranked recommendations (``hourglass.report/v1``), from the cached report.
@@ -223,9 +231,9 @@ def create_app(
                 return Response(status_code=304, headers=headers)
         kinds = [k.strip() for item in kind or [] for k in item.split(",") if k.strip()] or None
         if service_name is None and kinds is None and category is None and limit is None:
-            return Response(snapshot.body(), media_type=JSON, headers=headers)
+            return Response(snapshot.body(explain=explain), media_type=JSON, headers=headers)
         indices = snapshot.filter_indices(service=service_name, kind=kinds, category=category, limit=limit)
-        return Response(snapshot.body(indices), media_type=JSON, headers=headers)
+        return Response(snapshot.body(indices, explain=explain), media_type=JSON, headers=headers)
 
     def _trace_view(trace_id: str, snapshot: ReportSnapshot | None) -> dict[str, Any] | None:
         spans = store.trace(trace_id)

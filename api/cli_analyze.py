@@ -6,7 +6,9 @@
 
 ``--since`` takes a duration (``90s``, ``15m``, ``2h``, ``7d``) or an ISO 8601 time
 (``2026-11-27T12:00:00Z``); whole traces with a span starting at or after it are analysed.
-``--service`` (repeatable) keeps whole traces that touch the service.
+``--service`` (repeatable) keeps whole traces that touch the service. ``--explain`` adds the near
+misses — every candidate a detector formed and then dropped, with the rule and the measured value —
+to every format (``near_misses`` in JSON; a section after the recommendations in markdown and table).
 
 Bad records in files are reported on stderr as ``FILE:POSITION: reason`` and skipped; the good data
 beside them is still analysed and the report printed. Exit codes: 0 — everything read and analysed;
@@ -112,6 +114,13 @@ def analyze_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Also list the near misses: candidates seen and dropped, with the rule and the measured value",
+        ),
+    ] = False,
     fail_on: Annotated[
         list[str] | None,
         typer.Option(
@@ -149,7 +158,9 @@ def analyze_command(
     from analysis.render import render
     from analysis.writer import select_writer
 
-    report = analyze(table, writer=select_writer(settings), services=service, since_ns=since_ns)
+    report = analyze(
+        table, writer=select_writer(settings), services=service, since_ns=since_ns, explain=explain
+    )
     text = render(report, output_format.value)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

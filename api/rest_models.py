@@ -36,6 +36,19 @@ class Impact(_Open):
     share_of_root_latency: float | None = Field(
         None, description="Saved latency / root latency of affected traces"
     )
+    cost_ms_p50: float | None = Field(
+        None,
+        description="Fault tolerance: measured cost per affected trace, median, ms (evidence.cost_basis)",
+    )
+    cost_ms_p95: float | None = Field(
+        None, description="Fault tolerance: measured cost per affected trace, p95, ms"
+    )
+    cost_ms_total: float | None = Field(
+        None, description="Fault tolerance: measured cost over all affected traces, ms"
+    )
+    cost_share_of_root_latency: float | None = Field(
+        None, description="Fault tolerance: measured cost / root latency of affected traces"
+    )
 
 
 class Evidence(_Open):
@@ -61,12 +74,26 @@ class Recommendation(_Open):
     actions: list[str]
 
 
+class NearMiss(_Open):
+    kind: str
+    service: str
+    operation: str
+    reason: str = Field(description="The rule or threshold and the measured value")
+    traces: int = Field(description="Traces in which the candidate was seen")
+    trace_ids: list[str] = Field(default_factory=list, description="Exemplar trace ids (at most 5)")
+    span_ids: list[str] = Field(default_factory=list)
+
+
 class Report(_Open):
     schema_: str = Field("hourglass.report/v1", alias="schema")
     generated_at: str
     traces_analyzed: int
     spans_analyzed: int
     recommendations: list[Recommendation]
+    near_misses: list[NearMiss] | None = Field(
+        None, description="With explain=true: candidates seen and dropped, and why (absent otherwise)"
+    )
+    near_misses_omitted: int | None = Field(None, description="With explain=true: near misses beyond the cap")
 
 
 class TraceSpan(_Open):

@@ -40,7 +40,9 @@ False-positive protections
 
 Numbers: ``requests_at_risk`` = root requests that failed because of the dependency; evidence holds
 the dependency's call count, error count and error rate, contained traces (same caller / others),
-the failing root operations, and an exemplar chain of operations from the dependency to the root.
+the failing root operations, an exemplar chain of operations from the dependency to the root, and
+the cost the ranking reads: ``failed_request_ms`` per occurrence (the failed request's duration: the
+user waited that long for an error), ``failed_request_ms_total``/``_p50`` in the evidence.
 No interventions: a fallback changes the outcome, not the latency, so no latency saving is claimed.
 
 Confidence: (0.5 + 0.45 × volume) × consistency, volume = log10(failed requests + 1) / 2 capped at
@@ -256,9 +258,17 @@ def extract(ctx: AnalysisContext) -> Rows:
         )
     )
     signature_cols, dependency_cols = SIGNATURE, DEPENDENCY
-    signatures = events.group_by(signature_cols).agg(
-        propagated_traces=pl.col("trace_id").filter(pl.col("propagated")).n_unique(),
-        contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
+    signatures = (
+        events.sort("trace_id", "dep")
+        .group_by(signature_cols, maintain_order=True)
+        .agg(
+            propagated_traces=pl.col("trace_id").filter(pl.col("propagated")).n_unique(),
+            contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
+            # exemplars for a near miss: the first traces here and the first trace's spans
+            traces=pl.col("trace_id").n_unique(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            span_ids=pl.concat_list("call_span_id", "dep_span_id").first(),
+        )
     )
     dependencies = events.group_by(dependency_cols).agg(
         dependency_contained_traces=pl.col("trace_id").filter(~pl.col("propagated")).n_unique(),
@@ -324,17 +334,23 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     if rows.get("signatures") is None or rows["signatures"].is_empty():
         return []
     per_sig = (
-        rows["signatures"].group_by(signature_cols).agg(pl.col("propagated_traces", "contained_traces").sum())
+        rows["signatures"]
+        .with_columns(_first=pl.col("trace_ids").list.first())
+        .sort("_first")
+        .group_by(signature_cols, maintain_order=True)
+        .agg(
+            pl.col("propagated_traces", "contained_traces", "traces").sum(),
+            trace_ids=pl.col("trace_ids").list.explode(keep_nulls=False, empty_as_null=False).unique().sort().head(5),
+            span_ids=pl.col("span_ids").first(),
+        )
     )
     per_dep = rows["dependencies"].group_by(dependency_cols).agg(pl.col("dependency_contained_traces").sum())
 
-    per_sig = (
-        per_sig.join(per_dep, on=dependency_cols, how="left")
-        .with_columns(
-            contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
-        )
-        .filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
+    per_sig = per_sig.join(per_dep, on=dependency_cols, how="left").with_columns(
+        contained_by_other_callers=pl.col("dependency_contained_traces") - pl.col("contained_traces")
     )
+    _note_near_misses(notes, per_sig, signature_cols)
+    per_sig = per_sig.filter(pl.col("propagated_traces") >= MIN_PROPAGATED_TRACES)
     if per_sig.height == 0:
         return []
 
@@ -371,11 +387,14 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "failed_dependency_spans": float(r["failed_dependency_spans"]),
                     "dependency_depth": float(r["depth"] or 0),
                     "root_duration_ms": (r["root_duration_ns"] or 0) / 1e6,
+                    # The cost the ranking reads: the failed request ran this long for an error.
+                    "failed_request_ms": (r["root_duration_ns"] or 0) / 1e6,
                 },
             )
             for r in group.iter_rows(named=True)
         ]
         propagated_traces = int(row["propagated_traces"])
+        failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()
         calls = int(row["dependency_calls"] or 0)
         errors = int(row["dependency_errors"] or 0)
         evidence: dict[str, Any] = {
@@ -383,6 +402,8 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             "contained_traces": int(row["contained_traces"]),
             "contained_by_other_callers_traces": int(row["contained_by_other_callers"]),
             "fallback_seen": bool(row["contained_traces"] or row["contained_by_other_callers"]),
+            "failed_request_ms_total": round(float(failed_ms.sum()), 3),
+            "failed_request_ms_p50": round(float(np.median(failed_ms)) if failed_ms.size else 0.0, 3),
             "dependency_calls": calls,
             "dependency_errors": errors,
             "dependency_error_rate": round(errors / calls, 4) if calls else None,
@@ -422,6 +443,31 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
     return decide(extract(ctx), ctx)
+
+
+def _note_near_misses(notes: NearMissSink, per_sig: pl.DataFrame, signature_cols: list[str]) -> None:
+    """Near misses, one per dependency signature below ``MIN_PROPAGATED_TRACES``: failures that a
+    fallback contained, or that reached the root in too few requests."""
+    below = per_sig.filter(pl.col("propagated_traces") < MIN_PROPAGATED_TRACES).sort(signature_cols)
+    for r in below.iter_rows(named=True):  # one per signature, not per span
+        propagated, contained = int(r["propagated_traces"]), int(r["contained_traces"])
+        target = f"{r['target_service']} {r['target_operation']}"
+        if propagated == 0:
+            reason = f"failures of {target} contained in {contained} traces: a fallback works"
+        else:
+            reason = (
+                f"failure of {target} reached the root in {propagated} trace < {MIN_PROPAGATED_TRACES} "
+                f"(contained in {contained}): one failed request may be bad luck"
+            )
+        notes.note_near_miss(
+            KIND,
+            str(r["catcher_service"]),
+            str(r["operation"]),
+            reason,
+            trace_ids=r["trace_ids"] or (),
+            span_ids=r["span_ids"] or (),
+            traces=int(r["traces"] or 0),
+        )
 
 
 def _exemplar_chain(

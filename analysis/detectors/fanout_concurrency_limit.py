@@ -139,21 +139,97 @@ def extract(ctx: AnalysisContext) -> Rows:
     if queued_kids.is_empty():
         return {"widths": widths}
     pooled = _pool_evidence_groups(spans, queued_kids)
+    capped, uncapped = _capped_fanouts(spans, queued_kids, pooled)
     return {
         "widths": widths,
-        "fanouts": _capped_fanouts(spans, queued_kids, pooled),
+        "fanouts": capped,
+        "uncapped": uncapped,
         "pool_calls": _overlapping_calls(spans, queued_kids, pooled),
     }
 
 
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: the capped rate per signature, and the shared-pool sweep across traces."""
-    findings = _per_fanout_findings(rows.get("fanouts"), rows.get("widths"))
+    misses: list[Miss] = []  # (signature, reason, traces, count)
+    _no_cap_misses(rows.get("uncapped"), rows.get("fanouts"), misses)
+    findings = _per_fanout_findings(rows.get("fanouts"), rows.get("widths"), misses)
     found = {tuple(f.evidence["signature"]) for f in findings}
-    findings += _shared_pool_findings(rows.get("pool_calls"), found)
+    findings += _shared_pool_findings(rows.get("pool_calls"), found, misses)
+    found = {tuple(f.evidence["signature"]) for f in findings}
+    noted: set[tuple[str, ...]] = set()
+    for signature, reason, trace_ids, traces in misses:  # one per signature: the first rule it failed
+        if signature in found or signature in noted:
+            continue
+        noted.add(signature)
+        parent_service, parent_name, service, name, endpoint = signature
+        notes.note_near_miss(
+            KIND,
+            parent_service,
+            parent_name,
+            f"{service} {target_operation(name, endpoint)}: {reason}",
+            trace_ids=trace_ids,
+            traces=traces,
+        )
     for finding in findings:
         del finding.evidence["signature"]
     return findings
+
+
+Miss = tuple[tuple[str, ...], str, list[str], int]
+
+
+def _signature_misses(frame: pl.DataFrame, reason: pl.Expr, misses: list[Miss]) -> None:
+    """Appends one near miss per signature of ``frame`` (one row per fan-out or call, with
+    SIGNATURE and trace_id), ``reason`` an aggregate expression giving the text."""
+    rows = (
+        frame.sort("trace_id")
+        .group_by(SIGNATURE, maintain_order=True)
+        .agg(
+            reason=reason,
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+        )
+        .sort(SIGNATURE)
+    )
+    for r in rows.iter_rows(named=True):
+        misses.append(
+            (tuple(str(r[c]) for c in SIGNATURE), str(r["reason"]), list(r["trace_ids"]), r["traces"])
+        )
+
+
+def _no_cap_misses(uncapped: pl.DataFrame | None, capped: pl.DataFrame | None, misses: list[Miss]) -> None:
+    """Signatures none of whose queued fan-outs showed a cap (counts per shape, from every part)."""
+    if uncapped is None or uncapped.is_empty():
+        return
+    if capped is not None and capped.height:
+        uncapped = uncapped.join(capped.select(SIGNATURE).unique(), on=SIGNATURE, how="anti")
+    weighted = [pl.col(c).repeat_by("count").list.explode() for c in ("k", "n", "first_wave")]
+    rows = (
+        uncapped.group_by(SIGNATURE)
+        .agg(
+            fanouts=pl.col("count").sum(),
+            k=weighted[0].median().round(0).cast(pl.Int64),
+            n=weighted[1].median().round(0).cast(pl.Int64),
+            first_wave=weighted[2].median().round(0).cast(pl.Int64),
+            traces=pl.col("traces").sum(),
+            trace_ids=pl.col("trace_ids")
+            .list.explode(keep_nulls=False, empty_as_null=False)
+            .unique()
+            .sort()
+            .head(5),
+        )
+        .sort(SIGNATURE)
+    )
+    for r in rows.iter_rows(named=True):
+        misses.append(
+            (
+                tuple(str(r[c]) for c in SIGNATURE),
+                f"no pool cap in {r['fanouts']} queued fan-outs: the first wave does not fill a pool of k or k is "
+                f"reached once (k p50 {r['k']}, n p50 {r['n']}, first wave p50 {r['first_wave']})",
+                list(r["trace_ids"]),
+                int(r["traces"]),
+            )
+        )
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
@@ -179,8 +255,11 @@ def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.Dat
     return sweep.join(sweep.group_by(key).agg(k=pl.col("concurrency").max()), on=key)
 
 
-def _capped_fanouts(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series) -> pl.DataFrame:
-    """The per-fan-out rule (module doc, first part) inside each trace: the capped fan-outs."""
+def _capped_fanouts(
+    spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The per-fan-out rule (module doc, first part) inside each trace: the capped fan-outs, and
+    the others counted per signature and shape."""
     # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
     # k = 1 needs pool evidence. Sequential loops (most sibling groups) stop here.
     launch_tol = pl.max_horizontal(
@@ -192,7 +271,7 @@ def _capped_fanouts(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series) 
     )
     early = early.filter((pl.col("first_wave") >= 2) | pl.col("group_id").is_in(pooled.implode()))
     if early.is_empty():
-        return pl.DataFrame()
+        return pl.DataFrame(), pl.DataFrame()
     kids = kids.join(early.select("group_id", "launch_tol_ns"), on="group_id", how="inner")
     kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
 
@@ -249,15 +328,39 @@ def _capped_fanouts(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series) 
             & (pl.col("cap_hits") >= pl.max_horizontal(pl.lit(2), pl.col("n") // pl.col("k")))
         )
     )
+    # Fan-outs that showed no cap, as counts per (signature, k, n, first wave) for the near miss of
+    # a signature none of whose fan-outs is capped (medians from the counts are exact).
+    uncapped = (
+        fanouts.filter(~pl.col("capped"))
+        .group_by([*SIGNATURE, "k", "n", "first_wave"])
+        .agg(
+            count=pl.len(),
+            traces=pl.col("trace_id").n_unique(),
+            trace_ids=pl.col("trace_id").unique().sort().head(5),
+        )
+    )
     groups = fanouts.filter("capped").with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
-    groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
-    return groups.with_columns(_fanout_id()).drop("group_id")
+    # k = 1 without pool evidence is left out in the decision (and listed as a near miss there).
+    return groups.with_columns(_fanout_id()).drop("group_id"), uncapped
 
 
-def _per_fanout_findings(groups: pl.DataFrame | None, widths: pl.DataFrame | None) -> list[Finding]:
+def _per_fanout_findings(
+    groups: pl.DataFrame | None, widths: pl.DataFrame | None, misses: list[Miss]
+) -> list[Finding]:
     """The per-fan-out rule across traces: a signature's capped fan-outs must be most of those
-    wide enough to hit the cap."""
+    wide enough to hit the cap; k = 1 needs pool evidence."""
     if groups is None or groups.is_empty() or widths is None:
+        return []
+    _signature_misses(
+        groups.filter((pl.col("k") < 2) & ~pl.col("pool_evidence")),
+        pl.format(
+            "k = 1 in {} fan-outs without pool evidence: a sequential loop, left to serialized_calls / n_plus_one",
+            pl.len(),
+        ),
+        misses,
+    )
+    groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
+    if groups.is_empty():
         return []
     groups = groups.sort(["first_start_ns", "trace_id", "parent_span_id"])
     findings = []
@@ -271,6 +374,15 @@ def _per_fanout_findings(groups: pl.DataFrame | None, widths: pl.DataFrame | Non
         )
         rate = frame.height / max(wide, 1)
         if rate < MIN_CAPPED_RATE:
+            misses.append(
+                (
+                    tuple(first_of(frame, c) for c in SIGNATURE),
+                    f"capped at k = {k_mode} in {frame.height} of {wide} fan-outs wider than k "
+                    f"({rate:.0%}) < {MIN_CAPPED_RATE:.0%}: no consistent cap",
+                    frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
+                    frame["trace_id"].n_unique(),
+                )
+            )
             continue
         finding = _finding(frame, k_mode, rate, wide)
         finding.evidence["signature"] = [first_of(frame, c) for c in SIGNATURE]
@@ -308,7 +420,9 @@ def _overlapping_calls(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Serie
     )
 
 
-def _shared_pool_findings(kids: pl.DataFrame | None, found: set[tuple[str, ...]]) -> list[Finding]:
+def _shared_pool_findings(
+    kids: pl.DataFrame | None, found: set[tuple[str, ...]], misses: list[Miss]
+) -> list[Finding]:
     """The shared-pool rule (module doc, second part), over the calls of every trace's queued,
     overlapping fan-outs."""
     if kids is None or kids.height < MIN_SHARED_CALLS:
@@ -357,17 +471,40 @@ def _shared_pool_findings(kids: pl.DataFrame | None, found: set[tuple[str, ...]]
             cross_trace_handover_rate=(pl.col("handed") & (pl.col("end_trace") != pl.col("trace_id"))).mean(),
         )
     )
-    shared = (
+    judged = (
         per_signature.join(k, on="signature_id")
         .join(saturation, on="signature_id")
         .join(handover, on="signature_id")
-        .filter(
-            (pl.col("k") >= 2)
+        .with_columns(
+            shared=(pl.col("k") >= 2)
             & (pl.col("saturation") >= MIN_SATURATION)
             & (pl.col("handover_rate") >= MIN_HANDOVER)
             & (pl.col("cross_trace_handover_rate") >= MIN_CROSS_TRACE_HANDOVER)
         )
     )
+    not_shared = judged.filter(~pl.col("shared"))
+    if not_shared.height:
+        _signature_misses(
+            kids.join(
+                not_shared.select(
+                    "signature_id", "k", "saturation", "handover_rate", "cross_trace_handover_rate"
+                ),
+                on="signature_id",
+            ),
+            pl.format(
+                "not a shared pool across requests: peak concurrency k = {} (needs >= 2), saturation {} "
+                "(needs >= {}), hand-over {} (needs >= {}), across traces {} (needs >= {})",
+                pl.col("k").first(),
+                pl.col("saturation").first().round(2),
+                pl.lit(MIN_SATURATION),
+                pl.col("handover_rate").first().round(2),
+                pl.lit(MIN_HANDOVER),
+                pl.col("cross_trace_handover_rate").first().round(2),
+                pl.lit(MIN_CROSS_TRACE_HANDOVER),
+            ),
+            misses,
+        )
+    shared = judged.filter("shared")
     if shared.is_empty():
         return []
     findings = []

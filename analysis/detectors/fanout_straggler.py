@@ -275,12 +275,26 @@ def extract(ctx: AnalysisContext) -> Rows:
         median_ns=pl.col("duration_ns").median(),
         max_ns=pl.col("duration_ns").max(),
     )
-    groups = with_span_columns(spans, groups, sig)
-    fanouts_seen = groups.group_by(sig).agg(fanouts_seen=pl.len())
-    groups = groups.filter(
-        (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
-        & ((pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS)
+    groups = with_span_columns(spans, groups, [*sig, "trace_id"])
+    straggles = (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns")) & (
+        (pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS
     )
+    # Per signature (partial aggregates the decision adds up): fan-outs seen, and for the near
+    # miss of a balanced signature, how close its fan-outs came to straggling.
+    fanouts_seen = (
+        groups.with_columns(straggles=straggles)
+        .sort("trace_id")
+        .group_by(sig, maintain_order=True)
+        .agg(
+            fanouts_seen=pl.len(),
+            straggling=pl.col("straggles").sum(),
+            ratio_max=(pl.col("max_ns") / pl.col("median_ns").clip(1)).max(),
+            excess_max_ns=(pl.col("max_ns") - pl.col("median_ns")).max(),
+            traces=pl.col("trace_id").n_unique(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+        )
+    )
+    groups = groups.filter(straggles)
     kids = kids.join(groups.select("group_id", "median_ns"), on="group_id", how="inner")
     kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"])
     kids = kids.with_columns(
@@ -289,8 +303,22 @@ def extract(ctx: AnalysisContext) -> Rows:
         is_slowest=pl.col("duration_ns").rank("ordinal", descending=True).over("group_id") == 1,
     )
     hit_groups = kids.filter(pl.col("is_slowest") & pl.col("on_critical_path")).select("group_id")
+    # Straggling fan-outs whose slowest branch is off the critical path (near misses when a
+    # signature has no other).
+    off_path = (
+        kids.filter(pl.col("is_slowest"))
+        .join(hit_groups, on="group_id", how="anti")
+        .sort("trace_id", "span_id")
+        .group_by(sig, maintain_order=True)
+        .agg(
+            fanouts=pl.len(),
+            traces=pl.col("trace_id").n_unique(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            span_ids=pl.col("span_id").head(5),
+        )
+    )
     if hit_groups.is_empty():
-        return {"fanouts": fanouts_seen}
+        return {"fanouts": fanouts_seen, "off_path": off_path}
     kids = kids.join(hit_groups, on="group_id", how="semi")
     kids = _branch_labels(spans, kids)
     occurrences = (
@@ -311,37 +339,109 @@ def extract(ctx: AnalysisContext) -> Rows:
         )
         .drop("group_id")
     )
-    return {"occurrences": occurrences, "fanouts": fanouts_seen}
+    return {"occurrences": occurrences, "fanouts": fanouts_seen, "off_path": off_path}
 
 
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: straggler rate, skew or tail, confidence — on :func:`extract`'s rows of
     any number of partitions."""
+    fanouts = rows.get("fanouts")
+    if fanouts is None or fanouts.is_empty():
+        return []
+    first_ids = (
+        pl.col("trace_ids").list.explode(keep_nulls=False, empty_as_null=False).unique().sort().head(5)
+    )
+    fanouts_seen = fanouts.group_by(SIGNATURE).agg(
+        pl.col("fanouts_seen", "straggling", "traces").sum(),
+        pl.col("ratio_max", "excess_max_ns").max(),
+        trace_ids=first_ids,
+    )
+    _note_balanced(notes, fanouts_seen)
     occurrences = rows.get("occurrences")
+    found = occurrences.select(SIGNATURE).unique() if occurrences is not None and occurrences.height else None
+    off_path = rows.get("off_path")
+    if off_path is not None and off_path.height:
+        off = (
+            off_path.sort(pl.col("trace_ids").list.first())
+            .group_by(SIGNATURE, maintain_order=True)
+            .agg(
+                pl.col("fanouts", "traces").sum(),
+                trace_ids=first_ids,
+                span_ids=pl.col("span_ids").first(),
+            )
+        )
+        if found is not None:
+            off = off.join(found, on=SIGNATURE, how="anti")
+        _note_off_critical_path(notes, off)
     if occurrences is None or occurrences.is_empty():
         return []
-    fanouts_seen = rows["fanouts"].group_by(SIGNATURE).agg(pl.col("fanouts_seen").sum())
-    occurrences = occurrences.join(fanouts_seen, on=SIGNATURE, how="left").sort(
-        ["root_start", "trace_id", "parent_span_id"]
-    )
+    occurrences = occurrences.join(
+        fanouts_seen.select(*SIGNATURE, "fanouts_seen"), on=SIGNATURE, how="left"
+    ).sort(["root_start", "trace_id", "parent_span_id"])
     findings: list[Finding] = []
     for frame in occurrences.partition_by(SIGNATURE, maintain_order=True):
-        finding = _finding(frame)
+        finding = _finding(frame, notes)
         if finding is not None:
             findings.append(finding)
     return findings
+
+
+def _target(name: str, endpoint: str) -> str:
+    return target_operation(name, endpoint)
+
+
+def _note_balanced(notes: NearMissSink, fanouts: pl.DataFrame) -> None:
+    """Near misses: parallel fan-outs of a signature where no fan-out has a straggler (one row per
+    signature)."""
+    for r in fanouts.filter(pl.col("straggling") == 0).sort(SIGNATURE).iter_rows(named=True):
+        notes.note_near_miss(
+            KIND,
+            r["parent_service"],
+            r["parent_name"],
+            f"balanced fan-out to {r['service']} {_target(r['name'], r['endpoint'])}: slowest branch at most "
+            f"{r['ratio_max']:.2g}x the median (at most +{r['excess_max_ns'] / 1e6:.3g} ms) in {r['fanouts_seen']} "
+            f"fan-outs; a straggler needs >= {STRAGGLER_RATIO:g}x and +{MIN_EXCESS_NS / 1e6:g} ms",
+            trace_ids=r["trace_ids"],
+            traces=r["traces"],
+        )
+
+
+def _note_off_critical_path(notes: NearMissSink, off: pl.DataFrame) -> None:
+    """Near misses: signatures whose straggling fan-outs all had their slowest branch off the
+    critical path (shortening it would save nothing at the root)."""
+    for r in off.sort(SIGNATURE).iter_rows(named=True):
+        notes.note_near_miss(
+            KIND,
+            r["parent_service"],
+            r["parent_name"],
+            f"straggler to {r['service']} {_target(r['name'], r['endpoint'])} off the critical path in all "
+            f"{r['fanouts']} straggling fan-outs: shortening it saves nothing at the root",
+            trace_ids=r["trace_ids"],
+            span_ids=r["span_ids"],
+            traces=r["traces"],
+        )
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
     return decide(extract(ctx), ctx)
 
 
-def _finding(frame: pl.DataFrame) -> Finding | None:
+def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding | None:
     first = frame.row(0, named=True)
     traces = frame["trace_id"].n_unique()
     fanouts_seen = int(first["fanouts_seen"])
     rate = frame.height / fanouts_seen if fanouts_seen else 1.0
     if rate < MIN_STRAGGLER_RATE:
+        if notes is not None:
+            notes.note_near_miss(
+                KIND,
+                first["parent_service"],
+                first["parent_name"],
+                f"stragglers to {first['service']} {_target(first['name'], first['endpoint'])} in {frame.height} "
+                f"of {fanouts_seen} fan-outs ({rate:.0%}) < {MIN_STRAGGLER_RATE:.0%}: occasional, not systematic",
+                trace_ids=frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
+                traces=traces,
+            )
         return None
 
     branch_counts = frame["slow_branch"].value_counts(sort=True)

@@ -60,6 +60,16 @@ least 3 of them), else the 5th percentile of all durations. Each queued span's w
 minus that latency. A convoy whose spans mostly (``NESTED_CONVOY_SHARE``, 50 %) contain a child that is
 itself a convoy or an explicit wait is dropped in favour of the deeper one: the callers of a locked
 operation queue because of it, not for a lock of their own.
+
+Near misses (``--explain``): explicit evidence none of whose waits counted (under 1 ms or off the
+critical path), a contention rate under 5 %, and busy operations (peak and queued share met) that
+fail a later convoy rule — a latency/load correlation between ``NEAR_MISS_CORRELATION`` (0.3) and
+0.6, a slope under 30 %, completions not spaced like one server, nested in a deeper convoy, or no
+queued wait of 1 ms on the critical path. One per operation, with the rule and the measured value.
+
+Reporting floor (``analysis.pipeline.MIN_SAVING_BY_KIND``): the p95 saving at the root must be at
+least 1 ms — a lock wait is pure waste and its fix (a shorter critical section) is local, so the
+floor is the wait this detector already counts — and at least 1 % of the median request.
 """
 
 from __future__ import annotations
@@ -88,6 +98,7 @@ MIN_SLOPE_SHARE = 0.3
 SERVICE_TIME_BAND = (0.5, 1.5)
 MAX_BUNCHED_SHARE = 0.2
 NESTED_CONVOY_SHARE = 0.5
+NEAR_MISS_CORRELATION = 0.3  # a busy operation is listed by --explain from half the correlation rule
 
 _RESOURCE_WORDS = (
     r"lock|mutex|semaphore|latch|permit|slot|connection|conn|pool|queue|transaction|turn|monitor"
@@ -354,7 +365,21 @@ def extract(ctx: AnalysisContext) -> Rows:
     waiting spans and their parents)."""
     spans = ctx.spans
     explicit = _explicit_waits(spans)
-    acquisitions = explicit.group_by(EXPLICIT_SIGNATURE).agg(acquisitions=pl.len())
+    counted = (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")
+    # Every acquisition the evidence shows, contended or not (the denominator of the contention
+    # rate), with what the near miss of an uncontended lock reports: partial aggregates.
+    acquisitions = (
+        explicit.sort("trace_id")
+        .group_by(EXPLICIT_SIGNATURE, maintain_order=True)
+        .agg(
+            acquisitions=pl.len(),
+            counted=counted.sum(),
+            longest_ns=pl.col("wait_ns").max(),
+            longest_on_path_ns=pl.col("wait_ns").filter(pl.col("on_critical_path")).max(),
+            traces=pl.col("trace_id").n_unique(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+        )
+    )
     contended = explicit.filter(pl.col("wait_ns") >= MIN_WAIT_NS)
     waits = contended.filter(pl.col("on_critical_path")).with_columns(
         wait_share=pl.col("wait_ns") / pl.col("waiter_duration_ns").clip(1)
@@ -388,8 +413,10 @@ def extract(ctx: AnalysisContext) -> Rows:
 
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: contention rates of explicit waits, and the convoy rules per resource."""
-    findings = _explicit_findings(rows.get("waits"), rows.get("acquisitions"))
-    findings.extend(_convoy_findings(rows))
+    findings = _explicit_findings(rows.get("waits"), rows.get("acquisitions"), notes)
+    reasons: list[pl.DataFrame] = []  # (gid, reason) of busy groups a convoy rule dropped
+    findings.extend(_convoy_findings(rows, reasons))
+    _note_convoy_misses(notes, rows.get("labels"), reasons)
     return findings
 
 
@@ -397,18 +424,51 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     return decide(extract(ctx), ctx)
 
 
-def _explicit_findings(waits: pl.DataFrame | None, acquisitions: pl.DataFrame | None) -> list[Finding]:
-    if waits is None or waits.is_empty() or acquisitions is None:
+def _explicit_findings(
+    waits: pl.DataFrame | None, acquisitions: pl.DataFrame | None, notes: NearMissSink
+) -> list[Finding]:
+    if acquisitions is None or acquisitions.is_empty():
         return []
     sig = EXPLICIT_SIGNATURE
-    # Every acquisition the evidence shows, contended or not: the denominator of the contention rate.
-    acquisitions = acquisitions.group_by(sig).agg(pl.col("acquisitions").sum())
-    waits = waits.join(acquisitions, on=sig, how="left", nulls_equal=True)
+    acquisitions = acquisitions.group_by(sig).agg(
+        pl.col("acquisitions", "counted", "traces").sum(),
+        pl.col("longest_ns", "longest_on_path_ns").max(),
+        trace_ids=pl.col("trace_ids")
+        .list.explode(keep_nulls=False, empty_as_null=False)
+        .unique()
+        .sort()
+        .head(5),
+    )
+    # Near misses: explicit wait evidence none of whose waits counted (one row per signature).
+    for r in acquisitions.filter(pl.col("counted") == 0).sort(sig, nulls_last=True).iter_rows(named=True):
+        notes.note_near_miss(
+            KIND,
+            r["waiter_service"],
+            r["waiter_name"],
+            f"{r['acquisitions']} waits for {r['resource'] or r['target_operation']}: longest "
+            f"{r['longest_ns'] / 1e6:.3g} ms, on the critical path {(r['longest_on_path_ns'] or 0) / 1e6:.3g} ms "
+            f"< {MIN_WAIT_NS / 1e6:g} ms: uncontended",
+            trace_ids=r["trace_ids"],
+            traces=r["traces"],
+        )
+    if waits is None or waits.is_empty():
+        return []
+    waits = waits.join(acquisitions.select(*sig, "acquisitions"), on=sig, how="left", nulls_equal=True)
     findings = []
     for frame in waits.sort(["start_ns", "trace_id", "span_id"]).partition_by(sig, maintain_order=True):
         first = frame.row(0, named=True)
         contention_rate = frame.height / max(int(first["acquisitions"] or 0), frame.height)
         if contention_rate < MIN_CONTENTION_RATE:
+            notes.note_near_miss(
+                KIND,
+                first["waiter_service"],
+                first["waiter_name"],
+                f"{first['resource'] or first['target_operation']}: {frame.height} of "
+                f"{first['acquisitions']} acquisitions waited ({contention_rate:.1%}) < "
+                f"{MIN_CONTENTION_RATE:.0%}: rarely contended",
+                trace_ids=frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
+                traces=frame["trace_id"].n_unique(),
+            )
             continue
         sources = sorted(set(frame["source"].to_list()))
         traces = frame["trace_id"].n_unique()
@@ -608,9 +668,12 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     earliest = cand.sort(["gid", "start_ns", "trace_id", "span_id"]).unique(
         subset="gid", keep="first", maintain_order=True
     )
+    seen = cand.group_by("gid").agg(
+        traces=pl.col("trace_id").n_unique(), trace_ids=pl.col("trace_id").unique().sort().head(5)
+    )
     labels = with_span_columns(
         spans, earliest.select("row", "gid", "start_ns", "trace_id", "span_id"), _CANDIDATE_LABELS
-    )
+    ).join(seen, on="gid")
     # One row per span travels to the decision: the ids as text only where the span can be a
     # wait of the finding (on the critical path and at least MIN_WAIT_NS long).
     could_wait = pl.col("on_critical_path") & (pl.col("duration_ns") >= MIN_WAIT_NS)
@@ -621,8 +684,44 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     return cand.drop("row"), labels.drop("row")
 
 
-def _convoy_findings(rows: Rows) -> list[Finding]:
-    """The convoy rules per resource key, over every trace's resource rows."""
+def _note_convoy_misses(
+    notes: NearMissSink, labels: pl.DataFrame | None, reasons: list[pl.DataFrame]
+) -> None:
+    """Near misses: busy operations (enough load to judge) that failed a convoy rule, one per
+    operation with the first rule it failed."""
+    frames = [r for r in reasons if r.height]
+    if not frames or labels is None:
+        return
+    why = pl.concat(frames).unique("gid", keep="first", maintain_order=True)
+    per_op = (
+        labels.sort(["gid", "start_ns", "trace_id", "span_id"])
+        .group_by("gid", maintain_order=True)
+        .agg(
+            pl.col("service", "name").first(),
+            pl.col("traces").sum(),
+            trace_ids=pl.col("trace_ids")
+            .list.explode(keep_nulls=False, empty_as_null=False)
+            .unique()
+            .sort()
+            .head(5),
+        )
+        .join(why, on="gid", how="inner")
+        .sort("service", "name", "reason")
+    )
+    for r in per_op.iter_rows(named=True):
+        notes.note_near_miss(
+            KIND,
+            r["service"],
+            r["name"],
+            f"no convoy: {r['reason']}",
+            trace_ids=r["trace_ids"],
+            traces=r["traces"],
+        )
+
+
+def _convoy_findings(rows: Rows, reasons: list[pl.DataFrame]) -> list[Finding]:
+    """The convoy rules per resource key, over every trace's resource rows; busy groups a rule
+    drops go to ``reasons`` as (gid, reason)."""
     cand = rows.get("candidates")
     if cand is None or cand.is_empty():
         return []
@@ -655,18 +754,38 @@ def _convoy_findings(rows: Rows) -> list[Finding]:
             var=pl.col("peers").cast(pl.Float64).var(),
         )
         .with_columns(slope_ns=pl.col("cov") / pl.col("var"))
-        .filter(
-            (pl.col("peak") >= MIN_PEAK_PEERS)
-            & (pl.col("queued_share") >= MIN_QUEUED_SHARE)
-            & (pl.col("corr") >= MIN_CORRELATION)
+        .filter((pl.col("peak") >= MIN_PEAK_PEERS) & (pl.col("queued_share") >= MIN_QUEUED_SHARE))
+    )
+    # Busy enough to judge from here on: a group dropped below is a near miss.
+    flat = ~(pl.col("corr") >= MIN_CORRELATION).fill_null(False)
+    reasons.append(  # only near misses: every busy operation has a flat latency, those are not news
+        stats.filter(flat & (pl.col("corr") >= NEAR_MISS_CORRELATION)).select(
+            "gid",
+            reason=pl.format(
+                "latency does not grow with load (correlation with concurrent peers {} < {})",
+                pl.col("corr").fill_nan(None).round(2),
+                pl.lit(MIN_CORRELATION),
+            ),
         )
     )
+    stats = stats.filter(~flat)
     if stats.is_empty():
         return []
     convoy = cand.join(stats.select("gid"), on="gid", how="semi")
-    stats = stats.join(convoy.group_by("gid").agg(base_ns=base_expr), on="gid").filter(
-        (pl.col("base_ns") > 0) & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
+    stats = stats.join(convoy.group_by("gid").agg(base_ns=base_expr), on="gid")
+    steep = (pl.col("base_ns") > 0) & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
+    reasons.append(
+        stats.filter(~steep).select(
+            "gid",
+            reason=pl.format(
+                "each extra peer adds {} ms < {}% of the {} ms uncontended latency",
+                (pl.col("slope_ns") / 1e6).round(3),
+                pl.lit(round(MIN_SLOPE_SHARE * 100)),
+                (pl.col("base_ns") / 1e6).round(3),
+            ),
+        )
     )
+    stats = stats.filter(steep)
     convoy = convoy.join(stats.select("gid", "base_ns"), on="gid", how="inner")
 
     # Completion spacing of spans that were queued behind the previous completion.
@@ -685,14 +804,31 @@ def _convoy_findings(rows: Rows) -> list[Finding]:
             bunched=(pl.col("gap") < 0.25 * pl.col("base_ns")).mean(),
             base_ns=pl.col("base_ns").first(),
         )
-        .filter(
-            (pl.col("gaps") >= MIN_SAMPLES // 2)
-            & (pl.col("gap_p50") >= SERVICE_TIME_BAND[0] * pl.col("base_ns"))
-            & (pl.col("gap_p50") <= SERVICE_TIME_BAND[1] * pl.col("base_ns"))
-            & (pl.col("bunched") <= MAX_BUNCHED_SHARE)
-        )
-        .select("gid", "gap_p50")
     )
+    single_server = (
+        (pl.col("gaps") >= MIN_SAMPLES // 2)
+        & (pl.col("gap_p50") >= SERVICE_TIME_BAND[0] * pl.col("base_ns"))
+        & (pl.col("gap_p50") <= SERVICE_TIME_BAND[1] * pl.col("base_ns"))
+        & (pl.col("bunched") <= MAX_BUNCHED_SHARE)
+    )
+    reasons.append(
+        convoy.select("gid", "base_ns")
+        .unique("gid")
+        .join(spacing.drop("base_ns"), on="gid", how="left")
+        .filter(~single_server.fill_null(False))
+        .select(
+            "gid",
+            reason=pl.format(
+                "completions not spaced like one server: {} queued completions, gap p50 {} ms vs {} ms "
+                "uncontended, {} bunched (a pool of parallel workers)",
+                pl.col("gaps").fill_null(0),
+                (pl.col("gap_p50") / 1e6).round(3),
+                (pl.col("base_ns") / 1e6).round(3),
+                pl.col("bunched").round(2),
+            ),
+        )
+    )
+    spacing = spacing.filter(single_server).select("gid", "gap_p50")
     if spacing.is_empty():
         return []
     convoy = convoy.join(spacing, on="gid", how="inner")
@@ -708,6 +844,15 @@ def _convoy_findings(rows: Rows) -> list[Finding]:
     )["uid"].unique()
     convoy = convoy.with_columns(_marked=pl.col("uid").is_in(marks.implode()))
     nested = convoy.group_by("gid").agg(nested_share=pl.col("_marked").mean())
+    reasons.append(
+        nested.filter(pl.col("nested_share") >= NESTED_CONVOY_SHARE).select(
+            "gid",
+            reason=pl.format(
+                "nested: {} of its spans contain a deeper convoy or explicit wait, judged there",
+                (pl.col("nested_share") * 100).round(0).cast(pl.Int64).cast(pl.String) + pl.lit("%"),
+            ),
+        )
+    )
     convoy = convoy.join(
         nested.filter(pl.col("nested_share") < NESTED_CONVOY_SHARE).select("gid"), on="gid", how="semi"
     ).drop("_marked")
@@ -734,6 +879,15 @@ def _convoy_findings(rows: Rows) -> list[Finding]:
             (pl.col("peers") >= 2) & (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")
         )
         if waiting.is_empty():
+            reasons.append(
+                pl.DataFrame(
+                    {
+                        "gid": [first["gid"]],
+                        "reason": [f"no queued wait >= {MIN_WAIT_NS / 1e6:g} ms on the critical path"],
+                    },
+                    schema={"gid": cand.schema["gid"], "reason": pl.String},
+                )
+            )
             continue
         traces = waiting["trace_id"].n_unique()
         confidence = 0.45

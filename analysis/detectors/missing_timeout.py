@@ -53,6 +53,13 @@ False-positive protections: an operation that is always slow has a high p50 and 
 single slow call, or slow calls in a single request, are below ``MIN_OUTLIERS``; calls cut at a consistent ceiling or ending in timeout
 errors already have a deadline; off-critical-path and non-blocking (async) calls hold nothing up;
 callers whose slowness is explained by a hanging call beneath them are not double-reported.
+
+Near misses (``--explain``): operations with slow calls set aside by the rules above (too few
+without a timeout, most timed out, cut at one ceiling) and callers whose slow calls fall in a single
+request, each with the rule and the measured counts.
+
+No saving floor: fault-tolerance findings are ranked by what the traces show they cost plus a risk
+term (:mod:`analysis.ranking`); the pipeline only asks for a confidence of 0.2.
 """
 
 from __future__ import annotations
@@ -195,15 +202,14 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             at_ceiling=(pl.col("duration_ns") >= pl.col("duration_ns").max() * (1 - CEILING_BAND)).sum(),
         )
         .with_columns(missing=pl.col("outlier_calls") - pl.col("timed_out_calls"))
-        .filter(
-            (pl.col("missing") >= MIN_OUTLIERS)
-            & (pl.col("timed_out_calls") * 2 < pl.col("outlier_calls"))
-            & ~(
-                (pl.col("at_ceiling") >= CEILING_MIN_CALLS)
-                & (pl.col("at_ceiling") * 2 >= pl.col("outlier_calls"))
-            )
-        )
     )
+    few = pl.col("missing") < MIN_OUTLIERS
+    has_deadline = pl.col("timed_out_calls") * 2 >= pl.col("outlier_calls")
+    at_ceiling = (pl.col("at_ceiling") >= CEILING_MIN_CALLS) & (
+        pl.col("at_ceiling") * 2 >= pl.col("outlier_calls")
+    )
+    _note_dropped_operations(notes, outliers, per_op.filter(few | has_deadline | at_ceiling), op)
+    per_op = per_op.filter(~(few | has_deadline | at_ceiling))
     if per_op.height == 0:
         return []
 
@@ -240,9 +246,19 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     findings: list[Finding] = []
     per_op_rows = {tuple(r[c] for c in op): r for r in per_op.iter_rows(named=True)}
     for key, group in reported.partition_by(signature, as_dict=True, maintain_order=True).items():
-        if group["trace_id"].n_unique() < MIN_OUTLIERS:
-            continue  # this caller's share of the slow calls is one request: an anecdote
         caller_service, caller_operation, target_service, target_operation = (str(v) for v in key)
+        if group["trace_id"].n_unique() < MIN_OUTLIERS:
+            # this caller's share of the slow calls is one request: an anecdote
+            notes.note_near_miss(
+                KIND,
+                caller_service,
+                caller_operation,
+                f"{group.height} slow call(s) to {target_service} {target_operation} without a timeout "
+                f"(longest {group['duration_ns'].max() / 1e6:,.0f} ms) in 1 request < {MIN_OUTLIERS}: an anecdote",  # type: ignore[operator]
+                trace_ids=group["trace_id"].unique(maintain_order=True).to_list(),
+                span_ids=group["span_id"].head(5).to_list(),
+            )
+            continue
         op_rows = [per_op_rows[k] for k in group.select(op).unique(maintain_order=True).iter_rows()]
         findings.append(
             _finding(caller_service, caller_operation, target_service, target_operation, group, op_rows)
@@ -253,6 +269,50 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
     return decide(extract(ctx), ctx)
+
+
+def _note_dropped_operations(
+    notes: NearMissSink, outliers: pl.DataFrame, dropped: pl.DataFrame, op: list[str]
+) -> None:
+    """Near misses, one per call operation with slow calls that the rules set aside: too few
+    without a timeout, most of them timed out (a deadline exists), or cut at one ceiling."""
+    if dropped.height == 0:
+        return
+    exemplars = (
+        outliers.join(dropped.select(op), on=op, how="semi")
+        .sort("trace_id", "span_id")
+        .group_by(op, maintain_order=True)
+        .agg(
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            span_ids=pl.col("span_id").head(5),
+            traces=pl.col("trace_id").n_unique(),
+        )
+    )
+    rows = dropped.join(exemplars, on=op, how="left").sort(op)
+    for r in rows.iter_rows(named=True):  # one per operation
+        outliers_n, timed_out = int(r["outlier_calls"]), int(r["timed_out_calls"])
+        longest_ms = r["longest_ns"] / 1e6
+        if timed_out * 2 >= outliers_n:
+            reason = f"{timed_out} of {outliers_n} slow calls timed out: a deadline exists"
+        elif r["at_ceiling"] >= CEILING_MIN_CALLS and r["at_ceiling"] * 2 >= outliers_n:
+            reason = (
+                f"{r['at_ceiling']} of {outliers_n} slow calls end within {CEILING_BAND:.0%} of the longest "
+                f"({longest_ms:,.0f} ms): cut at a consistent bound, a timeout exists"
+            )
+        else:
+            reason = (
+                f"{r['missing']} slow call without a timeout < {MIN_OUTLIERS} (longest {longest_ms:,.0f} ms)"
+            )
+        where = f" to {r['target']}" if r["target"] else ""
+        notes.note_near_miss(
+            KIND,
+            str(r["service"]),
+            str(r["name"]),
+            f"calls{where}{' ' + r['endpoint'] if r['endpoint'] else ''}: {reason}",
+            trace_ids=r["trace_ids"] or (),
+            span_ids=r["span_ids"] or (),
+            traces=int(r["traces"] or 0),
+        )
 
 
 def _with_endpoint(calls: pl.DataFrame) -> pl.DataFrame:

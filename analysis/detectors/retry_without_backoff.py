@@ -57,9 +57,12 @@ evidence; capped at 0.95.
 Aggregation: one finding per signature; ``operation`` is the parent span (the code that loops),
 ``targets`` the callee. ``evidence`` has bursts, attempts per burst (p50/max), gaps (p50/max ms,
 median per retry index), the share of immediate gaps, how many bursts exhausted every attempt, the
-status codes seen, whether explicit attempt attributes were seen. ``requests_at_risk`` = root
-requests that contained such a burst. No interventions: adding backoff adds latency, so no latency
-saving is claimed; the finding is ranked by risk.
+status codes seen, whether explicit attempt attributes were seen, and the time the bursts cost:
+``failed_attempts_ms`` per occurrence (from the first attempt's start to the end of the last failed
+attempt: the failed attempts and the re-sends between them), ``failed_attempts_ms_p50``/``_total``
+in the evidence. ``requests_at_risk`` = root requests that contained such a burst. No
+interventions: adding backoff adds latency, so no latency saving is claimed; the finding is ranked
+by that measured cost plus the risk term (:mod:`analysis.ranking`).
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def extract(ctx: AnalysisContext) -> Rows:
         return {}
     sequences = _attribute(sequences, spans)
     retries = attempts.filter(pl.col("is_retry")).join(
-        sequences.select("sequence", *SIGNATURE), on="sequence", how="inner"
+        sequences.filter(~pl.col("backed_off")).select("sequence", *SIGNATURE), on="sequence", how="inner"
     )
     return {
         "sequences": sequences.drop("sequence", "parent_row", "first_row"),
@@ -151,7 +154,11 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     sequences, retries = rows.get("sequences"), rows.get("retries")
     if sequences is None or sequences.is_empty() or retries is None:
         return []
-    verdicts = _judge(retries)
+    backed_off = sequences.filter("backed_off")
+    sequences = sequences.filter(~pl.col("backed_off"))
+    judged = _judge(retries)
+    verdicts = judged.filter("lacks_backoff").drop("lacks_backoff")
+    _note_near_misses(notes, sequences, backed_off, judged.filter(~pl.col("lacks_backoff")), verdicts)
     if verdicts.height == 0:
         return []
     sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort(
@@ -171,6 +178,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "median_gap_ms": r["median_gap_ns"] / 1e6,
                     "max_gap_ms": r["max_gap_ns"] / 1e6,
                     "retry_time_ms": r["retry_time_ns"] / 1e6,
+                    "failed_attempts_ms": r["failed_attempts_ns"] / 1e6,
                     "exhausted": float(bool(r["last_failed"])),
                 },
             )
@@ -231,7 +239,8 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series, failed_by_callee: pl.
 
 
 def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
-    """One row per retry sequence of ≥ 2 attempts; sequences with strictly growing gaps dropped."""
+    """One row per retry sequence of ≥ 2 attempts; ``backed_off`` marks sequences with strictly
+    growing gaps (set aside by the caller, and listed as near misses)."""
     retry_gap = pl.col("gap_ns").filter(pl.col("is_retry"))
     return (
         attempts.group_by("sequence")
@@ -252,17 +261,24 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             first_start_ns=pl.col("start_ns").first(),
             first_end_ns=pl.col("end_ns").first(),
             last_end_ns=pl.col("end_ns").last(),
+            last_failed_end_ns=pl.col("end_ns").filter(pl.col("failed")).max(),
             codes=pl.col("http_status_code").filter(pl.col("failed")).drop_nulls(),
             median_gap_ns=retry_gap.median(),
             max_gap_ns=retry_gap.max(),
             last_gap_ns=retry_gap.last(),
             growing=(retry_gap.diff().drop_nulls() > 0).all(),
         )
-        .filter(
-            (pl.col("attempts") >= 2)
-            & ~((pl.col("attempts") >= 3) & pl.col("growing") & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS))
+        .filter(pl.col("attempts") >= 2)
+        .with_columns(
+            backed_off=(pl.col("attempts") >= 3)
+            & pl.col("growing")
+            & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS)
         )
-        .with_columns(retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"))
+        .with_columns(
+            retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"),
+            # The sequence's cost to the request: its failed attempts and the re-sends between them.
+            failed_attempts_ns=(pl.col("last_failed_end_ns") - pl.col("first_start_ns")).clip(0).fill_null(0),
+        )
     )
 
 
@@ -336,12 +352,90 @@ def _judge(retries: pl.DataFrame) -> pl.DataFrame:
         )
     )
     return (
-        stats.filter((pl.col("retries") >= MIN_RETRIES) & (immediate | flat))
+        stats.with_columns(lacks_backoff=(pl.col("retries") >= MIN_RETRIES) & (immediate | flat))
         .with_columns(
             pattern=pl.when(immediate).then(pl.lit("immediate")).otherwise(pl.lit("constant_short_delay"))
         )
         .join(by_index, on=SIGNATURE, how="left")
     )
+
+
+def _note_near_misses(
+    notes: NearMissSink,
+    sequences: pl.DataFrame,
+    backed_off: pl.DataFrame,
+    healthy: pl.DataFrame,
+    reported: pl.DataFrame,
+) -> None:
+    """Near misses, one per signature: retry sequences whose gaps grow (backoff), and signatures
+    judged not to lack backoff, with the rule and the measured gaps."""
+    ms = 1e6
+    why = healthy.select(
+        *SIGNATURE,
+        reason=pl.when(pl.col("retries") < MIN_RETRIES)
+        .then(pl.format("{} retry < {} needed", pl.col("retries"), pl.lit(MIN_RETRIES)))
+        .when(pl.col("gap_p50_ns") > MAX_FLAT_GAP_NS)
+        .then(
+            pl.format(
+                "median gap {} ms > {} ms: a deliberate delay",
+                (pl.col("gap_p50_ns") / ms).round(3),
+                pl.lit(MAX_FLAT_GAP_NS // 1_000_000),
+            )
+        )
+        .when(pl.col("later_retries") < MIN_LATER_RETRIES)
+        .then(
+            pl.format(
+                "median gap {} ms > {} ms and {} later retries: too few to judge growth",
+                (pl.col("gap_p50_ns") / ms).round(3),
+                pl.lit(IMMEDIATE_GAP_NS // 1_000_000),
+                pl.col("later_retries"),
+            )
+        )
+        .otherwise(
+            pl.format(
+                "gaps grow: later retries wait {} ms >= {} x the first retry's {} ms (backoff)",
+                (pl.col("later_gap_p50_ns") / ms).round(3),
+                pl.lit(GROWTH_FACTOR),
+                (pl.col("first_gap_p50_ns") / ms).round(3),
+            )
+        ),
+    )
+    counted = sequences.join(why, on=SIGNATURE, how="inner")
+    growing = backed_off.join(reported.select(SIGNATURE), on=SIGNATURE, how="anti").with_columns(
+        reason=pl.format(
+            "gaps grow within each burst (backoff): last gap {} ms", (pl.col("last_gap_ns") / ms).round(3)
+        )
+    )
+    both = pl.concat(
+        [
+            counted.select(*SIGNATURE, "trace_id", "reason", "span_ids", rule=pl.lit(0)),
+            growing.select(*SIGNATURE, "trace_id", "reason", "span_ids", rule=pl.lit(1)),
+        ]
+    )
+    if both.height == 0:
+        return
+    rows = (  # the signature-level verdict first, then the bursts that backed off; by trace within each
+        both.sort("rule", "trace_id", pl.col("span_ids").list.first())
+        .group_by(SIGNATURE, maintain_order=True)
+        .agg(
+            pl.col("reason").first(),
+            bursts=pl.len(),
+            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            traces=pl.col("trace_id").n_unique(),
+            span_ids=pl.col("span_ids").first(),
+        )
+        .sort(SIGNATURE)
+    )
+    for r in rows.iter_rows(named=True):  # one per signature
+        notes.note_near_miss(
+            KIND,
+            str(r["parent_service"]),
+            str(r["parent_name"]),
+            f"{r['bursts']} retried bursts to {r['target_service']} {r['target_operation']}: {r['reason']}",
+            trace_ids=r["trace_ids"],
+            span_ids=r["span_ids"] or (),
+            traces=r["traces"],
+        )
 
 
 def _finding(
@@ -359,6 +453,8 @@ def _finding(
         attempts_max=pl.col("attempts").max(),
         retries_total=(pl.col("attempts") - 1).sum(),
         retry_time_ms_p50=pl.col("retry_time_ns").median() / 1e6,
+        failed_attempts_ms_total=pl.col("failed_attempts_ns").sum() / 1e6,
+        failed_attempts_ms_p50=pl.col("failed_attempts_ns").median() / 1e6,
         exhausted_bursts=pl.col("last_failed").sum(),
         explicit=pl.col("explicit").any(),
         parent_logs_retry=pl.col("parent_logs_retry").any(),
@@ -386,6 +482,8 @@ def _finding(
         "gap_ms_p50_by_retry_index": verdict["gap_p50_ms_by_retry_index"],
         "immediate_gap_share": round(float(verdict["immediate_share"]), 4),
         "retry_time_ms_p50": round(float(stats["retry_time_ms_p50"]), 3),
+        "failed_attempts_ms_p50": round(float(stats["failed_attempts_ms_p50"]), 3),
+        "failed_attempts_ms_total": round(float(stats["failed_attempts_ms_total"]), 3),
         "exhausted_bursts": int(stats["exhausted_bursts"]),
         "exhausted_share": round(int(stats["exhausted_bursts"]) / bursts, 4),
         "explicit_attempt_attributes": bool(stats["explicit"]),

@@ -48,6 +48,25 @@ def _hotrod(tmp: Path) -> pl.DataFrame:
     return _read([write(tmp / "hotrod.json", requests=60)])
 
 
+class Notes:
+    """A near-miss sink that keeps what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.misses: list[tuple[Any, ...]] = []
+
+    def note_near_miss(
+        self,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> None:
+        self.misses.append((kind, service, operation, reason, tuple(trace_ids), tuple(span_ids), traces))
+
+
 def _comparable(finding: Finding) -> dict[str, Any]:
     return {
         "id": finding.id,
@@ -86,15 +105,19 @@ def test_partitioned_extraction_decides_like_the_whole(
 ) -> None:
     name, frame, whole = trace_set
     expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in PARTS}
+    whole_notes = Notes()
+    partitions.decide({k: PARTS[k].extract(whole) for k in PARTS}, whole_notes)
     pieces = partitions.split_by_trace(frame, parts)
     assert sum(p.height for p in pieces) == frame.height
     assert len({t for p in pieces for t in p["trace_id"].unique().to_list()}) == frame["trace_id"].n_unique()
     extracted = [partitions.extract(AnalysisContext.from_table(piece)) for piece in pieces]
-    got = partitions.decide(partitions.combine(extracted), whole)
+    notes = Notes()
+    got = partitions.decide(partitions.combine(extracted), notes)
     for kind in PARTS:
         assert [_comparable(f) for f in got[kind]] == expected[kind], (
             f"{kind} on {name} in {parts} partitions"
         )
+    assert notes.misses == whole_notes.misses, f"near misses on {name} in {parts} partitions"
 
 
 def test_the_generated_mix_exercises_every_split_detector() -> None:

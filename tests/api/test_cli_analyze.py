@@ -114,3 +114,30 @@ def test_command_line_errors_exit_non_zero_with_a_reason(tmp_path: Path) -> None
     assert both.returncode == 2 and "not both" in both.stderr
     bad_format = run(SAMPLES / "n_plus_one.otlp.jsonl", "--format", "yaml")
     assert bad_format.returncode == 2
+
+
+def test_explain_prints_near_misses_in_every_format() -> None:
+    """The retry sample: one planted retry storm is reported; the healthy twins (retries with a
+    real delay, failures a fallback contains) are near misses with their reasons."""
+    sample = SAMPLES / "retry_without_backoff.otlp.jsonl"
+    plain = run(sample, "--format", "json")
+    explained = run(sample, "--format", "json", "--explain")
+    assert plain.returncode == 0 and explained.returncode == 0, explained.stderr
+    report, with_misses = json.loads(plain.stdout), json.loads(explained.stdout)
+    assert "near_misses" not in report
+    assert [r["id"] for r in with_misses["recommendations"]] == [r["id"] for r in report["recommendations"]]
+    misses = with_misses["near_misses"]
+    assert with_misses["near_misses_omitted"] == 0
+    retry = [m for m in misses if m["kind"] == "retry_without_backoff"]
+    assert retry and retry[0]["service"] == "storefront" and "too few to judge growth" in retry[0]["reason"]
+    assert retry[0]["traces"] > 0 and retry[0]["trace_ids"]
+    assert any(m["kind"] == "error_propagation" and "< 2" in m["reason"] for m in misses)
+
+    markdown = run(sample, "--format", "markdown", "--explain")
+    assert markdown.returncode == 0, markdown.stderr
+    assert "## Seen and not reported:" in markdown.stdout and "too few to judge growth" in markdown.stdout
+    table = run(sample, "--format", "table", "--explain")
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.split())
+    assert table.stdout.index("Saved p50 / p95") < table.stdout.index("Seen and not reported")
+    assert "retry_without_backoff" in text and "too few to judge" in text

@@ -394,3 +394,55 @@ def test_background_runs_asked_for_over_rest_are_bounded(tmp_path: Path) -> None
     finally:
         release.set()
         store.close()
+
+
+def test_explain_adds_near_misses_from_the_cached_run(server: LiveServer) -> None:
+    """``?explain=true`` (the real `hourglass serve`, analysis in its worker process): the same
+    report plus ``near_misses``; without it the report keeps its shape."""
+    with server.client() as client:
+        plain = client.get("/v1/recommendations")
+        explained = client.get("/v1/recommendations", params={"explain": "true"})
+        filtered = client.get("/v1/recommendations", params={"explain": "true", "kind": "serialized_calls"})
+    assert plain.status_code == explained.status_code == filtered.status_code == 200
+    body, with_misses = plain.json(), explained.json()
+    assert "near_misses" not in body and "near_misses_omitted" not in body
+    assert isinstance(with_misses["near_misses"], list) and isinstance(
+        with_misses["near_misses_omitted"], int
+    )
+    if plain.headers["x-hourglass-generation"] == explained.headers["x-hourglass-generation"]:
+        assert {k: v for k, v in with_misses.items() if not k.startswith("near_misses")} == body
+    assert [r["kind"] for r in filtered.json()["recommendations"]] == ["serialized_calls"]
+    assert "near_misses" in filtered.json()
+
+
+def test_explain_lists_what_was_seen_and_dropped_over_http() -> None:
+    """An uncontended lock and a fast-failing call a fallback contains: nothing to report, and
+    ``?explain=true`` says why."""
+    traces = []
+    for _ in range(3):
+        b = TraceBuilder(service="customer")
+        root = b.span("GET /customer", start_ms=0, dur_ms=40, kind=KIND_SERVER, status_code=1)
+        b.span(
+            "SQL SELECT", parent=root, start_ms=1, dur_ms=30, kind=KIND_CLIENT, db_system="mysql",
+            events=[("Waiting for lock behind 1 transactions", 1.0, {}), ("Acquired lock", 1.3, {})],
+        )  # fmt: skip
+        b.span("GET ads", parent=root, start_ms=2, dur_ms=3, kind=KIND_CLIENT, peer="ads", status_code=2)
+        traces.append(b)
+    store = DuckDBSpanStore(":memory:")
+    store.write(spans_table(traces))
+    try:
+        with _in_process(store) as client:
+            plain = client.get("/v1/recommendations")
+            explained = client.get("/v1/recommendations?explain=true")
+    finally:
+        store.close()
+    assert plain.status_code == 200 and explained.status_code == 200, explained.text
+    assert plain.json()["recommendations"] == [] and "near_misses" not in plain.json()
+    misses = {m["kind"]: m for m in explained.json()["near_misses"]}
+    assert set(misses) >= {"lock_contention", "error_propagation"}, misses
+    assert misses["lock_contention"]["reason"].endswith("< 1 ms: uncontended")
+    assert (
+        misses["error_propagation"]["reason"]
+        == "failures of ads GET ads contained in 3 traces: a fallback works"
+    )
+    assert misses["error_propagation"]["traces"] == 3 and len(misses["error_propagation"]["trace_ids"]) == 3
