@@ -175,17 +175,7 @@ class AnalysisContext:
     ) -> None:
         """Record a candidate that was formed and then dropped (``--explain``). Detectors run in
         two threads; ``list.append`` is atomic, so no lock is needed."""
-        self.near_misses.append(
-            NearMiss(
-                kind,
-                service,
-                operation,
-                reason,
-                tuple(trace_ids)[:5],
-                tuple(span_ids)[:20],
-                traces or len(set(trace_ids)),
-            )
-        )
+        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
         return self.spans.filter(pl.col("trace_id") == trace_id)

@@ -71,6 +71,28 @@ class NearMiss:
     span_ids: tuple[str, ...] = ()
     traces: int = 0  # traces in which the candidate was seen (0: len(trace_ids))
 
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> NearMiss:
+        """A near miss with at most 5 exemplar traces and 20 span ids."""
+        return cls(
+            kind,
+            service,
+            operation,
+            reason,
+            tuple(trace_ids)[:5],
+            tuple(span_ids)[:20],
+            traces or len(set(trace_ids)),
+        )
+
 
 @dataclass
 class Finding:

@@ -35,11 +35,69 @@ import pyarrow as pa
 from analysis.context import AnalysisContext
 from analysis.detectors import PARTS
 from analysis.detectors._common import NearMissSink, Rows
-from analysis.model import Finding
+from analysis.model import Finding, NearMiss
 from analysis.whatif import Impact, WhatIf
 from collector.schema import ANALYSIS_COLUMNS
 
 log = logging.getLogger(__name__)
+
+
+# Memory model behind the choice of partitions (peak RSS, measured with bench.scaling on mixed
+# traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
+# duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
+# the detectors' intermediates at their peak — and the process that decides keeps
+# ROWS_BYTES_PER_SPAN of extracted rows per span of the whole (mostly the resource rows of the
+# lock-convoy rule).
+PROCESS_BASE_BYTES = 300 * 2**20
+PEAK_BYTES_PER_SPAN = 1_800
+ROWS_BYTES_PER_SPAN = 120
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold the analysis (one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one analysis runs: ``parts`` partitions of whole traces on ``workers`` processes."""
+
+    spans: int
+    parts: int
+    workers: int
+
+    def describe(self, budget: int) -> str:
+        where = "in this process" if self.workers <= 1 else f"on {self.workers} workers"
+        return (
+            f"{self.spans:,} spans in {self.parts} partitions of whole traces {where} "
+            f"(memory budget {budget / 2**30:.2f} GiB)"
+        )
+
+
+def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
+    """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
+    processes (one partition, in this process, when everything fits)."""
+    whole = PROCESS_BASE_BYTES + spans * PEAK_BYTES_PER_SPAN
+    if whole <= budget:
+        return Plan(spans, 1, 1)
+    workers = max(1, workers)
+    per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - spans * ROWS_BYTES_PER_SPAN) // workers
+    if per_worker <= 0 and workers > 1:
+        return plan(spans, budget, 1, largest_trace)
+    if per_worker <= 0:
+        need = 2 * PROCESS_BASE_BYTES + spans * ROWS_BYTES_PER_SPAN + 1_000 * PEAK_BYTES_PER_SPAN
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the analysis of {spans:,} spans "
+            f"(at least {need / 2**30:.2f} GiB): raise --memory-budget"
+        )
+    if largest_trace is not None and largest_trace[1] * PEAK_BYTES_PER_SPAN > per_worker:
+        trace_id, count = largest_trace
+        raise BudgetError(
+            f"trace {trace_id} alone has {count:,} spans and needs about "
+            f"{count * PEAK_BYTES_PER_SPAN / 2**30:.2f} GiB, more than the {per_worker / 2**30:.2f} GiB each of "
+            f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
+        )
+    parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
+    return Plan(spans, int(parts), min(workers, int(parts)))
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -200,6 +258,25 @@ def merge_impacts(parts: Iterable[dict[str, PricedImpact]]) -> dict[str, Impact]
         )
         for finding_id, pieces in collected.items()
     }
+
+
+class NearMissLog:
+    """A near-miss sink for a decision made outside any one context (see ``AnalysisContext``)."""
+
+    def __init__(self) -> None:
+        self.near_misses: list[NearMiss] = []
+
+    def note_near_miss(
+        self,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> None:
+        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
 
 
 class PartitionError(RuntimeError):

@@ -29,6 +29,7 @@ Also here: :class:`ContextView`, the read-only ``analysis.writer.WriterContext``
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,9 +37,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from analysis import partitions
 from analysis.context import AnalysisContext, to_analysis_frame
 from analysis.detectors import DETECTORS
-from analysis.model import Finding
+from analysis.detectors._common import NearMissSink
+from analysis.model import Finding, NearMiss
 from analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from analysis.report import build_report
 from analysis.whatif import Impact, WhatIf
@@ -121,10 +124,10 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
     return [finding for kind in DETECTORS for finding in found[kind]]
 
 
-def _affected_roots(ctx: AnalysisContext, trace_ids: list[str]) -> pl.DataFrame:
-    """trace_id and root duration (ms) of ``trace_ids``."""
+def _affected_roots(traces: pl.DataFrame, trace_ids: list[str]) -> pl.DataFrame:
+    """trace_id and root duration (ms) of ``trace_ids`` (``traces``: ``AnalysisContext.traces``)."""
     ids = pl.Series(trace_ids, dtype=pl.String).implode()
-    return ctx.traces.filter(pl.col("trace_id").is_in(ids)).select(
+    return traces.filter(pl.col("trace_id").is_in(ids)).select(
         "trace_id", root_ms=pl.col("root_duration_ns") / 1e6
     )
 
@@ -147,9 +150,9 @@ def saving_floor_reason(kind: str, saved_p95_ms: float, median_root_ms: float) -
     return None
 
 
-def _drop(ctx: AnalysisContext, finding: Finding, reason: str) -> None:
+def _drop(notes: NearMissSink, finding: Finding, reason: str) -> None:
     exemplar = next(iter(finding.occurrences), None)
-    ctx.note_near_miss(
+    notes.note_near_miss(
         finding.kind,
         finding.service,
         finding.operation,
@@ -162,35 +165,51 @@ def _drop(ctx: AnalysisContext, finding: Finding, reason: str) -> None:
 
 def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored]:
     """Prices every finding (:mod:`analysis.ranking`) and applies the floors (module docstring);
-    dropped findings become near misses."""
+    dropped findings become near misses. The what-if engine re-times ``ctx``'s traces."""
     whatif = WhatIf(ctx) if findings else None
+
+    def impact_of(finding: Finding) -> Impact | None:
+        if whatif is None or not any(o.interventions for o in finding.occurrences):
+            return None
+        return whatif.impact(finding)
+
+    return score(findings, impact_of=impact_of, traces=ctx.traces, notes=ctx)
+
+
+def score(
+    findings: list[Finding],
+    *,
+    impact_of: Callable[[Finding], Impact | None],
+    traces: pl.DataFrame,
+    notes: NearMissSink,
+) -> list[Scored]:
+    """:func:`score_findings` given each finding's what-if impact (computed over the whole, or
+    partition by partition) and the trace summaries (``AnalysisContext.traces``)."""
     scored: list[Scored] = []
     for finding in findings:
         if finding.confidence < MIN_REPORTED_CONFIDENCE:
-            _drop(ctx, finding, f"confidence {finding.confidence:.2f} < {MIN_REPORTED_CONFIDENCE} floor")
+            _drop(notes, finding, f"confidence {finding.confidence:.2f} < {MIN_REPORTED_CONFIDENCE} floor")
             continue
-        impact: Impact | None = None
-        if whatif is not None and any(o.interventions for o in finding.occurrences):
-            impact = whatif.impact(finding)
-        roots = _affected_roots(ctx, finding.trace_ids)
+        impact = impact_of(finding)
+        roots = _affected_roots(traces, finding.trace_ids)
         median = roots["root_ms"].median() if roots.height else None
         median_root = float(median) if isinstance(median, int | float) else 0.0
         if finding.category == "parallelization":
             if impact is None or impact.saved_ns.size == 0 or impact.total_ns <= 0:
-                _drop(ctx, finding, "no saving at the root: the pattern is off the critical path")
+                _drop(notes, finding, "no saving at the root: the pattern is off the critical path")
                 continue
             reason = saving_floor_reason(
                 finding.kind, float(np.percentile(impact.saved_ns, 95)) / 1e6, median_root
             )
             if reason is not None:
-                _drop(ctx, finding, reason)
+                _drop(notes, finding, reason)
                 continue
         cost = None
         if finding.category == "fault_tolerance":  # per-trace roots only where a cost is measured
             by_trace = dict(zip(roots["trace_id"].to_list(), roots["root_ms"].to_list(), strict=True))
             cost = measured_cost(finding, impact, by_trace, median_root)
-        score, has_latency = expected_value_ms(finding, impact, cost)
-        scored.append(Scored(finding, impact, score, has_latency, cost))
+        sc, has_latency = expected_value_ms(finding, impact, cost)
+        scored.append(Scored(finding, impact, sc, has_latency, cost))
     return rank(scored)
 
 
@@ -223,6 +242,19 @@ def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterConte
         report["writer"]["metadata"] = outcome.metadata
 
 
+def service_edges(ctx: AnalysisContext) -> pl.DataFrame:
+    """Every span called from another service: service, name, duration_ns, parent_service, parent_name."""
+    return (
+        ctx.with_parent(
+            ctx.spans.filter(pl.col("parent_row").is_not_null()).select(
+                "parent_row", "service", "name", "duration_ns"
+            )
+        )
+        .filter(pl.col("service") != pl.col("parent_service"))
+        .select("service", "name", "duration_ns", "parent_service", "parent_name")
+    )
+
+
 class ContextView:
     """Read-only views of an analysis for writers (implements ``analysis.writer.WriterContext``)."""
 
@@ -242,8 +274,20 @@ class ContextView:
             "evidence": rec["evidence"],
         }
 
+    def trace_spans(self, trace_id: str) -> pl.DataFrame:
+        """The repaired spans of one trace (with critical-path columns)."""
+        return self.ctx.trace_spans(trace_id)
+
+    def service_edges(self) -> pl.DataFrame:
+        """Every cross-service call: service, name, duration_ns, parent_service, parent_name."""
+        edges = self.ctx.cache.get("service_edges")
+        if not isinstance(edges, pl.DataFrame):
+            edges = service_edges(self.ctx)
+            self.ctx.cache["service_edges"] = edges
+        return edges
+
     def critical_path(self, trace_id: str) -> list[dict[str, Any]] | None:
-        spans = self.ctx.trace_spans(trace_id)
+        spans = self.trace_spans(trace_id)
         if spans.height == 0:
             return None
         path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])
@@ -260,18 +304,7 @@ class ContextView:
         ]
 
     def service_neighbours(self, service: str) -> dict[str, list[dict[str, Any]]]:
-        edges = self.ctx.cache.get("service_edges")
-        if not isinstance(edges, pl.DataFrame):
-            edges = (
-                self.ctx.with_parent(
-                    self.ctx.spans.filter(pl.col("parent_row").is_not_null()).select(
-                        "parent_row", "service", "name", "duration_ns"
-                    )
-                )
-                .filter(pl.col("service") != pl.col("parent_service"))
-                .select("service", "name", "duration_ns", "parent_service", "parent_name")
-            )
-            self.ctx.cache["service_edges"] = edges
+        edges = self.service_edges()
 
         def summarise(frame: pl.DataFrame, svc: str, op: str) -> list[dict[str, Any]]:
             agg = (
@@ -290,17 +323,19 @@ class ContextView:
         return {"callers": callers, "callees": callees}
 
 
+def uncovered_near_misses(near_misses: list[NearMiss], ranked: list[Scored]) -> list[NearMiss]:
+    """Near misses of a (kind, service, operation) that is not reported: a reported one covers
+    them (e.g. an explicit lock wait reported, its inferred convoy dropped)."""
+    reported = {(s.finding.kind, s.finding.service, s.finding.operation) for s in ranked}
+    return [m for m in near_misses if (m.kind, m.service, m.operation) not in reported]
+
+
 def analyze_context(
     ctx: AnalysisContext, *, writer: Writer | None = None, explain: bool = False
 ) -> tuple[dict[str, Any], list[Scored]]:
     """Detect, score and write; with ``explain`` the report carries ``near_misses``."""
     ranked = score_findings(ctx, run_detectors(ctx))
-    near_misses = None
-    if explain:
-        # A near miss of a (kind, service, operation) that is reported is covered by the
-        # recommendation (e.g. an explicit lock wait reported, its inferred convoy dropped).
-        reported = {(s.finding.kind, s.finding.service, s.finding.operation) for s in ranked}
-        near_misses = [m for m in ctx.near_misses if (m.kind, m.service, m.operation) not in reported]
+    near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
     report = build_report(
         ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
     )
@@ -321,6 +356,70 @@ def analyze(
     frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
     report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer, explain=explain)
     return report
+
+
+class PartitionedView(ContextView):
+    """:class:`ContextView` when no context holds every span: a trace is read from the source and
+    repaired alone (repair is per trace, so its spans are the same), and the service edges are
+    gathered partition by partition the first time a writer asks (the agent's tool)."""
+
+    def __init__(
+        self,
+        report: dict[str, Any],
+        source: partitions.Source,
+        parts: int,
+        trace: Callable[[str], pa.Table | pl.DataFrame],
+    ) -> None:
+        self._recs = {r["id"]: r for r in report.get("recommendations", [])}
+        self._source, self._parts, self._trace = source, parts, trace
+        self._edges: pl.DataFrame | None = None
+
+    def trace_spans(self, trace_id: str) -> pl.DataFrame:
+        return AnalysisContext.from_table(self._trace(trace_id)).spans
+
+    def service_edges(self) -> pl.DataFrame:
+        if self._edges is None:
+            self._edges = pl.concat(
+                [
+                    service_edges(AnalysisContext.from_table(self._source.load(p, self._parts)))
+                    for p in range(self._parts)
+                ]
+            )
+        return self._edges
+
+
+def analyze_partitioned(
+    source: partitions.Source,
+    parts: int,
+    executor: partitions.Executor,
+    *,
+    trace: Callable[[str], pa.Table | pl.DataFrame],
+    writer: Writer | None = None,
+    explain: bool = False,
+    progress: partitions.Progress | None = None,
+) -> tuple[dict[str, Any], list[Scored]]:
+    """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
+    extraction of each partition, one decision over the combined rows, then a second pass that
+    prices the findings' what-if savings partition by partition (a trace's saving depends only on
+    that trace). Same findings, savings, ranking and near misses as the whole at once (the
+    partition tests); memory bounded by a partition, not the store. ``trace`` reads one trace
+    (for the writer's view)."""
+    notes = partitions.NearMissLog()
+    extracted = partitions.run_extraction(source, parts, executor, notes, progress)
+    kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
+    impacts = partitions.run_pricing(source, parts, executor, kept, progress)
+    ranked = score(
+        extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
+    )
+    near_misses = uncovered_near_misses(notes.near_misses, ranked) if explain else None
+    report = build_report(
+        ranked,
+        traces_analyzed=extracted.traces.height,
+        spans_analyzed=extracted.spans,
+        near_misses=near_misses,
+    )
+    write_texts(report, writer, PartitionedView(report, source, parts, trace))
+    return report, ranked
 
 
 def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any]) -> dict[str, Any]:

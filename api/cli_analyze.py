@@ -19,6 +19,11 @@ a bad ``--since``); 1 — the store could not be opened; 3 — ``--fail-on`` mat
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +32,7 @@ import pyarrow as pa
 import typer
 
 from api._cli_app import app
-from api.settings import DEFAULT_DB, Settings, parse_since
+from api.settings import DEFAULT_DB, Settings, parse_bytes, parse_since
 from collector.schema import ANALYSIS_COLUMNS, empty_span_table
 
 EXIT_OK, EXIT_STORE, EXIT_INPUT = 0, 1, 2
@@ -65,22 +70,131 @@ def read_files(paths: list[Path], command: str = "analyze") -> tuple[pa.Table, i
     return table, problems
 
 
-def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -> pa.Table:
+@dataclass(frozen=True)
+class StoreRun:
+    """How a store analysis may run: its memory budget, worker processes, a Dask scheduler."""
+
+    budget: int
+    workers: int
+    cluster: str | None = None
+
+
+def analyze_store(
+    path: str,
+    run: StoreRun,
+    *,
+    services: list[str] | None,
+    since_ns: int | None,
+    writer: Any,
+    explain: bool,
+) -> dict[str, Any]:
+    """The report of a store: at once when it fits the memory budget, else in partitions of
+    whole traces (:func:`analysis.pipeline.analyze_partitioned`) in worker processes or on the
+    Dask cluster, with a progress bar on a terminal."""
+    from analysis import partitions
+    from analysis.detectors import DETECTORS, PARTS
+    from analysis.pipeline import analyze, analyze_partitioned
+
+    store = open_store_for_analysis(path)
+    try:
+        spans = store.raw_row_count()
+        try:
+            if run.cluster is None:
+                plan = partitions.plan(spans, run.budget, run.workers)
+                if plan.parts > 1:  # the largest trace bounds how small a partition can be
+                    plan = partitions.plan(spans, run.budget, run.workers, store.largest_trace())
+            else:
+                plan = partitions.Plan(spans, max(2, partitions.plan(spans, run.budget, 1).parts), 0)
+        except partitions.BudgetError as exc:
+            raise _fail(str(exc)) from None
+        # Every detector must be split for a partitioned run; until then the whole store is read.
+        if set(PARTS) != set(DETECTORS) or (plan.parts == 1 and run.cluster is None):
+            table = store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
+            store.close()
+            return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)
+    finally:
+        store.close()
+    source = partitions.StoreSource(path, since_ns, tuple(services) if services else None)
+    executor = _executor(run, plan)
+    if run.cluster is not None:
+        plan = partitions.Plan(spans, plan.parts, executor.workers)
+    typer.echo(f"hourglass analyze: {plan.describe(run.budget)}", err=True)
+    try:
+        with _progress_bar() as progress:
+            report, _ = analyze_partitioned(
+                source,
+                plan.parts,
+                executor,
+                trace=lambda trace_id: _read_trace(path, trace_id),
+                writer=writer,
+                explain=explain,
+                progress=progress,
+            )
+    except partitions.PartitionError as exc:
+        raise _fail(str(exc), code=EXIT_STORE) from None
+    finally:
+        executor.close()
+    return report
+
+
+def _executor(run: StoreRun, plan: Any) -> Any:
+    from analysis import partitions
+
+    if run.cluster is not None:
+        try:
+            return partitions.DaskExecutor(run.cluster)
+        except partitions.ClusterError as exc:
+            raise _fail(str(exc), code=EXIT_STORE) from None
+    return partitions.ProcessExecutor(plan.workers) if plan.workers > 1 else partitions.SerialExecutor()
+
+
+def _read_trace(path: str, trace_id: str) -> pa.Table:
+    from analysis.partitions import open_for_reading
+
+    store = open_for_reading(path)
+    try:
+        return store.trace(trace_id)
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal (partitions extracted, then priced)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"{phase} partitions", total=total)
+            bar.update(tasks[phase], completed=done)
+
+        yield update
+
+
+def open_store_for_analysis(path: str) -> Any:
     from collector.duckdb_store import DuckDBSpanStore
 
     if path != ":memory:" and not Path(path).exists():
         raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
     try:
-        store = DuckDBSpanStore(path)
+        return DuckDBSpanStore(path)
     except Exception as exc:
         raise _fail(
             f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
             code=EXIT_STORE,
         ) from exc
-    try:
-        return store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
-    finally:
-        store.close()
 
 
 def exit_code(report: dict[str, Any], input_problems: int) -> int:
@@ -121,6 +235,29 @@ def analyze_command(
             help="Also list the near misses: candidates seen and dropped, with the rule and the measured value",
         ),
     ] = False,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            help="Peak memory to plan for, e.g. 1.5GiB (default $HOURGLASS_MEMORY_BUDGET or 1.5GiB): a larger "
+            "store is analysed in partitions of whole traces",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Worker processes for the partitions (default $HOURGLASS_WORKERS or one per core)",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="Dask scheduler address (tcp://HOST:8786; default $HOURGLASS_CLUSTER) whose workers extract the "
+            "partitions; they must reach the store at the same path or URL",
+        ),
+    ] = None,
     fail_on: Annotated[
         list[str] | None,
         typer.Option(
@@ -149,18 +286,32 @@ def analyze_command(
     problems = 0
     if files and db is not None:
         raise _fail("give trace files or --db, not both (files are analysed without a store)")
-    if files:
-        table, problems = read_files(list(files))
-    else:
-        table = read_store(db or settings.db, services=service, since_ns=since_ns)
+    budget = settings.memory_budget
+    if memory_budget is not None:
+        try:
+            budget = parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise _fail(f"--memory-budget {exc}") from None
+    if workers is not None and workers < 0:
+        raise _fail("--workers must be 0 (one per core) or more")
+    run = StoreRun(
+        budget=budget,
+        workers=(workers if workers is not None else settings.workers) or os.cpu_count() or 1,
+        cluster=cluster or settings.cluster,
+    )
 
     from analysis.pipeline import analyze
     from analysis.render import render
     from analysis.writer import select_writer
 
-    report = analyze(
-        table, writer=select_writer(settings), services=service, since_ns=since_ns, explain=explain
-    )
+    writer = select_writer(settings)
+    if files:
+        table, problems = read_files(list(files))
+        report = analyze(table, writer=writer, services=service, since_ns=since_ns, explain=explain)
+    else:
+        report = analyze_store(
+            db or settings.db, run, services=service, since_ns=since_ns, writer=writer, explain=explain
+        )
     text = render(report, output_format.value)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

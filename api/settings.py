@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 DEFAULT_DB = "hourglass.duckdb"
+DEFAULT_MEMORY_BUDGET = "1.5GiB"
 
 
 class SettingError(ValueError):
@@ -36,6 +37,23 @@ def _env_duration(name: str, default: str) -> float:
         return parse_duration_seconds(text)
     except ValueError:
         raise SettingError(f"{name}={text!r} is not a duration like 90s, 15m, 12h, 7d") from None
+
+
+def parse_bytes(text: str) -> int:
+    """'1.5GiB', '800MB', '2G', '1073741824' -> bytes (binary multiples for both spellings)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 1.5GiB, 800MB or 2G")
+    scale = 1024 ** "_kmgt".index(match.group(2).lower() or "_")
+    return int(float(match.group(1)) * scale)
+
+
+def _env_bytes(name: str, default: str) -> int:
+    text = _env(name, default)
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise SettingError(f"{name}={exc}") from None
 
 
 def parse_duration_seconds(text: str) -> float:
@@ -87,6 +105,12 @@ class Settings:
     retention_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_RETENTION", "7d"))
     settle_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_SETTLE", "10s"))
     llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
+    # The analysis: peak memory it plans for, worker processes, and a Dask cluster to run on.
+    memory_budget: int = field(
+        default_factory=lambda: _env_bytes("HOURGLASS_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET)
+    )
+    workers: int = field(default_factory=lambda: _env_int("HOURGLASS_WORKERS", 0))  # 0: one per core
+    cluster: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_CLUSTER") or None)
 
 
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}

@@ -499,6 +499,17 @@ class DuckDBSpanStore:
         rows = self._cursor().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
         return [r[0] for r in rows]
 
+    def largest_trace(self) -> tuple[str, int] | None:
+        """The trace with the most rows and its row count (None when the store is empty): what a
+        partition of whole traces can never be smaller than."""
+        self.load_staged()
+        rows = (
+            self._cursor()
+            .execute("SELECT trace_id, count(*) FROM spans GROUP BY trace_id ORDER BY 2 DESC, 1 LIMIT 1")
+            .fetchall()
+        )
+        return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests
         and compaction metrics)."""

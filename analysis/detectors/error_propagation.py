@@ -340,7 +340,11 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         .group_by(signature_cols, maintain_order=True)
         .agg(
             pl.col("propagated_traces", "contained_traces", "traces").sum(),
-            trace_ids=pl.col("trace_ids").list.explode(keep_nulls=False, empty_as_null=False).unique().sort().head(5),
+            trace_ids=pl.col("trace_ids")
+            .list.explode(keep_nulls=False, empty_as_null=False)
+            .unique()
+            .sort()
+            .head(5),
             span_ids=pl.col("span_ids").first(),
         )
     )
