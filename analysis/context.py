@@ -121,6 +121,7 @@ class AnalysisContext:
         start = start + shift
         end = end + shift
         blocking = repair.blocking_flags(parent, start, end, asynchronous)
+        blocking &= ~repair.call_mirrors(parent, start, end, kind, service_code)
         cp = compute_critical_path(parent, start, end, blocking)
         duration = end - start
         span_ids = df["span_id"]

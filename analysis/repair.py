@@ -29,7 +29,11 @@ thing; :func:`analysis.context.AnalysisContext.from_table` runs them in this ord
 7. :func:`blocking_flags` — whether the parent waits for the child. Not blocking: FOLLOWS_FROM
    references, messaging hand-offs (a CONSUMER child or a PRODUCER parent across services, or a
    PRODUCER→CONSUMER pair), and children that end after their (skew-corrected) parent ends by more
-   than the tolerance: the parent did not wait for them.
+   than the tolerance: the parent did not wait for them. Also not blocking: a **call mirror**
+   (:func:`call_mirrors`) — a childless in-process span beside a client call of the same parent and
+   service that spans the same interval (reactive handlers such as Spring Cloud Gateway's
+   ``FilteringWebHandler.handle`` next to the proxied ``HTTP POST``): its time *is* the call's, so
+   the parent waits on the call, and a what-if that shortens the call is not held back by its mirror.
 
 Tolerance (:func:`tolerance_ns`): 1 % of the parent's duration, at least 1 µs and at most 1 ms —
 timestamps from different processes routinely disagree by tens of microseconds, and a 1 % overlap
@@ -41,7 +45,14 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER, KIND_UNSPECIFIED
+from collector.schema import (
+    KIND_CLIENT,
+    KIND_CONSUMER,
+    KIND_INTERNAL,
+    KIND_PRODUCER,
+    KIND_SERVER,
+    KIND_UNSPECIFIED,
+)
 
 TOLERANCE_FRACTION = 0.01
 TOLERANCE_MIN_NS = 1_000
@@ -311,6 +322,42 @@ def clock_skew_shift(
     if not local.any():
         return local
     return pointer_jump_sum(parent, local)
+
+
+MIRROR_TOLERANCE_FRACTION = 0.02
+MIRROR_TOLERANCE_MIN_NS = 1_000_000
+
+
+def call_mirrors(
+    parent: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray, kind: np.ndarray, service_code: np.ndarray
+) -> np.ndarray:
+    """True for a childless INTERNAL/UNSPECIFIED span that mirrors a CLIENT sibling of its service:
+    it starts no later than the call (within tolerance), ends with it (within ``max(1 ms, 2 %)`` of
+    its duration) and the call covers at least 90 % of it."""
+    has = parent >= 0
+    has_child = np.zeros(parent.size, dtype=bool)
+    has_child[parent[has]] = True
+    leaf = np.nonzero(has & ~has_child & ((kind == KIND_UNSPECIFIED) | (kind == KIND_INTERNAL)))[0]
+    calls = np.nonzero(has & (kind == KIND_CLIENT))[0]
+    out = np.zeros(parent.size, dtype=bool)
+    if leaf.size == 0 or calls.size == 0:
+        return out
+    left = pl.DataFrame({"p": parent[leaf], "s": service_code[leaf], "row": leaf})
+    right = pl.DataFrame({"p": parent[calls], "s": service_code[calls], "call": calls})
+    pairs = left.join(right, on=["p", "s"], how="inner")
+    if pairs.height == 0:
+        return out
+    row, call = pairs["row"].to_numpy(), pairs["call"].to_numpy()
+    dur = end_ns[row] - start_ns[row]
+    tol = np.maximum((dur * MIRROR_TOLERANCE_FRACTION).astype(np.int64), MIRROR_TOLERANCE_MIN_NS)
+    mirror = (
+        (start_ns[row] <= start_ns[call] + tol)
+        & (np.abs(end_ns[row] - end_ns[call]) <= tol)
+        & ((end_ns[call] - start_ns[call]) >= 0.9 * dur)
+        & (row != call)
+    )
+    out[row[mirror]] = True
+    return out
 
 
 def blocking_flags(

@@ -167,7 +167,8 @@ def operation_label(detail: pl.Expr | None = None) -> pl.Expr:
             detail.is_null() | (detail == pl.col("name")) | pl.col("name").str.contains("{", literal=True)
         )
         .then(pl.col("name"))
-        .when(pl.col("name").str.contains(STATEMENT_NAME))  # the name is the statement: its literals go
+        .when(pl.col("db_statement").is_null() & pl.col("name").str.contains(STATEMENT_NAME))
+        # the name is the statement (no db.statement): show it normalised, its literals dropped
         .then(detail)
         .otherwise(pl.col("name") + pl.lit(": ") + detail)
     )

@@ -14,6 +14,10 @@ when
   distinct lookups rather than one request per item;
 * at least ``MIN_CONCURRENT_SHARE`` (50 %) of its calls are concurrent with their predecessor (the
   code issues them together; when they run one after another it is ``n_plus_one``'s finding);
+* the calls are issued *together*: at the median at least ``MIN_TOGETHER_SHARE`` (80 %) of them
+  start before the first of them ends. Calls started in waves as others finish are a capped pool
+  (HotROD's route calls through 3 workers) — ``fanout_concurrency_limit``'s finding, whose fix
+  comes first; they are noted as a near miss here;
 * it is not a retry burst (most calls failed with identical parameters);
 * it is not a hedge or a duplicate: calls that all carry the **same** known parameters are not one
   call per item (left out, noted as a near miss);
@@ -57,6 +61,7 @@ from collector.schema import STATUS_ERROR
 KIND = "batchable_calls"
 MIN_CALLS = 5
 MIN_CONCURRENT_SHARE = 0.5
+MIN_TOGETHER_SHARE = 0.8
 MIN_GROUP_SHARE = 0.2
 MIN_INSTANCES_FOR_SHARE = 5
 MIN_SERVER_SAVING_NS = 5_000_000
@@ -99,6 +104,7 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
             pl.col("span_id"),
             pl.len().alias("calls"),
             (pl.col("_conc").sum() / (pl.len() - 1)).alias("concurrent_share"),
+            (pl.col("start_ns") < pl.col("end_ns").min()).mean().alias("together_share"),
             pl.col("params").drop_nulls().n_unique().alias("distinct_params"),
             pl.col("params").is_not_null().all().alias("params_known"),
             (pl.col("status_code") == STATUS_ERROR).mean().alias("error_share"),
@@ -156,8 +162,14 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         server_saving = _common.num(group["server_saving_ns"].median())
         same_params = bool((group["params_known"] & (group["distinct_params"] == 1)).all())
         reason = None
+        together = _common.num(group["together_share"].median())
         if seen >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_GROUP_SHARE * seen:
             reason = f"issued together in {group.height} of {seen} instances < {MIN_GROUP_SHARE:.0%}"
+        elif together < MIN_TOGETHER_SHARE:
+            reason = (
+                f"only {together:.0%} < {MIN_TOGETHER_SHARE:.0%} of the calls start before the first one ends: "
+                "started in waves by a capped pool (fanout_concurrency_limit's finding)"
+            )
         elif same_params:
             reason = "every call carries the same parameters: a duplicate or hedged request, not one per item"
         elif server_saving < MIN_SERVER_SAVING_NS:

@@ -229,3 +229,29 @@ def test_a_sequential_loop_is_n_plus_one_not_batchable() -> None:
     ctx = ctx_of(*[unspecified_loop() for _ in range(3)])
     assert batchable_calls.detect(ctx) == []
     assert len(n_plus_one.detect(ctx)) == 1
+
+
+# -- repair: an in-process span that mirrors a call beside it ---------------------------------------
+
+
+def gateway(mirror_ms: float = 200.0) -> TraceBuilder:
+    """A reactive gateway: the handler span sits beside the proxied call instead of around it."""
+    b = TraceBuilder(service="gateway")
+    root = b.span("/*", start_ms=0, dur_ms=205, kind=U)
+    b.span("FilteringWebHandler.handle", parent=root, start_ms=1, dur_ms=mirror_ms, kind=U)
+    call = b.span("HTTP POST", parent=root, start_ms=2, dur_ms=199, kind=U)
+    b.span("/api/travel", parent=call, start_ms=3, dur_ms=197, service="travel", kind=U)
+    return b
+
+
+def test_a_handler_span_mirroring_the_call_beside_it_does_not_block_the_parent() -> None:
+    spans = ctx_of(gateway()).spans
+    mirror = spans.filter(spans["name"] == "FilteringWebHandler.handle")
+    call = spans.filter(spans["name"] == "HTTP POST")
+    assert mirror["blocking"].to_list() == [False] and call["on_critical_path"].to_list() == [True]
+
+
+def test_a_sibling_doing_its_own_work_still_blocks() -> None:
+    """Healthy twin: an in-process step half as long as the call is its own work, not a mirror."""
+    spans = ctx_of(gateway(mirror_ms=100.0)).spans
+    assert spans.filter(spans["name"] == "FilteringWebHandler.handle")["blocking"].to_list() == [True]
