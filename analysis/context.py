@@ -13,6 +13,9 @@ Contract (detectors code against it; keep these names working)::
 clock-skew correction), plus
 
 ========================  =====  ==================================================================
+kind                      i8     the recorded kind, or the role inferred from structure for an
+                                 UNSPECIFIED span (:func:`analysis.repair.infer_kinds`)
+kind_inferred             bool   ``kind`` was inferred (mark findings built on it)
 duration_ns               i64    end_ns - start_ns
 is_root                   bool   no parent, or parent missing (orphan)
 orphan                    bool   had a parent id that is absent from the trace
@@ -108,17 +111,23 @@ class AnalysisContext:
         )
         service_code = codes["s"].to_numpy()
         host_code = codes["h"].to_numpy()
-        kind = df["kind"].fill_null(0).to_numpy()
+        db_named = df.select(pl.col("name").str.contains(repair.DB_NAME_PATTERN).fill_null(False))
+        kind, kind_inferred = repair.infer_kinds(
+            parent, df["kind"].fill_null(0).to_numpy(), service_code, db_named.to_series().to_numpy()
+        )
         follows = df["follows_from"].fill_null(False).to_numpy()
         asynchronous = repair.messaging_or_follows(parent, kind, service_code, follows)
         shift = repair.clock_skew_shift(parent, start, end, host_code, service_code, asynchronous)
         start = start + shift
         end = end + shift
         blocking = repair.blocking_flags(parent, start, end, asynchronous)
+        blocking &= ~repair.call_mirrors(parent, start, end, kind, service_code)
         cp = compute_critical_path(parent, start, end, blocking)
         duration = end - start
         span_ids = df["span_id"]
         spans = df.with_columns(
+            pl.Series("kind", kind, dtype=pl.Int8),
+            pl.Series("kind_inferred", kind_inferred),
             pl.Series("start_ns", start),
             pl.Series("end_ns", end),
             pl.Series("duration_ns", duration),

@@ -36,6 +36,7 @@ CATEGORIES = ("parallelization", "fault_tolerance")
 KNOWN_KINDS = (
     "serialized_calls",
     "n_plus_one",
+    "batchable_calls",
     "lock_contention",
     "fanout_straggler",
     "fanout_concurrency_limit",

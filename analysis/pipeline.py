@@ -97,7 +97,14 @@ def select_traces(
 # A detector not listed runs in the first lane. Findings are assembled in DETECTORS order, so the
 # report does not depend on which lane finished first.
 DETECTOR_LANES: tuple[tuple[str, ...], ...] = (
-    ("serialized_calls", "n_plus_one", "retry_without_backoff", "error_propagation", "missing_timeout"),
+    (
+        "serialized_calls",
+        "n_plus_one",
+        "batchable_calls",
+        "retry_without_backoff",
+        "error_propagation",
+        "missing_timeout",
+    ),
     ("fanout_straggler", "fanout_concurrency_limit", "lock_contention"),
 )
 

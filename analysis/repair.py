@@ -19,10 +19,21 @@ thing; :func:`analysis.context.AnalysisContext.from_table` runs them in this ord
    is longer, only its start is aligned with the parent's. A subtree moves with its root (the
    shifts add up along the path), so spans of one host keep their relative positions. Asynchronous
    relations (FOLLOWS_FROM, messaging) are never adjusted: a consumer may legitimately run later.
-6. :func:`blocking_flags` — whether the parent waits for the child. Not blocking: FOLLOWS_FROM
+6. :func:`infer_kinds` — roles for spans recorded without a kind (OpenTracing shims, Zipkin without
+   ``kind``, CSV dumps): an UNSPECIFIED span whose parent runs in another service is the **server**
+   side of a call (the consumer side under a PRODUCER); an UNSPECIFIED span with a child in another
+   service (a child that is not a consumer) is the **client** side; an UNSPECIFIED leaf named like a
+   database operation (``DB_NAME_PATTERN``: ``SELECT shop.orders``, a statement, ``sql.conn.query``)
+   is a database **client** call. Spans with a recorded kind are never changed; the inferred ones are
+   flagged (``kind_inferred``) so findings can say their roles came from structure.
+7. :func:`blocking_flags` — whether the parent waits for the child. Not blocking: FOLLOWS_FROM
    references, messaging hand-offs (a CONSUMER child or a PRODUCER parent across services, or a
    PRODUCER→CONSUMER pair), and children that end after their (skew-corrected) parent ends by more
-   than the tolerance: the parent did not wait for them.
+   than the tolerance: the parent did not wait for them. Also not blocking: a **call mirror**
+   (:func:`call_mirrors`) — a childless in-process span beside a client call of the same parent and
+   service that spans the same interval (reactive handlers such as Spring Cloud Gateway's
+   ``FilteringWebHandler.handle`` next to the proxied ``HTTP POST``): its time *is* the call's, so
+   the parent waits on the call, and a what-if that shortens the call is not held back by its mirror.
 
 Tolerance (:func:`tolerance_ns`): 1 % of the parent's duration, at least 1 µs and at most 1 ms —
 timestamps from different processes routinely disagree by tens of microseconds, and a 1 % overlap
@@ -34,7 +45,14 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER
+from collector.schema import (
+    KIND_CLIENT,
+    KIND_CONSUMER,
+    KIND_INTERNAL,
+    KIND_PRODUCER,
+    KIND_SERVER,
+    KIND_UNSPECIFIED,
+)
 
 TOLERANCE_FRACTION = 0.01
 TOLERANCE_MIN_NS = 1_000
@@ -230,6 +248,41 @@ def tree_depth_and_root(
     return parent, depth.astype(np.int32), root
 
 
+# An UNSPECIFIED leaf with this name is a database call: a statement or a semantic-convention summary
+# (``{operation} {namespace}.{table}``, upper-case keyword as the conventions and drivers write it), or
+# a driver span name (Go's otelsql ``sql.conn.query``, ``jdbc.query``, ``sql.query``, ``db.query``).
+STATEMENT_NAME = r"^\s*(?:SELECT|INSERT|UPDATE|DELETE|MERGE|UPSERT|REPLACE|CALL|EXEC|EXECUTE|WITH)\s+\S"
+DB_NAME_PATTERN = (
+    STATEMENT_NAME
+    + r"|^(?i:(?:sql|jdbc|db|mysql|pg|postgres|postgresql|sqlite)(?:\.conn)?\.(?:query|exec|execute|statement))$"
+)
+
+
+def infer_kinds(
+    parent: np.ndarray, kind: np.ndarray, service_code: np.ndarray, db_named: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kind with roles inferred for UNSPECIFIED spans, inferred flag) — rule 6 of the module docstring.
+    ``db_named``: the span's name matches ``DB_NAME_PATTERN``."""
+    kind = kind.astype(np.int8, copy=True)
+    unspecified = kind == KIND_UNSPECIFIED
+    if not unspecified.any():
+        return kind, np.zeros(kind.size, dtype=bool)
+    has = parent >= 0
+    p = np.where(has, parent, 0)
+    cross = has & (service_code != service_code[p])
+    server = unspecified & cross & (kind[p] != KIND_PRODUCER)
+    consumer = unspecified & cross & (kind[p] == KIND_PRODUCER)
+    calls_out = np.zeros(kind.size, dtype=bool)
+    calls_out[p[cross & (kind != KIND_CONSUMER) & ~consumer]] = True
+    has_child = np.zeros(kind.size, dtype=bool)
+    has_child[p[has]] = True
+    client = unspecified & ~server & ~consumer & (calls_out | (~has_child & db_named))
+    kind[server] = KIND_SERVER
+    kind[consumer] = KIND_CONSUMER
+    kind[client] = KIND_CLIENT
+    return kind, server | consumer | client
+
+
 def messaging_or_follows(
     parent: np.ndarray, kind: np.ndarray, service_code: np.ndarray, follows_from: np.ndarray
 ) -> np.ndarray:
@@ -269,6 +322,42 @@ def clock_skew_shift(
     if not local.any():
         return local
     return pointer_jump_sum(parent, local)
+
+
+MIRROR_TOLERANCE_FRACTION = 0.02
+MIRROR_TOLERANCE_MIN_NS = 1_000_000
+
+
+def call_mirrors(
+    parent: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray, kind: np.ndarray, service_code: np.ndarray
+) -> np.ndarray:
+    """True for a childless INTERNAL/UNSPECIFIED span that mirrors a CLIENT sibling of its service:
+    it starts no later than the call (within tolerance), ends with it (within ``max(1 ms, 2 %)`` of
+    its duration) and the call covers at least 90 % of it."""
+    has = parent >= 0
+    has_child = np.zeros(parent.size, dtype=bool)
+    has_child[parent[has]] = True
+    leaf = np.nonzero(has & ~has_child & ((kind == KIND_UNSPECIFIED) | (kind == KIND_INTERNAL)))[0]
+    calls = np.nonzero(has & (kind == KIND_CLIENT))[0]
+    out = np.zeros(parent.size, dtype=bool)
+    if leaf.size == 0 or calls.size == 0:
+        return out
+    left = pl.DataFrame({"p": parent[leaf], "s": service_code[leaf], "row": leaf})
+    right = pl.DataFrame({"p": parent[calls], "s": service_code[calls], "call": calls})
+    pairs = left.join(right, on=["p", "s"], how="inner")
+    if pairs.height == 0:
+        return out
+    row, call = pairs["row"].to_numpy(), pairs["call"].to_numpy()
+    dur = end_ns[row] - start_ns[row]
+    tol = np.maximum((dur * MIRROR_TOLERANCE_FRACTION).astype(np.int64), MIRROR_TOLERANCE_MIN_NS)
+    mirror = (
+        (start_ns[row] <= start_ns[call] + tol)
+        & (np.abs(end_ns[row] - end_ns[call]) <= tol)
+        & ((end_ns[call] - start_ns[call]) >= 0.9 * dur)
+        & (row != call)
+    )
+    out[row[mirror]] = True
+    return out
 
 
 def blocking_flags(

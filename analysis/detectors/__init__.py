@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from analysis.context import AnalysisContext
 from analysis.detectors import (
+    batchable_calls,
     error_propagation,
     fanout_concurrency_limit,
     fanout_straggler,
@@ -42,6 +43,7 @@ Detector = Callable[[AnalysisContext], list[Finding]]
 DETECTORS: dict[str, Detector] = {
     "serialized_calls": serialized_calls.detect,
     "n_plus_one": n_plus_one.detect,
+    "batchable_calls": batchable_calls.detect,
     "fanout_straggler": fanout_straggler.detect,
     "fanout_concurrency_limit": fanout_concurrency_limit.detect,
     "lock_contention": lock_contention.detect,

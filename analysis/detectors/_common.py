@@ -12,6 +12,15 @@ Normalisation (polars expressions, vectorised):
 
 An operation key (:func:`operation_key`) is ``service`` + the first of: normalised statement,
 ``METHOD route``, rpc method, span name. Its label (:func:`operation_label`) is what a person reads.
+
+Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports without tags):
+
+* a name that *is* a statement or a semantic-convention summary (``SELECT shop.orders``,
+  ``SELECT * FROM t WHERE id = 7``; see ``STATEMENT_NAME``) is used as the statement: normalised
+  like one, and its literals are the call's parameters;
+* a call whose own name says nothing (``HTTP POST``, ``GET``; ``GENERIC_CALL_NAME``) is told apart
+  by the span that answered it: :func:`annotate_operations` uses the callee's server-span name (``callee_name``, route-templated)
+  as the detail, so ``HTTP POST`` to two services are two operations.
 """
 
 from __future__ import annotations
@@ -20,9 +29,16 @@ from typing import Any, Protocol
 
 import polars as pl
 
+from analysis.repair import STATEMENT_NAME
 from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER
 
 MAX_LABEL_CHARS = 160
+# A call name that does not say what is called (the HTTP client's "HTTP POST", a bare "GET"):
+# such calls are told apart by the server span that answered them.
+GENERIC_CALL_NAME = (
+    r"(?i)^\s*(?:https?\s+)?(?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS)\s*$"
+    r"|^(?i:https?[._ ]?(?:request|client|call)|grpc[._ ]?(?:client|call)|request|call|send)$"
+)
 
 # What a detector's per-trace extraction returns: small named tables (candidate occurrences,
 # per-instance evidence, partial counts) that its cross-trace decision reads. The rows of several
@@ -115,18 +131,28 @@ def operation_detail(route: pl.Expr | None = None) -> pl.Expr:
     return pl.coalesce(normalized_sql(), http, pl.col("rpc_method"))
 
 
+def statement() -> pl.Expr:
+    """The statement of a database call: ``db_statement``, else a span name that is one."""
+    return pl.coalesce(
+        pl.col("db_statement"), pl.when(pl.col("name").str.contains(STATEMENT_NAME)).then(pl.col("name"))
+    )
+
+
 def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
-    """Adds ``op_detail``, ``op_label``, ``op_key`` and ``target_service``, normalising each row once."""
+    """Adds ``statement``, ``op_detail``, ``op_label``, ``op_key`` and ``target_service``, normalising
+    each row once. Optional input columns: ``callee_service`` / ``callee_name`` (the server span that
+    answered the call)."""
     target = target_service()
     if "callee_service" in frame.columns:  # the service whose server span answered the call
         target = pl.coalesce(pl.col("callee_service"), target)
+    frame = frame.with_columns(statement().alias("statement"))
     # Normalise each distinct statement / URL once (parameterised statements repeat a lot).
-    statements = frame.select(pl.col("db_statement").unique().drop_nulls())
-    statements = statements.with_columns(normalized_sql().alias("_sql"))
+    statements = frame.select(pl.col("statement").unique().drop_nulls())
+    statements = statements.with_columns(normalized_sql("statement").alias("_sql"))
     urls = frame.select(pl.col("http_url").unique().drop_nulls())
     urls = urls.with_columns(route_template(pl.col("http_url")).alias("_url_route"))
     frame = (
-        frame.join(statements, on="db_statement", how="left", maintain_order="left")
+        frame.join(statements, on="statement", how="left", maintain_order="left")
         .join(urls, on="http_url", how="left", maintain_order="left")
         .with_columns(
             pl.coalesce(pl.col("http_route"), pl.col("_url_route")).alias("_route"),
@@ -138,8 +164,14 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
             [pl.col("http_method").fill_null(""), pl.col("_route")], separator=" "
         ).str.strip_chars()
     )
+    callee = pl.lit(None, dtype=pl.String)
+    if "callee_name" in frame.columns:  # what the answering server span calls itself, ids templated
+        name = pl.col("callee_name")
+        callee = pl.when(pl.col("name").str.contains(GENERIC_CALL_NAME)).then(
+            pl.when(name.str.starts_with("/")).then(route_template(name)).otherwise(name)
+        )
     frame = frame.with_columns(
-        pl.coalesce(pl.col("_sql"), http, pl.col("rpc_method")).alias("op_detail")
+        pl.coalesce(pl.col("_sql"), http, pl.col("rpc_method"), callee).alias("op_detail")
     ).drop("_route", "_sql", "_url_route")
     frame = frame.with_columns(operation_label(pl.col("op_detail")).alias("op_label"))
     return frame.with_columns(
@@ -157,6 +189,9 @@ def operation_label(detail: pl.Expr | None = None) -> pl.Expr:
             detail.is_null() | (detail == pl.col("name")) | pl.col("name").str.contains("{", literal=True)
         )
         .then(pl.col("name"))
+        .when(pl.col("db_statement").is_null() & pl.col("name").str.contains(STATEMENT_NAME))
+        # the name is the statement (no db.statement): show it normalised, its literals dropped
+        .then(detail)
         .otherwise(pl.col("name") + pl.lit(": ") + detail)
     )
 
@@ -166,12 +201,13 @@ def operation_key() -> pl.Expr:
 
 
 def parameters() -> pl.Expr:
-    """The parameters a call carries, as far as the span shows them, else null. Needs ``op_detail``.
+    """The parameters a call carries, as far as the span shows them, else null. Needs ``statement`` and
+    ``op_detail`` (:func:`annotate_operations`).
 
     A statement with literals in it (it differs from its normalised form); a URL of a request without
     a body (GET, HEAD, DELETE, OPTIONS). A parameterised statement (``WHERE id = ?``) or a POST/PUT
     hides its parameters: null, so "same parameters" is never claimed without evidence."""
-    statement = pl.col("db_statement")
+    statement = pl.col("statement")
     has_literals = statement.str.replace_all(WHITESPACE_RUN, " ").str.strip_chars() != pl.col("op_detail")
     bodyless = pl.col("http_method").is_null() | pl.col("http_method").str.to_uppercase().is_in(
         ["GET", "HEAD", "DELETE", "OPTIONS"]
@@ -187,7 +223,9 @@ def parameters() -> pl.Expr:
 def is_call() -> pl.Expr:
     """A span that waits on something outside its process: a client/producer span, a span with
     database/HTTP/RPC attributes, or a server span whose parent (the caller) is another service
-    (instrumentation without client spans). Needs the ``parent_service`` column."""
+    (instrumentation without client spans). Needs the ``parent_service`` column. Kinds recorded as
+    UNSPECIFIED have been inferred from structure by then (:func:`analysis.repair.infer_kinds`):
+    the caller of another service is a client, a leaf named like a database operation too."""
     return (
         pl.col("kind").is_in([KIND_CLIENT, KIND_PRODUCER])
         | pl.col("db_system").is_not_null()
@@ -203,6 +241,21 @@ def target_service() -> pl.Expr:
     the span's own service."""
     url_host = pl.col("http_url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)", 1)
     return pl.coalesce(pl.col("peer"), pl.col("db_system"), url_host, pl.col("service"))
+
+
+# Two calls in a row are *sequential* (one after another: a loop, a serialized run) when they overlap
+# by less than this share of the shorter of the two, and *concurrent* from it on. Real clients
+# pipeline a little (a 2-10 ms overlap between 30 ms calls is still a loop); an absolute cap of 1 ms
+# made such loops invisible.
+MAX_SEQUENTIAL_OVERLAP_SHARE = 0.5
+
+
+def overlap_share(start: pl.Expr, prev_end: pl.Expr, duration: pl.Expr, prev_duration: pl.Expr) -> pl.Expr:
+    """How much of the shorter of two neighbouring calls they overlap (0: one after the other,
+    1: one inside the other). Null when there is no previous call."""
+    overlap = (prev_end - start).clip(lower_bound=0)
+    shorter = pl.min_horizontal(duration, prev_duration).clip(lower_bound=1)
+    return (overlap / shorter).clip(upper_bound=1.0)
 
 
 def exemplars(trace_ids: list[str], limit: int = 5) -> list[str]:

@@ -8,17 +8,23 @@ directly contain such a call) that are blocking children of a parent on the crit
 have at least one sibling call. Under one
 parent, in start order, a call *follows* the calls before it when
 
-* it starts after all of them ended (an overlap of up to the repair tolerance, 1 % of the parent,
-  is clock noise and still counts as "after"), and
+* it starts after all of them ended, or overlaps the previous call by less than
+  ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` (50 %) of the shorter of the two — clients pipeline a
+  little, and a sequence whose calls overlap by a few ms is still one call after another (an
+  overlap within the repair tolerance, 1 % of the parent, is clock noise and always "after"), and
 * the gap since the last of them ended is at most ``MAX_GAP_FRACTION`` (50 %) of the parent's
   duration or ``MIN_MAX_GAP_NS`` (1 ms), whichever is larger — calls further apart belong to
   different phases of the request. Smaller gaps (the caller's own work between the calls) do not
   stop a run: the calls can still be overlapped, and the what-if keeps that work in place.
 
-A *run* is a maximal chain of such calls. **Gate calls** end a run and never join one: a call whose
+A *run* is a maximal chain of such calls. Members of a fan-out (a call that overlaps another call of
+its own operation by ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` or more) end a run and never join one:
+"look the customer up, find drivers, then fan out to the route service" is two steps and a fan-out,
+not three serialized calls. **Gate calls** end a run and never join one: a call whose
 name, statement/route or target says it authenticates, authorises, validates, rate-limits, takes a
-lock, checks idempotency or draws the next value of a database sequence (``GATE_PATTERN``) is a
-precondition of the calls after it — "authenticate, then call the backend" and "get the next id,
+lock, checks idempotency, draws the next value of a database sequence or opens a database
+connection (``GATE_PATTERN``; whole words after splitting camelCase, so an ``authors`` table or a
+``tokenizer`` route is not a gate) is a precondition of the calls after it — "authenticate, then call the backend" and "get the next id,
 then insert with it" are dependencies, not missed parallelism.
 
 A run is reported when it holds at least two calls of at least two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
@@ -48,11 +54,24 @@ only the serialized ones):
   path segment, or a SQL ``SELECT`` with no ``WHERE`` clause and no bind parameter — so all of them
   could be shifted to the start of the sequence (Sentry's "Consecutive DB Queries" rule, extended
   to HTTP) → reported (0.6);
-* neither, in 10 or more instances, and two or more calls take inputs → **not reported**: that is
-  exactly what a data dependency (the second call needs the first one's result, e.g. a query for
-  ids followed by ``WHERE id IN (...)``, or HotROD's customer lookup before the driver search)
-  looks like, and a detector that cannot tell the two apart should stay quiet rather than ask for
-  a change that breaks the code.
+* neither, in 10 or more instances, and two or more calls take inputs: that is what a data
+  dependency (the second call needs the first one's result, e.g. a query for ids followed by
+  ``WHERE id IN (...)``, or HotROD's customer lookup before the driver search) looks like — and
+  also what the most common missed opportunity looks like (several independent lookups issued one
+  after another, e.g. TrainTicket's basic service resolving stations, trains, routes and then
+  prices). Traces cannot tell them apart, so such a run is reported only
+
+  - with three or more calls (a chain of two is the lookup-then-use shape: left out),
+  - modelled conservatively: every call but the **last** runs concurrently (the last call is the
+    usual fan-in that combines the others' results, as the price lookup needs the routes and
+    trains) — the what-if measures that,
+  - when that saving is large: at least ``MIN_UNCHECKED_SAVING_NS`` (20 ms) and
+    ``MIN_UNCHECKED_SAVING_SHARE`` (10 %) of the request at the median — a change with an
+    unverified premise is worth a reader's check only when it would pay off visibly, and
+  - with confidence ``UNCHECKED_CONFIDENCE`` (0.3) and ``independence_unverified: true`` in the
+    evidence; the first action says to check which call uses which result before changing code.
+
+  Otherwise the run is a near miss ("order fixed in 14 instances and 3 calls take inputs; ...").
 
 A finding also needs its serialized runs in at least ``MIN_RUN_SHARE`` (20 %) of the caller's
 instances once there are ``MIN_INSTANCES_FOR_SHARE`` (5) of them: a run in one request out of thirty
@@ -83,14 +102,20 @@ MIN_MAX_GAP_NS = 1_000_000
 MIN_SAVING_NS = 1_000_000
 MIN_SAVING_SHARE = 0.01
 FIXED_ORDER_MIN_INSTANCES = 10
+MIN_UNCHECKED_SAVING_NS = 20_000_000
+MIN_UNCHECKED_SAVING_SHARE = 0.1
+UNCHECKED_CONFIDENCE = 0.3
 # A call that takes no input an earlier call could have produced (see the module docstring).
 _ID_SEGMENT = r"/(?:\d+|[0-9a-fA-F]{16,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?:[/?#\s]|$)"
 _HTTP_INPUT = r"[{?]|" + _ID_SEGMENT
 _SQL_INPUT = r"(?i)\bwhere\b|\?|\$\d|:[a-z_]\w*|%s|%\("
+# Whole words only (camelCase split first): "author", "books_author", "tokenizer", "sessionize",
+# "blocksize" are not gates; "authenticate", "AuthService", "validate_token", "db.connect" are.
 GATE_PATTERN = (
-    r"(?i)(?:^|[^a-z])(?:auth[a-z]*|log-?in|sign-?in|o?auth2?|tokens?|sessions?|permissions?|acl|captcha"
-    r"|rate-?limit[a-z]*|quotas?|verify|validat[a-z]*|locks?|acquire|mutex|idempoten[a-z]*"
-    r"|nextval|next value|sequence)(?:$|[^a-z])"
+    r"(?:^|[^a-z])(?:auth|authn|authz|authenticat(?:e|es|ed|ion|or)|authori[sz](?:e|es|ed|ation)|log-?in|sign-?in"
+    r"|o?auth2?|tokens?|sessions?|permissions?|acl|captcha|rate-?limit(?:s|er|ing|ed)?|throttle|quotas?"
+    r"|verify|verification|validat(?:e|es|ed|ion|or)|locks?|acquire|mutex|idempoten(?:t|cy)"
+    r"|nextval|next value|sequence|connect|connection)(?:$|[^a-z])"
 )
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5
@@ -125,7 +150,7 @@ def _tolerance(parent_duration: pl.Expr) -> pl.Expr:
 CALL_COLUMNS = (
     "trace_id", "span_id", "row", "parent_row", "service", "name", "kind", "start_ns", "end_ns", "duration_ns",
     "status_code", "blocking", "on_critical_path", "root_duration_ns", "db_system", "db_statement",
-    "http_method", "http_route", "http_url", "rpc_method", "peer",
+    "http_method", "http_route", "http_url", "rpc_method", "peer", "kind_inferred",
 )  # fmt: skip
 
 
@@ -156,18 +181,26 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
     )
     callees = (
         ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
-        .select(pl.col("parent_row").cast(pl.UInt32).alias("row"), pl.col("service").alias("callee_service"))
+        .select(
+            pl.col("parent_row").cast(pl.UInt32).alias("row"),
+            pl.col("service").alias("callee_service"),
+            pl.col("name").alias("callee_name"),
+        )
         .unique(subset="row", keep="first")
     )
+    remote = pl.col("callee_service") != pl.col("service")
     out = out.join(callees, on="row", how="left").with_columns(
-        pl.when(pl.col("callee_service") != pl.col("service"))
-        .then(pl.col("callee_service"))
-        .alias("callee_service")
+        pl.when(remote).then(pl.col("callee_service")).alias("callee_service"),
+        pl.when(remote).then(pl.col("callee_name")).alias("callee_name"),
     )
     out = _common.annotate_operations(out)
-    gate_text = pl.concat_str(
-        [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
-        separator=" ",
+    gate_text = (
+        pl.concat_str(
+            [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
+            separator=" ",
+        )
+        .str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2")
+        .str.to_lowercase()
     )
     out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate"), self_contained_call()).sort(
         ["parent_row", "start_ns", "row"]
@@ -176,20 +209,59 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
     return out
 
 
+def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``in_fanout``: the call runs concurrently (overlap share >= the sequential bound) with
+    another call of its operation under the same parent — a member of a fan-out, which is not a
+    step of a sequence (the fan-out detectors and ``batchable_calls`` judge it)."""
+    key = ["parent_row", "op_key"]
+    ordered = calls.with_row_index("_pos").sort([*key, "start_ns", "row"])
+    same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
+        pl.col("op_key") == pl.col("op_key").shift(1)
+    )
+    share = _common.overlap_share(
+        pl.col("start_ns"), pl.col("_op_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
+    )
+    ordered = (
+        ordered.with_columns(pl.col("end_ns").cum_max().over(key).alias("_op_end"))
+        .with_columns(
+            (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
+        )
+        .with_columns(
+            (
+                pl.col("_conc")
+                | (pl.col("_conc").shift(-1).fill_null(False) & same.shift(-1).fill_null(False))
+            ).alias("in_fanout")
+        )
+    )
+    return ordered.sort("_pos").drop("_pos", "_op_end", "_conc")
+
+
 def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
-    """Adds ``prev_end`` (latest end of earlier calls of the same parent), ``overlaps_prev``,
-    ``gap_ns`` and ``follows`` (starts after them with a small gap). ``calls`` sorted by
-    (parent_row, start_ns)."""
+    """Adds ``prev_end`` (latest end of earlier calls of the same parent), ``overlap_share`` (see
+    :func:`analysis.detectors._common.overlap_share`, against the previous call), ``overlaps_prev``
+    (mostly concurrent with it), ``gap_ns`` and ``follows`` (starts after them, or overlapping them by
+    less than ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` of the shorter call, with a small gap).
+    ``calls`` sorted by (parent_row, start_ns)."""
     same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
     tol = _tolerance(pl.col("parent_duration_ns"))
     max_gap = pl.max_horizontal(
         (pl.col("parent_duration_ns") * MAX_GAP_FRACTION).cast(pl.Int64), pl.lit(MIN_MAX_GAP_NS)
     )
+    share = _common.overlap_share(
+        pl.col("start_ns"), pl.col("prev_end"), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
+    )
     return (
-        calls.with_columns(pl.col("end_ns").cum_max().over("parent_row").alias("_cum_end"))
+        _mark_fanouts(calls)
+        .with_columns(pl.col("end_ns").cum_max().over("parent_row").alias("_cum_end"))
         .with_columns(pl.when(same_parent).then(pl.col("_cum_end").shift(1)).alias("prev_end"))
+        .with_columns(pl.when(same_parent).then(share).alias("overlap_share"))
         .with_columns(
-            (pl.col("start_ns") < pl.col("prev_end") - tol).fill_null(False).alias("overlaps_prev"),
+            (
+                (pl.col("start_ns") < pl.col("prev_end") - tol)
+                & (pl.col("overlap_share") >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)
+            )
+            .fill_null(False)
+            .alias("overlaps_prev"),
             (pl.col("start_ns") - pl.col("prev_end")).alias("gap_ns"),
         )
         .with_columns(
@@ -199,14 +271,17 @@ def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
                 & (pl.col("gap_ns") <= max_gap)
                 & ~pl.col("is_gate")
                 & ~(pl.col("is_gate").shift(1).fill_null(False) & same_parent)
+                & ~pl.col("in_fanout")
+                & ~(pl.col("in_fanout").shift(1).fill_null(False) & same_parent)
             ).alias("follows")
         )
         .drop("_cum_end")
     )
 
 
-def _runs(linked: pl.DataFrame) -> pl.DataFrame:
-    """One row per run of at least two calls (members listed in start order)."""
+def _runs(linked: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.DataFrame:
+    """One row per run of at least two calls (members listed in start order). Runs of two or more
+    operations that fail the critical-path or saving rules are noted as near misses on ``ctx``."""
     runs = linked.with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
     sizes = runs.group_by("run_id").agg(pl.len().alias("_n"))
     runs = runs.join(sizes.filter(pl.col("_n") >= 2), on="run_id", how="semi")
@@ -214,7 +289,7 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
     runs = runs.with_columns(pl.len().over(["run_id", "op_key"]).alias("_repeats")).filter(
         pl.col("_repeats") < NPLUSONE_REPEATS
     )
-    return (
+    runs = (
         runs.group_by("run_id", maintain_order=True)
         .agg(
             pl.col("trace_id").first(),
@@ -228,22 +303,57 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
             pl.col("op_key"),
             pl.col("op_label"),
             pl.col("target_service"),
+            pl.col("duration_ns").alias("durations"),
             pl.col("duration_ns").sum().alias("serial_ns"),
             pl.col("duration_ns").max().alias("longest_ns"),
             pl.col("on_critical_path").any().alias("any_on_path"),
+            pl.col("kind_inferred").any().alias("inferred_roles"),
             pl.col("op_key").n_unique().alias("distinct_ops"),
             pl.len().alias("calls"),
         )
         .with_columns((pl.col("serial_ns") - pl.col("longest_ns")).alias("local_saving_ns"))
-        .filter(
-            (pl.col("calls") >= 2)
-            & (pl.col("distinct_ops") >= 2)
-            & pl.col("parent_on_critical_path")
-            & pl.col("any_on_path")
-            & (pl.col("local_saving_ns") >= MIN_SAVING_NS)
-            & (pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE)
-        )
+        .filter((pl.col("calls") >= 2) & (pl.col("distinct_ops") >= 2))
     )
+    on_path = pl.col("parent_on_critical_path") & pl.col("any_on_path")
+    floor = (pl.col("local_saving_ns") >= MIN_SAVING_NS) & (
+        pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE
+    )
+    if ctx is not None:
+        _note_dropped_runs(ctx, runs.filter(~(on_path & floor)), on_path)
+    return runs.filter(on_path & floor)
+
+
+def _note_dropped_runs(ctx: AnalysisContext, dropped: pl.DataFrame, on_path: pl.Expr) -> None:
+    """One near miss per caller whose runs were all too small or off the critical path."""
+    if dropped.height == 0:
+        return
+    per_caller = dropped.group_by("caller_service", "caller_name").agg(
+        pl.col("trace_id").unique().alias("trace_ids"),
+        pl.col("caller_span_id").first(),
+        pl.col("span_id").first(),
+        on_path.sum().alias("on_path_runs"),
+        pl.len().alias("runs"),
+        (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
+        (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
+    )
+    for r in per_caller.iter_rows(named=True):
+        if r["on_path_runs"] == 0:
+            reason = f"{r['runs']} sequential runs, none on the critical path"
+        else:
+            floor_ms = max(MIN_SAVING_NS / 1e6, r["root_ms"] * MIN_SAVING_SHARE)
+            reason = (
+                f"saving p50 {r['saving_ms']:.2f} ms < {floor_ms:.2f} ms floor "
+                f"(max of {MIN_SAVING_NS / 1e6:g} ms and {MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request)"
+            )
+        ctx.note_near_miss(
+            KIND,
+            str(r["caller_service"]),
+            str(r["caller_name"]),
+            reason,
+            r["trace_ids"],
+            [r["caller_span_id"], *r["span_id"]],
+            len(r["trace_ids"]),
+        )
 
 
 def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
@@ -334,13 +444,21 @@ def confidence(
     return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
 
 
+def _fan_in_saving() -> pl.Expr:
+    """Local saving when every call but the last runs concurrently (the last one may need the
+    others' results): sum - max over the calls before the last (0 for a run of two)."""
+    n = pl.col("durations").list.len()
+    head = pl.col("durations").list.slice(0, n - 1)
+    return pl.when(n >= 3).then(head.list.sum() - head.list.max()).otherwise(0).cast(pl.Int64)
+
+
 def detect(ctx: AnalysisContext) -> list[Finding]:
     if ctx.spans.height == 0:
         return []
     calls = call_children(ctx)
     if calls.height < 2:
         return []
-    runs = _runs(sequential_links(calls))
+    runs = _runs(sequential_links(calls), ctx)
     if runs.height == 0:
         return []
     runs = _assign_signatures(runs)
@@ -356,15 +474,62 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     for (signature, caller_service, caller_name), group in runs.group_by(
         ["signature", "caller_service", "caller_name"], maintain_order=True
     ):
+        ev = evidence.get(str(signature), {})
+        instances = int(ev.get("instances") or 0)
+        distinct_orders = int(ev.get("distinct_orders") or 0)
+        overlapping = int(ev.get("overlapping_instances") or 0)
+        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        sig_op_keys = group["sig_ops"][0].to_list()
+        takes_input = sum(1 for op in sig_op_keys if op not in self_contained_ops)
+        shiftable = takes_input <= 1
+        score = confidence(instances, distinct_orders, overlapping, len(trace_ids), shiftable)
+        first_spans = [group["caller_span_id"][0], *group["span_id"][0]]
+        caller = (str(caller_service), str(caller_name))
+
+        if instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances:
+            ctx.note_near_miss(
+                KIND,
+                *caller,
+                f"run in {group.height} of {instances} instances < {MIN_RUN_SHARE:.0%}: "
+                "a timing fluke of a caller that is otherwise fine",
+                trace_ids,
+                first_spans,
+            )
+            continue
+        unchecked = score is None  # fixed order, 2+ calls take inputs: maybe a data dependency
+        if unchecked:
+            group = group.with_columns(_fan_in_saving().alias("fan_in_ns"))
+            saving = _common.num(group["fan_in_ns"].median())
+            root = _common.num(group["root_duration_ns"].median())
+            floor = max(MIN_UNCHECKED_SAVING_NS, MIN_UNCHECKED_SAVING_SHARE * root)
+            if saving < floor or _common.num(group["calls"].median()) < 3:
+                ctx.note_near_miss(
+                    KIND,
+                    *caller,
+                    f"order fixed in {instances} instances and {takes_input} calls take inputs; "
+                    + (
+                        "a chain of two calls looks like a data dependency"
+                        if _common.num(group["calls"].median()) < 3
+                        else f"saving p50 without the last call {saving / 1e6:.1f} ms < {floor / 1e6:.1f} ms floor"
+                    ),
+                    trace_ids,
+                    first_spans,
+                )
+                continue
+            group = group.filter(pl.col("fan_in_ns") > 0)
+            if group.height == 0:
+                continue
+            score = UNCHECKED_CONFIDENCE
+        assert score is not None
         occurrences = [
             Occurrence(
                 trace_id=r["trace_id"],
                 span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(RunConcurrently(tuple(r["span_id"])),),
+                interventions=(RunConcurrently(tuple(r["span_id"][:-1] if unchecked else r["span_id"])),),
                 numbers={
                     "calls": float(r["calls"]),
                     "serial_ms": r["serial_ns"] / 1e6,
-                    "local_saving_ms": r["local_saving_ns"] / 1e6,
+                    "local_saving_ms": (r["fan_in_ns"] if unchecked else r["local_saving_ns"]) / 1e6,
                 },
             )
             for r in group.iter_rows(named=True)
@@ -376,19 +541,26 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             .select("target_service", "op_label")
             .iter_rows()
         ]
-        ev = evidence.get(str(signature), {})
-        instances = int(ev.get("instances") or 0)
-        distinct_orders = int(ev.get("distinct_orders") or 0)
-        overlapping = int(ev.get("overlapping_instances") or 0)
-        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        sig_op_keys = group["sig_ops"][0].to_list()
-        takes_input = sum(1 for op in sig_op_keys if op not in self_contained_ops)
-        shiftable = takes_input <= 1
-        score = confidence(instances, distinct_orders, overlapping, len(trace_ids), shiftable)
-        if score is None or (
-            instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances
-        ):
-            continue  # a likely data dependency, or a rare timing fluke of an otherwise fine caller
+        local = group["fan_in_ns"] if unchecked else group["local_saving_ns"]
+        evidence_numbers = {
+            "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
+            "span_ids": list(occurrences[0].span_ids),
+            "calls_p50": _common.num(group["calls"].median()),
+            "serial_ms_p50": round(_common.num(group["serial_ns"].median()) / 1e6, 3),
+            "local_saving_ms_p50": round(_common.num(local.median()) / 1e6, 3),
+            "caller_instances": instances,
+            "distinct_orders": distinct_orders,
+            "overlapping_instances": overlapping,
+            "order_fixed": distinct_orders <= 1 and overlapping == 0,
+            "calls_taking_input": takes_input,
+        }
+        if unchecked:
+            # Weak evidence: the same order every time and calls that take inputs. The what-if keeps
+            # the last call after the others (it may combine their results).
+            evidence_numbers["independence_unverified"] = True
+            evidence_numbers["last_call_kept_after"] = True
+        if bool(group["inferred_roles"].any()):
+            evidence_numbers["inferred_roles"] = True
         findings.append(
             Finding(
                 kind=KIND,
@@ -398,18 +570,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                 targets=targets,
                 occurrences=occurrences,
                 confidence=score,
-                evidence={
-                    "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
-                    "span_ids": list(occurrences[0].span_ids),
-                    "calls_p50": _common.num(group["calls"].median()),
-                    "serial_ms_p50": round(_common.num(group["serial_ns"].median()) / 1e6, 3),
-                    "local_saving_ms_p50": round(_common.num(group["local_saving_ns"].median()) / 1e6, 3),
-                    "caller_instances": instances,
-                    "distinct_orders": distinct_orders,
-                    "overlapping_instances": overlapping,
-                    "order_fixed": distinct_orders <= 1 and overlapping == 0,
-                    "calls_taking_input": takes_input,
-                },
+                evidence=evidence_numbers,
                 signature_extra=str(signature),
             )
         )

@@ -112,10 +112,42 @@ def test_overlap_seen_in_some_traces_raises_confidence_and_is_not_flagged_itself
     assert f.confidence >= 0.7
 
 
-def test_second_call_using_the_first_ones_result_gives_nothing() -> None:
-    """Same order in every trace and never overlapping is what a data dependency (the second call
-    needs the first one's result) looks like; traces cannot show data flow, so it is not reported."""
-    assert detect(*[checkout() for _ in range(12)]) == []
+def test_fixed_order_calls_taking_inputs_are_reported_weakly_with_the_last_call_kept_after() -> None:
+    """Same order in every trace, never overlapping, every call takes an id: a data dependency or
+    independent lookups issued one after another — traces cannot tell. The saving is large (60 ms
+    of a 400 ms request when only the calls before the last overlap), so it is reported with a low
+    confidence that says so, and the what-if keeps the last call after the others."""
+    (f,) = detect(*[checkout() for _ in range(12)])
+    assert f.confidence == serialized_calls.UNCHECKED_CONFIDENCE < 0.5
+    assert f.evidence["independence_unverified"] is True and f.evidence["calls_taking_input"] == 3
+    assert f.evidence["local_saving_ms_p50"] == 60 + 80 - 80
+    (iv,) = f.occurrences[0].interventions
+    assert isinstance(iv, RunConcurrently) and len(iv.span_ids) == 2  # users, cart; prices stays after
+
+
+def test_fixed_order_calls_taking_inputs_with_a_small_saving_are_a_near_miss() -> None:
+    """Healthy twin: the same fixed-order shape with a 10 ms saving in a 400 ms request (< 20 ms)."""
+
+    def small() -> TraceBuilder:
+        b = TraceBuilder(service="frontend")
+        root = b.span("GET /checkout", start_ms=0, dur_ms=400, kind=KIND_SERVER)
+        for i, (name, dur) in enumerate([("users", 10), ("cart", 12), ("prices", 50)]):
+            b.span(f"GET {name}", parent=root, start_ms=10 + 30 * i, dur_ms=dur, kind=KIND_CLIENT,
+                   http_method="GET", http_url=f"http://{name}/api/{name}/42")  # fmt: skip
+        return b
+
+    ctx = AnalysisContext.from_table(spans_table([small() for _ in range(12)]))
+    assert serialized_calls.detect(ctx) == []
+    (miss,) = [m for m in ctx.near_misses if m.kind == "serialized_calls"]
+    assert "order fixed in 12 instances and 3 calls take inputs" in miss.reason
+    assert "< 40.0 ms floor" in miss.reason and miss.traces == 12
+
+
+def test_a_fixed_two_call_chain_taking_inputs_gives_nothing() -> None:
+    """Lookup-then-use (HotROD's customer before the driver search): a chain of two stays quiet."""
+    ctx = AnalysisContext.from_table(spans_table([checkout(order=("users", "cart")) for _ in range(12)]))
+    assert serialized_calls.detect(ctx) == []
+    assert any("a chain of two calls" in m.reason for m in ctx.near_misses)
 
 
 def test_a_rare_serialized_instance_of_a_caller_gives_nothing() -> None:
