@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow as pa
 
 from analysis.context import AnalysisContext
-from analysis.detectors import PARTS
+from analysis.detectors import DETECTORS, PARTS
 from analysis.detectors._common import NearMissSink, Rows
 from analysis.model import Finding, NearMiss
 from analysis.whatif import Impact, WhatIf
@@ -460,7 +460,7 @@ def run_extraction(
     results = executor.map("extracting", extract_part, [(source, p, parts) for p in range(parts)], progress)
     decided = decide(combine(r.rows for r in results), notes)
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
-    findings = [f for kind in PARTS for f in decided.get(kind, [])]
+    findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, sum(r.spans for r in results))
 
 

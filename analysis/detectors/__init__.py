@@ -68,4 +68,7 @@ PARTS: dict[str, DetectorParts] = {
     "retry_without_backoff": DetectorParts(retry_without_backoff.extract, retry_without_backoff.decide),
     "error_propagation": DetectorParts(error_propagation.extract, error_propagation.decide),
     "missing_timeout": DetectorParts(missing_timeout.extract, missing_timeout.decide),
+    "batchable_calls": DetectorParts(batchable_calls.extract, batchable_calls.decide),
+    "n_plus_one": DetectorParts(n_plus_one.extract, n_plus_one.decide),
+    "serialized_calls": DetectorParts(serialized_calls.extract, serialized_calls.decide),
 }

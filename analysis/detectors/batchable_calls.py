@@ -54,6 +54,7 @@ import polars as pl
 
 from analysis.context import AnalysisContext
 from analysis.detectors import _common
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.detectors.serialized_calls import call_children
 from analysis.model import CollapseSpans, Finding, Occurrence
 from collector.schema import STATUS_ERROR
@@ -94,6 +95,7 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
         ordered.group_by(key, maintain_order=True)
         .agg(
             pl.col("trace_id").first(),
+            pl.col("parent_start_ns").first(),
             pl.col("parent_span_id_").first().alias("caller_span_id"),
             pl.col("parent_service").first().alias("caller_service"),
             pl.col("parent_name").first().alias("caller_name"),
@@ -134,15 +136,25 @@ def confidence(distinct_share: float, traces: int, median_calls: float) -> float
     return round(min(0.95, score), 3)
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``groups``, one row per (parent, operation) with at least ``MIN_CALLS``
+    calls, concurrent or not (the decision counts the caller's instances from them)."""
     if ctx.spans.height == 0:
-        return []
+        return {}
     calls = call_children(ctx)
     if calls.height < MIN_CALLS:
-        return []
+        return {}
     groups = _groups(calls)
-    if groups.height == 0:
+    return {"groups": groups.drop("parent_row")} if groups.height else {}
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: the caller's instances, the candidate groups and the floors."""
+    groups = rows.get("groups")
+    if groups is None or groups.is_empty():
         return []
+    # One order whatever the partitioning: the callers' instances as they appear in the traces.
+    groups = groups.sort("trace_id", "parent_start_ns", "caller_span_id", "op_key")
     # Caller instances that make the call MIN_CALLS times or more, concurrently or not.
     instances = groups.group_by("caller_service", "caller_name", "op_key").agg(pl.len().alias("instances"))
     candidates = groups.filter(
@@ -150,7 +162,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         & pl.col("parent_on_critical_path")
         & pl.col("any_on_path")
         & ~((pl.col("error_share") > 0.5) & (pl.col("distinct_params") <= 1))
-    ).join(instances, on=["caller_service", "caller_name", "op_key"], how="left")
+    ).join(instances, on=["caller_service", "caller_name", "op_key"], how="left", maintain_order="left")
     findings: list[Finding] = []
     for (caller_service, caller_name, target_service, op_key), group in candidates.group_by(
         ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
@@ -175,7 +187,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         elif server_saving < MIN_SERVER_SAVING_NS:
             reason = f"server time saved p50 {server_saving / 1e6:.2f} ms < {MIN_SERVER_SAVING_NS / 1e6:g} ms floor"
         if reason is not None:
-            ctx.note_near_miss(
+            notes.note_near_miss(
                 KIND,
                 str(caller_service),
                 str(caller_name),
@@ -234,3 +246,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             )
         )
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)

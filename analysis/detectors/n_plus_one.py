@@ -48,6 +48,7 @@ import polars as pl
 
 from analysis.context import AnalysisContext
 from analysis.detectors import _common
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.detectors.serialized_calls import _tolerance, call_children
 from analysis.model import CollapseSpans, Finding, Occurrence
 from collector.schema import STATUS_ERROR
@@ -96,27 +97,28 @@ def _ordered_calls(calls: pl.DataFrame) -> pl.DataFrame:
     return ordered.with_columns(same.fill_null(False).alias("_same_group"))
 
 
-def _concurrent_instances(ordered: pl.DataFrame) -> dict[str, float]:
-    """Per (caller service, caller operation, operation): the share of caller instances whose calls
-    overlap one another — the code makes them concurrently."""
+def _concurrent_instances(ordered: pl.DataFrame) -> pl.DataFrame:
+    """Per (caller service, caller operation, operation): caller instances whose calls overlap
+    one another (the code makes them concurrently) and instances in all — partial counts."""
     per_instance = ordered.group_by(["parent_row", "parent_service", "parent_name", "op_key"]).agg(
         (pl.col("_same_group") & ~pl.col("_continues")).any().alias("overlaps")
     )
-    return dict(
-        per_instance.group_by(["parent_service", "parent_name", "op_key"])
-        .agg(pl.col("overlaps").mean().alias("share"))
-        .select(pl.concat_str(["parent_service", "parent_name", "op_key"], separator="\x1f"), "share")
-        .iter_rows()
+    return per_instance.group_by(["parent_service", "parent_name", "op_key"]).agg(
+        pl.col("overlaps").sum().alias("overlapping"), pl.len().alias("instances")
     )
 
 
-def _sequences(ordered: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.DataFrame:
+def _sequences(ordered: pl.DataFrame) -> pl.DataFrame:
+    """One row per sequence of at least ``MIN_REPEATS`` calls, with ``keep``: on the critical
+    path, not a retry burst, and above the saving floors; and ``retry``."""
     ordered = ordered.with_columns((~pl.col("_continues")).cum_sum().alias("seq_id"))
     sequences = (
         ordered.group_by("seq_id", maintain_order=True)
         .agg(
             pl.col("trace_id").first(),
             pl.col("parent_row").first(),
+            pl.col("parent_start_ns").first(),
+            pl.col("start_ns").first().alias("first_start_ns"),
             pl.col("parent_duration_ns").first(),
             pl.col("parent_span_id_").first().alias("caller_span_id"),
             pl.col("parent_service").first().alias("caller_service"),
@@ -153,41 +155,43 @@ def _sequences(ordered: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.
         (pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE)
         | (pl.col("caller_saving_ns") >= pl.col("parent_duration_ns") * MIN_CALLER_SHARE)
     )
-    keep = on_path & ~retry & floor
-    if ctx is not None:
-        dropped = sequences.filter(~keep & ~retry)  # retry bursts are retry_without_backoff's
-        for r in (
-            dropped.group_by("caller_service", "caller_name", "op_label")
-            .agg(
-                pl.col("trace_id").unique().alias("trace_ids"),
-                pl.col("caller_span_id").first(),
-                pl.col("span_id").first(),
-                on_path.sum().alias("on_path"),
-                pl.len().alias("sequences"),
-                (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
-                (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
-                (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
+    return sequences.with_columns(keep=on_path & ~retry & floor, retry=retry, on_path=on_path)
+
+
+def _note_dropped(notes: NearMissSink, dropped: pl.DataFrame) -> None:
+    """One near miss per caller and operation whose sequences were all too small or off the
+    critical path (retry bursts are retry_without_backoff's)."""
+    for r in (
+        dropped.group_by("caller_service", "caller_name", "op_label", maintain_order=True)
+        .agg(
+            pl.col("trace_id").unique().sort().alias("trace_ids"),
+            pl.col("caller_span_id").first(),
+            pl.col("span_id").first(),
+            pl.col("on_path").sum(),
+            pl.len().alias("sequences"),
+            (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
+            (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
+            (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
+        )
+        .iter_rows(named=True)
+    ):
+        if r["on_path"] == 0:
+            reason = f"{r['sequences']} sequences, none on the critical path"
+        else:
+            reason = (
+                f"saving p50 {r['saving_ms']:.2f} ms < max({MIN_SAVING_NS / 1e6:g} ms, "
+                f"{MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request) and the caller's loops "
+                f"save {r['caller_share']:.0%} < {MIN_CALLER_SHARE:.0%} of it"
             )
-            .iter_rows(named=True)
-        ):
-            if r["on_path"] == 0:
-                reason = f"{r['sequences']} sequences, none on the critical path"
-            else:
-                reason = (
-                    f"saving p50 {r['saving_ms']:.2f} ms < max({MIN_SAVING_NS / 1e6:g} ms, "
-                    f"{MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request) and the caller's loops "
-                    f"save {r['caller_share']:.0%} < {MIN_CALLER_SHARE:.0%} of it"
-                )
-            ctx.note_near_miss(
-                KIND,
-                str(r["caller_service"]),
-                str(r["caller_name"]),
-                f"{r['op_label']}: {reason}",
-                r["trace_ids"],
-                [r["caller_span_id"], *r["span_id"]],
-                len(r["trace_ids"]),
-            )
-    return sequences.filter(keep)
+        notes.note_near_miss(
+            KIND,
+            str(r["caller_service"]),
+            str(r["caller_name"]),
+            f"{r['op_label']}: {reason}",
+            r["trace_ids"],
+            [r["caller_span_id"], *r["span_id"]],
+            len(r["trace_ids"]),
+        )
 
 
 def confidence(distinct_params_share: float, median_calls: float, traces: int) -> float:
@@ -201,27 +205,38 @@ def confidence(distinct_params_share: float, median_calls: float, traces: int) -
     return round(min(0.95, score), 3)
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+CALLER_OP = ["parent_service", "parent_name", "op_key"]
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``sequences`` (every sequence of ``MIN_REPEATS``+ calls, kept or not) and
+    ``instances`` (per caller and operation: instances making the call ``MIN_REPEATS``+ times and
+    how many of them overlap — partial counts)."""
     if ctx.spans.height == 0:
-        return []
+        return {}
     calls = call_children(ctx)
     if calls.height < MIN_REPEATS:
-        return []
+        return {}
     ordered = _ordered_calls(calls)
-    sequences = _sequences(ordered, ctx)
+    sequences = _sequences(ordered)
     if sequences.height == 0:
+        return {}
+    return {"sequences": sequences.drop("parent_row", "seq_id"), "instances": _concurrent_instances(ordered)}
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: a caller's sequential share and concurrency, confidence, findings."""
+    sequences = rows.get("sequences")
+    if sequences is None or sequences.is_empty():
         return []
-    concurrent_share = _concurrent_instances(ordered)
-    # Caller instances that made the call MIN_REPEATS times or more, sequential or not.
-    instances = dict(
-        calls.group_by(["parent_row", "parent_service", "parent_name", "op_key"])
-        .agg(pl.len().alias("n"))
-        .filter(pl.col("n") >= MIN_REPEATS)
-        .group_by(["parent_service", "parent_name", "op_key"])
-        .agg(pl.len().alias("instances"))
-        .select(pl.concat_str(["parent_service", "parent_name", "op_key"], separator="\x1f"), "instances")
-        .iter_rows()
-    )
+    # One order whatever the partitioning: the callers' instances as they appear in the traces.
+    sequences = sequences.sort("trace_id", "parent_start_ns", "caller_span_id", "op_key", "first_start_ns")
+    _note_dropped(notes, sequences.filter(~pl.col("keep") & ~pl.col("retry")))
+    sequences = sequences.filter("keep")
+    totals = rows["instances"].group_by(CALLER_OP).agg(pl.col("overlapping", "instances").sum())
+    key_of = pl.concat_str(CALLER_OP, separator="\x1f")
+    concurrent_share = dict(totals.select(key_of, pl.col("overlapping") / pl.col("instances")).iter_rows())
+    instances = dict(totals.select(key_of, "instances").iter_rows())
     findings: list[Finding] = []
     for (caller_service, caller_name, target_service, op_key), group in sequences.group_by(
         ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
@@ -233,7 +248,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             group.height < MIN_SEQUENCE_SHARE * seen or share >= MAX_CONCURRENT_SHARE
         ):
             # the code makes these calls concurrently; sequential requests are a starved pool
-            ctx.note_near_miss(
+            notes.note_near_miss(
                 KIND,
                 str(caller_service),
                 str(caller_name),
@@ -295,3 +310,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             )
         )
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)

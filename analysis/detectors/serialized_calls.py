@@ -89,6 +89,7 @@ import polars as pl
 
 from analysis.context import AnalysisContext
 from analysis.detectors import _common
+from analysis.detectors._common import NearMissSink, Rows
 from analysis.model import Finding, Occurrence, RunConcurrently
 from analysis.repair import TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
 from collector.schema import KIND_SERVER
@@ -279,9 +280,9 @@ def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _runs(linked: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.DataFrame:
-    """One row per run of at least two calls (members listed in start order). Runs of two or more
-    operations that fail the critical-path or saving rules are noted as near misses on ``ctx``."""
+def _runs(linked: pl.DataFrame) -> pl.DataFrame:
+    """One row per run of at least two calls of two or more operations (members listed in start
+    order), with ``keep`` (on the critical path and above the saving floors) and ``on_path``."""
     runs = linked.with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
     sizes = runs.group_by("run_id").agg(pl.len().alias("_n"))
     runs = runs.join(sizes.filter(pl.col("_n") >= 2), on="run_id", how="semi")
@@ -294,6 +295,8 @@ def _runs(linked: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.DataFr
         .agg(
             pl.col("trace_id").first(),
             pl.col("parent_row").first(),
+            pl.col("parent_start_ns").first(),
+            pl.col("start_ns").first().alias("first_start_ns"),
             pl.col("parent_span_id_").first().alias("caller_span_id"),
             pl.col("parent_service").first().alias("caller_service"),
             pl.col("parent_name").first().alias("caller_name"),
@@ -318,20 +321,18 @@ def _runs(linked: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.DataFr
     floor = (pl.col("local_saving_ns") >= MIN_SAVING_NS) & (
         pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE
     )
-    if ctx is not None:
-        _note_dropped_runs(ctx, runs.filter(~(on_path & floor)), on_path)
-    return runs.filter(on_path & floor)
+    return runs.with_columns(keep=on_path & floor, on_path=on_path)
 
 
-def _note_dropped_runs(ctx: AnalysisContext, dropped: pl.DataFrame, on_path: pl.Expr) -> None:
+def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame) -> None:
     """One near miss per caller whose runs were all too small or off the critical path."""
     if dropped.height == 0:
         return
-    per_caller = dropped.group_by("caller_service", "caller_name").agg(
-        pl.col("trace_id").unique().alias("trace_ids"),
+    per_caller = dropped.group_by("caller_service", "caller_name", maintain_order=True).agg(
+        pl.col("trace_id").unique().sort().alias("trace_ids"),
         pl.col("caller_span_id").first(),
         pl.col("span_id").first(),
-        on_path.sum().alias("on_path_runs"),
+        pl.col("on_path").sum().alias("on_path_runs"),
         pl.len().alias("runs"),
         (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
         (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
@@ -345,7 +346,7 @@ def _note_dropped_runs(ctx: AnalysisContext, dropped: pl.DataFrame, on_path: pl.
                 f"saving p50 {r['saving_ms']:.2f} ms < {floor_ms:.2f} ms floor "
                 f"(max of {MIN_SAVING_NS / 1e6:g} ms and {MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request)"
             )
-        ctx.note_near_miss(
+        notes.note_near_miss(
             KIND,
             str(r["caller_service"]),
             str(r["caller_name"]),
@@ -378,45 +379,66 @@ def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
     return runs.join(signatures, on=caller, how="left", maintain_order="left")
 
 
-def _independence(calls: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+def _caller_hash(service: str, name: str) -> pl.Expr:
+    return pl.struct(pl.col(service).alias("caller_service"), pl.col(name).alias("caller_name")).hash()
+
+
+def _instance_rows(calls: pl.DataFrame) -> pl.DataFrame:
+    """The calls of every caller instance that holds two or more operations (the only instances
+    that can hold two of a signature's), as 64-bit keys and times: what :func:`_independence`
+    reads across traces."""
+    multi = (
+        calls.group_by("parent_row")
+        .agg(pl.col("op_key").n_unique().alias("_ops"))
+        .filter(pl.col("_ops") >= 2)
+    )
+    return calls.join(multi.select("parent_row"), on="parent_row", how="semi").select(
+        caller=_caller_hash("parent_service", "parent_name"),
+        instance=pl.struct("trace_id", "parent_span_id_").hash(),
+        op=pl.col("op_key").hash(),
+        start_ns="start_ns",
+        end_ns="end_ns",
+        parent_duration_ns="parent_duration_ns",
+    )
+
+
+def _independence(instances: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """Per signature: instances of the caller holding >= 2 of its operations, how many distinct
     orders they show, and how many show two different operations overlapping."""
     sig_ops = (
         runs.select("signature", "caller_service", "caller_name", pl.col("sig_ops").alias("op_key"))
         .unique(subset="signature")
         .explode("op_key")
+        .select("signature", caller=_caller_hash("caller_service", "caller_name"), op=pl.col("op_key").hash())
     )
-    seen = calls.join(
-        sig_ops,
-        left_on=["parent_service", "parent_name", "op_key"],
-        right_on=["caller_service", "caller_name", "op_key"],
-        how="inner",
-    ).sort(["signature", "parent_row", "start_ns"])
+    seen = instances.join(sig_ops, on=["caller", "op"], how="inner").sort(
+        ["signature", "instance", "start_ns", "end_ns", "op"]
+    )
     tol = _tolerance(pl.col("parent_duration_ns"))
-    same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
+    same = (pl.col("instance") == pl.col("instance").shift(1)) & (
         pl.col("signature") == pl.col("signature").shift(1)
     )
     seen = seen.with_columns(
-        pl.col("end_ns").cum_max().over(["signature", "parent_row"]).alias("_cum_end")
+        pl.col("end_ns").cum_max().over(["signature", "instance"]).alias("_cum_end")
     ).with_columns(
         (
             same
             & (pl.col("start_ns") < pl.col("_cum_end").shift(1) - tol)
-            & (pl.col("op_key") != pl.col("op_key").shift(1))
+            & (pl.col("op") != pl.col("op").shift(1))
         )
         .fill_null(False)
         .alias("_overlap")
     )
-    first_seen = seen.group_by(["signature", "parent_row", "op_key"]).agg(pl.col("start_ns").min())
+    first_seen = seen.group_by(["signature", "instance", "op"]).agg(pl.col("start_ns").min())
     orders = (
-        first_seen.sort(["signature", "parent_row", "start_ns", "op_key"])
-        .group_by(["signature", "parent_row"], maintain_order=True)
-        .agg(pl.col("op_key").str.join(" -> ").alias("order"), pl.len().alias("ops"))
+        first_seen.sort(["signature", "instance", "start_ns", "op"])
+        .group_by(["signature", "instance"], maintain_order=True)
+        .agg(pl.col("op").cast(pl.String).str.join(" -> ").alias("order"), pl.len().alias("ops"))
         .filter(pl.col("ops") >= 2)
     )
-    overlaps = seen.group_by(["signature", "parent_row"]).agg(pl.col("_overlap").any())
+    overlaps = seen.group_by(["signature", "instance"]).agg(pl.col("_overlap").any())
     return (
-        orders.join(overlaps, on=["signature", "parent_row"], how="left")
+        orders.join(overlaps, on=["signature", "instance"], how="left")
         .group_by("signature")
         .agg(
             pl.len().alias("instances"),
@@ -452,20 +474,61 @@ def _fan_in_saving() -> pl.Expr:
     return pl.when(n >= 3).then(head.list.sum() - head.list.max()).otherwise(0).cast(pl.Int64)
 
 
-def detect(ctx: AnalysisContext) -> list[Finding]:
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``runs`` (every run of two or more operations, kept or not), ``labels``
+    (each operation's first call: its label and callee), ``self_contained`` (per operation,
+    whether every call here is self-contained) and ``instances`` (the calls of caller instances
+    with two or more operations, for the order and overlap evidence across traces)."""
     if ctx.spans.height == 0:
-        return []
+        return {}
     calls = call_children(ctx)
     if calls.height < 2:
+        return {}
+    runs = _runs(sequential_links(calls))
+    labels = (
+        calls.sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
+        .unique(subset="op_key", keep="first", maintain_order=True)
+        .select(
+            "op_key",
+            "op_label",
+            "target_service",
+            "trace_id",
+            "parent_start_ns",
+            "parent_span_id_",
+            "start_ns",
+            "span_id",
+        )
+    )
+    return {
+        "runs": runs.drop("parent_row", "run_id"),
+        "labels": labels,
+        "self_contained": calls.group_by("op_key").agg(pl.col("self_contained").all()),
+        "instances": _instance_rows(calls),
+    }
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: signatures, independence evidence, confidence, findings."""
+    runs = rows.get("runs")
+    if runs is None or runs.is_empty():
         return []
-    runs = _runs(sequential_links(calls), ctx)
+    # One order whatever the partitioning: the callers' instances as they appear in the traces.
+    runs = runs.sort("trace_id", "parent_start_ns", "caller_span_id", "first_start_ns")
+    _note_dropped_runs(notes, runs.filter(~pl.col("keep")))
+    runs = runs.filter("keep")
     if runs.height == 0:
         return []
     runs = _assign_signatures(runs)
-    labels = calls.select("op_key", "op_label", "target_service").unique(subset="op_key", keep="first")
-    evidence = {row["signature"]: row for row in _independence(calls, runs).iter_rows(named=True)}
+    labels = (
+        rows["labels"]
+        .sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
+        .unique(subset="op_key", keep="first", maintain_order=True)
+        .select("op_key", "op_label", "target_service")
+    )
+    evidence = {row["signature"]: row for row in _independence(rows["instances"], runs).iter_rows(named=True)}
     self_contained_ops = set(
-        calls.group_by("op_key")
+        rows["self_contained"]
+        .group_by("op_key")
         .agg(pl.col("self_contained").all())
         .filter("self_contained")["op_key"]
         .to_list()
@@ -487,7 +550,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
         caller = (str(caller_service), str(caller_name))
 
         if instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances:
-            ctx.note_near_miss(
+            notes.note_near_miss(
                 KIND,
                 *caller,
                 f"run in {group.height} of {instances} instances < {MIN_RUN_SHARE:.0%}: "
@@ -503,7 +566,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             root = _common.num(group["root_duration_ns"].median())
             floor = max(MIN_UNCHECKED_SAVING_NS, MIN_UNCHECKED_SAVING_SHARE * root)
             if saving < floor or _common.num(group["calls"].median()) < 3:
-                ctx.note_near_miss(
+                notes.note_near_miss(
                     KIND,
                     *caller,
                     f"order fixed in {instances} instances and {takes_input} calls take inputs; "
@@ -575,3 +638,7 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
             )
         )
     return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)
