@@ -77,6 +77,7 @@ class StoreRun:
     budget: int
     workers: int
     cluster: str | None = None
+    partitions: int = 0  # 0: from the budget
 
 
 def analyze_store(
@@ -99,7 +100,9 @@ def analyze_store(
     try:
         spans = store.raw_row_count()
         try:
-            if run.cluster is None:
+            if run.partitions:
+                plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions))
+            elif run.cluster is None:
                 plan = partitions.plan(spans, run.budget, run.workers)
                 if plan.parts > 1:  # the largest trace bounds how small a partition can be
                     plan = partitions.plan(spans, run.budget, run.workers, store.largest_trace())
@@ -243,6 +246,14 @@ def analyze_command(
             "store is analysed in partitions of whole traces",
         ),
     ] = None,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions",
+            help="Analyse the store in this many partitions of whole traces (default 0: as many as the "
+            "memory budget needs, 1 when it fits)",
+        ),
+    ] = 0,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -294,10 +305,13 @@ def analyze_command(
             raise _fail(f"--memory-budget {exc}") from None
     if workers is not None and workers < 0:
         raise _fail("--workers must be 0 (one per core) or more")
+    if partitions < 0:
+        raise _fail("--partitions must be 0 (from the memory budget) or more")
     run = StoreRun(
         budget=budget,
         workers=(workers if workers is not None else settings.workers) or os.cpu_count() or 1,
         cluster=cluster or settings.cluster,
+        partitions=partitions,
     )
 
     from analysis.pipeline import analyze
