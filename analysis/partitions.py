@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
+import socket
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -390,6 +392,17 @@ class ClusterError(RuntimeError):
     """The Dask scheduler cannot be reached (or ``distributed`` is not installed)."""
 
 
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail at once on a scheduler that refuses connections (Dask itself retries until its timeout)."""
+    match = re.fullmatch(r"(?:tcp://)?\[?([^\]]+?)\]?:(\d+)/?", address.strip())
+    if match is None:
+        raise ClusterError(f"{address}: not a Dask scheduler address like tcp://HOST:8786")
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
 class DaskExecutor:
     """Partitions as tasks on an existing Dask distributed cluster. Each task reads its partition
     itself (:class:`StoreSource`: a store path on storage every worker shares, or a ClickHouse
@@ -403,6 +416,7 @@ class DaskExecutor:
             raise ClusterError(
                 "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
             ) from exc
+        _check_reachable(address, timeout_s / 2)
         try:
             self.client = Client(address, timeout=timeout_s, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
@@ -415,25 +429,19 @@ class DaskExecutor:
     def map(
         self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
     ) -> list[Any]:
-        from distributed import as_completed as dask_completed
-
         futures = [
-            self.client.submit(
-                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
-            )
+            self.client.submit(fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}")
             for args in calls
         ]
-        index = {future.key: i for i, future in enumerate(futures)}
         results: list[Any] = [None] * len(calls)
-        for finished, future in enumerate(dask_completed(futures), start=1):
-            i = index[future.key]
+        for i, future in enumerate(futures):  # in order: the progress counts finished prefixes
             try:
                 results[i] = future.result()
             except Exception as exc:
                 self.client.cancel(futures)
                 raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
             if progress:
-                progress(phase, finished, len(calls))
+                progress(phase, i + 1, len(calls))
         return results
 
     def close(self) -> None:

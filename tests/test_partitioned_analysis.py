@@ -1,0 +1,142 @@
+"""`hourglass analyze --db` in partitions of whole traces: the same report as at once.
+
+A store holding the labelled sample traces, the foreign-trace regression files and a generated mix
+of every bench shape is analysed by the real CLI as a process: at once, in 3 partitions in this
+process, in 4 partitions on 2 worker processes, and in 3 partitions on a real Dask scheduler with
+two real worker processes on 127.0.0.1. The JSON reports (with ``--explain``) are identical but
+for ``generated_at``. Also: an unreachable scheduler is one line, fast; a budget too small for the
+largest trace names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOURGLASS = Path(sys.executable).with_name("hourglass")
+DASK = Path(sys.executable).with_name("dask")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _run(*args: Any, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(HOURGLASS), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bench.analysis import generate_spans
+    from collector.duckdb_store import DuckDBSpanStore
+
+    path = tmp_path_factory.mktemp("partitioned") / "spans.duckdb"
+    files = sorted((ROOT / "sample-traces").glob("*.otlp.jsonl"))
+    files += sorted(p for p in (ROOT / "sample-traces" / "foreign").glob("*.otlp.json*"))
+    imported = _run("import", "--db", path, *files)
+    assert imported.returncode == 0, imported.stderr
+    generated = DuckDBSpanStore(str(path))  # every bench shape, the hung calls among them
+    try:
+        generated.write(generate_spans(20_000, seed=5, first_trace=10_000_000))
+    finally:
+        generated.close()
+    return path
+
+
+def _report(store: Path, *args: Any) -> dict[str, Any]:
+    result = _run("analyze", "--db", store, "--format", "json", "--explain", *args)
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    report.pop("generated_at")
+    return report
+
+
+@pytest.fixture(scope="module")
+def whole(store: Path) -> dict[str, Any]:
+    report = _report(store, "--partitions", "1")
+    kinds = {r["kind"] for r in report["recommendations"]}
+    assert len(kinds) >= 6 and report["near_misses"], kinds  # the comparison has something to compare
+    return report
+
+
+@pytest.mark.parametrize(
+    "args", [("--partitions", "3", "--workers", "1"), ("--partitions", "4", "--workers", "2")]
+)
+def test_partitions_in_this_process_or_in_workers_give_the_same_report(
+    store: Path, whole: dict[str, Any], args: tuple[str, ...]
+) -> None:
+    assert _report(store, *args) == whole
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[str]:
+    """A real scheduler and two worker processes on 127.0.0.1, stopped after the test."""
+    scheduler_file = tmp_path / "scheduler.json"
+    common = {"cwd": ROOT, "env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)],
+            **common,  # type: ignore[call-overload]
+        )
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                     "--host", "127.0.0.1"],
+                    **common,  # type: ignore[call-overload]
+                )
+            )  # fmt: skip
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_a_dask_cluster_gives_the_same_report(store: Path, whole: dict[str, Any], dask_cluster: str) -> None:
+    assert _report(store, "--cluster", dask_cluster, "--partitions", "3") == whole
+
+
+def test_an_unreachable_scheduler_is_one_line_within_ten_seconds(store: Path) -> None:
+    started = time.monotonic()
+    result = _run("analyze", "--db", store, "--cluster", "tcp://127.0.0.1:9")
+    assert time.monotonic() - started < 10 + 5  # the CLI's own start-up on a loaded machine
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in lines[0]
+
+
+def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
+    from analysis import partitions
+
+    largest = ("4bf92f3577b34da6a3ce929d0e0e4736", 500_000)
+    with pytest.raises(
+        partitions.BudgetError, match="trace 4bf92f3577b34da6a3ce929d0e0e4736 alone has 500,000 spans"
+    ):
+        partitions.plan(2_000_000, 1 << 30, 1, largest)
+    too_small = _run("analyze", "--db", store, "--memory-budget", "10MB")
+    assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr
