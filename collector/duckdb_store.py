@@ -398,6 +398,42 @@ class DuckDBSpanStore:
         table = self._cursor().sql(query, params=params or None).to_arrow_table()
         return self._conform(table, selected)
 
+    def scan_partition(
+        self,
+        part: int,
+        parts: int,
+        *,
+        since_ns: int | None = None,
+        services: list[str] | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """Like ``scan``, for the traces with ``hash(trace_id) % parts == part`` only: the
+        partitions of one ``parts`` split every trace into exactly one of them, whole."""
+        if parts < 1 or not 0 <= part < parts:
+            raise ValueError(f"scan_partition needs 0 <= part < parts, got part={part}, parts={parts}")
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        if not selected:
+            return pa.table({})
+        self.load_staged()
+        in_part = f"hash(trace_id) % {int(parts)} = {int(part)}"
+        conditions = [in_part]
+        params: list[Any] = []
+        if since_ns is not None:
+            conditions.append("start_ns >= ?")
+            params.append(since_ns)
+        if services is not None:
+            conditions.append("list_contains(?, service)")
+            params.append(list(services))
+        source = f"(SELECT * FROM spans WHERE {in_part})"
+        if len(conditions) > 1:
+            source = (
+                f"(SELECT * FROM spans WHERE {in_part} AND trace_id IN "
+                f"(SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
+            )
+        query = f"SELECT {', '.join(selected)} FROM {source} {_DEDUP} ORDER BY trace_id, start_ns, span_id"
+        table = self._cursor().sql(query, params=params or None).to_arrow_table()
+        return self._conform(table, selected)
+
     @staticmethod
     def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
         schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])

@@ -1,0 +1,475 @@
+"""The ClickHouse span store: the OpenTelemetry Collector's ``otel_traces`` table, on a server
+(``clickhouse://USER:PASS@HOST:8123/DATABASE``, through ``clickhouse-connect``) or embedded
+(``chdb:PATH``, through ``chdb``). Implements ``collector.store.SpanStore``.
+
+Layout (see ``collector.otel_traces``): spans go to ``<table>`` (default ``otel_traces``) exactly
+as the Collector's ClickHouse exporter writes them, plus ``<table>_hourglass``, a side table with
+what that schema cannot hold faithfully (``ingested_ns``, typed hints, the resource JSON, the raw
+OTLP span). The exporter's lookup table ``<table>_trace_id_ts`` and its materialized view are
+created too when missing, so tools that find traces through it work on what Hourglass writes.
+A table a Collector already created is used as it is: Hourglass analyses those traces in place.
+
+Durability — what an acknowledged Export means:
+
+- Server: every ``write`` is an INSERT with ``async_insert=1, wait_for_async_insert=1``: the
+  server batches the small inserts of many Exports into one part (many small synchronous inserts
+  make "too many parts" errors), and answers only after that part is written to its disks. So
+  ``write`` returning — and the Export being acknowledged — means the server accepted the rows
+  into a written part, as a synchronous INSERT does; on a replicated table, ``insert_quorum``
+  in the server's profile decides how many replicas hold it. Whether the part is fsynced is the
+  server's ``fsync_after_insert`` setting (off by default in ClickHouse: a power loss within
+  seconds of the Export can lose it; a server crash or restart cannot).
+- chdb: every ``write`` is a synchronous INSERT into the embedded engine; it returns after the
+  part files are written into the directory. A killed process keeps them (tested with SIGKILL);
+  like the server default, parts are not fsynced, so a power loss right after can lose the last ones.
+- The side-table row is written before the ``otel_traces`` row, so a failed write leaves no
+  half-visible span: reads start from ``otel_traces``.
+
+Reads de-duplicate by (trace_id, span_id) (an Export retried is seen once; duplicates stay on
+disk: ClickHouse's merges do not remove them and an ``ALTER ... DELETE`` per compaction would
+rewrite whole parts, so ``compact()`` removes nothing and returns 0). Retention
+(``delete_older_than``) uses lightweight ``DELETE``; the table's own TTL, when a Collector set
+one, applies as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pyarrow as pa
+
+from collector.otel_traces import (
+    OTEL_COLUMNS,
+    OTEL_TRACES_DDL,
+    SIDE_COLUMNS,
+    SIDE_TABLE_DDL,
+    TRACE_ID_TS_DDL,
+    TRACE_ID_TS_MV_DDL,
+    quote,
+    select_expressions,
+    to_otel_rows,
+)
+from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
+from collector.store import StoreError, StoreStats
+
+log = logging.getLogger("hourglass.store")
+
+DEFAULT_TABLE = "otel_traces"
+DEFAULT_DATABASE = "default"
+CHDB_DATABASE = "otel"
+# One lightweight DELETE names at most this many trace ids.
+DELETE_CHUNK = 10_000
+CONNECT_TIMEOUT_S = 10
+# Settings of every server INSERT (see the module doc).
+SERVER_INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1}
+_READ_SETTINGS = "SETTINGS join_use_nulls = 1"
+
+
+class _Backend(Protocol):
+    def command(self, sql: str) -> None: ...
+
+    def query_arrow(self, sql: str) -> pa.Table: ...
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _ServerBackend:
+    def __init__(self, *, host: str, port: int, username: str, password: str, database: str, secure: bool):
+        try:
+            import clickhouse_connect
+        except ImportError as exc:
+            raise StoreError(
+                "the ClickHouse store needs clickhouse-connect: pip install 'hourglass[clickhouse]'"
+            ) from exc
+        self._client = clickhouse_connect.get_client(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            database=database,
+            secure=secure,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            # no session: the client is shared by the API's threads, and a session admits one query at a time
+            autogenerate_session_id=False,
+        )
+
+    def command(self, sql: str) -> None:
+        self._client.command(sql)
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        return self._client.query_arrow(sql)
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        self._client.insert_arrow(table, data, settings=SERVER_INSERT_SETTINGS)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _ChdbBackend:
+    def __init__(self, path: str):
+        try:
+            from chdb import session
+        except ImportError as exc:
+            raise StoreError("the chdb store needs chdb: pip install 'hourglass[chdb]'") from exc
+        self._session = session.Session(path)
+        self._lock = threading.Lock()  # one query at a time: simple, and chdb serialises anyway
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            self._session.query(sql, "CSV")
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        with self._lock:
+            result = self._session.query(sql, "ArrowTable")
+        return result if isinstance(result, pa.Table) else pa.table({})
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        columns = ", ".join(f"`{c}`" for c in data.column_names)
+        with self._lock:
+            # chdb's Python() table function reads the Arrow table ``data`` of this frame
+            self._session.query(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM Python(data)", "CSV")
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+
+@dataclass(frozen=True)
+class ClickHouseLocation:
+    """A parsed ``clickhouse://`` URL (password kept out of ``str``)."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    database: str
+    table: str
+    secure: bool
+
+    def __str__(self) -> str:
+        scheme = "clickhouses" if self.secure else "clickhouse"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}/{self.database}?table={self.table}"
+
+
+def _identifier(name: str, what: str, url: str) -> str:
+    if not name or not all(c.isalnum() or c == "_" for c in name):
+        raise StoreError(f"{url}: bad {what} {name!r} (letters, digits and _ only)")
+    return name
+
+
+def parse_clickhouse_url(url: str) -> ClickHouseLocation:
+    """``clickhouse://USER:PASS@HOST:PORT/DATABASE?table=otel_traces`` (``clickhouses://`` for TLS)."""
+    redacted = redact(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise StoreError(f"{redacted}: not a ClickHouse URL ({exc})") from None
+    if parts.scheme not in ("clickhouse", "clickhouses") or not parts.hostname:
+        raise StoreError(f"{redacted}: expected clickhouse://USER:PASS@HOST:8123/DATABASE")
+    secure = parts.scheme == "clickhouses"
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"table"}
+    if unknown:
+        raise StoreError(f"{redacted}: unknown URL parameter(s) {sorted(unknown)}; known: table")
+    database = unquote(parts.path.strip("/")) or DEFAULT_DATABASE
+    table = query.get("table", [DEFAULT_TABLE])[-1]
+    return ClickHouseLocation(
+        host=parts.hostname,
+        port=port or (8443 if secure else 8123),
+        username=unquote(parts.username or "default"),
+        password=unquote(parts.password or ""),
+        database=_identifier(database, "database", redacted),
+        table=_identifier(table, "table", redacted),
+        secure=secure,
+    )
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()
+    except ValueError:
+        return url.split("@", 1)[-1] if "@" in url else url
+
+
+def _check_columns(columns: Sequence[str]) -> list[str]:
+    unknown = [c for c in columns if c not in SPAN_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown span column(s) {unknown}; known: {list(SPAN_COLUMNS)}")
+    return list(columns)
+
+
+def _int(value: int) -> str:
+    return str(int(value))
+
+
+def _strings(values: Sequence[str]) -> str:
+    return "[" + ", ".join(quote(str(v)) for v in values) + "]"
+
+
+class ClickHouseSpanStore:
+    """``SpanStore`` on ClickHouse: use ``ClickHouseSpanStore.connect(url)`` or ``.embedded(path)``."""
+
+    def __init__(self, backend: _Backend, *, database: str, table: str, name: str) -> None:
+        self._backend = backend
+        self.path = name  # for messages, like DuckDBSpanStore.path
+        self._db = database
+        self._table = f"{database}.{table}"
+        self._side = f"{database}.{table}_hourglass"
+        self._write_lock = threading.Lock()
+        self._closed = False
+        for ddl in (OTEL_TRACES_DDL, SIDE_TABLE_DDL, TRACE_ID_TS_DDL, TRACE_ID_TS_MV_DDL):
+            backend.command(ddl.format(db=database, table=table, ttl="", ttl_start=""))
+
+    @classmethod
+    def connect(cls, url: str) -> ClickHouseSpanStore:
+        """A ClickHouse server; raises ``StoreError`` (one line, no password) when unreachable."""
+        location = parse_clickhouse_url(url)
+        try:
+            backend = _ServerBackend(
+                host=location.host,
+                port=location.port,
+                username=location.username,
+                password=location.password,
+                database=location.database,
+                secure=location.secure,
+            )
+            return cls(backend, database=location.database, table=location.table, name=str(location))
+        except StoreError:
+            raise
+        except Exception as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreError(f"{location}: cannot use the ClickHouse server: {first_line}") from exc
+
+    @classmethod
+    def embedded(cls, path: str, *, table: str = DEFAULT_TABLE) -> ClickHouseSpanStore:
+        """Embedded ClickHouse (chdb) in directory ``path`` (created when missing)."""
+        if path != ":memory:":
+            path = os.path.expanduser(path)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise StoreError(f"chdb:{path}: not a directory (a chdb store is a directory)")
+        try:
+            backend = _ChdbBackend(path)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"chdb:{path}: cannot open the embedded ClickHouse: {exc}") from exc
+        try:
+            backend.command(f"CREATE DATABASE IF NOT EXISTS {CHDB_DATABASE} ENGINE = Atomic")
+            return cls(backend, database=CHDB_DATABASE, table=table, name=f"chdb:{path}")
+        except Exception:
+            backend.close()
+            raise
+
+    # -- writes ------------------------------------------------------------------------------
+    def write(self, spans: pa.Table) -> None:
+        """Store rows of ``SPAN_SCHEMA``; returns once the server (or chdb) acknowledged the
+        INSERTs (see the module doc for what that guarantees)."""
+        if spans.num_rows == 0:
+            return
+        if spans.schema.names != list(SPAN_COLUMNS):
+            raise ValueError(f"write() needs the SPAN_SCHEMA columns in order, got {spans.schema.names}")
+        otel, side = to_otel_rows(spans)
+        with self._write_lock:
+            self._check_open()
+            self._backend.insert_arrow(self._side, side)  # first: see the module doc
+            self._backend.insert_arrow(self._table, otel)
+
+    def compact(self) -> int:
+        """Nothing to do: reads de-duplicate (see the module doc); returns 0."""
+        return 0
+
+    def delete_older_than(self, cutoff_ns: int) -> int:
+        """Retention: drop whole traces whose last span ended before ``cutoff_ns``; rows removed."""
+        with self._write_lock:
+            self._check_open()
+            old = self._backend.query_arrow(
+                f"SELECT TraceId, count() AS n FROM {self._table} GROUP BY TraceId "
+                f"HAVING max(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) < {_int(cutoff_ns)}"
+            )
+            if old.num_rows == 0:
+                return 0
+            ids = [str(t) for t in old.column("TraceId").to_pylist()]
+            for start in range(0, len(ids), DELETE_CHUNK):
+                chunk = _strings(ids[start : start + DELETE_CHUNK])
+                self._backend.command(f"DELETE FROM {self._side} WHERE trace_id IN {chunk}")
+                self._backend.command(f"DELETE FROM {self._table}_trace_id_ts WHERE TraceId IN {chunk}")
+                self._backend.command(f"DELETE FROM {self._table} WHERE TraceId IN {chunk}")
+            return int(sum(old.column("n").to_pylist()))
+
+    # -- reads -------------------------------------------------------------------------------
+    def scan(
+        self,
+        *,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """De-duplicated whole traces: a trace is in when any of its spans matches every filter.
+
+        ``since_ns``/``until_ns`` bound a span's start (``since_ns <= start_ns < until_ns``);
+        rows come ordered by trace_id, start_ns, span_id.
+        """
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        return self._read(
+            selected,
+            self._span_conditions(
+                since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
+            ),
+            partition=None,
+        )
+
+    def scan_partition(
+        self,
+        part: int,
+        parts: int,
+        *,
+        since_ns: int | None = None,
+        services: list[str] | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """Like ``scan``, for the traces with ``cityHash64(TraceId) % parts == part`` only: the
+        partitions of one ``parts`` split every trace into exactly one of them, whole."""
+        if parts < 1 or not 0 <= part < parts:
+            raise ValueError(f"scan_partition needs 0 <= part < parts, got part={part}, parts={parts}")
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        return self._read(
+            selected, self._span_conditions(since_ns=since_ns, services=services), partition=(part, parts)
+        )
+
+    @staticmethod
+    def _span_conditions(
+        *,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
+    ) -> list[str]:
+        conditions: list[str] = []
+        # on Timestamp itself, so ClickHouse prunes the toDate(Timestamp) partitions
+        if since_ns is not None:
+            conditions.append(f"Timestamp >= fromUnixTimestamp64Nano(toInt64({_int(since_ns)}))")
+        if until_ns is not None:
+            conditions.append(f"Timestamp < fromUnixTimestamp64Nano(toInt64({_int(until_ns)}))")
+        if services is not None:
+            wanted = _strings(services)
+            unknown = " OR ServiceName = ''" if "unknown_service" in services else ""
+            conditions.append(f"(ServiceName IN {wanted}{unknown})")
+        if trace_ids is not None:
+            conditions.append(f"lower(TraceId) IN {_strings([t.lower() for t in trace_ids])}")
+        return conditions
+
+    def _read(
+        self, selected: list[str], conditions: list[str], *, partition: tuple[int, int] | None
+    ) -> pa.Table:
+        self._check_open()
+        if not selected:
+            return pa.table({})
+        trace_filter: list[str] = []
+        side_filter: list[str] = []
+        if partition is not None:
+            part, parts = partition
+            trace_filter.append(f"cityHash64(TraceId) % {_int(parts)} = {_int(part)}")
+            side_filter.append(f"cityHash64(trace_id) % {_int(parts)} = {_int(part)}")
+        if conditions:
+            matching = f"SELECT TraceId FROM {self._table} WHERE {' AND '.join(trace_filter + conditions)}"
+            trace_filter.append(f"TraceId IN ({matching})")
+            side_filter.append(f"trace_id IN ({matching})")
+        side_needed = [c for c in SIDE_COLUMNS if c in selected]
+        exprs = select_expressions(side=bool(side_needed))
+        o_where = f"WHERE {' AND '.join(trace_filter)}" if trace_filter else ""
+        query = (
+            f"SELECT {', '.join(f'{exprs[c]} AS {c}' for c in selected)} FROM "
+            f"(SELECT * FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
+        )
+        if side_needed:
+            e_where = f"WHERE {' AND '.join(side_filter)}" if side_filter else ""
+            side_columns = ", ".join(f"{c} AS x_{c}" for c in side_needed)
+            query += (
+                f"LEFT JOIN (SELECT trace_id AS x_trace_id, span_id AS x_span_id, {side_columns} "
+                f"FROM {self._side} {e_where} ORDER BY ingested_ns LIMIT 1 BY trace_id, span_id) AS e "
+                "ON o.TraceId = e.x_trace_id AND o.SpanId = e.x_span_id "
+            )
+        order = ", ".join(exprs[c] for c in ("trace_id", "start_ns", "span_id"))
+        query += f"ORDER BY {order} {_READ_SETTINGS}"
+        return self._conform(self._backend.query_arrow(query), selected)
+
+    @staticmethod
+    def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
+        schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])
+        if table.num_columns == 0:  # chdb answers an empty result without columns
+            return schema.empty_table()
+        arrays = []
+        for name, f in zip(selected, schema, strict=True):
+            column = table.column(name)
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            # ClickHouse answers non-Nullable columns as non-null Arrow fields: drop that flag
+            arrays.append(column.cast(f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def trace(self, trace_id: str) -> pa.Table:
+        """All spans of one trace with every column (empty table when unknown)."""
+        return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
+
+    def stats(self) -> StoreStats:
+        """Unique span and trace counts (counted by the server each time: a Collector may be
+        writing into the same table)."""
+        self._check_open()
+        counts = self._backend.query_arrow(
+            f"SELECT uniqExact(TraceId, SpanId) AS spans, uniqExact(TraceId) AS traces FROM {self._table}"
+        )
+        return StoreStats(
+            spans=int(counts.column("spans")[0].as_py()), traces=int(counts.column("traces")[0].as_py())
+        )
+
+    def services(self) -> list[str]:
+        self._check_open()
+        rows = self._backend.query_arrow(
+            f"SELECT DISTINCT if(ServiceName = '', 'unknown_service', toString(ServiceName)) AS service "
+            f"FROM {self._table} ORDER BY service"
+        )
+        return [str(s) for s in rows.column("service").to_pylist()] if rows.num_columns else []
+
+    def raw_row_count(self) -> int:
+        """Physical ``otel_traces`` rows, duplicates included."""
+        self._check_open()
+        rows = self._backend.query_arrow(f"SELECT count() AS n FROM {self._table}")
+        return int(rows.column("n")[0].as_py())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"span store {self.path} is closed")
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> ClickHouseSpanStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["OTEL_COLUMNS", "ClickHouseLocation", "ClickHouseSpanStore", "parse_clickhouse_url", "redact"]
