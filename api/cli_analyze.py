@@ -64,15 +64,18 @@ def read_files(paths: list[Path], command: str = "analyze") -> tuple[pa.Table, i
 
 
 def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -> pa.Table:
-    from collector.duckdb_store import DuckDBSpanStore
+    from collector.store import StoreError, local_path, open_store, redact
 
-    if path != ":memory:" and not Path(path).exists():
+    local = local_path(path)
+    if local is not None and local != ":memory:" and not Path(local).exists():
         raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
     try:
-        store = DuckDBSpanStore(path)
+        store = open_store(path)
+    except StoreError as exc:
+        raise _fail(str(exc), code=EXIT_STORE) from exc
     except Exception as exc:
         raise _fail(
-            f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
+            f"{redact(path)}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
             code=EXIT_STORE,
         ) from exc
     try:
@@ -97,7 +100,8 @@ def analyze_command(
     db: Annotated[
         str | None,
         typer.Option(
-            "--db", help=f"The span store, when no files are given (default $HOURGLASS_DB or {DEFAULT_DB})"
+            "--db",
+            help=f"The span store when no files are given: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
         ),
     ] = None,
     service: Annotated[

@@ -56,7 +56,7 @@ from collector.otel_traces import (
     to_otel_rows,
 )
 from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
-from collector.store import StoreError, StoreStats
+from collector.store import StoreError, StoreStats, redact
 
 log = logging.getLogger("hourglass.store")
 
@@ -193,18 +193,6 @@ def parse_clickhouse_url(url: str) -> ClickHouseLocation:
         table=_identifier(table, "table", redacted),
         secure=secure,
     )
-
-
-def redact(url: str) -> str:
-    """``url`` without its password (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
-    except ValueError:
-        return url.split("@", 1)[-1] if "@" in url else url
 
 
 def _check_columns(columns: Sequence[str]) -> list[str]:

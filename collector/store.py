@@ -70,7 +70,21 @@ class SpanStore(Protocol):
     def delete_older_than(self, cutoff_ns: int) -> int:
         """Retention: drop traces whose last span ended before ``cutoff_ns``; returns spans removed."""
 
+    def compact(self) -> int:
+        """Physically remove duplicate rows where the backend does (returns how many; 0 when it
+        leaves them to read-time de-duplication)."""
+
     def close(self) -> None: ...
+
+
+def redact(location: str) -> str:
+    """``location`` without a password (for messages and logs)."""
+    if not is_clickhouse(location) or "@" not in location:
+        return location
+    scheme, rest = location.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':***' if ':' in credentials else user}@{host}"
 
 
 def is_clickhouse(location: str) -> bool:
@@ -104,7 +118,7 @@ def open_store(
         return ClickHouseSpanStore.embedded(path)
     if "://" in location:
         raise StoreError(
-            f"{location.split('@', 1)[-1]}: unknown store URL; use a DuckDB file path, "
+            f"{location.rsplit('@', 1)[-1]}: unknown store URL; use a DuckDB file path, "
             "clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:PATH"
         )
     from collector.duckdb_store import DuckDBSpanStore
