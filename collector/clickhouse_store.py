@@ -59,6 +59,9 @@ from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from collector.store import StoreError, StoreStats, redact
 
 log = logging.getLogger("hourglass.store")
+# clickhouse-connect logs each failed request itself; without this it reaches stderr through
+# logging's last-resort handler beside our one-line error (serve's own handlers still get it).
+logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 
 DEFAULT_TABLE = "otel_traces"
 DEFAULT_DATABASE = "default"
@@ -195,6 +198,15 @@ def parse_clickhouse_url(url: str) -> ClickHouseLocation:
     )
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause ("Connection refused", "Authentication failed"...)."""
+    root: BaseException = exc
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    text = str(root).strip() or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
 def _check_columns(columns: Sequence[str]) -> list[str]:
     unknown = [c for c in columns if c not in SPAN_COLUMNS]
     if unknown:
@@ -241,8 +253,7 @@ class ClickHouseSpanStore:
         except StoreError:
             raise
         except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StoreError(f"{location}: cannot use the ClickHouse server: {first_line}") from exc
+            raise StoreError(f"{location}: cannot use the ClickHouse server: {_reason(exc)}") from exc
 
     @classmethod
     def embedded(cls, path: str, *, table: str = DEFAULT_TABLE) -> ClickHouseSpanStore:
