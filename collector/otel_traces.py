@@ -252,117 +252,172 @@ def _fallback_attributes(row: dict[str, Any]) -> list[tuple[str, str]]:
     return attributes
 
 
+class _Maps:
+    """A growing ``map<string, string>`` column (flat keys and values plus offsets)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.values: list[str] = []
+        self.offsets: list[int] = [0]
+
+    def add(self, pairs: list[tuple[str, str]]) -> None:
+        for key, value in pairs:
+            self.keys.append(key)
+            self.values.append(value)
+        self.offsets.append(len(self.keys))
+
+    def add_key_values(self, key_values: Any) -> None:
+        for kv in key_values:
+            self.keys.append(kv.key)
+            self.values.append(_any_value_text(kv.value))
+        self.offsets.append(len(self.keys))
+
+    def array(self) -> pa.Array:
+        return pa.MapArray.from_arrays(
+            pa.array(self.offsets, pa.int32()),
+            pa.array(self.keys, pa.string()),
+            pa.array(self.values, pa.string()),
+        )
+
+
+class _Nested:
+    """The ``list<...>`` columns of one Nested (Events or Links): shared offsets per span."""
+
+    def __init__(self, *names: str) -> None:
+        self.offsets: list[int] = [0]
+        self.items: dict[str, list[Any]] = {name: [] for name in names}
+        self.attributes = _Maps()
+
+    def close_span(self) -> None:
+        self.offsets.append(len(self.attributes.offsets) - 1)
+
+    def arrays(self, types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+        offsets = pa.array(self.offsets, pa.int32())
+        out = {
+            name: pa.ListArray.from_arrays(offsets, pa.array(values, types[name]))
+            for name, values in self.items.items()
+        }
+        out["Attributes"] = pa.ListArray.from_arrays(offsets, self.attributes.array())
+        return out
+
+
 def to_otel_rows(spans: pa.Table) -> tuple[pa.Table, pa.Table]:
     """(otel_traces rows, side-table rows) for ``SPAN_SCHEMA`` rows.
 
-    One protobuf parse per span (the attributes, events and links live only in ``raw``); the
-    plain columns are converted as whole Arrow arrays.
+    One protobuf parse per span (the attributes, events and links live only in ``raw``), appending
+    to flat key/value lists that become Arrow map and list arrays in one step each; the plain
+    columns are converted as whole Arrow arrays.
     """
     n = spans.num_rows
     start = spans.column("start_ns").combine_chunks()
     end = spans.column("end_ns").combine_chunks()
     timestamps = start.cast(pa.timestamp("ns"))
     duration = pc.max_element_wise(pc.subtract(end, start), 0).cast(pa.uint64())
-    kinds = spans.column("kind").to_pylist()
-    statuses = spans.column("status_code").to_pylist()
+    kind_text = pa.array([KIND_TEXT[k] for k in range(len(KIND_TEXT))], pa.string())
+    status_text = pa.array([STATUS_TEXT[s] for s in range(len(STATUS_TEXT))], pa.string())
+
     resource_cache: dict[str | None, list[tuple[str, str]]] = {None: []}
-    resources: list[list[tuple[str, str]]] = []
+    resources = _Maps()
     for text in spans.column("resource_json").to_pylist():
         attrs = resource_cache.get(text)
         if attrs is None:
             attrs = [(k, value_text(v)) for k, v in json.loads(text).items()]
             resource_cache[text] = attrs
-        resources.append(attrs)
+        resources.add(attrs)
+
     trace_states: list[str] = [""] * n
-    span_attributes: list[list[tuple[str, str]]] = [[]] * n
-    event_times: list[list[int]] = [[]] * n
-    event_names: list[list[str]] = [[]] * n
-    event_attributes: list[list[list[tuple[str, str]]]] = [[]] * n
-    link_traces: list[list[str]] = [[]] * n
-    link_spans: list[list[str]] = [[]] * n
-    link_states: list[list[str]] = [[]] * n
-    link_attributes: list[list[list[tuple[str, str]]]] = [[]] * n
+    span_attributes = _Maps()
+    events = _Nested("Timestamp", "Name")
+    links = _Nested("TraceId", "SpanId", "TraceState")
     raws = spans.column("raw").to_pylist()
-    missing_raw = [i for i, r in enumerate(raws) if not r]  # none, or empty (hand-built rows)
+    fallback_rows: dict[int, dict[str, Any]] = {}
+    missing = [i for i, r in enumerate(raws) if not r]  # none, or empty (hand-built rows)
+    if missing:
+        fallback_rows = dict(zip(missing, spans.take(missing).to_pylist(), strict=True))
     parse = trace_pb2.Span.FromString
+    event_times, event_names = events.items["Timestamp"], events.items["Name"]
+    link_traces, link_spans, link_states = (links.items[k] for k in ("TraceId", "SpanId", "TraceState"))
     for i, encoded in enumerate(raws):
-        if not encoded:
-            continue
-        span = parse(encoded)
-        trace_states[i] = span.trace_state
-        span_attributes[i] = _attributes(span.attributes)
-        if span.events:
-            event_times[i] = [e.time_unix_nano for e in span.events]
-            event_names[i] = [e.name for e in span.events]
-            event_attributes[i] = [_attributes(e.attributes) for e in span.events]
-        if span.links:
-            link_traces[i] = [link.trace_id.hex() for link in span.links]
-            link_spans[i] = [link.span_id.hex() for link in span.links]
-            link_states[i] = [link.trace_state for link in span.links]
-            link_attributes[i] = [_attributes(link.attributes) for link in span.links]
-    if missing_raw:
-        rows = spans.take(missing_raw).to_pylist()
-        for i, row in zip(missing_raw, rows, strict=True):
-            span_attributes[i] = _fallback_attributes(row)
-            event_names[i] = list(row["event_names"] or [])
-            event_times[i] = list(row["event_times_ns"] or [])
-            event_attributes[i] = [[] for _ in event_names[i]]
-            links = [link.split(":", 1) for link in row["links"] or []]
-            link_traces[i] = [t for t, _ in links]
-            link_spans[i] = [s for _, s in links]
-            link_states[i] = ["" for _ in links]
-            link_attributes[i] = [[] for _ in links]
+        if encoded:
+            span = parse(encoded)
+            trace_states[i] = span.trace_state
+            span_attributes.add_key_values(span.attributes)
+            for event in span.events:
+                event_times.append(event.time_unix_nano)
+                event_names.append(event.name)
+                events.attributes.add_key_values(event.attributes)
+            for link in span.links:
+                link_traces.append(link.trace_id.hex())
+                link_spans.append(link.span_id.hex())
+                link_states.append(link.trace_state)
+                links.attributes.add_key_values(link.attributes)
+        else:
+            row = fallback_rows[i]
+            span_attributes.add(_fallback_attributes(row))
+            for name, time_ns in zip(row["event_names"] or [], row["event_times_ns"] or [], strict=False):
+                event_times.append(time_ns)
+                event_names.append(name)
+                events.attributes.add([])
+            row_links = [link.split(":", 1) for link in row["links"] or []]
             if row["follows_from"] and row["parent_span_id"]:
-                link_traces[i].append(row["trace_id"])
-                link_spans[i].append(row["parent_span_id"])
-                link_states[i].append("")
-                link_attributes[i].append([FOLLOWS_FROM_LINK_ATTRIBUTE])
+                row_links.append([row["trace_id"], row["parent_span_id"]])
+            for index, (trace_id, span_id) in enumerate(row_links):
+                link_traces.append(trace_id)
+                link_spans.append(span_id)
+                link_states.append("")
+                follows = row["follows_from"] and index == len(row_links) - 1
+                links.attributes.add([FOLLOWS_FROM_LINK_ATTRIBUTE] if follows else [])
+        events.close_span()
+        links.close_span()
+
     empty = pa.scalar("", pa.string())
+    event_arrays = events.arrays({"Timestamp": pa.timestamp("ns"), "Name": pa.string()})
+    link_arrays = links.arrays({"TraceId": pa.string(), "SpanId": pa.string(), "TraceState": pa.string()})
     columns: dict[str, Any] = {
         "Timestamp": timestamps,
         "TraceId": spans.column("trace_id"),
         "SpanId": spans.column("span_id"),
         "ParentSpanId": pc.fill_null(spans.column("parent_span_id"), empty),
-        "TraceState": trace_states,
+        "TraceState": pa.array(trace_states, pa.string()),
         "SpanName": spans.column("name"),
-        "SpanKind": [KIND_TEXT.get(k, "Unspecified") for k in kinds],
+        "SpanKind": pc.take(
+            kind_text, pc.if_else(_in_range(spans.column("kind"), len(KIND_TEXT)), spans.column("kind"), 0)
+        ),
         "ServiceName": spans.column("service"),
-        "ResourceAttributes": resources,
+        "ResourceAttributes": resources.array(),
         "ScopeName": pc.fill_null(spans.column("scope_name"), empty),
         "ScopeVersion": pa.nulls(n, pa.string()).fill_null(""),
-        "SpanAttributes": span_attributes,
+        "SpanAttributes": span_attributes.array(),
         "Duration": duration,
-        "StatusCode": [STATUS_TEXT.get(s, "Unset") for s in statuses],
+        "StatusCode": pc.take(
+            status_text,
+            pc.if_else(
+                _in_range(spans.column("status_code"), len(STATUS_TEXT)), spans.column("status_code"), 0
+            ),
+        ),
         "StatusMessage": pc.fill_null(spans.column("status_message"), empty),
-        "Events.Timestamp": event_times,
-        "Events.Name": event_names,
-        "Events.Attributes": event_attributes,
-        "Links.TraceId": link_traces,
-        "Links.SpanId": link_spans,
-        "Links.TraceState": link_states,
-        "Links.Attributes": link_attributes,
+        **{f"Events.{name}": array for name, array in event_arrays.items()},
+        **{f"Links.{name}": array for name, array in link_arrays.items()},
     }
     arrays = []
     for f in OTEL_ARROW_SCHEMA:
         value = columns[f.name]
         if isinstance(value, pa.ChunkedArray):
             value = value.combine_chunks()
-        arrays.append(value.cast(f.type) if isinstance(value, pa.Array) else pa.array(value, type=f.type))
+        arrays.append(value.cast(f.type))
     otel = pa.Table.from_arrays(arrays, schema=OTEL_ARROW_SCHEMA)
     side = pa.Table.from_arrays(
         [
-            spans.column("trace_id").combine_chunks(),
-            spans.column("span_id").combine_chunks(),
-            timestamps,
-            spans.column("ingested_ns").combine_chunks(),
-            spans.column("hints").combine_chunks(),
-            spans.column("event_hints").combine_chunks(),
-            spans.column("resource_json").combine_chunks(),
-            spans.column("raw").combine_chunks(),
+            timestamps if name == "Timestamp" else spans.column(name).combine_chunks()
+            for name in SIDE_ARROW_SCHEMA.names
         ],
         schema=SIDE_ARROW_SCHEMA,
     )
     return otel, side
+
+
+def _in_range(column: Any, size: int) -> Any:
+    return pc.and_(pc.greater_equal(column, 0), pc.less(column, size))
 
 
 # -- reading -----------------------------------------------------------------------------------
