@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow as pa
 
+from collector.decode_otel import to_otel_rows
 from collector.otel_traces import (
     OTEL_COLUMNS,
     OTEL_TRACES_DDL,
@@ -53,7 +54,6 @@ from collector.otel_traces import (
     TRACE_ID_TS_MV_DDL,
     quote,
     select_expressions,
-    to_otel_rows,
 )
 from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from collector.store import StoreError, StoreStats, redact
