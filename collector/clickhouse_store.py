@@ -34,6 +34,7 @@ one, applies as well.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -71,6 +72,8 @@ DELETE_CHUNK = 10_000
 CONNECT_TIMEOUT_S = 10
 # Settings of every server INSERT (see the module doc).
 SERVER_INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1}
+# Map columns, async inserts waited for, lightweight DELETE without experimental settings.
+MIN_SERVER_VERSION = (23, 3)
 _READ_SETTINGS = "SETTINGS join_use_nulls = 1"
 
 
@@ -103,6 +106,10 @@ class _ServerBackend:
             # no session: the client is shared by the API's threads, and a session admits one query at a time
             autogenerate_session_id=False,
         )
+
+    def version(self) -> tuple[int, ...]:
+        text = str(self._client.server_version)
+        return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
     def command(self, sql: str) -> None:
         self._client.command(sql)
@@ -198,6 +205,26 @@ def parse_clickhouse_url(url: str) -> ClickHouseLocation:
     )
 
 
+def _check_not_in_use(path: str) -> None:
+    """One process owns a chdb directory (ClickHouse flocks its ``status`` file): say so clearly
+    instead of letting chdb fail with a generic initialisation error."""
+    status = os.path.join(path, "status")
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return  # a new directory
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise StoreError(
+            f"chdb:{path}: in use by another process (a running `hourglass serve`?); one process owns "
+            "a chdb store: stop it, or query its REST API"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 def _reason(exc: BaseException) -> str:
     """The first line of the innermost cause ("Connection refused", "Authentication failed"...)."""
     root: BaseException = exc
@@ -249,6 +276,14 @@ class ClickHouseSpanStore:
                 database=location.database,
                 secure=location.secure,
             )
+            version = backend.version()
+            if version < MIN_SERVER_VERSION:
+                backend.close()
+                wanted = ".".join(map(str, MIN_SERVER_VERSION))
+                raise StoreError(
+                    f"{location}: ClickHouse {'.'.join(map(str, version))} is too old; Hourglass needs {wanted} "
+                    "or later (Map columns, waited-for async inserts, lightweight DELETE)"
+                )
             return cls(backend, database=location.database, table=location.table, name=str(location))
         except StoreError:
             raise
@@ -262,6 +297,7 @@ class ClickHouseSpanStore:
             path = os.path.expanduser(path)
             if os.path.exists(path) and not os.path.isdir(path):
                 raise StoreError(f"chdb:{path}: not a directory (a chdb store is a directory)")
+            _check_not_in_use(path)
         try:
             backend = _ChdbBackend(path)
         except StoreError:

@@ -308,3 +308,10 @@ def test_write_rejects_bad_partition_args_and_empty_column_selection(store: Clic
     with pytest.raises(ValueError, match="part"):
         store.scan_partition(-1, 2)
     assert isinstance(store.scan_partition(0, 1), pa.Table) and store.scan_partition(0, 1).num_rows == 2
+
+
+def test_a_chdb_store_in_use_is_one_clear_error(store: ClickHouseSpanStore, tmp_path: Path) -> None:
+    # chdb would print its own lock error and fail with a generic "Error initializing EmbeddedServer"
+    with pytest.raises(StoreError, match="in use by another process"):
+        open_store(f"chdb:{tmp_path / 'spans.chdb'}")
+    assert store.stats().spans == 0  # the owner is unaffected
