@@ -38,6 +38,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,8 +68,9 @@ logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 DEFAULT_TABLE = "otel_traces"
 DEFAULT_DATABASE = "default"
 CHDB_DATABASE = "otel"
-# One lightweight DELETE names at most this many trace ids.
-DELETE_CHUNK = 10_000
+# stats() counts unique spans on the server (a full pass): reused for this long unless this
+# store wrote or deleted meanwhile (/v1/stats is polled; a Collector may write at any time).
+STATS_MAX_AGE_S = 5.0
 CONNECT_TIMEOUT_S = 10
 # Settings of every server INSERT (see the module doc).
 SERVER_INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1}
@@ -260,6 +262,8 @@ class ClickHouseSpanStore:
         self._side = f"{database}.{table}_hourglass"
         self._write_lock = threading.Lock()
         self._closed = False
+        self._changes = 0  # bumped after each write and deletion this store made
+        self._stats_cache: tuple[int, float, StoreStats] | None = None
         for ddl in (OTEL_TRACES_DDL, SIDE_TABLE_DDL, TRACE_ID_TS_DDL, TRACE_ID_TS_MV_DDL):
             backend.command(ddl.format(db=database, table=table, ttl="", ttl_start=""))
 
@@ -324,28 +328,36 @@ class ClickHouseSpanStore:
             self._check_open()
             self._backend.insert_arrow(self._side, side)  # first: see the module doc
             self._backend.insert_arrow(self._table, otel)
+            self._changes += 1
 
     def compact(self) -> int:
         """Nothing to do: reads de-duplicate (see the module doc); returns 0."""
         return 0
 
     def delete_older_than(self, cutoff_ns: int) -> int:
-        """Retention: drop whole traces whose last span ended before ``cutoff_ns``; rows removed."""
+        """Retention: drop whole traces whose last span ended before ``cutoff_ns``; rows removed.
+
+        One lightweight DELETE per table with the old traces as a subquery (a DELETE is a pass
+        over the table, so it is not repeated per batch of trace ids); the side table and the
+        trace-id lookup first, as the subquery reads ``otel_traces``.
+        """
+        old = (
+            f"SELECT TraceId FROM {self._table} GROUP BY TraceId "
+            f"HAVING max(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) < {_int(cutoff_ns)}"
+        )
         with self._write_lock:
             self._check_open()
-            old = self._backend.query_arrow(
-                f"SELECT TraceId, count() AS n FROM {self._table} GROUP BY TraceId "
-                f"HAVING max(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) < {_int(cutoff_ns)}"
+            counted = self._backend.query_arrow(
+                f"SELECT count() AS n FROM {self._table} WHERE TraceId IN ({old})"
             )
-            if old.num_rows == 0:
+            rows = int(counted.column("n")[0].as_py())
+            if rows == 0:
                 return 0
-            ids = [str(t) for t in old.column("TraceId").to_pylist()]
-            for start in range(0, len(ids), DELETE_CHUNK):
-                chunk = _strings(ids[start : start + DELETE_CHUNK])
-                self._backend.command(f"DELETE FROM {self._side} WHERE trace_id IN {chunk}")
-                self._backend.command(f"DELETE FROM {self._table}_trace_id_ts WHERE TraceId IN {chunk}")
-                self._backend.command(f"DELETE FROM {self._table} WHERE TraceId IN {chunk}")
-            return int(sum(old.column("n").to_pylist()))
+            self._backend.command(f"DELETE FROM {self._side} WHERE trace_id IN ({old})")
+            self._backend.command(f"DELETE FROM {self._table}_trace_id_ts WHERE TraceId IN ({old})")
+            self._backend.command(f"DELETE FROM {self._table} WHERE TraceId IN ({old})")
+            self._changes += 1
+            return rows
 
     # -- reads -------------------------------------------------------------------------------
     def scan(
@@ -408,7 +420,8 @@ class ClickHouseSpanStore:
             unknown = " OR ServiceName = ''" if "unknown_service" in services else ""
             conditions.append(f"(ServiceName IN {wanted}{unknown})")
         if trace_ids is not None:
-            conditions.append(f"lower(TraceId) IN {_strings([t.lower() for t in trace_ids])}")
+            # ids are written in lowercase hex (by the Collector too): the bloom-filter index applies
+            conditions.append(f"TraceId IN {_strings([t.lower() for t in trace_ids])}")
         return conditions
 
     def _read(
@@ -465,15 +478,23 @@ class ClickHouseSpanStore:
         return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
 
     def stats(self) -> StoreStats:
-        """Unique span and trace counts (counted by the server each time: a Collector may be
-        writing into the same table)."""
+        """Unique span and trace counts. Counted by the server; the last counts are reused for up to
+        ``STATS_MAX_AGE_S`` while this store wrote and deleted nothing (others, such as a Collector
+        writing into the same table, show within that time)."""
         self._check_open()
+        changes = self._changes  # read before counting: a change meanwhile forces a recount
+        cached = self._stats_cache
+        if cached is not None and cached[0] == changes and time.monotonic() - cached[1] < STATS_MAX_AGE_S:
+            return cached[2]
+        taken = time.monotonic()
         counts = self._backend.query_arrow(
             f"SELECT uniqExact(TraceId, SpanId) AS spans, uniqExact(TraceId) AS traces FROM {self._table}"
         )
-        return StoreStats(
+        counted = StoreStats(
             spans=int(counts.column("spans")[0].as_py()), traces=int(counts.column("traces")[0].as_py())
         )
+        self._stats_cache = (changes, taken, counted)
+        return counted
 
     def services(self) -> list[str]:
         self._check_open()

@@ -315,3 +315,17 @@ def test_a_chdb_store_in_use_is_one_clear_error(store: ClickHouseSpanStore, tmp_
     with pytest.raises(StoreError, match="in use by another process"):
         open_store(f"chdb:{tmp_path / 'spans.chdb'}")
     assert store.stats().spans == 0  # the owner is unaffected
+
+
+def test_retention_removes_side_rows_and_lookup_entries_too(store: ClickHouseSpanStore) -> None:
+    store.write(decode_traces_message(_otlp_request()).table)
+    _insert_as_the_collector(store)  # the same trace id, two more spans, no side rows
+
+    def count(table: str) -> int:
+        return int(store._backend.query_arrow(f"SELECT count() AS n FROM {table}").column("n")[0].as_py())
+
+    assert (count(store._table), count(store._side)) == (4, 2)
+    assert store.delete_older_than(BASE_NS) == 0  # the trace ended after the cutoff
+    assert store.delete_older_than(BASE_NS + 10**12) == 4
+    assert (count(store._table), count(store._side), count(f"{store._table}_trace_id_ts")) == (0, 0, 0)
+    assert store.stats().spans == 0
