@@ -68,6 +68,13 @@ logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 DEFAULT_TABLE = "otel_traces"
 DEFAULT_DATABASE = "default"
 CHDB_DATABASE = "otel"
+# Columns older exporter versions did not create (-> how a read fills them in).
+OPTIONAL_OTEL_COLUMNS = {
+    "ScopeName": "''",
+    "ScopeVersion": "''",
+    "TraceState": "''",
+    "Links.TraceState": "CAST([] AS Array(String))",
+}
 # stats() counts unique spans on the server (a full pass): reused for this long unless this
 # store wrote or deleted meanwhile (/v1/stats is polled; a Collector may write at any time).
 STATS_MAX_AGE_S = 5.0
@@ -266,6 +273,30 @@ class ClickHouseSpanStore:
         self._stats_cache: tuple[int, float, StoreStats] | None = None
         for ddl in (OTEL_TRACES_DDL, SIDE_TABLE_DDL, TRACE_ID_TS_DDL, TRACE_ID_TS_MV_DDL):
             backend.command(ddl.format(db=database, table=table, ttl="", ttl_start=""))
+        # A table an older exporter created lacks the newer columns: read them as empty, write without.
+        self._absent = self._check_table(database, table)
+
+    def _check_table(self, database: str, table: str) -> tuple[str, ...]:
+        """The optional exporter columns the existing table lacks; ``StoreError`` when it is not an
+        exporter traces table Hourglass can read (a required column missing, the JSON flavour)."""
+        described = self._backend.query_arrow(
+            f"SELECT name, type FROM system.columns WHERE database = {quote(database)} AND table = {quote(table)}"
+        )
+        types = dict(
+            zip(described.column("name").to_pylist(), described.column("type").to_pylist(), strict=True)
+        )
+        missing = [c for c in OTEL_COLUMNS if c not in OPTIONAL_OTEL_COLUMNS and c not in types]
+        if missing:
+            raise StoreError(
+                f"{self.path}: table {self._table} is not an otel_traces table: no column(s) {missing}"
+            )
+        for column in ("ResourceAttributes", "SpanAttributes"):
+            if not str(types[column]).startswith("Map("):
+                raise StoreError(
+                    f"{self.path}: {self._table}.{column} is {types[column]}; Hourglass reads the exporter's "
+                    "Map flavour of otel_traces, not its JSON flavour"
+                )
+        return tuple(c for c in OPTIONAL_OTEL_COLUMNS if c not in types)
 
     @classmethod
     def connect(cls, url: str) -> ClickHouseSpanStore:
@@ -327,7 +358,9 @@ class ClickHouseSpanStore:
         with self._write_lock:
             self._check_open()
             self._backend.insert_arrow(self._side, side)  # first: see the module doc
-            self._backend.insert_arrow(self._table, otel)
+            self._backend.insert_arrow(
+                self._table, otel.drop_columns(list(self._absent)) if self._absent else otel
+            )
             self._changes += 1
 
     def compact(self) -> int:
@@ -443,9 +476,10 @@ class ClickHouseSpanStore:
         side_needed = [c for c in SIDE_COLUMNS if c in selected]
         exprs = select_expressions(side=bool(side_needed))
         o_where = f"WHERE {' AND '.join(trace_filter)}" if trace_filter else ""
+        absent = "".join(f", {OPTIONAL_OTEL_COLUMNS[c]} AS `{c}`" for c in self._absent)
         query = (
             f"SELECT {', '.join(f'{exprs[c]} AS {c}' for c in selected)} FROM "
-            f"(SELECT * FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
+            f"(SELECT *{absent} FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
         )
         if side_needed:
             e_where = f"WHERE {' AND '.join(side_filter)}" if side_filter else ""

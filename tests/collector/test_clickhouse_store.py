@@ -329,3 +329,65 @@ def test_retention_removes_side_rows_and_lookup_entries_too(store: ClickHouseSpa
     assert store.delete_older_than(BASE_NS + 10**12) == 4
     assert (count(store._table), count(store._side), count(f"{store._table}_trace_id_ts")) == (0, 0, 0)
     assert store.stats().spans == 0
+
+
+# otel_traces as exporter versions before ScopeName/ScopeVersion created it (Duration Int64 then).
+OLD_EXPORTER_DDL = """
+CREATE TABLE otel.otel_traces (
+    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)), TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)), ParentSpanId String CODEC(ZSTD(1)), TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)), SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration Int64 CODEC(ZSTD(1)), StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (Timestamp DateTime64(9), Name LowCardinality(String),
+                   Attributes Map(LowCardinality(String), String)) CODEC(ZSTD(1)),
+    Links Nested (TraceId String, SpanId String, TraceState String,
+                  Attributes Map(LowCardinality(String), String)) CODEC(ZSTD(1))
+) ENGINE MergeTree() PARTITION BY toDate(Timestamp)
+ORDER BY (ServiceName, SpanName, toUnixTimestamp(Timestamp), TraceId)
+"""
+
+
+def _prepare(path: Path, ddl: str) -> None:
+    from chdb import session
+
+    prepared = session.Session(str(path))
+    try:
+        prepared.query("CREATE DATABASE IF NOT EXISTS otel ENGINE = Atomic")
+        prepared.query(ddl)
+        if "SpanAttributes Map" in ddl:  # rows as that exporter wrote them
+            prepared.query(
+                f"INSERT INTO otel.otel_traces (Timestamp, TraceId, SpanId, SpanName, SpanKind, ServiceName, "
+                f"SpanAttributes, Duration, StatusCode) VALUES ({_ts(BASE_NS)}, '{TRACE}', '00f067aa0ba902b7', "
+                "'GET /', 'SPAN_KIND_SERVER', 'web', map('otel.scope.name', 'old-sdk', 'http.status_code', '500'), "
+                "1000000, 'STATUS_CODE_ERROR')"
+            )
+    finally:
+        prepared.close()
+
+
+def test_a_table_from_an_older_exporter_is_read_and_written(tmp_path: Path) -> None:
+    path = tmp_path / "old.chdb"
+    _prepare(path, OLD_EXPORTER_DDL)
+    with ClickHouseSpanStore.embedded(str(path)) as store:
+        store.write(decode_traces_message(_otlp_request()).table)
+        rows = {r["span_id"]: r for r in store.scan(columns=SPAN_COLUMNS).to_pylist()}
+        old = rows["00f067aa0ba902b7"]
+        assert (old["kind"], old["status_code"], old["http_status_code"]) == (KIND_SERVER, STATUS_ERROR, 500)
+        assert old["scope_name"] is None and old["end_ns"] - old["start_ns"] == 1_000_000
+        assert rows["1111111111111111"]["scope_name"] is None  # the old table has no ScopeName to keep it
+        assert rows["1111111111111111"]["http_status_code"] == 402
+        assert store.stats().spans == 3
+
+
+def test_the_json_flavour_of_otel_traces_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "json.chdb"
+    _prepare(
+        path,
+        OLD_EXPORTER_DDL.replace("SpanAttributes Map(LowCardinality(String), String)", "SpanAttributes JSON"),
+    )
+    with pytest.raises(StoreError, match="JSON flavour"):
+        ClickHouseSpanStore.embedded(str(path))
