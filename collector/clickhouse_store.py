@@ -83,7 +83,31 @@ CONNECT_TIMEOUT_S = 10
 SERVER_INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1}
 # Map columns, async inserts waited for, lightweight DELETE without experimental settings.
 MIN_SERVER_VERSION = (23, 3)
-_READ_SETTINGS = "SETTINGS join_use_nulls = 1"
+# join_use_nulls: a span without a side row gets NULLs there (how the reads tell them apart);
+# short-circuit: the derived hints of spans that have a side row are not computed at all.
+_READ_SETTINGS = "SETTINGS join_use_nulls = 1, short_circuit_function_evaluation = 'force_enable'"
+# The otel_traces columns the reads use (not TraceState, ScopeVersion, Links.TraceState).
+_READ_OTEL_COLUMNS = (
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
+    "Events.Timestamp",
+    "Events.Name",
+    "Events.Attributes",
+    "Links.TraceId",
+    "Links.SpanId",
+    "Links.Attributes",
+)
 
 
 class _Backend(Protocol):
@@ -476,10 +500,13 @@ class ClickHouseSpanStore:
         side_needed = [c for c in SIDE_COLUMNS if c in selected]
         exprs = select_expressions(side=bool(side_needed))
         o_where = f"WHERE {' AND '.join(trace_filter)}" if trace_filter else ""
-        absent = "".join(f", {OPTIONAL_OTEL_COLUMNS[c]} AS `{c}`" for c in self._absent)
+        read = ", ".join(
+            f"{OPTIONAL_OTEL_COLUMNS[c]} AS `{c}`" if c in self._absent else f"`{c}`"
+            for c in _READ_OTEL_COLUMNS
+        )
         query = (
             f"SELECT {', '.join(f'{exprs[c]} AS {c}' for c in selected)} FROM "
-            f"(SELECT *{absent} FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
+            f"(SELECT {read} FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
         )
         if side_needed:
             e_where = f"WHERE {' AND '.join(side_filter)}" if side_filter else ""
