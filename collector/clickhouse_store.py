@@ -121,7 +121,7 @@ class _Backend(Protocol):
 
 
 class _ServerBackend:
-    def __init__(self, *, host: str, port: int, username: str, password: str, database: str, secure: bool):
+    def __init__(self, *, host: str, port: int, username: str, password: str, secure: bool):
         try:
             import clickhouse_connect
         except ImportError as exc:
@@ -133,7 +133,7 @@ class _ServerBackend:
             port=port,
             username=username,
             password=password,
-            database=database,
+            # the user's default database: every statement names its database, which may not exist yet
             secure=secure,
             connect_timeout=CONNECT_TIMEOUT_S,
             # no session: the client is shared by the API's threads, and a session admits one query at a time
@@ -332,21 +332,32 @@ class ClickHouseSpanStore:
                 port=location.port,
                 username=location.username,
                 password=location.password,
-                database=location.database,
                 secure=location.secure,
             )
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{location}: cannot use the ClickHouse server: {_reason(exc)}") from exc
+        try:
             version = backend.version()
             if version < MIN_SERVER_VERSION:
-                backend.close()
                 wanted = ".".join(map(str, MIN_SERVER_VERSION))
                 raise StoreError(
                     f"{location}: ClickHouse {'.'.join(map(str, version))} is too old; Hourglass needs {wanted} "
                     "or later (Map columns, waited-for async inserts, lightweight DELETE)"
                 )
+            # as the exporter does: the database is created when missing (only then: creating
+            # needs a grant that reading and writing an existing one does not)
+            exists = backend.query_arrow(
+                f"SELECT count() AS n FROM system.databases WHERE name = {quote(location.database)}"
+            )
+            if int(exists.column("n")[0].as_py()) == 0:
+                backend.command(f"CREATE DATABASE IF NOT EXISTS {location.database}")
             return cls(backend, database=location.database, table=location.table, name=str(location))
-        except StoreError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            backend.close()
+            if isinstance(exc, StoreError | KeyboardInterrupt):
+                raise
             raise StoreError(f"{location}: cannot use the ClickHouse server: {_reason(exc)}") from exc
 
     @classmethod
@@ -366,7 +377,7 @@ class ClickHouseSpanStore:
         try:
             backend.command(f"CREATE DATABASE IF NOT EXISTS {CHDB_DATABASE} ENGINE = Atomic")
             return cls(backend, database=CHDB_DATABASE, table=table, name=f"chdb:{path}")
-        except Exception:
+        except BaseException:
             backend.close()
             raise
 
