@@ -391,3 +391,35 @@ def test_the_json_flavour_of_otel_traces_is_refused_clearly(tmp_path: Path) -> N
     )
     with pytest.raises(StoreError, match="JSON flavour"):
         ClickHouseSpanStore.embedded(str(path))
+
+
+def test_the_scanner_path_and_the_per_span_path_give_the_same_otel_rows() -> None:
+    """``to_otel_rows`` reads attributes, events and links with the C scanner; the per-span
+    protobuf path (no scanner, or bytes it refuses) must give the same rows."""
+    import glob
+
+    from collector.decode_otel import to_otel_rows
+    from collector.files import read_trace_files
+    from collector.native_decode import AVAILABLE
+
+    if not AVAILABLE:
+        pytest.skip("the C extension collector._otlpscan is not built")
+    request = _otlp_request()
+    extra = request.resource_spans[0].scope_spans[0].spans[0].attributes
+    extra.add(key="whole", value=common_pb2.AnyValue(double_value=3.0))
+    extra.add(key="big", value=common_pb2.AnyValue(double_value=1e20))
+    extra.add(key="blob", value=common_pb2.AnyValue(bytes_value=b"\x00\xff"))
+    extra.add(key="none", value=common_pb2.AnyValue())
+    kvlist = common_pb2.AnyValue()
+    kvlist.kvlist_value.values.add(key="k", value=common_pb2.AnyValue(int_value=1))
+    extra.add(key="nested", value=kvlist)
+    tables = [decode_traces_message(request).table]
+    files = sorted(glob.glob(str(ROOT / "sample-traces" / "*.otlp.jsonl")))
+    tables += [t for t in read_trace_files(files, on_error=pytest.fail) if t.num_rows]
+    spans = pa.concat_tables(tables)
+    fast, fast_side = to_otel_rows(spans)
+    slow, slow_side = to_otel_rows(spans, native=False)
+    assert fast.equals(slow) and fast_side.equals(slow_side)
+    attributes = dict(fast.column("SpanAttributes")[0].as_py())
+    assert (attributes["ratio"], attributes["whole"], attributes["big"]) == ("1.5", "3", "100000000000000000000")
+    assert (attributes["blob"], attributes["none"], attributes["nested"]) == ("AP8=", "", '{"k":1}')
