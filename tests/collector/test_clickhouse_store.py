@@ -421,5 +421,32 @@ def test_the_scanner_path_and_the_per_span_path_give_the_same_otel_rows() -> Non
     slow, slow_side = to_otel_rows(spans, native=False)
     assert fast.equals(slow) and fast_side.equals(slow_side)
     attributes = dict(fast.column("SpanAttributes")[0].as_py())
-    assert (attributes["ratio"], attributes["whole"], attributes["big"]) == ("1.5", "3", "100000000000000000000")
+    assert (attributes["ratio"], attributes["whole"], attributes["big"]) == (
+        "1.5",
+        "3",
+        "100000000000000000000",
+    )
     assert (attributes["blob"], attributes["none"], attributes["nested"]) == ("AP8=", "", '{"k":1}')
+
+
+def test_a_write_does_not_wait_for_a_long_read(store: ClickHouseSpanStore) -> None:
+    """serve's Exports must not queue behind an analysis scan (chdb runs one query per session)."""
+    import threading
+
+    finished: list[float] = []
+
+    def long_read() -> None:  # stops itself after 5 s (timeout_overflow_mode=break)
+        store._backend.query_arrow(
+            "SELECT count() AS n FROM system.numbers WHERE sipHash64(number) % 7 = 1 "
+            "SETTINGS max_execution_time = 5, timeout_overflow_mode = 'break'"
+        )
+        finished.append(time.monotonic())
+
+    reader = threading.Thread(target=long_read)
+    reader.start()
+    time.sleep(0.5)
+    store.write(decode_traces_message(_otlp_request()).table)
+    wrote = time.monotonic()
+    reader.join(60)
+    assert finished and wrote < finished[0], "the write waited for the read"
+    assert store.stats().spans == 2
