@@ -4,7 +4,7 @@
 
 Layout (see ``collector.otel_traces``): spans go to ``<table>`` (default ``otel_traces``) exactly
 as the Collector's ClickHouse exporter writes them, plus ``<table>_hourglass``, a side table with
-what that schema cannot hold faithfully (``ingested_ns``, typed hints, the resource JSON, the raw
+what that schema cannot hold faithfully (``ingested_ns``, a negative duration, typed hints, the resource JSON, the raw
 OTLP span). The exporter's lookup table ``<table>_trace_id_ts`` and its materialized view are
 created too when missing, so tools that find traces through it work on what Hourglass writes.
 A table a Collector already created is used as it is: Hourglass analyses those traces in place.

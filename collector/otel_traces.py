@@ -13,7 +13,7 @@ Hourglass never alters it.
   bytes base64, arrays and maps as JSON). ``SpanKind``/``StatusCode`` are written as the current
   exporter writes them (``Server``, ``Error``...). The scope version is not in ``SPAN_SCHEMA``:
   written empty. A row without ``raw`` gets its attributes back from the semantic columns and hints.
-- What ``otel_traces`` cannot hold faithfully (``ingested_ns``, typed ``hints``/``event_hints``,
+- What ``otel_traces`` cannot hold faithfully (``ingested_ns``, an ``end_ns`` before ``start_ns``, typed ``hints``/``event_hints``,
   ``resource_json``, ``raw``) goes to the side table ``<table>_hourglass``, keyed by
   (trace_id, span_id).
 - Reading (``select_expressions``): every other ``SPAN_SCHEMA`` column is derived from the
@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS {db}.{table}_hourglass (
     span_id String CODEC(ZSTD(1)),
     Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
     ingested_ns Int64 CODEC(Delta, ZSTD(1)),
+    end_ns Int64 CODEC(Delta, ZSTD(1)),
     hints Nullable(String) CODEC(ZSTD(1)),
     event_hints Nullable(String) CODEC(ZSTD(1)),
     resource_json Nullable(String) CODEC(ZSTD(1)),
@@ -125,7 +126,9 @@ ORDER BY (trace_id, span_id)
 SETTINGS index_granularity = 8192
 """
 
-SIDE_COLUMNS: tuple[str, ...] = ("ingested_ns", "hints", "event_hints", "resource_json", "raw")
+# end_ns too: otel_traces keeps a Duration, which cannot be negative (a span ending before it starts,
+# clock skew the analysis repairs, is written with Duration 0)
+SIDE_COLUMNS: tuple[str, ...] = ("ingested_ns", "end_ns", "hints", "event_hints", "resource_json", "raw")
 
 OTEL_COLUMNS: tuple[str, ...] = (
     "Timestamp",
@@ -185,6 +188,7 @@ SIDE_ARROW_SCHEMA = pa.schema(
         pa.field("span_id", pa.string()),
         pa.field("Timestamp", pa.timestamp("ns")),
         pa.field("ingested_ns", pa.int64()),
+        pa.field("end_ns", pa.int64()),
         pa.field("hints", pa.string()),
         pa.field("event_hints", pa.string()),
         pa.field("resource_json", pa.string()),
@@ -280,7 +284,6 @@ def select_expressions(*, side: bool) -> dict[str, str]:
         "name": "toString(o.SpanName)",
         "kind": _kind_sql(),
         "start_ns": start,
-        "end_ns": end,
         "status_code": _status_sql(),
         "status_message": "if(o.StatusMessage = '', NULL, o.StatusMessage)",
         "scope_name": "if(o.ScopeName = '', NULL, o.ScopeName)",
@@ -298,6 +301,7 @@ def select_expressions(*, side: bool) -> dict[str, str]:
         "resource_json": "toJSONString(o.ResourceAttributes)",
         "raw": "NULL",
         "ingested_ns": end,
+        "end_ns": end,
     }
     exprs.update(
         {

@@ -309,3 +309,18 @@ def test_scan_partition_splits_whole_traces(make_store: StoreFactory) -> None:
     assert tuple(filtered[0].column_names) == ANALYSIS_COLUMNS
     with pytest.raises(ValueError, match="part"):
         store.scan_partition(4, 4)
+
+
+def test_a_span_ending_before_it_starts_is_kept_as_it_came(make_store: StoreFactory) -> None:
+    """Clock skew the analysis repairs: the store keeps end_ns < start_ns as written (otel_traces
+    has only a Duration, so the ClickHouse stores keep the end in their side table)."""
+    store = make_store()
+    b = TraceBuilder(service="skewed")
+    root = b.span("GET /", start_ms=0, dur_ms=40)
+    b.span("child", parent=root, start_ms=10, dur_ms=-3)
+    table = spans_table(b)
+    store.write(table)
+    got = store.scan(columns=("span_id", "start_ns", "end_ns")).to_pylist()
+    want = table.select(["span_id", "start_ns", "end_ns"]).to_pylist()
+    assert sorted(got, key=lambda r: r["span_id"]) == sorted(want, key=lambda r: r["span_id"])
+    assert any(r["end_ns"] < r["start_ns"] for r in got)
