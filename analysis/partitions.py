@@ -198,10 +198,16 @@ Source = StoreSource | FrameSource
 
 
 def open_for_reading(location: str) -> Any:
-    """The store a ``--db`` value names, opened for reading by one partition task."""
-    from collector.duckdb_store import DuckDBSpanStore
+    """The store a ``--db`` value names, opened for reading by one partition task: a DuckDB file
+    read-only (so several processes read it at once), a ClickHouse server or chdb directory as
+    ``collector.store.open_store`` opens it."""
+    from collector.store import local_path, open_store
 
-    return DuckDBSpanStore(location, read_only=True, threads=1)
+    if local_path(location) == location and location != ":memory:":
+        from collector.duckdb_store import DuckDBSpanStore
+
+        return DuckDBSpanStore(location, read_only=True, threads=1)
+    return open_store(location)
 
 
 @dataclass
@@ -430,7 +436,9 @@ class DaskExecutor:
         self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
     ) -> list[Any]:
         futures = [
-            self.client.submit(fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}")
+            self.client.submit(
+                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
+            )
             for args in calls
         ]
         results: list[Any] = [None] * len(calls)

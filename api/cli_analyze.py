@@ -99,13 +99,16 @@ def analyze_store(
     store = open_store_for_analysis(path)
     try:
         spans = store.raw_row_count()
+        if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
+            run = StoreRun(run.budget, 1, run.cluster, run.partitions)
         try:
             if run.partitions:
                 plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions))
             elif run.cluster is None:
                 plan = partitions.plan(spans, run.budget, run.workers)
                 if plan.parts > 1:  # the largest trace bounds how small a partition can be
-                    plan = partitions.plan(spans, run.budget, run.workers, store.largest_trace())
+                    largest = store.largest_trace() if hasattr(store, "largest_trace") else None
+                    plan = partitions.plan(spans, run.budget, run.workers, largest)
             else:
                 plan = partitions.Plan(spans, max(2, partitions.plan(spans, run.budget, 1).parts), 0)
         except partitions.BudgetError as exc:
@@ -187,15 +190,18 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
 
 
 def open_store_for_analysis(path: str) -> Any:
-    from collector.duckdb_store import DuckDBSpanStore
+    from collector.store import StoreError, local_path, open_store, redact
 
-    if path != ":memory:" and not Path(path).exists():
+    local = local_path(path)
+    if local is not None and local != ":memory:" and not Path(local).exists():
         raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
     try:
-        return DuckDBSpanStore(path)
+        return open_store(path)
+    except StoreError as exc:
+        raise _fail(str(exc), code=EXIT_STORE) from exc
     except Exception as exc:
         raise _fail(
-            f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
+            f"{redact(path)}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
             code=EXIT_STORE,
         ) from exc
 
@@ -216,7 +222,8 @@ def analyze_command(
     db: Annotated[
         str | None,
         typer.Option(
-            "--db", help=f"The span store, when no files are given (default $HOURGLASS_DB or {DEFAULT_DB})"
+            "--db",
+            help=f"The span store when no files are given: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
         ),
     ] = None,
     service: Annotated[

@@ -111,7 +111,10 @@ def import_command(
     ],
     db: Annotated[
         str | None,
-        typer.Option("--db", help="Span store file (DuckDB). Default: HOURGLASS_DB or hourglass.duckdb."),
+        typer.Option(
+            "--db",
+            help="Span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR. Default: HOURGLASS_DB or hourglass.duckdb.",
+        ),
     ] = None,
     output_format: Annotated[
         str, typer.Option("--format", help="Summary format: text or json.", case_sensitive=False)
@@ -139,14 +142,21 @@ def import_command(
         progress if progress is not None else (err.is_terminal and total_bytes >= PROGRESS_MIN_BYTES)
     )
 
-    from collector.duckdb_store import DuckDBSpanStore  # the store pulls in DuckDB; only when importing
+    from collector.store import (
+        StoreError,
+        open_store,
+        redact,
+    )  # the store pulls in DuckDB; only when importing
 
     try:
-        store = DuckDBSpanStore(db_path)
+        store = open_store(db_path)
         stored_before = store.stats().spans
+    except StoreError as exc:  # a bad URL, an unreachable server, a missing extra: already one line
+        err.print(str(exc), markup=False)
+        raise typer.Exit(EXIT_STORE_FAILED) from None
     except Exception as exc:  # duckdb raises several types (lock held by a running serve, bad file)
         err.print(
-            f"{db_path}: cannot open the span store: {exc}. If `hourglass serve` is running on this file, "
+            f"{redact(db_path)}: cannot open the span store: {exc}. If `hourglass serve` is running on this file, "
             "stop it first, or send the traces to its OTLP endpoint instead.",
             markup=False,
         )
@@ -185,7 +195,7 @@ def import_command(
             _write(store, pending)
         stats = store.stats()
     except _StoreWriteFailed as exc:
-        err.print(f"{db_path}: writing to the span store failed: {exc}", markup=False)
+        err.print(f"{redact(db_path)}: writing to the span store failed: {exc}", markup=False)
         store.close()
         raise typer.Exit(EXIT_STORE_FAILED) from None
     except KeyboardInterrupt:
@@ -198,7 +208,7 @@ def import_command(
     reports = reader.reports
     skipped = [r for r in reports if not r.clean]
     summary = {
-        "db": db_path,
+        "db": redact(db_path),
         "files": len(reports),
         "spans": spans,
         "traces": len(trace_ids),

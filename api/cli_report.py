@@ -58,7 +58,11 @@ def report_command(
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
     ] = None,
     db: Annotated[
-        str | None, typer.Option("--db", help=f"The span store (default $HOURGLASS_DB or {DEFAULT_DB})")
+        str | None,
+        typer.Option(
+            "--db",
+            help=f"The span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
+        ),
     ] = None,
     service: Annotated[
         list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
@@ -90,21 +94,24 @@ def report_command(
         source = ", ".join(str(f) for f in files)
         fetch_trace = table_trace_fetcher(table)
     else:
-        from collector.duckdb_store import DuckDBSpanStore
+        from collector.store import StoreError, local_path, open_store, redact
 
         path = db or settings.db
-        if path != ":memory:" and not Path(path).exists():
+        local = local_path(path)
+        if local is not None and local != ":memory:" and not Path(local).exists():
             raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
         try:
-            store = DuckDBSpanStore(path)
+            store = open_store(path)
+        except StoreError as exc:
+            raise _fail(str(exc), code=1) from exc
         except Exception as exc:  # duckdb raises IOException when a running server holds the file
             raise _fail(
-                f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, "
+                f"{redact(path)}: cannot open the store ({exc}). If `hourglass serve` is running on it, "
                 "open its report page at / or query its API instead.",
                 code=1,
             ) from exc
         table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
-        source = f"store {path}"
+        source = f"store {redact(path)}"
         fetch_trace = store.trace
 
     try:

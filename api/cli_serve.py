@@ -13,7 +13,11 @@ from api.settings import Settings, parse_duration_seconds
 @app.command()
 def serve(
     db: Annotated[
-        str | None, typer.Option("--db", help="DuckDB file of the span store (env HOURGLASS_DB)")
+        str | None,
+        typer.Option(
+            "--db",
+            help="span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (env HOURGLASS_DB)",
+        ),
     ] = None,
     host: Annotated[
         str | None, typer.Option(help="interface to listen on (env HOURGLASS_HOST; default 127.0.0.1)")
@@ -59,8 +63,10 @@ def serve(
                 err=True,
             )
             raise typer.Exit(2) from None
+    from collector.store import StoreError
+
     try:
         run_serve(settings)
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         typer.echo(f"hourglass serve: {exc}", err=True)
         raise typer.Exit(1) from None

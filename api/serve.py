@@ -36,10 +36,10 @@ import uvicorn
 
 from api.settings import Settings
 from collector import native_decode
-from collector.duckdb_store import DuckDBSpanStore
 from collector.grpc_receiver import GrpcReceiver, tune_gc_for_decoding
 from collector.http_receiver import create_otlp_http_app
 from collector.ingest import IngestPipeline
+from collector.store import SpanStore, open_store, redact
 
 log = logging.getLogger("hourglass.serve")
 
@@ -113,7 +113,7 @@ async def _serve_async(
 ) -> None:
     from api.app import create_app
 
-    store = DuckDBSpanStore(settings.db, ingest_log=True, threads=STORE_THREADS)
+    store = open_store(settings.db, serve=True, threads=STORE_THREADS)
     if not native_decode.AVAILABLE:
         log.warning(
             "the C extension collector._otlpscan is not built (no C compiler at install?): OTLP decoding "
@@ -192,7 +192,7 @@ async def _serve_async(
         )
         endpoints_out.append(endpoints)
         stats = store.stats()
-        _say(f"store {settings.db} ({stats.spans} spans, {stats.traces} traces)")
+        _say(f"store {redact(settings.db)} ({stats.spans} spans, {stats.traces} traces)")
         _say(f"OTLP/gRPC listening on {endpoints.grpc}")
         _say(f"OTLP/HTTP listening on {endpoints.http}")
         _say(f"REST API listening on {endpoints.api} (GET /healthz, /v1/stats, /v1/recommendations)")
@@ -238,7 +238,7 @@ async def _serve_async(
 
 
 async def _maintenance(
-    store: DuckDBSpanStore,
+    store: SpanStore,
     settings: Settings,
     shutdown: asyncio.Event,
     compact_interval_s: float,

@@ -1,4 +1,5 @@
-"""The SpanStore contract: every backend runs this suite (DuckDB file and :memory: today)."""
+"""The SpanStore contract: every backend runs this suite (DuckDB file and :memory:, embedded
+ClickHouse through chdb, and a ClickHouse server when HOURGLASS_TEST_CLICKHOUSE_URL names one)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,67 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from collector.clickhouse_store import ClickHouseSpanStore
 from collector.duckdb_store import DuckDBSpanStore
 from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
-from collector.store import SpanStore, StoreStats
+from collector.store import SpanStore, StoreStats, open_store
 from tests.builders import BASE_NS, TraceBuilder, spans_table
 
 StoreFactory = Callable[[], SpanStore]
 MS = 1_000_000
 
 
-@pytest.fixture(params=["duckdb-file", "duckdb-file-ingest-log", "duckdb-memory"])
+CLICKHOUSE_URL = os.environ.get("HOURGLASS_TEST_CLICKHOUSE_URL")
+needs_chdb = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("chdb") is None,
+    reason="chdb is not installed (pip install -e '.[dev]')",
+)
+needs_server = pytest.mark.skipif(
+    not CLICKHOUSE_URL,
+    reason="HOURGLASS_TEST_CLICKHOUSE_URL is not set (clickhouse://USER:PASS@HOST:8123/DATABASE)",
+)
+
+
+def _server_store(table: str) -> ClickHouseSpanStore:
+    """A store on its own table of the test server (dropped by the fixture)."""
+    assert CLICKHOUSE_URL is not None
+    separator = "&" if "?" in CLICKHOUSE_URL else "?"
+    return ClickHouseSpanStore.connect(f"{CLICKHOUSE_URL}{separator}table={table}")
+
+
+def _drop_server_tables(store: ClickHouseSpanStore) -> None:
+    table = store._table
+    for suffix in ("_trace_id_ts_mv", "_trace_id_ts", "_hourglass", ""):
+        store._backend.command(f"DROP TABLE IF EXISTS {table}{suffix}")
+
+
+@pytest.fixture(
+    params=[
+        "duckdb-file",
+        "duckdb-file-ingest-log",
+        "duckdb-memory",
+        pytest.param("chdb", marks=needs_chdb),
+        pytest.param("clickhouse-server", marks=needs_server),
+    ]
+)
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     opened: list[SpanStore] = []
+    server_table = f"hourglass_test_{uuid.uuid4().hex[:12]}"
 
     def factory() -> SpanStore:
-        if request.param == "duckdb-file":
-            store: SpanStore = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+        if request.param == "chdb":
+            store: SpanStore = ClickHouseSpanStore.embedded(str(tmp_path / "spans.chdb"))
+        elif request.param == "clickhouse-server":
+            store = _server_store(server_table)
+        elif request.param == "duckdb-file":
+            store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
         elif request.param == "duckdb-file-ingest-log":  # as serve opens it
             store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"), ingest_log=True, threads=1)
         else:
@@ -38,6 +78,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
 
     yield factory
     for store in opened:
+        if request.param == "clickhouse-server" and isinstance(store, ClickHouseSpanStore):
+            _drop_server_tables(store)
         store.close()
 
 
@@ -165,15 +207,18 @@ def test_file_store_survives_reopen(tmp_path: Path) -> None:
         assert store.stats() == StoreStats(spans=3, traces=2)
 
 
-def test_write_is_durable_across_kill_9(tmp_path: Path) -> None:
-    """A row whose write() returned survives a SIGKILL right after (WAL replay on the next open)."""
-    path = tmp_path / "killed.duckdb"
+@pytest.mark.parametrize("backend", ["duckdb", pytest.param("chdb", marks=needs_chdb)])
+def test_write_is_durable_across_kill_9(tmp_path: Path, backend: str) -> None:
+    """A row whose write() returned survives a SIGKILL right after (DuckDB: WAL replay on the next
+    open; chdb: the INSERT's part files are written before it returns)."""
+    path = tmp_path / ("killed.duckdb" if backend == "duckdb" else "killed.chdb")
+    location = str(path) if backend == "duckdb" else f"chdb:{path}"
     script = textwrap.dedent(
         f"""
         import sys, time
-        from collector.duckdb_store import DuckDBSpanStore
+        from collector.store import open_store
         from tests.builders import TraceBuilder, spans_table
-        store = DuckDBSpanStore({str(path)!r})
+        store = open_store({location!r})
         for i in range(5):
             b = TraceBuilder(service="s", trace_id=f"{{i + 1:032x}}")
             b.span("op", start_ms=0, dur_ms=1)
@@ -199,8 +244,11 @@ def test_write_is_durable_across_kill_9(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    with DuckDBSpanStore(str(path)) as store:
+    store = open_store(location)
+    try:
         assert store.stats() == StoreStats(spans=5, traces=5)
+    finally:
+        store.close()
 
 
 def test_close_interrupts_a_reader_still_running_a_query(tmp_path: Path) -> None:
@@ -224,3 +272,55 @@ def test_close_interrupts_a_reader_still_running_a_query(tmp_path: Path) -> None
     store.close()
     reader.join(30)
     assert not reader.is_alive() and errors
+
+
+def test_scan_partition_splits_whole_traces(make_store: StoreFactory) -> None:
+    """Every trace lands in exactly one partition, whole, in scan's row order; filters as in scan."""
+    store = make_store()
+    builders = []
+    for i in range(24):
+        b = TraceBuilder(service="frontend" if i % 2 else "billing", base_ns=BASE_NS + i * 1_000 * MS)
+        root = b.span("GET /", start_ms=0, dur_ms=50)
+        b.span("child", parent=root, start_ms=5, dur_ms=10, service="db")
+        builders.append(b)
+    store.write(spans_table(builders))
+    store.write(spans_table(builders[:3]))  # retried Exports: still seen once
+    everything = store.scan(columns=("trace_id", "span_id", "start_ns"))
+    parts = 4
+    pieces = [
+        store.scan_partition(p, parts, columns=("trace_id", "span_id", "start_ns")) for p in range(parts)
+    ]
+    seen: dict[str, int] = {}
+    for part, piece in enumerate(pieces):
+        assert piece.column_names == ["trace_id", "span_id", "start_ns"]
+        rows = piece.to_pylist()
+        assert rows == sorted(rows, key=lambda r: (r["trace_id"], r["start_ns"], r["span_id"]))
+        for trace_id in set(piece.column("trace_id").to_pylist()):
+            assert trace_id not in seen, "a trace in two partitions"
+            seen[trace_id] = part
+    assert sum(p.num_rows for p in pieces) == everything.num_rows == 48
+    assert len({part for part in seen.values()}) > 1  # 24 traces do not all hash alike
+    late = BASE_NS + 12_000 * MS
+    filtered = [store.scan_partition(p, parts, since_ns=late, services=["billing"]) for p in range(parts)]
+    expected = store.scan(since_ns=late, services=["billing"])
+    combined = pa.concat_tables(filtered).sort_by([("trace_id", "ascending"), ("start_ns", "ascending")])
+    assert combined.num_rows == expected.num_rows == 12  # 6 billing traces from +12 s on, db spans included
+    assert combined.to_pylist() == expected.to_pylist()
+    assert tuple(filtered[0].column_names) == ANALYSIS_COLUMNS
+    with pytest.raises(ValueError, match="part"):
+        store.scan_partition(4, 4)
+
+
+def test_a_span_ending_before_it_starts_is_kept_as_it_came(make_store: StoreFactory) -> None:
+    """Clock skew the analysis repairs: the store keeps end_ns < start_ns as written (otel_traces
+    has only a Duration, so the ClickHouse stores keep the end in their side table)."""
+    store = make_store()
+    b = TraceBuilder(service="skewed")
+    root = b.span("GET /", start_ms=0, dur_ms=40)
+    b.span("child", parent=root, start_ms=10, dur_ms=-3)
+    table = spans_table(b)
+    store.write(table)
+    got = store.scan(columns=("span_id", "start_ns", "end_ns")).to_pylist()
+    want = table.select(["span_id", "start_ns", "end_ns"]).to_pylist()
+    assert sorted(got, key=lambda r: r["span_id"]) == sorted(want, key=lambda r: r["span_id"])
+    assert any(r["end_ns"] < r["start_ns"] for r in got)

@@ -1,0 +1,48 @@
+"""The same report from DuckDB and embedded ClickHouse (chdb) on the labelled sample traces,
+through the real CLI as a process: ``hourglass import --db X FILES`` then ``hourglass analyze --db X``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workload.labels import check_report, load_labels
+
+pytest.importorskip("chdb", reason="chdb is not installed (pip install -e '.[dev]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample-traces"
+HOURGLASS = Path(sys.executable).with_name("hourglass")
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([str(HOURGLASS), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"hourglass {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}"
+    return proc.stdout
+
+
+def _report(db: str, files: list[str]) -> dict[str, Any]:
+    imported = json.loads(_run("import", "--db", db, *files, "--format", "json"))
+    assert imported["skipped_spans"] == 0 and not imported["failed_files"]
+    report = json.loads(_run("analyze", "--db", db, "--format", "json"))
+    report.pop("generated_at")
+    return report
+
+
+def test_duckdb_and_chdb_give_the_same_report_on_the_sample_traces(tmp_path: Path) -> None:
+    files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
+    assert files
+    duck = _report(str(tmp_path / "spans.duckdb"), files)
+    click = _report(f"chdb:{tmp_path / 'spans.chdb'}", files)
+    assert click["spans_analyzed"] == duck["spans_analyzed"] > 0
+    assert click["recommendations"], "the sample traces hold known bottlenecks"
+    assert click == duck
+    # and the report from the ClickHouse store finds what each scenario's labels require
+    for labels_path in sorted(SAMPLES.glob("*.labels.json")):
+        check = check_report(labels_path.name, load_labels(labels_path), click)
+        assert not check.missed, f"{labels_path.name}: missed {check.missed}"
