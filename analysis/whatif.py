@@ -55,7 +55,6 @@ from analysis.model import (
 )
 from analysis.repair import pointer_jump_sum
 
-
 # Intervention types in the engine's arrays.
 SHORTEN, COLLAPSE, RUN_CONCURRENTLY, SCALE_SELF, CAP = 0, 1, 2, 3, 4
 
