@@ -181,29 +181,33 @@ def changes_from_cli(
     """The CLI flags as changes: ``--speedup svc:op=0.5``, ``--recommendation ID``,
     ``--parallelize svc:op``, ``--cap svc:op=4``."""
     out: list[Change] = []
+
+    def add(flag: str, text: str, item: dict[str, Any]) -> None:
+        try:
+            out.append(change_from_json(item, "x"))
+        except WhatIfInputError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            raise WhatIfInputError(f"{flag} {text!r}: {reason}") from None
+
     for rec in recommendation:
-        out.append(change_from_json({"recommendation": rec}, f"--recommendation {rec!r}"))
+        add("--recommendation", rec, {"recommendation": rec})
     for text in speedup:
         service, operation, value = _split_target(text, "--speedup", True)
         try:
             factor: Any = float(value)
         except ValueError:
             raise WhatIfInputError(f"--speedup {text!r}: {value!r} is not a number") from None
-        body = {"service": service, "operation": operation, "factor": factor}
-        out.append(change_from_json({"speedup": body}, f"--speedup {text!r}"))
+        add("--speedup", text, {"speedup": {"service": service, "operation": operation, "factor": factor}})
     for text in parallelize:
         service, operation, _ = _split_target(text, "--parallelize", False)
-        out.append(
-            change_from_json({"parallelize": {"service": service, "operation": operation}}, "--parallelize")
-        )
+        add("--parallelize", text, {"parallelize": {"service": service, "operation": operation}})
     for text in cap:
         service, operation, value = _split_target(text, "--cap", True)
         try:
             k: Any = int(value)
         except ValueError:
             raise WhatIfInputError(f"--cap {text!r}: {value!r} is not a whole number") from None
-        body = {"service": service, "operation": operation, "concurrency": k}
-        out.append(change_from_json({"cap": body}, f"--cap {text!r}"))
+        add("--cap", text, {"cap": {"service": service, "operation": operation, "concurrency": k}})
     if not out:
         raise WhatIfInputError("no change given: use --speedup, --recommendation, --parallelize or --cap")
     return out
@@ -283,7 +287,7 @@ def evaluate(
             finding = (lookup or detector_lookup(ctx))(change.recommendation)
             if finding is None:
                 raise WhatIfInputError(
-                    f"changes[{i}]: no recommendation {change.recommendation!r} in these traces "
+                    f"no recommendation {change.recommendation!r} in these traces "
                     "(ids are listed by GET /v1/recommendations and `hourglass analyze`)"
                 )
             rows, owner, types, ivalues, fvalues = engine._resolve(finding, None)
@@ -296,7 +300,7 @@ def evaluate(
             match = ((names["service"] == change.service) & (names["name"] == change.operation)).to_numpy()
             if not match.any():
                 raise WhatIfInputError(
-                    f"changes[{i}] ({change.label()}): no span {change.service}:{change.operation} in the "
+                    f"{change.label()}: no span {change.service}:{change.operation} in the "
                     "window (service and operation are the span's service.name and span name)"
                 )
             targets = np.nonzero(match & selected)[0]

@@ -12,6 +12,11 @@ token as password, so a browser can open it; ``/healthz`` and the OpenAPI docs s
 * ``GET /v1/traces/{trace_id}`` — one trace's spans, critical path and the findings touching it.
 * ``GET /v1/services`` — services seen in the store, with their recommendation counts.
 * ``POST /v1/analyses`` — re-run the analysis now.
+* ``POST /v1/whatif`` — re-time the stored traces as if the given changes were made
+  (:mod:`analysis.whatif_query`).
+* ``GET /v1/critical-path`` — an endpoint's critical path aggregated across its traces
+  (:mod:`analysis.endpoint_path`).
+* ``/mcp`` — the MCP server (streamable HTTP, :mod:`api.mcp_server`), behind the same token.
 * ``GET /`` — the HTML report.
 
 Reads never analyse on the request path (see :mod:`api.analysis_service`): the hot routes are
@@ -409,6 +414,8 @@ def create_app(
         finally:
             requested_runs.release()
 
+    _add_query_routes(app, v1, store, service)
+
     @app.get(
         "/",
         response_class=HTMLResponse,
@@ -423,3 +430,75 @@ def create_app(
         return HTMLResponse(page)
 
     return app
+
+
+# -- issue 14: what-if and an endpoint's critical path --------------------------------------------
+
+
+def _add_query_routes(
+    app: FastAPI, v1: Callable[..., Any], store: SpanStore, service: AnalysisService
+) -> None:
+    """``POST /v1/whatif`` and ``GET /v1/critical-path``: answered from a context of the store that
+    :class:`api.queries.QueryEngine` builds on first use and keeps until the store changes."""
+    from analysis.whatif_query import WhatIfInputError
+    from api.queries import QueryEngine
+
+    def current_ids() -> set[str] | None:
+        snapshot = service.snapshot
+        return set(snapshot.by_id) if snapshot is not None else None
+
+    queries = QueryEngine.over_store(store, recommendation_ids=current_ids)
+    app.state.queries = queries
+
+    @v1(
+        "POST",
+        "/whatif",
+        response_model=m.WhatIfResult,
+        tags=["what-if"],
+        responses={422: {"description": "A change that cannot be applied, with the reason"}},
+    )
+    def whatif(body: m.WhatIfRequest) -> dict[str, Any]:
+        """Re-time the stored traces as if the changes were made, along each trace's critical path
+        with the engine that prices the recommendations; root latency before and after, per endpoint."""
+        try:
+            return queries.whatif(body.model_dump(exclude_none=True))
+        except WhatIfInputError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+
+    @v1(
+        "GET",
+        "/critical-path",
+        response_model=m.EndpointCriticalPath,
+        tags=["what-if"],
+        responses={
+            404: {"model": m.ErrorBody, "description": "No trace rooted at that endpoint"},
+            422: {"description": "Bad parameter"},
+        },
+    )
+    def critical_path(
+        service_name: Annotated[
+            str, Query(alias="service", min_length=1, max_length=500, description="The root span's service")
+        ],
+        operation: Annotated[
+            str, Query(min_length=1, max_length=1000, description="The root span's name (the endpoint)")
+        ],
+        since: Annotated[
+            str | None, Query(max_length=64, description="Only traces since then: 15m, 12h, 7d or ISO 8601")
+        ] = None,
+    ) -> dict[str, Any]:
+        """What the endpoint waits on across all its traces: each operation's self time on the critical
+        path (p50, p95, share of the endpoint's latency), the most frequent paths, and an icicle tree."""
+        try:
+            path = queries.critical_path(service_name, operation, since)
+        except WhatIfInputError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        if path is None:
+            busiest = ", ".join(
+                f"{e['service']}:{e['operation']}" for e in queries.endpoints(since, limit=10)
+            )
+            raise HTTPException(
+                status_code=404,
+                detail=f"no trace has the root span {service_name}:{operation} in the window"
+                + (f" (endpoints: {busiest})" if busiest else " (no traces)"),
+            )
+        return path
