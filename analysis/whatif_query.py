@@ -132,14 +132,18 @@ def change_from_json(item: Any, where: str = "change") -> Change:
             raise WhatIfInputError(f"{where}.speedup.factor: missing (0.5 = twice as fast, 0 = no own time)")
         factor = _number(body["factor"], f"{where}.speedup.factor")
         if factor < 0 or factor > MAX_FACTOR:
-            raise WhatIfInputError(f"{where}.speedup.factor: {factor:g} is not between 0 and {MAX_FACTOR:g}")
+            raise WhatIfInputError(
+                f"{where}.speedup.factor: the factor {factor:g} is not between 0 and {MAX_FACTOR:g}"
+            )
         return Change("speedup", service, operation, factor=factor)
     if kind == "cap":
         if "concurrency" not in body:
             raise WhatIfInputError(f"{where}.cap.concurrency: missing (how many children at a time)")
         k = body["concurrency"]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CONCURRENCY:
-            raise WhatIfInputError(f"{where}.cap.concurrency: expected a whole number >= 1, got {k!r}")
+            raise WhatIfInputError(
+                f"{where}.cap.concurrency: the concurrency must be a whole number >= 1, got {k!r}"
+            )
         return Change("cap", service, operation, concurrency=int(k))
     return Change("parallelize", service, operation)
 
@@ -282,7 +286,7 @@ def evaluate(
     n_iv = 0
     echo: list[dict[str, Any]] = []
     trace_index = _trace_index(spans)
-    for i, change in enumerate(changes):
+    for change in changes:
         if change.kind == "recommendation":
             finding = (lookup or detector_lookup(ctx))(change.recommendation)
             if finding is None:
