@@ -102,7 +102,10 @@ def create_app(
         if start_analysis:
             service.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                for enter in app.state.lifespans:  # e.g. the MCP session manager
+                    await stack.enter_async_context(enter())
+                yield
         finally:
             if start_analysis:
                 await anyio.to_thread.run_sync(service.stop)
@@ -116,6 +119,7 @@ def create_app(
     app.state.store = store
     app.state.analysis = service
     app.state.settings = settings
+    app.state.lifespans = []
 
     async def require_token(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
@@ -415,6 +419,7 @@ def create_app(
             requested_runs.release()
 
     _add_query_routes(app, v1, store, service)
+    _add_mcp_route(app, lambda header: token is None or _authorized(header, token), settings.host)
 
     @app.get(
         "/",
@@ -502,3 +507,19 @@ def _add_query_routes(
                 + (f" (endpoints: {busiest})" if busiest else " (no traces)"),
             )
         return path
+
+
+def _add_mcp_route(app: FastAPI, authorized: Callable[[str | None], bool], host: str) -> None:
+    """``/mcp``: the MCP server over streamable HTTP (:mod:`api.mcp_server`), behind the token."""
+    try:
+        from api.mcp_server import Backend, http_route
+    except ImportError as exc:  # the mcp SDK missing from an install: the REST API still works
+        log.warning("MCP server unavailable at /mcp: %s", exc)
+        return
+    service: AnalysisService = app.state.analysis
+    backend = Backend(
+        report=lambda: service.wait_first(30.0), fetch_trace=app.state.store.trace, queries=app.state.queries
+    )
+    route, lifespan = http_route(backend, authorized, host)
+    app.router.routes.append(route)
+    app.state.lifespans.append(lifespan)
