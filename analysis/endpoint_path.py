@@ -61,15 +61,19 @@ def endpoint_critical_path(
     *,
     top_paths: int = TOP_PATHS,
     icicle: bool = True,
+    max_operations: int | None = None,
+    max_icicle_nodes: int = MAX_ICICLE_NODES,
+    on_path_spans: pl.DataFrame | None = None,
 ) -> dict[str, Any] | None:
     """The aggregated critical path of the traces rooted at (service, operation); None when no
     trace is."""
     roots = ctx.traces.filter((pl.col("root_service") == service) & (pl.col("root_name") == operation))
     if roots.height == 0:
         return None
-    spans = ctx.spans
     # on-path spans of those traces, in their root's own tree
-    on_path = spans.filter(pl.col("on_critical_path")).join(
+    if on_path_spans is None:
+        on_path_spans = on_path_frame(ctx)
+    on_path = on_path_spans.join(
         roots.select("trace_id", pl.col("root_span_id").alias("_root")), on="trace_id", how="inner"
     )
     on_path = on_path.filter(pl.col("root_span_id") == pl.col("_root")).drop("_root")
@@ -103,11 +107,11 @@ def endpoint_critical_path(
         "traces": n_traces,
         "root_ms_p50": root_stats[0],
         "root_ms_p95": root_stats[1],
-        "operations": ops.to_dicts(),
+        "operations": (ops if max_operations is None else ops.head(max_operations)).to_dicts(),
         "paths": _paths(on_path, roots, n_traces, top_paths),
     }
     if icicle:
-        out["icicle"] = _icicle(ctx, on_path, n_traces)
+        out["icicle"] = _icicle(ctx, on_path, n_traces, max_icicle_nodes)
     return out
 
 
@@ -151,7 +155,9 @@ def _paths(on_path: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) 
     return out
 
 
-def _icicle(ctx: AnalysisContext, on_path: pl.DataFrame, n_traces: int) -> list[dict[str, Any]]:
+def _icicle(
+    ctx: AnalysisContext, on_path: pl.DataFrame, n_traces: int, max_nodes: int = MAX_ICICLE_NODES
+) -> list[dict[str, Any]]:
     """The on-path spans merged by stack (root … span) into a tree, level by level."""
     if on_path.height == 0:
         return []
@@ -199,7 +205,7 @@ def _icicle(ctx: AnalysisContext, on_path: pl.DataFrame, n_traces: int) -> list[
     keep &= node_total > 0
     # a kept node needs its parent kept (a parent's total is at least its child's)
     order = np.argsort(-node_total, kind="stable")
-    chosen = order[keep[order]][:MAX_ICICLE_NODES]
+    chosen = order[keep[order]][:max_nodes]
     chosen_set = np.zeros(count, dtype=bool)
     chosen_set[chosen] = True
     chosen = np.sort(
@@ -222,11 +228,20 @@ def _icicle(ctx: AnalysisContext, on_path: pl.DataFrame, n_traces: int) -> list[
     ]
 
 
-def critical_paths(ctx: AnalysisContext, top: int = TOP_ENDPOINTS) -> list[dict[str, Any]]:
-    """The aggregated critical path of the ``top`` busiest endpoints (for the report page)."""
+def on_path_frame(ctx: AnalysisContext) -> pl.DataFrame:
+    """The on-path spans with the columns the aggregation reads (filter once for many endpoints)."""
+    return ctx.spans.filter(pl.col("on_critical_path")).select(
+        "trace_id", "service", "name", "start_ns", "depth", "critical_ns", "row", "parent_row", "root_span_id"
+    )
+
+
+def critical_paths(ctx: AnalysisContext, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
+    """The aggregated critical path of the ``top`` busiest endpoints (for the report page);
+    ``options`` go to :func:`endpoint_critical_path`."""
     out = []
+    on_path = on_path_frame(ctx)
     for service, operation, _ in endpoints(ctx).head(top).iter_rows():
-        path = endpoint_critical_path(ctx, service, operation)
+        path = endpoint_critical_path(ctx, service, operation, on_path_spans=on_path, **options)
         if path is not None:
             out.append(path)
     return out

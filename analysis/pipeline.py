@@ -224,7 +224,20 @@ def analyze_context(
     ranked = score_findings(ctx, run_detectors(ctx))
     report = build_report(ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height)
     write_texts(report, writer, ContextView(ctx, report))
+    report["critical_paths"] = report_critical_paths(ctx)
     return report, ranked
+
+
+def report_critical_paths(ctx: AnalysisContext) -> list[dict[str, Any]]:
+    """The busiest endpoints' critical paths across traces, compact, for the report page's icicles
+    (``analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``)."""
+    from analysis.endpoint_path import critical_paths
+
+    try:
+        return critical_paths(ctx, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
+    except Exception:  # a picture must never cost the recommendations
+        log.exception("critical paths of the endpoints failed")
+        return []
 
 
 def analyze(
