@@ -517,8 +517,11 @@ def _add_mcp_route(app: FastAPI, authorized: Callable[[str | None], bool], host:
         log.warning("MCP server unavailable at /mcp: %s", exc)
         return
     service: AnalysisService = app.state.analysis
+    store: SpanStore = app.state.store
     backend = Backend(
-        report=lambda: service.wait_first(30.0), fetch_trace=app.state.store.trace, queries=app.state.queries
+        report=lambda: service.wait_first(30.0),
+        fetch_trace=lambda trace_id: store.trace(trace_id),
+        queries=app.state.queries,
     )
     route, lifespan = http_route(backend, authorized, host)
     app.router.routes.append(route)
