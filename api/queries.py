@@ -4,7 +4,8 @@ The background analysis keeps only the report; these questions need the repaired
 :class:`QueryEngine` builds an :class:`analysis.context.AnalysisContext` of the store (or of a
 ``since`` window) when first asked, and keeps the last one (with its re-timing engine) until the
 store changes, so a user trying several what-ifs in a row pays the scan and repair once. One
-context at a time is kept (bounded memory); building runs under a lock (no two at once).
+context at a time is kept (bounded memory), and dropped after ``IDLE_SECONDS`` without a question;
+building runs under a lock (no two at once).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from api.settings import parse_since
 from collector.schema import ANALYSIS_COLUMNS
 
 SINCE_STEP_NS = 10 * 1_000_000_000
+IDLE_SECONDS = 600.0
 
 
 @dataclass
@@ -60,6 +62,7 @@ class QueryEngine:
         scan: Callable[[int | None], pa.Table],
         change_marker: Callable[[], int] = lambda: 0,
         recommendation_ids: Callable[[], set[str] | None] = lambda: None,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding)."""
@@ -68,6 +71,20 @@ class QueryEngine:
         self._recommendation_ids = recommendation_ids
         self._lock = threading.Lock()
         self._cached: _Cached | None = None
+        self._idle_seconds = idle_seconds
+        self._expiry: threading.Timer | None = None
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._cached = None
+
+    def _touch(self) -> None:
+        """(Re)start the idle timer that frees the cached context."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = threading.Timer(self._idle_seconds, self._forget)
+        self._expiry.daemon = True
+        self._expiry.start()
 
     @classmethod
     def over_store(
@@ -85,6 +102,7 @@ class QueryEngine:
     def _context(self, since_ns: int | None) -> _Cached:
         key = (self._marker(), since_ns)
         with self._lock:
+            self._touch()
             cached = self._cached
             if cached is not None and cached.key == key:
                 return cached
@@ -94,6 +112,7 @@ class QueryEngine:
             engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
             built = _Cached(key, ctx, engine, detector_lookup(ctx))
             self._cached = built
+            self._touch()  # the idle time counts from when it is ready
             return built
 
     def whatif(self, body: Mapping[str, Any]) -> dict[str, Any]:
