@@ -737,7 +737,7 @@ def render_icicle_svg(path: Mapping[str, Any], colours: Mapping[str, str], *, fi
     levels = 1 + max(level for _, _, _, level in placed)
     height = levels * ICICLE_ROW + 4
     out = [
-        f'<svg class="icicle" id="{esc(figure_id)}" width="{ICICLE_WIDTH}" height="{height}" '
+        f'<svg class="icicle" id="{esc(figure_id)}" xmlns="http://www.w3.org/2000/svg" width="{ICICLE_WIDTH}" height="{height}" '
         f'viewBox="0 0 {ICICLE_WIDTH} {height}" role="img" '
         f'aria-label="Critical path of {esc(path.get("service"))} {esc(path.get("operation"))}">'
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def test_icicle_of_the_ledger_transfers_shows_the_lock_wait() -> None:
     transfers = next(i for i, p in enumerate(report["critical_paths"]) if p["operation"].startswith("POST"))
     svg = re.search(rf'<svg class="icicle" id="icicle-{transfers}".*?</svg>', section, re.S)
     assert svg is not None
+    ET.fromstring(svg.group(0))  # well-formed XML, or this raises
     boxes = {
         title.split("\n")[0]: float(width)
         for title, width in re.findall(
