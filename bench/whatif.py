@@ -16,7 +16,11 @@ What it does, in one run:
    * ``hourglass critical-path --service frontend --operation GET /checkout``;
 
 3. prints each time beside the baseline and their ratio, and checks that ``--recommendation``
-   saves what the baseline report says (within 1 %).
+   saves what the baseline report says (within 1 %);
+4. starts the real ``hourglass serve`` on the store and, once its first report is out, times the
+   same questions over HTTP: the first ``POST /v1/whatif`` (it builds the server's repaired copy
+   of the store), then the others (answered from that copy) and ``GET /v1/critical-path``
+   (``--no-serve`` skips this part).
 
 Target (issue 14): what-if and critical path over 1M spans answer in seconds.
 """
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spans", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--db", type=Path, help="reuse this store instead of generating one")
+    parser.add_argument("--no-serve", action="store_true", help="skip the questions over HTTP")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="hourglass-bench-whatif-"))
@@ -143,10 +149,99 @@ def main(argv: list[str] | None = None) -> int:
         slowest = max(min(runs) for name, runs in times.items() if name != "analyze (baseline)")
         verdict = "PASS" if agree and slowest <= base else "CHECK"
         print(f"slowest question {slowest:.2f} s vs the whole analysis {base:.2f} s: {verdict}")
+        if not args.no_serve:
+            agree = served(db, top) and agree
         return 0 if agree else 1
     finally:
         if args.db is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def served(db: Path, top: dict[str, Any]) -> bool:
+    """The same questions to a running ``hourglass serve`` over HTTP (see the module doc)."""
+    import httpx
+
+    from bench.api import free_port, wait_for_report
+
+    api_port = free_port()
+    base_url = f"http://127.0.0.1:{api_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
+    env["HOURGLASS_SETTLE"] = "5s"
+    env["HOURGLASS_RETENTION"] = "36500d"  # the generated spans are dated in the past: keep them
+    log_path = db.with_suffix(".serve.log")
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--api-port", str(api_port)]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [*hourglass(), "serve", "--db", str(db), *ports],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        started = time.perf_counter()
+        stats = wait_for_report(base_url, {}, 900, server)
+        print(
+            f"\nserve: first report after {time.perf_counter() - started:.1f} s over {stats['spans']:,} spans"
+        )
+        questions: list[tuple[str, str, dict[str, Any] | None, dict[str, str] | None]] = [
+            (
+                "POST /v1/whatif --recommendation (first: builds the copy)",
+                "POST",
+                {"changes": [{"recommendation": top["id"]}]},
+                None,
+            ),
+            (
+                "POST /v1/whatif --recommendation (again)",
+                "POST",
+                {"changes": [{"recommendation": top["id"]}]},
+                None,
+            ),
+            (
+                "POST /v1/whatif --speedup",
+                "POST",
+                {
+                    "changes": [
+                        {"speedup": {"service": "users", "operation": "GET /api/users/{id}", "factor": 0.5}}
+                    ]
+                },
+                None,
+            ),
+            (
+                "POST /v1/whatif --cap",
+                "POST",
+                {"changes": [{"cap": {"service": "search", "operation": "GET /search", "concurrency": 2}}]},
+                None,
+            ),
+            ("GET /v1/critical-path", "GET", None, {"service": "frontend", "operation": "GET /checkout"}),
+        ]
+        agree = True
+        print(f"{'question over HTTP':<58}{'seconds':>9}")
+        with httpx.Client(base_url=base_url, timeout=600) as client:
+            for name, method, body, params in questions:
+                t0 = time.perf_counter()
+                answer = client.request(
+                    method,
+                    "/v1/whatif" if method == "POST" else "/v1/critical-path",
+                    json=body,
+                    params=params,
+                )
+                seconds = time.perf_counter() - t0
+                answer.raise_for_status()
+                print(f"{name:<58}{seconds:>9.2f}")
+                if "recommendation" in name:
+                    saved = answer.json()["saved_ms_total"]
+                    agree = agree and abs(saved - top["impact"]["saved_ms_total"]) <= 0.01 * abs(
+                        top["impact"]["saved_ms_total"]
+                    )
+        print(f"served --recommendation agrees with the report (1 %): {agree}")
+        return agree
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 if __name__ == "__main__":
