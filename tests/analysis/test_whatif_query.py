@@ -219,7 +219,7 @@ def random_trace(seed: int) -> TraceBuilder:
     return b
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**32 - 1), factor=st.floats(0, 1))
 def test_properties_of_speedups(seed: int, factor: float) -> None:
     b = random_trace(seed)
@@ -239,7 +239,7 @@ def test_properties_of_speedups(seed: int, factor: float) -> None:
     assert every["saved_ms_total"] == pytest.approx(root_ms, abs=1e-3)  # no time left at all
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**32 - 1))
 def test_properties_of_parallelize_and_cap(seed: int) -> None:
     b = random_trace(seed)

@@ -191,11 +191,10 @@ def test_whatif_and_critical_path_cli(demo_store: Path) -> None:
     assert table.returncode == 0, table.stderr
     assert "48 traces, 48 changed" in table.stdout and LEDGER_TRANSFERS in table.stdout
 
+    # bad input: a clear message and exit 2 (the parsing itself is unit-tested in tests/analysis)
     for flags, reason in (
         (["--speedup", "ledger:lock.acquire ledger.journal=-2"], "between 0"),
-        (["--speedup", "ledger=0.5"], "SERVICE:OPERATION"),
         (["--cap", "ledger:nope=4"], "no span ledger:nope"),
-        ([], "no change given"),
     ):
         bad = hourglass("whatif", "--db", str(demo_store), *flags)
         assert bad.returncode == 2 and reason in bad.stderr, (flags, bad.stderr)
