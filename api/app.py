@@ -452,7 +452,10 @@ def _add_query_routes(
         snapshot = service.snapshot
         return set(snapshot.by_id) if snapshot is not None else None
 
-    queries = QueryEngine.over_store(store, recommendation_ids=current_ids)
+    # under continuous ingest a context up to a settle period old (at least 30 s) answers the next
+    # questions instead of rebuilding for each (the report itself is that old at least)
+    reuse = max(30.0, float(getattr(app.state.settings, "settle_seconds", 0.0)))
+    queries = QueryEngine.over_store(store, recommendation_ids=current_ids, reuse_seconds=reuse)
     app.state.queries = queries
 
     @v1(

@@ -11,6 +11,7 @@ building runs under a lock (no two at once).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ IDLE_SECONDS = 600.0
 @dataclass
 class _Cached:
     key: tuple[int, int | None]
+    built_at: float  # monotonic
     ctx: AnalysisContext
     engine: Retimer
     lookup: FindingLookup
@@ -63,15 +65,19 @@ class QueryEngine:
         change_marker: Callable[[], int] = lambda: 0,
         recommendation_ids: Callable[[], set[str] | None] = lambda: None,
         idle_seconds: float = IDLE_SECONDS,
+        reuse_seconds: float = 0.0,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
-        does; ``recommendation_ids()`` the ids of the current report (None: any detector finding)."""
+        does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
+        ``reuse_seconds``: while the store keeps changing (continuous ingest), a context younger
+        than this is still used, so a series of questions does not rebuild it for each one."""
         self._scan = scan
         self._marker = change_marker
         self._recommendation_ids = recommendation_ids
         self._lock = threading.Lock()
         self._cached: _Cached | None = None
         self._idle_seconds = idle_seconds
+        self._reuse_seconds = reuse_seconds
         self._expiry: threading.Timer | None = None
 
     def _forget(self) -> None:
@@ -88,7 +94,10 @@ class QueryEngine:
 
     @classmethod
     def over_store(
-        cls, store: Any, recommendation_ids: Callable[[], set[str] | None] = lambda: None
+        cls,
+        store: Any,
+        recommendation_ids: Callable[[], set[str] | None] = lambda: None,
+        reuse_seconds: float = 0.0,
     ) -> QueryEngine:
         def scan(since_ns: int | None) -> pa.Table:
             return store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
@@ -97,20 +106,23 @@ class QueryEngine:
             raw = getattr(store, "raw_row_count", None)
             return int(raw()) if callable(raw) else int(store.stats().spans)
 
-        return cls(scan, marker, recommendation_ids)
+        return cls(scan, marker, recommendation_ids, reuse_seconds=reuse_seconds)
 
     def _context(self, since_ns: int | None) -> _Cached:
         key = (self._marker(), since_ns)
         with self._lock:
             self._touch()
             cached = self._cached
-            if cached is not None and cached.key == key:
+            if cached is not None and (
+                cached.key == key
+                or (cached.key[1] == since_ns and time.monotonic() - cached.built_at < self._reuse_seconds)
+            ):
                 return cached
             self._cached = None  # free the old one before building the new one
             del cached
             ctx = AnalysisContext.from_table(self._scan(since_ns))
             engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
-            built = _Cached(key, ctx, engine, detector_lookup(ctx))
+            built = _Cached(key, time.monotonic(), ctx, engine, detector_lookup(ctx))
             self._cached = built
             self._touch()  # the idle time counts from when it is ready
             return built

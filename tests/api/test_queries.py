@@ -51,3 +51,21 @@ def test_one_scan_per_store_version_and_freed_when_idle() -> None:
     with pytest.raises(WhatIfInputError, match="since"):
         engine.whatif({**body, "since": "soon"})
     assert engine.critical_path("front", "GET /nope") is None
+
+
+def test_under_continuous_ingest_a_recent_context_is_reused() -> None:
+    scans: list[int | None] = []
+    marker = [1]
+
+    def scan(since_ns: int | None) -> pa.Table:
+        scans.append(since_ns)
+        return table()
+
+    engine = QueryEngine(scan, lambda: marker[0], reuse_seconds=60)
+    body = {"changes": [{"speedup": {"service": "a", "operation": "A", "factor": 0.5}}]}
+    engine.whatif(body)
+    marker[0] += 1  # spans keep arriving
+    engine.whatif(body)
+    assert len(scans) == 1
+    engine.whatif({**body, "since": "1h"})  # another window: built
+    assert len(scans) == 2
