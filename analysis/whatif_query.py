@@ -16,7 +16,8 @@ Changes (the JSON of ``POST /v1/whatif``; the CLI flags build the same objects):
   detector finds it (so the saving agrees with the report's ``saved_ms_total``);
 * ``{"speedup": {"service", "operation", "factor"}}`` — every span of that operation takes
   ``factor`` × its own time (:class:`analysis.model.ScaleSelf`: its children keep theirs);
-  ``factor`` ≥ 0, 1 changes nothing, 0 removes its own time, 2 doubles it;
+  ``factor`` ≥ 0, 1 changes nothing, 0 removes its own time, 2 doubles it; ``operation`` ``"*"``
+  (or left out) is every operation of the service ("what if pricing were twice as fast");
 * ``{"parallelize": {"service", "operation"}}`` — the blocking children of each span of that
   caller run concurrently (:class:`analysis.model.RunConcurrently`);
 * ``{"cap": {"service", "operation", "concurrency"}}`` — the blocking children of each span of
@@ -48,6 +49,7 @@ CHANGE_KINDS: tuple[str, ...] = ("recommendation", "speedup", "parallelize", "ca
 MAX_CHANGES = 50
 MAX_FACTOR = 1000.0
 MAX_CONCURRENCY = 1_000_000
+ANY_OPERATION = "*"  # speedup of a whole service
 
 
 class WhatIfInputError(ValueError):
@@ -126,7 +128,12 @@ def change_from_json(item: Any, where: str = "change") -> Change:
     if unknown:
         raise WhatIfInputError(f"{where}.{kind}: unknown field(s) {', '.join(unknown)}")
     service = _text(body.get("service"), f"{where}.{kind}.service")
-    operation = _text(body.get("operation"), f"{where}.{kind}.operation")
+    if kind == "speedup" and body.get("operation") is None:
+        operation = ANY_OPERATION  # the whole service: every operation of it
+    else:
+        operation = _text(body.get("operation"), f"{where}.{kind}.operation")
+    if operation == ANY_OPERATION and kind != "speedup":
+        raise WhatIfInputError(f"{where}.{kind}.operation: name the caller's operation ('*' is for speedup)")
     if kind == "speedup":
         if "factor" not in body:
             raise WhatIfInputError(f"{where}.speedup.factor: missing (0.5 = twice as fast, 0 = no own time)")
@@ -182,8 +189,8 @@ def changes_from_cli(
     parallelize: Sequence[str] = (),
     cap: Sequence[str] = (),
 ) -> list[Change]:
-    """The CLI flags as changes: ``--speedup svc:op=0.5``, ``--recommendation ID``,
-    ``--parallelize svc:op``, ``--cap svc:op=4``."""
+    """The CLI flags as changes: ``--speedup svc:op=0.5`` (``svc:*=0.5``: the whole service),
+    ``--recommendation ID``, ``--parallelize svc:op``, ``--cap svc:op=4``."""
     out: list[Change] = []
 
     def add(flag: str, text: str, item: dict[str, Any]) -> None:
@@ -301,7 +308,10 @@ def evaluate(
             if types.size:
                 kinds[owner] = types
         else:
-            match = ((names["service"] == change.service) & (names["name"] == change.operation)).to_numpy()
+            in_service = names["service"] == change.service
+            if change.operation != ANY_OPERATION:
+                in_service = in_service & (names["name"] == change.operation)
+            match = in_service.to_numpy()
             if not match.any():
                 raise WhatIfInputError(
                     f"{change.label()}: no span {change.service}:{change.operation} in the "

@@ -136,7 +136,7 @@ def whatif_command(
         typer.Option(
             "--speedup",
             help="SERVICE:OPERATION=FACTOR: that operation takes FACTOR × its own time (0.5 = twice as "
-            "fast, 0 = none; its children keep theirs); repeatable",
+            "fast, 0 = none; its children keep theirs); SERVICE:*=FACTOR for the whole service; repeatable",
         ),
     ] = None,
     recommendation: Annotated[

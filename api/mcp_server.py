@@ -320,7 +320,7 @@ def build_server(backend: Backend) -> Any:
             Field(
                 description='Changes applied together; each is one of {"recommendation": "<id>"}, '
                 '{"speedup": {"service": S, "operation": O, "factor": F}} (O takes F x its own time: '
-                "0.5 = twice as fast, 0 = none; its children keep theirs), "
+                "0.5 = twice as fast, 0 = none; its children keep theirs; O '*' = every operation of S), "
                 '{"parallelize": {"service": S, "operation": O}} (the blocking children of caller O run '
                 'concurrently), {"cap": {"service": S, "operation": O, "concurrency": K}} (they run at '
                 "most K at a time)"

@@ -165,7 +165,8 @@ class WhatIfRequest(BaseModel):
     changes: list[dict[str, Any]] = Field(
         description='Changes applied together, each one of {"recommendation": ID}, '
         '{"speedup": {"service", "operation", "factor"}} (that operation takes factor × its own time; '
-        '0.5 = twice as fast, 0 = no own time, children keep theirs), {"parallelize": {"service", '
+        '0.5 = twice as fast, 0 = no own time, children keep theirs; operation "*" = the whole service), '
+        '{"parallelize": {"service", '
         '"operation"}} (that caller\'s blocking children run concurrently) or {"cap": {"service", '
         '"operation", "concurrency"}} (they run at most K at a time)'
     )

@@ -66,6 +66,21 @@ def test_speedup_scales_own_time_and_keeps_children() -> None:
     assert saved(b, Change("speedup", "b", "B", factor=0.0)) == pytest.approx(100.0)
 
 
+def test_speedup_of_a_whole_service() -> None:
+    b = TraceBuilder(service="front")
+    root = b.span("GET /x", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+    server = b.span("GET /price", parent=root, start_ms=10, dur_ms=80, service="pricing", kind=KIND_SERVER)
+    b.span("compute", parent=server, start_ms=20, dur_ms=40, service="pricing")
+    b.span("SELECT", parent=server, start_ms=60, dur_ms=20, service="db", kind=KIND_CLIENT)
+    # pricing's own time: 10 (before compute) + 40 (compute) + 10 (tail) = 60 ms; db keeps its 20 ms
+    everything = changes_from_json([{"speedup": {"service": "pricing", "factor": 0.5}}])
+    assert everything[0].operation == "*"
+    assert saved(b, *everything) == pytest.approx(30.0)
+    assert saved(b, *changes_from_cli(speedup=["pricing:*=0"])) == pytest.approx(60.0)
+    with pytest.raises(WhatIfInputError, match="'\\*' is for speedup"):
+        changes_from_json([{"parallelize": {"service": "pricing", "operation": "*"}}])
+
+
 def test_speedup_redraws_the_trace_with_children_kept() -> None:
     b, ids = two_calls()
     ctx = AnalysisContext.from_table(spans_table(b))
@@ -153,6 +168,7 @@ def test_root_filters_and_endpoint_figures() -> None:
         ([{"cap": {"service": "a", "operation": "A", "concurrency": 0}}], "whole number"),
         ([{"cap": {"service": "a", "operation": "A", "concurrency": 2.5}}], "whole number"),
         ([{"parallelize": {"service": "a"}}], "operation"),
+        ([{"speedup": {"operation": "A", "factor": 0.5}}], "service"),
         ([{"faster": {}}], "unknown change"),
         ([{"speedup": {}, "cap": {}}], "exactly one"),
         ([{"recommendation": ""}], "non-empty"),
