@@ -789,6 +789,17 @@ def critical_paths_html(paths: list[Mapping[str, Any]], colours: Mapping[str, st
             f"{_ms(path.get('root_ms_p50'))}, p95 {_ms(path.get('root_ms_p95'))}</figcaption>"
         )
         out.append(render_icicle_svg(path, colours, figure_id=f"icicle-{i}"))
+        in_icicle = sorted({str(n.get("service")) for n in path.get("icicle") or []})
+        if in_icicle:
+            swatches = "".join(
+                f'<span class="legend-item"><span class="swatch" style="background:{esc(colours.get(s, "#8a93a6"))}">'
+                f"</span>{esc(s)}</span>"
+                for s in in_icicle
+            )
+            out.append(
+                f'<div class="legend">{swatches}<span class="legend-item muted">box width: mean time '
+                "on the critical path per request</span></div>"
+            )
         if ops:
             out.append(
                 '<table class="summary"><thead><tr><th>On the critical path</th><th class="num">Share</th>'
