@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling clean
+.PHONY: install demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-whatif clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ bench-analysis: install
 
 bench-api: install
 	$(PY) -m bench.api
+
+bench-whatif: install
+	$(PY) -m bench.whatif
 
 bench-import: install
 	$(PY) -m bench.import_files

@@ -42,7 +42,30 @@ class CollapseSpans:
     duration_ns: int
 
 
-Intervention = RunConcurrently | ShortenSpan | CollapseSpans
+@dataclass(frozen=True)
+class ScaleSelf:
+    """This span's own time takes ``factor`` × what it took: the work before, between and after its
+    blocking children (their offsets, the gaps between them and its tail) is scaled; the children
+    keep their durations. ``factor`` 0 removes the span's own time, 1 changes nothing, 2 doubles it
+    (a user's "what if the pricing service were twice as fast": factor 0.5 on its spans)."""
+
+    span_id: str
+    factor: float
+
+
+@dataclass(frozen=True)
+class CapConcurrency:
+    """These sibling spans run as one fan-out at most ``limit`` at a time: they are released
+    together where the earliest one started (after the caller work that separated them, as for
+    :class:`RunConcurrently`) and, in their original start order, each takes the first free slot
+    of ``limit`` (a worker pool or a semaphore). A ``limit`` at least their number is
+    :class:`RunConcurrently`; 1 runs them one after another."""
+
+    span_ids: tuple[str, ...]
+    limit: int
+
+
+Intervention = RunConcurrently | ShortenSpan | CollapseSpans | ScaleSelf | CapConcurrency
 
 
 @dataclass

@@ -347,7 +347,20 @@ def analyze_context(
         ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
     )
     write_texts(report, writer, ContextView(ctx, report))
+    report["critical_paths"] = report_critical_paths(ctx)
     return report, ranked
+
+
+def report_critical_paths(ctx: AnalysisContext) -> list[dict[str, Any]]:
+    """The busiest endpoints' critical paths across traces, compact, for the report page's icicles
+    (``analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``)."""
+    from analysis.endpoint_path import critical_paths
+
+    try:
+        return critical_paths(ctx, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
+    except Exception:  # a picture must never cost the recommendations
+        log.exception("critical paths of the endpoints failed")
+        return []
 
 
 def analyze(
@@ -426,6 +439,9 @@ def analyze_partitioned(
         near_misses=near_misses,
     )
     write_texts(report, writer, PartitionedView(report, source, parts, trace))
+    # The endpoints' critical paths need every on-path span of their traces at once: a partitioned
+    # run leaves the page's icicles out (``hourglass critical-path`` answers per endpoint).
+    report["critical_paths"] = []
     return report, ranked
 
 

@@ -16,6 +16,12 @@ Re-timing rule (the dependency structure is read from the original timings):
   offsets from its start.
 * ``CollapseSpans``: the earliest member takes ``duration_ns``, the others take no time (their gaps
   are kept, as for ``RunConcurrently``).
+* ``ScaleSelf``: the span's own time is scaled: the offsets and gaps of its blocking children (the
+  caller work before and between them) and its tail after the last one; children keep their
+  durations.
+* ``CapConcurrency``: as ``RunConcurrently``, but the members, in start order, each take the first
+  free slot of ``limit`` (greedy list scheduling); siblings that waited for a member wait for the
+  member that ends last.
 
 saved = old root duration − new root duration, per affected trace (all of a finding's occurrences in
 one trace are applied together). A finding's impact: p50/p95 of that per-trace saving, the total,
@@ -37,8 +43,34 @@ import polars as pl
 
 from analysis.context import AnalysisContext
 from analysis.critical_path import sibling_predecessor
-from analysis.model import CollapseSpans, Finding, Intervention, Occurrence, RunConcurrently, ShortenSpan
+from analysis.model import (
+    CapConcurrency,
+    CollapseSpans,
+    Finding,
+    Intervention,
+    Occurrence,
+    RunConcurrently,
+    ScaleSelf,
+    ShortenSpan,
+)
 from analysis.repair import pointer_jump_sum
+
+# Intervention types in the engine's arrays.
+SHORTEN, COLLAPSE, RUN_CONCURRENTLY, SCALE_SELF, CAP = 0, 1, 2, 3, 4
+
+
+@dataclass
+class RowChanges:
+    """Interventions given directly by row of the engine's arrays (a user's what-if over many spans:
+    no per-span Python objects). Entry i puts ``rows[i]`` in intervention ``owner[i]``; per
+    intervention: ``kinds`` (SHORTEN, COLLAPSE, RUN_CONCURRENTLY, SCALE_SELF, CAP), ``ivalues``
+    (by_ns, duration_ns or limit) and ``fvalues`` (ScaleSelf factor)."""
+
+    rows: np.ndarray
+    owner: np.ndarray
+    kinds: np.ndarray
+    ivalues: np.ndarray
+    fvalues: np.ndarray
 
 
 @dataclass
@@ -80,6 +112,9 @@ class _Plan:
     gap: np.ndarray  # int64, gap after pred (or offset from parent start when pred < 0)
     concurrent_set: np.ndarray  # int64, RunConcurrently group of a member, -1 otherwise
     waits_for_set: np.ndarray  # int64, RunConcurrently group a sibling waited for, -1 otherwise
+    self_cut_ns: np.ndarray | None = None  # int64, own time removed by ScaleSelf (< 0: added)
+    set_limit: np.ndarray | None = None  # int64 per concurrent set: CapConcurrency slots, -1 none
+    set_position: np.ndarray | None = None  # int64 per row: start-order position in its set
 
 
 class Retimer:
@@ -189,39 +224,60 @@ class Retimer:
 
     # -- plan ----------------------------------------------------------------------------------
 
-    def plan(self, finding: Finding, trace_ids: set[str] | None = None) -> _Plan:
-        """The finding's interventions as per-row overrides, vectorised over all its occurrences."""
-        n = self.n
-        shorten = np.zeros(n, dtype=np.int64)
-        fixed = np.full(n, -1, dtype=np.int64)
-        removed = np.zeros(n, dtype=bool)
-        pred = self.pred.copy()
-        gap = self.base_gap.copy()
-        cset = np.full(n, -1, dtype=np.int64)
-        waits = np.full(n, -1, dtype=np.int64)
-        # Flatten: one entry per (intervention, span id); resolve every span id in one join.
+    def plan(
+        self, finding: Finding | None, trace_ids: set[str] | None = None, extra: RowChanges | None = None
+    ) -> _Plan:
+        """The finding's interventions (and ``extra`` ones already given by row) as per-row
+        overrides, vectorised over all its occurrences."""
+        rows, owner, types, ivalues, fvalues = self._resolve(finding, trace_ids)
+        if extra is not None and extra.rows.size:
+            base = ivalues.size
+            rows = np.concatenate([rows, extra.rows.astype(np.int64)])
+            owner = np.concatenate([owner, extra.owner.astype(np.int64) + base])
+            types = np.concatenate([types, extra.kinds.astype(np.int64)[extra.owner]])
+            ivalues = np.concatenate([ivalues, extra.ivalues.astype(np.int64)])
+            fvalues = np.concatenate([fvalues, extra.fvalues.astype(np.float64)])
+        return self._plan_from(rows, owner, types, ivalues, fvalues)
+
+    def _resolve(
+        self, finding: Finding | None, trace_ids: set[str] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, intervention index per row, its type per row, int value and float value per
+        intervention): one entry per (intervention, span id), every span id resolved in one join."""
         key_traces: list[str] = []
         key_spans: list[str] = []
         iv_of_key: list[int] = []
-        iv_type: list[int] = []  # 0 shorten, 1 collapse, 2 run concurrently
+        iv_type: list[int] = []
         iv_value: list[int] = []
-        for occ in finding.occurrences:
+        iv_float: list[float] = []
+        for occ in finding.occurrences if finding is not None else ():
             if trace_ids is not None and occ.trace_id not in trace_ids:
                 continue
             for iv in occ.interventions:
                 index = len(iv_type)
+                fvalue = 1.0
                 if isinstance(iv, ShortenSpan):
                     ids: tuple[str, ...] = (iv.span_id,)
-                    iv_type.append(0)
+                    iv_type.append(SHORTEN)
                     iv_value.append(max(0, int(iv.by_ns)))
                 elif isinstance(iv, CollapseSpans):
                     ids = iv.span_ids
-                    iv_type.append(1)
+                    iv_type.append(COLLAPSE)
                     iv_value.append(max(0, int(iv.duration_ns)))
+                elif isinstance(iv, ScaleSelf):
+                    ids = (iv.span_id,)
+                    iv_type.append(SCALE_SELF)
+                    iv_value.append(0)
+                    fvalue = max(0.0, float(iv.factor))
+                elif isinstance(iv, CapConcurrency):
+                    ids = iv.span_ids
+                    iv_type.append(CAP)
+                    iv_value.append(max(1, int(iv.limit)))
                 else:
                     ids = iv.span_ids
-                    iv_type.append(2)
+                    iv_type.append(RUN_CONCURRENTLY)
                     iv_value.append(0)
+                iv_float.append(fvalue)
                 key_traces.extend([occ.trace_id] * len(ids))
                 key_spans.extend(ids)
                 iv_of_key.extend([index] * len(ids))
@@ -229,10 +285,29 @@ class Retimer:
         known = rows >= 0
         rows, owner = rows[known], np.asarray(iv_of_key, dtype=np.int64)[known]
         types = np.asarray(iv_type, dtype=np.int64)[owner] if owner.size else owner
-        values = np.asarray(iv_value, dtype=np.int64)
-        touched = [rows[types != 2]]
+        return (
+            rows,
+            owner,
+            types,
+            np.asarray(iv_value, dtype=np.int64),
+            np.asarray(iv_float, dtype=np.float64),
+        )
+
+    def _plan_from(
+        self, rows: np.ndarray, owner: np.ndarray, types: np.ndarray, values: np.ndarray, fvalues: np.ndarray
+    ) -> _Plan:
+        n = self.n
+        shorten = np.zeros(n, dtype=np.int64)
+        self_cut = np.zeros(n, dtype=np.int64)
+        fixed = np.full(n, -1, dtype=np.int64)
+        removed = np.zeros(n, dtype=bool)
+        pred = self.pred.copy()
+        gap = self.base_gap.copy()
+        cset = np.full(n, -1, dtype=np.int64)
+        waits = np.full(n, -1, dtype=np.int64)
+        touched = [rows[(types != RUN_CONCURRENTLY) & (types != CAP)]]
         # ShortenSpan
-        is_short = types == 0
+        is_short = types == SHORTEN
         np.add.at(shorten, rows[is_short], values[owner[is_short]])
         # Members of one intervention in start order; the first one of each is its anchor.
         order = np.lexsort((rows, self.start[rows], owner))
@@ -243,15 +318,18 @@ class Retimer:
         first_of = np.ones(rows.size, dtype=bool)
         first_of[1:] = owner[1:] != owner[:-1]
         # CollapseSpans: the anchor takes the batched duration, the rest take none.
-        col = types == 1
+        col = types == COLLAPSE
         anchor = col & first_of
         fixed[rows[anchor]] = values[owner[anchor]]
         rest = col & ~first_of
         fixed[rows[rest]] = 0
         removed[rows[rest]] = True
-        # RunConcurrently: blocking siblings of one parent only.
-        run = (types == 2) & self.blocking[rows]
+        # RunConcurrently and CapConcurrency: blocking siblings of one parent only.
+        run = ((types == RUN_CONCURRENTLY) | (types == CAP)) & self.blocking[rows]
         r_rows, r_owner = rows[run], owner[run]
+        r_types = types[run]
+        set_limit = np.zeros(0, dtype=np.int64)
+        set_pos = np.full(n, -1, dtype=np.int64)
         if r_rows.size:
             group_first = np.ones(r_rows.size, dtype=bool)
             group_first[1:] = r_owner[1:] != r_owner[:-1]
@@ -265,8 +343,12 @@ class Retimer:
             gaps[1:] = np.clip(self.start[r_rows[1:]] - self.end[r_rows[:-1]], 0, None)
             gaps[group_first] = 0
             kept = np.add.reduceat(gaps, starts)
+            # a cap below the set's size schedules it on that many slots; otherwise no limit (-1)
+            limits = np.where(r_types[starts] == CAP, values[r_owner[starts]], -1)
+            set_limit = np.where((limits > 0) & (limits < sizes), limits, -1)
+            position = np.arange(r_rows.size) - starts[group_id]
             member = valid[group_id]
-            r_rows, group_id = r_rows[member], group_id[member]
+            r_rows, group_id, position = r_rows[member], group_id[member], position[member]
             anchor_rows = r_rows[np.nonzero(group_first[member])[0]] if r_rows.size else r_rows
             anchor_of_group = np.full(valid.size, -1, dtype=np.int64)
             anchor_of_group[group_id[group_first[member]]] = anchor_rows
@@ -274,15 +356,34 @@ class Retimer:
             pred[r_rows] = self.pred[anchors]
             gap[r_rows] = self.base_gap[anchors] + kept[group_id]
             cset[r_rows] = group_id
+            set_pos[r_rows] = position
             # Siblings that waited for a member now wait for the whole set.
             has_pred = self.pred >= 0
             pred_set = np.where(has_pred, cset[np.where(has_pred, self.pred, 0)], -1)
             dependents = np.nonzero((pred_set >= 0) & (cset < 0))[0]
             waits[dependents] = pred_set[dependents]
             touched.append(r_rows)
+        # ScaleSelf: the caller work before, between and after the blocking children scales.
+        scale = types == SCALE_SELF
+        s_rows, s_factor = rows[scale], fvalues[owner[scale]]
+        if s_rows.size:
+            s_rows, first = np.unique(s_rows, return_index=True)
+            s_factor = s_factor[first]
+            factor_of = np.ones(n, dtype=np.float64)
+            factor_of[s_rows] = s_factor
+            children, own = self._children_of(s_rows)
+            keep_children = self.blocking[children]
+            children, own = children[keep_children], own[keep_children]
+            last_end = np.zeros(s_rows.size, dtype=np.int64)
+            if children.size:
+                np.maximum.at(last_end, own, self.end[children] - self.start[s_rows[own]])
+                g = gap[children]
+                gap[children] = np.where(g > 0, np.rint(g * s_factor[own]).astype(np.int64), g)
+            tail = np.maximum(0, self.dur[s_rows] - last_end)
+            self_cut[s_rows] = tail - np.rint(tail * s_factor).astype(np.int64)
         all_touched = np.concatenate(touched) if touched else np.empty(0, dtype=np.int64)
         dirty = self._ancestors_and_self(all_touched) if all_touched.size else np.zeros(n, dtype=bool)
-        return _Plan(dirty, shorten, fixed, removed, pred, gap, cset, waits)
+        return _Plan(dirty, shorten, fixed, removed, pred, gap, cset, waits, self_cut, set_limit, set_pos)
 
     # -- re-time -------------------------------------------------------------------------------
 
@@ -307,18 +408,32 @@ class Retimer:
             if children.size:
                 pred = plan.pred[children].copy()
                 waits = plan.waits_for_set[children]
+                # a concurrent set's member ends at its slot's end (its own duration unless capped)
+                span_of = new_dur[children]
+                sets = plan.concurrent_set[children]
+                if plan.set_limit is not None and plan.set_position is not None and (sets >= 0).any():
+                    in_set = np.nonzero(sets >= 0)[0]
+                    capped = in_set[plan.set_limit[sets[in_set]] > 0]
+                    if capped.size:
+                        span_of = span_of.copy()
+                        span_of[capped] = _schedule_ends(
+                            sets[capped],
+                            plan.set_position[children[capped]],
+                            new_dur[children[capped]],
+                            plan.set_limit,
+                        )
                 if (waits >= 0).any():
-                    members = np.nonzero(plan.concurrent_set >= 0)[0]
-                    msets = plan.concurrent_set[members]
-                    # longest member of each set (members of one set start together)
-                    by = np.lexsort((-new_dur[members], msets))
+                    in_set = np.nonzero(sets >= 0)[0]
+                    msets = sets[in_set]
+                    # the member that ends last (members of one set are released together)
+                    by = np.lexsort((-span_of[in_set], msets))
                     first_of_set = np.ones(by.size, dtype=bool)
                     first_of_set[1:] = msets[by][1:] != msets[by][:-1]
-                    best = np.full(int(msets.max()) + 1, -1, dtype=np.int64)
-                    best[msets[by][first_of_set]] = members[by][first_of_set]
+                    best = np.full(int(plan.concurrent_set.max()) + 1, -1, dtype=np.int64)
+                    best[msets[by][first_of_set]] = children[in_set][by][first_of_set]
                     w = waits >= 0
                     pred[w] = best[waits[w]]
-                value = plan.gap[children] + new_dur[children]
+                value = plan.gap[children] + span_of
                 local[children] = np.arange(children.size)
                 local_pred = np.where(pred >= 0, local[np.where(pred >= 0, pred, 0)], -1)
                 ends = pointer_jump_sum(local_pred, value)
@@ -332,7 +447,10 @@ class Retimer:
                 np.maximum.at(new_max, owner, ends)
                 has = old_max > np.iinfo(np.int64).min
                 delta[has] = new_max[has] - old_max[has]
-            dur = np.maximum(0, self.dur[level] - plan.shorten_ns[level] + delta)
+            cut = plan.shorten_ns[level]
+            if plan.self_cut_ns is not None:
+                cut = cut + plan.self_cut_ns[level]
+            dur = np.maximum(0, self.dur[level] - cut + delta)
             fixed = plan.fixed_ns[level]
             new_dur[level] = np.where(fixed >= 0, fixed, dur)
         return new_dur, rel_end, rel_known
@@ -380,6 +498,35 @@ class Retimer:
         return new_start, new_start + new_dur
 
 
+def _schedule_ends(sets: np.ndarray, position: np.ndarray, dur: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """End of each member of capped concurrent sets, relative to the set's release: members in start
+    order (``position``) each take the slot of their set that frees first (greedy list scheduling on
+    ``limit[set]`` slots). One numpy step per position, all sets at once."""
+    ids, local = np.unique(sets, return_inverse=True)
+    width = int(position.max()) + 1
+    slots = int(limit[ids].max())
+    out = np.zeros(sets.size, dtype=np.int64)
+    matrix = np.full((ids.size, width), -1, dtype=np.int64)
+    matrix[local, position] = np.arange(sets.size)
+    # batches of sets keep the slot matrix small
+    batch = max(1, 4_000_000 // max(slots, 1))
+    for lo in range(0, ids.size, batch):
+        hi = min(ids.size, lo + batch)
+        free = np.zeros((hi - lo, slots), dtype=np.int64)
+        free[np.arange(slots)[None, :] >= limit[ids[lo:hi]][:, None]] = np.iinfo(np.int64).max
+        for j in range(width):
+            members = matrix[lo:hi, j]
+            has = np.nonzero(members >= 0)[0]
+            if has.size == 0:
+                continue
+            m = members[has]
+            slot = np.argmin(free[has], axis=1)
+            end = free[has, slot] + dur[m]
+            free[has, slot] = end
+            out[m] = end
+    return out
+
+
 class WhatIf:
     """Savings of findings over one analysis context.
 
@@ -406,7 +553,7 @@ class WhatIf:
         if roots.size == 0:
             return Impact([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         old = self.engine.dur[roots]
-        saved = np.maximum(0, old - new_dur[roots])
+        saved = old - new_dur[roots]  # net: a change that makes a trace slower counts against it
         traces, first, inverse = np.unique(self._trace_index[roots], return_index=True, return_inverse=True)
         saved_per_trace = np.bincount(inverse, weights=saved, minlength=traces.size).astype(np.int64)
         root_per_trace = np.bincount(inverse, weights=old, minlength=traces.size).astype(np.int64)
@@ -472,6 +619,10 @@ def intervention_to_dict(iv: Intervention) -> dict[str, Any]:
         return {"type": "run_concurrently", "span_ids": list(iv.span_ids)}
     if isinstance(iv, ShortenSpan):
         return {"type": "shorten_span", "span_id": iv.span_id, "by_ns": int(iv.by_ns)}
+    if isinstance(iv, ScaleSelf):
+        return {"type": "scale_self", "span_id": iv.span_id, "factor": float(iv.factor)}
+    if isinstance(iv, CapConcurrency):
+        return {"type": "cap_concurrency", "span_ids": list(iv.span_ids), "limit": int(iv.limit)}
     return {"type": "collapse_spans", "span_ids": list(iv.span_ids), "duration_ns": int(iv.duration_ns)}
 
 
@@ -483,4 +634,8 @@ def intervention_from_dict(d: Mapping[str, Any]) -> Intervention:
         return ShortenSpan(str(d["span_id"]), int(d["by_ns"]))
     if kind == "collapse_spans":
         return CollapseSpans(tuple(str(s) for s in d["span_ids"]), int(d["duration_ns"]))
+    if kind == "scale_self":
+        return ScaleSelf(str(d["span_id"]), float(d["factor"]))
+    if kind == "cap_concurrency":
+        return CapConcurrency(tuple(str(s) for s in d["span_ids"]), int(d["limit"]))
     raise ValueError(f"unknown intervention type {kind!r}")

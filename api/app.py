@@ -13,6 +13,11 @@ token as password, so a browser can open it; ``/healthz`` and the OpenAPI docs s
 * ``GET /v1/traces/{trace_id}`` — one trace's spans, critical path and the findings touching it.
 * ``GET /v1/services`` — services seen in the store, with their recommendation counts.
 * ``POST /v1/analyses`` — re-run the analysis now.
+* ``POST /v1/whatif`` — re-time the stored traces as if the given changes were made
+  (:mod:`analysis.whatif_query`).
+* ``GET /v1/critical-path`` — an endpoint's critical path aggregated across its traces
+  (:mod:`analysis.endpoint_path`).
+* ``/mcp`` — the MCP server (streamable HTTP, :mod:`api.mcp_server`), behind the same token.
 * ``GET /`` — the HTML report.
 
 Reads never analyse on the request path (see :mod:`api.analysis_service`): the hot routes are
@@ -98,7 +103,10 @@ def create_app(
         if start_analysis:
             service.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                for enter in app.state.lifespans:  # e.g. the MCP session manager
+                    await stack.enter_async_context(enter())
+                yield
         finally:
             if start_analysis:
                 await anyio.to_thread.run_sync(service.stop)
@@ -112,6 +120,7 @@ def create_app(
     app.state.store = store
     app.state.analysis = service
     app.state.settings = settings
+    app.state.lifespans = []
 
     async def require_token(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
@@ -417,6 +426,9 @@ def create_app(
         finally:
             requested_runs.release()
 
+    _add_query_routes(app, v1, store, service)
+    _add_mcp_route(app, lambda header: token is None or _authorized(header, token), settings.host)
+
     @app.get(
         "/",
         response_class=HTMLResponse,
@@ -431,3 +443,97 @@ def create_app(
         return HTMLResponse(page)
 
     return app
+
+
+# -- issue 14: what-if and an endpoint's critical path --------------------------------------------
+
+
+def _add_query_routes(
+    app: FastAPI, v1: Callable[..., Any], store: SpanStore, service: AnalysisService
+) -> None:
+    """``POST /v1/whatif`` and ``GET /v1/critical-path``: answered from a context of the store that
+    :class:`api.queries.QueryEngine` builds on first use and keeps until the store changes."""
+    from analysis.whatif_query import WhatIfInputError
+    from api.queries import QueryEngine
+
+    def current_ids() -> set[str] | None:
+        snapshot = service.snapshot
+        return set(snapshot.by_id) if snapshot is not None else None
+
+    # under continuous ingest a context up to a settle period old (at least 30 s) answers the next
+    # questions instead of rebuilding for each (the report itself is that old at least)
+    reuse = max(30.0, float(getattr(app.state.settings, "settle_seconds", 0.0)))
+    queries = QueryEngine.over_store(store, recommendation_ids=current_ids, reuse_seconds=reuse)
+    app.state.queries = queries
+
+    @v1(
+        "POST",
+        "/whatif",
+        response_model=m.WhatIfResult,
+        tags=["what-if"],
+        responses={422: {"description": "A change that cannot be applied, with the reason"}},
+    )
+    def whatif(body: m.WhatIfRequest) -> dict[str, Any]:
+        """Re-time the stored traces as if the changes were made, along each trace's critical path
+        with the engine that prices the recommendations; root latency before and after, per endpoint."""
+        try:
+            return queries.whatif(body.model_dump(exclude_none=True))
+        except WhatIfInputError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+
+    @v1(
+        "GET",
+        "/critical-path",
+        response_model=m.EndpointCriticalPath,
+        tags=["what-if"],
+        responses={
+            404: {"model": m.ErrorBody, "description": "No trace rooted at that endpoint"},
+            422: {"description": "Bad parameter"},
+        },
+    )
+    def critical_path(
+        service_name: Annotated[
+            str, Query(alias="service", min_length=1, max_length=500, description="The root span's service")
+        ],
+        operation: Annotated[
+            str, Query(min_length=1, max_length=1000, description="The root span's name (the endpoint)")
+        ],
+        since: Annotated[
+            str | None, Query(max_length=64, description="Only traces since then: 15m, 12h, 7d or ISO 8601")
+        ] = None,
+    ) -> dict[str, Any]:
+        """What the endpoint waits on across all its traces: each operation's self time on the critical
+        path (p50, p95, share of the endpoint's latency), the most frequent paths, and an icicle tree."""
+        try:
+            path = queries.critical_path(service_name, operation, since)
+        except WhatIfInputError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        if path is None:
+            busiest = ", ".join(
+                f"{e['service']}:{e['operation']}" for e in queries.endpoints(since, limit=10)
+            )
+            raise HTTPException(
+                status_code=404,
+                detail=f"no trace has the root span {service_name}:{operation} in the window"
+                + (f" (endpoints: {busiest})" if busiest else " (no traces)"),
+            )
+        return path
+
+
+def _add_mcp_route(app: FastAPI, authorized: Callable[[str | None], bool], host: str) -> None:
+    """``/mcp``: the MCP server over streamable HTTP (:mod:`api.mcp_server`), behind the token."""
+    try:
+        from api.mcp_server import Backend, http_route
+    except ImportError as exc:  # the mcp SDK missing from an install: the REST API still works
+        log.warning("MCP server unavailable at /mcp: %s", exc)
+        return
+    service: AnalysisService = app.state.analysis
+    store: SpanStore = app.state.store
+    backend = Backend(
+        report=lambda: service.wait_first(30.0),
+        fetch_trace=lambda trace_id: store.trace(trace_id),
+        queries=app.state.queries,
+    )
+    route, lifespan = http_route(backend, authorized, host)
+    app.router.routes.append(route)
+    app.state.lifespans.append(lifespan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 # Each module registers its commands on the shared Typer app when imported.
-from api import cli_analyze, cli_diff, cli_import, cli_report, cli_serve  # noqa: F401
+from api import cli_analyze, cli_diff, cli_import, cli_mcp, cli_report, cli_serve, cli_whatif  # noqa: F401
 from api._cli_app import app
 from api.settings import SettingError
 

@@ -189,6 +189,16 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
         yield update
 
 
+def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -> pa.Table:
+    """Every span of the store's selected traces, at once (commands that need them all)."""
+    store = open_store_for_analysis(path)
+    try:
+        table: pa.Table = store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
+        return table
+    finally:
+        store.close()
+
+
 def open_store_for_analysis(path: str) -> Any:
     from collector.store import StoreError, local_path, open_store, redact
 

@@ -558,6 +558,8 @@ def render_report_html(
     services: set[str] = set()
     for ex in exemplars.values():
         services.update(s.service for s in ex.spans)
+    endpoint_paths = list(report.get("critical_paths") or [])
+    services.update(icicle_services(endpoint_paths))
     colours = assign_colours(services)
 
     generated = report.get("generated_at") or ""
@@ -619,6 +621,7 @@ def render_report_html(
         parts.append("</tbody></table>")
     for rec in recs:
         parts.append(_recommendation_html(rec, exemplars.get(str(rec.get("id"))), colours))
+    parts.append(critical_paths_html(endpoint_paths, colours))
     parts.append(
         f"</main><footer>Hourglass · {esc(report.get('schema', 'hourglass.report/v1'))} · "
         "self-contained page: no scripts, nothing loaded from the network</footer></body></html>"
@@ -684,6 +687,138 @@ def _recommendation_html(
         )
         out.append(render_waterfall_svg(exemplar, colours, figure_id=figure_id))
         out.append(legend_html(colours, {s.service for s in exemplar.spans}))
+        out.append("</figure>")
+    out.append("</section>")
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each endpoint waits: the critical path aggregated across its traces, as an icicle (issue 14)
+
+ICICLE_WIDTH = 1180
+ICICLE_ROW = 26
+ICICLE_MIN_LABEL_PX = 56
+
+
+def icicle_services(paths: Iterable[Mapping[str, Any]]) -> set[str]:
+    return {str(n.get("service")) for p in paths for n in p.get("icicle") or []}
+
+
+def render_icicle_svg(path: Mapping[str, Any], colours: Mapping[str, str], *, figure_id: str) -> str:
+    """One endpoint's merged critical path (``analysis.endpoint_path`` icicle nodes) as inline SVG: the
+    root spans the full width; each node sits under its parent with a width proportional to its time on
+    the path (per trace on average); the uncovered part of a node is its own time."""
+    nodes = [n for n in path.get("icicle") or [] if isinstance(n, Mapping)]
+    if not nodes:
+        return ""
+    children: dict[int | None, list[Mapping[str, Any]]] = {}
+    for node in nodes:
+        children.setdefault(node.get("parent"), []).append(node)
+    roots = children.get(None, [])
+    total = sum(float(n.get("ms") or 0.0) for n in roots) or 1.0
+    scale = ICICLE_WIDTH / total
+    placed: list[tuple[Mapping[str, Any], float, float, int]] = []  # node, x, width, level
+    stack = [(n, 0.0, 0) for n in reversed(roots)]
+    x_next_root = 0.0  # several roots (only if the data has them) sit side by side
+    while stack:  # depth-first with an explicit stack: no recursion
+        node, x, level = stack.pop()
+        if level == 0:
+            x = x_next_root
+            x_next_root += float(node.get("ms") or 0.0) * scale
+        width = float(node.get("ms") or 0.0) * scale
+        placed.append((node, x, width, level))
+        kids = sorted(children.get(node.get("id"), []), key=lambda k: -float(k.get("ms") or 0.0))
+        cursor = x
+        pending = []
+        for kid in kids:
+            pending.append((kid, cursor, level + 1))
+            cursor += float(kid.get("ms") or 0.0) * scale
+        stack.extend(reversed(pending))
+    levels = 1 + max(level for _, _, _, level in placed)
+    height = levels * ICICLE_ROW + 4
+    out = [
+        f'<svg class="icicle" id="{esc(figure_id)}" xmlns="http://www.w3.org/2000/svg" width="{ICICLE_WIDTH}" height="{height}" '
+        f'viewBox="0 0 {ICICLE_WIDTH} {height}" role="img" '
+        f'aria-label="Critical path of {esc(path.get("service"))} {esc(path.get("operation"))}">'
+    ]
+    for node, x, width, level in placed:
+        y = level * ICICLE_ROW
+        service = str(node.get("service"))
+        colour = colours.get(service, "#8a93a6")
+        ms = float(node.get("ms") or 0.0)
+        self_ms = float(node.get("self_ms") or 0.0)
+        share = ms / total
+        tip = (
+            f"{service} · {node.get('operation')}\n{fmt_ms(ms)} on the critical path per request "
+            f"({share:.0%} of the endpoint), {fmt_ms(self_ms)} of it its own time"
+        )
+        out.append(
+            f'<g class="node"><title>{esc(tip)}</title>'
+            f'<rect x="{x:.1f}" y="{y + 1}" width="{max(width - 1, 0.5):.1f}" height="{ICICLE_ROW - 3}" '
+            f'rx="2" fill="{esc(colour)}" stroke="#1d2330" stroke-width="0.6"/>'
+        )
+        if width >= ICICLE_MIN_LABEL_PX:
+            chars = int(width / 6.6)
+            label = truncate(f"{node.get('operation')} · {fmt_ms(ms)}", chars)
+            out.append(
+                f'<text x="{x + 4:.1f}" y="{y + ICICLE_ROW / 2 + 3:.1f}" font-size="11" fill="#fff" '
+                f'font-weight="600">{esc(label)}</text>'
+            )
+        out.append("</g>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def critical_paths_html(paths: list[Mapping[str, Any]], colours: Mapping[str, str]) -> str:
+    """The "Where each endpoint waits" section: per endpoint, its icicle, the operations with the largest
+    share of the critical path and the most frequent paths."""
+    if not paths:
+        return ""
+    out = [
+        '<section class="rec" id="critical-paths"><h2>Where each endpoint waits</h2>',
+        '<p class="muted">The critical path of each endpoint merged across its traces (self time on the '
+        "path, per request on average): wide boxes are where requests wait. Width = time on the critical "
+        "path including what it waits on below it; the uncovered part of a box is its own time.</p>",
+    ]
+    for i, path in enumerate(paths):
+        ops = list(path.get("operations") or [])[:5]
+        variants = list(path.get("paths") or [])[:3]
+        out.append(
+            f'<figure class="exemplar"><figcaption><strong>{esc(path.get("service"))} · '
+            f"{esc(path.get('operation'))}</strong> — {_num(path.get('traces'))} traces, root p50 "
+            f"{_ms(path.get('root_ms_p50'))}, p95 {_ms(path.get('root_ms_p95'))}</figcaption>"
+        )
+        out.append(render_icicle_svg(path, colours, figure_id=f"icicle-{i}"))
+        in_icicle = sorted({str(n.get("service")) for n in path.get("icicle") or []})
+        if in_icicle:
+            swatches = "".join(
+                f'<span class="legend-item"><span class="swatch" style="background:{esc(colours.get(s, "#8a93a6"))}">'
+                f"</span>{esc(s)}</span>"
+                for s in in_icicle
+            )
+            out.append(
+                f'<div class="legend">{swatches}<span class="legend-item muted">box width: mean time '
+                "on the critical path per request</span></div>"
+            )
+        if ops:
+            out.append(
+                '<table class="summary"><thead><tr><th>On the critical path</th><th class="num">Share</th>'
+                '<th class="num">Self p50</th><th class="num">Self p95</th><th class="num">Traces</th></tr>'
+                "</thead><tbody>"
+            )
+            for op in ops:
+                out.append(
+                    f"<tr><td>{esc(op.get('service'))} · {esc(op.get('operation'))}</td>"
+                    f'<td class="num">{_share(op.get("share"))}</td>'
+                    f'<td class="num">{_ms(op.get("ms_p50"))}</td><td class="num">{_ms(op.get("ms_p95"))}</td>'
+                    f'<td class="num">{_num(op.get("traces"))}</td></tr>'
+                )
+            out.append("</tbody></table>")
+        for variant in variants:
+            out.append(
+                f'<div class="muted">{_share(variant.get("share_of_traces"))} of traces: '
+                f"{esc(' → '.join(str(s) for s in variant.get('steps') or []))}</div>"
+            )
         out.append("</figure>")
     out.append("</section>")
     return "".join(out)

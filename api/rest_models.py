@@ -181,3 +181,87 @@ class AnalysisRun(_Open):
     duration_ms: float | None = None
     error: str | None = None
     analysis: AnalysisStatus
+
+
+# -- what-if and an endpoint's critical path (issue 14) -------------------------------------------
+
+
+class WhatIfRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    changes: list[dict[str, Any]] = Field(
+        description='Changes applied together, each one of {"recommendation": ID}, '
+        '{"speedup": {"service", "operation", "factor"}} (that operation takes factor × its own time; '
+        '0.5 = twice as fast, 0 = no own time, children keep theirs; operation "*" = the whole service), '
+        '{"parallelize": {"service", '
+        '"operation"}} (that caller\'s blocking children run concurrently) or {"cap": {"service", '
+        '"operation", "concurrency"}} (they run at most K at a time)'
+    )
+    service: str | None = Field(None, description="Only traces whose root span is in this service")
+    operation: str | None = Field(None, description="Only traces whose root span has this name")
+    since: str | None = Field(None, description="Only traces since then: 15m, 12h, 7d or an ISO 8601 time")
+
+
+class WhatIfEndpoint(_Open):
+    service: str
+    operation: str
+    traces: int
+    saved_ms_total: float
+    before_ms_p50: float
+    after_ms_p50: float
+    before_ms_p95: float
+    after_ms_p95: float
+
+
+class WhatIfResult(_Open):
+    traces: int = Field(description="Traces the changes were applied to (after the root filters)")
+    traces_changed: int = Field(description="Of those, traces whose root duration changed")
+    saved_ms_total: float = Field(
+        description="Root latency saved over all those traces, ms (negative: slower)"
+    )
+    endpoints: list[WhatIfEndpoint] = Field(
+        description="Per trace root (service, operation), most saved first"
+    )
+    changes: list[dict[str, Any]] = Field(
+        description="The changes, each with the spans and traces it touched"
+    )
+
+
+class PathOperation(_Open):
+    service: str
+    operation: str
+    traces: int = Field(description="Traces where it is on the critical path")
+    ms_p50: float = Field(description="Its self time on the path per such trace, median, ms")
+    ms_p95: float
+    ms_total: float
+    share: float = Field(
+        description="Its share of the endpoint's time on the critical path (the shares sum to 1)"
+    )
+
+
+class PathVariant(_Open):
+    steps: list[str] = Field(description="service:operation along the path in time order (repeats folded)")
+    traces: int
+    share_of_traces: float
+    root_ms_p50: float | None
+
+
+class IcicleNode(_Open):
+    id: int
+    parent: int | None
+    service: str
+    operation: str
+    depth: int
+    ms: float = Field(description="Time on the path including descendants, per trace on average")
+    self_ms: float
+
+
+class EndpointCriticalPath(_Open):
+    service: str
+    operation: str
+    traces: int
+    root_ms_p50: float | None
+    root_ms_p95: float | None
+    operations: list[PathOperation]
+    paths: list[PathVariant]
+    icicle: list[IcicleNode] = Field(default_factory=list)

@@ -196,6 +196,7 @@ async def _serve_async(
         _say(f"OTLP/gRPC listening on {endpoints.grpc}")
         _say(f"OTLP/HTTP listening on {endpoints.http}")
         _say(f"REST API listening on {endpoints.api} (GET /healthz, /v1/stats, /v1/recommendations)")
+        _say(f"MCP server (streamable HTTP) at {endpoints.api}/mcp")
         if settings.api_token:
             _say("bearer token required on all endpoints (HOURGLASS_API_TOKEN)")
         if on_ready is not None:

@@ -75,6 +75,7 @@ def test_report_has_the_design_shape() -> None:
         "spans_analyzed",
         "recommendations",
         "writer",
+        "critical_paths",  # the busiest endpoints' critical paths for the report page (issue 14)
     ]
     assert report["schema"] == "hourglass.report/v1"
     assert report["generated_at"].endswith("Z")

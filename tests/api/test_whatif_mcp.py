@@ -1,0 +1,297 @@
+"""What-if, an endpoint's critical path and the MCP server, as users and agents reach them:
+the real `hourglass serve` over HTTP (REST and streamable-HTTP MCP, with and without the token),
+the CLI as processes over a store of the demo traces, and the real `mcp` client starting
+`hourglass mcp` over stdio and calling every tool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.api.live_server import (
+    LiveServer,
+    hourglass_executable,
+    running_server,
+    send_traces,
+    wait_for_spans,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "sample-traces"
+TOKEN = "whatif-token"
+SPANS_PER_TRACE = 7
+LEDGER_TRANSFERS = "POST /accounts/{account_id}/transfers"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def hourglass(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*hourglass_executable(), *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- REST and MCP over HTTP -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with running_server(tmp_path_factory.mktemp("whatif"), token=TOKEN) as srv:
+        send_traces(srv, checkout=10, home=5)
+        wait_for_spans(srv, 15 * SPANS_PER_TRACE)
+        with srv.client() as client:
+            assert client.post("/v1/analyses").status_code == 200
+        yield srv
+
+
+def test_whatif_over_rest(server: LiveServer) -> None:
+    with server.client(timeout=60) as client:
+        report = client.get("/v1/recommendations").json()
+        rec = next(r for r in report["recommendations"] if r["kind"] == "serialized_calls")
+        out = client.post("/v1/whatif", json={"changes": [{"recommendation": rec["id"]}]})
+        assert out.status_code == 200, out.text
+        body = out.json()
+        assert body["traces"] == 15
+        assert body["saved_ms_total"] == pytest.approx(rec["impact"]["saved_ms_total"], rel=0.01)
+
+        # the users backend with no time of its own: each checkout waits 28 ms less for it; the
+        # parallel /home still waits as long for the two other calls
+        speedup = {"speedup": {"service": "users", "operation": "GET /users", "factor": 0}}
+        body = client.post("/v1/whatif", json={"changes": [speedup]}).json()
+        by_endpoint = {e["operation"]: e for e in body["endpoints"]}
+        checkout, home = by_endpoint["GET /checkout"], by_endpoint["GET /home"]
+        assert checkout["traces"] == 10 and home["traces"] == 5
+        assert checkout["before_ms_p50"] - checkout["after_ms_p50"] == pytest.approx(28.0, abs=0.01)
+        assert home["after_ms_p50"] == home["before_ms_p50"]
+        assert body["saved_ms_total"] == pytest.approx(280.0, abs=0.1)
+        assert body["changes"][0]["spans"] == 15
+
+        only = client.post("/v1/whatif", json={"changes": [speedup], "operation": "GET /home"}).json()
+        assert only["traces"] == 5 and only["saved_ms_total"] == 0.0
+
+        for payload, reason in (
+            ({"changes": []}, "empty"),
+            (
+                {"changes": [{"speedup": {"service": "users", "operation": "GET /users", "factor": -1}}]},
+                "between 0",
+            ),
+            ({"changes": [{"speedup": {"service": "users", "operation": "nope", "factor": 0.5}}]}, "no span"),
+            ({"changes": [{"recommendation": "serialized_calls-0000000000000000"}]}, "current report"),
+            ({"changes": [speedup], "since": "yesterday-ish"}, "since"),
+        ):
+            answer = client.post("/v1/whatif", json=payload)
+            assert answer.status_code == 422, (payload, answer.text)
+            assert reason in json.dumps(answer.json()["detail"]), answer.text
+        assert (
+            client.post("/v1/whatif", content=b"{", headers={"content-type": "application/json"}).status_code
+            == 422
+        )
+    with server.client(auth=False) as anonymous:
+        assert anonymous.post("/v1/whatif", json={"changes": [speedup]}).status_code == 401
+
+
+def test_critical_path_over_rest(server: LiveServer) -> None:
+    with server.client(timeout=60) as client:
+        answer = client.get("/v1/critical-path", params={"service": "frontend", "operation": "GET /checkout"})
+        assert answer.status_code == 200, answer.text
+        path = answer.json()
+        assert path["traces"] == 10
+        assert sum(o["share"] for o in path["operations"]) == pytest.approx(1.0, abs=1e-3)
+        # the three backends' server spans are on the path, one after another
+        names = {o["operation"] for o in path["operations"]}
+        assert {"GET /users", "GET /cart", "GET /prices"} <= names
+        assert path["paths"][0]["traces"] == 10
+        missing = client.get("/v1/critical-path", params={"service": "frontend", "operation": "GET /nope"})
+        assert missing.status_code == 404 and "GET /checkout" in missing.json()["detail"]
+        assert client.get("/v1/critical-path", params={"service": "frontend"}).status_code == 422
+
+
+async def _mcp_over_http(url: str, headers: dict[str, str]) -> Any:
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with (
+        create_mcp_http_client(headers=headers) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return await session.call_tool("list_recommendations", {"kind": "serialized_calls"})
+
+
+def test_mcp_over_streamable_http_needs_the_token(server: LiveServer) -> None:
+    result = anyio.run(_mcp_over_http, f"{server.base_url}/mcp", {"Authorization": f"Bearer {TOKEN}"})
+    assert not result.is_error, result.content
+    recs = result.structured_content["recommendations"]
+    assert [r["kind"] for r in recs] == ["serialized_calls"] and recs[0]["operation"] == "GET /checkout"
+    refused = httpx.post(
+        f"{server.base_url}/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"Accept": "application/json, text/event-stream"},
+    )
+    assert refused.status_code == 401
+    with pytest.raises(Exception):  # noqa: B017 -- the SDK wraps the 401 in its own error types
+        anyio.run(_mcp_over_http, f"{server.base_url}/mcp", {"Authorization": "Bearer wrong"})
+
+
+# -- the CLI and stdio MCP over a store of the demo traces -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("demo-store") / "demo.duckdb"
+    files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
+    done = hourglass("import", "--db", str(db), *files)
+    assert done.returncode == 0, done.stderr
+    return db
+
+
+def test_whatif_and_critical_path_cli(demo_store: Path) -> None:
+    analyzed = hourglass("analyze", "--db", str(demo_store), "--format", "json")
+    assert analyzed.returncode == 0, analyzed.stderr
+    report = json.loads(analyzed.stdout)
+    lock = next(r for r in report["recommendations"] if r["kind"] == "lock_contention")
+    out = hourglass("whatif", "--db", str(demo_store), "--recommendation", lock["id"], "--format", "json")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["saved_ms_total"] == pytest.approx(lock["impact"]["saved_ms_total"], rel=0.01)
+    assert body["endpoints"][0]["operation"] == LEDGER_TRANSFERS
+
+    table = hourglass(
+        "whatif",
+        "--db",
+        str(demo_store),
+        "--speedup",
+        "ledger:lock.acquire ledger.journal=0.5",
+        "--service",
+        "ledger",
+        "--operation",
+        LEDGER_TRANSFERS,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "48 traces, 48 changed" in table.stdout and LEDGER_TRANSFERS in table.stdout
+
+    # bad input: a clear message and exit 2 (the parsing itself is unit-tested in tests/analysis)
+    for flags, reason in (
+        (["--speedup", "ledger:lock.acquire ledger.journal=-2"], "between 0"),
+        (["--cap", "ledger:nope=4"], "no span ledger:nope"),
+    ):
+        bad = hourglass("whatif", "--db", str(demo_store), *flags)
+        assert bad.returncode == 2 and reason in bad.stderr, (flags, bad.stderr)
+
+    cp = hourglass(
+        "critical-path",
+        "--db",
+        str(demo_store),
+        "--service",
+        "ledger",
+        "--operation",
+        LEDGER_TRANSFERS,
+        "--format",
+        "json",
+    )
+    assert cp.returncode == 0, cp.stderr
+    path = json.loads(cp.stdout)
+    assert path["operations"][0]["operation"] == "lock.acquire ledger.journal"  # the lock wait dominates
+    assert path["operations"][0]["share"] > 0.5
+    listing = hourglass("critical-path", "--db", str(demo_store))
+    assert listing.returncode == 2 and LEDGER_TRANSFERS in listing.stderr
+
+
+async def _every_tool(db: Path) -> dict[str, Any]:
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    command = hourglass_executable()
+    params = StdioServerParameters(
+        command=command[0], args=[*command[1:], "mcp", "--db", str(db)], env=_env(), cwd=str(ROOT)
+    )
+    out: dict[str, Any] = {}
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        tools = await session.list_tools()
+        out["tools"] = {t.name: t for t in tools.tools}
+
+        async def call(name: str, args: dict[str, Any]) -> Any:
+            result = await session.call_tool(name, args)
+            out.setdefault("calls", []).append((name, args, result))
+            return result
+
+        listing = await call("list_recommendations", {"limit": 2})
+        first = listing.structured_content["recommendations"][0]
+        await call("list_recommendations", {"offset": 2, "limit": 2, "severity": "low"})
+        await call("list_recommendations", {"kind": "lock_contention"})
+        detail = await call("get_recommendation", {"recommendation_id": first["id"]})
+        trace_id = detail.structured_content["evidence"]["trace_ids"][0]
+        await call("get_trace", {"trace_id": trace_id, "limit": 3})
+        await call("what_if", {"changes": [{"recommendation": first["id"]}]})
+        await call("what_if", {"changes": []})
+        await call("critical_path", {})
+        await call("critical_path", {"service": "ledger", "operation": LEDGER_TRANSFERS})
+        await call("get_recommendation", {"recommendation_id": "nope"})
+    return out
+
+
+def test_mcp_stdio_calls_every_tool(demo_store: Path) -> None:
+    out = anyio.run(_every_tool, demo_store)
+    assert set(out["tools"]) == {
+        "list_recommendations",
+        "get_recommendation",
+        "get_trace",
+        "what_if",
+        "critical_path",
+    }
+    for tool in out["tools"].values():
+        assert tool.description and len(tool.description) > 80  # described for an agent
+        assert tool.annotations.read_only_hint is True
+    results = {f"{name}{json.dumps(args, sort_keys=True)}": r for name, args, r in out["calls"]}
+    errors = {k for k, r in results.items() if r.is_error}
+    assert errors == {
+        'what_if{"changes": []}',
+        'get_recommendation{"recommendation_id": "nope"}',
+    }, {k: results[k].content for k in errors}
+    page = results['list_recommendations{"limit": 2}'].structured_content
+    assert page["total"] >= 5 and page["next_offset"] == 2 and len(page["recommendations"]) == 2
+    top = page["recommendations"][0]
+    assert top["kind"] == "lock_contention" and top["severity"] == "high"
+    locks = results['list_recommendations{"kind": "lock_contention"}'].structured_content
+    assert {r["kind"] for r in locks["recommendations"]} == {"lock_contention"}
+    detail = results[f'get_recommendation{{"recommendation_id": "{top["id"]}"}}'].structured_content
+    assert detail["actions"] and "interventions" not in detail["evidence"]
+    trace = next(r for k, r in results.items() if k.startswith("get_trace")).structured_content
+    assert len(trace["spans"]) == 3 and trace["next_offset"] == 3
+    assert top["id"] in {f["id"] for f in trace["findings"]}
+    priced = next(r for k, r in results.items() if k.startswith('what_if{"changes": [{')).structured_content
+    assert priced["saved_ms_total"] == pytest.approx(top["saved_ms_total"], rel=0.01)
+    empty = results['what_if{"changes": []}']
+    assert "empty" in empty.content[0].text
+    endpoints = results["critical_path{}"].structured_content["endpoints"]
+    assert {"service": "ledger", "operation": LEDGER_TRANSFERS, "traces": 48} in endpoints
+    path = next(r for k, r in results.items() if k.startswith('critical_path{"operation"')).structured_content
+    assert path["operations"][0]["operation"] == "lock.acquire ledger.journal"
+    assert "icicle" not in path  # compact for an agent
+
+
+def test_mcp_without_a_store_says_so(tmp_path: Path) -> None:
+    out = hourglass("mcp", "--db", str(tmp_path / "missing.duckdb"), timeout=60)
+    assert out.returncode == 2 and "no such store" in out.stderr
