@@ -17,6 +17,7 @@ Also here: :class:`ContextView`, the read-only ``analysis.writer.WriterContext``
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -146,17 +147,60 @@ def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterConte
     for rec in recs:
         text = outcome.texts[rec["id"]]
         rec["title"], rec["summary"], rec["actions"] = text.title, text.summary, list(text.actions)
+        if text.design is not None:
+            rec["design"] = text.design
     report["writer"] = {"name": outcome.writer, "fallback_reason": fallback_reason or outcome.fallback_reason}
     if outcome.metadata:
         report["writer"]["metadata"] = outcome.metadata
 
 
+def add_workstreams(
+    report: dict[str, Any],
+    ctx: AnalysisContext,
+    ranked: list[Scored],
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """``report["workstreams"]``: the plan of :mod:`analysis.workstreams` (empty if it fails)."""
+    from analysis.workstreams import build_workstreams
+
+    try:
+        report["workstreams"] = build_workstreams(ctx, ranked, report, resources)
+    except Exception:
+        log.exception("the workstream plan failed")
+        report["workstreams"] = []
+
+
 class ContextView:
     """Read-only views of an analysis for writers (implements ``analysis.writer.WriterContext``)."""
 
-    def __init__(self, ctx: AnalysisContext, report: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ctx: AnalysisContext,
+        report: dict[str, Any],
+        ranked: list[Scored] | None = None,
+        resources: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.ctx = ctx
         self._recs = {r["id"]: r for r in report.get("recommendations", [])}
+        self._scored = {s.finding.id: s for s in ranked or []}
+        self.resources = resources or {}
+        self._facts: dict[str, dict[str, Any] | None] = {}
+
+    def design_facts(self, recommendation_id: str) -> dict[str, Any] | None:
+        """Language, exemplar sequence diagrams and predicted root latencies for a recommendation's
+        design (:func:`analysis.sequence.design_facts`), computed once per recommendation."""
+        if recommendation_id not in self._facts:
+            from analysis.sequence import design_facts
+
+            rec, scored = self._recs.get(recommendation_id), self._scored.get(recommendation_id)
+            facts = None
+            if rec is not None and scored is not None:
+                try:
+                    facts = design_facts(self.ctx, scored.finding, scored.impact, rec, self.resources)
+                except Exception:  # a design without diagrams beats no report
+                    log.exception("design facts of %s failed", recommendation_id)
+            self._facts[recommendation_id] = facts
+        return self._facts[recommendation_id]
 
     def finding_evidence(self, recommendation_id: str) -> dict[str, Any] | None:
         rec = self._recs.get(recommendation_id)
@@ -219,11 +263,16 @@ class ContextView:
 
 
 def analyze_context(
-    ctx: AnalysisContext, *, writer: Writer | None = None
+    ctx: AnalysisContext,
+    *,
+    writer: Writer | None = None,
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[Scored]]:
+    """``resources``: {service: {"language", "namespace", "owner"}} (:mod:`analysis.resources`)."""
     ranked = score_findings(ctx, run_detectors(ctx))
     report = build_report(ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height)
-    write_texts(report, writer, ContextView(ctx, report))
+    write_texts(report, writer, ContextView(ctx, report, ranked, resources))
+    add_workstreams(report, ctx, ranked, resources)
     return report, ranked
 
 
@@ -235,8 +284,11 @@ def analyze(
     since_ns: int | None = None,
 ) -> dict[str, Any]:
     """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict."""
+    from analysis.resources import service_resources
+
+    resources = service_resources(table_or_frame)
     frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
-    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer)
+    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer, resources=resources)
     return report
 
 

@@ -76,7 +76,12 @@ def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -
             code=EXIT_STORE,
         ) from exc
     try:
-        return store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
+        from analysis.resources import attach_store_resources
+
+        # the services' languages ride along in the table's metadata (for the designs' pseudocode)
+        return attach_store_resources(
+            store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS), store
+        )
     finally:
         store.close()
 
