@@ -57,12 +57,24 @@ def _calls(params: Mapping[str, Any], limit: int = 4) -> list[str]:
     return list(dict.fromkeys(calls))[:limit]
 
 
-def _num(value: Any, default: float) -> str:
+def _num(value: Any, symbol: str) -> str:
+    """A parameter as code: its value from the evidence, or a named constant when the evidence has
+    none (no invented number)."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        v = default
+        return symbol
+    if v != v:
+        return symbol
     return f"{v:.0f}" if v >= 10 or v.is_integer() else f"{v:.1f}"
+
+
+def _secs(ms_text: str) -> str:
+    """Seconds from a ``_num`` milliseconds text (an expression when it is a named constant)."""
+    try:
+        return f"{float(ms_text) / 1000:g}"
+    except ValueError:
+        return f"{ms_text} / 1000"
 
 
 # --- scatter-gather ----------------------------------------------------------------------------
@@ -70,7 +82,7 @@ def _num(value: Any, default: float) -> str:
 
 def _scatter_gather(lang: str, p: Mapping[str, Any]) -> str | None:
     calls = _calls(p)
-    deadline = _num(p.get("deadline_ms"), 1000)
+    deadline = _num(p.get("deadline_ms"), "DEADLINE_MS")
     caller = str(p.get("caller") or "handler")
     if lang == "go":
         lines = [
@@ -110,7 +122,7 @@ def _scatter_gather(lang: str, p: Mapping[str, Any]) -> str | None:
     if lang == "python":
         lines = [_comment("#", f"{caller}: start the independent calls together, one shared deadline")]
         lines += [
-            f"async with asyncio.timeout({float(deadline) / 1000:g}):",
+            f"async with asyncio.timeout({_secs(deadline)}):",
             "    async with asyncio.TaskGroup() as tg:",
         ]
         for c in calls:
@@ -141,7 +153,7 @@ def _scatter_gather(lang: str, p: Mapping[str, Any]) -> str | None:
         return "\n".join(lines)
     if lang == "ruby":
         lines = [_comment("#", f"{caller}: start the independent calls together, one shared deadline")]
-        lines += [f"Timeout.timeout({float(deadline) / 1000:g}) do", "  Async do |task|"]
+        lines += [f"Timeout.timeout({_secs(deadline)}) do", "  Async do |task|"]
         for c in calls:
             v = ident(c, "snake")
             lines += [f"    {_comment('#', c)}", f"    {v} = task.async {{ client.{v}(req) }}"]
@@ -157,8 +169,7 @@ def _scatter_gather(lang: str, p: Mapping[str, Any]) -> str | None:
         ]
         lines += ["$promises = ["]
         lines += [
-            f"    '{ident(c)}' => $client->getAsync('{c}', ['timeout' => {float(deadline) / 1000:g}]),"
-            for c in calls
+            f"    '{ident(c)}' => $client->getAsync('{c}', ['timeout' => {_secs(deadline)}])," for c in calls
         ]
         lines += ["];", "$results = GuzzleHttp\\Promise\\Utils::settle($promises)->wait();"]
         return "\n".join(lines)
@@ -196,7 +207,7 @@ def _scatter_gather(lang: str, p: Mapping[str, Any]) -> str | None:
 
 def _batch(lang: str, p: Mapping[str, Any]) -> str | None:
     stmt = str(p.get("statement") or (p.get("calls") or ["the repeated call"])[0])
-    size = _num(p.get("batch_size"), 100)
+    size = _num(p.get("batch_size"), "MAX_BATCH")
     item = ident(p.get("target") or stmt, "camel", "item")
     if lang == "go":
         return "\n".join(
@@ -327,7 +338,7 @@ def _memoize(lang: str, p: Mapping[str, Any]) -> str | None:
 
 
 def _bounded_pool(lang: str, p: Mapping[str, Any]) -> str | None:
-    k = _num(p.get("k"), 8)
+    k = _num(p.get("k"), "POOL_SIZE")
     call = str((p.get("calls") or ["the fan-out call"])[0])
     v = ident(call)
     if lang == "go":
@@ -389,8 +400,8 @@ def _bounded_pool(lang: str, p: Mapping[str, Any]) -> str | None:
 
 
 def _hedge(lang: str, p: Mapping[str, Any]) -> str | None:
-    hedge = _num(p.get("hedge_after_ms"), 100)
-    deadline = _num(p.get("deadline_ms"), 1000)
+    hedge = _num(p.get("hedge_after_ms"), "HEDGE_AFTER_MS")
+    deadline = _num(p.get("deadline_ms"), "DEADLINE_MS")
     call = str((p.get("calls") or ["the branch call"])[0])
     v = ident(call)
     if lang == "go":
@@ -423,9 +434,9 @@ def _hedge(lang: str, p: Mapping[str, Any]) -> str | None:
         return "\n".join(
             [
                 _comment("#", f"{call}: hedge a slow branch after {hedge} ms, give up at {deadline} ms"),
-                f"async with asyncio.timeout({float(deadline) / 1000:g}):",
+                f"async with asyncio.timeout({_secs(deadline)}):",
                 f"    first = asyncio.create_task(client.{ident(call, 'snake')}(shard))",
-                f"    done, _ = await asyncio.wait({{first}}, timeout={float(hedge) / 1000:g})",
+                f"    done, _ = await asyncio.wait({{first}}, timeout={_secs(hedge)})",
                 "    if not done:",
                 f"        second = asyncio.create_task(client.{ident(call, 'snake')}(replica_of(shard)))",
                 "        done, pending = await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)",
@@ -514,8 +525,8 @@ def _lock(lang: str, p: Mapping[str, Any]) -> str | None:
 
 
 def _retry(lang: str, p: Mapping[str, Any]) -> str | None:
-    base = _num(p.get("base_ms"), 100)
-    attempts = _num(p.get("attempts"), 3)
+    base = _num(p.get("base_ms"), "BASE_DELAY_MS")
+    attempts = _num(p.get("attempts"), "MAX_ATTEMPTS")
     call = str((p.get("calls") or ["the call"])[0])
     v = ident(call)
     if lang == "go":
@@ -541,7 +552,7 @@ def _retry(lang: str, p: Mapping[str, Any]) -> str | None:
                 ),
                 'var retry = Retry.of("' + call.replace('"', "'") + '", RetryConfig.custom()',
                 f"    .maxAttempts({attempts})",
-                f"    .intervalFunction(IntervalFunction.ofExponentialRandomBackoff({base}, 2.0))",
+                f"    .intervalFunction(IntervalFunction.ofExponentialRandomBackoff({base}, 2))",
                 "    .retryOnException(e -> isRetryable(e)).build());",
                 f"var result = retry.executeSupplier(() -> client.{v}(req));",
             ]
@@ -550,7 +561,7 @@ def _retry(lang: str, p: Mapping[str, Any]) -> str | None:
         return "\n".join(
             [
                 _comment("#", f"{call}: backoff from {base} ms, full jitter, at most {attempts} attempts"),
-                f"@retry(stop=stop_after_attempt({attempts}), wait=wait_random_exponential(multiplier={float(base) / 1000:g}),",
+                f"@retry(stop=stop_after_attempt({attempts}), wait=wait_random_exponential(multiplier={_secs(base)}),",
                 "       retry=retry_if_exception(is_retryable))  # tenacity",
                 f"async def {ident(call, 'snake')}(req): ...",
             ]
@@ -583,7 +594,7 @@ def _retry(lang: str, p: Mapping[str, Any]) -> str | None:
         return "\n".join(
             [
                 _comment("#", f"{call}: backoff from {base} ms, jitter, at most {attempts} attempts"),
-                f"Retriable.retriable(tries: {attempts}, base_interval: {float(base) / 1000:g}, rand_factor: 0.5) {{ client.{ident(call, 'snake')}(req) }}",
+                f"Retriable.retriable(tries: {attempts}, base_interval: {_secs(base)}) {{ client.{ident(call, 'snake')}(req) }}",
             ]
         )
     if lang == "rust":
@@ -630,7 +641,7 @@ def _breaker(lang: str, p: Mapping[str, Any]) -> str | None:
         return "\n".join(
             [
                 _comment("//", f"{call}: a circuit breaker and a fallback (opossum)"),
-                f"const breaker = new CircuitBreaker((req) => client.{v}(req), {{ errorThresholdPercentage: 50 }});",
+                f"const breaker = new CircuitBreaker((req) => client.{v}(req));",
                 "breaker.fallback((req) => cachedOrDefault(req));",
                 "const result = await breaker.fire(req);",
             ]
@@ -647,7 +658,7 @@ def _breaker(lang: str, p: Mapping[str, Any]) -> str | None:
 
 
 def _timeout(lang: str, p: Mapping[str, Any]) -> str | None:
-    t = _num(p.get("timeout_ms"), 1000)
+    t = _num(p.get("timeout_ms"), "TIMEOUT_MS")
     call = str((p.get("calls") or ["the call"])[0])
     v = ident(call)
     if lang == "go":
@@ -673,7 +684,7 @@ def _timeout(lang: str, p: Mapping[str, Any]) -> str | None:
             [
                 _comment("#", f"{call}: a deadline at the healthy p99 ({t} ms)"),
                 "try:",
-                f"    async with asyncio.timeout({float(t) / 1000:g}):",
+                f"    async with asyncio.timeout({_secs(t)}):",
                 f"        result = await client.{ident(call, 'snake')}(req)",
                 "except TimeoutError:",
                 "    result = fallback(req)",
@@ -699,14 +710,14 @@ def _timeout(lang: str, p: Mapping[str, Any]) -> str | None:
         return "\n".join(
             [
                 _comment("#", f"{call}: a deadline at the healthy p99 ({t} ms)"),
-                f"http = Net::HTTP.new(host, port); http.read_timeout = {float(t) / 1000:g}; http.open_timeout = {float(t) / 1000:g}",
+                f"http = Net::HTTP.new(host, port); http.read_timeout = {_secs(t)}; http.open_timeout = {_secs(t)}",
             ]
         )
     if lang == "php":
         return "\n".join(
             [
                 _comment("//", f"{call}: a deadline at the healthy p99 ({t} ms)"),
-                f"$response = $client->request('GET', $uri, ['timeout' => {float(t) / 1000:g}]);",
+                f"$response = $client->request('GET', $uri, ['timeout' => {_secs(t)}]);",
             ]
         )
     if lang == "rust":
@@ -730,7 +741,7 @@ def _timeout(lang: str, p: Mapping[str, Any]) -> str | None:
 
 _NEUTRAL: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "scatter_gather": lambda p: "\n".join(
-        [f"deadline = now + {_num(p.get('deadline_ms'), 1000)} ms"]
+        [f"deadline = now + {_num(p.get('deadline_ms'), 'DEADLINE_MS')} ms"]
         + [f"start {c}" for c in _calls(p)]
         + [
             "wait for all (until deadline)",
@@ -740,7 +751,7 @@ _NEUTRAL: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "batch": lambda p: "\n".join(
         [
             f"-- before: for each id: {p.get('statement') or (p.get('calls') or ['call'])[0]}",
-            f"ids = collect ids (at most {_num(p.get('batch_size'), 100)} per batch)",
+            f"ids = collect ids (at most {_num(p.get('batch_size'), 'MAX_BATCH')} per batch)",
             "rows = ONE query/request for all ids (WHERE id IN (...) / batch endpoint)",
             "look each id up in rows",
         ]
@@ -748,14 +759,14 @@ _NEUTRAL: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "memoize": lambda p: "value = request_cache.get_or_compute(key, call once)",
     "bounded_pool": lambda p: "\n".join(
         [
-            f"pool = bounded pool of {_num(p.get('k'), 8)} workers for this fan-out",
+            f"pool = bounded pool of {_num(p.get('k'), 'POOL_SIZE')} workers for this fan-out",
             "submit every item; wait for all; cancel the rest on a failure",
         ]
     ),
     "hedge": lambda p: "\n".join(
         [
-            f"start branch call with a deadline of {_num(p.get('deadline_ms'), 1000)} ms",
-            f"if no answer after {_num(p.get('hedge_after_ms'), 100)} ms: send the same call to another replica",
+            f"start branch call with a deadline of {_num(p.get('deadline_ms'), 'DEADLINE_MS')} ms",
+            f"if no answer after {_num(p.get('hedge_after_ms'), 'HEDGE_AFTER_MS')} ms: send the same call to another replica",
             "take the first answer, cancel the other; past the deadline: return partial results",
         ]
     ),
@@ -768,9 +779,9 @@ _NEUTRAL: dict[str, Callable[[Mapping[str, Any]], str]] = {
     ),
     "retry": lambda p: "\n".join(
         [
-            f"for attempt in 1..{_num(p.get('attempts'), 3)}:",
+            f"for attempt in 1..{_num(p.get('attempts'), 'MAX_ATTEMPTS')}:",
             "    result = call(); if ok or not retryable or budget empty: stop",
-            f"    sleep random(0, {_num(p.get('base_ms'), 100)} ms * 2^attempt)",
+            f"    sleep random(0, {_num(p.get('base_ms'), 'BASE_DELAY_MS')} ms * 2^attempt)",
         ]
     ),
     "breaker": lambda p: "\n".join(
@@ -781,7 +792,7 @@ _NEUTRAL: dict[str, Callable[[Mapping[str, Any]], str]] = {
     ),
     "timeout": lambda p: "\n".join(
         [
-            f"call with deadline {_num(p.get('timeout_ms'), 1000)} ms (propagate it downstream)",
+            f"call with deadline {_num(p.get('timeout_ms'), 'TIMEOUT_MS')} ms (propagate it downstream)",
             "on timeout: cancel, return fallback or a clear error",
         ]
     ),

@@ -270,6 +270,7 @@ def test_direct_answer_without_tools(fake: FakeAnthropic, tmp_path: Path) -> Non
     assert [t["name"] for t in request["tools"]] == [
         "get_finding_evidence",
         "get_critical_path",
+        "get_design_facts",
         "get_service_neighbours",
     ]
     assert REC_A in request["messages"][0]["content"][0]["text"]
