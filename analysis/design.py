@@ -5,7 +5,8 @@ would write before changing the code.
 
     {"pattern": {"name", "parameters": {...}, "summary"},
      "rationale", "dependencies", "consistency", "failure_handling", "verification", "tests",
-     "predicted": {root_ms_p50_before, root_ms_p95_before, root_ms_p50_after, root_ms_p95_after},
+     "predicted": {root_ms_p50_before, root_ms_p95_before, root_ms_p50_after, root_ms_p95_after,
+                   critical_path_after: [{service, operation, self_ms}]},
      "pseudocode": {"language", "code"},
      "sequence": {"before", "after", "trace_id"}}
 
@@ -629,6 +630,10 @@ def build_design(rec: Rec, facts: Mapping[str, Any]) -> dict[str, Any]:
         k: facts.get(k)
         for k in ("root_ms_p50_before", "root_ms_p95_before", "root_ms_p50_after", "root_ms_p95_after")
     }
+    # the exemplar's critical path after the re-timing: the spans with the most self time on it
+    design["predicted"]["critical_path_after"] = list(
+        (facts.get("exemplar") or {}).get("critical_path_after") or []
+    )
     design["pseudocode"] = pseudocode(family, facts.get("language"), code_params)
     ex = facts.get("exemplar") or {}
     seq = ex.get("sequence") or {}

@@ -125,7 +125,10 @@ def design_markdown(design: Any) -> list[str]:
         lang = str(code.get("language") or "text")
         lines += ["", f"Pseudocode ({lang}):", "", *_fence(str(code["code"]), _FENCE_LANG.get(lang, lang))]
     seq = design.get("sequence") or {}
-    for key, heading in (("before", "Before (exemplar trace, measured)"), ("after", "After (what-if re-timing)")):
+    for key, heading in (
+        ("before", "Before (exemplar trace, measured)"),
+        ("after", "After (what-if re-timing)"),
+    ):
         if seq.get(key):
             lines += ["", f"{heading}:", "", *_fence(str(seq[key]), "mermaid")]
     return lines

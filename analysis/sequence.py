@@ -205,33 +205,83 @@ def _call_lines(b: _Builder, calls: list[_Call], indent: str = "") -> None:
             b.add(f"{indent}{b.p(c.callee)}-->>{b.p(c.caller)}: {fmt_ms(dur / 1e6)}")
 
 
+OVERLAP_TOLERANCE_NS = 50_000  # calls overlapping less than this are back to back (clock jitter)
+MAX_PAR_LINES = 8  # a wider concurrent wave is drawn one line per operation
+
+
+def waves(calls: list[_Call]) -> list[list[_Call]]:
+    """Calls (sorted by start) grouped into waves of calls whose intervals overlap."""
+    out: list[list[_Call]] = []
+    wave_end = None
+    for c in calls:
+        if out and wave_end is not None and c.start < wave_end - OVERLAP_TOLERANCE_NS:
+            out[-1].append(c)
+            wave_end = max(wave_end, c.end)
+        else:
+            out.append([c])
+            wave_end = c.end
+    return out
+
+
+def max_concurrency(calls: list[_Call]) -> int:
+    events = sorted([(c.start, 1) for c in calls] + [(c.end - OVERLAP_TOLERANCE_NS, -1) for c in calls])
+    level = best = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        level += delta
+        best = max(best, level)
+    return best
+
+
 def _emit(b: _Builder, calls: list[_Call]) -> None:
-    """Calls in order: par blocks for concurrent groups, loops for runs of one operation."""
+    """Calls in time order: overlapping calls in ``par`` blocks (saying how many ran at once),
+    runs of one operation one after another in a ``loop``, the rest one by one."""
+    grouped = waves(calls)
     i = 0
-    while i < len(calls):
-        c = calls[i]
-        if c.group >= 0:
-            j = i
-            while j < len(calls) and calls[j].group == c.group:
-                j += 1
-            members = calls[i:j]
-            b.add(f"par {len(members)} calls started together")
-            for k, m in enumerate(members):
-                if k:
-                    b.add("and")
-                _call_lines(b, [m], "    ")
+    while i < len(grouped):
+        wave = grouped[i]
+        if len(wave) > 1:
+            at_once = max_concurrency(wave)
+            label = (
+                f"{len(wave)} calls at the same time"
+                if at_once >= len(wave)
+                else f"{len(wave)} calls, at most {at_once} at a time"
+            )
+            b.add(f"par {label}")
+            if len(wave) <= MAX_PAR_LINES:
+                for k, m in enumerate(wave):
+                    if k:
+                        b.add("and")
+                    _call_lines(b, [m], "    ")
+            else:
+                kinds: dict[tuple[str, str], list[_Call]] = {}
+                for m in wave:
+                    kinds.setdefault((m.callee, m.name), []).append(m)
+                for k, ((callee_name, name), members) in enumerate(kinds.items()):
+                    if k:
+                        b.add("and")
+                    durations = sorted(x.end - x.start for x in members)
+                    slowest, median = durations[-1], durations[len(durations) // 2]
+                    caller = members[0].caller
+                    b.add(
+                        f"    {b.p(caller)}->>{b.p(callee_name)}: {mermaid_text(name)} ×{len(members)} "
+                        f"(median {fmt_ms(median / 1e6)}, slowest {fmt_ms(slowest / 1e6)})"
+                    )
+                    if callee_name != caller:
+                        b.add(f"    {b.p(callee_name)}-->>{b.p(caller)}: {fmt_ms(slowest / 1e6)}")
             b.add("end")
-            i = j
+            i += 1
             continue
+        c = wave[0]
         j = i
         while (
-            j < len(calls)
-            and calls[j].group < 0
-            and calls[j].batched <= 1
-            and (calls[j].callee, calls[j].name) == (c.callee, c.name)
+            j < len(grouped)
+            and len(grouped[j]) == 1
+            and grouped[j][0].batched <= 1
+            and grouped[j][0].shortened_from is None
+            and (grouped[j][0].callee, grouped[j][0].name) == (c.callee, c.name)
         ):
             j += 1
-        run = calls[i:j]
+        run = [w[0] for w in grouped[i:j]]
         if len(run) >= LOOP_MIN:
             durations = sorted(x.end - x.start for x in run)
             median = durations[len(durations) // 2]
@@ -302,18 +352,7 @@ def _diagram(
         )
         for k in children
     ]
-    # members of one concurrent group next to each other, at the position of the first member
-    ordered: list[_Call] = []
-    placed: set[int] = set()
-    for c in calls:
-        if c.group >= 0:
-            if c.group in placed:
-                continue
-            placed.add(c.group)
-            ordered.extend(x for x in calls if x.group == c.group)
-        else:
-            ordered.append(c)
-    _emit(b, ordered)
+    _emit(b, calls)
     if more:
         b.add(f"Note over {b.p(fs.service)}: {more} more calls not drawn")
     for i in reversed(shown[1:]):
@@ -412,6 +451,11 @@ def exemplar_facts(
     after = _diagram(
         spans, kids, chain, after_times, removed, groups, batched, shortened, root_before if changed else None
     )
+    if not changed:  # no re-timing for this kind: say so rather than draw a silent copy
+        after.lines.append(
+            f"Note over {_Builder().p(spans[root].service)}: the what-if predicts no latency change; "
+            "the design changes how failures are handled"
+        )
     # the critical path after the change
     blocking = frame["blocking"].to_numpy().astype(bool)
     parent = np.array([s.parent for s in spans], dtype=np.int64)

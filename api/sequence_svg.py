@@ -150,13 +150,14 @@ def render_sequence_svg(text: str, *, figure_id: str, title: str = "") -> str:
                 right = width - MARGIN_X - 4 - 6 * depth
                 bottom = y + 4
                 kind, _, rest = label.partition(" ")
+                tab = max(40.0, 12 + 6.6 * len(kind))
                 body.insert(
                     0,
                     f'<g class="seq-block seq-block-{esc(kind)}"><rect x="{left}" y="{top}" width="{right - left}" '
                     f'height="{bottom - top}" rx="3"/>'
-                    f'<path class="seq-block-tab" d="M{left} {top}h{max(40, 8 + 6.4 * len(kind))}v12l-6 6H{left}z"/>'
+                    f'<path class="seq-block-tab" d="M{left} {top}h{tab:.1f}v12l-6 6H{left}z"/>'
                     f'<text class="seq-block-kind" x="{left + 4}" y="{top + 13}">{esc(kind)}</text>'
-                    f'<text class="seq-block-label" x="{left + 14 + 6.4 * len(kind)}" y="{top + 13}">'
+                    f'<text class="seq-block-label" x="{left + tab + 6:.1f}" y="{top + 13}">'
                     f"{esc(_truncate(rest, 70))}</text>"
                     + "".join(
                         f'<line class="seq-block-sep" x1="{left}" y1="{s}" x2="{right}" y2="{s}"/>'
@@ -195,7 +196,7 @@ def render_sequence_svg(text: str, *, figure_id: str, title: str = "") -> str:
                 )
                 y += ROW_H + 6
                 continue
-            chars = int((abs(x2 - x1) - 10) / CHAR_W)
+            chars = max(int((abs(x2 - x1) - 10) / CHAR_W), 40)  # may run past a lifeline, as in Mermaid
             body.append(
                 f'<g class="{cls}"><title>{esc(step.text)}</title>'
                 f'<line x1="{x1}" y1="{y + 16}" x2="{x2 - 3 if x2 > x1 else x2 + 3}" y2="{y + 16}" '
