@@ -65,7 +65,7 @@ def shown_numbers(rec: dict[str, Any]) -> list[float]:
 def check_design_complete_and_grounded(rec: dict[str, Any], ctx_frame: pl.DataFrame | None = None) -> None:
     design = rec.get("design")
     assert isinstance(design, dict), f"{rec['id']}: no design"
-    assert DESIGN_KEYS <= set(design), f"{rec['id']}: missing {DESIGN_KEYS - set(design)}"
+    assert set(design) >= DESIGN_KEYS, f"{rec['id']}: missing {DESIGN_KEYS - set(design)}"
     assert design["pattern"]["name"] and design["pattern"]["summary"]
     assert isinstance(design["pattern"]["parameters"], dict)
     for key in PROSE_FIELDS:
@@ -361,9 +361,9 @@ def test_a_batch_endpoint_lands_before_its_callers_batch() -> None:
 
 
 def test_combined_saving_is_a_what_if_of_the_group_not_a_sum() -> None:
+    from analysis.model import Finding
     from analysis.pipeline import analyze_context
     from analysis.whatif import WhatIf
-    from analysis.model import Finding
 
     table = pa.concat_tables(
         [read(SAMPLES / "serialized_calls.otlp.jsonl"), read(SAMPLES / "fanout_straggler.otlp.jsonl")]
