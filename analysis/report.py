@@ -11,6 +11,9 @@ Top level: ``schema``, ``generated_at``, ``traces_analyzed``, ``spans_analyzed``
 ``evidence.requests_at_risk`` says how many requests they put at risk). ``evidence.interventions``
 holds, per exemplar trace, the interventions the what-if engine applied, so the "after" picture of
 an exemplar can be redrawn from the report alone (:func:`analysis.whatif.retime_trace`).
+
+Added after the writer runs (issue 13): each recommendation's ``design`` (written by the writer,
+see :mod:`analysis.design`) and the report's ``workstreams`` (:mod:`analysis.workstreams`).
 """
 
 from __future__ import annotations
