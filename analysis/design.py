@@ -30,6 +30,8 @@ lock_contention             shorter critical section, lock split / optimistic co
 retry_without_backoff       exponential backoff with jitter, attempt cap and retry budget   call p50 → base delay
 error_propagation           fallback + circuit breaker                                      error rate
 missing_timeout             timeout at the measured healthy p99, deadline propagation       suggested_timeout_ms
+concurrent (N identical      one batch call                                                  calls_max → batch size
+concurrent calls)
 other kinds                 by category: run concurrently / contain the failure             —
 ==========================  ==============================================================  ====================
 """
@@ -169,7 +171,7 @@ def serialized_calls(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, d
             "object, a non-thread-safe client) must not be mutated from the concurrent branches."
         ),
         "consistency": (
-            "None for reads: each call sees the same data it would have seen a few milliseconds apart. If "
+            "No change for reads: each call sees the same data it would have seen a few milliseconds apart. If "
             "one of the calls writes, the others may now read before that write lands (no read-your-writes "
             "across them); keep such a pair sequential."
         ),
@@ -199,8 +201,8 @@ def n_plus_one(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, dict[st
     ev = rec.get("evidence") or {}
     calls = ev.get("calls_p50")
     same = ev.get("different_parameters") is False
-    statement = ev.get("statement") or (_targets(rec) or [{}])[0].get("operation")
-    target_service = (_targets(rec) or [{}])[0].get("service")
+    statement = ev.get("statement") or (_targets(rec) or [{}])[0].get("operation") or "the repeated call"
+    target_service = (_targets(rec) or [{}])[0].get("service") or "the downstream"
     batch = ev.get("calls_max")
     if same:
         params = {"calls_per_request": calls}
@@ -286,7 +288,7 @@ def fanout_concurrency_limit(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design
             "between (HTTP client, database pool) allow that many concurrent calls, and that the per-call code "
             "holds no shared mutable state."
         ),
-        "consistency": "None: the same calls run with the same inputs, only sooner.",
+        "consistency": "No change: the same calls run with the same inputs, only sooner.",
         "failure_handling": (
             "Keep the limit (a bigger bound, not none) so one huge request cannot open unbounded connections; "
             "on a failed call cancel the rest of the fan-out or collect partial results, as today; the caller's "
@@ -555,6 +557,47 @@ def missing_timeout(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, di
     return design, "timeout", {"timeout_ms": timeout, "calls": _call_ops(rec, facts)}
 
 
+def concurrent_calls(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, dict[str, Any]]:
+    """N identical calls issued concurrently (a batch-style finding): one batch call instead."""
+    ev = rec.get("evidence") or {}
+    n = ev.get("calls_p50") or ev.get("n_p50") or ev.get("calls")
+    n_max = ev.get("calls_max") or ev.get("n_max") or n
+    target = (_targets(rec) or [{}])[0]
+    op = target.get("operation") or rec.get("operation") or "the call"
+    service = target.get("service") or "the downstream"
+    design: Design = {
+        "pattern": {
+            "name": "batch call (one request for the N identical concurrent calls)",
+            "parameters": {"calls_per_request": n, "batch_size": n_max},
+            "summary": f"Send one batched {q(op)} for up to {count(n_max)} items instead of "
+            f"{count(n)} concurrent calls.",
+        },
+        "rationale": (
+            f"{_where(rec)} sends {count(n)} identical {q(op)} calls to {service} at the same time. They already "
+            "overlap, so the caller waits only for the slowest, but the downstream pays per-call overhead "
+            f"{count(n)} times and the slowest of {count(n)} is a tail latency: one batched call removes both."
+        ),
+        "dependencies": (
+            f"{service} must offer a batch form of {q(op)} (a list of ids in, a map out) before the caller can "
+            "switch; the caller must map results back to items, including missing ones."
+        ),
+        "consistency": "Stronger: one batched read sees one snapshot where concurrent calls saw several.",
+        "failure_handling": (
+            "One failure now fails the whole batch: retry it as a unit (reads are idempotent) within the "
+            f"caller's deadline; split batches larger than {count(n_max)} items."
+        ),
+        "tests": (
+            f"Assert one call to {service} per request; test empty, duplicate and missing ids; load-test the "
+            "batch endpoint at the largest batch size."
+        ),
+    }
+    return (
+        design,
+        "batch",
+        {"statement": op, "batch_size": n_max, "calls": _call_ops(rec, facts), "target": op},
+    )
+
+
 def generic(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, dict[str, Any]]:
     kind = str(rec.get("kind") or "finding").replace("_", " ")
     parallel = rec.get("category") == "parallelization"
@@ -596,7 +639,8 @@ def generic(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, dict[str, 
 
 KINDS: dict[str, Callable[[Rec, Mapping[str, Any]], tuple[Design, str, dict[str, Any]]]] = {
     "serialized_calls": serialized_calls,
-    "concurrent": serialized_calls,
+    "concurrent": concurrent_calls,
+    "concurrent_calls": concurrent_calls,
     "n_plus_one": n_plus_one,
     "fanout_concurrency_limit": fanout_concurrency_limit,
     "fanout_straggler": fanout_straggler,
@@ -608,7 +652,8 @@ KINDS: dict[str, Callable[[Rec, Mapping[str, Any]], tuple[Design, str, dict[str,
 
 _WATCH = {
     "serialized_calls": "the calls' spans should start together",
-    "concurrent": "the calls' spans should start together",
+    "concurrent": "one batched span per request instead of many concurrent ones",
+    "concurrent_calls": "one batched span per request instead of many concurrent ones",
     "n_plus_one": "one span per request to the target instead of many; the target's query rate drops",
     "fanout_concurrency_limit": "the calls of one fan-out start in one wave; watch the downstream's concurrent requests and error rate",
     "fanout_straggler": "the slowest branch's duration and the hedge rate (extra calls per fan-out)",

@@ -418,3 +418,71 @@ def test_real_files_designs_are_complete_grounded_and_drawn_from_the_exemplar(pa
         ), f"{path.name}: {rec['service']} is {expected}, pseudocode in {language}"
     ids = {i for w in report["workstreams"] for i in w["recommendations"]}
     assert ids == {r["id"] for r in report["recommendations"]}
+
+
+# --- kinds without sample files, sparse evidence, unknown kinds ---------------------------------
+
+
+def test_missing_timeout_design_sets_the_timeout_at_the_measured_healthy_p99() -> None:
+    from tests.analysis.test_missing_timeout import home_trace, usual
+
+    hung = [home_trace(ms) for ms in (2_000.0, 3_500.0, 5_200.0)]
+    table = spans_table(usual(30) + hung)
+    rec = next(r for r in analyze(table)["recommendations"] if r["kind"] == "missing_timeout")
+    check_design_complete_and_grounded(rec)
+    check_sequence_matches_exemplar(rec, table)
+    design = rec["design"]
+    assert design["pattern"]["parameters"]["timeout_ms"] == rec["evidence"]["suggested_timeout_ms"]
+    assert fmt_ms(rec["evidence"]["suggested_timeout_ms"]) in design["pattern"]["summary"]
+    assert "→" in design["sequence"]["after"]  # the hung call, cut at the timeout by the what-if
+
+
+def test_error_propagation_design_is_a_fallback_with_a_breaker() -> None:
+    from tests.analysis.test_error_propagation import checkout_trace
+
+    traces = [checkout_trace(payment_fails=True, root_fails=True) for _ in range(4)]
+    traces += [checkout_trace(payment_fails=True, root_fails=False) for _ in range(2)]
+    traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(14)]
+    table = spans_table(traces)
+    rec = next(r for r in analyze(table)["recommendations"] if r["kind"] == "error_propagation")
+    check_design_complete_and_grounded(rec)
+    assert "circuit breaker" in rec["design"]["pattern"]["name"]
+    assert "no latency change" in rec["design"]["sequence"]["after"]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "serialized_calls",
+        "n_plus_one",
+        "fanout_straggler",
+        "fanout_concurrency_limit",
+        "lock_contention",
+        "retry_without_backoff",
+        "error_propagation",
+        "missing_timeout",
+        "concurrent",
+        "a_kind_from_the_future",
+    ],
+)
+@pytest.mark.parametrize(
+    "language", ["go", "java", "python", "nodejs", "dotnet", "ruby", "php", "rust", "cpp", None]
+)
+def test_every_kind_gets_a_complete_design_from_sparse_evidence(kind: str, language: str | None) -> None:
+    """Real evidence may lack any number: the design stays complete and says so in words, never
+    'None' and never an invented number."""
+    from analysis.design import build_design
+
+    rec = {
+        "id": f"{kind}-1", "kind": kind, "category": "fault_tolerance" if "retry" in kind else "parallelization",
+        "service": "svc", "operation": "GET /x", "targets": [], "traces_affected": 4, "occurrences": 4,
+        "impact": {"saved_ms_p50": None, "saved_ms_p95": None, "saved_ms_total": None, "share_of_root_latency": None},
+        "confidence": 0.5, "evidence": {},
+    }  # fmt: skip
+    design = build_design(rec, {"language": language})
+    assert set(design) >= DESIGN_KEYS
+    for key in PROSE_FIELDS:
+        assert design[key] and "None" not in design[key], (key, design[key])
+    assert "None" not in design["pattern"]["summary"]
+    assert design["pseudocode"]["code"] and "None" not in design["pseudocode"]["code"]
+    assert not ungrounded_in([design["pattern"]["summary"], *(design[k] for k in PROSE_FIELDS)], [4, 0.5])
