@@ -11,6 +11,7 @@ to the exemplar trace's, in its order, with its measured durations.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,13 @@ REAL_TRACES = SHARED / "real-traces"
 REAL_WORKLOADS = SHARED / "real-workloads"
 
 DESIGN_KEYS = {"pattern", *PROSE_FIELDS, "pseudocode", "sequence", "predicted"}
+
+
+@functools.cache
+def sample(path: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """A sample file's spans and report, analysed once for every test that reads it."""
+    table = read(path)
+    return table, analyze(table)
 
 
 def read(path: Path) -> pa.Table:
@@ -161,8 +169,7 @@ SAMPLE_FILES = sorted(SAMPLES.glob("*.otlp.jsonl"))
 
 @pytest.mark.parametrize("path", SAMPLE_FILES, ids=lambda p: p.name.split(".")[0])
 def test_demo_workload_designs_are_complete_grounded_and_drawn_from_the_exemplar(path: Path) -> None:
-    table = read(path)
-    report = analyze(table)
+    table, report = sample(path)
     kind = path.name.split(".")[0]
     recs = report["recommendations"]
     assert any(r["kind"] == kind for r in recs), f"{kind} not found"
@@ -192,7 +199,7 @@ def test_design_patterns_follow_the_evidence() -> None:
     """Per kind, the pattern and its parameters come from the numbers."""
     got: dict[str, dict[str, Any]] = {}
     for path in SAMPLE_FILES:
-        for rec in analyze(read(path))["recommendations"]:
+        for rec in sample(path)[1]["recommendations"]:
             got.setdefault(rec["kind"], rec)
     sc = got["serialized_calls"]["design"]
     assert sc["pattern"]["name"].startswith("scatter-gather")
