@@ -669,6 +669,10 @@ def build_design(rec: Rec, facts: Mapping[str, Any]) -> dict[str, Any]:
     kind = str(rec.get("kind") or "")
     make = KINDS.get(kind, generic)
     design, family, code_params = make(rec, facts)
+    params = design["pattern"]["parameters"]
+    for key, value in list(params.items()):  # parameters for people: 30.434 ms, not 30.433818
+        if isinstance(value, float):
+            params[key] = round(value, 3)
     watch = _WATCH.get(kind, "the spans named in the evidence")
     design["verification"] = _verification(rec, facts, f"Also watch: {watch}.")
     design["predicted"] = {
