@@ -1185,6 +1185,11 @@ def test_pipeline_designs_reach_the_model_redacted_and_come_back_checked(
 
     def model(request: dict[str, Any]) -> Step:
         payload = _request_payload(request)
+        last = request["messages"][-1]
+        if not (
+            isinstance(last["content"], list) and any(b.get("type") == "tool_result" for b in last["content"])
+        ):
+            return tool_use_reply(("get_design_facts", {"recommendation_id": payload[0]["id"]}))
         return json_reply(
             {
                 rec["id"]: {
@@ -1219,3 +1224,7 @@ def test_pipeline_designs_reach_the_model_redacted_and_come_back_checked(
         assert secret not in sent, f"{secret!r} left the machine"
     payload = _request_payload(fake.requests[0])
     assert payload[0]["design"]["pattern"]["name"] == design["pattern"]["name"]
+    (result,) = [b for b in fake.requests[1]["messages"][-1]["content"] if b["type"] == "tool_result"]
+    facts = json.loads(result["content"])
+    assert "sequence" not in facts["exemplar"] and facts["exemplar"]["calls"]
+    assert facts["root_ms_p50_before"] is not None and facts["call_stats"]["count"] > 0
