@@ -314,6 +314,13 @@ def _diagram(
     root = spans[chain[0]]
     root_ns = times[chain[0]][1] - times[chain[0]][0]
     b.p(root.service)
+    if root_before_ns is None:
+        b.add(f"Note over {b.p(root.service)}: {mermaid_text(root.name)} · {fmt_ms(root_ns / 1e6)}")
+    else:
+        b.add(
+            f"Note over {b.p(root.service)}: {mermaid_text(root.name)} · "
+            f"{fmt_ms(root_before_ns / 1e6)} → {fmt_ms(root_ns / 1e6)} (what-if)"
+        )
     shown = [chain[0]]
     for i in chain[1:]:
         prev = spans[shown[-1]].service
@@ -322,13 +329,6 @@ def _diagram(
             dur = times[i][1] - times[i][0]
             b.add(f"{b.p(prev)}->>{b.p(s.service)}: {mermaid_text(s.name)} ({fmt_ms(dur / 1e6)})")
             shown.append(i)
-    if root_before_ns is None:
-        b.add(f"Note over {b.p(root.service)}: {mermaid_text(root.name)} · {fmt_ms(root_ns / 1e6)}")
-    else:
-        b.add(
-            f"Note over {b.p(root.service)}: {mermaid_text(root.name)} · "
-            f"{fmt_ms(root_before_ns / 1e6)} → {fmt_ms(root_ns / 1e6)} (what-if)"
-        )
     focus = chain[-1]
     fs = spans[focus]
     if focus != chain[0]:

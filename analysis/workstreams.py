@@ -133,12 +133,17 @@ def build_workstreams(
         if dependency["id"] not in g["depends_on"] and dependency is not g:
             g["depends_on"].append(dependency["id"])
 
-    whatif = WhatIf(ctx) if ranked else None
+    whatif: WhatIf | None = None  # built only when a group has two or more re-timed findings
     by_id = {g["id"]: g for g in groups.values()}
+    impacts = {r["id"]: r.get("impact") for r in recs}
     for g in groups.values():
         members = [findings[i] for i in g["recommendations"] if i in findings]
-        if whatif is not None and members:
-            g["impact"] = _combined(whatif, members, g["service"])
+        timed = [f for f in members if any(o.interventions for o in f.occurrences)]
+        if len(timed) == 1:  # one finding: its own what-if is the group's
+            g["impact"] = dict(impacts.get(timed[0].id) or {}) or None
+        elif timed:
+            whatif = whatif or WhatIf(ctx)
+            g["impact"] = _combined(whatif, timed, g["service"])
         totals = [
             float((r.get("impact") or {}).get("saved_ms_total") or 0.0)
             for r in recs
