@@ -162,6 +162,56 @@ def service_resources(table: pa.Table | pl.DataFrame | None) -> ServiceResources
     return _from_pairs([(s, r) for s, r in pairs])
 
 
+# Instrumentation scope (library) names that give the language away, first match wins.
+_SCOPE_HINTS: tuple[tuple[str, str], ...] = (
+    ("io.opentelemetry.contrib.php", "php"),
+    ("opentelemetry-php", "php"),
+    ("go.opentelemetry.io", "go"),
+    ("github.com/", "go"),
+    ("io.opentelemetry.", "java"),
+    ("org.springframework", "java"),
+    ("io.micrometer", "java"),
+    ("opentelemetry.instrumentation.", "python"),
+    ("opentelemetry.sdk", "python"),
+    ("@opentelemetry/", "nodejs"),
+    ("microsoft.", "dotnet"),
+    ("system.net.http", "dotnet"),
+    ("opentelemetry::instrumentation::", "ruby"),
+    ("tracing-opentelemetry", "rust"),
+)
+
+
+def language_from_scope(scope_name: Any) -> str | None:
+    """The language an instrumentation scope name implies (``go.opentelemetry.io/contrib/...`` → go,
+    ``io.opentelemetry.spring-webmvc-6.0`` → java, ``opentelemetry.instrumentation.flask`` →
+    python, ``@opentelemetry/instrumentation-http`` → nodejs, ``OpenTelemetry.Instrumentation.AspNetCore``
+    → dotnet); None when it says nothing."""
+    if not isinstance(scope_name, str) or not scope_name:
+        return None
+    text = scope_name.strip().lower()
+    # .NET scopes are PascalCase dotted names: check them before Python's dotted prefix
+    if scope_name.startswith("OpenTelemetry.Instrumentation.") or scope_name.startswith("Microsoft."):
+        return "dotnet"
+    for prefix, language in _SCOPE_HINTS:
+        if text.startswith(prefix):
+            return language
+    return None
+
+
+def scope_languages(spans: pl.DataFrame) -> dict[str, str]:
+    """{service: language} from the instrumentation scope names of its spans (one ``unique`` over
+    (service, scope_name)); the most common implied language per service."""
+    if spans.height == 0 or "scope_name" not in spans.columns:
+        return {}
+    pairs = spans.select("service", "scope_name").unique().rows()
+    votes: dict[str, list[str]] = {}
+    for service, scope in pairs:
+        language = language_from_scope(scope)
+        if language:
+            votes.setdefault(str(service), []).append(language)
+    return {s: max(sorted(set(v)), key=v.count) for s, v in votes.items()}
+
+
 def store_resources(store: Any, table: pa.Table) -> ServiceResources:
     """The resources of every service in ``table`` (scanned without ``resource_json``), read from
     ``store`` through one trace per service (``SpanStore.scan(trace_ids=..., columns=...)``)."""

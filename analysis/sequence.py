@@ -535,9 +535,21 @@ def design_facts(
     """Everything a writer needs beyond the recommendation object to write its ``design``."""
     service = str(rec.get("service") or finding.service)
     res = dict(resources.get(service) or {})
+    language = res.get("language")
+    language_source = "resource" if language else None
+    if not language:  # no SDK attribute: the instrumentation scope may still say it
+        by_scope = ctx.cache.get("scope_languages")
+        if not isinstance(by_scope, dict):
+            from analysis.resources import scope_languages
+
+            by_scope = scope_languages(ctx.spans)
+            ctx.cache["scope_languages"] = by_scope
+        language = by_scope.get(service)
+        language_source = "instrumentation scope" if language else None
     facts: dict[str, Any] = {
         "service": service,
-        "language": res.get("language"),
+        "language": language,
+        "language_source": language_source,
         "namespace": res.get("namespace"),
         "owner": res.get("owner"),
         **predicted(impact),

@@ -307,6 +307,27 @@ def test_languages_from_sdk_runtime_and_jaeger_client_tags() -> None:
     assert got["c"]["language"] is None and got["d"]["language"] is None
 
 
+def test_language_from_the_instrumentation_scope_when_the_resource_is_silent() -> None:
+    from analysis.resources import language_from_scope
+
+    assert language_from_scope("go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp") == "go"
+    assert language_from_scope("io.opentelemetry.spring-webmvc-6.0") == "java"
+    assert language_from_scope("opentelemetry.instrumentation.fastapi") == "python"
+    assert language_from_scope("@opentelemetry/instrumentation-http") == "nodejs"
+    assert language_from_scope("OpenTelemetry.Instrumentation.AspNetCore") == "dotnet"
+    assert language_from_scope("Microsoft.AspNetCore") == "dotnet"
+    assert language_from_scope("OpenTelemetry::Instrumentation::Rack") == "ruby"
+    assert language_from_scope("io.opentelemetry.contrib.php.laravel") == "php"
+    assert language_from_scope("my-tracer") is None
+    table = serialized_traces(None)
+    rows = table.to_pylist()
+    for row in rows:
+        row["scope_name"] = "io.opentelemetry.spring-webmvc-6.0" if row["service"] == "checkout" else None
+    report = analyze(pa.Table.from_pylist(rows, schema=table.schema))
+    rec = next(r for r in report["recommendations"] if r["kind"] == "serialized_calls")
+    assert rec["design"]["pseudocode"]["language"] == "java"
+
+
 def test_store_scan_carries_languages_to_the_analysis(tmp_path: Path) -> None:
     """A store scan has no resource_json column: the languages ride in the table's metadata."""
     from analysis.resources import attach_store_resources
@@ -414,7 +435,11 @@ def test_real_files_designs_are_complete_grounded_and_drawn_from_the_exemplar(pa
     if table.num_rows == 0:
         pytest.skip(f"{path.name}: no spans")
     report = analyze(table)
+    from analysis.resources import scope_languages
+
+    by_scope = scope_languages(AnalysisContext.from_table(table).spans)
     languages = {s: r.get("language") for s, r in service_resources(table).items()}
+    languages = {s: languages.get(s) or by_scope.get(s) for s in set(languages) | set(by_scope)}
     for rec in report["recommendations"]:
         check_design_complete_and_grounded(rec)
         check_sequence_matches_exemplar(rec, table)
