@@ -369,9 +369,10 @@ def fanout_straggler(rec: Rec, facts: Mapping[str, Any]) -> tuple[Design, str, d
             f"load; load-test {_target_names(rec)} with hedging on."
         ),
     }
+    family = "partial" if skew else "hedge"  # never hedge onto a hot shard
     return (
         design,
-        "hedge",
+        family,
         {"hedge_after_ms": hedge_after, "deadline_ms": deadline, "calls": _call_ops(rec, facts)},
     )
 

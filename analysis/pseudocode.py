@@ -468,6 +468,78 @@ def _hedge(lang: str, p: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _partial(lang: str, p: Mapping[str, Any]) -> str | None:
+    """Per-branch deadline, partial results (a skewed fan-out: no hedging onto the hot branch)."""
+    deadline = _num(p.get("deadline_ms"), "BRANCH_DEADLINE_MS")
+    call = str((p.get("calls") or ["the branch call"])[0])
+    v = ident(call)
+    head = f"{call}: each branch bounded at {deadline} ms; late branches reported missing (no hedge: the slow branch is a hot shard)"
+    if lang == "go":
+        return "\n".join(
+            [
+                _comment("//", head),
+                "results := make([]Result, len(shards))",
+                "var wg sync.WaitGroup",
+                "for i, shard := range shards {",
+                "    wg.Add(1)",
+                "    go func(i int, shard Shard) {",
+                "        defer wg.Done()",
+                f"        ctx, cancel := context.WithTimeout(ctx, {deadline}*time.Millisecond)",
+                "        defer cancel()",
+                f"        results[i], _ = {v}(ctx, shard) // a zero Result marks the branch missing",
+                "    }(i, shard)",
+                "}",
+                "wg.Wait()",
+            ]
+        )
+    if lang == "java":
+        return "\n".join(
+            [
+                _comment("//", head),
+                "var futures = shards.stream().map(s -> CompletableFuture",
+                f"    .supplyAsync(() -> client.{v}(s), pool)",
+                f"    .completeOnTimeout(Result.missing(s), {deadline}, TimeUnit.MILLISECONDS)).toList();",
+                "var results = futures.stream().map(CompletableFuture::join).toList();",
+            ]
+        )
+    if lang == "python":
+        return "\n".join(
+            [
+                _comment("#", head),
+                "async def branch(shard):",
+                "    try:",
+                f"        async with asyncio.timeout({_secs(deadline)}):",
+                f"            return await client.{ident(call, 'snake')}(shard)",
+                "    except TimeoutError:",
+                "        return Missing(shard)",
+                "results = await asyncio.gather(*(branch(s) for s in shards))",
+            ]
+        )
+    if lang == "nodejs":
+        return "\n".join(
+            [
+                _comment("//", head),
+                "const results = await Promise.allSettled(",
+                f"  shards.map((s) => client.{v}(s, {{ signal: AbortSignal.timeout({deadline}) }})),",
+                "); // rejected entries are the missing branches",
+            ]
+        )
+    if lang == "dotnet":
+        return "\n".join(
+            [
+                _comment("//", head),
+                "var tasks = shards.Select(async s => {",
+                "    using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);",
+                f"    cts.CancelAfter(TimeSpan.FromMilliseconds({deadline}));",
+                f"    try {{ return await client.{ident(call, 'pascal')}Async(s, cts.Token); }}",
+                "    catch (OperationCanceledException) { return Result.Missing(s); }",
+                "});",
+                "var results = await Task.WhenAll(tasks);",
+            ]
+        )
+    return None
+
+
 # --- lock ------------------------------------------------------------------------------------
 
 
@@ -770,6 +842,13 @@ _NEUTRAL: dict[str, Callable[[Mapping[str, Any]], str]] = {
             "take the first answer, cancel the other; past the deadline: return partial results",
         ]
     ),
+    "partial": lambda p: "\n".join(
+        [
+            f"for each branch, in parallel: call with a deadline of {_num(p.get('deadline_ms'), 'BRANCH_DEADLINE_MS')} ms",
+            "a branch past its deadline is reported missing (partial result); no hedge onto the hot branch",
+            "rebalance: move keys off the slow branch",
+        ]
+    ),
     "lock": lambda p: "\n".join(
         [
             "prepare outside the lock (reads, remote calls, computation)",
@@ -805,6 +884,7 @@ _FAMILIES: dict[str, Callable[[str, Mapping[str, Any]], str | None]] = {
     "memoize": _memoize,
     "bounded_pool": _bounded_pool,
     "hedge": _hedge,
+    "partial": _partial,
     "lock": _lock,
     "retry": _retry,
     "breaker": _breaker,

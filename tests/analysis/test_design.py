@@ -219,6 +219,8 @@ def test_design_patterns_follow_the_evidence() -> None:
     assert fs["evidence"]["pattern"] == "skew" and fs["design"]["pattern"]["name"].startswith("rebalance")
     assert fs["design"]["pattern"]["parameters"]["hedge_after_ms"] > 0
     assert "par 6 calls at the same time" in fs["design"]["sequence"]["before"]
+    code = fs["design"]["pseudocode"]["code"]  # a hot shard: deadline and partial results, no hedge
+    assert "asyncio.timeout(" in code and "Missing(shard)" in code and "replica" not in code
     lc = got["lock_contention"]
     assert lc["design"]["pattern"]["parameters"]["resource"] == lc["evidence"]["resource"]
     rb = got["retry_without_backoff"]
