@@ -119,7 +119,8 @@ def _merge(facts: list[dict[str, str | None]]) -> dict[str, str | None]:
 def _from_pairs(pairs: list[tuple[str, str | None]]) -> ServiceResources:
     per_service: dict[str, list[dict[str, str | None]]] = {}
     bad = 0
-    for service, text in pairs:
+    # sorted: which resources a service's first MAX_RESOURCES_PER_SERVICE are must not depend on input order
+    for service, text in sorted(pairs, key=lambda p: (str(p[0]), p[1] or "")):
         facts = per_service.setdefault(str(service), [])
         if not text or len(facts) >= MAX_RESOURCES_PER_SERVICE:
             continue
@@ -151,7 +152,15 @@ def service_resources(table: pa.Table | pl.DataFrame | None) -> ServiceResources
             return {str(k): dict(v) for k, v in data.items() if isinstance(v, dict)}
         if "resource_json" not in table.column_names or "service" not in table.column_names:
             return {}
-        frame = pl.from_arrow(table.select(["service", "resource_json"]))
+        # unique (service, resource_json) pairs in Arrow itself: no copy of the repeated strings
+        pairs_table = (
+            table.select(["service", "resource_json"]).group_by(["service", "resource_json"]).aggregate([])
+        )
+        return _from_pairs(
+            list(
+                zip(pairs_table["service"].to_pylist(), pairs_table["resource_json"].to_pylist(), strict=True)
+            )
+        )
     else:
         if "resource_json" not in table.columns or "service" not in table.columns:
             return {}
