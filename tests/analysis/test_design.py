@@ -520,3 +520,24 @@ def test_every_kind_gets_a_complete_design_from_sparse_evidence(kind: str, langu
     assert "None" not in design["pattern"]["summary"]
     assert design["pseudocode"]["code"] and "None" not in design["pseudocode"]["code"]
     assert not ungrounded_in([design["pattern"]["summary"], *(design[k] for k in PROSE_FIELDS)], [4, 0.5])
+
+
+def test_markdown_shows_the_design_and_the_plan() -> None:
+    from analysis.render import render_markdown
+
+    _, report = sample(SAMPLES / "serialized_calls.otlp.jsonl")
+    text = render_markdown(report)
+    rec = report["recommendations"][0]
+    assert f"**Design: {rec['design']['pattern']['name']}**" in text
+    for heading in (
+        "Why this pattern",
+        "Dependencies and races",
+        "Consistency",
+        "Failure handling",
+        "Verification",
+        "Tests",
+    ):
+        assert f"- **{heading}.** " in text
+    assert "```python\n" in text and text.count("```mermaid\n") == 2
+    assert rec["design"]["sequence"]["before"] in text
+    assert "## Workstreams" in text and "| 1 | `storefront` (hourglass-workload)" in text
