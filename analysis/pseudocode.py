@@ -37,7 +37,8 @@ LANGUAGE_NAMES = {
 
 def ident(name: Any, style: str = "camel", fallback: str = "call") -> str:
     """An identifier from an operation name: ``GET /estimates/{sku}`` → ``getEstimates`` / ``get_estimates``."""
-    words = [w for w in re.split(r"[^A-Za-z0-9]+", str(name)) if w and not w.isdigit()]
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(name))  # GetDriver -> Get Driver
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", spaced) if w and not w.isdigit()]
     words = [w.lower() for w in words][:4] or [fallback]
     if words[0][0].isdigit():
         words.insert(0, fallback)
@@ -205,8 +206,56 @@ def _scatter_gather(lang: str, p: Mapping[str, Any]) -> str | None:
 # --- batch / memoize ---------------------------------------------------------------------------
 
 
+_SQL = re.compile(r"^\s*(select|with|update|delete|insert)\b", re.I)
+
+
+def _batch_call(lang: str, p: Mapping[str, Any]) -> str | None:
+    """N+1 over an RPC, HTTP or key-value call (not SQL): one batch call for all ids."""
+    call = str(p.get("statement") or (p.get("calls") or ["the repeated call"])[0])
+    size = _num(p.get("batch_size"), "MAX_BATCH")
+    batch = ident(call) + "Batch"
+    head = f"before: one {call} per id; after: one batch call (a batch endpoint, MGET, a list RPC) for up to {size} ids"
+    if lang == "go":
+        return "\n".join(
+            [
+                _comment("//", head),
+                f"byID, err := client.{batch}(ctx, ids) // map[id]Item, missing ids absent",
+                "if err != nil { return err }",
+            ]
+        )
+    if lang == "java":
+        return "\n".join(
+            [_comment("//", head), f"Map<String, Item> byId = client.{batch}(ids); // missing ids absent"]
+        )
+    if lang == "python":
+        return "\n".join(
+            [
+                _comment("#", head),
+                f"by_id = await client.{ident(call, 'snake')}_batch(ids)  # missing ids absent",
+            ]
+        )
+    if lang == "nodejs":
+        return "\n".join(
+            [
+                _comment("//", head),
+                f"const loader = new DataLoader((ids) => client.{batch}(ids), {{ maxBatchSize: {size} }});",
+                "const items = await Promise.all(ids.map((id) => loader.load(id)));",
+            ]
+        )
+    if lang == "dotnet":
+        return "\n".join(
+            [
+                _comment("//", head),
+                f"var byId = await client.{ident(call, 'pascal')}BatchAsync(ids, ct); // missing ids absent",
+            ]
+        )
+    return None
+
+
 def _batch(lang: str, p: Mapping[str, Any]) -> str | None:
     stmt = str(p.get("statement") or (p.get("calls") or ["the repeated call"])[0])
+    if not _SQL.match(stmt):
+        return _batch_call(lang, p)
     size = _num(p.get("batch_size"), "MAX_BATCH")
     item = ident(p.get("target") or stmt, "camel", "item")
     if lang == "go":
