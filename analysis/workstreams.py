@@ -213,6 +213,8 @@ def _describe(g: dict[str, Any], by_id: Mapping[str, dict[str, Any]], recs: list
             + (
                 f", against {ms(g['sum_of_recommendations_ms_total'])} if the single savings were added)."
                 if g.get("sum_of_recommendations_ms_total")
+                and abs(float(g["sum_of_recommendations_ms_total"]) - float(imp.get("saved_ms_total") or 0))
+                > 0.01 * float(g["sum_of_recommendations_ms_total"])
                 else ")."
             )
         )
