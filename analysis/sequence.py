@@ -11,7 +11,8 @@ The diagram is built from the recommendation's first exemplar trace as the analy
   goes from its parent's service to its *callee*: the service of its first child in another
   service (a client span and the server span it reached), else its own service when that differs
   from the caller's, else its ``peer`` / ``db_system`` (a database), else the caller itself.
-* **Messages** carry the span name and its measured duration; a call to another participant gets
+* **Messages** carry the span name (the statement, when the name is only a SQL verb such as
+  ``SELECT``) and its measured duration; a call to another participant gets
   a return arrow with the duration. Three or more consecutive calls of one operation to one
   callee become a ``loop`` block (N+1).
 * **After**: the same scope re-timed by :func:`analysis.whatif.retime_trace` with the finding's
@@ -88,9 +89,37 @@ class _Call:
     shortened_from: int | None = None  # old duration when a ShortenSpan applied
 
 
+def call_label(name: str, statement: Any) -> str:
+    """What a call is called in the diagram: its span name, or its statement when the name is only
+    a SQL verb (``SELECT``: the statement tells two different queries apart)."""
+    if (
+        isinstance(statement, str)
+        and statement.strip()
+        and len(name.split()) <= 2
+        and name.split()[0:1]
+        and (name.split()[0].upper() in _SQL_VERBS)
+    ):
+        return " ".join(statement.split())
+    return name
+
+
+_SQL_VERBS = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "UPSERT", "MERGE", "CALL", "EXEC", "EXECUTE", "WITH"}
+)
+
+
 def _load(spans: pl.DataFrame) -> list[_Span]:
     rows = spans.select(
-        "row", "span_id", "parent_row", "service", "name", "start_ns", "end_ns", "peer", "db_system"
+        "row",
+        "span_id",
+        "parent_row",
+        "service",
+        "name",
+        "start_ns",
+        "end_ns",
+        "peer",
+        "db_system",
+        "db_statement",
     ).rows()
     index = {int(r[0]): i for i, r in enumerate(rows)}
     return [
@@ -99,7 +128,7 @@ def _load(spans: pl.DataFrame) -> list[_Span]:
             str(r[1]),
             index.get(int(r[2]), -1) if r[2] is not None else -1,
             str(r[3]),
-            str(r[4]),
+            call_label(str(r[4]), r[9]),
             int(r[5]),
             int(r[6]),
             r[7],

@@ -157,7 +157,13 @@ def check_sequence_matches_exemplar(rec: dict[str, Any], table: pa.Table) -> Non
         assert callee in names or kid["peer"] in names or kid["db_system"] in names, (
             f"{rec['id']}: {callee} missing from participants {names}"
         )
-    # order: the drawn calls are the children, in start order
+    # order: the drawn calls are the children, in start order (a bare SQL verb is shown as its statement)
+    from analysis.sequence import call_label
+
+    for k in kids:
+        k["name"] = call_label(k["name"], k["db_statement"])
+        if len(k["name"]) > 90:
+            k["name"] = k["name"][:89] + "…"
     order = [k["name"] for k in kids]
     assert drawn_ops and all(op in order for op in drawn_ops), f"{rec['id']}: {drawn_ops} vs {order}"
     positions = [order.index(op) for op in drawn_ops]
