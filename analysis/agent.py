@@ -71,7 +71,7 @@ MODEL_ENV = "HOURGLASS_LLM_MODEL"
 CACHE_DIR_ENV = "HOURGLASS_CACHE_DIR"
 
 # Bumped whenever the prompt, the tools or the answer rules change: old cache entries stop matching.
-PROMPT_VERSION = "2026-11-28.2"
+PROMPT_VERSION = "2026-12-04.1"
 
 SYSTEM_PROMPT = """\
 You are the write-up agent of Hourglass, a tool that reads distributed traces (OpenTelemetry) and \
@@ -106,6 +106,15 @@ hold enough to write a precise text; most recommendations need none.
 9. Your final reply is exactly one JSON object and nothing else: each key is a recommendation id \
 from the request, each value is {"title": string, "summary": string, "actions": [string, ...]}. \
 Cover every id.
+10. Each recommendation carries a "design" drafted by a template: the chosen pattern with its \
+parameters, and the sections rationale, dependencies, consistency, failure_handling, verification, \
+tests, plus pseudocode {language, code}. You may add "design" to a value with improved versions of \
+any of those six sections (strings) and of "pseudocode" ({"language", "code"}): write as a senior \
+engineer of concurrent and distributed systems (data dependencies and races before concurrency, \
+idempotency before retries, partial failure, how to verify and test). Keep the pattern and its \
+parameters; keep the pseudocode in the given language, idiomatic for it, naming the real \
+operations; every number you state must come from the data, as in rule 1. Omit a section to keep \
+the draft. Sections whose numbers do not match the data are replaced by the draft.
 """
 
 TOOLS: list[dict[str, Any]] = [
@@ -134,6 +143,19 @@ TOOLS: list[dict[str, Any]] = [
                 "trace_id": {"type": "string", "description": "A trace id from a recommendation's evidence."}
             },
             "required": ["trace_id"],
+        },
+    },
+    {
+        "name": "get_design_facts",
+        "description": (
+            "What the design of one recommendation is built from: the language of the service that "
+            "must change, the exemplar trace's calls in order with their durations, its root before "
+            "and after the what-if, the new critical path, and the predicted root p50/p95."
+        ),
+        "input_schema": {
+            "type": "object",
+            "properties": {"recommendation_id": {"type": "string", "description": "A recommendation id."}},
+            "required": ["recommendation_id"],
         },
     },
     {
@@ -291,6 +313,10 @@ class WriteupCache:
 # Evidence entries left out of the request: per-trace span id lists the write-up never quotes
 # (a third of the request on the sample traces). get_finding_evidence still returns them.
 _OMITTED_EVIDENCE_KEYS = frozenset({"interventions", "span_ids"})
+# Parts of the template's design the model neither needs nor edits (the diagrams are drawn from
+# the exemplar, not written).
+_OMITTED_DESIGN_KEYS = frozenset({"sequence"})
+DESIGN_TEXT_FIELDS = ("rationale", "dependencies", "consistency", "failure_handling", "verification", "tests")
 
 
 def recommendation_payload(recommendations: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -302,6 +328,9 @@ def recommendation_payload(recommendations: Iterable[Mapping[str, Any]]) -> list
         evidence = item.get("evidence")
         if isinstance(evidence, Mapping):
             item["evidence"] = {k: v for k, v in evidence.items() if k not in _OMITTED_EVIDENCE_KEYS}
+        design = item.get("design")
+        if isinstance(design, Mapping):
+            item["design"] = {k: v for k, v in design.items() if k not in _OMITTED_DESIGN_KEYS}
         stripped.append(item)
     payload = redact(stripped)
     assert isinstance(payload, list)
@@ -310,7 +339,9 @@ def recommendation_payload(recommendations: Iterable[Mapping[str, Any]]) -> list
 
 # Parts of a recommendation that change from run to run without changing what it says: its rank
 # (moves when other findings change) and which exemplar traces were picked.
-_VOLATILE_KEYS = frozenset({"rank"})
+# The template's design draft is left out too: it is rebuilt from the numbers every run, and
+# each design section the model wrote is checked against the current numbers before use.
+_VOLATILE_KEYS = frozenset({"rank", "design"})
 _VOLATILE_EVIDENCE_KEYS = frozenset(
     {"trace_ids", "span_ids", "interventions", "exemplars", "exemplar_trace_ids"}
 )
@@ -367,13 +398,18 @@ class AnthropicWriter:
             else None
         )
         self.check_numbers = check_numbers
+        self._drafts: dict[str, dict[str, Any]] = {}  # per write: the template's designs by id
+        self._shown_for_design: list[float] = []
         self._client_factory = client_factory or (lambda limits: _default_client(limits, env))
 
     # --- the Writer protocol ---------------------------------------------------------------
     def write(self, recommendations: list[dict[str, Any]], context: WriterContext) -> WriteOutcome:
         if not recommendations:
             return WriteOutcome(texts={}, writer=self.name, metadata={"model": self.model, "requests": 0})
-        payload = recommendation_payload(recommendations)
+        # The template's design of every recommendation: the draft the model may improve (built
+        # again from the redacted recommendation, so no name leaves unredacted inside its prose),
+        # and the text of every design field the model leaves out or gets wrong.
+        payload = self._with_design_drafts(recommendations, recommendation_payload(recommendations), context)
         keys = {str(rec["id"]): cache_key(self.model, rec) for rec in payload}
 
         # Recommendations whose content is unchanged since a previous write cost nothing; nor does
@@ -665,9 +701,50 @@ class AnthropicWriter:
                 parts.insert(0, f"{len(uncovered)} not covered by the model ({', '.join(uncovered[:5])})")
             reason = f"template text for {len(missing)} of {len(ids)} recommendations: " + "; ".join(parts)
             metadata = metadata | {"template_ids": missing, "rejected": rejected}
+        drafts = self._drafts
+        kept_drafts: dict[str, list[str]] = {}
+        for rid, text in list(texts.items()):
+            if rid not in accepted:
+                continue  # a template text carries its own design
+            draft = drafts.get(rid)
+            merged, rejected_fields = merge_design(draft, text.design, self._shown_for_design)
+            if rejected_fields:
+                kept_drafts[rid] = rejected_fields
+            texts[rid] = WrittenText(text.title, text.summary, list(text.actions), merged)
+        if kept_drafts:
+            metadata = metadata | {"design_fields_from_template": kept_drafts}
         # The writer named is the one that wrote the texts: the model if it wrote any.
         writer = self.name if accepted else self.fallback.name
         return WriteOutcome(texts=texts, writer=writer, fallback_reason=reason, metadata=metadata)
+
+    def _with_design_drafts(
+        self, recommendations: list[dict[str, Any]], payload: list[dict[str, Any]], context: WriterContext
+    ) -> list[dict[str, Any]]:
+        """Sets the template's designs by id (:func:`analysis.design.build_design` over the
+        context's ``design_facts``) and returns ``payload`` with a draft design in each item, built
+        from the redacted item and redacted facts (diagrams left out)."""
+        from analysis.design import build_design
+
+        facts_of = getattr(context, "design_facts", None)
+        self._drafts = {}
+        out: list[dict[str, Any]] = []
+        for rec, item in zip(recommendations, payload, strict=True):
+            rid = str(rec["id"])
+            try:
+                facts = (facts_of(rid) if callable(facts_of) else None) or {}
+                self._drafts[rid] = build_design(rec, facts)
+                redacted_facts = redact(facts)
+                draft = build_design(item, redacted_facts if isinstance(redacted_facts, dict) else {})
+            except Exception:
+                log.exception("drafting the design of %s failed", rid)
+                out.append(item)
+                continue
+            shown = {k: v for k, v in draft.items() if k not in _OMITTED_DESIGN_KEYS}
+            redacted_draft = redact(shown)  # the prose quotes names: redact it as a whole once more
+            out.append(item | {"design": redacted_draft})
+        # Numbers a design section may state: the recommendations' and their draft designs'.
+        self._shown_for_design = _numbers_in(out)
+        return out
 
     def _fall_back(
         self, recommendations: list[dict[str, Any]], context: WriterContext, reason: str, run: _Run
@@ -788,6 +865,17 @@ def _call_tool(name: str, args: dict[str, Any], context: WriterContext) -> tuple
         if len(path) > _MAX_CRITICAL_PATH_SPANS:
             return {"spans": path[:_MAX_CRITICAL_PATH_SPANS], "truncated_from": len(path)}, False
         return {"spans": path}, False
+    if name == "get_design_facts":
+        rid = args.get("recommendation_id")
+        if not isinstance(rid, str) or not rid:
+            return {"error": "recommendation_id must be a non-empty string"}, True
+        facts_of = getattr(context, "design_facts", None)
+        facts = facts_of(rid) if callable(facts_of) else None
+        if facts is None:
+            return {"error": f"no design facts for recommendation id {rid!r}"}, True
+        exemplar = dict(facts.get("exemplar") or {})
+        exemplar.pop("sequence", None)
+        return {k: v for k, v in facts.items() if k != "exemplar"} | {"exemplar": exemplar}, False
     if name == "get_service_neighbours":
         service = args.get("service")
         if not isinstance(service, str) or not service or len(service) > 512:
@@ -804,7 +892,10 @@ def _request_text(payload: list[dict[str, Any]]) -> str:
         f"<recommendations>\n{json.dumps(payload, sort_keys=True, separators=(',', ':'), default=str)}\n</recommendations>\n\n"
         "Reply with one JSON object whose keys are exactly these ids: "
         f"{json.dumps(ids)}; each value "
-        '{"title": "...", "summary": "...", "actions": ["...", "..."]}.'
+        '{"title": "...", "summary": "...", "actions": ["...", "..."]}, optionally with '
+        '"design": {"rationale": "...", "dependencies": "...", "consistency": "...", '
+        '"failure_handling": "...", "verification": "...", "tests": "...", '
+        '"pseudocode": {"language": "...", "code": "..."}} (only the sections you improve).'
     )
 
 
@@ -873,7 +964,10 @@ def _validate_entry(entry: Any) -> tuple[WrittenText | None, str]:
     if not clean_actions:
         return None, "no actions"
     return WrittenText(
-        title=_clip(title.strip(), 160), summary=_clip(summary.strip(), 2000), actions=clean_actions
+        title=_clip(title.strip(), 160),
+        summary=_clip(summary.strip(), 2000),
+        actions=clean_actions,
+        design=_design_overrides(entry),
     ), ""
 
 
@@ -882,7 +976,53 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _text_to_json(text: WrittenText) -> dict[str, Any]:
-    return {"title": text.title, "summary": text.summary, "actions": list(text.actions)}
+    out: dict[str, Any] = {"title": text.title, "summary": text.summary, "actions": list(text.actions)}
+    if text.design:
+        out["design"] = text.design
+    return out
+
+
+def _design_overrides(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The design sections a model answer (or cache entry) offers, by shape only: strings for the
+    prose sections, ``{"language", "code"}`` strings for the pseudocode. Anything else is dropped."""
+    design = entry.get("design")
+    if not isinstance(design, Mapping):
+        return None
+    out: dict[str, Any] = {}
+    for key in DESIGN_TEXT_FIELDS:
+        value = design.get(key)
+        if isinstance(value, str) and value.strip():
+            out[key] = _clip(" ".join(value.split()), 3000)
+    code = design.get("pseudocode")
+    if isinstance(code, Mapping) and isinstance(code.get("code"), str) and code["code"].strip():
+        out["pseudocode"] = {"language": str(code.get("language") or ""), "code": code["code"][:6000]}
+    return out or None
+
+
+def merge_design(
+    draft: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None, shown: Iterable[float]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The draft design with the model's sections laid over it, each section checked on its own:
+    one whose numbers are not grounded in ``shown`` — or pseudocode in another language than the
+    draft's — keeps the draft's text. Returns (design, names of the sections that kept the draft)."""
+    if draft is None:
+        return None, []
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in draft.items()}
+    kept: list[str] = []
+    shown = list(shown)
+    for key, value in (overrides or {}).items():
+        if key == "pseudocode":
+            language = str((draft.get("pseudocode") or {}).get("language") or "")
+            if value.get("language") != language or ungrounded_in([value["code"]], shown):
+                kept.append(key)
+                continue
+            merged[key] = {"language": language, "code": value["code"]}
+        elif key in DESIGN_TEXT_FIELDS:
+            if ungrounded_in([value], shown):
+                kept.append(key)
+                continue
+            merged[key] = value
+    return merged, kept
 
 
 # --- grounding -------------------------------------------------------------------------------
@@ -926,13 +1066,18 @@ def ungrounded_numbers(text: WrittenText, shown: Iterable[float]) -> list[str]:
     0 < y ≤ 1, of y·100 (a share written as a percentage). Integers 0–10 (counts like "two calls",
     "N+1") and the retryable HTTP statuses (408, 429, 500, 502, 503, 504) always pass.
     """
+    return ungrounded_in((text.title, text.summary, *text.actions), shown)
+
+
+def ungrounded_in(parts: Iterable[str], shown: Iterable[float]) -> list[str]:
+    """Numbers in ``parts`` that match nothing in ``shown`` (the rule of :func:`ungrounded_numbers`)."""
     targets: list[float] = []
     for y in set(shown):
         targets.extend((y, y / 1000.0))
         if 0 < abs(y) <= 1:
             targets.append(y * 100.0)
     bad: list[str] = []
-    for part in (text.title, text.summary, *text.actions):
+    for part in parts:
         for match in _PROSE_NUMBER.finditer(part):
             whole, fraction = match.group(1), match.group(2) or ""
             x = float(whole.replace(",", "") + fraction)

@@ -219,22 +219,37 @@ class PartResult:
     rows: dict[str, Rows]
     traces: pl.DataFrame
     spans: int
+    services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
 
 
 def extract_part(source: Source, part: int, parts: int) -> PartResult:
     """One task of the first pass: read a partition, repair it, extract every detector's rows."""
     ctx = AnalysisContext.from_table(source.load(part, parts))
-    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height)
+    services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
+    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height, services)
 
 
 PricedImpact = tuple[list[str], np.ndarray, np.ndarray]  # trace ids, saved ns, root ns
 
 
-def price_part(source: Source, part: int, parts: int, findings: list[Finding]) -> dict[str, PricedImpact]:
+@dataclass
+class Priced:
+    """What the second pass returns for one partition: the what-if saving of each finding in its
+    traces, and the durations of the calls each finding names (for the designs' call statistics)."""
+
+    impacts: dict[str, PricedImpact]
+    calls: dict[str, np.ndarray]
+
+
+def price_part(source: Source, part: int, parts: int, findings: list[Finding], calls: bool = False) -> Priced:
     """One task of the second pass: the what-if saving of each finding in this partition's
-    traces (per-trace savings are independent of other traces, so the parts add up exactly)."""
+    traces (per-trace savings are independent of other traces, so the parts add up exactly),
+    and with ``calls`` the durations of the calls each finding names here."""
+    from analysis.sequence import call_durations
+
     ctx = AnalysisContext.from_table(source.load(part, parts))
-    return price(ctx, findings)
+    durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
+    return Priced(price(ctx, findings), durations)
 
 
 def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
@@ -467,6 +482,7 @@ class Extracted:
     findings: list[Finding]
     traces: pl.DataFrame
     spans: int
+    services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
 
 
 def run_extraction(
@@ -477,17 +493,32 @@ def run_extraction(
     decided = decide(combine(r.rows for r in results), notes)
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
-    return Extracted(findings, traces, sum(r.spans for r in results))
+    services = pl.concat([r.services for r in results], how="vertical_relaxed")
+    services = (
+        services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
+    )
+    return Extracted(findings, traces, sum(r.spans for r in results), services)
 
 
 def run_pricing(
-    source: Source, parts: int, executor: Executor, findings: list[Finding], progress: Progress | None = None
-) -> dict[str, Impact]:
-    """The second pass: each finding's what-if saving, partition by partition."""
-    priced = [f for f in findings if any(o.interventions for o in f.occurrences)]
-    if not priced:
-        return {}
+    source: Source,
+    parts: int,
+    executor: Executor,
+    findings: list[Finding],
+    progress: Progress | None = None,
+    *,
+    calls: bool = False,
+) -> tuple[dict[str, Impact], dict[str, np.ndarray]]:
+    """The second pass: each finding's what-if saving, partition by partition; with ``calls``
+    also the durations of the calls each finding names, over every partition."""
+    if not findings or (not calls and not any(o.interventions for f in findings for o in f.occurrences)):
+        return {}, {}
     results = executor.map(
-        "pricing", price_part, [(source, p, parts, priced) for p in range(parts)], progress
+        "pricing", price_part, [(source, p, parts, findings, calls) for p in range(parts)], progress
     )
-    return merge_impacts(results)
+    durations: dict[str, np.ndarray] = {}
+    if calls:
+        for f in findings:
+            pieces = [r.calls[f.id] for r in results if f.id in r.calls]
+            durations[f.id] = np.concatenate(pieces) if pieces else np.zeros(0)
+    return merge_impacts(r.impacts for r in results), durations

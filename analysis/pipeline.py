@@ -29,7 +29,7 @@ Also here: :class:`ContextView`, the read-only ``analysis.writer.WriterContext``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -244,6 +244,8 @@ def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterConte
     for rec in recs:
         text = outcome.texts[rec["id"]]
         rec["title"], rec["summary"], rec["actions"] = text.title, text.summary, list(text.actions)
+        if text.design is not None:
+            rec["design"] = text.design
     report["writer"] = {"name": outcome.writer, "fallback_reason": fallback_reason or outcome.fallback_reason}
     if outcome.metadata:
         report["writer"]["metadata"] = outcome.metadata
@@ -262,12 +264,53 @@ def service_edges(ctx: AnalysisContext) -> pl.DataFrame:
     )
 
 
+def add_workstreams(
+    report: dict[str, Any],
+    ctx: AnalysisContext,
+    ranked: list[Scored],
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """``report["workstreams"]``: the plan of :mod:`analysis.workstreams` (empty if it fails)."""
+    from analysis.workstreams import build_workstreams
+
+    try:
+        report["workstreams"] = build_workstreams(ctx, ranked, report, resources)
+    except Exception:
+        log.exception("the workstream plan failed")
+        report["workstreams"] = []
+
+
 class ContextView:
     """Read-only views of an analysis for writers (implements ``analysis.writer.WriterContext``)."""
 
-    def __init__(self, ctx: AnalysisContext, report: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ctx: AnalysisContext,
+        report: dict[str, Any],
+        ranked: list[Scored] | None = None,
+        resources: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.ctx = ctx
         self._recs = {r["id"]: r for r in report.get("recommendations", [])}
+        self._scored = {s.finding.id: s for s in ranked or []}
+        self.resources = resources or {}
+        self._facts: dict[str, dict[str, Any] | None] = {}
+
+    def design_facts(self, recommendation_id: str) -> dict[str, Any] | None:
+        """Language, exemplar sequence diagrams and predicted root latencies for a recommendation's
+        design (:func:`analysis.sequence.design_facts`), computed once per recommendation."""
+        if recommendation_id not in self._facts:
+            from analysis.sequence import design_facts
+
+            rec, scored = self._recs.get(recommendation_id), self._scored.get(recommendation_id)
+            facts = None
+            if rec is not None and scored is not None:
+                try:
+                    facts = design_facts(self.ctx, scored.finding, scored.impact, rec, self.resources)
+                except Exception:  # a design without diagrams beats no report
+                    log.exception("design facts of %s failed", recommendation_id)
+            self._facts[recommendation_id] = facts
+        return self._facts[recommendation_id]
 
     def finding_evidence(self, recommendation_id: str) -> dict[str, Any] | None:
         rec = self._recs.get(recommendation_id)
@@ -338,15 +381,21 @@ def uncovered_near_misses(near_misses: list[NearMiss], ranked: list[Scored]) -> 
 
 
 def analyze_context(
-    ctx: AnalysisContext, *, writer: Writer | None = None, explain: bool = False
+    ctx: AnalysisContext,
+    *,
+    writer: Writer | None = None,
+    explain: bool = False,
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[Scored]]:
-    """Detect, score and write; with ``explain`` the report carries ``near_misses``."""
+    """Detect, score and write; with ``explain`` the report carries ``near_misses``.
+    ``resources``: {service: {"language", "namespace", "owner"}} (:mod:`analysis.resources`)."""
     ranked = score_findings(ctx, run_detectors(ctx))
     near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
     report = build_report(
         ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
     )
-    write_texts(report, writer, ContextView(ctx, report))
+    write_texts(report, writer, ContextView(ctx, report, ranked, resources))
+    add_workstreams(report, ctx, ranked, resources)
     report["critical_paths"] = report_critical_paths(ctx)
     return report, ranked
 
@@ -373,39 +422,53 @@ def analyze(
 ) -> dict[str, Any]:
     """Analyse span rows (``collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict
     (with ``near_misses`` when ``explain``)."""
+    from analysis.resources import service_resources
+
+    resources = service_resources(table_or_frame)
     frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
-    report, _ = analyze_context(AnalysisContext.from_table(frame), writer=writer, explain=explain)
+    report, _ = analyze_context(
+        AnalysisContext.from_table(frame), writer=writer, explain=explain, resources=resources
+    )
     return report
 
 
 class PartitionedView(ContextView):
-    """:class:`ContextView` when no context holds every span: a trace is read from the source and
-    repaired alone (repair is per trace, so its spans are the same), and the service edges are
-    gathered partition by partition the first time a writer asks (the agent's tool)."""
+    """:class:`ContextView` when no context holds every span: its context holds the exemplar
+    traces (repair is per trace, so their spans are the same), the calls' statistics and the
+    services' scope languages come measured over every partition, another trace is read when
+    asked for, and the service edges are gathered partition by partition the first time a writer
+    asks (the agent's tool)."""
 
     def __init__(
         self,
+        ctx: AnalysisContext,
         report: dict[str, Any],
+        ranked: list[Scored],
+        resources: Mapping[str, Mapping[str, Any]],
         source: partitions.Source,
         parts: int,
-        trace: Callable[[str], pa.Table | pl.DataFrame],
+        read_traces: Callable[[list[str]], pa.Table],
     ) -> None:
-        self._recs = {r["id"]: r for r in report.get("recommendations", [])}
-        self._source, self._parts, self._trace = source, parts, trace
-        self._edges: pl.DataFrame | None = None
+        super().__init__(ctx, report, ranked, resources)
+        self._source, self._parts, self._read_traces = source, parts, read_traces
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
-        return AnalysisContext.from_table(self._trace(trace_id)).spans
+        spans = self.ctx.trace_spans(trace_id)
+        if spans.height:
+            return spans
+        return AnalysisContext.from_table(self._read_traces([trace_id])).spans
 
     def service_edges(self) -> pl.DataFrame:
-        if self._edges is None:
-            self._edges = pl.concat(
+        edges = self.ctx.cache.get("service_edges_all")
+        if not isinstance(edges, pl.DataFrame):
+            edges = pl.concat(
                 [
                     service_edges(AnalysisContext.from_table(self._source.load(p, self._parts)))
                     for p in range(self._parts)
                 ]
             )
-        return self._edges
+            self.ctx.cache["service_edges_all"] = edges
+        return edges
 
 
 def analyze_partitioned(
@@ -413,7 +476,7 @@ def analyze_partitioned(
     parts: int,
     executor: partitions.Executor,
     *,
-    trace: Callable[[str], pa.Table | pl.DataFrame],
+    read_traces: Callable[[list[str]], pa.Table],
     writer: Writer | None = None,
     explain: bool = False,
     progress: partitions.Progress | None = None,
@@ -421,13 +484,19 @@ def analyze_partitioned(
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
     prices the findings' what-if savings partition by partition (a trace's saving depends only on
-    that trace). Same findings, savings, ranking and near misses as the whole at once (the
-    partition tests); memory bounded by a partition, not the store. ``trace`` reads one trace
-    (for the writer's view)."""
+    that trace) and measures the calls they name. Same findings, savings, ranking, near misses and
+    designs as the whole at once (the partition tests); memory bounded by a partition, not the
+    store. ``read_traces(ids)`` reads whole traces by id (every column): the exemplars the designs
+    draw, and one trace per service for the services' resources. A workstream of two or more
+    re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
+    icicles) need every on-path span at once and are left out."""
+    from analysis.resources import scope_languages, service_resources
+    from analysis.sequence import duration_stats
+
     notes = partitions.NearMissLog()
     extracted = partitions.run_extraction(source, parts, executor, notes, progress)
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
-    impacts = partitions.run_pricing(source, parts, executor, kept, progress)
+    impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
     ranked = score(
         extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
     )
@@ -438,7 +507,37 @@ def analyze_partitioned(
         spans_analyzed=extracted.spans,
         near_misses=near_misses,
     )
-    write_texts(report, writer, PartitionedView(report, source, parts, trace))
+    one_per_service = extracted.services.group_by("service").agg(pl.col("trace_id").min())["trace_id"]
+    resources = service_resources(read_traces(sorted(set(one_per_service.to_list()))))
+    exemplars = sorted(
+        {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
+    )
+    ctx = (
+        AnalysisContext.from_table(read_traces(exemplars))
+        if exemplars
+        else AnalysisContext.from_table(read_traces([]))
+    )
+    ctx.cache["call_stats"] = {fid: duration_stats(d) for fid, d in calls.items()}
+    ctx.cache["scope_languages"] = scope_languages(extracted.services)
+    write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
+
+    def priced_together(found: list[Finding]) -> dict[str, Impact]:
+        return partitions.run_pricing(source, parts, executor, found, progress)[0]
+
+    from analysis.workstreams import build_workstreams
+
+    try:
+        report["workstreams"] = build_workstreams(
+            None,
+            ranked,
+            report,
+            resources,
+            traced_services=set(extracted.services["service"].to_list()),
+            impacts_of=priced_together,
+        )
+    except Exception:
+        log.exception("the workstream plan failed")
+        report["workstreams"] = []
     # The endpoints' critical paths need every on-path span of their traces at once: a partitioned
     # run leaves the page's icicles out (``hourglass critical-path`` answers per endpoint).
     report["critical_paths"] = []

@@ -110,7 +110,84 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         lines += [f"- {k}: {v}" for k, v in numbers.items()]
         lines += ["", "</details>"]
+        lines += design_markdown(rec.get("design"))
+    lines += workstreams_markdown(report.get("workstreams"))
     return "\n".join([*lines, *_near_misses_markdown(report)]) + "\n"
+
+
+_DESIGN_SECTIONS = (
+    ("rationale", "Why this pattern"),
+    ("dependencies", "Dependencies and races"),
+    ("consistency", "Consistency"),
+    ("failure_handling", "Failure handling"),
+    ("verification", "Verification"),
+    ("tests", "Tests"),
+)
+_FENCE_LANG = {"nodejs": "typescript", "dotnet": "csharp", "pseudocode": "text"}
+
+
+def _fence(code: str, lang: str) -> list[str]:
+    fence = "```"
+    while fence in code:
+        fence += "`"
+    return [f"{fence}{lang}", code, fence]
+
+
+def design_markdown(design: Any) -> list[str]:
+    """A recommendation's ``design``: pattern, the six prose sections, pseudocode and the
+    before/after sequence diagrams (Mermaid, which GitHub and GitLab draw in place)."""
+    if not isinstance(design, dict):
+        return []
+    pattern = design.get("pattern") or {}
+    params = pattern.get("parameters") or {}
+    lines = ["", f"**Design: {pattern.get('name', '')}**", ""]
+    if pattern.get("summary"):
+        lines += [str(pattern["summary"]), ""]
+    if params:
+        lines += [", ".join(f"`{k}` = {v}" for k, v in params.items() if v is not None), ""]
+    for key, heading in _DESIGN_SECTIONS:
+        if design.get(key):
+            lines += [f"- **{heading}.** {design[key]}"]
+    code = design.get("pseudocode") or {}
+    if code.get("code"):
+        lang = str(code.get("language") or "text")
+        lines += ["", f"Pseudocode ({lang}):", "", *_fence(str(code["code"]), _FENCE_LANG.get(lang, lang))]
+    seq = design.get("sequence") or {}
+    for key, heading in (
+        ("before", "Before (exemplar trace, measured)"),
+        ("after", "After (what-if re-timing)"),
+    ):
+        if seq.get(key):
+            lines += ["", f"{heading}:", "", *_fence(str(seq[key]), "mermaid")]
+    return lines
+
+
+def workstreams_markdown(workstreams: Any) -> list[str]:
+    """The workstream plan: one row per unit of work, in waves."""
+    if not workstreams:
+        return []
+    lines = [
+        "",
+        "## Workstreams",
+        "",
+        "| Wave | Workstream | Recommendations | Depends on | Combined saving p50 / p95 |",
+        "|---:|---|---|---|---|",
+    ]
+    for ws in workstreams:
+        imp = ws.get("impact") or {}
+        saving = (
+            f"{_ms(imp.get('saved_ms_p50'))} / {_ms(imp.get('saved_ms_p95'))}"
+            if imp.get("saved_ms_p50") is not None
+            else "–"
+        )
+        lines.append(
+            f"| {ws.get('wave', '')} | {_cell(ws.get('title', ws.get('id')))} "
+            f"| {len(ws.get('recommendations') or [])} | {_cell(', '.join(ws.get('depends_on') or []) or '–')} "
+            f"| {saving} |"
+        )
+    lines.append("")
+    lines += [f"- **{_cell(ws.get('id'))}**: {ws.get('summary', '')}" for ws in workstreams]
+    return lines
 
 
 def render_table(report: dict[str, Any], console: Console | None = None) -> str:

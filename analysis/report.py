@@ -24,6 +24,9 @@ then kind, service, operation and reason, and capped at ``MAX_NEAR_MISSES`` with
 ``near_misses_omitted`` counting the rest; a near miss of a (kind, service, operation) that is
 also a recommendation is left out (the recommendation covers it). Without ``explain`` neither key
 is present.
+
+Added after the writer runs (issue 13): each recommendation's ``design`` (written by the writer,
+see :mod:`analysis.design`) and the report's ``workstreams`` (:mod:`analysis.workstreams`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Always available (no network). Texts are written from the recommendation's own n
 at p50/p95, share of root latency, traces affected — and name the operations involved, so a reader
 can act without opening the evidence. One function per kind; an unknown kind gets a plain,
 number-bearing text rather than nothing.
+
+Each text also carries the recommendation's ``design`` (:func:`analysis.design.build_design`),
+written from the facts the context offers (``design_facts``: language, exemplar sequence
+diagrams, predicted root latencies); without them the design is still complete, with neutral
+pseudocode and no diagrams.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from analysis.design import build_design
 from analysis.writer import WriteOutcome, WriterContext, WrittenText
 
 Rec = dict[str, Any]
@@ -301,8 +307,11 @@ class TemplateWriter:
 
     def write(self, recommendations: list[dict[str, Any]], context: WriterContext) -> WriteOutcome:
         texts = {}
+        facts_of = getattr(context, "design_facts", None)
         for rec in recommendations:
             text = TEMPLATES.get(rec["kind"], generic)(rec)
             text.summary = " ".join(text.summary.split())
+            facts = facts_of(rec["id"]) if callable(facts_of) else None
+            text.design = build_design(rec, facts or {})
             texts[rec["id"]] = text
         return WriteOutcome(texts=texts, writer=self.name)

@@ -1,4 +1,4 @@
-"""The write-up: each recommendation's title, summary and actions.
+"""The write-up: each recommendation's title, summary, actions and design.
 
 Two writers stand behind one protocol: the offline template writer (always available) and the
 Anthropic agent (used when ``ANTHROPIC_API_KEY`` is set). A writer receives the ranked
@@ -20,6 +20,8 @@ class WrittenText:
     title: str
     summary: str
     actions: list[str]
+    # the recommendation's ``design`` (analysis.design.build_design), when the writer wrote one
+    design: dict[str, Any] | None = None
 
 
 @dataclass
@@ -40,6 +42,11 @@ class WriterContext(Protocol):
 
     def service_neighbours(self, service: str) -> dict[str, list[dict[str, Any]]]:
         """{"callers": [...], "callees": [...]}, each {"service", "operation", "calls", "p50_ms"}."""
+
+    # Optional (writers look it up with getattr): the facts a ``design`` is written from —
+    # the service's language, the exemplar's before/after sequence diagrams, the what-if's
+    # predicted root latencies (analysis.sequence.design_facts).
+    # def design_facts(self, recommendation_id: str) -> dict[str, Any] | None: ...
 
 
 class Writer(Protocol):

@@ -559,9 +559,13 @@ def analyze_spans(
     """
     from analysis.context import AnalysisContext, to_analysis_frame
     from analysis.pipeline import analyze_context, select_traces
+    from analysis.resources import service_resources
 
+    resources = service_resources(table)
     frame = select_traces(to_analysis_frame(table), services=services, since_ns=since_ns)
-    report, ranked = analyze_context(AnalysisContext.from_table(frame), writer=writer, explain=explain)
+    report, ranked = analyze_context(
+        AnalysisContext.from_table(frame), writer=writer, explain=explain, resources=resources
+    )
     reported = {str(r.get("id")) for r in report.get("recommendations") or []}
     index: TraceIndex = {}
     for scored in ranked:
@@ -719,6 +723,9 @@ class AnalysisService:
         stages["store_stats"] = time.perf_counter() - started
         started = time.perf_counter()
         table = self.store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+        from analysis.resources import attach_store_resources
+
+        table = attach_store_resources(table, self.store)  # services' languages, for the designs
         stages["scan"] = time.perf_counter() - started
         if self._worker is not None:
             report, index = self._worker.run(

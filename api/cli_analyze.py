@@ -115,7 +115,12 @@ def analyze_store(
             raise _fail(str(exc)) from None
         # Every detector must be split for a partitioned run; until then the whole store is read.
         if set(PARTS) != set(DETECTORS) or (plan.parts == 1 and run.cluster is None):
-            table = store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
+            from analysis.resources import attach_store_resources
+
+            # the services' languages ride along in the table's metadata (for the designs' pseudocode)
+            table = attach_store_resources(
+                store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS), store
+            )
             store.close()
             return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)
     finally:
@@ -131,7 +136,7 @@ def analyze_store(
                 source,
                 plan.parts,
                 executor,
-                trace=lambda trace_id: _read_trace(path, trace_id),
+                read_traces=lambda trace_ids: _read_traces(path, trace_ids),
                 writer=writer,
                 explain=explain,
                 progress=progress,
@@ -154,12 +159,14 @@ def _executor(run: StoreRun, plan: Any) -> Any:
     return partitions.ProcessExecutor(plan.workers) if plan.workers > 1 else partitions.SerialExecutor()
 
 
-def _read_trace(path: str, trace_id: str) -> pa.Table:
+def _read_traces(path: str, trace_ids: list[str]) -> pa.Table:
     from analysis.partitions import open_for_reading
+    from collector.schema import SPAN_COLUMNS
 
     store = open_for_reading(path)
     try:
-        return store.trace(trace_id)
+        table: pa.Table = store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
+        return table
     finally:
         store.close()
 

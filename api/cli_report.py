@@ -111,6 +111,9 @@ def report_command(
                 code=1,
             ) from exc
         table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
+        from analysis.resources import attach_store_resources
+
+        table = attach_store_resources(table, store)  # the services' languages, for the designs
         source = f"store {redact(path)}"
         fetch_trace = store.trace
 

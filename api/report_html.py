@@ -580,7 +580,7 @@ def render_report_html(
         # Nothing on this page may load from anywhere: no script, no remote style, image or font.
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "style-src 'unsafe-inline'; img-src data:\">",
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<title>{esc(title)}</title><style>{CSS}{DESIGN_CSS}{_sequence_css()}</style></head><body>",
         f'<header class="top"><h1>{HOURGLASS_ICON} {esc(title)}</h1>'
         f'<div class="meta">{esc(meta)}</div></header><main>',
         '<div class="cards">',
@@ -619,6 +619,7 @@ def render_report_html(
                 f'<td class="num">{_share(rec.get("confidence"))}</td></tr>'
             )
         parts.append("</tbody></table>")
+    parts.append(workstreams_html(report))
     for rec in recs:
         parts.append(_recommendation_html(rec, exemplars.get(str(rec.get("id"))), colours))
     parts.append(critical_paths_html(endpoint_paths, colours))
@@ -688,6 +689,7 @@ def _recommendation_html(
         out.append(render_waterfall_svg(exemplar, colours, figure_id=figure_id))
         out.append(legend_html(colours, {s.service for s in exemplar.spans}))
         out.append("</figure>")
+    out.append(design_html(rec))
     out.append("</section>")
     return "".join(out)
 
@@ -822,3 +824,122 @@ def critical_paths_html(paths: list[Mapping[str, Any]], colours: Mapping[str, st
         out.append("</figure>")
     out.append("</section>")
     return "".join(out)
+
+
+# Design (issue 13): sequence diagrams, pattern, prose sections, pseudocode; the workstream plan
+
+_DESIGN_SECTIONS = (
+    ("rationale", "Why this pattern"),
+    ("dependencies", "Dependencies and races"),
+    ("consistency", "Consistency"),
+    ("failure_handling", "Failure handling"),
+    ("verification", "Verification"),
+    ("tests", "Tests"),
+)
+
+
+def _sequence_css() -> str:
+    from api.sequence_svg import SEQUENCE_CSS
+
+    return SEQUENCE_CSS
+
+
+def design_html(rec: Mapping[str, Any]) -> str:
+    """A recommendation's ``design``: before/after sequence diagrams as inline SVG (drawn here from
+    the Mermaid text), the pattern and its parameters, the prose sections and the pseudocode."""
+    from api.sequence_svg import render_sequence_svg
+
+    design = rec.get("design")
+    if not isinstance(design, Mapping):
+        return ""
+    out = ['<div class="design">']
+    seq = design.get("sequence") or {}
+    figure_id = "seq-" + _anchor(rec)[4:]
+    diagrams = [
+        render_sequence_svg(str(seq[key]), figure_id=f"{figure_id}-{key}", title=title)
+        for key, title in (("before", "Before · measured"), ("after", "After · what-if re-timing"))
+        if seq.get(key)
+    ]
+    diagrams = [d for d in diagrams if d]
+    if diagrams:
+        trace = f" of exemplar trace <code>{esc(seq.get('trace_id'))}</code>" if seq.get("trace_id") else ""
+        out.append(
+            f'<figure class="sequences"><figcaption>Sequence{trace}: who calls whom, in order, with the measured '
+            "durations, and the same flow as the what-if re-times it.</figcaption>"
+            f'<div class="sequence-pair">{"".join(diagrams)}</div></figure>'
+        )
+    pattern = design.get("pattern") or {}
+    params = pattern.get("parameters") or {}
+    out.append(f"<h3>Design: {esc(pattern.get('name', ''))}</h3>")
+    if params:
+        out.append(
+            '<div class="badges">'
+            + "".join(
+                f'<span class="badge param">{esc(k)} = {esc(_num(v, 3) if isinstance(v, float) else v)}</span>'
+                for k, v in params.items()
+                if v is not None
+            )
+            + "</div>"
+        )
+    if pattern.get("summary"):
+        out.append(f'<p class="summary-text">{prose(pattern["summary"])}</p>')
+    rows = [
+        f"<dt>{esc(heading)}</dt><dd>{prose(design[key])}</dd>"
+        for key, heading in _DESIGN_SECTIONS
+        if design.get(key)
+    ]
+    if rows:
+        out.append(f'<dl class="design-sections">{"".join(rows)}</dl>')
+    code = design.get("pseudocode") or {}
+    if code.get("code"):
+        out.append(
+            f'<details class="pseudocode" open><summary>Pseudocode ({esc(code.get("language") or "pseudocode")})'
+            f"</summary><pre><code>{esc(code['code'])}</code></pre></details>"
+        )
+    out.append("</div>")
+    return "".join(out)
+
+
+def workstreams_html(report: Mapping[str, Any]) -> str:
+    """The workstream plan: units of work per service, their waves, dependencies and combined saving."""
+    workstreams = report.get("workstreams") or []
+    if not workstreams:
+        return ""
+    rows = []
+    for ws in workstreams:
+        imp = ws.get("impact") or {}
+        rows.append(
+            f'<tr id="{esc(ws.get("id"))}"><td class="num">{esc(ws.get("wave", ""))}</td>'
+            f'<td>{prose(ws.get("title") or ws.get("id"))}<div class="muted">{prose(ws.get("summary", ""))}</div></td>'
+            f"<td>{esc(ws.get('owner') or ws.get('namespace') or '—')}</td>"
+            f"<td>{esc(', '.join(ws.get('depends_on') or []) or '—')}</td>"
+            f'<td class="num">{_ms(imp.get("saved_ms_p50"))}</td><td class="num">{_ms(imp.get("saved_ms_p95"))}</td></tr>'
+        )
+    return (
+        '<section class="workstreams"><h2>Workstreams</h2><p class="muted">One unit of work per service that must '
+        "change. Workstreams of one wave can proceed in parallel; a later wave waits for what it depends on. "
+        "The saving is a what-if of the whole group, not a sum.</p>"
+        '<table class="summary"><thead><tr><th class="num">Wave</th><th>Workstream</th><th>Owner</th>'
+        '<th>Depends on</th><th class="num">Saved p50</th><th class="num">Saved p95</th></tr></thead><tbody>'
+        + "".join(rows)
+        + "</tbody></table></section>"
+    )
+
+
+DESIGN_CSS = """
+.design { margin-top:14px; border-top:1px solid var(--line); padding-top:10px; }
+.design h3 { margin:10px 0 6px; font-size:15px; }
+.badge.param { background:#f3f0ff; border-color:#d9d0fb; color:#4b3a99; font-variant-numeric:tabular-nums; }
+dl.design-sections { display:grid; grid-template-columns:max-content 1fr; gap:4px 14px; margin:8px 0; max-width:1100px; }
+dl.design-sections dt { font-weight:600; color:#394150; }
+dl.design-sections dd { margin:0; }
+dl.design-sections code { font:12.5px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:#eef1f6;
+  border:1px solid var(--line); border-radius:4px; padding:0 4px; }
+details.pseudocode pre { background:#1d2330; color:#e8ecf3; padding:10px 12px; border-radius:6px; overflow-x:auto;
+  font:12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+figure.sequences { margin:10px 0 0; padding:12px; border:1px solid var(--line); border-radius:8px; background:#fbfcfd;
+  overflow-x:auto; }
+figure.sequences figcaption { font-size:13px; color:var(--muted); margin-bottom:8px; }
+.sequence-pair { display:flex; flex-wrap:wrap; gap:14px; align-items:flex-start; }
+section.workstreams h2 { font-size:18px; margin:0 0 4px; }
+"""

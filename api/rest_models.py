@@ -56,6 +56,55 @@ class Evidence(_Open):
     span_ids: list[str] = Field(default_factory=list, description="Spans involved in the exemplars")
 
 
+class Pattern(_Open):
+    name: str = Field(description="The named pattern chosen for this case")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Its parameters, from the evidence")
+    summary: str = ""
+
+
+class Pseudocode(_Open):
+    language: str = Field(description="The service's telemetry.sdk.language, or 'pseudocode' when unknown")
+    code: str
+
+
+class Sequence(_Open):
+    before: str | None = Field(None, description="Mermaid sequenceDiagram of the exemplar trace, measured")
+    after: str | None = Field(None, description="The same flow as the what-if re-times it")
+    trace_id: str | None = None
+
+
+class Design(_Open):
+    pattern: Pattern
+    rationale: str
+    dependencies: str
+    consistency: str
+    failure_handling: str
+    verification: str
+    tests: str
+    predicted: dict[str, Any] = Field(
+        default_factory=dict, description="Root p50/p95 before and after (what-if, ms); the new critical path"
+    )
+    pseudocode: Pseudocode
+    sequence: Sequence
+
+
+class Workstream(_Open):
+    id: str
+    service: str = Field(description="The service that must change")
+    namespace: str | None = None
+    owner: str | None = None
+    recommendations: list[str] = Field(default_factory=list, description="Recommendation ids")
+    prerequisites: list[str] = Field(
+        default_factory=list, description="What other teams' changes need from it"
+    )
+    depends_on: list[str] = Field(default_factory=list, description="Workstream ids that must land first")
+    parallel_with: list[str] = Field(default_factory=list)
+    wave: int = Field(1, description="Workstreams of one wave can proceed in parallel")
+    impact: Impact | None = Field(None, description="What-if of the whole group (not a sum)")
+    title: str = ""
+    summary: str = ""
+
+
 class Recommendation(_Open):
     id: str = Field(description="Stable id: the same bottleneck gets the same id across runs")
     rank: int
@@ -72,6 +121,7 @@ class Recommendation(_Open):
     title: str
     summary: str
     actions: list[str]
+    design: Design | None = None
 
 
 class NearMiss(_Open):
@@ -94,6 +144,7 @@ class Report(_Open):
         None, description="With explain=true: candidates seen and dropped, and why (absent otherwise)"
     )
     near_misses_omitted: int | None = Field(None, description="With explain=true: near misses beyond the cap")
+    workstreams: list[Workstream] = Field(default_factory=list)
 
 
 class TraceSpan(_Open):

@@ -58,6 +58,7 @@ def _report(store: Path, *args: Any) -> dict[str, Any]:
     report.pop("generated_at")
     # The page's icicles need every on-path span at once: a partitioned run leaves them out.
     report.pop("critical_paths")
+    # The designs and the workstreams are compared whole: pattern, numbers, pseudocode, diagrams.
     return report
 
 

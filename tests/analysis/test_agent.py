@@ -270,6 +270,7 @@ def test_direct_answer_without_tools(fake: FakeAnthropic, tmp_path: Path) -> Non
     assert [t["name"] for t in request["tools"]] == [
         "get_finding_evidence",
         "get_critical_path",
+        "get_design_facts",
         "get_service_neighbours",
     ]
     assert REC_A in request["messages"][0]["content"][0]["text"]
@@ -1138,3 +1139,92 @@ def test_connect_timeout_is_short_even_with_a_long_request_timeout(
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+# --- designs (issue 13) -----------------------------------------------------------------------
+
+
+def test_design_sections_are_checked_one_by_one(fake: FakeAnthropic, tmp_path: Path) -> None:
+    """A design section whose numbers disagree with the evidence, or pseudocode in another
+    language, keeps the template's text; a grounded section from the model is used."""
+    from analysis.design import build_design
+
+    answer = good_answer()
+    answer[REC_A]["design"] = {
+        "rationale": "Running `GET /stock` and `GET /price` together saves 999 ms per request.",
+        "tests": "Script the two fakes: both succeed, one fails, one hangs past the shared deadline.",
+        "verification": "Watch `POST /checkout`: the what-if saves 118 ms at p50 and 201.5 ms at p95.",
+        "pseudocode": {"language": "go", "code": "g, ctx := errgroup.WithContext(ctx)"},
+    }
+    fake.script(json_reply(answer))
+    writer, _ = make_writer(tmp_path)
+    recs = recommendations()
+    outcome = writer.write(recs, PlantedContext())
+    draft = build_design(recs[0], {})
+    design = outcome.texts[REC_A].design
+    assert design is not None
+    assert design["rationale"] == draft["rationale"]  # 999 ms is not in the evidence
+    assert design["pseudocode"] == draft["pseudocode"]  # the service's language is unknown here
+    assert design["tests"] == answer[REC_A]["design"]["tests"]
+    assert design["verification"] == answer[REC_A]["design"]["verification"]
+    assert design["pattern"] == draft["pattern"]  # never the model's to change
+    assert sorted(outcome.metadata["design_fields_from_template"][REC_A]) == ["pseudocode", "rationale"]
+    # REC_B's answer had no design: the template's draft in full
+    assert outcome.texts[REC_B].design == build_design(recs[1], {})
+    # the model saw the drafts (without the diagrams)
+    payload = _request_payload(fake.requests[0])
+    assert all("design" in item and "sequence" not in item["design"] for item in payload)
+
+
+def test_pipeline_designs_reach_the_model_redacted_and_come_back_checked(
+    fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    from analysis.pipeline import analyze
+    from analysis.template_writer import TemplateWriter
+    from tests.builders import spans_table
+
+    def model(request: dict[str, Any]) -> Step:
+        payload = _request_payload(request)
+        last = request["messages"][-1]
+        if not (
+            isinstance(last["content"], list) and any(b.get("type") == "tool_result" for b in last["content"])
+        ):
+            return tool_use_reply(("get_design_facts", {"recommendation_id": payload[0]["id"]}))
+        return json_reply(
+            {
+                rec["id"]: {
+                    "title": f"Fake model: fix {rec['kind']}",
+                    "summary": f"Seen in {rec['traces_affected']} traces.",
+                    "actions": ["Batch the query."],
+                    "design": {
+                        "consistency": "One read per row at one snapshot: no change for readers.",
+                        "failure_handling": "Retry the calls 17 times.",
+                    },
+                }
+                for rec in payload
+            }
+        )
+
+    fake.default = model
+    writer = AnthropicWriter(
+        TemplateWriter(),
+        model=E2E_MODEL,
+        limits=AgentLimits(request_timeout_s=2, deadline_s=8),
+        cache_dir=tmp_path / "w",
+    )
+    report = analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+    rec = report["recommendations"][0]
+    assert rec["title"].startswith("Fake model")
+    design = rec["design"]
+    assert design["consistency"].startswith("One read per row")
+    assert "17 times" not in design["failure_handling"]  # 17 is in no evidence: the template's text
+    assert design["sequence"]["before"].startswith("sequenceDiagram")  # drawn locally, never by the model
+    sent = fake.all_request_text()
+    for secret in SECRETS:
+        assert secret not in sent, f"{secret!r} left the machine"
+    payload = _request_payload(fake.requests[0])
+    assert payload[0]["design"]["pattern"]["name"] == design["pattern"]["name"]
+    (result,) = [b for b in fake.requests[1]["messages"][-1]["content"] if b["type"] == "tool_result"]
+    facts = json.loads(result["content"])
+    assert "sequence" not in facts["exemplar"] and facts["exemplar"]["calls"]
+    assert facts["root_ms_p50_before"] is not None and facts["call_stats"]["count"] > 0

@@ -22,7 +22,7 @@ from tests.builders import TraceBuilder, spans_table
 REAL_TRACES = Path(__file__).resolve().parents[3] / "shared" / "real-traces"
 RECOMMENDATION_KEYS = [
     "id", "rank", "kind", "category", "service", "operation", "targets", "traces_affected", "occurrences",
-    "impact", "confidence", "evidence", "title", "summary", "actions",
+    "impact", "confidence", "evidence", "title", "summary", "actions", "design",
 ]  # fmt: skip
 
 
@@ -75,6 +75,7 @@ def test_report_has_the_design_shape() -> None:
         "spans_analyzed",
         "recommendations",
         "writer",
+        "workstreams",
         "critical_paths",  # the busiest endpoints' critical paths for the report page (issue 14)
     ]
     assert report["schema"] == "hourglass.report/v1"
@@ -275,6 +276,7 @@ def test_every_real_trace_file_analyses(path: Path) -> None:
 
 @pytest.mark.skipif(not REAL_TRACES.exists(), reason="shared real traces not present")
 def test_same_spans_from_files_and_from_the_store_give_the_same_report(tmp_path: Path) -> None:
+    from analysis.resources import attach_store_resources
     from collector.duckdb_store import DuckDBSpanStore
     from collector.schema import ANALYSIS_COLUMNS
 
@@ -286,7 +288,8 @@ def test_same_spans_from_files_and_from_the_store_give_the_same_report(tmp_path:
     store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
     try:
         store.write(table)
-        stored = store.scan(columns=ANALYSIS_COLUMNS)
+        # as the CLI and the server read it: the services' languages ride along (issue 13)
+        stored = attach_store_resources(store.scan(columns=ANALYSIS_COLUMNS), store)
     finally:
         store.close()
     from_files, from_store = analyze(table), analyze(stored)

@@ -137,3 +137,58 @@ def test_report_file_from_the_cli_renders_offline(tmp_path: Path) -> None:
         finally:
             browser.close()
     assert requested == [out.as_uri()], requested
+
+
+def test_report_page_draws_sequence_diagrams_and_the_design_offline(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    """Issue 13: before/after sequence diagrams drawn by Hourglass as inline SVG, with the exemplar's
+    services as participants, next to the design sections and the workstream plan; nothing loads
+    from anywhere but the page itself."""
+    from playwright.sync_api import sync_playwright
+
+    requested: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(
+                viewport={"width": 1360, "height": 1000},
+                extra_http_headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            page = context.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            response = page.goto(server.base_url + "/", wait_until="networkidle", timeout=60_000)
+            assert response is not None and response.status == 200
+            section = page.locator("section.rec", has_text="GET /checkout").first
+            diagrams = section.locator("svg.sequence")
+            assert diagrams.count() == 2, "before and after"
+            before, after = diagrams.nth(0), diagrams.nth(1)
+            for diagram in (before, after):
+                diagram.scroll_into_view_if_needed()
+                assert diagram.is_visible()
+                box = diagram.bounding_box()
+                assert box is not None and box["width"] > 300 and box["height"] > 150, box
+                names = diagram.locator("g.seq-participant text").all_text_contents()
+                assert {"frontend", "users", "cart", "prices"} <= set(names), names
+                arrows = diagram.locator("g.seq-call")
+                assert arrows.count() >= 3
+                arrow_box = arrows.first.bounding_box()
+                assert arrow_box is not None and arrow_box["width"] > 50
+            assert after.locator("g.seq-block-par").count() == 1, "the calls run together after the change"
+            assert "(what-if)" in (after.text_content() or "")
+            design = section.locator("div.design")
+            for heading in ("Why this pattern", "Dependencies and races", "Consistency", "Failure handling"):
+                assert design.locator("dt", has_text=heading).first.is_visible()
+            code = design.locator("details.pseudocode code")
+            assert "asyncio" in (code.text_content() or ""), "the services are Python (OpenTelemetry SDK)"
+            plan = page.locator("section.workstreams")
+            assert plan.is_visible() and "frontend" in (plan.text_content() or "")
+            before.screenshot(path=str(tmp_path / "sequence.png"))
+            keep = os.environ.get("HOURGLASS_SCREENSHOT_DIR")
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                (Path(keep) / "sequence.png").write_bytes((tmp_path / "sequence.png").read_bytes())
+        finally:
+            browser.close()
+    outside = [url for url in requested if urlsplit(url).hostname not in ("127.0.0.1",)]
+    assert requested and not outside, f"requests left 127.0.0.1: {outside}"

@@ -254,3 +254,97 @@ def test_report_cli_from_files_and_from_a_store(tmp_path: Path) -> None:
 
     missing = _hourglass("report", "--db", str(tmp_path / "nope.duckdb"), "--html", str(out), cwd=tmp_path)
     assert missing.returncode == 2 and "no such store" in missing.stderr
+
+
+# --- issue 13: sequence diagrams, design, workstreams ---------------------------------------------
+
+SEQUENCE = "\n".join(
+    [
+        "sequenceDiagram",
+        "    participant P1 as frontend",
+        "    participant P2 as users",
+        "    participant P3 as cart#59; v2 #35;1",
+        "    Note over P1: GET /checkout · 310 ms",
+        "    par 2 calls at the same time",
+        "        P1->>P2: GET /users (100 ms)",
+        "        P2-->>P1: 100 ms",
+        "    and",
+        "        P1->>P3: GET /cart (100 ms)",
+        "        P3-->>P1: 100 ms",
+        "    end",
+        "    loop 3 calls one after another (30 ms in all)",
+        "        P1->>P1: compute (10 ms each, median)",
+        "    end",
+    ]
+)
+
+
+def test_sequence_diagram_parses_participants_messages_and_blocks() -> None:
+    from api.sequence_svg import parse, render_sequence_svg
+
+    seq = parse(SEQUENCE)
+    assert seq.display_names() == ["frontend", "users", "cart; v2 #1"]
+    kinds = [s.kind for s in seq.steps]
+    assert kinds.count("message") == 5 and kinds.count("block") == 2 and kinds.count("end") == 2
+    svg = render_sequence_svg(SEQUENCE, figure_id="seq-1", title="Before")
+    root = _svg_root(svg)
+    texts = ["".join(t.itertext()) for t in root.iter(f"{SVG_NS}text")]
+    assert texts.count("frontend") == 2  # a box at the top and at the bottom of each lifeline
+    assert "cart; v2 #1" in texts
+    assert any(t.startswith("GET /users (100 ms)") for t in texts)
+    assert len(list(root.iter(f"{SVG_NS}marker"))) == 1
+    blocks = [g for g in root.iter(f"{SVG_NS}g") if "seq-block" in (g.get("class") or "")]
+    assert {b.get("class") for b in blocks} == {"seq-block seq-block-par", "seq-block seq-block-loop"}
+    assert render_sequence_svg("sequenceDiagram", figure_id="x") == ""
+
+
+def test_untrusted_names_in_sequence_diagrams_are_escaped() -> None:
+    from api.sequence_svg import render_sequence_svg
+
+    evil = EVIL.replace("#", "#35;").replace(";", "#59;")
+    text = f"sequenceDiagram\n participant P1 as {evil}\n P1->>P1: {evil} (1 ms)\n Note over P1: {evil}"
+    svg = render_sequence_svg(text, figure_id='a"b')
+    assert "<script" not in svg and "<img" not in svg
+    _svg_root(svg)
+
+
+def test_page_shows_design_sequences_and_workstreams() -> None:
+    design = {
+        "pattern": {
+            "name": "scatter-gather with one shared deadline",
+            "parameters": {"shared_deadline_ms": 101.5},
+            "summary": "Start the `3` calls together.",
+        },
+        "rationale": "Because " + EVIL,
+        "dependencies": "None between the calls.",
+        "consistency": "None for reads.",
+        "failure_handling": "Cancel the others.",
+        "verification": "Watch `GET /checkout`.",
+        "tests": "Fault-inject one call.",
+        "pseudocode": {"language": "python", "code": "async with asyncio.TaskGroup() as tg:  # " + EVIL},
+        "sequence": {"before": SEQUENCE, "after": SEQUENCE, "trace_id": "0af7651916cd43dd8448eb211c80319c"},
+        "predicted": {},
+    }
+    report = _report(design=design)
+    report["workstreams"] = [
+        {
+            "id": "ws-frontend",
+            "service": "frontend",
+            "namespace": "shop",
+            "owner": "team-a",
+            "wave": 1,
+            "recommendations": ["serialized_calls-0123456789abcdef"],
+            "depends_on": [],
+            "parallel_with": [],
+            "impact": {"saved_ms_p50": 205.0, "saved_ms_p95": 210.0},
+            "title": "`frontend`: 1 change",
+            "summary": "Changes in `frontend`.",
+        }
+    ]
+    page = render_report_html(report, {})
+    assert page.count('<svg class="sequence"') == 2
+    assert "Design: scatter-gather with one shared deadline" in page
+    assert "shared_deadline_ms = 101.500" in page
+    assert '<section class="workstreams">' in page and "team-a" in page
+    assert "<script" not in page and "<img src=x" not in page
+    assert "asyncio.TaskGroup" in page

@@ -101,6 +101,24 @@ def test_recommendations_find_the_serialized_calls(server: LiveServer) -> None:
     assert ranks == sorted(ranks)
 
 
+def test_recommendations_carry_a_design_and_a_workstream_plan(server: LiveServer) -> None:
+    """Issue 13 over the real server: the store's resources give the language (the OpenTelemetry
+    Python SDK says python), the exemplar gives the sequence diagrams."""
+    with server.client() as client:
+        report = client.get("/v1/recommendations").json()
+        schema = client.get("/openapi.json").json()
+    rec = _serialized(report)
+    design = rec["design"]
+    assert design["pattern"]["name"].startswith("scatter-gather")
+    assert design["pseudocode"]["language"] == "python" and "asyncio" in design["pseudocode"]["code"]
+    before, after = design["sequence"]["before"], design["sequence"]["after"]
+    assert before.startswith("sequenceDiagram") and "par 3 calls at the same time" in after
+    assert design["sequence"]["trace_id"] in rec["evidence"]["trace_ids"]
+    ws = next(w for w in report["workstreams"] if rec["id"] in w["recommendations"])
+    assert ws["service"] == rec["service"] and ws["impact"]["saved_ms_p50"] is not None
+    assert {"Design", "Workstream"} <= set(schema["components"]["schemas"])
+
+
 def test_etag_answers_not_modified_until_the_next_run(server: LiveServer) -> None:
     with server.client() as client:
         first = client.get("/v1/recommendations")
