@@ -37,6 +37,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import rest_models as m
 from api.analysis_service import AnalysisService, ReportSnapshot, critical_path_ids, finding_ids, trace_detail
+from api.jaeger_api import jaeger_router
 from api.settings import Settings, parse_since
 from collector.schema import KIND_NAMES
 from collector.store import SpanStore
@@ -408,6 +409,9 @@ def create_app(
                 service.run_now(reason="requested")
         finally:
             requested_runs.release()
+
+    # -- issue 17: the Jaeger query API for Grafana and the Jaeger UI (api.jaeger_api) -----------
+    app.include_router(jaeger_router(store, require_token))
 
     @app.get(
         "/",
