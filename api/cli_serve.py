@@ -28,6 +28,13 @@ def serve(
     max_message_bytes: Annotated[
         int | None, typer.Option(help="largest accepted Export (env HOURGLASS_MAX_MESSAGE_BYTES; 32 MiB)")
     ] = None,
+    metrics_public: Annotated[
+        bool | None,
+        typer.Option(
+            "--metrics-public/--metrics-private",
+            help="serve /metrics without the API token (env HOURGLASS_METRICS_PUBLIC; default private)",
+        ),
+    ] = None,
     retention: Annotated[
         str | None,
         typer.Option(
@@ -46,6 +53,7 @@ def serve(
         "http_port": http_port,
         "api_port": api_port,
         "max_message_bytes": max_message_bytes,
+        "metrics_public": metrics_public,
     }
     for name, value in overrides.items():
         if value is not None:

@@ -40,7 +40,7 @@ from typing import Annotated, Any
 
 import anyio
 import pyarrow as pa
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from collector.decode import TypedValue, span_details
@@ -49,7 +49,7 @@ from collector.schema import KIND_NAMES, SPAN_COLUMNS, STATUS_ERROR, STATUS_OK
 from collector.store import SpanStore
 from collector.trace_query import KIND_NUMBERS, TraceQuery, dependencies, operations, search_trace_ids
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "jaeger_router", "jaeger_traces"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "add_jaeger_routes", "jaeger_traces"]
 
 DEFAULT_LIMIT = 100  # the Jaeger query service's default
 MAX_LIMIT = 1500
@@ -254,9 +254,12 @@ def _trace_id(text: str) -> str:
 # -- the router -----------------------------------------------------------------------------------
 
 
-def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRouter:
-    """The ``/api`` routes over ``store``; ``require_token`` is the app's token dependency."""
-    router = APIRouter(prefix="/api", tags=["jaeger"], dependencies=[Depends(require_token)])
+def add_jaeger_routes(app: FastAPI, store: SpanStore, require_token: Callable[..., Any]) -> None:
+    """Register the ``/api`` routes over ``store`` on ``app`` (plain app routes, so the route table
+    lists them); ``require_token`` is the app's token dependency."""
+
+    def get(path: str, summary: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return app.get("/api" + path, tags=["jaeger"], dependencies=[Depends(require_token)], summary=summary)
 
     async def answer(work: Callable[[], dict[str, Any]]) -> JSONResponse:
         try:
@@ -271,11 +274,11 @@ def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRou
         table = store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
         return jaeger_traces(table, order=trace_ids)
 
-    @router.get("/services", summary="Service names (Jaeger query API)")
+    @get("/services", "Service names (Jaeger query API)")
     async def services() -> JSONResponse:
         return await answer(lambda: envelope(store.services()))
 
-    @router.get("/services/{service}/operations", summary="Span names of a service (Jaeger query API)")
+    @get("/services/{service}/operations", "Span names of a service (Jaeger query API)")
     async def service_operations(service: str) -> JSONResponse:
         def work() -> dict[str, Any]:
             names = sorted({name for name, _ in operations(store, service)})
@@ -283,7 +286,7 @@ def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRou
 
         return await answer(work)
 
-    @router.get("/operations", summary="Operations with their span kind (Jaeger query API)")
+    @get("/operations", "Operations with their span kind (Jaeger query API)")
     async def operations_route(
         service: Annotated[str | None, Query()] = None,
         span_kind: Annotated[str | None, Query(alias="spanKind")] = None,
@@ -302,7 +305,7 @@ def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRou
 
         return await answer(work)
 
-    @router.get("/traces/{trace_id}", summary="One trace (Jaeger query API)")
+    @get("/traces/{trace_id}", "One trace (Jaeger query API)")
     async def get_trace(trace_id: str) -> JSONResponse:
         def work() -> dict[str, Any]:
             normalized = _trace_id(trace_id)
@@ -313,7 +316,7 @@ def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRou
 
         return await answer(work)
 
-    @router.get("/traces", summary="Search traces (Jaeger query API)")
+    @get("/traces", "Search traces (Jaeger query API)")
     async def find_traces(request: Request) -> JSONResponse:
         params = request.query_params
 
@@ -360,7 +363,7 @@ def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRou
 
         return await answer(work)
 
-    @router.get("/dependencies", summary="Service dependency graph (Jaeger query API)")
+    @get("/dependencies", "Service dependency graph (Jaeger query API)")
     async def get_dependencies(
         end_ts: Annotated[str | None, Query(alias="endTs")] = None,
         lookback: Annotated[str | None, Query()] = None,
@@ -375,5 +378,3 @@ def jaeger_router(store: SpanStore, require_token: Callable[..., Any]) -> APIRou
             return envelope([{"parent": p, "child": c, "callCount": n} for p, c, n in edges])
 
         return await answer(work)
-
-    return router

@@ -160,7 +160,7 @@ async def _serve_async(
     )
     api_server = _Server(
         uvicorn.Config(
-            create_app(store, settings=settings),
+            create_app(store, settings=settings, ingest=pipeline),
             host=settings.host,
             port=settings.api_port,
             lifespan="on",

@@ -30,6 +30,15 @@ def _env_int(name: str, default: int) -> int:
         raise SettingError(f"{name}={text!r} is not a whole number") from None
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    text = _env(name, "1" if default else "0").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingError(f"{name}={text!r} is not a yes/no value (1, true, yes, on / 0, false, no, off)")
+
+
 def _env_duration(name: str, default: str) -> float:
     text = _env(name, default)
     try:
@@ -87,6 +96,8 @@ class Settings:
     retention_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_RETENTION", "7d"))
     settle_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_SETTLE", "10s"))
     llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
+    # /metrics without the API token (a Prometheus scraping on a trusted network)
+    metrics_public: bool = field(default_factory=lambda: _env_bool("HOURGLASS_METRICS_PUBLIC", False))
 
 
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}
