@@ -204,7 +204,7 @@ async def _serve_async(
             ready.set()
 
         maintenance = asyncio.create_task(
-            _maintenance(store, settings, shutdown, compact_interval_s, retention_interval_s)
+            _maintenance(store, settings, shutdown, compact_interval_s, retention_interval_s, pipeline)
         )
         await shutdown.wait()
         _say("shutting down: refusing new Exports, committing the ones in flight")
@@ -212,6 +212,7 @@ async def _serve_async(
         http_server.should_exit = True
         await asyncio.gather(asyncio.to_thread(grpc_receiver.stop, RECEIVER_GRACE_S), tasks[0])
         await asyncio.to_thread(pipeline.close, PIPELINE_CLOSE_TIMEOUT_S)
+        log_rejected_spans(pipeline)
         maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
@@ -243,11 +244,14 @@ async def _maintenance(
     shutdown: asyncio.Event,
     compact_interval_s: float,
     retention_interval_s: float = RETENTION_INTERVAL_S,
+    pipeline: IngestPipeline | None = None,
 ) -> None:
     next_retention = time.monotonic()
     while not shutdown.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(shutdown.wait(), timeout=compact_interval_s)
+        if pipeline is not None:
+            log_rejected_spans(pipeline)
         if shutdown.is_set():
             return
         try:
@@ -262,6 +266,20 @@ async def _maintenance(
                 next_retention = time.monotonic() + retention_interval_s
         except Exception:  # maintenance must not stop ingest; the error is reported and retried
             log.exception("store maintenance failed")
+
+
+def log_rejected_spans(pipeline: IngestPipeline) -> None:
+    """Spans the receivers rejected since the last call, one log line per kind of problem with a
+    count and the first positions (collector.problem_summary), instead of one line per span."""
+    kinds = pipeline.exports.problems.drain()
+    if not kinds:
+        return
+    total = sum(k.count for k in kinds)
+    log.warning(
+        "rejected %d spans in OTLP Exports since the last report (the rest of each Export was stored):", total
+    )
+    for kind in kinds:
+        log.warning("  %s", kind.line(verbose_hint=False))
 
 
 def _use_jemalloc_for_arrow() -> None:

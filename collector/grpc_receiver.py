@@ -372,7 +372,7 @@ class GrpcReceiver:
                     f"decoding failed in a worker process: {exc!r}",
                     SHUTDOWN_RETRY_AFTER_S,
                 )
-            pipeline.exports.decoded("grpc", result.table.num_rows, result.rejected)
+            pipeline.exports.decoded("grpc", result.table.num_rows, result.rejected, result.errors)
             future = pipeline.submit(result.table, protocol="grpc")
         except Overloaded as exc:
             _abort_with_retry(

@@ -191,7 +191,7 @@ def create_otlp_http_app(
                     ) from None
             finally:
                 undecoded.release(reserved[0])
-            pipeline.exports.decoded("http", result.table.num_rows, result.rejected)
+            pipeline.exports.decoded("http", result.table.num_rows, result.rejected, result.errors)
             future = pipeline.submit(result.table, protocol="http")
             try:
                 await asyncio.wrap_future(future)

@@ -24,13 +24,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
+from collector.problem_summary import ProblemSummary, split_position
 from collector.store import SpanStore
 
 log = logging.getLogger("hourglass.ingest")
@@ -150,14 +151,29 @@ class ExportCounters:
         self.spans_stored: dict[str, int] = {}
         # protocol -> (count per bucket of EXPORT_SECONDS_BUCKETS plus +Inf, sum of seconds)
         self.latency: dict[str, tuple[list[int], float]] = {}
+        # rejected spans by kind of problem, logged by serve once a minute (then reset)
+        self.problems = ProblemSummary()
 
-    def decoded(self, protocol: str, accepted: int, rejected: int) -> None:
-        """An Export decoded: ``accepted`` spans go on to the store, ``rejected`` had bad ids."""
+    def decoded(self, protocol: str, accepted: int, rejected: int, errors: Sequence[str] = ()) -> None:
+        """An Export decoded: ``accepted`` spans go on to the store, ``rejected`` had bad ids
+        (``errors``: the decoder's first reasons, "path: reason"; summarised for serve's log)."""
         with self._lock:
             self.spans_received[protocol] = self.spans_received.get(protocol, 0) + accepted + rejected
             if rejected:
                 key = (protocol, "invalid")
                 self.spans_refused[key] = self.spans_refused.get(key, 0) + rejected
+        if rejected:
+            source = f"OTLP/{'gRPC' if protocol == 'grpc' else protocol.upper()}"
+            for message in errors:
+                position, reason = split_position(message)
+                self.problems.add(source, position, reason)
+            if rejected > len(errors):
+                self.problems.add(
+                    source,
+                    None,
+                    "more spans rejected (the decoder lists the first ones only)",
+                    count=rejected - len(errors),
+                )
 
     def stored(self, protocol: str, spans: int) -> None:
         with self._lock:
