@@ -203,11 +203,20 @@ def jaeger_traces(table: pa.Table, order: list[str] | None = None) -> list[dict[
 # -- request parameters ---------------------------------------------------------------------------
 
 
+INT64_MAX = (1 << 63) - 1
+
+
+def _bounded(value_ns: int, name: str, text: str) -> int:
+    if not -INT64_MAX <= value_ns <= INT64_MAX:
+        raise JaegerError(400, f"unable to parse param '{name}': {text!r} is out of range")
+    return value_ns
+
+
 def _micros(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return int(value) * 1000
+        return _bounded(int(value) * 1000, name, value)
     except ValueError:
         raise JaegerError(
             400, f"unable to parse param '{name}': {value!r} is not microseconds since the epoch"
@@ -218,8 +227,8 @@ def _duration(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return parse_duration_ns(value)
-    except ValueError:
+        return _bounded(parse_duration_ns(value), name, value)
+    except (ValueError, OverflowError):
         raise JaegerError(
             400, f"unable to parse param '{name}': {value!r} is not a duration like 1.2ms, 500us, 2s"
         ) from None
@@ -341,7 +350,9 @@ def add_jaeger_routes(app: FastAPI, store: SpanStore, require_token: Callable[..
             lookback = params.get("lookback")
             if start_ns is None and lookback and lookback != "custom":
                 back_ns = _duration(lookback, "lookback") or 0
-                start_ns = (end_ns if end_ns is not None else time.time_ns()) - back_ns
+                start_ns = _bounded(
+                    (end_ns if end_ns is not None else time.time_ns()) - back_ns, "lookback", lookback
+                )
             min_duration = _duration(params.get("minDuration"), "minDuration")
             max_duration = _duration(params.get("maxDuration"), "maxDuration")
             if min_duration is not None and max_duration is not None and max_duration < min_duration:
@@ -374,7 +385,9 @@ def add_jaeger_routes(app: FastAPI, store: SpanStore, require_token: Callable[..
                 back_ms = int(lookback) if lookback else DEFAULT_DEPENDENCY_LOOKBACK_MS
             except ValueError:
                 raise JaegerError(400, "'endTs' and 'lookback' are milliseconds") from None
-            edges = dependencies(store, (end_ms - back_ms) * 1_000_000, end_ms * 1_000_000)
+            until_ns = _bounded(end_ms * 1_000_000, "endTs", str(end_ts))
+            since_ns = _bounded(until_ns - back_ms * 1_000_000, "lookback", str(lookback))
+            edges = dependencies(store, since_ns, until_ns)
             return envelope([{"parent": p, "child": c, "callCount": n} for p, c, n in edges])
 
         return await answer(work)

@@ -306,6 +306,9 @@ def test_search_errors_say_which_parameter(client: TestClient) -> None:
         ({"service": "checkout", "start": "yesterday"}, "start"),
         ({"service": "checkout", "tags": "{not json"}, "tags"),
         ({"service": "checkout", "limit": "many"}, "limit"),
+        ({"service": "checkout", "start": "9" * 30}, "start"),
+        ({"service": "checkout", "maxDuration": "9" * 400 + "h"}, "maxDuration"),
+        ({"service": "checkout", "lookback": "9" * 20 + "h"}, "lookback"),
     ):
         reply = client.get("/api/traces", params=params)
         assert reply.status_code == 400, params
