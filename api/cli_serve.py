@@ -35,6 +35,13 @@ def serve(
             help="serve /metrics without the API token (env HOURGLASS_METRICS_PUBLIC; default private)",
         ),
     ] = None,
+    self_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="send Hourglass's own traces (analysis runs, Exports) to this OTLP endpoint: HOST:4317 "
+            "(gRPC) or http://HOST:4318 (env HOURGLASS_SELF_TRACES_ENDPOINT; default off, never itself)"
+        ),
+    ] = None,
     retention: Annotated[
         str | None,
         typer.Option(
@@ -54,6 +61,7 @@ def serve(
         "api_port": api_port,
         "max_message_bytes": max_message_bytes,
         "metrics_public": metrics_public,
+        "self_traces_endpoint": self_traces_endpoint,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -67,8 +75,16 @@ def serve(
                 err=True,
             )
             raise typer.Exit(2) from None
+    if settings.self_traces_endpoint:
+        from api.self_traces import parse_endpoint
+
+        try:
+            parse_endpoint(settings.self_traces_endpoint)
+        except ValueError as exc:
+            typer.echo(f"hourglass serve: {exc}", err=True)
+            raise typer.Exit(2) from None
     try:
         run_serve(settings)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         typer.echo(f"hourglass serve: {exc}", err=True)
         raise typer.Exit(1) from None

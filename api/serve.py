@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import uvicorn
 
+from api.self_traces import SelfTracing, start_self_tracing
 from api.settings import Settings
 from collector import native_decode
 from collector.duckdb_store import DuckDBSpanStore
@@ -158,9 +159,11 @@ async def _serve_async(
             timeout_graceful_shutdown=RECEIVER_GRACE_S,
         )
     )
+    api_app = create_app(store, settings=settings, ingest=pipeline)
+    self_tracing: SelfTracing | None = None
     api_server = _Server(
         uvicorn.Config(
-            create_app(store, settings=settings, ingest=pipeline),
+            api_app,
             host=settings.host,
             port=settings.api_port,
             lifespan="on",
@@ -191,6 +194,14 @@ async def _serve_async(
             api=f"http://{settings.host}:{_bound_port(api_server)}",
         )
         endpoints_out.append(endpoints)
+        if settings.self_traces_endpoint:
+            self_tracing = start_self_tracing(
+                settings.self_traces_endpoint,
+                own_ports={grpc_port, _bound_port(http_server)},
+                analysis=api_app.state.analysis,
+                ingest=pipeline,
+            )
+            _say(f"own traces go to {settings.self_traces_endpoint}")
         stats = store.stats()
         _say(f"store {settings.db} ({stats.spans} spans, {stats.traces} traces)")
         _say(f"OTLP/gRPC listening on {endpoints.grpc}")
@@ -229,6 +240,8 @@ async def _serve_async(
             f"compacted; {holds}"
         )
     finally:
+        if self_tracing is not None:
+            self_tracing.shutdown()
         for task in tasks:
             if not task.done():
                 task.cancel()

@@ -98,6 +98,10 @@ class Settings:
     llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
     # /metrics without the API token (a Prometheus scraping on a trusted network)
     metrics_public: bool = field(default_factory=lambda: _env_bool("HOURGLASS_METRICS_PUBLIC", False))
+    # Hourglass's own traces to another OTLP endpoint (api.self_traces); None: off
+    self_traces_endpoint: str | None = field(
+        default_factory=lambda: os.environ.get("HOURGLASS_SELF_TRACES_ENDPOINT") or None
+    )
 
 
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}

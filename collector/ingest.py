@@ -153,6 +153,8 @@ class ExportCounters:
         self.latency: dict[str, tuple[list[int], float]] = {}
         # rejected spans by kind of problem, logged by serve once a minute (then reset)
         self.problems = ProblemSummary()
+        # called with (protocol, outcome, seconds) after each Export (serve's own traces, opt-in)
+        self.listeners: list[Callable[[str, str, float], None]] = []
 
     def decoded(self, protocol: str, accepted: int, rejected: int, errors: Sequence[str] = ()) -> None:
         """An Export decoded: ``accepted`` spans go on to the store, ``rejected`` had bad ids
@@ -193,6 +195,11 @@ class ExportCounters:
             buckets, total = self.latency.get(protocol) or ([0] * (len(EXPORT_SECONDS_BUCKETS) + 1), 0.0)
             buckets[index] += 1
             self.latency[protocol] = (buckets, total + seconds)
+        for listener in self.listeners:
+            try:
+                listener(protocol, outcome, seconds)
+            except Exception:  # telemetry about an Export must never fail the Export
+                log.exception("Export listener failed")
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of every count."""
