@@ -71,7 +71,10 @@ def test_own_traces_reach_another_hourglass(tmp_path: Path) -> None:
         try:
             assert f"own traces go to {observer.grpc}" in observed.log_text()
             _emit(GrpcExporter(endpoint=observed.grpc, insecure=True, timeout=10), "shop")
-            assert httpx.post(f"{observed.api}/v1/analyses", timeout=120).status_code == 200
+            deadline = time.monotonic() + 60  # the start-up analysis run (over an empty store) is traced
+            while httpx.get(f"{observed.api}/v1/stats", timeout=10).json()["analysis"]["runs"] < 1:
+                assert time.monotonic() < deadline, observed.log_text()
+                time.sleep(0.2)
             assert observed.stop() == 0  # shutdown flushes the batch of own spans
         finally:
             _kill(observed.process)
@@ -84,16 +87,21 @@ def test_own_traces_reach_another_hourglass(tmp_path: Path) -> None:
         assert {"hourglass.analysis", "hourglass.export", "hourglass.analysis.scan"} <= set(names)
         found = httpx.get(
             f"{observer.api}/api/traces",
-            params={
-                "service": "hourglass",
-                "operation": "hourglass.analysis",
-                "tags": '{"hourglass.analysis.spans":"4"}',
-            },
+            params={"service": "hourglass", "operation": "hourglass.analysis", "tags": '{"error":"false"}'},
             timeout=10,
         ).json()["data"]
-        assert found, "the analysis of the 4 spans sent to the observed server"
-        [trace] = found[:1]
-        names_in_trace = {s["operationName"] for s in trace["spans"]}
-        assert "hourglass.analysis.scan" in names_in_trace  # the run's steps are its children
+        assert found, "the observed server's analysis run"
+        spans = found[0]["spans"]
+        [root] = [s for s in spans if s["operationName"] == "hourglass.analysis"]
+        assert {"key": "hourglass.analysis.outcome", "type": "string", "value": "ok"} in root["tags"]
+        steps = [s for s in spans if s["operationName"].startswith("hourglass.analysis.")]
+        assert steps and all(s["references"][0]["spanID"] == root["spanID"] for s in steps)
+        exports = httpx.get(
+            f"{observer.api}/api/traces",
+            params={"service": "hourglass", "operation": "hourglass.export"},
+            timeout=10,
+        ).json()["data"]
+        assert len(exports) == 4  # the SDK exported each of the 4 spans in its own Export
+
     finally:
         _kill(observer.process)
