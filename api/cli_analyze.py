@@ -55,7 +55,7 @@ def read_files(
     """Every span in the files. Problems are printed (prefixed with the ``command`` name) as one line
     per kind of problem per file, with a count and the first positions (``verbose``: every problem,
     as ``FILE:POSITION: reason``); ``summary`` collects them (the report's ``input_warnings``).
-    Spans whose parent span is not in their file are one warning per file. Returns (table, number of
+    Spans whose parent span is in none of the files are one warning per file. Returns (table, number of
     problems that skipped data)."""
     from collector.files import FileProblem, TraceFileReader, expand_path_origins
     from collector.problem_summary import ProblemSummary, note_missing_parents
@@ -75,12 +75,13 @@ def read_files(
             typer.echo(f"hourglass {command}: {problem}", err=True)
 
     reader = TraceFileReader(on_problem=on_error)
-    tables: list[pa.Table] = []
+    per_file: list[tuple[str, list[pa.Table]]] = []
     for path, from_folder in expand_path_origins([str(p) for p in paths]):
         file_tables = [t for t in reader.read_file(path, from_folder=from_folder) if t.num_rows]
-        # spans whose parent is not in their file: kept (repair makes them roots), told once per file
-        note_missing_parents(collected, reader.reports[-1].file, file_tables)
-        tables.extend(file_tables)
+        per_file.append((reader.reports[-1].file, file_tables))
+    # spans whose parent is in none of the files: kept (repair makes them roots), told once per file
+    note_missing_parents(collected, per_file)
+    tables = [t for _, file_tables in per_file for t in file_tables]
     for kind in collected.kinds():
         if not (verbose and kind.count == 1):  # verbose: a lone problem is already printed
             typer.echo(f"hourglass {command}: {kind.line(verbose_hint=not verbose)}", err=True)

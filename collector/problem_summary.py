@@ -184,34 +184,47 @@ class ProblemSummary:
         return bool(self._kinds)
 
 
-MISSING_PARENT_REASON = "parent span is not in the file; the span is kept as the root of its own subtree (the trace is incomplete)"
+MISSING_PARENT_REASON = "parent span is not in the input; the span is kept as the root of its own subtree (the trace is incomplete)"
 
 
-def note_missing_parents(summary: ProblemSummary, source: str, tables: list[pa.Table]) -> int:
-    """Warn (one kind, with the first positions) about spans of one file whose parent span is not in
-    that file; returns how many. Vectorised: an anti-join of (trace, parent) on (trace, span)."""
-    if not tables:
+def note_missing_parents(summary: ProblemSummary, files: list[tuple[str, list[pa.Table]]]) -> int:
+    """Warn about spans whose parent span is in none of the files read together (a parent in another
+    of the files counts as present): one kind per file, with the first positions. Returns how many.
+    Vectorised: an anti-join of (trace, parent) on every (trace, span)."""
+    pieces = [
+        t.select(["trace_id", "span_id", "parent_span_id"]).append_column(
+            "source", pa.array([index] * t.num_rows, pa.int32())
+        )
+        for index, (_, tables) in enumerate(files)
+        for t in tables
+        if t.num_rows
+    ]
+    if not pieces:
         return 0
-    ids = pa.concat_tables([t.select(["trace_id", "span_id", "parent_span_id"]) for t in tables])
+    ids = pa.concat_tables(pieces)
     children = ids.filter(pc.is_valid(ids.column("parent_span_id")))
     if children.num_rows == 0:
         return 0
     present = ids.select(["trace_id", "span_id"]).rename_columns(["trace_id", "parent_span_id"])
     orphans = children.join(present, keys=["trace_id", "parent_span_id"], join_type="left anti")
-    orphans = orphans.group_by(["trace_id", "span_id", "parent_span_id"]).aggregate([])  # duplicates once
-    count = orphans.num_rows
-    if count == 0:
+    # a span delivered twice is one orphan
+    orphans = orphans.group_by(["source", "trace_id", "span_id", "parent_span_id"]).aggregate([])
+    if orphans.num_rows == 0:
         return 0
-    orphans = orphans.sort_by([("trace_id", "ascending"), ("span_id", "ascending")])
-    first = orphans.slice(0, count if summary.keep_all else summary.first_positions).to_pylist()
-    for i, row in enumerate(first):
-        position = f"trace {row['trace_id']} span {row['span_id']} (parent {row['parent_span_id']})"
-        summary.add(
-            source,
-            position,
-            MISSING_PARENT_REASON,
-            skipped=False,
-            count=count - len(first) + 1 if i == len(first) - 1 else 1,
-            kind_field="",
-        )
-    return count
+    orphans = orphans.sort_by([("source", "ascending"), ("trace_id", "ascending"), ("span_id", "ascending")])
+    for index, (name, _) in enumerate(files):
+        mine = orphans.filter(pc.equal(orphans.column("source"), index))
+        count = mine.num_rows
+        if count == 0:
+            continue
+        first = mine.slice(0, count if summary.keep_all else summary.first_positions).to_pylist()
+        for i, row in enumerate(first):
+            summary.add(
+                name,
+                f"trace {row['trace_id']} span {row['span_id']} (parent {row['parent_span_id']})",
+                MISSING_PARENT_REASON,
+                skipped=False,
+                count=count - len(first) + 1 if i == len(first) - 1 else 1,
+                kind_field="",
+            )
+    return orphans.num_rows

@@ -113,13 +113,13 @@ def test_real_zipkin_files_warn_only_about_what_is_wrong_with_them(tmp_path: Pat
     assert result.returncode == 0, result.stderr  # warnings only: everything was kept
     warnings = json.loads(result.stdout)["input_warnings"]
     real = [w for w in warnings if w["source"] != str(damaged)]
-    # messaging2: 6 spans whose parent is not in the file (the folder's README says 7 orphans: it
-    # counts the root too); the other real files are whole and say nothing
+    # messaging2: 6 spans whose parentId is in none of the files (the folder's README says "7 orphan
+    # spans"; counted in the file, 6 of its 11 spans name a parent it does not hold)
     assert [(Path(w["source"]).name, w["count"], w["skipped"]) for w in real] == [
         ("zipkin-v2__messaging2.json", 6, False)
     ]
     [line] = _lines(result.stderr, "messaging2.json")
-    assert "6 warnings: parent span is not in the file" in line and "and 1 more" in line
+    assert "6 warnings: parent span is not in the input" in line and "and 1 more" in line
     by_field: dict[str, int] = {}
     for w in warnings:
         if w["source"] == str(damaged):

@@ -80,9 +80,23 @@ def test_missing_parents_are_one_warning_per_file() -> None:
     for i in range(7):
         b.span(f"orphan {i}", parent=f"{0xDEAD00 + i:016x}", start_ms=1, dur_ms=2)
     summary = ProblemSummary()
-    assert note_missing_parents(summary, "x.json", [spans_table(b)]) == 7
+    assert note_missing_parents(summary, [("x.json", [spans_table(b)])]) == 7
     [kind] = summary.kinds()
-    assert kind.count == 7 and not kind.skipped and len(kind.positions) == 5
+    assert kind.source == "x.json" and kind.count == 7 and not kind.skipped and len(kind.positions) == 5
     assert kind.positions[0].startswith(f"trace {b.trace_id} span ")
     assert "and 2 more" in kind.line()
-    assert note_missing_parents(ProblemSummary(), "y.json", [spans_table(TraceBuilder())]) == 0
+    assert note_missing_parents(ProblemSummary(), [("y.json", [spans_table(TraceBuilder())])]) == 0
+
+
+def test_a_parent_in_another_file_of_the_same_run_is_present() -> None:
+    """Per-service exports of one trace: the client spans in one file, the server spans in another."""
+    front = TraceBuilder(service="front")
+    root = front.span("GET /", start_ms=0, dur_ms=10)
+    back = TraceBuilder(service="back", trace_id=front.trace_id)
+    back.span("handle", parent=root, start_ms=1, dur_ms=5)
+    back.span("lost", parent="00000000000000ff", start_ms=1, dur_ms=5)
+    summary = ProblemSummary()
+    files = [("front.json", [spans_table(front)]), ("back.json", [spans_table(back)])]
+    assert note_missing_parents(summary, files) == 1
+    [kind] = summary.kinds()
+    assert kind.source == "back.json" and kind.count == 1 and "(parent 00000000000000ff)" in kind.positions[0]
