@@ -22,8 +22,9 @@ The trace JSON is Jaeger's UI model (``model/json``): ``startTime``/``duration``
 ``timestamp`` are integer MICROseconds (start and end are each truncated to the microsecond,
 so a span keeps its order and end), tags are ``{key, type, value}`` with types
 ``string|bool|int64|float64|binary`` (binary as base64; arrays and maps as JSON text),
-``references`` put the parent first (``CHILD_OF``, or ``FOLLOWS_FROM`` for a follows-from
-parent) and each link as ``FOLLOWS_FROM``; span kind, status and scope become the tags the
+``references`` put the parent first as ``CHILD_OF`` (Grafana nests spans under ``CHILD_OF``
+only), a follows-from parent repeated as ``FOLLOWS_FROM`` (as the Collector's OTLP→Jaeger translator
+writes it), and each link as ``FOLLOWS_FROM``; span kind, status and scope become the tags the
 OpenTelemetry Collector's Jaeger translator writes (``span.kind``, ``otel.status_code``,
 ``otel.status_description``, ``error=true``, ``otel.scope.name``); the resource is the process
 (``service.name`` → ``serviceName``, the other attributes → process tags). Hourglass's own Jaeger
@@ -119,16 +120,15 @@ def _span(row: dict[str, Any], process_id: str) -> dict[str, Any]:
     parent = row.get("parent_span_id")
     follows_parent = bool(row.get("follows_from"))
     if parent:
-        references.append(
-            {
-                "refType": "FOLLOWS_FROM" if follows_parent else "CHILD_OF",
-                "traceID": trace_id,
-                "spanID": parent,
-            }
-        )
+        # CHILD_OF first: Grafana nests a span under its CHILD_OF reference only, the Jaeger UI under
+        # the first reference; a follows-from parent then repeats as FOLLOWS_FROM (as the Collector's
+        # OTLP→Jaeger translator writes it, and as collector.readers.jaeger reads it back)
+        references.append({"refType": "CHILD_OF", "traceID": trace_id, "spanID": parent})
+        if follows_parent:
+            references.append({"refType": "FOLLOWS_FROM", "traceID": trace_id, "spanID": parent})
     for link_trace, link_span, _ in details.links:
         if link_trace == trace_id and link_span == parent:
-            continue  # the follows-from parent, already the first reference
+            continue  # the link that marks the follows-from parent, written above
         references.append({"refType": "FOLLOWS_FROM", "traceID": link_trace, "spanID": link_span})
     tags = [_tag(key, typed) for key, typed in details.attributes]
     present = {key for key, _ in details.attributes}

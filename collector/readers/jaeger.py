@@ -22,8 +22,9 @@ Mapping (the OpenTelemetry Collector's Jaeger translator, with these choices):
 - References: the parent is the first ``CHILD_OF`` reference within the same trace; without one,
   the first same-trace ``FOLLOWS_FROM`` reference is the parent and the span also carries a link to
   it with ``opentracing.ref_type=follows_from`` (``decode`` sets ``follows_from`` from that link).
-  Every other reference becomes a link with its ``opentracing.ref_type``, except a second reference
-  to the parent itself (redundant; a link to the parent would flip ``follows_from``). A reference to
+  A ``CHILD_OF`` parent that also has a ``FOLLOWS_FROM`` reference is a follows-from parent too (the
+  Collector's OTLP→Jaeger translator writes a follows-from parent so). Every other reference becomes a
+  link with its ``opentracing.ref_type``, except a second reference to the parent itself. A reference to
   a span absent from the file stays as the parent id (analysis treats the span as an orphan).
   References to other traces never become the parent; a reference to the span itself is dropped
   with a warning (it would make the span its own parent).
@@ -471,8 +472,13 @@ class _Converter:
             if parent is not None:
                 break
         links = []
-        if parent is not None and parent[0] == "follows_from":
-            links.append(_link(parent))
+        # a follows-from parent: the only reference to it is FOLLOWS_FROM, or CHILD_OF followed by a
+        # FOLLOWS_FROM to the same span (the OpenTelemetry Collector's Jaeger translator and
+        # Hourglass's own /api write it so, because Grafana nests a span under CHILD_OF only)
+        if parent is not None and (
+            parent[0] == "follows_from" or any(r[0] == "follows_from" and r[1:] == parent[1:] for r in refs)
+        ):
+            links.append(_link(("follows_from", parent[1], parent[2])))
         for ref in refs:
             if parent is not None and ref[1:] == parent[1:]:
                 continue

@@ -236,8 +236,11 @@ def test_trace_is_the_jaeger_ui_json_exactly(client: TestClient) -> None:
         {"refType": "FOLLOWS_FROM", "traceID": OTHER_TRACE, "spanID": "00000000000000ab"},
     ]
     assert call["processID"] == "p1"
-    # a follows-from parent is one FOLLOWS_FROM reference (the link that marks it is not repeated)
-    assert queued["references"] == [{"refType": "FOLLOWS_FROM", "traceID": TRACE, "spanID": ROOT_SPAN}]
+    # a follows-from parent: CHILD_OF (Grafana nests under it) then FOLLOWS_FROM, as the Collector writes it
+    assert queued["references"] == [
+        {"refType": "CHILD_OF", "traceID": TRACE, "spanID": ROOT_SPAN},
+        {"refType": "FOLLOWS_FROM", "traceID": TRACE, "spanID": ROOT_SPAN},
+    ]
     assert queued["processID"] == "p2"
     assert {"key": "span.kind", "type": "string", "value": "consumer"} in queued["tags"]
     assert {"key": "otel.status_code", "type": "string", "value": "OK"} in queued["tags"]
