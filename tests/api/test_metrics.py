@@ -177,3 +177,28 @@ def test_llm_calls_tokens_and_failures_are_counted_per_run() -> None:
     assert metrics.llm_tokens == {("m", "input"): 1210, ("m", "output"): 300, ("m", "cache_read_input"): 50}
     assert metrics.llm_failures == {"m": 1}
     assert sum(metrics.buckets) == 4
+
+
+def test_store_counts_are_recounted_at_most_every_20x_their_duration() -> None:
+    """Unique counts scan the table: a scrape every few seconds must not keep a big store busy."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api.metrics import HourglassCollector
+    from collector.store import StoreStats
+
+    class SlowStats:
+        path = ":memory:"
+        calls = 0
+
+        def stats(self) -> StoreStats:
+            SlowStats.calls += 1
+            time.sleep(0.1)  # a count that takes 100 ms: recounted at most every 2 s
+            return StoreStats(spans=SlowStats.calls, traces=1)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HourglassCollector(SlowStats()))  # type: ignore[arg-type]
+    first = value(samples(generate_latest(registry).decode()), "hourglass_store_spans")
+    again = value(samples(generate_latest(registry).decode()), "hourglass_store_spans")
+    assert (first, again, SlowStats.calls) == (1, 1, 1)
+    time.sleep(2.2)
+    assert value(samples(generate_latest(registry).decode()), "hourglass_store_spans") == 2
