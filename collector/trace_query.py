@@ -253,12 +253,22 @@ def dependencies(store: SpanStore, since_ns: int | None, until_ns: int | None) -
     if callable(own):
         return list(own(since_ns, until_ns))
     table = store.scan(
-        since_ns=since_ns, until_ns=until_ns, columns=("trace_id", "span_id", "parent_span_id", "service")
+        since_ns=since_ns,
+        until_ns=until_ns,
+        columns=("trace_id", "span_id", "parent_span_id", "service", "start_ns"),
     )
-    children = table.filter(pc.is_valid(table.column("parent_span_id"))).rename_columns(
-        ["trace_id", "child_span_id", "span_id", "child_service"]
+    in_window = pc.is_valid(table.column("parent_span_id"))
+    if since_ns is not None:
+        in_window = pc.and_(in_window, pc.greater_equal(table.column("start_ns"), since_ns))
+    if until_ns is not None:
+        in_window = pc.and_(in_window, pc.less(table.column("start_ns"), until_ns))
+    children = (
+        table.filter(in_window)
+        .select(["trace_id", "span_id", "parent_span_id", "service"])
+        .rename_columns(["trace_id", "child_span_id", "span_id", "child_service"])
     )
     parents = table.select(["trace_id", "span_id", "service"])
+
     joined = children.join(parents, keys=["trace_id", "span_id"], join_type="inner")
     joined = joined.filter(pc.not_equal(joined.column("service"), joined.column("child_service")))
     counts = joined.group_by(["service", "child_service"]).aggregate([("child_span_id", "count")])

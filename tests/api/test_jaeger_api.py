@@ -23,7 +23,7 @@ from collector.decode import decode_otlp_json
 from collector.duckdb_store import DuckDBSpanStore
 from collector.readers.jaeger import jaeger_to_otlp_json
 from collector.schema import SPAN_COLUMNS
-from collector.trace_query import TraceQuery, search_trace_ids
+from collector.trace_query import TraceQuery, dependencies, operations, search_trace_ids
 from tests.api.live_server import LiveServer, running_server, send_traces, wait_for_spans
 
 pytestmark = pytest.mark.timeout(180)
@@ -335,6 +335,10 @@ def test_generic_search_matches_the_duckdb_search(store: DuckDBSpanStore) -> Non
         TraceQuery(service="mailer", tags={"host.name": "checkout-1"}),
     ):
         assert search_trace_ids(ScanOnly(store), query) == search_trace_ids(store, query), query  # type: ignore[arg-type]
+    scan_only = ScanOnly(store)
+    for window in ((None, None), (T0, T0 + 400_000_000), (T0 + 301_000_000, None)):
+        assert dependencies(scan_only, *window) == dependencies(store, *window), window  # type: ignore[arg-type]
+    assert operations(scan_only, "checkout") == operations(store, "checkout")  # type: ignore[arg-type]
 
 
 def test_output_reads_back_through_the_jaeger_reader(store: DuckDBSpanStore) -> None:
