@@ -56,7 +56,6 @@ DEFAULT_LIMIT = 100  # the Jaeger query service's default
 MAX_LIMIT = 1500
 MAX_TRACE_IDS = 200
 DEFAULT_DEPENDENCY_LOOKBACK_MS = 24 * 3600 * 1000
-_REF_PARENT_KEY = "opentracing.ref_type"
 
 
 class JaegerError(Exception):
