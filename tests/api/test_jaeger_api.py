@@ -349,7 +349,7 @@ def test_output_reads_back_through_the_jaeger_reader(store: DuckDBSpanStore) -> 
 
 
 def _assert_same_spans(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
-    """Same span count, ids, parents, services, names, kinds, status and microsecond timings."""
+    """Same span count, ids, parents, services, names, kinds, status, scope and microsecond timings."""
 
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
         return (
@@ -363,6 +363,7 @@ def _assert_same_spans(before: list[dict[str, Any]], after: list[dict[str, Any]]
             row["end_ns"] // 1000 * 1000,
             row["status_code"],
             bool(row["follows_from"]),
+            row["scope_name"],
         )
 
     assert len(after) == len(before)
@@ -427,6 +428,7 @@ def test_round_trip_through_the_server_and_hourglass_import(server: LiveServer, 
             "end_ns": s["end_ns"],
             "status_code": s["status_code"],
             "follows_from": False,
+            "scope_name": "tests.live_server",  # the SDK tracer's name, carried as otel.scope.name
         }
         for s in stored
     ]
