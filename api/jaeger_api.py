@@ -28,8 +28,10 @@ writes it), and each link as ``FOLLOWS_FROM``; span kind, status and scope becom
 OpenTelemetry Collector's Jaeger translator writes (``span.kind``, ``otel.status_code``,
 ``otel.status_description``, ``error=true``, ``otel.scope.name``); the resource is the process
 (``service.name`` → ``serviceName``, the other attributes → process tags). Hourglass's own Jaeger
-reader (``collector.readers.jaeger``) reads this back to the same spans: ids, parents, services,
-names, kinds (except UNSPECIFIED, read back as INTERNAL), status and microsecond timings.
+reader (``collector.readers.jaeger``) reads this back to the same spans: ids, parents (follows-from
+too), services, names, kinds (except UNSPECIFIED, read back as INTERNAL), status, scope and
+microsecond timings; the added ``error=true`` tag comes back as an attribute, arrays and maps as
+JSON text, and link attributes are not kept.
 """
 
 from __future__ import annotations
