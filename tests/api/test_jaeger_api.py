@@ -433,3 +433,10 @@ def test_round_trip_through_the_server_and_hourglass_import(server: LiveServer, 
         for s in stored
     ]
     _assert_same_spans(before, rows)
+
+
+def test_a_span_delivered_twice_is_one_call_and_one_span(store: DuckDBSpanStore) -> None:
+    store.write(decode_otlp_json(KNOWN_TRACE).table)  # an exporter retry, not compacted yet
+    assert dependencies(store, None, None) == [("checkout", "mailer", 1)]
+    [trace] = jaeger_traces(store.scan(trace_ids=[TRACE], columns=SPAN_COLUMNS))
+    assert len(trace["spans"]) == 3
