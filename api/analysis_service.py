@@ -625,6 +625,9 @@ class AnalysisService:
         self._failures = 0
         self._generation = 0
         self._windows: OrderedDict[tuple[int, int], ReportSnapshot] = OrderedDict()
+        # Called after every background/requested run with (outcome "ok"|"failed", seconds, snapshot
+        # or None): the /metrics counters (api.metrics). A listener's error is logged, never raised.
+        self.run_listeners: list[Callable[[str, float, ReportSnapshot | None], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -775,6 +778,7 @@ class AnalysisService:
                     self._failures += 1
                     self._running_since = None
                 self._record_error(exc)
+                self._notify_run("failed", time.time() - started_at, None)
                 self._first_done.set()  # readers waiting for a first report get the error now
                 raise
             with self._state_lock:
@@ -787,6 +791,7 @@ class AnalysisService:
                 self._last_error = None
                 self._windows.clear()
             self._first_done.set()
+            self._notify_run("ok", snapshot.finished_at - started_at, snapshot)
             log.info(
                 "analysis %d (%s): %s spans, %d recommendations in %.2f s (%s)",
                 snapshot.generation,
@@ -813,6 +818,13 @@ class AnalysisService:
             gc.collect()
             gc.freeze()
         return snapshot
+
+    def _notify_run(self, outcome: str, seconds: float, snapshot: ReportSnapshot | None) -> None:
+        for listener in list(self.run_listeners):
+            try:
+                listener(outcome, seconds, snapshot)
+            except Exception:
+                log.exception("analysis run listener failed")
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -38,12 +38,17 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import rest_models as m
 from api.analysis_service import AnalysisService, ReportSnapshot, critical_path_ids, finding_ids, trace_detail
+from api.jaeger_api import add_jaeger_routes
+from api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from api.metrics import metrics_registry
+from api.metrics import render as render_metrics
 from api.settings import Settings, parse_since
+from collector.ingest import IngestPipeline
 from collector.schema import KIND_NAMES
 from collector.store import SpanStore
 
@@ -83,6 +88,7 @@ def create_app(
     writer: Any = "auto",
     start_analysis: bool = True,
     first_report_timeout: float = 30.0,
+    ingest: IngestPipeline | None = None,
 ) -> FastAPI:
     """The Hourglass HTTP app over ``store``.
 
@@ -91,6 +97,7 @@ def create_app(
     one is made with ``writer`` ("auto": the Anthropic agent when configured, else the template).
     With ``start_analysis`` the background thread runs for the app's lifespan. A read that
     arrives before the first report waits for it up to ``first_report_timeout`` seconds.
+    ``ingest``: the receivers' pipeline (``serve``), whose counters ``/metrics`` exposes.
     """
     settings = settings or Settings()
     service = analysis or AnalysisService(
@@ -428,6 +435,22 @@ def create_app(
 
     _add_query_routes(app, v1, store, service)
     _add_mcp_route(app, lambda header: token is None or _authorized(header, token), settings.host)
+    # -- issue 17: the Jaeger query API for Grafana and the Jaeger UI (api.jaeger_api), and
+    # Hourglass's own Prometheus metrics (api.metrics; open with settings.metrics_public) ----------
+    add_jaeger_routes(app, store, require_token)
+    registry = metrics_registry(store, analysis=service, ingest=ingest)
+
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        response_class=PlainTextResponse,
+        dependencies=[] if settings.metrics_public else [Depends(require_token)],
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
+    async def metrics() -> Response:
+        """Hourglass's own telemetry in the Prometheus text format (see api.metrics)."""
+        body = await anyio.to_thread.run_sync(render_metrics, registry)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     @app.get(
         "/",

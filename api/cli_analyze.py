@@ -10,8 +10,10 @@
 misses — every candidate a detector formed and then dropped, with the rule and the measured value —
 to every format (``near_misses`` in JSON; a section after the recommendations in markdown and table).
 
-Bad records in files are reported on stderr as ``FILE:POSITION: reason`` and skipped; the good data
-beside them is still analysed and the report printed. Exit codes: 0 — everything read and analysed;
+Bad records in files are reported on stderr as ``FILE:POSITION: reason`` — a kind of problem met
+many times as one line with its count and first positions (``--verbose``: every one) — and skipped;
+the good data beside them is still analysed and the report printed, with the same summary under
+``input_warnings`` in ``--format json``. Exit codes: 0 — everything read and analysed;
 2 — the report was printed but input was skipped, or the command line was wrong (a missing file,
 a bad ``--since``); 1 — the store could not be opened; 3 — ``--fail-on`` matched a recommendation
 (the CI gate; rules and severities in ``analysis.gate``; takes precedence over 2).
@@ -33,6 +35,7 @@ import typer
 
 from api._cli_app import app
 from api.settings import DEFAULT_DB, Settings, parse_bytes, parse_since
+from collector.problem_summary import ProblemSummary
 from collector.schema import ANALYSIS_COLUMNS, empty_span_table
 
 EXIT_OK, EXIT_STORE, EXIT_INPUT = 0, 1, 2
@@ -49,23 +52,46 @@ def _fail(message: str, code: int = EXIT_INPUT, command: str = "analyze") -> typ
     return typer.Exit(code)
 
 
-def read_files(paths: list[Path], command: str = "analyze") -> tuple[pa.Table, int]:
-    """Every span in the files; problems printed as FILE:POSITION: reason (prefixed with the
-    ``command`` name). Returns (table, number of problems that skipped data)."""
-    from collector.files import FileProblem, read_trace_files
+def read_files(
+    paths: list[Path],
+    command: str = "analyze",
+    *,
+    verbose: bool = False,
+    summary: ProblemSummary | None = None,
+) -> tuple[pa.Table, int]:
+    """Every span in the files. Problems are printed (prefixed with the ``command`` name) as one line
+    per kind of problem per file, with a count and the first positions (``verbose``: every problem,
+    as ``FILE:POSITION: reason``); ``summary`` collects them (the report's ``input_warnings``).
+    Spans whose parent span is in none of the files are one warning per file. Returns (table, number of
+    problems that skipped data)."""
+    from collector.files import FileProblem, TraceFileReader, expand_path_origins
+    from collector.problem_summary import ProblemSummary, note_missing_parents
 
     for path in paths:
         if not path.exists():
             raise _fail(f"{path}: no such file", command=command)
     problems = 0
+    collected = summary if summary is not None else ProblemSummary()
 
     def on_error(problem: FileProblem) -> None:
         nonlocal problems
         if problem.skipped:
             problems += 1
-        typer.echo(f"hourglass {command}: {problem}", err=True)
+        collected.add_problem(problem)
+        if verbose:
+            typer.echo(f"hourglass {command}: {problem}", err=True)
 
-    tables = [t for t in read_trace_files([str(p) for p in paths], on_error=on_error) if t.num_rows]
+    reader = TraceFileReader(on_problem=on_error)
+    per_file: list[tuple[str, list[pa.Table]]] = []
+    for path, from_folder in expand_path_origins([str(p) for p in paths]):
+        file_tables = [t for t in reader.read_file(path, from_folder=from_folder) if t.num_rows]
+        per_file.append((reader.reports[-1].file, file_tables))
+    # spans whose parent is in none of the files: kept (repair makes them roots), told once per file
+    note_missing_parents(collected, per_file)
+    tables = [t for _, file_tables in per_file for t in file_tables]
+    for kind in collected.kinds():
+        if not (verbose and kind.count == 1):  # verbose: a lone problem is already printed
+            typer.echo(f"hourglass {command}: {kind.line(verbose_hint=not verbose)}", err=True)
     table = pa.concat_tables(tables) if tables else empty_span_table()
     return table, problems
 
@@ -293,6 +319,10 @@ def analyze_command(
             "partitions; they must reach the store at the same path or URL",
         ),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Print every input problem, not one line per kind of problem"),
+    ] = False,
     fail_on: Annotated[
         list[str] | None,
         typer.Option(
@@ -337,6 +367,7 @@ def analyze_command(
         cluster=cluster or settings.cluster,
         partitions=partitions,
     )
+    input_problems = ProblemSummary()
 
     from analysis.pipeline import analyze
     from analysis.render import render
@@ -344,12 +375,14 @@ def analyze_command(
 
     writer = select_writer(settings)
     if files:
-        table, problems = read_files(list(files))
+        table, problems = read_files(list(files), verbose=verbose, summary=input_problems)
         report = analyze(table, writer=writer, services=service, since_ns=since_ns, explain=explain)
     else:
         report = analyze_store(
             db or settings.db, run, services=service, since_ns=since_ns, writer=writer, explain=explain
         )
+    # additive to hourglass.report/v1: the problems met in the input files, one entry per kind
+    report["input_warnings"] = input_problems.as_json()
     text = render(report, output_format.value)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

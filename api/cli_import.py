@@ -1,8 +1,9 @@
 """`hourglass import --db PATH FILE...`: load trace files into the span store.
 
 Formats, detection and error positions: ``collector.files``. Every problem is printed to stderr as
-``FILE:POSITION: reason`` as it is met (at most ``MAX_PROBLEMS_SHOWN_PER_FILE`` per file, then a
-count); the summary goes to stdout (``--format json`` for machines).
+``FILE:POSITION: reason``, or, for a kind of problem met many times in a file, as one line with the
+count and the first positions (``--verbose`` prints every problem as it is met); the summary goes
+to stdout (``--format json`` for machines, with the same problems under ``input_warnings``).
 
 Exit codes: 0 — every file imported completely (warnings, e.g. a Zipkin span without a duration
 kept as zero-length, do not count); 2 — the import finished but something was skipped: a file
@@ -41,10 +42,10 @@ from collector.files import (
     expand_path_origins,
     gc_tuned_for_bulk_reading,
 )
+from collector.problem_summary import ProblemSummary
 
 EXIT_SKIPPED = 2
 EXIT_STORE_FAILED = 1
-MAX_PROBLEMS_SHOWN_PER_FILE = 20
 # Show the progress bar by default only when the input is big enough to wait for.
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 # Rows gathered before one store write: fewer, larger transactions are much cheaper in DuckDB.
@@ -52,32 +53,31 @@ WRITE_BATCH_ROWS = 100_000
 
 
 class _ProblemPrinter:
-    """Prints problems as they come, at most ``limit`` per file, counting the rest."""
+    """Gathers each file's problems into one line per kind of problem, with a count and the first
+    positions (``collector.problem_summary``), printed when the file is done; with ``verbose``
+    every problem is also printed as it is met."""
 
-    def __init__(self, console: Console, limit: int) -> None:
+    def __init__(self, console: Console, verbose: bool = False) -> None:
         self.console = console
-        self.limit = limit
-        self.shown: dict[str, int] = {}
-        self.hidden: dict[str, int] = {}
+        self.verbose = verbose
+        self.summary = ProblemSummary()
         self.first_reason: dict[str, str] = {}
 
     def __call__(self, problem: FileProblem) -> None:
         if problem.skipped and problem.file not in self.first_reason:
             where = f"{problem.position}: " if problem.position else ""
             self.first_reason[problem.file] = f"{where}{problem.reason}"
-        count = self.shown.get(problem.file, 0)
-        if count >= self.limit:
-            self.hidden[problem.file] = self.hidden.get(problem.file, 0) + 1
-            return
-        self.shown[problem.file] = count + 1
-        self.console.print(str(problem), markup=False, highlight=False, soft_wrap=True)
+        self.summary.add_problem(problem)
+        if self.verbose:
+            self._print(str(problem))
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def file_done(self, file: str) -> None:
-        hidden = self.hidden.get(file, 0)
-        if hidden:
-            self.console.print(
-                f"{file}: … and {hidden} more problems not shown", markup=False, highlight=False
-            )
+        for kind in self.summary.kinds(file):
+            if not (self.verbose and kind.count == 1):  # verbose: a lone problem is already printed
+                self._print(kind.line(verbose_hint=not self.verbose))
 
 
 class _StoreWriteFailed(Exception):
@@ -119,6 +119,10 @@ def import_command(
     output_format: Annotated[
         str, typer.Option("--format", help="Summary format: text or json.", case_sensitive=False)
     ] = "text",
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Print every problem, not one line per kind of problem."),
+    ] = False,
     progress: Annotated[
         bool | None,
         typer.Option(
@@ -172,7 +176,7 @@ def import_command(
         transient=True,
         disable=not show_progress,
     )
-    printer = _ProblemPrinter(bar.console, MAX_PROBLEMS_SHOWN_PER_FILE)
+    printer = _ProblemPrinter(bar.console, verbose)
     task = bar.add_task("", total=total_bytes or None)
     reader = TraceFileReader(on_problem=printer, progress=lambda n: bar.advance(task, n))
     trace_ids: set[str] = set()
@@ -191,7 +195,7 @@ def import_command(
                     if pending_rows >= WRITE_BATCH_ROWS:
                         _write(store, pending)
                         pending_rows = 0
-                printer.file_done(str(path))
+                printer.file_done(reader.reports[-1].file if reader.reports else str(path))
             _write(store, pending)
         stats = store.stats()
     except _StoreWriteFailed as exc:
@@ -219,6 +223,7 @@ def import_command(
         "new_spans_stored": stats.spans - stored_before,
         "store": {"spans": stats.spans, "traces": stats.traces},
         "per_file": [asdict(r) for r in reports],
+        "input_warnings": printer.summary.as_json(),
     }
     if output_format == "json":
         typer.echo(json.dumps(summary, indent=2))

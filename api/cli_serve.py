@@ -32,6 +32,20 @@ def serve(
     max_message_bytes: Annotated[
         int | None, typer.Option(help="largest accepted Export (env HOURGLASS_MAX_MESSAGE_BYTES; 32 MiB)")
     ] = None,
+    metrics_public: Annotated[
+        bool | None,
+        typer.Option(
+            "--metrics-public/--metrics-private",
+            help="serve /metrics without the API token (env HOURGLASS_METRICS_PUBLIC; default private)",
+        ),
+    ] = None,
+    self_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="send Hourglass's own traces (analysis runs, Exports) to this OTLP endpoint: HOST:4317 "
+            "(gRPC) or http://HOST:4318 (env HOURGLASS_SELF_TRACES_ENDPOINT; default off, never itself)"
+        ),
+    ] = None,
     retention: Annotated[
         str | None,
         typer.Option(
@@ -50,6 +64,8 @@ def serve(
         "http_port": http_port,
         "api_port": api_port,
         "max_message_bytes": max_message_bytes,
+        "metrics_public": metrics_public,
+        "self_traces_endpoint": self_traces_endpoint,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -65,8 +81,16 @@ def serve(
             raise typer.Exit(2) from None
     from collector.store import StoreError
 
+    if settings.self_traces_endpoint:
+        from api.self_traces import parse_endpoint
+
+        try:
+            parse_endpoint(settings.self_traces_endpoint)
+        except ValueError as exc:
+            typer.echo(f"hourglass serve: {exc}", err=True)
+            raise typer.Exit(2) from None
     try:
         run_serve(settings)
-    except (OSError, StoreError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         typer.echo(f"hourglass serve: {exc}", err=True)
         raise typer.Exit(1) from None

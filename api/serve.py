@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import uvicorn
 
+from api.self_traces import SelfTracing, start_self_tracing
 from api.settings import Settings
 from collector import native_decode
 from collector.grpc_receiver import GrpcReceiver, tune_gc_for_decoding
@@ -158,9 +159,11 @@ async def _serve_async(
             timeout_graceful_shutdown=RECEIVER_GRACE_S,
         )
     )
+    api_app = create_app(store, settings=settings, ingest=pipeline)
+    self_tracing: SelfTracing | None = None
     api_server = _Server(
         uvicorn.Config(
-            create_app(store, settings=settings),
+            api_app,
             host=settings.host,
             port=settings.api_port,
             lifespan="on",
@@ -191,6 +194,14 @@ async def _serve_async(
             api=f"http://{settings.host}:{_bound_port(api_server)}",
         )
         endpoints_out.append(endpoints)
+        if settings.self_traces_endpoint:
+            self_tracing = start_self_tracing(
+                settings.self_traces_endpoint,
+                own_ports={grpc_port, _bound_port(http_server)},
+                analysis=api_app.state.analysis,
+                ingest=pipeline,
+            )
+            _say(f"own traces go to {settings.self_traces_endpoint}")
         stats = store.stats()
         _say(f"store {redact(settings.db)} ({stats.spans} spans, {stats.traces} traces)")
         _say(f"OTLP/gRPC listening on {endpoints.grpc}")
@@ -205,7 +216,7 @@ async def _serve_async(
             ready.set()
 
         maintenance = asyncio.create_task(
-            _maintenance(store, settings, shutdown, compact_interval_s, retention_interval_s)
+            _maintenance(store, settings, shutdown, compact_interval_s, retention_interval_s, pipeline)
         )
         await shutdown.wait()
         _say("shutting down: refusing new Exports, committing the ones in flight")
@@ -213,6 +224,7 @@ async def _serve_async(
         http_server.should_exit = True
         await asyncio.gather(asyncio.to_thread(grpc_receiver.stop, RECEIVER_GRACE_S), tasks[0])
         await asyncio.to_thread(pipeline.close, PIPELINE_CLOSE_TIMEOUT_S)
+        log_rejected_spans(pipeline)
         maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
@@ -229,6 +241,8 @@ async def _serve_async(
             f"compacted; {holds}"
         )
     finally:
+        if self_tracing is not None:
+            self_tracing.shutdown()
         for task in tasks:
             if not task.done():
                 task.cancel()
@@ -244,11 +258,14 @@ async def _maintenance(
     shutdown: asyncio.Event,
     compact_interval_s: float,
     retention_interval_s: float = RETENTION_INTERVAL_S,
+    pipeline: IngestPipeline | None = None,
 ) -> None:
     next_retention = time.monotonic()
     while not shutdown.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(shutdown.wait(), timeout=compact_interval_s)
+        if pipeline is not None:
+            log_rejected_spans(pipeline)
         if shutdown.is_set():
             return
         try:
@@ -263,6 +280,20 @@ async def _maintenance(
                 next_retention = time.monotonic() + retention_interval_s
         except Exception:  # maintenance must not stop ingest; the error is reported and retried
             log.exception("store maintenance failed")
+
+
+def log_rejected_spans(pipeline: IngestPipeline) -> None:
+    """Spans the receivers rejected since the last call, one log line per kind of problem with a
+    count and the first positions (collector.problem_summary), instead of one line per span."""
+    kinds = pipeline.exports.problems.drain()
+    if not kinds:
+        return
+    total = sum(k.count for k in kinds)
+    log.warning(
+        "rejected %d spans in OTLP Exports since the last report (the rest of each Export was stored):", total
+    )
+    for kind in kinds:
+        log.warning("  %s", kind.line(verbose_hint=False))
 
 
 def _use_jemalloc_for_arrow() -> None:

@@ -31,6 +31,15 @@ def _env_int(name: str, default: int) -> int:
         raise SettingError(f"{name}={text!r} is not a whole number") from None
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    text = _env(name, "1" if default else "0").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingError(f"{name}={text!r} is not a yes/no value (1, true, yes, on / 0, false, no, off)")
+
+
 def _env_duration(name: str, default: str) -> float:
     text = _env(name, default)
     try:
@@ -111,6 +120,12 @@ class Settings:
     )
     workers: int = field(default_factory=lambda: _env_int("HOURGLASS_WORKERS", 0))  # 0: one per core
     cluster: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_CLUSTER") or None)
+    # /metrics without the API token (a Prometheus scraping on a trusted network)
+    metrics_public: bool = field(default_factory=lambda: _env_bool("HOURGLASS_METRICS_PUBLIC", False))
+    # Hourglass's own traces to another OTLP endpoint (api.self_traces); None: off
+    self_traces_endpoint: str | None = field(
+        default_factory=lambda: os.environ.get("HOURGLASS_SELF_TRACES_ENDPOINT") or None
+    )
 
 
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}

@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ import pyarrow.compute as pc
 from collector.ingest_log import IngestLog
 from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from collector.store import StoreStats
+from collector.trace_query import PSEUDO_TAGS, TAG_CHECK_COLUMNS, TraceQuery, tag_checked_trace_ids
 
 _ARROW_TO_DUCKDB = {
     pa.string(): "VARCHAR",
@@ -509,6 +511,100 @@ class DuckDBSpanStore:
             .fetchall()
         )
         return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+    # -- the Jaeger query API's reads (collector.trace_query) ----------------------------------
+    def search_trace_ids(self, query: TraceQuery) -> list[str]:
+        """Ids of up to ``query.limit`` traces with a span matching ``query``, newest first.
+
+        Everything but attribute tags is filtered in SQL; a tag that lives in the raw span is
+        pre-filtered in SQL on the key's bytes (hex match on ``raw``/``resource_json``) and
+        checked exactly in Python on the candidate spans, streamed newest first until enough
+        traces matched."""
+        self.load_staged()
+        conditions: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("service", query.service),
+            ("name", query.operation),
+            ("kind", query.span_kind),
+        ):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        if query.start_ns is not None:
+            conditions.append("start_ns >= ?")
+            params.append(query.start_ns)
+        if query.end_ns is not None:
+            conditions.append("start_ns <= ?")
+            params.append(query.end_ns)
+        if query.min_duration_ns is not None:
+            conditions.append("end_ns - start_ns >= ?")
+            params.append(query.min_duration_ns)
+        if query.max_duration_ns is not None:
+            conditions.append("end_ns - start_ns <= ?")
+            params.append(query.max_duration_ns)
+        for key, wanted in query.tags.items():
+            if key == "error":
+                conditions.append("status_code = 2" if wanted.lower() == "true" else "status_code <> 2")
+            elif key not in PSEUDO_TAGS:
+                conditions.append("(contains(hex(raw), ?) OR contains(resource_json, ?))")
+                params += [key.encode().hex().upper(), json.dumps(key)]
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        cursor = self._cursor()
+        if not query.tags or set(query.tags) == {"error"}:
+            rows = cursor.execute(
+                f"SELECT trace_id FROM spans {where} GROUP BY trace_id "
+                "ORDER BY max(start_ns) DESC, trace_id LIMIT ?",
+                [*params, query.limit],
+            ).fetchall()
+            return [r[0] for r in rows]
+        reader = cursor.sql(
+            f"SELECT {', '.join(TAG_CHECK_COLUMNS)} FROM spans {where} ORDER BY start_ns DESC, trace_id",
+            params=params,
+        ).to_arrow_reader(4096)
+        return tag_checked_trace_ids(reader, query.tags, query.limit)
+
+    def operations(self, service: str, span_kind: int | None = None) -> list[tuple[str, int]]:
+        """(span name, kind) pairs of one service, sorted."""
+        self.load_staged()
+        kind_filter = "" if span_kind is None else " AND kind = ?"
+        params: list[Any] = [service] if span_kind is None else [service, span_kind]
+        rows = (
+            self._cursor()
+            .execute(
+                f"SELECT DISTINCT name, kind FROM spans WHERE service = ?{kind_filter} ORDER BY 1, 2", params
+            )
+            .fetchall()
+        )
+        return [(r[0], int(r[1])) for r in rows]
+
+    def dependencies(self, since_ns: int | None, until_ns: int | None) -> list[tuple[str, str, int]]:
+        """(parent service, child service, calls): spans starting in ``[since_ns, until_ns)`` whose
+        parent span belongs to another service (each span counted once)."""
+        self.load_staged()
+        window, params = ["p.service <> c.service"], []
+        if since_ns is not None:
+            window.append("c.start_ns >= ?")
+            params.append(since_ns)
+        if until_ns is not None:
+            window.append("c.start_ns < ?")
+            params.append(until_ns)
+        # a plain join, duplicates (not yet compacted) removed by counting distinct child spans:
+        # 2-3x faster than de-duplicating both sides first (~100 ms at 200k spans)
+        rows = (
+            self._cursor()
+            .execute(
+                f"""
+                SELECT p.service, c.service, count(DISTINCT (c.trace_id, c.span_id)) FROM spans c
+                JOIN spans p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
+                WHERE {" AND ".join(window)}
+                GROUP BY 1, 2 ORDER BY 1, 2
+                """,
+                params,
+            )
+            .fetchall()
+        )
+        return [(r[0], r[1], int(r[2])) for r in rows]
 
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests

@@ -177,13 +177,14 @@ class _ExportHandlers(grpc.GenericRpcHandler):
     def __init__(self, receiver: GrpcReceiver) -> None:
         self._receiver = receiver
         self._export = grpc.unary_unary_rpc_method_handler(
-            receiver.export, request_deserializer=None, response_serializer=None
+            _measured(receiver.export, receiver.pipeline), request_deserializer=None, response_serializer=None
         )
+        measured_refusal = _measured(receiver.refuse_busy, receiver.pipeline)
 
         # refusals run in their own small pool: the handler pool may be full of Exports waiting
         # for a commit, and a refusal must not wait behind them (grpc's per-handler pool hook)
         def refuse(request: bytes, context: grpc.ServicerContext) -> Any:
-            return receiver.refuse_busy(request, context)
+            return measured_refusal(request, context)
 
         refuse.experimental_thread_pool = receiver._refusal_executor  # type: ignore[attr-defined]
         self._refuse = grpc.unary_unary_rpc_method_handler(
@@ -197,6 +198,33 @@ class _ExportHandlers(grpc.GenericRpcHandler):
         if receiver._executor.outstanding >= receiver.max_queued_calls:
             return self._refuse
         return self._export
+
+
+# gRPC status of an answered Export -> the outcome label of hourglass_export_requests_total
+_OUTCOMES = {
+    grpc.StatusCode.OK: "ok",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
+
+
+def _measured(handler: Any, pipeline: IngestPipeline) -> Any:
+    """``handler`` counting its Export's outcome and latency in ``pipeline.exports`` (once per call)."""
+
+    def call(request: bytes, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
+        try:
+            response = handler(request, context)
+        except BaseException:
+            outcome = _OUTCOMES.get(context.code(), "error")
+            pipeline.exports.finished("grpc", outcome, time.perf_counter() - started)
+            raise
+        pipeline.exports.finished("grpc", "ok", time.perf_counter() - started)
+        return response
+
+    return call
 
 
 def _abort_with_retry(
@@ -344,7 +372,8 @@ class GrpcReceiver:
                     f"decoding failed in a worker process: {exc!r}",
                     SHUTDOWN_RETRY_AFTER_S,
                 )
-            future = pipeline.submit(result.table)
+            pipeline.exports.decoded("grpc", result.table.num_rows, result.rejected, result.errors)
+            future = pipeline.submit(result.table, protocol="grpc")
         except Overloaded as exc:
             _abort_with_retry(
                 context,
@@ -361,6 +390,7 @@ class GrpcReceiver:
             future.result(timeout=COMMIT_TIMEOUT_S)
         except Exception as exc:  # not committed: the exporter must retry, never a false ack
             log.error("Export not committed: %s", exc)
+            pipeline.exports.refused("grpc", "not_committed", result.table.num_rows)
             _abort_with_retry(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
@@ -368,4 +398,5 @@ class GrpcReceiver:
                 f"spans were not committed: {exc}",
                 SHUTDOWN_RETRY_AFTER_S,
             )
+        pipeline.exports.stored("grpc", result.table.num_rows)
         return export_response(result.rejected, result.error_message())

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import math
+import time
 import zlib
 
 from starlette.applications import Starlette
@@ -50,6 +51,18 @@ JSON = "application/json"
 SHUTDOWN_RETRY_AFTER_S = 5.0
 CONCURRENT_DECODES = 2
 RPC_CODE_OUT_OF_RANGE_SIZE = RPC_CODE_RESOURCE_EXHAUSTED
+
+
+# HTTP status of an answered Export -> the outcome label of hourglass_export_requests_total
+_OUTCOMES = {
+    200: "ok",
+    400: "invalid",
+    401: "unauthenticated",
+    413: "too_large",
+    415: "unsupported",
+    429: "overloaded",
+    503: "unavailable",
+}
 
 
 class _RequestError(Exception):
@@ -178,11 +191,13 @@ def create_otlp_http_app(
                     ) from None
             finally:
                 undecoded.release(reserved[0])
-            future = pipeline.submit(result.table)
+            pipeline.exports.decoded("http", result.table.num_rows, result.rejected, result.errors)
+            future = pipeline.submit(result.table, protocol="http")
             try:
                 await asyncio.wrap_future(future)
             except Exception as exc:
                 log.error("Export not committed: %s", exc)
+                pipeline.exports.refused("http", "not_committed", result.table.num_rows)
                 raise _RequestError(
                     503, RPC_CODE_UNAVAILABLE, f"spans were not committed: {exc}", SHUTDOWN_RETRY_AFTER_S
                 ) from None
@@ -196,10 +211,18 @@ def create_otlp_http_app(
             return _error_response(
                 _RequestError(503, RPC_CODE_UNAVAILABLE, str(exc), SHUTDOWN_RETRY_AFTER_S), reply_type
             )
+        pipeline.exports.stored("http", result.table.num_rows)
         return Response(
             export_response(result.rejected, result.error_message(), as_json=reply_type == JSON),
             status_code=200,
             media_type=reply_type,
         )
 
-    return Starlette(routes=[Route("/v1/traces", export_traces, methods=["POST"])])
+    async def measured_export(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await export_traces(request)
+        outcome = _OUTCOMES.get(response.status_code, "error")
+        pipeline.exports.finished("http", outcome, time.perf_counter() - started)
+        return response
+
+    return Starlette(routes=[Route("/v1/traces", measured_export, methods=["POST"])])

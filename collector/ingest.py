@@ -18,17 +18,20 @@ acknowledges — anything it could not commit.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
+from collector.problem_summary import ProblemSummary, split_position
 from collector.store import SpanStore
 
 log = logging.getLogger("hourglass.ingest")
@@ -116,6 +119,100 @@ class IngestStats:
     peak_pending_bytes: int = 0
 
 
+# Export latency buckets (seconds): an acknowledged Export waits for its group commit.
+EXPORT_SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class ExportCounters:
+    """Per-protocol counts the receivers keep, once per Export (never per span), for ``/metrics``:
+    Exports by outcome with their latency, spans received, refused (by reason) and stored."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = {}  # (protocol, outcome) -> Exports
+        self.spans_received: dict[str, int] = {}
+        self.spans_refused: dict[tuple[str, str], int] = {}  # (protocol, reason) -> spans
+        self.spans_stored: dict[str, int] = {}
+        # protocol -> (count per bucket of EXPORT_SECONDS_BUCKETS plus +Inf, sum of seconds)
+        self.latency: dict[str, tuple[list[int], float]] = {}
+        # rejected spans by kind of problem, logged by serve once a minute (then reset)
+        self.problems = ProblemSummary()
+        # called with (protocol, outcome, seconds) after each Export (serve's own traces, opt-in)
+        self.listeners: list[Callable[[str, str, float], None]] = []
+
+    def decoded(self, protocol: str, accepted: int, rejected: int, errors: Sequence[str] = ()) -> None:
+        """An Export decoded: ``accepted`` spans go on to the store, ``rejected`` had bad ids
+        (``errors``: the decoder's first reasons, "path: reason"; summarised for serve's log)."""
+        with self._lock:
+            self.spans_received[protocol] = self.spans_received.get(protocol, 0) + accepted + rejected
+            if rejected:
+                key = (protocol, "invalid")
+                self.spans_refused[key] = self.spans_refused.get(key, 0) + rejected
+        if rejected:
+            source = f"OTLP/{'gRPC' if protocol == 'grpc' else protocol.upper()}"
+            for message in errors:
+                position, reason = split_position(message)
+                self.problems.add(source, position, reason)
+            if rejected > len(errors):
+                self.problems.add(
+                    source,
+                    None,
+                    "more spans rejected (the decoder lists the first ones only)",
+                    count=rejected - len(errors),
+                )
+
+    def stored(self, protocol: str, spans: int) -> None:
+        with self._lock:
+            self.spans_stored[protocol] = self.spans_stored.get(protocol, 0) + spans
+
+    def refused(self, protocol: str, reason: str, spans: int) -> None:
+        with self._lock:
+            key = (protocol, reason)
+            self.spans_refused[key] = self.spans_refused.get(key, 0) + spans
+
+    def finished(self, protocol: str, outcome: str, seconds: float) -> None:
+        """An Export answered (``ok``, ``invalid``, ``overloaded``, ``unavailable``...) after ``seconds``."""
+        index = bisect.bisect_left(EXPORT_SECONDS_BUCKETS, seconds)
+        with self._lock:
+            key = (protocol, outcome)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            buckets, total = self.latency.get(protocol) or ([0] * (len(EXPORT_SECONDS_BUCKETS) + 1), 0.0)
+            buckets[index] += 1
+            self.latency[protocol] = (buckets, total + seconds)
+        for listener in self.listeners:
+            try:
+                listener(protocol, outcome, seconds)
+            except Exception:  # telemetry about an Export must never fail the Export
+                log.exception("Export listener failed")
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent copy of every count."""
+        with self._lock:
+            return {
+                "requests": dict(self.requests),
+                "spans_received": dict(self.spans_received),
+                "spans_refused": dict(self.spans_refused),
+                "spans_stored": dict(self.spans_stored),
+                "latency": {p: (list(b), t) for p, (b, t) in self.latency.items()},
+            }
+
+
 class IngestPipeline:
     """One writer thread in front of a ``SpanStore``: group commit + bounded admission."""
 
@@ -134,6 +231,7 @@ class IngestPipeline:
         self.max_batch_spans = max_batch_spans
         self.retry_after_s = retry_after_s
         self.stats = IngestStats()
+        self.exports = ExportCounters()  # kept by the receivers, read by /metrics
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -163,10 +261,11 @@ class IngestPipeline:
             f"{self.retry_after_s:g}s"
         )
 
-    def submit(self, table: pa.Table) -> Future[int]:
+    def submit(self, table: pa.Table, protocol: str | None = None) -> Future[int]:
         """Queue rows for the next commit; the future resolves to the row count once committed.
 
-        Raises ``Overloaded`` when admitting the rows would exceed a cap, ``IngestClosed`` when closing.
+        Raises ``Overloaded`` when admitting the rows would exceed a cap, ``IngestClosed`` when closing
+        (the refused spans are counted in ``exports`` under ``protocol`` when given).
         """
         future: Future[int] = Future()
         rows = table.num_rows
@@ -176,6 +275,8 @@ class IngestPipeline:
         nbytes = table.nbytes
         with self._cond:
             if self._closing:
+                if protocol is not None:
+                    self.exports.refused(protocol, "shutting_down", rows)
                 raise IngestClosed("hourglass is shutting down")
             s = self.stats
             busy = s.pending_spans > 0
@@ -184,6 +285,8 @@ class IngestPipeline:
                 or s.pending_bytes + nbytes > self.max_pending_bytes
             ):
                 s.rejected_overloaded += 1
+                if protocol is not None:
+                    self.exports.refused(protocol, "overloaded", rows)
                 raise Overloaded(self._overload_message(), self.retry_after_s)
             s.pending_spans += rows
             s.pending_bytes += nbytes

@@ -264,6 +264,60 @@ def test_compose_replicas_have_their_own_store_and_default_ports(
     assert len(api_host_ports) == replicas
 
 
+def _mount(svc: dict[str, Any], target: str) -> str:
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
+    return mounts[target]
+
+
+def test_compose_grafana_has_a_jaeger_data_source_per_replica(
+    compose: dict[str, Any], defaults: Settings
+) -> None:
+    """Grafana reads each replica's Jaeger query API (a trace lives on one replica: routed by trace
+    ID), and the paths its Jaeger data source calls are routes of the app."""
+    from fastapi.routing import APIRoute
+
+    replicas = _hourglass_services(compose)
+    grafana = compose["services"]["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    provisioning = DEPLOY / _mount(grafana, "/etc/grafana/provisioning")
+    config = yaml.safe_load((provisioning / "datasources" / "hourglass.yaml").read_text())
+    jaeger = [d for d in config["datasources"] if d["type"] == "jaeger"]
+    urls = {d["url"] for d in jaeger}
+    assert urls == {f"http://{name}:{defaults.api_port}" for name in replicas}
+    assert all(d["access"] == "proxy" for d in jaeger)
+    assert len({d["uid"] for d in config["datasources"]}) == len(config["datasources"])
+    assert set(grafana["depends_on"]) >= set(replicas)
+
+    class _NoStore:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError("the route table must not touch the store")
+
+    routes = {r.path for r in create_app(_NoStore()).routes if isinstance(r, APIRoute)}  # type: ignore[arg-type]
+    grafana_paths = {
+        "/api/services",
+        "/api/services/{service}/operations",
+        "/api/traces",
+        "/api/traces/{trace_id}",
+    }
+    assert grafana_paths | {"/api/operations", "/api/dependencies", "/metrics"} <= routes
+
+
+def test_compose_prometheus_scrapes_every_replica(compose: dict[str, Any], defaults: Settings) -> None:
+    replicas = _hourglass_services(compose)
+    prometheus = compose["services"]["prometheus"]
+    config_arg = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    source = _mount(prometheus, config_arg.split("=", 1)[1])
+    config = yaml.safe_load((DEPLOY / source).read_text())
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    targets = {t for group in job["static_configs"] for t in group["targets"]}
+    assert targets == {f"{name}:{defaults.api_port}" for name in replicas}
+    grafana = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/hourglass.yaml").read_text())
+    [prometheus_source] = [d for d in grafana["datasources"] if d["type"] == "prometheus"]
+    published = prometheus["ports"][0].split(":")[1]
+    assert prometheus_source["url"] == f"http://prometheus:{published}"
+
+
 # --------------------------------------------------------------------------- Kubernetes
 
 

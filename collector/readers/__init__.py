@@ -177,7 +177,8 @@ def otlp_attribute(key: str, value: Any) -> dict[str, Any]:
 
 
 class ResourceGroups:
-    """Collects spans into ``resourceSpans`` entries, one per distinct resource.
+    """Collects spans into ``resourceSpans`` entries, one per distinct resource, and within it one
+    ``scopeSpans`` per instrumentation scope (the reader's own unless a span names one).
 
     ``key`` identifies the resource (e.g. service name plus process tags); the attributes are built
     only for the first span of each resource.
@@ -185,7 +186,7 @@ class ResourceGroups:
 
     def __init__(self, scope_name: str) -> None:
         self._scope_name = scope_name
-        self._spans_by_key: dict[Any, list[dict[str, Any]]] = {}
+        self._spans_by_key: dict[Any, dict[tuple[str, str], list[dict[str, Any]]]] = {}
         self._resources: dict[Any, list[dict[str, Any]]] = {}
 
     def has(self, key: Any) -> bool:
@@ -193,19 +194,26 @@ class ResourceGroups:
 
     def add_resource(self, key: Any, attributes: list[dict[str, Any]]) -> None:
         self._resources[key] = attributes
-        self._spans_by_key[key] = []
+        self._spans_by_key[key] = {}
 
-    def add_span(self, key: Any, span: dict[str, Any]) -> None:
-        self._spans_by_key[key].append(span)
+    def add_span(self, key: Any, span: dict[str, Any], scope: tuple[str, str] | None = None) -> None:
+        """``scope``: (name, version) the span was recorded with (e.g. a Jaeger ``otel.scope.name``
+        tag); default the reader's own scope."""
+        self._spans_by_key[key].setdefault(scope or (self._scope_name, ""), []).append(span)
 
     def traces_data(self) -> dict[str, Any]:
-        return {
-            "resourceSpans": [
-                {
-                    "resource": {"attributes": self._resources[key]},
-                    "scopeSpans": [{"scope": {"name": self._scope_name}, "spans": spans}],
-                }
-                for key, spans in self._spans_by_key.items()
-                if spans
-            ]
-        }
+        resource_spans = []
+        for key, scopes in self._spans_by_key.items():
+            scope_spans = []
+            for (name, version), spans in scopes.items():
+                if not spans:
+                    continue
+                scope: dict[str, Any] = {"name": name}
+                if version:
+                    scope["version"] = version
+                scope_spans.append({"scope": scope, "spans": spans})
+            if scope_spans:
+                resource_spans.append(
+                    {"resource": {"attributes": self._resources[key]}, "scopeSpans": scope_spans}
+                )
+        return {"resourceSpans": resource_spans}

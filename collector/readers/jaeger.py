@@ -15,15 +15,18 @@ Mapping (the OpenTelemetry Collector's Jaeger translator, with these choices):
   (``hostname`` also as ``host.name`` so the ``host`` column is filled).
 - Times: UI/query JSON ``startTime``/``duration``/log ``timestamp`` are integer microseconds;
   model JSON uses RFC 3339 and ``Duration`` strings. All become nanoseconds.
-- Tags → attributes. ``span.kind`` → kind (absent: INTERNAL). Status: ``otel.status_code``
+- Tags → attributes. ``span.kind`` → kind (absent: INTERNAL). ``otel.scope.name`` /
+  ``otel.scope.version`` (or the older ``otel.library.*``) → the span's instrumentation scope
+  (default ``hourglass.import.jaeger``). Status: ``otel.status_code``
   (``OK``/``ERROR``) wins; otherwise a true ``error`` tag means ERROR. ``otel.status_description``
   → status message. These three are not repeated as attributes (they live in the structured fields).
 - Logs → events: the ``event`` field is the event name, the other fields its attributes.
 - References: the parent is the first ``CHILD_OF`` reference within the same trace; without one,
   the first same-trace ``FOLLOWS_FROM`` reference is the parent and the span also carries a link to
   it with ``opentracing.ref_type=follows_from`` (``decode`` sets ``follows_from`` from that link).
-  Every other reference becomes a link with its ``opentracing.ref_type``, except a second reference
-  to the parent itself (redundant; a link to the parent would flip ``follows_from``). A reference to
+  A ``CHILD_OF`` parent that also has a ``FOLLOWS_FROM`` reference is a follows-from parent too (the
+  Collector's OTLP→Jaeger translator writes a follows-from parent so). Every other reference becomes a
+  link with its ``opentracing.ref_type``, except a second reference to the parent itself. A reference to
   a span absent from the file stays as the parent id (analysis treats the span as an orphan).
   References to other traces never become the parent; a reference to the span itself is dropped
   with a warning (it would make the span its own parent).
@@ -64,6 +67,9 @@ __all__ = [
 SCOPE_NAME = "hourglass.import.jaeger"
 _KINDS = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}
 _STRUCTURED_TAGS = frozenset({"span.kind", "otel.status_code", "otel.status_description"})
+# the instrumentation scope, as the Collector's OTLP->Jaeger translator writes it (and older names)
+_SCOPE_NAME_TAGS = ("otel.scope.name", "otel.library.name")
+_SCOPE_VERSION_TAGS = ("otel.scope.version", "otel.library.version")
 REF_TYPE_KEY = "opentracing.ref_type"
 
 
@@ -381,8 +387,14 @@ class _Converter:
         error_tag = False
         otel_status: str | None = None
         attributes = []
+        scope_name: str | None = None
+        scope_version = ""
         for key, value in _tags(span.get("tags"), "tags"):
-            if key == "span.kind":
+            if key in _SCOPE_NAME_TAGS and isinstance(value, str) and value:
+                scope_name = scope_name or value
+            elif key in _SCOPE_VERSION_TAGS and isinstance(value, str):
+                scope_version = scope_version or value
+            elif key == "span.kind":
                 kind = _KINDS.get(str(value).lower(), 0)
             elif key == "otel.status_code":
                 otel_status = str(value).upper()
@@ -423,7 +435,7 @@ class _Converter:
         events = self._logs(span.get("logs"))
         if events:
             out["events"] = events
-        self.groups.add_span(resource_key, out)
+        self.groups.add_span(resource_key, out, None if scope_name is None else (scope_name, scope_version))
 
     def _references(
         self, path: str, span: dict[str, Any], trace_id: str, span_id: str, model: bool, expect: str
@@ -471,8 +483,13 @@ class _Converter:
             if parent is not None:
                 break
         links = []
-        if parent is not None and parent[0] == "follows_from":
-            links.append(_link(parent))
+        # a follows-from parent: the only reference to it is FOLLOWS_FROM, or CHILD_OF followed by a
+        # FOLLOWS_FROM to the same span (the OpenTelemetry Collector's Jaeger translator and
+        # Hourglass's own /api write it so, because Grafana nests a span under CHILD_OF only)
+        if parent is not None and (
+            parent[0] == "follows_from" or any(r[0] == "follows_from" and r[1:] == parent[1:] for r in refs)
+        ):
+            links.append(_link(("follows_from", parent[1], parent[2])))
         for ref in refs:
             if parent is not None and ref[1:] == parent[1:]:
                 continue

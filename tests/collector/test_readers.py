@@ -157,11 +157,16 @@ def test_jaeger_follows_from_parent_and_links() -> None:
                 refs=[("FOLLOWS_FROM", "0000000000000002"), ("CHILD_OF", "0000000000000001")],
             ),
             _jspan("0000000000000005", "orphan", refs=[("CHILD_OF", "00000000000000ff")]),
+            _jspan(
+                "0000000000000006",
+                "translated",
+                refs=[("CHILD_OF", "0000000000000001"), ("FOLLOWS_FROM", "0000000000000001")],
+            ),
         ]
     )
     assert is_jaeger_json(doc)
     converted = jaeger_to_otlp_json(doc)
-    assert converted.records == 5 and converted.problems == []
+    assert converted.records == 6 and converted.problems == []
     rows = _by_name(_rows(converted.traces_data))
     assert rows["root"]["parent_span_id"] is None and rows["root"]["kind"] == KIND_SERVER
     assert rows["child"]["parent_span_id"] == "0000000000000001" and not rows["child"]["follows_from"]
@@ -172,6 +177,9 @@ def test_jaeger_follows_from_parent_and_links() -> None:
     both = rows["both"]
     assert both["parent_span_id"] == "0000000000000001" and both["follows_from"] is False
     assert both["links"] == ["000000000000000000000000000000aa:0000000000000002"]
+    # CHILD_OF plus FOLLOWS_FROM to the same span: a follows-from parent, as the Collector's translator writes it
+    translated = rows["translated"]
+    assert translated["parent_span_id"] == "0000000000000001" and translated["follows_from"] is True
     # a reference to a span absent from the file stays the parent (analysis sees an orphan)
     assert rows["orphan"]["parent_span_id"] == "00000000000000ff"
     assert rows["root"]["trace_id"] == "000000000000000000000000000000aa"
@@ -281,7 +289,9 @@ def test_jaeger_ui_file_keeps_duplicate_span_ids() -> None:
     # CHILD_OF another trace is never the parent; it becomes a link
     assert ref_test["parent_span_id"] == "0000000000000002"
     assert "000000000000000000000000000000ff:00000000000000ff" in ref_test["links"]
-    assert ref_test["follows_from"] is False
+    # CHILD_OF and FOLLOWS_FROM to the same parent: a follows-from parent, as the OpenTelemetry
+    # Collector's Jaeger translator reads it (the CHILD_OF is the parent, the FOLLOWS_FROM a link to it)
+    assert ref_test["follows_from"] is True
     errored = [r for r in rows if r["status_code"] == STATUS_ERROR]
     assert [(r["span_id"], r["name"]) for r in errored] == [("0000000000000002", "some-operation")]
 
