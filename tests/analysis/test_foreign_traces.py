@@ -4,6 +4,10 @@ issued all at once. Each rule with its healthy counterpart."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from analysis.context import AnalysisContext
 from analysis.detectors import batchable_calls, n_plus_one, serialized_calls
 from analysis.model import CollapseSpans
@@ -255,3 +259,45 @@ def test_a_sibling_doing_its_own_work_still_blocks() -> None:
     """Healthy twin: an in-process step half as long as the call is its own work, not a mirror."""
     spans = ctx_of(gateway(mirror_ms=100.0)).spans
     assert spans.filter(spans["name"] == "FilteringWebHandler.handle")["blocking"].to_list() == [True]
+
+
+# -- old attribute keys ------------------------------------------------------------------------------
+
+
+def test_opentracing_db_type_and_sql_query_keys_fill_the_db_columns(tmp_path: Path) -> None:
+    from collector.files import read_trace_files
+
+    def attr(key: str, value: str) -> dict[str, Any]:
+        return {"key": key, "value": {"stringValue": value}}
+
+    span = {
+        "traceId": "ab" * 16, "spanId": "cd" * 8, "name": "query", "startTimeUnixNano": "1000",
+        "endTimeUnixNano": "2000", "attributes": [attr("db.type", "sql"), attr("sql.query", "SELECT 1")],
+    }  # fmt: skip
+    document = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [attr("service.name", "legacy")]},
+                "scopeSpans": [{"spans": [span]}],
+            }
+        ]
+    }
+    path = tmp_path / "legacy.otlp.json"
+    path.write_text(json.dumps(document))
+    (table,) = [t for t in read_trace_files([path], on_error=lambda p: None) if t.num_rows]
+    row = table.to_pylist()[0]
+    assert (row["db_system"], row["db_statement"]) == ("sql", "SELECT 1")
+
+
+def test_template_says_what_to_check_first_when_independence_is_unverified() -> None:
+    from analysis.template_writer import TEMPLATES
+
+    rec = {
+        "kind": "serialized_calls", "service": "planner", "operation": "plan", "targets": [],
+        "traces_affected": 12, "occurrences": 12, "impact": None,
+        "evidence": {"calls_p50": 4, "independence_unverified": True, "caller_instances": 12, "calls_taking_input": 4},
+    }  # fmt: skip
+    text = TEMPLATES["serialized_calls"](rec)
+    assert text.actions[0].startswith("First check") and "evidence is weak" in text.summary
+    rec["evidence"] = {"calls_p50": 4, "distinct_orders": 3}
+    assert not TEMPLATES["serialized_calls"](rec).actions[0].startswith("First check")
