@@ -61,7 +61,9 @@ only the serialized ones):
   after another, e.g. TrainTicket's basic service resolving stations, trains, routes and then
   prices). Traces cannot tell them apart, so such a run is reported only
 
-  - with three or more calls (a chain of two is the lookup-then-use shape: left out),
+  - with three or more calls: a chain of two is the lookup-then-use shape and is left out — also
+    when fewer than 10 instances were seen (it is never reported at the 0.5 "not enough evidence"
+    level),
   - modelled conservatively: every call but the **last** runs concurrently (the last call is the
     usual fan-in that combines the others' results, as the price lookup needs the routes and
     trains) — the what-if measures that,
@@ -492,6 +494,17 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
                 *caller,
                 f"run in {group.height} of {instances} instances < {MIN_RUN_SHARE:.0%}: "
                 "a timing fluke of a caller that is otherwise fine",
+                trace_ids,
+                first_spans,
+            )
+            continue
+        order_fixed = distinct_orders <= 1 and overlapping == 0
+        if order_fixed and not shiftable and _common.num(group["calls"].median()) < 3:
+            ctx.note_near_miss(
+                KIND,
+                *caller,
+                f"order fixed in {instances} instances and {takes_input} calls take inputs; "
+                "a chain of two calls looks like a data dependency",
                 trace_ids,
                 first_spans,
             )

@@ -145,9 +145,12 @@ def test_fixed_order_calls_taking_inputs_with_a_small_saving_are_a_near_miss() -
 
 def test_a_fixed_two_call_chain_taking_inputs_gives_nothing() -> None:
     """Lookup-then-use (HotROD's customer before the driver search): a chain of two stays quiet."""
-    ctx = AnalysisContext.from_table(spans_table([checkout(order=("users", "cart")) for _ in range(12)]))
-    assert serialized_calls.detect(ctx) == []
-    assert any("a chain of two calls" in m.reason for m in ctx.near_misses)
+    for traces in (12, 3):  # also with too few instances to judge the order
+        ctx = AnalysisContext.from_table(
+            spans_table([checkout(order=("users", "cart")) for _ in range(traces)])
+        )
+        assert serialized_calls.detect(ctx) == []
+        assert any("a chain of two calls" in m.reason for m in ctx.near_misses)
 
 
 def test_a_rare_serialized_instance_of_a_caller_gives_nothing() -> None:
