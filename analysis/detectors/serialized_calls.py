@@ -46,24 +46,23 @@ only the serialized ones):
 
 * the calls' order varies between instances → they do not depend on each other (confidence 0.7+);
 * the calls overlap in some instances → they can run concurrently (confidence 0.7+; 0.8+ with both);
-* neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances → not enough evidence either
-  way (0.5);
+* neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances, and at most one call takes
+  inputs → not enough evidence either way (0.5); with two or more calls taking inputs, as below
+  (too few instances to judge an order is no evidence of independence);
 * neither, in 10 or more instances (same order every time, never overlapping), but every called
   operation except at most one is *self-contained* — it takes no input that an earlier call could
   have produced: an HTTP ``GET``/``HEAD`` with no path parameter, no query string and no id-like
   path segment, or a SQL ``SELECT`` with no ``WHERE`` clause and no bind parameter — so all of them
   could be shifted to the start of the sequence (Sentry's "Consecutive DB Queries" rule, extended
   to HTTP) → reported (0.6);
-* neither, in 10 or more instances, and two or more calls take inputs: that is what a data
+* neither (however many instances), and two or more calls take inputs: that is what a data
   dependency (the second call needs the first one's result, e.g. a query for ids followed by
   ``WHERE id IN (...)``, or HotROD's customer lookup before the driver search) looks like — and
   also what the most common missed opportunity looks like (several independent lookups issued one
   after another, e.g. TrainTicket's basic service resolving stations, trains, routes and then
   prices). Traces cannot tell them apart, so such a run is reported only
 
-  - with three or more calls: a chain of two is the lookup-then-use shape and is left out — also
-    when fewer than 10 instances were seen (it is never reported at the 0.5 "not enough evidence"
-    level),
+  - with three or more calls: a chain of two is the lookup-then-use shape and is left out,
   - modelled conservatively: every call but the **last** runs concurrently (the last call is the
     usual fan-in that combines the others' results, as the price lookup needs the routes and
     trains) — the what-if measures that,
@@ -437,12 +436,12 @@ def confidence(
     varies, overlaps = distinct_orders > 1, overlapping > 0
     if varies or overlaps:
         base = 0.8 if (varies and overlaps) else 0.7
+    elif not shiftable:
+        return None
     elif instances < FIXED_ORDER_MIN_INSTANCES:
         base = 0.5
-    elif shiftable:
-        base = 0.6
     else:
-        return None
+        base = 0.6
     return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
 
 
