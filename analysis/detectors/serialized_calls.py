@@ -28,7 +28,8 @@ connection (``GATE_PATTERN``; whole words after splitting camelCase, so an ``aut
 then insert with it" are dependencies, not missed parallelism.
 
 A run is reported when it holds at least two calls of at least two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
-repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it), at least one call is
+repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it, and splits it where
+its calls stood), at least one call is
 on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
 ``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the root's duration — below that no one
 should restructure code. The occurrence's intervention runs the calls concurrently; the what-if
@@ -284,12 +285,24 @@ def _runs(linked: pl.DataFrame, ctx: AnalysisContext | None = None) -> pl.DataFr
     """One row per run of at least two calls (members listed in start order). Runs of two or more
     operations that fail the critical-path or saving rules are noted as near misses on ``ctx``."""
     runs = linked.with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+    # Operations repeated N+1-style inside a run belong to n_plus_one: their calls leave the run and
+    # split it where they stood (the calls around a loop are not one sequence: running them together
+    # would leave the loop where it is, and the what-if would find nothing to save).
+    same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
+    runs = (
+        runs.with_columns((pl.len().over(["run_id", "op_key"]) >= NPLUSONE_REPEATS).alias("_loop"))
+        .with_columns(
+            (
+                pl.col("follows")
+                & ~pl.col("_loop")
+                & ~(pl.col("_loop").shift(1).fill_null(False) & same_parent)
+            ).alias("follows")
+        )
+        .with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+        .filter(~pl.col("_loop"))
+    )
     sizes = runs.group_by("run_id").agg(pl.len().alias("_n"))
     runs = runs.join(sizes.filter(pl.col("_n") >= 2), on="run_id", how="semi")
-    # Operations repeated N+1-style inside a run belong to n_plus_one: leave them out.
-    runs = runs.with_columns(pl.len().over(["run_id", "op_key"]).alias("_repeats")).filter(
-        pl.col("_repeats") < NPLUSONE_REPEATS
-    )
     runs = (
         runs.group_by("run_id", maintain_order=True)
         .agg(
