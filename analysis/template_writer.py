@@ -101,6 +101,12 @@ def serialized_calls(rec: Rec) -> WrittenText:
         independence = (
             "Traces cannot show whether one call needs another's result; check before changing the code."
         )
+    if ev.get("independence_unverified"):
+        independence = (
+            f"They run in the same order in every request ({plural(ev.get('caller_instances'), 'request')} seen) "
+            f"and {plural(ev.get('calls_taking_input'), 'call')} take inputs, so traces cannot show whether one "
+            "needs another's result: the evidence is weak, and the estimate keeps the last call after the others."
+        )
     summary = (
         f"{_caller(rec)} calls {_targets(rec)} one after another, spending {ms(ev.get('serial_ms_p50'))} "
         f"on them at the median. {_saving(rec)} {independence} {_seen(rec)}"
@@ -111,9 +117,37 @@ def serialized_calls(rec: Rec) -> WrittenText:
         "If one call needs another's result, start the independent ones first and overlap them with the dependent chain.",
         "Keep the caller's own work between the calls outside the concurrent block; give the concurrent calls one shared deadline.",
     ]
+    if ev.get("independence_unverified"):
+        actions.insert(
+            0,
+            f"First check in the code of {_caller(rec)} which of these calls uses an earlier call's result "
+            "(an id, a token, a list to look up); only the calls that do not can start together.",
+        )
     return WrittenText(
         f"Run {n} sequential calls in {rec['operation']} concurrently", summary.strip(), actions
     )
+
+
+def batchable_calls(rec: Rec) -> WrittenText:
+    ev = rec["evidence"]
+    target = (rec.get("targets") or [{}])[0]
+    statement = str(ev.get("statement") or target.get("operation"))
+    calls = ev.get("calls_p50")
+    summary = (
+        f"{_caller(rec)} sends {plural(calls, 'request')} to {code(statement)} ({target.get('service')}) at once, "
+        f"one per item, at the median (up to {ev.get('calls_max')}): {plural(ev.get('round_trips_saved_p50'), 'round trip')} "
+        f"and {ms(ev.get('server_ms_p50'))} of server time per request where one batched call would take about "
+        f"{ms(ev.get('batched_ms_p50'))}; the request waits {ms(ev.get('latency_ms_p50'))} for the slowest of them. "
+        f"{_saving(rec)} {_seen(rec)}"
+    )
+    actions = [
+        f"Add a batch endpoint or bulk query for {code(statement)} (ids in one request, WHERE id IN (...)) "
+        f"and call it once instead of {plural(calls, 'time')}.",
+        "Until it exists, a DataLoader-style batcher in the caller can coalesce the per-item calls of one request.",
+        "Keep one deadline for the batched call; a partial result per item lets one bad id fail alone.",
+    ]
+    short = statement if len(statement) <= 60 else statement[:57] + "..."
+    return WrittenText(f"Batch the {plural(calls, 'concurrent call')} to {short}", summary.strip(), actions)
 
 
 def n_plus_one(rec: Rec) -> WrittenText:
@@ -293,6 +327,7 @@ def generic(rec: Rec) -> WrittenText:
 TEMPLATES: dict[str, Callable[[Rec], WrittenText]] = {
     "serialized_calls": serialized_calls,
     "n_plus_one": n_plus_one,
+    "batchable_calls": batchable_calls,
     "lock_contention": lock_contention,
     "fanout_straggler": fanout_straggler,
     "fanout_concurrency_limit": fanout_concurrency_limit,

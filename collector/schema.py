@@ -67,8 +67,9 @@ ANALYSIS_COLUMNS: tuple[str, ...] = tuple(c for c in SPAN_COLUMNS if c not in ("
 
 # column -> attribute keys, most current convention first.
 SEMANTIC_ATTRIBUTE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "db_system": ("db.system.name", "db.system"),
-    "db_statement": ("db.query.text", "db.statement", "db.query.summary"),
+    # db.type: the OpenTracing tag; sql.query: the statement key of older agents (Datadog, Elastic)
+    "db_system": ("db.system.name", "db.system", "db.type"),
+    "db_statement": ("db.query.text", "db.statement", "db.query.summary", "sql.query"),
     "http_method": ("http.request.method", "http.method"),
     "http_route": ("http.route",),
     "http_url": ("url.full", "http.url", "url.path", "http.target"),

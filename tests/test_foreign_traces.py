@@ -6,7 +6,8 @@ kinds or attributes), each checked against what a senior engineer reads in them.
 The labels for the real workloads are ours (the data set has none), written from the traces:
 
 * **Boutique** — the frontend's handler fetches each product (``GetProduct``) and converts each
-  price (``Convert``) one call after another; checkout's ``PrepOrderItems`` fetches each cart item's
+  price (``Convert``) one call after another, and makes its independent lookups (currencies, cart,
+  recommendations, ads; their order varies) one after another too; checkout's ``PrepOrderItems`` fetches each cart item's
   product in a loop (only orders of 5+ items make that a loop worth a batch). Healthy: the currency
   service's two ``Carry`` steps, the catalog's query + row scan per ``GetProduct``, the shipping
   quote's two in-process steps, the ad service's single query — and no batch-endpoint finding
@@ -94,6 +95,9 @@ def test_boutique_per_item_loops_are_found_and_healthy_steps_are_not() -> None:
     for rec in loops:
         assert rec["evidence"]["inferred_roles"] is True
         assert rec["impact"]["saved_ms_p50"] > 50
+    # the home page's independent lookups (currencies, cart, recommendations, ads) one after another
+    (home,) = _find(report, "serialized_calls", "frontend", "hipstershop.Frontend/Recv.")
+    assert home["evidence"]["distinct_orders"] > 1 and home["impact"]["saved_ms_p50"] > 50
     (checkout,) = _find(report, "n_plus_one", "checkoutservice", "hipstershop.CheckoutService/PrepOrderItems")
     assert any("GetProduct" in t for t in _targets(checkout))
     healthy_callers = {

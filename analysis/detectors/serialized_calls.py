@@ -28,7 +28,8 @@ connection (``GATE_PATTERN``; whole words after splitting camelCase, so an ``aut
 then insert with it" are dependencies, not missed parallelism.
 
 A run is reported when it holds at least two calls of at least two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
-repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it), at least one call is
+repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it, and splits it where
+its calls stood), at least one call is
 on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
 ``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the root's duration — below that no one
 should restructure code. The occurrence's intervention runs the calls concurrently; the what-if
@@ -46,22 +47,23 @@ only the serialized ones):
 
 * the calls' order varies between instances → they do not depend on each other (confidence 0.7+);
 * the calls overlap in some instances → they can run concurrently (confidence 0.7+; 0.8+ with both);
-* neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances → not enough evidence either
-  way (0.5);
+* neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances, and at most one call takes
+  inputs → not enough evidence either way (0.5); with two or more calls taking inputs, as below
+  (too few instances to judge an order is no evidence of independence);
 * neither, in 10 or more instances (same order every time, never overlapping), but every called
   operation except at most one is *self-contained* — it takes no input that an earlier call could
   have produced: an HTTP ``GET``/``HEAD`` with no path parameter, no query string and no id-like
   path segment, or a SQL ``SELECT`` with no ``WHERE`` clause and no bind parameter — so all of them
   could be shifted to the start of the sequence (Sentry's "Consecutive DB Queries" rule, extended
   to HTTP) → reported (0.6);
-* neither, in 10 or more instances, and two or more calls take inputs: that is what a data
+* neither (however many instances), and two or more calls take inputs: that is what a data
   dependency (the second call needs the first one's result, e.g. a query for ids followed by
   ``WHERE id IN (...)``, or HotROD's customer lookup before the driver search) looks like — and
   also what the most common missed opportunity looks like (several independent lookups issued one
   after another, e.g. TrainTicket's basic service resolving stations, trains, routes and then
   prices). Traces cannot tell them apart, so such a run is reported only
 
-  - with three or more calls (a chain of two is the lookup-then-use shape: left out),
+  - with three or more calls: a chain of two is the lookup-then-use shape and is left out,
   - modelled conservatively: every call but the **last** runs concurrently (the last call is the
     usual fan-in that combines the others' results, as the price lookup needs the routes and
     trains) — the what-if measures that,
@@ -284,12 +286,24 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
     """One row per run of at least two calls of two or more operations (members listed in start
     order), with ``keep`` (on the critical path and above the saving floors) and ``on_path``."""
     runs = linked.with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+    # Operations repeated N+1-style inside a run belong to n_plus_one: their calls leave the run and
+    # split it where they stood (the calls around a loop are not one sequence: running them together
+    # would leave the loop where it is, and the what-if would find nothing to save).
+    same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
+    runs = (
+        runs.with_columns((pl.len().over(["run_id", "op_key"]) >= NPLUSONE_REPEATS).alias("_loop"))
+        .with_columns(
+            (
+                pl.col("follows")
+                & ~pl.col("_loop")
+                & ~(pl.col("_loop").shift(1).fill_null(False) & same_parent)
+            ).alias("follows")
+        )
+        .with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+        .filter(~pl.col("_loop"))
+    )
     sizes = runs.group_by("run_id").agg(pl.len().alias("_n"))
     runs = runs.join(sizes.filter(pl.col("_n") >= 2), on="run_id", how="semi")
-    # Operations repeated N+1-style inside a run belong to n_plus_one: leave them out.
-    runs = runs.with_columns(pl.len().over(["run_id", "op_key"]).alias("_repeats")).filter(
-        pl.col("_repeats") < NPLUSONE_REPEATS
-    )
     runs = (
         runs.group_by("run_id", maintain_order=True)
         .agg(
@@ -457,12 +471,12 @@ def confidence(
     varies, overlaps = distinct_orders > 1, overlapping > 0
     if varies or overlaps:
         base = 0.8 if (varies and overlaps) else 0.7
+    elif not shiftable:
+        return None
     elif instances < FIXED_ORDER_MIN_INSTANCES:
         base = 0.5
-    elif shiftable:
-        base = 0.6
     else:
-        return None
+        base = 0.6
     return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
 
 
@@ -555,6 +569,17 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 *caller,
                 f"run in {group.height} of {instances} instances < {MIN_RUN_SHARE:.0%}: "
                 "a timing fluke of a caller that is otherwise fine",
+                trace_ids,
+                first_spans,
+            )
+            continue
+        order_fixed = distinct_orders <= 1 and overlapping == 0
+        if order_fixed and not shiftable and _common.num(group["calls"].median()) < 3:
+            ctx.note_near_miss(
+                KIND,
+                *caller,
+                f"order fixed in {instances} instances and {takes_input} calls take inputs; "
+                "a chain of two calls looks like a data dependency",
                 trace_ids,
                 first_spans,
             )

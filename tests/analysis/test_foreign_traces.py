@@ -4,6 +4,10 @@ issued all at once. Each rule with its healthy counterpart."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from analysis.context import AnalysisContext
 from analysis.detectors import batchable_calls, n_plus_one, serialized_calls
 from analysis.model import CollapseSpans
@@ -255,3 +259,73 @@ def test_a_sibling_doing_its_own_work_still_blocks() -> None:
     """Healthy twin: an in-process step half as long as the call is its own work, not a mirror."""
     spans = ctx_of(gateway(mirror_ms=100.0)).spans
     assert spans.filter(spans["name"] == "FilteringWebHandler.handle")["blocking"].to_list() == [True]
+
+
+# -- old attribute keys ------------------------------------------------------------------------------
+
+
+def test_opentracing_db_type_and_sql_query_keys_fill_the_db_columns(tmp_path: Path) -> None:
+    from collector.files import read_trace_files
+
+    def attr(key: str, value: str) -> dict[str, Any]:
+        return {"key": key, "value": {"stringValue": value}}
+
+    span = {
+        "traceId": "ab" * 16, "spanId": "cd" * 8, "name": "query", "startTimeUnixNano": "1000",
+        "endTimeUnixNano": "2000", "attributes": [attr("db.type", "sql"), attr("sql.query", "SELECT 1")],
+    }  # fmt: skip
+    document = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [attr("service.name", "legacy")]},
+                "scopeSpans": [{"spans": [span]}],
+            }
+        ]
+    }
+    path = tmp_path / "legacy.otlp.json"
+    path.write_text(json.dumps(document))
+    (table,) = [t for t in read_trace_files([path], on_error=lambda p: None) if t.num_rows]
+    row = table.to_pylist()[0]
+    assert (row["db_system"], row["db_statement"]) == ("sql", "SELECT 1")
+
+
+def test_template_says_what_to_check_first_when_independence_is_unverified() -> None:
+    from analysis.template_writer import TEMPLATES
+
+    rec = {
+        "kind": "serialized_calls", "service": "planner", "operation": "plan", "targets": [],
+        "traces_affected": 12, "occurrences": 12, "impact": None,
+        "evidence": {"calls_p50": 4, "independence_unverified": True, "caller_instances": 12, "calls_taking_input": 4},
+    }  # fmt: skip
+    text = TEMPLATES["serialized_calls"](rec)
+    assert text.actions[0].startswith("First check") and "evidence is weak" in text.summary
+    rec["evidence"] = {"calls_p50": 4, "distinct_orders": 3}
+    assert not TEMPLATES["serialized_calls"](rec).actions[0].startswith("First check")
+
+
+# -- n_plus_one: a loop that dominates its endpoint, in a long request ----------------------------------
+
+
+def long_request(controller_ms: float) -> TraceBuilder:
+    """A 2 s request whose 'OrderController.list' runs 6 row-by-row queries of 2.5 ms."""
+    b = TraceBuilder(service="orders")
+    root = b.span("/api/orders", start_ms=0, dur_ms=2000, kind=KIND_SERVER)
+    ctl = b.span("OrderController.list", parent=root, start_ms=1, dur_ms=controller_ms, kind=KIND_INTERNAL)
+    for i in range(6):
+        b.span("SELECT shop.items", parent=ctl, start_ms=2 + 2.6 * i, dur_ms=2.5, kind=U)
+    b.span("render", parent=root, start_ms=controller_ms + 2, dur_ms=1990 - controller_ms, kind=KIND_INTERNAL)
+    return b
+
+
+def test_a_loop_dominating_its_endpoint_is_found_even_in_a_long_request() -> None:
+    # saves ~12 ms: < 1 % of 2 s, but 40 % of the 30 ms endpoint it lives in
+    (f,) = n_plus_one.detect(ctx_of(*[long_request(30) for _ in range(3)]))
+    assert f.operation == "OrderController.list"
+
+
+def test_the_same_loop_in_a_slow_endpoint_is_a_near_miss() -> None:
+    """Healthy twin: 12 ms saved of a 400 ms endpoint (3 %) and of a 2 s request (0.6 %)."""
+    ctx = ctx_of(*[long_request(400) for _ in range(3)])
+    assert n_plus_one.detect(ctx) == []
+    (miss,) = [m for m in ctx.near_misses if m.kind == "n_plus_one"]
+    assert "SELECT shop.items" in miss.reason and "< 25%" in miss.reason
