@@ -68,8 +68,10 @@ MIN_SAVING_BY_KIND: dict[str, int] = {
 }
 # Kinds not in the table (new detectors) use this floor until they get their own row.
 DEFAULT_MIN_SAVING_NS = 2_000_000
-# The relative rule: the p95 saving must be at least this share of the median request (root) duration.
+# The relative rule: the p95 saving must be at least this share of the median request (root) duration,
+# unless it is at least MIN_CALLER_SHARE of the operation that must change (evidence.caller_share_p50).
 MIN_SAVING_SHARE = 0.01
+MIN_CALLER_SHARE = 0.25
 # Below this a detector is saying "probably not a problem" (e.g. failures that a fallback almost
 # always contains); a recommendation that weak costs a reader more than it offers.
 MIN_REPORTED_CONFIDENCE = 0.2
@@ -143,13 +145,18 @@ def _fmt_ms(value_ms: float) -> str:
     return f"{value_ms:.3g} ms" if value_ms < 10 else f"{value_ms:,.0f} ms"
 
 
-def saving_floor_reason(kind: str, saved_p95_ms: float, median_root_ms: float) -> str | None:
-    """Why a parallelization saving is below the floors (None when it clears them)."""
+def saving_floor_reason(
+    kind: str, saved_p95_ms: float, median_root_ms: float, caller_share: float | None = None
+) -> str | None:
+    """Why a parallelization saving is below the floors (None when it clears them).
+    ``caller_share``: the saving's share of the operation that must change (``evidence.
+    caller_share_p50``); at ``MIN_CALLER_SHARE`` or more the relative rule is waived — a loop that
+    is a quarter of its endpoint is worth fixing even deep inside a long request."""
     floor_ms = MIN_SAVING_BY_KIND.get(kind, DEFAULT_MIN_SAVING_NS) / 1e6
     if saved_p95_ms < floor_ms:
         return f"p95 saving {_fmt_ms(saved_p95_ms)} < {_fmt_ms(floor_ms)} floor for {kind}"
     relative_ms = MIN_SAVING_SHARE * median_root_ms
-    if saved_p95_ms < relative_ms:
+    if saved_p95_ms < relative_ms and (caller_share is None or caller_share < MIN_CALLER_SHARE):
         return (
             f"p95 saving {_fmt_ms(saved_p95_ms)} < {MIN_SAVING_SHARE:.0%} of the {_fmt_ms(median_root_ms)} "
             f"median request ({_fmt_ms(relative_ms)})"
@@ -206,7 +213,10 @@ def score(
                 _drop(notes, finding, "no saving at the root: the pattern is off the critical path")
                 continue
             reason = saving_floor_reason(
-                finding.kind, float(np.percentile(impact.saved_ns, 95)) / 1e6, median_root
+                finding.kind,
+                float(np.percentile(impact.saved_ns, 95)) / 1e6,
+                median_root,
+                finding.evidence.get("caller_share_p50"),
             )
             if reason is not None:
                 _drop(notes, finding, reason)

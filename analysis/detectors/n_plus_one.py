@@ -304,6 +304,10 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     # None: the spans record no statement or URL, so parameters cannot be compared
                     "different_parameters": (distinct_share >= 0.5) if params_known else None,
                     "statement": statement,
+                    # the caller's loops' saving as a share of the caller (the operation to change)
+                    "caller_share_p50": round(
+                        _common.num((group["caller_saving_ns"] / group["parent_duration_ns"]).median()), 3
+                    ),
                     **({"inferred_roles": True} if bool(group["inferred_roles"].any()) else {}),
                 },
                 signature_extra=str(op_key),

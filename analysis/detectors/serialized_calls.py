@@ -575,7 +575,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         order_fixed = distinct_orders <= 1 and overlapping == 0
         if order_fixed and not shiftable and _common.num(group["calls"].median()) < 3:
-            ctx.note_near_miss(
+            notes.note_near_miss(
                 KIND,
                 *caller,
                 f"order fixed in {instances} instances and {takes_input} calls take inputs; "
