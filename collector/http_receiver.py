@@ -41,6 +41,7 @@ from collector.decode import (
     export_response,
     rpc_status,
 )
+from collector import json_limits
 from collector.ingest import MAX_UNDECODED_BYTES, IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
 
 log = logging.getLogger("hourglass.http")
@@ -76,6 +77,11 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     if not decompressor.eof:
         raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, "gzip body is truncated (stream ended early)")
     return out
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
 
 
 def create_otlp_http_app(
@@ -134,7 +140,9 @@ def create_otlp_http_app(
         if content_type == PROTOBUF:
             return decode_export_request(body)
         try:
-            obj = json.loads(body)
+            obj = json_limits.loads(body)
+        except json_limits.JsonTooDeep as exc:
+            raise DecodeError(f"body is refused: {exc}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from None
         return decode_otlp_json(obj)
@@ -168,6 +176,8 @@ def create_otlp_http_app(
                     async with decode_slots:
                         result = await run_in_threadpool(_decode, body, content_type, encoding == "gzip")
                 except DecodeError as exc:
+                    # one line per refused request, never a traceback
+                    log.warning("OTLP/HTTP Export from %s refused (400): %.300s", _peer(request), exc)
                     raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
                 except MemoryError:  # a pathological request: retryable, never UNKNOWN
                     raise _RequestError(
