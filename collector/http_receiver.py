@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from collector import json_limits
 from collector.decode import (
     RPC_CODE_INVALID_ARGUMENT,
     RPC_CODE_RESOURCE_EXHAUSTED,
@@ -41,7 +42,6 @@ from collector.decode import (
     export_response,
     rpc_status,
 )
-from collector import json_limits
 from collector.ingest import MAX_UNDECODED_BYTES, IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
 
 log = logging.getLogger("hourglass.http")

@@ -105,7 +105,9 @@ class _Buffer:
                 continue
             depth = json_depth(self.text[self.pos : end])
             if depth > MAX_JSON_DEPTH:
-                raise self.error(f"a value nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})", self.pos)
+                raise self.error(
+                    f"a value nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})", self.pos
+                )
             self.pos = end
             return value
 

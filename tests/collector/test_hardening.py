@@ -44,7 +44,7 @@ def test_json_depth_is_exact_and_ignores_brackets_in_strings() -> None:
 
 
 def test_json_depth_is_linear_on_a_large_document() -> None:
-    big = json.dumps([{"a": [1, {"b": "x\\\"[" * 3}], "c": "some string"}] * 200_000).encode()
+    big = json.dumps([{"a": [1, {"b": 'x\\"[' * 3}], "c": "some string"}] * 200_000).encode()
     started = time.process_time()
     assert json_limits.json_depth(big, limit=0) == 4
     assert time.process_time() - started < 5.0  # ~0.1 s on an idle core for these ~11 MB
@@ -68,7 +68,10 @@ def test_deeply_nested_otlp_json_is_a_400_with_a_status_and_one_log_line(
         assert len(lines) == 1 and lines[0].exc_info is None
         assert "Traceback" not in caplog.text
     ok = httpx.post(
-        receivers.http_url, content=make_request(2), headers={"content-type": "application/x-protobuf"}, timeout=10
+        receivers.http_url,
+        content=make_request(2),
+        headers={"content-type": "application/x-protobuf"},
+        timeout=10,
     )
     assert ok.status_code == 200 and receivers.store.stats().spans == 2
 
@@ -78,7 +81,9 @@ def test_deep_json_files_and_lines_are_reported_and_the_rest_is_read(tmp_path: P
     single = tmp_path / "deep.json"
     single.write_bytes(deep_otlp_json())
     lines = tmp_path / "mixed.jsonl"
-    lines.write_bytes(json.dumps(good).encode() + b"\n" + deep_otlp_json() + b"\n" + json.dumps(good).encode() + b"\n")
+    lines.write_bytes(
+        json.dumps(good).encode() + b"\n" + deep_otlp_json() + b"\n" + json.dumps(good).encode() + b"\n"
+    )
     found: list[str] = []
     tables = list(read_trace_files([single, lines], on_error=lambda p: found.append(str(p))))
     assert any("deep.json" in p and "nested" in p for p in found), found

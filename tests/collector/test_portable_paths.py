@@ -28,4 +28,4 @@ def test_the_shared_real_traces_resolve_from_the_repository_root() -> None:
 
     root = TESTS.parent
     for module in (test_decode, test_native_decode):
-        assert module.REAL_TRACES == root.parent / "shared" / "real-traces"
+        assert root.parent / "shared" / "real-traces" == module.REAL_TRACES
