@@ -35,6 +35,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api import http_guards
 from api import rest_models as m
 from api.analysis_service import AnalysisService, ReportSnapshot, critical_path_ids, finding_ids, trace_detail
 from api.settings import Settings, parse_since
@@ -111,6 +112,7 @@ def create_app(
     app.state.store = store
     app.state.analysis = service
     app.state.settings = settings
+    http_guards.install(app)  # deep/oversized JSON bodies -> 400/413; a full disk -> 503 (issue 15)
 
     async def require_token(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]

@@ -71,10 +71,9 @@ def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -
     try:
         store = DuckDBSpanStore(path)
     except Exception as exc:
-        raise _fail(
-            f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
-            code=EXIT_STORE,
-        ) from exc
+        from api.store_errors import store_open_problem
+
+        raise _fail(store_open_problem(path, exc), code=EXIT_STORE) from None
     try:
         return store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
     finally:

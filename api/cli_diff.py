@@ -83,7 +83,12 @@ def report_for(path: Path) -> dict[str, Any]:
         from collector.duckdb_store import DuckDBSpanStore
         from collector.schema import ANALYSIS_COLUMNS
 
-        store = DuckDBSpanStore(str(path))
+        try:
+            store = DuckDBSpanStore(str(path))
+        except Exception as exc:  # a corrupt or locked store: one line, not a traceback
+            from api.store_errors import store_open_problem
+
+            raise InputError(store_open_problem(str(path), exc)) from None
         try:
             table = store.scan(columns=ANALYSIS_COLUMNS)
         finally:

@@ -98,11 +98,9 @@ def report_command(
         try:
             store = DuckDBSpanStore(path)
         except Exception as exc:  # duckdb raises IOException when a running server holds the file
-            raise _fail(
-                f"{path}: cannot open the store ({exc}). If `hourglass serve` is running on it, "
-                "open its report page at / or query its API instead.",
-                code=1,
-            ) from exc
+            from api.store_errors import store_open_problem
+
+            raise _fail(store_open_problem(path, exc), code=1) from None
         table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
         source = f"store {path}"
         fetch_trace = store.trace

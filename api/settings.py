@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 DEFAULT_DB = "hourglass.duckdb"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 class SettingError(ValueError):
@@ -81,8 +82,35 @@ class Settings:
     http_port: int = field(default_factory=lambda: _env_int("HOURGLASS_HTTP_PORT", 4318))
     api_port: int = field(default_factory=lambda: _env_int("HOURGLASS_API_PORT", 8000))
     api_token: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_API_TOKEN") or None)
+    # 8 MiB: an OpenTelemetry Collector batch (batch processor / exporter batcher default of 8192
+    # spans at ~0.3-1 KB each) fits; grpc's and the Collector's own default is 4 MiB.
     max_message_bytes: int = field(
-        default_factory=lambda: _env_int("HOURGLASS_MAX_MESSAGE_BYTES", 32 * 1024 * 1024)
+        default_factory=lambda: _env_int("HOURGLASS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+    )
+    # bytes of Exports being received or waiting to be decoded, per receiver, before refusals
+    receive_budget_bytes: int = field(
+        default_factory=lambda: _env_int("HOURGLASS_RECEIVE_BUDGET_BYTES", 64 * 1024 * 1024)
+    )
+    tls_cert: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_TLS_CERT") or None)
+    tls_key: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_TLS_KEY") or None)
+    tls_client_ca: str | None = field(
+        default_factory=lambda: os.environ.get("HOURGLASS_TLS_CLIENT_CA") or None
+    )
+    header_timeout_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_HEADER_TIMEOUT", "10s")
+    )
+    body_timeout_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_BODY_TIMEOUT", "60s")
+    )
+    keepalive_timeout_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_KEEPALIVE_TIMEOUT", "30s")
+    )
+    max_connections: int = field(default_factory=lambda: _env_int("HOURGLASS_MAX_CONNECTIONS", 1000))
+    grpc_max_idle_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_GRPC_MAX_IDLE", "5m")
+    )
+    grpc_keepalive_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_GRPC_KEEPALIVE", "60s")
     )
     retention_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_RETENTION", "7d"))
     settle_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_SETTLE", "10s"))
@@ -92,3 +120,5 @@ class Settings:
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}
 SETTING_ENV_VARS["retention_seconds"] = "HOURGLASS_RETENTION"
 SETTING_ENV_VARS["settle_seconds"] = "HOURGLASS_SETTLE"
+for _name in ("header_timeout", "body_timeout", "keepalive_timeout", "grpc_max_idle", "grpc_keepalive"):
+    SETTING_ENV_VARS[f"{_name}_seconds"] = f"HOURGLASS_{_name.upper()}"

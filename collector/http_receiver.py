@@ -85,14 +85,18 @@ def _peer(request: Request) -> str:
 
 
 def create_otlp_http_app(
-    pipeline: IngestPipeline, *, max_message_bytes: int = 32 * 1024 * 1024, api_token: str | None = None
+    pipeline: IngestPipeline,
+    *,
+    max_message_bytes: int = 32 * 1024 * 1024,
+    api_token: str | None = None,
+    receive_budget_bytes: int | None = None,
 ) -> Starlette:
     expected_auth = f"Bearer {api_token}".encode() if api_token else None
     # decoding holds the GIL: a couple at a time keeps the event loop free and bounds the memory
     # of half-decoded requests (the rest wait with only their compressed bodies)
     decode_slots = asyncio.Semaphore(CONCURRENT_DECODES)
     undecoded = UndecodedBytes(
-        max(MAX_UNDECODED_BYTES, 2 * max_message_bytes),
+        receive_budget_bytes or max(MAX_UNDECODED_BYTES, 2 * max_message_bytes),
         pipeline.retry_after_s,
         pipeline.count_overload_refusal,
     )
