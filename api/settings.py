@@ -39,6 +39,27 @@ def _env_duration(name: str, default: str) -> float:
         raise SettingError(f"{name}={text!r} is not a duration like 90s, 15m, 12h, 7d") from None
 
 
+def _api_token_from_env() -> str | None:
+    """HOURGLASS_API_TOKEN, else the contents of the file HOURGLASS_API_TOKEN_FILE names (a Docker
+    or Kubernetes secret mounted as a file), surrounding whitespace removed."""
+    token = os.environ.get("HOURGLASS_API_TOKEN")
+    if token:
+        return token
+    path = os.environ.get("HOURGLASS_API_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise SettingError(
+            f"HOURGLASS_API_TOKEN_FILE={path!r}: cannot read it ({exc.strerror or exc})"
+        ) from None
+    if not text:
+        raise SettingError(f"HOURGLASS_API_TOKEN_FILE={path!r} is empty")
+    return text
+
+
 def parse_duration_seconds(text: str) -> float:
     """'90', '90s', '15m', '12h', '7d' -> seconds."""
     text = text.strip().lower()
@@ -81,7 +102,7 @@ class Settings:
     grpc_port: int = field(default_factory=lambda: _env_int("HOURGLASS_GRPC_PORT", 4317))
     http_port: int = field(default_factory=lambda: _env_int("HOURGLASS_HTTP_PORT", 4318))
     api_port: int = field(default_factory=lambda: _env_int("HOURGLASS_API_PORT", 8000))
-    api_token: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_API_TOKEN") or None)
+    api_token: str | None = field(default_factory=lambda: _api_token_from_env())
     # 8 MiB: an OpenTelemetry Collector batch (batch processor / exporter batcher default of 8192
     # spans at ~0.3-1 KB each) fits; grpc's and the Collector's own default is 4 MiB.
     max_message_bytes: int = field(
