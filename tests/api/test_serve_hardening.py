@@ -495,3 +495,15 @@ def test_deeply_nested_api_bodies_are_400() -> None:
             reply = client.post("/v1/analyses", content=body, headers={"content-type": "application/json"})
     assert reply.status_code == 400
     assert "nested" in reply.json()["detail"]
+
+
+def test_deeply_nested_json_files_are_one_clear_line_for_the_cli(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"resourceSpans":' + "[" * 100_000 + "]" * 100_000 + "}")
+    for command in (["diff", str(deep), str(deep)], ["analyze", str(deep)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "api.cli", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode != 0
+        assert f"{deep}:" in result.stderr and "nested" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
