@@ -216,7 +216,7 @@ def test_the_leak_corpus_never_reaches_the_messages_api(
             cache_dir=tmp_path / "writeups",
         )
         context = LeakyContext()
-        outcome = writer.write(recs, context)  # type: ignore[arg-type]
+        outcome = writer.write(recs, context)
         assert outcome.fallback_reason is None
         assert sorted(set(context.calls)) == ["critical_path", "evidence", "neighbours"]  # every tool ran
         assert fake.request_count == 2

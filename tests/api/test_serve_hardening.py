@@ -430,7 +430,7 @@ def _varint(value: int) -> bytes:
 
 
 def _retry_delay(err: grpc.RpcError) -> float | None:
-    for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
+    for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
@@ -479,7 +479,7 @@ class _FullDiskStore:
 
 def test_reads_while_the_disk_is_full_answer_503_with_retry_after() -> None:
     with DuckDBSpanStore(":memory:") as inner:
-        app = create_app(_FullDiskStore(inner), settings=Settings(api_token=None), start_analysis=False)  # type: ignore[arg-type]
+        app = create_app(_FullDiskStore(inner), settings=Settings(api_token=None), start_analysis=False)
         with TestClient(app, raise_server_exceptions=False) as client:
             reply = client.get("/v1/stats")
     assert reply.status_code == 503
