@@ -294,6 +294,7 @@ def test_idle_and_slow_connections_are_closed_and_the_limit_holds(
         "HOURGLASS_BODY_TIMEOUT": "1.5s",
         "HOURGLASS_KEEPALIVE_TIMEOUT": "1s",
         "HOURGLASS_MAX_CONNECTIONS": "30",
+        "HOURGLASS_GRPC_MAX_IDLE": "1s",
     }
     serve = start(tmp_path, env=env)
     stop_after.append(serve)
@@ -355,6 +356,16 @@ def test_idle_and_slow_connections_are_closed_and_the_limit_holds(
     _emit(GrpcExporter(endpoint=serve.grpc, insecure=True, timeout=10), "after")
     _emit(HttpExporter(endpoint=serve.http, timeout=10), "after")
     assert _spans(serve) == 8
+    # a gRPC connection with no call for HOURGLASS_GRPC_MAX_IDLE is closed by the server (GOAWAY)
+    states: list[grpc.ChannelConnectivity] = []
+    with grpc.insecure_channel(serve.grpc) as channel:
+        channel.subscribe(states.append, try_to_connect=True)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        ready_at = time.monotonic()
+        while states[-1] is grpc.ChannelConnectivity.READY and time.monotonic() - ready_at < 6:
+            time.sleep(0.1)
+        assert states[-1] is grpc.ChannelConnectivity.IDLE, states
+        assert time.monotonic() - ready_at >= 0.9
 
 
 # -- 15.3: many concurrent large Exports: refused with RetryInfo, memory bounded -----------------------
