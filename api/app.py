@@ -41,6 +41,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api import http_guards
 from api import rest_models as m
 from api.analysis_service import AnalysisService, ReportSnapshot, critical_path_ids, finding_ids, trace_detail
 from api.jaeger_api import add_jaeger_routes
@@ -128,6 +129,7 @@ def create_app(
     app.state.analysis = service
     app.state.settings = settings
     app.state.lifespans = []
+    http_guards.install(app)  # deep/oversized JSON bodies -> 400/413; a full disk -> 503 (issue 15)
 
     async def require_token(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]

@@ -243,10 +243,9 @@ def open_store_for_analysis(path: str) -> Any:
     except StoreError as exc:
         raise _fail(str(exc), code=EXIT_STORE) from exc
     except Exception as exc:
-        raise _fail(
-            f"{redact(path)}: cannot open the store ({exc}). If `hourglass serve` is running on it, query its API instead.",
-            code=EXIT_STORE,
-        ) from exc
+        from api.store_errors import store_open_problem
+
+        raise _fail(store_open_problem(redact(path), exc), code=EXIT_STORE) from None
 
 
 def exit_code(report: dict[str, Any], input_problems: int) -> int:

@@ -24,6 +24,7 @@ import typer
 from analysis.diff import DEFAULT_GROWTH_THRESHOLD, diff_reports, render_markdown, render_text
 from analysis.gate import GATE_EXIT_CODE, GateSpec, GateSpecError, gate, gate_lines
 from api._cli_app import app
+from collector import json_limits
 
 REPORT_SCHEMA = "hourglass.report/v1"
 _SAVED_REPORT_MAX_BYTES = 64 * 1024 * 1024
@@ -38,8 +39,8 @@ def _saved_report(path: Path) -> dict[str, Any] | None:
     if path.suffix.lower() != ".json" or path.stat().st_size > _SAVED_REPORT_MAX_BYTES:
         return None
     try:
-        document = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = json_limits.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError):  # invalid, or nested too deep (JsonTooDeep)
         return None  # not a report; the trace readers will say what is wrong with it
     if isinstance(document, dict) and document.get("schema") == REPORT_SCHEMA:
         return document
@@ -83,7 +84,12 @@ def report_for(path: Path) -> dict[str, Any]:
         from collector.duckdb_store import DuckDBSpanStore
         from collector.schema import ANALYSIS_COLUMNS
 
-        store = DuckDBSpanStore(str(path))
+        try:
+            store = DuckDBSpanStore(str(path))
+        except Exception as exc:  # a corrupt or locked store: one line, not a traceback
+            from api.store_errors import store_open_problem
+
+            raise InputError(store_open_problem(str(path), exc)) from None
         try:
             table = store.scan(columns=ANALYSIS_COLUMNS)
         finally:

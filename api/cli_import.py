@@ -159,11 +159,9 @@ def import_command(
         err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_STORE_FAILED) from None
     except Exception as exc:  # duckdb raises several types (lock held by a running serve, bad file)
-        err.print(
-            f"{redact(db_path)}: cannot open the span store: {exc}. If `hourglass serve` is running on this file, "
-            "stop it first, or send the traces to its OTLP endpoint instead.",
-            markup=False,
-        )
+        from api.store_errors import store_open_problem
+
+        err.print(store_open_problem(redact(db_path), exc), markup=False)
         raise typer.Exit(EXIT_STORE_FAILED) from None
 
     bar = Progress(

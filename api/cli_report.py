@@ -105,11 +105,9 @@ def report_command(
         except StoreError as exc:
             raise _fail(str(exc), code=1) from exc
         except Exception as exc:  # duckdb raises IOException when a running server holds the file
-            raise _fail(
-                f"{redact(path)}: cannot open the store ({exc}). If `hourglass serve` is running on it, "
-                "open its report page at / or query its API instead.",
-                code=1,
-            ) from exc
+            from api.store_errors import store_open_problem
+
+            raise _fail(store_open_problem(redact(path), exc), code=1) from None
         table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
         from analysis.resources import attach_store_resources
 

@@ -30,7 +30,7 @@ def serve(
     ] = None,
     api_port: Annotated[int | None, typer.Option(help="REST API port (env HOURGLASS_API_PORT; 8000)")] = None,
     max_message_bytes: Annotated[
-        int | None, typer.Option(help="largest accepted Export (env HOURGLASS_MAX_MESSAGE_BYTES; 32 MiB)")
+        int | None, typer.Option(help="largest accepted Export (env HOURGLASS_MAX_MESSAGE_BYTES; 8 MiB)")
     ] = None,
     metrics_public: Annotated[
         bool | None,
@@ -52,9 +52,24 @@ def serve(
             help="drop traces that ended longer ago than this, e.g. 12h, 7d; 0 keeps all (env HOURGLASS_RETENTION; 7d)"
         ),
     ] = None,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            help="PEM certificate (chain): serve OTLP/gRPC, OTLP/HTTP and the API over TLS (env HOURGLASS_TLS_CERT)"
+        ),
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option(help="PEM private key of --tls-cert (env HOURGLASS_TLS_KEY)")
+    ] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            help="PEM CA: OTLP clients must present a certificate it signed (mutual TLS; env HOURGLASS_TLS_CLIENT_CA)"
+        ),
+    ] = None,
 ) -> None:
     """Receive OTLP traces (gRPC and HTTP), store them durably, serve the REST API and report."""
-    from api.serve import run_serve
+    from api.serve import TlsSettingError, run_serve
 
     settings = Settings()
     overrides = {
@@ -66,6 +81,9 @@ def serve(
         "max_message_bytes": max_message_bytes,
         "metrics_public": metrics_public,
         "self_traces_endpoint": self_traces_endpoint,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -91,6 +109,9 @@ def serve(
             raise typer.Exit(2) from None
     try:
         run_serve(settings)
+    except TlsSettingError as exc:
+        typer.echo(f"hourglass serve: {exc}", err=True)
+        raise typer.Exit(2) from None
     except (OSError, ValueError, StoreError) as exc:
         typer.echo(f"hourglass serve: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -21,26 +21,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import uvicorn
 
+from api.http_guards import guarded_h11_protocol
 from api.self_traces import SelfTracing, start_self_tracing
 from api.settings import Settings
+from api.store_errors import store_open_problem
 from collector import native_decode
-from collector.grpc_receiver import GrpcReceiver, tune_gc_for_decoding
+from collector.grpc_receiver import GrpcKeepalive, GrpcReceiver, GrpcTls, tune_gc_for_decoding
 from collector.http_receiver import create_otlp_http_app
 from collector.ingest import IngestPipeline
-from collector.store import SpanStore, open_store, redact
+from collector.store import SpanStore, StoreError, open_store, redact
 
 log = logging.getLogger("hourglass.serve")
 
@@ -92,6 +97,100 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+class StoreUnavailable(OSError):
+    """The store file cannot be opened; the message names it and says what to do."""
+
+
+def open_serve_store(path: str) -> SpanStore:
+    """The serve store (any ``--db`` form), or :class:`StoreUnavailable` with one line naming the
+    file and the fix (``collector.store.StoreError`` for a bad URL or an unreachable server)."""
+    try:
+        return open_store(path, serve=True, threads=STORE_THREADS)
+    except StoreError:
+        raise
+    except (duckdb.Error, OSError) as exc:
+        raise StoreUnavailable(store_open_problem(redact(path), exc)) from None
+
+
+class TlsSettingError(ValueError):
+    """TLS files missing, unreadable or not PEM; the CLI prints it and exits 2."""
+
+
+def _read_pem(path: str, what: str, flag: str) -> bytes:
+    try:
+        data = open(path, "rb").read()  # noqa: SIM115 - a small file read whole
+    except OSError as exc:
+        raise TlsSettingError(f"{flag} {path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise TlsSettingError(f"{flag} {path}: not a PEM file (expected a -----BEGIN ...----- block)")
+    return data
+
+
+def _load_tls(settings: Settings) -> GrpcTls | None:
+    """The certificate, key and optional client CA, checked before anything listens."""
+    if not settings.tls_cert and not settings.tls_key:
+        if settings.tls_client_ca:
+            raise TlsSettingError("--tls-client-ca needs --tls-cert and --tls-key (TLS must be on)")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise TlsSettingError("--tls-cert and --tls-key go together (HOURGLASS_TLS_CERT / HOURGLASS_TLS_KEY)")
+    cert = _read_pem(settings.tls_cert, "certificate", "--tls-cert")
+    key = _read_pem(settings.tls_key, "private key", "--tls-key")
+    client_ca = (
+        _read_pem(settings.tls_client_ca, "client CA", "--tls-client-ca") if settings.tls_client_ca else None
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:  # the same check uvicorn makes, but now: one clear line instead of a traceback later
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsSettingError(
+            f"--tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}: not a matching certificate and key ({exc})"
+        ) from None
+    return GrpcTls(cert_chain=cert, private_key=key, client_ca=client_ca)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+def _warn_about_exposure(settings: Settings) -> None:
+    """A clear warning at start-up when other hosts can reach serve without a token or TLS."""
+    if _is_loopback(settings.host):
+        return
+    if not settings.api_token:
+        _say(
+            f"WARNING: listening on {settings.host} (reachable from other hosts) with no token: anyone who "
+            "can connect can send spans and read every trace; set HOURGLASS_API_TOKEN"
+        )
+    if not settings.tls_cert:
+        _say(
+            f"WARNING: listening on {settings.host} without TLS: spans, reports and the token travel in "
+            "clear text; pass --tls-cert and --tls-key (HOURGLASS_TLS_CERT / HOURGLASS_TLS_KEY)"
+        )
+
+
+def _http_hardening(settings: Settings, tls: GrpcTls | None, *, client_ca: bool) -> dict[str, Any]:
+    """uvicorn settings shared by the OTLP/HTTP and API ports: read deadlines (a guarded h11
+    protocol), keep-alive timeout, concurrency limit, and TLS (mutual on the OTLP port only)."""
+    options: dict[str, Any] = {
+        "http": guarded_h11_protocol(settings.header_timeout_seconds, settings.body_timeout_seconds),
+        "timeout_keep_alive": settings.keepalive_timeout_seconds,
+        "limit_concurrency": settings.max_connections,
+    }
+    if tls is not None:
+        options["ssl_certfile"] = settings.tls_cert
+        options["ssl_keyfile"] = settings.tls_key
+        if client_ca and settings.tls_client_ca:
+            options["ssl_ca_certs"] = settings.tls_client_ca
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
 def _bound_port(server: uvicorn.Server) -> int:
     for listener in server.servers:
         for sock in listener.sockets:
@@ -114,7 +213,9 @@ async def _serve_async(
 ) -> None:
     from api.app import create_app
 
-    store = open_store(settings.db, serve=True, threads=STORE_THREADS)
+    tls = _load_tls(settings)
+    _warn_about_exposure(settings)
+    store = open_serve_store(settings.db)
     if not native_decode.AVAILABLE:
         log.warning(
             "the C extension collector._otlpscan is not built (no C compiler at install?): OTLP decoding "
@@ -128,6 +229,13 @@ async def _serve_async(
         max_message_bytes=settings.max_message_bytes,
         api_token=settings.api_token,
         decode_processes=DECODE_PROCESSES,
+        receive_budget_bytes=settings.receive_budget_bytes,
+        tls=tls,
+        keepalive=GrpcKeepalive(
+            keepalive_s=settings.grpc_keepalive_seconds,
+            max_idle_s=settings.grpc_max_idle_seconds,
+            handshake_timeout_s=settings.header_timeout_seconds,
+        ),
     )
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
@@ -149,7 +257,10 @@ async def _serve_async(
     http_server = _Server(
         uvicorn.Config(
             create_otlp_http_app(
-                pipeline, max_message_bytes=settings.max_message_bytes, api_token=settings.api_token
+                pipeline,
+                max_message_bytes=settings.max_message_bytes,
+                api_token=settings.api_token,
+                receive_budget_bytes=settings.receive_budget_bytes,
             ),
             host=settings.host,
             port=settings.http_port,
@@ -157,6 +268,7 @@ async def _serve_async(
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=RECEIVER_GRACE_S,
+            **_http_hardening(settings, tls, client_ca=True),
         )
     )
     api_app = create_app(store, settings=settings, ingest=pipeline)
@@ -170,6 +282,7 @@ async def _serve_async(
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            **_http_hardening(settings, tls, client_ca=False),
         )
     )
     tasks: list[asyncio.Task[None]] = []
@@ -188,10 +301,11 @@ async def _serve_async(
                     t.result()  # re-raise a bind error
                 raise RuntimeError("an HTTP server stopped during startup")
             await asyncio.sleep(0.02)
+        scheme = "https" if tls is not None else "http"
         endpoints = ServeEndpoints(
             grpc=f"{settings.host}:{grpc_port}",
-            http=f"http://{settings.host}:{_bound_port(http_server)}/v1/traces",
-            api=f"http://{settings.host}:{_bound_port(api_server)}",
+            http=f"{scheme}://{settings.host}:{_bound_port(http_server)}/v1/traces",
+            api=f"{scheme}://{settings.host}:{_bound_port(api_server)}",
         )
         endpoints_out.append(endpoints)
         if settings.self_traces_endpoint:
@@ -210,6 +324,11 @@ async def _serve_async(
         _say(f"MCP server (streamable HTTP) at {endpoints.api}/mcp")
         if settings.api_token:
             _say("bearer token required on all endpoints (HOURGLASS_API_TOKEN)")
+        if tls is not None:
+            mutual = (
+                "; OTLP clients must present a certificate signed by --tls-client-ca" if tls.client_ca else ""
+            )
+            _say(f"TLS on all three ports (certificate {settings.tls_cert}){mutual}")
         if on_ready is not None:
             on_ready(endpoints)
         if ready is not None:

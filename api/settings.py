@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 DEFAULT_DB = "hourglass.duckdb"
 DEFAULT_MEMORY_BUDGET = "1.5GiB"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 class SettingError(ValueError):
@@ -65,6 +66,27 @@ def _env_bytes(name: str, default: str) -> int:
         raise SettingError(f"{name}={exc}") from None
 
 
+def _api_token_from_env() -> str | None:
+    """HOURGLASS_API_TOKEN, else the contents of the file HOURGLASS_API_TOKEN_FILE names (a Docker
+    or Kubernetes secret mounted as a file), surrounding whitespace removed."""
+    token = os.environ.get("HOURGLASS_API_TOKEN")
+    if token:
+        return token
+    path = os.environ.get("HOURGLASS_API_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise SettingError(
+            f"HOURGLASS_API_TOKEN_FILE={path!r}: cannot read it ({exc.strerror or exc})"
+        ) from None
+    if not text:
+        raise SettingError(f"HOURGLASS_API_TOKEN_FILE={path!r} is empty")
+    return text
+
+
 def parse_duration_seconds(text: str) -> float:
     """'90', '90s', '15m', '12h', '7d' -> seconds."""
     text = text.strip().lower()
@@ -107,9 +129,36 @@ class Settings:
     grpc_port: int = field(default_factory=lambda: _env_int("HOURGLASS_GRPC_PORT", 4317))
     http_port: int = field(default_factory=lambda: _env_int("HOURGLASS_HTTP_PORT", 4318))
     api_port: int = field(default_factory=lambda: _env_int("HOURGLASS_API_PORT", 8000))
-    api_token: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_API_TOKEN") or None)
+    api_token: str | None = field(default_factory=lambda: _api_token_from_env())
+    # 8 MiB: an OpenTelemetry Collector batch (batch processor / exporter batcher default of 8192
+    # spans at ~0.3-1 KB each) fits; grpc's and the Collector's own default is 4 MiB.
     max_message_bytes: int = field(
-        default_factory=lambda: _env_int("HOURGLASS_MAX_MESSAGE_BYTES", 32 * 1024 * 1024)
+        default_factory=lambda: _env_int("HOURGLASS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+    )
+    # bytes of Exports being received or waiting to be decoded, per receiver, before refusals
+    receive_budget_bytes: int = field(
+        default_factory=lambda: _env_int("HOURGLASS_RECEIVE_BUDGET_BYTES", 64 * 1024 * 1024)
+    )
+    tls_cert: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_TLS_CERT") or None)
+    tls_key: str | None = field(default_factory=lambda: os.environ.get("HOURGLASS_TLS_KEY") or None)
+    tls_client_ca: str | None = field(
+        default_factory=lambda: os.environ.get("HOURGLASS_TLS_CLIENT_CA") or None
+    )
+    header_timeout_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_HEADER_TIMEOUT", "10s")
+    )
+    body_timeout_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_BODY_TIMEOUT", "60s")
+    )
+    keepalive_timeout_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_KEEPALIVE_TIMEOUT", "30s")
+    )
+    max_connections: int = field(default_factory=lambda: _env_int("HOURGLASS_MAX_CONNECTIONS", 1000))
+    grpc_max_idle_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_GRPC_MAX_IDLE", "5m")
+    )
+    grpc_keepalive_seconds: float = field(
+        default_factory=lambda: _env_duration("HOURGLASS_GRPC_KEEPALIVE", "60s")
     )
     retention_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_RETENTION", "7d"))
     settle_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_SETTLE", "10s"))
@@ -131,3 +180,5 @@ class Settings:
 SETTING_ENV_VARS: dict[str, str] = {f.name: f"HOURGLASS_{f.name.upper()}" for f in fields(Settings)}
 SETTING_ENV_VARS["retention_seconds"] = "HOURGLASS_RETENTION"
 SETTING_ENV_VARS["settle_seconds"] = "HOURGLASS_SETTLE"
+for _name in ("header_timeout", "body_timeout", "keepalive_timeout", "grpc_max_idle", "grpc_keepalive"):
+    SETTING_ENV_VARS[f"{_name}_seconds"] = f"HOURGLASS_{_name.upper()}"

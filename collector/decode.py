@@ -651,6 +651,12 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
     value_cache = _SEMANTIC_VALUE_CACHE
     for row, attributes in enumerate([s.attributes for s in kept]):
         span_hints: dict[str, Any] | None = None
+        # One rule for both decoders: per column, the value of the first attribute with the most
+        # preferred key is read, and only that one — the others are never parsed, so a malformed
+        # value under a less preferred key (http.status_code garbage beside a valid
+        # http.response.status_code) is ignored whatever the order, as the C path does. Values
+        # are therefore read after every key of the span has been seen.
+        chosen: dict[int, tuple[bytes, int, int]] | None = None
         for encoded in attributes:
             # low-cardinality semantic attributes (method, route, status, peer...) repeat byte for
             # byte across spans: one lookup of the whole KeyValue gives column, priority and value
@@ -691,6 +697,14 @@ def _decode_lean(msg: Any, ingested_ns: int) -> DecodeResult:
             priorities = semantic_priority[index]
             if (code & 15) < priorities[row]:
                 priorities[row] = code & 15
+                if chosen is None:
+                    chosen = {}
+                chosen[index] = (encoded, key_end, code)
+                semantic_values[index][row] = None  # read below, once the best key is known
+        if chosen is not None:
+            for index, (encoded, key_end, code) in chosen.items():
+                if semantic_priority[index][row] != code & 15:
+                    continue  # a cached value of a more preferred key came later
                 value = _semantic_value(encoded, key_end, index)
                 semantic_values[index][row] = value
                 if len(encoded) <= _VALUE_CACHE_MAX_BYTES:

@@ -65,6 +65,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import zstandard
 
+from collector import json_limits
 from collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
 from collector.readers import RecordProblem
 from collector.readers.jaeger import (
@@ -769,7 +770,11 @@ class TraceFileReader:
                 if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
                 try:
-                    value = json.loads(line)
+                    value = json_limits.loads(line)
+                except json_limits.JsonTooDeep as exc:
+                    report.skipped_spans += 1
+                    self._problem(report, str(lineno), f"{exc}; line skipped")
+                    continue
                 except json.JSONDecodeError as exc:
                     report.skipped_spans += 1
                     self._problem(report, f"{lineno}:{exc.colno}", f"invalid JSON: {exc.msg}; line skipped")
@@ -884,8 +889,8 @@ class TraceFileReader:
     def _json_frame(self, report: FileReport, position: str, payload: bytes) -> Iterator[pa.Table]:
         """A frame holding OTLP JSON (the file exporter's ``format: json`` with legacy compression)."""
         try:
-            value = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            value = json_limits.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError, json_limits.JsonTooDeep) as exc:
             report.skipped_spans += 1
             self._problem(report, position, f"invalid JSON in the message: {exc}; message skipped")
             return

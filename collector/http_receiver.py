@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from collector import json_limits
 from collector.decode import (
     RPC_CODE_INVALID_ARGUMENT,
     RPC_CODE_RESOURCE_EXHAUSTED,
@@ -91,15 +92,24 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return out
 
 
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
+
+
 def create_otlp_http_app(
-    pipeline: IngestPipeline, *, max_message_bytes: int = 32 * 1024 * 1024, api_token: str | None = None
+    pipeline: IngestPipeline,
+    *,
+    max_message_bytes: int = 32 * 1024 * 1024,
+    api_token: str | None = None,
+    receive_budget_bytes: int | None = None,
 ) -> Starlette:
     expected_auth = f"Bearer {api_token}".encode() if api_token else None
     # decoding holds the GIL: a couple at a time keeps the event loop free and bounds the memory
     # of half-decoded requests (the rest wait with only their compressed bodies)
     decode_slots = asyncio.Semaphore(CONCURRENT_DECODES)
     undecoded = UndecodedBytes(
-        max(MAX_UNDECODED_BYTES, 2 * max_message_bytes),
+        receive_budget_bytes or max(MAX_UNDECODED_BYTES, 2 * max_message_bytes),
         pipeline.retry_after_s,
         pipeline.count_overload_refusal,
     )
@@ -147,7 +157,9 @@ def create_otlp_http_app(
         if content_type == PROTOBUF:
             return decode_export_request(body)
         try:
-            obj = json.loads(body)
+            obj = json_limits.loads(body)
+        except json_limits.JsonTooDeep as exc:
+            raise DecodeError(f"body is refused: {exc}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DecodeError(f"body is not valid JSON: {exc}") from None
         return decode_otlp_json(obj)
@@ -181,6 +193,8 @@ def create_otlp_http_app(
                     async with decode_slots:
                         result = await run_in_threadpool(_decode, body, content_type, encoding == "gzip")
                 except DecodeError as exc:
+                    # one line per refused request, never a traceback
+                    log.warning("OTLP/HTTP Export from %s refused (400): %.300s", _peer(request), exc)
                     raise _RequestError(400, RPC_CODE_INVALID_ARGUMENT, str(exc)) from None
                 except MemoryError:  # a pathological request: retryable, never UNKNOWN
                     raise _RequestError(

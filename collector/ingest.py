@@ -67,25 +67,34 @@ class UndecodedBytes:
         self.retry_after_s = retry_after_s
         self.held = 0
         self._on_refuse = on_refuse  # the pipeline's overload counter
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
 
-    def reserve(self, size: int) -> None:
+    def reserve(self, size: int, *, wait_s: float = 0.0) -> None:
+        """Hold ``size`` bytes, waiting up to ``wait_s`` for room; else ``Overloaded``."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
-            refuse = self.held and self.held + size > self.limit
+            while self.held and self.held + size > self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._lock.wait(remaining)
+            refuse = bool(self.held and self.held + size > self.limit)
             if not refuse:
                 self.held += size
+            held = self.held
         if refuse:
             if self._on_refuse is not None:
                 self._on_refuse()
             raise Overloaded(
-                f"ingest overloaded: {self.held} bytes of Exports waiting to be decoded (limit "
-                f"{self.limit}); retry after {self.retry_after_s:g}s",
+                f"ingest overloaded: {held} bytes of Exports being received or waiting to be decoded "
+                f"(limit {self.limit}); retry after {self.retry_after_s:g}s",
                 self.retry_after_s,
             )
 
     def release(self, size: int) -> None:
         with self._lock:
             self.held -= size
+            self._lock.notify_all()
 
     @contextlib.contextmanager
     def hold(self, size: int) -> Iterator[None]:

@@ -68,7 +68,12 @@ class IngestLog:
 
     def __init__(self, directory: str | Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # the new directory's entry lives in its parent: make it durable before any segment
+            # in it is trusted (an fsynced segment in a directory a crash forgets is lost)
+            _fsync_directory(self.directory)
+            _fsync_directory(self.directory.parent)
         self.segment_bytes = segment_bytes
         self.applied = self._read_applied()
         self._segments: list[_Segment] = []
@@ -190,6 +195,9 @@ class IngestLog:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, self.directory / _APPLIED_FILE)
+        # the rename is durable only once the directory is: without this a crash could bring
+        # back the old count, and the segments deleted below would be replayed from nothing
+        _fsync_directory(self.directory)
         keep: list[_Segment] = []
         drop: list[_Segment] = []
         for index, segment in enumerate(self._segments):

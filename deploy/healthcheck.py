@@ -8,6 +8,7 @@ the compose file expect. Standard library only: it runs in the image's interpret
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -17,9 +18,12 @@ HEALTH_PATH = "/healthz"
 
 def main() -> int:
     port = os.environ.get("HOURGLASS_API_PORT", "8000")
-    url = f"http://127.0.0.1:{port}{HEALTH_PATH}"
+    tls = bool(os.environ.get("HOURGLASS_TLS_CERT"))
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}{HEALTH_PATH}"
+    # loopback to our own server: its certificate names the service, not 127.0.0.1
+    context = ssl._create_unverified_context() if tls else None
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:
+        with urllib.request.urlopen(url, timeout=3, context=context) as response:
             if response.status == 200:
                 return 0
             print(f"{url} answered {response.status}", file=sys.stderr)

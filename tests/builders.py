@@ -1,10 +1,10 @@
 """Hand-built traces for unit tests: rows of collector.schema.SPAN_SCHEMA without a decoder.
 
-    b = TraceBuilder(service="frontend")
-    root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
-    b.span("SELECT user", parent=root, start_ms=10, dur_ms=50, service="users-db", kind=KIND_CLIENT,
-           db_system="sqlite", db_statement="SELECT * FROM users WHERE id = ?")
-    table = spans_table(b)            # or spans_table([b1, b2, ...])
+b = TraceBuilder(service="frontend")
+root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+b.span("SELECT user", parent=root, start_ms=10, dur_ms=50, service="users-db", kind=KIND_CLIENT,
+       db_system="sqlite", db_statement="SELECT * FROM users WHERE id = ?")
+table = spans_table(b)            # or spans_table([b1, b2, ...])
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ _span_counter = itertools.count(1)
 
 
 class TraceBuilder:
-    def __init__(self, service: str = "frontend", trace_id: str | None = None, base_ns: int = BASE_NS) -> None:
+    def __init__(
+        self, service: str = "frontend", trace_id: str | None = None, base_ns: int = BASE_NS
+    ) -> None:
         self.service = service
         self.trace_id = trace_id or f"{next(_trace_counter):032x}"
         self.base_ns = base_ns
@@ -52,7 +54,9 @@ class TraceBuilder:
         start = self.base_ns + int(start_ms * 1_000_000)
         events = list(events)
         event_hints = [
-            {"name": n, "time_ns": self.base_ns + int(t * 1_000_000), "attributes": a} for n, t, a in events if a
+            {"name": n, "time_ns": self.base_ns + int(t * 1_000_000), "attributes": a}
+            for n, t, a in events
+            if a
         ]
         row: dict[str, Any] = {name_: None for name_ in SPAN_SCHEMA.names}
         row.update(

@@ -394,3 +394,62 @@ def test_k8s_collector_resolves_the_headless_service(k8s: list[dict[str, Any]], 
     assert volumes[mount["name"]]["configMap"]["name"] == "otel-collector-config"
     assert config_path.name in configmap["data"]
     _one(k8s, "Namespace", namespace)
+
+
+# --------------------------------------------------------------------------- token and TLS (issue 15.2)
+
+
+def test_compose_replicas_and_collector_share_a_token_from_a_secret(compose: dict[str, Any]) -> None:
+    secrets = compose["secrets"]
+    for name, svc in _hourglass_services(compose).items():
+        (secret,) = svc["secrets"]
+        path = svc["environment"]["HOURGLASS_API_TOKEN_FILE"]
+        assert path == f"/run/secrets/{secret}", name
+        assert "HOURGLASS_API_TOKEN" not in svc["environment"], "no token value in the compose file"
+        assert "file" in secrets[secret]
+    collector = compose["services"]["otel-collector"]
+    assert set(collector["secrets"]) == set(secrets)
+    config = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    header = config["exporters"]["loadbalancing"]["protocol"]["otlp"]["headers"]["authorization"]
+    (secret,) = secrets
+    assert header == f"Bearer ${{file:/run/secrets/{secret}}}"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert str(PurePosixPath("deploy") / secrets[secret]["file"].removeprefix("./")) in ignored
+
+
+def test_k8s_pods_and_collector_share_a_token_from_a_secret(k8s: list[dict[str, Any]]) -> None:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    (generated,) = kustomization["secretGenerator"]
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True
+    key, _, source = generated["files"][0].partition("=")
+    assert str(PurePosixPath("deploy/k8s") / source) in (ROOT / ".gitignore").read_text().splitlines()
+
+    def token_ref(container: dict[str, Any]) -> dict[str, Any]:
+        (env,) = [e for e in container["env"] if e["name"] == "HOURGLASS_API_TOKEN"]
+        ref: dict[str, Any] = env["valueFrom"]["secretKeyRef"]
+        return ref
+
+    (pod,) = _one(k8s, "StatefulSet", "hourglass")["spec"]["template"]["spec"]["containers"]
+    (collector,) = _one(k8s, "Deployment", "otel-collector")["spec"]["template"]["spec"]["containers"]
+    for container in (pod, collector):
+        assert token_ref(container) == {"name": generated["name"], "key": key}
+    config = yaml.safe_load(_one(k8s, "ConfigMap", "otel-collector-config")["data"]["config.yaml"])
+    header = config["exporters"]["loadbalancing"]["protocol"]["otlp"]["headers"]["authorization"]
+    assert header == "Bearer ${env:HOURGLASS_API_TOKEN}"
+
+
+def test_deploy_files_say_how_to_add_certificates() -> None:
+    for path in (DEPLOY / "compose.yaml", DEPLOY / "k8s" / "hourglass.yaml", DEPLOY / "README.md"):
+        text = path.read_text()
+        assert "HOURGLASS_TLS_CERT" in text and "HOURGLASS_TLS_KEY" in text, path.name
+
+
+def test_the_token_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-from-a-secret\n")
+    monkeypatch.delenv("HOURGLASS_API_TOKEN", raising=False)
+    monkeypatch.setenv("HOURGLASS_API_TOKEN_FILE", str(token_file))
+    assert Settings().api_token == "s3cret-from-a-secret"
+    token_file.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        Settings()

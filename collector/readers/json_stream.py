@@ -25,6 +25,8 @@ import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from collector.json_limits import MAX_JSON_DEPTH, json_depth
+
 __all__ = ["JsonStreamError", "iter_json_events"]
 
 _DECODER = json.JSONDecoder()
@@ -89,6 +91,8 @@ class _Buffer:
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.text, self.pos)
+            except RecursionError:  # nested deeper than the interpreter allows: never a crash
+                raise self.error(f"a value nested deeper than {MAX_JSON_DEPTH} levels", self.pos) from None
             except json.JSONDecodeError as exc:
                 if self.eof:
                     raise self.error(exc.msg, exc.pos) from None
@@ -99,6 +103,11 @@ class _Buffer:
                 # a number may continue in the next chunk: make sure it has ended
                 self.more()
                 continue
+            depth = json_depth(self.text[self.pos : end])
+            if depth > MAX_JSON_DEPTH:
+                raise self.error(
+                    f"a value nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})", self.pos
+                )
             self.pos = end
             return value
 

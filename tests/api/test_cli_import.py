@@ -121,7 +121,7 @@ def test_bad_files_are_named_with_positions_and_good_data_kept(tmp_path: Path) -
 def test_store_that_cannot_be_opened_exits_1(tmp_path: Path) -> None:
     result = run("--db", str(tmp_path), str(REAL_TRACES / "zipkin-v2__skew.json"), cwd=tmp_path)
     assert result.returncode == 1
-    assert f"{tmp_path}: cannot open the span store" in result.stderr
+    assert f"{tmp_path}: cannot open the store" in result.stderr
 
 
 def test_db_default_comes_from_settings(tmp_path: Path) -> None:

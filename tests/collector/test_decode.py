@@ -29,7 +29,8 @@ from collector.decode import (
 )
 from collector.schema import SPAN_SCHEMA
 
-REAL_TRACES = Path("/work/shared/real-traces")
+# the shared real-traces folder sits beside the repository (resolved from the root, not one machine)
+REAL_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "real-traces"
 
 
 def _sdk_spans():

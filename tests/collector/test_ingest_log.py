@@ -210,3 +210,35 @@ def test_a_failed_append_leaves_no_torn_record_before_later_ones(
     ingest_log.close()
     replayed = pa.concat_tables(list(IngestLog(directory).replay()))
     assert replayed.equals(pa.concat_tables([first, last]))
+
+
+def test_directory_entries_are_fsynced_after_mkdir_and_after_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15.7: a new log directory and the applied-count rename survive a power cut only when
+    the directories holding their entries are fsynced, not only after a new segment."""
+    from collector import ingest_log
+
+    events: list[tuple[str, str]] = []
+    real_fsync_directory = ingest_log._fsync_directory
+    real_replace = os.replace
+
+    def fsync_directory(directory: Path) -> None:
+        events.append(("fsync", str(directory)))
+        real_fsync_directory(directory)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest_log, "_fsync_directory", fsync_directory)
+    monkeypatch.setattr(ingest_log.os, "replace", replace)
+    directory = tmp_path / "nested" / "db.ingest-log"
+    log = IngestLog(directory)
+    assert ("fsync", str(directory)) in events and ("fsync", str(directory.parent)) in events
+    log.append(_batch(0, 10))
+    events.clear()
+    log.mark_applied(10)
+    replaced = events.index(("replace", str(directory / "applied")))
+    assert ("fsync", str(directory)) in events[replaced + 1 :]
+    log.close()

@@ -26,7 +26,8 @@ from collector.decode import _LEAN, DecodeError, decode_export_request
 from collector.files import TraceFileReader
 from tests.collector.test_decode import _sdk_spans
 
-REAL_TRACES = Path("/work/shared/real-traces")
+# the shared real-traces folder sits beside the repository (resolved from the root, not one machine)
+REAL_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "real-traces"
 
 pytestmark = pytest.mark.skipif(
     not native_decode.AVAILABLE and os.environ.get("HOURGLASS_PURE_PYTHON") == "1",

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import httpx
@@ -89,7 +90,7 @@ def _start(
     *,
     token: str | None = None,
     max_message_bytes: int = 1 << 20,
-    grpc_options: dict[str, int] | None = None,
+    grpc_options: dict[str, Any] | None = None,
     **caps: float,
 ) -> Generator[Receivers, None, None]:
     pipeline = IngestPipeline(store, **caps)  # type: ignore[arg-type]
