@@ -21,6 +21,9 @@ when
 * it is not a retry burst (most calls failed with identical parameters);
 * it is not a hedge or a duplicate: calls that all carry the **same** known parameters are not one
   call per item (left out, noted as a near miss);
+* it is not a scatter-gather: calls that name a shard, partition, bucket or replica (in the name,
+  route, URL or peer), or that go to different peers, address one branch each — a batch endpoint
+  cannot span servers, and the fan-out detectors judge them (left out, noted as a near miss);
 * at least one call is on the critical path of a parent on the critical path.
 
 What it saves, and how it is priced
@@ -68,6 +71,8 @@ MIN_INSTANCES_FOR_SHARE = 5
 MIN_SERVER_SAVING_NS = 5_000_000
 PER_ITEM_COST_FRACTION = 0.05
 MAX_EXEMPLARS = 5
+# A call that names a shard, partition, bucket or replica addresses one branch of a scatter-gather.
+PER_BRANCH = r"(?i)shard|partition|bucket|replica"
 
 
 def _groups(calls: pl.DataFrame) -> pl.DataFrame:
@@ -115,6 +120,17 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
             (pl.col("end_ns").max() - pl.col("start_ns").min()).alias("latency_ns"),
             pl.col("on_critical_path").any().alias("any_on_path"),
             pl.col("kind_inferred").any().alias("inferred_roles"),
+            # one call per shard / partition / server rather than per item: a scatter-gather
+            (
+                pl.concat_str(
+                    [pl.col("name"), pl.col("op_detail"), pl.col("http_url"), pl.col("peer")],
+                    separator=" ",
+                    ignore_nulls=True,
+                )
+                .str.contains(PER_BRANCH)
+                .any()
+                | (pl.col("peer").n_unique() > 1)
+            ).alias("per_branch"),
         )
         .with_columns(
             (pl.col("median_ns") + (pl.col("server_ns") - pl.col("median_ns")) * PER_ITEM_COST_FRACTION)
@@ -181,6 +197,11 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             reason = (
                 f"only {together:.0%} < {MIN_TOGETHER_SHARE:.0%} of the calls start before the first one ends: "
                 "started in waves by a capped pool (fanout_concurrency_limit's finding)"
+            )
+        elif bool(group["per_branch"].mean() >= 0.5):
+            reason = (
+                "one call per shard, partition or server, not per item: a scatter-gather, which "
+                "fanout_straggler and fanout_concurrency_limit judge (a batch endpoint cannot span servers)"
             )
         elif same_params:
             reason = "every call carries the same parameters: a duplicate or hedged request, not one per item"

@@ -225,6 +225,27 @@ def test_the_same_id_fetched_concurrently_is_a_near_miss_not_a_batch() -> None:
     assert any("same parameters" in m.reason for m in ctx.near_misses if m.kind == "batchable_calls")
 
 
+def shard_fanout(by_peer: bool = False) -> TraceBuilder:
+    """GET /search querying 8 shards of one index at once (the demo's scatter-gather)."""
+    b = TraceBuilder(service="storefront")
+    root = b.span("GET /search", start_ms=0, dur_ms=120, kind=KIND_SERVER)
+    for k in range(8):
+        url = f"http://search/indexes/items/{'q' if by_peer else f'shards/{k}'}/search?q=lamp"
+        b.span("GET", parent=root, start_ms=5 + 0.2 * k, dur_ms=90 if k == 7 else 20 + k, kind=KIND_CLIENT,
+               http_method="GET", http_url=url, peer=f"search-{k}" if by_peer else None)  # fmt: skip
+    return b
+
+
+def test_a_scatter_gather_across_shards_or_servers_is_not_batchable() -> None:
+    """One call per shard (named in the URL) or per server (different peers) is a fan-out for the
+    fan-out detectors, not a request per item a batch endpoint could take: a near miss that says so.
+    Its twin above (one call per item id to one server) is reported."""
+    for by_peer in (False, True):
+        ctx = ctx_of(*[shard_fanout(by_peer) for _ in range(5)])
+        assert batchable_calls.detect(ctx) == []
+        assert any("scatter-gather" in m.reason for m in ctx.near_misses if m.kind == "batchable_calls")
+
+
 def test_a_handful_of_concurrent_calls_gives_nothing() -> None:
     assert batchable_calls.detect(ctx_of(*[fanout(items=3) for _ in range(5)])) == []
 
