@@ -286,6 +286,18 @@ def _inventory(stock_ms: float) -> list[Row]:
     ]  # fmt: skip
 
 
+def _batch() -> list[Row]:
+    """GET /cart fetching its 8 items from the catalog at once, one GET per item id: a batch
+    endpoint would take them in one call (batchable_calls)."""
+    rows: list[Row] = [(-1, "cart", "GET /cart", S, 0, 70, {"http_method": "GET", "http_route": "/cart"})]
+    for k in range(8):
+        rows.append(
+            (0, "cart", "GET item", C, 5 + 0.1 * k, 60 if k == 7 else 20 + k,
+             {"http_method": "GET", "http_url": f"http://catalog/items/{{n}}{k}", "peer": "catalog"})
+        )  # fmt: skip
+    return rows
+
+
 def _healthy_parallel() -> list[Row]:
     rows: list[Row] = [(-1, "frontend", "GET /home", S, 0, 80, {"http_method": "GET", "http_route": "/home"})]
     for k, svc in enumerate(["ads", "news", "weather", "stocks"]):
@@ -327,6 +339,7 @@ SHAPES: dict[str, tuple[float, list[Row]]] = {
     "error": (0.05, _error()),
     "inventory": (0.05, _inventory(20)),
     "hung": (0.003, _inventory(2_500)),
+    "batch": (0.03, _batch()),
     "healthy_parallel": (0.16, _healthy_parallel()),
     "healthy_big": (0.20, _healthy_big()),
 }
