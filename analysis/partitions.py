@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 PROCESS_BASE_BYTES = 300 * 2**20
 PEAK_BYTES_PER_SPAN = 1_800
 ROWS_BYTES_PER_SPAN = 120
+MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 
 
 class BudgetError(ValueError):
@@ -83,8 +84,10 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
         return Plan(spans, 1, 1)
     workers = max(1, workers)
     per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - spans * ROWS_BYTES_PER_SPAN) // workers
-    if per_worker <= 0 and workers > 1:
-        return plan(spans, budget, 1, largest_trace)
+    if per_worker < MIN_WORKER_BYTES and workers > 1:
+        # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
+        # partition is one more scan of the store)
+        return plan(spans, budget, workers - 1, largest_trace)
     if per_worker <= 0:
         need = 2 * PROCESS_BASE_BYTES + spans * ROWS_BYTES_PER_SPAN + 1_000 * PEAK_BYTES_PER_SPAN
         raise BudgetError(

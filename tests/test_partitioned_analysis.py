@@ -141,5 +141,8 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
         partitions.BudgetError, match="trace 4bf92f3577b34da6a3ce929d0e0e4736 alone has 500,000 spans"
     ):
         partitions.plan(2_000_000, 1 << 30, 1, largest)
+    # a budget that leaves each of two workers too little plans fewer workers, not hundreds of parts
+    fewer = partitions.plan(5_000_000, int(1.5 * 2**30), 2)
+    assert fewer.workers == 1 and fewer.parts < 50
     too_small = _run("analyze", "--db", store, "--memory-budget", "10MB")
     assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr
