@@ -198,7 +198,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 f"only {together:.0%} < {MIN_TOGETHER_SHARE:.0%} of the calls start before the first one ends: "
                 "started in waves by a capped pool (fanout_concurrency_limit's finding)"
             )
-        elif bool(group["per_branch"].mean() >= 0.5):
+        elif _common.num(group["per_branch"].mean()) >= 0.5:
             reason = (
                 "one call per shard, partition or server, not per item: a scatter-gather, which "
                 "fanout_straggler and fanout_concurrency_limit judge (a batch endpoint cannot span servers)"
