@@ -187,17 +187,7 @@ class StoreSource:
             store.close()
 
 
-@dataclass(frozen=True)
-class FrameSource:
-    """Partitions of spans already in memory (trace files): split by trace id here."""
-
-    frame: pl.DataFrame
-
-    def load(self, part: int, parts: int) -> pl.DataFrame:
-        return split_by_trace(self.frame, parts)[part] if parts > 1 else self.frame
-
-
-Source = StoreSource | FrameSource
+Source = StoreSource
 
 
 def open_for_reading(location: str) -> Any:

@@ -522,11 +522,7 @@ def analyze_partitioned(
     exemplars = sorted(
         {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
     )
-    ctx = (
-        AnalysisContext.from_table(read_traces(exemplars))
-        if exemplars
-        else AnalysisContext.from_table(read_traces([]))
-    )
+    ctx = AnalysisContext.from_table(read_traces(exemplars))
     ctx.cache["call_stats"] = {fid: duration_stats(d) for fid, d in calls.items()}
     ctx.cache["scope_languages"] = scope_languages(extracted.services)
     write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))

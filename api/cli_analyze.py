@@ -119,7 +119,6 @@ def analyze_store(
     whole traces (:func:`analysis.pipeline.analyze_partitioned`) in worker processes or on the
     Dask cluster, with a progress bar on a terminal."""
     from analysis import partitions
-    from analysis.detectors import DETECTORS, PARTS
     from analysis.pipeline import analyze, analyze_partitioned
 
     store = open_store_for_analysis(path)
@@ -139,8 +138,7 @@ def analyze_store(
                 plan = partitions.Plan(spans, max(2, partitions.plan(spans, run.budget, 1).parts), 0)
         except partitions.BudgetError as exc:
             raise _fail(str(exc)) from None
-        # Every detector must be split for a partitioned run; until then the whole store is read.
-        if set(PARTS) != set(DETECTORS) or (plan.parts == 1 and run.cluster is None):
+        if plan.parts == 1 and run.cluster is None:
             from analysis.resources import attach_store_resources
 
             # the services' languages ride along in the table's metadata (for the designs' pseudocode)

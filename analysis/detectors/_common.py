@@ -265,3 +265,23 @@ def exemplars(trace_ids: list[str], limit: int = 5) -> list[str]:
 def num(value: Any) -> float:
     """A polars scalar (median, max, ...) as float; 0.0 for null/empty."""
     return float(value) if isinstance(value, int | float) else 0.0
+
+
+def caller_group_columns() -> list[pl.Expr]:
+    """The aggregations every per-caller group of calls carries (``n_plus_one``'s sequences,
+    ``batchable_calls``' groups): who calls, where in the trace, what is called, which spans."""
+    return [
+        pl.col("trace_id").first(),
+        pl.col("parent_start_ns").first(),
+        pl.col("parent_span_id_").first().alias("caller_span_id"),
+        pl.col("parent_service").first().alias("caller_service"),
+        pl.col("parent_name").first().alias("caller_name"),
+        pl.col("parent_on_critical_path").first(),
+        pl.col("op_label").first(),
+        pl.col("op_detail").first(),
+        pl.col("target_service").first(),
+        pl.col("span_id"),
+        pl.len().alias("calls"),
+        pl.col("on_critical_path").any().alias("any_on_path"),
+        pl.col("kind_inferred").any().alias("inferred_roles"),
+    ]

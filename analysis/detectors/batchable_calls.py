@@ -99,17 +99,7 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
     return (
         ordered.group_by(key, maintain_order=True)
         .agg(
-            pl.col("trace_id").first(),
-            pl.col("parent_start_ns").first(),
-            pl.col("parent_span_id_").first().alias("caller_span_id"),
-            pl.col("parent_service").first().alias("caller_service"),
-            pl.col("parent_name").first().alias("caller_name"),
-            pl.col("parent_on_critical_path").first(),
-            pl.col("op_label").first(),
-            pl.col("op_detail").first(),
-            pl.col("target_service").first(),
-            pl.col("span_id"),
-            pl.len().alias("calls"),
+            *_common.caller_group_columns(),
             (pl.col("_conc").sum() / (pl.len() - 1)).alias("concurrent_share"),
             (pl.col("start_ns") < pl.col("end_ns").min()).mean().alias("together_share"),
             pl.col("params").drop_nulls().n_unique().alias("distinct_params"),
@@ -118,8 +108,6 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
             pl.col("duration_ns").sum().alias("server_ns"),
             pl.col("duration_ns").median().alias("median_ns"),
             (pl.col("end_ns").max() - pl.col("start_ns").min()).alias("latency_ns"),
-            pl.col("on_critical_path").any().alias("any_on_path"),
-            pl.col("kind_inferred").any().alias("inferred_roles"),
             # one call per shard / partition / server rather than per item: a scatter-gather
             (
                 pl.concat_str(

@@ -115,29 +115,17 @@ def _sequences(ordered: pl.DataFrame) -> pl.DataFrame:
     sequences = (
         ordered.group_by("seq_id", maintain_order=True)
         .agg(
-            pl.col("trace_id").first(),
+            *_common.caller_group_columns(),
             pl.col("parent_row").first(),
-            pl.col("parent_start_ns").first(),
             pl.col("start_ns").first().alias("first_start_ns"),
             pl.col("parent_duration_ns").first(),
-            pl.col("parent_span_id_").first().alias("caller_span_id"),
-            pl.col("parent_service").first().alias("caller_service"),
-            pl.col("parent_name").first().alias("caller_name"),
-            pl.col("parent_on_critical_path").first(),
             pl.col("root_duration_ns").first(),
             pl.col("op_key").first(),
-            pl.col("op_label").first(),
-            pl.col("op_detail").first(),
-            pl.col("target_service").first(),
-            pl.col("span_id"),
-            pl.len().alias("calls"),
             pl.col("params").drop_nulls().n_unique().alias("distinct_params"),
             pl.col("params").is_not_null().any().alias("params_known"),
             (pl.col("status_code") == STATUS_ERROR).mean().alias("error_share"),
             pl.col("duration_ns").sum().alias("serial_ns"),
             pl.col("duration_ns").max().alias("longest_ns"),
-            pl.col("on_critical_path").any().alias("any_on_path"),
-            pl.col("kind_inferred").any().alias("inferred_roles"),
         )
         .filter(pl.col("calls") >= MIN_REPEATS)
         .with_columns(
