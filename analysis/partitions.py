@@ -370,7 +370,7 @@ class ProcessExecutor:
                     broken = True
                     failures[i] += 1
                     if failures[i] > 1:
-                        self.close()
+                        self.close(wait=False)
                         raise PartitionError(
                             phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
                         ) from exc
@@ -378,7 +378,7 @@ class ProcessExecutor:
                 except Exception as exc:
                     failures[i] += 1
                     if failures[i] > 1:
-                        self.close()
+                        self.close(wait=False)
                         raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
                     log.warning(
                         "%s of partition %d/%d failed (%s); retrying once",
@@ -393,12 +393,14 @@ class ProcessExecutor:
                 if progress:
                     progress(phase, finished, len(calls))
             if broken:
-                self.close()
+                self.close(wait=False)
         return results
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker processes (waiting for them to exit, so none outlives the command;
+        ``wait=False`` when a task failed and the pool is abandoned)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
 
