@@ -391,7 +391,10 @@ def test_concurrent_large_exports_are_bounded_before_they_are_read(
     before = _peak_rss_kib(serve.pid)
     size = 12 << 20  # one ResourceSpans field whose content is not a message: refused after it is read
     request = b"\x0a" + _varint(size) + b"\x00" * size
-    calls = 32
+    # 96 calls that each reserve the whole budget are read one after another: ~0.5 s or more even on
+    # a fast, quiet machine, so the later ones wait past the 0.25 s limit whatever the machine's speed
+    # (with 32, a quiet machine read them all within the limit and nothing was refused)
+    calls = 96
     codes: list[tuple[grpc.StatusCode, float | None]] = []
     lock = threading.Lock()
     barrier = threading.Barrier(calls)
@@ -424,7 +427,7 @@ def test_concurrent_large_exports_are_bounded_before_they_are_read(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.INVALID_ARGUMENT,
     }
-    # unbounded, the 32 reads held 384 MiB at once (and grpc's copies of them); with a 16 MiB
+    # unbounded, the 96 reads held over 1 GiB at once (and grpc's copies of them); with a 16 MiB
     # budget one 16 MiB reservation is read at a time (each read is copied once by grpc)
     assert growth_mib < 128, f"serve grew by {growth_mib:.0f} MiB"
     assert httpx.get(f"{serve.api}/healthz", timeout=10).status_code == 200
