@@ -8,7 +8,7 @@ DB ?= hourglass.duckdb
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py collector/_otlpscan.c
+$(VENV)/.installed: pyproject.toml setup.py hourglass/collector/_otlpscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.py collector/_otlpscan.c
 # Starts `hourglass serve` on the embedded DuckDB store, runs the sample workload through the
 # real OTLP exporter and prints the ranked recommendations.
 demo: install
-	$(PY) -m api.demo --db $(DB)
+	$(PY) -m hourglass.demo --db $(DB)
 
 # Regenerates sample-traces/ from the instrumented workload (about 20 s; see sample-traces/README.md).
 sample-traces: install
@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check collector analysis api tests bench workload deploy
+	$(VENV)/bin/ruff check hourglass tests bench deploy scripts
 	$(VENV)/bin/mypy
 
 bench: bench-ingest bench-analysis bench-api

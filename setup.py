@@ -1,7 +1,7 @@
-"""Build configuration beyond pyproject.toml: the one C extension, ``collector._otlpscan``.
+"""Build configuration beyond pyproject.toml: the one C extension, ``hourglass.collector._otlpscan``.
 
-It is the per-span hot path of OTLP decoding (see collector/_otlpscan.c). It is optional: where
-no C compiler is available the install still succeeds and ``collector.decode`` falls back to the
+It is the per-span hot path of OTLP decoding (see hourglass/collector/_otlpscan.c). It is optional: where
+no C compiler is available the install still succeeds and ``hourglass.collector.decode`` falls back to the
 pure-Python decoder (slower, same results); ``hourglass serve`` says so when it starts.
 """
 
@@ -10,8 +10,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "collector._otlpscan",
-            sources=["collector/_otlpscan.c"],
+            "hourglass.collector._otlpscan",
+            sources=["hourglass/collector/_otlpscan.c"],
             extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         )

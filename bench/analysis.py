@@ -11,7 +11,7 @@ What it does, in one run:
    store (timed: **load**), times the **reference pass** — one polars pass that joins every span to
    its parent and flags children that start after their previous sibling ended — and then the
    **whole analysis** (repair + critical path + all detectors + what-if + ranking + template
-   writer, i.e. ``analysis.pipeline.analyze``) on the same in-memory frame, so the ratio compares
+   writer, i.e. ``hourglass.analysis.pipeline.analyze``) on the same in-memory frame, so the ratio compares
    like with like; it prints both (best of 3 alternating rounds, every run shown), their ratio,
    the load time and the total (load + analysis) beside them, the recommendations found and the
    peak RSS.
@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from collector.schema import (
+from hourglass.collector.schema import (
     ANALYSIS_COLUMNS,
     KIND_CLIENT,
     KIND_INTERNAL,
@@ -489,7 +489,7 @@ GENERATE_CHUNK_SPANS = 1_000_000
 def build_store(path: Path, spans: int) -> tuple[int, float]:
     """A DuckDB store of about ``spans`` spans, generated and written a million spans at a time
     (so a 10M-span store never needs the whole table in memory)."""
-    from collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     started = time.perf_counter()
     store = DuckDBSpanStore(str(path))
@@ -526,8 +526,8 @@ def reference_pass(frame: pl.DataFrame) -> int:
 
 def measure(db_path: str) -> dict[str, Any]:
     """Runs in a child process: load, reference pass, whole analysis; returns the figures."""
-    from analysis.pipeline import analyze
-    from collector.duckdb_store import DuckDBSpanStore
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     store = DuckDBSpanStore(db_path)
     started = time.perf_counter()

@@ -5,11 +5,11 @@ What it does, in one run:
 1. generates the same traces (``--spans``, default 100,000; 20 spans a trace, 6 attributes and one
    event a span) in four files: OTLP JSON Lines (the Collector file exporter's default), the file
    exporter's length-prefixed protobuf stream, Zipkin v2 JSON and Jaeger query-API JSON;
-2. for each file times ``collector.files.TraceFileReader`` — detection, parsing, conversion to
+2. for each file times ``hourglass.collector.files.TraceFileReader`` — detection, parsing, conversion to
    OTLP (Jaeger/Zipkin), decoding to span rows, with the GC thresholds ``hourglass import`` uses —
    and, as the **baseline in the same run**, the bare
    parse nothing can avoid: ``json.loads`` of every line or of the document for the JSON formats,
-   frame splitting plus ``TracesData.ParseFromString`` (through ``collector.decode.parse_traces_data``)
+   frame splitting plus ``TracesData.ParseFromString`` (through ``hourglass.collector.decode.parse_traces_data``)
    for the protobuf stream;
 3. prints spans/s for both and their ratio (how many times the bare parse the whole read costs).
 
@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from collector.decode import otlp_json_to_message, parse_traces_data
-from collector.files import TraceFileReader, gc_tuned_for_bulk_reading
-from collector.readers.otlp_proto import iter_length_prefixed
+from hourglass.collector.decode import otlp_json_to_message, parse_traces_data
+from hourglass.collector.files import TraceFileReader, gc_tuned_for_bulk_reading
+from hourglass.collector.readers.otlp_proto import iter_length_prefixed
 
 SPANS_PER_TRACE = 20
 BASE_US = 1_760_000_000_000_000

@@ -358,7 +358,7 @@ class RssSampler:
 def _start_serve(db: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     """(process, gRPC host:port, OTLP/HTTP URL)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(db)]
+    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(db)]
     cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -386,7 +386,7 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
 
 
 def _stored_unique_spans(db: Path) -> int:
-    from collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     with DuckDBSpanStore(str(db)) as store:
         return store.stats().spans

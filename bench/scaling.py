@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hourglass() -> list[str]:
-    """The installed console script next to this interpreter, else ``python -m api.cli``."""
+    """The installed console script next to this interpreter, else ``python -m hourglass``."""
     script = Path(sys.executable).with_name("hourglass")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hourglass"]
 
 
 def run_process(argv: list[str], *, stdout_path: str | None = None) -> dict[str, Any]:
@@ -96,8 +96,8 @@ def reference_child(db_path: str) -> dict[str, Any]:
     import polars as pl
 
     from bench.analysis import reference_pass
-    from collector.duckdb_store import DuckDBSpanStore
-    from collector.schema import ANALYSIS_COLUMNS
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
 
     started = time.perf_counter()
     store = DuckDBSpanStore(db_path)

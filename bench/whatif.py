@@ -46,7 +46,7 @@ def hourglass() -> list[str]:
     if local.exists():
         return [str(local)]
     found = shutil.which("hourglass")
-    return [found] if found else [sys.executable, "-m", "api.cli"]
+    return [found] if found else [sys.executable, "-m", "hourglass"]
 
 
 def run(args: list[str]) -> tuple[float, str]:

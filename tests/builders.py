@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from collector.schema import KIND_INTERNAL, SPAN_SCHEMA, STATUS_UNSET
+from hourglass.collector.schema import KIND_INTERNAL, SPAN_SCHEMA, STATUS_UNSET
 
 BASE_NS = 1_760_000_000_000_000_000  # an arbitrary epoch time in 2025
 _trace_counter = itertools.count(1)

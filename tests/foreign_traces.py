@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from collector.schema import KIND_CLIENT, KIND_SERVER, KIND_UNSPECIFIED
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, KIND_UNSPECIFIED
 from tests.builders import TraceBuilder
 
 U = KIND_UNSPECIFIED

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from workload.labels import check_report, load_labels, merge_labels, scores
+from hourglass.workload.labels import check_report, load_labels, merge_labels, scores
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample-traces"
@@ -35,7 +35,7 @@ def kill_tree(proc: subprocess.Popen[str]) -> None:
 
 def run_demo(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     report_path = tmp_path / "report.json"
-    command = [sys.executable, "-m", "api.demo", "--db", str(tmp_path / "demo.duckdb")]
+    command = [sys.executable, "-m", "hourglass.demo", "--db", str(tmp_path / "demo.duckdb")]
     command += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]  # free ports, chosen by the demo
     command += ["--no-wait", "--report-json", str(report_path), *extra]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -80,7 +80,7 @@ def test_demo_keeps_serving_until_ctrl_c_then_stops_the_server(tmp_path: Path) -
     command = [
         sys.executable,
         "-m",
-        "api.demo",
+        "hourglass.demo",
         "--db",
         str(tmp_path / "demo.duckdb"),
         "--scenario",
@@ -116,7 +116,7 @@ def test_demo_keeps_serving_until_ctrl_c_then_stops_the_server(tmp_path: Path) -
 
 
 def test_busy_default_ports_are_replaced_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    from api import demo
+    from hourglass import demo
 
     with socket.socket() as busy, socket.socket() as spare:
         busy.bind(("127.0.0.1", 0))

@@ -1,7 +1,7 @@
 """deploy/ agrees with the code: ports, endpoints, health paths, non-root image, trace-ID routing.
 
 Docker and Kubernetes do not run here, so the files are parsed (YAML, and the Dockerfile's
-instructions) and checked against ``api.settings.Settings`` defaults, the app's ``/healthz`` route
+instructions) and checked against ``hourglass.api.settings.Settings`` defaults, the app's ``/healthz`` route
 and ``hourglass serve``'s flags; the image's health-check script is run against a real server.
 """
 
@@ -23,9 +23,9 @@ import pytest
 import uvicorn
 import yaml
 
-from api.app import create_app
-from api.settings import SETTING_ENV_VARS, Settings
-from collector.duckdb_store import DuckDBSpanStore
+from hourglass.api.app import create_app
+from hourglass.api.settings import SETTING_ENV_VARS, Settings
+from hourglass.collector.duckdb_store import DuckDBSpanStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

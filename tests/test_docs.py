@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.settings import SETTING_ENV_VARS
+from hourglass.api.settings import SETTING_ENV_VARS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -15,7 +15,7 @@ def test_every_setting_variable_is_documented() -> None:
 
 
 def test_every_cli_command_is_documented() -> None:
-    from api.cli import app
+    from hourglass.cli import app
 
     names = [c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands]
     assert names, "no commands registered"
@@ -26,7 +26,7 @@ def test_every_cli_command_is_documented() -> None:
 def test_every_rest_route_is_documented() -> None:
     from fastapi.routing import APIRoute
 
-    from api.app import create_app
+    from hourglass.api.app import create_app
 
     class _NoStore:
         def __getattr__(self, name: str) -> object:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from workload.labels import check_report, load_labels
+from hourglass.workload.labels import check_report, load_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = ROOT / "sample-traces" / "foreign"

@@ -36,7 +36,7 @@ def _run(*args: Any, timeout: float = 240) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bench.analysis import generate_spans
-    from collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     path = tmp_path_factory.mktemp("partitioned") / "spans.duckdb"
     files = sorted((ROOT / "sample-traces").glob("*.otlp.jsonl"))
@@ -134,7 +134,7 @@ def test_an_unreachable_scheduler_is_one_line_within_ten_seconds(store: Path) ->
 
 
 def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
-    from analysis import partitions
+    from hourglass.analysis import partitions
 
     largest = ("4bf92f3577b34da6a3ce929d0e0e4736", 500_000)
     with pytest.raises(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from workload.labels import check_report, load_labels
+from hourglass.workload.labels import check_report, load_labels
 
 pytest.importorskip("chdb", reason="chdb is not installed (pip install -e '.[dev]')")
 

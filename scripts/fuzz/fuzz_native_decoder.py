@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""atheris harness for the C OTLP decoder (``collector._otlpscan`` + ``collector.native_decode``),
+"""atheris harness for the C OTLP decoder (``hourglass.collector._otlpscan`` + ``hourglass.collector.native_decode``),
 checked against the pure-Python decoder on every input it accepts.
 
 Per input: the C path either declines (``decode_native`` returns None: the Python decoder takes
 over), or gives a table — which must equal the Python decoder's table on the same bytes (same
-rule for duplicate and malformed attributes, see collector/decode.py) — or raises
+rule for duplicate and malformed attributes, see hourglass/collector/decode.py) — or raises
 ``DecodeError`` where the Python decoder raises it too. A crash inside the extension shows up
 as a signal; build it with AddressSanitizer for memory errors (README.md here).
 
@@ -20,8 +20,8 @@ import atheris
 from _harness import write_seeds
 
 with atheris.instrument_imports():
-    from collector import native_decode
-    from collector.decode import DecodeError, decode_export_request
+    from hourglass.collector import native_decode
+    from hourglass.collector.decode import DecodeError, decode_export_request
 
 
 def _outcome(data: bytes, native: bool) -> object:
@@ -45,7 +45,7 @@ def test_one_input(data: bytes) -> None:
 
 def main() -> None:
     if not native_decode.AVAILABLE:
-        sys.exit("collector._otlpscan is not built: run `make install` (needs gcc)")
+        sys.exit("hourglass.collector._otlpscan is not built: run `make install` (needs gcc)")
     if len(sys.argv) == 3 and sys.argv[1] == "--seed":
         write_seeds(sys.argv[2])
         return

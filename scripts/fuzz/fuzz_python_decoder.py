@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""atheris harness for the pure-Python OTLP decoder (``collector.decode``, ``native=False``).
+"""atheris harness for the pure-Python OTLP decoder (``hourglass.collector.decode``, ``native=False``).
 
-Any input must either decode or raise ``collector.decode.DecodeError``; anything else (another
+Any input must either decode or raise ``hourglass.collector.decode.DecodeError``; anything else (another
 exception, a crash, a hang) is a finding. Run from the repository root (see README.md here):
 
     python scripts/fuzz/fuzz_python_decoder.py --seed corpus/py      # write the seed requests
@@ -16,7 +16,7 @@ import atheris
 from _harness import write_seeds
 
 with atheris.instrument_imports():
-    from collector.decode import DecodeError, decode_export_request
+    from hourglass.collector.decode import DecodeError, decode_export_request
 
 
 def test_one_input(data: bytes) -> None:

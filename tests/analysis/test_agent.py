@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from analysis.agent import (
+from hourglass.analysis.agent import (
     DEFAULT_MODEL,
     TOOLS,
     AgentLimits,
@@ -23,7 +23,7 @@ from analysis.agent import (
     extract_json_object,
     ungrounded_numbers,
 )
-from analysis.writer import WriteOutcome, WrittenText
+from hourglass.analysis.writer import WriteOutcome, WrittenText
 from tests.fake_anthropic import (
     FakeAnthropic,
     Step,
@@ -726,8 +726,8 @@ def test_empty_report_makes_no_request(fake: FakeAnthropic, tmp_path: Path) -> N
 
 
 def test_select_writer_without_a_key_is_the_template_writer(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("analysis.template_writer")
-    from analysis.writer import select_writer
+    pytest.importorskip("hourglass.analysis.template_writer")
+    from hourglass.analysis.writers import select_writer
 
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     assert not isinstance(select_writer(), AnthropicWriter)
@@ -735,8 +735,8 @@ def test_select_writer_without_a_key_is_the_template_writer(monkeypatch: pytest.
 
 
 def test_select_writer_with_a_key_is_the_agent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    pytest.importorskip("analysis.template_writer")
-    from analysis.writer import select_writer
+    pytest.importorskip("hourglass.analysis.template_writer")
+    from hourglass.analysis.writers import select_writer
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.setenv("HOURGLASS_CACHE_DIR", str(tmp_path))
@@ -764,8 +764,8 @@ def test_select_writer_with_a_key_is_the_agent(monkeypatch: pytest.MonkeyPatch, 
 def test_select_writer_with_an_env_mapping_talks_to_its_base_url(
     fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    pytest.importorskip("analysis.template_writer")
-    from analysis.writer import select_writer
+    pytest.importorskip("hourglass.analysis.template_writer")
+    from hourglass.analysis.writers import select_writer
 
     base_url = fake.base_url
     monkeypatch.delenv("ANTHROPIC_BASE_URL")
@@ -821,7 +821,7 @@ def fake_model_step(request: dict[str, Any]) -> Step:
 
 def planted_n_plus_one_traces(count: int = 6) -> list[Any]:
     """N+1 traces whose span names, statements, URLs and attributes carry the planted secrets."""
-    from collector.schema import KIND_CLIENT, KIND_SERVER
+    from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
     from tests.builders import TraceBuilder
 
     builders = []
@@ -861,8 +861,8 @@ def planted_n_plus_one_traces(count: int = 6) -> list[Any]:
 
 
 def test_pipeline_report_written_by_the_agent(fake: FakeAnthropic, tmp_path: Path) -> None:
-    from analysis.pipeline import analyze
-    from analysis.template_writer import TemplateWriter
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.analysis.template_writer import TemplateWriter
     from tests.builders import spans_table
 
     fake.default = fake_model_step
@@ -894,8 +894,8 @@ def test_pipeline_report_written_by_the_agent(fake: FakeAnthropic, tmp_path: Pat
 
 
 def test_pipeline_report_falls_back_when_the_api_fails(fake: FakeAnthropic, tmp_path: Path) -> None:
-    from analysis.pipeline import analyze
-    from analysis.template_writer import TemplateWriter
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.analysis.template_writer import TemplateWriter
     from tests.builders import spans_table
 
     fake.default = error_reply(500, "upstream exploded")
@@ -1048,7 +1048,7 @@ def test_rest_api_report_is_written_by_the_agent_too(fake: FakeAnthropic, tmp_pa
 
 
 def test_cache_directory_resolution(tmp_path: Path) -> None:
-    from analysis.agent import default_cache_dir
+    from hourglass.analysis.agent import default_cache_dir
 
     assert default_cache_dir({"HOURGLASS_CACHE_DIR": str(tmp_path)}) == tmp_path / "writeups"
     assert default_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "hourglass" / "writeups"
@@ -1085,7 +1085,7 @@ def test_text_still_true_of_drifted_numbers_is_reused(fake: FakeAnthropic, tmp_p
 def test_cache_prunes_entries_unused_for_a_month(tmp_path: Path) -> None:
     import os
 
-    from analysis.agent import WriteupCache
+    from hourglass.analysis.agent import WriteupCache
 
     cache = WriteupCache(tmp_path, max_age_s=30 * 86400)
     cache.put("old", {"text": {"title": "t", "summary": "s", "actions": ["a"]}})
@@ -1099,7 +1099,7 @@ def test_cache_prunes_entries_unused_for_a_month(tmp_path: Path) -> None:
 
 
 def test_settings_default_model_matches_the_agent_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from api.settings import Settings
+    from hourglass.api.settings import Settings
 
     monkeypatch.delenv("HOURGLASS_LLM_MODEL", raising=False)
     assert Settings().llm_model == DEFAULT_MODEL
@@ -1147,7 +1147,7 @@ def test_connect_timeout_is_short_even_with_a_long_request_timeout(
 def test_design_sections_are_checked_one_by_one(fake: FakeAnthropic, tmp_path: Path) -> None:
     """A design section whose numbers disagree with the evidence, or pseudocode in another
     language, keeps the template's text; a grounded section from the model is used."""
-    from analysis.design import build_design
+    from hourglass.analysis.design import build_design
 
     answer = good_answer()
     answer[REC_A]["design"] = {
@@ -1179,8 +1179,8 @@ def test_design_sections_are_checked_one_by_one(fake: FakeAnthropic, tmp_path: P
 def test_pipeline_designs_reach_the_model_redacted_and_come_back_checked(
     fake: FakeAnthropic, tmp_path: Path
 ) -> None:
-    from analysis.pipeline import analyze
-    from analysis.template_writer import TemplateWriter
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.analysis.template_writer import TemplateWriter
     from tests.builders import spans_table
 
     def model(request: dict[str, Any]) -> Step:

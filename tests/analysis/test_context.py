@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import polars as pl
 
-from analysis.context import AnalysisContext
-from collector.schema import ANALYSIS_COLUMNS, KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.collector.schema import (
+    ANALYSIS_COLUMNS,
+    KIND_CLIENT,
+    KIND_CONSUMER,
+    KIND_PRODUCER,
+    KIND_SERVER,
+)
 from tests.builders import TraceBuilder, spans_table
 
 MS = 1_000_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from analysis.context import AnalysisContext
-from analysis.critical_path import compute_critical_path
-from collector.schema import KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.critical_path import compute_critical_path
+from hourglass.collector.schema import KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 MS = 1_000_000

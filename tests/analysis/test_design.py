@@ -20,15 +20,15 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from analysis.agent import _numbers_in, ungrounded_in
-from analysis.context import AnalysisContext
-from analysis.design import PROSE_FIELDS
-from analysis.pipeline import analyze
-from analysis.resources import normalise_language, service_resources
-from analysis.sequence import fmt_ms
-from api.sequence_svg import parse
-from collector.files import read_trace_files
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.agent import _numbers_in, ungrounded_in
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.design import PROSE_FIELDS
+from hourglass.analysis.pipeline import analyze
+from hourglass.analysis.resources import normalise_language, service_resources
+from hourglass.analysis.sequence import fmt_ms
+from hourglass.api.sequence_svg import parse
+from hourglass.collector.files import read_trace_files
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,7 +158,7 @@ def check_sequence_matches_exemplar(rec: dict[str, Any], table: pa.Table) -> Non
             f"{rec['id']}: {callee} missing from participants {names}"
         )
     # order: the drawn calls are the children, in start order (a bare SQL verb is shown as its statement)
-    from analysis.sequence import call_label
+    from hourglass.analysis.sequence import call_label
 
     for k in kids:
         k["name"] = call_label(k["name"], k["db_statement"])
@@ -324,7 +324,7 @@ def test_languages_from_sdk_runtime_and_jaeger_client_tags() -> None:
 
 
 def test_language_from_the_instrumentation_scope_when_the_resource_is_silent() -> None:
-    from analysis.resources import language_from_scope
+    from hourglass.analysis.resources import language_from_scope
 
     assert language_from_scope("go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp") == "go"
     assert language_from_scope("io.opentelemetry.spring-webmvc-6.0") == "java"
@@ -346,9 +346,9 @@ def test_language_from_the_instrumentation_scope_when_the_resource_is_silent() -
 
 def test_store_scan_carries_languages_to_the_analysis(tmp_path: Path) -> None:
     """A store scan has no resource_json column: the languages ride in the table's metadata."""
-    from analysis.resources import attach_store_resources
-    from collector.duckdb_store import DuckDBSpanStore
-    from collector.schema import ANALYSIS_COLUMNS
+    from hourglass.analysis.resources import attach_store_resources
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
 
     store = DuckDBSpanStore(str(tmp_path / "s.duckdb"))
     try:
@@ -405,9 +405,9 @@ def test_a_batch_endpoint_lands_before_its_callers_batch() -> None:
 
 
 def test_combined_saving_is_a_what_if_of_the_group_not_a_sum() -> None:
-    from analysis.model import Finding
-    from analysis.pipeline import analyze_context
-    from analysis.whatif import WhatIf
+    from hourglass.analysis.model import Finding
+    from hourglass.analysis.pipeline import analyze_context
+    from hourglass.analysis.whatif import WhatIf
 
     table = pa.concat_tables(
         [read(SAMPLES / "serialized_calls.otlp.jsonl"), read(SAMPLES / "fanout_straggler.otlp.jsonl")]
@@ -451,7 +451,7 @@ def test_real_files_designs_are_complete_grounded_and_drawn_from_the_exemplar(pa
     if table.num_rows == 0:
         pytest.skip(f"{path.name}: no spans")
     report = analyze(table)
-    from analysis.resources import scope_languages
+    from hourglass.analysis.resources import scope_languages
 
     by_scope = scope_languages(AnalysisContext.from_table(table).spans)
     languages = {s: r.get("language") for s, r in service_resources(table).items()}
@@ -519,7 +519,7 @@ def test_error_propagation_design_is_a_fallback_with_a_breaker() -> None:
 def test_every_kind_gets_a_complete_design_from_sparse_evidence(kind: str, language: str | None) -> None:
     """Real evidence may lack any number: the design stays complete and says so in words, never
     'None' and never an invented number."""
-    from analysis.design import build_design
+    from hourglass.analysis.design import build_design
 
     rec = {
         "id": f"{kind}-1", "kind": kind, "category": "fault_tolerance" if "retry" in kind else "parallelization",
@@ -537,7 +537,7 @@ def test_every_kind_gets_a_complete_design_from_sparse_evidence(kind: str, langu
 
 
 def test_markdown_shows_the_design_and_the_plan() -> None:
-    from analysis.render import render_markdown
+    from hourglass.analysis.render import render_markdown
 
     _, report = sample(SAMPLES / "serialized_calls.otlp.jsonl")
     text = render_markdown(report)

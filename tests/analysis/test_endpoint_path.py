@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.endpoint_path import critical_paths, endpoint_critical_path, endpoints
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.endpoint_path import critical_paths, endpoint_critical_path, endpoints
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_repeated_calls_fold_into_one_step() -> None:
 
 
 def test_lock_wait_dominates_the_ledger_transfer_path() -> None:
-    from collector.files import read_trace_files
+    from hourglass.collector.files import read_trace_files
 
     problems: list[object] = []
     tables = read_trace_files(

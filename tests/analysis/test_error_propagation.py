@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import random
 
-from analysis.context import AnalysisContext
-from analysis.detectors.error_propagation import detect
-from analysis.pipeline import analyze
-from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, STATUS_OK, STATUS_UNSET
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors.error_propagation import detect
+from hourglass.analysis.pipeline import analyze
+from hourglass.collector.schema import (
+    KIND_CLIENT,
+    KIND_INTERNAL,
+    KIND_SERVER,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_UNSET,
+)
 from tests.builders import TraceBuilder, spans_table
 
 

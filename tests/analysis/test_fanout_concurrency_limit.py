@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.detectors.fanout_concurrency_limit import detect
-from analysis.model import RunConcurrently
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors.fanout_concurrency_limit import detect
+from hourglass.analysis.model import RunConcurrently
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -175,7 +175,7 @@ def test_waves_with_a_partial_last_round() -> None:
 
 
 def test_end_to_end_saving_is_the_queueing_removed() -> None:
-    from analysis.pipeline import analyze
+    from hourglass.analysis.pipeline import analyze
 
     # Four 10 ms tasks through a pool of two take 20 ms; all at once they take 10 ms. The root
     # (25 ms: 2 ms before, 3 ms after) gets 10 ms back in each of the three traces.
@@ -228,7 +228,7 @@ def test_generic_client_span_names_are_split_by_endpoint() -> None:
 
 
 def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
-    from collector.schema import empty_span_table
+    from hourglass.collector.schema import empty_span_table
 
     assert detect(AnalysisContext.from_table(empty_span_table())) == []
     b = TraceBuilder(service="api")

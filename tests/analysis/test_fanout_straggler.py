@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.detectors.fanout_straggler import detect
-from analysis.model import ShortenSpan
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors.fanout_straggler import detect
+from hourglass.analysis.model import ShortenSpan
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -129,7 +129,7 @@ def test_straggler_off_the_critical_path_is_ignored() -> None:
 
 
 def test_end_to_end_saving_is_the_straggler_cut_to_the_median() -> None:
-    from analysis.pipeline import analyze
+    from hourglass.analysis.pipeline import analyze
 
     # Slowest branch 200 + 10i ms against a 41.5 ms median: the merge step waits for the straggler,
     # so each trace gets (200 + 10i) - 41.5 ms back: 158.5 ... 198.5 ms.
@@ -156,7 +156,7 @@ def test_an_occasional_slow_branch_among_many_balanced_fanouts_is_noise() -> Non
 
 
 def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
-    from collector.schema import empty_span_table
+    from hourglass.collector.schema import empty_span_table
 
     assert detect(AnalysisContext.from_table(empty_span_table())) == []
     b = TraceBuilder(service="api")

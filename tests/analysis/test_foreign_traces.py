@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from analysis.context import AnalysisContext
-from analysis.detectors import batchable_calls, n_plus_one, serialized_calls
-from analysis.model import CollapseSpans
-from analysis.pipeline import analyze
-from collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, KIND_UNSPECIFIED
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import batchable_calls, n_plus_one, serialized_calls
+from hourglass.analysis.model import CollapseSpans
+from hourglass.analysis.pipeline import analyze
+from hourglass.collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, KIND_UNSPECIFIED
 from tests.builders import TraceBuilder, spans_table
 
 U = KIND_UNSPECIFIED
@@ -286,7 +286,7 @@ def test_a_sibling_doing_its_own_work_still_blocks() -> None:
 
 
 def test_opentracing_db_type_and_sql_query_keys_fill_the_db_columns(tmp_path: Path) -> None:
-    from collector.files import read_trace_files
+    from hourglass.collector.files import read_trace_files
 
     def attr(key: str, value: str) -> dict[str, Any]:
         return {"key": key, "value": {"stringValue": value}}
@@ -311,7 +311,7 @@ def test_opentracing_db_type_and_sql_query_keys_fill_the_db_columns(tmp_path: Pa
 
 
 def test_template_says_what_to_check_first_when_independence_is_unverified() -> None:
-    from analysis.template_writer import TEMPLATES
+    from hourglass.analysis.template_writer import TEMPLATES
 
     rec = {
         "kind": "serialized_calls", "service": "planner", "operation": "plan", "targets": [],

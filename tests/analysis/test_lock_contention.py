@@ -13,16 +13,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.detectors.lock_contention import (
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors.lock_contention import (
     BUSY_PREFILTER,
     MIN_QUEUED_SHARE,
     _busy_groups,
     _peers_at_start,
     detect,
 )
-from analysis.model import ShortenSpan
-from collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
+from hourglass.analysis.model import ShortenSpan
+from hourglass.collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
 from tests.builders import BASE_NS, TraceBuilder, spans_table
 
 
@@ -279,7 +279,7 @@ def test_peer_sweep_packed_and_wide_time_ranges_agree() -> None:
 
 
 def test_end_to_end_saving_is_the_lock_wait() -> None:
-    from analysis.pipeline import analyze
+    from hourglass.analysis.pipeline import analyze
 
     # Waits of 0, 300 and 600 ms (three traces each); the query is the root's last work, so the
     # root gets each wait back: p50 of [300]*3 + [600]*3 is 450 ms, 2700 ms in all, against root
@@ -296,7 +296,7 @@ def test_end_to_end_saving_is_the_lock_wait() -> None:
 
 
 def test_end_to_end_convoy_saving_matches_the_true_queueing() -> None:
-    from analysis.pipeline import analyze
+    from hourglass.analysis.pipeline import analyze
 
     rng = random.Random(3)
     arrivals = bursty_arrivals(80, seed=11, mean_gap_ms=12.0)
@@ -349,7 +349,7 @@ def test_a_lock_that_rarely_makes_anyone_wait_is_not_a_bottleneck() -> None:
 
 
 def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
-    from collector.schema import empty_span_table
+    from hourglass.collector.schema import empty_span_table
 
     assert detect(AnalysisContext.from_table(empty_span_table())) == []
     b = TraceBuilder(service="api")

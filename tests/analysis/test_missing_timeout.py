@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.detectors.missing_timeout import detect
-from analysis.model import ShortenSpan
-from analysis.pipeline import analyze
-from analysis.whatif import WhatIf
-from collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors.missing_timeout import detect
+from hourglass.analysis.model import ShortenSpan
+from hourglass.analysis.pipeline import analyze
+from hourglass.analysis.whatif import WhatIf
+from hourglass.collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
 
 USUAL_MS = [18.0, 19.0, 20.0, 21.0, 22.0]

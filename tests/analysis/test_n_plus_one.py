@@ -5,11 +5,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.detectors import _common, n_plus_one
-from analysis.model import CollapseSpans
-from analysis.pipeline import analyze
-from collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common, n_plus_one
+from hourglass.analysis.model import CollapseSpans
+from hourglass.analysis.pipeline import analyze
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR
 from tests.builders import TraceBuilder, spans_table
 
 

@@ -1,6 +1,6 @@
 """Split detectors: extraction over partitions of whole traces + one decision == the whole.
 
-For every detector in ``analysis.detectors.PARTS`` and every trace set we have — the labelled sample
+For every detector in ``hourglass.analysis.detectors.PARTS`` and every trace set we have — the labelled sample
 traces, a generated mix of every bench shape, the HotROD traces, the real trace files and the real
 workloads in ``../shared`` — the findings of ``detect`` over all spans equal those of ``decide``
 over the combined extractions of 1, 3 and 7 partitions: the same ids, confidence, evidence,
@@ -16,11 +16,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from analysis import partitions
-from analysis.context import AnalysisContext, to_analysis_frame
-from analysis.detectors import DETECTORS, PARTS
-from analysis.model import Finding
-from collector.files import read_trace_files
+from hourglass.analysis import partitions
+from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+from hourglass.analysis.detectors import DETECTORS, PARTS
+from hourglass.analysis.model import Finding
+from hourglass.collector.files import read_trace_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"

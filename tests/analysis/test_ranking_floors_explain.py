@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.detectors import (
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import (
     error_propagation,
     fanout_concurrency_limit,
     fanout_straggler,
@@ -17,12 +17,12 @@ from analysis.detectors import (
     missing_timeout,
     retry_without_backoff,
 )
-from analysis.model import Finding, Occurrence, RunConcurrently
-from analysis.pipeline import MIN_SAVING_BY_KIND, analyze, score_findings
-from analysis.ranking import RISK_SHARE
-from analysis.render import render
-from analysis.report import MAX_NEAR_MISSES, near_miss_entries
-from collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_OK, STATUS_UNSET
+from hourglass.analysis.model import Finding, Occurrence, RunConcurrently
+from hourglass.analysis.pipeline import MIN_SAVING_BY_KIND, analyze, score_findings
+from hourglass.analysis.ranking import RISK_SHARE
+from hourglass.analysis.render import render
+from hourglass.analysis.report import MAX_NEAR_MISSES, near_miss_entries
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_OK, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
 
 # -- traces ------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_report_has_near_misses_only_with_explain_and_renders_them() -> None:
 
 
 def test_near_misses_are_deduplicated_sorted_and_capped() -> None:
-    from analysis.model import NearMiss
+    from hourglass.analysis.model import NearMiss
 
     many = [NearMiss("k", "svc", f"op{i:04d}", "why", ("t1",), traces=1) for i in range(MAX_NEAR_MISSES + 7)]
     many += [
@@ -341,7 +341,7 @@ def test_near_misses_are_deduplicated_sorted_and_capped() -> None:
 
 
 def test_near_misses_covered_by_a_recommendation_are_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    import analysis.pipeline as pipeline
+    import hourglass.analysis.pipeline as pipeline
 
     b, calls = sequence_trace(50, 200)
 

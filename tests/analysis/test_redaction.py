@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from analysis.redaction import (
+from hourglass.analysis.redaction import (
     CARD_MARK,
     EMAIL_MARK,
     IP_MARK,

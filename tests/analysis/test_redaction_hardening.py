@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from analysis import redaction
-from analysis.agent import AgentLimits, AnthropicWriter
-from analysis.redaction import is_sensitive_key, redact, redact_text
+from hourglass.analysis import redaction
+from hourglass.analysis.agent import AgentLimits, AnthropicWriter
+from hourglass.analysis.redaction import is_sensitive_key, redact, redact_text
 from tests.analysis.test_agent import REC_A, REC_B, TRACE_ID, StubTemplateWriter, good_answer, recommendations
 from tests.fake_anthropic import FakeAnthropic, json_reply, tool_use_reply
 

@@ -10,13 +10,13 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.model import Finding, Occurrence
-from analysis.pipeline import ContextView, analyze, analyze_context, trace_detail
-from analysis.ranking import Scored, rank
-from analysis.render import render_markdown, render_table
-from analysis.writer import WriteOutcome, WrittenText
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.pipeline import ContextView, analyze, analyze_context, trace_detail
+from hourglass.analysis.ranking import Scored, rank
+from hourglass.analysis.render import render_markdown, render_table
+from hourglass.analysis.writer import WriteOutcome, WrittenText
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 REAL_TRACES = Path(__file__).resolve().parents[3] / "shared" / "real-traces"
@@ -111,7 +111,7 @@ def test_ids_and_order_do_not_depend_on_input_order() -> None:
 
 
 def test_no_spans_give_an_empty_report() -> None:
-    from collector.schema import empty_span_table
+    from hourglass.collector.schema import empty_span_table
 
     report = analyze(empty_span_table())
     assert (report["traces_analyzed"], report["spans_analyzed"], report["recommendations"]) == (0, 0, [])
@@ -141,7 +141,7 @@ def test_ranking_by_expected_saving_and_requests_at_risk() -> None:
 
 
 def test_fault_tolerance_finding_without_latency_has_null_impact(monkeypatch: pytest.MonkeyPatch) -> None:
-    import analysis.pipeline as pipeline
+    import hourglass.analysis.pipeline as pipeline
 
     def planted(ctx: AnalysisContext) -> list[Finding]:
         trace = ctx.traces["trace_id"][0]
@@ -248,7 +248,7 @@ def test_trace_detail_lists_path_and_touching_findings() -> None:
 
 
 def read_files(paths: list[Path]) -> pa.Table:
-    from collector.files import read_trace_files
+    from hourglass.collector.files import read_trace_files
 
     problems: list[Any] = []
     tables = [t for t in read_trace_files([str(p) for p in paths], on_error=problems.append) if t.num_rows]
@@ -276,9 +276,9 @@ def test_every_real_trace_file_analyses(path: Path) -> None:
 
 @pytest.mark.skipif(not REAL_TRACES.exists(), reason="shared real traces not present")
 def test_same_spans_from_files_and_from_the_store_give_the_same_report(tmp_path: Path) -> None:
-    from analysis.resources import attach_store_resources
-    from collector.duckdb_store import DuckDBSpanStore
-    from collector.schema import ANALYSIS_COLUMNS
+    from hourglass.analysis.resources import attach_store_resources
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
 
     files = (
         real_trace_files()
@@ -300,7 +300,7 @@ def test_same_spans_from_files_and_from_the_store_give_the_same_report(tmp_path:
 
 
 def test_findings_below_the_confidence_floor_are_not_recommended() -> None:
-    from analysis.pipeline import MIN_REPORTED_CONFIDENCE, score_findings
+    from hourglass.analysis.pipeline import MIN_REPORTED_CONFIDENCE, score_findings
 
     b = TraceBuilder(service="shop")
     root = b.span("POST /pay", start_ms=0, dur_ms=100, kind=KIND_SERVER, status_code=2)

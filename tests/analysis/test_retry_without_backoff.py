@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from analysis.context import AnalysisContext
-from analysis.detectors.retry_without_backoff import detect
-from analysis.pipeline import analyze
-from collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors.retry_without_backoff import detect
+from hourglass.analysis.pipeline import analyze
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
 from tests.builders import TraceBuilder, spans_table
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from analysis.context import AnalysisContext
-from analysis.detectors import serialized_calls
-from analysis.model import RunConcurrently
-from analysis.pipeline import analyze
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import serialized_calls
+from hourglass.analysis.model import RunConcurrently
+from hourglass.analysis.pipeline import analyze
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from analysis.context import AnalysisContext
-from analysis.model import CollapseSpans, Finding, Occurrence, RunConcurrently, ShortenSpan
-from analysis.report import intervention_to_dict
-from analysis.whatif import WhatIf, retime_trace
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import CollapseSpans, Finding, Occurrence, RunConcurrently, ShortenSpan
+from hourglass.analysis.report import intervention_to_dict
+from hourglass.analysis.whatif import WhatIf, retime_trace
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 MS = 1_000_000
@@ -142,7 +142,7 @@ def test_deep_trace_is_retimed_without_recursion() -> None:
 
 
 def test_retime_trace_reruns_the_detector_when_the_report_recorded_no_interventions() -> None:
-    from analysis.pipeline import analyze
+    from hourglass.analysis.pipeline import analyze
 
     builders = []
     for _ in range(2):

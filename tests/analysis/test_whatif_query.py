@@ -12,18 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis.context import AnalysisContext
-from analysis.model import CapConcurrency, Finding, Occurrence, ScaleSelf
-from analysis.pipeline import analyze_context
-from analysis.whatif import WhatIf, intervention_from_dict, intervention_to_dict, retime_trace
-from analysis.whatif_query import (
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import CapConcurrency, Finding, Occurrence, ScaleSelf
+from hourglass.analysis.pipeline import analyze_context
+from hourglass.analysis.whatif import WhatIf, intervention_from_dict, intervention_to_dict, retime_trace
+from hourglass.analysis.whatif_query import (
     Change,
     WhatIfInputError,
     changes_from_cli,
     changes_from_json,
     evaluate,
 )
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,7 +274,7 @@ def test_properties_of_parallelize_and_cap(seed: int) -> None:
 
 
 def test_applying_a_recommendation_saves_what_the_report_says() -> None:
-    from collector.files import read_trace_files
+    from hourglass.collector.files import read_trace_files
 
     files = sorted(glob.glob(str(ROOT / "sample-traces" / "*.otlp.jsonl")))
     problems: list[object] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from analysis.detectors._common import WHITESPACE_RUN, normalized_sql
+from hourglass.analysis.detectors._common import WHITESPACE_RUN, normalized_sql
 
 CASES = [
     "SELECT *\n  FROM t\r\nWHERE  x = 1",

@@ -44,7 +44,7 @@ def hourglass_executable() -> list[str]:
     if exe.exists():
         return [str(exe)]
     found = shutil.which("hourglass")
-    return [found] if found else [sys.executable, "-m", "api.cli"]
+    return [found] if found else [sys.executable, "-m", "hourglass"]
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from api import analysis_service
-from api.analysis_service import AnalysisWorker, analyze_spans
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.api import analysis_service
+from hourglass.api.analysis_service import AnalysisWorker, analyze_spans
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 

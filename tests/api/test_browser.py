@@ -109,7 +109,7 @@ def test_report_file_from_the_cli_renders_offline(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "report.html"
     exe = root / ".venv" / "bin" / "hourglass"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hourglass"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     sample = root / "sample-traces" / "n_plus_one.otlp.jsonl"
     done = subprocess.run(

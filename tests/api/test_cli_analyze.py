@@ -68,8 +68,8 @@ def test_table_output_on_a_sample_workload() -> None:
 
 
 def test_store_and_filters(tmp_path: Path) -> None:
-    from collector.duckdb_store import DuckDBSpanStore
-    from collector.files import read_trace_files
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.files import read_trace_files
 
     db = tmp_path / "spans.duckdb"
     store = DuckDBSpanStore(str(db))

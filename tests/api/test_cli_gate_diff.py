@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from analysis.diff import diff_reports
-from analysis.gate import GATE_EXIT_CODE, GateSpec, GateSpecError, gate, severity
+from hourglass.analysis.diff import diff_reports
+from hourglass.analysis.gate import GATE_EXIT_CODE, GateSpec, GateSpecError, gate, severity
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample-traces"
@@ -181,8 +181,8 @@ def test_diff_input_errors_name_the_input(tmp_path: Path) -> None:
 def test_diff_flags_a_lock_that_grew_under_more_load(tmp_path: Path) -> None:
     """The same ledger code replayed at 4 and then 12 concurrent clients: the journal lock's
     convoy gets longer, so its lock_contention recommendation is new or grew and the gate fails."""
-    from workload.generate import otlp_json_lines, record_scenario
-    from workload.scenarios import SCENARIOS_BY_NAME
+    from hourglass.workload.generate import otlp_json_lines, record_scenario
+    from hourglass.workload.scenarios import SCENARIOS_BY_NAME
 
     scenario = SCENARIOS_BY_NAME["lock_contention"]
     paths = {}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.duckdb_store import DuckDBSpanStore
-from collector.files import TraceFileReader
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.files import TraceFileReader
 
 REAL_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "real-traces"
 INVALID_FILE = "invalid__otlp-json-mixed-id-encoding.json"

@@ -23,7 +23,7 @@ ZIPKIN_FILES = sorted(REAL_TRACES.glob("zipkin-v2__*.json"))
 
 def hourglass(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "hourglass", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 

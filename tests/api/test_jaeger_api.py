@@ -16,14 +16,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.jaeger_api import jaeger_traces
-from api.settings import Settings
-from collector.decode import decode_otlp_json
-from collector.duckdb_store import DuckDBSpanStore
-from collector.readers.jaeger import jaeger_to_otlp_json
-from collector.schema import SPAN_COLUMNS
-from collector.trace_query import TraceQuery, dependencies, operations, search_trace_ids
+from hourglass.api.app import create_app
+from hourglass.api.jaeger_api import jaeger_traces
+from hourglass.api.settings import Settings
+from hourglass.collector.decode import decode_otlp_json
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.readers.jaeger import jaeger_to_otlp_json
+from hourglass.collector.schema import SPAN_COLUMNS
+from hourglass.collector.trace_query import TraceQuery, dependencies, operations, search_trace_ids
 from tests.api.live_server import LiveServer, running_server, send_traces, wait_for_spans
 
 pytestmark = pytest.mark.timeout(180)
@@ -405,7 +405,7 @@ def test_round_trip_through_the_server_and_hourglass_import(server: LiveServer, 
     saved.write_bytes(exported.content)
     db = tmp_path / "reimported.duckdb"
     result = subprocess.run(
-        [sys.executable, "-m", "api.cli", "import", "--db", str(db), "--format", "json", str(saved)],
+        [sys.executable, "-m", "hourglass", "import", "--db", str(db), "--format", "json", str(saved)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,11 +16,11 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.app import create_app
-from api.metrics import AnalysisMetrics
-from api.settings import Settings
-from collector.decode import decode_otlp_json
-from collector.duckdb_store import DuckDBSpanStore
+from hourglass.api.app import create_app
+from hourglass.api.metrics import AnalysisMetrics
+from hourglass.api.settings import Settings
+from hourglass.collector.decode import decode_otlp_json
+from hourglass.collector.duckdb_store import DuckDBSpanStore
 from tests.api.test_serve import EXPORT_METHOD, Serve, _emit, _kill, start_serve
 
 pytestmark = pytest.mark.timeout(180)
@@ -183,8 +183,8 @@ def test_store_counts_are_recounted_at_most_every_20x_their_duration() -> None:
     """Unique counts scan the table: a scrape every few seconds must not keep a big store busy."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from api.metrics import HourglassCollector
-    from collector.store import StoreStats
+    from hourglass.api.metrics import HourglassCollector
+    from hourglass.collector.store import StoreStats
 
     class SlowStats:
         path = ":memory:"

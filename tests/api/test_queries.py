@@ -1,4 +1,4 @@
-"""api.queries.QueryEngine: one store context for a series of questions, rebuilt when the store changes,
+"""hourglass.api.queries.QueryEngine: one store context for a series of questions, rebuilt when the store changes,
 freed when idle."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import time
 import pyarrow as pa
 import pytest
 
-from analysis.whatif_query import WhatIfInputError
-from api.queries import QueryEngine
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.analysis.whatif_query import WhatIfInputError
+from hourglass.api.queries import QueryEngine
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api.report_html import (
+from hourglass.api.report_html import (
     MAX_ROWS,
     Exemplar,
     WaterfallSpan,
@@ -211,7 +211,7 @@ SAMPLE = ROOT / "sample-traces" / "serialized_calls.otlp.jsonl"
 
 def _hourglass(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     exe = ROOT / ".venv" / "bin" / "hourglass"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hourglass"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
@@ -280,7 +280,7 @@ SEQUENCE = "\n".join(
 
 
 def test_sequence_diagram_parses_participants_messages_and_blocks() -> None:
-    from api.sequence_svg import parse, render_sequence_svg
+    from hourglass.api.sequence_svg import parse, render_sequence_svg
 
     seq = parse(SEQUENCE)
     assert seq.display_names() == ["frontend", "users", "cart; v2 #1"]
@@ -299,7 +299,7 @@ def test_sequence_diagram_parses_participants_messages_and_blocks() -> None:
 
 
 def test_untrusted_names_in_sequence_diagrams_are_escaped() -> None:
-    from api.sequence_svg import render_sequence_svg
+    from hourglass.api.sequence_svg import render_sequence_svg
 
     evil = EVIL.replace("#", "#35;").replace(";", "#59;")
     text = f"sequenceDiagram\n participant P1 as {evil}\n P1->>P1: {evil} (1 ms)\n Note over P1: {evil}"

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
-from analysis.pipeline import analyze
-from api.report_html import render_report_html
-from collector.files import read_trace_files
+from hourglass.analysis.pipeline import analyze
+from hourglass.api.report_html import render_report_html
+from hourglass.collector.files import read_trace_files
 
 ROOT = Path(__file__).resolve().parents[2]
 

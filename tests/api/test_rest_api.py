@@ -18,11 +18,11 @@ import pyarrow as pa
 import pytest
 import uvicorn
 
-from api.analysis_service import AnalysisService
-from api.app import create_app
-from api.settings import Settings
-from collector.duckdb_store import DuckDBSpanStore
-from collector.schema import KIND_CLIENT, KIND_SERVER
+from hourglass.api.analysis_service import AnalysisService
+from hourglass.api.app import create_app
+from hourglass.api.settings import Settings
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.api.live_server import LiveServer, free_port, running_server, send_traces, wait_for_spans
 from tests.builders import TraceBuilder, spans_table
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
-from api.self_traces import check_not_self, parse_endpoint
+from hourglass.api.self_traces import check_not_self, parse_endpoint
 from tests.api.live_server import free_port
 from tests.api.test_serve import ROOT, _emit, _kill, start_serve
 
@@ -31,7 +31,7 @@ def test_endpoints_parse_and_this_server_is_refused() -> None:
     with pytest.raises(ValueError, match="own OTLP receiver"):
         check_not_self("http://localhost:4318", {4317, 4318})
     check_not_self("127.0.0.1:14317", {4317, 4318})  # another port on this machine: another server
-    check_not_self("collector.invalid:4317", {4317, 4318})  # another machine
+    check_not_self("hourglass.collector.invalid:4317", {4317, 4318})  # another machine
 
 
 def test_serve_refuses_to_trace_into_itself(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_serve_refuses_to_trace_into_itself(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "api.cli",
+            "hourglass",
             "serve",
             "--db",
             str(tmp_path / "s.duckdb"),

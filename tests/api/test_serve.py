@@ -31,8 +31,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from collector.duckdb_store import DuckDBSpanStore
-from collector.schema import SPAN_COLUMNS
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.schema import SPAN_COLUMNS
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ class Serve:
 
 def start_serve(db: Path, log: Path, *extra: str) -> Serve:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(db), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(db), "--host", "127.0.0.1"]
     cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0", *extra]
     with log.open("ab") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -297,8 +297,8 @@ def test_sigterm_with_exports_in_flight_acks_only_committed(tmp_path: Path) -> N
 
 def test_run_serve_in_process_runs_retention_and_stops_on_event(tmp_path: Path) -> None:
     """The python-level entry point; retention periodically removes traces older than the window."""
-    from api.serve import ServeEndpoints, run_serve
-    from api.settings import Settings
+    from hourglass.api.serve import ServeEndpoints, run_serve
+    from hourglass.api.settings import Settings
 
     settings = Settings()
     settings.db = str(tmp_path / "retention.duckdb")
@@ -349,7 +349,7 @@ def test_busy_port_is_a_clear_error(tmp_path: Path, flag: str) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         ports = {"--grpc-port": "0", "--http-port": "0", "--api-port": "0", flag: str(port)}
-        cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(tmp_path / "x.duckdb")]
+        cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(tmp_path / "x.duckdb")]
         result = subprocess.run(
             [*cmd, *[item for pair in ports.items() for item in pair]],
             cwd=ROOT,
@@ -372,7 +372,7 @@ def test_busy_port_is_a_clear_error(tmp_path: Path, flag: str) -> None:
 def test_bad_setting_variable_is_a_clear_error(tmp_path: Path, variable: str, value: str, says: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOURGLASS_")}
     result = subprocess.run(
-        [sys.executable, "-m", "api.cli", "serve", "--db", str(tmp_path / "x.duckdb")],
+        [sys.executable, "-m", "hourglass", "serve", "--db", str(tmp_path / "x.duckdb")],
         cwd=ROOT,
         env={**env, variable: value},
         capture_output=True,
@@ -389,7 +389,7 @@ def test_listening_sockets_give_accepted_connections_tcp_nodelay() -> None:
     import asyncio
     import socket
 
-    from api.serve import _listen
+    from hourglass.api.serve import _listen
 
     async def accepted_nodelay() -> int:
         seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()

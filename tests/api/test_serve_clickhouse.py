@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collector.store import StoreStats, open_store
+from hourglass.collector.backends import open_store
+from hourglass.collector.store import StoreStats
 from tests.api.live_server import (
     ROOT,
     LiveServer,

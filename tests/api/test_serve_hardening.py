@@ -31,10 +31,10 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-from api.app import create_app
-from api.serve import _warn_about_exposure
-from api.settings import Settings
-from collector.duckdb_store import DuckDBSpanStore
+from hourglass.api.app import create_app
+from hourglass.api.serve import _warn_about_exposure
+from hourglass.api.settings import Settings
+from hourglass.collector.duckdb_store import DuckDBSpanStore
 from tests.api.test_serve import EXPORT_METHOD, _emit, _kill
 
 pytestmark = pytest.mark.timeout(180)
@@ -152,7 +152,7 @@ class Serve:
 def start(tmp: Path, *flags: str, env: dict[str, str] | None = None, verify: Any = True) -> Serve:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
     log = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--db", str(tmp / "spans.duckdb"), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(tmp / "spans.duckdb"), "--host", "127.0.0.1"]
     cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0", *flags]
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -241,7 +241,7 @@ def test_tls_and_mutual_tls_with_the_real_exporters(
 
 
 def test_tls_file_problems_are_one_line_and_exit_2(pki: Pki, tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "api.cli", "serve", "--db", str(tmp_path / "x.duckdb")]
+    base = [sys.executable, "-m", "hourglass", "serve", "--db", str(tmp_path / "x.duckdb")]
     cases = [
         (["--tls-cert", str(pki.server_cert)], "go together"),
         (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(pki.server_key)], "cannot read"),
@@ -469,7 +469,7 @@ def test_a_corrupt_store_is_one_line_naming_the_file_for_serve_and_the_cli(tmp_p
         ["analyze", "--db", str(db)],
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "api.cli", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "hourglass", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 1, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -516,7 +516,7 @@ def test_deeply_nested_json_files_are_one_clear_line_for_the_cli(tmp_path: Path)
     deep.write_text('{"resourceSpans":' + "[" * 100_000 + "]" * 100_000 + "}")
     for command in (["diff", str(deep), str(deep)], ["analyze", str(deep)]):
         result = subprocess.run(
-            [sys.executable, "-m", "api.cli", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "hourglass", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
         )
         assert result.returncode != 0
         assert f"{deep}:" in result.stderr and "nested" in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.settings import parse_since
+from hourglass.api.settings import parse_since
 
 NOW_NS = 1_800_000_000_000_000_000
 

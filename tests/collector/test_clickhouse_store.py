@@ -22,9 +22,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from collector.clickhouse_store import ClickHouseSpanStore, parse_clickhouse_url
-from collector.decode import decode_traces_message
-from collector.schema import (
+from hourglass.collector.backends import open_store
+from hourglass.collector.clickhouse_store import ClickHouseSpanStore, parse_clickhouse_url
+from hourglass.collector.decode import decode_traces_message
+from hourglass.collector.schema import (
     ANALYSIS_COLUMNS,
     KIND_CLIENT,
     KIND_SERVER,
@@ -32,7 +33,7 @@ from collector.schema import (
     STATUS_ERROR,
     STATUS_OK,
 )
-from collector.store import StoreError, open_store, redact
+from hourglass.collector.store import StoreError, redact
 
 chdb = pytest.importorskip("chdb", reason="chdb is not installed (pip install -e '.[dev]')")
 
@@ -398,9 +399,9 @@ def test_the_scanner_path_and_the_per_span_path_give_the_same_otel_rows() -> Non
     protobuf path (no scanner, or bytes it refuses) must give the same rows."""
     import glob
 
-    from collector.decode_otel import to_otel_rows
-    from collector.files import read_trace_files
-    from collector.native_decode import AVAILABLE
+    from hourglass.collector.decode_otel import to_otel_rows
+    from hourglass.collector.files import read_trace_files
+    from hourglass.collector.native_decode import AVAILABLE
 
     if not AVAILABLE:
         pytest.skip("the C extension collector._otlpscan is not built")

@@ -1,4 +1,4 @@
-"""collector.decode: OTLP protobuf / JSON → span rows, against the real SDK's encoder."""
+"""hourglass.collector.decode: OTLP protobuf / JSON → span rows, against the real SDK's encoder."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from collector.decode import (
+from hourglass.collector.decode import (
     DecodeError,
     decode_export_request,
     decode_json_id,
@@ -27,7 +27,7 @@ from collector.decode import (
     otlp_json_to_message,
     rpc_status,
 )
-from collector.schema import SPAN_SCHEMA
+from hourglass.collector.schema import SPAN_SCHEMA
 
 # the shared real-traces folder sits beside the repository (resolved from the root, not one machine)
 REAL_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "real-traces"

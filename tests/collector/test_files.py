@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 import zstandard
 
-from collector.files import FileProblem, TraceFileReader, detect_format
+from hourglass.collector.files import FileProblem, TraceFileReader, detect_format
 
 REAL_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "real-traces"
 INVALID_FILE = "invalid__otlp-json-mixed-id-encoding.json"
@@ -392,11 +392,11 @@ def test_tempo_shapes(wrap: Callable[[dict[str, Any]], dict[str, Any]], tmp_path
 @pytest.fixture
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stream JSON documents in tiny pieces so every chunk boundary is crossed."""
-    import collector.files
-    import collector.readers.json_stream
+    import hourglass.collector.files
+    import hourglass.collector.readers.json_stream
 
-    monkeypatch.setattr(collector.readers.json_stream, "CHUNK_CHARS", 64)
-    monkeypatch.setattr(collector.files, "DOCUMENT_CHUNK_SPANS", 3)
+    monkeypatch.setattr(hourglass.collector.readers.json_stream, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(hourglass.collector.files, "DOCUMENT_CHUNK_SPANS", 3)
 
 
 def test_streamed_jaeger_document_keeps_paths_and_rows(tiny_chunks: None, tmp_path: Path) -> None:
@@ -461,7 +461,7 @@ def test_streamed_zipkin_traces_and_truncation(tiny_chunks: None, tmp_path: Path
 def test_gc_thresholds_are_restored() -> None:
     import gc
 
-    from collector.files import BULK_GC_THRESHOLDS, gc_tuned_for_bulk_reading
+    from hourglass.collector.files import BULK_GC_THRESHOLDS, gc_tuned_for_bulk_reading
 
     before = gc.get_threshold()
     with gc_tuned_for_bulk_reading():

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collector import json_limits
-from collector.duckdb_store import DuckDBSpanStore
-from collector.files import read_trace_files
+from hourglass.collector import json_limits
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.files import read_trace_files
 from tests.collector.test_receivers import Receivers, _start, make_request
 
 DEEP = 100_000

@@ -1,4 +1,4 @@
-"""collector.ingest_log and the store's ingest-log mode: durable on append, loaded in whole row
+"""hourglass.collector.ingest_log and the store's ingest-log mode: durable on append, loaded in whole row
 groups, read-your-writes, replay after a crash, torn tails cut."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from collector import duckdb_store
-from collector.duckdb_store import ROW_GROUP_ROWS, DuckDBSpanStore
-from collector.ingest_log import IngestLog
+from hourglass.collector import duckdb_store
+from hourglass.collector.duckdb_store import ROW_GROUP_ROWS, DuckDBSpanStore
+from hourglass.collector.ingest_log import IngestLog
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -217,7 +217,7 @@ def test_directory_entries_are_fsynced_after_mkdir_and_after_rename(
 ) -> None:
     """Issue 15.7: a new log directory and the applied-count rename survive a power cut only when
     the directories holding their entries are fsynced, not only after a new segment."""
-    from collector import ingest_log
+    from hourglass.collector import ingest_log
 
     events: list[tuple[str, str]] = []
     real_fsync_directory = ingest_log._fsync_directory

@@ -21,9 +21,9 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from bench.ingest import PLACEHOLDER, build_template
-from collector import native_decode
-from collector.decode import _LEAN, DecodeError, decode_export_request
-from collector.files import TraceFileReader
+from hourglass.collector import native_decode
+from hourglass.collector.decode import _LEAN, DecodeError, decode_export_request
+from hourglass.collector.files import TraceFileReader
 from tests.collector.test_decode import _sdk_spans
 
 # the shared real-traces folder sits beside the repository (resolved from the root, not one machine)
@@ -74,7 +74,7 @@ def _assert_same(data: bytes) -> None:
 
 def test_the_c_extension_is_built() -> None:
     # make install compiles it; without it ingest falls back to the ~3x slower Python decoder
-    assert native_decode.AVAILABLE, "collector._otlpscan is not built: run `make install` (needs gcc)"
+    assert native_decode.AVAILABLE, "hourglass.collector._otlpscan is not built: run `make install` (needs gcc)"
 
 
 def test_sdk_encoding_takes_the_native_path_and_matches() -> None:
@@ -249,7 +249,7 @@ def test_corrupted_requests_never_crash_and_match() -> None:
 
 
 def test_gather_checks_bounds() -> None:
-    from collector import _otlpscan
+    from hourglass.collector import _otlpscan
 
     starts = struct.pack("=2q", 0, 3)
     assert _otlpscan.gather(b"abcdef", starts, struct.pack("=2q", 2, 3)) == (
@@ -263,7 +263,7 @@ def test_gather_checks_bounds() -> None:
 
 
 def test_fallback_reasons_are_reported() -> None:
-    from collector import _otlpscan
+    from hourglass.collector import _otlpscan
 
     bad_id = trace_pb2.TracesData()
     bad_id.resource_spans.add().scope_spans.add().spans.add(trace_id=b"\x01" * 15, span_id=b"\x01" * 8)

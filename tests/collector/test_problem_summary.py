@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collector.files import FileProblem
-from collector.problem_summary import (
+from hourglass.collector.files import FileProblem
+from hourglass.collector.problem_summary import (
     MAX_KINDS_PER_SOURCE,
     ProblemSummary,
     kind_of,

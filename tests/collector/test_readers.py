@@ -9,12 +9,17 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from collector.decode import decode_otlp_json
-from collector.readers import InvalidRecord, normalize_id
-from collector.readers.jaeger import is_jaeger_json, jaeger_to_otlp_json, parse_duration_ns, parse_rfc3339_ns
-from collector.readers.otlp_json import is_otlp_json, merge_traces_data
-from collector.readers.zipkin import is_zipkin_json, shared_server_span_id, zipkin_to_otlp_json
-from collector.schema import (
+from hourglass.collector.decode import decode_otlp_json
+from hourglass.collector.readers import InvalidRecord, normalize_id
+from hourglass.collector.readers.jaeger import (
+    is_jaeger_json,
+    jaeger_to_otlp_json,
+    parse_duration_ns,
+    parse_rfc3339_ns,
+)
+from hourglass.collector.readers.otlp_json import is_otlp_json, merge_traces_data
+from hourglass.collector.readers.zipkin import is_zipkin_json, shared_server_span_id, zipkin_to_otlp_json
+from hourglass.collector.schema import (
     KIND_CLIENT,
     KIND_CONSUMER,
     KIND_INTERNAL,
@@ -517,7 +522,7 @@ def test_decode_fast_span_path_equals_parse_dict() -> None:
     from google.protobuf import json_format
     from opentelemetry.proto.trace.v1 import trace_pb2
 
-    from collector import decode
+    from hourglass.collector import decode
 
     spans = _otlp_span_dicts()
     assert len(spans) == 8 + 19 + 32 + 64 + 9  # OTLP JSON + JSONL + Jaeger + Zipkin + synthetic
@@ -553,7 +558,7 @@ def test_decode_fast_span_path_equals_parse_dict() -> None:
     ],
 )
 def test_decode_fast_span_path_declines_what_it_does_not_handle(span: dict[str, Any]) -> None:
-    from collector import decode
+    from hourglass.collector import decode
 
     assert decode._fast_span(span) is None
 

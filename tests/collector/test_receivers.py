@@ -24,11 +24,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from collector.duckdb_store import DuckDBSpanStore
-from collector.grpc_receiver import EXPORT_METHOD, GrpcReceiver
-from collector.http_receiver import create_otlp_http_app
-from collector.ingest import IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
-from collector.store import StoreStats
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.grpc_receiver import EXPORT_METHOD, GrpcReceiver
+from hourglass.collector.http_receiver import create_otlp_http_app
+from hourglass.collector.ingest import IngestClosed, IngestPipeline, Overloaded, UndecodedBytes
+from hourglass.collector.store import StoreStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -522,7 +522,7 @@ def test_http_wrong_method(receivers: Receivers) -> None:
 
 
 def test_group_commit_batches_concurrent_requests() -> None:
-    from collector.decode import decode_export_request
+    from hourglass.collector.decode import decode_export_request
 
     store = BlockingStore()
     pipeline = IngestPipeline(store)
@@ -545,7 +545,7 @@ def test_group_commit_batches_concurrent_requests() -> None:
 
 
 def test_close_commits_queued_then_refuses() -> None:
-    from collector.decode import decode_export_request
+    from hourglass.collector.decode import decode_export_request
 
     store = DuckDBSpanStore(":memory:")
     pipeline = IngestPipeline(store)
@@ -563,7 +563,7 @@ def test_close_commits_queued_then_refuses() -> None:
 
 
 def test_pipeline_overload_is_immediate_and_bounded() -> None:
-    from collector.decode import decode_export_request
+    from hourglass.collector.decode import decode_export_request
 
     store = BlockingStore()
     pipeline = IngestPipeline(store, max_pending_spans=10, retry_after_s=0.5)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from collector.clickhouse_store import ClickHouseSpanStore
-from collector.duckdb_store import DuckDBSpanStore
-from collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
-from collector.store import SpanStore, StoreStats, open_store
+from hourglass.collector.backends import open_store
+from hourglass.collector.clickhouse_store import ClickHouseSpanStore
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
+from hourglass.collector.store import SpanStore, StoreStats
 from tests.builders import BASE_NS, TraceBuilder, spans_table
 
 StoreFactory = Callable[[], SpanStore]
@@ -216,7 +217,7 @@ def test_write_is_durable_across_kill_9(tmp_path: Path, backend: str) -> None:
     script = textwrap.dedent(
         f"""
         import sys, time
-        from collector.store import open_store
+        from hourglass.collector.backends import open_store
         from tests.builders import TraceBuilder, spans_table
         store = open_store({location!r})
         for i in range(5):

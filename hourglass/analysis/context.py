@@ -1,0 +1,246 @@
+"""Trace frames: the repaired spans every detector reads, with critical-path columns.
+
+Contract (detectors code against it; keep these names working)::
+
+    @dataclass
+    class AnalysisContext:
+        spans: pl.DataFrame   # one row per span, repaired, sorted by (trace_id, start_ns, span_id)
+        traces: pl.DataFrame  # one row per trace
+        @classmethod
+        def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext
+
+``spans`` columns: every ``hourglass.collector.schema.ANALYSIS_COLUMNS`` column (``start_ns``/``end_ns`` after
+clock-skew correction), plus
+
+========================  =====  ==================================================================
+kind                      i8     the recorded kind, or the role inferred from structure for an
+                                 UNSPECIFIED span (:func:`hourglass.analysis.repair.infer_kinds`)
+kind_inferred             bool   ``kind`` was inferred (mark findings built on it)
+duration_ns               i64    end_ns - start_ns
+is_root                   bool   no parent, or parent missing (orphan)
+orphan                    bool   had a parent id that is absent from the trace
+blocking                  bool   the parent waits for it: False for FOLLOWS_FROM, messaging hand-offs
+                                 (PRODUCER/CONSUMER across services), children ending after the parent
+                                 ends beyond tolerance; True for roots
+depth                     i32    0 for roots
+on_critical_path          bool   on the critical path of its subtree root
+critical_ns               i64    this span's self time on the critical path (0 off the path)
+root_span_id              str    span id of its subtree root (the trace root, or an orphan root)
+root_duration_ns          i64    that root's duration
+row                       u32    row index of this frame, for joins
+parent_row                i64    row index of the parent (null for roots)
+clock_skew_ns             i64    shift applied to start/end by the clock-skew adjuster
+========================  =====  ==================================================================
+
+``traces`` columns: trace_id, root_span_id, root_service, root_name, root_start_ns,
+root_duration_ns, span_count, incomplete (orphans, several roots or no parentless root).
+The trace root is the parentless span (orphans only when there is none), the longest one when there
+are several.
+
+Repair rules are in :mod:`hourglass.analysis.repair`, the critical path in :mod:`hourglass.analysis.critical_path`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from hourglass.analysis import repair
+from hourglass.analysis.critical_path import CriticalPath, compute_critical_path
+from hourglass.analysis.model import NearMiss
+from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_SCHEMA
+
+_ANALYSIS_SCHEMA = pa.schema([SPAN_SCHEMA.field(c) for c in ANALYSIS_COLUMNS])
+
+TRACE_COLUMNS = (
+    "trace_id",
+    "root_span_id",
+    "root_service",
+    "root_name",
+    "root_start_ns",
+    "root_duration_ns",
+    "span_count",
+    "incomplete",
+)
+
+
+def to_analysis_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:
+    """The ANALYSIS_COLUMNS of ``table`` as polars, typed as SPAN_SCHEMA; absent columns are null."""
+    df = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
+    if not isinstance(df, pl.DataFrame):  # pl.from_arrow returns a Series for arrays
+        raise TypeError("expected a table of span rows")
+    empty = pl.from_arrow(_ANALYSIS_SCHEMA.empty_table())
+    assert isinstance(empty, pl.DataFrame)
+    missing = [pl.lit(None, dtype=empty.schema[c]).alias(c) for c in ANALYSIS_COLUMNS if c not in df.columns]
+    if missing:
+        df = df.with_columns(missing)
+    return df.select([pl.col(c).cast(empty.schema[c]) for c in ANALYSIS_COLUMNS])
+
+
+@dataclass
+class AnalysisContext:
+    spans: pl.DataFrame
+    traces: pl.DataFrame
+    critical: CriticalPath | None = field(default=None, repr=False)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # shared intermediate frames
+    near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # see note_near_miss
+
+    @classmethod
+    def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
+        df = to_analysis_frame(table)
+        df = repair.deduplicate(df)
+        # Canonical order (trace_id, start_ns, span_id): a trace's spans are contiguous and the
+        # report does not depend on input order. Stores already return rows in this order.
+        if not _is_canonical_order(df):
+            df = df.sort(["trace_id", "start_ns", "span_id"])
+        start = df["start_ns"].to_numpy().astype(np.int64)
+        end = df["end_ns"].to_numpy().astype(np.int64)
+        end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
+        parent, orphan = repair.link_parents(df)
+        had_parent_id = orphan | (parent >= 0)
+        parent, depth, root = repair.tree_depth_and_root(parent, start)
+        orphan = had_parent_id & (parent < 0)
+        codes = df.select(
+            pl.col("service").cast(pl.Categorical).to_physical().cast(pl.Int64).alias("s"),
+            pl.col("host").fill_null("").cast(pl.Categorical).to_physical().cast(pl.Int64).alias("h"),
+        )
+        service_code = codes["s"].to_numpy()
+        host_code = codes["h"].to_numpy()
+        db_named = df.select(pl.col("name").str.contains(repair.DB_NAME_PATTERN).fill_null(False))
+        kind, kind_inferred = repair.infer_kinds(
+            parent, df["kind"].fill_null(0).to_numpy(), service_code, db_named.to_series().to_numpy()
+        )
+        follows = df["follows_from"].fill_null(False).to_numpy()
+        asynchronous = repair.messaging_or_follows(parent, kind, service_code, follows)
+        shift = repair.clock_skew_shift(parent, start, end, host_code, service_code, asynchronous)
+        start = start + shift
+        end = end + shift
+        blocking = repair.blocking_flags(parent, start, end, asynchronous)
+        blocking &= ~repair.call_mirrors(parent, start, end, kind, service_code)
+        cp = compute_critical_path(parent, start, end, blocking)
+        duration = end - start
+        span_ids = df["span_id"]
+        spans = df.with_columns(
+            pl.Series("kind", kind, dtype=pl.Int8),
+            pl.Series("kind_inferred", kind_inferred),
+            pl.Series("start_ns", start),
+            pl.Series("end_ns", end),
+            pl.Series("duration_ns", duration),
+            pl.Series("is_root", parent < 0),
+            pl.Series("orphan", orphan),
+            pl.Series("blocking", blocking),
+            pl.Series("depth", depth, dtype=pl.Int32),
+            pl.Series("on_critical_path", cp.on_path),
+            pl.Series("critical_ns", cp.critical_ns),
+            pl.Series("root_span_id", span_ids.gather(root)),
+            pl.Series("root_duration_ns", duration[root]),
+            pl.Series("row", np.arange(df.height, dtype=np.uint32)),
+            pl.Series("parent_row", parent, dtype=pl.Int64),
+            pl.Series("clock_skew_ns", shift),
+        ).with_columns(
+            pl.when(pl.col("parent_row") >= 0).then(pl.col("parent_row")).otherwise(None).alias("parent_row")
+        )
+        return cls(spans=spans, traces=_trace_frame(spans), critical=cp)
+
+    # -- conveniences shared by detectors, what-if and writers -----------------------------------
+
+    @cached_property
+    def parents(self) -> pl.DataFrame:
+        """Parent columns by row, to join on ``parent_row``: parent_service, parent_name, ..."""
+        return self.spans.select(
+            pl.col("row").cast(pl.Int64).alias("parent_row"),
+            pl.col("service").alias("parent_service"),
+            pl.col("name").alias("parent_name"),
+            pl.col("span_id").alias("parent_span_id_"),
+            pl.col("start_ns").alias("parent_start_ns"),
+            pl.col("end_ns").alias("parent_end_ns"),
+            pl.col("duration_ns").alias("parent_duration_ns"),
+            pl.col("on_critical_path").alias("parent_on_critical_path"),
+            pl.col("kind").alias("parent_kind"),
+        )
+
+    def with_parent(self, frame: pl.DataFrame | None = None) -> pl.DataFrame:
+        """``frame`` (default: all non-root spans) with its parent's columns (``parents``), gathered
+        by ``parent_row`` (null for roots) — a positional gather, cheaper than a join."""
+        base = self.spans.filter(pl.col("parent_row").is_not_null()) if frame is None else frame
+        index = base["parent_row"]
+        parents = self.parents.drop("parent_row")
+        return base.with_columns([parents[c].gather(index) for c in parents.columns])
+
+    def note_near_miss(
+        self,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> None:
+        """Record a candidate that was formed and then dropped (``--explain``). Detectors run in
+        two threads; ``list.append`` is atomic, so no lock is needed."""
+        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
+
+    def trace_spans(self, trace_id: str) -> pl.DataFrame:
+        return self.spans.filter(pl.col("trace_id") == trace_id)
+
+    def summary(self) -> dict[str, Any]:
+        return {"traces": self.traces.height, "spans": self.spans.height}
+
+
+def _is_canonical_order(df: pl.DataFrame) -> bool:
+    if df.height < 2:
+        return True
+    t, s, i = pl.col("trace_id"), pl.col("start_ns"), pl.col("span_id")
+    later = (t > t.shift(1)) | (
+        (t == t.shift(1)) & ((s > s.shift(1)) | ((s == s.shift(1)) & (i > i.shift(1))))
+    )
+    return bool(df.select(later.slice(1).all()).item())
+
+
+def _trace_frame(spans: pl.DataFrame) -> pl.DataFrame:
+    if spans.height == 0:
+        return pl.DataFrame(
+            schema={
+                "trace_id": pl.String,
+                "root_span_id": pl.String,
+                "root_service": pl.String,
+                "root_name": pl.String,
+                "root_start_ns": pl.Int64,
+                "root_duration_ns": pl.Int64,
+                "span_count": pl.UInt32,
+                "incomplete": pl.Boolean,
+            }
+        )
+    per_trace = spans.group_by("trace_id").agg(
+        pl.len().cast(pl.UInt32).alias("span_count"),
+        pl.col("orphan").any().alias("_any_orphan"),
+        pl.col("is_root").sum().alias("_roots"),
+        (pl.col("is_root") & ~pl.col("orphan")).any().alias("_has_true_root"),
+    )
+    roots = (
+        spans.filter(pl.col("is_root"))
+        .sort(["trace_id", "orphan", "duration_ns", "start_ns"], descending=[False, False, True, False])
+        .unique(subset="trace_id", keep="first", maintain_order=True)
+        .select(
+            "trace_id",
+            pl.col("span_id").alias("root_span_id"),
+            pl.col("service").alias("root_service"),
+            pl.col("name").alias("root_name"),
+            pl.col("start_ns").alias("root_start_ns"),
+            pl.col("duration_ns").alias("root_duration_ns"),
+        )
+    )
+    return (
+        roots.join(per_trace, on="trace_id", how="left")
+        .with_columns(
+            (pl.col("_any_orphan") | (pl.col("_roots") > 1) | ~pl.col("_has_true_root")).alias("incomplete")
+        )
+        .select(TRACE_COLUMNS)
+        .sort("trace_id")
+    )

@@ -1,0 +1,261 @@
+"""batchable_calls: the same operation called N times *at once*, one call per item — a batch endpoint
+or a bulk query would do it in one.
+
+Rule
+----
+Among the blocking *calls* of one parent (see :func:`hourglass.analysis.detectors._common.is_call`) that share
+one normalised operation (same service and statement with literals removed, same HTTP method and
+route template, same RPC method, or — for calls known only by name — the same answering server
+span), take them in start order. A call is *concurrent* with the previous one when they overlap by
+``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` (50 %) or more of the shorter call. A group is a candidate
+when
+
+* it has at least ``MIN_CALLS`` (5) calls — the same bar as ``n_plus_one``: fewer is a handful of
+  distinct lookups rather than one request per item;
+* at least ``MIN_CONCURRENT_SHARE`` (50 %) of its calls are concurrent with their predecessor (the
+  code issues them together; when they run one after another it is ``n_plus_one``'s finding);
+* the calls are issued *together*: at the median at least ``MIN_TOGETHER_SHARE`` (80 %) of them
+  start before the first of them ends. Calls started in waves as others finish are a capped pool
+  (HotROD's route calls through 3 workers) — ``fanout_concurrency_limit``'s finding, whose fix
+  comes first; they are noted as a near miss here;
+* it is not a retry burst (most calls failed with identical parameters);
+* it is not a hedge or a duplicate: calls that all carry the **same** known parameters are not one
+  call per item (left out, noted as a near miss);
+* it is not a scatter-gather: calls that name a shard, partition, bucket or replica (in the name,
+  route, URL or peer), or that go to different peers, address one branch each — a batch endpoint
+  cannot span servers, and the fan-out detectors judge them (left out, noted as a near miss);
+* at least one call is on the critical path of a parent on the critical path.
+
+What it saves, and how it is priced
+-----------------------------------
+N calls issued together already overlap, so the latency gain is not the first thing a batch brings:
+it is N − 1 fewer round trips, connections and server-side request overheads, and a tail that is
+no longer the slowest of N draws. The intervention says exactly that: the N calls collapse
+(``CollapseSpans``) into one batched call that takes the **median** single call's time plus
+``PER_ITEM_COST_FRACTION`` (5 %) of the other calls' time (one round trip, a little extra work per
+extra item — the same model as ``n_plus_one``). The what-if engine re-times the trace with it, so
+the latency saving is what removing the slowest-of-N tail is worth (zero or less when the calls are
+uniform: then the pipeline's latency floor drops the finding, and the evidence still records what
+the server would save). Evidence for ranking and readers: ``calls_p50``, ``round_trips_saved_p50``
+(N − 1), ``server_ms_p50`` (the calls' summed time), ``server_ms_saved_p50`` (summed − batched),
+``latency_ms_p50`` (first start to last end) and ``batched_ms_p50``.
+
+A finding also needs the concurrent groups in at least ``MIN_GROUP_SHARE`` (20 %) of the caller's
+instances that make the call ``MIN_CALLS`` times (once there are 5 of them), and a server-side
+saving of at least ``MIN_SERVER_SAVING_NS`` (5 ms) per request at the median — below that, a new
+endpoint costs more than it saves.
+
+Aggregation: by (caller service, caller operation, called service, normalised operation).
+Confidence: 0.5 (the fix needs a batch endpoint or bulk query that may not exist yet), +0.1 when
+parameters differ (one call per id), +0.1 with 5 or more traces, +0.1 when the median group has
+10 or more calls.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common
+from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.detectors.serialized_calls import call_children
+from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
+from hourglass.collector.schema import STATUS_ERROR
+
+KIND = "batchable_calls"
+MIN_CALLS = 5
+MIN_CONCURRENT_SHARE = 0.5
+MIN_TOGETHER_SHARE = 0.8
+MIN_GROUP_SHARE = 0.2
+MIN_INSTANCES_FOR_SHARE = 5
+MIN_SERVER_SAVING_NS = 5_000_000
+PER_ITEM_COST_FRACTION = 0.05
+MAX_EXEMPLARS = 5
+# A call that names a shard, partition, bucket or replica addresses one branch of a scatter-gather.
+PER_BRANCH = r"(?i)shard|partition|bucket|replica"
+
+
+def _groups(calls: pl.DataFrame) -> pl.DataFrame:
+    """One row per (parent, operation) with at least ``MIN_CALLS`` calls: their concurrency share,
+    parameters, durations and what one batched call would take."""
+    key = ["parent_row", "op_key"]
+    calls = calls.filter(pl.len().over(key) >= MIN_CALLS)
+    if calls.height == 0:
+        return pl.DataFrame()
+    same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
+        pl.col("op_key") == pl.col("op_key").shift(1)
+    )
+    share = _common.overlap_share(
+        pl.col("start_ns"), pl.col("_op_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
+    )
+    ordered = (
+        calls.with_columns(_common.parameters().alias("params"))
+        .sort([*key, "start_ns", "span_id"])
+        .with_columns(pl.col("end_ns").cum_max().over(key).alias("_op_end"))
+        .with_columns(
+            (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
+        )
+    )
+    return (
+        ordered.group_by(key, maintain_order=True)
+        .agg(
+            *_common.caller_group_columns(),
+            (pl.col("_conc").sum() / (pl.len() - 1)).alias("concurrent_share"),
+            (pl.col("start_ns") < pl.col("end_ns").min()).mean().alias("together_share"),
+            pl.col("params").drop_nulls().n_unique().alias("distinct_params"),
+            pl.col("params").is_not_null().all().alias("params_known"),
+            (pl.col("status_code") == STATUS_ERROR).mean().alias("error_share"),
+            pl.col("duration_ns").sum().alias("server_ns"),
+            pl.col("duration_ns").median().alias("median_ns"),
+            (pl.col("end_ns").max() - pl.col("start_ns").min()).alias("latency_ns"),
+            # one call per shard / partition / server rather than per item: a scatter-gather
+            (
+                pl.concat_str(
+                    [pl.col("name"), pl.col("op_detail"), pl.col("http_url"), pl.col("peer")],
+                    separator=" ",
+                    ignore_nulls=True,
+                )
+                .str.contains(PER_BRANCH)
+                .any()
+                | (pl.col("peer").n_unique() > 1)
+            ).alias("per_branch"),
+        )
+        .with_columns(
+            (pl.col("median_ns") + (pl.col("server_ns") - pl.col("median_ns")) * PER_ITEM_COST_FRACTION)
+            .cast(pl.Int64)
+            .alias("batched_ns")
+        )
+        .with_columns((pl.col("server_ns") - pl.col("batched_ns")).alias("server_saving_ns"))
+    )
+
+
+def confidence(distinct_share: float, traces: int, median_calls: float) -> float:
+    score = 0.5
+    if distinct_share >= 0.5:
+        score += 0.1
+    if traces >= 5:
+        score += 0.1
+    if median_calls >= 10:
+        score += 0.1
+    return round(min(0.95, score), 3)
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``groups``, one row per (parent, operation) with at least ``MIN_CALLS``
+    calls, concurrent or not (the decision counts the caller's instances from them)."""
+    if ctx.spans.height == 0:
+        return {}
+    calls = call_children(ctx)
+    if calls.height < MIN_CALLS:
+        return {}
+    groups = _groups(calls)
+    return {"groups": groups.drop("parent_row")} if groups.height else {}
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: the caller's instances, the candidate groups and the floors."""
+    groups = rows.get("groups")
+    if groups is None or groups.is_empty():
+        return []
+    # One order whatever the partitioning: the callers' instances as they appear in the traces.
+    groups = groups.sort("trace_id", "parent_start_ns", "caller_span_id", "op_key")
+    # Caller instances that make the call MIN_CALLS times or more, concurrently or not.
+    instances = groups.group_by("caller_service", "caller_name", "op_key").agg(pl.len().alias("instances"))
+    candidates = groups.filter(
+        (pl.col("concurrent_share") >= MIN_CONCURRENT_SHARE)
+        & pl.col("parent_on_critical_path")
+        & pl.col("any_on_path")
+        & ~((pl.col("error_share") > 0.5) & (pl.col("distinct_params") <= 1))
+    ).join(instances, on=["caller_service", "caller_name", "op_key"], how="left", maintain_order="left")
+    findings: list[Finding] = []
+    for (caller_service, caller_name, target_service, op_key), group in candidates.group_by(
+        ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
+    ):
+        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        seen = int(group["instances"][0])
+        label = str(group["op_label"][0])
+        spans = [str(group["caller_span_id"][0]), *group["span_id"][0]]
+        server_saving = _common.num(group["server_saving_ns"].median())
+        same_params = bool((group["params_known"] & (group["distinct_params"] == 1)).all())
+        reason = None
+        together = _common.num(group["together_share"].median())
+        if seen >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_GROUP_SHARE * seen:
+            reason = f"issued together in {group.height} of {seen} instances < {MIN_GROUP_SHARE:.0%}"
+        elif together < MIN_TOGETHER_SHARE:
+            reason = (
+                f"only {together:.0%} < {MIN_TOGETHER_SHARE:.0%} of the calls start before the first one ends: "
+                "started in waves by a capped pool (fanout_concurrency_limit's finding)"
+            )
+        elif _common.num(group["per_branch"].mean()) >= 0.5:
+            reason = (
+                "one call per shard, partition or server, not per item: a scatter-gather, which "
+                "fanout_straggler and fanout_concurrency_limit judge (a batch endpoint cannot span servers)"
+            )
+        elif same_params:
+            reason = "every call carries the same parameters: a duplicate or hedged request, not one per item"
+        elif server_saving < MIN_SERVER_SAVING_NS:
+            reason = f"server time saved p50 {server_saving / 1e6:.2f} ms < {MIN_SERVER_SAVING_NS / 1e6:g} ms floor"
+        if reason is not None:
+            notes.note_near_miss(
+                KIND,
+                str(caller_service),
+                str(caller_name),
+                f"{label}: {reason}",
+                trace_ids,
+                spans,
+                len(trace_ids),
+            )
+            continue
+        occurrences = [
+            Occurrence(
+                trace_id=r["trace_id"],
+                span_ids=(r["caller_span_id"], *r["span_id"]),
+                interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
+                numbers={
+                    "calls": float(r["calls"]),
+                    "server_ms": r["server_ns"] / 1e6,
+                    "batched_ms": r["batched_ns"] / 1e6,
+                    "latency_ms": r["latency_ns"] / 1e6,
+                },
+            )
+            for r in group.iter_rows(named=True)
+        ]
+        distinct_share = _common.num((group["distinct_params"] > 1).mean())
+        params_known = bool(group["params_known"].any())
+        median_calls = _common.num(group["calls"].median())
+        evidence = {
+            "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
+            "span_ids": spans[: 1 + MAX_EXEMPLARS],
+            "calls_p50": median_calls,
+            "calls_max": int(_common.num(group["calls"].max())),
+            "round_trips_saved_p50": median_calls - 1,
+            "concurrent_share_p50": round(_common.num(group["concurrent_share"].median()), 3),
+            "server_ms_p50": round(_common.num(group["server_ns"].median()) / 1e6, 3),
+            "server_ms_saved_p50": round(server_saving / 1e6, 3),
+            "latency_ms_p50": round(_common.num(group["latency_ns"].median()) / 1e6, 3),
+            "batched_ms_p50": round(_common.num(group["batched_ns"].median()) / 1e6, 3),
+            "call_ms_p50": round(_common.num(group["median_ns"].median()) / 1e6, 3),
+            "different_parameters": (distinct_share >= 0.5) if params_known else None,
+            "statement": str(group["op_detail"][0] or label),
+            "caller_instances": seen,
+        }
+        if bool(group["inferred_roles"].any()):
+            evidence["inferred_roles"] = True
+        findings.append(
+            Finding(
+                kind=KIND,
+                category="parallelization",
+                service=str(caller_service),
+                operation=str(caller_name),
+                targets=[{"service": str(target_service), "operation": label}],
+                occurrences=occurrences,
+                confidence=confidence(distinct_share, len(trace_ids), median_calls),
+                evidence=evidence,
+                signature_extra=str(op_key),
+            )
+        )
+    return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)

@@ -1,0 +1,669 @@
+"""serialized_calls: calls made one after another that could run at the same time.
+
+Rule
+----
+Candidates are the *calls* (see :func:`hourglass.analysis.detectors._common.is_call`: client/producer spans,
+database/HTTP/RPC spans, server spans entered from another service, and in-process wrapper spans that
+directly contain such a call) that are blocking children of a parent on the critical path, and that
+have at least one sibling call. Under one
+parent, in start order, a call *follows* the calls before it when
+
+* it starts after all of them ended, or overlaps the previous call by less than
+  ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` (50 %) of the shorter of the two — clients pipeline a
+  little, and a sequence whose calls overlap by a few ms is still one call after another (an
+  overlap within the repair tolerance, 1 % of the parent, is clock noise and always "after"), and
+* the gap since the last of them ended is at most ``MAX_GAP_FRACTION`` (50 %) of the parent's
+  duration or ``MIN_MAX_GAP_NS`` (1 ms), whichever is larger — calls further apart belong to
+  different phases of the request. Smaller gaps (the caller's own work between the calls) do not
+  stop a run: the calls can still be overlapped, and the what-if keeps that work in place.
+
+A *run* is a maximal chain of such calls. Members of a fan-out (a call that overlaps another call of
+its own operation by ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` or more) end a run and never join one:
+"look the customer up, find drivers, then fan out to the route service" is two steps and a fan-out,
+not three serialized calls. **Gate calls** end a run and never join one: a call whose
+name, statement/route or target says it authenticates, authorises, validates, rate-limits, takes a
+lock, checks idempotency, draws the next value of a database sequence or opens a database
+connection (``GATE_PATTERN``; whole words after splitting camelCase, so an ``authors`` table or a
+``tokenizer`` route is not a gate) is a precondition of the calls after it — "authenticate, then call the backend" and "get the next id,
+then insert with it" are dependencies, not missed parallelism.
+
+A run is reported when it holds at least two calls of at least two different operations (same operation repeated is ``n_plus_one``'s business: an operation that
+repeats ``n_plus_one.MIN_REPEATS`` times or more in the run is left out of it, and splits it where
+its calls stood), at least one call is
+on the critical path, and the local saving ``sum(durations) − max(duration)`` is at least
+``MIN_SAVING_NS`` (1 ms) and ``MIN_SAVING_SHARE`` (1 %) of the root's duration — below that no one
+should restructure code. The occurrence's intervention runs the calls concurrently; the what-if
+engine measures the saving at the root (a run off the critical path saves nothing and is dropped).
+
+Runs are aggregated across traces by caller (service, operation); the finding's targets — and its
+signature — are the called operations present in at least half of its runs (at least the two most
+frequent ones), so a run that now and then misses one call does not split the finding.
+
+Independence and confidence
+---------------------------
+Traces do not show data flow, so whether the second call needs the first one's result cannot be
+seen directly. The detector uses what traces *can* show, across every instance of the caller (not
+only the serialized ones):
+
+* the calls' order varies between instances → they do not depend on each other (confidence 0.7+);
+* the calls overlap in some instances → they can run concurrently (confidence 0.7+; 0.8+ with both);
+* neither, in fewer than ``FIXED_ORDER_MIN_INSTANCES`` (10) instances, and at most one call takes
+  inputs → not enough evidence either way (0.5); with two or more calls taking inputs, as below
+  (too few instances to judge an order is no evidence of independence);
+* neither, in 10 or more instances (same order every time, never overlapping), but every called
+  operation except at most one is *self-contained* — it takes no input that an earlier call could
+  have produced: an HTTP ``GET``/``HEAD`` with no path parameter, no query string and no id-like
+  path segment, or a SQL ``SELECT`` with no ``WHERE`` clause and no bind parameter — so all of them
+  could be shifted to the start of the sequence (Sentry's "Consecutive DB Queries" rule, extended
+  to HTTP) → reported (0.6);
+* neither (however many instances), and two or more calls take inputs: that is what a data
+  dependency (the second call needs the first one's result, e.g. a query for ids followed by
+  ``WHERE id IN (...)``, or HotROD's customer lookup before the driver search) looks like — and
+  also what the most common missed opportunity looks like (several independent lookups issued one
+  after another, e.g. TrainTicket's basic service resolving stations, trains, routes and then
+  prices). Traces cannot tell them apart, so such a run is reported only
+
+  - with three or more calls: a chain of two is the lookup-then-use shape and is left out,
+  - modelled conservatively: every call but the **last** runs concurrently (the last call is the
+    usual fan-in that combines the others' results, as the price lookup needs the routes and
+    trains) — the what-if measures that,
+  - when that saving is large: at least ``MIN_UNCHECKED_SAVING_NS`` (20 ms) and
+    ``MIN_UNCHECKED_SAVING_SHARE`` (10 %) of the request at the median — a change with an
+    unverified premise is worth a reader's check only when it would pay off visibly, and
+  - with confidence ``UNCHECKED_CONFIDENCE`` (0.3) and ``independence_unverified: true`` in the
+    evidence; the first action says to check which call uses which result before changing code.
+
+  Otherwise the run is a near miss ("order fixed in 14 instances and 3 calls take inputs; ...").
+
+A finding also needs its serialized runs in at least ``MIN_RUN_SHARE`` (20 %) of the caller's
+instances once there are ``MIN_INSTANCES_FOR_SHARE`` (5) of them: a run in one request out of thirty
+is a timing fluke of a caller that is otherwise fine, not a pattern.
+
+Up to +0.1 more with the number of traces (full at 20). Sentry's "Consecutive DB Queries" detector
+decides independence from the statement text alone (no WHERE clause, no parameters); here the text
+is the fallback, and cross-trace order and overlap evidence — which works for any kind of call and
+is measured rather than guessed — comes first.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common
+from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.model import Finding, Occurrence, RunConcurrently
+from hourglass.analysis.repair import TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
+from hourglass.collector.schema import KIND_SERVER
+
+KIND = "serialized_calls"
+MAX_GAP_FRACTION = 0.5
+MAJORITY_SHARE = 0.5
+MIN_RUN_SHARE = 0.2
+MIN_INSTANCES_FOR_SHARE = 5
+MIN_MAX_GAP_NS = 1_000_000
+MIN_SAVING_NS = 1_000_000
+MIN_SAVING_SHARE = 0.01
+FIXED_ORDER_MIN_INSTANCES = 10
+MIN_UNCHECKED_SAVING_NS = 20_000_000
+MIN_UNCHECKED_SAVING_SHARE = 0.1
+UNCHECKED_CONFIDENCE = 0.3
+# A call that takes no input an earlier call could have produced (see the module docstring).
+_ID_SEGMENT = r"/(?:\d+|[0-9a-fA-F]{16,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?:[/?#\s]|$)"
+_HTTP_INPUT = r"[{?]|" + _ID_SEGMENT
+_SQL_INPUT = r"(?i)\bwhere\b|\?|\$\d|:[a-z_]\w*|%s|%\("
+# Whole words only (camelCase split first): "author", "books_author", "tokenizer", "sessionize",
+# "blocksize" are not gates; "authenticate", "AuthService", "validate_token", "db.connect" are.
+GATE_PATTERN = (
+    r"(?:^|[^a-z])(?:auth|authn|authz|authenticat(?:e|es|ed|ion|or)|authori[sz](?:e|es|ed|ation)|log-?in|sign-?in"
+    r"|o?auth2?|tokens?|sessions?|permissions?|acl|captcha|rate-?limit(?:s|er|ing|ed)?|throttle|quotas?"
+    r"|verify|verification|validat(?:e|es|ed|ion|or)|locks?|acquire|mutex|idempoten(?:t|cy)"
+    r"|nextval|next value|sequence|connect|connection)(?:$|[^a-z])"
+)
+NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
+MAX_EXEMPLARS = 5
+
+
+def self_contained_call() -> pl.Expr:
+    """True for a call that cannot consume an earlier sibling's result: an HTTP GET/HEAD without
+    path parameters, query string or id-like path segments, or a SQL SELECT without WHERE or bind
+    parameters."""
+    method = pl.coalesce(
+        pl.col("http_method").str.to_uppercase(), pl.col("name").str.extract(r"^([A-Z]+)\s", 1)
+    )
+    http_text = pl.concat_str(
+        [pl.col("http_route"), pl.col("http_url"), pl.col("name")], separator=" ", ignore_nulls=True
+    )
+    http_ok = (
+        method.is_in(["GET", "HEAD"])
+        & pl.col("db_statement").is_null()
+        & pl.col("rpc_method").is_null()
+        & ~http_text.str.contains(_HTTP_INPUT)
+    )
+    sql_ok = pl.col("db_statement").str.contains(r"(?i)^\s*select\b") & ~pl.col("db_statement").str.contains(
+        _SQL_INPUT
+    )
+    return (http_ok.fill_null(False) | sql_ok.fill_null(False)).alias("self_contained")
+
+
+def _tolerance(parent_duration: pl.Expr) -> pl.Expr:
+    return (parent_duration * TOLERANCE_FRACTION).cast(pl.Int64).clip(TOLERANCE_MIN_NS, TOLERANCE_MAX_NS)
+
+
+CALL_COLUMNS = (
+    "trace_id", "span_id", "row", "parent_row", "service", "name", "kind", "start_ns", "end_ns", "duration_ns",
+    "status_code", "blocking", "on_critical_path", "root_duration_ns", "db_system", "db_statement",
+    "http_method", "http_route", "http_url", "rpc_method", "peer", "kind_inferred",
+)  # fmt: skip
+
+
+def call_children(ctx: AnalysisContext) -> pl.DataFrame:
+    """Blocking call children with parent columns, operation key/label and target service, sorted by
+    (parent_row, start_ns). Computed once per context (n_plus_one reads the same frame)."""
+    cached = ctx.cache.get("call_children")
+    if isinstance(cached, pl.DataFrame):
+        return cached
+    # Blocking children first, with only the parent's service (is_call needs it); the other parent
+    # columns are gathered for the few rows that survive (a gather of strings costs per row).
+    blocking = ctx.spans.filter(pl.col("parent_row").is_not_null() & pl.col("blocking")).select(CALL_COLUMNS)
+    blocking = blocking.with_columns(
+        ctx.spans["service"].gather(blocking["parent_row"]).alias("parent_service")
+    )
+    calls = blocking.filter(_common.is_call())
+    wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
+    wrappers = blocking.filter(
+        ~_common.is_call()
+        & (pl.col("service") == pl.col("parent_service"))
+        & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
+    )
+    out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
+    # Only calls with a sibling call can be serialized or repeated: normalise just those.
+    siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
+    out = ctx.with_parent(
+        out.join(siblings.select("parent_row"), on="parent_row", how="semi").drop("parent_service")
+    )
+    callees = (
+        ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
+        .select(
+            pl.col("parent_row").cast(pl.UInt32).alias("row"),
+            pl.col("service").alias("callee_service"),
+            pl.col("name").alias("callee_name"),
+        )
+        .unique(subset="row", keep="first")
+    )
+    remote = pl.col("callee_service") != pl.col("service")
+    out = out.join(callees, on="row", how="left").with_columns(
+        pl.when(remote).then(pl.col("callee_service")).alias("callee_service"),
+        pl.when(remote).then(pl.col("callee_name")).alias("callee_name"),
+    )
+    out = _common.annotate_operations(out)
+    gate_text = (
+        pl.concat_str(
+            [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
+            separator=" ",
+        )
+        .str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2")
+        .str.to_lowercase()
+    )
+    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate"), self_contained_call()).sort(
+        ["parent_row", "start_ns", "row"]
+    )
+    ctx.cache["call_children"] = out
+    return out
+
+
+def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``in_fanout``: the call runs concurrently (overlap share >= the sequential bound) with
+    another call of its operation under the same parent — a member of a fan-out, which is not a
+    step of a sequence (the fan-out detectors and ``batchable_calls`` judge it)."""
+    key = ["parent_row", "op_key"]
+    ordered = calls.with_row_index("_pos").sort([*key, "start_ns", "row"])
+    same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
+        pl.col("op_key") == pl.col("op_key").shift(1)
+    )
+    share = _common.overlap_share(
+        pl.col("start_ns"), pl.col("_op_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
+    )
+    ordered = (
+        ordered.with_columns(pl.col("end_ns").cum_max().over(key).alias("_op_end"))
+        .with_columns(
+            (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
+        )
+        .with_columns(
+            (
+                pl.col("_conc")
+                | (pl.col("_conc").shift(-1).fill_null(False) & same.shift(-1).fill_null(False))
+            ).alias("in_fanout")
+        )
+    )
+    return ordered.sort("_pos").drop("_pos", "_op_end", "_conc")
+
+
+def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``prev_end`` (latest end of earlier calls of the same parent), ``overlap_share`` (see
+    :func:`hourglass.analysis.detectors._common.overlap_share`, against the previous call), ``overlaps_prev``
+    (mostly concurrent with it), ``gap_ns`` and ``follows`` (starts after them, or overlapping them by
+    less than ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` of the shorter call, with a small gap).
+    ``calls`` sorted by (parent_row, start_ns)."""
+    same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
+    tol = _tolerance(pl.col("parent_duration_ns"))
+    max_gap = pl.max_horizontal(
+        (pl.col("parent_duration_ns") * MAX_GAP_FRACTION).cast(pl.Int64), pl.lit(MIN_MAX_GAP_NS)
+    )
+    share = _common.overlap_share(
+        pl.col("start_ns"), pl.col("prev_end"), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
+    )
+    return (
+        _mark_fanouts(calls)
+        .with_columns(pl.col("end_ns").cum_max().over("parent_row").alias("_cum_end"))
+        .with_columns(pl.when(same_parent).then(pl.col("_cum_end").shift(1)).alias("prev_end"))
+        .with_columns(pl.when(same_parent).then(share).alias("overlap_share"))
+        .with_columns(
+            (
+                (pl.col("start_ns") < pl.col("prev_end") - tol)
+                & (pl.col("overlap_share") >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)
+            )
+            .fill_null(False)
+            .alias("overlaps_prev"),
+            (pl.col("start_ns") - pl.col("prev_end")).alias("gap_ns"),
+        )
+        .with_columns(
+            (
+                pl.col("prev_end").is_not_null()
+                & ~pl.col("overlaps_prev")
+                & (pl.col("gap_ns") <= max_gap)
+                & ~pl.col("is_gate")
+                & ~(pl.col("is_gate").shift(1).fill_null(False) & same_parent)
+                & ~pl.col("in_fanout")
+                & ~(pl.col("in_fanout").shift(1).fill_null(False) & same_parent)
+            ).alias("follows")
+        )
+        .drop("_cum_end")
+    )
+
+
+def _runs(linked: pl.DataFrame) -> pl.DataFrame:
+    """One row per run of at least two calls of two or more operations (members listed in start
+    order), with ``keep`` (on the critical path and above the saving floors) and ``on_path``."""
+    runs = linked.with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+    # Operations repeated N+1-style inside a run belong to n_plus_one: their calls leave the run and
+    # split it where they stood (the calls around a loop are not one sequence: running them together
+    # would leave the loop where it is, and the what-if would find nothing to save).
+    same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
+    runs = (
+        runs.with_columns((pl.len().over(["run_id", "op_key"]) >= NPLUSONE_REPEATS).alias("_loop"))
+        .with_columns(
+            (
+                pl.col("follows")
+                & ~pl.col("_loop")
+                & ~(pl.col("_loop").shift(1).fill_null(False) & same_parent)
+            ).alias("follows")
+        )
+        .with_columns((~pl.col("follows")).cum_sum().alias("run_id"))
+        .filter(~pl.col("_loop"))
+    )
+    sizes = runs.group_by("run_id").agg(pl.len().alias("_n"))
+    runs = runs.join(sizes.filter(pl.col("_n") >= 2), on="run_id", how="semi")
+    runs = (
+        runs.group_by("run_id", maintain_order=True)
+        .agg(
+            pl.col("trace_id").first(),
+            pl.col("parent_row").first(),
+            pl.col("parent_start_ns").first(),
+            pl.col("start_ns").first().alias("first_start_ns"),
+            pl.col("parent_span_id_").first().alias("caller_span_id"),
+            pl.col("parent_service").first().alias("caller_service"),
+            pl.col("parent_name").first().alias("caller_name"),
+            pl.col("parent_on_critical_path").first(),
+            pl.col("root_duration_ns").first(),
+            pl.col("span_id"),
+            pl.col("op_key"),
+            pl.col("op_label"),
+            pl.col("target_service"),
+            pl.col("duration_ns").alias("durations"),
+            pl.col("duration_ns").sum().alias("serial_ns"),
+            pl.col("duration_ns").max().alias("longest_ns"),
+            pl.col("on_critical_path").any().alias("any_on_path"),
+            pl.col("kind_inferred").any().alias("inferred_roles"),
+            pl.col("op_key").n_unique().alias("distinct_ops"),
+            pl.len().alias("calls"),
+        )
+        .with_columns((pl.col("serial_ns") - pl.col("longest_ns")).alias("local_saving_ns"))
+        .filter((pl.col("calls") >= 2) & (pl.col("distinct_ops") >= 2))
+    )
+    on_path = pl.col("parent_on_critical_path") & pl.col("any_on_path")
+    floor = (pl.col("local_saving_ns") >= MIN_SAVING_NS) & (
+        pl.col("local_saving_ns") >= pl.col("root_duration_ns") * MIN_SAVING_SHARE
+    )
+    return runs.with_columns(keep=on_path & floor, on_path=on_path)
+
+
+def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame) -> None:
+    """One near miss per caller whose runs were all too small or off the critical path."""
+    if dropped.height == 0:
+        return
+    per_caller = dropped.group_by("caller_service", "caller_name", maintain_order=True).agg(
+        pl.col("trace_id").unique().sort().alias("trace_ids"),
+        pl.col("caller_span_id").first(),
+        pl.col("span_id").first(),
+        pl.col("on_path").sum().alias("on_path_runs"),
+        pl.len().alias("runs"),
+        (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
+        (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
+    )
+    for r in per_caller.iter_rows(named=True):
+        if r["on_path_runs"] == 0:
+            reason = f"{r['runs']} sequential runs, none on the critical path"
+        else:
+            floor_ms = max(MIN_SAVING_NS / 1e6, r["root_ms"] * MIN_SAVING_SHARE)
+            reason = (
+                f"saving p50 {r['saving_ms']:.2f} ms < {floor_ms:.2f} ms floor "
+                f"(max of {MIN_SAVING_NS / 1e6:g} ms and {MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request)"
+            )
+        notes.note_near_miss(
+            KIND,
+            str(r["caller_service"]),
+            str(r["caller_name"]),
+            reason,
+            r["trace_ids"],
+            [r["caller_span_id"], *r["span_id"]],
+            len(r["trace_ids"]),
+        )
+
+
+def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
+    """One signature per caller: the called operations present in at least ``MAJORITY_SHARE`` of its
+    runs (at least the two most frequent), so runs that miss a call now and then stay one finding."""
+    caller = ["caller_service", "caller_name"]
+    per_op = (
+        runs.select(*caller, pl.col("op_key").list.unique())
+        .explode("op_key")
+        .group_by([*caller, "op_key"])
+        .agg(pl.len().alias("_runs_with_op"))
+        .join(runs.group_by(caller).agg(pl.len().alias("_runs")), on=caller)
+        .sort([*caller, "_runs_with_op", "op_key"], descending=[False, False, True, False])
+        .with_columns(pl.int_range(pl.len()).over(caller).alias("_rank"))
+        .filter((pl.col("_runs_with_op") >= pl.col("_runs") * MAJORITY_SHARE) | (pl.col("_rank") < 2))
+    )
+    signatures = (
+        per_op.group_by(caller)
+        .agg(pl.col("op_key").sort().alias("sig_ops"))
+        .with_columns(pl.col("sig_ops").list.join(" || ").alias("signature"))
+    )
+    return runs.join(signatures, on=caller, how="left", maintain_order="left")
+
+
+def _caller_hash(service: str, name: str) -> pl.Expr:
+    return pl.struct(pl.col(service).alias("caller_service"), pl.col(name).alias("caller_name")).hash()
+
+
+def _instance_rows(calls: pl.DataFrame) -> pl.DataFrame:
+    """The calls of every caller instance that holds two or more operations (the only instances
+    that can hold two of a signature's), as 64-bit keys and times: what :func:`_independence`
+    reads across traces."""
+    multi = (
+        calls.group_by("parent_row")
+        .agg(pl.col("op_key").n_unique().alias("_ops"))
+        .filter(pl.col("_ops") >= 2)
+    )
+    return calls.join(multi.select("parent_row"), on="parent_row", how="semi").select(
+        caller=_caller_hash("parent_service", "parent_name"),
+        instance=pl.struct("trace_id", "parent_span_id_").hash(),
+        op=pl.col("op_key").hash(),
+        start_ns="start_ns",
+        end_ns="end_ns",
+        parent_duration_ns="parent_duration_ns",
+    )
+
+
+def _independence(instances: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """Per signature: instances of the caller holding >= 2 of its operations, how many distinct
+    orders they show, and how many show two different operations overlapping."""
+    sig_ops = (
+        runs.select("signature", "caller_service", "caller_name", pl.col("sig_ops").alias("op_key"))
+        .unique(subset="signature")
+        .explode("op_key")
+        .select("signature", caller=_caller_hash("caller_service", "caller_name"), op=pl.col("op_key").hash())
+    )
+    seen = instances.join(sig_ops, on=["caller", "op"], how="inner").sort(
+        ["signature", "instance", "start_ns", "end_ns", "op"]
+    )
+    tol = _tolerance(pl.col("parent_duration_ns"))
+    same = (pl.col("instance") == pl.col("instance").shift(1)) & (
+        pl.col("signature") == pl.col("signature").shift(1)
+    )
+    seen = seen.with_columns(
+        pl.col("end_ns").cum_max().over(["signature", "instance"]).alias("_cum_end")
+    ).with_columns(
+        (
+            same
+            & (pl.col("start_ns") < pl.col("_cum_end").shift(1) - tol)
+            & (pl.col("op") != pl.col("op").shift(1))
+        )
+        .fill_null(False)
+        .alias("_overlap")
+    )
+    first_seen = seen.group_by(["signature", "instance", "op"]).agg(pl.col("start_ns").min())
+    orders = (
+        first_seen.sort(["signature", "instance", "start_ns", "op"])
+        .group_by(["signature", "instance"], maintain_order=True)
+        .agg(pl.col("op").cast(pl.String).str.join(" -> ").alias("order"), pl.len().alias("ops"))
+        .filter(pl.col("ops") >= 2)
+    )
+    overlaps = seen.group_by(["signature", "instance"]).agg(pl.col("_overlap").any())
+    return (
+        orders.join(overlaps, on=["signature", "instance"], how="left")
+        .group_by("signature")
+        .agg(
+            pl.len().alias("instances"),
+            pl.col("order").n_unique().alias("distinct_orders"),
+            pl.col("_overlap").sum().alias("overlapping_instances"),
+        )
+    )
+
+
+def confidence(
+    instances: int, distinct_orders: int, overlapping: int, traces: int, shiftable: bool = False
+) -> float | None:
+    """Confidence from cross-trace independence evidence, or None when the evidence points to a
+    data dependency (see the module docstring). ``shiftable``: every called operation but at most
+    one is self-contained."""
+    varies, overlaps = distinct_orders > 1, overlapping > 0
+    if varies or overlaps:
+        base = 0.8 if (varies and overlaps) else 0.7
+    elif not shiftable:
+        return None
+    elif instances < FIXED_ORDER_MIN_INSTANCES:
+        base = 0.5
+    else:
+        base = 0.6
+    return round(min(0.95, base + 0.1 * min(1.0, traces / 20)), 3)
+
+
+def _fan_in_saving() -> pl.Expr:
+    """Local saving when every call but the last runs concurrently (the last one may need the
+    others' results): sum - max over the calls before the last (0 for a run of two)."""
+    n = pl.col("durations").list.len()
+    head = pl.col("durations").list.slice(0, n - 1)
+    return pl.when(n >= 3).then(head.list.sum() - head.list.max()).otherwise(0).cast(pl.Int64)
+
+
+def extract(ctx: AnalysisContext) -> Rows:
+    """Per-trace half: ``runs`` (every run of two or more operations, kept or not), ``labels``
+    (each operation's first call: its label and callee), ``self_contained`` (per operation,
+    whether every call here is self-contained) and ``instances`` (the calls of caller instances
+    with two or more operations, for the order and overlap evidence across traces)."""
+    if ctx.spans.height == 0:
+        return {}
+    calls = call_children(ctx)
+    if calls.height < 2:
+        return {}
+    runs = _runs(sequential_links(calls))
+    labels = (
+        calls.sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
+        .unique(subset="op_key", keep="first", maintain_order=True)
+        .select(
+            "op_key",
+            "op_label",
+            "target_service",
+            "trace_id",
+            "parent_start_ns",
+            "parent_span_id_",
+            "start_ns",
+            "span_id",
+        )
+    )
+    return {
+        "runs": runs.drop("parent_row", "run_id"),
+        "labels": labels,
+        "self_contained": calls.group_by("op_key").agg(pl.col("self_contained").all()),
+        "instances": _instance_rows(calls),
+    }
+
+
+def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
+    """Cross-trace half: signatures, independence evidence, confidence, findings."""
+    runs = rows.get("runs")
+    if runs is None or runs.is_empty():
+        return []
+    # One order whatever the partitioning: the callers' instances as they appear in the traces.
+    runs = runs.sort("trace_id", "parent_start_ns", "caller_span_id", "first_start_ns")
+    _note_dropped_runs(notes, runs.filter(~pl.col("keep")))
+    runs = runs.filter("keep")
+    if runs.height == 0:
+        return []
+    runs = _assign_signatures(runs)
+    labels = (
+        rows["labels"]
+        .sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
+        .unique(subset="op_key", keep="first", maintain_order=True)
+        .select("op_key", "op_label", "target_service")
+    )
+    evidence = {row["signature"]: row for row in _independence(rows["instances"], runs).iter_rows(named=True)}
+    self_contained_ops = set(
+        rows["self_contained"]
+        .group_by("op_key")
+        .agg(pl.col("self_contained").all())
+        .filter("self_contained")["op_key"]
+        .to_list()
+    )
+    findings: list[Finding] = []
+    for (signature, caller_service, caller_name), group in runs.group_by(
+        ["signature", "caller_service", "caller_name"], maintain_order=True
+    ):
+        ev = evidence.get(str(signature), {})
+        instances = int(ev.get("instances") or 0)
+        distinct_orders = int(ev.get("distinct_orders") or 0)
+        overlapping = int(ev.get("overlapping_instances") or 0)
+        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        sig_op_keys = group["sig_ops"][0].to_list()
+        takes_input = sum(1 for op in sig_op_keys if op not in self_contained_ops)
+        shiftable = takes_input <= 1
+        score = confidence(instances, distinct_orders, overlapping, len(trace_ids), shiftable)
+        first_spans = [group["caller_span_id"][0], *group["span_id"][0]]
+        caller = (str(caller_service), str(caller_name))
+
+        if instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances:
+            notes.note_near_miss(
+                KIND,
+                *caller,
+                f"run in {group.height} of {instances} instances < {MIN_RUN_SHARE:.0%}: "
+                "a timing fluke of a caller that is otherwise fine",
+                trace_ids,
+                first_spans,
+            )
+            continue
+        order_fixed = distinct_orders <= 1 and overlapping == 0
+        if order_fixed and not shiftable and _common.num(group["calls"].median()) < 3:
+            notes.note_near_miss(
+                KIND,
+                *caller,
+                f"order fixed in {instances} instances and {takes_input} calls take inputs; "
+                "a chain of two calls looks like a data dependency",
+                trace_ids,
+                first_spans,
+            )
+            continue
+        unchecked = score is None  # fixed order, 2+ calls take inputs: maybe a data dependency
+        if unchecked:
+            group = group.with_columns(_fan_in_saving().alias("fan_in_ns"))
+            saving = _common.num(group["fan_in_ns"].median())
+            root = _common.num(group["root_duration_ns"].median())
+            floor = max(MIN_UNCHECKED_SAVING_NS, MIN_UNCHECKED_SAVING_SHARE * root)
+            if saving < floor or _common.num(group["calls"].median()) < 3:
+                notes.note_near_miss(
+                    KIND,
+                    *caller,
+                    f"order fixed in {instances} instances and {takes_input} calls take inputs; "
+                    + (
+                        "a chain of two calls looks like a data dependency"
+                        if _common.num(group["calls"].median()) < 3
+                        else f"saving p50 without the last call {saving / 1e6:.1f} ms < {floor / 1e6:.1f} ms floor"
+                    ),
+                    trace_ids,
+                    first_spans,
+                )
+                continue
+            group = group.filter(pl.col("fan_in_ns") > 0)
+            if group.height == 0:
+                continue
+            score = UNCHECKED_CONFIDENCE
+        assert score is not None
+        occurrences = [
+            Occurrence(
+                trace_id=r["trace_id"],
+                span_ids=(r["caller_span_id"], *r["span_id"]),
+                interventions=(RunConcurrently(tuple(r["span_id"][:-1] if unchecked else r["span_id"])),),
+                numbers={
+                    "calls": float(r["calls"]),
+                    "serial_ms": r["serial_ns"] / 1e6,
+                    "local_saving_ms": (r["fan_in_ns"] if unchecked else r["local_saving_ns"]) / 1e6,
+                },
+            )
+            for r in group.iter_rows(named=True)
+        ]
+        sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
+        targets = [
+            {"service": str(svc), "operation": str(op)}
+            for svc, op in sig_ops.join(labels, on="op_key", how="left", maintain_order="left")
+            .select("target_service", "op_label")
+            .iter_rows()
+        ]
+        local = group["fan_in_ns"] if unchecked else group["local_saving_ns"]
+        evidence_numbers = {
+            "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
+            "span_ids": list(occurrences[0].span_ids),
+            "calls_p50": _common.num(group["calls"].median()),
+            "serial_ms_p50": round(_common.num(group["serial_ns"].median()) / 1e6, 3),
+            "local_saving_ms_p50": round(_common.num(local.median()) / 1e6, 3),
+            "caller_instances": instances,
+            "distinct_orders": distinct_orders,
+            "overlapping_instances": overlapping,
+            "order_fixed": distinct_orders <= 1 and overlapping == 0,
+            "calls_taking_input": takes_input,
+        }
+        if unchecked:
+            # Weak evidence: the same order every time and calls that take inputs. The what-if keeps
+            # the last call after the others (it may combine their results).
+            evidence_numbers["independence_unverified"] = True
+            evidence_numbers["last_call_kept_after"] = True
+        if bool(group["inferred_roles"].any()):
+            evidence_numbers["inferred_roles"] = True
+        findings.append(
+            Finding(
+                kind=KIND,
+                category="parallelization",
+                service=str(caller_service),
+                operation=str(caller_name),
+                targets=targets,
+                occurrences=occurrences,
+                confidence=score,
+                evidence=evidence_numbers,
+                signature_extra=str(signature),
+            )
+        )
+    return findings
+
+
+def detect(ctx: AnalysisContext) -> list[Finding]:
+    return decide(extract(ctx), ctx)

@@ -1,0 +1,520 @@
+"""Analysis by partitions of whole traces: per-trace extraction, then one cross-trace decision.
+
+A detector that is split (``hourglass.analysis.detectors.PARTS``) has two halves:
+
+* ``extract(ctx) -> Rows`` reads the repaired spans of a set of *whole* traces and returns small
+  named tables — candidate occurrences with their interventions, the per-instance rows that
+  cross-trace evidence needs, partial counts. It never looks outside its traces.
+* ``decide(rows, notes) -> list[Finding]`` applies the thresholds, shares, confidence and
+  aggregation on those rows alone.
+
+The rows of several partitions are concatenated table by table (:func:`combine`) before the
+decision, so any partitioning of the traces gives the findings of the whole: the property
+``tests/analysis/test_partitions.py`` checks for every split detector on the labelled, demo and
+real trace files, for several partition counts.
+
+A partition is ``hash(trace_id) mod P`` (:func:`split_by_trace`): every span of a trace lands in
+the same partition, as the OpenTelemetry Collector's ``loadbalancing`` exporter routes by trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import re
+import socket
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import DETECTORS, PARTS
+from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.model import Finding, NearMiss
+from hourglass.analysis.whatif import Impact, WhatIf
+from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+log = logging.getLogger(__name__)
+
+
+# Memory model behind the choice of partitions (peak RSS, measured with bench.scaling on mixed
+# traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
+# duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
+# the detectors' intermediates at their peak — and the process that decides keeps
+# ROWS_BYTES_PER_SPAN of extracted rows per span of the whole (mostly the resource rows of the
+# lock-convoy rule).
+PROCESS_BASE_BYTES = 300 * 2**20
+PEAK_BYTES_PER_SPAN = 1_800
+ROWS_BYTES_PER_SPAN = 120
+MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold the analysis (one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one analysis runs: ``parts`` partitions of whole traces on ``workers`` processes."""
+
+    spans: int
+    parts: int
+    workers: int
+
+    def describe(self, budget: int) -> str:
+        where = "in this process" if self.workers <= 1 else f"on {self.workers} workers"
+        return (
+            f"{self.spans:,} spans in {self.parts} partitions of whole traces {where} "
+            f"(memory budget {budget / 2**30:.2f} GiB)"
+        )
+
+
+def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
+    """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
+    processes (one partition, in this process, when everything fits)."""
+    whole = PROCESS_BASE_BYTES + spans * PEAK_BYTES_PER_SPAN
+    if whole <= budget:
+        return Plan(spans, 1, 1)
+    workers = max(1, workers)
+    per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - spans * ROWS_BYTES_PER_SPAN) // workers
+    if per_worker < MIN_WORKER_BYTES and workers > 1:
+        # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
+        # partition is one more scan of the store)
+        return plan(spans, budget, workers - 1, largest_trace)
+    if per_worker <= 0:
+        need = 2 * PROCESS_BASE_BYTES + spans * ROWS_BYTES_PER_SPAN + 1_000 * PEAK_BYTES_PER_SPAN
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the analysis of {spans:,} spans "
+            f"(at least {need / 2**30:.2f} GiB): raise --memory-budget"
+        )
+    if largest_trace is not None and largest_trace[1] * PEAK_BYTES_PER_SPAN > per_worker:
+        trace_id, count = largest_trace
+        raise BudgetError(
+            f"trace {trace_id} alone has {count:,} spans and needs about "
+            f"{count * PEAK_BYTES_PER_SPAN / 2**30:.2f} GiB, more than the {per_worker / 2**30:.2f} GiB each of "
+            f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
+        )
+    parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
+    return Plan(spans, int(parts), min(workers, int(parts)))
+
+
+def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
+    """``frame``'s rows in ``parts`` partitions of whole traces (``hash(trace_id) mod parts``)."""
+    if parts <= 1:
+        return [frame]
+    keyed = frame.with_columns((pl.col("trace_id").hash() % parts).alias("_partition"))
+    return [keyed.filter(pl.col("_partition") == p).drop("_partition") for p in range(parts)]
+
+
+def extract(ctx: AnalysisContext, kinds: Iterable[str] | None = None) -> dict[str, Rows]:
+    """Every split detector's (or ``kinds``') extraction over one context."""
+    chosen = PARTS if kinds is None else {k: PARTS[k] for k in kinds}
+    out: dict[str, Rows] = {}
+    for kind, parts in chosen.items():
+        try:
+            out[kind] = parts.extract(ctx)
+        except Exception as exc:  # the whole analysis fails, naming the detector
+            raise RuntimeError(f"detector {kind!r} failed while extracting: {exc}") from exc
+    return out
+
+
+def combine(extracted: Iterable[dict[str, Rows]]) -> dict[str, Rows]:
+    """The extractions of several partitions as one, table by table (empty tables dropped)."""
+    tables: dict[str, dict[str, list[pl.DataFrame]]] = {}
+    for by_kind in extracted:
+        for kind, rows in by_kind.items():
+            kind_tables = tables.setdefault(kind, {})
+            for name, frame in rows.items():
+                frames = kind_tables.setdefault(name, [])
+                if frame.height or not frames:  # an empty table is kept only for its columns
+                    frames.append(frame)
+    return {
+        kind: {name: _concat(frames) for name, frames in kind_tables.items()}
+        for kind, kind_tables in tables.items()
+    }
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    filled = [f for f in frames if f.height]
+    if not filled:
+        return frames[0]
+    return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
+
+
+def decide(rows: dict[str, Rows], notes: NearMissSink) -> dict[str, list[Finding]]:
+    """Each split detector's decision over combined rows."""
+    out: dict[str, list[Finding]] = {}
+    for kind, kind_rows in rows.items():
+        try:
+            out[kind] = PARTS[kind].decide(kind_rows, notes)
+        except Exception as exc:
+            raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running partitions: where the spans come from, what a task returns, who runs the tasks
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """Partitions read from a span store by each task itself (``scan_partition``): a DuckDB file
+    opened read-only (so several processes read it at once) — on a cluster, a path every worker
+    reaches (shared storage) — or a ClickHouse server URL."""
+
+    location: str
+    since_ns: int | None = None
+    services: tuple[str, ...] | None = None
+
+    def load(self, part: int, parts: int) -> pa.Table:
+        store = open_for_reading(self.location)
+        try:
+            return store.scan_partition(
+                part,
+                parts,
+                since_ns=self.since_ns,
+                services=list(self.services) if self.services else None,
+                columns=ANALYSIS_COLUMNS,
+            )
+        finally:
+            store.close()
+
+
+Source = StoreSource
+
+
+def open_for_reading(location: str) -> Any:
+    """The store a ``--db`` value names, opened for reading by one partition task: a DuckDB file
+    read-only (so several processes read it at once), a ClickHouse server or chdb directory as
+    ``hourglass.collector.store.open_store`` opens it."""
+    from hourglass.collector.backends import open_store
+    from hourglass.collector.store import local_path
+
+    if local_path(location) == location and location != ":memory:":
+        from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+        return DuckDBSpanStore(location, read_only=True, threads=1)
+    return open_store(location)
+
+
+@dataclass
+class PartResult:
+    """What one partition's extraction returns: every split detector's rows, the partition's
+    trace summaries (``AnalysisContext.traces``) and its span count."""
+
+    part: int
+    rows: dict[str, Rows]
+    traces: pl.DataFrame
+    spans: int
+    services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
+
+
+def extract_part(source: Source, part: int, parts: int) -> PartResult:
+    """One task of the first pass: read a partition, repair it, extract every detector's rows."""
+    ctx = AnalysisContext.from_table(source.load(part, parts))
+    services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
+    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height, services)
+
+
+PricedImpact = tuple[list[str], np.ndarray, np.ndarray]  # trace ids, saved ns, root ns
+
+
+@dataclass
+class Priced:
+    """What the second pass returns for one partition: the what-if saving of each finding in its
+    traces, and the durations of the calls each finding names (for the designs' call statistics)."""
+
+    impacts: dict[str, PricedImpact]
+    calls: dict[str, np.ndarray]
+
+
+def price_part(source: Source, part: int, parts: int, findings: list[Finding], calls: bool = False) -> Priced:
+    """One task of the second pass: the what-if saving of each finding in this partition's
+    traces (per-trace savings are independent of other traces, so the parts add up exactly),
+    and with ``calls`` the durations of the calls each finding names here."""
+    from hourglass.analysis.sequence import call_durations
+
+    ctx = AnalysisContext.from_table(source.load(part, parts))
+    durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
+    return Priced(price(ctx, findings), durations)
+
+
+def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
+    """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces."""
+    here = set(ctx.traces["trace_id"].to_list())
+    out: dict[str, PricedImpact] = {}
+    whatif: WhatIf | None = None
+    for finding in findings:
+        mine = [o for o in finding.occurrences if o.interventions and o.trace_id in here]
+        if not mine:
+            continue
+        whatif = whatif or WhatIf(ctx)
+        impact = whatif.impact(replace(finding, occurrences=mine))
+        out[finding.id] = (impact.trace_ids, impact.saved_ns, impact.root_ns)
+    return out
+
+
+def merge_impacts(parts: Iterable[dict[str, PricedImpact]]) -> dict[str, Impact]:
+    """The partitions' savings per finding as one :class:`Impact` each."""
+    collected: dict[str, list[PricedImpact]] = {}
+    for priced in parts:
+        for finding_id, impact in priced.items():
+            collected.setdefault(finding_id, []).append(impact)
+    return {
+        finding_id: Impact(
+            trace_ids=[t for ids, _, _ in pieces for t in ids],
+            saved_ns=np.concatenate([saved for _, saved, _ in pieces]),
+            root_ns=np.concatenate([root for _, _, root in pieces]),
+        )
+        for finding_id, pieces in collected.items()
+    }
+
+
+class NearMissLog:
+    """A near-miss sink for a decision made outside any one context (see ``AnalysisContext``)."""
+
+    def __init__(self) -> None:
+        self.near_misses: list[NearMiss] = []
+
+    def note_near_miss(
+        self,
+        kind: str,
+        service: str,
+        operation: str,
+        reason: str,
+        trace_ids: list[str] | tuple[str, ...] = (),
+        span_ids: list[str] | tuple[str, ...] = (),
+        traces: int = 0,
+    ) -> None:
+        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
+
+
+class PartitionError(RuntimeError):
+    """A partition task that failed twice (the first failure is retried once)."""
+
+    def __init__(self, phase: str, part: int, parts: int, cause: BaseException | str) -> None:
+        self.part, self.parts = part, parts
+        super().__init__(f"{phase} of partition {part + 1}/{parts} failed twice: {cause}")
+
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class SerialExecutor:
+    """Partitions one after another in this process: bounded memory, one core for the detectors."""
+
+    workers = 1
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        results = []
+        for done, args in enumerate(calls):
+            try:
+                results.append(fn(*args))
+            except MemoryError:
+                raise
+            except Exception as first:
+                log.warning(
+                    "%s of partition %d/%d failed (%s); retrying once", phase, args[1] + 1, args[2], first
+                )
+                try:
+                    results.append(fn(*args))
+                except Exception as exc:
+                    raise PartitionError(phase, args[1], args[2], exc) from exc
+            if progress:
+                progress(phase, done + 1, len(calls))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
+    this process is inherited). A task that raises, or whose worker dies, is retried once."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _ensure(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        results: list[Any] = [None] * len(calls)
+        failures = [0] * len(calls)
+        pending = set(range(len(calls)))
+        finished = 0
+        while pending:
+            pool = self._ensure()
+            futures = {pool.submit(fn, *calls[i]): i for i in sorted(pending)}
+            broken = False
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool as exc:  # a worker died: every unfinished task is charged
+                    broken = True
+                    failures[i] += 1
+                    if failures[i] > 1:
+                        self.close(wait=False)
+                        raise PartitionError(
+                            phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
+                        ) from exc
+                    continue
+                except Exception as exc:
+                    failures[i] += 1
+                    if failures[i] > 1:
+                        self.close(wait=False)
+                        raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+                    log.warning(
+                        "%s of partition %d/%d failed (%s); retrying once",
+                        phase,
+                        calls[i][1] + 1,
+                        calls[i][2],
+                        exc,
+                    )
+                    continue
+                pending.discard(i)
+                finished += 1
+                if progress:
+                    progress(phase, finished, len(calls))
+            if broken:
+                self.close(wait=False)
+        return results
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker processes (waiting for them to exit, so none outlives the command;
+        ``wait=False`` when a task failed and the pool is abandoned)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+            self._pool = None
+
+
+class ClusterError(RuntimeError):
+    """The Dask scheduler cannot be reached (or ``distributed`` is not installed)."""
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail at once on a scheduler that refuses connections (Dask itself retries until its timeout)."""
+    match = re.fullmatch(r"(?:tcp://)?\[?([^\]]+?)\]?:(\d+)/?", address.strip())
+    if match is None:
+        raise ClusterError(f"{address}: not a Dask scheduler address like tcp://HOST:8786")
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+class DaskExecutor:
+    """Partitions as tasks on an existing Dask distributed cluster. Each task reads its partition
+    itself (:class:`StoreSource`: a store path on storage every worker shares, or a ClickHouse
+    URL), so only the small extracted rows travel; the decision runs here, on the client. Dask
+    retries a failed task once (``retries=1``) and reschedules the tasks of a worker that died."""
+
+    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+        try:
+            from distributed import Client
+        except ImportError as exc:
+            raise ClusterError(
+                "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
+            ) from exc
+        _check_reachable(address, timeout_s / 2)
+        try:
+            self.client = Client(address, timeout=timeout_s, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {exc}"
+            ) from None
+        self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        self._run = uuid.uuid4().hex[:8]
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        futures = [
+            self.client.submit(
+                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
+            )
+            for args in calls
+        ]
+        results: list[Any] = [None] * len(calls)
+        for i, future in enumerate(futures):  # in order: the progress counts finished prefixes
+            try:
+                results[i] = future.result()
+            except Exception as exc:
+                self.client.cancel(futures)
+                raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+            if progress:
+                progress(phase, i + 1, len(calls))
+        return results
+
+    def close(self) -> None:
+        self.client.close()
+
+
+Executor = SerialExecutor | ProcessExecutor | DaskExecutor
+
+
+@dataclass
+class Extracted:
+    """The first pass over every partition: findings decided on the combined rows, the trace
+    summaries and span count of the whole."""
+
+    findings: list[Finding]
+    traces: pl.DataFrame
+    spans: int
+    services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
+
+
+def run_extraction(
+    source: Source, parts: int, executor: Executor, notes: NearMissSink, progress: Progress | None = None
+) -> Extracted:
+    """Extract every partition (in ``executor``) and decide each split detector on the combined rows."""
+    results = executor.map("extracting", extract_part, [(source, p, parts) for p in range(parts)], progress)
+    decided = decide(combine(r.rows for r in results), notes)
+    traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
+    findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
+    services = pl.concat([r.services for r in results], how="vertical_relaxed")
+    services = (
+        services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
+    )
+    return Extracted(findings, traces, sum(r.spans for r in results), services)
+
+
+def run_pricing(
+    source: Source,
+    parts: int,
+    executor: Executor,
+    findings: list[Finding],
+    progress: Progress | None = None,
+    *,
+    calls: bool = False,
+) -> tuple[dict[str, Impact], dict[str, np.ndarray]]:
+    """The second pass: each finding's what-if saving, partition by partition; with ``calls``
+    also the durations of the calls each finding names, over every partition."""
+    if not findings or (not calls and not any(o.interventions for f in findings for o in f.occurrences)):
+        return {}, {}
+    results = executor.map(
+        "pricing", price_part, [(source, p, parts, findings, calls) for p in range(parts)], progress
+    )
+    durations: dict[str, np.ndarray] = {}
+    if calls:
+        for f in findings:
+            pieces = [r.calls[f.id] for r in results if f.id in r.calls]
+            durations[f.id] = np.concatenate(pieces) if pieces else np.zeros(0)
+    return merge_impacts(r.impacts for r in results), durations

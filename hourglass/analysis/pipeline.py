@@ -1,0 +1,592 @@
+"""The analysis entry point: spans in, ``hourglass.report/v1`` out.
+
+``analyze(table_or_frame, *, writer=None, services=None, since_ns=None, explain=False)`` runs, in order:
+selection (whole traces that touch ``services`` / have a span starting at or after ``since_ns``), trace repair and
+critical path (:class:`hourglass.analysis.context.AnalysisContext`), every detector in
+:data:`hourglass.analysis.detectors.DETECTORS`, what-if savings (:mod:`hourglass.analysis.whatif`), ranking
+(:mod:`hourglass.analysis.ranking`) and the writer (the offline template writer when ``writer`` is None). A
+writer that fails falls back to the template writer and the report says why.
+
+Floors (:func:`score_findings`): a finding is reported only when a person would act on it.
+
+* Confidence at least ``MIN_REPORTED_CONFIDENCE`` (0.2).
+* A parallelization finding must save something at the root (a pattern off the critical path saves
+  nothing), and its p95 saving per affected request must clear both
+
+  - the **absolute floor of its kind**, :data:`MIN_SAVING_BY_KIND` (below it nobody rewrites code:
+    the gain is within timer noise and run-to-run jitter), and
+  - the **relative rule**: at least ``MIN_SAVING_SHARE`` (1 %, the detectors' own relative rule) of the median root duration of the
+    affected requests — a few ms of a 2 s request is noise, while a 2 × 3 s sequence (3 s saved
+    of 6 s) is not.
+
+Every candidate dropped here is recorded as a near miss (``AnalysisContext.note_near_miss``) with
+the rule and the measured value, for ``--explain``.
+
+Also here: :class:`ContextView`, the read-only ``hourglass.analysis.writer.WriterContext`` over an analysis
+(for writers that look things up), and :func:`trace_detail` for the REST API's trace view.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from hourglass.analysis import partitions
+from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+from hourglass.analysis.detectors import DETECTORS
+from hourglass.analysis.detectors._common import NearMissSink
+from hourglass.analysis.model import Finding, NearMiss
+from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
+from hourglass.analysis.report import build_report
+from hourglass.analysis.whatif import Impact, WhatIf
+from hourglass.analysis.writer import Writer, WriterContext
+from hourglass.analysis.writers import template_writer
+
+log = logging.getLogger(__name__)
+
+MIN_REPORTED_SAVING_NS = 500_000  # below every kind's floor; kept for callers that import it
+# Absolute floors on the p95 saving per affected request at the root, by kind (nanoseconds). One
+# table for every parallelization detector (the detectors' own 1 ms / 1 % rules find candidates;
+# these decide what is worth a reader's time). Reasons:
+MIN_SAVING_BY_KIND: dict[str, int] = {
+    # Issuing calls together costs futures, error handling and ordering care; under 2 ms per request
+    # that is less than the jitter of one network round trip.
+    "serialized_calls": 2_000_000,
+    # A batch endpoint or a bulk query changes an API or a schema: worth it from 2 ms per request.
+    "n_plus_one": 2_000_000,
+    # Hedging or rebalancing adds load and moving parts; the detector already needs a 5 ms excess.
+    "fanout_straggler": 5_000_000,
+    # Raising a pool cap adds downstream load; 2 ms per request is the least that pays for it.
+    "fanout_concurrency_limit": 2_000_000,
+    # A lock wait is pure waste and the fix (shorter critical section) is local: 1 ms is enough.
+    "lock_contention": 1_000_000,
+}
+# Kinds not in the table (new detectors) use this floor until they get their own row.
+DEFAULT_MIN_SAVING_NS = 2_000_000
+# The relative rule: the p95 saving must be at least this share of the median request (root) duration,
+# unless it is at least MIN_CALLER_SHARE of the operation that must change (evidence.caller_share_p50).
+MIN_SAVING_SHARE = 0.01
+MIN_CALLER_SHARE = 0.25
+# Below this a detector is saying "probably not a problem" (e.g. failures that a fallback almost
+# always contains); a recommendation that weak costs a reader more than it offers.
+MIN_REPORTED_CONFIDENCE = 0.2
+
+
+def select_traces(
+    frame: pl.DataFrame, *, services: list[str] | None = None, since_ns: int | None = None
+) -> pl.DataFrame:
+    """Whole traces with at least one span in ``services`` and one span starting at or after
+    ``since_ns`` (the store's ``scan`` selects the same way, so files and store agree)."""
+    if services:
+        keep = frame.filter(pl.col("service").is_in(list(services))).select("trace_id").unique()
+        frame = frame.join(keep, on="trace_id", how="semi")
+    if since_ns is not None:
+        keep = frame.filter(pl.col("start_ns") >= since_ns).select("trace_id").unique()
+        frame = frame.join(keep, on="trace_id", how="semi")
+    return frame
+
+
+# The detectors run in two threads ("lanes"): most of their time is in polars and numpy, which
+# release the GIL, and much of it is single-threaded, so on 2 cores a second lane overlaps it
+# (measured at 1M spans, best of 4 on a shared machine: 1.54 s -> 1.37 s for all detectors).
+# Detectors that share a cached intermediate stay in one lane, in order: serialized_calls builds
+# call_children for n_plus_one; both fan-out detectors share fanout_straggler.sibling_groups.
+# A detector not listed runs in the first lane. Findings are assembled in DETECTORS order, so the
+# report does not depend on which lane finished first.
+DETECTOR_LANES: tuple[tuple[str, ...], ...] = (
+    (
+        "serialized_calls",
+        "n_plus_one",
+        "batchable_calls",
+        "retry_without_backoff",
+        "error_propagation",
+        "missing_timeout",
+    ),
+    ("fanout_straggler", "fanout_concurrency_limit", "lock_contention"),
+)
+
+
+def _run_lane(ctx: AnalysisContext, kinds: list[str]) -> dict[str, list[Finding]]:
+    out: dict[str, list[Finding]] = {}
+    for kind in kinds:
+        try:
+            out[kind] = DETECTORS[kind](ctx)
+        except Exception as exc:  # the whole analysis fails, naming the detector
+            raise RuntimeError(f"detector {kind!r} failed: {exc}") from exc
+    return out
+
+
+def run_detectors(ctx: AnalysisContext) -> list[Finding]:
+    lanes = [[k for k in lane if k in DETECTORS] for lane in DETECTOR_LANES]
+    listed = {k for lane in lanes for k in lane}
+    lanes[0].extend(k for k in DETECTORS if k not in listed)
+    with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="hourglass-detectors") as pool:
+        futures = [pool.submit(_run_lane, ctx, lane) for lane in lanes if lane]
+        found: dict[str, list[Finding]] = {}
+        for future in futures:
+            found.update(future.result())
+    return [finding for kind in DETECTORS for finding in found[kind]]
+
+
+def _affected_roots(traces: pl.DataFrame, trace_ids: list[str]) -> pl.DataFrame:
+    """trace_id and root duration (ms) of ``trace_ids`` (``traces``: ``AnalysisContext.traces``)."""
+    ids = pl.Series(trace_ids, dtype=pl.String).implode()
+    return traces.filter(pl.col("trace_id").is_in(ids)).select(
+        "trace_id", root_ms=pl.col("root_duration_ns") / 1e6
+    )
+
+
+def _fmt_ms(value_ms: float) -> str:
+    return f"{value_ms:.3g} ms" if value_ms < 10 else f"{value_ms:,.0f} ms"
+
+
+def saving_floor_reason(
+    kind: str, saved_p95_ms: float, median_root_ms: float, caller_share: float | None = None
+) -> str | None:
+    """Why a parallelization saving is below the floors (None when it clears them).
+    ``caller_share``: the saving's share of the operation that must change (``evidence.
+    caller_share_p50``); at ``MIN_CALLER_SHARE`` or more the relative rule is waived — a loop that
+    is a quarter of its endpoint is worth fixing even deep inside a long request."""
+    floor_ms = MIN_SAVING_BY_KIND.get(kind, DEFAULT_MIN_SAVING_NS) / 1e6
+    if saved_p95_ms < floor_ms:
+        return f"p95 saving {_fmt_ms(saved_p95_ms)} < {_fmt_ms(floor_ms)} floor for {kind}"
+    relative_ms = MIN_SAVING_SHARE * median_root_ms
+    if saved_p95_ms < relative_ms and (caller_share is None or caller_share < MIN_CALLER_SHARE):
+        return (
+            f"p95 saving {_fmt_ms(saved_p95_ms)} < {MIN_SAVING_SHARE:.0%} of the {_fmt_ms(median_root_ms)} "
+            f"median request ({_fmt_ms(relative_ms)})"
+        )
+    return None
+
+
+def _drop(notes: NearMissSink, finding: Finding, reason: str) -> None:
+    exemplar = next(iter(finding.occurrences), None)
+    notes.note_near_miss(
+        finding.kind,
+        finding.service,
+        finding.operation,
+        reason,
+        trace_ids=finding.trace_ids[:5],
+        span_ids=exemplar.span_ids if exemplar is not None else (),
+        traces=len(finding.trace_ids),
+    )
+
+
+def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored]:
+    """Prices every finding (:mod:`hourglass.analysis.ranking`) and applies the floors (module docstring);
+    dropped findings become near misses. The what-if engine re-times ``ctx``'s traces."""
+    whatif = WhatIf(ctx) if findings else None
+
+    def impact_of(finding: Finding) -> Impact | None:
+        if whatif is None or not any(o.interventions for o in finding.occurrences):
+            return None
+        return whatif.impact(finding)
+
+    return score(findings, impact_of=impact_of, traces=ctx.traces, notes=ctx)
+
+
+def score(
+    findings: list[Finding],
+    *,
+    impact_of: Callable[[Finding], Impact | None],
+    traces: pl.DataFrame,
+    notes: NearMissSink,
+) -> list[Scored]:
+    """:func:`score_findings` given each finding's what-if impact (computed over the whole, or
+    partition by partition) and the trace summaries (``AnalysisContext.traces``)."""
+    scored: list[Scored] = []
+    for finding in findings:
+        if finding.confidence < MIN_REPORTED_CONFIDENCE:
+            _drop(notes, finding, f"confidence {finding.confidence:.2f} < {MIN_REPORTED_CONFIDENCE} floor")
+            continue
+        impact = impact_of(finding)
+        roots = _affected_roots(traces, finding.trace_ids)
+        median = roots["root_ms"].median() if roots.height else None
+        median_root = float(median) if isinstance(median, int | float) else 0.0
+        if finding.category == "parallelization":
+            if impact is None or impact.saved_ns.size == 0 or impact.total_ns <= 0:
+                _drop(notes, finding, "no saving at the root: the pattern is off the critical path")
+                continue
+            reason = saving_floor_reason(
+                finding.kind,
+                float(np.percentile(impact.saved_ns, 95)) / 1e6,
+                median_root,
+                finding.evidence.get("caller_share_p50"),
+            )
+            if reason is not None:
+                _drop(notes, finding, reason)
+                continue
+        cost = None
+        if finding.category == "fault_tolerance":  # per-trace roots only where a cost is measured
+            by_trace = dict(zip(roots["trace_id"].to_list(), roots["root_ms"].to_list(), strict=True))
+            cost = measured_cost(finding, impact, by_trace, median_root)
+        sc, has_latency = expected_value_ms(finding, impact, cost)
+        scored.append(Scored(finding, impact, sc, has_latency, cost))
+    return rank(scored)
+
+
+def write_texts(report: dict[str, Any], writer: Writer | None, view: WriterContext) -> None:
+    recs = report["recommendations"]
+    chosen = writer or template_writer()
+    fallback_reason: str | None = None
+    try:
+        outcome = chosen.write(recs, view)
+    except Exception as exc:
+        if writer is None or getattr(chosen, "name", "") == "template":
+            raise
+        log.warning("writer %s failed, using the template writer: %s", getattr(chosen, "name", chosen), exc)
+        fallback_reason = f"{getattr(chosen, 'name', 'writer')} failed: {exc}"
+        outcome = template_writer().write(recs, view)
+    missing = [r for r in recs if r["id"] not in outcome.texts]
+    if missing:  # a writer that skipped some recommendations: fill them from the templates
+        filled = template_writer().write(missing, view)
+        outcome.texts.update(filled.texts)
+        fallback_reason = (
+            fallback_reason
+            or outcome.fallback_reason
+            or (f"{len(missing)} recommendation(s) written by the template writer")
+        )
+    for rec in recs:
+        text = outcome.texts[rec["id"]]
+        rec["title"], rec["summary"], rec["actions"] = text.title, text.summary, list(text.actions)
+        if text.design is not None:
+            rec["design"] = text.design
+    report["writer"] = {"name": outcome.writer, "fallback_reason": fallback_reason or outcome.fallback_reason}
+    if outcome.metadata:
+        report["writer"]["metadata"] = outcome.metadata
+
+
+def service_edges(ctx: AnalysisContext) -> pl.DataFrame:
+    """Every span called from another service: service, name, duration_ns, parent_service, parent_name."""
+    return (
+        ctx.with_parent(
+            ctx.spans.filter(pl.col("parent_row").is_not_null()).select(
+                "parent_row", "service", "name", "duration_ns"
+            )
+        )
+        .filter(pl.col("service") != pl.col("parent_service"))
+        .select("service", "name", "duration_ns", "parent_service", "parent_name")
+    )
+
+
+def add_workstreams(
+    report: dict[str, Any],
+    ctx: AnalysisContext,
+    ranked: list[Scored],
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """``report["workstreams"]``: the plan of :mod:`hourglass.analysis.workstreams` (empty if it fails)."""
+    from hourglass.analysis.workstreams import build_workstreams
+
+    try:
+        report["workstreams"] = build_workstreams(ctx, ranked, report, resources)
+    except Exception:
+        log.exception("the workstream plan failed")
+        report["workstreams"] = []
+
+
+class ContextView:
+    """Read-only views of an analysis for writers (implements ``hourglass.analysis.writer.WriterContext``)."""
+
+    def __init__(
+        self,
+        ctx: AnalysisContext,
+        report: dict[str, Any],
+        ranked: list[Scored] | None = None,
+        resources: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self._recs = {r["id"]: r for r in report.get("recommendations", [])}
+        self._scored = {s.finding.id: s for s in ranked or []}
+        self.resources = resources or {}
+        self._facts: dict[str, dict[str, Any] | None] = {}
+
+    def design_facts(self, recommendation_id: str) -> dict[str, Any] | None:
+        """Language, exemplar sequence diagrams and predicted root latencies for a recommendation's
+        design (:func:`hourglass.analysis.sequence.design_facts`), computed once per recommendation."""
+        if recommendation_id not in self._facts:
+            from hourglass.analysis.sequence import design_facts
+
+            rec, scored = self._recs.get(recommendation_id), self._scored.get(recommendation_id)
+            facts = None
+            if rec is not None and scored is not None:
+                try:
+                    facts = design_facts(self.ctx, scored.finding, scored.impact, rec, self.resources)
+                except Exception:  # a design without diagrams beats no report
+                    log.exception("design facts of %s failed", recommendation_id)
+            self._facts[recommendation_id] = facts
+        return self._facts[recommendation_id]
+
+    def finding_evidence(self, recommendation_id: str) -> dict[str, Any] | None:
+        rec = self._recs.get(recommendation_id)
+        if rec is None:
+            return None
+        keys = ("id", "kind", "category", "service", "operation", "targets", "traces_affected", "occurrences")
+        return {
+            **{k: rec[k] for k in keys},
+            "impact": rec["impact"],
+            "confidence": rec["confidence"],
+            "evidence": rec["evidence"],
+        }
+
+    def trace_spans(self, trace_id: str) -> pl.DataFrame:
+        """The repaired spans of one trace (with critical-path columns)."""
+        return self.ctx.trace_spans(trace_id)
+
+    def service_edges(self) -> pl.DataFrame:
+        """Every cross-service call: service, name, duration_ns, parent_service, parent_name."""
+        edges = self.ctx.cache.get("service_edges")
+        if not isinstance(edges, pl.DataFrame):
+            edges = service_edges(self.ctx)
+            self.ctx.cache["service_edges"] = edges
+        return edges
+
+    def critical_path(self, trace_id: str) -> list[dict[str, Any]] | None:
+        spans = self.trace_spans(trace_id)
+        if spans.height == 0:
+            return None
+        path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])
+        return [
+            {
+                "span_id": r["span_id"],
+                "service": r["service"],
+                "name": r["name"],
+                "depth": r["depth"],
+                "duration_ms": round(r["duration_ns"] / 1e6, 3),
+                "self_ms": round(r["critical_ns"] / 1e6, 3),
+            }
+            for r in path.iter_rows(named=True)
+        ]
+
+    def service_neighbours(self, service: str) -> dict[str, list[dict[str, Any]]]:
+        edges = self.service_edges()
+
+        def summarise(frame: pl.DataFrame, svc: str, op: str) -> list[dict[str, Any]]:
+            agg = (
+                frame.group_by(svc, op)
+                .agg(pl.len().alias("calls"), (pl.col("duration_ns").median() / 1e6).alias("p50_ms"))
+                .sort(["calls", svc, op], descending=[True, False, False])
+                .head(50)
+            )
+            return [
+                {"service": s, "operation": o, "calls": int(c), "p50_ms": round(float(p or 0), 3)}
+                for s, o, c, p in agg.iter_rows()
+            ]
+
+        callers = summarise(edges.filter(pl.col("service") == service), "parent_service", "parent_name")
+        callees = summarise(edges.filter(pl.col("parent_service") == service), "service", "name")
+        return {"callers": callers, "callees": callees}
+
+
+def uncovered_near_misses(near_misses: list[NearMiss], ranked: list[Scored]) -> list[NearMiss]:
+    """Near misses of a (kind, service, operation) that is not reported: a reported one covers
+    them (e.g. an explicit lock wait reported, its inferred convoy dropped)."""
+    reported = {(s.finding.kind, s.finding.service, s.finding.operation) for s in ranked}
+    return [m for m in near_misses if (m.kind, m.service, m.operation) not in reported]
+
+
+def analyze_context(
+    ctx: AnalysisContext,
+    *,
+    writer: Writer | None = None,
+    explain: bool = False,
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[dict[str, Any], list[Scored]]:
+    """Detect, score and write; with ``explain`` the report carries ``near_misses``.
+    ``resources``: {service: {"language", "namespace", "owner"}} (:mod:`hourglass.analysis.resources`)."""
+    ranked = score_findings(ctx, run_detectors(ctx))
+    near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
+    report = build_report(
+        ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
+    )
+    write_texts(report, writer, ContextView(ctx, report, ranked, resources))
+    add_workstreams(report, ctx, ranked, resources)
+    report["critical_paths"] = report_critical_paths(ctx)
+    return report, ranked
+
+
+def report_critical_paths(ctx: AnalysisContext) -> list[dict[str, Any]]:
+    """The busiest endpoints' critical paths across traces, compact, for the report page's icicles
+    (``hourglass.analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``)."""
+    from hourglass.analysis.endpoint_path import critical_paths
+
+    try:
+        return critical_paths(ctx, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
+    except Exception:  # a picture must never cost the recommendations
+        log.exception("critical paths of the endpoints failed")
+        return []
+
+
+def analyze(
+    table_or_frame: pa.Table | pl.DataFrame,
+    *,
+    writer: Writer | None = None,
+    services: list[str] | None = None,
+    since_ns: int | None = None,
+    explain: bool = False,
+) -> dict[str, Any]:
+    """Analyse span rows (``hourglass.collector.schema.SPAN_SCHEMA``) into a ``hourglass.report/v1`` dict
+    (with ``near_misses`` when ``explain``)."""
+    from hourglass.analysis.resources import service_resources
+
+    resources = service_resources(table_or_frame)
+    frame = select_traces(to_analysis_frame(table_or_frame), services=services, since_ns=since_ns)
+    report, _ = analyze_context(
+        AnalysisContext.from_table(frame), writer=writer, explain=explain, resources=resources
+    )
+    return report
+
+
+class PartitionedView(ContextView):
+    """:class:`ContextView` when no context holds every span: its context holds the exemplar
+    traces (repair is per trace, so their spans are the same), the calls' statistics and the
+    services' scope languages come measured over every partition, another trace is read when
+    asked for, and the service edges are gathered partition by partition the first time a writer
+    asks (the agent's tool)."""
+
+    def __init__(
+        self,
+        ctx: AnalysisContext,
+        report: dict[str, Any],
+        ranked: list[Scored],
+        resources: Mapping[str, Mapping[str, Any]],
+        source: partitions.Source,
+        parts: int,
+        read_traces: Callable[[list[str]], pa.Table],
+    ) -> None:
+        super().__init__(ctx, report, ranked, resources)
+        self._source, self._parts, self._read_traces = source, parts, read_traces
+
+    def trace_spans(self, trace_id: str) -> pl.DataFrame:
+        spans = self.ctx.trace_spans(trace_id)
+        if spans.height:
+            return spans
+        return AnalysisContext.from_table(self._read_traces([trace_id])).spans
+
+    def service_edges(self) -> pl.DataFrame:
+        edges = self.ctx.cache.get("service_edges_all")
+        if not isinstance(edges, pl.DataFrame):
+            edges = pl.concat(
+                [
+                    service_edges(AnalysisContext.from_table(self._source.load(p, self._parts)))
+                    for p in range(self._parts)
+                ]
+            )
+            self.ctx.cache["service_edges_all"] = edges
+        return edges
+
+
+def analyze_partitioned(
+    source: partitions.Source,
+    parts: int,
+    executor: partitions.Executor,
+    *,
+    read_traces: Callable[[list[str]], pa.Table],
+    writer: Writer | None = None,
+    explain: bool = False,
+    progress: partitions.Progress | None = None,
+) -> tuple[dict[str, Any], list[Scored]]:
+    """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
+    extraction of each partition, one decision over the combined rows, then a second pass that
+    prices the findings' what-if savings partition by partition (a trace's saving depends only on
+    that trace) and measures the calls they name. Same findings, savings, ranking, near misses and
+    designs as the whole at once (the partition tests); memory bounded by a partition, not the
+    store. ``read_traces(ids)`` reads whole traces by id (every column): the exemplars the designs
+    draw, and one trace per service for the services' resources. A workstream of two or more
+    re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
+    icicles) need every on-path span at once and are left out."""
+    from hourglass.analysis.resources import scope_languages, service_resources
+    from hourglass.analysis.sequence import duration_stats
+
+    notes = partitions.NearMissLog()
+    extracted = partitions.run_extraction(source, parts, executor, notes, progress)
+    kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
+    impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
+    ranked = score(
+        extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
+    )
+    near_misses = uncovered_near_misses(notes.near_misses, ranked) if explain else None
+    report = build_report(
+        ranked,
+        traces_analyzed=extracted.traces.height,
+        spans_analyzed=extracted.spans,
+        near_misses=near_misses,
+    )
+    one_per_service = extracted.services.group_by("service").agg(pl.col("trace_id").min())["trace_id"]
+    resources = service_resources(read_traces(sorted(set(one_per_service.to_list()))))
+    exemplars = sorted(
+        {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
+    )
+    ctx = AnalysisContext.from_table(read_traces(exemplars))
+    ctx.cache["call_stats"] = {fid: duration_stats(d) for fid, d in calls.items()}
+    ctx.cache["scope_languages"] = scope_languages(extracted.services)
+    write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
+
+    def priced_together(found: list[Finding]) -> dict[str, Impact]:
+        return partitions.run_pricing(source, parts, executor, found, progress)[0]
+
+    from hourglass.analysis.workstreams import build_workstreams
+
+    try:
+        report["workstreams"] = build_workstreams(
+            None,
+            ranked,
+            report,
+            resources,
+            traced_services=set(extracted.services["service"].to_list()),
+            impacts_of=priced_together,
+        )
+    except Exception:
+        log.exception("the workstream plan failed")
+        report["workstreams"] = []
+    # The endpoints' critical paths need every on-path span of their traces at once: a partitioned
+    # run leaves the page's icicles out (``hourglass critical-path`` answers per endpoint).
+    report["critical_paths"] = []
+    return report, ranked
+
+
+def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
+    """One trace for the REST API: repaired spans, critical path span ids (root first) and the ids
+    of the report's recommendations that touch it (exemplar trace or one of their span ids)."""
+    ctx = AnalysisContext.from_table(spans_of_one_trace)
+    spans = ctx.spans
+    trace_ids = spans["trace_id"].unique().to_list()
+    span_ids = set(spans["span_id"].to_list())
+    path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])["span_id"].to_list()
+    touching = []
+    for rec in report.get("recommendations", []):
+        ev = rec.get("evidence") or {}
+        if set(ev.get("trace_ids") or []) & set(trace_ids) or set(ev.get("span_ids") or []) & span_ids:
+            touching.append(rec["id"])
+    columns = [
+        "span_id",
+        "parent_span_id",
+        "service",
+        "name",
+        "kind",
+        "start_ns",
+        "end_ns",
+        "duration_ns",
+        "status_code",
+        "depth",
+        "is_root",
+        "orphan",
+        "blocking",
+        "on_critical_path",
+        "critical_ns",
+        "clock_skew_ns",
+    ]
+    return {
+        "trace_id": trace_ids[0] if len(trace_ids) == 1 else None,
+        "span_count": spans.height,
+        "incomplete": bool(ctx.traces["incomplete"].any()) if ctx.traces.height else False,
+        "spans": spans.sort(["depth", "start_ns"]).select(columns).to_dicts(),
+        "critical_path": path,
+        "finding_ids": touching,
+    }

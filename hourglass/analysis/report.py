@@ -1,0 +1,172 @@
+"""The ``hourglass.report/v1`` object (DESIGN.md "Recommendation JSON").
+
+Top level: ``schema``, ``generated_at``, ``traces_analyzed``, ``spans_analyzed``,
+``recommendations`` and a ``writer`` block ``{"name", "fallback_reason"}``. Each recommendation::
+
+    id, rank, kind, category, service, operation, targets, traces_affected, occurrences,
+    impact {saved_ms_p50, saved_ms_p95, saved_ms_total, share_of_root_latency},
+    confidence, evidence {trace_ids (<= 5 exemplars), span_ids, ...detector numbers}, title, summary, actions
+
+``impact`` savings are null for fault-tolerance findings without a latency saving (their
+``evidence.requests_at_risk`` says how many requests they put at risk). Fault-tolerance findings
+whose cost the traces measure also carry the additive keys ``impact.cost_ms_p50``, ``cost_ms_p95``,
+``cost_ms_total`` and ``cost_share_of_root_latency`` (per affected trace), with
+``evidence.cost_basis`` (what was measured) and ``evidence.risk_ms`` (the ranking's risk term,
+:mod:`hourglass.analysis.ranking`). ``evidence.interventions``
+holds, per exemplar trace, the interventions the what-if engine applied, so the "after" picture of
+an exemplar can be redrawn from the report alone (:func:`hourglass.analysis.whatif.retime_trace`).
+
+With ``explain`` (``hourglass analyze --explain``, ``GET /v1/recommendations?explain=true``) the
+report also carries ``near_misses``: every candidate a detector (or the pipeline's floors) formed
+and then dropped, as ``{kind, service, operation, reason, traces, trace_ids (<= 5 exemplars),
+span_ids}`` — deduplicated by (kind, service, operation, reason), sorted by traces (most first),
+then kind, service, operation and reason, and capped at ``MAX_NEAR_MISSES`` with
+``near_misses_omitted`` counting the rest; a near miss of a (kind, service, operation) that is
+also a recommendation is left out (the recommendation covers it). Without ``explain`` neither key
+is present.
+
+Added after the writer runs (issue 13): each recommendation's ``design`` (written by the writer,
+see :mod:`hourglass.analysis.design`) and the report's ``workstreams`` (:mod:`hourglass.analysis.workstreams`).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from hourglass.analysis.model import NearMiss
+from hourglass.analysis.ranking import Scored
+from hourglass.analysis.whatif import intervention_to_dict
+
+SCHEMA = "hourglass.report/v1"
+MAX_EXEMPLAR_TRACES = 5
+MAX_SPAN_IDS = 20
+MAX_NEAR_MISSES = 200
+
+
+def _json_safe(value: Any) -> Any:
+    """Numbers that JSON can carry (NaN/inf become null), containers converted recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
+def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
+    f = scored.finding
+    trace_ids = f.trace_ids
+    evidence: dict[str, Any] = dict(f.evidence)
+    exemplars = [str(t) for t in (evidence.get("trace_ids") or trace_ids)][:MAX_EXEMPLAR_TRACES]
+    evidence["trace_ids"] = exemplars
+    if not evidence.get("span_ids"):
+        first = next((o for o in f.occurrences if o.trace_id in exemplars), None)
+        evidence["span_ids"] = list(first.span_ids) if first else []
+    evidence["span_ids"] = [str(s) for s in evidence["span_ids"]][:MAX_SPAN_IDS]
+    if f.requests_at_risk is not None:
+        evidence.setdefault("requests_at_risk", int(f.requests_at_risk))
+    interventions: dict[str, list[dict[str, Any]]] = {}
+    for occ in f.occurrences:
+        if occ.trace_id in exemplars and occ.interventions:
+            interventions.setdefault(occ.trace_id, []).extend(
+                intervention_to_dict(i) for i in occ.interventions
+            )
+    if interventions:
+        evidence["interventions"] = interventions
+    if scored.cost is not None:  # fault tolerance: what the traces show it cost (analysis.ranking)
+        evidence["cost_basis"] = scored.cost.basis
+        evidence["risk_ms"] = round(scored.cost.risk_ms, 3)
+    impact = (
+        scored.impact.as_dict()
+        if scored.impact is not None and scored.has_latency
+        else {
+            "saved_ms_p50": None,
+            "saved_ms_p95": None,
+            "saved_ms_total": None,
+            "share_of_root_latency": None,
+        }
+    )
+    if scored.cost is not None:
+        impact = {**impact, **scored.cost.as_impact()}
+    return _json_safe(
+        {
+            "id": f.id,
+            "rank": rank,
+            "kind": f.kind,
+            "category": f.category,
+            "service": f.service,
+            "operation": f.operation,
+            "targets": [dict(t) for t in f.targets],
+            "traces_affected": len(trace_ids),
+            "occurrences": len(f.occurrences),
+            "impact": impact,
+            "confidence": round(float(f.confidence), 3),
+            "evidence": evidence,
+            "title": "",
+            "summary": "",
+            "actions": [],
+        }
+    )
+
+
+def near_miss_entries(
+    near_misses: list[NearMiss], limit: int = MAX_NEAR_MISSES
+) -> tuple[list[dict[str, Any]], int]:
+    """(entries, omitted): near misses deduplicated by (kind, service, operation, reason) — trace
+    ids merged, the largest trace count kept — sorted deterministically and capped at ``limit``."""
+    merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for miss in near_misses:
+        key = (str(miss.kind), str(miss.service), str(miss.operation), str(miss.reason))
+        entry = merged.get(key)
+        traces = int(miss.traces or len(set(miss.trace_ids)))
+        if entry is None:
+            merged[key] = {
+                "kind": key[0],
+                "service": key[1],
+                "operation": key[2],
+                "reason": key[3],
+                "traces": traces,
+                "trace_ids": [str(t) for t in dict.fromkeys(miss.trace_ids)][:MAX_EXEMPLAR_TRACES],
+                "span_ids": [str(s) for s in dict.fromkeys(miss.span_ids)][:MAX_SPAN_IDS],
+            }
+            continue
+        entry["traces"] = max(entry["traces"], traces)
+        entry["trace_ids"] = list(dict.fromkeys([*entry["trace_ids"], *map(str, miss.trace_ids)]))[
+            :MAX_EXEMPLAR_TRACES
+        ]
+        if not entry["span_ids"]:
+            entry["span_ids"] = [str(s) for s in dict.fromkeys(miss.span_ids)][:MAX_SPAN_IDS]
+    ordered = sorted(
+        merged.values(), key=lambda e: (-e["traces"], e["kind"], e["service"], e["operation"], e["reason"])
+    )
+    return ordered[:limit], max(len(ordered) - limit, 0)
+
+
+def build_report(
+    ranked: list[Scored],
+    *,
+    traces_analyzed: int,
+    spans_analyzed: int,
+    generated_at: datetime | None = None,
+    near_misses: list[NearMiss] | None = None,
+) -> dict[str, Any]:
+    """The report; ``near_misses`` (given only with ``explain``) adds the two near-miss keys."""
+    when = (generated_at or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "generated_at": when.isoformat().replace("+00:00", "Z"),
+        "traces_analyzed": int(traces_analyzed),
+        "spans_analyzed": int(spans_analyzed),
+        "recommendations": [recommendation(s, i + 1) for i, s in enumerate(ranked)],
+        "writer": {"name": None, "fallback_reason": None},
+    }
+    if near_misses is not None:
+        entries, omitted = near_miss_entries(near_misses)
+        report["near_misses"] = _json_safe(entries)
+        report["near_misses_omitted"] = omitted
+    return report

@@ -1,0 +1,394 @@
+"""A user's what-if: "what if pricing were twice as fast?", re-timed like the recommendations.
+
+``evaluate(ctx, changes, service=..., operation=...)`` applies a list of :class:`Change` to every
+trace of an :class:`~analysis.context.AnalysisContext` (or only those whose root is
+``service``/``operation``) with the engine that prices the recommendations
+(:class:`hourglass.analysis.whatif.Retimer`), and answers::
+
+    {"traces", "traces_changed", "saved_ms_total",
+     "endpoints": [{"service", "operation", "traces", "saved_ms_total",
+                    "before_ms_p50", "after_ms_p50", "before_ms_p95", "after_ms_p95"}],
+     "changes": [{...the change..., "spans", "traces"}]}
+
+Changes (the JSON of ``POST /v1/whatif``; the CLI flags build the same objects):
+
+* ``{"recommendation": ID}`` — the recommendation's own interventions, in every trace where its
+  detector finds it (so the saving agrees with the report's ``saved_ms_total``);
+* ``{"speedup": {"service", "operation", "factor"}}`` — every span of that operation takes
+  ``factor`` × its own time (:class:`hourglass.analysis.model.ScaleSelf`: its children keep theirs);
+  ``factor`` ≥ 0, 1 changes nothing, 0 removes its own time, 2 doubles it; ``operation`` ``"*"``
+  (or left out) is every operation of the service ("what if pricing were twice as fast");
+* ``{"parallelize": {"service", "operation"}}`` — the blocking children of each span of that
+  caller run concurrently (:class:`hourglass.analysis.model.RunConcurrently`);
+* ``{"cap": {"service", "operation", "concurrency"}}`` — the blocking children of each span of
+  that caller run at most ``concurrency`` at a time (:class:`hourglass.analysis.model.CapConcurrency`;
+  above the current width it is "raise the pool size", below it a limit).
+
+``saved_ms_total`` is the sum over the chosen traces of (root duration before − after), measured at
+each subtree root as the recommendations are (orphaned subtrees count at their own root); negative
+when a change makes things slower. Endpoint figures are per trace root. Bad input raises
+:class:`WhatIfInputError` with the reason (the REST API answers 422, the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import Finding
+from hourglass.analysis.whatif import CAP, RUN_CONCURRENTLY, SCALE_SELF, Retimer, RowChanges
+
+ChangeKind = Literal["recommendation", "speedup", "parallelize", "cap"]
+CHANGE_KINDS: tuple[str, ...] = ("recommendation", "speedup", "parallelize", "cap")
+MAX_CHANGES = 50
+MAX_FACTOR = 1000.0
+MAX_CONCURRENCY = 1_000_000
+ANY_OPERATION = "*"  # speedup of a whole service
+
+
+class WhatIfInputError(ValueError):
+    """A change that cannot be applied: the message says which one and why."""
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    service: str = ""
+    operation: str = ""
+    factor: float = 1.0  # speedup
+    concurrency: int = 0  # cap
+    recommendation: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.kind == "recommendation":
+            return {"recommendation": self.recommendation}
+        body: dict[str, Any] = {"service": self.service, "operation": self.operation}
+        if self.kind == "speedup":
+            body["factor"] = self.factor
+        elif self.kind == "cap":
+            body["concurrency"] = self.concurrency
+        return {self.kind: body}
+
+    def label(self) -> str:
+        if self.kind == "recommendation":
+            return f"recommendation {self.recommendation}"
+        what = f"{self.kind} {self.service}:{self.operation}"
+        if self.kind == "speedup":
+            return f"{what} ×{self.factor:g}"
+        if self.kind == "cap":
+            return f"{what} to {self.concurrency}"
+        return what
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise WhatIfInputError(f"{where}: expected a non-empty string")
+    if len(value) > 1000:
+        raise WhatIfInputError(f"{where}: longer than 1000 characters")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WhatIfInputError(f"{where}: expected a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise WhatIfInputError(f"{where}: expected a finite number")
+    return number
+
+
+def change_from_json(item: Any, where: str = "change") -> Change:
+    """One change object of ``POST /v1/whatif`` (see the module doc)."""
+    if not isinstance(item, Mapping) or len(item) != 1:
+        raise WhatIfInputError(
+            f"{where}: expected an object with exactly one of {', '.join(CHANGE_KINDS)}, got {item!r}"[:300]
+        )
+    ((kind, body),) = item.items()
+    if kind not in CHANGE_KINDS:
+        raise WhatIfInputError(
+            f"{where}: unknown change {kind!r} (expected one of {', '.join(CHANGE_KINDS)})"
+        )
+    if kind == "recommendation":
+        return Change("recommendation", recommendation=_text(body, f"{where}.recommendation"))
+    if not isinstance(body, Mapping):
+        raise WhatIfInputError(f"{where}.{kind}: expected an object with service and operation")
+    allowed = {"service", "operation"} | ({"factor"} if kind == "speedup" else set())
+    allowed |= {"concurrency"} if kind == "cap" else set()
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise WhatIfInputError(f"{where}.{kind}: unknown field(s) {', '.join(unknown)}")
+    service = _text(body.get("service"), f"{where}.{kind}.service")
+    if kind == "speedup" and body.get("operation") is None:
+        operation = ANY_OPERATION  # the whole service: every operation of it
+    else:
+        operation = _text(body.get("operation"), f"{where}.{kind}.operation")
+    if operation == ANY_OPERATION and kind != "speedup":
+        raise WhatIfInputError(f"{where}.{kind}.operation: name the caller's operation ('*' is for speedup)")
+    if kind == "speedup":
+        if "factor" not in body:
+            raise WhatIfInputError(f"{where}.speedup.factor: missing (0.5 = twice as fast, 0 = no own time)")
+        factor = _number(body["factor"], f"{where}.speedup.factor")
+        if factor < 0 or factor > MAX_FACTOR:
+            raise WhatIfInputError(
+                f"{where}.speedup.factor: the factor {factor:g} is not between 0 and {MAX_FACTOR:g}"
+            )
+        return Change("speedup", service, operation, factor=factor)
+    if kind == "cap":
+        if "concurrency" not in body:
+            raise WhatIfInputError(f"{where}.cap.concurrency: missing (how many children at a time)")
+        k = body["concurrency"]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CONCURRENCY:
+            raise WhatIfInputError(
+                f"{where}.cap.concurrency: the concurrency must be a whole number >= 1, got {k!r}"
+            )
+        return Change("cap", service, operation, concurrency=int(k))
+    return Change("parallelize", service, operation)
+
+
+def changes_from_json(items: Any) -> list[Change]:
+    if not isinstance(items, list):
+        raise WhatIfInputError("changes: expected a list of changes")
+    if not items:
+        raise WhatIfInputError("changes: the list is empty; give at least one change")
+    if len(items) > MAX_CHANGES:
+        raise WhatIfInputError(f"changes: {len(items)} changes, at most {MAX_CHANGES}")
+    return [change_from_json(item, f"changes[{i}]") for i, item in enumerate(items)]
+
+
+def _split_target(text: str, flag: str, needs_value: bool) -> tuple[str, str, str]:
+    """``svc:op`` or ``svc:op=value`` (the operation may hold ':' and '='; the value is after the
+    last '=')."""
+    value = ""
+    target = text
+    if needs_value:
+        target, sep, value = text.rpartition("=")
+        if not sep or not value.strip():
+            raise WhatIfInputError(f"{flag} {text!r}: expected SERVICE:OPERATION=VALUE")
+    service, sep, operation = target.partition(":")
+    if not sep or not service.strip() or not operation.strip():
+        raise WhatIfInputError(
+            f"{flag} {text!r}: expected SERVICE:OPERATION{'=VALUE' if needs_value else ''}"
+        )
+    return service, operation, value.strip()
+
+
+def changes_from_cli(
+    *,
+    speedup: Sequence[str] = (),
+    recommendation: Sequence[str] = (),
+    parallelize: Sequence[str] = (),
+    cap: Sequence[str] = (),
+) -> list[Change]:
+    """The CLI flags as changes: ``--speedup svc:op=0.5`` (``svc:*=0.5``: the whole service),
+    ``--recommendation ID``, ``--parallelize svc:op``, ``--cap svc:op=4``."""
+    out: list[Change] = []
+
+    def add(flag: str, text: str, item: dict[str, Any]) -> None:
+        try:
+            out.append(change_from_json(item, "x"))
+        except WhatIfInputError as exc:
+            reason = str(exc).split(": ", 1)[-1]
+            raise WhatIfInputError(f"{flag} {text!r}: {reason}") from None
+
+    for rec in recommendation:
+        add("--recommendation", rec, {"recommendation": rec})
+    for text in speedup:
+        service, operation, value = _split_target(text, "--speedup", True)
+        try:
+            factor: Any = float(value)
+        except ValueError:
+            raise WhatIfInputError(f"--speedup {text!r}: {value!r} is not a number") from None
+        add("--speedup", text, {"speedup": {"service": service, "operation": operation, "factor": factor}})
+    for text in parallelize:
+        service, operation, _ = _split_target(text, "--parallelize", False)
+        add("--parallelize", text, {"parallelize": {"service": service, "operation": operation}})
+    for text in cap:
+        service, operation, value = _split_target(text, "--cap", True)
+        try:
+            k: Any = int(value)
+        except ValueError:
+            raise WhatIfInputError(f"--cap {text!r}: {value!r} is not a whole number") from None
+        add("--cap", text, {"cap": {"service": service, "operation": operation, "concurrency": k}})
+    if not out:
+        raise WhatIfInputError("no change given: use --speedup, --recommendation, --parallelize or --cap")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+FindingLookup = Callable[[str], Finding | None]
+
+
+def detector_lookup(ctx: AnalysisContext) -> FindingLookup:
+    """Find a recommendation's finding by its id: its kind is the id's prefix; that detector runs
+    once on ``ctx`` (cached) and the finding with the same stable id is taken."""
+    from hourglass.analysis.detectors import DETECTORS
+
+    found: dict[str, dict[str, Finding]] = {}
+
+    def lookup(rec_id: str) -> Finding | None:
+        kind = rec_id.rsplit("-", 1)[0]
+        detect = DETECTORS.get(kind)
+        if detect is None:
+            return None
+        if kind not in found:
+            found[kind] = {f.id: f for f in detect(ctx)}
+        return found[kind].get(rec_id)
+
+    return lookup
+
+
+def _quantile(column: str, q: float) -> pl.Expr:
+    return (pl.col(column).quantile(q, interpolation="linear") / 1e6).round(3)
+
+
+def evaluate(
+    ctx: AnalysisContext,
+    changes: Sequence[Change],
+    *,
+    service: str | None = None,
+    operation: str | None = None,
+    lookup: FindingLookup | None = None,
+    engine: Retimer | None = None,
+) -> dict[str, Any]:
+    """Apply ``changes`` to the traces of ``ctx`` rooted at ``service``/``operation`` (each filter
+    optional) and measure the root latencies before and after (see the module doc)."""
+    if not changes:
+        raise WhatIfInputError("changes: the list is empty; give at least one change")
+    spans = ctx.spans
+    traces = ctx.traces
+    if service is not None:
+        traces = traces.filter(pl.col("root_service") == service)
+    if operation is not None:
+        traces = traces.filter(pl.col("root_name") == operation)
+    if traces.height == 0 and (service is not None or operation is not None):
+        where = "/".join(x for x in (service, operation) if x is not None)
+        raise WhatIfInputError(
+            f"no trace has a root span {where!r} in the window ({ctx.traces.height} traces analysed)"
+        )
+    engine = engine or Retimer(spans, ctx.critical.predecessor if ctx.critical is not None else None)
+    selected = np.zeros(spans.height, dtype=bool)
+    if traces.height:
+        selected = spans["trace_id"].is_in(traces["trace_id"].implode()).to_numpy()
+    if traces.height == ctx.traces.height:
+        selected[:] = True
+    names = spans.select("service", "name")
+    rows_l: list[np.ndarray] = []
+    owner_l: list[np.ndarray] = []
+    kinds_l: list[np.ndarray] = []
+    ivalues_l: list[np.ndarray] = []
+    fvalues_l: list[np.ndarray] = []
+    n_iv = 0
+    echo: list[dict[str, Any]] = []
+    trace_index = _trace_index(spans)
+    for change in changes:
+        if change.kind == "recommendation":
+            finding = (lookup or detector_lookup(ctx))(change.recommendation)
+            if finding is None:
+                raise WhatIfInputError(
+                    f"no recommendation {change.recommendation!r} in these traces "
+                    "(ids are listed by GET /v1/recommendations and `hourglass analyze`)"
+                )
+            rows, owner, types, ivalues, fvalues = engine._resolve(finding, None)
+            keep = selected[rows]
+            rows, owner = rows[keep], owner[keep]
+            kinds = np.zeros(ivalues.size, dtype=np.int64)
+            if types.size:
+                kinds[owner] = types
+        else:
+            in_service = names["service"] == change.service
+            if change.operation != ANY_OPERATION:
+                in_service = in_service & (names["name"] == change.operation)
+            match = in_service.to_numpy()
+            if not match.any():
+                raise WhatIfInputError(
+                    f"{change.label()}: no span {change.service}:{change.operation} in the "
+                    "window (service and operation are the span's service.name and span name)"
+                )
+            targets = np.nonzero(match & selected)[0]
+            if change.kind == "speedup":
+                rows, owner = targets, np.arange(targets.size, dtype=np.int64)
+                kinds = np.full(targets.size, SCALE_SELF, dtype=np.int64)
+                ivalues = np.zeros(targets.size, dtype=np.int64)
+                fvalues = np.full(targets.size, change.factor, dtype=np.float64)
+            else:
+                children, owner = engine._children_of(targets)
+                keep = engine.blocking[children]
+                rows, owner = children[keep], owner[keep]
+                kind = RUN_CONCURRENTLY if change.kind == "parallelize" else CAP
+                kinds = np.full(targets.size, kind, dtype=np.int64)
+                ivalues = np.full(targets.size, change.concurrency, dtype=np.int64)
+                fvalues = np.ones(targets.size, dtype=np.float64)
+        rows_l.append(rows)
+        owner_l.append(owner + n_iv)
+        kinds_l.append(kinds)
+        ivalues_l.append(ivalues)
+        fvalues_l.append(fvalues)
+        n_iv += ivalues.size
+        touched_traces = np.unique(trace_index[rows]).size if rows.size else 0
+        echo.append({**change.as_dict(), "spans": int(np.unique(rows).size), "traces": int(touched_traces)})
+    extra = RowChanges(
+        np.concatenate(rows_l),
+        np.concatenate(owner_l),
+        np.concatenate(kinds_l),
+        np.concatenate(ivalues_l),
+        np.concatenate(fvalues_l),
+    )
+    plan = engine.plan(None, extra=extra)
+    new_dur, _, _ = engine.retime(plan)
+    old_dur = engine.dur
+    is_root = engine.parent < 0
+    root_rows = np.nonzero(is_root & selected)[0]
+    saved = old_dur[root_rows] - new_dur[root_rows]
+    changed = np.unique(trace_index[root_rows[saved != 0]]).size
+    main = (
+        traces.select("trace_id", pl.col("root_span_id").alias("span_id"), "root_service", "root_name")
+        .join(spans.select("trace_id", "span_id", "row"), on=["trace_id", "span_id"], how="inner")
+        .unique(subset="trace_id", keep="first")
+    )
+    main_rows = main["row"].to_numpy().astype(np.int64)
+    per_root = main.select("root_service", "root_name").with_columns(
+        pl.Series("before", old_dur[main_rows]), pl.Series("after", new_dur[main_rows])
+    )
+    endpoints_frame = (
+        per_root.group_by("root_service", "root_name")
+        .agg(
+            pl.len().alias("traces"),
+            ((pl.col("before") - pl.col("after")).sum() / 1e6).round(3).alias("saved_ms_total"),
+            _quantile("before", 0.5).alias("before_ms_p50"),
+            _quantile("after", 0.5).alias("after_ms_p50"),
+            _quantile("before", 0.95).alias("before_ms_p95"),
+            _quantile("after", 0.95).alias("after_ms_p95"),
+        )
+        .sort(
+            ["saved_ms_total", "traces", "root_service", "root_name"], descending=[True, True, False, False]
+        )
+        .rename({"root_service": "service", "root_name": "operation"})
+    )
+    return {
+        "traces": int(traces.height),
+        "traces_changed": int(changed),
+        "saved_ms_total": round(float(saved.sum()) / 1e6, 3),
+        "endpoints": endpoints_frame.to_dicts(),
+        "changes": echo,
+    }
+
+
+def _trace_index(spans: pl.DataFrame) -> np.ndarray:
+    """Per row, the ordinal of its trace (a trace's rows are contiguous in a context)."""
+    if spans.height == 0:
+        return np.zeros(0, dtype=np.int64)
+    ids = spans["trace_id"]
+    return (ids != ids.shift(1)).fill_null(True).cum_sum().to_numpy().astype(np.int64) - 1

@@ -1,0 +1,171 @@
+"""On-demand questions over the store: what-if and an endpoint's critical path (REST, MCP, CLI).
+
+The background analysis keeps only the report; these questions need the repaired spans. A
+:class:`QueryEngine` builds an :class:`hourglass.analysis.context.AnalysisContext` of the store (or of a
+``since`` window) when first asked, and keeps the last one (with its re-timing engine) until the
+store changes, so a user trying several what-ifs in a row pays the scan and repair once. One
+context at a time is kept (bounded memory), and dropped after ``IDLE_SECONDS`` without a question;
+building runs under a lock (no two at once).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.endpoint_path import endpoint_critical_path, endpoints
+from hourglass.analysis.whatif import Retimer
+from hourglass.analysis.whatif_query import (
+    FindingLookup,
+    WhatIfInputError,
+    changes_from_json,
+    detector_lookup,
+    evaluate,
+)
+from hourglass.api.settings import parse_since
+from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+SINCE_STEP_NS = 10 * 1_000_000_000
+IDLE_SECONDS = 600.0
+
+
+@dataclass
+class _Cached:
+    key: tuple[int, int | None]
+    built_at: float  # monotonic
+    ctx: AnalysisContext
+    engine: Retimer
+    lookup: FindingLookup
+
+
+def since_from_text(since: str | None, name: str = "since") -> int | None:
+    """``since`` text → unix ns rounded down to 10 s (repeated relative queries share a context);
+    raises WhatIfInputError with the reason."""
+    if since is None:
+        return None
+    try:
+        since_ns = parse_since(since, name=name)
+    except ValueError as exc:
+        raise WhatIfInputError(str(exc)) from None
+    return since_ns - since_ns % SINCE_STEP_NS
+
+
+class QueryEngine:
+    """What-if and critical path over a span store (``scan``) or a fixed span table."""
+
+    def __init__(
+        self,
+        scan: Callable[[int | None], pa.Table],
+        change_marker: Callable[[], int] = lambda: 0,
+        recommendation_ids: Callable[[], set[str] | None] = lambda: None,
+        idle_seconds: float = IDLE_SECONDS,
+        reuse_seconds: float = 0.0,
+    ) -> None:
+        """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
+        does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
+        ``reuse_seconds``: while the store keeps changing (continuous ingest), a context younger
+        than this is still used, so a series of questions does not rebuild it for each one."""
+        self._scan = scan
+        self._marker = change_marker
+        self._recommendation_ids = recommendation_ids
+        self._lock = threading.Lock()
+        self._cached: _Cached | None = None
+        self._idle_seconds = idle_seconds
+        self._reuse_seconds = reuse_seconds
+        self._expiry: threading.Timer | None = None
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._cached = None
+
+    def _touch(self) -> None:
+        """(Re)start the idle timer that frees the cached context."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = threading.Timer(self._idle_seconds, self._forget)
+        self._expiry.daemon = True
+        self._expiry.start()
+
+    @classmethod
+    def over_store(
+        cls,
+        store: Any,
+        recommendation_ids: Callable[[], set[str] | None] = lambda: None,
+        reuse_seconds: float = 0.0,
+    ) -> QueryEngine:
+        def scan(since_ns: int | None) -> pa.Table:
+            return store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+
+        def marker() -> int:
+            raw = getattr(store, "raw_row_count", None)
+            return int(raw()) if callable(raw) else int(store.stats().spans)
+
+        return cls(scan, marker, recommendation_ids, reuse_seconds=reuse_seconds)
+
+    def _context(self, since_ns: int | None) -> _Cached:
+        key = (self._marker(), since_ns)
+        with self._lock:
+            self._touch()
+            cached = self._cached
+            if cached is not None and (
+                cached.key == key
+                or (cached.key[1] == since_ns and time.monotonic() - cached.built_at < self._reuse_seconds)
+            ):
+                return cached
+            self._cached = None  # free the old one before building the new one
+            del cached
+            ctx = AnalysisContext.from_table(self._scan(since_ns))
+            engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
+            built = _Cached(key, time.monotonic(), ctx, engine, detector_lookup(ctx))
+            self._cached = built
+            self._touch()  # the idle time counts from when it is ready
+            return built
+
+    def whatif(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/whatif``: ``{"changes": [...], "service"?, "operation"?, "since"?}``."""
+        if not isinstance(body, Mapping):
+            raise WhatIfInputError("expected a JSON object with a list of changes")
+        unknown = sorted(set(body) - {"changes", "service", "operation", "since"})
+        if unknown:
+            raise WhatIfInputError(
+                f"unknown field(s) {', '.join(unknown)} (expected changes, service, operation, since)"
+            )
+        changes = changes_from_json(body.get("changes"))
+        for name in ("service", "operation", "since"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise WhatIfInputError(f"{name}: expected a non-empty string")
+        known = self._recommendation_ids()
+        if known is not None:
+            for i, change in enumerate(changes):
+                if change.kind == "recommendation" and change.recommendation not in known:
+                    raise WhatIfInputError(
+                        f"changes[{i}]: no recommendation {change.recommendation!r} in the current report"
+                    )
+        since_ns = since_from_text(body.get("since"))
+        cached = self._context(since_ns)
+        result = evaluate(
+            cached.ctx,
+            changes,
+            service=body.get("service"),
+            operation=body.get("operation"),
+            lookup=cached.lookup,
+            engine=cached.engine,
+        )
+        return result
+
+    def critical_path(self, service: str, operation: str, since: str | None = None) -> dict[str, Any] | None:
+        """The endpoint's aggregated critical path; None when no trace is rooted at it."""
+        cached = self._context(since_from_text(since))
+        return endpoint_critical_path(cached.ctx, service, operation)
+
+    def endpoints(self, since: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """The busiest trace roots (service, operation, traces)."""
+        cached = self._context(since_from_text(since))
+        return endpoints(cached.ctx).head(limit).to_dicts()

@@ -1,0 +1,23 @@
+"""`hourglass` command line: a thin layer over the collector, the analysis and the app factory."""
+
+from __future__ import annotations
+
+import sys
+
+from hourglass.api.settings import SettingError
+
+# Each module registers its commands on the shared Typer app when imported.
+from hourglass.cli import analyze, diff, imports, mcp, report, serve, whatif  # noqa: F401
+from hourglass.cli._app import app
+
+
+def main() -> None:
+    try:
+        app()
+    except SettingError as exc:  # a bad HOURGLASS_* variable: one line, not a traceback
+        print(f"hourglass: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""`hourglass analyze`: ranked recommendations from trace files or from the store, no server needed.
+
+    hourglass analyze traces.jsonl jaeger.json           # files alone: no --db, no server
+    hourglass analyze --db hourglass.duckdb --since 2h   # the store
+    hourglass analyze --service checkout --format markdown > findings.md
+
+``--since`` takes a duration (``90s``, ``15m``, ``2h``, ``7d``) or an ISO 8601 time
+(``2026-11-27T12:00:00Z``); whole traces with a span starting at or after it are analysed.
+``--service`` (repeatable) keeps whole traces that touch the service. ``--explain`` adds the near
+misses — every candidate a detector formed and then dropped, with the rule and the measured value —
+to every format (``near_misses`` in JSON; a section after the recommendations in markdown and table).
+
+Bad records in files are reported on stderr as ``FILE:POSITION: reason`` — a kind of problem met
+many times as one line with its count and first positions (``--verbose``: every one) — and skipped;
+the good data beside them is still analysed and the report printed, with the same summary under
+``input_warnings`` in ``--format json``. Exit codes: 0 — everything read and analysed;
+2 — the report was printed but input was skipped, or the command line was wrong (a missing file,
+a bad ``--since``); 1 — the store could not be opened; 3 — ``--fail-on`` matched a recommendation
+(the CI gate; rules and severities in ``hourglass.analysis.gate``; takes precedence over 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import pyarrow as pa
+import typer
+
+from hourglass.api.settings import DEFAULT_DB, Settings, parse_bytes, parse_since
+from hourglass.cli._app import app
+from hourglass.collector.problem_summary import ProblemSummary
+from hourglass.collector.schema import ANALYSIS_COLUMNS, empty_span_table
+
+EXIT_OK, EXIT_STORE, EXIT_INPUT = 0, 1, 2
+
+
+class OutputFormat(StrEnum):
+    json = "json"
+    markdown = "markdown"
+    table = "table"
+
+
+def _fail(message: str, code: int = EXIT_INPUT, command: str = "analyze") -> typer.Exit:
+    typer.echo(f"hourglass {command}: {message}", err=True)
+    return typer.Exit(code)
+
+
+def read_files(
+    paths: list[Path],
+    command: str = "analyze",
+    *,
+    verbose: bool = False,
+    summary: ProblemSummary | None = None,
+) -> tuple[pa.Table, int]:
+    """Every span in the files. Problems are printed (prefixed with the ``command`` name) as one line
+    per kind of problem per file, with a count and the first positions (``verbose``: every problem,
+    as ``FILE:POSITION: reason``); ``summary`` collects them (the report's ``input_warnings``).
+    Spans whose parent span is in none of the files are one warning per file. Returns (table, number of
+    problems that skipped data)."""
+    from hourglass.collector.files import FileProblem, TraceFileReader, expand_path_origins
+    from hourglass.collector.problem_summary import ProblemSummary, note_missing_parents
+
+    for path in paths:
+        if not path.exists():
+            raise _fail(f"{path}: no such file", command=command)
+    problems = 0
+    collected = summary if summary is not None else ProblemSummary()
+
+    def on_error(problem: FileProblem) -> None:
+        nonlocal problems
+        if problem.skipped:
+            problems += 1
+        collected.add_problem(problem)
+        if verbose:
+            typer.echo(f"hourglass {command}: {problem}", err=True)
+
+    reader = TraceFileReader(on_problem=on_error)
+    per_file: list[tuple[str, list[pa.Table]]] = []
+    for path, from_folder in expand_path_origins([str(p) for p in paths]):
+        file_tables = [t for t in reader.read_file(path, from_folder=from_folder) if t.num_rows]
+        per_file.append((reader.reports[-1].file, file_tables))
+    # spans whose parent is in none of the files: kept (repair makes them roots), told once per file
+    note_missing_parents(collected, per_file)
+    tables = [t for _, file_tables in per_file for t in file_tables]
+    for kind in collected.kinds():
+        if not (verbose and kind.count == 1):  # verbose: a lone problem is already printed
+            typer.echo(f"hourglass {command}: {kind.line(verbose_hint=not verbose)}", err=True)
+    table = pa.concat_tables(tables) if tables else empty_span_table()
+    return table, problems
+
+
+@dataclass(frozen=True)
+class StoreRun:
+    """How a store analysis may run: its memory budget, worker processes, a Dask scheduler."""
+
+    budget: int
+    workers: int
+    cluster: str | None = None
+    partitions: int = 0  # 0: from the budget
+
+
+def analyze_store(
+    path: str,
+    run: StoreRun,
+    *,
+    services: list[str] | None,
+    since_ns: int | None,
+    writer: Any,
+    explain: bool,
+) -> dict[str, Any]:
+    """The report of a store: at once when it fits the memory budget, else in partitions of
+    whole traces (:func:`hourglass.analysis.pipeline.analyze_partitioned`) in worker processes or on the
+    Dask cluster, with a progress bar on a terminal."""
+    from hourglass.analysis import partitions
+    from hourglass.analysis.pipeline import analyze, analyze_partitioned
+
+    store = open_store_for_analysis(path)
+    try:
+        spans = store.raw_row_count()
+        if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
+            run = StoreRun(run.budget, 1, run.cluster, run.partitions)
+        try:
+            if run.partitions:
+                plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions))
+            elif run.cluster is None:
+                plan = partitions.plan(spans, run.budget, run.workers)
+                if plan.parts > 1:  # the largest trace bounds how small a partition can be
+                    largest = store.largest_trace() if hasattr(store, "largest_trace") else None
+                    plan = partitions.plan(spans, run.budget, run.workers, largest)
+            else:
+                plan = partitions.Plan(spans, max(2, partitions.plan(spans, run.budget, 1).parts), 0)
+        except partitions.BudgetError as exc:
+            raise _fail(str(exc)) from None
+        if plan.parts == 1 and run.cluster is None:
+            from hourglass.analysis.resources import attach_store_resources
+
+            # the services' languages ride along in the table's metadata (for the designs' pseudocode)
+            table = attach_store_resources(
+                store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS), store
+            )
+            store.close()
+            return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)
+    finally:
+        store.close()
+    source = partitions.StoreSource(path, since_ns, tuple(services) if services else None)
+    executor = _executor(run, plan)
+    if run.cluster is not None:
+        plan = partitions.Plan(spans, plan.parts, executor.workers)
+    typer.echo(f"hourglass analyze: {plan.describe(run.budget)}", err=True)
+    try:
+        with _progress_bar() as progress:
+            report, _ = analyze_partitioned(
+                source,
+                plan.parts,
+                executor,
+                read_traces=lambda trace_ids: _read_traces(path, trace_ids),
+                writer=writer,
+                explain=explain,
+                progress=progress,
+            )
+    except partitions.PartitionError as exc:
+        raise _fail(str(exc), code=EXIT_STORE) from None
+    finally:
+        executor.close()
+    return report
+
+
+def _executor(run: StoreRun, plan: Any) -> Any:
+    from hourglass.analysis import partitions
+
+    if run.cluster is not None:
+        try:
+            return partitions.DaskExecutor(run.cluster)
+        except partitions.ClusterError as exc:
+            raise _fail(str(exc), code=EXIT_STORE) from None
+    return partitions.ProcessExecutor(plan.workers) if plan.workers > 1 else partitions.SerialExecutor()
+
+
+def _read_traces(path: str, trace_ids: list[str]) -> pa.Table:
+    from hourglass.analysis.partitions import open_for_reading
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    store = open_for_reading(path)
+    try:
+        table: pa.Table = store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
+        return table
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal (partitions extracted, then priced)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"{phase} partitions", total=total)
+            bar.update(tasks[phase], completed=done)
+
+        yield update
+
+
+def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -> pa.Table:
+    """Every span of the store's selected traces, at once (commands that need them all)."""
+    store = open_store_for_analysis(path)
+    try:
+        table: pa.Table = store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS)
+        return table
+    finally:
+        store.close()
+
+
+def open_store_for_analysis(path: str) -> Any:
+    from hourglass.collector.backends import open_store
+    from hourglass.collector.store import StoreError, local_path, redact
+
+    local = local_path(path)
+    if local is not None and local != ":memory:" and not Path(local).exists():
+        raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
+    try:
+        return open_store(path)
+    except StoreError as exc:
+        raise _fail(str(exc), code=EXIT_STORE) from exc
+    except Exception as exc:
+        from hourglass.api.store_errors import store_open_problem
+
+        raise _fail(store_open_problem(redact(path), exc), code=EXIT_STORE) from None
+
+
+def exit_code(report: dict[str, Any], input_problems: int) -> int:
+    """The command's exit status (one place, so options such as --fail-on can extend it)."""
+    return EXIT_INPUT if input_problems else EXIT_OK
+
+
+@app.command("analyze")
+def analyze_command(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Trace files to analyse (OTLP JSON/JSONL/protobuf, Jaeger, Zipkin); no server needed"
+        ),
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help=f"The span store when no files are given: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
+        ),
+    ] = None,
+    service: Annotated[
+        list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only traces active since 15m, 2h, 7d ago or an ISO time")
+    ] = None,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="json, markdown (for pull requests) or table")
+    ] = OutputFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
+    ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Also list the near misses: candidates seen and dropped, with the rule and the measured value",
+        ),
+    ] = False,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            help="Peak memory to plan for, e.g. 1.5GiB (default $HOURGLASS_MEMORY_BUDGET or 1.5GiB): a larger "
+            "store is analysed in partitions of whole traces",
+        ),
+    ] = None,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions",
+            help="Analyse the store in this many partitions of whole traces (default 0: as many as the "
+            "memory budget needs, 1 when it fits)",
+        ),
+    ] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Worker processes for the partitions (default $HOURGLASS_WORKERS or one per core)",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            help="Dask scheduler address (tcp://HOST:8786; default $HOURGLASS_CLUSTER) whose workers extract the "
+            "partitions; they must reach the store at the same path or URL",
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Print every input problem, not one line per kind of problem"),
+    ] = False,
+    fail_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-on",
+            help="CI gate: exit 3 when a recommendation matches a kind, a category, a severity "
+            "(low|medium|high: that or worse) or 'any'; comma-separated or repeated",
+        ),
+    ] = None,
+) -> None:
+    """Find serialized calls, N+1, lock contention, fan-out problems and fault-tolerance gaps."""
+    settings = Settings()
+    since_ns: int | None = None
+    if since is not None:
+        try:
+            since_ns = parse_since(since, name="--since")
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    gate_spec = None
+    if fail_on:
+        from hourglass.analysis.gate import GateSpec, GateSpecError
+
+        try:
+            gate_spec = GateSpec.parse(fail_on)
+        except GateSpecError as exc:
+            raise _fail(str(exc)) from None
+    problems = 0
+    if files and db is not None:
+        raise _fail("give trace files or --db, not both (files are analysed without a store)")
+    budget = settings.memory_budget
+    if memory_budget is not None:
+        try:
+            budget = parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise _fail(f"--memory-budget {exc}") from None
+    if workers is not None and workers < 0:
+        raise _fail("--workers must be 0 (one per core) or more")
+    if partitions < 0:
+        raise _fail("--partitions must be 0 (from the memory budget) or more")
+    run = StoreRun(
+        budget=budget,
+        workers=(workers if workers is not None else settings.workers) or os.cpu_count() or 1,
+        cluster=cluster or settings.cluster,
+        partitions=partitions,
+    )
+    input_problems = ProblemSummary()
+
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.analysis.render import render
+    from hourglass.analysis.writers import select_writer
+
+    writer = select_writer(settings)
+    if files:
+        table, problems = read_files(list(files), verbose=verbose, summary=input_problems)
+        report = analyze(table, writer=writer, services=service, since_ns=since_ns, explain=explain)
+    else:
+        report = analyze_store(
+            db or settings.db, run, services=service, since_ns=since_ns, writer=writer, explain=explain
+        )
+    # additive to hourglass.report/v1: the problems met in the input files, one entry per kind
+    report["input_warnings"] = input_problems.as_json()
+    text = render(report, output_format.value)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    else:
+        typer.echo(text, nl=False)
+    code = exit_code(report, problems)
+    if gate_spec is not None:
+        from hourglass.analysis.gate import GATE_EXIT_CODE, gate, gate_lines
+
+        matches = gate(report, gate_spec)
+        for line in gate_lines(matches, ",".join(fail_on or [])):
+            typer.echo(line, err=True)
+        if matches:
+            code = GATE_EXIT_CODE
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,147 @@
+"""`hourglass report`: the report page (or JSON / Markdown) from a store or from trace files.
+
+    hourglass report --html report.html                 # the store at --db (default hourglass.duckdb)
+    hourglass report --html report.html traces.jsonl    # files alone, no store, no server
+    hourglass report --format markdown > report.md      # paste into a pull request
+
+The HTML is the same self-contained page the API serves at ``/``: ranked recommendations, each
+with an exemplar trace drawn before and after the change. Bad records in files are reported with
+file, position and reason and skipped; the good data beside them is still analysed and the report
+written. Exit codes as ``hourglass import``: 0 — all read; 2 — the report was written but something
+was skipped (or the command line was wrong); 1 — the store could not be opened.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
+from hourglass.api.report_html import render_report_html
+from hourglass.api.settings import DEFAULT_DB, Settings, parse_since
+from hourglass.cli._app import app
+from hourglass.cli.analyze import read_files
+from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+
+class ReportFormat(StrEnum):
+    html = "html"
+    json = "json"
+    markdown = "markdown"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"hourglass report: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command("report")
+def report_command(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Trace files to analyse instead of the store (any supported format)"),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write the HTML report page to this file")
+    ] = None,
+    output_format: Annotated[
+        ReportFormat | None,
+        typer.Option(
+            "--format", "-f", help="html, json or markdown (default: html with --html, else markdown)"
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help=f"The span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
+        ),
+    ] = None,
+    service: Annotated[
+        list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only traces since 15m, 12h, 7d ago or an ISO time")
+    ] = None,
+) -> None:
+    """Write the ranked recommendations as an HTML page with trace pictures, JSON or Markdown."""
+    settings = Settings()
+    fmt = output_format or (ReportFormat.html if html is not None else ReportFormat.markdown)
+    if html is not None and output is not None:
+        raise _fail("give either --html FILE or --output FILE, not both")
+    if html is not None and output_format not in (None, ReportFormat.html):
+        raise _fail("--html writes HTML; use --output with --format json|markdown")
+    target = html or output
+    since_ns: int | None = None
+    if since is not None:
+        try:
+            since_ns = parse_since(since, name="--since")
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+
+    skipped = False
+    store = None
+    if files:
+        table, problems = read_files(list(files), command="report")
+        skipped = problems > 0
+        source = ", ".join(str(f) for f in files)
+        fetch_trace = table_trace_fetcher(table)
+    else:
+        from hourglass.collector.backends import open_store
+        from hourglass.collector.store import StoreError, local_path, redact
+
+        path = db or settings.db
+        local = local_path(path)
+        if local is not None and local != ":memory:" and not Path(local).exists():
+            raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
+        try:
+            store = open_store(path)
+        except StoreError as exc:
+            raise _fail(str(exc), code=1) from exc
+        except Exception as exc:  # duckdb raises IOException when a running server holds the file
+            from hourglass.api.store_errors import store_open_problem
+
+            raise _fail(store_open_problem(redact(path), exc), code=1) from None
+        table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
+        from hourglass.analysis.resources import attach_store_resources
+
+        table = attach_store_resources(table, store)  # the services' languages, for the designs
+        source = f"store {redact(path)}"
+        fetch_trace = store.trace
+
+    try:
+        from hourglass.analysis.pipeline import analyze
+
+        report = analyze(table, writer=select_writer(settings), services=service, since_ns=since_ns)
+        if fmt is ReportFormat.html:
+            exemplars = build_exemplars(report, fetch_trace)
+            text = render_report_html(report, exemplars, source=source)
+        elif fmt is ReportFormat.json:
+            text = dumps(report).decode() + "\n"
+        else:
+            from hourglass.analysis.render import render_markdown
+
+            text = render_markdown(report)
+    finally:
+        if store is not None:
+            store.close()
+
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        recs = len(report.get("recommendations") or [])
+        typer.echo(
+            f"hourglass report: wrote {target} ({recs} recommendations from {report.get('traces_analyzed', 0)} traces)",
+            err=True,
+        )
+    else:
+        sys.stdout.write(text)
+    if skipped:
+        raise typer.Exit(2)

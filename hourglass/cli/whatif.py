@@ -1,0 +1,226 @@
+"""`hourglass whatif` and `hourglass critical-path`: ask the traces a question, no server needed.
+
+    hourglass whatif --db hourglass.duckdb --speedup pricing:GET /price=0.5
+    hourglass whatif traces.jsonl --recommendation lock_contention-1a2b3c4d5e6f7a8b
+    hourglass whatif --parallelize "frontend:GET /checkout" --operation "GET /checkout"
+    hourglass whatif --cap "search:fanout=8" --format json
+    hourglass critical-path --service ledger --operation "POST /accounts/{account_id}/transfers"
+
+``whatif`` re-times every trace (or those whose root is ``--service``/``--operation``) as if the
+changes were made, with the engine that prices the recommendations (:mod:`hourglass.analysis.whatif_query`),
+and prints the root latency before and after per endpoint. ``critical-path`` aggregates an
+endpoint's critical path over its traces (:mod:`hourglass.analysis.endpoint_path`); without ``--service`` and
+``--operation`` it lists the endpoints. Exit codes: 0 — answered; 2 — bad input (the message says
+which flag and why) or skipped records in files; 1 — the store could not be opened.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hourglass.api.settings import DEFAULT_DB, Settings, parse_since
+from hourglass.cli._app import app
+from hourglass.cli.analyze import read_files, read_store
+
+EXIT_INPUT = 2
+
+
+class QueryFormat(StrEnum):
+    json = "json"
+    table = "table"
+
+
+def _fail(command: str, message: str) -> typer.Exit:
+    typer.echo(f"hourglass {command}: {message}", err=True)
+    return typer.Exit(EXIT_INPUT)
+
+
+def _context(command: str, files: list[Path] | None, db: str | None, since: str | None) -> tuple[Any, int]:
+    """(AnalysisContext of the files or the store, number of skipped records)."""
+    since_ns: int | None = None
+    if since is not None:
+        try:
+            since_ns = parse_since(since, name="--since")
+        except ValueError as exc:
+            raise _fail(command, str(exc)) from None
+    if files and db is not None:
+        raise _fail(command, "give trace files or --db, not both")
+    problems = 0
+    if files:
+        table, problems = read_files(list(files), command=command)
+    else:
+        table = read_store(db or Settings().db, services=None, since_ns=since_ns)
+    from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+    from hourglass.analysis.pipeline import select_traces
+
+    frame = select_traces(to_analysis_frame(table), since_ns=since_ns)
+    return AnalysisContext.from_table(frame), problems
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{float(value):,.1f}"
+
+
+def _whatif_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['traces']} traces, {result['traces_changed']} changed; "
+        f"root latency saved in total: {_ms(result['saved_ms_total'])} ms",
+        "",
+        "changes:",
+    ]
+    for change in result["changes"]:
+        what = json.dumps({k: v for k, v in change.items() if k not in ("spans", "traces")})
+        lines.append(f"  {what}: {change['spans']} spans in {change['traces']} traces")
+    lines += ["", f"{'endpoint':<56} {'traces':>7} {'p50 before→after ms':>22} {'p95 before→after ms':>22}"]
+    for e in result["endpoints"]:
+        name = f"{e['service']}:{e['operation']}"
+        p50 = f"{_ms(e['before_ms_p50'])}→{_ms(e['after_ms_p50'])}"
+        p95 = f"{_ms(e['before_ms_p95'])}→{_ms(e['after_ms_p95'])}"
+        lines.append(f"{name[:56]:<56} {e['traces']:>7} {p50:>22} {p95:>22}")
+    return "\n".join(lines) + "\n"
+
+
+def _path_table(path: dict[str, Any]) -> str:
+    lines = [
+        f"{path['service']}:{path['operation']} — {path['traces']} traces, root p50 {_ms(path['root_ms_p50'])} ms, "
+        f"p95 {_ms(path['root_ms_p95'])} ms",
+        "",
+        f"{'on the critical path (self time)':<56} {'share':>6} {'p50 ms':>9} {'p95 ms':>9} {'traces':>7}",
+    ]
+    for op in path["operations"]:
+        name = f"{op['service']}:{op['operation']}"
+        lines.append(
+            f"{name[:56]:<56} {op['share'] * 100:>5.1f}% {_ms(op['ms_p50']):>9} {_ms(op['ms_p95']):>9} {op['traces']:>7}"
+        )
+    lines += ["", "most frequent paths:"]
+    for variant in path["paths"]:
+        lines.append(f"  {variant['share_of_traces'] * 100:5.1f}% of traces ({variant['traces']}):")
+        lines.append("      " + " → ".join(variant["steps"]))
+    return "\n".join(lines) + "\n"
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    else:
+        typer.echo(text, nl=False)
+
+
+FilesArg = Annotated[
+    list[Path] | None, typer.Argument(help="Trace files instead of the store (any supported format)")
+]
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help=f"The span store (default $HOURGLASS_DB or {DEFAULT_DB})")
+]
+SinceOpt = Annotated[
+    str | None, typer.Option("--since", help="Only traces active since 15m, 2h, 7d ago or an ISO time")
+]
+FormatOpt = Annotated[QueryFormat, typer.Option("--format", "-f", help="table or json")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
+]
+
+
+@app.command("whatif")
+def whatif_command(
+    files: FilesArg = None,
+    db: DbOpt = None,
+    speedup: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--speedup",
+            help="SERVICE:OPERATION=FACTOR: that operation takes FACTOR × its own time (0.5 = twice as "
+            "fast, 0 = none; its children keep theirs); SERVICE:*=FACTOR for the whole service; repeatable",
+        ),
+    ] = None,
+    recommendation: Annotated[
+        list[str] | None,
+        typer.Option("--recommendation", help="Apply that recommendation (its id in the report); repeatable"),
+    ] = None,
+    parallelize: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--parallelize", help="SERVICE:OPERATION: that caller's blocking children run concurrently"
+        ),
+    ] = None,
+    cap: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cap", help="SERVICE:OPERATION=K: that caller's blocking children run at most K at a time"
+        ),
+    ] = None,
+    service: Annotated[
+        str | None, typer.Option("--service", help="Only traces whose root is in this service")
+    ] = None,
+    operation: Annotated[
+        str | None, typer.Option("--operation", help="Only traces whose root span has this name")
+    ] = None,
+    since: SinceOpt = None,
+    output_format: FormatOpt = QueryFormat.table,
+    output: OutputOpt = None,
+) -> None:
+    """What if an operation were faster, a caller parallel, a pool bigger, a recommendation done?"""
+    from hourglass.analysis.whatif_query import WhatIfInputError, changes_from_cli, evaluate
+
+    try:
+        changes = changes_from_cli(
+            speedup=speedup or (),
+            recommendation=recommendation or (),
+            parallelize=parallelize or (),
+            cap=cap or (),
+        )
+    except WhatIfInputError as exc:
+        raise _fail("whatif", str(exc)) from None
+    ctx, problems = _context("whatif", files, db, since)
+    try:
+        result = evaluate(ctx, changes, service=service, operation=operation)
+    except WhatIfInputError as exc:
+        raise _fail("whatif", str(exc)) from None
+    text = json.dumps(result, indent=2) + "\n" if output_format is QueryFormat.json else _whatif_table(result)
+    _emit(text, output)
+    if problems:
+        raise typer.Exit(EXIT_INPUT)
+
+
+@app.command("critical-path")
+def critical_path_command(
+    files: FilesArg = None,
+    db: DbOpt = None,
+    service: Annotated[str | None, typer.Option("--service", help="The endpoint's root service")] = None,
+    operation: Annotated[
+        str | None, typer.Option("--operation", help="The endpoint's root span name")
+    ] = None,
+    since: SinceOpt = None,
+    output_format: FormatOpt = QueryFormat.table,
+    output: OutputOpt = None,
+) -> None:
+    """What an endpoint waits on across its traces: self time on the critical path per operation."""
+    from hourglass.analysis.endpoint_path import endpoint_critical_path, endpoints
+
+    ctx, problems = _context("critical-path", files, db, since)
+    listing = endpoints(ctx)
+    if service is None or operation is None:
+        names = "\n".join(
+            f"  --service {s!r} --operation {o!r}  ({n} traces)" for s, o, n in listing.head(20).iter_rows()
+        )
+        raise _fail(
+            "critical-path", "give --service and --operation of an endpoint (a trace root):\n" + names
+        )
+    path = endpoint_critical_path(ctx, service, operation)
+    if path is None:
+        names = ", ".join(f"{s}:{o}" for s, o, _ in listing.head(10).iter_rows())
+        raise _fail(
+            "critical-path",
+            f"no trace has the root span {service}:{operation}"
+            + (f" (endpoints: {names})" if names else " (no traces)"),
+        )
+    text = json.dumps(path, indent=2) + "\n" if output_format is QueryFormat.json else _path_table(path)
+    _emit(text, output)
+    if problems:
+        raise typer.Exit(EXIT_INPUT)

@@ -1,0 +1,615 @@
+"""The ClickHouse span store: the OpenTelemetry Collector's ``otel_traces`` table, on a server
+(``clickhouse://USER:PASS@HOST:8123/DATABASE``, through ``clickhouse-connect``) or embedded
+(``chdb:PATH``, through ``chdb``). Implements ``hourglass.collector.store.SpanStore``.
+
+Layout (see ``hourglass.collector.otel_traces``): spans go to ``<table>`` (default ``otel_traces``) exactly
+as the Collector's ClickHouse exporter writes them, plus ``<table>_hourglass``, a side table with
+what that schema cannot hold faithfully (``ingested_ns``, a negative duration, typed hints, the resource JSON, the raw
+OTLP span). The exporter's lookup table ``<table>_trace_id_ts`` and its materialized view are
+created too when missing, so tools that find traces through it work on what Hourglass writes.
+A table a Collector already created is used as it is: Hourglass analyses those traces in place.
+
+Durability — what an acknowledged Export means:
+
+- Server: every ``write`` is an INSERT with ``async_insert=1, wait_for_async_insert=1``: the
+  server batches the small inserts of many Exports into one part (many small synchronous inserts
+  make "too many parts" errors), and answers only after that part is written to its disks. So
+  ``write`` returning — and the Export being acknowledged — means the server accepted the rows
+  into a written part, as a synchronous INSERT does; on a replicated table, ``insert_quorum``
+  in the server's profile decides how many replicas hold it. Whether the part is fsynced is the
+  server's ``fsync_after_insert`` setting (off by default in ClickHouse: a power loss within
+  seconds of the Export can lose it; a server crash or restart cannot).
+- chdb: every ``write`` is a synchronous INSERT into the embedded engine; it returns after the
+  part files are written into the directory. A killed process keeps them (tested with SIGKILL);
+  like the server default, parts are not fsynced, so a power loss right after can lose the last ones.
+- The side-table row is written before the ``otel_traces`` row, so a failed write leaves no
+  half-visible span: reads start from ``otel_traces``.
+
+Reads de-duplicate by (trace_id, span_id) (an Export retried is seen once; duplicates stay on
+disk: ClickHouse's merges do not remove them and an ``ALTER ... DELETE`` per compaction would
+rewrite whole parts, so ``compact()`` removes nothing and returns 0). Retention
+(``delete_older_than``) uses lightweight ``DELETE``; the table's own TTL, when a Collector set
+one, applies as well.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pyarrow as pa
+
+from hourglass.collector.decode_otel import to_otel_rows
+from hourglass.collector.otel_traces import (
+    OTEL_COLUMNS,
+    OTEL_TRACES_DDL,
+    SIDE_COLUMNS,
+    SIDE_TABLE_DDL,
+    TRACE_ID_TS_DDL,
+    TRACE_ID_TS_MV_DDL,
+    quote,
+    select_expressions,
+)
+from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
+from hourglass.collector.store import StoreError, StoreStats, redact
+
+log = logging.getLogger("hourglass.store")
+# clickhouse-connect logs each failed request itself; without this it reaches stderr through
+# logging's last-resort handler beside our one-line error (serve's own handlers still get it).
+logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
+
+DEFAULT_TABLE = "otel_traces"
+DEFAULT_DATABASE = "default"
+CHDB_DATABASE = "otel"
+# Columns older exporter versions did not create (-> how a read fills them in).
+OPTIONAL_OTEL_COLUMNS = {
+    "ScopeName": "''",
+    "ScopeVersion": "''",
+    "TraceState": "''",
+    "Links.TraceState": "CAST([] AS Array(String))",
+}
+# stats() counts unique spans on the server (a full pass): reused for this long unless this
+# store wrote or deleted meanwhile (/v1/stats is polled; a Collector may write at any time).
+STATS_MAX_AGE_S = 5.0
+CONNECT_TIMEOUT_S = 10
+# Settings of every server INSERT (see the module doc).
+SERVER_INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1}
+# Map columns, async inserts waited for, lightweight DELETE without experimental settings.
+MIN_SERVER_VERSION = (23, 3)
+# join_use_nulls: a span without a side row gets NULLs there (how the reads tell them apart);
+# short-circuit: the derived hints of spans that have a side row are not computed at all.
+_READ_SETTINGS = "SETTINGS join_use_nulls = 1, short_circuit_function_evaluation = 'force_enable'"
+# The otel_traces columns the reads use (not TraceState, ScopeVersion, Links.TraceState).
+_READ_OTEL_COLUMNS = (
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
+    "Events.Timestamp",
+    "Events.Name",
+    "Events.Attributes",
+    "Links.TraceId",
+    "Links.SpanId",
+    "Links.Attributes",
+)
+
+
+class _Backend(Protocol):
+    def command(self, sql: str) -> None: ...
+
+    def query_arrow(self, sql: str) -> pa.Table: ...
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _ServerBackend:
+    def __init__(self, *, host: str, port: int, username: str, password: str, secure: bool):
+        try:
+            import clickhouse_connect
+        except ImportError as exc:
+            raise StoreError(
+                "the ClickHouse store needs clickhouse-connect: pip install 'hourglass[clickhouse]'"
+            ) from exc
+        self._client = clickhouse_connect.get_client(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            # the user's default database: every statement names its database, which may not exist yet
+            secure=secure,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            # no session: the client is shared by the API's threads, and a session admits one query at a time
+            autogenerate_session_id=False,
+        )
+
+    def version(self) -> tuple[int, ...]:
+        text = str(self._client.server_version)
+        return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+    def command(self, sql: str) -> None:
+        self._client.command(sql)
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        return self._client.query_arrow(sql)
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        self._client.insert_arrow(table, data, settings=SERVER_INSERT_SETTINGS)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _ChdbBackend:
+    """Two chdb sessions on one directory: one writes, one reads. A chdb session runs one query
+    at a time, so with a single session an Export waited for a whole analysis scan (measured: an
+    INSERT behind a long SELECT took as long as the SELECT; on a second session, 0.4 s)."""
+
+    def __init__(self, path: str):
+        try:
+            from chdb import session
+        except ImportError as exc:
+            raise StoreError("the chdb store needs chdb: pip install 'hourglass[chdb]'") from exc
+        self._writer = session.Session(path)
+        try:
+            self._reader = session.Session(path)
+        except BaseException:
+            self._writer.close()
+            raise
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+
+    def command(self, sql: str) -> None:
+        with self._write_lock:
+            self._writer.query(sql, "CSV")
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        with self._read_lock:
+            result = self._reader.query(sql, "ArrowTable")
+        return result if isinstance(result, pa.Table) else pa.table({})
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        columns = ", ".join(f"`{c}`" for c in data.column_names)
+        with self._write_lock:
+            # chdb's Python() table function reads the Arrow table ``data`` of this frame
+            self._writer.query(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM Python(data)", "CSV")
+
+    def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
+        with self._write_lock:
+            self._writer.close()
+
+
+@dataclass(frozen=True)
+class ClickHouseLocation:
+    """A parsed ``clickhouse://`` URL (password kept out of ``str``)."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    database: str
+    table: str
+    secure: bool
+
+    def __str__(self) -> str:
+        scheme = "clickhouses" if self.secure else "clickhouse"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}/{self.database}?table={self.table}"
+
+
+def _identifier(name: str, what: str, url: str) -> str:
+    if not name or not all(c.isalnum() or c == "_" for c in name):
+        raise StoreError(f"{url}: bad {what} {name!r} (letters, digits and _ only)")
+    return name
+
+
+def parse_clickhouse_url(url: str) -> ClickHouseLocation:
+    """``clickhouse://USER:PASS@HOST:PORT/DATABASE?table=otel_traces`` (``clickhouses://`` for TLS)."""
+    redacted = redact(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise StoreError(f"{redacted}: not a ClickHouse URL ({exc})") from None
+    if parts.scheme not in ("clickhouse", "clickhouses") or not parts.hostname:
+        raise StoreError(f"{redacted}: expected clickhouse://USER:PASS@HOST:8123/DATABASE")
+    secure = parts.scheme == "clickhouses"
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"table"}
+    if unknown:
+        raise StoreError(f"{redacted}: unknown URL parameter(s) {sorted(unknown)}; known: table")
+    database = unquote(parts.path.strip("/")) or DEFAULT_DATABASE
+    table = query.get("table", [DEFAULT_TABLE])[-1]
+    return ClickHouseLocation(
+        host=parts.hostname,
+        port=port or (8443 if secure else 8123),
+        username=unquote(parts.username or "default"),
+        password=unquote(parts.password or ""),
+        database=_identifier(database, "database", redacted),
+        table=_identifier(table, "table", redacted),
+        secure=secure,
+    )
+
+
+def _check_not_in_use(path: str) -> None:
+    """One process owns a chdb directory (ClickHouse flocks its ``status`` file): say so clearly
+    instead of letting chdb fail with a generic initialisation error."""
+    status = os.path.join(path, "status")
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return  # a new directory
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise StoreError(
+            f"chdb:{path}: in use by another process (a running `hourglass serve`?); one process owns "
+            "a chdb store: stop it, or query its REST API"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause ("Connection refused", "Authentication failed"...)."""
+    root: BaseException = exc
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    text = str(root).strip() or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _check_columns(columns: Sequence[str]) -> list[str]:
+    unknown = [c for c in columns if c not in SPAN_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown span column(s) {unknown}; known: {list(SPAN_COLUMNS)}")
+    return list(columns)
+
+
+def _int(value: int) -> str:
+    return str(int(value))
+
+
+def _strings(values: Sequence[str]) -> str:
+    return "[" + ", ".join(quote(str(v)) for v in values) + "]"
+
+
+class ClickHouseSpanStore:
+    """``SpanStore`` on ClickHouse: use ``ClickHouseSpanStore.connect(url)`` or ``.embedded(path)``."""
+
+    def __init__(self, backend: _Backend, *, database: str, table: str, name: str) -> None:
+        self._backend = backend
+        self.path = name  # for messages, like DuckDBSpanStore.path
+        self._db = database
+        self._table = f"{database}.{table}"
+        self._side = f"{database}.{table}_hourglass"
+        self._write_lock = threading.Lock()
+        self._closed = False
+        self._changes = 0  # bumped after each write and deletion this store made
+        self._stats_cache: tuple[int, float, StoreStats] | None = None
+        for ddl in (OTEL_TRACES_DDL, SIDE_TABLE_DDL, TRACE_ID_TS_DDL, TRACE_ID_TS_MV_DDL):
+            backend.command(ddl.format(db=database, table=table, ttl="", ttl_start=""))
+        # A table an older exporter created lacks the newer columns: read them as empty, write without.
+        self._absent = self._check_table(database, table)
+
+    def _check_table(self, database: str, table: str) -> tuple[str, ...]:
+        """The optional exporter columns the existing table lacks; ``StoreError`` when it is not an
+        exporter traces table Hourglass can read (a required column missing, the JSON flavour)."""
+        described = self._backend.query_arrow(
+            f"SELECT name, type FROM system.columns WHERE database = {quote(database)} AND table = {quote(table)}"
+        )
+        types = dict(
+            zip(described.column("name").to_pylist(), described.column("type").to_pylist(), strict=True)
+        )
+        missing = [c for c in OTEL_COLUMNS if c not in OPTIONAL_OTEL_COLUMNS and c not in types]
+        if missing:
+            raise StoreError(
+                f"{self.path}: table {self._table} is not an otel_traces table: no column(s) {missing}"
+            )
+        for column in ("ResourceAttributes", "SpanAttributes"):
+            if not str(types[column]).startswith("Map("):
+                raise StoreError(
+                    f"{self.path}: {self._table}.{column} is {types[column]}; Hourglass reads the exporter's "
+                    "Map flavour of otel_traces, not its JSON flavour"
+                )
+        return tuple(c for c in OPTIONAL_OTEL_COLUMNS if c not in types)
+
+    @classmethod
+    def connect(cls, url: str) -> ClickHouseSpanStore:
+        """A ClickHouse server; raises ``StoreError`` (one line, no password) when unreachable."""
+        location = parse_clickhouse_url(url)
+        try:
+            backend = _ServerBackend(
+                host=location.host,
+                port=location.port,
+                username=location.username,
+                password=location.password,
+                secure=location.secure,
+            )
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{location}: cannot use the ClickHouse server: {_reason(exc)}") from exc
+        try:
+            version = backend.version()
+            if version < MIN_SERVER_VERSION:
+                wanted = ".".join(map(str, MIN_SERVER_VERSION))
+                raise StoreError(
+                    f"{location}: ClickHouse {'.'.join(map(str, version))} is too old; Hourglass needs {wanted} "
+                    "or later (Map columns, waited-for async inserts, lightweight DELETE)"
+                )
+            # as the exporter does: the database is created when missing (only then: creating
+            # needs a grant that reading and writing an existing one does not)
+            exists = backend.query_arrow(
+                f"SELECT count() AS n FROM system.databases WHERE name = {quote(location.database)}"
+            )
+            if int(exists.column("n")[0].as_py()) == 0:
+                backend.command(f"CREATE DATABASE IF NOT EXISTS {location.database}")
+            return cls(backend, database=location.database, table=location.table, name=str(location))
+        except BaseException as exc:
+            backend.close()
+            if isinstance(exc, StoreError | KeyboardInterrupt):
+                raise
+            raise StoreError(f"{location}: cannot use the ClickHouse server: {_reason(exc)}") from exc
+
+    @classmethod
+    def embedded(cls, path: str, *, table: str = DEFAULT_TABLE) -> ClickHouseSpanStore:
+        """Embedded ClickHouse (chdb) in directory ``path`` (created when missing)."""
+        if path != ":memory:":
+            path = os.path.expanduser(path)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise StoreError(f"chdb:{path}: not a directory (a chdb store is a directory)")
+            _check_not_in_use(path)
+        try:
+            backend = _ChdbBackend(path)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"chdb:{path}: cannot open the embedded ClickHouse: {exc}") from exc
+        try:
+            backend.command(f"CREATE DATABASE IF NOT EXISTS {CHDB_DATABASE} ENGINE = Atomic")
+            return cls(backend, database=CHDB_DATABASE, table=table, name=f"chdb:{path}")
+        except BaseException:
+            backend.close()
+            raise
+
+    # -- writes ------------------------------------------------------------------------------
+    def write(self, spans: pa.Table) -> None:
+        """Store rows of ``SPAN_SCHEMA``; returns once the server (or chdb) acknowledged the
+        INSERTs (see the module doc for what that guarantees)."""
+        if spans.num_rows == 0:
+            return
+        if spans.schema.names != list(SPAN_COLUMNS):
+            raise ValueError(f"write() needs the SPAN_SCHEMA columns in order, got {spans.schema.names}")
+        otel, side = to_otel_rows(spans)
+        with self._write_lock:
+            self._check_open()
+            self._backend.insert_arrow(self._side, side)  # first: see the module doc
+            self._backend.insert_arrow(
+                self._table, otel.drop_columns(list(self._absent)) if self._absent else otel
+            )
+            self._changes += 1
+
+    def compact(self) -> int:
+        """Nothing to do: reads de-duplicate (see the module doc); returns 0."""
+        return 0
+
+    def delete_older_than(self, cutoff_ns: int) -> int:
+        """Retention: drop whole traces whose last span ended before ``cutoff_ns``; rows removed.
+
+        One lightweight DELETE per table with the old traces as a subquery (a DELETE is a pass
+        over the table, so it is not repeated per batch of trace ids); the side table and the
+        trace-id lookup first, as the subquery reads ``otel_traces``.
+        """
+        old = (
+            f"SELECT TraceId FROM {self._table} GROUP BY TraceId "
+            f"HAVING max(toUnixTimestamp64Nano(Timestamp) + toInt64(Duration)) < {_int(cutoff_ns)}"
+        )
+        with self._write_lock:
+            self._check_open()
+            counted = self._backend.query_arrow(
+                f"SELECT count() AS n FROM {self._table} WHERE TraceId IN ({old})"
+            )
+            rows = int(counted.column("n")[0].as_py())
+            if rows == 0:
+                return 0
+            self._backend.command(f"DELETE FROM {self._side} WHERE trace_id IN ({old})")
+            self._backend.command(f"DELETE FROM {self._table}_trace_id_ts WHERE TraceId IN ({old})")
+            self._backend.command(f"DELETE FROM {self._table} WHERE TraceId IN ({old})")
+            self._changes += 1
+            return rows
+
+    # -- reads -------------------------------------------------------------------------------
+    def scan(
+        self,
+        *,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """De-duplicated whole traces: a trace is in when any of its spans matches every filter.
+
+        ``since_ns``/``until_ns`` bound a span's start (``since_ns <= start_ns < until_ns``);
+        rows come ordered by trace_id, start_ns, span_id.
+        """
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        return self._read(
+            selected,
+            self._span_conditions(
+                since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
+            ),
+            partition=None,
+        )
+
+    def scan_partition(
+        self,
+        part: int,
+        parts: int,
+        *,
+        since_ns: int | None = None,
+        services: list[str] | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """Like ``scan``, for the traces with ``cityHash64(TraceId) % parts == part`` only: the
+        partitions of one ``parts`` split every trace into exactly one of them, whole."""
+        if parts < 1 or not 0 <= part < parts:
+            raise ValueError(f"scan_partition needs 0 <= part < parts, got part={part}, parts={parts}")
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        return self._read(
+            selected, self._span_conditions(since_ns=since_ns, services=services), partition=(part, parts)
+        )
+
+    @staticmethod
+    def _span_conditions(
+        *,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
+    ) -> list[str]:
+        conditions: list[str] = []
+        # on Timestamp itself, so ClickHouse prunes the toDate(Timestamp) partitions
+        if since_ns is not None:
+            conditions.append(f"Timestamp >= fromUnixTimestamp64Nano(toInt64({_int(since_ns)}))")
+        if until_ns is not None:
+            conditions.append(f"Timestamp < fromUnixTimestamp64Nano(toInt64({_int(until_ns)}))")
+        if services is not None:
+            wanted = _strings(services)
+            unknown = " OR ServiceName = ''" if "unknown_service" in services else ""
+            conditions.append(f"(ServiceName IN {wanted}{unknown})")
+        if trace_ids is not None:
+            # ids are written in lowercase hex (by the Collector too): the bloom-filter index applies
+            conditions.append(f"TraceId IN {_strings([t.lower() for t in trace_ids])}")
+        return conditions
+
+    def _read(
+        self, selected: list[str], conditions: list[str], *, partition: tuple[int, int] | None
+    ) -> pa.Table:
+        self._check_open()
+        if not selected:
+            return pa.table({})
+        trace_filter: list[str] = []
+        side_filter: list[str] = []
+        if partition is not None:
+            part, parts = partition
+            trace_filter.append(f"cityHash64(TraceId) % {_int(parts)} = {_int(part)}")
+            side_filter.append(f"cityHash64(trace_id) % {_int(parts)} = {_int(part)}")
+        if conditions:
+            matching = f"SELECT TraceId FROM {self._table} WHERE {' AND '.join(trace_filter + conditions)}"
+            trace_filter.append(f"TraceId IN ({matching})")
+            side_filter.append(f"trace_id IN ({matching})")
+        side_needed = [c for c in SIDE_COLUMNS if c in selected]
+        exprs = select_expressions(side=bool(side_needed))
+        o_where = f"WHERE {' AND '.join(trace_filter)}" if trace_filter else ""
+        read = ", ".join(
+            f"{OPTIONAL_OTEL_COLUMNS[c]} AS `{c}`" if c in self._absent else f"`{c}`"
+            for c in _READ_OTEL_COLUMNS
+        )
+        query = (
+            f"SELECT {', '.join(f'{exprs[c]} AS {c}' for c in selected)} FROM "
+            f"(SELECT {read} FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
+        )
+        if side_needed:
+            e_where = f"WHERE {' AND '.join(side_filter)}" if side_filter else ""
+            side_columns = ", ".join(f"{c} AS x_{c}" for c in side_needed)
+            query += (
+                f"LEFT JOIN (SELECT trace_id AS x_trace_id, span_id AS x_span_id, {side_columns} "
+                f"FROM {self._side} {e_where} ORDER BY ingested_ns LIMIT 1 BY trace_id, span_id) AS e "
+                "ON o.TraceId = e.x_trace_id AND o.SpanId = e.x_span_id "
+            )
+        order = ", ".join(exprs[c] for c in ("trace_id", "start_ns", "span_id"))
+        query += f"ORDER BY {order} {_READ_SETTINGS}"
+        return self._conform(self._backend.query_arrow(query), selected)
+
+    @staticmethod
+    def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
+        schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])
+        if table.num_columns == 0:  # chdb answers an empty result without columns
+            return schema.empty_table()
+        arrays = []
+        for name, f in zip(selected, schema, strict=True):
+            column = table.column(name)
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            # ClickHouse answers non-Nullable columns as non-null Arrow fields: drop that flag
+            arrays.append(column.cast(f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def trace(self, trace_id: str) -> pa.Table:
+        """All spans of one trace with every column (empty table when unknown)."""
+        return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
+
+    def stats(self) -> StoreStats:
+        """Unique span and trace counts. Counted by the server; the last counts are reused for up to
+        ``STATS_MAX_AGE_S`` while this store wrote and deleted nothing (others, such as a Collector
+        writing into the same table, show within that time)."""
+        self._check_open()
+        changes = self._changes  # read before counting: a change meanwhile forces a recount
+        cached = self._stats_cache
+        if cached is not None and cached[0] == changes and time.monotonic() - cached[1] < STATS_MAX_AGE_S:
+            return cached[2]
+        taken = time.monotonic()
+        counts = self._backend.query_arrow(
+            f"SELECT uniqExact(TraceId, SpanId) AS spans, uniqExact(TraceId) AS traces FROM {self._table}"
+        )
+        counted = StoreStats(
+            spans=int(counts.column("spans")[0].as_py()), traces=int(counts.column("traces")[0].as_py())
+        )
+        self._stats_cache = (changes, taken, counted)
+        return counted
+
+    def services(self) -> list[str]:
+        self._check_open()
+        rows = self._backend.query_arrow(
+            f"SELECT DISTINCT if(ServiceName = '', 'unknown_service', toString(ServiceName)) AS service "
+            f"FROM {self._table} ORDER BY service"
+        )
+        return [str(s) for s in rows.column("service").to_pylist()] if rows.num_columns else []
+
+    def raw_row_count(self) -> int:
+        """Physical ``otel_traces`` rows, duplicates included."""
+        self._check_open()
+        rows = self._backend.query_arrow(f"SELECT count() AS n FROM {self._table}")
+        return int(rows.column("n")[0].as_py())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"span store {self.path} is closed")
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> ClickHouseSpanStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["OTEL_COLUMNS", "ClickHouseLocation", "ClickHouseSpanStore", "parse_clickhouse_url", "redact"]
