@@ -30,7 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hourglass.collector.decode import otlp_json_to_message, parse_traces_data
+from hourglass.collector.decode import parse_traces_data
+from hourglass.collector.decode_json import otlp_json_to_message
 from hourglass.collector.files import TraceFileReader, gc_tuned_for_bulk_reading
 from hourglass.collector.readers.otlp_proto import iter_length_prefixed
 

@@ -46,7 +46,7 @@ import pyarrow as pa
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from hourglass.collector.decode import TypedValue, span_details
+from hourglass.collector.span_details import TypedValue, span_details
 from hourglass.collector.readers.jaeger import parse_duration_ns
 from hourglass.collector.schema import KIND_NAMES, SPAN_COLUMNS, STATUS_ERROR, STATUS_OK
 from hourglass.collector.store import SpanStore

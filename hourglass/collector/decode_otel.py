@@ -1,8 +1,8 @@
 """SPAN_SCHEMA rows -> rows of the Collector ClickHouse exporter's ``otel_traces`` table (and
 Hourglass' side table): the write half of ``hourglass.collector.otel_traces``.
 
-A decoder like ``hourglass.collector.decode`` (hence the name: only ``collector/decode*.py`` import the
-protobuf modules): the span attributes, events, links and trace state live only in ``raw``, the
+A decoder like ``hourglass.collector.decode`` (one of the few modules that import the protobuf
+modules, see ``tests/test_layering.py``): the span attributes, events, links and trace state live only in ``raw``, the
 serialized OTLP span, so each span is parsed once; values become text the way the Collector
 renders them (``pcommon.Value.AsString``).
 """
@@ -21,6 +21,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from hourglass.collector import native_decode
+from hourglass.collector.decode_parts import any_value_to_python
 from hourglass.collector.otel_traces import (
     FOLLOWS_FROM_LINK_ATTRIBUTE,
     KIND_TEXT,
@@ -60,8 +61,6 @@ def _any_value_text(value: Any) -> str:
         return base64.b64encode(value.bytes_value).decode("ascii")
     if kind is None:
         return ""
-    from hourglass.collector.decode import any_value_to_python  # arrays and maps only: rare
-
     return json.dumps(any_value_to_python(value), separators=(",", ":"))
 
 

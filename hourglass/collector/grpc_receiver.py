@@ -41,13 +41,11 @@ from typing import Any
 import grpc
 import pyarrow as pa
 
-from hourglass.collector.decode import (
+from hourglass.collector.decode import DecodeError, DecodeResult, decode_export_request
+from hourglass.collector.responses import (
     RPC_CODE_RESOURCE_EXHAUSTED,
     RPC_CODE_UNAVAILABLE,
-    DecodeError,
-    DecodeResult,
     add_health_service,
-    decode_export_request,
     export_response,
     status_details_with_retry,
 )

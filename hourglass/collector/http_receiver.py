@@ -31,15 +31,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hourglass.collector import json_limits
-from hourglass.collector.decode import (
+from hourglass.collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
+from hourglass.collector.responses import (
     RPC_CODE_INVALID_ARGUMENT,
     RPC_CODE_RESOURCE_EXHAUSTED,
     RPC_CODE_UNAUTHENTICATED,
     RPC_CODE_UNAVAILABLE,
-    DecodeError,
-    DecodeResult,
-    decode_export_request,
-    decode_otlp_json,
     export_response,
     rpc_status,
 )

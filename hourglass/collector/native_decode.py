@@ -1,6 +1,6 @@
 """The fast OTLP decoder: the C scanner (``hourglass.collector._otlpscan``) plus column assembly in numpy/Arrow.
 
-``hourglass.collector.decode.decode_export_request`` tries this first. The scanner walks the protobuf wire
+The dispatcher (``hourglass.collector.decode.decode_export_request``) tries this first. The scanner walks the protobuf wire
 format once, with the GIL released, and returns flat int64 tables of offsets into the request
 bytes; this module turns them into the ``SPAN_SCHEMA`` columns with a fixed number of numpy and
 Arrow operations per request, so no Python code runs per span or per attribute in the common
@@ -10,7 +10,9 @@ hint events and semantic values that are not plain strings/ints.
 
 ``decode_native`` returns None when the request is not the common shape (the scanner's reason:
 a malformed message, an invalid id, an unknown field, invalid UTF-8 ...); the caller then runs the
-pure-Python decoder, which produces exactly the errors and rejections the receivers report. The
+pure-Python decoder (``decode_python``), which produces exactly the errors and rejections the
+receivers report. The rare parts (links, hint attributes and events, values that are not plain
+strings or ints, resources and scopes) are read by the same functions as there (``decode_parts``). The
 two decoders give identical tables for every request both accept (``tests/test_native_decode.py``
 checks this on generated, real and mutated requests).
 """
@@ -23,8 +25,33 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 
-from hourglass.collector import decode as _py
+from hourglass.collector.decode_common import (
+    HINT_CODE,
+    HTTP_STATUS_INDEX,
+    HTTP_STATUS_MAX,
+    HTTP_STATUS_MIN,
+    KEY_CODES,
+    NOT_A_REQUEST,
+    PLAIN_EVENT_NAMES,
+    SEMANTIC_COLUMNS,
+    DecodeError,
+    DecodeResult,
+    classify_wire_key,
+    hex_id_array,
+    is_hint_event,
+    validity_bitmap,
+)
+from hourglass.collector.decode_parts import (
+    any_value_to_python,
+    column_value,
+    hint_events,
+    key_value_from_string,
+    link_columns,
+    resource_columns,
+    scope_name_of,
+)
 from hourglass.collector.schema import SPAN_SCHEMA
 
 try:
@@ -53,12 +80,14 @@ if _otlpscan is not None:
         _otlpscan.LINK_WIDTH,
         _otlpscan.SCOPE_WIDTH,
         _otlpscan.RESOURCE_WIDTH,
-    ), "hourglass/collector/_otlpscan.c and hourglass/collector/native_decode.py disagree on record layouts; rebuild"
+    ), (
+        "hourglass/collector/_otlpscan.c and hourglass/collector/native_decode.py disagree on record layouts; rebuild"
+    )
 
 # AnyValue oneof field numbers
 V_NONE, V_STRING, V_BOOL, V_INT, V_DOUBLE = 0, 1, 2, 3, 4
 
-_IGNORED = -16  # key code of an attribute no column or hint uses (``_py`` returns None for it)
+_IGNORED = -16  # key code of an attribute no column or hint uses (``classify_wire_key`` gives None)
 
 
 def _strings(
@@ -74,7 +103,7 @@ def _strings(
     offsets, values = _otlpscan.gather(
         data, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(lengths, dtype=np.int64)
     )
-    validity, null_count = _py.validity_bitmap(valid, count)
+    validity, null_count = validity_bitmap(valid, count)
     return pa.Array.from_buffers(
         pa.binary() if binary else pa.string(),
         count,
@@ -90,13 +119,13 @@ def _hex(data_u8: np.ndarray, starts: np.ndarray, size: int, valid: np.ndarray |
     ids = data_u8[starts[:, None] + np.arange(size)]
     if valid is not None:
         ids[~valid] = 0
-    return _py.hex_id_array(ids.tobytes(), len(starts), size, valid)
+    return hex_id_array(ids.tobytes(), len(starts), size, valid)
 
 
 def _key_codes(data: bytes, keys: np.ndarray) -> np.ndarray:
-    """The ``hourglass.collector.decode`` key code of each distinct attribute key (cached across requests)."""
-    cache = _py._KEY_CODES
-    classify = _py._classify_wire_key
+    """The key code (``decode_common.classify_wire_key``) of each distinct attribute key (cached across requests)."""
+    cache = KEY_CODES
+    classify = classify_wire_key
     codes = np.empty(len(keys), dtype=np.int64)
     for index, (offset, length) in enumerate(keys.tolist()):
         key = data[offset : offset + length]
@@ -111,10 +140,10 @@ def _semantic_columns(
     data: bytes, rows: int, attrs: np.ndarray, codes: np.ndarray
 ) -> dict[str, pa.Array | list[Any]]:
     """The semantic attribute columns: per span and column, the first attribute of the lowest
-    priority (``hourglass.collector.decode``'s rule)."""
+    priority (the rule of both decoders)."""
     columns: dict[str, pa.Array | list[Any]] = {}
     semantic = np.flatnonzero(codes >= 0)
-    n_columns = len(_py._SEMANTIC_COLUMNS)
+    n_columns = len(SEMANTIC_COLUMNS)
     if len(semantic):
         code = codes[semantic]
         group = attrs[semantic, AT_SPAN] * n_columns + (code >> 4)
@@ -127,14 +156,14 @@ def _semantic_columns(
     else:
         chosen = np.empty(0, dtype=np.int64)
         chosen_column = np.empty(0, dtype=np.int64)
-    for index, column in enumerate(_py._SEMANTIC_COLUMNS):
+    for index, column in enumerate(SEMANTIC_COLUMNS):
         picked = chosen[chosen_column == index]
         span_rows = attrs[picked, AT_SPAN]
         vtype = attrs[picked, AT_VTYPE]
-        if index == _py._HTTP_STATUS_INDEX:
+        if index == HTTP_STATUS_INDEX:
             if (vtype == V_INT).all():
                 values = attrs[picked, AT_VINT]
-                in_range = (values >= _py.HTTP_STATUS_MIN) & (values <= _py.HTTP_STATUS_MAX)
+                in_range = (values >= HTTP_STATUS_MIN) & (values <= HTTP_STATUS_MAX)
                 out = np.zeros(rows, dtype=np.int32)
                 valid = np.zeros(rows, dtype=bool)
                 out[span_rows[in_range]] = values[in_range]
@@ -159,15 +188,15 @@ def _semantic_columns(
             attrs[picked, AT_KV_LEN].tolist(),
             strict=True,
         ):
-            kv = _py._KeyValueFromString(data[kv_offset : kv_offset + kv_length])
-            values_list[row] = _py._column_value(column, kv.value)
+            kv = key_value_from_string(data[kv_offset : kv_offset + kv_length])
+            values_list[row] = column_value(column, kv.value)
         columns[column] = values_list
     return columns
 
 
 def _hints(data: bytes, rows: int, attrs: np.ndarray, codes: np.ndarray) -> list[str | None]:
     hints: list[str | None] = [None] * rows
-    hint_attrs = np.flatnonzero(codes == _py.HINT_CODE)
+    hint_attrs = np.flatnonzero(codes == HINT_CODE)
     if not len(hint_attrs):
         return hints
     per_span: dict[int, dict[str, Any]] = {}
@@ -177,8 +206,8 @@ def _hints(data: bytes, rows: int, attrs: np.ndarray, codes: np.ndarray) -> list
         attrs[hint_attrs, AT_KV_LEN].tolist(),
         strict=True,
     ):
-        kv = _py._KeyValueFromString(data[kv_offset : kv_offset + kv_length])
-        per_span.setdefault(row, {})[kv.key] = _py.any_value_to_python(kv.value)
+        kv = key_value_from_string(data[kv_offset : kv_offset + kv_length])
+        per_span.setdefault(row, {})[kv.key] = any_value_to_python(kv.value)
     for row, span_hints in per_span.items():
         hints[row] = json.dumps(span_hints, separators=(",", ":"))
     return hints
@@ -197,22 +226,22 @@ def _event_columns(data: bytes, rows: int, events: np.ndarray) -> tuple[pa.Array
     times_column = pa.ListArray.from_arrays(offsets, times, type=pa.list_(pa.int64()))
     event_hints: list[str | None] = [None] * rows
     if len(events):
-        plain = _py._PLAIN_EVENT_NAMES
-        hint_names = [n for n in pc.unique(names).to_pylist() if n not in plain and _py._is_hint_event(n)]
+        plain = PLAIN_EVENT_NAMES
+        hint_names = [n for n in pc.unique(names).to_pylist() if n not in plain and is_hint_event(n)]
         if hint_names:
             is_hint = pc.is_in(names, value_set=pa.array(hint_names, type=pa.string()))
             hint_rows = np.unique(events[is_hint.to_numpy(zero_copy_only=False), EV_SPAN])
             for row in hint_rows.tolist():
                 start, end = int(span_offsets[row]), int(span_offsets[row + 1])
                 span_events = [data[o : o + n] for o, n in events[start:end, EV_OFF : EV_LEN + 1].tolist()]
-                event_hints[row] = _py._hint_events(span_events, names.slice(start, end - start).to_pylist())
+                event_hints[row] = hint_events(span_events, names.slice(start, end - start).to_pylist())
     return names_column, times_column, event_hints
 
 
-def decode_native(data: bytes, ingested_ns: int) -> _py.DecodeResult | None:
+def decode_native(data: bytes, ingested_ns: int) -> DecodeResult | None:
     """Rows of an ExportTraceServiceRequest/TracesData, or None when the Python decoder must run.
 
-    Raises ``hourglass.collector.decode.DecodeError`` only where the Python decoder would too (a malformed
+    Raises ``DecodeError`` only where the Python decoder would too (a malformed
     link, hint attribute or hint event inside an otherwise well-formed request).
     """
     if _otlpscan is None:
@@ -233,10 +262,8 @@ def decode_native(data: bytes, ingested_ns: int) -> _py.DecodeResult | None:
     data_u8 = np.frombuffer(data, dtype=np.uint8)
     try:
         return _assemble(data, data_u8, ingested_ns, spans, attrs, keys, events, links, scopes, resources)
-    except _py._ProtobufDecodeError as exc:
-        raise _py.DecodeError(
-            f"not an OTLP ExportTraceServiceRequest/TracesData protobuf message: {exc}"
-        ) from exc
+    except ProtobufDecodeError as exc:
+        raise DecodeError(f"{NOT_A_REQUEST}: {exc}") from exc
 
 
 def _assemble(
@@ -250,14 +277,14 @@ def _assemble(
     links: np.ndarray,
     scopes: np.ndarray,
     resources: np.ndarray,
-) -> _py.DecodeResult | None:
+) -> DecodeResult | None:
     rows = len(spans)
     resource_info = [
-        _py.resource_columns(data[offset : offset + length] if offset >= 0 else b"")
+        resource_columns(data[offset : offset + length] if offset >= 0 else b"")
         for offset, length in resources.tolist()
     ]
     scope_names = [
-        _py.scope_name_of(data[offset : offset + length] if offset >= 0 else b"")
+        scope_name_of(data[offset : offset + length] if offset >= 0 else b"")
         for offset, length in scopes[:, SC_OFF : SC_LEN + 1].tolist()
     ]
     scope_of_span = pa.array(spans[:, SP_SCOPE])
@@ -296,7 +323,7 @@ def _assemble(
             span_links = [data[o : o + n] for o, n in links[links[:, LK_SPAN] == row, LK_OFF:].tolist()]
             parent_offset = int(spans[row, SP_PARENT])
             parent = data[parent_offset : parent_offset + 8] if parent_offset >= 0 else b""
-            links_column[row], follows[row] = _py._links(span_links, parent)
+            links_column[row], follows[row] = link_columns(span_links, parent)
     columns["links"] = links_column
     columns["follows_from"] = follows
     columns["resource_json"] = pa.array([info[2] for info in resource_info], type=pa.string()).take(
@@ -308,4 +335,4 @@ def _assemble(
         value if isinstance(value, pa.Array) else pa.array(value, type=f.type)
         for f, value in ((f, columns[f.name]) for f in SPAN_SCHEMA)
     ]
-    return _py.DecodeResult(table=pa.Table.from_arrays(arrays, schema=SPAN_SCHEMA))
+    return DecodeResult(table=pa.Table.from_arrays(arrays, schema=SPAN_SCHEMA))

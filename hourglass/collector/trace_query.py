@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hourglass.collector.decode import TypedValue, span_details
+from hourglass.collector.span_details import TypedValue, span_details
 from hourglass.collector.schema import KIND_NAMES, STATUS_ERROR, STATUS_OK, STATUS_UNSET
 from hourglass.collector.store import SpanStore
 

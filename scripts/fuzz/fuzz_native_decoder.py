@@ -4,7 +4,7 @@ checked against the pure-Python decoder on every input it accepts.
 
 Per input: the C path either declines (``decode_native`` returns None: the Python decoder takes
 over), or gives a table — which must equal the Python decoder's table on the same bytes (same
-rule for duplicate and malformed attributes, see hourglass/collector/decode.py) — or raises
+rule for duplicate and malformed attributes, see hourglass/collector/decode.py and decode_python.py) — or raises
 ``DecodeError`` where the Python decoder raises it too. A crash inside the extension shows up
 as a signal; build it with AddressSanitizer for memory errors (README.md here).
 

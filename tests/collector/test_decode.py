@@ -20,13 +20,12 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from hourglass.collector.decode import (
     DecodeError,
     decode_export_request,
-    decode_json_id,
     decode_otlp_json,
     decode_traces_message,
-    export_response,
-    otlp_json_to_message,
-    rpc_status,
 )
+from hourglass.collector.decode_common import parse_id
+from hourglass.collector.decode_json import otlp_json_to_message
+from hourglass.collector.responses import export_response, rpc_status
 from hourglass.collector.schema import SPAN_SCHEMA
 
 # the shared real-traces folder sits beside the repository (resolved from the root, not one machine)
@@ -258,16 +257,24 @@ def test_otlp_json_structural_errors() -> None:
         decode_otlp_json([1, 2])  # type: ignore[arg-type]
 
 
-def test_decode_json_id_rules() -> None:
-    assert decode_json_id("00" * 7 + "ff", 8) == b"\x00" * 7 + b"\xff"
-    assert decode_json_id(base64.b64encode(b"\xfa" * 8).decode(), 8) == b"\xfa" * 8
-    assert decode_json_id(base64.urlsafe_b64encode(b"\xfb" * 16).decode().rstrip("="), 16) == b"\xfb" * 16
-    assert decode_json_id("abc", 8) == bytes.fromhex("0000000000000abc")
-    assert decode_json_id("", 8) == b""
+def test_parse_id_rules() -> None:
+    assert parse_id("00" * 7 + "ff", 8) == b"\x00" * 7 + b"\xff"
+    assert parse_id(base64.b64encode(b"\xfa" * 8).decode(), 8) == b"\xfa" * 8
+    assert parse_id(base64.urlsafe_b64encode(b"\xfb" * 16).decode().rstrip("="), 16) == b"\xfb" * 16
+    assert parse_id("abc", 8) == bytes.fromhex("0000000000000abc")
+    assert parse_id("", 8) == b""
+    # 11 hex digits are also unpadded base64 of 8 bytes: OTLP JSON reads base64 (protobuf's JSON
+    # mapping), Zipkin and Jaeger UI JSON (hex by definition) read hex
+    assert parse_id("abcdef01234", 8) == base64.b64decode("abcdef01234=")
+    assert parse_id("abcdef01234", 8, hex_first=True) == bytes.fromhex("00000abcdef01234")
+    # a 64-bit trace id in base64 (Jaeger model proto-JSON) only where asked for
+    assert parse_id(base64.b64encode(b"\x01" * 8).decode(), 16, short_base64=True) == bytes(8) + b"\x01" * 8
+    with pytest.raises(ValueError, match="neither 32 hex characters nor base64 of 16 bytes"):
+        parse_id(base64.b64encode(b"\x01" * 8).decode(), 16)
     with pytest.raises(ValueError, match="expected a hex or base64 string"):
-        decode_json_id(12, 8)
-    with pytest.raises(ValueError, match="34 hex characters"):
-        decode_json_id("0" * 34, 16)
+        parse_id(12, 8)
+    with pytest.raises(ValueError, match="34 hex characters, expected 32"):
+        parse_id("0" * 34, 16)
 
 
 @pytest.mark.parametrize(

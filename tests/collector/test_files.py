@@ -241,7 +241,7 @@ def test_jaeger_record_errors_name_the_json_path(tmp_path: Path) -> None:
     table, problems, _ = read([path])
     assert table.num_rows == 16
     assert [str(p) for p in problems] == [
-        f"{path}:data[0].spans[3].spanID: 'not hex at all' is neither hex nor base64 of 8 bytes"
+        f"{path}:data[0].spans[3].spanID: 'not hex at all' is neither 16 hex characters nor base64 of 8 bytes"
     ]
 
 

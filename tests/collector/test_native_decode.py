@@ -22,7 +22,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from bench.ingest import PLACEHOLDER, build_template
 from hourglass.collector import native_decode
-from hourglass.collector.decode import _LEAN, DecodeError, decode_export_request
+from hourglass.collector.decode import DecodeError, decode_export_request
+from hourglass.collector.decode_parts import LEAN
 from hourglass.collector.files import TraceFileReader
 from tests.collector.test_decode import _sdk_spans
 
@@ -49,7 +50,7 @@ def _decode_both(data: bytes) -> tuple[object, object]:
 def _span(raw: bytes) -> object:
     # the decoder's lean view: nested attributes stay bytes (neither path validates them) and an
     # empty status sent explicitly equals none
-    return _LEAN["Span"].FromString(raw)
+    return LEAN["Span"].FromString(raw)
 
 
 def _assert_same(data: bytes) -> None:

@@ -80,10 +80,11 @@ def test_normalize_id(value: Any, size: int, expect: str, want: str) -> None:
     ("value", "size", "reason"),
     [
         ("0000000000000000", 8, "all-zero"),
-        ("zzz", 16, "neither hex nor base64"),
-        ("1" * 17, 8, "more than 16"),
+        ("zzz", 16, "neither 32 hex characters nor base64 of 16 bytes"),
+        ("1" * 17, 8, "17 hex characters, expected 16"),
         ("", 8, "empty"),
-        (None, 8, "expected an id string"),
+        (None, 8, "expected a hex or base64 string"),
+        ([1], 8, "expected a hex or base64 string, got list"),
     ],
 )
 def test_normalize_id_rejects(value: Any, size: int, reason: str) -> None:
@@ -522,7 +523,7 @@ def test_decode_fast_span_path_equals_parse_dict() -> None:
     from google.protobuf import json_format
     from opentelemetry.proto.trace.v1 import trace_pb2
 
-    from hourglass.collector import decode
+    from hourglass.collector import decode_json as decode
 
     spans = _otlp_span_dicts()
     assert len(spans) == 8 + 19 + 32 + 64 + 9  # OTLP JSON + JSONL + Jaeger + Zipkin + synthetic
@@ -558,9 +559,9 @@ def test_decode_fast_span_path_equals_parse_dict() -> None:
     ],
 )
 def test_decode_fast_span_path_declines_what_it_does_not_handle(span: dict[str, Any]) -> None:
-    from hourglass.collector import decode
+    from hourglass.collector import decode_json
 
-    assert decode._fast_span(span) is None
+    assert decode_json._fast_span(span) is None
 
 
 def test_zipkin_64_bit_trace_id_joins_its_128_bit_trace() -> None:

@@ -20,10 +20,10 @@ record is skipped (``skipped=True``) or kept with what is known (``skipped=False
 from __future__ import annotations
 
 import base64
-import binascii
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from hourglass.collector.decode_common import parse_id
 
 __all__ = [
     "ConvertedTraces",
@@ -76,13 +76,10 @@ def join_path(prefix: str, suffix: str) -> str:
     return f"{prefix}.{suffix}"
 
 
-_HEX_RE = re.compile(r"[0-9a-fA-F]+")
-
-
 def normalize_id(value: Any, size: int, *, expect: str = "hex", accept_short: bool = False) -> str:
-    """An id as ``2*size`` lowercase hex characters.
+    """An id as ``2*size`` lowercase hex characters, read by the decoders' id parser
+    (``decode_common.parse_id``) with the readers' rules on top:
 
-    Rules:
     - ``expect="hex"`` (Zipkin, Jaeger UI JSON): a hex string of at most ``2*size`` characters is
       left-padded with zeros (Jaeger drops leading zeros: a 31-character trace id; a 16-character,
       64-bit trace id becomes 128-bit with the high half zero). Base64 is tried only when the text
@@ -92,7 +89,7 @@ def normalize_id(value: Any, size: int, *, expect: str = "hex", accept_short: bo
     - ``accept_short`` allows a base64 id shorter than ``size`` bytes (a 64-bit trace id, 8 bytes),
       left-padded with zero bytes.
     - Integers (Jaeger thrift-style numeric ids) are taken as unsigned big-endian values.
-    - An all-zero id is invalid: OTLP defines it as "no id".
+    - Surrounding whitespace is ignored; an empty or all-zero id is invalid (OTLP: "no id").
     """
     width = 2 * size
     if isinstance(value, bool):
@@ -103,37 +100,16 @@ def normalize_id(value: Any, size: int, *, expect: str = "hex", accept_short: bo
         if not 0 < value < (1 << (8 * size)):
             raise InvalidRecord("", f"numeric id {value} out of range for {size} bytes")
         return format(value, f"0{width}x")
-    if not isinstance(value, str):
-        raise InvalidRecord("", f"expected an id string, got {type(value).__name__}")
-    text = value.strip()
-    if not text:
+    text = value.strip() if isinstance(value, str) else value
+    if text == "":
         raise InvalidRecord("", "empty id")
-    is_hex = _HEX_RE.fullmatch(text) is not None
-    result: str | None = None
-    if expect == "hex" and is_hex and len(text) <= width:
-        result = text.lower().rjust(width, "0")
-    else:
-        raw = _b64(text)
-        if raw is not None and (len(raw) == size or (accept_short and size == 16 and len(raw) == 8)):
-            result = raw.hex().rjust(width, "0")
-        elif is_hex and len(text) <= width:
-            result = text.lower().rjust(width, "0")
-    if result is None:
-        if is_hex:
-            raise InvalidRecord("", f"{text!r} is {len(text)} hex characters, more than {width}")
-        raise InvalidRecord("", f"{text!r} is neither hex nor base64 of {size} bytes")
-    if result.count("0") == width:
-        raise InvalidRecord("", f"{text!r} is an all-zero id")
-    return result
-
-
-def _b64(text: str) -> bytes | None:
-    padded = text + "=" * (-len(text) % 4)
-    altchars = b"-_" if ("-" in text or "_" in text) else None
     try:
-        return base64.b64decode(padded, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError):
-        return None
+        raw = parse_id(text, size, hex_first=expect == "hex", short_base64=accept_short)
+    except ValueError as exc:
+        raise InvalidRecord("", str(exc)) from None
+    if not any(raw):
+        raise InvalidRecord("", f"{text!r} is an all-zero id")
+    return raw.hex()
 
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
