@@ -46,9 +46,9 @@ import pyarrow as pa
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from hourglass.collector.span_details import TypedValue, span_details
 from hourglass.collector.readers.jaeger import parse_duration_ns
 from hourglass.collector.schema import KIND_NAMES, SPAN_COLUMNS, STATUS_ERROR, STATUS_OK
+from hourglass.collector.span_details import TypedValue, span_details
 from hourglass.collector.store import SpanStore
 from hourglass.collector.trace_query import (
     KIND_NUMBERS,

@@ -50,6 +50,7 @@ __all__ = [
     "parse_traces_data",
 ]
 
+
 def decode_export_request(
     data: bytes, *, ingested_ns: int | None = None, native: bool = True
 ) -> DecodeResult:

@@ -42,19 +42,19 @@ import grpc
 import pyarrow as pa
 
 from hourglass.collector.decode import DecodeError, DecodeResult, decode_export_request
-from hourglass.collector.responses import (
-    RPC_CODE_RESOURCE_EXHAUSTED,
-    RPC_CODE_UNAVAILABLE,
-    add_health_service,
-    export_response,
-    status_details_with_retry,
-)
 from hourglass.collector.ingest import (
     MAX_UNDECODED_BYTES,
     IngestClosed,
     IngestPipeline,
     Overloaded,
     UndecodedBytes,
+)
+from hourglass.collector.responses import (
+    RPC_CODE_RESOURCE_EXHAUSTED,
+    RPC_CODE_UNAVAILABLE,
+    add_health_service,
+    export_response,
+    status_details_with_retry,
 )
 
 log = logging.getLogger("hourglass.grpc")

@@ -32,6 +32,13 @@ from starlette.routing import Route
 
 from hourglass.collector import json_limits
 from hourglass.collector.decode import DecodeError, DecodeResult, decode_export_request, decode_otlp_json
+from hourglass.collector.ingest import (
+    MAX_UNDECODED_BYTES,
+    IngestClosed,
+    IngestPipeline,
+    Overloaded,
+    UndecodedBytes,
+)
 from hourglass.collector.responses import (
     RPC_CODE_INVALID_ARGUMENT,
     RPC_CODE_RESOURCE_EXHAUSTED,
@@ -39,13 +46,6 @@ from hourglass.collector.responses import (
     RPC_CODE_UNAVAILABLE,
     export_response,
     rpc_status,
-)
-from hourglass.collector.ingest import (
-    MAX_UNDECODED_BYTES,
-    IngestClosed,
-    IngestPipeline,
-    Overloaded,
-    UndecodedBytes,
 )
 
 log = logging.getLogger("hourglass.http")

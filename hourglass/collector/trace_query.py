@@ -22,8 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hourglass.collector.span_details import TypedValue, span_details
 from hourglass.collector.schema import KIND_NAMES, STATUS_ERROR, STATUS_OK, STATUS_UNSET
+from hourglass.collector.span_details import TypedValue, span_details
 from hourglass.collector.store import SpanStore
 
 __all__ = [
