@@ -1,8 +1,10 @@
 """OTLP/gRPC receiver: ``opentelemetry.proto.collector.trace.v1.TraceService/Export``.
 
-A generic handler receives the raw request bytes (grpc does no protobuf work), decodes them with
-``hourglass.collector.decode`` and hands the rows to the group-commit pipeline; the answer is sent only
-after the rows are committed. Status codes follow the OTLP spec:
+A generic handler receives the raw request bytes (grpc does no protobuf work) and hands them to the
+Export core (``hourglass.collector.export``: admission, decode, group commit), which says what
+the answer is; the answer is sent only after the rows are committed. This module only translates
+a ``Refusal`` into a status code (its ``google.rpc.Code``) and RetryInfo. Status codes follow the
+OTLP spec:
 
 - OK with ``partial_success`` (count and reasons) when some spans were rejected (bad ids);
 - INVALID_ARGUMENT for bytes that are not an ExportTraceServiceRequest (not retryable);
@@ -25,37 +27,23 @@ decoder does not hold the GIL the writer thread needs.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import hmac
 import logging
 import multiprocessing
 import os
 import threading
 import time
 from concurrent import futures
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pyarrow as pa
 
-from hourglass.collector.decode import DecodeError, DecodeResult, decode_export_request
-from hourglass.collector.ingest import (
-    MAX_UNDECODED_BYTES,
-    IngestClosed,
-    IngestPipeline,
-    Overloaded,
-    UndecodedBytes,
-)
-from hourglass.collector.responses import (
-    RPC_CODE_RESOURCE_EXHAUSTED,
-    RPC_CODE_UNAVAILABLE,
-    add_health_service,
-    export_response,
-    status_details_with_retry,
-)
+from hourglass.collector.decode import DecodeResult, decode_export_request
+from hourglass.collector.export import ExportCore, Refusal, RefusalKind
+from hourglass.collector.ingest import IngestPipeline
+from hourglass.collector.responses import add_health_service, export_response, status_details_with_retry
 
 log = logging.getLogger("hourglass.grpc")
 
@@ -290,13 +278,20 @@ class GrpcKeepalive:
         ]
 
 
-def _abort_with_retry(
-    context: grpc.ServicerContext, code: grpc.StatusCode, rpc_code: int, message: str, retry_after_s: float
-) -> None:
-    context.set_trailing_metadata(
-        (("grpc-status-details-bin", status_details_with_retry(rpc_code, message, retry_after_s)),)
-    )
-    context.abort(code, message)
+# google.rpc.Code number -> gRPC status (the same numbering)
+_GRPC_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_UNAUTHENTICATED = Refusal(
+    RefusalKind.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
+)
+
+
+def _abort(context: grpc.ServicerContext, refusal: Refusal) -> NoReturn:
+    """Answer a refused Export: its status code, and RetryInfo when the client should retry."""
+    if refusal.retry_after_s is not None:
+        details = status_details_with_retry(refusal.kind.rpc_code, refusal.message, refusal.retry_after_s)
+        context.set_trailing_metadata((("grpc-status-details-bin", details),))
+    context.abort(_GRPC_STATUS[refusal.kind.rpc_code], refusal.message)
+    raise AssertionError("abort raises")
 
 
 class GrpcReceiver:
@@ -321,22 +316,23 @@ class GrpcReceiver:
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
-        self._expected_auth = f"Bearer {api_token}".encode() if api_token else None
         self.decode_processes = decode_processes
         self._decoder: _ProcessDecoder | None = None
         # in-process decodes hold the GIL: a couple at once is enough; with worker processes,
         # one request per worker is decoded at a time and the others wait with their bytes only
         self._decode_slots = threading.BoundedSemaphore(decode_processes or CONCURRENT_DECODES)
-        # The receive budget: bytes of requests being read, or read and not yet decoded. A read
-        # reserves max_message_bytes before grpc reads the message (its size is not known yet)
-        # and keeps only the real size once read; a call that finds no room within
-        # RECEIVE_BUDGET_WAIT_S is refused with RESOURCE_EXHAUSTED and RetryInfo.
-        self.receive_budget_bytes = receive_budget_bytes or max(MAX_UNDECODED_BYTES, 2 * max_message_bytes)
-        self._undecoded = UndecodedBytes(
-            max(self.receive_budget_bytes, max_message_bytes),
-            pipeline.retry_after_s,
-            pipeline.count_overload_refusal,
+        # A read reserves max_message_bytes of the core's receive budget before grpc reads the
+        # message (its size is not known yet) and keeps only the real size once read; a call that
+        # finds no room within RECEIVE_BUDGET_WAIT_S is refused with RESOURCE_EXHAUSTED and RetryInfo.
+        self.core = ExportCore(
+            pipeline,
+            "grpc",
+            max_message_bytes=max_message_bytes,
+            unavailable_retry_after_s=SHUTDOWN_RETRY_AFTER_S,
+            api_token=api_token,
+            receive_budget_bytes=receive_budget_bytes,
         )
+        self.receive_budget_bytes = self.core.receive_budget_bytes
         self.tls = tls
         self._executor = _CountingExecutor(max_workers=workers, thread_name_prefix="hourglass-grpc")
         self._refusal_executor = futures.ThreadPoolExecutor(
@@ -375,6 +371,7 @@ class GrpcReceiver:
         self.port = bound
         if self.decode_processes > 0:
             self._decoder = _ProcessDecoder(self.decode_processes)
+            self.core.decoder = self._decoder.decode
         self._server.start()
         return bound
 
@@ -392,124 +389,58 @@ class GrpcReceiver:
 
     # -- the RPC -----------------------------------------------------------------------------
     def _authorised(self, context: grpc.ServicerContext) -> bool:
-        if self._expected_auth is None:
-            return True
         for key, value in context.invocation_metadata():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected_auth)
-        return False
+                return self.core.authorised(value)
+        return self.core.authorised(None)
 
     def refuse_busy(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
         if not self._authorised(context):  # a wrong token is told so, busy or not
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
-            )
+            _abort(context, _UNAUTHENTICATED)
         retry_after_s = self.pipeline.retry_after_s
         self.pipeline.count_overload_refusal()
-        _abort_with_retry(
+        _abort(
             context,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            RPC_CODE_RESOURCE_EXHAUSTED,
-            f"ingest overloaded: more than {self.max_queued_calls} Exports in progress; retry after "
-            f"{retry_after_s:g}s",
-            retry_after_s,
+            Refusal(
+                RefusalKind.OVERLOADED,
+                f"ingest overloaded: more than {self.max_queued_calls} Exports in progress; retry after "
+                f"{retry_after_s:g}s",
+                retry_after_s,
+            ),
         )
 
     def export_stream(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
         """Export, reading the request only once its bytes fit the receive budget."""
         if not self._authorised(context):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
-            )
+            _abort(context, _UNAUTHENTICATED)
+        core = self.core
         try:
-            self.pipeline.check_capacity()
-            self._undecoded.reserve(self.max_message_bytes, wait_s=RECEIVE_BUDGET_WAIT_S)
-        except Overloaded as exc:
-            _abort_with_retry(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                RPC_CODE_RESOURCE_EXHAUSTED,
-                str(exc),
-                exc.retry_after_s,
-            )
+            core.admit()
+            core.reserve(self.max_message_bytes, wait_s=RECEIVE_BUDGET_WAIT_S)
+        except Refusal as refusal:
+            _abort(context, refusal)
         reserved = self.max_message_bytes
         try:
             request = next(request_iterator, None)
             if request is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
-                raise AssertionError("abort raises")
-            self._undecoded.release(reserved - len(request))  # keep only what the request holds
+                _abort(context, Refusal(RefusalKind.BAD_REQUEST, "the call carried no request message"))
+            core.release(reserved - len(request))  # keep only what the request holds
             reserved = len(request)
             return self._export(request, context, reserved=True)
         finally:
-            self._undecoded.release(reserved)
+            core.release(reserved)
 
     def export(self, request: bytes, context: grpc.ServicerContext) -> Any:
         """Export of request bytes already read (the unary form, for callers in process)."""
         if not self._authorised(context):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
-            )
+            _abort(context, _UNAUTHENTICATED)
         return self._export(request, context, reserved=False)
 
     def _export(self, request: bytes, context: grpc.ServicerContext, *, reserved: bool) -> Any:
-        pipeline = self.pipeline
         try:
-            pipeline.check_capacity()
-            try:
-                with (
-                    contextlib.nullcontext() if reserved else self._undecoded.hold(len(request)),
-                    self._decode_slots,
-                ):
-                    decoder = self._decoder
-                    result = decode_export_request(request) if decoder is None else decoder.decode(request)
-            except DecodeError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except MemoryError:  # a pathological request: retryable, never UNKNOWN
-                log.error("out of memory decoding an Export of %d bytes", len(request))
-                _abort_with_retry(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    RPC_CODE_UNAVAILABLE,
-                    "out of memory decoding the request",
-                    SHUTDOWN_RETRY_AFTER_S,
-                )
-            except (BrokenProcessPool, futures.TimeoutError) as exc:
-                # not decoded, nothing stored: the exporter retries, the server keeps serving
-                log.error("decode worker failed: %r", exc)
-                _abort_with_retry(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    RPC_CODE_UNAVAILABLE,
-                    f"decoding failed in a worker process: {exc!r}",
-                    SHUTDOWN_RETRY_AFTER_S,
-                )
-            pipeline.exports.decoded("grpc", result.table.num_rows, result.rejected, result.errors)
-            future = pipeline.submit(result.table, protocol="grpc")
-        except Overloaded as exc:
-            _abort_with_retry(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                RPC_CODE_RESOURCE_EXHAUSTED,
-                str(exc),
-                exc.retry_after_s,
+            result = self.core.export(
+                request, held=reserved, decode_slots=self._decode_slots, commit_timeout_s=COMMIT_TIMEOUT_S
             )
-        except IngestClosed as exc:
-            _abort_with_retry(
-                context, grpc.StatusCode.UNAVAILABLE, RPC_CODE_UNAVAILABLE, str(exc), SHUTDOWN_RETRY_AFTER_S
-            )
-        try:
-            future.result(timeout=COMMIT_TIMEOUT_S)
-        except Exception as exc:  # not committed: the exporter must retry, never a false ack
-            log.error("Export not committed: %s", exc)
-            pipeline.exports.refused("grpc", "not_committed", result.table.num_rows)
-            _abort_with_retry(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                RPC_CODE_UNAVAILABLE,
-                f"spans were not committed: {exc}",
-                SHUTDOWN_RETRY_AFTER_S,
-            )
-        pipeline.exports.stored("grpc", result.table.num_rows)
-        return export_response(result.rejected, result.error_message())
+        except Refusal as refusal:
+            _abort(context, refusal)
+        return export_response(result.rejected, result.error_message)
