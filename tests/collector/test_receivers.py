@@ -544,6 +544,28 @@ def test_group_commit_batches_concurrent_requests() -> None:
         store.close()
 
 
+def test_exports_while_shutting_down_are_unavailable_with_retry_advice() -> None:
+    # both receivers answer through the one Export core: a closing pipeline is UNAVAILABLE with
+    # RetryInfo on gRPC (it escaped as UNKNOWN before the core) and 503 with Retry-After on HTTP
+    gen = _start(DuckDBSpanStore(":memory:"))
+    r = next(gen)
+    try:
+        r.pipeline.close(10)
+        with pytest.raises(grpc.RpcError) as err:
+            r.export(make_request(1))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (err.value.details() or "")
+        assert _retry_delay_s(err.value) == 5.0
+        reply = httpx.post(
+            r.http_url, content=make_request(1), headers={"content-type": "application/x-protobuf"}, timeout=10
+        )
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+        assert status_pb2.Status.FromString(reply.content).code == 14
+        assert r.store.stats().spans == 0
+    finally:
+        gen.close()
+
+
 def test_close_commits_queued_then_refuses() -> None:
     from hourglass.collector.decode import decode_export_request
 
