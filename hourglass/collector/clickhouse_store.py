@@ -87,26 +87,8 @@ MIN_SERVER_VERSION = (23, 3)
 # short-circuit: the derived hints of spans that have a side row are not computed at all.
 _READ_SETTINGS = "SETTINGS join_use_nulls = 1, short_circuit_function_evaluation = 'force_enable'"
 # The otel_traces columns the reads use (not TraceState, ScopeVersion, Links.TraceState).
-_READ_OTEL_COLUMNS = (
-    "Timestamp",
-    "TraceId",
-    "SpanId",
-    "ParentSpanId",
-    "SpanName",
-    "SpanKind",
-    "ServiceName",
-    "ResourceAttributes",
-    "ScopeName",
-    "SpanAttributes",
-    "Duration",
-    "StatusCode",
-    "StatusMessage",
-    "Events.Timestamp",
-    "Events.Name",
-    "Events.Attributes",
-    "Links.TraceId",
-    "Links.SpanId",
-    "Links.Attributes",
+_READ_OTEL_COLUMNS = tuple(
+    c for c in OTEL_COLUMNS if c not in ("TraceState", "ScopeVersion", "Links.TraceState")
 )
 
 

@@ -110,14 +110,8 @@ def _fast_enum(value: Any, names: dict[str, int]) -> int:
 
 
 def _fast_attributes(items: Any) -> list[common_pb2.KeyValue]:
-    if not items:
-        if items is None or items == []:
-            return []
-        raise _NotFast
-    if type(items) is not list:
-        raise _NotFast
     out = []
-    for kv in items:
+    for kv in _fast_items(items):
         if type(kv) is not dict or not 1 <= len(kv) <= 2 or type(kv.get("key")) is not str:
             raise _NotFast
         if len(kv) == 1:
@@ -159,6 +153,40 @@ def _fast_scalar(value: Any) -> common_pb2.AnyValue:
         except (binascii.Error, ValueError):
             raise _NotFast from None
     raise _NotFast
+
+
+def _fast_count(value: Any) -> int:
+    """An optional integer field: absent or null is 0."""
+    return 0 if value is None else _fast_int(value)
+
+
+def _fast_text(value: Any) -> str:
+    """An optional string field: absent or null is empty."""
+    if value is None:
+        return ""
+    if type(value) is not str:
+        raise _NotFast
+    return value
+
+
+def _fast_items(items: Any) -> list[Any]:
+    """An optional JSON list: absent or null is empty."""
+    if not items:
+        if items is None or items == []:
+            return []
+        raise _NotFast
+    if type(items) is not list:
+        raise _NotFast
+    return items
+
+
+def _fast_list(items: Any, keys: frozenset[str]) -> list[dict[str, Any]]:
+    """An optional list of objects (events, links) with no key beside ``keys``; absent is empty."""
+    items = _fast_items(items)
+    for item in items:
+        if type(item) is not dict or not keys.issuperset(item):
+            raise _NotFast
+    return items
 
 
 def _fast_id(value: Any, size: int) -> bytes:
@@ -208,57 +236,30 @@ def _fast_span(span: Any) -> trace_pb2.Span | None:
             status_msg = trace_pb2.Status(message=message or "")
             status_msg.code = _fast_enum(code, _STATUS_CODES) if code is not None else 0  # type: ignore[assignment]
             fields["status"] = status_msg
-        events = span.get("events")
+        events = _fast_list(span.get("events"), _FAST_EVENT_KEYS)
         if events:
-            if type(events) is not list:
-                raise _NotFast
-            built_events = []
-            for event in events:
-                if type(event) is not dict or not _FAST_EVENT_KEYS.issuperset(event):
-                    raise _NotFast
-                name = event.get("name")
-                if name is not None and type(name) is not str:
-                    raise _NotFast
-                time_ns = event.get("timeUnixNano")
-                dropped = event.get("droppedAttributesCount")
-                built_events.append(
-                    trace_pb2.Span.Event(
-                        time_unix_nano=_fast_int(time_ns) if time_ns is not None else 0,
-                        name=name or "",
-                        attributes=_fast_attributes(event.get("attributes")),
-                        dropped_attributes_count=_fast_int(dropped) if dropped is not None else 0,
-                    )
+            fields["events"] = [
+                trace_pb2.Span.Event(
+                    time_unix_nano=_fast_count(event.get("timeUnixNano")),
+                    name=_fast_text(event.get("name")),
+                    attributes=_fast_attributes(event.get("attributes")),
+                    dropped_attributes_count=_fast_count(event.get("droppedAttributesCount")),
                 )
-            fields["events"] = built_events
-        elif events not in (None, []):
-            raise _NotFast
-        links = span.get("links")
+                for event in events
+            ]
+        links = _fast_list(span.get("links"), _FAST_LINK_KEYS)
         if links:
-            if type(links) is not list:
-                raise _NotFast
-            built_links = []
-            for link in links:
-                if type(link) is not dict or not _FAST_LINK_KEYS.issuperset(link):
-                    raise _NotFast
-                state = link.get("traceState")
-                if state is not None and type(state) is not str:
-                    raise _NotFast
-                link_fields: dict[str, Any] = {
-                    "trace_id": _fast_id(link.get("traceId", ""), 16),
-                    "span_id": _fast_id(link.get("spanId", ""), 8),
-                    "trace_state": state or "",
-                    "attributes": _fast_attributes(link.get("attributes")),
-                }
-                for key, field_name in (
-                    ("droppedAttributesCount", "dropped_attributes_count"),
-                    ("flags", "flags"),
-                ):
-                    if link.get(key) is not None:
-                        link_fields[field_name] = _fast_int(link[key])
-                built_links.append(trace_pb2.Span.Link(**link_fields))
-            fields["links"] = built_links
-        elif links not in (None, []):
-            raise _NotFast
+            fields["links"] = [
+                trace_pb2.Span.Link(
+                    trace_id=_fast_id(link.get("traceId", ""), 16),
+                    span_id=_fast_id(link.get("spanId", ""), 8),
+                    trace_state=_fast_text(link.get("traceState")),
+                    attributes=_fast_attributes(link.get("attributes")),
+                    dropped_attributes_count=_fast_count(link.get("droppedAttributesCount")),
+                    flags=_fast_count(link.get("flags")),
+                )
+                for link in links
+            ]
         return trace_pb2.Span(**fields)
     except (_NotFast, ValueError, TypeError, OverflowError):
         return None

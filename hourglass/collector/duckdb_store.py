@@ -111,6 +111,34 @@ def _close_cursor(cursor: duckdb.DuckDBPyConnection) -> None:
         log.warning("a reader's DuckDB cursor stayed busy at close; leaving it to the connection")
 
 
+def _span_conditions(
+    *,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    services: list[str] | None = None,
+    trace_ids: list[str] | None = None,
+    alias: str = "",
+) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (and their parameters) of a span that matches every filter given;
+    ``alias``: the spans' table alias in the query (``c`` for ``c.start_ns``)."""
+    prefix = f"{alias}." if alias else ""
+    conditions: list[str] = []
+    params: list[Any] = []
+    if since_ns is not None:
+        conditions.append(f"{prefix}start_ns >= ?")
+        params.append(since_ns)
+    if until_ns is not None:
+        conditions.append(f"{prefix}start_ns < ?")
+        params.append(until_ns)
+    if services is not None:
+        conditions.append(f"list_contains(?, {prefix}service)")
+        params.append(list(services))
+    if trace_ids is not None:
+        conditions.append(f"list_contains(?, {prefix}trace_id)")
+        params.append([t.lower() for t in trace_ids])
+    return conditions, params
+
+
 class DuckDBSpanStore:
     """``SpanStore`` on a DuckDB file (``path``) or in memory (``":memory:"``)."""
 
@@ -382,20 +410,9 @@ class DuckDBSpanStore:
         """
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         self.load_staged()
-        conditions: list[str] = []
-        params: list[Any] = []
-        if since_ns is not None:
-            conditions.append("start_ns >= ?")
-            params.append(since_ns)
-        if until_ns is not None:
-            conditions.append("start_ns < ?")
-            params.append(until_ns)
-        if services is not None:
-            conditions.append("list_contains(?, service)")
-            params.append(list(services))
-        if trace_ids is not None:
-            conditions.append("list_contains(?, trace_id)")
-            params.append([t.lower() for t in trace_ids])
+        conditions, params = _span_conditions(
+            since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
+        )
         source = "spans"
         if conditions:
             source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
@@ -425,14 +442,8 @@ class DuckDBSpanStore:
             return pa.table({})
         self.load_staged()
         in_part = f"hash(trace_id) % {int(parts)} = {int(part)}"
-        conditions = [in_part]
-        params: list[Any] = []
-        if since_ns is not None:
-            conditions.append("start_ns >= ?")
-            params.append(since_ns)
-        if services is not None:
-            conditions.append("list_contains(?, service)")
-            params.append(list(services))
+        conditions, params = _span_conditions(since_ns=since_ns, services=services)
+        conditions.insert(0, in_part)
         source = f"(SELECT * FROM spans WHERE {in_part})"
         if len(conditions) > 1:
             source = (
@@ -582,13 +593,8 @@ class DuckDBSpanStore:
         """(parent service, child service, calls): spans starting in ``[since_ns, until_ns)`` whose
         parent span belongs to another service (each span counted once)."""
         self.load_staged()
-        window, params = ["p.service <> c.service"], []
-        if since_ns is not None:
-            window.append("c.start_ns >= ?")
-            params.append(since_ns)
-        if until_ns is not None:
-            window.append("c.start_ns < ?")
-            params.append(until_ns)
+        window, params = _span_conditions(since_ns=since_ns, until_ns=until_ns, alias="c")
+        window.insert(0, "p.service <> c.service")
         # a plain join, duplicates (not yet compacted) removed by counting distinct child spans:
         # 2-3x faster than de-duplicating both sides first (~100 ms at 200k spans)
         rows = (

@@ -12,7 +12,7 @@ The steps, in the order an Export meets them:
 1. ``authorised``: the bearer token, when one is configured;
 2. ``admit``: a body format the receiver cannot decode is refused (HTTP 415), then the pipeline's
    caps (``Overloaded``: retry later) or its shutdown (``IngestClosed``) — before the body is read;
-3. ``reserve``/``hold``: the receive budget for bytes read and not yet decoded;
+3. ``reserve``/``release``: the receive budget for bytes read and not yet decoded;
 4. ``decode``: gzip, then protobuf or OTLP JSON; bytes that are not an Export are a bad request,
    a decoder that fails (out of memory, a worker process gone) leaves the client to retry;
 5. ``submit`` to the group-commit pipeline, and ``committed`` once its future is done: only spans
@@ -169,14 +169,6 @@ class ExportCore:
     def release(self, size: int) -> None:
         self._undecoded.release(size)
 
-    @contextlib.contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        self.reserve(size)
-        try:
-            yield
-        finally:
-            self.release(size)
-
     # -- decode, submit, commit ----------------------------------------------------------------
     def decode(self, body: bytes, content_type: str = PROTOBUF, encoding: str = "identity") -> DecodeResult:
         """Rows of an admitted body (blocking: HTTP runs it in a worker thread)."""
@@ -238,11 +230,14 @@ class ExportCore:
         already in the receive budget; ``decode_slots``: a context manager bounding decodes at once."""
         with self._refusals():
             self.pipeline.check_capacity()
-        with (
-            contextlib.nullcontext() if held else self.hold(len(body)),
-            decode_slots if decode_slots is not None else contextlib.nullcontext(),
-        ):
-            result = self.decode(body)
+        if not held:
+            self.reserve(len(body))
+        try:
+            with decode_slots if decode_slots is not None else contextlib.nullcontext():
+                result = self.decode(body)
+        finally:
+            if not held:
+                self.release(len(body))
         future = self.submit(result)
         error: BaseException | None = None
         try:

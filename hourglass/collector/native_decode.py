@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
+from hourglass.collector import decode_parts as parts
 from hourglass.collector.decode_common import (
     HINT_CODE,
     HTTP_STATUS_INDEX,
@@ -42,15 +43,6 @@ from hourglass.collector.decode_common import (
     hex_id_array,
     is_hint_event,
     validity_bitmap,
-)
-from hourglass.collector.decode_parts import (
-    any_value_to_python,
-    column_value,
-    hint_events,
-    key_value_from_string,
-    link_columns,
-    resource_columns,
-    scope_name_of,
 )
 from hourglass.collector.schema import SPAN_SCHEMA
 
@@ -188,8 +180,8 @@ def _semantic_columns(
             attrs[picked, AT_KV_LEN].tolist(),
             strict=True,
         ):
-            kv = key_value_from_string(data[kv_offset : kv_offset + kv_length])
-            values_list[row] = column_value(column, kv.value)
+            kv = parts.key_value_from_string(data[kv_offset : kv_offset + kv_length])
+            values_list[row] = parts.column_value(column, kv.value)
         columns[column] = values_list
     return columns
 
@@ -206,8 +198,8 @@ def _hints(data: bytes, rows: int, attrs: np.ndarray, codes: np.ndarray) -> list
         attrs[hint_attrs, AT_KV_LEN].tolist(),
         strict=True,
     ):
-        kv = key_value_from_string(data[kv_offset : kv_offset + kv_length])
-        per_span.setdefault(row, {})[kv.key] = any_value_to_python(kv.value)
+        kv = parts.key_value_from_string(data[kv_offset : kv_offset + kv_length])
+        per_span.setdefault(row, {})[kv.key] = parts.any_value_to_python(kv.value)
     for row, span_hints in per_span.items():
         hints[row] = json.dumps(span_hints, separators=(",", ":"))
     return hints
@@ -234,7 +226,7 @@ def _event_columns(data: bytes, rows: int, events: np.ndarray) -> tuple[pa.Array
             for row in hint_rows.tolist():
                 start, end = int(span_offsets[row]), int(span_offsets[row + 1])
                 span_events = [data[o : o + n] for o, n in events[start:end, EV_OFF : EV_LEN + 1].tolist()]
-                event_hints[row] = hint_events(span_events, names.slice(start, end - start).to_pylist())
+                event_hints[row] = parts.hint_events(span_events, names.slice(start, end - start).to_pylist())
     return names_column, times_column, event_hints
 
 
@@ -280,11 +272,11 @@ def _assemble(
 ) -> DecodeResult | None:
     rows = len(spans)
     resource_info = [
-        resource_columns(data[offset : offset + length] if offset >= 0 else b"")
+        parts.resource_columns(data[offset : offset + length] if offset >= 0 else b"")
         for offset, length in resources.tolist()
     ]
     scope_names = [
-        scope_name_of(data[offset : offset + length] if offset >= 0 else b"")
+        parts.scope_name_of(data[offset : offset + length] if offset >= 0 else b"")
         for offset, length in scopes[:, SC_OFF : SC_LEN + 1].tolist()
     ]
     scope_of_span = pa.array(spans[:, SP_SCOPE])
@@ -323,7 +315,7 @@ def _assemble(
             span_links = [data[o : o + n] for o, n in links[links[:, LK_SPAN] == row, LK_OFF:].tolist()]
             parent_offset = int(spans[row, SP_PARENT])
             parent = data[parent_offset : parent_offset + 8] if parent_offset >= 0 else b""
-            links_column[row], follows[row] = link_columns(span_links, parent)
+            links_column[row], follows[row] = parts.link_columns(span_links, parent)
     columns["links"] = links_column
     columns["follows_from"] = follows
     columns["resource_json"] = pa.array([info[2] for info in resource_info], type=pa.string()).take(
