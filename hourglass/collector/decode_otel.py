@@ -21,9 +21,9 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from hourglass.collector import native_decode
+from hourglass.collector.decode_common import FOLLOWS_FROM_LINK_ATTRIBUTE
 from hourglass.collector.decode_parts import any_value_to_python
 from hourglass.collector.otel_traces import (
-    FOLLOWS_FROM_LINK_ATTRIBUTE,
     KIND_TEXT,
     OTEL_ARROW_SCHEMA,
     SIDE_ARROW_SCHEMA,

@@ -534,26 +534,18 @@ class DuckDBSpanStore:
         self.load_staged()
         conditions: list[str] = []
         params: list[Any] = []
-        for column, value in (
-            ("service", query.service),
-            ("name", query.operation),
-            ("kind", query.span_kind),
+        for condition, value in (
+            ("service = ?", query.service),
+            ("name = ?", query.operation),
+            ("kind = ?", query.span_kind),
+            ("start_ns >= ?", query.start_ns),
+            ("start_ns <= ?", query.end_ns),
+            ("end_ns - start_ns >= ?", query.min_duration_ns),
+            ("end_ns - start_ns <= ?", query.max_duration_ns),
         ):
             if value is not None:
-                conditions.append(f"{column} = ?")
+                conditions.append(condition)
                 params.append(value)
-        if query.start_ns is not None:
-            conditions.append("start_ns >= ?")
-            params.append(query.start_ns)
-        if query.end_ns is not None:
-            conditions.append("start_ns <= ?")
-            params.append(query.end_ns)
-        if query.min_duration_ns is not None:
-            conditions.append("end_ns - start_ns >= ?")
-            params.append(query.min_duration_ns)
-        if query.max_duration_ns is not None:
-            conditions.append("end_ns - start_ns <= ?")
-            params.append(query.max_duration_ns)
         for key, wanted in query.tags.items():
             if key == "error":
                 conditions.append("status_code = 2" if wanted.lower() == "true" else "status_code <> 2")

@@ -30,6 +30,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from hourglass.collector.decode_common import (
+    DROPPED_EVENT_ATTRIBUTES,
+    FOLLOWS_FROM_LINK_ATTRIBUTE,
+    UNKNOWN_SERVICE,
+)
 from hourglass.collector.schema import (
     HINT_EVENT_PATTERN,
     HINT_KEY_PATTERN,
@@ -38,10 +43,6 @@ from hourglass.collector.schema import (
     SEMANTIC_ATTRIBUTE_COLUMNS,
     SPAN_COLUMNS,
 )
-
-UNKNOWN_SERVICE = "unknown_service"  # collector.decode.UNKNOWN_SERVICE (decode is not imported: it is heavy)
-FOLLOWS_FROM_LINK_ATTRIBUTE = ("opentracing.ref_type", "follows_from")
-DROPPED_EVENT_ATTRIBUTES = ("exception.stacktrace",)
 
 # The exporter's traces table (Map flavour); {db}, {table} and {ttl} are filled in.
 OTEL_TRACES_DDL = """
@@ -130,30 +131,6 @@ SETTINGS index_granularity = 8192
 # clock skew the analysis repairs, is written with Duration 0)
 SIDE_COLUMNS: tuple[str, ...] = ("ingested_ns", "end_ns", "hints", "event_hints", "resource_json", "raw")
 
-OTEL_COLUMNS: tuple[str, ...] = (
-    "Timestamp",
-    "TraceId",
-    "SpanId",
-    "ParentSpanId",
-    "TraceState",
-    "SpanName",
-    "SpanKind",
-    "ServiceName",
-    "ResourceAttributes",
-    "ScopeName",
-    "ScopeVersion",
-    "SpanAttributes",
-    "Duration",
-    "StatusCode",
-    "StatusMessage",
-    "Events.Timestamp",
-    "Events.Name",
-    "Events.Attributes",
-    "Links.TraceId",
-    "Links.SpanId",
-    "Links.TraceState",
-    "Links.Attributes",
-)
 
 _ATTRIBUTES = pa.map_(pa.string(), pa.string())
 OTEL_ARROW_SCHEMA = pa.schema(
@@ -182,6 +159,7 @@ OTEL_ARROW_SCHEMA = pa.schema(
         pa.field("Links.Attributes", pa.list_(_ATTRIBUTES)),
     ]
 )
+OTEL_COLUMNS: tuple[str, ...] = tuple(OTEL_ARROW_SCHEMA.names)
 SIDE_ARROW_SCHEMA = pa.schema(
     [
         pa.field("trace_id", pa.string()),
@@ -250,7 +228,7 @@ def _derived_hints_sql() -> str:
 
 
 def _derived_event_hints_sql() -> str:
-    dropped = "[" + ", ".join(quote(k) for k in DROPPED_EVENT_ATTRIBUTES) + "]"
+    dropped = "[" + ", ".join(quote(k) for k in sorted(DROPPED_EVENT_ATTRIBUTES)) + "]"
     events = (
         "arrayFilter(ev -> match(ev.1, " + _regex(HINT_EVENT_PATTERN.pattern) + "), "
         "arrayZip(o.`Events.Name`, o.`Events.Timestamp`, o.`Events.Attributes`))"
