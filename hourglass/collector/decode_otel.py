@@ -292,22 +292,19 @@ def _native_columns(raws: list[bytes]) -> dict[str, pa.Array] | None:
     built or refuses the bytes (the per-span path then runs). Python runs per event, per link and
     per attribute that is not a string, int, bool or double — not per span or per plain attribute.
     """
-    if native_decode._otlpscan is None or not raws:
+    if not native_decode.AVAILABLE or not raws:
         return None
     spans_bytes = b"".join(b"\x12" + _varint(len(raw)) + raw for raw in raws)  # ScopeSpans.spans
     scope_spans = b"\x12" + _varint(len(spans_bytes)) + spans_bytes  # ResourceSpans.scope_spans
     data = b"\x0a" + _varint(len(scope_spans)) + scope_spans  # ExportTraceServiceRequest.resource_spans
-    scanned = native_decode._otlpscan.scan(data)
-    if isinstance(scanned, str):
+    scanned = native_decode.scan(data)
+    if scanned is None:
         return None
-    spans, attrs, keys, events, links, _, _ = (
-        np.frombuffer(table, dtype=np.int64).reshape(-1, width)
-        for table, width in zip(scanned, native_decode._WIDTHS, strict=True)
-    )
+    spans, attrs, keys, events, links, _, _ = scanned
     n = len(raws)
     if len(spans) != n:
         return None
-    strings = native_decode._strings
+    strings = native_decode.strings
     # SpanAttributes: keys by index into the distinct-key table; values as text by type
     key_names = strings(data, keys[:, native_decode.KY_OFF], keys[:, native_decode.KY_LEN])
     attr_keys = key_names.take(pa.array(attrs[:, native_decode.AT_KEY]))

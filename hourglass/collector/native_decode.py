@@ -82,7 +82,23 @@ V_NONE, V_STRING, V_BOOL, V_INT, V_DOUBLE = 0, 1, 2, 3, 4
 _IGNORED = -16  # key code of an attribute no column or hint uses (``classify_wire_key`` gives None)
 
 
-def _strings(
+def scan(data: bytes) -> tuple[np.ndarray, ...] | None:
+    """The scanner's tables of ``data`` (spans, attributes, keys, events, links, scopes, resources:
+    int64 rows in the layouts above, offsets into ``data``); None when the extension is not built
+    or the bytes are not the common shape (the scanner's reason is not needed: the Python decoder
+    words it)."""
+    if _otlpscan is None:
+        return None
+    scanned = _otlpscan.scan(data)
+    if isinstance(scanned, str):
+        return None
+    return tuple(
+        np.frombuffer(table, dtype=np.int64).reshape(-1, width)
+        for table, width in zip(scanned, _WIDTHS, strict=True)
+    )
+
+
+def strings(
     data: bytes,
     starts: np.ndarray,
     lengths: np.ndarray,
@@ -169,7 +185,7 @@ def _semantic_columns(
             starts[span_rows] = attrs[picked, AT_VOFF]
             lengths[span_rows] = attrs[picked, AT_VLEN]
             valid[span_rows] = True
-            columns[column] = _strings(data, starts, lengths, valid)
+            columns[column] = strings(data, starts, lengths, valid)
             continue
         # some value is not the plain type (an int route, a string status code, an array ...):
         # this column goes through the Python decoder's conversion, value by value
@@ -211,7 +227,7 @@ def _event_columns(data: bytes, rows: int, events: np.ndarray) -> tuple[pa.Array
     )
     span_offsets = np.zeros(rows + 1, dtype=np.int32)
     np.cumsum(counts, out=span_offsets[1:])
-    names = _strings(data, events[:, EV_NAME_OFF], events[:, EV_NAME_LEN])
+    names = strings(data, events[:, EV_NAME_OFF], events[:, EV_NAME_LEN])
     times = pa.array(events[:, EV_TIME], type=pa.int64())
     offsets = pa.array(span_offsets, type=pa.int32())
     names_column = pa.ListArray.from_arrays(offsets, names, type=pa.list_(pa.string()))
@@ -241,13 +257,10 @@ def decode_native(data: bytes, ingested_ns: int) -> DecodeResult | None:
     # bytes (the receivers' type) is taken as is; anything else is copied first, so the offsets
     # refer to exactly the bytes that were scanned
     data = bytes(data)
-    scanned = _otlpscan.scan(data)
-    if isinstance(scanned, str):
+    scanned = scan(data)
+    if scanned is None:
         return None
-    spans, attrs, keys, events, links, scopes, resources = (
-        np.frombuffer(table, dtype=np.int64).reshape(-1, width)
-        for table, width in zip(scanned, _WIDTHS, strict=True)
-    )
+    spans, attrs, keys, events, links, scopes, resources = scanned
     rows = len(spans)
     if rows == 0:
         return None  # nothing to gain; the Python decoder builds the empty table
@@ -289,12 +302,12 @@ def _assemble(
         "span_id": _hex(data_u8, spans[:, SP_SPAN_ID], 8),
         "parent_span_id": _hex(data_u8, spans[:, SP_PARENT], 8, has_parent),
         "service": pa.array([info[0] for info in resource_info], type=pa.string()).take(resource_of_span),
-        "name": _strings(data, spans[:, SP_NAME_OFF], spans[:, SP_NAME_LEN]),
+        "name": strings(data, spans[:, SP_NAME_OFF], spans[:, SP_NAME_LEN]),
         "kind": pa.array(spans[:, SP_KIND].astype(np.int8)),
         "start_ns": pa.array(spans[:, SP_START]),
         "end_ns": pa.array(spans[:, SP_END]),
         "status_code": pa.array(spans[:, SP_STATUS_CODE].astype(np.int8)),
-        "status_message": _strings(
+        "status_message": strings(
             data, spans[:, SP_STATUS_MSG_OFF], spans[:, SP_STATUS_MSG_LEN], status_message_valid
         ),
         "scope_name": pa.array(scope_names, type=pa.string()).take(scope_of_span),
@@ -321,7 +334,7 @@ def _assemble(
     columns["resource_json"] = pa.array([info[2] for info in resource_info], type=pa.string()).take(
         resource_of_span
     )
-    columns["raw"] = _strings(data, spans[:, SP_OFF], spans[:, SP_LEN], binary=True)
+    columns["raw"] = strings(data, spans[:, SP_OFF], spans[:, SP_LEN], binary=True)
     columns["ingested_ns"] = pa.array(np.full(rows, ingested_ns, dtype=np.int64))
     arrays = [
         value if isinstance(value, pa.Array) else pa.array(value, type=f.type)
