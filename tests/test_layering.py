@@ -1,7 +1,9 @@
 """The import structure of the ``hourglass`` package.
 
-- Dependencies point one way: cli -> api -> analysis -> collector (``workload``, the demo's
-  instrumented services, stands apart; only ``hourglass.demo`` and the tests use it).
+- Dependencies point one way: cli -> api -> analysis -> collector -> settings (``hourglass.settings``,
+  the one table of settings and limits, is the ground floor: every floor may read it and it imports
+  no other module of the project; ``workload``, the demo's instrumented services, stands apart; only
+  ``hourglass.demo`` and the tests use it).
 - No module imports another that (directly or through others) imports it back: every import,
   also those inside functions, counts.
 - Only the protobuf decoders import the generated ``*_pb2`` modules.
@@ -19,11 +21,12 @@ PACKAGE = ROOT / "hourglass"
 
 # floor -> the floors it must not import
 FORBIDDEN = {
+    "settings": {"collector", "analysis", "api", "cli", "demo", "workload"},
     "collector": {"analysis", "api", "cli", "demo", "workload"},
     "analysis": {"api", "cli", "demo", "workload"},
     "api": {"cli", "demo", "workload"},
     "cli": {"demo", "workload"},
-    "workload": {"collector", "analysis", "api", "cli", "demo"},
+    "workload": {"settings", "collector", "analysis", "api", "cli", "demo"},
 }
 
 
@@ -152,3 +155,10 @@ def test_only_decode_imports_pb2() -> None:
             if "import" in line and "_pb2" in line and not line.strip().startswith("#"):
                 offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
     assert not offenders, "only hourglass/collector/decode*.py imports *_pb2 modules:\n" + "\n".join(offenders)
+
+
+def test_the_settings_table_is_the_ground_floor() -> None:
+    """Every floor reads ``hourglass.settings``; it reads no other module of the project."""
+    assert GRAPH["hourglass.settings"] == set()
+    readers = {m for m, imported in GRAPH.items() if "hourglass.settings" in imported}
+    assert {_floor(m) for m in readers} >= {"collector", "analysis", "api", "cli"}
