@@ -50,13 +50,14 @@ from hourglass.collector.ingest import (
     Overloaded,
     UndecodedBytes,
 )
+from hourglass.settings import default
 
 log = logging.getLogger("hourglass.http")
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
-SHUTDOWN_RETRY_AFTER_S = 5.0
-CONCURRENT_DECODES = 2
+SHUTDOWN_RETRY_AFTER_S: float = default("shutdown_retry_after_seconds")  # hourglass/settings.py
+CONCURRENT_DECODES: int = default("concurrent_decodes")
 RPC_CODE_OUT_OF_RANGE_SIZE = RPC_CODE_RESOURCE_EXHAUSTED
 
 
