@@ -29,6 +29,7 @@ from pydantic import Field
 
 from hourglass.analysis.whatif_query import WhatIfInputError
 from hourglass.api.queries import QueryEngine
+from hourglass.api.rest_models import KINDS
 
 MAX_LIMIT = 100
 MAX_SPANS_PAGE = 500
@@ -274,8 +275,7 @@ def build_server(backend: Backend) -> Any:
         kind: Annotated[
             str | None,
             Field(
-                description="Only these kinds, comma-separated: serialized_calls, n_plus_one, lock_contention, "
-                "fanout_straggler, fanout_concurrency_limit, retry_without_backoff, error_propagation, missing_timeout"
+                description=f"Only these kinds, comma-separated: {', '.join(KINDS)}"
             ),
         ] = None,
         service: Annotated[

@@ -11,6 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hourglass.analysis.detectors import DETECTORS
+
+# The kinds of recommendation: the detector registry's, in its order (the one list of kinds).
+KINDS: tuple[str, ...] = tuple(DETECTORS)
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -108,7 +113,7 @@ class Workstream(_Open):
 class Recommendation(_Open):
     id: str = Field(description="Stable id: the same bottleneck gets the same id across runs")
     rank: int
-    kind: str = Field(description="serialized_calls, n_plus_one, lock_contention, fanout_straggler, ...")
+    kind: str = Field(description="The detector that found it", json_schema_extra={"enum": list(KINDS)})
     category: str = Field(description="parallelization or fault_tolerance")
     service: str = Field(description="Where the change is made")
     operation: str
@@ -125,7 +130,7 @@ class Recommendation(_Open):
 
 
 class NearMiss(_Open):
-    kind: str
+    kind: str = Field(json_schema_extra={"enum": list(KINDS)})
     service: str
     operation: str
     reason: str = Field(description="The rule or threshold and the measured value")
