@@ -209,8 +209,8 @@ def create_app(
         kind: Annotated[
             list[str] | None,
             Query(
-                description="One or more kinds (repeat the parameter or separate with commas): "
-                + ", ".join(m.KINDS)
+                description="One or more kinds, as in Recommendation.kind (repeat the parameter or "
+                "separate with commas)"
             ),
         ] = None,
         category: Annotated[Literal["parallelization", "fault_tolerance"] | None, Query()] = None,

@@ -29,7 +29,6 @@ from pydantic import Field
 
 from hourglass.analysis.whatif_query import WhatIfInputError
 from hourglass.api.queries import QueryEngine
-from hourglass.api.rest_models import KINDS
 
 MAX_LIMIT = 100
 MAX_SPANS_PAGE = 500
@@ -275,7 +274,8 @@ def build_server(backend: Backend) -> Any:
         kind: Annotated[
             str | None,
             Field(
-                description=f"Only these kinds, comma-separated: {', '.join(KINDS)}"
+                description="Only these kinds, comma-separated (the `kind` of a recommendation, e.g. "
+                "serialized_calls; an unknown kind matches nothing)"
             ),
         ] = None,
         service: Annotated[

@@ -11,10 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hourglass.analysis.detectors import DETECTORS
 
-# The kinds of recommendation: the detector registry's, in its order (the one list of kinds).
-KINDS: tuple[str, ...] = tuple(DETECTORS)
+def kinds() -> list[str]:
+    """The kinds of recommendation: the detector registry's, in its order (the one list of kinds).
+    Read when a schema is built, not at import, so starting the app does not load the detectors."""
+    from hourglass.analysis.detectors import DETECTORS
+
+    return list(DETECTORS)
+
+
+def _kind_enum(schema: dict[str, Any]) -> None:
+    schema["enum"] = kinds()
 
 
 class _Open(BaseModel):
@@ -113,7 +120,7 @@ class Workstream(_Open):
 class Recommendation(_Open):
     id: str = Field(description="Stable id: the same bottleneck gets the same id across runs")
     rank: int
-    kind: str = Field(description="The detector that found it", json_schema_extra={"enum": list(KINDS)})
+    kind: str = Field(description="The detector that found it", json_schema_extra=_kind_enum)
     category: str = Field(description="parallelization or fault_tolerance")
     service: str = Field(description="Where the change is made")
     operation: str
@@ -130,7 +137,7 @@ class Recommendation(_Open):
 
 
 class NearMiss(_Open):
-    kind: str = Field(json_schema_extra={"enum": list(KINDS)})
+    kind: str = Field(json_schema_extra=_kind_enum)
     service: str
     operation: str
     reason: str = Field(description="The rule or threshold and the measured value")
