@@ -1,7 +1,9 @@
 """The import structure of the ``hourglass`` package.
 
-- Dependencies point one way: cli -> api -> analysis -> collector (``workload``, the demo's
-  instrumented services, stands apart; only ``hourglass.demo`` and the tests use it).
+- Dependencies point one way: cli -> api -> analysis -> collector -> settings (``hourglass.settings``,
+  the one table of settings and limits, is the ground floor: every floor may read it and it imports
+  no other module of the project; ``workload``, the demo's instrumented services, stands apart; only
+  ``hourglass.demo`` and the tests use it).
 - No module imports another that (directly or through others) imports it back: every import,
   also those inside functions, counts.
 - Only the modules in ``PB2_MODULES`` (the decoders and what the receivers answer) import the
@@ -18,11 +20,12 @@ PACKAGE = ROOT / "hourglass"
 
 # floor -> the floors it must not import
 FORBIDDEN = {
+    "settings": {"collector", "analysis", "api", "cli", "demo", "workload"},
     "collector": {"analysis", "api", "cli", "demo", "workload"},
     "analysis": {"api", "cli", "demo", "workload"},
     "api": {"cli", "demo", "workload"},
     "cli": {"demo", "workload"},
-    "workload": {"collector", "analysis", "api", "cli", "demo"},
+    "workload": {"settings", "collector", "analysis", "api", "cli", "demo"},
 }
 
 
@@ -171,3 +174,10 @@ def test_only_the_decoders_import_pb2() -> None:
     assert not offenders, "only PB2_MODULES import *_pb2 modules:\n" + "\n".join(offenders)
     # the list stays short and true: a module that no longer imports pb2 leaves it
     assert importers == PB2_MODULES, sorted(PB2_MODULES - importers)
+
+
+def test_the_settings_table_is_the_ground_floor() -> None:
+    """Every floor reads ``hourglass.settings``; it reads no other module of the project."""
+    assert GRAPH["hourglass.settings"] == set()
+    readers = {m for m, imported in GRAPH.items() if "hourglass.settings" in imported}
+    assert {_floor(m) for m in readers} >= {"collector", "analysis", "api", "cli"}

@@ -62,13 +62,14 @@ import anthropic  # only imported when a key is set: see analysis.writer.select_
 
 from hourglass.analysis.redaction import redact
 from hourglass.analysis.writer import WriteOutcome, Writer, WriterContext, WrittenText
+from hourglass.settings import default, env_var
 
 log = logging.getLogger(__name__)
 
-# Claude Sonnet 5.5: the current Sonnet on the models overview (Sonnet 5 is legacy, Sonnet 4 retired).
-DEFAULT_MODEL = "claude-sonnet-5-5"
-MODEL_ENV = "HOURGLASS_LLM_MODEL"
-CACHE_DIR_ENV = "HOURGLASS_CACHE_DIR"
+# The model's default and both variables are declared once, in hourglass/settings.py.
+DEFAULT_MODEL: str = default("llm_model")
+MODEL_ENV = env_var("llm_model")
+CACHE_DIR_ENV = env_var("cache_dir")
 
 # Bumped whenever the prompt, the tools or the answer rules change: old cache entries stop matching.
 PROMPT_VERSION = "2026-12-04.1"

@@ -208,7 +208,10 @@ def create_app(
         ] = None,
         kind: Annotated[
             list[str] | None,
-            Query(description="One or more kinds (repeat the parameter or separate with commas)"),
+            Query(
+                description="One or more kinds, as in Recommendation.kind (repeat the parameter or "
+                "separate with commas)"
+            ),
         ] = None,
         category: Annotated[Literal["parallelization", "fault_tolerance"] | None, Query()] = None,
         since: Annotated[

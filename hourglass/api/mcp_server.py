@@ -274,8 +274,8 @@ def build_server(backend: Backend) -> Any:
         kind: Annotated[
             str | None,
             Field(
-                description="Only these kinds, comma-separated: serialized_calls, n_plus_one, lock_contention, "
-                "fanout_straggler, fanout_concurrency_limit, retry_without_backoff, error_propagation, missing_timeout"
+                description="Only these kinds, comma-separated (the `kind` of a recommendation, e.g. "
+                "serialized_calls; an unknown kind matches nothing)"
             ),
         ] = None,
         service: Annotated[

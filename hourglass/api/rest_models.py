@@ -12,6 +12,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def kinds() -> list[str]:
+    """The kinds of recommendation: the detector registry's, in its order (the one list of kinds).
+    Read when a schema is built, not at import, so starting the app does not load the detectors."""
+    from hourglass.analysis.detectors import DETECTORS
+
+    return list(DETECTORS)
+
+
+def _kind_enum(schema: dict[str, Any]) -> None:
+    schema["enum"] = kinds()
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -108,7 +120,7 @@ class Workstream(_Open):
 class Recommendation(_Open):
     id: str = Field(description="Stable id: the same bottleneck gets the same id across runs")
     rank: int
-    kind: str = Field(description="serialized_calls, n_plus_one, lock_contention, fanout_straggler, ...")
+    kind: str = Field(description="The detector that found it", json_schema_extra=_kind_enum)
     category: str = Field(description="parallelization or fault_tolerance")
     service: str = Field(description="Where the change is made")
     operation: str
@@ -125,7 +137,7 @@ class Recommendation(_Open):
 
 
 class NearMiss(_Open):
-    kind: str
+    kind: str = Field(json_schema_extra=_kind_enum)
     service: str
     operation: str
     reason: str = Field(description="The rule or threshold and the measured value")

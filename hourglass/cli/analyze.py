@@ -33,10 +33,12 @@ from typing import Annotated, Any
 import pyarrow as pa
 import typer
 
-from hourglass.api.settings import DEFAULT_DB, Settings, parse_bytes, parse_since
+from hourglass.api.settings import Settings, parse_bytes, parse_since
 from hourglass.cli._app import app
+from hourglass.cli._options import option
 from hourglass.collector.problem_summary import ProblemSummary
 from hourglass.collector.schema import ANALYSIS_COLUMNS, empty_span_table
+from hourglass.settings import ANALYZE, default
 
 EXIT_OK, EXIT_STORE, EXIT_INPUT = 0, 1, 2
 
@@ -260,19 +262,11 @@ def analyze_command(
             help="Trace files to analyse (OTLP JSON/JSONL/protobuf, Jaeger, Zipkin); no server needed"
         ),
     ] = None,
-    db: Annotated[
-        str | None,
-        typer.Option(
-            "--db",
-            help=f"The span store when no files are given: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
-        ),
-    ] = None,
+    db: Annotated[str | None, option("db", ANALYZE)] = None,
     service: Annotated[
         list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
     ] = None,
-    since: Annotated[
-        str | None, typer.Option("--since", help="Only traces active since 15m, 2h, 7d ago or an ISO time")
-    ] = None,
+    since: Annotated[str | None, option("since", ANALYZE)] = None,
     output_format: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="json, markdown (for pull requests) or table")
     ] = OutputFormat.table,
@@ -286,37 +280,10 @@ def analyze_command(
             help="Also list the near misses: candidates seen and dropped, with the rule and the measured value",
         ),
     ] = False,
-    memory_budget: Annotated[
-        str | None,
-        typer.Option(
-            "--memory-budget",
-            help="Peak memory to plan for, e.g. 1.5GiB (default $HOURGLASS_MEMORY_BUDGET or 1.5GiB): a larger "
-            "store is analysed in partitions of whole traces",
-        ),
-    ] = None,
-    partitions: Annotated[
-        int,
-        typer.Option(
-            "--partitions",
-            help="Analyse the store in this many partitions of whole traces (default 0: as many as the "
-            "memory budget needs, 1 when it fits)",
-        ),
-    ] = 0,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            help="Worker processes for the partitions (default $HOURGLASS_WORKERS or one per core)",
-        ),
-    ] = None,
-    cluster: Annotated[
-        str | None,
-        typer.Option(
-            "--cluster",
-            help="Dask scheduler address (tcp://HOST:8786; default $HOURGLASS_CLUSTER) whose workers extract the "
-            "partitions; they must reach the store at the same path or URL",
-        ),
-    ] = None,
+    memory_budget: Annotated[str | None, option("memory_budget", ANALYZE)] = None,
+    partitions: Annotated[int, option("partitions", ANALYZE)] = default("partitions"),
+    workers: Annotated[int | None, option("workers", ANALYZE)] = None,
+    cluster: Annotated[str | None, option("cluster", ANALYZE)] = None,
     verbose: Annotated[
         bool,
         typer.Option("--verbose", "-v", help="Print every input problem, not one line per kind of problem"),

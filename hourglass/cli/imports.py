@@ -35,6 +35,7 @@ from rich.progress import (
 
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
+from hourglass.cli._options import option
 from hourglass.collector.files import (
     FileProblem,
     FileReport,
@@ -43,6 +44,7 @@ from hourglass.collector.files import (
     gc_tuned_for_bulk_reading,
 )
 from hourglass.collector.problem_summary import ProblemSummary
+from hourglass.settings import IMPORT
 
 EXIT_SKIPPED = 2
 EXIT_STORE_FAILED = 1
@@ -109,13 +111,7 @@ def import_command(
             metavar="FILE...",
         ),
     ],
-    db: Annotated[
-        str | None,
-        typer.Option(
-            "--db",
-            help="Span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR. Default: HOURGLASS_DB or hourglass.duckdb.",
-        ),
-    ] = None,
+    db: Annotated[str | None, option("db", IMPORT)] = None,
     output_format: Annotated[
         str, typer.Option("--format", help="Summary format: text or json.", case_sensitive=False)
     ] = "text",

@@ -13,15 +13,15 @@ from typing import Annotated
 
 import typer
 
-from hourglass.api.settings import DEFAULT_DB, Settings
+from hourglass.api.settings import Settings
 from hourglass.cli._app import app
+from hourglass.cli._options import option
+from hourglass.settings import MCP
 
 
 @app.command("mcp")
 def mcp_command(
-    db: Annotated[
-        str | None, typer.Option("--db", help=f"The span store (default $HOURGLASS_DB or {DEFAULT_DB})")
-    ] = None,
+    db: Annotated[str | None, option("db", MCP)] = None,
 ) -> None:
     """Serve the MCP tools (recommendations, traces, what-if, critical path) on stdin/stdout."""
     path = db or Settings().db

@@ -22,10 +22,12 @@ import typer
 
 from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
 from hourglass.api.report_html import render_report_html
-from hourglass.api.settings import DEFAULT_DB, Settings, parse_since
+from hourglass.api.settings import Settings, parse_since
 from hourglass.cli._app import app
+from hourglass.cli._options import option
 from hourglass.cli.analyze import read_files
 from hourglass.collector.schema import ANALYSIS_COLUMNS
+from hourglass.settings import REPORT
 
 
 class ReportFormat(StrEnum):
@@ -57,19 +59,11 @@ def report_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
     ] = None,
-    db: Annotated[
-        str | None,
-        typer.Option(
-            "--db",
-            help=f"The span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (default $HOURGLASS_DB or {DEFAULT_DB})",
-        ),
-    ] = None,
+    db: Annotated[str | None, option("db", REPORT)] = None,
     service: Annotated[
         list[str] | None, typer.Option("--service", help="Only traces touching this service (repeatable)")
     ] = None,
-    since: Annotated[
-        str | None, typer.Option("--since", help="Only traces since 15m, 12h, 7d ago or an ISO time")
-    ] = None,
+    since: Annotated[str | None, option("since", REPORT)] = None,
 ) -> None:
     """Write the ranked recommendations as an HTML page with trace pictures, JSON or Markdown."""
     settings = Settings()

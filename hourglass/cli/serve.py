@@ -8,65 +8,24 @@ import typer
 
 from hourglass.api.settings import Settings, parse_duration_seconds
 from hourglass.cli._app import app
+from hourglass.cli._options import option
+from hourglass.settings import SERVE
 
 
 @app.command()
 def serve(
-    db: Annotated[
-        str | None,
-        typer.Option(
-            "--db",
-            help="span store: a DuckDB file, clickhouse://USER:PASS@HOST:8123/DATABASE or chdb:DIR (env HOURGLASS_DB)",
-        ),
-    ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="interface to listen on (env HOURGLASS_HOST; default 127.0.0.1)")
-    ] = None,
-    grpc_port: Annotated[
-        int | None, typer.Option(help="OTLP/gRPC port; 0 = any free port (env HOURGLASS_GRPC_PORT; 4317)")
-    ] = None,
-    http_port: Annotated[
-        int | None, typer.Option(help="OTLP/HTTP port (env HOURGLASS_HTTP_PORT; 4318)")
-    ] = None,
-    api_port: Annotated[int | None, typer.Option(help="REST API port (env HOURGLASS_API_PORT; 8000)")] = None,
-    max_message_bytes: Annotated[
-        int | None, typer.Option(help="largest accepted Export (env HOURGLASS_MAX_MESSAGE_BYTES; 8 MiB)")
-    ] = None,
-    metrics_public: Annotated[
-        bool | None,
-        typer.Option(
-            "--metrics-public/--metrics-private",
-            help="serve /metrics without the API token (env HOURGLASS_METRICS_PUBLIC; default private)",
-        ),
-    ] = None,
-    self_traces_endpoint: Annotated[
-        str | None,
-        typer.Option(
-            help="send Hourglass's own traces (analysis runs, Exports) to this OTLP endpoint: HOST:4317 "
-            "(gRPC) or http://HOST:4318 (env HOURGLASS_SELF_TRACES_ENDPOINT; default off, never itself)"
-        ),
-    ] = None,
-    retention: Annotated[
-        str | None,
-        typer.Option(
-            help="drop traces that ended longer ago than this, e.g. 12h, 7d; 0 keeps all (env HOURGLASS_RETENTION; 7d)"
-        ),
-    ] = None,
-    tls_cert: Annotated[
-        str | None,
-        typer.Option(
-            help="PEM certificate (chain): serve OTLP/gRPC, OTLP/HTTP and the API over TLS (env HOURGLASS_TLS_CERT)"
-        ),
-    ] = None,
-    tls_key: Annotated[
-        str | None, typer.Option(help="PEM private key of --tls-cert (env HOURGLASS_TLS_KEY)")
-    ] = None,
-    tls_client_ca: Annotated[
-        str | None,
-        typer.Option(
-            help="PEM CA: OTLP clients must present a certificate it signed (mutual TLS; env HOURGLASS_TLS_CLIENT_CA)"
-        ),
-    ] = None,
+    db: Annotated[str | None, option("db", SERVE)] = None,
+    host: Annotated[str | None, option("host", SERVE)] = None,
+    grpc_port: Annotated[int | None, option("grpc_port", SERVE)] = None,
+    http_port: Annotated[int | None, option("http_port", SERVE)] = None,
+    api_port: Annotated[int | None, option("api_port", SERVE)] = None,
+    max_message_bytes: Annotated[int | None, option("max_message_bytes", SERVE)] = None,
+    metrics_public: Annotated[bool | None, option("metrics_public", SERVE)] = None,
+    self_traces_endpoint: Annotated[str | None, option("self_traces_endpoint", SERVE)] = None,
+    retention: Annotated[str | None, option("retention_seconds", SERVE)] = None,
+    tls_cert: Annotated[str | None, option("tls_cert", SERVE)] = None,
+    tls_key: Annotated[str | None, option("tls_key", SERVE)] = None,
+    tls_client_ca: Annotated[str | None, option("tls_client_ca", SERVE)] = None,
 ) -> None:
     """Receive OTLP traces (gRPC and HTTP), store them durably, serve the REST API and report."""
     from hourglass.api.serve import TlsSettingError, run_serve

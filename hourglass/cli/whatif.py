@@ -23,9 +23,11 @@ from typing import Annotated, Any
 
 import typer
 
-from hourglass.api.settings import DEFAULT_DB, Settings, parse_since
+from hourglass.api.settings import Settings, parse_since
 from hourglass.cli._app import app
+from hourglass.cli._options import option
 from hourglass.cli.analyze import read_files, read_store
+from hourglass.settings import CRITICAL_PATH, WHATIF
 
 EXIT_INPUT = 2
 
@@ -115,12 +117,6 @@ def _emit(text: str, output: Path | None) -> None:
 FilesArg = Annotated[
     list[Path] | None, typer.Argument(help="Trace files instead of the store (any supported format)")
 ]
-DbOpt = Annotated[
-    str | None, typer.Option("--db", help=f"The span store (default $HOURGLASS_DB or {DEFAULT_DB})")
-]
-SinceOpt = Annotated[
-    str | None, typer.Option("--since", help="Only traces active since 15m, 2h, 7d ago or an ISO time")
-]
 FormatOpt = Annotated[QueryFormat, typer.Option("--format", "-f", help="table or json")]
 OutputOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
@@ -130,7 +126,7 @@ OutputOpt = Annotated[
 @app.command("whatif")
 def whatif_command(
     files: FilesArg = None,
-    db: DbOpt = None,
+    db: Annotated[str | None, option("db", WHATIF)] = None,
     speedup: Annotated[
         list[str] | None,
         typer.Option(
@@ -161,7 +157,7 @@ def whatif_command(
     operation: Annotated[
         str | None, typer.Option("--operation", help="Only traces whose root span has this name")
     ] = None,
-    since: SinceOpt = None,
+    since: Annotated[str | None, option("since", WHATIF)] = None,
     output_format: FormatOpt = QueryFormat.table,
     output: OutputOpt = None,
 ) -> None:
@@ -191,12 +187,12 @@ def whatif_command(
 @app.command("critical-path")
 def critical_path_command(
     files: FilesArg = None,
-    db: DbOpt = None,
+    db: Annotated[str | None, option("db", CRITICAL_PATH)] = None,
     service: Annotated[str | None, typer.Option("--service", help="The endpoint's root service")] = None,
     operation: Annotated[
         str | None, typer.Option("--operation", help="The endpoint's root span name")
     ] = None,
-    since: SinceOpt = None,
+    since: Annotated[str | None, option("since", CRITICAL_PATH)] = None,
     output_format: FormatOpt = QueryFormat.table,
     output: OutputOpt = None,
 ) -> None:

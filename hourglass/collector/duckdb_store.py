@@ -40,6 +40,7 @@ from hourglass.collector.ingest_log import IngestLog
 from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from hourglass.collector.store import StoreStats
 from hourglass.collector.trace_query import PSEUDO_TAGS, TAG_CHECK_COLUMNS, TraceQuery, tag_checked_trace_ids
+from hourglass.settings import default
 
 _ARROW_TO_DUCKDB = {
     pa.string(): "VARCHAR",
@@ -52,10 +53,10 @@ _ARROW_TO_DUCKDB = {
     pa.list_(pa.int64()): "BIGINT[]",
 }
 
-# DuckDB's buffer pool defaults to 80 % of RAM; one serve on a shared machine should stay small.
+# DuckDB's buffer pool (its default is 80 % of RAM) and checkpoint size: hourglass/settings.py.
 # Larger-than-memory sorts and joins spill to a temporary directory beside the file instead.
-DEFAULT_MEMORY_LIMIT = "512MB"
-CHECKPOINT_THRESHOLD = "128MB"
+DEFAULT_MEMORY_LIMIT: str = default("store_memory_limit")
+CHECKPOINT_THRESHOLD: str = default("store_checkpoint_threshold")
 
 log = logging.getLogger("hourglass.store")
 
@@ -65,7 +66,7 @@ log = logging.getLogger("hourglass.store")
 ROW_GROUP_ROWS = 122_880
 # Staged (logged, not yet in DuckDB) rows: the loader also loads them once the oldest has waited
 # this long; ``write`` waits (backpressure, then admission control refuses Exports) above the cap.
-MAX_STAGE_SECONDS = 10.0
+MAX_STAGE_SECONDS: float = default("max_stage_seconds")
 MAX_STAGED_ROWS = 2 * ROW_GROUP_ROWS
 
 # Rows are kept once per (trace_id, span_id): the first ingested copy wins.

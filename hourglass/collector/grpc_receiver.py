@@ -44,28 +44,22 @@ from hourglass.collector.decode import DecodeResult, decode_export_request
 from hourglass.collector.export import ExportCore, Refusal, RefusalKind
 from hourglass.collector.ingest import IngestPipeline
 from hourglass.collector.responses import add_health_service, export_response, status_details_with_retry
+from hourglass.settings import default
 
 log = logging.getLogger("hourglass.grpc")
 
 SERVICE_NAME = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT_METHOD = f"/{SERVICE_NAME}/Export"
-# Handler threads mostly wait for a group commit (the scan releases the GIL, DuckDB works in the
-# loader): enough of them that an Export beyond the admission caps reaches admission control at
-# once and is refused with RetryInfo, instead of waiting behind committing ones.
-DEFAULT_WORKERS = 64
+# The tunables' one definition (value, unit, why) is the table in hourglass/settings.py.
+DEFAULT_WORKERS: int = default("grpc_handler_threads")
 MAX_QUEUED_RPCS_PER_WORKER = 4
 REFUSAL_THREADS = 2
 GRPC_LIMIT_FACTOR = 16  # grpc's bare limit, as a multiple of ours (see GrpcReceiver.__init__)
-# Decodes at once in the handler threads: the C scan releases the GIL but the column assembly
-# holds it, so more gain nothing and each holds its half-built columns; the other handlers wait
-# for a slot holding only the request bytes (bounded by the undecoded-bytes budget).
-CONCURRENT_DECODES = 2
-SHUTDOWN_RETRY_AFTER_S = 5.0
-# How long an Export waits for room in the receive budget before it is refused: reads of ordinary
-# requests take milliseconds, so a short wait turns bursts into a queue instead of refusals.
-RECEIVE_BUDGET_WAIT_S = 0.25
-COMMIT_TIMEOUT_S = 120.0
-DECODE_TIMEOUT_S = 60.0
+CONCURRENT_DECODES: int = default("concurrent_decodes")
+SHUTDOWN_RETRY_AFTER_S: float = default("shutdown_retry_after_seconds")
+RECEIVE_BUDGET_WAIT_S: float = default("receive_budget_wait_seconds")
+COMMIT_TIMEOUT_S: float = default("commit_timeout_seconds")
+DECODE_TIMEOUT_S: float = default("decode_timeout_seconds")
 PARENT_CHECK_INTERVAL_S = 0.5
 GC_GEN0_THRESHOLD = 50_000
 

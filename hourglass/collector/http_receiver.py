@@ -34,11 +34,12 @@ from starlette.routing import Route
 from hourglass.collector.export import JSON, PROTOBUF, ExportCore, ExportResult, Refusal, RefusalKind
 from hourglass.collector.ingest import IngestPipeline
 from hourglass.collector.responses import export_response, rpc_status
+from hourglass.settings import default
 
 log = logging.getLogger("hourglass.http")
 
-SHUTDOWN_RETRY_AFTER_S = 5.0
-CONCURRENT_DECODES = 2
+SHUTDOWN_RETRY_AFTER_S: float = default("shutdown_retry_after_seconds")  # hourglass/settings.py
+CONCURRENT_DECODES: int = default("concurrent_decodes")
 
 
 # HTTP status of an answered Export -> the outcome label of hourglass_export_requests_total

@@ -33,14 +33,15 @@ import pyarrow as pa
 
 from hourglass.collector.problem_summary import ProblemSummary, split_position
 from hourglass.collector.store import SpanStore
+from hourglass.settings import default
 
 log = logging.getLogger("hourglass.ingest")
 
-# ~100k decoded spans (~900 B each as Arrow) may wait for a commit: two full group commits.
-DEFAULT_MAX_PENDING_SPANS = 100_000
-DEFAULT_MAX_PENDING_BYTES = 96 * 1024 * 1024
-DEFAULT_MAX_BATCH_SPANS = 50_000
-DEFAULT_RETRY_AFTER_S = 1.0
+# Admission control and group commits; the values and why are in the table (hourglass/settings.py).
+DEFAULT_MAX_PENDING_SPANS: int = default("max_pending_spans")
+DEFAULT_MAX_PENDING_BYTES: int = default("max_pending_bytes")
+DEFAULT_MAX_BATCH_SPANS: int = default("max_batch_spans")
+DEFAULT_RETRY_AFTER_S: float = default("overload_retry_after_seconds")
 
 
 class Overloaded(Exception):
@@ -51,8 +52,9 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
-# Request bytes received but not decoded yet (waiting for a decode slot), per receiver.
-MAX_UNDECODED_BYTES = 64 * 1024 * 1024
+# Request bytes received but not decoded yet (waiting for a decode slot), per receiver: the default
+# of HOURGLASS_RECEIVE_BUDGET_BYTES.
+MAX_UNDECODED_BYTES: int = default("receive_budget_bytes")
 
 
 class UndecodedBytes:
