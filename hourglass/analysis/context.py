@@ -42,9 +42,9 @@ Repair rules are in :mod:`hourglass.analysis.repair`, the critical path in :mod:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -54,6 +54,8 @@ from hourglass.analysis import repair
 from hourglass.analysis.critical_path import CriticalPath, compute_critical_path
 from hourglass.analysis.model import NearMiss
 from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_SCHEMA
+
+T = TypeVar("T")
 
 _ANALYSIS_SCHEMA = pa.schema([SPAN_SCHEMA.field(c) for c in ANALYSIS_COLUMNS])
 
@@ -87,7 +89,7 @@ class AnalysisContext:
     spans: pl.DataFrame
     traces: pl.DataFrame
     critical: CriticalPath | None = field(default=None, repr=False)
-    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # shared intermediate frames
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # see cached()
     near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # see note_near_miss
 
     @classmethod
@@ -149,9 +151,13 @@ class AnalysisContext:
 
     # -- conveniences shared by detectors, what-if and writers -----------------------------------
 
-    @cached_property
+    @property
     def parents(self) -> pl.DataFrame:
-        """Parent columns by row, to join on ``parent_row``: parent_service, parent_name, ..."""
+        """Parent columns by row, to join on ``parent_row``: parent_service, parent_name, ...
+        (built once, kept under the key ``parents``)."""
+        return self.cached("parents", self._parent_columns)
+
+    def _parent_columns(self) -> pl.DataFrame:
         return self.spans.select(
             pl.col("row").cast(pl.Int64).alias("parent_row"),
             pl.col("service").alias("parent_service"),
@@ -163,6 +169,25 @@ class AnalysisContext:
             pl.col("on_critical_path").alias("parent_on_critical_path"),
             pl.col("kind").alias("parent_kind"),
         )
+
+    def cached(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``, computed once per context and kept under ``key`` for its lifetime: the one
+        place an intermediate shared by detectors, what-if and writers is kept (nothing is cached
+        in module globals). A key names what is kept and every parameter it depends on. Keys in use:
+
+        ``parents``                  :attr:`parents`
+        ``call_children``            blocking call children (:func:`hourglass.analysis.detectors._common.call_children`)
+        ``sibling_groups/<n>``       fan-out sibling groups of at least n members (``_common.sibling_groups``)
+        ``scope_languages``          language per instrumentation scope (:mod:`hourglass.analysis.sequence`)
+        ``service_edges``, ``service_edges_all``, ``call_stats``   the pipeline's (:mod:`hourglass.analysis.pipeline`)
+
+        Detectors run in two threads: detectors that read one key stay in one lane
+        (``pipeline.DETECTOR_LANES``), so a value is not built twice (it would be the same value)."""
+        if key in self.cache:
+            return self.cache[key]
+        value = build()
+        self.cache[key] = value
+        return value
 
     def with_parent(self, frame: pl.DataFrame | None = None) -> pl.DataFrame:
         """``frame`` (default: all non-root spans) with its parent's columns (``parents``), gathered

@@ -57,8 +57,7 @@ import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.serialized_calls import call_children
+from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
 from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
 from hourglass.collector.schema import STATUS_ERROR
 

@@ -72,8 +72,9 @@ from __future__ import annotations
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.fanout_straggler import (
+from hourglass.analysis.detectors._common import (
+    NearMissSink,
+    Rows,
     sibling_groups,
     stat,
     target_operation,
@@ -129,7 +130,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     traces). Fan-outs are keyed by ``fanout_id``, a hash of the trace, the parent span and the
     signature, so partitions never collide."""
     spans = ctx.spans
-    all_kids = sibling_groups(spans, MIN_CHILDREN)
+    all_kids = sibling_groups(ctx, MIN_CHILDREN)
     if all_kids.is_empty():
         return {}
     widths = (

@@ -48,8 +48,7 @@ import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.serialized_calls import _tolerance, call_children
+from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
 from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
 from hourglass.collector.schema import STATUS_ERROR
 
@@ -68,7 +67,7 @@ MIN_CALLER_SHARE = 0.25
 def _ordered_calls(calls: pl.DataFrame) -> pl.DataFrame:
     """Calls of (parent, operation) groups of at least ``MIN_REPEATS``, in start order, with
     ``_continues``: the call starts after every earlier call of its group ended."""
-    tol = _tolerance(pl.col("parent_duration_ns"))
+    tol = _common.tolerance(pl.col("parent_duration_ns"))
     # A sequence is a chain inside one (parent, operation) group: groups with fewer than
     # MIN_REPEATS calls cannot hold one, so they are dropped before the sort (most call groups).
     calls = calls.filter(pl.len().over(["parent_row", "op_key"]) >= MIN_REPEATS)
