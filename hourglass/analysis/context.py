@@ -3,7 +3,7 @@
 Contract (detectors code against it; keep these names working)::
 
     @dataclass
-    class AnalysisContext:
+    class AnalysisContext(NearMissLog):
         spans: pl.DataFrame   # one row per span, repaired, sorted by (trace_id, start_ns, span_id)
         traces: pl.DataFrame  # one row per trace
         @classmethod
@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from hourglass.analysis import repair
 from hourglass.analysis.critical_path import CriticalPath, compute_critical_path
-from hourglass.analysis.model import NearMiss
+from hourglass.analysis.model import NearMiss, NearMissLog
 from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_SCHEMA
 
 T = TypeVar("T")
@@ -85,12 +85,12 @@ def to_analysis_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:
 
 
 @dataclass
-class AnalysisContext:
+class AnalysisContext(NearMissLog):
     spans: pl.DataFrame
     traces: pl.DataFrame
     critical: CriticalPath | None = field(default=None, repr=False)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # see cached()
-    near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # see note_near_miss
+    near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # NearMissLog.note_near_miss
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
@@ -196,20 +196,6 @@ class AnalysisContext:
         index = base["parent_row"]
         parents = self.parents.drop("parent_row")
         return base.with_columns([parents[c].gather(index) for c in parents.columns])
-
-    def note_near_miss(
-        self,
-        kind: str,
-        service: str,
-        operation: str,
-        reason: str,
-        trace_ids: list[str] | tuple[str, ...] = (),
-        span_ids: list[str] | tuple[str, ...] = (),
-        traces: int = 0,
-    ) -> None:
-        """Record a candidate that was formed and then dropped (``--explain``). Detectors run in
-        two threads; ``list.append`` is atomic, so no lock is needed."""
-        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
         return self.spans.filter(pl.col("trace_id") == trace_id)

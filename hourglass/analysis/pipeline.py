@@ -41,7 +41,7 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
-from hourglass.analysis.model import Finding, NearMiss
+from hourglass.analysis.model import Finding, NearMiss, NearMissLog
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -504,7 +504,7 @@ def analyze_partitioned(
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
-    notes = partitions.NearMissLog()
+    notes = NearMissLog()
     extracted = partitions.run_extraction(source, parts, executor, notes, progress)
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)

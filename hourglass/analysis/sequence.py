@@ -577,12 +577,9 @@ def design_facts(
     language = res.get("language")
     language_source = "resource" if language else None
     if not language:  # no SDK attribute: the instrumentation scope may still say it
-        by_scope = ctx.cache.get("scope_languages")
-        if not isinstance(by_scope, dict):
-            from hourglass.analysis.resources import scope_languages
+        from hourglass.analysis.resources import scope_languages
 
-            by_scope = scope_languages(ctx.spans)
-            ctx.cache["scope_languages"] = by_scope
+        by_scope = ctx.cached("scope_languages", lambda: scope_languages(ctx.spans))
         language = by_scope.get(service)
         language_source = "instrumentation scope" if language else None
     facts: dict[str, Any] = {

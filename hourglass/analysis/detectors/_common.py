@@ -25,12 +25,14 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import Finding, NearMissLog, Occurrence
+from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
 from hourglass.collector.schema import (
     KIND_CLIENT,
@@ -55,19 +57,8 @@ GENERIC_CALL_NAME = (
 Rows = dict[str, pl.DataFrame]
 
 
-class NearMissSink(Protocol):
-    """Where a decision records a candidate it dropped (``AnalysisContext`` is one)."""
-
-    def note_near_miss(
-        self,
-        kind: str,
-        service: str,
-        operation: str,
-        reason: str,
-        trace_ids: list[str] | tuple[str, ...] = (),
-        span_ids: list[str] | tuple[str, ...] = (),
-        traces: int = 0,
-    ) -> None: ...
+# Where a decision records a candidate it dropped (``AnalysisContext`` is one).
+NearMissSink = NearMissLog
 
 
 # Collapse every whitespace run to one space. Written to match only the runs that change (two or
@@ -268,11 +259,6 @@ def overlap_share(start: pl.Expr, prev_end: pl.Expr, duration: pl.Expr, prev_dur
 
 def exemplars(trace_ids: list[str], limit: int = 5) -> list[str]:
     return list(dict.fromkeys(trace_ids))[:limit]
-
-
-def num(value: Any) -> float:
-    """A polars scalar (median, max, ...) as float; 0.0 for null/empty."""
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def caller_group_columns() -> list[pl.Expr]:
@@ -559,3 +545,28 @@ def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[st
         if c in ("parent_service", "parent_name")
     ]
     return frame.with_columns(own + parents)
+
+
+def fanout_finding(
+    kind: str,
+    first: dict[str, Any],
+    occurrences: list[Occurrence],
+    confidence: float,
+    evidence: dict[str, Any],
+) -> Finding:
+    """A fan-out detector's finding: the parent operation of ``first`` (a row with the fan-out
+    signature: parent_service, parent_name, service, name, endpoint) waits on the child operation;
+    the endpoint shape is part of the signature; confidence rounded and capped at 0.95."""
+    return Finding(
+        kind=kind,
+        category="parallelization",
+        service=first["parent_service"],
+        operation=first["parent_name"],
+        targets=[
+            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
+        ],
+        occurrences=occurrences,
+        confidence=round(min(confidence, 0.95), 3),
+        evidence=evidence,
+        signature_extra=first["endpoint"],
+    )

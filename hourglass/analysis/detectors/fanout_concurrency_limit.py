@@ -75,6 +75,7 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
+    fanout_finding,
     sibling_groups,
     stat,
     target_operation,
@@ -599,16 +600,4 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
         "wide_fanouts": wide_fanouts,
         "capped_rate": round(rate, 3),
     }
-    return Finding(
-        kind=KIND,
-        category="parallelization",
-        service=first["parent_service"],
-        operation=first["parent_name"],
-        targets=[
-            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
-        ],
-        occurrences=occurrences,
-        confidence=round(min(confidence, 0.95), 3),
-        evidence=evidence,
-        signature_extra=first["endpoint"],
-    )
+    return fanout_finding(KIND, first, occurrences, confidence, evidence)

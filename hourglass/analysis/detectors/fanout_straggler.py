@@ -56,6 +56,7 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
+    fanout_finding,
     sibling_groups,
     stat,
     target_operation,
@@ -367,16 +368,4 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
         "excess_ms_p50": stat(excess, scale=1e6),
         "excess_ms_p95": stat(excess, 0.95, 1e6),
     }
-    return Finding(
-        kind=KIND,
-        category="parallelization",
-        service=first["parent_service"],
-        operation=first["parent_name"],
-        targets=[
-            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
-        ],
-        occurrences=occurrences,
-        confidence=round(min(confidence, 0.95), 3),
-        evidence=evidence,
-        signature_extra=first["endpoint"],
-    )
+    return fanout_finding(KIND, first, occurrences, confidence, evidence)
