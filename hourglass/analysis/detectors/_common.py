@@ -261,6 +261,52 @@ def exemplars(trace_ids: list[str], limit: int = 5) -> list[str]:
     return list(dict.fromkeys(trace_ids))[:limit]
 
 
+def dropped_per_caller(dropped: pl.DataFrame, by: list[str], *extra: pl.Expr) -> pl.DataFrame:
+    """The runs of calls a detector dropped (rows of :func:`caller_group_columns` plus ``on_path``,
+    ``local_saving_ns`` and ``root_duration_ns``), one row per ``by`` (the caller, maybe with the
+    operation) in first-seen order: ``trace_ids`` (sorted), the first ``caller_span_id`` and
+    ``span_id`` list, ``on_path`` (runs on the critical path), ``count`` (runs), the medians
+    ``saving_ms`` and ``root_ms``, and ``extra`` aggregations."""
+    return dropped.group_by(by, maintain_order=True).agg(
+        pl.col("trace_id").unique().sort().alias("trace_ids"),
+        pl.col("caller_span_id").first(),
+        pl.col("span_id").first(),
+        pl.col("on_path").sum(),
+        pl.len().alias("count"),
+        (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
+        (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
+        *extra,
+    )
+
+
+def note_caller_miss(notes: NearMissSink, kind: str, row: dict[str, Any], reason: str) -> None:
+    """A near miss of a caller's run of calls: ``row`` has ``caller_service``, ``caller_name``,
+    ``trace_ids``, ``caller_span_id`` and the calls' ``span_id`` list."""
+    notes.note_near_miss(
+        kind,
+        str(row["caller_service"]),
+        str(row["caller_name"]),
+        reason,
+        row["trace_ids"],
+        [row["caller_span_id"], *row["span_id"]],
+        len(row["trace_ids"]),
+    )
+
+
+def batch_confidence(base: float, distinct_share: float, median_calls: float, traces: int) -> float:
+    """Confidence of a batching finding (``n_plus_one``, ``batchable_calls``): ``base``, +0.1 each
+    when most runs carry different parameters, when a run makes 10 calls or more (p50) and when
+    it is seen in 5 traces or more; capped at 0.95."""
+    score = base
+    if distinct_share >= 0.5:
+        score += 0.1
+    if median_calls >= 10:
+        score += 0.1
+    if traces >= 5:
+        score += 0.1
+    return round(min(0.95, score), 3)
+
+
 def caller_group_columns() -> list[pl.Expr]:
     """The aggregations every per-caller group of calls carries (``n_plus_one``'s sequences,
     ``batchable_calls``' groups): who calls, where in the trace, what is called, which spans."""
@@ -569,4 +615,33 @@ def fanout_finding(
         confidence=round(min(confidence, 0.95), 3),
         evidence=evidence,
         signature_extra=first["endpoint"],
+    )
+
+
+def caller_finding(
+    kind: str,
+    caller: tuple[Any, Any],
+    targets: list[dict[str, str]],
+    occurrences: list[Occurrence],
+    confidence: float,
+    evidence: dict[str, Any],
+    signature_extra: Any,
+    inferred_roles: bool,
+) -> Finding:
+    """A finding about the calls one caller operation makes (``serialized_calls``, ``n_plus_one``,
+    ``batchable_calls``): ``caller`` is its (service, operation), ``signature_extra`` tells its
+    call patterns apart, and ``inferred_roles`` (a call's kind inferred from structure) is marked
+    last in the evidence."""
+    if inferred_roles:
+        evidence["inferred_roles"] = True
+    return Finding(
+        kind=kind,
+        category="parallelization",
+        service=str(caller[0]),
+        operation=str(caller[1]),
+        targets=targets,
+        occurrences=occurrences,
+        confidence=confidence,
+        evidence=evidence,
+        signature_extra=str(signature_extra),
     )

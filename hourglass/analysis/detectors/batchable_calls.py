@@ -128,17 +128,6 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def confidence(distinct_share: float, traces: int, median_calls: float) -> float:
-    score = 0.5
-    if distinct_share >= 0.5:
-        score += 0.1
-    if traces >= 5:
-        score += 0.1
-    if median_calls >= 10:
-        score += 0.1
-    return round(min(0.95, score), 3)
-
-
 def extract(ctx: AnalysisContext) -> Rows:
     """Per-trace half: ``groups``, one row per (parent, operation) with at least ``MIN_CALLS``
     calls, concurrent or not (the decision counts the caller's instances from them)."""
@@ -238,19 +227,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             "statement": str(group["op_detail"][0] or label),
             "caller_instances": seen,
         }
-        if bool(group["inferred_roles"].any()):
-            evidence["inferred_roles"] = True
         findings.append(
-            Finding(
-                kind=KIND,
-                category="parallelization",
-                service=str(caller_service),
-                operation=str(caller_name),
-                targets=[{"service": str(target_service), "operation": label}],
-                occurrences=occurrences,
-                confidence=confidence(distinct_share, len(trace_ids), median_calls),
-                evidence=evidence,
-                signature_extra=str(op_key),
+            _common.caller_finding(
+                KIND,
+                (caller_service, caller_name),
+                [{"service": str(target_service), "operation": label}],
+                occurrences,
+                _common.batch_confidence(0.5, distinct_share, median_calls, len(trace_ids)),
+                evidence,
+                op_key,
+                bool(group["inferred_roles"].any()),
             )
         )
     return findings

@@ -148,48 +148,21 @@ def _sequences(ordered: pl.DataFrame) -> pl.DataFrame:
 def _note_dropped(notes: NearMissSink, dropped: pl.DataFrame) -> None:
     """One near miss per caller and operation whose sequences were all too small or off the
     critical path (retry bursts are retry_without_backoff's)."""
-    for r in (
-        dropped.group_by("caller_service", "caller_name", "op_label", maintain_order=True)
-        .agg(
-            pl.col("trace_id").unique().sort().alias("trace_ids"),
-            pl.col("caller_span_id").first(),
-            pl.col("span_id").first(),
-            pl.col("on_path").sum(),
-            pl.len().alias("sequences"),
-            (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
-            (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
-            (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
-        )
-        .iter_rows(named=True)
-    ):
+    per_caller = _common.dropped_per_caller(
+        dropped,
+        ["caller_service", "caller_name", "op_label"],
+        (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
+    )
+    for r in per_caller.iter_rows(named=True):
         if r["on_path"] == 0:
-            reason = f"{r['sequences']} sequences, none on the critical path"
+            reason = f"{r['count']} sequences, none on the critical path"
         else:
             reason = (
                 f"saving p50 {r['saving_ms']:.2f} ms < max({MIN_SAVING_NS / 1e6:g} ms, "
                 f"{MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request) and the caller's loops "
                 f"save {r['caller_share']:.0%} < {MIN_CALLER_SHARE:.0%} of it"
             )
-        notes.note_near_miss(
-            KIND,
-            str(r["caller_service"]),
-            str(r["caller_name"]),
-            f"{r['op_label']}: {reason}",
-            r["trace_ids"],
-            [r["caller_span_id"], *r["span_id"]],
-            len(r["trace_ids"]),
-        )
-
-
-def confidence(distinct_params_share: float, median_calls: float, traces: int) -> float:
-    score = 0.6
-    if distinct_params_share >= 0.5:
-        score += 0.1
-    if median_calls >= 10:
-        score += 0.1
-    if traces >= 5:
-        score += 0.1
-    return round(min(0.95, score), 3)
+        _common.note_caller_miss(notes, KIND, r, f"{r['op_label']}: {reason}")
 
 
 CALLER_OP = ["parent_service", "parent_name", "op_key"]
@@ -271,15 +244,13 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         label = str(group["op_label"][0])
         statement = str(group["op_detail"][0] or group["op_label"][0])
         findings.append(
-            Finding(
-                kind=KIND,
-                category="parallelization",
-                service=str(caller_service),
-                operation=str(caller_name),
-                targets=[{"service": str(target_service), "operation": label}],
-                occurrences=occurrences,
-                confidence=confidence(distinct_share, median_calls, len(trace_ids)),
-                evidence={
+            _common.caller_finding(
+                KIND,
+                (caller_service, caller_name),
+                [{"service": str(target_service), "operation": label}],
+                occurrences,
+                _common.batch_confidence(0.6, distinct_share, median_calls, len(trace_ids)),
+                {
                     "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
                     "span_ids": list(occurrences[0].span_ids[: 1 + MAX_EXEMPLARS]),
                     "calls_p50": median_calls,
@@ -295,9 +266,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "caller_share_p50": round(
                         _common.num((group["caller_saving_ns"] / group["parent_duration_ns"]).median()), 3
                     ),
-                    **({"inferred_roles": True} if bool(group["inferred_roles"].any()) else {}),
                 },
-                signature_extra=str(op_key),
+                op_key,
+                bool(group["inferred_roles"].any()),
             )
         )
     return findings

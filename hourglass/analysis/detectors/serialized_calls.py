@@ -238,35 +238,16 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
 
 def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame) -> None:
     """One near miss per caller whose runs were all too small or off the critical path."""
-    if dropped.height == 0:
-        return
-    per_caller = dropped.group_by("caller_service", "caller_name", maintain_order=True).agg(
-        pl.col("trace_id").unique().sort().alias("trace_ids"),
-        pl.col("caller_span_id").first(),
-        pl.col("span_id").first(),
-        pl.col("on_path").sum().alias("on_path_runs"),
-        pl.len().alias("runs"),
-        (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
-        (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
-    )
-    for r in per_caller.iter_rows(named=True):
-        if r["on_path_runs"] == 0:
-            reason = f"{r['runs']} sequential runs, none on the critical path"
+    for r in _common.dropped_per_caller(dropped, ["caller_service", "caller_name"]).iter_rows(named=True):
+        if r["on_path"] == 0:
+            reason = f"{r['count']} sequential runs, none on the critical path"
         else:
             floor_ms = max(MIN_SAVING_NS / 1e6, r["root_ms"] * MIN_SAVING_SHARE)
             reason = (
                 f"saving p50 {r['saving_ms']:.2f} ms < {floor_ms:.2f} ms floor "
                 f"(max of {MIN_SAVING_NS / 1e6:g} ms and {MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request)"
             )
-        notes.note_near_miss(
-            KIND,
-            str(r["caller_service"]),
-            str(r["caller_name"]),
-            reason,
-            r["trace_ids"],
-            [r["caller_span_id"], *r["span_id"]],
-            len(r["trace_ids"]),
-        )
+        _common.note_caller_miss(notes, KIND, r, reason)
 
 
 def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
@@ -545,19 +526,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             # the last call after the others (it may combine their results).
             evidence_numbers["independence_unverified"] = True
             evidence_numbers["last_call_kept_after"] = True
-        if bool(group["inferred_roles"].any()):
-            evidence_numbers["inferred_roles"] = True
         findings.append(
-            Finding(
-                kind=KIND,
-                category="parallelization",
-                service=str(caller_service),
-                operation=str(caller_name),
-                targets=targets,
-                occurrences=occurrences,
-                confidence=score,
-                evidence=evidence_numbers,
-                signature_extra=str(signature),
+            _common.caller_finding(
+                KIND,
+                (caller_service, caller_name),
+                targets,
+                occurrences,
+                score,
+                evidence_numbers,
+                signature,
+                bool(group["inferred_roles"].any()),
             )
         )
     return findings
