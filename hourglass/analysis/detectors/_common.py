@@ -25,13 +25,14 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.model import Finding, NearMissLog, Occurrence
+from hourglass.analysis.model import CollapseSpans, Finding, NearMissLog, Occurrence
 from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
 from hourglass.collector.schema import (
@@ -615,6 +616,34 @@ def fanout_finding(
         confidence=round(min(confidence, 0.95), 3),
         evidence=evidence,
         signature_extra=first["endpoint"],
+    )
+
+
+def batch_occurrences(
+    group: pl.DataFrame, numbers: Callable[[dict[str, Any]], dict[str, float]]
+) -> list[Occurrence]:
+    """One occurrence per caller instance of ``group`` (rows of :func:`caller_group_columns` with
+    ``batched_ns``): the caller and its calls, collapsed into one call of ``batched_ns``;
+    ``numbers(row)`` gives the occurrence's numbers."""
+    return [
+        Occurrence(
+            trace_id=r["trace_id"],
+            span_ids=(r["caller_span_id"], *r["span_id"]),
+            interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
+            numbers=numbers(r),
+        )
+        for r in group.iter_rows(named=True)
+    ]
+
+
+def parameter_stats(group: pl.DataFrame) -> tuple[float, bool, float]:
+    """Of a batching candidate's caller instances (``distinct_params``, ``params_known``,
+    ``calls``): the share whose calls carry different parameters, whether any call's parameters
+    are known at all, and the median number of calls."""
+    return (
+        num((group["distinct_params"] > 1).mean()),
+        bool(group["params_known"].any()),
+        num(group["calls"].median()),
     )
 
 

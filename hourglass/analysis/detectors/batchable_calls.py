@@ -58,7 +58,7 @@ import polars as pl
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
-from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
+from hourglass.analysis.model import Finding
 from hourglass.collector.schema import STATUS_ERROR
 
 KIND = "batchable_calls"
@@ -194,23 +194,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 len(trace_ids),
             )
             continue
-        occurrences = [
-            Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
-                numbers={
-                    "calls": float(r["calls"]),
-                    "server_ms": r["server_ns"] / 1e6,
-                    "batched_ms": r["batched_ns"] / 1e6,
-                    "latency_ms": r["latency_ns"] / 1e6,
-                },
-            )
-            for r in group.iter_rows(named=True)
-        ]
-        distinct_share = _common.num((group["distinct_params"] > 1).mean())
-        params_known = bool(group["params_known"].any())
-        median_calls = _common.num(group["calls"].median())
+        occurrences = _common.batch_occurrences(
+            group,
+            lambda r: {
+                "calls": float(r["calls"]),
+                "server_ms": r["server_ns"] / 1e6,
+                "batched_ms": r["batched_ns"] / 1e6,
+                "latency_ms": r["latency_ns"] / 1e6,
+            },
+        )
+        distinct_share, params_known, median_calls = _common.parameter_stats(group)
         evidence = {
             "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
             "span_ids": spans[: 1 + MAX_EXEMPLARS],

@@ -49,7 +49,7 @@ import polars as pl
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
-from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
+from hourglass.analysis.model import Finding
 from hourglass.collector.schema import STATUS_ERROR
 
 KIND = "n_plus_one"
@@ -223,24 +223,17 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 seen,
             )
             continue
-        occurrences = [
-            Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
-                numbers={
-                    "calls": float(r["calls"]),
-                    "distinct_parameters": float(r["distinct_params"]),
-                    "serial_ms": r["serial_ns"] / 1e6,
-                    "batched_ms": r["batched_ns"] / 1e6,
-                },
-            )
-            for r in group.iter_rows(named=True)
-        ]
+        occurrences = _common.batch_occurrences(
+            group,
+            lambda r: {
+                "calls": float(r["calls"]),
+                "distinct_parameters": float(r["distinct_params"]),
+                "serial_ms": r["serial_ns"] / 1e6,
+                "batched_ms": r["batched_ns"] / 1e6,
+            },
+        )
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        distinct_share = _common.num((group["distinct_params"] > 1).mean())
-        params_known = bool(group["params_known"].any())
-        median_calls = _common.num(group["calls"].median())
+        distinct_share, params_known, median_calls = _common.parameter_stats(group)
         label = str(group["op_label"][0])
         statement = str(group["op_detail"][0] or group["op_label"][0])
         findings.append(
