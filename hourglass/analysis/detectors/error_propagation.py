@@ -71,6 +71,7 @@ from hourglass.analysis.detectors._common import (
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.repair import pointer_fixpoint
 from hourglass.collector.schema import (
     KIND_CLIENT,
     KIND_INTERNAL,
@@ -93,16 +94,6 @@ def outgoing_call_expr() -> pl.Expr:
         | pl.col("rpc_method").is_not_null() & (pl.col("kind") != KIND_INTERNAL)
         | pl.col("messaging_destination").is_not_null()
     )
-
-
-def pointer_fixpoint(nxt: np.ndarray) -> np.ndarray:
-    """Follow ``nxt`` until it stops moving (``nxt[i] == i`` marks an end), by pointer doubling:
-    log2(longest chain) vectorised steps, no recursion."""
-    while True:
-        jumped = nxt[nxt]
-        if np.array_equal(jumped, nxt):
-            return nxt
-        nxt = jumped
 
 
 def _confidence(propagated: int, contained_same: int, contained_other: int) -> float:
