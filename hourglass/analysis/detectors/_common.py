@@ -1,4 +1,8 @@
-"""Helpers shared by detectors: operation keys, statement/route normalisation, call children.
+"""Helpers shared by detectors: operation keys, statement/route normalisation, call children,
+fan-out sibling groups, failure and call-target expressions, and the pieces several detectors build
+their findings from. Every detector module is a leaf: what two detectors share lives here, never in
+one of them (``tests/analysis/test_detector_leaves.py``). Intermediates computed once per analysis
+(call children, sibling groups) are kept with :meth:`AnalysisContext.cached`.
 
 Normalisation (polars expressions, vectorised):
 
