@@ -3,7 +3,7 @@
 Contract (detectors code against it; keep these names working)::
 
     @dataclass
-    class AnalysisContext:
+    class AnalysisContext(NearMissLog):
         spans: pl.DataFrame   # one row per span, repaired, sorted by (trace_id, start_ns, span_id)
         traces: pl.DataFrame  # one row per trace
         @classmethod
@@ -42,9 +42,9 @@ Repair rules are in :mod:`hourglass.analysis.repair`, the critical path in :mod:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -52,8 +52,10 @@ import pyarrow as pa
 
 from hourglass.analysis import repair
 from hourglass.analysis.critical_path import CriticalPath, compute_critical_path
-from hourglass.analysis.model import NearMiss
+from hourglass.analysis.model import NearMiss, NearMissLog
 from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_SCHEMA
+
+T = TypeVar("T")
 
 _ANALYSIS_SCHEMA = pa.schema([SPAN_SCHEMA.field(c) for c in ANALYSIS_COLUMNS])
 
@@ -83,12 +85,12 @@ def to_analysis_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:
 
 
 @dataclass
-class AnalysisContext:
+class AnalysisContext(NearMissLog):
     spans: pl.DataFrame
     traces: pl.DataFrame
     critical: CriticalPath | None = field(default=None, repr=False)
-    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # shared intermediate frames
-    near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # see note_near_miss
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # see cached()
+    near_misses: list[NearMiss] = field(default_factory=list, repr=False)  # NearMissLog.note_near_miss
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
@@ -149,9 +151,13 @@ class AnalysisContext:
 
     # -- conveniences shared by detectors, what-if and writers -----------------------------------
 
-    @cached_property
+    @property
     def parents(self) -> pl.DataFrame:
-        """Parent columns by row, to join on ``parent_row``: parent_service, parent_name, ..."""
+        """Parent columns by row, to join on ``parent_row``: parent_service, parent_name, ...
+        (built once, kept under the key ``parents``)."""
+        return self.cached("parents", self._parent_columns)
+
+    def _parent_columns(self) -> pl.DataFrame:
         return self.spans.select(
             pl.col("row").cast(pl.Int64).alias("parent_row"),
             pl.col("service").alias("parent_service"),
@@ -164,6 +170,25 @@ class AnalysisContext:
             pl.col("kind").alias("parent_kind"),
         )
 
+    def cached(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``, computed once per context and kept under ``key`` for its lifetime: the one
+        place an intermediate shared by detectors, what-if and writers is kept (nothing is cached
+        in module globals). A key names what is kept and every parameter it depends on. Keys in use:
+
+        ``parents``                  :attr:`parents`
+        ``call_children``            blocking call children (:func:`hourglass.analysis.detectors._common.call_children`)
+        ``sibling_groups/<n>``       fan-out sibling groups of at least n members (``_common.sibling_groups``)
+        ``scope_languages``          language per instrumentation scope (:mod:`hourglass.analysis.sequence`)
+        ``service_edges``, ``service_edges_all``, ``call_stats``   the pipeline's (:mod:`hourglass.analysis.pipeline`)
+
+        Detectors run in two threads: detectors that read one key stay in one lane
+        (``pipeline.DETECTOR_LANES``), so a value is not built twice (it would be the same value)."""
+        if key in self.cache:
+            return self.cache[key]
+        value = build()
+        self.cache[key] = value
+        return value
+
     def with_parent(self, frame: pl.DataFrame | None = None) -> pl.DataFrame:
         """``frame`` (default: all non-root spans) with its parent's columns (``parents``), gathered
         by ``parent_row`` (null for roots) — a positional gather, cheaper than a join."""
@@ -171,20 +196,6 @@ class AnalysisContext:
         index = base["parent_row"]
         parents = self.parents.drop("parent_row")
         return base.with_columns([parents[c].gather(index) for c in parents.columns])
-
-    def note_near_miss(
-        self,
-        kind: str,
-        service: str,
-        operation: str,
-        reason: str,
-        trace_ids: list[str] | tuple[str, ...] = (),
-        span_ids: list[str] | tuple[str, ...] = (),
-        traces: int = 0,
-    ) -> None:
-        """Record a candidate that was formed and then dropped (``--explain``). Detectors run in
-        two threads; ``list.append`` is atomic, so no lock is needed."""
-        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
         return self.spans.filter(pl.col("trace_id") == trace_id)

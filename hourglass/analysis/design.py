@@ -45,7 +45,16 @@ from hourglass.analysis.pseudocode import pseudocode
 from hourglass.analysis.sequence import fmt_ms as ms
 
 Rec = Mapping[str, Any]
-PROSE_FIELDS = ("rationale", "dependencies", "consistency", "failure_handling", "verification", "tests")
+# The prose sections of a design, in order, with the heading the Markdown and HTML reports give them.
+DESIGN_SECTIONS = (
+    ("rationale", "Why this pattern"),
+    ("dependencies", "Dependencies and races"),
+    ("consistency", "Consistency"),
+    ("failure_handling", "Failure handling"),
+    ("verification", "Verification"),
+    ("tests", "Tests"),
+)
+PROSE_FIELDS = tuple(key for key, _ in DESIGN_SECTIONS)
 
 
 def pct(value: Any) -> str:
@@ -53,6 +62,7 @@ def pct(value: Any) -> str:
 
 
 def count(value: Any) -> str:
+    """A count for people: 8 rather than 8.0, one decimal only when it is not whole (6.5)."""
     if value is None:
         return "several"
     v = float(value)

@@ -23,15 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hourglass.analysis.model import num
+
 DIFF_SCHEMA = "hourglass.diff/v1"
 DEFAULT_GROWTH_THRESHOLD = 0.25
 P50_FLOOR_MS = 2.0
 PER_TRACE_FLOOR_MS = 1.0
 OCCURRENCES_FLOOR = 5
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 @dataclass(frozen=True)
@@ -45,10 +43,10 @@ class Measures:
     def of(cls, recommendation: dict[str, Any], traces_analyzed: int) -> Measures:
         impact = recommendation.get("impact") or {}
         traces = max(traces_analyzed, 1)
-        occurrences = int(_num(recommendation.get("occurrences")))
+        occurrences = int(num(recommendation.get("occurrences")))
         return cls(
-            saved_ms_p50=_num(impact.get("saved_ms_p50")),
-            saved_ms_per_trace=_num(impact.get("saved_ms_total")) / traces,
+            saved_ms_p50=num(impact.get("saved_ms_p50")),
+            saved_ms_per_trace=num(impact.get("saved_ms_total")) / traces,
             occurrences_per_trace=occurrences / traces,
             occurrences=occurrences,
         )
@@ -129,8 +127,8 @@ def diff_reports(
 ) -> ReportDiff:
     if threshold <= 0:
         raise ValueError(f"growth threshold must be > 0, got {threshold}")
-    base_traces = int(_num(base.get("traces_analyzed")))
-    cand_traces = int(_num(candidate.get("traces_analyzed")))
+    base_traces = int(num(base.get("traces_analyzed")))
+    cand_traces = int(num(candidate.get("traces_analyzed")))
     base_by_id = {r["id"]: r for r in base.get("recommendations") or []}
     cand_by_id = {r["id"]: r for r in candidate.get("recommendations") or []}
     result = ReportDiff(base_traces, cand_traces, threshold)

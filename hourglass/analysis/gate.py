@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hourglass.analysis.model import num
+
 GATE_EXIT_CODE = 3
 
 SEVERITIES = ("low", "medium", "high")
@@ -41,20 +43,16 @@ MEDIUM_TRACE_SHARE = 0.01
 HIGH_MIN_CONFIDENCE = 0.5
 
 
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0
-
-
 def severity(recommendation: dict[str, Any], traces_analyzed: int) -> str:
     """``low`` | ``medium`` | ``high`` from the recommendation's own numbers (rules above)."""
     impact = recommendation.get("impact") or {}
-    confidence = _number(recommendation.get("confidence"))
-    share = _number(impact.get("share_of_root_latency"))
+    confidence = num(recommendation.get("confidence"))
+    share = num(impact.get("share_of_root_latency"))
     if share > 0:
         if share >= HIGH_LATENCY_SHARE and confidence >= HIGH_MIN_CONFIDENCE:
             return "high"
         return "medium" if share >= MEDIUM_LATENCY_SHARE else "low"
-    at_risk = _number(recommendation.get("traces_affected")) / traces_analyzed if traces_analyzed > 0 else 0.0
+    at_risk = num(recommendation.get("traces_affected")) / traces_analyzed if traces_analyzed > 0 else 0.0
     if at_risk >= HIGH_TRACE_SHARE and confidence >= HIGH_MIN_CONFIDENCE:
         return "high"
     return "medium" if at_risk >= MEDIUM_TRACE_SHARE else "low"
@@ -139,7 +137,7 @@ class GateMatch:
 
 def gate(report: dict[str, Any], spec: GateSpec) -> list[GateMatch]:
     """The report's recommendations that match ``spec``, in rank order."""
-    traces = int(_number(report.get("traces_analyzed")))
+    traces = int(num(report.get("traces_analyzed")))
     return [
         GateMatch(r, severity(r, traces))
         for r in report.get("recommendations") or []

@@ -16,6 +16,12 @@ from typing import Any, Literal
 Category = Literal["parallelization", "fault_tolerance"]
 
 
+def num(value: Any) -> float:
+    """A number from a report field or a polars scalar (median, max, ...) as float; 0.0 for
+    null, empty or anything that is not a number."""
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 @dataclass(frozen=True)
 class RunConcurrently:
     """These sibling spans start together, at the earliest start among them (serialized calls,
@@ -94,9 +100,20 @@ class NearMiss:
     span_ids: tuple[str, ...] = ()
     traces: int = 0  # traces in which the candidate was seen (0: len(trace_ids))
 
-    @classmethod
-    def of(
-        cls,
+
+class NearMissLog:
+    """Where candidates formed and then dropped are recorded (``--explain``): every
+    :class:`hourglass.analysis.context.AnalysisContext` is one, and a decision made outside any one
+    context (over partitions) uses a bare one. Detectors run in two threads; ``list.append`` is
+    atomic, so no lock is needed."""
+
+    near_misses: list[NearMiss]
+
+    def __init__(self) -> None:
+        self.near_misses = []
+
+    def note_near_miss(
+        self,
         kind: str,
         service: str,
         operation: str,
@@ -104,16 +121,18 @@ class NearMiss:
         trace_ids: list[str] | tuple[str, ...] = (),
         span_ids: list[str] | tuple[str, ...] = (),
         traces: int = 0,
-    ) -> NearMiss:
-        """A near miss with at most 5 exemplar traces and 20 span ids."""
-        return cls(
-            kind,
-            service,
-            operation,
-            reason,
-            tuple(trace_ids)[:5],
-            tuple(span_ids)[:20],
-            traces or len(set(trace_ids)),
+    ) -> None:
+        """Record a near miss, with at most 5 exemplar traces and 20 span ids."""
+        self.near_misses.append(
+            NearMiss(
+                kind,
+                service,
+                operation,
+                reason,
+                tuple(trace_ids)[:5],
+                tuple(span_ids)[:20],
+                traces or len(set(trace_ids)),
+            )
         )
 
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.model import Finding, NearMiss
+from hourglass.analysis.model import Finding
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 
@@ -275,25 +275,6 @@ def merge_impacts(parts: Iterable[dict[str, PricedImpact]]) -> dict[str, Impact]
         )
         for finding_id, pieces in collected.items()
     }
-
-
-class NearMissLog:
-    """A near-miss sink for a decision made outside any one context (see ``AnalysisContext``)."""
-
-    def __init__(self) -> None:
-        self.near_misses: list[NearMiss] = []
-
-    def note_near_miss(
-        self,
-        kind: str,
-        service: str,
-        operation: str,
-        reason: str,
-        trace_ids: list[str] | tuple[str, ...] = (),
-        span_ids: list[str] | tuple[str, ...] = (),
-        traces: int = 0,
-    ) -> None:
-        self.near_misses.append(NearMiss.of(kind, service, operation, reason, trace_ids, span_ids, traces))
 
 
 class PartitionError(RuntimeError):

@@ -41,7 +41,7 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
-from hourglass.analysis.model import Finding, NearMiss
+from hourglass.analysis.model import Finding, NearMiss, NearMissLog
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -96,7 +96,7 @@ def select_traces(
 # release the GIL, and much of it is single-threaded, so on 2 cores a second lane overlaps it
 # (measured at 1M spans, best of 4 on a shared machine: 1.54 s -> 1.37 s for all detectors).
 # Detectors that share a cached intermediate stay in one lane, in order: serialized_calls builds
-# call_children for n_plus_one; both fan-out detectors share fanout_straggler.sibling_groups.
+# call_children for n_plus_one; both fan-out detectors share the sibling groups (both ctx.cached).
 # A detector not listed runs in the first lane. Findings are assembled in DETECTORS order, so the
 # report does not depend on which lane finished first.
 DETECTOR_LANES: tuple[tuple[str, ...], ...] = (
@@ -504,7 +504,7 @@ def analyze_partitioned(
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
-    notes = partitions.NearMissLog()
+    notes = NearMissLog()
     extracted = partitions.run_extraction(source, parts, executor, notes, progress)
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)

@@ -9,7 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from hourglass.analysis.template_writer import ms
+from hourglass.analysis.design import DESIGN_SECTIONS
+from hourglass.analysis.sequence import fmt_ms as ms
 
 FORMATS = ("json", "markdown", "table")
 
@@ -115,14 +116,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join([*lines, *_near_misses_markdown(report)]) + "\n"
 
 
-_DESIGN_SECTIONS = (
-    ("rationale", "Why this pattern"),
-    ("dependencies", "Dependencies and races"),
-    ("consistency", "Consistency"),
-    ("failure_handling", "Failure handling"),
-    ("verification", "Verification"),
-    ("tests", "Tests"),
-)
 _FENCE_LANG = {"nodejs": "typescript", "dotnet": "csharp", "pseudocode": "text"}
 
 
@@ -145,7 +138,7 @@ def design_markdown(design: Any) -> list[str]:
         lines += [str(pattern["summary"]), ""]
     if params:
         lines += [", ".join(f"`{k}` = {v}" for k, v in params.items() if v is not None), ""]
-    for key, heading in _DESIGN_SECTIONS:
+    for key, heading in DESIGN_SECTIONS:
         if design.get(key):
             lines += [f"- **{heading}.** {design[key]}"]
     code = design.get("pseudocode") or {}

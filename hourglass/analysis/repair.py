@@ -184,16 +184,22 @@ def link_parents(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return parent, orphan
 
 
+def pointer_fixpoint(nxt: np.ndarray) -> np.ndarray:
+    """Follow ``nxt`` until it stops moving (``nxt[i] == i`` marks an end), by pointer doubling:
+    log2(longest chain) vectorised steps, no recursion; at most ``_MAX_JUMPS`` (a cycle never
+    stops moving)."""
+    for _ in range(_MAX_JUMPS):
+        jumped = nxt[nxt]
+        if np.array_equal(jumped, nxt):
+            break
+        nxt = jumped
+    return nxt
+
+
 def _break_cycles(parent: np.ndarray, start_ns: np.ndarray) -> np.ndarray:
     """Cut parent links that never reach a root. Every cycle has an edge whose parent does not start
     before its child; cutting those edges among unresolved spans breaks every cycle."""
-    rows = np.arange(parent.size)
-    top = np.where(parent >= 0, parent, rows)
-    for _ in range(_MAX_JUMPS):
-        nxt = top[top]
-        if np.array_equal(nxt, top):
-            break
-        top = nxt
+    top = pointer_fixpoint(np.where(parent >= 0, parent, np.arange(parent.size)))
     unresolved = parent[top] >= 0
     if not unresolved.any():
         return parent
@@ -239,12 +245,7 @@ def tree_depth_and_root(
     parent = _break_cycles(parent, start_ns)
     rows = np.arange(parent.size)
     depth = pointer_jump_sum(parent, (parent >= 0).astype(np.int64))
-    root = np.where(parent >= 0, parent, rows)
-    for _ in range(_MAX_JUMPS):
-        nxt = root[root]
-        if np.array_equal(nxt, root):
-            break
-        root = nxt
+    root = pointer_fixpoint(np.where(parent >= 0, parent, rows))
     return parent, depth.astype(np.int32), root
 
 

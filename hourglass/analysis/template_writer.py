@@ -16,34 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hourglass.analysis.design import build_design
+from hourglass.analysis.design import build_design, count, ms, pct
 from hourglass.analysis.writer import WriteOutcome, WriterContext, WrittenText
 
 Rec = dict[str, Any]
-
-
-def ms(value: Any) -> str:
-    """Milliseconds for people: '0.4 ms', '12 ms', '118 ms', '1.42 s'."""
-    if value is None:
-        return "an unknown time"
-    v = float(value)
-    if v >= 1000:
-        return f"{v / 1000:.2f} s"
-    if v >= 10:
-        return f"{v:.0f} ms"
-    return f"{v:.1f} ms"
-
-
-def count(value: Any) -> str:
-    """A count for people: 8 rather than 8.0, one decimal only when it is not whole (6.5)."""
-    if value is None:
-        return "several"
-    v = float(value)
-    return f"{v:.0f}" if v.is_integer() else f"{v:.1f}"
-
-
-def pct(value: Any) -> str:
-    return "an unknown share" if value is None else f"{float(value) * 100:.0f} %"
 
 
 def plural(n: Any, word: str, many: str | None = None) -> str:

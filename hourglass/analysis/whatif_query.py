@@ -182,6 +182,16 @@ def _split_target(text: str, flag: str, needs_value: bool) -> tuple[str, str, st
     return service, operation, value.strip()
 
 
+def _target_value(text: str, flag: str, convert: Callable[[str], Any], what: str) -> tuple[str, str, Any]:
+    """``svc:op=value`` with the value converted (``float``, ``int``); ``what`` names the kind of
+    value in the error."""
+    service, operation, value = _split_target(text, flag, True)
+    try:
+        return service, operation, convert(value)
+    except ValueError:
+        raise WhatIfInputError(f"{flag} {text!r}: {value!r} is not {what}") from None
+
+
 def changes_from_cli(
     *,
     speedup: Sequence[str] = (),
@@ -203,21 +213,13 @@ def changes_from_cli(
     for rec in recommendation:
         add("--recommendation", rec, {"recommendation": rec})
     for text in speedup:
-        service, operation, value = _split_target(text, "--speedup", True)
-        try:
-            factor: Any = float(value)
-        except ValueError:
-            raise WhatIfInputError(f"--speedup {text!r}: {value!r} is not a number") from None
+        service, operation, factor = _target_value(text, "--speedup", float, "a number")
         add("--speedup", text, {"speedup": {"service": service, "operation": operation, "factor": factor}})
     for text in parallelize:
         service, operation, _ = _split_target(text, "--parallelize", False)
         add("--parallelize", text, {"parallelize": {"service": service, "operation": operation}})
     for text in cap:
-        service, operation, value = _split_target(text, "--cap", True)
-        try:
-            k: Any = int(value)
-        except ValueError:
-            raise WhatIfInputError(f"--cap {text!r}: {value!r} is not a whole number") from None
+        service, operation, k = _target_value(text, "--cap", int, "a whole number")
         add("--cap", text, {"cap": {"service": service, "operation": operation, "concurrency": k}})
     if not out:
         raise WhatIfInputError("no change given: use --speedup, --recommendation, --parallelize or --cap")

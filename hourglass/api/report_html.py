@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hourglass.analysis.design import DESIGN_SECTIONS
+
 MAX_ROWS = 48  # rows per waterfall; more make the figure unreadable in a report
 NS_PER_MS = 1_000_000
 
@@ -828,15 +830,6 @@ def critical_paths_html(paths: list[Mapping[str, Any]], colours: Mapping[str, st
 
 # Design (issue 13): sequence diagrams, pattern, prose sections, pseudocode; the workstream plan
 
-_DESIGN_SECTIONS = (
-    ("rationale", "Why this pattern"),
-    ("dependencies", "Dependencies and races"),
-    ("consistency", "Consistency"),
-    ("failure_handling", "Failure handling"),
-    ("verification", "Verification"),
-    ("tests", "Tests"),
-)
-
 
 def _sequence_css() -> str:
     from hourglass.api.sequence_svg import SEQUENCE_CSS
@@ -885,7 +878,7 @@ def design_html(rec: Mapping[str, Any]) -> str:
         out.append(f'<p class="summary-text">{prose(pattern["summary"])}</p>')
     rows = [
         f"<dt>{esc(heading)}</dt><dd>{prose(design[key])}</dd>"
-        for key, heading in _DESIGN_SECTIONS
+        for key, heading in DESIGN_SECTIONS
         if design.get(key)
     ]
     if rows:

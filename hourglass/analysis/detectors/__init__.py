@@ -10,7 +10,8 @@ aggregates across traces by a stable signature (one bottleneck in 10,000 traces 
 10,000 occurrences) and attaches per-trace interventions (``hourglass.analysis.model``) so the what-if engine can
 measure the saving at the root. Its module docstring states its rule, thresholds and why.
 
-Keep ``DETECTORS`` a plain dict literal with one import per detector module.
+Keep ``DETECTORS`` a plain dict literal with one import per detector module. A detector module
+imports no other detector: what detectors share is in ``_common.py``.
 
 Split detectors (issue 11, :mod:`hourglass.analysis.partitions`) also export ``extract(ctx) -> Rows`` — the
 per-trace half, small tables from a set of whole traces — and ``decide(rows, notes) ->

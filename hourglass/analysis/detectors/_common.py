@@ -1,4 +1,8 @@
-"""Helpers shared by detectors: operation keys, statement/route normalisation, call children.
+"""Helpers shared by detectors: operation keys, statement/route normalisation, call children,
+fan-out sibling groups, failure and call-target expressions, and the pieces several detectors build
+their findings from. Every detector module is a leaf: what two detectors share lives here, never in
+one of them (``tests/analysis/test_detector_leaves.py``). Intermediates computed once per analysis
+(call children, sibling groups) are kept with :meth:`AnalysisContext.cached`.
 
 Normalisation (polars expressions, vectorised):
 
@@ -25,12 +29,23 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import polars as pl
 
-from hourglass.analysis.repair import STATEMENT_NAME
-from hourglass.collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import CollapseSpans, Finding, NearMissLog, Occurrence
+from hourglass.analysis.model import num as num  # detectors read it as _common.num
+from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
+from hourglass.collector.schema import (
+    KIND_CLIENT,
+    KIND_PRODUCER,
+    KIND_SERVER,
+    STATUS_ERROR,
+    STATUS_OK,
+)
 
 MAX_LABEL_CHARS = 160
 # A call name that does not say what is called (the HTTP client's "HTTP POST", a bare "GET"):
@@ -47,19 +62,8 @@ GENERIC_CALL_NAME = (
 Rows = dict[str, pl.DataFrame]
 
 
-class NearMissSink(Protocol):
-    """Where a decision records a candidate it dropped (``AnalysisContext`` is one)."""
-
-    def note_near_miss(
-        self,
-        kind: str,
-        service: str,
-        operation: str,
-        reason: str,
-        trace_ids: list[str] | tuple[str, ...] = (),
-        span_ids: list[str] | tuple[str, ...] = (),
-        traces: int = 0,
-    ) -> None: ...
+# Where a decision records a candidate it dropped (``AnalysisContext`` is one).
+NearMissSink = NearMissLog
 
 
 # Collapse every whitespace run to one space. Written to match only the runs that change (two or
@@ -262,9 +266,50 @@ def exemplars(trace_ids: list[str], limit: int = 5) -> list[str]:
     return list(dict.fromkeys(trace_ids))[:limit]
 
 
-def num(value: Any) -> float:
-    """A polars scalar (median, max, ...) as float; 0.0 for null/empty."""
-    return float(value) if isinstance(value, int | float) else 0.0
+def dropped_per_caller(dropped: pl.DataFrame, by: list[str], *extra: pl.Expr) -> pl.DataFrame:
+    """The runs of calls a detector dropped (rows of :func:`caller_group_columns` plus ``on_path``,
+    ``local_saving_ns`` and ``root_duration_ns``), one row per ``by`` (the caller, maybe with the
+    operation) in first-seen order: ``trace_ids`` (sorted), the first ``caller_span_id`` and
+    ``span_id`` list, ``on_path`` (runs on the critical path), ``count`` (runs), the medians
+    ``saving_ms`` and ``root_ms``, and ``extra`` aggregations."""
+    return dropped.group_by(by, maintain_order=True).agg(
+        pl.col("trace_id").unique().sort().alias("trace_ids"),
+        pl.col("caller_span_id").first(),
+        pl.col("span_id").first(),
+        pl.col("on_path").sum(),
+        pl.len().alias("count"),
+        (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
+        (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
+        *extra,
+    )
+
+
+def note_caller_miss(notes: NearMissSink, kind: str, row: dict[str, Any], reason: str) -> None:
+    """A near miss of a caller's run of calls: ``row`` has ``caller_service``, ``caller_name``,
+    ``trace_ids``, ``caller_span_id`` and the calls' ``span_id`` list."""
+    notes.note_near_miss(
+        kind,
+        str(row["caller_service"]),
+        str(row["caller_name"]),
+        reason,
+        row["trace_ids"],
+        [row["caller_span_id"], *row["span_id"]],
+        len(row["trace_ids"]),
+    )
+
+
+def batch_confidence(base: float, distinct_share: float, median_calls: float, traces: int) -> float:
+    """Confidence of a batching finding (``n_plus_one``, ``batchable_calls``): ``base``, +0.1 each
+    when most runs carry different parameters, when a run makes 10 calls or more (p50) and when
+    it is seen in 5 traces or more; capped at 0.95."""
+    score = base
+    if distinct_share >= 0.5:
+        score += 0.1
+    if median_calls >= 10:
+        score += 0.1
+    if traces >= 5:
+        score += 0.1
+    return round(min(0.95, score), 3)
 
 
 def caller_group_columns() -> list[pl.Expr]:
@@ -285,3 +330,351 @@ def caller_group_columns() -> list[pl.Expr]:
         pl.col("on_critical_path").any().alias("any_on_path"),
         pl.col("kind_inferred").any().alias("inferred_roles"),
     ]
+
+
+# -- calls and their children (serialized_calls, n_plus_one, batchable_calls) ------------------
+
+# A call that takes no input an earlier call could have produced (see the module docstring).
+_INPUT_ID_SEGMENT = r"/(?:\d+|[0-9a-fA-F]{16,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?:[/?#\s]|$)"
+_HTTP_INPUT = r"[{?]|" + _INPUT_ID_SEGMENT
+_SQL_INPUT = r"(?i)\bwhere\b|\?|\$\d|:[a-z_]\w*|%s|%\("
+# Whole words only (camelCase split first): "author", "books_author", "tokenizer", "sessionize",
+# "blocksize" are not gates; "authenticate", "AuthService", "validate_token", "db.connect" are.
+GATE_PATTERN = (
+    r"(?:^|[^a-z])(?:auth|authn|authz|authenticat(?:e|es|ed|ion|or)|authori[sz](?:e|es|ed|ation)|log-?in|sign-?in"
+    r"|o?auth2?|tokens?|sessions?|permissions?|acl|captcha|rate-?limit(?:s|er|ing|ed)?|throttle|quotas?"
+    r"|verify|verification|validat(?:e|es|ed|ion|or)|locks?|acquire|mutex|idempoten(?:t|cy)"
+    r"|nextval|next value|sequence|connect|connection)(?:$|[^a-z])"
+)
+
+
+def self_contained_call() -> pl.Expr:
+    """True for a call that cannot consume an earlier sibling's result: an HTTP GET/HEAD without
+    path parameters, query string or id-like path segments, or a SQL SELECT without WHERE or bind
+    parameters."""
+    method = pl.coalesce(
+        pl.col("http_method").str.to_uppercase(), pl.col("name").str.extract(r"^([A-Z]+)\s", 1)
+    )
+    http_text = pl.concat_str(
+        [pl.col("http_route"), pl.col("http_url"), pl.col("name")], separator=" ", ignore_nulls=True
+    )
+    http_ok = (
+        method.is_in(["GET", "HEAD"])
+        & pl.col("db_statement").is_null()
+        & pl.col("rpc_method").is_null()
+        & ~http_text.str.contains(_HTTP_INPUT)
+    )
+    sql_ok = pl.col("db_statement").str.contains(r"(?i)^\s*select\b") & ~pl.col("db_statement").str.contains(
+        _SQL_INPUT
+    )
+    return (http_ok.fill_null(False) | sql_ok.fill_null(False)).alias("self_contained")
+
+
+def tolerance(parent_duration: pl.Expr) -> pl.Expr:
+    """The repair tolerance for children of a parent of this duration (overlaps within it are clock noise)."""
+    return (parent_duration * TOLERANCE_FRACTION).cast(pl.Int64).clip(TOLERANCE_MIN_NS, TOLERANCE_MAX_NS)
+
+
+CALL_COLUMNS = (
+    "trace_id", "span_id", "row", "parent_row", "service", "name", "kind", "start_ns", "end_ns", "duration_ns",
+    "status_code", "blocking", "on_critical_path", "root_duration_ns", "db_system", "db_statement",
+    "http_method", "http_route", "http_url", "rpc_method", "peer", "kind_inferred",
+)  # fmt: skip
+
+
+def call_children(ctx: AnalysisContext) -> pl.DataFrame:
+    """Blocking call children with parent columns, operation key/label and target service, sorted by
+    (parent_row, start_ns). Computed once per context (``serialized_calls``, ``n_plus_one`` and
+    ``batchable_calls`` read the same frame): :meth:`AnalysisContext.cached`, key ``call_children``."""
+    return ctx.cached("call_children", lambda: _call_children(ctx))
+
+
+def _call_children(ctx: AnalysisContext) -> pl.DataFrame:
+    # Blocking children first, with only the parent's service (is_call needs it); the other parent
+    # columns are gathered for the few rows that survive (a gather of strings costs per row).
+    blocking = ctx.spans.filter(pl.col("parent_row").is_not_null() & pl.col("blocking")).select(CALL_COLUMNS)
+    blocking = blocking.with_columns(
+        ctx.spans["service"].gather(blocking["parent_row"]).alias("parent_service")
+    )
+    calls = blocking.filter(is_call())
+    wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
+    wrappers = blocking.filter(
+        ~is_call()
+        & (pl.col("service") == pl.col("parent_service"))
+        & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
+    )
+    out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
+    # Only calls with a sibling call can be serialized or repeated: normalise just those.
+    siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
+    out = ctx.with_parent(
+        out.join(siblings.select("parent_row"), on="parent_row", how="semi").drop("parent_service")
+    )
+    callees = (
+        ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
+        .select(
+            pl.col("parent_row").cast(pl.UInt32).alias("row"),
+            pl.col("service").alias("callee_service"),
+            pl.col("name").alias("callee_name"),
+        )
+        .unique(subset="row", keep="first")
+    )
+    remote = pl.col("callee_service") != pl.col("service")
+    out = out.join(callees, on="row", how="left").with_columns(
+        pl.when(remote).then(pl.col("callee_service")).alias("callee_service"),
+        pl.when(remote).then(pl.col("callee_name")).alias("callee_name"),
+    )
+    out = annotate_operations(out)
+    gate_text = (
+        pl.concat_str(
+            [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
+            separator=" ",
+        )
+        .str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2")
+        .str.to_lowercase()
+    )
+    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate"), self_contained_call()).sort(
+        ["parent_row", "start_ns", "row"]
+    )
+    return out
+
+
+# -- failed calls and their targets (error_propagation, retry_without_backoff, missing_timeout) -
+
+
+def failed_expr() -> pl.Expr:
+    """A span that reports failure: status ERROR, or an HTTP 5xx / 429 not overridden by status OK."""
+    http = pl.col("http_status_code")
+    return (pl.col("status_code") == STATUS_ERROR) | (
+        (pl.col("status_code") != STATUS_OK) & ((http >= 500) | (http == 429)).fill_null(False)
+    )
+
+
+def call_target_expr() -> pl.Expr:
+    """What an outgoing call talks to (peer, database system, destination); "" for other spans.
+    (Findings name a URL's host when none of these is recorded: :func:`url_host_expr`.)
+
+    Only CLIENT/PRODUCER spans use ``peer``: on a SERVER span the peer is the *caller's* address,
+    which varies per connection and would split one operation into many."""
+    outgoing = pl.col("kind").is_in([KIND_CLIENT, KIND_PRODUCER])
+    return (
+        pl.when(outgoing)
+        .then(pl.coalesce(pl.col("peer"), pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
+        .otherwise(pl.coalesce(pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
+    )
+
+
+URL_HOST_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@?#]*@)?([^/:?#]+)"
+
+
+def url_host_expr(column: str = "http_url") -> pl.Expr:
+    """The host of a URL column (null when it is not a URL). A regex per value: use it on the few
+    rows a finding names, never as a grouping key over every span."""
+    return pl.col(column).str.extract(URL_HOST_PATTERN, 1)
+
+
+# -- fan-out sibling groups (fanout_straggler, fanout_concurrency_limit, lock_contention) ------
+
+
+def stat(series: pl.Series, quantile: float = 0.5, scale: float = 1.0) -> float:
+    """A quantile of a numeric series divided by ``scale`` (0.0 for an empty series)."""
+    value = series.quantile(quantile, interpolation="linear") if series.len() else None
+    return float(value) / scale if isinstance(value, int | float) else 0.0
+
+
+def _endpoint() -> pl.Expr:
+    """The call's endpoint shape: the route, else the URL path with every segment that holds a
+    digit replaced by ``{}`` (``/shards/3/search`` → ``/shards/{}/search``); null when neither is
+    known. Generic client span names (``GET``, ``HTTP GET``) would otherwise put calls to different
+    endpoints in one group."""
+    path = (
+        pl.col("http_url")
+        .str.replace(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*", "")
+        .str.replace(r"[?#].*$", "")
+        .str.replace_all(r"/[^/]*[0-9][^/]*", "/{}")
+    )
+    return pl.coalesce(pl.col("http_route"), path)
+
+
+def target_operation(name: str, endpoint: str) -> str:
+    """The child operation as a finding names it: the span name, with the endpoint shape appended
+    when the name is a generic HTTP one (``HTTP GET`` → ``HTTP GET /route``)."""
+    return f"{name} {endpoint}" if endpoint else name
+
+
+# HTTP client span names that say nothing about the endpoint ("GET", "HTTP GET", "http.request").
+_GENERIC_HTTP_NAME = (
+    r"(?i)^(?:https?[ ._-]?)?(?:(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS)|request|client[ ._-]?request)?$"
+)
+
+
+def _generic_names(spans: pl.DataFrame) -> pl.Series:
+    names = spans["name"].unique()
+    return names.filter(names.str.contains(_GENERIC_HTTP_NAME))
+
+
+def sibling_groups(ctx: AnalysisContext, min_children: int) -> pl.DataFrame:
+    """See :func:`_sibling_groups`. Computed once per context and ``min_children`` (both fan-out
+    detectors group the same siblings): :meth:`AnalysisContext.cached`, key
+    ``sibling_groups/<min_children>``."""
+    return ctx.cached(f"sibling_groups/{min_children}", lambda: _sibling_groups(ctx.spans, min_children))
+
+
+def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
+    """Blocking children grouped by (parent, child service, child name, endpoint shape — see
+    :func:`_endpoint`), one row per child, for groups with at least ``min_children`` members:
+    ``row``, ``parent_row``, ``start_ns``, ``end_ns``, ``duration_ns`` and per group ``group_id``,
+    ``n``, ``first_start_ns``, ``last_start_ns``, ``first_end_ns``. Other span columns are fetched
+    for the few rows that need them with :func:`with_span_columns`.
+
+    The group key is a 64-bit hash and the frame carries only integers: windows over it stay cheap
+    at a million spans, where carrying string columns through a join costs more than the whole
+    detector may. The endpoint (regular expressions over URLs, the dearest step) is computed only
+    for children already in a group of ``min_children`` by name whose span name is a generic HTTP
+    one (``GET``, ``HTTP GET``, ``http.request``): any other name is the instrumentation's own
+    statement of what the call is."""
+    by_name = (
+        spans.lazy()
+        .filter(pl.col("blocking") & pl.col("parent_row").is_not_null())
+        .select(
+            "row",
+            "parent_row",
+            "start_ns",
+            "end_ns",
+            "duration_ns",
+            name_key=pl.struct("parent_row", "service", "name").hash(),
+            needs_endpoint=pl.col("name").is_in(_generic_names(spans).implode())
+            & (pl.col("http_url").is_not_null() | pl.col("http_route").is_not_null()),
+        )
+        .with_columns(n=pl.len().over("name_key"))
+        .filter(pl.col("n") >= min_children)
+        .collect()
+    )
+    endpoint_key = np.zeros(by_name.height, dtype=np.uint64)
+    needs = by_name["needs_endpoint"].to_numpy()
+    if needs.any():
+        rows = by_name["row"].filter(by_name["needs_endpoint"])
+        calls = pl.DataFrame([spans["http_route"].gather(rows), spans["http_url"].gather(rows)])
+        endpoint_key[needs] = calls.select(_endpoint().hash()).to_series().to_numpy()
+    return (
+        by_name.lazy()
+        .with_columns(endpoint_key=pl.Series(endpoint_key))
+        .select(
+            "row",
+            "parent_row",
+            "start_ns",
+            "end_ns",
+            "duration_ns",
+            group_id=pl.struct("name_key", "endpoint_key").hash(),
+        )
+        .with_columns(n=pl.len().over("group_id"))
+        .filter(pl.col("n") >= min_children)
+        .with_columns(
+            first_start_ns=pl.col("start_ns").min().over("group_id"),
+            last_start_ns=pl.col("start_ns").max().over("group_id"),
+            first_end_ns=pl.col("end_ns").min().over("group_id"),
+        )
+        .collect()
+    )
+
+
+def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """Adds span ``columns`` by ``row``; ``parent_service``/``parent_name`` come by ``parent_row``
+    and ``endpoint`` is :func:`_endpoint` ("" when unknown)."""
+    if spans.height and spans["row"][-1] != spans.height - 1:
+        raise ValueError("spans.row must be each span's position in the frame (AnalysisContext contract)")
+    rows = frame["row"]
+    derived = ("parent_service", "parent_name", "endpoint")
+    own = [spans[c].gather(rows) for c in columns if c not in derived]
+    if "endpoint" in columns:
+        call = pl.DataFrame([spans[c].gather(rows) for c in ("name", "http_route", "http_url")])
+        generic = pl.col("name").is_in(_generic_names(spans).implode())
+        endpoint = pl.when(generic).then(_endpoint()).otherwise(None)
+        own.append(call.select(endpoint.fill_null("").alias("endpoint")).to_series())
+    parents = [
+        spans[c.removeprefix("parent_")].gather(frame["parent_row"]).alias(c)
+        for c in columns
+        if c in ("parent_service", "parent_name")
+    ]
+    return frame.with_columns(own + parents)
+
+
+def fanout_finding(
+    kind: str,
+    first: dict[str, Any],
+    occurrences: list[Occurrence],
+    confidence: float,
+    evidence: dict[str, Any],
+) -> Finding:
+    """A fan-out detector's finding: the parent operation of ``first`` (a row with the fan-out
+    signature: parent_service, parent_name, service, name, endpoint) waits on the child operation;
+    the endpoint shape is part of the signature; confidence rounded and capped at 0.95."""
+    return Finding(
+        kind=kind,
+        category="parallelization",
+        service=first["parent_service"],
+        operation=first["parent_name"],
+        targets=[
+            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
+        ],
+        occurrences=occurrences,
+        confidence=round(min(confidence, 0.95), 3),
+        evidence=evidence,
+        signature_extra=first["endpoint"],
+    )
+
+
+def batch_occurrences(
+    group: pl.DataFrame, numbers: Callable[[dict[str, Any]], dict[str, float]]
+) -> list[Occurrence]:
+    """One occurrence per caller instance of ``group`` (rows of :func:`caller_group_columns` with
+    ``batched_ns``): the caller and its calls, collapsed into one call of ``batched_ns``;
+    ``numbers(row)`` gives the occurrence's numbers."""
+    return [
+        Occurrence(
+            trace_id=r["trace_id"],
+            span_ids=(r["caller_span_id"], *r["span_id"]),
+            interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
+            numbers=numbers(r),
+        )
+        for r in group.iter_rows(named=True)
+    ]
+
+
+def parameter_stats(group: pl.DataFrame) -> tuple[float, bool, float]:
+    """Of a batching candidate's caller instances (``distinct_params``, ``params_known``,
+    ``calls``): the share whose calls carry different parameters, whether any call's parameters
+    are known at all, and the median number of calls."""
+    return (
+        num((group["distinct_params"] > 1).mean()),
+        bool(group["params_known"].any()),
+        num(group["calls"].median()),
+    )
+
+
+def caller_finding(
+    kind: str,
+    caller: tuple[Any, Any],
+    targets: list[dict[str, str]],
+    occurrences: list[Occurrence],
+    confidence: float,
+    evidence: dict[str, Any],
+    signature_extra: Any,
+    inferred_roles: bool,
+) -> Finding:
+    """A finding about the calls one caller operation makes (``serialized_calls``, ``n_plus_one``,
+    ``batchable_calls``): ``caller`` is its (service, operation), ``signature_extra`` tells its
+    call patterns apart, and ``inferred_roles`` (a call's kind inferred from structure) is marked
+    last in the evidence."""
+    if inferred_roles:
+        evidence["inferred_roles"] = True
+    return Finding(
+        kind=kind,
+        category="parallelization",
+        service=str(caller[0]),
+        operation=str(caller[1]),
+        targets=targets,
+        occurrences=occurrences,
+        confidence=confidence,
+        evidence=evidence,
+        signature_extra=str(signature_extra),
+    )

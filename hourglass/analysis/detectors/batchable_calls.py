@@ -57,9 +57,8 @@ import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.serialized_calls import call_children
-from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
+from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
+from hourglass.analysis.model import Finding
 from hourglass.collector.schema import STATUS_ERROR
 
 KIND = "batchable_calls"
@@ -129,17 +128,6 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def confidence(distinct_share: float, traces: int, median_calls: float) -> float:
-    score = 0.5
-    if distinct_share >= 0.5:
-        score += 0.1
-    if traces >= 5:
-        score += 0.1
-    if median_calls >= 10:
-        score += 0.1
-    return round(min(0.95, score), 3)
-
-
 def extract(ctx: AnalysisContext) -> Rows:
     """Per-trace half: ``groups``, one row per (parent, operation) with at least ``MIN_CALLS``
     calls, concurrent or not (the decision counts the caller's instances from them)."""
@@ -206,23 +194,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 len(trace_ids),
             )
             continue
-        occurrences = [
-            Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
-                numbers={
-                    "calls": float(r["calls"]),
-                    "server_ms": r["server_ns"] / 1e6,
-                    "batched_ms": r["batched_ns"] / 1e6,
-                    "latency_ms": r["latency_ns"] / 1e6,
-                },
-            )
-            for r in group.iter_rows(named=True)
-        ]
-        distinct_share = _common.num((group["distinct_params"] > 1).mean())
-        params_known = bool(group["params_known"].any())
-        median_calls = _common.num(group["calls"].median())
+        occurrences = _common.batch_occurrences(
+            group,
+            lambda r: {
+                "calls": float(r["calls"]),
+                "server_ms": r["server_ns"] / 1e6,
+                "batched_ms": r["batched_ns"] / 1e6,
+                "latency_ms": r["latency_ns"] / 1e6,
+            },
+        )
+        distinct_share, params_known, median_calls = _common.parameter_stats(group)
         evidence = {
             "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
             "span_ids": spans[: 1 + MAX_EXEMPLARS],
@@ -239,19 +220,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             "statement": str(group["op_detail"][0] or label),
             "caller_instances": seen,
         }
-        if bool(group["inferred_roles"].any()):
-            evidence["inferred_roles"] = True
         findings.append(
-            Finding(
-                kind=KIND,
-                category="parallelization",
-                service=str(caller_service),
-                operation=str(caller_name),
-                targets=[{"service": str(target_service), "operation": label}],
-                occurrences=occurrences,
-                confidence=confidence(distinct_share, len(trace_ids), median_calls),
-                evidence=evidence,
-                signature_extra=str(op_key),
+            _common.caller_finding(
+                KIND,
+                (caller_service, caller_name),
+                [{"service": str(target_service), "operation": label}],
+                occurrences,
+                _common.batch_confidence(0.5, distinct_share, median_calls, len(trace_ids)),
+                evidence,
+                op_key,
+                bool(group["inferred_roles"].any()),
             )
         )
     return findings

@@ -63,15 +63,20 @@ import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.detectors._common import (
+    NearMissSink,
+    Rows,
+    call_target_expr,
+    failed_expr,
+    url_host_expr,
+)
 from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.repair import pointer_fixpoint
 from hourglass.collector.schema import (
     KIND_CLIENT,
     KIND_INTERNAL,
     KIND_PRODUCER,
     KIND_UNSPECIFIED,
-    STATUS_ERROR,
-    STATUS_OK,
     STATUS_UNSET,
 )
 
@@ -79,37 +84,6 @@ KIND = "error_propagation"
 MIN_PROPAGATED_TRACES = 2  # one failed request can be bad luck; two or more is a pattern
 OTHER_CALLER_FALLBACK_FACTOR = 0.8  # confidence factor when other callers contain the same dependency
 CHAIN_DISPLAY_LIMIT = 12  # operations shown in the exemplar chain
-
-
-def failed_expr() -> pl.Expr:
-    """A span that reports failure: status ERROR, or an HTTP 5xx / 429 not overridden by status OK."""
-    http = pl.col("http_status_code")
-    return (pl.col("status_code") == STATUS_ERROR) | (
-        (pl.col("status_code") != STATUS_OK) & ((http >= 500) | (http == 429)).fill_null(False)
-    )
-
-
-def call_target_expr() -> pl.Expr:
-    """What an outgoing call talks to (peer, database system, destination); "" for other spans.
-    (Findings name a URL's host when none of these is recorded: :func:`url_host_expr`.)
-
-    Only CLIENT/PRODUCER spans use ``peer``: on a SERVER span the peer is the *caller's* address,
-    which varies per connection and would split one operation into many."""
-    outgoing = pl.col("kind").is_in([KIND_CLIENT, KIND_PRODUCER])
-    return (
-        pl.when(outgoing)
-        .then(pl.coalesce(pl.col("peer"), pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
-        .otherwise(pl.coalesce(pl.col("db_system"), pl.col("messaging_destination"), pl.lit("")))
-    )
-
-
-URL_HOST_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@?#]*@)?([^/:?#]+)"
-
-
-def url_host_expr(column: str = "http_url") -> pl.Expr:
-    """The host of a URL column (null when it is not a URL). A regex per value: use it on the few
-    rows a finding names, never as a grouping key over every span."""
-    return pl.col(column).str.extract(URL_HOST_PATTERN, 1)
 
 
 def outgoing_call_expr() -> pl.Expr:
@@ -120,16 +94,6 @@ def outgoing_call_expr() -> pl.Expr:
         | pl.col("rpc_method").is_not_null() & (pl.col("kind") != KIND_INTERNAL)
         | pl.col("messaging_destination").is_not_null()
     )
-
-
-def pointer_fixpoint(nxt: np.ndarray) -> np.ndarray:
-    """Follow ``nxt`` until it stops moving (``nxt[i] == i`` marks an end), by pointer doubling:
-    log2(longest chain) vectorised steps, no recursion."""
-    while True:
-        jumped = nxt[nxt]
-        if np.array_equal(jumped, nxt):
-            return nxt
-        nxt = jumped
 
 
 def _confidence(propagated: int, contained_same: int, contained_other: int) -> float:

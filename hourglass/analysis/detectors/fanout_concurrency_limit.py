@@ -72,8 +72,10 @@ from __future__ import annotations
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.fanout_straggler import (
+from hourglass.analysis.detectors._common import (
+    NearMissSink,
+    Rows,
+    fanout_finding,
     sibling_groups,
     stat,
     target_operation,
@@ -129,7 +131,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     traces). Fan-outs are keyed by ``fanout_id``, a hash of the trace, the parent span and the
     signature, so partitions never collide."""
     spans = ctx.spans
-    all_kids = sibling_groups(spans, MIN_CHILDREN)
+    all_kids = sibling_groups(ctx, MIN_CHILDREN)
     if all_kids.is_empty():
         return {}
     widths = (
@@ -598,16 +600,4 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
         "wide_fanouts": wide_fanouts,
         "capped_rate": round(rate, 3),
     }
-    return Finding(
-        kind=KIND,
-        category="parallelization",
-        service=first["parent_service"],
-        operation=first["parent_name"],
-        targets=[
-            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
-        ],
-        occurrences=occurrences,
-        confidence=round(min(confidence, 0.95), 3),
-        evidence=evidence,
-        signature_extra=first["endpoint"],
-    )
+    return fanout_finding(KIND, first, occurrences, confidence, evidence)

@@ -48,14 +48,20 @@ straggler rate (+0.1 when at least half the fan-outs straggle) and with an ident
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.detectors._common import (
+    NearMissSink,
+    Rows,
+    fanout_finding,
+    sibling_groups,
+    stat,
+    target_operation,
+    with_span_columns,
+)
 from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
 from hourglass.collector.schema import KIND_SERVER
 
@@ -81,136 +87,6 @@ _CHILD_COLUMNS = [
 ]
 # A shard/partition-like attribute value inside the hints JSON object.
 _SHARD_HINT = r'"[^"]*(?:shard|partition|bucket|replica)[^"]*"\s*:\s*"?([^",}\]]+)'
-
-
-def stat(series: pl.Series, quantile: float = 0.5, scale: float = 1.0) -> float:
-    """A quantile of a numeric series divided by ``scale`` (0.0 for an empty series)."""
-    value = series.quantile(quantile, interpolation="linear") if series.len() else None
-    return float(value) / scale if isinstance(value, int | float) else 0.0
-
-
-def _endpoint() -> pl.Expr:
-    """The call's endpoint shape: the route, else the URL path with every segment that holds a
-    digit replaced by ``{}`` (``/shards/3/search`` → ``/shards/{}/search``); null when neither is
-    known. Generic client span names (``GET``, ``HTTP GET``) would otherwise put calls to different
-    endpoints in one group."""
-    path = (
-        pl.col("http_url")
-        .str.replace(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*", "")
-        .str.replace(r"[?#].*$", "")
-        .str.replace_all(r"/[^/]*[0-9][^/]*", "/{}")
-    )
-    return pl.coalesce(pl.col("http_route"), path)
-
-
-def target_operation(name: str, endpoint: str) -> str:
-    """The child operation as a finding names it: the span name, with the endpoint shape appended
-    when the name is a generic HTTP one (``HTTP GET`` → ``HTTP GET /route``)."""
-    return f"{name} {endpoint}" if endpoint else name
-
-
-# HTTP client span names that say nothing about the endpoint ("GET", "HTTP GET", "http.request").
-_GENERIC_HTTP_NAME = (
-    r"(?i)^(?:https?[ ._-]?)?(?:(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS)|request|client[ ._-]?request)?$"
-)
-# One cached result per spans frame: both fan-out detectors group the same siblings.
-_sibling_cache: dict[int, tuple[weakref.ref[pl.DataFrame], int, pl.DataFrame]] = {}
-
-
-def _generic_names(spans: pl.DataFrame) -> pl.Series:
-    names = spans["name"].unique()
-    return names.filter(names.str.contains(_GENERIC_HTTP_NAME))
-
-
-def sibling_groups(spans: pl.DataFrame, min_children: int = MIN_BRANCHES) -> pl.DataFrame:
-    """See :func:`_sibling_groups`; the result is cached for the frame (one entry, by identity)."""
-    cached = _sibling_cache.get(id(spans))
-    if cached is not None and cached[0]() is spans and cached[1] == min_children:
-        return cached[2]
-    result = _sibling_groups(spans, min_children)
-    _sibling_cache.clear()
-    _sibling_cache[id(spans)] = (weakref.ref(spans), min_children, result)
-    weakref.finalize(spans, _sibling_cache.pop, id(spans), None)  # no memory kept past the frame
-    return result
-
-
-def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
-    """Blocking children grouped by (parent, child service, child name, endpoint shape — see
-    :func:`_endpoint`), one row per child, for groups with at least ``min_children`` members:
-    ``row``, ``parent_row``, ``start_ns``, ``end_ns``, ``duration_ns`` and per group ``group_id``,
-    ``n``, ``first_start_ns``, ``last_start_ns``, ``first_end_ns``. Other span columns are fetched
-    for the few rows that need them with :func:`with_span_columns`.
-
-    The group key is a 64-bit hash and the frame carries only integers: windows over it stay cheap
-    at a million spans, where carrying string columns through a join costs more than the whole
-    detector may. The endpoint (regular expressions over URLs, the dearest step) is computed only
-    for children already in a group of ``min_children`` by name whose span name is a generic HTTP
-    one (``GET``, ``HTTP GET``, ``http.request``): any other name is the instrumentation's own
-    statement of what the call is."""
-    by_name = (
-        spans.lazy()
-        .filter(pl.col("blocking") & pl.col("parent_row").is_not_null())
-        .select(
-            "row",
-            "parent_row",
-            "start_ns",
-            "end_ns",
-            "duration_ns",
-            name_key=pl.struct("parent_row", "service", "name").hash(),
-            needs_endpoint=pl.col("name").is_in(_generic_names(spans).implode())
-            & (pl.col("http_url").is_not_null() | pl.col("http_route").is_not_null()),
-        )
-        .with_columns(n=pl.len().over("name_key"))
-        .filter(pl.col("n") >= min_children)
-        .collect()
-    )
-    endpoint_key = np.zeros(by_name.height, dtype=np.uint64)
-    needs = by_name["needs_endpoint"].to_numpy()
-    if needs.any():
-        rows = by_name["row"].filter(by_name["needs_endpoint"])
-        calls = pl.DataFrame([spans["http_route"].gather(rows), spans["http_url"].gather(rows)])
-        endpoint_key[needs] = calls.select(_endpoint().hash()).to_series().to_numpy()
-    return (
-        by_name.lazy()
-        .with_columns(endpoint_key=pl.Series(endpoint_key))
-        .select(
-            "row",
-            "parent_row",
-            "start_ns",
-            "end_ns",
-            "duration_ns",
-            group_id=pl.struct("name_key", "endpoint_key").hash(),
-        )
-        .with_columns(n=pl.len().over("group_id"))
-        .filter(pl.col("n") >= min_children)
-        .with_columns(
-            first_start_ns=pl.col("start_ns").min().over("group_id"),
-            last_start_ns=pl.col("start_ns").max().over("group_id"),
-            first_end_ns=pl.col("end_ns").min().over("group_id"),
-        )
-        .collect()
-    )
-
-
-def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """Adds span ``columns`` by ``row``; ``parent_service``/``parent_name`` come by ``parent_row``
-    and ``endpoint`` is :func:`_endpoint` ("" when unknown)."""
-    if spans.height and spans["row"][-1] != spans.height - 1:
-        raise ValueError("spans.row must be each span's position in the frame (AnalysisContext contract)")
-    rows = frame["row"]
-    derived = ("parent_service", "parent_name", "endpoint")
-    own = [spans[c].gather(rows) for c in columns if c not in derived]
-    if "endpoint" in columns:
-        call = pl.DataFrame([spans[c].gather(rows) for c in ("name", "http_route", "http_url")])
-        generic = pl.col("name").is_in(_generic_names(spans).implode())
-        endpoint = pl.when(generic).then(_endpoint()).otherwise(None)
-        own.append(call.select(endpoint.fill_null("").alias("endpoint")).to_series())
-    parents = [
-        spans[c.removeprefix("parent_")].gather(frame["parent_row"]).alias(c)
-        for c in columns
-        if c in ("parent_service", "parent_name")
-    ]
-    return frame.with_columns(own + parents)
 
 
 def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
@@ -264,7 +140,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     path, with its branches and the straggler shortening) and ``fanouts`` (parallel fan-outs seen
     per signature, a partial count that :func:`decide` sums)."""
     spans = ctx.spans
-    kids = sibling_groups(spans)
+    kids = sibling_groups(ctx, MIN_BRANCHES)
     # Fan-outs that ran fully in parallel: every child started before the first one finished.
     kids = kids.filter(pl.col("last_start_ns") < pl.col("first_end_ns"))
     if kids.is_empty():
@@ -386,10 +262,6 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     return findings
 
 
-def _target(name: str, endpoint: str) -> str:
-    return target_operation(name, endpoint)
-
-
 def _note_balanced(notes: NearMissSink, fanouts: pl.DataFrame) -> None:
     """Near misses: parallel fan-outs of a signature where no fan-out has a straggler (one row per
     signature)."""
@@ -398,7 +270,7 @@ def _note_balanced(notes: NearMissSink, fanouts: pl.DataFrame) -> None:
             KIND,
             r["parent_service"],
             r["parent_name"],
-            f"balanced fan-out to {r['service']} {_target(r['name'], r['endpoint'])}: slowest branch at most "
+            f"balanced fan-out to {r['service']} {target_operation(r['name'], r['endpoint'])}: slowest branch at most "
             f"{r['ratio_max']:.2g}x the median (at most +{r['excess_max_ns'] / 1e6:.3g} ms) in {r['fanouts_seen']} "
             f"fan-outs; a straggler needs >= {STRAGGLER_RATIO:g}x and +{MIN_EXCESS_NS / 1e6:g} ms",
             trace_ids=r["trace_ids"],
@@ -414,7 +286,7 @@ def _note_off_critical_path(notes: NearMissSink, off: pl.DataFrame) -> None:
             KIND,
             r["parent_service"],
             r["parent_name"],
-            f"straggler to {r['service']} {_target(r['name'], r['endpoint'])} off the critical path in all "
+            f"straggler to {r['service']} {target_operation(r['name'], r['endpoint'])} off the critical path in all "
             f"{r['fanouts']} straggling fan-outs: shortening it saves nothing at the root",
             trace_ids=r["trace_ids"],
             span_ids=r["span_ids"],
@@ -437,7 +309,7 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
                 KIND,
                 first["parent_service"],
                 first["parent_name"],
-                f"stragglers to {first['service']} {_target(first['name'], first['endpoint'])} in {frame.height} "
+                f"stragglers to {first['service']} {target_operation(first['name'], first['endpoint'])} in {frame.height} "
                 f"of {fanouts_seen} fan-outs ({rate:.0%}) < {MIN_STRAGGLER_RATE:.0%}: occasional, not systematic",
                 trace_ids=frame["trace_id"].unique(maintain_order=True).head(5).to_list(),
                 traces=traces,
@@ -496,16 +368,4 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
         "excess_ms_p50": stat(excess, scale=1e6),
         "excess_ms_p95": stat(excess, 0.95, 1e6),
     }
-    return Finding(
-        kind=KIND,
-        category="parallelization",
-        service=first["parent_service"],
-        operation=first["parent_name"],
-        targets=[
-            {"service": first["service"], "operation": target_operation(first["name"], first["endpoint"])}
-        ],
-        occurrences=occurrences,
-        confidence=round(min(confidence, 0.95), 3),
-        evidence=evidence,
-        signature_extra=first["endpoint"],
-    )
+    return fanout_finding(KIND, first, occurrences, confidence, evidence)

@@ -80,8 +80,7 @@ import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import WHITESPACE_RUN, NearMissSink, Rows
-from hourglass.analysis.detectors.fanout_straggler import stat, with_span_columns
+from hourglass.analysis.detectors._common import WHITESPACE_RUN, NearMissSink, Rows, stat, with_span_columns
 from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
 from hourglass.collector.schema import KIND_CONSUMER, KIND_PRODUCER
 

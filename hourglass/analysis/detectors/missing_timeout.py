@@ -71,8 +71,13 @@ import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import NearMissSink, Rows, route_template
-from hourglass.analysis.detectors.error_propagation import call_target_expr, url_host_expr
+from hourglass.analysis.detectors._common import (
+    NearMissSink,
+    Rows,
+    call_target_expr,
+    route_template,
+    url_host_expr,
+)
 from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
 

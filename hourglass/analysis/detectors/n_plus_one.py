@@ -48,9 +48,8 @@ import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.serialized_calls import _tolerance, call_children
-from hourglass.analysis.model import CollapseSpans, Finding, Occurrence
+from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
+from hourglass.analysis.model import Finding
 from hourglass.collector.schema import STATUS_ERROR
 
 KIND = "n_plus_one"
@@ -68,7 +67,7 @@ MIN_CALLER_SHARE = 0.25
 def _ordered_calls(calls: pl.DataFrame) -> pl.DataFrame:
     """Calls of (parent, operation) groups of at least ``MIN_REPEATS``, in start order, with
     ``_continues``: the call starts after every earlier call of its group ended."""
-    tol = _tolerance(pl.col("parent_duration_ns"))
+    tol = _common.tolerance(pl.col("parent_duration_ns"))
     # A sequence is a chain inside one (parent, operation) group: groups with fewer than
     # MIN_REPEATS calls cannot hold one, so they are dropped before the sort (most call groups).
     calls = calls.filter(pl.len().over(["parent_row", "op_key"]) >= MIN_REPEATS)
@@ -149,48 +148,21 @@ def _sequences(ordered: pl.DataFrame) -> pl.DataFrame:
 def _note_dropped(notes: NearMissSink, dropped: pl.DataFrame) -> None:
     """One near miss per caller and operation whose sequences were all too small or off the
     critical path (retry bursts are retry_without_backoff's)."""
-    for r in (
-        dropped.group_by("caller_service", "caller_name", "op_label", maintain_order=True)
-        .agg(
-            pl.col("trace_id").unique().sort().alias("trace_ids"),
-            pl.col("caller_span_id").first(),
-            pl.col("span_id").first(),
-            pl.col("on_path").sum(),
-            pl.len().alias("sequences"),
-            (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
-            (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
-            (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
-        )
-        .iter_rows(named=True)
-    ):
+    per_caller = _common.dropped_per_caller(
+        dropped,
+        ["caller_service", "caller_name", "op_label"],
+        (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
+    )
+    for r in per_caller.iter_rows(named=True):
         if r["on_path"] == 0:
-            reason = f"{r['sequences']} sequences, none on the critical path"
+            reason = f"{r['count']} sequences, none on the critical path"
         else:
             reason = (
                 f"saving p50 {r['saving_ms']:.2f} ms < max({MIN_SAVING_NS / 1e6:g} ms, "
                 f"{MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request) and the caller's loops "
                 f"save {r['caller_share']:.0%} < {MIN_CALLER_SHARE:.0%} of it"
             )
-        notes.note_near_miss(
-            KIND,
-            str(r["caller_service"]),
-            str(r["caller_name"]),
-            f"{r['op_label']}: {reason}",
-            r["trace_ids"],
-            [r["caller_span_id"], *r["span_id"]],
-            len(r["trace_ids"]),
-        )
-
-
-def confidence(distinct_params_share: float, median_calls: float, traces: int) -> float:
-    score = 0.6
-    if distinct_params_share >= 0.5:
-        score += 0.1
-    if median_calls >= 10:
-        score += 0.1
-    if traces >= 5:
-        score += 0.1
-    return round(min(0.95, score), 3)
+        _common.note_caller_miss(notes, KIND, r, f"{r['op_label']}: {reason}")
 
 
 CALLER_OP = ["parent_service", "parent_name", "op_key"]
@@ -251,36 +223,27 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 seen,
             )
             continue
-        occurrences = [
-            Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
-                numbers={
-                    "calls": float(r["calls"]),
-                    "distinct_parameters": float(r["distinct_params"]),
-                    "serial_ms": r["serial_ns"] / 1e6,
-                    "batched_ms": r["batched_ns"] / 1e6,
-                },
-            )
-            for r in group.iter_rows(named=True)
-        ]
+        occurrences = _common.batch_occurrences(
+            group,
+            lambda r: {
+                "calls": float(r["calls"]),
+                "distinct_parameters": float(r["distinct_params"]),
+                "serial_ms": r["serial_ns"] / 1e6,
+                "batched_ms": r["batched_ns"] / 1e6,
+            },
+        )
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        distinct_share = _common.num((group["distinct_params"] > 1).mean())
-        params_known = bool(group["params_known"].any())
-        median_calls = _common.num(group["calls"].median())
+        distinct_share, params_known, median_calls = _common.parameter_stats(group)
         label = str(group["op_label"][0])
         statement = str(group["op_detail"][0] or group["op_label"][0])
         findings.append(
-            Finding(
-                kind=KIND,
-                category="parallelization",
-                service=str(caller_service),
-                operation=str(caller_name),
-                targets=[{"service": str(target_service), "operation": label}],
-                occurrences=occurrences,
-                confidence=confidence(distinct_share, median_calls, len(trace_ids)),
-                evidence={
+            _common.caller_finding(
+                KIND,
+                (caller_service, caller_name),
+                [{"service": str(target_service), "operation": label}],
+                occurrences,
+                _common.batch_confidence(0.6, distinct_share, median_calls, len(trace_ids)),
+                {
                     "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
                     "span_ids": list(occurrences[0].span_ids[: 1 + MAX_EXEMPLARS]),
                     "calls_p50": median_calls,
@@ -296,9 +259,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "caller_share_p50": round(
                         _common.num((group["caller_saving_ns"] / group["parent_duration_ns"]).median()), 3
                     ),
-                    **({"inferred_roles": True} if bool(group["inferred_roles"].any()) else {}),
                 },
-                signature_extra=str(op_key),
+                op_key,
+                bool(group["inferred_roles"].any()),
             )
         )
     return findings

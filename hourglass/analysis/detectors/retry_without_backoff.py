@@ -73,8 +73,13 @@ from typing import Any
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.detectors.error_propagation import call_target_expr, failed_expr, url_host_expr
+from hourglass.analysis.detectors._common import (
+    NearMissSink,
+    Rows,
+    call_target_expr,
+    failed_expr,
+    url_host_expr,
+)
 from hourglass.analysis.model import Finding, Occurrence
 from hourglass.collector.schema import KIND_SERVER
 

@@ -91,10 +91,8 @@ import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
-from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
 from hourglass.analysis.model import Finding, Occurrence, RunConcurrently
-from hourglass.analysis.repair import TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
-from hourglass.collector.schema import KIND_SERVER
 
 KIND = "serialized_calls"
 MAX_GAP_FRACTION = 0.5
@@ -108,108 +106,8 @@ FIXED_ORDER_MIN_INSTANCES = 10
 MIN_UNCHECKED_SAVING_NS = 20_000_000
 MIN_UNCHECKED_SAVING_SHARE = 0.1
 UNCHECKED_CONFIDENCE = 0.3
-# A call that takes no input an earlier call could have produced (see the module docstring).
-_ID_SEGMENT = r"/(?:\d+|[0-9a-fA-F]{16,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?:[/?#\s]|$)"
-_HTTP_INPUT = r"[{?]|" + _ID_SEGMENT
-_SQL_INPUT = r"(?i)\bwhere\b|\?|\$\d|:[a-z_]\w*|%s|%\("
-# Whole words only (camelCase split first): "author", "books_author", "tokenizer", "sessionize",
-# "blocksize" are not gates; "authenticate", "AuthService", "validate_token", "db.connect" are.
-GATE_PATTERN = (
-    r"(?:^|[^a-z])(?:auth|authn|authz|authenticat(?:e|es|ed|ion|or)|authori[sz](?:e|es|ed|ation)|log-?in|sign-?in"
-    r"|o?auth2?|tokens?|sessions?|permissions?|acl|captcha|rate-?limit(?:s|er|ing|ed)?|throttle|quotas?"
-    r"|verify|verification|validat(?:e|es|ed|ion|or)|locks?|acquire|mutex|idempoten(?:t|cy)"
-    r"|nextval|next value|sequence|connect|connection)(?:$|[^a-z])"
-)
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5
-
-
-def self_contained_call() -> pl.Expr:
-    """True for a call that cannot consume an earlier sibling's result: an HTTP GET/HEAD without
-    path parameters, query string or id-like path segments, or a SQL SELECT without WHERE or bind
-    parameters."""
-    method = pl.coalesce(
-        pl.col("http_method").str.to_uppercase(), pl.col("name").str.extract(r"^([A-Z]+)\s", 1)
-    )
-    http_text = pl.concat_str(
-        [pl.col("http_route"), pl.col("http_url"), pl.col("name")], separator=" ", ignore_nulls=True
-    )
-    http_ok = (
-        method.is_in(["GET", "HEAD"])
-        & pl.col("db_statement").is_null()
-        & pl.col("rpc_method").is_null()
-        & ~http_text.str.contains(_HTTP_INPUT)
-    )
-    sql_ok = pl.col("db_statement").str.contains(r"(?i)^\s*select\b") & ~pl.col("db_statement").str.contains(
-        _SQL_INPUT
-    )
-    return (http_ok.fill_null(False) | sql_ok.fill_null(False)).alias("self_contained")
-
-
-def _tolerance(parent_duration: pl.Expr) -> pl.Expr:
-    return (parent_duration * TOLERANCE_FRACTION).cast(pl.Int64).clip(TOLERANCE_MIN_NS, TOLERANCE_MAX_NS)
-
-
-CALL_COLUMNS = (
-    "trace_id", "span_id", "row", "parent_row", "service", "name", "kind", "start_ns", "end_ns", "duration_ns",
-    "status_code", "blocking", "on_critical_path", "root_duration_ns", "db_system", "db_statement",
-    "http_method", "http_route", "http_url", "rpc_method", "peer", "kind_inferred",
-)  # fmt: skip
-
-
-def call_children(ctx: AnalysisContext) -> pl.DataFrame:
-    """Blocking call children with parent columns, operation key/label and target service, sorted by
-    (parent_row, start_ns). Computed once per context (n_plus_one reads the same frame)."""
-    cached = ctx.cache.get("call_children")
-    if isinstance(cached, pl.DataFrame):
-        return cached
-    # Blocking children first, with only the parent's service (is_call needs it); the other parent
-    # columns are gathered for the few rows that survive (a gather of strings costs per row).
-    blocking = ctx.spans.filter(pl.col("parent_row").is_not_null() & pl.col("blocking")).select(CALL_COLUMNS)
-    blocking = blocking.with_columns(
-        ctx.spans["service"].gather(blocking["parent_row"]).alias("parent_service")
-    )
-    calls = blocking.filter(_common.is_call())
-    wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
-    wrappers = blocking.filter(
-        ~_common.is_call()
-        & (pl.col("service") == pl.col("parent_service"))
-        & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
-    )
-    out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
-    # Only calls with a sibling call can be serialized or repeated: normalise just those.
-    siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
-    out = ctx.with_parent(
-        out.join(siblings.select("parent_row"), on="parent_row", how="semi").drop("parent_service")
-    )
-    callees = (
-        ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
-        .select(
-            pl.col("parent_row").cast(pl.UInt32).alias("row"),
-            pl.col("service").alias("callee_service"),
-            pl.col("name").alias("callee_name"),
-        )
-        .unique(subset="row", keep="first")
-    )
-    remote = pl.col("callee_service") != pl.col("service")
-    out = out.join(callees, on="row", how="left").with_columns(
-        pl.when(remote).then(pl.col("callee_service")).alias("callee_service"),
-        pl.when(remote).then(pl.col("callee_name")).alias("callee_name"),
-    )
-    out = _common.annotate_operations(out)
-    gate_text = (
-        pl.concat_str(
-            [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
-            separator=" ",
-        )
-        .str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2")
-        .str.to_lowercase()
-    )
-    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate"), self_contained_call()).sort(
-        ["parent_row", "start_ns", "row"]
-    )
-    ctx.cache["call_children"] = out
-    return out
 
 
 def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
@@ -246,7 +144,7 @@ def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
     less than ``_common.MAX_SEQUENTIAL_OVERLAP_SHARE`` of the shorter call, with a small gap).
     ``calls`` sorted by (parent_row, start_ns)."""
     same_parent = pl.col("parent_row") == pl.col("parent_row").shift(1)
-    tol = _tolerance(pl.col("parent_duration_ns"))
+    tol = _common.tolerance(pl.col("parent_duration_ns"))
     max_gap = pl.max_horizontal(
         (pl.col("parent_duration_ns") * MAX_GAP_FRACTION).cast(pl.Int64), pl.lit(MIN_MAX_GAP_NS)
     )
@@ -340,35 +238,16 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
 
 def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame) -> None:
     """One near miss per caller whose runs were all too small or off the critical path."""
-    if dropped.height == 0:
-        return
-    per_caller = dropped.group_by("caller_service", "caller_name", maintain_order=True).agg(
-        pl.col("trace_id").unique().sort().alias("trace_ids"),
-        pl.col("caller_span_id").first(),
-        pl.col("span_id").first(),
-        pl.col("on_path").sum().alias("on_path_runs"),
-        pl.len().alias("runs"),
-        (pl.col("local_saving_ns").median() / 1e6).alias("saving_ms"),
-        (pl.col("root_duration_ns").median() / 1e6).alias("root_ms"),
-    )
-    for r in per_caller.iter_rows(named=True):
-        if r["on_path_runs"] == 0:
-            reason = f"{r['runs']} sequential runs, none on the critical path"
+    for r in _common.dropped_per_caller(dropped, ["caller_service", "caller_name"]).iter_rows(named=True):
+        if r["on_path"] == 0:
+            reason = f"{r['count']} sequential runs, none on the critical path"
         else:
             floor_ms = max(MIN_SAVING_NS / 1e6, r["root_ms"] * MIN_SAVING_SHARE)
             reason = (
                 f"saving p50 {r['saving_ms']:.2f} ms < {floor_ms:.2f} ms floor "
                 f"(max of {MIN_SAVING_NS / 1e6:g} ms and {MIN_SAVING_SHARE:.0%} of the {r['root_ms']:.1f} ms request)"
             )
-        notes.note_near_miss(
-            KIND,
-            str(r["caller_service"]),
-            str(r["caller_name"]),
-            reason,
-            r["trace_ids"],
-            [r["caller_span_id"], *r["span_id"]],
-            len(r["trace_ids"]),
-        )
+        _common.note_caller_miss(notes, KIND, r, reason)
 
 
 def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
@@ -428,7 +307,7 @@ def _independence(instances: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     seen = instances.join(sig_ops, on=["caller", "op"], how="inner").sort(
         ["signature", "instance", "start_ns", "end_ns", "op"]
     )
-    tol = _tolerance(pl.col("parent_duration_ns"))
+    tol = _common.tolerance(pl.col("parent_duration_ns"))
     same = (pl.col("instance") == pl.col("instance").shift(1)) & (
         pl.col("signature") == pl.col("signature").shift(1)
     )
@@ -647,19 +526,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             # the last call after the others (it may combine their results).
             evidence_numbers["independence_unverified"] = True
             evidence_numbers["last_call_kept_after"] = True
-        if bool(group["inferred_roles"].any()):
-            evidence_numbers["inferred_roles"] = True
         findings.append(
-            Finding(
-                kind=KIND,
-                category="parallelization",
-                service=str(caller_service),
-                operation=str(caller_name),
-                targets=targets,
-                occurrences=occurrences,
-                confidence=score,
-                evidence=evidence_numbers,
-                signature_extra=str(signature),
+            _common.caller_finding(
+                KIND,
+                (caller_service, caller_name),
+                targets,
+                occurrences,
+                score,
+                evidence_numbers,
+                signature,
+                bool(group["inferred_roles"].any()),
             )
         )
     return findings
