@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.error_propagation import detect
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import (
@@ -15,6 +14,7 @@ from hourglass.collector.schema import (
     STATUS_OK,
     STATUS_UNSET,
 )
+from tests.analysis._assertions import one_finding, one_recommendation, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -64,21 +64,13 @@ def checkout_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_dependency_failure_reaching_the_root_is_attributed_to_the_caller() -> None:
     traces = [checkout_trace(payment_fails=True, root_fails=True) for _ in range(5)]
     traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(15)]
-    findings = analyse(traces)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "error_propagation",
-        "fault_tolerance",
-        "frontend",
-        "GET /checkout",
-    )
+    f = one_finding(analyse(traces), "error_propagation", "fault_tolerance", "frontend", "GET /checkout")
     assert f.targets == [{"service": "payment", "operation": "POST /charge"}]
     assert f.requests_at_risk == 5
     assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
@@ -270,11 +262,7 @@ def test_end_to_end_the_report_carries_the_propagation_finding_ranked_by_risk() 
     traces += [checkout_trace(payment_fails=True, root_fails=False) for _ in range(2)]
     traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(14)]
     report = analyze(spans_table(traces))
-    recs = [r for r in report["recommendations"] if r["kind"] == "error_propagation"]
-    assert len(recs) == 1
-    rec = recs[0]
-    assert rec["category"] == "fault_tolerance"
-    assert (rec["service"], rec["operation"]) == ("frontend", "GET /checkout")
+    rec = one_recommendation(report, "error_propagation", "fault_tolerance", "frontend", "GET /checkout")
     assert rec["targets"] == [{"service": "payment", "operation": "POST /charge"}]
     assert rec["traces_affected"] == 4
     assert rec["impact"]["saved_ms_p50"] is None

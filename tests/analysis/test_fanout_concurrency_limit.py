@@ -15,6 +15,7 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.fanout_concurrency_limit import detect
 from hourglass.analysis.model import RunConcurrently
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -41,7 +42,7 @@ def pooled_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 DURATIONS = [50, 55, 48, 52, 60, 45, 51, 49, 58, 53]
@@ -50,14 +51,7 @@ DURATIONS = [50, 55, 48, 52, 60, 45, 51, 49, 58, 53]
 def test_pool_of_three_is_found_with_k_n_and_all_children_run_concurrently() -> None:
     built = [pooled_trace(DURATIONS[i:] + DURATIONS[:i], 3) for i in range(5)]
     findings = analyse([b for b, _ in built])
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "fanout_concurrency_limit",
-        "parallelization",
-        "frontend",
-        "HTTP GET /dispatch",
-    )
+    f = one_finding(findings, "fanout_concurrency_limit", "parallelization", "frontend", "HTTP GET /dispatch")
     assert f.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
     assert f.evidence["k"] == 3 and f.evidence["k_share"] == 1.0
     assert f.evidence["n_p50"] == 10

@@ -13,6 +13,7 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.fanout_straggler import detect
 from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -39,20 +40,12 @@ def search_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_same_shard_always_slow_is_skew_and_straggler_goes_to_the_median() -> None:
     traces = [search_trace([40, 42, 200 + 10 * i, 41]) for i in range(5)]
-    findings = analyse(traces)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "fanout_straggler",
-        "parallelization",
-        "search-api",
-        "GET /search",
-    )
+    f = one_finding(analyse(traces), "fanout_straggler", "parallelization", "search-api", "GET /search")
     assert f.targets == [{"service": "search-api", "operation": "query shard"}]
     assert f.evidence["pattern"] == "skew"
     assert f.evidence["slow_branch"] == "shard-2.search.svc"

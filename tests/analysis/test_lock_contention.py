@@ -23,11 +23,12 @@ from hourglass.analysis.detectors.lock_contention import (
 )
 from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import BASE_NS, TraceBuilder, spans_table
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def customer_trace(wait_ms: float, behind: int, customer_id: int) -> tuple[TraceBuilder, str]:
@@ -55,14 +56,8 @@ def customer_trace(wait_ms: float, behind: int, customer_id: int) -> tuple[Trace
 
 def test_lock_wait_events_are_one_finding_with_wait_share_and_shortened_query() -> None:
     built = [customer_trace(wait_ms=300.0 * (i % 3), behind=i % 3, customer_id=100 + i) for i in range(9)]
-    findings = analyse([b for b, _ in built])
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "lock_contention",
-        "parallelization",
-        "customer",
-        "SQL SELECT",
+    f = one_finding(
+        analyse([b for b, _ in built]), "lock_contention", "parallelization", "customer", "SQL SELECT"
     )
     assert f.targets == [{"service": "mysql", "operation": "SELECT * FROM customer WHERE customer_id=?"}]
     assert f.evidence["evidence"] == "explicit" and f.evidence["sources"] == ["events"]

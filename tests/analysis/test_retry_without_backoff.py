@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.retry_without_backoff import detect
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
+from tests.analysis._assertions import one_finding, one_recommendation, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -55,21 +55,13 @@ def product_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_immediate_retries_of_a_failing_call_are_one_finding() -> None:
     traces = [product_trace([0.2, 0.1, 0.3], outcomes=[False, False, False, True]) for _ in range(5)]
     traces += [product_trace([], outcomes=[True]) for _ in range(5)]
-    findings = analyse(traces)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "retry_without_backoff",
-        "fault_tolerance",
-        "product",
-        "GET /product",
-    )
+    f = one_finding(analyse(traces), "retry_without_backoff", "fault_tolerance", "product", "GET /product")
     assert f.targets == [{"service": "inventory", "operation": "GET /inventory"}]
     assert f.requests_at_risk == 5
     assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
@@ -234,11 +226,7 @@ def test_end_to_end_the_report_carries_the_retry_finding_ranked_by_risk() -> Non
     traces += [product_trace([], outcomes=[True]) for _ in range(10)]
     report = analyze(spans_table(traces))
     assert report["traces_analyzed"] == 20
-    recs = [r for r in report["recommendations"] if r["kind"] == "retry_without_backoff"]
-    assert len(recs) == 1
-    rec = recs[0]
-    assert rec["category"] == "fault_tolerance"
-    assert (rec["service"], rec["operation"]) == ("product", "GET /product")
+    rec = one_recommendation(report, "retry_without_backoff", "fault_tolerance", "product", "GET /product")
     assert rec["traces_affected"] == 5 and rec["occurrences"] == 5
     assert rec["impact"]["saved_ms_p50"] is None  # backoff adds latency: no saving is claimed
     assert rec["evidence"]["requests_at_risk"] == 5
