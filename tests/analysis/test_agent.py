@@ -24,6 +24,7 @@ from hourglass.analysis.agent import (
     ungrounded_numbers,
 )
 from hourglass.analysis.writer import WriteOutcome, WrittenText
+from tests.cli import otlp_json
 from tests.fake_anthropic import (
     FakeAnthropic,
     Step,
@@ -946,17 +947,7 @@ def _otlp_json_line(builders: list[Any]) -> str:
             if row["parent_span_id"]:
                 span["parentSpanId"] = row["parent_span_id"]
             spans_by_service.setdefault(row["service"], []).append(span)
-    return json.dumps(
-        {
-            "resourceSpans": [
-                {
-                    "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
-                    "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
-                }
-                for service, spans in spans_by_service.items()
-            ]
-        }
-    )
+    return json.dumps(otlp_json(spans_by_service))
 
 
 def _run_cli(args: list[str], env: dict[str, str]) -> Any:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from hourglass.analysis.model import RunConcurrently
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
+from tests.cli import analyze_file, otlp_json
 
 
 def pooled_trace(
@@ -274,24 +273,10 @@ def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None
                     ],
                 }
             )
-    document = {
-        "resourceSpans": [
-            {
-                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "frontend"}}]},
-                "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
-            }
-        ]
-    }
     path = tmp_path / "dispatch.otlp.json"
-    path.write_text(json.dumps(document))
-    cli = Path(sys.executable).with_name("hourglass")
-    done = subprocess.run(
-        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    (rec,) = [
-        r for r in json.loads(done.stdout)["recommendations"] if r["kind"] == "fanout_concurrency_limit"
-    ]
+    path.write_text(json.dumps(otlp_json({"frontend": spans})))
+    report = analyze_file(path, timeout=120)
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "fanout_concurrency_limit"]
     assert (rec["service"], rec["operation"]) == ("frontend", "HTTP GET /dispatch")
     assert rec["targets"] == [{"service": "frontend", "operation": "HTTP GET /route"}]
     assert rec["evidence"]["k"] == 3

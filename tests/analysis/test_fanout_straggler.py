@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
+from tests.cli import analyze_file, otlp_json
 
 
 def search_trace(
@@ -220,22 +219,10 @@ def test_cli_reports_a_hot_shard_from_an_otlp_json_file(tmp_path: Path) -> None:
                     ],
                 }
             )
-    document = {
-        "resourceSpans": [
-            {
-                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "search-api"}}]},
-                "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
-            }
-        ]
-    }
     path = tmp_path / "search.otlp.json"
-    path.write_text(json.dumps(document))
-    cli = Path(sys.executable).with_name("hourglass")
-    done = subprocess.run(
-        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    (rec,) = [r for r in json.loads(done.stdout)["recommendations"] if r["kind"] == "fanout_straggler"]
+    path.write_text(json.dumps(otlp_json({"search-api": spans})))
+    report = analyze_file(path, timeout=120)
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "fanout_straggler"]
     assert rec["targets"] == [{"service": "search-api", "operation": "GET /shards/{}/search"}]
     assert rec["evidence"]["pattern"] == "skew"
     assert rec["evidence"]["slow_branch"] == "http://index/shards/3/search"

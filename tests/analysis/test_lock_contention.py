@@ -6,8 +6,6 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +23,7 @@ from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
 from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import BASE_NS, TraceBuilder, spans_table
+from tests.cli import analyze_file
 
 
 def analyse(builders: list[TraceBuilder]):
@@ -432,12 +431,7 @@ def hotrod_jaeger_json(waits_ms: list[float]) -> dict:
 def test_cli_reports_hotrod_lock_waits_from_a_jaeger_file(tmp_path: Path) -> None:
     path = tmp_path / "hotrod.json"
     path.write_text(json.dumps(hotrod_jaeger_json([0, 250, 500, 0, 250, 500])))
-    cli = Path(sys.executable).with_name("hourglass")
-    done = subprocess.run(
-        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = analyze_file(path, timeout=120)
     (rec,) = [r for r in report["recommendations"] if r["kind"] == "lock_contention"]
     assert (rec["service"], rec["operation"]) == ("mysql", "SQL SELECT")
     assert rec["traces_affected"] == 4
