@@ -92,3 +92,26 @@ def spans_table(builders: TraceBuilder | Iterable[TraceBuilder]) -> pa.Table:
         builders = [builders]
     rows = [row for b in builders for row in b.rows]
     return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
+
+
+def spec(name: str, start_ms: float, dur_ms: float, **arguments: Any) -> dict[str, Any]:
+    """One span for repeated_trace: TraceBuilder.span's arguments, plus "under" (see there)."""
+    return {"name": name, "start_ms": start_ms, "dur_ms": dur_ms, **arguments}
+
+
+def repeated_trace(copies: int, service: str, *spans: dict[str, Any]) -> list[TraceBuilder]:
+    """`copies` traces alike, each built from the same spans (`spec`s), in order. A span is the child
+    of the span before it (the first is the root), unless it gives its parent's span id (`parent=`)
+    or the position of its parent in `spans` (`under=`)."""
+    traces = []
+    for _ in range(copies):
+        b = TraceBuilder(service=service)
+        ids: list[str] = []
+        for s in spans:
+            arguments = dict(s)
+            under = arguments.pop("under", len(ids) - 1)
+            if "parent" not in arguments:
+                arguments["parent"] = ids[under] if ids else None
+            ids.append(b.span(arguments.pop("name"), **arguments))
+        traces.append(b)
+    return traces

@@ -15,7 +15,7 @@ from hourglass.collector.schema import (
     STATUS_UNSET,
 )
 from tests.analysis._assertions import one_finding, one_recommendation, run_detector
-from tests.builders import TraceBuilder, spans_table
+from tests.builders import TraceBuilder, repeated_trace, spans_table, spec
 
 
 def checkout_trace(
@@ -130,58 +130,25 @@ def test_silent_internal_spans_pass_the_error_on() -> None:
 
 
 def test_an_explicitly_successful_intermediate_span_contains_the_error() -> None:
-    traces = []
-    for _ in range(4):
-        b = TraceBuilder(service="orders")
-        root = b.span("POST /orders", start_ms=0, dur_ms=50, kind=KIND_SERVER, status_code=STATUS_ERROR)
-        guard = b.span("load prices with fallback", parent=root, start_ms=1, dur_ms=30, status_code=STATUS_OK)
-        b.span(
-            "GET /prices",
-            parent=guard,
-            start_ms=2,
-            dur_ms=20,
-            kind=KIND_CLIENT,
-            peer="pricing",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        4,
+        "orders",
+        spec("POST /orders", 0, 50, kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("load prices with fallback", 1, 30, status_code=STATUS_OK),
+        spec("GET /prices", 2, 20, kind=KIND_CLIENT, peer="pricing", status_code=STATUS_ERROR),
+    )
     assert analyse(traces) == []
 
 
 def test_failing_database_call_is_attributed_to_the_service_that_queries_it() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="gateway")
-        root = b.span("GET /orders/{id}", start_ms=0, dur_ms=40, kind=KIND_SERVER, http_status_code=502)
-        call = b.span(
-            "GET /orders/{id}",
-            parent=root,
-            start_ms=1,
-            dur_ms=35,
-            kind=KIND_CLIENT,
-            peer="orders",
-            http_status_code=500,
-        )
-        server = b.span(
-            "GET /orders/{id}",
-            parent=call,
-            start_ms=2,
-            dur_ms=33,
-            kind=KIND_SERVER,
-            service="orders",
-            http_status_code=500,
-        )
-        b.span(
-            "SELECT orders",
-            parent=server,
-            start_ms=3,
-            dur_ms=30,
-            kind=KIND_CLIENT,
-            service="orders",
-            db_system="postgresql",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        3,
+        "gateway",
+        spec("GET /orders/{id}", 0, 40, kind=KIND_SERVER, http_status_code=502),
+        spec("GET /orders/{id}", 1, 35, kind=KIND_CLIENT, peer="orders", http_status_code=500),
+        spec("GET /orders/{id}", 2, 33, kind=KIND_SERVER, service="orders", http_status_code=500),
+        spec("SELECT orders", 3, 30, kind=KIND_CLIENT, service="orders", db_system="postgresql", status_code=STATUS_ERROR),
+    )
     findings = analyse(traces)
     assert len(findings) == 1
     f = findings[0]
@@ -193,65 +160,36 @@ def test_failing_database_call_is_attributed_to_the_service_that_queries_it() ->
 
 
 def test_errors_born_in_the_root_service_itself_are_not_dependency_failures() -> None:
-    traces = []
-    for _ in range(4):
-        b = TraceBuilder(service="api")
-        root = b.span("POST /login", start_ms=0, dur_ms=20, kind=KIND_SERVER, status_code=STATUS_ERROR)
-        b.span("validate password", parent=root, start_ms=1, dur_ms=5, status_code=STATUS_ERROR)
-        traces.append(b)
+    traces = repeated_trace(
+        4,
+        "api",
+        spec("POST /login", 0, 20, kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("validate password", 1, 5, status_code=STATUS_ERROR),
+    )
     assert analyse(traces) == []
 
 
 def test_orphan_chains_never_count_as_reaching_the_root() -> None:
-    traces = []
-    for _ in range(4):
-        b = TraceBuilder(service="payment")
-        server = b.span(
-            "POST /charge",
-            parent="00000000deadbeef",
-            start_ms=0,
-            dur_ms=20,
-            kind=KIND_SERVER,
-            status_code=STATUS_ERROR,
-        )
-        b.span(
-            "charge card",
-            parent=server,
-            start_ms=1,
-            dur_ms=10,
-            kind=KIND_CLIENT,
-            peer="bank",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        4,
+        "payment",
+        spec("POST /charge", 0, 20, parent="00000000deadbeef", kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("charge card", 1, 10, kind=KIND_CLIENT, peer="bank", status_code=STATUS_ERROR),
+    )
     assert analyse(traces) == []
 
 
 def test_a_fallback_used_by_another_caller_lowers_confidence() -> None:
-    def trace(service: str, root_fails: bool) -> TraceBuilder:
-        b = TraceBuilder(service=service)
-        root = b.span(
-            "GET /page",
-            start_ms=0,
-            dur_ms=30,
-            kind=KIND_SERVER,
-            status_code=STATUS_ERROR if root_fails else STATUS_UNSET,
+    def traces(service: str, root_status: int) -> list[TraceBuilder]:
+        return repeated_trace(
+            4,
+            service,
+            spec("GET /page", 0, 30, kind=KIND_SERVER, status_code=root_status),
+            spec("GET /recommendations", 1, 20, kind=KIND_CLIENT, peer="recommender", status_code=STATUS_ERROR),
         )
-        b.span(
-            "GET /recommendations",
-            parent=root,
-            start_ms=1,
-            dur_ms=20,
-            kind=KIND_CLIENT,
-            peer="recommender",
-            status_code=STATUS_ERROR,
-        )
-        return b
 
-    alone = analyse([trace("web", True) for _ in range(4)])
-    with_other = analyse(
-        [trace("web", True) for _ in range(4)] + [trace("mobile-bff", False) for _ in range(4)]
-    )
+    alone = analyse(traces("web", STATUS_ERROR))
+    with_other = analyse(traces("web", STATUS_ERROR) + traces("mobile-bff", STATUS_UNSET))
     assert [f.service for f in with_other] == ["web"]
     assert with_other[0].evidence["contained_by_other_callers_traces"] == 4
     assert with_other[0].confidence < alone[0].confidence
