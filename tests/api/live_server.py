@@ -71,13 +71,20 @@ class LiveServer:
 
 @contextlib.contextmanager
 def running_server(
-    tmp: Path, *, token: str | None = None, settle: str = "0.5s", env: dict[str, str] | None = None
+    tmp: Path,
+    *,
+    token: str | None = None,
+    settle: str = "0.5s",
+    env: dict[str, str] | None = None,
+    store: str = "",
+    stop_timeout: float = 15,
 ) -> Iterator[LiveServer]:
-    """Start `hourglass serve` on free ports over a fresh DuckDB file; stop it (SIGTERM, then kill).
-    ``env`` adds variables (e.g. ANTHROPIC_* to point the write-up agent at a fake server)."""
+    """Start `hourglass serve` on free ports over a fresh DuckDB file; stop it (SIGTERM, then kill
+    after ``stop_timeout`` s). ``env`` adds variables (e.g. ANTHROPIC_* to point the write-up agent
+    at a fake server); ``store="chdb"`` serves from a fresh embedded ClickHouse store instead."""
     extra_env = env or {}
     grpc_port, http_port, api_port = free_port(), free_port(), free_port()
-    db = tmp / "hourglass.duckdb"
+    db = tmp / ("spans.chdb" if store == "chdb" else "hourglass.duckdb")
     log = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     env["HOURGLASS_SETTLE"] = settle
@@ -88,7 +95,7 @@ def running_server(
         *hourglass_executable(),
         "serve",
         "--db",
-        str(db),
+        f"{store}:{db}" if store else str(db),
         "--host",
         "127.0.0.1",
         "--grpc-port",
@@ -126,7 +133,7 @@ def running_server(
         if process.poll() is None:
             process.terminate()
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
