@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from hourglass.collector.schema import KIND_INTERNAL, SPAN_SCHEMA, STATUS_UNSET
+from hourglass.collector.schema import KIND_INTERNAL, KIND_SERVER, SPAN_SCHEMA, STATUS_UNSET
 
 BASE_NS = 1_760_000_000_000_000_000  # an arbitrary epoch time in 2025
 _trace_counter = itertools.count(1)
@@ -115,3 +115,14 @@ def repeated_trace(copies: int, service: str, *spans: dict[str, Any]) -> list[Tr
             ids.append(b.span(arguments.pop("name"), **arguments))
         traces.append(b)
     return traces
+
+
+def deep_chain(depth: int, root_ms: float) -> tuple[TraceBuilder, str]:
+    """One trace `depth` spans deep: s0, a server span `root_ms` long, then s1, s2, … each the only
+    child of the one before, starting 1 ms after it and ending 1 ms before it. Returns the builder
+    and the deepest span's id."""
+    b = TraceBuilder()
+    parent = b.span("s0", start_ms=0, dur_ms=root_ms, kind=KIND_SERVER)
+    for i in range(1, depth):
+        parent = b.span(f"s{i}", parent=parent, start_ms=i, dur_ms=root_ms - 2 * i)
+    return b, parent
