@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 ROOT = Path(__file__).resolve().parents[2]
 MS = 1_000_000
 CALL_MS = 30
+SPANS_PER_TRACE = 7  # a server span, three client calls and their three server spans
 CHECKOUT_CALLS = (("users", "GET /users"), ("cart", "GET /cart"), ("prices", "GET /prices"))
 
 
@@ -137,6 +138,19 @@ def running_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def analysed_server(tmp: Path, *, token: str, checkout: int, home: int) -> Iterator[LiveServer]:
+    """running_server fed ``checkout`` and ``home`` traces, all of them stored, then analysed once
+    (POST /v1/analyses answered 200)."""
+    with running_server(tmp, token=token) as server:
+        send_traces(server, checkout=checkout, home=home)
+        wait_for_spans(server, (checkout + home) * SPANS_PER_TRACE)
+        with server.client() as client:
+            run = client.post("/v1/analyses")
+            assert run.status_code == 200, run.text
+        yield server
 
 
 def _provider(service: str, endpoint: str, token: str | None) -> TracerProvider:
