@@ -38,26 +38,12 @@ def checkout_trace(
         "GET cart", parent=parent, start_ms=2, dur_ms=10, kind=KIND_CLIENT, peer="cart", http_status_code=200
     )
     status = STATUS_ERROR if payment_fails else STATUS_UNSET
-    code = 503 if payment_fails else 200
+    outcome = {"status_code": status, "http_status_code": 503 if payment_fails else 200}  # both sides
     call = b.span(
-        "POST /charge",
-        parent=parent,
-        start_ms=15,
-        dur_ms=60,
-        kind=KIND_CLIENT,
-        peer="payment",
-        status_code=status,
-        http_status_code=code,
+        "POST /charge", parent=parent, start_ms=15, dur_ms=60, kind=KIND_CLIENT, peer="payment", **outcome
     )
     server = b.span(
-        "POST /charge",
-        parent=call,
-        start_ms=16,
-        dur_ms=58,
-        kind=KIND_SERVER,
-        service="payment",
-        status_code=status,
-        http_status_code=code,
+        "POST /charge", parent=call, start_ms=16, dur_ms=58, kind=KIND_SERVER, service="payment", **outcome
     )
     b.span("charge card", parent=server, start_ms=18, dur_ms=50, service="payment", status_code=status)
     return b

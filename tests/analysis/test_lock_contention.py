@@ -231,22 +231,23 @@ def test_convoy_on_one_row_is_inferred_across_traces() -> None:
     assert sorted(errors)[len(errors) // 2] < 1.5
 
 
-def test_busy_operation_with_flat_latency_gives_nothing() -> None:
-    # Same load on a database with plenty of capacity: many statements overlap, none waits.
-    rng = random.Random(5)
-    arrivals = bursty_arrivals(80, seed=11, mean_gap_ms=3.0)
+@pytest.mark.parametrize(
+    ("seed", "statements", "arrival_seed", "mean_gap_ms", "servers"),
+    [
+        # Same load on a database with plenty of capacity: many statements overlap, none waits.
+        pytest.param(5, 80, 11, 3.0, 64, id="busy_operation_with_flat_latency"),
+        # Eight workers overloaded: latency grows with load, but completions come eight at a time,
+        # not one service time apart, so this is not a lock.
+        pytest.param(9, 160, 4, 1.3, 8, id="saturated_parallel_pool_is_not_a_single_server_convoy"),
+    ],
+)
+def test_parallel_servers_give_nothing(
+    seed: int, statements: int, arrival_seed: int, mean_gap_ms: float, servers: int
+) -> None:
+    rng = random.Random(seed)
+    arrivals = bursty_arrivals(statements, seed=arrival_seed, mean_gap_ms=mean_gap_ms)
     service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
-    builders, _ = server_traces(arrivals, service, servers=64)
-    assert analyse(builders) == []
-
-
-def test_saturated_parallel_pool_is_not_a_single_server_convoy() -> None:
-    # Eight workers overloaded: latency grows with load, but completions come eight at a time,
-    # not one service time apart, so this is not a lock.
-    rng = random.Random(9)
-    arrivals = bursty_arrivals(160, seed=4, mean_gap_ms=1.3)
-    service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
-    builders, _ = server_traces(arrivals, service, servers=8)
+    builders, _ = server_traces(arrivals, service, servers=servers)
     assert analyse(builders) == []
 
 
