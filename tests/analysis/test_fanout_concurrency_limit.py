@@ -15,7 +15,7 @@ from hourglass.analysis.model import RunConcurrently
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
-from tests.cli import analyze_file, otlp_json
+from tests.cli import analyze_file, otlp_json, otlp_span
 
 
 def pooled_trace(
@@ -231,11 +231,8 @@ def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
 
 def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None:
     # HotROD's dispatch: ten "HTTP GET" route calls through three workers, as OTLP JSON.
-    base = 1_760_000_000_000_000_000
     spans = []
     for t in range(4):
-        trace_id = f"{t + 1:032x}"
-        root_id = f"{t + 1:08x}00000000"
         free = [1.0] * 3
         heapq.heapify(free)
         calls = []
@@ -244,35 +241,9 @@ def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None
             calls.append((start, 40.0))
             heapq.heappush(free, start + 40.0)
         end = max(s + d for s, d in calls) + 2
-
-        def ms(x: float, t: int = t) -> str:
-            return str(base + t * 10**9 + int(x * 1e6))
-
-        spans.append(
-            {
-                "traceId": trace_id,
-                "spanId": root_id,
-                "name": "HTTP GET /dispatch",
-                "kind": 2,
-                "startTimeUnixNano": ms(0),
-                "endTimeUnixNano": ms(end),
-            }
-        )
+        spans.append(otlp_span(t, 0, "HTTP GET /dispatch", 2, 0, end))
         for i, (s, d) in enumerate(calls):
-            spans.append(
-                {
-                    "traceId": trace_id,
-                    "spanId": f"{t + 1:08x}{i + 1:08x}",
-                    "parentSpanId": root_id,
-                    "name": "HTTP GET",
-                    "kind": 3,
-                    "startTimeUnixNano": ms(s),
-                    "endTimeUnixNano": ms(s + d),
-                    "attributes": [
-                        {"key": "url.full", "value": {"stringValue": f"http://route:8083/route?pickup={i}"}}
-                    ],
-                }
-            )
+            spans.append(otlp_span(t, i + 1, "HTTP GET", 3, s, s + d, url=f"http://route:8083/route?pickup={i}"))
     path = tmp_path / "dispatch.otlp.json"
     path.write_text(json.dumps(otlp_json({"frontend": spans})))
     report = analyze_file(path, timeout=120)

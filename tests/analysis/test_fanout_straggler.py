@@ -13,7 +13,7 @@ from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
-from tests.cli import analyze_file, otlp_json
+from tests.cli import analyze_file, otlp_json, otlp_span
 
 
 def search_trace(
@@ -182,43 +182,12 @@ def test_the_answering_server_host_names_the_branch() -> None:
 
 
 def test_cli_reports_a_hot_shard_from_an_otlp_json_file(tmp_path: Path) -> None:
-    base = 1_760_000_000_000_000_000
     spans = []
     for t in range(5):
-        trace_id = f"{t + 1:032x}"
-        root_id = f"{t + 1:08x}00000000"
-
-        def ns(x: float, t: int = t) -> str:
-            return str(base + t * 10**9 + int(x * 1e6))
-
-        spans.append(
-            {
-                "traceId": trace_id,
-                "spanId": root_id,
-                "name": "GET /search",
-                "kind": 2,
-                "startTimeUnixNano": ns(0),
-                "endTimeUnixNano": ns(95),
-            }
-        )
+        spans.append(otlp_span(t, 0, "GET /search", 2, 0, 95))
         for shard, dur in enumerate([20, 21, 22, 90]):
-            spans.append(
-                {
-                    "traceId": trace_id,
-                    "spanId": f"{t + 1:08x}{shard + 1:08x}",
-                    "parentSpanId": root_id,
-                    "name": "GET",
-                    "kind": 3,
-                    "startTimeUnixNano": ns(2),
-                    "endTimeUnixNano": ns(2 + dur),
-                    "attributes": [
-                        {
-                            "key": "url.full",
-                            "value": {"stringValue": f"http://index/shards/{shard}/search?q=x"},
-                        }
-                    ],
-                }
-            )
+            url = f"http://index/shards/{shard}/search?q=x"
+            spans.append(otlp_span(t, shard + 1, "GET", 3, 2, 2 + dur, url=url))
     path = tmp_path / "search.otlp.json"
     path.write_text(json.dumps(otlp_json({"search-api": spans})))
     report = analyze_file(path, timeout=120)
