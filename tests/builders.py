@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from hourglass.collector.schema import KIND_INTERNAL, SPAN_SCHEMA, STATUS_UNSET
+from hourglass.collector.schema import KIND_INTERNAL, KIND_SERVER, SPAN_SCHEMA, STATUS_UNSET
 
 BASE_NS = 1_760_000_000_000_000_000  # an arbitrary epoch time in 2025
 _trace_counter = itertools.count(1)
@@ -92,3 +92,37 @@ def spans_table(builders: TraceBuilder | Iterable[TraceBuilder]) -> pa.Table:
         builders = [builders]
     rows = [row for b in builders for row in b.rows]
     return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
+
+
+def spec(name: str, start_ms: float, dur_ms: float, **arguments: Any) -> dict[str, Any]:
+    """One span for repeated_trace: TraceBuilder.span's arguments, plus "under" (see there)."""
+    return {"name": name, "start_ms": start_ms, "dur_ms": dur_ms, **arguments}
+
+
+def repeated_trace(copies: int, service: str, *spans: dict[str, Any]) -> list[TraceBuilder]:
+    """`copies` traces alike, each built from the same spans (`spec`s), in order. A span is the child
+    of the span before it (the first is the root), unless it gives its parent's span id (`parent=`)
+    or the position of its parent in `spans` (`under=`)."""
+    traces = []
+    for _ in range(copies):
+        b = TraceBuilder(service=service)
+        ids: list[str] = []
+        for s in spans:
+            arguments = dict(s)
+            under = arguments.pop("under", len(ids) - 1)
+            if "parent" not in arguments:
+                arguments["parent"] = ids[under] if ids else None
+            ids.append(b.span(arguments.pop("name"), **arguments))
+        traces.append(b)
+    return traces
+
+
+def deep_chain(depth: int, root_ms: float) -> tuple[TraceBuilder, str]:
+    """One trace `depth` spans deep: s0, a server span `root_ms` long, then s1, s2, … each the only
+    child of the one before, starting 1 ms after it and ending 1 ms before it. Returns the builder
+    and the deepest span's id."""
+    b = TraceBuilder()
+    parent = b.span("s0", start_ms=0, dur_ms=root_ms, kind=KIND_SERVER)
+    for i in range(1, depth):
+        parent = b.span(f"s{i}", parent=parent, start_ms=i, dur_ms=root_ms - 2 * i)
+    return b, parent

@@ -30,6 +30,28 @@ def _jitter(rng: random.Random, ms: float) -> float:
     return round(ms * rng.uniform(0.85, 1.15), 3)
 
 
+def _in_a_row(
+    b: TraceBuilder,
+    parent: str,
+    rng: random.Random,
+    calls: list[tuple[Any, ...]],
+    *,
+    start_ms: float,
+    gap_ms: float,
+    **columns: Any,
+) -> None:
+    """Calls under `parent`, one after another from `start_ms`, each `gap_ms` after the one before
+    ends, lasting about their ms (jittered). A call is (name, ms) or, into a traced service,
+    (name, ms, (service, operation)): the service's span then lasts the call but 1 ms each end."""
+    t = start_ms
+    for name, ms, *callee in calls:
+        d = _jitter(rng, ms)
+        call = b.span(name, parent=parent, start_ms=t, dur_ms=d, **columns)
+        for service, operation in callee:
+            b.span(operation, parent=call, start_ms=t + 1, dur_ms=d - 2, service=service, **columns)
+        t += d + gap_ms
+
+
 # -- 1. no span kinds anywhere: a per-item gRPC loop, structure alone says it is one -----------------
 
 
@@ -38,14 +60,8 @@ def no_kinds(rng: random.Random) -> list[TraceBuilder]:
     for _ in range(TRACES):
         b = TraceBuilder(service="web")
         root = b.span("Web/RenderCart", start_ms=0, dur_ms=260, kind=U)
-        t = 4.0
-        for _ in range(rng.randint(6, 8)):
-            d = _jitter(rng, 25)
-            call = b.span("Inventory/GetItem", parent=root, start_ms=t, dur_ms=d, kind=U)
-            b.span(
-                "Inventory/GetItem", parent=call, start_ms=t + 1, dur_ms=d - 2, service="inventory", kind=U
-            )
-            t += d + 0.5
+        calls = [("Inventory/GetItem", 25, ("inventory", "Inventory/GetItem"))] * rng.randint(6, 8)
+        _in_a_row(b, root, rng, calls, start_ms=4.0, gap_ms=0.5, kind=U)
         twin = TraceBuilder(service="web")  # in-process rendering per item: no call out
         root = twin.span("Web/RenderWishlist", start_ms=0, dur_ms=260, kind=U)
         for i in range(7):
@@ -64,11 +80,8 @@ def db_by_name(rng: random.Random) -> list[TraceBuilder]:
         root = b.span("/api/orders/{id}", start_ms=0, dur_ms=30, kind=U)
         ctl = b.span("OrderController.get", parent=root, start_ms=0.5, dur_ms=29, kind=U)
         b.span("SELECT shop.orders", parent=ctl, start_ms=1, dur_ms=_jitter(rng, 1.5), kind=U)
-        t = 3.0
-        for _ in range(rng.randint(6, 9)):  # lazy relation loaded row by row
-            d = _jitter(rng, 2.5)
-            b.span("SELECT shop.order_items", parent=ctl, start_ms=t, dur_ms=d, kind=U)
-            t += d + 0.2
+        rows = [("SELECT shop.order_items", 2.5)] * rng.randint(6, 9)  # a lazy relation, row by row
+        _in_a_row(b, ctl, rng, rows, start_ms=3.0, gap_ms=0.2, kind=U)
         twin = TraceBuilder(service="orders")  # the same data with one JOIN FETCH
         root = twin.span("/api/orders/{id}/summary", start_ms=0, dur_ms=12, kind=U)
         ctl = twin.span("OrderController.summary", parent=root, start_ms=0.5, dur_ms=11, kind=U)
@@ -88,18 +101,12 @@ def gate_words(rng: random.Random) -> list[TraceBuilder]:
         names = ["SELECT library.authors", "SELECT library.books_author", "SELECT library.reviews"]
         if i % 2:
             names = [names[1], names[0], names[2]]
-        t = 4.0
-        for name in names:
-            d = _jitter(rng, 45)
-            b.span(name, parent=root, start_ms=t, dur_ms=d, kind=KIND_CLIENT, db_system="postgresql")
-            t += d + 0.5
+        queries = [(name, 45) for name in names]
+        _in_a_row(b, root, rng, queries, start_ms=4.0, gap_ms=0.5, kind=KIND_CLIENT, db_system="postgresql")
         twin = TraceBuilder(service="library")  # connect and authenticate first: preconditions
         root = twin.span("GET /members/{id}", start_ms=0, dur_ms=200, kind=KIND_SERVER)
-        t = 4.0
-        for name in ["connect", "authenticateMember", "SELECT library.members"]:
-            d = _jitter(rng, 45)
-            twin.span(name, parent=root, start_ms=t, dur_ms=d, kind=KIND_CLIENT, db_system="postgresql")
-            t += d + 0.5
+        queries = [(name, 45) for name in ["connect", "authenticateMember", "SELECT library.members"]]
+        _in_a_row(twin, root, rng, queries, start_ms=4.0, gap_ms=0.5, kind=KIND_CLIENT, db_system="postgresql")
         out += [b, twin]
     return out
 
@@ -150,21 +157,15 @@ def sequential_inputs(rng: random.Random) -> list[TraceBuilder]:
     for _ in range(TRACES):
         b = TraceBuilder(service="planner")
         root = b.span("PlannerController.plan", start_ms=0, dur_ms=420, kind=U)
-        t = 3.0
-        for svc, route, ms in [("stations", "/api/stations/idlist", 90), ("trains", "/api/trains/byNames", 60),
-                               ("routes", "/api/routes/byIds", 80), ("prices", "/api/prices/query", 120)]:  # fmt: skip
-            d = _jitter(rng, ms)
-            call = b.span("HTTP POST", parent=root, start_ms=t, dur_ms=d, kind=U)
-            b.span(route, parent=call, start_ms=t + 1, dur_ms=d - 2, service=svc, kind=U)
-            t += d + 1
+        steps = [("stations", "/api/stations/idlist", 90), ("trains", "/api/trains/byNames", 60),
+                 ("routes", "/api/routes/byIds", 80), ("prices", "/api/prices/query", 120)]  # fmt: skip
+        calls = [("HTTP POST", ms, (svc, route)) for svc, route, ms in steps]
+        _in_a_row(b, root, rng, calls, start_ms=3.0, gap_ms=1, kind=U)
         twin = TraceBuilder(service="planner")  # look the user up, then use it: a chain of two
         root = twin.span("PlannerController.profile", start_ms=0, dur_ms=300, kind=U)
-        t = 3.0
-        for svc, route, ms in [("users", "/api/users/byToken", 120), ("history", "/api/history/byUser", 150)]:
-            d = _jitter(rng, ms)
-            call = twin.span("HTTP POST", parent=root, start_ms=t, dur_ms=d, kind=U)
-            twin.span(route, parent=call, start_ms=t + 1, dur_ms=d - 2, service=svc, kind=U)
-            t += d + 1
+        steps = [("users", "/api/users/byToken", 120), ("history", "/api/history/byUser", 150)]
+        calls = [("HTTP POST", ms, (svc, route)) for svc, route, ms in steps]
+        _in_a_row(twin, root, rng, calls, start_ms=3.0, gap_ms=1, kind=U)
         out += [b, twin]
     return out
 

@@ -438,16 +438,13 @@ class HotROD:
             span.end = self.sim.now
         return drivers
 
+    def redis_get(self, trace: TraceRecord, server: Span, name: str, params: dict[str, str]) -> Span:
+        """A client span of the driver's hand-instrumented Redis calls: a GET, with its parameters."""
+        attributes = {"db.system.name": "redis", "db.operation.name": "GET", **params}
+        return self.span(trace, server, "redis-manual", name, "client", REDIS_SCOPE, **attributes)
+
     def search_drivers(self, trace: TraceRecord, server: Span, location: str) -> Process:
-        find = self.span(
-            trace,
-            server,
-            "redis-manual",
-            "FindDriverIDs",
-            "client",
-            REDIS_SCOPE,
-            **{"db.system.name": "redis", "db.operation.name": "GET", "param.driver.location": location},
-        )
+        find = self.redis_get(trace, server, "FindDriverIDs", {"param.driver.location": location})
         yield Sleep(self.delay(REDIS_FIND_DELAY, REDIS_FIND_DELAY_STDDEV))
         driver_ids = [f"T7{self.rng.randrange(100_000):05d}C" for _ in range(DRIVERS_PER_SEARCH)]
         find.log(self.sim.now, "Found drivers", drivers=go_list(driver_ids))
@@ -488,15 +485,7 @@ class HotROD:
         return found
 
     def get_driver(self, trace: TraceRecord, server: Span, driver_id: str) -> Process:
-        span = self.span(
-            trace,
-            server,
-            "redis-manual",
-            "GetDriver",
-            "client",
-            REDIS_SCOPE,
-            **{"db.system.name": "redis", "db.operation.name": "GET", "param.driverID": driver_id},
-        )
+        span = self.redis_get(trace, server, "GetDriver", {"param.driverID": driver_id})
         yield Sleep(self.delay(REDIS_GET_DELAY, REDIS_GET_DELAY_STDDEV))
         # errorSimulator.checkError: a counter shared by every request of the driver process.
         self.redis_count_till_error -= 1

@@ -22,35 +22,24 @@ The labels for the real workloads are ours (the data set has none), written from
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hourglass.workload.labels import check_report, load_labels
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = ROOT / "sample-traces" / "foreign"
 REAL_WORKLOADS = ROOT.parent / "shared" / "real-workloads"
 BOUTIQUE = REAL_WORKLOADS / "nezha-boutique-2022-08-23-1202.otlp.json.gz"
 TRAINTICKET = REAL_WORKLOADS / "nezha-trainticket-2023-01-30-1200.otlp.json.gz"
-HOURGLASS = Path(sys.executable).with_name("hourglass")
 LABEL_FILES = sorted(FOREIGN.glob("*.labels.json"))
 
 
 def analyze_file(path: Path) -> dict[str, Any]:
-    proc = subprocess.run(
-        [str(HOURGLASS), "analyze", str(path), "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"hourglass analyze {path.name} exited {proc.returncode}:\n{proc.stderr}"
-    report: dict[str, Any] = json.loads(proc.stdout)
-    return report
+    return cli.analyze_file(path, timeout=240)
 
 
 def listed(report: dict[str, Any]) -> list[tuple[str, str, str, float]]:

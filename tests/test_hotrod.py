@@ -21,14 +21,12 @@ Run with ``-s`` to see the report's (kind, service, operation, confidence, saved
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import cli
 from tests.hotrod_traces import (
     DRIVERS_PER_SEARCH,
     MYSQL_GET_DELAY,
@@ -37,7 +35,6 @@ from tests.hotrod_traces import (
     write,
 )
 
-HOURGLASS = Path(sys.executable).with_name("hourglass")
 REQUESTS = 40
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,14 +42,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def analyze_file(path: Path, label: str) -> dict[str, Any]:
     """`hourglass analyze FILE --format json` through the real CLI; prints the findings (``-s``)."""
-    proc = subprocess.run(
-        [str(HOURGLASS), "analyze", str(path), "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert proc.returncode == 0, f"hourglass analyze exited {proc.returncode}:\n{proc.stderr}"
-    result: dict[str, Any] = json.loads(proc.stdout)
+    result = cli.analyze_file(path, timeout=150)
     print(f"\n{label} report (kind, service, operation, confidence, saved_ms_p50):")
     for rec in result["recommendations"]:
         print(

@@ -16,22 +16,11 @@ import pytest
 
 from hourglass.workload.labels import LabelCheck, check_report, load_labels, scores
 from hourglass.workload.scenarios import SCENARIOS
+from tests.cli import HOURGLASS, analyze_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample-traces"
-HOURGLASS = Path(sys.executable).with_name("hourglass")
 LABEL_FILES = sorted(SAMPLES.glob("*.labels.json"))
-
-
-def analyze_file(path: Path) -> dict:
-    proc = subprocess.run(
-        [str(HOURGLASS), "analyze", str(path), "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, f"hourglass analyze {path.name} exited {proc.returncode}:\n{proc.stderr}"
-    return json.loads(proc.stdout)
 
 
 def test_every_scenario_has_a_small_trace_file_and_labels() -> None:

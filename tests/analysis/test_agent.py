@@ -24,6 +24,7 @@ from hourglass.analysis.agent import (
     ungrounded_numbers,
 )
 from hourglass.analysis.writer import WriteOutcome, WrittenText
+from tests.cli import otlp_json
 from tests.fake_anthropic import (
     FakeAnthropic,
     Step,
@@ -860,19 +861,25 @@ def planted_n_plus_one_traces(count: int = 6) -> list[Any]:
     return builders
 
 
-def test_pipeline_report_written_by_the_agent(fake: FakeAnthropic, tmp_path: Path) -> None:
+def agent_report(tmp_path: Path, **limits: Any) -> dict[str, Any]:
+    """The pipeline's report on the planted N+1 traces, written by the agent (E2E_MODEL, at the fake
+    API) with the template writer to fall back on."""
     from hourglass.analysis.pipeline import analyze
     from hourglass.analysis.template_writer import TemplateWriter
     from tests.builders import spans_table
 
-    fake.default = fake_model_step
     writer = AnthropicWriter(
         TemplateWriter(),
         model=E2E_MODEL,
-        limits=AgentLimits(request_timeout_s=2, deadline_s=8),
+        limits=AgentLimits(request_timeout_s=2, deadline_s=8, **limits),
         cache_dir=tmp_path / "w",
     )
-    report = analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+    return analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+
+
+def test_pipeline_report_written_by_the_agent(fake: FakeAnthropic, tmp_path: Path) -> None:
+    fake.default = fake_model_step
+    report = agent_report(tmp_path)
 
     assert report["recommendations"], "the planted N+1 must be found"
     assert report["writer"]["name"] == f"anthropic:{E2E_MODEL}"
@@ -894,18 +901,8 @@ def test_pipeline_report_written_by_the_agent(fake: FakeAnthropic, tmp_path: Pat
 
 
 def test_pipeline_report_falls_back_when_the_api_fails(fake: FakeAnthropic, tmp_path: Path) -> None:
-    from hourglass.analysis.pipeline import analyze
-    from hourglass.analysis.template_writer import TemplateWriter
-    from tests.builders import spans_table
-
     fake.default = error_reply(500, "upstream exploded")
-    writer = AnthropicWriter(
-        TemplateWriter(),
-        model=E2E_MODEL,
-        limits=AgentLimits(request_timeout_s=2, deadline_s=8, max_retries=1),
-        cache_dir=tmp_path / "w",
-    )
-    report = analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+    report = agent_report(tmp_path, max_retries=1)
     assert report["recommendations"]
     assert report["writer"]["name"] == "template"
     reason = report["writer"]["fallback_reason"]
@@ -946,17 +943,7 @@ def _otlp_json_line(builders: list[Any]) -> str:
             if row["parent_span_id"]:
                 span["parentSpanId"] = row["parent_span_id"]
             spans_by_service.setdefault(row["service"], []).append(span)
-    return json.dumps(
-        {
-            "resourceSpans": [
-                {
-                    "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
-                    "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
-                }
-                for service, spans in spans_by_service.items()
-            ]
-        }
-    )
+    return json.dumps(otlp_json(spans_by_service))
 
 
 def _run_cli(args: list[str], env: dict[str, str]) -> Any:
@@ -1179,10 +1166,6 @@ def test_design_sections_are_checked_one_by_one(fake: FakeAnthropic, tmp_path: P
 def test_pipeline_designs_reach_the_model_redacted_and_come_back_checked(
     fake: FakeAnthropic, tmp_path: Path
 ) -> None:
-    from hourglass.analysis.pipeline import analyze
-    from hourglass.analysis.template_writer import TemplateWriter
-    from tests.builders import spans_table
-
     def model(request: dict[str, Any]) -> Step:
         payload = _request_payload(request)
         last = request["messages"][-1]
@@ -1206,13 +1189,7 @@ def test_pipeline_designs_reach_the_model_redacted_and_come_back_checked(
         )
 
     fake.default = model
-    writer = AnthropicWriter(
-        TemplateWriter(),
-        model=E2E_MODEL,
-        limits=AgentLimits(request_timeout_s=2, deadline_s=8),
-        cache_dir=tmp_path / "w",
-    )
-    report = analyze(spans_table(planted_n_plus_one_traces()), writer=writer)
+    report = agent_report(tmp_path)
     rec = report["recommendations"][0]
     assert rec["title"].startswith("Fake model")
     design = rec["design"]

@@ -8,7 +8,7 @@ import polars as pl
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.critical_path import compute_critical_path
 from hourglass.collector.schema import KIND_SERVER
-from tests.builders import TraceBuilder, spans_table
+from tests.builders import TraceBuilder, deep_chain, spans_table
 
 MS = 1_000_000
 
@@ -26,14 +26,19 @@ def assert_self_times_add_up(ctx: AnalysisContext) -> None:
     assert (sums["critical_ns"] == sums["root_duration_ns"]).all()
 
 
+def checked_path(b: TraceBuilder) -> dict[str, int]:
+    """The critical path of the built trace (as path_of), once its self times add up to the root's."""
+    ctx = AnalysisContext.from_table(spans_table(b))
+    assert_self_times_add_up(ctx)
+    return path_of(ctx)
+
+
 def test_sequential_children_are_all_on_the_path() -> None:
     b = TraceBuilder()
     root = b.span("root", start_ms=0, dur_ms=100, kind=KIND_SERVER)
     b.span("a", parent=root, start_ms=10, dur_ms=30)
     b.span("b", parent=root, start_ms=40, dur_ms=40)  # back to back with a
-    ctx = AnalysisContext.from_table(spans_table(b))
-    assert path_of(ctx) == {"root": 30, "a": 30, "b": 40}
-    assert_self_times_add_up(ctx)
+    assert checked_path(b) == {"root": 30, "a": 30, "b": 40}
 
 
 def test_overlapping_children_only_the_last_finishing_chain_counts() -> None:
@@ -42,9 +47,7 @@ def test_overlapping_children_only_the_last_finishing_chain_counts() -> None:
     b.span("short", parent=root, start_ms=10, dur_ms=20)  # 10-30, hidden by "long"
     b.span("long", parent=root, start_ms=10, dur_ms=60)  # 10-70
     b.span("after", parent=root, start_ms=75, dur_ms=20)  # 75-95
-    ctx = AnalysisContext.from_table(spans_table(b))
-    assert path_of(ctx) == {"root": 20, "long": 60, "after": 20}
-    assert_self_times_add_up(ctx)
+    assert checked_path(b) == {"root": 20, "long": 60, "after": 20}
 
 
 def test_small_overlap_from_skew_still_counts_as_sequential() -> None:
@@ -65,9 +68,7 @@ def test_async_children_are_never_on_the_path() -> None:
     b.span("async", parent=root, start_ms=50, dur_ms=500)  # outlives the root: not waited for
     b.span("linked", parent=root, start_ms=10, dur_ms=85, follows_from=True)
     b.span("sync", parent=root, start_ms=20, dur_ms=30)
-    ctx = AnalysisContext.from_table(spans_table(b))
-    assert path_of(ctx) == {"root": 70, "sync": 30}
-    assert_self_times_add_up(ctx)
+    assert checked_path(b) == {"root": 70, "sync": 30}
 
 
 def test_nested_path_descends_into_the_chosen_child() -> None:
@@ -78,9 +79,7 @@ def test_nested_path_descends_into_the_chosen_child() -> None:
     b.span("leaf2", parent=mid, start_ms=15, dur_ms=50)  # 15-65: last-finishing in mid
     other = b.span("other", parent=root, start_ms=0, dur_ms=10)  # 0-10: right before mid
     b.span("under other", parent=other, start_ms=1, dur_ms=8)
-    ctx = AnalysisContext.from_table(spans_table(b))
-    assert path_of(ctx) == {"root": 10, "other": 2, "under other": 8, "mid": 30, "leaf2": 50}
-    assert_self_times_add_up(ctx)
+    assert checked_path(b) == {"root": 10, "other": 2, "under other": 8, "mid": 30, "leaf2": 50}
 
 
 def test_orphan_subtree_gets_its_own_path() -> None:
@@ -93,10 +92,7 @@ def test_orphan_subtree_gets_its_own_path() -> None:
 
 
 def test_ten_thousand_span_deep_chain() -> None:
-    b = TraceBuilder()
-    parent = b.span("s0", start_ms=0, dur_ms=20_000, kind=KIND_SERVER)
-    for i in range(1, 10_000):
-        parent = b.span(f"s{i}", parent=parent, start_ms=i, dur_ms=20_000 - 2 * i)
+    b, _ = deep_chain(10_000, root_ms=20_000)
     ctx = AnalysisContext.from_table(spans_table(b))
     assert ctx.spans["depth"].max() == 9_999
     assert ctx.spans["on_critical_path"].all()

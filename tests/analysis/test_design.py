@@ -297,14 +297,16 @@ def test_pseudocode_is_in_the_language_of_the_service_that_changes(language: str
     assert set(seq.display_names()[1:]) == {"inventory", "pricing", "shipping"}
 
 
+@pytest.mark.parametrize(
+    ("runtime", "language"),
+    [("Go-2.30.0", "go"), ("CPython", "python"), ("Java-1.8.1", "java"), ("Node-3.18.1", "nodejs"),
+     ("CSharp-1.0", "dotnet"), ("webjs", "webjs"), ("zig", None)],
+)  # fmt: skip
+def test_language_names_from_sdk_runtime_and_jaeger_client_tags(runtime: str, language: str | None) -> None:
+    assert normalise_language(runtime) == language
+
+
 def test_languages_from_sdk_runtime_and_jaeger_client_tags() -> None:
-    assert normalise_language("Go-2.30.0") == "go"
-    assert normalise_language("CPython") == "python"
-    assert normalise_language("Java-1.8.1") == "java"
-    assert normalise_language("Node-3.18.1") == "nodejs"
-    assert normalise_language("CSharp-1.0") == "dotnet"
-    assert normalise_language("webjs") == "webjs"
-    assert normalise_language("zig") is None
     table = pa.table(
         {
             "service": ["a", "a", "b", "c", "d"],
@@ -323,18 +325,27 @@ def test_languages_from_sdk_runtime_and_jaeger_client_tags() -> None:
     assert got["c"]["language"] is None and got["d"]["language"] is None
 
 
-def test_language_from_the_instrumentation_scope_when_the_resource_is_silent() -> None:
+@pytest.mark.parametrize(
+    ("scope", "language"),
+    [
+        ("go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp", "go"),
+        ("io.opentelemetry.spring-webmvc-6.0", "java"),
+        ("opentelemetry.instrumentation.fastapi", "python"),
+        ("@opentelemetry/instrumentation-http", "nodejs"),
+        ("OpenTelemetry.Instrumentation.AspNetCore", "dotnet"),
+        ("Microsoft.AspNetCore", "dotnet"),
+        ("OpenTelemetry::Instrumentation::Rack", "ruby"),
+        ("io.opentelemetry.contrib.php.laravel", "php"),
+        ("my-tracer", None),
+    ],
+)
+def test_language_names_from_instrumentation_scopes(scope: str, language: str | None) -> None:
     from hourglass.analysis.resources import language_from_scope
 
-    assert language_from_scope("go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp") == "go"
-    assert language_from_scope("io.opentelemetry.spring-webmvc-6.0") == "java"
-    assert language_from_scope("opentelemetry.instrumentation.fastapi") == "python"
-    assert language_from_scope("@opentelemetry/instrumentation-http") == "nodejs"
-    assert language_from_scope("OpenTelemetry.Instrumentation.AspNetCore") == "dotnet"
-    assert language_from_scope("Microsoft.AspNetCore") == "dotnet"
-    assert language_from_scope("OpenTelemetry::Instrumentation::Rack") == "ruby"
-    assert language_from_scope("io.opentelemetry.contrib.php.laravel") == "php"
-    assert language_from_scope("my-tracer") is None
+    assert language_from_scope(scope) == language
+
+
+def test_language_from_the_instrumentation_scope_when_the_resource_is_silent() -> None:
     table = serialized_traces(None)
     rows = table.to_pylist()
     for row in rows:

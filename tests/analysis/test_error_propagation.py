@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.error_propagation import detect
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import (
@@ -15,7 +14,8 @@ from hourglass.collector.schema import (
     STATUS_OK,
     STATUS_UNSET,
 )
-from tests.builders import TraceBuilder, spans_table
+from tests.analysis._assertions import one_finding, one_recommendation, run_detector
+from tests.builders import TraceBuilder, repeated_trace, spans_table, spec
 
 
 def checkout_trace(
@@ -38,47 +38,25 @@ def checkout_trace(
         "GET cart", parent=parent, start_ms=2, dur_ms=10, kind=KIND_CLIENT, peer="cart", http_status_code=200
     )
     status = STATUS_ERROR if payment_fails else STATUS_UNSET
-    code = 503 if payment_fails else 200
+    outcome = {"status_code": status, "http_status_code": 503 if payment_fails else 200}  # both sides
     call = b.span(
-        "POST /charge",
-        parent=parent,
-        start_ms=15,
-        dur_ms=60,
-        kind=KIND_CLIENT,
-        peer="payment",
-        status_code=status,
-        http_status_code=code,
+        "POST /charge", parent=parent, start_ms=15, dur_ms=60, kind=KIND_CLIENT, peer="payment", **outcome
     )
     server = b.span(
-        "POST /charge",
-        parent=call,
-        start_ms=16,
-        dur_ms=58,
-        kind=KIND_SERVER,
-        service="payment",
-        status_code=status,
-        http_status_code=code,
+        "POST /charge", parent=call, start_ms=16, dur_ms=58, kind=KIND_SERVER, service="payment", **outcome
     )
     b.span("charge card", parent=server, start_ms=18, dur_ms=50, service="payment", status_code=status)
     return b
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_dependency_failure_reaching_the_root_is_attributed_to_the_caller() -> None:
     traces = [checkout_trace(payment_fails=True, root_fails=True) for _ in range(5)]
     traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(15)]
-    findings = analyse(traces)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "error_propagation",
-        "fault_tolerance",
-        "frontend",
-        "GET /checkout",
-    )
+    f = one_finding(analyse(traces), "error_propagation", "fault_tolerance", "frontend", "GET /checkout")
     assert f.targets == [{"service": "payment", "operation": "POST /charge"}]
     assert f.requests_at_risk == 5
     assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
@@ -138,58 +116,25 @@ def test_silent_internal_spans_pass_the_error_on() -> None:
 
 
 def test_an_explicitly_successful_intermediate_span_contains_the_error() -> None:
-    traces = []
-    for _ in range(4):
-        b = TraceBuilder(service="orders")
-        root = b.span("POST /orders", start_ms=0, dur_ms=50, kind=KIND_SERVER, status_code=STATUS_ERROR)
-        guard = b.span("load prices with fallback", parent=root, start_ms=1, dur_ms=30, status_code=STATUS_OK)
-        b.span(
-            "GET /prices",
-            parent=guard,
-            start_ms=2,
-            dur_ms=20,
-            kind=KIND_CLIENT,
-            peer="pricing",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        4,
+        "orders",
+        spec("POST /orders", 0, 50, kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("load prices with fallback", 1, 30, status_code=STATUS_OK),
+        spec("GET /prices", 2, 20, kind=KIND_CLIENT, peer="pricing", status_code=STATUS_ERROR),
+    )
     assert analyse(traces) == []
 
 
 def test_failing_database_call_is_attributed_to_the_service_that_queries_it() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="gateway")
-        root = b.span("GET /orders/{id}", start_ms=0, dur_ms=40, kind=KIND_SERVER, http_status_code=502)
-        call = b.span(
-            "GET /orders/{id}",
-            parent=root,
-            start_ms=1,
-            dur_ms=35,
-            kind=KIND_CLIENT,
-            peer="orders",
-            http_status_code=500,
-        )
-        server = b.span(
-            "GET /orders/{id}",
-            parent=call,
-            start_ms=2,
-            dur_ms=33,
-            kind=KIND_SERVER,
-            service="orders",
-            http_status_code=500,
-        )
-        b.span(
-            "SELECT orders",
-            parent=server,
-            start_ms=3,
-            dur_ms=30,
-            kind=KIND_CLIENT,
-            service="orders",
-            db_system="postgresql",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        3,
+        "gateway",
+        spec("GET /orders/{id}", 0, 40, kind=KIND_SERVER, http_status_code=502),
+        spec("GET /orders/{id}", 1, 35, kind=KIND_CLIENT, peer="orders", http_status_code=500),
+        spec("GET /orders/{id}", 2, 33, kind=KIND_SERVER, service="orders", http_status_code=500),
+        spec("SELECT orders", 3, 30, kind=KIND_CLIENT, service="orders", db_system="postgresql", status_code=STATUS_ERROR),
+    )
     findings = analyse(traces)
     assert len(findings) == 1
     f = findings[0]
@@ -201,65 +146,36 @@ def test_failing_database_call_is_attributed_to_the_service_that_queries_it() ->
 
 
 def test_errors_born_in_the_root_service_itself_are_not_dependency_failures() -> None:
-    traces = []
-    for _ in range(4):
-        b = TraceBuilder(service="api")
-        root = b.span("POST /login", start_ms=0, dur_ms=20, kind=KIND_SERVER, status_code=STATUS_ERROR)
-        b.span("validate password", parent=root, start_ms=1, dur_ms=5, status_code=STATUS_ERROR)
-        traces.append(b)
+    traces = repeated_trace(
+        4,
+        "api",
+        spec("POST /login", 0, 20, kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("validate password", 1, 5, status_code=STATUS_ERROR),
+    )
     assert analyse(traces) == []
 
 
 def test_orphan_chains_never_count_as_reaching_the_root() -> None:
-    traces = []
-    for _ in range(4):
-        b = TraceBuilder(service="payment")
-        server = b.span(
-            "POST /charge",
-            parent="00000000deadbeef",
-            start_ms=0,
-            dur_ms=20,
-            kind=KIND_SERVER,
-            status_code=STATUS_ERROR,
-        )
-        b.span(
-            "charge card",
-            parent=server,
-            start_ms=1,
-            dur_ms=10,
-            kind=KIND_CLIENT,
-            peer="bank",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        4,
+        "payment",
+        spec("POST /charge", 0, 20, parent="00000000deadbeef", kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("charge card", 1, 10, kind=KIND_CLIENT, peer="bank", status_code=STATUS_ERROR),
+    )
     assert analyse(traces) == []
 
 
 def test_a_fallback_used_by_another_caller_lowers_confidence() -> None:
-    def trace(service: str, root_fails: bool) -> TraceBuilder:
-        b = TraceBuilder(service=service)
-        root = b.span(
-            "GET /page",
-            start_ms=0,
-            dur_ms=30,
-            kind=KIND_SERVER,
-            status_code=STATUS_ERROR if root_fails else STATUS_UNSET,
+    def traces(service: str, root_status: int) -> list[TraceBuilder]:
+        return repeated_trace(
+            4,
+            service,
+            spec("GET /page", 0, 30, kind=KIND_SERVER, status_code=root_status),
+            spec("GET /recommendations", 1, 20, kind=KIND_CLIENT, peer="recommender", status_code=STATUS_ERROR),
         )
-        b.span(
-            "GET /recommendations",
-            parent=root,
-            start_ms=1,
-            dur_ms=20,
-            kind=KIND_CLIENT,
-            peer="recommender",
-            status_code=STATUS_ERROR,
-        )
-        return b
 
-    alone = analyse([trace("web", True) for _ in range(4)])
-    with_other = analyse(
-        [trace("web", True) for _ in range(4)] + [trace("mobile-bff", False) for _ in range(4)]
-    )
+    alone = analyse(traces("web", STATUS_ERROR))
+    with_other = analyse(traces("web", STATUS_ERROR) + traces("mobile-bff", STATUS_UNSET))
     assert [f.service for f in with_other] == ["web"]
     assert with_other[0].evidence["contained_by_other_callers_traces"] == 4
     assert with_other[0].confidence < alone[0].confidence
@@ -270,11 +186,7 @@ def test_end_to_end_the_report_carries_the_propagation_finding_ranked_by_risk() 
     traces += [checkout_trace(payment_fails=True, root_fails=False) for _ in range(2)]
     traces += [checkout_trace(payment_fails=False, root_fails=False) for _ in range(14)]
     report = analyze(spans_table(traces))
-    recs = [r for r in report["recommendations"] if r["kind"] == "error_propagation"]
-    assert len(recs) == 1
-    rec = recs[0]
-    assert rec["category"] == "fault_tolerance"
-    assert (rec["service"], rec["operation"]) == ("frontend", "GET /checkout")
+    rec = one_recommendation(report, "error_propagation", "fault_tolerance", "frontend", "GET /checkout")
     assert rec["targets"] == [{"service": "payment", "operation": "POST /charge"}]
     assert rec["traces_affected"] == 4
     assert rec["impact"]["saved_ms_p50"] is None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,9 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.fanout_concurrency_limit import detect
 from hourglass.analysis.model import RunConcurrently
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
+from tests.cli import analyze_file, otlp_json, otlp_span
 
 
 def pooled_trace(
@@ -41,7 +41,7 @@ def pooled_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 DURATIONS = [50, 55, 48, 52, 60, 45, 51, 49, 58, 53]
@@ -50,14 +50,7 @@ DURATIONS = [50, 55, 48, 52, 60, 45, 51, 49, 58, 53]
 def test_pool_of_three_is_found_with_k_n_and_all_children_run_concurrently() -> None:
     built = [pooled_trace(DURATIONS[i:] + DURATIONS[:i], 3) for i in range(5)]
     findings = analyse([b for b, _ in built])
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "fanout_concurrency_limit",
-        "parallelization",
-        "frontend",
-        "HTTP GET /dispatch",
-    )
+    f = one_finding(findings, "fanout_concurrency_limit", "parallelization", "frontend", "HTTP GET /dispatch")
     assert f.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
     assert f.evidence["k"] == 3 and f.evidence["k_share"] == 1.0
     assert f.evidence["n_p50"] == 10
@@ -238,11 +231,8 @@ def test_no_spans_and_a_lone_zero_length_span_give_nothing() -> None:
 
 def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None:
     # HotROD's dispatch: ten "HTTP GET" route calls through three workers, as OTLP JSON.
-    base = 1_760_000_000_000_000_000
     spans = []
     for t in range(4):
-        trace_id = f"{t + 1:032x}"
-        root_id = f"{t + 1:08x}00000000"
         free = [1.0] * 3
         heapq.heapify(free)
         calls = []
@@ -251,53 +241,13 @@ def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None
             calls.append((start, 40.0))
             heapq.heappush(free, start + 40.0)
         end = max(s + d for s, d in calls) + 2
-
-        def ms(x: float, t: int = t) -> str:
-            return str(base + t * 10**9 + int(x * 1e6))
-
-        spans.append(
-            {
-                "traceId": trace_id,
-                "spanId": root_id,
-                "name": "HTTP GET /dispatch",
-                "kind": 2,
-                "startTimeUnixNano": ms(0),
-                "endTimeUnixNano": ms(end),
-            }
-        )
+        spans.append(otlp_span(t, 0, "HTTP GET /dispatch", 2, 0, end))
         for i, (s, d) in enumerate(calls):
-            spans.append(
-                {
-                    "traceId": trace_id,
-                    "spanId": f"{t + 1:08x}{i + 1:08x}",
-                    "parentSpanId": root_id,
-                    "name": "HTTP GET",
-                    "kind": 3,
-                    "startTimeUnixNano": ms(s),
-                    "endTimeUnixNano": ms(s + d),
-                    "attributes": [
-                        {"key": "url.full", "value": {"stringValue": f"http://route:8083/route?pickup={i}"}}
-                    ],
-                }
-            )
-    document = {
-        "resourceSpans": [
-            {
-                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "frontend"}}]},
-                "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
-            }
-        ]
-    }
+            spans.append(otlp_span(t, i + 1, "HTTP GET", 3, s, s + d, url=f"http://route:8083/route?pickup={i}"))
     path = tmp_path / "dispatch.otlp.json"
-    path.write_text(json.dumps(document))
-    cli = Path(sys.executable).with_name("hourglass")
-    done = subprocess.run(
-        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    (rec,) = [
-        r for r in json.loads(done.stdout)["recommendations"] if r["kind"] == "fanout_concurrency_limit"
-    ]
+    path.write_text(json.dumps(otlp_json({"frontend": spans})))
+    report = analyze_file(path, timeout=120)
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "fanout_concurrency_limit"]
     assert (rec["service"], rec["operation"]) == ("frontend", "HTTP GET /dispatch")
     assert rec["targets"] == [{"service": "frontend", "operation": "HTTP GET /route"}]
     assert rec["evidence"]["k"] == 3

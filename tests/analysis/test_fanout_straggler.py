@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,9 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.fanout_straggler import detect
 from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
+from tests.cli import analyze_file, otlp_json, otlp_span
 
 
 def search_trace(
@@ -39,20 +39,12 @@ def search_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_same_shard_always_slow_is_skew_and_straggler_goes_to_the_median() -> None:
     traces = [search_trace([40, 42, 200 + 10 * i, 41]) for i in range(5)]
-    findings = analyse(traces)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "fanout_straggler",
-        "parallelization",
-        "search-api",
-        "GET /search",
-    )
+    f = one_finding(analyse(traces), "fanout_straggler", "parallelization", "search-api", "GET /search")
     assert f.targets == [{"service": "search-api", "operation": "query shard"}]
     assert f.evidence["pattern"] == "skew"
     assert f.evidence["slow_branch"] == "shard-2.search.svc"
@@ -190,59 +182,16 @@ def test_the_answering_server_host_names_the_branch() -> None:
 
 
 def test_cli_reports_a_hot_shard_from_an_otlp_json_file(tmp_path: Path) -> None:
-    base = 1_760_000_000_000_000_000
     spans = []
     for t in range(5):
-        trace_id = f"{t + 1:032x}"
-        root_id = f"{t + 1:08x}00000000"
-
-        def ns(x: float, t: int = t) -> str:
-            return str(base + t * 10**9 + int(x * 1e6))
-
-        spans.append(
-            {
-                "traceId": trace_id,
-                "spanId": root_id,
-                "name": "GET /search",
-                "kind": 2,
-                "startTimeUnixNano": ns(0),
-                "endTimeUnixNano": ns(95),
-            }
-        )
+        spans.append(otlp_span(t, 0, "GET /search", 2, 0, 95))
         for shard, dur in enumerate([20, 21, 22, 90]):
-            spans.append(
-                {
-                    "traceId": trace_id,
-                    "spanId": f"{t + 1:08x}{shard + 1:08x}",
-                    "parentSpanId": root_id,
-                    "name": "GET",
-                    "kind": 3,
-                    "startTimeUnixNano": ns(2),
-                    "endTimeUnixNano": ns(2 + dur),
-                    "attributes": [
-                        {
-                            "key": "url.full",
-                            "value": {"stringValue": f"http://index/shards/{shard}/search?q=x"},
-                        }
-                    ],
-                }
-            )
-    document = {
-        "resourceSpans": [
-            {
-                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "search-api"}}]},
-                "scopeSpans": [{"scope": {"name": "test"}, "spans": spans}],
-            }
-        ]
-    }
+            url = f"http://index/shards/{shard}/search?q=x"
+            spans.append(otlp_span(t, shard + 1, "GET", 3, 2, 2 + dur, url=url))
     path = tmp_path / "search.otlp.json"
-    path.write_text(json.dumps(document))
-    cli = Path(sys.executable).with_name("hourglass")
-    done = subprocess.run(
-        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    (rec,) = [r for r in json.loads(done.stdout)["recommendations"] if r["kind"] == "fanout_straggler"]
+    path.write_text(json.dumps(otlp_json({"search-api": spans})))
+    report = analyze_file(path, timeout=120)
+    (rec,) = [r for r in report["recommendations"] if r["kind"] == "fanout_straggler"]
     assert rec["targets"] == [{"service": "search-api", "operation": "GET /shards/{}/search"}]
     assert rec["evidence"]["pattern"] == "skew"
     assert rec["evidence"]["slow_branch"] == "http://index/shards/3/search"

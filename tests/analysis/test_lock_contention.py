@@ -6,8 +6,6 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -23,11 +21,13 @@ from hourglass.analysis.detectors.lock_contention import (
 )
 from hourglass.analysis.model import ShortenSpan
 from hourglass.collector.schema import KIND_CLIENT, KIND_CONSUMER, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import BASE_NS, TraceBuilder, spans_table
+from tests.cli import analyze_file
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def customer_trace(wait_ms: float, behind: int, customer_id: int) -> tuple[TraceBuilder, str]:
@@ -55,14 +55,8 @@ def customer_trace(wait_ms: float, behind: int, customer_id: int) -> tuple[Trace
 
 def test_lock_wait_events_are_one_finding_with_wait_share_and_shortened_query() -> None:
     built = [customer_trace(wait_ms=300.0 * (i % 3), behind=i % 3, customer_id=100 + i) for i in range(9)]
-    findings = analyse([b for b, _ in built])
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "lock_contention",
-        "parallelization",
-        "customer",
-        "SQL SELECT",
+    f = one_finding(
+        analyse([b for b, _ in built]), "lock_contention", "parallelization", "customer", "SQL SELECT"
     )
     assert f.targets == [{"service": "mysql", "operation": "SELECT * FROM customer WHERE customer_id=?"}]
     assert f.evidence["evidence"] == "explicit" and f.evidence["sources"] == ["events"]
@@ -237,22 +231,23 @@ def test_convoy_on_one_row_is_inferred_across_traces() -> None:
     assert sorted(errors)[len(errors) // 2] < 1.5
 
 
-def test_busy_operation_with_flat_latency_gives_nothing() -> None:
-    # Same load on a database with plenty of capacity: many statements overlap, none waits.
-    rng = random.Random(5)
-    arrivals = bursty_arrivals(80, seed=11, mean_gap_ms=3.0)
+@pytest.mark.parametrize(
+    ("seed", "statements", "arrival_seed", "mean_gap_ms", "servers"),
+    [
+        # Same load on a database with plenty of capacity: many statements overlap, none waits.
+        pytest.param(5, 80, 11, 3.0, 64, id="busy_operation_with_flat_latency"),
+        # Eight workers overloaded: latency grows with load, but completions come eight at a time,
+        # not one service time apart, so this is not a lock.
+        pytest.param(9, 160, 4, 1.3, 8, id="saturated_parallel_pool_is_not_a_single_server_convoy"),
+    ],
+)
+def test_parallel_servers_give_nothing(
+    seed: int, statements: int, arrival_seed: int, mean_gap_ms: float, servers: int
+) -> None:
+    rng = random.Random(seed)
+    arrivals = bursty_arrivals(statements, seed=arrival_seed, mean_gap_ms=mean_gap_ms)
     service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
-    builders, _ = server_traces(arrivals, service, servers=64)
-    assert analyse(builders) == []
-
-
-def test_saturated_parallel_pool_is_not_a_single_server_convoy() -> None:
-    # Eight workers overloaded: latency grows with load, but completions come eight at a time,
-    # not one service time apart, so this is not a lock.
-    rng = random.Random(9)
-    arrivals = bursty_arrivals(160, seed=4, mean_gap_ms=1.3)
-    service = [10.0 + rng.uniform(-1, 1) for _ in arrivals]
-    builders, _ = server_traces(arrivals, service, servers=8)
+    builders, _ = server_traces(arrivals, service, servers=servers)
     assert analyse(builders) == []
 
 
@@ -437,12 +432,7 @@ def hotrod_jaeger_json(waits_ms: list[float]) -> dict:
 def test_cli_reports_hotrod_lock_waits_from_a_jaeger_file(tmp_path: Path) -> None:
     path = tmp_path / "hotrod.json"
     path.write_text(json.dumps(hotrod_jaeger_json([0, 250, 500, 0, 250, 500])))
-    cli = Path(sys.executable).with_name("hourglass")
-    done = subprocess.run(
-        [str(cli), "analyze", str(path), "--format", "json"], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = analyze_file(path, timeout=120)
     (rec,) = [r for r in report["recommendations"] if r["kind"] == "lock_contention"]
     assert (rec["service"], rec["operation"]) == ("mysql", "SQL SELECT")
     assert rec["traces_affected"] == 4

@@ -10,6 +10,7 @@ from hourglass.analysis.model import ShortenSpan
 from hourglass.analysis.pipeline import analyze
 from hourglass.analysis.whatif import WhatIf
 from hourglass.collector.schema import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
+from tests.analysis._assertions import one_finding, one_recommendation, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 USUAL_MS = [18.0, 19.0, 20.0, 21.0, 22.0]
@@ -48,20 +49,12 @@ def usual(n: int, **kwargs) -> list[TraceBuilder]:
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_calls_hanging_far_past_their_usual_time_get_a_timeout_recommendation() -> None:
     hung = [home_trace(ms) for ms in (2_000.0, 3_500.0, 5_200.0)]
-    findings = analyse(usual(30) + hung)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "missing_timeout",
-        "fault_tolerance",
-        "frontend",
-        "GET /home",
-    )
+    f = one_finding(analyse(usual(30) + hung), "missing_timeout", "fault_tolerance", "frontend", "GET /home")
     assert f.targets == [{"service": "ads", "operation": "GET /ads"}]
     assert f.requests_at_risk == 3
     assert sorted(f.trace_ids) == sorted(b.trace_id for b in hung)
@@ -175,12 +168,8 @@ def test_the_what_if_engine_measures_the_deadline_saving_at_the_root() -> None:
 def test_end_to_end_the_report_carries_the_timeout_finding_with_its_root_saving() -> None:
     hung = [home_trace(ms) for ms in (2_000.0, 3_500.0, 5_200.0)]
     report = analyze(spans_table(usual(30) + hung))
-    recs = [r for r in report["recommendations"] if r["kind"] == "missing_timeout"]
-    assert len(recs) == 1
-    rec = recs[0]
+    rec = one_recommendation(report, "missing_timeout", "fault_tolerance", "frontend", "GET /home")
     assert rec["rank"] == 1
-    assert rec["category"] == "fault_tolerance"
-    assert (rec["service"], rec["operation"]) == ("frontend", "GET /home")
     assert rec["traces_affected"] == 3
     impact = rec["impact"]
     assert impact["saved_ms_p50"] == pytest.approx(3_500.0 - rec["evidence"]["suggested_timeout_ms"], abs=0.5)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common, n_plus_one
 from hourglass.analysis.model import CollapseSpans
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -29,14 +29,12 @@ def orders_page(
 
 
 def detect(*builders: TraceBuilder) -> list:
-    return n_plus_one.detect(AnalysisContext.from_table(spans_table(list(builders))))
+    return run_detector(n_plus_one.detect, builders)
 
 
 def test_repeated_query_with_different_parameters_is_one_finding() -> None:
     findings = detect(*[orders_page() for _ in range(6)])
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.service, f.operation) == ("n_plus_one", "orders", "GET /orders")
+    f = one_finding(findings, "n_plus_one", "parallelization", "orders", "GET /orders")
     assert f.targets == [
         {
             "service": "postgresql",

@@ -23,7 +23,7 @@ from hourglass.analysis.ranking import RISK_SHARE
 from hourglass.analysis.render import render
 from hourglass.analysis.report import MAX_NEAR_MISSES, near_miss_entries
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_OK, STATUS_UNSET
-from tests.builders import TraceBuilder, spans_table
+from tests.builders import TraceBuilder, repeated_trace, spans_table, spec
 
 # -- traces ------------------------------------------------------------------------------------
 
@@ -129,20 +129,12 @@ def test_a_retry_storm_that_burns_seconds_ranks_above_a_small_lock_wait() -> Non
 
 
 def test_error_propagation_is_priced_by_the_failed_requests_time() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="shop")
-        root = b.span("POST /pay", start_ms=0, dur_ms=200, kind=KIND_SERVER, status_code=STATUS_ERROR)
-        b.span(
-            "POST bank",
-            parent=root,
-            start_ms=5,
-            dur_ms=150,
-            kind=KIND_CLIENT,
-            peer="bank",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        3,
+        "shop",
+        spec("POST /pay", 0, 200, kind=KIND_SERVER, status_code=STATUS_ERROR),
+        spec("POST bank", 5, 150, kind=KIND_CLIENT, peer="bank", status_code=STATUS_ERROR),
+    )
     (rec,) = analyze(spans_table(traces))["recommendations"]
     assert rec["kind"] == "error_propagation"
     assert rec["impact"]["cost_ms_total"] == 600.0 and rec["impact"]["saved_ms_total"] is None
@@ -263,20 +255,12 @@ def test_retry_near_miss_for_retries_with_backoff() -> None:
 
 
 def test_error_propagation_near_miss_for_contained_failures() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="shop")
-        root = b.span("GET /home", start_ms=0, dur_ms=100, kind=KIND_SERVER, status_code=STATUS_OK)
-        b.span(
-            "GET ads",
-            parent=root,
-            start_ms=5,
-            dur_ms=20,
-            kind=KIND_CLIENT,
-            peer="ads",
-            status_code=STATUS_ERROR,
-        )
-        traces.append(b)
+    traces = repeated_trace(
+        3,
+        "shop",
+        spec("GET /home", 0, 100, kind=KIND_SERVER, status_code=STATUS_OK),
+        spec("GET ads", 5, 20, kind=KIND_CLIENT, peer="ads", status_code=STATUS_ERROR),
+    )
     ctx = AnalysisContext.from_table(spans_table(traces))
     assert error_propagation.detect(ctx) == []
     (reason,) = reasons(ctx, "error_propagation")

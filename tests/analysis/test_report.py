@@ -33,22 +33,8 @@ def workload(traces: int = 6) -> pa.Table:
         b = TraceBuilder(service="shop")
         root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
         first, second = ("users", "cart") if i % 2 else ("cart", "users")
-        b.span(
-            f"GET {first}",
-            parent=root,
-            start_ms=10,
-            dur_ms=100,
-            kind=KIND_CLIENT,
-            http_url=f"http://{first}/x",
-        )
-        b.span(
-            f"GET {second}",
-            parent=root,
-            start_ms=111,
-            dur_ms=100,
-            kind=KIND_CLIENT,
-            http_url=f"http://{second}/x",
-        )
+        for svc, start in ((first, 10), (second, 111)):
+            b.span(f"GET {svc}", parent=root, start_ms=start, dur_ms=100, kind=KIND_CLIENT, http_url=f"http://{svc}/x")
         builders.append(b)
         n = TraceBuilder(service="shop")
         root = n.span("GET /orders", start_ms=0, dur_ms=120, kind=KIND_SERVER)

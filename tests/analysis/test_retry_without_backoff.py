@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from hourglass.analysis.context import AnalysisContext
+import itertools
+
 from hourglass.analysis.detectors.retry_without_backoff import detect
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
-from tests.builders import TraceBuilder, spans_table
+from tests.analysis._assertions import one_finding, one_recommendation, run_detector
+from tests.builders import TraceBuilder, repeated_trace, spans_table, spec
 
 
 def product_trace(
@@ -55,21 +57,13 @@ def product_trace(
 
 
 def analyse(builders: list[TraceBuilder]):
-    return detect(AnalysisContext.from_table(spans_table(builders)))
+    return run_detector(detect, builders)
 
 
 def test_immediate_retries_of_a_failing_call_are_one_finding() -> None:
     traces = [product_trace([0.2, 0.1, 0.3], outcomes=[False, False, False, True]) for _ in range(5)]
     traces += [product_trace([], outcomes=[True]) for _ in range(5)]
-    findings = analyse(traces)
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "retry_without_backoff",
-        "fault_tolerance",
-        "product",
-        "GET /product",
-    )
+    f = one_finding(analyse(traces), "retry_without_backoff", "fault_tolerance", "product", "GET /product")
     assert f.targets == [{"service": "inventory", "operation": "GET /inventory"}]
     assert f.requests_at_risk == 5
     assert len(f.occurrences) == 5 and len(f.trace_ids) == 5
@@ -112,41 +106,22 @@ def test_repeated_successful_calls_are_not_retries() -> None:
 
 
 def test_failing_calls_to_different_urls_are_a_loop_not_a_retry() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="product")
-        root = b.span("GET /products", start_ms=0, dur_ms=60, kind=KIND_SERVER)
-        for i in range(4):
-            b.span(
-                "GET /inventory",
-                parent=root,
-                start_ms=2 + i * 10,
-                dur_ms=10,
-                kind=KIND_CLIENT,
-                peer="inventory",
-                http_url=f"http://inventory/items/{i}",
-                status_code=STATUS_ERROR,
-            )
-        traces.append(b)
+    calls = [
+        spec("GET /inventory", 2 + i * 10, 10, under=0, kind=KIND_CLIENT, peer="inventory",
+             http_url=f"http://inventory/items/{i}", status_code=STATUS_ERROR)
+        for i in range(4)
+    ]  # fmt: skip
+    traces = repeated_trace(3, "product", spec("GET /products", 0, 60, kind=KIND_SERVER), *calls)
     assert analyse(traces) == []
 
 
 def test_hedged_concurrent_copies_are_not_retries() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="product")
-        root = b.span("GET /product", start_ms=0, dur_ms=40, kind=KIND_SERVER)
-        for i in range(3):
-            b.span(
-                "GET /inventory",
-                parent=root,
-                start_ms=2 + i,
-                dur_ms=30,
-                kind=KIND_CLIENT,
-                peer="inventory",
-                status_code=STATUS_ERROR if i < 2 else STATUS_UNSET,
-            )
-        traces.append(b)
+    calls = [
+        spec("GET /inventory", 2 + i, 30, under=0, kind=KIND_CLIENT, peer="inventory",
+             status_code=STATUS_ERROR if i < 2 else STATUS_UNSET)
+        for i in range(3)
+    ]  # fmt: skip
+    traces = repeated_trace(3, "product", spec("GET /product", 0, 40, kind=KIND_SERVER), *calls)
     assert analyse(traces) == []
 
 
@@ -174,23 +149,12 @@ def test_explicit_resend_count_marks_retries_even_without_error_status() -> None
 
 
 def test_exception_events_mark_a_failed_attempt() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="worker")
-        root = b.span("process job", start_ms=0, dur_ms=40)
-        for i in range(3):
-            b.span(
-                "SELECT job",
-                parent=root,
-                start_ms=1 + i * 5.05,
-                dur_ms=5,
-                kind=KIND_CLIENT,
-                db_system="postgresql",
-                events=[("exception", 1 + i * 5.05 + 4, {"exception.type": "OperationalError"})]
-                if i < 2
-                else (),
-            )
-        traces.append(b)
+    calls = [
+        spec("SELECT job", 1 + i * 5.05, 5, under=0, kind=KIND_CLIENT, db_system="postgresql",
+             events=[("exception", 1 + i * 5.05 + 4, {"exception.type": "OperationalError"})] if i < 2 else ())
+        for i in range(3)
+    ]  # fmt: skip
+    traces = repeated_trace(3, "worker", spec("process job", 0, 40), *calls)
     findings = analyse(traces)
     assert [(f.service, f.operation, f.targets[0]["service"]) for f in findings] == [
         ("worker", "process job", "postgresql")
@@ -234,11 +198,7 @@ def test_end_to_end_the_report_carries_the_retry_finding_ranked_by_risk() -> Non
     traces += [product_trace([], outcomes=[True]) for _ in range(10)]
     report = analyze(spans_table(traces))
     assert report["traces_analyzed"] == 20
-    recs = [r for r in report["recommendations"] if r["kind"] == "retry_without_backoff"]
-    assert len(recs) == 1
-    rec = recs[0]
-    assert rec["category"] == "fault_tolerance"
-    assert (rec["service"], rec["operation"]) == ("product", "GET /product")
+    rec = one_recommendation(report, "retry_without_backoff", "fault_tolerance", "product", "GET /product")
     assert rec["traces_affected"] == 5 and rec["occurrences"] == 5
     assert rec["impact"]["saved_ms_p50"] is None  # backoff adds latency: no saving is claimed
     assert rec["evidence"]["requests_at_risk"] == 5
@@ -262,29 +222,18 @@ def test_a_loop_over_unnamed_items_with_sporadic_failures_lowers_confidence() ->
 def test_a_caller_logging_its_retries_is_explicit_evidence() -> None:
     """HotROD-style: GetDriver per driver (no id recorded), the caller logs 'Retrying GetDriver after error'."""
 
-    def trace(logged: bool) -> TraceBuilder:
-        b = TraceBuilder(service="driver")
-        events = (
-            [("error", 20, {"message": "Retrying GetDriver after error", "retry_no": 1})] if logged else []
-        )
-        root = b.span("FindNearest", start_ms=0, dur_ms=80, kind=KIND_SERVER, events=events)
-        t = 1.0
-        for failed in (False, True, False, False, True, False):
-            b.span(
-                "GetDriver",
-                parent=root,
-                start_ms=t,
-                dur_ms=10,
-                kind=KIND_CLIENT,
-                service="driver",
-                peer="redis",
-                status_code=STATUS_ERROR if failed else STATUS_UNSET,
-            )
-            t += 10.1
-        return b
+    starts = list(itertools.accumulate([1.0] + [10.1] * 5))  # 1.0, then += 10.1
+    calls = [
+        spec("GetDriver", t, 10, under=0, kind=KIND_CLIENT, service="driver", peer="redis",
+             status_code=STATUS_ERROR if failed else STATUS_UNSET)
+        for t, failed in zip(starts, (False, True, False, False, True, False), strict=True)
+    ]  # fmt: skip
 
-    (plain,) = analyse([trace(False) for _ in range(5)])
-    (logged,) = analyse([trace(True) for _ in range(5)])
+    def traces(events: list) -> list[TraceBuilder]:
+        return repeated_trace(5, "driver", spec("FindNearest", 0, 80, kind=KIND_SERVER, events=events), *calls)
+
+    (plain,) = analyse(traces([]))
+    (logged,) = analyse(traces([("error", 20, {"message": "Retrying GetDriver after error", "retry_no": 1})]))
     assert plain.targets == [{"service": "redis", "operation": "GetDriver"}]
     assert plain.evidence["in_loop_share"] == 1.0 and plain.evidence["retries_logged_by_caller"] is False
     assert logged.evidence["retries_logged_by_caller"] is True
@@ -294,22 +243,13 @@ def test_a_caller_logging_its_retries_is_explicit_evidence() -> None:
 def test_the_finding_names_the_service_of_the_retrying_operation() -> None:
     """HotROD traces its redis calls under their own service ("redis-manual") while the retry loop is
     the driver's FindNearest handler: the finding names the driver, where the backoff goes."""
-    traces = []
-    for _ in range(5):
-        b = TraceBuilder(service="driver")
-        root = b.span("driver.DriverService/FindNearest", start_ms=0, dur_ms=80, kind=KIND_SERVER)
-        for i, failed in enumerate((True, False, False, True, False)):
-            b.span(
-                "GetDriver",
-                parent=root,
-                start_ms=1 + 10.1 * i,
-                dur_ms=10,
-                kind=KIND_CLIENT,
-                service="redis-manual",
-                db_system="redis",
-                status_code=STATUS_ERROR if failed else STATUS_UNSET,
-            )
-        traces.append(b)
+    calls = [
+        spec("GetDriver", 1 + 10.1 * i, 10, under=0, kind=KIND_CLIENT, service="redis-manual",
+             db_system="redis", status_code=STATUS_ERROR if failed else STATUS_UNSET)
+        for i, failed in enumerate((True, False, False, True, False))
+    ]  # fmt: skip
+    root = spec("driver.DriverService/FindNearest", 0, 80, kind=KIND_SERVER)
+    traces = repeated_trace(5, "driver", root, *calls)
     (f,) = analyse(traces)
     assert (f.service, f.operation) == ("driver", "driver.DriverService/FindNearest")
     assert f.targets == [{"service": "redis", "operation": "GetDriver"}]
@@ -318,22 +258,12 @@ def test_the_finding_names_the_service_of_the_retrying_operation() -> None:
 
 
 def test_without_peer_or_traced_callee_the_url_host_names_the_target() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="payments")
-        root = b.span("POST /pay", start_ms=0, dur_ms=140, kind=KIND_SERVER)
-        for i in range(4):
-            b.span(
-                "POST charge",
-                parent=root,
-                start_ms=2 + 31 * i,
-                dur_ms=30,
-                kind=KIND_CLIENT,
-                http_url="https://user@bank.example:8443/charge?x=1",
-                status_code=STATUS_ERROR if i < 3 else 0,
-            )
-        traces.append(b)
-    (f,) = analyse(traces)
+    calls = [
+        spec("POST charge", 2 + 31 * i, 30, under=0, kind=KIND_CLIENT,
+             http_url="https://user@bank.example:8443/charge?x=1", status_code=STATUS_ERROR if i < 3 else 0)
+        for i in range(4)
+    ]  # fmt: skip
+    (f,) = analyse(repeated_trace(3, "payments", spec("POST /pay", 0, 140, kind=KIND_SERVER), *calls))
     assert (f.service, f.operation, f.targets) == (
         "payments",
         "POST /pay",
@@ -342,29 +272,16 @@ def test_without_peer_or_traced_callee_the_url_host_names_the_target() -> None:
 
 
 def test_a_failed_server_side_marks_an_unmarked_client_attempt_as_failed() -> None:
-    traces = []
-    for _ in range(3):
-        b = TraceBuilder(service="product")
-        root = b.span("GET /product", start_ms=0, dur_ms=50, kind=KIND_SERVER)
-        for i in range(3):
-            call = b.span(
-                "GET /inventory",
-                parent=root,
-                start_ms=1 + 8.1 * i,
-                dur_ms=8,
-                kind=KIND_CLIENT,
-                peer="inventory",
-            )  # old client instrumentation: no status, no HTTP code
-            b.span(
-                "GET /items/{id}",
-                parent=call,
-                start_ms=1.5 + 8.1 * i,
-                dur_ms=7,
-                kind=KIND_SERVER,
-                service="inventory",
-                status_code=STATUS_ERROR if i < 2 else STATUS_UNSET,
-            )
-        traces.append(b)
-    (f,) = analyse(traces)
+    calls = [
+        span
+        for i in range(3)
+        for span in (
+            # old client instrumentation: no status, no HTTP code on the call; the error on its server side
+            spec("GET /inventory", 1 + 8.1 * i, 8, under=0, kind=KIND_CLIENT, peer="inventory"),
+            spec("GET /items/{id}", 1.5 + 8.1 * i, 7, kind=KIND_SERVER, service="inventory",
+                 status_code=STATUS_ERROR if i < 2 else STATUS_UNSET),
+        )
+    ]  # fmt: skip
+    (f,) = analyse(repeated_trace(3, "product", spec("GET /product", 0, 50, kind=KIND_SERVER), *calls))
     assert f.targets == [{"service": "inventory", "operation": "GET /items/{id}"}]
     assert f.evidence["attempts_per_burst_max"] == 3

@@ -7,6 +7,7 @@ from hourglass.analysis.detectors import serialized_calls
 from hourglass.analysis.model import RunConcurrently
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.analysis._assertions import one_finding, run_detector
 from tests.builders import TraceBuilder, spans_table
 
 
@@ -34,18 +35,12 @@ def checkout(
 
 
 def detect(*builders: TraceBuilder) -> list:
-    return serialized_calls.detect(AnalysisContext.from_table(spans_table(list(builders))))
+    return run_detector(serialized_calls.detect, builders)
 
 
 def test_three_back_to_back_calls_are_one_finding_with_run_concurrently() -> None:
-    findings = detect(checkout(ids=False))
-    assert len(findings) == 1
-    f = findings[0]
-    assert (f.kind, f.category, f.service, f.operation) == (
-        "serialized_calls",
-        "parallelization",
-        "frontend",
-        "GET /checkout",
+    f = one_finding(
+        detect(checkout(ids=False)), "serialized_calls", "parallelization", "frontend", "GET /checkout"
     )
     assert {t["service"] for t in f.targets} == {"users", "cart", "prices"}
     (iv,) = f.occurrences[0].interventions

@@ -10,7 +10,7 @@ from hourglass.analysis.model import CollapseSpans, Finding, Occurrence, RunConc
 from hourglass.analysis.report import intervention_to_dict
 from hourglass.analysis.whatif import WhatIf, retime_trace
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
-from tests.builders import TraceBuilder, spans_table
+from tests.builders import TraceBuilder, deep_chain, repeated_trace, spans_table, spec
 
 MS = 1_000_000
 
@@ -132,10 +132,7 @@ def test_retime_trace_from_a_report_recommendation_and_raw_spans() -> None:
 
 
 def test_deep_trace_is_retimed_without_recursion() -> None:
-    b = TraceBuilder()
-    parent = b.span("s0", start_ms=0, dur_ms=30_000, kind=KIND_SERVER)
-    for i in range(1, 5_000):
-        parent = b.span(f"s{i}", parent=parent, start_ms=i, dur_ms=30_000 - 2 * i)
+    b, parent = deep_chain(5_000, root_ms=30_000)
     ctx = AnalysisContext.from_table(spans_table(b))
     f = finding(Occurrence(b.trace_id, (parent,), (ShortenSpan(parent, 1_000 * MS),)))
     assert WhatIf(ctx).impact(f).total_ns == 1_000 * MS
@@ -144,13 +141,13 @@ def test_deep_trace_is_retimed_without_recursion() -> None:
 def test_retime_trace_reruns_the_detector_when_the_report_recorded_no_interventions() -> None:
     from hourglass.analysis.pipeline import analyze
 
-    builders = []
-    for _ in range(2):
-        b = TraceBuilder(service="shop")
-        root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
-        b.span("GET users", parent=root, start_ms=10, dur_ms=100, kind=KIND_CLIENT, http_url="http://users/u")
-        b.span("GET cart", parent=root, start_ms=111, dur_ms=100, kind=KIND_CLIENT, http_url="http://cart/c")
-        builders.append(b)
+    builders = repeated_trace(
+        2,
+        "shop",
+        spec("GET /checkout", 0, 300, kind=KIND_SERVER),
+        spec("GET users", 10, 100, under=0, kind=KIND_CLIENT, http_url="http://users/u"),
+        spec("GET cart", 111, 100, under=0, kind=KIND_CLIENT, http_url="http://cart/c"),
+    )
     (rec,) = analyze(spans_table(builders))["recommendations"]
     rec["evidence"].pop("interventions")
     raw = pl.from_arrow(spans_table(builders[1]))

@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 ROOT = Path(__file__).resolve().parents[2]
 MS = 1_000_000
 CALL_MS = 30
+SPANS_PER_TRACE = 7  # a server span, three client calls and their three server spans
 CHECKOUT_CALLS = (("users", "GET /users"), ("cart", "GET /cart"), ("prices", "GET /prices"))
 
 
@@ -71,13 +72,20 @@ class LiveServer:
 
 @contextlib.contextmanager
 def running_server(
-    tmp: Path, *, token: str | None = None, settle: str = "0.5s", env: dict[str, str] | None = None
+    tmp: Path,
+    *,
+    token: str | None = None,
+    settle: str = "0.5s",
+    env: dict[str, str] | None = None,
+    store: str = "",
+    stop_timeout: float = 15,
 ) -> Iterator[LiveServer]:
-    """Start `hourglass serve` on free ports over a fresh DuckDB file; stop it (SIGTERM, then kill).
-    ``env`` adds variables (e.g. ANTHROPIC_* to point the write-up agent at a fake server)."""
+    """Start `hourglass serve` on free ports over a fresh DuckDB file; stop it (SIGTERM, then kill
+    after ``stop_timeout`` s). ``env`` adds variables (e.g. ANTHROPIC_* to point the write-up agent
+    at a fake server); ``store="chdb"`` serves from a fresh embedded ClickHouse store instead."""
     extra_env = env or {}
     grpc_port, http_port, api_port = free_port(), free_port(), free_port()
-    db = tmp / "hourglass.duckdb"
+    db = tmp / ("spans.chdb" if store == "chdb" else "hourglass.duckdb")
     log = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     env["HOURGLASS_SETTLE"] = settle
@@ -88,7 +96,7 @@ def running_server(
         *hourglass_executable(),
         "serve",
         "--db",
-        str(db),
+        f"{store}:{db}" if store else str(db),
         "--host",
         "127.0.0.1",
         "--grpc-port",
@@ -126,10 +134,23 @@ def running_server(
         if process.poll() is None:
             process.terminate()
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def analysed_server(tmp: Path, *, token: str, checkout: int, home: int) -> Iterator[LiveServer]:
+    """running_server fed ``checkout`` and ``home`` traces, all of them stored, then analysed once
+    (POST /v1/analyses answered 200)."""
+    with running_server(tmp, token=token) as server:
+        send_traces(server, checkout=checkout, home=home)
+        wait_for_spans(server, (checkout + home) * SPANS_PER_TRACE)
+        with server.client() as client:
+            run = client.post("/v1/analyses")
+            assert run.status_code == 200, run.text
+        yield server
 
 
 def _provider(service: str, endpoint: str, token: str | None) -> TracerProvider:

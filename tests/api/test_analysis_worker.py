@@ -13,17 +13,17 @@ import pytest
 from hourglass.api import analysis_service
 from hourglass.api.analysis_service import AnalysisWorker, analyze_spans
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
-from tests.builders import TraceBuilder, spans_table
+from tests.builders import repeated_trace, spans_table, spec
 
 
 def _serialized_calls_table() -> pa.Table:
-    builders = []
-    for _ in range(6):
-        b = TraceBuilder(service="frontend")
-        root = b.span("GET /checkout", start_ms=0, dur_ms=100, kind=KIND_SERVER)
-        b.span("GET users", parent=root, start_ms=1, dur_ms=40, kind=KIND_CLIENT, http_url="http://users/u")
-        b.span("GET cart", parent=root, start_ms=42, dur_ms=50, kind=KIND_CLIENT, http_url="http://cart/c")
-        builders.append(b)
+    builders = repeated_trace(
+        6,
+        "frontend",
+        spec("GET /checkout", 0, 100, kind=KIND_SERVER),
+        spec("GET users", 1, 40, under=0, kind=KIND_CLIENT, http_url="http://users/u"),
+        spec("GET cart", 42, 50, under=0, kind=KIND_CLIENT, http_url="http://cart/c"),
+    )
     return spans_table(builders)
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.api.live_server import LiveServer, running_server, send_traces, wait_for_spans
+from tests.api.live_server import LiveServer, analysed_server
 
 TOKEN = "schema-token"
 
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with running_server(tmp_path_factory.mktemp("schemathesis"), token=TOKEN) as srv:
-        send_traces(srv, checkout=10, home=5)
-        wait_for_spans(srv, 15 * 7)
-        with srv.client() as client:
-            assert client.post("/v1/analyses").status_code == 200
+    with analysed_server(tmp_path_factory.mktemp("schemathesis"), token=TOKEN, checkout=10, home=5) as srv:
         yield srv
 
 

@@ -22,24 +22,33 @@ def table() -> pa.Table:
     return spans_table(b)
 
 
-def test_one_scan_per_store_version_and_freed_when_idle() -> None:
-    scans: list[int | None] = []
-    marker = [1]
+class CountingStore:
+    """What QueryEngine reads: scan() (each call recorded with its since_ns) and the change marker."""
 
-    def scan(since_ns: int | None) -> pa.Table:
-        scans.append(since_ns)
+    def __init__(self) -> None:
+        self.scans: list[int | None] = []
+        self.changes = 1
+
+    def scan(self, since_ns: int | None) -> pa.Table:
+        self.scans.append(since_ns)
         return table()
 
-    engine = QueryEngine(scan, lambda: marker[0], idle_seconds=60)
+    def change_marker(self) -> int:
+        return self.changes
+
+
+def test_one_scan_per_store_version_and_freed_when_idle() -> None:
+    store = CountingStore()
+    engine = QueryEngine(store.scan, store.change_marker, idle_seconds=60)
     body = {"changes": [{"parallelize": {"service": "front", "operation": "GET /x"}}]}
     assert engine.whatif(body)["saved_ms_total"] == pytest.approx(40.0)
     assert engine.critical_path("front", "GET /x")["traces"] == 1  # type: ignore[index]
-    assert len(scans) == 1
-    marker[0] = 2  # the store changed
+    assert len(store.scans) == 1
+    store.changes = 2  # the store changed
     engine.whatif(body)
-    assert len(scans) == 2
+    assert len(store.scans) == 2
     engine.whatif({**body, "since": "1h"})
-    assert len(scans) == 3 and scans[-1] is not None
+    assert len(store.scans) == 3 and store.scans[-1] is not None
     engine._idle_seconds = 0.2
     engine.endpoints(since="1h")  # ready: the idle timer restarts
     deadline = time.monotonic() + 10
@@ -54,18 +63,12 @@ def test_one_scan_per_store_version_and_freed_when_idle() -> None:
 
 
 def test_under_continuous_ingest_a_recent_context_is_reused() -> None:
-    scans: list[int | None] = []
-    marker = [1]
-
-    def scan(since_ns: int | None) -> pa.Table:
-        scans.append(since_ns)
-        return table()
-
-    engine = QueryEngine(scan, lambda: marker[0], reuse_seconds=60)
+    store = CountingStore()
+    engine = QueryEngine(store.scan, store.change_marker, reuse_seconds=60)
     body = {"changes": [{"speedup": {"service": "a", "operation": "A", "factor": 0.5}}]}
     engine.whatif(body)
-    marker[0] += 1  # spans keep arriving
+    store.changes += 1  # spans keep arriving
     engine.whatif(body)
-    assert len(scans) == 1
+    assert len(store.scans) == 1
     engine.whatif({**body, "since": "1h"})  # another window: built
-    assert len(scans) == 2
+    assert len(store.scans) == 2

@@ -23,23 +23,22 @@ from hourglass.api.app import create_app
 from hourglass.api.settings import Settings
 from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
-from tests.api.live_server import LiveServer, free_port, running_server, send_traces, wait_for_spans
+from tests.api.live_server import (
+    SPANS_PER_TRACE,
+    LiveServer,
+    analysed_server,
+    free_port,
+    send_traces,
+    wait_for_spans,
+)
 from tests.builders import TraceBuilder, spans_table
 
 pytestmark = pytest.mark.timeout(180)
 
 TOKEN = "s3cret-token"
-SPANS_PER_TRACE = 7
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with running_server(tmp_path_factory.mktemp("rest"), token=TOKEN, settle="0.5s") as srv:
-        send_traces(srv, checkout=20, home=20)
-        wait_for_spans(srv, 40 * SPANS_PER_TRACE)
-        with srv.client() as client:
-            run = client.post("/v1/analyses")
-            assert run.status_code == 200, run.text
+    with analysed_server(tmp_path_factory.mktemp("rest"), token=TOKEN, checkout=20, home=20) as srv:
         yield srv
 
 

@@ -18,16 +18,13 @@ import pytest
 
 from tests.api.live_server import (
     LiveServer,
+    analysed_server,
     hourglass_executable,
-    running_server,
-    send_traces,
-    wait_for_spans,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample-traces"
 TOKEN = "whatif-token"
-SPANS_PER_TRACE = 7
 LEDGER_TRANSFERS = "POST /accounts/{account_id}/transfers"
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,11 +52,7 @@ def hourglass(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with running_server(tmp_path_factory.mktemp("whatif"), token=TOKEN) as srv:
-        send_traces(srv, checkout=10, home=5)
-        wait_for_spans(srv, 15 * SPANS_PER_TRACE)
-        with srv.client() as client:
-            assert client.post("/v1/analyses").status_code == 200
+    with analysed_server(tmp_path_factory.mktemp("whatif"), token=TOKEN, checkout=10, home=5) as srv:
         yield srv
 
 
