@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, TypeVar
 
 import numpy as np
@@ -76,12 +77,22 @@ def to_analysis_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:
     df = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
     if not isinstance(df, pl.DataFrame):  # pl.from_arrow returns a Series for arrays
         raise TypeError("expected a table of span rows")
-    empty = pl.from_arrow(_ANALYSIS_SCHEMA.empty_table())
-    assert isinstance(empty, pl.DataFrame)
-    missing = [pl.lit(None, dtype=empty.schema[c]).alias(c) for c in ANALYSIS_COLUMNS if c not in df.columns]
+    schema = _polars_schema()
+    missing = [pl.lit(None, dtype=schema[c]).alias(c) for c in ANALYSIS_COLUMNS if c not in df.columns]
     if missing:
         df = df.with_columns(missing)
-    return df.select([pl.col(c).cast(empty.schema[c]) for c in ANALYSIS_COLUMNS])
+    return df.select([pl.col(c).cast(schema[c]) for c in ANALYSIS_COLUMNS])
+
+
+@cache
+def _polars_schema() -> pl.Schema:
+    """ANALYSIS_COLUMNS' polars types. (An empty table built from null arrays: pyarrow's
+    ``Schema.empty_table`` imports pandas, a third of a second of start-up.)"""
+    empty = pl.from_arrow(
+        pa.Table.from_arrays([pa.nulls(0, f.type) for f in _ANALYSIS_SCHEMA], schema=_ANALYSIS_SCHEMA)
+    )
+    assert isinstance(empty, pl.DataFrame)
+    return empty.schema
 
 
 @dataclass

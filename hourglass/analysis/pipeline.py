@@ -181,7 +181,7 @@ def _drop(notes: NearMissSink, finding: Finding, reason: str) -> None:
 def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored]:
     """Prices every finding (:mod:`hourglass.analysis.ranking`) and applies the floors (module docstring);
     dropped findings become near misses. The what-if engine re-times ``ctx``'s traces."""
-    whatif = WhatIf(ctx) if findings else None
+    whatif = WhatIf.of(ctx) if findings else None
 
     def impact_of(finding: Finding) -> Impact | None:
         if whatif is None or not any(o.interventions for o in finding.occurrences):

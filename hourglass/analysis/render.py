@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from hourglass.analysis.design import DESIGN_SECTIONS
 from hourglass.analysis.sequence import fmt_ms as ms
+
+if TYPE_CHECKING:  # rich loads for the table format only
+    from rich.console import Console
 
 FORMATS = ("json", "markdown", "table")
 
@@ -185,6 +184,10 @@ def workstreams_markdown(workstreams: Any) -> list[str]:
 
 def render_table(report: dict[str, Any], console: Console | None = None) -> str:
     """The report as a rich table (returned as text; colours only when ``console`` is a terminal)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     recs = report.get("recommendations") or []
     table = Table(
         title=f"Hourglass — {report.get('traces_analyzed', 0)} traces, {report.get('spans_analyzed', 0)} spans",
@@ -221,6 +224,9 @@ def render_table(report: dict[str, Any], console: Console | None = None) -> str:
 
 def _print_near_misses(out: Console, report: dict[str, Any]) -> None:
     """The ``--explain`` table, printed after the recommendations."""
+    from rich import box
+    from rich.table import Table
+
     misses = report.get("near_misses") or []
     omitted = int(report.get("near_misses_omitted") or 0)
     if not misses:

@@ -28,6 +28,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -152,15 +153,7 @@ def service_resources(table: pa.Table | pl.DataFrame | None) -> ServiceResources
             return {str(k): dict(v) for k, v in data.items() if isinstance(v, dict)}
         if "resource_json" not in table.column_names or "service" not in table.column_names:
             return {}
-        # unique (service, resource_json) pairs in Arrow itself: no copy of the repeated strings
-        pairs_table = (
-            table.select(["service", "resource_json"]).group_by(["service", "resource_json"]).aggregate([])
-        )
-        return _from_pairs(
-            list(
-                zip(pairs_table["service"].to_pylist(), pairs_table["resource_json"].to_pylist(), strict=True)
-            )
-        )
+        return _from_pairs(_unique_pairs(table.column("service"), table.column("resource_json")))
     else:
         if "resource_json" not in table.columns or "service" not in table.columns:
             return {}
@@ -169,6 +162,30 @@ def service_resources(table: pa.Table | pl.DataFrame | None) -> ServiceResources
     # resource_json repeats per span: unique pairs are few (one per resource)
     pairs = frame.unique(maintain_order=True).rows()
     return _from_pairs([(s, r) for s, r in pairs])
+
+
+def _unique_pairs(services: pa.ChunkedArray, texts: pa.ChunkedArray) -> list[tuple[str, str | None]]:
+    """The distinct (service, resource_json) pairs, in Arrow without copying the repeated strings:
+    each column dictionary-encoded, the pairs of codes made unique with numpy. (Arrow's own
+    ``group_by`` would load ``pyarrow.acero``, which imports pandas: half a second of start-up.)"""
+    if len(services) == 0:
+        return []
+    s_dict = services.combine_chunks().dictionary_encode()
+    t_dict = texts.combine_chunks().dictionary_encode()
+    s_codes = _codes(s_dict.indices)
+    t_codes = _codes(t_dict.indices)
+    keys = np.unique(s_codes * (len(t_dict.dictionary) + 1) + t_codes)
+    s_names = [None, *s_dict.dictionary.to_pylist()]
+    t_names = [None, *t_dict.dictionary.to_pylist()]
+    width = len(t_dict.dictionary) + 1
+    return [(s_names[k // width], t_names[k % width]) for k in keys.tolist()]
+
+
+def _codes(indices: pa.Array) -> np.ndarray:
+    """Dictionary indices + 1 as int64, 0 for null."""
+    codes = pl.from_arrow(indices)  # through polars: pyarrow's to_numpy imports pandas
+    assert isinstance(codes, pl.Series)
+    return (codes.cast(pl.Int64).fill_null(-1) + 1).to_numpy()
 
 
 # Instrumentation scope (library) names that give the language away, first match wins.

@@ -544,6 +544,16 @@ class WhatIf:
         self._trace_ids = trace_ids
         self._is_root = self.engine.parent < 0
 
+    @classmethod
+    def of(cls, ctx: AnalysisContext) -> WhatIf:
+        """The context's engine, built once (its arrays and id index are read-only after
+        construction): the pricing, the designs' call statistics and the workstreams share it."""
+        cached = ctx.cache.get("whatif")
+        if not isinstance(cached, WhatIf) or cached.ctx is not ctx:
+            cached = cls(ctx)
+            ctx.cache["whatif"] = cached
+        return cached
+
     def impact(self, finding: Finding) -> Impact:
         if not finding.trace_ids or not any(o.interventions for o in finding.occurrences):
             return Impact(finding.trace_ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))

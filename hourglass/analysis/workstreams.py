@@ -102,7 +102,7 @@ def build_workstreams(
             traced |= set(ctx.spans["service"].unique().to_list())
     if impacts_of is None:
         assert ctx is not None
-        whatif = WhatIf(ctx)
+        whatif = WhatIf.of(ctx)
 
         def impacts_of(found: list[Finding]) -> Mapping[str, Impact]:
             return {f.id: whatif.impact(f) for f in found}

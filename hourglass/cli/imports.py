@@ -19,32 +19,21 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pyarrow as pa
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
-from hourglass.collector.files import (
-    FileProblem,
-    FileReport,
-    TraceFileReader,
-    expand_path_origins,
-    gc_tuned_for_bulk_reading,
-)
 from hourglass.collector.problem_summary import ProblemSummary
 from hourglass.settings import IMPORT
+
+if TYPE_CHECKING:  # the readers and rich load when `import` runs, not for every command
+    from rich.console import Console
+
+    from hourglass.collector.files import FileProblem, FileReport
 
 EXIT_SKIPPED = 2
 EXIT_STORE_FAILED = 1
@@ -128,6 +117,18 @@ def import_command(
     ] = None,
 ) -> None:
     """Import trace files into the span store; bad files or records are reported and skipped."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from hourglass.collector.files import TraceFileReader, expand_path_origins, gc_tuned_for_bulk_reading
+
     output_format = output_format.lower()
     if output_format not in ("text", "json"):
         raise typer.BadParameter("must be text or json", param_hint="--format")

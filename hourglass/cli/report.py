@@ -20,8 +20,6 @@ from typing import Annotated
 
 import typer
 
-from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
-from hourglass.api.report_html import render_report_html
 from hourglass.api.settings import Settings, parse_since
 from hourglass.cli._app import app
 from hourglass.cli._options import option
@@ -79,6 +77,10 @@ def report_command(
             since_ns = parse_since(since, name="--since")
         except ValueError as exc:
             raise _fail(str(exc)) from None
+
+    # The app's modules (FastAPI's world) load only when this command runs, not for every command.
+    from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
+    from hourglass.api.report_html import render_report_html
 
     skipped = False
     store = None

@@ -144,3 +144,58 @@ def test_explain_prints_near_misses_in_every_format() -> None:
     text = " ".join(table.stdout.split())
     assert table.stdout.index("Saved p50 / p95") < table.stdout.index("Seen and not reported")
     assert "retry_without_backoff" in text and "too few to judge" in text
+
+
+def _imported_modules(*args: str | Path, cwd: Path) -> set[str]:
+    """The modules ``python -m hourglass ARGS`` imports (``-X importtime`` lists every one)."""
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "hourglass", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
+# Start-up that `analyze --format json` does not use (issue 11): the Anthropic SDK, pandas (pulled in
+# by pyarrow's acero and to_numpy), the web app, rich (the table format's).
+NOT_FOR_JSON = (
+    "anthropic",
+    "pandas",
+    "pyarrow.acero",
+    "fastapi",
+    "rich.console",
+    "hourglass.api.analysis_service",
+)
+
+
+def test_json_analysis_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+    sample = SAMPLES / "n_plus_one.otlp.jsonl"
+    from_file = _imported_modules(
+        "analyze", sample, "--format", "json", "-o", tmp_path / "a.json", cwd=tmp_path
+    )
+    assert "hourglass.analysis.pipeline" in from_file  # the listing works
+    # (reading trace files still loads pandas through pyarrow, in the decoders and the orphan count)
+    assert not from_file & {"anthropic", "fastapi", "rich.console", "hourglass.api.analysis_service"}
+    db = tmp_path / "spans.duckdb"
+    imported = subprocess.run(
+        [str(HOURGLASS), "import", str(sample), "--db", str(db)], capture_output=True, text=True, timeout=110
+    )
+    assert imported.returncode == 0, imported.stderr
+    from_store = _imported_modules(
+        "analyze", "--db", db, "--format", "json", "-o", tmp_path / "b.json", cwd=tmp_path
+    )
+    # nor the trace-file readers to read a store
+    assert not from_store & {*NOT_FOR_JSON, "hourglass.collector.files"}
+    assert (
+        json.loads((tmp_path / "a.json").read_text())["recommendations"]
+        == json.loads((tmp_path / "b.json").read_text())["recommendations"]
+    )
