@@ -44,6 +44,7 @@ from hourglass.analysis.detectors._common import NearMissSink
 from hourglass.analysis.model import Finding, NearMiss
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
+from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.analysis.writer import Writer, WriterContext
 from hourglass.analysis.writers import template_writer
@@ -551,29 +552,32 @@ def analyze_partitioned(
     return report, ranked
 
 
-def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
-    """One trace for the REST API: repaired spans, critical path span ids (root first) and the ids
-    of the report's recommendations that touch it (exemplar trace or one of their span ids)."""
+def trace_detail(
+    spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any], index: TraceIndex | None = None
+) -> dict[str, Any]:
+    """One trace as the analysis sees it, for the REST API, MCP and the report page: the repaired
+    spans (clock skew corrected, duplicates dropped, shared spans split; ``clock_skew_ns`` is the
+    shift each got), the critical path's span ids (root first) and the recommendations touching
+    it (``touches``: :class:`hourglass.analysis.trace_index.Touch`, best first, by ``index`` — the
+    run's own when given, else one built from ``report`` alone; ``finding_ids`` their ids)."""
     ctx = AnalysisContext.from_table(spans_of_one_trace)
     spans = ctx.spans
     trace_ids = spans["trace_id"].unique().to_list()
-    span_ids = set(spans["span_id"].to_list())
     path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])["span_id"].to_list()
-    touching = []
-    for rec in report.get("recommendations", []):
-        ev = rec.get("evidence") or {}
-        if set(ev.get("trace_ids") or []) & set(trace_ids) or set(ev.get("span_ids") or []) & span_ids:
-            touching.append(rec["id"])
+    index = index if index is not None else TraceIndex.from_report(report)
+    touches = [t for trace_id in trace_ids for t in index.touching(trace_id, spans["span_id"].to_list())]
     columns = [
         "span_id",
         "parent_span_id",
         "service",
         "name",
         "kind",
+        "kind_inferred",
         "start_ns",
         "end_ns",
         "duration_ns",
         "status_code",
+        "status_message",
         "depth",
         "is_root",
         "orphan",
@@ -588,5 +592,6 @@ def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, 
         "incomplete": bool(ctx.traces["incomplete"].any()) if ctx.traces.height else False,
         "spans": spans.sort(["depth", "start_ns"]).select(columns).to_dicts(),
         "critical_path": path,
-        "finding_ids": touching,
+        "touches": touches,
+        "finding_ids": [t.recommendation_id for t in touches],
     }
