@@ -41,6 +41,7 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
+from hourglass.analysis.endpoint_path import PathRows
 from hourglass.analysis.model import Finding, NearMiss
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
@@ -412,13 +413,15 @@ def analyze_context(
     return report, ranked
 
 
-def report_critical_paths(ctx: AnalysisContext) -> list[dict[str, Any]]:
+def report_critical_paths(ctx: AnalysisContext | PathRows) -> list[dict[str, Any]]:
     """The busiest endpoints' critical paths across traces, compact, for the report page's icicles
-    (``hourglass.analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``)."""
-    from hourglass.analysis.endpoint_path import critical_paths
+    (``hourglass.analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``), from a
+    context or from the combined rows of partitions (the same figures)."""
+    from hourglass.analysis.endpoint_path import combine_path_rows, critical_paths_from_rows, path_rows
 
     try:
-        return critical_paths(ctx, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
+        rows = combine_path_rows([path_rows(ctx)]) if isinstance(ctx, AnalysisContext) else ctx
+        return critical_paths_from_rows(rows, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
     except Exception:  # a picture must never cost the recommendations
         log.exception("critical paths of the endpoints failed")
         return []
@@ -501,7 +504,8 @@ def analyze_partitioned(
     store. ``read_traces(ids)`` reads whole traces by id (every column): the exemplars the designs
     draw, and one trace per service for the services' resources. A workstream of two or more
     re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
-    icicles) need every on-path span at once and are left out."""
+    icicles) are decided on the rows each partition extracted
+    (:func:`hourglass.analysis.endpoint_path.path_rows`), as at once."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
@@ -546,9 +550,8 @@ def analyze_partitioned(
     except Exception:
         log.exception("the workstream plan failed")
         report["workstreams"] = []
-    # The endpoints' critical paths need every on-path span of their traces at once: a partitioned
-    # run leaves the page's icicles out (``hourglass critical-path`` answers per endpoint).
-    report["critical_paths"] = []
+    # The endpoints' critical paths, decided on the partitions' combined rows: the same as at once.
+    report["critical_paths"] = report_critical_paths(extracted.paths) if extracted.paths is not None else []
     return report, ranked
 
 
