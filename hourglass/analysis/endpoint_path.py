@@ -148,6 +148,7 @@ def _forest(ctx: AnalysisContext, on_path: pl.DataFrame) -> pl.DataFrame:
         .to_numpy()
         .astype(np.int64)
     )
+    n_ops = int(op_codes.max()) + 1
     node = np.full(rows.size, -1, dtype=np.int64)
     node_parent: list[np.ndarray] = []
     node_first: list[np.ndarray] = []
@@ -155,10 +156,11 @@ def _forest(ctx: AnalysisContext, on_path: pl.DataFrame) -> pl.DataFrame:
     bounds = np.nonzero(np.diff(depth))[0] + 1
     for level in np.split(np.arange(rows.size), bounds):
         parent_node = np.where(parent[level] >= 0, node[np.maximum(parent[level], 0)], -1)
-        keys = np.stack([parent_node, op_codes[level]], axis=1)
-        unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        # one int64 key per (parent node, operation): a 1-D unique, far cheaper than rows of two
+        keys = (parent_node + 1) * n_ops + op_codes[level]
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         node[level] = count + inverse.reshape(-1)
-        node_parent.append(unique[:, 0])
+        node_parent.append(unique // n_ops - 1)
         node_first.append(level[first])
         count += unique.shape[0]
     # inclusive time on the path: bottom-up sums over the span tree
