@@ -23,10 +23,21 @@ computed per span (``on_critical_path``, ``critical_ns`` = self time on the path
 
 Only spans in the trace root's own tree count (an orphaned subtree has a path of its own that does
 not decide the root's end). Everything is polars/numpy over the on-path spans.
+
+Mergeable (issue 11): :func:`path_rows` extracts small rows from the spans of a set of *whole*
+traces — per trace its endpoint and root duration, its on-path self time per operation, its folded
+path, and the partial icicle forest of those traces (a node per distinct stack, with summed times)
+— and :func:`combine_path_rows` merges the rows of several partitions (the forests node by node).
+:func:`critical_paths_from_rows` decides on merged rows only, so ``hourglass analyze --partitions``
+gives the same ``critical_paths`` as the whole at once; the at-once run goes through the same
+three steps with one partition. Icicle node ids are numbered canonically — level by level, then
+by parent id, service and operation — so they do not depend on how the traces were split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,6 +65,191 @@ def endpoints(ctx: AnalysisContext) -> pl.DataFrame:
     )
 
 
+@dataclass
+class PathRows:
+    """What :func:`path_rows` extracts from a set of whole traces (see the module docstring)."""
+
+    traces: pl.DataFrame  # trace_id, service, operation (the root's), root_duration_ns
+    operations: pl.DataFrame  # trace_id, service, name, ns: self time on the path, summed per trace
+    paths: pl.DataFrame  # trace_id, key: the folded steps joined by \u001f
+    # the icicle forest of these traces: id, parent (-1 for a root), depth, service, name,
+    # total_ns (time on the path including descendants), self_ns; a root per endpoint (merged by
+    # combine_path_rows, which adds each node's root)
+    nodes: pl.DataFrame
+
+
+def _own_tree_on_path(ctx: AnalysisContext, roots: pl.DataFrame) -> pl.DataFrame:
+    """The on-path spans of ``roots``' traces in their root's own tree."""
+    on_path = on_path_frame(ctx).join(
+        roots.select("trace_id", pl.col("root_span_id").alias("_root")), on="trace_id", how="inner"
+    )
+    return on_path.filter(pl.col("root_span_id") == pl.col("_root")).drop("_root")
+
+
+def path_rows(ctx: AnalysisContext, endpoint: tuple[str, str] | None = None) -> PathRows:
+    """The rows of ``ctx``'s traces (only those rooted at ``endpoint`` = (service, operation) when
+    given) that :func:`critical_paths_from_rows` needs."""
+    roots = ctx.traces
+    if endpoint is not None:
+        roots = roots.filter((pl.col("root_service") == endpoint[0]) & (pl.col("root_name") == endpoint[1]))
+    on_path = _own_tree_on_path(ctx, roots)
+    traces = roots.select(
+        "trace_id",
+        pl.col("root_service").alias("service"),
+        pl.col("root_name").alias("operation"),
+        "root_duration_ns",
+    )
+    operations = on_path.group_by("trace_id", "service", "name").agg(pl.col("critical_ns").sum().alias("ns"))
+    step = pl.col("service") + pl.lit(":") + pl.col("name")
+    ordered = on_path.sort(["trace_id", "start_ns", "depth", "row"]).select("trace_id", step.alias("step"))
+    folded = ordered.filter(
+        (pl.col("step") != pl.col("step").shift(1))
+        | (pl.col("trace_id") != pl.col("trace_id").shift(1))
+        | pl.col("step").shift(1).is_null()
+    )
+    paths = folded.group_by("trace_id", maintain_order=True).agg(
+        pl.col("step").str.join("\u001f").alias("key")
+    )
+    return PathRows(traces, operations, paths, _forest(ctx, on_path))
+
+
+_NODE_SCHEMA = {
+    "id": pl.Int64,
+    "parent": pl.Int64,
+    "depth": pl.Int64,
+    "service": pl.String,
+    "name": pl.String,
+    "total_ns": pl.Int64,
+    "self_ns": pl.Int64,
+}
+_MERGED_SCHEMA = {**_NODE_SCHEMA, "root": pl.Int64}
+
+
+def _forest(ctx: AnalysisContext, on_path: pl.DataFrame) -> pl.DataFrame:
+    """The on-path spans merged by stack (root … span) into a forest, level by level: one node
+    per distinct stack, its time on the path with and without its descendants summed over traces."""
+    if on_path.height == 0:
+        return pl.DataFrame(schema=_NODE_SCHEMA)
+    frame = on_path.select("row", "parent_row", "depth", "critical_ns", "service", "name").sort(
+        "depth", maintain_order=True
+    )
+    rows = frame["row"].to_numpy().astype(np.int64)
+    local = np.full(ctx.spans.height, -1, dtype=np.int64)
+    local[rows] = np.arange(rows.size)
+    parent_rows = frame["parent_row"].fill_null(-1).to_numpy().astype(np.int64)
+    parent = np.where(parent_rows >= 0, local[np.where(parent_rows >= 0, parent_rows, 0)], -1)
+    depth = frame["depth"].to_numpy().astype(np.int64)
+    self_ns = frame["critical_ns"].to_numpy().astype(np.int64)
+    op_codes = (
+        frame.select(
+            (pl.col("service") + pl.lit("\u001f") + pl.col("name")).cast(pl.Categorical).to_physical()
+        )
+        .to_series()
+        .to_numpy()
+        .astype(np.int64)
+    )
+    n_ops = int(op_codes.max()) + 1
+    node = np.full(rows.size, -1, dtype=np.int64)
+    node_parent: list[np.ndarray] = []
+    node_first: list[np.ndarray] = []
+    count = 0
+    bounds = np.nonzero(np.diff(depth))[0] + 1
+    for level in np.split(np.arange(rows.size), bounds):
+        parent_node = np.where(parent[level] >= 0, node[np.maximum(parent[level], 0)], -1)
+        # one int64 key per (parent node, operation): a 1-D unique, far cheaper than rows of two
+        keys = (parent_node + 1) * n_ops + op_codes[level]
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        node[level] = count + inverse.reshape(-1)
+        node_parent.append(unique // n_ops - 1)
+        node_first.append(level[first])
+        count += unique.shape[0]
+    # inclusive time on the path: bottom-up sums over the span tree
+    inclusive = self_ns.copy()
+    for level in reversed(np.split(np.arange(rows.size), bounds)):
+        has = parent[level] >= 0
+        np.add.at(inclusive, parent[level][has], inclusive[level][has])
+    first_row = np.concatenate(node_first)
+    totals = np.zeros(count, dtype=np.int64)
+    selfs = np.zeros(count, dtype=np.int64)
+    np.add.at(totals, node, inclusive)
+    np.add.at(selfs, node, self_ns)
+    return pl.DataFrame(
+        {
+            "id": np.arange(count, dtype=np.int64),
+            "parent": np.concatenate(node_parent).astype(np.int64),
+            "depth": depth[first_row],
+            "service": frame["service"].gather(first_row),
+            "name": frame["name"].gather(first_row),
+            "total_ns": totals,
+            "self_ns": selfs,
+        },
+        schema=_NODE_SCHEMA,
+    )
+
+
+def _merge_forests(forests: list[pl.DataFrame]) -> pl.DataFrame:
+    """Partial forests as one: nodes with the same stack (parent node, service, name) add up; ids
+    numbered canonically — by depth, then parent id, service and name — and each node's ``root``."""
+    # (parent's key index, service, name) -> [key index, total, self]
+    merged: dict[tuple[int, str, str], list[int]] = {}
+    keys: list[tuple[int, str, str]] = []
+    depths: list[int] = []
+    for forest in forests:
+        mine: dict[int, int] = {}  # this forest's node id -> key index
+        for nid, parent, depth, service, name, total, own in forest.sort("depth", "id").iter_rows():
+            key = (mine[parent] if parent >= 0 else -1, service, name)
+            entry = merged.get(key)
+            if entry is None:
+                entry = merged[key] = [len(keys), 0, 0]
+                keys.append(key)
+                depths.append(depth)
+            entry[1] += total
+            entry[2] += own
+            mine[nid] = entry[0]
+    # canonical ids: a node's parent is numbered before it (it is one level up)
+    canonical = [-1] * len(keys)
+    order = sorted(range(len(keys)), key=lambda k: depths[k])
+    out: list[tuple[int, int, int, str, str, int, int, int]] = []
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order) and depths[order[end]] == depths[order[start]]:
+            end += 1
+        level = sorted(
+            order[start:end],
+            key=lambda k: (canonical[keys[k][0]] if keys[k][0] >= 0 else -1, keys[k][1], keys[k][2]),
+        )
+        for k in level:
+            canonical[k] = len(out)
+            parent_key, service, name = keys[k]
+            _, total, own = merged[keys[k]]
+            parent = canonical[parent_key] if parent_key >= 0 else -1
+            root = out[parent][7] if parent >= 0 else len(out)
+            out.append((len(out), parent, depths[k], service, name, total, own, root))
+        start = end
+    return pl.DataFrame(out, schema=_MERGED_SCHEMA, orient="row")
+
+
+def combine_path_rows(parts: Iterable[PathRows]) -> PathRows:
+    """The rows of several partitions of whole traces as one."""
+    pieces = list(parts)
+    if not pieces:
+        raise ValueError("combine_path_rows needs the rows of at least one partition")
+
+    def concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        filled = [f for f in frames if f.height]
+        if not filled:
+            return frames[0]
+        return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
+
+    return PathRows(
+        traces=concat([p.traces for p in pieces]),
+        operations=concat([p.operations for p in pieces]),
+        paths=concat([p.paths for p in pieces]),
+        nodes=_merge_forests([p.nodes for p in pieces]),
+    )
+
+
 def endpoint_critical_path(
     ctx: AnalysisContext,
     service: str,
@@ -63,26 +259,41 @@ def endpoint_critical_path(
     icicle: bool = True,
     max_operations: int | None = None,
     max_icicle_nodes: int = MAX_ICICLE_NODES,
-    on_path_spans: pl.DataFrame | None = None,
 ) -> dict[str, Any] | None:
     """The aggregated critical path of the traces rooted at (service, operation); None when no
     trace is."""
-    roots = ctx.traces.filter((pl.col("root_service") == service) & (pl.col("root_name") == operation))
+    rows = combine_path_rows([path_rows(ctx, (service, operation))])
+    return endpoint_path_from_rows(
+        rows,
+        service,
+        operation,
+        top_paths=top_paths,
+        icicle=icicle,
+        max_operations=max_operations,
+        max_icicle_nodes=max_icicle_nodes,
+    )
+
+
+def endpoint_path_from_rows(
+    rows: PathRows,
+    service: str,
+    operation: str,
+    *,
+    top_paths: int = TOP_PATHS,
+    icicle: bool = True,
+    max_operations: int | None = None,
+    max_icicle_nodes: int = MAX_ICICLE_NODES,
+) -> dict[str, Any] | None:
+    """:func:`endpoint_critical_path` decided on (combined) rows."""
+    roots = rows.traces.filter((pl.col("service") == service) & (pl.col("operation") == operation))
     if roots.height == 0:
         return None
-    # on-path spans of those traces, in their root's own tree
-    if on_path_spans is None:
-        on_path_spans = on_path_frame(ctx)
-    on_path = on_path_spans.join(
-        roots.select("trace_id", pl.col("root_span_id").alias("_root")), on="trace_id", how="inner"
-    )
-    on_path = on_path.filter(pl.col("root_span_id") == pl.col("_root")).drop("_root")
     n_traces = roots.height
     root_stats = roots.select(
         _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("p50"),
         _ms(pl.col("root_duration_ns").quantile(0.95, interpolation="linear")).alias("p95"),
     ).row(0)
-    per_trace = on_path.group_by("trace_id", "service", "name").agg(pl.col("critical_ns").sum().alias("ns"))
+    per_trace = rows.operations.join(roots.select("trace_id"), on="trace_id", how="semi")
     grand_total = int(per_trace["ns"].sum() or 0)
     ops = (
         per_trace.group_by("service", "name")
@@ -108,32 +319,19 @@ def endpoint_critical_path(
         "root_ms_p50": root_stats[0],
         "root_ms_p95": root_stats[1],
         "operations": (ops if max_operations is None else ops.head(max_operations)).to_dicts(),
-        "paths": _paths(on_path, roots, n_traces, top_paths),
+        "paths": _paths(rows.paths, roots, n_traces, top_paths),
     }
     if icicle:
-        out["icicle"] = _icicle(ctx, on_path, n_traces, max_icicle_nodes)
+        out["icicle"] = _icicle(rows.nodes, service, operation, n_traces, max_icicle_nodes)
     return out
 
 
-def _paths(on_path: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
-    step = pl.col("service") + pl.lit(":") + pl.col("name")
-    ordered = on_path.sort(["trace_id", "start_ns", "depth"]).select("trace_id", step.alias("step"))
-    folded = ordered.filter(
-        (pl.col("step") != pl.col("step").shift(1))
-        | (pl.col("trace_id") != pl.col("trace_id").shift(1))
-        | pl.col("step").shift(1).is_null()
-    )
-    keyed = (
-        folded.group_by("trace_id", maintain_order=True)
-        .agg(pl.col("step").alias("steps"))
-        .with_columns(pl.col("steps").list.join("\u001f").alias("key"))
-        .join(roots.select("trace_id", "root_duration_ns"), on="trace_id")
-    )
+def _paths(paths: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
+    keyed = paths.join(roots.select("trace_id", "root_duration_ns"), on="trace_id")
     grouped = (
         keyed.group_by("key")
         .agg(
             pl.len().alias("traces"),
-            pl.col("steps").first(),
             _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("root_ms_p50"),
         )
         .sort(["traces", "key"], descending=[True, False])
@@ -141,7 +339,7 @@ def _paths(on_path: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) 
     )
     out = []
     for row in grouped.iter_rows(named=True):
-        steps = list(row["steps"])
+        steps = row["key"].split("\u001f")
         if len(steps) > MAX_PATH_STEPS:
             steps = [*steps[: MAX_PATH_STEPS - 1], f"… {len(steps) - MAX_PATH_STEPS + 1} more"]
         out.append(
@@ -156,53 +354,23 @@ def _paths(on_path: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) 
 
 
 def _icicle(
-    ctx: AnalysisContext, on_path: pl.DataFrame, n_traces: int, max_nodes: int = MAX_ICICLE_NODES
+    nodes: pl.DataFrame, service: str, operation: str, n_traces: int, max_nodes: int = MAX_ICICLE_NODES
 ) -> list[dict[str, Any]]:
-    """The on-path spans merged by stack (root … span) into a tree, level by level."""
-    if on_path.height == 0:
-        return []
-    frame = on_path.select("row", "parent_row", "depth", "critical_ns", "service", "name").sort("depth")
-    rows = frame["row"].to_numpy().astype(np.int64)
-    local = np.full(ctx.spans.height, -1, dtype=np.int64)
-    local[rows] = np.arange(rows.size)
-    parent_rows = frame["parent_row"].fill_null(-1).to_numpy().astype(np.int64)
-    parent = np.where(parent_rows >= 0, local[np.where(parent_rows >= 0, parent_rows, 0)], -1)
-    depth = frame["depth"].to_numpy().astype(np.int64)
-    self_ns = frame["critical_ns"].to_numpy().astype(np.int64)
-    op_codes = (
-        frame.select(
-            (pl.col("service") + pl.lit("\u001f") + pl.col("name")).cast(pl.Categorical).to_physical()
-        )
-        .to_series()
-        .to_numpy()
-        .astype(np.int64)
+    """The endpoint's tree of the merged forest (its root: the root node (service, operation)),
+    numbered from 0 in the forest's canonical order, as the page draws it."""
+    root = nodes.filter(
+        (pl.col("parent") < 0) & (pl.col("service") == service) & (pl.col("name") == operation)
     )
-    names = frame.select("service", "name")
-    node = np.full(rows.size, -1, dtype=np.int64)
-    node_parent: list[np.ndarray] = []
-    node_first: list[np.ndarray] = []
-    count = 0
-    bounds = np.nonzero(np.diff(depth))[0] + 1
-    width = int(op_codes.max()) + 1 if op_codes.size else 1
-    for level in np.split(np.arange(rows.size), bounds):
-        parent_node = np.where(parent[level] >= 0, node[np.maximum(parent[level], 0)], -1)
-        # (parent node, operation) as one int64 in the same order as the pair: a 1-D unique is
-        # several times cheaper than np.unique(axis=0) over pairs, and gives the same nodes
-        keys = (parent_node + 1) * width + op_codes[level]
-        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        node[level] = count + inverse.reshape(-1)
-        node_parent.append(unique // width - 1)
-        node_first.append(level[first])
-        count += unique.shape[0]
-    parents_of_node = np.concatenate(node_parent)
-    first_row = np.concatenate(node_first)
-    # inclusive time on the path: bottom-up sums over the span tree
-    inclusive = self_ns.copy()
-    for level in reversed(np.split(np.arange(rows.size), bounds)):
-        has = parent[level] >= 0
-        np.add.at(inclusive, parent[level][has], inclusive[level][has])
-    node_total = np.bincount(node, weights=inclusive, minlength=count)
-    node_self = np.bincount(node, weights=self_ns, minlength=count)
+    if root.height == 0:
+        return []
+    tree = nodes.filter(pl.col("root") == root["id"][0])
+    renumber = np.full(nodes.height, -1, dtype=np.int64)
+    renumber[tree["id"].to_numpy()] = np.arange(tree.height)
+    old_parent = tree["parent"].to_numpy()
+    parents_of_node = np.where(old_parent >= 0, renumber[np.maximum(old_parent, 0)], -1)
+    node_total = tree["total_ns"].to_numpy().astype(np.float64)
+    node_self = tree["self_ns"].to_numpy().astype(np.float64)
+    count = tree.height
     root_total = node_total[parents_of_node < 0].sum()
     keep = node_total >= MIN_ICICLE_SHARE * root_total
     keep &= node_total > 0
@@ -214,15 +382,15 @@ def _icicle(
     chosen = np.sort(
         chosen[(parents_of_node[chosen] < 0) | chosen_set[np.maximum(parents_of_node[chosen], 0)]]
     )
-    svc = names["service"].to_numpy()
-    nm = names["name"].to_numpy()
-    node_depth = depth[first_row]
+    svc = tree["service"].to_numpy()
+    nm = tree["name"].to_numpy()
+    node_depth = tree["depth"].to_numpy()
     return [
         {
             "id": int(i),
             "parent": int(parents_of_node[i]) if parents_of_node[i] >= 0 else None,
-            "service": str(svc[first_row[i]]),
-            "operation": str(nm[first_row[i]]),
+            "service": str(svc[i]),
+            "operation": str(nm[i]),
             "depth": int(node_depth[i]),
             "ms": round(float(node_total[i]) / n_traces / 1e6, 3),
             "self_ms": round(float(node_self[i]) / n_traces / 1e6, 3),
@@ -238,13 +406,29 @@ def on_path_frame(ctx: AnalysisContext) -> pl.DataFrame:
     )
 
 
-def critical_paths(ctx: AnalysisContext, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
-    """The aggregated critical path of the ``top`` busiest endpoints (for the report page);
-    ``options`` go to :func:`endpoint_critical_path`."""
+def endpoints_of_rows(rows: PathRows) -> pl.DataFrame:
+    """(service, operation, traces) of the trace roots in ``rows``, the busiest first."""
+    return (
+        rows.traces.group_by("service", "operation")
+        .agg(pl.len().alias("traces"))
+        .sort(["traces", "service", "operation"], descending=[True, False, False])
+    )
+
+
+def critical_paths_from_rows(
+    rows: PathRows, top: int = TOP_ENDPOINTS, **options: Any
+) -> list[dict[str, Any]]:
+    """The aggregated critical path of the ``top`` busiest endpoints, decided on (combined) rows;
+    ``options`` go to :func:`endpoint_path_from_rows`."""
     out = []
-    on_path = on_path_frame(ctx)
-    for service, operation, _ in endpoints(ctx).head(top).iter_rows():
-        path = endpoint_critical_path(ctx, service, operation, on_path_spans=on_path, **options)
+    for service, operation, _ in endpoints_of_rows(rows).head(top).iter_rows():
+        path = endpoint_path_from_rows(rows, service, operation, **options)
         if path is not None:
             out.append(path)
     return out
+
+
+def critical_paths(ctx: AnalysisContext, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
+    """The aggregated critical path of the ``top`` busiest endpoints (for the report page);
+    ``options`` go to :func:`endpoint_critical_path`."""
+    return critical_paths_from_rows(combine_path_rows([path_rows(ctx)]), top, **options)

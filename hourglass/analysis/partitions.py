@@ -37,6 +37,7 @@ import pyarrow as pa
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows
 from hourglass.analysis.model import Finding
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -214,13 +215,24 @@ class PartResult:
     traces: pl.DataFrame
     spans: int
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
+    paths: PathRows | None = None  # the endpoints' critical-path rows (hourglass.analysis.endpoint_path)
 
 
 def extract_part(source: Source, part: int, parts: int) -> PartResult:
-    """One task of the first pass: read a partition, repair it, extract every detector's rows."""
+    """One task of the first pass: read a partition, repair it, extract every detector's rows
+    and the endpoints' critical-path rows."""
     ctx = AnalysisContext.from_table(source.load(part, parts))
     services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
-    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height, services)
+    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height, services, _path_rows(ctx))
+
+
+def _path_rows(ctx: AnalysisContext) -> PathRows | None:
+    """The critical-path rows, or None when they fail (a picture must never cost the report)."""
+    try:
+        return path_rows(ctx)
+    except Exception:
+        log.exception("critical-path rows of a partition failed")
+        return None
 
 
 PricedImpact = tuple[list[str], np.ndarray, np.ndarray]  # trace ids, saved ns, root ns
@@ -464,6 +476,7 @@ class Extracted:
     traces: pl.DataFrame
     spans: int
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
+    paths: PathRows | None = None  # the endpoints' critical-path rows of every partition, combined
 
 
 def run_extraction(
@@ -478,7 +491,10 @@ def run_extraction(
     services = (
         services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
     )
-    return Extracted(findings, traces, sum(r.spans for r in results), services)
+    # every partition's rows or none: icicles of some traces only would be wrong, not smaller
+    complete = bool(results) and all(r.paths is not None for r in results)
+    paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
+    return Extracted(findings, traces, sum(r.spans for r in results), services, paths)
 
 
 def run_pricing(

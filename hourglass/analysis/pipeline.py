@@ -41,9 +41,11 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
+from hourglass.analysis.endpoint_path import PathRows
 from hourglass.analysis.model import Finding, NearMiss, NearMissLog
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
+from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.analysis.writer import Writer, WriterContext
 from hourglass.analysis.writers import template_writer
@@ -411,13 +413,15 @@ def analyze_context(
     return report, ranked
 
 
-def report_critical_paths(ctx: AnalysisContext) -> list[dict[str, Any]]:
+def report_critical_paths(ctx: AnalysisContext | PathRows) -> list[dict[str, Any]]:
     """The busiest endpoints' critical paths across traces, compact, for the report page's icicles
-    (``hourglass.analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``)."""
-    from hourglass.analysis.endpoint_path import critical_paths
+    (``hourglass.analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``), from a
+    context or from the combined rows of partitions (the same figures)."""
+    from hourglass.analysis.endpoint_path import combine_path_rows, critical_paths_from_rows, path_rows
 
     try:
-        return critical_paths(ctx, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
+        rows = combine_path_rows([path_rows(ctx)]) if isinstance(ctx, AnalysisContext) else ctx
+        return critical_paths_from_rows(rows, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
     except Exception:  # a picture must never cost the recommendations
         log.exception("critical paths of the endpoints failed")
         return []
@@ -500,7 +504,8 @@ def analyze_partitioned(
     store. ``read_traces(ids)`` reads whole traces by id (every column): the exemplars the designs
     draw, and one trace per service for the services' resources. A workstream of two or more
     re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
-    icicles) need every on-path span at once and are left out."""
+    icicles) are decided on the rows each partition extracted
+    (:func:`hourglass.analysis.endpoint_path.path_rows`), as at once."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
@@ -545,35 +550,37 @@ def analyze_partitioned(
     except Exception:
         log.exception("the workstream plan failed")
         report["workstreams"] = []
-    # The endpoints' critical paths need every on-path span of their traces at once: a partitioned
-    # run leaves the page's icicles out (``hourglass critical-path`` answers per endpoint).
-    report["critical_paths"] = []
+    # The endpoints' critical paths, decided on the partitions' combined rows: the same as at once.
+    report["critical_paths"] = report_critical_paths(extracted.paths) if extracted.paths is not None else []
     return report, ranked
 
 
-def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
-    """One trace for the REST API: repaired spans, critical path span ids (root first) and the ids
-    of the report's recommendations that touch it (exemplar trace or one of their span ids)."""
+def trace_detail(
+    spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any], index: TraceIndex | None = None
+) -> dict[str, Any]:
+    """One trace as the analysis sees it, for the REST API, MCP and the report page: the repaired
+    spans (clock skew corrected, duplicates dropped, shared spans split; ``clock_skew_ns`` is the
+    shift each got), the critical path's span ids (root first) and the recommendations touching
+    it (``touches``: :class:`hourglass.analysis.trace_index.Touch`, best first, by ``index`` — the
+    run's own when given, else one built from ``report`` alone; ``finding_ids`` their ids)."""
     ctx = AnalysisContext.from_table(spans_of_one_trace)
     spans = ctx.spans
     trace_ids = spans["trace_id"].unique().to_list()
-    span_ids = set(spans["span_id"].to_list())
     path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])["span_id"].to_list()
-    touching = []
-    for rec in report.get("recommendations", []):
-        ev = rec.get("evidence") or {}
-        if set(ev.get("trace_ids") or []) & set(trace_ids) or set(ev.get("span_ids") or []) & span_ids:
-            touching.append(rec["id"])
+    index = index if index is not None else TraceIndex.from_report(report)
+    touches = [t for trace_id in trace_ids for t in index.touching(trace_id, spans["span_id"].to_list())]
     columns = [
         "span_id",
         "parent_span_id",
         "service",
         "name",
         "kind",
+        "kind_inferred",
         "start_ns",
         "end_ns",
         "duration_ns",
         "status_code",
+        "status_message",
         "depth",
         "is_root",
         "orphan",
@@ -588,5 +595,6 @@ def trace_detail(spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, 
         "incomplete": bool(ctx.traces["incomplete"].any()) if ctx.traces.height else False,
         "spans": spans.sort(["depth", "start_ns"]).select(columns).to_dicts(),
         "critical_path": path,
-        "finding_ids": touching,
+        "touches": touches,
+        "finding_ids": [t.recommendation_id for t in touches],
     }

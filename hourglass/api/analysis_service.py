@@ -51,6 +51,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
 from hourglass.api import report_html
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -58,8 +59,6 @@ from hourglass.collector.store import SpanStore
 
 log = logging.getLogger("hourglass.api.analysis")
 
-# trace id -> [(recommendation id, the trace's spans involved)], over every affected trace
-TraceIndex = dict[str, list[tuple[str, tuple[str, ...]]]]
 TraceFetcher = Callable[[str], pa.Table]
 
 WINDOW_CACHE_SIZE = 8  # analyses of a `since` window kept per report generation
@@ -117,7 +116,7 @@ class ReportSnapshot:
     started_monotonic: float
     reason: str
     change_marker: int = -1  # the store's change marker when the run started (see _change_marker)
-    trace_index: TraceIndex = field(default_factory=dict)
+    trace_index: TraceIndex = field(default_factory=TraceIndex)
     by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
     rec_json: tuple[bytes, ...] = ()
     head_json: bytes = b"{"  # the report without its recommendations, without the closing brace
@@ -157,7 +156,7 @@ class ReportSnapshot:
             started_monotonic=started_monotonic,
             reason=reason,
             change_marker=change_marker,
-            trace_index=trace_index or {},
+            trace_index=trace_index if trace_index is not None else TraceIndex.from_report(report),
             by_id={str(r.get("id")): r for r in recs},
             rec_json=tuple(dumps(r) for r in recs),
             head_json=head_json,
@@ -210,44 +209,13 @@ class ReportSnapshot:
 # Exemplars: the trace pictures of the HTML report
 
 
-def _span_ids(value: Any) -> list[str]:
-    """Span ids from a list of ids or of span dicts (``{"span_id": ...}``)."""
-    out: list[str] = []
-    for item in value or []:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, Mapping) and item.get("span_id") is not None:
-            out.append(str(item["span_id"]))
-    return out
-
-
-def critical_path_ids(detail: Mapping[str, Any]) -> list[str]:
-    """The critical path's span ids from an ``hourglass.analysis.pipeline.trace_detail`` result."""
-    for key in ("critical_path", "critical_path_span_ids", "critical_path_ids"):
-        if key in detail:
-            return _span_ids(detail[key])
-    spans = detail.get("spans") or []
-    return [str(s["span_id"]) for s in spans if isinstance(s, Mapping) and s.get("on_critical_path")]
-
-
-def finding_ids(detail: Mapping[str, Any]) -> list[str]:
-    """The recommendation ids that touch the trace, from a ``trace_detail`` result."""
-    for key in ("findings", "recommendations", "finding_ids", "recommendation_ids"):
-        if key in detail:
-            out = []
-            for item in detail[key] or []:
-                if isinstance(item, str):
-                    out.append(item)
-                elif isinstance(item, Mapping) and item.get("id") is not None:
-                    out.append(str(item["id"]))
-            return out
-    return []
-
-
-def trace_detail(spans: pa.Table, report: Mapping[str, Any]) -> dict[str, Any]:
+def trace_detail(
+    spans: pa.Table, report: Mapping[str, Any], index: TraceIndex | None = None
+) -> dict[str, Any]:
+    """``hourglass.analysis.pipeline.trace_detail``: repaired spans, critical path, touching recommendations."""
     from hourglass.analysis.pipeline import trace_detail as analysis_trace_detail
 
-    return dict(analysis_trace_detail(spans, dict(report)))
+    return analysis_trace_detail(spans, dict(report), index)
 
 
 def retime(spans: pa.Table, recommendation: Mapping[str, Any]) -> pl.DataFrame:
@@ -260,28 +228,22 @@ def retime(spans: pa.Table, recommendation: Mapping[str, Any]) -> pl.DataFrame:
     return retime_trace(frame, recommendation)
 
 
-def _intervention_span_ids(recommendation: Mapping[str, Any], trace_id: str) -> set[str]:
-    """Spans named by the interventions the report recorded for this exemplar trace."""
-    recorded = ((recommendation.get("evidence") or {}).get("interventions") or {}).get(trace_id) or []
-    out: set[str] = set()
-    for iv in recorded:
-        if isinstance(iv, Mapping):
-            out.update(str(s) for s in iv.get("span_ids") or [])
-            if iv.get("span_id") is not None:
-                out.add(str(iv["span_id"]))
-    return out
-
-
 def build_exemplar(
-    recommendation: Mapping[str, Any], report: Mapping[str, Any], fetch_trace: TraceFetcher
+    recommendation: Mapping[str, Any],
+    report: Mapping[str, Any],
+    fetch_trace: TraceFetcher,
+    index: TraceIndex | None = None,
 ) -> report_html.Exemplar | None:
     """The first exemplar trace of a recommendation: spans, critical path, bottleneck, re-timing.
 
     Spans are drawn as the analysis sees them (repaired: clock skew corrected), so the before and
-    after pictures and the critical path agree. The bottleneck spans are the ones the recorded
-    interventions name (else the evidence's span ids). A failing analysis helper is logged and
-    shown on the figure (``note``), never hidden.
+    after pictures and the critical path agree. The bottleneck spans are the recommendation's
+    ``bottleneck_span_ids`` in that trace by ``index`` (the run's
+    :class:`hourglass.analysis.trace_index.TraceIndex`; else one built from ``report``), as the
+    REST trace view lists them. A failing analysis helper is logged and shown on the figure
+    (``note``), never hidden.
     """
+    index = index if index is not None else TraceIndex.from_report(report)
     evidence = recommendation.get("evidence") or {}
     trace_ids = [str(t) for t in evidence.get("trace_ids") or []]
     if not trace_ids:
@@ -293,7 +255,7 @@ def build_exemplar(
     notes: list[str] = []
     exemplar = report_html.Exemplar(trace_id=trace_id, spans=[])
     try:
-        exemplar.critical_path = set(critical_path_ids(trace_detail(raw, report)))
+        exemplar.critical_path = set(trace_detail(raw, report, index)["critical_path"])
     except Exception as exc:
         log.exception("critical path of exemplar trace %s failed", trace_id)
         notes.append(f"Critical path unavailable ({type(exc).__name__}: {exc}).")
@@ -322,18 +284,23 @@ def build_exemplar(
         # Nothing moves (fault-tolerance gaps carry no latency estimate): one picture is enough.
         exemplar.after = None
         notes.append("Applying it does not change this trace's timing; the picture shows where it happens.")
-    present = {s.span_id for s in exemplar.spans}
-    named = _intervention_span_ids(recommendation, trace_id) or set(_span_ids(evidence.get("span_ids")))
-    exemplar.bottleneck = named & present
+    rec_id = str(recommendation.get("id"))
+    touches = index.touching(trace_id, [s.span_id for s in exemplar.spans])
+    exemplar.bottleneck = next(
+        (set(t.bottleneck_span_ids) for t in touches if t.recommendation_id == rec_id), set()
+    )
     exemplar.note = " ".join(notes) or None
     return exemplar
 
 
-def build_exemplars(report: Mapping[str, Any], fetch_trace: TraceFetcher) -> dict[str, report_html.Exemplar]:
+def build_exemplars(
+    report: Mapping[str, Any], fetch_trace: TraceFetcher, index: TraceIndex | None = None
+) -> dict[str, report_html.Exemplar]:
     out: dict[str, report_html.Exemplar] = {}
+    index = index if index is not None else TraceIndex.from_report(report)
     for rec in report.get("recommendations") or []:
         try:
-            exemplar = build_exemplar(rec, report, fetch_trace)
+            exemplar = build_exemplar(rec, report, fetch_trace, index)
         except Exception:
             log.exception("exemplar of recommendation %s failed", rec.get("id"))
             continue
@@ -554,8 +521,8 @@ def analyze_spans(
     (``explain``: the report carries ``near_misses``).
 
     The report lists only a few exemplar traces per recommendation; the API's trace view needs
-    every affected trace, so the findings' occurrences are indexed here (per occurrence, not per
-    span).
+    every affected trace, so the run's findings are indexed with it
+    (:meth:`hourglass.analysis.trace_index.TraceIndex.build`).
     """
     from hourglass.analysis.context import AnalysisContext, to_analysis_frame
     from hourglass.analysis.pipeline import analyze_context, select_traces
@@ -566,15 +533,7 @@ def analyze_spans(
     report, ranked = analyze_context(
         AnalysisContext.from_table(frame), writer=writer, explain=explain, resources=resources
     )
-    reported = {str(r.get("id")) for r in report.get("recommendations") or []}
-    index: TraceIndex = {}
-    for scored in ranked:
-        finding = scored.finding
-        if finding.id not in reported:
-            continue
-        for occurrence in finding.occurrences:
-            index.setdefault(occurrence.trace_id, []).append((finding.id, tuple(occurrence.span_ids)))
-    return report, index
+    return report, TraceIndex.build(report, [scored.finding for scored in ranked])
 
 
 class AnalysisService:
@@ -883,7 +842,7 @@ class AnalysisService:
             cached = self._html
             if cached is not None and cached[0] == snapshot.generation:
                 return cached[1]
-            exemplars = build_exemplars(snapshot.report, self.store.trace)
+            exemplars = build_exemplars(snapshot.report, self.store.trace, snapshot.trace_index)
             generated = datetime.fromtimestamp(snapshot.finished_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             page = report_html.render_report_html(
                 snapshot.report, exemplars, source=f"analysis #{snapshot.generation}, finished {generated}"

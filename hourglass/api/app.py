@@ -10,7 +10,8 @@ token as password, so a browser can open it; ``/healthz`` and the OpenAPI docs s
   ``service``, ``kind``, ``category`` and ``limit``; ``since`` analyses that window on demand;
   ``explain=true`` adds ``near_misses`` (candidates seen and dropped, kept by the background run).
 * ``GET /v1/recommendations/{id}`` — one recommendation with its exemplar traces.
-* ``GET /v1/traces/{trace_id}`` — one trace's spans, critical path and the findings touching it.
+* ``GET /v1/traces/{trace_id}`` — one trace's spans, critical path and the findings touching it
+  (:func:`trace_view`: timings repaired as the report page draws them, stored ones alongside).
 * ``GET /v1/services`` — services seen in the store, with their recommendation counts.
 * ``POST /v1/analyses`` — re-run the analysis now.
 * ``POST /v1/whatif`` — re-time the stored traces as if the given changes were made
@@ -43,13 +44,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hourglass.api import http_guards
 from hourglass.api import rest_models as m
-from hourglass.api.analysis_service import (
-    AnalysisService,
-    ReportSnapshot,
-    critical_path_ids,
-    finding_ids,
-    trace_detail,
-)
+from hourglass.api.analysis_service import AnalysisService, ReportSnapshot, trace_detail
 from hourglass.api.jaeger_api import add_jaeger_routes
 from hourglass.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hourglass.api.metrics import metrics_registry
@@ -263,71 +258,10 @@ def create_app(
         return Response(snapshot.body(indices, explain=explain), media_type=JSON, headers=headers)
 
     def _trace_view(trace_id: str, snapshot: ReportSnapshot | None) -> dict[str, Any] | None:
-        spans = store.trace(trace_id)
-        if spans.num_rows == 0:
+        stored = store.trace(trace_id)
+        if stored.num_rows == 0:
             return None
-        report = snapshot.report if snapshot is not None else {"recommendations": []}
-        analysis_error = None
-        try:
-            detail = trace_detail(spans, report)
-        except Exception as exc:
-            # The stored spans are still worth showing; the failure is logged and in the answer.
-            log.exception("critical path of trace %s failed", trace_id)
-            detail, analysis_error = {}, f"{type(exc).__name__}: {exc}"
-        path = critical_path_ids(detail)
-        on_path = set(path)
-        rows = sorted(spans.to_pylist(), key=lambda r: (r["start_ns"], r["span_id"]))
-        t0 = rows[0]["start_ns"]
-        t_end = max(r["end_ns"] for r in rows)
-        present = {r["span_id"] for r in rows}
-        # Every affected trace is in the snapshot's index; the detail adds exemplar matches.
-        touching: dict[str, set[str]] = {}
-        for rec_id, occurrence_spans in snapshot.trace_index.get(trace_id, []) if snapshot else []:
-            touching.setdefault(rec_id, set()).update(occurrence_spans)
-        by_id = snapshot.by_id if snapshot is not None else {}
-        for rec_id in finding_ids(detail):
-            rec = by_id.get(rec_id, {})
-            touching.setdefault(rec_id, set()).update((rec.get("evidence") or {}).get("span_ids") or [])
-        findings = []
-        for rec_id, involved in touching.items():
-            rec = by_id.get(rec_id, {})
-            span_ids = sorted(s for s in involved if s in present)
-            findings.append(
-                {
-                    "id": rec_id,
-                    "rank": rec.get("rank"),
-                    "kind": rec.get("kind"),
-                    "category": rec.get("category"),
-                    "title": rec.get("title"),
-                    "span_ids": span_ids,
-                }
-            )
-        return {
-            "trace_id": trace_id,
-            "span_count": len(rows),
-            "duration_ms": (t_end - t0) / 1e6,
-            "services": sorted({r["service"] for r in rows}),
-            "critical_path": path,
-            "analysis_error": analysis_error,
-            "findings": findings,
-            "spans": [
-                {
-                    "span_id": r["span_id"],
-                    "parent_span_id": r["parent_span_id"],
-                    "service": r["service"],
-                    "name": r["name"],
-                    "kind": KIND_NAMES.get(r["kind"], "unspecified"),
-                    "start_ns": r["start_ns"],
-                    "end_ns": r["end_ns"],
-                    "start_offset_ms": (r["start_ns"] - t0) / 1e6,
-                    "duration_ms": (r["end_ns"] - r["start_ns"]) / 1e6,
-                    "status_code": r["status_code"],
-                    "status_message": r.get("status_message"),
-                    "on_critical_path": r["span_id"] in on_path,
-                }
-                for r in rows
-            ],
-        }
+        return trace_view(trace_id, stored, snapshot)
 
     @v1(
         "GET",
@@ -571,3 +505,83 @@ def _add_mcp_route(app: FastAPI, authorized: Callable[[str | None], bool], host:
     route, lifespan = http_route(backend, authorized, host)
     app.router.routes.append(route)
     app.state.lifespans.append(lifespan)
+
+
+# -- one trace: the REST view ----------------------------------------------------------------------
+
+
+def trace_view(trace_id: str, stored: Any, snapshot: ReportSnapshot | None) -> dict[str, Any]:
+    """``GET /v1/traces/{trace_id}`` (and the exemplars of a recommendation) from the stored spans.
+
+    Timing contract: the spans are the analysis' repaired spans
+    (:func:`hourglass.analysis.pipeline.trace_detail`) — the ones the critical path, the what-if
+    engine and the report page's waterfalls use. ``start_ns``/``end_ns`` are the stored (raw)
+    times, ``clock_skew_ns`` the shift the clock-skew repair applied, and ``start_offset_ms`` /
+    ``duration_ms`` (and the trace's ``duration_ms``) the repaired ones: ``start_offset_ms`` =
+    (``start_ns`` + ``clock_skew_ns`` − the repaired trace start) / 1e6, which is what the page's
+    tooltips show. The recommendations touching it come from the run's
+    :class:`hourglass.analysis.trace_index.TraceIndex`. When repair fails the stored times are
+    shown as they are (every ``clock_skew_ns`` 0) and ``analysis_error`` says why.
+    """
+    report = snapshot.report if snapshot is not None else {"recommendations": []}
+    index = snapshot.trace_index if snapshot is not None else None
+    analysis_error = None
+    try:
+        detail = trace_detail(stored, report, index)
+        rows = detail["spans"]
+        kinds = [0 if r["kind_inferred"] else r["kind"] for r in rows]  # as recorded
+    except Exception as exc:
+        # The stored spans are still worth showing; the failure is logged and in the answer.
+        log.exception("critical path of trace %s failed", trace_id)
+        analysis_error = f"{type(exc).__name__}: {exc}"
+        detail = {"critical_path": [], "touches": []}
+        rows = [
+            {**r, "clock_skew_ns": 0, "on_critical_path": False, "critical_ns": 0} for r in stored.to_pylist()
+        ]
+        kinds = [r["kind"] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["start_ns"], rows[i]["span_id"]))
+    t0 = min(r["start_ns"] for r in rows)
+    t_end = max(r["end_ns"] for r in rows)
+    by_id = snapshot.by_id if snapshot is not None else {}
+    findings = []
+    for touch in detail["touches"]:
+        rec = by_id.get(touch.recommendation_id, {})
+        findings.append(
+            {
+                "id": touch.recommendation_id,
+                "rank": rec.get("rank"),
+                "kind": rec.get("kind"),
+                "category": rec.get("category"),
+                "title": rec.get("title"),
+                "span_ids": list(touch.span_ids),
+                "bottleneck_span_ids": list(touch.bottleneck_span_ids),
+            }
+        )
+    return {
+        "trace_id": trace_id,
+        "span_count": len(rows),
+        "duration_ms": (t_end - t0) / 1e6,
+        "services": sorted({r["service"] for r in rows}),
+        "critical_path": list(detail["critical_path"]),
+        "analysis_error": analysis_error,
+        "findings": findings,
+        "spans": [
+            {
+                "span_id": r["span_id"],
+                "parent_span_id": r["parent_span_id"],
+                "service": r["service"],
+                "name": r["name"],
+                "kind": KIND_NAMES.get(kinds[i], "unspecified"),
+                "start_ns": r["start_ns"] - r["clock_skew_ns"],
+                "end_ns": r["end_ns"] - r["clock_skew_ns"],
+                "clock_skew_ns": r["clock_skew_ns"],
+                "start_offset_ms": (r["start_ns"] - t0) / 1e6,
+                "duration_ms": (r["end_ns"] - r["start_ns"]) / 1e6,
+                "status_code": r["status_code"],
+                "status_message": r.get("status_message"),
+                "on_critical_path": bool(r["on_critical_path"]),
+                "critical_ms": r["critical_ns"] / 1e6,
+            }
+            for i, r in ((i, rows[i]) for i in order)
+        ],
+    }

@@ -172,28 +172,23 @@ def get_trace(backend: Backend, trace_id: str, offset: int = 0, limit: int = 200
     spans = ctx.spans.sort(["start_ns", "depth"])
     t0 = int(spans["start_ns"].to_numpy().min())
     t_end = int(spans["end_ns"].to_numpy().max())
-    present = set(spans["span_id"].to_list())
-    touching: dict[str, set[str]] = {}
-    if snapshot is not None:
-        for rec_id, involved in snapshot.trace_index.get(normalized, []):
-            touching.setdefault(rec_id, set()).update(involved)
-        for rec in snapshot.recommendations:
-            ev = rec.get("evidence") or {}
-            if normalized in (ev.get("trace_ids") or []):
-                touching.setdefault(str(rec["id"]), set()).update(ev.get("span_ids") or [])
+    # the recommendations touching it: the run's index (hourglass.analysis.trace_index), best first
+    touches = (
+        snapshot.trace_index.touching(normalized, spans["span_id"].to_list()) if snapshot is not None else []
+    )
     findings = []
-    for rec_id, involved in touching.items():
-        rec = snapshot.by_id.get(rec_id, {}) if snapshot is not None else {}
+    for touch in touches:
+        rec = snapshot.by_id.get(touch.recommendation_id, {}) if snapshot is not None else {}
         findings.append(
             {
-                "id": rec_id,
+                "id": touch.recommendation_id,
                 "rank": rec.get("rank"),
                 "kind": rec.get("kind"),
                 "title": rec.get("title"),
-                "span_ids": sorted(s for s in involved if s in present)[:MAX_EVIDENCE_ITEMS],
+                "span_ids": list(touch.span_ids[:MAX_EVIDENCE_ITEMS]),
+                "bottleneck_span_ids": list(touch.bottleneck_span_ids[:MAX_EVIDENCE_ITEMS]),
             }
         )
-    findings.sort(key=lambda f: f["rank"] or 10**9)
     offset, limit = max(0, offset), max(1, min(limit, MAX_SPANS_PAGE))
     page = spans.slice(offset, limit).select(
         "span_id",

@@ -165,13 +165,21 @@ class TraceSpan(_Open):
     service: str
     name: str
     kind: str = Field(description="internal, server, client, producer, consumer or unspecified")
-    start_ns: int
-    end_ns: int
-    start_offset_ms: float = Field(description="Start relative to the trace's first span, ms")
-    duration_ms: float
+    start_ns: int = Field(description="Start as stored (before repair), unix ns")
+    end_ns: int = Field(
+        description="End as stored (before repair; a negative duration reads as zero), unix ns"
+    )
+    clock_skew_ns: int = Field(
+        0, description="Shift the clock-skew repair applied: the repaired start is start_ns + clock_skew_ns"
+    )
+    start_offset_ms: float = Field(
+        description="Repaired start relative to the trace's repaired start, ms (as the report page draws it)"
+    )
+    duration_ms: float = Field(description="Repaired duration, ms")
     status_code: int = Field(description="0 unset, 1 ok, 2 error")
     status_message: str | None = None
     on_critical_path: bool
+    critical_ms: float = Field(0.0, description="Its own time on the critical path, ms (0 off the path)")
 
 
 class FindingRef(_Open):
@@ -180,13 +188,22 @@ class FindingRef(_Open):
     kind: str | None = None
     category: str | None = None
     title: str | None = None
-    span_ids: list[str] = Field(default_factory=list, description="This trace's spans the finding is about")
+    span_ids: list[str] = Field(
+        default_factory=list,
+        description="This trace's spans the finding involves (hourglass.analysis.trace_index)",
+    )
+    bottleneck_span_ids: list[str] = Field(
+        default_factory=list,
+        description="This trace's spans the change acts on (else its evidence spans here): what the report page marks",
+    )
 
 
 class TraceDetail(_Open):
     trace_id: str
     span_count: int
-    duration_ms: float
+    duration_ms: float = Field(
+        description="Repaired: from the first repaired start to the last repaired end, ms"
+    )
     services: list[str]
     critical_path: list[str] = Field(description="Span ids on the critical path, root first")
     analysis_error: str | None = Field(
@@ -195,7 +212,10 @@ class TraceDetail(_Open):
     findings: list[FindingRef] = Field(
         description="Recommendations of the current report touching this trace"
     )
-    spans: list[TraceSpan] = Field(description="Spans in start order")
+    spans: list[TraceSpan] = Field(
+        description="The repaired spans (clock skew corrected, duplicates dropped, shared client/server spans "
+        "split) in repaired start order"
+    )
 
 
 class RecommendationDetail(Recommendation):

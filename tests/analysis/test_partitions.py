@@ -4,7 +4,8 @@ For every detector in ``hourglass.analysis.detectors.PARTS`` and every trace set
 traces, a generated mix of every bench shape, the HotROD traces, the real trace files and the real
 workloads in ``../shared`` — the findings of ``detect`` over all spans equal those of ``decide``
 over the combined extractions of 1, 3 and 7 partitions: the same ids, confidence, evidence,
-targets and occurrences (trace, spans, interventions, numbers) in the same order.
+targets and occurrences (trace, spans, interventions, numbers) in the same order. The same for the
+report's endpoint critical paths (``hourglass.analysis.endpoint_path``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pytest
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
+from hourglass.analysis.endpoint_path import combine_path_rows, endpoint_critical_path, path_rows
 from hourglass.analysis.model import Finding
+from hourglass.analysis.pipeline import report_critical_paths
 from hourglass.collector.files import read_trace_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +121,26 @@ def test_partitioned_extraction_decides_like_the_whole(
             f"{kind} on {name} in {parts} partitions"
         )
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name} in {parts} partitions"
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_partitioned_critical_paths_equal_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], parts: int
+) -> None:
+    """The report's endpoint critical paths (the page's icicles) from the combined rows of the
+    partitions equal those of the whole: operations, paths and icicle nodes with their ids."""
+    name, frame, whole = trace_set
+    expected = report_critical_paths(whole)
+    assert expected, f"no critical paths on {name}"
+    pieces = partitions.split_by_trace(frame, parts)
+    rows = combine_path_rows(path_rows(AnalysisContext.from_table(piece)) for piece in pieces)
+    assert report_critical_paths(rows) == expected, f"critical paths on {name} in {parts} partitions"
+    # and the same endpoint asked alone (GET /v1/critical-path) from a context of the whole
+    first = expected[0]
+    alone = endpoint_critical_path(
+        whole, first["service"], first["operation"], top_paths=3, max_operations=12, max_icicle_nodes=60
+    )
+    assert alone == first
 
 
 def test_the_generated_mix_exercises_every_split_detector() -> None:
