@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from collections.abc import Callable  # noqa: E402
+
 from opentelemetry.proto.trace.v1 import trace_pb2  # noqa: E402
 
 
@@ -36,3 +38,14 @@ def write_seeds(folder: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for index, data in enumerate(seed_requests()):
         (out / f"seed-{index}.pb").write_bytes(data)
+
+
+def run(test_one_input: Callable[[bytes], None]) -> None:
+    """The harnesses' command line: ``--seed FOLDER`` writes the seeds, anything else is libFuzzer's."""
+    import atheris
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--seed":
+        write_seeds(sys.argv[2])
+        return
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 import atheris
-from _harness import write_seeds
+from _harness import run
 
 with atheris.instrument_imports():
     from hourglass.collector import native_decode
@@ -46,11 +46,7 @@ def test_one_input(data: bytes) -> None:
 def main() -> None:
     if not native_decode.AVAILABLE:
         sys.exit("hourglass.collector._otlpscan is not built: run `make install` (needs gcc)")
-    if len(sys.argv) == 3 and sys.argv[1] == "--seed":
-        write_seeds(sys.argv[2])
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ exception, a crash, a hang) is a finding. Run from the repository root (see READ
 
 from __future__ import annotations
 
-import sys
-
 import atheris
-from _harness import write_seeds
+from _harness import run
 
 with atheris.instrument_imports():
     from hourglass.collector.decode import DecodeError, decode_export_request
@@ -28,11 +26,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--seed":
-        write_seeds(sys.argv[2])
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input)
 
 
 if __name__ == "__main__":
