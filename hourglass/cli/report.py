@@ -20,7 +20,9 @@ from typing import Annotated
 
 import typer
 
-from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
+from hourglass.analysis.writers import select_writer
+from hourglass.api.analysis_snapshot import dumps
+from hourglass.api.exemplars import build_exemplars, table_trace_fetcher
 from hourglass.api.report_html import render_report_html
 from hourglass.api.settings import DEFAULT_DB, Settings, parse_since
 from hourglass.cli._app import app
