@@ -17,12 +17,15 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from hourglass.analysis.writers import select_writer
 from hourglass.api.analysis_snapshot import TraceIndex
+
+if TYPE_CHECKING:
+    from hourglass.analysis.incremental import IncrementalAnalysis
 
 log = logging.getLogger("hourglass.api.analysis")
 
@@ -46,12 +49,34 @@ def _worker_main(conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority_of_this_thread()  # the main thread: threads started later inherit it
     import hourglass.analysis.pipeline  # noqa: F401  -- imported while waiting for the first table, not after
+    from hourglass.analysis.incremental import IncrementalAnalysis
 
+    incremental: IncrementalAnalysis | None = None
     while True:
         try:
-            shipped, settings, since_ns, explain = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             return
+        if message[0] == "incremental":
+            _, request, settings = message
+            try:
+                if incremental is None or incremental.sidecar != request["sidecar"]:
+                    if incremental is not None:
+                        incremental.close()
+                    incremental = IncrementalAnalysis(request["sidecar"])
+                started = time.perf_counter()
+                outcome = run_incremental(
+                    incremental, PipeReader(conn), request, writer=select_writer(settings)
+                )
+                reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
+            except Exception:
+                reply = ("error", traceback.format_exc())
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):
+                return
+            continue
+        shipped, settings, since_ns, explain = message
         try:
             started = time.perf_counter()
             table = _receive_table(shipped)
@@ -186,6 +211,59 @@ class AnalysisWorker:
         stages["receive"] = max(waited - analysis_s, 0.0)
         return report, index
 
+    def run_incremental(
+        self,
+        request: dict[str, Any],
+        reader: StoreReader,
+        *,
+        settings: Any = None,
+        stages: dict[str, float] | None = None,
+    ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
+        """One incremental round in the worker (:func:`run_incremental`), answering its span
+        reads from ``reader`` (the store, read in this process) until it sends the result."""
+        stages = {} if stages is None else stages
+        with self._lock:
+            started = time.perf_counter()
+            conn = self._ensure()
+            stages["worker_start"] = time.perf_counter() - started
+            started = time.perf_counter()
+            reading = 0.0
+            shipped_files: list[str] = []  # the worker unlinks each when it maps it; these if it died first
+            try:
+                conn.send(("incremental", request, settings))
+                while True:
+                    message = conn.recv()
+                    if message[0] != "ask":
+                        status, payload = message
+                        break
+                    read_started = time.perf_counter()
+                    try:
+                        table = reader.answer(message[1])
+                    except Exception as exc:
+                        log.exception("reading spans for the analysis worker failed")
+                        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                        continue
+                    shipped, written = _ship_table(table)
+                    del table
+                    if written is not None:
+                        shipped_files.append(written)
+                    conn.send(("table", shipped))
+                    reading += time.perf_counter() - read_started
+            except (EOFError, OSError) as exc:
+                code = self._process.exitcode if self._process is not None else None
+                self._kill()
+                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
+            finally:
+                for path in shipped_files:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        if status != "ok":
+            raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
+        report, index, figures, _ = payload
+        stages["store_reads"] = reading
+        stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
+        return report, index, figures
+
     def _kill(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -231,6 +309,11 @@ def analyze_spans(
     report, ranked = analyze_context(
         AnalysisContext.from_table(frame), writer=writer, explain=explain, resources=resources
     )
+    return report, trace_index(report, ranked)
+
+
+def trace_index(report: dict[str, Any], ranked: list[Any]) -> TraceIndex:
+    """Which reported recommendations touch each affected trace (per occurrence, not per span)."""
     reported = {str(r.get("id")) for r in report.get("recommendations") or []}
     index: TraceIndex = {}
     for scored in ranked:
@@ -239,4 +322,107 @@ def analyze_spans(
             continue
         for occurrence in finding.occurrences:
             index.setdefault(occurrence.trace_id, []).append((finding.id, tuple(occurrence.span_ids)))
-    return report, index
+    return index
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental analysis (hourglass.analysis.incremental): the worker asks the server for spans
+
+
+class StoreReader:
+    """The span reads an incremental round needs, straight from a store (in-process runs; in the
+    worker process :class:`PipeReader` forwards the same calls to the server)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def arrivals(self, ingested_since_ns: int) -> pa.Table:
+        return self.store.trace_arrivals(ingested_since_ns)
+
+    def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
+        from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+        return self.store.scan_traces(
+            trace_ids, ingested_from_ns=first, ingested_to_ns=last, columns=ANALYSIS_COLUMNS
+        )
+
+    def traces(self, trace_ids: list[str]) -> pa.Table:
+        from hourglass.collector.schema import SPAN_COLUMNS
+
+        if not trace_ids:
+            return self.store.scan(trace_ids=[""], columns=SPAN_COLUMNS)
+        return self.store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
+
+    def answer(self, request: tuple[Any, ...]) -> pa.Table:
+        """One request of the worker: ("arrivals", ns) | ("batch", ids, first, last) | ("traces", ids)."""
+        kind, *args = request
+        if kind == "arrivals":
+            return self.arrivals(*args)
+        if kind == "batch":
+            return self.batch(*args)
+        if kind == "traces":
+            return self.traces(*args)
+        raise ValueError(f"unknown request from the analysis worker: {kind!r}")
+
+
+class PipeReader(StoreReader):
+    """:class:`StoreReader` calls sent to the server process through the worker's pipe."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(None)
+        self.conn = conn
+
+    def _ask(self, *request: Any) -> pa.Table:
+        self.conn.send(("ask", request))
+        status, payload = self.conn.recv()
+        if status != "table":
+            raise RuntimeError(f"the server could not read spans for the analysis: {payload}")
+        return _receive_table(payload)
+
+    def arrivals(self, ingested_since_ns: int) -> pa.Table:
+        return self._ask("arrivals", ingested_since_ns)
+
+    def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
+        return self._ask("batch", trace_ids, first, last)
+
+    def traces(self, trace_ids: list[str]) -> pa.Table:
+        return self._ask("traces", trace_ids)
+
+
+def run_incremental(
+    state: IncrementalAnalysis, reader: StoreReader, request: dict[str, Any], *, writer: Any = None
+) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
+    """One incremental round (``request["update"]``: bring the batches up to date first) and the
+    report over the batches of the window (``request["since_ns"]``); with the round's figures."""
+    from hourglass.analysis.incremental import BatchSource, MemoExecutor
+    from hourglass.analysis.pipeline import analyze_partitioned
+
+    figures = state.last
+    if request.get("update", True):
+        figures = state.update(
+            reader.arrivals,
+            cutoff_ns=int(request["cutoff_ns"]),
+            margin_ns=int(request["margin_ns"]),
+            retention_cutoff_ns=request.get("retention_cutoff_ns"),
+        )
+        state.last = figures
+    units = state.units(request.get("since_ns"))
+    started = time.perf_counter()
+    if not units:
+        empty = reader.traces([])
+        report, index = analyze_spans(empty, writer=writer, explain=bool(request.get("explain")))
+    else:
+        executor = MemoExecutor(state, units)
+        report, ranked = analyze_partitioned(
+            # a partitions.Source and Executor by shape (load; map/close/workers)
+            BatchSource(units, reader.batch),  # type: ignore[arg-type]
+            len(units),
+            executor,  # type: ignore[arg-type]
+            read_traces=reader.traces,
+            writer=writer,
+            explain=bool(request.get("explain")),
+        )
+        index = trace_index(report, ranked)
+        figures.units_read = executor.read_units
+    figures.seconds["report"] = time.perf_counter() - started
+    return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns")}

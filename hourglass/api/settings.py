@@ -162,6 +162,11 @@ class Settings:
     )
     retention_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_RETENTION", "7d"))
     settle_seconds: float = field(default_factory=lambda: _env_duration("HOURGLASS_SETTLE", "10s"))
+    # serve: extract each settled trace once and decide over the stored rows (False: re-analyse
+    # the whole store every time, as before; the soak benchmark's baseline)
+    incremental_analysis: bool = field(
+        default_factory=lambda: _env_bool("HOURGLASS_INCREMENTAL_ANALYSIS", True)
+    )
     llm_model: str = field(default_factory=lambda: _env("HOURGLASS_LLM_MODEL", "claude-sonnet-5-5"))
     # The analysis: peak memory it plans for, worker processes, and a Dask cluster to run on.
     memory_budget: int = field(

@@ -1,0 +1,403 @@
+"""Incremental analysis for ``serve``: settled traces are extracted once, the report is a decision
+over the stored rows.
+
+A trace has *settled* when none of its spans arrived (``ingested_ns``) for the settle time. Each
+round (:meth:`IncrementalAnalysis.round`):
+
+1. asks the span store for the traces with a span ingested since the last round's cutoff (minus
+   a margin): new settled traces are grouped into *batches* of whole traces (same time bucket of
+   their latest start, at most ``batch_spans`` spans); a settled trace already in a batch whose
+   span count or last arrival changed (a late span) makes its batch *dirty*;
+2. drops the traces that retention removed (their batches are re-extracted from what is left);
+3. runs :func:`hourglass.analysis.pipeline.analyze_partitioned` with one partition per batch,
+   through :class:`MemoExecutor`: a batch's extraction (``partitions.extract_part``) is computed
+   once and kept — in memory and in a sidecar DuckDB file, so a restart resumes from it — and its
+   pricing (what-if savings and call durations of the findings' occurrences in the batch,
+   ``partitions.price_part``) is cached per finding and per exact set of occurrences. A round
+   therefore reads only the spans of new or dirty batches (twice: extraction, then pricing of
+   the findings found in them), never the whole store.
+
+The report is the same as ``analyze_partitioned`` over the same traces (and so as the at-once
+analysis: ``tests/test_partitioned_analysis.py``), except the endpoints' critical paths, which a
+partitioned run leaves out.
+
+A ``since`` window is the decision over the batches inside the window, plus the in-window traces
+of batches that straddle its edge, extracted on the fly (not stored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from hourglass.analysis import partitions
+from hourglass.analysis.model import Finding
+
+log = logging.getLogger(__name__)
+
+BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
+BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in the worker)
+SIDECAR_SUFFIX = ".analysis.duckdb"
+
+# (trace ids, first ingested_ns, last ingested_ns, since_ns) -> the spans of those whole traces
+ReadBatch = Callable[[list[str], int | None, int | None], pa.Table]
+ReadTraces = Callable[[list[str]], pa.Table]
+Arrivals = Callable[[int], pa.Table]
+
+
+@dataclass
+class Batch:
+    """Whole traces extracted together; ``first``/``last`` bound their spans' ``ingested_ns``."""
+
+    id: int
+    trace_ids: list[str]
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One partition of a round: a stored batch, or in-window traces extracted on the fly."""
+
+    batch: int | None
+    trace_ids: tuple[str, ...]
+    first: int | None
+    last: int | None
+
+
+@dataclass(frozen=True)
+class BatchSource:
+    """``partitions.Source`` over the units of one round: partition ``p`` is unit ``p``, read
+    from the span store through ``read`` (in ``serve``: a request to the server process)."""
+
+    units: tuple[Unit, ...]
+    read: ReadBatch
+
+    def load(self, part: int, parts: int) -> pa.Table:
+        unit = self.units[part]
+        return self.read(list(unit.trace_ids), unit.first, unit.last)
+
+
+def _occurrence_key(finding: Finding, traces: set[str], calls: bool) -> str:
+    """What a finding's pricing in one batch depends on: its occurrences there (spans and
+    interventions) and whether call durations are asked for."""
+    digest = hashlib.sha1(finding.id.encode())
+    digest.update(b"calls" if calls else b"-")
+    for occ in finding.occurrences:
+        if occ.trace_id in traces:
+            digest.update(repr((occ.trace_id, occ.span_ids, occ.interventions)).encode())
+    return digest.hexdigest()
+
+
+class MemoExecutor:
+    """Runs a round's partition tasks in this process, remembering each stored batch's
+    extraction and its pricing per finding, so only new or dirty batches are read."""
+
+    workers = 1
+
+    def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
+        self.state, self.units = state, units
+        self.read_units = 0  # partitions whose spans were read this round (a figure for status)
+
+    def map(
+        self,
+        phase: str,
+        fn: Callable[..., Any],
+        calls: list[tuple[Any, ...]],
+        progress: partitions.Progress | None,
+    ) -> list[Any]:
+        if fn is partitions.extract_part:
+            return [self._extracted(args) for args in calls]
+        if fn is partitions.price_part:
+            return [self._priced(args) for args in calls]
+        raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        self.read_units += 1
+        try:
+            return fn(*args)
+        except MemoryError:
+            raise
+        except Exception as first:
+            log.warning("partition task %s failed (%s); retrying once", fn.__name__, first)
+            try:
+                return fn(*args)
+            except Exception as exc:
+                raise partitions.PartitionError(fn.__name__, args[1], args[2], exc) from exc
+
+    def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
+        unit = self.units[args[1]]
+        if unit.batch is None:
+            return self._run(partitions.extract_part, args)
+        stored = self.state.extracted.get(unit.batch)
+        if stored is None:
+            stored = self._run(partitions.extract_part, args)
+            self.state.store_extraction(unit.batch, stored)
+        return stored
+
+    def _priced(self, args: tuple[Any, ...]) -> partitions.Priced:
+        source, part, parts, findings, calls = args
+        unit = self.units[part]
+        traces = set(unit.trace_ids)
+        here = [f for f in findings if any(o.trace_id in traces for o in f.occurrences)]
+        if unit.batch is None:
+            return self._run(partitions.price_part, (source, part, parts, here, calls))
+        cache = self.state.priced.setdefault(unit.batch, {})
+        keys = {f.id: _occurrence_key(f, traces, calls) for f in here}
+        missing = [f for f in here if f.id not in cache or cache[f.id][0] != keys[f.id]]
+        if missing:
+            fresh: partitions.Priced = self._run(partitions.price_part, (source, part, parts, missing, calls))
+            for f in missing:
+                cache[f.id] = (keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
+            self.state.store_pricing(unit.batch, {f.id: cache[f.id] for f in missing})
+        impacts = {f.id: cache[f.id][1] for f in here if cache[f.id][1] is not None}
+        durations = {f.id: cache[f.id][2] for f in here if cache[f.id][2] is not None}
+        return partitions.Priced(impacts, durations)
+
+    def close(self) -> None:
+        pass
+
+
+PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)
+
+
+@dataclass
+class RoundFigures:
+    """What one round did (``status`` and the soak benchmark print these)."""
+
+    settled_new: int = 0
+    dirty_batches: int = 0
+    expired_traces: int = 0
+    batches: int = 0
+    traces: int = 0
+    units_read: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    oldest_pending_settled_ns: int | None = None  # ingest time of the oldest settled trace not yet in
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "settled_new_traces": self.settled_new,
+            "dirty_batches": self.dirty_batches,
+            "expired_traces": self.expired_traces,
+            "batches": self.batches,
+            "traces_extracted": self.traces,
+            "partitions_read": self.units_read,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+class IncrementalAnalysis:
+    """The extraction state of one span store (see the module doc), kept in ``sidecar`` (a DuckDB
+    file; None: in memory only)."""
+
+    def __init__(self, sidecar: str | None, *, batch_spans: int = BATCH_SPANS) -> None:
+        self.batch_spans = batch_spans
+        self.sidecar = sidecar
+        self.db = duckdb.connect(sidecar or ":memory:")
+        self.db.execute("SET threads TO 1")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS traces (trace_id VARCHAR PRIMARY KEY, batch BIGINT, spans BIGINT,"
+            " first_ingested_ns BIGINT, last_ingested_ns BIGINT, last_start_ns BIGINT, last_end_ns BIGINT)"
+        )
+        self.db.execute("CREATE TABLE IF NOT EXISTS extracted (batch BIGINT PRIMARY KEY, data BLOB)")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS priced (batch BIGINT, finding VARCHAR, data BLOB, PRIMARY KEY (batch, finding))"
+        )
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT)")
+        watermark = self.db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchall()
+        self.watermark = int(watermark[0][0]) if watermark else 0
+        self.extracted: dict[int, partitions.PartResult] = {
+            int(b): pickle.loads(d)
+            for b, d in self.db.execute("SELECT batch, data FROM extracted").fetchall()
+        }
+        self.priced: dict[int, dict[str, PricedEntry]] = {}
+        for b, finding, d in self.db.execute("SELECT batch, finding, data FROM priced").fetchall():
+            self.priced.setdefault(int(b), {})[str(finding)] = pickle.loads(d)
+        # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
+        self.batches: dict[int, Batch] = {}
+        self._load_batches()
+        self.last = RoundFigures()
+
+    def _load_batches(self) -> None:
+        rows = self.db.execute(
+            "SELECT batch, list(trace_id ORDER BY trace_id), min(first_ingested_ns), max(last_ingested_ns)"
+            " FROM traces GROUP BY batch"
+        ).fetchall()
+        self.batches = {int(b): Batch(int(b), list(ids), int(lo), int(hi)) for b, ids, lo, hi in rows}
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def store_extraction(self, batch: int, result: partitions.PartResult) -> None:
+        self.extracted[batch] = result
+        self.db.execute(
+            "INSERT OR REPLACE INTO extracted VALUES (?, ?)", [batch, pickle.dumps(result, protocol=5)]
+        )
+
+    def store_pricing(self, batch: int, entries: dict[str, PricedEntry]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO priced VALUES (?, ?, ?)",
+            [[batch, fid, pickle.dumps(entry, protocol=5)] for fid, entry in entries.items()],
+        )
+
+    def _forget(self, batches: Iterable[int]) -> None:
+        chosen = sorted(set(batches))
+        if not chosen:
+            return
+        for b in chosen:
+            self.extracted.pop(b, None)
+            self.priced.pop(b, None)
+        self.db.execute("DELETE FROM extracted WHERE list_contains(?, batch)", [chosen])
+        self.db.execute("DELETE FROM priced WHERE list_contains(?, batch)", [chosen])
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def update(
+        self, arrivals: Arrivals, *, cutoff_ns: int, margin_ns: int, retention_cutoff_ns: int | None
+    ) -> RoundFigures:
+        """Bring the batches up to date with the store: new settled traces batched, batches with
+        late spans or expired traces marked for re-extraction."""
+        figures = RoundFigures()
+        started = time.perf_counter()
+        seen = pl.from_arrow(arrivals(max(self.watermark - margin_ns, 0)))
+        assert isinstance(seen, pl.DataFrame)
+        figures.seconds["arrivals"] = time.perf_counter() - started
+        started = time.perf_counter()
+        settled = seen.filter(pl.col("last_ingested_ns") < cutoff_ns)
+        pending = seen.filter(pl.col("last_ingested_ns") >= cutoff_ns)
+        dirty: set[int] = set()
+        self.db.execute("BEGIN")
+        try:
+            if settled.height:
+                self.db.register("settled_now", settled.to_arrow())
+                known = self.db.execute(
+                    "SELECT s.trace_id, t.batch FROM settled_now s JOIN traces t USING (trace_id)"
+                    " WHERE s.spans <> t.spans OR s.last_ingested_ns <> t.last_ingested_ns"
+                    " OR s.first_ingested_ns <> t.first_ingested_ns"
+                ).fetchall()
+                dirty.update(int(b) for _, b in known)
+                new = pl.from_arrow(
+                    self.db.sql(
+                        "SELECT * FROM settled_now s WHERE NOT EXISTS"
+                        " (SELECT 1 FROM traces t WHERE t.trace_id = s.trace_id)"
+                    ).to_arrow_table()
+                )
+                assert isinstance(new, pl.DataFrame)
+                # a late span: the trace keeps its batch, with its new figures
+                self.db.execute(
+                    "UPDATE traces SET spans = s.spans, first_ingested_ns = s.first_ingested_ns,"
+                    " last_ingested_ns = s.last_ingested_ns, last_start_ns = s.last_start_ns,"
+                    " last_end_ns = s.last_end_ns FROM settled_now s WHERE traces.trace_id = s.trace_id"
+                )
+                self.db.unregister("settled_now")
+                figures.settled_new = new.height
+                self._add_batches(new)
+            if retention_cutoff_ns is not None:
+                expired = self.db.execute(
+                    "SELECT batch, count(*) FROM traces WHERE last_end_ns < ? GROUP BY batch",
+                    [retention_cutoff_ns],
+                ).fetchall()
+                if expired:
+                    figures.expired_traces = sum(int(n) for _, n in expired)
+                    self.db.execute("DELETE FROM traces WHERE last_end_ns < ?", [retention_cutoff_ns])
+                    dirty.update(int(b) for b, _ in expired)
+            self._forget(dirty)
+            self.watermark = cutoff_ns
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('watermark', ?)", [cutoff_ns])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._load_batches()
+        for b in list(self.extracted):  # batches whose traces all expired
+            if b not in self.batches:
+                self._forget([b])
+        figures.dirty_batches = len(dirty)
+        figures.batches = len(self.batches)
+        figures.traces = sum(len(b.trace_ids) for b in self.batches.values())
+        figures.seconds["plan"] = time.perf_counter() - started
+        del pending
+        return figures
+
+    def _add_batches(self, new: pl.DataFrame) -> None:
+        if new.height == 0:
+            return
+        first_id = int(self.db.execute("SELECT coalesce(max(batch), -1) + 1 FROM traces").fetchall()[0][0])
+        ordered = new.sort("last_start_ns", "trace_id").with_columns(
+            (pl.col("last_start_ns") // BUCKET_NS).alias("_bucket")
+        )
+        batch_of = np.empty(ordered.height, dtype=np.int64)
+        batch, filled, bucket = first_id - 1, self.batch_spans, None
+        for i, (b, n) in enumerate(
+            zip(ordered["_bucket"].to_list(), ordered["spans"].to_list(), strict=True)
+        ):
+            if b != bucket or filled + n > self.batch_spans:
+                batch, filled, bucket = batch + 1, 0, b
+            filled += n
+            batch_of[i] = batch
+        rows = ordered.drop("_bucket").with_columns(pl.Series("batch", batch_of))
+        self.db.register("new_traces", rows.to_arrow())
+        self.db.execute(
+            "INSERT INTO traces SELECT trace_id, batch, spans, first_ingested_ns, last_ingested_ns,"
+            " last_start_ns, last_end_ns FROM new_traces"
+        )
+        self.db.unregister("new_traces")
+
+    def units(
+        self, since_ns: int | None, read_window: Callable[[list[str]], tuple[int, int]] | None = None
+    ) -> tuple[Unit, ...]:
+        """The partitions of a report: every batch; with ``since_ns`` the batches whose traces
+        all have a span starting at or after it, plus one unit of the in-window traces of the
+        batches that straddle it."""
+        if since_ns is None:
+            return tuple(
+                Unit(b.id, tuple(b.trace_ids), b.first, b.last) for _, b in sorted(self.batches.items())
+            )
+        rows = self.db.execute(
+            "SELECT batch, min(last_start_ns) >= ?, max(last_start_ns) >= ? FROM traces GROUP BY batch ORDER BY batch",
+            [since_ns, since_ns],
+        ).fetchall()
+        out: list[Unit] = []
+        straddling: list[int] = []
+        for b, all_in, any_in in rows:
+            batch = self.batches[int(b)]
+            if all_in:
+                out.append(Unit(batch.id, tuple(batch.trace_ids), batch.first, batch.last))
+            elif any_in:
+                straddling.append(batch.id)
+        if straddling:
+            edge = self.db.execute(
+                "SELECT list(trace_id ORDER BY trace_id), min(first_ingested_ns), max(last_ingested_ns) FROM traces"
+                " WHERE list_contains(?, batch) AND last_start_ns >= ?",
+                [straddling, since_ns],
+            ).fetchall()[0]
+            out.append(Unit(None, tuple(edge[0]), int(edge[1]), int(edge[2])))
+        return tuple(out)
+
+    def settled_in_report(self) -> int:
+        return sum(len(self.batches[b].trace_ids) for b in self.extracted if b in self.batches)
+
+
+def sidecar_path(db_location: str) -> str | None:
+    """Where ``serve`` keeps the extraction state of a DuckDB store file (None: in memory)."""
+    if (
+        not db_location
+        or db_location == ":memory:"
+        or "://" in db_location
+        or db_location.startswith("chdb:")
+    ):
+        return None
+    return os.fspath(db_location) + SIDECAR_SUFFIX
