@@ -34,6 +34,7 @@ import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -210,20 +211,28 @@ class IncrementalAnalysis:
             "CREATE TABLE IF NOT EXISTS traces (trace_id VARCHAR PRIMARY KEY, batch BIGINT, spans BIGINT,"
             " first_ingested_ns BIGINT, last_ingested_ns BIGINT, last_start_ns BIGINT, last_end_ns BIGINT)"
         )
-        self.db.execute("CREATE TABLE IF NOT EXISTS extracted (batch BIGINT PRIMARY KEY, data BLOB)")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS priced (batch BIGINT, finding VARCHAR, data BLOB, PRIMARY KEY (batch, finding))"
-        )
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT)")
         watermark = self.db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchall()
         self.watermark = int(watermark[0][0]) if watermark else 0
-        self.extracted: dict[int, partitions.PartResult] = {
-            int(b): pickle.loads(d)
-            for b, d in self.db.execute("SELECT batch, data FROM extracted").fetchall()
-        }
+        # Each batch's extraction and pricing are pickles in a folder beside the sidecar (DuckDB
+        # binds a large BLOB parameter slowly: 8 s for one 100k-span batch's rows).
+        self.folder = Path(sidecar + ".d") if sidecar else None
+        if self.folder is not None:
+            self.folder.mkdir(exist_ok=True)
+        self.extracted: dict[int, partitions.PartResult] = {}
         self.priced: dict[int, dict[str, PricedEntry]] = {}
-        for b, finding, d in self.db.execute("SELECT batch, finding, data FROM priced").fetchall():
-            self.priced.setdefault(int(b), {})[str(finding)] = pickle.loads(d)
+        for path in sorted(self.folder.glob("*.pickle")) if self.folder is not None else ():
+            kind, _, number = path.stem.partition("-")
+            try:
+                loaded = pickle.loads(path.read_bytes())
+            except Exception:  # a file cut short by a crash: that batch is extracted again
+                log.warning("incremental analysis: %s unreadable; its batch is extracted again", path)
+                path.unlink(missing_ok=True)
+                continue
+            if kind == "extracted":
+                self.extracted[int(number)] = loaded
+            elif kind == "priced":
+                self.priced[int(number)] = loaded
         # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
         self.batches: dict[int, Batch] = {}
         self._load_batches()
@@ -238,27 +247,29 @@ class IncrementalAnalysis:
 
     # -- persistence -------------------------------------------------------------------------
 
+    def _write(self, name: str, value: Any) -> None:
+        if self.folder is None:
+            return
+        path = self.folder / f"{name}.pickle"
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(value, protocol=5))
+        partial.replace(path)  # whole or not at all
+
     def store_extraction(self, batch: int, result: partitions.PartResult) -> None:
         self.extracted[batch] = result
-        self.db.execute(
-            "INSERT OR REPLACE INTO extracted VALUES (?, ?)", [batch, pickle.dumps(result, protocol=5)]
-        )
+        self._write(f"extracted-{batch}", result)
 
     def store_pricing(self, batch: int, entries: dict[str, PricedEntry]) -> None:
-        self.db.executemany(
-            "INSERT OR REPLACE INTO priced VALUES (?, ?, ?)",
-            [[batch, fid, pickle.dumps(entry, protocol=5)] for fid, entry in entries.items()],
-        )
+        del entries  # already in self.priced[batch]; the batch's pricing is written whole
+        self._write(f"priced-{batch}", self.priced.get(batch, {}))
 
     def _forget(self, batches: Iterable[int]) -> None:
-        chosen = sorted(set(batches))
-        if not chosen:
-            return
-        for b in chosen:
+        for b in sorted(set(batches)):
             self.extracted.pop(b, None)
             self.priced.pop(b, None)
-        self.db.execute("DELETE FROM extracted WHERE list_contains(?, batch)", [chosen])
-        self.db.execute("DELETE FROM priced WHERE list_contains(?, batch)", [chosen])
+            if self.folder is not None:
+                for kind in ("extracted", "priced"):
+                    (self.folder / f"{kind}-{b}.pickle").unlink(missing_ok=True)
 
     def close(self) -> None:
         self.db.close()

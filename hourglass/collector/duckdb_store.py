@@ -642,7 +642,8 @@ class DuckDBSpanStore:
         if not selected or not trace_ids:
             return pa.Table.from_pylist([], schema=pa.schema([SPAN_SCHEMA.field(c) for c in selected]))
         self.load_staged()
-        conditions, params = ["list_contains(?, trace_id)"], [[t.lower() for t in trace_ids]]
+        # IN (unnest) is a hash join; list_contains would compare every row with every id
+        conditions, params = ["trace_id IN (SELECT unnest(?::VARCHAR[]))"], [[t.lower() for t in trace_ids]]
         if ingested_from_ns is not None:
             conditions.append("ingested_ns >= ?")
             params.append(int(ingested_from_ns))  # type: ignore[arg-type]
