@@ -183,8 +183,8 @@ class RoundFigures:
     batches: int = 0
     traces: int = 0
     units_read: int = 0
+    pending: int = 0  # traces with spans that have not settled yet
     seconds: dict[str, float] = field(default_factory=dict)
-    oldest_pending_settled_ns: int | None = None  # ingest time of the oldest settled trace not yet in
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -194,6 +194,7 @@ class RoundFigures:
             "batches": self.batches,
             "traces_extracted": self.traces,
             "partitions_read": self.units_read,
+            "pending_traces": self.pending,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -340,7 +341,7 @@ class IncrementalAnalysis:
         figures.batches = len(self.batches)
         figures.traces = sum(len(b.trace_ids) for b in self.batches.values())
         figures.seconds["plan"] = time.perf_counter() - started
-        del pending
+        figures.pending = pending.height
         return figures
 
     def _add_batches(self, new: pl.DataFrame) -> None:

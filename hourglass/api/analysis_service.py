@@ -94,6 +94,9 @@ log = logging.getLogger("hourglass.api.analysis")
 
 WINDOW_CACHE_SIZE = 8  # analyses of a `since` window kept per report generation
 STALE_DURATION_FACTOR = 10
+# runs the loop starts as traces settle; any other run (startup, requested, first read) takes
+# every stored trace as settled
+SCHEDULED_REASONS = ("settled", "settling", "stale")
 
 
 class AnalysisService:
@@ -128,9 +131,10 @@ class AnalysisService:
         # Incremental analysis (hourglass.analysis.incremental): each settled trace extracted once,
         # the report decided over the stored rows. Needs a store that knows when spans arrived
         # (DuckDB's trace_arrivals); HOURGLASS_INCREMENTAL_ANALYSIS=false: the whole store each run.
-        enabled = bool(getattr(settings, "incremental_analysis", True)) if settings is not None else True
-        self.incremental = enabled and callable(getattr(store, "trace_arrivals", None))
-        self._sidecar = sidecar_path(str(getattr(store, "path", ":memory:")))
+        self._incremental_enabled = (
+            bool(getattr(settings, "incremental_analysis", True)) if settings is not None else True
+        )
+        self._incremental: bool | None = None  # decided on first use (the store is not touched before)
         self._incremental_state: Any = None  # in-process runs (no worker): IncrementalAnalysis
         self._incremental_lock = threading.Lock()
         self._incremental_figures: dict[str, Any] = {}
@@ -224,6 +228,14 @@ class AnalysisService:
 
     # -- running -----------------------------------------------------------------------------
 
+    @property
+    def incremental(self) -> bool:
+        if self._incremental is None:
+            self._incremental = self._incremental_enabled and callable(
+                getattr(self.store, "trace_arrivals", None)
+            )
+        return self._incremental
+
     def incremental_interval(self) -> float:
         """Seconds between incremental rounds under continuous ingest: half the settle time
         (1-10 s), and never less than the last round took (analysis at most half the time)."""
@@ -253,24 +265,27 @@ class AnalysisService:
         return int(self.store.stats().spans)
 
     def _run_incremental(
-        self, *, since_ns: int | None, stages: dict[str, float]
+        self, *, since_ns: int | None, stages: dict[str, float], everything: bool = False
     ) -> tuple[dict[str, Any], TraceIndex, int, int]:
         """One incremental round (the report of the window ``since_ns``; the whole retention
-        window advances the extraction state first)."""
+        window advances the extraction state first). ``everything``: a run asked for (startup,
+        ``POST /v1/analyses``, a first read) takes every stored trace as settled, as the whole-store
+        analysis did; a trace that gets more spans later is re-extracted like any late arrival."""
         started = time.perf_counter()
         marker = self._change_marker()
         spans_in_store = self.store.stats().spans
         stages["store_stats"] = time.perf_counter() - started
         now_ns = time.time_ns()
-        retention = float(getattr(self._settings, "retention_seconds", 0.0) or 0.0)
+        sidecar = sidecar_path(str(getattr(self.store, "path", ":memory:")))
         request = {
-            "sidecar": self._sidecar,
+            "sidecar": sidecar,
             "update": since_ns is None,
-            "cutoff_ns": now_ns - int(self.settle_seconds * 1e9),
+            "cutoff_ns": now_ns + 1 if everything else now_ns - int(self.settle_seconds * 1e9),
             # arrivals are re-read from a settle time before the last cutoff: a span acknowledged
             # a little after it got its ingest time is still seen
             "margin_ns": int(max(self.settle_seconds, 5.0) * 1e9),
-            "retention_cutoff_ns": now_ns - int(retention * 1e9) if retention > 0 else None,
+            # rows go with the traces retention removed from the store (serve's maintenance)
+            "retention_cutoff_ns": getattr(self.store, "retention_cutoff_ns", None),
             "since_ns": since_ns,
             "explain": True,
         }
@@ -285,7 +300,7 @@ class AnalysisService:
             started = time.perf_counter()
             with self._incremental_lock:
                 if self._incremental_state is None:
-                    self._incremental_state = IncrementalAnalysis(self._sidecar)
+                    self._incremental_state = IncrementalAnalysis(sidecar)
                 report, index, figures = run_incremental(
                     self._incremental_state, reader, request, writer=self._resolve_writer()
                 )
@@ -293,15 +308,21 @@ class AnalysisService:
         if since_ns is None:
             with self._state_lock:
                 self._incremental_figures = figures
+            if figures.get("pending_traces"):
+                marker = -1  # traces still settling: the loop runs another round for them
         return report, index, spans_in_store, marker
 
     def _run_analysis(
-        self, *, since_ns: int | None = None, stages: dict[str, float] | None = None
+        self,
+        *,
+        since_ns: int | None = None,
+        stages: dict[str, float] | None = None,
+        everything: bool = True,
     ) -> tuple[dict[str, Any], TraceIndex, int, int]:
         """One analysis of the store; ``stages`` (when given) gets the seconds of each step."""
         stages = {} if stages is None else stages
         if self.incremental:
-            return self._run_incremental(since_ns=since_ns, stages=stages)
+            return self._run_incremental(since_ns=since_ns, stages=stages, everything=everything)
         started = time.perf_counter()
         marker = self._change_marker()
         spans_in_store = self.store.stats().spans
@@ -338,7 +359,9 @@ class AnalysisService:
                 self._running_since = started_at
             stages: dict[str, float] = {}
             try:
-                report, index, spans_in_store, marker = self._run_analysis(stages=stages)
+                report, index, spans_in_store, marker = self._run_analysis(
+                    stages=stages, everything=reason not in SCHEDULED_REASONS
+                )
                 built = time.perf_counter()
                 snapshot = ReportSnapshot.build(
                     report,

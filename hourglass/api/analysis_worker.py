@@ -260,7 +260,7 @@ class AnalysisWorker:
         if status != "ok":
             raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
         report, index, figures, _ = payload
-        stages["store_reads"] = reading
+        stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
         return report, index, figures
 

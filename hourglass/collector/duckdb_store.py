@@ -129,6 +129,7 @@ class DuckDBSpanStore:
         ~1 µs/span more. ``read_only``: reads only, so several processes (the partitions of one
         analysis) can open the file at once; an ingest log is not replayed (open the store
         once without it first) and nothing is written."""
+        self.retention_cutoff_ns: int | None = None  # the latest delete_older_than cutoff
         file_backed = path != ":memory:"
         if file_backed:
             # DuckDB expands "~" itself; the log beside the file must be found at the same place
@@ -363,6 +364,9 @@ class DuckDBSpanStore:
                 [cutoff_ns],
             ).fetchall()[0][0]
             self._changes += 1
+            # what retention has removed so far (the incremental analysis drops the same traces'
+            # rows; the criterion is the same: the trace's last span ended before the cutoff)
+            self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
             return int(removed)
 
     # -- reads -------------------------------------------------------------------------------
