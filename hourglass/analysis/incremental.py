@@ -43,12 +43,14 @@ import polars as pl
 import pyarrow as pa
 
 from hourglass.analysis import partitions
-from hourglass.analysis.model import Finding
+from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.model import Finding, Occurrence
 
 log = logging.getLogger(__name__)
 
 BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
 BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in the worker)
+MAX_ROUND_SPANS = 300_000  # new spans extracted per round at most (the rest in the next rounds)
 SIDECAR_SUFFIX = ".analysis.duckdb"
 
 # (trace ids, first ingested_ns, last ingested_ns, since_ns) -> the spans of those whole traces
@@ -90,26 +92,29 @@ class BatchSource:
         return self.read(list(unit.trace_ids), unit.first, unit.last)
 
 
-def _occurrence_key(finding: Finding, traces: set[str], calls: bool) -> str:
+def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
     """What a finding's pricing in one batch depends on: its occurrences there (spans and
     interventions) and whether call durations are asked for."""
-    digest = hashlib.sha1(finding.id.encode())
+    digest = hashlib.sha1(finding_id.encode())
     digest.update(b"calls" if calls else b"-")
-    for occ in finding.occurrences:
-        if occ.trace_id in traces:
-            digest.update(repr((occ.trace_id, occ.span_ids, occ.interventions)).encode())
+    for occ in occurrences:
+        digest.update(repr((occ.trace_id, occ.span_ids, occ.interventions)).encode())
     return digest.hexdigest()
 
 
 class MemoExecutor:
     """Runs a round's partition tasks in this process, remembering each stored batch's
-    extraction and its pricing per finding, so only new or dirty batches are read."""
+    extraction and its pricing per finding, so only new or dirty batches are read. The context
+    of a batch extracted in this round is kept for its pricing in the same round (no second read
+    and repair), so a round holds the contexts of its new batches (at most ``max_round_spans``)."""
 
     workers = 1
 
     def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
         self.state, self.units = state, units
         self.read_units = 0  # partitions whose spans were read this round (a figure for status)
+        self.contexts: dict[int, AnalysisContext] = {}
+        self._unit_of: dict[str, int] | None = None
 
     def map(
         self,
@@ -121,53 +126,94 @@ class MemoExecutor:
         if fn is partitions.extract_part:
             return [self._extracted(args) for args in calls]
         if fn is partitions.price_part:
-            return [self._priced(args) for args in calls]
+            if not calls:
+                return []
+            findings, with_calls = calls[0][3], calls[0][4]
+            grouped = self._group(findings)
+            return [self._priced(args, grouped.get(args[1], {}), with_calls) for args in calls]
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        self.read_units += 1
+    def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, list[Occurrence]]]]:
+        """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
+        if self._unit_of is None:
+            self._unit_of = {t: i for i, unit in enumerate(self.units) for t in unit.trace_ids}
+        out: dict[int, dict[str, tuple[Finding, list[Occurrence]]]] = {}
+        for finding in findings:
+            for occ in finding.occurrences:
+                unit = self._unit_of.get(occ.trace_id)
+                if unit is not None:
+                    out.setdefault(unit, {}).setdefault(finding.id, (finding, []))[1].append(occ)
+        return out
+
+    def _retrying(self, what: str, part: int, fn: Callable[[], Any]) -> Any:
         try:
-            return fn(*args)
+            return fn()
         except MemoryError:
             raise
         except Exception as first:
-            log.warning("partition task %s failed (%s); retrying once", fn.__name__, first)
+            log.warning("%s of batch partition %d failed (%s); retrying once", what, part, first)
             try:
-                return fn(*args)
+                return fn()
             except Exception as exc:
-                raise partitions.PartitionError(fn.__name__, args[1], args[2], exc) from exc
+                raise partitions.PartitionError(what, part, len(self.units), exc) from exc
+
+    def _context(self, source: Any, part: int) -> AnalysisContext:
+        ctx = self.contexts.get(part)
+        if ctx is None:
+            self.read_units += 1
+            ctx = self._retrying(
+                "reading", part, lambda: AnalysisContext.from_table(source.load(part, len(self.units)))
+            )
+        return ctx
 
     def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
-        unit = self.units[args[1]]
-        if unit.batch is None:
-            return self._run(partitions.extract_part, args)
-        stored = self.state.extracted.get(unit.batch)
-        if stored is None:
-            stored = self._run(partitions.extract_part, args)
-            self.state.store_extraction(unit.batch, stored)
-        return stored
-
-    def _priced(self, args: tuple[Any, ...]) -> partitions.Priced:
-        source, part, parts, findings, calls = args
+        source, part, _ = args
         unit = self.units[part]
-        traces = set(unit.trace_ids)
-        here = [f for f in findings if any(o.trace_id in traces for o in f.occurrences)]
-        if unit.batch is None:
-            return self._run(partitions.price_part, (source, part, parts, here, calls))
-        cache = self.state.priced.setdefault(unit.batch, {})
-        keys = {f.id: _occurrence_key(f, traces, calls) for f in here}
-        missing = [f for f in here if f.id not in cache or cache[f.id][0] != keys[f.id]]
+        stored = self.state.extracted.get(unit.batch) if unit.batch is not None else None
+        if stored is not None:
+            return stored
+        ctx = self._context(source, part)
+        services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
+        result = self._retrying(
+            "extracting",
+            part,
+            lambda: partitions.PartResult(
+                part, partitions.extract(ctx), ctx.traces, ctx.spans.height, services
+            ),
+        )
+        self.contexts[part] = ctx  # for the pricing of this round
+        if unit.batch is not None:
+            self.state.store_extraction(unit.batch, result)
+        return result
+
+    def _priced(
+        self, args: tuple[Any, ...], here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool
+    ) -> partitions.Priced:
+        source, part = args[0], args[1]
+        unit = self.units[part]
+        cache = self.state.priced.setdefault(unit.batch, {}) if unit.batch is not None else {}
+        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
+        missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
         if missing:
-            fresh: partitions.Priced = self._run(partitions.price_part, (source, part, parts, missing, calls))
+            from hourglass.analysis.sequence import call_durations
+
+            ctx = self._context(source, part)
+
+            def run() -> partitions.Priced:
+                durations = {f.id: call_durations(ctx, f) for f in missing} if calls else {}
+                return partitions.Priced(partitions.price(ctx, missing), durations)
+
+            fresh: partitions.Priced = self._retrying("pricing", part, run)
             for f in missing:
                 cache[f.id] = (keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
-            self.state.store_pricing(unit.batch, {f.id: cache[f.id] for f in missing})
-        impacts = {f.id: cache[f.id][1] for f in here if cache[f.id][1] is not None}
-        durations = {f.id: cache[f.id][2] for f in here if cache[f.id][2] is not None}
+            if unit.batch is not None:
+                self.state.store_pricing(unit.batch, {f.id: cache[f.id] for f in missing})
+        impacts = {fid: cache[fid][1] for fid in here if cache[fid][1] is not None}
+        durations = {fid: cache[fid][2] for fid in here if cache[fid][2] is not None}
         return partitions.Priced(impacts, durations)
 
     def close(self) -> None:
-        pass
+        self.contexts.clear()
 
 
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)
@@ -183,7 +229,8 @@ class RoundFigures:
     batches: int = 0
     traces: int = 0
     units_read: int = 0
-    pending: int = 0  # traces with spans that have not settled yet
+    pending: int = 0  # traces with spans that have not settled yet, or left for the next round
+    deferred: int = 0  # settled traces left for the next round (max_round_spans)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -195,6 +242,7 @@ class RoundFigures:
             "traces_extracted": self.traces,
             "partitions_read": self.units_read,
             "pending_traces": self.pending,
+            "deferred_traces": self.deferred,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -203,8 +251,11 @@ class IncrementalAnalysis:
     """The extraction state of one span store (see the module doc), kept in ``sidecar`` (a DuckDB
     file; None: in memory only)."""
 
-    def __init__(self, sidecar: str | None, *, batch_spans: int = BATCH_SPANS) -> None:
+    def __init__(
+        self, sidecar: str | None, *, batch_spans: int = BATCH_SPANS, max_round_spans: int = MAX_ROUND_SPANS
+    ) -> None:
         self.batch_spans = batch_spans
+        self.max_round_spans = max_round_spans
         self.sidecar = sidecar
         self.db = duckdb.connect(sidecar or ":memory:")
         self.db.execute("SET threads TO 1")
@@ -315,6 +366,16 @@ class IncrementalAnalysis:
                     " last_end_ns = s.last_end_ns FROM settled_now s WHERE traces.trace_id = s.trace_id"
                 )
                 self.db.unregister("settled_now")
+                if new.height and new["spans"].sum() > self.max_round_spans:
+                    # a bounded round (memory, and a report that keeps refreshing): the traces that
+                    # settled first now, the others in the next rounds
+                    new = new.sort("last_ingested_ns", "trace_id")
+                    keep = max(1, int((new["spans"].cum_sum() <= self.max_round_spans).sum()))
+                    deferred = new.slice(keep)
+                    new = new.slice(0, keep)
+                    figures.deferred = deferred.height
+                    # the next arrivals must see them again
+                    cutoff_ns = min(cutoff_ns, int(deferred["last_ingested_ns"].to_numpy().min()))
                 figures.settled_new = new.height
                 self._add_batches(new)
             if retention_cutoff_ns is not None:
@@ -341,7 +402,7 @@ class IncrementalAnalysis:
         figures.batches = len(self.batches)
         figures.traces = sum(len(b.trace_ids) for b in self.batches.values())
         figures.seconds["plan"] = time.perf_counter() - started
-        figures.pending = pending.height
+        figures.pending = pending.height + figures.deferred
         return figures
 
     def _add_batches(self, new: pl.DataFrame) -> None:

@@ -422,6 +422,7 @@ def run_incremental(
             writer=writer,
             explain=bool(request.get("explain")),
         )
+        executor.close()
         index = trace_index(report, ranked)
         figures.units_read = executor.read_units
     figures.seconds["report"] = time.perf_counter() - started
