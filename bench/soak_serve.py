@@ -11,9 +11,10 @@ subprocess on a fresh DuckDB file, and prints every 10 s:
 * ``stored``: spans in the store (``GET /v1/stats``);
 * ``settled``: traces extracted by the incremental analysis (``-`` for the full re-analysis,
   which has no such notion) and ``in report``: the report's ``traces_analyzed``;
-* ``lag``: how long the oldest settled trace has waited for the report: now minus the start of
-  the analysis run behind the current report (a trace that settled before that start is in it;
-  exact while spans keep arriving);
+* ``lag``: how long the oldest settled trace not in the report has waited: now minus the start
+  of the analysis run behind the current report (a trace that settled before that start is in
+  it; exact while spans keep arriving), or, when that round left settled traces for later (a
+  backlog: a round extracts at most 300k new spans), since the oldest of those settled;
 * ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start.
 
 The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store
@@ -284,6 +285,15 @@ def soak(
                 continue
             analysis = stats.get("analysis") or {}
             last_start = _iso_to_unix(analysis.get("last_started_at"))
+            figures = analysis.get("incremental_round") or {}
+            lag = None if last_start is None else now - last_start
+            if figures.get("oldest_deferred_ingested_ns") and lag is not None:
+                # settled traces the last round left for later (a backlog): the oldest has waited
+                # since it settled (its last span's arrival + the settle time)
+                settled_at = figures["oldest_deferred_ingested_ns"] / 1e9 + float(
+                    analysis.get("settle_seconds") or 0
+                )
+                lag = max(lag, now - settled_at)
             row = {
                 "t": round(time.monotonic() - started),
                 "rss": rss,
@@ -293,7 +303,7 @@ def soak(
                 if incremental
                 else None,
                 "in_report": head.get("traces_analyzed"),
-                "lag": None if last_start is None else now - last_start,
+                "lag": lag,
                 "refused": load.refused,
                 "last_ms": analysis.get("last_duration_ms"),
             }

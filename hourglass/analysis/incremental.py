@@ -231,6 +231,7 @@ class RoundFigures:
     units_read: int = 0
     pending: int = 0  # traces with spans that have not settled yet, or left for the next round
     deferred: int = 0  # settled traces left for the next round (max_round_spans)
+    oldest_deferred_ns: int | None = None  # last span arrival of the earliest-settled one of them
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -243,6 +244,7 @@ class RoundFigures:
             "partitions_read": self.units_read,
             "pending_traces": self.pending,
             "deferred_traces": self.deferred,
+            "oldest_deferred_ingested_ns": self.oldest_deferred_ns,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -374,6 +376,7 @@ class IncrementalAnalysis:
                     deferred = new.slice(keep)
                     new = new.slice(0, keep)
                     figures.deferred = deferred.height
+                    figures.oldest_deferred_ns = int(deferred["last_ingested_ns"].to_numpy().min())
                     # the next arrivals must see them again
                     cutoff_ns = min(cutoff_ns, int(deferred["last_ingested_ns"].to_numpy().min()))
                 figures.settled_new = new.height
