@@ -299,7 +299,8 @@ def soak(
                 "rss": rss,
                 "stored": stats.get("spans"),
                 "sent": load.sent_spans,
-                "settled": (analysis.get("incremental_round") or {}).get("traces_extracted")
+                # traces the analysis has seen settle: extracted, or left for the next round
+                "settled": figures.get("traces_extracted", 0) + figures.get("deferred_traces", 0)
                 if incremental
                 else None,
                 "in_report": head.get("traces_analyzed"),
