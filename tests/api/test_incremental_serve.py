@@ -6,6 +6,9 @@ OpenTelemetry exporter over OTLP/gRPC, read over HTTP, compared with the real CL
 * a late span for a trace already extracted marks its batch dirty: it is re-extracted and the
   report counts the span;
 * a restart resumes from the stored extraction: the first round reads no spans;
+* ``?since=`` is the decision over the stored rows of the window, equal to ``analyze --since``;
+* retention removes the rows with the spans: after the store dropped old traces the report
+  covers the recent ones only, as the CLI does on the same store;
 * ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` gives the same recommendations by re-analysing the store.
 """
 
@@ -22,6 +25,7 @@ import pytest
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.api.live_server import (
     MS,
     ROOT,
@@ -32,6 +36,7 @@ from tests.api.live_server import (
     send_traces,
     wait_for_spans,
 )
+from tests.builders import TraceBuilder, spans_table
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,10 +68,10 @@ def _stop(server: LiveServer) -> None:
     server.process.wait(timeout=30)
 
 
-def _cli_report(db: Path) -> dict[str, Any]:
+def _cli_report(db: Path, *args: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     result = subprocess.run(
-        [*hourglass_executable(), "analyze", "--db", str(db), "--format", "json"],
+        [*hourglass_executable(), "analyze", "--db", str(db), "--format", "json", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -91,6 +96,22 @@ def _assert_same_recommendations(served: dict[str, Any], cli: dict[str, Any]) ->
                 assert value == expected, (rec["id"], key)
     assert served["traces_analyzed"] == cli["traces_analyzed"]
     assert served["spans_analyzed"] == cli["spans_analyzed"]
+
+
+def _serialized_trace(base_ns: int) -> TraceBuilder:
+    """GET /checkout calling three services one after another (a serialized_calls finding)."""
+    b = TraceBuilder(service="frontend", base_ns=base_ns)
+    root = b.span("GET /checkout", start_ms=0, dur_ms=100, kind=KIND_SERVER)
+    for i, name in enumerate(("GET users", "GET cart", "GET prices")):
+        b.span(
+            name,
+            parent=root,
+            start_ms=1 + 32 * i,
+            dur_ms=30,
+            kind=KIND_CLIENT,
+            http_url=f"http://{name[4:]}/x",
+        )
+    return b
 
 
 def _send_late_span(server: LiveServer, trace_id: str, base_ns: int) -> None:
@@ -149,3 +170,46 @@ def test_full_reanalysis_switch_gives_the_same_recommendations(tmp_path: Path) -
         assert _analysis(server)["incremental"] is False
         _stop(server)
     _assert_same_recommendations(served, _cli_report(server.db))
+
+
+def test_since_window_is_a_decision_over_the_stored_rows(tmp_path: Path) -> None:
+    now = time.time_ns()
+    with running_server(tmp_path, settle="1s", env={"HOURGLASS_RETENTION": "0"}) as server:
+        send_traces(server, checkout=6, home=4, base_ns=now - 2 * 3600 * 10**9)  # two hours ago
+        old_spans = server.sent_spans
+        send_traces(server, checkout=8, home=4, base_ns=now - 120 * 10**9)  # two minutes ago
+        wait_for_spans(server, server.sent_spans)
+        _wait_for_report(server, traces=22, spans=server.sent_spans)
+        with server.client() as client:
+            window = client.get("/v1/recommendations", params={"since": "30m"}).json()
+        assert window["traces_analyzed"] == 12 and window["spans_analyzed"] == server.sent_spans - old_spans
+        _stop(server)
+    _assert_same_recommendations(window, _cli_report(server.db, "--since", "30m"))
+
+
+def test_retention_removes_the_rows_with_the_spans(tmp_path: Path) -> None:
+    """The store's retention (serve runs it every few minutes; called directly here) drops the
+    old traces; the next round drops their rows: the report equals the CLI's on what is left."""
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from tests.api.test_rest_api import _in_process
+
+    now = time.time_ns()
+    db = tmp_path / "spans.duckdb"
+    store = DuckDBSpanStore(str(db))
+    old = [_serialized_trace(now - 2 * 3600 * 10**9 + i * 10**9) for i in range(10)]
+    recent = [_serialized_trace(now - 120 * 10**9 + i * 10**9) for i in range(12)]
+    store.write(spans_table(old + recent))
+    try:
+        with _in_process(store) as client:
+            assert client.get("/v1/recommendations").json()["traces_analyzed"] == 22
+            removed = store.delete_older_than(now - 3600 * 10**9)
+            assert removed == 4 * len(old)
+            run = client.post("/v1/analyses").json()
+            assert run["status"] == "completed", run
+            kept = client.get("/v1/recommendations").json()
+            figures = client.get("/v1/stats").json()["analysis"]["incremental_round"]
+    finally:
+        store.close()
+    assert figures["expired_traces"] == 10, figures
+    assert kept["traces_analyzed"] == 12
+    _assert_same_recommendations(kept, _cli_report(db))
