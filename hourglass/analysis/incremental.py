@@ -27,6 +27,7 @@ of batches that straddle its edge, extracted on the fly (not stored).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -259,6 +260,10 @@ class IncrementalAnalysis:
         self.batch_spans = batch_spans
         self.max_round_spans = max_round_spans
         self.sidecar = sidecar
+        if sidecar and os.path.exists(sidecar) and _identity(sidecar) != _stored_identity(sidecar):
+            # the span store was deleted and created again: this state describes other traces
+            log.warning("incremental analysis: %s belongs to another store file; starting afresh", sidecar)
+            _remove_state(sidecar)
         self.db = duckdb.connect(sidecar or ":memory:")
         self.db.execute("SET threads TO 1")
         self.db.execute(
@@ -291,6 +296,8 @@ class IncrementalAnalysis:
         self.batches: dict[int, Batch] = {}
         self._load_batches()
         self.last = RoundFigures()
+        if sidecar:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('store_inode', ?)", [_identity(sidecar)])
 
     def _load_batches(self) -> None:
         rows = self.db.execute(
@@ -465,6 +472,36 @@ class IncrementalAnalysis:
 
     def settled_in_report(self) -> int:
         return sum(len(self.batches[b].trace_ids) for b in self.extracted if b in self.batches)
+
+
+def _store_file(sidecar: str) -> str:
+    return sidecar[: -len(SIDECAR_SUFFIX)]
+
+
+def _identity(sidecar: str) -> int:
+    """The span store file's inode (a deleted and re-created store gets another one)."""
+    try:
+        return os.stat(_store_file(sidecar)).st_ino
+    except OSError:
+        return -1
+
+
+def _stored_identity(sidecar: str) -> int | None:
+    try:
+        with duckdb.connect(sidecar, read_only=True) as db:
+            rows = db.execute("SELECT value FROM meta WHERE key = 'store_inode'").fetchall()
+    except duckdb.Error:
+        return None
+    return int(rows[0][0]) if rows else None
+
+
+def _remove_state(sidecar: str) -> None:
+    import shutil
+
+    for path in (sidecar, sidecar + ".wal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    shutil.rmtree(sidecar + ".d", ignore_errors=True)
 
 
 def sidecar_path(db_location: str) -> str | None:
