@@ -232,6 +232,7 @@ class RoundFigures:
     units_read: int = 0
     pending: int = 0  # traces with spans that have not settled yet, or left for the next round
     deferred: int = 0  # settled traces left for the next round (max_round_spans)
+    pending_spans: int = 0  # the spans of the pending traces
     oldest_deferred_ns: int | None = None  # last span arrival of the earliest-settled one of them
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -244,6 +245,7 @@ class RoundFigures:
             "traces_extracted": self.traces,
             "partitions_read": self.units_read,
             "pending_traces": self.pending,
+            "pending_spans": self.pending_spans,
             "deferred_traces": self.deferred,
             "oldest_deferred_ingested_ns": self.oldest_deferred_ns,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -383,6 +385,7 @@ class IncrementalAnalysis:
                     deferred = new.slice(keep)
                     new = new.slice(0, keep)
                     figures.deferred = deferred.height
+                    figures.pending_spans += int(deferred["spans"].sum())
                     figures.oldest_deferred_ns = int(deferred["last_ingested_ns"].to_numpy().min())
                     # the next arrivals must see them again
                     cutoff_ns = min(cutoff_ns, int(deferred["last_ingested_ns"].to_numpy().min()))
@@ -413,6 +416,7 @@ class IncrementalAnalysis:
         figures.traces = sum(len(b.trace_ids) for b in self.batches.values())
         figures.seconds["plan"] = time.perf_counter() - started
         figures.pending = pending.height + figures.deferred
+        figures.pending_spans += int(pending["spans"].sum()) if pending.height else 0
         return figures
 
     def _add_batches(self, new: pl.DataFrame) -> None:

@@ -310,6 +310,8 @@ class AnalysisService:
                 self._incremental_figures = figures
             if figures.get("pending_traces"):
                 marker = -1  # traces still settling: the loop runs another round for them
+                # the run's span count is what it covers (spans_at_last_run in the status)
+                spans_in_store = max(spans_in_store - int(figures.get("pending_spans") or 0), 0)
         return report, index, spans_in_store, marker
 
     def _run_analysis(
