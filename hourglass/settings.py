@@ -361,6 +361,12 @@ SETTINGS: tuple[Setting, ...] = (
         env="HOURGLASS_SETTLE", unit="seconds",
     ),
     Setting(
+        "incremental_analysis", "bool", True,
+        "serve on a DuckDB store extracts each settled trace once (state in <db>.analysis.duckdb) and "
+        "decides over the stored rows; false re-analyses the whole store each time",
+        env="HOURGLASS_INCREMENTAL_ANALYSIS", shown_default="true",
+    ),
+    Setting(
         "metrics_public", "bool", False,
         "serve /metrics without the API token (a Prometheus scraping on a trusted network)",
         env="HOURGLASS_METRICS_PUBLIC", flag="--metrics-public/--metrics-private", commands=(SERVE,),

@@ -32,6 +32,7 @@ see :mod:`hourglass.analysis.design`) and the report's ``workstreams`` (:mod:`ho
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,17 +46,37 @@ MAX_SPAN_IDS = 20
 MAX_NEAR_MISSES = 200
 
 
-def _json_safe(value: Any) -> Any:
-    """Numbers that JSON can carry (NaN/inf become null), containers converted recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return _json_safe(value.item())
-    return value
+def finite(obj: Any) -> Any:
+    """A copy of a JSON-like structure that JSON can carry: NaN/inf floats as null, numpy scalars
+    as Python numbers, mapping keys as strings, tuples and sets as lists (sets sorted when their
+    items compare, so the output does not depend on hash order); no recursion, so any depth.
+    The one JSON-cleaning helper (the API's ``dumps`` falls back on it too)."""
+    root: list[Any] = [obj]
+    stack: list[tuple[Any, Any, Any]] = [(root, 0, obj)]
+    while stack:
+        container, key, value = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                container[key] = None
+        elif isinstance(value, Mapping):
+            copy = {str(k): v for k, v in value.items()}
+            container[key] = copy
+            stack.extend((copy, k, v) for k, v in copy.items())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            if isinstance(value, (set, frozenset)):
+                try:
+                    copy_list = sorted(value)
+                except TypeError:
+                    copy_list = list(value)
+            else:
+                copy_list = list(value)
+            container[key] = copy_list
+            stack.extend((copy_list, i, v) for i, v in enumerate(copy_list))
+        elif hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+            item = value.item()
+            container[key] = item
+            stack.append((container, key, item))
+    return root[0]
 
 
 def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
@@ -93,7 +114,7 @@ def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
     )
     if scored.cost is not None:
         impact = {**impact, **scored.cost.as_impact()}
-    return _json_safe(
+    return finite(
         {
             "id": f.id,
             "rank": rank,
@@ -167,6 +188,6 @@ def build_report(
     }
     if near_misses is not None:
         entries, omitted = near_miss_entries(near_misses)
-        report["near_misses"] = _json_safe(entries)
+        report["near_misses"] = finite(entries)
         report["near_misses_omitted"] = omitted
     return report

@@ -44,7 +44,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hourglass.api import http_guards
 from hourglass.api import rest_models as m
-from hourglass.api.analysis_service import AnalysisService, ReportSnapshot, trace_detail
+from hourglass.api.analysis_service import AnalysisService
+from hourglass.api.analysis_snapshot import ReportSnapshot
+from hourglass.api.exemplars import trace_detail
 from hourglass.api.jaeger_api import add_jaeger_routes
 from hourglass.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hourglass.api.metrics import metrics_registry

@@ -58,7 +58,7 @@ class Backend:
         fetch_trace: Callable[[str], Any],
         queries: QueryEngine,
     ) -> None:
-        """``report()`` returns the current :class:`hourglass.api.analysis_service.ReportSnapshot` (waiting
+        """``report()`` returns the current :class:`hourglass.api.analysis_snapshot.ReportSnapshot` (waiting
         for the first if needed) or None; ``fetch_trace(trace_id)`` the stored spans (Arrow)."""
         self._report = report
         self.fetch_trace = fetch_trace

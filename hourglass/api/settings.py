@@ -70,6 +70,7 @@ class Settings:
     grpc_keepalive_seconds: float = _from_table("grpc_keepalive_seconds")
     retention_seconds: float = _from_table("retention_seconds")
     settle_seconds: float = _from_table("settle_seconds")
+    incremental_analysis: bool = _from_table("incremental_analysis")
     metrics_public: bool = _from_table("metrics_public")
     self_traces_endpoint: str | None = _from_table("self_traces_endpoint")
     memory_budget: int = _from_table("memory_budget")

@@ -158,6 +158,7 @@ class DuckDBSpanStore:
         ~1 µs/span more. ``read_only``: reads only, so several processes (the partitions of one
         analysis) can open the file at once; an ingest log is not replayed (open the store
         once without it first) and nothing is written."""
+        self.retention_cutoff_ns: int | None = None  # the latest delete_older_than cutoff
         file_backed = path != ":memory:"
         if file_backed:
             # DuckDB expands "~" itself; the log beside the file must be found at the same place
@@ -392,6 +393,9 @@ class DuckDBSpanStore:
                 [cutoff_ns],
             ).fetchall()[0][0]
             self._changes += 1
+            # what retention has removed so far (the incremental analysis drops the same traces'
+            # rows; the criterion is the same: the trace's last span ended before the cutoff)
+            self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
             return int(removed)
 
     # -- reads -------------------------------------------------------------------------------
@@ -604,6 +608,57 @@ class DuckDBSpanStore:
             .fetchall()
         )
         return [(r[0], r[1], int(r[2])) for r in rows]
+
+    def trace_arrivals(self, ingested_since_ns: int) -> pa.Table:
+        """Every trace with a span ingested at or after ``ingested_since_ns`` (the incremental
+        analysis' settle check): ``trace_id``, its spans (physical rows), the first and last
+        ``ingested_ns`` and the latest ``start_ns`` / ``end_ns`` over all its spans. The inner
+        filter prunes row groups by ``ingested_ns`` (rows are appended in ingest order)."""
+        self.load_staged()
+        return (
+            self._cursor()
+            .sql(
+                """
+                SELECT trace_id, count(*) AS spans, min(ingested_ns) AS first_ingested_ns,
+                       max(ingested_ns) AS last_ingested_ns, max(start_ns) AS last_start_ns,
+                       max(end_ns) AS last_end_ns
+                FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)
+                GROUP BY trace_id ORDER BY trace_id
+                """,
+                params=[int(ingested_since_ns)],
+            )
+            .to_arrow_table()
+        )
+
+    def scan_traces(
+        self,
+        trace_ids: list[str],
+        *,
+        ingested_from_ns: int | None = None,
+        ingested_to_ns: int | None = None,
+        columns: tuple[str, ...] | None = None,
+    ) -> pa.Table:
+        """Like ``scan(trace_ids=...)``; when every span of those traces is known to have been
+        ingested within [``ingested_from_ns``, ``ingested_to_ns``], only the row groups of that
+        range are read (the incremental analysis reads a batch of settled traces this way)."""
+        selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
+        if not selected or not trace_ids:
+            return pa.Table.from_pylist([], schema=pa.schema([SPAN_SCHEMA.field(c) for c in selected]))
+        self.load_staged()
+        # IN (unnest) is a hash join; list_contains would compare every row with every id
+        conditions, params = ["trace_id IN (SELECT unnest(?::VARCHAR[]))"], [[t.lower() for t in trace_ids]]
+        if ingested_from_ns is not None:
+            conditions.append("ingested_ns >= ?")
+            params.append(int(ingested_from_ns))  # type: ignore[arg-type]
+        if ingested_to_ns is not None:
+            conditions.append("ingested_ns <= ?")
+            params.append(int(ingested_to_ns))  # type: ignore[arg-type]
+        query = (
+            f"SELECT {', '.join(selected)} FROM spans WHERE {' AND '.join(conditions)} "
+            f"{_DEDUP} ORDER BY trace_id, start_ns, span_id"
+        )
+        table = self._cursor().sql(query, params=params).to_arrow_table()
+        return self._conform(table, selected)
 
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests

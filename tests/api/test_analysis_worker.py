@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from hourglass.api import analysis_service
-from hourglass.api.analysis_service import AnalysisWorker, analyze_spans
+from hourglass.api import analysis_worker
+from hourglass.api.analysis_worker import AnalysisWorker, analyze_spans
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import repeated_trace, spans_table, spec
 
@@ -37,7 +37,7 @@ def test_worker_report_equals_in_process(
     through_file: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     table = _serialized_calls_table()
-    monkeypatch.setattr(analysis_service, "_ipc_dir", lambda nbytes: str(tmp_path) if through_file else None)
+    monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if through_file else None)
     worker = AnalysisWorker()
     try:
         stages: dict[str, float] = {}

@@ -373,7 +373,8 @@ def test_continuous_ingest_still_gets_fresh_reports() -> None:
             time.sleep(0.1)
         latest = service.snapshot
         assert latest is not None and latest.spans_in_store > first.spans_in_store
-        assert latest.reason == "stale"
+        # whole-store runs wait for staleness; incremental rounds run as traces settle
+        assert latest.reason in ("stale", "settling")
     finally:
         stop.set()
         writer.join(5)

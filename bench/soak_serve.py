@@ -1,0 +1,385 @@
+"""Soak benchmark: a real `hourglass serve` as the OTLP target of a staging environment.
+
+    python -m bench.soak_serve [--rate 20000] [--duration 10m] [--quick] [--no-baseline]
+
+Sends realistic traces (``bench.analysis.generate_spans``: every mixed shape of the analysis
+benchmark, whole traces per request, pre-serialised OTLP ``ExportTraceServiceRequest``s whose
+trace ids are rewritten per send) at a sustained rate over OTLP/gRPC to a real ``serve``
+subprocess on a fresh DuckDB file, and prints every 10 s:
+
+* ``rss``: RSS of serve and all its child processes (the analysis worker), summed;
+* ``stored``: spans in the store (``GET /v1/stats``);
+* ``settled``: traces extracted by the incremental analysis (``-`` for the full re-analysis,
+  which has no such notion) and ``in report``: the report's ``traces_analyzed``;
+* ``lag``: how long the oldest settled trace not in the report has waited: now minus the start
+  of the analysis run behind the current report (a trace that settled before that start is in
+  it; exact while spans keep arriving), or, when that round left settled traces for later (a
+  backlog: a round extracts at most 300k new spans), since the oldest of those settled;
+* ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start.
+
+The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store
+re-analysis of before, the baseline) unless ``--no-baseline``. Targets (issue 11): RSS flat and
+≤ 2 GiB, every settled trace in the report within 60 s, ingest never refused because analysis is
+busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1 import common_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+PLACEHOLDER = b"HGSOAKPH"  # first 8 bytes of every trace id in a template, rewritten per send
+REQUEST_SPANS = 1_000  # about: whole traces per request
+TEMPLATE_SPANS = 40_000
+GIB = 2**30
+ATTRIBUTES = {
+    "db_system": "db.system",
+    "db_statement": "db.statement",
+    "http_method": "http.request.method",
+    "http_route": "http.route",
+    "http_url": "url.full",
+    "http_status_code": "http.response.status_code",
+    "rpc_method": "rpc.method",
+    "peer": "peer.service",
+    "messaging_destination": "messaging.destination.name",
+}
+
+
+def _kv(key: str, value: Any) -> common_pb2.KeyValue:
+    kv = common_pb2.KeyValue(key=key)
+    if isinstance(value, bool):
+        kv.value.bool_value = value
+    elif isinstance(value, int):
+        kv.value.int_value = value
+    elif isinstance(value, float):
+        kv.value.double_value = value
+    else:
+        kv.value.string_value = str(value)
+    return kv
+
+
+def build_templates(spans: int = TEMPLATE_SPANS) -> list[tuple[bytes, int, int]]:
+    """(serialized request, spans, traces) of about REQUEST_SPANS spans of whole mixed-shape traces
+    each; trace ids are PLACEHOLDER + the trace's number in the request, times end a minute ago."""
+    from bench.analysis import generate_spans
+
+    table = generate_spans(spans, seed=11)
+    rows = table.drop_columns(["raw", "resource_json"]).to_pylist()
+    traces: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        traces.setdefault(row["trace_id"], []).append(row)
+    now = time.time_ns() - 60 * 10**9
+    out: list[tuple[bytes, int, int]] = []
+    pending: list[list[dict[str, Any]]] = []
+    count = 0
+    for spans_of_trace in traces.values():
+        pending.append(spans_of_trace)
+        count += len(spans_of_trace)
+        if count >= REQUEST_SPANS:
+            out.append((_request(pending, now), count, len(pending)))
+            pending, count = [], 0
+    if pending:
+        out.append((_request(pending, now), count, len(pending)))
+    return out
+
+
+def _request(traces: list[list[dict[str, Any]]], now: int) -> bytes:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    by_service: dict[tuple[str, str | None], Any] = {}
+    for number, spans in enumerate(traces):
+        trace_id = PLACEHOLDER + struct.pack(">Q", number + 1)
+        shift = now - max(s["end_ns"] for s in spans)
+        for s in spans:
+            key = (s["service"], s["host"])
+            scope = by_service.get(key)
+            if scope is None:
+                resource = request.resource_spans.add()
+                resource.resource.attributes.extend(
+                    [_kv("service.name", s["service"]), _kv("telemetry.sdk.language", "python")]
+                    + ([_kv("host.name", s["host"])] if s["host"] else [])
+                )
+                scope = by_service[key] = resource.scope_spans.add()
+                scope.scope.name = s["scope_name"] or "bench"
+            span = scope.spans.add()
+            span.trace_id = trace_id
+            span.span_id = bytes.fromhex(s["span_id"])
+            if s["parent_span_id"]:
+                span.parent_span_id = bytes.fromhex(s["parent_span_id"])
+            span.name = s["name"]
+            span.kind = int(s["kind"])
+            span.start_time_unix_nano = s["start_ns"] + shift
+            span.end_time_unix_nano = s["end_ns"] + shift
+            span.status.code = int(s["status_code"])
+            if s["status_message"]:
+                span.status.message = s["status_message"]
+            for column, key_name in ATTRIBUTES.items():
+                if s.get(column) is not None:
+                    span.attributes.append(_kv(key_name, s[column]))
+            if s["hints"]:
+                for k, v in json.loads(s["hints"]).items():
+                    span.attributes.append(_kv(k, v))
+    return request.SerializeToString()
+
+
+@dataclass
+class Load:
+    """Paced senders: ``rate`` spans/s of the templates, trace ids unique per send."""
+
+    target: str
+    rate: float
+    templates: list[tuple[bytes, int, int]]
+    threads: int = 4
+    sent_spans: int = 0
+    sent_traces: int = 0
+    refused: int = 0
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._workers = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)
+        ]
+        for w in self._workers:
+            w.start()
+
+    def _run(self, thread_id: int) -> None:
+        channel = grpc.insecure_channel(self.target, options=[("grpc.max_send_message_length", 64 << 20)])
+        call = channel.unary_unary(EXPORT_METHOD)
+        counter = 0
+        per_thread = self.rate / self.threads
+        done = 0
+        while not self._stop.is_set():
+            data, spans, traces = self.templates[(counter * self.threads + thread_id) % len(self.templates)]
+            counter += 1
+            due = self._started + done / per_thread  # pacing: spans sent so far at the rate
+            wait = due - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                break
+            prefix = struct.pack(">HHI", 0x5A5A, thread_id, counter)  # unique in the run
+            try:
+                call(data.replace(PLACEHOLDER, prefix), timeout=30)
+                done += spans
+                with self._lock:
+                    self.sent_spans += spans
+                    self.sent_traces += traces
+            except grpc.RpcError as err:
+                if err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    with self._lock:
+                        self.refused += 1
+                    self._stop.wait(0.5)
+                else:
+                    self.errors.append(f"{err.code()}: {err.details()}")
+                    return
+        channel.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(35)
+
+
+def _rss(pid: int) -> int:
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
+    except psutil.Error:
+        return 0
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body: dict[str, Any] = json.loads(response.read())
+        return body
+
+
+def _start_serve(db: Path, log: Path, incremental: bool) -> tuple[subprocess.Popen[bytes], str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
+    env["HOURGLASS_INCREMENTAL_ANALYSIS"] = "true" if incremental else "false"
+    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(db), "--host", "127.0.0.1"]
+    cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        grpc_found = re.search(r"OTLP/gRPC listening on (\S+)", text)
+        api_found = re.search(r"REST API listening on (\S+)", text)
+        if grpc_found and api_found:
+            return proc, grpc_found.group(1), api_found.group(1).rstrip("/")
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"serve did not start:\n{log.read_text(errors='replace')}")
+
+
+def _stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _iso_to_unix(text: str | None) -> float | None:
+    if not text:
+        return None
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def soak(
+    label: str, incremental: bool, args: argparse.Namespace, templates: list[tuple[bytes, int, int]]
+) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix=f"hourglass-soak-{label}-"))
+    db = folder / "soak.duckdb"
+    proc, grpc_target, api = _start_serve(db, folder / "serve.log", incremental)
+    print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
+    print(
+        f"{'t s':>5} {'rss MiB':>8} {'stored':>10} {'sent':>10} {'settled':>9} {'in report':>9} {'lag s':>6} {'refused':>7}  last run"
+    )
+    load = Load(grpc_target, args.rate, templates)
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    load.start()
+    try:
+        while time.monotonic() - started < args.duration:
+            time.sleep(max(0.0, args.every - (time.monotonic() - started) % args.every))
+            now = time.time()
+            rss = _rss(proc.pid)
+            try:
+                stats = _get(f"{api}/v1/stats")
+                head = _get(f"{api}/v1/recommendations?limit=1")
+            except OSError as exc:
+                print(f"  (stats unavailable: {exc})")
+                continue
+            analysis = stats.get("analysis") or {}
+            last_start = _iso_to_unix(analysis.get("last_started_at"))
+            figures = analysis.get("incremental_round") or {}
+            lag = None if last_start is None else now - last_start
+            if figures.get("oldest_deferred_ingested_ns") and lag is not None:
+                # settled traces the last round left for later (a backlog): the oldest has waited
+                # since it settled (its last span's arrival + the settle time)
+                settled_at = figures["oldest_deferred_ingested_ns"] / 1e9 + float(
+                    analysis.get("settle_seconds") or 0
+                )
+                lag = max(lag, now - settled_at)
+            row = {
+                "t": round(time.monotonic() - started),
+                "rss": rss,
+                "stored": stats.get("spans"),
+                "sent": load.sent_spans,
+                # traces the analysis has seen settle: extracted, or left for the next round
+                "settled": figures.get("traces_extracted", 0) + figures.get("deferred_traces", 0)
+                if incremental
+                else None,
+                "in_report": head.get("traces_analyzed"),
+                "lag": lag,
+                "refused": load.refused,
+                "last_ms": analysis.get("last_duration_ms"),
+            }
+            rows.append(row)
+            print(
+                f"{row['t']:>5} {rss / 2**20:>8.0f} {row['stored'] or 0:>10,} {row['sent']:>10,} "
+                f"{'-' if row['settled'] is None else format(row['settled'], ','):>9} {row['in_report'] or 0:>9,} "
+                f"{'-' if row['lag'] is None else format(row['lag'], '.0f'):>6} {row['refused']:>7}  "
+                f"{row['last_ms'] or 0:,.0f} ms",
+                flush=True,
+            )
+    finally:
+        load.stop()
+        _stop_serve(proc)
+    elapsed = time.monotonic() - started
+    peak = max((r["rss"] for r in rows), default=0)
+    half = len(rows) // 2
+    first_half = max((r["rss"] for r in rows[:half]), default=0)
+    second_half = max((r["rss"] for r in rows[half:]), default=0)
+    lags = [r["lag"] for r in rows if r["lag"] is not None]
+    summary = {
+        "label": label,
+        "sent_spans_per_s": load.sent_spans / elapsed,
+        "peak_rss_gib": peak / GIB,
+        "rss_first_half_gib": first_half / GIB,
+        "rss_second_half_gib": second_half / GIB,
+        "max_lag_s": max(lags, default=None),
+        "refused": load.refused,
+        "errors": load.errors[:3],
+    }
+    lag_text = "n/a" if summary["max_lag_s"] is None else f"{summary['max_lag_s']:.0f} s"
+    print(
+        f"== {label}: {summary['sent_spans_per_s']:,.0f} spans/s sent; peak RSS {summary['peak_rss_gib']:.2f} GiB "
+        f"(first half {summary['rss_first_half_gib']:.2f}, second half {summary['rss_second_half_gib']:.2f}); "
+        f"max lag {lag_text}; refused {load.refused}" + (f"; errors {load.errors[:3]}" if load.errors else "")
+    )
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return summary
+
+
+def _duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 10m")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=20_000, help="spans per second (default 20000)")
+    parser.add_argument("--duration", type=_duration, default=600.0, help="per phase, e.g. 10m (default)")
+    parser.add_argument("--quick", action="store_true", help="2 minutes per phase")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between report lines")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the full re-analysis phase")
+    parser.add_argument("--baseline-only", action="store_true", help="only the full re-analysis phase")
+    parser.add_argument("--keep", action="store_true", help="keep the stores and serve logs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 120.0
+    print(f"building the load: {TEMPLATE_SPANS:,} spans of mixed-shape traces ...", flush=True)
+    templates = build_templates()
+    print(f"{len(templates)} requests of ~{REQUEST_SPANS} spans (whole traces)")
+    summaries = []
+    if not args.baseline_only:
+        summaries.append(soak("incremental", True, args, templates))
+    if not args.no_baseline:
+        summaries.append(soak("full re-analysis (baseline)", False, args, templates))
+    print("\nsummary (targets: RSS flat and <= 2 GiB, lag <= 60 s, nothing refused):")
+    for s in summaries:
+        print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""The analysis worker process: the analysis runs there, away from the server's GIL.
+
+The server process only scans the store (DuckDB, outside the GIL) and hands the Arrow table over
+(:class:`AnalysisWorker`), so the analysis' CPU time never competes for the GIL with the OTLP
+receivers and the API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from hourglass.analysis.trace_index import TraceIndex
+from hourglass.analysis.writers import select_writer
+
+if TYPE_CHECKING:
+    from hourglass.analysis.incremental import IncrementalAnalysis
+
+log = logging.getLogger("hourglass.api.analysis")
+
+
+# Background analysis yields the CPU to ingest: it runs at this niceness (the worker process and
+# the thread that scans the store). A 75-second bench-ingest run fell from ~270k to ~110k spans/s
+# once the store held millions of spans and the once-a-minute re-analysis competed at equal priority.
+BACKGROUND_NICENESS = 10
+
+
+def lower_priority_of_this_thread() -> None:
+    """Linux: a thread is a task with its own nice value; elsewhere, or when not allowed, a no-op."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), BACKGROUND_NICENESS))
+
+
+def _worker_main(conn: Connection) -> None:
+    """Loop of the analysis worker process: (table, settings, since_ns) in, ("ok", result) or
+    ("error", traceback text) out, until the pipe closes."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lower_priority_of_this_thread()  # the main thread: threads started later inherit it
+    import hourglass.analysis.pipeline  # noqa: F401  -- imported while waiting for the first table, not after
+    from hourglass.analysis.incremental import IncrementalAnalysis
+
+    incremental: IncrementalAnalysis | None = None
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "incremental":
+            _, request, settings = message
+            try:
+                if incremental is None or incremental.sidecar != request["sidecar"]:
+                    if incremental is not None:
+                        incremental.close()
+                    incremental = IncrementalAnalysis(request["sidecar"])
+                started = time.perf_counter()
+                outcome = run_incremental(
+                    incremental, PipeReader(conn), request, writer=select_writer(settings)
+                )
+                reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
+            except Exception:
+                reply = ("error", traceback.format_exc())
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):
+                return
+            continue
+        shipped, settings, since_ns, explain = message
+        try:
+            started = time.perf_counter()
+            table = _receive_table(shipped)
+            report, index = analyze_spans(
+                table, writer=select_writer(settings), since_ns=since_ns, explain=explain
+            )
+            result: tuple[str, Any] = ("ok", (report, index, time.perf_counter() - started))
+        except Exception:
+            result = ("error", traceback.format_exc())
+        table = shipped = None
+        try:
+            conn.send(result)
+        except (OSError, ValueError):
+            return
+
+
+def _ipc_dir(nbytes: int) -> str | None:
+    """Where to put a span table for the worker: /dev/shm (memory, no disk I/O) when it has room
+    for it twice over, else the temp directory when it has; None: ship it through the pipe."""
+    for directory in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            fs = os.statvfs(directory)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK) and fs.f_bavail * fs.f_frsize > 2 * nbytes:
+            return directory
+    return None
+
+
+def _ship_table(table: pa.Table) -> tuple[pa.Table | str, str | None]:
+    """(what to send, file to delete after the run). The table is written once as an Arrow IPC
+    file that the worker memory-maps (no copy): pickling 1M spans (~200 MB) through the pipe cost
+    ~0.4-0.9 s of both processes and a second copy in memory. Without room for the file it goes
+    through the pipe."""
+    directory = _ipc_dir(table.nbytes)
+    if directory is None:
+        return table, None
+    fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as raw, pa.ipc.new_file(raw, table.schema) as writer:
+            writer.write_table(table)
+    except OSError:
+        os.unlink(path)
+        log.warning("could not write the span table to %s; sending it through the pipe", directory)
+        return table, None
+    return path, path
+
+
+def _receive_table(shipped: pa.Table | str) -> pa.Table:
+    if isinstance(shipped, pa.Table):
+        return shipped
+    mapped = pa.memory_map(shipped, "r")
+    # The mapping outlives the name: unlinked at once, the file cannot be left behind in /dev/shm
+    # by a server killed mid-run (the sender also unlinks it, for a worker that died first).
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shipped)
+    return pa.ipc.open_file(mapped).read_all()
+
+
+class AnalysisWorker:
+    """Runs :func:`analyze_spans` in a separate, long-lived process.
+
+    The analysis is CPU-bound for seconds to a minute at 1M spans, partly in Python; in the server
+    process it would hold the GIL away from the OTLP receivers and the API. The worker gets the
+    scanned span table (an Arrow IPC file in /dev/shm that it memory-maps, else pickled through
+    the pipe), picks the writer itself (the Anthropic
+    agent is not picklable) and returns the report and the trace index. One request at a time; a
+    worker that dies is restarted on the next run, and its death is an error of that run.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        """Start the process now (it takes ~1 s to import polars and the analysis), so the first
+        run does not wait for it."""
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> Connection:
+        if self._process is None or not self._process.is_alive() or self._conn is None:
+            self._kill()
+            context = multiprocessing.get_context("spawn")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_worker_main, args=(child,), name="hourglass-analysis-worker", daemon=True
+            )
+            process.start()
+            child.close()
+            self._process, self._conn = process, parent
+        return self._conn
+
+    def run(
+        self,
+        table: pa.Table,
+        *,
+        settings: Any = None,
+        since_ns: int | None = None,
+        stages: dict[str, float] | None = None,
+        explain: bool = False,
+    ) -> tuple[dict[str, Any], TraceIndex]:
+        """The report (with ``near_misses`` when ``explain``) and trace index; ``stages`` (when given) gets the seconds spent starting the
+        process (``worker_start``), shipping the table (``send``), analysing in the worker
+        (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
+        stages = {} if stages is None else stages
+        with self._lock:
+            started = time.perf_counter()
+            conn = self._ensure()
+            stages["worker_start"] = time.perf_counter() - started
+            started = time.perf_counter()
+            shipped, written = _ship_table(table)
+            try:
+                conn.send((shipped, settings, since_ns, explain))
+                stages["send"] = time.perf_counter() - started
+                started = time.perf_counter()
+                status, payload = conn.recv()
+                waited = time.perf_counter() - started
+            except (EOFError, OSError) as exc:
+                code = self._process.exitcode if self._process is not None else None
+                self._kill()
+                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
+            finally:
+                if written is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(written)
+        if status != "ok":
+            raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
+        report, index, analysis_s = payload
+        stages["analysis"] = analysis_s
+        stages["receive"] = max(waited - analysis_s, 0.0)
+        return report, index
+
+    def run_incremental(
+        self,
+        request: dict[str, Any],
+        reader: StoreReader,
+        *,
+        settings: Any = None,
+        stages: dict[str, float] | None = None,
+    ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
+        """One incremental round in the worker (:func:`run_incremental`), answering its span
+        reads from ``reader`` (the store, read in this process) until it sends the result."""
+        stages = {} if stages is None else stages
+        with self._lock:
+            started = time.perf_counter()
+            conn = self._ensure()
+            stages["worker_start"] = time.perf_counter() - started
+            started = time.perf_counter()
+            reading = 0.0
+            shipped_files: list[str] = []  # the worker unlinks each when it maps it; these if it died first
+            try:
+                conn.send(("incremental", request, settings))
+                while True:
+                    message = conn.recv()
+                    if message[0] != "ask":
+                        status, payload = message
+                        break
+                    read_started = time.perf_counter()
+                    try:
+                        table = reader.answer(message[1])
+                    except Exception as exc:
+                        log.exception("reading spans for the analysis worker failed")
+                        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                        continue
+                    shipped, written = _ship_table(table)
+                    del table
+                    if written is not None:
+                        shipped_files.append(written)
+                    conn.send(("table", shipped))
+                    reading += time.perf_counter() - read_started
+            except (EOFError, OSError) as exc:
+                code = self._process.exitcode if self._process is not None else None
+                self._kill()
+                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
+            finally:
+                for path in shipped_files:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        if status != "ok":
+            raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
+        report, index, figures, _ = payload
+        stages["scan"] = reading  # the worker's reads of the store, answered here
+        stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
+        return report, index, figures
+
+    def _kill(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(5)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join(5)
+            self._process = None
+
+    def close(self) -> None:
+        """Stop the worker, also in the middle of a run (that run then fails)."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()  # unblocks a run waiting in recv(); it then cleans up
+        with self._lock:
+            self._kill()
+
+
+def analyze_spans(
+    table: pa.Table,
+    *,
+    writer: Any = None,
+    services: list[str] | None = None,
+    since_ns: int | None = None,
+    explain: bool = False,
+) -> tuple[dict[str, Any], TraceIndex]:
+    """``hourglass.analysis.pipeline.analyze``, plus which recommendations touch each affected trace
+    (``explain``: the report carries ``near_misses``).
+
+    The report lists only a few exemplar traces per recommendation; the API's trace view needs
+    every affected trace, so the run's findings are indexed with it
+    (:meth:`hourglass.analysis.trace_index.TraceIndex.build`).
+    """
+    from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+    from hourglass.analysis.pipeline import analyze_context, select_traces
+    from hourglass.analysis.resources import service_resources
+
+    resources = service_resources(table)
+    frame = select_traces(to_analysis_frame(table), services=services, since_ns=since_ns)
+    report, ranked = analyze_context(
+        AnalysisContext.from_table(frame), writer=writer, explain=explain, resources=resources
+    )
+    return report, trace_index(report, ranked)
+
+
+def trace_index(report: dict[str, Any], ranked: list[Any]) -> TraceIndex:
+    """Which reported recommendations touch each affected trace
+    (:meth:`hourglass.analysis.trace_index.TraceIndex.build` over the run's findings)."""
+    return TraceIndex.build(report, [scored.finding for scored in ranked])
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental analysis (hourglass.analysis.incremental): the worker asks the server for spans
+
+
+class StoreReader:
+    """The span reads an incremental round needs, straight from a store (in-process runs; in the
+    worker process :class:`PipeReader` forwards the same calls to the server)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def arrivals(self, ingested_since_ns: int) -> pa.Table:
+        return self.store.trace_arrivals(ingested_since_ns)
+
+    def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
+        from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+        return self.store.scan_traces(
+            trace_ids, ingested_from_ns=first, ingested_to_ns=last, columns=ANALYSIS_COLUMNS
+        )
+
+    def traces(self, trace_ids: list[str]) -> pa.Table:
+        from hourglass.collector.schema import SPAN_COLUMNS
+
+        if not trace_ids:
+            return self.store.scan(trace_ids=[""], columns=SPAN_COLUMNS)
+        return self.store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
+
+    def answer(self, request: tuple[Any, ...]) -> pa.Table:
+        """One request of the worker: ("arrivals", ns) | ("batch", ids, first, last) | ("traces", ids)."""
+        kind, *args = request
+        if kind == "arrivals":
+            return self.arrivals(*args)
+        if kind == "batch":
+            return self.batch(*args)
+        if kind == "traces":
+            return self.traces(*args)
+        raise ValueError(f"unknown request from the analysis worker: {kind!r}")
+
+
+class PipeReader(StoreReader):
+    """:class:`StoreReader` calls sent to the server process through the worker's pipe."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(None)
+        self.conn = conn
+
+    def _ask(self, *request: Any) -> pa.Table:
+        self.conn.send(("ask", request))
+        status, payload = self.conn.recv()
+        if status != "table":
+            raise RuntimeError(f"the server could not read spans for the analysis: {payload}")
+        return _receive_table(payload)
+
+    def arrivals(self, ingested_since_ns: int) -> pa.Table:
+        return self._ask("arrivals", ingested_since_ns)
+
+    def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
+        return self._ask("batch", trace_ids, first, last)
+
+    def traces(self, trace_ids: list[str]) -> pa.Table:
+        return self._ask("traces", trace_ids)
+
+
+def run_incremental(
+    state: IncrementalAnalysis, reader: StoreReader, request: dict[str, Any], *, writer: Any = None
+) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
+    """One incremental round (``request["update"]``: bring the batches up to date first) and the
+    report over the batches of the window (``request["since_ns"]``); with the round's figures."""
+    from hourglass.analysis.incremental import BatchSource, MemoExecutor
+    from hourglass.analysis.pipeline import analyze_partitioned
+
+    figures = state.last
+    if request.get("update", True):
+        figures = state.update(
+            reader.arrivals,
+            cutoff_ns=int(request["cutoff_ns"]),
+            margin_ns=int(request["margin_ns"]),
+            retention_cutoff_ns=request.get("retention_cutoff_ns"),
+        )
+        state.last = figures
+    units = state.units(request.get("since_ns"))
+    started = time.perf_counter()
+    if not units:
+        empty = reader.traces([])
+        report, index = analyze_spans(empty, writer=writer, explain=bool(request.get("explain")))
+    else:
+        executor = MemoExecutor(state, units)
+        report, ranked = analyze_partitioned(
+            # a partitions.Source and Executor by shape (load; map/close/workers)
+            BatchSource(units, reader.batch),  # type: ignore[arg-type]
+            len(units),
+            executor,  # type: ignore[arg-type]
+            read_traces=reader.traces,
+            writer=writer,
+            explain=bool(request.get("explain")),
+        )
+        executor.close()
+        index = trace_index(report, ranked)
+        figures.units_read = executor.read_units
+    figures.seconds["report"] = time.perf_counter() - started
+    return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns")}
