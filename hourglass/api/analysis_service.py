@@ -50,7 +50,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from hourglass.analysis.incremental import sidecar_path
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
 from hourglass.api import report_html
@@ -273,6 +272,10 @@ class AnalysisService:
         spans_in_store = self.store.stats().spans
         stages["store_stats"] = time.perf_counter() - started
         now_ns = time.time_ns()
+        # imported here: the incremental module loads the detectors (~0.3 s), which starting the
+        # app does not need
+        from hourglass.analysis.incremental import sidecar_path
+
         sidecar = sidecar_path(str(getattr(self.store, "path", ":memory:")))
         request = {
             "sidecar": sidecar,
