@@ -38,6 +38,7 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.model import Finding, NearMiss
+from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 
@@ -148,12 +149,18 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
 
 
-def decide(rows: dict[str, Rows], notes: NearMissSink) -> dict[str, list[Finding]]:
-    """Each split detector's decision over combined rows."""
+def decide(
+    rows: dict[str, Rows], notes: NearMissSink, spill: Spill | None = None
+) -> dict[str, list[Finding]]:
+    """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
+    read from there, one bucket at a time)."""
     out: dict[str, list[Finding]] = {}
     for kind, kind_rows in rows.items():
         try:
-            out[kind] = PARTS[kind].decide(kind_rows, notes)
+            if spill is not None and kind in SPILLABLE:
+                out[kind] = SPILLABLE[kind].decide(kind_rows, notes, spill.buckets_of(kind))
+            else:
+                out[kind] = PARTS[kind].decide(kind_rows, notes)
         except Exception as exc:
             raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
     return out
@@ -216,11 +223,15 @@ class PartResult:
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
 
 
-def extract_part(source: Source, part: int, parts: int) -> PartResult:
-    """One task of the first pass: read a partition, repair it, extract every detector's rows."""
+def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
+    """One task of the first pass: read a partition, repair it, extract every detector's rows
+    (with ``spill``, the tables that grow with spans written to its buckets instead)."""
     ctx = AnalysisContext.from_table(source.load(part, parts))
     services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
-    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height, services)
+    rows = extract(ctx)
+    if spill is not None:
+        rows = spill.write(part, rows)
+    return PartResult(part, rows, ctx.traces, ctx.spans.height, services)
 
 
 PricedImpact = tuple[list[str], np.ndarray, np.ndarray]  # trace ids, saved ns, root ns
@@ -482,18 +493,30 @@ class Extracted:
 
 
 def run_extraction(
-    source: Source, parts: int, executor: Executor, notes: NearMissSink, progress: Progress | None = None
+    source: Source,
+    parts: int,
+    executor: Executor,
+    notes: NearMissSink,
+    progress: Progress | None = None,
+    spill: Spill | None = None,
 ) -> Extracted:
-    """Extract every partition (in ``executor``) and decide each split detector on the combined rows."""
-    results = executor.map("extracting", extract_part, [(source, p, parts) for p in range(parts)], progress)
-    decided = decide(combine(r.rows for r in results), notes)
+    """Extract every partition (in ``executor``) and decide each split detector on the combined
+    rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
+    executor's tasks must reach its folder)."""
+    results = executor.map(
+        "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
+    )
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
-    findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     services = pl.concat([r.services for r in results], how="vertical_relaxed")
     services = (
         services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
     )
-    return Extracted(findings, traces, sum(r.spans for r in results), services)
+    spans = sum(r.spans for r in results)
+    rows = combine(r.rows for r in results)
+    del results  # the partitions' own copies: the decision holds the combined rows alone
+    decided = decide(rows, notes, spill)
+    findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
+    return Extracted(findings, traces, spans, services)
 
 
 def run_pricing(

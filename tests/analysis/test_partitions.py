@@ -127,3 +127,34 @@ def test_the_generated_mix_exercises_every_split_detector() -> None:
     whole = AnalysisContext.from_table(_generated())
     for kind in PARTS:
         assert DETECTORS[kind](whole), f"the generated mix has no {kind} finding"
+
+
+@pytest.mark.parametrize("parts,buckets", [(1, 1), (3, 5)])
+def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], parts: int, buckets: int, tmp_path: Path
+) -> None:
+    """The tables that grow with spans (``spill.SPILLABLE``) written to Parquet buckets by each
+    partition and decided one bucket at a time: the same findings and near misses as the whole."""
+    from hourglass.analysis.spill import SPILLABLE, Spill
+
+    name, frame, whole = trace_set
+    expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in SPILLABLE}
+    whole_notes = Notes()
+    partitions.decide({k: PARTS[k].extract(whole) for k in SPILLABLE}, whole_notes)
+    spill = Spill.create(buckets, near=str(tmp_path))
+    extracted = []
+    for part, piece in enumerate(partitions.split_by_trace(frame, parts)):
+        rows = spill.write(part, partitions.extract(AnalysisContext.from_table(piece), SPILLABLE))
+        for kind, table in ((k, s.table) for k, s in SPILLABLE.items()):
+            assert rows[kind][table].is_empty()  # the rows that travel back leave the table behind
+        extracted.append(rows)
+    spilled = {k: sum(b.height for b in spill.buckets_of(k)) for k in SPILLABLE}
+    assert spilled == {k: PARTS[k].extract(whole)[s.table].height for k, s in SPILLABLE.items()}
+    notes = Notes()
+    got = partitions.decide(partitions.combine(extracted), notes, spill)
+    for kind in SPILLABLE:
+        assert [_comparable(f) for f in got[kind]] == expected[kind], (
+            f"{kind} on {name} in {parts} partitions, {buckets} buckets"
+        )
+    assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, {buckets} buckets"
+    spill.remove()
