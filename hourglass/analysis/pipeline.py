@@ -44,6 +44,7 @@ from hourglass.analysis.detectors._common import NearMissSink
 from hourglass.analysis.model import Finding, NearMiss
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
+from hourglass.analysis.spill import Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.analysis.writer import Writer, WriterContext
 from hourglass.analysis.writers import template_writer
@@ -491,6 +492,7 @@ def analyze_partitioned(
     writer: Writer | None = None,
     explain: bool = False,
     progress: partitions.Progress | None = None,
+    spill_buckets: int = 0,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
@@ -500,12 +502,20 @@ def analyze_partitioned(
     store. ``read_traces(ids)`` reads whole traces by id (every column): the exemplars the designs
     draw, and one trace per service for the services' resources. A workstream of two or more
     re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
-    icicles) need every on-path span at once and are left out."""
+    icicles) need every on-path span at once and are left out. With ``spill_buckets`` the
+    extracted tables that grow with spans are spilled to that many buckets in a temporary folder
+    (``hourglass.analysis.spill``; the executor's tasks must reach it) and decided bucket by
+    bucket."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
     notes = partitions.NearMissLog()
-    extracted = partitions.run_extraction(source, parts, executor, notes, progress)
+    spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
+    try:
+        extracted = partitions.run_extraction(source, parts, executor, notes, progress, spill)
+    finally:
+        if spill is not None:
+            spill.remove()
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
     ranked = score(

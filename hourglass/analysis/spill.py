@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -37,7 +38,7 @@ class Spillable:
 
     table: str
     key: str
-    decide: Callable[[Rows, NearMissSink, Iterable[pl.DataFrame]], list[Finding]]
+    decide: Callable[[Rows, NearMissSink, Iterable[lock_contention.BucketLoader]], list[Finding]]
 
 
 SPILLABLE: dict[str, Spillable] = {
@@ -47,16 +48,22 @@ SPILLABLE: dict[str, Spillable] = {
 
 @dataclass(frozen=True)
 class Buckets:
-    """The spilled rows of one table, one bucket at a time (each iteration reads the files again)."""
+    """The spilled rows of one table: a reader per bucket holding files (``load(columns)``, None:
+    every column), called when the decision gets to it, so nothing keeps a bucket alive but the
+    decision itself. Each iteration reads the files again."""
 
     folder: Path
     count: int
 
-    def __iter__(self) -> Iterator[pl.DataFrame]:
+    def __iter__(self) -> Iterator[Callable[[list[str] | None], pl.DataFrame]]:
         for bucket in range(self.count):
             files = sorted((self.folder / f"b{bucket:05d}").glob("p*.parquet"))
             if files:  # in partition order, as the combined rows would be
-                yield pl.read_parquet(files)
+                yield partial(_read, files)
+
+
+def _read(files: list[Path], columns: list[str] | None) -> pl.DataFrame:
+    return pl.read_parquet(files, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class Spill:
                 bucket = (pl.col(spillable.key).hash(seed=0) % self.buckets).alias("_bucket")
                 pieces = frame.with_columns(bucket).partition_by("_bucket", as_dict=True, include_key=False)
                 for (number,), piece in pieces.items():
-                    folder = self._table_folder(kind, spillable.table) / f"b{int(number):05d}"  # type: ignore[call-overload]
+                    folder = self._table_folder(kind, spillable.table) / f"b{int(number):05d}"
                     folder.mkdir(parents=True, exist_ok=True)
                     target = folder / f"p{part:06d}.parquet"
                     partial = folder / f".p{part:06d}.{os.getpid()}.tmp"

@@ -148,7 +148,7 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
         for kind, table in ((k, s.table) for k, s in SPILLABLE.items()):
             assert rows[kind][table].is_empty()  # the rows that travel back leave the table behind
         extracted.append(rows)
-    spilled = {k: sum(b.height for b in spill.buckets_of(k)) for k in SPILLABLE}
+    spilled = {k: sum(load(None).height for load in spill.buckets_of(k)) for k in SPILLABLE}
     assert spilled == {k: PARTS[k].extract(whole)[s.table].height for k, s in SPILLABLE.items()}
     notes = Notes()
     got = partitions.decide(partitions.combine(extracted), notes, spill)
@@ -158,3 +158,22 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
         )
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, {buckets} buckets"
     spill.remove()
+
+
+def test_rows_from_a_partition_carry_their_own_values_only() -> None:
+    """A few rows cut from the spans (five exemplar trace ids, a signature's names) must not drag
+    the partition's string buffers along to the deciding process (pickled, as a worker returns
+    them): each table pickles to about its own size."""
+    import pickle
+
+    frame = _generated()
+
+    class Frames:
+        def load(self, part: int, parts: int) -> pa.Table:
+            return partitions.split_by_trace(frame, parts)[part].to_arrow()
+
+    result = partitions.extract_part(Frames(), 0, 3)  # type: ignore[arg-type]
+    tables = [(f"{k}.{n}", t) for k, rows in result.rows.items() for n, t in rows.items()]
+    tables += [("traces", result.traces), ("services", result.services)]
+    for name, table in tables:
+        assert len(pickle.dumps(table)) <= 2 * table.estimated_size() + 8192, name

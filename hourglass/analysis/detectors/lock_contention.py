@@ -74,7 +74,7 @@ floor is the wait this detector already counts — and at least 1 % of the media
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,12 +413,12 @@ def extract(ctx: AnalysisContext) -> Rows:
     }
 
 
-def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[pl.DataFrame] | None = None) -> list[Finding]:
+def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | None = None) -> list[Finding]:
     """Cross-trace half: contention rates of explicit waits, and the convoy rules per resource.
     With ``buckets`` the resource rows (``candidates``) come from there instead: every row of a
-    resource key in one bucket (``SPILL_KEYS``), each bucket read when its turn comes, so the
-    deciding process holds one bucket of them at a time. Iterating ``buckets`` again reads them
-    again (three times)."""
+    resource key in one bucket (``SPILL_KEYS``), each bucket read (``load(columns)``, None: every
+    column) when its turn comes, so the deciding process holds one bucket of them at a time. The
+    buckets are iterated three times."""
     findings = _explicit_findings(rows.get("waits"), rows.get("acquisitions"), notes)
     reasons: list[pl.DataFrame] = []  # (gid, reason) of busy groups a convoy rule dropped
     findings.extend(_convoy_findings(rows, reasons, buckets))
@@ -429,6 +429,7 @@ def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[pl.DataFrame] | No
 # Tables of extracted rows that grow with spans and are decided per key: the key column of each,
 # by which a run with little memory spills them to disk in buckets (``hourglass.analysis.spill``).
 SPILL_KEYS = {"candidates": "gid"}
+BucketLoader = Callable[[list[str] | None], pl.DataFrame]  # one bucket's rows, these columns (None: all)
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
@@ -574,7 +575,7 @@ class _Clock:
     packed: bool
 
     @staticmethod
-    def of(extents: list[tuple[int, int, int]]) -> _Clock | None:
+    def of(extents: Sequence[tuple[int, int, int]]) -> _Clock | None:
         """From (earliest start, latest end, groups) of frames holding disjoint groups."""
         if not extents:
             return None
@@ -583,7 +584,10 @@ class _Clock:
         return _Clock(t0, sum(e[2] for e in extents) < (1 << 22) and span_us < (1 << 40))
 
 
-def _extent(cand: pl.DataFrame) -> tuple[int, int, int]:
+def _extent(cand: pl.DataFrame) -> tuple[int, int, int] | None:
+    """(earliest start, latest end, groups) of ``cand``; None when it is empty."""
+    if cand.is_empty():
+        return None
     row = cand.select(pl.col("start_ns").min(), pl.col("end_ns").max(), pl.col("gid").n_unique()).row(0)
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -752,7 +756,7 @@ def _note_convoy_misses(
 
 
 def _convoy_findings(
-    rows: Rows, reasons: list[pl.DataFrame], buckets: Iterable[pl.DataFrame] | None = None
+    rows: Rows, reasons: list[pl.DataFrame], buckets: Iterable[BucketLoader] | None = None
 ) -> list[Finding]:
     """The convoy rules per resource key, over every trace's resource rows (``candidates``, or
     with ``buckets`` the same rows spilled in buckets of whole resource keys, read one bucket at
@@ -764,27 +768,28 @@ def _convoy_findings(
         if cand is None or cand.is_empty():
             return []
         cand = _sampled(cand, ops)
-        sampled = _Clock.of([_extent(cand)] if cand.height else [])
+        sampled = _Clock.of([e for e in (_extent(cand),) if e])
         if sampled is None:
             return []
         cand = cand.filter(pl.col("gid").is_in(_busy_groups(cand, sampled).implode()))
-        busy = _Clock.of([_extent(cand)] if cand.height else [])
+        busy = _Clock.of([e for e in (_extent(cand),) if e])
         if busy is None:
             return []
         pieces = [_queued_convoys(cand, busy, reasons)]
     else:
         # The busy pre-filter and the sweep round times against the earliest start of the rows
         # they see (frame-wide), so the buckets are read three times: the sampled groups' extent,
-        # the busy groups' extent, then the rules per resource key, one bucket at a time.
-        sampled = _Clock.of([_extent(c) for c in (_sampled(b, ops) for b in buckets) if c.height])
+        # the busy groups' extent (both from the four columns they need), then the rules per
+        # resource key, one bucket at a time. Each bucket is read into a call's argument, which
+        # drops it as soon as a filtered or sorted copy replaces it.
+        narrow = ["gid", "op", "start_ns", "end_ns"]
+        sampled = _Clock.of([e for e in (_extent(_sampled(load(narrow), ops)) for load in buckets) if e])
         if sampled is None:
             return []
-        busy = _Clock.of([_extent(c) for c in (_busy(b, ops, sampled) for b in buckets) if c.height])
+        busy = _Clock.of([e for e in (_extent(_busy(load(narrow), ops, sampled)) for load in buckets) if e])
         if busy is None:
             return []
-        pieces = [
-            _queued_convoys(c, busy, reasons) for c in (_busy(b, ops, sampled) for b in buckets) if c.height
-        ]
+        pieces = [_queued_convoys(_busy(load(None), ops, sampled), busy, reasons) for load in buckets]
     pieces = [(convoy, stats) for convoy, stats in pieces if convoy.height]
     if not pieces:
         return []
@@ -813,6 +818,8 @@ def _queued_convoys(
     """The rules that look at one resource key at a time, over the busy groups in ``cand``: the
     spans of the groups that pass them (with ``peers``, ``base_ns`` and ``gap_p50``) and the
     groups' statistics."""
+    if cand.is_empty():
+        return cand, pl.DataFrame()
     # One row order whatever the partitioning, so float sums (covariance, variance) are identical.
     cand = cand.sort(["gid", "start_ns", "uid"])
     cand = cand.with_columns(peers=_peers_at_start(cand, clock))
