@@ -48,22 +48,26 @@ SPILLABLE: dict[str, Spillable] = {
 
 @dataclass(frozen=True)
 class Buckets:
-    """The spilled rows of one table: a reader per bucket holding files (``load(columns)``, None:
-    every column), called when the decision gets to it, so nothing keeps a bucket alive but the
+    """The spilled rows of one table: a reader per bucket holding files (``load(columns, keys)``,
+    None: every column, every key), called when the decision gets to it, so nothing keeps a bucket alive but the
     decision itself. Each iteration reads the files again."""
 
     folder: Path
     count: int
+    key: str
 
-    def __iter__(self) -> Iterator[Callable[[list[str] | None], pl.DataFrame]]:
+    def __iter__(self) -> Iterator[Callable[[list[str] | None, pl.Series | None], pl.DataFrame]]:
         for bucket in range(self.count):
             files = sorted((self.folder / f"b{bucket:05d}").glob("p*.parquet"))
             if files:  # in partition order, as the combined rows would be
-                yield partial(_read, files)
+                yield partial(_read, files, self.key)
 
 
-def _read(files: list[Path], columns: list[str] | None) -> pl.DataFrame:
-    return pl.read_parquet(files, columns=columns)
+def _read(files: list[Path], key: str, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:
+    if keys is None:
+        return pl.read_parquet(files, columns=columns)
+    scan = pl.scan_parquet(files).filter(pl.col(key).is_in(keys.implode()))
+    return (scan if columns is None else scan.select(columns)).collect()
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class Spill:
         return out
 
     def buckets_of(self, kind: str) -> Buckets:
-        return Buckets(self._table_folder(kind, SPILLABLE[kind].table), self.buckets)
+        return Buckets(self._table_folder(kind, SPILLABLE[kind].table), self.buckets, SPILLABLE[kind].key)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -148,7 +148,7 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
         for kind, table in ((k, s.table) for k, s in SPILLABLE.items()):
             assert rows[kind][table].is_empty()  # the rows that travel back leave the table behind
         extracted.append(rows)
-    spilled = {k: sum(load(None).height for load in spill.buckets_of(k)) for k in SPILLABLE}
+    spilled = {k: sum(load(None, None).height for load in spill.buckets_of(k)) for k in SPILLABLE}
     assert spilled == {k: PARTS[k].extract(whole)[s.table].height for k, s in SPILLABLE.items()}
     notes = Notes()
     got = partitions.decide(partitions.combine(extracted), notes, spill)
