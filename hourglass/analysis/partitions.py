@@ -48,13 +48,20 @@ log = logging.getLogger(__name__)
 # Memory model behind the choice of partitions (peak RSS, measured with bench.scaling on mixed
 # traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
 # duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
-# the detectors' intermediates at their peak — and the process that decides keeps
-# ROWS_BYTES_PER_SPAN of extracted rows per span of the whole (mostly the resource rows of the
-# lock-convoy rule).
+# the detectors' intermediates at their peak. A partitioned run extracts in worker processes only
+# (one at least), so the process that decides holds no spans: it keeps ROWS_BYTES_PER_SPAN of
+# extracted rows per span of the whole (resident, after they are unpickled: ~80 measured at 1M
+# and 5M spans of the generated mix, for ~61 bytes pickled — the lock-convoy rule's resource rows
+# are not among them, they are spilled to disk, ``hourglass.analysis.spill``), and while it
+# decides one bucket of spilled rows at a time it needs SPILLED_PEAK_BYTES_PER_SPAN per row of
+# the bucket (~240 measured: the read, the busy groups' rows, the sweep; the worker processes are
+# stopped by then). A bucket holds whole resource keys, so one key that holds most spans makes
+# its bucket that large whatever the number of buckets: the generated mix's busiest key holds
+# about two thirds of the spans, which this model does not see (it assumes even buckets).
 PROCESS_BASE_BYTES = 300 * 2**20
 PEAK_BYTES_PER_SPAN = 1_800
-ROWS_BYTES_PER_SPAN = 120
-SPILLED_PEAK_BYTES_PER_SPAN = 800
+ROWS_BYTES_PER_SPAN = 80
+SPILLED_PEAK_BYTES_PER_SPAN = 240
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 
 
@@ -377,6 +384,9 @@ class SerialExecutor:
     def close(self) -> None:
         pass
 
+    def idle(self) -> None:
+        pass
+
 
 class ProcessExecutor:
     """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
@@ -437,6 +447,12 @@ class ProcessExecutor:
             if broken:
                 self.close(wait=False)
         return results
+
+    def idle(self) -> None:
+        """Nothing to run for a while (this process decides): stop the workers, so the memory
+        they keep from their last partition is not held beside the decision's; the next
+        ``map`` starts new ones."""
+        self.close()
 
     def close(self, wait: bool = True) -> None:
         """Stop the worker processes (waiting for them to exit, so none outlives the command;
@@ -507,6 +523,9 @@ class DaskExecutor:
     def close(self) -> None:
         self.client.close()
 
+    def idle(self) -> None:
+        pass
+
 
 Executor = SerialExecutor | ProcessExecutor | DaskExecutor
 
@@ -544,6 +563,7 @@ def run_extraction(
     spans = sum(r.spans for r in results)
     rows = combine(r.rows for r in results)
     del results  # the partitions' own copies: the decision holds the combined rows alone
+    executor.idle()
     decided = decide(rows, notes, spill)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services)
