@@ -1,8 +1,9 @@
 """`hourglass analyze --db` in partitions of whole traces: the same report as at once.
 
 A store holding the labelled sample traces, the foreign-trace regression files and a generated mix
-of every bench shape is analysed by the real CLI as a process: at once, in 3 partitions in this
-process, in 4 partitions on 2 worker processes, and in 3 partitions on a real Dask scheduler with
+of every bench shape is analysed by the real CLI as a process: at once, in 3 partitions on one
+worker process, in 4 partitions on 2 worker processes, in 3 partitions with the lock-convoy rule's
+resource rows spilled to 5 buckets on disk, and in 3 partitions on a real Dask scheduler with
 two real worker processes on 127.0.0.1. The JSON reports (with ``--explain``) are identical but
 for ``generated_at``. Also: an unreachable scheduler is one line, fast; a budget too small for the
 largest trace names it.
@@ -70,7 +71,12 @@ def whole(store: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "args", [("--partitions", "3", "--workers", "1"), ("--partitions", "4", "--workers", "2")]
+    "args",
+    [
+        ("--partitions", "3", "--workers", "1"),
+        ("--partitions", "4", "--workers", "2"),
+        ("--partitions", "3", "--workers", "1", "--spill-buckets", "5"),
+    ],
 )
 def test_partitions_in_this_process_or_in_workers_give_the_same_report(
     store: Path, whole: dict[str, Any], args: tuple[str, ...]

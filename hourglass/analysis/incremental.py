@@ -134,6 +134,9 @@ class MemoExecutor:
             return [self._priced(args, grouped.get(args[1], {}), with_calls) for args in calls]
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
+    def idle(self) -> None:
+        """Nothing to stop: the round's tasks run in this process."""
+
     def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, list[Occurrence]]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
         if self._unit_of is None:
@@ -168,7 +171,7 @@ class MemoExecutor:
         return ctx
 
     def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
-        source, part, _ = args
+        source, part = args[0], args[1]  # (source, part, parts[, spill]): nothing spills here
         unit = self.units[part]
         stored = self.state.extracted.get(unit.batch) if unit.batch is not None else None
         if stored is not None:
@@ -179,7 +182,12 @@ class MemoExecutor:
             "extracting",
             part,
             lambda: partitions.PartResult(
-                part, partitions.extract(ctx), ctx.traces, ctx.spans.height, services
+                part,
+                partitions.extract(ctx),
+                ctx.traces,
+                ctx.spans.height,
+                services,
+                partitions.path_rows_or_none(ctx),  # the endpoints' icicles, decided over every batch
             ),
         )
         self.contexts[part] = ctx  # for the pricing of this round

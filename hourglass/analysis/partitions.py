@@ -39,6 +39,7 @@ from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows
 from hourglass.analysis.model import Finding
+from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 
@@ -48,12 +49,20 @@ log = logging.getLogger(__name__)
 # Memory model behind the choice of partitions (peak RSS, measured with bench.scaling on mixed
 # traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
 # duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
-# the detectors' intermediates at their peak — and the process that decides keeps
-# ROWS_BYTES_PER_SPAN of extracted rows per span of the whole (mostly the resource rows of the
-# lock-convoy rule).
+# the detectors' intermediates at their peak. A partitioned run extracts in worker processes only
+# (one at least), so the process that decides holds no spans: it keeps ROWS_BYTES_PER_SPAN of
+# extracted rows per span of the whole (resident, after they are unpickled: ~80 measured at 1M
+# and 5M spans of the generated mix, for ~61 bytes pickled — the lock-convoy rule's resource rows
+# are not among them, they are spilled to disk, ``hourglass.analysis.spill``), and while it
+# decides one bucket of spilled rows at a time it needs SPILLED_PEAK_BYTES_PER_SPAN per row of
+# the bucket (~240 measured: the read, the busy groups' rows, the sweep; the worker processes are
+# stopped by then). A bucket holds whole resource keys, so one key that holds most spans makes
+# its bucket that large whatever the number of buckets: the generated mix's busiest key holds
+# about two thirds of the spans, which this model does not see (it assumes even buckets).
 PROCESS_BASE_BYTES = 300 * 2**20
 PEAK_BYTES_PER_SPAN = 1_800
-ROWS_BYTES_PER_SPAN = 120
+ROWS_BYTES_PER_SPAN = 80
+SPILLED_PEAK_BYTES_PER_SPAN = 240
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 
 
@@ -68,11 +77,13 @@ class Plan:
     spans: int
     parts: int
     workers: int
+    buckets: int = 0  # the spilled rows' buckets (``hourglass.analysis.spill``); 0: not spilled
 
     def describe(self, budget: int) -> str:
-        where = "in this process" if self.workers <= 1 else f"on {self.workers} workers"
+        where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
+        spilled = f", resource rows spilled to {self.buckets} buckets" if self.buckets else ""
         return (
-            f"{self.spans:,} spans in {self.parts} partitions of whole traces {where} "
+            f"{self.spans:,} spans in {self.parts} partitions of whole traces {where}{spilled} "
             f"(memory budget {budget / 2**30:.2f} GiB)"
         )
 
@@ -103,7 +114,10 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
             f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
         )
     parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
-    return Plan(spans, int(parts), min(workers, int(parts)))
+    # the deciding process reads one bucket of spilled rows at a time, once the workers are done:
+    # a bucket's decision gets the room of one worker
+    buckets = max(1, -(-spans * SPILLED_PEAK_BYTES_PER_SPAN // per_worker))
+    return Plan(spans, int(parts), min(workers, int(parts)), int(buckets))
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -149,12 +163,18 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
 
 
-def decide(rows: dict[str, Rows], notes: NearMissSink) -> dict[str, list[Finding]]:
-    """Each split detector's decision over combined rows."""
+def decide(
+    rows: dict[str, Rows], notes: NearMissSink, spill: Spill | None = None
+) -> dict[str, list[Finding]]:
+    """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
+    read from there, one bucket at a time)."""
     out: dict[str, list[Finding]] = {}
     for kind, kind_rows in rows.items():
         try:
-            out[kind] = PARTS[kind].decide(kind_rows, notes)
+            if spill is not None and kind in SPILLABLE:
+                out[kind] = SPILLABLE[kind].decide(kind_rows, notes, spill.buckets_of(kind))
+            else:
+                out[kind] = PARTS[kind].decide(kind_rows, notes)
         except Exception as exc:
             raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
     return out
@@ -218,15 +238,46 @@ class PartResult:
     paths: PathRows | None = None  # the endpoints' critical-path rows (hourglass.analysis.endpoint_path)
 
 
-def extract_part(source: Source, part: int, parts: int) -> PartResult:
+def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
     """One task of the first pass: read a partition, repair it, extract every detector's rows
-    and the endpoints' critical-path rows."""
+    (with ``spill``, the tables that grow with spans written to its buckets instead) and the
+    endpoints' critical-path rows."""
     ctx = AnalysisContext.from_table(source.load(part, parts))
     services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
-    return PartResult(part, extract(ctx), ctx.traces, ctx.spans.height, services, _path_rows(ctx))
+    rows = extract(ctx)
+    if spill is not None:
+        rows = spill.write(part, rows)
+    rows = {kind: {name: compact(frame) for name, frame in tables.items()} for kind, tables in rows.items()}
+    paths = path_rows_or_none(ctx)
+    if paths is not None:
+        paths = PathRows(compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes))
+    return PartResult(part, rows, compact(ctx.traces), ctx.spans.height, compact(services), paths)
 
 
-def _path_rows(ctx: AnalysisContext) -> PathRows | None:
+def compact(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` holding only its own values. A few rows cut from the spans (five exemplar trace
+    ids, a signature's names) keep sharing the spans' string buffers, and a frame travels to
+    another process, or stays alive there, with every byte of those buffers: measured on 1M spans,
+    313 MiB of pickled rows for 42 MiB of values (a one-row table carried 5 MiB of trace ids). A
+    copy through Arrow's plain string layout keeps just the values; a frame of other columns, or
+    one whose column types would not survive the trip, is returned as it is."""
+    if not any(_has_strings(dtype) for dtype in frame.dtypes):
+        return frame
+    copied = pl.from_arrow(frame.to_arrow(compat_level=pl.CompatLevel.oldest()))
+    return copied if isinstance(copied, pl.DataFrame) and copied.schema == frame.schema else frame
+
+
+def _has_strings(dtype: pl.DataType) -> bool:
+    if dtype in (pl.String, pl.Binary):
+        return True
+    inner = getattr(dtype, "inner", None)
+    if inner is not None:
+        return _has_strings(inner)
+    fields = getattr(dtype, "fields", None)
+    return any(_has_strings(f.dtype) for f in fields or ())
+
+
+def path_rows_or_none(ctx: AnalysisContext) -> PathRows | None:
     """The critical-path rows, or None when they fail (a picture must never cost the report)."""
     try:
         return path_rows(ctx)
@@ -333,6 +384,9 @@ class SerialExecutor:
     def close(self) -> None:
         pass
 
+    def idle(self) -> None:
+        pass
+
 
 class ProcessExecutor:
     """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
@@ -393,6 +447,12 @@ class ProcessExecutor:
             if broken:
                 self.close(wait=False)
         return results
+
+    def idle(self) -> None:
+        """Nothing to run for a while (this process decides): stop the workers, so the memory
+        they keep from their last partition is not held beside the decision's; the next
+        ``map`` starts new ones."""
+        self.close()
 
     def close(self, wait: bool = True) -> None:
         """Stop the worker processes (waiting for them to exit, so none outlives the command;
@@ -463,6 +523,9 @@ class DaskExecutor:
     def close(self) -> None:
         self.client.close()
 
+    def idle(self) -> None:
+        pass
+
 
 Executor = SerialExecutor | ProcessExecutor | DaskExecutor
 
@@ -480,21 +543,34 @@ class Extracted:
 
 
 def run_extraction(
-    source: Source, parts: int, executor: Executor, notes: NearMissSink, progress: Progress | None = None
+    source: Source,
+    parts: int,
+    executor: Executor,
+    notes: NearMissSink,
+    progress: Progress | None = None,
+    spill: Spill | None = None,
 ) -> Extracted:
-    """Extract every partition (in ``executor``) and decide each split detector on the combined rows."""
-    results = executor.map("extracting", extract_part, [(source, p, parts) for p in range(parts)], progress)
-    decided = decide(combine(r.rows for r in results), notes)
+    """Extract every partition (in ``executor``) and decide each split detector on the combined
+    rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
+    executor's tasks must reach its folder)."""
+    results = executor.map(
+        "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
+    )
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
-    findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     services = pl.concat([r.services for r in results], how="vertical_relaxed")
     services = (
         services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
     )
+    spans = sum(r.spans for r in results)
+    rows = combine(r.rows for r in results)
     # every partition's rows or none: icicles of some traces only would be wrong, not smaller
     complete = bool(results) and all(r.paths is not None for r in results)
     paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
-    return Extracted(findings, traces, sum(r.spans for r in results), services, paths)
+    del results  # the partitions' own copies: the decision holds the combined rows alone
+    executor.idle()
+    decided = decide(rows, notes, spill)
+    findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
+    return Extracted(findings, traces, spans, services, paths)
 
 
 def run_pricing(

@@ -45,6 +45,7 @@ from hourglass.analysis.endpoint_path import PathRows
 from hourglass.analysis.model import Finding, NearMiss, NearMissLog
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
+from hourglass.analysis.spill import Spill
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.analysis.writer import Writer, WriterContext
@@ -495,6 +496,7 @@ def analyze_partitioned(
     writer: Writer | None = None,
     explain: bool = False,
     progress: partitions.Progress | None = None,
+    spill_buckets: int = 0,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
@@ -505,12 +507,20 @@ def analyze_partitioned(
     draw, and one trace per service for the services' resources. A workstream of two or more
     re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
     icicles) are decided on the rows each partition extracted
-    (:func:`hourglass.analysis.endpoint_path.path_rows`), as at once."""
+    (:func:`hourglass.analysis.endpoint_path.path_rows`), as at once. With ``spill_buckets`` the
+    extracted tables that grow with spans are spilled to that many buckets in a temporary folder
+    (``hourglass.analysis.spill``; the executor's tasks must reach it) and decided bucket by
+    bucket."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
     notes = NearMissLog()
-    extracted = partitions.run_extraction(source, parts, executor, notes, progress)
+    spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
+    try:
+        extracted = partitions.run_extraction(source, parts, executor, notes, progress, spill)
+    finally:
+        if spill is not None:
+            spill.remove()
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
     ranked = score(

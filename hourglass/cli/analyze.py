@@ -106,6 +106,7 @@ class StoreRun:
     workers: int
     cluster: str | None = None
     partitions: int = 0  # 0: from the budget
+    spill_buckets: int = 0  # 0: from the budget
 
 
 def analyze_store(
@@ -127,10 +128,11 @@ def analyze_store(
     try:
         spans = store.raw_row_count()
         if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
-            run = StoreRun(run.budget, 1, run.cluster, run.partitions)
+            run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
         try:
             if run.partitions:
-                plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions))
+                buckets = partitions.plan(spans, run.budget, run.workers).buckets
+                plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
             elif run.cluster is None:
                 plan = partitions.plan(spans, run.budget, run.workers)
                 if plan.parts > 1:  # the largest trace bounds how small a partition can be
@@ -152,8 +154,10 @@ def analyze_store(
     finally:
         store.close()
     source = partitions.StoreSource(path, since_ns, tuple(services) if services else None)
-    executor = _executor(run, plan)
-    if run.cluster is not None:
+    if run.spill_buckets:
+        plan = partitions.Plan(spans, plan.parts, plan.workers, run.spill_buckets)
+    executor = _executor(run, plan, in_process=path.startswith("chdb:"))
+    if run.cluster is not None:  # a cluster's workers need not reach this machine's disk: no spill
         plan = partitions.Plan(spans, plan.parts, executor.workers)
     typer.echo(f"hourglass analyze: {plan.describe(run.budget)}", err=True)
     try:
@@ -166,6 +170,7 @@ def analyze_store(
                 writer=writer,
                 explain=explain,
                 progress=progress,
+                spill_buckets=plan.buckets,
             )
     except partitions.PartitionError as exc:
         raise _fail(str(exc), code=EXIT_STORE) from None
@@ -174,7 +179,11 @@ def analyze_store(
     return report
 
 
-def _executor(run: StoreRun, plan: Any) -> Any:
+def _executor(run: StoreRun, plan: Any, *, in_process: bool = False) -> Any:
+    """The Dask cluster, else worker processes — one at least, so this process, which decides,
+    holds the extracted rows and never a partition's spans (the memory plan counts on it); in
+    this process only for an embedded ClickHouse (``in_process``), which one process opens at a
+    time."""
     from hourglass.analysis import partitions
 
     if run.cluster is not None:
@@ -182,7 +191,7 @@ def _executor(run: StoreRun, plan: Any) -> Any:
             return partitions.DaskExecutor(run.cluster)
         except partitions.ClusterError as exc:
             raise _fail(str(exc), code=EXIT_STORE) from None
-    return partitions.ProcessExecutor(plan.workers) if plan.workers > 1 else partitions.SerialExecutor()
+    return partitions.SerialExecutor() if in_process else partitions.ProcessExecutor(max(1, plan.workers))
 
 
 def _read_traces(path: str, trace_ids: list[str]) -> pa.Table:
@@ -284,6 +293,15 @@ def analyze_command(
     partitions: Annotated[int, option("partitions", ANALYZE)] = default("partitions"),
     workers: Annotated[int | None, option("workers", ANALYZE)] = None,
     cluster: Annotated[str | None, option("cluster", ANALYZE)] = None,
+    spill_buckets: Annotated[
+        int,
+        typer.Option(
+            "--spill-buckets",
+            hidden=True,
+            help="Spill the extracted rows that grow with spans to this many buckets (default 0: as the "
+            "memory budget needs); for tests",
+        ),
+    ] = 0,
     verbose: Annotated[
         bool,
         typer.Option("--verbose", "-v", help="Print every input problem, not one line per kind of problem"),
@@ -326,11 +344,14 @@ def analyze_command(
         raise _fail("--workers must be 0 (one per core) or more")
     if partitions < 0:
         raise _fail("--partitions must be 0 (from the memory budget) or more")
+    if spill_buckets < 0:
+        raise _fail("--spill-buckets must be 0 (from the memory budget) or more")
     run = StoreRun(
         budget=budget,
         workers=(workers if workers is not None else settings.workers) or os.cpu_count() or 1,
         cluster=cluster or settings.cluster,
         partitions=partitions,
+        spill_buckets=spill_buckets,
     )
     input_problems = ProblemSummary()
 

@@ -16,6 +16,8 @@ from hourglass.analysis.detectors.lock_contention import (
     BUSY_PREFILTER,
     MIN_QUEUED_SHARE,
     _busy_groups,
+    _Clock,
+    _extent,
     _peers_at_start,
     detect,
 )
@@ -251,6 +253,30 @@ def test_parallel_servers_give_nothing(
     assert analyse(builders) == []
 
 
+def _clock(frame: pl.DataFrame) -> _Clock:
+    clock = _Clock.of([e for e in (_extent(frame),) if e])
+    assert clock is not None
+    return clock
+
+
+def test_packed_peer_count_equals_the_sorted_sweep_on_microsecond_times() -> None:
+    # On whole-microsecond times the packed count (a rank less a binary search) and the sorted
+    # sweep (ends before starts at one instant, then by uid) count exactly the same, ties included.
+    rng = random.Random(5)
+    rows = []
+    for gid in (3, 4, 5):
+        for _ in range(400):
+            start = rng.randrange(0, 2_000) * 1000
+            rows.append((gid, start, start + rng.randrange(1, 300) * 1000))
+    frame = pl.DataFrame(rows, schema=["gid", "start_ns", "end_ns"], orient="row").with_columns(
+        pl.col("gid").cast(pl.UInt64), uid=pl.Series([rng.getrandbits(64) for _ in rows], dtype=pl.UInt64)
+    )
+    packed = _clock(frame)
+    assert packed.packed
+    wide = _Clock(packed.t0, packed=False)
+    assert _peers_at_start(frame, packed).to_list() == _peers_at_start(frame, wide).to_list()
+
+
 def test_peer_sweep_packed_and_wide_time_ranges_agree() -> None:
     # Two operations; the second spans 20 days, too wide for the packed int64 sort key, so the
     # fallback sort runs for it alone and both paths are checked against a direct count.
@@ -268,7 +294,7 @@ def test_peer_sweep_packed_and_wide_time_ranges_agree() -> None:
         frame = pl.DataFrame(subset, schema=["gid", "start_ns", "end_ns"], orient="row").with_columns(
             pl.col("gid").cast(pl.UInt64), uid=pl.int_range(pl.len(), dtype=pl.UInt64)
         )
-        got = _peers_at_start(frame).to_list()
+        got = _peers_at_start(frame, _clock(frame)).to_list()
         want = expected[: len(subset)]
         assert sum(abs(a - b) for a, b in zip(got, want, strict=True)) <= 2  # ties within one µs
 
@@ -455,11 +481,11 @@ def test_busy_group_prefilter_keeps_exactly_the_groups_the_sweep_finds_queued() 
         pl.col("gid").cast(pl.UInt64), uid=pl.int_range(pl.len(), dtype=pl.UInt64)
     )
     queued = (
-        frame.with_columns(peers=_peers_at_start(frame))
+        frame.with_columns(peers=_peers_at_start(frame, _clock(frame)))
         .group_by("gid")
         .agg(share=(pl.col("peers") >= 2).mean())
     )
     expected = set(queued.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"].to_list())
-    kept = set(_busy_groups(frame).to_list())
+    kept = set(_busy_groups(frame, _clock(frame)).to_list())
     assert 0 < len(kept) < 40
     assert kept == expected

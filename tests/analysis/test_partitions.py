@@ -150,3 +150,53 @@ def test_the_generated_mix_exercises_every_split_detector() -> None:
     whole = AnalysisContext.from_table(_generated())
     for kind in PARTS:
         assert DETECTORS[kind](whole), f"the generated mix has no {kind} finding"
+
+
+@pytest.mark.parametrize("parts,buckets", [(1, 1), (3, 5)])
+def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], parts: int, buckets: int, tmp_path: Path
+) -> None:
+    """The tables that grow with spans (``spill.SPILLABLE``) written to Parquet buckets by each
+    partition and decided one bucket at a time: the same findings and near misses as the whole."""
+    from hourglass.analysis.spill import SPILLABLE, Spill
+
+    name, frame, whole = trace_set
+    expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in SPILLABLE}
+    whole_notes = Notes()
+    partitions.decide({k: PARTS[k].extract(whole) for k in SPILLABLE}, whole_notes)
+    spill = Spill.create(buckets, near=str(tmp_path))
+    extracted = []
+    for part, piece in enumerate(partitions.split_by_trace(frame, parts)):
+        rows = spill.write(part, partitions.extract(AnalysisContext.from_table(piece), SPILLABLE))
+        for kind, table in ((k, s.table) for k, s in SPILLABLE.items()):
+            assert rows[kind][table].is_empty()  # the rows that travel back leave the table behind
+        extracted.append(rows)
+    spilled = {k: sum(load(None, None).height for load in spill.buckets_of(k)) for k in SPILLABLE}
+    assert spilled == {k: PARTS[k].extract(whole)[s.table].height for k, s in SPILLABLE.items()}
+    notes = Notes()
+    got = partitions.decide(partitions.combine(extracted), notes, spill)
+    for kind in SPILLABLE:
+        assert [_comparable(f) for f in got[kind]] == expected[kind], (
+            f"{kind} on {name} in {parts} partitions, {buckets} buckets"
+        )
+    assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, {buckets} buckets"
+    spill.remove()
+
+
+def test_rows_from_a_partition_carry_their_own_values_only() -> None:
+    """A few rows cut from the spans (five exemplar trace ids, a signature's names) must not drag
+    the partition's string buffers along to the deciding process (pickled, as a worker returns
+    them): each table pickles to about its own size."""
+    import pickle
+
+    frame = _generated()
+
+    class Frames:
+        def load(self, part: int, parts: int) -> pa.Table:
+            return partitions.split_by_trace(frame, parts)[part].to_arrow()
+
+    result = partitions.extract_part(Frames(), 0, 3)  # type: ignore[arg-type]
+    tables = [(f"{k}.{n}", t) for k, rows in result.rows.items() for n, t in rows.items()]
+    tables += [("traces", result.traces), ("services", result.services)]
+    for name, table in tables:
+        assert len(pickle.dumps(table)) <= 2 * table.estimated_size() + 8192, name

@@ -74,6 +74,8 @@ floor is the wait this detector already counts — and at least 1 % of the media
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -410,13 +412,24 @@ def extract(ctx: AnalysisContext) -> Rows:
     }
 
 
-def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
-    """Cross-trace half: contention rates of explicit waits, and the convoy rules per resource."""
+def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | None = None) -> list[Finding]:
+    """Cross-trace half: contention rates of explicit waits, and the convoy rules per resource.
+    With ``buckets`` the resource rows (``candidates``) come from there instead: every row of a
+    resource key in one bucket (``SPILL_KEYS``), each bucket read (``load(columns, keys)``, None:
+    every column, every key) when its turn comes, so the deciding process holds one bucket of them at a time. The
+    buckets are iterated three times."""
     findings = _explicit_findings(rows.get("waits"), rows.get("acquisitions"), notes)
     reasons: list[pl.DataFrame] = []  # (gid, reason) of busy groups a convoy rule dropped
-    findings.extend(_convoy_findings(rows, reasons))
+    findings.extend(_convoy_findings(rows, reasons, buckets))
     _note_convoy_misses(notes, rows.get("labels"), reasons)
     return findings
+
+
+# Tables of extracted rows that grow with spans and are decided per key: the key column of each,
+# by which a run with little memory spills them to disk in buckets (``hourglass.analysis.spill``).
+SPILL_KEYS = {"candidates": "gid"}
+# one bucket's rows: these columns (None: all), of these keys (None: all)
+BucketLoader = Callable[[list[str] | None, pl.Series | None], pl.DataFrame]
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
@@ -552,7 +565,34 @@ def _dense_group(cand: pl.DataFrame) -> pl.Expr:
     return pl.col("gid").replace_strict(groups, numbers, return_dtype=pl.Int64)
 
 
-def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
+@dataclass(frozen=True)
+class _Clock:
+    """Where the sweep's packed keys start and whether they fit: taken over every row the step
+    sees — the whole frame, or every bucket of a spilled one — so the microsecond rounding of
+    ties is the same however the resource keys were bucketed."""
+
+    t0: int
+    packed: bool
+
+    @staticmethod
+    def of(extents: Sequence[tuple[int, int, int]]) -> _Clock | None:
+        """From (earliest start, latest end, groups) of frames holding disjoint groups."""
+        if not extents:
+            return None
+        t0 = min(e[0] for e in extents)
+        span_us = (max(e[1] for e in extents) - t0) // 1000
+        return _Clock(t0, sum(e[2] for e in extents) < (1 << 22) and span_us < (1 << 40))
+
+
+def _extent(cand: pl.DataFrame) -> tuple[int, int, int] | None:
+    """(earliest start, latest end, groups) of ``cand``; None when it is empty."""
+    if cand.is_empty():
+        return None
+    row = cand.select(pl.col("start_ns").min(), pl.col("end_ns").max(), pl.col("gid").n_unique()).row(0)
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _peers_at_start(cand: pl.DataFrame, clock: _Clock) -> pl.Series:
     """For each span (columns gid, start_ns, end_ns, uid), how many spans of its group were in flight
     when it started, itself included: a sweep of +1 at each start and -1 at each end, sorted by
     (group, time) with ends before starts at one instant, summed cumulatively (every group sums to
@@ -560,49 +600,56 @@ def _peers_at_start(cand: pl.DataFrame) -> pl.Series:
 
     The sort is the cost, so (dense group, microsecond time, start flag) is packed into one int64
     key when it fits (fewer than 2**22 groups and a time range under 2**40 µs, about 12 days);
-    otherwise a multi-column sort does the same at a few times the price."""
-    t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
-    span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
+    otherwise a multi-column sort does the same at a few times the price.
+
+    Packed, the running sum at a start is counted rather than summed: the starts ordered before
+    it, itself included (by key, then ``uid``), less the ends ordered before it (an end's key is
+    even, a start's odd, so they never tie): a rank and a binary search over a few int64 arrays,
+    instead of sorting twice the rows with their indices — the decision's peak over one busy
+    resource key (the generated mix's busiest holds about two thirds of the spans)."""
+    t0 = clock.t0
+    if clock.packed:
+        keys = cand.select(
+            g=_dense_group(cand) * (1 << 41),
+            s=(pl.col("start_ns") - t0) // 1000 * 2 + 1,
+            e=(pl.col("end_ns") - t0) // 1000 * 2,
+        )
+        group = keys["g"].to_numpy()
+        start_keys = group + keys["s"].to_numpy()
+        end_keys = group + keys["e"].to_numpy()
+        del keys, group
+        end_keys.sort()
+        order = np.lexsort((cand["uid"].to_numpy(), start_keys))
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(1, order.size + 1, dtype=np.int64)
+        del order
+        rank -= np.searchsorted(end_keys, start_keys, side="left")
+        return pl.Series("peers", rank.astype(np.int32))
     idx = pl.int_range(pl.len(), dtype=pl.UInt32).alias("idx")
     dense = cand.select(idx, "uid", g=_dense_group(cand), s=pl.col("start_ns"), e=pl.col("end_ns"))
-    groups = int(dense["g"].max())  # type: ignore[arg-type]
-    if groups < (1 << 22) and span_us < (1 << 40):
-        packed = pl.col("g") * (1 << 41)
-        events = pl.concat(
-            [
-                dense.select(
-                    "idx", "uid", key=packed + (pl.col("s") - t0) // 1000 * 2 + 1, delta=pl.lit(1, pl.Int8)
-                ),
-                dense.select(
-                    "idx", "uid", key=packed + (pl.col("e") - t0) // 1000 * 2, delta=pl.lit(-1, pl.Int8)
-                ),
-            ]
-        ).sort(["key", "uid"])
-    else:
-        events = pl.concat(
-            [
-                dense.select("idx", "uid", "g", t=pl.col("s"), delta=pl.lit(1, pl.Int8)),
-                dense.select("idx", "uid", "g", t=pl.col("e"), delta=pl.lit(-1, pl.Int8)),
-            ]
-        ).sort(["g", "t", "delta", "uid"])
+    events = pl.concat(
+        [
+            dense.select("idx", "uid", "g", t=pl.col("s"), delta=pl.lit(1, pl.Int8)),
+            dense.select("idx", "uid", "g", t=pl.col("e"), delta=pl.lit(-1, pl.Int8)),
+        ]
+    ).sort(["g", "t", "delta", "uid"])
     sweep = events.with_columns(peers=pl.col("delta").cast(pl.Int32).cum_sum()).filter(pl.col("delta") == 1)
     peers = np.empty(cand.height, dtype=np.int32)
     peers[sweep["idx"].to_numpy()] = sweep["peers"].to_numpy()
     return pl.Series("peers", peers)
 
 
-def _busy_groups(cand: pl.DataFrame) -> pl.Series:
+def _busy_groups(cand: pl.DataFrame, clock: _Clock) -> pl.Series:
     """The group keys (``gid``) where at least ``BUSY_PREFILTER`` × ``MIN_QUEUED_SHARE`` of the spans
     started while an earlier-started span of the group was still running — exactly the spans the
     sweep would give ``peers >= 2``, found with one sort of the starts and a running maximum of the
     ends (groups are packed into one int64 key, so a group's running maximum never leaks into the
     next). A necessary condition for a convoy: the full sweep then runs on these groups alone.
     Returns every group when the packed key does not fit."""
-    t0 = int(cand["start_ns"].min())  # type: ignore[arg-type]
-    span_us = (int(cand["end_ns"].max()) - t0) // 1000  # type: ignore[arg-type]
-    dense = cand.select("gid", "start_ns", "end_ns", g=_dense_group(cand))
-    if int(dense["g"].max()) >= (1 << 22) or span_us >= (1 << 40):  # type: ignore[arg-type]
+    t0 = clock.t0
+    if not clock.packed:
         return cand["gid"].unique()
+    dense = cand.select("gid", "start_ns", "end_ns", g=_dense_group(cand))
     packed = pl.col("g") * (1 << 41)
     ordered = dense.select(
         "gid",
@@ -739,24 +786,84 @@ def _note_convoy_misses(
         )
 
 
-def _convoy_findings(rows: Rows, reasons: list[pl.DataFrame]) -> list[Finding]:
-    """The convoy rules per resource key, over every trace's resource rows; busy groups a rule
-    drops go to ``reasons`` as (gid, reason)."""
-    cand = rows.get("candidates")
-    if cand is None or cand.is_empty():
-        return []
+def _convoy_findings(
+    rows: Rows, reasons: list[pl.DataFrame], buckets: Iterable[BucketLoader] | None = None
+) -> list[Finding]:
+    """The convoy rules per resource key, over every trace's resource rows (``candidates``, or
+    with ``buckets`` the same rows spilled in buckets of whole resource keys, read one bucket at
+    a time); busy groups a rule drops go to ``reasons`` as (gid, reason)."""
     explicit_ops = rows.get("explicit_ops")
-    if explicit_ops is not None and explicit_ops.height:
-        cand = cand.filter(~pl.col("op").is_in(explicit_ops["op"].unique().implode()))
-    cand = cand.with_columns(n=pl.len().over("gid")).filter(pl.col("n") >= MIN_SAMPLES).drop("n")
-    if cand.is_empty():
+    ops = explicit_ops["op"].unique().implode() if explicit_ops is not None and explicit_ops.height else None
+    if buckets is None:
+        cand = rows.get("candidates")
+        if cand is None or cand.is_empty():
+            return []
+        cand = _sampled(cand, ops)
+        sampled = _Clock.of([e for e in (_extent(cand),) if e])
+        if sampled is None:
+            return []
+        cand = cand.filter(pl.col("gid").is_in(_busy_groups(cand, sampled).implode()))
+        busy = _Clock.of([e for e in (_extent(cand),) if e])
+        if busy is None:
+            return []
+        pieces = [_queued_convoys(cand, busy, reasons)]
+    else:
+        # The busy pre-filter and the sweep round times against the earliest start of the rows
+        # they see (frame-wide), so the buckets are read three times: the sampled groups' extent,
+        # the busy groups' extent, then the rules per resource key, one bucket at a time — the
+        # busy groups found from the four columns that takes, then every column of their rows
+        # alone (a group's rows share one operation, so this is ``_busy`` of the whole bucket).
+        # Each bucket is read into a call's argument, which drops it as soon as a filtered or
+        # sorted copy replaces it.
+        narrow = ["gid", "op", "start_ns", "end_ns"]
+        sampled = _Clock.of(
+            [e for e in (_extent(_sampled(load(narrow, None), ops)) for load in buckets) if e]
+        )
+        if sampled is None:
+            return []
+        busy = _Clock.of(
+            [e for e in (_extent(_busy(load(narrow, None), ops, sampled)) for load in buckets) if e]
+        )
+        if busy is None:
+            return []
+        pieces = []
+        for load in buckets:
+            gids = _busy(load(narrow, None), ops, sampled)["gid"].unique()
+            if gids.len():
+                pieces.append(_queued_convoys(load(None, gids), busy, reasons))
+    pieces = [(convoy, stats) for convoy, stats in pieces if convoy.height]
+    if not pieces:
         return []
-    cand = cand.filter(pl.col("gid").is_in(_busy_groups(cand).implode()))
+    # One row order whatever the bucketing: the whole frame's.
+    convoy = pl.concat([c for c, _ in pieces], how="vertical_relaxed").sort(["gid", "start_ns", "uid"])
+    stats = pl.concat([s for _, s in pieces], how="vertical_relaxed")
+    return _convoy_verdicts(rows, convoy, stats, reasons)
+
+
+def _sampled(cand: pl.DataFrame, explicit_ops: pl.Series | None) -> pl.DataFrame:
+    """The resource rows of groups with enough spans to judge, explicit waits' operations left out."""
+    if explicit_ops is not None:
+        cand = cand.filter(~pl.col("op").is_in(explicit_ops))
+    return cand.with_columns(n=pl.len().over("gid")).filter(pl.col("n") >= MIN_SAMPLES).drop("n")
+
+
+def _busy(cand: pl.DataFrame, explicit_ops: pl.Series | None, clock: _Clock) -> pl.DataFrame:
+    """:func:`_sampled`, then the busy groups alone."""
+    cand = _sampled(cand, explicit_ops)
+    return cand.filter(pl.col("gid").is_in(_busy_groups(cand, clock).implode())) if cand.height else cand
+
+
+def _queued_convoys(
+    cand: pl.DataFrame, clock: _Clock, reasons: list[pl.DataFrame]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rules that look at one resource key at a time, over the busy groups in ``cand``: the
+    spans of the groups that pass them (with ``peers``, ``base_ns`` and ``gap_p50``) and the
+    groups' statistics."""
     if cand.is_empty():
-        return []
+        return cand, pl.DataFrame()
     # One row order whatever the partitioning, so float sums (covariance, variance) are identical.
     cand = cand.sort(["gid", "start_ns", "uid"])
-    cand = cand.with_columns(peers=_peers_at_start(cand))
+    cand = cand.with_columns(peers=_peers_at_start(cand, clock))
 
     base_expr = (
         pl.when((pl.col("peers") == 1).sum() >= 3)
@@ -790,7 +897,7 @@ def _convoy_findings(rows: Rows, reasons: list[pl.DataFrame]) -> list[Finding]:
     )
     stats = stats.filter(~flat)
     if stats.is_empty():
-        return []
+        return cand.clear(), stats
     convoy = cand.join(stats.select("gid"), on="gid", how="semi")
     stats = stats.join(convoy.group_by("gid").agg(base_ns=base_expr), on="gid")
     steep = (pl.col("base_ns") > 0) & (pl.col("slope_ns") >= MIN_SLOPE_SHARE * pl.col("base_ns"))
@@ -849,9 +956,13 @@ def _convoy_findings(rows: Rows, reasons: list[pl.DataFrame]) -> list[Finding]:
         )
     )
     spacing = spacing.filter(single_server).select("gid", "gap_p50")
-    if spacing.is_empty():
-        return []
-    convoy = convoy.join(spacing, on="gid", how="inner")
+    return convoy.join(spacing, on="gid", how="inner"), stats.join(spacing, on="gid")
+
+
+def _convoy_verdicts(
+    rows: Rows, convoy: pl.DataFrame, stats: pl.DataFrame, reasons: list[pl.DataFrame]
+) -> list[Finding]:
+    """The rule that looks across resource keys (a convoy nested in another), then the findings."""
 
     # Prefer the deepest convoy: drop groups whose spans mostly contain a convoy or explicit wait
     # (an explicit waiting span counts as containing itself).
@@ -885,7 +996,6 @@ def _convoy_findings(rows: Rows, reasons: list[pl.DataFrame]) -> list[Finding]:
         .with_columns(resource=_resource())
         .select("gid", "service", "name", "db_system", "peer", "resource")
     )
-    stats = stats.join(spacing, on="gid")
 
     convoy = convoy.with_columns(
         wait_ns=(pl.col("duration_ns") - pl.col("base_ns")).clip(0).cast(pl.Int64),
@@ -905,7 +1015,7 @@ def _convoy_findings(rows: Rows, reasons: list[pl.DataFrame]) -> list[Finding]:
                         "gid": [first["gid"]],
                         "reason": [f"no queued wait >= {MIN_WAIT_NS / 1e6:g} ms on the critical path"],
                     },
-                    schema={"gid": cand.schema["gid"], "reason": pl.String},
+                    schema={"gid": convoy.schema["gid"], "reason": pl.String},
                 )
             )
             continue

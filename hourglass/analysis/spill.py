@@ -1,0 +1,115 @@
+"""Extracted rows that grow with spans, kept on disk in buckets of whole keys (issue 11's memory bound).
+
+Most extracted rows are few: one per candidate occurrence or per signature. A table whose rows
+grow with the spans themselves and that the decision groups by a key — the lock-convoy rule's
+resource rows (``lock_contention.candidates``, one row per span with a duration, ~80 bytes a span
+measured on the generated mix, two thirds of every extracted byte) — would make the deciding
+process grow with the store. So a partitioned run writes such a table, in each partition's task,
+to Parquet files bucketed by ``hash(key) mod B`` (``<folder>/<kind>.<table>/b<bucket>/p<part>``),
+leaves an empty table of the same columns in the rows that travel back, and the decision reads
+the files one bucket at a time: every row of a key is in one bucket, so a rule per key sees all
+of its rows, and the deciding process holds one bucket, not the table.
+
+``SPILLABLE`` lists the tables and their keys (``SPILL_KEYS`` of the detector's module) and the
+detector's decision that takes the buckets. ``tests/analysis/test_partitions.py`` checks the
+findings and near misses are those of the whole for several bucket counts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import polars as pl
+
+from hourglass.analysis.detectors import lock_contention
+from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.model import Finding
+
+
+@dataclass(frozen=True)
+class Spillable:
+    """A detector's table decided per key: its name, its key column, the decision taking buckets."""
+
+    table: str
+    key: str
+    decide: Callable[[Rows, NearMissSink, Iterable[lock_contention.BucketLoader]], list[Finding]]
+
+
+SPILLABLE: dict[str, Spillable] = {
+    "lock_contention": Spillable(*next(iter(lock_contention.SPILL_KEYS.items())), lock_contention.decide),
+}
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The spilled rows of one table: a reader per bucket holding files (``load(columns, keys)``,
+    None: every column, every key), called when the decision gets to it, so nothing keeps a bucket alive but the
+    decision itself. Each iteration reads the files again."""
+
+    folder: Path
+    count: int
+    key: str
+
+    def __iter__(self) -> Iterator[Callable[[list[str] | None, pl.Series | None], pl.DataFrame]]:
+        for bucket in range(self.count):
+            files = sorted((self.folder / f"b{bucket:05d}").glob("p*.parquet"))
+            if files:  # in partition order, as the combined rows would be
+                yield partial(_read, files, self.key)
+
+
+def _read(files: list[Path], key: str, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:
+    if keys is None:
+        return pl.read_parquet(files, columns=columns)
+    scan = pl.scan_parquet(files).filter(pl.col(key).is_in(keys.implode()))
+    return (scan if columns is None else scan.select(columns)).collect()
+
+
+@dataclass(frozen=True)
+class Spill:
+    """Where a partitioned run spills (a folder every task of this machine reaches) and into how
+    many buckets."""
+
+    folder: str
+    buckets: int
+
+    @staticmethod
+    def create(buckets: int, near: str | None = None) -> Spill:
+        """A fresh folder (in ``$TMPDIR``, or beside ``near``) for one run's spilled rows."""
+        return Spill(tempfile.mkdtemp(prefix="hourglass-spill-", dir=near), max(1, buckets))
+
+    def _table_folder(self, kind: str, table: str) -> Path:
+        return Path(self.folder) / f"{kind}.{table}"
+
+    def write(self, part: int, rows: dict[str, Rows]) -> dict[str, Rows]:
+        """Writes the spillable tables of one partition's ``rows`` to their buckets; returns the
+        rows with those tables emptied (their columns kept). A retried task writes the same files
+        again (each written whole, then renamed into place)."""
+        out = dict(rows)
+        for kind, spillable in SPILLABLE.items():
+            frame = rows.get(kind, {}).get(spillable.table)
+            if frame is None:
+                continue
+            if frame.height:
+                bucket = (pl.col(spillable.key).hash(seed=0) % self.buckets).alias("_bucket")
+                pieces = frame.with_columns(bucket).partition_by("_bucket", as_dict=True, include_key=False)
+                for (number,), piece in pieces.items():
+                    folder = self._table_folder(kind, spillable.table) / f"b{int(number):05d}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    target = folder / f"p{part:06d}.parquet"
+                    partial = folder / f".p{part:06d}.{os.getpid()}.tmp"
+                    piece.write_parquet(partial, compression="lz4", statistics=False)
+                    os.replace(partial, target)
+            out[kind] = {**rows[kind], spillable.table: frame.clear()}
+        return out
+
+    def buckets_of(self, kind: str) -> Buckets:
+        return Buckets(self._table_folder(kind, SPILLABLE[kind].table), self.buckets, SPILLABLE[kind].key)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
