@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from bench._process import stop
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_P99_MS = 50.0
 
@@ -235,11 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if verdict == "PASS" else 1
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, 30)
         log.close()
         if not args.keep and args.db is None:
             for p in sorted(tmp.rglob("*"), reverse=True):

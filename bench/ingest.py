@@ -147,7 +147,7 @@ def build_template(seed: int) -> bytes:
 
 
 # -- senders ------------------------------------------------------------------------------------
-def _retry_delay(err: grpc.RpcError) -> float | None:
+def retry_delay(err: grpc.RpcError) -> float | None:
     """The server's RetryInfo delay; None when the refusal carries none (the OpenTelemetry
     Collector's exporter then treats RESOURCE_EXHAUSTED as permanent and drops the data)."""
     for key, value in err.trailing_metadata() or ():
@@ -187,7 +187,7 @@ def _sender_process(
                 code = err.code()
                 if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
                     refused[thread_id] += 1
-                    delay = _retry_delay(err)
+                    delay = retry_delay(err)
                     if delay is None:
                         refused_without_retry_info[thread_id] += 1
                         delay = 0.5

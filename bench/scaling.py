@@ -38,17 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._process import hourglass_command
+
 TARGET_RATIO_1M = 8.0
 TARGET_RSS_1M_GIB = 1.5
 TARGET_RSS_LARGE_GIB = 2.0
 REFERENCE_ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _hourglass() -> list[str]:
-    """The installed console script next to this interpreter, else ``python -m hourglass``."""
-    script = Path(sys.executable).with_name("hourglass")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "hourglass"]
 
 
 def run_process(argv: list[str], *, stdout_path: str | None = None) -> dict[str, Any]:
@@ -119,7 +115,7 @@ BUDGET: str | None = None  # --memory-budget passed to every run (None: the CLI'
 
 
 def _analyze_argv(db: Path, out: Path, workers: int | None) -> list[str]:
-    argv = [*_hourglass(), "analyze", "--db", str(db), "--format", "json", "--output", str(out)]
+    argv = [*hourglass_command(), "analyze", "--db", str(db), "--format", "json", "--output", str(out)]
     if workers is not None:
         argv += ["--workers", str(workers)]
     if BUDGET is not None:

@@ -38,22 +38,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._process import hourglass_command, stop
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def hourglass() -> list[str]:
-    local = ROOT / ".venv" / "bin" / "hourglass"
-    if local.exists():
-        return [str(local)]
-    found = shutil.which("hourglass")
-    return [found] if found else [sys.executable, "-m", "hourglass"]
 
 
 def run(args: list[str]) -> tuple[float, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     started = time.perf_counter()
     done = subprocess.run(
-        [*hourglass(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+        [*hourglass_command(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
     )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -172,7 +166,7 @@ def served(db: Path, top: dict[str, Any]) -> bool:
     ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--api-port", str(api_port)]
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [*hourglass(), "serve", "--db", str(db), *ports],
+            [*hourglass_command(), "serve", "--db", str(db), *ports],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -237,11 +231,7 @@ def served(db: Path, top: dict[str, Any]) -> bool:
         print(f"served --recommendation agrees with the report (1 %): {agree}")
         return agree
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, 60)
 
 
 if __name__ == "__main__":

@@ -251,27 +251,12 @@ def combine_path_rows(parts: Iterable[PathRows]) -> PathRows:
 
 
 def endpoint_critical_path(
-    ctx: AnalysisContext,
-    service: str,
-    operation: str,
-    *,
-    top_paths: int = TOP_PATHS,
-    icicle: bool = True,
-    max_operations: int | None = None,
-    max_icicle_nodes: int = MAX_ICICLE_NODES,
+    ctx: AnalysisContext, service: str, operation: str, **options: Any
 ) -> dict[str, Any] | None:
     """The aggregated critical path of the traces rooted at (service, operation); None when no
-    trace is."""
+    trace is. ``options``: those of :func:`endpoint_path_from_rows`."""
     rows = combine_path_rows([path_rows(ctx, (service, operation))])
-    return endpoint_path_from_rows(
-        rows,
-        service,
-        operation,
-        top_paths=top_paths,
-        icicle=icicle,
-        max_operations=max_operations,
-        max_icicle_nodes=max_icicle_nodes,
-    )
+    return endpoint_path_from_rows(rows, service, operation, **options)
 
 
 def endpoint_path_from_rows(

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -184,26 +185,21 @@ class AnalysisWorker:
         process (``worker_start``), shipping the table (``send``), analysing in the worker
         (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
         stages = {} if stages is None else stages
-        with self._lock:
-            started = time.perf_counter()
-            conn = self._ensure()
-            stages["worker_start"] = time.perf_counter() - started
-            started = time.perf_counter()
-            shipped, written = _ship_table(table)
-            try:
+        started = time.perf_counter()
+        shipped, written = _ship_table(table)  # a failure here is ours, not the worker's
+        shipping = time.perf_counter() - started
+        try:
+            with self._session(stages) as conn:
+                started = time.perf_counter()
                 conn.send((shipped, settings, since_ns, explain))
-                stages["send"] = time.perf_counter() - started
+                stages["send"] = shipping + time.perf_counter() - started
                 started = time.perf_counter()
                 status, payload = conn.recv()
                 waited = time.perf_counter() - started
-            except (EOFError, OSError) as exc:
-                code = self._process.exitcode if self._process is not None else None
-                self._kill()
-                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
-            finally:
-                if written is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(written)
+        finally:
+            if written is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(written)
         if status != "ok":
             raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
         report, index, analysis_s = payload
@@ -222,10 +218,7 @@ class AnalysisWorker:
         """One incremental round in the worker (:func:`run_incremental`), answering its span
         reads from ``reader`` (the store, read in this process) until it sends the result."""
         stages = {} if stages is None else stages
-        with self._lock:
-            started = time.perf_counter()
-            conn = self._ensure()
-            stages["worker_start"] = time.perf_counter() - started
+        with self._session(stages) as conn:
             started = time.perf_counter()
             reading = 0.0
             shipped_files: list[str] = []  # the worker unlinks each when it maps it; these if it died first
@@ -249,10 +242,6 @@ class AnalysisWorker:
                         shipped_files.append(written)
                     conn.send(("table", shipped))
                     reading += time.perf_counter() - read_started
-            except (EOFError, OSError) as exc:
-                code = self._process.exitcode if self._process is not None else None
-                self._kill()
-                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
             finally:
                 for path in shipped_files:
                     with contextlib.suppress(FileNotFoundError):
@@ -263,6 +252,22 @@ class AnalysisWorker:
         stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
         return report, index, figures
+
+    @contextlib.contextmanager
+    def _session(self, stages: dict[str, float]) -> Iterator[Connection]:
+        """One conversation with the worker: the lock held, the process started if needed (its
+        seconds in ``stages["worker_start"]``), and a worker that dies mid-way killed and reported
+        as one RuntimeError with its exit code."""
+        with self._lock:
+            started = time.perf_counter()
+            conn = self._ensure()
+            stages["worker_start"] = time.perf_counter() - started
+            try:
+                yield conn
+            except (EOFError, OSError) as exc:
+                code = self._process.exitcode if self._process is not None else None
+                self._kill()
+                raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
 
     def _kill(self) -> None:
         if self._conn is not None:

@@ -162,34 +162,19 @@ class HourglassCollector(Collector):
 
     def _ingest_metrics(self, pipeline: IngestPipeline) -> Iterator[Metric]:
         counts = pipeline.exports.snapshot()
-        requests = CounterMetricFamily(
-            "hourglass_export_requests",
-            "OTLP Exports answered, by protocol and outcome",
-            labels=["protocol", "outcome"],
+        counters = (
+            ("hourglass_export_requests", "OTLP Exports answered, by protocol and outcome", "requests", "outcome"),
+            ("hourglass_spans_received", "Spans decoded from OTLP Exports", "spans_received", None),
+            ("hourglass_spans_refused", "Spans not stored, by protocol and reason", "spans_refused", "reason"),
+            ("hourglass_spans_stored", "Spans committed to the store and acknowledged", "spans_stored", None),
         )
-        for (protocol, outcome), n in sorted(counts["requests"].items()):
-            requests.add_metric([protocol, outcome], n)
-        yield requests
-        received = CounterMetricFamily(
-            "hourglass_spans_received", "Spans decoded from OTLP Exports", labels=["protocol"]
-        )
-        for protocol, n in sorted(counts["spans_received"].items()):
-            received.add_metric([protocol], n)
-        yield received
-        refused = CounterMetricFamily(
-            "hourglass_spans_refused",
-            "Spans not stored, by protocol and reason",
-            labels=["protocol", "reason"],
-        )
-        for (protocol, reason), n in sorted(counts["spans_refused"].items()):
-            refused.add_metric([protocol, reason], n)
-        yield refused
-        stored = CounterMetricFamily(
-            "hourglass_spans_stored", "Spans committed to the store and acknowledged", labels=["protocol"]
-        )
-        for protocol, n in sorted(counts["spans_stored"].items()):
-            stored.add_metric([protocol], n)
-        yield stored
+        for name, documentation, key, second_label in counters:
+            # counted by protocol, or by (protocol, second label)
+            labels = ["protocol"] if second_label is None else ["protocol", second_label]
+            family = CounterMetricFamily(name, documentation, labels=labels)
+            for label_values, n in sorted(counts[key].items()):
+                family.add_metric(list(label_values) if second_label else [label_values], n)
+            yield family
         latency = HistogramMetricFamily(
             "hourglass_export_duration_seconds",
             "Time from an OTLP Export's arrival to its answer (an acknowledgement waits for the commit)",

@@ -10,6 +10,7 @@ report's endpoint critical paths (``hourglass.analysis.endpoint_path``).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.endpoint_path import combine_path_rows, endpoint_critical_path, path_rows
-from hourglass.analysis.model import Finding
+from hourglass.analysis.model import Finding, NearMissLog
 from hourglass.analysis.pipeline import report_critical_paths
 from hourglass.collector.files import read_trace_files
 
@@ -57,17 +58,14 @@ class Notes:
     def __init__(self) -> None:
         self.misses: list[tuple[Any, ...]] = []
 
-    def note_near_miss(
-        self,
-        kind: str,
-        service: str,
-        operation: str,
-        reason: str,
-        trace_ids: list[str] | tuple[str, ...] = (),
-        span_ids: list[str] | tuple[str, ...] = (),
-        traces: int = 0,
-    ) -> None:
-        self.misses.append((kind, service, operation, reason, tuple(trace_ids), tuple(span_ids), traces))
+    def note_near_miss(self, *args: Any, **kwargs: Any) -> None:
+        """Everything ``NearMissLog.note_near_miss`` is told, ids untruncated."""
+        bound = inspect.signature(NearMissLog.note_near_miss).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        self.misses.append(
+            (a["kind"], a["service"], a["operation"], a["reason"], tuple(a["trace_ids"]), tuple(a["span_ids"]), a["traces"])
+        )
 
 
 def _comparable(finding: Finding) -> dict[str, Any]:

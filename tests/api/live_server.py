@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from bench._process import hourglass_command
 
 ROOT = Path(__file__).resolve().parents[2]
 MS = 1_000_000
@@ -41,11 +41,8 @@ def free_port() -> int:
 
 
 def hourglass_executable() -> list[str]:
-    exe = ROOT / ".venv" / "bin" / "hourglass"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("hourglass")
-    return [found] if found else [sys.executable, "-m", "hourglass"]
+    """The venv's console script (what users run), else ``python -m hourglass``."""
+    return hourglass_command()
 
 
 @dataclass

@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
-from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
+from bench.ingest import retry_delay
 from hourglass.api.app import create_app
 from hourglass.api.serve import _warn_about_exposure
 from hourglass.api.settings import Settings
@@ -409,7 +409,7 @@ def test_concurrent_large_exports_are_bounded_before_they_are_read(
                 call(request, timeout=60)
                 result: tuple[grpc.StatusCode, float | None] = (grpc.StatusCode.OK, None)
             except grpc.RpcError as err:
-                result = (err.code(), _retry_delay(err))
+                result = (err.code(), retry_delay(err))
         with lock:
             codes.append(result)
 
@@ -443,15 +443,6 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _retry_delay(err: grpc.RpcError) -> float | None:
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.RetryInfo()
-                if detail.Unpack(info):
-                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return None
 
 
 # -- 15.7: a corrupt store, a full disk --------------------------------------------------------------------

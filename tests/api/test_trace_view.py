@@ -34,24 +34,13 @@ def _checkout(i: int) -> TraceBuilder:
         late = (
             SKEW_MS if service == "cart" else 0.0
         )  # cart's clock is late: its server span lies outside the call
-        server = b.span(
-            f"GET /{service}",
-            parent=call,
-            service=service,
-            start_ms=start + 1 + late,
-            dur_ms=23,
-            kind=KIND_SERVER,
-            host=f"{service}-{j}",
-        )
-        b.span(
-            f"SELECT {service}",
-            parent=server,
-            service=service,
-            start_ms=start + 3 + late,
-            dur_ms=18,
-            kind=KIND_CLIENT,
-            host=f"{service}-{j}",
-        )
+        parent = call
+        # the service's server span, then its query inside it
+        for name, offset, dur, kind in ((f"GET /{service}", 1, 23, KIND_SERVER), (f"SELECT {service}", 3, 18, KIND_CLIENT)):
+            parent = b.span(
+                name, parent=parent, service=service, start_ms=start + offset + late, dur_ms=dur, kind=kind,
+                host=f"{service}-{j}",
+            )
     return b
 
 
