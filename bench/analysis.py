@@ -64,45 +64,13 @@ Row = tuple[int, str, str, int, float, float, dict[str, Any]]
 def _serialized() -> list[Row]:
     return [
         (-1, "frontend", "GET /checkout", S, 0, 200, {"http_method": "GET", "http_route": "/checkout"}),
-        (
-            0,
-            "frontend",
-            "GET users",
-            C,
-            5,
-            50,
-            {"http_method": "GET", "http_url": "http://users/api/users/{n}"},
-        ),
+        (0, "frontend", "GET users", C, 5, 50, {"http_method": "GET", "http_url": "http://users/api/users/{n}"}),
         (1, "users", "GET /api/users/{id}", S, 6, 48, {"http_route": "/api/users/{id}"}),
-        (
-            2,
-            "users",
-            "SELECT",
-            C,
-            8,
-            40,
-            {"db_system": "postgresql", "db_statement": "SELECT * FROM users WHERE id = {n}"},
-        ),
-        (
-            0,
-            "frontend",
-            "GET cart",
-            C,
-            56,
-            70,
-            {"http_method": "GET", "http_url": "http://cart/api/carts/{n}"},
-        ),
+        (2, "users", "SELECT", C, 8, 40, {"db_system": "postgresql", "db_statement": "SELECT * FROM users WHERE id = {n}"}),
+        (0, "frontend", "GET cart", C, 56, 70, {"http_method": "GET", "http_url": "http://cart/api/carts/{n}"}),
         (4, "cart", "GET /api/carts/{id}", S, 57, 68, {"http_route": "/api/carts/{id}"}),
         (5, "cart", "redis GET", C, 58, 60, {"db_system": "redis", "db_statement": "GET cart:{n}"}),
-        (
-            0,
-            "frontend",
-            "GET recommendations",
-            C,
-            127,
-            60,
-            {"http_method": "GET", "http_url": "http://recs/api/recs?u={n}"},
-        ),
+        (0, "frontend", "GET recommendations", C, 127, 60, {"http_method": "GET", "http_url": "http://recs/api/recs?u={n}"}),
         (7, "recs", "GET /api/recs", S, 128, 58, {"http_route": "/api/recs"}),
         (8, "recs", "model.predict", N, 130, 50, {}),
         (0, "frontend", "render", N, 188, 10, {}),
@@ -112,27 +80,11 @@ def _serialized() -> list[Row]:
 def _n_plus_one() -> list[Row]:
     rows: list[Row] = [
         (-1, "orders", "GET /orders", S, 0, 130, {"http_method": "GET", "http_route": "/orders"}),
-        (
-            0,
-            "orders",
-            "SELECT orders",
-            C,
-            2,
-            8,
-            {"db_system": "mysql", "db_statement": "SELECT * FROM orders WHERE user_id = {n}"},
-        ),
+        (0, "orders", "SELECT orders", C, 2, 8, {"db_system": "mysql", "db_statement": "SELECT * FROM orders WHERE user_id = {n}"}),
     ]
     for k in range(14):
         rows.append(
-            (
-                0,
-                "orders",
-                "SELECT items",
-                C,
-                11 + k * 8.5,
-                8,
-                {"db_system": "mysql", "db_statement": "SELECT * FROM items WHERE order_id = {n}" + f"{k}"},
-            )
+            (0, "orders", "SELECT items", C, 11 + k * 8.5, 8, {"db_system": "mysql", "db_statement": "SELECT * FROM items WHERE order_id = {n}" + f"{k}"})
         )
     return rows
 
@@ -161,15 +113,7 @@ def _pool() -> list[Row]:
     for k in range(12):
         wave = k // 3
         rows.append(
-            (
-                0,
-                "thumbs",
-                "resize",
-                C,
-                2 + wave * 50,
-                48,
-                {"peer": "imaging", "http_url": "http://imaging/resize"},
-            )
+            (0, "thumbs", "resize", C, 2 + wave * 50, 48, {"peer": "imaging", "http_url": "http://imaging/resize"})
         )
     return rows
 
@@ -198,33 +142,9 @@ def _retry() -> list[Row]:
     err = {"status_code": STATUS_ERROR, "http_status_code": 503}
     return [
         (-1, "payments", "POST /pay", S, 0, 140, {"http_method": "POST", "http_route": "/pay"}),
-        (
-            0,
-            "payments",
-            "POST charge",
-            C,
-            2,
-            30,
-            {"http_method": "POST", "http_url": "http://bank/charge", **err},
-        ),
-        (
-            0,
-            "payments",
-            "POST charge",
-            C,
-            33,
-            30,
-            {"http_method": "POST", "http_url": "http://bank/charge", **err},
-        ),
-        (
-            0,
-            "payments",
-            "POST charge",
-            C,
-            64,
-            30,
-            {"http_method": "POST", "http_url": "http://bank/charge", **err},
-        ),
+        (0, "payments", "POST charge", C, 2, 30, {"http_method": "POST", "http_url": "http://bank/charge", **err}),
+        (0, "payments", "POST charge", C, 33, 30, {"http_method": "POST", "http_url": "http://bank/charge", **err}),
+        (0, "payments", "POST charge", C, 64, 30, {"http_method": "POST", "http_url": "http://bank/charge", **err}),
         (0, "payments", "POST charge", C, 95, 40, {"http_method": "POST", "http_url": "http://bank/charge"}),
     ]
 
@@ -302,15 +222,7 @@ def _healthy_parallel() -> list[Row]:
     rows: list[Row] = [(-1, "frontend", "GET /home", S, 0, 80, {"http_method": "GET", "http_route": "/home"})]
     for k, svc in enumerate(["ads", "news", "weather", "stocks"]):
         rows.append(
-            (
-                0,
-                "frontend",
-                f"GET {svc}",
-                C,
-                3 + k,
-                60 + 2 * k,
-                {"http_method": "GET", "http_url": f"http://{svc}/api"},
-            )
+            (0, "frontend", f"GET {svc}", C, 3 + k, 60 + 2 * k, {"http_method": "GET", "http_url": f"http://{svc}/api"})
         )
         rows.append((1 + 2 * k, svc, "GET /api", S, 4 + k, 58 + 2 * k, {"http_route": "/api"}))
     return rows

@@ -31,7 +31,6 @@ import http.client
 import multiprocessing as mp
 import os
 import random
-import re
 import signal
 import struct
 import subprocess
@@ -49,6 +48,8 @@ import psutil
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
+
+from bench._process import start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -355,27 +356,6 @@ class RssSampler:
         self._thread.join(2)
 
 
-def _start_serve(db: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """(process, gRPC host:port, OTLP/HTTP URL)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
-    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(db)]
-    cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        grpc_found = re.search(r"OTLP/gRPC listening on (\S+)", text)
-        http_found = re.search(r"OTLP/HTTP listening on (\S+)", text)
-        if grpc_found and http_found:
-            return proc, grpc_found.group(1), http_found.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"serve did not start:\n{log.read_text(errors='replace')}")
-
-
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -444,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. serve
         db = tmp / "bench.duckdb"
-        proc, target, http_url = _start_serve(db, tmp / "serve.log")
+        proc, addresses = start_serve(db, tmp / "serve.log", timeout=60)
+        target, http_url = addresses["grpc"], addresses["http"]
         try:
             with RssSampler(proc.pid) as rss:
                 loaded = run_load(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import signal
 import struct
@@ -46,6 +45,9 @@ import grpc
 import psutil
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
+
+from bench._process import start_serve
+from bench.ingest import _kv as kv_attribute
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -67,16 +69,8 @@ ATTRIBUTES = {
 
 
 def _kv(key: str, value: Any) -> common_pb2.KeyValue:
-    kv = common_pb2.KeyValue(key=key)
-    if isinstance(value, bool):
-        kv.value.bool_value = value
-    elif isinstance(value, int):
-        kv.value.int_value = value
-    elif isinstance(value, float):
-        kv.value.double_value = value
-    else:
-        kv.value.string_value = str(value)
-    return kv
+    """``bench.ingest``'s attribute builder; any other value as its text."""
+    return kv_attribute(key, value if isinstance(value, (str, int, float, bool)) else str(value))
 
 
 def build_templates(spans: int = TEMPLATE_SPANS) -> list[tuple[bytes, int, int]]:
@@ -220,27 +214,6 @@ def _get(url: str) -> dict[str, Any]:
         return body
 
 
-def _start_serve(db: Path, log: Path, incremental: bool) -> tuple[subprocess.Popen[bytes], str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
-    env["HOURGLASS_INCREMENTAL_ANALYSIS"] = "true" if incremental else "false"
-    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(db), "--host", "127.0.0.1"]
-    cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        grpc_found = re.search(r"OTLP/gRPC listening on (\S+)", text)
-        api_found = re.search(r"REST API listening on (\S+)", text)
-        if grpc_found and api_found:
-            return proc, grpc_found.group(1), api_found.group(1).rstrip("/")
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"serve did not start:\n{log.read_text(errors='replace')}")
-
-
 def _stop_serve(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -263,7 +236,9 @@ def soak(
 ) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix=f"hourglass-soak-{label}-"))
     db = folder / "soak.duckdb"
-    proc, grpc_target, api = _start_serve(db, folder / "serve.log", incremental)
+    flag = {"HOURGLASS_INCREMENTAL_ANALYSIS": "true" if incremental else "false"}
+    proc, addresses = start_serve(db, folder / "serve.log", env=flag)
+    grpc_target, api = addresses["grpc"], addresses["api"]
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
     print(
         f"{'t s':>5} {'rss MiB':>8} {'stored':>10} {'sent':>10} {'settled':>9} {'in report':>9} {'lag s':>6} {'refused':>7}  last run"

@@ -33,9 +33,10 @@ from typing import Annotated, Any
 import pyarrow as pa
 import typer
 
-from hourglass.api.settings import Settings, parse_bytes, parse_since
+from hourglass.api.settings import Settings, parse_bytes
 from hourglass.cli._app import app
 from hourglass.cli._options import option
+from hourglass.cli._options import since_ns as since_option_ns
 from hourglass.collector.problem_summary import ProblemSummary
 from hourglass.collector.schema import ANALYSIS_COLUMNS, empty_span_table
 from hourglass.settings import ANALYZE, default
@@ -317,12 +318,7 @@ def analyze_command(
 ) -> None:
     """Find serialized calls, N+1, lock contention, fan-out problems and fault-tolerance gaps."""
     settings = Settings()
-    since_ns: int | None = None
-    if since is not None:
-        try:
-            since_ns = parse_since(since, name="--since")
-        except ValueError as exc:
-            raise _fail(str(exc)) from None
+    since_ns = since_option_ns("analyze", since)
     gate_spec = None
     if fail_on:
         from hourglass.analysis.gate import GateSpec, GateSpecError

@@ -20,9 +20,10 @@ from typing import Annotated
 
 import typer
 
-from hourglass.api.settings import Settings, parse_since
+from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
+from hourglass.cli._options import since_ns as since_option_ns
 from hourglass.cli.analyze import read_files
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 from hourglass.settings import REPORT
@@ -71,12 +72,7 @@ def report_command(
     if html is not None and output_format not in (None, ReportFormat.html):
         raise _fail("--html writes HTML; use --output with --format json|markdown")
     target = html or output
-    since_ns: int | None = None
-    if since is not None:
-        try:
-            since_ns = parse_since(since, name="--since")
-        except ValueError as exc:
-            raise _fail(str(exc)) from None
+    since_ns = since_option_ns("report", since)
 
     # The app's modules (FastAPI's world) load only when this command runs, not for every command.
     from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher

@@ -23,9 +23,10 @@ from typing import Annotated, Any
 
 import typer
 
-from hourglass.api.settings import Settings, parse_since
+from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
+from hourglass.cli._options import since_ns as since_option_ns
 from hourglass.cli.analyze import read_files, read_store
 from hourglass.settings import CRITICAL_PATH, WHATIF
 
@@ -44,12 +45,7 @@ def _fail(command: str, message: str) -> typer.Exit:
 
 def _context(command: str, files: list[Path] | None, db: str | None, since: str | None) -> tuple[Any, int]:
     """(AnalysisContext of the files or the store, number of skipped records)."""
-    since_ns: int | None = None
-    if since is not None:
-        try:
-            since_ns = parse_since(since, name="--since")
-        except ValueError as exc:
-            raise _fail(command, str(exc)) from None
+    since_ns = since_option_ns(command, since)
     if files and db is not None:
         raise _fail(command, "give trace files or --db, not both")
     problems = 0
