@@ -33,24 +33,13 @@ lint: install
 
 bench: bench-ingest bench-analysis bench-api
 
-bench-ingest: install
-	$(PY) -m bench.ingest
-
-bench-analysis: install
-	$(PY) -m bench.analysis
-
-bench-api: install
-	$(PY) -m bench.api
-
-bench-whatif: install
-	$(PY) -m bench.whatif
+# bench-ingest, -analysis, -api, -whatif and -scaling run bench/<name>.py (each prints its figure
+# beside a baseline measured in the same run; see the README's Development section)
+bench-ingest bench-analysis bench-api bench-whatif bench-scaling: bench-%: install
+	$(PY) -m bench.$*
 
 bench-import: install
 	$(PY) -m bench.import_files
-
-# The whole `hourglass analyze --db` process at 1M, 5M and 10M spans beside the reference pass.
-bench-scaling: install
-	$(PY) -m bench.scaling
 
 # `hourglass serve` fed 20,000 spans/s for 10 minutes: RSS, settled traces vs the report, refusals,
 # beside the whole-store re-analysis (HOURGLASS_INCREMENTAL_ANALYSIS=false). QUICK=1: 2 minutes each.

@@ -519,6 +519,10 @@ def sibling_groups(ctx: AnalysisContext, min_children: int) -> pl.DataFrame:
     return ctx.cached(f"sibling_groups/{min_children}", lambda: _sibling_groups(ctx.spans, min_children))
 
 
+# a call span's columns the sibling groups carry
+_CALL_COLUMNS = ("row", "parent_row", "start_ns", "end_ns", "duration_ns")
+
+
 def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
     """Blocking children grouped by (parent, child service, child name, endpoint shape — see
     :func:`_endpoint`), one row per child, for groups with at least ``min_children`` members:
@@ -536,11 +540,7 @@ def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
         spans.lazy()
         .filter(pl.col("blocking") & pl.col("parent_row").is_not_null())
         .select(
-            "row",
-            "parent_row",
-            "start_ns",
-            "end_ns",
-            "duration_ns",
+            *_CALL_COLUMNS,
             name_key=pl.struct("parent_row", "service", "name").hash(),
             needs_endpoint=pl.col("name").is_in(_generic_names(spans).implode())
             & (pl.col("http_url").is_not_null() | pl.col("http_route").is_not_null()),
@@ -559,11 +559,7 @@ def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
         by_name.lazy()
         .with_columns(endpoint_key=pl.Series(endpoint_key))
         .select(
-            "row",
-            "parent_row",
-            "start_ns",
-            "end_ns",
-            "duration_ns",
+            *_CALL_COLUMNS,
             group_id=pl.struct("name_key", "endpoint_key").hash(),
         )
         .with_columns(n=pl.len().over("group_id"))
