@@ -36,6 +36,7 @@ by parent id, service and operation — so they do not depend on how the traces 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,8 @@ MAX_PATH_STEPS = 40
 MAX_ICICLE_NODES = 150
 MIN_ICICLE_SHARE = 0.005
 TOP_ENDPOINTS = 10
+
+log = logging.getLogger(__name__)
 
 
 def _ms(expr: pl.Expr) -> pl.Expr:
@@ -417,3 +420,18 @@ def critical_paths(ctx: AnalysisContext, top: int = TOP_ENDPOINTS, **options: An
     """The aggregated critical path of the ``top`` busiest endpoints (for the report page);
     ``options`` go to :func:`endpoint_critical_path`."""
     return critical_paths_from_rows(combine_path_rows([path_rows(ctx)]), top, **options)
+
+
+# the report page's icicles: the busiest endpoints, compact (the full figures are at
+# ``GET /v1/critical-path``)
+REPORT_PATHS = {"top": 8, "top_paths": 3, "max_operations": 12, "max_icicle_nodes": 60}
+
+
+def report_critical_paths(rows: PathRows) -> list[dict[str, Any]]:
+    """The report's ``critical_paths`` from (combined) rows; empty, and logged, when they fail: a
+    picture must never cost the recommendations."""
+    try:
+        return critical_paths_from_rows(rows, **REPORT_PATHS)
+    except Exception:
+        log.exception("critical paths of the endpoints failed")
+        return []

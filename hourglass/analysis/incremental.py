@@ -18,8 +18,8 @@ round (:meth:`IncrementalAnalysis.round`):
    the findings found in them), never the whole store.
 
 The report is the same as ``analyze_partitioned`` over the same traces (and so as the at-once
-analysis: ``tests/test_partitioned_analysis.py``), except the endpoints' critical paths, which a
-partitioned run leaves out.
+analysis: ``tests/test_partitioned_analysis.py``), the endpoints' critical paths included: each
+batch keeps its critical-path rows beside its detector rows.
 
 A ``since`` window is the decision over the batches inside the window, plus the in-window traces
 of batches that straddle its edge, extracted on the fly (not stored).
@@ -177,19 +177,8 @@ class MemoExecutor:
         if stored is not None:
             return stored
         ctx = self._context(source, part)
-        services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
-        result = self._retrying(
-            "extracting",
-            part,
-            lambda: partitions.PartResult(
-                part,
-                partitions.extract(ctx),
-                ctx.traces,
-                ctx.spans.height,
-                services,
-                partitions.path_rows_or_none(ctx),  # the endpoints' icicles, decided over every batch
-            ),
-        )
+        # compacted: a batch's rows stay in memory for the rounds to come, without its spans
+        result = self._retrying("extracting", part, lambda: partitions.part_result(part, ctx))
         self.contexts[part] = ctx  # for the pricing of this round
         if unit.batch is not None:
             self.state.store_extraction(unit.batch, result)

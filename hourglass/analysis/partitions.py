@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ import pyarrow as pa
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows
+from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows, report_critical_paths
 from hourglass.analysis.model import Finding
 from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -239,10 +239,14 @@ class PartResult:
 
 
 def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
-    """One task of the first pass: read a partition, repair it, extract every detector's rows
-    (with ``spill``, the tables that grow with spans written to its buckets instead) and the
-    endpoints' critical-path rows."""
-    ctx = AnalysisContext.from_table(source.load(part, parts))
+    """One task of the first pass: read a partition, repair it and extract it (:func:`part_result`)."""
+    return part_result(part, AnalysisContext.from_table(source.load(part, parts)), spill)
+
+
+def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
+    """Every detector's rows of ``ctx``'s traces (with ``spill``, the tables that grow with spans
+    written to its buckets instead) and the endpoints' critical-path rows, each table compacted
+    (:func:`compact`) so that it holds none of the spans' memory."""
     services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
     rows = extract(ctx)
     if spill is not None:
@@ -539,7 +543,8 @@ class Extracted:
     traces: pl.DataFrame
     spans: int
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
-    paths: PathRows | None = None  # the endpoints' critical-path rows of every partition, combined
+    # the report's endpoint critical paths, decided on every partition's rows (empty when one failed)
+    critical_paths: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_extraction(
@@ -566,11 +571,14 @@ def run_extraction(
     # every partition's rows or none: icicles of some traces only would be wrong, not smaller
     complete = bool(results) and all(r.paths is not None for r in results)
     paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
+    # decided now, so that the decision below holds the few icicles and not every trace's path rows
+    critical_paths = report_critical_paths(paths) if paths is not None else []
+    del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     executor.idle()
     decided = decide(rows, notes, spill)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
-    return Extracted(findings, traces, spans, services, paths)
+    return Extracted(findings, traces, spans, services, critical_paths)
 
 
 def run_pricing(

@@ -41,7 +41,6 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
-from hourglass.analysis.endpoint_path import PathRows
 from hourglass.analysis.model import Finding, NearMiss, NearMissLog
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
@@ -414,18 +413,19 @@ def analyze_context(
     return report, ranked
 
 
-def report_critical_paths(ctx: AnalysisContext | PathRows) -> list[dict[str, Any]]:
+def report_critical_paths(ctx: AnalysisContext) -> list[dict[str, Any]]:
     """The busiest endpoints' critical paths across traces, compact, for the report page's icicles
-    (``hourglass.analysis.endpoint_path``; the full figures are at ``GET /v1/critical-path``), from a
-    context or from the combined rows of partitions (the same figures)."""
-    from hourglass.analysis.endpoint_path import combine_path_rows, critical_paths_from_rows, path_rows
+    (``hourglass.analysis.endpoint_path.report_critical_paths``; a partitioned run decides the same
+    figures on the partitions' combined rows)."""
+    from hourglass.analysis.endpoint_path import combine_path_rows, path_rows
+    from hourglass.analysis.endpoint_path import report_critical_paths as from_rows
 
     try:
-        rows = combine_path_rows([path_rows(ctx)]) if isinstance(ctx, AnalysisContext) else ctx
-        return critical_paths_from_rows(rows, top=8, top_paths=3, max_operations=12, max_icicle_nodes=60)
+        rows = combine_path_rows([path_rows(ctx)])
     except Exception:  # a picture must never cost the recommendations
-        log.exception("critical paths of the endpoints failed")
+        log.exception("critical-path rows of the endpoints failed")
         return []
+    return from_rows(rows)
 
 
 def analyze(
@@ -561,7 +561,7 @@ def analyze_partitioned(
         log.exception("the workstream plan failed")
         report["workstreams"] = []
     # The endpoints' critical paths, decided on the partitions' combined rows: the same as at once.
-    report["critical_paths"] = report_critical_paths(extracted.paths) if extracted.paths is not None else []
+    report["critical_paths"] = extracted.critical_paths
     return report, ranked
 
 

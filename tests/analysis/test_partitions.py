@@ -22,6 +22,7 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.endpoint_path import combine_path_rows, endpoint_critical_path, path_rows
+from hourglass.analysis.endpoint_path import report_critical_paths as paths_from_rows
 from hourglass.analysis.model import Finding, NearMissLog
 from hourglass.analysis.pipeline import report_critical_paths
 from hourglass.collector.files import read_trace_files
@@ -132,7 +133,7 @@ def test_partitioned_critical_paths_equal_the_whole(
     assert expected, f"no critical paths on {name}"
     pieces = partitions.split_by_trace(frame, parts)
     rows = combine_path_rows(path_rows(AnalysisContext.from_table(piece)) for piece in pieces)
-    assert report_critical_paths(rows) == expected, f"critical paths on {name} in {parts} partitions"
+    assert paths_from_rows(rows) == expected, f"critical paths on {name} in {parts} partitions"
     # and the same endpoint asked alone (GET /v1/critical-path) from a context of the whole
     first = expected[0]
     alone = endpoint_critical_path(
