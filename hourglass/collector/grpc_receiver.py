@@ -297,7 +297,7 @@ class GrpcReceiver:
         *,
         host: str = "127.0.0.1",
         port: int = 4317,
-        max_message_bytes: int = 32 * 1024 * 1024,
+        max_message_bytes: int = default("max_message_bytes"),
         api_token: str | None = None,
         workers: int = DEFAULT_WORKERS,
         max_concurrent_rpcs: int | None = None,

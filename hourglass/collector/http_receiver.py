@@ -62,7 +62,7 @@ def _peer(request: Request) -> str:
 def create_otlp_http_app(
     pipeline: IngestPipeline,
     *,
-    max_message_bytes: int = 32 * 1024 * 1024,
+    max_message_bytes: int = default("max_message_bytes"),
     api_token: str | None = None,
     receive_budget_bytes: int | None = None,
 ) -> Starlette:
