@@ -197,13 +197,16 @@ class _ExportHandlers(grpc.GenericRpcHandler):
         return self._export
 
 
-# gRPC status of an answered Export -> the outcome label of hourglass_export_requests_total
-_OUTCOMES = {
-    grpc.StatusCode.OK: "ok",
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
+_GRPC_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+# gRPC status of an answered Export -> the outcome label of hourglass_export_requests_total, from
+# the refusals' own table (RefusalKind). Two kinds share a status: grpc itself refuses a message
+# over max_message_bytes before the handler runs (so RESOURCE_EXHAUSTED here is OVERLOADED), and
+# UNSUPPORTED (a content type) exists on HTTP only (so INVALID_ARGUMENT is BAD_REQUEST).
+_OUTCOMES = {grpc.StatusCode.OK: "ok"} | {
+    _GRPC_STATUS[kind.rpc_code]: kind.outcome
+    for kind in RefusalKind
+    if kind not in (RefusalKind.TOO_LARGE, RefusalKind.UNSUPPORTED)
 }
 
 
@@ -273,7 +276,6 @@ class GrpcKeepalive:
 
 
 # google.rpc.Code number -> gRPC status (the same numbering)
-_GRPC_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _UNAUTHENTICATED = Refusal(
     RefusalKind.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata"
 )

@@ -42,16 +42,9 @@ SHUTDOWN_RETRY_AFTER_S: float = default("shutdown_retry_after_seconds")  # hourg
 CONCURRENT_DECODES: int = default("concurrent_decodes")
 
 
-# HTTP status of an answered Export -> the outcome label of hourglass_export_requests_total
-_OUTCOMES = {
-    200: "ok",
-    400: "invalid",
-    401: "unauthenticated",
-    413: "too_large",
-    415: "unsupported",
-    429: "overloaded",
-    503: "unavailable",
-}
+# HTTP status of an answered Export -> the outcome label of hourglass_export_requests_total: the
+# refusals' own table (RefusalKind), so a new kind of refusal cannot be counted as "error"
+_OUTCOMES = {200: "ok"} | {kind.http_status: kind.outcome for kind in RefusalKind}
 
 
 def _peer(request: Request) -> str:
