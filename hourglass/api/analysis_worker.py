@@ -411,14 +411,17 @@ def run_incremental(
         report, index = analyze_spans(empty, writer=writer, explain=bool(request.get("explain")))
     else:
         executor = MemoExecutor(state, units)
+        source = BatchSource(units, reader.batch)
         report, ranked = analyze_partitioned(
             # a partitions.Source and Executor by shape (load; map/close/workers)
-            BatchSource(units, reader.batch),  # type: ignore[arg-type]
+            source,  # type: ignore[arg-type]
             len(units),
             executor,  # type: ignore[arg-type]
             read_traces=reader.traces,
             writer=writer,
             explain=bool(request.get("explain")),
+            # the stored rows decided kind by kind (the rows of every batch are never held at once)
+            extraction=lambda notes: state.extraction(units, source, executor, notes),
         )
         executor.close()
         index = trace_index(report, ranked)
