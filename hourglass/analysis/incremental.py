@@ -56,7 +56,7 @@ import polars as pl
 import pyarrow as pa
 
 from hourglass.analysis import partitions
-from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_paths
@@ -160,18 +160,20 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
 
 class MemoExecutor:
     """Runs a round's partition tasks in this process, remembering each stored batch's
-    extraction and its pricing per finding, so only new or dirty batches are read. The context
-    of a batch extracted in this round is kept for its pricing in the same round (no second read
-    and repair), so a round holds the contexts of its new batches (at most ``max_round_spans``).
-    A stored batch's pricing is read from disk when the round first needs it and dropped with
-    the round."""
+    extraction and its pricing per finding, so only new or dirty batches are read. The spans
+    of a unit read in this round (an Arrow table, not its repaired context) are kept for its
+    pricing in the same round (no second read), so a round holds the spans of its new batches
+    (at most ``max_round_spans``); the pricing builds the context of the findings' traces alone,
+    as ``partitions.price_part`` does. A stored batch's pricing is read from disk when the round
+    first needs it and dropped with the round."""
 
     workers = 1
 
     def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
         self.state, self.units = state, units
         self.read_units = 0  # partitions whose spans were read this round (a figure for status)
-        self.contexts: dict[int, AnalysisContext] = {}
+        self.tables: dict[int, pa.Table] = {}  # units read this round: their spans, for the pricing
+        self.contexts: dict[int, tuple[frozenset[str], AnalysisContext]] = {}  # priced traces' contexts
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
         self._unit_of: dict[str, int] | None = None
 
@@ -219,23 +221,36 @@ class MemoExecutor:
             except Exception as exc:
                 raise partitions.PartitionError(what, part, len(self.units), exc) from exc
 
-    def _context(self, source: Any, part: int) -> AnalysisContext:
-        ctx = self.contexts.get(part)
-        if ctx is None:
+    def _table(self, source: Any, part: int) -> pa.Table:
+        """A unit's spans: read once per round (kept for its pricing)."""
+        table = self.tables.get(part)
+        if table is None:
             self.read_units += 1
-            ctx = self._retrying(
-                "reading", part, lambda: AnalysisContext.from_table(source.load(part, len(self.units)))
-            )
+            table = self._retrying("reading", part, lambda: source.load(part, len(self.units)))
+            self.tables[part] = table
+        return table
+
+    def _context(self, source: Any, part: int, wanted: frozenset[str]) -> AnalysisContext:
+        """The context of a unit's ``wanted`` traces alone (repair is per trace), as
+        ``partitions.price_part`` builds it: a few traces, not the batch's."""
+        held = self.contexts.get(part)
+        if held is not None and wanted <= held[0]:
+            return held[1]
+        ids = pl.Series("trace_id", sorted(wanted), pl.String)
+        spans = to_analysis_frame(self._table(source, part))
+        ctx = AnalysisContext.from_table(spans.filter(pl.col("trace_id").is_in(ids.implode())))
+        self.contexts[part] = (wanted, ctx)
         return ctx
 
     def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
         """One unit's extraction, read from the store (stored at once when the unit is a batch)."""
         source, part = args[0], args[1]  # (source, part, parts[, spill]): the state spills its batches
         unit = self.units[part]
-        ctx = self._context(source, part)
+        table = self._table(source, part)
         # compacted: the rows are written (and pickled) without their spans' buffers
-        result = self._retrying("extracting", part, lambda: partitions.part_result(part, ctx))
-        self.contexts[part] = ctx  # for the pricing of this round
+        result = self._retrying(
+            "extracting", part, lambda: partitions.part_result(part, AnalysisContext.from_table(table))
+        )
         if unit.batch is not None:
             self.state.store_extraction(unit.batch, result)
         return result
@@ -250,12 +265,16 @@ class MemoExecutor:
             if unit.batch not in self.pricing:
                 self.pricing[unit.batch] = self.state.load_pricing(unit.batch)
             cache = self.pricing[unit.batch]
-        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
+        # the priced traces: those of every finding's occurrences in this unit (as price_part);
+        # the call durations measured there depend on all of them, so they are part of the key
+        wanted = frozenset(o.trace_id for _, occs in here.values() for o in occs)
+        among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
+        keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
         missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
         if missing:
             from hourglass.analysis.sequence import call_durations
 
-            ctx = self._context(source, part)
+            ctx = self._context(source, part, wanted)
 
             def run() -> partitions.Priced:
                 durations = {f.id: call_durations(ctx, f) for f in missing} if calls else {}
@@ -271,6 +290,7 @@ class MemoExecutor:
         return partitions.Priced(impacts, durations)
 
     def close(self) -> None:
+        self.tables.clear()
         self.contexts.clear()
         self.pricing.clear()
 
@@ -494,7 +514,6 @@ class IncrementalAnalysis:
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
             critical_paths = report_critical_paths(combine_path_rows(paths_of)) if complete else []
             del paths_of
-            executor.contexts.clear()  # the pricing reads the new batches again, only their findings' traces
             batch_spill = BatchSpill(
                 self.spill.folder,
                 self.spill.buckets,
