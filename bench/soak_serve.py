@@ -16,7 +16,7 @@ subprocess on a fresh DuckDB file, and prints every 10 s:
 * ``lag``: how long the oldest settled trace not in the report has waited: now minus the start
   of the analysis run behind the current report (a trace that settled before that start is in
   it; exact while spans keep arriving), or, when that round left settled traces for later (a
-  backlog: a round extracts at most 300k new spans), since the oldest of those settled;
+  backlog: a round extracts at most ``MAX_ROUND_SPANS`` new spans), since the oldest of those settled;
 * ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start.
 
 The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store

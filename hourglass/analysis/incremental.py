@@ -56,7 +56,7 @@ import polars as pl
 import pyarrow as pa
 
 from hourglass.analysis import partitions
-from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_paths
@@ -67,7 +67,11 @@ log = logging.getLogger(__name__)
 
 BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
 BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in the worker)
-MAX_ROUND_SPANS = 300_000  # new spans extracted per round at most (the rest in the next rounds)
+# New spans extracted per round at most (the rest in the next rounds): a report that keeps
+# refreshing after a restart with a large backlog. Not a memory bound (a round holds one batch at a
+# time): under sustained ingest a round must take in what arrived during the one before, or the
+# backlog grows (20,000 spans/s and 30 s rounds: 600k spans a round).
+MAX_ROUND_SPANS = 1_500_000
 SIDECAR_SUFFIX = ".analysis.duckdb"
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
@@ -160,20 +164,18 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
 
 class MemoExecutor:
     """Runs a round's partition tasks in this process, remembering each stored batch's
-    extraction and its pricing per finding, so only new or dirty batches are read. The spans
-    of a unit read in this round (an Arrow table, not its repaired context) are kept for its
-    pricing in the same round (no second read), so a round holds the spans of its new batches
-    (at most ``max_round_spans``); the pricing builds the context of the findings' traces alone,
-    as ``partitions.price_part`` does. A stored batch's pricing is read from disk when the round
-    first needs it and dropped with the round."""
+    extraction and its pricing per finding, so only new or dirty batches are read. Nothing of a
+    batch's spans outlives its task: an extraction reads the batch, writes its rows and drops
+    it; a pricing reads the findings' traces of the batch alone (by id) into their own context,
+    as ``partitions.price_part`` builds it. So a round holds one batch at a time, however many
+    it extracts. A stored batch's pricing is read from disk when the round first needs it and
+    dropped with the round."""
 
     workers = 1
 
     def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
         self.state, self.units = state, units
-        self.read_units = 0  # partitions whose spans were read this round (a figure for status)
-        self.tables: dict[int, pa.Table] = {}  # units read this round: their spans, for the pricing
-        self.contexts: dict[int, tuple[frozenset[str], AnalysisContext]] = {}  # priced traces' contexts
+        self.read_units = 0  # partitions extracted this round, their spans read (a figure for status)
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
         self._unit_of: dict[str, int] | None = None
 
@@ -221,39 +223,28 @@ class MemoExecutor:
             except Exception as exc:
                 raise partitions.PartitionError(what, part, len(self.units), exc) from exc
 
-    def _table(self, source: Any, part: int) -> pa.Table:
-        """A unit's spans: read once per round (kept for its pricing)."""
-        table = self.tables.get(part)
-        if table is None:
-            self.read_units += 1
-            table = self._retrying("reading", part, lambda: source.load(part, len(self.units)))
-            self.tables[part] = table
-        return table
-
     def _context(self, source: Any, part: int, wanted: frozenset[str]) -> AnalysisContext:
-        """The context of a unit's ``wanted`` traces alone (repair is per trace), as
-        ``partitions.price_part`` builds it: a few traces, not the batch's."""
-        held = self.contexts.get(part)
-        if held is not None and wanted <= held[0]:
-            return held[1]
-        ids = pl.Series("trace_id", sorted(wanted), pl.String)
-        spans = to_analysis_frame(self._table(source, part))
-        ctx = AnalysisContext.from_table(spans.filter(pl.col("trace_id").is_in(ids.implode())))
-        self.contexts[part] = (wanted, ctx)
-        return ctx
+        """The context of a unit's ``wanted`` traces alone, read by id (repair is per trace), as
+        ``partitions.price_part`` builds it: a few traces of the batch, not the batch."""
+        unit = self.units[part]
+        table = self._retrying("reading", part, lambda: source.read(sorted(wanted), unit.first, unit.last))
+        return AnalysisContext.from_table(table)
 
-    def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
-        """One unit's extraction, read from the store (stored at once when the unit is a batch)."""
+    def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult | None:
+        """One unit's extraction, read from the store; a batch's is stored at once and not
+        returned (None: its rows are on disk), so a round's new batches are not held together."""
         source, part = args[0], args[1]  # (source, part, parts[, spill]): the state spills its batches
         unit = self.units[part]
-        table = self._table(source, part)
+        self.read_units += 1
+        table = self._retrying("reading", part, lambda: source.load(part, len(self.units)))
         # compacted: the rows are written (and pickled) without their spans' buffers
         result = self._retrying(
             "extracting", part, lambda: partitions.part_result(part, AnalysisContext.from_table(table))
         )
-        if unit.batch is not None:
-            self.state.store_extraction(unit.batch, result)
-        return result
+        if unit.batch is None:
+            return result
+        self.state.store_extraction(unit.batch, result)
+        return None
 
     def _priced(
         self, args: tuple[Any, ...], here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool
@@ -290,8 +281,6 @@ class MemoExecutor:
         return partitions.Priced(impacts, durations)
 
     def close(self) -> None:
-        self.tables.clear()
-        self.contexts.clear()
         self.pricing.clear()
 
 
@@ -481,7 +470,7 @@ class IncrementalAnalysis:
         try:
             for p, result in zip(missing, fresh, strict=True):
                 if units[p].batch is None:
-                    assert extra is not None
+                    assert extra is not None and result is not None
                     result.rows = extra.write(p, result.rows)
                     on_the_fly[p] = result
             del fresh

@@ -5,6 +5,8 @@ Run as the analysis worker runs a round (``run_incremental`` over a real DuckDB 
 labelled sample traces in several batches), then compared with the real ``hourglass analyze --db``
 on the same store. Proven structurally, not by timing or RSS:
 
+* a round holds one batch at a time: an extraction task writes its batch's rows and returns
+  none of them;
 * after a round, nothing of a batch is held in memory: every batch's rows are files (one per
   detector kind, its summaries last), the resource rows that grow with spans (the lock-convoy
   rule's ``candidates``) in Parquet buckets, never in the rows the decision loads;
@@ -27,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from hourglass.analysis.incremental import IncrementalAnalysis, sidecar_path
+from hourglass.analysis.incremental import IncrementalAnalysis, MemoExecutor, sidecar_path
 from hourglass.api.analysis_worker import StoreReader, run_incremental
 from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.files import read_trace_files
@@ -100,7 +102,18 @@ class Recording(IncrementalAnalysis):
         return rows
 
 
-def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(tmp_path: Path) -> None:
+def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    returned: list[Any] = []  # what each extraction task returned to the round
+    extracted = MemoExecutor._extracted
+
+    def recording(self: MemoExecutor, args: tuple[Any, ...]) -> Any:
+        result = extracted(self, args)
+        returned.append(result)
+        return result
+
+    monkeypatch.setattr(MemoExecutor, "_extracted", recording)
     db = tmp_path / "spans.duckdb"
     sidecar = sidecar_path(str(db))
     assert sidecar is not None
@@ -111,6 +124,7 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(tmp_path: Path) ->
         batches = set(state.batches)
         assert len(batches) >= 3, figures
         assert state.stored == batches
+        assert len(returned) == len(batches) and all(r is None for r in returned), returned
         # nothing of a batch stays in memory: no frame, table or extraction among the state's values
         held = [name for name, value in vars(state).items() if _holds_rows(value)]
         assert not held, held
