@@ -7,20 +7,27 @@ benchmark, whole traces per request, pre-serialised OTLP ``ExportTraceServiceReq
 trace ids are rewritten per send) at a sustained rate over OTLP/gRPC to a real ``serve``
 subprocess on a fresh DuckDB file, and prints every 10 s:
 
-* ``rss``: RSS of serve and all its child processes (the analysis worker), summed;
+* ``rss``: the highest RSS of serve and all its child processes (the analysis worker), summed,
+  since the last line (sampled every 0.5 s), then the server process's and its children's apart
+  at that moment (``server``, ``workers``);
 * ``stored``: spans in the store (``GET /v1/stats``);
 * ``settled``: traces extracted by the incremental analysis (``-`` for the full re-analysis,
   which has no such notion) and ``in report``: the report's ``traces_analyzed``;
 * ``lag``: how long the oldest settled trace not in the report has waited: now minus the start
   of the analysis run behind the current report (a trace that settled before that start is in
   it; exact while spans keep arriving), or, when that round left settled traces for later (a
-  backlog: a round extracts at most 300k new spans), since the oldest of those settled;
+  backlog: a round extracts at most ``MAX_ROUND_SPANS`` new spans), since the oldest of those settled;
 * ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start.
 
 The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store
 re-analysis of before, the baseline) unless ``--no-baseline``. Targets (issue 11): RSS flat and
 ≤ 2 GiB, every settled trace in the report within 60 s, ingest never refused because analysis is
 busy.
+
+Each phase ends with one verdict line per target: peak RSS ≤ 2 GiB; RSS flat (the highest RSS of
+the last minute within 10 % of the highest of minute 2 — rounds make RSS saw-toothed, so maxima
+of windows are compared — with the least-squares slope from minute 2 on; a run of less than four
+minutes compares its halves); max lag ≤ 60 s; nothing refused.
 """
 
 from __future__ import annotations
@@ -196,16 +203,50 @@ class Load:
             w.join(35)
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int) -> tuple[int, int]:
+    """RSS of the process ``pid`` and of all its children (summed)."""
     try:
         process = psutil.Process(pid)
-        total = process.memory_info().rss
+        own = process.memory_info().rss
+        children = 0
         for child in process.children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        return total
+                children += child.memory_info().rss
+        return own, children
     except psutil.Error:
-        return 0
+        return 0, 0
+
+
+class RssSampler:
+    """RSS of a process and its children every ``every`` seconds in a thread; :meth:`take` gives
+    the highest (sum, own, children) since the last take: a round's peak falls between the
+    report lines."""
+
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        self.pid, self.every = pid, every
+        self._high = (0, 0, 0)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            own, children = _rss(self.pid)
+            with self._lock:
+                if own + children > self._high[0]:
+                    self._high = (own + children, own, children)
+
+    def take(self) -> tuple[int, int, int]:
+        own, children = _rss(self.pid)
+        with self._lock:
+            high = max(self._high, (own + children, own, children))
+            self._high = (0, 0, 0)
+        return high
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _get(url: str) -> dict[str, Any]:
@@ -241,17 +282,18 @@ def soak(
     grpc_target, api = addresses["grpc"], addresses["api"]
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
     print(
-        f"{'t s':>5} {'rss MiB':>8} {'stored':>10} {'sent':>10} {'settled':>9} {'in report':>9} {'lag s':>6} {'refused':>7}  last run"
+        f"{'t s':>5} {'rss MiB':>8} {'server':>7} {'workers':>7} {'stored':>10} {'sent':>10} {'settled':>9} {'in report':>9} {'lag s':>6} {'refused':>7}  last run"
     )
     load = Load(grpc_target, args.rate, templates)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     load.start()
+    sampler = RssSampler(proc.pid)
     try:
         while time.monotonic() - started < args.duration:
             time.sleep(max(0.0, args.every - (time.monotonic() - started) % args.every))
             now = time.time()
-            rss = _rss(proc.pid)
+            rss, own, children = sampler.take()  # the highest since the last line
             try:
                 stats = _get(f"{api}/v1/stats")
                 head = _get(f"{api}/v1/recommendations?limit=1")
@@ -272,6 +314,8 @@ def soak(
             row = {
                 "t": round(time.monotonic() - started),
                 "rss": rss,
+                "server": own,
+                "workers": children,
                 "stored": stats.get("spans"),
                 "sent": load.sent_spans,
                 # traces the analysis has seen settle: extracted, or left for the next round
@@ -285,42 +329,95 @@ def soak(
             }
             rows.append(row)
             print(
-                f"{row['t']:>5} {rss / 2**20:>8.0f} {row['stored'] or 0:>10,} {row['sent']:>10,} "
+                f"{row['t']:>5} {rss / 2**20:>8.0f} {own / 2**20:>7.0f} {children / 2**20:>7.0f} {row['stored'] or 0:>10,} {row['sent']:>10,} "
                 f"{'-' if row['settled'] is None else format(row['settled'], ','):>9} {row['in_report'] or 0:>9,} "
                 f"{'-' if row['lag'] is None else format(row['lag'], '.0f'):>6} {row['refused']:>7}  "
                 f"{row['last_ms'] or 0:,.0f} ms",
                 flush=True,
             )
     finally:
+        sampler.stop()
         load.stop()
         _stop_serve(proc)
     elapsed = time.monotonic() - started
-    peak = max((r["rss"] for r in rows), default=0)
-    half = len(rows) // 2
-    first_half = max((r["rss"] for r in rows[:half]), default=0)
-    second_half = max((r["rss"] for r in rows[half:]), default=0)
-    lags = [r["lag"] for r in rows if r["lag"] is not None]
-    summary = {
-        "label": label,
-        "sent_spans_per_s": load.sent_spans / elapsed,
-        "peak_rss_gib": peak / GIB,
-        "rss_first_half_gib": first_half / GIB,
-        "rss_second_half_gib": second_half / GIB,
-        "max_lag_s": max(lags, default=None),
-        "refused": load.refused,
-        "errors": load.errors[:3],
-    }
-    lag_text = "n/a" if summary["max_lag_s"] is None else f"{summary['max_lag_s']:.0f} s"
+    summary = summarize(label, rows, load, elapsed)
     print(
-        f"== {label}: {summary['sent_spans_per_s']:,.0f} spans/s sent; peak RSS {summary['peak_rss_gib']:.2f} GiB "
-        f"(first half {summary['rss_first_half_gib']:.2f}, second half {summary['rss_second_half_gib']:.2f}); "
-        f"max lag {lag_text}; refused {load.refused}" + (f"; errors {load.errors[:3]}" if load.errors else "")
+        f"== {label}: {summary['sent_spans_per_s']:,.0f} spans/s sent for {elapsed:.0f} s"
+        + (f"; errors {load.errors[:3]}" if load.errors else "")
     )
+    for line in verdicts(summary):
+        print(f"   {line}")
     if not args.keep:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
     return summary
+
+
+GIB_LIMIT = 2.0  # issue 11's targets
+LAG_LIMIT_S = 60.0
+FLAT_TOLERANCE = 0.10
+
+
+def _windows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of minute 2 and of the last minute (a run shorter than four minutes: its halves)."""
+    end = rows[-1]["t"] if rows else 0
+    if end >= 240:
+        return [r for r in rows if 60 <= r["t"] <= 120], [r for r in rows if r["t"] > end - 60]
+    half = len(rows) // 2
+    return rows[:half], rows[half:]
+
+
+def _slope_mib_per_min(rows: list[dict[str, Any]]) -> float | None:
+    """Least-squares slope of RSS over time, from minute 2 on (a short run: all of it)."""
+    end = rows[-1]["t"] if rows else 0
+    chosen = [r for r in rows if r["t"] >= 120] if end >= 240 else rows
+    if len(chosen) < 3:
+        return None
+    ts = [r["t"] / 60 for r in chosen]
+    ys = [r["rss"] / 2**20 for r in chosen]
+    mt, my = sum(ts) / len(ts), sum(ys) / len(ys)
+    var = sum((t - mt) ** 2 for t in ts)
+    return sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var else None
+
+
+def summarize(label: str, rows: list[dict[str, Any]], load: Load, elapsed: float) -> dict[str, Any]:
+    early, late = _windows(rows)
+    lags = [r["lag"] for r in rows if r["lag"] is not None]
+    return {
+        "label": label,
+        "sent_spans_per_s": load.sent_spans / elapsed if elapsed else 0.0,
+        "peak_rss_gib": max((r["rss"] for r in rows), default=0) / GIB,
+        "peak_server_gib": max((r["server"] for r in rows), default=0) / GIB,
+        "peak_workers_gib": max((r["workers"] for r in rows), default=0) / GIB,
+        "rss_early_gib": max((r["rss"] for r in early), default=0) / GIB,
+        "rss_late_gib": max((r["rss"] for r in late), default=0) / GIB,
+        "rss_slope_mib_per_min": _slope_mib_per_min(rows),
+        "final_rss_gib": rows[-1]["rss"] / GIB if rows else 0.0,
+        "max_lag_s": max(lags, default=None),
+        "refused": load.refused,
+        "errors": load.errors[:3],
+    }
+
+
+def verdicts(s: dict[str, Any]) -> list[str]:
+    """One line per target of issue 11."""
+
+    def mark(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    slope = s["rss_slope_mib_per_min"]
+    flat = s["rss_early_gib"] > 0 and s["rss_late_gib"] <= s["rss_early_gib"] * (1 + FLAT_TOLERANCE)
+    lag = s["max_lag_s"]
+    return [
+        f"{mark(s['peak_rss_gib'] <= GIB_LIMIT)} RSS <= {GIB_LIMIT:g} GiB: peak {s['peak_rss_gib']:.2f} GiB "
+        f"(server {s['peak_server_gib']:.2f}, workers {s['peak_workers_gib']:.2f}, each at its own peak)",
+        f"{mark(flat)} RSS flat: highest {s['rss_early_gib']:.2f} GiB early (minute 2), {s['rss_late_gib']:.2f} GiB "
+        f"late (last minute), slope {'n/a' if slope is None else format(slope, '+.1f')} MiB/min",
+        f"{mark(lag is not None and lag <= LAG_LIMIT_S)} settled traces in the report within {LAG_LIMIT_S:g} s: "
+        f"max lag {'n/a' if lag is None else format(lag, '.0f') + ' s'}",
+        f"{mark(s['refused'] == 0)} ingest never refused: {s['refused']} refused",
+    ]
 
 
 def _duration(text: str) -> float:
@@ -352,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(soak("full re-analysis (baseline)", False, args, templates))
     print("\nsummary (targets: RSS flat and <= 2 GiB, lag <= 60 s, nothing refused):")
     for s in summaries:
-        print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}))
+        print(f"  {s['label']}:")
+        for line in verdicts(s):
+            print(f"    {line}")
+        print("    " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}))
     return 0
 
 

@@ -11,11 +11,20 @@ round (:meth:`IncrementalAnalysis.round`):
 2. drops the traces that retention removed (their batches are re-extracted from what is left);
 3. runs :func:`hourglass.analysis.pipeline.analyze_partitioned` with one partition per batch,
    through :class:`MemoExecutor`: a batch's extraction (``partitions.extract_part``) is computed
-   once and kept — in memory and in a sidecar DuckDB file, so a restart resumes from it — and its
-   pricing (what-if savings and call durations of the findings' occurrences in the batch,
-   ``partitions.price_part``) is cached per finding and per exact set of occurrences. A round
-   therefore reads only the spans of new or dirty batches (twice: extraction, then pricing of
-   the findings found in them), never the whole store.
+   once and kept on disk only, in a folder beside the sidecar DuckDB file (so a restart resumes
+   from it), and its pricing (what-if savings and call durations of the findings' occurrences in
+   the batch, ``partitions.price_part``) is cached there per finding and per exact set of
+   occurrences. A round therefore reads only the spans of new or dirty batches (twice:
+   extraction, then pricing of the findings found in them), never the whole store.
+
+Memory does not grow with the store's rows (issue 11: serve under sustained ingest): nothing of
+a batch stays in memory between rounds. The decision (:meth:`IncrementalAnalysis.extraction`)
+reads the stored rows one detector kind at a time (the combined rows of one kind, decided, then
+dropped), and the resource rows that grow with spans (``hourglass.analysis.spill``: the
+lock-convoy rule's ``candidates``) are written once per batch to Parquet buckets of whole
+resource keys and decided bucket by bucket, as the CLI's partitioned runs do. What the round
+still holds whole is what the report is made of: the trace summaries and the endpoints'
+critical-path rows.
 
 The report is the same as ``analyze_partitioned`` over the same traces (and so as the at-once
 analysis: ``tests/test_partitioned_analysis.py``), the endpoints' critical paths included: each
@@ -32,9 +41,12 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +57,24 @@ import pyarrow as pa
 
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import DETECTORS, PARTS
+from hourglass.analysis.detectors._common import NearMissSink, Rows
+from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_paths
 from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.spill import SPILLABLE, Buckets, Spill, _read
 
 log = logging.getLogger(__name__)
 
 BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
 BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in the worker)
-MAX_ROUND_SPANS = 300_000  # new spans extracted per round at most (the rest in the next rounds)
+# New spans extracted per round at most (the rest in the next rounds): a report that keeps
+# refreshing after a restart with a large backlog. Not a memory bound (a round holds one batch at a
+# time): under sustained ingest a round must take in what arrived during the one before, or the
+# backlog grows (20,000 spans/s and 30 s rounds: 600k spans a round).
+MAX_ROUND_SPANS = 1_500_000
 SIDECAR_SUFFIX = ".analysis.duckdb"
+SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
+SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
 
 # (trace ids, first ingested_ns, last ingested_ns, since_ns) -> the spans of those whole traces
 ReadBatch = Callable[[list[str], int | None, int | None], pa.Table]
@@ -93,6 +115,43 @@ class BatchSource:
         return self.read(list(unit.trace_ids), unit.first, unit.last)
 
 
+@dataclass(frozen=True)
+class BatchBuckets(Buckets):
+    """The spilled rows of one table for the units of one round: in each bucket, the file of
+    every stored batch of the round (in the units' order), then those of the units extracted on
+    the fly (``extra``, a folder of the same layout) — the decision reads what the CLI's spilled
+    run over the same traces would."""
+
+    batches: tuple[int, ...] = ()
+    extra: Path | None = None
+
+    def __iter__(self) -> Iterator[Callable[[list[str] | None, pl.Series | None], pl.DataFrame]]:
+        for bucket in range(self.count):
+            name = f"b{bucket:05d}"
+            present = set(os.listdir(self.folder / name)) if (self.folder / name).is_dir() else set()
+            files = [self.folder / name / f for b in self.batches if (f := f"p{b:06d}.parquet") in present]
+            if self.extra is not None:
+                files += sorted((self.extra / name).glob("p*.parquet"))
+            if files:
+                yield partial(_read, files, self.key)
+
+
+@dataclass(frozen=True)
+class BatchSpill(Spill):
+    """``Spill`` of the stored batches (files named by batch id), restricted to ``batches``, with
+    the round's on-the-fly units spilled in ``extra`` (files named by unit)."""
+
+    batches: tuple[int, ...] = ()
+    extra: Spill | None = None
+
+    def buckets_of(self, kind: str) -> Buckets:
+        table = SPILLABLE[kind].table
+        extra = self.extra._table_folder(kind, table) if self.extra is not None else None
+        return BatchBuckets(
+            self._table_folder(kind, table), self.buckets, SPILLABLE[kind].key, self.batches, extra
+        )
+
+
 def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
     """What a finding's pricing in one batch depends on: its occurrences there (spans and
     interventions) and whether call durations are asked for."""
@@ -105,16 +164,19 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
 
 class MemoExecutor:
     """Runs a round's partition tasks in this process, remembering each stored batch's
-    extraction and its pricing per finding, so only new or dirty batches are read. The context
-    of a batch extracted in this round is kept for its pricing in the same round (no second read
-    and repair), so a round holds the contexts of its new batches (at most ``max_round_spans``)."""
+    extraction and its pricing per finding, so only new or dirty batches are read. Nothing of a
+    batch's spans outlives its task: an extraction reads the batch, writes its rows and drops
+    it; a pricing reads the findings' traces of the batch alone (by id) into their own context,
+    as ``partitions.price_part`` builds it. So a round holds one batch at a time, however many
+    it extracts. A stored batch's pricing is read from disk when the round first needs it and
+    dropped with the round."""
 
     workers = 1
 
     def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
         self.state, self.units = state, units
-        self.read_units = 0  # partitions whose spans were read this round (a figure for status)
-        self.contexts: dict[int, AnalysisContext] = {}
+        self.read_units = 0  # partitions extracted this round, their spans read (a figure for status)
+        self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
         self._unit_of: dict[str, int] | None = None
 
     def map(
@@ -161,41 +223,49 @@ class MemoExecutor:
             except Exception as exc:
                 raise partitions.PartitionError(what, part, len(self.units), exc) from exc
 
-    def _context(self, source: Any, part: int) -> AnalysisContext:
-        ctx = self.contexts.get(part)
-        if ctx is None:
-            self.read_units += 1
-            ctx = self._retrying(
-                "reading", part, lambda: AnalysisContext.from_table(source.load(part, len(self.units)))
-            )
-        return ctx
-
-    def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
-        source, part = args[0], args[1]  # (source, part, parts[, spill]): nothing spills here
+    def _context(self, source: Any, part: int, wanted: frozenset[str]) -> AnalysisContext:
+        """The context of a unit's ``wanted`` traces alone, read by id (repair is per trace), as
+        ``partitions.price_part`` builds it: a few traces of the batch, not the batch."""
         unit = self.units[part]
-        stored = self.state.extracted.get(unit.batch) if unit.batch is not None else None
-        if stored is not None:
-            return stored
-        ctx = self._context(source, part)
-        # compacted: a batch's rows stay in memory for the rounds to come, without its spans
-        result = self._retrying("extracting", part, lambda: partitions.part_result(part, ctx))
-        self.contexts[part] = ctx  # for the pricing of this round
-        if unit.batch is not None:
-            self.state.store_extraction(unit.batch, result)
-        return result
+        table = self._retrying("reading", part, lambda: source.read(sorted(wanted), unit.first, unit.last))
+        return AnalysisContext.from_table(table)
+
+    def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult | None:
+        """One unit's extraction, read from the store; a batch's is stored at once and not
+        returned (None: its rows are on disk), so a round's new batches are not held together."""
+        source, part = args[0], args[1]  # (source, part, parts[, spill]): the state spills its batches
+        unit = self.units[part]
+        self.read_units += 1
+        table = self._retrying("reading", part, lambda: source.load(part, len(self.units)))
+        # compacted: the rows are written (and pickled) without their spans' buffers
+        result = self._retrying(
+            "extracting", part, lambda: partitions.part_result(part, AnalysisContext.from_table(table))
+        )
+        if unit.batch is None:
+            return result
+        self.state.store_extraction(unit.batch, result)
+        return None
 
     def _priced(
         self, args: tuple[Any, ...], here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool
     ) -> partitions.Priced:
         source, part = args[0], args[1]
         unit = self.units[part]
-        cache = self.state.priced.setdefault(unit.batch, {}) if unit.batch is not None else {}
-        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
+        cache: dict[str, PricedEntry] = {}
+        if unit.batch is not None:
+            if unit.batch not in self.pricing:
+                self.pricing[unit.batch] = self.state.load_pricing(unit.batch)
+            cache = self.pricing[unit.batch]
+        # the priced traces: those of every finding's occurrences in this unit (as price_part);
+        # the call durations measured there depend on all of them, so they are part of the key
+        wanted = frozenset(o.trace_id for _, occs in here.values() for o in occs)
+        among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
+        keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
         missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
         if missing:
             from hourglass.analysis.sequence import call_durations
 
-            ctx = self._context(source, part)
+            ctx = self._context(source, part, wanted)
 
             def run() -> partitions.Priced:
                 durations = {f.id: call_durations(ctx, f) for f in missing} if calls else {}
@@ -205,13 +275,13 @@ class MemoExecutor:
             for f in missing:
                 cache[f.id] = (keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
             if unit.batch is not None:
-                self.state.store_pricing(unit.batch, {f.id: cache[f.id] for f in missing})
+                self.state.store_pricing(unit.batch, cache)
         impacts = {fid: cache[fid][1] for fid in here if cache[fid][1] is not None}
         durations = {fid: cache[fid][2] for fid in here if cache[fid][2] is not None}
         return partitions.Priced(impacts, durations)
 
     def close(self) -> None:
-        self.contexts.clear()
+        self.pricing.clear()
 
 
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)
@@ -265,6 +335,7 @@ class IncrementalAnalysis:
             _remove_state(sidecar)
         self.db = duckdb.connect(sidecar or ":memory:")
         self.db.execute("SET threads TO 1")
+        self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS traces (trace_id VARCHAR PRIMARY KEY, batch BIGINT, spans BIGINT,"
             " first_ingested_ns BIGINT, last_ingested_ns BIGINT, last_start_ns BIGINT, last_end_ns BIGINT)"
@@ -272,28 +343,33 @@ class IncrementalAnalysis:
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT)")
         watermark = self.db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchall()
         self.watermark = int(watermark[0][0]) if watermark else 0
-        # Each batch's extraction and pricing are pickles in a folder beside the sidecar (DuckDB
-        # binds a large BLOB parameter slowly: 8 s for one 100k-span batch's rows).
-        self.folder = Path(sidecar + ".d") if sidecar else None
-        if self.folder is not None:
-            self.folder.mkdir(exist_ok=True)
-        self.extracted: dict[int, partitions.PartResult] = {}
-        self.priced: dict[int, dict[str, PricedEntry]] = {}
-        for path in sorted(self.folder.glob("*.pickle")) if self.folder is not None else ():
-            kind, _, number = path.stem.partition("-")
-            try:
-                loaded = pickle.loads(path.read_bytes())
-            except Exception:  # a file cut short by a crash: that batch is extracted again
-                log.warning("incremental analysis: %s unreadable; its batch is extracted again", path)
-                path.unlink(missing_ok=True)
-                continue
-            if kind == "extracted":
-                self.extracted[int(number)] = loaded
-            elif kind == "priced":
-                self.priced[int(number)] = loaded
+        # Each batch's rows live on disk only, in a folder beside the sidecar (a temporary one
+        # without a sidecar): ``b<batch>/`` holds one pickle per detector kind, the batch's trace
+        # summaries and critical-path rows (``meta``, written last: a batch without it is extracted
+        # again) and its pricing; ``spill/`` the resource rows in Parquet buckets
+        # (``spill/<kind>.<table>/b<bucket>/p<batch>.parquet``). Pickles, not DuckDB BLOBs: DuckDB
+        # binds a large BLOB parameter slowly (8 s for one 100k-span batch's rows).
+        self._temporary = sidecar is None
+        self.folder = (
+            Path(sidecar + ".d") if sidecar else Path(tempfile.mkdtemp(prefix="hourglass-incremental-"))
+        )
+        self.folder.mkdir(exist_ok=True)
+        for legacy in self.folder.glob("*.pickle"):  # an older layout: those batches are extracted again
+            legacy.unlink(missing_ok=True)
+        self.spill = Spill(str(self.folder / "spill"), SPILL_BUCKETS)
         # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
         self.batches: dict[int, Batch] = {}
         self._load_batches()
+        self.stored: set[int] = set()  # batches whose rows are on disk, whole
+        for path in self.folder.glob("b*"):
+            number = int(path.name[1:]) if path.name[1:].isdigit() else None
+            if number is not None and number in self.batches and (path / "meta.pickle").exists():
+                self.stored.add(number)
+        leftovers = {int(p.name[1:]) for p in self.folder.glob("b*") if p.name[1:].isdigit()} - self.stored
+        leftovers |= {
+            int(f.stem[1:]) for f in Path(self.spill.folder).glob("*/b*/p*.parquet") if f.stem[1:].isdigit()
+        } - self.stored
+        self._remove_files(leftovers)  # a batch cut short by a crash, or one retention emptied
         self.last = RoundFigures()
         if sidecar:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('store_inode', ?)", [_identity(sidecar)])
@@ -307,32 +383,147 @@ class IncrementalAnalysis:
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _write(self, name: str, value: Any) -> None:
-        if self.folder is None:
-            return
-        path = self.folder / f"{name}.pickle"
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(pickle.dumps(value, protocol=5))
-        partial.replace(path)  # whole or not at all
+    def _batch_folder(self, batch: int) -> Path:
+        return self.folder / f"b{batch:06d}"
+
+    def _write(self, path: Path, value: Any) -> None:
+        partial_path = path.with_suffix(".partial")
+        partial_path.write_bytes(pickle.dumps(value, protocol=5))
+        partial_path.replace(path)  # whole or not at all
 
     def store_extraction(self, batch: int, result: partitions.PartResult) -> None:
-        self.extracted[batch] = result
-        self._write(f"extracted-{batch}", result)
+        """Writes a batch's rows: the resource rows to the spill buckets, each kind's rows to its
+        own file (the decision reads one kind at a time), the rest (``meta``) last."""
+        folder = self._batch_folder(batch)
+        folder.mkdir(exist_ok=True)
+        rows = self.spill.write(batch, result.rows)
+        for kind, tables in rows.items():
+            self._write(folder / f"rows-{kind}.pickle", tables)
+        self._write(folder / "meta.pickle", (result.traces, result.services, result.spans, result.paths))
+        self.stored.add(batch)
+
+    def load_rows(self, batch: int, kind: str) -> Rows:
+        path = self._batch_folder(batch) / f"rows-{kind}.pickle"
+        return pickle.loads(path.read_bytes()) if path.exists() else {}
+
+    def load_meta(self, batch: int) -> tuple[pl.DataFrame, pl.DataFrame, int, Any]:
+        """(trace summaries, services, span count, critical-path rows or None) of a stored batch."""
+        meta: tuple[pl.DataFrame, pl.DataFrame, int, Any] = pickle.loads(
+            (self._batch_folder(batch) / "meta.pickle").read_bytes()
+        )
+        return meta
+
+    def load_pricing(self, batch: int) -> dict[str, PricedEntry]:
+        path = self._batch_folder(batch) / "priced.pickle"
+        try:
+            priced: dict[str, PricedEntry] = pickle.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except Exception:  # a file cut short by a crash: priced again
+            log.warning("incremental analysis: %s unreadable; that batch is priced again", path)
+            return {}
+        return priced
 
     def store_pricing(self, batch: int, entries: dict[str, PricedEntry]) -> None:
-        del entries  # already in self.priced[batch]; the batch's pricing is written whole
-        self._write(f"priced-{batch}", self.priced.get(batch, {}))
+        """The batch's whole pricing cache (``entries``) written."""
+        if batch in self.stored:
+            self._write(self._batch_folder(batch) / "priced.pickle", entries)
+
+    def _remove_files(self, batches: Iterable[int]) -> None:
+        for b in sorted(set(batches)):
+            shutil.rmtree(self._batch_folder(b), ignore_errors=True)
+            for path in Path(self.spill.folder).glob(f"*/b*/p{b:06d}.parquet"):
+                path.unlink(missing_ok=True)
 
     def _forget(self, batches: Iterable[int]) -> None:
-        for b in sorted(set(batches)):
-            self.extracted.pop(b, None)
-            self.priced.pop(b, None)
-            if self.folder is not None:
-                for kind in ("extracted", "priced"):
-                    (self.folder / f"{kind}-{b}.pickle").unlink(missing_ok=True)
+        chosen = set(batches)
+        self.stored -= chosen
+        self._remove_files(chosen)
 
     def close(self) -> None:
         self.db.close()
+        if self._temporary:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- the decision over the stored rows ----------------------------------------------------
+
+    def extraction(
+        self, units: tuple[Unit, ...], source: BatchSource, executor: MemoExecutor, notes: NearMissSink
+    ) -> partitions.Extracted:
+        """The first pass of a round (``analyze_partitioned``'s ``extraction``): the units not
+        stored yet are extracted (``executor``: read, extracted, a batch's rows written), then
+        each split detector decides on the combined rows of every unit, one kind at a time,
+        the resource rows bucket by bucket. Same findings as ``partitions.run_extraction`` over
+        the same units."""
+        missing = [p for p, unit in enumerate(units) if unit.batch is None or unit.batch not in self.stored]
+        fresh = executor.map(
+            "extracting", partitions.extract_part, [(source, p, len(units), None) for p in missing], None
+        )
+        # units extracted on the fly (a ``since`` window's edge) are not stored: their rows stay
+        # here for this round, their resource rows in a spill of their own
+        extra = (
+            Spill.create(SPILL_BUCKETS, near=str(self.folder))
+            if any(u.batch is None for u in units)
+            else None
+        )
+        on_the_fly: dict[int, partitions.PartResult] = {}
+        try:
+            for p, result in zip(missing, fresh, strict=True):
+                if units[p].batch is None:
+                    assert extra is not None and result is not None
+                    result.rows = extra.write(p, result.rows)
+                    on_the_fly[p] = result
+            del fresh
+
+            def meta(p: int, unit: Unit) -> tuple[pl.DataFrame, pl.DataFrame, int, Any]:
+                if p in on_the_fly:
+                    r = on_the_fly[p]
+                    return r.traces, r.services, r.spans, r.paths
+                assert unit.batch is not None
+                return self.load_meta(unit.batch)
+
+            traces_of, services_of, paths_of, spans = [], [], [], 0
+            complete = bool(units)
+            for p, unit in enumerate(units):
+                traces, services, count, paths = meta(p, unit)
+                traces_of.append(traces)
+                services_of.append(services)
+                spans += count
+                complete = complete and paths is not None
+                if complete:
+                    paths_of.append(paths)
+            all_traces = pl.concat(traces_of, how="vertical_relaxed").sort("trace_id")
+            all_services = (
+                pl.concat(services_of, how="vertical_relaxed")
+                .group_by("service", "scope_name")
+                .agg(pl.col("trace_id").min())
+                .sort("service", "scope_name")
+            )
+            del traces_of, services_of
+            # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
+            critical_paths = report_critical_paths(combine_path_rows(paths_of)) if complete else []
+            del paths_of
+            batch_spill = BatchSpill(
+                self.spill.folder,
+                self.spill.buckets,
+                tuple(u.batch for u in units if u.batch is not None),
+                extra,
+            )
+            decided: dict[str, list[Finding]] = {}
+            for kind in PARTS:
+                rows = partitions.combine(
+                    {kind: on_the_fly[p].rows.get(kind, {})}
+                    if p in on_the_fly
+                    else {kind: self.load_rows(unit.batch, kind)}  # type: ignore[arg-type]
+                    for p, unit in enumerate(units)
+                )
+                decided.update(partitions.decide(rows, notes, batch_spill))
+                del rows
+        finally:
+            if extra is not None:
+                extra.remove()
+        findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
+        return partitions.Extracted(findings, all_traces, spans, all_services, critical_paths)
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -405,9 +596,7 @@ class IncrementalAnalysis:
             self.db.execute("ROLLBACK")
             raise
         self._load_batches()
-        for b in list(self.extracted):  # batches whose traces all expired
-            if b not in self.batches:
-                self._forget([b])
+        self._forget(b for b in list(self.stored) if b not in self.batches)  # traces all expired
         figures.dirty_batches = len(dirty)
         figures.batches = len(self.batches)
         figures.traces = sum(len(b.trace_ids) for b in self.batches.values())
@@ -472,7 +661,7 @@ class IncrementalAnalysis:
         return tuple(out)
 
     def settled_in_report(self) -> int:
-        return sum(len(self.batches[b].trace_ids) for b in self.extracted if b in self.batches)
+        return sum(len(self.batches[b].trace_ids) for b in self.stored if b in self.batches)
 
 
 def _store_file(sidecar: str) -> str:

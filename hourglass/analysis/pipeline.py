@@ -497,6 +497,7 @@ def analyze_partitioned(
     explain: bool = False,
     progress: partitions.Progress | None = None,
     spill_buckets: int = 0,
+    extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
@@ -510,17 +511,22 @@ def analyze_partitioned(
     (:func:`hourglass.analysis.endpoint_path.path_rows`), as at once. With ``spill_buckets`` the
     extracted tables that grow with spans are spilled to that many buckets in a temporary folder
     (``hourglass.analysis.spill``; the executor's tasks must reach it) and decided bucket by
-    bucket."""
+    bucket. ``extraction(notes)``, when given, is the first pass instead of
+    :func:`partitions.run_extraction` (``serve``'s incremental analysis decides stored rows, kind
+    by kind: ``hourglass.analysis.incremental``)."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
     notes = NearMissLog()
-    spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
-    try:
-        extracted = partitions.run_extraction(source, parts, executor, notes, progress, spill)
-    finally:
-        if spill is not None:
-            spill.remove()
+    if extraction is not None:
+        extracted = extraction(notes)
+    else:
+        spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
+        try:
+            extracted = partitions.run_extraction(source, parts, executor, notes, progress, spill)
+        finally:
+            if spill is not None:
+                spill.remove()
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
     ranked = score(

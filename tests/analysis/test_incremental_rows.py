@@ -1,0 +1,181 @@
+"""Where ``serve``'s incremental analysis keeps a batch's rows, and how it decides them (issue 11:
+memory that does not grow with the store).
+
+Run as the analysis worker runs a round (``run_incremental`` over a real DuckDB span store, the
+labelled sample traces in several batches), then compared with the real ``hourglass analyze --db``
+on the same store. Proven structurally, not by timing or RSS:
+
+* a round holds one batch at a time: an extraction task writes its batch's rows and returns
+  none of them;
+* after a round, nothing of a batch is held in memory: every batch's rows are files (one per
+  detector kind, its summaries last), the resource rows that grow with spans (the lock-convoy
+  rule's ``candidates``) in Parquet buckets, never in the rows the decision loads;
+* the decision reads the rows kind by kind: every batch's rows of one kind, then the next kind
+  (so it never holds the rows of every kind at once);
+* a restart resumes from the files (no span read), and a batch whose files were cut short is the
+  only one extracted again; the report stays the CLI's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from hourglass.analysis.incremental import IncrementalAnalysis, MemoExecutor, sidecar_path
+from hourglass.api.analysis_worker import StoreReader, run_incremental
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.files import read_trace_files
+from hourglass.collector.schema import SPAN_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((ROOT / "sample-traces").glob("*.otlp.jsonl"))
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _store(db: Path) -> DuckDBSpanStore:
+    store = DuckDBSpanStore(str(db))
+    for table in read_trace_files([str(p) for p in SAMPLES], on_error=lambda problem: None):
+        if table.num_rows:
+            store.write(table.select(list(SPAN_COLUMNS)))
+    return store
+
+
+def _round(state: IncrementalAnalysis, store: DuckDBSpanStore) -> tuple[dict[str, Any], dict[str, Any]]:
+    request = {
+        "sidecar": state.sidecar,
+        "update": True,
+        "cutoff_ns": time.time_ns() + 1,  # every stored trace has settled
+        "margin_ns": 5 * 10**9,
+        "since_ns": None,
+        "explain": False,
+    }
+    report, _, figures = run_incremental(state, StoreReader(store), request)
+    return report, figures
+
+
+def _cli(db: Path) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "hourglass", "analyze", "--db", str(db), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def _same(served: dict[str, Any], cli: dict[str, Any]) -> None:
+    assert served["recommendations"], "nothing to compare"
+    assert [r["id"] for r in served["recommendations"]] == [r["id"] for r in cli["recommendations"]]
+    for mine, theirs in zip(served["recommendations"], cli["recommendations"], strict=True):
+        for key, value in mine["impact"].items():
+            if isinstance(value, float | int) and theirs["impact"][key] is not None:
+                assert value == pytest.approx(theirs["impact"][key], rel=0.01, abs=1e-9), (mine["id"], key)
+    assert served["traces_analyzed"] == cli["traces_analyzed"]
+    assert served["spans_analyzed"] == cli["spans_analyzed"]
+
+
+class Recording(IncrementalAnalysis):
+    """Records what the decision loads: (kind, batch, resource rows in the loaded rows)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loads: list[tuple[str, int, int]] = []
+
+    def load_rows(self, batch: int, kind: str) -> Any:
+        rows = super().load_rows(batch, kind)
+        candidates = rows.get("candidates")
+        self.loads.append((kind, batch, 0 if candidates is None else candidates.height))
+        return rows
+
+
+def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    returned: list[Any] = []  # what each extraction task returned to the round
+    extracted = MemoExecutor._extracted
+
+    def recording(self: MemoExecutor, args: tuple[Any, ...]) -> Any:
+        result = extracted(self, args)
+        returned.append(result)
+        return result
+
+    monkeypatch.setattr(MemoExecutor, "_extracted", recording)
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = Recording(sidecar, batch_spans=500)
+        report, figures = _round(state, store)
+        batches = set(state.batches)
+        assert len(batches) >= 3, figures
+        assert state.stored == batches
+        assert len(returned) == len(batches) and all(r is None for r in returned), returned
+        # nothing of a batch stays in memory: no frame, table or extraction among the state's values
+        held = [name for name, value in vars(state).items() if _holds_rows(value)]
+        assert not held, held
+        # the decision loaded every batch's rows of one kind, then the next kind
+        kinds = [kind for kind, _, _ in state.loads]
+        runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+        assert len(runs) == len(set(runs)), runs  # each kind loaded in one run
+        for kind in set(kinds):
+            assert sorted(b for k, b, _ in state.loads if k == kind) == sorted(batches), kind
+        # the lock-convoy resource rows never among them: spilled, one file per batch and bucket
+        assert all(n == 0 for kind, _, n in state.loads if kind == "lock_contention")
+        spilled = {p.stem for p in (state.folder / "spill").rglob("p*.parquet")}
+        assert spilled and spilled <= {f"p{b:06d}" for b in batches}
+        assert any(r["id"].startswith("lock_contention") for r in report["recommendations"]), [
+            r["id"] for r in report["recommendations"]
+        ]
+        state.close()
+    finally:
+        store.close()
+    cli = _cli(db)
+    _same(report, cli)
+
+    # A restart resumes from the files: no span is read, the report is the same.
+    store = DuckDBSpanStore(str(db))
+    try:
+        again = IncrementalAnalysis(sidecar)
+        assert again.stored == batches
+        resumed, figures = _round(again, store)
+        assert figures["partitions_read"] == 0, figures
+        _same(resumed, cli)
+        again.close()
+        # a batch whose summaries were never written (a crash mid-way) is extracted again, alone
+        cut = min(batches)
+        (Path(sidecar + ".d") / f"b{cut:06d}" / "meta.pickle").unlink()
+        third = IncrementalAnalysis(sidecar)
+        assert third.stored == batches - {cut}
+        redone, figures = _round(third, store)
+        assert figures["partitions_read"] == 1, figures
+        _same(redone, cli)
+        third.close()
+    finally:
+        store.close()
+
+
+def _holds_rows(value: Any) -> bool:
+    import polars as pl
+
+    from hourglass.analysis.partitions import PartResult
+
+    if isinstance(value, pl.DataFrame | pa.Table | PartResult):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_rows(v) for v in value.values())
+    return False
