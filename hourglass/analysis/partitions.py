@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from hourglass.analysis import memlog
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
@@ -177,6 +178,7 @@ def decide(
                 out[kind] = PARTS[kind].decide(kind_rows, notes)
         except Exception as exc:
             raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
+        memlog.note(f"decided {kind}")
     return out
 
 
@@ -240,7 +242,14 @@ class PartResult:
 
 def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
     """One task of the first pass: read a partition, repair it and extract it (:func:`part_result`)."""
-    return part_result(part, AnalysisContext.from_table(source.load(part, parts)), spill)
+    table = source.load(part, parts)
+    memlog.note(f"extract {part + 1}/{parts} read")
+    ctx = AnalysisContext.from_table(table)
+    del table
+    memlog.note(f"extract {part + 1}/{parts} context")
+    result = part_result(part, ctx, spill)
+    memlog.note(f"extract {part + 1}/{parts} rows")
+    return result
 
 
 def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
@@ -313,8 +322,11 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
     wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
     spans = to_analysis_frame(source.load(part, parts))
     ctx = AnalysisContext.from_table(spans.filter(pl.col("trace_id").is_in(wanted.implode())))
+    memlog.note(f"price {part + 1}/{parts} context")
     durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
-    return Priced(price(ctx, findings), durations)
+    priced = Priced(price(ctx, findings), durations)
+    memlog.note(f"price {part + 1}/{parts} priced")
+    return priced
 
 
 def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
@@ -561,12 +573,16 @@ def run_extraction(
     results = executor.map(
         "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
     )
+    # the workers are done: stopped now, so the memory they keep from their last partition is not
+    # held beside the combined rows and the decision
+    executor.idle()
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
     services = pl.concat([r.services for r in results], how="vertical_relaxed")
     services = (
         services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
     )
     spans = sum(r.spans for r in results)
+    memlog.note("extraction results received")
     rows = combine(r.rows for r in results)
     # every partition's rows or none: icicles of some traces only would be wrong, not smaller
     complete = bool(results) and all(r.paths is not None for r in results)
@@ -575,7 +591,7 @@ def run_extraction(
     critical_paths = report_critical_paths(paths) if paths is not None else []
     del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
-    executor.idle()
+    memlog.note("rows combined, critical paths decided")
     decided = decide(rows, notes, spill)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths)
@@ -597,6 +613,7 @@ def run_pricing(
     results = executor.map(
         "pricing", price_part, [(source, p, parts, findings, calls) for p in range(parts)], progress
     )
+    memlog.note("pricing results received")
     durations: dict[str, np.ndarray] = {}
     if calls:
         for f in findings:

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -47,20 +46,32 @@ SPILLABLE: dict[str, Spillable] = {
 
 
 @dataclass(frozen=True)
+class BucketFiles:
+    """One bucket's reader: ``load(columns, keys)`` (None: every column, every key) reads its
+    Parquet files (``files``, in partition order, for a decision that streams them itself)."""
+
+    files: tuple[Path, ...]
+    key: str
+
+    def __call__(self, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:
+        return _read(list(self.files), self.key, columns, keys)
+
+
+@dataclass(frozen=True)
 class Buckets:
-    """The spilled rows of one table: a reader per bucket holding files (``load(columns, keys)``,
-    None: every column, every key), called when the decision gets to it, so nothing keeps a bucket alive but the
-    decision itself. Each iteration reads the files again."""
+    """The spilled rows of one table: a reader per bucket holding files (:class:`BucketFiles`),
+    called when the decision gets to it, so nothing keeps a bucket alive but the decision itself.
+    Each iteration reads the files again."""
 
     folder: Path
     count: int
     key: str
 
-    def __iter__(self) -> Iterator[Callable[[list[str] | None, pl.Series | None], pl.DataFrame]]:
+    def __iter__(self) -> Iterator[BucketFiles]:
         for bucket in range(self.count):
             files = sorted((self.folder / f"b{bucket:05d}").glob("p*.parquet"))
             if files:  # in partition order, as the combined rows would be
-                yield partial(_read, files, self.key)
+                yield BucketFiles(tuple(files), self.key)
 
 
 def _read(files: list[Path], key: str, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:

@@ -151,14 +151,29 @@ def test_the_generated_mix_exercises_every_split_detector() -> None:
         assert DETECTORS[kind](whole), f"the generated mix has no {kind} finding"
 
 
-@pytest.mark.parametrize("parts,buckets", [(1, 1), (3, 5)])
+@pytest.mark.parametrize("parts,buckets,batch_rows", [(1, 1, None), (3, 5, None), (2, 2, 7)])
 def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
-    trace_set: tuple[str, pl.DataFrame, AnalysisContext], parts: int, buckets: int, tmp_path: Path
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
+    parts: int,
+    buckets: int,
+    batch_rows: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The tables that grow with spans (``spill.SPILLABLE``) written to Parquet buckets by each
-    partition and decided one bucket at a time: the same findings and near misses as the whole."""
+    partition and decided one bucket at a time: the same findings and near misses as the whole.
+    The convoy rule streams each bucket's rows in chunks (``_sweep``); with ``batch_rows`` of 7
+    every key's rows cross many chunk cuts (and the starts of one microsecond some of them)."""
+    from hourglass.analysis.detectors import _sweep
     from hourglass.analysis.spill import SPILLABLE, Spill
 
+    if batch_rows is not None:
+        monkeypatch.setattr(_sweep, "BATCH_ROWS", batch_rows)
+    swept: list[int] = []
+    real_sweep = _sweep.sweep
+    monkeypatch.setattr(
+        _sweep, "sweep", lambda *a, **k: swept.append(1) or real_sweep(*a, **k)  # type: ignore[func-returns-value]
+    )
     name, frame, whole = trace_set
     expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in SPILLABLE}
     whole_notes = Notes()
@@ -179,6 +194,8 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
             f"{kind} on {name} in {parts} partitions, {buckets} buckets"
         )
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, {buckets} buckets"
+    if any(f.evidence.get("evidence") == "inferred_convoy" for f in got["lock_contention"]):
+        assert swept, "the convoy found was not decided by the streamed sweep"
     spill.remove()
 
 
