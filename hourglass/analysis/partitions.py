@@ -24,10 +24,10 @@ import multiprocessing
 import re
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -165,7 +165,7 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def decide(
-    rows: dict[str, Rows], notes: NearMissSink, spill: Spill | None = None
+    rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None = None
 ) -> dict[str, list[Finding]]:
     """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
     read from there, one bucket at a time)."""
@@ -238,6 +238,13 @@ class PartResult:
     spans: int
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
     paths: PathRows | None = None  # the endpoints' critical-path rows (hourglass.analysis.endpoint_path)
+    # with a spill: ``rows`` and ``paths`` written to its folder instead (``Spill.keep``; ``rows``
+    # empty, ``paths`` None), and whether the path rows were there to write
+    kept: bool = False
+    kept_paths: bool = False
+
+
+PATHS_KIND = "_paths"  # the kind under which a partition's critical-path rows are kept (Spill.keep)
 
 
 def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
@@ -264,7 +271,46 @@ def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> 
     paths = path_rows_or_none(ctx)
     if paths is not None:
         paths = PathRows(compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes))
+    if spill is not None:  # every row to disk: the deciding process reads one kind at a time
+        spill.keep(part, rows)
+        if paths is not None:
+            spill.keep(part, {PATHS_KIND: dict(vars(paths))})
+        result = PartResult(part, {}, compact(ctx.traces), ctx.spans.height, compact(services), None, True)
+        result.kept_paths = paths is not None
+        return result
     return PartResult(part, rows, compact(ctx.traces), ctx.spans.height, compact(services), paths)
+
+
+class KeptRows(Mapping[str, Rows]):
+    """The partitions' rows that :meth:`Spill.keep` wrote, one kind's tables read and combined
+    (:func:`combine`) when that kind is looked up, so a decision over ``.items()`` holds one kind
+    at a time. A kind whose extraction returned no table has no rows (``{}``), as in :func:`combine`."""
+
+    def __init__(self, spill: Spill, kinds: Iterable[str]) -> None:
+        self.spill = spill
+        self.kinds = list(kinds)
+
+    def __getitem__(self, kind: str) -> Rows:
+        if kind not in self.kinds:
+            raise KeyError(kind)
+        tables = self.spill.kept(kind)
+        return {name: _concat(frames) for name, frames in tables.items() if frames}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.kinds)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+
+def kept_paths(spill: Spill) -> PathRows | None:
+    """Every partition's kept critical-path rows as one (:func:`combine_path_rows`)."""
+    tables = spill.kept(PATHS_KIND)
+    if not tables:
+        return None
+    names = [f.name for f in fields(PathRows)]
+    per_part = zip(*(tables[name] for name in names), strict=True)
+    return combine_path_rows(PathRows(*frames) for frames in per_part)
 
 
 def compact(frame: pl.DataFrame) -> pl.DataFrame:
@@ -570,6 +616,7 @@ def run_extraction(
     """Extract every partition (in ``executor``) and decide each split detector on the combined
     rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
     executor's tasks must reach its folder)."""
+    memlog.note("extraction starts")
     results = executor.map(
         "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
     )
@@ -583,10 +630,16 @@ def run_extraction(
     )
     spans = sum(r.spans for r in results)
     memlog.note("extraction results received")
-    rows = combine(r.rows for r in results)
-    # every partition's rows or none: icicles of some traces only would be wrong, not smaller
-    complete = bool(results) and all(r.paths is not None for r in results)
-    paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
+    rows: Mapping[str, Rows]
+    if spill is not None and results and all(r.kept for r in results):
+        rows = KeptRows(spill, PARTS)
+        complete = all(r.kept_paths for r in results)
+        paths = kept_paths(spill) if complete else None
+    else:
+        rows = combine(r.rows for r in results)
+        # every partition's rows or none: icicles of some traces only would be wrong, not smaller
+        complete = bool(results) and all(r.paths is not None for r in results)
+        paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
     # decided now, so that the decision below holds the few icicles and not every trace's path rows
     critical_paths = report_critical_paths(paths) if paths is not None else []
     del paths

@@ -119,6 +119,31 @@ class Spill:
             out[kind] = {**rows[kind], spillable.table: frame.clear()}
         return out
 
+    def keep(self, part: int, tables: dict[str, dict[str, pl.DataFrame]]) -> None:
+        """Writes every table of one partition (``{kind: {table: frame}}``, empty ones too, for
+        their columns) to ``<folder>/rows/<kind>/<table>/p<part>.arrow`` (Arrow IPC, lz4), for
+        :meth:`kept`: the deciding process then holds one kind's rows at a time, not every kind's
+        of every partition while the others extract. A retried task writes the same files again."""
+        for kind, named in tables.items():
+            for name, frame in named.items():
+                folder = Path(self.folder) / "rows" / kind / name
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = folder / f".p{part:06d}.{os.getpid()}.tmp"
+                frame.write_ipc(partial, compression="lz4")
+                os.replace(partial, folder / f"p{part:06d}.arrow")
+
+    def kept(self, kind: str) -> dict[str, list[pl.DataFrame]]:
+        """The frames :meth:`keep` wrote for ``kind``, per table, in partition order (read now;
+        nothing when the kind kept none; lz4-compressed, so decompressed into memory, not mapped)."""
+        folder = Path(self.folder) / "rows" / kind
+        if not folder.is_dir():
+            return {}
+        return {
+            table.name: [pl.read_ipc(f) for f in sorted(table.glob("p*.arrow"))]
+            for table in sorted(folder.iterdir())
+            if table.is_dir()
+        }
+
     def buckets_of(self, kind: str) -> Buckets:
         return Buckets(self._table_folder(kind, SPILLABLE[kind].table), self.buckets, SPILLABLE[kind].key)
 

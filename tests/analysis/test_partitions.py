@@ -142,6 +142,36 @@ def test_partitioned_critical_paths_equal_the_whole(
     assert alone == first
 
 
+def test_rows_kept_on_disk_decide_one_kind_at_a_time_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], tmp_path: Path
+) -> None:
+    """With a spill every partition's rows and critical-path rows go to disk (``Spill.keep``), none
+    travel back, and the decision reads one kind at a time (``KeptRows``): the findings, near
+    misses and endpoint critical paths of the whole."""
+    from hourglass.analysis.spill import Spill
+
+    name, frame, whole = trace_set
+    expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in PARTS}
+    whole_notes = Notes()
+    partitions.decide({k: PARTS[k].extract(whole) for k in PARTS}, whole_notes)
+    spill = Spill.create(2, near=str(tmp_path))
+    results = [
+        partitions.part_result(part, AnalysisContext.from_table(piece), spill)
+        for part, piece in enumerate(partitions.split_by_trace(frame, 3))
+    ]
+    assert all(r.kept and r.kept_paths and not r.rows and r.paths is None for r in results)
+    kept = partitions.KeptRows(spill, PARTS)
+    assert list(kept) == list(PARTS)
+    notes = Notes()
+    got = partitions.decide(kept, notes, spill)
+    for kind in PARTS:
+        assert [_comparable(f) for f in got[kind]] == expected[kind], f"{kind} on {name}, rows kept on disk"
+    assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, rows kept on disk"
+    paths = partitions.kept_paths(spill)
+    assert paths is not None and paths_from_rows(paths) == report_critical_paths(whole)
+    spill.remove()
+
+
 def test_the_generated_mix_exercises_every_split_detector() -> None:
     """Guards the property test against passing on nothing; and every detector is split (a
     partitioned run decides only what ``PARTS`` lists)."""
@@ -172,7 +202,9 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
     swept: list[int] = []
     real_sweep = _sweep.sweep
     monkeypatch.setattr(
-        _sweep, "sweep", lambda *a, **k: swept.append(1) or real_sweep(*a, **k)  # type: ignore[func-returns-value]
+        _sweep,
+        "sweep",
+        lambda *a, **k: swept.append(1) or real_sweep(*a, **k),  # type: ignore[func-returns-value]
     )
     name, frame, whole = trace_set
     expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in SPILLABLE}
