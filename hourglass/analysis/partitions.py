@@ -51,19 +51,23 @@ log = logging.getLogger(__name__)
 # traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
 # duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
 # the detectors' intermediates at their peak. A partitioned run extracts in worker processes only
-# (one at least), so the process that decides holds no spans: it keeps ROWS_BYTES_PER_SPAN of
-# extracted rows per span of the whole (resident, after they are unpickled: ~80 measured at 1M
-# and 5M spans of the generated mix, for ~61 bytes pickled — the lock-convoy rule's resource rows
-# are not among them, they are spilled to disk, ``hourglass.analysis.spill``), and while it
-# decides one bucket of spilled rows at a time it needs SPILLED_PEAK_BYTES_PER_SPAN per row of
-# the bucket (~240 measured: the read, the busy groups' rows, the sweep; the worker processes are
-# stopped by then). A bucket holds whole resource keys, so one key that holds most spans makes
-# its bucket that large whatever the number of buckets: the generated mix's busiest key holds
-# about two thirds of the spans, which this model does not see (it assumes even buckets).
+# (one at least), so the process that decides holds no spans. With a spill (``Spill.keep``) the
+# workers write every extracted row to disk, and what the deciding process holds while workers
+# run is ROWS_BYTES_PER_SPAN per span of the whole: the trace summaries while they extract (~20
+# measured at 5M spans of the generated mix), then through the pricing pass the findings (an
+# occurrence per trace and finding) and what the decision left allocated (~80: 207 MiB over the
+# process's start at 1M, 533 at 5M; without a spill, under --cluster, the rows themselves, ~136
+# resident). It decides with the workers stopped, one detector's rows at a time, the lock-convoy
+# rule's resource rows streamed from their buckets under DuckDB's own memory limit
+# (``hourglass.analysis.detectors._sweep``, whatever one key holds): DECIDE_BYTES_PER_SPAN
+# (~90 measured: a peak of 295 MiB over the start at 1M, 645 at 5M). The buckets no longer bound
+# memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with keys spread evenly, within
+# that limit.
 PROCESS_BASE_BYTES = 300 * 2**20
 PEAK_BYTES_PER_SPAN = 1_800
 ROWS_BYTES_PER_SPAN = 80
-SPILLED_PEAK_BYTES_PER_SPAN = 240
+DECIDE_BYTES_PER_SPAN = 100
+BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 
 
@@ -114,10 +118,14 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
             f"{count * PEAK_BYTES_PER_SPAN / 2**30:.2f} GiB, more than the {per_worker / 2**30:.2f} GiB each of "
             f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
         )
+    deciding = PROCESS_BASE_BYTES + spans * DECIDE_BYTES_PER_SPAN
+    if deciding > budget:  # the decision runs alone, once the workers are stopped
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the decision over {spans:,} spans "
+            f"(about {deciding / 2**30:.2f} GiB): raise --memory-budget"
+        )
     parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
-    # the deciding process reads one bucket of spilled rows at a time, once the workers are done:
-    # a bucket's decision gets the room of one worker
-    buckets = max(1, -(-spans * SPILLED_PEAK_BYTES_PER_SPAN // per_worker))
+    buckets = max(1, -(-spans // BUCKET_SPANS))
     return Plan(spans, int(parts), min(workers, int(parts)), int(buckets))
 
 
