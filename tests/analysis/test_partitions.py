@@ -172,6 +172,26 @@ def test_rows_kept_on_disk_decide_one_kind_at_a_time_like_the_whole(
     spill.remove()
 
 
+def test_a_pricing_task_receives_the_occurrences_of_its_own_traces_only() -> None:
+    """``findings_by_partition``: every finding in every share, each occurrence in the share of the
+    partition holding its trace, and only there."""
+    frame = _generated()
+    findings = [f for kind in PARTS for f in DETECTORS[kind](AnalysisContext.from_table(frame))]
+    pieces = partitions.split_by_trace(frame, 3)
+    trace_parts = pl.concat(
+        [p.select(pl.col("trace_id").unique(), part=pl.lit(n, pl.UInt32)) for n, p in enumerate(pieces)]
+    )
+    shares = partitions.findings_by_partition(findings, trace_parts, 3)
+    for part, share in enumerate(shares):
+        assert [f.id for f in share] == [f.id for f in findings]
+        mine = set(pieces[part]["trace_id"].to_list())
+        assert all(o.trace_id in mine for f in share for o in f.occurrences)
+    for i, finding in enumerate(findings):
+        got = sorted((o.trace_id, o.span_ids) for share in shares for o in share[i].occurrences)
+        assert got == sorted((o.trace_id, o.span_ids) for o in finding.occurrences)
+    assert sum(len(f.occurrences) for f in findings) > 100
+
+
 def test_the_generated_mix_exercises_every_split_detector() -> None:
     """Guards the property test against passing on nothing; and every detector is split (a
     partitioned run decides only what ``PARTS`` lists)."""
