@@ -149,5 +149,8 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     # a budget that leaves each of two workers too little plans fewer workers, not hundreds of parts
     fewer = partitions.plan(5_000_000, int(1.5 * 2**30), 2)
     assert fewer.workers == 1 and fewer.parts < 50
+    # room for the workers but not for the decision, which runs alone once they are stopped
+    with pytest.raises(partitions.BudgetError, match="cannot hold the decision over 20,000,000 spans"):
+        partitions.plan(20_000_000, int(2.1 * 2**30), 1)
     too_small = _run("analyze", "--db", store, "--memory-budget", "10MB")
     assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr

@@ -24,21 +24,22 @@ import multiprocessing
 import re
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from hourglass.analysis import memlog
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows, report_critical_paths
-from hourglass.analysis.model import Finding
+from hourglass.analysis.model import Finding, Occurrence
 from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -50,19 +51,23 @@ log = logging.getLogger(__name__)
 # traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
 # duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
 # the detectors' intermediates at their peak. A partitioned run extracts in worker processes only
-# (one at least), so the process that decides holds no spans: it keeps ROWS_BYTES_PER_SPAN of
-# extracted rows per span of the whole (resident, after they are unpickled: ~80 measured at 1M
-# and 5M spans of the generated mix, for ~61 bytes pickled — the lock-convoy rule's resource rows
-# are not among them, they are spilled to disk, ``hourglass.analysis.spill``), and while it
-# decides one bucket of spilled rows at a time it needs SPILLED_PEAK_BYTES_PER_SPAN per row of
-# the bucket (~240 measured: the read, the busy groups' rows, the sweep; the worker processes are
-# stopped by then). A bucket holds whole resource keys, so one key that holds most spans makes
-# its bucket that large whatever the number of buckets: the generated mix's busiest key holds
-# about two thirds of the spans, which this model does not see (it assumes even buckets).
+# (one at least), so the process that decides holds no spans. With a spill (``Spill.keep``) the
+# workers write every extracted row to disk, and what the deciding process holds while workers
+# run is ROWS_BYTES_PER_SPAN per span of the whole: the trace summaries while they extract (~20
+# measured at 5M spans of the generated mix), then through the pricing pass the findings (an
+# occurrence per trace and finding) and what the decision left allocated (~80: 207 MiB over the
+# process's start at 1M, 533 at 5M; without a spill, under --cluster, the rows themselves, ~136
+# resident). It decides with the workers stopped, one detector's rows at a time, the lock-convoy
+# rule's resource rows streamed from their buckets under DuckDB's own memory limit
+# (``hourglass.analysis.detectors._sweep``, whatever one key holds): DECIDE_BYTES_PER_SPAN
+# (~90 measured: a peak of 295 MiB over the start at 1M, 645 at 5M). The buckets no longer bound
+# memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with keys spread evenly, within
+# that limit.
 PROCESS_BASE_BYTES = 300 * 2**20
 PEAK_BYTES_PER_SPAN = 1_800
 ROWS_BYTES_PER_SPAN = 80
-SPILLED_PEAK_BYTES_PER_SPAN = 240
+DECIDE_BYTES_PER_SPAN = 100
+BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 
 
@@ -113,10 +118,14 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
             f"{count * PEAK_BYTES_PER_SPAN / 2**30:.2f} GiB, more than the {per_worker / 2**30:.2f} GiB each of "
             f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
         )
+    deciding = PROCESS_BASE_BYTES + spans * DECIDE_BYTES_PER_SPAN
+    if deciding > budget:  # the decision runs alone, once the workers are stopped
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the decision over {spans:,} spans "
+            f"(about {deciding / 2**30:.2f} GiB): raise --memory-budget"
+        )
     parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
-    # the deciding process reads one bucket of spilled rows at a time, once the workers are done:
-    # a bucket's decision gets the room of one worker
-    buckets = max(1, -(-spans * SPILLED_PEAK_BYTES_PER_SPAN // per_worker))
+    buckets = max(1, -(-spans // BUCKET_SPANS))
     return Plan(spans, int(parts), min(workers, int(parts)), int(buckets))
 
 
@@ -164,7 +173,7 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def decide(
-    rows: dict[str, Rows], notes: NearMissSink, spill: Spill | None = None
+    rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None = None
 ) -> dict[str, list[Finding]]:
     """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
     read from there, one bucket at a time)."""
@@ -177,6 +186,7 @@ def decide(
                 out[kind] = PARTS[kind].decide(kind_rows, notes)
         except Exception as exc:
             raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
+        memlog.note(f"decided {kind}")
     return out
 
 
@@ -236,11 +246,25 @@ class PartResult:
     spans: int
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
     paths: PathRows | None = None  # the endpoints' critical-path rows (hourglass.analysis.endpoint_path)
+    # with a spill: ``rows`` and ``paths`` written to its folder instead (``Spill.keep``; ``rows``
+    # empty, ``paths`` None), and whether the path rows were there to write
+    kept: bool = False
+    kept_paths: bool = False
+
+
+PATHS_KIND = "_paths"  # the kind under which a partition's critical-path rows are kept (Spill.keep)
 
 
 def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
     """One task of the first pass: read a partition, repair it and extract it (:func:`part_result`)."""
-    return part_result(part, AnalysisContext.from_table(source.load(part, parts)), spill)
+    table = source.load(part, parts)
+    memlog.note(f"extract {part + 1}/{parts} read")
+    ctx = AnalysisContext.from_table(table)
+    del table
+    memlog.note(f"extract {part + 1}/{parts} context")
+    result = part_result(part, ctx, spill)
+    memlog.note(f"extract {part + 1}/{parts} rows")
+    return result
 
 
 def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
@@ -255,7 +279,46 @@ def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> 
     paths = path_rows_or_none(ctx)
     if paths is not None:
         paths = PathRows(compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes))
+    if spill is not None:  # every row to disk: the deciding process reads one kind at a time
+        spill.keep(part, rows)
+        if paths is not None:
+            spill.keep(part, {PATHS_KIND: dict(vars(paths))})
+        result = PartResult(part, {}, compact(ctx.traces), ctx.spans.height, compact(services), None, True)
+        result.kept_paths = paths is not None
+        return result
     return PartResult(part, rows, compact(ctx.traces), ctx.spans.height, compact(services), paths)
+
+
+class KeptRows(Mapping[str, Rows]):
+    """The partitions' rows that :meth:`Spill.keep` wrote, one kind's tables read and combined
+    (:func:`combine`) when that kind is looked up, so a decision over ``.items()`` holds one kind
+    at a time. A kind whose extraction returned no table has no rows (``{}``), as in :func:`combine`."""
+
+    def __init__(self, spill: Spill, kinds: Iterable[str]) -> None:
+        self.spill = spill
+        self.kinds = list(kinds)
+
+    def __getitem__(self, kind: str) -> Rows:
+        if kind not in self.kinds:
+            raise KeyError(kind)
+        tables = self.spill.kept(kind)
+        return {name: _concat(frames) for name, frames in tables.items() if frames}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.kinds)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+
+def kept_paths(spill: Spill) -> PathRows | None:
+    """Every partition's kept critical-path rows as one (:func:`combine_path_rows`)."""
+    tables = spill.kept(PATHS_KIND)
+    if not tables:
+        return None
+    names = [f.name for f in fields(PathRows)]
+    per_part = zip(*(tables[name] for name in names), strict=True)
+    return combine_path_rows(PathRows(*frames) for frames in per_part)
 
 
 def compact(frame: pl.DataFrame) -> pl.DataFrame:
@@ -313,8 +376,11 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
     wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
     spans = to_analysis_frame(source.load(part, parts))
     ctx = AnalysisContext.from_table(spans.filter(pl.col("trace_id").is_in(wanted.implode())))
+    memlog.note(f"price {part + 1}/{parts} context")
     durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
-    return Priced(price(ctx, findings), durations)
+    priced = Priced(price(ctx, findings), durations)
+    memlog.note(f"price {part + 1}/{parts} priced")
+    return priced
 
 
 def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
@@ -330,6 +396,28 @@ def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpa
         impact = whatif.impact(replace(finding, occurrences=mine))
         out[finding.id] = (impact.trace_ids, impact.saved_ns, impact.root_ns)
     return out
+
+
+def findings_by_partition(
+    findings: list[Finding], trace_parts: pl.DataFrame, parts: int
+) -> list[list[Finding]]:
+    """Per partition, every finding with the occurrences of that partition's traces only: what a
+    pricing task needs, since a trace's saving and its calls' durations are of that trace alone.
+    Sent whole, every task would unpickle every occurrence of the store (measured at 10M spans: a
+    pricing worker of 100k spans peaking at 1.2 GiB against 0.6 GiB for its extraction)."""
+    wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
+    known = trace_parts.join(wanted.to_frame(), on="trace_id", how="semi")
+    part_of = dict(zip(known["trace_id"].to_list(), known["part"].to_list(), strict=True))
+    shares: list[list[Finding]] = [[] for _ in range(parts)]
+    for finding in findings:
+        split: list[list[Occurrence]] = [[] for _ in range(parts)]
+        for occurrence in finding.occurrences:
+            part = part_of.get(occurrence.trace_id)
+            if part is not None:  # else in no partition's traces: no task would price it
+                split[part].append(occurrence)
+        for part in range(parts):
+            shares[part].append(replace(finding, occurrences=split[part]))
+    return shares
 
 
 def merge_impacts(parts: Iterable[dict[str, PricedImpact]]) -> dict[str, Impact]:
@@ -545,6 +633,7 @@ class Extracted:
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
     # the report's endpoint critical paths, decided on every partition's rows (empty when one failed)
     critical_paths: list[dict[str, Any]] = field(default_factory=list)
+    trace_parts: pl.DataFrame | None = None  # (trace_id, part): the partition of each trace
 
 
 def run_extraction(
@@ -558,8 +647,15 @@ def run_extraction(
     """Extract every partition (in ``executor``) and decide each split detector on the combined
     rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
     executor's tasks must reach its folder)."""
+    memlog.note("extraction starts")
     results = executor.map(
         "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
+    )
+    # the workers are done: stopped now, so the memory they keep from their last partition is not
+    # held beside the combined rows and the decision
+    executor.idle()
+    trace_parts = pl.concat(
+        [r.traces.select("trace_id", part=pl.lit(r.part, pl.UInt32)) for r in results], how="vertical_relaxed"
     )
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
     services = pl.concat([r.services for r in results], how="vertical_relaxed")
@@ -567,18 +663,25 @@ def run_extraction(
         services.group_by("service", "scope_name").agg(pl.col("trace_id").min()).sort("service", "scope_name")
     )
     spans = sum(r.spans for r in results)
-    rows = combine(r.rows for r in results)
-    # every partition's rows or none: icicles of some traces only would be wrong, not smaller
-    complete = bool(results) and all(r.paths is not None for r in results)
-    paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
+    memlog.note("extraction results received")
+    rows: Mapping[str, Rows]
+    if spill is not None and results and all(r.kept for r in results):
+        rows = KeptRows(spill, PARTS)
+        complete = all(r.kept_paths for r in results)
+        paths = kept_paths(spill) if complete else None
+    else:
+        rows = combine(r.rows for r in results)
+        # every partition's rows or none: icicles of some traces only would be wrong, not smaller
+        complete = bool(results) and all(r.paths is not None for r in results)
+        paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
     # decided now, so that the decision below holds the few icicles and not every trace's path rows
     critical_paths = report_critical_paths(paths) if paths is not None else []
     del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
-    executor.idle()
+    memlog.note("rows combined, critical paths decided")
     decided = decide(rows, notes, spill)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
-    return Extracted(findings, traces, spans, services, critical_paths)
+    return Extracted(findings, traces, spans, services, critical_paths, trace_parts)
 
 
 def run_pricing(
@@ -589,14 +692,19 @@ def run_pricing(
     progress: Progress | None = None,
     *,
     calls: bool = False,
+    trace_parts: pl.DataFrame | None = None,
 ) -> tuple[dict[str, Impact], dict[str, np.ndarray]]:
     """The second pass: each finding's what-if saving, partition by partition; with ``calls``
-    also the durations of the calls each finding names, over every partition."""
+    also the durations of the calls each finding names, over every partition. With
+    ``trace_parts`` (:attr:`Extracted.trace_parts`) each task receives the occurrences of its own
+    traces only (:func:`findings_by_partition`)."""
     if not findings or (not calls and not any(o.interventions for f in findings for o in f.occurrences)):
         return {}, {}
-    results = executor.map(
-        "pricing", price_part, [(source, p, parts, findings, calls) for p in range(parts)], progress
-    )
+    shares = findings_by_partition(findings, trace_parts, parts) if trace_parts is not None else None
+    tasks = [(source, p, parts, shares[p] if shares else findings, calls) for p in range(parts)]
+    del shares
+    results = executor.map("pricing", price_part, tasks, progress)
+    memlog.note("pricing results received")
     durations: dict[str, np.ndarray] = {}
     if calls:
         for f in findings:

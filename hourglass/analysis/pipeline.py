@@ -528,7 +528,9 @@ def analyze_partitioned(
             if spill is not None:
                 spill.remove()
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
-    impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
+    impacts, calls = partitions.run_pricing(
+        source, parts, executor, kept, progress, calls=True, trace_parts=extracted.trace_parts
+    )
     ranked = score(
         extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
     )
@@ -550,7 +552,9 @@ def analyze_partitioned(
     write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
 
     def priced_together(found: list[Finding]) -> dict[str, Impact]:
-        return partitions.run_pricing(source, parts, executor, found, progress)[0]
+        return partitions.run_pricing(
+            source, parts, executor, found, progress, trace_parts=extracted.trace_parts
+        )[0]
 
     from hourglass.analysis.workstreams import build_workstreams
 

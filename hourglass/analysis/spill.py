@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -47,20 +46,32 @@ SPILLABLE: dict[str, Spillable] = {
 
 
 @dataclass(frozen=True)
+class BucketFiles:
+    """One bucket's reader: ``load(columns, keys)`` (None: every column, every key) reads its
+    Parquet files (``files``, in partition order, for a decision that streams them itself)."""
+
+    files: tuple[Path, ...]
+    key: str
+
+    def __call__(self, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:
+        return _read(list(self.files), self.key, columns, keys)
+
+
+@dataclass(frozen=True)
 class Buckets:
-    """The spilled rows of one table: a reader per bucket holding files (``load(columns, keys)``,
-    None: every column, every key), called when the decision gets to it, so nothing keeps a bucket alive but the
-    decision itself. Each iteration reads the files again."""
+    """The spilled rows of one table: a reader per bucket holding files (:class:`BucketFiles`),
+    called when the decision gets to it, so nothing keeps a bucket alive but the decision itself.
+    Each iteration reads the files again."""
 
     folder: Path
     count: int
     key: str
 
-    def __iter__(self) -> Iterator[Callable[[list[str] | None, pl.Series | None], pl.DataFrame]]:
+    def __iter__(self) -> Iterator[BucketFiles]:
         for bucket in range(self.count):
             files = sorted((self.folder / f"b{bucket:05d}").glob("p*.parquet"))
             if files:  # in partition order, as the combined rows would be
-                yield partial(_read, files, self.key)
+                yield BucketFiles(tuple(files), self.key)
 
 
 def _read(files: list[Path], key: str, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:
@@ -107,6 +118,31 @@ class Spill:
                     os.replace(partial, target)
             out[kind] = {**rows[kind], spillable.table: frame.clear()}
         return out
+
+    def keep(self, part: int, tables: dict[str, dict[str, pl.DataFrame]]) -> None:
+        """Writes every table of one partition (``{kind: {table: frame}}``, empty ones too, for
+        their columns) to ``<folder>/rows/<kind>/<table>/p<part>.arrow`` (Arrow IPC, lz4), for
+        :meth:`kept`: the deciding process then holds one kind's rows at a time, not every kind's
+        of every partition while the others extract. A retried task writes the same files again."""
+        for kind, named in tables.items():
+            for name, frame in named.items():
+                folder = Path(self.folder) / "rows" / kind / name
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = folder / f".p{part:06d}.{os.getpid()}.tmp"
+                frame.write_ipc(partial, compression="lz4")
+                os.replace(partial, folder / f"p{part:06d}.arrow")
+
+    def kept(self, kind: str) -> dict[str, list[pl.DataFrame]]:
+        """The frames :meth:`keep` wrote for ``kind``, per table, in partition order (read now;
+        nothing when the kind kept none; lz4-compressed, so decompressed into memory, not mapped)."""
+        folder = Path(self.folder) / "rows" / kind
+        if not folder.is_dir():
+            return {}
+        return {
+            table.name: [pl.read_ipc(f) for f in sorted(table.glob("p*.arrow"))]
+            for table in sorted(folder.iterdir())
+            if table.is_dir()
+        }
 
     def buckets_of(self, kind: str) -> Buckets:
         return Buckets(self._table_folder(kind, SPILLABLE[kind].table), self.buckets, SPILLABLE[kind].key)

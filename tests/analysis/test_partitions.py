@@ -142,6 +142,56 @@ def test_partitioned_critical_paths_equal_the_whole(
     assert alone == first
 
 
+def test_rows_kept_on_disk_decide_one_kind_at_a_time_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], tmp_path: Path
+) -> None:
+    """With a spill every partition's rows and critical-path rows go to disk (``Spill.keep``), none
+    travel back, and the decision reads one kind at a time (``KeptRows``): the findings, near
+    misses and endpoint critical paths of the whole."""
+    from hourglass.analysis.spill import Spill
+
+    name, frame, whole = trace_set
+    expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in PARTS}
+    whole_notes = Notes()
+    partitions.decide({k: PARTS[k].extract(whole) for k in PARTS}, whole_notes)
+    spill = Spill.create(2, near=str(tmp_path))
+    results = [
+        partitions.part_result(part, AnalysisContext.from_table(piece), spill)
+        for part, piece in enumerate(partitions.split_by_trace(frame, 3))
+    ]
+    assert all(r.kept and r.kept_paths and not r.rows and r.paths is None for r in results)
+    kept = partitions.KeptRows(spill, PARTS)
+    assert list(kept) == list(PARTS)
+    notes = Notes()
+    got = partitions.decide(kept, notes, spill)
+    for kind in PARTS:
+        assert [_comparable(f) for f in got[kind]] == expected[kind], f"{kind} on {name}, rows kept on disk"
+    assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, rows kept on disk"
+    paths = partitions.kept_paths(spill)
+    assert paths is not None and paths_from_rows(paths) == report_critical_paths(whole)
+    spill.remove()
+
+
+def test_a_pricing_task_receives_the_occurrences_of_its_own_traces_only() -> None:
+    """``findings_by_partition``: every finding in every share, each occurrence in the share of the
+    partition holding its trace, and only there."""
+    frame = _generated()
+    findings = [f for kind in PARTS for f in DETECTORS[kind](AnalysisContext.from_table(frame))]
+    pieces = partitions.split_by_trace(frame, 3)
+    trace_parts = pl.concat(
+        [p.select(pl.col("trace_id").unique(), part=pl.lit(n, pl.UInt32)) for n, p in enumerate(pieces)]
+    )
+    shares = partitions.findings_by_partition(findings, trace_parts, 3)
+    for part, share in enumerate(shares):
+        assert [f.id for f in share] == [f.id for f in findings]
+        mine = set(pieces[part]["trace_id"].to_list())
+        assert all(o.trace_id in mine for f in share for o in f.occurrences)
+    for i, finding in enumerate(findings):
+        got = sorted((o.trace_id, o.span_ids) for share in shares for o in share[i].occurrences)
+        assert got == sorted((o.trace_id, o.span_ids) for o in finding.occurrences)
+    assert sum(len(f.occurrences) for f in findings) > 100
+
+
 def test_the_generated_mix_exercises_every_split_detector() -> None:
     """Guards the property test against passing on nothing; and every detector is split (a
     partitioned run decides only what ``PARTS`` lists)."""
@@ -151,14 +201,31 @@ def test_the_generated_mix_exercises_every_split_detector() -> None:
         assert DETECTORS[kind](whole), f"the generated mix has no {kind} finding"
 
 
-@pytest.mark.parametrize("parts,buckets", [(1, 1), (3, 5)])
+@pytest.mark.parametrize("parts,buckets,batch_rows", [(1, 1, None), (3, 5, None), (2, 2, 7)])
 def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
-    trace_set: tuple[str, pl.DataFrame, AnalysisContext], parts: int, buckets: int, tmp_path: Path
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
+    parts: int,
+    buckets: int,
+    batch_rows: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The tables that grow with spans (``spill.SPILLABLE``) written to Parquet buckets by each
-    partition and decided one bucket at a time: the same findings and near misses as the whole."""
+    partition and decided one bucket at a time: the same findings and near misses as the whole.
+    The convoy rule streams each bucket's rows in chunks (``_sweep``); with ``batch_rows`` of 7
+    every key's rows cross many chunk cuts (and the starts of one microsecond some of them)."""
+    from hourglass.analysis.detectors import _sweep
     from hourglass.analysis.spill import SPILLABLE, Spill
 
+    if batch_rows is not None:
+        monkeypatch.setattr(_sweep, "BATCH_ROWS", batch_rows)
+    swept: list[int] = []
+    real_sweep = _sweep.sweep
+    monkeypatch.setattr(
+        _sweep,
+        "sweep",
+        lambda *a, **k: swept.append(1) or real_sweep(*a, **k),  # type: ignore[func-returns-value]
+    )
     name, frame, whole = trace_set
     expected = {kind: [_comparable(f) for f in DETECTORS[kind](whole)] for kind in SPILLABLE}
     whole_notes = Notes()
@@ -179,6 +246,8 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
             f"{kind} on {name} in {parts} partitions, {buckets} buckets"
         )
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, {buckets} buckets"
+    if any(f.evidence.get("evidence") == "inferred_convoy" for f in got["lock_contention"]):
+        assert swept, "the convoy found was not decided by the streamed sweep"
     spill.remove()
 
 

@@ -81,7 +81,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from hourglass.analysis import memlog
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _sweep
 from hourglass.analysis.detectors._common import WHITESPACE_RUN, NearMissSink, Rows, stat, with_span_columns
 from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
 from hourglass.collector.schema import KIND_CONSUMER, KIND_PRODUCER
@@ -807,6 +809,8 @@ def _convoy_findings(
         if busy is None:
             return []
         pieces = [_queued_convoys(cand, busy, reasons)]
+    elif _streamable(loads := list(buckets)):
+        pieces = _streamed_convoys(loads, explicit_ops, reasons)
     else:
         # The busy pre-filter and the sweep round times against the earliest start of the rows
         # they see (frame-wide), so the buckets are read three times: the sampled groups' extent,
@@ -831,6 +835,7 @@ def _convoy_findings(
             gids = _busy(load(narrow, None), ops, sampled)["gid"].unique()
             if gids.len():
                 pieces.append(_queued_convoys(load(None, gids), busy, reasons))
+            memlog.note(f"lock_contention bucket of {gids.len()} busy resource keys")
     pieces = [(convoy, stats) for convoy, stats in pieces if convoy.height]
     if not pieces:
         return []
@@ -838,6 +843,59 @@ def _convoy_findings(
     convoy = pl.concat([c for c, _ in pieces], how="vertical_relaxed").sort(["gid", "start_ns", "uid"])
     stats = pl.concat([s for _, s in pieces], how="vertical_relaxed")
     return _convoy_verdicts(rows, convoy, stats, reasons)
+
+
+def _streamed_convoys(
+    loads: list[BucketLoader], explicit_ops: pl.DataFrame | None, reasons: list[pl.DataFrame]
+) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    """The bucketed convoy rules with each bucket's rows streamed from its files
+    (``hourglass.analysis.detectors._sweep``), so no key's rows are held at once: the sampled
+    keys' extents (an aggregate), the busy pre-filter and the sweep (sorted out of core, read in
+    bounded chunks), then the load statistics on (duration, peers) of the keys busy enough to
+    judge, and the remaining rules on every column of the keys whose latency grows with load (a
+    convoy's rows are its finding's evidence). The same clocks, peers, float sums and reasons as
+    :func:`_queued_convoys` over the whole frame."""
+    excluded = explicit_ops["op"].unique() if explicit_ops is not None and explicit_ops.height else None
+    files = [load.files for load in loads]  # type: ignore[attr-defined]
+    extents = [_sweep.group_extents(f, excluded, MIN_SAMPLES) for f in files]
+    sampled = _Clock.of([_group_extent(e) for e in extents if e.height])
+    if sampled is None:
+        return []
+    busy_gids = []
+    for f, extent in zip(files, extents, strict=True):
+        if not extent.height or not sampled.packed:  # unpacked: no pre-filter, as _busy_groups
+            busy_gids.append(extent["gid"])
+            continue
+        shares = _sweep.overlap_shares(f, extent["gid"], sampled.t0)
+        busy_gids.append(shares.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"])
+    busy_extents = [
+        e.filter(pl.col("gid").is_in(g.implode())) for e, g in zip(extents, busy_gids, strict=True)
+    ]
+    busy = _Clock.of([_group_extent(e) for e in busy_extents if e.height])
+    if busy is None:
+        return []
+    pieces = []
+    for load, f, gids in zip(loads, files, busy_gids, strict=True):
+        if not gids.len():
+            continue
+        loaded = _sweep.sweep(f, gids, busy.t0, busy.packed, (MIN_PEAK_PEERS, MIN_QUEUED_SHARE))
+        steep = _stats_under_load(loaded, reasons)["gid"]
+        del loaded
+        if steep.len():  # the rules below recount these keys' peers and statistics: the same values
+            pieces.append(_queued_convoys(load(None, steep), busy, reasons))
+        memlog.note(f"lock_contention bucket streamed: {gids.len()} busy keys, {steep.len()} loaded")
+    return pieces
+
+
+def _streamable(loads: list[BucketLoader]) -> bool:
+    """Every bucket names its files (``hourglass.analysis.spill.BucketFiles``)."""
+    return bool(loads) and all(getattr(load, "files", None) for load in loads)
+
+
+def _group_extent(extent: pl.DataFrame) -> tuple[int, int, int]:
+    """(earliest start, latest end, groups) of :func:`_sweep.group_extents`' rows."""
+    row = extent.select(pl.col("lo").min(), pl.col("hi").max(), pl.len()).row(0)
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def _sampled(cand: pl.DataFrame, explicit_ops: pl.Series | None) -> pl.DataFrame:
@@ -853,23 +911,11 @@ def _busy(cand: pl.DataFrame, explicit_ops: pl.Series | None, clock: _Clock) -> 
     return cand.filter(pl.col("gid").is_in(_busy_groups(cand, clock).implode())) if cand.height else cand
 
 
-def _queued_convoys(
-    cand: pl.DataFrame, clock: _Clock, reasons: list[pl.DataFrame]
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The rules that look at one resource key at a time, over the busy groups in ``cand``: the
-    spans of the groups that pass them (with ``peers``, ``base_ns`` and ``gap_p50``) and the
-    groups' statistics."""
-    if cand.is_empty():
-        return cand, pl.DataFrame()
-    # One row order whatever the partitioning, so float sums (covariance, variance) are identical.
-    cand = cand.sort(["gid", "start_ns", "uid"])
-    cand = cand.with_columns(peers=_peers_at_start(cand, clock))
-
-    base_expr = (
-        pl.when((pl.col("peers") == 1).sum() >= 3)
-        .then(pl.col("duration_ns").filter(pl.col("peers") == 1).median())
-        .otherwise(pl.col("duration_ns").quantile(0.05))
-    )
+def _stats_under_load(cand: pl.DataFrame, reasons: list[pl.DataFrame]) -> pl.DataFrame:
+    """Per group of ``cand`` (gid, duration_ns, peers; rows in (gid, start_ns, uid) order, so float
+    sums are the same however the rows were gathered): the load statistics of the groups busy
+    enough to judge whose latency grows with load; the busy ones whose latency does not go to
+    ``reasons`` when the correlation is at least the near-miss threshold."""
     stats = (
         cand.group_by("gid")
         .agg(
@@ -895,7 +941,27 @@ def _queued_convoys(
             ),
         )
     )
-    stats = stats.filter(~flat)
+    return stats.filter(~flat)
+
+
+def _queued_convoys(
+    cand: pl.DataFrame, clock: _Clock, reasons: list[pl.DataFrame]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rules that look at one resource key at a time, over the busy groups in ``cand``: the
+    spans of the groups that pass them (with ``peers``, ``base_ns`` and ``gap_p50``) and the
+    groups' statistics."""
+    if cand.is_empty():
+        return cand, pl.DataFrame()
+    # One row order whatever the partitioning, so float sums (covariance, variance) are identical.
+    cand = cand.sort(["gid", "start_ns", "uid"])
+    cand = cand.with_columns(peers=_peers_at_start(cand, clock))
+
+    base_expr = (
+        pl.when((pl.col("peers") == 1).sum() >= 3)
+        .then(pl.col("duration_ns").filter(pl.col("peers") == 1).median())
+        .otherwise(pl.col("duration_ns").quantile(0.05))
+    )
+    stats = _stats_under_load(cand, reasons)
     if stats.is_empty():
         return cand.clear(), stats
     convoy = cand.join(stats.select("gid"), on="gid", how="semi")
