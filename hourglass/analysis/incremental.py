@@ -46,7 +46,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,7 @@ from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_paths
 from hourglass.analysis.model import Finding, Occurrence
-from hourglass.analysis.spill import SPILLABLE, Buckets, Spill, _read
+from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class BatchBuckets(Buckets):
     batches: tuple[int, ...] = ()
     extra: Path | None = None
 
-    def __iter__(self) -> Iterator[Callable[[list[str] | None, pl.Series | None], pl.DataFrame]]:
+    def __iter__(self) -> Iterator[BucketFiles]:
         for bucket in range(self.count):
             name = f"b{bucket:05d}"
             present = set(os.listdir(self.folder / name)) if (self.folder / name).is_dir() else set()
@@ -133,7 +132,7 @@ class BatchBuckets(Buckets):
             if self.extra is not None:
                 files += sorted((self.extra / name).glob("p*.parquet"))
             if files:
-                yield partial(_read, files, self.key)
+                yield BucketFiles(tuple(files), self.key)
 
 
 @dataclass(frozen=True)
