@@ -243,6 +243,13 @@ def extract_part(source: Source, part: int, parts: int, spill: Spill | None = No
     return part_result(part, AnalysisContext.from_table(source.load(part, parts)), spill)
 
 
+def spill_here(spill: Spill, result: PartResult) -> PartResult:
+    """``result`` with its spillable tables written to ``spill``'s buckets by this process (the
+    rows of a task that could not reach the spill folder: a Dask worker on another machine); the
+    same files and the same rows as if the task had spilled them itself."""
+    return replace(result, rows=spill.write(result.part, result.rows))
+
+
 def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
     """Every detector's rows of ``ctx``'s traces (with ``spill``, the tables that grow with spans
     written to its buckets instead) and the endpoints' critical-path rows, each table compacted
@@ -485,7 +492,12 @@ class DaskExecutor:
     """Partitions as tasks on an existing Dask distributed cluster. Each task reads its partition
     itself (:class:`StoreSource`: a store path on storage every worker shares, or a ClickHouse
     URL), so only the small extracted rows travel; the decision runs here, on the client. Dask
-    retries a failed task once (``retries=1``) and reschedules the tasks of a worker that died."""
+    retries a failed task once (``retries=1``) and reschedules the tasks of a worker that died.
+
+    The workers may be on other machines, so they never write a run's spill folder: an extraction
+    task returns every row, and this process writes the spillable tables to their buckets as each
+    partition's rows arrive (:func:`spill_here`), so it holds one partition's rows of those tables
+    at a time, never the whole table."""
 
     def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
         try:
@@ -507,6 +519,10 @@ class DaskExecutor:
     def map(
         self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
     ) -> list[Any]:
+        spills: dict[int, Spill] = {}
+        if fn is extract_part:  # (source, part, parts, spill): the spill is written here
+            spills = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
+            calls = [(*args[:3], None, *args[4:]) if i in spills else args for i, args in enumerate(calls)]
         futures = [
             self.client.submit(
                 fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
@@ -520,6 +536,9 @@ class DaskExecutor:
             except Exception as exc:
                 self.client.cancel(futures)
                 raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+            future.release()  # the worker may drop its copy of the rows
+            if i in spills:
+                results[i] = spill_here(spills[i], results[i])
             if progress:
                 progress(phase, i + 1, len(calls))
         return results

@@ -1,0 +1,67 @@
+"""A real Dask scheduler and worker processes on 127.0.0.1 for the ``--cluster`` tests.
+
+``dask_die_once.py`` beside this module is a worker preload for the worker-death tests: the
+first Hourglass task any worker of the cluster starts kills that worker's process (once per
+cluster, through a marker file); the worker's nanny starts a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DASK = Path(sys.executable).with_name("dask")
+DIE_ONCE = Path(__file__).with_name("dask_die_once.py")
+
+
+@contextlib.contextmanager
+def dask_cluster(folder: Path, *, workers: int = 2, die_once: bool = False) -> Iterator[str]:
+    """A scheduler and ``workers`` worker processes (one thread each), stopped on exit; yields the
+    scheduler's address. ``die_once``: the first Hourglass task kills its worker
+    (``folder / "died"`` is written when it happens)."""
+    scheduler_file = folder / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOURGLASS_TEST_DIE_ONCE": str(folder / "died")}
+    common = {"cwd": ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)],
+            **common,  # type: ignore[call-overload]
+        )
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        preload = ["--preload", str(DIE_ONCE)] if die_once else []
+        for _ in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                     "--host", "127.0.0.1", *preload],
+                    **common,  # type: ignore[call-overload]
+                )
+            )  # fmt: skip
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(workers, timeout=60)
+        yield address
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
