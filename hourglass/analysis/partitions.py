@@ -515,6 +515,7 @@ class DaskExecutor:
             ) from None
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
         self._run = uuid.uuid4().hex[:8]
+        self._maps = 0  # each map's tasks get their own keys (a second pricing pass is other work)
 
     def map(
         self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
@@ -523,9 +524,10 @@ class DaskExecutor:
         if fn is extract_part:  # (source, part, parts, spill): the spill is written here
             spills = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
             calls = [(*args[:3], None, *args[4:]) if i in spills else args for i, args in enumerate(calls)]
+        self._maps += 1
         futures = [
             self.client.submit(
-                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
+                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{self._maps}-{phase}-{args[1]}"
             )
             for args in calls
         ]
