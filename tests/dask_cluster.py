@@ -1,8 +1,8 @@
 """A real Dask scheduler and worker processes on 127.0.0.1 for the ``--cluster`` tests.
 
-``dask_die_once.py`` beside this module is a worker preload for the worker-death tests: the
-first Hourglass task any worker of the cluster starts kills that worker's process (once per
-cluster, through a marker file); the worker's nanny starts a new one.
+``dask_die_once.py`` beside this module is a worker preload for the worker-death tests: once
+armed, the first Hourglass task(s) the workers start kill their worker process (through marker
+files in a folder the workers share); the worker's nanny starts a new one.
 """
 
 from __future__ import annotations
@@ -22,18 +22,29 @@ DIE_ONCE = Path(__file__).with_name("dask_die_once.py")
 
 
 @contextlib.contextmanager
-def dask_cluster(folder: Path, *, workers: int = 2, die_once: bool = False) -> Iterator[str]:
+def dask_cluster(
+    folder: Path,
+    *,
+    workers: int = 2,
+    die: int = 0,
+    armed: bool = True,
+    scheduler_env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """A scheduler and ``workers`` worker processes (one thread each), stopped on exit; yields the
-    scheduler's address. ``die_once``: the first Hourglass task kills its worker
-    (``folder / "died"`` is written when it happens)."""
+    scheduler's address. ``die``: the first ``die`` Hourglass tasks kill their worker, from the
+    start (``armed``) or once ``folder / "armed"`` is created (each death writes
+    ``folder / "died-N"``). ``scheduler_env``: variables for the scheduler only (its Dask config)."""
     scheduler_file = folder / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOURGLASS_TEST_DIE_ONCE": str(folder / "died")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOURGLASS_TEST_DIE": str(folder)}
+    env["HOURGLASS_TEST_DIE_TIMES"] = str(die)
+    if die and armed:
+        (folder / "armed").touch()
     common = {"cwd": ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = [
         subprocess.Popen(
             [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(scheduler_file)],
-            **common,  # type: ignore[call-overload]
+            **{**common, "env": {**env, **(scheduler_env or {})}},  # type: ignore[call-overload]
         )
     ]  # fmt: skip
     try:
@@ -42,7 +53,7 @@ def dask_cluster(folder: Path, *, workers: int = 2, die_once: bool = False) -> I
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
-        preload = ["--preload", str(DIE_ONCE)] if die_once else []
+        preload = ["--preload", str(DIE_ONCE)] if die else []
         for _ in range(workers):
             procs.append(
                 subprocess.Popen(

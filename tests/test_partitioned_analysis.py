@@ -94,8 +94,8 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     task kills its worker process (once: its nanny starts a new one). Yields (address, the marker
     file written when a worker was killed)."""
     folder = tmp_path_factory.mktemp("dask")
-    with start_dask_cluster(folder, die_once=True) as address:
-        yield address, folder / "died"
+    with start_dask_cluster(folder, die=1) as address:
+        yield address, folder / "died-1"
 
 
 def test_a_dask_cluster_gives_the_same_report(

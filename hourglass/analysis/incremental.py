@@ -28,15 +28,16 @@ of batches that straddle its edge, extracted on the fly (not stored).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
@@ -46,6 +47,9 @@ import pyarrow as pa
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.model import Finding, Occurrence
+
+if TYPE_CHECKING:
+    from hourglass.analysis.batch_tasks import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +111,24 @@ class MemoExecutor:
     """Runs a round's partition tasks in this process, remembering each stored batch's
     extraction and its pricing per finding, so only new or dirty batches are read. The context
     of a batch extracted in this round is kept for its pricing in the same round (no second read
-    and repair), so a round holds the contexts of its new batches (at most ``max_round_spans``)."""
+    and repair), so a round holds the contexts of its new batches (at most ``max_round_spans``).
+
+    With a ``cluster`` (``serve --cluster``, :mod:`hourglass.analysis.batch_tasks`) the batches to
+    extract or price are read here and run as Dask tasks, all submitted at once; the spans read
+    this round are kept (as Arrow tables, not contexts) for the round's pricing."""
 
     workers = 1
 
-    def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
+    def __init__(
+        self, state: IncrementalAnalysis, units: tuple[Unit, ...], cluster: Cluster | None = None
+    ) -> None:
         self.state, self.units = state, units
         self.read_units = 0  # partitions whose spans were read this round (a figure for status)
         self.contexts: dict[int, AnalysisContext] = {}
         self._unit_of: dict[str, int] | None = None
+        self.cluster = cluster
+        self.tables: dict[int, pa.Table] = {}  # with a cluster: the spans read this round
+        self._done: dict[tuple[str, int], Any] = {}  # with a cluster: (phase, part) -> the task's result
 
     def map(
         self,
@@ -125,12 +138,21 @@ class MemoExecutor:
         progress: partitions.Progress | None,
     ) -> list[Any]:
         if fn is partitions.extract_part:
+            if self.cluster is not None:
+                todo = [args for args in calls if self._stored(self.units[args[1]]) is None]
+                self._on_cluster("extracting", todo, lambda args: ())
             return [self._extracted(args) for args in calls]
         if fn is partitions.price_part:
             if not calls:
                 return []
             findings, with_calls = calls[0][3], calls[0][4]
             grouped = self._group(findings)
+            if self.cluster is not None:
+                missing = {
+                    args[1]: self._missing(args, grouped.get(args[1], {}), with_calls)[2] for args in calls
+                }
+                todo = [args for args in calls if missing[args[1]]]
+                self._on_cluster("pricing", todo, lambda args: (missing[args[1]], with_calls))
             return [self._priced(args, grouped.get(args[1], {}), with_calls) for args in calls]
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
@@ -170,38 +192,90 @@ class MemoExecutor:
             )
         return ctx
 
+    def _on_cluster(
+        self, phase: str, todo: list[tuple[Any, ...]], extra: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    ) -> None:
+        """The ``todo`` partition tasks of ``phase`` as Dask tasks (their spans read here, as the
+        tasks are submitted); their results wait in ``_done`` for :meth:`_extract` / :meth:`_price`."""
+        from hourglass.analysis import batch_tasks
+
+        assert self.cluster is not None
+        fn = batch_tasks.extract_table if phase == "extracting" else batch_tasks.price_table
+
+        def jobs() -> Iterator[tuple[str, int, pa.Table, tuple[Any, ...]]]:
+            for args in todo:
+                source, part = args[0], args[1]
+                table = self.tables.get(part)
+                if table is None:
+                    self.read_units += 1
+                    table = self._retrying(
+                        "reading", part, functools.partial(source.load, part, len(self.units))
+                    )
+                    self.tables[part] = table  # for the pricing of this round
+                yield self._label(part), part, table, extra(args)
+
+        done = self.cluster.run(phase, fn, jobs(), len(self.units))
+        self._done.update({(phase, part): result for part, result in done.items()})
+
+    def _label(self, part: int) -> str:
+        unit = self.units[part]
+        where = f"batch {unit.batch}" if unit.batch is not None else "the window's edge traces"
+        return f"{where} ({len(unit.trace_ids)} traces, partition {part + 1}/{len(self.units)})"
+
+    def _stored(self, unit: Unit) -> partitions.PartResult | None:
+        """The stored extraction of ``unit``'s batch (None: not stored, or not a stored batch)."""
+        return self.state.extracted.get(unit.batch) if unit.batch is not None else None
+
+    def _extract(self, source: Any, part: int) -> partitions.PartResult:
+        """One partition's extraction: the cluster's result, else here (compacted: a batch's rows
+        stay in memory for the rounds to come, without its spans)."""
+        if self.cluster is not None:
+            result: partitions.PartResult = self._done.pop(("extracting", part))
+            return result
+        ctx = self._context(source, part)
+        result = self._retrying("extracting", part, lambda: partitions.part_result(part, ctx))
+        self.contexts[part] = ctx  # for the pricing of this round
+        return result
+
+    def _price(self, source: Any, part: int, missing: list[Finding], calls: bool) -> partitions.Priced:
+        """``missing``'s pricing in one partition: the cluster's result, else here."""
+        if self.cluster is not None:
+            priced: partitions.Priced = self._done.pop(("pricing", part))
+            return priced
+        from hourglass.analysis.batch_tasks import priced_in
+
+        ctx = self._context(source, part)
+        return self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
+
     def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult:
         source, part = args[0], args[1]  # (source, part, parts[, spill]): nothing spills here
         unit = self.units[part]
-        stored = self.state.extracted.get(unit.batch) if unit.batch is not None else None
+        stored = self._stored(unit)
         if stored is not None:
             return stored
-        ctx = self._context(source, part)
-        # compacted: a batch's rows stay in memory for the rounds to come, without its spans
-        result = self._retrying("extracting", part, lambda: partitions.part_result(part, ctx))
-        self.contexts[part] = ctx  # for the pricing of this round
+        result = self._extract(source, part)
         if unit.batch is not None:
             self.state.store_extraction(unit.batch, result)
         return result
+
+    def _missing(
+        self, args: tuple[Any, ...], here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool
+    ) -> tuple[dict[str, PricedEntry], dict[str, str], list[Finding]]:
+        """(the unit's pricing cache, each finding's occurrence key, the findings not priced yet)."""
+        unit = self.units[args[1]]
+        cache = self.state.priced.setdefault(unit.batch, {}) if unit.batch is not None else {}
+        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
+        missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
+        return cache, keys, missing
 
     def _priced(
         self, args: tuple[Any, ...], here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool
     ) -> partitions.Priced:
         source, part = args[0], args[1]
         unit = self.units[part]
-        cache = self.state.priced.setdefault(unit.batch, {}) if unit.batch is not None else {}
-        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
-        missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
+        cache, keys, missing = self._missing(args, here, calls)
         if missing:
-            from hourglass.analysis.sequence import call_durations
-
-            ctx = self._context(source, part)
-
-            def run() -> partitions.Priced:
-                durations = {f.id: call_durations(ctx, f) for f in missing} if calls else {}
-                return partitions.Priced(partitions.price(ctx, missing), durations)
-
-            fresh: partitions.Priced = self._retrying("pricing", part, run)
+            fresh = self._price(source, part, missing, calls)
             for f in missing:
                 cache[f.id] = (keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
             if unit.batch is not None:
@@ -212,6 +286,8 @@ class MemoExecutor:
 
     def close(self) -> None:
         self.contexts.clear()
+        self.tables.clear()
+        self._done.clear()
 
 
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)

@@ -488,11 +488,45 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
 
+def check_scheduler(address: str, timeout_s: float = 8.0) -> None:
+    """A Dask scheduler answers at ``address`` (its ``identity``: a port that accepts connections
+    is not enough — a proxy or another service may), else one :class:`ClusterError` line, within
+    ``timeout_s`` (``distributed``'s own connect retries for longer, then raises a traceback)."""
+    import asyncio
+
+    try:
+        from distributed.core import rpc
+    except ImportError:
+        raise ClusterError(
+            "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
+        ) from None
+    _check_reachable(address, timeout_s / 2)  # refused: at once rather than after the timeout
+
+    async def identity() -> Any:
+        async with rpc(address, timeout=timeout_s / 2) as scheduler:
+            return await asyncio.wait_for(scheduler.identity(), timeout_s / 2)
+
+    try:
+        info = asyncio.run(identity())
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {exc or type(exc).__name__}"
+        ) from None
+    except Exception as exc:  # something answered that does not speak Dask's protocol
+        raise ClusterError(
+            f"{address} is not a Dask scheduler (its answer: {type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        raise ClusterError(f"{address} is not a Dask scheduler (it answered {info!r:.80})")
+
+
 class DaskExecutor:
     """Partitions as tasks on an existing Dask distributed cluster. Each task reads its partition
     itself (:class:`StoreSource`: a store path on storage every worker shares, or a ClickHouse
-    URL), so only the small extracted rows travel; the decision runs here, on the client. Dask
-    retries a failed task once (``retries=1``) and reschedules the tasks of a worker that died.
+    URL), so only the small extracted rows travel; the decision runs here, on the client. A task
+    that fails — it raised, or the workers running it died more often than the scheduler allows
+    (``distributed.scheduler.allowed-failures``, default 3: until then Dask reschedules it itself)
+    — is submitted once more, then the run fails naming the partition.
 
     The workers may be on other machines, so they never write a run's spill folder: an extraction
     task returns every row, and this process writes the spillable tables to their buckets as each
@@ -506,7 +540,7 @@ class DaskExecutor:
             raise ClusterError(
                 "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
             ) from exc
-        _check_reachable(address, timeout_s / 2)
+        check_scheduler(address, timeout_s * 0.8)
         try:
             self.client = Client(address, timeout=timeout_s, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
@@ -525,20 +559,29 @@ class DaskExecutor:
             spills = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
             calls = [(*args[:3], None, *args[4:]) if i in spills else args for i, args in enumerate(calls)]
         self._maps += 1
-        futures = [
-            self.client.submit(
-                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{self._maps}-{phase}-{args[1]}"
-            )
-            for args in calls
-        ]
+
+        def submit(i: int, attempt: int) -> Any:
+            key = f"hourglass-{self._run}-{self._maps}-{phase}-{calls[i][1]}-{attempt}"
+            return self.client.submit(fn, *calls[i], pure=False, key=key)
+
+        futures = [submit(i, 0) for i in range(len(calls))]
         results: list[Any] = [None] * len(calls)
-        for i, future in enumerate(futures):  # in order: the progress counts finished prefixes
+        for i in range(len(calls)):  # in order: the progress counts finished prefixes
             try:
-                results[i] = future.result()
+                try:
+                    results[i] = futures[i].result()
+                except Exception as first:  # it raised, or its workers died (KilledWorker): once more
+                    log.warning(
+                        "%s of partition %d/%d failed on the cluster (%s: %s); retrying once",
+                        phase, calls[i][1] + 1, calls[i][2], type(first).__name__, first,
+                    )  # fmt: skip
+                    futures[i] = submit(i, 1)
+                    results[i] = futures[i].result()
             except Exception as exc:
-                self.client.cancel(futures)
-                raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
-            future.release()  # the worker may drop its copy of the rows
+                self.client.cancel([f for f in futures if f is not None])
+                raise PartitionError(phase, calls[i][1], calls[i][2], f"{type(exc).__name__}: {exc}") from exc
+            futures[i].release()  # the worker may drop its copy of the rows
+            futures[i] = None
             if i in spills:
                 results[i] = spill_here(spills[i], results[i])
             if progress:
