@@ -29,12 +29,16 @@ def dask_cluster(
     die: int = 0,
     armed: bool = True,
     scheduler_env: dict[str, str] | None = None,
+    port: int = 0,
 ) -> Iterator[str]:
     """A scheduler and ``workers`` worker processes (one thread each), stopped on exit; yields the
     scheduler's address. ``die``: the first ``die`` Hourglass tasks kill their worker, from the
     start (``armed``) or once ``folder / "armed"`` is created (each death writes
-    ``folder / "died-N"``). ``scheduler_env``: variables for the scheduler only (its Dask config)."""
+    ``folder / "died-N"``). ``scheduler_env``: variables for the scheduler only (its Dask config);
+    ``port``: the scheduler's (0: any free one)."""
+    folder.mkdir(parents=True, exist_ok=True)
     scheduler_file = folder / "scheduler.json"
+    scheduler_file.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOURGLASS_TEST_DIE": str(folder)}
     env["HOURGLASS_TEST_DIE_TIMES"] = str(die)
     if die and armed:
@@ -42,7 +46,7 @@ def dask_cluster(
     common = {"cwd": ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = [
         subprocess.Popen(
-            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
              "--scheduler-file", str(scheduler_file)],
             **{**common, "env": {**env, **(scheduler_env or {})}},  # type: ignore[call-overload]
         )
@@ -50,6 +54,7 @@ def dask_cluster(
     try:
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
+            assert procs[0].poll() is None, f"the Dask scheduler exited with {procs[0].returncode}"
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")

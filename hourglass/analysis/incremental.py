@@ -195,15 +195,20 @@ class MemoExecutor:
     def _on_cluster(
         self, phase: str, todo: list[tuple[Any, ...]], extra: Callable[[tuple[Any, ...]], tuple[Any, ...]]
     ) -> None:
-        """The ``todo`` partition tasks of ``phase`` as Dask tasks (their spans read here, as the
-        tasks are submitted); their results wait in ``_done`` for :meth:`_extract` / :meth:`_price`."""
+        """The ``todo`` partition tasks of ``phase`` as Dask tasks, a round's worth of batches
+        (``max_round_spans``) submitted at a time, their spans read here as they are submitted;
+        the results wait in ``_done`` for :meth:`_extract` / :meth:`_price`. The spans of the
+        batches extracted are kept for their pricing in this round; those read only to price
+        stored batches (the findings changed) are dropped after their tasks, so however many
+        batches a new finding touches, a round holds a bounded share of them."""
         from hourglass.analysis import batch_tasks
 
         assert self.cluster is not None
         fn = batch_tasks.extract_table if phase == "extracting" else batch_tasks.price_table
+        keep = phase == "extracting"
 
-        def jobs() -> Iterator[tuple[str, int, pa.Table, tuple[Any, ...]]]:
-            for args in todo:
+        def jobs(chunk: list[tuple[Any, ...]]) -> Iterator[tuple[str, int, pa.Table, tuple[Any, ...]]]:
+            for args in chunk:
                 source, part = args[0], args[1]
                 table = self.tables.get(part)
                 if table is None:
@@ -211,11 +216,14 @@ class MemoExecutor:
                     table = self._retrying(
                         "reading", part, functools.partial(source.load, part, len(self.units))
                     )
-                    self.tables[part] = table  # for the pricing of this round
+                    if keep:
+                        self.tables[part] = table
                 yield self._label(part), part, table, extra(args)
 
-        done = self.cluster.run(phase, fn, jobs(), len(self.units))
-        self._done.update({(phase, part): result for part, result in done.items()})
+        step = max(1, self.state.max_round_spans // max(1, self.state.batch_spans))
+        for start in range(0, len(todo), step):
+            done = self.cluster.run(phase, fn, jobs(todo[start : start + step]), len(self.units))
+            self._done.update({(phase, part): result for part, result in done.items()})
 
     def _label(self, part: int) -> str:
         unit = self.units[part]

@@ -7,6 +7,8 @@ exporter over OTLP/gRPC, read over HTTP, compared with the real CLI on the same 
   scheduler ran the task again on the other worker);
 * a batch whose task fails on the cluster fails the round naming the batch: the status says so,
   the previous report stays, ingest goes on, and the next round submits the batch again;
+* a scheduler that goes away fails the rounds with the cause (the report stays, ingest goes on)
+  until a scheduler answers at its address again;
 * a scheduler that refuses connections, or accepts them and never answers, stops ``serve`` at
   start with one line, within 10 s.
 """
@@ -105,6 +107,37 @@ def test_a_failed_batch_is_named_the_report_stays_and_the_next_round_retries(tmp
         assert _analysis(server)["last_error"] is None
         _stop(server)
     assert "KilledWorker" in server.log.read_text()  # and the log says it
+    _assert_same_recommendations(later, _cli_report(server.db))
+
+
+def test_a_scheduler_that_goes_away_fails_the_rounds_until_it_is_back(tmp_path: Path) -> None:
+    """serve keeps ingesting and serving its last report; the rounds fail with the cause; once a
+    scheduler answers at the address again, the next round catches up."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    base_ns = time.time_ns() - 120_000 * MS
+    with dask_cluster(tmp_path / "first", workers=1, port=port) as address:
+        server_context = running_server(tmp_path, settle="1s", env={"HOURGLASS_CLUSTER": address})
+        server = server_context.__enter__()
+        try:
+            send_traces(server, checkout=6, home=4, base_ns=base_ns)
+            wait_for_spans(server, server.sent_spans)
+            _wait_for_report(server, traces=10, spans=server.sent_spans)
+        except BaseException:
+            server_context.__exit__(None, None, None)
+            raise
+    try:  # the scheduler and its worker are gone
+        send_traces(server, checkout=6, home=4, base_ns=base_ns + 30_000 * MS)
+        wait_for_spans(server, server.sent_spans)
+        failed = _wait_for_failure(server)
+        assert address in str(failed["last_error"]).splitlines()[0], failed["last_error"]
+        with server.client() as client:
+            assert client.get("/v1/recommendations").json()["traces_analyzed"] == 10
+        with dask_cluster(tmp_path / "second", workers=1, port=port):
+            later = _wait_for_report(server, traces=20, spans=server.sent_spans)
+            _stop(server)
+    finally:
+        server_context.__exit__(None, None, None)
     _assert_same_recommendations(later, _cli_report(server.db))
 
 
