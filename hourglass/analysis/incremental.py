@@ -114,8 +114,9 @@ class MemoExecutor:
     and repair), so a round holds the contexts of its new batches (at most ``max_round_spans``).
 
     With a ``cluster`` (``serve --cluster``, :mod:`hourglass.analysis.batch_tasks`) the batches to
-    extract or price are read here and run as Dask tasks, all submitted at once; the spans read
-    this round are kept (as Arrow tables, not contexts) for the round's pricing."""
+    extract or price are read here and run as Dask tasks, a round's worth submitted together
+    (:meth:`_on_cluster`); the spans of the batches extracted are kept (as Arrow tables, not
+    contexts) for the round's pricing."""
 
     workers = 1
 
