@@ -15,16 +15,26 @@ exporter over OTLP/gRPC, read over HTTP, compared with the real CLI on the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.api.live_server import MS, ROOT, hourglass_executable, running_server, send_traces, wait_for_spans
+from tests.api.live_server import (
+    MS,
+    ROOT,
+    LiveServer,
+    hourglass_executable,
+    running_server,
+    send_traces,
+    wait_for_spans,
+)
 from tests.api.test_incremental_serve import (
     _analysis,
     _assert_same_recommendations,
@@ -63,10 +73,11 @@ def test_serve_on_a_cluster_reports_as_the_cli_though_a_worker_died(
     _assert_same_recommendations(served, _cli_report(server.db))
 
 
-def _wait_for_failure(server: object, timeout: float = 60.0) -> dict[str, object]:
+def _wait_for_failure(server: LiveServer, timeout: float = 60.0) -> dict[str, Any]:
+    """The analysis status once a round has failed."""
     deadline = time.monotonic() + timeout
     while True:
-        analysis = _analysis(server)  # type: ignore[arg-type]
+        analysis = _analysis(server)
         if analysis["failures"]:
             return analysis
         if time.monotonic() > deadline:
@@ -116,17 +127,14 @@ def test_a_scheduler_that_goes_away_fails_the_rounds_until_it_is_back(tmp_path: 
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     base_ns = time.time_ns() - 120_000 * MS
-    with dask_cluster(tmp_path / "first", workers=1, port=port) as address:
-        server_context = running_server(tmp_path, settle="1s", env={"HOURGLASS_CLUSTER": address})
-        server = server_context.__enter__()
-        try:
+    with contextlib.ExitStack() as serving:
+        with dask_cluster(tmp_path / "first", workers=1, port=port) as address:
+            env = {"HOURGLASS_CLUSTER": address}
+            server = serving.enter_context(running_server(tmp_path, settle="1s", env=env))
             send_traces(server, checkout=6, home=4, base_ns=base_ns)
             wait_for_spans(server, server.sent_spans)
             _wait_for_report(server, traces=10, spans=server.sent_spans)
-        except BaseException:
-            server_context.__exit__(None, None, None)
-            raise
-    try:  # the scheduler and its worker are gone
+        # the scheduler and its worker are gone
         send_traces(server, checkout=6, home=4, base_ns=base_ns + 30_000 * MS)
         wait_for_spans(server, server.sent_spans)
         failed = _wait_for_failure(server)
@@ -136,8 +144,6 @@ def test_a_scheduler_that_goes_away_fails_the_rounds_until_it_is_back(tmp_path: 
         with dask_cluster(tmp_path / "second", workers=1, port=port):
             later = _wait_for_report(server, traces=20, spans=server.sent_spans)
             _stop(server)
-    finally:
-        server_context.__exit__(None, None, None)
     _assert_same_recommendations(later, _cli_report(server.db))
 
 
