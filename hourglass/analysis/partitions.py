@@ -510,7 +510,8 @@ def check_scheduler(address: str, timeout_s: float = 8.0) -> None:
         info = asyncio.run(identity())
     except (OSError, TimeoutError) as exc:
         raise ClusterError(
-            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {exc or type(exc).__name__}"
+            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: "
+            f"{str(exc) or 'no answer (' + type(exc).__name__ + ')'}"
         ) from None
     except Exception as exc:  # something answered that does not speak Dask's protocol
         raise ClusterError(

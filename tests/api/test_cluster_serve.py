@@ -175,4 +175,5 @@ def test_an_unreachable_scheduler_stops_serve_at_start_in_one_line(tmp_path: Pat
         seconds, unanswered = _serve_with_cluster(tmp_path, address, flag=False)
     assert unanswered.returncode == 1 and seconds < 10 + 5, (seconds, unanswered.stderr)
     lines = unanswered.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"cannot reach the Dask scheduler at {address} within 8 s" in lines[0], lines
+    assert len(lines) == 1 and f"cannot reach the Dask scheduler at {address} within 8 s: " in lines[0], lines
+    assert not lines[0].endswith(": "), lines  # the cause is said
