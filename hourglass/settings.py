@@ -393,9 +393,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "cluster", "optional_text", None,
-        "Dask scheduler address (tcp://HOST:8786) whose workers extract the partitions; they must "
-        "reach the store at the same path or URL",
-        env="HOURGLASS_CLUSTER", flag="--cluster", commands=(ANALYZE,),
+        "Dask scheduler address (tcp://HOST:8786) whose workers extract the partitions (analyze: they "
+        "must reach the store at the same path or URL; serve: each batch's spans travel with its task)",
+        env="HOURGLASS_CLUSTER", flag="--cluster", commands=(ANALYZE, SERVE),
     ),
     Setting(
         "partitions", "int", 0,

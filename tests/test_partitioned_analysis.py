@@ -4,8 +4,9 @@ A store holding the labelled sample traces, the foreign-trace regression files a
 of every bench shape is analysed by the real CLI as a process: at once, in 3 partitions on one
 worker process, in 4 partitions on 2 worker processes, in 3 partitions with the lock-convoy rule's
 resource rows spilled to 5 buckets on disk, and in 3 partitions on a real Dask scheduler with
-two real worker processes on 127.0.0.1. The JSON reports (with ``--explain``) are identical but
-for ``generated_at``. Also: an unreachable scheduler is one line, fast; a budget too small for the
+two real worker processes on 127.0.0.1 (one of them killed in the middle of its first task; and
+with the workers' resource rows spilled by the client). The JSON reports (with ``--explain``) are
+identical but for ``generated_at``. Also: an unreachable scheduler is one line, fast; a budget too small for the
 largest trace names it.
 """
 
@@ -22,9 +23,10 @@ from typing import Any
 
 import pytest
 
+from tests.dask_cluster import dask_cluster as start_dask_cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 HOURGLASS = Path(sys.executable).with_name("hourglass")
-DASK = Path(sys.executable).with_name("dask")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
@@ -52,9 +54,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _report(store: Path, *args: Any) -> dict[str, Any]:
+def _report(store: Path, *args: Any, stderr: list[str] | None = None) -> dict[str, Any]:
     result = _run("analyze", "--db", store, "--format", "json", "--explain", *args)
     assert result.returncode == 0, result.stderr
+    if stderr is not None:
+        stderr.append(result.stderr)
     report: dict[str, Any] = json.loads(result.stdout)
     report.pop("generated_at")
     # The designs and the workstreams are compared whole: pattern, numbers, pseudocode, diagrams.
@@ -84,49 +88,34 @@ def test_partitions_in_this_process_or_in_workers_give_the_same_report(
     assert _report(store, *args) == whole
 
 
-@pytest.fixture
-def dask_cluster(tmp_path: Path) -> Iterator[str]:
-    """A real scheduler and two worker processes on 127.0.0.1, stopped after the test."""
-    scheduler_file = tmp_path / "scheduler.json"
-    common = {"cwd": ROOT, "env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [
-        subprocess.Popen(
-            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)],
-            **common,  # type: ignore[call-overload]
-        )
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
-        assert address.startswith("tcp://127.0.0.1:")
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [str(DASK), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
-                     "--host", "127.0.0.1"],
-                    **common,  # type: ignore[call-overload]
-                )
-            )  # fmt: skip
-        from distributed import Client
-
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real scheduler and two worker processes on 127.0.0.1 for the module; the first Hourglass
+    task kills its worker process (once: its nanny starts a new one). Yields (address, the marker
+    file written when a worker was killed)."""
+    folder = tmp_path_factory.mktemp("dask")
+    with start_dask_cluster(folder, die=1) as address:
+        yield address, folder / "died-1"
 
 
-def test_a_dask_cluster_gives_the_same_report(store: Path, whole: dict[str, Any], dask_cluster: str) -> None:
-    assert _report(store, "--cluster", dask_cluster, "--partitions", "3") == whole
+def test_a_dask_cluster_gives_the_same_report(
+    store: Path, whole: dict[str, Any], dask_cluster: tuple[str, Path]
+) -> None:
+    address, died = dask_cluster
+    assert _report(store, "--cluster", address, "--partitions", "3") == whole
+    assert died.read_text().startswith("hourglass-")  # a worker died mid-task: its task ran again
+
+
+def test_a_dask_cluster_spills_the_workers_rows_here(
+    store: Path, whole: dict[str, Any], dask_cluster: tuple[str, Path]
+) -> None:
+    """The workers may be on other machines: the resource rows they return are spilled by the
+    client, bucket by bucket, and decided as the local run decides them."""
+    address, _ = dask_cluster
+    args = ("--cluster", address, "--partitions", "3", "--spill-buckets", "5")
+    said: list[str] = []
+    assert _report(store, *args, stderr=said) == whole
+    assert "resource rows spilled to 5 buckets" in said[0], said
 
 
 def test_an_unreachable_scheduler_is_one_line_within_ten_seconds(store: Path) -> None:

@@ -14,8 +14,10 @@ round (:meth:`IncrementalAnalysis.round`):
    once and kept on disk only, in a folder beside the sidecar DuckDB file (so a restart resumes
    from it), and its pricing (what-if savings and call durations of the findings' occurrences in
    the batch, ``partitions.price_part``) is cached there per finding and per exact set of
-   occurrences. A round therefore reads only the spans of new or dirty batches (twice:
-   extraction, then pricing of the findings found in them), never the whole store.
+   occurrences. A round therefore reads only the spans of new or dirty batches for their
+   extraction, then the findings' traces alone (by id) of the batches whose pricing changed,
+   never the whole store. With a Dask cluster (``serve --cluster``) both run as tasks on it, the
+   spans read here and sent with each task (:mod:`hourglass.analysis.batch_tasks`).
 
 Memory does not grow with the store's rows (issue 11: serve under sustained ingest): nothing of
 a batch stays in memory between rounds. The decision (:meth:`IncrementalAnalysis.extraction`)
@@ -37,6 +39,7 @@ of batches that straddle its edge, extracted on the fly (not stored).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -47,7 +50,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
@@ -62,6 +65,9 @@ from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_
 from hourglass.analysis.model import Finding, Occurrence
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
 
+if TYPE_CHECKING:
+    from hourglass.analysis.batch_tasks import Cluster
+
 log = logging.getLogger(__name__)
 
 BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
@@ -71,6 +77,9 @@ BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in t
 # time): under sustained ingest a round must take in what arrived during the one before, or the
 # backlog grows (20,000 spans/s and 30 s rounds: 600k spans a round).
 MAX_ROUND_SPANS = 1_500_000
+# serve --cluster: batches read and submitted to the cluster at a time (their spans travel in the
+# tasks and are held here until those tasks are done; the workers compute them together)
+CLUSTER_BATCHES_IN_FLIGHT = 3
 SIDECAR_SUFFIX = ".analysis.duckdb"
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
@@ -162,21 +171,33 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
 
 
 class MemoExecutor:
-    """Runs a round's partition tasks in this process, remembering each stored batch's
-    extraction and its pricing per finding, so only new or dirty batches are read. Nothing of a
-    batch's spans outlives its task: an extraction reads the batch, writes its rows and drops
-    it; a pricing reads the findings' traces of the batch alone (by id) into their own context,
-    as ``partitions.price_part`` builds it. So a round holds one batch at a time, however many
-    it extracts. A stored batch's pricing is read from disk when the round first needs it and
-    dropped with the round."""
+    """Runs a round's partition tasks, remembering each stored batch's extraction and its pricing
+    per finding, so only new or dirty batches are read. Nothing of a batch's spans outlives its
+    task: an extraction reads the batch, writes its rows and drops it; a pricing reads the
+    findings' traces of the batch alone (by id) into their own context, as
+    ``partitions.price_part`` builds it. So a round holds one batch at a time, however many it
+    extracts. A stored batch's pricing is read from disk when the round first needs it and
+    dropped with the round.
+
+    With a ``cluster`` (``serve --cluster``, :mod:`hourglass.analysis.batch_tasks`) the same work
+    runs as Dask tasks, the spans read here and sent with each task (:meth:`_on_cluster`): a
+    batch's spans for its extraction, the findings' traces of a batch alone (read by id, as
+    here) for its pricing. ``CLUSTER_BATCHES_IN_FLIGHT`` batches are read and submitted at a time
+    (the workers compute them together); the spans of a submission are dropped when its tasks are
+    done, and each extraction that comes back is written at once (:meth:`IncrementalAnalysis.store_extraction`)
+    and not kept, so a cluster round holds the spans of a few batches, not the round's."""
 
     workers = 1
 
-    def __init__(self, state: IncrementalAnalysis, units: tuple[Unit, ...]) -> None:
+    def __init__(
+        self, state: IncrementalAnalysis, units: tuple[Unit, ...], cluster: Cluster | None = None
+    ) -> None:
         self.state, self.units = state, units
         self.read_units = 0  # partitions extracted this round, their spans read (a figure for status)
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
         self._unit_of: dict[str, int] | None = None
+        self.cluster = cluster
+        self._priced_on_cluster: dict[int, partitions.Priced] = {}  # part -> its task's result, this map
 
     def map(
         self,
@@ -186,17 +207,31 @@ class MemoExecutor:
         progress: partitions.Progress | None,
     ) -> list[Any]:
         if fn is partitions.extract_part:
+            if self.cluster is not None:
+                return self._extracted_on_cluster(calls)
             return [self._extracted(args) for args in calls]
         if fn is partitions.price_part:
             if not calls:
                 return []
             findings, with_calls = calls[0][3], calls[0][4]
             grouped = self._group(findings)
-            return [self._priced(args, grouped.get(args[1], {}), with_calls) for args in calls]
+            plans = {args[1]: self._plan(args[1], grouped.get(args[1], {}), with_calls) for args in calls}
+            try:
+                if self.cluster is not None:
+                    self._on_cluster(
+                        "pricing",
+                        [args for args in calls if plans[args[1]].missing],
+                        lambda args: self._read_wanted(args[0], args[1], plans[args[1]].wanted),
+                        lambda args: (plans[args[1]].missing, with_calls),
+                        self._priced_on_cluster.__setitem__,
+                    )
+                return [self._priced(args, plans[args[1]], with_calls) for args in calls]
+            finally:
+                self._priced_on_cluster.clear()
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
     def idle(self) -> None:
-        """Nothing to stop: the round's tasks run in this process."""
+        """Nothing to stop: the round's tasks run in this process (or on the cluster, per task)."""
 
     def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, list[Occurrence]]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
@@ -222,33 +257,83 @@ class MemoExecutor:
             except Exception as exc:
                 raise partitions.PartitionError(what, part, len(self.units), exc) from exc
 
-    def _context(self, source: Any, part: int, wanted: frozenset[str]) -> AnalysisContext:
-        """The context of a unit's ``wanted`` traces alone, read by id (repair is per trace), as
-        ``partitions.price_part`` builds it: a few traces of the batch, not the batch."""
+    def _read(self, source: Any, part: int) -> pa.Table:
+        """A unit's spans, for its extraction."""
+        self.read_units += 1
+        return self._retrying("reading", part, functools.partial(source.load, part, len(self.units)))
+
+    def _read_wanted(self, source: Any, part: int, wanted: frozenset[str]) -> pa.Table:
+        """The spans of a unit's ``wanted`` traces alone, read by id (repair is per trace), as
+        ``partitions.price_part`` prices them: a few traces of the batch, not the batch."""
         unit = self.units[part]
-        table = self._retrying("reading", part, lambda: source.read(sorted(wanted), unit.first, unit.last))
-        return AnalysisContext.from_table(table)
+        return self._retrying("reading", part, lambda: source.read(sorted(wanted), unit.first, unit.last))
+
+    def _kept(self, part: int, result: partitions.PartResult) -> partitions.PartResult | None:
+        """A unit's extraction as the round takes it: a batch's is stored at once and not
+        returned (None: its rows are on disk), so a round's new batches are not held together;
+        a unit extracted on the fly (not a stored batch) is returned."""
+        batch = self.units[part].batch
+        if batch is None:
+            return result
+        self.state.store_extraction(batch, result)
+        return None
 
     def _extracted(self, args: tuple[Any, ...]) -> partitions.PartResult | None:
-        """One unit's extraction, read from the store; a batch's is stored at once and not
-        returned (None: its rows are on disk), so a round's new batches are not held together."""
+        """One unit's extraction here, read from the store (:meth:`_kept`)."""
         source, part = args[0], args[1]  # (source, part, parts[, spill]): the state spills its batches
-        unit = self.units[part]
-        self.read_units += 1
-        table = self._retrying("reading", part, lambda: source.load(part, len(self.units)))
+        table = self._read(source, part)
         # compacted: the rows are written (and pickled) without their spans' buffers
         result = self._retrying(
             "extracting", part, lambda: partitions.part_result(part, AnalysisContext.from_table(table))
         )
-        if unit.batch is None:
-            return result
-        self.state.store_extraction(unit.batch, result)
-        return None
+        return self._kept(part, result)
 
-    def _priced(
-        self, args: tuple[Any, ...], here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool
-    ) -> partitions.Priced:
-        source, part = args[0], args[1]
+    def _extracted_on_cluster(self, calls: list[tuple[Any, ...]]) -> list[partitions.PartResult | None]:
+        """The units' extractions as Dask tasks, each kept (:meth:`_kept`) as it comes back."""
+        out: dict[int, partitions.PartResult | None] = {}
+        self._on_cluster(
+            "extracting",
+            calls,
+            lambda args: self._read(args[0], args[1]),
+            lambda args: (),
+            lambda part, result: out.__setitem__(part, self._kept(part, result)),
+        )
+        return [out[args[1]] for args in calls]
+
+    def _on_cluster(
+        self,
+        phase: str,
+        todo: list[tuple[Any, ...]],
+        read: Callable[[tuple[Any, ...]], pa.Table],
+        extra: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+        arrived: Callable[[int, Any], None],
+    ) -> None:
+        """The ``todo`` partition tasks of ``phase`` as Dask tasks (``batch_tasks.extract_table``
+        or ``price_table`` on the spans ``read`` returns, with ``extra``'s arguments),
+        ``CLUSTER_BATCHES_IN_FLIGHT`` at a time, their spans read here as they are submitted and
+        dropped once that submission's tasks are done; ``arrived(part, result)`` as each result
+        comes back (in order)."""
+        from hourglass.analysis import batch_tasks
+
+        assert self.cluster is not None
+        fn = batch_tasks.extract_table if phase == "extracting" else batch_tasks.price_table
+
+        def jobs(chunk: list[tuple[Any, ...]]) -> Iterator[tuple[str, int, pa.Table, tuple[Any, ...]]]:
+            for args in chunk:
+                yield self._label(args[1]), args[1], read(args), extra(args)
+
+        step = max(1, CLUSTER_BATCHES_IN_FLIGHT)
+        for start in range(0, len(todo), step):
+            self.cluster.run(phase, fn, jobs(todo[start : start + step]), len(self.units), arrived)
+
+    def _label(self, part: int) -> str:
+        unit = self.units[part]
+        where = f"batch {unit.batch}" if unit.batch is not None else "the window's edge traces"
+        return f"{where} ({len(unit.trace_ids)} traces, partition {part + 1}/{len(self.units)})"
+
+    def _plan(self, part: int, here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool) -> _Pricing:
+        """A unit's pricing: its cache (a stored batch's, read from disk once a round), the traces
+        priced, each finding's key and the findings not priced yet."""
         unit = self.units[part]
         cache: dict[str, PricedEntry] = {}
         if unit.batch is not None:
@@ -261,26 +346,41 @@ class MemoExecutor:
         among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
         keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
         missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
+        return _Pricing(cache, wanted, keys, missing)
+
+    def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
+        source, part = args[0], args[1]
+        unit = self.units[part]
+        cache, missing = plan.cache, plan.missing
         if missing:
-            from hourglass.analysis.sequence import call_durations
+            fresh = self._priced_on_cluster.get(part)
+            if fresh is None:
+                from hourglass.analysis.batch_tasks import priced_in
 
-            ctx = self._context(source, part, wanted)
-
-            def run() -> partitions.Priced:
-                durations = {f.id: call_durations(ctx, f) for f in missing} if calls else {}
-                return partitions.Priced(partitions.price(ctx, missing), durations)
-
-            fresh: partitions.Priced = self._retrying("pricing", part, run)
+                ctx = AnalysisContext.from_table(self._read_wanted(source, part, plan.wanted))
+                fresh = self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
+                del ctx
             for f in missing:
-                cache[f.id] = (keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
+                cache[f.id] = (plan.keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
             if unit.batch is not None:
                 self.state.store_pricing(unit.batch, cache)
-        impacts = {fid: cache[fid][1] for fid in here if cache[fid][1] is not None}
-        durations = {fid: cache[fid][2] for fid in here if cache[fid][2] is not None}
+        impacts = {fid: cache[fid][1] for fid in plan.keys if cache[fid][1] is not None}
+        durations = {fid: cache[fid][2] for fid in plan.keys if cache[fid][2] is not None}
         return partitions.Priced(impacts, durations)
 
     def close(self) -> None:
         self.pricing.clear()
+        self._priced_on_cluster.clear()
+
+
+@dataclass
+class _Pricing:
+    """One unit's pricing in a round (:meth:`MemoExecutor._plan`)."""
+
+    cache: dict[str, PricedEntry]  # finding id -> its entry (the stored batch's, updated in place)
+    wanted: frozenset[str]  # the traces priced: those of every finding's occurrences in the unit
+    keys: dict[str, str]  # finding id -> what its pricing here depends on
+    missing: list[Finding]  # the findings whose entry is absent or stale
 
 
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)

@@ -267,6 +267,13 @@ def extract_part(source: Source, part: int, parts: int, spill: Spill | None = No
     return result
 
 
+def spill_here(spill: Spill, result: PartResult) -> PartResult:
+    """``result`` with its spillable tables written to ``spill``'s buckets by this process (the
+    rows of a task that could not reach the spill folder: a Dask worker on another machine); the
+    same files and the same rows as if the task had spilled them itself."""
+    return replace(result, rows=spill.write(result.part, result.rows))
+
+
 def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
     """Every detector's rows of ``ctx``'s traces (with ``spill``, the tables that grow with spans
     written to its buckets instead) and the endpoints' critical-path rows, each table compacted
@@ -569,11 +576,51 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
 
+def check_scheduler(address: str, timeout_s: float = 8.0) -> None:
+    """A Dask scheduler answers at ``address`` (its ``identity``: a port that accepts connections
+    is not enough — a proxy or another service may), else one :class:`ClusterError` line, within
+    ``timeout_s`` (``distributed``'s own connect retries for longer, then raises a traceback)."""
+    import asyncio
+
+    try:
+        from distributed.core import rpc
+    except ImportError:
+        raise ClusterError(
+            "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
+        ) from None
+    _check_reachable(address, timeout_s / 2)  # refused: at once rather than after the timeout
+
+    async def identity() -> Any:
+        async with rpc(address, timeout=timeout_s / 2) as scheduler:
+            return await asyncio.wait_for(scheduler.identity(), timeout_s / 2)
+
+    try:
+        info = asyncio.run(identity())
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: "
+            f"{str(exc) or 'no answer (' + type(exc).__name__ + ')'}"
+        ) from None
+    except Exception as exc:  # something answered that does not speak Dask's protocol
+        raise ClusterError(
+            f"{address} is not a Dask scheduler (its answer: {type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        raise ClusterError(f"{address} is not a Dask scheduler (it answered {info!r:.80})")
+
+
 class DaskExecutor:
     """Partitions as tasks on an existing Dask distributed cluster. Each task reads its partition
     itself (:class:`StoreSource`: a store path on storage every worker shares, or a ClickHouse
-    URL), so only the small extracted rows travel; the decision runs here, on the client. Dask
-    retries a failed task once (``retries=1``) and reschedules the tasks of a worker that died."""
+    URL), so only the small extracted rows travel; the decision runs here, on the client. A task
+    that fails — it raised, or the workers running it died more often than the scheduler allows
+    (``distributed.scheduler.allowed-failures``, default 3: until then Dask reschedules it itself)
+    — is submitted once more, then the run fails naming the partition.
+
+    The workers may be on other machines, so they never write a run's spill folder: an extraction
+    task returns every row, and this process writes the spillable tables to their buckets as each
+    partition's rows arrive (:func:`spill_here`), so it holds one partition's rows of those tables
+    at a time, never the whole table."""
 
     def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
         try:
@@ -582,7 +629,7 @@ class DaskExecutor:
             raise ClusterError(
                 "--cluster needs the Dask 'distributed' package: pip install 'hourglass[cluster]'"
             ) from exc
-        _check_reachable(address, timeout_s / 2)
+        check_scheduler(address, timeout_s * 0.8)
         try:
             self.client = Client(address, timeout=timeout_s, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
@@ -591,23 +638,51 @@ class DaskExecutor:
             ) from None
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
         self._run = uuid.uuid4().hex[:8]
+        self._maps = 0  # each map's tasks get their own keys (a second pricing pass is other work)
 
     def map(
-        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+        self,
+        phase: str,
+        fn: Callable[..., Any],
+        calls: list[tuple[Any, ...]],
+        progress: Progress | None,
+        arrived: Callable[[int, Any], Any] | None = None,
     ) -> list[Any]:
-        futures = [
-            self.client.submit(
-                fn, *args, retries=1, pure=False, key=f"hourglass-{self._run}-{phase}-{args[1]}"
-            )
-            for args in calls
-        ]
+        """``fn(*args)`` for each of ``calls`` as one task each; with ``arrived``, each result is
+        replaced by ``arrived(part, result)`` as it comes back (in order), so the caller need not
+        hold the results together (``serve --cluster`` writes each batch's rows there)."""
+        spills: dict[int, Spill] = {}
+        if fn is extract_part:  # (source, part, parts, spill): the spill is written here
+            spills = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
+            calls = [(*args[:3], None, *args[4:]) if i in spills else args for i, args in enumerate(calls)]
+        self._maps += 1
+
+        def submit(i: int, attempt: int) -> Any:
+            key = f"hourglass-{self._run}-{self._maps}-{phase}-{calls[i][1]}-{attempt}"
+            return self.client.submit(fn, *calls[i], pure=False, key=key)
+
+        futures = [submit(i, 0) for i in range(len(calls))]
         results: list[Any] = [None] * len(calls)
-        for i, future in enumerate(futures):  # in order: the progress counts finished prefixes
+        for i in range(len(calls)):  # in order: the progress counts finished prefixes
             try:
-                results[i] = future.result()
+                try:
+                    results[i] = futures[i].result()
+                except Exception as first:  # it raised, or its workers died (KilledWorker): once more
+                    log.warning(
+                        "%s of partition %d/%d failed on the cluster (%s: %s); retrying once",
+                        phase, calls[i][1] + 1, calls[i][2], type(first).__name__, first,
+                    )  # fmt: skip
+                    futures[i] = submit(i, 1)
+                    results[i] = futures[i].result()
             except Exception as exc:
-                self.client.cancel(futures)
-                raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+                self.client.cancel([f for f in futures if f is not None])
+                raise PartitionError(phase, calls[i][1], calls[i][2], f"{type(exc).__name__}: {exc}") from exc
+            futures[i].release()  # the worker may drop its copy of the rows
+            futures[i] = None
+            if i in spills:
+                results[i] = spill_here(spills[i], results[i])
+            if arrived is not None:
+                results[i] = arrived(calls[i][1], results[i])
             if progress:
                 progress(phase, i + 1, len(calls))
         return results

@@ -134,6 +134,11 @@ class AnalysisService:
         self._incremental_state: Any = None  # in-process runs (no worker): IncrementalAnalysis
         self._incremental_lock = threading.Lock()
         self._incremental_figures: dict[str, Any] = {}
+        # serve --cluster: the incremental rounds extract and price their batches on this Dask
+        # scheduler (hourglass.analysis.batch_tasks); the decision stays here
+        self.cluster: str | None = getattr(settings, "cluster", None) if settings is not None else None
+        self._cluster_connection: Any = None  # in-process runs (no worker): batch_tasks.Cluster
+        self._cluster_unused_said = False
         self.render_html = render_html
         self.freeze_gc = freeze_gc
         self._snapshot: ReportSnapshot | None = None
@@ -175,6 +180,9 @@ class AnalysisService:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._cluster_connection is not None:
+            self._cluster_connection.close()
+            self._cluster_connection = None
 
     @property
     def running(self) -> bool:
@@ -288,6 +296,7 @@ class AnalysisService:
             "retention_cutoff_ns": getattr(self.store, "retention_cutoff_ns", None),
             "since_ns": since_ns,
             "explain": True,
+            "cluster": self.cluster,
         }
         reader = StoreReader(self.store)
         if self._worker is not None:
@@ -301,8 +310,16 @@ class AnalysisService:
             with self._incremental_lock:
                 if self._incremental_state is None:
                     self._incremental_state = IncrementalAnalysis(sidecar)
+                if self.cluster and self._cluster_connection is None:
+                    from hourglass.analysis.batch_tasks import Cluster
+
+                    self._cluster_connection = Cluster(self.cluster)
                 report, index, figures = run_incremental(
-                    self._incremental_state, reader, request, writer=self._resolve_writer()
+                    self._incremental_state,
+                    reader,
+                    request,
+                    writer=self._resolve_writer(),
+                    cluster=self._cluster_connection,
                 )
             stages["analysis"] = time.perf_counter() - started
         if since_ns is None:
@@ -325,6 +342,13 @@ class AnalysisService:
         stages = {} if stages is None else stages
         if self.incremental:
             return self._run_incremental(since_ns=since_ns, stages=stages, everything=everything)
+        if self.cluster and not self._cluster_unused_said:
+            self._cluster_unused_said = True
+            log.warning(
+                "--cluster %s is used by the incremental analysis only (a DuckDB store, "
+                "HOURGLASS_INCREMENTAL_ANALYSIS on): this store is re-analysed in serve",
+                self.cluster,
+            )
         started = time.perf_counter()
         marker = self._change_marker()
         spans_in_store = self.store.stats().spans
@@ -528,6 +552,8 @@ class AnalysisService:
                 "max_staleness_seconds": self.max_staleness_seconds,
                 "stale_after_seconds": round(self.stale_after_seconds(), 1),
                 "incremental": self.incremental,
+                # serve --cluster: the Dask scheduler the rounds' batches run on (None: here)
+                "cluster": self.cluster if self.incremental else None,
                 # the last incremental round: traces settled and extracted, batches, what it read
                 "incremental_round": dict(self._incremental_figures),
             }

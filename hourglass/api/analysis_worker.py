@@ -26,6 +26,7 @@ from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
 
 if TYPE_CHECKING:
+    from hourglass.analysis.batch_tasks import Cluster
     from hourglass.analysis.incremental import IncrementalAnalysis
 
 log = logging.getLogger("hourglass.api.analysis")
@@ -59,9 +60,11 @@ def _worker_main(conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority_of_this_thread()  # the main thread: threads started later inherit it
     import hourglass.analysis.pipeline  # noqa: F401  -- imported while waiting for the first table, not after
+    from hourglass.analysis.batch_tasks import Cluster
     from hourglass.analysis.incremental import IncrementalAnalysis
 
     incremental: IncrementalAnalysis | None = None
+    cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
     while True:
         try:
             message = conn.recv()
@@ -74,9 +77,14 @@ def _worker_main(conn: Connection) -> None:
                     if incremental is not None:
                         incremental.close()
                     incremental = IncrementalAnalysis(request["sidecar"])
+                if cluster is not None and cluster.address != request.get("cluster"):
+                    cluster.close()
+                    cluster = None
+                if cluster is None and request.get("cluster"):
+                    cluster = Cluster(request["cluster"])
                 started = time.perf_counter()
                 outcome = run_incremental(
-                    incremental, PipeReader(conn), request, writer=select_writer(settings)
+                    incremental, PipeReader(conn), request, writer=select_writer(settings), cluster=cluster
                 )
                 reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
             except Exception:
@@ -101,6 +109,13 @@ def _worker_main(conn: Connection) -> None:
             conn.send(result)
         except (OSError, ValueError):
             return
+
+
+def _failed(trace: str) -> RuntimeError:
+    """A run that failed in the worker: its cause on the first line (the status shows it), then
+    the worker's traceback."""
+    lines = trace.strip().splitlines()
+    return RuntimeError(f"analysis failed in the worker process: {lines[-1] if lines else '?'}\n{trace}")
 
 
 def _ipc_dir(nbytes: int) -> str | None:
@@ -219,7 +234,7 @@ class AnalysisWorker:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(written)
         if status != "ok":
-            raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
+            raise _failed(payload)
         report, index, analysis_s = payload
         stages["analysis"] = analysis_s
         stages["receive"] = max(waited - analysis_s, 0.0)
@@ -265,7 +280,7 @@ class AnalysisWorker:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
         if status != "ok":
-            raise RuntimeError(f"analysis failed in the worker process:\n{payload}")
+            raise _failed(payload)
         report, index, figures, _ = payload
         stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
@@ -406,10 +421,17 @@ class PipeReader(StoreReader):
 
 
 def run_incremental(
-    state: IncrementalAnalysis, reader: StoreReader, request: dict[str, Any], *, writer: Any = None
+    state: IncrementalAnalysis,
+    reader: StoreReader,
+    request: dict[str, Any],
+    *,
+    writer: Any = None,
+    cluster: Cluster | None = None,
 ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
     """One incremental round (``request["update"]``: bring the batches up to date first) and the
-    report over the batches of the window (``request["since_ns"]``); with the round's figures."""
+    report over the batches of the window (``request["since_ns"]``); with the round's figures.
+    With ``cluster`` the batches read this round are extracted and priced on the Dask cluster
+    (:mod:`hourglass.analysis.batch_tasks`)."""
     from hourglass.analysis.incremental import BatchSource, MemoExecutor
     from hourglass.analysis.pipeline import analyze_partitioned
 
@@ -428,7 +450,7 @@ def run_incremental(
         empty = reader.traces([])
         report, index = analyze_spans(empty, writer=writer, explain=bool(request.get("explain")))
     else:
-        executor = MemoExecutor(state, units)
+        executor = MemoExecutor(state, units, cluster)
         source = BatchSource(units, reader.batch)
         report, ranked = analyze_partitioned(
             # a partitions.Source and Executor by shape (load; map/close/workers)

@@ -215,6 +215,10 @@ async def _serve_async(
     from hourglass.api.app import create_app
 
     tls = _load_tls(settings)
+    if settings.cluster:  # a wrong address fails the start, in one line, before anything listens
+        from hourglass.analysis.partitions import check_scheduler
+
+        await asyncio.to_thread(check_scheduler, settings.cluster)
     _warn_about_exposure(settings)
     store = open_serve_store(settings.db)
     if not native_decode.AVAILABLE:

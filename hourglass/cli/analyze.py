@@ -139,8 +139,9 @@ def analyze_store(
                 if plan.parts > 1:  # the largest trace bounds how small a partition can be
                     largest = store.largest_trace() if hasattr(store, "largest_trace") else None
                     plan = partitions.plan(spans, run.budget, run.workers, largest)
-            else:
-                plan = partitions.Plan(spans, max(2, partitions.plan(spans, run.budget, 1).parts), 0)
+            else:  # the cluster's workers hold the partitions; this process decides, by buckets
+                local = partitions.plan(spans, run.budget, 1)
+                plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
         except partitions.BudgetError as exc:
             raise _fail(str(exc)) from None
         if plan.parts == 1 and run.cluster is None:
@@ -158,8 +159,8 @@ def analyze_store(
     if run.spill_buckets:
         plan = partitions.Plan(spans, plan.parts, plan.workers, run.spill_buckets)
     executor = _executor(run, plan, in_process=path.startswith("chdb:"))
-    if run.cluster is not None:  # a cluster's workers need not reach this machine's disk: no spill
-        plan = partitions.Plan(spans, plan.parts, executor.workers)
+    if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
+        plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
     typer.echo(f"hourglass analyze: {plan.describe(run.budget)}", err=True)
     try:
         with _progress_bar() as progress:

@@ -26,6 +26,7 @@ def serve(
     tls_cert: Annotated[str | None, option("tls_cert", SERVE)] = None,
     tls_key: Annotated[str | None, option("tls_key", SERVE)] = None,
     tls_client_ca: Annotated[str | None, option("tls_client_ca", SERVE)] = None,
+    cluster: Annotated[str | None, option("cluster", SERVE)] = None,
 ) -> None:
     """Receive OTLP traces (gRPC and HTTP), store them durably, serve the REST API and report."""
     from hourglass.api.serve import TlsSettingError, run_serve
@@ -43,6 +44,7 @@ def serve(
         "tls_cert": tls_cert,
         "tls_key": tls_key,
         "tls_client_ca": tls_client_ca,
+        "cluster": cluster,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -66,11 +68,13 @@ def serve(
         except ValueError as exc:
             typer.echo(f"hourglass serve: {exc}", err=True)
             raise typer.Exit(2) from None
+    from hourglass.analysis.partitions import ClusterError
+
     try:
         run_serve(settings)
     except TlsSettingError as exc:
         typer.echo(f"hourglass serve: {exc}", err=True)
         raise typer.Exit(2) from None
-    except (OSError, ValueError, StoreError) as exc:
+    except (OSError, ValueError, StoreError, ClusterError) as exc:
         typer.echo(f"hourglass serve: {exc}", err=True)
         raise typer.Exit(1) from None
