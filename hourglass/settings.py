@@ -403,6 +403,12 @@ SETTINGS: tuple[Setting, ...] = (
         flag="--partitions", commands=(ANALYZE,),
         shown_default="0: as many as the memory budget needs, 1 when it fits",
     ),
+    Setting(
+        "memory_log", "bool", False,
+        "diagnostic: the partitioned analysis (analyze's decider and workers, serve's rounds) prints "
+        "each process's resident memory and each phase's peak on standard error",
+        env="HOURGLASS_MEMORY_LOG", attribute=False,
+    ),
     # -- the write-up agent ---------------------------------------------------------------------
     Setting(
         "llm_model", "text", DEFAULT_LLM_MODEL, "model of the write-up agent",

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import sys
 
-ENV = "HOURGLASS_MEMORY_LOG"
+from hourglass.settings import env_var
+
+ENV = env_var("memory_log")
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "") not in ("", "0")
+    return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _status_kib(field: str) -> int:
