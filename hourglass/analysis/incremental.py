@@ -176,7 +176,7 @@ class MemoExecutor:
     task: an extraction reads the batch, writes its rows and drops it; a pricing reads the
     findings' traces of the batch alone (by id) into their own context, as
     ``partitions.price_part`` builds it. So a round holds one batch at a time, however many it
-    extracts. A stored batch's pricing is read from disk when the round first needs it and
+    extracts. The stored batches' pricing is read from disk when a round's pricing starts and
     dropped with the round.
 
     With a ``cluster`` (``serve --cluster``, :mod:`hourglass.analysis.batch_tasks`) the same work
@@ -184,8 +184,9 @@ class MemoExecutor:
     batch's spans for its extraction, the findings' traces of a batch alone (read by id, as
     here) for its pricing. ``CLUSTER_BATCHES_IN_FLIGHT`` batches are read and submitted at a time
     (the workers compute them together); the spans of a submission are dropped when its tasks are
-    done, and each extraction that comes back is written at once (:meth:`IncrementalAnalysis.store_extraction`)
-    and not kept, so a cluster round holds the spans of a few batches, not the round's."""
+    done, and each extraction that comes back is written at once
+    (:meth:`IncrementalAnalysis.store_extraction`) and not kept, so a cluster round holds the spans
+    of a few batches, not the round's."""
 
     workers = 1
 
