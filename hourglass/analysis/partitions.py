@@ -729,8 +729,9 @@ def run_extraction(
     # the workers are done: stopped now, so the memory they keep from their last partition is not
     # held beside the combined rows and the decision
     executor.idle()
-    trace_parts = pl.concat(
-        [r.traces.select("trace_id", part=pl.lit(r.part, pl.UInt32)) for r in results], how="vertical_relaxed"
+    trace_parts = pl.concat(  # by task: the n-th result is partition n of this run
+        [r.traces.select("trace_id", part=pl.lit(n, pl.UInt32)) for n, r in enumerate(results)],
+        how="vertical_relaxed",
     )
     traces = pl.concat([r.traces for r in results], how="vertical_relaxed").sort("trace_id")
     services = pl.concat([r.services for r in results], how="vertical_relaxed")
@@ -775,7 +776,10 @@ def run_pricing(
     traces only (:func:`findings_by_partition`)."""
     if not findings or (not calls and not any(o.interventions for f in findings for o in f.occurrences)):
         return {}, {}
-    shares = findings_by_partition(findings, trace_parts, parts) if trace_parts is not None else None
+    # an executor of its own (serve's incremental rounds) receives every finding and groups them itself
+    shares = None
+    if trace_parts is not None and isinstance(executor, SerialExecutor | ProcessExecutor | DaskExecutor):
+        shares = findings_by_partition(findings, trace_parts, parts)
     tasks = [(source, p, parts, shares[p] if shares else findings, calls) for p in range(parts)]
     del shares
     results = executor.map("pricing", price_part, tasks, progress)
