@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows, report_critical_paths
@@ -194,7 +194,9 @@ class StoreSource:
     since_ns: int | None = None
     services: tuple[str, ...] | None = None
 
-    def load(self, part: int, parts: int) -> pa.Table:
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        """Partition ``part`` of ``parts`` (with ``trace_ids``, only those of its traces), its
+        strings as Arrow string views where the store makes them (polars takes those as they are)."""
         store = open_for_reading(self.location)
         try:
             return store.scan_partition(
@@ -202,7 +204,9 @@ class StoreSource:
                 parts,
                 since_ns=self.since_ns,
                 services=list(self.services) if self.services else None,
+                trace_ids=trace_ids,
                 columns=ANALYSIS_COLUMNS,
+                string_views=True,
             )
         finally:
             store.close()
@@ -309,10 +313,10 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
     from hourglass.analysis.sequence import call_durations
 
     # Only the findings' own traces are priced and measured, and repair is per trace: the context
-    # is built of those alone (about a third of the spans of the benchmark's mixed store).
-    wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
-    spans = to_analysis_frame(source.load(part, parts))
-    ctx = AnalysisContext.from_table(spans.filter(pl.col("trace_id").is_in(wanted.implode())))
+    # is built of those alone (about a third of the spans of the benchmark's mixed store), read
+    # alone: the store filters the partition's rows by trace id.
+    wanted = sorted({o.trace_id for f in findings for o in f.occurrences})
+    ctx = AnalysisContext.from_table(source.load(part, parts, trace_ids=wanted))
     durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
     return Priced(price(ctx, findings), durations)
 
