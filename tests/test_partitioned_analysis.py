@@ -44,9 +44,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files += sorted(p for p in (ROOT / "sample-traces" / "foreign").glob("*.otlp.json*"))
     imported = _run("import", "--db", path, *files)
     assert imported.returncode == 0, imported.stderr
+    # one file again: exporter retries, copies of its spans that every read must remove
+    retried = _run("import", "--db", path, files[0])
+    assert retried.returncode == 0, retried.stderr
     generated = DuckDBSpanStore(str(path))  # every bench shape, the hung calls among them
     try:
         generated.write(generate_spans(20_000, seed=5, first_trace=10_000_000))
+        assert generated.raw_row_count() > generated.stats().spans  # the copies are there
     finally:
         generated.close()
     return path
@@ -151,3 +155,35 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     assert fewer.workers == 1 and fewer.parts < 50
     too_small = _run("analyze", "--db", store, "--memory-budget", "10MB")
     assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr
+
+
+def test_a_pricing_pass_reads_as_few_partitions_as_its_traces_need() -> None:
+    """The findings' traces are read in partitions of at most the extraction's size, in whole
+    rounds of the workers: a pass over a few traces is not one read of the store per partition."""
+    import polars as pl
+
+    from hourglass.analysis import partitions
+    from hourglass.analysis.model import Finding, Occurrence
+
+    traces = pl.DataFrame({"trace_id": [f"t{i:03d}" for i in range(100)], "span_count": [10] * 100})
+
+    def finding(trace_ids: list[str]) -> Finding:
+        return Finding(
+            kind="n_plus_one",
+            category="parallelization",
+            service="checkout",
+            operation="GET /cart",
+            targets=[],
+            occurrences=[Occurrence(trace_id=t, span_ids=()) for t in trace_ids],
+            confidence=1.0,
+        )
+
+    few = [finding(["t001", "t002"])]
+    third = [finding([f"t{i:03d}" for i in range(34)])]
+    every = [finding([f"t{i:03d}" for i in range(100)])]
+    assert partitions.pricing_parts(8, 1, few, traces) == 1
+    assert partitions.pricing_parts(8, 2, few, traces) == 2  # one per worker: no idle worker
+    assert partitions.pricing_parts(8, 2, third, traces) == 4  # 340 spans at 125 per partition: 3
+    assert partitions.pricing_parts(8, 2, every, traces) == 8
+    assert partitions.pricing_parts(7, 2, every, traces) == 7  # never more than the extraction's
+

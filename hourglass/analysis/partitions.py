@@ -608,11 +608,17 @@ def run_pricing(
     progress: Progress | None = None,
     *,
     calls: bool = False,
+    traces: pl.DataFrame | None = None,
 ) -> tuple[dict[str, Impact], dict[str, np.ndarray]]:
     """The second pass: each finding's what-if saving, partition by partition; with ``calls``
-    also the durations of the calls each finding names, over every partition."""
+    also the durations of the calls each finding names, over every partition. With ``traces``
+    (the extraction's trace summaries: ``span_count``) a store is read in fewer partitions when
+    the findings' traces are few: as many as hold their spans at the extraction's partition size
+    (:func:`pricing_parts`)."""
     if not findings or (not calls and not any(o.interventions for f in findings for o in f.occurrences)):
         return {}, {}
+    if traces is not None and isinstance(source, StoreSource):
+        parts = pricing_parts(parts, executor.workers, findings, traces)
     results = executor.map(
         "pricing", price_part, [(source, p, parts, findings, calls) for p in range(parts)], progress
     )
@@ -622,3 +628,18 @@ def run_pricing(
             pieces = [r.calls[f.id] for r in results if f.id in r.calls]
             durations[f.id] = np.concatenate(pieces) if pieces else np.zeros(0)
     return merge_impacts(r.impacts for r in results), durations
+
+
+def pricing_parts(parts: int, workers: int, findings: list[Finding], traces: pl.DataFrame) -> int:
+    """How many partitions of the store a pricing pass reads: the findings' traces only are read
+    (``price_part``), so as many as keep each within the size of one of the extraction's
+    ``parts`` (the memory plan's bound), in whole rounds of ``workers`` — not ``parts`` reads of
+    the whole store's trace ids for a pass over a few traces (the workstreams' joint pricing).
+    Any number of partitions prices every trace exactly once; the savings add up the same."""
+    wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
+    spans = int(traces.filter(pl.col("trace_id").is_in(wanted.implode()))["span_count"].sum() or 0)
+    per_part = max(1, int(traces["span_count"].sum() or 0) // max(1, parts))
+    needed = max(1, -(-spans // per_part))
+    rounds = max(1, workers)
+    return min(parts, -(-needed // rounds) * rounds)
+

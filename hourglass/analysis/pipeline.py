@@ -522,7 +522,9 @@ def analyze_partitioned(
         if spill is not None:
             spill.remove()
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
-    impacts, calls = partitions.run_pricing(source, parts, executor, kept, progress, calls=True)
+    impacts, calls = partitions.run_pricing(
+        source, parts, executor, kept, progress, calls=True, traces=extracted.traces
+    )
     ranked = score(
         extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
     )
@@ -544,7 +546,7 @@ def analyze_partitioned(
     write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
 
     def priced_together(found: list[Finding]) -> dict[str, Impact]:
-        return partitions.run_pricing(source, parts, executor, found, progress)[0]
+        return partitions.run_pricing(source, parts, executor, found, progress, traces=extracted.traces)[0]
 
     from hourglass.analysis.workstreams import build_workstreams
 
