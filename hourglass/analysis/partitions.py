@@ -114,6 +114,9 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
             f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
         )
     parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
+    # whole rounds of ``workers`` partitions: 7 on 2 workers ran the 7th alone while the other
+    # worker idled (4 rounds of 1/7 of the work against 4 of 1/8); smaller partitions only use less
+    parts = -(-parts // workers) * workers
     # the deciding process reads one bucket of spilled rows at a time, once the workers are done:
     # a bucket's decision gets the room of one worker
     buckets = max(1, -(-spans * SPILLED_PEAK_BYTES_PER_SPAN // per_worker))
