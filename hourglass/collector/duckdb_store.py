@@ -8,8 +8,10 @@ Rules:
   durable when ``write`` returns (a kill -9 afterwards keeps them; WAL replay on the next open).
 - No PRIMARY KEY: a unique index costs 2-4x on the insert path (see the cost notes). Duplicates
   (exporter retries) are removed at read time — every read keeps one row per (trace_id, span_id),
-  the first ingested — and physically by ``compact()``, which ``serve`` runs in the background,
-  so after compaction "the same Export sent twice is stored once" holds on disk too.
+  the first ingested (``scan`` and ``scan_partition`` check the rows they got and pay for the
+  removal only when some are copies: ``_read_spans``) — and physically by ``compact()``, which
+  ``serve`` runs in the background, so after compaction "the same Export sent twice is stored
+  once" holds on disk too.
 - With ``ingest_log=True`` (``hourglass serve``), ``write`` appends the rows to the ingest log
   beside the file (``hourglass.collector.ingest_log``; durable when ``write`` returns) and stages them in
   memory; a loader thread inserts them into DuckDB in whole row groups, which DuckDB writes
