@@ -25,7 +25,7 @@ import re
 import socket
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -406,8 +406,12 @@ class ProcessExecutor:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: list[Future[None]] = []  # idle()'s start-up tasks
 
     def _ensure(self) -> ProcessPoolExecutor:
+        if any(f.done() and not f.cancelled() and f.exception() is not None for f in self._starting):
+            self.close(wait=False)  # a worker died starting up: its pool is broken, start anew
+        self._starting = []
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
@@ -470,8 +474,8 @@ class ProcessExecutor:
         cost the memory plan already counts for every worker.)"""
         self.close()
         pool = self._ensure()
-        for _ in range(self.workers):  # a process is started per task submitted while none is idle
-            pool.submit(_start_worker)
+        # a process is started per task submitted while none is idle
+        self._starting = [pool.submit(_start_worker) for _ in range(self.workers)]
 
     def close(self, wait: bool = True) -> None:
         """Stop the worker processes (waiting for them to exit, so none outlives the command;
