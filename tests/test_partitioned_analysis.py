@@ -46,9 +46,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files += sorted(p for p in (ROOT / "sample-traces" / "foreign").glob("*.otlp.json*"))
     imported = _run("import", "--db", path, *files)
     assert imported.returncode == 0, imported.stderr
+    # one file again: exporter retries, copies of its spans that every read must remove
+    retried = _run("import", "--db", path, files[0])
+    assert retried.returncode == 0, retried.stderr
     generated = DuckDBSpanStore(str(path))  # every bench shape, the hung calls among them
     try:
         generated.write(generate_spans(20_000, seed=5, first_trace=10_000_000))
+        assert generated.raw_row_count() > generated.stats().spans  # the copies are there
     finally:
         generated.close()
     return path

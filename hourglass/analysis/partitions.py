@@ -25,7 +25,7 @@ import re
 import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -35,7 +35,7 @@ import polars as pl
 import pyarrow as pa
 
 from hourglass.analysis import memlog
-from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows, report_critical_paths
@@ -125,6 +125,9 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
             f"(about {deciding / 2**30:.2f} GiB): raise --memory-budget"
         )
     parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
+    # whole rounds of ``workers`` partitions: 7 on 2 workers ran the 7th alone while the other
+    # worker idled (4 rounds of 1/7 of the work against 4 of 1/8); smaller partitions only use less
+    parts = -(-parts // workers) * workers
     buckets = max(1, -(-spans // BUCKET_SPANS))
     return Plan(spans, int(parts), min(workers, int(parts)), int(buckets))
 
@@ -204,7 +207,9 @@ class StoreSource:
     since_ns: int | None = None
     services: tuple[str, ...] | None = None
 
-    def load(self, part: int, parts: int) -> pa.Table:
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        """Partition ``part`` of ``parts`` (with ``trace_ids``, only those of its traces), its
+        strings as Arrow string views where the store makes them (polars takes those as they are)."""
         store = open_for_reading(self.location)
         try:
             return store.scan_partition(
@@ -212,7 +217,9 @@ class StoreSource:
                 parts,
                 since_ns=self.since_ns,
                 services=list(self.services) if self.services else None,
+                trace_ids=trace_ids,
                 columns=ANALYSIS_COLUMNS,
+                string_views=True,
             )
         finally:
             store.close()
@@ -285,7 +292,9 @@ def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> 
     rows = {kind: {name: compact(frame) for name, frame in tables.items()} for kind, tables in rows.items()}
     paths = path_rows_or_none(ctx)
     if paths is not None:
-        paths = PathRows(compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes))
+        paths = PathRows(
+            compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes)
+        )
     if spill is not None:  # every row to disk: the deciding process reads one kind at a time
         spill.keep(part, rows)
         if paths is not None:
@@ -379,10 +388,10 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
     from hourglass.analysis.sequence import call_durations
 
     # Only the findings' own traces are priced and measured, and repair is per trace: the context
-    # is built of those alone (about a third of the spans of the benchmark's mixed store).
-    wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
-    spans = to_analysis_frame(source.load(part, parts))
-    ctx = AnalysisContext.from_table(spans.filter(pl.col("trace_id").is_in(wanted.implode())))
+    # is built of those alone (about a third of the spans of the benchmark's mixed store), read
+    # alone: the store filters the partition's rows by trace id.
+    wanted = sorted({o.trace_id for f in findings for o in f.occurrences})
+    ctx = AnalysisContext.from_table(source.load(part, parts, trace_ids=wanted))
     memlog.note(f"price {part + 1}/{parts} context")
     durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
     priced = Priced(price(ctx, findings), durations)
@@ -494,11 +503,17 @@ class ProcessExecutor:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: list[Future[None]] = []  # idle()'s start-up tasks
 
     def _ensure(self) -> ProcessPoolExecutor:
+        if any(f.done() and not f.cancelled() and f.exception() is not None for f in self._starting):
+            self.close(wait=False)  # a worker died starting up: its pool is broken, start anew
+        self._starting = []
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
             )
         return self._pool
 
@@ -549,9 +564,15 @@ class ProcessExecutor:
 
     def idle(self) -> None:
         """Nothing to run for a while (this process decides): stop the workers, so the memory
-        they keep from their last partition is not held beside the decision's; the next
-        ``map`` starts new ones."""
+        they keep from their last partition is not held beside the decision's, and start new
+        ones at once: their start-up (an interpreter and the analysis' imports, ~0.4 s of CPU
+        each) runs while this process decides, on the core the decision leaves idle, instead of
+        before the next ``map``'s first task. (A new worker holds its imports only: the base
+        cost the memory plan already counts for every worker.)"""
         self.close()
+        pool = self._ensure()
+        # a process is started per task submitted while none is idle
+        self._starting = [pool.submit(_start_worker) for _ in range(self.workers)]
 
     def close(self, wait: bool = True) -> None:
         """Stop the worker processes (waiting for them to exit, so none outlives the command;
@@ -559,6 +580,13 @@ class ProcessExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
+
+
+def _start_worker() -> None:
+    """A worker process' start-up: the modules its tasks use, imported before the first task
+    (this module is imported to find this function)."""
+    from hourglass.analysis.sequence import call_durations  # noqa: F401  (the pricing's)
+    from hourglass.collector.duckdb_store import DuckDBSpanStore  # noqa: F401  (the reads)
 
 
 class ClusterError(RuntimeError):
@@ -780,7 +808,12 @@ def run_pricing(
     shares = None
     if trace_parts is not None and isinstance(executor, SerialExecutor | ProcessExecutor | DaskExecutor):
         shares = findings_by_partition(findings, trace_parts, parts)
-    tasks = [(source, p, parts, shares[p] if shares else findings, calls) for p in range(parts)]
+    # a partition without any of the findings' traces is not read at all
+    tasks = [
+        (source, p, parts, shares[p] if shares else findings, calls)
+        for p in range(parts)
+        if not shares or shares[p]
+    ]
     del shares
     results = executor.map("pricing", price_part, tasks, progress)
     memlog.note("pricing results received")

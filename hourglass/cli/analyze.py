@@ -148,8 +148,10 @@ def analyze_store(
             from hourglass.analysis.resources import attach_store_resources
 
             # the services' languages ride along in the table's metadata (for the designs' pseudocode)
+            # string views: polars takes the strings as DuckDB made them, without a copy
             table = attach_store_resources(
-                store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS), store
+                store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS, string_views=True),
+                store,
             )
             store.close()
             return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)

@@ -430,11 +430,13 @@ class ClickHouseSpanStore:
         services: list[str] | None = None,
         trace_ids: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
+        string_views: bool = False,
     ) -> pa.Table:
         """De-duplicated whole traces: a trace is in when any of its spans matches every filter.
 
         ``since_ns``/``until_ns`` bound a span's start (``since_ns <= start_ns < until_ns``);
-        rows come ordered by trace_id, start_ns, span_id.
+        rows come ordered by trace_id, start_ns, span_id. ``string_views`` is accepted for the
+        protocol; strings come as plain Arrow strings.
         """
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         return self._read(
@@ -452,15 +454,20 @@ class ClickHouseSpanStore:
         *,
         since_ns: int | None = None,
         services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
+        string_views: bool = False,
     ) -> pa.Table:
         """Like ``scan``, for the traces with ``cityHash64(TraceId) % parts == part`` only: the
-        partitions of one ``parts`` split every trace into exactly one of them, whole."""
+        partitions of one ``parts`` split every trace into exactly one of them, whole;
+        ``trace_ids``: only those of its traces."""
         if parts < 1 or not 0 <= part < parts:
             raise ValueError(f"scan_partition needs 0 <= part < parts, got part={part}, parts={parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         return self._read(
-            selected, self._span_conditions(since_ns=since_ns, services=services), partition=(part, parts)
+            selected,
+            self._span_conditions(since_ns=since_ns, services=services, trace_ids=trace_ids),
+            partition=(part, parts),
         )
 
     @staticmethod

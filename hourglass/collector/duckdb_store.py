@@ -8,8 +8,10 @@ Rules:
   durable when ``write`` returns (a kill -9 afterwards keeps them; WAL replay on the next open).
 - No PRIMARY KEY: a unique index costs 2-4x on the insert path (see the cost notes). Duplicates
   (exporter retries) are removed at read time — every read keeps one row per (trace_id, span_id),
-  the first ingested — and physically by ``compact()``, which ``serve`` runs in the background,
-  so after compaction "the same Export sent twice is stored once" holds on disk too.
+  the first ingested (``scan`` and ``scan_partition`` check the rows they got and pay for the
+  removal only when some are copies: ``_read_spans``) — and physically by ``compact()``, which
+  ``serve`` runs in the background, so after compaction "the same Export sent twice is stored
+  once" holds on disk too.
 - With ``ingest_log=True`` (``hourglass serve``), ``write`` appends the rows to the ingest log
   beside the file (``hourglass.collector.ingest_log``; durable when ``write`` returns) and stages them in
   memory; a loader thread inserts them into DuckDB in whole row groups, which DuckDB writes
@@ -71,6 +73,13 @@ MAX_STAGED_ROWS = 2 * ROW_GROUP_ROWS
 
 # Rows are kept once per (trace_id, span_id): the first ingested copy wins.
 _DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
+_ORDER = "ORDER BY trace_id, start_ns, span_id"
+
+# Arrow output with string columns as string_view ("Utf8View"), the layout polars keeps strings
+# in: ``pl.from_arrow`` then takes them as they are instead of copying every string (at 1M spans
+# ~0.2 s of CPU, and a second copy of every string held beside the first).
+_STRING_VIEWS_ON = ("SET arrow_output_version = '1.4'", "SET produce_arrow_string_view = true")
+_STRING_VIEWS_OFF = ("RESET produce_arrow_string_view", "RESET arrow_output_version")
 
 
 # The serialized spans compress far better and cheaper with zstd than with DuckDB's automatic
@@ -110,6 +119,24 @@ def _close_cursor(cursor: duckdb.DuckDBPyConnection) -> None:
             except duckdb.Error:
                 time.sleep(0.05)
         log.warning("a reader's DuckDB cursor stayed busy at close; leaving it to the connection")
+
+
+def _has_copies(cursor: duckdb.DuckDBPyConnection, table: pa.Table) -> bool:
+    """Whether ``table`` may hold a (trace_id, span_id) more than once: fewer distinct hashes of
+    the pair than rows (a copy, or a 64-bit hash collision, which costs only a needless dedup)."""
+    if table.num_rows < 2:
+        return False
+    pairs = cursor.from_arrow(table.select(["trace_id", "span_id"]))
+    return bool(pairs.aggregate("count(*) > count(DISTINCT hash(trace_id, span_id))").fetchall()[0][0])
+
+
+def _as_views(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with ``string`` as ``string_view`` (lists of strings too)."""
+    if arrow_type == pa.string():
+        return pa.string_view()
+    if pa.types.is_list(arrow_type) and arrow_type.value_type == pa.string():
+        return pa.list_(pa.string_view())
+    return arrow_type
 
 
 def _span_conditions(
@@ -407,27 +434,25 @@ class DuckDBSpanStore:
         services: list[str] | None = None,
         trace_ids: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
+        string_views: bool = False,
     ) -> pa.Table:
         """De-duplicated whole traces: a trace is in when any of its spans matches every filter.
 
         ``since_ns``/``until_ns`` bound a span's start (``since_ns <= start_ns < until_ns``);
-        rows come ordered by trace_id, start_ns, span_id.
+        rows come ordered by trace_id, start_ns, span_id. ``string_views``: string columns as
+        Arrow ``string_view`` (what polars holds: ``pl.from_arrow`` takes them without a copy).
         """
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         self.load_staged()
+        if not selected:
+            return pa.table({})
         conditions, params = _span_conditions(
             since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
         )
         source = "spans"
         if conditions:
             source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
-        query = (
-            f"SELECT {', '.join(selected)} FROM {source} {_DEDUP} ORDER BY trace_id, start_ns, span_id"
-            if selected
-            else "SELECT 1 WHERE false"
-        )
-        table = self._cursor().sql(query, params=params or None).to_arrow_table()
-        return self._conform(table, selected)
+        return self._read_spans(selected, source, params, string_views=string_views)
 
     def scan_partition(
         self,
@@ -436,10 +461,14 @@ class DuckDBSpanStore:
         *,
         since_ns: int | None = None,
         services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
+        string_views: bool = False,
     ) -> pa.Table:
         """Like ``scan``, for the traces with ``hash(trace_id) % parts == part`` only: the
-        partitions of one ``parts`` split every trace into exactly one of them, whole."""
+        partitions of one ``parts`` split every trace into exactly one of them, whole.
+        ``trace_ids``: only those of the partition's traces (the analysis' second pass reads
+        the traces its findings name)."""
         if parts < 1 or not 0 <= part < parts:
             raise ValueError(f"scan_partition needs 0 <= part < parts, got part={part}, parts={parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
@@ -448,20 +477,57 @@ class DuckDBSpanStore:
         self.load_staged()
         in_part = f"hash(trace_id) % {int(parts)} = {int(part)}"
         conditions, params = _span_conditions(since_ns=since_ns, services=services)
-        conditions.insert(0, in_part)
-        source = f"(SELECT * FROM spans WHERE {in_part})"
-        if len(conditions) > 1:
-            source = (
-                f"(SELECT * FROM spans WHERE {in_part} AND trace_id IN "
-                f"(SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
-            )
-        query = f"SELECT {', '.join(selected)} FROM {source} {_DEDUP} ORDER BY trace_id, start_ns, span_id"
-        table = self._cursor().sql(query, params=params or None).to_arrow_table()
-        return self._conform(table, selected)
+        outer = [in_part]
+        outer_params: list[Any] = []
+        if trace_ids is not None:
+            # IN (unnest) is a hash join; list_contains would compare every row with every id
+            outer.append("trace_id IN (SELECT unnest(?::VARCHAR[]))")
+            outer_params.append(list(trace_ids))  # as stored: these come from the analysis
+        if conditions:
+            conditions.insert(0, in_part)
+            outer.append(f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})")
+        source = f"(SELECT * FROM spans WHERE {' AND '.join(outer)})"
+        return self._read_spans(selected, source, outer_params + params, string_views=string_views)
+
+    def _read_spans(
+        self, selected: list[str], source: str, params: list[Any], *, string_views: bool
+    ) -> pa.Table:
+        """``selected`` of the rows of ``source`` (a table expression over ``spans``), one row per
+        (trace_id, span_id) (the first ingested copy), in (trace_id, start_ns, span_id) order.
+
+        Copies (exporter retries not compacted yet) are rare, and the window that removes them
+        costs ~0.4 s of CPU per 1M spans; so the rows are read as they are and checked: as many
+        distinct hashes of (trace_id, span_id) as rows proves there is no copy (~0.1 s per 1M).
+        Only when the check fails (copies, or a hash collision) are they read again through the
+        window. The rows checked are the rows returned, so a write committed meanwhile cannot
+        slip a copy through."""
+        cursor = self._cursor()
+        if string_views:
+            for statement in _STRING_VIEWS_ON:
+                cursor.execute(statement)
+        try:
+            listed = ", ".join(selected)
+            checkable = "trace_id" in selected and "span_id" in selected
+            table = None
+            if checkable:
+                query = f"SELECT {listed} FROM {source} {_ORDER}"
+                table = cursor.sql(query, params=params or None).to_arrow_table()
+                if _has_copies(cursor, table):
+                    table = None
+            if table is None:
+                query = f"SELECT {listed} FROM {source} {_DEDUP} {_ORDER}"
+                table = cursor.sql(query, params=params or None).to_arrow_table()
+        finally:
+            if string_views:
+                for statement in _STRING_VIEWS_OFF:
+                    cursor.execute(statement)
+        return self._conform(table, selected, string_views=string_views)
 
     @staticmethod
-    def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
+    def _conform(table: pa.Table, selected: list[str], *, string_views: bool = False) -> pa.Table:
         schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])
+        if string_views:
+            schema = pa.schema([f.with_type(_as_views(f.type)) for f in schema])
         arrays = [table.column(i).cast(f.type) for i, f in enumerate(schema)]
         return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -45,8 +45,11 @@ class SpanStore(Protocol):
         services: list[str] | None = None,
         trace_ids: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
+        string_views: bool = False,
     ) -> pa.Table:
-        """De-duplicated span rows, whole traces: a trace is included when any span matches."""
+        """De-duplicated span rows, whole traces: a trace is included when any span matches.
+        ``string_views``: string columns as Arrow ``string_view`` where the backend can produce
+        them (polars takes those without a copy); plain strings otherwise."""
 
     def scan_partition(
         self,
@@ -55,10 +58,13 @@ class SpanStore(Protocol):
         *,
         since_ns: int | None = None,
         services: list[str] | None = None,
+        trace_ids: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
+        string_views: bool = False,
     ) -> pa.Table:
         """``scan`` restricted to partition ``part`` of ``parts`` by a hash of the trace id: every
-        trace falls in exactly one partition, whole; rows in (trace_id, start_ns, span_id) order."""
+        trace falls in exactly one partition, whole; rows in (trace_id, start_ns, span_id) order.
+        ``trace_ids``: only those traces of the partition."""
 
     def trace(self, trace_id: str) -> pa.Table:
         """All spans of one trace (empty table when unknown)."""

@@ -131,6 +131,80 @@ def test_duplicates_are_seen_once_and_compacted(make_store: StoreFactory) -> Non
         assert store.raw_row_count() == 3
 
 
+def test_the_first_ingested_copy_wins_in_every_read(make_store: StoreFactory) -> None:
+    """A span stored twice with different content (written again later with another end): every
+    read keeps one copy — on DuckDB the first ingested — whether it reads the whole store, a
+    partition or some traces of a partition, with Arrow string views or plain strings."""
+    import polars as pl
+
+    store = make_store()
+    a, b = _two_traces()
+    first = spans_table([a, b])
+    store.write(first)
+    rewritten = [
+        {**row, "end_ns": row["end_ns"] + 7 * MS, "ingested_ns": row["ingested_ns"] + 1_000 * MS}
+        for row in spans_table([a]).to_pylist()
+    ]
+    store.write(pa.Table.from_pylist(rewritten, schema=SPAN_SCHEMA))
+    columns = ("trace_id", "span_id", "end_ns")
+    reads = {
+        "scan": store.scan(columns=columns),
+        "scan, string views": store.scan(columns=columns, string_views=True),
+        "partitions": [store.scan_partition(p, 3, columns=columns) for p in range(3)],
+        "partitions, ids, string views": [
+            store.scan_partition(p, 3, columns=columns, trace_ids=[a.trace_id, b.trace_id], string_views=True)
+            for p in range(3)
+        ],
+    }
+    keep = list(columns) if isinstance(store, DuckDBSpanStore) else ["trace_id", "span_id"]
+    want = pl.from_arrow(first.select(keep)).sort("span_id").to_dicts()
+    for name, read in reads.items():
+        frames = [pl.from_arrow(t) for t in (read if isinstance(read, list) else [read])]
+        got = pl.concat([f for f in frames if isinstance(f, pl.DataFrame)]).select(keep).sort("span_id")
+        assert got.to_dicts() == want, name
+
+
+def test_string_views_hold_the_same_rows(make_store: StoreFactory) -> None:
+    """``string_views=True``: the same rows in the same order, string columns (and lists of
+    strings) as Arrow string_view where the backend makes them; polars reads both alike."""
+    store = make_store()
+    a, b = _two_traces()
+    store.write(spans_table([a, b]))
+    plain = store.scan(columns=SPAN_COLUMNS)
+    views = store.scan(columns=SPAN_COLUMNS, string_views=True)
+    assert views.column_names == plain.column_names
+    assert views.to_pylist() == plain.to_pylist()
+    if isinstance(store, DuckDBSpanStore):
+        assert views.schema.field("trace_id").type == pa.string_view()
+        assert views.schema.field("event_names").type == pa.list_(pa.string_view())
+        assert views.schema.field("raw").type == pa.binary()
+        assert store.scan(columns=SPAN_COLUMNS).schema == SPAN_SCHEMA  # plain reads are unchanged
+    import polars as pl
+
+    assert pl.from_arrow(views).equals(pl.from_arrow(plain))
+
+
+def test_scan_partition_reads_only_the_traces_asked_for(make_store: StoreFactory) -> None:
+    """``trace_ids``: the partition's traces among them, whole; over all partitions, those traces."""
+    store = make_store()
+    builders = []
+    for i in range(12):
+        b = TraceBuilder(service="frontend", base_ns=BASE_NS + i * 1_000 * MS)
+        root = b.span("GET /", start_ms=0, dur_ms=50)
+        b.span("child", parent=root, start_ms=5, dur_ms=10, service="db")
+        builders.append(b)
+    store.write(spans_table(builders))
+    wanted = [b.trace_id for b in builders[::3]]
+    columns = ("trace_id", "span_id", "start_ns")
+    pieces = [store.scan_partition(p, 3, columns=columns, trace_ids=wanted) for p in range(3)]
+    whole = [store.scan_partition(p, 3, columns=columns) for p in range(3)]
+    for piece, all_of_part in zip(pieces, whole, strict=True):
+        in_part = [r for r in all_of_part.to_pylist() if r["trace_id"] in wanted]
+        assert piece.to_pylist() == in_part
+    assert sum(p.num_rows for p in pieces) == 2 * len(wanted)
+    assert all(store.scan_partition(p, 3, trace_ids=[]).num_rows == 0 for p in range(3))
+
+
 def test_scan_filters_return_whole_traces(make_store: StoreFactory) -> None:
     store = make_store()
     a, b = _two_traces()
