@@ -155,7 +155,8 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
     statements = statements.with_columns(normalized_sql("statement").alias("_sql"))
     urls = frame.select(pl.col("http_url").unique().drop_nulls())
     urls = urls.with_columns(
-        route_template(pl.col("http_url")).alias("_url_route"), _target_host(pl.col("http_url")).alias("_url_host")
+        route_template(pl.col("http_url")).alias("_url_route"),
+        _target_host(pl.col("http_url")).alias("_url_host"),
     )
     frame = (
         frame.join(statements, on="statement", how="left", maintain_order="left")
@@ -424,10 +425,9 @@ def _call_children(ctx: AnalysisContext) -> pl.DataFrame:
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
     # Only calls with a sibling call can be serialized or repeated: normalise just those.
     siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
-    chosen = (
-        out.join(siblings.select("parent_row"), on="parent_row", how="semi")
-        .sort(["parent_row", "start_ns", "row"])["row"]
-    )
+    chosen = out.join(siblings.select("parent_row"), on="parent_row", how="semi").sort(
+        ["parent_row", "start_ns", "row"]
+    )["row"]
     out = ctx.with_parent(spans.select(pl.col(CALL_COLUMNS).gather(chosen)))
     callees = (
         spans.lazy()
@@ -453,7 +453,10 @@ def _call_children(ctx: AnalysisContext) -> pl.DataFrame:
     )
     texts = out.select(gate_text.unique().drop_nulls().alias("text"))
     gates = texts.filter(
-        pl.col("text").str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2").str.to_lowercase().str.contains(GATE_PATTERN)
+        pl.col("text")
+        .str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2")
+        .str.to_lowercase()
+        .str.contains(GATE_PATTERN)
     )["text"]
     return out.with_columns(gate_text.is_in(gates.implode()).alias("is_gate"), self_contained_call())
 
