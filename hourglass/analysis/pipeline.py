@@ -402,14 +402,23 @@ def analyze_context(
 ) -> tuple[dict[str, Any], list[Scored]]:
     """Detect, score and write; with ``explain`` the report carries ``near_misses``.
     ``resources``: {service: {"language", "namespace", "owner"}} (:mod:`hourglass.analysis.resources`)."""
-    ranked = score_findings(ctx, run_detectors(ctx))
-    near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
-    report = build_report(
-        ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
-    )
-    write_texts(report, writer, ContextView(ctx, report, ranked, resources))
-    add_workstreams(report, ctx, ranked, resources)
-    report["critical_paths"] = report_critical_paths(ctx)
+    findings = run_detectors(ctx)
+    # The endpoints' critical paths read the repaired spans only: they are computed beside the
+    # pricing and the write-up (in polars and numpy, which release the GIL), which leave the
+    # second core idle, once the two detector lanes are done with it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hourglass-paths") as side:
+        paths = side.submit(report_critical_paths, ctx)
+        ranked = score_findings(ctx, findings)
+        near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
+        report = build_report(
+            ranked,
+            traces_analyzed=ctx.traces.height,
+            spans_analyzed=ctx.spans.height,
+            near_misses=near_misses,
+        )
+        write_texts(report, writer, ContextView(ctx, report, ranked, resources))
+        add_workstreams(report, ctx, ranked, resources)
+        report["critical_paths"] = paths.result()
     return report, ranked
 
 
