@@ -461,6 +461,26 @@ def _call_children(ctx: AnalysisContext) -> pl.DataFrame:
     return out.with_columns(gate_text.is_in(gates.implode()).alias("is_gate"), self_contained_call())
 
 
+def repeated_calls(ctx: AnalysisContext, min_calls: int) -> pl.DataFrame:
+    """The call children (:func:`call_children`) of (parent, operation) groups of at least
+    ``min_calls`` calls, with ``params`` (:func:`parameters`) and ``_cum_end`` (the latest end of
+    the group's calls so far), sorted by (parent_row, op_key, start_ns, span_id). Computed once per
+    context and ``min_calls`` (``n_plus_one`` and ``batchable_calls`` read the same frame):
+    :meth:`AnalysisContext.cached`, key ``repeated_calls/<min_calls>``."""
+    return ctx.cached(f"repeated_calls/{min_calls}", lambda: _repeated_calls(call_children(ctx), min_calls))
+
+
+def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
+    key = ["parent_row", "op_key"]
+    # groups with fewer calls are dropped before the sort (most call groups)
+    calls = calls.filter(pl.len().over(key) >= min_calls)
+    return (
+        calls.with_columns(parameters().alias("params"))
+        .sort([*key, "start_ns", "span_id"])
+        .with_columns(pl.col("end_ns").cum_max().over(key).alias("_cum_end"))
+    )
+
+
 # -- failed calls and their targets (error_propagation, retry_without_backoff, missing_timeout) -
 
 
