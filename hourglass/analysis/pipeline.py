@@ -134,6 +134,8 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
         found: dict[str, list[Finding]] = {}
         for future in futures:
             found.update(future.result())
+    for key in [k for k in ctx.cache if k.startswith("repeated_calls/")]:  # read by detectors only
+        del ctx.cache[key]
     return [finding for kind in DETECTORS for finding in found[kind]]
 
 

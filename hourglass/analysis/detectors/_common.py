@@ -463,11 +463,22 @@ def _call_children(ctx: AnalysisContext) -> pl.DataFrame:
 
 def repeated_calls(ctx: AnalysisContext, min_calls: int) -> pl.DataFrame:
     """The call children (:func:`call_children`) of (parent, operation) groups of at least
-    ``min_calls`` calls, with ``params`` (:func:`parameters`) and ``_cum_end`` (the latest end of
-    the group's calls so far), sorted by (parent_row, op_key, start_ns, span_id). Computed once per
-    context and ``min_calls`` (``n_plus_one`` and ``batchable_calls`` read the same frame):
-    :meth:`AnalysisContext.cached`, key ``repeated_calls/<min_calls>``."""
+    ``min_calls`` calls — the columns those detectors read — with ``params`` (:func:`parameters`)
+    and ``_cum_end`` (the latest end of the group's calls so far), sorted by (parent_row, op_key,
+    start_ns, span_id). Computed once per context and ``min_calls`` (``n_plus_one`` and
+    ``batchable_calls`` read the same frame): :meth:`AnalysisContext.cached`, key
+    ``repeated_calls/<min_calls>``, dropped when the detectors are done
+    (``hourglass.analysis.pipeline.run_detectors``)."""
     return ctx.cached(f"repeated_calls/{min_calls}", lambda: _repeated_calls(call_children(ctx), min_calls))
+
+
+# the call columns n_plus_one and batchable_calls read from repeated_calls (besides params, _cum_end)
+_REPEATED_CALL_COLUMNS = (
+    "trace_id", "span_id", "parent_row", "parent_start_ns", "parent_span_id_", "parent_service", "parent_name",
+    "parent_on_critical_path", "parent_duration_ns", "root_duration_ns", "name", "op_key", "op_label", "op_detail",
+    "target_service", "start_ns", "end_ns", "duration_ns", "status_code", "on_critical_path", "kind_inferred",
+    "http_url", "peer",
+)  # fmt: skip
 
 
 def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
@@ -476,6 +487,7 @@ def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
     calls = calls.filter(pl.len().over(key) >= min_calls)
     return (
         calls.with_columns(parameters().alias("params"))
+        .select(*_REPEATED_CALL_COLUMNS, "params")
         .sort([*key, "start_ns", "span_id"])
         .with_columns(pl.col("end_ns").cum_max().over(key).alias("_cum_end"))
     )
