@@ -188,6 +188,8 @@ class AnalysisContext(NearMissLog):
 
         ``parents``                  :attr:`parents`
         ``call_children``            blocking call children (:func:`hourglass.analysis.detectors._common.call_children`)
+        ``repeated_calls/<n>``       call children of groups of at least n calls of one operation (``_common.repeated_calls``;
+                                     dropped after the detectors)
         ``sibling_groups/<n>``       fan-out sibling groups of at least n members (``_common.sibling_groups``)
         ``scope_languages``          language per instrumentation scope (:mod:`hourglass.analysis.sequence`)
         ``service_edges``, ``service_edges_all``, ``call_stats``   the pipeline's (:mod:`hourglass.analysis.pipeline`)

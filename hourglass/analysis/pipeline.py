@@ -98,7 +98,8 @@ def select_traces(
 # release the GIL, and much of it is single-threaded, so on 2 cores a second lane overlaps it
 # (measured at 1M spans, best of 4 on a shared machine: 1.54 s -> 1.37 s for all detectors).
 # Detectors that share a cached intermediate stay in one lane, in order: serialized_calls builds
-# call_children for n_plus_one; both fan-out detectors share the sibling groups (both ctx.cached).
+# call_children for n_plus_one, which builds repeated_calls for batchable_calls; both fan-out detectors
+# share the sibling groups (all ctx.cached).
 # A detector not listed runs in the first lane. Findings are assembled in DETECTORS order, so the
 # report does not depend on which lane finished first.
 DETECTOR_LANES: tuple[tuple[str, ...], ...] = (
@@ -133,6 +134,8 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
         found: dict[str, list[Finding]] = {}
         for future in futures:
             found.update(future.result())
+    for key in [k for k in ctx.cache if k.startswith("repeated_calls/")]:  # read by detectors only
+        del ctx.cache[key]
     return [finding for kind in DETECTORS for finding in found[kind]]
 
 
@@ -402,14 +405,23 @@ def analyze_context(
 ) -> tuple[dict[str, Any], list[Scored]]:
     """Detect, score and write; with ``explain`` the report carries ``near_misses``.
     ``resources``: {service: {"language", "namespace", "owner"}} (:mod:`hourglass.analysis.resources`)."""
-    ranked = score_findings(ctx, run_detectors(ctx))
-    near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
-    report = build_report(
-        ranked, traces_analyzed=ctx.traces.height, spans_analyzed=ctx.spans.height, near_misses=near_misses
-    )
-    write_texts(report, writer, ContextView(ctx, report, ranked, resources))
-    add_workstreams(report, ctx, ranked, resources)
-    report["critical_paths"] = report_critical_paths(ctx)
+    findings = run_detectors(ctx)
+    # The endpoints' critical paths read the repaired spans only: they are computed beside the
+    # pricing and the write-up (in polars and numpy, which release the GIL), which leave the
+    # second core idle, once the two detector lanes are done with it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hourglass-paths") as side:
+        paths = side.submit(report_critical_paths, ctx)
+        ranked = score_findings(ctx, findings)
+        near_misses = uncovered_near_misses(ctx.near_misses, ranked) if explain else None
+        report = build_report(
+            ranked,
+            traces_analyzed=ctx.traces.height,
+            spans_analyzed=ctx.spans.height,
+            near_misses=near_misses,
+        )
+        write_texts(report, writer, ContextView(ctx, report, ranked, resources))
+        add_workstreams(report, ctx, ranked, resources)
+        report["critical_paths"] = paths.result()
     return report, ranked
 
 

@@ -146,7 +146,7 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
     """Adds ``statement``, ``op_detail``, ``op_label``, ``op_key`` and ``target_service``, normalising
     each row once. Optional input columns: ``callee_service`` / ``callee_name`` (the server span that
     answered the call)."""
-    target = target_service()
+    target = target_service(pl.col("_url_host"))
     if "callee_service" in frame.columns:  # the service whose server span answered the call
         target = pl.coalesce(pl.col("callee_service"), target)
     frame = frame.with_columns(statement().alias("statement"))
@@ -154,7 +154,10 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
     statements = frame.select(pl.col("statement").unique().drop_nulls())
     statements = statements.with_columns(normalized_sql("statement").alias("_sql"))
     urls = frame.select(pl.col("http_url").unique().drop_nulls())
-    urls = urls.with_columns(route_template(pl.col("http_url")).alias("_url_route"))
+    urls = urls.with_columns(
+        route_template(pl.col("http_url")).alias("_url_route"),
+        _target_host(pl.col("http_url")).alias("_url_host"),
+    )
     frame = (
         frame.join(statements, on="statement", how="left", maintain_order="left")
         .join(urls, on="http_url", how="left", maintain_order="left")
@@ -176,7 +179,7 @@ def annotate_operations(frame: pl.DataFrame) -> pl.DataFrame:
         )
     frame = frame.with_columns(
         pl.coalesce(pl.col("_sql"), http, pl.col("rpc_method"), callee).alias("op_detail")
-    ).drop("_route", "_sql", "_url_route")
+    ).drop("_route", "_sql", "_url_route", "_url_host")
     frame = frame.with_columns(operation_label(pl.col("op_detail")).alias("op_label"))
     return frame.with_columns(
         pl.concat_str([pl.col("service"), pl.col("op_label")], separator=" | ").alias("op_key")
@@ -240,11 +243,15 @@ def is_call() -> pl.Expr:
     )
 
 
-def target_service() -> pl.Expr:
+def target_service(url_host: pl.Expr | None = None) -> pl.Expr:
     """The service a call goes to: the peer when recorded, the database system, the URL's host, else
-    the span's own service."""
-    url_host = pl.col("http_url").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)", 1)
+    the span's own service. ``url_host``: an already computed :func:`_target_host` column."""
+    url_host = _target_host(pl.col("http_url")) if url_host is None else url_host
     return pl.coalesce(pl.col("peer"), pl.col("db_system"), url_host, pl.col("service"))
+
+
+def _target_host(url: pl.Expr) -> pl.Expr:
+    return url.str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)", 1)
 
 
 # Two calls in a row are *sequential* (one after another: a loop, a serialized run) when they overlap
@@ -382,6 +389,11 @@ CALL_COLUMNS = (
 )  # fmt: skip
 
 
+# what is_call (and the choice of call children) reads
+_IS_CALL_COLUMNS = ("row", "parent_row", "start_ns", "service", "parent_service", "kind", "db_system", "db_statement",
+                    "http_url", "rpc_method")  # fmt: skip
+
+
 def call_children(ctx: AnalysisContext) -> pl.DataFrame:
     """Blocking call children with parent columns, operation key/label and target service, sorted by
     (parent_row, start_ns). Computed once per context (``serialized_calls``, ``n_plus_one`` and
@@ -390,52 +402,95 @@ def call_children(ctx: AnalysisContext) -> pl.DataFrame:
 
 
 def _call_children(ctx: AnalysisContext) -> pl.DataFrame:
-    # Blocking children first, with only the parent's service (is_call needs it); the other parent
-    # columns are gathered for the few rows that survive (a gather of strings costs per row).
-    blocking = ctx.spans.filter(pl.col("parent_row").is_not_null() & pl.col("blocking")).select(CALL_COLUMNS)
-    blocking = blocking.with_columns(
-        ctx.spans["service"].gather(blocking["parent_row"]).alias("parent_service")
+    # Which rows are call children is decided on the few columns is_call reads (a projection of
+    # the spans, not a copy of every call column of every blocking child); the call columns and the
+    # parent's are gathered for the rows that survive, already in (parent_row, start_ns, row) order.
+    spans = ctx.spans
+    blocking = (
+        spans.lazy()
+        .with_columns(parent_service=pl.col("service").gather(pl.col("parent_row").fill_null(0)))
+        .filter(pl.col("parent_row").is_not_null() & pl.col("blocking"))
+        .select(*_IS_CALL_COLUMNS)
+        .with_columns(_is_call=is_call())
+        .select("row", "parent_row", "start_ns", "service", "parent_service", "_is_call")
+        .collect()
     )
-    calls = blocking.filter(is_call())
+    calls = blocking.filter("_is_call")
     wrapper_rows = calls.select(pl.col("parent_row").alias("row")).unique()
     wrappers = blocking.filter(
-        ~is_call()
+        ~pl.col("_is_call")
         & (pl.col("service") == pl.col("parent_service"))
         & pl.col("row").cast(pl.Int64).is_in(wrapper_rows["row"].implode())
     )
     out = pl.concat([calls, wrappers], how="vertical_relaxed") if wrappers.height else calls
     # Only calls with a sibling call can be serialized or repeated: normalise just those.
     siblings = out.group_by("parent_row").agg(pl.len().alias("_calls")).filter(pl.col("_calls") >= 2)
-    out = ctx.with_parent(
-        out.join(siblings.select("parent_row"), on="parent_row", how="semi").drop("parent_service")
-    )
+    chosen = out.join(siblings.select("parent_row"), on="parent_row", how="semi").sort(
+        ["parent_row", "start_ns", "row"]
+    )["row"]
+    out = ctx.with_parent(spans.select(pl.col(CALL_COLUMNS).gather(chosen)))
     callees = (
-        ctx.spans.filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
+        spans.lazy()
+        .filter((pl.col("kind") == KIND_SERVER) & pl.col("parent_row").is_not_null())
         .select(
             pl.col("parent_row").cast(pl.UInt32).alias("row"),
             pl.col("service").alias("callee_service"),
             pl.col("name").alias("callee_name"),
         )
         .unique(subset="row", keep="first")
+        .collect()
     )
     remote = pl.col("callee_service") != pl.col("service")
-    out = out.join(callees, on="row", how="left").with_columns(
+    out = out.join(callees, on="row", how="left", maintain_order="left").with_columns(
         pl.when(remote).then(pl.col("callee_service")).alias("callee_service"),
         pl.when(remote).then(pl.col("callee_name")).alias("callee_name"),
     )
     out = annotate_operations(out)
-    gate_text = (
-        pl.concat_str(
-            [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
-            separator=" ",
-        )
+    # The gate rule reads a call's name, detail and target: a few distinct texts, matched once each.
+    gate_text = pl.concat_str(
+        [pl.col("name"), pl.col("op_detail").fill_null(""), pl.col("target_service").fill_null("")],
+        separator=" ",
+    )
+    texts = out.select(gate_text.unique().drop_nulls().alias("text"))
+    gates = texts.filter(
+        pl.col("text")
         .str.replace_all(r"([a-z0-9])([A-Z])", "$1 $2")
         .str.to_lowercase()
+        .str.contains(GATE_PATTERN)
+    )["text"]
+    return out.with_columns(gate_text.is_in(gates.implode()).alias("is_gate"), self_contained_call())
+
+
+def repeated_calls(ctx: AnalysisContext, min_calls: int) -> pl.DataFrame:
+    """The call children (:func:`call_children`) of (parent, operation) groups of at least
+    ``min_calls`` calls — the columns those detectors read — with ``params`` (:func:`parameters`)
+    and ``_cum_end`` (the latest end of the group's calls so far), sorted by (parent_row, op_key,
+    start_ns, span_id). Computed once per context and ``min_calls`` (``n_plus_one`` and
+    ``batchable_calls`` read the same frame): :meth:`AnalysisContext.cached`, key
+    ``repeated_calls/<min_calls>``, dropped when the detectors are done
+    (``hourglass.analysis.pipeline.run_detectors``)."""
+    return ctx.cached(f"repeated_calls/{min_calls}", lambda: _repeated_calls(call_children(ctx), min_calls))
+
+
+# the call columns n_plus_one and batchable_calls read from repeated_calls (besides params, _cum_end)
+_REPEATED_CALL_COLUMNS = (
+    "trace_id", "span_id", "parent_row", "parent_start_ns", "parent_span_id_", "parent_service", "parent_name",
+    "parent_on_critical_path", "parent_duration_ns", "root_duration_ns", "name", "op_key", "op_label", "op_detail",
+    "target_service", "start_ns", "end_ns", "duration_ns", "status_code", "on_critical_path", "kind_inferred",
+    "http_url", "peer",
+)  # fmt: skip
+
+
+def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
+    key = ["parent_row", "op_key"]
+    # groups with fewer calls are dropped before the sort (most call groups)
+    calls = calls.filter(pl.len().over(key) >= min_calls)
+    return (
+        calls.with_columns(parameters().alias("params"))
+        .select(*_REPEATED_CALL_COLUMNS, "params")
+        .sort([*key, "start_ns", "span_id"])
+        .with_columns(pl.col("end_ns").cum_max().over(key).alias("_cum_end"))
     )
-    out = out.with_columns(gate_text.str.contains(GATE_PATTERN).alias("is_gate"), self_contained_call()).sort(
-        ["parent_row", "start_ns", "row"]
-    )
-    return out
 
 
 # -- failed calls and their targets (error_propagation, retry_without_backoff, missing_timeout) -

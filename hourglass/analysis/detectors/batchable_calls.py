@@ -76,24 +76,19 @@ PER_BRANCH = r"(?i)shard|partition|bucket|replica"
 
 def _groups(calls: pl.DataFrame) -> pl.DataFrame:
     """One row per (parent, operation) with at least ``MIN_CALLS`` calls: their concurrency share,
-    parameters, durations and what one batched call would take."""
+    parameters, durations and what one batched call would take. ``calls``:
+    :func:`hourglass.analysis.detectors._common.repeated_calls`."""
     key = ["parent_row", "op_key"]
-    calls = calls.filter(pl.len().over(key) >= MIN_CALLS)
     if calls.height == 0:
         return pl.DataFrame()
     same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
         pl.col("op_key") == pl.col("op_key").shift(1)
     )
     share = _common.overlap_share(
-        pl.col("start_ns"), pl.col("_op_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
+        pl.col("start_ns"), pl.col("_cum_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
     )
-    ordered = (
-        calls.with_columns(_common.parameters().alias("params"))
-        .sort([*key, "start_ns", "span_id"])
-        .with_columns(pl.col("end_ns").cum_max().over(key).alias("_op_end"))
-        .with_columns(
-            (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
-        )
+    ordered = calls.with_columns(
+        (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
     )
     return (
         ordered.group_by(key, maintain_order=True)
@@ -136,7 +131,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     calls = call_children(ctx)
     if calls.height < MIN_CALLS:
         return {}
-    groups = _groups(calls)
+    groups = _groups(_common.repeated_calls(ctx, MIN_CALLS))
     return {"groups": groups.drop("parent_row")} if groups.height else {}
 
 

@@ -66,23 +66,17 @@ MIN_CALLER_SHARE = 0.25
 
 def _ordered_calls(calls: pl.DataFrame) -> pl.DataFrame:
     """Calls of (parent, operation) groups of at least ``MIN_REPEATS``, in start order, with
-    ``_continues``: the call starts after every earlier call of its group ended."""
+    ``_continues``: the call starts after every earlier call of its group ended. ``calls``:
+    :func:`hourglass.analysis.detectors._common.repeated_calls` (a sequence is a chain inside one
+    (parent, operation) group: groups with fewer than MIN_REPEATS calls cannot hold one)."""
     tol = _common.tolerance(pl.col("parent_duration_ns"))
-    # A sequence is a chain inside one (parent, operation) group: groups with fewer than
-    # MIN_REPEATS calls cannot hold one, so they are dropped before the sort (most call groups).
-    calls = calls.filter(pl.len().over(["parent_row", "op_key"]) >= MIN_REPEATS)
-    ordered = calls.with_columns(_common.parameters().alias("params")).sort(
-        ["parent_row", "op_key", "start_ns", "span_id"]
-    )
     same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
         pl.col("op_key") == pl.col("op_key").shift(1)
     )
     share = _common.overlap_share(
         pl.col("start_ns"), pl.col("_cum_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
     )
-    ordered = ordered.with_columns(
-        pl.col("end_ns").cum_max().over(["parent_row", "op_key"]).alias("_cum_end")
-    ).with_columns(
+    ordered = calls.with_columns(
         (
             same
             & (
@@ -177,7 +171,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     calls = call_children(ctx)
     if calls.height < MIN_REPEATS:
         return {}
-    ordered = _ordered_calls(calls)
+    ordered = _ordered_calls(_common.repeated_calls(ctx, MIN_REPEATS))
     sequences = _sequences(ordered)
     if sequences.height == 0:
         return {}

@@ -115,7 +115,15 @@ def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
     another call of its operation under the same parent — a member of a fan-out, which is not a
     step of a sequence (the fan-out detectors and ``batchable_calls`` judge it)."""
     key = ["parent_row", "op_key"]
-    ordered = calls.with_row_index("_pos").sort([*key, "start_ns", "row"])
+    # on the columns the rule reads only: the calls' other columns never go through the two sorts
+    ordered = calls.select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_pos"),
+        *key,
+        "start_ns",
+        "row",
+        "end_ns",
+        "duration_ns",
+    ).sort([*key, "start_ns", "row"])
     same = (pl.col("parent_row") == pl.col("parent_row").shift(1)) & (
         pl.col("op_key") == pl.col("op_key").shift(1)
     )
@@ -134,7 +142,7 @@ def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
             ).alias("in_fanout")
         )
     )
-    return ordered.sort("_pos").drop("_pos", "_op_end", "_conc")
+    return calls.with_columns(ordered.sort("_pos")["in_fanout"])
 
 
 def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
