@@ -201,6 +201,16 @@ class TraceIndex:
         out.sort(key=lambda t: (self.ranks.get(t.recommendation_id, 10**9), t.recommendation_id))
         return out
 
+    def __eq__(self, other: object) -> bool:
+        """Same recommendations and the same entries for every trace (arrays compared by value)."""
+        if not isinstance(other, TraceIndex):
+            return NotImplemented
+        mine, theirs = vars(self), vars(other)
+        return all(
+            np.array_equal(value, theirs[name]) if isinstance(value, np.ndarray) else value == theirs[name]
+            for name, value in mine.items()
+        )
+
     def traces(self) -> int:
         """How many traces the index names (rules 1 and 2)."""
         return len(self._trace_ids)

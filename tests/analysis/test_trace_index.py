@@ -125,6 +125,7 @@ def test_every_trace_answers_by_the_definition_also_after_pickling() -> None:
     named = {o.trace_id for f in findings[:4] for o in f.occurrences}
     named |= {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
     assert index.traces() == copy.traces() == len(named)
+    assert copy == index and TraceIndex.build(report, findings[:2]) != index
     # a trace the index does not name is answered by its evidence spans alone
     stranger = report["recommendations"][1]["evidence"]["span_ids"]
     assert [t.recommendation_id for t in index.touching("f" * 32, stranger)] == [
