@@ -23,7 +23,8 @@ For a touching recommendation, two sets of T's spans (each restricted to the spa
   exemplar traces); for a recommendation that re-times nothing in T, its evidence span ids in T.
   The report page marks these as "bottleneck span".
 
-The index is plain dicts and tuples, so it travels from the analysis worker process by pickle.
+The index is a few dicts of the recommendations and, per trace, numpy arrays (see
+:class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from hourglass.analysis.model import Finding
 from hourglass.analysis.whatif import intervention_to_dict
@@ -56,19 +59,45 @@ def intervention_span_ids(interventions: Iterable[Mapping[str, Any]]) -> set[str
     return out
 
 
-@dataclass
+def _text_array(values: list[str]) -> np.ndarray:
+    """Strings as one fixed-width bytes array (UTF-8): a few bytes each instead of a Python object."""
+    if not values:
+        return np.array([], dtype="S1")
+    return np.array([v.encode() for v in values], dtype=bytes)
+
+
+def _texts(values: np.ndarray) -> tuple[str, ...]:
+    return tuple(v.decode() for v in values.tolist())
+
+
+@dataclass(eq=False)
 class TraceIndex:
     """trace id → recommendation id → (involved span ids, changed span ids), plus each
-    recommendation's evidence span ids and rank; look a trace up with :meth:`touching`."""
+    recommendation's evidence span ids and rank; look a trace up with :meth:`touching`.
 
-    # trace id -> {recommendation id: (span ids of its occurrences there, span ids its interventions there name)}
-    by_trace: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = field(default_factory=dict)
+    The per-trace part covers every affected trace of the store (a third to two thirds of its
+    traces), so it is packed in arrays rather than held as Python objects: the server keeps the
+    index of its current report for as long as the report is served (a dict of tuples of span id
+    strings per trace was ~2 KiB per trace, growing with the store by ~0.2 GiB per million traces
+    indexed), and the analysis worker sends it over a pipe each round. Sorted trace ids (bytes)
+    with each one's entries; per entry a recommendation (its position in ``_recs``) and two
+    ranges of sorted span ids (bytes), the involved ones and the changed ones.
+    """
+
     # recommendation id -> its evidence span ids
     evidence_spans: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # evidence span id -> the recommendations naming it
     by_span: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # recommendation id -> rank (the order of the answers)
     ranks: dict[str, int] = field(default_factory=dict)
+    _recs: tuple[str, ...] = ()
+    _trace_ids: np.ndarray = field(default_factory=lambda: _text_array([]))  # sorted
+    _entries: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # per trace +1
+    _entry_recs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    _involved: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # per entry +1
+    _changed: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # per entry +1
+    _involved_ids: np.ndarray = field(default_factory=lambda: _text_array([]))
+    _changed_ids: np.ndarray = field(default_factory=lambda: _text_array([]))
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> TraceIndex:
@@ -82,6 +111,14 @@ class TraceIndex:
         index = cls()
         recs = [r for r in report.get("recommendations") or [] if r.get("id") is not None]
         by_span: dict[str, list[str]] = {}
+        # trace id -> {recommendation id: (involved span ids, changed span ids)}, packed below
+        by_trace: dict[str, dict[str, tuple[set[str], set[str]]]] = {}
+
+        def add(trace_id: str, rec_id: str, involved: Iterable[str], changed: Iterable[str]) -> None:
+            entry = by_trace.setdefault(trace_id, {}).setdefault(rec_id, (set(), set()))
+            entry[0].update(involved)
+            entry[1].update(changed)
+
         for position, rec in enumerate(recs):
             rec_id = str(rec["id"])
             rank = rec.get("rank")
@@ -94,26 +131,59 @@ class TraceIndex:
             recorded = evidence.get("interventions") or {}
             for trace_id in evidence.get("trace_ids") or []:
                 changed = intervention_span_ids(recorded.get(trace_id) or [])
-                index._add(str(trace_id), rec_id, (), changed)
+                add(str(trace_id), rec_id, (), changed)
         index.by_span = {s: tuple(dict.fromkeys(ids)) for s, ids in by_span.items()}
         for finding in findings:
             if finding.id not in index.ranks:
                 continue
             for occurrence in finding.occurrences:
                 changed = intervention_span_ids(intervention_to_dict(iv) for iv in occurrence.interventions)
-                index._add(occurrence.trace_id, finding.id, occurrence.span_ids, changed)
+                add(occurrence.trace_id, finding.id, occurrence.span_ids, changed)
+        index._pack(by_trace)
         return index
 
-    def _add(self, trace_id: str, rec_id: str, involved: Iterable[str], changed: Iterable[str]) -> None:
-        entries = self.by_trace.setdefault(trace_id, {})
-        old_involved, old_changed = entries.get(rec_id, ((), ()))
-        entries[rec_id] = (tuple(sorted({*old_involved, *involved})), tuple(sorted({*old_changed, *changed})))
+    def _pack(self, by_trace: Mapping[str, Mapping[str, tuple[set[str], set[str]]]]) -> None:
+        self._recs = tuple(self.ranks)
+        code = {rec_id: i for i, rec_id in enumerate(self._recs)}
+        trace_ids = sorted(by_trace, key=str.encode)  # the byte order the lookup searches in
+        entries, entry_recs, involved, changed = [0], [], [0], [0]
+        involved_ids: list[str] = []
+        changed_ids: list[str] = []
+        for trace_id in trace_ids:
+            for rec_id, (inv, chg) in by_trace[trace_id].items():
+                entry_recs.append(code[rec_id])
+                involved_ids.extend(sorted(inv))
+                changed_ids.extend(sorted(chg))
+                involved.append(len(involved_ids))
+                changed.append(len(changed_ids))
+            entries.append(len(entry_recs))
+        self._trace_ids = _text_array(trace_ids)
+        self._entries = np.array(entries, dtype=np.int64)
+        self._entry_recs = np.array(entry_recs, dtype=np.int32)
+        self._involved = np.array(involved, dtype=np.int64)
+        self._changed = np.array(changed, dtype=np.int64)
+        self._involved_ids = _text_array(involved_ids)
+        self._changed_ids = _text_array(changed_ids)
+
+    def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """{recommendation id: (involved span ids, changed span ids)} of one trace (rules 1, 2)."""
+        key = trace_id.encode()
+        ids = self._trace_ids
+        at = int(np.searchsorted(ids, key))
+        if at >= len(ids) or ids[at] != key:
+            return {}
+        out = {}
+        for entry in range(int(self._entries[at]), int(self._entries[at + 1])):
+            involved = self._involved_ids[self._involved[entry] : self._involved[entry + 1]]
+            changed = self._changed_ids[self._changed[entry] : self._changed[entry + 1]]
+            out[self._recs[int(self._entry_recs[entry])]] = (_texts(involved), _texts(changed))
+        return out
 
     def touching(self, trace_id: str, span_ids: Iterable[str]) -> list[Touch]:
         """The recommendations touching trace ``trace_id`` whose spans are ``span_ids``, best
         rank first, each with its spans there (sorted)."""
         present = set(span_ids)
-        entries = dict(self.by_trace.get(trace_id, {}))
+        entries = self._entries_of(trace_id)
         for span_id in present:
             for rec_id in self.by_span.get(span_id, ()):
                 entries.setdefault(rec_id, ((), ()))
@@ -131,6 +201,16 @@ class TraceIndex:
         out.sort(key=lambda t: (self.ranks.get(t.recommendation_id, 10**9), t.recommendation_id))
         return out
 
+    def __eq__(self, other: object) -> bool:
+        """Same recommendations and the same entries for every trace (arrays compared by value)."""
+        if not isinstance(other, TraceIndex):
+            return NotImplemented
+        mine, theirs = vars(self), vars(other)
+        return all(
+            np.array_equal(value, theirs[name]) if isinstance(value, np.ndarray) else value == theirs[name]
+            for name, value in mine.items()
+        )
+
     def traces(self) -> int:
         """How many traces the index names (rules 1 and 2)."""
-        return len(self.by_trace)
+        return len(self._trace_ids)

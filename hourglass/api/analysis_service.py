@@ -41,14 +41,19 @@ from here stay importable from here.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+import pyarrow as pa
 
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
@@ -448,6 +453,7 @@ class AnalysisService:
             # snapshot holds no reference cycles, so replacing it still frees it by refcount.
             gc.collect()
             gc.freeze()
+        release_memory(self.store)
         return snapshot
 
     def _notify_run(self, outcome: str, seconds: float, snapshot: ReportSnapshot | None) -> None:
@@ -557,6 +563,37 @@ class AnalysisService:
                 # the last incremental round: traces settled and extracted, batches, what it read
                 "incremental_round": dict(self._incremental_figures),
             }
+
+
+def release_memory(store: Any) -> None:
+    """After a run, return to the system what the run's reads left behind in this process: the
+    store's cached blocks (``release_cache``: DuckDB keeps what a query read until its memory limit
+    forces it out, so serve's RSS grew with the store), glibc's freed heap pages (the DuckDB
+    results, the worker's unpickled index and report) and Arrow's pool's unused memory."""
+    release_cache = getattr(store, "release_cache", None)
+    if callable(release_cache):
+        try:
+            release_cache()
+        except Exception:
+            log.exception("releasing the store's cache failed")
+    with contextlib.suppress(Exception):
+        pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    """glibc (``malloc_trim``), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _iso(ts: float | None) -> str | None:

@@ -70,6 +70,10 @@ ROW_GROUP_ROWS = 122_880
 # this long; ``write`` waits (backpressure, then admission control refuses Exports) above the cap.
 MAX_STAGE_SECONDS: float = default("max_stage_seconds")
 MAX_STAGED_ROWS = 2 * ROW_GROUP_ROWS
+# ``release_cache`` leaves this much room above what it cannot evict (for concurrent reads), and
+# does nothing while less than RELEASE_MIN_BYTES of the stored table is cached.
+RELEASE_HEADROOM_BYTES = 32 * 2**20
+RELEASE_MIN_BYTES = 32 * 2**20
 
 # Rows are kept once per (trace_id, span_id): the first ingested copy wins.
 _DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
@@ -186,6 +190,7 @@ class DuckDBSpanStore:
         analysis) can open the file at once; an ingest log is not replayed (open the store
         once without it first) and nothing is written."""
         self.retention_cutoff_ns: int | None = None  # the latest delete_older_than cutoff
+        self.memory_limit = memory_limit
         file_backed = path != ":memory:"
         if file_backed:
             # DuckDB expands "~" itself; the log beside the file must be found at the same place
@@ -424,6 +429,37 @@ class DuckDBSpanStore:
             # rows; the criterion is the same: the trace's last span ended before the cutoff)
             self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
             return int(removed)
+
+    def release_cache(
+        self, min_bytes: int = RELEASE_MIN_BYTES, headroom_bytes: int = RELEASE_HEADROOM_BYTES
+    ) -> int:
+        """Drop the blocks of the stored table that DuckDB's buffer pool keeps cached after the
+        queries that read them; returns the bytes released (0: less than ``min_bytes`` cached, or in memory).
+
+        DuckDB keeps every block a query read until ``memory_limit`` forces it out, and serve's
+        periodic queries read the whole table's ``trace_id`` column (the incremental analysis'
+        arrivals, compaction, retention) and its recent row groups: the cache, and serve's RSS,
+        grew with the store up to the limit (at 10M stored spans, one arrivals query and a batch
+        read left ~280 MiB cached). A persistent block is only cached (it is re-read from the file
+        when needed again), so lowering the limit to what is in use besides it, then restoring
+        it, evicts just those and returns their memory. Under the write lock, so no insert runs
+        meanwhile; concurrent reads keep ``headroom_bytes`` (what may stay cached)."""
+        if self.path == ":memory:" or self._closed:
+            return 0  # in memory, the blocks are the data
+        with self._write_lock:
+            rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
+            cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
+            if cached < max(min_bytes, 1):
+                return 0
+            floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
+            try:
+                self._writer.execute(f"SET memory_limit = '{floor}B'")
+            finally:
+                self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
+            rows = self._writer.execute(
+                "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+            ).fetchall()
+            return max(cached - sum(int(r[0]) for r in rows), 0)
 
     # -- reads -------------------------------------------------------------------------------
     def scan(

@@ -1,0 +1,157 @@
+"""The trace index (``hourglass.analysis.trace_index``) answers by its definition for every trace,
+packed in arrays (serve keeps it for as long as its report is served; it once held a dict of
+tuples of span id strings per affected trace and grew with the store)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Any
+
+import numpy as np
+
+from hourglass.analysis.model import Finding, Occurrence, RunConcurrently, ShortenSpan
+from hourglass.analysis.trace_index import TraceIndex
+
+
+def _finding(operation: str, occurrences: list[Occurrence]) -> Finding:
+    return Finding(
+        kind="serialized_calls",
+        category="parallelization",
+        service="svc",
+        operation=operation,
+        targets=[{"service": "svc", "operation": operation}],
+        occurrences=occurrences,
+        confidence=1.0,
+    )
+
+
+def _case(seed: int) -> tuple[dict[str, Any], list[Finding], dict[str, list[str]]]:
+    """A report of 4 recommendations over 300 traces (one finding not in the report), findings with
+    several occurrences in one trace, interventions, exemplars and evidence span ids."""
+    rng = random.Random(seed)
+    traces = {
+        f"{rng.getrandbits(128):032x}": [f"{rng.getrandbits(64):016x}" for _ in range(8)] for _ in range(300)
+    }
+    ids = sorted(traces)
+    findings = []
+    for n in range(5):
+        occurrences = []
+        for trace_id in rng.sample(ids, 120):
+            spans = rng.sample(traces[trace_id], 3)
+            interventions: tuple[Any, ...] = (
+                (RunConcurrently(tuple(spans[:2])),) if n % 2 else (ShortenSpan(spans[2], 1_000),)
+            )
+            occurrences.append(Occurrence(trace_id, tuple(spans), interventions))
+            if rng.random() < 0.2:  # a second occurrence of the same finding in the same trace
+                occurrences.append(Occurrence(trace_id, (rng.choice(traces[trace_id]),)))
+        findings.append(_finding(f"op{n}", occurrences))
+    recs = []
+    for rank, finding in enumerate(findings[:4], start=1):  # findings[4] is not reported
+        exemplar = rng.choice(ids)
+        recs.append(
+            {
+                "id": finding.id,
+                "rank": rank,
+                "evidence": {
+                    "trace_ids": [exemplar],
+                    "span_ids": [traces[exemplar][0], traces[rng.choice(ids)][1]],
+                    "interventions": {exemplar: [{"type": "shorten_span", "span_id": traces[exemplar][5]}]},
+                },
+            }
+        )
+    return {"recommendations": recs}, findings, traces
+
+
+def _expected(
+    report: dict[str, Any], findings: list[Finding], trace_id: str, spans: list[str]
+) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """The module's definition, computed plainly: (recommendation, span_ids, bottleneck_span_ids)."""
+    present = set(spans)
+    reported = {r["id"]: r for r in report["recommendations"]}
+    involved: dict[str, set[str]] = {}
+    changed: dict[str, set[str]] = {}
+    for rec_id, rec in reported.items():
+        evidence = rec["evidence"]
+        if trace_id in evidence["trace_ids"]:
+            involved.setdefault(rec_id, set())
+            changed.setdefault(rec_id, set()).update(
+                iv["span_id"] for iv in evidence["interventions"].get(trace_id, [])
+            )
+        if present & set(evidence["span_ids"]):
+            involved.setdefault(rec_id, set())
+            changed.setdefault(rec_id, set())
+    for finding in findings:
+        if finding.id not in reported:
+            continue
+        for occ in finding.occurrences:
+            if occ.trace_id != trace_id:
+                continue
+            involved.setdefault(finding.id, set()).update(occ.span_ids)
+            for iv in occ.interventions:
+                changed.setdefault(finding.id, set()).update(
+                    iv.span_ids if isinstance(iv, RunConcurrently) else (iv.span_id,)  # type: ignore[union-attr]
+                )
+    out = []
+    for rec_id in sorted(involved, key=lambda r: reported[r]["rank"]):
+        evidence = set(reported[rec_id]["evidence"]["span_ids"]) & present
+        changed_here = changed[rec_id] & present
+        out.append(
+            (
+                rec_id,
+                tuple(sorted((involved[rec_id] | changed[rec_id] | evidence) & present)),
+                tuple(sorted(changed_here or evidence)),
+            )
+        )
+    return out
+
+
+def test_every_trace_answers_by_the_definition_also_after_pickling() -> None:
+    report, findings, traces = _case(11)
+    index = TraceIndex.build(report, findings)
+    copy = pickle.loads(pickle.dumps(index))  # how it travels from the analysis worker
+    touched = 0
+    for trace_id, spans in traces.items():
+        expected = _expected(report, findings, trace_id, spans)
+        touched += bool(expected)
+        for candidate in (index, copy):
+            got = [
+                (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                for t in candidate.touching(trace_id, spans)
+            ]
+            assert got == expected, trace_id
+    assert touched > 200  # most traces are touched; some are not (and answer nothing)
+    # rules 1 and 2 name these traces: the reported findings' occurrences and the exemplars
+    named = {o.trace_id for f in findings[:4] for o in f.occurrences}
+    named |= {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
+    assert index.traces() == copy.traces() == len(named)
+    assert copy == index and TraceIndex.build(report, findings[:2]) != index
+    # a trace the index does not name is answered by its evidence spans alone
+    stranger = report["recommendations"][1]["evidence"]["span_ids"]
+    assert [t.recommendation_id for t in index.touching("f" * 32, stranger)] == [
+        report["recommendations"][1]["id"]
+    ]
+
+
+def test_the_per_trace_part_is_arrays_not_objects_per_trace() -> None:
+    report, findings, _ = _case(12)
+    index = TraceIndex.build(report, findings)
+    # the per-recommendation dicts are all the Python containers it keeps: nothing per trace
+    containers = [v for v in vars(index).values() if isinstance(v, (dict, list, tuple, set))]
+    assert sum(len(v) for v in containers) < 40
+    arrays = [v for v in vars(index).values() if isinstance(v, np.ndarray)]
+    assert len(arrays) == 7 and all(a.dtype != object for a in arrays)
+    assert index.traces() > 250
+
+
+def test_an_empty_index_and_a_report_alone() -> None:
+    assert TraceIndex().touching("a" * 32, ["b" * 16]) == []
+    assert TraceIndex().traces() == 0
+    report, _, traces = _case(13)
+    alone = TraceIndex.from_report(report)
+    for trace_id, spans in traces.items():
+        expected = _expected(report, [], trace_id, spans)
+        got = [
+            (t.recommendation_id, t.span_ids, t.bottleneck_span_ids) for t in alone.touching(trace_id, spans)
+        ]
+        assert got == expected

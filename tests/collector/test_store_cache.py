@@ -1,0 +1,52 @@
+"""serve's store drops the table blocks DuckDB's buffer pool keeps after reading them
+(``DuckDBSpanStore.release_cache``, called after every analysis run): the cache grew with the
+store up to ``memory_limit`` and serve's RSS with it. What is stored is unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from tests.builders import repeated_trace, spans_table, spec
+
+
+def _cached(store: DuckDBSpanStore) -> int:
+    rows = store._writer.execute(
+        "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+    ).fetchall()
+    return sum(int(r[0]) for r in rows)
+
+
+def _limit(store: DuckDBSpanStore) -> str:
+    return str(store._writer.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
+
+
+def test_release_cache_drops_the_cached_blocks_and_keeps_the_data(tmp_path: Path) -> None:
+    path = str(tmp_path / "spans.duckdb")
+    traces = repeated_trace(16_000, "svc", *(spec(f"op{i}", i, 1) for i in range(10)))
+    with DuckDBSpanStore(path) as store:
+        store.write(spans_table(traces))
+    with DuckDBSpanStore(path, memory_limit="256MB") as store:  # the rows are in the file now
+        limit = _limit(store)
+        opened = _cached(store)  # one block, read at open
+        before = store.scan().sort_by([("trace_id", "ascending"), ("span_id", "ascending")])
+        assert before.num_rows == 160_000
+        cached = _cached(store)
+        assert cached > opened + 4 * 2**20  # the scan's blocks stay cached
+        assert store.release_cache(min_bytes=2 * cached) == 0  # below the threshold: left alone
+        assert _cached(store) == cached
+        released = store.release_cache(min_bytes=1, headroom_bytes=0)
+        # all but what the release keeps at the least (1 MiB)
+        assert released >= cached - opened - 2**20 and _cached(store) <= opened + 2**20
+        assert _limit(store) == limit  # the limit is back
+        after = store.scan().sort_by([("trace_id", "ascending"), ("span_id", "ascending")])
+        assert after.equals(before)
+        store.write(spans_table(repeated_trace(10, "other", spec("late", 0, 1))))
+        assert store.stats().spans == 160_010
+
+
+def test_release_cache_in_memory_is_a_no_op() -> None:
+    with DuckDBSpanStore(":memory:") as store:
+        store.write(spans_table(repeated_trace(100, "svc", spec("a", 0, 1))))
+        assert store.release_cache(min_bytes=1, headroom_bytes=0) == 0
+        assert store.scan().num_rows == 100
