@@ -29,7 +29,7 @@ from hourglass.analysis.incremental import IncrementalAnalysis, MemoExecutor, si
 from hourglass.api.analysis_worker import StoreReader, run_incremental
 from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.schema import SPAN_COLUMNS
-from tests.analysis.test_incremental_rows import _cli, _same, _store
+from tests.analysis.test_incremental_rows import _cli, _request, _same, _store
 from tests.dask_cluster import dask_cluster
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,18 +62,6 @@ class Watched(Cluster):
     def taken(self) -> list[tuple[str, str, int, frozenset[str], int]]:
         jobs, self.jobs = self.jobs, []
         return jobs
-
-
-def _request(state: IncrementalAnalysis, **extra: Any) -> dict[str, Any]:
-    return {
-        "sidecar": state.sidecar,
-        "update": True,
-        "cutoff_ns": time.time_ns() + 1,  # every stored trace has settled
-        "margin_ns": 5 * 10**9,
-        "since_ns": None,
-        "explain": False,
-        **extra,
-    }
 
 
 def _late_span(store: DuckDBSpanStore, trace_id: str) -> None:

@@ -18,10 +18,6 @@ on the same store. Proven structurally, not by timing or RSS:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ from hourglass.api.analysis_worker import StoreReader, run_incremental
 from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.files import read_trace_files
 from hourglass.collector.schema import SPAN_COLUMNS
+from tests.api.test_incremental_serve import _cli_report
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "sample-traces").glob("*.otlp.jsonl"))
@@ -49,32 +46,26 @@ def _store(db: Path) -> DuckDBSpanStore:
     return store
 
 
-def _round(state: IncrementalAnalysis, store: DuckDBSpanStore) -> tuple[dict[str, Any], dict[str, Any]]:
-    request = {
+def _request(state: IncrementalAnalysis, **extra: Any) -> dict[str, Any]:
+    """A round's request as the analysis service sends it, every stored trace settled."""
+    return {
         "sidecar": state.sidecar,
         "update": True,
         "cutoff_ns": time.time_ns() + 1,  # every stored trace has settled
         "margin_ns": 5 * 10**9,
         "since_ns": None,
         "explain": False,
+        **extra,
     }
-    report, _, figures = run_incremental(state, StoreReader(store), request)
+
+
+def _round(state: IncrementalAnalysis, store: DuckDBSpanStore) -> tuple[dict[str, Any], dict[str, Any]]:
+    report, _, figures = run_incremental(state, StoreReader(store), _request(state))
     return report, figures
 
 
 def _cli(db: Path) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
-    done = subprocess.run(
-        [sys.executable, "-m", "hourglass", "analyze", "--db", str(db), "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr
-    report: dict[str, Any] = json.loads(done.stdout)
-    return report
+    return _cli_report(db)
 
 
 def _same(served: dict[str, Any], cli: dict[str, Any]) -> None:
