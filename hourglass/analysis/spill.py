@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +30,15 @@ import polars as pl
 from hourglass.analysis.detectors import lock_contention
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.model import Finding
+
+
+def _write_whole(target: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a file of this process beside ``target``, then renamed into place: a reader
+    sees the file whole or not at all, and a retried task (another process) writes it again."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    unfinished = target.with_name(f".{target.stem}.{os.getpid()}.tmp")
+    write(unfinished)
+    os.replace(unfinished, target)
 
 
 @dataclass(frozen=True)
@@ -111,11 +121,10 @@ class Spill:
                 pieces = frame.with_columns(bucket).partition_by("_bucket", as_dict=True, include_key=False)
                 for (number,), piece in pieces.items():
                     folder = self._table_folder(kind, spillable.table) / f"b{int(number):05d}"
-                    folder.mkdir(parents=True, exist_ok=True)
-                    target = folder / f"p{part:06d}.parquet"
-                    partial = folder / f".p{part:06d}.{os.getpid()}.tmp"
-                    piece.write_parquet(partial, compression="lz4", statistics=False)
-                    os.replace(partial, target)
+                    _write_whole(
+                        folder / f"p{part:06d}.parquet",
+                        partial(piece.write_parquet, compression="lz4", statistics=False),
+                    )
             out[kind] = {**rows[kind], spillable.table: frame.clear()}
         return out
 
@@ -126,11 +135,8 @@ class Spill:
         of every partition while the others extract. A retried task writes the same files again."""
         for kind, named in tables.items():
             for name, frame in named.items():
-                folder = Path(self.folder) / "rows" / kind / name
-                folder.mkdir(parents=True, exist_ok=True)
-                partial = folder / f".p{part:06d}.{os.getpid()}.tmp"
-                frame.write_ipc(partial, compression="lz4")
-                os.replace(partial, folder / f"p{part:06d}.arrow")
+                target = Path(self.folder) / "rows" / kind / name / f"p{part:06d}.arrow"
+                _write_whole(target, partial(frame.write_ipc, compression="lz4"))
 
     def kept(self, kind: str) -> dict[str, list[pl.DataFrame]]:
         """The frames :meth:`keep` wrote for ``kind``, per table, in partition order (read now;
