@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,9 +31,16 @@ HOURGLASS = Path(sys.executable).with_name("hourglass")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _run(*args: Any, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: Any, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(HOURGLASS), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV
+        [str(HOURGLASS), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
     )
 
 
@@ -58,8 +66,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _report(store: Path, *args: Any, stderr: list[str] | None = None) -> dict[str, Any]:
-    result = _run("analyze", "--db", store, "--format", "json", "--explain", *args)
+def _report(
+    store: Path, *args: Any, stderr: list[str] | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    result = _run("analyze", "--db", store, "--format", "json", "--explain", *args, env=env)
     assert result.returncode == 0, result.stderr
     if stderr is not None:
         stderr.append(result.stderr)
@@ -90,6 +100,53 @@ def test_partitions_in_this_process_or_in_workers_give_the_same_report(
     store: Path, whole: dict[str, Any], args: tuple[str, ...]
 ) -> None:
     assert _report(store, *args) == whole
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--partitions", "8", "--workers", "2"),
+        ("--partitions", "9", "--workers", "1", "--spill-buckets", "5"),
+    ],
+)
+def test_partitions_read_from_one_split_of_the_store_give_the_same_report(
+    store: Path, whole: dict[str, Any], args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """From SPLIT_MIN_PARTS partitions on, the store is read once into a file per partition, which
+    every pass reads instead of the store; the files are gone when the command ends."""
+    from hourglass.analysis.partitions import SPLIT_MIN_PARTS
+
+    parts = int(args[1])
+    assert parts >= SPLIT_MIN_PARTS
+    said: list[str] = []
+    env = {"TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_LOG": "1"}
+    assert _report(store, *args, stderr=said, env=env) == whole
+    assert f"store split into {parts} partition files" in said[0]
+    assert not list(tmp_path.glob("hourglass-partitions-*"))
+
+
+def test_the_partition_files_are_removed_on_ctrl_c(store: Path, tmp_path: Path) -> None:
+    command = [str(HOURGLASS), "analyze", "--db", str(store), "--format", "json", "--partitions", "8"]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**ENV, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("hourglass-partitions-*/p000007.arrow")):  # split under way
+            assert process.poll() is None and time.monotonic() < deadline, "no partition files seen"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode != 0, err
+    assert not list(tmp_path.glob("hourglass-partitions-*")), err
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +197,11 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     ):
         partitions.plan(2_000_000, 1 << 30, 1, largest)
     # a budget that leaves each of two workers too little plans fewer workers, not hundreds of parts
-    fewer = partitions.plan(5_000_000, int(1.5 * 2**30), 2)
+    fewer = partitions.plan(8_000_000, int(1.5 * 2**30), 2)
     assert fewer.workers == 1 and fewer.parts < 50
+    # the workers' bases do not fit beside the decision: they are started after it, not during it
+    assert not partitions.plan(10_000_000, int(1.5 * 2**30), 1).warm
+    assert partitions.plan(5_000_000, int(1.5 * 2**30), 2).warm
     # room for the workers but not for the decision, which runs alone once they are stopped
     with pytest.raises(partitions.BudgetError, match="cannot hold the decision over 20,000,000 spans"):
         partitions.plan(20_000_000, int(2.1 * 2**30), 1)

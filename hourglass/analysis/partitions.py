@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import re
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -47,26 +49,31 @@ from hourglass.collector.schema import ANALYSIS_COLUMNS
 log = logging.getLogger(__name__)
 
 
-# Memory model behind the choice of partitions (peak RSS, measured with bench.scaling on mixed
-# traces): a process that analyses spans costs PROCESS_BASE_BYTES (interpreter, polars, pyarrow,
-# duckdb) plus PEAK_BYTES_PER_SPAN for each span it holds — the scan, the repaired frame and
-# the detectors' intermediates at their peak. A partitioned run extracts in worker processes only
-# (one at least), so the process that decides holds no spans. With a spill (``Spill.keep``) the
-# workers write every extracted row to disk, and what the deciding process holds while workers
-# run is ROWS_BYTES_PER_SPAN per span of the whole: the trace summaries while they extract (~20
-# measured at 5M spans of the generated mix), then through the pricing pass the findings (an
-# occurrence per trace and finding) and what the decision left allocated (~80: 207 MiB over the
-# process's start at 1M, 533 at 5M; without a spill, under --cluster, the rows themselves, ~136
-# resident). It decides with the workers stopped, one detector's rows at a time, the lock-convoy
-# rule's resource rows streamed from their buckets under DuckDB's own memory limit
-# (``hourglass.analysis.detectors._sweep``, whatever one key holds): DECIDE_BYTES_PER_SPAN
-# (~90 measured: a peak of 295 MiB over the start at 1M, 645 at 5M). The buckets no longer bound
-# memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with keys spread evenly, within
-# that limit.
-PROCESS_BASE_BYTES = 300 * 2**20
-PEAK_BYTES_PER_SPAN = 1_800
+# Memory model behind the choice of partitions (peak RSS, measured with HOURGLASS_MEMORY_LOG=1 and
+# bench.scaling on mixed traces at 1M and 5M spans): a process that analyses spans costs
+# PROCESS_BASE_BYTES (interpreter, polars, pyarrow, duckdb: 145-155 MiB at the deciding process'
+# start, 170-195 MiB for a worker once it has read its first partition) plus PEAK_BYTES_PER_SPAN
+# for each span it holds — the read, the repaired frame and the detectors' intermediates at their
+# peak (a worker's peak over its start: ~2.1 KB a span in partitions of 125k spans, ~1.9 KB in
+# partitions of 312k). A partitioned run extracts in worker processes only (one at least), so
+# the process that decides holds no spans. It holds the trace summaries while the workers extract
+# (every extracted row is on disk: ``Spill.keep``): ~35 B a span at 1M, ~20 at 5M; then, through
+# the pricing pass, while the workers read the findings' traces, the findings and what the
+# decision left allocated: ROWS_BYTES_PER_SPAN of the whole (512 MiB over the start at 5M,
+# ~180 at 1M; without a spill, under --cluster, the rows themselves, ~136 resident). Pricing
+# reads only the findings' traces of a partition (about half its spans on the generated mix), but
+# no more than the partition in the worst case, so the plan keeps room for ``workers`` full
+# partitions beside ROWS_BYTES_PER_SPAN: that phase, not the extraction, bounds the partitions.
+# The decision runs with the workers idle (each holds its base: ``ProcessExecutor.idle`` starts
+# them anew), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
+# their buckets under DuckDB's own memory limit (``hourglass.analysis.detectors._sweep``, whatever
+# one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M).
+# The buckets no longer bound memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with
+# keys spread evenly, within that limit.
+PROCESS_BASE_BYTES = 200 * 2**20
+PEAK_BYTES_PER_SPAN = 2_000
 ROWS_BYTES_PER_SPAN = 80
-DECIDE_BYTES_PER_SPAN = 100
+DECIDE_BYTES_PER_SPAN = 130
 BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 
@@ -83,6 +90,7 @@ class Plan:
     parts: int
     workers: int
     buckets: int = 0  # the spilled rows' buckets (``hourglass.analysis.spill``); 0: not spilled
+    warm: bool = True  # the workers start anew while this process decides (``ProcessExecutor.idle``)
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -129,7 +137,10 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
     # worker idled (4 rounds of 1/7 of the work against 4 of 1/8); smaller partitions only use less
     parts = -(-parts // workers) * workers
     buckets = max(1, -(-spans // BUCKET_SPANS))
-    return Plan(spans, int(parts), min(workers, int(parts)), int(buckets))
+    workers = min(workers, int(parts))
+    # the workers of the pricing start while this process decides when their bases fit beside it
+    warm = deciding + workers * PROCESS_BASE_BYTES <= budget
+    return Plan(spans, int(parts), workers, int(buckets), warm)
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -225,7 +236,80 @@ class StoreSource:
             store.close()
 
 
-Source = StoreSource
+@dataclass(frozen=True)
+class SplitSource:
+    """The partitions of one run read from their own files, written by one read of a DuckDB store
+    (:func:`split_store`) in a temporary folder of this machine: each task reads its partition
+    alone (``read_partition_file``: mapped, not copied), where :class:`StoreSource` reads the
+    whole store for each partition and each pass. The rows and their order are those
+    ``scan_partition`` gives for the same partition."""
+
+    folder: str
+    parts: int
+
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        from hourglass.collector.duckdb_store import partition_file, read_partition_file
+
+        if parts != self.parts or not 0 <= part < parts:
+            raise ValueError(f"partition {part} of {parts}: the files hold {self.parts} partitions")
+        return read_partition_file(
+            partition_file(self.folder, part),
+            trace_ids=trace_ids,
+            columns=ANALYSIS_COLUMNS,
+            string_views=True,
+        )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+Source = StoreSource | SplitSource
+
+# From this many partitions on, a run on a DuckDB file reads the store once into a file per
+# partition (:func:`split_store`) rather than scanning the whole store for each partition in each
+# pass. Measured on the generated mix (a 2-core machine): the split costs ~1.2 s per million spans
+# (one read, one write of every row); a ``scan_partition`` costs ~0.09 s per million stored spans
+# whatever the partition's size (DuckDB reads every row to find the partition's), in extraction
+# and again in pricing.
+SPLIT_MIN_PARTS = 8
+
+
+def split_store(source: Source, parts: int, *, near: str | None = None) -> SplitSource | None:
+    """``source``'s partitions written to their own files (:class:`SplitSource`), by one read of
+    the store, when it is a DuckDB file of this machine and ``parts`` is worth it
+    (``SPLIT_MIN_PARTS``); else None (a ClickHouse store, or few partitions: the tasks scan the
+    store). The folder is made in ``$TMPDIR`` (or ``near``) and removed if the split fails or is
+    interrupted; the caller removes it after the run (:meth:`SplitSource.remove`)."""
+    from hourglass.collector.store import local_path
+
+    if not isinstance(source, StoreSource) or parts < max(2, SPLIT_MIN_PARTS):
+        return None
+    location = source.location
+    if local_path(location) != location or location == ":memory:":
+        return None
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    folder = tempfile.mkdtemp(prefix="hourglass-partitions-", dir=near)
+    try:
+        store = DuckDBSpanStore(location, read_only=True)
+        try:
+            store.split_partitions(
+                folder,
+                parts,
+                since_ns=source.since_ns,
+                services=list(source.services) if source.services else None,
+                columns=ANALYSIS_COLUMNS,
+            )
+        finally:
+            store.close()
+        # the batches' buffers, kept by Arrow's allocator for reuse (~90 MiB at 1M spans), back
+        # to the system: this process decides, and the memory plan counts it without them
+        pa.default_memory_pool().release_unused()
+    except BaseException:  # a failure or Ctrl-C: nothing left behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    memlog.note(f"store split into {parts} partition files")
+    return SplitSource(folder, parts)
 
 
 def open_for_reading(location: str) -> Any:
@@ -500,8 +584,9 @@ class ProcessExecutor:
     """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
     this process is inherited). A task that raises, or whose worker dies, is retried once."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, warm: bool = True) -> None:
         self.workers = max(1, workers)
+        self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
         self._pool: ProcessPoolExecutor | None = None
         self._starting: list[Future[None]] = []  # idle()'s start-up tasks
 
@@ -562,6 +647,14 @@ class ProcessExecutor:
                 self.close(wait=False)
         return results
 
+    def warm(self) -> None:
+        """Start the worker processes now (their interpreters and the analysis' imports, ~0.4 s
+        of CPU each), while this process does something else (reads the store into partition
+        files: :func:`split_store`), instead of before the first task."""
+        if self._pool is None:
+            pool = self._ensure()
+            self._starting = [pool.submit(_start_worker) for _ in range(self.workers)]
+
     def idle(self) -> None:
         """Nothing to run for a while (this process decides): stop the workers, so the memory
         they keep from their last partition is not held beside the decision's, and start new
@@ -570,6 +663,8 @@ class ProcessExecutor:
         before the next ``map``'s first task. (A new worker holds its imports only: the base
         cost the memory plan already counts for every worker.)"""
         self.close()
+        if not self.warm_when_idle:  # their bases do not fit beside the decision: started by the next map
+            return
         pool = self._ensure()
         # a process is started per task submitted while none is idle
         self._starting = [pool.submit(_start_worker) for _ in range(self.workers)]

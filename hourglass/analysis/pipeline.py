@@ -511,6 +511,45 @@ def analyze_partitioned(
     spill_buckets: int = 0,
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
 ) -> tuple[dict[str, Any], list[Scored]]:
+    """:func:`_analyze_partitioned`; on a DuckDB file of this machine, with enough partitions, the
+    store is first read once into a file per partition (:func:`partitions.split_store`) that the
+    tasks of every pass read instead of scanning the store, while the worker processes start; the
+    files are removed when the run ends, fails or is interrupted. Not for a Dask cluster (its
+    workers may not reach this machine's files) nor an ``extraction`` of the caller's."""
+    split = None
+    if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
+        if isinstance(executor, partitions.ProcessExecutor):
+            executor.warm()
+        split = partitions.split_store(source, parts)
+    try:
+        return _analyze_partitioned(
+            split or source,
+            parts,
+            executor,
+            read_traces=read_traces,
+            writer=writer,
+            explain=explain,
+            progress=progress,
+            spill_buckets=spill_buckets,
+            extraction=extraction,
+        )
+    finally:
+        if split is not None:
+            split.remove()
+
+
+def _analyze_partitioned(
+    source: partitions.Source,
+    parts: int,
+    executor: partitions.Executor,
+    *,
+    read_traces: Callable[[list[str]], pa.Table],
+    writer: Writer | None = None,
+    explain: bool = False,
+    progress: partitions.Progress | None = None,
+    spill_buckets: int = 0,
+    extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
+) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
     prices the findings' what-if savings partition by partition (a trace's saving depends only on

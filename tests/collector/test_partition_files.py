@@ -1,0 +1,88 @@
+"""One read of a DuckDB store into a file per partition (``split_partitions``), each file read as
+``scan_partition`` reads the same partition from the store (``read_partition_file``): the same
+rows, copies removed, in the same order, the same columns and types; filters and trace ids too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from hourglass.collector.duckdb_store import DuckDBSpanStore, partition_file, read_partition_file
+from hourglass.collector.schema import ANALYSIS_COLUMNS
+from tests.builders import BASE_NS, TraceBuilder, spans_table
+
+MS = 1_000_000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DuckDBSpanStore:
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    builders = []
+    for i in range(40):
+        b = TraceBuilder(service="frontend" if i % 2 else "billing", base_ns=BASE_NS + i * 1_000 * MS)
+        root = b.span("GET /", start_ms=0, dur_ms=50)
+        b.span("query", parent=root, start_ms=5, dur_ms=10, service="db")
+        b.span("query", parent=root, start_ms=5, dur_ms=12, service="db")  # same start: span_id orders
+        builders.append(b)
+    store.write(spans_table(builders))
+    store.write(spans_table(builders[:5]))  # retried Exports: copies every read must remove
+    return store
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+@pytest.mark.parametrize("string_views", [False, True])
+def test_each_file_reads_as_scan_partition_reads_the_store(
+    store: DuckDBSpanStore, tmp_path: Path, parts: int, string_views: bool
+) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    counts = store.split_partitions(str(folder), parts, batch_rows=7)  # many small batches
+    assert sum(counts) == store.raw_row_count() == 135  # as stored, copies included
+    assert sorted(p.name for p in folder.iterdir()) == [f"p{p:06d}.arrow" for p in range(parts)]
+    got = [
+        read_partition_file(partition_file(str(folder), p), string_views=string_views) for p in range(parts)
+    ]
+    want = [store.scan_partition(p, parts, string_views=string_views) for p in range(parts)]
+    for piece, expected in zip(got, want, strict=True):
+        assert piece.schema == expected.schema
+        assert piece.to_pylist() == expected.to_pylist()
+    assert sum(t.num_rows for t in got) == 120  # each span once
+    wanted = sorted({t for table in want for t in table.column("trace_id").to_pylist()})[::4]
+    for p in range(parts):
+        by_id = read_partition_file(
+            partition_file(str(folder), p), trace_ids=wanted, columns=("trace_id", "span_id")
+        )
+        assert (
+            by_id.to_pylist()
+            == store.scan_partition(p, parts, trace_ids=wanted, columns=("trace_id", "span_id")).to_pylist()
+        )
+
+
+def test_filters_select_whole_traces_as_scan_partition_does(store: DuckDBSpanStore, tmp_path: Path) -> None:
+    late = BASE_NS + 20_000 * MS
+    store.split_partitions(str(tmp_path), 4, since_ns=late, services=["billing"], columns=ANALYSIS_COLUMNS)
+    got = [read_partition_file(partition_file(str(tmp_path), p)) for p in range(4)]
+    want = [store.scan_partition(p, 4, since_ns=late, services=["billing"]) for p in range(4)]
+    assert [t.to_pylist() for t in got] == [t.to_pylist() for t in want]
+    assert sum(t.num_rows for t in got) == 30  # 10 billing traces from +20 s on, db spans included
+
+
+def test_an_empty_partition_has_a_file_of_no_rows(tmp_path: Path) -> None:
+    store = DuckDBSpanStore(str(tmp_path / "one.duckdb"))
+    b = TraceBuilder(service="frontend")
+    b.span("GET /", start_ms=0, dur_ms=5)
+    store.write(spans_table(b))
+    counts = store.split_partitions(str(tmp_path), 5)
+    assert sorted(counts) == [0, 0, 0, 0, 1]
+    for p in range(5):
+        table = read_partition_file(partition_file(str(tmp_path), p))
+        assert table.num_rows == counts[p]
+        assert table.schema == store.scan_partition(p, 5).schema
+    with pytest.raises(ValueError, match="no column"):  # the file holds what the split wrote only
+        store.split_partitions(str(tmp_path), 5, columns=("trace_id", "span_id"))
+        read_partition_file(partition_file(str(tmp_path), 0), columns=("service",))
+    with pytest.raises(ValueError, match="parts >= 1"):
+        store.split_partitions(str(tmp_path), 0)
+    assert isinstance(read_partition_file(partition_file(str(tmp_path), 0), columns=()), pa.Table)
