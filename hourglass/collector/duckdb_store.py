@@ -239,13 +239,23 @@ def read_partition_file(
     missing = [c for c in selected if c not in rows.column_names]
     if missing:
         raise ValueError(f"partition file {path} has no column(s) {missing}")
+    if trace_ids is not None:
+        rows = rows.filter(
+            pc.is_in(rows.column("trace_id"), value_set=pa.array(list(trace_ids), pa.string()))
+        )
     with duckdb.connect(config={"threads": 1}) as cursor:
+        if not _has_copies(cursor, rows):
+            # Arrow's sort of the three keys: a third of the CPU of DuckDB's ORDER BY over an Arrow
+            # table (measured at 1M spans in 6 partitions: 0.33 s against 1.29); the same order
+            # (strings compared bytewise, no ties once there is no copy)
+            order = pc.sort_indices(
+                rows, sort_keys=[(key, "ascending") for key in ("trace_id", "start_ns", "span_id")]
+            )
+            return DuckDBSpanStore._conform(
+                rows.select(selected).take(order), selected, string_views=string_views
+            )
         cursor.register("partition_rows", rows)
-        source_sql, params = "partition_rows", []
-        if trace_ids is not None:
-            source_sql = "(SELECT * FROM partition_rows WHERE trace_id IN (SELECT unnest(?::VARCHAR[])))"
-            params = [list(trace_ids)]
-        return _read_rows(cursor, selected, source_sql, params, string_views=string_views)
+        return _read_rows(cursor, selected, "partition_rows", [], string_views=string_views)
 
 
 class DuckDBSpanStore:

@@ -65,7 +65,15 @@ class Notes:
         bound.apply_defaults()
         a = bound.arguments
         self.misses.append(
-            (a["kind"], a["service"], a["operation"], a["reason"], tuple(a["trace_ids"]), tuple(a["span_ids"]), a["traces"])
+            (
+                a["kind"],
+                a["service"],
+                a["operation"],
+                a["reason"],
+                tuple(a["trace_ids"]),
+                tuple(a["span_ids"]),
+                a["traces"],
+            )
         )
 
 
@@ -268,3 +276,38 @@ def test_rows_from_a_partition_carry_their_own_values_only() -> None:
     tables += [("traces", result.traces), ("services", result.services)]
     for name, table in tables:
         assert len(pickle.dumps(table)) <= 2 * table.estimated_size() + 8192, name
+
+
+def test_the_store_is_split_into_files_only_where_a_task_can_read_them(tmp_path: Path) -> None:
+    """A DuckDB file of this machine with enough partitions is split (each task reads its file,
+    the same rows as its scan); few partitions, or a ClickHouse server, are scanned by each task;
+    a split that fails leaves no folder behind."""
+    import duckdb
+
+    from bench.analysis import generate_spans
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(3_000, seed=11))
+    store.close()
+    parts = partitions.SPLIT_MIN_PARTS
+    source = partitions.StoreSource(db)
+    assert partitions.split_store(source, parts - 1, near=str(tmp_path)) is None
+    assert partitions.split_store(partitions.StoreSource("clickhouse://localhost:8123/db"), parts) is None
+    split = partitions.split_store(source, parts, near=str(tmp_path))
+    assert split is not None
+    try:
+        for p in range(parts):
+            assert split.load(p, parts).equals(source.load(p, parts))
+        with pytest.raises(ValueError, match="the files hold"):
+            split.load(0, parts + 1)
+    finally:
+        split.remove()
+    assert not list(tmp_path.glob("hourglass-partitions-*"))
+    (tmp_path / "not-a-store.duckdb").write_text("not a DuckDB file")
+    with pytest.raises(duckdb.Error, match="not a valid DuckDB database file"):
+        partitions.split_store(
+            partitions.StoreSource(str(tmp_path / "not-a-store.duckdb")), parts, near=str(tmp_path)
+        )
+    assert not list(tmp_path.glob("hourglass-partitions-*"))
