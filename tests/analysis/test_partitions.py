@@ -311,3 +311,21 @@ def test_the_store_is_split_into_files_only_where_a_task_can_read_them(tmp_path:
             partitions.StoreSource(str(tmp_path / "not-a-store.duckdb")), parts, near=str(tmp_path)
         )
     assert not list(tmp_path.glob("hourglass-partitions-*"))
+
+
+def test_idle_workers_restart_during_the_decision_only_when_the_plan_says_they_fit() -> None:
+    """``warm()`` starts the workers before the first task (while the store is split);
+    ``idle()`` stops them, and starts new ones at once only with ``warm`` (the plan's choice)."""
+    for warm in (True, False):
+        executor = partitions.ProcessExecutor(1, warm=warm)
+        try:
+            executor.warm()
+            started = executor._pool
+            assert started is not None
+            executor.warm()  # already started: the same pool
+            assert executor._pool is started
+            executor.idle()
+            assert (executor._pool is not None) is warm and executor._pool is not started
+            assert executor.map("extracting", pow, [(2, 1, 5)], None) == [2]  # (x, part, parts): 2**1 % 5
+        finally:
+            executor.close()
