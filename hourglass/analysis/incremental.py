@@ -132,6 +132,7 @@ class BatchBuckets(Buckets):
 
     batches: tuple[int, ...] = ()
     extra: Path | None = None
+    kept: bool = False  # the decision's derived state kept per bucket (every stored batch, none other)
 
     def __iter__(self) -> Iterator[BucketFiles]:
         for bucket in range(self.count):
@@ -141,7 +142,8 @@ class BatchBuckets(Buckets):
             if self.extra is not None:
                 files += sorted((self.extra / name).glob("p*.parquet"))
             if files:
-                yield BucketFiles(tuple(files), self.key)
+                state = self.folder / name / "sweep.state" if self.kept else None
+                yield BucketFiles(tuple(files), self.key, state)
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,13 @@ class BatchSpill(Spill):
 
     batches: tuple[int, ...] = ()
     extra: Spill | None = None
+    kept: bool = False  # ``batches`` are every stored batch: what a decision derives is kept
 
     def buckets_of(self, kind: str) -> Buckets:
         table = SPILLABLE[kind].table
         extra = self.extra._table_folder(kind, table) if self.extra is not None else None
         return BatchBuckets(
-            self._table_folder(kind, table), self.buckets, SPILLABLE[kind].key, self.batches, extra
+            self._table_folder(kind, table), self.buckets, SPILLABLE[kind].key, self.batches, extra, self.kept
         )
 
 
@@ -603,11 +606,13 @@ class IncrementalAnalysis:
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
             critical_paths = report_critical_paths(combine_path_rows(paths_of)) if complete else []
             del paths_of
-            batch_spill = BatchSpill(
+            stored = tuple(u.batch for u in units if u.batch is not None)
+            batch_spill = BatchSpill(  # a window's rounds keep nothing (a whole round's state stays)
                 self.spill.folder,
                 self.spill.buckets,
-                tuple(u.batch for u in units if u.batch is not None),
+                stored,
                 extra,
+                extra is None and set(stored) == set(self.batches),
             )
             decided: dict[str, list[Finding]] = {}
             for kind in PARTS:

@@ -65,7 +65,15 @@ class Notes:
         bound.apply_defaults()
         a = bound.arguments
         self.misses.append(
-            (a["kind"], a["service"], a["operation"], a["reason"], tuple(a["trace_ids"]), tuple(a["span_ids"]), a["traces"])
+            (
+                a["kind"],
+                a["service"],
+                a["operation"],
+                a["reason"],
+                tuple(a["trace_ids"]),
+                tuple(a["span_ids"]),
+                a["traces"],
+            )
         )
 
 
@@ -213,16 +221,18 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
     """The tables that grow with spans (``spill.SPILLABLE``) written to Parquet buckets by each
     partition and decided one bucket at a time: the same findings and near misses as the whole.
     The convoy rule streams each bucket's rows in chunks (``_sweep``); with ``batch_rows`` of 7
-    every key's rows cross many chunk cuts (and the starts of one microsecond some of them)."""
+    every key's rows cross many chunk cuts (and the starts of one microsecond some of them), and
+    the sweep's states are cut every 3 rows."""
     from hourglass.analysis.detectors import _sweep
     from hourglass.analysis.spill import SPILLABLE, Spill
 
     if batch_rows is not None:
         monkeypatch.setattr(_sweep, "BATCH_ROWS", batch_rows)
+        monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", 3)
     swept: list[int] = []
-    real_sweep = _sweep.sweep
+    real_sweep = _sweep.BucketSweep.sweep
     monkeypatch.setattr(
-        _sweep,
+        _sweep.BucketSweep,
         "sweep",
         lambda *a, **k: swept.append(1) or real_sweep(*a, **k),  # type: ignore[func-returns-value]
     )
@@ -248,6 +258,106 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, {buckets} buckets"
     if any(f.evidence.get("evidence") == "inferred_convoy" for f in got["lock_contention"]):
         assert swept, "the convoy found was not decided by the streamed sweep"
+    spill.remove()
+
+
+@pytest.mark.parametrize("checkpoint_rows,sure", [(5, None), (1 << 14, None), (5, 1.0)])
+def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
+    checkpoint_rows: int,
+    sure: float | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve's rounds: each bucket of the stored batches keeps the convoy sweep's states
+    (``_sweep.BucketSweep``) and the next decision resumes each resource key from the latest one
+    its files still hold. Parts of whole traces in the order of their first start (as serve's
+    batches; neighbours overlap in time) are added one round at a time, then one is extracted
+    again with a trace less (another file), then the first one dropped (retention), then an idle
+    round: every round's findings and near misses are those of the at-once detector over the
+    same traces, and a round that adds a part sweeps no more rows than a pass from nothing (fewer
+    on the generated mix). With ``sure`` of 1 every correlation is left to polars (the
+    fallback of the statistics from the sweep's sums)."""
+    from hourglass.analysis.detectors import _sweep, lock_contention
+    from hourglass.analysis.spill import BucketFiles, Spill
+
+    monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", checkpoint_rows)
+    if sure is not None:
+        monkeypatch.setattr(lock_contention, "_SURE", sure)
+    advanced: list[int] = []
+    real_advanced = _sweep.Carry.advanced
+
+    def counted(self: _sweep.Carry, run: dict[str, Any], t0: int) -> _sweep.Carry:
+        advanced.append(int(run["gid"].size))
+        return real_advanced(self, run, t0)
+
+    monkeypatch.setattr(_sweep.Carry, "advanced", counted)
+    real_sweep = _sweep.BucketSweep.sweep
+    compared: list[int] = []
+
+    def checked(self: _sweep.BucketSweep, con: Any, gids: pl.Series, t0: int) -> dict[int, _sweep.Carry]:
+        """Each key's sweep resumed from the kept states: the same integers as a pass from nothing."""
+        got = real_sweep(self, con, gids, t0)
+        if self.state is not None:
+            counted_before = len(advanced)
+            fresh = real_sweep(_sweep.BucketSweep(self.files, None, con), con, gids, t0)
+            del advanced[counted_before:]  # not the round's
+            fields = ("started", "ended", "end_max", "overlapped", "peak", "queued", "sums")
+            assert {g: [getattr(c, f) for f in fields] for g, c in got.items()} == {
+                g: [getattr(c, f) for f in fields] for g, c in fresh.items()
+            }
+            compared.append(len(got))
+        return got
+
+    monkeypatch.setattr(_sweep.BucketSweep, "sweep", checked)
+    name, frame, _ = trace_set
+    order = frame.group_by("trace_id").agg(pl.col("start_ns").min()).sort("start_ns", "trace_id")["trace_id"]
+    chunks = [
+        order.slice(i * order.len() // 4, (i + 1) * order.len() // 4 - i * order.len() // 4) for i in range(4)
+    ]
+    parts = [frame.filter(pl.col("trace_id").is_in(ids.implode())) for ids in chunks]
+    spill = Spill.create(3, near=str(tmp_path))
+    folder = Path(spill.folder) / "lock_contention.candidates"
+    extracted: dict[int, dict[str, Any]] = {}
+
+    def write(p: int) -> None:
+        extracted[p] = spill.write(
+            p, partitions.extract(AnalysisContext.from_table(parts[p]), ["lock_contention"])
+        )
+
+    def decide(chosen: list[int], kept: bool) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], int]:
+        loads = []
+        for bucket in sorted(folder.glob("b*")):
+            files = tuple(f for f in sorted(bucket.glob("p*.parquet")) if int(f.stem[1:]) in chosen)
+            if files:
+                loads.append(BucketFiles(files, "gid", bucket / "sweep.state" if kept else None))
+        notes = Notes()
+        rows = partitions.combine({"lock_contention": extracted[p]["lock_contention"]} for p in chosen)
+        before = len(advanced)
+        found = lock_contention.decide(rows.get("lock_contention", {}), notes, loads)
+        return [_comparable(f) for f in found], sorted(notes.misses), sum(advanced[before:])
+
+    for p in range(4):
+        write(p)
+    rounds = [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], "rewrite", [0, 1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    for number, chosen in enumerate(rounds):
+        if chosen == "rewrite":
+            parts[2] = parts[2].filter(pl.col("trace_id") != chunks[2][0])
+            write(2)
+            continue
+        assert isinstance(chosen, list)
+        whole_notes = Notes()
+        whole = AnalysisContext.from_table(pl.concat([parts[p] for p in chosen]))
+        expected = [_comparable(f) for f in lock_contention.detect(whole)]
+        lock_contention.decide(lock_contention.extract(whole), whole_notes)
+        found, misses, swept = decide(chosen, kept=True)
+        assert found == expected, f"{name}: round over parts {chosen}"
+        assert misses == sorted(whole_notes.misses), f"{name}: near misses, round over parts {chosen}"
+        _, _, from_nothing = decide(chosen, kept=False)
+        assert swept <= from_nothing, f"{name}: round over parts {chosen}"
+        assert compared or not from_nothing
+        if name == "generated" and number == 3 and checkpoint_rows == 5:  # a part added, later in time
+            assert swept < from_nothing / 2, f"round adding a part swept {swept} rows, a pass {from_nothing}"
     spill.remove()
 
 
