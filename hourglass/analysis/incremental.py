@@ -24,7 +24,10 @@ a batch stays in memory between rounds. The decision (:meth:`IncrementalAnalysis
 reads the stored rows one detector kind at a time (the combined rows of one kind, decided, then
 dropped), and the resource rows that grow with spans (``hourglass.analysis.spill``: the
 lock-convoy rule's ``candidates``) are written once per batch to Parquet buckets of whole
-resource keys and decided bucket by bucket, as the CLI's partitioned runs do. What the round
+resource keys and decided bucket by bucket, as the CLI's partitioned runs do; each bucket keeps
+the convoy sweep's states of the last round (``hourglass.analysis.detectors._sweep.BucketSweep``),
+so a round sweeps a resource key's rows from where new batches' rows start, not from its first
+row. What the round
 still holds whole is what the report is made of: the trace summaries and the endpoints'
 critical-path rows.
 

@@ -361,6 +361,43 @@ def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
     spill.remove()
 
 
+@pytest.mark.parametrize("batch_rows", [2, 3, 1 << 18])
+def test_streamed_busy_share_counts_a_long_span_of_an_earlier_chunk(
+    batch_rows: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The busy pre-filter's share streamed in chunks (``_sweep.overlap_shares`` and the one pass
+    of ``_sweep.BucketSweep``): a span starting while a long span of an earlier chunk still runs
+    counts as overlapped wherever the chunk cuts fall — the in-memory running maximum's answer."""
+    from hourglass.analysis.detectors import _sweep
+
+    monkeypatch.setattr(_sweep, "BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", 2)
+    t0 = 1_764_000_000_000_000_000
+    # one long span, then short ones one after another inside it, then two apart after it
+    starts = [t0, *(t0 + 10_000 * i for i in range(1, 9)), t0 + 200_000, t0 + 300_000]
+    ends = [t0 + 100_000, *(s + 5_000 for s in starts[1:])]
+    rows = pl.DataFrame(
+        {
+            "gid": [7] * len(starts),
+            "op": [1] * len(starts),
+            "start_ns": starts,
+            "end_ns": ends,
+            "duration_ns": [e - s for s, e in zip(starts, ends, strict=True)],
+            "uid": list(range(len(starts))),
+        },
+        schema_overrides={"gid": pl.UInt64, "op": pl.UInt64, "uid": pl.UInt64},
+    )
+    path = tmp_path / "p000000.parquet"
+    rows.write_parquet(path)
+    expected = 8 / len(starts)  # the eight short spans inside the long one
+    shares = _sweep.overlap_shares([path], pl.Series([7], dtype=pl.UInt64), t0)
+    assert shares["share"].to_list() == [expected]
+    with _sweep.connection(tmp_path) as con:
+        carry = _sweep.BucketSweep([path], None, con).sweep(con, pl.Series([7], dtype=pl.UInt64), t0)[7]
+    assert carry.overlapped / carry.started == expected
+    assert carry.peak == 2 and carry.queued == 8
+
+
 def test_rows_from_a_partition_carry_their_own_values_only() -> None:
     """A few rows cut from the spans (five exemplar trace ids, a signature's names) must not drag
     the partition's string buffers along to the deciding process (pickled, as a worker returns
