@@ -485,9 +485,15 @@ class BucketSweep:
             for block in blocks:
                 for gid, run in _runs(block):
                     carry = result[gid]
-                    pieces = [0, *_cuts(run["start_key"], CHECKPOINT_ROWS), run["gid"].size]
-                    for a, b in itertools.pairwise(pieces):
+                    cuts = [*_cuts(run["start_key"], CHECKPOINT_ROWS), run["gid"].size]
+                    a = 0
+                    for b in cuts:
+                        if b <= a:
+                            continue
+                        if carry.open_ends.size > MAX_OPEN_ENDS:  # no state kept: the rest at once
+                            b = run["gid"].size  # (each piece sorts the ends still open)
                         carry = carry.advanced({k: v[a:b] for k, v in run.items()}, t0)
+                        a = b
                         if carry.open_ends.size <= MAX_OPEN_ENDS:  # a state stays small
                             kept_here = new[gid]
                             kept_here.append((current, carry))
