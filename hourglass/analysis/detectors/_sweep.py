@@ -147,6 +147,22 @@ def _blocks(
         yield held
 
 
+def _merged(ordered: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """``ordered`` (sorted) and ``more`` as one sorted array: ``more`` sorted and placed between
+    the ends still open, without sorting those again (a key with millions of spans in flight
+    carries millions of open ends from chunk to chunk)."""
+    more = np.sort(more)
+    if not ordered.size:
+        return more
+    at = np.searchsorted(ordered, more, side="right") + np.arange(more.size)
+    out = np.empty(ordered.size + more.size, dtype=np.int64)
+    placed = np.zeros(out.size, dtype=bool)
+    placed[at] = True
+    out[at] = more
+    out[~placed] = ordered
+    return out
+
+
 def _runs(block: dict[str, np.ndarray]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """The block's rows per gid, in order (a gid may continue in the next block)."""
     g = block["gid"]
@@ -242,7 +258,7 @@ def sweep(
             rank[np.lexsort((run["uid"], start_keys))] = np.arange(
                 group.started + 1, group.started + start_keys.size + 1, dtype=np.int64
             )
-            ends = np.sort(np.concatenate([group.open_ends, end_keys]))
+            ends = _merged(group.open_ends, end_keys)
             peers = (rank - group.ended - np.searchsorted(ends, start_keys, side="left")).astype(np.int32)
             # the next chunk's starts are later than this one's last: ends before it are counted
             done = int(np.searchsorted(ends, start_keys[-1], side="left"))
@@ -320,7 +336,7 @@ class Carry:
         rank[np.lexsort((run["uid"], start_keys))] = np.arange(
             self.started + 1, self.started + start_keys.size + 1, dtype=np.int64
         )
-        ends = np.sort(np.concatenate([self.open_ends, end_us * 2]))
+        ends = _merged(self.open_ends, end_us * 2)
         peers = rank - self.ended - np.searchsorted(ends, start_keys, side="left")
         done = int(np.searchsorted(ends, start_keys[-1], side="left"))
         d, p = run["duration_ns"].tolist(), peers.tolist()
