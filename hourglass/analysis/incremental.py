@@ -135,7 +135,7 @@ class BatchBuckets(Buckets):
 
     batches: tuple[int, ...] = ()
     extra: Path | None = None
-    kept: bool = False  # the decision's derived state kept per bucket (every stored batch, none other)
+    keep_state: bool = False  # the decision's derived state kept per bucket (every stored batch, none other)
 
     def __iter__(self) -> Iterator[BucketFiles]:
         for bucket in range(self.count):
@@ -145,7 +145,7 @@ class BatchBuckets(Buckets):
             if self.extra is not None:
                 files += sorted((self.extra / name).glob("p*.parquet"))
             if files:
-                state = self.folder / name / "sweep.state" if self.kept else None
+                state = self.folder / name / "sweep.state" if self.keep_state else None
                 yield BucketFiles(tuple(files), self.key, state)
 
 
@@ -156,13 +156,18 @@ class BatchSpill(Spill):
 
     batches: tuple[int, ...] = ()
     extra: Spill | None = None
-    kept: bool = False  # ``batches`` are every stored batch: what a decision derives is kept
+    keep_state: bool = False  # ``batches`` are every stored batch: what a decision derives is kept
 
     def buckets_of(self, kind: str) -> Buckets:
         table = SPILLABLE[kind].table
         extra = self.extra._table_folder(kind, table) if self.extra is not None else None
         return BatchBuckets(
-            self._table_folder(kind, table), self.buckets, SPILLABLE[kind].key, self.batches, extra, self.kept
+            self._table_folder(kind, table),
+            self.buckets,
+            SPILLABLE[kind].key,
+            self.batches,
+            extra,
+            self.keep_state,
         )
 
 
