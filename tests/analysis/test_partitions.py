@@ -406,6 +406,32 @@ def test_streamed_busy_share_counts_a_long_span_of_an_earlier_chunk(
     assert carry.peak == 2 and carry.queued == 8
 
 
+def test_the_sweeps_sums_are_exact_integers() -> None:
+    """The load statistics come from the sweep's sums of duration and peers, summed by numpy in
+    21-bit limbs: Python's integer sums, negative peers and the int64 extremes included."""
+    import operator
+
+    import numpy as np
+
+    from hourglass.analysis.detectors._sweep import exact_sums
+
+    def python(d: Any, p: Any) -> tuple[int, ...]:
+        d, p = d.tolist(), p.tolist()
+        mul = operator.mul
+        return sum(d), sum(map(mul, d, d)), sum(p), sum(map(mul, p, p)), sum(map(mul, d, p))
+
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.array([2**62, 2**63 - 1, 1]), np.array([2**31 - 1, -(2**31), 0], dtype=np.int32)),
+        (np.array([7]), np.array([-3])),
+    ]
+    for n in (1, 2, 1000, (1 << 20) + 7):
+        cases.append((rng.integers(1, 2**63 - 1, n), rng.integers(-(2**31), 2**31 - 1, n).astype(np.int32)))
+        cases.append((rng.integers(1, 10**8, n), rng.integers(1, 500, n)))
+    for d, p in cases:
+        assert exact_sums(d, p) == python(d, p)
+
+
 def test_rows_from_a_partition_carry_their_own_values_only() -> None:
     """A few rows cut from the spans (five exemplar trace ids, a signature's names) must not drag
     the partition's string buffers along to the deciding process (pickled, as a worker returns

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import operator
 import os
 import pickle
 import tempfile
@@ -332,15 +331,18 @@ class Carry:
         end_max = np.maximum.accumulate(end_us)
         before = np.maximum(np.concatenate([np.array([self.end_max], np.int64), end_max[:-1]]), self.end_max)
         start_keys = start_us * 2 + 1
-        rank = np.empty(start_keys.size, dtype=np.int64)
-        rank[np.lexsort((run["uid"], start_keys))] = np.arange(
-            self.started + 1, self.started + start_keys.size + 1, dtype=np.int64
-        )
+        rank = np.arange(self.started + 1, self.started + start_keys.size + 1, dtype=np.int64)
+        tied = start_keys[1:] == start_keys[:-1]
+        if tied.any():  # rows arrive in start order: only the starts of one microsecond go by uid
+            among = np.zeros(start_keys.size, dtype=bool)
+            among[1:] |= tied
+            among[:-1] |= tied
+            at = np.flatnonzero(among)
+            rank[at[np.lexsort((run["uid"][at], start_keys[at]))]] = rank[at]
         ends = _merged(self.open_ends, end_us * 2)
         peers = rank - self.ended - np.searchsorted(ends, start_keys, side="left")
         done = int(np.searchsorted(ends, start_keys[-1], side="left"))
-        d, p = run["duration_ns"].tolist(), peers.tolist()
-        sd, sdd, sp, spp, sdp = self.sums
+        sums = exact_sums(run["duration_ns"], peers)
         return Carry(
             key=int(start_us[-1]) + 1,
             started=self.started + start_keys.size,
@@ -351,13 +353,54 @@ class Carry:
             peak=max(self.peak, int(peers.max())),
             queued=self.queued + int(np.count_nonzero(peers >= 2)),
             sums=(
-                sd + sum(d),
-                sdd + sum(map(operator.mul, d, d)),
-                sp + sum(p),
-                spp + sum(map(operator.mul, p, p)),
-                sdp + sum(map(operator.mul, d, p)),
+                self.sums[0] + sums[0],
+                self.sums[1] + sums[1],
+                self.sums[2] + sums[2],
+                self.sums[3] + sums[3],
+                self.sums[4] + sums[4],
             ),
         )
+
+
+_LIMB = 21  # bits: a product of two limbs summed over 2**20 rows fits in an int64
+
+
+def _limbs(x: np.ndarray) -> list[np.ndarray]:
+    """``x`` (int64, none negative) as three 21-bit limbs, lowest first."""
+    mask = (1 << _LIMB) - 1
+    return [x & mask, (x >> _LIMB) & mask, x >> (2 * _LIMB)]
+
+
+def exact_sums(d: np.ndarray, p: np.ndarray) -> tuple[int, int, int, int, int]:
+    """Σd, Σd², Σp, Σp², Σdp of two int64 columns, exact (Python integers): each column less its
+    minimum, in 21-bit limbs whose products numpy sums 2**20 rows at a time without overflow."""
+    if not d.size:
+        return 0, 0, 0, 0, 0
+    d0, p0 = int(d.min()), int(p.min())
+    sd = sdd = sp = spp = sdp = 0  # of d - d0 and p - p0
+    for i in range(0, d.size, 1 << 20):
+        dl = _limbs(d[i : i + (1 << 20)].astype(np.int64) - d0)
+        pl_ = _limbs(p[i : i + (1 << 20)].astype(np.int64) - p0)
+        for j, x in enumerate(dl):
+            sd += int(x.sum()) << (_LIMB * j)
+        for j, x in enumerate(pl_):
+            sp += int(x.sum()) << (_LIMB * j)
+        for j, x in enumerate(dl):
+            for k, y in enumerate(dl):
+                sdd += int(np.dot(x, y)) << (_LIMB * (j + k))
+            for k, y in enumerate(pl_):
+                sdp += int(np.dot(x, y)) << (_LIMB * (j + k))
+        for j, x in enumerate(pl_):
+            for k, y in enumerate(pl_):
+                spp += int(np.dot(x, y)) << (_LIMB * (j + k))
+    n = d.size
+    return (
+        sd + n * d0,
+        sdd + 2 * d0 * sd + n * d0 * d0,
+        sp + n * p0,
+        spp + 2 * p0 * sp + n * p0 * p0,
+        sdp + d0 * sp + p0 * sd + n * d0 * p0,
+    )
 
 
 def _cuts(keys: np.ndarray, every: int) -> list[int]:
