@@ -24,7 +24,10 @@ a batch stays in memory between rounds. The decision (:meth:`IncrementalAnalysis
 reads the stored rows one detector kind at a time (the combined rows of one kind, decided, then
 dropped), and the resource rows that grow with spans (``hourglass.analysis.spill``: the
 lock-convoy rule's ``candidates``) are written once per batch to Parquet buckets of whole
-resource keys and decided bucket by bucket, as the CLI's partitioned runs do. What the round
+resource keys and decided bucket by bucket, as the CLI's partitioned runs do; each bucket keeps
+the convoy sweep's states of the last round (``hourglass.analysis.detectors._sweep.BucketSweep``),
+so a round sweeps a resource key's rows from where new batches' rows start, not from its first
+row. What the round
 still holds whole is what the report is made of: the trace summaries and the endpoints'
 critical-path rows.
 
@@ -132,6 +135,7 @@ class BatchBuckets(Buckets):
 
     batches: tuple[int, ...] = ()
     extra: Path | None = None
+    keep_state: bool = False  # the decision's derived state kept per bucket (every stored batch, none other)
 
     def __iter__(self) -> Iterator[BucketFiles]:
         for bucket in range(self.count):
@@ -141,7 +145,8 @@ class BatchBuckets(Buckets):
             if self.extra is not None:
                 files += sorted((self.extra / name).glob("p*.parquet"))
             if files:
-                yield BucketFiles(tuple(files), self.key)
+                state = self.folder / name / "sweep.state" if self.keep_state else None
+                yield BucketFiles(tuple(files), self.key, state)
 
 
 @dataclass(frozen=True)
@@ -151,12 +156,18 @@ class BatchSpill(Spill):
 
     batches: tuple[int, ...] = ()
     extra: Spill | None = None
+    keep_state: bool = False  # ``batches`` are every stored batch: what a decision derives is kept
 
     def buckets_of(self, kind: str) -> Buckets:
         table = SPILLABLE[kind].table
         extra = self.extra._table_folder(kind, table) if self.extra is not None else None
         return BatchBuckets(
-            self._table_folder(kind, table), self.buckets, SPILLABLE[kind].key, self.batches, extra
+            self._table_folder(kind, table),
+            self.buckets,
+            SPILLABLE[kind].key,
+            self.batches,
+            extra,
+            self.keep_state,
         )
 
 
@@ -603,11 +614,13 @@ class IncrementalAnalysis:
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
             critical_paths = report_critical_paths(combine_path_rows(paths_of)) if complete else []
             del paths_of
-            batch_spill = BatchSpill(
+            stored = tuple(u.batch for u in units if u.batch is not None)
+            batch_spill = BatchSpill(  # a window's rounds keep nothing (a whole round's state stays)
                 self.spill.folder,
                 self.spill.buckets,
-                tuple(u.batch for u in units if u.batch is not None),
+                stored,
                 extra,
+                extra is None and set(stored) == set(self.batches),
             )
             decided: dict[str, list[Finding]] = {}
             for kind in PARTS:

@@ -58,10 +58,13 @@ SPILLABLE: dict[str, Spillable] = {
 @dataclass(frozen=True)
 class BucketFiles:
     """One bucket's reader: ``load(columns, keys)`` (None: every column, every key) reads its
-    Parquet files (``files``, in partition order, for a decision that streams them itself)."""
+    Parquet files (``files``, in partition order, for a decision that streams them itself);
+    ``state``: where that decision may keep what it derived from them for the next one (serve's
+    stored batches; None: nothing kept)."""
 
     files: tuple[Path, ...]
     key: str
+    state: Path | None = None
 
     def __call__(self, columns: list[str] | None, keys: pl.Series | None) -> pl.DataFrame:
         return _read(list(self.files), self.key, columns, keys)

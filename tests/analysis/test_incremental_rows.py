@@ -129,6 +129,8 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         assert all(n == 0 for kind, _, n in state.loads if kind == "lock_contention")
         spilled = {p.stem for p in (state.folder / "spill").rglob("p*.parquet")}
         assert spilled and spilled <= {f"p{b:06d}" for b in batches}
+        # and beside them the convoy sweep's states, for the next round to resume from
+        assert list((state.folder / "spill").rglob("sweep.state"))
         assert any(r["id"].startswith("lock_contention") for r in report["recommendations"]), [
             r["id"] for r in report["recommendations"]
         ]

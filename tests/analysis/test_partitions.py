@@ -221,16 +221,18 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
     """The tables that grow with spans (``spill.SPILLABLE``) written to Parquet buckets by each
     partition and decided one bucket at a time: the same findings and near misses as the whole.
     The convoy rule streams each bucket's rows in chunks (``_sweep``); with ``batch_rows`` of 7
-    every key's rows cross many chunk cuts (and the starts of one microsecond some of them)."""
+    every key's rows cross many chunk cuts (and the starts of one microsecond some of them), and
+    the sweep's states are cut every 3 rows."""
     from hourglass.analysis.detectors import _sweep
     from hourglass.analysis.spill import SPILLABLE, Spill
 
     if batch_rows is not None:
         monkeypatch.setattr(_sweep, "BATCH_ROWS", batch_rows)
+        monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", 3)
     swept: list[int] = []
-    real_sweep = _sweep.sweep
+    real_sweep = _sweep.BucketSweep.sweep
     monkeypatch.setattr(
-        _sweep,
+        _sweep.BucketSweep,
         "sweep",
         lambda *a, **k: swept.append(1) or real_sweep(*a, **k),  # type: ignore[func-returns-value]
     )
@@ -257,6 +259,177 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
     if any(f.evidence.get("evidence") == "inferred_convoy" for f in got["lock_contention"]):
         assert swept, "the convoy found was not decided by the streamed sweep"
     spill.remove()
+
+
+@pytest.mark.parametrize(
+    "checkpoint_rows,sure,max_open", [(5, None, None), (1 << 14, None, None), (5, 1.0, None), (5, None, 3)]
+)
+def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
+    checkpoint_rows: int,
+    sure: float | None,
+    max_open: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve's rounds: each bucket of the stored batches keeps the convoy sweep's states
+    (``_sweep.BucketSweep``) and the next decision resumes each resource key from the latest one
+    its files still hold. Parts of whole traces in the order of their first start (as serve's
+    batches; neighbours overlap in time) are added one round at a time, then one is extracted
+    again with a trace less (another file), then the first one dropped (retention), then an idle
+    round: every round's findings and near misses are those of the at-once detector over the
+    same traces, and a round that adds a part sweeps no more rows than a pass from nothing (fewer
+    on the generated mix). With ``sure`` of 1 every correlation is left to polars (the
+    fallback of the statistics from the sweep's sums); with ``max_open`` of 3 a state with more
+    spans in flight is not kept (and the rest of the key's rows swept at once)."""
+    from hourglass.analysis.detectors import _sweep, lock_contention
+    from hourglass.analysis.spill import BucketFiles, Spill
+
+    monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", checkpoint_rows)
+    if sure is not None:
+        monkeypatch.setattr(lock_contention, "_SURE", sure)
+    if max_open is not None:
+        monkeypatch.setattr(_sweep, "MAX_OPEN_ENDS", max_open)
+    advanced: list[int] = []
+    real_advanced = _sweep.Carry.advanced
+
+    def counted(self: _sweep.Carry, run: dict[str, Any], t0: int) -> _sweep.Carry:
+        advanced.append(int(run["gid"].size))
+        return real_advanced(self, run, t0)
+
+    monkeypatch.setattr(_sweep.Carry, "advanced", counted)
+    real_sweep = _sweep.BucketSweep.sweep
+    compared: list[int] = []
+
+    def checked(self: _sweep.BucketSweep, con: Any, gids: pl.Series, t0: int) -> dict[int, _sweep.Carry]:
+        """Each key's sweep resumed from the kept states: the same integers as a pass from nothing."""
+        got = real_sweep(self, con, gids, t0)
+        if self.state is not None:
+            counted_before = len(advanced)
+            fresh = real_sweep(_sweep.BucketSweep(self.files, None, con), con, gids, t0)
+            del advanced[counted_before:]  # not the round's
+            fields = ("started", "ended", "end_max", "overlapped", "peak", "queued", "sums")
+            assert {g: [getattr(c, f) for f in fields] for g, c in got.items()} == {
+                g: [getattr(c, f) for f in fields] for g, c in fresh.items()
+            }
+            compared.append(len(got))
+        return got
+
+    monkeypatch.setattr(_sweep.BucketSweep, "sweep", checked)
+    name, frame, _ = trace_set
+    order = frame.group_by("trace_id").agg(pl.col("start_ns").min()).sort("start_ns", "trace_id")["trace_id"]
+    chunks = [
+        order.slice(i * order.len() // 4, (i + 1) * order.len() // 4 - i * order.len() // 4) for i in range(4)
+    ]
+    parts = [frame.filter(pl.col("trace_id").is_in(ids.implode())) for ids in chunks]
+    spill = Spill.create(3, near=str(tmp_path))
+    folder = Path(spill.folder) / "lock_contention.candidates"
+    extracted: dict[int, dict[str, Any]] = {}
+
+    def write(p: int) -> None:
+        extracted[p] = spill.write(
+            p, partitions.extract(AnalysisContext.from_table(parts[p]), ["lock_contention"])
+        )
+
+    def decide(chosen: list[int], kept: bool) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], int]:
+        loads = []
+        for bucket in sorted(folder.glob("b*")):
+            files = tuple(f for f in sorted(bucket.glob("p*.parquet")) if int(f.stem[1:]) in chosen)
+            if files:
+                loads.append(BucketFiles(files, "gid", bucket / "sweep.state" if kept else None))
+        notes = Notes()
+        rows = partitions.combine({"lock_contention": extracted[p]["lock_contention"]} for p in chosen)
+        before = len(advanced)
+        found = lock_contention.decide(rows.get("lock_contention", {}), notes, loads)
+        return [_comparable(f) for f in found], sorted(notes.misses), sum(advanced[before:])
+
+    for p in range(4):
+        write(p)
+    rounds = [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], "rewrite", [0, 1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    for number, chosen in enumerate(rounds):
+        if chosen == "rewrite":
+            parts[2] = parts[2].filter(pl.col("trace_id") != chunks[2][0])
+            write(2)
+            continue
+        assert isinstance(chosen, list)
+        whole_notes = Notes()
+        whole = AnalysisContext.from_table(pl.concat([parts[p] for p in chosen]))
+        expected = [_comparable(f) for f in lock_contention.detect(whole)]
+        lock_contention.decide(lock_contention.extract(whole), whole_notes)
+        found, misses, swept = decide(chosen, kept=True)
+        assert found == expected, f"{name}: round over parts {chosen}"
+        assert misses == sorted(whole_notes.misses), f"{name}: near misses, round over parts {chosen}"
+        _, _, from_nothing = decide(chosen, kept=False)
+        assert swept <= from_nothing, f"{name}: round over parts {chosen}"
+        assert compared or not from_nothing
+        if (
+            name == "generated" and number == 3 and checkpoint_rows == 5 and max_open is None
+        ):  # a part added, later in time
+            assert swept < from_nothing / 2, f"round adding a part swept {swept} rows, a pass {from_nothing}"
+    spill.remove()
+
+
+@pytest.mark.parametrize("batch_rows", [2, 3, 1 << 18])
+def test_streamed_busy_share_counts_a_long_span_of_an_earlier_chunk(
+    batch_rows: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The busy pre-filter's share streamed in chunks (``_sweep.overlap_shares`` and the one pass
+    of ``_sweep.BucketSweep``): a span starting while a long span of an earlier chunk still runs
+    counts as overlapped wherever the chunk cuts fall — the in-memory running maximum's answer."""
+    from hourglass.analysis.detectors import _sweep
+
+    monkeypatch.setattr(_sweep, "BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", 2)
+    t0 = 1_764_000_000_000_000_000
+    # one long span, then short ones one after another inside it, then two apart after it
+    starts = [t0, *(t0 + 10_000 * i for i in range(1, 9)), t0 + 200_000, t0 + 300_000]
+    ends = [t0 + 100_000, *(s + 5_000 for s in starts[1:])]
+    rows = pl.DataFrame(
+        {
+            "gid": [7] * len(starts),
+            "op": [1] * len(starts),
+            "start_ns": starts,
+            "end_ns": ends,
+            "duration_ns": [e - s for s, e in zip(starts, ends, strict=True)],
+            "uid": list(range(len(starts))),
+        },
+        schema_overrides={"gid": pl.UInt64, "op": pl.UInt64, "uid": pl.UInt64},
+    )
+    path = tmp_path / "p000000.parquet"
+    rows.write_parquet(path)
+    expected = 8 / len(starts)  # the eight short spans inside the long one
+    shares = _sweep.overlap_shares([path], pl.Series([7], dtype=pl.UInt64), t0)
+    assert shares["share"].to_list() == [expected]
+    with _sweep.connection(tmp_path) as con:
+        carry = _sweep.BucketSweep([path], None, con).sweep(con, pl.Series([7], dtype=pl.UInt64), t0)[7]
+    assert carry.overlapped / carry.started == expected
+    assert carry.peak == 2 and carry.queued == 8
+
+
+def test_the_sweeps_sums_are_exact_integers() -> None:
+    """The load statistics come from the sweep's sums of duration and peers, summed by numpy in
+    21-bit limbs: Python's integer sums, negative peers and the int64 extremes included."""
+    import operator
+
+    import numpy as np
+
+    from hourglass.analysis.detectors._sweep import exact_sums
+
+    def python(d: Any, p: Any) -> tuple[int, ...]:
+        d, p = d.tolist(), p.tolist()
+        mul = operator.mul
+        return sum(d), sum(map(mul, d, d)), sum(p), sum(map(mul, p, p)), sum(map(mul, d, p))
+
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.array([2**62, 2**63 - 1, 1]), np.array([2**31 - 1, -(2**31), 0], dtype=np.int32)),
+        (np.array([7]), np.array([-3])),
+    ]
+    for n in (1, 2, 1000, (1 << 20) + 7):
+        cases.append((rng.integers(1, 2**63 - 1, n), rng.integers(-(2**31), 2**31 - 1, n).astype(np.int32)))
+        cases.append((rng.integers(1, 10**8, n), rng.integers(1, 500, n)))
+    for d, p in cases:
+        assert exact_sums(d, p) == python(d, p)
 
 
 def test_rows_from_a_partition_carry_their_own_values_only() -> None:

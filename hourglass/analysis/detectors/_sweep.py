@@ -23,11 +23,15 @@ statistics the rule computes on them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import pickle
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -38,24 +42,46 @@ BATCH_ROWS = 1 << 18  # rows per record batch read from DuckDB (tests lower it t
 MEMORY_LIMIT = "256MB"  # DuckDB's own, for the sort (it spills to the bucket folder beyond it)
 
 
-def _connect(files: Sequence[Path]) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    con.execute("SET threads = 2")
-    con.execute("SET preserve_insertion_order = false")
-    con.execute(f"SET temp_directory = '{tempfile.mkdtemp(prefix='sort-', dir=Path(files[0]).parent)}'")
-    return con
+@contextlib.contextmanager
+def connection(near: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One DuckDB connection for a whole decision (opening one costs tens of ms), its sorts
+    spilling to a temporary folder beside ``near`` (removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="sort-", dir=near) as temp:
+        con = duckdb.connect()
+        try:
+            con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+            con.execute("SET threads = 2")
+            con.execute("SET preserve_insertion_order = false")
+            con.execute(f"SET temp_directory = '{temp}'")
+            yield con
+        finally:
+            con.close()
+
+
+@contextlib.contextmanager
+def _connected(
+    files: Sequence[Path], con: duckdb.DuckDBPyConnection | None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    if con is not None:
+        yield con
+    else:
+        with connection(Path(files[0]).parent) as own:
+            yield own
 
 
 def _files(files: Sequence[Path]) -> list[str]:
     return [str(f) for f in files]
 
 
-def group_extents(files: Sequence[Path], excluded_ops: pl.Series | None, min_rows: int) -> pl.DataFrame:
+def group_extents(
+    files: Sequence[Path],
+    excluded_ops: pl.Series | None,
+    min_rows: int,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pl.DataFrame:
     """(gid, n, lo, hi) of the keys with at least ``min_rows`` rows whose ``op`` is not excluded:
     rows, earliest start, latest end."""
-    con = _connect(files)
-    try:
+    with _connected(files, con) as con:
         where = ""
         if excluded_ops is not None and excluded_ops.len():
             con.register("excluded", pa.table({"op": excluded_ops.cast(pl.UInt64).to_arrow()}))
@@ -65,17 +91,16 @@ def group_extents(files: Sequence[Path], excluded_ops: pl.Series | None, min_row
             "GROUP BY gid HAVING count(*) >= $min_rows",
             params={"files": _files(files), "min_rows": min_rows},
         ).to_arrow_table()
-    finally:
-        con.close()
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame.cast({"gid": pl.UInt64, "n": pl.Int64, "lo": pl.Int64, "hi": pl.Int64})
 
 
-def _stream(files: Sequence[Path], gids: pl.Series, columns: list[str]) -> Iterator[dict[str, np.ndarray]]:
+def _stream(
+    files: Sequence[Path], gids: pl.Series, columns: list[str], con: duckdb.DuckDBPyConnection | None = None
+) -> Iterator[dict[str, np.ndarray]]:
     """The rows of ``gids`` in (gid, start_ns, uid) order, a record batch at a time."""
-    con = _connect(files)
-    try:
+    with _connected(files, con) as con:
         con.register("wanted", pa.table({"gid": gids.cast(pl.UInt64).to_arrow()}))
         reader = con.sql(
             f"SELECT {', '.join(columns)} FROM read_parquet($files) WHERE gid IN (SELECT gid FROM wanted) "
@@ -85,8 +110,6 @@ def _stream(files: Sequence[Path], gids: pl.Series, columns: list[str]) -> Itera
         assert reader is not None
         for batch in reader:
             yield {name: batch.column(name).to_numpy() for name in columns}
-    finally:
-        con.close()
 
 
 def _blocks(
@@ -94,11 +117,14 @@ def _blocks(
     gids: pl.Series,
     columns: list[str],
     start_key: Callable[[np.ndarray], np.ndarray] | None,
+    con: duckdb.DuckDBPyConnection | None = None,
+    batches: Iterable[dict[str, np.ndarray]] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """:func:`_stream`'s rows; with ``start_key`` (of ``start_ns``) that key as a column too, and
-    the blocks re-cut so that none ends inside a run of equal (gid, start key)."""
+    """:func:`_stream`'s rows (or ``batches``, in the same order); with ``start_key`` (of
+    ``start_ns``) that key as a column too, and the blocks re-cut so that none ends inside a run
+    of equal (gid, start key)."""
     held: dict[str, np.ndarray] | None = None
-    for batch in _stream(files, gids, columns):
+    for batch in batches if batches is not None else _stream(files, gids, columns, con):
         if start_key is not None:
             batch["start_key"] = start_key(batch["start_ns"])
         if held is not None:
@@ -120,6 +146,22 @@ def _blocks(
         yield held
 
 
+def _merged(ordered: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """``ordered`` (sorted) and ``more`` as one sorted array: ``more`` sorted and placed between
+    the ends still open, without sorting those again (a key with millions of spans in flight
+    carries millions of open ends from chunk to chunk)."""
+    more = np.sort(more)
+    if not ordered.size:
+        return more
+    at = np.searchsorted(ordered, more, side="right") + np.arange(more.size)
+    out = np.empty(ordered.size + more.size, dtype=np.int64)
+    placed = np.zeros(out.size, dtype=bool)
+    placed[at] = True
+    out[at] = more
+    out[~placed] = ordered
+    return out
+
+
 def _runs(block: dict[str, np.ndarray]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """The block's rows per gid, in order (a gid may continue in the next block)."""
     g = block["gid"]
@@ -129,7 +171,9 @@ def _runs(block: dict[str, np.ndarray]) -> Iterator[tuple[int, dict[str, np.ndar
             yield int(g[a]), {k: v[a:b] for k, v in block.items()}
 
 
-def overlap_shares(files: Sequence[Path], gids: pl.Series, t0: int) -> pl.DataFrame:
+def overlap_shares(
+    files: Sequence[Path], gids: pl.Series, t0: int, con: duckdb.DuckDBPyConnection | None = None
+) -> pl.DataFrame:
     """(gid, share): per key, the share of spans (in start order) that started, at microsecond
     resolution from ``t0``, before the latest end of the spans that started before them."""
     gid_out: list[int] = []
@@ -143,14 +187,15 @@ def overlap_shares(files: Sequence[Path], gids: pl.Series, t0: int) -> pl.DataFr
             gid_out.append(current)
             share_out.append(overlapped / rows)
 
-    for block in _blocks(files, gids, ["gid", "start_ns", "end_ns", "uid"], None):
+    for block in _blocks(files, gids, ["gid", "start_ns", "end_ns", "uid"], None, con):
         for gid, run in _runs(block):
             if gid != current:
                 close()
                 current, carry, overlapped, rows = gid, np.iinfo(np.int64).min, 0, 0
             start_key = (run["start_ns"] - t0) // 1000
             end_max = np.maximum.accumulate((run["end_ns"] - t0) // 1000)
-            before = np.concatenate([[carry], end_max[:-1]])
+            # the latest end before each row: of this chunk's earlier rows or of earlier chunks'
+            before = np.maximum(np.concatenate([[carry], end_max[:-1]]), carry)
             overlapped += int(np.count_nonzero(start_key < before))
             rows += start_key.size
             carry = max(carry, int(end_max[-1]))
@@ -176,6 +221,7 @@ def sweep(
     t0: int,
     packed: bool,
     keep: tuple[int, float],
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pl.DataFrame:
     """(gid, duration_ns, peers) in (gid, start_ns, uid) order, for the keys whose spans reach
     ``keep`` = (peak peers, share of spans started with a peer in flight); ``peers`` as the
@@ -200,7 +246,7 @@ def sweep(
             )
 
     columns = ["gid", "start_ns", "end_ns", "duration_ns", "uid"]
-    for block in _blocks(files, gids, columns, lambda start: (start - t0) // unit * 2 + 1):
+    for block in _blocks(files, gids, columns, lambda start: (start - t0) // unit * 2 + 1, con):
         for gid, run in _runs(block):
             if group is None or gid != group.gid:
                 close()
@@ -211,7 +257,7 @@ def sweep(
             rank[np.lexsort((run["uid"], start_keys))] = np.arange(
                 group.started + 1, group.started + start_keys.size + 1, dtype=np.int64
             )
-            ends = np.sort(np.concatenate([group.open_ends, end_keys]))
+            ends = _merged(group.open_ends, end_keys)
             peers = (rank - group.ended - np.searchsorted(ends, start_keys, side="left")).astype(np.int32)
             # the next chunk's starts are later than this one's last: ends before it are counted
             done = int(np.searchsorted(ends, start_keys[-1], side="left"))
@@ -226,3 +272,305 @@ def sweep(
     if not kept:
         return pl.DataFrame(schema={"gid": pl.UInt64, "duration_ns": pl.Int64, "peers": pl.Int32})
     return pl.concat(kept)
+
+
+# -- one pass, resumed from saved sweep states (serve's rounds) ------------------------------------
+#
+# A span's ``peers`` and whether it overlapped an earlier one depend on the spans of its key that
+# started at or before it (same microsecond from the clock's t0 included); a span starting in a
+# later microsecond changes neither. So the state of the sweep of a key after every span starting
+# before microsecond ``k`` — counters, the ends still open, the running maximum of ends, and the
+# integer sums the load statistics are made of — is final as long as no span of the key starting
+# before ``k`` arrives. :class:`BucketSweep` keeps such states (:class:`Carry`) per key beside a
+# bucket's files, each with the files whose rows it folded (by name, inode, mtime and size: a
+# batch extracted again is another file); a round resumes each key from its latest state that
+# the files still hold and that no new file's rows start before, and streams only the rows
+# starting from there. Everything is exact: the same integers as the whole pass, whatever state
+# it resumed from (``tests/analysis/test_partitions.py``).
+
+CHECKPOINT_ROWS = 1 << 14  # a key's rows between two kept sweep states
+CHECKPOINTS = 48  # kept sweep states per key at most (the latest ones)
+# A state with more spans in flight is not kept (its size is theirs): a key that busy is swept
+# from an earlier state, or from its first row.
+MAX_OPEN_ENDS = 1 << 12
+_STATE_VERSION = 1
+_NO_END = int(np.iinfo(np.int64).min)
+
+Ident = tuple[str, int, int, int]
+
+
+def _ident(path: Path) -> Ident:
+    st = path.stat()
+    return (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """The sweep of one key's rows (in (start_ns, uid) order) that start before microsecond
+    ``key`` from t0: rows (``started``), ends counted before the last start (``ended``) and those
+    still open, the latest end (µs) and the rows that started before it (``overlapped``: the
+    busy pre-filter's share), the highest ``peers``, the rows with ``peers >= 2`` and the exact
+    sums (duration d, peers p) Σd, Σd², Σp, Σp², Σdp of the load statistics."""
+
+    key: int | None = None  # None: no row yet
+    started: int = 0
+    ended: int = 0
+    open_ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    end_max: int = _NO_END
+    overlapped: int = 0
+    peak: int = 0
+    queued: int = 0
+    sums: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+
+    def advanced(self, run: dict[str, np.ndarray], t0: int) -> Carry:
+        """After ``run``: rows of this key in (start_ns, uid) order, whole microseconds, all
+        starting at or after ``key``; the same integers as :func:`overlap_shares` and
+        :func:`sweep` (packed) give over them."""
+        start_us = (run["start_ns"] - t0) // 1000
+        end_us = (run["end_ns"] - t0) // 1000
+        end_max = np.maximum.accumulate(end_us)
+        before = np.maximum(np.concatenate([np.array([self.end_max], np.int64), end_max[:-1]]), self.end_max)
+        start_keys = start_us * 2 + 1
+        rank = np.arange(self.started + 1, self.started + start_keys.size + 1, dtype=np.int64)
+        tied = start_keys[1:] == start_keys[:-1]
+        if tied.any():  # rows arrive in start order: only the starts of one microsecond go by uid
+            among = np.zeros(start_keys.size, dtype=bool)
+            among[1:] |= tied
+            among[:-1] |= tied
+            at = np.flatnonzero(among)
+            rank[at[np.lexsort((run["uid"][at], start_keys[at]))]] = rank[at]
+        ends = _merged(self.open_ends, end_us * 2)
+        peers = rank - self.ended - np.searchsorted(ends, start_keys, side="left")
+        done = int(np.searchsorted(ends, start_keys[-1], side="left"))
+        sums = exact_sums(run["duration_ns"], peers)
+        return Carry(
+            key=int(start_us[-1]) + 1,
+            started=self.started + start_keys.size,
+            ended=self.ended + done,
+            open_ends=ends[done:],
+            end_max=max(self.end_max, int(end_max[-1])),
+            overlapped=self.overlapped + int(np.count_nonzero(start_us < before)),
+            peak=max(self.peak, int(peers.max())),
+            queued=self.queued + int(np.count_nonzero(peers >= 2)),
+            sums=(
+                self.sums[0] + sums[0],
+                self.sums[1] + sums[1],
+                self.sums[2] + sums[2],
+                self.sums[3] + sums[3],
+                self.sums[4] + sums[4],
+            ),
+        )
+
+
+_LIMB = 21  # bits: a product of two limbs summed over 2**20 rows fits in an int64
+
+
+def _limbs(x: np.ndarray) -> list[np.ndarray]:
+    """``x`` (int64, none negative) as three 21-bit limbs, lowest first."""
+    mask = (1 << _LIMB) - 1
+    return [x & mask, (x >> _LIMB) & mask, x >> (2 * _LIMB)]
+
+
+def exact_sums(d: np.ndarray, p: np.ndarray) -> tuple[int, int, int, int, int]:
+    """Σd, Σd², Σp, Σp², Σdp of two int64 columns, exact (Python integers): each column less its
+    minimum, in 21-bit limbs whose products numpy sums 2**20 rows at a time without overflow."""
+    if not d.size:
+        return 0, 0, 0, 0, 0
+    d0, p0 = int(d.min()), int(p.min())
+    sd = sdd = sp = spp = sdp = 0  # of d - d0 and p - p0
+    for i in range(0, d.size, 1 << 20):
+        dl = _limbs(d[i : i + (1 << 20)].astype(np.int64) - d0)
+        pl_ = _limbs(p[i : i + (1 << 20)].astype(np.int64) - p0)
+        for j, x in enumerate(dl):
+            sd += int(x.sum()) << (_LIMB * j)
+        for j, x in enumerate(pl_):
+            sp += int(x.sum()) << (_LIMB * j)
+        for j, x in enumerate(dl):
+            for k, y in enumerate(dl):
+                sdd += int(np.dot(x, y)) << (_LIMB * (j + k))
+            for k, y in enumerate(pl_):
+                sdp += int(np.dot(x, y)) << (_LIMB * (j + k))
+        for j, x in enumerate(pl_):
+            for k, y in enumerate(pl_):
+                spp += int(np.dot(x, y)) << (_LIMB * (j + k))
+    n = d.size
+    return (
+        sd + n * d0,
+        sdd + 2 * d0 * sd + n * d0 * d0,
+        sp + n * p0,
+        spp + 2 * p0 * sp + n * p0 * p0,
+        sdp + d0 * sp + p0 * sd + n * d0 * p0,
+    )
+
+
+def _cuts(keys: np.ndarray, every: int) -> list[int]:
+    """Where to cut a run of start keys into pieces of about ``every`` rows, between keys."""
+    changes = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    cuts: list[int] = []
+    last = 0
+    while True:
+        i = int(np.searchsorted(changes, last + every, side="left"))
+        if i >= changes.size:
+            return cuts
+        last = int(changes[i])
+        cuts.append(last)
+
+
+class BucketSweep:
+    """One bucket's files, the per-file aggregates of each key (rows, operation, earliest and
+    latest start, latest end) and the saved sweep states, read from ``state`` (None: nothing
+    kept between decisions)."""
+
+    def __init__(self, files: Sequence[Path], state: Path | None, con: duckdb.DuckDBPyConnection) -> None:
+        self.files = [Path(f) for f in files]
+        self.state = state
+        self.idents = [_ident(f) for f in self.files]
+        saved: dict[str, Any] = {}
+        if state is not None and state.exists():
+            try:
+                loaded = pickle.loads(state.read_bytes())
+                if isinstance(loaded, dict) and loaded.get("version") == _STATE_VERSION:
+                    saved = loaded
+            except Exception:  # a state cut short: swept again from the files
+                saved = {}
+        current = set(self.idents)
+        aggs: dict[Ident, pl.DataFrame] = {i: a for i, a in saved.get("aggs", {}).items() if i in current}
+        missing = [f for f, i in zip(self.files, self.idents, strict=True) if i not in aggs]
+        if missing:
+            table = con.sql(
+                "SELECT filename, gid, op, count(*) AS n, min(start_ns) AS lo, max(end_ns) AS hi,"
+                " max(start_ns) AS smax FROM read_parquet($files, filename = true) GROUP BY ALL",
+                params={"files": _files(missing)},
+            ).to_arrow_table()
+            frame = pl.from_arrow(table)
+            assert isinstance(frame, pl.DataFrame)
+            frame = frame.cast(
+                {
+                    "gid": pl.UInt64,
+                    "op": pl.UInt64,
+                    "n": pl.Int64,
+                    "lo": pl.Int64,
+                    "hi": pl.Int64,
+                    "smax": pl.Int64,
+                }
+            )
+            by_name = {str(f): i for f, i in zip(self.files, self.idents, strict=True)}
+            for (name,), part in frame.partition_by("filename", as_dict=True, include_key=False).items():
+                aggs[by_name[str(name)]] = part
+            for f in missing:
+                aggs.setdefault(by_name[str(f)], frame.clear().drop("filename"))
+        self.aggs = aggs
+        self.t0: int | None = saved.get("t0")
+        self.kept: dict[int, list[tuple[frozenset[Ident], Carry]]] = saved.get("keys", {})
+        self.all = (
+            pl.concat(
+                [
+                    a.with_columns(file=pl.lit(n, pl.Int32))
+                    for n, a in enumerate(self.aggs[i] for i in self.idents)
+                ]
+            )
+            if self.idents
+            else pl.DataFrame()
+        )
+
+    def extents(self, excluded_ops: pl.Series | None, min_rows: int) -> pl.DataFrame | None:
+        """:func:`group_extents` from the aggregates; None when a key holds rows of several
+        operations (a 64-bit hash collision: the pre-filter is row by row then)."""
+        schema = {"gid": pl.UInt64, "n": pl.Int64, "lo": pl.Int64, "hi": pl.Int64}
+        if self.all.is_empty():
+            return pl.DataFrame(schema=schema)
+        if self.all.group_by("gid").agg(pl.col("op").n_unique())["op"].max() != 1:
+            return None
+        rows = self.all
+        if excluded_ops is not None and excluded_ops.len():
+            rows = rows.filter(~pl.col("op").is_in(excluded_ops.cast(pl.UInt64).implode()))
+        return (
+            rows.group_by("gid")
+            .agg(pl.col("n").sum(), pl.col("lo").min(), pl.col("hi").max())
+            .filter(pl.col("n") >= min_rows)
+            .cast(schema)  # type: ignore[arg-type]
+        )
+
+    def sweep(self, con: duckdb.DuckDBPyConnection, gids: pl.Series, t0: int) -> dict[int, Carry]:
+        """Each key's :class:`Carry` over all its rows (microseconds from ``t0``), resumed from
+        the kept states; the states are then kept again (with ``state``)."""
+        kept = self.kept if self.t0 == t0 else {}
+        current = frozenset(self.idents)
+        per_key = self.all.filter(pl.col("gid").is_in(gids.cast(pl.UInt64).implode()))
+        files_of: dict[int, list[tuple[int, int, int]]] = {}
+        for gid, file, lo, smax in per_key.select("gid", "file", "lo", "smax").iter_rows():
+            files_of.setdefault(gid, []).append((file, lo, smax))
+        start: dict[int, Carry] = {}
+        valid: dict[int, list[tuple[frozenset[Ident], Carry]]] = {}
+        wanted_gid: list[int] = []
+        wanted_from: list[int] = []
+        needed: set[int] = set()
+        for gid in gids.to_list():
+            fresh = [(f, lo, smax) for f, lo, smax in files_of.get(gid, [])]
+            ok = [
+                (folded, c)
+                for folded, c in kept.get(gid, [])
+                if c.key is not None
+                and folded <= current
+                and all(lo >= t0 + c.key * 1000 for f, lo, _ in fresh if self.idents[f] not in folded)
+            ]
+            valid[gid] = ok
+            carry = max(ok, key=lambda e: e[1].key or 0)[1] if ok else Carry()
+            start[gid] = carry
+            since = _NO_END if carry.key is None else t0 + carry.key * 1000
+            files = {f for f, _, smax in fresh if smax >= since}
+            if files:
+                needed |= files
+                wanted_gid.append(gid)
+                wanted_from.append(since)
+        result = dict(start)
+        new: dict[int, list[tuple[frozenset[Ident], Carry]]] = {gid: [] for gid in wanted_gid}
+        if wanted_gid:
+            con.register(
+                "wanted",
+                pa.table(
+                    {"gid": pa.array(wanted_gid, pa.uint64()), "since": pa.array(wanted_from, pa.int64())}
+                ),
+            )
+            columns = ["gid", "start_ns", "end_ns", "duration_ns", "uid"]
+            reader = con.sql(
+                f"SELECT {', '.join('r.' + c for c in columns)} FROM read_parquet($files) r JOIN wanted w"
+                " ON r.gid = w.gid WHERE r.start_ns >= w.since ORDER BY r.gid, r.start_ns, r.uid",
+                params={"files": _files([self.files[f] for f in sorted(needed)])},
+            ).to_arrow_reader(BATCH_ROWS)
+            assert reader is not None
+            batches = ({c: b.column(c).to_numpy() for c in columns} for b in reader)
+            blocks = _blocks([], gids, columns, lambda start: (start - t0) // 1000, batches=batches)
+            for block in blocks:
+                for gid, run in _runs(block):
+                    carry = result[gid]
+                    cuts = [*_cuts(run["start_key"], CHECKPOINT_ROWS), run["gid"].size]
+                    a = 0
+                    for b in cuts:
+                        if b <= a:
+                            continue
+                        if carry.open_ends.size > MAX_OPEN_ENDS:  # no state kept: the rest at once
+                            b = run["gid"].size  # (each piece sorts the ends still open)
+                        carry = carry.advanced({k: v[a:b] for k, v in run.items()}, t0)
+                        a = b
+                        if carry.open_ends.size <= MAX_OPEN_ENDS:  # a state stays small
+                            kept_here = new[gid]
+                            kept_here.append((current, carry))
+                            if len(kept_here) > 2 * CHECKPOINTS:
+                                del kept_here[:-CHECKPOINTS]
+                    result[gid] = carry
+            con.unregister("wanted")
+        if self.state is not None:
+            keys = dict(kept)
+            for gid in gids.to_list():
+                keys[gid] = sorted([*valid[gid], *new.get(gid, [])], key=lambda e: e[1].key or 0)[
+                    -CHECKPOINTS:
+                ]
+            self._save({"version": _STATE_VERSION, "t0": t0, "aggs": self.aggs, "keys": keys})
+        return result
+
+    def _save(self, value: object) -> None:
+        assert self.state is not None
+        unfinished = self.state.with_name(f".{self.state.name}.{os.getpid()}.tmp")
+        unfinished.write_bytes(pickle.dumps(value, protocol=5))
+        os.replace(unfinished, self.state)

@@ -74,8 +74,10 @@ floor is the wait this detector already counts — and at least 1 % of the media
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -849,15 +851,124 @@ def _streamed_convoys(
     loads: list[BucketLoader], explicit_ops: pl.DataFrame | None, reasons: list[pl.DataFrame]
 ) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     """The bucketed convoy rules with each bucket's rows streamed from its files
-    (``hourglass.analysis.detectors._sweep``), so no key's rows are held at once: the sampled
-    keys' extents (an aggregate), the busy pre-filter and the sweep (sorted out of core, read in
-    bounded chunks), then the load statistics on (duration, peers) of the keys busy enough to
-    judge, and the remaining rules on every column of the keys whose latency grows with load (a
-    convoy's rows are its finding's evidence). The same clocks, peers, float sums and reasons as
-    :func:`_queued_convoys` over the whole frame."""
+    (``hourglass.analysis.detectors._sweep``), so no key's rows are held at once, over one DuckDB
+    connection: the sampled keys' extents from per-file aggregates, then one sorted pass that
+    gives each sampled key its busy pre-filter share and its sweep together (resumed, where the
+    bucket keeps them — serve's stored batches — from the sweep states of the last decision, so
+    only the rows from there are read), the load statistics of the keys busy enough to judge from
+    the sweep's exact integer sums, and the remaining rules on every column of the keys whose
+    latency grows with load (a convoy's rows are its finding's evidence). The same clocks, peers,
+    float sums and reasons as :func:`_queued_convoys` over the whole frame: where a shortcut
+    could differ (the busy keys' clock rounds microseconds elsewhere than the sampled keys', a
+    correlation within 1e-9 of a threshold or of a rounding step, a key of several operations)
+    the rows are swept again as :func:`_swept_in_three_passes` does."""
     excluded = explicit_ops["op"].unique() if explicit_ops is not None and explicit_ops.height else None
+    with _sweep.connection(Path(loads[0].files[0]).parent.parent) as con:  # type: ignore[attr-defined]
+        states = [_sweep.BucketSweep(load.files, getattr(load, "state", None), con) for load in loads]  # type: ignore[attr-defined]
+        extents = [s.extents(excluded, MIN_SAMPLES) for s in states]
+        ready = [e for e in extents if e is not None]
+        sampled = _Clock.of([_group_extent(e) for e in ready if e.height])
+        if len(ready) < len(extents) or (sampled is not None and not sampled.packed):
+            return _swept_in_three_passes(loads, excluded, reasons, con)
+        if sampled is None:
+            return []
+        swept = [s.sweep(con, e["gid"], sampled.t0) for s, e in zip(states, ready, strict=True)]
+        share = BUSY_PREFILTER * MIN_QUEUED_SHARE
+        busy_gids = [
+            pl.Series(
+                "gid",
+                [g for g, c in sw.items() if c.started and c.overlapped / c.started >= share],
+                pl.UInt64,
+            )
+            for sw in swept
+        ]
+        busy = _Clock.of(
+            [
+                _group_extent(b)
+                for e, g in zip(ready, busy_gids, strict=True)
+                if (b := e.filter(pl.col("gid").is_in(g.implode()))).height
+            ]
+        )
+        if busy is None:
+            return []
+        pieces = []
+        for load, files, sw, gids in zip(loads, (ld.files for ld in loads), swept, busy_gids, strict=True):  # type: ignore[attr-defined]
+            if not gids.len():
+                continue
+            keep = (MIN_PEAK_PEERS, MIN_QUEUED_SHARE)
+            if (busy.t0 - sampled.t0) % 1000 == 0:  # the same microseconds: the pass's peers
+                stats, unsure = _stats_from_sums({g: sw[g] for g in gids.to_list()})
+                if unsure:
+                    loaded = _sweep.sweep(
+                        files, pl.Series(unsure, dtype=pl.UInt64), busy.t0, busy.packed, keep, con
+                    )
+                    stats = pl.concat([stats, _load_stats(loaded)], how="vertical_relaxed")
+            else:
+                stats = _load_stats(_sweep.sweep(files, gids, busy.t0, busy.packed, keep, con))
+            steep = _judge_load(stats, reasons)["gid"]
+            if steep.len():  # the rules below recount these keys' peers and statistics: the same values
+                pieces.append(_queued_convoys(load(None, steep), busy, reasons))
+            memlog.note(f"lock_contention bucket swept: {gids.len()} busy keys, {steep.len()} loaded")
+    return pieces
+
+
+_STATS_SCHEMA = {
+    "gid": pl.UInt64,
+    "n": pl.UInt32,
+    "peak": pl.Int32,
+    "queued_share": pl.Float64,
+    "corr": pl.Float64,
+    "cov": pl.Float64,
+    "var": pl.Float64,
+    "slope_ns": pl.Float64,
+}
+_SURE = 1e-9  # a correlation this close to a threshold or a rounding step is computed by polars
+
+
+def _stats_from_sums(carries: dict[int, _sweep.Carry]) -> tuple[pl.DataFrame, list[int]]:
+    """:func:`_load_stats` of the keys whose sweep reaches the peak and the queued share, from
+    the sweep's exact integer sums; the keys whose correlation is degenerate or within ``_SURE``
+    of a value where polars' float rounding could decide otherwise (a threshold, a step of the
+    two-decimal rounding of the near-miss text) are returned apart, for polars to compute."""
+    rows: list[tuple[Any, ...]] = []
+    unsure: list[int] = []
+    edges = (MIN_CORRELATION, NEAR_MISS_CORRELATION)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        for gid, c in carries.items():
+            n = c.started
+            if not n or c.peak < MIN_PEAK_PEERS or c.queued / n < MIN_QUEUED_SHARE:
+                continue
+            sd, sdd, sp, spp, sdp = c.sums
+            num, vd, vp = n * sdp - sd * sp, n * sdd - sd * sd, n * spp - sp * sp
+            if n < 2 or vd <= 0 or vp <= 0:
+                unsure.append(gid)
+                continue
+            corr = decimal.Decimal(num) / (decimal.Decimal(vd) * decimal.Decimal(vp)).sqrt()
+            step = corr * 100 - (corr * 100).to_integral_value(decimal.ROUND_FLOOR)
+            if (
+                any(abs(corr - decimal.Decimal(e)) < _SURE for e in edges)
+                or abs(step - decimal.Decimal("0.5")) < _SURE * 100
+            ):
+                unsure.append(gid)
+                continue
+            cov, var = num / (n * (n - 1)), vp / (n * (n - 1))
+            rows.append((gid, n, c.peak, c.queued / n, float(corr), cov, var, cov / var))
+    return pl.DataFrame(rows, schema=_STATS_SCHEMA, orient="row"), unsure
+
+
+def _swept_in_three_passes(
+    loads: list[BucketLoader],
+    excluded: pl.Series | None,
+    reasons: list[pl.DataFrame],
+    con: Any,
+) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    """The bucketed convoy rules in three streamed passes over every row: the sampled keys'
+    extents (an aggregate), the busy pre-filter and the sweep (sorted out of core, read in
+    bounded chunks), then the load statistics on (duration, peers) of the keys busy enough to
+    judge, and the remaining rules on every column of the keys whose latency grows with load."""
     files = [load.files for load in loads]  # type: ignore[attr-defined]
-    extents = [_sweep.group_extents(f, excluded, MIN_SAMPLES) for f in files]
+    extents = [_sweep.group_extents(f, excluded, MIN_SAMPLES, con) for f in files]
     sampled = _Clock.of([_group_extent(e) for e in extents if e.height])
     if sampled is None:
         return []
@@ -866,7 +977,7 @@ def _streamed_convoys(
         if not extent.height or not sampled.packed:  # unpacked: no pre-filter, as _busy_groups
             busy_gids.append(extent["gid"])
             continue
-        shares = _sweep.overlap_shares(f, extent["gid"], sampled.t0)
+        shares = _sweep.overlap_shares(f, extent["gid"], sampled.t0, con)
         busy_gids.append(shares.filter(pl.col("share") >= BUSY_PREFILTER * MIN_QUEUED_SHARE)["gid"])
     busy_extents = [
         e.filter(pl.col("gid").is_in(g.implode())) for e, g in zip(extents, busy_gids, strict=True)
@@ -878,7 +989,7 @@ def _streamed_convoys(
     for load, f, gids in zip(loads, files, busy_gids, strict=True):
         if not gids.len():
             continue
-        loaded = _sweep.sweep(f, gids, busy.t0, busy.packed, (MIN_PEAK_PEERS, MIN_QUEUED_SHARE))
+        loaded = _sweep.sweep(f, gids, busy.t0, busy.packed, (MIN_PEAK_PEERS, MIN_QUEUED_SHARE), con)
         steep = _stats_under_load(loaded, reasons)["gid"]
         del loaded
         if steep.len():  # the rules below recount these keys' peers and statistics: the same values
@@ -916,7 +1027,13 @@ def _stats_under_load(cand: pl.DataFrame, reasons: list[pl.DataFrame]) -> pl.Dat
     sums are the same however the rows were gathered): the load statistics of the groups busy
     enough to judge whose latency grows with load; the busy ones whose latency does not go to
     ``reasons`` when the correlation is at least the near-miss threshold."""
-    stats = (
+    return _judge_load(_load_stats(cand), reasons)
+
+
+def _load_stats(cand: pl.DataFrame) -> pl.DataFrame:
+    """Per group of ``cand`` (gid, duration_ns, peers): rows, peak and queued share of ``peers``,
+    correlation, covariance and slope of duration against ``peers``."""
+    return (
         cand.group_by("gid")
         .agg(
             n=pl.len(),
@@ -927,8 +1044,15 @@ def _stats_under_load(cand: pl.DataFrame, reasons: list[pl.DataFrame]) -> pl.Dat
             var=pl.col("peers").cast(pl.Float64).var(),
         )
         .with_columns(slope_ns=pl.col("cov") / pl.col("var"))
-        .filter((pl.col("peak") >= MIN_PEAK_PEERS) & (pl.col("queued_share") >= MIN_QUEUED_SHARE))
+        .cast(_STATS_SCHEMA)  # type: ignore[arg-type]
     )
+
+
+def _judge_load(stats: pl.DataFrame, reasons: list[pl.DataFrame]) -> pl.DataFrame:
+    """:func:`_load_stats`' groups busy enough to judge whose latency grows with load; the busy
+    ones whose latency does not go to ``reasons`` when the correlation is at least the near-miss
+    threshold."""
+    stats = stats.filter((pl.col("peak") >= MIN_PEAK_PEERS) & (pl.col("queued_share") >= MIN_QUEUED_SHARE))
     # Busy enough to judge from here on: a group dropped below is a near miss.
     flat = ~(pl.col("corr") >= MIN_CORRELATION).fill_null(False)
     reasons.append(  # only near misses: every busy operation has a flat latency, those are not news
