@@ -253,6 +253,114 @@ def combine_path_rows(parts: Iterable[PathRows]) -> PathRows:
     )
 
 
+@dataclass
+class PathSummary:
+    """:class:`PathRows` aggregated per endpoint (the root's service and operation), without a
+    row per trace: what :func:`critical_paths_from_summary` needs to decide exactly what
+    :func:`critical_paths_from_rows` decides on the rows — every figure there is a count, a sum
+    or a quantile over one endpoint's traces, so the values are kept as lists per group. ``serve``
+    keeps a batch's summary instead of its rows (issue 11: the trace ids and path keys of every
+    trace were most of what a round re-read): one 8-byte value per trace, per trace and on-path
+    operation, and per trace's path."""
+
+    roots: pl.DataFrame  # service, operation, durations: the root duration (ns) of each trace
+    operations: pl.DataFrame  # service, operation (the endpoint), op_service, op_name, ns: per trace
+    paths: pl.DataFrame  # service, operation, key, durations: the root duration of each trace with that path
+    nodes: pl.DataFrame  # the icicle forest (PathRows.nodes; merged by combine_path_summaries)
+
+
+_ENDPOINT = ["service", "operation"]
+
+
+def summarize_path_rows(rows: PathRows) -> PathSummary:
+    """``rows`` (of whole traces, each trace once) aggregated per endpoint."""
+    ends = rows.traces.select("trace_id", *_ENDPOINT, "root_duration_ns")
+    roots = ends.group_by(_ENDPOINT).agg(pl.col("root_duration_ns").alias("durations")).sort(_ENDPOINT)
+    operations = (
+        rows.operations.select("trace_id", op_service="service", op_name="name", ns="ns")
+        .join(ends.select("trace_id", *_ENDPOINT), on="trace_id")
+        .group_by(*_ENDPOINT, "op_service", "op_name")
+        .agg(pl.col("ns"))
+        .sort(*_ENDPOINT, "op_service", "op_name")
+    )
+    paths = (
+        rows.paths.select("trace_id", "key")
+        .join(ends.select("trace_id", *_ENDPOINT, "root_duration_ns"), on="trace_id")
+        .group_by(*_ENDPOINT, "key")
+        .agg(pl.col("root_duration_ns").alias("durations"))
+        .sort(*_ENDPOINT, "key")
+    )
+    return PathSummary(roots, operations, paths, rows.nodes)
+
+
+def combine_path_summaries(parts: Iterable[PathSummary]) -> PathSummary:
+    """The summaries of several partitions of whole traces as one (their groups side by side:
+    the decision reads a group's values wherever they are; the forests merged node by node)."""
+    pieces = list(parts)
+    if not pieces:
+        raise ValueError("combine_path_summaries needs the summary of at least one partition")
+
+    def concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        filled = [f for f in frames if f.height]
+        if not filled:
+            return frames[0]
+        return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
+
+    return PathSummary(
+        roots=concat([p.roots for p in pieces]),
+        operations=concat([p.operations for p in pieces]),
+        paths=concat([p.paths for p in pieces]),
+        nodes=_merge_forests([p.nodes for p in pieces]),
+    )
+
+
+def _of_endpoint(frame: pl.DataFrame, service: str, operation: str) -> pl.DataFrame:
+    return frame.filter((pl.col("service") == service) & (pl.col("operation") == operation))
+
+
+def critical_paths_from_summary(
+    summary: PathSummary, top: int = TOP_ENDPOINTS, **options: Any
+) -> list[dict[str, Any]]:
+    """:func:`critical_paths_from_rows` decided on the per-endpoint aggregates of the rows
+    (:func:`summarize_path_rows`, :func:`combine_path_summaries`): the same list."""
+    busiest = (
+        summary.roots.group_by(_ENDPOINT)
+        .agg(pl.col("durations").list.len().sum().alias("traces"))
+        .sort(["traces", "service", "operation"], descending=[True, False, False])
+        .head(top)
+    )
+    out = []
+    for service, operation, _ in busiest.iter_rows():
+        durations = _of_endpoint(summary.roots, service, operation)["durations"].explode()
+        if durations.len() == 0:
+            continue
+        per_trace = (
+            _of_endpoint(summary.operations, service, operation)
+            .select(service="op_service", name="op_name", ns="ns")
+            .explode("ns")
+        )
+        keyed = (
+            _of_endpoint(summary.paths, service, operation)
+            .select("key", root_duration_ns="durations")
+            .explode("root_duration_ns")
+        )
+        out.append(
+            _endpoint_path(
+                service,
+                operation,
+                durations,
+                per_trace,
+                keyed,
+                summary.nodes,
+                top_paths=options.get("top_paths", TOP_PATHS),
+                icicle=options.get("icicle", True),
+                max_operations=options.get("max_operations"),
+                max_icicle_nodes=options.get("max_icicle_nodes", MAX_ICICLE_NODES),
+            )
+        )
+    return out
+
+
 def endpoint_critical_path(
     ctx: AnalysisContext, service: str, operation: str, **options: Any
 ) -> dict[str, Any] | None:
@@ -276,12 +384,47 @@ def endpoint_path_from_rows(
     roots = rows.traces.filter((pl.col("service") == service) & (pl.col("operation") == operation))
     if roots.height == 0:
         return None
-    n_traces = roots.height
+    per_trace = rows.operations.join(roots.select("trace_id"), on="trace_id", how="semi")
+    keyed = rows.paths.join(roots.select("trace_id", "root_duration_ns"), on="trace_id")
+    return _endpoint_path(
+        service,
+        operation,
+        roots["root_duration_ns"],
+        per_trace.select("service", "name", "ns"),
+        keyed.select("key", "root_duration_ns"),
+        rows.nodes,
+        top_paths=top_paths,
+        icicle=icicle,
+        max_operations=max_operations,
+        max_icicle_nodes=max_icicle_nodes,
+    )
+
+
+def _endpoint_path(
+    service: str,
+    operation: str,
+    durations: pl.Series,
+    per_trace: pl.DataFrame,
+    keyed: pl.DataFrame,
+    nodes: pl.DataFrame,
+    *,
+    top_paths: int,
+    icicle: bool,
+    max_operations: int | None,
+    max_icicle_nodes: int,
+) -> dict[str, Any]:
+    """The endpoint's critical path from its traces' root durations (``durations``), their
+    on-path self time per operation (``per_trace``: service, name, ns — a row per trace and
+    operation), their folded paths with the trace's root duration (``keyed``: key,
+    root_duration_ns — a row per trace) and the merged forest: whatever order the rows come in
+    (every figure is a count, a sum or a quantile of them), so :class:`PathRows` and their
+    per-endpoint aggregates (:class:`PathSummary`) decide the same."""
+    n_traces = durations.len()
+    roots = durations.alias("root_duration_ns").to_frame()
     root_stats = roots.select(
         _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("p50"),
         _ms(pl.col("root_duration_ns").quantile(0.95, interpolation="linear")).alias("p95"),
     ).row(0)
-    per_trace = rows.operations.join(roots.select("trace_id"), on="trace_id", how="semi")
     grand_total = int(per_trace["ns"].sum() or 0)
     ops = (
         per_trace.group_by("service", "name")
@@ -307,15 +450,15 @@ def endpoint_path_from_rows(
         "root_ms_p50": root_stats[0],
         "root_ms_p95": root_stats[1],
         "operations": (ops if max_operations is None else ops.head(max_operations)).to_dicts(),
-        "paths": _paths(rows.paths, roots, n_traces, top_paths),
+        "paths": _paths(keyed, n_traces, top_paths),
     }
     if icicle:
-        out["icicle"] = _icicle(rows.nodes, service, operation, n_traces, max_icicle_nodes)
+        out["icicle"] = _icicle(nodes, service, operation, n_traces, max_icicle_nodes)
     return out
 
 
-def _paths(paths: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
-    keyed = paths.join(roots.select("trace_id", "root_duration_ns"), on="trace_id")
+def _paths(keyed: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` most frequent paths of ``keyed`` (key, root_duration_ns: a row per trace)."""
     grouped = (
         keyed.group_by("key")
         .agg(
@@ -432,6 +575,15 @@ def report_critical_paths(rows: PathRows) -> list[dict[str, Any]]:
     picture must never cost the recommendations."""
     try:
         return critical_paths_from_rows(rows, **REPORT_PATHS)
+    except Exception:
+        log.exception("critical paths of the endpoints failed")
+        return []
+
+
+def report_critical_paths_from_summary(summary: PathSummary) -> list[dict[str, Any]]:
+    """:func:`report_critical_paths` from (combined) per-endpoint aggregates of the rows."""
+    try:
+        return critical_paths_from_summary(summary, **REPORT_PATHS)
     except Exception:
         log.exception("critical paths of the endpoints failed")
         return []

@@ -57,11 +57,17 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import partitions
+from hourglass.analysis import memlog, partitions
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_paths
+from hourglass.analysis.endpoint_path import (
+    PathRows,
+    PathSummary,
+    combine_path_summaries,
+    report_critical_paths_from_summary,
+    summarize_path_rows,
+)
 from hourglass.analysis.model import Finding, Occurrence
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
 
@@ -499,19 +505,24 @@ class IncrementalAnalysis:
         rows = self.spill.write(batch, result.rows)
         for kind, tables in rows.items():
             self._write(folder / f"rows-{kind}.pickle", tables)
-        self._write(folder / "meta.pickle", (result.traces, result.services, result.spans, result.paths))
+        # the critical-path rows kept as their per-endpoint aggregates (a 13th of the bytes)
+        self._write(
+            folder / "meta.pickle", (result.traces, result.services, result.spans, _summary(result.paths))
+        )
         self.stored.add(batch)
 
     def load_rows(self, batch: int, kind: str) -> Rows:
         path = self._batch_folder(batch) / f"rows-{kind}.pickle"
         return pickle.loads(path.read_bytes()) if path.exists() else {}
 
-    def load_meta(self, batch: int) -> tuple[pl.DataFrame, pl.DataFrame, int, Any]:
-        """(trace summaries, services, span count, critical-path rows or None) of a stored batch."""
-        meta: tuple[pl.DataFrame, pl.DataFrame, int, Any] = pickle.loads(
+    def load_meta(self, batch: int) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
+        """(trace summaries, services, span count, critical-path summary or None) of a stored
+        batch (a batch stored with its critical-path rows, before they were summarized, gets
+        them summarized here)."""
+        traces, services, spans, paths = pickle.loads(
             (self._batch_folder(batch) / "meta.pickle").read_bytes()
         )
-        return meta
+        return traces, services, spans, _summary(paths)
 
     def load_pricing(self, batch: int) -> dict[str, PricedEntry]:
         path = self._batch_folder(batch) / "priced.pickle"
@@ -575,10 +586,10 @@ class IncrementalAnalysis:
                     on_the_fly[p] = result
             del fresh
 
-            def meta(p: int, unit: Unit) -> tuple[pl.DataFrame, pl.DataFrame, int, Any]:
+            def meta(p: int, unit: Unit) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
                 if p in on_the_fly:
                     r = on_the_fly[p]
-                    return r.traces, r.services, r.spans, r.paths
+                    return r.traces, r.services, r.spans, _summary(r.paths)
                 assert unit.batch is not None
                 return self.load_meta(unit.batch)
 
@@ -600,9 +611,13 @@ class IncrementalAnalysis:
                 .sort("service", "scope_name")
             )
             del traces_of, services_of
+            memlog.note("trace summaries and services combined")
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
-            critical_paths = report_critical_paths(combine_path_rows(paths_of)) if complete else []
+            critical_paths = (
+                report_critical_paths_from_summary(combine_path_summaries(paths_of)) if complete else []
+            )
             del paths_of
+            memlog.note("critical paths decided")
             batch_spill = BatchSpill(
                 self.spill.folder,
                 self.spill.buckets,
@@ -617,6 +632,7 @@ class IncrementalAnalysis:
                     else {kind: self.load_rows(unit.batch, kind)}  # type: ignore[arg-type]
                     for p, unit in enumerate(units)
                 )
+                memlog.note(f"rows of {kind} combined")
                 decided.update(partitions.decide(rows, notes, batch_spill))
                 del rows
         finally:
@@ -762,6 +778,11 @@ class IncrementalAnalysis:
 
     def settled_in_report(self) -> int:
         return sum(len(self.batches[b].trace_ids) for b in self.stored if b in self.batches)
+
+
+def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:
+    """A partition's critical-path rows as their per-endpoint aggregates (what a round decides)."""
+    return summarize_path_rows(paths) if isinstance(paths, PathRows) else paths
 
 
 def _store_file(sidecar: str) -> str:

@@ -77,6 +77,8 @@ def _same(served: dict[str, Any], cli: dict[str, Any]) -> None:
                 assert value == pytest.approx(theirs["impact"][key], rel=0.01, abs=1e-9), (mine["id"], key)
     assert served["traces_analyzed"] == cli["traces_analyzed"]
     assert served["spans_analyzed"] == cli["spans_analyzed"]
+    # the endpoints' critical paths, decided on the batches' per-endpoint aggregates
+    assert served["critical_paths"] and served["critical_paths"] == cli["critical_paths"]
 
 
 class Recording(IncrementalAnalysis):
