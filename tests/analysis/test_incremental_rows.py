@@ -172,3 +172,38 @@ def _holds_rows(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_holds_rows(v) for v in value.values())
     return False
+
+
+def test_batches_stored_with_critical_path_rows_are_summarized_when_read(tmp_path: Path) -> None:
+    """A sidecar written before the batches kept per-endpoint aggregates holds each batch's
+    critical-path rows (``PathRows``): a round resumes from them (no span read) and its critical
+    paths are still the CLI's."""
+    import pickle
+
+    from hourglass.analysis.context import AnalysisContext
+    from hourglass.analysis.endpoint_path import PathRows, PathSummary, path_rows
+
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = IncrementalAnalysis(sidecar, batch_spans=500)
+        _round(state, store)
+        reader = StoreReader(store)
+        for batch in state.batches.values():  # each batch's meta as the older layout wrote it
+            meta = Path(sidecar + ".d") / f"b{batch.id:06d}" / "meta.pickle"
+            traces, services, spans, summary = pickle.loads(meta.read_bytes())
+            assert isinstance(summary, PathSummary)
+            ctx = AnalysisContext.from_table(reader.batch(batch.trace_ids, batch.first, batch.last))
+            meta.write_bytes(pickle.dumps((traces, services, spans, path_rows(ctx))))
+        state.close()
+        again = IncrementalAnalysis(sidecar)
+        assert isinstance(again.load_meta(min(again.stored))[3], PathSummary)
+        assert isinstance(pickle.loads(meta.read_bytes())[3], PathRows)
+        resumed, figures = _round(again, store)
+        assert figures["partitions_read"] == 0, figures
+        again.close()
+    finally:
+        store.close()
+    _same(resumed, _cli(db))
