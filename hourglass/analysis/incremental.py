@@ -518,11 +518,13 @@ class IncrementalAnalysis:
     def load_meta(self, batch: int) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
         """(trace summaries, services, span count, critical-path summary or None) of a stored
         batch (a batch stored with its critical-path rows, before they were summarized, gets
-        them summarized here)."""
-        traces, services, spans, paths = pickle.loads(
-            (self._batch_folder(batch) / "meta.pickle").read_bytes()
-        )
-        return traces, services, spans, _summary(paths)
+        them summarized here, and its file rewritten so)."""
+        path = self._batch_folder(batch) / "meta.pickle"
+        traces, services, spans, paths = pickle.loads(path.read_bytes())
+        if isinstance(paths, PathRows):  # written so, once
+            paths = _summary(paths)
+            self._write(path, (traces, services, spans, paths))
+        return traces, services, spans, paths
 
     def load_pricing(self, batch: int) -> dict[str, PricedEntry]:
         path = self._batch_folder(batch) / "priced.pickle"
