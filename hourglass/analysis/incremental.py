@@ -87,6 +87,9 @@ MAX_ROUND_SPANS = 1_500_000
 # tasks and are held here until those tasks are done; the workers compute them together)
 CLUSTER_BATCHES_IN_FLIGHT = 3
 SIDECAR_SUFFIX = ".analysis.duckdb"
+# the columns of the trace summaries (``AnalysisContext.traces``) a round reads: pipeline.score
+# reads the root duration of each finding's traces, the report counts them
+TRACE_COLUMNS = ("trace_id", "root_duration_ns")
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
 
@@ -505,10 +508,10 @@ class IncrementalAnalysis:
         rows = self.spill.write(batch, result.rows)
         for kind, tables in rows.items():
             self._write(folder / f"rows-{kind}.pickle", tables)
-        # the critical-path rows kept as their per-endpoint aggregates (a 13th of the bytes)
-        self._write(
-            folder / "meta.pickle", (result.traces, result.services, result.spans, _summary(result.paths))
-        )
+        # the trace summaries' columns a round reads, the critical-path rows as their
+        # per-endpoint aggregates (a 13th of the bytes)
+        traces = result.traces.select(TRACE_COLUMNS)
+        self._write(folder / "meta.pickle", (traces, result.services, result.spans, _summary(result.paths)))
         self.stored.add(batch)
 
     def load_rows(self, batch: int, kind: str) -> Rows:
@@ -599,13 +602,15 @@ class IncrementalAnalysis:
             complete = bool(units)
             for p, unit in enumerate(units):
                 traces, services, count, paths = meta(p, unit)
-                traces_of.append(traces)
+                traces_of.append(traces.select(TRACE_COLUMNS))
                 services_of.append(services)
                 spans += count
                 complete = complete and paths is not None
                 if complete:
                     paths_of.append(paths)
-            all_traces = pl.concat(traces_of, how="vertical_relaxed").sort("trace_id")
+            # the trace summaries the report reads (pipeline.score: each finding's traces' root
+            # durations; their count), in no particular order (each is looked up by id)
+            all_traces = pl.concat(traces_of, how="vertical_relaxed")
             all_services = (
                 pl.concat(services_of, how="vertical_relaxed")
                 .group_by("service", "scope_name")
