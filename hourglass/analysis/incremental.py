@@ -90,6 +90,12 @@ SIDECAR_SUFFIX = ".analysis.duckdb"
 # the columns of the trace summaries (``AnalysisContext.traces``) a round reads: pipeline.score
 # reads the root duration of each finding's traces, the report counts them
 TRACE_COLUMNS = ("trace_id", "root_duration_ns")
+# stored batches whose rows (each kind's, and their meta) are also kept combined in one
+# *segment*, so a round reads a file per segment instead of one per batch: with small batches (a
+# round's arrivals under sustained ingest) the per-frame cost of reading thousands of small
+# pickles, not their bytes, was the cost. One level, so a dirty batch (a late span, retention)
+# costs the re-reading of at most this many batches' files to build its segment again.
+SEGMENT_BATCHES = 16
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
 
@@ -433,9 +439,15 @@ class IncrementalAnalysis:
     file; None: in memory only)."""
 
     def __init__(
-        self, sidecar: str | None, *, batch_spans: int = BATCH_SPANS, max_round_spans: int = MAX_ROUND_SPANS
+        self,
+        sidecar: str | None,
+        *,
+        batch_spans: int = BATCH_SPANS,
+        max_round_spans: int = MAX_ROUND_SPANS,
+        segment_batches: int = SEGMENT_BATCHES,
     ) -> None:
         self.batch_spans = batch_spans
+        self.segment_batches = segment_batches
         self.max_round_spans = max_round_spans
         self.sidecar = sidecar
         if sidecar and os.path.exists(sidecar) and _identity(sidecar) != _stored_identity(sidecar):
@@ -479,6 +491,19 @@ class IncrementalAnalysis:
             int(f.stem[1:]) for f in Path(self.spill.folder).glob("*/b*/p*.parquet") if f.stem[1:].isdigit()
         } - self.stored
         self._remove_files(leftovers)  # a batch cut short by a crash, or one retention emptied
+        # ``segments/s<first>-<last>/``: the combined rows and meta of consecutive stored batches
+        # (``members.pickle``, written last, names them); valid while every member is stored
+        self.segments: dict[tuple[int, ...], Path] = {}
+        (self.folder / "segments").mkdir(exist_ok=True)
+        for path in sorted((self.folder / "segments").iterdir()):
+            try:
+                members = tuple(pickle.loads((path / "members.pickle").read_bytes()))
+            except Exception:  # cut short by a crash
+                members = ()
+            if members and set(members) <= self.stored:
+                self.segments[members] = path
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         self.last = RoundFigures()
         if sidecar:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('store_inode', ?)", [_identity(sidecar)])
@@ -524,8 +549,8 @@ class IncrementalAnalysis:
         them summarized here, and its file rewritten so)."""
         path = self._batch_folder(batch) / "meta.pickle"
         traces, services, spans, paths = pickle.loads(path.read_bytes())
-        if isinstance(paths, PathRows):  # written so, once
-            paths = _summary(paths)
+        if isinstance(paths, PathRows):  # written as store_extraction writes it now, once
+            traces, paths = traces.select(TRACE_COLUMNS), _summary(paths)
             self._write(path, (traces, services, spans, paths))
         return traces, services, spans, paths
 
@@ -555,6 +580,84 @@ class IncrementalAnalysis:
         chosen = set(batches)
         self.stored -= chosen
         self._remove_files(chosen)
+        for members in [m for m in self.segments if chosen.intersection(m)]:
+            shutil.rmtree(self.segments.pop(members), ignore_errors=True)
+
+    # -- segments: the rows of consecutive batches combined -----------------------------------
+
+    def load_segment_rows(self, members: tuple[int, ...], kind: str) -> Rows:
+        path = self.segments[members] / f"rows-{kind}.pickle"
+        return pickle.loads(path.read_bytes()) if path.exists() else {}
+
+    def load_segment_meta(
+        self, members: tuple[int, ...]
+    ) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
+        meta: tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None] = pickle.loads(
+            (self.segments[members] / "meta.pickle").read_bytes()
+        )
+        return meta
+
+    def compact(self) -> None:
+        """Every run of ``segment_batches`` stored batches, consecutive among the known batches
+        and in no segment yet, combined into a segment (each kind's rows concatenated in batch
+        order, as a round combines them; the meta's frames likewise, the critical-path
+        summaries' forests merged)."""
+        if self.segment_batches < 2:
+            return
+        segmented = {b for members in self.segments for b in members}
+        run: list[int] = []
+        for b in [*sorted(self.batches), None]:
+            if b is not None and b in self.stored and b not in segmented:
+                run.append(b)
+                continue
+            for start in range(0, len(run) - self.segment_batches + 1, self.segment_batches):
+                self._write_segment(tuple(run[start : start + self.segment_batches]))
+            run = []
+
+    def _write_segment(self, members: tuple[int, ...]) -> None:
+        folder = self.folder / "segments" / f"s{members[0]:06d}-{members[-1]:06d}"
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for kind in PARTS:
+            rows = partitions.combine({kind: self.load_rows(b, kind)} for b in members).get(kind, {})
+            if rows:
+                self._write(partial / f"rows-{kind}.pickle", rows)
+            del rows
+        metas = [self.load_meta(b) for b in members]
+        paths = [m[3] for m in metas]
+        summary = None
+        if all(p is not None for p in paths):
+            summary = combine_path_summaries(p for p in paths if p is not None)
+            summary.nodes = summary.nodes.drop("root")  # a forest again, merged with the others
+        meta = (
+            pl.concat([m[0] for m in metas], how="vertical_relaxed"),
+            pl.concat([m[1] for m in metas], how="vertical_relaxed"),
+            sum(m[2] for m in metas),
+            summary,
+        )
+        self._write(partial / "meta.pickle", meta)
+        self._write(partial / "members.pickle", list(members))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        self.segments[members] = folder
+
+    def _pieces(self, units: tuple[Unit, ...]) -> list[tuple[int, tuple[int, ...] | None]]:
+        """The round's units in order as (position of the first, the members of a segment that
+        stands for the units from there, or None for that unit alone)."""
+        starting = {members[0]: members for members in self.segments}
+        out: list[tuple[int, tuple[int, ...] | None]] = []
+        p = 0
+        while p < len(units):
+            batch = units[p].batch
+            members = starting.get(batch) if batch is not None else None
+            if members is not None and tuple(u.batch for u in units[p : p + len(members)]) == members:
+                out.append((p, members))
+                p += len(members)
+            else:
+                out.append((p, None))
+                p += 1
+        return out
 
     def close(self) -> None:
         self.db.close()
@@ -598,15 +701,22 @@ class IncrementalAnalysis:
                 assert unit.batch is not None
                 return self.load_meta(unit.batch)
 
-            traces_of, services_of, paths_of, spans = [], [], [], 0
+            # the stored batches in segments read as one (same rows, same order)
+            pieces = self._pieces(units)
+            traces_of: list[pl.DataFrame] = []
+            services_of: list[pl.DataFrame] = []
+            paths_of: list[PathSummary] = []
+            spans = 0
             complete = bool(units)
-            for p, unit in enumerate(units):
-                traces, services, count, paths = meta(p, unit)
+            for p, members in pieces:
+                traces, services, count, paths = (
+                    meta(p, units[p]) if members is None else self.load_segment_meta(members)
+                )
                 traces_of.append(traces.select(TRACE_COLUMNS))
                 services_of.append(services)
                 spans += count
                 complete = complete and paths is not None
-                if complete:
+                if paths is not None and complete:
                     paths_of.append(paths)
             # the trace summaries the report reads (pipeline.score: each finding's traces' root
             # durations; their count), in no particular order (each is looked up by id)
@@ -636,8 +746,10 @@ class IncrementalAnalysis:
                 rows = partitions.combine(
                     {kind: on_the_fly[p].rows.get(kind, {})}
                     if p in on_the_fly
-                    else {kind: self.load_rows(unit.batch, kind)}  # type: ignore[arg-type]
-                    for p, unit in enumerate(units)
+                    else {kind: self.load_rows(units[p].batch, kind)}  # type: ignore[arg-type]
+                    if members is None
+                    else {kind: self.load_segment_rows(members, kind)}
+                    for p, members in pieces
                 )
                 memlog.note(f"rows of {kind} combined")
                 decided.update(partitions.decide(rows, notes, batch_spill))
@@ -645,6 +757,7 @@ class IncrementalAnalysis:
         finally:
             if extra is not None:
                 extra.remove()
+        self.compact()  # for the next rounds
         findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
         return partitions.Extracted(findings, all_traces, spans, all_services, critical_paths)
 

@@ -208,3 +208,63 @@ def test_batches_stored_with_critical_path_rows_are_summarized_when_read(tmp_pat
     finally:
         store.close()
     _same(resumed, _cli(db))
+
+
+class SegmentRecording(Recording):
+    """Also records the segments the decision loads: (kind, members)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.segment_loads: list[tuple[str, tuple[int, ...]]] = []
+
+    def load_segment_rows(self, members: tuple[int, ...], kind: str) -> Any:
+        self.segment_loads.append((kind, members))
+        return super().load_segment_rows(members, kind)
+
+
+def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path: Path) -> None:
+    """Stored batches are combined into segments of ``segment_batches`` consecutive batches after
+    a round; the next rounds read a segment instead of its batches' files, and decide the CLI's
+    report. A dirty batch drops its segment (its batches are read alone until it is built
+    again); a restart resumes the segments; a segment cut short by a crash is dropped."""
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = SegmentRecording(sidecar, batch_spans=300, segment_batches=2)
+        first, _ = _round(state, store)
+        batches = sorted(state.batches)
+        assert len(batches) >= 5, batches
+        # built after the round: consecutive pairs, the odd one out alone
+        assert sorted(state.segments) == [tuple(batches[i : i + 2]) for i in range(0, len(batches) - 1, 2)]
+        state.loads.clear()
+        again, figures = _round(state, store)
+        assert figures["partitions_read"] == 0, figures
+        alone = {b for _, b, _ in state.loads}
+        assert alone == set(batches) - {b for m in state.segments for b in m}, (alone, state.segments)
+        assert {m for _, m in state.segment_loads} == set(state.segments)
+        # a dirty batch: its segment is dropped, the batch extracted again, the segment rebuilt
+        dirty = batches[0]
+        state._forget({dirty})
+        assert all(dirty not in m for m in state.segments)
+        state.loads.clear()
+        redone, figures = _round(state, store)
+        assert figures["partitions_read"] == 1, figures
+        assert (dirty, batches[1]) in state.segments
+        state.close()
+        # a restart resumes the segments; one cut short (no members file) is dropped
+        partial = next(iter(state.segments.values()))
+        (partial / "members.pickle").unlink()
+        resumed_state = SegmentRecording(sidecar, segment_batches=2)
+        assert len(resumed_state.segments) == len(state.segments) - 1
+        resumed, figures = _round(resumed_state, store)
+        assert figures["partitions_read"] == 0, figures
+        assert set(resumed_state.segments) == set(state.segments)
+        resumed_state.close()
+    finally:
+        store.close()
+    cli = _cli(db)
+    for report in (first, again, redone, resumed):
+        _same(report, cli)
+        assert report["recommendations"] == first["recommendations"]
