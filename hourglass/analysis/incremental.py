@@ -25,12 +25,15 @@ reads the stored rows one detector kind at a time (the combined rows of one kind
 dropped), and the resource rows that grow with spans (``hourglass.analysis.spill``: the
 lock-convoy rule's ``candidates``) are written once per batch to Parquet buckets of whole
 resource keys and decided bucket by bucket, as the CLI's partitioned runs do. What the round
-still holds whole is what the report is made of: the trace summaries and the endpoints'
-critical-path rows.
+still holds whole is what the report is made of: the trace summaries (a trace's id and root
+duration) and the endpoints' critical-path summaries (per endpoint, the values its percentiles
+and counts are taken over: ``endpoint_path.PathSummary``, not a row per trace). Runs of
+``SEGMENT_BATCHES`` consecutive stored batches are also kept combined (a *segment*), so a round
+reads a file per segment and kind rather than one per batch.
 
 The report is the same as ``analyze_partitioned`` over the same traces (and so as the at-once
 analysis: ``tests/test_partitioned_analysis.py``), the endpoints' critical paths included: each
-batch keeps its critical-path rows beside its detector rows.
+batch keeps its critical-path summary beside its detector rows.
 
 A ``since`` window is the decision over the batches inside the window, plus the in-window traces
 of batches that straddle its edge, extracted on the fly (not stored).
