@@ -469,7 +469,7 @@ class IncrementalAnalysis:
         self.watermark = int(watermark[0][0]) if watermark else 0
         # Each batch's rows live on disk only, in a folder beside the sidecar (a temporary one
         # without a sidecar): ``b<batch>/`` holds one pickle per detector kind, the batch's trace
-        # summaries and critical-path rows (``meta``, written last: a batch without it is extracted
+        # summaries and critical-path summary (``meta``, written last: a batch without it is extracted
         # again) and its pricing; ``spill/`` the resource rows in Parquet buckets
         # (``spill/<kind>.<table>/b<bucket>/p<batch>.parquet``). Pickles, not DuckDB BLOBs: DuckDB
         # binds a large BLOB parameter slowly (8 s for one 100k-span batch's rows).
