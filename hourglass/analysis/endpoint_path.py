@@ -334,23 +334,27 @@ def critical_paths_from_summary(
         durations = _of_endpoint(summary.roots, service, operation)["durations"].explode()
         if durations.len() == 0:
             continue
-        per_trace = (
+        # each group's values in one list (a group has a row per partition), then its figures
+        # over the list: no row per value
+        op_stats = (
             _of_endpoint(summary.operations, service, operation)
-            .select(service="op_service", name="op_name", ns="ns")
-            .explode("ns")
+            .group_by(service="op_service", name="op_name")
+            .agg(pl.col("ns").list.explode(keep_nulls=False, empty_as_null=False))
+            .select("service", "name", traces=pl.col("ns").list.len(), **_list_stats("ns", sum_as="_ns"))
         )
-        keyed = (
+        path_stats = (
             _of_endpoint(summary.paths, service, operation)
-            .select("key", root_duration_ns="durations")
-            .explode("root_duration_ns")
+            .group_by("key")
+            .agg(pl.col("durations").list.explode(keep_nulls=False, empty_as_null=False))
+            .select("key", traces=pl.col("durations").list.len(), **_list_stats("durations"))
         )
         out.append(
             _endpoint_path(
                 service,
                 operation,
                 durations,
-                per_trace,
-                keyed,
+                op_stats,
+                path_stats,
                 summary.nodes,
                 top_paths=options.get("top_paths", TOP_PATHS),
                 icicle=options.get("icicle", True),
@@ -390,8 +394,8 @@ def endpoint_path_from_rows(
         service,
         operation,
         roots["root_duration_ns"],
-        per_trace.select("service", "name", "ns"),
-        keyed.select("key", "root_duration_ns"),
+        per_trace.group_by("service", "name").agg(traces=pl.len(), **_stats(pl.col("ns"), sum_as="_ns")),
+        keyed.group_by("key").agg(traces=pl.len(), **_stats(pl.col("root_duration_ns"))),
         rows.nodes,
         top_paths=top_paths,
         icicle=icicle,
@@ -400,12 +404,37 @@ def endpoint_path_from_rows(
     )
 
 
+def _stats(values: pl.Expr, *, sum_as: str | None = None) -> dict[str, pl.Expr]:
+    """The p50 (``_p50``) and p95 (``_p95``) of ``values`` (and their sum as ``sum_as``): over a
+    column in a group, or over the elements of a list column (``values.list.eval``) — the same
+    quantiles of the same values."""
+    out = {
+        "_p50": values.quantile(0.5, interpolation="linear"),
+        "_p95": values.quantile(0.95, interpolation="linear"),
+    }
+    if sum_as is not None:
+        out[sum_as] = values.sum()
+    return out
+
+
+def _list_stats(values: str, *, sum_as: str | None = None) -> dict[str, pl.Expr]:
+    """:func:`_stats` of the elements of each row's list column ``values``."""
+    lists = pl.col(values)
+    out = {
+        name: lists.list.eval(pl.element().quantile(q, interpolation="linear")).list.first()
+        for name, q in (("_p50", 0.5), ("_p95", 0.95))
+    }
+    if sum_as is not None:
+        out[sum_as] = lists.list.sum()
+    return out
+
+
 def _endpoint_path(
     service: str,
     operation: str,
     durations: pl.Series,
-    per_trace: pl.DataFrame,
-    keyed: pl.DataFrame,
+    op_stats: pl.DataFrame,
+    path_stats: pl.DataFrame,
     nodes: pl.DataFrame,
     *,
     top_paths: int,
@@ -413,27 +442,22 @@ def _endpoint_path(
     max_operations: int | None,
     max_icicle_nodes: int,
 ) -> dict[str, Any]:
-    """The endpoint's critical path from its traces' root durations (``durations``), their
-    on-path self time per operation (``per_trace``: service, name, ns — a row per trace and
-    operation), their folded paths with the trace's root duration (``keyed``: key,
-    root_duration_ns — a row per trace) and the merged forest: whatever order the rows come in
-    (every figure is a count, a sum or a quantile of them), so :class:`PathRows` and their
-    per-endpoint aggregates (:class:`PathSummary`) decide the same."""
+    """The endpoint's critical path from its traces' root durations (``durations``), the
+    statistics of its traces' on-path self time per operation (``op_stats``: service, name,
+    traces, ``_p50``/``_p95``/``_ns`` of the self times: :func:`_stats`), those of its folded
+    paths (``path_stats``: key, traces, ``_p50`` of the root durations of the traces with that
+    path) and the merged forest. Every figure is a count, a sum or a quantile over the endpoint's
+    traces, so :class:`PathRows` (grouped) and their per-endpoint aggregates
+    (:class:`PathSummary`, lists of values per group) decide the same."""
     n_traces = durations.len()
     roots = durations.alias("root_duration_ns").to_frame()
     root_stats = roots.select(
         _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("p50"),
         _ms(pl.col("root_duration_ns").quantile(0.95, interpolation="linear")).alias("p95"),
     ).row(0)
-    grand_total = int(per_trace["ns"].sum() or 0)
+    grand_total = int(op_stats["_ns"].sum() or 0)
     ops = (
-        per_trace.group_by("service", "name")
-        .agg(
-            pl.len().alias("traces"),
-            _ms(pl.col("ns").quantile(0.5, interpolation="linear")).alias("ms_p50"),
-            _ms(pl.col("ns").quantile(0.95, interpolation="linear")).alias("ms_p95"),
-            pl.col("ns").sum().alias("_ns"),
-        )
+        op_stats.with_columns(ms_p50=_ms(pl.col("_p50")), ms_p95=_ms(pl.col("_p95")))
         .with_columns(
             _ms(pl.col("_ns")).alias("ms_total"),
             (pl.col("_ns") / grand_total if grand_total > 0 else pl.lit(0.0)).round(4).alias("share"),
@@ -450,23 +474,20 @@ def _endpoint_path(
         "root_ms_p50": root_stats[0],
         "root_ms_p95": root_stats[1],
         "operations": (ops if max_operations is None else ops.head(max_operations)).to_dicts(),
-        "paths": _paths(keyed, n_traces, top_paths),
+        "paths": _paths(path_stats, n_traces, top_paths),
     }
     if icicle:
         out["icicle"] = _icicle(nodes, service, operation, n_traces, max_icicle_nodes)
     return out
 
 
-def _paths(keyed: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
-    """The ``top`` most frequent paths of ``keyed`` (key, root_duration_ns: a row per trace)."""
+def _paths(path_stats: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` most frequent paths of ``path_stats`` (key, traces, ``_p50`` of their root
+    durations)."""
     grouped = (
-        keyed.group_by("key")
-        .agg(
-            pl.len().alias("traces"),
-            _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("root_ms_p50"),
-        )
-        .sort(["traces", "key"], descending=[True, False])
+        path_stats.sort(["traces", "key"], descending=[True, False])
         .head(top)
+        .with_columns(root_ms_p50=_ms(pl.col("_p50")))
     )
     out = []
     for row in grouped.iter_rows(named=True):
