@@ -253,6 +253,118 @@ def combine_path_rows(parts: Iterable[PathRows]) -> PathRows:
     )
 
 
+@dataclass
+class PathSummary:
+    """:class:`PathRows` aggregated per endpoint (the root's service and operation), without a
+    row per trace: what :func:`critical_paths_from_summary` needs to decide exactly what
+    :func:`critical_paths_from_rows` decides on the rows — every figure there is a count, a sum
+    or a quantile over one endpoint's traces, so the values are kept as lists per group. ``serve``
+    keeps a batch's summary instead of its rows (issue 11: the trace ids and path keys of every
+    trace were most of what a round re-read): one 8-byte value per trace, per trace and on-path
+    operation, and per trace's path."""
+
+    roots: pl.DataFrame  # service, operation, durations: the root duration (ns) of each trace
+    operations: pl.DataFrame  # service, operation (the endpoint), op_service, op_name, ns: per trace
+    paths: pl.DataFrame  # service, operation, key, durations: the root duration of each trace with that path
+    nodes: pl.DataFrame  # the icicle forest (PathRows.nodes; merged by combine_path_summaries)
+
+
+_ENDPOINT = ["service", "operation"]
+
+
+def summarize_path_rows(rows: PathRows) -> PathSummary:
+    """``rows`` (of whole traces, each trace once) aggregated per endpoint."""
+    ends = rows.traces.select("trace_id", *_ENDPOINT, "root_duration_ns")
+    roots = ends.group_by(_ENDPOINT).agg(pl.col("root_duration_ns").alias("durations")).sort(_ENDPOINT)
+    operations = (
+        rows.operations.select("trace_id", op_service="service", op_name="name", ns="ns")
+        .join(ends.select("trace_id", *_ENDPOINT), on="trace_id")
+        .group_by(*_ENDPOINT, "op_service", "op_name")
+        .agg(pl.col("ns"))
+        .sort(*_ENDPOINT, "op_service", "op_name")
+    )
+    paths = (
+        rows.paths.select("trace_id", "key")
+        .join(ends.select("trace_id", *_ENDPOINT, "root_duration_ns"), on="trace_id")
+        .group_by(*_ENDPOINT, "key")
+        .agg(pl.col("root_duration_ns").alias("durations"))
+        .sort(*_ENDPOINT, "key")
+    )
+    return PathSummary(roots, operations, paths, rows.nodes)
+
+
+def combine_path_summaries(parts: Iterable[PathSummary]) -> PathSummary:
+    """The summaries of several partitions of whole traces as one (their groups side by side:
+    the decision reads a group's values wherever they are; the forests merged node by node)."""
+    pieces = list(parts)
+    if not pieces:
+        raise ValueError("combine_path_summaries needs the summary of at least one partition")
+
+    def concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        filled = [f for f in frames if f.height]
+        if not filled:
+            return frames[0]
+        return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
+
+    return PathSummary(
+        roots=concat([p.roots for p in pieces]),
+        operations=concat([p.operations for p in pieces]),
+        paths=concat([p.paths for p in pieces]),
+        nodes=_merge_forests([p.nodes for p in pieces]),
+    )
+
+
+def _of_endpoint(frame: pl.DataFrame, service: str, operation: str) -> pl.DataFrame:
+    return frame.filter((pl.col("service") == service) & (pl.col("operation") == operation))
+
+
+def critical_paths_from_summary(
+    summary: PathSummary, top: int = TOP_ENDPOINTS, **options: Any
+) -> list[dict[str, Any]]:
+    """:func:`critical_paths_from_rows` decided on the per-endpoint aggregates of the rows
+    (:func:`summarize_path_rows`, :func:`combine_path_summaries`): the same list."""
+    busiest = (
+        summary.roots.group_by(_ENDPOINT)
+        .agg(pl.col("durations").list.len().sum().alias("traces"))
+        .sort(["traces", "service", "operation"], descending=[True, False, False])
+        .head(top)
+    )
+    out = []
+    for service, operation, _ in busiest.iter_rows():
+        durations = _of_endpoint(summary.roots, service, operation)["durations"].explode()
+        if durations.len() == 0:
+            continue
+        # each group's values in one list (a group has a row per partition), then its figures
+        # over the list: no row per value
+        op_stats = (
+            _of_endpoint(summary.operations, service, operation)
+            .group_by(service="op_service", name="op_name")
+            .agg(pl.col("ns").list.explode(keep_nulls=False, empty_as_null=False))
+            .select("service", "name", traces=pl.col("ns").list.len(), **_list_stats("ns", sum_as="_ns"))
+        )
+        path_stats = (
+            _of_endpoint(summary.paths, service, operation)
+            .group_by("key")
+            .agg(pl.col("durations").list.explode(keep_nulls=False, empty_as_null=False))
+            .select("key", traces=pl.col("durations").list.len(), **_list_stats("durations"))
+        )
+        out.append(
+            _endpoint_path(
+                service,
+                operation,
+                durations,
+                op_stats,
+                path_stats,
+                summary.nodes,
+                top_paths=options.get("top_paths", TOP_PATHS),
+                icicle=options.get("icicle", True),
+                max_operations=options.get("max_operations"),
+                max_icicle_nodes=options.get("max_icicle_nodes", MAX_ICICLE_NODES),
+            )
+        )
+    return out
+
+
 def endpoint_critical_path(
     ctx: AnalysisContext, service: str, operation: str, **options: Any
 ) -> dict[str, Any] | None:
@@ -276,21 +388,76 @@ def endpoint_path_from_rows(
     roots = rows.traces.filter((pl.col("service") == service) & (pl.col("operation") == operation))
     if roots.height == 0:
         return None
-    n_traces = roots.height
+    per_trace = rows.operations.join(roots.select("trace_id"), on="trace_id", how="semi")
+    keyed = rows.paths.join(roots.select("trace_id", "root_duration_ns"), on="trace_id")
+    return _endpoint_path(
+        service,
+        operation,
+        roots["root_duration_ns"],
+        per_trace.group_by("service", "name").agg(traces=pl.len(), **_stats(pl.col("ns"), sum_as="_ns")),
+        keyed.group_by("key").agg(traces=pl.len(), **_stats(pl.col("root_duration_ns"))),
+        rows.nodes,
+        top_paths=top_paths,
+        icicle=icicle,
+        max_operations=max_operations,
+        max_icicle_nodes=max_icicle_nodes,
+    )
+
+
+def _stats(values: pl.Expr, *, sum_as: str | None = None) -> dict[str, pl.Expr]:
+    """The p50 (``_p50``) and p95 (``_p95``) of ``values`` (and their sum as ``sum_as``): over a
+    column in a group, or over the elements of a list column (``values.list.eval``) — the same
+    quantiles of the same values."""
+    out = {
+        "_p50": values.quantile(0.5, interpolation="linear"),
+        "_p95": values.quantile(0.95, interpolation="linear"),
+    }
+    if sum_as is not None:
+        out[sum_as] = values.sum()
+    return out
+
+
+def _list_stats(values: str, *, sum_as: str | None = None) -> dict[str, pl.Expr]:
+    """:func:`_stats` of the elements of each row's list column ``values``."""
+    lists = pl.col(values)
+    out = {
+        name: lists.list.eval(pl.element().quantile(q, interpolation="linear")).list.first()
+        for name, q in (("_p50", 0.5), ("_p95", 0.95))
+    }
+    if sum_as is not None:
+        out[sum_as] = lists.list.sum()
+    return out
+
+
+def _endpoint_path(
+    service: str,
+    operation: str,
+    durations: pl.Series,
+    op_stats: pl.DataFrame,
+    path_stats: pl.DataFrame,
+    nodes: pl.DataFrame,
+    *,
+    top_paths: int,
+    icicle: bool,
+    max_operations: int | None,
+    max_icicle_nodes: int,
+) -> dict[str, Any]:
+    """The endpoint's critical path from its traces' root durations (``durations``), the
+    statistics of its traces' on-path self time per operation (``op_stats``: service, name,
+    traces, ``_p50``/``_p95``/``_ns`` of the self times: :func:`_stats`), those of its folded
+    paths (``path_stats``: key, traces, ``_p50`` of the root durations of the traces with that
+    path) and the merged forest. Every figure is a count, a sum or a quantile over the endpoint's
+    traces, so :class:`PathRows` (grouped) and their per-endpoint aggregates
+    (:class:`PathSummary`, lists of values per group) decide the same."""
+    n_traces = durations.len()
+    roots = durations.alias("root_duration_ns").to_frame()
     root_stats = roots.select(
         _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("p50"),
         _ms(pl.col("root_duration_ns").quantile(0.95, interpolation="linear")).alias("p95"),
     ).row(0)
-    per_trace = rows.operations.join(roots.select("trace_id"), on="trace_id", how="semi")
-    grand_total = int(per_trace["ns"].sum() or 0)
+    grand_total = int(op_stats["_ns"].sum() or 0)
     ops = (
-        per_trace.group_by("service", "name")
-        .agg(
-            pl.len().alias("traces"),
-            _ms(pl.col("ns").quantile(0.5, interpolation="linear")).alias("ms_p50"),
-            _ms(pl.col("ns").quantile(0.95, interpolation="linear")).alias("ms_p95"),
-            pl.col("ns").sum().alias("_ns"),
-        )
+        op_stats.with_columns(ms_p50=_ms(pl.col("_p50")), ms_p95=_ms(pl.col("_p95")))
         .with_columns(
             _ms(pl.col("_ns")).alias("ms_total"),
             (pl.col("_ns") / grand_total if grand_total > 0 else pl.lit(0.0)).round(4).alias("share"),
@@ -307,23 +474,20 @@ def endpoint_path_from_rows(
         "root_ms_p50": root_stats[0],
         "root_ms_p95": root_stats[1],
         "operations": (ops if max_operations is None else ops.head(max_operations)).to_dicts(),
-        "paths": _paths(rows.paths, roots, n_traces, top_paths),
+        "paths": _paths(path_stats, n_traces, top_paths),
     }
     if icicle:
-        out["icicle"] = _icicle(rows.nodes, service, operation, n_traces, max_icicle_nodes)
+        out["icicle"] = _icicle(nodes, service, operation, n_traces, max_icicle_nodes)
     return out
 
 
-def _paths(paths: pl.DataFrame, roots: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
-    keyed = paths.join(roots.select("trace_id", "root_duration_ns"), on="trace_id")
+def _paths(path_stats: pl.DataFrame, n_traces: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` most frequent paths of ``path_stats`` (key, traces, ``_p50`` of their root
+    durations)."""
     grouped = (
-        keyed.group_by("key")
-        .agg(
-            pl.len().alias("traces"),
-            _ms(pl.col("root_duration_ns").quantile(0.5, interpolation="linear")).alias("root_ms_p50"),
-        )
-        .sort(["traces", "key"], descending=[True, False])
+        path_stats.sort(["traces", "key"], descending=[True, False])
         .head(top)
+        .with_columns(root_ms_p50=_ms(pl.col("_p50")))
     )
     out = []
     for row in grouped.iter_rows(named=True):
@@ -432,6 +596,15 @@ def report_critical_paths(rows: PathRows) -> list[dict[str, Any]]:
     picture must never cost the recommendations."""
     try:
         return critical_paths_from_rows(rows, **REPORT_PATHS)
+    except Exception:
+        log.exception("critical paths of the endpoints failed")
+        return []
+
+
+def report_critical_paths_from_summary(summary: PathSummary) -> list[dict[str, Any]]:
+    """:func:`report_critical_paths` from (combined) per-endpoint aggregates of the rows."""
+    try:
+        return critical_paths_from_summary(summary, **REPORT_PATHS)
     except Exception:
         log.exception("critical paths of the endpoints failed")
         return []

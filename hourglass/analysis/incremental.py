@@ -27,13 +27,15 @@ lock-convoy rule's ``candidates``) are written once per batch to Parquet buckets
 resource keys and decided bucket by bucket, as the CLI's partitioned runs do; each bucket keeps
 the convoy sweep's states of the last round (``hourglass.analysis.detectors._sweep.BucketSweep``),
 so a round sweeps a resource key's rows from where new batches' rows start, not from its first
-row. What the round
-still holds whole is what the report is made of: the trace summaries and the endpoints'
-critical-path rows.
+row. What the round still holds whole is what the report is made of: the trace summaries (a
+trace's id and root duration) and the endpoints' critical-path summaries (per endpoint, the values
+its percentiles and counts are taken over: ``endpoint_path.PathSummary``, not a row per trace).
+Runs of ``SEGMENT_BATCHES`` consecutive stored batches are also kept combined (a *segment*), so a
+round reads a file per segment and kind rather than one per batch.
 
 The report is the same as ``analyze_partitioned`` over the same traces (and so as the at-once
 analysis: ``tests/test_partitioned_analysis.py``), the endpoints' critical paths included: each
-batch keeps its critical-path rows beside its detector rows.
+batch keeps its critical-path summary beside its detector rows.
 
 A ``since`` window is the decision over the batches inside the window, plus the in-window traces
 of batches that straddle its edge, extracted on the fly (not stored).
@@ -60,11 +62,17 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import partitions
+from hourglass.analysis import memlog, partitions
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.endpoint_path import combine_path_rows, report_critical_paths
+from hourglass.analysis.endpoint_path import (
+    PathRows,
+    PathSummary,
+    combine_path_summaries,
+    report_critical_paths_from_summary,
+    summarize_path_rows,
+)
 from hourglass.analysis.model import Finding, Occurrence
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
 
@@ -84,6 +92,15 @@ MAX_ROUND_SPANS = 1_500_000
 # tasks and are held here until those tasks are done; the workers compute them together)
 CLUSTER_BATCHES_IN_FLIGHT = 3
 SIDECAR_SUFFIX = ".analysis.duckdb"
+# the columns of the trace summaries (``AnalysisContext.traces``) a round reads: pipeline.score
+# reads the root duration of each finding's traces, the report counts them
+TRACE_COLUMNS = ("trace_id", "root_duration_ns")
+# stored batches whose rows (each kind's, and their meta) are also kept combined in one
+# *segment*, so a round reads a file per segment instead of one per batch: with small batches (a
+# round's arrivals under sustained ingest) the per-frame cost of reading thousands of small
+# pickles, not their bytes, was the cost. One level, so a dirty batch (a late span, retention)
+# costs the re-reading of at most this many batches' files to build its segment again.
+SEGMENT_BATCHES = 16
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
 
@@ -435,9 +452,15 @@ class IncrementalAnalysis:
     file; None: in memory only)."""
 
     def __init__(
-        self, sidecar: str | None, *, batch_spans: int = BATCH_SPANS, max_round_spans: int = MAX_ROUND_SPANS
+        self,
+        sidecar: str | None,
+        *,
+        batch_spans: int = BATCH_SPANS,
+        max_round_spans: int = MAX_ROUND_SPANS,
+        segment_batches: int = SEGMENT_BATCHES,
     ) -> None:
         self.batch_spans = batch_spans
+        self.segment_batches = segment_batches
         self.max_round_spans = max_round_spans
         self.sidecar = sidecar
         if sidecar and os.path.exists(sidecar) and _identity(sidecar) != _stored_identity(sidecar):
@@ -456,7 +479,7 @@ class IncrementalAnalysis:
         self.watermark = int(watermark[0][0]) if watermark else 0
         # Each batch's rows live on disk only, in a folder beside the sidecar (a temporary one
         # without a sidecar): ``b<batch>/`` holds one pickle per detector kind, the batch's trace
-        # summaries and critical-path rows (``meta``, written last: a batch without it is extracted
+        # summaries and critical-path summary (``meta``, written last: a batch without it is extracted
         # again) and its pricing; ``spill/`` the resource rows in Parquet buckets
         # (``spill/<kind>.<table>/b<bucket>/p<batch>.parquet``). Pickles, not DuckDB BLOBs: DuckDB
         # binds a large BLOB parameter slowly (8 s for one 100k-span batch's rows).
@@ -481,6 +504,19 @@ class IncrementalAnalysis:
             int(f.stem[1:]) for f in Path(self.spill.folder).glob("*/b*/p*.parquet") if f.stem[1:].isdigit()
         } - self.stored
         self._remove_files(leftovers)  # a batch cut short by a crash, or one retention emptied
+        # ``segments/s<first>-<last>/``: the combined rows and meta of consecutive stored batches
+        # (``members.pickle``, written last, names them); valid while every member is stored
+        self.segments: dict[tuple[int, ...], Path] = {}
+        (self.folder / "segments").mkdir(exist_ok=True)
+        for path in sorted((self.folder / "segments").iterdir()):
+            try:
+                members = tuple(pickle.loads((path / "members.pickle").read_bytes()))
+            except Exception:  # cut short by a crash
+                members = ()
+            if members and set(members) <= self.stored:
+                self.segments[members] = path
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         self.last = RoundFigures()
         if sidecar:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('store_inode', ?)", [_identity(sidecar)])
@@ -510,19 +546,26 @@ class IncrementalAnalysis:
         rows = self.spill.write(batch, result.rows)
         for kind, tables in rows.items():
             self._write(folder / f"rows-{kind}.pickle", tables)
-        self._write(folder / "meta.pickle", (result.traces, result.services, result.spans, result.paths))
+        # the trace summaries' columns a round reads, the critical-path rows as their
+        # per-endpoint aggregates (a 13th of the bytes)
+        traces = result.traces.select(TRACE_COLUMNS)
+        self._write(folder / "meta.pickle", (traces, result.services, result.spans, _summary(result.paths)))
         self.stored.add(batch)
 
     def load_rows(self, batch: int, kind: str) -> Rows:
         path = self._batch_folder(batch) / f"rows-{kind}.pickle"
         return pickle.loads(path.read_bytes()) if path.exists() else {}
 
-    def load_meta(self, batch: int) -> tuple[pl.DataFrame, pl.DataFrame, int, Any]:
-        """(trace summaries, services, span count, critical-path rows or None) of a stored batch."""
-        meta: tuple[pl.DataFrame, pl.DataFrame, int, Any] = pickle.loads(
-            (self._batch_folder(batch) / "meta.pickle").read_bytes()
-        )
-        return meta
+    def load_meta(self, batch: int) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
+        """(trace summaries, services, span count, critical-path summary or None) of a stored
+        batch (a batch stored with its critical-path rows, before they were summarized, gets
+        them summarized here, and its file rewritten so)."""
+        path = self._batch_folder(batch) / "meta.pickle"
+        traces, services, spans, paths = pickle.loads(path.read_bytes())
+        if isinstance(paths, PathRows):  # written as store_extraction writes it now, once
+            traces, paths = traces.select(TRACE_COLUMNS), _summary(paths)
+            self._write(path, (traces, services, spans, paths))
+        return traces, services, spans, paths
 
     def load_pricing(self, batch: int) -> dict[str, PricedEntry]:
         path = self._batch_folder(batch) / "priced.pickle"
@@ -550,6 +593,84 @@ class IncrementalAnalysis:
         chosen = set(batches)
         self.stored -= chosen
         self._remove_files(chosen)
+        for members in [m for m in self.segments if chosen.intersection(m)]:
+            shutil.rmtree(self.segments.pop(members), ignore_errors=True)
+
+    # -- segments: the rows of consecutive batches combined -----------------------------------
+
+    def load_segment_rows(self, members: tuple[int, ...], kind: str) -> Rows:
+        path = self.segments[members] / f"rows-{kind}.pickle"
+        return pickle.loads(path.read_bytes()) if path.exists() else {}
+
+    def load_segment_meta(
+        self, members: tuple[int, ...]
+    ) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
+        meta: tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None] = pickle.loads(
+            (self.segments[members] / "meta.pickle").read_bytes()
+        )
+        return meta
+
+    def compact(self) -> None:
+        """Every run of ``segment_batches`` stored batches, consecutive among the known batches
+        and in no segment yet, combined into a segment (each kind's rows concatenated in batch
+        order, as a round combines them; the meta's frames likewise, the critical-path
+        summaries' forests merged)."""
+        if self.segment_batches < 2:
+            return
+        segmented = {b for members in self.segments for b in members}
+        run: list[int] = []
+        for b in [*sorted(self.batches), None]:
+            if b is not None and b in self.stored and b not in segmented:
+                run.append(b)
+                continue
+            for start in range(0, len(run) - self.segment_batches + 1, self.segment_batches):
+                self._write_segment(tuple(run[start : start + self.segment_batches]))
+            run = []
+
+    def _write_segment(self, members: tuple[int, ...]) -> None:
+        folder = self.folder / "segments" / f"s{members[0]:06d}-{members[-1]:06d}"
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for kind in PARTS:
+            rows = partitions.combine({kind: self.load_rows(b, kind)} for b in members).get(kind, {})
+            if rows:
+                self._write(partial / f"rows-{kind}.pickle", rows)
+            del rows
+        metas = [self.load_meta(b) for b in members]
+        paths = [m[3] for m in metas]
+        summary = None
+        if all(p is not None for p in paths):
+            summary = combine_path_summaries(p for p in paths if p is not None)
+            summary.nodes = summary.nodes.drop("root")  # a forest again, merged with the others
+        meta = (
+            pl.concat([m[0] for m in metas], how="vertical_relaxed"),
+            pl.concat([m[1] for m in metas], how="vertical_relaxed"),
+            sum(m[2] for m in metas),
+            summary,
+        )
+        self._write(partial / "meta.pickle", meta)
+        self._write(partial / "members.pickle", list(members))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        self.segments[members] = folder
+
+    def _pieces(self, units: tuple[Unit, ...]) -> list[tuple[int, tuple[int, ...] | None]]:
+        """The round's units in order as (position of the first, the members of a segment that
+        stands for the units from there, or None for that unit alone)."""
+        starting = {members[0]: members for members in self.segments}
+        out: list[tuple[int, tuple[int, ...] | None]] = []
+        p = 0
+        while p < len(units):
+            batch = units[p].batch
+            members = starting.get(batch) if batch is not None else None
+            if members is not None and tuple(u.batch for u in units[p : p + len(members)]) == members:
+                out.append((p, members))
+                p += len(members)
+            else:
+                out.append((p, None))
+                p += 1
+        return out
 
     def close(self) -> None:
         self.db.close()
@@ -586,24 +707,33 @@ class IncrementalAnalysis:
                     on_the_fly[p] = result
             del fresh
 
-            def meta(p: int, unit: Unit) -> tuple[pl.DataFrame, pl.DataFrame, int, Any]:
+            def meta(p: int, unit: Unit) -> tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]:
                 if p in on_the_fly:
                     r = on_the_fly[p]
-                    return r.traces, r.services, r.spans, r.paths
+                    return r.traces, r.services, r.spans, _summary(r.paths)
                 assert unit.batch is not None
                 return self.load_meta(unit.batch)
 
-            traces_of, services_of, paths_of, spans = [], [], [], 0
+            # the stored batches in segments read as one (same rows, same order)
+            pieces = self._pieces(units)
+            traces_of: list[pl.DataFrame] = []
+            services_of: list[pl.DataFrame] = []
+            paths_of: list[PathSummary] = []
+            spans = 0
             complete = bool(units)
-            for p, unit in enumerate(units):
-                traces, services, count, paths = meta(p, unit)
-                traces_of.append(traces)
+            for p, members in pieces:
+                traces, services, count, paths = (
+                    meta(p, units[p]) if members is None else self.load_segment_meta(members)
+                )
+                traces_of.append(traces.select(TRACE_COLUMNS))
                 services_of.append(services)
                 spans += count
                 complete = complete and paths is not None
-                if complete:
+                if paths is not None and complete:
                     paths_of.append(paths)
-            all_traces = pl.concat(traces_of, how="vertical_relaxed").sort("trace_id")
+            # the trace summaries the report reads (pipeline.score: each finding's traces' root
+            # durations; their count), in no particular order (each is looked up by id)
+            all_traces = pl.concat(traces_of, how="vertical_relaxed")
             all_services = (
                 pl.concat(services_of, how="vertical_relaxed")
                 .group_by("service", "scope_name")
@@ -611,9 +741,13 @@ class IncrementalAnalysis:
                 .sort("service", "scope_name")
             )
             del traces_of, services_of
+            memlog.note("trace summaries and services combined")
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
-            critical_paths = report_critical_paths(combine_path_rows(paths_of)) if complete else []
+            critical_paths = (
+                report_critical_paths_from_summary(combine_path_summaries(paths_of)) if complete else []
+            )
             del paths_of
+            memlog.note("critical paths decided")
             stored = tuple(u.batch for u in units if u.batch is not None)
             batch_spill = BatchSpill(  # a window's rounds keep nothing (a whole round's state stays)
                 self.spill.folder,
@@ -627,14 +761,18 @@ class IncrementalAnalysis:
                 rows = partitions.combine(
                     {kind: on_the_fly[p].rows.get(kind, {})}
                     if p in on_the_fly
-                    else {kind: self.load_rows(unit.batch, kind)}  # type: ignore[arg-type]
-                    for p, unit in enumerate(units)
+                    else {kind: self.load_rows(units[p].batch, kind)}  # type: ignore[arg-type]
+                    if members is None
+                    else {kind: self.load_segment_rows(members, kind)}
+                    for p, members in pieces
                 )
+                memlog.note(f"rows of {kind} combined")
                 decided.update(partitions.decide(rows, notes, batch_spill))
                 del rows
         finally:
             if extra is not None:
                 extra.remove()
+        self.compact()  # for the next rounds
         findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
         return partitions.Extracted(findings, all_traces, spans, all_services, critical_paths)
 
@@ -775,6 +913,11 @@ class IncrementalAnalysis:
 
     def settled_in_report(self) -> int:
         return sum(len(self.batches[b].trace_ids) for b in self.stored if b in self.batches)
+
+
+def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:
+    """A partition's critical-path rows as their per-endpoint aggregates (what a round decides)."""
+    return summarize_path_rows(paths) if isinstance(paths, PathRows) else paths
 
 
 def _store_file(sidecar: str) -> str:

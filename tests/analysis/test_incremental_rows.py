@@ -77,6 +77,8 @@ def _same(served: dict[str, Any], cli: dict[str, Any]) -> None:
                 assert value == pytest.approx(theirs["impact"][key], rel=0.01, abs=1e-9), (mine["id"], key)
     assert served["traces_analyzed"] == cli["traces_analyzed"]
     assert served["spans_analyzed"] == cli["spans_analyzed"]
+    # the endpoints' critical paths, decided on the batches' per-endpoint aggregates
+    assert served["critical_paths"] and served["critical_paths"] == cli["critical_paths"]
 
 
 class Recording(IncrementalAnalysis):
@@ -172,3 +174,99 @@ def _holds_rows(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_holds_rows(v) for v in value.values())
     return False
+
+
+def test_batches_stored_with_critical_path_rows_are_summarized_when_read(tmp_path: Path) -> None:
+    """A sidecar written before the batches kept per-endpoint aggregates holds each batch's
+    critical-path rows (``PathRows``): a round resumes from them (no span read) and its critical
+    paths are still the CLI's."""
+    import pickle
+
+    from hourglass.analysis.context import AnalysisContext
+    from hourglass.analysis.endpoint_path import PathRows, PathSummary, path_rows
+
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = IncrementalAnalysis(sidecar, batch_spans=500)
+        _round(state, store)
+        reader = StoreReader(store)
+        for batch in state.batches.values():  # each batch's meta as the older layout wrote it
+            meta = Path(sidecar + ".d") / f"b{batch.id:06d}" / "meta.pickle"
+            traces, services, spans, summary = pickle.loads(meta.read_bytes())
+            assert isinstance(summary, PathSummary)
+            ctx = AnalysisContext.from_table(reader.batch(batch.trace_ids, batch.first, batch.last))
+            meta.write_bytes(pickle.dumps((traces, services, spans, path_rows(ctx))))
+        state.close()
+        again = IncrementalAnalysis(sidecar)
+        assert isinstance(pickle.loads(meta.read_bytes())[3], PathRows)
+        resumed, figures = _round(again, store)
+        # and written back summarized, once
+        assert isinstance(pickle.loads(meta.read_bytes())[3], PathSummary)
+        assert figures["partitions_read"] == 0, figures
+        again.close()
+    finally:
+        store.close()
+    _same(resumed, _cli(db))
+
+
+class SegmentRecording(Recording):
+    """Also records the segments the decision loads: (kind, members)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.segment_loads: list[tuple[str, tuple[int, ...]]] = []
+
+    def load_segment_rows(self, members: tuple[int, ...], kind: str) -> Any:
+        self.segment_loads.append((kind, members))
+        return super().load_segment_rows(members, kind)
+
+
+def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path: Path) -> None:
+    """Stored batches are combined into segments of ``segment_batches`` consecutive batches after
+    a round; the next rounds read a segment instead of its batches' files, and decide the CLI's
+    report. A dirty batch drops its segment (its batches are read alone until it is built
+    again); a restart resumes the segments; a segment cut short by a crash is dropped."""
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = SegmentRecording(sidecar, batch_spans=300, segment_batches=2)
+        first, _ = _round(state, store)
+        batches = sorted(state.batches)
+        assert len(batches) >= 5, batches
+        # built after the round: consecutive pairs, the odd one out alone
+        assert sorted(state.segments) == [tuple(batches[i : i + 2]) for i in range(0, len(batches) - 1, 2)]
+        state.loads.clear()
+        again, figures = _round(state, store)
+        assert figures["partitions_read"] == 0, figures
+        alone = {b for _, b, _ in state.loads}
+        assert alone == set(batches) - {b for m in state.segments for b in m}, (alone, state.segments)
+        assert {m for _, m in state.segment_loads} == set(state.segments)
+        # a dirty batch: its segment is dropped, the batch extracted again, the segment rebuilt
+        dirty = batches[0]
+        state._forget({dirty})
+        assert all(dirty not in m for m in state.segments)
+        state.loads.clear()
+        redone, figures = _round(state, store)
+        assert figures["partitions_read"] == 1, figures
+        assert (dirty, batches[1]) in state.segments
+        state.close()
+        # a restart resumes the segments; one cut short (no members file) is dropped
+        partial = next(iter(state.segments.values()))
+        (partial / "members.pickle").unlink()
+        resumed_state = SegmentRecording(sidecar, segment_batches=2)
+        assert len(resumed_state.segments) == len(state.segments) - 1
+        resumed, figures = _round(resumed_state, store)
+        assert figures["partitions_read"] == 0, figures
+        assert set(resumed_state.segments) == set(state.segments)
+        resumed_state.close()
+    finally:
+        store.close()
+    cli = _cli(db)
+    for report in (first, again, redone, resumed):
+        _same(report, cli)
+        assert report["recommendations"] == first["recommendations"]

@@ -21,7 +21,16 @@ import pytest
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
-from hourglass.analysis.endpoint_path import combine_path_rows, endpoint_critical_path, path_rows
+from hourglass.analysis.endpoint_path import (
+    combine_path_rows,
+    combine_path_summaries,
+    critical_paths_from_rows,
+    critical_paths_from_summary,
+    endpoint_critical_path,
+    path_rows,
+    report_critical_paths_from_summary,
+    summarize_path_rows,
+)
 from hourglass.analysis.endpoint_path import report_critical_paths as paths_from_rows
 from hourglass.analysis.model import Finding, NearMissLog
 from hourglass.analysis.pipeline import report_critical_paths
@@ -142,6 +151,14 @@ def test_partitioned_critical_paths_equal_the_whole(
     pieces = partitions.split_by_trace(frame, parts)
     rows = combine_path_rows(path_rows(AnalysisContext.from_table(piece)) for piece in pieces)
     assert paths_from_rows(rows) == expected, f"critical paths on {name} in {parts} partitions"
+    # serve keeps each partition's rows as per-endpoint aggregates: the same paths decided there,
+    # the report's and the full ones (every endpoint's operations, paths and icicle)
+    summary = combine_path_summaries(
+        summarize_path_rows(path_rows(AnalysisContext.from_table(piece))) for piece in pieces
+    )
+    assert report_critical_paths_from_summary(summary) == expected, f"summaries of {name} in {parts}"
+    assert critical_paths_from_summary(summary) == critical_paths_from_rows(rows), f"{name} in {parts}"
+    assert critical_paths_from_summary(summary, top=100) == critical_paths_from_rows(rows, top=100)
     # and the same endpoint asked alone (GET /v1/critical-path) from a context of the whole
     first = expected[0]
     alone = endpoint_critical_path(

@@ -251,9 +251,11 @@ def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.Dat
     """Concurrency of the calls per ``key``: a +1 event at each start and a -1 event at each
     ``end_column``, sorted by (key, time, delta) so that ends at the same instant come before
     starts; the cumulative sum over the whole frame is the per-key concurrency because every key's
-    deltas sum to zero. Columns: key, span_id, t, delta, concurrency and ``k``, the key's maximum."""
-    starts = calls.select(key, "span_id", t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
-    ends = calls.select(key, "span_id", t=pl.col(end_column), delta=pl.lit(-1, pl.Int32))
+    deltas sum to zero. Columns: key, t, delta, concurrency and ``k``, the key's maximum (no span
+    column: events tied on (key, t, delta) are alike, so their order changes no figure, and the
+    shared-pool rule sweeps every pooled call across traces at once)."""
+    starts = calls.select(key, t=pl.col("start_ns"), delta=pl.lit(1, pl.Int32))
+    ends = calls.select(key, t=pl.col(end_column), delta=pl.lit(-1, pl.Int32))
     sweep = (
         pl.concat([starts, ends])
         .sort([key, "t", "delta"])
@@ -453,6 +455,7 @@ def _shared_pool_findings(
         .group_by("signature_id")
         .agg(saturation=(pl.col("concurrency") == pl.col("k")).mean())
     )
+    del sweep  # two events per call: not held through the rest
     # Hand-over: the latest end of another call of the signature at or before each start.
     tolerance = pl.max_horizontal(
         pl.lit(HANDOVER_TOLERANCE_NS), (pl.col("median_ns") * HANDOVER_TOLERANCE_SHARE).cast(pl.Int64)
@@ -492,7 +495,7 @@ def _shared_pool_findings(
     not_shared = judged.filter(~pl.col("shared"))
     if not_shared.height:
         _signature_misses(
-            kids.join(
+            kids.select(*SIGNATURE, "trace_id", "signature_id").join(
                 not_shared.select(
                     "signature_id", "k", "saturation", "handover_rate", "cross_trace_handover_rate"
                 ),
