@@ -155,3 +155,48 @@ def test_an_empty_index_and_a_report_alone() -> None:
             (t.recommendation_id, t.span_ids, t.bottleneck_span_ids) for t in alone.touching(trace_id, spans)
         ]
         assert got == expected
+
+
+def test_a_finding_computes_its_id_once_and_again_when_its_signature_changes() -> None:
+    finding = _finding("op", [])
+    first = finding.id
+    assert finding.id is first and finding.signature == "serialized_calls|svc|op|svc/op|"
+    finding.operation = "other"  # a field of the signature assigned: the id follows
+    finding.targets = [{"service": "svc", "operation": "other"}]
+    assert finding.id != first and finding.id == _finding("other", []).id
+    finding.occurrences = [Occurrence("t", ("s",))]  # not part of the signature
+    assert finding.id == _finding("other", []).id
+    restored = pickle.loads(pickle.dumps(finding))
+    assert restored.id == finding.id and restored == finding
+
+
+def test_ids_beyond_ascii_answer_by_the_definition() -> None:
+    """Ids are packed as UTF-8 bytes in byte order (the lookup's), also when not plain ASCII."""
+    traces = {"trace-é": ["span-ü", "span-a", "span-€"], "trace-a": ["s1", "s2"], "trace-😀": ["x", "y"]}
+    findings = [
+        _finding(
+            "op",
+            [
+                Occurrence("trace-é", ("span-ü", "span-a"), (ShortenSpan("span-€", 5),)),
+                Occurrence("trace-😀", ("y",), (RunConcurrently(("x", "y")),)),
+                Occurrence("trace-a", ("s2",)),
+            ],
+        )
+    ]
+    report = {
+        "recommendations": [
+            {"id": findings[0].id, "rank": 1, "evidence": {"trace_ids": ["trace-é"], "span_ids": ["s1"]}}
+        ]
+    }
+    for index in (
+        TraceIndex.build(report, findings),
+        pickle.loads(pickle.dumps(TraceIndex.build(report, findings))),
+    ):
+        assert index.traces() == 3
+        for trace_id, spans in traces.items():
+            got = [
+                (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                for t in index.touching(trace_id, spans)
+            ]
+            report["recommendations"][0]["evidence"].setdefault("interventions", {})
+            assert got == _expected(report, findings, trace_id, spans), trace_id
