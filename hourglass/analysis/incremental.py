@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import pickle
@@ -240,10 +241,29 @@ class MemoExecutor:
             self._unit_of = {t: i for i, unit in enumerate(self.units) for t in unit.trace_ids}
         out: dict[int, dict[str, tuple[Finding, list[Occurrence]]]] = {}
         for finding in findings:
-            for occ in finding.occurrences:
-                unit = self._unit_of.get(occ.trace_id)
-                if unit is not None:
-                    out.setdefault(unit, {}).setdefault(finding.id, (finding, []))[1].append(occ)
+            occurrences = finding.occurrences
+            if not occurrences:
+                continue
+            # each occurrence's unit looked up in bulk, then the occurrences split by unit in
+            # their order (a stable sort), the finding's id asked once
+            units = np.fromiter(
+                map(self._unit_of.get, [o.trace_id for o in occurrences], itertools.repeat(-1)),
+                dtype=np.int64,
+                count=len(occurrences),
+            )
+            order = np.argsort(units, kind="stable")
+            ordered = units[order]
+            starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+            fid = finding.id
+            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
+                unit = int(ordered[start])
+                if unit >= 0:
+                    mine = [occurrences[i] for i in order[start:end].tolist()]
+                    here = out.setdefault(unit, {})
+                    if fid in here:  # two findings of one id: their occurrences together, as one
+                        here[fid][1].extend(mine)
+                    else:
+                        here[fid] = (finding, mine)
         return out
 
     def _retrying(self, what: str, part: int, fn: Callable[[], Any]) -> Any:
