@@ -29,7 +29,7 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -674,6 +674,15 @@ def fanout_finding(
     )
 
 
+def named_rows(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
+    """``frame.iter_rows(named=True)``, the same dicts of the same values, read column by column
+    (each column converted at once): what a detector builds its occurrences from, one per row,
+    in well under half the time."""
+    names = frame.columns
+    columns = [frame.get_column(n).to_list() for n in names]
+    return (dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True))
+
+
 def batch_occurrences(
     group: pl.DataFrame, numbers: Callable[[dict[str, Any]], dict[str, float]]
 ) -> list[Occurrence]:
@@ -687,7 +696,7 @@ def batch_occurrences(
             interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
             numbers=numbers(r),
         )
-        for r in group.iter_rows(named=True)
+        for r in named_rows(group)
     ]
 
 

@@ -68,6 +68,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
+    named_rows,
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
@@ -359,7 +360,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "failed_request_ms": (r["root_duration_ns"] or 0) / 1e6,
                 },
             )
-            for r in group.iter_rows(named=True)
+            for r in named_rows(group)
         ]
         propagated_traces = int(row["propagated_traces"])
         failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()

@@ -76,6 +76,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
+    named_rows,
     sibling_groups,
     stat,
     target_operation,
@@ -578,7 +579,7 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
                 "cap_hits": float(row["cap_hits"]),
             },
         )
-        for row in frame.iter_rows(named=True)
+        for row in named_rows(frame)
     ]
     confidence = 0.6
     confidence += 0.1 if traces >= 5 else 0.0

@@ -57,6 +57,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
+    named_rows,
     sibling_groups,
     stat,
     target_operation,
@@ -345,7 +346,7 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
                 "stragglers": float(len(row["straggler_ids"])),
             },
         )
-        for row in frame.iter_rows(named=True)
+        for row in named_rows(frame)
     ]
     confidence = 0.55
     confidence += 0.15 if traces >= 5 else 0.0

@@ -78,6 +78,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
+    named_rows,
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
@@ -187,7 +188,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "exhausted": float(bool(r["last_failed"])),
                 },
             )
-            for r in group.iter_rows(named=True)
+            for r in named_rows(group)
         ]
         findings.append(_finding(service, operation, target_service, target_operation, group, occurrences))
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))

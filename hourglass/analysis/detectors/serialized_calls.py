@@ -507,7 +507,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "local_saving_ms": (r["fan_in_ns"] if unchecked else r["local_saving_ns"]) / 1e6,
                 },
             )
-            for r in group.iter_rows(named=True)
+            for r in _common.named_rows(group)
         ]
         sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
         targets = [
