@@ -163,9 +163,16 @@ class BatchSpill(Spill):
 
 def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
     """What a finding's pricing in one batch depends on: its occurrences there (spans and
-    interventions) and whether call durations are asked for."""
+    interventions) and whether call durations are asked for. The occurrences' own keys when
+    their detector hashed its rows in bulk (``Occurrence.key``: an array of integers hashed, for
+    the polars version that made them), else the occurrences written out one by one."""
     digest = hashlib.sha1(finding_id.encode())
     digest.update(b"calls" if calls else b"-")
+    keys = [occ.key for occ in occurrences]
+    if None not in keys:
+        digest.update(f"keys {pl.__version__}:".encode())
+        digest.update(np.array(keys, dtype=np.uint64).tobytes())
+        return digest.hexdigest()
     for occ in occurrences:
         digest.update(repr((occ.trace_id, occ.span_ids, occ.interventions)).encode())
     return digest.hexdigest()
