@@ -65,8 +65,43 @@ def _text_array(values: list[str]) -> np.ndarray:
     return np.array([v.encode() for v in values], dtype=bytes)
 
 
-def _texts(values: np.ndarray) -> tuple[str, ...]:
+def _texts(values: np.ndarray, hexed: bool = False) -> tuple[str, ...]:
+    """The strings of an array of :func:`_text_array` (``hexed``: of :func:`_hex_packed`)."""
+    if hexed:
+        width = values.dtype.itemsize  # numpy drops the trailing zero bytes of an element
+        return tuple(v.ljust(width, b"\0").hex() for v in values.tolist())
     return tuple(v.decode() for v in values.tolist())
+
+
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # the value of a lowercase hex digit's byte, else 255
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _hex_packed(texts: np.ndarray) -> np.ndarray | None:
+    """A sorted :func:`_text_array` of ids that are all lowercase hex of one even length (OTLP's
+    trace and span ids) as the bytes they spell, half the width and in the same order; None when
+    they are not all such."""
+    width = texts.dtype.itemsize
+    if len(texts) == 0 or width % 2:
+        return None
+    nibbles = _NIBBLE[np.ascontiguousarray(texts).view(np.uint8).reshape(len(texts), width)]
+    if (nibbles == 255).any():  # not hex, upper case, or shorter (padded with zero bytes)
+        return None
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view(f"S{width // 2}").ravel()
+
+
+def _compact(texts: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(``texts`` hex-packed when they can be, whether they are)."""
+    packed = _hex_packed(texts)
+    return (texts, False) if packed is None else (packed, True)
+
+
+def _hex_key(text: str, width: int) -> bytes | None:
+    """The key of ``text`` in an array hex-packed to ``width`` bytes (None: it cannot be in it)."""
+    if len(text) != 2 * width or not all(c in "0123456789abcdef" for c in text):
+        return None
+    return bytes.fromhex(text)
 
 
 def _coded(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +162,9 @@ class TraceIndex:
     _changed: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # per entry +1
     _involved_ids: np.ndarray = field(default_factory=lambda: _text_array([]))
     _changed_ids: np.ndarray = field(default_factory=lambda: _text_array([]))
+    # whether _trace_ids, _involved_ids, _changed_ids hold hex ids as the bytes they spell (half
+    # the memory of their text: :func:`_hex_packed`)
+    _hexed: tuple[bool, bool, bool] = (False, False, False)
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> TraceIndex:
@@ -223,19 +261,30 @@ class TraceIndex:
 
         self._involved, self._involved_ids = spans(involved, involved_of)
         self._changed, self._changed_ids = spans(changed, changed_of)
+        # each sorted array hex-packed when it can be: the same order, half the bytes
+        self._trace_ids, trace_hex = _compact(self._trace_ids)
+        self._involved_ids, involved_hex = _compact(self._involved_ids)
+        self._changed_ids, changed_hex = _compact(self._changed_ids)
+        self._hexed = (trace_hex, involved_hex, changed_hex)
 
     def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         """{recommendation id: (involved span ids, changed span ids)} of one trace (rules 1, 2)."""
-        key = trace_id.encode()
+        trace_hex, involved_hex, changed_hex = self._hexed
         ids = self._trace_ids
+        key = _hex_key(trace_id, ids.dtype.itemsize) if trace_hex else trace_id.encode()
+        if key is None:
+            return {}
         at = int(np.searchsorted(ids, key))
-        if at >= len(ids) or ids[at] != key:
+        if at >= len(ids) or ids[at] != key.rstrip(b"\0"):  # an element reads without its trailing zeros
             return {}
         out = {}
         for entry in range(int(self._entries[at]), int(self._entries[at + 1])):
             involved = self._involved_ids[self._involved[entry] : self._involved[entry + 1]]
             changed = self._changed_ids[self._changed[entry] : self._changed[entry + 1]]
-            out[self._recs[int(self._entry_recs[entry])]] = (_texts(involved), _texts(changed))
+            out[self._recs[int(self._entry_recs[entry])]] = (
+                _texts(involved, involved_hex),
+                _texts(changed, changed_hex),
+            )
         return out
 
     def touching(self, trace_id: str, span_ids: Iterable[str]) -> list[Touch]:
