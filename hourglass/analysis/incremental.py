@@ -166,13 +166,24 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
     interventions) and whether call durations are asked for. The occurrences' own keys when
     their detector hashed its rows in bulk (``Occurrence.key``: an array of integers hashed, for
     the polars version that made them), else the occurrences written out one by one."""
+    keys = [occ.key for occ in occurrences]
+    if None in keys:
+        return _written_key(finding_id, occurrences, calls)
     digest = hashlib.sha1(finding_id.encode())
     digest.update(b"calls" if calls else b"-")
-    keys = [occ.key for occ in occurrences]
-    if None not in keys:
-        digest.update(f"keys {pl.__version__}:".encode())
-        digest.update(np.array(keys, dtype=np.uint64).tobytes())
-        return digest.hexdigest()
+    digest.update(f"keys {pl.__version__}:".encode())
+    digest.update(np.array(keys, dtype=np.uint64).tobytes())
+    return KEYED_PREFIX + digest.hexdigest()
+
+
+KEYED_PREFIX = "k:"  # a pricing key made of the occurrences' keys (written-out ones have none)
+
+
+def _written_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
+    """The pricing key of occurrences written out one by one (the only kind before the
+    occurrences had keys: a sidecar's stored pricing may still be keyed so)."""
+    digest = hashlib.sha1(finding_id.encode())
+    digest.update(b"calls" if calls else b"-")
     for occ in occurrences:
         digest.update(repr((occ.trace_id, occ.span_ids, occ.interventions)).encode())
     return digest.hexdigest()
@@ -373,8 +384,22 @@ class MemoExecutor:
         wanted = frozenset(o.trace_id for _, occs in here.values() for o in occs)
         among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
         keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
+        carried = False
+        for fid, (_, occs) in here.items():
+            stored = cache.get(fid)
+            if (
+                stored is not None
+                and stored[0] != keys[fid]
+                and keys[fid].startswith(KEYED_PREFIX)
+                and not stored[0].startswith(KEYED_PREFIX)
+                and stored[0] == _written_key(fid, occs, calls) + among
+            ):
+                # priced before the occurrences had keys, and the same occurrences: kept, re-keyed
+                # (once per stored entry), not priced again
+                cache[fid] = (keys[fid], stored[1], stored[2])
+                carried = True
         missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
-        return _Pricing(cache, wanted, keys, missing)
+        return _Pricing(cache, wanted, keys, missing, carried)
 
     def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
         source, part = args[0], args[1]
@@ -390,8 +415,8 @@ class MemoExecutor:
                 del ctx
             for f in missing:
                 cache[f.id] = (plan.keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
-            if unit.batch is not None:
-                self.state.store_pricing(unit.batch, cache)
+        if unit.batch is not None and (missing or plan.carried):
+            self.state.store_pricing(unit.batch, cache)
         impacts = {fid: cache[fid][1] for fid in plan.keys if cache[fid][1] is not None}
         durations = {fid: cache[fid][2] for fid in plan.keys if cache[fid][2] is not None}
         return partitions.Priced(impacts, durations)
@@ -409,6 +434,7 @@ class _Pricing:
     wanted: frozenset[str]  # the traces priced: those of every finding's occurrences in the unit
     keys: dict[str, str]  # finding id -> what its pricing here depends on
     missing: list[Finding]  # the findings whose entry is absent or stale
+    carried: bool = False  # entries priced under written-out keys, re-keyed (to be stored)
 
 
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)

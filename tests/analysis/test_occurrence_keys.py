@@ -103,3 +103,47 @@ def test_the_pricing_key_of_a_finding_in_a_batch() -> None:
         "f", [Occurrence("t1", ("a",), (ShortenSpan("a", 6),))], True
     )
     assert _occurrence_key("f", plain + keyed, True) != _occurrence_key("f", keyed, True)
+
+
+class _State:
+    """The stored pricing of one batch (``IncrementalAnalysis.load_pricing``/``store_pricing``)."""
+
+    def __init__(self, entries: dict[str, Any]) -> None:
+        self.entries, self.stored = entries, 0
+
+    def load_pricing(self, batch: int) -> dict[str, Any]:
+        return self.entries
+
+    def store_pricing(self, batch: int, entries: dict[str, Any]) -> None:
+        self.stored += 1
+
+
+def test_pricing_stored_under_written_out_keys_is_kept_for_the_same_occurrences() -> None:
+    """A sidecar priced before the occurrences had keys: an entry whose occurrences are the same is
+    re-keyed and stored, not priced again; one whose occurrences changed is priced again."""
+    import hashlib
+
+    from hourglass.analysis.incremental import KEYED_PREFIX, MemoExecutor, Unit, _written_key
+    from hourglass.analysis.model import Finding
+
+    def finding(by_ns: int) -> Finding:
+        occurrences = [
+            Occurrence("t1", ("a", "b"), (ShortenSpan("a", by_ns),), key=by_ns),
+            Occurrence("t2", ("c",), (ShortenSpan("c", 1),), key=7),
+        ]
+        return Finding("fanout_straggler", "parallelization", "svc", "op", [], occurrences, 1.0)
+
+    among = hashlib.sha1(b"t1\nt2").hexdigest()
+    old = finding(5)
+    legacy = {old.id: (_written_key(old.id, old.occurrences, True) + among, "impact", "calls")}
+    for current, carried in ((finding(5), True), (finding(6), False)):
+        state = _State(dict(legacy))
+        executor = MemoExecutor(state, (Unit(0, ("t1", "t2"), None, None),))  # type: ignore[arg-type]
+        plan = executor._plan(0, executor._group([current])[0], True)
+        assert plan.carried is carried and plan.missing == ([] if carried else [current])
+        if carried:
+            assert state.entries[current.id][0].startswith(KEYED_PREFIX)
+            priced = executor._priced((None, 0), plan, True)
+            assert priced.impacts == {current.id: "impact"} and state.stored == 1
+            again = MemoExecutor(state, executor.units)  # type: ignore[arg-type]
+            assert again._plan(0, again._group([current])[0], True).carried is False  # stored re-keyed
