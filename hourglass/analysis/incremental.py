@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import pickle
@@ -190,7 +191,25 @@ class BatchSpill(Spill):
 
 def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
     """What a finding's pricing in one batch depends on: its occurrences there (spans and
-    interventions) and whether call durations are asked for."""
+    interventions) and whether call durations are asked for. The occurrences' own keys when
+    their detector hashed its rows in bulk (``Occurrence.key``: an array of integers hashed, for
+    the polars version that made them), else the occurrences written out one by one."""
+    keys = [occ.key for occ in occurrences]
+    if None in keys:
+        return _written_key(finding_id, occurrences, calls)
+    digest = hashlib.sha1(finding_id.encode())
+    digest.update(b"calls" if calls else b"-")
+    digest.update(f"keys {pl.__version__}:".encode())
+    digest.update(np.array(keys, dtype=np.uint64).tobytes())
+    return KEYED_PREFIX + digest.hexdigest()
+
+
+KEYED_PREFIX = "k:"  # a pricing key made of the occurrences' keys (written-out ones have none)
+
+
+def _written_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
+    """The pricing key of occurrences written out one by one (the only kind before the
+    occurrences had keys: a sidecar's stored pricing may still be keyed so)."""
     digest = hashlib.sha1(finding_id.encode())
     digest.update(b"calls" if calls else b"-")
     for occ in occurrences:
@@ -268,10 +287,29 @@ class MemoExecutor:
             self._unit_of = {t: i for i, unit in enumerate(self.units) for t in unit.trace_ids}
         out: dict[int, dict[str, tuple[Finding, list[Occurrence]]]] = {}
         for finding in findings:
-            for occ in finding.occurrences:
-                unit = self._unit_of.get(occ.trace_id)
-                if unit is not None:
-                    out.setdefault(unit, {}).setdefault(finding.id, (finding, []))[1].append(occ)
+            occurrences = finding.occurrences
+            if not occurrences:
+                continue
+            # each occurrence's unit looked up in bulk, then the occurrences split by unit in
+            # their order (a stable sort), the finding's id asked once
+            units = np.fromiter(
+                map(self._unit_of.get, [o.trace_id for o in occurrences], itertools.repeat(-1)),
+                dtype=np.int64,
+                count=len(occurrences),
+            )
+            order = np.argsort(units, kind="stable")
+            ordered = units[order]
+            starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+            fid = finding.id
+            for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
+                unit = int(ordered[start])
+                if unit >= 0:
+                    mine = [occurrences[i] for i in order[start:end].tolist()]
+                    here = out.setdefault(unit, {})
+                    if fid in here:  # two findings of one id: their occurrences together, as one
+                        here[fid][1].extend(mine)
+                    else:
+                        here[fid] = (finding, mine)
         return out
 
     def _retrying(self, what: str, part: int, fn: Callable[[], Any]) -> Any:
@@ -374,8 +412,22 @@ class MemoExecutor:
         wanted = frozenset(o.trace_id for _, occs in here.values() for o in occs)
         among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
         keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
+        carried = False
+        for fid, (_, occs) in here.items():
+            stored = cache.get(fid)
+            if (
+                stored is not None
+                and stored[0] != keys[fid]
+                and keys[fid].startswith(KEYED_PREFIX)
+                and not stored[0].startswith(KEYED_PREFIX)
+                and stored[0] == _written_key(fid, occs, calls) + among
+            ):
+                # priced before the occurrences had keys, and the same occurrences: kept, re-keyed
+                # (once per stored entry), not priced again
+                cache[fid] = (keys[fid], stored[1], stored[2])
+                carried = True
         missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
-        return _Pricing(cache, wanted, keys, missing)
+        return _Pricing(cache, wanted, keys, missing, carried)
 
     def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
         source, part = args[0], args[1]
@@ -391,8 +443,8 @@ class MemoExecutor:
                 del ctx
             for f in missing:
                 cache[f.id] = (plan.keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
-            if unit.batch is not None:
-                self.state.store_pricing(unit.batch, cache)
+        if unit.batch is not None and (missing or plan.carried):
+            self.state.store_pricing(unit.batch, cache)
         impacts = {fid: cache[fid][1] for fid in plan.keys if cache[fid][1] is not None}
         durations = {fid: cache[fid][2] for fid in plan.keys if cache[fid][2] is not None}
         return partitions.Priced(impacts, durations)
@@ -410,6 +462,7 @@ class _Pricing:
     wanted: frozenset[str]  # the traces priced: those of every finding's occurrences in the unit
     keys: dict[str, str]  # finding id -> what its pricing here depends on
     missing: list[Finding]  # the findings whose entry is absent or stale
+    carried: bool = False  # entries priced under written-out keys, re-keyed (to be stored)
 
 
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)

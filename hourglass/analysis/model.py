@@ -82,6 +82,10 @@ class Occurrence:
     span_ids: tuple[str, ...]  # the spans involved; for a parent/children pattern the parent first
     interventions: tuple[Intervention, ...] = ()
     numbers: dict[str, float] = field(default_factory=dict)  # per-occurrence detector numbers
+    # a 64-bit hash of what the trace id, the span ids and the interventions were made of, when
+    # the detector computed it in bulk over its rows (``detectors._common.occurrence_rows``): what
+    # serve's incremental pricing compares between rounds instead of the occurrence itself
+    key: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -150,18 +154,39 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)  # aggregated detector numbers
     requests_at_risk: int | None = None  # fault-tolerance findings ranked by this when no latency
     signature_extra: str = ""  # anything else that distinguishes two findings of one kind
+    # (signature, id) once computed: the pricing, the trace index and the ranking ask for a
+    # finding's id per occurrence; assigning a field the signature is made of forgets it (the
+    # targets' dicts are not changed in place once a finding is made)
+    _ids: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SIGNATURE_FIELDS:
+            object.__setattr__(self, "_ids", None)
+        object.__setattr__(self, name, value)
+
+    def _signature_and_id(self) -> tuple[str, str]:
+        if self._ids is None:
+            targets = ",".join(
+                sorted(f"{t.get('service', '')}/{t.get('operation', '')}" for t in self.targets)
+            )
+            signature = f"{self.kind}|{self.service}|{self.operation}|{targets}|{self.signature_extra}"
+            digest = hashlib.sha256(signature.encode()).hexdigest()[:16]
+            object.__setattr__(self, "_ids", (signature, f"{self.kind}-{digest}"))
+            assert self._ids is not None
+        return self._ids
 
     @property
     def signature(self) -> str:
-        targets = ",".join(sorted(f"{t.get('service', '')}/{t.get('operation', '')}" for t in self.targets))
-        return f"{self.kind}|{self.service}|{self.operation}|{targets}|{self.signature_extra}"
+        return self._signature_and_id()[0]
 
     @property
     def id(self) -> str:
         """Stable id: the same bottleneck gets the same id across runs."""
-        digest = hashlib.sha256(self.signature.encode()).hexdigest()[:16]
-        return f"{self.kind}-{digest}"
+        return self._signature_and_id()[1]
 
     @property
     def trace_ids(self) -> list[str]:
         return list(dict.fromkeys(o.trace_id for o in self.occurrences))
+
+
+_SIGNATURE_FIELDS = frozenset({"kind", "service", "operation", "targets", "signature_extra"})

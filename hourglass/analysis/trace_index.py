@@ -35,8 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from hourglass.analysis.model import Finding
-from hourglass.analysis.whatif import intervention_to_dict
+from hourglass.analysis.model import Finding, Intervention
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,73 @@ def _text_array(values: list[str]) -> np.ndarray:
     return np.array([v.encode() for v in values], dtype=bytes)
 
 
-def _texts(values: np.ndarray) -> tuple[str, ...]:
+def _texts(values: np.ndarray, hexed: bool = False) -> tuple[str, ...]:
+    """The strings of an array of :func:`_text_array` (``hexed``: of :func:`_hex_packed`)."""
+    if hexed:
+        width = values.dtype.itemsize  # numpy drops the trailing zero bytes of an element
+        return tuple(v.ljust(width, b"\0").hex() for v in values.tolist())
     return tuple(v.decode() for v in values.tolist())
+
+
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # the value of a lowercase hex digit's byte, else 255
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _hex_packed(texts: np.ndarray) -> np.ndarray | None:
+    """A sorted :func:`_text_array` of ids that are all lowercase hex of one even length (OTLP's
+    trace and span ids) as the bytes they spell, half the width and in the same order; None when
+    they are not all such."""
+    width = texts.dtype.itemsize
+    if len(texts) == 0 or width % 2:
+        return None
+    nibbles = _NIBBLE[np.ascontiguousarray(texts).view(np.uint8).reshape(len(texts), width)]
+    if (nibbles == 255).any():  # not hex, upper case, or shorter (padded with zero bytes)
+        return None
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view(f"S{width // 2}").ravel()
+
+
+def _compact(texts: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(``texts`` hex-packed when they can be, whether they are)."""
+    packed = _hex_packed(texts)
+    return (texts, False) if packed is None else (packed, True)
+
+
+def _hex_key(text: str, width: int) -> bytes | None:
+    """The key of ``text`` in an array hex-packed to ``width`` bytes (None: it cannot be in it)."""
+    if len(text) != 2 * width or not all(c in "0123456789abcdef" for c in text):
+        return None
+    return bytes.fromhex(text)
+
+
+def _coded(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct values sorted, as :func:`_text_array`; each value's position among them):
+    one sort of the strings (numpy, fixed-width bytes), the rest in integers."""
+    try:
+        texts = np.array(values, dtype=bytes) if values else _text_array([])  # ASCII, in C
+    except UnicodeEncodeError:
+        texts = _text_array(values)
+    order = np.argsort(texts, kind="stable")
+    ordered = texts[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    code = np.empty(len(order), dtype=np.int64)
+    code[order] = np.cumsum(first) - 1
+    return ordered[first], code
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct integers, sorted."""
+    values = np.sort(values)
+    keep = np.ones(len(values), dtype=bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def _named_spans(iv: Intervention) -> tuple[str, ...]:
+    """The span ids an intervention names (as :func:`intervention_span_ids` of its dict form)."""
+    one = getattr(iv, "span_id", None)
+    return (one,) if one is not None else getattr(iv, "span_ids", ())
 
 
 @dataclass(eq=False)
@@ -98,6 +162,9 @@ class TraceIndex:
     _changed: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # per entry +1
     _involved_ids: np.ndarray = field(default_factory=lambda: _text_array([]))
     _changed_ids: np.ndarray = field(default_factory=lambda: _text_array([]))
+    # whether _trace_ids, _involved_ids, _changed_ids hold hex ids as the bytes they spell (half
+    # the memory of their text: :func:`_hex_packed`)
+    _hexed: tuple[bool, bool, bool] = (False, False, False)
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> TraceIndex:
@@ -107,76 +174,117 @@ class TraceIndex:
     @classmethod
     def build(cls, report: Mapping[str, Any], findings: Iterable[Finding]) -> TraceIndex:
         """The index of a report and the findings of the run that made it (rule 1 for every
-        affected trace; findings the report does not carry are ignored)."""
+        affected trace; findings the report does not carry are ignored).
+
+        The per-trace part is built in columns (numpy), not as per-trace Python objects:
+        what each occurrence adds is read off it once (its trace, its spans, the spans its
+        interventions name), and the entries are then made unique, sorted and packed in bulk."""
         index = cls()
         recs = [r for r in report.get("recommendations") or [] if r.get("id") is not None]
         by_span: dict[str, list[str]] = {}
-        # trace id -> {recommendation id: (involved span ids, changed span ids)}, packed below
-        by_trace: dict[str, dict[str, tuple[set[str], set[str]]]] = {}
-
-        def add(trace_id: str, rec_id: str, involved: Iterable[str], changed: Iterable[str]) -> None:
-            entry = by_trace.setdefault(trace_id, {}).setdefault(rec_id, (set(), set()))
-            entry[0].update(involved)
-            entry[1].update(changed)
-
         for position, rec in enumerate(recs):
             rec_id = str(rec["id"])
             rank = rec.get("rank")
             index.ranks[rec_id] = int(rank) if isinstance(rank, int) else position + 1
-            evidence = rec.get("evidence") or {}
-            spans = tuple(str(s) for s in evidence.get("span_ids") or [])
+            spans = tuple(str(s) for s in (rec.get("evidence") or {}).get("span_ids") or [])
             index.evidence_spans[rec_id] = spans
             for span_id in spans:
                 by_span.setdefault(span_id, []).append(rec_id)
+        index.by_span = {s: tuple(dict.fromkeys(ids)) for s, ids in by_span.items()}
+        index._recs = tuple(index.ranks)
+        code = {rec_id: i for i, rec_id in enumerate(index._recs)}
+        # Columns: the entries (trace, recommendation) and, per entry, its involved and changed
+        # span ids (an entry's spans are listed after it: ``*_of`` is the entry they belong to).
+        entry_traces: list[str] = []
+        entry_recs: list[int] = []
+        involved: list[str] = []
+        involved_of: list[int] = []  # per entry: how many of ``involved`` it adds
+        changed: list[str] = []
+        changed_of: list[int] = []
+        for rec in recs:  # rule 2: the exemplars, changed where their recorded interventions act
+            evidence = rec.get("evidence") or {}
             recorded = evidence.get("interventions") or {}
             for trace_id in evidence.get("trace_ids") or []:
-                changed = intervention_span_ids(recorded.get(trace_id) or [])
-                add(str(trace_id), rec_id, (), changed)
-        index.by_span = {s: tuple(dict.fromkeys(ids)) for s, ids in by_span.items()}
-        for finding in findings:
-            if finding.id not in index.ranks:
+                named = intervention_span_ids(recorded.get(trace_id) or [])
+                entry_traces.append(str(trace_id))
+                entry_recs.append(code[str(rec["id"])])
+                involved_of.append(0)
+                changed.extend(named)
+                changed_of.append(len(named))
+        for finding in findings:  # rule 1: every occurrence of a reported finding
+            rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
+            if rec_code is None:
                 continue
             for occurrence in finding.occurrences:
-                changed = intervention_span_ids(intervention_to_dict(iv) for iv in occurrence.interventions)
-                add(occurrence.trace_id, finding.id, occurrence.span_ids, changed)
-        index._pack(by_trace)
+                entry_traces.append(occurrence.trace_id)
+                entry_recs.append(rec_code)
+                involved.extend(occurrence.span_ids)
+                involved_of.append(len(occurrence.span_ids))
+                before = len(changed)
+                for iv in occurrence.interventions:
+                    changed.extend(_named_spans(iv))
+                changed_of.append(len(changed) - before)
+        index._pack(entry_traces, entry_recs, involved, involved_of, changed, changed_of)
         return index
 
-    def _pack(self, by_trace: Mapping[str, Mapping[str, tuple[set[str], set[str]]]]) -> None:
-        self._recs = tuple(self.ranks)
-        code = {rec_id: i for i, rec_id in enumerate(self._recs)}
-        trace_ids = sorted(by_trace, key=str.encode)  # the byte order the lookup searches in
-        entries, entry_recs, involved, changed = [0], [], [0], [0]
-        involved_ids: list[str] = []
-        changed_ids: list[str] = []
-        for trace_id in trace_ids:
-            for rec_id, (inv, chg) in by_trace[trace_id].items():
-                entry_recs.append(code[rec_id])
-                involved_ids.extend(sorted(inv))
-                changed_ids.extend(sorted(chg))
-                involved.append(len(involved_ids))
-                changed.append(len(changed_ids))
-            entries.append(len(entry_recs))
-        self._trace_ids = _text_array(trace_ids)
-        self._entries = np.array(entries, dtype=np.int64)
-        self._entry_recs = np.array(entry_recs, dtype=np.int32)
-        self._involved = np.array(involved, dtype=np.int64)
-        self._changed = np.array(changed, dtype=np.int64)
-        self._involved_ids = _text_array(involved_ids)
-        self._changed_ids = _text_array(changed_ids)
+    def _pack(
+        self,
+        entry_traces: list[str],
+        entry_recs: list[int],
+        involved: list[str],
+        involved_of: list[int],
+        changed: list[str],
+        changed_of: list[int],
+    ) -> None:
+        """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
+        searches in), each trace's entries by recommendation, each entry's span ids sorted and
+        unique. Strings are coded by their rank among the distinct ones, so the sorting and the
+        deduplication are of integers."""
+        traces, trace_code = _coded(entry_traces)
+        recs = max(len(self._recs), 1)
+        entry_key = trace_code * recs + np.asarray(entry_recs, dtype=np.int64)
+        keys = _distinct(entry_key)  # sorted: by trace, then recommendation
+        trace_of = keys // recs
+        starts = np.flatnonzero(np.r_[True, trace_of[1:] != trace_of[:-1]]) if len(keys) else trace_of
+        self._trace_ids = traces[trace_of[starts]]
+        self._entries = np.concatenate([starts, [len(keys)]]).astype(np.int64)
+        self._entry_recs = (keys % recs).astype(np.int32)
+
+        def spans(ids: list[str], counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            """(offsets per entry of ``keys``, span ids), each entry's sorted and unique."""
+            names, code = _coded(ids)
+            owner = np.repeat(entry_key, np.asarray(counts, dtype=np.int64))
+            width = max(len(names), 1)
+            rows = _distinct(owner * width + code)  # by entry, then span id
+            at = np.searchsorted(rows // width, keys, side="left")
+            return np.concatenate([at, [len(rows)]]).astype(np.int64), names[rows % width]
+
+        self._involved, self._involved_ids = spans(involved, involved_of)
+        self._changed, self._changed_ids = spans(changed, changed_of)
+        # each sorted array hex-packed when it can be: the same order, half the bytes
+        self._trace_ids, trace_hex = _compact(self._trace_ids)
+        self._involved_ids, involved_hex = _compact(self._involved_ids)
+        self._changed_ids, changed_hex = _compact(self._changed_ids)
+        self._hexed = (trace_hex, involved_hex, changed_hex)
 
     def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         """{recommendation id: (involved span ids, changed span ids)} of one trace (rules 1, 2)."""
-        key = trace_id.encode()
+        trace_hex, involved_hex, changed_hex = self._hexed
         ids = self._trace_ids
+        key = _hex_key(trace_id, ids.dtype.itemsize) if trace_hex else trace_id.encode()
+        if key is None:
+            return {}
         at = int(np.searchsorted(ids, key))
-        if at >= len(ids) or ids[at] != key:
+        if at >= len(ids) or ids[at] != key.rstrip(b"\0"):  # an element reads without its trailing zeros
             return {}
         out = {}
         for entry in range(int(self._entries[at]), int(self._entries[at + 1])):
             involved = self._involved_ids[self._involved[entry] : self._involved[entry + 1]]
             changed = self._changed_ids[self._changed[entry] : self._changed[entry + 1]]
-            out[self._recs[int(self._entry_recs[entry])]] = (_texts(involved), _texts(changed))
+            out[self._recs[int(self._entry_recs[entry])]] = (
+                _texts(involved, involved_hex),
+                _texts(changed, changed_hex),
+            )
         return out
 
     def touching(self, trace_id: str, span_ids: Iterable[str]) -> list[Touch]:

@@ -155,3 +155,81 @@ def test_an_empty_index_and_a_report_alone() -> None:
             (t.recommendation_id, t.span_ids, t.bottleneck_span_ids) for t in alone.touching(trace_id, spans)
         ]
         assert got == expected
+
+
+def test_a_finding_computes_its_id_once_and_again_when_its_signature_changes() -> None:
+    finding = _finding("op", [])
+    first = finding.id
+    assert finding.id is first and finding.signature == "serialized_calls|svc|op|svc/op|"
+    finding.operation = "other"  # a field of the signature assigned: the id follows
+    finding.targets = [{"service": "svc", "operation": "other"}]
+    assert finding.id != first and finding.id == _finding("other", []).id
+    finding.occurrences = [Occurrence("t", ("s",))]  # not part of the signature
+    assert finding.id == _finding("other", []).id
+    restored = pickle.loads(pickle.dumps(finding))
+    assert restored.id == finding.id and restored == finding
+
+
+def test_ids_beyond_ascii_answer_by_the_definition() -> None:
+    """Ids are packed as UTF-8 bytes in byte order (the lookup's), also when not plain ASCII."""
+    traces = {"trace-é": ["span-ü", "span-a", "span-€"], "trace-a": ["s1", "s2"], "trace-😀": ["x", "y"]}
+    findings = [
+        _finding(
+            "op",
+            [
+                Occurrence("trace-é", ("span-ü", "span-a"), (ShortenSpan("span-€", 5),)),
+                Occurrence("trace-😀", ("y",), (RunConcurrently(("x", "y")),)),
+                Occurrence("trace-a", ("s2",)),
+            ],
+        )
+    ]
+    report = {
+        "recommendations": [
+            {"id": findings[0].id, "rank": 1, "evidence": {"trace_ids": ["trace-é"], "span_ids": ["s1"]}}
+        ]
+    }
+    for index in (
+        TraceIndex.build(report, findings),
+        pickle.loads(pickle.dumps(TraceIndex.build(report, findings))),
+    ):
+        assert index.traces() == 3
+        for trace_id, spans in traces.items():
+            got = [
+                (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                for t in index.touching(trace_id, spans)
+            ]
+            report["recommendations"][0]["evidence"].setdefault("interventions", {})
+            assert got == _expected(report, findings, trace_id, spans), trace_id
+
+
+def test_hex_ids_are_held_as_their_bytes_and_answer_as_text() -> None:
+    """OTLP's ids (lowercase hex) are packed as the bytes they spell, half the memory, ids ending
+    or starting in zero bytes included; any other id keeps the whole set as text."""
+    traces = {
+        "00" * 15 + "a0": ["00000000000000ff", "ff00000000000000"],
+        "ab" + "00" * 15: ["0000000000000000", "1234567890abcdef"],
+        "0f" * 16: ["00000000000000f0"],
+    }
+    occurrences = [Occurrence(t, tuple(spans), (ShortenSpan(spans[0], 5),)) for t, spans in traces.items()]
+    findings = [_finding("op", occurrences)]
+    report = {
+        "recommendations": [{"id": findings[0].id, "rank": 1, "evidence": {"trace_ids": [], "span_ids": []}}]
+    }
+    index = TraceIndex.build(report, findings)
+    assert vars(index)["_trace_ids"].dtype.itemsize == 16 and vars(index)["_involved_ids"].dtype.itemsize == 8
+    for candidate in (index, pickle.loads(pickle.dumps(index))):
+        for trace_id, spans in traces.items():
+            [touch] = candidate.touching(trace_id, spans)
+            assert touch.span_ids == tuple(sorted(spans)) and touch.bottleneck_span_ids == (spans[0],)
+            assert candidate.touching(trace_id.upper(), spans) == []  # ids are matched exactly, as text
+            assert candidate.touching(trace_id[:-2], spans) == []
+            assert candidate.touching(trace_id + "00", spans) == []
+    odd = [*occurrences, Occurrence("not-hex", ("s",))]
+    mixed = TraceIndex.build(report, [_finding("op", odd)])
+    assert (
+        vars(mixed)["_trace_ids"].dtype.itemsize == 32 and vars(mixed)["_involved_ids"].dtype.itemsize == 16
+    )
+    assert [t.span_ids for t in mixed.touching("not-hex", ["s"])] == [("s",)]
+    assert mixed.touching("ab" + "00" * 15, traces["ab" + "00" * 15]) == index.touching(
+        "ab" + "00" * 15, traces["ab" + "00" * 15]
+    )

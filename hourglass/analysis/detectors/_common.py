@@ -29,7 +29,7 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -674,6 +674,32 @@ def fanout_finding(
     )
 
 
+def named_rows(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
+    """``frame.iter_rows(named=True)``, the same dicts of the same values, read column by column
+    (each column converted at once): what a detector builds its occurrences from, one per row,
+    in well under half the time."""
+    names = frame.columns
+    columns = [frame.get_column(n).to_list() for n in names]
+    return (dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True))
+
+
+OCCURRENCE_KEY_SEED = 0x6F6363  # polars hash_rows seed of the occurrence keys
+
+
+def occurrence_rows(
+    frame: pl.DataFrame, columns: list[str], *extra: bool | int | str
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """:func:`named_rows` of ``frame``, each with its occurrence's ``key`` (:class:`Occurrence`):
+    one 64-bit hash per row, in bulk, of ``columns`` (the columns the occurrence's trace id, span
+    ids and interventions are made of) and ``extra`` (the finding's values they also depend on).
+    Within one polars version the same values hash the same in every process."""
+    hashed = frame.select(columns)
+    if extra:
+        hashed = hashed.with_columns(pl.lit(value).alias(f"_extra{i}") for i, value in enumerate(extra))
+    keys = hashed.hash_rows(seed=OCCURRENCE_KEY_SEED).to_list()
+    return zip(named_rows(frame), keys, strict=True)
+
+
 def batch_occurrences(
     group: pl.DataFrame, numbers: Callable[[dict[str, Any]], dict[str, float]]
 ) -> list[Occurrence]:
@@ -686,8 +712,9 @@ def batch_occurrences(
             span_ids=(r["caller_span_id"], *r["span_id"]),
             interventions=(CollapseSpans(tuple(r["span_id"]), int(r["batched_ns"])),),
             numbers=numbers(r),
+            key=key,
         )
-        for r in group.iter_rows(named=True)
+        for r, key in occurrence_rows(group, ["trace_id", "caller_span_id", "span_id", "batched_ns"])
     ]
 
 

@@ -68,6 +68,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
+    occurrence_rows,
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
@@ -358,8 +359,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     # The cost the ranking reads: the failed request ran this long for an error.
                     "failed_request_ms": (r["root_duration_ns"] or 0) / 1e6,
                 },
+                key=key,
             )
-            for r in group.iter_rows(named=True)
+            for r, key in occurrence_rows(group, ["trace_id", "call_ids", "dep_ids"])
         ]
         propagated_traces = int(row["propagated_traces"])
         failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()

@@ -76,6 +76,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
+    occurrence_rows,
     sibling_groups,
     stat,
     target_operation,
@@ -580,8 +581,9 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
                 "longest_child_ms": row["longest_child_ns"] / 1e6,
                 "cap_hits": float(row["cap_hits"]),
             },
+            key=key,
         )
-        for row in frame.iter_rows(named=True)
+        for row, key in occurrence_rows(frame, ["trace_id", "parent_span_id", "child_ids"])
     ]
     confidence = 0.6
     confidence += 0.1 if traces >= 5 else 0.0

@@ -57,6 +57,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
+    occurrence_rows,
     sibling_groups,
     stat,
     target_operation,
@@ -344,8 +345,11 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
                 "max_over_median": row["max_ns"] / row["median_ns"] if row["median_ns"] else float("inf"),
                 "stragglers": float(len(row["straggler_ids"])),
             },
+            key=key,
         )
-        for row in frame.iter_rows(named=True)
+        for row, key in occurrence_rows(
+            frame, ["trace_id", "parent_span_id", "child_ids", "straggler_ids", "shorten_by"]
+        )
     ]
     confidence = 0.55
     confidence += 0.15 if traces >= 5 else 0.0

@@ -78,6 +78,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
+    occurrence_rows,
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
@@ -186,8 +187,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "failed_attempts_ms": r["failed_attempts_ns"] / 1e6,
                     "exhausted": float(bool(r["last_failed"])),
                 },
+                key=key,
             )
-            for r in group.iter_rows(named=True)
+            for r, key in occurrence_rows(group, ["trace_id", "parent_span_id", "span_ids"])
         ]
         findings.append(_finding(service, operation, target_service, target_operation, group, occurrences))
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))

@@ -506,8 +506,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     "serial_ms": r["serial_ns"] / 1e6,
                     "local_saving_ms": (r["fan_in_ns"] if unchecked else r["local_saving_ns"]) / 1e6,
                 },
+                key=key,
             )
-            for r in group.iter_rows(named=True)
+            for r, key in _common.occurrence_rows(group, ["trace_id", "caller_span_id", "span_id"], unchecked)
         ]
         sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
         targets = [
