@@ -4,7 +4,9 @@
 
 Sends realistic traces (``bench.analysis.generate_spans``: every mixed shape of the analysis
 benchmark, whole traces per request, pre-serialised OTLP ``ExportTraceServiceRequest``s whose
-trace ids are rewritten per send) at a sustained rate over OTLP/gRPC to a real ``serve``
+trace ids and timestamps are rewritten per send: every trace ends a minute before it is sent, so
+time moves forward as in a real staging environment — replaying one fixed set of timestamps would
+pile every send onto the same instants, millions of spans concurrent on one resource) at a sustained rate over OTLP/gRPC to a real ``serve``
 subprocess on a fresh DuckDB file, and prints every 10 s:
 
 * ``rss``: the highest RSS of serve and all its child processes (the analysis worker), summed,
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import psutil
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
@@ -80,9 +83,44 @@ def _kv(key: str, value: Any) -> common_pb2.KeyValue:
     return kv_attribute(key, value if isinstance(value, (str, int, float, bool)) else str(value))
 
 
-def build_templates(spans: int = TEMPLATE_SPANS) -> list[tuple[bytes, int, int]]:
-    """(serialized request, spans, traces) of about REQUEST_SPANS spans of whole mixed-shape traces
-    each; trace ids are PLACEHOLDER + the trace's number in the request, times end a minute ago."""
+@dataclass(frozen=True)
+class Template:
+    """One pre-serialised request: ``data`` with trace ids PLACEHOLDER + the trace's number in the
+    request, its traces ending a minute before ``built_ns``; ``times``: the byte offsets of every
+    span's start and end (fixed64, little-endian) in ``data``, shifted per send."""
+
+    data: bytes
+    spans: int
+    traces: int
+    times: np.ndarray
+    built_ns: int
+
+    def at(self, prefix: bytes, now_ns: int) -> bytes:
+        """The request as sent at ``now_ns``: trace ids prefixed, every time moved by the time
+        since the template was built (so its traces end a minute before ``now_ns``)."""
+        buf = np.frombuffer(bytearray(self.data.replace(PLACEHOLDER, prefix)), dtype=np.uint8)
+        where = self.times[:, None] + np.arange(8)
+        moved = buf[where].copy().view("<u8") + np.uint64(now_ns - self.built_ns)
+        buf[where] = moved.view(np.uint8).reshape(-1, 8)
+        return buf.tobytes()
+
+
+def _time_offsets(data: bytes, values: set[tuple[int, int]]) -> np.ndarray:
+    """The offsets of the fixed64 values of span fields (field, value) in ``data``: every
+    occurrence of the field's tag followed by the value's 8 bytes (a field's tag and 8 bytes of
+    one of the exact times set, elsewhere in a request: never in practice)."""
+    found: set[int] = set()
+    for number, value in values:
+        needle = bytes([(number << 3) | 1]) + struct.pack("<Q", value)
+        at = data.find(needle)
+        while at >= 0:
+            found.add(at + 1)
+            at = data.find(needle, at + 1)
+    return np.array(sorted(found), dtype=np.int64)
+
+
+def build_templates(spans: int = TEMPLATE_SPANS) -> list[Template]:
+    """Requests of about REQUEST_SPANS spans of whole mixed-shape traces each (:class:`Template`)."""
     from bench.analysis import generate_spans
 
     table = generate_spans(spans, seed=11)
@@ -90,19 +128,35 @@ def build_templates(spans: int = TEMPLATE_SPANS) -> list[tuple[bytes, int, int]]
     traces: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         traces.setdefault(row["trace_id"], []).append(row)
-    now = time.time_ns() - 60 * 10**9
-    out: list[tuple[bytes, int, int]] = []
+    built = time.time_ns()
+    now = built - 60 * 10**9
+    out: list[Template] = []
     pending: list[list[dict[str, Any]]] = []
     count = 0
     for spans_of_trace in traces.values():
         pending.append(spans_of_trace)
         count += len(spans_of_trace)
         if count >= REQUEST_SPANS:
-            out.append((_request(pending, now), count, len(pending)))
+            out.append(_template(pending, now, built))
             pending, count = [], 0
     if pending:
-        out.append((_request(pending, now), count, len(pending)))
+        out.append(_template(pending, now, built))
     return out
+
+
+def _template(traces: list[list[dict[str, Any]]], now: int, built: int) -> Template:
+    data = _request(traces, now)
+    values: set[tuple[int, int]] = set()
+    for spans in traces:
+        shift = now - max(s["end_ns"] for s in spans)
+        for s in spans:
+            values.add((7, s["start_ns"] + shift))  # Span.start_time_unix_nano
+            values.add((8, s["end_ns"] + shift))  # Span.end_time_unix_nano
+    times = _time_offsets(data, values)
+    count = sum(len(t) for t in traces)
+    if len(times) != 2 * count:  # every span its start and its end, nothing else
+        raise RuntimeError(f"soak template: found {len(times)} span times for {count} spans")
+    return Template(data, count, len(traces), times, built)
 
 
 def _request(traces: list[list[dict[str, Any]]], now: int) -> bytes:
@@ -149,7 +203,7 @@ class Load:
 
     target: str
     rate: float
-    templates: list[tuple[bytes, int, int]]
+    templates: list[Template]
     threads: int = 4
     sent_spans: int = 0
     sent_traces: int = 0
@@ -174,7 +228,8 @@ class Load:
         per_thread = self.rate / self.threads
         done = 0
         while not self._stop.is_set():
-            data, spans, traces = self.templates[(counter * self.threads + thread_id) % len(self.templates)]
+            template = self.templates[(counter * self.threads + thread_id) % len(self.templates)]
+            spans, traces = template.spans, template.traces
             counter += 1
             due = self._started + done / per_thread  # pacing: spans sent so far at the rate
             wait = due - time.monotonic()
@@ -182,7 +237,7 @@ class Load:
                 break
             prefix = struct.pack(">HHI", 0x5A5A, thread_id, counter)  # unique in the run
             try:
-                call(data.replace(PLACEHOLDER, prefix), timeout=30)
+                call(template.at(prefix, time.time_ns()), timeout=30)
                 done += spans
                 with self._lock:
                     self.sent_spans += spans
@@ -273,7 +328,7 @@ def _iso_to_unix(text: str | None) -> float | None:
 
 
 def soak(
-    label: str, incremental: bool, args: argparse.Namespace, templates: list[tuple[bytes, int, int]]
+    label: str, incremental: bool, args: argparse.Namespace, templates: list[Template]
 ) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix=f"hourglass-soak-{label}-"))
     db = folder / "soak.duckdb"
