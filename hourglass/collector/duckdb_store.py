@@ -461,6 +461,25 @@ class DuckDBSpanStore:
             ).fetchall()
             return max(cached - sum(int(r[0]) for r in rows), 0)
 
+    def memory_usage(self) -> dict[str, Any]:
+        """DuckDB's buffer pool in bytes: ``by_tag`` (``duckdb_memory()``, tags using any),
+        ``used`` (their sum), ``temporary`` (spilled to disk) and ``limit`` (``memory_limit``)."""
+        rows = (
+            self._cursor()
+            .execute(
+                "SELECT tag, memory_usage_bytes, temporary_storage_bytes FROM duckdb_memory()"
+                " WHERE memory_usage_bytes > 0 OR temporary_storage_bytes > 0"
+            )
+            .fetchall()
+        )
+        limit = self._cursor().execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        return {
+            "by_tag": {str(tag): int(used) for tag, used, _ in rows if used},
+            "used": sum(int(used) for _, used, _ in rows),
+            "temporary": sum(int(spilled) for _, _, spilled in rows),
+            "limit": str(limit),
+        }
+
     # -- reads -------------------------------------------------------------------------------
     def scan(
         self,
