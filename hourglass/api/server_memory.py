@@ -101,7 +101,7 @@ def glibc_heap() -> dict[str, int] | None:
 def _duckdb_mallctl() -> Any:
     """``mallctl`` of the jemalloc built into DuckDB's module (``duckdb_je_mallctl``), or None."""
     try:
-        import _duckdb  # type: ignore[import-not-found]
+        import _duckdb
 
         lib = ctypes.CDLL(_duckdb.__file__)
         mallctl = lib.duckdb_je_mallctl
