@@ -247,10 +247,15 @@ class AnalysisWorker:
         *,
         settings: Any = None,
         stages: dict[str, float] | None = None,
+        reads: dict[str, float] | None = None,
     ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
         """One incremental round in the worker (:func:`run_incremental`), answering its span
-        reads from ``reader`` (the store, read in this process) until it sends the result."""
+        reads from ``reader`` (the store, read in this process) until it sends the result.
+        ``reads`` (when given) gets the seconds of those reads by request kind (``arrivals``,
+        ``batch``, ``traces``: reading the store and shipping the table) and their count
+        (``batch_count``...); their sum is ``stages["scan"]``."""
         stages = {} if stages is None else stages
+        reads = {} if reads is None else reads
         with self._session(stages) as conn:
             started = time.perf_counter()
             reading = 0.0
@@ -274,7 +279,11 @@ class AnalysisWorker:
                     if written is not None:
                         shipped_files.append(written)
                     conn.send(("table", shipped))
-                    reading += time.perf_counter() - read_started
+                    took = time.perf_counter() - read_started
+                    reading += took
+                    kind = str(message[1][0])
+                    reads[kind] = reads.get(kind, 0.0) + took
+                    reads[f"{kind}_count"] = reads.get(f"{kind}_count", 0) + 1
             finally:
                 for path in shipped_files:
                     with contextlib.suppress(FileNotFoundError):
