@@ -279,6 +279,8 @@ class AnalysisWorker:
                     if written is not None:
                         shipped_files.append(written)
                     conn.send(("table", shipped))
+                    del shipped  # a table sent through the pipe is not kept until the next read
+                    reader.release()
                     took = time.perf_counter() - read_started
                     reading += took
                     kind = str(message[1][0])
@@ -403,6 +405,15 @@ class StoreReader:
         if kind == "traces":
             return self.traces(*args)
         raise ValueError(f"unknown request from the analysis worker: {kind!r}")
+
+    def release(self) -> None:
+        """Drop what the reads left cached in the store (``release_cache``: DuckDB keeps the
+        blocks a query read until its memory limit): between a round's reads, so the cache does
+        not build up over the round (the blocks are re-read from the file, still compressed, when
+        asked for again)."""
+        release_cache = getattr(self.store, "release_cache", None)
+        if callable(release_cache):
+            release_cache()
 
 
 class PipeReader(StoreReader):

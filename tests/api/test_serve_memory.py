@@ -109,3 +109,44 @@ def test_large_blocks_stay_out_of_the_heap_with_the_fixed_mmap_threshold() -> No
 
     assert mapped("default") == 0  # glibc's dynamic threshold: the heap
     assert mapped("tuned") >= 4 * 4 * 2**20
+
+
+@pytest.mark.timeout(120)
+def test_every_read_answered_for_the_worker_is_followed_by_a_cache_release(tmp_path: Path) -> None:
+    """The worker's reads of a round (arrivals, batches, traces by id) are answered by the server,
+    which drops what each read left cached in the store before the next one (StoreReader.release)."""
+    from hourglass.analysis.incremental import sidecar_path
+    from hourglass.api.analysis_worker import AnalysisWorker, StoreReader
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from tests.api.test_analysis_worker import _serialized_calls_table
+
+    released: list[str] = []
+
+    class Counting(StoreReader):
+        def release(self) -> None:
+            released.append("release")
+            super().release()
+
+    path = str(tmp_path / "spans.duckdb")
+    worker = AnalysisWorker()
+    with DuckDBSpanStore(path) as store:
+        store.write(_serialized_calls_table())
+        request = {
+            "sidecar": sidecar_path(path),
+            "update": True,
+            "cutoff_ns": time.time_ns() + 1,  # every stored trace has settled
+            "margin_ns": 0,
+            "retention_cutoff_ns": None,
+            "since_ns": None,
+            "explain": True,
+            "cluster": None,
+        }
+        reads: dict[str, float] = {}
+        try:
+            report, _, _ = worker.run_incremental(request, Counting(store), reads=reads)
+        finally:
+            worker.close()
+    assert report["recommendations"], "the store holds serialized calls: the report must say so"
+    answered = sum(int(v) for k, v in reads.items() if k.endswith("_count"))
+    assert reads.get("arrivals_count") == 1 and reads.get("batch_count", 0) >= 1
+    assert len(released) == answered
