@@ -17,7 +17,17 @@ subprocess on a fresh DuckDB file, and prints every 10 s:
   of the analysis run behind the current report (a trace that settled before that start is in
   it; exact while spans keep arriving), or, when that round left settled traces for later (a
   backlog: a round extracts at most ``MAX_ROUND_SPANS`` new spans), since the oldest of those settled;
-* ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start.
+* ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start;
+* the server process's memory by part (``/v1/stats`` ``server_memory``, MiB): ``anon``
+  (anonymous, i.e. without the shared libraries), glibc's ``heap`` in use and the ``free`` memory it
+  holds, DuckDB's buffer pool in use (``duckdb``) and what DuckDB's own allocator keeps resident
+  (``ddb_res``), Arrow's pool (``arrow``), and Python's allocated blocks (``py_kblk``, thousands);
+
+and, as each round ends, its time and where it went: the server's stages (``store_stats``, ``scan``:
+the reads it answered for the worker, ``analysis``, ``snapshot``, ``release``, ``html``), the
+worker's round phases in brackets, and the reads by kind (count and seconds). The phase's end
+prints what grew from the early to the late window: each server part's highest, and the longest
+round with its phases.
 
 The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store
 re-analysis of before, the baseline) unless ``--no-baseline``. Targets (issue 11): RSS flat and
@@ -297,6 +307,12 @@ def round_phases(analysis: dict[str, Any], t: int, stored: int | None) -> dict[s
             parts.append(f"analysis {seconds:.1f} ({inner})")
         elif seconds >= 0.05:
             parts.append(f"{name} {seconds:.1f}")
+    reads = analysis.get("last_reads_ms") or {}
+    kinds = [k for k in reads if not k.endswith("_count")]
+    if kinds:  # the worker's reads answered by the server (the "scan" stage), by kind
+        parts.append(
+            "reads " + ", ".join(f"{k} {reads.get(k + '_count', 0)}x {reads[k] / 1000:.1f}" for k in kinds)
+        )
     text = f"{total:.1f} s at {stored or 0:,} stored: " + ", ".join(parts)
     if figures:
         text += (
