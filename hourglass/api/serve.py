@@ -69,6 +69,10 @@ STORE_THREADS = 1
 # grows up to it between two releases (release_cache after each analysis run), so it bounds
 # that part of serve's RSS; reads for the analysis are batches of at most ~100k spans.
 STORE_MEMORY_LIMIT: str = default("serve_store_memory_limit")
+# DuckDB's allocator (a jemalloc of its own) returns the pages its reads freed in a background
+# thread: without it, after the reads of a round it kept them (a round's batch reads over a 4.8M-span
+# store: 12 MiB allocated, 173 MiB resident, unchanged seconds later; with it, 19 MiB after 3 s)
+STORE_CONFIG = {"allocator_background_threads": True}
 # glibc malloc in the serve process (see tune_malloc)
 MALLOC_ARENA_MAX: int = default("serve_malloc_arena_max")
 MALLOC_MMAP_THRESHOLD: int = default("serve_malloc_mmap_threshold")
@@ -116,7 +120,9 @@ def open_serve_store(path: str) -> SpanStore:
     """The serve store (any ``--db`` form), or :class:`StoreUnavailable` with one line naming the
     file and the fix (``hourglass.collector.store.StoreError`` for a bad URL or an unreachable server)."""
     try:
-        return open_store(path, serve=True, threads=STORE_THREADS, memory_limit=STORE_MEMORY_LIMIT)
+        return open_store(
+            path, serve=True, threads=STORE_THREADS, memory_limit=STORE_MEMORY_LIMIT, config=STORE_CONFIG
+        )
     except StoreError:
         raise
     except (duckdb.Error, OSError) as exc:

@@ -182,13 +182,14 @@ class DuckDBSpanStore:
         ingest_log: bool = False,
         threads: int | None = None,
         read_only: bool = False,
+        config: dict[str, Any] | None = None,
     ) -> None:
         """``ingest_log``: writes go through the ingest log and whole-row-group loads (see the
         module doc; ignored for ``:memory:``). ``threads``: DuckDB's worker threads (default:
         one per core); serve uses 1, as a parallel insert splits row groups and costs
         ~1 µs/span more. ``read_only``: reads only, so several processes (the partitions of one
         analysis) can open the file at once; an ingest log is not replayed (open the store
-        once without it first) and nothing is written."""
+        once without it first) and nothing is written. ``config``: more DuckDB settings."""
         self.retention_cutoff_ns: int | None = None  # the latest delete_older_than cutoff
         self.memory_limit = memory_limit
         file_backed = path != ":memory:"
@@ -213,7 +214,11 @@ class DuckDBSpanStore:
         # ones made the writer the bottleneck
         # (in-process bench under load: 16 MB ~49k, 64 MB ~63k, 128 MB ~74k spans/s). Rows not
         # yet checkpointed stay in memory, which bounds the extra RSS by about the threshold.
-        config: dict[str, Any] = {"memory_limit": memory_limit, "checkpoint_threshold": CHECKPOINT_THRESHOLD}
+        config = {
+            "memory_limit": memory_limit,
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+            **(config or {}),
+        }
         if threads is not None:
             config["threads"] = threads
         self.read_only = read_only and file_backed

@@ -150,3 +150,16 @@ def test_every_read_answered_for_the_worker_is_followed_by_a_cache_release(tmp_p
     answered = sum(int(v) for k, v in reads.items() if k.endswith("_count"))
     assert reads.get("arrivals_count") == 1 and reads.get("batch_count", 0) >= 1
     assert len(released) == answered
+
+
+def test_the_serve_store_has_its_own_pool_and_a_returning_allocator(tmp_path: Path) -> None:
+    store = serve_module.open_serve_store(str(tmp_path / "spans.duckdb"))
+    try:
+        cursor = store._cursor()  # type: ignore[attr-defined]
+        setting = "SELECT current_setting('allocator_background_threads'), current_setting('memory_limit')"
+        background, limit = cursor.execute(setting).fetchone()
+        expected = duckdb.connect(config={"memory_limit": serve_module.STORE_MEMORY_LIMIT})
+        assert background is True
+        assert limit == expected.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    finally:
+        store.close()
