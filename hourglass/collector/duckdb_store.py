@@ -92,6 +92,34 @@ _STRING_VIEWS_OFF = ("RESET produce_arrow_string_view", "RESET arrow_output_vers
 _COLUMN_COMPRESSION = {"raw": "zstd"}
 
 
+# scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
+MAX_INGESTED_RANGES = 64
+
+
+def _merge_ranges(ranges: Sequence[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """``ranges`` sorted, overlapping ones joined, then the two closest joined until ``most``
+    remain: every value in a given range is in a returned one."""
+    merged: list[list[int]] = []
+    for first, last in sorted((int(a), int(b)) for a, b in ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    extra = len(merged) - max(most, 1)
+    if extra <= 0:
+        return [(a, b) for a, b in merged]
+    # close the smallest gaps between neighbours: the ranges after each closed gap join the one before
+    gaps = sorted(range(len(merged) - 1), key=lambda i: (merged[i + 1][0] - merged[i][1], i))
+    closed = set(gaps[:extra])
+    out = [merged[0]]
+    for i in range(1, len(merged)):
+        if i - 1 in closed:
+            out[-1] = [out[-1][0], merged[i][1]]
+        else:
+            out.append(merged[i])
+    return [(a, b) for a, b in out]
+
+
 def _create_table_sql() -> str:
     columns = []
     for f in SPAN_SCHEMA:
@@ -762,11 +790,15 @@ class DuckDBSpanStore:
         *,
         ingested_from_ns: int | None = None,
         ingested_to_ns: int | None = None,
+        ingested_ranges: Sequence[tuple[int, int]] | None = None,
         columns: tuple[str, ...] | None = None,
     ) -> pa.Table:
         """Like ``scan(trace_ids=...)``; when every span of those traces is known to have been
         ingested within [``ingested_from_ns``, ``ingested_to_ns``], only the row groups of that
-        range are read (the incremental analysis reads a batch of settled traces this way)."""
+        range are read (the incremental analysis reads a batch of settled traces this way).
+        ``ingested_ranges``: the same for traces far apart in time, one [first, last] range each
+        (or any ranges covering them: at most ``MAX_INGESTED_RANGES`` are kept, the closest
+        merged); DuckDB skips the row groups outside all of them."""
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         if not selected or not trace_ids:
             return pa.Table.from_pylist([], schema=pa.schema([SPAN_SCHEMA.field(c) for c in selected]))
@@ -779,6 +811,10 @@ class DuckDBSpanStore:
         if ingested_to_ns is not None:
             conditions.append("ingested_ns <= ?")
             params.append(int(ingested_to_ns))  # type: ignore[arg-type]
+        if ingested_ranges:
+            ranges = _merge_ranges(ingested_ranges, MAX_INGESTED_RANGES)
+            conditions.append("(" + " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges)) + ")")
+            params.extend(int(bound) for pair in ranges for bound in pair)  # type: ignore[misc]
         query = (
             f"SELECT {', '.join(selected)} FROM spans WHERE {' AND '.join(conditions)} "
             f"{_DEDUP} ORDER BY trace_id, start_ns, span_id"
