@@ -421,7 +421,10 @@ class StoreReader:
         asked for again)."""
         release_cache = getattr(self.store, "release_cache", None)
         if callable(release_cache):
-            release_cache()
+            try:
+                release_cache()
+            except Exception:  # memory not returned is no reason to fail the round
+                log.exception("releasing the store's cache failed")
 
 
 class PipeReader(StoreReader):

@@ -413,7 +413,7 @@ async def _maintenance(
             if removed:
                 log.info("compaction removed %d duplicate spans", removed)
             release_cache = getattr(store, "release_cache", None)
-            if callable(release_cache):  # compaction read every recent trace's rows
+            if callable(release_cache):  # compaction read every recent trace's rows (an error: logged below)
                 await asyncio.to_thread(release_cache)
             if settings.retention_seconds > 0 and time.monotonic() >= next_retention:
                 cutoff = time.time_ns() - int(settings.retention_seconds * 1e9)

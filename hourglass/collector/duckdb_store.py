@@ -25,14 +25,16 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -90,6 +92,22 @@ _STRING_VIEWS_OFF = ("RESET produce_arrow_string_view", "RESET arrow_output_vers
 # choice (DICT_FSST): on the bench-ingest request, insert + checkpoint CPU 7.9 -> 5.2 us/row and
 # the file 349 -> 85 B/row. Every other column keeps DuckDB's choice (dictionary, bitpacking...).
 _COLUMN_COMPRESSION = {"raw": "zstd"}
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _read(method: _Method) -> _Method:
+    """A read of the store: it waits while ``release_cache`` holds the buffer pool's limit down,
+    and ``release_cache`` waits for no read in flight (it skips its turn instead): a read that
+    allocated while the limit was lowered failed with DuckDB's "Out of Memory"."""
+
+    @functools.wraps(method)
+    def gated(self: DuckDBSpanStore, *args: Any, **kwargs: Any) -> Any:
+        with self._reading():
+            return method(self, *args, **kwargs)
+
+    return gated  # type: ignore[return-value]
 
 
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
@@ -257,6 +275,10 @@ class DuckDBSpanStore:
             self._con.execute(_create_table_sql())
         # RLock: compaction, retention and close load the staged rows first, under the same lock
         self._write_lock = threading.RLock()
+        # reads in flight, and release_cache holding the buffer pool's limit down (see _read)
+        self._gate = threading.Condition()
+        self._reads_in_flight = 0
+        self._releasing = False
         self._local = threading.local()
         self._cursors: list[tuple[threading.Thread, duckdb.DuckDBPyConnection]] = []
         self._cursors_lock = threading.Lock()
@@ -463,6 +485,20 @@ class DuckDBSpanStore:
             self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
             return int(removed)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        with self._gate:
+            while self._releasing:
+                self._gate.wait()
+            self._reads_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._reads_in_flight -= 1
+                if not self._reads_in_flight:
+                    self._gate.notify_all()
+
     def release_cache(
         self, min_bytes: int = RELEASE_MIN_BYTES, headroom_bytes: int = RELEASE_HEADROOM_BYTES
     ) -> int:
@@ -479,20 +515,29 @@ class DuckDBSpanStore:
         meanwhile; concurrent reads keep ``headroom_bytes`` (what may stay cached)."""
         if self.path == ":memory:" or self._closed:
             return 0  # in memory, the blocks are the data
-        with self._write_lock:
-            rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
-            cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
-            if cached < max(min_bytes, 1):
-                return 0
-            floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
-            try:
-                self._writer.execute(f"SET memory_limit = '{floor}B'")
-            finally:
-                self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
-            rows = self._writer.execute(
-                "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
-            ).fetchall()
-            return max(cached - sum(int(r[0]) for r in rows), 0)
+        with self._gate:
+            if self._reads_in_flight:
+                return 0  # a read in flight could not allocate under the lowered limit: next time
+            self._releasing = True  # reads starting now wait (_read)
+        try:
+            with self._write_lock:
+                rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
+                cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
+                if cached < max(min_bytes, 1):
+                    return 0
+                floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
+                try:
+                    self._writer.execute(f"SET memory_limit = '{floor}B'")
+                finally:
+                    self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
+                rows = self._writer.execute(
+                    "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+                ).fetchall()
+                return max(cached - sum(int(r[0]) for r in rows), 0)
+        finally:
+            with self._gate:
+                self._releasing = False
+                self._gate.notify_all()
 
     def memory_usage(self) -> dict[str, Any]:
         """DuckDB's buffer pool in bytes: ``by_tag`` (``duckdb_memory()``, tags using any),
@@ -514,6 +559,7 @@ class DuckDBSpanStore:
         }
 
     # -- reads -------------------------------------------------------------------------------
+    @_read
     def scan(
         self,
         *,
@@ -542,6 +588,7 @@ class DuckDBSpanStore:
             source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
         return self._read_spans(selected, source, params, string_views=string_views)
 
+    @_read
     def scan_partition(
         self,
         part: int,
@@ -619,10 +666,12 @@ class DuckDBSpanStore:
         arrays = [table.column(i).cast(f.type) for i, f in enumerate(schema)]
         return pa.Table.from_arrays(arrays, schema=schema)
 
+    @_read
     def trace(self, trace_id: str) -> pa.Table:
         """All spans of one trace with every column (empty table when unknown)."""
         return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
 
+    @_read
     def stats(self) -> StoreStats:
         """Unique span and trace counts (duplicates not yet compacted are not counted); the last
         counts are reused while no change was committed since they were taken."""
@@ -666,11 +715,13 @@ class DuckDBSpanStore:
         self._stats_cache = (changes, counted)
         return counted
 
+    @_read
     def services(self) -> list[str]:
         self.load_staged()
         rows = self._cursor().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
         return [r[0] for r in rows]
 
+    @_read
     def largest_trace(self) -> tuple[str, int] | None:
         """The trace with the most rows and its row count (None when the store is empty): what a
         partition of whole traces can never be smaller than."""
@@ -683,6 +734,7 @@ class DuckDBSpanStore:
         return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
     # -- the Jaeger query API's reads (collector.trace_query) ----------------------------------
+    @_read
     def search_trace_ids(self, query: TraceQuery) -> list[str]:
         """Ids of up to ``query.limit`` traces with a span matching ``query``, newest first.
 
@@ -726,6 +778,7 @@ class DuckDBSpanStore:
         ).to_arrow_reader(4096)
         return tag_checked_trace_ids(reader, query.tags, query.limit)
 
+    @_read
     def operations(self, service: str, span_kind: int | None = None) -> list[tuple[str, int]]:
         """(span name, kind) pairs of one service, sorted."""
         self.load_staged()
@@ -740,6 +793,7 @@ class DuckDBSpanStore:
         )
         return [(r[0], int(r[1])) for r in rows]
 
+    @_read
     def dependencies(self, since_ns: int | None, until_ns: int | None) -> list[tuple[str, str, int]]:
         """(parent service, child service, calls): spans starting in ``[since_ns, until_ns)`` whose
         parent span belongs to another service (each span counted once)."""
@@ -763,6 +817,7 @@ class DuckDBSpanStore:
         )
         return [(r[0], r[1], int(r[2])) for r in rows]
 
+    @_read
     def trace_arrivals(self, ingested_since_ns: int) -> pa.Table:
         """Every trace with a span ingested at or after ``ingested_since_ns`` (the incremental
         analysis' settle check): ``trace_id``, its spans (physical rows), the first and last
@@ -784,6 +839,7 @@ class DuckDBSpanStore:
             .to_arrow_table()
         )
 
+    @_read
     def scan_traces(
         self,
         trace_ids: list[str],
