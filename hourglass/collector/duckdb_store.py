@@ -99,8 +99,8 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 def _read(method: _Method) -> _Method:
     """A read of the store: it waits while ``release_cache`` holds the buffer pool's limit down,
-    and ``release_cache`` waits for no read in flight (it skips its turn instead): a read that
-    allocated while the limit was lowered failed with DuckDB's "Out of Memory"."""
+    and ``release_cache`` runs only while no read is in flight (else it skips its turn): a read
+    that allocated while the limit was lowered failed with DuckDB's "Out of Memory"."""
 
     @functools.wraps(method)
     def gated(self: DuckDBSpanStore, *args: Any, **kwargs: Any) -> Any:
@@ -115,8 +115,8 @@ MAX_INGESTED_RANGES = 64
 
 
 def _merge_ranges(ranges: Sequence[tuple[int, int]], most: int) -> list[tuple[int, int]]:
-    """``ranges`` sorted, overlapping ones joined, then the two closest joined until ``most``
-    remain: every value in a given range is in a returned one."""
+    """``ranges`` sorted, overlapping ones joined, then neighbours joined across the smallest
+    gaps until at most ``most`` remain: every value in a given range is in a returned one."""
     merged: list[list[int]] = []
     for first, last in sorted((int(a), int(b)) for a, b in ranges):
         if merged and first <= merged[-1][1]:
