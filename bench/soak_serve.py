@@ -19,7 +19,17 @@ subprocess on a fresh DuckDB file, and prints every 10 s:
   of the analysis run behind the current report (a trace that settled before that start is in
   it; exact while spans keep arriving), or, when that round left settled traces for later (a
   backlog: a round extracts at most ``MAX_ROUND_SPANS`` new spans), since the oldest of those settled;
-* ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start.
+* ``refused``: Exports answered RESOURCE_EXHAUSTED/UNAVAILABLE since the start;
+* the server process's memory by part (``/v1/stats`` ``server_memory``, MiB): ``anon``
+  (anonymous, i.e. without the shared libraries), glibc's ``heap`` in use and the ``free`` memory it
+  holds, DuckDB's buffer pool in use (``duckdb``) and what DuckDB's own allocator keeps resident
+  (``ddb_res``), Arrow's pool (``arrow``), and Python's allocated blocks (``py_kblk``, thousands);
+
+and, as each round ends, its time and where it went: the server's stages (``store_stats``, ``scan``:
+the reads it answered for the worker, ``analysis``, ``snapshot``, ``release``, ``html``), the
+worker's round phases in brackets, and the reads by kind (count and seconds). The phase's end
+prints what grew from the early to the late window: each server part's highest, and the longest
+round with its phases.
 
 The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store
 re-analysis of before, the baseline) unless ``--no-baseline``. Targets (issue 11): RSS flat and
@@ -304,6 +314,69 @@ class RssSampler:
         self._thread.join(5)
 
 
+# the server process's memory by part (GET /v1/stats server_memory, hourglass.api.server_memory):
+# anonymous memory, glibc's C heap in use and freed-but-held, DuckDB's buffer pool and what its
+# own allocator (jemalloc) keeps resident, Arrow's pool
+MEMORY_COLUMNS = (
+    ("anon", 5),
+    ("heap", 5),
+    ("free", 5),
+    ("duckdb", 6),
+    ("ddb_res", 7),
+    ("arrow", 5),
+    ("py_kblk", 7),
+)
+
+
+def server_parts(memory: dict[str, Any] | None) -> dict[str, int | None]:
+    """The columns of :data:`MEMORY_COLUMNS` from ``server_memory`` (None: not reported)."""
+    memory = memory or {}
+    glibc = memory.get("glibc") or {}
+    return {
+        "anon": memory.get("anon"),
+        "heap": glibc.get("in_use"),
+        "free": glibc.get("free"),
+        "duckdb": (memory.get("duckdb") or {}).get("used"),
+        "ddb_res": (memory.get("duckdb_allocator") or {}).get("resident"),
+        # thousands of Python allocator blocks (a count, not MiB: objects kept alive)
+        "py_kblk": None if memory.get("python_blocks") is None else memory["python_blocks"] * 2**20 // 1000,
+        "arrow": (memory.get("arrow") or {}).get("allocated"),
+    }
+
+
+def _mib(value: int | None, width: int) -> str:
+    return f"{'-' if value is None else format(value / 2**20, '.0f'):>{width}}"
+
+
+def round_phases(analysis: dict[str, Any], t: int, stored: int | None) -> dict[str, Any]:
+    """The last run's time and where it went (``/v1/stats``: ``last_stages_ms`` in the server,
+    the incremental round's own phases in the worker), as a row and one line of text."""
+    stages = {k: v / 1000 for k, v in (analysis.get("last_stages_ms") or {}).items()}
+    figures = analysis.get("incremental_round") or {}
+    phases = {k: float(v) for k, v in (figures.get("seconds") or {}).items()}
+    total = (analysis.get("last_duration_ms") or 0) / 1000
+    parts = []
+    for name, seconds in stages.items():
+        if name == "analysis" and phases:
+            inner = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+            parts.append(f"analysis {seconds:.1f} ({inner})")
+        elif seconds >= 0.05:
+            parts.append(f"{name} {seconds:.1f}")
+    reads = analysis.get("last_reads_ms") or {}
+    kinds = [k for k in reads if not k.endswith("_count")]
+    if kinds:  # the worker's reads answered by the server (the "scan" stage), by kind
+        parts.append(
+            "reads " + ", ".join(f"{k} {reads.get(k + '_count', 0)}x {reads[k] / 1000:.1f}" for k in kinds)
+        )
+    text = f"{total:.1f} s at {stored or 0:,} stored: " + ", ".join(parts)
+    if figures:
+        text += (
+            f"; {figures.get('settled_new_traces', 0):,} new traces, "
+            f"{figures.get('partitions_read', 0)} batches read"
+        )
+    return {"t": t, "stored": stored, "seconds": total, "stages": stages, "phases": phases, "text": text}
+
+
 def _get(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=30) as response:
         body: dict[str, Any] = json.loads(response.read())
@@ -338,9 +411,12 @@ def soak(
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
     print(
         f"{'t s':>5} {'rss MiB':>8} {'server':>7} {'workers':>7} {'stored':>10} {'sent':>10} {'settled':>9} {'in report':>9} {'lag s':>6} {'refused':>7}  last run"
+        f"  | server MiB: {'anon':>5} {'heap':>5} {'free':>5} {'duckdb':>6} {'ddb_res':>7} {'arrow':>5} {'py_kblk':>7}"
     )
     load = Load(grpc_target, args.rate, templates)
     rows: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
+    last_generation = None
     started = time.monotonic()
     load.start()
     sampler = RssSampler(proc.pid)
@@ -382,24 +458,37 @@ def soak(
                 "refused": load.refused,
                 "last_ms": analysis.get("last_duration_ms"),
             }
+            row["memory"] = server_parts(stats.get("server_memory"))
             rows.append(row)
             print(
                 f"{row['t']:>5} {rss / 2**20:>8.0f} {own / 2**20:>7.0f} {children / 2**20:>7.0f} {row['stored'] or 0:>10,} {row['sent']:>10,} "
                 f"{'-' if row['settled'] is None else format(row['settled'], ','):>9} {row['in_report'] or 0:>9,} "
                 f"{'-' if row['lag'] is None else format(row['lag'], '.0f'):>6} {row['refused']:>7}  "
-                f"{row['last_ms'] or 0:,.0f} ms",
+                f"{row['last_ms'] or 0:>9,.0f} ms  | {'':>11} "
+                + " ".join(_mib(row["memory"].get(k), w) for k, w in MEMORY_COLUMNS),
                 flush=True,
             )
+            generation = analysis.get("generation")
+            if generation and generation != last_generation:
+                last_generation = generation
+                round_row = round_phases(analysis, row["t"], stats.get("spans"))
+                rounds.append(round_row)
+                print(
+                    f"{'':>6}round {generation} ({analysis.get('last_reason')}): {round_row['text']}",
+                    flush=True,
+                )
     finally:
         sampler.stop()
         load.stop()
         _stop_serve(proc)
     elapsed = time.monotonic() - started
-    summary = summarize(label, rows, load, elapsed)
+    summary = summarize(label, rows, load, elapsed, rounds)
     print(
         f"== {label}: {summary['sent_spans_per_s']:,.0f} spans/s sent for {elapsed:.0f} s"
         + (f"; errors {load.errors[:3]}" if load.errors else "")
     )
+    for line in growth(summary):
+        print(f"   {line}")
     for line in verdicts(summary):
         print(f"   {line}")
     if not args.keep:
@@ -436,10 +525,43 @@ def _slope_mib_per_min(rows: list[dict[str, Any]]) -> float | None:
     return sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var else None
 
 
-def summarize(label: str, rows: list[dict[str, Any]], load: Load, elapsed: float) -> dict[str, Any]:
+def _highest_parts(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The highest of each server memory part over ``rows``, in MiB (None: never reported)."""
+    out: dict[str, float | None] = {}
+    for name, _ in MEMORY_COLUMNS:
+        values = [r["memory"][name] for r in rows if r.get("memory", {}).get(name) is not None]
+        out[name] = round(max(values) / 2**20, 1) if values else None
+    return out
+
+
+def _round_window(rounds: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The longest round seen within the time span of ``rows``, with its stored spans and phases."""
+    if not rows:
+        return None
+    first, last = rows[0]["t"], rows[-1]["t"]
+    inside = [r for r in rounds if first <= r["t"] <= last]
+    if not inside:
+        return None
+    longest = max(inside, key=lambda r: r["seconds"])
+    return {k: longest[k] for k in ("stored", "seconds", "stages", "phases")}
+
+
+def summarize(
+    label: str,
+    rows: list[dict[str, Any]],
+    load: Load,
+    elapsed: float,
+    rounds: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     early, late = _windows(rows)
     lags = [r["lag"] for r in rows if r["lag"] is not None]
+    rounds = rounds or []
     return {
+        "server_mib_early": _highest_parts(early),
+        "server_mib_late": _highest_parts(late),
+        "round_early": _round_window(rounds, early),
+        "round_late": _round_window(rounds, late),
+        "rounds": len(rounds),
         "label": label,
         "sent_spans_per_s": load.sent_spans / elapsed if elapsed else 0.0,
         "peak_rss_gib": max((r["rss"] for r in rows), default=0) / GIB,
@@ -453,6 +575,26 @@ def summarize(label: str, rows: list[dict[str, Any]], load: Load, elapsed: float
         "refused": load.refused,
         "errors": load.errors[:3],
     }
+
+
+def growth(s: dict[str, Any]) -> list[str]:
+    """What grew between the early and the late window: the server's memory by part and the
+    longest round (time, stored spans, phases)."""
+    early, late = s.get("server_mib_early") or {}, s.get("server_mib_late") or {}
+    parts = ", ".join(
+        f"{name} {early.get(name) if early.get(name) is not None else '-'} -> "
+        f"{late.get(name) if late.get(name) is not None else '-'}"
+        for name, _ in MEMORY_COLUMNS
+    )
+    lines = [f"server memory (highest, MiB), early -> late: {parts}"]
+    for when in ("early", "late"):
+        r = s.get(f"round_{when}")
+        if r:
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in {**r["stages"], **r["phases"]}.items() if v >= 0.05)
+            lines.append(
+                f"longest round {when}: {r['seconds']:.1f} s at {r['stored'] or 0:,} stored ({phases})"
+            )
+    return lines
 
 
 def verdicts(s: dict[str, Any]) -> list[str]:
@@ -506,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in summaries:
         print(f"  {s['label']}:")
         for line in verdicts(s):
+            print(f"    {line}")
+        for line in growth(s):
             print(f"    {line}")
         print("    " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}))
     return 0

@@ -465,6 +465,22 @@ SETTINGS: tuple[Setting, ...] = (
     # DuckDB's buffer pool defaults to 80 % of RAM; one serve on a shared machine should stay small.
     # Larger-than-memory sorts and joins spill to a temporary directory beside the file instead.
     Setting("store_memory_limit", "text", "512MB", "DuckDB's buffer pool (memory_limit) of a store"),
+    Setting(
+        "serve_store_memory_limit", "text", "256MB",
+        "DuckDB's buffer pool (memory_limit) of serve's store: the stored table's cached blocks and "
+        "the reads for the analysis worker (a larger sort or join spills to a temporary directory)",
+    ),
+    Setting(
+        "serve_malloc_arena_max", "int", 2,
+        "glibc malloc arenas of the serve process (M_ARENA_MAX; MALLOC_ARENA_MAX in its environment "
+        "wins): without it each of the receivers' and API's threads may get its own arena",
+    ),
+    Setting(
+        "serve_malloc_mmap_threshold", "int", 1 * MiB,
+        "allocations of at least this many bytes in the serve process get their own mapping, "
+        "returned when freed (M_MMAP_THRESHOLD; MALLOC_MMAP_THRESHOLD_ in its environment wins)",
+        unit="bytes",
+    ),
     Setting("store_checkpoint_threshold", "text", "128MB", "DuckDB's WAL size that triggers a checkpoint"),
     Setting(
         "max_stage_seconds", "duration", 10.0,

@@ -117,7 +117,9 @@ def test_a_setting_declaration_is_checked() -> None:
 
 
 def test_the_collector_reads_its_limits_from_the_table() -> None:
-    """The receivers', the pipeline's and the store's constants are the table's limits, unchanged."""
+    """The receivers', the pipeline's, the store's and serve's constants are the table's limits,
+    unchanged."""
+    from hourglass.api import serve
     from hourglass.collector import duckdb_store, grpc_receiver, http_receiver, ingest
 
     expected: dict[Any, dict[str, tuple[str, Any]]] = {
@@ -144,6 +146,11 @@ def test_the_collector_reads_its_limits_from_the_table() -> None:
             "DEFAULT_MEMORY_LIMIT": ("store_memory_limit", "512MB"),
             "CHECKPOINT_THRESHOLD": ("store_checkpoint_threshold", "128MB"),
             "MAX_STAGE_SECONDS": ("max_stage_seconds", 10.0),
+        },
+        serve: {
+            "STORE_MEMORY_LIMIT": ("serve_store_memory_limit", "256MB"),
+            "MALLOC_ARENA_MAX": ("serve_malloc_arena_max", 2),
+            "MALLOC_MMAP_THRESHOLD": ("serve_malloc_mmap_threshold", 2**20),
         },
     }
     for module, constants in expected.items():

@@ -933,6 +933,22 @@ class IncrementalAnalysis:
         )
         self.db.unregister("new_traces")
 
+    def ingested_ranges(self, trace_ids: list[str]) -> list[tuple[int, int]] | None:
+        """Each of these traces' [first, last] ``ingested_ns`` as last seen settled (what its
+        extraction read), or None when one of them is not a stored trace: a read of these traces
+        by id then need only look at those ingest times (``scan_traces(ingested_ranges=...)``)."""
+        wanted = sorted(set(trace_ids))
+        if not wanted:
+            return None
+        rows = self.db.execute(
+            "SELECT first_ingested_ns, last_ingested_ns FROM traces"
+            " WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))",
+            [wanted],
+        ).fetchall()
+        if len(rows) != len(wanted):
+            return None
+        return [(int(first), int(last)) for first, last in rows]
+
     def units(
         self, since_ns: int | None, read_window: Callable[[list[str]], tuple[int, int]] | None = None
     ) -> tuple[Unit, ...]:

@@ -24,7 +24,12 @@ analysis' CPU time never competes for the GIL with the OTLP receivers and the AP
 Each run produces an immutable :class:`ReportSnapshot`: the report object, the recommendations
 indexed by id, and each recommendation pre-serialised to JSON, so a read filters in memory and
 joins bytes. The HTML page (with its exemplar waterfalls, which need the exemplar traces from the
-store) is rendered right after the run, in the same background thread.
+store) is rendered right after the run in a thread of its own, so the next round does not wait for
+it (a reader of the page before it is done renders it then).
+
+Rounds follow each other as the traces settle: the loop looks again as soon as a run ends (a
+round due under continuous ingest starts at once), and what a run leaves behind in this process
+is returned to the system after it (:func:`release_memory`).
 
 Runs are serialised by a lock; a run asked for while another is in progress waits for it and,
 if that run started after the request, returns its result instead of analysing twice.
@@ -42,10 +47,8 @@ from here stay importable from here.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -57,7 +60,7 @@ import pyarrow as pa
 
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
-from hourglass.api import report_html
+from hourglass.api import report_html, server_memory
 from hourglass.api.analysis_snapshot import ReportSnapshot, dumps
 from hourglass.api.analysis_worker import (
     AnalysisWorker,
@@ -159,6 +162,10 @@ class AnalysisService:
         self._last_error_at: float | None = None
         self._last_duration_s: float | None = None
         self._last_stages_s: dict[str, float] = {}  # seconds per step of the last run (status)
+        self._last_reads: dict[str, float] = {}  # the worker's reads answered here, by kind (status)
+        # the report page is rendered in its own thread, so the next round need not wait for it
+        self._page_wanted: ReportSnapshot | None = None
+        self._page_thread: threading.Thread | None = None
         self._runs = 0
         self._failures = 0
         self._generation = 0
@@ -185,6 +192,9 @@ class AnalysisService:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        page = self._page_thread
+        if page is not None:
+            page.join(timeout)  # it reads the store, which the caller closes next
         if self._cluster_connection is not None:
             self._cluster_connection.close()
             self._cluster_connection = None
@@ -229,6 +239,9 @@ class AnalysisService:
                 try:
                     self.run_now(reason=reason)
                     backoff = 1.0
+                    # look again at once: under continuous ingest the next round is due as soon
+                    # as this one ended (incremental_interval), and a poll's wait is lag
+                    continue
                 except Exception:
                     # Logged and recorded by run_now; the last good report keeps being served.
                     retry_at = time.monotonic() + backoff
@@ -305,9 +318,12 @@ class AnalysisService:
         }
         reader = StoreReader(self.store)
         if self._worker is not None:
+            reads: dict[str, float] = {}
             report, index, figures = self._worker.run_incremental(
-                request, reader, settings=self._settings, stages=stages
+                request, reader, settings=self._settings, stages=stages, reads=reads
             )
+            with self._state_lock:
+                self._last_reads = reads
         else:
             from hourglass.analysis.incremental import IncrementalAnalysis
 
@@ -438,14 +454,8 @@ class AnalysisService:
                 ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()),
             )
         if self.render_html:
-            try:
-                started = time.perf_counter()
-                self.html(snapshot)
-                with self._state_lock:
-                    self._last_stages_s = {**stages, "html": time.perf_counter() - started}
-            except Exception as exc:
-                log.exception("rendering the HTML report failed")
-                self._record_error(exc)
+            self._render_page_soon(snapshot)
+        started = time.perf_counter()
         if self.freeze_gc:
             # A long-lived report is ~100k Python objects at 1M spans; every full collection would
             # walk them again (100-300 ms with the GIL held: the p99 of every request). Collect the
@@ -454,7 +464,43 @@ class AnalysisService:
             gc.collect()
             gc.freeze()
         release_memory(self.store)
+        with self._state_lock:
+            if self._generation == snapshot.generation:
+                self._last_stages_s["release"] = time.perf_counter() - started
         return snapshot
+
+    def _render_page_soon(self, snapshot: ReportSnapshot) -> None:
+        """Render the report page of ``snapshot`` in the page thread (started when none runs): it
+        reads the exemplar traces from the store, seconds in a large one, and the loop starts the
+        next round meanwhile. A newer snapshot asked for before it starts replaces it; a reader of
+        the page before it is done renders it itself (``html`` renders each generation once)."""
+        with self._state_lock:
+            self._page_wanted = snapshot
+            if self._page_thread is not None and self._page_thread.is_alive():
+                return
+            self._page_thread = threading.Thread(
+                target=self._page_loop, name="hourglass-report-page", daemon=True
+            )
+            self._page_thread.start()
+
+    def _page_loop(self) -> None:
+        lower_priority_of_this_thread()
+        while not self._stop.is_set():
+            with self._state_lock:
+                snapshot, self._page_wanted = self._page_wanted, None
+                if snapshot is None:
+                    self._page_thread = None
+                    return
+            started = time.perf_counter()
+            try:
+                self.html(snapshot)
+            except Exception as exc:
+                log.exception("rendering the HTML report failed")
+                self._record_error(exc)
+                continue
+            with self._state_lock:
+                if self._generation == snapshot.generation:
+                    self._last_stages_s["html"] = time.perf_counter() - started
 
     def _notify_run(self, outcome: str, seconds: float, snapshot: ReportSnapshot | None) -> None:
         for listener in list(self.run_listeners):
@@ -548,8 +594,15 @@ class AnalysisService:
                 "last_finished_at": _iso(snapshot.finished_at) if snapshot else None,
                 "last_duration_ms": round(self._last_duration_s * 1000, 1) if self._last_duration_s else None,
                 # where the last run's time went: store_stats, scan, worker_start, send, analysis,
-                # receive, snapshot (all inside last_duration_ms) and html (rendered after it)
+                # receive, snapshot (all inside last_duration_ms), then release (collecting its
+                # garbage, returning memory) and html (the page, rendered in its own thread)
                 "last_stages_ms": {k: round(v * 1000, 1) for k, v in self._last_stages_s.items()},
+                # the incremental round's reads of the store for the worker ("scan"), by kind:
+                # arrivals, batch (a batch's spans), traces (exemplars' and pricing's traces by id)
+                "last_reads_ms": {
+                    k: (v if k.endswith("_count") else round(v * 1000, 1))
+                    for k, v in self._last_reads.items()
+                },
                 "last_reason": snapshot.reason if snapshot else None,
                 "spans_at_last_run": snapshot.spans_in_store if snapshot else None,
                 "last_error": self._last_error,
@@ -578,22 +631,7 @@ def release_memory(store: Any) -> None:
             log.exception("releasing the store's cache failed")
     with contextlib.suppress(Exception):
         pa.default_memory_pool().release_unused()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    """glibc (``malloc_trim``), or None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
+    server_memory.trim()
 
 
 def _iso(ts: float | None) -> str | None:

@@ -247,10 +247,15 @@ class AnalysisWorker:
         *,
         settings: Any = None,
         stages: dict[str, float] | None = None,
+        reads: dict[str, float] | None = None,
     ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
         """One incremental round in the worker (:func:`run_incremental`), answering its span
-        reads from ``reader`` (the store, read in this process) until it sends the result."""
+        reads from ``reader`` (the store, read in this process) until it sends the result.
+        ``reads`` (when given) gets the seconds of those reads by request kind (``arrivals``,
+        ``batch``, ``traces``: reading the store and shipping the table) and their count
+        (``batch_count``...); their sum is ``stages["scan"]``."""
         stages = {} if stages is None else stages
+        reads = {} if reads is None else reads
         with self._session(stages) as conn:
             started = time.perf_counter()
             reading = 0.0
@@ -274,7 +279,13 @@ class AnalysisWorker:
                     if written is not None:
                         shipped_files.append(written)
                     conn.send(("table", shipped))
-                    reading += time.perf_counter() - read_started
+                    del shipped  # a table sent through the pipe is not kept until the next read
+                    reader.release()
+                    took = time.perf_counter() - read_started
+                    reading += took
+                    kind = str(message[1][0])
+                    reads[kind] = reads.get(kind, 0.0) + took
+                    reads[f"{kind}_count"] = reads.get(f"{kind}_count", 0) + 1
             finally:
                 for path in shipped_files:
                     with contextlib.suppress(FileNotFoundError):
@@ -377,15 +388,23 @@ class StoreReader:
             trace_ids, ingested_from_ns=first, ingested_to_ns=last, columns=ANALYSIS_COLUMNS
         )
 
-    def traces(self, trace_ids: list[str]) -> pa.Table:
+    def traces(self, trace_ids: list[str], ranges: list[tuple[int, int]] | None = None) -> pa.Table:
+        """Whole traces by id, every column; ``ranges``: their spans' ingest-time ranges when
+        known (``IncrementalAnalysis.ingested_ranges``), so the store reads only those row groups
+        instead of every stored trace id (a 4.8M-span store: 0.03-0.06 s instead of 0.6-1.3 s)."""
         from hourglass.collector.schema import SPAN_COLUMNS
 
         if not trace_ids:
             return self.store.scan(trace_ids=[""], columns=SPAN_COLUMNS)
+        scan_traces = getattr(self.store, "scan_traces", None)
+        if ranges and callable(scan_traces):
+            table: pa.Table = scan_traces(trace_ids, ingested_ranges=ranges, columns=SPAN_COLUMNS)
+            return table
         return self.store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
 
     def answer(self, request: tuple[Any, ...]) -> pa.Table:
-        """One request of the worker: ("arrivals", ns) | ("batch", ids, first, last) | ("traces", ids)."""
+        """One request of the worker: ("arrivals", ns) | ("batch", ids, first, last) |
+        ("traces", ids[, ranges])."""
         kind, *args = request
         if kind == "arrivals":
             return self.arrivals(*args)
@@ -394,6 +413,18 @@ class StoreReader:
         if kind == "traces":
             return self.traces(*args)
         raise ValueError(f"unknown request from the analysis worker: {kind!r}")
+
+    def release(self) -> None:
+        """Drop what the reads left cached in the store (``release_cache``: DuckDB keeps the
+        blocks a query read until its memory limit): between a round's reads, so the cache does
+        not build up over the round (the blocks are re-read from the file, still compressed, when
+        asked for again)."""
+        release_cache = getattr(self.store, "release_cache", None)
+        if callable(release_cache):
+            try:
+                release_cache()
+            except Exception:  # memory not returned is no reason to fail the round
+                log.exception("releasing the store's cache failed")
 
 
 class PipeReader(StoreReader):
@@ -416,8 +447,8 @@ class PipeReader(StoreReader):
     def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
         return self._ask("batch", trace_ids, first, last)
 
-    def traces(self, trace_ids: list[str]) -> pa.Table:
-        return self._ask("traces", trace_ids)
+    def traces(self, trace_ids: list[str], ranges: list[tuple[int, int]] | None = None) -> pa.Table:
+        return self._ask("traces", trace_ids, ranges)
 
 
 def run_incremental(
@@ -457,7 +488,8 @@ def run_incremental(
             source,  # type: ignore[arg-type]
             len(units),
             executor,  # type: ignore[arg-type]
-            read_traces=reader.traces,
+            # the exemplars' and designs' traces: stored ones, read within their ingest times
+            read_traces=lambda trace_ids: reader.traces(trace_ids, state.ingested_ranges(trace_ids)),
             writer=writer,
             explain=bool(request.get("explain")),
             # the stored rows decided kind by kind (the rows of every batch are never held at once)

@@ -42,7 +42,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from hourglass.api import http_guards
+from hourglass.api import http_guards, server_memory
 from hourglass.api import rest_models as m
 from hourglass.api.analysis_service import AnalysisService
 from hourglass.api.analysis_snapshot import ReportSnapshot
@@ -184,9 +184,15 @@ def create_app(
 
     @v1("GET", "/stats", response_model=m.Stats, tags=["service"])
     def stats() -> dict[str, Any]:
-        """Stored span and trace counts, and the state of the background analysis."""
+        """Stored span and trace counts, the state of the background analysis, and where this
+        process's memory is (``server_memory``: :mod:`hourglass.api.server_memory`)."""
         s = store.stats()
-        return {"spans": s.spans, "traces": s.traces, "analysis": service.status()}
+        return {
+            "spans": s.spans,
+            "traces": s.traces,
+            "analysis": service.status(),
+            "server_memory": server_memory.breakdown(store),
+        }
 
     @v1(
         "GET",

@@ -252,6 +252,7 @@ class Stats(_Open):
     spans: int
     traces: int
     analysis: AnalysisStatus
+    server_memory: dict[str, Any] | None = None
 
 
 class AnalysisRun(_Open):

@@ -142,7 +142,7 @@ class SelfTracing:
                 cursor = start
                 context = set_span_in_context(root)
                 for step, ms in (service.status().get("last_stages_ms") or {}).items():
-                    if step == "html":  # rendered after the run
+                    if step in ("html", "release"):  # after the run
                         continue
                     step_end = min(cursor + int(ms * 1e6), end)
                     self.tracer.start_span(

@@ -25,14 +25,16 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -90,6 +92,50 @@ _STRING_VIEWS_OFF = ("RESET produce_arrow_string_view", "RESET arrow_output_vers
 # choice (DICT_FSST): on the bench-ingest request, insert + checkpoint CPU 7.9 -> 5.2 us/row and
 # the file 349 -> 85 B/row. Every other column keeps DuckDB's choice (dictionary, bitpacking...).
 _COLUMN_COMPRESSION = {"raw": "zstd"}
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _read(method: _Method) -> _Method:
+    """A read of the store: it waits while ``release_cache`` holds the buffer pool's limit down,
+    and ``release_cache`` runs only while no read is in flight (else it skips its turn): a read
+    that allocated while the limit was lowered failed with DuckDB's "Out of Memory"."""
+
+    @functools.wraps(method)
+    def gated(self: DuckDBSpanStore, *args: Any, **kwargs: Any) -> Any:
+        with self._reading():
+            return method(self, *args, **kwargs)
+
+    return gated  # type: ignore[return-value]
+
+
+# scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
+MAX_INGESTED_RANGES = 64
+
+
+def _merge_ranges(ranges: Sequence[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """``ranges`` sorted, overlapping ones joined, then neighbours joined across the smallest
+    gaps until at most ``most`` remain: every value in a given range is in a returned one."""
+    merged: list[list[int]] = []
+    for first, last in sorted((int(a), int(b)) for a, b in ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    extra = len(merged) - max(most, 1)
+    if extra <= 0:
+        return [(a, b) for a, b in merged]
+    # close the smallest gaps between neighbours: the ranges after each closed gap join the one before
+    gaps = sorted(range(len(merged) - 1), key=lambda i: (merged[i + 1][0] - merged[i][1], i))
+    closed = set(gaps[:extra])
+    out = [merged[0]]
+    for i in range(1, len(merged)):
+        if i - 1 in closed:
+            out[-1] = [out[-1][0], merged[i][1]]
+        else:
+            out.append(merged[i])
+    return [(a, b) for a, b in out]
 
 
 def _create_table_sql() -> str:
@@ -269,13 +315,14 @@ class DuckDBSpanStore:
         ingest_log: bool = False,
         threads: int | None = None,
         read_only: bool = False,
+        config: dict[str, Any] | None = None,
     ) -> None:
         """``ingest_log``: writes go through the ingest log and whole-row-group loads (see the
         module doc; ignored for ``:memory:``). ``threads``: DuckDB's worker threads (default:
         one per core); serve uses 1, as a parallel insert splits row groups and costs
         ~1 µs/span more. ``read_only``: reads only, so several processes (the partitions of one
         analysis) can open the file at once; an ingest log is not replayed (open the store
-        once without it first) and nothing is written."""
+        once without it first) and nothing is written. ``config``: more DuckDB settings."""
         self.retention_cutoff_ns: int | None = None  # the latest delete_older_than cutoff
         self.memory_limit = memory_limit
         file_backed = path != ":memory:"
@@ -300,7 +347,11 @@ class DuckDBSpanStore:
         # ones made the writer the bottleneck
         # (in-process bench under load: 16 MB ~49k, 64 MB ~63k, 128 MB ~74k spans/s). Rows not
         # yet checkpointed stay in memory, which bounds the extra RSS by about the threshold.
-        config: dict[str, Any] = {"memory_limit": memory_limit, "checkpoint_threshold": CHECKPOINT_THRESHOLD}
+        config = {
+            "memory_limit": memory_limit,
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+            **(config or {}),
+        }
         if threads is not None:
             config["threads"] = threads
         self.read_only = read_only and file_backed
@@ -311,6 +362,10 @@ class DuckDBSpanStore:
             self._con.execute(_create_table_sql())
         # RLock: compaction, retention and close load the staged rows first, under the same lock
         self._write_lock = threading.RLock()
+        # reads in flight, and release_cache holding the buffer pool's limit down (see _read)
+        self._gate = threading.Condition()
+        self._reads_in_flight = 0
+        self._releasing = False
         self._local = threading.local()
         self._cursors: list[tuple[threading.Thread, duckdb.DuckDBPyConnection]] = []
         self._cursors_lock = threading.Lock()
@@ -517,6 +572,20 @@ class DuckDBSpanStore:
             self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
             return int(removed)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        with self._gate:
+            while self._releasing:
+                self._gate.wait()
+            self._reads_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._reads_in_flight -= 1
+                if not self._reads_in_flight:
+                    self._gate.notify_all()
+
     def release_cache(
         self, min_bytes: int = RELEASE_MIN_BYTES, headroom_bytes: int = RELEASE_HEADROOM_BYTES
     ) -> int:
@@ -533,22 +602,51 @@ class DuckDBSpanStore:
         meanwhile; concurrent reads keep ``headroom_bytes`` (what may stay cached)."""
         if self.path == ":memory:" or self._closed:
             return 0  # in memory, the blocks are the data
-        with self._write_lock:
-            rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
-            cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
-            if cached < max(min_bytes, 1):
-                return 0
-            floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
-            try:
-                self._writer.execute(f"SET memory_limit = '{floor}B'")
-            finally:
-                self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
-            rows = self._writer.execute(
-                "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
-            ).fetchall()
-            return max(cached - sum(int(r[0]) for r in rows), 0)
+        with self._gate:
+            if self._reads_in_flight:
+                return 0  # a read in flight could not allocate under the lowered limit: next time
+            self._releasing = True  # reads starting now wait (_read)
+        try:
+            with self._write_lock:
+                rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
+                cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
+                if cached < max(min_bytes, 1):
+                    return 0
+                floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
+                try:
+                    self._writer.execute(f"SET memory_limit = '{floor}B'")
+                finally:
+                    self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
+                rows = self._writer.execute(
+                    "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+                ).fetchall()
+                return max(cached - sum(int(r[0]) for r in rows), 0)
+        finally:
+            with self._gate:
+                self._releasing = False
+                self._gate.notify_all()
+
+    def memory_usage(self) -> dict[str, Any]:
+        """DuckDB's buffer pool in bytes: ``by_tag`` (``duckdb_memory()``, tags using any),
+        ``used`` (their sum), ``temporary`` (spilled to disk) and ``limit`` (``memory_limit``)."""
+        rows = (
+            self._cursor()
+            .execute(
+                "SELECT tag, memory_usage_bytes, temporary_storage_bytes FROM duckdb_memory()"
+                " WHERE memory_usage_bytes > 0 OR temporary_storage_bytes > 0"
+            )
+            .fetchall()
+        )
+        limit = self._cursor().execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        return {
+            "by_tag": {str(tag): int(used) for tag, used, _ in rows if used},
+            "used": sum(int(used) for _, used, _ in rows),
+            "temporary": sum(int(spilled) for _, _, spilled in rows),
+            "limit": str(limit),
+        }
 
     # -- reads -------------------------------------------------------------------------------
+    @_read
     def scan(
         self,
         *,
@@ -577,6 +675,7 @@ class DuckDBSpanStore:
             source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
         return self._read_spans(selected, source, params, string_views=string_views)
 
+    @_read
     def scan_partition(
         self,
         part: int,
@@ -682,10 +781,12 @@ class DuckDBSpanStore:
         arrays = [table.column(i).cast(f.type) for i, f in enumerate(schema)]
         return pa.Table.from_arrays(arrays, schema=schema)
 
+    @_read
     def trace(self, trace_id: str) -> pa.Table:
         """All spans of one trace with every column (empty table when unknown)."""
         return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
 
+    @_read
     def stats(self) -> StoreStats:
         """Unique span and trace counts (duplicates not yet compacted are not counted); the last
         counts are reused while no change was committed since they were taken."""
@@ -729,11 +830,13 @@ class DuckDBSpanStore:
         self._stats_cache = (changes, counted)
         return counted
 
+    @_read
     def services(self) -> list[str]:
         self.load_staged()
         rows = self._cursor().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
         return [r[0] for r in rows]
 
+    @_read
     def largest_trace(self) -> tuple[str, int] | None:
         """The trace with the most rows and its row count (None when the store is empty): what a
         partition of whole traces can never be smaller than."""
@@ -746,6 +849,7 @@ class DuckDBSpanStore:
         return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
     # -- the Jaeger query API's reads (collector.trace_query) ----------------------------------
+    @_read
     def search_trace_ids(self, query: TraceQuery) -> list[str]:
         """Ids of up to ``query.limit`` traces with a span matching ``query``, newest first.
 
@@ -789,6 +893,7 @@ class DuckDBSpanStore:
         ).to_arrow_reader(4096)
         return tag_checked_trace_ids(reader, query.tags, query.limit)
 
+    @_read
     def operations(self, service: str, span_kind: int | None = None) -> list[tuple[str, int]]:
         """(span name, kind) pairs of one service, sorted."""
         self.load_staged()
@@ -803,6 +908,7 @@ class DuckDBSpanStore:
         )
         return [(r[0], int(r[1])) for r in rows]
 
+    @_read
     def dependencies(self, since_ns: int | None, until_ns: int | None) -> list[tuple[str, str, int]]:
         """(parent service, child service, calls): spans starting in ``[since_ns, until_ns)`` whose
         parent span belongs to another service (each span counted once)."""
@@ -826,6 +932,7 @@ class DuckDBSpanStore:
         )
         return [(r[0], r[1], int(r[2])) for r in rows]
 
+    @_read
     def trace_arrivals(self, ingested_since_ns: int) -> pa.Table:
         """Every trace with a span ingested at or after ``ingested_since_ns`` (the incremental
         analysis' settle check): ``trace_id``, its spans (physical rows), the first and last
@@ -847,17 +954,22 @@ class DuckDBSpanStore:
             .to_arrow_table()
         )
 
+    @_read
     def scan_traces(
         self,
         trace_ids: list[str],
         *,
         ingested_from_ns: int | None = None,
         ingested_to_ns: int | None = None,
+        ingested_ranges: Sequence[tuple[int, int]] | None = None,
         columns: tuple[str, ...] | None = None,
     ) -> pa.Table:
         """Like ``scan(trace_ids=...)``; when every span of those traces is known to have been
         ingested within [``ingested_from_ns``, ``ingested_to_ns``], only the row groups of that
-        range are read (the incremental analysis reads a batch of settled traces this way)."""
+        range are read (the incremental analysis reads a batch of settled traces this way).
+        ``ingested_ranges``: the same for traces far apart in time, one [first, last] range each
+        (or any ranges covering them: at most ``MAX_INGESTED_RANGES`` are kept, the closest
+        merged); DuckDB skips the row groups outside all of them."""
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         if not selected or not trace_ids:
             return pa.Table.from_pylist([], schema=pa.schema([SPAN_SCHEMA.field(c) for c in selected]))
@@ -870,6 +982,10 @@ class DuckDBSpanStore:
         if ingested_to_ns is not None:
             conditions.append("ingested_ns <= ?")
             params.append(int(ingested_to_ns))  # type: ignore[arg-type]
+        if ingested_ranges:
+            ranges = _merge_ranges(ingested_ranges, MAX_INGESTED_RANGES)
+            conditions.append("(" + " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges)) + ")")
+            params.extend(int(bound) for pair in ranges for bound in pair)  # type: ignore[misc]
         query = (
             f"SELECT {', '.join(selected)} FROM spans WHERE {' AND '.join(conditions)} "
             f"{_DEDUP} ORDER BY trace_id, start_ns, span_id"

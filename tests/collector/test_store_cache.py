@@ -50,3 +50,48 @@ def test_release_cache_in_memory_is_a_no_op() -> None:
         store.write(spans_table(repeated_trace(100, "svc", spec("a", 0, 1))))
         assert store.release_cache(min_bytes=1, headroom_bytes=0) == 0
         assert store.scan().num_rows == 100
+
+
+def test_reads_during_releases_never_run_out_of_memory(tmp_path: Path) -> None:
+    """serve releases the cache after each read it answers for the analysis worker while the API
+    reads the store in other threads: a read must never see the lowered limit (it failed with
+    DuckDB's "Out of Memory" when it allocated during a release)."""
+    import threading
+    import time
+
+    path = str(tmp_path / "spans.duckdb")
+    traces = repeated_trace(16_000, "svc", *(spec(f"op{i}", i, 1) for i in range(10)))
+    with DuckDBSpanStore(path) as store:
+        store.write(spans_table(traces))
+    failures: list[BaseException] = []
+    with DuckDBSpanStore(path, memory_limit="256MB") as store:
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                while not stop.is_set():
+                    store._stats_cache = None  # count again each time (a GROUP BY over every trace)
+                    assert store.stats().spans == 160_000
+                    assert store.scan(columns=("trace_id", "span_id")).num_rows == 160_000
+                    stop.wait(0.05)  # the API's reads come and go
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for r in readers:
+            r.start()
+        released = 0
+        try:
+            # releases for 2 s, and until some found a gap between the reads (at most 30 s)
+            started = time.monotonic()
+            while not failures and time.monotonic() - started < 30:
+                released += store.release_cache(min_bytes=1, headroom_bytes=0)
+                if released and time.monotonic() - started > 2:
+                    break
+                time.sleep(0.002)
+        finally:
+            stop.set()
+            for r in readers:
+                r.join(30)
+    assert not failures, failures[0]
+    assert released > 0  # releases did happen between the reads

@@ -1,0 +1,163 @@
+"""Where the serve process's memory is: a breakdown for ``/v1/stats`` (``server_memory``) and the
+soak benchmark.
+
+RSS alone says that the server grows, not what: the breakdown splits it into
+
+* ``rss`` / ``anon`` / ``file`` / ``shmem`` (``/proc/self/smaps_rollup``): anonymous memory is the
+  heaps; ``file`` the mapped libraries and files;
+* ``glibc``: the C heap of glibc's malloc (``mallinfo2``): bytes in use (``in_use``: gRPC,
+  protobuf, numpy and Python's larger objects allocate here)
+  and bytes freed but still held by its arenas (``free``, what ``malloc_trim`` may return);
+* ``arrow``: what pyarrow's default pool has allocated, and its backend (serve uses jemalloc);
+* ``duckdb``: the span store's buffer pool by tag (``duckdb_memory()``: ``BASE_TABLE`` is cached
+  blocks of the stored table, the others the memory of queries in flight) and its limit;
+* ``duckdb_allocator``: DuckDB's own allocator (a jemalloc inside its module, not glibc's):
+  bytes allocated (the buffer pool and everything else DuckDB holds, e.g. query results) and
+  resident (with the freed pages it keeps for reuse);
+* ``python``: bytes traced by ``tracemalloc`` when it runs (``PYTHONTRACEMALLOC=1``), else None;
+  ``python_blocks``: the objects' blocks Python's allocator holds (``sys.getallocatedblocks``).
+
+Each part is read in well under a millisecond (the DuckDB part is one query), so ``/v1/stats``
+carries it always. On a system without ``/proc`` or glibc those parts are None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+import tracemalloc
+from typing import Any
+
+import pyarrow as pa
+
+MiB = 2**20
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc() -> Any:
+    """glibc (``malloc_trim``, ``mallinfo2``, ``mallopt``), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    if not hasattr(libc, "malloc_trim"):
+        return None
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _Mallinfo2
+    return libc
+
+
+LIBC = _glibc()
+
+
+def smaps_rollup() -> dict[str, int] | None:
+    """This process's resident memory by kind, in bytes (Linux), else None."""
+    wanted = {"Rss": "rss", "Anonymous": "anon", "Pss_File": "file", "Pss_Shmem": "shmem"}
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as rollup:
+            for line in rollup:
+                key, _, rest = line.partition(":")
+                if key in wanted:
+                    out[wanted[key]] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return out or None
+
+
+def glibc_heap() -> dict[str, int] | None:
+    """glibc malloc's heap: bytes in use (small chunks and mmapped ones) and freed but held."""
+    if LIBC is None or not hasattr(LIBC, "mallinfo2"):
+        return None
+    info = LIBC.mallinfo2()
+    return {
+        "in_use": int(info.uordblks + info.hblkhd),
+        "free": int(info.fordblks),
+        "mmapped": int(info.hblkhd),
+        "arena": int(info.arena),
+    }
+
+
+def _duckdb_mallctl() -> Any:
+    """``mallctl`` of the jemalloc built into DuckDB's module (``duckdb_je_mallctl``), or None."""
+    try:
+        import _duckdb
+
+        lib = ctypes.CDLL(_duckdb.__file__)
+        mallctl = lib.duckdb_je_mallctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    mallctl.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    mallctl.restype = ctypes.c_int
+    return mallctl
+
+
+_DUCKDB_MALLCTL = _duckdb_mallctl()
+
+
+def duckdb_allocator() -> dict[str, int] | None:
+    """DuckDB's own allocator (its bundled jemalloc: the buffer pool, query results, the Arrow
+    tables it builds): bytes ``allocated`` and ``resident`` (with the pages it keeps for reuse)."""
+    if _DUCKDB_MALLCTL is None:
+        return None
+    epoch = ctypes.c_uint64(1)
+    if _DUCKDB_MALLCTL(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch)) != 0:
+        return None
+    out: dict[str, int] = {}
+    for name in ("allocated", "resident"):
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if _DUCKDB_MALLCTL(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+            return None
+        out[name] = int(value.value)
+    return out
+
+
+def breakdown(store: Any) -> dict[str, Any]:
+    """The serve process's memory, by part (see the module doc); sizes in bytes."""
+    pool = pa.default_memory_pool()
+    duckdb_part: dict[str, Any] | None = None
+    memory_usage = getattr(store, "memory_usage", None)
+    if callable(memory_usage):
+        with contextlib.suppress(Exception):  # a closed store: no figure, never a failed /v1/stats
+            duckdb_part = memory_usage()
+    return {
+        **(smaps_rollup() or {"rss": None}),
+        "glibc": glibc_heap(),
+        "arrow": {"backend": pool.backend_name, "allocated": int(pool.bytes_allocated())},
+        "duckdb": duckdb_part,
+        "duckdb_allocator": duckdb_allocator(),
+        "python": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
+        "python_blocks": sys.getallocatedblocks(),
+    }
+
+
+def trim() -> None:
+    """Return glibc's freed heap pages to the system (``malloc_trim``; a no-op elsewhere)."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
