@@ -233,22 +233,24 @@ def _merge_forests(forests: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.DataFrame(out, schema=_MERGED_SCHEMA, orient="row")
 
 
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """The frames of several partitions as one (the first, empty, when every one is)."""
+    filled = [f for f in frames if f.height]
+    if not filled:
+        return frames[0]
+    return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
+
+
 def combine_path_rows(parts: Iterable[PathRows]) -> PathRows:
     """The rows of several partitions of whole traces as one."""
     pieces = list(parts)
     if not pieces:
         raise ValueError("combine_path_rows needs the rows of at least one partition")
 
-    def concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
-        filled = [f for f in frames if f.height]
-        if not filled:
-            return frames[0]
-        return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
-
     return PathRows(
-        traces=concat([p.traces for p in pieces]),
-        operations=concat([p.operations for p in pieces]),
-        paths=concat([p.paths for p in pieces]),
+        traces=_concat([p.traces for p in pieces]),
+        operations=_concat([p.operations for p in pieces]),
+        paths=_concat([p.paths for p in pieces]),
         nodes=_merge_forests([p.nodes for p in pieces]),
     )
 
@@ -300,16 +302,10 @@ def combine_path_summaries(parts: Iterable[PathSummary]) -> PathSummary:
     if not pieces:
         raise ValueError("combine_path_summaries needs the summary of at least one partition")
 
-    def concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
-        filled = [f for f in frames if f.height]
-        if not filled:
-            return frames[0]
-        return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
-
     return PathSummary(
-        roots=concat([p.roots for p in pieces]),
-        operations=concat([p.operations for p in pieces]),
-        paths=concat([p.paths for p in pieces]),
+        roots=_concat([p.roots for p in pieces]),
+        operations=_concat([p.operations for p in pieces]),
+        paths=_concat([p.paths for p in pieces]),
         nodes=_merge_forests([p.nodes for p in pieces]),
     )
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -17,18 +16,13 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 
 from hourglass.api import serve as serve_module
 from hourglass.api import server_memory
-from tests.api.test_serve import Serve, _emit, _kill, start_serve
+from tests.api import test_serve
+from tests.api.test_serve import Serve, _emit
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    server = start_serve(tmp_path / "spans.duckdb", tmp_path / "serve.log")
-    try:
-        yield server
-    finally:
-        _kill(server.process)
+serve = test_serve.serve  # the same fixture: a real `hourglass serve` on a fresh store
 
 
 def _stats(serve: Serve) -> dict:
