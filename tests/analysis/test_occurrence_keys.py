@@ -15,7 +15,7 @@ import polars as pl
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
-from hourglass.analysis.detectors._common import occurrence_rows
+from hourglass.analysis.detectors._common import occurrence_keys, occurrence_rows
 from hourglass.analysis.incremental import _occurrence_key
 from hourglass.analysis.model import NearMissLog, Occurrence, RunConcurrently, ShortenSpan
 
@@ -27,6 +27,8 @@ KEYED = {  # the detectors that hash their occurrences' rows
     "fanout_concurrency_limit",
     "retry_without_backoff",
     "error_propagation",
+    "lock_contention",
+    "missing_timeout",
 }
 
 
@@ -44,6 +46,8 @@ def test_keys_follow_the_occurrences_not_the_partitions() -> None:
     parted = partitions.decide(partitions.combine(extracted), NearMissLog())
     keyed = 0
     for kind in PARTS:
+        if kind in KEYED:  # the spans give every keyed detector occurrences to key
+            assert any(f.occurrences for f in whole[kind]), kind
         first = {(f.id, _content(o)): o.key for f in whole[kind] for o in f.occurrences}
         second = {(f.id, _content(o)): o.key for f in parted[kind] for o in f.occurrences}
         assert first == second, kind  # the same occurrences, the same keys, however partitioned
@@ -77,6 +81,24 @@ def test_a_key_changes_with_what_the_occurrence_is_made_of_and_hashes_alike_in_e
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert other.stdout.strip() == repr(keys)
+
+
+def test_a_key_depends_on_its_row_alone() -> None:
+    """A detector hashes every finding's rows at once and splits them afterwards (error_propagation):
+    a row's key is the same whatever rows it is hashed with."""
+    frame = pl.DataFrame(
+        {
+            "trace_id": [f"t{i % 7}" for i in range(300)],
+            "ids": [[f"s{i}", f"s{i + 1}"] if i % 5 else [] for i in range(300)],
+            "held": [i * 1_000 if i % 3 else None for i in range(300)],
+        }
+    )
+    whole = occurrence_keys(frame, ["trace_id", "ids", "held"]).to_list()
+    for start, length in ((0, 1), (5, 17), (120, 100), (299, 1)):
+        piece = frame.slice(start, length)
+        assert occurrence_keys(piece, ["trace_id", "ids", "held"]).to_list() == whole[start : start + length]
+    rechunked = pl.concat([frame.slice(0, 150), frame.slice(150)], rechunk=False)
+    assert occurrence_keys(rechunked, ["trace_id", "ids", "held"]).to_list() == whole
 
 
 def test_the_pricing_key_of_a_finding_in_a_batch() -> None:

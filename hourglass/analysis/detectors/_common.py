@@ -686,17 +686,23 @@ def named_rows(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
 OCCURRENCE_KEY_SEED = 0x6F6363  # polars hash_rows seed of the occurrence keys
 
 
-def occurrence_rows(
-    frame: pl.DataFrame, columns: list[str], *extra: bool | int | str
-) -> Iterator[tuple[dict[str, Any], int]]:
-    """:func:`named_rows` of ``frame``, each with its occurrence's ``key`` (:class:`Occurrence`):
-    one 64-bit hash per row, in bulk, of ``columns`` (the columns the occurrence's trace id, span
-    ids and interventions are made of) and ``extra`` (the finding's values they also depend on).
+def occurrence_keys(frame: pl.DataFrame, columns: list[str], *extra: bool | int | str) -> pl.Series:
+    """The occurrences' ``key`` (:class:`Occurrence`), one per row of ``frame``: a 64-bit hash,
+    in bulk, of ``columns`` (the columns the occurrence's trace id, span ids and interventions are
+    made of) and ``extra`` (the finding's values they also depend on). A row's key depends on that
+    row alone, so a detector may hash every finding's rows at once and split them afterwards.
     Within one polars version the same values hash the same in every process."""
     hashed = frame.select(columns)
     if extra:
         hashed = hashed.with_columns(pl.lit(value).alias(f"_extra{i}") for i, value in enumerate(extra))
-    keys = hashed.hash_rows(seed=OCCURRENCE_KEY_SEED).to_list()
+    return hashed.hash_rows(seed=OCCURRENCE_KEY_SEED)
+
+
+def occurrence_rows(
+    frame: pl.DataFrame, columns: list[str], *extra: bool | int | str
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """:func:`named_rows` of ``frame``, each with its occurrence's key (:func:`occurrence_keys`)."""
+    keys = occurrence_keys(frame, columns, *extra).to_list()
     return zip(named_rows(frame), keys, strict=True)
 
 

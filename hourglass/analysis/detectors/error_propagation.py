@@ -68,7 +68,8 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
-    occurrence_rows,
+    named_rows,
+    occurrence_keys,
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
@@ -333,6 +334,10 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     )
     occurrences = rows["occurrences"].join(per_sig.select(signature_cols), on=signature_cols, how="semi")
     occurrences = occurrences.sort("trace_id")
+    # every finding's occurrence keys hashed at once, before the split into findings
+    occurrences = occurrences.with_columns(
+        occurrence_keys(occurrences, ["trace_id", "call_ids", "dep_ids"]).alias("occurrence_key")
+    )
     chains = rows["chains"].sort("trace_id").unique(subset=signature_cols, keep="first", maintain_order=True)
     root_totals = rows["roots"].group_by("root_service", "root_name").agg(pl.col("root_requests").sum())
 
@@ -359,9 +364,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     # The cost the ranking reads: the failed request ran this long for an error.
                     "failed_request_ms": (r["root_duration_ns"] or 0) / 1e6,
                 },
-                key=key,
+                key=r["occurrence_key"],
             )
-            for r, key in occurrence_rows(group, ["trace_id", "call_ids", "dep_ids"])
+            for r in named_rows(group)
         ]
         propagated_traces = int(row["propagated_traces"])
         failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()

@@ -86,7 +86,14 @@ import polars as pl
 from hourglass.analysis import memlog
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _sweep
-from hourglass.analysis.detectors._common import WHITESPACE_RUN, NearMissSink, Rows, stat, with_span_columns
+from hourglass.analysis.detectors._common import (
+    WHITESPACE_RUN,
+    NearMissSink,
+    Rows,
+    occurrence_keys,
+    stat,
+    with_span_columns,
+)
 from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
 from hourglass.collector.schema import KIND_CONSUMER, KIND_PRODUCER
 
@@ -526,7 +533,8 @@ def _explicit_findings(
 
 
 def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
-    """One occurrence per trace: every waiting span of the finding in it, each shortened by its wait."""
+    """One occurrence per trace: every waiting span of the finding in it, each shortened by its wait
+    (its key hashes the trace id, the span ids and the waits, every trace's at once)."""
     count_name = "peers" if "peers" in frame.columns else "queue_depth"
     per_trace = frame.group_by("trace_id", maintain_order=True).agg(
         span_ids=pl.col("span_id"),
@@ -536,14 +544,16 @@ def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
         count=pl.col(count_name).max().cast(pl.Float64),
     )
     columns = per_trace.to_dict(as_series=False)
+    keys = occurrence_keys(per_trace, ["trace_id", "span_ids", "waits"]).to_list()
     occurrences = []
-    for trace_id, span_ids, waits, wait_ms, wait_share, count in zip(
+    for trace_id, span_ids, waits, wait_ms, wait_share, count, key in zip(
         columns["trace_id"],
         columns["span_ids"],
         columns["waits"],
         columns["wait_ms"],
         columns["wait_share"],
         columns["count"],
+        keys,
         strict=True,
     ):
         numbers = {"wait_ms": wait_ms, "wait_share": wait_share}
@@ -555,6 +565,7 @@ def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
                 span_ids=tuple(span_ids),
                 interventions=tuple(ShortenSpan(sid, w) for sid, w in zip(span_ids, waits, strict=True)),
                 numbers=numbers,
+                key=key,
             )
         )
     return occurrences

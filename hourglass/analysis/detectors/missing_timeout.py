@@ -75,6 +75,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     call_target_expr,
+    occurrence_rows,
     route_template,
     url_host_expr,
 )
@@ -444,29 +445,36 @@ def _finding(
     group: pl.DataFrame,
     op_rows: list[dict[str, Any]],
 ) -> Finding:
-    occurrences: list[Occurrence] = []
-    for trace in group.partition_by("trace_id", maintain_order=True):
-        spans_held = list(trace.iter_rows(named=True))
-        occurrences.append(
-            Occurrence(
-                trace_id=spans_held[0]["trace_id"],
-                span_ids=tuple(
-                    dict.fromkeys([spans_held[0]["parent_span_id"], *(r["span_id"] for r in spans_held)])
-                ),
-                interventions=tuple(
-                    ShortenSpan(span_id=r["span_id"], by_ns=int(r["held_ns"]))
-                    for r in spans_held
-                    if r["held_ns"] > 0
-                ),
-                numbers={
-                    "longest_ms": max(r["duration_ns"] for r in spans_held) / 1e6,
-                    "excess_over_p50_ms": sum(r["excess_ns"] for r in spans_held) / 1e6,
-                    "held_past_timeout_ms": sum(r["held_ns"] for r in spans_held) / 1e6,
-                    "timeout_ms": spans_held[0]["timeout_ns"] / 1e6,
-                    "slow_calls": float(len(spans_held)),
-                },
-            )
+    # one occurrence per trace, its slow calls in the group's order; its key hashes the trace id,
+    # the caller's span id, the calls' span ids and what each was held past the timeout
+    per_trace = group.group_by("trace_id", maintain_order=True).agg(
+        parent_span_id=pl.col("parent_span_id").first(),
+        span_ids=pl.col("span_id"),
+        held_ns=pl.col("held_ns"),
+        duration_ns=pl.col("duration_ns"),
+        excess_ns=pl.col("excess_ns"),
+        timeout_ns=pl.col("timeout_ns").first(),
+    )
+    occurrences = [
+        Occurrence(
+            trace_id=r["trace_id"],
+            span_ids=tuple(dict.fromkeys([r["parent_span_id"], *r["span_ids"]])),
+            interventions=tuple(
+                ShortenSpan(span_id=span_id, by_ns=int(held))
+                for span_id, held in zip(r["span_ids"], r["held_ns"], strict=True)
+                if held > 0
+            ),
+            numbers={
+                "longest_ms": max(r["duration_ns"]) / 1e6,
+                "excess_over_p50_ms": sum(r["excess_ns"]) / 1e6,
+                "held_past_timeout_ms": sum(r["held_ns"]) / 1e6,
+                "timeout_ms": r["timeout_ns"] / 1e6,
+                "slow_calls": float(len(r["span_ids"])),
+            },
+            key=key,
         )
+        for r, key in occurrence_rows(per_trace, ["trace_id", "parent_span_id", "span_ids", "held_ns"])
+    ]
     main = max(op_rows, key=lambda r: r["calls"])
     calls = sum(int(r["calls"]) for r in op_rows)
     slow = group.height
