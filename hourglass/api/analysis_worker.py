@@ -8,6 +8,7 @@ receivers and the API.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ import pyarrow as pa
 
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
+from hourglass.api import server_memory
 
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
@@ -93,6 +95,10 @@ def _worker_main(conn: Connection) -> None:
                 conn.send(reply)
             except (OSError, ValueError):
                 return
+            # The report and the index are the server's now: not held here through the next
+            # round (whose peak they added to), and the round's freed heap returned
+            outcome = reply = None  # type: ignore[assignment]
+            _round_done()
             continue
         shipped, settings, since_ns, explain = message
         try:
@@ -109,6 +115,16 @@ def _worker_main(conn: Connection) -> None:
             conn.send(result)
         except (OSError, ValueError):
             return
+        result = None  # type: ignore[assignment]
+        _round_done()
+
+
+def _round_done() -> None:
+    """After a run, while the worker waits for the next: the cycles among the run's objects
+    collected now rather than when the next run allocates, and the C heap's freed pages returned
+    to the system (``malloc_trim``: glibc keeps what the run's threads freed in their arenas)."""
+    gc.collect()
+    server_memory.trim()
 
 
 def _failed(trace: str) -> RuntimeError:
