@@ -26,6 +26,7 @@ import pyarrow as pa
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
 from hourglass.api import server_memory
+from hourglass.settings import default
 
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
@@ -47,6 +48,14 @@ BACKGROUND_NICENESS = 10
 # worker kept ~100-200 MiB of an earlier phase's pages through the next (a round over a 3.6M-span
 # soak store: 583 -> 466 MiB resident after the convoy rule, 450 -> 366 after the first detector).
 WORKER_MALLOC_CONF = ("_RJEM_MALLOC_CONF", "background_thread:true,muzzy_decay_ms:0")
+# glibc malloc in the worker (read when the process starts; the server's environment wins): the
+# round's Python lists and numpy arrays come from glibc, and with its defaults the arenas of the
+# detectors' threads and a dynamic mmap threshold kept what a round freed (a 6M-span store: 212 MiB
+# freed but held after a round), as in the server (``serve.tune_malloc``)
+WORKER_GLIBC_ENV = (
+    ("MALLOC_ARENA_MAX", str(default("serve_malloc_arena_max"))),
+    ("MALLOC_MMAP_THRESHOLD_", str(default("serve_malloc_mmap_threshold"))),
+)
 
 
 def lower_priority_of_this_thread() -> None:
@@ -210,6 +219,8 @@ class AnalysisWorker:
             name, value = WORKER_MALLOC_CONF
             before = os.environ.get(name)
             os.environ[name] = f"{before},{value}" if before else value  # the spawned process's copy
+            added = [n for n, _ in WORKER_GLIBC_ENV if n not in os.environ]
+            os.environ.update((n, v) for n, v in WORKER_GLIBC_ENV if n in added)
             try:
                 process.start()
             finally:
@@ -217,6 +228,8 @@ class AnalysisWorker:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = before
+                for n in added:
+                    os.environ.pop(n, None)
             child.close()
             self._process, self._conn = process, parent
         return self._conn
