@@ -22,7 +22,7 @@ def num(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunConcurrently:
     """These sibling spans start together, at the earliest start among them (serialized calls,
     N+1 done concurrently, a fan-out whose pool cap is lifted)."""
@@ -30,7 +30,7 @@ class RunConcurrently:
     span_ids: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShortenSpan:
     """This span's duration is cut by ``by_ns`` (lock wait removed, straggler brought to the
     median, a call bounded by a timeout). Its children keep their offsets from its start."""
@@ -39,7 +39,7 @@ class ShortenSpan:
     by_ns: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CollapseSpans:
     """N sibling calls become one batched call: the first span takes ``duration_ns`` and the
     rest disappear (N+1 → one batched query)."""
@@ -48,7 +48,7 @@ class CollapseSpans:
     duration_ns: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScaleSelf:
     """This span's own time takes ``factor`` × what it took: the work before, between and after its
     blocking children (their offsets, the gaps between them and its tail) is scaled; the children
@@ -59,7 +59,7 @@ class ScaleSelf:
     factor: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CapConcurrency:
     """These sibling spans run as one fan-out at most ``limit`` at a time: they are released
     together where the earliest one started (after the caller work that separated them, as for
@@ -74,7 +74,7 @@ class CapConcurrency:
 Intervention = RunConcurrently | ShortenSpan | CollapseSpans | ScaleSelf | CapConcurrency
 
 
-@dataclass
+@dataclass(slots=True)
 class Occurrence:
     """One instance of a bottleneck in one trace."""
 

@@ -8,6 +8,7 @@ receivers and the API.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,8 @@ import pyarrow as pa
 
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
+from hourglass.api import server_memory
+from hourglass.settings import default
 
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
@@ -45,6 +48,14 @@ BACKGROUND_NICENESS = 10
 # worker kept ~100-200 MiB of an earlier phase's pages through the next (a round over a 3.6M-span
 # soak store: 583 -> 466 MiB resident after the convoy rule, 450 -> 366 after the first detector).
 WORKER_MALLOC_CONF = ("_RJEM_MALLOC_CONF", "background_thread:true,muzzy_decay_ms:0")
+# glibc malloc in the worker (read when the process starts; the server's environment wins): the
+# round's Python lists and numpy arrays come from glibc, and with its defaults the arenas of the
+# detectors' threads and a dynamic mmap threshold kept what a round freed (a 6M-span store: 212 MiB
+# freed but held after a round), as in the server (``serve.tune_malloc``)
+WORKER_GLIBC_ENV = (
+    ("MALLOC_ARENA_MAX", str(default("serve_malloc_arena_max"))),
+    ("MALLOC_MMAP_THRESHOLD_", str(default("serve_malloc_mmap_threshold"))),
+)
 
 
 def lower_priority_of_this_thread() -> None:
@@ -93,6 +104,10 @@ def _worker_main(conn: Connection) -> None:
                 conn.send(reply)
             except (OSError, ValueError):
                 return
+            # The report and the index are the server's now: not held here through the next
+            # round (whose peak they added to), and the round's freed heap returned
+            outcome = reply = None  # type: ignore[assignment]
+            _round_done()
             continue
         shipped, settings, since_ns, explain = message
         try:
@@ -109,6 +124,16 @@ def _worker_main(conn: Connection) -> None:
             conn.send(result)
         except (OSError, ValueError):
             return
+        result = None  # type: ignore[assignment]
+        _round_done()
+
+
+def _round_done() -> None:
+    """After a run, while the worker waits for the next: the cycles among the run's objects
+    collected now rather than when the next run allocates, and the C heap's freed pages returned
+    to the system (``malloc_trim``: glibc keeps what the run's threads freed in their arenas)."""
+    gc.collect()
+    server_memory.trim()
 
 
 def _failed(trace: str) -> RuntimeError:
@@ -194,6 +219,8 @@ class AnalysisWorker:
             name, value = WORKER_MALLOC_CONF
             before = os.environ.get(name)
             os.environ[name] = f"{before},{value}" if before else value  # the spawned process's copy
+            added = [n for n, _ in WORKER_GLIBC_ENV if n not in os.environ]
+            os.environ.update((n, v) for n, v in WORKER_GLIBC_ENV if n in added)
             try:
                 process.start()
             finally:
@@ -201,6 +228,8 @@ class AnalysisWorker:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = before
+                for n in added:
+                    os.environ.pop(n, None)
             child.close()
             self._process, self._conn = process, parent
         return self._conn

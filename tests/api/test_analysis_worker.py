@@ -4,6 +4,7 @@ gives the same report as analysing in-process, and no shipped file is left behin
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,33 @@ def test_worker_report_equals_in_process(
     assert index == expected_index
     assert set(stages) == {"worker_start", "send", "analysis", "receive"}
     assert os.listdir(tmp_path) == []
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A started process's environment, once it runs the new program (between fork and exec
+    /proc shows the parent's original one)."""
+    deadline = time.monotonic() + 30
+    while True:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+        if analysis_worker.WORKER_MALLOC_CONF[0] in env or time.monotonic() > deadline:
+            return env
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_worker_starts_with_glibc_bounds_and_the_servers_own_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # set for the server: the worker inherits it as is
+    worker = AnalysisWorker()
+    worker.start()
+    try:
+        assert worker._process is not None and worker._process.pid is not None
+        env = _environ(worker._process.pid)
+    finally:
+        worker.close()
+    assert env["MALLOC_ARENA_MAX"] == "4"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == dict(analysis_worker.WORKER_GLIBC_ENV)["MALLOC_MMAP_THRESHOLD_"]
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the server's own environment is left as it was
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
