@@ -118,8 +118,24 @@ def test_recommendations_carry_a_design_and_a_workstream_plan(server: LiveServer
     assert {"Design", "Workstream"} <= set(schema["components"]["schemas"])
 
 
+def _quiet(client: httpx.Client, timeout: float = 30.0) -> None:
+    """Until no analysis runs and none has started for a second: the background loop may still
+    run a round of its own right after the fixture's POST (it saw the spans arrive before it)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        analysis = client.get("/v1/stats").json()["analysis"]
+        now = (analysis["state"], analysis["generation"])
+        if now == last and now[0] == "ready":
+            return
+        last = now
+        time.sleep(1.0)
+    raise AssertionError(f"the analysis did not settle within {timeout} s: {last}")
+
+
 def test_etag_answers_not_modified_until_the_next_run(server: LiveServer) -> None:
     with server.client() as client:
+        _quiet(client)
         first = client.get("/v1/recommendations")
         etag = first.headers["etag"]
         again = client.get("/v1/recommendations", headers={"If-None-Match": etag})
