@@ -100,6 +100,9 @@ class Plan:
     workers: int
     buckets: int = 0  # the spilled rows' buckets (``hourglass.analysis.spill``); 0: not spilled
     warm: bool = True  # the workers start anew while this process decides (``ProcessExecutor.idle``)
+    # the workers are kept, not stopped, while this process decides: what they may still hold from
+    # their last partition fits beside the decision (``ProcessExecutor.idle``)
+    keep: bool = False
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -149,7 +152,12 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
     workers = min(workers, int(parts))
     # the workers of the pricing start while this process decides when their bases fit beside it
     warm = deciding + workers * PROCESS_BASE_BYTES <= budget
-    return Plan(spans, int(parts), workers, int(buckets), warm)
+    # or they are kept as they are, when even their peaks over a partition fit beside it: two
+    # fewer interpreters to start (~0.6 s of CPU each, on a core the decision would leave idle
+    # only on an idle machine) and no wait for the old ones to exit
+    per_part = -(-spans // parts)
+    keep = deciding + workers * (PROCESS_BASE_BYTES + per_part * PEAK_BYTES_PER_SPAN) <= budget
+    return Plan(spans, int(parts), workers, int(buckets), warm, keep)
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -364,6 +372,10 @@ def extract_part(source: Source, part: int, parts: int, spill: Spill | None = No
     del table
     memlog.note(f"extract {part + 1}/{parts} context")
     result = part_result(part, ctx, spill)
+    del ctx
+    # the spans' Arrow buffers, kept by Arrow's allocator for reuse (~80 MiB a partition of 166k
+    # spans), back to the system: a worker kept through the decision (``Plan.keep``) holds less
+    pa.default_memory_pool().release_unused()
     memlog.note(f"extract {part + 1}/{parts} rows")
     return result
 
@@ -598,9 +610,10 @@ class ProcessExecutor:
     """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
     this process is inherited). A task that raises, or whose worker dies, is retried once."""
 
-    def __init__(self, workers: int, *, warm: bool = True) -> None:
+    def __init__(self, workers: int, *, warm: bool = True, keep: bool = False) -> None:
         self.workers = max(1, workers)
         self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
+        self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: ProcessPoolExecutor | None = None
         self._starting: list[Future[None]] = []  # idle()'s start-up tasks
 
@@ -675,7 +688,11 @@ class ProcessExecutor:
         ones at once: their start-up (an interpreter and the analysis' imports, ~0.4 s of CPU
         each) runs while this process decides, on the core the decision leaves idle, instead of
         before the next ``map``'s first task. (A new worker holds its imports only: the base
-        cost the memory plan already counts for every worker.)"""
+        cost the memory plan already counts for every worker.) With ``keep`` (the plan found
+        room for the workers' peaks beside the decision) the workers are left running as they
+        are: no new interpreters, and no wait for the old ones to exit."""
+        if self.keep_when_idle and self._pool is not None:
+            return
         self.close()
         if not self.warm_when_idle:  # their bases do not fit beside the decision: started by the next map
             return

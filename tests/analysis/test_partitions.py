@@ -519,3 +519,20 @@ def test_idle_workers_restart_during_the_decision_only_when_the_plan_says_they_f
             assert executor.map("extracting", pow, [(2, 1, 5)], None) == [2]  # (x, part, parts): 2**1 % 5
         finally:
             executor.close()
+
+
+def test_idle_workers_are_kept_through_the_decision_when_the_plan_says_their_peaks_fit() -> None:
+    """With ``keep`` (the plan's choice) ``idle()`` leaves the running workers as they are: the
+    same processes run the next pass."""
+    executor = partitions.ProcessExecutor(1, keep=True)
+    try:
+        assert executor.map("extracting", pow, [(2, 1, 5)], None) == [2]
+        started = executor._pool
+        assert started is not None
+        pids = set(started._processes)
+        executor.idle()
+        assert executor._pool is started and set(started._processes) == pids
+        assert executor.map("pricing", pow, [(3, 1, 5)], None) == [3]
+        assert set(started._processes) == pids
+    finally:
+        executor.close()
