@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import memlog
+from hourglass.analysis import memlog, worker_start
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
@@ -625,7 +625,9 @@ class ProcessExecutor:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
+                # before polars is imported: one polars thread a worker when they share the cores
+                initializer=worker_start.start,
+                initargs=(worker_start.polars_threads(self.workers),),
             )
         return self._pool
 
@@ -709,10 +711,8 @@ class ProcessExecutor:
 
 
 def _start_worker() -> None:
-    """A worker process' start-up: the modules its tasks use, imported before the first task
-    (this module is imported to find this function)."""
-    from hourglass.analysis.sequence import call_durations  # noqa: F401  (the pricing's)
-    from hourglass.collector.duckdb_store import DuckDBSpanStore  # noqa: F401  (the reads)
+    """A task that makes a worker process start (``warm``, ``idle``): ``worker_start.start``,
+    the pool's initializer, imported the modules its tasks use; this imports this module."""
 
 
 class ClusterError(RuntimeError):

@@ -536,3 +536,30 @@ def test_idle_workers_are_kept_through_the_decision_when_the_plan_says_their_pea
         assert set(started._processes) == pids
     finally:
         executor.close()
+
+
+def test_workers_that_share_the_cores_get_their_share_of_polars_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker's polars pool is sized for its share of the cores (two workers on two cores:
+    one thread each), set before polars is imported there; a ``POLARS_MAX_THREADS`` the user
+    set wins."""
+    import os
+
+    from hourglass.analysis import worker_start
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_start.polars_threads(1) == cores
+    assert worker_start.polars_threads(cores) == 1 and worker_start.polars_threads(4 * cores) == 1
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    for workers in (1, 2):
+        executor = partitions.ProcessExecutor(workers)
+        try:
+            sizes = executor.map("extracting", pl.thread_pool_size, [()] * workers, None)
+            assert sizes == [worker_start.polars_threads(workers)] * workers
+        finally:
+            executor.close()
+    monkeypatch.setenv("POLARS_MAX_THREADS", "3")
+    executor = partitions.ProcessExecutor(2)
+    try:
+        assert executor.map("extracting", pl.thread_pool_size, [()], None) == [3]
+    finally:
+        executor.close()
