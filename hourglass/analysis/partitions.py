@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 # no more than the partition in the worst case, so the plan keeps room for ``workers`` full
 # partitions beside ROWS_BYTES_PER_SPAN: that phase, not the extraction, bounds the partitions.
 # The decision runs with the workers idle (each holds its base: ``ProcessExecutor.idle`` starts
-# them anew), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
+# them anew; or, when even their peaks over a partition fit beside the decision, ``Plan.keep``,
+# they are left as they are, which spares two start-ups), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
 # their buckets under DuckDB's own memory limit (``hourglass.analysis.detectors._sweep``, whatever
 # one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M).
 # The buckets no longer bound memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with
