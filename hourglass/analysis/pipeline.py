@@ -516,7 +516,8 @@ def analyze_partitioned(
     """:func:`_analyze_partitioned`; on a DuckDB file of this machine, with enough partitions, the
     store is first read once into a file per partition (:func:`partitions.split_store`) that the
     tasks of every pass read instead of scanning the store, while the worker processes start; the
-    files are removed when the run ends, fails or is interrupted. Not for a Dask cluster (its
+    files are removed when the run ends, fails or is interrupted (by a thread of their own, which
+    the process waits for before it exits). Not for a Dask cluster (its
     workers may not reach this machine's files) nor an ``extraction`` of the caller's."""
     split = None
     if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
@@ -536,8 +537,8 @@ def analyze_partitioned(
             extraction=extraction,
         )
     finally:
-        if split is not None:
-            split.remove()
+        if split is not None:  # removed beside what follows (the workers' exit, the rendering):
+            _beside(split.remove)  # the process waits for it before it exits
 
 
 def _beside(fn: Callable[[], T]) -> Future[T]:
