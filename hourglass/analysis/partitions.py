@@ -36,11 +36,20 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import memlog
+from hourglass.analysis import memlog, worker_start
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
-from hourglass.analysis.endpoint_path import PathRows, combine_path_rows, path_rows, report_critical_paths
+from hourglass.analysis.endpoint_path import (
+    PathRows,
+    PathSummary,
+    combine_path_rows,
+    combine_path_summaries,
+    path_rows,
+    report_critical_paths,
+    report_critical_paths_from_summary,
+    summarize_path_rows,
+)
 from hourglass.analysis.model import Finding, Occurrence
 from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -65,7 +74,8 @@ log = logging.getLogger(__name__)
 # no more than the partition in the worst case, so the plan keeps room for ``workers`` full
 # partitions beside ROWS_BYTES_PER_SPAN: that phase, not the extraction, bounds the partitions.
 # The decision runs with the workers idle (each holds its base: ``ProcessExecutor.idle`` starts
-# them anew), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
+# them anew; or, when even their peaks over a partition fit beside the decision, ``Plan.keep``,
+# they are left as they are, which spares two start-ups), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
 # their buckets under DuckDB's own memory limit (``hourglass.analysis.detectors._sweep``, whatever
 # one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M).
 # The buckets no longer bound memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with
@@ -91,6 +101,9 @@ class Plan:
     workers: int
     buckets: int = 0  # the spilled rows' buckets (``hourglass.analysis.spill``); 0: not spilled
     warm: bool = True  # the workers start anew while this process decides (``ProcessExecutor.idle``)
+    # the workers are kept, not stopped, while this process decides: what they may still hold from
+    # their last partition fits beside the decision (``ProcessExecutor.idle``)
+    keep: bool = False
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -140,7 +153,12 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
     workers = min(workers, int(parts))
     # the workers of the pricing start while this process decides when their bases fit beside it
     warm = deciding + workers * PROCESS_BASE_BYTES <= budget
-    return Plan(spans, int(parts), workers, int(buckets), warm)
+    # or they are kept as they are, when even their peaks over a partition fit beside it: two
+    # fewer interpreters to start (~0.6 s of CPU each, on a core the decision would leave idle
+    # only on an idle machine) and no wait for the old ones to exit
+    per_part = -(-spans // parts)
+    keep = deciding + workers * (PROCESS_BASE_BYTES + per_part * PEAK_BYTES_PER_SPAN) <= budget
+    return Plan(spans, int(parts), workers, int(buckets), warm, keep)
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -344,7 +362,7 @@ class PartResult:
     kept_paths: bool = False
 
 
-PATHS_KIND = "_paths"  # the kind under which a partition's critical-path rows are kept (Spill.keep)
+PATHS_KIND = "_paths"  # the kind under which a partition's critical-path summary is kept (Spill.keep)
 
 
 def extract_part(source: Source, part: int, parts: int, spill: Spill | None = None) -> PartResult:
@@ -355,6 +373,10 @@ def extract_part(source: Source, part: int, parts: int, spill: Spill | None = No
     del table
     memlog.note(f"extract {part + 1}/{parts} context")
     result = part_result(part, ctx, spill)
+    del ctx
+    # the spans' Arrow buffers, kept by Arrow's allocator for reuse (~80 MiB a partition of 166k
+    # spans), back to the system: a worker kept through the decision (``Plan.keep``) holds less
+    pa.default_memory_pool().release_unused()
     memlog.note(f"extract {part + 1}/{parts} rows")
     return result
 
@@ -382,8 +404,8 @@ def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> 
         )
     if spill is not None:  # every row to disk: the deciding process reads one kind at a time
         spill.keep(part, rows)
-        if paths is not None:
-            spill.keep(part, {PATHS_KIND: dict(vars(paths))})
+        if paths is not None:  # aggregated per endpoint here: a tenth of the rows, decided the same
+            spill.keep(part, {PATHS_KIND: dict(vars(summarize_path_rows(paths)))})
         result = PartResult(part, {}, compact(ctx.traces), ctx.spans.height, compact(services), None, True)
         result.kept_paths = paths is not None
         return result
@@ -412,14 +434,18 @@ class KeptRows(Mapping[str, Rows]):
         return len(self.kinds)
 
 
-def kept_paths(spill: Spill) -> PathRows | None:
-    """Every partition's kept critical-path rows as one (:func:`combine_path_rows`)."""
+def kept_paths(spill: Spill) -> PathSummary | None:
+    """Every partition's kept critical-path summary (``summarize_path_rows`` of its rows) as one
+    (:func:`combine_path_summaries`), which ``report_critical_paths_from_summary`` decides as
+    ``report_critical_paths`` decides the rows: the deciding process reads and merges a few
+    rows per endpoint and partition instead of a row per trace and per trace's operation
+    (measured at 1M spans in 6 partitions: 0.57 s of the deciding process before its decision)."""
     tables = spill.kept(PATHS_KIND)
     if not tables:
         return None
-    names = [f.name for f in fields(PathRows)]
+    names = [f.name for f in fields(PathSummary)]
     per_part = zip(*(tables[name] for name in names), strict=True)
-    return combine_path_rows(PathRows(*frames) for frames in per_part)
+    return combine_path_summaries(PathSummary(*frames) for frames in per_part)
 
 
 def compact(frame: pl.DataFrame) -> pl.DataFrame:
@@ -585,9 +611,10 @@ class ProcessExecutor:
     """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
     this process is inherited). A task that raises, or whose worker dies, is retried once."""
 
-    def __init__(self, workers: int, *, warm: bool = True) -> None:
+    def __init__(self, workers: int, *, warm: bool = True, keep: bool = False) -> None:
         self.workers = max(1, workers)
         self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
+        self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: ProcessPoolExecutor | None = None
         self._starting: list[Future[None]] = []  # idle()'s start-up tasks
 
@@ -599,7 +626,9 @@ class ProcessExecutor:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
+                # before polars is imported: one polars thread a worker when they share the cores
+                initializer=worker_start.start,
+                initargs=(worker_start.polars_threads(self.workers),),
             )
         return self._pool
 
@@ -662,7 +691,11 @@ class ProcessExecutor:
         ones at once: their start-up (an interpreter and the analysis' imports, ~0.4 s of CPU
         each) runs while this process decides, on the core the decision leaves idle, instead of
         before the next ``map``'s first task. (A new worker holds its imports only: the base
-        cost the memory plan already counts for every worker.)"""
+        cost the memory plan already counts for every worker.) With ``keep`` (the plan found
+        room for the workers' peaks beside the decision) the workers are left running as they
+        are: no new interpreters, and no wait for the old ones to exit."""
+        if self.keep_when_idle and self._pool is not None:
+            return
         self.close()
         if not self.warm_when_idle:  # their bases do not fit beside the decision: started by the next map
             return
@@ -679,10 +712,8 @@ class ProcessExecutor:
 
 
 def _start_worker() -> None:
-    """A worker process' start-up: the modules its tasks use, imported before the first task
-    (this module is imported to find this function)."""
-    from hourglass.analysis.sequence import call_durations  # noqa: F401  (the pricing's)
-    from hourglass.collector.duckdb_store import DuckDBSpanStore  # noqa: F401  (the reads)
+    """A task that makes a worker process start (``warm``, ``idle``): ``worker_start.start``,
+    the pool's initializer, imported the modules its tasks use; this imports this module."""
 
 
 class ClusterError(RuntimeError):
@@ -865,18 +896,21 @@ def run_extraction(
     spans = sum(r.spans for r in results)
     memlog.note("extraction results received")
     rows: Mapping[str, Rows]
+    critical_paths: list[dict[str, Any]] = []
+    # decided now, so that the decision below holds the few icicles and not every trace's path rows
     if spill is not None and results and all(r.kept for r in results):
         rows = KeptRows(spill, PARTS)
-        complete = all(r.kept_paths for r in results)
-        paths = kept_paths(spill) if complete else None
+        summary = kept_paths(spill) if all(r.kept_paths for r in results) else None
+        if summary is not None:
+            critical_paths = report_critical_paths_from_summary(summary)
+        del summary
     else:
         rows = combine(r.rows for r in results)
         # every partition's rows or none: icicles of some traces only would be wrong, not smaller
         complete = bool(results) and all(r.paths is not None for r in results)
         paths = combine_path_rows(r.paths for r in results if r.paths is not None) if complete else None
-    # decided now, so that the decision below holds the few icicles and not every trace's path rows
-    critical_paths = report_critical_paths(paths) if paths is not None else []
-    del paths
+        critical_paths = report_critical_paths(paths) if paths is not None else []
+        del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     memlog.note("rows combined, critical paths decided")
     decided = decide(rows, notes, spill)

@@ -29,9 +29,10 @@ Also here: :class:`ContextView`, the read-only ``hourglass.analysis.writer.Write
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -51,6 +52,7 @@ from hourglass.analysis.writer import Writer, WriterContext
 from hourglass.analysis.writers import template_writer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIN_REPORTED_SAVING_NS = 500_000  # below every kind's floor; kept for callers that import it
 # Absolute floors on the p95 saving per affected request at the root, by kind (nanoseconds). One
@@ -514,7 +516,8 @@ def analyze_partitioned(
     """:func:`_analyze_partitioned`; on a DuckDB file of this machine, with enough partitions, the
     store is first read once into a file per partition (:func:`partitions.split_store`) that the
     tasks of every pass read instead of scanning the store, while the worker processes start; the
-    files are removed when the run ends, fails or is interrupted. Not for a Dask cluster (its
+    files are removed when the run ends, fails or is interrupted (by a thread of their own, which
+    the process waits for before it exits). Not for a Dask cluster (its
     workers may not reach this machine's files) nor an ``extraction`` of the caller's."""
     split = None
     if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
@@ -534,8 +537,23 @@ def analyze_partitioned(
             extraction=extraction,
         )
     finally:
-        if split is not None:
-            split.remove()
+        if split is not None:  # removed beside what follows (the workers' exit, the rendering):
+            _beside(split.remove)  # the process waits for it before it exits
+
+
+def _beside(fn: Callable[[], T]) -> Future[T]:
+    """``fn()`` run in a thread of its own, beside what this thread does next (a thread that is
+    not a daemon: the process waits for it before it exits, so a removal is never cut short)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="hourglass-beside").start()
+    return future
 
 
 def _analyze_partitioned(
@@ -556,7 +574,8 @@ def _analyze_partitioned(
     that trace) and measures the calls they name. Same findings, savings, ranking, near misses and
     designs as the whole at once (the partition tests); memory bounded by a partition, not the
     store. ``read_traces(ids)`` reads whole traces by id (every column): the exemplars the designs
-    draw, and one trace per service for the services' resources. A workstream of two or more
+    draw, and one trace per service for the services' resources (read from a thread of its own,
+    beside the pricing, unless ``extraction`` is given). A workstream of two or more
     re-timed recommendations is priced in a third pass. The endpoints' critical paths (the page's
     icicles) are decided on the rows each partition extracted
     (:func:`hourglass.analysis.endpoint_path.path_rows`), as at once. With ``spill_buckets`` the
@@ -569,15 +588,24 @@ def _analyze_partitioned(
     from hourglass.analysis.sequence import duration_stats
 
     notes = NearMissLog()
+    removed: Future[None] | None = None
     if extraction is not None:
         extracted = extraction(notes)
     else:
         spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
         try:
             extracted = partitions.run_extraction(source, parts, executor, notes, progress, spill)
-        finally:
+        except BaseException:
             if spill is not None:
                 spill.remove()
+            raise
+        if spill is not None:  # its many small files removed beside the pricing (~1 s on a busy disk)
+            removed = _beside(spill.remove)
+    one_per_service = extracted.services.group_by("service").agg(pl.col("trace_id").min())["trace_id"]
+    service_ids = sorted(set(one_per_service.to_list()))
+    # one trace per service (their resources) read beside the pricing, which this process only
+    # waits for; a caller's own extraction comes with a read_traces called from this thread only
+    service_traces = _beside(lambda: read_traces(service_ids)) if extraction is None else None
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(
         source, parts, executor, kept, progress, calls=True, trace_parts=extracted.trace_parts
@@ -592,8 +620,11 @@ def _analyze_partitioned(
         spans_analyzed=extracted.spans,
         near_misses=near_misses,
     )
-    one_per_service = extracted.services.group_by("service").agg(pl.col("trace_id").min())["trace_id"]
-    resources = service_resources(read_traces(sorted(set(one_per_service.to_list()))))
+    resources = service_resources(
+        service_traces.result() if service_traces is not None else read_traces(service_ids)
+    )
+    if removed is not None:
+        removed.result()
     exemplars = sorted(
         {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
     )

@@ -159,7 +159,7 @@ def analyze_store(
         store.close()
     source = partitions.StoreSource(path, since_ns, tuple(services) if services else None)
     if run.spill_buckets:
-        plan = partitions.Plan(spans, plan.parts, plan.workers, run.spill_buckets, plan.warm)
+        plan = partitions.Plan(spans, plan.parts, plan.workers, run.spill_buckets, plan.warm, plan.keep)
     executor = _executor(run, plan, in_process=path.startswith("chdb:"))
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
         plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
@@ -197,7 +197,7 @@ def _executor(run: StoreRun, plan: Any, *, in_process: bool = False) -> Any:
             raise _fail(str(exc), code=EXIT_STORE) from None
     if in_process:
         return partitions.SerialExecutor()
-    return partitions.ProcessExecutor(max(1, plan.workers), warm=plan.warm)
+    return partitions.ProcessExecutor(max(1, plan.workers), warm=plan.warm, keep=plan.keep)
 
 
 def _read_traces(path: str, trace_ids: list[str]) -> pa.Table:

@@ -192,8 +192,8 @@ def test_rows_kept_on_disk_decide_one_kind_at_a_time_like_the_whole(
     for kind in PARTS:
         assert [_comparable(f) for f in got[kind]] == expected[kind], f"{kind} on {name}, rows kept on disk"
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, rows kept on disk"
-    paths = partitions.kept_paths(spill)
-    assert paths is not None and paths_from_rows(paths) == report_critical_paths(whole)
+    paths = partitions.kept_paths(spill)  # each partition's summarized: the same icicles
+    assert paths is not None and report_critical_paths_from_summary(paths) == report_critical_paths(whole)
     spill.remove()
 
 
@@ -519,3 +519,47 @@ def test_idle_workers_restart_during_the_decision_only_when_the_plan_says_they_f
             assert executor.map("extracting", pow, [(2, 1, 5)], None) == [2]  # (x, part, parts): 2**1 % 5
         finally:
             executor.close()
+
+
+def test_idle_workers_are_kept_through_the_decision_when_the_plan_says_their_peaks_fit() -> None:
+    """With ``keep`` (the plan's choice) ``idle()`` leaves the running workers as they are: the
+    same processes run the next pass."""
+    executor = partitions.ProcessExecutor(1, keep=True)
+    try:
+        assert executor.map("extracting", pow, [(2, 1, 5)], None) == [2]
+        started = executor._pool
+        assert started is not None
+        pids = set(started._processes)
+        executor.idle()
+        assert executor._pool is started and set(started._processes) == pids
+        assert executor.map("pricing", pow, [(3, 1, 5)], None) == [3]
+        assert set(started._processes) == pids
+    finally:
+        executor.close()
+
+
+def test_workers_that_share_the_cores_get_their_share_of_polars_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker's polars pool is sized for its share of the cores (two workers on two cores:
+    one thread each), set before polars is imported there; a ``POLARS_MAX_THREADS`` the user
+    set wins."""
+    import os
+
+    from hourglass.analysis import worker_start
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_start.polars_threads(1) == cores
+    assert worker_start.polars_threads(cores) == 1 and worker_start.polars_threads(4 * cores) == 1
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    for workers in (1, 2):
+        executor = partitions.ProcessExecutor(workers)
+        try:
+            sizes = executor.map("extracting", pl.thread_pool_size, [()] * workers, None)
+            assert sizes == [worker_start.polars_threads(workers)] * workers
+        finally:
+            executor.close()
+    monkeypatch.setenv("POLARS_MAX_THREADS", "3")
+    executor = partitions.ProcessExecutor(2)
+    try:
+        assert executor.map("extracting", pl.thread_pool_size, [()], None) == [3]
+    finally:
+        executor.close()

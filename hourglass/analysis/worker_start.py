@@ -1,0 +1,36 @@
+"""A partition worker process' start-up (``hourglass.analysis.partitions.ProcessExecutor``).
+
+This module imports nothing at its top, so a spawned worker, which imports it to find
+:func:`start`, runs :func:`start` before polars is imported: polars sizes its thread pool once,
+when it is first imported. Workers that share the machine's cores (two workers on two cores) each
+get one polars thread, as their DuckDB reads already do: each polars operation then runs on its
+own worker's core, without the two pools' threads taking turns on both (measured at 1M spans in 6
+partitions on 2 workers: ~8 % less CPU, a quarter less system time).
+"""
+
+from __future__ import annotations
+
+import os
+
+POLARS_THREADS = "POLARS_MAX_THREADS"
+
+
+def polars_threads(workers: int) -> int:
+    """Polars threads for each of ``workers`` processes sharing this machine's cores (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def start(threads: int = 0) -> None:
+    """Sets the worker's polars threads (``threads`` > 0, unless the user set
+    ``POLARS_MAX_THREADS``), then imports the modules its tasks use, before the first task."""
+    if threads > 0 and POLARS_THREADS not in os.environ:
+        os.environ[POLARS_THREADS] = str(threads)
+    import hourglass.analysis.detectors  # the extraction's
+    import hourglass.analysis.endpoint_path
+    import hourglass.analysis.sequence  # the pricing's
+    import hourglass.analysis.spill
+    import hourglass.collector.duckdb_store  # noqa: F401  (the reads)
