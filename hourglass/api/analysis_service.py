@@ -237,7 +237,7 @@ class AnalysisService:
             if reason is not None and now >= retry_at:
                 first = False
                 try:
-                    self.run_now(reason=reason)
+                    self.run_now(reason=reason, seen_marker=count if reason in SCHEDULED_REASONS else None)
                     backoff = 1.0
                     # look again at once: under continuous ingest the next round is due as soon
                     # as this one ended (incremental_interval), and a poll's wait is lag
@@ -407,13 +407,18 @@ class AnalysisService:
         del table
         return report, index, spans_in_store, marker
 
-    def run_now(self, reason: str = "requested") -> ReportSnapshot:
-        """Analyse the whole store now and publish the result (coalescing concurrent requests)."""
+    def run_now(self, reason: str = "requested", *, seen_marker: int | None = None) -> ReportSnapshot:
+        """Analyse the whole store now and publish the result (coalescing concurrent requests).
+        ``seen_marker``: the store's change marker that made the background loop ask for this
+        run; a run that finished meanwhile at that marker (``POST /v1/analyses`` while the loop
+        waited for it) already covers it, and its report is returned instead of a second run."""
         requested = time.monotonic()
         with self._run_lock:
             current = self._snapshot
             if current is not None and current.started_monotonic >= requested:
                 return current  # a run that started after this request has just finished
+            if seen_marker is not None and current is not None and current.change_marker == seen_marker:
+                return current  # what the loop saw change is in the report already
             started_monotonic = time.monotonic()
             started_at = time.time()
             with self._state_lock:

@@ -430,6 +430,35 @@ def test_background_runs_asked_for_over_rest_are_bounded(tmp_path: Path) -> None
         store.close()
 
 
+def test_a_scheduled_run_is_skipped_when_a_run_meanwhile_covered_what_it_saw(tmp_path: Path) -> None:
+    """The background loop asks for a round because the store changed; when a run asked for over
+    REST (POST /v1/analyses) took the lock first and covered that change, the loop's round returns
+    that report instead of running again; a change it did not cover still runs."""
+
+    def trace() -> TraceBuilder:  # received now (its ingest time is its base)
+        b = TraceBuilder(service="svc", base_ns=time.time_ns())
+        root = b.span("GET /", start_ms=0, dur_ms=10, kind=KIND_SERVER)
+        b.span("call", parent=root, start_ms=1, dur_ms=5, kind=KIND_CLIENT)
+        return b
+
+    store = DuckDBSpanStore(str(tmp_path / "seen.duckdb"))
+    service = AnalysisService(store, settle_seconds=0.0, isolate=False, writer=None, render_html=False)
+    try:
+        store.write(spans_table([trace(), trace()]))
+        seen = service._change_marker()  # what the loop saw before the requested run
+        requested = service.run_now("requested")
+        assert requested.change_marker == seen
+        again = service.run_now("settled", seen_marker=seen)
+        assert again is requested and again.generation == requested.generation
+        store.write(spans_table(trace()))
+        newer = service.run_now("settled", seen_marker=service._change_marker())
+        assert newer.generation == requested.generation + 1
+        assert newer.report["traces_analyzed"] == 3
+    finally:
+        service.stop()
+        store.close()
+
+
 def test_explain_adds_near_misses_from_the_cached_run(server: LiveServer) -> None:
     """``?explain=true`` (the real `hourglass serve`, analysis in its worker process): the same
     report plus ``near_misses``; without it the report keeps its shape."""
