@@ -3,11 +3,13 @@ gives the same report as analysing in-process, and no shipped file is left behin
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -39,6 +41,15 @@ def test_worker_report_equals_in_process(
 ) -> None:
     table = _serialized_calls_table()
     monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if through_file else None)
+    mapped: list[str] = []  # the files the worker's results came in
+    receive = analysis_worker._receive_result
+
+    def spy(message: tuple[Any, ...]) -> tuple[Any, ...]:
+        if message[0] == "mapped":
+            mapped.append(message[2])
+        return receive(message)
+
+    monkeypatch.setattr(analysis_worker, "_receive_result", spy)
     worker = AnalysisWorker()
     try:
         stages: dict[str, float] = {}
@@ -49,8 +60,35 @@ def test_worker_report_equals_in_process(
     assert report["recommendations"], "the table holds serialized calls: the report must say so"
     assert _without_time(report) == _without_time(expected)
     assert index == expected_index
+    # the index's arrays came in a file the worker wrote and this process maps (not through the
+    # pipe), unlinked once mapped
+    arrays = [v for v in vars(index).values() if isinstance(v, np.ndarray)]
+    assert arrays and not any(a.flags.writeable for a in arrays if a.nbytes)
     assert set(stages) == {"worker_start", "send", "analysis", "receive"}
     assert os.listdir(tmp_path) == []
+    assert len(mapped) == 1 and not os.path.exists(mapped[0])
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_result_travels_with_its_arrays_in_a_mapped_file_or_the_pipe(
+    room: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's side (``_send_result``) and the server's (``_receive_result``) over a real
+    pipe: the same result either way, the file (when there is room for it) gone once mapped."""
+    report, index = analyze_spans(_serialized_calls_table())
+    monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if room else None)
+    server, worker = multiprocessing.Pipe()
+    try:
+        written = analysis_worker._send_result(worker, ("ok", (report, index, 1.5)))
+        assert (written is not None) == room
+        status, (got_report, got_index, seconds) = analysis_worker._receive_result(server.recv())
+    finally:
+        server.close()
+        worker.close()
+    assert (status, got_report, got_index, seconds) == ("ok", report, index, 1.5)
+    assert os.listdir(tmp_path) == []
+    trace_id = report["recommendations"][0]["evidence"]["trace_ids"][0]
+    assert got_index.touching(trace_id, ["x"]) == index.touching(trace_id, ["x"]) != []
 
 
 def _environ(pid: int) -> dict[str, str]:
