@@ -24,7 +24,8 @@ For a touching recommendation, two sets of T's spans (each restricted to the spa
   The report page marks these as "bottleneck span".
 
 The index is a few dicts of the recommendations and, per trace, numpy arrays (see
-:class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply.
+:class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply (the
+arrays out of band, in a file the server maps: ``hourglass.api.analysis_worker``).
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ class TraceIndex:
     traces), so it is packed in arrays rather than held as Python objects: the server keeps the
     index of its current report for as long as the report is served (a dict of tuples of span id
     strings per trace was ~2 KiB per trace, growing with the store by ~0.2 GiB per million traces
-    indexed), and the analysis worker sends it over a pipe each round. Sorted trace ids (bytes)
+    indexed), and the analysis worker sends it to the server each round. Sorted trace ids (bytes)
     with each one's entries; per entry a recommendation (its position in ``_recs``) and two
     ranges of sorted span ids (bytes), the involved ones and the changed ones.
     """
