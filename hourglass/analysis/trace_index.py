@@ -25,7 +25,7 @@ For a touching recommendation, two sets of T's spans (each restricted to the spa
 
 The index is a few dicts of the recommendations and, per trace, numpy arrays (see
 :class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply (the
-arrays out of band, in a file the server maps: ``hourglass.api.analysis_worker``).
+arrays out of band, in a file the server reads: ``hourglass.api.analysis_worker``).
 """
 
 from __future__ import annotations

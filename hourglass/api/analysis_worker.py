@@ -11,7 +11,6 @@ import contextlib
 import gc
 import itertools
 import logging
-import mmap
 import multiprocessing
 import os
 import pickle
@@ -79,7 +78,7 @@ def _worker_main(conn: Connection) -> None:
 
     incremental: IncrementalAnalysis | None = None
     cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
-    sent: str | None = None  # the file of the last result: the server has mapped it by its next message
+    sent: str | None = None  # the file of the last result: the server has read it by its next message
     while True:
         try:
             message = conn.recv()
@@ -140,10 +139,11 @@ def _worker_main(conn: Connection) -> None:
 def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
     """Send a run's result to the server; returns the file it wrote, if any. The trace index's
     arrays grow with the store (~35 MB at 7M stored spans): through the pipe they cost each process
-    ~0.1 s a round (pickled into the pipe, read and copied out of it) and the server a copy. So the
-    result is pickled with its arrays out of band (protocol 5), the arrays written once to a file
-    in /dev/shm (else the temp directory) that the server memory-maps (:func:`_receive_result`),
-    and only the rest goes through the pipe; without room for the file, all of it does."""
+    ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and unpickled into
+    a copy by the server, under its GIL). So the result is pickled with its arrays out of band
+    (protocol 5), the arrays written once to a file in /dev/shm (else the temp directory) that
+    the server reads in one piece (:func:`_receive_result`), and only the rest goes through the
+    pipe; without room for the file, all of it does."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
     views = [buffer.raw() for buffer in buffers]
@@ -161,7 +161,7 @@ def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
         else:
             sizes = [view.nbytes for view in views]
             del views, buffers
-            conn.send(("mapped", data, path, sizes))
+            conn.send(("file", data, path, sizes))
             return path
     del views, buffers
     conn.send(reply)
@@ -169,18 +169,21 @@ def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
 
 
 def _receive_result(message: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A result as the worker sent it (:func:`_send_result`): its arrays are read-only views of the
-    mapped file (unlinked at once: its memory goes with the last array of it), not copies."""
-    if message[0] != "mapped":
+    """A result as the worker sent it (:func:`_send_result`): the arrays' file read into one block
+    of this process's memory (not mapped: the index is the server's, counted in its RSS, and the
+    file's pages are freed at once), which the arrays are read-only views of; the file removed."""
+    if message[0] != "file":
         return message
     _, data, path, sizes = message
     try:
-        with open(path, "rb") as raw:
-            mapped = mmap.mmap(raw.fileno(), sum(sizes), access=mmap.ACCESS_READ)
+        with open(path, "rb", buffering=0) as raw:
+            block = raw.read()  # one read (the file's size from fstat), the GIL released
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    view = memoryview(mapped)
+    if len(block) != sum(sizes):
+        raise EOFError(f"the analysis result file {path} holds {len(block)} of {sum(sizes)} bytes")
+    view = memoryview(block)
     ends = list(itertools.accumulate(sizes))
     buffers = [view[end - size : end] for end, size in zip(ends, sizes, strict=True)]
     result: tuple[Any, ...] = pickle.loads(data, buffers=buffers)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -41,12 +40,12 @@ def test_worker_report_equals_in_process(
 ) -> None:
     table = _serialized_calls_table()
     monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if through_file else None)
-    mapped: list[str] = []  # the files the worker's results came in
+    files: list[str] = []  # the files the worker's results came in (not through the pipe)
     receive = analysis_worker._receive_result
 
     def spy(message: tuple[Any, ...]) -> tuple[Any, ...]:
-        if message[0] == "mapped":
-            mapped.append(message[2])
+        if message[0] == "file":
+            files.append(message[2])
         return receive(message)
 
     monkeypatch.setattr(analysis_worker, "_receive_result", spy)
@@ -60,21 +59,17 @@ def test_worker_report_equals_in_process(
     assert report["recommendations"], "the table holds serialized calls: the report must say so"
     assert _without_time(report) == _without_time(expected)
     assert index == expected_index
-    # the index's arrays came in a file the worker wrote and this process maps (not through the
-    # pipe), unlinked once mapped
-    arrays = [v for v in vars(index).values() if isinstance(v, np.ndarray)]
-    assert arrays and not any(a.flags.writeable for a in arrays if a.nbytes)
     assert set(stages) == {"worker_start", "send", "analysis", "receive"}
     assert os.listdir(tmp_path) == []
-    assert len(mapped) == 1 and not os.path.exists(mapped[0])
+    assert len(files) == 1 and not os.path.exists(files[0])  # removed once read
 
 
 @pytest.mark.parametrize("room", [True, False])
-def test_a_result_travels_with_its_arrays_in_a_mapped_file_or_the_pipe(
+def test_a_result_travels_with_its_arrays_in_a_file_or_the_pipe(
     room: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker's side (``_send_result``) and the server's (``_receive_result``) over a real
-    pipe: the same result either way, the file (when there is room for it) gone once mapped."""
+    pipe: the same result either way, the file (when there is room for it) gone once read."""
     report, index = analyze_spans(_serialized_calls_table())
     monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if room else None)
     server, worker = multiprocessing.Pipe()
