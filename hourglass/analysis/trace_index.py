@@ -24,18 +24,30 @@ For a touching recommendation, two sets of T's spans (each restricted to the spa
   The report page marks these as "bottleneck span".
 
 The index is a few dicts of the recommendations and, per trace, numpy arrays (see
-:class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply.
+:class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply (the
+arrays out of band, in a file the server reads: ``hourglass.api.analysis_worker``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
-from hourglass.analysis.model import Finding, Intervention
+from hourglass.analysis.model import (
+    CapConcurrency,
+    CollapseSpans,
+    Finding,
+    Intervention,
+    Occurrence,
+    RunConcurrently,
+    ScaleSelf,
+    ShortenSpan,
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,127 @@ def _named_spans(iv: Intervention) -> tuple[str, ...]:
     return (one,) if one is not None else getattr(iv, "span_ids", ())
 
 
+_TRACE_ID = attrgetter("trace_id")
+_SPAN_IDS = attrgetter("span_ids")
+_SPAN_ID = attrgetter("span_id")
+_INTERVENTIONS = attrgetter("interventions")
+# the interventions naming their spans in ``span_ids`` / in ``span_id`` (see :func:`_named_spans`)
+_MANY_SPANS = frozenset({RunConcurrently, CollapseSpans, CapConcurrency})
+_ONE_SPAN = frozenset({ShortenSpan, ScaleSelf})
+
+
+def _intervention_columns(occurrences: Sequence[Occurrence]) -> tuple[list[Sequence[str]], np.ndarray]:
+    """(the span ids the occurrences' interventions name, in parts: sequences of ids that, one
+    after another, list them; how many each occurrence adds): as :func:`_named_spans` of each
+    intervention, read with C-level loops (``attrgetter``) when the interventions are all of the
+    kinds naming spans one way (a finding's usually are)."""
+    per = list(map(_INTERVENTIONS, occurrences))
+    counts = np.fromiter(map(len, per), dtype=np.int64, count=len(per))
+    interventions = list(chain.from_iterable(per))
+    del per
+    kinds = set(map(type, interventions))
+    parts: list[Sequence[str]] | None = None
+    if kinds <= _ONE_SPAN:
+        named = list(map(_SPAN_ID, interventions))
+        if None not in named:  # (None: no span named by it, as _named_spans)
+            parts = [named]
+            sizes = np.ones(len(named), dtype=np.int64)
+    if parts is None:
+        parts = list(map(_SPAN_IDS if kinds <= _MANY_SPANS else _named_spans, interventions))
+        sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    total = np.concatenate([[0], np.cumsum(sizes)])
+    ends = np.cumsum(counts)
+    return parts, total[ends] - total[ends - counts]
+
+
+def _joined(parts: Iterable[Sequence[str]]) -> str | None:
+    """The ids of ``parts`` (sequences of ids, one after another) joined by newlines, in C-level
+    loops; None when they are not all strings."""
+    try:
+        return "\n".join(map("\n".join, filter(None, parts)))  # (an empty part adds no newline)
+    except TypeError:
+        return None
+
+
+_HEX_OR_NEWLINE = b"0123456789abcdef\n"
+_SEPARATOR = ord("\n")
+
+
+def _hex_words(text: str | None, n: int) -> tuple[list[np.ndarray], int] | None:
+    """``n`` ids joined by newlines (:func:`_joined`), when they are all lowercase hex of one even
+    length (OTLP's trace and span ids), as the bytes they spell, read as big-endian 64-bit words
+    (the last one zero padded) so that the ids' words compare as their text does: (the words, one
+    uint64 column per word; bytes per id); None when they are not all such (or there are none).
+    In C-level passes over the text: the checks, then one hex decode."""
+    if text is None or n == 0:
+        return None
+    if not text.isascii():  # (a flag of the string: no pass over it)
+        return None
+    width = (len(text) + 1) // n - 1
+    if len(text) != n * (width + 1) - 1 or width <= 0 or width % 2:
+        return None
+    data = text.encode("ascii")
+    # only hex digits and newlines, a newline after every ``width`` characters, and (the decoded
+    # length) ``width`` digits per id: every id is ``width`` lowercase hex digits
+    if data.translate(None, _HEX_OR_NEWLINE):
+        return None
+    if not (np.frombuffer(data, dtype=np.uint8)[width :: width + 1] == _SEPARATOR).all():
+        return None
+    del data
+    size = width // 2
+    try:
+        packed = np.frombuffer(bytes.fromhex(text), dtype=np.uint8)  # fromhex skips the newlines
+    except ValueError:
+        return None
+    del text
+    if len(packed) != n * size:
+        return None
+    words = -(-size // 8)
+    if size != 8 * words:
+        padded = np.zeros((n, 8 * words), dtype=np.uint8)
+        padded[:, :size] = packed.reshape(n, size)
+        packed = padded.reshape(-1)
+    rows = packed.view(">u8").reshape(n, words)
+    return [rows[:, j].astype(np.uint64) for j in range(words)], size
+
+
+def _hex_bytes(words: list[np.ndarray], size: int) -> np.ndarray:
+    """Ids' :func:`_hex_words` as the bytes of the ids (as :func:`_hex_packed` gives them)."""
+    raw = np.empty((len(words[0]), 8 * len(words)), dtype=np.uint8)
+    for j, column in enumerate(words):
+        raw[:, 8 * j : 8 * j + 8] = column.astype(">u8").view(np.uint8).reshape(-1, 8)
+    return np.ascontiguousarray(raw[:, :size]).view(f"S{size}").ravel()
+
+
+def _row_order(group: np.ndarray, words: list[np.ndarray]) -> np.ndarray:
+    """The stable order of rows by ``group`` (small non-negative integers), then ``words`` (uint64
+    columns, compared left to right). One sort of 64-bit keys, the group in the high bits and the
+    first word's leading bits below it (quick on rows already in group order: the stable sort
+    keeps the runs it finds), then the rows whose keys tie put in full order among themselves
+    (the places of a run of equal keys in the order are the run's whatever its rows' order)."""
+    bits = max(int(group.max(initial=0)).bit_length(), 1)
+    key = (group.astype(np.uint64) << np.uint64(64 - bits)) | (words[0] >> np.uint64(bits))
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    same = ordered[1:] == ordered[:-1]
+    if same.any():
+        tied = np.zeros(len(order), dtype=bool)
+        tied[1:] = same
+        tied[:-1] |= same
+        rows = order[tied]
+        order[tied] = rows[np.lexsort((*(w[rows] for w in reversed(words)), group[rows]))]
+    return order
+
+
+def _changes(columns: list[np.ndarray]) -> np.ndarray:
+    """Per row of equally long columns: whether it differs from the row before (the first: True)."""
+    out = np.zeros(len(columns[0]), dtype=bool)
+    out[:1] = True
+    for column in columns:
+        out[1:] |= column[1:] != column[:-1]
+    return out
+
+
 @dataclass(eq=False)
 class TraceIndex:
     """trace id → recommendation id → (involved span ids, changed span ids), plus each
@@ -143,7 +276,7 @@ class TraceIndex:
     traces), so it is packed in arrays rather than held as Python objects: the server keeps the
     index of its current report for as long as the report is served (a dict of tuples of span id
     strings per trace was ~2 KiB per trace, growing with the store by ~0.2 GiB per million traces
-    indexed), and the analysis worker sends it over a pipe each round. Sorted trace ids (bytes)
+    indexed), and the analysis worker sends it to the server each round. Sorted trace ids (bytes)
     with each one's entries; per entry a recommendation (its position in ``_recs``) and two
     ranges of sorted span ids (bytes), the involved ones and the changed ones.
     """
@@ -194,13 +327,12 @@ class TraceIndex:
         index._recs = tuple(index.ranks)
         code = {rec_id: i for i, rec_id in enumerate(index._recs)}
         # Columns: the entries (trace, recommendation) and, per entry, its involved and changed
-        # span ids (an entry's spans are listed after it: ``*_of`` is the entry they belong to).
+        # span ids (in parts: sequences of ids listing them entry after entry; ``*_of``: how
+        # many each entry adds).
         entry_traces: list[str] = []
         entry_recs: list[int] = []
-        involved: list[str] = []
-        involved_of: list[int] = []  # per entry: how many of ``involved`` it adds
-        changed: list[str] = []
-        changed_of: list[int] = []
+        changed: list[Sequence[str]] = []
+        changed_of: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         for rec in recs:  # rule 2: the exemplars, changed where their recorded interventions act
             evidence = rec.get("evidence") or {}
             recorded = evidence.get("interventions") or {}
@@ -208,63 +340,116 @@ class TraceIndex:
                 named = intervention_span_ids(recorded.get(trace_id) or [])
                 entry_traces.append(str(trace_id))
                 entry_recs.append(code[str(rec["id"])])
-                involved_of.append(0)
-                changed.extend(named)
-                changed_of.append(len(named))
-        for finding in findings:  # rule 1: every occurrence of a reported finding
+                changed.append(sorted(named))
+                changed_of.append(np.array([len(named)], dtype=np.int64))
+        # rule 1: every occurrence of a reported finding, read off the occurrences in C-level
+        # loops (``attrgetter``, ``chain``, ``join``) rather than one Python iteration per occurrence
+        exemplars = len(entry_traces)
+        occurrences: list[Occurrence] = []
+        finding_recs: list[int] = []
+        finding_sizes: list[int] = []
+        for finding in findings:
             rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
             if rec_code is None:
                 continue
-            for occurrence in finding.occurrences:
-                entry_traces.append(occurrence.trace_id)
-                entry_recs.append(rec_code)
-                involved.extend(occurrence.span_ids)
-                involved_of.append(len(occurrence.span_ids))
-                before = len(changed)
-                for iv in occurrence.interventions:
-                    changed.extend(_named_spans(iv))
-                changed_of.append(len(changed) - before)
-        index._pack(entry_traces, entry_recs, involved, involved_of, changed, changed_of)
+            own = list(finding.occurrences)
+            occurrences.extend(own)
+            finding_recs.append(rec_code)
+            finding_sizes.append(len(own))
+            named_parts, named_of = _intervention_columns(own)
+            changed.extend(named_parts)
+            changed_of.append(named_of)
+        entry_traces.extend(map(_TRACE_ID, occurrences))
+        involved = list(map(_SPAN_IDS, occurrences))
+        involved_of = np.zeros(exemplars + len(involved), dtype=np.int64)
+        involved_of[exemplars:] = np.fromiter(map(len, involved), dtype=np.int64, count=len(involved))
+        del occurrences
+        recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
+        index._pack(
+            entry_traces,
+            np.concatenate([np.asarray(entry_recs, dtype=np.int64), recs_of]),
+            involved,
+            involved_of,
+            changed,
+            np.concatenate(changed_of),
+        )
         return index
 
     def _pack(
         self,
         entry_traces: list[str],
-        entry_recs: list[int],
-        involved: list[str],
-        involved_of: list[int],
-        changed: list[str],
-        changed_of: list[int],
+        entry_recs: np.ndarray,
+        involved: list[Sequence[str]],
+        involved_of: np.ndarray,
+        changed: list[Sequence[str]],
+        changed_of: np.ndarray,
     ) -> None:
         """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
         searches in), each trace's entries by recommendation, each entry's span ids sorted and
-        unique. Strings are coded by their rank among the distinct ones, so the sorting and the
-        deduplication are of integers."""
-        traces, trace_code = _coded(entry_traces)
-        recs = max(len(self._recs), 1)
-        entry_key = trace_code * recs + np.asarray(entry_recs, dtype=np.int64)
-        keys = _distinct(entry_key)  # sorted: by trace, then recommendation
-        trace_of = keys // recs
-        starts = np.flatnonzero(np.r_[True, trace_of[1:] != trace_of[:-1]]) if len(keys) else trace_of
-        self._trace_ids = traces[trace_of[starts]]
-        self._entries = np.concatenate([starts, [len(keys)]]).astype(np.int64)
-        self._entry_recs = (keys % recs).astype(np.int32)
+        unique.
 
-        def spans(ids: list[str], counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            """(offsets per entry of ``keys``, span ids), each entry's sorted and unique."""
-            names, code = _coded(ids)
-            owner = np.repeat(entry_key, np.asarray(counts, dtype=np.int64))
-            width = max(len(names), 1)
-            rows = _distinct(owner * width + code)  # by entry, then span id
-            at = np.searchsorted(rows // width, keys, side="left")
-            return np.concatenate([at, [len(rows)]]).astype(np.int64), names[rows % width]
+        OTLP's ids (lowercase hex, :func:`_hex_words`) are sorted as the 64-bit words they spell,
+        each entry's spans brought together first so that the sort finds them nearly in order
+        (:func:`_row_order`); any other ids are coded by their rank among the distinct ones (one
+        sort of the strings), the rest in integers."""
+        rows = len(entry_traces)
+        hexed = _hex_words(_joined([entry_traces]), rows)
+        if hexed is not None:
+            words, size = hexed
+            keyed = [*words, entry_recs.astype(np.uint64)]  # (trace, recommendation)
+            order = _row_order(np.zeros(rows, dtype=np.int64), keyed)
+            keyed = [column[order] for column in keyed]
+            first = _changes(keyed)  # the first row of each entry
+            trace_first = _changes(keyed[:-1])[first]  # per entry: the first of its trace
+            self._trace_ids = _hex_bytes([column[first][trace_first] for column in keyed[:-1]], size)
+            self._entry_recs = keyed[-1][first].astype(np.int32)
+            position = np.empty(rows, dtype=np.int64)  # each row's entry
+            position[order] = np.cumsum(first) - 1
+            starts = np.flatnonzero(trace_first)
+            trace_hex = True
+        else:
+            traces, trace_code = _coded(entry_traces)
+            recs = max(len(self._recs), 1)
+            entry_key = trace_code * recs + entry_recs
+            keys = _distinct(entry_key)  # sorted: by trace, then recommendation
+            position = np.searchsorted(keys, entry_key)
+            order = np.argsort(position, kind="stable")
+            trace_of = keys // recs
+            starts = np.flatnonzero(np.r_[True, trace_of[1:] != trace_of[:-1]]) if len(keys) else trace_of
+            self._trace_ids, trace_hex = _compact(traces[trace_of[starts]])
+            self._entry_recs = (keys % recs).astype(np.int32)
+        entries = len(self._entry_recs)
+        self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
 
-        self._involved, self._involved_ids = spans(involved, involved_of)
-        self._changed, self._changed_ids = spans(changed, changed_of)
-        # each sorted array hex-packed when it can be: the same order, half the bytes
-        self._trace_ids, trace_hex = _compact(self._trace_ids)
-        self._involved_ids, involved_hex = _compact(self._involved_ids)
-        self._changed_ids, changed_hex = _compact(self._changed_ids)
+        def spans(parts: list[Sequence[str]], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+            """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
+            hexed = _hex_words(_joined(parts), int(counts.sum()))
+            if hexed is None:
+                names, code = _coded(list(chain.from_iterable(parts)))
+                width = max(len(names), 1)
+                owned = _distinct(np.repeat(position, counts) * width + code)  # by entry, then span id
+                group = owned // width
+                packed, hex_ids = _compact(names[owned % width])
+            else:
+                words, size = hexed
+                # the rows' spans in entry order (each row's own spans stay together), then sorted
+                lengths = counts[order]
+                ends = np.cumsum(counts)
+                shift = (ends - counts)[order] - (np.cumsum(lengths) - lengths)
+                take = np.repeat(shift, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+                group = np.repeat(position[order], lengths)
+                ranked = _row_order(group, [column[take] for column in words])
+                take = take[ranked]
+                group = group[ranked]
+                words = [column[take] for column in words]
+                keep = _changes([group, *words])
+                group = group[keep]
+                packed, hex_ids = _hex_bytes([column[keep] for column in words], size), True
+            at = np.searchsorted(group, np.arange(entries + 1), side="left")
+            return at.astype(np.int64), packed, hex_ids
+
+        self._involved, self._involved_ids, involved_hex = spans(involved, involved_of)
+        self._changed, self._changed_ids, changed_hex = spans(changed, changed_of)
         self._hexed = (trace_hex, involved_hex, changed_hex)
 
     def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import tempfile
 import threading
 import time
@@ -76,11 +78,17 @@ def _worker_main(conn: Connection) -> None:
 
     incremental: IncrementalAnalysis | None = None
     cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
+    sent: str | None = None  # the file of the last result: the server has read it by its next message
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
+        finally:
+            if sent is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sent)
+                sent = None
         if message[0] == "incremental":
             _, request, settings = message
             try:
@@ -101,7 +109,7 @@ def _worker_main(conn: Connection) -> None:
             except Exception:
                 reply = ("error", traceback.format_exc())
             try:
-                conn.send(reply)
+                sent = _send_result(conn, reply)
             except (OSError, ValueError):
                 return
             # The report and the index are the server's now: not held here through the next
@@ -121,11 +129,65 @@ def _worker_main(conn: Connection) -> None:
             result = ("error", traceback.format_exc())
         table = shipped = None
         try:
-            conn.send(result)
+            sent = _send_result(conn, result)
         except (OSError, ValueError):
             return
         result = None  # type: ignore[assignment]
         _round_done()
+
+
+def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
+    """Send a run's result to the server; returns the file it wrote, if any. The trace index's
+    arrays grow with the store (~35 MB at 7M stored spans): through the pipe they cost each process
+    ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and unpickled into
+    a copy by the server, under its GIL). So the result is pickled with its arrays out of band
+    (protocol 5), the arrays written once to a file in /dev/shm (else the temp directory) that
+    the server reads in one piece (:func:`_receive_result`), and only the rest goes through the
+    pipe; without room for the file, all of it does."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    total = sum(view.nbytes for view in views)
+    directory = _ipc_dir(total) if total else None
+    if directory is not None:
+        fd, path = tempfile.mkstemp(prefix="hourglass-result-", suffix=".bin", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for view in views:
+                    out.write(view)
+        except OSError:
+            os.unlink(path)
+            log.warning("could not write the analysis result to %s; sending it through the pipe", directory)
+        else:
+            sizes = [view.nbytes for view in views]
+            del views, buffers
+            conn.send(("file", data, path, sizes))
+            return path
+    del views, buffers
+    conn.send(reply)
+    return None
+
+
+def _receive_result(message: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A result as the worker sent it (:func:`_send_result`): the arrays' file read into one block
+    of this process's memory (not mapped: the index is the server's, counted in its RSS, and the
+    file's pages are freed at once), which the arrays are read-only views of; the file removed."""
+    if message[0] != "file":
+        return message
+    _, data, path, sizes = message
+    try:
+        with open(path, "rb", buffering=0) as raw:
+            block = raw.read()  # one read (the file's size from fstat), the GIL released
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if len(block) != sum(sizes):
+        raise EOFError(f"the analysis result file {path} holds {len(block)} of {sum(sizes)} bytes")
+    view = memoryview(block)
+    ends = list(itertools.accumulate(sizes))
+    buffers = [view[end - size : end] for end, size in zip(ends, sizes, strict=True)]
+    result: tuple[Any, ...] = pickle.loads(data, buffers=buffers)
+    return result
 
 
 def _round_done() -> None:
@@ -256,7 +318,7 @@ class AnalysisWorker:
                 conn.send((shipped, settings, since_ns, explain))
                 stages["send"] = shipping + time.perf_counter() - started
                 started = time.perf_counter()
-                status, payload = conn.recv()
+                status, payload = _receive_result(conn.recv())
                 waited = time.perf_counter() - started
         finally:
             if written is not None:
@@ -292,7 +354,7 @@ class AnalysisWorker:
             try:
                 conn.send(("incremental", request, settings))
                 while True:
-                    message = conn.recv()
+                    message = _receive_result(conn.recv())
                     if message[0] != "ask":
                         status, payload = message
                         break

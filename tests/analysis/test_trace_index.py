@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from hourglass.analysis.model import Finding, Occurrence, RunConcurrently, ShortenSpan
+from hourglass.analysis.model import (
+    CapConcurrency,
+    CollapseSpans,
+    Finding,
+    Occurrence,
+    RunConcurrently,
+    ScaleSelf,
+    ShortenSpan,
+)
 from hourglass.analysis.trace_index import TraceIndex
 
 
@@ -233,3 +241,137 @@ def test_hex_ids_are_held_as_their_bytes_and_answer_as_text() -> None:
     assert mixed.touching("ab" + "00" * 15, traces["ab" + "00" * 15]) == index.touching(
         "ab" + "00" * 15, traces["ab" + "00" * 15]
     )
+
+
+def _named(iv: Any) -> set[str]:
+    """The spans an intervention of any kind names (None: none)."""
+    if hasattr(iv, "span_ids"):
+        return set(iv.span_ids)
+    return set() if iv.span_id is None else {iv.span_id}
+
+
+def _definition(
+    report: dict[str, Any], findings: list[Finding], trace_id: str, spans: list[str]
+) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """:func:`_expected` for interventions of every kind (the report's recorded ones by span_id)."""
+    present = set(spans)
+    reported = {r["id"]: r for r in report["recommendations"]}
+    involved: dict[str, set[str]] = {}
+    changed: dict[str, set[str]] = {}
+    for rec_id, rec in reported.items():
+        evidence = rec["evidence"]
+        if trace_id in evidence["trace_ids"] or present & set(evidence["span_ids"]):
+            involved.setdefault(rec_id, set())
+            changed.setdefault(rec_id, set())
+        if trace_id in evidence["trace_ids"]:
+            changed[rec_id].update(
+                iv["span_id"] for iv in evidence.get("interventions", {}).get(trace_id, [])
+            )
+    for finding in findings:
+        if finding.id not in reported:
+            continue
+        for occ in finding.occurrences:
+            if occ.trace_id == trace_id:
+                involved.setdefault(finding.id, set()).update(occ.span_ids)
+                changed.setdefault(finding.id, set()).update(*(_named(iv) for iv in occ.interventions))
+    out = []
+    for rec_id in sorted(involved, key=lambda r: reported[r]["rank"]):
+        evidence = set(reported[rec_id]["evidence"]["span_ids"]) & present
+        changed_here = changed[rec_id] & present
+        out.append(
+            (
+                rec_id,
+                tuple(sorted((involved[rec_id] | changed[rec_id] | evidence) & present)),
+                tuple(sorted(changed_here or evidence)),
+            )
+        )
+    return out
+
+
+def _shaped_case(
+    seed: int, trace_id: Any, span_id: Any
+) -> tuple[dict[str, Any], list[Finding], dict[str, list[str]]]:
+    """300 traces of 8 spans, ids made by ``trace_id(i)`` / ``span_id(i)``; findings with every
+    kind of intervention, mixed kinds in one finding, repeated spans and occurrences in one trace,
+    occurrences without spans or interventions, a span named by no intervention (None)."""
+    rng = random.Random(seed)
+    traces = {trace_id(t): [span_id(t * 8 + s) for s in range(8)] for t in range(300)}
+    ids = list(traces)
+    findings = []
+    for n in range(6):
+        occurrences = []
+        for trace in rng.sample(ids, 150):
+            spans = rng.sample(traces[trace], 4)
+            shapes: list[tuple[Any, ...]] = [
+                (ShortenSpan(spans[0], 1),),
+                (RunConcurrently(tuple(spans[:3])),),
+                (CollapseSpans(tuple(spans[1:]), 5), CapConcurrency(tuple(spans[:2]), 2)),
+                (ScaleSelf(spans[3], 0.5), ShortenSpan(spans[0], 3)),
+                (ShortenSpan(None, 2),),  # type: ignore[arg-type]
+                (),
+            ]
+            interventions = shapes[n] if n < 4 or rng.random() < 0.5 else rng.choice(shapes)
+            occurrences.append(Occurrence(trace, tuple(spans) if n != 5 else (), interventions))
+            if rng.random() < 0.3:  # the same finding again in this trace, a span repeated
+                occurrences.append(Occurrence(trace, (spans[0], spans[0], rng.choice(traces[trace]))))
+        findings.append(_finding(f"op{n}", occurrences))
+    findings.append(_finding("empty", []))
+    recs = []
+    for rank, finding in enumerate([*findings[:5], findings[6]], start=1):  # findings[5]: not reported
+        exemplar = rng.choice(ids)
+        recs.append(
+            {
+                "id": finding.id,
+                "rank": rank,
+                "evidence": {
+                    "trace_ids": [exemplar, rng.choice(ids)],
+                    "span_ids": [traces[exemplar][0], traces[rng.choice(ids)][1]],
+                    "interventions": {exemplar: [{"type": "shorten_span", "span_id": traces[exemplar][5]}]},
+                },
+            }
+        )
+    return {"recommendations": recs}, findings, traces
+
+
+def test_ids_of_every_shape_and_interventions_of_every_kind_answer_by_the_definition() -> None:
+    """The packing takes OTLP's hex ids as the numbers they spell (sorted as such, ids close
+    together or sharing their leading bytes included), and any other ids as text; both answer by
+    the definition, with each array hex-packed exactly when all its ids are lowercase hex of one
+    even length."""
+    shapes = {
+        "random hex": (
+            lambda t: f"{random.Random(t).getrandbits(128):032x}",
+            lambda s: f"{s * 2654435761:016x}",
+        ),
+        "sequential hex": (lambda t: f"{t:032x}", lambda s: f"{s:016x}"),
+        "shared leading bytes": (
+            lambda t: "ab" * 15 + f"{t % 256:02x}" if t < 256 else f"{t:032x}",
+            lambda s: "cd" * 7 + f"{s % 256:02x}" if s < 256 else f"{s:016x}",
+        ),
+        "short hex": (lambda t: f"{t:06x}", lambda s: f"{s:012x}"),
+        "long hex": (lambda t: f"{t:040x}", lambda s: f"{s:034x}"),
+        "upper case": (lambda t: f"{t:032X}", lambda s: f"{s:016X}"),
+        "odd length": (lambda t: f"{t:031x}", lambda s: f"{s:015x}"),
+        "mixed lengths": (lambda t: f"{t:0{30 + 2 * (t % 2)}x}", lambda s: f"{s:0{14 + 2 * (s % 2)}x}"),
+        "text": (lambda t: f"trace-{t}", lambda s: f"span-{s}"),
+        "newlines": (lambda t: f"{t:015x}\n{t:016x}", lambda s: f"{s:07x}\n{s:08x}"),
+        "empty span": (lambda t: f"{t:032x}", lambda s: "" if s % 8 == 7 else f"{s:016x}"),
+    }
+    for name, (trace_id, span_id) in shapes.items():
+        report, findings, traces = _shaped_case(len(name), trace_id, span_id)
+        index = TraceIndex.build(report, findings)
+        for candidate in (index, pickle.loads(pickle.dumps(index))):
+            for trace, spans in traces.items():
+                got = [
+                    (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                    for t in candidate.touching(trace, spans)
+                ]
+                assert got == _definition(report, findings, trace, spans), (name, trace)
+        hexed = vars(index)["_hexed"]
+        hex_traces = name not in ("upper case", "odd length", "mixed lengths", "text", "newlines")
+        assert hexed == (
+            hex_traces,
+            hex_traces and name != "empty span",
+            hex_traces and name != "empty span",
+        ), name
+    assert index.traces() > 250

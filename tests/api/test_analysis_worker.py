@@ -3,6 +3,7 @@ gives the same report as analysing in-process, and no shipped file is left behin
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -39,6 +40,15 @@ def test_worker_report_equals_in_process(
 ) -> None:
     table = _serialized_calls_table()
     monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if through_file else None)
+    files: list[str] = []  # the files the worker's results came in (not through the pipe)
+    receive = analysis_worker._receive_result
+
+    def spy(message: tuple[Any, ...]) -> tuple[Any, ...]:
+        if message[0] == "file":
+            files.append(message[2])
+        return receive(message)
+
+    monkeypatch.setattr(analysis_worker, "_receive_result", spy)
     worker = AnalysisWorker()
     try:
         stages: dict[str, float] = {}
@@ -51,6 +61,29 @@ def test_worker_report_equals_in_process(
     assert index == expected_index
     assert set(stages) == {"worker_start", "send", "analysis", "receive"}
     assert os.listdir(tmp_path) == []
+    assert len(files) == 1 and not os.path.exists(files[0])  # removed once read
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_result_travels_with_its_arrays_in_a_file_or_the_pipe(
+    room: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's side (``_send_result``) and the server's (``_receive_result``) over a real
+    pipe: the same result either way, the file (when there is room for it) gone once read."""
+    report, index = analyze_spans(_serialized_calls_table())
+    monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(tmp_path) if room else None)
+    server, worker = multiprocessing.Pipe()
+    try:
+        written = analysis_worker._send_result(worker, ("ok", (report, index, 1.5)))
+        assert (written is not None) == room
+        status, (got_report, got_index, seconds) = analysis_worker._receive_result(server.recv())
+    finally:
+        server.close()
+        worker.close()
+    assert (status, got_report, got_index, seconds) == ("ok", report, index, 1.5)
+    assert os.listdir(tmp_path) == []
+    trace_id = report["recommendations"][0]["evidence"]["trace_ids"][0]
+    assert got_index.touching(trace_id, ["x"]) == index.touching(trace_id, ["x"]) != []
 
 
 def _environ(pid: int) -> dict[str, str]:
