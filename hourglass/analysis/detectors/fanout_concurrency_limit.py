@@ -76,7 +76,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
-    occurrence_rows,
+    occurrence_values,
     sibling_groups,
     stat,
     target_operation,
@@ -567,23 +567,37 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
     traces = frame["trace_id"].n_unique()
     k_share = float((frame["k"] == k_mode).sum()) / frame.height
     pool_evidence = bool(frame["pool_evidence"].any())
+    keyed = ["trace_id", "parent_span_id", "child_ids"]
+    numbers = ["k", "n", "queued_ns", "queued_per_call_ns", "makespan_ns", "longest_child_ns", "cap_hits"]
     occurrences = [
         Occurrence(
-            trace_id=row["trace_id"],
-            span_ids=(row["parent_span_id"], *row["child_ids"]),
-            interventions=(RunConcurrently(span_ids=tuple(row["child_ids"])),),
+            trace_id=trace_id,
+            span_ids=(parent_span_id, *child_ids),
+            interventions=(RunConcurrently(span_ids=tuple(child_ids)),),
             numbers={
-                "k": float(row["k"]),
-                "n": float(row["n"]),
-                "queued_ms": row["queued_ns"] / 1e6,
-                "queued_per_call_ms": (row["queued_per_call_ns"] or 0) / 1e6,
-                "makespan_ms": row["makespan_ns"] / 1e6,
-                "longest_child_ms": row["longest_child_ns"] / 1e6,
-                "cap_hits": float(row["cap_hits"]),
+                "k": float(k),
+                "n": float(n),
+                "queued_ms": queued_ns / 1e6,
+                "queued_per_call_ms": (queued_per_call_ns or 0) / 1e6,
+                "makespan_ms": makespan_ns / 1e6,
+                "longest_child_ms": longest_child_ns / 1e6,
+                "cap_hits": float(cap_hits),
             },
             key=key,
         )
-        for row, key in occurrence_rows(frame, ["trace_id", "parent_span_id", "child_ids"])
+        for (
+            trace_id,
+            parent_span_id,
+            child_ids,
+            k,
+            n,
+            queued_ns,
+            queued_per_call_ns,
+            makespan_ns,
+            longest_child_ns,
+            cap_hits,
+            key,
+        ) in occurrence_values(frame, [*keyed, *numbers], keyed)
     ]
     confidence = 0.6
     confidence += 0.1 if traces >= 5 else 0.0

@@ -498,17 +498,29 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         assert score is not None
         occurrences = [
             Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(RunConcurrently(tuple(r["span_id"][:-1] if unchecked else r["span_id"])),),
+                trace_id=trace_id,
+                span_ids=(caller_span_id, *span_ids),
+                interventions=(RunConcurrently(tuple(span_ids[:-1] if unchecked else span_ids)),),
                 numbers={
-                    "calls": float(r["calls"]),
-                    "serial_ms": r["serial_ns"] / 1e6,
-                    "local_saving_ms": (r["fan_in_ns"] if unchecked else r["local_saving_ns"]) / 1e6,
+                    "calls": float(calls),
+                    "serial_ms": serial_ns / 1e6,
+                    "local_saving_ms": saving_ns / 1e6,
                 },
                 key=key,
             )
-            for r, key in _common.occurrence_rows(group, ["trace_id", "caller_span_id", "span_id"], unchecked)
+            for trace_id, caller_span_id, span_ids, calls, serial_ns, saving_ns, key in _common.occurrence_values(
+                group,
+                [
+                    "trace_id",
+                    "caller_span_id",
+                    "span_id",
+                    "calls",
+                    "serial_ns",
+                    "fan_in_ns" if unchecked else "local_saving_ns",
+                ],
+                ["trace_id", "caller_span_id", "span_id"],
+                unchecked,
+            )
         ]
         sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
         targets = [
