@@ -188,13 +188,14 @@ Miss = tuple[tuple[str, ...], str, list[str], int]
 
 def _signature_misses(frame: pl.DataFrame, reason: pl.Expr, misses: list[Miss]) -> None:
     """Appends one near miss per signature of ``frame`` (one row per fan-out or call, with
-    SIGNATURE and trace_id), ``reason`` an aggregate expression giving the text."""
+    SIGNATURE and trace_id), ``reason`` an aggregate expression giving the text (one that does not
+    depend on the order of a signature's rows: the rows are not sorted, each signature's first
+    trace ids are)."""
     rows = (
-        frame.sort("trace_id")
-        .group_by(SIGNATURE, maintain_order=True)
+        frame.group_by(SIGNATURE)
         .agg(
             reason=reason,
-            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            trace_ids=pl.col("trace_id").unique().sort().head(5),
             traces=pl.col("trace_id").n_unique(),
         )
         .sort(SIGNATURE)
