@@ -442,12 +442,16 @@ def _shared_pool_findings(
     per_signature = kids.group_by("signature_id").agg(
         calls=pl.len(), traces=pl.col("trace_id").n_unique(), median_ns=pl.col("duration_ns").median()
     )
+    signatures = per_signature.height
     per_signature = per_signature.filter(
         (pl.col("calls") >= MIN_SHARED_CALLS) & (pl.col("traces") >= MIN_SHARED_TRACES)
     )
     if per_signature.is_empty():
         return []
-    kids = kids.join(per_signature.select("signature_id", "median_ns"), on="signature_id")
+    if per_signature.height < signatures:  # the calls of the signatures judged, in their order
+        kids = kids.filter(pl.col("signature_id").is_in(per_signature["signature_id"].implode()))
+    # (the calls are not copied with each signature's median: only the hand-over reads it)
+    medians = per_signature.select("signature_id", "median_ns")
 
     # Concurrency across traces: the sweep of the fan-out rule, by signature instead of fan-out.
     sweep = _concurrency_sweep(kids, "signature_id", "end_ns")
@@ -467,7 +471,8 @@ def _shared_pool_findings(
         ["t", "end_trace"]
     )
     handover = (
-        kids.select("signature_id", "trace_id", "median_ns", t=pl.col("start_ns"))
+        kids.select("signature_id", "trace_id", t=pl.col("start_ns"))
+        .join(medians, on="signature_id", how="left", maintain_order="left")
         .sort("t")
         .join_asof(
             previous_ends.with_columns(prev_end_ns=pl.col("t")),
