@@ -501,26 +501,39 @@ def _shared_pool_findings(
     )
     not_shared = judged.filter(~pl.col("shared"))
     if not_shared.height:
-        _signature_misses(
-            kids.select(*SIGNATURE, "trace_id", "signature_id").join(
-                not_shared.select(
-                    "signature_id", "k", "saturation", "handover_rate", "cross_trace_handover_rate"
+        # one near miss per signature (as _signature_misses), its calls grouped by the signature's
+        # hash rather than copied with the verdict's columns and grouped by its five strings
+        reasons = (
+            kids.filter(pl.col("signature_id").is_in(not_shared["signature_id"].implode()))
+            .group_by("signature_id")
+            .agg(
+                pl.col(SIGNATURE).first(),
+                trace_ids=pl.col("trace_id").unique().sort().head(5),
+                traces=pl.col("trace_id").n_unique(),
+            )
+            .join(not_shared, on="signature_id")
+            .select(
+                *SIGNATURE,
+                "trace_ids",
+                "traces",
+                reason=pl.format(
+                    "not a shared pool across requests: peak concurrency k = {} (needs >= 2), saturation {} "
+                    "(needs >= {}), hand-over {} (needs >= {}), across traces {} (needs >= {})",
+                    pl.col("k"),
+                    pl.col("saturation").round(2),
+                    pl.lit(MIN_SATURATION),
+                    pl.col("handover_rate").round(2),
+                    pl.lit(MIN_HANDOVER),
+                    pl.col("cross_trace_handover_rate").round(2),
+                    pl.lit(MIN_CROSS_TRACE_HANDOVER),
                 ),
-                on="signature_id",
-            ),
-            pl.format(
-                "not a shared pool across requests: peak concurrency k = {} (needs >= 2), saturation {} "
-                "(needs >= {}), hand-over {} (needs >= {}), across traces {} (needs >= {})",
-                pl.col("k").first(),
-                pl.col("saturation").first().round(2),
-                pl.lit(MIN_SATURATION),
-                pl.col("handover_rate").first().round(2),
-                pl.lit(MIN_HANDOVER),
-                pl.col("cross_trace_handover_rate").first().round(2),
-                pl.lit(MIN_CROSS_TRACE_HANDOVER),
-            ),
-            misses,
+            )
+            .sort(SIGNATURE)
         )
+        for r in reasons.iter_rows(named=True):
+            misses.append(
+                (tuple(str(r[c]) for c in SIGNATURE), str(r["reason"]), list(r["trace_ids"]), r["traces"])
+            )
     shared = judged.filter("shared")
     if shared.is_empty():
         return []
