@@ -83,7 +83,7 @@ class Occurrence:
     interventions: tuple[Intervention, ...] = ()
     numbers: dict[str, float] = field(default_factory=dict)  # per-occurrence detector numbers
     # a 64-bit hash of what the trace id, the span ids and the interventions were made of, when
-    # the detector computed it in bulk over its rows (``detectors._common.occurrence_rows``): what
+    # the detector computed it in bulk over its rows (``detectors._common.occurrence_values``): what
     # serve's incremental pricing compares between rounds instead of the occurrence itself
     key: int | None = field(default=None, compare=False, repr=False)
 

@@ -1,6 +1,6 @@
 """Occurrence keys: serve's incremental pricing reuses a stored batch's pricing of a finding while
 that finding's occurrences there are the same, compared by the keys their detectors hashed in bulk
-(``Occurrence.key``, ``detectors._common.occurrence_rows``) rather than by writing every occurrence
+(``Occurrence.key``, ``detectors._common.occurrence_values``) rather than by writing every occurrence
 out each round. A key must follow what the pricing depends on (trace, spans, interventions) and
 nothing about how the rows were partitioned, and hash the same in every process."""
 
@@ -15,7 +15,7 @@ import polars as pl
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
-from hourglass.analysis.detectors._common import occurrence_keys, occurrence_rows
+from hourglass.analysis.detectors._common import occurrence_keys, occurrence_values
 from hourglass.analysis.incremental import _occurrence_key
 from hourglass.analysis.model import NearMissLog, Occurrence, RunConcurrently, ShortenSpan
 
@@ -64,18 +64,20 @@ def test_a_key_changes_with_what_the_occurrence_is_made_of_and_hashes_alike_in_e
     frame = pl.DataFrame(
         {"trace_id": ["t1", "t1", "t2"], "span_id": [["a", "b"], ["a", "bb"], ["a", "b"]], "n": [1, 1, 2]}
     )
-    rows = list(occurrence_rows(frame, ["trace_id", "span_id"]))
-    assert [r for r, _ in rows] == list(frame.iter_rows(named=True))
-    keys = [k for _, k in rows]
+    rows = list(occurrence_values(frame, ["trace_id", "span_id", "n"], ["trace_id", "span_id"]))
+    assert [r[:-1] for r in rows] == [("t1", ("a", "b"), 1), ("t1", ("a", "bb"), 1), ("t2", ("a", "b"), 2)]
+    keys = [r[-1] for r in rows]
     assert len(set(keys)) == 3
-    assert [k for _, k in occurrence_rows(frame.with_columns(n=pl.lit(9)), ["trace_id", "span_id"])] == keys
-    flagged = [k for _, k in occurrence_rows(frame, ["trace_id", "span_id"], True)]
+    assert keys == occurrence_keys(frame, ["trace_id", "span_id"]).to_list()
+    changed_n = frame.with_columns(n=pl.lit(9))
+    assert [r[-1] for r in occurrence_values(changed_n, ["n"], ["trace_id", "span_id"])] == keys
+    flagged = [r[-1] for r in occurrence_values(frame, [], ["trace_id", "span_id"], True)]
     assert not set(flagged) & set(keys)  # a finding-level input the occurrences depend on
     code = (
         "import polars as pl\n"
-        "from hourglass.analysis.detectors._common import occurrence_rows\n"
+        "from hourglass.analysis.detectors._common import occurrence_values\n"
         f"frame = pl.DataFrame({frame.to_dict(as_series=False)!r})\n"
-        "print([k for _, k in occurrence_rows(frame, ['trace_id', 'span_id'])])\n"
+        "print([r[-1] for r in occurrence_values(frame, [], ['trace_id', 'span_id'])])\n"
     )
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

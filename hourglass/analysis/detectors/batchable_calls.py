@@ -191,11 +191,12 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         occurrences = _common.batch_occurrences(
             group,
-            lambda r: {
-                "calls": float(r["calls"]),
-                "server_ms": r["server_ns"] / 1e6,
-                "batched_ms": r["batched_ns"] / 1e6,
-                "latency_ms": r["latency_ns"] / 1e6,
+            ["calls", "server_ns", "batched_ns", "latency_ns"],
+            lambda calls, server_ns, batched_ns, latency_ns: {
+                "calls": float(calls),
+                "server_ms": server_ns / 1e6,
+                "batched_ms": batched_ns / 1e6,
+                "latency_ms": latency_ns / 1e6,
             },
         )
         distinct_share, params_known, median_calls = _common.parameter_stats(group)

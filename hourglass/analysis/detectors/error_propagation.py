@@ -67,8 +67,8 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     call_target_expr,
+    column_values,
     failed_expr,
-    named_rows,
     occurrence_keys,
     url_host_expr,
 )
@@ -355,18 +355,32 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         )
         occurrence_list = [
             Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=tuple(dict.fromkeys([*r["call_ids"], *r["dep_ids"]])),
+                trace_id=trace_id,
+                span_ids=tuple(dict.fromkeys([*call_ids, *dep_ids])),
                 numbers={
-                    "failed_dependency_spans": float(r["failed_dependency_spans"]),
-                    "dependency_depth": float(r["depth"] or 0),
-                    "root_duration_ms": (r["root_duration_ns"] or 0) / 1e6,
+                    "failed_dependency_spans": float(failed_dependency_spans),
+                    "dependency_depth": float(depth or 0),
+                    "root_duration_ms": (root_duration_ns or 0) / 1e6,
                     # The cost the ranking reads: the failed request ran this long for an error.
-                    "failed_request_ms": (r["root_duration_ns"] or 0) / 1e6,
+                    "failed_request_ms": (root_duration_ns or 0) / 1e6,
                 },
-                key=r["occurrence_key"],
+                key=occurrence_key,
             )
-            for r in named_rows(group)
+            for trace_id, call_ids, dep_ids, failed_dependency_spans, depth, root_duration_ns, occurrence_key in zip(
+                *column_values(
+                    group,
+                    [
+                        "trace_id",
+                        "call_ids",
+                        "dep_ids",
+                        "failed_dependency_spans",
+                        "depth",
+                        "root_duration_ns",
+                        "occurrence_key",
+                    ],
+                ),
+                strict=True,
+            )
         ]
         propagated_traces = int(row["propagated_traces"])
         failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()

@@ -76,7 +76,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
-    occurrence_rows,
+    occurrence_values,
     sibling_groups,
     stat,
     target_operation,
@@ -188,13 +188,14 @@ Miss = tuple[tuple[str, ...], str, list[str], int]
 
 def _signature_misses(frame: pl.DataFrame, reason: pl.Expr, misses: list[Miss]) -> None:
     """Appends one near miss per signature of ``frame`` (one row per fan-out or call, with
-    SIGNATURE and trace_id), ``reason`` an aggregate expression giving the text."""
+    SIGNATURE and trace_id), ``reason`` an aggregate expression giving the text (one that does not
+    depend on the order of a signature's rows: the rows are not sorted, each signature's first
+    trace ids are)."""
     rows = (
-        frame.sort("trace_id")
-        .group_by(SIGNATURE, maintain_order=True)
+        frame.group_by(SIGNATURE)
         .agg(
             reason=reason,
-            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            trace_ids=pl.col("trace_id").unique().sort().head(5),
             traces=pl.col("trace_id").n_unique(),
         )
         .sort(SIGNATURE)
@@ -441,12 +442,16 @@ def _shared_pool_findings(
     per_signature = kids.group_by("signature_id").agg(
         calls=pl.len(), traces=pl.col("trace_id").n_unique(), median_ns=pl.col("duration_ns").median()
     )
+    signatures = per_signature.height
     per_signature = per_signature.filter(
         (pl.col("calls") >= MIN_SHARED_CALLS) & (pl.col("traces") >= MIN_SHARED_TRACES)
     )
     if per_signature.is_empty():
         return []
-    kids = kids.join(per_signature.select("signature_id", "median_ns"), on="signature_id")
+    if per_signature.height < signatures:  # the calls of the signatures judged, in their order
+        kids = kids.filter(pl.col("signature_id").is_in(per_signature["signature_id"].implode()))
+    # (the calls are not copied with each signature's median: only the hand-over reads it)
+    medians = per_signature.select("signature_id", "median_ns")
 
     # Concurrency across traces: the sweep of the fan-out rule, by signature instead of fan-out.
     sweep = _concurrency_sweep(kids, "signature_id", "end_ns")
@@ -466,7 +471,8 @@ def _shared_pool_findings(
         ["t", "end_trace"]
     )
     handover = (
-        kids.select("signature_id", "trace_id", "median_ns", t=pl.col("start_ns"))
+        kids.select("signature_id", "trace_id", t=pl.col("start_ns"))
+        .join(medians, on="signature_id", how="left", maintain_order="left")
         .sort("t")
         .join_asof(
             previous_ends.with_columns(prev_end_ns=pl.col("t")),
@@ -495,26 +501,39 @@ def _shared_pool_findings(
     )
     not_shared = judged.filter(~pl.col("shared"))
     if not_shared.height:
-        _signature_misses(
-            kids.select(*SIGNATURE, "trace_id", "signature_id").join(
-                not_shared.select(
-                    "signature_id", "k", "saturation", "handover_rate", "cross_trace_handover_rate"
+        # one near miss per signature (as _signature_misses), its calls grouped by the signature's
+        # hash rather than copied with the verdict's columns and grouped by its five strings
+        reasons = (
+            kids.filter(pl.col("signature_id").is_in(not_shared["signature_id"].implode()))
+            .group_by("signature_id")
+            .agg(
+                pl.col(SIGNATURE).first(),
+                trace_ids=pl.col("trace_id").unique().sort().head(5),
+                traces=pl.col("trace_id").n_unique(),
+            )
+            .join(not_shared, on="signature_id")
+            .select(
+                *SIGNATURE,
+                "trace_ids",
+                "traces",
+                reason=pl.format(
+                    "not a shared pool across requests: peak concurrency k = {} (needs >= 2), saturation {} "
+                    "(needs >= {}), hand-over {} (needs >= {}), across traces {} (needs >= {})",
+                    pl.col("k"),
+                    pl.col("saturation").round(2),
+                    pl.lit(MIN_SATURATION),
+                    pl.col("handover_rate").round(2),
+                    pl.lit(MIN_HANDOVER),
+                    pl.col("cross_trace_handover_rate").round(2),
+                    pl.lit(MIN_CROSS_TRACE_HANDOVER),
                 ),
-                on="signature_id",
-            ),
-            pl.format(
-                "not a shared pool across requests: peak concurrency k = {} (needs >= 2), saturation {} "
-                "(needs >= {}), hand-over {} (needs >= {}), across traces {} (needs >= {})",
-                pl.col("k").first(),
-                pl.col("saturation").first().round(2),
-                pl.lit(MIN_SATURATION),
-                pl.col("handover_rate").first().round(2),
-                pl.lit(MIN_HANDOVER),
-                pl.col("cross_trace_handover_rate").first().round(2),
-                pl.lit(MIN_CROSS_TRACE_HANDOVER),
-            ),
-            misses,
+            )
+            .sort(SIGNATURE)
         )
+        for r in reasons.iter_rows(named=True):
+            misses.append(
+                (tuple(str(r[c]) for c in SIGNATURE), str(r["reason"]), list(r["trace_ids"]), r["traces"])
+            )
     shared = judged.filter("shared")
     if shared.is_empty():
         return []
@@ -567,23 +586,37 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
     traces = frame["trace_id"].n_unique()
     k_share = float((frame["k"] == k_mode).sum()) / frame.height
     pool_evidence = bool(frame["pool_evidence"].any())
+    keyed = ["trace_id", "parent_span_id", "child_ids"]
+    numbers = ["k", "n", "queued_ns", "queued_per_call_ns", "makespan_ns", "longest_child_ns", "cap_hits"]
     occurrences = [
         Occurrence(
-            trace_id=row["trace_id"],
-            span_ids=(row["parent_span_id"], *row["child_ids"]),
-            interventions=(RunConcurrently(span_ids=tuple(row["child_ids"])),),
+            trace_id=trace_id,
+            span_ids=(parent_span_id, *child_ids),
+            interventions=(RunConcurrently(span_ids=tuple(child_ids)),),
             numbers={
-                "k": float(row["k"]),
-                "n": float(row["n"]),
-                "queued_ms": row["queued_ns"] / 1e6,
-                "queued_per_call_ms": (row["queued_per_call_ns"] or 0) / 1e6,
-                "makespan_ms": row["makespan_ns"] / 1e6,
-                "longest_child_ms": row["longest_child_ns"] / 1e6,
-                "cap_hits": float(row["cap_hits"]),
+                "k": float(k),
+                "n": float(n),
+                "queued_ms": queued_ns / 1e6,
+                "queued_per_call_ms": (queued_per_call_ns or 0) / 1e6,
+                "makespan_ms": makespan_ns / 1e6,
+                "longest_child_ms": longest_child_ns / 1e6,
+                "cap_hits": float(cap_hits),
             },
             key=key,
         )
-        for row, key in occurrence_rows(frame, ["trace_id", "parent_span_id", "child_ids"])
+        for (
+            trace_id,
+            parent_span_id,
+            child_ids,
+            k,
+            n,
+            queued_ns,
+            queued_per_call_ns,
+            makespan_ns,
+            longest_child_ns,
+            cap_hits,
+            key,
+        ) in occurrence_values(frame, [*keyed, *numbers], keyed)
     ]
     confidence = 0.6
     confidence += 0.1 if traces >= 5 else 0.0

@@ -57,7 +57,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
-    occurrence_rows,
+    occurrence_values,
     sibling_groups,
     stat,
     target_operation,
@@ -330,25 +330,26 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
 
     ratio = frame["max_ns"] / frame["median_ns"]
     excess = frame["max_ns"] - frame["median_ns"]
+    keyed = ["trace_id", "parent_span_id", "child_ids", "straggler_ids", "shorten_by"]
     occurrences = [
         Occurrence(
-            trace_id=row["trace_id"],
-            span_ids=(row["parent_span_id"], *row["child_ids"]),
+            trace_id=trace_id,
+            span_ids=(parent_span_id, *child_ids),
             interventions=tuple(
                 ShortenSpan(span_id=sid, by_ns=int(by))
-                for sid, by in zip(row["straggler_ids"], row["shorten_by"], strict=True)
+                for sid, by in zip(straggler_ids, shorten_by, strict=True)
             ),
             numbers={
-                "branches": float(row["n"]),
-                "median_ms": row["median_ns"] / 1e6,
-                "max_ms": row["max_ns"] / 1e6,
-                "max_over_median": row["max_ns"] / row["median_ns"] if row["median_ns"] else float("inf"),
-                "stragglers": float(len(row["straggler_ids"])),
+                "branches": float(n),
+                "median_ms": median_ns / 1e6,
+                "max_ms": max_ns / 1e6,
+                "max_over_median": max_ns / median_ns if median_ns else float("inf"),
+                "stragglers": float(len(straggler_ids)),
             },
             key=key,
         )
-        for row, key in occurrence_rows(
-            frame, ["trace_id", "parent_span_id", "child_ids", "straggler_ids", "shorten_by"]
+        for trace_id, parent_span_id, child_ids, straggler_ids, shorten_by, n, median_ns, max_ns, key in (
+            occurrence_values(frame, [*keyed, "n", "median_ns", "max_ns"], keyed)
         )
     ]
     confidence = 0.55

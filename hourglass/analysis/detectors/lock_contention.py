@@ -90,7 +90,7 @@ from hourglass.analysis.detectors._common import (
     WHITESPACE_RUN,
     NearMissSink,
     Rows,
-    occurrence_keys,
+    occurrence_values,
     stat,
     with_span_columns,
 )
@@ -543,18 +543,10 @@ def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
         wait_share=pl.col("wait_share").max().cast(pl.Float64),
         count=pl.col(count_name).max().cast(pl.Float64),
     )
-    columns = per_trace.to_dict(as_series=False)
-    keys = occurrence_keys(per_trace, ["trace_id", "span_ids", "waits"]).to_list()
+    keyed = ["trace_id", "span_ids", "waits"]
     occurrences = []
-    for trace_id, span_ids, waits, wait_ms, wait_share, count, key in zip(
-        columns["trace_id"],
-        columns["span_ids"],
-        columns["waits"],
-        columns["wait_ms"],
-        columns["wait_share"],
-        columns["count"],
-        keys,
-        strict=True,
+    for trace_id, span_ids, waits, wait_ms, wait_share, count, key in occurrence_values(
+        per_trace, [*keyed, "wait_ms", "wait_share", "count"], keyed
     ):
         numbers = {"wait_ms": wait_ms, "wait_share": wait_share}
         if count is not None:
@@ -563,7 +555,7 @@ def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
             Occurrence(
                 trace_id=trace_id,
                 span_ids=tuple(span_ids),
-                interventions=tuple(ShortenSpan(sid, w) for sid, w in zip(span_ids, waits, strict=True)),
+                interventions=tuple(map(ShortenSpan, span_ids, waits)),  # one wait per span (one agg)
                 numbers=numbers,
                 key=key,
             )

@@ -75,7 +75,7 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     call_target_expr,
-    occurrence_rows,
+    occurrence_values,
     route_template,
     url_host_expr,
 )
@@ -455,25 +455,28 @@ def _finding(
         excess_ns=pl.col("excess_ns"),
         timeout_ns=pl.col("timeout_ns").first(),
     )
+    keyed = ["trace_id", "parent_span_id", "span_ids", "held_ns"]
     occurrences = [
         Occurrence(
-            trace_id=r["trace_id"],
-            span_ids=tuple(dict.fromkeys([r["parent_span_id"], *r["span_ids"]])),
+            trace_id=trace_id,
+            span_ids=tuple(dict.fromkeys([parent_span_id, *span_ids])),
             interventions=tuple(
                 ShortenSpan(span_id=span_id, by_ns=int(held))
-                for span_id, held in zip(r["span_ids"], r["held_ns"], strict=True)
+                for span_id, held in zip(span_ids, held_ns, strict=True)
                 if held > 0
             ),
             numbers={
-                "longest_ms": max(r["duration_ns"]) / 1e6,
-                "excess_over_p50_ms": sum(r["excess_ns"]) / 1e6,
-                "held_past_timeout_ms": sum(r["held_ns"]) / 1e6,
-                "timeout_ms": r["timeout_ns"] / 1e6,
-                "slow_calls": float(len(r["span_ids"])),
+                "longest_ms": max(duration_ns) / 1e6,
+                "excess_over_p50_ms": sum(excess_ns) / 1e6,
+                "held_past_timeout_ms": sum(held_ns) / 1e6,
+                "timeout_ms": timeout_ns / 1e6,
+                "slow_calls": float(len(span_ids)),
             },
             key=key,
         )
-        for r, key in occurrence_rows(per_trace, ["trace_id", "parent_span_id", "span_ids", "held_ns"])
+        for trace_id, parent_span_id, span_ids, held_ns, duration_ns, excess_ns, timeout_ns, key in occurrence_values(
+            per_trace, [*keyed, "duration_ns", "excess_ns", "timeout_ns"], keyed
+        )
     ]
     main = max(op_rows, key=lambda r: r["calls"])
     calls = sum(int(r["calls"]) for r in op_rows)

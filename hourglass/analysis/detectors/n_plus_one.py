@@ -219,11 +219,12 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         occurrences = _common.batch_occurrences(
             group,
-            lambda r: {
-                "calls": float(r["calls"]),
-                "distinct_parameters": float(r["distinct_params"]),
-                "serial_ms": r["serial_ns"] / 1e6,
-                "batched_ms": r["batched_ns"] / 1e6,
+            ["calls", "distinct_params", "serial_ns", "batched_ns"],
+            lambda calls, distinct_params, serial_ns, batched_ns: {
+                "calls": float(calls),
+                "distinct_parameters": float(distinct_params),
+                "serial_ms": serial_ns / 1e6,
+                "batched_ms": batched_ns / 1e6,
             },
         )
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))

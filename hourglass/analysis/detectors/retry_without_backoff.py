@@ -78,7 +78,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
-    occurrence_rows,
+    occurrence_values,
     url_host_expr,
 )
 from hourglass.analysis.model import Finding, Occurrence
@@ -174,22 +174,44 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     findings: list[Finding] = []
     for group_key, group in sequences.partition_by(SIGNATURE, as_dict=True, maintain_order=True).items():
         service, operation, target_service, target_operation = (str(v) for v in group_key)
+        keyed = ["trace_id", "parent_span_id", "span_ids"]
+        numbers = [
+            "attempts",
+            "failed_attempts",
+            "median_gap_ns",
+            "max_gap_ns",
+            "retry_time_ns",
+            "failed_attempts_ns",
+            "last_failed",
+        ]
         occurrences = [
             Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["parent_span_id"], *r["span_ids"]),
+                trace_id=trace_id,
+                span_ids=(parent_span_id, *span_ids),
                 numbers={
-                    "attempts": float(r["attempts"]),
-                    "failed_attempts": float(r["failed_attempts"]),
-                    "median_gap_ms": r["median_gap_ns"] / 1e6,
-                    "max_gap_ms": r["max_gap_ns"] / 1e6,
-                    "retry_time_ms": r["retry_time_ns"] / 1e6,
-                    "failed_attempts_ms": r["failed_attempts_ns"] / 1e6,
-                    "exhausted": float(bool(r["last_failed"])),
+                    "attempts": float(attempts),
+                    "failed_attempts": float(failed_attempts),
+                    "median_gap_ms": median_gap_ns / 1e6,
+                    "max_gap_ms": max_gap_ns / 1e6,
+                    "retry_time_ms": retry_time_ns / 1e6,
+                    "failed_attempts_ms": failed_attempts_ns / 1e6,
+                    "exhausted": float(bool(last_failed)),
                 },
                 key=key,
             )
-            for r, key in occurrence_rows(group, ["trace_id", "parent_span_id", "span_ids"])
+            for (
+                trace_id,
+                parent_span_id,
+                span_ids,
+                attempts,
+                failed_attempts,
+                median_gap_ns,
+                max_gap_ns,
+                retry_time_ns,
+                failed_attempts_ns,
+                last_failed,
+                key,
+            ) in occurrence_values(group, [*keyed, *numbers], keyed)
         ]
         findings.append(_finding(service, operation, target_service, target_operation, group, occurrences))
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))

@@ -305,22 +305,26 @@ def _instance_rows(calls: pl.DataFrame) -> pl.DataFrame:
 
 def _independence(instances: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """Per signature: instances of the caller holding >= 2 of its operations, how many distinct
-    orders they show, and how many show two different operations overlapping."""
-    sig_ops = (
+    orders they show, and how many show two different operations overlapping.
+
+    The rows carry a signature's number (``sig``), not its text, and an order is the list of its
+    operations' keys, not their text joined: a numeric sort and numeric groups over every stored
+    instance (~1M rows at a 7M-span store, each round of serve)."""
+    signatures = (
         runs.select("signature", "caller_service", "caller_name", pl.col("sig_ops").alias("op_key"))
         .unique(subset="signature")
-        .explode("op_key")
-        .select("signature", caller=_caller_hash("caller_service", "caller_name"), op=pl.col("op_key").hash())
+        .with_columns(sig=pl.int_range(pl.len(), dtype=pl.UInt32))
+    )
+    sig_ops = signatures.explode("op_key").select(
+        "sig", caller=_caller_hash("caller_service", "caller_name"), op=pl.col("op_key").hash()
     )
     seen = instances.join(sig_ops, on=["caller", "op"], how="inner").sort(
-        ["signature", "instance", "start_ns", "end_ns", "op"]
+        ["sig", "instance", "start_ns", "end_ns", "op"]
     )
     tol = _common.tolerance(pl.col("parent_duration_ns"))
-    same = (pl.col("instance") == pl.col("instance").shift(1)) & (
-        pl.col("signature") == pl.col("signature").shift(1)
-    )
+    same = (pl.col("instance") == pl.col("instance").shift(1)) & (pl.col("sig") == pl.col("sig").shift(1))
     seen = seen.with_columns(
-        pl.col("end_ns").cum_max().over(["signature", "instance"]).alias("_cum_end")
+        pl.col("end_ns").cum_max().over(["sig", "instance"]).alias("_cum_end")
     ).with_columns(
         (
             same
@@ -330,22 +334,24 @@ def _independence(instances: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
         .fill_null(False)
         .alias("_overlap")
     )
-    first_seen = seen.group_by(["signature", "instance", "op"]).agg(pl.col("start_ns").min())
+    first_seen = seen.group_by(["sig", "instance", "op"]).agg(pl.col("start_ns").min())
     orders = (
-        first_seen.sort(["signature", "instance", "start_ns", "op"])
-        .group_by(["signature", "instance"], maintain_order=True)
-        .agg(pl.col("op").cast(pl.String).str.join(" -> ").alias("order"), pl.len().alias("ops"))
+        first_seen.sort(["sig", "instance", "start_ns", "op"])
+        .group_by(["sig", "instance"], maintain_order=True)
+        .agg(pl.col("op").alias("order"), pl.len().alias("ops"))
         .filter(pl.col("ops") >= 2)
     )
-    overlaps = seen.group_by(["signature", "instance"]).agg(pl.col("_overlap").any())
+    overlaps = seen.group_by(["sig", "instance"]).agg(pl.col("_overlap").any())
     return (
-        orders.join(overlaps, on=["signature", "instance"], how="left")
-        .group_by("signature")
+        orders.join(overlaps, on=["sig", "instance"], how="left")
+        .group_by("sig")
         .agg(
             pl.len().alias("instances"),
             pl.col("order").n_unique().alias("distinct_orders"),
             pl.col("_overlap").sum().alias("overlapping_instances"),
         )
+        .join(signatures.select("sig", "signature"), on="sig")
+        .select("signature", "instances", "distinct_orders", "overlapping_instances")
     )
 
 
@@ -498,17 +504,29 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         assert score is not None
         occurrences = [
             Occurrence(
-                trace_id=r["trace_id"],
-                span_ids=(r["caller_span_id"], *r["span_id"]),
-                interventions=(RunConcurrently(tuple(r["span_id"][:-1] if unchecked else r["span_id"])),),
+                trace_id=trace_id,
+                span_ids=(caller_span_id, *span_ids),
+                interventions=(RunConcurrently(tuple(span_ids[:-1] if unchecked else span_ids)),),
                 numbers={
-                    "calls": float(r["calls"]),
-                    "serial_ms": r["serial_ns"] / 1e6,
-                    "local_saving_ms": (r["fan_in_ns"] if unchecked else r["local_saving_ns"]) / 1e6,
+                    "calls": float(calls),
+                    "serial_ms": serial_ns / 1e6,
+                    "local_saving_ms": saving_ns / 1e6,
                 },
                 key=key,
             )
-            for r, key in _common.occurrence_rows(group, ["trace_id", "caller_span_id", "span_id"], unchecked)
+            for trace_id, caller_span_id, span_ids, calls, serial_ns, saving_ns, key in _common.occurrence_values(
+                group,
+                [
+                    "trace_id",
+                    "caller_span_id",
+                    "span_id",
+                    "calls",
+                    "serial_ns",
+                    "fan_in_ns" if unchecked else "local_saving_ns",
+                ],
+                ["trace_id", "caller_span_id", "span_id"],
+                unchecked,
+            )
         ]
         sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
         targets = [
