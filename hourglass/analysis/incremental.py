@@ -15,8 +15,8 @@ round (:meth:`IncrementalAnalysis.round`):
    from it), and its pricing (what-if savings and call durations of the findings' occurrences in
    the batch, ``partitions.price_part``) is cached there per finding and per exact set of
    occurrences. A round therefore reads only the spans of new or dirty batches for their
-   extraction, then the findings' traces alone (by id) of the batches whose pricing changed,
-   never the whole store. With a Dask cluster (``serve --cluster``) both run as tasks on it, the
+   extraction, then, in the batches whose pricing changed, the traces of the findings priced
+   again alone (by id: a finding's pricing depends on its own traces only), never the whole store. With a Dask cluster (``serve --cluster``) both run as tasks on it, the
    spans read here and sent with each task (:mod:`hourglass.analysis.batch_tasks`).
 
 Memory does not grow with the store's rows (issue 11: serve under sustained ingest): nothing of
@@ -205,6 +205,15 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
 
 
 KEYED_PREFIX = "k:"  # a pricing key made of the occurrences' keys (written-out ones have none)
+_DIGEST_CHARS = 40  # a SHA-1 hex digest
+
+
+def _without_among(key: str, calls: bool) -> str:
+    """A stored pricing key without the hash of the batch's priced traces that keys asking for call
+    durations once had appended (``among``: every finding's traces in the batch, so one finding
+    appearing in or leaving a batch made every finding there stale); other keys as they are."""
+    base = len(KEYED_PREFIX) + _DIGEST_CHARS if key.startswith(KEYED_PREFIX) else _DIGEST_CHARS
+    return key[:base] if calls and len(key) == base + _DIGEST_CHARS else key
 
 
 def _written_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
@@ -399,34 +408,40 @@ class MemoExecutor:
         return f"{where} ({len(unit.trace_ids)} traces, partition {part + 1}/{len(self.units)})"
 
     def _plan(self, part: int, here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool) -> _Pricing:
-        """A unit's pricing: its cache (a stored batch's, read from disk once a round), the traces
-        priced, each finding's key and the findings not priced yet."""
+        """A unit's pricing: its cache (a stored batch's, read from disk once a round), each
+        finding's key, the findings not priced yet and the traces to read for them.
+
+        A finding's savings and call durations in a batch depend on its own occurrences' traces
+        alone (repair, the critical path, the what-if engine and ``sequence.call_durations`` are
+        per trace: ``tests/analysis/test_occurrence_keys.py`` prices a finding with and without
+        other traces beside its own), so its key is its occurrences' and nothing of the other
+        findings of the batch; and a finding priced again is priced on its own traces (those of
+        the findings missing here), not on every finding's traces of the batch."""
         unit = self.units[part]
         cache: dict[str, PricedEntry] = {}
         if unit.batch is not None:
             if unit.batch not in self.pricing:
                 self.pricing[unit.batch] = self.state.load_pricing(unit.batch)
             cache = self.pricing[unit.batch]
-        # the priced traces: those of every finding's occurrences in this unit (as price_part);
-        # the call durations measured there depend on all of them, so they are part of the key
-        wanted = frozenset(o.trace_id for _, occs in here.values() for o in occs)
-        among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
-        keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
+        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
         carried = False
         for fid, (_, occs) in here.items():
             stored = cache.get(fid)
-            if (
-                stored is not None
-                and stored[0] != keys[fid]
-                and keys[fid].startswith(KEYED_PREFIX)
-                and not stored[0].startswith(KEYED_PREFIX)
-                and stored[0] == _written_key(fid, occs, calls) + among
+            if stored is None or stored[0] == keys[fid]:
+                continue
+            old = _without_among(stored[0], calls)
+            if old == keys[fid] or (
+                keys[fid].startswith(KEYED_PREFIX)
+                and not old.startswith(KEYED_PREFIX)
+                and old == _written_key(fid, occs, calls)
             ):
-                # priced before the occurrences had keys, and the same occurrences: kept, re-keyed
-                # (once per stored entry), not priced again
+                # priced under an older key of the same occurrences (one with the hash of every
+                # finding's traces in the batch appended, or written out before the occurrences had
+                # keys): kept, re-keyed (once per stored entry), not priced again
                 cache[fid] = (keys[fid], stored[1], stored[2])
                 carried = True
         missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
+        wanted = frozenset(o.trace_id for f in missing for o in here[f.id][1])
         return _Pricing(cache, wanted, keys, missing, carried)
 
     def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
@@ -459,7 +474,7 @@ class _Pricing:
     """One unit's pricing in a round (:meth:`MemoExecutor._plan`)."""
 
     cache: dict[str, PricedEntry]  # finding id -> its entry (the stored batch's, updated in place)
-    wanted: frozenset[str]  # the traces priced: those of every finding's occurrences in the unit
+    wanted: frozenset[str]  # the traces read to price ``missing``: those of their occurrences in the unit
     keys: dict[str, str]  # finding id -> what its pricing here depends on
     missing: list[Finding]  # the findings whose entry is absent or stale
     carried: bool = False  # entries priced under written-out keys, re-keyed (to be stored)
