@@ -241,12 +241,21 @@ def test_a_finding_that_appears_in_stored_batches_is_the_only_one_priced_there(t
         at = table.column_names.index("ingested_ns")
         return table.set_column(at, "ingested_ns", pa.array([time.time_ns()] * table.num_rows, pa.int64()))
 
-    priced: list[tuple[set[str], list[str]]] = []  # per pricing task: its traces, its findings
+    read: set[str] = set()  # the traces of the contexts priced in
+    priced: list[tuple[str, list[str]]] = []  # each finding priced, with its occurrences' traces
     real_priced_in = batch_tasks.priced_in
 
     def recording(ctx: AnalysisContext, findings: list[Any], calls: bool) -> Any:
-        priced.append((set(ctx.traces["trace_id"].to_list()), sorted(f.id for f in findings)))
+        read.update(ctx.traces["trace_id"].to_list())
+        priced.extend((f.id, sorted(o.trace_id for o in f.occurrences)) for f in findings)
         return real_priced_in(ctx, findings, calls)
+
+    class Reader(StoreReader):  # counts the reads of spans by batch (extraction and pricing)
+        reads = 0
+
+        def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
+            Reader.reads += 1
+            return super().batch(trace_ids, first, last)
 
     db = tmp_path / "spans.duckdb"
     store = DuckDBSpanStore(str(db))
@@ -258,8 +267,10 @@ def test_a_finding_that_appears_in_stored_batches_is_the_only_one_priced_there(t
 
         def round_() -> dict[str, Any]:
             priced.clear()
+            read.clear()
+            Reader.reads = 0
             request = {"cutoff_ns": time.time_ns() + 1, "margin_ns": 5 * 10**9, "since_ns": None}
-            return run_incremental(state, StoreReader(store), request)[0]
+            return run_incremental(state, Reader(store), request)[0]
 
         first = round_()
         assert not any(r["service"] == "storefront" for r in first["recommendations"])
@@ -268,11 +279,12 @@ def test_a_finding_that_appears_in_stored_batches_is_the_only_one_priced_there(t
         new = [r["id"] for r in report["recommendations"] if r["service"] == "storefront"]
         assert len(new) == 1 and new[0].startswith("missing_timeout-")
         # its occurrence in a stored batch (trace f...64: the anecdote of the first round) priced
-        # there alone, and the two new traces in the new batch: nothing else priced again
-        assert sorted((sorted(t), f) for t, f in priced) == [
-            ([f"f{100:031x}"], new),
-            ([f"f{101:031x}", f"f{102:031x}"], new),
-        ]
+        # there alone, and the two new traces in the new batch: nothing else priced again, and
+        # only those traces read, both batches' on one read (the other read: the new batch's
+        # extraction)
+        slow = [f"f{100:031x}", f"f{101:031x}", f"f{102:031x}"]
+        assert sorted(priced) == [(new[0], slow[:1]), (new[0], slow[1:])]
+        assert read == set(slow) and Reader.reads == 2
     finally:
         batch_tasks.priced_in = real_priced_in
         state.close()
