@@ -15,8 +15,8 @@ round (:meth:`IncrementalAnalysis.round`):
    from it), and its pricing (what-if savings and call durations of the findings' occurrences in
    the batch, ``partitions.price_part``) is cached there per finding and per exact set of
    occurrences. A round therefore reads only the spans of new or dirty batches for their
-   extraction, then the findings' traces alone (by id) of the batches whose pricing changed,
-   never the whole store. With a Dask cluster (``serve --cluster``) both run as tasks on it, the
+   extraction, then, in the batches whose pricing changed, the traces of the findings priced
+   again alone (by id: a finding's pricing depends on its own traces only), never the whole store. With a Dask cluster (``serve --cluster``) both run as tasks on it, the
    spans read here and sent with each task (:mod:`hourglass.analysis.batch_tasks`).
 
 Memory does not grow with the store's rows (issue 11: serve under sustained ingest): nothing of
@@ -54,7 +54,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,6 +205,15 @@ def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool)
 
 
 KEYED_PREFIX = "k:"  # a pricing key made of the occurrences' keys (written-out ones have none)
+_DIGEST_CHARS = 40  # a SHA-1 hex digest
+
+
+def _without_among(key: str, calls: bool) -> str:
+    """A stored pricing key without the hash of the batch's priced traces that keys asking for call
+    durations once had appended (``among``: every finding's traces in the batch, so one finding
+    appearing in or leaving a batch made every finding there stale); other keys as they are."""
+    base = len(KEYED_PREFIX) + _DIGEST_CHARS if key.startswith(KEYED_PREFIX) else _DIGEST_CHARS
+    return key[:base] if calls and len(key) == base + _DIGEST_CHARS else key
 
 
 def _written_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
@@ -245,7 +254,9 @@ class MemoExecutor:
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
         self._unit_of: dict[str, int] | None = None
         self.cluster = cluster
-        self._priced_on_cluster: dict[int, partitions.Priced] = {}  # part -> its task's result, this map
+        # part -> its pricing computed ahead of ``_priced`` this map (a cluster task's result, or
+        # priced with other batches' stale findings on one read: ``_priced_together``)
+        self._fresh: dict[int, partitions.Priced] = {}
 
     def map(
         self,
@@ -271,11 +282,13 @@ class MemoExecutor:
                         [args for args in calls if plans[args[1]].missing],
                         lambda args: self._read_wanted(args[0], args[1], plans[args[1]].wanted),
                         lambda args: (plans[args[1]].missing, with_calls),
-                        self._priced_on_cluster.__setitem__,
+                        self._fresh.__setitem__,
                     )
+                else:
+                    self._priced_together(calls, plans, with_calls)
                 return [self._priced(args, plans[args[1]], with_calls) for args in calls]
             finally:
-                self._priced_on_cluster.clear()
+                self._fresh.clear()
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
     def idle(self) -> None:
@@ -399,42 +412,103 @@ class MemoExecutor:
         return f"{where} ({len(unit.trace_ids)} traces, partition {part + 1}/{len(self.units)})"
 
     def _plan(self, part: int, here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool) -> _Pricing:
-        """A unit's pricing: its cache (a stored batch's, read from disk once a round), the traces
-        priced, each finding's key and the findings not priced yet."""
+        """A unit's pricing: its cache (a stored batch's, read from disk once a round), each
+        finding's key, the findings not priced yet and the traces to read for them.
+
+        A finding's savings and call durations in a batch depend on its own occurrences' traces
+        alone (repair, the critical path, the what-if engine and ``sequence.call_durations`` are
+        per trace: ``tests/analysis/test_occurrence_keys.py`` prices a finding with and without
+        other traces beside its own), so its key is its occurrences' and nothing of the other
+        findings of the batch; and a finding priced again is priced on its own traces (those of
+        the findings missing here), not on every finding's traces of the batch."""
         unit = self.units[part]
         cache: dict[str, PricedEntry] = {}
         if unit.batch is not None:
             if unit.batch not in self.pricing:
                 self.pricing[unit.batch] = self.state.load_pricing(unit.batch)
             cache = self.pricing[unit.batch]
-        # the priced traces: those of every finding's occurrences in this unit (as price_part);
-        # the call durations measured there depend on all of them, so they are part of the key
-        wanted = frozenset(o.trace_id for _, occs in here.values() for o in occs)
-        among = hashlib.sha1("\n".join(sorted(wanted)).encode()).hexdigest() if calls else ""
-        keys = {fid: _occurrence_key(fid, occs, calls) + among for fid, (_, occs) in here.items()}
+        keys = {fid: _occurrence_key(fid, occs, calls) for fid, (_, occs) in here.items()}
         carried = False
         for fid, (_, occs) in here.items():
             stored = cache.get(fid)
-            if (
-                stored is not None
-                and stored[0] != keys[fid]
-                and keys[fid].startswith(KEYED_PREFIX)
-                and not stored[0].startswith(KEYED_PREFIX)
-                and stored[0] == _written_key(fid, occs, calls) + among
+            if stored is None or stored[0] == keys[fid]:
+                continue
+            old = _without_among(stored[0], calls)
+            if old == keys[fid] or (
+                keys[fid].startswith(KEYED_PREFIX)
+                and not old.startswith(KEYED_PREFIX)
+                and old == _written_key(fid, occs, calls)
             ):
-                # priced before the occurrences had keys, and the same occurrences: kept, re-keyed
-                # (once per stored entry), not priced again
+                # priced under an older key of the same occurrences (one with the hash of every
+                # finding's traces in the batch appended, or written out before the occurrences had
+                # keys): kept, re-keyed (once per stored entry), not priced again
                 cache[fid] = (keys[fid], stored[1], stored[2])
                 carried = True
-        missing = [f for fid, (f, _) in here.items() if fid not in cache or cache[fid][0] != keys[fid]]
+        # each with its occurrences in this unit only: what is priced here, whatever else a
+        # context holds (``_priced_together``), and all a cluster task receives
+        missing = [
+            replace(f, occurrences=occs)
+            for fid, (f, occs) in here.items()
+            if fid not in cache or cache[fid][0] != keys[fid]
+        ]
+        wanted = frozenset(o.trace_id for f in missing for o in f.occurrences)
         return _Pricing(cache, wanted, keys, missing, carried)
+
+    def _priced_together(
+        self, calls: list[tuple[Any, ...]], plans: dict[int, _Pricing], with_calls: bool
+    ) -> None:
+        """The stored batches with findings to price again, several on one read: their wanted
+        traces read together (at most ``batch_spans`` spans a read, as one batch's extraction) into
+        one context, each batch's findings priced there (``_fresh``). A finding's pricing depends
+        on its own traces alone, so it is the same as on its batch's read; but a cross-trace value
+        that moves (missing_timeout's timeout: the p99 of every trace's healthy calls) makes one
+        finding stale in nearly every stored batch, and a read per batch cost a scan of the
+        batch's spans each (on the 7M-span soak store: 82 reads, 20-26 s, for a few traces
+        each)."""
+        todo = [args for args in calls if plans[args[1]].missing and self.units[args[1]].batch is not None]
+        if len(todo) < 2:
+            return  # one read either way (``_priced``)
+        wanted = sorted(set().union(*(plans[args[1]].wanted for args in todo)))
+        spans = self.state.spans_by_batch(wanted)
+        group: list[tuple[Any, ...]] = []
+        held = 0
+        for args in todo:
+            size = spans.get(self.units[args[1]].batch, 0)
+            if group and held + size > self.state.batch_spans:
+                self._price_group(group, plans, with_calls)
+                group, held = [], 0
+            group.append(args)
+            held += size
+        self._price_group(group, plans, with_calls)
+
+    def _price_group(
+        self, group: list[tuple[Any, ...]], plans: dict[int, _Pricing], with_calls: bool
+    ) -> None:
+        if len(group) < 2:
+            return  # read alone (``_priced``)
+        from hourglass.analysis.batch_tasks import priced_in
+
+        parts = [args[1] for args in group]
+        units = [self.units[p] for p in parts]
+        ids = sorted(set().union(*(plans[p].wanted for p in parts)))
+        firsts, lasts = [u.first for u in units], [u.last for u in units]
+        first = None if None in firsts else min(f for f in firsts if f is not None)
+        last = None if None in lasts else max(x for x in lasts if x is not None)
+        source = group[0][0]
+        table = self._retrying("reading", parts[0], lambda: source.read(ids, first, last))
+        ctx = AnalysisContext.from_table(table)
+        del table
+        for part in parts:
+            price = functools.partial(priced_in, ctx, plans[part].missing, with_calls)
+            self._fresh[part] = self._retrying("pricing", part, price)
+        del ctx
 
     def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
         source, part = args[0], args[1]
         unit = self.units[part]
         cache, missing = plan.cache, plan.missing
         if missing:
-            fresh = self._priced_on_cluster.get(part)
+            fresh = self._fresh.get(part)
             if fresh is None:
                 from hourglass.analysis.batch_tasks import priced_in
 
@@ -451,7 +525,7 @@ class MemoExecutor:
 
     def close(self) -> None:
         self.pricing.clear()
-        self._priced_on_cluster.clear()
+        self._fresh.clear()
 
 
 @dataclass
@@ -459,7 +533,7 @@ class _Pricing:
     """One unit's pricing in a round (:meth:`MemoExecutor._plan`)."""
 
     cache: dict[str, PricedEntry]  # finding id -> its entry (the stored batch's, updated in place)
-    wanted: frozenset[str]  # the traces priced: those of every finding's occurrences in the unit
+    wanted: frozenset[str]  # the traces read to price ``missing``: those of their occurrences in the unit
     keys: dict[str, str]  # finding id -> what its pricing here depends on
     missing: list[Finding]  # the findings whose entry is absent or stale
     carried: bool = False  # entries priced under written-out keys, re-keyed (to be stored)
@@ -630,6 +704,14 @@ class IncrementalAnalysis:
             log.warning("incremental analysis: %s unreadable; that batch is priced again", path)
             return {}
         return priced
+
+    def spans_by_batch(self, trace_ids: list[str]) -> dict[int, int]:
+        """Of these stored traces, the spans in each batch (as last seen settled)."""
+        rows = self.db.execute(
+            "SELECT batch, sum(spans) FROM traces WHERE trace_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY batch",
+            [trace_ids],
+        ).fetchall()
+        return {int(b): int(n) for b, n in rows}
 
     def store_pricing(self, batch: int, entries: dict[str, PricedEntry]) -> None:
         """The batch's whole pricing cache (``entries``) written."""
