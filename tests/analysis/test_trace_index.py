@@ -71,56 +71,13 @@ def _case(seed: int) -> tuple[dict[str, Any], list[Finding], dict[str, list[str]
     return {"recommendations": recs}, findings, traces
 
 
-def _expected(
-    report: dict[str, Any], findings: list[Finding], trace_id: str, spans: list[str]
-) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """The module's definition, computed plainly: (recommendation, span_ids, bottleneck_span_ids)."""
-    present = set(spans)
-    reported = {r["id"]: r for r in report["recommendations"]}
-    involved: dict[str, set[str]] = {}
-    changed: dict[str, set[str]] = {}
-    for rec_id, rec in reported.items():
-        evidence = rec["evidence"]
-        if trace_id in evidence["trace_ids"]:
-            involved.setdefault(rec_id, set())
-            changed.setdefault(rec_id, set()).update(
-                iv["span_id"] for iv in evidence["interventions"].get(trace_id, [])
-            )
-        if present & set(evidence["span_ids"]):
-            involved.setdefault(rec_id, set())
-            changed.setdefault(rec_id, set())
-    for finding in findings:
-        if finding.id not in reported:
-            continue
-        for occ in finding.occurrences:
-            if occ.trace_id != trace_id:
-                continue
-            involved.setdefault(finding.id, set()).update(occ.span_ids)
-            for iv in occ.interventions:
-                changed.setdefault(finding.id, set()).update(
-                    iv.span_ids if isinstance(iv, RunConcurrently) else (iv.span_id,)  # type: ignore[union-attr]
-                )
-    out = []
-    for rec_id in sorted(involved, key=lambda r: reported[r]["rank"]):
-        evidence = set(reported[rec_id]["evidence"]["span_ids"]) & present
-        changed_here = changed[rec_id] & present
-        out.append(
-            (
-                rec_id,
-                tuple(sorted((involved[rec_id] | changed[rec_id] | evidence) & present)),
-                tuple(sorted(changed_here or evidence)),
-            )
-        )
-    return out
-
-
 def test_every_trace_answers_by_the_definition_also_after_pickling() -> None:
     report, findings, traces = _case(11)
     index = TraceIndex.build(report, findings)
     copy = pickle.loads(pickle.dumps(index))  # how it travels from the analysis worker
     touched = 0
     for trace_id, spans in traces.items():
-        expected = _expected(report, findings, trace_id, spans)
+        expected = _definition(report, findings, trace_id, spans)
         touched += bool(expected)
         for candidate in (index, copy):
             got = [
@@ -158,7 +115,7 @@ def test_an_empty_index_and_a_report_alone() -> None:
     report, _, traces = _case(13)
     alone = TraceIndex.from_report(report)
     for trace_id, spans in traces.items():
-        expected = _expected(report, [], trace_id, spans)
+        expected = _definition(report, [], trace_id, spans)
         got = [
             (t.recommendation_id, t.span_ids, t.bottleneck_span_ids) for t in alone.touching(trace_id, spans)
         ]
@@ -207,7 +164,7 @@ def test_ids_beyond_ascii_answer_by_the_definition() -> None:
                 for t in index.touching(trace_id, spans)
             ]
             report["recommendations"][0]["evidence"].setdefault("interventions", {})
-            assert got == _expected(report, findings, trace_id, spans), trace_id
+            assert got == _definition(report, findings, trace_id, spans), trace_id
 
 
 def test_hex_ids_are_held_as_their_bytes_and_answer_as_text() -> None:
@@ -253,7 +210,8 @@ def _named(iv: Any) -> set[str]:
 def _definition(
     report: dict[str, Any], findings: list[Finding], trace_id: str, spans: list[str]
 ) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """:func:`_expected` for interventions of every kind (the report's recorded ones by span_id)."""
+    """The module's definition, computed plainly, for interventions of every kind (the report's
+    recorded ones by span_id)."""
     present = set(spans)
     reported = {r["id"]: r for r in report["recommendations"]}
     involved: dict[str, set[str]] = {}
