@@ -29,7 +29,11 @@ def _run(*args: str) -> str:
 def _report(db: str, files: list[str]) -> dict[str, Any]:
     imported = json.loads(_run("import", "--db", db, *files, "--format", "json"))
     assert imported["skipped_spans"] == 0 and not imported["failed_files"]
-    report = json.loads(_run("analyze", "--db", db, "--format", "json"))
+    return _analyzed(db)
+
+
+def _analyzed(db: str, *options: str) -> dict[str, Any]:
+    report = json.loads(_run("analyze", "--db", db, "--format", "json", *options))
     report.pop("generated_at")
     return report
 
@@ -42,6 +46,9 @@ def test_duckdb_and_chdb_give_the_same_report_on_the_sample_traces(tmp_path: Pat
     assert click["spans_analyzed"] == duck["spans_analyzed"] > 0
     assert click["recommendations"], "the sample traces hold known bottlenecks"
     assert click == duck
+    # in partitions (an embedded ClickHouse store is opened once per process: the partitions'
+    # reads and the services' trace read take turns, none beside another)
+    assert _analyzed(f"chdb:{tmp_path / 'spans.chdb'}", "--partitions", "3") == duck
     # and the report from the ClickHouse store finds what each scenario's labels require
     for labels_path in sorted(SAMPLES.glob("*.labels.json")):
         check = check_report(labels_path.name, load_labels(labels_path), click)

@@ -604,8 +604,12 @@ def _analyze_partitioned(
     one_per_service = extracted.services.group_by("service").agg(pl.col("trace_id").min())["trace_id"]
     service_ids = sorted(set(one_per_service.to_list()))
     # one trace per service (their resources) read beside the pricing, which this process only
-    # waits for; a caller's own extraction comes with a read_traces called from this thread only
-    service_traces = _beside(lambda: read_traces(service_ids)) if extraction is None else None
+    # waits for when its tasks run elsewhere (worker processes, a cluster). Not beside tasks run
+    # here: an embedded ClickHouse store (chdb) opens once per process, and a task's open and this
+    # read's would meet; a caller's own extraction comes with a read_traces called from this
+    # thread only
+    beside = extraction is None and not isinstance(executor, partitions.SerialExecutor)
+    service_traces = _beside(lambda: read_traces(service_ids)) if beside else None
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(
         source, parts, executor, kept, progress, calls=True, trace_parts=extracted.trace_parts
