@@ -165,7 +165,12 @@ def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
         else:
             sizes = [view.nbytes for view in views]
             del views, buffers
-            conn.send(("file", data, path, sizes))
+            try:
+                conn.send(("file", data, path, sizes))
+            except BaseException:  # the server is gone: nobody will read (and remove) the file
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
             return path
     del views, buffers
     conn.send(reply)
