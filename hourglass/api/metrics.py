@@ -163,9 +163,19 @@ class HourglassCollector(Collector):
     def _ingest_metrics(self, pipeline: IngestPipeline) -> Iterator[Metric]:
         counts = pipeline.exports.snapshot()
         counters = (
-            ("hourglass_export_requests", "OTLP Exports answered, by protocol and outcome", "requests", "outcome"),
+            (
+                "hourglass_export_requests",
+                "OTLP Exports answered, by protocol and outcome",
+                "requests",
+                "outcome",
+            ),
             ("hourglass_spans_received", "Spans decoded from OTLP Exports", "spans_received", None),
-            ("hourglass_spans_refused", "Spans not stored, by protocol and reason", "spans_refused", "reason"),
+            (
+                "hourglass_spans_refused",
+                "Spans not stored, by protocol and reason",
+                "spans_refused",
+                "reason",
+            ),
             ("hourglass_spans_stored", "Spans committed to the store and acknowledged", "spans_stored", None),
         )
         for name, documentation, key, second_label in counters:
