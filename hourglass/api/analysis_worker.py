@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -83,6 +83,14 @@ def _worker_main(conn: Connection) -> None:
     incremental: IncrementalAnalysis | None = None
     cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
     sent: str | None = None  # the file of the last result: the server has read it by its next message
+    cleaned: set[str] = set()  # the result folders the server named, their leftovers removed
+
+    def usable(folder: str | None) -> str | None:
+        if folder is None or not _prepare_result_folder(folder, clean=folder not in cleaned):
+            return None
+        cleaned.add(folder)
+        return folder
+
     while True:
         try:
             message = conn.recv()
@@ -113,7 +121,7 @@ def _worker_main(conn: Connection) -> None:
             except Exception:
                 reply = ("error", traceback.format_exc())
             try:
-                sent = _send_result(conn, reply)
+                sent = _send_result(conn, reply, usable(request.get("results")))
             except (OSError, ValueError):
                 return
             # The report and the index are the server's now: not held here through the next
@@ -121,7 +129,7 @@ def _worker_main(conn: Connection) -> None:
             outcome = reply = None  # type: ignore[assignment]
             _round_done()
             continue
-        shipped, settings, since_ns, explain = message
+        shipped, settings, since_ns, explain, results = message
         try:
             started = time.perf_counter()
             table = _receive_table(shipped)
@@ -133,68 +141,130 @@ def _worker_main(conn: Connection) -> None:
             result = ("error", traceback.format_exc())
         table = shipped = None
         try:
-            sent = _send_result(conn, result)
+            sent = _send_result(conn, result, usable(results))
         except (OSError, ValueError):
             return
         result = None  # type: ignore[assignment]
         _round_done()
 
 
-def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
+def _send_result(conn: Connection, reply: tuple[str, Any], folder: str | None = None) -> str | None:
     """Send a run's result to the server; returns the file it wrote, if any. The trace index's
-    arrays grow with the store (~35 MB at 7M stored spans): through the pipe they cost each process
-    ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and unpickled into
-    a copy by the server, under its GIL). So the result is pickled with its arrays out of band
-    (protocol 5), the arrays written once to a file in /dev/shm (else the temp directory) that
-    the server reads in one piece (:func:`_receive_result`), and only the rest goes through the
-    pipe; without room for the file, all of it does."""
+    arrays grow with the store (~55 MB at 12M stored spans): through the pipe they cost each
+    process ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and
+    unpickled into a copy by the server, under its GIL). So the result is pickled with its arrays
+    out of band (protocol 5), the arrays written once to a file, and only the rest goes through
+    the pipe; without room for the file, all of it does.
+
+    ``folder`` (serve's store on disk: :func:`result_folder`): the file goes there and the server
+    memory-maps it (:func:`_receive_result`), so the index it keeps for the report's lifetime is
+    pages of that file, read from the page cache when a lookup touches them, not its heap: held
+    there, the index made the server's RSS grow with the store (glibc's heap in use +65 MiB over a
+    10-minute soak, twice that while a new index arrived beside the old). Else /dev/shm (else
+    the temp directory), which the server reads into its memory."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
     views = [buffer.raw() for buffer in buffers]
-    total = sum(view.nbytes for view in views)
-    directory = _ipc_dir(total) if total else None
-    if directory is not None:
-        fd, path = tempfile.mkstemp(prefix="hourglass-result-", suffix=".bin", dir=directory)
+    total = sum(view.nbytes for view in views) + RESULT_ALIGNMENT * len(views)
+    places: list[tuple[str | None, bool]] = []
+    if views:
+        if folder is not None and _has_room(folder, total):
+            places.append((folder, True))
+        places.append((_ipc_dir(total), False))
+    for directory, mapped in places:
+        if directory is None:
+            continue
+        spans: list[tuple[int, int]] = []
+        try:
+            fd, path = tempfile.mkstemp(prefix=RESULT_PREFIX, suffix=".bin", dir=directory)
+        except OSError:
+            continue
         try:
             with os.fdopen(fd, "wb") as out:
+                offset = 0
                 for view in views:
+                    pad = -offset % RESULT_ALIGNMENT  # each array aligned, as numpy allocates them
+                    out.write(bytes(pad))
+                    spans.append((offset + pad, view.nbytes))
                     out.write(view)
+                    offset += pad + view.nbytes
         except OSError:
             os.unlink(path)
-            log.warning("could not write the analysis result to %s; sending it through the pipe", directory)
-        else:
-            sizes = [view.nbytes for view in views]
-            del views, buffers
-            try:
-                conn.send(("file", data, path, sizes))
-            except BaseException:  # the server is gone: nobody will read (and remove) the file
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
-            return path
+            log.warning("could not write the analysis result to %s", directory)
+            continue
+        try:
+            conn.send(("file", data, path, spans, mapped))
+        except BaseException:  # the server is gone: nobody will read (and remove) the file
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return path
     del views, buffers
     conn.send(reply)
     return None
 
 
+# the result files (:func:`_send_result`): their names, and each array's offset a multiple of this
+RESULT_PREFIX = "hourglass-result-"
+RESULT_ALIGNMENT = 64
+
+
+def result_folder(sidecar: str | None) -> str | None:
+    """Where the worker writes the results the server maps (:func:`_send_result`): a folder in
+    the incremental analysis' folder beside the store file (on the store's disk, owned by the one
+    serve process of that store); None for a store that is not a file."""
+    return None if sidecar is None else os.path.join(sidecar + ".d", "results")
+
+
+def _prepare_result_folder(folder: str, *, clean: bool) -> bool:
+    """Create ``folder`` (again, if the sidecar's folder was reset) and, when ``clean`` (the
+    worker's first result there), remove the result files a killed process left in it (the
+    server removes each file once it has mapped it; the one worker of a store is the only writer
+    there, so a file found before its first result is nobody's). False when it cannot be used."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder) if clean else ():
+            if name.startswith(RESULT_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+    except OSError as exc:
+        log.warning("cannot use %s for the analysis results (%s); they go to /dev/shm", folder, exc)
+        return False
+    return True
+
+
+def _has_room(directory: str, nbytes: int) -> bool:
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK) and fs.f_bavail * fs.f_frsize > 2 * nbytes
+
+
 def _receive_result(message: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A result as the worker sent it (:func:`_send_result`): the arrays' file read into one block
-    of this process's memory (not mapped: the index is the server's, counted in its RSS, and the
-    file's pages are freed at once), which the arrays are read-only views of; the file removed."""
+    """A result as the worker sent it (:func:`_send_result`), the file removed. A file on the
+    store's disk is memory-mapped (read-only; the mapping outlives the name, and the arrays are
+    views of it: their pages are the page cache's, resident here only while touched). A file in
+    /dev/shm or the temp directory is read into one block of this process's memory (its pages
+    are freed at once), which the arrays are read-only views of."""
     if message[0] != "file":
         return message
-    _, data, path, sizes = message
+    _, data, path, spans, mapped = message
     try:
         with open(path, "rb", buffering=0) as raw:
-            block = raw.read()  # one read (the file's size from fstat), the GIL released
+            if mapped:
+                size = os.fstat(raw.fileno()).st_size
+                block: Any = mmap.mmap(raw.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+            else:
+                block = raw.read()  # one read (the file's size from fstat), the GIL released
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    if len(block) != sum(sizes):
-        raise EOFError(f"the analysis result file {path} holds {len(block)} of {sum(sizes)} bytes")
+    end = max((offset + size for offset, size in spans), default=0)
+    if len(block) < end:
+        raise EOFError(f"the analysis result file {path} holds {len(block)} of {end} bytes")
     view = memoryview(block)
-    ends = list(itertools.accumulate(sizes))
-    buffers = [view[end - size : end] for end, size in zip(ends, sizes, strict=True)]
+    buffers = [view[offset : offset + size] for offset, size in spans]
     result: tuple[Any, ...] = pickle.loads(data, buffers=buffers)
     return result
 
@@ -313,8 +383,10 @@ class AnalysisWorker:
         since_ns: int | None = None,
         stages: dict[str, float] | None = None,
         explain: bool = False,
+        results: str | None = None,
     ) -> tuple[dict[str, Any], TraceIndex]:
-        """The report (with ``near_misses`` when ``explain``) and trace index; ``stages`` (when given) gets the seconds spent starting the
+        """The report (with ``near_misses`` when ``explain``) and trace index (its arrays in a file
+        of the folder ``results`` mapped here, when given: :func:`_send_result`); ``stages`` (when given) gets the seconds spent starting the
         process (``worker_start``), shipping the table (``send``), analysing in the worker
         (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
         stages = {} if stages is None else stages
@@ -324,7 +396,7 @@ class AnalysisWorker:
         try:
             with self._session(stages) as conn:
                 started = time.perf_counter()
-                conn.send((shipped, settings, since_ns, explain))
+                conn.send((shipped, settings, since_ns, explain, results))
                 stages["send"] = shipping + time.perf_counter() - started
                 started = time.perf_counter()
                 status, payload = _receive_result(conn.recv())

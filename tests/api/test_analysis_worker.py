@@ -3,12 +3,14 @@ gives the same report as analysing in-process, and no shipped file is left behin
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -82,6 +84,46 @@ def test_a_result_travels_with_its_arrays_in_a_file_or_the_pipe(
         worker.close()
     assert (status, got_report, got_index, seconds) == ("ok", report, index, 1.5)
     assert os.listdir(tmp_path) == []
+    trace_id = report["recommendations"][0]["evidence"]["trace_ids"][0]
+    assert got_index.touching(trace_id, ["x"]) == index.touching(trace_id, ["x"]) != []
+
+
+def _buffer_owner(array: Any) -> Any:
+    """What an array's memory belongs to (through numpy bases and memoryviews)."""
+    owner = array
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    return owner.obj if isinstance(owner, memoryview) else owner
+
+
+def test_a_result_sent_to_the_store_folder_is_mapped_and_its_leftovers_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a result folder (serve's store on disk), the arrays come back as views of the file,
+    mapped (not read onto the heap), the file removed once mapped; a result file a killed process
+    left there is removed when the worker first uses the folder, nothing else is."""
+    report, index = analyze_spans(_serialized_calls_table())
+    monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: None)  # only the folder
+    folder = tmp_path / "store.analysis.duckdb.d" / "results"
+    assert analysis_worker._prepare_result_folder(str(folder), clean=True)
+    (folder / f"{analysis_worker.RESULT_PREFIX}old.bin").write_bytes(b"x")
+    (folder / "keep.txt").write_text("not a result")
+    assert analysis_worker._prepare_result_folder(str(folder), clean=True)
+    assert sorted(os.listdir(folder)) == ["keep.txt"]
+    (folder / "keep.txt").unlink()
+    server, worker = multiprocessing.Pipe()
+    try:
+        written = analysis_worker._send_result(worker, ("ok", (report, index, 1.5)), str(folder))
+        assert written is not None and Path(written).parent == folder
+        status, (got_report, got_index, seconds) = analysis_worker._receive_result(server.recv())
+    finally:
+        server.close()
+        worker.close()
+    assert (status, got_report, got_index, seconds) == ("ok", report, index, 1.5)
+    assert os.listdir(folder) == []
+    arrays = [v for v in vars(got_index).values() if isinstance(v, np.ndarray) and v.nbytes]
+    assert arrays and all(isinstance(_buffer_owner(a), mmap.mmap) for a in arrays)
+    assert all(a.ctypes.data % analysis_worker.RESULT_ALIGNMENT == 0 for a in arrays)
     trace_id = report["recommendations"][0]["evidence"]["trace_ids"][0]
     assert got_index.touching(trace_id, ["x"]) == index.touching(trace_id, ["x"]) != []
 
