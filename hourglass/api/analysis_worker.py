@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
-import mmap
 import multiprocessing
 import os
 import pickle
@@ -82,7 +82,7 @@ def _worker_main(conn: Connection) -> None:
 
     incremental: IncrementalAnalysis | None = None
     cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
-    sent: str | None = None  # the file of the last result: the server has read it by its next message
+    sent: list[str] = []  # the files of the last result: the server has read them by its next message
     cleaned: set[str] = set()  # the result folders the server named, their leftovers removed
 
     def usable(folder: str | None) -> str | None:
@@ -97,10 +97,7 @@ def _worker_main(conn: Connection) -> None:
         except (EOFError, OSError):
             return
         finally:
-            if sent is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(sent)
-                sent = None
+            _remove(sent)
         if message[0] == "incremental":
             _, request, settings = message
             try:
@@ -120,9 +117,11 @@ def _worker_main(conn: Connection) -> None:
                 reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
             except Exception:
                 reply = ("error", traceback.format_exc())
+            reply, sent = _store_index(reply, usable(request.get("results")))
             try:
-                sent = _send_result(conn, reply, usable(request.get("results")))
+                sent += _send_result(conn, reply)
             except (OSError, ValueError):
+                _remove(sent)
                 return
             # The report and the index are the server's now: not held here through the next
             # round (whose peak they added to), and the round's freed heap returned
@@ -140,77 +139,59 @@ def _worker_main(conn: Connection) -> None:
         except Exception:
             result = ("error", traceback.format_exc())
         table = shipped = None
+        result, sent = _store_index(result, usable(results))
         try:
-            sent = _send_result(conn, result, usable(results))
+            sent += _send_result(conn, result)
         except (OSError, ValueError):
+            _remove(sent)
             return
         result = None  # type: ignore[assignment]
         _round_done()
 
 
-def _send_result(conn: Connection, reply: tuple[str, Any], folder: str | None = None) -> str | None:
+def _send_result(conn: Connection, reply: tuple[str, Any]) -> list[str]:
     """Send a run's result to the server; returns the file it wrote, if any. The trace index's
-    arrays grow with the store (~55 MB at 12M stored spans): through the pipe they cost each
-    process ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and
-    unpickled into a copy by the server, under its GIL). So the result is pickled with its arrays
-    out of band (protocol 5), the arrays written once to a file, and only the rest goes through
-    the pipe; without room for the file, all of it does.
-
-    ``folder`` (serve's store on disk: :func:`result_folder`): the file goes there and the server
-    memory-maps it (:func:`_receive_result`), so the index it keeps for the report's lifetime is
-    pages of that file, read from the page cache when a lookup touches them, not its heap: held
-    there, the index made the server's RSS grow with the store (glibc's heap in use +65 MiB over a
-    10-minute soak, twice that while a new index arrived beside the old). Else /dev/shm (else
-    the temp directory), which the server reads into its memory."""
+    arrays grow with the store (~35 MB at 7M stored spans): through the pipe they cost each process
+    ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and unpickled into
+    a copy by the server, under its GIL). So the result is pickled with its arrays out of band
+    (protocol 5), the arrays written once to a file in /dev/shm (else the temp directory) that
+    the server reads in one piece (:func:`_receive_result`), and only the rest goes through the
+    pipe; without room for the file, all of it does."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
     views = [buffer.raw() for buffer in buffers]
-    total = sum(view.nbytes for view in views) + RESULT_ALIGNMENT * len(views)
-    places: list[tuple[str | None, bool]] = []
-    if views:
-        if folder is not None and _has_room(folder, total):
-            places.append((folder, True))
-        places.append((_ipc_dir(total), False))
-    for directory, mapped in places:
-        if directory is None:
-            continue
-        spans: list[tuple[int, int]] = []
-        try:
-            fd, path = tempfile.mkstemp(prefix=RESULT_PREFIX, suffix=".bin", dir=directory)
-        except OSError:
-            continue
+    total = sum(view.nbytes for view in views)
+    directory = _ipc_dir(total) if total else None
+    if directory is not None:
+        fd, path = tempfile.mkstemp(prefix="hourglass-result-", suffix=".bin", dir=directory)
         try:
             with os.fdopen(fd, "wb") as out:
-                offset = 0
                 for view in views:
-                    pad = -offset % RESULT_ALIGNMENT  # each array aligned, as numpy allocates them
-                    out.write(bytes(pad))
-                    spans.append((offset + pad, view.nbytes))
                     out.write(view)
-                    offset += pad + view.nbytes
         except OSError:
             os.unlink(path)
-            log.warning("could not write the analysis result to %s", directory)
-            continue
-        try:
-            conn.send(("file", data, path, spans, mapped))
-        except BaseException:  # the server is gone: nobody will read (and remove) the file
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return path
+            log.warning("could not write the analysis result to %s; sending it through the pipe", directory)
+        else:
+            sizes = [view.nbytes for view in views]
+            del views, buffers
+            try:
+                conn.send(("file", data, path, sizes))
+            except BaseException:  # the server is gone: nobody will read (and remove) the file
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            return [path]
     del views, buffers
     conn.send(reply)
-    return None
+    return []
 
 
-# the result files (:func:`_send_result`): their names, and each array's offset a multiple of this
+# the trace index files the worker writes in the result folder (:func:`_store_index`)
 RESULT_PREFIX = "hourglass-result-"
-RESULT_ALIGNMENT = 64
 
 
 def result_folder(sidecar: str | None) -> str | None:
-    """Where the worker writes the results the server maps (:func:`_send_result`): a folder in
+    """Where the worker writes the trace index of a result (:func:`_store_index`): a folder in
     the incremental analysis' folder beside the store file (on the store's disk, owned by the one
     serve process of that store); None for a store that is not a file."""
     return None if sidecar is None else os.path.join(sidecar + ".d", "results")
@@ -218,9 +199,9 @@ def result_folder(sidecar: str | None) -> str | None:
 
 def _prepare_result_folder(folder: str, *, clean: bool) -> bool:
     """Create ``folder`` (again, if the sidecar's folder was reset) and, when ``clean`` (the
-    worker's first result there), remove the result files a killed process left in it (the
-    server removes each file once it has mapped it; the one worker of a store is the only writer
-    there, so a file found before its first result is nobody's). False when it cannot be used."""
+    worker's first result there), remove the files a killed process left in it (the server
+    removes each file once it has opened it; the one worker of a store is the only writer there,
+    so a file found before its first result is nobody's). False when it cannot be used."""
     try:
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder) if clean else ():
@@ -228,43 +209,57 @@ def _prepare_result_folder(folder: str, *, clean: bool) -> bool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(folder, name))
     except OSError as exc:
-        log.warning("cannot use %s for the analysis results (%s); they go to /dev/shm", folder, exc)
+        log.warning("cannot keep the trace index in %s (%s): it goes with the result", folder, exc)
         return False
     return True
 
 
-def _has_room(directory: str, nbytes: int) -> bool:
+def _store_index(reply: tuple[str, Any], folder: str | None) -> tuple[tuple[str, Any], list[str]]:
+    """(the reply with its trace index's per-trace arrays written to a file in ``folder``, the
+    files written). The index covers every affected trace of the store (55 MiB of arrays at 12M
+    stored spans) and the server keeps it for as long as it serves the report: received with the
+    result, it was the server's heap, which grew with the store (glibc's in use 76 -> 141 MiB over
+    a 10-minute soak, and twice the index while a new one arrived beside the old). In a file on
+    the store's disk the server reads per lookup what it needs (``TraceIndex.open_stored``);
+    mapping it instead put whole large folios of the page cache in the server's RSS on each
+    lookup. Without a folder (a store that is not a file), or when the file cannot be written,
+    the arrays go with the result (:func:`_send_result`)."""
+    if folder is None or reply[0] != "ok":
+        return reply, []
+    report, index, *rest = reply[1]
     try:
-        fs = os.statvfs(directory)
-    except OSError:
-        return False
-    return os.access(directory, os.W_OK) and fs.f_bavail * fs.f_frsize > 2 * nbytes
+        stored, path = index.stored(folder, prefix=RESULT_PREFIX)
+    except OSError as exc:
+        log.warning("could not write the trace index to %s (%s): it goes with the result", folder, exc)
+        return reply, []
+    return ("ok", (report, stored, *rest)), [path]
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    paths.clear()
 
 
 def _receive_result(message: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A result as the worker sent it (:func:`_send_result`), the file removed. A file on the
-    store's disk is memory-mapped (read-only; the mapping outlives the name, and the arrays are
-    views of it: their pages are the page cache's, resident here only while touched). A file in
-    /dev/shm or the temp directory is read into one block of this process's memory (its pages
-    are freed at once), which the arrays are read-only views of."""
+    """A result as the worker sent it (:func:`_send_result`): the arrays' file read into one block
+    of this process's memory (not mapped: the index is the server's, counted in its RSS, and the
+    file's pages are freed at once), which the arrays are read-only views of; the file removed."""
     if message[0] != "file":
         return message
-    _, data, path, spans, mapped = message
+    _, data, path, sizes = message
     try:
         with open(path, "rb", buffering=0) as raw:
-            if mapped:
-                size = os.fstat(raw.fileno()).st_size
-                block: Any = mmap.mmap(raw.fileno(), size, access=mmap.ACCESS_READ) if size else b""
-            else:
-                block = raw.read()  # one read (the file's size from fstat), the GIL released
+            block = raw.read()  # one read (the file's size from fstat), the GIL released
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    end = max((offset + size for offset, size in spans), default=0)
-    if len(block) < end:
-        raise EOFError(f"the analysis result file {path} holds {len(block)} of {end} bytes")
+    if len(block) != sum(sizes):
+        raise EOFError(f"the analysis result file {path} holds {len(block)} of {sum(sizes)} bytes")
     view = memoryview(block)
-    buffers = [view[offset : offset + size] for offset, size in spans]
+    ends = list(itertools.accumulate(sizes))
+    buffers = [view[end - size : end] for end, size in zip(ends, sizes, strict=True)]
     result: tuple[Any, ...] = pickle.loads(data, buffers=buffers)
     return result
 
@@ -385,8 +380,8 @@ class AnalysisWorker:
         explain: bool = False,
         results: str | None = None,
     ) -> tuple[dict[str, Any], TraceIndex]:
-        """The report (with ``near_misses`` when ``explain``) and trace index (its arrays in a file
-        of the folder ``results`` mapped here, when given: :func:`_send_result`); ``stages`` (when given) gets the seconds spent starting the
+        """The report (with ``near_misses`` when ``explain``) and trace index (read from a file in
+        the folder ``results``, when given: :func:`_store_index`); ``stages`` (when given) gets the seconds spent starting the
         process (``worker_start``), shipping the table (``send``), analysing in the worker
         (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
         stages = {} if stages is None else stages
@@ -408,6 +403,7 @@ class AnalysisWorker:
         if status != "ok":
             raise _failed(payload)
         report, index, analysis_s = payload
+        index.open_stored()
         stages["analysis"] = analysis_s
         stages["receive"] = max(waited - analysis_s, 0.0)
         return report, index
@@ -465,6 +461,7 @@ class AnalysisWorker:
         if status != "ok":
             raise _failed(payload)
         report, index, figures, _ = payload
+        index.open_stored()  # (its arrays in a file of request["results"]: _store_index)
         stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
         return report, index, figures

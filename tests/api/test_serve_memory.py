@@ -164,8 +164,8 @@ def test_the_serve_store_has_its_own_pool_and_a_returning_allocator(tmp_path: Pa
 @pytest.mark.parametrize("incremental", ["true", "false"])
 def test_the_trace_index_is_a_mapped_file_not_the_servers_heap(tmp_path: Path, incremental: str) -> None:
     """The trace index of the served report grows with the store (every affected trace): the
-    worker writes its arrays to a file beside the store that the server maps (removed once mapped:
-    the mapping keeps it), so it is not on the server's heap; every affected trace still answers."""
+    worker writes its arrays to a file beside the store which the server opens (its name removed
+    at once) and reads per lookup, not its memory, nor mapped; every affected trace answers."""
     from tests.api.live_server import running_server, send_traces, wait_for_spans
 
     env = {"HOURGLASS_INCREMENTAL_ANALYSIS": incremental}
@@ -176,7 +176,9 @@ def test_the_trace_index_is_a_mapped_file_not_the_servers_heap(tmp_path: Path, i
             assert client.post("/v1/analyses").status_code == 200
             report = client.get("/v1/recommendations").json()
             views = {t: client.get(f"/v1/traces/{t}").json() for t in checkout}
-        maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+        pid = server.process.pid
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        opened = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
         folder = Path(f"{server.db}.analysis.duckdb.d") / "results"
         left = sorted(os.listdir(folder))
     assert report["traces_analyzed"] == 20 and report["recommendations"], report
@@ -186,6 +188,7 @@ def test_the_trace_index_is_a_mapped_file_not_the_servers_heap(tmp_path: Path, i
     for trace_id in checkout:  # each affected trace, also those the report does not name
         findings = views[trace_id]["findings"]
         assert findings and all(f["span_ids"] for f in findings), (trace_id, views[trace_id])
-    mapped = [line for line in maps.splitlines() if f"{folder}/hourglass-result-" in line]
-    assert mapped and all(line.endswith("(deleted)") for line in mapped), mapped
-    assert left == []  # each result file removed once mapped
+    index_files = [p for p in opened if p.startswith(f"{folder}/hourglass-result-")]
+    assert index_files and all(p.endswith("(deleted)") for p in index_files), opened
+    assert "hourglass-result-" not in maps
+    assert left == []  # each index file's name removed once opened
