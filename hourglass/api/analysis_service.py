@@ -317,7 +317,7 @@ class AnalysisService:
             "since_ns": since_ns,
             "explain": True,
             "cluster": self.cluster,
-            # the index comes back in a file there that this process maps (not on its heap)
+            # the trace index comes back in a file there, read per lookup (not in this process)
             "results": result_folder(sidecar),
         }
         try:
