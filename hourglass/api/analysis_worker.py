@@ -224,7 +224,7 @@ def _store_index(reply: tuple[str, Any], folder: str | None) -> tuple[tuple[str,
     mapping it instead put whole large folios of the page cache in the server's RSS on each
     lookup. Without a folder (a store that is not a file), or when the file cannot be written,
     the arrays go with the result (:func:`_send_result`)."""
-    if folder is None or reply[0] != "ok":
+    if folder is None or reply[0] != "ok" or not hasattr(os, "pread"):  # (pread: not on Windows)
         return reply, []
     report, index, *rest = reply[1]
     try:
