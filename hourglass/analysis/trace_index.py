@@ -25,11 +25,19 @@ For a touching recommendation, two sets of T's spans (each restricted to the spa
 
 The index is a few dicts of the recommendations and, per trace, numpy arrays (see
 :class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply (the
-arrays out of band, in a file the server reads: ``hourglass.api.analysis_worker``).
+arrays out of band, in a file the server reads: ``hourglass.api.analysis_worker``). The per-trace
+arrays grow with the store (55 MiB at 12M stored spans); serve's worker writes them to a file
+beside the store instead (:meth:`TraceIndex.stored`), and the server reads what a lookup needs
+from it (:meth:`TraceIndex.open_stored`: ``pread``, from the page cache), so the index it keeps
+for as long as a report is served is not in its memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -267,6 +275,94 @@ def _changes(columns: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+class _StoredFile:
+    """The file a stored index's arrays are read from (:meth:`TraceIndex.stored`): read with
+    ``pread`` (the page cache's pages, nothing mapped into the process), by any thread. Pickled
+    as its path: the reader opens it again (:meth:`TraceIndex.open_stored`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "fd": None}
+
+    def open(self, *, consume: bool) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if consume:  # the open file outlives its name: nothing is left behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.fd is None:
+            raise RuntimeError(f"the trace index stored in {self.path} is not open (TraceIndex.open_stored)")
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise EOFError(f"the trace index file {self.path} ends before byte {offset + size}")
+        return data
+
+    def __del__(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+class _StoredArray:
+    """A one-dimensional array in a :class:`_StoredFile`, read per access: an element, a slice
+    (as numpy gives them) or, in :meth:`searchsorted`, the elements of a binary search."""
+
+    def __init__(self, file: _StoredFile, offset: int, dtype: np.dtype[Any], length: int) -> None:
+        self.file, self.offset, self.dtype, self.length = file, offset, dtype, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        size = self.dtype.itemsize
+        return np.frombuffer(self.file.read(self.offset + start * size, count * size), dtype=self.dtype)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length)
+            if step != 1:
+                raise IndexError("a stored array reads contiguous slices only")
+            count = max(stop - start, 0)
+            return self._read(start, count) if count else np.zeros(0, dtype=self.dtype)
+        i = int(key)
+        if i < 0:
+            i += self.length
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {int(key)} out of range for a stored array of {self.length}")
+        return self._read(i, 1)[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def searchsorted(self, key: bytes) -> int:
+        """As ``np.searchsorted`` (left) of ``key`` in this sorted bytes array: elements compared
+        as numpy does, zero-padded to a common width, byte by byte."""
+        width = max(self.dtype.itemsize, len(key))
+        wanted = key.ljust(width, b"\0")
+        size = self.dtype.itemsize
+        low, high = 0, self.length
+        while low < high:
+            middle = (low + high) // 2
+            element = self.file.read(self.offset + middle * size, size).ljust(width, b"\0")
+            if element < wanted:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+
+# the per-trace arrays (what grows with the store), in the order a stored index's file holds them
+_ARRAYS = ("_trace_ids", "_entries", "_entry_recs", "_involved", "_changed", "_involved_ids", "_changed_ids")
+_STORED_ALIGNMENT = 64  # each array's offset in the file
+
+
 @dataclass(eq=False)
 class TraceIndex:
     """trace id → recommendation id → (involved span ids, changed span ids), plus each
@@ -459,7 +555,7 @@ class TraceIndex:
         key = _hex_key(trace_id, ids.dtype.itemsize) if trace_hex else trace_id.encode()
         if key is None:
             return {}
-        at = int(np.searchsorted(ids, key))
+        at = int(ids.searchsorted(key))  # (a stored array: a binary search of reads)
         if at >= len(ids) or ids[at] != key.rstrip(b"\0"):  # an element reads without its trailing zeros
             return {}
         out = {}
@@ -495,14 +591,52 @@ class TraceIndex:
         return out
 
     def __eq__(self, other: object) -> bool:
-        """Same recommendations and the same entries for every trace (arrays compared by value)."""
+        """Same recommendations and the same entries for every trace (arrays compared by value,
+        stored or not)."""
         if not isinstance(other, TraceIndex):
             return NotImplemented
         mine, theirs = vars(self), vars(other)
         return all(
-            np.array_equal(value, theirs[name]) if isinstance(value, np.ndarray) else value == theirs[name]
+            np.array_equal(np.asarray(value), np.asarray(theirs[name]))
+            if name in _ARRAYS
+            else value == theirs[name]
             for name, value in mine.items()
         )
+
+    def stored(self, folder: str, *, prefix: str = "trace-index-") -> tuple[TraceIndex, str]:
+        """(this index with its per-trace arrays written to a new file in ``folder``, the file).
+        The copy holds where each array is, not the arrays: it pickles small, and a reader opens
+        the file (:meth:`open_stored`) and reads what each lookup needs. The file is the
+        reader's to remove (``open_stored(consume=True)``); an error writing it removes it."""
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=folder)
+        file = _StoredFile(path)
+        arrays: dict[str, _StoredArray] = {}
+        try:
+            with os.fdopen(fd, "wb") as out:
+                offset = 0
+                for name in _ARRAYS:
+                    array = np.ascontiguousarray(getattr(self, name))
+                    pad = -offset % _STORED_ALIGNMENT
+                    out.write(bytes(pad))
+                    offset += pad
+                    arrays[name] = _StoredArray(file, offset, array.dtype, len(array))
+                    out.write(array.data)
+                    offset += array.nbytes
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return dataclasses.replace(self, **arrays), path  # type: ignore[arg-type]
+
+    def open_stored(self, *, consume: bool = True) -> None:
+        """Open the file of an index made by :meth:`stored` (and passed on by pickle) so that its
+        lookups read it; ``consume``: remove its name at once (the open file stays readable for
+        as long as this index lives). Nothing to do for an index that holds its arrays."""
+        for name in _ARRAYS:
+            value = getattr(self, name)
+            if isinstance(value, _StoredArray):
+                value.file.open(consume=consume)
+                return
 
     def traces(self) -> int:
         """How many traces the index names (rules 1 and 2)."""

@@ -67,6 +67,7 @@ from hourglass.api.analysis_worker import (
     StoreReader,
     analyze_spans,
     lower_priority_of_this_thread,
+    result_folder,
     run_incremental,
 )
 from hourglass.api.exemplars import (
@@ -316,6 +317,8 @@ class AnalysisService:
             "since_ns": since_ns,
             "explain": True,
             "cluster": self.cluster,
+            # the trace index comes back in a file there, read per lookup (not in this process)
+            "results": result_folder(sidecar),
         }
         try:
             report, index, figures = self._incremental_round(request, stages)
@@ -395,8 +398,16 @@ class AnalysisService:
         table = attach_store_resources(table, self.store)  # services' languages, for the designs
         stages["scan"] = time.perf_counter() - started
         if self._worker is not None:
+            from hourglass.analysis.incremental import sidecar_path
+
+            results = result_folder(sidecar_path(str(getattr(self.store, "path", ":memory:"))))
             report, index = self._worker.run(
-                table, settings=self._settings, since_ns=since_ns, stages=stages, explain=True
+                table,
+                settings=self._settings,
+                since_ns=since_ns,
+                stages=stages,
+                explain=True,
+                results=results,
             )
         else:
             started = time.perf_counter()

@@ -82,17 +82,22 @@ def _worker_main(conn: Connection) -> None:
 
     incremental: IncrementalAnalysis | None = None
     cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
-    sent: str | None = None  # the file of the last result: the server has read it by its next message
+    sent: list[str] = []  # the files of the last result: the server has read them by its next message
+    cleaned: set[str] = set()  # the result folders the server named, their leftovers removed
+
+    def usable(folder: str | None) -> str | None:
+        if folder is None or not _prepare_result_folder(folder, clean=folder not in cleaned):
+            return None
+        cleaned.add(folder)
+        return folder
+
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
         finally:
-            if sent is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(sent)
-                sent = None
+            _remove(sent)
         if message[0] == "incremental":
             _, request, settings = message
             try:
@@ -112,16 +117,18 @@ def _worker_main(conn: Connection) -> None:
                 reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
             except Exception:
                 reply = ("error", traceback.format_exc())
+            reply, sent = _store_index(reply, usable(request.get("results")))
             try:
-                sent = _send_result(conn, reply)
+                sent += _send_result(conn, reply)
             except (OSError, ValueError):
+                _remove(sent)
                 return
             # The report and the index are the server's now: not held here through the next
             # round (whose peak they added to), and the round's freed heap returned
             outcome = reply = None  # type: ignore[assignment]
             _round_done()
             continue
-        shipped, settings, since_ns, explain = message
+        shipped, settings, since_ns, explain, results = message
         try:
             started = time.perf_counter()
             table = _receive_table(shipped)
@@ -132,15 +139,17 @@ def _worker_main(conn: Connection) -> None:
         except Exception:
             result = ("error", traceback.format_exc())
         table = shipped = None
+        result, sent = _store_index(result, usable(results))
         try:
-            sent = _send_result(conn, result)
+            sent += _send_result(conn, result)
         except (OSError, ValueError):
+            _remove(sent)
             return
         result = None  # type: ignore[assignment]
         _round_done()
 
 
-def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
+def _send_result(conn: Connection, reply: tuple[str, Any]) -> list[str]:
     """Send a run's result to the server; returns the file it wrote, if any. The trace index's
     arrays grow with the store (~35 MB at 7M stored spans): through the pipe they cost each process
     ~0.1 s a round (pickled into the pipe by the worker; read in chunks, joined and unpickled into
@@ -171,10 +180,66 @@ def _send_result(conn: Connection, reply: tuple[str, Any]) -> str | None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                 raise
-            return path
+            return [path]
     del views, buffers
     conn.send(reply)
-    return None
+    return []
+
+
+# the trace index files the worker writes in the result folder (:func:`_store_index`)
+RESULT_PREFIX = "hourglass-result-"
+
+
+def result_folder(sidecar: str | None) -> str | None:
+    """Where the worker writes the trace index of a result (:func:`_store_index`): a folder in
+    the incremental analysis' folder beside the store file (on the store's disk, owned by the one
+    serve process of that store); None for a store that is not a file."""
+    return None if sidecar is None else os.path.join(sidecar + ".d", "results")
+
+
+def _prepare_result_folder(folder: str, *, clean: bool) -> bool:
+    """Create ``folder`` (again, if the sidecar's folder was reset) and, when ``clean`` (the
+    worker's first result there), remove the files a killed process left in it (the server
+    removes each file once it has opened it; the one worker of a store is the only writer there,
+    so a file found before its first result is nobody's). False when it cannot be used."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder) if clean else ():
+            if name.startswith(RESULT_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+    except OSError as exc:
+        log.warning("cannot keep the trace index in %s (%s): it goes with the result", folder, exc)
+        return False
+    return True
+
+
+def _store_index(reply: tuple[str, Any], folder: str | None) -> tuple[tuple[str, Any], list[str]]:
+    """(the reply with its trace index's per-trace arrays written to a file in ``folder``, the
+    files written). The index covers every affected trace of the store (55 MiB of arrays at 12M
+    stored spans) and the server keeps it for as long as it serves the report: received with the
+    result, it was the server's heap, which grew with the store (glibc's in use 76 -> 141 MiB over
+    a 10-minute soak, and twice the index while a new one arrived beside the old). In a file on
+    the store's disk the server reads per lookup what it needs (``TraceIndex.open_stored``);
+    mapping it instead put whole large folios of the page cache in the server's RSS on each
+    lookup. Without a folder (a store that is not a file), or when the file cannot be written,
+    the arrays go with the result (:func:`_send_result`)."""
+    if folder is None or reply[0] != "ok" or not hasattr(os, "pread"):  # (pread: not on Windows)
+        return reply, []
+    report, index, *rest = reply[1]
+    try:
+        stored, path = index.stored(folder, prefix=RESULT_PREFIX)
+    except OSError as exc:
+        log.warning("could not write the trace index to %s (%s): it goes with the result", folder, exc)
+        return reply, []
+    return ("ok", (report, stored, *rest)), [path]
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    paths.clear()
 
 
 def _receive_result(message: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -313,8 +378,10 @@ class AnalysisWorker:
         since_ns: int | None = None,
         stages: dict[str, float] | None = None,
         explain: bool = False,
+        results: str | None = None,
     ) -> tuple[dict[str, Any], TraceIndex]:
-        """The report (with ``near_misses`` when ``explain``) and trace index; ``stages`` (when given) gets the seconds spent starting the
+        """The report (with ``near_misses`` when ``explain``) and trace index (read from a file in
+        the folder ``results``, when given: :func:`_store_index`); ``stages`` (when given) gets the seconds spent starting the
         process (``worker_start``), shipping the table (``send``), analysing in the worker
         (``analysis``) and waiting for and receiving the result beyond that (``receive``)."""
         stages = {} if stages is None else stages
@@ -324,7 +391,7 @@ class AnalysisWorker:
         try:
             with self._session(stages) as conn:
                 started = time.perf_counter()
-                conn.send((shipped, settings, since_ns, explain))
+                conn.send((shipped, settings, since_ns, explain, results))
                 stages["send"] = shipping + time.perf_counter() - started
                 started = time.perf_counter()
                 status, payload = _receive_result(conn.recv())
@@ -336,6 +403,7 @@ class AnalysisWorker:
         if status != "ok":
             raise _failed(payload)
         report, index, analysis_s = payload
+        index.open_stored()
         stages["analysis"] = analysis_s
         stages["receive"] = max(waited - analysis_s, 0.0)
         return report, index
@@ -393,6 +461,7 @@ class AnalysisWorker:
         if status != "ok":
             raise _failed(payload)
         report, index, figures, _ = payload
+        index.open_stored()  # (its arrays in a file of request["results"]: _store_index)
         stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
         return report, index, figures

@@ -4,8 +4,10 @@ tuples of span id strings per affected trace and grew with the store)."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,15 +73,29 @@ def _case(seed: int) -> tuple[dict[str, Any], list[Finding], dict[str, list[str]
     return {"recommendations": recs}, findings, traces
 
 
-def test_every_trace_answers_by_the_definition_also_after_pickling() -> None:
+def _stored(index: TraceIndex, folder: Path) -> TraceIndex:
+    """``index`` as serve's server gets it: its arrays written to a file in ``folder``, the rest
+    pickled, the file opened by the reader (its name removed at once) and read per lookup."""
+    stored, path = index.stored(str(folder))
+    assert os.path.dirname(path) == str(folder) and os.path.exists(path)
+    copy: TraceIndex = pickle.loads(pickle.dumps(stored))
+    assert len(pickle.dumps(stored)) < 10_000  # not the arrays: where they are
+    copy.open_stored()
+    assert not os.path.exists(path)
+    assert not any(isinstance(v, np.ndarray) and v.size for v in vars(copy).values())
+    return copy
+
+
+def test_every_trace_answers_by_the_definition_also_after_pickling(tmp_path: Path) -> None:
     report, findings, traces = _case(11)
     index = TraceIndex.build(report, findings)
     copy = pickle.loads(pickle.dumps(index))  # how it travels from the analysis worker
+    stored = _stored(index, tmp_path)  # how serve's server keeps it
     touched = 0
     for trace_id, spans in traces.items():
         expected = _definition(report, findings, trace_id, spans)
         touched += bool(expected)
-        for candidate in (index, copy):
+        for candidate in (index, copy, stored):
             got = [
                 (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
                 for t in candidate.touching(trace_id, spans)
@@ -89,8 +105,8 @@ def test_every_trace_answers_by_the_definition_also_after_pickling() -> None:
     # rules 1 and 2 name these traces: the reported findings' occurrences and the exemplars
     named = {o.trace_id for f in findings[:4] for o in f.occurrences}
     named |= {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
-    assert index.traces() == copy.traces() == len(named)
-    assert copy == index and TraceIndex.build(report, findings[:2]) != index
+    assert index.traces() == copy.traces() == stored.traces() == len(named)
+    assert copy == index == stored and TraceIndex.build(report, findings[:2]) != stored
     # a trace the index does not name is answered by its evidence spans alone
     stranger = report["recommendations"][1]["evidence"]["span_ids"]
     assert [t.recommendation_id for t in index.touching("f" * 32, stranger)] == [
@@ -109,9 +125,11 @@ def test_the_per_trace_part_is_arrays_not_objects_per_trace() -> None:
     assert index.traces() > 250
 
 
-def test_an_empty_index_and_a_report_alone() -> None:
+def test_an_empty_index_and_a_report_alone(tmp_path: Path) -> None:
     assert TraceIndex().touching("a" * 32, ["b" * 16]) == []
     assert TraceIndex().traces() == 0
+    assert _stored(TraceIndex(), tmp_path).touching("a" * 32, ["b" * 16]) == []
+    assert _stored(TraceIndex(), tmp_path) == TraceIndex()
     report, _, traces = _case(13)
     alone = TraceIndex.from_report(report)
     for trace_id, spans in traces.items():
@@ -135,7 +153,7 @@ def test_a_finding_computes_its_id_once_and_again_when_its_signature_changes() -
     assert restored.id == finding.id and restored == finding
 
 
-def test_ids_beyond_ascii_answer_by_the_definition() -> None:
+def test_ids_beyond_ascii_answer_by_the_definition(tmp_path: Path) -> None:
     """Ids are packed as UTF-8 bytes in byte order (the lookup's), also when not plain ASCII."""
     traces = {"trace-é": ["span-ü", "span-a", "span-€"], "trace-a": ["s1", "s2"], "trace-😀": ["x", "y"]}
     findings = [
@@ -156,6 +174,7 @@ def test_ids_beyond_ascii_answer_by_the_definition() -> None:
     for index in (
         TraceIndex.build(report, findings),
         pickle.loads(pickle.dumps(TraceIndex.build(report, findings))),
+        _stored(TraceIndex.build(report, findings), tmp_path),
     ):
         assert index.traces() == 3
         for trace_id, spans in traces.items():
@@ -167,7 +186,7 @@ def test_ids_beyond_ascii_answer_by_the_definition() -> None:
             assert got == _definition(report, findings, trace_id, spans), trace_id
 
 
-def test_hex_ids_are_held_as_their_bytes_and_answer_as_text() -> None:
+def test_hex_ids_are_held_as_their_bytes_and_answer_as_text(tmp_path: Path) -> None:
     """OTLP's ids (lowercase hex) are packed as the bytes they spell, half the memory, ids ending
     or starting in zero bytes included; any other id keeps the whole set as text."""
     traces = {
@@ -182,7 +201,7 @@ def test_hex_ids_are_held_as_their_bytes_and_answer_as_text() -> None:
     }
     index = TraceIndex.build(report, findings)
     assert vars(index)["_trace_ids"].dtype.itemsize == 16 and vars(index)["_involved_ids"].dtype.itemsize == 8
-    for candidate in (index, pickle.loads(pickle.dumps(index))):
+    for candidate in (index, pickle.loads(pickle.dumps(index)), _stored(index, tmp_path)):
         for trace_id, spans in traces.items():
             [touch] = candidate.touching(trace_id, spans)
             assert touch.span_ids == tuple(sorted(spans)) and touch.bottleneck_span_ids == (spans[0],)
@@ -195,6 +214,10 @@ def test_hex_ids_are_held_as_their_bytes_and_answer_as_text() -> None:
         vars(mixed)["_trace_ids"].dtype.itemsize == 32 and vars(mixed)["_involved_ids"].dtype.itemsize == 16
     )
     assert [t.span_ids for t in mixed.touching("not-hex", ["s"])] == [("s",)]
+    mixed_stored = _stored(mixed, tmp_path)
+    for trace_id, spans in [*traces.items(), ("not-hex", ["s"]), ("not-he", ["s"]), ("not-hex\0", ["s"])]:
+        assert mixed_stored.touching(trace_id, spans) == mixed.touching(trace_id, spans), trace_id
+        assert mixed_stored.touching(trace_id + "x" * 40, spans) == []  # longer than any stored id
     assert mixed.touching("ab" + "00" * 15, traces["ab" + "00" * 15]) == index.touching(
         "ab" + "00" * 15, traces["ab" + "00" * 15]
     )
@@ -291,7 +314,7 @@ def _shaped_case(
     return {"recommendations": recs}, findings, traces
 
 
-def test_ids_of_every_shape_and_interventions_of_every_kind_answer_by_the_definition() -> None:
+def test_ids_of_every_shape_and_interventions_of_every_kind_answer_by_the_definition(tmp_path: Path) -> None:
     """The packing takes OTLP's hex ids as the numbers they spell (sorted as such, ids close
     together or sharing their leading bytes included), and any other ids as text; both answer by
     the definition, with each array hex-packed exactly when all its ids are lowercase hex of one
@@ -318,7 +341,7 @@ def test_ids_of_every_shape_and_interventions_of_every_kind_answer_by_the_defini
     for name, (trace_id, span_id) in shapes.items():
         report, findings, traces = _shaped_case(len(name), trace_id, span_id)
         index = TraceIndex.build(report, findings)
-        for candidate in (index, pickle.loads(pickle.dumps(index))):
+        for candidate in (index, pickle.loads(pickle.dumps(index)), _stored(index, tmp_path)):
             for trace, spans in traces.items():
                 got = [
                     (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_result_travels_with_its_arrays_in_a_file_or_the_pipe(
     server, worker = multiprocessing.Pipe()
     try:
         written = analysis_worker._send_result(worker, ("ok", (report, index, 1.5)))
-        assert (written is not None) == room
+        assert bool(written) == room
         status, (got_report, got_index, seconds) = analysis_worker._receive_result(server.recv())
     finally:
         server.close()
@@ -84,6 +85,40 @@ def test_a_result_travels_with_its_arrays_in_a_file_or_the_pipe(
     assert os.listdir(tmp_path) == []
     trace_id = report["recommendations"][0]["evidence"]["trace_ids"][0]
     assert got_index.touching(trace_id, ["x"]) == index.touching(trace_id, ["x"]) != []
+
+
+def test_a_result_with_a_result_folder_keeps_the_index_in_a_file_read_per_lookup(tmp_path: Path) -> None:
+    """With a result folder (serve's store on disk) the worker writes the index's arrays to a file
+    there and sends the rest; the server opens the file (its name removed at once) and answers
+    lookups from it: the same index, no array of it in memory. A file a killed process left there
+    is removed when the worker first uses the folder, nothing else is."""
+    report, index = analyze_spans(_serialized_calls_table())
+    folder = tmp_path / "store.analysis.duckdb.d" / "results"
+    assert analysis_worker._prepare_result_folder(str(folder), clean=True)
+    (folder / f"{analysis_worker.RESULT_PREFIX}old.bin").write_bytes(b"x")
+    (folder / "keep.txt").write_text("not a result")
+    assert analysis_worker._prepare_result_folder(str(folder), clean=True)
+    assert sorted(os.listdir(folder)) == ["keep.txt"]
+    (folder / "keep.txt").unlink()
+
+    reply, written = analysis_worker._store_index(("ok", (report, index, 1.5)), str(folder))
+    assert len(written) == 1 and Path(written[0]).parent == folder
+    server, worker = multiprocessing.Pipe()
+    try:
+        assert analysis_worker._send_result(worker, reply) == []  # small: through the pipe
+        status, (got_report, got_index, seconds) = analysis_worker._receive_result(server.recv())
+    finally:
+        server.close()
+        worker.close()
+    assert not any(isinstance(v, np.ndarray) and v.size for v in vars(got_index).values())
+    got_index.open_stored()
+    assert os.listdir(folder) == []  # the name removed once opened; the open file stays readable
+    assert (status, got_report, got_index, seconds) == ("ok", report, index, 1.5)
+    for rec in report["recommendations"]:
+        for trace_id in rec["evidence"]["trace_ids"]:
+            assert got_index.touching(trace_id, ["x"]) == index.touching(trace_id, ["x"]) != []
+    assert got_index.touching("0" * 32, ["x"]) == index.touching("0" * 32, ["x"]) == []
+    assert got_index.traces() == index.traces()
 
 
 def _environ(pid: int) -> dict[str, str]:

@@ -157,3 +157,38 @@ def test_the_serve_store_has_its_own_pool_and_a_returning_allocator(tmp_path: Pa
         assert limit == expected.execute("SELECT current_setting('memory_limit')").fetchone()[0]
     finally:
         store.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc")
+@pytest.mark.parametrize("incremental", ["true", "false"])
+def test_the_trace_index_is_a_mapped_file_not_the_servers_heap(tmp_path: Path, incremental: str) -> None:
+    """The trace index of the served report grows with the store (every affected trace): the
+    worker writes its arrays to a file beside the store which the server opens (its name removed
+    at once) and reads per lookup, not its memory, nor mapped; every affected trace answers."""
+    from tests.api.live_server import running_server, send_traces, wait_for_spans
+
+    env = {"HOURGLASS_INCREMENTAL_ANALYSIS": incremental}
+    with running_server(tmp_path, settle="1s", env=env) as server:
+        checkout = send_traces(server, checkout=12, home=8)
+        wait_for_spans(server, server.sent_spans)
+        with server.client() as client:
+            assert client.post("/v1/analyses").status_code == 200
+            report = client.get("/v1/recommendations").json()
+            views = {t: client.get(f"/v1/traces/{t}").json() for t in checkout}
+        pid = server.process.pid
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        opened = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        folder = Path(f"{server.db}.analysis.duckdb.d") / "results"
+        left = sorted(os.listdir(folder))
+    assert report["traces_analyzed"] == 20 and report["recommendations"], report
+    exemplars = {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
+    beyond = [t for t in checkout if t not in exemplars]
+    assert beyond, "every checkout trace an exemplar: nothing shows the index's own entries"
+    for trace_id in checkout:  # each affected trace, also those the report does not name
+        findings = views[trace_id]["findings"]
+        assert findings and all(f["span_ids"] for f in findings), (trace_id, views[trace_id])
+    index_files = [p for p in opened if p.startswith(f"{folder}/hourglass-result-")]
+    assert index_files and all(p.endswith("(deleted)") for p in index_files), opened
+    assert "hourglass-result-" not in maps
+    assert left == []  # each index file's name removed once opened
