@@ -205,6 +205,10 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     # the workers are kept through the decision only when their peaks fit beside it
     assert partitions.plan(1_000_000, int(1.5 * 2**30), 2).keep
     assert not partitions.plan(5_000_000, int(1.5 * 2**30), 2).keep
+    # two kinds decided at once only when a second decision fits beside the first and the workers
+    assert partitions.plan(1_000_000, int(1.5 * 2**30), 2).beside
+    assert not partitions.plan(1_000_000, int(1.5 * 2**30), 1).beside  # its kept worker's peak
+    assert not partitions.plan(5_000_000, int(1.5 * 2**30), 2).beside
     # room for the workers but not for the decision, which runs alone once they are stopped
     with pytest.raises(partitions.BudgetError, match="cannot hold the decision over 20,000,000 spans"):
         partitions.plan(20_000_000, int(2.1 * 2**30), 1)

@@ -175,6 +175,7 @@ def analyze_store(
                 explain=explain,
                 progress=progress,
                 spill_buckets=plan.buckets,
+                decide_beside=plan.beside,
             )
     except partitions.PartitionError as exc:
         raise _fail(str(exc), code=EXIT_STORE) from None

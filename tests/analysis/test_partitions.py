@@ -192,6 +192,14 @@ def test_rows_kept_on_disk_decide_one_kind_at_a_time_like_the_whole(
     for kind in PARTS:
         assert [_comparable(f) for f in got[kind]] == expected[kind], f"{kind} on {name}, rows kept on disk"
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, rows kept on disk"
+    # lock_contention decided in a thread of its own beside the other kinds (``Plan.beside``): the
+    # same findings, and the same near misses in the same order as one kind after another
+    beside_notes = Notes()
+    beside = partitions.decide(partitions.KeptRows(spill, PARTS), beside_notes, spill, beside=True)
+    assert list(beside) == list(got)
+    for kind in PARTS:
+        assert [_comparable(f) for f in beside[kind]] == [_comparable(f) for f in got[kind]], kind
+    assert beside_notes.misses == notes.misses, f"near misses on {name}, decided beside"
     paths = partitions.kept_paths(spill)  # each partition's summarized: the same icicles
     assert paths is not None and report_critical_paths_from_summary(paths) == report_critical_paths(whole)
     spill.remove()
