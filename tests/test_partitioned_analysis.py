@@ -205,8 +205,41 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     # the workers are kept through the decision only when their peaks fit beside it
     assert partitions.plan(1_000_000, int(1.5 * 2**30), 2).keep
     assert not partitions.plan(5_000_000, int(1.5 * 2**30), 2).keep
+    # two kinds decided at once only when a second decision fits beside the first and the workers
+    assert partitions.plan(1_000_000, int(1.5 * 2**30), 2).beside
+    assert not partitions.plan(1_000_000, int(1.5 * 2**30), 1).beside  # its kept worker's peak
+    assert not partitions.plan(5_000_000, int(1.5 * 2**30), 2).beside
     # room for the workers but not for the decision, which runs alone once they are stopped
     with pytest.raises(partitions.BudgetError, match="cannot hold the decision over 20,000,000 spans"):
         partitions.plan(20_000_000, int(2.1 * 2**30), 1)
     too_small = _run("analyze", "--db", store, "--memory-budget", "10MB")
     assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr
+
+
+def test_analyze_db_ends_without_the_interpreters_teardown(
+    store: Path, whole: dict[str, Any], tmp_path: Path
+) -> None:
+    """Once its report is written, ``analyze --db`` over a DuckDB file, and its worker processes,
+    end at once: an exit handler registered at start-up (a ``sitecustomize``) never runs in them,
+    while it does after ``analyze FILES``. The report is whole, the partition files are removed, and a
+    gate's exit code is kept."""
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "torn-down"
+    (site / "sitecustomize.py").write_text(  # in the command's processes (not multiprocessing's tracker)
+        "import atexit, sys\n"
+        f"atexit.register(lambda: 'hourglass' in sys.modules and open({str(marker)!r}, 'a').close())\n"
+    )
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "TMPDIR": str(temp)}
+    assert _report(store, "--partitions", "8", "--workers", "2", env=env) == whole
+    assert not marker.exists()
+    assert not list(temp.glob("hourglass-partitions-*"))
+    gated = _run("analyze", "--db", store, "--format", "json", "--fail-on", "any", env=env)
+    assert gated.returncode == 3, gated.stderr
+    assert json.loads(gated.stdout)["recommendations"] and not marker.exists()
+    sample = ROOT / "sample-traces" / "n_plus_one.otlp.jsonl"
+    files = _run("analyze", sample, "--format", "json", env=env)
+    assert files.returncode == 0, files.stderr
+    assert marker.exists()  # the hook works: a run that tears the interpreter down runs it

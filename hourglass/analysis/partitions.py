@@ -28,9 +28,9 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -52,7 +52,7 @@ from hourglass.analysis.endpoint_path import (
     report_critical_paths_from_summary,
     summarize_path_rows,
 )
-from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.model import Finding, NearMissLog, Occurrence
 from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -106,6 +106,9 @@ class Plan:
     # the workers are kept, not stopped, while this process decides: what they may still hold from
     # their last partition fits beside the decision (``ProcessExecutor.idle``)
     keep: bool = False
+    # the kinds of ``DECIDE_BESIDE`` are decided in a thread of their own beside the others
+    # (:func:`decide`): two decisions' working sets fit at once beside the workers
+    beside: bool = False
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -160,7 +163,12 @@ def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] |
     # only on an idle machine) and no wait for the old ones to exit
     per_part = -(-spans // parts)
     keep = deciding + workers * (PROCESS_BASE_BYTES + per_part * PEAK_BYTES_PER_SPAN) <= budget
-    return Plan(spans, int(parts), workers, int(buckets), warm, keep)
+    # two kinds decided at once (``beside``): room for a second decision's working set beside the
+    # first and beside what the workers hold meanwhile (their peaks when kept, their bases when warm)
+    held = workers * PROCESS_BASE_BYTES if warm or keep else 0
+    held += workers * per_part * PEAK_BYTES_PER_SPAN if keep else 0
+    beside = deciding + spans * DECIDE_BYTES_PER_SPAN + held <= budget
+    return Plan(spans, int(parts), workers, int(buckets), warm, keep, beside)
 
 
 def split_by_trace(frame: pl.DataFrame, parts: int) -> list[pl.DataFrame]:
@@ -206,23 +214,67 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
 
 
+# Kinds whose decision runs mostly outside the GIL — lock_contention's sweep is DuckDB queries on
+# DuckDB's own threads — decided, when the caller has room for it (``Plan.beside``), in a thread of
+# their own while this thread decides the other kinds (mostly Python and polars): measured at 1M
+# spans, the sweep was about half of the decision, with the worker processes idle meanwhile.
+DECIDE_BESIDE = ("lock_contention",)
+
+
 def decide(
-    rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None = None
+    rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None = None, *, beside: bool = False
 ) -> dict[str, list[Finding]]:
     """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
-    read from there, one bucket at a time)."""
+    read from there, one bucket at a time). With ``beside``, the kinds of ``DECIDE_BESIDE`` are
+    decided in a thread of their own beside the others; the findings and the near misses (each
+    kind's noted apart, then added in the kinds' order) are the same as one kind after another."""
     out: dict[str, list[Finding]] = {}
-    for kind, kind_rows in rows.items():
-        try:
-            with _collector_paused():
-                if spill is not None and kind in SPILLABLE:
-                    out[kind] = SPILLABLE[kind].decide(kind_rows, notes, spill.buckets_of(kind))
-                else:
-                    out[kind] = PARTS[kind].decide(kind_rows, notes)
-        except Exception as exc:
-            raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
-        memlog.note(f"decided {kind}")
-    return out
+    aside = [k for k in rows if k in DECIDE_BESIDE] if beside and len(rows) > 1 else []
+    logs = {k: _HeldNotes() for k in rows} if aside else {}
+    # (the collector paused over them all when a kind is decided aside: one thread's pause must
+    # not end in the middle of the other's)
+    with _collector_paused() if aside else nullcontext(), ThreadPoolExecutor(1, "hourglass-decide") as pool:
+        futures = {k: pool.submit(_decide_kind, k, rows, logs[k], spill) for k in aside}
+        for kind in rows:
+            if kind not in futures:
+                out[kind] = _decide_kind(kind, rows, logs.get(kind, notes), spill)
+        for kind, future in futures.items():
+            out[kind] = future.result()
+    for held in logs.values():  # in the kinds' order, as if decided one after another
+        held.replay(notes)
+    return {kind: out[kind] for kind in rows}
+
+
+class _HeldNotes(NearMissLog):
+    """A kind's near misses held as they were told (every argument), for :meth:`replay` to tell
+    another sink in the kinds' order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def note_near_miss(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append((args, kwargs))
+
+    def replay(self, notes: NearMissSink) -> None:
+        for args, kwargs in self.calls:
+            notes.note_near_miss(*args, **kwargs)
+
+
+def _decide_kind(
+    kind: str, rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None
+) -> list[Finding]:
+    kind_rows = rows[kind]
+    try:
+        with _collector_paused():
+            if spill is not None and kind in SPILLABLE:
+                found = SPILLABLE[kind].decide(kind_rows, notes, spill.buckets_of(kind))
+            else:
+                found = PARTS[kind].decide(kind_rows, notes)
+    except Exception as exc:
+        raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
+    memlog.note(f"decided {kind}")
+    return found
 
 
 @contextmanager
@@ -411,24 +463,26 @@ def spill_here(spill: Spill, result: PartResult) -> PartResult:
 def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
     """Every detector's rows of ``ctx``'s traces (with ``spill``, the tables that grow with spans
     written to its buckets instead) and the endpoints' critical-path rows, each table compacted
-    (:func:`compact`) so that it holds none of the spans' memory."""
+    (:func:`compact`) so that it holds none of the spans' memory; with ``spill``, every table
+    written to its folder instead (:meth:`Spill.keep`) and none returned."""
     services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
     rows = extract(ctx)
-    if spill is not None:
-        rows = spill.write(part, rows)
-    rows = {kind: {name: compact(frame) for name, frame in tables.items()} for kind, tables in rows.items()}
     paths = path_rows_or_none(ctx)
-    if paths is not None:
-        paths = PathRows(
-            compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes)
-        )
     if spill is not None:  # every row to disk: the deciding process reads one kind at a time
+        # not compacted first: polars writes a table's own values, not the spans' buffers its
+        # strings share (a compaction was ~8 % of a partition's extraction at 1M spans)
+        rows = spill.write(part, rows)
         spill.keep(part, rows)
         if paths is not None:  # aggregated per endpoint here: a tenth of the rows, decided the same
             spill.keep(part, {PATHS_KIND: dict(vars(summarize_path_rows(paths)))})
         result = PartResult(part, {}, compact(ctx.traces), ctx.spans.height, compact(services), None, True)
         result.kept_paths = paths is not None
         return result
+    rows = {kind: {name: compact(frame) for name, frame in tables.items()} for kind, tables in rows.items()}
+    if paths is not None:
+        paths = PathRows(
+            compact(paths.traces), compact(paths.operations), compact(paths.paths), compact(paths.nodes)
+        )
     return PartResult(part, rows, compact(ctx.traces), ctx.spans.height, compact(services), paths)
 
 
@@ -893,10 +947,13 @@ def run_extraction(
     notes: NearMissSink,
     progress: Progress | None = None,
     spill: Spill | None = None,
+    *,
+    decide_beside: bool = False,
 ) -> Extracted:
     """Extract every partition (in ``executor``) and decide each split detector on the combined
     rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
-    executor's tasks must reach its folder)."""
+    executor's tasks must reach its folder; with ``decide_beside``, some kinds in a thread of
+    their own beside the others: :func:`decide`)."""
     memlog.note("extraction starts")
     results = executor.map(
         "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
@@ -933,7 +990,7 @@ def run_extraction(
         del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     memlog.note("rows combined, critical paths decided")
-    decided = decide(rows, notes, spill)
+    decided = decide(rows, notes, spill, beside=decide_beside)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths, trace_parts)
 

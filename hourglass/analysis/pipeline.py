@@ -512,6 +512,7 @@ def analyze_partitioned(
     progress: partitions.Progress | None = None,
     spill_buckets: int = 0,
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
+    decide_beside: bool = False,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`_analyze_partitioned`; on a DuckDB file of this machine, with enough partitions, the
     store is first read once into a file per partition (:func:`partitions.split_store`) that the
@@ -535,6 +536,7 @@ def analyze_partitioned(
             progress=progress,
             spill_buckets=spill_buckets,
             extraction=extraction,
+            decide_beside=decide_beside,
         )
     finally:
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):
@@ -567,6 +569,7 @@ def _analyze_partitioned(
     progress: partitions.Progress | None = None,
     spill_buckets: int = 0,
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
+    decide_beside: bool = False,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
@@ -583,7 +586,8 @@ def _analyze_partitioned(
     (``hourglass.analysis.spill``; the executor's tasks must reach it) and decided bucket by
     bucket. ``extraction(notes)``, when given, is the first pass instead of
     :func:`partitions.run_extraction` (``serve``'s incremental analysis decides stored rows, kind
-    by kind: ``hourglass.analysis.incremental``)."""
+    by kind: ``hourglass.analysis.incremental``). ``decide_beside``: some kinds are decided in a
+    thread of their own beside the others (``partitions.Plan.beside``: the memory plan has room)."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
@@ -594,7 +598,9 @@ def _analyze_partitioned(
     else:
         spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
         try:
-            extracted = partitions.run_extraction(source, parts, executor, notes, progress, spill)
+            extracted = partitions.run_extraction(
+                source, parts, executor, notes, progress, spill, decide_beside=decide_beside
+            )
         except BaseException:
             if spill is not None:
                 spill.remove()

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import pyarrow as pa
 import typer
@@ -175,6 +175,7 @@ def analyze_store(
                 explain=explain,
                 progress=progress,
                 spill_buckets=plan.buckets,
+                decide_beside=plan.beside,
             )
     except partitions.PartitionError as exc:
         raise _fail(str(exc), code=EXIT_STORE) from None
@@ -368,6 +369,7 @@ def analyze_command(
         report = analyze_store(
             db or settings.db, run, services=service, since_ns=since_ns, writer=writer, explain=explain
         )
+    ends_at_once = not files and run.cluster is None and _is_duckdb_file(db or settings.db)
     # additive to hourglass.report/v1: the problems met in the input files, one entry per kind
     report["input_warnings"] = input_problems.as_json()
     text = render(report, output_format.value)
@@ -385,5 +387,32 @@ def analyze_command(
             typer.echo(line, err=True)
         if matches:
             code = GATE_EXIT_CODE
+    if ends_at_once:
+        _end_at_once(code)
     if code:
         raise typer.Exit(code)
+
+
+def _is_duckdb_file(path: str) -> bool:
+    from hourglass.collector.store import local_path
+
+    return local_path(path) == path and path != ":memory:" and not path.startswith("chdb:")
+
+
+def _end_at_once(code: int) -> NoReturn:
+    """The end of ``analyze --db`` over a DuckDB file once its report is written: the threads
+    still running joined (the partition files' removal), the logs and the output flushed, then
+    the process ends without the interpreter's teardown of the analysis' objects and modules —
+    ~0.3 s after a 1M-span run, in which nothing is written: the store was opened read-only and
+    is closed, the worker processes are stopped."""
+    import logging
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or its reader gone
+            stream.flush()
+    os._exit(code)

@@ -192,6 +192,14 @@ def test_rows_kept_on_disk_decide_one_kind_at_a_time_like_the_whole(
     for kind in PARTS:
         assert [_comparable(f) for f in got[kind]] == expected[kind], f"{kind} on {name}, rows kept on disk"
     assert sorted(notes.misses) == sorted(whole_notes.misses), f"near misses on {name}, rows kept on disk"
+    # lock_contention decided in a thread of its own beside the other kinds (``Plan.beside``): the
+    # same findings, and the same near misses in the same order as one kind after another
+    beside_notes = Notes()
+    beside = partitions.decide(partitions.KeptRows(spill, PARTS), beside_notes, spill, beside=True)
+    assert list(beside) == list(got)
+    for kind in PARTS:
+        assert [_comparable(f) for f in beside[kind]] == [_comparable(f) for f in got[kind]], kind
+    assert beside_notes.misses == notes.misses, f"near misses on {name}, decided beside"
     paths = partitions.kept_paths(spill)  # each partition's summarized: the same icicles
     assert paths is not None and report_critical_paths_from_summary(paths) == report_critical_paths(whole)
     spill.remove()
@@ -563,3 +571,56 @@ def test_workers_that_share_the_cores_get_their_share_of_polars_threads(monkeypa
         assert executor.map("extracting", pl.thread_pool_size, [()], None) == [3]
     finally:
         executor.close()
+
+
+WORKER_EXIT_SCRIPT = """
+import atexit
+import sys
+
+from hourglass.analysis import partitions
+
+
+def torn_down(path):
+    with open(path, "w") as out:
+        out.write("torn down")
+
+
+if __name__ == "__mp_main__":
+    # a worker imports this module as __mp_main__ before its start (the pool's initializer): this
+    # handler, registered earlier than the start's, runs only if the worker goes through the teardown
+    atexit.register(torn_down, sys.argv[1])
+
+
+def task(part, parts):
+    print(f"worker wrote {part}", end="")  # not flushed: stdout is a pipe, so block-buffered
+    return part
+
+
+if __name__ == "__main__":
+    executor = partitions.ProcessExecutor(1)
+    try:
+        assert executor.map("extracting", task, [(7, 9)], None) == [7]
+    finally:
+        executor.close()
+    print(" | pool closed")
+"""
+
+
+def test_a_stopped_worker_ends_at_once_with_its_output_flushed(tmp_path: Path) -> None:
+    """A stopped worker ends without the interpreter's teardown (``worker_start._exit_at_once``):
+    the exit handlers registered before its start never run, and what its task printed without a
+    flush still reaches the stream."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker_exit.py"
+    script.write_text(WORKER_EXIT_SCRIPT)
+    marker = tmp_path / "torn-down"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(marker)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "worker wrote 7 | pool closed\n"
+    assert not marker.exists()
