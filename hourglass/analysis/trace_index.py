@@ -33,21 +33,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
-from hourglass.analysis.model import (
-    CapConcurrency,
-    CollapseSpans,
-    Finding,
-    Intervention,
-    Occurrence,
-    RunConcurrently,
-    ScaleSelf,
-    ShortenSpan,
-)
+from hourglass.analysis.model import Finding
 
 
 @dataclass(frozen=True)
@@ -138,45 +128,6 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     keep = np.ones(len(values), dtype=bool)
     keep[1:] = values[1:] != values[:-1]
     return values[keep]
-
-
-def _named_spans(iv: Intervention) -> tuple[str, ...]:
-    """The span ids an intervention names (as :func:`intervention_span_ids` of its dict form)."""
-    one = getattr(iv, "span_id", None)
-    return (one,) if one is not None else getattr(iv, "span_ids", ())
-
-
-_TRACE_ID = attrgetter("trace_id")
-_SPAN_IDS = attrgetter("span_ids")
-_SPAN_ID = attrgetter("span_id")
-_INTERVENTIONS = attrgetter("interventions")
-# the interventions naming their spans in ``span_ids`` / in ``span_id`` (see :func:`_named_spans`)
-_MANY_SPANS = frozenset({RunConcurrently, CollapseSpans, CapConcurrency})
-_ONE_SPAN = frozenset({ShortenSpan, ScaleSelf})
-
-
-def _intervention_columns(occurrences: Sequence[Occurrence]) -> tuple[list[Sequence[str]], np.ndarray]:
-    """(the span ids the occurrences' interventions name, in parts: sequences of ids that, one
-    after another, list them; how many each occurrence adds): as :func:`_named_spans` of each
-    intervention, read with C-level loops (``attrgetter``) when the interventions are all of the
-    kinds naming spans one way (a finding's usually are)."""
-    per = list(map(_INTERVENTIONS, occurrences))
-    counts = np.fromiter(map(len, per), dtype=np.int64, count=len(per))
-    interventions = list(chain.from_iterable(per))
-    del per
-    kinds = set(map(type, interventions))
-    parts: list[Sequence[str]] | None = None
-    if kinds <= _ONE_SPAN:
-        named = list(map(_SPAN_ID, interventions))
-        if None not in named:  # (None: no span named by it, as _named_spans)
-            parts = [named]
-            sizes = np.ones(len(named), dtype=np.int64)
-    if parts is None:
-        parts = list(map(_SPAN_IDS if kinds <= _MANY_SPANS else _named_spans, interventions))
-        sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-    total = np.concatenate([[0], np.cumsum(sizes)])
-    ends = np.cumsum(counts)
-    return parts, total[ends] - total[ends - counts]
 
 
 def _joined(parts: Iterable[Sequence[str]]) -> str | None:
@@ -342,34 +293,38 @@ class TraceIndex:
                 entry_recs.append(code[str(rec["id"])])
                 changed.append(sorted(named))
                 changed_of.append(np.array([len(named)], dtype=np.int64))
-        # rule 1: every occurrence of a reported finding, read off the occurrences in C-level
-        # loops (``attrgetter``, ``chain``, ``join``) rather than one Python iteration per occurrence
+        # rule 1: every occurrence of a reported finding, read off the finding's occurrence columns
+        # (``Occurrences``) rather than one Python iteration per occurrence
         exemplars = len(entry_traces)
-        occurrences: list[Occurrence] = []
+        involved: list[Sequence[str]] = []
+        involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
         for finding in findings:
             rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
             if rec_code is None:
                 continue
-            own = list(finding.occurrences)
-            occurrences.extend(own)
+            own = finding.occurrence_table
             finding_recs.append(rec_code)
             finding_sizes.append(len(own))
-            named_parts, named_of = _intervention_columns(own)
-            changed.extend(named_parts)
-            changed_of.append(named_of)
-        entry_traces.extend(map(_TRACE_ID, occurrences))
-        involved = list(map(_SPAN_IDS, occurrences))
-        involved_of = np.zeros(exemplars + len(involved), dtype=np.int64)
-        involved_of[exemplars:] = np.fromiter(map(len, involved), dtype=np.int64, count=len(involved))
-        del occurrences
+            entry_traces.extend(own.trace_id_list())
+            own_spans, own_counts = own.span_columns()
+            involved.append(own_spans)
+            involved_of.append(own_counts)
+            ivs = own.intervention_columns()
+            named_ids = ivs.span_ids  # the ids the interventions name, per occurrence
+            named_owner = np.repeat(ivs.owner, ivs.span_counts)
+            if None in named_ids:  # a ShortenSpan or ScaleSelf of no span id names none
+                named_owner = named_owner[np.fromiter((s is not None for s in named_ids), dtype=np.bool_)]
+                named_ids = [s for s in named_ids if s is not None]
+            changed.append(named_ids)
+            changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
         index._pack(
             entry_traces,
             np.concatenate([np.asarray(entry_recs, dtype=np.int64), recs_of]),
             involved,
-            involved_of,
+            np.concatenate(involved_of),
             changed,
             np.concatenate(changed_of),
         )
