@@ -751,14 +751,18 @@ class Occurrences(Sequence[Occurrence]):
         ints = self._iv_int[ivs].copy()
         floats = self._iv_float[ivs].copy()
         is_float = ptype == _FLOAT
-        ints[is_float] = floats[is_float].astype(np.int64)  # int() of a float: toward zero
+        # int() of a float: toward zero (beyond int64, or NaN, held at the bounds, or 0)
+        ints[is_float] = np.nan_to_num(np.clip(floats[is_float], -(2.0**63), 2.0**63 - 1024), nan=0.0).astype(
+            np.int64
+        )
         is_int = ptype == _INT
         floats[is_int] = ints[is_int].astype(np.float64)
         if self._iv_obj is not None:
             for j, i in enumerate(ivs.tolist()):
                 if ptype[j] == _OBJECT:
-                    ints[j] = int(self._iv_obj[i])
-                    floats[j] = float(self._iv_obj[i])
+                    value = self._iv_obj[i]
+                    floats[j] = float(value)
+                    ints[j] = min(max(int(value), _INT64_MIN), _INT64_MAX) if math.isfinite(floats[j]) else 0
         return InterventionColumns(owner, self._iv_kind[ivs], ints, floats, span_ids, lengths)
 
 
