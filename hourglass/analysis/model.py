@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -516,6 +516,76 @@ class Occurrences(Sequence[Occurrence]):
         self._nums = nums
         self._key = np.concatenate([p._key for p in parts])
         self._has_key = np.concatenate([p._has_key for p in parts])
+        return self
+
+    @classmethod
+    def from_columns(
+        cls,
+        trace_ids: pl.Series,
+        span_ids: pl.Series,
+        *,
+        intervention: type[RunConcurrently | CollapseSpans | CapConcurrency],
+        first: int,
+        dropped: np.ndarray | int,
+        parameter: pl.Series | None,
+        numbers: Mapping[str, pl.Series | np.ndarray],
+        keys: pl.Series,
+    ) -> Occurrences:
+        """Occurrences made straight from a detector's columns, no object per occurrence: row
+        ``i`` is ``Occurrence(trace_ids[i], tuple(span_ids[i]), (intervention(span_ids[i][first :
+        len - dropped[i]], parameter[i]),), {name: numbers[name][i] ...}, keys[i])``: one
+        intervention per occurrence, naming a run of the occurrence's own span ids (its integer
+        parameter, none for ``RunConcurrently``), the numbers floats in the order given (a
+        ``x / 1e6`` made by numpy: polars divides by a constant as a multiplication by its inverse,
+        which differs from Python's ``/`` in the last bit). The same
+        occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
+        n = len(trace_ids)
+        for name, column in [("trace ids", trace_ids), ("span ids", span_ids), ("keys", keys)]:
+            if len(column) != n or column.null_count():
+                raise ValueError(f"occurrences: {name} must be {n} values, none null")
+        self = cls.__new__(cls)
+        self._n = n
+        self._trace = trace_ids.cast(pl.String).rename("")
+        lengths = span_ids.list.len().to_numpy().astype(np.int64)
+        self._span_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self._span_off[1:])
+        self._spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
+        if len(self._spans) != self._span_off[-1]:
+            raise ValueError("occurrences: span ids must be lists of strings, none null")
+        self._iv_off = np.arange(n + 1, dtype=np.int64)
+        code = _KIND_CODE[intervention]
+        self._iv_kind = np.full(n, code, dtype=np.uint8)
+        named = np.maximum(lengths - first - np.asarray(dropped, dtype=np.int64), 0)  # (as a slice)
+        self._iv_start = np.where(named > 0, first, 0).astype(np.int32)
+        self._iv_len = named.astype(np.int32)
+        self._iv_ex_off = np.zeros(n + 1, dtype=np.int64)
+        self._iv_extra = pl.Series([], dtype=pl.String)
+        self._iv_float = np.zeros(n, dtype=np.float64)
+        if (parameter is None) != (intervention is RunConcurrently):
+            raise ValueError(
+                f"occurrences: {intervention.__name__} takes {'no' if parameter is None else 'a'} parameter"
+            )
+        if parameter is None:
+            self._iv_ptype = np.full(n, _NO_PARAM, dtype=np.uint8)
+            self._iv_int = np.zeros(n, dtype=np.int64)
+        else:
+            if len(parameter) != n or parameter.null_count() or not parameter.dtype.is_integer():
+                raise ValueError(f"occurrences: the parameter must be {n} integers, none null")
+            self._iv_ptype = np.full(n, _INT, dtype=np.uint8)
+            self._iv_int = parameter.cast(pl.Int64).to_numpy().astype(np.int64)
+        self._iv_obj = None
+        self._shape = np.zeros(n, dtype=np.int32)
+        self._shapes = (tuple(numbers),)
+        self._nums = {}
+        for name, given in numbers.items():
+            if isinstance(given, pl.Series) and given.null_count():
+                raise ValueError(f"occurrences: number {name!r} must have no null")
+            values = given.cast(pl.Float64).to_numpy() if isinstance(given, pl.Series) else given
+            if len(values) != n:
+                raise ValueError(f"occurrences: number {name!r} must be {n} values")
+            self._nums[name] = np.asarray(values, dtype=np.float64)
+        self._key = keys.cast(pl.UInt64).to_numpy().astype(np.uint64)
+        self._has_key = np.ones(n, dtype=np.bool_)
         return self
 
     # -- reading as a sequence ------------------------------------------------------------------

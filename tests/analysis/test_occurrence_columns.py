@@ -242,3 +242,52 @@ def test_bad_input_is_a_clear_error() -> None:
         Occurrences.from_list([Occurrence("t", (1, 2))])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key"):
         Occurrences.from_list([Occurrence("t", (), key=-1)])
+
+
+@pytest.mark.parametrize("kind", [RunConcurrently, CollapseSpans, CapConcurrency])
+@pytest.mark.parametrize("dropped", [0, 1])
+def test_columns_made_from_a_frame_are_the_objects_of_their_definition(kind: type, dropped: int) -> None:
+    """``Occurrences.from_columns`` (what the detectors that make the most occurrences build) gives
+    the occurrences its docstring defines, as :meth:`Occurrences.from_list` of those objects."""
+    import polars as pl
+
+    rng = random.Random(9)
+    n = 2500
+    frame = pl.DataFrame(
+        {
+            "trace_id": [f"{rng.getrandbits(128):032x}" for _ in range(n)],
+            "parent": [f"{rng.getrandbits(64):016x}" for _ in range(n)],
+            "children": [
+                [f"{rng.getrandbits(64):016x}" for _ in range(rng.choice([0, 1, 3, 40]))] for _ in range(n)
+            ],
+            "param": [rng.randrange(-(2**40), 2**40) for _ in range(n)],
+            "a_ns": [rng.randrange(10**12) for _ in range(n)],
+            "b": [rng.choice([0.5, float("nan"), float("inf"), -0.0, 3.0]) for _ in range(n)],
+            "key": pl.Series([rng.getrandbits(64) for _ in range(n)], dtype=pl.UInt64),
+        }
+    )
+    made = frame.select(pl.concat_list(pl.col("parent"), pl.col("children")).alias("spans"))
+    table = Occurrences.from_columns(
+        frame["trace_id"],
+        made["spans"],
+        intervention=kind,
+        first=1,
+        dropped=dropped,
+        parameter=None if kind is RunConcurrently else frame["param"],
+        numbers={"a_ms": frame["a_ns"].to_numpy() / 1e6, "b": frame["b"], "calls": frame["a_ns"]},
+        keys=frame["key"],
+    )
+    want = []
+    for trace, parent, children, param, a_ns, b, key in frame.iter_rows():
+        named = tuple(children[: len(children) - dropped] if dropped else children)
+        iv = kind(named) if kind is RunConcurrently else kind(named, int(param))
+        numbers = {"a_ms": a_ns / 1e6, "b": b, "calls": float(a_ns)}
+        want.append(Occurrence(trace, (parent, *children), (iv,), numbers, key=key))
+    assert len(table) == n
+    for got, expected in zip(table, want, strict=True):
+        _same_exactly(got, expected)
+    assert table == Occurrences.from_list(want)
+    assert table.take([5, 1]) == [want[5], want[1]]
+    assert pickle.loads(pickle.dumps(table)) == want
+    ivs = table.intervention_columns()
+    assert ivs.span_ids == [s for o in want for iv in o.interventions for s in iv.span_ids]
