@@ -243,13 +243,14 @@ class InterventionColumns:
     (the position of its class in ``(RunConcurrently, ShortenSpan, CollapseSpans, ScaleSelf,
     CapConcurrency)``), its parameter (``by_ns``, ``duration_ns``, ``factor``, ``limit``; 0 for
     ``RunConcurrently``) as an integer (``int()`` of it) and as a float (``float()`` of it), and
-    the span ids it names (``span_id`` as one), flat, ``span_counts`` per intervention."""
+    the span ids it names (``span_id`` as one), flat (a String series, not one Python string
+    each), ``span_counts`` per intervention."""
 
     owner: np.ndarray
     kind: np.ndarray
     int_param: np.ndarray
     float_param: np.ndarray
-    span_ids: list[str]
+    span_ids: pl.Series
     span_counts: np.ndarray
 
 
@@ -715,6 +716,8 @@ class Occurrences(Sequence[Occurrence]):
     def take(self, rows: np.ndarray | Sequence[int]) -> Occurrences:
         """The occurrences at positions ``rows``, in that order."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows[0] >= 0 and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            return self._range(int(rows[0]), int(rows[-1]) + 1)  # a run in order: views, no copy
         self_rows = rows
         out = Occurrences.__new__(Occurrences)
         out._n = len(rows)
@@ -740,6 +743,34 @@ class Occurrences(Sequence[Occurrence]):
         }
         out._key = self._key[rows]
         out._has_key = self._has_key[rows]
+        return out
+
+    def _range(self, a: int, b: int) -> Occurrences:
+        """Occurrences ``a`` to ``b`` (0 <= a <= b <= len), sharing this one's columns (numpy views,
+        polars slices: a slice pickles as its own values alone)."""
+        out = Occurrences.__new__(Occurrences)
+        out._n = b - a
+        out._trace = self._trace.slice(a, b - a)
+        s0, s1 = int(self._span_off[a]), int(self._span_off[b])
+        out._span_off = self._span_off[a : b + 1] - s0
+        out._spans = self._spans.slice(s0, s1 - s0)
+        i0, i1 = int(self._iv_off[a]), int(self._iv_off[b])
+        out._iv_off = self._iv_off[a : b + 1] - i0
+        out._iv_kind = self._iv_kind[i0:i1]
+        out._iv_start = self._iv_start[i0:i1]
+        out._iv_len = self._iv_len[i0:i1]
+        e0, e1 = int(self._iv_ex_off[i0]), int(self._iv_ex_off[i1])
+        out._iv_ex_off = self._iv_ex_off[i0 : i1 + 1] - e0
+        out._iv_extra = self._iv_extra.slice(e0, e1 - e0)
+        out._iv_ptype = self._iv_ptype[i0:i1]
+        out._iv_int = self._iv_int[i0:i1]
+        out._iv_float = self._iv_float[i0:i1]
+        out._iv_obj = self._iv_obj[i0:i1] if self._iv_obj is not None else None
+        out._shape = self._shape[a:b]
+        out._shapes = self._shapes
+        out._nums = {name: column[a:b] for name, column in self._nums.items()}
+        out._key = self._key[a:b]
+        out._has_key = self._has_key[a:b]
         return out
 
     def trace_id_list(self) -> list[str]:
@@ -776,9 +807,10 @@ class Occurrences(Sequence[Occurrence]):
         """The occurrences of traces ``trace_ids``, in order."""
         return self.take(np.flatnonzero(self.in_traces(trace_ids)))
 
-    def span_columns(self) -> tuple[list[str], np.ndarray]:
-        """(every occurrence's span ids, one after another; how many each has)."""
-        return self._spans.to_list(), np.diff(self._span_off)
+    def span_columns(self) -> tuple[pl.Series, np.ndarray]:
+        """(every occurrence's span ids, one after another, a String series not to be changed;
+        how many each has)."""
+        return self._spans, np.diff(self._span_off)
 
     def number_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(the values of number ``name`` as floats, NaN where absent or not a number; whether
@@ -816,7 +848,7 @@ class Occurrences(Sequence[Occurrence]):
         np.cumsum(lengths, out=total[1:])
         at = np.repeat(base - total[:-1], lengths) + np.arange(total[-1], dtype=np.int64)
         pool = pl.concat([self._spans, self._iv_extra]) if len(self._iv_extra) else self._spans
-        span_ids = pool.gather(pl.Series(at, dtype=pl.Int64)).to_list()
+        span_ids = pool.gather(pl.Series(at, dtype=pl.Int64))
         ptype = self._iv_ptype[ivs]
         ints = self._iv_int[ivs].copy()
         floats = self._iv_float[ivs].copy()

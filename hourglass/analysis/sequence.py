@@ -527,13 +527,11 @@ def call_durations(ctx: AnalysisContext, finding: Finding) -> np.ndarray:
     spans minus those that are the parent of another named span (the caller)."""
     occurrences = finding.occurrence_table
     span_ids, counts = occurrences.span_columns()
-    trace_ids = (
-        occurrences.trace_id_series()
-        .gather(pl.Series(np.repeat(np.arange(len(counts)), counts), dtype=pl.Int64))
-        .to_list()
+    trace_ids = occurrences.trace_id_series().gather(
+        pl.Series(np.repeat(np.arange(len(counts)), counts), dtype=pl.Int64)
     )
     empty = np.zeros(0, dtype=np.float64)
-    if not span_ids or ctx.spans.height == 0:
+    if len(span_ids) == 0 or ctx.spans.height == 0:
         return empty
     # the what-if engine's (trace_id, span_id) index (built once per context) finds the rows; a
     # join of the ids against every span cost ~0.1 s per finding at 1M spans

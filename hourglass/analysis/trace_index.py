@@ -36,6 +36,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from hourglass.analysis.model import Finding
 
@@ -130,13 +131,23 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     return values[keep]
 
 
-def _joined(parts: Iterable[Sequence[str]]) -> str | None:
-    """The ids of ``parts`` (sequences of ids, one after another) joined by newlines, in C-level
-    loops; None when they are not all strings."""
-    try:
-        return "\n".join(map("\n".join, filter(None, parts)))  # (an empty part adds no newline)
-    except TypeError:
-        return None
+def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
+    """The ids of ``parts`` (sequences or String series of ids, one after another) joined by
+    newlines, in C-level loops (a series' by polars: no Python string per id); None when they
+    are not all strings."""
+    texts = []
+    for part in parts:
+        if isinstance(part, pl.Series):
+            if part.null_count() or part.dtype != pl.String:
+                return None
+            if len(part):  # (an empty part adds no newline)
+                texts.append(part.str.join("\n").item())
+        elif part:
+            try:
+                texts.append("\n".join(part))
+            except TypeError:
+                return None
+    return "\n".join(texts)
 
 
 _HEX_OR_NEWLINE = b"0123456789abcdef\n"
@@ -282,7 +293,7 @@ class TraceIndex:
         # many each entry adds).
         entry_traces: list[str] = []
         entry_recs: list[int] = []
-        changed: list[Sequence[str]] = []
+        changed: list[Sequence[str] | pl.Series] = []
         changed_of: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         for rec in recs:  # rule 2: the exemplars, changed where their recorded interventions act
             evidence = rec.get("evidence") or {}
@@ -296,7 +307,7 @@ class TraceIndex:
         # rule 1: every occurrence of a reported finding, read off the finding's occurrence columns
         # (``Occurrences``) rather than one Python iteration per occurrence
         exemplars = len(entry_traces)
-        involved: list[Sequence[str]] = []
+        involved: list[Sequence[str] | pl.Series] = []
         involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
@@ -314,9 +325,10 @@ class TraceIndex:
             ivs = own.intervention_columns()
             named_ids = ivs.span_ids  # the ids the interventions name, per occurrence
             named_owner = np.repeat(ivs.owner, ivs.span_counts)
-            if None in named_ids:  # a ShortenSpan or ScaleSelf of no span id names none
-                named_owner = named_owner[np.fromiter((s is not None for s in named_ids), dtype=np.bool_)]
-                named_ids = [s for s in named_ids if s is not None]
+            if named_ids.null_count():  # a ShortenSpan or ScaleSelf of no span id names none
+                kept = named_ids.is_not_null()
+                named_owner = named_owner[kept.to_numpy()]
+                named_ids = named_ids.filter(kept)
             changed.append(named_ids)
             changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
@@ -334,9 +346,9 @@ class TraceIndex:
         self,
         entry_traces: list[str],
         entry_recs: np.ndarray,
-        involved: list[Sequence[str]],
+        involved: list[Sequence[str] | pl.Series],
         involved_of: np.ndarray,
-        changed: list[Sequence[str]],
+        changed: list[Sequence[str] | pl.Series],
         changed_of: np.ndarray,
     ) -> None:
         """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
@@ -376,7 +388,9 @@ class TraceIndex:
         entries = len(self._entry_recs)
         self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
 
-        def spans(parts: list[Sequence[str]], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        def spans(
+            parts: list[Sequence[str] | pl.Series], counts: np.ndarray
+        ) -> tuple[np.ndarray, np.ndarray, bool]:
             """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
             hexed = _hex_words(_joined(parts), int(counts.sum()))
             if hexed is None:

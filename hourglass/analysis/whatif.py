@@ -202,9 +202,11 @@ class Retimer:
         """Row per (trace_id, span_id); -1 where unknown."""
         return self._rows_of_columns([k[0] for k in keys], [k[1] for k in keys])
 
-    def _rows_of_columns(self, trace_ids: list[str], span_ids: list[str]) -> np.ndarray:
+    def _rows_of_columns(
+        self, trace_ids: list[str] | pl.Series, span_ids: list[str] | pl.Series
+    ) -> np.ndarray:
         """Row per (trace_ids[i], span_ids[i]); -1 where unknown."""
-        if not trace_ids or self.n == 0:
+        if len(trace_ids) == 0 or self.n == 0:
             return np.full(len(trace_ids), -1, dtype=np.int64)
         probe = pl.DataFrame(
             {"trace_id": trace_ids, "span_id": span_ids},
@@ -267,7 +269,7 @@ class Retimer:
             np.float64
         )
         traces = occurrences.trace_id_series()
-        key_traces = traces.gather(pl.Series(np.repeat(ivs.owner, ivs.span_counts), dtype=pl.Int64)).to_list()
+        key_traces = traces.gather(pl.Series(np.repeat(ivs.owner, ivs.span_counts), dtype=pl.Int64))
         iv_of_key = np.repeat(np.arange(len(ivs.kind), dtype=np.int64), ivs.span_counts)
         rows = self._rows_of_columns(key_traces, ivs.span_ids)
         known = rows >= 0

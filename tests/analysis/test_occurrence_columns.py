@@ -162,6 +162,13 @@ def test_slices_takes_and_concatenation_are_the_lists() -> None:
         got = table[part]
         assert isinstance(got, Occurrences)
         assert got == occurrences[part]
+        assert pickle.loads(pickle.dumps(got)) == occurrences[part]
+        assert got.intervention_columns().span_ids.to_list() == [
+            s
+            for o in occurrences[part]
+            for iv in o.interventions
+            for s in ((iv.span_id,) if isinstance(iv, ShortenSpan | ScaleSelf) else iv.span_ids)
+        ]
     rows = np.array([699, 0, 5, 5, 300])
     assert table.take(rows) == [occurrences[i] for i in rows]
     other = Occurrences.from_list(HAND_MADE)
@@ -190,7 +197,7 @@ def test_accessors_answer_as_their_plain_definitions() -> None:
     assert table.in_traces(wanted).tolist() == [o.trace_id in wanted for o in occurrences]
     assert table.filter_traces(wanted) == [o for o in occurrences if o.trace_id in wanted]
     spans, counts = table.span_columns()
-    assert spans == [s for o in occurrences for s in o.span_ids]
+    assert spans.to_list() == [s for o in occurrences for s in o.span_ids]
     assert counts.tolist() == [len(o.span_ids) for o in occurrences]
     for name in ("calls", "wait_ms", "count", "odd", "absent"):
         values, present = table.number_column(name)
@@ -207,7 +214,7 @@ def test_accessors_answer_as_their_plain_definitions() -> None:
     assert ivs.kind.tolist() == [kinds.index(type(iv)) for _, iv in plain]
     named = [(iv.span_id,) if isinstance(iv, ShortenSpan | ScaleSelf) else iv.span_ids for _, iv in plain]
     assert ivs.span_counts.tolist() == [len(n) for n in named]
-    assert ivs.span_ids == [s for n in named for s in n]
+    assert ivs.span_ids.to_list() == [s for n in named for s in n]
     params = [getattr(iv, name, 0) for _, iv in plain for name in [_PARAM[type(iv)]]]
     assert ivs.float_param.tolist() == [float(p) for p in params]
     assert ivs.int_param[np.abs(ivs.float_param) < 2**62].tolist() == [
@@ -290,4 +297,4 @@ def test_columns_made_from_a_frame_are_the_objects_of_their_definition(kind: typ
     assert table.take([5, 1]) == [want[5], want[1]]
     assert pickle.loads(pickle.dumps(table)) == want
     ivs = table.intervention_columns()
-    assert ivs.span_ids == [s for o in want for iv in o.interventions for s in iv.span_ids]
+    assert ivs.span_ids.to_list() == [s for o in want for iv in o.interventions for s in iv.span_ids]
