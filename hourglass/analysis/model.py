@@ -525,10 +525,11 @@ class Occurrences(Sequence[Occurrence]):
         trace_ids: pl.Series,
         span_ids: pl.Series,
         *,
-        intervention: type[RunConcurrently | CollapseSpans | CapConcurrency],
-        first: int,
-        dropped: np.ndarray | int,
-        parameter: pl.Series | None,
+        intervention: type[RunConcurrently | CollapseSpans | CapConcurrency | ShortenSpan],
+        first: int = 0,
+        dropped: np.ndarray | int = 0,
+        parameter: pl.Series | None = None,
+        shortened: tuple[pl.Series, pl.Series] | None = None,
         numbers: Mapping[str, pl.Series | np.ndarray],
         keys: pl.Series,
     ) -> Occurrences:
@@ -538,7 +539,8 @@ class Occurrences(Sequence[Occurrence]):
         intervention per occurrence, naming a run of the occurrence's own span ids (its integer
         parameter, none for ``RunConcurrently``), the numbers floats in the order given (a
         ``x / 1e6`` made by numpy: polars divides by a constant as a multiplication by its inverse,
-        which differs from Python's ``/`` in the last bit). The same
+        which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
+        two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists. The same
         occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
         n = len(trace_ids)
         for name, column in [("trace ids", trace_ids), ("span ids", span_ids), ("keys", keys)]:
@@ -553,20 +555,44 @@ class Occurrences(Sequence[Occurrence]):
         self._spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
         if len(self._spans) != self._span_off[-1]:
             raise ValueError("occurrences: span ids must be lists of strings, none null")
-        self._iv_off = np.arange(n + 1, dtype=np.int64)
         code = _KIND_CODE[intervention]
-        self._iv_kind = np.full(n, code, dtype=np.uint8)
-        named = np.maximum(lengths - first - np.asarray(dropped, dtype=np.int64), 0)  # (as a slice)
-        self._iv_start = np.where(named > 0, first, 0).astype(np.int32)
-        self._iv_len = named.astype(np.int32)
-        self._iv_ex_off = np.zeros(n + 1, dtype=np.int64)
-        self._iv_extra = pl.Series([], dtype=pl.String)
-        self._iv_float = np.zeros(n, dtype=np.float64)
-        if (parameter is None) != (intervention is RunConcurrently):
+        if intervention is ShortenSpan:
+            if shortened is None or any(len(c) != n or c.null_count() for c in shortened):
+                raise ValueError(f"occurrences: ShortenSpan takes two columns of {n} lists, none null")
+            counts = shortened[0].list.len().to_numpy().astype(np.int64)
+            if (counts != shortened[1].list.len().to_numpy()).any():
+                raise ValueError("occurrences: ShortenSpan's span ids and by_ns differ in length")
+            self._iv_off = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(counts, out=self._iv_off[1:])
+            ids = shortened[0].explode(empty_as_null=False, keep_nulls=False)
+            by = shortened[1].explode(empty_as_null=False, keep_nulls=False)
+            m = len(ids)
+            if m != self._iv_off[-1] or len(by) != m or not by.dtype.is_numeric():
+                raise ValueError("occurrences: ShortenSpan's by_ns must be numbers, none null")
+            self._iv_kind = np.full(m, code, dtype=np.uint8)
+            self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
+            self._iv_len = np.ones(m, dtype=np.int32)
+            self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
+            self._iv_extra = ids.cast(pl.String).rename("")
+            self._iv_float = np.zeros(m, dtype=np.float64)
+            self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
+            self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)
+        else:
+            self._iv_off = np.arange(n + 1, dtype=np.int64)
+            self._iv_kind = np.full(n, code, dtype=np.uint8)
+            named = np.maximum(lengths - first - np.asarray(dropped, dtype=np.int64), 0)  # (as a slice)
+            self._iv_start = np.where(named > 0, first, 0).astype(np.int32)
+            self._iv_len = named.astype(np.int32)
+            self._iv_ex_off = np.zeros(n + 1, dtype=np.int64)
+            self._iv_extra = pl.Series([], dtype=pl.String)
+            self._iv_float = np.zeros(n, dtype=np.float64)
+        if intervention is ShortenSpan:
+            pass  # (its parameters above)
+        elif (parameter is None) != (intervention is RunConcurrently):
             raise ValueError(
                 f"occurrences: {intervention.__name__} takes {'no' if parameter is None else 'a'} parameter"
             )
-        if parameter is None:
+        elif parameter is None:
             self._iv_ptype = np.full(n, _NO_PARAM, dtype=np.uint8)
             self._iv_int = np.zeros(n, dtype=np.int64)
         else:

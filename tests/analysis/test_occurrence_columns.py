@@ -298,3 +298,48 @@ def test_columns_made_from_a_frame_are_the_objects_of_their_definition(kind: typ
     assert pickle.loads(pickle.dumps(table)) == want
     ivs = table.intervention_columns()
     assert ivs.span_ids.to_list() == [s for o in want for iv in o.interventions for s in iv.span_ids]
+
+
+def test_shortened_spans_made_from_a_frame_are_the_objects_of_their_definition() -> None:
+    """``from_columns`` of ``ShortenSpan`` (``fanout_straggler``): one per element of the
+    occurrence's (span ids, by_ns) lists, ``int(by)`` of a float toward zero."""
+    import polars as pl
+
+    rng = random.Random(10)
+    n = 1500
+    children = [[f"{rng.getrandbits(64):016x}" for _ in range(rng.choice([0, 2, 5]))] for _ in range(n)]
+    stragglers = [rng.sample(c, k=rng.randrange(len(c) + 1)) for c in children]
+    frame = pl.DataFrame(
+        {
+            "trace_id": [f"{rng.getrandbits(128):032x}" for _ in range(n)],
+            "parent": [f"{rng.getrandbits(64):016x}" for _ in range(n)],
+            "children": pl.Series(children, dtype=pl.List(pl.String)),
+            "stragglers": pl.Series(stragglers, dtype=pl.List(pl.String)),
+            "by": pl.Series(
+                [[rng.uniform(-1e9, 1e9) for _ in s] for s in stragglers], dtype=pl.List(pl.Float64)
+            ),
+            "key": pl.Series([rng.getrandbits(64) for _ in range(n)], dtype=pl.UInt64),
+        }
+    )
+    table = Occurrences.from_columns(
+        frame["trace_id"],
+        frame.select(pl.concat_list(pl.col("parent"), pl.col("children"))).to_series(),
+        intervention=ShortenSpan,
+        shortened=(frame["stragglers"], frame["by"]),
+        numbers={"stragglers": frame["stragglers"].list.len()},
+        keys=frame["key"],
+    )
+    want = [
+        Occurrence(
+            trace,
+            (parent, *kids),
+            tuple(ShortenSpan(s, int(b)) for s, b in zip(slow, by, strict=True)),
+            {"stragglers": float(len(slow))},
+            key=key,
+        )
+        for trace, parent, kids, slow, by, key in frame.iter_rows()
+    ]
+    for got, expected in zip(table, want, strict=True):
+        _same_exactly(got, expected)
+    assert table == Occurrences.from_list(want)
+    assert table.intervention_columns().span_ids.to_list() == [s for slow in stragglers for s in slow]
