@@ -307,6 +307,7 @@ class TraceIndex:
         # rule 1: every occurrence of a reported finding, read off the finding's occurrence columns
         # (``Occurrences``) rather than one Python iteration per occurrence
         exemplars = len(entry_traces)
+        trace_parts: list[Sequence[str] | pl.Series] = [entry_traces]  # then each finding's (a series)
         involved: list[Sequence[str] | pl.Series] = []
         involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
@@ -318,7 +319,7 @@ class TraceIndex:
             own = finding.occurrence_table
             finding_recs.append(rec_code)
             finding_sizes.append(len(own))
-            entry_traces.extend(own.trace_id_list())
+            trace_parts.append(own.trace_id_series())
             own_spans, own_counts = own.span_columns()
             involved.append(own_spans)
             involved_of.append(own_counts)
@@ -333,7 +334,7 @@ class TraceIndex:
             changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
         index._pack(
-            entry_traces,
+            trace_parts,
             np.concatenate([np.asarray(entry_recs, dtype=np.int64), recs_of]),
             involved,
             np.concatenate(involved_of),
@@ -344,7 +345,7 @@ class TraceIndex:
 
     def _pack(
         self,
-        entry_traces: list[str],
+        entry_traces: list[Sequence[str] | pl.Series],
         entry_recs: np.ndarray,
         involved: list[Sequence[str] | pl.Series],
         involved_of: np.ndarray,
@@ -359,8 +360,8 @@ class TraceIndex:
         each entry's spans brought together first so that the sort finds them nearly in order
         (:func:`_row_order`); any other ids are coded by their rank among the distinct ones (one
         sort of the strings), the rest in integers."""
-        rows = len(entry_traces)
-        hexed = _hex_words(_joined([entry_traces]), rows)
+        rows = sum(len(part) for part in entry_traces)  # (the entries' trace ids, in parts)
+        hexed = _hex_words(_joined(entry_traces), rows)
         if hexed is not None:
             words, size = hexed
             keyed = [*words, entry_recs.astype(np.uint64)]  # (trace, recommendation)
@@ -375,7 +376,7 @@ class TraceIndex:
             starts = np.flatnonzero(trace_first)
             trace_hex = True
         else:
-            traces, trace_code = _coded(entry_traces)
+            traces, trace_code = _coded(list(chain.from_iterable(entry_traces)))
             recs = max(len(self._recs), 1)
             entry_key = trace_code * recs + entry_recs
             keys = _distinct(entry_key)  # sorted: by trace, then recommendation
