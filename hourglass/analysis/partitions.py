@@ -559,20 +559,21 @@ def findings_by_partition(
     lookup = trace_parts.select(pl.col("trace_id").cast(pl.String), pl.col("part").cast(pl.Int64)).unique(
         "trace_id", keep="last", maintain_order=True
     )
-    for finding in findings:
-        occurrences = finding.occurrence_table
-        # each occurrence's partition (-1: in no partition's traces, so no task would price it)
-        part_of = (
-            occurrences.trace_id_series()
-            .to_frame("trace_id")
-            .join(lookup, on="trace_id", how="left", maintain_order="left")["part"]
-            .fill_null(-1)
-            .to_numpy()
-        )
+    # each occurrence's partition, every finding's at once (-1: in no partition's traces, so no
+    # task would price it)
+    tables = [finding.occurrence_table for finding in findings]
+    ends = np.cumsum([len(table) for table in tables])
+    part_of = (
+        pl.concat([table.trace_id_series() for table in tables] or [pl.Series([], dtype=pl.String)])
+        .to_frame("trace_id")
+        .join(lookup, on="trace_id", how="left", maintain_order="left")["part"]
+        .fill_null(-1)
+        .to_numpy()
+    )
+    for finding, table, end in zip(findings, tables, ends.tolist(), strict=True):
+        mine = part_of[end - len(table) : end]
         for part in range(parts):
-            shares[part].append(
-                replace(finding, occurrences=occurrences.take(np.flatnonzero(part_of == part)))
-            )
+            shares[part].append(replace(finding, occurrences=table.take(np.flatnonzero(mine == part))))
     return shares
 
 
