@@ -5,6 +5,11 @@ seen in many traces is one finding), each carrying its per-trace :class:`Occurre
 occurrence says which spans are involved and which :class:`Intervention` would remove the
 bottleneck in that trace; the what-if engine applies the interventions to the trace and re-times
 it along its critical path, so savings are measured at the root, never as a local ``sum - max``.
+
+A finding holds its occurrences in columns (:class:`Occurrences`, a read-only sequence of
+:class:`Occurrence`), whatever it is given: at 12M stored spans a serve round held ~400k of them,
+~1.5 KB each as objects from each detector's decision to the round's end. An occurrence read from
+it is made on the spot: changing it changes nothing in the finding.
 """
 
 from __future__ import annotations
