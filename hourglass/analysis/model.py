@@ -230,22 +230,6 @@ def _strings(values: list[Any], what: str) -> pl.Series:
         raise TypeError(f"occurrences: {what} must be strings ({e})") from None
 
 
-_HEX_IDS = r"^(?:[0-9a-f]{2})*$"
-
-
-def _hex_packed(ids: pl.Series) -> pl.Series:
-    """``ids`` as the bytes they spell (Binary) when every one is lowercase hex of an even length
-    (OTLP's span ids: 8 bytes, held inline in a view, half the text's room), else as they are."""
-    if len(ids) and not ids.null_count() and ids.str.contains(_HEX_IDS).all():
-        return ids.str.decode("hex")
-    return ids
-
-
-def _text(ids: pl.Series) -> pl.Series:
-    """The ids of a column :func:`_hex_packed` made, as text."""
-    return ids.bin.encode("hex") if ids.dtype == pl.Binary else ids
-
-
 def _gather_ranges(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the flat positions of ``rows``' ranges, one after another; their new offsets) of a flat
     column whose row ``i`` is ``offsets[i]:offsets[i + 1]``."""
@@ -423,7 +407,7 @@ class Occurrences(Sequence[Occurrence]):
         self._trace = _strings(traces, "trace ids")
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.asarray(span_len, dtype=np.int64), out=self._span_off[1:])
-        self._spans = _hex_packed(_strings(span_flat, "span ids"))
+        self._spans = _strings(span_flat, "span ids")
         self._iv_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.asarray(iv_count, dtype=np.int64), out=self._iv_off[1:])
         m = len(iv_kind)
@@ -493,8 +477,7 @@ class Occurrences(Sequence[Occurrence]):
 
         self._trace = pl.concat([p._trace for p in parts])
         self._span_off = offsets([p._span_off for p in parts])
-        packed = {p._spans.dtype == pl.Binary for p in parts}  # (all hex-packed, or all text)
-        self._spans = pl.concat([p._spans if len(packed) == 1 else _text(p._spans) for p in parts])
+        self._spans = pl.concat([p._spans for p in parts])
         self._iv_off = offsets([p._iv_off for p in parts])
         self._iv_kind = np.concatenate([p._iv_kind for p in parts])
         self._iv_start = np.concatenate([p._iv_start for p in parts])
@@ -574,10 +557,9 @@ class Occurrences(Sequence[Occurrence]):
         lengths = span_ids.list.len().to_numpy().astype(np.int64)
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._span_off[1:])
-        spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
-        if len(spans) != self._span_off[-1]:
+        self._spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
+        if len(self._spans) != self._span_off[-1]:
             raise ValueError("occurrences: span ids must be lists of strings, none null")
-        self._spans = _hex_packed(spans)
         code = _KIND_CODE[intervention]
         if intervention is ShortenSpan:
             if shortened is None or any(len(c) != n or c.null_count() for c in shortened):
@@ -689,7 +671,7 @@ class Occurrences(Sequence[Occurrence]):
             return []
         traces = self._trace.slice(a, b - a).to_list()
         s0, s1 = int(self._span_off[a]), int(self._span_off[b])
-        flat = _text(self._spans.slice(s0, s1 - s0)).to_list()
+        flat = self._spans.slice(s0, s1 - s0).to_list()
         bounds = (self._span_off[a : b + 1] - s0).tolist()
         spans = [tuple(flat[bounds[j] : bounds[j + 1]]) for j in range(b - a)]
         i0, i1 = int(self._iv_off[a]), int(self._iv_off[b])
@@ -859,7 +841,7 @@ class Occurrences(Sequence[Occurrence]):
     def span_columns(self) -> tuple[pl.Series, np.ndarray]:
         """(every occurrence's span ids, one after another, a String series not to be changed;
         how many each has)."""
-        return _text(self._spans), np.diff(self._span_off)
+        return self._spans, np.diff(self._span_off)
 
     def number_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(the values of number ``name`` as floats, NaN where absent or not a number; whether
@@ -896,8 +878,7 @@ class Occurrences(Sequence[Occurrence]):
         total = np.zeros(len(ivs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=total[1:])
         at = np.repeat(base - total[:-1], lengths) + np.arange(total[-1], dtype=np.int64)
-        spans = _text(self._spans)
-        pool = pl.concat([spans, self._iv_extra]) if len(self._iv_extra) else spans
+        pool = pl.concat([self._spans, self._iv_extra]) if len(self._iv_extra) else self._spans
         span_ids = pool.gather(pl.Series(at, dtype=pl.Int64))
         ptype = self._iv_ptype[ivs]
         ints = self._iv_int[ivs].copy()
