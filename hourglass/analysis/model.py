@@ -336,6 +336,8 @@ class Occurrences(Sequence[Occurrence]):
         iv_param: list[Any] = []
         shape_of: dict[tuple[str, ...], int] = {}
         shape: list[int] = []
+        shape_rows: list[list[int]] = []  # per shape: its occurrences
+        shape_values: list[list[tuple[Any, ...]]] = []  # and their numbers' values
         num_rows: dict[str, list[int]] = {}
         num_vals: dict[str, list[Any]] = {}
         keys: list[int | None] = []
@@ -392,16 +394,17 @@ class Occurrences(Sequence[Occurrence]):
             code_of = shape_of.get(names)
             if code_of is None:
                 code_of = shape_of[names] = len(shape_of)
+                shape_rows.append([])
+                shape_values.append([])
             shape.append(code_of)
-            for name, value in numbers.items():
-                rows = num_rows.get(name)
-                if rows is None:
-                    rows = num_rows[name] = []
-                    num_vals[name] = []
-                rows.append(n)
-                num_vals[name].append(value)
+            shape_rows[code_of].append(n)  # (an append per occurrence, not one per number)
+            shape_values[code_of].append(tuple(numbers.values()))
             keys.append(occ.key)
             n += 1
+        for names, rows, tuples in zip(shape_of, shape_rows, shape_values, strict=True):
+            for name, got in zip(names, zip(*tuples, strict=True), strict=True):
+                num_rows.setdefault(name, []).extend(rows)
+                num_vals.setdefault(name, []).extend(got)
         self = cls.__new__(cls)
         self._n = n
         self._trace = _strings(traces, "trace ids")
