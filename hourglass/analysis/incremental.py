@@ -53,7 +53,7 @@ import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +74,7 @@ from hourglass.analysis.endpoint_path import (
     report_critical_paths_from_summary,
     summarize_path_rows,
 )
-from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.model import Finding, Occurrence, Occurrences
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
 
 if TYPE_CHECKING:
@@ -189,18 +189,18 @@ class BatchSpill(Spill):
         )
 
 
-def _occurrence_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
+def _occurrence_key(finding_id: str, occurrences: Sequence[Occurrence], calls: bool) -> str:
     """What a finding's pricing in one batch depends on: its occurrences there (spans and
     interventions) and whether call durations are asked for. The occurrences' own keys when
     their detector hashed its rows in bulk (``Occurrence.key``: an array of integers hashed, for
     the polars version that made them), else the occurrences written out one by one."""
-    keys = [occ.key for occ in occurrences]
-    if None in keys:
+    keys, every = Occurrences.from_list(occurrences).keys()  # (a list as given by hand: once in columns)
+    if not every:
         return _written_key(finding_id, occurrences, calls)
     digest = hashlib.sha1(finding_id.encode())
     digest.update(b"calls" if calls else b"-")
     digest.update(f"keys {pl.__version__}:".encode())
-    digest.update(np.array(keys, dtype=np.uint64).tobytes())
+    digest.update(np.ascontiguousarray(keys, dtype=np.uint64).tobytes())
     return KEYED_PREFIX + digest.hexdigest()
 
 
@@ -216,7 +216,7 @@ def _without_among(key: str, calls: bool) -> str:
     return key[:base] if calls and len(key) == base + _DIGEST_CHARS else key
 
 
-def _written_key(finding_id: str, occurrences: list[Occurrence], calls: bool) -> str:
+def _written_key(finding_id: str, occurrences: Sequence[Occurrence], calls: bool) -> str:
     """The pricing key of occurrences written out one by one (the only kind before the
     occurrences had keys: a sidecar's stored pricing may still be keyed so)."""
     digest = hashlib.sha1(finding_id.encode())
@@ -294,19 +294,19 @@ class MemoExecutor:
     def idle(self) -> None:
         """Nothing to stop: the round's tasks run in this process (or on the cluster, per task)."""
 
-    def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, list[Occurrence]]]]:
+    def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, Occurrences]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
         if self._unit_of is None:
             self._unit_of = {t: i for i, unit in enumerate(self.units) for t in unit.trace_ids}
-        out: dict[int, dict[str, tuple[Finding, list[Occurrence]]]] = {}
+        out: dict[int, dict[str, tuple[Finding, Occurrences]]] = {}
         for finding in findings:
-            occurrences = finding.occurrences
+            occurrences = finding.occurrence_table
             if not occurrences:
                 continue
             # each occurrence's unit looked up in bulk, then the occurrences split by unit in
             # their order (a stable sort), the finding's id asked once
             units = np.fromiter(
-                map(self._unit_of.get, [o.trace_id for o in occurrences], itertools.repeat(-1)),
+                map(self._unit_of.get, occurrences.trace_id_list(), itertools.repeat(-1)),
                 dtype=np.int64,
                 count=len(occurrences),
             )
@@ -317,10 +317,10 @@ class MemoExecutor:
             for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
                 unit = int(ordered[start])
                 if unit >= 0:
-                    mine = [occurrences[i] for i in order[start:end].tolist()]
+                    mine = occurrences.take(order[start:end])
                     here = out.setdefault(unit, {})
                     if fid in here:  # two findings of one id: their occurrences together, as one
-                        here[fid][1].extend(mine)
+                        here[fid] = (here[fid][0], Occurrences.concat([here[fid][1], mine]))
                     else:
                         here[fid] = (finding, mine)
         return out
@@ -411,7 +411,7 @@ class MemoExecutor:
         where = f"batch {unit.batch}" if unit.batch is not None else "the window's edge traces"
         return f"{where} ({len(unit.trace_ids)} traces, partition {part + 1}/{len(self.units)})"
 
-    def _plan(self, part: int, here: dict[str, tuple[Finding, list[Occurrence]]], calls: bool) -> _Pricing:
+    def _plan(self, part: int, here: dict[str, tuple[Finding, Occurrences]], calls: bool) -> _Pricing:
         """A unit's pricing: its cache (a stored batch's, read from disk once a round), each
         finding's key, the findings not priced yet and the traces to read for them.
 
@@ -451,7 +451,7 @@ class MemoExecutor:
             for fid, (f, occs) in here.items()
             if fid not in cache or cache[fid][0] != keys[fid]
         ]
-        wanted = frozenset(o.trace_id for f in missing for o in f.occurrences)
+        wanted = frozenset(t for f in missing for t in f.occurrence_table.trace_id_list())
         return _Pricing(cache, wanted, keys, missing, carried)
 
     def _priced_together(

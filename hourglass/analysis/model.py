@@ -5,13 +5,23 @@ seen in many traces is one finding), each carrying its per-trace :class:`Occurre
 occurrence says which spans are involved and which :class:`Intervention` would remove the
 bottleneck in that trace; the what-if engine applies the interventions to the trace and re-times
 it along its critical path, so savings are measured at the root, never as a local ``sum - max``.
+
+A finding holds its occurrences in columns (:class:`Occurrences`, a read-only sequence of
+:class:`Occurrence`), whatever it is given: at 12M stored spans a serve round held ~400k of them,
+~1.5 KB each as objects from each detector's decision to the round's end. An occurrence read from
+it is made on the spot: changing it changes nothing in the finding.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
+
+import numpy as np
+import polars as pl
 
 Category = Literal["parallelization", "fault_tolerance"]
 
@@ -149,7 +159,8 @@ class Finding:
     service: str  # where the change is made
     operation: str  # that span's name
     targets: list[dict[str, str]]  # [{"service": ..., "operation": ...}]
-    occurrences: list[Occurrence]
+    # held as :class:`Occurrences` (columns) whatever is given: a list is converted when assigned
+    occurrences: Sequence[Occurrence]
     confidence: float
     evidence: dict[str, Any] = field(default_factory=dict)  # aggregated detector numbers
     requests_at_risk: int | None = None  # fault-tolerance findings ranked by this when no latency
@@ -162,7 +173,16 @@ class Finding:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _SIGNATURE_FIELDS:
             object.__setattr__(self, "_ids", None)
+        elif name == "occurrences" and not isinstance(value, Occurrences):
+            value = Occurrences.from_list(value)
         object.__setattr__(self, name, value)
+
+    @property
+    def occurrence_table(self) -> Occurrences:
+        """The occurrences as the columns they are held in."""
+        occurrences = self.occurrences
+        assert isinstance(occurrences, Occurrences)
+        return occurrences
 
     def _signature_and_id(self) -> tuple[str, str]:
         if self._ids is None:
@@ -186,7 +206,721 @@ class Finding:
 
     @property
     def trace_ids(self) -> list[str]:
-        return list(dict.fromkeys(o.trace_id for o in self.occurrences))
+        """The occurrences' trace ids, each once, in the order first seen."""
+        return self.occurrence_table.unique_trace_ids()
 
 
 _SIGNATURE_FIELDS = frozenset({"kind", "service", "operation", "targets", "signature_extra"})
+
+
+# -- a finding's occurrences in columns -----------------------------------------------------------
+
+_KINDS: tuple[type, ...] = (RunConcurrently, ShortenSpan, CollapseSpans, ScaleSelf, CapConcurrency)
+_KIND_CODE: dict[type, int] = {cls: code for code, cls in enumerate(_KINDS)}
+_ONE_SPAN_CODES = frozenset({_KIND_CODE[ShortenSpan], _KIND_CODE[ScaleSelf]})
+_NO_PARAM, _INT, _FLOAT, _OBJECT = 0, 1, 2, 3  # how an intervention's parameter is held
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_CHUNK = 4096  # occurrences materialized at a time when iterating
+
+
+def _strings(values: list[Any], what: str) -> pl.Series:
+    try:
+        return pl.Series(values, dtype=pl.String, strict=True)
+    except (TypeError, pl.exceptions.PolarsError) as e:
+        raise TypeError(f"occurrences: {what} must be strings ({e})") from None
+
+
+def _gather_ranges(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the flat positions of ``rows``' ranges, one after another; their new offsets) of a flat
+    column whose row ``i`` is ``offsets[i]:offsets[i + 1]``."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    new = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new[1:])
+    flat = np.repeat(starts - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
+    return flat, new
+
+
+@dataclass(frozen=True, slots=True)
+class InterventionColumns:
+    """A finding's interventions (those of the occurrences asked for), one row per intervention
+    in occurrence order: the occurrence it belongs to (its position in the container), its kind
+    (the position of its class in ``(RunConcurrently, ShortenSpan, CollapseSpans, ScaleSelf,
+    CapConcurrency)``), its parameter (``by_ns``, ``duration_ns``, ``factor``, ``limit``; 0 for
+    ``RunConcurrently``) as an integer (``int()`` of it) and as a float (``float()`` of it), and
+    the span ids it names (``span_id`` as one), flat (a String series, not one Python string
+    each), ``span_counts`` per intervention."""
+
+    owner: np.ndarray
+    kind: np.ndarray
+    int_param: np.ndarray
+    float_param: np.ndarray
+    span_ids: pl.Series
+    span_counts: np.ndarray
+
+
+class Occurrences(Sequence[Occurrence]):
+    """A finding's occurrences held in columns: a read-only sequence of :class:`Occurrence`
+    (``len``, ``[i]``, slices, iteration that materializes the objects a chunk at a time), ~10x
+    smaller than the objects, with column accessors for the consumers that read every occurrence
+    (the pricing's grouping and keys, the trace index, the ranking, the what-if engine).
+
+    Columns: the trace ids; the span ids, flat, with offsets; the interventions, one row each
+    (kind, parameter held as int or float as it was given, or as the object itself for any other
+    type; the span ids as a range of the occurrence's own span ids when they are one, else their
+    own flat column); the numbers (each occurrence's names in their order, as a code into the
+    distinct name orders, and one column per name: int64 when every value is an int, float64 when
+    every one is a float, else the values themselves); the keys (uint64, with which are present).
+    :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints."""
+
+    __slots__ = (
+        "_has_key",
+        "_iv_ex_off",
+        "_iv_extra",
+        "_iv_float",
+        "_iv_int",
+        "_iv_kind",
+        "_iv_len",
+        "_iv_obj",
+        "_iv_off",
+        "_iv_ptype",
+        "_iv_start",
+        "_key",
+        "_n",
+        "_nums",
+        "_shape",
+        "_shapes",
+        "_span_off",
+        "_spans",
+        "_trace",
+    )  # fmt: skip
+
+    _n: int
+    _trace: pl.Series
+    _span_off: np.ndarray
+    _spans: pl.Series
+    _iv_off: np.ndarray
+    _iv_kind: np.ndarray
+    _iv_start: np.ndarray  # position in the occurrence's span ids, or -1: in ``_iv_extra``
+    _iv_len: np.ndarray
+    _iv_ex_off: np.ndarray
+    _iv_extra: pl.Series
+    _iv_ptype: np.ndarray
+    _iv_int: np.ndarray
+    _iv_float: np.ndarray
+    _iv_obj: list[Any] | None
+    _shape: np.ndarray
+    _shapes: tuple[tuple[str, ...], ...]
+    _nums: dict[str, np.ndarray | list[Any]]
+    _key: np.ndarray
+    _has_key: np.ndarray
+
+    # -- making ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_list(cls, occurrences: Iterable[Occurrence]) -> Occurrences:
+        """The occurrences in columns (exactly: :meth:`__iter__` gives them back equal, the types
+        of numbers and parameters kept)."""
+        if isinstance(occurrences, Occurrences):
+            return occurrences
+        traces: list[Any] = []
+        span_flat: list[Any] = []
+        span_len: list[int] = []
+        iv_count: list[int] = []
+        iv_kind: list[int] = []
+        iv_start: list[int] = []
+        iv_len: list[int] = []
+        ex_flat: list[Any] = []
+        ex_len: list[int] = []
+        iv_ptype: list[int] = []
+        iv_param: list[Any] = []
+        shape_of: dict[tuple[str, ...], int] = {}
+        shape: list[int] = []
+        shape_rows: list[list[int]] = []  # per shape: its occurrences
+        shape_values: list[list[tuple[Any, ...]]] = []  # and their numbers' values
+        num_rows: dict[str, list[int]] = {}
+        num_vals: dict[str, list[Any]] = {}
+        keys: list[int | None] = []
+        kind_code = _KIND_CODE
+        one_span = _ONE_SPAN_CODES
+        n = 0
+        for occ in occurrences:
+            if not isinstance(occ, Occurrence):
+                raise TypeError(f"occurrences: expected Occurrence, got {type(occ).__name__}")
+            traces.append(occ.trace_id)
+            spans = tuple(occ.span_ids)
+            span_flat.extend(spans)
+            span_len.append(len(spans))
+            ivs = occ.interventions
+            iv_count.append(len(ivs))
+            for iv in ivs:
+                code = kind_code.get(type(iv))
+                if code is None:
+                    raise TypeError(f"occurrences: unknown intervention {type(iv).__name__}")
+                iv_kind.append(code)
+                if code in one_span:
+                    ids: tuple[Any, ...] = (iv.span_id,)  # type: ignore[union-attr]
+                    param = iv.by_ns if code == 1 else iv.factor  # type: ignore[union-attr]
+                else:
+                    ids = tuple(iv.span_ids)  # type: ignore[union-attr]
+                    param = None if code == 0 else (iv.duration_ns if code == 2 else iv.limit)  # type: ignore[union-attr]
+                start = 0
+                if ids:
+                    try:
+                        start = spans.index(ids[0])
+                    except ValueError:
+                        start = -1
+                    if start >= 0 and spans[start : start + len(ids)] != ids:
+                        start = -1
+                iv_start.append(start)
+                iv_len.append(len(ids))
+                if start < 0:
+                    ex_flat.extend(ids)
+                    ex_len.append(len(ids))
+                else:
+                    ex_len.append(0)
+                kind = type(param)
+                if param is None:
+                    iv_ptype.append(_NO_PARAM)
+                elif kind is int and _INT64_MIN <= param <= _INT64_MAX:
+                    iv_ptype.append(_INT)
+                elif kind is float:
+                    iv_ptype.append(_FLOAT)
+                else:
+                    iv_ptype.append(_OBJECT)
+                iv_param.append(param)
+            numbers = occ.numbers
+            names = tuple(numbers)
+            code_of = shape_of.get(names)
+            if code_of is None:
+                code_of = shape_of[names] = len(shape_of)
+                shape_rows.append([])
+                shape_values.append([])
+            shape.append(code_of)
+            shape_rows[code_of].append(n)  # (an append per occurrence, not one per number)
+            shape_values[code_of].append(tuple(numbers.values()))
+            keys.append(occ.key)
+            n += 1
+        for names, rows, tuples in zip(shape_of, shape_rows, shape_values, strict=True):
+            for name, got in zip(names, zip(*tuples, strict=True), strict=True):
+                num_rows.setdefault(name, []).extend(rows)
+                num_vals.setdefault(name, []).extend(got)
+        self = cls.__new__(cls)
+        self._n = n
+        self._trace = _strings(traces, "trace ids")
+        self._span_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.asarray(span_len, dtype=np.int64), out=self._span_off[1:])
+        self._spans = _strings(span_flat, "span ids")
+        self._iv_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.asarray(iv_count, dtype=np.int64), out=self._iv_off[1:])
+        m = len(iv_kind)
+        self._iv_kind = np.asarray(iv_kind, dtype=np.uint8)
+        self._iv_start = np.asarray(iv_start, dtype=np.int32)
+        self._iv_len = np.asarray(iv_len, dtype=np.int32)
+        self._iv_ex_off = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(np.asarray(ex_len, dtype=np.int64), out=self._iv_ex_off[1:])
+        self._iv_extra = _strings(ex_flat, "intervention span ids")
+        ptype = np.asarray(iv_ptype, dtype=np.uint8)
+        self._iv_ptype = ptype
+        self._iv_int = np.zeros(m, dtype=np.int64)
+        self._iv_float = np.zeros(m, dtype=np.float64)
+        is_int = np.flatnonzero(ptype == _INT)
+        if is_int.size:
+            self._iv_int[is_int] = [iv_param[i] for i in is_int.tolist()]
+        is_float = np.flatnonzero(ptype == _FLOAT)
+        if is_float.size:
+            self._iv_float[is_float] = [iv_param[i] for i in is_float.tolist()]
+        self._iv_obj = iv_param if (ptype == _OBJECT).any() else None
+        if self._iv_obj is not None:
+            self._iv_obj = [p if t == _OBJECT else None for p, t in zip(iv_param, iv_ptype, strict=True)]
+        self._shape = np.asarray(shape, dtype=np.int32)
+        self._shapes = tuple(shape_of)
+        nums: dict[str, np.ndarray | list[Any]] = {}
+        for name, values in num_vals.items():
+            at = np.asarray(num_rows[name], dtype=np.int64)
+            types = set(map(type, values))
+            column: np.ndarray | list[Any]
+            if types == {float}:
+                column = np.zeros(n, dtype=np.float64)
+                column[at] = values
+            elif types == {int} and min(values) >= _INT64_MIN and max(values) <= _INT64_MAX:
+                column = np.zeros(n, dtype=np.int64)
+                column[at] = values
+            else:
+                column = [None] * n
+                for i, value in zip(at.tolist(), values, strict=True):
+                    column[i] = value
+            nums[name] = column
+        self._nums = nums
+        has_key = np.fromiter((k is not None for k in keys), dtype=np.bool_, count=n)
+        try:
+            self._key = np.fromiter((0 if k is None else k for k in keys), dtype=np.uint64, count=n)
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError("occurrences: a key must be an integer in [0, 2**64)") from None
+        self._has_key = has_key
+        return self
+
+    @classmethod
+    def concat(cls, parts: Sequence[Occurrences]) -> Occurrences:
+        """The occurrences of ``parts``, one after another."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.from_list([])
+        self = cls.__new__(cls)
+        self._n = sum(p._n for p in parts)
+
+        def offsets(arrays: list[np.ndarray]) -> np.ndarray:
+            out = [np.zeros(1, dtype=np.int64)]
+            base = 0
+            for a in arrays:
+                out.append(a[1:] + base)
+                base += int(a[-1])
+            return np.concatenate(out)
+
+        self._trace = pl.concat([p._trace for p in parts])
+        self._span_off = offsets([p._span_off for p in parts])
+        self._spans = pl.concat([p._spans for p in parts])
+        self._iv_off = offsets([p._iv_off for p in parts])
+        self._iv_kind = np.concatenate([p._iv_kind for p in parts])
+        self._iv_start = np.concatenate([p._iv_start for p in parts])
+        self._iv_len = np.concatenate([p._iv_len for p in parts])
+        self._iv_ex_off = offsets([p._iv_ex_off for p in parts])
+        self._iv_extra = pl.concat([p._iv_extra for p in parts])
+        self._iv_ptype = np.concatenate([p._iv_ptype for p in parts])
+        self._iv_int = np.concatenate([p._iv_int for p in parts])
+        self._iv_float = np.concatenate([p._iv_float for p in parts])
+        if any(p._iv_obj is not None for p in parts):
+            self._iv_obj = [x for p in parts for x in (p._iv_obj or [None] * len(p._iv_kind))]
+        else:
+            self._iv_obj = None
+        shapes: dict[tuple[str, ...], int] = {}
+        codes = []
+        for p in parts:
+            remap = np.array([shapes.setdefault(s, len(shapes)) for s in p._shapes] or [0], dtype=np.int32)
+            codes.append(remap[p._shape])
+        self._shape = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)
+        self._shapes = tuple(shapes)
+        names = list(dict.fromkeys(name for p in parts for name in p._nums))
+        nums: dict[str, np.ndarray | list[Any]] = {}
+        for name in names:
+            columns = [p._nums.get(name) for p in parts]
+            dtypes = {c.dtype for c in columns if isinstance(c, np.ndarray)}
+            if all(isinstance(c, np.ndarray) or c is None for c in columns) and len(dtypes) == 1:
+                dtype = dtypes.pop()
+                nums[name] = np.concatenate(
+                    [
+                        c if c is not None else np.zeros(p._n, dtype=dtype)
+                        for c, p in zip(columns, parts, strict=True)
+                    ]
+                )
+            else:
+                nums[name] = [
+                    x
+                    for c, p in zip(columns, parts, strict=True)
+                    for x in (
+                        c.tolist() if isinstance(c, np.ndarray) else c if c is not None else [None] * p._n
+                    )
+                ]
+        self._nums = nums
+        self._key = np.concatenate([p._key for p in parts])
+        self._has_key = np.concatenate([p._has_key for p in parts])
+        return self
+
+    @classmethod
+    def from_columns(
+        cls,
+        trace_ids: pl.Series,
+        span_ids: pl.Series,
+        *,
+        intervention: type[RunConcurrently | CollapseSpans | CapConcurrency | ShortenSpan],
+        first: int = 0,
+        dropped: np.ndarray | int = 0,
+        parameter: pl.Series | None = None,
+        shortened: tuple[pl.Series, pl.Series] | None = None,
+        numbers: Mapping[str, pl.Series | np.ndarray],
+        keys: pl.Series,
+    ) -> Occurrences:
+        """Occurrences made straight from a detector's columns, no object per occurrence: row
+        ``i`` is ``Occurrence(trace_ids[i], tuple(span_ids[i]), (intervention(span_ids[i][first :
+        len - dropped[i]], parameter[i]),), {name: numbers[name][i] ...}, keys[i])``: one
+        intervention per occurrence, naming a run of the occurrence's own span ids (its integer
+        parameter, none for ``RunConcurrently``), the numbers floats in the order given (a
+        ``x / 1e6`` made by numpy: polars divides by a constant as a multiplication by its inverse,
+        which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
+        two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists. The same
+        occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
+        n = len(trace_ids)
+        for name, column in [("trace ids", trace_ids), ("span ids", span_ids), ("keys", keys)]:
+            if len(column) != n or column.null_count():
+                raise ValueError(f"occurrences: {name} must be {n} values, none null")
+        self = cls.__new__(cls)
+        self._n = n
+        self._trace = trace_ids.cast(pl.String).rename("")
+        lengths = span_ids.list.len().to_numpy().astype(np.int64)
+        self._span_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self._span_off[1:])
+        self._spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
+        if len(self._spans) != self._span_off[-1]:
+            raise ValueError("occurrences: span ids must be lists of strings, none null")
+        code = _KIND_CODE[intervention]
+        if intervention is ShortenSpan:
+            if shortened is None or any(len(c) != n or c.null_count() for c in shortened):
+                raise ValueError(f"occurrences: ShortenSpan takes two columns of {n} lists, none null")
+            counts = shortened[0].list.len().to_numpy().astype(np.int64)
+            if (counts != shortened[1].list.len().to_numpy()).any():
+                raise ValueError("occurrences: ShortenSpan's span ids and by_ns differ in length")
+            self._iv_off = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(counts, out=self._iv_off[1:])
+            ids = shortened[0].explode(empty_as_null=False, keep_nulls=False)
+            by = shortened[1].explode(empty_as_null=False, keep_nulls=False)
+            m = len(ids)
+            if m != self._iv_off[-1] or len(by) != m or not by.dtype.is_numeric():
+                raise ValueError("occurrences: ShortenSpan's by_ns must be numbers, none null")
+            self._iv_kind = np.full(m, code, dtype=np.uint8)
+            self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
+            self._iv_len = np.ones(m, dtype=np.int32)
+            self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
+            self._iv_extra = ids.cast(pl.String).rename("")
+            self._iv_float = np.zeros(m, dtype=np.float64)
+            self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
+            self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)
+        else:
+            self._iv_off = np.arange(n + 1, dtype=np.int64)
+            self._iv_kind = np.full(n, code, dtype=np.uint8)
+            named = np.maximum(lengths - first - np.asarray(dropped, dtype=np.int64), 0)  # (as a slice)
+            self._iv_start = np.where(named > 0, first, 0).astype(np.int32)
+            self._iv_len = named.astype(np.int32)
+            self._iv_ex_off = np.zeros(n + 1, dtype=np.int64)
+            self._iv_extra = pl.Series([], dtype=pl.String)
+            self._iv_float = np.zeros(n, dtype=np.float64)
+        if intervention is ShortenSpan:
+            pass  # (its parameters above)
+        elif (parameter is None) != (intervention is RunConcurrently):
+            raise ValueError(
+                f"occurrences: {intervention.__name__} takes {'no' if parameter is None else 'a'} parameter"
+            )
+        elif parameter is None:
+            self._iv_ptype = np.full(n, _NO_PARAM, dtype=np.uint8)
+            self._iv_int = np.zeros(n, dtype=np.int64)
+        else:
+            if len(parameter) != n or parameter.null_count() or not parameter.dtype.is_integer():
+                raise ValueError(f"occurrences: the parameter must be {n} integers, none null")
+            self._iv_ptype = np.full(n, _INT, dtype=np.uint8)
+            self._iv_int = parameter.cast(pl.Int64).to_numpy().astype(np.int64)
+        self._iv_obj = None
+        self._shape = np.zeros(n, dtype=np.int32)
+        self._shapes = (tuple(numbers),)
+        self._nums = {}
+        for name, given in numbers.items():
+            if isinstance(given, pl.Series) and given.null_count():
+                raise ValueError(f"occurrences: number {name!r} must have no null")
+            values = given.cast(pl.Float64).to_numpy() if isinstance(given, pl.Series) else given
+            if len(values) != n:
+                raise ValueError(f"occurrences: number {name!r} must be {n} values")
+            self._nums[name] = np.asarray(values, dtype=np.float64)
+        self._key = keys.cast(pl.UInt64).to_numpy().astype(np.uint64)
+        self._has_key = np.ones(n, dtype=np.bool_)
+        return self
+
+    # -- reading as a sequence ------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> Occurrence: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Occurrences: ...
+
+    def __getitem__(self, index: int | slice) -> Occurrence | Occurrences:
+        if isinstance(index, slice):
+            return self.take(np.arange(self._n, dtype=np.int64)[index])
+        i = int(index)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("occurrence index out of range")
+        return self._materialize(i, i + 1)[0]
+
+    def __iter__(self) -> Iterator[Occurrence]:
+        for start in range(0, self._n, _CHUNK):
+            yield from self._materialize(start, min(start + _CHUNK, self._n))
+
+    def __repr__(self) -> str:
+        return f"Occurrences({self._n} occurrences)"
+
+    def __eq__(self, other: object) -> bool:
+        """The same occurrences in the same order (as :class:`Occurrence` compares them, the key
+        aside; a NaN number equals a NaN)."""
+        if not isinstance(other, Occurrences | list | tuple):
+            return NotImplemented
+        if len(other) != self._n:
+            return False
+        return all(_same(a, b) for a, b in zip(self, other, strict=True))
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (tuple(getattr(self, name) for name in Occurrences.__slots__),))
+
+    def _materialize(self, a: int, b: int) -> list[Occurrence]:
+        if a >= b:
+            return []
+        traces = self._trace.slice(a, b - a).to_list()
+        s0, s1 = int(self._span_off[a]), int(self._span_off[b])
+        flat = self._spans.slice(s0, s1 - s0).to_list()
+        bounds = (self._span_off[a : b + 1] - s0).tolist()
+        spans = [tuple(flat[bounds[j] : bounds[j + 1]]) for j in range(b - a)]
+        i0, i1 = int(self._iv_off[a]), int(self._iv_off[b])
+        ivs: list[tuple[Intervention, ...]] = [()] * (b - a)
+        if i1 > i0:
+            kinds = self._iv_kind[i0:i1].tolist()
+            starts = self._iv_start[i0:i1].tolist()
+            lengths = self._iv_len[i0:i1].tolist()
+            ptypes = self._iv_ptype[i0:i1].tolist()
+            ints = self._iv_int[i0:i1].tolist()
+            floats = self._iv_float[i0:i1].tolist()
+            objs = self._iv_obj[i0:i1] if self._iv_obj is not None else None
+            e0, e1 = int(self._iv_ex_off[i0]), int(self._iv_ex_off[i1])
+            extra = self._iv_extra.slice(e0, e1 - e0).to_list() if e1 > e0 else []
+            ex_bounds = (self._iv_ex_off[i0 : i1 + 1] - e0).tolist()
+            per = np.diff(self._iv_off[a : b + 1]).tolist()
+            k = 0
+            for j, count in enumerate(per):
+                if not count:
+                    continue
+                own = spans[j]
+                made: list[Intervention] = []
+                for _ in range(count):
+                    start, length = starts[k], lengths[k]
+                    ids = (
+                        own[start : start + length]
+                        if start >= 0
+                        else tuple(extra[ex_bounds[k] : ex_bounds[k + 1]])
+                    )
+                    ptype = ptypes[k]
+                    param: Any = (
+                        ints[k]
+                        if ptype == _INT
+                        else floats[k]
+                        if ptype == _FLOAT
+                        else objs[k]
+                        if objs
+                        else None
+                    )
+                    code = kinds[k]
+                    if code == 0:
+                        made.append(RunConcurrently(ids))
+                    elif code == 1:
+                        made.append(ShortenSpan(ids[0], param))
+                    elif code == 2:
+                        made.append(CollapseSpans(ids, param))
+                    elif code == 3:
+                        made.append(ScaleSelf(ids[0], param))
+                    else:
+                        made.append(CapConcurrency(ids, param))
+                    k += 1
+                ivs[j] = tuple(made)
+        shapes = [self._shapes[s] for s in self._shape[a:b].tolist()] if self._shapes else [()] * (b - a)
+        columns = {
+            name: (column[a:b].tolist() if isinstance(column, np.ndarray) else column[a:b])
+            for name, column in self._nums.items()
+        }
+        keys = self._key[a:b].tolist()
+        has = self._has_key[a:b].tolist()
+        return [
+            Occurrence(
+                traces[j],
+                spans[j],
+                ivs[j],
+                {name: columns[name][j] for name in shapes[j]},
+                keys[j] if has[j] else None,
+            )
+            for j in range(b - a)
+        ]
+
+    # -- columns --------------------------------------------------------------------------------
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> Occurrences:
+        """The occurrences at positions ``rows``, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows[0] >= 0 and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            return self._range(int(rows[0]), int(rows[-1]) + 1)  # a run in order: views, no copy
+        self_rows = rows
+        out = Occurrences.__new__(Occurrences)
+        out._n = len(rows)
+        gather = pl.Series(rows, dtype=pl.Int64)
+        out._trace = self._trace.gather(gather)
+        flat, out._span_off = _gather_ranges(self._span_off, self_rows)
+        out._spans = self._spans.gather(pl.Series(flat, dtype=pl.Int64))
+        ivs, out._iv_off = _gather_ranges(self._iv_off, self_rows)
+        out._iv_kind = self._iv_kind[ivs]
+        out._iv_start = self._iv_start[ivs]
+        out._iv_len = self._iv_len[ivs]
+        extra, out._iv_ex_off = _gather_ranges(self._iv_ex_off, ivs)
+        out._iv_extra = self._iv_extra.gather(pl.Series(extra, dtype=pl.Int64))
+        out._iv_ptype = self._iv_ptype[ivs]
+        out._iv_int = self._iv_int[ivs]
+        out._iv_float = self._iv_float[ivs]
+        out._iv_obj = [self._iv_obj[i] for i in ivs.tolist()] if self._iv_obj is not None else None
+        out._shape = self._shape[rows]
+        out._shapes = self._shapes
+        out._nums = {
+            name: (column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows.tolist()])
+            for name, column in self._nums.items()
+        }
+        out._key = self._key[rows]
+        out._has_key = self._has_key[rows]
+        return out
+
+    def _range(self, a: int, b: int) -> Occurrences:
+        """Occurrences ``a`` to ``b`` (0 <= a <= b <= len), sharing this one's columns (numpy views,
+        polars slices: a slice pickles as its own values alone)."""
+        out = Occurrences.__new__(Occurrences)
+        out._n = b - a
+        out._trace = self._trace.slice(a, b - a)
+        s0, s1 = int(self._span_off[a]), int(self._span_off[b])
+        out._span_off = self._span_off[a : b + 1] - s0
+        out._spans = self._spans.slice(s0, s1 - s0)
+        i0, i1 = int(self._iv_off[a]), int(self._iv_off[b])
+        out._iv_off = self._iv_off[a : b + 1] - i0
+        out._iv_kind = self._iv_kind[i0:i1]
+        out._iv_start = self._iv_start[i0:i1]
+        out._iv_len = self._iv_len[i0:i1]
+        e0, e1 = int(self._iv_ex_off[i0]), int(self._iv_ex_off[i1])
+        out._iv_ex_off = self._iv_ex_off[i0 : i1 + 1] - e0
+        out._iv_extra = self._iv_extra.slice(e0, e1 - e0)
+        out._iv_ptype = self._iv_ptype[i0:i1]
+        out._iv_int = self._iv_int[i0:i1]
+        out._iv_float = self._iv_float[i0:i1]
+        out._iv_obj = self._iv_obj[i0:i1] if self._iv_obj is not None else None
+        out._shape = self._shape[a:b]
+        out._shapes = self._shapes
+        out._nums = {name: column[a:b] for name, column in self._nums.items()}
+        out._key = self._key[a:b]
+        out._has_key = self._has_key[a:b]
+        return out
+
+    def trace_id_list(self) -> list[str]:
+        """Each occurrence's trace id, in order."""
+        return self._trace.to_list()
+
+    def trace_id_series(self) -> pl.Series:
+        """Each occurrence's trace id, in order (a String series; not to be changed)."""
+        return self._trace
+
+    def unique_trace_ids(self) -> list[str]:
+        """The distinct trace ids in the order first seen (``Finding.trace_ids``)."""
+        return self._trace.unique(maintain_order=True).to_list()
+
+    def has_interventions(self) -> np.ndarray:
+        """Per occurrence: whether it carries an intervention."""
+        return self._iv_off[1:] > self._iv_off[:-1]
+
+    def any_interventions(self) -> bool:
+        return bool(self._iv_off[-1] > 0)
+
+    def keys(self) -> tuple[np.ndarray, bool]:
+        """(each occurrence's key, uint64 (0 where it has none); whether every one has one)."""
+        return self._key, bool(self._has_key.all())
+
+    def in_traces(self, trace_ids: Collection[str] | pl.Series) -> np.ndarray:
+        """Per occurrence: whether its trace is one of ``trace_ids``."""
+        wanted = (
+            trace_ids if isinstance(trace_ids, pl.Series) else pl.Series(list(trace_ids), dtype=pl.String)
+        )
+        return self._trace.is_in(wanted.cast(pl.String).implode()).to_numpy()
+
+    def filter_traces(self, trace_ids: Collection[str] | pl.Series) -> Occurrences:
+        """The occurrences of traces ``trace_ids``, in order."""
+        return self.take(np.flatnonzero(self.in_traces(trace_ids)))
+
+    def span_columns(self) -> tuple[pl.Series, np.ndarray]:
+        """(every occurrence's span ids, one after another, a String series not to be changed;
+        how many each has)."""
+        return self._spans, np.diff(self._span_off)
+
+    def number_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the values of number ``name`` as floats, NaN where absent or not a number; whether
+        each occurrence has it)."""
+        present = np.zeros(self._n, dtype=np.bool_)
+        for code, names in enumerate(self._shapes):
+            if name in names:
+                present |= self._shape == code
+        column = self._nums.get(name)
+        if column is None:
+            return np.full(self._n, np.nan), present
+        if isinstance(column, np.ndarray):
+            values = column.astype(np.float64)
+        else:
+            values = np.array(
+                [float(v) if isinstance(v, int | float) else np.nan for v in column], dtype=np.float64
+            )
+        values[~present] = np.nan
+        return values, present
+
+    def intervention_columns(self, rows: np.ndarray | None = None) -> InterventionColumns:
+        """The interventions of the occurrences at ``rows`` (every one when None), in
+        occurrence order (:class:`InterventionColumns`)."""
+        if rows is None:
+            rows = np.arange(self._n, dtype=np.int64)
+        ivs, iv_off = _gather_ranges(self._iv_off, np.asarray(rows, dtype=np.int64))
+        owner = np.repeat(rows, np.diff(iv_off))
+        lengths = self._iv_len[ivs].astype(np.int64)
+        starts = self._iv_start[ivs].astype(np.int64)
+        own = starts >= 0
+        # each intervention's span ids as positions in the pool: the occurrences' spans, then the
+        # interventions' own ones
+        base = np.where(own, self._span_off[owner] + starts, len(self._spans) + self._iv_ex_off[ivs])
+        total = np.zeros(len(ivs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=total[1:])
+        at = np.repeat(base - total[:-1], lengths) + np.arange(total[-1], dtype=np.int64)
+        pool = pl.concat([self._spans, self._iv_extra]) if len(self._iv_extra) else self._spans
+        span_ids = pool.gather(pl.Series(at, dtype=pl.Int64))
+        ptype = self._iv_ptype[ivs]
+        ints = self._iv_int[ivs].copy()
+        floats = self._iv_float[ivs].copy()
+        is_float = ptype == _FLOAT
+        # int() of a float: toward zero (beyond int64, or NaN, held at the bounds, or 0)
+        ints[is_float] = np.nan_to_num(np.clip(floats[is_float], -(2.0**63), 2.0**63 - 1024), nan=0.0).astype(
+            np.int64
+        )
+        is_int = ptype == _INT
+        floats[is_int] = ints[is_int].astype(np.float64)
+        if self._iv_obj is not None:
+            for j, i in enumerate(ivs.tolist()):
+                if ptype[j] == _OBJECT:
+                    value = self._iv_obj[i]
+                    floats[j] = float(value)
+                    ints[j] = min(max(int(value), _INT64_MIN), _INT64_MAX) if math.isfinite(floats[j]) else 0
+        return InterventionColumns(owner, self._iv_kind[ivs], ints, floats, span_ids, lengths)
+
+
+def _restore(state: tuple[Any, ...]) -> Occurrences:
+    self = Occurrences.__new__(Occurrences)
+    for name, value in zip(Occurrences.__slots__, state, strict=True):
+        setattr(self, name, value)
+    return self
+
+
+def _same(a: Occurrence, b: Any) -> bool:
+    if a == b:
+        return True
+    if not isinstance(b, Occurrence) or (a.trace_id, a.span_ids, a.interventions) != (
+        b.trace_id,
+        b.span_ids,
+        b.interventions,
+    ):
+        return False
+    if a.numbers.keys() != b.numbers.keys():
+        return False
+    return all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+        for x, y in ((a.numbers[k], b.numbers[k]) for k in a.numbers)
+    )

@@ -52,7 +52,7 @@ from hourglass.analysis.endpoint_path import (
     report_critical_paths_from_summary,
     summarize_path_rows,
 )
-from hourglass.analysis.model import Finding, NearMissLog, Occurrence
+from hourglass.analysis.model import Finding, NearMissLog
 from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -575,7 +575,7 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
     # Only the findings' own traces are priced and measured, and repair is per trace: the context
     # is built of those alone (about a third of the spans of the benchmark's mixed store), read
     # alone: the store filters the partition's rows by trace id.
-    wanted = sorted({o.trace_id for f in findings for o in f.occurrences})
+    wanted = sorted({t for f in findings for t in f.occurrence_table.trace_id_list()})
     ctx = AnalysisContext.from_table(source.load(part, parts, trace_ids=wanted))
     memlog.note(f"price {part + 1}/{parts} context")
     durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
@@ -586,11 +586,14 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
 
 def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
     """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces."""
-    here = set(ctx.traces["trace_id"].to_list())
+    here = ctx.traces["trace_id"]
     out: dict[str, PricedImpact] = {}
     whatif: WhatIf | None = None
     for finding in findings:
-        mine = [o for o in finding.occurrences if o.interventions and o.trace_id in here]
+        occurrences = finding.occurrence_table
+        if not occurrences.any_interventions():
+            continue
+        mine = occurrences.take(np.flatnonzero(occurrences.has_interventions() & occurrences.in_traces(here)))
         if not mine:
             continue
         whatif = whatif or WhatIf.of(ctx)
@@ -606,18 +609,25 @@ def findings_by_partition(
     pricing task needs, since a trace's saving and its calls' durations are of that trace alone.
     Sent whole, every task would unpickle every occurrence of the store (measured at 10M spans: a
     pricing worker of 100k spans peaking at 1.2 GiB against 0.6 GiB for its extraction)."""
-    wanted = pl.Series("trace_id", sorted({o.trace_id for f in findings for o in f.occurrences}), pl.String)
-    known = trace_parts.join(wanted.to_frame(), on="trace_id", how="semi")
-    part_of = dict(zip(known["trace_id"].to_list(), known["part"].to_list(), strict=True))
     shares: list[list[Finding]] = [[] for _ in range(parts)]
-    for finding in findings:
-        split: list[list[Occurrence]] = [[] for _ in range(parts)]
-        for occurrence in finding.occurrences:
-            part = part_of.get(occurrence.trace_id)
-            if part is not None:  # else in no partition's traces: no task would price it
-                split[part].append(occurrence)
+    lookup = trace_parts.select(pl.col("trace_id").cast(pl.String), pl.col("part").cast(pl.Int64)).unique(
+        "trace_id", keep="last", maintain_order=True
+    )
+    # each occurrence's partition, every finding's at once (-1: in no partition's traces, so no
+    # task would price it)
+    tables = [finding.occurrence_table for finding in findings]
+    ends = np.cumsum([len(table) for table in tables])
+    part_of = (
+        pl.concat([table.trace_id_series() for table in tables] or [pl.Series([], dtype=pl.String)])
+        .to_frame("trace_id")
+        .join(lookup, on="trace_id", how="left", maintain_order="left")["part"]
+        .fill_null(-1)
+        .to_numpy()
+    )
+    for finding, table, end in zip(findings, tables, ends.tolist(), strict=True):
+        mine = part_of[end - len(table) : end]
         for part in range(parts):
-            shares[part].append(replace(finding, occurrences=split[part]))
+            shares[part].append(replace(finding, occurrences=table.take(np.flatnonzero(mine == part))))
     return shares
 
 
@@ -1009,7 +1019,7 @@ def run_pricing(
     also the durations of the calls each finding names, over every partition. With
     ``trace_parts`` (:attr:`Extracted.trace_parts`) each task receives the occurrences of its own
     traces only (:func:`findings_by_partition`)."""
-    if not findings or (not calls and not any(o.interventions for f in findings for o in f.occurrences)):
+    if not findings or (not calls and not any(f.occurrence_table.any_interventions() for f in findings)):
         return {}, {}
     # an executor of its own (serve's incremental rounds) receives every finding and groups them itself
     shares = None

@@ -173,7 +173,7 @@ def saving_floor_reason(
 
 
 def _drop(notes: NearMissSink, finding: Finding, reason: str) -> None:
-    exemplar = next(iter(finding.occurrences), None)
+    exemplar = finding.occurrences[0] if finding.occurrences else None
     notes.note_near_miss(
         finding.kind,
         finding.service,
@@ -191,7 +191,7 @@ def score_findings(ctx: AnalysisContext, findings: list[Finding]) -> list[Scored
     whatif = WhatIf.of(ctx) if findings else None
 
     def impact_of(finding: Finding) -> Impact | None:
-        if whatif is None or not any(o.interventions for o in finding.occurrences):
+        if whatif is None or not finding.occurrence_table.any_interventions():
             return None
         return whatif.impact(finding)
 

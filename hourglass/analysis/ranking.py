@@ -42,10 +42,10 @@ run.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
 from hourglass.analysis.model import Finding
 from hourglass.analysis.whatif import Impact
@@ -114,16 +114,20 @@ def measured_cost(
     if impact is not None and impact.saved_ns.size and impact.total_ns > 0:
         # The what-if engine measured the time at the root (missing_timeout's hold past the deadline).
         return Cost(impact.saved_ns / 1e6, impact.root_ns / 1e6, basis or "measured at the root", risk_ms)
-    per_trace: dict[str, float] = defaultdict(float)
-    for occurrence in finding.occurrences:
-        value = occurrence.numbers.get(number) if number else None
-        if value is not None and np.isfinite(value):
-            per_trace[occurrence.trace_id] += max(float(value), 0.0)
-    if not per_trace:
+    occurrences = finding.occurrence_table
+    values, _ = occurrences.number_column(number) if number else (np.zeros(0), None)
+    counted = np.flatnonzero(np.isfinite(values))  # (absent: NaN)
+    if not counted.size:
         return Cost(np.zeros(0), np.zeros(0), "no measured cost: ranked by the risk term", risk_ms)
-    traces = sorted(per_trace)
+    # per trace, the occurrences' values (negative ones as 0) added in occurrence order
+    of = occurrences.trace_id_series().gather(pl.Series(counted, dtype=pl.Int64)).to_list()
+    traces = sorted(set(of))
+    position = {t: i for i, t in enumerate(traces)}
+    code = np.fromiter(map(position.__getitem__, of), dtype=np.int64, count=len(of))
+    kept = values[counted]
+    per_trace = np.bincount(code, weights=np.where(kept < 0.0, 0.0, kept), minlength=len(traces))
     return Cost(
-        np.array([per_trace[t] for t in traces]),
+        per_trace,
         np.array([root_ms_by_trace.get(t, 0.0) for t in traces]),
         basis,
         risk_ms,

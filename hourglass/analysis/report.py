@@ -85,15 +85,17 @@ def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
     evidence: dict[str, Any] = dict(f.evidence)
     exemplars = [str(t) for t in (evidence.get("trace_ids") or trace_ids)][:MAX_EXEMPLAR_TRACES]
     evidence["trace_ids"] = exemplars
+    # the occurrences of the exemplar traces, materialized (not every one of the finding)
+    shown = f.occurrence_table.filter_traces(exemplars)
     if not evidence.get("span_ids"):
-        first = next((o for o in f.occurrences if o.trace_id in exemplars), None)
+        first = shown[0] if shown else None
         evidence["span_ids"] = list(first.span_ids) if first else []
     evidence["span_ids"] = [str(s) for s in evidence["span_ids"]][:MAX_SPAN_IDS]
     if f.requests_at_risk is not None:
         evidence.setdefault("requests_at_risk", int(f.requests_at_risk))
     interventions: dict[str, list[dict[str, Any]]] = {}
-    for occ in f.occurrences:
-        if occ.trace_id in exemplars and occ.interventions:
+    for occ in shown:
+        if occ.interventions:
             interventions.setdefault(occ.trace_id, []).extend(
                 intervention_to_dict(i) for i in occ.interventions
             )

@@ -396,9 +396,7 @@ def _named_rows(finding: Finding, trace_id: str, spans: list[_Span]) -> tuple[li
     by_id = {s.span_id: i for i, s in enumerate(spans)}
     named: list[int] = []
     interventions: list[Any] = []
-    for occ in finding.occurrences:
-        if occ.trace_id != trace_id:
-            continue
+    for occ in finding.occurrence_table.filter_traces([trace_id]):
         interventions.extend(occ.interventions)
         for iv in occ.interventions:
             ids = (iv.span_id,) if isinstance(iv, ShortenSpan | ScaleSelf) else iv.span_ids
@@ -527,13 +525,13 @@ def exemplar_facts(
 def call_durations(ctx: AnalysisContext, finding: Finding) -> np.ndarray:
     """Durations (ns) of the calls a finding's occurrences name in ``ctx``'s traces: the occurrence
     spans minus those that are the parent of another named span (the caller)."""
-    trace_ids: list[str] = []
-    span_ids: list[str] = []
-    for occ in finding.occurrences:
-        trace_ids.extend([occ.trace_id] * len(occ.span_ids))
-        span_ids.extend(occ.span_ids)
+    occurrences = finding.occurrence_table
+    span_ids, counts = occurrences.span_columns()
+    trace_ids = occurrences.trace_id_series().gather(
+        pl.Series(np.repeat(np.arange(len(counts)), counts), dtype=pl.Int64)
+    )
     empty = np.zeros(0, dtype=np.float64)
-    if not span_ids or ctx.spans.height == 0:
+    if len(span_ids) == 0 or ctx.spans.height == 0:
         return empty
     # the what-if engine's (trace_id, span_id) index (built once per context) finds the rows; a
     # join of the ids against every span cost ~0.1 s per finding at 1M spans

@@ -41,21 +41,12 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
+import polars as pl
 
-from hourglass.analysis.model import (
-    CapConcurrency,
-    CollapseSpans,
-    Finding,
-    Intervention,
-    Occurrence,
-    RunConcurrently,
-    ScaleSelf,
-    ShortenSpan,
-)
+from hourglass.analysis.model import Finding
 
 
 @dataclass(frozen=True)
@@ -148,52 +139,23 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     return values[keep]
 
 
-def _named_spans(iv: Intervention) -> tuple[str, ...]:
-    """The span ids an intervention names (as :func:`intervention_span_ids` of its dict form)."""
-    one = getattr(iv, "span_id", None)
-    return (one,) if one is not None else getattr(iv, "span_ids", ())
-
-
-_TRACE_ID = attrgetter("trace_id")
-_SPAN_IDS = attrgetter("span_ids")
-_SPAN_ID = attrgetter("span_id")
-_INTERVENTIONS = attrgetter("interventions")
-# the interventions naming their spans in ``span_ids`` / in ``span_id`` (see :func:`_named_spans`)
-_MANY_SPANS = frozenset({RunConcurrently, CollapseSpans, CapConcurrency})
-_ONE_SPAN = frozenset({ShortenSpan, ScaleSelf})
-
-
-def _intervention_columns(occurrences: Sequence[Occurrence]) -> tuple[list[Sequence[str]], np.ndarray]:
-    """(the span ids the occurrences' interventions name, in parts: sequences of ids that, one
-    after another, list them; how many each occurrence adds): as :func:`_named_spans` of each
-    intervention, read with C-level loops (``attrgetter``) when the interventions are all of the
-    kinds naming spans one way (a finding's usually are)."""
-    per = list(map(_INTERVENTIONS, occurrences))
-    counts = np.fromiter(map(len, per), dtype=np.int64, count=len(per))
-    interventions = list(chain.from_iterable(per))
-    del per
-    kinds = set(map(type, interventions))
-    parts: list[Sequence[str]] | None = None
-    if kinds <= _ONE_SPAN:
-        named = list(map(_SPAN_ID, interventions))
-        if None not in named:  # (None: no span named by it, as _named_spans)
-            parts = [named]
-            sizes = np.ones(len(named), dtype=np.int64)
-    if parts is None:
-        parts = list(map(_SPAN_IDS if kinds <= _MANY_SPANS else _named_spans, interventions))
-        sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-    total = np.concatenate([[0], np.cumsum(sizes)])
-    ends = np.cumsum(counts)
-    return parts, total[ends] - total[ends - counts]
-
-
-def _joined(parts: Iterable[Sequence[str]]) -> str | None:
-    """The ids of ``parts`` (sequences of ids, one after another) joined by newlines, in C-level
-    loops; None when they are not all strings."""
-    try:
-        return "\n".join(map("\n".join, filter(None, parts)))  # (an empty part adds no newline)
-    except TypeError:
-        return None
+def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
+    """The ids of ``parts`` (sequences or String series of ids, one after another) joined by
+    newlines, in C-level loops (a series' by polars: no Python string per id); None when they
+    are not all strings."""
+    texts = []
+    for part in parts:
+        if isinstance(part, pl.Series):
+            if part.null_count() or part.dtype != pl.String:
+                return None
+            if len(part):  # (an empty part adds no newline)
+                texts.append(part.str.join("\n").item())
+        elif part:
+            try:
+                texts.append("\n".join(part))
+            except TypeError:
+                return None
+    return "\n".join(texts)
 
 
 _HEX_OR_NEWLINE = b"0123456789abcdef\n"
@@ -427,7 +389,7 @@ class TraceIndex:
         # many each entry adds).
         entry_traces: list[str] = []
         entry_recs: list[int] = []
-        changed: list[Sequence[str]] = []
+        changed: list[Sequence[str] | pl.Series] = []
         changed_of: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         for rec in recs:  # rule 2: the exemplars, changed where their recorded interventions act
             evidence = rec.get("evidence") or {}
@@ -438,34 +400,40 @@ class TraceIndex:
                 entry_recs.append(code[str(rec["id"])])
                 changed.append(sorted(named))
                 changed_of.append(np.array([len(named)], dtype=np.int64))
-        # rule 1: every occurrence of a reported finding, read off the occurrences in C-level
-        # loops (``attrgetter``, ``chain``, ``join``) rather than one Python iteration per occurrence
+        # rule 1: every occurrence of a reported finding, read off the finding's occurrence columns
+        # (``Occurrences``) rather than one Python iteration per occurrence
         exemplars = len(entry_traces)
-        occurrences: list[Occurrence] = []
+        trace_parts: list[Sequence[str] | pl.Series] = [entry_traces]  # then each finding's (a series)
+        involved: list[Sequence[str] | pl.Series] = []
+        involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
         for finding in findings:
             rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
             if rec_code is None:
                 continue
-            own = list(finding.occurrences)
-            occurrences.extend(own)
+            own = finding.occurrence_table
             finding_recs.append(rec_code)
             finding_sizes.append(len(own))
-            named_parts, named_of = _intervention_columns(own)
-            changed.extend(named_parts)
-            changed_of.append(named_of)
-        entry_traces.extend(map(_TRACE_ID, occurrences))
-        involved = list(map(_SPAN_IDS, occurrences))
-        involved_of = np.zeros(exemplars + len(involved), dtype=np.int64)
-        involved_of[exemplars:] = np.fromiter(map(len, involved), dtype=np.int64, count=len(involved))
-        del occurrences
+            trace_parts.append(own.trace_id_series())
+            own_spans, own_counts = own.span_columns()
+            involved.append(own_spans)
+            involved_of.append(own_counts)
+            ivs = own.intervention_columns()
+            named_ids = ivs.span_ids  # the ids the interventions name, per occurrence
+            named_owner = np.repeat(ivs.owner, ivs.span_counts)
+            if named_ids.null_count():  # a ShortenSpan or ScaleSelf of no span id names none
+                kept = named_ids.is_not_null()
+                named_owner = named_owner[kept.to_numpy()]
+                named_ids = named_ids.filter(kept)
+            changed.append(named_ids)
+            changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
         index._pack(
-            entry_traces,
+            trace_parts,
             np.concatenate([np.asarray(entry_recs, dtype=np.int64), recs_of]),
             involved,
-            involved_of,
+            np.concatenate(involved_of),
             changed,
             np.concatenate(changed_of),
         )
@@ -473,11 +441,11 @@ class TraceIndex:
 
     def _pack(
         self,
-        entry_traces: list[str],
+        entry_traces: list[Sequence[str] | pl.Series],
         entry_recs: np.ndarray,
-        involved: list[Sequence[str]],
+        involved: list[Sequence[str] | pl.Series],
         involved_of: np.ndarray,
-        changed: list[Sequence[str]],
+        changed: list[Sequence[str] | pl.Series],
         changed_of: np.ndarray,
     ) -> None:
         """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
@@ -488,8 +456,8 @@ class TraceIndex:
         each entry's spans brought together first so that the sort finds them nearly in order
         (:func:`_row_order`); any other ids are coded by their rank among the distinct ones (one
         sort of the strings), the rest in integers."""
-        rows = len(entry_traces)
-        hexed = _hex_words(_joined([entry_traces]), rows)
+        rows = sum(len(part) for part in entry_traces)  # (the entries' trace ids, in parts)
+        hexed = _hex_words(_joined(entry_traces), rows)
         if hexed is not None:
             words, size = hexed
             keyed = [*words, entry_recs.astype(np.uint64)]  # (trace, recommendation)
@@ -504,7 +472,7 @@ class TraceIndex:
             starts = np.flatnonzero(trace_first)
             trace_hex = True
         else:
-            traces, trace_code = _coded(entry_traces)
+            traces, trace_code = _coded(list(chain.from_iterable(entry_traces)))
             recs = max(len(self._recs), 1)
             entry_key = trace_code * recs + entry_recs
             keys = _distinct(entry_key)  # sorted: by trace, then recommendation
@@ -517,7 +485,9 @@ class TraceIndex:
         entries = len(self._entry_recs)
         self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
 
-        def spans(parts: list[Sequence[str]], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        def spans(
+            parts: list[Sequence[str] | pl.Series], counts: np.ndarray
+        ) -> tuple[np.ndarray, np.ndarray, bool]:
             """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
             hexed = _hex_words(_joined(parts), int(counts.sum()))
             if hexed is None:

@@ -57,6 +57,9 @@ from hourglass.analysis.repair import pointer_jump_sum
 
 # Intervention types in the engine's arrays.
 SHORTEN, COLLAPSE, RUN_CONCURRENTLY, SCALE_SELF, CAP = 0, 1, 2, 3, 4
+# the type above of each intervention kind code of :class:`InterventionColumns` (RunConcurrently,
+# ShortenSpan, CollapseSpans, ScaleSelf, CapConcurrency)
+_WHATIF_TYPE = np.array([RUN_CONCURRENTLY, SHORTEN, COLLAPSE, SCALE_SELF, CAP], dtype=np.int64)
 
 
 @dataclass
@@ -199,9 +202,11 @@ class Retimer:
         """Row per (trace_id, span_id); -1 where unknown."""
         return self._rows_of_columns([k[0] for k in keys], [k[1] for k in keys])
 
-    def _rows_of_columns(self, trace_ids: list[str], span_ids: list[str]) -> np.ndarray:
+    def _rows_of_columns(
+        self, trace_ids: list[str] | pl.Series, span_ids: list[str] | pl.Series
+    ) -> np.ndarray:
         """Row per (trace_ids[i], span_ids[i]); -1 where unknown."""
-        if not trace_ids or self.n == 0:
+        if len(trace_ids) == 0 or self.n == 0:
             return np.full(len(trace_ids), -1, dtype=np.int64)
         probe = pl.DataFrame(
             {"trace_id": trace_ids, "span_id": span_ids},
@@ -244,54 +249,33 @@ class Retimer:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(rows, intervention index per row, its type per row, int value and float value per
         intervention): one entry per (intervention, span id), every span id resolved in one join."""
-        key_traces: list[str] = []
-        key_spans: list[str] = []
-        iv_of_key: list[int] = []
-        iv_type: list[int] = []
-        iv_value: list[int] = []
-        iv_float: list[float] = []
-        for occ in finding.occurrences if finding is not None else ():
-            if trace_ids is not None and occ.trace_id not in trace_ids:
-                continue
-            for iv in occ.interventions:
-                index = len(iv_type)
-                fvalue = 1.0
-                if isinstance(iv, ShortenSpan):
-                    ids: tuple[str, ...] = (iv.span_id,)
-                    iv_type.append(SHORTEN)
-                    iv_value.append(max(0, int(iv.by_ns)))
-                elif isinstance(iv, CollapseSpans):
-                    ids = iv.span_ids
-                    iv_type.append(COLLAPSE)
-                    iv_value.append(max(0, int(iv.duration_ns)))
-                elif isinstance(iv, ScaleSelf):
-                    ids = (iv.span_id,)
-                    iv_type.append(SCALE_SELF)
-                    iv_value.append(0)
-                    fvalue = max(0.0, float(iv.factor))
-                elif isinstance(iv, CapConcurrency):
-                    ids = iv.span_ids
-                    iv_type.append(CAP)
-                    iv_value.append(max(1, int(iv.limit)))
-                else:
-                    ids = iv.span_ids
-                    iv_type.append(RUN_CONCURRENTLY)
-                    iv_value.append(0)
-                iv_float.append(fvalue)
-                key_traces.extend([occ.trace_id] * len(ids))
-                key_spans.extend(ids)
-                iv_of_key.extend([index] * len(ids))
-        rows = self._rows_of_columns(key_traces, key_spans)
-        known = rows >= 0
-        rows, owner = rows[known], np.asarray(iv_of_key, dtype=np.int64)[known]
-        types = np.asarray(iv_type, dtype=np.int64)[owner] if owner.size else owner
-        return (
-            rows,
-            owner,
-            types,
-            np.asarray(iv_value, dtype=np.int64),
-            np.asarray(iv_float, dtype=np.float64),
+        if finding is None:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty, np.zeros(0, dtype=np.float64)
+        # read off the finding's occurrence columns: only those of ``trace_ids`` taken
+        occurrences = finding.occurrence_table
+        wanted = None if trace_ids is None else np.flatnonzero(occurrences.in_traces(trace_ids))
+        ivs = occurrences.intervention_columns(wanted)
+        iv_type = _WHATIF_TYPE[ivs.kind]
+        # the parameter per type: a shortening or a batched duration (>= 0), a pool's limit
+        # (>= 1), a factor (>= 0; NaN as 0) for ScaleSelf, which alone reads a float
+        iv_value = np.where(
+            (iv_type == SHORTEN) | (iv_type == COLLAPSE),
+            np.maximum(ivs.int_param, 0),
+            np.where(iv_type == CAP, np.maximum(ivs.int_param, 1), 0),
+        ).astype(np.int64)
+        factor = ivs.float_param
+        iv_float = np.where(iv_type == SCALE_SELF, np.where(factor > 0.0, factor, 0.0), 1.0).astype(
+            np.float64
         )
+        traces = occurrences.trace_id_series()
+        key_traces = traces.gather(pl.Series(np.repeat(ivs.owner, ivs.span_counts), dtype=pl.Int64))
+        iv_of_key = np.repeat(np.arange(len(ivs.kind), dtype=np.int64), ivs.span_counts)
+        rows = self._rows_of_columns(key_traces, ivs.span_ids)
+        known = rows >= 0
+        rows, owner = rows[known], iv_of_key[known]
+        types = iv_type[owner] if owner.size else owner
+        return rows, owner, types, iv_value, iv_float
 
     def _plan_from(
         self, rows: np.ndarray, owner: np.ndarray, types: np.ndarray, values: np.ndarray, fvalues: np.ndarray
@@ -555,7 +539,7 @@ class WhatIf:
         return cached
 
     def impact(self, finding: Finding) -> Impact:
-        if not finding.trace_ids or not any(o.interventions for o in finding.occurrences):
+        if not finding.occurrences or not finding.occurrence_table.any_interventions():
             return Impact(finding.trace_ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         plan = self.engine.plan(finding)
         new_dur, _, _ = self.engine.retime(plan)

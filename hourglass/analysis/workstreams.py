@@ -34,8 +34,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.model import Finding
+from hourglass.analysis.model import Finding, Occurrences
 from hourglass.analysis.ranking import Scored
 from hourglass.analysis.sequence import fmt_ms as ms
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -72,7 +74,9 @@ def _prerequisite(rec: Mapping[str, Any], traced: set[str]) -> tuple[str, str] |
 
 def _combined(findings: list[Finding], service: str) -> Finding | None:
     """A group's findings as one, for one what-if of all their interventions together."""
-    occurrences = [o for f in findings for o in f.occurrences if o.interventions]
+    occurrences = Occurrences.concat(
+        [f.occurrence_table.take(np.flatnonzero(f.occurrence_table.has_interventions())) for f in findings]
+    )
     if not occurrences:
         return None
     return Finding("workstream", "parallelization", service, "", [], occurrences, 1.0)
@@ -152,7 +156,7 @@ def build_workstreams(
     combined: dict[str, Finding] = {}  # group id -> its findings as one, when two or more re-time
     for g in groups.values():
         members = [findings[i] for i in g["recommendations"] if i in findings]
-        timed = [f for f in members if any(o.interventions for o in f.occurrences)]
+        timed = [f for f in members if f.occurrence_table.any_interventions()]
         if len(timed) == 1:  # one finding: its own what-if is the group's
             g["impact"] = dict(impacts.get(timed[0].id) or {}) or None
         elif timed:

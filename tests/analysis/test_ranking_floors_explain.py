@@ -6,6 +6,8 @@ the floors keep a 2 x 3 s sequence, and every detector's near miss is a candidat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hourglass.analysis.context import AnalysisContext
@@ -180,7 +182,10 @@ def test_low_confidence_and_off_path_findings_are_near_misses() -> None:
     b, calls = sequence_trace(50, 200)
     ctx = AnalysisContext.from_table(spans_table(b))
     no_saving = planted("n_plus_one", b, calls)
-    no_saving.occurrences[0].interventions = ()
+    # (a finding's occurrences are read-only columns: the first one replaced, not changed in place)
+    no_saving.occurrences = [
+        replace(o, interventions=()) if i == 0 else o for i, o in enumerate(no_saving.occurrences)
+    ]
     assert score_findings(ctx, [planted("serialized_calls", b, calls, confidence=0.1), no_saving]) == []
     reasons = sorted(m.reason for m in ctx.near_misses)
     assert reasons == [

@@ -29,14 +29,14 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.model import CollapseSpans, Finding, NearMissLog, Occurrence
+from hourglass.analysis.model import CollapseSpans, Finding, NearMissLog, Occurrence, Occurrences
 from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
 from hourglass.collector.schema import (
@@ -652,7 +652,7 @@ def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[st
 def fanout_finding(
     kind: str,
     first: dict[str, Any],
-    occurrences: list[Occurrence],
+    occurrences: Sequence[Occurrence],
     confidence: float,
     evidence: dict[str, Any],
 ) -> Finding:
@@ -717,25 +717,38 @@ def occurrence_values(
     return zip(*column_values(frame, names), keys, strict=True)
 
 
-def batch_occurrences(
-    group: pl.DataFrame, columns: list[str], numbers: Callable[..., dict[str, float]]
-) -> list[Occurrence]:
+def batch_occurrences(group: pl.DataFrame, numbers: dict[str, tuple[str, float]]) -> Occurrences:
     """One occurrence per caller instance of ``group`` (rows of :func:`caller_group_columns` with
     ``batched_ns``): the caller and its calls, collapsed into one call of ``batched_ns``;
-    ``numbers(*values)`` gives the occurrence's numbers from the row's values of ``columns``."""
+    ``numbers``: each number's column and divisor (the value ``float(column) / divisor``, as
+    Python divides). Made in columns, no object per occurrence (:meth:`Occurrences.from_columns`)."""
     keyed = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
-    return [
-        Occurrence(
-            trace_id=trace_id,
-            span_ids=(caller_span_id, *span_ids),
-            interventions=(CollapseSpans(tuple(span_ids), int(batched_ns)),),
-            numbers=numbers(*values),
-            key=key,
-        )
-        for trace_id, caller_span_id, span_ids, batched_ns, *values, key in occurrence_values(
-            group, [*keyed, *columns], keyed
-        )
-    ]
+    made = group.select(
+        pl.concat_list(pl.col("caller_span_id"), pl.col("span_id")).alias("_spans"),
+        pl.col("batched_ns").cast(pl.Int64).alias("_batched"),  # (int(): toward zero)
+    )
+    return Occurrences.from_columns(
+        group["trace_id"],
+        made["_spans"],
+        intervention=CollapseSpans,
+        first=1,
+        dropped=0,
+        parameter=made["_batched"],
+        numbers=per_unit(group, numbers),
+        keys=occurrence_keys(group, keyed),
+    )
+
+
+def per_unit(frame: pl.DataFrame, numbers: dict[str, tuple[str, float]]) -> dict[str, np.ndarray]:
+    """Number name -> ``float(value) / divisor`` of its column's values, divided by numpy (as
+    Python's ``/``: polars divides by a constant as a multiplication by its inverse, which can
+    differ in the last bit); a divisor of 1 is the float itself."""
+    return {
+        name: frame[column].cast(pl.Float64).to_numpy() / divisor
+        if divisor != 1
+        else frame[column].cast(pl.Float64).to_numpy()
+        for name, (column, divisor) in numbers.items()
+    }
 
 
 def parameter_stats(group: pl.DataFrame) -> tuple[float, bool, float]:
@@ -753,7 +766,7 @@ def caller_finding(
     kind: str,
     caller: tuple[Any, Any],
     targets: list[dict[str, str]],
-    occurrences: list[Occurrence],
+    occurrences: Sequence[Occurrence],
     confidence: float,
     evidence: dict[str, Any],
     signature_extra: Any,

@@ -191,12 +191,11 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         occurrences = _common.batch_occurrences(
             group,
-            ["calls", "server_ns", "batched_ns", "latency_ns"],
-            lambda calls, server_ns, batched_ns, latency_ns: {
-                "calls": float(calls),
-                "server_ms": server_ns / 1e6,
-                "batched_ms": batched_ns / 1e6,
-                "latency_ms": latency_ns / 1e6,
+            {
+                "calls": ("calls", 1),
+                "server_ms": ("server_ns", 1e6),
+                "batched_ms": ("batched_ns", 1e6),
+                "latency_ms": ("latency_ns", 1e6),
             },
         )
         distinct_share, params_known, median_calls = _common.parameter_stats(group)

@@ -76,13 +76,14 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
-    occurrence_values,
+    occurrence_keys,
+    per_unit,
     sibling_groups,
     stat,
     target_operation,
     with_span_columns,
 )
-from hourglass.analysis.model import Finding, Occurrence, RunConcurrently
+from hourglass.analysis.model import Finding, Occurrences, RunConcurrently
 
 KIND = "fanout_concurrency_limit"
 MIN_CHILDREN = 3
@@ -604,37 +605,39 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
     k_share = float((frame["k"] == k_mode).sum()) / frame.height
     pool_evidence = bool(frame["pool_evidence"].any())
     keyed = ["trace_id", "parent_span_id", "child_ids"]
-    numbers = ["k", "n", "queued_ns", "queued_per_call_ns", "makespan_ns", "longest_child_ns", "cap_hits"]
-    occurrences = [
-        Occurrence(
-            trace_id=trace_id,
-            span_ids=(parent_span_id, *child_ids),
-            interventions=(RunConcurrently(span_ids=tuple(child_ids)),),
-            numbers={
-                "k": float(k),
-                "n": float(n),
-                "queued_ms": queued_ns / 1e6,
-                "queued_per_call_ms": (queued_per_call_ns or 0) / 1e6,
-                "makespan_ms": makespan_ns / 1e6,
-                "longest_child_ms": longest_child_ns / 1e6,
-                "cap_hits": float(cap_hits),
+    # the parent and its children, the children run concurrently: made in columns, no object
+    # per occurrence (``Occurrences.from_columns``)
+    made = frame.select(
+        pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids")).alias("_spans"),
+        pl.col("queued_per_call_ns").fill_null(0),  # (``or 0``)
+        "k",
+        "n",
+        "queued_ns",
+        "makespan_ns",
+        "longest_child_ns",
+        "cap_hits",
+    )
+    occurrences = Occurrences.from_columns(
+        frame["trace_id"],
+        made["_spans"],
+        intervention=RunConcurrently,
+        first=1,
+        dropped=0,
+        parameter=None,
+        numbers=per_unit(
+            made,
+            {
+                "k": ("k", 1),
+                "n": ("n", 1),
+                "queued_ms": ("queued_ns", 1e6),
+                "queued_per_call_ms": ("queued_per_call_ns", 1e6),
+                "makespan_ms": ("makespan_ns", 1e6),
+                "longest_child_ms": ("longest_child_ns", 1e6),
+                "cap_hits": ("cap_hits", 1),
             },
-            key=key,
-        )
-        for (
-            trace_id,
-            parent_span_id,
-            child_ids,
-            k,
-            n,
-            queued_ns,
-            queued_per_call_ns,
-            makespan_ns,
-            longest_child_ns,
-            cap_hits,
-            key,
-        ) in occurrence_values(frame, [*keyed, *numbers], keyed)
-    ]
+        ),
+        keys=occurrence_keys(frame, keyed),
+    )
     confidence = 0.6
     confidence += 0.1 if traces >= 5 else 0.0
     confidence += 0.1 if traces >= 20 else 0.0

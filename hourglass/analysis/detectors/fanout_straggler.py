@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
@@ -57,13 +58,13 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
-    occurrence_values,
+    occurrence_keys,
     sibling_groups,
     stat,
     target_operation,
     with_span_columns,
 )
-from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
+from hourglass.analysis.model import Finding, Occurrences, ShortenSpan
 from hourglass.collector.schema import KIND_SERVER
 
 KIND = "fanout_straggler"
@@ -331,27 +332,26 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
     ratio = frame["max_ns"] / frame["median_ns"]
     excess = frame["max_ns"] - frame["median_ns"]
     keyed = ["trace_id", "parent_span_id", "child_ids", "straggler_ids", "shorten_by"]
-    occurrences = [
-        Occurrence(
-            trace_id=trace_id,
-            span_ids=(parent_span_id, *child_ids),
-            interventions=tuple(
-                ShortenSpan(span_id=sid, by_ns=int(by))
-                for sid, by in zip(straggler_ids, shorten_by, strict=True)
-            ),
-            numbers={
-                "branches": float(n),
-                "median_ms": median_ns / 1e6,
-                "max_ms": max_ns / 1e6,
-                "max_over_median": max_ns / median_ns if median_ns else float("inf"),
-                "stragglers": float(len(straggler_ids)),
-            },
-            key=key,
-        )
-        for trace_id, parent_span_id, child_ids, straggler_ids, shorten_by, n, median_ns, max_ns, key in (
-            occurrence_values(frame, [*keyed, "n", "median_ns", "max_ns"], keyed)
-        )
-    ]
+    # the parent and its children, each straggler shortened to the median: made in columns, no
+    # object per occurrence (``Occurrences.from_columns``); the numbers divided by numpy (as Python)
+    median_ns = frame["median_ns"].cast(pl.Float64).to_numpy()
+    max_ns = frame["max_ns"].cast(pl.Float64).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        over = np.where(median_ns != 0, max_ns / median_ns, np.inf)  # (``if median_ns``: 0 -> inf)
+    occurrences = Occurrences.from_columns(
+        frame["trace_id"],
+        frame.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
+        intervention=ShortenSpan,
+        shortened=(frame["straggler_ids"], frame["shorten_by"]),
+        numbers={
+            "branches": frame["n"].cast(pl.Float64),
+            "median_ms": median_ns / 1e6,
+            "max_ms": max_ns / 1e6,
+            "max_over_median": over,
+            "stragglers": frame["straggler_ids"].list.len().cast(pl.Float64),
+        },
+        keys=occurrence_keys(frame, keyed),
+    )
     confidence = 0.55
     confidence += 0.15 if traces >= 5 else 0.0
     confidence += 0.10 if traces >= 20 else 0.0

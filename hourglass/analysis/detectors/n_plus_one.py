@@ -219,12 +219,11 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         occurrences = _common.batch_occurrences(
             group,
-            ["calls", "distinct_params", "serial_ns", "batched_ns"],
-            lambda calls, distinct_params, serial_ns, batched_ns: {
-                "calls": float(calls),
-                "distinct_parameters": float(distinct_params),
-                "serial_ms": serial_ns / 1e6,
-                "batched_ms": batched_ns / 1e6,
+            {
+                "calls": ("calls", 1),
+                "distinct_parameters": ("distinct_params", 1),
+                "serial_ms": ("serial_ns", 1e6),
+                "batched_ms": ("batched_ns", 1e6),
             },
         )
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))

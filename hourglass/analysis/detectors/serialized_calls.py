@@ -92,7 +92,7 @@ import polars as pl
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
-from hourglass.analysis.model import Finding, Occurrence, RunConcurrently
+from hourglass.analysis.model import Finding, Occurrences, RunConcurrently
 
 KIND = "serialized_calls"
 MAX_GAP_FRACTION = 0.5
@@ -502,32 +502,26 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 continue
             score = UNCHECKED_CONFIDENCE
         assert score is not None
-        occurrences = [
-            Occurrence(
-                trace_id=trace_id,
-                span_ids=(caller_span_id, *span_ids),
-                interventions=(RunConcurrently(tuple(span_ids[:-1] if unchecked else span_ids)),),
-                numbers={
-                    "calls": float(calls),
-                    "serial_ms": serial_ns / 1e6,
-                    "local_saving_ms": saving_ns / 1e6,
-                },
-                key=key,
-            )
-            for trace_id, caller_span_id, span_ids, calls, serial_ns, saving_ns, key in _common.occurrence_values(
+        # the caller and its calls, run concurrently (but the last one when unchecked): made in
+        # columns, no object per occurrence (``Occurrences.from_columns``)
+        spans = group.select(pl.concat_list(pl.col("caller_span_id"), pl.col("span_id"))).to_series()
+        occurrences = Occurrences.from_columns(
+            group["trace_id"],
+            spans,
+            intervention=RunConcurrently,
+            first=1,
+            dropped=1 if unchecked else 0,
+            parameter=None,
+            numbers=_common.per_unit(
                 group,
-                [
-                    "trace_id",
-                    "caller_span_id",
-                    "span_id",
-                    "calls",
-                    "serial_ns",
-                    "fan_in_ns" if unchecked else "local_saving_ns",
-                ],
-                ["trace_id", "caller_span_id", "span_id"],
-                unchecked,
-            )
-        ]
+                {
+                    "calls": ("calls", 1),
+                    "serial_ms": ("serial_ns", 1e6),
+                    "local_saving_ms": ("fan_in_ns" if unchecked else "local_saving_ns", 1e6),
+                },
+            ),
+            keys=_common.occurrence_keys(group, ["trace_id", "caller_span_id", "span_id"], unchecked),
+        )
         sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
         targets = [
             {"service": str(svc), "operation": str(op)}
