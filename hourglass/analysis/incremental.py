@@ -1043,10 +1043,11 @@ class IncrementalAnalysis:
             if recent is not None:
                 seen = self._arrivals(recent, since_ns, margin_ns)
             else:
-                seen = pl.from_arrow(arrivals(since_ns))
+                whole = pl.from_arrow(arrivals(since_ns))
+                assert isinstance(whole, pl.DataFrame)
+                seen = whole
                 # the figures kept would miss these reads' rows: rebuilt when next used
                 self.db.execute("DELETE FROM meta WHERE key = 'tally_upto'")
-            assert isinstance(seen, pl.DataFrame)
             figures.seconds["arrivals"] = time.perf_counter() - started
             started = time.perf_counter()
             settled = seen.filter(pl.col("last_ingested_ns") < cutoff_ns)

@@ -32,7 +32,14 @@ def _rows(rows: list[tuple[int, int, int, int, int]]) -> pa.Table:
     """(trace, span, ingested_ns, start_ns, end_ns) rows."""
     return pa.Table.from_pylist(
         [
-            {**TEMPLATE, "trace_id": f"{t:032x}", "span_id": f"{s:016x}", "ingested_ns": i, "start_ns": a, "end_ns": b}
+            {
+                **TEMPLATE,
+                "trace_id": f"{t:032x}",
+                "span_id": f"{s:016x}",
+                "ingested_ns": i,
+                "start_ns": a,
+                "end_ns": b,
+            }
             for t, s, i, a, b in rows
         ],
         schema=SPAN_SCHEMA,
@@ -126,7 +133,9 @@ def test_recent_arrivals_merged_with_the_kept_figures_equal_the_whole_store_read
                 kept.close()
                 kept = open_state()
             retention = store.retention_cutoff_ns
-            a = whole.update(store.trace_arrivals, cutoff_ns=cutoff, margin_ns=MARGIN, retention_cutoff_ns=retention)
+            a = whole.update(
+                store.trace_arrivals, cutoff_ns=cutoff, margin_ns=MARGIN, retention_cutoff_ns=retention
+            )
             b = kept.update(
                 store.trace_arrivals,
                 cutoff_ns=cutoff,
@@ -147,7 +156,9 @@ def test_recent_arrivals_merged_with_the_kept_figures_equal_the_whole_store_read
 
 def test_recent_arrivals_parts_split_rows_at_the_bounds(tmp_path: Path) -> None:
     with DuckDBSpanStore(str(tmp_path / "spans.duckdb")) as store:
-        store.write(_rows([(1, 1, 10, 1, 2), (1, 2, 20, 1, 3), (1, 3, 30, 1, 4), (2, 1, 29, 5, 6), (3, 1, 9, 1, 1)]))
+        store.write(
+            _rows([(1, 1, 10, 1, 2), (1, 2, 20, 1, 3), (1, 3, 30, 1, 4), (2, 1, 29, 5, 6), (3, 1, 9, 1, 1)])
+        )
         got = store.recent_arrivals(10, [20, 30]).to_pylist()
         assert [(r["trace_id"][-1], r["part"], r["spans"], r["last_end_ns"]) for r in got] == [
             ("1", 0, 1, 2),
