@@ -47,6 +47,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -940,43 +941,43 @@ class IncrementalAnalysis:
         no later round re-reads (up to ``since_ns - margin_ns``: the next round reads from its
         watermark minus the margin, and that watermark is never below ``since_ns``, the deferred
         traces' settle time included). Without a valid tally (first round, an older sidecar, the
-        store's compaction removed rows or the store was reopened, the next bound is behind the
-        tally's), every row is read once, grouped by trace, and the tally rebuilt from them.
-        Retention since the last read: the tally's traces it may have removed (their kept rows
-        all ended before its cutoff: it removes whole traces whose spans all did) are counted
-        again from the store, within their ingest times. Runs in ``update``'s transaction."""
+        store reopened or more compactions than it lists, the next bound behind the tally's),
+        every row is read once, grouped by trace, and the tally rebuilt from them. Rows removed
+        since the last read: the kept traces a compaction examined (a row ingested at or after
+        its bound) and those retention may have removed (their kept rows all ended before its
+        cutoff: it removes whole traces whose spans all did) are counted again from the store,
+        within their ingest times (``_recount``). Runs in ``update``'s transaction."""
         recent, between = reads
         upto = self._meta("tally_upto")
-        kept_removals = self._meta("tally_removals")
+        kept_epoch, kept_removals = self._meta("tally_epoch"), self._meta("tally_removals")
         kept_retention = self._meta("tally_retention")
         rebuild = upto is None or upto > since_ns
         start = 0 if rebuild else int(upto)  # type: ignore[arg-type]
         bound = max(start, since_ns - margin_ns)
         table = recent(start, [bound, since_ns])
-        removals, retention = _store_marks(table)
-        if not rebuild and kept_removals != removals:
+        marks = _StoreMarks.of(table)
+        # compactions that removed rows since: the traces each examined (None: unknown)
+        removed_since = marks.removed_since(kept_removals) if kept_epoch == marks.epoch else None
+        if not rebuild and removed_since is None:
             rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
             table = recent(0, [bound, since_ns])
-            removals, retention = _store_marks(table)
-        if rebuild:
-            self.db.execute("DELETE FROM tally")
-        elif retention is not None and (kept_retention is None or retention > kept_retention):
-            maybe = self.db.execute(
-                "SELECT list(trace_id), min(first_ingested_ns) FROM tally WHERE last_end_ns < ?", [retention]
-            ).fetchall()[0]
-            if maybe[0]:
-                recounted = between(list(maybe[0]), int(maybe[1]), start)
-                self.db.execute("DELETE FROM tally WHERE last_end_ns < ?", [retention])
-                self.db.register("recounted", recounted)
-                try:
-                    self.db.execute(
-                        "INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,"
-                        " last_start_ns, last_end_ns FROM recounted"
-                    )
-                finally:
-                    self.db.unregister("recounted")
+            marks = _StoreMarks.of(table)
         self.db.register("recent_rows", table)
         try:
+            if rebuild:
+                self.db.execute("DELETE FROM tally")
+            else:
+                if removed_since is not None and removed_since < 2**63:
+                    # a compaction removes the later copies of a span among the traces with a
+                    # row ingested at or after its bound: kept ones (their last row) or read now
+                    self._recount(
+                        between,
+                        start,
+                        "last_ingested_ns >= ? OR trace_id IN (SELECT trace_id FROM recent_rows)",
+                        [removed_since],
+                    )
+                if marks.retention is not None and (kept_retention is None or marks.retention > kept_retention):
+                    self._recount(between, start, "last_end_ns < ?", [marks.retention])
             # the traces seen (a row at or after since_ns), totalled over the tally and every
             # part read (the parts are disjoint ingest ranges: each row counted once)
             seen = pl.from_arrow(
@@ -1014,13 +1015,34 @@ class IncrementalAnalysis:
         finally:
             self.db.unregister("recent_rows")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_upto', ?)", [bound])
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_removals', ?)", [removals])
-        if retention is None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_epoch', ?)", [marks.epoch])
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_removals', ?)", [marks.removals])
+        if marks.retention is None:
             self.db.execute("DELETE FROM meta WHERE key = 'tally_retention'")
         else:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_retention', ?)", [retention])
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_retention', ?)", [marks.retention])
         assert isinstance(seen, pl.DataFrame)
         return seen
+
+    def _recount(self, between: ArrivalsBetween, upto: int, where: str, params: list[Any]) -> None:
+        """The kept figures of the traces ``where`` selects counted again from the store's rows
+        ingested before ``upto`` (the tally's bound), within their ingest times; those without
+        such rows left (retention removed them) dropped."""
+        ids, first = self.db.execute(
+            f"SELECT list(trace_id), min(first_ingested_ns) FROM tally WHERE {where}", params
+        ).fetchall()[0]
+        if not ids:
+            return
+        recounted = between(list(ids), int(first), upto)
+        self.db.execute("DELETE FROM tally WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
+        self.db.register("recounted", recounted)
+        try:
+            self.db.execute(
+                "INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,"
+                " last_start_ns, last_end_ns FROM recounted"
+            )
+        finally:
+            self.db.unregister("recounted")
 
     def update(
         self,
@@ -1190,13 +1212,39 @@ class IncrementalAnalysis:
         return sum(len(self.batches[b].trace_ids) for b in self.stored if b in self.batches)
 
 
-def _store_marks(table: pa.Table) -> tuple[int, int | None]:
-    """A ``recent_arrivals`` answer's marks: its ``removals`` token as a BIGINT (a hash), and the
-    store's retention cutoff (None: none yet)."""
-    metadata = table.schema.metadata or {}
-    removals = int.from_bytes(hashlib.blake2b(metadata.get(b"removals", b""), digest_size=7).digest(), "big")
-    retention = metadata.get(b"retention", b"")
-    return removals, int(retention) if retention else None
+@dataclass(frozen=True)
+class _StoreMarks:
+    """A ``recent_arrivals`` answer's marks (its schema's metadata): the store's open (as a
+    BIGINT hash), compactions that removed rows (count, and [count, bound] of the last ones) and
+    retention cutoff (None: none yet)."""
+
+    epoch: int
+    removals: int
+    removals_since: tuple[tuple[int, int | None], ...]
+    retention: int | None
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _StoreMarks:
+        metadata = table.schema.metadata or {}
+        epoch = int.from_bytes(hashlib.blake2b(metadata.get(b"epoch", b""), digest_size=7).digest(), "big")
+        since = json.loads(metadata.get(b"removals_since", b"[]"))
+        retention = metadata.get(b"retention", b"")
+        return cls(
+            epoch,
+            int(metadata.get(b"removals", b"0")),
+            tuple((int(n), None if b is None else int(b)) for n, b in since),
+            int(retention) if retention else None,
+        )
+
+    def removed_since(self, kept: int | None) -> int | None:
+        """The lowest bound of the compactions that removed rows after the ``kept``-th (2**63:
+        none); None when unknown (no count kept, a compaction of every trace, or not listed)."""
+        if kept is None or kept > self.removals:
+            return None
+        newer = [bound for n, bound in self.removals_since if n > kept]
+        if len(newer) != self.removals - kept or any(b is None for b in newer):
+            return None
+        return min((b for b in newer if b is not None), default=2**63)
 
 
 def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:

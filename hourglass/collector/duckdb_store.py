@@ -110,6 +110,9 @@ def _read(method: _Method) -> _Method:
     return gated  # type: ignore[return-value]
 
 
+# compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
+# incremental analysis counts every trace again)
+REMOVALS_KEPT = 64
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 
@@ -390,11 +393,13 @@ class DuckDBSpanStore:
         # last counts while it is unchanged. Counting unique spans scans the whole table (~0.2-0.5 s
         # of both cores at 1M spans), and /v1/stats is polled: each poll took that from the analysis.
         self._changes = 0
-        # Compactions that removed rows since this store was opened, with a per-open token: the
-        # incremental analysis' per-trace arrival figures (``recent_arrivals``) hold while neither
-        # changed, and are rebuilt otherwise (retention is told by ``retention_cutoff_ns``).
+        # Compactions that removed rows since this store was opened (a per-open token, a count,
+        # and the last ``REMOVALS_KEPT`` ones' ``ingested_ns`` bound: they examined the traces
+        # with a row ingested at or after it, None: every trace): the incremental analysis counts
+        # those traces again (``recent_arrivals``' metadata). Retention: ``retention_cutoff_ns``.
         self._removals = 0
         self._removals_epoch = int.from_bytes(os.urandom(7), "big")
+        self._removals_since: list[tuple[int, int | None]] = []
         self._stats_cache: tuple[int, StoreStats] | None = None
         # the ingest log: rows logged (durable) and staged here until the loader inserts them
         self._log: IngestLog | None = None
@@ -570,6 +575,7 @@ class DuckDBSpanStore:
             self._changes += 1
             if removed:
                 self._removals += 1
+                self._removals_since = [*self._removals_since[-REMOVALS_KEPT + 1 :], (self._removals, since)]
             return int(removed)
 
     def delete_older_than(self, cutoff_ns: int) -> int:
@@ -980,16 +986,21 @@ class DuckDBSpanStore:
         ``ingested_ns`` and the latest ``start_ns`` / ``end_ns``. One scan of the recent row
         groups only (pruned by ``ingested_ns``, unlike ``trace_arrivals``, which totals each
         trace over the whole table): the incremental analysis merges these with the figures it
-        kept of the older rows. The schema's metadata, read before the rows: ``removals`` changes
-        when a compaction removed rows (or the store was reopened), ``retention`` is
-        ``retention_cutoff_ns`` (empty: none yet)."""
+        kept of the older rows. The schema's metadata, read before the rows: ``epoch`` (changes
+        when the store is reopened), ``removals`` (compactions that removed rows so far),
+        ``removals_since`` (JSON: [count, bound] of the last of them, see ``compact``) and
+        ``retention`` (``retention_cutoff_ns``; empty: none yet)."""
         bounds = [int(b) for b in splits]
         if bounds != sorted(bounds):
             raise ValueError(f"recent_arrivals: splits must ascend, got {bounds}")
         # read before the rows: a removal during the read changes it, and the kept figures are
         # then rebuilt at the next read (never kept as valid when they may not be)
-        removals = f"{self._removals_epoch}:{self._removals}"
-        retention = "" if self.retention_cutoff_ns is None else str(int(self.retention_cutoff_ns))
+        marks = {
+            "epoch": str(self._removals_epoch),
+            "removals": str(self._removals),
+            "removals_since": json.dumps(self._removals_since),
+            "retention": "" if self.retention_cutoff_ns is None else str(int(self.retention_cutoff_ns)),
+        }
         self.load_staged()
         part = " + ".join(["(ingested_ns >= ?)::INTEGER"] * len(bounds)) or "0"
         table = (
@@ -1006,7 +1017,7 @@ class DuckDBSpanStore:
             )
             .to_arrow_table()
         )
-        return table.replace_schema_metadata({"removals": removals, "retention": retention})
+        return table.replace_schema_metadata(marks)
 
     @_read
     def arrivals_between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
