@@ -968,14 +968,11 @@ class IncrementalAnalysis:
                 self.db.execute("DELETE FROM tally")
             else:
                 if removed_since is not None and removed_since < 2**63:
-                    # a compaction removes the later copies of a span among the traces with a
-                    # row ingested at or after its bound: kept ones (their last row) or read now
-                    self._recount(
-                        between,
-                        start,
-                        "last_ingested_ns >= ? OR trace_id IN (SELECT trace_id FROM recent_rows)",
-                        [removed_since],
-                    )
+                    # a compaction removes later copies of spans, each ingested at or after its
+                    # bound (the smallest ingest time written since the previous compaction, which
+                    # removed the copies written before): a kept trace that lost one had its last
+                    # kept row there
+                    self._recount(between, start, "last_ingested_ns >= ?", [removed_since])
                 if marks.retention is not None and (kept_retention is None or marks.retention > kept_retention):
                     self._recount(between, start, "last_end_ns < ?", [marks.retention])
             # the traces seen (a row at or after since_ns), totalled over the tally and every
