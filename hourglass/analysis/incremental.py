@@ -973,8 +973,9 @@ class IncrementalAnalysis:
                     # removed the copies written before): a kept trace that lost one had its last
                     # kept row there
                     self._recount(between, start, "last_ingested_ns >= ?", [removed_since])
-                if marks.retention is not None and (kept_retention is None or marks.retention > kept_retention):
-                    self._recount(between, start, "last_end_ns < ?", [marks.retention])
+                retention = marks.retention
+                if retention is not None and (kept_retention is None or retention > kept_retention):
+                    self._recount(between, start, "last_end_ns < ?", [retention])
             # the traces seen (a row at or after since_ns), totalled over the tally and every
             # part read (the parts are disjoint ingest ranges: each row counted once)
             seen = pl.from_arrow(
