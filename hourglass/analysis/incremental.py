@@ -47,6 +47,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -109,6 +110,12 @@ SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's
 ReadBatch = Callable[[list[str], int | None, int | None], pa.Table]
 ReadTraces = Callable[[list[str]], pa.Table]
 Arrivals = Callable[[int], pa.Table]
+# (since ns, ascending splits) -> the rows ingested since, grouped by trace and part
+# (``DuckDBSpanStore.recent_arrivals``)
+RecentArrivals = Callable[[int, list[int]], pa.Table]
+# (trace ids, from ns, to ns) -> those traces' rows ingested in [from, to), grouped by trace
+# (``DuckDBSpanStore.arrivals_between``)
+ArrivalsBetween = Callable[[list[str], int, int], pa.Table]
 
 
 @dataclass
@@ -602,6 +609,14 @@ class IncrementalAnalysis:
             " first_ingested_ns BIGINT, last_ingested_ns BIGINT, last_start_ns BIGINT, last_end_ns BIGINT)"
         )
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value BIGINT)")
+        # Every stored trace's arrival figures over the store's rows ingested before
+        # meta 'tally_upto' (rows re-read later are counted after it only), valid while the store
+        # removed no rows since (meta 'tally_removals': a hash of the store's removals token):
+        # a round then reads only the recent rows (``_arrivals``).
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS tally (trace_id VARCHAR PRIMARY KEY, spans BIGINT,"
+            " first_ingested_ns BIGINT, last_ingested_ns BIGINT, last_start_ns BIGINT, last_end_ns BIGINT)"
+        )
         watermark = self.db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchall()
         self.watermark = int(watermark[0][0]) if watermark else 0
         # Each batch's rows live on disk only, in a folder beside the sidecar (a temporary one
@@ -913,22 +928,151 @@ class IncrementalAnalysis:
 
     # -- one round ---------------------------------------------------------------------------
 
+    def _meta(self, key: str) -> int | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchall()
+        return int(row[0][0]) if row else None
+
+    def _arrivals(
+        self, reads: tuple[RecentArrivals, ArrivalsBetween], since_ns: int, margin_ns: int
+    ) -> pl.DataFrame:
+        """What ``trace_arrivals(since_ns)`` answers (each trace with a row ingested at or after
+        ``since_ns``, its figures over all its rows), from the store's rows ingested since the
+        tally's bound only, merged with the tally; the tally then takes the rows read here that
+        no later round re-reads (up to ``since_ns - margin_ns``: the next round reads from its
+        watermark minus the margin, and that watermark is never below ``since_ns``, the deferred
+        traces' settle time included). Without a valid tally (first round, an older sidecar, the
+        store reopened or more compactions than it lists, the next bound behind the tally's),
+        every row is read once, grouped by trace, and the tally rebuilt from them. Rows removed
+        since the last read: the kept traces a compaction examined (a row ingested at or after
+        its bound) and those retention may have removed (their kept rows all ended before its
+        cutoff: it removes whole traces whose spans all did) are counted again from the store,
+        within their ingest times (``_recount``). Runs in ``update``'s transaction."""
+        recent, between = reads
+        upto = self._meta("tally_upto")
+        kept_epoch, kept_removals = self._meta("tally_epoch"), self._meta("tally_removals")
+        kept_retention = self._meta("tally_retention")
+        rebuild = upto is None or upto > since_ns
+        start = 0 if rebuild else int(upto)  # type: ignore[arg-type]
+        bound = max(start, since_ns - margin_ns)
+        table = recent(start, [bound, since_ns])
+        marks = _StoreMarks.of(table)
+        # compactions that removed rows since: the traces each examined (None: unknown)
+        removed_since = marks.removed_since(kept_removals) if kept_epoch == marks.epoch else None
+        if not rebuild and removed_since is None:
+            rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
+            table = recent(0, [bound, since_ns])
+            marks = _StoreMarks.of(table)
+        self.db.register("recent_rows", table)
+        try:
+            if rebuild:
+                self.db.execute("DELETE FROM tally")
+            else:
+                if removed_since is not None and removed_since < 2**63:
+                    # a compaction removes later copies of spans, each ingested at or after its
+                    # bound (the smallest ingest time written since the previous compaction, which
+                    # removed the copies written before): a kept trace that lost one had its last
+                    # kept row there
+                    self._recount(between, start, "last_ingested_ns >= ?", [removed_since])
+                retention = marks.retention
+                if retention is not None and (kept_retention is None or retention > kept_retention):
+                    self._recount(between, start, "last_end_ns < ?", [retention])
+            # the traces seen (a row at or after since_ns), totalled over the tally and every
+            # part read (the parts are disjoint ingest ranges: each row counted once)
+            seen = pl.from_arrow(
+                self.db.sql(
+                    """
+                    WITH rows AS (
+                        SELECT trace_id, spans, first_ingested_ns, last_ingested_ns, last_start_ns,
+                               last_end_ns FROM recent_rows
+                        WHERE trace_id IN (SELECT trace_id FROM recent_rows WHERE part = 2)
+                        UNION ALL
+                        SELECT trace_id, spans, first_ingested_ns, last_ingested_ns, last_start_ns,
+                               last_end_ns FROM tally
+                        WHERE trace_id IN (SELECT trace_id FROM recent_rows WHERE part = 2)
+                    )
+                    SELECT trace_id, sum(spans)::BIGINT AS spans,
+                           min(first_ingested_ns) AS first_ingested_ns,
+                           max(last_ingested_ns) AS last_ingested_ns,
+                           max(last_start_ns) AS last_start_ns, max(last_end_ns) AS last_end_ns
+                    FROM rows GROUP BY trace_id ORDER BY trace_id
+                    """
+                ).to_arrow_table()
+            )
+            # the rows below the new bound join the tally (read for the last time)
+            self.db.execute(
+                """
+                INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,
+                                         last_start_ns, last_end_ns FROM recent_rows WHERE part = 0
+                ON CONFLICT (trace_id) DO UPDATE SET spans = tally.spans + excluded.spans,
+                    first_ingested_ns = least(tally.first_ingested_ns, excluded.first_ingested_ns),
+                    last_ingested_ns = greatest(tally.last_ingested_ns, excluded.last_ingested_ns),
+                    last_start_ns = greatest(tally.last_start_ns, excluded.last_start_ns),
+                    last_end_ns = greatest(tally.last_end_ns, excluded.last_end_ns)
+                """
+            )
+        finally:
+            self.db.unregister("recent_rows")
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_upto', ?)", [bound])
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_epoch', ?)", [marks.epoch])
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_removals', ?)", [marks.removals])
+        if marks.retention is None:
+            self.db.execute("DELETE FROM meta WHERE key = 'tally_retention'")
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_retention', ?)", [marks.retention])
+        assert isinstance(seen, pl.DataFrame)
+        return seen
+
+    def _recount(self, between: ArrivalsBetween, upto: int, where: str, params: list[Any]) -> None:
+        """The kept figures of the traces ``where`` selects counted again from the store's rows
+        ingested before ``upto`` (the tally's bound), within their ingest times; those without
+        such rows left (retention removed them) dropped."""
+        ids, first = self.db.execute(
+            f"SELECT list(trace_id), min(first_ingested_ns) FROM tally WHERE {where}", params
+        ).fetchall()[0]
+        if not ids:
+            return
+        recounted = between(list(ids), int(first), upto)
+        self.db.execute("DELETE FROM tally WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
+        self.db.register("recounted", recounted)
+        try:
+            self.db.execute(
+                "INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,"
+                " last_start_ns, last_end_ns FROM recounted"
+            )
+        finally:
+            self.db.unregister("recounted")
+
     def update(
-        self, arrivals: Arrivals, *, cutoff_ns: int, margin_ns: int, retention_cutoff_ns: int | None
+        self,
+        arrivals: Arrivals,
+        *,
+        cutoff_ns: int,
+        margin_ns: int,
+        retention_cutoff_ns: int | None,
+        recent: tuple[RecentArrivals, ArrivalsBetween] | None = None,
     ) -> RoundFigures:
         """Bring the batches up to date with the store: new settled traces batched, batches with
-        late spans or expired traces marked for re-extraction."""
+        late spans or expired traces marked for re-extraction. ``recent``: the store's recent
+        rows grouped by trace (``recent_arrivals``), merged with the figures kept of the older
+        ones; without it ``arrivals`` totals each recent trace over the whole store."""
         figures = RoundFigures()
-        started = time.perf_counter()
-        seen = pl.from_arrow(arrivals(max(self.watermark - margin_ns, 0)))
-        assert isinstance(seen, pl.DataFrame)
-        figures.seconds["arrivals"] = time.perf_counter() - started
-        started = time.perf_counter()
-        settled = seen.filter(pl.col("last_ingested_ns") < cutoff_ns)
-        pending = seen.filter(pl.col("last_ingested_ns") >= cutoff_ns)
-        dirty: set[int] = set()
         self.db.execute("BEGIN")
         try:
+            started = time.perf_counter()
+            since_ns = max(self.watermark - margin_ns, 0)
+            if recent is not None:
+                seen = self._arrivals(recent, since_ns, margin_ns)
+            else:
+                whole = pl.from_arrow(arrivals(since_ns))
+                assert isinstance(whole, pl.DataFrame)
+                seen = whole
+                # the figures kept would miss these reads' rows: rebuilt when next used
+                self.db.execute("DELETE FROM meta WHERE key = 'tally_upto'")
+            figures.seconds["arrivals"] = time.perf_counter() - started
+            started = time.perf_counter()
+            settled = seen.filter(pl.col("last_ingested_ns") < cutoff_ns)
+            pending = seen.filter(pl.col("last_ingested_ns") >= cutoff_ns)
+            dirty: set[int] = set()
             if settled.height:
                 self.db.register("settled_now", settled.to_arrow())
                 known = self.db.execute(
@@ -1064,6 +1208,41 @@ class IncrementalAnalysis:
 
     def settled_in_report(self) -> int:
         return sum(len(self.batches[b].trace_ids) for b in self.stored if b in self.batches)
+
+
+@dataclass(frozen=True)
+class _StoreMarks:
+    """A ``recent_arrivals`` answer's marks (its schema's metadata): the store's open (as a
+    BIGINT hash), compactions that removed rows (count, and [count, bound] of the last ones) and
+    retention cutoff (None: none yet)."""
+
+    epoch: int
+    removals: int
+    removals_since: tuple[tuple[int, int | None], ...]
+    retention: int | None
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _StoreMarks:
+        metadata = table.schema.metadata or {}
+        epoch = int.from_bytes(hashlib.blake2b(metadata.get(b"epoch", b""), digest_size=7).digest(), "big")
+        since = json.loads(metadata.get(b"removals_since", b"[]"))
+        retention = metadata.get(b"retention", b"")
+        return cls(
+            epoch,
+            int(metadata.get(b"removals", b"0")),
+            tuple((int(n), None if b is None else int(b)) for n, b in since),
+            int(retention) if retention else None,
+        )
+
+    def removed_since(self, kept: int | None) -> int | None:
+        """The lowest bound of the compactions that removed rows after the ``kept``-th (2**63:
+        none); None when unknown (no count kept, a compaction of every trace, or not listed)."""
+        if kept is None or kept > self.removals:
+            return None
+        newer = [bound for n, bound in self.removals_since if n > kept]
+        if len(newer) != self.removals - kept or any(b is None for b in newer):
+            return None
+        return min((b for b in newer if b is not None), default=2**63)
 
 
 def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:

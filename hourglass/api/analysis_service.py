@@ -628,7 +628,9 @@ class AnalysisService:
                 # garbage, returning memory) and html (the page, rendered in its own thread)
                 "last_stages_ms": {k: round(v * 1000, 1) for k, v in self._last_stages_s.items()},
                 # the incremental round's reads of the store for the worker ("scan"), by kind:
-                # arrivals, batch (a batch's spans), traces (exemplars' and pricing's traces by id)
+                # recent (the recent rows by trace: arrivals), between (traces compaction or
+                # retention changed, counted again), batch (a batch's spans), traces (exemplars'
+                # and pricing's traces by id)
                 "last_reads_ms": {
                     k: (v if k.endswith("_count") else round(v * 1000, 1))
                     for k, v in self._last_reads.items()

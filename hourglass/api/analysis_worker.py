@@ -550,6 +550,17 @@ class StoreReader:
     def arrivals(self, ingested_since_ns: int) -> pa.Table:
         return self.store.trace_arrivals(ingested_since_ns)
 
+    @property
+    def can_read_recent(self) -> bool:
+        """Whether the store groups its recent rows alone (``recent_arrivals``)."""
+        return callable(getattr(self.store, "recent_arrivals", None))
+
+    def recent(self, ingested_since_ns: int, splits: list[int]) -> pa.Table:
+        return self.store.recent_arrivals(ingested_since_ns, splits)
+
+    def between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
+        return self.store.arrivals_between(trace_ids, from_ns, to_ns)
+
     def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
         from hourglass.collector.schema import ANALYSIS_COLUMNS
 
@@ -577,6 +588,10 @@ class StoreReader:
         kind, *args = request
         if kind == "arrivals":
             return self.arrivals(*args)
+        if kind == "recent":
+            return self.recent(*args)
+        if kind == "between":
+            return self.between(*args)
         if kind == "batch":
             return self.batch(*args)
         if kind == "traces":
@@ -613,6 +628,16 @@ class PipeReader(StoreReader):
     def arrivals(self, ingested_since_ns: int) -> pa.Table:
         return self._ask("arrivals", ingested_since_ns)
 
+    @property
+    def can_read_recent(self) -> bool:
+        return True  # the server's store: serve's incremental rounds run on DuckDB stores only
+
+    def recent(self, ingested_since_ns: int, splits: list[int]) -> pa.Table:
+        return self._ask("recent", ingested_since_ns, splits)
+
+    def between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
+        return self._ask("between", trace_ids, from_ns, to_ns)
+
     def batch(self, trace_ids: list[str], first: int | None, last: int | None) -> pa.Table:
         return self._ask("batch", trace_ids, first, last)
 
@@ -639,6 +664,7 @@ def run_incremental(
     if request.get("update", True):
         figures = state.update(
             reader.arrivals,
+            recent=(reader.recent, reader.between) if reader.can_read_recent else None,
             cutoff_ns=int(request["cutoff_ns"]),
             margin_ns=int(request["margin_ns"]),
             retention_cutoff_ns=request.get("retention_cutoff_ns"),

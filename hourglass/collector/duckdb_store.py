@@ -110,6 +110,9 @@ def _read(method: _Method) -> _Method:
     return gated  # type: ignore[return-value]
 
 
+# compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
+# incremental analysis counts every trace again)
+REMOVALS_KEPT = 64
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 
@@ -390,6 +393,13 @@ class DuckDBSpanStore:
         # last counts while it is unchanged. Counting unique spans scans the whole table (~0.2-0.5 s
         # of both cores at 1M spans), and /v1/stats is polled: each poll took that from the analysis.
         self._changes = 0
+        # Compactions that removed rows since this store was opened (a per-open token, a count,
+        # and the last ``REMOVALS_KEPT`` ones' ``ingested_ns`` bound: they examined the traces
+        # with a row ingested at or after it, None: every trace): the incremental analysis counts
+        # those traces again (``recent_arrivals``' metadata). Retention: ``retention_cutoff_ns``.
+        self._removals = 0
+        self._removals_epoch = int.from_bytes(os.urandom(7), "big")
+        self._removals_since: list[tuple[int, int | None]] = []
         self._stats_cache: tuple[int, StoreStats] | None = None
         # the ingest log: rows logged (durable) and staged here until the loader inserts them
         self._log: IngestLog | None = None
@@ -563,6 +573,9 @@ class DuckDBSpanStore:
             ).fetchall()[0][0]
             self._dirty, self._dirty_since_ns = False, None
             self._changes += 1
+            if removed:
+                self._removals += 1
+                self._removals_since = [*self._removals_since[-REMOVALS_KEPT + 1 :], (self._removals, since)]
             return int(removed)
 
     def delete_older_than(self, cutoff_ns: int) -> int:
@@ -961,6 +974,70 @@ class DuckDBSpanStore:
                 GROUP BY trace_id ORDER BY trace_id
                 """,
                 params=[int(ingested_since_ns)],
+            )
+            .to_arrow_table()
+        )
+
+    @_read
+    def recent_arrivals(self, ingested_since_ns: int, splits: Sequence[int]) -> pa.Table:
+        """The rows ingested at or after ``ingested_since_ns``, grouped by trace and by ``part``:
+        how many of the ascending ``splits`` are at or below the row's ``ingested_ns`` (0: before
+        the first split). Per group: ``spans`` (physical rows), the first and last
+        ``ingested_ns`` and the latest ``start_ns`` / ``end_ns``. One scan of the recent row
+        groups only (pruned by ``ingested_ns``, unlike ``trace_arrivals``, which totals each
+        trace over the whole table): the incremental analysis merges these with the figures it
+        kept of the older rows. The schema's metadata, read before the rows: ``epoch`` (changes
+        when the store is reopened), ``removals`` (compactions that removed rows so far),
+        ``removals_since`` (JSON: [count, bound] of the last of them, see ``compact``) and
+        ``retention`` (``retention_cutoff_ns``; empty: none yet)."""
+        bounds = [int(b) for b in splits]
+        if bounds != sorted(bounds):
+            raise ValueError(f"recent_arrivals: splits must ascend, got {bounds}")
+        # read before the rows: a removal during the read changes it, and the kept figures are
+        # then rebuilt at the next read (never kept as valid when they may not be)
+        marks = {
+            "epoch": str(self._removals_epoch),
+            "removals": str(self._removals),
+            "removals_since": json.dumps(self._removals_since),
+            "retention": "" if self.retention_cutoff_ns is None else str(int(self.retention_cutoff_ns)),
+        }
+        self.load_staged()
+        part = " + ".join(["(ingested_ns >= ?)::INTEGER"] * len(bounds)) or "0"
+        table = (
+            self._cursor()
+            .sql(
+                f"""
+                SELECT trace_id, ({part})::INTEGER AS part, count(*) AS spans,
+                       min(ingested_ns) AS first_ingested_ns, max(ingested_ns) AS last_ingested_ns,
+                       max(start_ns) AS last_start_ns, max(end_ns) AS last_end_ns
+                FROM spans WHERE ingested_ns >= ?
+                GROUP BY ALL ORDER BY trace_id, part
+                """,
+                params=[*bounds, int(ingested_since_ns)],
+            )
+            .to_arrow_table()
+        )
+        return table.replace_schema_metadata(marks)
+
+    @_read
+    def arrivals_between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
+        """These traces' rows ingested in [``from_ns``, ``to_ns``), grouped by trace (the columns
+        of ``recent_arrivals`` but ``part``): the incremental analysis re-counts the traces
+        retention may have removed since it kept their figures. Reads the row groups of that
+        ingest range only."""
+        self.load_staged()
+        return (
+            self._cursor()
+            .sql(
+                """
+                SELECT trace_id, count(*) AS spans, min(ingested_ns) AS first_ingested_ns,
+                       max(ingested_ns) AS last_ingested_ns, max(start_ns) AS last_start_ns,
+                       max(end_ns) AS last_end_ns
+                FROM spans WHERE ingested_ns >= ? AND ingested_ns < ?
+                    AND trace_id IN (SELECT unnest(?::VARCHAR[]))
+                GROUP BY trace_id ORDER BY trace_id
+                """,
+                params=[int(from_ns), int(to_ns), list(trace_ids)],
             )
             .to_arrow_table()
         )

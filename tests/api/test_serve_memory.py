@@ -107,7 +107,7 @@ def test_large_blocks_stay_out_of_the_heap_with_the_fixed_mmap_threshold() -> No
 
 @pytest.mark.timeout(120)
 def test_every_read_answered_for_the_worker_is_followed_by_a_cache_release(tmp_path: Path) -> None:
-    """The worker's reads of a round (arrivals, batches, traces by id) are answered by the server,
+    """The worker's reads of a round (recent arrivals, batches, traces by id) are answered by the server,
     which drops what each read left cached in the store before the next one (StoreReader.release)."""
     from hourglass.analysis.incremental import sidecar_path
     from hourglass.api.analysis_worker import AnalysisWorker, StoreReader
@@ -142,7 +142,7 @@ def test_every_read_answered_for_the_worker_is_followed_by_a_cache_release(tmp_p
             worker.close()
     assert report["recommendations"], "the store holds serialized calls: the report must say so"
     answered = sum(int(v) for k, v in reads.items() if k.endswith("_count"))
-    assert reads.get("arrivals_count") == 1 and reads.get("batch_count", 0) >= 1
+    assert reads.get("recent_count") == 1 and reads.get("batch_count", 0) >= 1
     assert len(released) == answered
 
 
