@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -750,6 +751,9 @@ class Occurrences(Sequence[Occurrence]):
     def take(self, rows: np.ndarray | Sequence[int]) -> Occurrences:
         """The occurrences at positions ``rows``, in that order."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < -self._n or rows.max() >= self._n):
+            raise IndexError(f"occurrence index out of range (0..{self._n - 1})")
+        rows = np.where(rows < 0, rows + self._n, rows)  # from the end, as a list's and numpy's
         if len(rows) and rows[0] >= 0 and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
             return self._range(int(rows[0]), int(rows[-1]) + 1)  # a run in order: views, no copy
         self_rows = rows
@@ -860,7 +864,9 @@ class Occurrences(Sequence[Occurrence]):
             values = column.astype(np.float64)
         else:
             values = np.array(
-                [float(v) if isinstance(v, int | float) else np.nan for v in column], dtype=np.float64
+                # any real number (numpy scalars, Decimal): what the object path's float() took
+                [float(v) if isinstance(v, numbers.Real) else np.nan for v in column],
+                dtype=np.float64,
             )
         values[~present] = np.nan
         return values, present

@@ -37,7 +37,8 @@ def start(threads: int = 0) -> None:
         os.environ[POLARS_THREADS] = str(threads)
     import atexit
 
-    atexit.register(_exit_at_once)
+    if not os.environ.get("COVERAGE_PROCESS_START"):  # a coverage run's exit hook must run
+        atexit.register(_exit_at_once)
     import hourglass.analysis.detectors  # the extraction's
     import hourglass.analysis.endpoint_path
     import hourglass.analysis.sequence  # the pricing's

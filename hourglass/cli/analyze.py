@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import pyarrow as pa
 import typer
@@ -393,24 +393,35 @@ def analyze_command(
         raise typer.Exit(code)
 
 
+END_JOIN_S = 30.0  # the run's own threads (the partition files' removal) end well within this
+
+
 def _is_duckdb_file(path: str) -> bool:
     from hourglass.collector.store import local_path
 
     return local_path(path) == path and path != ":memory:" and not path.startswith("chdb:")
 
 
-def _end_at_once(code: int) -> NoReturn:
+def _end_at_once(code: int) -> None:
     """The end of ``analyze --db`` over a DuckDB file once its report is written: the threads
     still running joined (the partition files' removal), the logs and the output flushed, then
     the process ends without the interpreter's teardown of the analysis' objects and modules —
     ~0.3 s after a 1M-span run, in which nothing is written: the store was opened read-only and
-    is closed, the worker processes are stopped."""
+    is closed, the worker processes are stopped. A thread still alive after ``END_JOIN_S`` (not the
+    run's own: a pool some code left open) makes it return, and the interpreter ends as usual; so
+    does a coverage run (its exit hook must run)."""
     import logging
     import threading
+    import time
 
+    if os.environ.get("COVERAGE_PROCESS_START"):
+        return
+    deadline = time.monotonic() + END_JOIN_S
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():  # not the run's own: the interpreter's usual end instead
+                return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed, or its reader gone

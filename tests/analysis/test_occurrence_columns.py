@@ -343,3 +343,28 @@ def test_shortened_spans_made_from_a_frame_are_the_objects_of_their_definition()
         _same_exactly(got, expected)
     assert table == Occurrences.from_list(want)
     assert table.intervention_columns().span_ids.to_list() == [s for slow in stragglers for s in slow]
+
+
+def test_takes_from_the_end_and_out_of_range() -> None:
+    """Negative positions count from the end (as a list's); a position past either end is an
+    IndexError, not garbage."""
+    occurrences = _random_occurrences(7, 40)
+    table = Occurrences.from_list(occurrences)
+    rows = [-1, 0, -40, 17, -3]
+    assert table.take(rows) == [occurrences[i] for i in rows]
+    for bad in ([40], [-41], [0, 40]):
+        with pytest.raises(IndexError):
+            table.take(bad)
+
+
+def test_numpy_numbers_count_as_numbers() -> None:
+    """A number a detector gave as a numpy scalar is a number in its column (the object path's
+    ``float()`` took it; the measured cost sums it)."""
+    occurrences = [
+        Occurrence("t1", ("a",), numbers={"held_ms": np.float32(2.5)}),
+        Occurrence("t2", ("b",), numbers={"held_ms": np.int64(3)}),
+        Occurrence("t3", ("c",), numbers={"held_ms": "n/a"}),
+    ]
+    values, present = Occurrences.from_list(occurrences).number_column("held_ms")
+    assert values[:2].tolist() == [2.5, 3.0] and math.isnan(values[2])
+    assert present.tolist() == [True, True, True]
