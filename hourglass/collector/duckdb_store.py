@@ -318,6 +318,15 @@ def read_partition_file(
         return _read_rows(cursor, selected, "partition_rows", [], string_views=string_views)
 
 
+# a trace's arrival figures over the rows a settle-check read groups (``trace_arrivals``,
+# ``recent_arrivals``, ``arrivals_between``): its spans (physical rows), first and last arrival,
+# latest start and end
+_ARRIVAL_FIGURES = (
+    "count(*) AS spans, min(ingested_ns) AS first_ingested_ns, max(ingested_ns) AS last_ingested_ns, "
+    "max(start_ns) AS last_start_ns, max(end_ns) AS last_end_ns"
+)
+
+
 class DuckDBSpanStore:
     """``SpanStore`` on a DuckDB file (``path``) or in memory (``":memory:"``)."""
 
@@ -966,10 +975,8 @@ class DuckDBSpanStore:
         return (
             self._cursor()
             .sql(
-                """
-                SELECT trace_id, count(*) AS spans, min(ingested_ns) AS first_ingested_ns,
-                       max(ingested_ns) AS last_ingested_ns, max(start_ns) AS last_start_ns,
-                       max(end_ns) AS last_end_ns
+                f"""
+                SELECT trace_id, {_ARRIVAL_FIGURES}
                 FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)
                 GROUP BY trace_id ORDER BY trace_id
                 """,
@@ -1007,9 +1014,7 @@ class DuckDBSpanStore:
             self._cursor()
             .sql(
                 f"""
-                SELECT trace_id, ({part})::INTEGER AS part, count(*) AS spans,
-                       min(ingested_ns) AS first_ingested_ns, max(ingested_ns) AS last_ingested_ns,
-                       max(start_ns) AS last_start_ns, max(end_ns) AS last_end_ns
+                SELECT trace_id, ({part})::INTEGER AS part, {_ARRIVAL_FIGURES}
                 FROM spans WHERE ingested_ns >= ?
                 GROUP BY ALL ORDER BY trace_id, part
                 """,
@@ -1029,10 +1034,8 @@ class DuckDBSpanStore:
         return (
             self._cursor()
             .sql(
-                """
-                SELECT trace_id, count(*) AS spans, min(ingested_ns) AS first_ingested_ns,
-                       max(ingested_ns) AS last_ingested_ns, max(start_ns) AS last_start_ns,
-                       max(end_ns) AS last_end_ns
+                f"""
+                SELECT trace_id, {_ARRIVAL_FIGURES}
                 FROM spans WHERE ingested_ns >= ? AND ingested_ns < ?
                     AND trace_id IN (SELECT unnest(?::VARCHAR[]))
                 GROUP BY trace_id ORDER BY trace_id
