@@ -66,7 +66,7 @@ import pyarrow as pa
 
 from hourglass.analysis import memlog, partitions
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors import DETECTORS, PARTS
+from hourglass.analysis.detectors import DETECTORS, PARTS, ROWS_FORMAT
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import (
     PathRows,
@@ -632,6 +632,7 @@ class IncrementalAnalysis:
         self.folder.mkdir(exist_ok=True)
         for legacy in self.folder.glob("*.pickle"):  # an older layout: those batches are extracted again
             legacy.unlink(missing_ok=True)
+        self._check_rows_format()
         self.spill = Spill(str(self.folder / "spill"), SPILL_BUCKETS)
         # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
         self.batches: dict[int, Batch] = {}
@@ -662,6 +663,21 @@ class IncrementalAnalysis:
         self.last = RoundFigures()
         if sidecar:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('store_inode', ?)", [_identity(sidecar)])
+
+    def _check_rows_format(self) -> None:
+        """Stored rows of an older shape (a detector's ``ROWS_FORMAT`` changed since they were
+        written) are removed, rows, segments, spill and pricing alike, so every batch is extracted
+        again: deciding on them would be wrong or fail. A sidecar without the mark has rows of
+        the first shapes."""
+        current = _rows_format_mark(ROWS_FORMAT)
+        found = self.db.execute("SELECT value FROM meta WHERE key = 'rows_format'").fetchall()
+        stored = int(found[0][0]) if found else _rows_format_mark(dict.fromkeys(ROWS_FORMAT, 1))
+        if stored != current:
+            log.warning("incremental analysis: the stored rows have an older shape; extracting again")
+            for path in self.folder.iterdir():
+                if path.is_dir() and (path.name in ("segments", "spill") or path.name[1:].isdigit()):
+                    shutil.rmtree(path, ignore_errors=True)
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('rows_format', ?)", [current])
 
     def _load_batches(self) -> None:
         rows = self.db.execute(
@@ -1248,6 +1264,12 @@ class _StoreMarks:
 def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:
     """A partition's critical-path rows as their per-endpoint aggregates (what a round decides)."""
     return summarize_path_rows(paths) if isinstance(paths, PathRows) else paths
+
+
+def _rows_format_mark(formats: dict[str, int]) -> int:
+    """One number for every kind's rows format (a stable hash, fits a BIGINT)."""
+    text = ",".join(f"{kind}={formats[kind]}" for kind in sorted(formats))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
 
 
 def _store_file(sidecar: str) -> str:

@@ -164,6 +164,42 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         store.close()
 
 
+def test_rows_of_an_older_shape_are_extracted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector whose rows changed shape (its ``ROWS_FORMAT`` bumped) makes a restarted serve
+    extract every batch again rather than decide on rows it cannot read; an unchanged format
+    resumes from the files."""
+    from hourglass.analysis import incremental
+
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = IncrementalAnalysis(sidecar, batch_spans=500)
+        first, _ = _round(state, store)
+        batches = set(state.batches)
+        assert len(batches) >= 3
+        state.close()
+        same = IncrementalAnalysis(sidecar)
+        assert same.stored == batches
+        same.close()
+        monkeypatch.setitem(incremental.ROWS_FORMAT, "n_plus_one", 2)
+        again = IncrementalAnalysis(sidecar)
+        assert again.stored == set() and set(again.batches) == batches
+        assert not list((Path(sidecar + ".d") / "spill").rglob("*.parquet"))
+        redone, figures = _round(again, store)
+        assert figures["partitions_read"] == len(batches), figures
+        assert again.stored == batches
+        again.close()
+        assert [r["id"] for r in redone["recommendations"]] == [r["id"] for r in first["recommendations"]]
+        # the new mark is kept: the next start resumes
+        kept = IncrementalAnalysis(sidecar)
+        assert kept.stored == batches
+        kept.close()
+    finally:
+        store.close()
+
+
 def _holds_rows(value: Any) -> bool:
     import polars as pl
 

@@ -21,6 +21,7 @@ list[Finding]`` — the cross-trace half on those tables alone, for any number o
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,4 +73,12 @@ PARTS: dict[str, DetectorParts] = {
     "batchable_calls": DetectorParts(batchable_calls.extract, batchable_calls.decide),
     "n_plus_one": DetectorParts(n_plus_one.extract, n_plus_one.decide),
     "serialized_calls": DetectorParts(serialized_calls.extract, serialized_calls.decide),
+}
+
+# The shape of each kind's extracted rows (a module's ``ROWS_FORMAT``, 1 when it has none). A
+# detector whose ``extract`` output changes (a table or column added, removed or redefined) bumps
+# it, so serve's stored rows of the older shape are extracted again, not decided on.
+ROWS_FORMAT: dict[str, int] = {
+    kind: int(getattr(sys.modules[parts.extract.__module__], "ROWS_FORMAT", 1))
+    for kind, parts in PARTS.items()
 }
