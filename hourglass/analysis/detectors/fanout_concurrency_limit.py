@@ -79,6 +79,7 @@ from hourglass.analysis.detectors._common import (
     occurrence_keys,
     per_unit,
     sibling_groups,
+    sorted_partitions,
     stat,
     target_operation,
     with_span_columns,
@@ -396,12 +397,13 @@ def _per_fanout_findings(
         ),
         misses,
     )
-    groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
-    if groups.is_empty():
-        return []
-    groups = groups.sort(["first_start_ns", "trace_id", "parent_span_id"])
     findings = []
-    for frame in groups.partition_by(SIGNATURE, maintain_order=True):
+    for frame in sorted_partitions(
+        groups,
+        SIGNATURE,
+        ["first_start_ns", "trace_id", "parent_span_id"],
+        (pl.col("k") >= 2) | pl.col("pool_evidence"),
+    ):
         k_mode = int(frame["k"].mode().min())  # type: ignore[arg-type]
         # Fan-outs of this signature wide enough to hit the cap: a real cap shows in most of them.
         wide = int(
