@@ -490,8 +490,9 @@ def _pool_calls(
     calls = _unreported(calls, found)
     if fanouts is None or fanouts.is_empty():
         return calls
-    capped = _unreported(fanouts.filter("in_pool"), found)
+    capped = _unreported(fanouts, found)  # (then in_pool: only the unreported rows copied)
     assert capped is not None
+    capped = capped.filter("in_pool")
     if capped.is_empty():
         return calls
     exploded = (
