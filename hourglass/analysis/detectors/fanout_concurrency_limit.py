@@ -527,14 +527,9 @@ def _unreported(kids: pl.DataFrame | None, found: set[tuple[str, ...]]) -> pl.Da
         return kids
     text = [f"_found_{i}" for i in range(len(SIGNATURE))]
     reported = pl.DataFrame(
-        [
-            pl.Series(name, values, pl.String)
-            for name, values in zip(text, zip(*found, strict=True), strict=True)
-        ]
+        [pl.Series(name, values, pl.String) for name, values in zip(text, zip(*found, strict=True), strict=True)]
     )
-    as_text = [
-        pl.col(c).cast(pl.String).fill_null("None").alias(t) for c, t in zip(SIGNATURE, text, strict=True)
-    ]
+    as_text = [pl.col(c).cast(pl.String).fill_null("None").alias(t) for c, t in zip(SIGNATURE, text, strict=True)]
     return kids.with_columns(as_text).join(reported, on=text, how="anti", maintain_order="left").drop(text)
 
 
