@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors.fanout_concurrency_limit import detect
+from hourglass.analysis.detectors.fanout_concurrency_limit import decide, detect, extract
 from hourglass.analysis.model import RunConcurrently
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.analysis._assertions import one_finding, run_detector
@@ -300,6 +300,22 @@ def test_a_pool_shared_across_requests_is_found() -> None:
     assert finding.evidence["cross_trace_handover_rate"] >= 0.2
     assert finding.targets == [{"service": "frontend", "operation": "HTTP GET /route"}]
     assert all(isinstance(o.interventions[0], RunConcurrently) for o in finding.occurrences)
+
+
+def test_the_capped_fanout_of_a_shared_pool_is_swept_from_its_fanouts_row() -> None:
+    # the first request has the pool to itself: its fan-out is capped (the per-fan-out rule, not
+    # reported: 1 of 30), so its calls are stored once, in its ``fanouts`` row, not as pool calls;
+    # the sweep across traces still counts them, and they are the finding's first occurrence
+    ctx = AnalysisContext.from_table(spans_table(shared_pool_traces(30, 3, arrival_gap_ms=120)))
+    rows = extract(ctx)
+    assert rows["fanouts"]["in_pool"].to_list() == [True]
+    assert rows["pool_calls"].height == 290
+    [finding] = decide(rows, ctx)
+    assert finding.evidence["shared_across_traces"] is True
+    assert finding.evidence["calls"] == 300 and len(finding.occurrences) == 30
+    first = finding.occurrences[0]
+    assert first.trace_id == rows["fanouts"]["trace_id"][0]
+    assert list(first.span_ids[1:]) == rows["fanouts"]["child_ids"][0].to_list()
 
 
 def test_a_per_request_pool_is_reported_once_by_the_fanout_rule() -> None:

@@ -79,6 +79,7 @@ from hourglass.analysis.detectors._common import (
     occurrence_keys,
     per_unit,
     sibling_groups,
+    sorted_partitions,
     stat,
     target_operation,
     with_span_columns,
@@ -86,6 +87,7 @@ from hourglass.analysis.detectors._common import (
 from hourglass.analysis.model import Finding, Occurrences, RunConcurrently
 
 KIND = "fanout_concurrency_limit"
+ROWS_FORMAT = 2  # 2: capped fan-outs carry their calls' starts and ends; pool_calls holds the others
 MIN_CHILDREN = 3
 OVERLAP_TOLERANCE_NS = 500_000
 OVERLAP_TOLERANCE_SHARE = 0.05
@@ -128,10 +130,15 @@ def _pool_evidence_groups(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.Series:
 
 def extract(ctx: AnalysisContext) -> Rows:
     """Per-trace half: ``widths`` (fan-outs per signature and width, a partial count),
-    ``fanouts`` (one row per capped fan-out of the per-fan-out rule) and ``pool_calls`` (the calls
-    of queued fan-outs whose children overlap: the rows the shared-pool rule sweeps across
-    traces). Fan-outs are keyed by ``fanout_id``, a hash of the trace, the parent span and the
-    signature, so partitions never collide."""
+    ``fanouts`` (one row per capped fan-out of the per-fan-out rule, with its children's starts and
+    ends) and ``pool_calls`` (the calls of the other queued fan-outs whose children overlap). The
+    shared-pool rule sweeps, across traces, the calls of every queued fan-out whose children
+    overlap: those of ``pool_calls`` and those of the capped fan-outs marked ``in_pool``, taken
+    from their ``fanouts`` rows only for the signatures it judges (:func:`_pool_calls`) — on
+    serve's soak nearly every such call is a capped fan-out's of a signature the per-fan-out rule
+    reports, so the decision neither holds nor reads a row per call for them. Fan-outs are
+    keyed by ``fanout_id``, a hash of the trace, the parent span and the signature, so partitions
+    never collide."""
     spans = ctx.spans
     all_kids = sibling_groups(ctx, MIN_CHILDREN)
     if all_kids.is_empty():
@@ -148,12 +155,18 @@ def extract(ctx: AnalysisContext) -> Rows:
     if queued_kids.is_empty():
         return {"widths": widths}
     pooled = _pool_evidence_groups(spans, queued_kids)
-    capped, uncapped = _capped_fanouts(spans, queued_kids, pooled)
+    overlapping = _overlapping_groups(queued_kids)
+    capped, uncapped = _capped_fanouts(spans, queued_kids, pooled, overlapping)
+    # a capped fan-out's calls are kept once, in its ``fanouts`` row (its children's ids, starts
+    # and ends): the shared-pool rule takes them from there for the signatures it judges
+    folded = capped.filter("in_pool")["group_id"] if capped.height else pl.Series("group_id", [], pl.UInt64)
     return {
         "widths": widths,
-        "fanouts": capped,
+        "fanouts": capped.drop("group_id") if capped.height else capped,
         "uncapped": uncapped,
-        "pool_calls": _overlapping_calls(spans, queued_kids, pooled),
+        "pool_calls": _overlapping_calls(
+            spans, queued_kids.filter(~pl.col("group_id").is_in(folded.implode())), pooled, overlapping
+        ),
     }
 
 
@@ -161,9 +174,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: the capped rate per signature, and the shared-pool sweep across traces."""
     misses: list[Miss] = []  # (signature, reason, traces, count)
     _no_cap_misses(rows.get("uncapped"), rows.get("fanouts"), misses)
-    findings = _per_fanout_findings(rows.get("fanouts"), rows.get("widths"), misses)
+    fanouts = rows.get("fanouts")
+    per_fanout = (
+        None
+        if fanouts is None or fanouts.is_empty()
+        else fanouts.drop("child_starts", "child_ends", "in_pool")
+    )
+    findings = _per_fanout_findings(per_fanout, rows.get("widths"), misses)
+    del per_fanout
     found = {tuple(f.evidence["signature"]) for f in findings}
-    findings += _shared_pool_findings(_unreported(rows.get("pool_calls"), found), found, misses)
+    findings += _shared_pool_findings(_pool_calls(rows.get("pool_calls"), fanouts, found), found, misses)
     found = {tuple(f.evidence["signature"]) for f in findings}
     noted: set[tuple[str, ...]] = set()
     for signature, reason, trace_ids, traces in misses:  # one per signature: the first rule it failed
@@ -268,10 +288,11 @@ def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.Dat
 
 
 def _capped_fanouts(
-    spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series
+    spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series, overlapping: pl.Series
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The per-fan-out rule (module doc, first part) inside each trace: the capped fan-outs, and
-    the others counted per signature and shape."""
+    """The per-fan-out rule (module doc, first part) inside each trace: the capped fan-outs (with
+    their ``group_id``; ``in_pool`` when their children overlap, ``overlapping``), and the others
+    counted per signature and shape."""
     # Cheap pre-filter before the sweep: a cap of k >= 2 starts at least two children together;
     # k = 1 needs pool evidence. Sequential loops (most sibling groups) stop here.
     launch_tol = pl.max_horizontal(
@@ -322,6 +343,8 @@ def _capped_fanouts(
                 [*SIGNATURE, "trace_id", "parent_span_id", "n", "k", "cap_hits", "first_start_ns"]
             ).first(),
             child_ids=pl.col("span_id"),
+            child_starts=pl.col("start_ns"),
+            child_ends=pl.col("end_ns"),
             first_wave=pl.col("first_wave").sum(),
             handover_gap_ns=(pl.col("start_ns") - pl.col("prev_end_ns"))
             .filter(~pl.col("first_wave"))
@@ -351,9 +374,12 @@ def _capped_fanouts(
             trace_ids=pl.col("trace_id").unique().sort().head(5),
         )
     )
-    groups = fanouts.filter("capped").with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()))
+    groups = fanouts.filter("capped").with_columns(
+        pool_evidence=pl.col("group_id").is_in(pooled.implode()),
+        in_pool=pl.col("group_id").is_in(overlapping.implode()),
+    )
     # k = 1 without pool evidence is left out in the decision (and listed as a near miss there).
-    return groups.with_columns(_fanout_id()).drop("group_id"), uncapped
+    return groups.with_columns(_fanout_id()), uncapped
 
 
 def _per_fanout_findings(
@@ -371,12 +397,13 @@ def _per_fanout_findings(
         ),
         misses,
     )
-    groups = groups.filter((pl.col("k") >= 2) | pl.col("pool_evidence"))
-    if groups.is_empty():
-        return []
-    groups = groups.sort(["first_start_ns", "trace_id", "parent_span_id"])
     findings = []
-    for frame in groups.partition_by(SIGNATURE, maintain_order=True):
+    for frame in sorted_partitions(
+        groups,
+        SIGNATURE,
+        ["first_start_ns", "trace_id", "parent_span_id"],
+        (pl.col("k") >= 2) | pl.col("pool_evidence"),
+    ):
         k_mode = int(frame["k"].mode().min())  # type: ignore[arg-type]
         # Fan-outs of this signature wide enough to hit the cap: a real cap shows in most of them.
         wide = int(
@@ -406,11 +433,10 @@ def first_of(frame: pl.DataFrame, column: str) -> str:
     return str(frame[column][0])
 
 
-def _overlapping_calls(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series) -> pl.DataFrame:
-    """The calls of the queued fan-outs ``kids`` whose children overlap somewhere — a plain
-    sequential loop never does, and loops are most queued groups, so they are dropped before any
-    string column is fetched — with their signature and pool evidence."""
-    overlapping = (
+def _overlapping_groups(kids: pl.DataFrame) -> pl.Series:
+    """The queued fan-outs of ``kids`` whose children overlap somewhere (a plain sequential loop
+    never does, and loops are most queued groups): their ``group_id``."""
+    return (
         kids.lazy()
         .sort(["group_id", "start_ns"])
         .with_columns(prev_end_max=pl.col("end_ns").cum_max().shift(1).over("group_id"))
@@ -419,17 +445,75 @@ def _overlapping_calls(spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Serie
         .filter("overlaps")
         .select("group_id")
         .collect()
+        .to_series()
     )
-    kids = kids.join(overlapping, on="group_id", how="semi")
+
+
+# a pool call's columns, in their order (``pool_calls`` rows and the calls of capped fan-outs)
+_POOL_COLUMNS = [
+    "start_ns",
+    "end_ns",
+    "duration_ns",
+    "n",
+    *SIGNATURE,
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "pool_evidence",
+    "fanout_id",
+]
+
+
+def _overlapping_calls(
+    spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series, overlapping: pl.Series
+) -> pl.DataFrame:
+    """The calls of the queued fan-outs ``kids`` whose children overlap (``overlapping``) — loops
+    are dropped before any string column is fetched — with their signature and pool evidence."""
+    kids = kids.filter(pl.col("group_id").is_in(overlapping.implode()))
     if kids.is_empty():
         return pl.DataFrame()
     kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
     return (
         kids.with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()), fanout_id=_fanout_id())
-        .drop("group_id")
         .sort(["fanout_id", "start_ns", "row"])
-        .drop("row", "parent_row")
+        .select(_POOL_COLUMNS)
     )
+
+
+def _pool_calls(
+    calls: pl.DataFrame | None, fanouts: pl.DataFrame | None, found: set[tuple[str, ...]]
+) -> pl.DataFrame | None:
+    """The calls the shared-pool rule sweeps: of the signatures the per-fan-out rule did not
+    report (:func:`_unreported`), the stored ``pool_calls`` and the calls of the capped fan-outs
+    ``in_pool``, one row per child from their ``fanouts`` rows (each fan-out's calls in the order
+    its rows had: by start, then span)."""
+    calls = _unreported(calls, found)
+    if fanouts is None or fanouts.is_empty():
+        return calls
+    capped = _unreported(fanouts, found)  # (then in_pool: only the unreported rows copied)
+    assert capped is not None
+    capped = capped.filter("in_pool")
+    if capped.is_empty():
+        return calls
+    exploded = (
+        capped.select(
+            *SIGNATURE,
+            "trace_id",
+            "parent_span_id",
+            "n",
+            "pool_evidence",
+            "fanout_id",
+            span_id="child_ids",
+            start_ns="child_starts",
+            end_ns="child_ends",
+        )
+        .explode(["span_id", "start_ns", "end_ns"])
+        .with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"))
+        .select(_POOL_COLUMNS)
+    )
+    if calls is None or calls.is_empty():
+        return exploded
+    return pl.concat([calls, exploded], how="vertical_relaxed")
 
 
 def _unreported(kids: pl.DataFrame | None, found: set[tuple[str, ...]]) -> pl.DataFrame | None:

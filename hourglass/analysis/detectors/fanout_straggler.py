@@ -60,6 +60,7 @@ from hourglass.analysis.detectors._common import (
     fanout_finding,
     occurrence_keys,
     sibling_groups,
+    sorted_partitions,
     stat,
     target_operation,
     with_span_columns,
@@ -253,11 +254,13 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         _note_off_critical_path(notes, off)
     if occurrences is None or occurrences.is_empty():
         return []
-    occurrences = occurrences.join(
-        fanouts_seen.select(*SIGNATURE, "fanouts_seen"), on=SIGNATURE, how="left"
-    ).sort(["root_start", "trace_id", "parent_span_id"])
+    # each signature's occurrences in order, one signature copied at a time (not every row joined
+    # with its signature's count, sorted, then split); the count joined per signature
+    counts = fanouts_seen.select(*SIGNATURE, "fanouts_seen")
     findings: list[Finding] = []
-    for frame in occurrences.partition_by(SIGNATURE, maintain_order=True):
+    for signature in sorted_partitions(occurrences, SIGNATURE, ["root_start", "trace_id", "parent_span_id"]):
+        count = signature.head(1).select(SIGNATURE).join(counts, on=SIGNATURE, how="left")["fanouts_seen"]
+        frame = signature.with_columns(pl.lit(count[0], count.dtype).alias("fanouts_seen"))
         finding = _finding(frame, notes)
         if finding is not None:
             findings.append(finding)
