@@ -549,7 +549,8 @@ class Occurrences(Sequence[Occurrence]):
         parameter, none for ``RunConcurrently``), the numbers floats in the order given (a
         ``x / 1e6`` made by numpy: polars divides by a constant as a multiplication by its inverse,
         which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
-        two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists. ``None``: no
+        two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists (span ids equal
+        to ``span_ids``: held as positions in them). ``None``: no
         intervention (``interventions=()``; no parameter, no ``shortened``). The same
         occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
         n = len(trace_ids)
@@ -592,10 +593,18 @@ class Occurrences(Sequence[Occurrence]):
             if m != self._iv_off[-1] or len(by) != m or not by.dtype.is_numeric():
                 raise ValueError("occurrences: ShortenSpan's by_ns must be numbers, none null")
             self._iv_kind = np.full(m, code, dtype=np.uint8)
-            self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
             self._iv_len = np.ones(m, dtype=np.int32)
-            self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
-            self._iv_extra = ids.cast(pl.String).rename("")
+            if shortened[0] is span_ids or shortened[0].equals(span_ids):
+                # one per span id of the occurrence, in order (lock_contention): positions in its own ids
+                self._iv_start = (np.arange(m, dtype=np.int64) - np.repeat(self._iv_off[:-1], counts)).astype(
+                    np.int32
+                )
+                self._iv_ex_off = np.zeros(m + 1, dtype=np.int64)
+                self._iv_extra = pl.Series([], dtype=pl.String)
+            else:
+                self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
+                self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
+                self._iv_extra = ids.cast(pl.String).rename("")
             self._iv_float = np.zeros(m, dtype=np.float64)
             self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
             self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)

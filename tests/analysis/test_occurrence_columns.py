@@ -415,3 +415,47 @@ def test_columns_without_an_intervention_are_the_objects_of_their_definition() -
             numbers={},
             keys=frame["key"],
         )
+
+
+def test_each_own_span_shortened_made_from_a_frame_is_the_objects_of_its_definition() -> None:
+    """``from_columns`` of ``ShortenSpan`` whose span ids are the occurrence's own, one each in
+    order (``lock_contention``): the same occurrences, the ids held as positions in the
+    occurrence's own (nothing held apart), as :meth:`Occurrences.from_list` holds them."""
+    import polars as pl
+
+    rng = random.Random(12)
+    n = 900
+    spans = [[f"{rng.getrandbits(64):016x}" for _ in range(rng.choice([1, 2, 7]))] for _ in range(n)]
+    frame = pl.DataFrame(
+        {
+            "trace_id": [f"{rng.getrandbits(128):032x}" for _ in range(n)],
+            "spans": pl.Series(spans, dtype=pl.List(pl.String)),
+            "waits": pl.Series([[rng.randrange(10**10) for _ in s] for s in spans], dtype=pl.List(pl.Int64)),
+            "key": pl.Series([rng.getrandbits(64) for _ in range(n)], dtype=pl.UInt64),
+        }
+    )
+    table = Occurrences.from_columns(
+        frame["trace_id"],
+        frame["spans"],
+        intervention=ShortenSpan,
+        shortened=(frame["spans"], frame["waits"]),
+        numbers={"waits": frame["waits"].list.len()},
+        keys=frame["key"],
+    )
+    want = [
+        Occurrence(
+            trace,
+            tuple(ids),
+            tuple(ShortenSpan(s, w) for s, w in zip(ids, waits, strict=True)),
+            {"waits": float(len(ids))},
+            key=key,
+        )
+        for trace, ids, waits, key in frame.iter_rows()
+    ]
+    for got, expected in zip(table, want, strict=True):
+        _same_exactly(got, expected)
+    assert table == Occurrences.from_list(want)
+    assert len(table._iv_extra) == 0 and len(Occurrences.from_list(want)._iv_extra) == 0
+    assert table.take([3, 0]) == [want[3], want[0]]
+    assert pickle.loads(pickle.dumps(table)) == want
+    assert table.intervention_columns().span_ids.to_list() == [s for ids in spans for s in ids]
