@@ -163,7 +163,8 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         return []
     backed_off = sequences.filter("backed_off")
     sequences = sequences.filter(~pl.col("backed_off"))
-    judged = _judge(retries)
+    # in one piece: grouped as the stored batches' ~150 chunks, polars' working set is ~10x the table
+    judged = _judge(retries.rechunk())
     verdicts = judged.filter("lacks_backoff").drop("lacks_backoff")
     _note_near_misses(notes, sequences, backed_off, judged.filter(~pl.col("lacks_backoff")), verdicts)
     if verdicts.height == 0:
