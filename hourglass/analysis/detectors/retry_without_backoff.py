@@ -169,15 +169,31 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     _note_near_misses(notes, sequences, backed_off, judged.filter(~pl.col("lacks_backoff")), verdicts)
     if verdicts.height == 0:
         return []
-    sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort(
-        "trace_id", "first_start_ns", pl.col("span_ids").list.first()
+    # The reported signatures' sequences in one order whatever the partitioning: an index sorted on
+    # compact keys, not the rows joined and sorted whole (each carries its attempts' span ids and codes)
+    chosen = (
+        sequences.select(*SIGNATURE, "trace_id", "first_start_ns", _first=pl.col("span_ids").list.first())
+        .with_row_index("_row")
+        .join(verdicts.select(SIGNATURE), on=SIGNATURE, how="semi")
+        .sort("trace_id", "first_start_ns", "_first")
+        .group_by(SIGNATURE, maintain_order=True)
+        .agg("_row")
     )
-
+    verdict_of = {tuple(r[c] for c in SIGNATURE): r for r in verdicts.iter_rows(named=True)}
     findings: list[Finding] = []
-    for group_key, group in sequences.partition_by(SIGNATURE, as_dict=True, maintain_order=True).items():
+    for *group_key, at in chosen.iter_rows():
+        group = sequences[pl.Series(at, dtype=pl.UInt32)]  # the whole rows of this finding's sequences only
         service, operation, target_service, target_operation = (str(v) for v in group_key)
         findings.append(
-            _finding(service, operation, target_service, target_operation, group, _occurrences(group))
+            _finding(
+                service,
+                operation,
+                target_service,
+                target_operation,
+                group,
+                verdict_of[tuple(group_key)],
+                _occurrences(group),
+            )
         )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
@@ -464,8 +480,11 @@ def _finding(
     target_service: str,
     target_operation: str,
     group: pl.DataFrame,
+    verdict: dict[str, Any],
     occurrences: Occurrences,
 ) -> Finding:
+    """The finding of one signature: ``group``, its sequences in order; ``verdict``, its row of
+    :func:`_judge`."""
     stats = group.select(
         traces=pl.col("trace_id").n_unique(),
         bursts=pl.len(),
@@ -481,7 +500,6 @@ def _finding(
         in_loop_share=pl.col("in_loop").mean(),
         retried_operations=pl.col("name").unique().sort().implode(),
     ).row(0, named=True)
-    verdict = group.row(0, named=True)
     codes = (
         group.select(pl.col("codes").explode().drop_nulls().value_counts())
         .unnest("codes")
