@@ -534,7 +534,7 @@ class Occurrences(Sequence[Occurrence]):
         trace_ids: pl.Series,
         span_ids: pl.Series,
         *,
-        intervention: type[RunConcurrently | CollapseSpans | CapConcurrency | ShortenSpan],
+        intervention: type[RunConcurrently | CollapseSpans | CapConcurrency | ShortenSpan] | None,
         first: int = 0,
         dropped: np.ndarray | int = 0,
         parameter: pl.Series | None = None,
@@ -549,7 +549,9 @@ class Occurrences(Sequence[Occurrence]):
         parameter, none for ``RunConcurrently``), the numbers floats in the order given (a
         ``x / 1e6`` made by numpy: polars divides by a constant as a multiplication by its inverse,
         which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
-        two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists. The same
+        two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists (span ids equal
+        to ``span_ids``: held as positions in them). ``None``: no
+        intervention (``interventions=()``; no parameter, no ``shortened``). The same
         occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
         n = len(trace_ids)
         for name, column in [("trace ids", trace_ids), ("span ids", span_ids), ("keys", keys)]:
@@ -564,8 +566,19 @@ class Occurrences(Sequence[Occurrence]):
         self._spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
         if len(self._spans) != self._span_off[-1]:
             raise ValueError("occurrences: span ids must be lists of strings, none null")
-        code = _KIND_CODE[intervention]
-        if intervention is ShortenSpan:
+        if intervention is None:
+            if parameter is not None or shortened is not None:
+                raise ValueError("occurrences: no intervention takes no parameter")
+            self._iv_off = np.zeros(n + 1, dtype=np.int64)
+            self._iv_kind = np.zeros(0, dtype=np.uint8)
+            self._iv_start = np.zeros(0, dtype=np.int32)
+            self._iv_len = np.zeros(0, dtype=np.int32)
+            self._iv_ex_off = np.zeros(1, dtype=np.int64)
+            self._iv_extra = pl.Series([], dtype=pl.String)
+            self._iv_float = np.zeros(0, dtype=np.float64)
+            self._iv_ptype = np.zeros(0, dtype=np.uint8)
+            self._iv_int = np.zeros(0, dtype=np.int64)
+        elif intervention is ShortenSpan:
             if shortened is None or any(len(c) != n or c.null_count() for c in shortened):
                 raise ValueError(f"occurrences: ShortenSpan takes two columns of {n} lists, none null")
             counts = shortened[0].list.len().to_numpy().astype(np.int64)
@@ -573,30 +586,39 @@ class Occurrences(Sequence[Occurrence]):
                 raise ValueError("occurrences: ShortenSpan's span ids and by_ns differ in length")
             self._iv_off = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(counts, out=self._iv_off[1:])
+            code = _KIND_CODE[intervention]
             ids = shortened[0].explode(empty_as_null=False, keep_nulls=False)
             by = shortened[1].explode(empty_as_null=False, keep_nulls=False)
             m = len(ids)
             if m != self._iv_off[-1] or len(by) != m or not by.dtype.is_numeric():
                 raise ValueError("occurrences: ShortenSpan's by_ns must be numbers, none null")
             self._iv_kind = np.full(m, code, dtype=np.uint8)
-            self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
             self._iv_len = np.ones(m, dtype=np.int32)
-            self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
-            self._iv_extra = ids.cast(pl.String).rename("")
+            if shortened[0] is span_ids or shortened[0].equals(span_ids):
+                # one per span id of the occurrence, in order (lock_contention): positions in its own ids
+                self._iv_start = (np.arange(m, dtype=np.int64) - np.repeat(self._iv_off[:-1], counts)).astype(
+                    np.int32
+                )
+                self._iv_ex_off = np.zeros(m + 1, dtype=np.int64)
+                self._iv_extra = pl.Series([], dtype=pl.String)
+            else:
+                self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
+                self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
+                self._iv_extra = ids.cast(pl.String).rename("")
             self._iv_float = np.zeros(m, dtype=np.float64)
             self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
             self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)
         else:
             self._iv_off = np.arange(n + 1, dtype=np.int64)
-            self._iv_kind = np.full(n, code, dtype=np.uint8)
+            self._iv_kind = np.full(n, _KIND_CODE[intervention], dtype=np.uint8)
             named = np.maximum(lengths - first - np.asarray(dropped, dtype=np.int64), 0)  # (as a slice)
             self._iv_start = np.where(named > 0, first, 0).astype(np.int32)
             self._iv_len = named.astype(np.int32)
             self._iv_ex_off = np.zeros(n + 1, dtype=np.int64)
             self._iv_extra = pl.Series([], dtype=pl.String)
             self._iv_float = np.zeros(n, dtype=np.float64)
-        if intervention is ShortenSpan:
-            pass  # (its parameters above)
+        if intervention is None or intervention is ShortenSpan:
+            pass  # (their parameters above)
         elif (parameter is None) != (intervention is RunConcurrently):
             raise ValueError(
                 f"occurrences: {intervention.__name__} takes {'no' if parameter is None else 'a'} parameter"

@@ -489,3 +489,42 @@ def test_busy_group_prefilter_keeps_exactly_the_groups_the_sweep_finds_queued() 
     kept = set(_busy_groups(frame, _clock(frame)).to_list())
     assert 0 < len(kept) < 40
     assert kept == expected
+
+
+def test_occurrences_with_and_without_a_queue_depth_keep_their_order_and_numbers() -> None:
+    """A finding's occurrences, one per trace in order of first wait, made in columns: a trace whose
+    waits report a queue depth carries it, one whose waits report none has no such number (the
+    two made apart and put back in order), and each waiting span is shortened by its own wait."""
+    from hourglass.analysis.detectors._common import occurrence_keys
+    from hourglass.analysis.detectors.lock_contention import _occurrences
+    from hourglass.analysis.model import Occurrence
+
+    frame = pl.DataFrame(
+        {
+            "trace_id": ["t1", "t2", "t1", "t3", "t4", "t3"],
+            "span_id": ["a", "b", "c", "d", "e", "f"],
+            "wait_ns": [5_000_000, 7_000_000, 3_000_000, 9_000_000, 4_000_000, 1_000_000],
+            "wait_share": [0.5, 0.25, 0.75, 0.125, 1.0, 0.5],
+            "queue_depth": [3, None, None, None, 2, 5],
+        }
+    )
+    got = _occurrences(frame)
+    keys = occurrence_keys(
+        frame.group_by("trace_id", maintain_order=True).agg(
+            span_ids=pl.col("span_id"), waits=pl.col("wait_ns")
+        ),
+        ["trace_id", "span_ids", "waits"],
+    ).to_list()
+    want = [
+        Occurrence("t1", ("a", "c"), (ShortenSpan("a", 5_000_000), ShortenSpan("c", 3_000_000)),
+                   {"wait_ms": 8.0, "wait_share": 0.75, "queue_depth": 3.0}, key=keys[0]),
+        Occurrence("t2", ("b",), (ShortenSpan("b", 7_000_000),), {"wait_ms": 7.0, "wait_share": 0.25},
+                   key=keys[1]),
+        Occurrence("t3", ("d", "f"), (ShortenSpan("d", 9_000_000), ShortenSpan("f", 1_000_000)),
+                   {"wait_ms": 10.0, "wait_share": 0.5, "queue_depth": 5.0}, key=keys[2]),
+        Occurrence("t4", ("e",), (ShortenSpan("e", 4_000_000),), {"wait_ms": 4.0, "wait_share": 1.0, "queue_depth": 2.0},
+                   key=keys[3]),
+    ]  # fmt: skip
+    assert list(got) == want
+    assert [o.key for o in got] == keys
+    assert [list(o.numbers) for o in got] == [list(o.numbers) for o in want]

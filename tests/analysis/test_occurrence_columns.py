@@ -368,3 +368,94 @@ def test_numpy_numbers_count_as_numbers() -> None:
     values, present = Occurrences.from_list(occurrences).number_column("held_ms")
     assert values[:2].tolist() == [2.5, 3.0] and math.isnan(values[2])
     assert present.tolist() == [True, True, True]
+
+
+def test_columns_without_an_intervention_are_the_objects_of_their_definition() -> None:
+    """``from_columns`` with no intervention (``retry_without_backoff``, ``error_propagation``):
+    ``interventions=()``, the numbers floats in the order given; a parameter is a clear error."""
+    import polars as pl
+
+    rng = random.Random(11)
+    n = 1200
+    frame = pl.DataFrame(
+        {
+            "trace_id": [f"{rng.getrandbits(128):032x}" for _ in range(n)],
+            "spans": [
+                [f"{rng.getrandbits(64):016x}" for _ in range(rng.choice([0, 1, 4]))] for _ in range(n)
+            ],
+            "a_ns": [rng.randrange(10**12) for _ in range(n)],
+            "key": pl.Series([rng.getrandbits(64) for _ in range(n)], dtype=pl.UInt64),
+        }
+    )
+    frame = frame.with_columns(pl.col("spans").cast(pl.List(pl.String)))
+    table = Occurrences.from_columns(
+        frame["trace_id"],
+        frame["spans"],
+        intervention=None,
+        numbers={"a_ms": frame["a_ns"].to_numpy() / 1e6, "calls": frame["a_ns"]},
+        keys=frame["key"],
+    )
+    want = [
+        Occurrence(trace, tuple(spans), (), {"a_ms": a_ns / 1e6, "calls": float(a_ns)}, key=key)
+        for trace, spans, a_ns, key in frame.iter_rows()
+    ]
+    for got, expected in zip(table, want, strict=True):
+        _same_exactly(got, expected)
+    assert table == Occurrences.from_list(want)
+    assert table.take([7, 2]) == [want[7], want[2]]
+    assert Occurrences.concat([table, table[:3]]) == [*want, *want[:3]]
+    assert pickle.loads(pickle.dumps(table)) == want
+    assert table.intervention_columns().span_ids.to_list() == []
+    with pytest.raises(ValueError, match="no intervention takes no parameter"):
+        Occurrences.from_columns(
+            frame["trace_id"],
+            frame["spans"],
+            intervention=None,
+            parameter=frame["a_ns"],
+            numbers={},
+            keys=frame["key"],
+        )
+
+
+def test_each_own_span_shortened_made_from_a_frame_is_the_objects_of_its_definition() -> None:
+    """``from_columns`` of ``ShortenSpan`` whose span ids are the occurrence's own, one each in
+    order (``lock_contention``): the same occurrences, the ids held as positions in the
+    occurrence's own (nothing held apart), as :meth:`Occurrences.from_list` holds them."""
+    import polars as pl
+
+    rng = random.Random(12)
+    n = 900
+    spans = [[f"{rng.getrandbits(64):016x}" for _ in range(rng.choice([1, 2, 7]))] for _ in range(n)]
+    frame = pl.DataFrame(
+        {
+            "trace_id": [f"{rng.getrandbits(128):032x}" for _ in range(n)],
+            "spans": pl.Series(spans, dtype=pl.List(pl.String)),
+            "waits": pl.Series([[rng.randrange(10**10) for _ in s] for s in spans], dtype=pl.List(pl.Int64)),
+            "key": pl.Series([rng.getrandbits(64) for _ in range(n)], dtype=pl.UInt64),
+        }
+    )
+    table = Occurrences.from_columns(
+        frame["trace_id"],
+        frame["spans"],
+        intervention=ShortenSpan,
+        shortened=(frame["spans"], frame["waits"]),
+        numbers={"waits": frame["waits"].list.len()},
+        keys=frame["key"],
+    )
+    want = [
+        Occurrence(
+            trace,
+            tuple(ids),
+            tuple(ShortenSpan(s, w) for s, w in zip(ids, waits, strict=True)),
+            {"waits": float(len(ids))},
+            key=key,
+        )
+        for trace, ids, waits, key in frame.iter_rows()
+    ]
+    for got, expected in zip(table, want, strict=True):
+        _same_exactly(got, expected)
+    assert table == Occurrences.from_list(want)
+    assert len(table._iv_extra) == 0 and len(Occurrences.from_list(want)._iv_extra) == 0
+    assert table.take([3, 0]) == [want[3], want[0]]
+    assert pickle.loads(pickle.dumps(table)) == want
+    assert table.intervention_columns().span_ids.to_list() == [s for ids in spans for s in ids]

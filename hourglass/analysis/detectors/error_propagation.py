@@ -67,12 +67,12 @@ from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     call_target_expr,
-    column_values,
     failed_expr,
     occurrence_keys,
+    per_unit,
     url_host_expr,
 )
-from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.model import Finding, Occurrences
 from hourglass.analysis.repair import pointer_fixpoint
 from hourglass.collector.schema import (
     KIND_CLIENT,
@@ -353,35 +353,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             .join(root_totals, on=["root_service", "root_name"], how="left")
             .sort(["failed_requests", "root_service", "root_name"], descending=[True, False, False])
         )
-        occurrence_list = [
-            Occurrence(
-                trace_id=trace_id,
-                span_ids=tuple(dict.fromkeys([*call_ids, *dep_ids])),
-                numbers={
-                    "failed_dependency_spans": float(failed_dependency_spans),
-                    "dependency_depth": float(depth or 0),
-                    "root_duration_ms": (root_duration_ns or 0) / 1e6,
-                    # The cost the ranking reads: the failed request ran this long for an error.
-                    "failed_request_ms": (root_duration_ns or 0) / 1e6,
-                },
-                key=occurrence_key,
-            )
-            for trace_id, call_ids, dep_ids, failed_dependency_spans, depth, root_duration_ns, occurrence_key in zip(
-                *column_values(
-                    group,
-                    [
-                        "trace_id",
-                        "call_ids",
-                        "dep_ids",
-                        "failed_dependency_spans",
-                        "depth",
-                        "root_duration_ns",
-                        "occurrence_key",
-                    ],
-                ),
-                strict=True,
-            )
-        ]
+        occurrence_list = _occurrences(group)
         propagated_traces = int(row["propagated_traces"])
         failed_ms = (group["root_duration_ns"].fill_null(0) / 1e6).to_numpy()
         calls = int(row["dependency_calls"] or 0)
@@ -408,7 +380,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             "chain": chains.join(group.head(1).select(signature_cols), on=signature_cols, how="semi")[
                 "chain"
             ][0].to_list(),
-            "trace_ids": [o.trace_id for o in occurrence_list[:10]],
+            "trace_ids": group["trace_id"].head(10).to_list(),
             "span_ids": [sid for o in occurrence_list[:10] for sid in o.span_ids[:2]],
         }
         findings.append(
@@ -428,6 +400,33 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def _occurrences(group: pl.DataFrame) -> Occurrences:
+    """One occurrence per failed request of ``group``: its call spans then its dependency spans
+    (each once, first seen first), no intervention, the failure's figures as numbers (ms divided
+    by numpy, as Python's ``/``); made in columns, no object per occurrence."""
+    figures = group.select(
+        pl.col("failed_dependency_spans"),
+        pl.col("depth").fill_null(0),
+        pl.col("root_duration_ns").fill_null(0),
+    )
+    root_ms = per_unit(figures, {"ms": ("root_duration_ns", 1e6)})["ms"]
+    return Occurrences.from_columns(
+        group["trace_id"],
+        group.select(pl.concat_list("call_ids", "dep_ids").list.unique(maintain_order=True)).to_series(),
+        intervention=None,
+        numbers={
+            **per_unit(
+                figures,
+                {"failed_dependency_spans": ("failed_dependency_spans", 1), "dependency_depth": ("depth", 1)},
+            ),
+            "root_duration_ms": root_ms,
+            # The cost the ranking reads: the failed request ran this long for an error.
+            "failed_request_ms": root_ms.copy(),
+        },
+        keys=group["occurrence_key"],
+    )
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:

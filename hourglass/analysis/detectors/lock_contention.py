@@ -90,11 +90,11 @@ from hourglass.analysis.detectors._common import (
     WHITESPACE_RUN,
     NearMissSink,
     Rows,
-    occurrence_values,
+    occurrence_keys,
     stat,
     with_span_columns,
 )
-from hourglass.analysis.model import Finding, Occurrence, ShortenSpan
+from hourglass.analysis.model import Finding, Occurrences, ShortenSpan
 from hourglass.collector.schema import KIND_CONSUMER, KIND_PRODUCER
 
 KIND = "lock_contention"
@@ -532,9 +532,12 @@ def _explicit_findings(
     return findings
 
 
-def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
+def _occurrences(frame: pl.DataFrame) -> Occurrences:
     """One occurrence per trace: every waiting span of the finding in it, each shortened by its wait
-    (its key hashes the trace id, the span ids and the waits, every trace's at once)."""
+    (its key hashes the trace id, the span ids and the waits, every trace's at once). Made in
+    columns, no object per occurrence (:meth:`Occurrences.from_columns` of ``ShortenSpan``): the
+    traces whose count (peers or queue depth) is known and those without it (that number absent)
+    apart, then put back in order. A wait's share is a number wherever its wait is."""
     count_name = "peers" if "peers" in frame.columns else "queue_depth"
     per_trace = frame.group_by("trace_id", maintain_order=True).agg(
         span_ids=pl.col("span_id"),
@@ -543,24 +546,31 @@ def _occurrences(frame: pl.DataFrame) -> list[Occurrence]:
         wait_share=pl.col("wait_share").max().cast(pl.Float64),
         count=pl.col(count_name).max().cast(pl.Float64),
     )
-    keyed = ["trace_id", "span_ids", "waits"]
-    occurrences = []
-    for trace_id, span_ids, waits, wait_ms, wait_share, count, key in occurrence_values(
-        per_trace, [*keyed, "wait_ms", "wait_share", "count"], keyed
-    ):
-        numbers = {"wait_ms": wait_ms, "wait_share": wait_share}
-        if count is not None:
-            numbers[count_name] = count
-        occurrences.append(
-            Occurrence(
-                trace_id=trace_id,
-                span_ids=tuple(span_ids),
-                interventions=tuple(map(ShortenSpan, span_ids, waits)),  # one wait per span (one agg)
+    keys = occurrence_keys(per_trace, ["trace_id", "span_ids", "waits"])
+    known = per_trace["count"].is_not_null().to_numpy()
+    parts, order = [], []
+    for counted in (True, False):
+        rows = np.flatnonzero(known == counted)
+        if rows.size == 0:
+            continue
+        part = per_trace if rows.size == per_trace.height else per_trace[rows]
+        numbers = {"wait_ms": part["wait_ms"], "wait_share": part["wait_share"]}
+        if counted:
+            numbers[count_name] = part["count"]
+        parts.append(
+            Occurrences.from_columns(
+                part["trace_id"],
+                part["span_ids"],
+                intervention=ShortenSpan,
+                shortened=(part["span_ids"], part["waits"]),  # one wait per span (one agg)
                 numbers=numbers,
-                key=key,
+                keys=keys if rows.size == per_trace.height else keys.gather(rows),
             )
         )
-    return occurrences
+        order.append(rows)
+    if len(parts) == 1:
+        return parts[0]
+    return Occurrences.concat(parts).take(np.argsort(np.concatenate(order), kind="stable"))
 
 
 def _dense_group(cand: pl.DataFrame) -> pl.Expr:

@@ -49,7 +49,7 @@ import polars as pl
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
-from hourglass.analysis.model import Finding
+from hourglass.analysis.model import CollapseSpans, Finding, Occurrences
 from hourglass.collector.schema import STATUS_ERROR
 
 KIND = "n_plus_one"
@@ -139,14 +139,20 @@ def _sequences(ordered: pl.DataFrame) -> pl.DataFrame:
     return sequences.with_columns(keep=on_path & ~retry & floor, retry=retry, on_path=on_path)
 
 
-def _note_dropped(notes: NearMissSink, dropped: pl.DataFrame) -> None:
-    """One near miss per caller and operation whose sequences were all too small or off the
-    critical path (retry bursts are retry_without_backoff's)."""
+def _note_dropped(notes: NearMissSink, sequences: pl.DataFrame, rows: pl.Series) -> None:
+    """One near miss per caller and operation whose sequences (the rows ``rows`` of ``sequences``,
+    in order) were all too small or off the critical path (retry bursts are retry_without_backoff's).
+    The span-id list is taken for each near miss's first sequence only."""
+    if rows.len() == 0:
+        return
+    dropped = sequences.select(DROPPED_COLUMNS)[rows].with_columns(rows.alias("span_id"))
     per_caller = _common.dropped_per_caller(
         dropped,
         ["caller_service", "caller_name", "op_label"],
         (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
     )
+    # (``span_id`` above is the row of the group's first sequence: its list in its place)
+    per_caller = per_caller.with_columns(sequences["span_id"].gather(per_caller["span_id"]))
     for r in per_caller.iter_rows(named=True):
         if r["on_path"] == 0:
             reason = f"{r['count']} sequences, none on the critical path"
@@ -178,23 +184,50 @@ def extract(ctx: AnalysisContext) -> Rows:
     return {"sequences": sequences.drop("parent_row", "seq_id"), "instances": _concurrent_instances(ordered)}
 
 
+# The order of the sequences whatever the partitioning: the callers' instances as they appear in the traces.
+ORDER = ["trace_id", "parent_start_ns", "caller_span_id", "op_key", "first_start_ns"]
+FINDING_KEY = ["caller_service", "caller_name", "target_service", "op_key"]
+# What a finding reads of its sequences besides their span-id lists (taken apart, for its rows only)
+GROUP_COLUMNS = ["trace_id", "caller_span_id", "op_label", "op_detail", "calls", "distinct_params", "params_known",
+                 "serial_ns", "batched_ns", "caller_saving_ns", "parent_duration_ns", "inferred_roles"]  # fmt: skip
+DROPPED_COLUMNS = ["caller_service", "caller_name", "op_label", "trace_id", "caller_span_id", "on_path",
+                   "local_saving_ns", "root_duration_ns", "caller_saving_ns", "parent_duration_ns"]  # fmt: skip
+OCCURRENCE_KEY = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
+
+
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
-    """Cross-trace half: a caller's sequential share and concurrency, confidence, findings."""
+    """Cross-trace half: a caller's sequential share and concurrency, confidence, findings.
+
+    Decided on the sequences' key and numeric columns: the rows are ordered by an index sorted on
+    :data:`ORDER` (not sorted whole: each row carries its calls' span-id list), and the span-id
+    lists are taken only for the sequences a finding or a near miss names."""
     sequences = rows.get("sequences")
     if sequences is None or sequences.is_empty():
         return []
-    # One order whatever the partitioning: the callers' instances as they appear in the traces.
-    sequences = sequences.sort("trace_id", "parent_start_ns", "caller_span_id", "op_key", "first_start_ns")
-    _note_dropped(notes, sequences.filter(~pl.col("keep") & ~pl.col("retry")))
-    sequences = sequences.filter("keep")
+    order = sequences.select(pl.arg_sort_by(ORDER, maintain_order=True)).to_series()
+    flags = sequences.select(
+        pl.col("keep").gather(order).alias("keep"),
+        (~pl.col("keep") & ~pl.col("retry")).gather(order).alias("drop"),
+    )
+    _note_dropped(notes, sequences, order.filter(flags["drop"]))
+    kept = order.filter(flags["keep"])
+    del order, flags
     totals = rows["instances"].group_by(CALLER_OP).agg(pl.col("overlapping", "instances").sum())
     key_of = pl.concat_str(CALLER_OP, separator="\x1f")
     concurrent_share = dict(totals.select(key_of, pl.col("overlapping") / pl.col("instances")).iter_rows())
     instances = dict(totals.select(key_of, "instances").iter_rows())
+    # every kept row's occurrence key at once (a key depends on its row alone), taken per finding below
+    keys = _common.occurrence_keys(sequences, OCCURRENCE_KEY) if kept.len() else None
+    groups = (
+        sequences.select(FINDING_KEY)
+        .with_row_index("_row")[kept]
+        .group_by(FINDING_KEY, maintain_order=True)
+        .agg(pl.col("_row"))
+    )
     findings: list[Finding] = []
-    for (caller_service, caller_name, target_service, op_key), group in sequences.group_by(
-        ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
-    ):
+    for caller_service, caller_name, target_service, op_key, at in groups.iter_rows():
+        at = pl.Series("_row", at, dtype=pl.UInt32)
+        group = sequences.select(GROUP_COLUMNS)[at]
         key = f"{caller_service}\x1f{caller_name}\x1f{op_key}"
         seen = instances.get(key, 0)
         share = concurrent_share.get(key, 0.0)
@@ -213,20 +246,13 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     else f"one after another in {group.height} of {seen} instances < {MIN_SEQUENCE_SHARE:.0%}"
                 ),
                 group["trace_id"].unique().to_list(),
-                [group["caller_span_id"][0], *group["span_id"][0]],
+                [group["caller_span_id"][0], *sequences["span_id"][int(at[0])]],
                 seen,
             )
             continue
-        occurrences = _common.batch_occurrences(
-            group,
-            {
-                "calls": ("calls", 1),
-                "distinct_parameters": ("distinct_params", 1),
-                "serial_ms": ("serial_ns", 1e6),
-                "batched_ms": ("batched_ns", 1e6),
-            },
-        )
-        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        assert keys is not None  # (kept rows exist)
+        occurrences = _occurrences(group, sequences, at, keys.gather(at))
+        trace_ids = group["trace_id"].unique(maintain_order=True)
         distinct_share, params_known, median_calls = _common.parameter_stats(group)
         label = str(group["op_label"][0])
         statement = str(group["op_detail"][0] or group["op_label"][0])
@@ -236,9 +262,9 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 (caller_service, caller_name),
                 [{"service": str(target_service), "operation": label}],
                 occurrences,
-                _common.batch_confidence(0.6, distinct_share, median_calls, len(trace_ids)),
+                _common.batch_confidence(0.6, distinct_share, median_calls, trace_ids.len()),
                 {
-                    "trace_ids": _common.exemplars(trace_ids, MAX_EXEMPLARS),
+                    "trace_ids": trace_ids.head(MAX_EXEMPLARS).to_list(),
                     "span_ids": list(occurrences[0].span_ids[: 1 + MAX_EXEMPLARS]),
                     "calls_p50": median_calls,
                     "calls_max": int(_common.num(group["calls"].max())),
@@ -259,6 +285,33 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             )
         )
     return findings
+
+
+def _occurrences(group: pl.DataFrame, sequences: pl.DataFrame, at: pl.Series, keys: pl.Series) -> Occurrences:
+    """One occurrence per sequence of ``group`` (the rows ``at`` of ``sequences``; ``keys``: their
+    occurrence keys): the caller and its calls, collapsed into one call of ``batched_ns`` — the
+    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken."""
+    spans = pl.select(
+        pl.concat_list(sequences["caller_span_id"].gather(at), sequences["span_id"].gather(at))
+    ).to_series()
+    return Occurrences.from_columns(
+        group["trace_id"],
+        spans,
+        intervention=CollapseSpans,
+        first=1,
+        dropped=0,
+        parameter=group["batched_ns"].cast(pl.Int64),  # (int(): toward zero)
+        numbers=_common.per_unit(
+            group,
+            {
+                "calls": ("calls", 1),
+                "distinct_parameters": ("distinct_params", 1),
+                "serial_ms": ("serial_ns", 1e6),
+                "batched_ms": ("batched_ns", 1e6),
+            },
+        ),
+        keys=keys,
+    )
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:

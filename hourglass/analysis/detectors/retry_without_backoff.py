@@ -78,10 +78,11 @@ from hourglass.analysis.detectors._common import (
     Rows,
     call_target_expr,
     failed_expr,
-    occurrence_values,
+    occurrence_keys,
+    per_unit,
     url_host_expr,
 )
-from hourglass.analysis.model import Finding, Occurrence
+from hourglass.analysis.model import Finding, Occurrences
 from hourglass.collector.schema import KIND_SERVER
 
 KIND = "retry_without_backoff"
@@ -162,60 +163,66 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         return []
     backed_off = sequences.filter("backed_off")
     sequences = sequences.filter(~pl.col("backed_off"))
-    judged = _judge(retries)
+    # in one piece: grouped as the stored batches' ~150 chunks, polars' working set is ~10x the table
+    judged = _judge(retries.rechunk())
     verdicts = judged.filter("lacks_backoff").drop("lacks_backoff")
     _note_near_misses(notes, sequences, backed_off, judged.filter(~pl.col("lacks_backoff")), verdicts)
     if verdicts.height == 0:
         return []
-    sequences = sequences.join(verdicts, on=SIGNATURE, how="inner").sort(
-        "trace_id", "first_start_ns", pl.col("span_ids").list.first()
+    # The reported signatures' sequences in one order whatever the partitioning: an index sorted on
+    # compact keys, not the rows joined and sorted whole (each carries its attempts' span ids and codes)
+    chosen = (
+        sequences.select(*SIGNATURE, "trace_id", "first_start_ns", _first=pl.col("span_ids").list.first())
+        .with_row_index("_row")
+        .join(verdicts.select(SIGNATURE), on=SIGNATURE, how="semi")
+        .sort("trace_id", "first_start_ns", "_first")
+        .group_by(SIGNATURE, maintain_order=True)
+        .agg("_row")
     )
-
+    verdict_of = {tuple(r[c] for c in SIGNATURE): r for r in verdicts.iter_rows(named=True)}
     findings: list[Finding] = []
-    for group_key, group in sequences.partition_by(SIGNATURE, as_dict=True, maintain_order=True).items():
+    for *group_key, at in chosen.iter_rows():
+        group = sequences[pl.Series(at, dtype=pl.UInt32)]  # the whole rows of this finding's sequences only
         service, operation, target_service, target_operation = (str(v) for v in group_key)
-        keyed = ["trace_id", "parent_span_id", "span_ids"]
-        numbers = [
-            "attempts",
-            "failed_attempts",
-            "median_gap_ns",
-            "max_gap_ns",
-            "retry_time_ns",
-            "failed_attempts_ns",
-            "last_failed",
-        ]
-        occurrences = [
-            Occurrence(
-                trace_id=trace_id,
-                span_ids=(parent_span_id, *span_ids),
-                numbers={
-                    "attempts": float(attempts),
-                    "failed_attempts": float(failed_attempts),
-                    "median_gap_ms": median_gap_ns / 1e6,
-                    "max_gap_ms": max_gap_ns / 1e6,
-                    "retry_time_ms": retry_time_ns / 1e6,
-                    "failed_attempts_ms": failed_attempts_ns / 1e6,
-                    "exhausted": float(bool(last_failed)),
-                },
-                key=key,
+        findings.append(
+            _finding(
+                service,
+                operation,
+                target_service,
+                target_operation,
+                group,
+                verdict_of[tuple(group_key)],
+                _occurrences(group),
             )
-            for (
-                trace_id,
-                parent_span_id,
-                span_ids,
-                attempts,
-                failed_attempts,
-                median_gap_ns,
-                max_gap_ns,
-                retry_time_ns,
-                failed_attempts_ns,
-                last_failed,
-                key,
-            ) in occurrence_values(group, [*keyed, *numbers], keyed)
-        ]
-        findings.append(_finding(service, operation, target_service, target_operation, group, occurrences))
+        )
     findings.sort(key=lambda f: (-(f.requests_at_risk or 0), f.signature))
     return findings
+
+
+def _occurrences(group: pl.DataFrame) -> Occurrences:
+    """One occurrence per retry sequence of ``group``: the caller and the attempts, no intervention,
+    the sequence's figures as numbers (ms divided by numpy, as Python's ``/``); made in columns, no
+    object per occurrence (:meth:`Occurrences.from_columns`)."""
+    keyed = ["trace_id", "parent_span_id", "span_ids"]
+    numbers = per_unit(
+        group,
+        {
+            "attempts": ("attempts", 1),
+            "failed_attempts": ("failed_attempts", 1),
+            "median_gap_ms": ("median_gap_ns", 1e6),
+            "max_gap_ms": ("max_gap_ns", 1e6),
+            "retry_time_ms": ("retry_time_ns", 1e6),
+            "failed_attempts_ms": ("failed_attempts_ns", 1e6),
+        },
+    )
+    numbers["exhausted"] = group["last_failed"].fill_null(False).cast(pl.Float64).to_numpy()
+    return Occurrences.from_columns(
+        group["trace_id"],
+        group.select(pl.concat_list("parent_span_id", "span_ids")).to_series(),
+        intervention=None,
+        numbers=numbers,
+        keys=occurrence_keys(group, keyed),
+    )
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
@@ -473,8 +480,11 @@ def _finding(
     target_service: str,
     target_operation: str,
     group: pl.DataFrame,
-    occurrences: list[Occurrence],
+    verdict: dict[str, Any],
+    occurrences: Occurrences,
 ) -> Finding:
+    """The finding of one signature: ``group``, its sequences in order; ``verdict``, its row of
+    :func:`_judge`."""
     stats = group.select(
         traces=pl.col("trace_id").n_unique(),
         bursts=pl.len(),
@@ -490,7 +500,6 @@ def _finding(
         in_loop_share=pl.col("in_loop").mean(),
         retried_operations=pl.col("name").unique().sort().implode(),
     ).row(0, named=True)
-    verdict = group.row(0, named=True)
     codes = (
         group.select(pl.col("codes").explode().drop_nulls().value_counts())
         .unnest("codes")
@@ -521,7 +530,7 @@ def _finding(
         "failure_status_codes": {str(r[0]): int(r[1]) for r in codes.iter_rows()},
         "retried_operations": list(stats["retried_operations"]),
         # Distinct traces: one trace often holds several bursts (HotROD retries ~2 drivers a request).
-        "trace_ids": list(dict.fromkeys(o.trace_id for o in occurrences))[:10],
+        "trace_ids": group["trace_id"].unique(maintain_order=True).head(10).to_list(),
         "span_ids": [sid for o in occurrences[:10] for sid in o.span_ids[1:3]],
     }
     return Finding(
