@@ -53,6 +53,10 @@ parameters differ (one call per id), +0.1 with 5 or more traces, +0.1 when the m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
@@ -157,17 +161,18 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     groups = rows.get("groups")
     if groups is None or groups.is_empty():
         return []
-    # One order whatever the partitioning: the callers' instances as they appear in the traces.
-    groups = groups.sort("trace_id", "parent_start_ns", "caller_span_id", "op_key")
     # Caller instances that make the call MIN_CALLS times or more, concurrently or not.
-    instances = rows["instances"].group_by(INSTANCE).agg(pl.col("instances").sum())
-    candidates = groups.join(instances, on=INSTANCE, how="left", maintain_order="left")
+    instances = {
+        (service, name, op_key): int(count)
+        for service, name, op_key, count in rows["instances"]
+        .group_by(INSTANCE)
+        .agg(pl.col("instances").sum())
+        .iter_rows()
+    }
     findings: list[Finding] = []
-    for (caller_service, caller_name, target_service, op_key), group in candidates.group_by(
-        ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
-    ):
+    for (caller_service, caller_name, target_service, op_key), group in _candidates(groups):
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        seen = int(group["instances"][0])
+        seen = instances[(caller_service, caller_name, op_key)]
         label = str(group["op_label"][0])
         spans = [str(group["caller_span_id"][0]), *group["span_id"][0]]
         server_saving = _common.num(group["server_saving_ns"].median())
@@ -240,6 +245,32 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             )
         )
     return findings
+
+
+def _candidates(groups: pl.DataFrame) -> Iterator[tuple[tuple[Any, ...], pl.DataFrame]]:
+    """The candidate groups per (caller service, caller operation, called service, operation), in
+    one order whatever the partitioning: the callers' instances as they appear in the traces
+    (sorted by trace, caller start, caller span, operation), each signature in the order of its
+    first instance. The order is computed on row numbers and each signature's rows are gathered
+    when its turn comes, so the groups (their span id lists) are not copied whole."""
+    signature = ["caller_service", "caller_name", "target_service", "op_key"]
+    order = groups.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).sort_by(
+            "trace_id", "parent_start_ns", "caller_span_id", "op_key"
+        )
+    )
+    rank = np.empty(groups.height, dtype=np.int64)
+    rank[order.to_series().to_numpy()] = np.arange(groups.height)
+    del order
+    per_signature = (
+        groups.select(signature)
+        .with_columns(_row=pl.int_range(pl.len(), dtype=pl.Int64), _rank=rank)
+        .group_by(signature)
+        .agg(pl.col("_rank").min().alias("_first"), pl.col("_row").sort_by("_rank").alias("_rows"))
+        .sort("_first")
+    )
+    for key, rows in zip(per_signature.select(signature).iter_rows(), per_signature["_rows"], strict=True):
+        yield key, groups.select(pl.all().gather(rows))
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
