@@ -3,8 +3,10 @@
 Most extracted rows are few: one per candidate occurrence or per signature. A table whose rows
 grow with the spans themselves and that the decision groups by a key — the lock-convoy rule's
 resource rows (``lock_contention.candidates``, one row per span with a duration, ~80 bytes a span
-measured on the generated mix, two thirds of every extracted byte) — would make the deciding
-process grow with the store. So a partitioned run writes such a table, in each partition's task,
+measured on the generated mix, two thirds of every extracted byte), or missing_timeout's
+``calls`` (every call's operation and duration, for each operation's exact median), or
+batchable_calls' ``spans`` (the span ids of every candidate group's calls) — would make the
+deciding process grow with the store. So a partitioned run writes such a table, in each partition's task,
 to Parquet files bucketed by ``hash(key) mod B`` (``<folder>/<kind>.<table>/b<bucket>/p<part>``),
 leaves an empty table of the same columns in the rows that travel back, and the decision reads
 the files one bucket at a time: every row of a key is in one bucket, so a rule per key sees all
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import polars as pl
 
-from hourglass.analysis.detectors import lock_contention
+from hourglass.analysis.detectors import batchable_calls, lock_contention, missing_timeout
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.model import Finding
 
@@ -52,6 +54,8 @@ class Spillable:
 
 SPILLABLE: dict[str, Spillable] = {
     "lock_contention": Spillable(*next(iter(lock_contention.SPILL_KEYS.items())), lock_contention.decide),
+    "missing_timeout": Spillable(*next(iter(missing_timeout.SPILL_KEYS.items())), missing_timeout.decide),
+    "batchable_calls": Spillable(*next(iter(batchable_calls.SPILL_KEYS.items())), batchable_calls.decide),
 }
 
 

@@ -53,6 +53,10 @@ parameters differ (one call per id), +0.1 with 5 or more traces, +0.1 when the m
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
@@ -72,6 +76,19 @@ PER_ITEM_COST_FRACTION = 0.05
 MAX_EXEMPLARS = 5
 # A call that names a shard, partition, bucket or replica addresses one branch of a scatter-gather.
 PER_BRANCH = r"(?i)shard|partition|bucket|replica"
+# The stored rows' shape (``hourglass.analysis.detectors.ROWS_FORMAT``): 2, ``groups`` holds the
+# candidate groups only (their calls' span ids in ``spans``), ``instances`` the caller instances
+# counted.
+ROWS_FORMAT = 2
+INSTANCE = ["caller_service", "caller_name", "op_key"]  # a caller instance that makes one call
+# A candidate group's calls' span ids (``spans``) grow with the calls: a partitioned run or serve
+# spills them in buckets of whole operations (``hourglass.analysis.spill``); the decision reads them
+# for the groups that findings and near misses name. ``SPAN_KEY`` finds a group's: its trace, its
+# caller span and its place among its partition's candidate groups (a trace is in one partition).
+SPILL_KEYS = {"spans": "op_key"}
+SPAN_KEY = ["trace_id", "caller_span_id", "slot"]
+# one bucket's rows: these columns (None: all), of these keys (None: all)
+BucketLoader = Callable[[list[str] | None, pl.Series | None], pl.DataFrame]
 
 
 def _groups(calls: pl.DataFrame) -> pl.DataFrame:
@@ -124,60 +141,68 @@ def _groups(calls: pl.DataFrame) -> pl.DataFrame:
 
 
 def extract(ctx: AnalysisContext) -> Rows:
-    """Per-trace half: ``groups``, one row per (parent, operation) with at least ``MIN_CALLS``
-    calls, concurrent or not (the decision counts the caller's instances from them)."""
+    """Per-trace half: ``instances``, per caller operation and called operation the caller
+    instances that make the call at least ``MIN_CALLS`` times, concurrently or not (a count: the
+    decision sums them); ``groups``, one row per such (parent, operation) group that is a
+    candidate — concurrent, on the critical path, not a retry burst — the rule decides on alone.
+    The other groups count only as instances, so they are not kept (at 12M stored spans on the
+    soak, a third of the groups)."""
     if ctx.spans.height == 0:
         return {}
     calls = call_children(ctx)
     if calls.height < MIN_CALLS:
         return {}
     groups = _groups(_common.repeated_calls(ctx, MIN_CALLS))
-    return {"groups": groups.drop("parent_row")} if groups.height else {}
-
-
-def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
-    """Cross-trace half: the caller's instances, the candidate groups and the floors."""
-    groups = rows.get("groups")
-    if groups is None or groups.is_empty():
-        return []
-    # One order whatever the partitioning: the callers' instances as they appear in the traces.
-    groups = groups.sort("trace_id", "parent_start_ns", "caller_span_id", "op_key")
-    # Caller instances that make the call MIN_CALLS times or more, concurrently or not.
-    instances = groups.group_by("caller_service", "caller_name", "op_key").agg(pl.len().alias("instances"))
+    if groups.height == 0:
+        return {}
+    instances = groups.group_by(INSTANCE, maintain_order=True).agg(pl.len().alias("instances"))
     candidates = groups.filter(
         (pl.col("concurrent_share") >= MIN_CONCURRENT_SHARE)
         & pl.col("parent_on_critical_path")
         & pl.col("any_on_path")
         & ~((pl.col("error_share") > 0.5) & (pl.col("distinct_params") <= 1))
-    ).join(instances, on=["caller_service", "caller_name", "op_key"], how="left", maintain_order="left")
+    ).drop("parent_row", "parent_on_critical_path", "any_on_path", "error_share")
+    candidates = candidates.with_columns(slot=pl.int_range(pl.len(), dtype=pl.UInt32))
+    spans = candidates.select("op_key", *SPAN_KEY, "span_id")
+    return {"groups": candidates.drop("span_id"), "instances": instances, "spans": spans}
+
+
+def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | None = None) -> list[Finding]:
+    """Cross-trace half: the caller's instances, the candidate groups and the floors. The rule
+    reads the groups' numbers; the span ids of the calls (``spans``, or with ``buckets`` the same
+    rows spilled in buckets of whole operations, ``SPILL_KEYS``) are read afterwards, only for
+    the groups that need them: every group of a finding, the first of a near miss."""
+    groups = rows.get("groups")
+    if groups is None or groups.is_empty():
+        return []
+    # Caller instances that make the call MIN_CALLS times or more, concurrently or not.
+    instances = {
+        (service, name, op_key): int(count)
+        for service, name, op_key, count in rows["instances"]
+        .group_by(INSTANCE)
+        .agg(pl.col("instances").sum())
+        .iter_rows()
+    }
+    judged = [
+        (key, order, _reason(groups.select(pl.all().gather(order)), instances[(key[0], key[1], key[3])]))
+        for key, order in _candidates(groups)
+    ]
+    wanted = pl.concat(  # the groups whose calls' span ids the findings and near misses name
+        [
+            groups.select(pl.col([*SPAN_KEY, "op_key"]).gather(order if reason is None else order.head(1)))
+            for _, order, reason in judged
+        ]
+    )
+    span_ids = _span_ids(rows.get("spans"), buckets, wanted)
+    del wanted
     findings: list[Finding] = []
-    for (caller_service, caller_name, target_service, op_key), group in candidates.group_by(
-        ["caller_service", "caller_name", "target_service", "op_key"], maintain_order=True
-    ):
-        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        seen = int(group["instances"][0])
+    for (caller_service, caller_name, target_service, op_key), order, reason in judged:
+        group = groups.select(pl.all().gather(order if reason is None else order.head(1)))
+        group = group.join(span_ids, on=SPAN_KEY, how="left", maintain_order="left")
+        trace_ids = list(dict.fromkeys(groups["trace_id"].gather(order).to_list()))
+        seen = instances[(caller_service, caller_name, op_key)]
         label = str(group["op_label"][0])
         spans = [str(group["caller_span_id"][0]), *group["span_id"][0]]
-        server_saving = _common.num(group["server_saving_ns"].median())
-        same_params = bool((group["params_known"] & (group["distinct_params"] == 1)).all())
-        reason = None
-        together = _common.num(group["together_share"].median())
-        if seen >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_GROUP_SHARE * seen:
-            reason = f"issued together in {group.height} of {seen} instances < {MIN_GROUP_SHARE:.0%}"
-        elif together < MIN_TOGETHER_SHARE:
-            reason = (
-                f"only {together:.0%} < {MIN_TOGETHER_SHARE:.0%} of the calls start before the first one ends: "
-                "started in waves by a capped pool (fanout_concurrency_limit's finding)"
-            )
-        elif _common.num(group["per_branch"].mean()) >= 0.5:
-            reason = (
-                "one call per shard, partition or server, not per item: a scatter-gather, which "
-                "fanout_straggler and fanout_concurrency_limit judge (a batch endpoint cannot span servers)"
-            )
-        elif same_params:
-            reason = "every call carries the same parameters: a duplicate or hedged request, not one per item"
-        elif server_saving < MIN_SERVER_SAVING_NS:
-            reason = f"server time saved p50 {server_saving / 1e6:.2f} ms < {MIN_SERVER_SAVING_NS / 1e6:g} ms floor"
         if reason is not None:
             notes.note_near_miss(
                 KIND,
@@ -189,6 +214,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 len(trace_ids),
             )
             continue
+        server_saving = _common.num(group["server_saving_ns"].median())
         occurrences = _common.batch_occurrences(
             group,
             {
@@ -228,6 +254,71 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             )
         )
     return findings
+
+
+def _reason(group: pl.DataFrame, seen: int) -> str | None:
+    """Why a signature's candidate groups (``seen``: its caller's instances) make no finding;
+    None when they make one."""
+    server_saving = _common.num(group["server_saving_ns"].median())
+    same_params = bool((group["params_known"] & (group["distinct_params"] == 1)).all())
+    together = _common.num(group["together_share"].median())
+    if seen >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_GROUP_SHARE * seen:
+        return f"issued together in {group.height} of {seen} instances < {MIN_GROUP_SHARE:.0%}"
+    if together < MIN_TOGETHER_SHARE:
+        return (
+            f"only {together:.0%} < {MIN_TOGETHER_SHARE:.0%} of the calls start before the first one ends: "
+            "started in waves by a capped pool (fanout_concurrency_limit's finding)"
+        )
+    if _common.num(group["per_branch"].mean()) >= 0.5:
+        return (
+            "one call per shard, partition or server, not per item: a scatter-gather, which "
+            "fanout_straggler and fanout_concurrency_limit judge (a batch endpoint cannot span servers)"
+        )
+    if same_params:
+        return "every call carries the same parameters: a duplicate or hedged request, not one per item"
+    if server_saving < MIN_SERVER_SAVING_NS:
+        return f"server time saved p50 {server_saving / 1e6:.2f} ms < {MIN_SERVER_SAVING_NS / 1e6:g} ms floor"
+    return None
+
+
+def _span_ids(
+    spans: pl.DataFrame | None, buckets: Iterable[BucketLoader] | None, wanted: pl.DataFrame
+) -> pl.DataFrame:
+    """The calls' span ids (``SPAN_KEY`` and ``span_id``) of the ``wanted`` groups (``SPAN_KEY``
+    and ``op_key``), from ``spans`` and, with ``buckets``, the spilled rows of their operations."""
+    keys = wanted.select(SPAN_KEY)
+    pieces = [] if spans is None else [spans.select(*SPAN_KEY, "span_id").join(keys, on=SPAN_KEY, how="semi")]
+    if buckets is not None:
+        ops = wanted["op_key"].unique()
+        for load in buckets:
+            pieces.append(load([*SPAN_KEY, "span_id"], ops).join(keys, on=SPAN_KEY, how="semi"))
+    if not pieces:
+        return keys.clear().with_columns(span_id=pl.lit([], dtype=pl.List(pl.String)))
+    return pl.concat(pieces, how="vertical_relaxed")
+
+
+def _candidates(groups: pl.DataFrame) -> list[tuple[tuple[Any, ...], pl.Series]]:
+    """The candidate groups per (caller service, caller operation, called service, operation) as
+    row numbers, in one order whatever the partitioning: the callers' instances as they appear in
+    the traces (sorted by trace, caller start, caller span, operation), each signature in the order
+    of its first instance. The order is computed on row numbers, the groups are not copied."""
+    signature = ["caller_service", "caller_name", "target_service", "op_key"]
+    order = groups.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).sort_by(
+            "trace_id", "parent_start_ns", "caller_span_id", "op_key"
+        )
+    )
+    rank = np.empty(groups.height, dtype=np.int64)
+    rank[order.to_series().to_numpy()] = np.arange(groups.height)
+    del order
+    per_signature = (
+        groups.select(signature)
+        .with_columns(_row=pl.int_range(pl.len(), dtype=pl.Int64), _rank=rank)
+        .group_by(signature)
+        .agg(pl.col("_rank").min().alias("_first"), pl.col("_row").sort_by("_rank").alias("_rows"))
+        .sort("_first")
+    )
+    return list(zip(per_signature.select(signature).iter_rows(), per_signature["_rows"], strict=True))
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:

@@ -65,6 +65,7 @@ term (:mod:`hourglass.analysis.ranking`); the pipeline only asks for a confidenc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,15 @@ def _timed_out_expr() -> pl.Expr:
 
 OP = ["service", "name", "target", "endpoint"]
 
+# ``calls`` grows with the calls themselves (a row per call): a partitioned run or serve spills it
+# in buckets of whole operations (``hourglass.analysis.spill``), and the decision reads only the
+# calls of the operations with slow calls — the only ones whose usual latency matters.
+SPILL_KEYS = {"calls": "op_key"}
+# one bucket's rows: these columns (None: all), of these keys (None: all)
+BucketLoader = Callable[[list[str] | None, pl.Series | None], pl.DataFrame]
+# The stored rows' shape (``hourglass.analysis.detectors.ROWS_FORMAT``): 2, ``calls`` spilled.
+ROWS_FORMAT = 2
+
 
 def extract(ctx: AnalysisContext) -> Rows:
     """Per-trace half. ``calls``: every call as (operation key, duration) — the usual latency of
@@ -174,16 +184,25 @@ def extract(ctx: AnalysisContext) -> Rows:
     return out
 
 
-def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
-    """Cross-trace half: usual latency per operation, outliers, deadlines evidence, attribution."""
+def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | None = None) -> list[Finding]:
+    """Cross-trace half: usual latency per operation, outliers, deadlines evidence, attribution.
+    With ``buckets`` the calls come from there (``SPILL_KEYS``: every call of an operation in one
+    bucket), only those of the operations with slow calls read: only they can have outliers, so
+    the calls held are those operations', not every call's."""
     slow = rows.get("slow")
     if slow is None or slow.is_empty():
         return []
     op = OP
     labels = rows["operations"].unique(subset="op_key", keep="first")
+    calls = rows["calls"]
+    if buckets is not None:
+        judged = labels.join(slow.select("op_key").unique(), on="op_key", how="semi").filter(
+            ~pl.col("name").str.contains(LONG_BY_DESIGN)
+        )["op_key"]
+        loaded = [load(["op_key", "duration_ns"], judged) for load in buckets] if judged.len() else []
+        calls = pl.concat([calls.select("op_key", "duration_ns"), *loaded], how="vertical_relaxed")
     stats = (
-        rows["calls"]
-        .group_by("op_key")
+        calls.group_by("op_key")
         .agg(calls=pl.len(), p50_ns=pl.col("duration_ns").median())
         .join(labels, on="op_key")
         .filter((pl.col("calls") >= MIN_CALLS) & (pl.col("p50_ns") > 0))  # no usual latency: no judgement
@@ -222,8 +241,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     # Healthy latency of the reported operations: every call that is not an outlier.
     reported_ops = stats.join(per_op.select(op), on=op, how="semi")
     healthy = (
-        rows["calls"]
-        .join(reported_ops.select("op_key", *op, "p50_ns"), on="op_key")
+        calls.join(reported_ops.select("op_key", *op, "p50_ns"), on="op_key")
         .group_by(op)
         .agg(
             p99_ns=pl.col("duration_ns").quantile(0.99, "linear"),
