@@ -108,7 +108,8 @@ MIN_UNCHECKED_SAVING_SHARE = 0.1
 UNCHECKED_CONFIDENCE = 0.3
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5
-# 2: the runs name their operations by key (``ops``), the callers' instances are patterns (``orders``)
+# 2: the runs name their set of operations by key (``opset``, the sets in ``opsets``) and carry
+# their fan-in saving, not their calls' durations; the callers' instances are patterns (``orders``)
 ROWS_FORMAT = 2
 _PAIR = 2**32  # a pair of positions in an order, one number: i * _PAIR + j
 
@@ -267,17 +268,21 @@ def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame, span_ids: pl.
         _common.note_caller_miss(notes, KIND, r, reason)
 
 
-def _assign_signatures(runs: pl.DataFrame, op_keys: pl.DataFrame) -> pl.DataFrame:
+def _assign_signatures(runs: pl.DataFrame, opsets: pl.DataFrame, op_keys: pl.DataFrame) -> pl.DataFrame:
     """One signature per caller: the called operations present in at least ``MAJORITY_SHARE`` of its
     runs (at least the two most frequent), so runs that miss a call now and then stay one finding.
-    ``runs`` name their operations by 64-bit key (``ops``), ``op_keys`` maps each key (``op``) to
-    the operation (``op_key``). One row per caller: ``sig_ops`` (sorted) and ``signature``."""
+    ``runs`` name their set of operations by a 64-bit key (``opset``), ``opsets`` maps each set to
+    its operations' keys (``ops``), ``op_keys`` each operation's key (``op``) to the operation
+    (``op_key``). One row per caller: ``sig_ops`` (sorted) and ``signature``."""
     caller = ["caller_service", "caller_name"]
     per_op = (
-        runs.select(*caller, op="ops")
+        runs.group_by([*caller, "opset"])
+        .agg(pl.len().alias("_runs_with_set"))
+        .join(opsets, on="opset")
+        .select(*caller, "_runs_with_set", op="ops")
         .explode("op")
         .group_by([*caller, "op"])
-        .agg(pl.len().alias("_runs_with_op"))
+        .agg(pl.col("_runs_with_set").sum().alias("_runs_with_op"))
         .join(op_keys, on="op", how="left")
         .join(runs.group_by(caller).agg(pl.len().alias("_runs")), on=caller)
         .sort([*caller, "_runs_with_op", "op_key"], descending=[False, False, True, False])
@@ -453,7 +458,8 @@ def confidence(
 
 def _fan_in_saving() -> pl.Expr:
     """Local saving when every call but the last runs concurrently (the last one may need the
-    others' results): sum - max over the calls before the last (0 for a run of two)."""
+    others' results): sum - max over the calls before the last (0 for a run of two); the decision
+    reads it for runs whose independence is unverified."""
     n = pl.col("durations").list.len()
     head = pl.col("durations").list.slice(0, n - 1)
     return pl.when(n >= 3).then(head.list.sum() - head.list.max()).otherwise(0).cast(pl.Int64)
@@ -469,7 +475,11 @@ def extract(ctx: AnalysisContext) -> Rows:
     calls = call_children(ctx)
     if calls.height < 2:
         return {}
-    runs = _runs(sequential_links(calls))
+    runs = _runs(sequential_links(calls)).with_columns(
+        pl.col("op_key").list.eval(pl.element().hash()).list.unique().list.sort().alias("_ops"),
+        _fan_in_saving().alias("fan_in_ns"),
+    )
+    runs = runs.with_columns(pl.col("_ops").hash().alias("opset"))
     labels = (
         calls.sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
         .unique(subset="op_key", keep="first", maintain_order=True)
@@ -485,8 +495,9 @@ def extract(ctx: AnalysisContext) -> Rows:
         )
     )
     return {
-        # what the decision reads of a run: its operations as 64-bit keys (their text is in
-        # ``labels``), no per-call labels or callees
+        # what the decision reads of a run: its set of operations as a 64-bit key (``opsets``: the
+        # set's operations' keys, their text in ``labels``) and its fan-in saving, no per-call
+        # labels, callees or durations
         "runs": runs.select(
             "trace_id",
             "parent_start_ns",
@@ -496,8 +507,8 @@ def extract(ctx: AnalysisContext) -> Rows:
             "caller_name",
             "root_duration_ns",
             "span_id",
-            pl.col("op_key").list.eval(pl.element().hash().unique(maintain_order=True)).alias("ops"),
-            "durations",
+            "opset",
+            "fan_in_ns",
             "serial_ns",
             "inferred_roles",
             "calls",
@@ -505,6 +516,7 @@ def extract(ctx: AnalysisContext) -> Rows:
             "keep",
             "on_path",
         ),
+        "opsets": runs.select("opset", ops="_ops").unique(subset="opset", maintain_order=True),
         "labels": labels,
         "self_contained": calls.group_by("op_key").agg(pl.col("self_contained").all()),
         "orders": _instance_orders(calls),
@@ -516,10 +528,10 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     runs = rows.get("runs")
     if runs is None or runs.is_empty():
         return []
-    # The runs' lists of span ids and durations stay where they are: the decision reads the other
-    # columns (``_row``: the run's position) and takes a finding's runs' lists at the end.
-    lists = runs.select("span_id", "durations")
-    runs = runs.drop("span_id", "durations").with_row_index("_row")
+    # The runs' lists of span ids stay where they are: the decision reads the other columns
+    # (``_row``: the run's position) and takes a finding's runs' lists at the end.
+    lists = runs.select("span_id")
+    runs = runs.drop("span_id").with_row_index("_row")
     # One order whatever the partitioning: the callers' instances as they appear in the traces.
     runs = runs.sort("trace_id", "parent_start_ns", "caller_span_id", "first_start_ns")
     _note_dropped_runs(notes, runs.filter(~pl.col("keep")), lists["span_id"])
@@ -532,7 +544,11 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         .unique(subset="op_key", keep="first", maintain_order=True)
         .select("op_key", "op_label", "target_service")
     )
-    signatures = _assign_signatures(runs, labels.select(op=pl.col("op_key").hash(), op_key="op_key"))
+    signatures = _assign_signatures(
+        runs,
+        rows["opsets"].unique(subset="opset", keep="first"),
+        labels.select(op=pl.col("op_key").hash(), op_key="op_key"),
+    )
     # per caller: its signature and the evidence (a caller has one signature)
     evidence = {
         (row["caller_service"], row["caller_name"]): row
@@ -589,7 +605,6 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         unchecked = score is None  # fixed order, 2+ calls take inputs: maybe a data dependency
         if unchecked:
-            group = group.with_columns(_fan_in_saving().alias("fan_in_ns"))
             saving = _common.num(group["fan_in_ns"].median())
             root = _common.num(group["root_duration_ns"].median())
             floor = max(MIN_UNCHECKED_SAVING_NS, MIN_UNCHECKED_SAVING_SHARE * root)
