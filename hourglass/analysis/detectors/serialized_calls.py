@@ -466,10 +466,13 @@ def _fan_in_saving() -> pl.Expr:
 
 
 def extract(ctx: AnalysisContext) -> Rows:
-    """Per-trace half: ``runs`` (every run of two or more operations, kept or not), ``labels``
-    (each operation's first call: its label and callee), ``self_contained`` (per operation,
-    whether every call here is self-contained) and ``instances`` (the calls of caller instances
-    with two or more operations, for the order and overlap evidence across traces)."""
+    """Per-trace half: ``runs`` (every run of two or more operations, kept or not), ``opsets``
+    (the runs' sets of operations), ``labels`` (each operation's first call: its label and
+    callee), ``self_contained`` (per operation, whether every call here is self-contained) and
+    ``orders`` (per caller, the order/overlap patterns of its instances with two or more
+    operations and how many show each, for the evidence across traces). Every table merges
+    across batches by concatenation; the decision reads rows per run and per pattern, none per
+    call."""
     if ctx.spans.height == 0:
         return {}
     calls = call_children(ctx)
