@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
+import polars as pl
+
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import serialized_calls
 from hourglass.analysis.model import RunConcurrently
@@ -17,11 +22,12 @@ def checkout(
     gap_ms: float = 1,
     overlap: bool = False,
     ids: bool = True,
+    caller: str = "GET /checkout",
 ) -> TraceBuilder:
     """frontend GET /checkout calling three services; sequential unless ``overlap``; each GET takes
     an id (an input an earlier call could have produced) unless ``ids`` is False."""
     b = TraceBuilder(service="frontend")
-    root = b.span("GET /checkout", start_ms=0, dur_ms=400, kind=KIND_SERVER)
+    root = b.span(caller, start_ms=0, dur_ms=400, kind=KIND_SERVER)
     durations = {"users": 60, "cart": 80, "prices": 50}
     t = 10.0
     for name in order:
@@ -101,6 +107,98 @@ def test_order_varying_across_traces_raises_confidence() -> None:
     assert len(varied) == 1 and len(fixed_few) == 1
     assert varied[0].evidence["distinct_orders"] == 2
     assert varied[0].confidence >= 0.7 > fixed_few[0].confidence
+
+
+def test_two_callers_of_the_same_operations_each_have_their_own_evidence() -> None:
+    """Both callers' runs have the same signature text (the same called operations): the order
+    evidence of one caller must not be read for the other."""
+    varied = [checkout(order=o) for o in [("users", "cart", "prices"), ("cart", "users", "prices")] * 3]
+    fixed = [checkout(caller="GET /basket") for _ in range(12)]
+    for builders in (varied + fixed, fixed + varied):
+        by_caller = {f.operation: f for f in detect(*builders)}
+        assert set(by_caller) == {"GET /checkout", "GET /basket"}
+        assert by_caller["GET /checkout"].evidence["distinct_orders"] == 2
+        assert by_caller["GET /basket"].evidence["distinct_orders"] == 1
+        assert by_caller["GET /checkout"].evidence["caller_instances"] == 6
+        assert by_caller["GET /basket"].evidence["caller_instances"] == 12
+
+
+def _evidence_of_instances(
+    instances: list[list[tuple[str, int, int]]], ops: set[str], tol: int
+) -> tuple[int, int, int]:
+    """The independence evidence of one signature straight from the rule, instance by instance:
+    the calls of ``ops`` in (start, end, op) order; an order is the operations by first start (then
+    key); an instance overlaps when a call starts before the latest end of the calls before it,
+    less ``tol``, with an operation other than the previous call's."""
+    key = {op: h for op, h in zip(sorted(ops), pl.Series(sorted(ops)).hash().to_list(), strict=True)}
+    counted, orders, overlapping = 0, set(), 0
+    for calls in instances:
+        mine = sorted(((s, e, key[op]) for op, s, e in calls if op in ops))
+        first: dict[int, int] = {}
+        for s, _, k in mine:
+            first.setdefault(k, s)
+        if len(first) < 2:
+            continue
+        counted += 1
+        orders.add(tuple(sorted(first, key=lambda k: (first[k], k))))
+        latest = mine[0][1]
+        for (_, _, prev), (s, e, k) in itertools.pairwise(mine):
+            if k != prev and s < latest - tol:
+                overlapping += 1
+                break
+            latest = max(latest, e)
+    return counted, len(orders), overlapping
+
+
+def test_order_and_overlap_evidence_merged_from_batches_is_the_rule_applied_to_every_instance() -> None:
+    """The per-batch patterns (one row per caller and order/overlap pattern, with a count) summed
+    over batches give, for any subset of a caller's operations, the same instances, distinct
+    orders and overlapping instances as the rule applied to every instance's calls."""
+    rnd = random.Random(11)
+    for _ in range(40):
+        names = [f"op{i}" for i in range(rnd.randint(2, 5))]
+        instances = []
+        for _ in range(rnd.randint(1, 30)):
+            calls = []
+            for _ in range(rnd.randint(1, 6)):
+                start = rnd.randint(0, 40) * rnd.choice([1, 1000])
+                calls.append((rnd.choice(names), start, start + rnd.randint(0, 50) * rnd.choice([1, 1000])))
+            instances.append(calls)
+        rows = [
+            {
+                "parent_row": i,
+                "parent_service": "svc",
+                "parent_name": "caller",
+                "op_key": op,
+                "start_ns": s,
+                "end_ns": e,
+                "parent_duration_ns": 1_000_000,
+            }
+            for i, calls in enumerate(instances)
+            for op, s, e in calls
+        ]
+        calls_frame = pl.DataFrame(rows)
+        cut = rnd.randint(0, len(instances))
+        batches = [
+            calls_frame.filter(pl.col("parent_row") < cut),
+            calls_frame.filter(pl.col("parent_row") >= cut),
+        ]
+        orders = pl.concat([serialized_calls._instance_orders(b) for b in batches if b.height])
+        ops = sorted(rnd.sample(names, rnd.randint(2, len(names))))
+        signatures = pl.DataFrame(
+            {
+                "caller_service": ["svc"],
+                "caller_name": ["caller"],
+                "signature": [" || ".join(ops)],
+                "sig_ops": [ops],
+            }
+        )
+        got = serialized_calls._independence(orders, signatures)
+        want = _evidence_of_instances(instances, set(ops), tol=10_000)  # 1 % of the 1 ms parent
+        if want[0] == 0:
+            assert got.height == 0
+        else:
+            assert got.select("instances", "distinct_orders", "overlapping_instances").row(0) == want
 
 
 def test_overlap_seen_in_some_traces_raises_confidence_and_is_not_flagged_itself() -> None:

@@ -108,6 +108,10 @@ MIN_UNCHECKED_SAVING_SHARE = 0.1
 UNCHECKED_CONFIDENCE = 0.3
 NPLUSONE_REPEATS = 5  # keep in step with n_plus_one.MIN_REPEATS
 MAX_EXEMPLARS = 5
+# 2: the runs name their set of operations by key (``opset``, the sets in ``opsets``) and carry
+# their fan-in saving, not their calls' durations; the callers' instances are patterns (``orders``)
+ROWS_FORMAT = 2
+_PAIR = 2**32  # a pair of positions in an order, one number: i * _PAIR + j
 
 
 def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
@@ -244,9 +248,15 @@ def _runs(linked: pl.DataFrame) -> pl.DataFrame:
     return runs.with_columns(keep=on_path & floor, on_path=on_path)
 
 
-def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame) -> None:
-    """One near miss per caller whose runs were all too small or off the critical path."""
-    for r in _common.dropped_per_caller(dropped, ["caller_service", "caller_name"]).iter_rows(named=True):
+def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame, span_ids: pl.Series) -> None:
+    """One near miss per caller whose runs were all too small or off the critical path (``dropped``:
+    the runs without their span ids, ``_row`` their position in ``span_ids``)."""
+    # a caller's first run's span ids, taken by position (the other runs' lists are not read)
+    per_caller = _common.dropped_per_caller(
+        dropped.with_columns(pl.col("_row").alias("span_id")), ["caller_service", "caller_name"]
+    )
+    per_caller = per_caller.with_columns(span_ids.gather(per_caller["span_id"]).alias("span_id"))
+    for r in per_caller.iter_rows(named=True):
         if r["on_path"] == 0:
             reason = f"{r['count']} sequential runs, none on the critical path"
         else:
@@ -258,100 +268,173 @@ def _note_dropped_runs(notes: NearMissSink, dropped: pl.DataFrame) -> None:
         _common.note_caller_miss(notes, KIND, r, reason)
 
 
-def _assign_signatures(runs: pl.DataFrame) -> pl.DataFrame:
+def _assign_signatures(runs: pl.DataFrame, opsets: pl.DataFrame, op_keys: pl.DataFrame) -> pl.DataFrame:
     """One signature per caller: the called operations present in at least ``MAJORITY_SHARE`` of its
-    runs (at least the two most frequent), so runs that miss a call now and then stay one finding."""
+    runs (at least the two most frequent), so runs that miss a call now and then stay one finding.
+    ``runs`` name their set of operations by a 64-bit key (``opset``), ``opsets`` maps each set to
+    its operations' keys (``ops``), ``op_keys`` each operation's key (``op``) to the operation
+    (``op_key``). One row per caller: ``sig_ops`` (sorted) and ``signature``."""
     caller = ["caller_service", "caller_name"]
     per_op = (
-        runs.select(*caller, pl.col("op_key").list.unique())
-        .explode("op_key")
-        .group_by([*caller, "op_key"])
-        .agg(pl.len().alias("_runs_with_op"))
+        runs.group_by([*caller, "opset"])
+        .agg(pl.len().alias("_runs_with_set"))
+        .join(opsets, on="opset")
+        .select(*caller, "_runs_with_set", op="ops")
+        .explode("op")
+        .group_by([*caller, "op"])
+        .agg(pl.col("_runs_with_set").sum().alias("_runs_with_op"))
+        .join(op_keys, on="op", how="left")
         .join(runs.group_by(caller).agg(pl.len().alias("_runs")), on=caller)
         .sort([*caller, "_runs_with_op", "op_key"], descending=[False, False, True, False])
         .with_columns(pl.int_range(pl.len()).over(caller).alias("_rank"))
         .filter((pl.col("_runs_with_op") >= pl.col("_runs") * MAJORITY_SHARE) | (pl.col("_rank") < 2))
     )
-    signatures = (
+    return (
         per_op.group_by(caller)
         .agg(pl.col("op_key").sort().alias("sig_ops"))
         .with_columns(pl.col("sig_ops").list.join(" || ").alias("signature"))
     )
-    return runs.join(signatures, on=caller, how="left", maintain_order="left")
 
 
 def _caller_hash(service: str, name: str) -> pl.Expr:
     return pl.struct(pl.col(service).alias("caller_service"), pl.col(name).alias("caller_name")).hash()
 
 
-def _instance_rows(calls: pl.DataFrame) -> pl.DataFrame:
-    """The calls of every caller instance that holds two or more operations (the only instances
-    that can hold two of a signature's), as 64-bit keys and times: what :func:`_independence`
-    reads across traces."""
+def _instance_orders(calls: pl.DataFrame) -> pl.DataFrame:
+    """The order and overlap evidence of every caller instance that holds two or more operations
+    (the only instances that can hold two of a signature's), as partial aggregates that merge
+    exactly across batches: one row per caller (64-bit key) and *pattern* — ``order``, the
+    instance's operations (64-bit keys) by their first call's start (then key), and ``overlaps``,
+    the pairs of them (positions in ``order``, ``i * 2**32 + j``, ``i < j``) a call of one overlaps
+    a later call of the other (see below) — with ``instances``, how many instances show it.
+
+    :func:`_independence` restricts a pattern to a signature's operations, which is exact: the
+    order of a subset is the order filtered (each operation's first start does not depend on the
+    others), and two different operations of the subset overlap in the sense of the sequence rule
+    (in (start, end, key) order, a call starting before the latest end of the calls before it,
+    less the repair tolerance, with an operation other than the previous call's) exactly when a
+    call of one starts before a call of the other that precedes it ends, less the tolerance — so
+    the decision reads rows per caller and pattern, not per call: a few per caller where calls
+    come in a few fixed orders, whatever the number of stored instances."""
     multi = (
         calls.group_by("parent_row")
         .agg(pl.col("op_key").n_unique().alias("_ops"))
         .filter(pl.col("_ops") >= 2)
     )
-    return calls.join(multi.select("parent_row"), on="parent_row", how="semi").select(
+    seen = calls.join(multi.select("parent_row"), on="parent_row", how="semi").select(
+        "parent_row",
         caller=_caller_hash("parent_service", "parent_name"),
-        instance=pl.struct("trace_id", "parent_span_id_").hash(),
         op=pl.col("op_key").hash(),
         start_ns="start_ns",
         end_ns="end_ns",
-        parent_duration_ns="parent_duration_ns",
+        tol=_common.tolerance(pl.col("parent_duration_ns")),
     )
+    return _patterns(seen)
 
 
-def _independence(instances: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    """Per signature: instances of the caller holding >= 2 of its operations, how many distinct
-    orders they show, and how many show two different operations overlapping.
-
-    The rows carry a signature's number (``sig``), not its text, and an order is the list of its
-    operations' keys, not their text joined: a numeric sort and numeric groups over every stored
-    instance (~1M rows at a 7M-span store, each round of serve)."""
-    signatures = (
-        runs.select("signature", "caller_service", "caller_name", pl.col("sig_ops").alias("op_key"))
-        .unique(subset="signature")
-        .with_columns(sig=pl.int_range(pl.len(), dtype=pl.UInt32))
+def _patterns(seen: pl.DataFrame) -> pl.DataFrame:
+    """:func:`_instance_orders` of calls (``parent_row``: the instance, ``caller``, ``op``,
+    ``start_ns``, ``end_ns``, ``tol``: the repair tolerance of the parent)."""
+    seen = seen.sort(["parent_row", "start_ns", "end_ns", "op"]).with_columns(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_at")
     )
-    sig_ops = signatures.explode("op_key").select(
-        "sig", caller=_caller_hash("caller_service", "caller_name"), op=pl.col("op_key").hash()
+    ops = (
+        seen.group_by(["parent_row", "op"])
+        .agg(pl.col("start_ns").min())
+        .sort(["parent_row", "start_ns", "op"])
+        .with_columns(pl.int_range(pl.len(), dtype=pl.UInt64).over("parent_row").alias("pos"))
     )
-    seen = instances.join(sig_ops, on=["caller", "op"], how="inner").sort(
-        ["sig", "instance", "start_ns", "end_ns", "op"]
-    )
-    tol = _common.tolerance(pl.col("parent_duration_ns"))
-    same = (pl.col("instance") == pl.col("instance").shift(1)) & (pl.col("sig") == pl.col("sig").shift(1))
-    seen = seen.with_columns(
-        pl.col("end_ns").cum_max().over(["sig", "instance"]).alias("_cum_end")
-    ).with_columns(
-        (
-            same
-            & (pl.col("start_ns") < pl.col("_cum_end").shift(1) - tol)
-            & (pl.col("op") != pl.col("op").shift(1))
+    orders = ops.group_by("parent_row", maintain_order=True).agg(pl.col("op").alias("order"))
+    # each call against each operation of its instance: the latest end of that operation's calls
+    # before it (in the instance's order)
+    against = (
+        seen.join(ops.select("parent_row", other="op", other_pos="pos"), on="parent_row")
+        .sort(["parent_row", "other", "_at"])
+        .with_columns(
+            pl.when(pl.col("op") == pl.col("other"))
+            .then(pl.col("end_ns"))
+            .cum_max()
+            .forward_fill()
+            .shift(1)
+            .over(["parent_row", "other"])
+            .alias("_other_end")
         )
-        .fill_null(False)
-        .alias("_overlap")
+        .filter(
+            (pl.col("op") != pl.col("other")) & (pl.col("start_ns") < pl.col("_other_end") - pl.col("tol"))
+        )
+        .join(ops.select("parent_row", "op", "pos"), on=["parent_row", "op"])
+        .select(
+            "parent_row",
+            pair=pl.min_horizontal("pos", "other_pos") * _PAIR + pl.max_horizontal("pos", "other_pos"),
+        )
+        .unique()
+        .group_by("parent_row")
+        .agg(pl.col("pair").sort().alias("overlaps"))
     )
-    first_seen = seen.group_by(["sig", "instance", "op"]).agg(pl.col("start_ns").min())
-    orders = (
-        first_seen.sort(["sig", "instance", "start_ns", "op"])
-        .group_by(["sig", "instance"], maintain_order=True)
-        .agg(pl.col("op").alias("order"), pl.len().alias("ops"))
-        .filter(pl.col("ops") >= 2)
-    )
-    overlaps = seen.group_by(["sig", "instance"]).agg(pl.col("_overlap").any())
     return (
-        orders.join(overlaps, on=["sig", "instance"], how="left")
+        seen.group_by("parent_row")
+        .agg(pl.col("caller").first())
+        .join(orders, on="parent_row")
+        .join(against, on="parent_row", how="left")
+        .with_columns(pl.col("overlaps").fill_null(pl.lit([], dtype=pl.List(pl.UInt64))))
+        .group_by(["caller", "order", "overlaps"])
+        .agg(pl.len().cast(pl.Int64).alias("instances"))
+        .sort("caller", "instances")
+    )
+
+
+def _independence(orders: pl.DataFrame, signatures: pl.DataFrame) -> pl.DataFrame:
+    """Per signature (caller and operations): instances of the caller holding >= 2 of its
+    operations, how many distinct orders they show, and how many show two different operations
+    overlapping — from the callers' patterns (:func:`_instance_orders`), each restricted to the
+    signature's operations."""
+    caller = ["caller_service", "caller_name"]
+    signatures = signatures.select(*caller, "signature", pl.col("sig_ops").alias("op_key")).with_columns(
+        sig=pl.int_range(pl.len(), dtype=pl.UInt32), caller=_caller_hash(*caller)
+    )
+    sig_ops = signatures.explode("op_key").select("sig", op=pl.col("op_key").hash(), _in=pl.lit(True))
+    patterns = (
+        orders.group_by(["caller", "order", "overlaps"])
+        .agg(pl.col("instances").sum())
+        .join(signatures.select("sig", "caller"), on="caller")
+        .with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_p"))
+    )
+    members = (
+        patterns.select("_p", "sig", op="order")
+        .explode("op")
+        .with_columns(pl.int_range(pl.len(), dtype=pl.UInt64).over("_p").alias("pos"))
+        .join(sig_ops, on=["sig", "op"], how="semi", maintain_order="left")
+    )
+    restricted = (
+        members.group_by("_p", maintain_order=True)
+        .agg(pl.col("op").alias("order"))
+        .filter(pl.col("order").list.len() >= 2)
+    )
+    pairs = (
+        patterns.select("_p", pair="overlaps")
+        .explode("pair")
+        .drop_nulls("pair")
+        .select("_p", i=pl.col("pair") // _PAIR, j=pl.col("pair") % _PAIR)
+        .join(members.select("_p", i="pos"), on=["_p", "i"], how="semi")
+        .join(members.select("_p", j="pos"), on=["_p", "j"], how="semi")
+        .select("_p")
+        .unique()
+        .with_columns(_overlap=pl.lit(True))
+    )
+    return (
+        restricted.join(patterns.select("_p", "sig", "instances"), on="_p")
+        .join(pairs, on="_p", how="left")
         .group_by("sig")
         .agg(
-            pl.len().alias("instances"),
+            pl.col("instances").sum(),
             pl.col("order").n_unique().alias("distinct_orders"),
-            pl.col("_overlap").sum().alias("overlapping_instances"),
+            pl.col("instances")
+            .filter(pl.col("_overlap").fill_null(False))
+            .sum()
+            .alias("overlapping_instances"),
         )
-        .join(signatures.select("sig", "signature"), on="sig")
-        .select("signature", "instances", "distinct_orders", "overlapping_instances")
+        .join(signatures.select("sig", *caller, "signature"), on="sig")
+        .select(*caller, "signature", "instances", "distinct_orders", "overlapping_instances")
     )
 
 
@@ -375,23 +458,31 @@ def confidence(
 
 def _fan_in_saving() -> pl.Expr:
     """Local saving when every call but the last runs concurrently (the last one may need the
-    others' results): sum - max over the calls before the last (0 for a run of two)."""
+    others' results): sum - max over the calls before the last (0 for a run of two); the decision
+    reads it for runs whose independence is unverified."""
     n = pl.col("durations").list.len()
     head = pl.col("durations").list.slice(0, n - 1)
     return pl.when(n >= 3).then(head.list.sum() - head.list.max()).otherwise(0).cast(pl.Int64)
 
 
 def extract(ctx: AnalysisContext) -> Rows:
-    """Per-trace half: ``runs`` (every run of two or more operations, kept or not), ``labels``
-    (each operation's first call: its label and callee), ``self_contained`` (per operation,
-    whether every call here is self-contained) and ``instances`` (the calls of caller instances
-    with two or more operations, for the order and overlap evidence across traces)."""
+    """Per-trace half: ``runs`` (every run of two or more operations, kept or not), ``opsets``
+    (the runs' sets of operations), ``labels`` (each operation's first call: its label and
+    callee), ``self_contained`` (per operation, whether every call here is self-contained) and
+    ``orders`` (per caller, the order/overlap patterns of its instances with two or more
+    operations and how many show each, for the evidence across traces). Every table merges
+    across batches by concatenation; the decision reads rows per run and per pattern, none per
+    call."""
     if ctx.spans.height == 0:
         return {}
     calls = call_children(ctx)
     if calls.height < 2:
         return {}
-    runs = _runs(sequential_links(calls))
+    runs = _runs(sequential_links(calls)).with_columns(
+        pl.col("op_key").list.eval(pl.element().hash()).list.unique().list.sort().alias("_ops"),
+        _fan_in_saving().alias("fan_in_ns"),
+    )
+    runs = runs.with_columns(pl.col("_ops").hash().alias("opset"))
     labels = (
         calls.sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
         .unique(subset="op_key", keep="first", maintain_order=True)
@@ -407,10 +498,31 @@ def extract(ctx: AnalysisContext) -> Rows:
         )
     )
     return {
-        "runs": runs.drop("parent_row", "run_id"),
+        # what the decision reads of a run: its set of operations as a 64-bit key (``opsets``: the
+        # set's operations' keys, their text in ``labels``) and its fan-in saving, no per-call
+        # labels, callees or durations
+        "runs": runs.select(
+            "trace_id",
+            "parent_start_ns",
+            "first_start_ns",
+            "caller_span_id",
+            "caller_service",
+            "caller_name",
+            "root_duration_ns",
+            "span_id",
+            "opset",
+            "fan_in_ns",
+            "serial_ns",
+            "inferred_roles",
+            "calls",
+            "local_saving_ns",
+            "keep",
+            "on_path",
+        ),
+        "opsets": runs.select("opset", ops="_ops").unique(subset="opset", maintain_order=True),
         "labels": labels,
         "self_contained": calls.group_by("op_key").agg(pl.col("self_contained").all()),
-        "instances": _instance_rows(calls),
+        "orders": _instance_orders(calls),
     }
 
 
@@ -419,20 +531,36 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     runs = rows.get("runs")
     if runs is None or runs.is_empty():
         return []
+    # The runs' lists of span ids stay where they are: the decision reads the other columns
+    # (``_row``: the run's position) and takes a finding's runs' lists at the end.
+    lists = runs.select("span_id")
+    runs = runs.drop("span_id").with_row_index("_row")
     # One order whatever the partitioning: the callers' instances as they appear in the traces.
     runs = runs.sort("trace_id", "parent_start_ns", "caller_span_id", "first_start_ns")
-    _note_dropped_runs(notes, runs.filter(~pl.col("keep")))
+    _note_dropped_runs(notes, runs.filter(~pl.col("keep")), lists["span_id"])
     runs = runs.filter("keep")
     if runs.height == 0:
         return []
-    runs = _assign_signatures(runs)
     labels = (
         rows["labels"]
         .sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
         .unique(subset="op_key", keep="first", maintain_order=True)
         .select("op_key", "op_label", "target_service")
     )
-    evidence = {row["signature"]: row for row in _independence(rows["instances"], runs).iter_rows(named=True)}
+    signatures = _assign_signatures(
+        runs,
+        rows["opsets"].unique(subset="opset", keep="first"),
+        labels.select(op=pl.col("op_key").hash(), op_key="op_key"),
+    )
+    # per caller: its signature and the evidence (a caller has one signature)
+    evidence = {
+        (row["caller_service"], row["caller_name"]): row
+        for row in _independence(rows["orders"], signatures).iter_rows(named=True)
+    }
+    signature_of = {
+        (row["caller_service"], row["caller_name"]): (row["signature"], row["sig_ops"])
+        for row in signatures.iter_rows(named=True)
+    }
     self_contained_ops = set(
         rows["self_contained"]
         .group_by("op_key")
@@ -441,15 +569,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         .to_list()
     )
     findings: list[Finding] = []
-    for (signature, caller_service, caller_name), group in runs.group_by(
-        ["signature", "caller_service", "caller_name"], maintain_order=True
+    for (caller_service, caller_name), group in runs.group_by(
+        ["caller_service", "caller_name"], maintain_order=True
     ):
-        ev = evidence.get(str(signature), {})
+        ev = evidence.get((caller_service, caller_name), {})
+        signature, sig_op_keys = signature_of[(caller_service, caller_name)]
+        group = pl.concat([group, lists[group["_row"]]], how="horizontal")
         instances = int(ev.get("instances") or 0)
         distinct_orders = int(ev.get("distinct_orders") or 0)
         overlapping = int(ev.get("overlapping_instances") or 0)
         trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
-        sig_op_keys = group["sig_ops"][0].to_list()
         takes_input = sum(1 for op in sig_op_keys if op not in self_contained_ops)
         shiftable = takes_input <= 1
         score = confidence(instances, distinct_orders, overlapping, len(trace_ids), shiftable)
@@ -479,7 +608,6 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             continue
         unchecked = score is None  # fixed order, 2+ calls take inputs: maybe a data dependency
         if unchecked:
-            group = group.with_columns(_fan_in_saving().alias("fan_in_ns"))
             saving = _common.num(group["fan_in_ns"].median())
             root = _common.num(group["root_duration_ns"].median())
             floor = max(MIN_UNCHECKED_SAVING_NS, MIN_UNCHECKED_SAVING_SHARE * root)
@@ -522,7 +650,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             ),
             keys=_common.occurrence_keys(group, ["trace_id", "caller_span_id", "span_id"], unchecked),
         )
-        sig_ops = pl.DataFrame({"op_key": group["sig_ops"][0]}, schema={"op_key": pl.String})
+        sig_ops = pl.DataFrame({"op_key": sig_op_keys}, schema={"op_key": pl.String})
         targets = [
             {"service": str(svc), "operation": str(op)}
             for svc, op in sig_ops.join(labels, on="op_key", how="left", maintain_order="left")
