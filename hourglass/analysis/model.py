@@ -14,9 +14,14 @@ it is made on the spot: changing it changes nothing in the finding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
+import os
+import pickle
+import tempfile
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -413,7 +418,10 @@ class Occurrences(Sequence[Occurrence]):
     own flat column); the numbers (each occurrence's names in their order, as a code into the
     distinct name orders, and one column per name: int64 when every value is an int, float64 when
     every one is a float, else the values themselves); the keys (uint64, with which are present).
-    :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints."""
+    :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints.
+
+    :meth:`park` writes the columns to a file and lets them go until they are next read (serve's
+    round: a kind's findings wait there while the next kinds decide)."""
 
     __slots__ = (
         "_has_key",
@@ -430,6 +438,7 @@ class Occurrences(Sequence[Occurrence]):
         "_key",
         "_n",
         "_nums",
+        "_parked",
         "_shape",
         "_shapes",
         "_span_off",
@@ -456,6 +465,7 @@ class Occurrences(Sequence[Occurrence]):
     _nums: dict[str, np.ndarray | list[Any]]
     _key: np.ndarray
     _has_key: np.ndarray
+    _parked: str | None  # the file of a parked table's columns (unset: never parked)
 
     # -- making ---------------------------------------------------------------------------------
 
@@ -810,7 +820,54 @@ class Occurrences(Sequence[Occurrence]):
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (tuple(getattr(self, name) for name in Occurrences.__slots__),))
+        return (_restore, (tuple(getattr(self, name) for name in _COLUMNS),))
+
+    # -- parked in a file -----------------------------------------------------------------------
+
+    def park(self, folder: str) -> None:
+        """Write the columns to a new file in ``folder`` and let them go: the first thing that
+        reads one of them (anything but ``len``) reads them all back and removes the file (also
+        removed when the occurrences are dropped without being read). Serve's round parks each
+        kind's findings while the next kinds decide: at 12M stored spans they held ~65 MiB under
+        the last kinds' decisions. Nothing to do when empty or parked already."""
+        if self._n == 0 or getattr(self, "_parked", None) is not None:
+            return
+        fd, path = tempfile.mkstemp(prefix="occurrences-", suffix=".pickle", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                pickle.dump(tuple(getattr(self, name) for name in _PARKED), out, protocol=5)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        for name in _PARKED:
+            delattr(self, name)
+        self._parked = path
+
+    def is_parked(self) -> bool:
+        return getattr(self, "_parked", None) is not None
+
+    def __getattr__(self, name: str) -> Any:
+        """A column of a parked table: all of them read back (only called for a name not set)."""
+        if name in _PARKED_SET and getattr(self, "_parked", None) is not None:
+            with _UNPARKING:
+                path = getattr(self, "_parked", None)
+                if path is not None:  # (else another thread read them back meanwhile)
+                    with open(path, "rb") as given:
+                        state = pickle.load(given)
+                    for column, value in zip(_PARKED, state, strict=True):
+                        setattr(self, column, value)
+                    self._parked = None
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            return object.__getattribute__(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __del__(self) -> None:
+        path = getattr(self, "_parked", None)
+        if path is not None:
+            with contextlib.suppress(Exception):
+                os.unlink(path)
 
     def _materialize(self, a: int, b: int) -> list[Occurrence]:
         if a >= b:
@@ -1068,9 +1125,15 @@ class Occurrences(Sequence[Occurrence]):
         return InterventionColumns(owner, self._iv_kind[ivs], ints, floats, span_ids, lengths)
 
 
+_COLUMNS = tuple(name for name in Occurrences.__slots__ if name != "_parked")  # what pickles
+_PARKED = tuple(name for name in _COLUMNS if name != "_n")  # what a parked table lets go
+_PARKED_SET = frozenset(_PARKED)
+_UNPARKING = threading.Lock()
+
+
 def _restore(state: tuple[Any, ...]) -> Occurrences:
     self = Occurrences.__new__(Occurrences)
-    for name, value in zip(Occurrences.__slots__, state, strict=True):
+    for name, value in zip(_COLUMNS, state, strict=True):
         setattr(self, name, value)
     return self
 

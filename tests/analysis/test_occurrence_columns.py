@@ -6,10 +6,14 @@ definition over that list."""
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import pickle
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -528,3 +532,58 @@ def test_empty_tables_of_any_making() -> None:
         assert table.intervention_columns().span_ids.to_list() == []
     hexed = Occurrences.from_list([Occurrence("a" * 32, ("b" * 16,), (RunConcurrently(("b" * 16,)),))])
     assert Occurrences.concat([empty, hexed, made]) == list(hexed)
+
+
+# -- parked in a file -----------------------------------------------------------------------------
+
+
+def test_a_parked_table_lets_its_columns_go_and_reads_them_back_whole(tmp_path: Path) -> None:
+    """``park``: the columns written to one file and let go (``len`` still answers); whatever reads
+    a column next (an occurrence, an accessor, a take, a pickle) reads them all back, exactly, and
+    the file is removed; a parked table dropped unread removes its file too."""
+    occurrences = _random_occurrences(15, 2000)
+    table = Occurrences.from_list(occurrences)
+    folder = str(tmp_path)
+    readers = [  # (what each reads, as its repr: a NaN number compares)
+        lambda t: repr(list(t)),
+        lambda t: repr(t[17]),
+        lambda t: t.trace_id_list(),
+        lambda t: t.span_columns()[0].to_list(),
+        lambda t: t.intervention_columns().span_ids.to_list(),
+        lambda t: repr(list(t.take([5, 1]))),
+        lambda t: repr(list(pickle.loads(pickle.dumps(t)))),
+        lambda t: t.number_column("calls")[1].tolist(),
+    ]
+    for read in readers:
+        want = read(table)
+        table.park(folder)
+        assert table.is_parked() and len(os.listdir(folder)) == 1
+        for column in ("_trace", "_spans", "_span_off", "_nums", "_key"):
+            with pytest.raises(AttributeError):
+                object.__getattribute__(table, column)  # let go, not merely hidden
+        assert len(table) == len(occurrences) and table.is_parked()  # (len reads no column)
+        got = read(table)
+        assert not table.is_parked() and os.listdir(folder) == []
+        assert got == want
+    assert table == occurrences
+    table.park(folder)
+    table.park(folder)  # (parked already: nothing more)
+    assert len(os.listdir(folder)) == 1
+    del table
+    gc.collect()
+    assert os.listdir(folder) == []
+    empty = Occurrences.from_list([])
+    empty.park(folder)
+    assert not empty.is_parked() and os.listdir(folder) == [] and empty == []
+
+
+def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
+    occurrences = _random_occurrences(16, 3000)
+    table = Occurrences.from_list(occurrences)
+    want = table.span_columns()[0].to_list()
+    for _ in range(5):
+        table.park(str(tmp_path))
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: table.span_columns()[0].to_list(), range(8)))
+        assert all(g == want for g in got)
+        assert os.listdir(tmp_path) == []
