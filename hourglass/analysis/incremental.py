@@ -943,7 +943,8 @@ class IncrementalAnalysis:
                 del rows
                 if kind != last:  # its occurrences wait on disk while the next kinds decide
                     for finding in (f for fs in found.values() for f in fs):
-                        finding.occurrence_table.park(str(self.parked))
+                        with contextlib.suppress(OSError):  # (a full disk: they stay in memory)
+                            finding.occurrence_table.park(str(self.parked))
                 decided.update(found)
         finally:
             if extra is not None:

@@ -587,3 +587,13 @@ def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
             got = list(pool.map(lambda _: table.span_columns()[0].to_list(), range(8)))
         assert all(g == want for g in got)
         assert os.listdir(tmp_path) == []
+
+
+def test_a_table_that_cannot_be_parked_stays_whole(tmp_path: Path) -> None:
+    """A file that cannot be written (no such folder; a full disk) is an OSError and the table
+    keeps its columns (serve's round then keeps them in memory)."""
+    occurrences = _random_occurrences(17, 300)
+    table = Occurrences.from_list(occurrences)
+    with pytest.raises(OSError):
+        table.park(str(tmp_path / "missing"))
+    assert not table.is_parked() and table == occurrences
