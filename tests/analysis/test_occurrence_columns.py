@@ -411,6 +411,9 @@ _NOT_WORDS = [
     "",
     "é" * 8,  # 16 bytes, not hex
     "0x" + "1" * 14,
+    "+" + "1" * 15,  # (an integer parse would take it)
+    " " + "1" * 15,
+    "1" * 15 + "\n",
 ]
 
 
