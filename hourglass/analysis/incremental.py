@@ -634,6 +634,11 @@ class IncrementalAnalysis:
             legacy.unlink(missing_ok=True)
         self._check_rows_format()
         self.spill = Spill(str(self.folder / "spill"), SPILL_BUCKETS)
+        # ``parked/``: a round's findings' occurrences while the next kinds decide
+        # (``Occurrences.park``); what a crash left there is removed
+        self.parked = self.folder / "parked"
+        shutil.rmtree(self.parked, ignore_errors=True)
+        self.parked.mkdir()
         # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
         self.batches: dict[int, Batch] = {}
         self._load_batches()
@@ -923,6 +928,7 @@ class IncrementalAnalysis:
                 extra is None and set(stored) == set(self.batches),
             )
             decided: dict[str, list[Finding]] = {}
+            last = list(PARTS)[-1]
             for kind in PARTS:
                 rows = partitions.combine(
                     {kind: on_the_fly[p].rows.get(kind, {})}
@@ -933,8 +939,13 @@ class IncrementalAnalysis:
                     for p, members in pieces
                 )
                 memlog.note(f"rows of {kind} combined")
-                decided.update(partitions.decide(rows, notes, batch_spill))
+                found = partitions.decide(rows, notes, batch_spill)
                 del rows
+                if kind != last:  # its occurrences wait on disk while the next kinds decide
+                    for finding in (f for fs in found.values() for f in fs):
+                        with contextlib.suppress(OSError):  # (a full disk: they stay in memory)
+                            finding.occurrence_table.park(str(self.parked))
+                decided.update(found)
         finally:
             if extra is not None:
                 extra.remove()

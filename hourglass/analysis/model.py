@@ -14,9 +14,14 @@ it is made on the spot: changing it changes nothing in the finding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
+import os
+import pickle
+import tempfile
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -242,6 +247,136 @@ def _gather_ranges(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, n
     return flat, new
 
 
+# per byte, its two lowercase hex digits as they lie in memory (a uint16 read in native order)
+_HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % byte for byte in range(256)), dtype=np.uint16)
+_HEX_WIDTHS = (16, 32)  # the ids held as words: OTLP's span ids and trace ids
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+class _Ids:
+    """A column of ids (a String series' values): when every one is lowercase hex of 16 or 32
+    digits (OTLP's span and trace ids), held as the 64-bit words they spell, big-endian (one or
+    two uint64 per id: 8 or 16 bytes instead of a polars string's 32 or 48, and no reference to
+    the buffers of the frame the ids were taken from); else (any other id, a null, none at all)
+    as the series itself. Exact: :meth:`series` gives the text back as it was. Made, sliced,
+    gathered, joined and decoded in C-level passes, no Python object per id."""
+
+    __slots__ = ("text", "words")
+
+    def __init__(self, words: np.ndarray | None, text: pl.Series | None) -> None:
+        self.words = words  # (n, 1 or 2) uint64, or None
+        self.text = text  # the String series when not ``words``
+
+    @classmethod
+    def of(cls, series: pl.Series) -> _Ids:
+        """``series`` (String) as words when it can be, else as it is."""
+        words = hex_words(series)
+        return cls(words, None) if words is not None else cls(None, series)
+
+    def __len__(self) -> int:
+        return len(self.words) if self.words is not None else len(self.text)  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Ids, (self.words, self.text))
+
+    def series(self) -> pl.Series:
+        """The ids as a String series (decoded from the words: made each time it is asked for)."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text
+        return hex_text(self.words)
+
+    def slice(self, start: int, length: int) -> _Ids:
+        if self.words is None:
+            assert self.text is not None
+            return _Ids(None, self.text.slice(start, length))
+        return _Ids(self.words[start : start + length], None)
+
+    def gather(self, rows: np.ndarray) -> _Ids:
+        if self.words is None:
+            assert self.text is not None
+            return _Ids(None, self.text.gather(pl.Series(rows, dtype=pl.Int64)))
+        return _Ids(self.words[rows], None)
+
+    @staticmethod
+    def concat(parts: Sequence[_Ids]) -> _Ids:
+        """The ids of ``parts`` one after another: words when every part's ids are words of one
+        width (or none), else strings."""
+        given = [p for p in parts if len(p)]
+        if not given:
+            return parts[0] if parts else _Ids(None, pl.Series("", [], dtype=pl.String))
+        if len(given) == 1:
+            return given[0]
+        widths = {p.words.shape[1] if p.words is not None else 0 for p in given}
+        if len(widths) == 1 and 0 not in widths:
+            return _Ids(np.concatenate([p.words for p in given if p.words is not None]), None)
+        return _Ids(None, pl.concat([p.series() for p in given]))
+
+    def is_in(self, wanted: pl.Series) -> np.ndarray:
+        """Per id: whether it is one of ``wanted`` (a String series)."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text.is_in(wanted.implode()).to_numpy()
+        n, width = self.words.shape
+        wanted = wanted.drop_nulls().unique()
+        wanted = wanted.filter(wanted.str.len_bytes() == 16 * width)  # (the others are none of ours)
+        coded = hex_words(wanted)
+        if coded is None:  # (any left that is not lowercase hex matches none of ours either)
+            wanted = wanted.filter(~wanted.str.contains("[^0-9a-f]"))
+            coded = hex_words(wanted)
+        if coded is None:
+            return np.zeros(n, dtype=np.bool_)
+        found = np.isin(self.words[:, 0], coded[:, 0])
+        if width > 1 and found.any():
+            rows = np.flatnonzero(found)
+            columns = [f"w{j}" for j in range(width)]
+            hit = (
+                pl.DataFrame({c: self.words[rows, j] for j, c in enumerate(columns)})
+                .with_row_index("row")
+                .join(pl.DataFrame({c: coded[:, j] for j, c in enumerate(columns)}), on=columns, how="semi")
+            )["row"].to_numpy()
+            found[:] = False
+            found[rows[hit]] = True
+        return found
+
+    def unique(self) -> pl.Series:
+        """The distinct ids in the order first seen (a String series)."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text.unique(maintain_order=True)
+        width = self.words.shape[1]
+        frame = pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).unique(maintain_order=True)
+        return _Ids(np.ascontiguousarray(frame.to_numpy(), dtype=np.uint64).reshape(-1, width), None).series()
+
+
+def hex_text(words: np.ndarray) -> pl.Series:
+    """The ids that ``words`` (shape (n, 1 or 2), :func:`hex_words`) spell, as a String series
+    of lowercase hex (16 digits a word)."""
+    n, width = words.shape
+    if n == 0:
+        return pl.Series("", [], dtype=pl.String)
+    digits = _HEX_PAIRS[words.astype(">u8").view(np.uint8)]  # (n, 8 * width) digit pairs
+    return pl.Series("", digits.view(f"S{16 * width}").ravel()).cast(pl.String)
+
+
+def hex_words(series: pl.Series) -> np.ndarray | None:
+    """The ids of ``series`` (String) as the big-endian 64-bit words they spell, shape (n, 1 or
+    2), when every one is lowercase hex of 16 or 32 digits (none null; at least one); else None.
+    In C-level passes: the lengths, then the ids joined into one text, checked and decoded whole
+    (half the CPU of polars' regex check and integer parse)."""
+    n = len(series)
+    if n == 0 or series.dtype != pl.String or series.null_count():
+        return None
+    lengths = series.str.len_bytes()
+    digits = lengths.min()
+    if digits not in _HEX_WIDTHS or lengths.max() != digits:
+        return None
+    text = series.str.join("").item()
+    if not text.isascii() or text.encode("ascii").translate(None, _HEX_DIGITS):
+        return None  # (a character that is not a lowercase hex digit)
+    return np.frombuffer(bytes.fromhex(text), dtype=">u8").reshape(n, -1).astype(np.uint64)
+
+
 @dataclass(frozen=True, slots=True)
 class InterventionColumns:
     """A finding's interventions (those of the occurrences asked for), one row per intervention
@@ -249,15 +384,27 @@ class InterventionColumns:
     (the position of its class in ``(RunConcurrently, ShortenSpan, CollapseSpans, ScaleSelf,
     CapConcurrency)``), its parameter (``by_ns``, ``duration_ns``, ``factor``, ``limit``; 0 for
     ``RunConcurrently``) as an integer (``int()`` of it) and as a float (``float()`` of it), and
-    the span ids it names (``span_id`` as one), flat (a String series, not one Python string
-    each), ``span_counts`` per intervention."""
+    the span ids it names (``span_id`` as one), flat (:attr:`span_ids`, a String series, not one
+    Python string each; :attr:`span_words`, the same ids as the words they spell when held so),
+    ``span_counts`` per intervention."""
 
     owner: np.ndarray
     kind: np.ndarray
     int_param: np.ndarray
     float_param: np.ndarray
-    span_ids: pl.Series
+    named: _Ids
     span_counts: np.ndarray
+
+    @property
+    def span_ids(self) -> pl.Series:
+        """The span ids, flat (a String series, decoded each time it is asked for)."""
+        return self.named.series()
+
+    @property
+    def span_words(self) -> np.ndarray | None:
+        """The span ids as big-endian 64-bit words, shape (ids, 1 or 2), when every one is
+        lowercase hex of 16 or 32 digits (:func:`hex_words`); else None."""
+        return self.named.words
 
 
 class Occurrences(Sequence[Occurrence]):
@@ -272,7 +419,10 @@ class Occurrences(Sequence[Occurrence]):
     own flat column); the numbers (each occurrence's names in their order, as a code into the
     distinct name orders, and one column per name: int64 when every value is an int, float64 when
     every one is a float, else the values themselves); the keys (uint64, with which are present).
-    :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints."""
+    :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints.
+
+    :meth:`park` writes the columns to a file and lets them go until they are next read (serve's
+    round: a kind's findings wait there while the next kinds decide)."""
 
     __slots__ = (
         "_has_key",
@@ -289,6 +439,7 @@ class Occurrences(Sequence[Occurrence]):
         "_key",
         "_n",
         "_nums",
+        "_parked",
         "_shape",
         "_shapes",
         "_span_off",
@@ -297,15 +448,15 @@ class Occurrences(Sequence[Occurrence]):
     )  # fmt: skip
 
     _n: int
-    _trace: pl.Series
+    _trace: _Ids
     _span_off: np.ndarray
-    _spans: pl.Series
+    _spans: _Ids
     _iv_off: np.ndarray
     _iv_kind: np.ndarray
     _iv_start: np.ndarray  # position in the occurrence's span ids, or -1: in ``_iv_extra``
     _iv_len: np.ndarray
     _iv_ex_off: np.ndarray
-    _iv_extra: pl.Series
+    _iv_extra: _Ids
     _iv_ptype: np.ndarray
     _iv_int: np.ndarray
     _iv_float: np.ndarray
@@ -315,6 +466,7 @@ class Occurrences(Sequence[Occurrence]):
     _nums: dict[str, np.ndarray | list[Any]]
     _key: np.ndarray
     _has_key: np.ndarray
+    _parked: str | None  # the file of a parked table's columns (unset: never parked)
 
     # -- making ---------------------------------------------------------------------------------
 
@@ -408,10 +560,10 @@ class Occurrences(Sequence[Occurrence]):
                 num_vals.setdefault(name, []).extend(got)
         self = cls.__new__(cls)
         self._n = n
-        self._trace = _strings(traces, "trace ids")
+        self._trace = _Ids.of(_strings(traces, "trace ids"))
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.asarray(span_len, dtype=np.int64), out=self._span_off[1:])
-        self._spans = _strings(span_flat, "span ids")
+        self._spans = _Ids.of(_strings(span_flat, "span ids"))
         self._iv_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.asarray(iv_count, dtype=np.int64), out=self._iv_off[1:])
         m = len(iv_kind)
@@ -420,7 +572,7 @@ class Occurrences(Sequence[Occurrence]):
         self._iv_len = np.asarray(iv_len, dtype=np.int32)
         self._iv_ex_off = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(np.asarray(ex_len, dtype=np.int64), out=self._iv_ex_off[1:])
-        self._iv_extra = _strings(ex_flat, "intervention span ids")
+        self._iv_extra = _Ids.of(_strings(ex_flat, "intervention span ids"))
         ptype = np.asarray(iv_ptype, dtype=np.uint8)
         self._iv_ptype = ptype
         self._iv_int = np.zeros(m, dtype=np.int64)
@@ -479,15 +631,15 @@ class Occurrences(Sequence[Occurrence]):
                 base += int(a[-1])
             return np.concatenate(out)
 
-        self._trace = pl.concat([p._trace for p in parts])
+        self._trace = _Ids.concat([p._trace for p in parts])
         self._span_off = offsets([p._span_off for p in parts])
-        self._spans = pl.concat([p._spans for p in parts])
+        self._spans = _Ids.concat([p._spans for p in parts])
         self._iv_off = offsets([p._iv_off for p in parts])
         self._iv_kind = np.concatenate([p._iv_kind for p in parts])
         self._iv_start = np.concatenate([p._iv_start for p in parts])
         self._iv_len = np.concatenate([p._iv_len for p in parts])
         self._iv_ex_off = offsets([p._iv_ex_off for p in parts])
-        self._iv_extra = pl.concat([p._iv_extra for p in parts])
+        self._iv_extra = _Ids.concat([p._iv_extra for p in parts])
         self._iv_ptype = np.concatenate([p._iv_ptype for p in parts])
         self._iv_int = np.concatenate([p._iv_int for p in parts])
         self._iv_float = np.concatenate([p._iv_float for p in parts])
@@ -559,13 +711,14 @@ class Occurrences(Sequence[Occurrence]):
                 raise ValueError(f"occurrences: {name} must be {n} values, none null")
         self = cls.__new__(cls)
         self._n = n
-        self._trace = trace_ids.cast(pl.String).rename("")
+        self._trace = _Ids.of(trace_ids.cast(pl.String).rename(""))
         lengths = span_ids.list.len().to_numpy().astype(np.int64)
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._span_off[1:])
-        self._spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
-        if len(self._spans) != self._span_off[-1]:
+        spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
+        if len(spans) != self._span_off[-1]:
             raise ValueError("occurrences: span ids must be lists of strings, none null")
+        self._spans = _Ids.of(spans)
         if intervention is None:
             if parameter is not None or shortened is not None:
                 raise ValueError("occurrences: no intervention takes no parameter")
@@ -574,7 +727,7 @@ class Occurrences(Sequence[Occurrence]):
             self._iv_start = np.zeros(0, dtype=np.int32)
             self._iv_len = np.zeros(0, dtype=np.int32)
             self._iv_ex_off = np.zeros(1, dtype=np.int64)
-            self._iv_extra = pl.Series([], dtype=pl.String)
+            self._iv_extra = _Ids(None, pl.Series("", [], dtype=pl.String))
             self._iv_float = np.zeros(0, dtype=np.float64)
             self._iv_ptype = np.zeros(0, dtype=np.uint8)
             self._iv_int = np.zeros(0, dtype=np.int64)
@@ -600,11 +753,11 @@ class Occurrences(Sequence[Occurrence]):
                     np.int32
                 )
                 self._iv_ex_off = np.zeros(m + 1, dtype=np.int64)
-                self._iv_extra = pl.Series([], dtype=pl.String)
+                self._iv_extra = _Ids(None, pl.Series("", [], dtype=pl.String))
             else:
                 self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
                 self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
-                self._iv_extra = ids.cast(pl.String).rename("")
+                self._iv_extra = _Ids.of(ids.cast(pl.String).rename(""))
             self._iv_float = np.zeros(m, dtype=np.float64)
             self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
             self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)
@@ -615,7 +768,7 @@ class Occurrences(Sequence[Occurrence]):
             self._iv_start = np.where(named > 0, first, 0).astype(np.int32)
             self._iv_len = named.astype(np.int32)
             self._iv_ex_off = np.zeros(n + 1, dtype=np.int64)
-            self._iv_extra = pl.Series([], dtype=pl.String)
+            self._iv_extra = _Ids(None, pl.Series("", [], dtype=pl.String))
             self._iv_float = np.zeros(n, dtype=np.float64)
         if intervention is None or intervention is ShortenSpan:
             pass  # (their parameters above)
@@ -690,14 +843,61 @@ class Occurrences(Sequence[Occurrence]):
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (tuple(getattr(self, name) for name in Occurrences.__slots__),))
+        return (_restore, (tuple(getattr(self, name) for name in _COLUMNS),))
+
+    # -- parked in a file -----------------------------------------------------------------------
+
+    def park(self, folder: str) -> None:
+        """Write the columns to a new file in ``folder`` and let them go: the first thing that
+        reads one of them (anything but ``len``) reads them all back and removes the file (also
+        removed when the occurrences are dropped without being read). Serve's round parks each
+        kind's findings while the next kinds decide: at 12M stored spans they held ~65 MiB under
+        the last kinds' decisions. Nothing to do when empty or parked already."""
+        if self._n == 0 or getattr(self, "_parked", None) is not None:
+            return
+        fd, path = tempfile.mkstemp(prefix="occurrences-", suffix=".pickle", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                pickle.dump(tuple(getattr(self, name) for name in _PARKED), out, protocol=5)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        for name in _PARKED:
+            delattr(self, name)
+        self._parked = path
+
+    def is_parked(self) -> bool:
+        return getattr(self, "_parked", None) is not None
+
+    def __getattr__(self, name: str) -> Any:
+        """A column of a parked table: all of them read back (only called for a name not set)."""
+        if name in _PARKED_SET and getattr(self, "_parked", None) is not None:
+            with _UNPARKING:
+                path = getattr(self, "_parked", None)
+                if path is not None:  # (else another thread read them back meanwhile)
+                    with open(path, "rb") as given:
+                        state = pickle.load(given)
+                    for column, value in zip(_PARKED, state, strict=True):
+                        setattr(self, column, value)
+                    self._parked = None
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            return object.__getattribute__(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __del__(self) -> None:
+        path = getattr(self, "_parked", None)
+        if path is not None:
+            with contextlib.suppress(Exception):
+                os.unlink(path)
 
     def _materialize(self, a: int, b: int) -> list[Occurrence]:
         if a >= b:
             return []
-        traces = self._trace.slice(a, b - a).to_list()
+        traces = self._trace.slice(a, b - a).series().to_list()
         s0, s1 = int(self._span_off[a]), int(self._span_off[b])
-        flat = self._spans.slice(s0, s1 - s0).to_list()
+        flat = self._spans.slice(s0, s1 - s0).series().to_list()
         bounds = (self._span_off[a : b + 1] - s0).tolist()
         spans = [tuple(flat[bounds[j] : bounds[j + 1]]) for j in range(b - a)]
         i0, i1 = int(self._iv_off[a]), int(self._iv_off[b])
@@ -711,7 +911,7 @@ class Occurrences(Sequence[Occurrence]):
             floats = self._iv_float[i0:i1].tolist()
             objs = self._iv_obj[i0:i1] if self._iv_obj is not None else None
             e0, e1 = int(self._iv_ex_off[i0]), int(self._iv_ex_off[i1])
-            extra = self._iv_extra.slice(e0, e1 - e0).to_list() if e1 > e0 else []
+            extra = self._iv_extra.slice(e0, e1 - e0).series().to_list() if e1 > e0 else []
             ex_bounds = (self._iv_ex_off[i0 : i1 + 1] - e0).tolist()
             per = np.diff(self._iv_off[a : b + 1]).tolist()
             k = 0
@@ -781,16 +981,15 @@ class Occurrences(Sequence[Occurrence]):
         self_rows = rows
         out = Occurrences.__new__(Occurrences)
         out._n = len(rows)
-        gather = pl.Series(rows, dtype=pl.Int64)
-        out._trace = self._trace.gather(gather)
+        out._trace = self._trace.gather(rows)
         flat, out._span_off = _gather_ranges(self._span_off, self_rows)
-        out._spans = self._spans.gather(pl.Series(flat, dtype=pl.Int64))
+        out._spans = self._spans.gather(flat)
         ivs, out._iv_off = _gather_ranges(self._iv_off, self_rows)
         out._iv_kind = self._iv_kind[ivs]
         out._iv_start = self._iv_start[ivs]
         out._iv_len = self._iv_len[ivs]
         extra, out._iv_ex_off = _gather_ranges(self._iv_ex_off, ivs)
-        out._iv_extra = self._iv_extra.gather(pl.Series(extra, dtype=pl.Int64))
+        out._iv_extra = self._iv_extra.gather(extra)
         out._iv_ptype = self._iv_ptype[ivs]
         out._iv_int = self._iv_int[ivs]
         out._iv_float = self._iv_float[ivs]
@@ -835,15 +1034,20 @@ class Occurrences(Sequence[Occurrence]):
 
     def trace_id_list(self) -> list[str]:
         """Each occurrence's trace id, in order."""
-        return self._trace.to_list()
+        return self._trace.series().to_list()
 
     def trace_id_series(self) -> pl.Series:
         """Each occurrence's trace id, in order (a String series; not to be changed)."""
-        return self._trace
+        return self._trace.series()
+
+    def trace_ids_at(self, rows: np.ndarray) -> pl.Series:
+        """The trace ids of the occurrences at positions ``rows`` (a String series): only those
+        decoded."""
+        return self._trace.gather(np.asarray(rows, dtype=np.int64)).series()
 
     def unique_trace_ids(self) -> list[str]:
         """The distinct trace ids in the order first seen (``Finding.trace_ids``)."""
-        return self._trace.unique(maintain_order=True).to_list()
+        return self._trace.unique().to_list()
 
     def has_interventions(self) -> np.ndarray:
         """Per occurrence: whether it carries an intervention."""
@@ -861,16 +1065,30 @@ class Occurrences(Sequence[Occurrence]):
         wanted = (
             trace_ids if isinstance(trace_ids, pl.Series) else pl.Series(list(trace_ids), dtype=pl.String)
         )
-        return self._trace.is_in(wanted.cast(pl.String).implode()).to_numpy()
+        return self._trace.is_in(wanted.cast(pl.String))
 
     def filter_traces(self, trace_ids: Collection[str] | pl.Series) -> Occurrences:
         """The occurrences of traces ``trace_ids``, in order."""
         return self.take(np.flatnonzero(self.in_traces(trace_ids)))
 
+    def trace_id_words(self) -> np.ndarray | None:
+        """Each occurrence's trace id as the big-endian 64-bit words it spells, shape (n, 1 or 2),
+        when every one is lowercase hex of 16 or 32 digits (:func:`hex_words`); else None. Not to
+        be changed."""
+        return self._trace.words
+
+    def span_id_words(self) -> np.ndarray | None:
+        """:meth:`span_columns`' ids as words (as :meth:`trace_id_words`), or None."""
+        return self._spans.words
+
+    def span_counts(self) -> np.ndarray:
+        """How many span ids each occurrence has."""
+        return np.diff(self._span_off)
+
     def span_columns(self) -> tuple[pl.Series, np.ndarray]:
         """(every occurrence's span ids, one after another, a String series not to be changed;
         how many each has)."""
-        return self._spans, np.diff(self._span_off)
+        return self._spans.series(), np.diff(self._span_off)
 
     def number_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(the values of number ``name`` as floats, NaN where absent or not a number; whether
@@ -909,8 +1127,8 @@ class Occurrences(Sequence[Occurrence]):
         total = np.zeros(len(ivs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=total[1:])
         at = np.repeat(base - total[:-1], lengths) + np.arange(total[-1], dtype=np.int64)
-        pool = pl.concat([self._spans, self._iv_extra]) if len(self._iv_extra) else self._spans
-        span_ids = pool.gather(pl.Series(at, dtype=pl.Int64))
+        pool = _Ids.concat([self._spans, self._iv_extra])
+        span_ids = pool.gather(at)
         ptype = self._iv_ptype[ivs]
         ints = self._iv_int[ivs].copy()
         floats = self._iv_float[ivs].copy()
@@ -930,9 +1148,15 @@ class Occurrences(Sequence[Occurrence]):
         return InterventionColumns(owner, self._iv_kind[ivs], ints, floats, span_ids, lengths)
 
 
+_COLUMNS = tuple(name for name in Occurrences.__slots__ if name != "_parked")  # what pickles
+_PARKED = tuple(name for name in _COLUMNS if name != "_n")  # what a parked table lets go
+_PARKED_SET = frozenset(_PARKED)
+_UNPARKING = threading.Lock()
+
+
 def _restore(state: tuple[Any, ...]) -> Occurrences:
     self = Occurrences.__new__(Occurrences)
-    for name, value in zip(Occurrences.__slots__, state, strict=True):
+    for name, value in zip(_COLUMNS, state, strict=True):
         setattr(self, name, value)
     return self
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 
 from hourglass.analysis.model import Finding
 from hourglass.analysis.whatif import Impact
@@ -120,7 +119,7 @@ def measured_cost(
     if not counted.size:
         return Cost(np.zeros(0), np.zeros(0), "no measured cost: ranked by the risk term", risk_ms)
     # per trace, the occurrences' values (negative ones as 0) added in occurrence order
-    of = occurrences.trace_id_series().gather(pl.Series(counted, dtype=pl.Int64)).to_list()
+    of = occurrences.trace_ids_at(counted).to_list()
     traces = sorted(set(of))
     position = {t: i for i, t in enumerate(traces)}
     code = np.fromiter(map(position.__getitem__, of), dtype=np.int64, count=len(of))

@@ -527,9 +527,7 @@ def call_durations(ctx: AnalysisContext, finding: Finding) -> np.ndarray:
     spans minus those that are the parent of another named span (the caller)."""
     occurrences = finding.occurrence_table
     span_ids, counts = occurrences.span_columns()
-    trace_ids = occurrences.trace_id_series().gather(
-        pl.Series(np.repeat(np.arange(len(counts)), counts), dtype=pl.Int64)
-    )
+    trace_ids = occurrences.trace_ids_at(np.repeat(np.arange(len(counts)), counts))
     empty = np.zeros(0, dtype=np.float64)
     if len(span_ids) == 0 or ctx.spans.height == 0:
         return empty

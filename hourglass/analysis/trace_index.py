@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from hourglass.analysis.model import Finding
+from hourglass.analysis.model import Finding, hex_text, hex_words
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,39 @@ def _hex_words(text: str | None, n: int) -> tuple[list[np.ndarray], int] | None:
         packed = padded.reshape(-1)
     rows = packed.view(">u8").reshape(n, words)
     return [rows[:, j].astype(np.uint64) for j in range(words)], size
+
+
+def _words(
+    parts: list[Sequence[str] | pl.Series | np.ndarray], n: int
+) -> tuple[tuple[list[np.ndarray], int] | None, list[Sequence[str] | pl.Series]]:
+    """(:func:`_hex_words` of the ``n`` ids of ``parts``, one after another; the parts as text).
+    A part is a sequence or a String series of ids, or the words of ids a finding holds as words
+    (``hourglass.analysis.model.hex_words``: lowercase hex of 16 or 32 digits): when every part
+    is such words, or ids of that shape, of one width, the words are taken as they are (no text
+    made, joined and parsed again); else the text of every part is read as before."""
+    if any(isinstance(part, np.ndarray) for part in parts):
+        arrays: list[np.ndarray] | None = []
+        for part in parts:
+            if not len(part):
+                continue
+            if isinstance(part, np.ndarray):
+                words: np.ndarray | None = part
+            else:
+                try:
+                    series = part if isinstance(part, pl.Series) else pl.Series(list(part), dtype=pl.String)
+                except (TypeError, pl.exceptions.PolarsError):
+                    series = None
+                words = None if series is None else hex_words(series)
+            if words is None or (arrays and arrays[0].shape[1] != words.shape[1]):
+                arrays = None
+                break
+            arrays.append(words)  # type: ignore[union-attr]
+        if arrays:
+            joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            return ([joined[:, j].copy() for j in range(joined.shape[1])], 8 * joined.shape[1]), []
+        parts = [hex_text(part) if isinstance(part, np.ndarray) else part for part in parts]
+    text: list[Sequence[str] | pl.Series] = parts  # type: ignore[assignment]
+    return _hex_words(_joined(text), n), text
 
 
 def _hex_bytes(words: list[np.ndarray], size: int) -> np.ndarray:
@@ -389,7 +422,7 @@ class TraceIndex:
         # many each entry adds).
         entry_traces: list[str] = []
         entry_recs: list[int] = []
-        changed: list[Sequence[str] | pl.Series] = []
+        changed: list[Sequence[str] | pl.Series | np.ndarray] = []
         changed_of: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         for rec in recs:  # rule 2: the exemplars, changed where their recorded interventions act
             evidence = rec.get("evidence") or {}
@@ -403,8 +436,9 @@ class TraceIndex:
         # rule 1: every occurrence of a reported finding, read off the finding's occurrence columns
         # (``Occurrences``) rather than one Python iteration per occurrence
         exemplars = len(entry_traces)
-        trace_parts: list[Sequence[str] | pl.Series] = [entry_traces]  # then each finding's (a series)
-        involved: list[Sequence[str] | pl.Series] = []
+        # then each finding's (a series, or the words of its hex ids as the finding holds them)
+        trace_parts: list[Sequence[str] | pl.Series | np.ndarray] = [entry_traces]
+        involved: list[Sequence[str] | pl.Series | np.ndarray] = []
         involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
@@ -415,17 +449,20 @@ class TraceIndex:
             own = finding.occurrence_table
             finding_recs.append(rec_code)
             finding_sizes.append(len(own))
-            trace_parts.append(own.trace_id_series())
-            own_spans, own_counts = own.span_columns()
-            involved.append(own_spans)
-            involved_of.append(own_counts)
+            trace_words = own.trace_id_words()
+            trace_parts.append(own.trace_id_series() if trace_words is None else trace_words)
+            span_words = own.span_id_words()
+            involved.append(own.span_columns()[0] if span_words is None else span_words)
+            involved_of.append(own.span_counts())
             ivs = own.intervention_columns()
-            named_ids = ivs.span_ids  # the ids the interventions name, per occurrence
             named_owner = np.repeat(ivs.owner, ivs.span_counts)
-            if named_ids.null_count():  # a ShortenSpan or ScaleSelf of no span id names none
-                kept = named_ids.is_not_null()
-                named_owner = named_owner[kept.to_numpy()]
-                named_ids = named_ids.filter(kept)
+            named_ids: pl.Series | np.ndarray | None = ivs.span_words  # (words: no null)
+            if named_ids is None:
+                named_ids = ivs.span_ids  # the ids the interventions name, per occurrence
+                if named_ids.null_count():  # a ShortenSpan or ScaleSelf of no span id names none
+                    kept = named_ids.is_not_null()
+                    named_owner = named_owner[kept.to_numpy()]
+                    named_ids = named_ids.filter(kept)
             changed.append(named_ids)
             changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
@@ -441,11 +478,11 @@ class TraceIndex:
 
     def _pack(
         self,
-        entry_traces: list[Sequence[str] | pl.Series],
+        entry_traces: list[Sequence[str] | pl.Series | np.ndarray],
         entry_recs: np.ndarray,
-        involved: list[Sequence[str] | pl.Series],
+        involved: list[Sequence[str] | pl.Series | np.ndarray],
         involved_of: np.ndarray,
-        changed: list[Sequence[str] | pl.Series],
+        changed: list[Sequence[str] | pl.Series | np.ndarray],
         changed_of: np.ndarray,
     ) -> None:
         """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
@@ -457,7 +494,7 @@ class TraceIndex:
         (:func:`_row_order`); any other ids are coded by their rank among the distinct ones (one
         sort of the strings), the rest in integers."""
         rows = sum(len(part) for part in entry_traces)  # (the entries' trace ids, in parts)
-        hexed = _hex_words(_joined(entry_traces), rows)
+        hexed, entry_text = _words(entry_traces, rows)
         if hexed is not None:
             words, size = hexed
             keyed = [*words, entry_recs.astype(np.uint64)]  # (trace, recommendation)
@@ -472,7 +509,7 @@ class TraceIndex:
             starts = np.flatnonzero(trace_first)
             trace_hex = True
         else:
-            traces, trace_code = _coded(list(chain.from_iterable(entry_traces)))
+            traces, trace_code = _coded(list(chain.from_iterable(entry_text)))
             recs = max(len(self._recs), 1)
             entry_key = trace_code * recs + entry_recs
             keys = _distinct(entry_key)  # sorted: by trace, then recommendation
@@ -486,12 +523,12 @@ class TraceIndex:
         self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
 
         def spans(
-            parts: list[Sequence[str] | pl.Series], counts: np.ndarray
+            parts: list[Sequence[str] | pl.Series | np.ndarray], counts: np.ndarray
         ) -> tuple[np.ndarray, np.ndarray, bool]:
             """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
-            hexed = _hex_words(_joined(parts), int(counts.sum()))
+            hexed, text = _words(parts, int(counts.sum()))
             if hexed is None:
-                names, code = _coded(list(chain.from_iterable(parts)))
+                names, code = _coded(list(chain.from_iterable(text)))
                 width = max(len(names), 1)
                 owned = _distinct(np.repeat(position, counts) * width + code)  # by entry, then span id
                 group = owned // width

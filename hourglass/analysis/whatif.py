@@ -268,8 +268,7 @@ class Retimer:
         iv_float = np.where(iv_type == SCALE_SELF, np.where(factor > 0.0, factor, 0.0), 1.0).astype(
             np.float64
         )
-        traces = occurrences.trace_id_series()
-        key_traces = traces.gather(pl.Series(np.repeat(ivs.owner, ivs.span_counts), dtype=pl.Int64))
+        key_traces = occurrences.trace_ids_at(np.repeat(ivs.owner, ivs.span_counts))
         iv_of_key = np.repeat(np.arange(len(ivs.kind), dtype=np.int64), ivs.span_counts)
         rows = self._rows_of_columns(key_traces, ivs.span_ids)
         known = rows >= 0

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pytest
 
 from hourglass.analysis.incremental import IncrementalAnalysis, MemoExecutor, sidecar_path
+from hourglass.analysis.model import Occurrences
 from hourglass.api.analysis_worker import StoreReader, run_incremental
 from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.files import read_trace_files
@@ -107,6 +108,14 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         return result
 
     monkeypatch.setattr(MemoExecutor, "_extracted", recording)
+    parked: list[tuple[int, bool]] = []  # each parked table: its length, whether it let its columns go
+    park = Occurrences.park
+
+    def parking(self: Occurrences, folder: str) -> None:
+        park(self, folder)
+        parked.append((len(self), self.is_parked()))
+
+    monkeypatch.setattr(Occurrences, "park", parking)
     db = tmp_path / "spans.duckdb"
     sidecar = sidecar_path(str(db))
     assert sidecar is not None
@@ -136,6 +145,10 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         assert any(r["id"].startswith("lock_contention") for r in report["recommendations"]), [
             r["id"] for r in report["recommendations"]
         ]
+        # the findings' occurrences waited on disk while the next kinds decided, and every one
+        # was read back (its file removed) by the report's end
+        assert parked and all(was for n, was in parked if n), parked
+        assert not list(state.parked.iterdir())
         state.close()
     finally:
         store.close()
@@ -145,7 +158,10 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
     # A restart resumes from the files: no span is read, the report is the same.
     store = DuckDBSpanStore(str(db))
     try:
+        left = Path(sidecar + ".d") / "parked" / "occurrences-crash.pickle"
+        left.write_bytes(b"left by a crash")
         again = IncrementalAnalysis(sidecar)
+        assert not left.exists()
         assert again.stored == batches
         resumed, figures = _round(again, store)
         assert figures["partitions_read"] == 0, figures

@@ -6,10 +6,14 @@ definition over that list."""
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import pickle
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -459,3 +463,231 @@ def test_each_own_span_shortened_made_from_a_frame_is_the_objects_of_its_definit
     assert table.take([3, 0]) == [want[3], want[0]]
     assert pickle.loads(pickle.dumps(table)) == want
     assert table.intervention_columns().span_ids.to_list() == [s for ids in spans for s in ids]
+
+
+# -- ids held compactly ---------------------------------------------------------------------------
+
+
+def _hex(rng: random.Random, digits: int) -> str:
+    return f"{rng.getrandbits(4 * digits):0{digits}x}"
+
+
+def _id_styled_occurrences(seed: int, n: int, trace_ids: list[str], span_ids: list[str]) -> list[Occurrence]:
+    """Occurrences whose trace ids and span ids are drawn from the pools given (the interventions
+    naming the occurrence's own spans, or a few of the pool's)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        spans = tuple(rng.choice(span_ids) for _ in range(rng.choice([0, 1, 3, 9])))
+        ivs: list[Intervention] = []
+        if spans:
+            ivs.append(RunConcurrently(spans[1:]) if rng.random() < 0.5 else CapConcurrency(spans, 2))
+        if rng.random() < 0.3:
+            ivs.append(ShortenSpan(rng.choice(span_ids), rng.randrange(10**9)))
+        out.append(Occurrence(rng.choice(trace_ids), spans, tuple(ivs), {"calls": float(len(spans))}))
+    return out
+
+
+_EDGE_HEX = [
+    "0" * 16,  # leading zeros kept
+    "f" * 16,  # 2**64 - 1
+    "8000000000000000",  # the sign bit
+    "00000000000000ff",
+]
+_NOT_WORDS = [
+    "ABCDEF0123456789",  # upper case: kept as text (its case is part of the id)
+    "abcdef012345678",  # 15 digits
+    "abcdef01234567890",  # 17
+    "abcdefg123456789",  # not hex
+    "",
+    "é" * 8,  # 16 bytes, not hex
+    "0x" + "1" * 14,
+    "+" + "1" * 15,  # (an integer parse would take it)
+    " " + "1" * 15,
+    "1" * 15 + "\n",
+]
+
+
+@pytest.mark.parametrize(
+    "style",
+    ["hex", "hex-edges", "upper", "mixed-widths", "non-hex", "empty-string", "hex-and-one-other"],
+)
+def test_ids_round_trip_whatever_their_shape(style: str) -> None:
+    """Every id comes back as it was, whether the column's ids are all lowercase hex of 16 or 32
+    digits (held as words) or not (held as text): the objects, slices, takes, concatenations with
+    other tables, pickles and every accessor answer as the plain definitions over the list."""
+    rng = random.Random(style)
+    traces = [_hex(rng, 32) for _ in range(60)]
+    spans = [_hex(rng, 16) for _ in range(400)]
+    if style == "hex-edges":
+        traces += ["0" * 32, "f" * 32, "0" * 16 + "f" * 16]
+        spans += _EDGE_HEX
+    elif style == "upper":
+        traces = [t.upper() for t in traces]
+        spans = [s.upper() for s in spans]
+    elif style == "mixed-widths":
+        traces = [t[:16] if i % 2 else t for i, t in enumerate(traces)]
+        spans = [s + s if i % 3 == 0 else s for i, s in enumerate(spans)]
+    elif style == "non-hex":
+        traces = [f"trace-{i}" for i in range(60)]
+        spans = [f"span-{i}" for i in range(400)]
+    elif style == "empty-string":
+        traces += [""]
+        spans += [""]
+    elif style == "hex-and-one-other":
+        traces += [rng.choice(_NOT_WORDS)]
+        spans += _NOT_WORDS
+    occurrences = _id_styled_occurrences(11, 1500, traces, spans)
+    table = Occurrences.from_list(occurrences)
+    for got, want in zip(table, occurrences, strict=True):
+        _same_exactly(got, want)
+    assert pickle.loads(pickle.dumps(table)) == occurrences
+    for part in (slice(7, 900), slice(None, None, -2), slice(3, 3)):
+        assert table[part] == occurrences[part]
+        assert pickle.loads(pickle.dumps(table[part])) == occurrences[part]
+    rows = np.array([1499, 0, 7, 7, 640, -2])
+    assert table.take(rows) == [occurrences[i] for i in rows]
+    assert table.trace_ids_at(rows).to_list() == [occurrences[i].trace_id for i in rows]
+    assert table.trace_id_series().to_list() == [o.trace_id for o in occurrences]
+    assert table.unique_trace_ids() == list(dict.fromkeys(o.trace_id for o in occurrences))
+    got_spans, counts = table.span_columns()
+    assert got_spans.to_list() == [s for o in occurrences for s in o.span_ids]
+    assert counts.tolist() == [len(o.span_ids) for o in occurrences]
+    named = [
+        s
+        for o in occurrences
+        for iv in o.interventions
+        for s in ((iv.span_id,) if isinstance(iv, ShortenSpan) else iv.span_ids)
+    ]
+    assert table.intervention_columns().span_ids.to_list() == named
+    # asked with ids of every shape: the same id in another case, length or form is another id
+    wanted = set(rng.sample(sorted({o.trace_id for o in occurrences}), 12))
+    wanted |= {t.upper() for t in list(wanted)[:3]} | {t[:16] for t in wanted} | set(_NOT_WORDS)
+    wanted |= {traces[0].upper(), traces[0][:31], "x" + traces[0][1:]}
+    assert table.in_traces(wanted).tolist() == [o.trace_id in wanted for o in occurrences]
+    assert table.filter_traces(wanted) == [o for o in occurrences if o.trace_id in wanted]
+    assert table.in_traces(set()).tolist() == [False] * len(occurrences)
+    # joined with tables of other shapes (words of another width, text, none)
+    others = [
+        HAND_MADE,
+        _id_styled_occurrences(12, 50, [_hex(rng, 16) for _ in range(5)], [_hex(rng, 32) for _ in range(9)]),
+        _id_styled_occurrences(13, 50, traces, spans),
+        [],
+    ]
+    for other in others:
+        for parts in ([occurrences[:700], other, occurrences[700:]], [other, occurrences]):
+            joined = Occurrences.concat([Occurrences.from_list(p) for p in parts])
+            want = [o for p in parts for o in p]
+            assert joined == want
+            assert joined.trace_id_list() == [o.trace_id for o in want]
+            assert joined.span_columns()[0].to_list() == [s for o in want for s in o.span_ids]
+
+
+def test_hex_ids_are_held_as_the_words_they_spell() -> None:
+    """OTLP's ids (lowercase hex: 32 digits a trace id, 16 a span id) are held as 16 and 8 bytes,
+    not as strings: a table of them pickles at well under half the size of the same table whose
+    ids are text (one id upper case: every id of its column is then held as it is)."""
+    rng = random.Random(14)
+    traces = [_hex(rng, 32) for _ in range(3000)]
+    spans = [_hex(rng, 16) for _ in range(20000)]
+    occurrences = [Occurrence(rng.choice(traces), tuple(rng.sample(spans, 12)), (), {}) for _ in range(5000)]
+    as_text = [
+        replace(o, trace_id=o.trace_id.upper(), span_ids=tuple(s.upper() for s in o.span_ids))
+        for o in occurrences
+    ]
+    words, text = Occurrences.from_list(occurrences), Occurrences.from_list(as_text)
+    assert words == occurrences and text == as_text
+    ids = 5000 * (32 + 12 * 16)  # the ids' characters
+    others = 40  # bytes per occurrence of the other columns (offsets, keys, ...)
+    assert len(pickle.dumps(text)) > ids
+    assert len(pickle.dumps(words)) < ids / 2 + 5000 * others  # the ids' bytes
+    # a take, a slice, a concatenation and a pickle keep them as words (no text comes back)
+    for table in (words.take(np.arange(4999, -1, -7)), words[10:4000], Occurrences.concat([words, words])):
+        assert len(pickle.dumps(table)) < len(table) * (16 + 12 * 8 + others) + 10_000
+
+
+def test_empty_tables_of_any_making() -> None:
+    import polars as pl
+
+    empty = Occurrences.from_list([])
+    made = Occurrences.from_columns(
+        pl.Series([], dtype=pl.String),
+        pl.Series([], dtype=pl.List(pl.String)),
+        intervention=RunConcurrently,
+        numbers={},
+        keys=pl.Series([], dtype=pl.UInt64),
+    )
+    for table in (empty, made, empty[0:0], made.take([]), Occurrences.concat([empty, made])):
+        assert len(table) == 0 and table == [] and list(table) == []
+        assert pickle.loads(pickle.dumps(table)) == []
+        assert table.trace_id_list() == [] and table.unique_trace_ids() == []
+        assert table.span_columns()[0].to_list() == []
+        assert table.in_traces({"a" * 32}).tolist() == []
+        assert table.intervention_columns().span_ids.to_list() == []
+    hexed = Occurrences.from_list([Occurrence("a" * 32, ("b" * 16,), (RunConcurrently(("b" * 16,)),))])
+    assert Occurrences.concat([empty, hexed, made]) == list(hexed)
+
+
+# -- parked in a file -----------------------------------------------------------------------------
+
+
+def test_a_parked_table_lets_its_columns_go_and_reads_them_back_whole(tmp_path: Path) -> None:
+    """``park``: the columns written to one file and let go (``len`` still answers); whatever reads
+    a column next (an occurrence, an accessor, a take, a pickle) reads them all back, exactly, and
+    the file is removed; a parked table dropped unread removes its file too."""
+    occurrences = _random_occurrences(15, 2000)
+    table = Occurrences.from_list(occurrences)
+    folder = str(tmp_path)
+    readers = [  # (what each reads, as its repr: a NaN number compares)
+        lambda t: repr(list(t)),
+        lambda t: repr(t[17]),
+        lambda t: t.trace_id_list(),
+        lambda t: t.span_columns()[0].to_list(),
+        lambda t: t.intervention_columns().span_ids.to_list(),
+        lambda t: repr(list(t.take([5, 1]))),
+        lambda t: repr(list(pickle.loads(pickle.dumps(t)))),
+        lambda t: t.number_column("calls")[1].tolist(),
+    ]
+    for read in readers:
+        want = read(table)
+        table.park(folder)
+        assert table.is_parked() and len(os.listdir(folder)) == 1
+        for column in ("_trace", "_spans", "_span_off", "_nums", "_key"):
+            with pytest.raises(AttributeError):
+                object.__getattribute__(table, column)  # let go, not merely hidden
+        assert len(table) == len(occurrences) and table.is_parked()  # (len reads no column)
+        got = read(table)
+        assert not table.is_parked() and os.listdir(folder) == []
+        assert got == want
+    assert table == occurrences
+    table.park(folder)
+    table.park(folder)  # (parked already: nothing more)
+    assert len(os.listdir(folder)) == 1
+    del table
+    gc.collect()
+    assert os.listdir(folder) == []
+    empty = Occurrences.from_list([])
+    empty.park(folder)
+    assert not empty.is_parked() and os.listdir(folder) == [] and empty == []
+
+
+def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
+    occurrences = _random_occurrences(16, 3000)
+    table = Occurrences.from_list(occurrences)
+    want = table.span_columns()[0].to_list()
+    for _ in range(5):
+        table.park(str(tmp_path))
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: table.span_columns()[0].to_list(), range(8)))
+        assert all(g == want for g in got)
+        assert os.listdir(tmp_path) == []
+
+
+def test_a_table_that_cannot_be_parked_stays_whole(tmp_path: Path) -> None:
+    """A file that cannot be written (no such folder; a full disk) is an OSError and the table
+    keeps its columns (serve's round then keeps them in memory)."""
+    occurrences = _random_occurrences(17, 300)
+    table = Occurrences.from_list(occurrences)
+    with pytest.raises(OSError):
+        table.park(str(tmp_path / "missing"))
+    assert not table.is_parked() and table == occurrences
