@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -118,12 +117,49 @@ RecentArrivals = Callable[[int, list[int]], pa.Table]
 ArrivalsBetween = Callable[[list[str], int, int], pa.Table]
 
 
+class StoredTraceIds(Sequence[str]):
+    """A stored batch's trace ids (sorted), read from the sidecar's ``traces`` table each time
+    they are iterated or indexed, not held: a worker that kept every batch's ids as Python
+    strings held ~150 MiB more at 600k stored traces, growing with the store, and a round only
+    needs the ids of the batches it reads (their count is known)."""
+
+    __slots__ = ("_count", "_db", "batch")
+
+    def __init__(self, db: duckdb.DuckDBPyConnection, batch: int, count: int) -> None:
+        self._db, self.batch, self._count = db, batch, count
+
+    def _load(self) -> list[str]:
+        rows = self._db.execute("SELECT trace_id FROM traces WHERE batch = ? ORDER BY trace_id", [self.batch])
+        return [r[0] for r in rows.fetchall()]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._load()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StoredTraceIds):
+            return (self._db, self.batch, self._count) == (other._db, other.batch, other._count)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash((id(self._db), self.batch, self._count))
+
+    def __repr__(self) -> str:
+        return f"StoredTraceIds(batch={self.batch}, {self._count} traces)"
+
+
 @dataclass
 class Batch:
-    """Whole traces extracted together; ``first``/``last`` bound their spans' ``ingested_ns``."""
+    """Whole traces extracted together; ``first``/``last`` bound their spans' ``ingested_ns``;
+    ``trace_ids`` read from the sidecar when asked (:class:`StoredTraceIds`)."""
 
     id: int
-    trace_ids: list[str]
+    trace_ids: Sequence[str]
     first: int
     last: int
 
@@ -133,7 +169,7 @@ class Unit:
     """One partition of a round: a stored batch, or in-window traces extracted on the fly."""
 
     batch: int | None
-    trace_ids: tuple[str, ...]
+    trace_ids: Sequence[str]  # a stored batch's: StoredTraceIds (read when asked)
     first: int | None
     last: int | None
 
@@ -259,7 +295,7 @@ class MemoExecutor:
         self.state, self.units = state, units
         self.read_units = 0  # partitions extracted this round, their spans read (a figure for status)
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
-        self._unit_of: dict[str, int] | None = None
+        self._unit_of: pl.DataFrame | None = None  # trace_id -> unit (its position), built once
         self.cluster = cluster
         # part -> its pricing computed ahead of ``_priced`` this map (a cluster task's result, or
         # priced with other batches' stale findings on one read: ``_priced_together``)
@@ -304,18 +340,21 @@ class MemoExecutor:
     def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, Occurrences]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
         if self._unit_of is None:
-            self._unit_of = {t: i for i, unit in enumerate(self.units) for t in unit.trace_ids}
+            self._unit_of = self._trace_units()
         out: dict[int, dict[str, tuple[Finding, Occurrences]]] = {}
         for finding in findings:
             occurrences = finding.occurrence_table
             if not occurrences:
                 continue
-            # each occurrence's unit looked up in bulk, then the occurrences split by unit in
-            # their order (a stable sort), the finding's id asked once
-            units = np.fromiter(
-                map(self._unit_of.get, occurrences.trace_id_list(), itertools.repeat(-1)),
-                dtype=np.int64,
-                count=len(occurrences),
+            # each occurrence's unit looked up in bulk (a join, no Python string per trace), then
+            # the occurrences split by unit in their order (a stable sort), the finding's id asked once
+            units = (
+                pl.DataFrame({"trace_id": occurrences.trace_id_series()})
+                .join(self._unit_of, on="trace_id", how="left", maintain_order="left")
+                .get_column("unit")
+                .fill_null(-1)
+                .to_numpy()
+                .astype(np.int64, copy=False)
             )
             order = np.argsort(units, kind="stable")
             ordered = units[order]
@@ -331,6 +370,43 @@ class MemoExecutor:
                     else:
                         here[fid] = (finding, mine)
         return out
+
+    def _trace_units(self) -> pl.DataFrame:
+        """Each trace of the round's units and its unit (the last unit listing it wins): the
+        stored batches' traces read from the sidecar as one column, the other units' listed."""
+        stored: dict[int, int] = {}
+        listed: list[pl.DataFrame] = []
+        for i, unit in enumerate(self.units):
+            if isinstance(unit.trace_ids, StoredTraceIds) and unit.batch is not None:
+                stored[unit.batch] = i
+            else:
+                listed.append(
+                    pl.DataFrame(
+                        {"trace_id": list(unit.trace_ids), "unit": [i] * len(unit.trace_ids)},
+                        schema={"trace_id": pl.String, "unit": pl.Int64},
+                    ).with_columns(pl.lit(i, pl.Int64).alias("order"))
+                )
+        frames = listed
+        if stored:
+            table = self.state.trace_batches()
+            batches = pl.DataFrame(
+                {"batch": list(stored), "unit": list(stored.values())},
+                schema={"batch": pl.Int64, "unit": pl.Int64},
+            )
+            frames = [
+                pl.DataFrame(pl.from_arrow(table))
+                .join(batches, on="batch", how="inner")
+                .select("trace_id", "unit", pl.col("unit").alias("order")),
+                *listed,
+            ]
+        if not frames:
+            return pl.DataFrame(schema={"trace_id": pl.String, "unit": pl.Int64})
+        return (
+            pl.concat(frames, how="vertical_relaxed")
+            .sort("order", maintain_order=True)
+            .unique("trace_id", keep="last")
+            .select("trace_id", "unit")
+        )
 
     def _retrying(self, what: str, part: int, fn: Callable[[], Any]) -> Any:
         try:
@@ -681,10 +757,16 @@ class IncrementalAnalysis:
 
     def _load_batches(self) -> None:
         rows = self.db.execute(
-            "SELECT batch, list(trace_id ORDER BY trace_id), min(first_ingested_ns), max(last_ingested_ns)"
-            " FROM traces GROUP BY batch"
+            "SELECT batch, count(*), min(first_ingested_ns), max(last_ingested_ns) FROM traces GROUP BY batch"
         ).fetchall()
-        self.batches = {int(b): Batch(int(b), list(ids), int(lo), int(hi)) for b, ids, lo, hi in rows}
+        self.batches = {
+            int(b): Batch(int(b), StoredTraceIds(self.db, int(b), int(n)), int(lo), int(hi))
+            for b, n, lo, hi in rows
+        }
+
+    def trace_batches(self) -> pa.Table:
+        """Every stored trace's batch: ``trace_id``, ``batch`` (one Arrow table, no Python strings)."""
+        return self.db.sql("SELECT trace_id, batch FROM traces").to_arrow_table()
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -1199,7 +1281,7 @@ class IncrementalAnalysis:
         batches that straddle it."""
         if since_ns is None:
             return tuple(
-                Unit(b.id, tuple(b.trace_ids), b.first, b.last) for _, b in sorted(self.batches.items())
+                Unit(b.id, b.trace_ids, b.first, b.last) for _, b in sorted(self.batches.items())
             )
         rows = self.db.execute(
             "SELECT batch, min(last_start_ns) >= ?, max(last_start_ns) >= ? FROM traces GROUP BY batch ORDER BY batch",
@@ -1210,7 +1292,7 @@ class IncrementalAnalysis:
         for b, all_in, any_in in rows:
             batch = self.batches[int(b)]
             if all_in:
-                out.append(Unit(batch.id, tuple(batch.trace_ids), batch.first, batch.last))
+                out.append(Unit(batch.id, batch.trace_ids, batch.first, batch.last))
             elif any_in:
                 straddling.append(batch.id)
         if straddling:
