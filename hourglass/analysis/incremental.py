@@ -115,6 +115,25 @@ RecentArrivals = Callable[[int, list[int]], pa.Table]
 # (trace ids, from ns, to ns) -> those traces' rows ingested in [from, to), grouped by trace
 # (``DuckDBSpanStore.arrivals_between``)
 ArrivalsBetween = Callable[[list[str], int, int], pa.Table]
+# rows -> ascending ingest-time bounds splitting the store's rows into ranges of about that many
+# (``DuckDBSpanStore.arrival_bounds``); with it, ``RecentArrivals`` takes a third argument: the
+# range's end (exclusive)
+ArrivalBounds = Callable[[int], list[int]]
+ArrivalReads = tuple[RecentArrivals, ArrivalsBetween] | tuple[RecentArrivals, ArrivalsBetween, ArrivalBounds]
+# the tally rebuilt (``IncrementalAnalysis._arrivals``) from ingest ranges of about this many rows
+# each: one range's per-trace groups held at a time, here and in the store's query (at 12M stored
+# spans one read of every row held ~160 MiB in the server and ~120 MiB here)
+REBUILD_RANGE_ROWS = 1_000_000
+# the upsert of a view's rows (``{source}``: ``FROM ... WHERE ...``) into the tally
+_INTO_TALLY = """
+    INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,
+                             last_start_ns, last_end_ns {source}
+    ON CONFLICT (trace_id) DO UPDATE SET spans = tally.spans + excluded.spans,
+        first_ingested_ns = least(tally.first_ingested_ns, excluded.first_ingested_ns),
+        last_ingested_ns = greatest(tally.last_ingested_ns, excluded.last_ingested_ns),
+        last_start_ns = greatest(tally.last_start_ns, excluded.last_start_ns),
+        last_end_ns = greatest(tally.last_end_ns, excluded.last_end_ns)
+"""
 
 
 class StoredTraceIds(Sequence[str]):
@@ -1030,9 +1049,7 @@ class IncrementalAnalysis:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchall()
         return int(row[0][0]) if row else None
 
-    def _arrivals(
-        self, reads: tuple[RecentArrivals, ArrivalsBetween], since_ns: int, margin_ns: int
-    ) -> pl.DataFrame:
+    def _arrivals(self, reads: ArrivalReads, since_ns: int, margin_ns: int) -> pl.DataFrame:
         """What ``trace_arrivals(since_ns)`` answers (each trace with a row ingested at or after
         ``since_ns``, its figures over all its rows), from the store's rows ingested since the
         tally's bound only, merged with the tally; the tally then takes the rows read here that
@@ -1044,27 +1061,35 @@ class IncrementalAnalysis:
         since the last read: the kept traces a compaction examined (a row ingested at or after
         its bound) and those retention may have removed (their kept rows all ended before its
         cutoff: it removes whole traces whose spans all did) are counted again from the store,
-        within their ingest times (``_recount``). Runs in ``update``'s transaction."""
-        recent, between = reads
+        within their ingest times (``_recount``). A rebuild (with ``reads``' third, the store's
+        ``arrival_bounds``) reads the rows below the new bound range by range into the tally
+        (``_tally_ranges``), then the rest as usual. Runs in ``update``'s transaction."""
+        recent, between = reads[0], reads[1]
+        bounds_of = reads[2] if len(reads) > 2 else None
         upto = self._meta("tally_upto")
         kept_epoch, kept_removals = self._meta("tally_epoch"), self._meta("tally_removals")
         kept_retention = self._meta("tally_retention")
         rebuild = upto is None or upto > since_ns
         start = 0 if rebuild else int(upto)  # type: ignore[arg-type]
         bound = max(start, since_ns - margin_ns)
-        table = recent(start, [bound, since_ns])
-        marks = _StoreMarks.of(table)
-        # compactions that removed rows since: the traces each examined (None: unknown)
-        removed_since = marks.removed_since(kept_removals) if kept_epoch == marks.epoch else None
-        if not rebuild and removed_since is None:
-            rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
-            table = recent(0, [bound, since_ns])
+        removed_since: int | None = None
+        if not rebuild:
+            table = recent(start, [bound, since_ns])
             marks = _StoreMarks.of(table)
+            # compactions that removed rows since: the traces each examined (None: unknown)
+            removed_since = marks.removed_since(kept_removals) if kept_epoch == marks.epoch else None
+            if removed_since is None:
+                rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
+                del table
+        if rebuild:
+            self.db.execute("DELETE FROM tally")
+            # the marks of the first read: a removal during the later ones is seen next round
+            start, first_marks = self._tally_ranges(recent, bounds_of, bound)
+            table = recent(start, [bound, since_ns])
+            marks = first_marks or _StoreMarks.of(table)
         self.db.register("recent_rows", table)
         try:
-            if rebuild:
-                self.db.execute("DELETE FROM tally")
-            else:
+            if not rebuild:
                 if removed_since is not None and removed_since < 2**63:
                     # a compaction removes later copies of spans, each ingested at or after its
                     # bound (the smallest ingest time written since the previous compaction, which
@@ -1097,17 +1122,7 @@ class IncrementalAnalysis:
                 ).to_arrow_table()
             )
             # the rows below the new bound join the tally (read for the last time)
-            self.db.execute(
-                """
-                INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,
-                                         last_start_ns, last_end_ns FROM recent_rows WHERE part = 0
-                ON CONFLICT (trace_id) DO UPDATE SET spans = tally.spans + excluded.spans,
-                    first_ingested_ns = least(tally.first_ingested_ns, excluded.first_ingested_ns),
-                    last_ingested_ns = greatest(tally.last_ingested_ns, excluded.last_ingested_ns),
-                    last_start_ns = greatest(tally.last_start_ns, excluded.last_start_ns),
-                    last_end_ns = greatest(tally.last_end_ns, excluded.last_end_ns)
-                """
-            )
+            self.db.execute(_INTO_TALLY.format(source="FROM recent_rows WHERE part = 0"))
         finally:
             self.db.unregister("recent_rows")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_upto', ?)", [bound])
@@ -1119,6 +1134,41 @@ class IncrementalAnalysis:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_retention', ?)", [marks.retention])
         assert isinstance(seen, pl.DataFrame)
         return seen
+
+    def _tally_ranges(
+        self, recent: RecentArrivals, bounds_of: ArrivalBounds | None, upto: int
+    ) -> tuple[int, _StoreMarks | None]:
+        """A rebuild's first part: the store's rows ingested before the last of its range bounds
+        (``bounds_of(REBUILD_RANGE_ROWS)``) at or below ``upto``, read range by range into the
+        (emptied) tally, each range's groups dropped before the next is read. Returns where the
+        ranges ended (0: none read) and the first read's marks (None: none)."""
+        if bounds_of is None:
+            return 0, None
+        ends = [end for end in bounds_of(REBUILD_RANGE_ROWS) if 0 < end <= upto]
+        if not ends:
+            return 0, None
+        # Each range committed on its own: one transaction held every stored trace's new figures
+        # in memory until its end. ``update``'s transaction has written nothing yet (this is its
+        # first step); without 'tally_upto' a round cut short here is rebuilt by the next one.
+        self.db.execute("DELETE FROM meta WHERE key = 'tally_upto'")
+        self.db.execute("COMMIT")
+        start, first = 0, None
+        try:
+            for end in ends:
+                if end <= start:
+                    continue
+                rows = recent(start, [end], end)  # type: ignore[call-arg]
+                first = first or _StoreMarks.of(rows)
+                self.db.register("range_rows", rows)
+                try:
+                    self.db.execute(_INTO_TALLY.format(source="FROM range_rows"))
+                finally:
+                    self.db.unregister("range_rows")
+                del rows
+                start = end
+        finally:
+            self.db.execute("BEGIN")  # ``update``'s transaction again (it commits or rolls back)
+        return start, first
 
     def _recount(self, between: ArrivalsBetween, upto: int, where: str, params: list[Any]) -> None:
         """The kept figures of the traces ``where`` selects counted again from the store's rows
@@ -1147,7 +1197,7 @@ class IncrementalAnalysis:
         cutoff_ns: int,
         margin_ns: int,
         retention_cutoff_ns: int | None,
-        recent: tuple[RecentArrivals, ArrivalsBetween] | None = None,
+        recent: ArrivalReads | None = None,
     ) -> RoundFigures:
         """Bring the batches up to date with the store: new settled traces batched, batches with
         late spans or expired traces marked for re-extraction. ``recent``: the store's recent
@@ -1160,6 +1210,7 @@ class IncrementalAnalysis:
             since_ns = max(self.watermark - margin_ns, 0)
             if recent is not None:
                 seen = self._arrivals(recent, since_ns, margin_ns)
+                memlog.note(f"arrivals merged ({seen.height} traces seen)")
             else:
                 whole = pl.from_arrow(arrivals(since_ns))
                 assert isinstance(whole, pl.DataFrame)
@@ -1223,6 +1274,7 @@ class IncrementalAnalysis:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        memlog.note("arrivals committed")
         self._load_batches()
         self._forget(b for b in list(self.stored) if b not in self.batches)  # traces all expired
         figures.dirty_batches = len(dirty)
@@ -1280,9 +1332,7 @@ class IncrementalAnalysis:
         all have a span starting at or after it, plus one unit of the in-window traces of the
         batches that straddle it."""
         if since_ns is None:
-            return tuple(
-                Unit(b.id, b.trace_ids, b.first, b.last) for _, b in sorted(self.batches.items())
-            )
+            return tuple(Unit(b.id, b.trace_ids, b.first, b.last) for _, b in sorted(self.batches.items()))
         rows = self.db.execute(
             "SELECT batch, min(last_start_ns) >= ?, max(last_start_ns) >= ? FROM traces GROUP BY batch ORDER BY batch",
             [since_ns, since_ns],

@@ -113,6 +113,11 @@ def _read(method: _Method) -> _Method:
 # compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
 # incremental analysis counts every trace again)
 REMOVALS_KEPT = 64
+# stats(): the trace count's cut trails the latest ingested row by this much (rows are written in
+# about ingest order; the traces since the cut are what a count groups)
+TRACE_CUT_LAG_NS = 60 * 10**9
+# arrival_bounds: the sampled rows its ingest ranges are chosen from
+ARRIVAL_SAMPLE_ROWS = 20_000
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 
@@ -410,6 +415,14 @@ class DuckDBSpanStore:
         self._removals_epoch = int.from_bytes(os.urandom(7), "big")
         self._removals_since: list[tuple[int, int | None]] = []
         self._stats_cache: tuple[int, StoreStats] | None = None
+        # ``stats()``' trace count kept between counts: (cut, traces whose first row was ingested
+        # before the cut), valid while no row below the cut is inserted (``_insert``) and no trace
+        # removed (retention); compaction keeps each span's first copy, so each trace's first row
+        self._traces_below: tuple[int, int] | None = None
+        self._trace_count_lock = threading.Lock()
+        # during a count: its new cut; a row inserted below it, or retention, meanwhile voids it
+        self._trace_cut_guard: int | None = None
+        self._trace_cut_void = False
         # the ingest log: rows logged (durable) and staged here until the loader inserts them
         self._log: IngestLog | None = None
         self._staged: list[pa.Table] = []
@@ -481,6 +494,11 @@ class DuckDBSpanStore:
         self._writer.from_arrow(spans).insert_into("spans")
         self._changes += 1
         batch_min = pc.min(spans.column("ingested_ns")).as_py()
+        if self._traces_below is not None and (batch_min is None or batch_min < self._traces_below[0]):
+            self._traces_below = None  # a row below the cut: the next count starts afresh
+        guard = self._trace_cut_guard
+        if guard is not None and (batch_min is None or batch_min < guard):
+            self._trace_cut_void = True
         if not self._dirty:
             self._dirty, self._dirty_since_ns = True, batch_min
         elif self._dirty_since_ns is not None:
@@ -600,6 +618,7 @@ class DuckDBSpanStore:
                 [cutoff_ns],
             ).fetchall()[0][0]
             self._changes += 1
+            self._traces_below, self._trace_cut_void = None, True  # whole traces removed: counted afresh
             # what retention has removed so far (the incremental analysis drops the same traces'
             # rows; the criterion is the same: the trace's last span ended before the cutoff)
             self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
@@ -853,15 +872,54 @@ class DuckDBSpanStore:
                     [] if since is None else [since],
                 ).fetchall()[0][0]
             )
-        traces = int(
-            cursor.execute("SELECT count(*) FROM (SELECT trace_id FROM spans GROUP BY trace_id)").fetchall()[
-                0
-            ][0]
-        )
+        traces = self._count_traces(cursor)
         spans = rows - copies
         counted = StoreStats(spans=int(spans), traces=int(traces))
         self._stats_cache = (changes, counted)
         return counted
+
+    def _count_traces(self, cursor: duckdb.DuckDBPyConnection) -> int:
+        """The stored traces: those whose first row was ingested before the kept cut (counted
+        before) plus those whose first row is at or after it, i.e. the traces of the rows since
+        the cut without a row before it. The rows before the cut are only probed against the
+        traces since it (a hash table of those, not of every stored trace: grouping every row by
+        trace held one entry per stored trace in DuckDB's memory, ~580k at 12M stored spans, at
+        each count). The cut then moves up to ``TRACE_CUT_LAG_NS`` before the latest row (a row
+        written later below it, e.g. an import of older spans, makes the next count whole)."""
+        with self._trace_count_lock:
+            latest = cursor.execute("SELECT max(ingested_ns) FROM spans").fetchall()[0][0]
+            if latest is None:
+                self._traces_below = None
+                return 0
+            cut, below = self._traces_below or (-(2**63), 0)
+            next_cut = max(cut, int(latest) - TRACE_CUT_LAG_NS)
+            # set before the count's snapshot: a row committed after it is checked against it
+            self._trace_cut_guard, self._trace_cut_void = next_cut, False
+            try:
+                new, new_below = self._traces_since(cursor, cut, next_cut)
+            finally:
+                self._trace_cut_guard = None
+            self._traces_below = None if self._trace_cut_void else (next_cut, below + new_below)
+            return below + new
+
+    @staticmethod
+    def _traces_since(cursor: duckdb.DuckDBPyConnection, cut: int, next_cut: int) -> tuple[int, int]:
+        """The traces whose first row was ingested at or after ``cut``, and those of them whose
+        first row was before ``next_cut``."""
+        new, new_below = cursor.execute(
+            """
+            WITH recent AS (
+                SELECT trace_id, min(ingested_ns) AS first FROM spans WHERE ingested_ns >= ? GROUP BY trace_id
+            ), older AS (
+                SELECT DISTINCT trace_id FROM spans
+                WHERE ingested_ns < ? AND trace_id IN (SELECT trace_id FROM recent)
+            )
+            SELECT count(*), count(*) FILTER (WHERE first < ?)
+            FROM recent WHERE trace_id NOT IN (SELECT trace_id FROM older)
+            """,
+            [cut, cut, next_cut],
+        ).fetchall()[0]
+        return int(new), int(new_below)
 
     @_read
     def services(self) -> list[str]:
@@ -986,8 +1044,11 @@ class DuckDBSpanStore:
         )
 
     @_read
-    def recent_arrivals(self, ingested_since_ns: int, splits: Sequence[int]) -> pa.Table:
-        """The rows ingested at or after ``ingested_since_ns``, grouped by trace and by ``part``:
+    def recent_arrivals(
+        self, ingested_since_ns: int, splits: Sequence[int], until_ns: int | None = None
+    ) -> pa.Table:
+        """The rows ingested at or after ``ingested_since_ns`` (and before ``until_ns``, when
+        given), grouped by trace and by ``part``:
         how many of the ascending ``splits`` are at or below the row's ``ingested_ns`` (0: before
         the first split). Per group: ``spans`` (physical rows), the first and last
         ``ingested_ns`` and the latest ``start_ns`` / ``end_ns``. One scan of the recent row
@@ -1010,19 +1071,44 @@ class DuckDBSpanStore:
         }
         self.load_staged()
         part = " + ".join(["(ingested_ns >= ?)::INTEGER"] * len(bounds)) or "0"
+        until = "" if until_ns is None else "AND ingested_ns < ?"
         table = (
             self._cursor()
             .sql(
                 f"""
                 SELECT trace_id, ({part})::INTEGER AS part, {_ARRIVAL_FIGURES}
-                FROM spans WHERE ingested_ns >= ?
+                FROM spans WHERE ingested_ns >= ? {until}
                 GROUP BY ALL ORDER BY trace_id, part
                 """,
-                params=[*bounds, int(ingested_since_ns)],
+                params=[*bounds, int(ingested_since_ns), *([] if until_ns is None else [int(until_ns)])],
             )
             .to_arrow_table()
         )
         return table.replace_schema_metadata(marks)
+
+    @_read
+    def arrival_bounds(self, rows: int) -> list[int]:
+        """Ascending ``ingested_ns`` bounds that split the stored rows into ingest ranges of about
+        ``rows`` rows each (empty: fewer rows than that), from a sample of ~``ARRIVAL_SAMPLE_ROWS``
+        rows' ingest times (one pass over that column; the count is the table's metadata): the
+        incremental analysis rebuilds its per-trace figures range by range
+        (``recent_arrivals(..., until_ns=...)``), holding one range's groups at a time instead of
+        every stored trace's."""
+        if rows < 1:
+            raise ValueError(f"arrival_bounds: rows must be positive, got {rows}")
+        self.load_staged()
+        cursor = self._cursor()
+        total = int(cursor.execute("SELECT count(*) FROM spans").fetchall()[0][0])
+        ranges = -(-total // rows)
+        if ranges < 2:
+            return []
+        quantiles = [i / ranges for i in range(1, ranges)]
+        found = cursor.execute(
+            f"SELECT quantile_disc(ingested_ns, ?::DOUBLE[]) FROM"
+            f" (SELECT ingested_ns FROM spans USING SAMPLE reservoir({ARRIVAL_SAMPLE_ROWS} ROWS) REPEATABLE (7))",
+            [quantiles],
+        ).fetchall()[0][0]
+        return sorted({int(b) for b in found or [] if b is not None})
 
     @_read
     def arrivals_between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
