@@ -891,16 +891,24 @@ class DuckDBSpanStore:
             if latest is None:
                 self._traces_below = None
                 return 0
-            cut, below = self._traces_below or (-(2**63), 0)
+            kept = self._traces_below
+            cut, below = kept or (-(2**63), 0)
             next_cut = max(cut, int(latest) - TRACE_CUT_LAG_NS)
             # set before the count's snapshot: a row committed after it is checked against it
+            # (one checked before it, below the kept cut, dropped the kept figures: seen below)
             self._trace_cut_guard, self._trace_cut_void = next_cut, False
             try:
                 new, new_below = self._traces_since(cursor, cut, next_cut)
             finally:
                 self._trace_cut_guard = None
-            self._traces_below = None if self._trace_cut_void else (next_cut, below + new_below)
-            return below + new
+            if not self._trace_cut_void and self._traces_below is kept:
+                self._traces_below = (next_cut, below + new_below)
+                return below + new
+            self._traces_below = None
+            if kept is None:  # counted whole: right for its snapshot
+                return new
+            # a row written below the kept cut meanwhile: this count may have missed its trace
+            return self._traces_since(cursor, -(2**63), next_cut)[0]
 
     @staticmethod
     def _traces_since(cursor: duckdb.DuckDBPyConnection, cut: int, next_cut: int) -> tuple[int, int]:
