@@ -113,9 +113,6 @@ def _read(method: _Method) -> _Method:
 # compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
 # incremental analysis counts every trace again)
 REMOVALS_KEPT = 64
-# stats(): the trace count's cut trails the latest ingested row by this much (rows are written in
-# about ingest order; the traces since the cut are what a count groups)
-TRACE_CUT_LAG_NS = 60 * 10**9
 # arrival_bounds: the sampled rows its ingest ranges are chosen from
 ARRIVAL_SAMPLE_ROWS = 20_000
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
@@ -415,14 +412,6 @@ class DuckDBSpanStore:
         self._removals_epoch = int.from_bytes(os.urandom(7), "big")
         self._removals_since: list[tuple[int, int | None]] = []
         self._stats_cache: tuple[int, StoreStats] | None = None
-        # ``stats()``' trace count kept between counts: (cut, traces whose first row was ingested
-        # before the cut), valid while no row below the cut is inserted (``_insert``) and no trace
-        # removed (retention); compaction keeps each span's first copy, so each trace's first row
-        self._traces_below: tuple[int, int] | None = None
-        self._trace_count_lock = threading.Lock()
-        # during a count: its new cut; a row inserted below it, or retention, meanwhile voids it
-        self._trace_cut_guard: int | None = None
-        self._trace_cut_void = False
         # the ingest log: rows logged (durable) and staged here until the loader inserts them
         self._log: IngestLog | None = None
         self._staged: list[pa.Table] = []
@@ -494,11 +483,6 @@ class DuckDBSpanStore:
         self._writer.from_arrow(spans).insert_into("spans")
         self._changes += 1
         batch_min = pc.min(spans.column("ingested_ns")).as_py()
-        if self._traces_below is not None and (batch_min is None or batch_min < self._traces_below[0]):
-            self._traces_below = None  # a row below the cut: the next count starts afresh
-        guard = self._trace_cut_guard
-        if guard is not None and (batch_min is None or batch_min < guard):
-            self._trace_cut_void = True
         if not self._dirty:
             self._dirty, self._dirty_since_ns = True, batch_min
         elif self._dirty_since_ns is not None:
@@ -618,7 +602,6 @@ class DuckDBSpanStore:
                 [cutoff_ns],
             ).fetchall()[0][0]
             self._changes += 1
-            self._traces_below, self._trace_cut_void = None, True  # whole traces removed: counted afresh
             # what retention has removed so far (the incremental analysis drops the same traces'
             # rows; the criterion is the same: the trace's last span ended before the cutoff)
             self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
@@ -872,62 +855,15 @@ class DuckDBSpanStore:
                     [] if since is None else [since],
                 ).fetchall()[0][0]
             )
-        traces = self._count_traces(cursor)
+        traces = int(
+            cursor.execute("SELECT count(*) FROM (SELECT trace_id FROM spans GROUP BY trace_id)").fetchall()[
+                0
+            ][0]
+        )
         spans = rows - copies
         counted = StoreStats(spans=int(spans), traces=int(traces))
         self._stats_cache = (changes, counted)
         return counted
-
-    def _count_traces(self, cursor: duckdb.DuckDBPyConnection) -> int:
-        """The stored traces: those whose first row was ingested before the kept cut (counted
-        before) plus those whose first row is at or after it, i.e. the traces of the rows since
-        the cut without a row before it. The rows before the cut are only probed against the
-        traces since it (a hash table of those, not of every stored trace: grouping every row by
-        trace held one entry per stored trace in DuckDB's memory, ~580k at 12M stored spans, at
-        each count). The cut then moves up to ``TRACE_CUT_LAG_NS`` before the latest row (a row
-        written later below it, e.g. an import of older spans, makes the next count whole)."""
-        with self._trace_count_lock:
-            latest = cursor.execute("SELECT max(ingested_ns) FROM spans").fetchall()[0][0]
-            if latest is None:
-                self._traces_below = None
-                return 0
-            kept = self._traces_below
-            cut, below = kept or (-(2**63), 0)
-            next_cut = max(cut, int(latest) - TRACE_CUT_LAG_NS)
-            # set before the count's snapshot: a row committed after it is checked against it
-            # (one checked before it, below the kept cut, dropped the kept figures: seen below)
-            self._trace_cut_guard, self._trace_cut_void = next_cut, False
-            try:
-                new, new_below = self._traces_since(cursor, cut, next_cut)
-            finally:
-                self._trace_cut_guard = None
-            if not self._trace_cut_void and self._traces_below is kept:
-                self._traces_below = (next_cut, below + new_below)
-                return below + new
-            self._traces_below = None
-            if kept is None:  # counted whole: right for its snapshot
-                return new
-            # a row written below the kept cut meanwhile: this count may have missed its trace
-            return self._traces_since(cursor, -(2**63), next_cut)[0]
-
-    @staticmethod
-    def _traces_since(cursor: duckdb.DuckDBPyConnection, cut: int, next_cut: int) -> tuple[int, int]:
-        """The traces whose first row was ingested at or after ``cut``, and those of them whose
-        first row was before ``next_cut``."""
-        new, new_below = cursor.execute(
-            """
-            WITH recent AS (
-                SELECT trace_id, min(ingested_ns) AS first FROM spans WHERE ingested_ns >= ? GROUP BY trace_id
-            ), older AS (
-                SELECT DISTINCT trace_id FROM spans
-                WHERE ingested_ns < ? AND trace_id IN (SELECT trace_id FROM recent)
-            )
-            SELECT count(*), count(*) FILTER (WHERE first < ?)
-            FROM recent WHERE trace_id NOT IN (SELECT trace_id FROM older)
-            """,
-            [cut, cut, next_cut],
-        ).fetchall()[0]
-        return int(new), int(new_below)
 
     @_read
     def services(self) -> list[str]:
