@@ -314,7 +314,8 @@ class MemoExecutor:
         self.state, self.units = state, units
         self.read_units = 0  # partitions extracted this round, their spans read (a figure for status)
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
-        self._unit_of: pl.DataFrame | None = None  # trace_id -> unit (its position), built once
+        # stored batch -> its unit (position), and the other units' trace ids -> unit; built once
+        self._unit_of: tuple[dict[int, int], dict[str, int]] | None = None
         self.cluster = cluster
         # part -> its pricing computed ahead of ``_priced`` this map (a cluster task's result, or
         # priced with other batches' stale findings on one read: ``_priced_together``)
@@ -367,14 +368,7 @@ class MemoExecutor:
                 continue
             # each occurrence's unit looked up in bulk (a join, no Python string per trace), then
             # the occurrences split by unit in their order (a stable sort), the finding's id asked once
-            units = (
-                pl.DataFrame({"trace_id": occurrences.trace_id_series()})
-                .join(self._unit_of, on="trace_id", how="left", maintain_order="left")
-                .get_column("unit")
-                .fill_null(-1)
-                .to_numpy()
-                .astype(np.int64, copy=False)
-            )
+            units = self._units_of(occurrences.trace_id_series())
             order = np.argsort(units, kind="stable")
             ordered = units[order]
             starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -390,42 +384,38 @@ class MemoExecutor:
                         here[fid] = (finding, mine)
         return out
 
-    def _trace_units(self) -> pl.DataFrame:
-        """Each trace of the round's units and its unit (the last unit listing it wins): the
-        stored batches' traces read from the sidecar as one column, the other units' listed."""
+    def _trace_units(self) -> tuple[dict[int, int], dict[str, int]]:
+        """The round's stored batches' units (their traces are looked up in the sidecar), and
+        the trace ids of the other units (listed: the window's edge) and their units."""
         stored: dict[int, int] = {}
-        listed: list[pl.DataFrame] = []
+        listed: dict[str, int] = {}
         for i, unit in enumerate(self.units):
             if isinstance(unit.trace_ids, StoredTraceIds) and unit.batch is not None:
                 stored[unit.batch] = i
             else:
-                listed.append(
-                    pl.DataFrame(
-                        {"trace_id": list(unit.trace_ids), "unit": [i] * len(unit.trace_ids)},
-                        schema={"trace_id": pl.String, "unit": pl.Int64},
-                    ).with_columns(pl.lit(i, pl.Int64).alias("order"))
-                )
-        frames = listed
+                listed.update(dict.fromkeys(unit.trace_ids, i))
+        return stored, listed
+
+    def _units_of(self, trace_ids: pl.Series) -> np.ndarray:
+        """Each trace's unit (-1: in none of the round's; the last unit listing it otherwise)."""
+        if self._unit_of is None:
+            self._unit_of = self._trace_units()
+        stored, listed = self._unit_of
+        out = np.full(len(trace_ids), -1, dtype=np.int64)
         if stored:
-            table = self.state.trace_batches()
-            batches = pl.DataFrame(
-                {"batch": list(stored), "unit": list(stored.values())},
-                schema={"batch": pl.Int64, "unit": pl.Int64},
+            batches = self.state.batches_of(trace_ids)
+            known = batches >= 0
+            lookup = np.full(int(batches.max(initial=0)) + 1, -1, dtype=np.int64)
+            for batch, unit in stored.items():
+                if batch < len(lookup):
+                    lookup[batch] = unit
+            out[known] = lookup[batches[known]]
+        if listed:
+            other = np.fromiter(
+                (listed.get(t, -1) for t in trace_ids.to_list()), dtype=np.int64, count=len(trace_ids)
             )
-            frames = [
-                pl.DataFrame(pl.from_arrow(table))
-                .join(batches, on="batch", how="inner")
-                .select("trace_id", "unit", pl.col("unit").alias("order")),
-                *listed,
-            ]
-        if not frames:
-            return pl.DataFrame(schema={"trace_id": pl.String, "unit": pl.Int64})
-        return (
-            pl.concat(frames, how="vertical_relaxed")
-            .sort("order", maintain_order=True)
-            .unique("trace_id", keep="last")
-            .select("trace_id", "unit")
-        )
+            out = np.maximum(out, other)
+        return out
 
     def _retrying(self, what: str, part: int, fn: Callable[[], Any]) -> Any:
         try:
@@ -783,9 +773,22 @@ class IncrementalAnalysis:
             for b, n, lo, hi in rows
         }
 
-    def trace_batches(self) -> pa.Table:
-        """Every stored trace's batch: ``trace_id``, ``batch`` (one Arrow table, no Python strings)."""
-        return self.db.sql("SELECT trace_id, batch FROM traces").to_arrow_table()
+    def batches_of(self, trace_ids: pl.Series) -> np.ndarray:
+        """Each of these traces' stored batch (-1: not stored), looked up in the sidecar (a join
+        on the ids given: nothing of every stored trace is held here)."""
+        out = np.full(len(trace_ids), -1, dtype=np.int64)
+        if not len(trace_ids):
+            return out
+        wanted = pl.DataFrame({"trace_id": trace_ids.cast(pl.String)}).with_row_index("i").to_arrow()
+        self.db.register("wanted_traces", wanted)
+        try:
+            found = self.db.execute(
+                "SELECT w.i, t.batch FROM wanted_traces w JOIN traces t USING (trace_id)"
+            ).fetchnumpy()
+        finally:
+            self.db.unregister("wanted_traces")
+        out[np.asarray(found["i"], dtype=np.int64)] = np.asarray(found["batch"], dtype=np.int64)
+        return out
 
     # -- persistence -------------------------------------------------------------------------
 
