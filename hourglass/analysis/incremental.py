@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -116,14 +115,70 @@ RecentArrivals = Callable[[int, list[int]], pa.Table]
 # (trace ids, from ns, to ns) -> those traces' rows ingested in [from, to), grouped by trace
 # (``DuckDBSpanStore.arrivals_between``)
 ArrivalsBetween = Callable[[list[str], int, int], pa.Table]
+# rows -> ascending ingest-time bounds splitting the store's rows into ranges of about that many
+# (``DuckDBSpanStore.arrival_bounds``); with it, ``RecentArrivals`` takes a third argument: the
+# range's end (exclusive)
+ArrivalBounds = Callable[[int], list[int]]
+ArrivalReads = tuple[RecentArrivals, ArrivalsBetween] | tuple[RecentArrivals, ArrivalsBetween, ArrivalBounds]
+# the tally rebuilt (``IncrementalAnalysis._arrivals``) from ingest ranges of about this many rows
+# each: one range's per-trace groups held at a time, here and in the store's query (at 12M stored
+# spans one read of every row held ~160 MiB in the server and ~120 MiB here)
+REBUILD_RANGE_ROWS = 1_000_000
+# the upsert of a view's rows (``{source}``: ``FROM ... WHERE ...``) into the tally
+_INTO_TALLY = """
+    INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,
+                             last_start_ns, last_end_ns {source}
+    ON CONFLICT (trace_id) DO UPDATE SET spans = tally.spans + excluded.spans,
+        first_ingested_ns = least(tally.first_ingested_ns, excluded.first_ingested_ns),
+        last_ingested_ns = greatest(tally.last_ingested_ns, excluded.last_ingested_ns),
+        last_start_ns = greatest(tally.last_start_ns, excluded.last_start_ns),
+        last_end_ns = greatest(tally.last_end_ns, excluded.last_end_ns)
+"""
+
+
+class StoredTraceIds(Sequence[str]):
+    """A stored batch's trace ids (sorted), read from the sidecar's ``traces`` table each time
+    they are iterated or indexed, not held: a worker that kept every batch's ids as Python
+    strings held ~150 MiB more at 600k stored traces, growing with the store, and a round only
+    needs the ids of the batches it reads (their count is known)."""
+
+    __slots__ = ("_count", "_db", "batch")
+
+    def __init__(self, db: duckdb.DuckDBPyConnection, batch: int, count: int) -> None:
+        self._db, self.batch, self._count = db, batch, count
+
+    def _load(self) -> list[str]:
+        rows = self._db.execute("SELECT trace_id FROM traces WHERE batch = ? ORDER BY trace_id", [self.batch])
+        return [r[0] for r in rows.fetchall()]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._load()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StoredTraceIds):
+            return (self._db, self.batch, self._count) == (other._db, other.batch, other._count)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash((id(self._db), self.batch, self._count))
+
+    def __repr__(self) -> str:
+        return f"StoredTraceIds(batch={self.batch}, {self._count} traces)"
 
 
 @dataclass
 class Batch:
-    """Whole traces extracted together; ``first``/``last`` bound their spans' ``ingested_ns``."""
+    """Whole traces extracted together; ``first``/``last`` bound their spans' ``ingested_ns``;
+    ``trace_ids`` read from the sidecar when asked (:class:`StoredTraceIds`)."""
 
     id: int
-    trace_ids: list[str]
+    trace_ids: Sequence[str]
     first: int
     last: int
 
@@ -133,7 +188,7 @@ class Unit:
     """One partition of a round: a stored batch, or in-window traces extracted on the fly."""
 
     batch: int | None
-    trace_ids: tuple[str, ...]
+    trace_ids: Sequence[str]  # a stored batch's: StoredTraceIds (read when asked)
     first: int | None
     last: int | None
 
@@ -259,7 +314,8 @@ class MemoExecutor:
         self.state, self.units = state, units
         self.read_units = 0  # partitions extracted this round, their spans read (a figure for status)
         self.pricing: dict[int, dict[str, PricedEntry]] = {}  # stored batch -> its pricing, this round
-        self._unit_of: dict[str, int] | None = None
+        # stored batch -> its unit (position), and the other units' trace ids -> unit; built once
+        self._unit_of: tuple[dict[int, int], dict[str, int]] | None = None
         self.cluster = cluster
         # part -> its pricing computed ahead of ``_priced`` this map (a cluster task's result, or
         # priced with other batches' stale findings on one read: ``_priced_together``)
@@ -304,19 +360,15 @@ class MemoExecutor:
     def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, Occurrences]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
         if self._unit_of is None:
-            self._unit_of = {t: i for i, unit in enumerate(self.units) for t in unit.trace_ids}
+            self._unit_of = self._trace_units()
         out: dict[int, dict[str, tuple[Finding, Occurrences]]] = {}
         for finding in findings:
             occurrences = finding.occurrence_table
             if not occurrences:
                 continue
-            # each occurrence's unit looked up in bulk, then the occurrences split by unit in
-            # their order (a stable sort), the finding's id asked once
-            units = np.fromiter(
-                map(self._unit_of.get, occurrences.trace_id_list(), itertools.repeat(-1)),
-                dtype=np.int64,
-                count=len(occurrences),
-            )
+            # each occurrence's unit looked up in bulk (a join, no Python string per trace), then
+            # the occurrences split by unit in their order (a stable sort), the finding's id asked once
+            units = self._units_of(occurrences.trace_id_series())
             order = np.argsort(units, kind="stable")
             ordered = units[order]
             starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -330,6 +382,39 @@ class MemoExecutor:
                         here[fid] = (here[fid][0], Occurrences.concat([here[fid][1], mine]))
                     else:
                         here[fid] = (finding, mine)
+        return out
+
+    def _trace_units(self) -> tuple[dict[int, int], dict[str, int]]:
+        """The round's stored batches' units (their traces are looked up in the sidecar), and
+        the trace ids of the other units (listed: the window's edge) and their units."""
+        stored: dict[int, int] = {}
+        listed: dict[str, int] = {}
+        for i, unit in enumerate(self.units):
+            if isinstance(unit.trace_ids, StoredTraceIds) and unit.batch is not None:
+                stored[unit.batch] = i
+            else:
+                listed.update(dict.fromkeys(unit.trace_ids, i))
+        return stored, listed
+
+    def _units_of(self, trace_ids: pl.Series) -> np.ndarray:
+        """Each trace's unit (-1: in none of the round's; the last unit listing it otherwise)."""
+        if self._unit_of is None:
+            self._unit_of = self._trace_units()
+        stored, listed = self._unit_of
+        out = np.full(len(trace_ids), -1, dtype=np.int64)
+        if stored:
+            batches = self.state.batches_of(trace_ids)
+            known = batches >= 0
+            lookup = np.full(int(batches.max(initial=0)) + 1, -1, dtype=np.int64)
+            for batch, unit in stored.items():
+                if batch < len(lookup):
+                    lookup[batch] = unit
+            out[known] = lookup[batches[known]]
+        if listed:
+            other = np.fromiter(
+                (listed.get(t, -1) for t in trace_ids.to_list()), dtype=np.int64, count=len(trace_ids)
+            )
+            out = np.maximum(out, other)
         return out
 
     def _retrying(self, what: str, part: int, fn: Callable[[], Any]) -> Any:
@@ -686,10 +771,29 @@ class IncrementalAnalysis:
 
     def _load_batches(self) -> None:
         rows = self.db.execute(
-            "SELECT batch, list(trace_id ORDER BY trace_id), min(first_ingested_ns), max(last_ingested_ns)"
-            " FROM traces GROUP BY batch"
+            "SELECT batch, count(*), min(first_ingested_ns), max(last_ingested_ns) FROM traces GROUP BY batch"
         ).fetchall()
-        self.batches = {int(b): Batch(int(b), list(ids), int(lo), int(hi)) for b, ids, lo, hi in rows}
+        self.batches = {
+            int(b): Batch(int(b), StoredTraceIds(self.db, int(b), int(n)), int(lo), int(hi))
+            for b, n, lo, hi in rows
+        }
+
+    def batches_of(self, trace_ids: pl.Series) -> np.ndarray:
+        """Each of these traces' stored batch (-1: not stored), looked up in the sidecar (a join
+        on the ids given: nothing of every stored trace is held here)."""
+        out = np.full(len(trace_ids), -1, dtype=np.int64)
+        if not len(trace_ids):
+            return out
+        wanted = pl.DataFrame({"trace_id": trace_ids.cast(pl.String)}).with_row_index("i").to_arrow()
+        self.db.register("wanted_traces", wanted)
+        try:
+            found = self.db.execute(
+                "SELECT w.i, t.batch FROM wanted_traces w JOIN traces t USING (trace_id)"
+            ).fetchnumpy()
+        finally:
+            self.db.unregister("wanted_traces")
+        out[np.asarray(found["i"], dtype=np.int64)] = np.asarray(found["batch"], dtype=np.int64)
+        return out
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -959,9 +1063,7 @@ class IncrementalAnalysis:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchall()
         return int(row[0][0]) if row else None
 
-    def _arrivals(
-        self, reads: tuple[RecentArrivals, ArrivalsBetween], since_ns: int, margin_ns: int
-    ) -> pl.DataFrame:
+    def _arrivals(self, reads: ArrivalReads, since_ns: int, margin_ns: int) -> pl.DataFrame:
         """What ``trace_arrivals(since_ns)`` answers (each trace with a row ingested at or after
         ``since_ns``, its figures over all its rows), from the store's rows ingested since the
         tally's bound only, merged with the tally; the tally then takes the rows read here that
@@ -973,27 +1075,35 @@ class IncrementalAnalysis:
         since the last read: the kept traces a compaction examined (a row ingested at or after
         its bound) and those retention may have removed (their kept rows all ended before its
         cutoff: it removes whole traces whose spans all did) are counted again from the store,
-        within their ingest times (``_recount``). Runs in ``update``'s transaction."""
-        recent, between = reads
+        within their ingest times (``_recount``). A rebuild (with ``reads``' third, the store's
+        ``arrival_bounds``) reads the rows below the new bound range by range into the tally
+        (``_tally_ranges``), then the rest as usual. Runs in ``update``'s transaction."""
+        recent, between = reads[0], reads[1]
+        bounds_of = reads[2] if len(reads) > 2 else None
         upto = self._meta("tally_upto")
         kept_epoch, kept_removals = self._meta("tally_epoch"), self._meta("tally_removals")
         kept_retention = self._meta("tally_retention")
         rebuild = upto is None or upto > since_ns
         start = 0 if rebuild else int(upto)  # type: ignore[arg-type]
         bound = max(start, since_ns - margin_ns)
-        table = recent(start, [bound, since_ns])
-        marks = _StoreMarks.of(table)
-        # compactions that removed rows since: the traces each examined (None: unknown)
-        removed_since = marks.removed_since(kept_removals) if kept_epoch == marks.epoch else None
-        if not rebuild and removed_since is None:
-            rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
-            table = recent(0, [bound, since_ns])
+        removed_since: int | None = None
+        if not rebuild:
+            table = recent(start, [bound, since_ns])
             marks = _StoreMarks.of(table)
+            # compactions that removed rows since: the traces each examined (None: unknown)
+            removed_since = marks.removed_since(kept_removals) if kept_epoch == marks.epoch else None
+            if removed_since is None:
+                rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
+                del table
+        if rebuild:
+            self.db.execute("DELETE FROM tally")
+            # the marks of the first read: a removal during the later ones is seen next round
+            start, first_marks = self._tally_ranges(recent, bounds_of, bound)
+            table = recent(start, [bound, since_ns])
+            marks = first_marks or _StoreMarks.of(table)
         self.db.register("recent_rows", table)
         try:
-            if rebuild:
-                self.db.execute("DELETE FROM tally")
-            else:
+            if not rebuild:
                 if removed_since is not None and removed_since < 2**63:
                     # a compaction removes later copies of spans, each ingested at or after its
                     # bound (the smallest ingest time written since the previous compaction, which
@@ -1026,17 +1136,7 @@ class IncrementalAnalysis:
                 ).to_arrow_table()
             )
             # the rows below the new bound join the tally (read for the last time)
-            self.db.execute(
-                """
-                INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,
-                                         last_start_ns, last_end_ns FROM recent_rows WHERE part = 0
-                ON CONFLICT (trace_id) DO UPDATE SET spans = tally.spans + excluded.spans,
-                    first_ingested_ns = least(tally.first_ingested_ns, excluded.first_ingested_ns),
-                    last_ingested_ns = greatest(tally.last_ingested_ns, excluded.last_ingested_ns),
-                    last_start_ns = greatest(tally.last_start_ns, excluded.last_start_ns),
-                    last_end_ns = greatest(tally.last_end_ns, excluded.last_end_ns)
-                """
-            )
+            self.db.execute(_INTO_TALLY.format(source="FROM recent_rows WHERE part = 0"))
         finally:
             self.db.unregister("recent_rows")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_upto', ?)", [bound])
@@ -1048,6 +1148,41 @@ class IncrementalAnalysis:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('tally_retention', ?)", [marks.retention])
         assert isinstance(seen, pl.DataFrame)
         return seen
+
+    def _tally_ranges(
+        self, recent: RecentArrivals, bounds_of: ArrivalBounds | None, upto: int
+    ) -> tuple[int, _StoreMarks | None]:
+        """A rebuild's first part: the store's rows ingested before the last of its range bounds
+        (``bounds_of(REBUILD_RANGE_ROWS)``) at or below ``upto``, read range by range into the
+        (emptied) tally, each range's groups dropped before the next is read. Returns where the
+        ranges ended (0: none read) and the first read's marks (None: none)."""
+        if bounds_of is None:
+            return 0, None
+        ends = [end for end in bounds_of(REBUILD_RANGE_ROWS) if 0 < end <= upto]
+        if not ends:
+            return 0, None
+        # Each range committed on its own: one transaction held every stored trace's new figures
+        # in memory until its end. ``update``'s transaction has written nothing yet (this is its
+        # first step); without 'tally_upto' a round cut short here is rebuilt by the next one.
+        self.db.execute("DELETE FROM meta WHERE key = 'tally_upto'")
+        self.db.execute("COMMIT")
+        start, first = 0, None
+        try:
+            for end in ends:
+                if end <= start:
+                    continue
+                rows = recent(start, [end], end)  # type: ignore[call-arg]
+                first = first or _StoreMarks.of(rows)
+                self.db.register("range_rows", rows)
+                try:
+                    self.db.execute(_INTO_TALLY.format(source="FROM range_rows"))
+                finally:
+                    self.db.unregister("range_rows")
+                del rows
+                start = end
+        finally:
+            self.db.execute("BEGIN")  # ``update``'s transaction again (it commits or rolls back)
+        return start, first
 
     def _recount(self, between: ArrivalsBetween, upto: int, where: str, params: list[Any]) -> None:
         """The kept figures of the traces ``where`` selects counted again from the store's rows
@@ -1076,7 +1211,7 @@ class IncrementalAnalysis:
         cutoff_ns: int,
         margin_ns: int,
         retention_cutoff_ns: int | None,
-        recent: tuple[RecentArrivals, ArrivalsBetween] | None = None,
+        recent: ArrivalReads | None = None,
     ) -> RoundFigures:
         """Bring the batches up to date with the store: new settled traces batched, batches with
         late spans or expired traces marked for re-extraction. ``recent``: the store's recent
@@ -1089,6 +1224,7 @@ class IncrementalAnalysis:
             since_ns = max(self.watermark - margin_ns, 0)
             if recent is not None:
                 seen = self._arrivals(recent, since_ns, margin_ns)
+                memlog.note(f"arrivals merged ({seen.height} traces seen)")
             else:
                 whole = pl.from_arrow(arrivals(since_ns))
                 assert isinstance(whole, pl.DataFrame)
@@ -1152,6 +1288,7 @@ class IncrementalAnalysis:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        memlog.note("arrivals committed")
         self._load_batches()
         self._forget(b for b in list(self.stored) if b not in self.batches)  # traces all expired
         figures.dirty_batches = len(dirty)
@@ -1209,9 +1346,7 @@ class IncrementalAnalysis:
         all have a span starting at or after it, plus one unit of the in-window traces of the
         batches that straddle it."""
         if since_ns is None:
-            return tuple(
-                Unit(b.id, tuple(b.trace_ids), b.first, b.last) for _, b in sorted(self.batches.items())
-            )
+            return tuple(Unit(b.id, b.trace_ids, b.first, b.last) for _, b in sorted(self.batches.items()))
         rows = self.db.execute(
             "SELECT batch, min(last_start_ns) >= ?, max(last_start_ns) >= ? FROM traces GROUP BY batch ORDER BY batch",
             [since_ns, since_ns],
@@ -1221,7 +1356,7 @@ class IncrementalAnalysis:
         for b, all_in, any_in in rows:
             batch = self.batches[int(b)]
             if all_in:
-                out.append(Unit(batch.id, tuple(batch.trace_ids), batch.first, batch.last))
+                out.append(Unit(batch.id, batch.trace_ids, batch.first, batch.last))
             elif any_in:
                 straddling.append(batch.id)
         if straddling:

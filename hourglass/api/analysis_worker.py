@@ -555,8 +555,16 @@ class StoreReader:
         """Whether the store groups its recent rows alone (``recent_arrivals``)."""
         return callable(getattr(self.store, "recent_arrivals", None))
 
-    def recent(self, ingested_since_ns: int, splits: list[int]) -> pa.Table:
-        return self.store.recent_arrivals(ingested_since_ns, splits)
+    def recent(self, ingested_since_ns: int, splits: list[int], until_ns: int | None = None) -> pa.Table:
+        if until_ns is None:
+            return self.store.recent_arrivals(ingested_since_ns, splits)
+        return self.store.recent_arrivals(ingested_since_ns, splits, until_ns)
+
+    def bounds(self, rows: int) -> list[int]:
+        """Ingest-time bounds splitting the store's rows into ranges of about ``rows`` (none:
+        the store cannot tell; its rows are then read as one range)."""
+        arrival_bounds = getattr(self.store, "arrival_bounds", None)
+        return list(arrival_bounds(rows)) if callable(arrival_bounds) else []
 
     def between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
         return self.store.arrivals_between(trace_ids, from_ns, to_ns)
@@ -590,6 +598,8 @@ class StoreReader:
             return self.arrivals(*args)
         if kind == "recent":
             return self.recent(*args)
+        if kind == "bounds":
+            return pa.table({"bound": pa.array(self.bounds(*args), pa.int64())})
         if kind == "between":
             return self.between(*args)
         if kind == "batch":
@@ -632,8 +642,11 @@ class PipeReader(StoreReader):
     def can_read_recent(self) -> bool:
         return True  # the server's store: serve's incremental rounds run on DuckDB stores only
 
-    def recent(self, ingested_since_ns: int, splits: list[int]) -> pa.Table:
-        return self._ask("recent", ingested_since_ns, splits)
+    def recent(self, ingested_since_ns: int, splits: list[int], until_ns: int | None = None) -> pa.Table:
+        return self._ask("recent", ingested_since_ns, splits, until_ns)
+
+    def bounds(self, rows: int) -> list[int]:
+        return [int(b) for b in self._ask("bounds", rows).column("bound").to_pylist()]
 
     def between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
         return self._ask("between", trace_ids, from_ns, to_ns)
@@ -664,7 +677,7 @@ def run_incremental(
     if request.get("update", True):
         figures = state.update(
             reader.arrivals,
-            recent=(reader.recent, reader.between) if reader.can_read_recent else None,
+            recent=(reader.recent, reader.between, reader.bounds) if reader.can_read_recent else None,
             cutoff_ns=int(request["cutoff_ns"]),
             margin_ns=int(request["margin_ns"]),
             retention_cutoff_ns=request.get("retention_cutoff_ns"),

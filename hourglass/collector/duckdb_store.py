@@ -113,6 +113,8 @@ def _read(method: _Method) -> _Method:
 # compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
 # incremental analysis counts every trace again)
 REMOVALS_KEPT = 64
+# arrival_bounds: the sampled rows its ingest ranges are chosen from
+ARRIVAL_SAMPLE_ROWS = 20_000
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 
@@ -986,8 +988,11 @@ class DuckDBSpanStore:
         )
 
     @_read
-    def recent_arrivals(self, ingested_since_ns: int, splits: Sequence[int]) -> pa.Table:
-        """The rows ingested at or after ``ingested_since_ns``, grouped by trace and by ``part``:
+    def recent_arrivals(
+        self, ingested_since_ns: int, splits: Sequence[int], until_ns: int | None = None
+    ) -> pa.Table:
+        """The rows ingested at or after ``ingested_since_ns`` (and before ``until_ns``, when
+        given), grouped by trace and by ``part``:
         how many of the ascending ``splits`` are at or below the row's ``ingested_ns`` (0: before
         the first split). Per group: ``spans`` (physical rows), the first and last
         ``ingested_ns`` and the latest ``start_ns`` / ``end_ns``. One scan of the recent row
@@ -1010,19 +1015,44 @@ class DuckDBSpanStore:
         }
         self.load_staged()
         part = " + ".join(["(ingested_ns >= ?)::INTEGER"] * len(bounds)) or "0"
+        until = "" if until_ns is None else "AND ingested_ns < ?"
         table = (
             self._cursor()
             .sql(
                 f"""
                 SELECT trace_id, ({part})::INTEGER AS part, {_ARRIVAL_FIGURES}
-                FROM spans WHERE ingested_ns >= ?
+                FROM spans WHERE ingested_ns >= ? {until}
                 GROUP BY ALL ORDER BY trace_id, part
                 """,
-                params=[*bounds, int(ingested_since_ns)],
+                params=[*bounds, int(ingested_since_ns), *([] if until_ns is None else [int(until_ns)])],
             )
             .to_arrow_table()
         )
         return table.replace_schema_metadata(marks)
+
+    @_read
+    def arrival_bounds(self, rows: int) -> list[int]:
+        """Ascending ``ingested_ns`` bounds that split the stored rows into ingest ranges of about
+        ``rows`` rows each (empty: fewer rows than that), from a sample of ~``ARRIVAL_SAMPLE_ROWS``
+        rows' ingest times (one pass over that column; the count is the table's metadata): the
+        incremental analysis rebuilds its per-trace figures range by range
+        (``recent_arrivals(..., until_ns=...)``), holding one range's groups at a time instead of
+        every stored trace's."""
+        if rows < 1:
+            raise ValueError(f"arrival_bounds: rows must be positive, got {rows}")
+        self.load_staged()
+        cursor = self._cursor()
+        total = int(cursor.execute("SELECT count(*) FROM spans").fetchall()[0][0])
+        ranges = -(-total // rows)
+        if ranges < 2:
+            return []
+        quantiles = [i / ranges for i in range(1, ranges)]
+        found = cursor.execute(
+            f"SELECT quantile_disc(ingested_ns, ?::DOUBLE[]) FROM"
+            f" (SELECT ingested_ns FROM spans USING SAMPLE reservoir({ARRIVAL_SAMPLE_ROWS} ROWS) REPEATABLE (7))",
+            [quantiles],
+        ).fetchall()[0][0]
+        return sorted({int(b) for b in found or [] if b is not None})
 
     @_read
     def arrivals_between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:

@@ -55,10 +55,17 @@ def _outcome(state: IncrementalAnalysis, figures: Any) -> tuple[Any, ...]:
     return done, _traces(state), state.watermark
 
 
+@pytest.mark.parametrize("ranged", [False, True], ids=["one-read", "rebuilt-by-ingest-ranges"])
 def test_recent_arrivals_merged_with_the_kept_figures_equal_the_whole_store_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranged: bool
 ) -> None:
+    """``ranged``: the rebuilds read the store's rows by ingest ranges of a few rows each
+    (``arrival_bounds``), into the tally range by range, then the rest as one read."""
+    from hourglass.analysis import incremental
+
+    monkeypatch.setattr(incremental, "REBUILD_RANGE_ROWS", 7)
     rng = random.Random(11)
+    ranges: list[tuple[int, int]] = []  # the ingest ranges read into the tally by a rebuild
     db = tmp_path / "spans.duckdb"
     starts: list[int] = []  # the ``since`` of each read of the recent rows
     compactions_removing = 0
@@ -67,8 +74,11 @@ def test_recent_arrivals_merged_with_the_kept_figures_equal_the_whole_store_read
         whole = IncrementalAnalysis(None, batch_spans=12, max_round_spans=25)
         checked = 0
 
-        def recent(since_ns: int, splits: list[int]) -> pa.Table:
+        def recent(since_ns: int, splits: list[int], until_ns: int | None = None) -> pa.Table:
             starts.append(since_ns)
+            if until_ns is not None:
+                ranges.append((since_ns, until_ns))
+                return store.recent_arrivals(since_ns, splits, until_ns)
             return store.recent_arrivals(since_ns, splits)
 
         recounts: list[int] = []  # the traces retention may have removed, counted again
@@ -142,7 +152,13 @@ def test_recent_arrivals_merged_with_the_kept_figures_equal_the_whole_store_read
                 margin_ns=MARGIN,
                 retention_cutoff_ns=retention,
                 # the first rounds as an older worker ran them: no figures kept
-                recent=(recent, between) if k > 2 else None,
+                recent=(
+                    None
+                    if k <= 2
+                    else (recent, between, store.arrival_bounds)
+                    if ranged
+                    else (recent, between)
+                ),
             )
             assert _outcome(kept, b) == _outcome(whole, a), k
         assert checked == 38
@@ -151,6 +167,11 @@ def test_recent_arrivals_merged_with_the_kept_figures_equal_the_whole_store_read
         # before it was opened); later compactions and retention: the traces they may have
         # changed counted again
         assert starts.count(0) == 2
+        if ranged:  # each rebuild read ranges from 0, each starting where the previous ended
+            assert len(ranges) >= 4 and [r for r in ranges if r[0] == 0] and all(a < b for a, b in ranges)
+            assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1) if ranges[i + 1][0])
+        else:
+            assert not ranges
         assert compactions_removing >= 2
         assert len(recounts) >= 3 + compactions_removing and all(recounts)
         whole.close()
@@ -171,3 +192,25 @@ def test_recent_arrivals_parts_split_rows_at_the_bounds(tmp_path: Path) -> None:
         ]
         with pytest.raises(ValueError, match="ascend"):
             store.recent_arrivals(0, [30, 20])
+        # a range's end: its rows only (the trace read in part, as the rebuild's ranges do)
+        got = store.recent_arrivals(10, [30], 30).to_pylist()
+        assert [(r["trace_id"][-1], r["part"], r["spans"], r["last_end_ns"]) for r in got] == [
+            ("1", 0, 2, 3),
+            ("2", 0, 1, 6),
+        ]
+
+
+def test_arrival_bounds_split_the_rows_into_ingest_ranges(tmp_path: Path) -> None:
+    with DuckDBSpanStore(str(tmp_path / "spans.duckdb")) as store:
+        assert store.arrival_bounds(10) == []  # empty
+        store.write(_rows([(t, s, 1000 + 10 * t + s, 1, 2) for t in range(1, 101) for s in range(1, 5)]))
+        assert store.arrival_bounds(400) == []  # one range holds every row
+        bounds = store.arrival_bounds(50)  # 400 rows: 8 ranges, 7 bounds
+        assert bounds == sorted(set(bounds)) and 4 <= len(bounds) <= 7
+        ingested = [1000 + 10 * t + s for t in range(1, 101) for s in range(1, 5)]
+        sizes = [
+            sum(lo <= i < hi for i in ingested) for lo, hi in zip([0, *bounds], [*bounds, 2**62], strict=True)
+        ]
+        assert sum(sizes) == 400 and max(sizes) <= 150, sizes  # sampled, so about 50 each
+        with pytest.raises(ValueError, match="positive"):
+            store.arrival_bounds(0)
