@@ -675,7 +675,9 @@ def sorted_partitions(
     # by group (stable: each group's rows stay in ``order``), the groups by their first row
     by_group = np.argsort(in_order, kind="stable")
     bounds = np.flatnonzero(np.diff(in_order[by_group])) + 1
-    pieces = sorted(np.split(by_group, bounds) if by_group.size else [], key=lambda positions: int(positions[0]))
+    pieces = sorted(
+        np.split(by_group, bounds) if by_group.size else [], key=lambda positions: int(positions[0])
+    )
     if not pieces:
         return
     taken = [pl.Series(ranked[piece]) for piece in pieces]
