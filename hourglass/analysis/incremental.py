@@ -723,7 +723,9 @@ class IncrementalAnalysis:
         # (``Occurrences.park``); what a crash left there is removed
         self.parked = self.folder / "parked"
         shutil.rmtree(self.parked, ignore_errors=True)
-        self.parked.mkdir()
+        self.parked.mkdir(exist_ok=True)  # (a file the removal could not take stays; it is never read)
+        for spill in self.folder.glob("hourglass-spill-*"):  # a crashed round's on-the-fly units' spill
+            shutil.rmtree(spill, ignore_errors=True)
         # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
         self.batches: dict[int, Batch] = {}
         self._load_batches()
@@ -758,10 +760,15 @@ class IncrementalAnalysis:
         """Stored rows of an older shape (a detector's ``ROWS_FORMAT`` changed since they were
         written) are removed, rows, segments, spill and pricing alike, so every batch is extracted
         again: deciding on them would be wrong or fail. A sidecar without the mark has rows of
-        the first shapes."""
+        the first shapes (or none: a new sidecar). The mark includes polars' version: stored rows
+        hold polars hashes of keys (operations, callers), stable only within one version."""
         current = _rows_format_mark(ROWS_FORMAT)
         found = self.db.execute("SELECT value FROM meta WHERE key = 'rows_format'").fetchall()
-        stored = int(found[0][0]) if found else _rows_format_mark(dict.fromkeys(ROWS_FORMAT, 1))
+        batches = any(p.is_dir() and p.name[1:].isdigit() for p in self.folder.glob("b*"))
+        if found:
+            stored = int(found[0][0])
+        else:
+            stored = _rows_format_mark(dict.fromkeys(ROWS_FORMAT, 1)) if batches else current
         if stored != current:
             log.warning("incremental analysis: the stored rows have an older shape; extracting again")
             for path in self.folder.iterdir():
@@ -1414,7 +1421,7 @@ def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:
 
 def _rows_format_mark(formats: dict[str, int]) -> int:
     """One number for every kind's rows format (a stable hash, fits a BIGINT)."""
-    text = ",".join(f"{kind}={formats[kind]}" for kind in sorted(formats))
+    text = ",".join(f"{kind}={formats[kind]}" for kind in sorted(formats)) + f",polars={pl.__version__}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
 
 

@@ -18,6 +18,7 @@ on the same store. Proven structurally, not by timing or RSS:
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,9 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         store.close()
 
 
-def test_rows_of_an_older_shape_are_extracted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_of_an_older_shape_are_extracted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A detector whose rows changed shape (its ``ROWS_FORMAT`` bumped) makes a restarted serve
     extract every batch again rather than decide on rows it cannot read; an unchanged format
     resumes from the files."""
@@ -191,7 +194,9 @@ def test_rows_of_an_older_shape_are_extracted_again(tmp_path: Path, monkeypatch:
     assert sidecar is not None
     store = _store(db)
     try:
-        state = IncrementalAnalysis(sidecar, batch_spans=500)
+        with caplog.at_level(logging.WARNING, logger=incremental.log.name):
+            state = IncrementalAnalysis(sidecar, batch_spans=500)
+        assert not caplog.records, "a new sidecar has no rows of an older shape"
         first, _ = _round(state, store)
         batches = set(state.batches)
         assert len(batches) >= 3
@@ -212,6 +217,11 @@ def test_rows_of_an_older_shape_are_extracted_again(tmp_path: Path, monkeypatch:
         kept = IncrementalAnalysis(sidecar)
         assert kept.stored == batches
         kept.close()
+        # stored rows hold polars hashes: another polars version extracts again too
+        monkeypatch.setattr(incremental.pl, "__version__", "0.0.0-other")
+        other = IncrementalAnalysis(sidecar)
+        assert other.stored == set()
+        other.close()
     finally:
         store.close()
 
@@ -322,3 +332,20 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
     for report in (first, again, redone, resumed):
         _same(report, cli)
         assert report["recommendations"] == first["recommendations"]
+
+
+def test_a_crashed_rounds_leftovers_are_removed_when_the_state_opens(tmp_path: Path) -> None:
+    """A round that died mid-way leaves its on-the-fly units' spill folder and parked
+    occurrences in the sidecar's folder: the next start removes them (nothing else reads them)."""
+    sidecar = str(tmp_path / "spans.duckdb.analysis.duckdb")
+    IncrementalAnalysis(sidecar).close()
+    folder = Path(sidecar + ".d")
+    (folder / "hourglass-spill-abc123" / "kind.table" / "b0").mkdir(parents=True)
+    (folder / "hourglass-spill-abc123" / "kind.table" / "b0" / "p000001.parquet").write_bytes(b"x")
+    (folder / "parked" / "occurrences-1.pickle").write_bytes(b"x")
+    state = IncrementalAnalysis(sidecar)
+    try:
+        assert not list(folder.glob("hourglass-spill-*"))
+        assert state.parked.is_dir() and not list(state.parked.iterdir())
+    finally:
+        state.close()
