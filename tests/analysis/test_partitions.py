@@ -232,6 +232,12 @@ def test_the_generated_mix_exercises_every_split_detector() -> None:
     whole = AnalysisContext.from_table(_generated())
     for kind in PARTS:
         assert DETECTORS[kind](whole), f"the generated mix has no {kind} finding"
+    # and the spilled tables' path is exercised on it (the spilled-rows test reads "absent" as empty)
+    from hourglass.analysis.spill import SPILLABLE
+
+    for kind, spilled in SPILLABLE.items():
+        table = PARTS[kind].extract(whole).get(spilled.table)
+        assert table is not None and table.height, f"the generated mix spills no {kind} {spilled.table} rows"
 
 
 @pytest.mark.parametrize("parts,buckets,batch_rows", [(1, 1, None), (3, 5, None), (2, 2, 7)])
