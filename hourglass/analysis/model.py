@@ -1176,3 +1176,49 @@ def _same(a: Occurrence, b: Any) -> bool:
         x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
         for x, y in ((a.numbers[k], b.numbers[k]) for k in a.numbers)
     )
+
+
+class TraceRoots:
+    """The trace summaries a report reads (``AnalysisContext.traces``' ``trace_id`` and
+    ``root_duration_ns``: pipeline.score looks up each finding's traces' root durations, the
+    report counts them), compact: the ids as :class:`_Ids` (OTLP's hex ids as 64-bit words, 16
+    bytes instead of a polars string's 48), the durations as they were. ``serve``'s round holds
+    every stored trace's (issue 11)."""
+
+    __slots__ = ("_durations", "_ids")
+
+    def __init__(self, ids: _Ids, durations: pl.Series) -> None:
+        self._ids = ids
+        self._durations = durations
+
+    @classmethod
+    def of(cls, traces: pl.DataFrame) -> TraceRoots:
+        """``traces``' (trace_id, root_duration_ns), in order."""
+        return cls(_Ids.of(traces["trace_id"].cast(pl.String)), traces["root_duration_ns"])
+
+    @classmethod
+    def concat(cls, parts: Sequence[TraceRoots]) -> TraceRoots:
+        """The rows of ``parts`` one after another."""
+        if not parts:
+            return cls.of(pl.DataFrame(schema={"trace_id": pl.String, "root_duration_ns": pl.Int64}))
+        return cls(
+            _Ids.concat([p._ids for p in parts]),
+            pl.concat([p._durations.to_frame() for p in parts], how="vertical_relaxed").to_series(),
+        )
+
+    @property
+    def height(self) -> int:
+        return len(self._durations)
+
+    def roots_of(self, trace_ids: Sequence[str]) -> pl.DataFrame:
+        """(trace_id, root_ms) of the rows whose trace is one of ``trace_ids``, in order (as
+        filtering the frame they came from)."""
+        rows = np.flatnonzero(self._ids.is_in(pl.Series(list(trace_ids), dtype=pl.String)))
+        found = pl.DataFrame(
+            {
+                "trace_id": self._ids.gather(rows).series(),
+                "root_duration_ns": self._durations.gather(pl.Series(rows, dtype=pl.Int64)),
+            }
+        )
+        # the frame's expression (a Series divided by a scalar rounds otherwise, in the last bit)
+        return found.select("trace_id", root_ms=pl.col("root_duration_ns") / 1e6)
