@@ -326,7 +326,11 @@ class _Ids:
             coded = hex_words(wanted)
         if coded is None:
             return np.zeros(n, dtype=np.bool_)
-        found = np.isin(self.words[:, 0], coded[:, 0])
+        # one 64-bit key per id (its word, or its two words mixed: ids that share a first word,
+        # as generated ones do, still differ), probed in a hash set of the wanted keys: memory
+        # in the wanted ids, not a sort or a frame of every id; two-word candidates then checked
+        # word by word (a mixed key may collide)
+        found = pl.Series(_mixed(self.words)).is_in(pl.Series(_mixed(coded)).implode()).to_numpy()
         if width > 1 and found.any():
             rows = np.flatnonzero(found)
             columns = [f"w{j}" for j in range(width)]
@@ -347,6 +351,14 @@ class _Ids:
         width = self.words.shape[1]
         frame = pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).unique(maintain_order=True)
         return _Ids(np.ascontiguousarray(frame.to_numpy(), dtype=np.uint64).reshape(-1, width), None).series()
+
+
+def _mixed(words: np.ndarray) -> np.ndarray:
+    """One uint64 per row of ``words`` (shape (n, 1 or 2)): the word, or the two mixed."""
+    if words.shape[1] == 1:
+        return np.ascontiguousarray(words[:, 0])
+    with np.errstate(over="ignore"):
+        return words[:, 0] * np.uint64(0x9E3779B97F4A7C15) + words[:, 1]
 
 
 def hex_text(words: np.ndarray) -> pl.Series:

@@ -27,7 +27,7 @@ from hourglass.analysis.endpoint_path import (
     summarize_path_rows,
 )
 from hourglass.analysis.incremental import _fold_services, _fold_summaries
-from hourglass.analysis.model import TraceRoots
+from hourglass.analysis.model import TraceRoots, _mixed, hex_words
 from hourglass.analysis.pipeline import _affected_roots
 from hourglass.collector.files import read_trace_files
 
@@ -85,11 +85,24 @@ def test_services_folded_one_piece_at_a_time_are_the_whole_grouped() -> None:
     assert folded.filter(pl.col("service") == "a")["trace_id"].sort().to_list() == ["t0", "t1"]
 
 
-@pytest.mark.parametrize("ids", ["hex", "text", "mixed"])
+MIX = 0x9E3779B97F4A7C15  # (model._mixed's multiplier)
+
+
+def _collides_with(first: int, second: int) -> str:
+    """The id whose two words mix to the same 64-bit key as (``first``, ``second``)'s."""
+    return f"{first + 1:016x}{(second - MIX) % 2**64:016x}"
+
+
+@pytest.mark.parametrize("ids", ["hex", "text", "mixed", "generated"])
 def test_compact_trace_roots_give_the_rows_the_frame_gives(ids: str) -> None:
     hex_ids = [f"{n:032x}" for n in (7, 3, 2**100 + 5, 2**64 + 3, 3 + 2**80)]
     text_ids = ["t-1", "t-2", "T3", "", "t-5"]
-    chosen = {"hex": hex_ids, "text": text_ids, "mixed": hex_ids[:3] + text_ids[:2]}[ids]
+    # generated ids share their first word; two of them mix to one key (told apart word by word)
+    generated = [f"5a5a0000000000df{n:016x}" for n in (1, 2, 3)]
+    generated += [_collides_with(0x5A5A0000000000DF, 2), f"5a5a0000000000e0{5:016x}"]
+    chosen = {"hex": hex_ids, "text": text_ids, "mixed": hex_ids[:3] + text_ids[:2], "generated": generated}[
+        ids
+    ]
     durations = [10_000_000, 2_500_000, None, 7_000_001, 123]
     pieces = [
         pl.DataFrame({"trace_id": chosen[:2], "root_duration_ns": durations[:2]}),
@@ -100,9 +113,21 @@ def test_compact_trace_roots_give_the_rows_the_frame_gives(ids: str) -> None:
     roots = TraceRoots.concat([TraceRoots.of(p) for p in pieces])
     assert roots.height == frame.height == 6
     # a duplicated id (two rows), a null duration, an id not stored, ids of other widths
-    for wanted in [chosen[:1], chosen[1:4], ["nope", chosen[4], f"{5:016x}", chosen[0].upper()], [], chosen]:
+    # (the generated pair mixes to one key: asking for one must not give the other)
+    for wanted in [
+        chosen[:1],
+        [chosen[1]],
+        chosen[1:4],
+        ["nope", chosen[4], f"{5:016x}", chosen[0].upper()],
+        [],
+        chosen,
+    ]:
         expected = _affected_roots(frame, wanted)
         got = _affected_roots(roots, wanted)
         assert got.equals(expected), (wanted, got, expected)
     assert _affected_roots(roots, chosen[:1]).height == 2
+    if ids == "generated":
+        words = hex_words(pl.Series([chosen[1], chosen[3]]))
+        assert words is not None and _mixed(words)[0] == _mixed(words)[1]
+        assert _affected_roots(roots, [chosen[1]])["trace_id"].to_list() == [chosen[1]]
     assert TraceRoots.concat([]).height == 0
