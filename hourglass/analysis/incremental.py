@@ -74,7 +74,7 @@ from hourglass.analysis.endpoint_path import (
     report_critical_paths_from_summary,
     summarize_path_rows,
 )
-from hourglass.analysis.model import Finding, Occurrence, Occurrences
+from hourglass.analysis.model import Finding, Occurrence, Occurrences, TraceRoots
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
 
 if TYPE_CHECKING:
@@ -996,39 +996,39 @@ class IncrementalAnalysis:
                 assert unit.batch is not None
                 return self.load_meta(unit.batch)
 
-            # the stored batches in segments read as one (same rows, same order)
+            # the stored batches in segments read as one (same rows, same order); each piece's
+            # meta folded in as it is read (the services grouped, the critical-path summaries
+            # merged), so the round holds one running total, not every piece's
             pieces = self._pieces(units)
-            traces_of: list[pl.DataFrame] = []
-            services_of: list[pl.DataFrame] = []
-            paths_of: list[PathSummary] = []
+            traces_of: list[TraceRoots] = []
+            all_services: pl.DataFrame | None = None
+            summary: PathSummary | None = None
             spans = 0
             complete = bool(units)
             for p, members in pieces:
                 traces, services, count, paths = (
                     meta(p, units[p]) if members is None else self.load_segment_meta(members)
                 )
-                traces_of.append(traces.select(TRACE_COLUMNS))
-                services_of.append(services)
+                traces_of.append(TraceRoots.of(traces))
+                all_services = _fold_services(all_services, services)
                 spans += count
                 complete = complete and paths is not None
-                if paths is not None and complete:
-                    paths_of.append(paths)
+                summary = _fold_summaries(summary, paths) if paths is not None and complete else None
+                del traces, services, paths
             # the trace summaries the report reads (pipeline.score: each finding's traces' root
-            # durations; their count), in no particular order (each is looked up by id)
-            all_traces = pl.concat(traces_of, how="vertical_relaxed")
+            # durations; their count), in no particular order (each is looked up by id), held
+            # compact (the ids as 64-bit words: a third of the bytes)
+            all_traces = TraceRoots.concat(traces_of)
             all_services = (
-                pl.concat(services_of, how="vertical_relaxed")
-                .group_by("service", "scope_name")
-                .agg(pl.col("trace_id").min())
-                .sort("service", "scope_name")
-            )
-            del traces_of, services_of
+                all_services if all_services is not None else pl.DataFrame(schema=_SERVICES_SCHEMA)
+            ).sort("service", "scope_name")
+            del traces_of
             memlog.note("trace summaries and services combined")
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
             critical_paths = (
-                report_critical_paths_from_summary(combine_path_summaries(paths_of)) if complete else []
+                report_critical_paths_from_summary(summary) if complete and summary is not None else []
             )
-            del paths_of
+            del summary
             memlog.note("critical paths decided")
             stored = tuple(u.batch for u in units if u.batch is not None)
             batch_spill = BatchSpill(  # a window's rounds keep nothing (a whole round's state stays)
@@ -1412,6 +1412,26 @@ class _StoreMarks:
         if len(newer) != self.removals - kept or any(b is None for b in newer):
             return None
         return min((b for b in newer if b is not None), default=2**63)
+
+
+_SERVICES_SCHEMA = {"service": pl.String, "scope_name": pl.String, "trace_id": pl.String}
+
+
+def _fold_services(total: pl.DataFrame | None, part: pl.DataFrame) -> pl.DataFrame:
+    """The (service, scope_name) pairs of ``total`` and ``part``, each once with the least of
+    their trace ids (as grouping every piece's pairs at once: a min of mins)."""
+    both = part if total is None else pl.concat([total, part], how="vertical_relaxed")
+    return both.group_by("service", "scope_name").agg(pl.col("trace_id").min())
+
+
+def _fold_summaries(total: PathSummary | None, part: PathSummary) -> PathSummary:
+    """``part`` merged into the running critical-path summary ``total``: the same as
+    ``combine_path_summaries`` over every piece at once (the groups side by side in the same
+    order; the forests merged node by node, a merged forest without its ``root`` column being a
+    forest again, whose canonical ids and summed times do not depend on the grouping)."""
+    if total is None:
+        return combine_path_summaries([part])
+    return combine_path_summaries([replace(total, nodes=total.nodes.drop("root")), part])
 
 
 def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:

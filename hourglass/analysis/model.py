@@ -326,7 +326,11 @@ class _Ids:
             coded = hex_words(wanted)
         if coded is None:
             return np.zeros(n, dtype=np.bool_)
-        found = np.isin(self.words[:, 0], coded[:, 0])
+        # one 64-bit key per id (its word, or its two words mixed: ids that share a first word,
+        # as generated ones do, still differ), probed in a hash set of the wanted keys: memory
+        # in the wanted ids, not a sort or a frame of every id; two-word candidates then checked
+        # word by word (a mixed key may collide)
+        found = pl.Series(_mixed(self.words)).is_in(pl.Series(_mixed(coded)).implode()).to_numpy()
         if width > 1 and found.any():
             rows = np.flatnonzero(found)
             columns = [f"w{j}" for j in range(width)]
@@ -347,6 +351,14 @@ class _Ids:
         width = self.words.shape[1]
         frame = pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).unique(maintain_order=True)
         return _Ids(np.ascontiguousarray(frame.to_numpy(), dtype=np.uint64).reshape(-1, width), None).series()
+
+
+def _mixed(words: np.ndarray) -> np.ndarray:
+    """One uint64 per row of ``words`` (shape (n, 1 or 2)): the word, or the two mixed."""
+    if words.shape[1] == 1:
+        return np.ascontiguousarray(words[:, 0])
+    with np.errstate(over="ignore"):
+        return words[:, 0] * np.uint64(0x9E3779B97F4A7C15) + words[:, 1]
 
 
 def hex_text(words: np.ndarray) -> pl.Series:
@@ -1176,3 +1188,49 @@ def _same(a: Occurrence, b: Any) -> bool:
         x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
         for x, y in ((a.numbers[k], b.numbers[k]) for k in a.numbers)
     )
+
+
+class TraceRoots:
+    """The trace summaries a report reads (``AnalysisContext.traces``' ``trace_id`` and
+    ``root_duration_ns``: pipeline.score looks up each finding's traces' root durations, the
+    report counts them), compact: the ids as :class:`_Ids` (OTLP's hex ids as 64-bit words, 16
+    bytes instead of a polars string's 48), the durations as they were. ``serve``'s round holds
+    every stored trace's (issue 11)."""
+
+    __slots__ = ("_durations", "_ids")
+
+    def __init__(self, ids: _Ids, durations: pl.Series) -> None:
+        self._ids = ids
+        self._durations = durations
+
+    @classmethod
+    def of(cls, traces: pl.DataFrame) -> TraceRoots:
+        """``traces``' (trace_id, root_duration_ns), in order."""
+        return cls(_Ids.of(traces["trace_id"].cast(pl.String)), traces["root_duration_ns"])
+
+    @classmethod
+    def concat(cls, parts: Sequence[TraceRoots]) -> TraceRoots:
+        """The rows of ``parts`` one after another."""
+        if not parts:
+            return cls.of(pl.DataFrame(schema={"trace_id": pl.String, "root_duration_ns": pl.Int64}))
+        return cls(
+            _Ids.concat([p._ids for p in parts]),
+            pl.concat([p._durations.to_frame() for p in parts], how="vertical_relaxed").to_series(),
+        )
+
+    @property
+    def height(self) -> int:
+        return len(self._durations)
+
+    def roots_of(self, trace_ids: Sequence[str]) -> pl.DataFrame:
+        """(trace_id, root_ms) of the rows whose trace is one of ``trace_ids``, in order (as
+        filtering the frame they came from)."""
+        rows = np.flatnonzero(self._ids.is_in(pl.Series(list(trace_ids), dtype=pl.String)))
+        found = pl.DataFrame(
+            {
+                "trace_id": self._ids.gather(rows).series(),
+                "root_duration_ns": self._durations.gather(pl.Series(rows, dtype=pl.Int64)),
+            }
+        )
+        # the frame's expression (a Series divided by a scalar rounds otherwise, in the last bit)
+        return found.select("trace_id", root_ms=pl.col("root_duration_ns") / 1e6)

@@ -52,7 +52,7 @@ from hourglass.analysis.endpoint_path import (
     report_critical_paths_from_summary,
     summarize_path_rows,
 )
-from hourglass.analysis.model import Finding, NearMissLog
+from hourglass.analysis.model import Finding, NearMissLog, TraceRoots
 from hourglass.analysis.spill import SPILLABLE, Spill
 from hourglass.analysis.whatif import Impact, WhatIf
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -942,7 +942,7 @@ class Extracted:
     summaries and span count of the whole."""
 
     findings: list[Finding]
-    traces: pl.DataFrame
+    traces: pl.DataFrame | TraceRoots  # (serve's round: compact)
     spans: int
     services: pl.DataFrame  # (service, scope_name, trace_id): each pair once, with one of its traces
     # the report's endpoint critical paths, decided on every partition's rows (empty when one failed)

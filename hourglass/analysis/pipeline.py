@@ -42,7 +42,7 @@ from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
-from hourglass.analysis.model import Finding, NearMiss, NearMissLog
+from hourglass.analysis.model import Finding, NearMiss, NearMissLog, TraceRoots
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
 from hourglass.analysis.report import build_report
 from hourglass.analysis.spill import Spill
@@ -141,8 +141,11 @@ def run_detectors(ctx: AnalysisContext) -> list[Finding]:
     return [finding for kind in DETECTORS for finding in found[kind]]
 
 
-def _affected_roots(traces: pl.DataFrame, trace_ids: list[str]) -> pl.DataFrame:
-    """trace_id and root duration (ms) of ``trace_ids`` (``traces``: ``AnalysisContext.traces``)."""
+def _affected_roots(traces: pl.DataFrame | TraceRoots, trace_ids: list[str]) -> pl.DataFrame:
+    """trace_id and root duration (ms) of ``trace_ids`` (``traces``: ``AnalysisContext.traces``,
+    or its columns held compact: ``serve``'s round)."""
+    if isinstance(traces, TraceRoots):
+        return traces.roots_of(trace_ids)
     ids = pl.Series(trace_ids, dtype=pl.String).implode()
     return traces.filter(pl.col("trace_id").is_in(ids)).select(
         "trace_id", root_ms=pl.col("root_duration_ns") / 1e6
@@ -202,7 +205,7 @@ def score(
     findings: list[Finding],
     *,
     impact_of: Callable[[Finding], Impact | None],
-    traces: pl.DataFrame,
+    traces: pl.DataFrame | TraceRoots,
     notes: NearMissSink,
 ) -> list[Scored]:
     """:func:`score_findings` given each finding's what-if impact (computed over the whole, or
