@@ -290,28 +290,34 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
 def _occurrences(group: pl.DataFrame, sequences: pl.DataFrame, at: pl.Series, keys: pl.Series) -> Occurrences:
     """One occurrence per sequence of ``group`` (the rows ``at`` of ``sequences``; ``keys``: their
     occurrence keys): the caller and its calls, collapsed into one call of ``batched_ns`` — the
-    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken."""
-    spans = pl.select(
-        pl.concat_list(sequences["caller_span_id"].gather(at), sequences["span_id"].gather(at))
-    ).to_series()
-    return Occurrences.from_columns(
-        group["trace_id"],
-        spans,
-        intervention=CollapseSpans,
-        first=1,
-        dropped=0,
-        parameter=group["batched_ns"].cast(pl.Int64),  # (int(): toward zero)
-        numbers=_common.per_unit(
-            group,
-            {
-                "calls": ("calls", 1),
-                "distinct_parameters": ("distinct_params", 1),
-                "serial_ms": ("serial_ns", 1e6),
-                "batched_ms": ("batched_ns", 1e6),
-            },
-        ),
-        keys=keys,
-    )
+    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken,
+    a chunk of rows at a time (:func:`_common.occurrences_by_chunk`)."""
+
+    def make(start: int, length: int) -> Occurrences:
+        part, rows = group.slice(start, length), at.slice(start, length)
+        spans = pl.select(
+            pl.concat_list(sequences["caller_span_id"].gather(rows), sequences["span_id"].gather(rows))
+        ).to_series()
+        return Occurrences.from_columns(
+            part["trace_id"],
+            spans,
+            intervention=CollapseSpans,
+            first=1,
+            dropped=0,
+            parameter=part["batched_ns"].cast(pl.Int64),  # (int(): toward zero)
+            numbers=_common.per_unit(
+                part,
+                {
+                    "calls": ("calls", 1),
+                    "distinct_parameters": ("distinct_params", 1),
+                    "serial_ms": ("serial_ns", 1e6),
+                    "batched_ms": ("batched_ns", 1e6),
+                },
+            ),
+            keys=keys.slice(start, length),
+        )
+
+    return _common.occurrences_by_chunk(group.height, make)
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
