@@ -41,7 +41,9 @@ def _frame(style: str, n: int) -> pl.DataFrame:
             "parent": parents,
             "children": pl.Series(children, dtype=pl.List(pl.String)),
             "stragglers": pl.Series(stragglers, dtype=pl.List(pl.String)),
-            "by": pl.Series([[rng.uniform(-1e9, 1e9) for _ in s] for s in stragglers], dtype=pl.List(pl.Float64)),
+            "by": pl.Series(
+                [[rng.uniform(-1e9, 1e9) for _ in s] for s in stragglers], dtype=pl.List(pl.Float64)
+            ),
             "batched_ns": [rng.randrange(10**12) for _ in range(n)],
         }
     )
