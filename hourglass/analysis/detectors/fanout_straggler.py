@@ -59,6 +59,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     fanout_finding,
     occurrence_keys,
+    occurrences_by_chunk,
     sibling_groups,
     sorted_partitions,
     stat,
@@ -341,20 +342,25 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
     max_ns = frame["max_ns"].cast(pl.Float64).to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         over = np.where(median_ns != 0, max_ns / median_ns, np.inf)  # (``if median_ns``: 0 -> inf)
-    occurrences = Occurrences.from_columns(
-        frame["trace_id"],
-        frame.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
-        intervention=ShortenSpan,
-        shortened=(frame["straggler_ids"], frame["shorten_by"]),
-        numbers={
-            "branches": frame["n"].cast(pl.Float64),
-            "median_ms": median_ns / 1e6,
-            "max_ms": max_ns / 1e6,
-            "max_over_median": over,
-            "stragglers": frame["straggler_ids"].list.len().cast(pl.Float64),
-        },
-        keys=occurrence_keys(frame, keyed),
-    )
+
+    def make(start: int, length: int) -> Occurrences:  # (a chunk of rows at a time: occurrences_by_chunk)
+        part, rows = frame.slice(start, length), slice(start, start + length)
+        return Occurrences.from_columns(
+            part["trace_id"],
+            part.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
+            intervention=ShortenSpan,
+            shortened=(part["straggler_ids"], part["shorten_by"]),
+            numbers={
+                "branches": part["n"].cast(pl.Float64),
+                "median_ms": median_ns[rows] / 1e6,
+                "max_ms": max_ns[rows] / 1e6,
+                "max_over_median": over[rows],
+                "stragglers": part["straggler_ids"].list.len().cast(pl.Float64),
+            },
+            keys=occurrence_keys(part, keyed),
+        )
+
+    occurrences = occurrences_by_chunk(frame.height, make)
     confidence = 0.55
     confidence += 0.15 if traces >= 5 else 0.0
     confidence += 0.10 if traces >= 20 else 0.0
