@@ -187,9 +187,10 @@ def extract(ctx: AnalysisContext) -> Rows:
 # The order of the sequences whatever the partitioning: the callers' instances as they appear in the traces.
 ORDER = ["trace_id", "parent_start_ns", "caller_span_id", "op_key", "first_start_ns"]
 FINDING_KEY = ["caller_service", "caller_name", "target_service", "op_key"]
-# What a finding reads of its sequences besides their span-id lists (taken apart, for its rows only)
-GROUP_COLUMNS = ["trace_id", "caller_span_id", "op_label", "op_detail", "calls", "distinct_params", "params_known",
-                 "serial_ns", "batched_ns", "caller_saving_ns", "parent_duration_ns", "inferred_roles"]  # fmt: skip
+# What a finding reads of every one of its sequences (taken for its rows only; the caller's span id
+# and the span-id lists taken apart, the labels of its first sequence alone)
+GROUP_COLUMNS = ["trace_id", "calls", "distinct_params", "params_known", "serial_ns", "batched_ns",
+                 "caller_saving_ns", "parent_duration_ns", "inferred_roles"]  # fmt: skip
 DROPPED_COLUMNS = ["caller_service", "caller_name", "op_label", "trace_id", "caller_span_id", "on_path",
                    "local_saving_ns", "root_duration_ns", "caller_saving_ns", "parent_duration_ns"]  # fmt: skip
 OCCURRENCE_KEY = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
@@ -228,6 +229,8 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     for caller_service, caller_name, target_service, op_key, at in groups.iter_rows():
         at = pl.Series("_row", at, dtype=pl.UInt32)
         group = sequences.select(GROUP_COLUMNS)[at]
+        first = int(at[0])
+        label = str(sequences["op_label"][first])
         key = f"{caller_service}\x1f{caller_name}\x1f{op_key}"
         seen = instances.get(key, 0)
         share = concurrent_share.get(key, 0.0)
@@ -239,14 +242,14 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 KIND,
                 str(caller_service),
                 str(caller_name),
-                f"{group['op_label'][0]}: "
+                f"{label}: "
                 + (
                     f"calls overlap in {share:.0%} >= {MAX_CONCURRENT_SHARE:.0%} of {seen} instances: concurrent"
                     if share >= MAX_CONCURRENT_SHARE
                     else f"one after another in {group.height} of {seen} instances < {MIN_SEQUENCE_SHARE:.0%}"
                 ),
                 group["trace_id"].unique().to_list(),
-                [group["caller_span_id"][0], *sequences["span_id"][int(at[0])]],
+                [sequences["caller_span_id"][first], *sequences["span_id"][first]],
                 seen,
             )
             continue
@@ -254,8 +257,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         occurrences = _occurrences(group, sequences, at, keys.gather(at))
         trace_ids = group["trace_id"].unique(maintain_order=True)
         distinct_share, params_known, median_calls = _common.parameter_stats(group)
-        label = str(group["op_label"][0])
-        statement = str(group["op_detail"][0] or group["op_label"][0])
+        statement = str(sequences["op_detail"][first] or label)
         findings.append(
             _common.caller_finding(
                 KIND,
