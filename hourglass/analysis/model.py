@@ -373,7 +373,7 @@ def hex_words(series: pl.Series) -> np.ndarray | None:
     digits = lengths.min()
     if digits not in _HEX_WIDTHS or lengths.max() != digits:
         return None
-    words = np.empty((n, digits // 16), dtype=np.uint64)
+    words = np.empty((n, 2 if digits == 32 else 1), dtype=np.uint64)
     for start in range(0, n, _HEX_CHUNK):
         text = series.slice(start, _HEX_CHUNK).str.join("").item()
         if not text.isascii() or text.encode("ascii").translate(None, _HEX_DIGITS):
