@@ -137,6 +137,8 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
 
 
 SIGNATURE = ["parent_service", "parent_name", "service", "name", "endpoint"]
+# an occurrence's span ids and how much each straggler is shortened
+LISTS = ["child_ids", "straggler_ids", "shorten_by"]
 
 
 def extract(ctx: AnalysisContext) -> Rows:
@@ -258,11 +260,18 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     # each signature's occurrences in order, one signature copied at a time (not every row joined
     # with its signature's count, sorted, then split); the count joined per signature
     counts = fanouts_seen.select(*SIGNATURE, "fanouts_seen")
+    # the span-id lists stay where they are (``_row``: a row's position): a finding takes its
+    # rows' lists a chunk at a time, when it makes their occurrences
+    lists = occurrences.select(LISTS)
     findings: list[Finding] = []
-    for signature in sorted_partitions(occurrences, SIGNATURE, ["root_start", "trace_id", "parent_span_id"]):
+    for signature in sorted_partitions(
+        occurrences.drop(LISTS).with_row_index("_row"),
+        SIGNATURE,
+        ["root_start", "trace_id", "parent_span_id"],
+    ):
         count = signature.head(1).select(SIGNATURE).join(counts, on=SIGNATURE, how="left")["fanouts_seen"]
         frame = signature.with_columns(pl.lit(count[0], count.dtype).alias("fanouts_seen"))
-        finding = _finding(frame, notes)
+        finding = _finding(frame, lists, notes)
         if finding is not None:
             findings.append(finding)
     return findings
@@ -304,7 +313,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     return decide(extract(ctx), ctx)
 
 
-def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding | None:
+def _finding(frame: pl.DataFrame, lists: pl.DataFrame, notes: NearMissSink | None = None) -> Finding | None:
+    """A signature's finding from its fan-outs ``frame`` (their span-id lists: the rows ``_row``
+    of ``lists``), or None (a near miss when ``notes``)."""
     first = frame.row(0, named=True)
     traces = frame["trace_id"].n_unique()
     fanouts_seen = int(first["fanouts_seen"])
@@ -345,6 +356,7 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
 
     def make(start: int, length: int) -> Occurrences:  # (a chunk of rows at a time: occurrences_by_chunk)
         part, rows = frame.slice(start, length), slice(start, start + length)
+        part = pl.concat([part, lists[part["_row"]]], how="horizontal")
         return Occurrences.from_columns(
             part["trace_id"],
             part.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
