@@ -251,6 +251,7 @@ def _gather_ranges(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, n
 _HEX_PAIRS = np.frombuffer(b"".join(b"%02x" % byte for byte in range(256)), dtype=np.uint16)
 _HEX_WIDTHS = (16, 32)  # the ids held as words: OTLP's span ids and trace ids
 _HEX_DIGITS = b"0123456789abcdef"
+_HEX_CHUNK = 1 << 16  # ids decoded at a time (:func:`hex_words`)
 
 
 class _Ids:
@@ -374,8 +375,9 @@ def hex_text(words: np.ndarray) -> pl.Series:
 def hex_words(series: pl.Series) -> np.ndarray | None:
     """The ids of ``series`` (String) as the big-endian 64-bit words they spell, shape (n, 1 or
     2), when every one is lowercase hex of 16 or 32 digits (none null; at least one); else None.
-    In C-level passes: the lengths, then the ids joined into one text, checked and decoded whole
-    (half the CPU of polars' regex check and integer parse)."""
+    In C-level passes: the lengths, then the ids joined into one text, checked and decoded
+    (half the CPU of polars' regex check and integer parse) — ``_HEX_CHUNK`` ids at a time, so
+    the text and its copies (a million ids: ~80 MiB at once) stay a few MiB beside the words."""
     n = len(series)
     if n == 0 or series.dtype != pl.String or series.null_count():
         return None
@@ -383,10 +385,14 @@ def hex_words(series: pl.Series) -> np.ndarray | None:
     digits = lengths.min()
     if digits not in _HEX_WIDTHS or lengths.max() != digits:
         return None
-    text = series.str.join("").item()
-    if not text.isascii() or text.encode("ascii").translate(None, _HEX_DIGITS):
-        return None  # (a character that is not a lowercase hex digit)
-    return np.frombuffer(bytes.fromhex(text), dtype=">u8").reshape(n, -1).astype(np.uint64)
+    words = np.empty((n, 2 if digits == 32 else 1), dtype=np.uint64)
+    for start in range(0, n, _HEX_CHUNK):
+        text = series.slice(start, _HEX_CHUNK).str.join("").item()
+        if not text.isascii() or text.encode("ascii").translate(None, _HEX_DIGITS):
+            return None  # (a character that is not a lowercase hex digit)
+        chunk = np.frombuffer(bytes.fromhex(text), dtype=">u8")
+        words[start : start + _HEX_CHUNK] = chunk.reshape(-1, words.shape[1])
+    return words
 
 
 @dataclass(frozen=True, slots=True)

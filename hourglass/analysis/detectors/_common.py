@@ -29,7 +29,7 @@ Spans known only by name (no ``db.*``/``http.*`` attributes, e.g. exports withou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -760,26 +760,48 @@ def occurrence_values(
     return zip(*column_values(frame, names), keys, strict=True)
 
 
+OCCURRENCE_CHUNK = 1 << 14  # rows of a finding made into occurrences at a time (:func:`occurrences_by_chunk`)
+
+
+def occurrences_by_chunk(rows: int, make: Callable[[int, int], Occurrences]) -> Occurrences:
+    """The occurrences of ``rows`` rows made ``OCCURRENCE_CHUNK`` rows at a time (``make(start,
+    length)``: those of rows ``start`` to ``start + length``) and concatenated: the same
+    occurrences as ``make(0, rows)`` (a row's occurrence and key depend on that row alone), but
+    the working set of making them — the span-id lists taken and joined, exploded, their text
+    decoded into words: ~100 bytes a span id — is one chunk's, not the finding's (a finding of
+    70k occurrences at 12M spans names a million span ids)."""
+    if rows <= OCCURRENCE_CHUNK:
+        return make(0, rows)
+    return Occurrences.concat(
+        [make(start, min(OCCURRENCE_CHUNK, rows - start)) for start in range(0, rows, OCCURRENCE_CHUNK)]
+    )
+
+
 def batch_occurrences(group: pl.DataFrame, numbers: dict[str, tuple[str, float]]) -> Occurrences:
     """One occurrence per caller instance of ``group`` (rows of :func:`caller_group_columns` with
     ``batched_ns``): the caller and its calls, collapsed into one call of ``batched_ns``;
     ``numbers``: each number's column and divisor (the value ``float(column) / divisor``, as
     Python divides). Made in columns, no object per occurrence (:meth:`Occurrences.from_columns`)."""
     keyed = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
-    made = group.select(
-        pl.concat_list(pl.col("caller_span_id"), pl.col("span_id")).alias("_spans"),
-        pl.col("batched_ns").cast(pl.Int64).alias("_batched"),  # (int(): toward zero)
-    )
-    return Occurrences.from_columns(
-        group["trace_id"],
-        made["_spans"],
-        intervention=CollapseSpans,
-        first=1,
-        dropped=0,
-        parameter=made["_batched"],
-        numbers=per_unit(group, numbers),
-        keys=occurrence_keys(group, keyed),
-    )
+
+    def make(start: int, length: int) -> Occurrences:
+        part = group.slice(start, length)
+        made = part.select(
+            pl.concat_list(pl.col("caller_span_id"), pl.col("span_id")).alias("_spans"),
+            pl.col("batched_ns").cast(pl.Int64).alias("_batched"),  # (int(): toward zero)
+        )
+        return Occurrences.from_columns(
+            part["trace_id"],
+            made["_spans"],
+            intervention=CollapseSpans,
+            first=1,
+            dropped=0,
+            parameter=made["_batched"],
+            numbers=per_unit(part, numbers),
+            keys=occurrence_keys(part, keyed),
+        )
+
+    return occurrences_by_chunk(group.height, make)
 
 
 def per_unit(frame: pl.DataFrame, numbers: dict[str, tuple[str, float]]) -> dict[str, np.ndarray]:

@@ -199,7 +199,9 @@ def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | No
     for (caller_service, caller_name, target_service, op_key), order, reason in judged:
         group = groups.select(pl.all().gather(order if reason is None else order.head(1)))
         group = group.join(span_ids, on=SPAN_KEY, how="left", maintain_order="left")
-        trace_ids = list(dict.fromkeys(groups["trace_id"].gather(order).to_list()))
+        # the signature's traces in first-seen order: their count, the first few (not one string a group)
+        traces_seen = groups["trace_id"].gather(order).unique(maintain_order=True)
+        trace_ids = traces_seen.head(max(5, MAX_EXEMPLARS)).to_list()  # (a near miss keeps 5)
         seen = instances[(caller_service, caller_name, op_key)]
         label = str(group["op_label"][0])
         spans = [str(group["caller_span_id"][0]), *group["span_id"][0]]
@@ -211,7 +213,7 @@ def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | No
                 f"{label}: {reason}",
                 trace_ids,
                 spans,
-                len(trace_ids),
+                traces_seen.len(),
             )
             continue
         server_saving = _common.num(group["server_saving_ns"].median())
@@ -247,7 +249,7 @@ def decide(rows: Rows, notes: NearMissSink, buckets: Iterable[BucketLoader] | No
                 (caller_service, caller_name),
                 [{"service": str(target_service), "operation": label}],
                 occurrences,
-                _common.batch_confidence(0.5, distinct_share, median_calls, len(trace_ids)),
+                _common.batch_confidence(0.5, distinct_share, median_calls, traces_seen.len()),
                 evidence,
                 op_key,
                 bool(group["inferred_roles"].any()),
@@ -291,10 +293,27 @@ def _span_ids(
     if buckets is not None:
         ops = wanted["op_key"].unique()
         for load in buckets:
-            pieces.append(load([*SPAN_KEY, "span_id"], ops).join(keys, on=SPAN_KEY, how="semi"))
+            pieces.append(_bucket_span_ids(load, ops, keys))
     if not pieces:
         return keys.clear().with_columns(span_id=pl.lit([], dtype=pl.List(pl.String)))
     return pl.concat(pieces, how="vertical_relaxed")
+
+
+def _bucket_span_ids(load: BucketLoader, ops: pl.Series, keys: pl.DataFrame) -> pl.DataFrame:
+    """The span ids of the groups ``keys`` (``SPAN_KEY``) among one bucket's spilled rows of the
+    operations ``ops``. Read from the bucket's files (``hourglass.analysis.spill.BucketFiles``)
+    with the wanted callers in the filter too, so that the span-id lists of the other groups of
+    those operations are never decoded (a near miss wants one group of an operation whose groups
+    hold ~0.5M span ids at 12M spans); another loader's rows are read whole, then joined."""
+    files = getattr(load, "files", None)
+    if files is None or not files:
+        return load([*SPAN_KEY, "span_id"], ops).join(keys, on=SPAN_KEY, how="semi")
+    hashed = pl.struct(SPAN_KEY).hash(seed=0)  # (equal keys hash equal: a superset, joined exactly below)
+    wanted = pl.col(getattr(load, "key", "op_key")).is_in(ops.implode()) & hashed.is_in(
+        keys.select(hashed).to_series().unique().implode()
+    )
+    rows = pl.scan_parquet(list(files)).filter(wanted).select(*SPAN_KEY, "span_id").collect()
+    return rows.join(keys, on=SPAN_KEY, how="semi")
 
 
 def _candidates(groups: pl.DataFrame) -> list[tuple[tuple[Any, ...], pl.Series]]:

@@ -77,6 +77,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     fanout_finding,
     occurrence_keys,
+    occurrences_by_chunk,
     per_unit,
     sibling_groups,
     sorted_partitions,
@@ -398,8 +399,11 @@ def _per_fanout_findings(
         misses,
     )
     findings = []
+    # the children's span-id lists stay where they are (``_row``: a fan-out's position): a finding
+    # takes its rows' lists a chunk at a time, when it makes their occurrences
+    lists = groups.select("child_ids")
     for frame in sorted_partitions(
-        groups,
+        groups.drop("child_ids").with_row_index("_row"),
         SIGNATURE,
         ["first_start_ns", "trace_id", "parent_span_id"],
         (pl.col("k") >= 2) | pl.col("pool_evidence"),
@@ -423,7 +427,7 @@ def _per_fanout_findings(
                 )
             )
             continue
-        finding = _finding(frame, k_mode, rate, wide)
+        finding = _finding(frame, k_mode, rate, wide, lists)
         finding.evidence["signature"] = [first_of(frame, c) for c in SIGNATURE]
         findings.append(finding)
     return findings
@@ -683,7 +687,11 @@ def _shared_pool_findings(
     return findings
 
 
-def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -> Finding:
+def _finding(
+    frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int, lists: pl.DataFrame | None = None
+) -> Finding:
+    """A signature's finding from its capped fan-outs ``frame`` (their children's span ids: the
+    column ``child_ids``, or with ``lists`` its rows ``_row``)."""
     first = frame.row(0, named=True)
     traces = frame["trace_id"].n_unique()
     k_share = float((frame["k"] == k_mode).sum()) / frame.height
@@ -691,37 +699,44 @@ def _finding(frame: pl.DataFrame, k_mode: int, rate: float, wide_fanouts: int) -
     keyed = ["trace_id", "parent_span_id", "child_ids"]
     # the parent and its children, the children run concurrently: made in columns, no object
     # per occurrence (``Occurrences.from_columns``)
-    made = frame.select(
-        pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids")).alias("_spans"),
-        pl.col("queued_per_call_ns").fill_null(0),  # (``or 0``)
-        "k",
-        "n",
-        "queued_ns",
-        "makespan_ns",
-        "longest_child_ns",
-        "cap_hits",
-    )
-    occurrences = Occurrences.from_columns(
-        frame["trace_id"],
-        made["_spans"],
-        intervention=RunConcurrently,
-        first=1,
-        dropped=0,
-        parameter=None,
-        numbers=per_unit(
-            made,
-            {
-                "k": ("k", 1),
-                "n": ("n", 1),
-                "queued_ms": ("queued_ns", 1e6),
-                "queued_per_call_ms": ("queued_per_call_ns", 1e6),
-                "makespan_ms": ("makespan_ns", 1e6),
-                "longest_child_ms": ("longest_child_ns", 1e6),
-                "cap_hits": ("cap_hits", 1),
-            },
-        ),
-        keys=occurrence_keys(frame, keyed),
-    )
+
+    def make(start: int, length: int) -> Occurrences:  # (a chunk of rows at a time: occurrences_by_chunk)
+        part = frame.slice(start, length)
+        if lists is not None:
+            part = pl.concat([part, lists[part["_row"]]], how="horizontal")
+        made = part.select(
+            pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids")).alias("_spans"),
+            pl.col("queued_per_call_ns").fill_null(0),  # (``or 0``)
+            "k",
+            "n",
+            "queued_ns",
+            "makespan_ns",
+            "longest_child_ns",
+            "cap_hits",
+        )
+        return Occurrences.from_columns(
+            part["trace_id"],
+            made["_spans"],
+            intervention=RunConcurrently,
+            first=1,
+            dropped=0,
+            parameter=None,
+            numbers=per_unit(
+                made,
+                {
+                    "k": ("k", 1),
+                    "n": ("n", 1),
+                    "queued_ms": ("queued_ns", 1e6),
+                    "queued_per_call_ms": ("queued_per_call_ns", 1e6),
+                    "makespan_ms": ("makespan_ns", 1e6),
+                    "longest_child_ms": ("longest_child_ns", 1e6),
+                    "cap_hits": ("cap_hits", 1),
+                },
+            ),
+            keys=occurrence_keys(part, keyed),
+        )
+
+    occurrences = occurrences_by_chunk(frame.height, make)
     confidence = 0.6
     confidence += 0.1 if traces >= 5 else 0.0
     confidence += 0.1 if traces >= 20 else 0.0

@@ -59,6 +59,7 @@ from hourglass.analysis.detectors._common import (
     Rows,
     fanout_finding,
     occurrence_keys,
+    occurrences_by_chunk,
     sibling_groups,
     sorted_partitions,
     stat,
@@ -136,6 +137,8 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
 
 
 SIGNATURE = ["parent_service", "parent_name", "service", "name", "endpoint"]
+# an occurrence's span ids and how much each straggler is shortened
+LISTS = ["child_ids", "straggler_ids", "shorten_by"]
 
 
 def extract(ctx: AnalysisContext) -> Rows:
@@ -257,11 +260,18 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     # each signature's occurrences in order, one signature copied at a time (not every row joined
     # with its signature's count, sorted, then split); the count joined per signature
     counts = fanouts_seen.select(*SIGNATURE, "fanouts_seen")
+    # the span-id lists stay where they are (``_row``: a row's position): a finding takes its
+    # rows' lists a chunk at a time, when it makes their occurrences
+    lists = occurrences.select(LISTS)
     findings: list[Finding] = []
-    for signature in sorted_partitions(occurrences, SIGNATURE, ["root_start", "trace_id", "parent_span_id"]):
+    for signature in sorted_partitions(
+        occurrences.drop(LISTS).with_row_index("_row"),
+        SIGNATURE,
+        ["root_start", "trace_id", "parent_span_id"],
+    ):
         count = signature.head(1).select(SIGNATURE).join(counts, on=SIGNATURE, how="left")["fanouts_seen"]
         frame = signature.with_columns(pl.lit(count[0], count.dtype).alias("fanouts_seen"))
-        finding = _finding(frame, notes)
+        finding = _finding(frame, lists, notes)
         if finding is not None:
             findings.append(finding)
     return findings
@@ -303,7 +313,9 @@ def detect(ctx: AnalysisContext) -> list[Finding]:
     return decide(extract(ctx), ctx)
 
 
-def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding | None:
+def _finding(frame: pl.DataFrame, lists: pl.DataFrame, notes: NearMissSink | None = None) -> Finding | None:
+    """A signature's finding from its fan-outs ``frame`` (their span-id lists: the rows ``_row``
+    of ``lists``), or None (a near miss when ``notes``)."""
     first = frame.row(0, named=True)
     traces = frame["trace_id"].n_unique()
     fanouts_seen = int(first["fanouts_seen"])
@@ -341,20 +353,26 @@ def _finding(frame: pl.DataFrame, notes: NearMissSink | None = None) -> Finding 
     max_ns = frame["max_ns"].cast(pl.Float64).to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         over = np.where(median_ns != 0, max_ns / median_ns, np.inf)  # (``if median_ns``: 0 -> inf)
-    occurrences = Occurrences.from_columns(
-        frame["trace_id"],
-        frame.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
-        intervention=ShortenSpan,
-        shortened=(frame["straggler_ids"], frame["shorten_by"]),
-        numbers={
-            "branches": frame["n"].cast(pl.Float64),
-            "median_ms": median_ns / 1e6,
-            "max_ms": max_ns / 1e6,
-            "max_over_median": over,
-            "stragglers": frame["straggler_ids"].list.len().cast(pl.Float64),
-        },
-        keys=occurrence_keys(frame, keyed),
-    )
+
+    def make(start: int, length: int) -> Occurrences:  # (a chunk of rows at a time: occurrences_by_chunk)
+        part, rows = frame.slice(start, length), slice(start, start + length)
+        part = pl.concat([part, lists[part["_row"]]], how="horizontal")
+        return Occurrences.from_columns(
+            part["trace_id"],
+            part.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
+            intervention=ShortenSpan,
+            shortened=(part["straggler_ids"], part["shorten_by"]),
+            numbers={
+                "branches": part["n"].cast(pl.Float64),
+                "median_ms": median_ns[rows] / 1e6,
+                "max_ms": max_ns[rows] / 1e6,
+                "max_over_median": over[rows],
+                "stragglers": part["straggler_ids"].list.len().cast(pl.Float64),
+            },
+            keys=occurrence_keys(part, keyed),
+        )
+
+    occurrences = occurrences_by_chunk(frame.height, make)
     confidence = 0.55
     confidence += 0.15 if traces >= 5 else 0.0
     confidence += 0.10 if traces >= 20 else 0.0

@@ -187,9 +187,10 @@ def extract(ctx: AnalysisContext) -> Rows:
 # The order of the sequences whatever the partitioning: the callers' instances as they appear in the traces.
 ORDER = ["trace_id", "parent_start_ns", "caller_span_id", "op_key", "first_start_ns"]
 FINDING_KEY = ["caller_service", "caller_name", "target_service", "op_key"]
-# What a finding reads of its sequences besides their span-id lists (taken apart, for its rows only)
-GROUP_COLUMNS = ["trace_id", "caller_span_id", "op_label", "op_detail", "calls", "distinct_params", "params_known",
-                 "serial_ns", "batched_ns", "caller_saving_ns", "parent_duration_ns", "inferred_roles"]  # fmt: skip
+# What a finding reads of every one of its sequences (taken for its rows only; the caller's span id
+# and the span-id lists taken apart, the labels of its first sequence alone)
+GROUP_COLUMNS = ["trace_id", "calls", "distinct_params", "params_known", "serial_ns", "batched_ns",
+                 "caller_saving_ns", "parent_duration_ns", "inferred_roles"]  # fmt: skip
 DROPPED_COLUMNS = ["caller_service", "caller_name", "op_label", "trace_id", "caller_span_id", "on_path",
                    "local_saving_ns", "root_duration_ns", "caller_saving_ns", "parent_duration_ns"]  # fmt: skip
 OCCURRENCE_KEY = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
@@ -228,6 +229,8 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     for caller_service, caller_name, target_service, op_key, at in groups.iter_rows():
         at = pl.Series("_row", at, dtype=pl.UInt32)
         group = sequences.select(GROUP_COLUMNS)[at]
+        first = int(at[0])
+        label = str(sequences["op_label"][first])
         key = f"{caller_service}\x1f{caller_name}\x1f{op_key}"
         seen = instances.get(key, 0)
         share = concurrent_share.get(key, 0.0)
@@ -239,14 +242,14 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 KIND,
                 str(caller_service),
                 str(caller_name),
-                f"{group['op_label'][0]}: "
+                f"{label}: "
                 + (
                     f"calls overlap in {share:.0%} >= {MAX_CONCURRENT_SHARE:.0%} of {seen} instances: concurrent"
                     if share >= MAX_CONCURRENT_SHARE
                     else f"one after another in {group.height} of {seen} instances < {MIN_SEQUENCE_SHARE:.0%}"
                 ),
                 group["trace_id"].unique().to_list(),
-                [group["caller_span_id"][0], *sequences["span_id"][int(at[0])]],
+                [sequences["caller_span_id"][first], *sequences["span_id"][first]],
                 seen,
             )
             continue
@@ -254,8 +257,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
         occurrences = _occurrences(group, sequences, at, keys.gather(at))
         trace_ids = group["trace_id"].unique(maintain_order=True)
         distinct_share, params_known, median_calls = _common.parameter_stats(group)
-        label = str(group["op_label"][0])
-        statement = str(group["op_detail"][0] or group["op_label"][0])
+        statement = str(sequences["op_detail"][first] or label)
         findings.append(
             _common.caller_finding(
                 KIND,
@@ -290,28 +292,34 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
 def _occurrences(group: pl.DataFrame, sequences: pl.DataFrame, at: pl.Series, keys: pl.Series) -> Occurrences:
     """One occurrence per sequence of ``group`` (the rows ``at`` of ``sequences``; ``keys``: their
     occurrence keys): the caller and its calls, collapsed into one call of ``batched_ns`` — the
-    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken."""
-    spans = pl.select(
-        pl.concat_list(sequences["caller_span_id"].gather(at), sequences["span_id"].gather(at))
-    ).to_series()
-    return Occurrences.from_columns(
-        group["trace_id"],
-        spans,
-        intervention=CollapseSpans,
-        first=1,
-        dropped=0,
-        parameter=group["batched_ns"].cast(pl.Int64),  # (int(): toward zero)
-        numbers=_common.per_unit(
-            group,
-            {
-                "calls": ("calls", 1),
-                "distinct_parameters": ("distinct_params", 1),
-                "serial_ms": ("serial_ns", 1e6),
-                "batched_ms": ("batched_ns", 1e6),
-            },
-        ),
-        keys=keys,
-    )
+    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken,
+    a chunk of rows at a time (:func:`_common.occurrences_by_chunk`)."""
+
+    def make(start: int, length: int) -> Occurrences:
+        part, rows = group.slice(start, length), at.slice(start, length)
+        spans = pl.select(
+            pl.concat_list(sequences["caller_span_id"].gather(rows), sequences["span_id"].gather(rows))
+        ).to_series()
+        return Occurrences.from_columns(
+            part["trace_id"],
+            spans,
+            intervention=CollapseSpans,
+            first=1,
+            dropped=0,
+            parameter=part["batched_ns"].cast(pl.Int64),  # (int(): toward zero)
+            numbers=_common.per_unit(
+                part,
+                {
+                    "calls": ("calls", 1),
+                    "distinct_parameters": ("distinct_params", 1),
+                    "serial_ms": ("serial_ns", 1e6),
+                    "batched_ms": ("batched_ns", 1e6),
+                },
+            ),
+            keys=keys.slice(start, length),
+        )
+
+    return _common.occurrences_by_chunk(group.height, make)
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:

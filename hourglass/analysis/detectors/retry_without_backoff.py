@@ -79,6 +79,7 @@ from hourglass.analysis.detectors._common import (
     call_target_expr,
     failed_expr,
     occurrence_keys,
+    occurrences_by_chunk,
     per_unit,
     url_host_expr,
 )
@@ -202,27 +203,33 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
 def _occurrences(group: pl.DataFrame) -> Occurrences:
     """One occurrence per retry sequence of ``group``: the caller and the attempts, no intervention,
     the sequence's figures as numbers (ms divided by numpy, as Python's ``/``); made in columns, no
-    object per occurrence (:meth:`Occurrences.from_columns`)."""
+    object per occurrence (:meth:`Occurrences.from_columns`), a chunk of sequences at a time
+    (:func:`occurrences_by_chunk`)."""
     keyed = ["trace_id", "parent_span_id", "span_ids"]
-    numbers = per_unit(
-        group,
-        {
-            "attempts": ("attempts", 1),
-            "failed_attempts": ("failed_attempts", 1),
-            "median_gap_ms": ("median_gap_ns", 1e6),
-            "max_gap_ms": ("max_gap_ns", 1e6),
-            "retry_time_ms": ("retry_time_ns", 1e6),
-            "failed_attempts_ms": ("failed_attempts_ns", 1e6),
-        },
-    )
-    numbers["exhausted"] = group["last_failed"].fill_null(False).cast(pl.Float64).to_numpy()
-    return Occurrences.from_columns(
-        group["trace_id"],
-        group.select(pl.concat_list("parent_span_id", "span_ids")).to_series(),
-        intervention=None,
-        numbers=numbers,
-        keys=occurrence_keys(group, keyed),
-    )
+
+    def make(start: int, length: int) -> Occurrences:
+        part = group.slice(start, length)
+        numbers = per_unit(
+            part,
+            {
+                "attempts": ("attempts", 1),
+                "failed_attempts": ("failed_attempts", 1),
+                "median_gap_ms": ("median_gap_ns", 1e6),
+                "max_gap_ms": ("max_gap_ns", 1e6),
+                "retry_time_ms": ("retry_time_ns", 1e6),
+                "failed_attempts_ms": ("failed_attempts_ns", 1e6),
+            },
+        )
+        numbers["exhausted"] = part["last_failed"].fill_null(False).cast(pl.Float64).to_numpy()
+        return Occurrences.from_columns(
+            part["trace_id"],
+            part.select(pl.concat_list("parent_span_id", "span_ids")).to_series(),
+            intervention=None,
+            numbers=numbers,
+            keys=occurrence_keys(part, keyed),
+        )
+
+    return occurrences_by_chunk(group.height, make)
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:

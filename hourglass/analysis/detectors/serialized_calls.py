@@ -87,6 +87,8 @@ is measured rather than guessed — comes first.
 
 from __future__ import annotations
 
+from functools import partial
+
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
@@ -574,15 +576,16 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     ):
         ev = evidence.get((caller_service, caller_name), {})
         signature, sig_op_keys = signature_of[(caller_service, caller_name)]
-        group = pl.concat([group, lists[group["_row"]]], how="horizontal")
         instances = int(ev.get("instances") or 0)
         distinct_orders = int(ev.get("distinct_orders") or 0)
         overlapping = int(ev.get("overlapping_instances") or 0)
-        trace_ids = list(dict.fromkeys(group["trace_id"].to_list()))
+        # the caller's traces in first-seen order: their count, the first few (not one string a run)
+        traces_seen = group["trace_id"].unique(maintain_order=True)
+        trace_ids = traces_seen.head(max(5, MAX_EXEMPLARS)).to_list()  # (a near miss keeps 5)
         takes_input = sum(1 for op in sig_op_keys if op not in self_contained_ops)
         shiftable = takes_input <= 1
-        score = confidence(instances, distinct_orders, overlapping, len(trace_ids), shiftable)
-        first_spans = [group["caller_span_id"][0], *group["span_id"][0]]
+        score = confidence(instances, distinct_orders, overlapping, traces_seen.len(), shiftable)
+        first_spans = [group["caller_span_id"][0], *lists["span_id"][int(group["_row"][0])]]
         caller = (str(caller_service), str(caller_name))
 
         if instances >= MIN_INSTANCES_FOR_SHARE and group.height < MIN_RUN_SHARE * instances:
@@ -593,6 +596,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 "a timing fluke of a caller that is otherwise fine",
                 trace_ids,
                 first_spans,
+                traces_seen.len(),
             )
             continue
         order_fixed = distinct_orders <= 1 and overlapping == 0
@@ -604,6 +608,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                 "a chain of two calls looks like a data dependency",
                 trace_ids,
                 first_spans,
+                traces_seen.len(),
             )
             continue
         unchecked = score is None  # fixed order, 2+ calls take inputs: maybe a data dependency
@@ -623,6 +628,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     ),
                     trace_ids,
                     first_spans,
+                    traces_seen.len(),
                 )
                 continue
             group = group.filter(pl.col("fan_in_ns") > 0)
@@ -631,24 +637,10 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             score = UNCHECKED_CONFIDENCE
         assert score is not None
         # the caller and its calls, run concurrently (but the last one when unchecked): made in
-        # columns, no object per occurrence (``Occurrences.from_columns``)
-        spans = group.select(pl.concat_list(pl.col("caller_span_id"), pl.col("span_id"))).to_series()
-        occurrences = Occurrences.from_columns(
-            group["trace_id"],
-            spans,
-            intervention=RunConcurrently,
-            first=1,
-            dropped=1 if unchecked else 0,
-            parameter=None,
-            numbers=_common.per_unit(
-                group,
-                {
-                    "calls": ("calls", 1),
-                    "serial_ms": ("serial_ns", 1e6),
-                    "local_saving_ms": ("fan_in_ns" if unchecked else "local_saving_ns", 1e6),
-                },
-            ),
-            keys=_common.occurrence_keys(group, ["trace_id", "caller_span_id", "span_id"], unchecked),
+        # columns, no object per occurrence (``Occurrences.from_columns``), a chunk of runs at a
+        # time (``_common.occurrences_by_chunk``), their span-id lists taken for that chunk only
+        occurrences = _common.occurrences_by_chunk(
+            group.height, partial(_occurrences, group, lists, unchecked)
         )
         sig_ops = pl.DataFrame({"op_key": sig_op_keys}, schema={"op_key": pl.String})
         targets = [
@@ -688,6 +680,32 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
             )
         )
     return findings
+
+
+def _occurrences(
+    group: pl.DataFrame, lists: pl.DataFrame, unchecked: bool, start: int, length: int
+) -> Occurrences:
+    """The occurrences of the runs ``start`` to ``start + length`` of a finding's ``group`` (their
+    span-id lists: the rows ``_row`` of ``lists``)."""
+    part = group.slice(start, length)
+    part = pl.concat([part, lists[part["_row"]]], how="horizontal")
+    return Occurrences.from_columns(
+        part["trace_id"],
+        part.select(pl.concat_list(pl.col("caller_span_id"), pl.col("span_id"))).to_series(),
+        intervention=RunConcurrently,
+        first=1,
+        dropped=1 if unchecked else 0,
+        parameter=None,
+        numbers=_common.per_unit(
+            part,
+            {
+                "calls": ("calls", 1),
+                "serial_ms": ("serial_ns", 1e6),
+                "local_saving_ms": ("fan_in_ns" if unchecked else "local_saving_ns", 1e6),
+            },
+        ),
+        keys=_common.occurrence_keys(part, ["trace_id", "caller_span_id", "span_id"], unchecked),
+    )
 
 
 def detect(ctx: AnalysisContext) -> list[Finding]:
