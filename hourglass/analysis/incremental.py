@@ -1457,11 +1457,25 @@ def _identity(sidecar: str) -> int:
         return -1
 
 
+class StateInUse(RuntimeError):
+    """The sidecar is open in another process (another ``serve`` of the same store, or a worker
+    that has not exited yet)."""
+
+
 def _stored_identity(sidecar: str) -> int | None:
+    """The store inode the sidecar was made for (None: unreadable, so not this store's). A sidecar
+    another process holds open is not unreadable: that raises :class:`StateInUse` rather than
+    let the caller remove a state that is in use (and then make a second file beside it)."""
     try:
         with duckdb.connect(sidecar, read_only=True) as db:
             rows = db.execute("SELECT value FROM meta WHERE key = 'store_inode'").fetchall()
-    except duckdb.Error:
+    except duckdb.Error as e:
+        text = str(e)
+        if "lock" in text.lower() or "different configuration" in text:
+            raise StateInUse(
+                f"incremental analysis: {sidecar} is open in another process, so its state is kept"
+                f" and not analysed here ({text.splitlines()[0]})"
+            ) from e
         return None
     return int(rows[0][0]) if rows else None
 

@@ -349,3 +349,41 @@ def test_a_crashed_rounds_leftovers_are_removed_when_the_state_opens(tmp_path: P
         assert state.parked.is_dir() and not list(state.parked.iterdir())
     finally:
         state.close()
+
+
+def test_a_sidecar_open_in_another_process_is_kept(tmp_path: Path) -> None:
+    """A second serve of the same store (or a restarted worker while the old one still holds the
+    sidecar) gets a clear error naming the sidecar; the state it cannot open is not removed as if it
+    belonged to another store file."""
+    import subprocess
+    import sys
+
+    from hourglass.analysis.incremental import StateInUse
+
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    _store(db).close()
+    IncrementalAnalysis(sidecar).close()  # a sidecar made for this store
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, sys; db = duckdb.connect({sidecar!r}); print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(StateInUse, match="open in another process") as raised:
+            IncrementalAnalysis(sidecar)
+        assert sidecar in str(raised.value)
+        assert Path(sidecar).exists()
+    finally:
+        holder.communicate("", timeout=30)
+    # once the other process is gone, the state is this store's and is opened as it was
+    again = IncrementalAnalysis(sidecar)
+    assert Path(sidecar).exists()
+    again.close()
