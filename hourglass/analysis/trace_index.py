@@ -158,6 +158,10 @@ def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
     return "\n".join(texts)
 
 
+# the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 2 MiB
+# per column of the sort's working arrays
+_SPAN_CHUNK = 1 << 18
+
 _HEX_OR_NEWLINE = b"0123456789abcdef\n"
 _SEPARATOR = ord("\n")
 
@@ -227,7 +231,10 @@ def _words(
             arrays.append(words)  # type: ignore[union-attr]
         if arrays:
             joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-            return ([joined[:, j].copy() for j in range(joined.shape[1])], 8 * joined.shape[1]), []
+            # (a joined array is ours: its one column taken as it is, not copied; a finding's own
+            # words are copied, not to be changed)
+            take = np.ascontiguousarray if len(arrays) > 1 else np.copy
+            return ([take(joined[:, j]) for j in range(joined.shape[1])], 8 * joined.shape[1]), []
         parts = [hex_text(part) if isinstance(part, np.ndarray) else part for part in parts]
     text: list[Sequence[str] | pl.Series] = parts  # type: ignore[assignment]
     return _hex_words(_joined(text), n), text
@@ -521,6 +528,9 @@ class TraceIndex:
             self._entry_recs = (keys % recs).astype(np.int32)
         entries = len(self._entry_recs)
         self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
+        # the spans need only each row's entry and the rows' order: the rest not held through them
+        hexed = entry_text = None  # type: ignore[assignment]
+        keyed = words = first = trace_first = starts = None  # type: ignore[assignment]
 
         def spans(
             parts: list[Sequence[str] | pl.Series | np.ndarray], counts: np.ndarray
@@ -533,23 +543,54 @@ class TraceIndex:
                 owned = _distinct(np.repeat(position, counts) * width + code)  # by entry, then span id
                 group = owned // width
                 packed, hex_ids = _compact(names[owned % width])
-            else:
-                words, size = hexed
-                # the rows' spans in entry order (each row's own spans stay together), then sorted
-                lengths = counts[order]
-                ends = np.cumsum(counts)
-                shift = (ends - counts)[order] - (np.cumsum(lengths) - lengths)
-                take = np.repeat(shift, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-                group = np.repeat(position[order], lengths)
+                at = np.searchsorted(group, np.arange(entries + 1), side="left")
+                return at.astype(np.int64), packed, hex_ids
+            words, size = hexed
+            # the rows' spans in entry order (each row's own spans stay together), then sorted
+            # and made unique per entry; a chunk of whole entries at a time (about _SPAN_CHUNK
+            # spans), so the working arrays of the sort are a chunk's, not every span's (at 12M
+            # stored spans, 3M: the index's build was the round's peak, 200 MiB above the report)
+            lengths = counts[order]
+            out_start = np.cumsum(lengths) - lengths  # each ordered row's first place in the output
+            shift = (np.cumsum(counts) - counts)[order] - out_start
+            row_entry = position[order]  # non-decreasing
+            total, rows = int(lengths.sum()), len(lengths)
+            firsts = np.flatnonzero(_changes([row_entry])) if rows else np.zeros(0, dtype=np.int64)
+            cuts = np.r_[firsts, rows]  # a chunk starts where an entry does
+            cut_at = np.r_[out_start[firsts], total]
+            bounds = np.unique(
+                np.r_[0, cuts[np.searchsorted(cut_at, np.arange(_SPAN_CHUNK, total, _SPAN_CHUNK))], rows]
+            )
+            # each chunk's unique spans written after the last's, and counted per entry: no list
+            # of the chunks' results joined at the end (twice the output at once)
+            out = np.empty(total, dtype=f"S{size}")
+            filled = 0
+            per_entry = np.zeros(entries, dtype=np.int64)
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                lo = int(out_start[a])
+                hi = int(out_start[b]) if b < rows else total
+                take = np.repeat(shift[a:b], lengths[a:b]) + np.arange(lo, hi, dtype=np.int64)
+                group = np.repeat(row_entry[a:b], lengths[a:b])
                 ranked = _row_order(group, [column[take] for column in words])
                 take = take[ranked]
                 group = group[ranked]
-                words = [column[take] for column in words]
-                keep = _changes([group, *words])
-                group = group[keep]
-                packed, hex_ids = _hex_bytes([column[keep] for column in words], size), True
-            at = np.searchsorted(group, np.arange(entries + 1), side="left")
-            return at.astype(np.int64), packed, hex_ids
+                chunk = [column[take] for column in words]
+                del take, ranked
+                keep = _changes([group, *chunk])
+                kept = _hex_bytes([column[keep] for column in chunk], size)
+                out[filled : filled + len(kept)] = kept
+                filled += len(kept)
+                low = int(row_entry[a])  # the chunk's entries: low to row_entry[b - 1]
+                counted = np.bincount(group[keep] - low)
+                per_entry[low : low + len(counted)] += counted
+                del group, chunk, keep, kept
+            del words
+            # (the spans repeated within an entry dropped: a copy of what is left, unless that is
+            # nearly all of it)
+            packed = out[:filled] if filled >= total - total // 16 else out[:filled].copy()
+            at = np.zeros(entries + 1, dtype=np.int64)
+            np.cumsum(per_entry, out=at[1:])
+            return at, packed, True
 
         self._involved, self._involved_ids, involved_hex = spans(involved, involved_of)
         self._changed, self._changed_ids, changed_hex = spans(changed, changed_of)
