@@ -107,7 +107,7 @@ SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's
 # Between rounds the sidecar's buffer pool is emptied of the table blocks the round read (the
 # traces table: ~30 MiB at 12M stored spans, growing with the store) by lowering its limit to this
 # for a moment (``IncrementalAnalysis.release_memory``)
-SIDECAR_IDLE_LIMIT = "4MB"
+SIDECAR_IDLE_LIMIT = "1MB"
 
 # (trace ids, first ingested_ns, last ingested_ns, since_ns) -> the spans of those whole traces
 ReadBatch = Callable[[list[str], int | None, int | None], pa.Table]
