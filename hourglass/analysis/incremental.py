@@ -104,6 +104,10 @@ TRACE_COLUMNS = ("trace_id", "root_duration_ns")
 SEGMENT_BATCHES = 16
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
+# Between rounds the sidecar's buffer pool is emptied of the table blocks the round read (the
+# traces table: ~30 MiB at 12M stored spans, growing with the store) by lowering its limit to this
+# for a moment (``IncrementalAnalysis.release_memory``)
+SIDECAR_IDLE_LIMIT = "1MB"
 
 # (trace ids, first ingested_ns, last ingested_ns, since_ns) -> the spans of those whole traces
 ReadBatch = Callable[[list[str], int | None, int | None], pa.Table]
@@ -953,6 +957,19 @@ class IncrementalAnalysis:
                 out.append((p, None))
                 p += 1
         return out
+
+    def release_memory(self) -> None:
+        """After a round: the sidecar connection's buffer pool emptied of the blocks of its
+        tables that the round read (they are in the file; the next round reads them again), so
+        that they are not held while the worker waits, growing with the store. DuckDB evicts
+        what it can when its memory limit is lowered (and says so when what is pinned stays
+        above it: that is no error here); the limit is then set back."""
+        try:
+            self.db.execute(f"SET memory_limit = '{SIDECAR_IDLE_LIMIT}'")
+        except duckdb.OutOfMemoryException:
+            pass  # evicted what could be; pinned blocks (indexes, in-memory tables) stay
+        finally:
+            self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
 
     def close(self) -> None:
         self.db.close()

@@ -158,6 +158,10 @@ def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
     return "\n".join(texts)
 
 
+# the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 2 MiB
+# per column of the sort's working arrays
+_SPAN_CHUNK = 1 << 18
+
 _HEX_OR_NEWLINE = b"0123456789abcdef\n"
 _SEPARATOR = ord("\n")
 
@@ -200,6 +204,35 @@ def _hex_words(text: str | None, n: int) -> tuple[list[np.ndarray], int] | None:
     return [rows[:, j].astype(np.uint64) for j in range(words)], size
 
 
+def _word_arrays(parts: list[Sequence[str] | pl.Series | np.ndarray]) -> list[np.ndarray] | None:
+    """The words of the ids of ``parts`` as the parts give them, one (ids, words) array per
+    non-empty part, when a part holds words (a finding's ids as it holds them:
+    ``hourglass.analysis.model.hex_words``, lowercase hex of 16 or 32 digits) and every part is
+    such words, or ids of that shape, of one width; else None."""
+    if not any(isinstance(part, np.ndarray) for part in parts):
+        return None
+    arrays: list[np.ndarray] = []
+    for part in parts:
+        if not len(part):
+            continue
+        if isinstance(part, np.ndarray):
+            words: np.ndarray | None = part
+        else:
+            try:
+                series = part if isinstance(part, pl.Series) else pl.Series(list(part), dtype=pl.String)
+            except (TypeError, pl.exceptions.PolarsError):
+                series = None
+            words = None if series is None else hex_words(series)
+        if words is None or (arrays and arrays[0].shape[1] != words.shape[1]):
+            return None
+        arrays.append(words)
+    return arrays or None
+
+
+def _as_text(parts: list[Sequence[str] | pl.Series | np.ndarray]) -> list[Sequence[str] | pl.Series]:
+    return [hex_text(part) if isinstance(part, np.ndarray) else part for part in parts]
+
+
 def _words(
     parts: list[Sequence[str] | pl.Series | np.ndarray], n: int
 ) -> tuple[tuple[list[np.ndarray], int] | None, list[Sequence[str] | pl.Series]]:
@@ -208,29 +241,53 @@ def _words(
     (``hourglass.analysis.model.hex_words``: lowercase hex of 16 or 32 digits): when every part
     is such words, or ids of that shape, of one width, the words are taken as they are (no text
     made, joined and parsed again); else the text of every part is read as before."""
-    if any(isinstance(part, np.ndarray) for part in parts):
-        arrays: list[np.ndarray] | None = []
-        for part in parts:
-            if not len(part):
-                continue
-            if isinstance(part, np.ndarray):
-                words: np.ndarray | None = part
-            else:
-                try:
-                    series = part if isinstance(part, pl.Series) else pl.Series(list(part), dtype=pl.String)
-                except (TypeError, pl.exceptions.PolarsError):
-                    series = None
-                words = None if series is None else hex_words(series)
-            if words is None or (arrays and arrays[0].shape[1] != words.shape[1]):
-                arrays = None
-                break
-            arrays.append(words)  # type: ignore[union-attr]
-        if arrays:
-            joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-            return ([joined[:, j].copy() for j in range(joined.shape[1])], 8 * joined.shape[1]), []
-        parts = [hex_text(part) if isinstance(part, np.ndarray) else part for part in parts]
-    text: list[Sequence[str] | pl.Series] = parts  # type: ignore[assignment]
+    arrays = _word_arrays(parts)
+    if arrays is not None:
+        joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        return ([joined[:, j].copy() for j in range(joined.shape[1])], 8 * joined.shape[1]), []
+    text = _as_text(parts)
     return _hex_words(_joined(text), n), text
+
+
+class _Words:
+    """The words of ids (:func:`_hex_words`), read by their positions among the ids: kept in the
+    parts they came in (a finding's own words, not copied nor joined; read-only here), or as one
+    column per word."""
+
+    def __init__(
+        self, arrays: list[np.ndarray] | None = None, columns: list[np.ndarray] | None = None
+    ) -> None:
+        self.arrays, self.columns = arrays or [], columns
+        self.starts = np.cumsum([0, *(len(a) for a in self.arrays)])
+        self.width = len(columns) if columns is not None else self.arrays[0].shape[1]
+
+    def take(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The words of the ids at ``rows``: one uint64 column per word."""
+        if self.columns is not None:
+            return [column[rows] for column in self.columns]
+        if len(self.arrays) == 1:
+            return [self.arrays[0][rows, j].astype(np.uint64) for j in range(self.width)]
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = [np.empty(len(rows), dtype=np.uint64) for _ in range(self.width)]
+        for p in np.unique(part).tolist():
+            mask = part == p
+            local = rows[mask] - self.starts[p]
+            for j, column in enumerate(out):
+                column[mask] = self.arrays[p][local, j]
+        return out
+
+
+def _word_reader(
+    parts: list[Sequence[str] | pl.Series | np.ndarray], n: int
+) -> tuple[tuple[_Words, int] | None, list[Sequence[str] | pl.Series]]:
+    """:func:`_words`, the words read by position from the parts (:class:`_Words`) rather than
+    joined into new columns of every id."""
+    arrays = _word_arrays(parts)
+    if arrays is not None:
+        return (_Words(arrays=arrays), 8 * arrays[0].shape[1]), []
+    text = _as_text(parts)
+    hexed = _hex_words(_joined(text), n)
+    return (None if hexed is None else (_Words(columns=hexed[0]), hexed[1])), text
 
 
 def _hex_bytes(words: list[np.ndarray], size: int) -> np.ndarray:
@@ -521,35 +578,70 @@ class TraceIndex:
             self._entry_recs = (keys % recs).astype(np.int32)
         entries = len(self._entry_recs)
         self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
+        # the spans need only each row's entry and the rows' order: the rest not held through them
+        hexed = entry_text = None  # type: ignore[assignment]
+        keyed = words = first = trace_first = starts = None  # type: ignore[assignment]
 
         def spans(
             parts: list[Sequence[str] | pl.Series | np.ndarray], counts: np.ndarray
         ) -> tuple[np.ndarray, np.ndarray, bool]:
             """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
-            hexed, text = _words(parts, int(counts.sum()))
+            hexed, text = _word_reader(parts, int(counts.sum()))
             if hexed is None:
                 names, code = _coded(list(chain.from_iterable(text)))
                 width = max(len(names), 1)
                 owned = _distinct(np.repeat(position, counts) * width + code)  # by entry, then span id
                 group = owned // width
                 packed, hex_ids = _compact(names[owned % width])
-            else:
-                words, size = hexed
-                # the rows' spans in entry order (each row's own spans stay together), then sorted
-                lengths = counts[order]
-                ends = np.cumsum(counts)
-                shift = (ends - counts)[order] - (np.cumsum(lengths) - lengths)
-                take = np.repeat(shift, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-                group = np.repeat(position[order], lengths)
-                ranked = _row_order(group, [column[take] for column in words])
-                take = take[ranked]
+                at = np.searchsorted(group, np.arange(entries + 1), side="left")
+                return at.astype(np.int64), packed, hex_ids
+            words, size = hexed
+            # the rows' spans in entry order (each row's own spans stay together), then sorted
+            # and made unique per entry; a chunk of whole entries at a time (about _SPAN_CHUNK
+            # spans), so the working arrays of the sort are a chunk's, not every span's (at 12M
+            # stored spans, 3M: the index's build was the round's peak, 200 MiB above the report)
+            lengths = counts[order]
+            out_start = np.cumsum(lengths) - lengths  # each ordered row's first place in the output
+            shift = (np.cumsum(counts) - counts)[order] - out_start
+            row_entry = position[order]  # non-decreasing
+            total, rows = int(lengths.sum()), len(lengths)
+            firsts = np.flatnonzero(_changes([row_entry])) if rows else np.zeros(0, dtype=np.int64)
+            cuts = np.r_[firsts, rows]  # a chunk starts where an entry does
+            cut_at = np.r_[out_start[firsts], total]
+            bounds = np.unique(
+                np.r_[0, cuts[np.searchsorted(cut_at, np.arange(_SPAN_CHUNK, total, _SPAN_CHUNK))], rows]
+            )
+            # each chunk's unique spans written after the last's, and counted per entry: no list
+            # of the chunks' results joined at the end (twice the output at once)
+            out = np.empty(total, dtype=f"S{size}")
+            filled = 0
+            per_entry = np.zeros(entries, dtype=np.int64)
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                lo = int(out_start[a])
+                hi = int(out_start[b]) if b < rows else total
+                take = np.repeat(shift[a:b], lengths[a:b]) + np.arange(lo, hi, dtype=np.int64)
+                group = np.repeat(row_entry[a:b], lengths[a:b])
+                chunk = words.take(take)
+                del take
+                ranked = _row_order(group, chunk)
                 group = group[ranked]
-                words = [column[take] for column in words]
-                keep = _changes([group, *words])
-                group = group[keep]
-                packed, hex_ids = _hex_bytes([column[keep] for column in words], size), True
-            at = np.searchsorted(group, np.arange(entries + 1), side="left")
-            return at.astype(np.int64), packed, hex_ids
+                chunk = [column[ranked] for column in chunk]
+                del ranked
+                keep = _changes([group, *chunk])
+                kept = _hex_bytes([column[keep] for column in chunk], size)
+                out[filled : filled + len(kept)] = kept
+                filled += len(kept)
+                low = int(row_entry[a])  # the chunk's entries: low to row_entry[b - 1]
+                counted = np.bincount(group[keep] - low)
+                per_entry[low : low + len(counted)] += counted
+                del group, chunk, keep, kept
+            del words
+            # (the spans repeated within an entry dropped: a copy of what is left, unless that is
+            # nearly all of it)
+            packed = out[:filled] if filled >= total - total // 16 else out[:filled].copy()
+            at = np.zeros(entries + 1, dtype=np.int64)
+            np.cumsum(per_entry, out=at[1:])
+            return at, packed, True
 
         self._involved, self._involved_ids, involved_hex = spans(involved, involved_of)
         self._changed, self._changed_ids, changed_hex = spans(changed, changed_of)

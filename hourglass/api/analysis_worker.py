@@ -670,6 +670,7 @@ def run_incremental(
     report over the batches of the window (``request["since_ns"]``); with the round's figures.
     With ``cluster`` the batches read this round are extracted and priced on the Dask cluster
     (:mod:`hourglass.analysis.batch_tasks`)."""
+    from hourglass.analysis import memlog
     from hourglass.analysis.incremental import BatchSource, MemoExecutor
     from hourglass.analysis.pipeline import analyze_partitioned
 
@@ -704,7 +705,10 @@ def run_incremental(
             extraction=lambda notes: state.extraction(units, source, executor, notes),
         )
         executor.close()
+        memlog.note("report built")
         index = trace_index(report, ranked)
+        memlog.note(f"trace index built ({index.traces()} traces)")
         figures.units_read = executor.read_units
+    state.release_memory()  # (the sidecar's table blocks this round read: not held until the next)
     figures.seconds["report"] = time.perf_counter() - started
     return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns")}

@@ -387,3 +387,48 @@ def test_a_sidecar_open_in_another_process_is_kept(tmp_path: Path) -> None:
     again = IncrementalAnalysis(sidecar)
     assert Path(sidecar).exists()
     again.close()
+
+
+def _pool(state: IncrementalAnalysis) -> int:
+    """Bytes of the sidecar's tables held in its buffer pool."""
+    rows = state.db.execute(
+        "SELECT sum(memory_usage_bytes) FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+    ).fetchall()
+    return int(rows[0][0] or 0)
+
+
+def test_a_round_leaves_the_sidecars_table_blocks_out_of_memory(tmp_path: Path) -> None:
+    """The blocks of the sidecar's tables a round read (they grow with the store) are not held in
+    its buffer pool while serve's worker waits for the next round; its memory limit is back to
+    what the rounds use, and the next round reads them again to the same report."""
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    state = IncrementalAnalysis(sidecar, batch_spans=500)
+    try:
+        first, _ = _round(state, store)
+        state.db.execute("CHECKPOINT")  # the tables' rows in blocks of the file
+        limit = state.db.execute("SELECT current_setting('memory_limit')").fetchone()
+        state.db.execute("SELECT count(*), max(trace_id), sum(spans) FROM traces").fetchall()
+        assert _pool(state) > 2**20, "a read of the traces table holds its blocks"
+        state.release_memory()
+        assert _pool(state) < 2**20  # (SIDECAR_IDLE_LIMIT)
+        assert state.db.execute("SELECT current_setting('memory_limit')").fetchone() == limit
+        state.db.execute("SELECT count(*), max(trace_id), sum(spans) FROM traces").fetchall()
+        assert _pool(state) > 0
+        released: list[int] = []
+
+        def release() -> None:
+            released.append(_pool(state))
+            IncrementalAnalysis.release_memory(state)
+
+        state.release_memory = release  # type: ignore[method-assign]
+        again, _ = _round(state, store)
+        assert len(released) == 1 and released[0] > 0, "the round ends with the release"
+        assert _pool(state) < 2**20
+        assert state.db.execute("SELECT current_setting('memory_limit')").fetchone() == limit
+        assert again["recommendations"] == first["recommendations"]
+    finally:
+        state.close()
+        store.close()

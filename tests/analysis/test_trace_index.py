@@ -356,3 +356,33 @@ def test_ids_of_every_shape_and_interventions_of_every_kind_answer_by_the_defini
             hex_traces and name != "empty span",
         ), name
     assert index.traces() > 250
+
+
+def test_spans_packed_a_chunk_of_entries_at_a_time_give_the_same_index(monkeypatch: Any) -> None:
+    """The spans of the entries are sorted and made unique a chunk of whole entries at a time
+    (``_SPAN_CHUNK`` spans): chunks of any size, cut where an entry starts (entries of no span,
+    spans repeated in an entry, an entry spread over several occurrences), give the index of one
+    chunk, which answers by the definition."""
+    from hourglass.analysis import trace_index
+
+    for seed, (trace_id, span_id) in enumerate(
+        [
+            (lambda t: f"{random.Random(t).getrandbits(128):032x}", lambda s: f"{s * 2654435761:016x}"),
+            (lambda t: f"{t:016x}", lambda s: f"{s:032x}"),  # two words per span id
+            (lambda t: f"{t:032x}", lambda s: "" if s % 8 == 7 else f"{s:016x}"),  # text: not chunked
+        ]
+    ):
+        report, findings, traces = _shaped_case(seed, trace_id, span_id)
+        monkeypatch.setattr(trace_index, "_SPAN_CHUNK", 1 << 40)
+        whole = TraceIndex.build(report, findings)
+        for chunk in (1, 2, 7, 64, 1000):
+            monkeypatch.setattr(trace_index, "_SPAN_CHUNK", chunk)
+            index = TraceIndex.build(report, findings)
+            assert index == whole, (seed, chunk)
+            for name in ("_involved_ids", "_changed_ids"):  # the same dtype too, not only values
+                assert vars(index)[name].dtype == vars(whole)[name].dtype
+        for trace, spans in traces.items():
+            got = [
+                (t.recommendation_id, t.span_ids, t.bottleneck_span_ids) for t in index.touching(trace, spans)
+            ]
+            assert got == _definition(report, findings, trace, spans), (seed, trace)
