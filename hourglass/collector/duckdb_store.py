@@ -120,8 +120,6 @@ def _read(method: _Method) -> _Method:
 # compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
 # incremental analysis counts every trace again)
 REMOVALS_KEPT = 64
-# arrival_bounds: the sampled rows its ingest ranges are chosen from
-ARRIVAL_SAMPLE_ROWS = 20_000
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 
@@ -1126,26 +1124,31 @@ class DuckDBSpanStore:
     @_read
     def arrival_bounds(self, rows: int) -> list[int]:
         """Ascending ``ingested_ns`` bounds that split the stored rows into ingest ranges of about
-        ``rows`` rows each (empty: fewer rows than that), from a sample of ~``ARRIVAL_SAMPLE_ROWS``
-        rows' ingest times (one pass over that column; the count is the table's metadata): the
-        incremental analysis rebuilds its per-trace figures range by range
-        (``recent_arrivals(..., until_ns=...)``), holding one range's groups at a time instead of
-        every stored trace's."""
+        ``rows`` rows each (empty: fewer rows than that): the incremental analysis rebuilds its
+        per-trace figures range by range (``recent_arrivals(..., until_ns=...)``), holding one
+        range's groups at a time instead of every stored trace's. Counted exactly per ingest
+        time (one pass over that column; a request's rows share one): a range starts at the
+        first ingest time with at least another ``rows`` rows before it, so every range holds
+        rows and, but for its last ingest time's rows, fewer than ``rows`` (the rows of one
+        ingest time are never split). A sample's quantiles, as before, gave equal bounds where
+        many rows share an ingest time, and ranges empty or far larger than asked."""
         if rows < 1:
             raise ValueError(f"arrival_bounds: rows must be positive, got {rows}")
         self.load_staged()
-        cursor = self._cursor()
-        total = int(cursor.execute("SELECT count(*) FROM spans").fetchall()[0][0])
-        ranges = -(-total // rows)
-        if ranges < 2:
-            return []
-        quantiles = [i / ranges for i in range(1, ranges)]
-        found = cursor.execute(
-            f"SELECT quantile_disc(ingested_ns, ?::DOUBLE[]) FROM"
-            f" (SELECT ingested_ns FROM spans USING SAMPLE reservoir({ARRIVAL_SAMPLE_ROWS} ROWS) REPEATABLE (7))",
-            [quantiles],
-        ).fetchall()[0][0]
-        return sorted({int(b) for b in found or [] if b is not None})
+        found = (
+            self._cursor()
+            .execute(
+                """
+                SELECT min(ingested_ns) FROM (
+                    SELECT ingested_ns, (sum(count(*)) OVER (ORDER BY ingested_ns) - count(*)) // ? AS range
+                    FROM spans GROUP BY ingested_ns
+                ) WHERE range > 0 GROUP BY range ORDER BY 1
+                """,
+                [rows],
+            )
+            .fetchall()
+        )
+        return [int(r[0]) for r in found]
 
     @_read
     def arrivals_between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:
