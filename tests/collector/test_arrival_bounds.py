@@ -5,6 +5,7 @@ rows of its last ingest time, which are never split."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _check(stamps: list[int], bounds: list[int], rows: int) -> None:
     sizes = _sizes(stamps, bounds)
     assert sum(sizes) == len(stamps) and min(sizes) > 0, sizes  # no range empty
     edges = [0, *bounds, 2**62]
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in itertools.pairwise(edges):
         inside = sorted(s for s in stamps if lo <= s < hi)
         last = inside[-1]
         assert sum(s != last for s in inside) < rows, (lo, hi)  # but for its last ingest time
