@@ -128,6 +128,9 @@ ArrivalReads = tuple[RecentArrivals, ArrivalsBetween] | tuple[RecentArrivals, Ar
 # each: one range's per-trace groups held at a time, here and in the store's query (at 12M stored
 # spans one read of every row held ~160 MiB in the server and ~120 MiB here)
 REBUILD_RANGE_ROWS = 1_000_000
+# what a rebuild's ranges committed so far (meta 'tally_ranges_<key>'): the ingest time they
+# reached and the store's marks (epoch, removals, retention) of their first read
+_REACHED = ("upto", "epoch", "removals", "retention")
 # the upsert of a view's rows (``{source}``: ``FROM ... WHERE ...``) into the tally
 _INTO_TALLY = """
     INSERT INTO tally SELECT trace_id, spans, first_ingested_ns, last_ingested_ns,
@@ -165,12 +168,13 @@ class StoredTraceIds(Sequence[str]):
         return self._load()[index]
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, StoredTraceIds):
-            return (self._db, self.batch, self._count) == (other._db, other.batch, other._count)
+        if isinstance(other, StoredTraceIds) and (self._db, self.batch) == (other._db, other.batch):
+            return self._count == other._count
         return isinstance(other, Sequence) and list(self) == list(other)
 
-    def __hash__(self) -> int:
-        return hash((id(self._db), self.batch, self._count))
+    # equal to a list (or tuple) of the same ids, so not hashable, like a list: a hash of its own
+    # differed from the tuple's it equals, and one of the ids read the sidecar at every hash
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"StoredTraceIds(batch={self.batch}, {self._count} traces)"
@@ -1120,8 +1124,8 @@ class IncrementalAnalysis:
                 rebuild, start, bound = True, 0, max(since_ns - margin_ns, 0)
                 del table
         if rebuild:
-            self.db.execute("DELETE FROM tally")
-            # the marks of the first read: a removal during the later ones is seen next round
+            # the tally emptied (or a rebuild cut short resumed); the marks of the first read: a
+            # removal during the later ones is seen next round
             start, first_marks = self._tally_ranges(recent, bounds_of, bound)
             table = recent(start, [bound, since_ns])
             marks = first_marks or _StoreMarks.of(table)
@@ -1176,36 +1180,62 @@ class IncrementalAnalysis:
     def _tally_ranges(
         self, recent: RecentArrivals, bounds_of: ArrivalBounds | None, upto: int
     ) -> tuple[int, _StoreMarks | None]:
-        """A rebuild's first part: the store's rows ingested before the last of its range bounds
-        (``bounds_of(REBUILD_RANGE_ROWS)``) at or below ``upto``, read range by range into the
-        (emptied) tally, each range's groups dropped before the next is read. Returns where the
-        ranges ended (0: none read) and the first read's marks (None: none)."""
-        if bounds_of is None:
-            return 0, None
-        ends = [end for end in bounds_of(REBUILD_RANGE_ROWS) if 0 < end <= upto]
-        if not ends:
-            return 0, None
-        # Each range committed on its own: one transaction held every stored trace's new figures
-        # in memory until its end. ``update``'s transaction has written nothing yet (this is its
-        # first step); without 'tally_upto' a round cut short here is rebuilt by the next one.
-        self.db.execute("DELETE FROM meta WHERE key = 'tally_upto'")
-        self.db.execute("COMMIT")
-        start, first = 0, None
-        try:
-            for end in ends:
-                if end <= start:
-                    continue
-                rows = recent(start, [end], end)  # type: ignore[call-arg]
-                first = first or _StoreMarks.of(rows)
-                self.db.register("range_rows", rows)
-                try:
-                    self.db.execute(_INTO_TALLY.format(source="FROM range_rows"))
-                finally:
-                    self.db.unregister("range_rows")
-                del rows
-                start = end
-        finally:
-            self.db.execute("BEGIN")  # ``update``'s transaction again (it commits or rolls back)
+        """A rebuild's first part: the tally emptied, then the store's rows ingested before the
+        last of its range bounds (``bounds_of(REBUILD_RANGE_ROWS)``) at or below ``upto`` read
+        range by range into it, each range's groups dropped before the next is read. Returns
+        where the ranges ended (0: none read) and the first read's marks (None: none). Each
+        range is committed with the point it reached (meta 'tally_ranges_upto', and the first
+        read's marks): a rebuild cut short resumes there when the store removed no rows since
+        (the same marks), instead of reading every row again."""
+        done = self._meta("tally_ranges_upto")
+        first: _StoreMarks | None = None
+        start = 0
+        if done is not None and bounds_of is not None and done <= upto:
+            now = _StoreMarks.of(recent(done, [done], done))  # type: ignore[call-arg]  # no rows: the marks
+            kept = tuple(self._meta(f"tally_ranges_{key}") for key in _REACHED[1:])
+            if (now.epoch, now.removals, now.retention) == kept:
+                start, first = int(done), now
+        if not start:
+            self.db.execute("DELETE FROM tally")
+        ends = [end for end in bounds_of(REBUILD_RANGE_ROWS) if start < end <= upto] if bounds_of else []
+        if ends:
+            # Each range committed on its own: one transaction held every stored trace's new
+            # figures in memory until its end. ``update``'s transaction has written nothing else
+            # yet (this is its first step); without 'tally_upto' a round cut short here is rebuilt
+            # by the next one, from where its ranges reached.
+            self.db.execute("DELETE FROM meta WHERE key = 'tally_upto'")
+            self.db.execute("COMMIT")
+            try:
+                for end in ends:
+                    rows = recent(start, [end], end)  # type: ignore[call-arg]
+                    first = first or _StoreMarks.of(rows)
+                    self.db.execute("BEGIN")
+                    try:
+                        self.db.register("range_rows", rows)
+                        try:
+                            self.db.execute(_INTO_TALLY.format(source="FROM range_rows"))
+                        finally:
+                            self.db.unregister("range_rows")
+                        reached = (end, first.epoch, first.removals, first.retention)
+                        for key, value in zip(_REACHED, reached, strict=True):
+                            self.db.execute("DELETE FROM meta WHERE key = ?", [f"tally_ranges_{key}"])
+                            if value is not None:
+                                self.db.execute(
+                                    "INSERT INTO meta VALUES (?, ?)", [f"tally_ranges_{key}", value]
+                                )
+                        self.db.execute("COMMIT")
+                    except BaseException:
+                        self.db.execute("ROLLBACK")
+                        raise
+                    del rows
+                    start = end
+            finally:
+                self.db.execute("BEGIN")  # ``update``'s transaction again (it commits or rolls back)
+        # gone when the round commits (the tally then has its bound): a round cut short after
+        # this keeps them
+        self.db.execute(
+            f"DELETE FROM meta WHERE key IN ({', '.join(repr(f'tally_ranges_{k}') for k in _REACHED)})"
+        )
         return start, first
 
     def _recount(self, between: ArrivalsBetween, upto: int, where: str, params: list[Any]) -> None:

@@ -716,7 +716,8 @@ class Occurrences(Sequence[Occurrence]):
         ``i`` is ``Occurrence(trace_ids[i], tuple(span_ids[i]), (intervention(span_ids[i][first :
         len - dropped[i]], parameter[i]),), {name: numbers[name][i] ...}, keys[i])``: one
         intervention per occurrence, naming a run of the occurrence's own span ids (its integer
-        parameter, none for ``RunConcurrently``), the numbers floats in the order given (a
+        parameter, none for ``RunConcurrently``), the numbers floats in the order given (None
+        where a Series is null; a
         ``x / 1e6`` made by numpy: polars divides by a constant as a multiplication by its inverse,
         which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
         two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists (span ids equal
@@ -807,11 +808,14 @@ class Occurrences(Sequence[Occurrence]):
         self._shapes = (tuple(numbers),)
         self._nums = {}
         for name, given in numbers.items():
-            if isinstance(given, pl.Series) and given.null_count():
-                raise ValueError(f"occurrences: number {name!r} must have no null")
-            values = given.cast(pl.Float64).to_numpy() if isinstance(given, pl.Series) else given
-            if len(values) != n:
+            if len(given) != n:
                 raise ValueError(f"occurrences: number {name!r} must be {n} values")
+            if isinstance(given, pl.Series) and given.null_count():
+                # a null is None, as an occurrence made as an object holds it (from_list keeps
+                # such a column as objects: floats, and None where null)
+                self._nums[name] = [None if v is None else float(v) for v in given.cast(pl.Float64).to_list()]
+                continue
+            values = given.cast(pl.Float64).to_numpy() if isinstance(given, pl.Series) else given
             self._nums[name] = np.asarray(values, dtype=np.float64)
         self._key = keys.cast(pl.UInt64).to_numpy().astype(np.uint64)
         self._has_key = np.ones(n, dtype=np.bool_)

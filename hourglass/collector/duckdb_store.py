@@ -76,6 +76,13 @@ MAX_STAGED_ROWS = 2 * ROW_GROUP_ROWS
 # does nothing while less than RELEASE_MIN_BYTES of the stored table is cached.
 RELEASE_HEADROOM_BYTES = 32 * 2**20
 RELEASE_MIN_BYTES = 32 * 2**20
+# stats(): the exact counts it keeps cover the rows ingested (``ingested_ns``, stamped at decode)
+# until this long before the count, so that a request decoded then and stored a little later
+# does not undo them; the last COUNTS_KEPT such counts, to fall back on when it does.
+COUNT_LAG_NS = 10 * 10**9
+COUNTS_KEPT = 8
+# the lowest int64: a change that may alter the counts below every bound (retention)
+_EVERY_BOUND = -(2**63)
 
 # Rows are kept once per (trace_id, span_id): the first ingested copy wins.
 _DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
@@ -113,8 +120,6 @@ def _read(method: _Method) -> _Method:
 # compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
 # incremental analysis counts every trace again)
 REMOVALS_KEPT = 64
-# arrival_bounds: the sampled rows its ingest ranges are chosen from
-ARRIVAL_SAMPLE_ROWS = 20_000
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 
@@ -412,6 +417,15 @@ class DuckDBSpanStore:
         self._removals_epoch = int.from_bytes(os.urandom(7), "big")
         self._removals_since: list[tuple[int, int | None]] = []
         self._stats_cache: tuple[int, StoreStats] | None = None
+        # Exact counts of the rows ingested before a bound, (bound_ns, unique spans, traces),
+        # ascending, at most COUNTS_KEPT: stats() counts only what is at or after the last bound
+        # (``_count``). A write of a row below a bound drops the counts of that bound and above;
+        # compaction leaves them as they are (it removes later copies, the first one stays);
+        # retention subtracts what it deletes. ``_count_watches``: the lowest ``ingested_ns`` of
+        # each write (or _EVERY_BOUND for a deletion) made while a count runs, so the count knows
+        # whether its figures still hold. Both under the write lock.
+        self._counts: list[tuple[int, int, int]] = []
+        self._count_watches: list[list[int]] = []
         # the ingest log: rows logged (durable) and staged here until the loader inserts them
         self._log: IngestLog | None = None
         self._staged: list[pa.Table] = []
@@ -487,6 +501,15 @@ class DuckDBSpanStore:
             self._dirty, self._dirty_since_ns = True, batch_min
         elif self._dirty_since_ns is not None:
             self._dirty_since_ns = min(self._dirty_since_ns, batch_min)
+        self._rows_changed_at(batch_min)
+
+    def _rows_changed_at(self, ingested_ns: int) -> None:
+        """Rows ingested at ``ingested_ns`` (and later) were added or removed: the kept counts of
+        the bounds above it no longer hold (the caller holds the write lock)."""
+        if self._counts and ingested_ns < self._counts[-1][0]:
+            self._counts = [kept for kept in self._counts if kept[0] <= ingested_ns]
+        for watch in self._count_watches:
+            watch.append(ingested_ns)
 
     def _replay_log(self) -> None:
         assert self._log is not None
@@ -593,6 +616,22 @@ class DuckDBSpanStore:
         """Retention: drop whole traces whose last span ended before ``cutoff_ns``; spans removed."""
         with self._write_lock:
             self.load_staged()
+            expired = "SELECT trace_id FROM spans GROUP BY trace_id HAVING max(end_ns) < ?"
+            if self._counts:  # what the deletion takes from the last kept count (the others go)
+                bound, spans, traces = self._counts[-1]
+                gone_spans, gone_traces = self._writer.execute(
+                    f"""
+                    SELECT count(*) FILTER (whole = 0), count(*) FILTER (whole = 1) FROM (
+                        SELECT grouping(span_id) AS whole, min(ingested_ns) AS first FROM spans
+                        WHERE trace_id IN ({expired})
+                        GROUP BY GROUPING SETS ((trace_id, span_id), (trace_id))
+                    ) WHERE first < ?
+                    """,
+                    [cutoff_ns, bound],
+                ).fetchall()[0]
+                self._counts = [(bound, spans - int(gone_spans), traces - int(gone_traces))]
+            for watch in self._count_watches:
+                watch.append(_EVERY_BOUND)
             removed = self._writer.execute(
                 """
                 DELETE FROM spans WHERE trace_id IN (
@@ -821,49 +860,101 @@ class DuckDBSpanStore:
         """All spans of one trace with every column (empty table when unknown)."""
         return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
 
-    @_read
     def stats(self) -> StoreStats:
         """Unique span and trace counts (duplicates not yet compacted are not counted); the last
         counts are reused while no change was committed since they were taken."""
+        counted, recounted = self._stats()
+        if recounted:  # the count streamed the table's trace_id column: not kept in the buffer pool
+            self.release_cache()
+        return counted
+
+    @_read
+    def _stats(self) -> tuple[StoreStats, bool]:
+        changes = self._changes  # read before loading: a change committed meanwhile forces a recount
         self.load_staged()
-        changes = self._changes  # read before counting: a change committed meanwhile forces a recount
         cached = self._stats_cache
         if cached is not None and cached[0] == changes:
-            return cached[1]
-        # Unique spans = rows minus the copies not compacted yet. Copies can only sit in traces that
-        # got rows since the last compaction (compaction removes every copy in the traces it
-        # examines), so only those are examined — the same rule as compact(). A SELECT DISTINCT over
-        # every (trace_id, span_id) ran out of memory at 40M spans under the 512 MB limit and took
-        # seconds. Traces are counted with GROUP BY, which DuckDB spills to disk when it must.
-        dirty, since = self._dirty, self._dirty_since_ns
-        cursor = self._cursor()
-        rows = int(cursor.execute("SELECT count(*) FROM spans").fetchall()[0][0])
-        copies = 0
-        if dirty:
-            where = (
-                ""
-                if since is None
-                else "WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)"
-            )
-            copies = int(
-                cursor.execute(
-                    f"""
-                    SELECT count(*) FROM (
-                        SELECT row_number() OVER (PARTITION BY trace_id, span_id) AS copy FROM spans {where}
-                    ) WHERE copy > 1
-                    """,
-                    [] if since is None else [since],
-                ).fetchall()[0][0]
-            )
-        traces = int(
-            cursor.execute("SELECT count(*) FROM (SELECT trace_id FROM spans GROUP BY trace_id)").fetchall()[
-                0
-            ][0]
-        )
-        spans = rows - copies
-        counted = StoreStats(spans=int(spans), traces=int(traces))
+            return cached[1], False
+        # Counting every unique (trace_id, span_id) takes seconds at 10M spans (and the traces, a
+        # GROUP BY over every trace id, a hash table as big as the store's trace count): done once
+        # (_count without a base), then each count adds what was ingested after the last kept bound.
+        counted = None
+        for attempt in range(3):  # counts that changes under it made unsure are taken again
+            counted = self._count(locked=attempt == 2)
+            if counted is not None:
+                break
+        assert counted is not None  # the last attempt holds the write lock: nothing changes under it
         self._stats_cache = (changes, counted)
-        return counted
+        return counted, True
+
+    def _count(self, *, locked: bool) -> StoreStats | None:
+        """The unique spans and traces stored: the last kept count (bound W: rows ingested before
+        W) plus the spans and traces whose first copy was ingested at or after W, found among the
+        traces with a row at or after W (their older rows included: a span or trace already below
+        W is not new). Keeps the count below a new bound (the latest row + 1, at most
+        ``COUNT_LAG_NS`` ago). None: a write below W (or a deletion) ran meanwhile, so the counted
+        rows are not those the kept count was taken with; ``locked`` holds the write lock
+        throughout, so that cannot happen."""
+        with self._write_lock:
+            base = self._counts[-1] if self._counts else None
+            watch: list[int] = []
+            self._count_watches.append(watch)
+            if locked:
+                self._write_lock.acquire()  # held to the end of the count (released below)
+        unwatched = False
+        try:
+            since = _EVERY_BOUND if base is None else base[0]
+            params: list[Any] = [since, time.time_ns() - COUNT_LAG_NS, since, since]
+            if base is None:  # every row: one aggregation each (GROUPING SETS took ~2x as long here)
+                firsts = """
+                    SELECT 0 AS whole, min(ingested_ns) AS first FROM spans GROUP BY trace_id, span_id
+                    UNION ALL SELECT 1, min(ingested_ns) FROM spans GROUP BY trace_id
+                """
+            else:  # the traces with a row at or after the bound, their older rows too
+                firsts = """
+                    SELECT grouping(span_id) AS whole, min(ingested_ns) AS first FROM spans
+                    WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)
+                    GROUP BY GROUPING SETS ((trace_id, span_id), (trace_id))
+                """
+                params.append(since)
+            params.append(since)
+            row = (
+                self._cursor()
+                .execute(
+                    f"""
+                    WITH bound AS (
+                        SELECT greatest(?, least(?, coalesce(max(ingested_ns) + 1, ?))) AS b
+                        FROM spans WHERE ingested_ns >= ?
+                    ), firsts AS ({firsts})
+                    SELECT (SELECT b FROM bound),
+                        count(*) FILTER (whole = 0 AND first < (SELECT b FROM bound)),
+                        count(*) FILTER (whole = 0),
+                        count(*) FILTER (whole = 1 AND first < (SELECT b FROM bound)),
+                        count(*) FILTER (whole = 1)
+                    FROM firsts WHERE first >= ?
+                    """,
+                    params,
+                )
+                .fetchall()[0]
+            )
+            bound, spans_below, spans, traces_below, traces = (int(v) for v in row)
+            base_spans, base_traces = (0, 0) if base is None else base[1:]
+            with self._write_lock:
+                self._count_watches.remove(watch)
+                unwatched = True
+                if any(changed < since for changed in watch):
+                    return None  # what is below the base bound changed: its figures do not fit this count
+                if not any(changed < bound for changed in watch):
+                    kept = {b: (b, n, t) for b, n, t in self._counts}
+                    kept[bound] = (bound, base_spans + spans_below, base_traces + traces_below)
+                    self._counts = [kept[b] for b in sorted(kept)][-COUNTS_KEPT:]
+            return StoreStats(spans=base_spans + spans, traces=base_traces + traces)
+        finally:
+            with self._write_lock:
+                if not unwatched:
+                    self._count_watches.remove(watch)
+            if locked:
+                self._write_lock.release()
 
     @_read
     def services(self) -> list[str]:
@@ -1033,26 +1124,31 @@ class DuckDBSpanStore:
     @_read
     def arrival_bounds(self, rows: int) -> list[int]:
         """Ascending ``ingested_ns`` bounds that split the stored rows into ingest ranges of about
-        ``rows`` rows each (empty: fewer rows than that), from a sample of ~``ARRIVAL_SAMPLE_ROWS``
-        rows' ingest times (one pass over that column; the count is the table's metadata): the
-        incremental analysis rebuilds its per-trace figures range by range
-        (``recent_arrivals(..., until_ns=...)``), holding one range's groups at a time instead of
-        every stored trace's."""
+        ``rows`` rows each (empty: fewer rows than that): the incremental analysis rebuilds its
+        per-trace figures range by range (``recent_arrivals(..., until_ns=...)``), holding one
+        range's groups at a time instead of every stored trace's. Counted exactly per ingest
+        time (one pass over that column; a request's rows share one): a range starts at the
+        first ingest time with at least another ``rows`` rows before it, so every range holds
+        rows and, but for its last ingest time's rows, fewer than ``rows`` (the rows of one
+        ingest time are never split). A sample's quantiles, as before, gave equal bounds where
+        many rows share an ingest time, and ranges empty or far larger than asked."""
         if rows < 1:
             raise ValueError(f"arrival_bounds: rows must be positive, got {rows}")
         self.load_staged()
-        cursor = self._cursor()
-        total = int(cursor.execute("SELECT count(*) FROM spans").fetchall()[0][0])
-        ranges = -(-total // rows)
-        if ranges < 2:
-            return []
-        quantiles = [i / ranges for i in range(1, ranges)]
-        found = cursor.execute(
-            f"SELECT quantile_disc(ingested_ns, ?::DOUBLE[]) FROM"
-            f" (SELECT ingested_ns FROM spans USING SAMPLE reservoir({ARRIVAL_SAMPLE_ROWS} ROWS) REPEATABLE (7))",
-            [quantiles],
-        ).fetchall()[0][0]
-        return sorted({int(b) for b in found or [] if b is not None})
+        found = (
+            self._cursor()
+            .execute(
+                """
+                SELECT min(ingested_ns) FROM (
+                    SELECT ingested_ns, (sum(count(*)) OVER (ORDER BY ingested_ns) - count(*)) // ? AS range
+                    FROM spans GROUP BY ingested_ns
+                ) WHERE range > 0 GROUP BY range ORDER BY 1
+                """,
+                [rows],
+            )
+            .fetchall()
+        )
+        return [int(r[0]) for r in found]
 
     @_read
     def arrivals_between(self, trace_ids: list[str], from_ns: int, to_ns: int) -> pa.Table:

@@ -691,3 +691,45 @@ def test_a_table_that_cannot_be_parked_stays_whole(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         table.park(str(tmp_path / "missing"))
     assert not table.is_parked() and table == occurrences
+
+
+def test_a_null_number_made_from_columns_is_none_as_made_from_objects() -> None:
+    """A detector's number column with nulls (a statistic of nothing): the occurrences made from
+    the columns hold None there, as those made from the objects the object path built."""
+    import polars as pl
+
+    frame = pl.DataFrame(
+        {
+            "trace_id": ["a" * 32, "b" * 32, "c" * 32],
+            "spans": [["1" * 16], ["2" * 16, "3" * 16], []],
+            "mean_ns": pl.Series([1_500_000, None, 2_000_000], dtype=pl.Int64),
+            "none": pl.Series([None, None, None], dtype=pl.Float64),
+            "key": pl.Series([1, 2, 3], dtype=pl.UInt64),
+        }
+    ).with_columns(pl.col("spans").cast(pl.List(pl.String)))
+    table = Occurrences.from_columns(
+        frame["trace_id"],
+        frame["spans"],
+        intervention=None,
+        numbers={"mean_ns": frame["mean_ns"], "none": frame["none"]},
+        keys=frame["key"],
+    )
+    want = [
+        Occurrence(
+            trace, tuple(spans), (), {"mean_ns": None if mean is None else float(mean), "none": None}, key=key
+        )
+        for trace, spans, mean, _, key in frame.iter_rows()
+    ]
+    for got, expected in zip(table, want, strict=True):
+        _same_exactly(got, expected)
+    assert table == Occurrences.from_list(want)
+    assert Occurrences.concat([table, Occurrences.from_list(want)]) == [*want, *want]
+    assert pickle.loads(pickle.dumps(table)) == want
+    with pytest.raises(ValueError, match="must be 3 values"):
+        Occurrences.from_columns(
+            frame["trace_id"],
+            frame["spans"],
+            intervention=None,
+            numbers={"x": frame["mean_ns"][:2]},
+            keys=frame["key"],
+        )

@@ -1,0 +1,207 @@
+"""``DuckDBSpanStore.stats()`` keeps exact counts of the rows ingested before a bound and counts
+only what came at or after it: its figures must equal a recount of the whole table after any mix
+of writes (copies of stored spans, rows ingested earlier than rows already counted), compactions
+and retention, also while writes run beside the counts."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.store import StoreStats
+from tests.builders import TraceBuilder, spans_table
+
+SECOND = 10**9
+
+
+def _template() -> pa.Table:
+    b = TraceBuilder(service="svc")
+    b.span("op", start_ms=0, dur_ms=1)
+    return spans_table(b)
+
+
+TEMPLATE = _template()
+
+
+def _rows(keys: list[tuple[int, int]], ingested_ns: int, end_ns: int) -> pa.Table:
+    """One row per (trace, span) number, all ingested at ``ingested_ns``, ending at ``end_ns``."""
+    table = TEMPLATE.take([0] * len(keys))
+    columns = {
+        "trace_id": pa.array([f"{t:032x}" for t, _ in keys]),
+        "span_id": pa.array([f"{s:016x}" for _, s in keys]),
+        "ingested_ns": pa.array([ingested_ns] * len(keys), pa.int64()),
+        "start_ns": pa.array([end_ns - 1000] * len(keys), pa.int64()),
+        "end_ns": pa.array([end_ns] * len(keys), pa.int64()),
+    }
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+def _recount(store: DuckDBSpanStore) -> StoreStats:
+    store.load_staged()
+    spans, traces = (
+        store._cursor()
+        .execute("SELECT count(DISTINCT (trace_id, span_id)), count(DISTINCT trace_id) FROM spans")
+        .fetchall()[0]
+    )
+    return StoreStats(spans=int(spans), traces=int(traces))
+
+
+@pytest.fixture(params=["file", "file-ingest-log", "memory"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], DuckDBSpanStore]]:
+    opened: list[DuckDBSpanStore] = []
+
+    def factory() -> DuckDBSpanStore:
+        path = str(tmp_path / "spans.duckdb")
+        if request.param == "file":
+            store = DuckDBSpanStore(path)
+        elif request.param == "file-ingest-log":
+            store = DuckDBSpanStore(path, ingest_log=True, threads=1)
+        else:
+            store = DuckDBSpanStore(":memory:")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_counts_equal_a_recount_after_every_change(
+    make_store: Callable[[], DuckDBSpanStore], seed: int
+) -> None:
+    rng = random.Random(seed)
+    store = make_store()
+    clock = time.time_ns() - 3600 * SECOND  # ingest stamps: an hour ago onwards, a second apart
+    incremental = 0  # counts that started from a kept count
+    for step in range(120):
+        action = rng.random()
+        if action < 0.7:  # a write: new spans, re-sent ones (copies), spans of stored traces
+            clock += SECOND
+            stamp = clock
+            late = rng.random()
+            if late < 0.15:  # stamped before rows already counted (a slow request)
+                stamp = clock - rng.randint(1, 40) * SECOND
+            elif late < 0.2:  # older than every kept count
+                stamp = clock - 10_000 * SECOND
+            keys = [(rng.randint(1, 60), rng.randint(1, 8)) for _ in range(rng.randint(1, 30))]
+            store.write(_rows(keys, stamp, end_ns=clock + rng.randint(-50, 50) * SECOND))
+        elif action < 0.85:
+            store.compact()
+        elif action < 0.95:
+            store.delete_older_than(clock + rng.randint(-60, 0) * SECOND)
+        else:
+            store._stats_cache = None  # counted again with nothing changed
+        if store._counts:
+            incremental += 1
+        assert store.stats() == _recount(store), f"step {step}"
+        assert store._count_watches == []
+    assert incremental > 50  # the kept counts were used, not only whole recounts
+
+
+def test_counts_stay_exact_while_writes_and_retention_run_beside_them(
+    make_store: Callable[[], DuckDBSpanStore],
+) -> None:
+    store = make_store()
+    now = time.time_ns()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        rng = random.Random(7)
+        try:
+            for i in range(400):
+                if stop.is_set():
+                    return
+                # stamps around now, out of order (as requests decoded in parallel are)
+                stamp = now - 30 * SECOND + i * SECOND // 10 - rng.randint(0, 20) * SECOND
+                keys = [(rng.randint(1, 200), rng.randint(1, 4)) for _ in range(20)]
+                store.write(_rows(keys, stamp, end_ns=now - rng.randint(0, 100) * SECOND))
+                if i % 100 == 99:
+                    store.delete_older_than(now - 90 * SECOND)
+                if i % 50 == 25:
+                    store.compact()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        while writer.is_alive():
+            counted = store.stats()
+            assert counted.spans >= counted.traces >= 0
+    finally:
+        stop.set()
+        writer.join(60)
+    assert not failures
+    assert store.stats() == _recount(store)
+    store._stats_cache = None
+    assert store.stats() == _recount(store)
+
+
+class _CountInterrupted:
+    """The store's cursor for this thread, running ``before`` / ``after`` around stats()' count
+    query: writes that land while a count runs, at the worst moments."""
+
+    def __init__(self, cursor: object, before: Callable[[], None], after: Callable[[], None]) -> None:
+        self._cursor, self._before, self._after = cursor, before, after
+
+    def execute(self, sql: str, *args: object) -> object:
+        result = self._cursor.execute(sql, *args)  # type: ignore[attr-defined]
+        return _Fetched(result, self._before, self._after) if "WITH bound AS" in sql else result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._cursor, name)
+
+
+class _Fetched:
+    def __init__(self, result: object, before: Callable[[], None], after: Callable[[], None]) -> None:
+        self._result, self._before, self._after = result, before, after
+
+    def fetchall(self) -> object:
+        self._before()  # the query runs as its rows are fetched
+        rows = self._result.fetchall()  # type: ignore[attr-defined]
+        self._after()
+        return rows
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_write_below_the_bound_during_a_count_is_not_lost(tmp_path: Path, when: str) -> None:
+    """A row stamped below the kept bound written as the count starts (in its snapshot, but not in
+    the kept figures: the count is taken again), or below the new bound right after the count's
+    snapshot (not in it: the new bound is not kept)."""
+    now = time.time_ns()
+    with DuckDBSpanStore(str(tmp_path / "spans.duckdb")) as store:
+        store.write(_rows([(1, 1), (1, 2)], now - 100 * SECOND, end_ns=now))
+        assert store.stats() == StoreStats(spans=2, traces=1)  # kept: bound at the last row + 1
+        store.write(_rows([(2, 1)], now - 50 * SECOND, end_ns=now))
+        stamp = now - 200 * SECOND if when == "before" else now - 60 * SECOND
+        done: list[bool] = []
+
+        def late_write() -> None:
+            if not done:
+                done.append(True)
+                store.write(_rows([(3, 1), (1, 3)], stamp, end_ns=now))
+
+        nothing = lambda: None  # noqa: E731
+        store._cursor()  # the thread's cursor, made now to wrap it
+        store._local.cursor = _CountInterrupted(
+            store._local.cursor,
+            late_write if when == "before" else nothing,
+            late_write if when == "after" else nothing,
+        )
+        store._stats_cache = None
+        counted = store.stats()
+        assert done
+        expected = StoreStats(spans=5, traces=3) if when == "before" else StoreStats(spans=3, traces=2)
+        assert counted == expected
+        assert store.stats() == _recount(store) == StoreStats(spans=5, traces=3)
