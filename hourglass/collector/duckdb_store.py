@@ -661,7 +661,11 @@ class DuckDBSpanStore:
                     self._gate.notify_all()
 
     def release_cache(
-        self, min_bytes: int = RELEASE_MIN_BYTES, headroom_bytes: int = RELEASE_HEADROOM_BYTES
+        self,
+        min_bytes: int = RELEASE_MIN_BYTES,
+        headroom_bytes: int = RELEASE_HEADROOM_BYTES,
+        *,
+        wait: bool = True,
     ) -> int:
         """Drop the blocks of the stored table that DuckDB's buffer pool keeps cached after the
         queries that read them; returns the bytes released (0: less than ``min_bytes`` cached, or in memory).
@@ -676,25 +680,35 @@ class DuckDBSpanStore:
         meanwhile; concurrent reads keep ``headroom_bytes`` (what may stay cached)."""
         if self.path == ":memory:" or self._closed:
             return 0  # in memory, the blocks are the data
+        # the write lock first (``wait`` False: not at all while a write, compaction or retention
+        # holds it), so reads are not held back while this waits for it
+        if not self._write_lock.acquire(blocking=wait):
+            return 0
+        try:
+            return self._release_locked(min_bytes, headroom_bytes)
+        finally:
+            self._write_lock.release()
+
+    def _release_locked(self, min_bytes: int, headroom_bytes: int) -> int:
+        """``release_cache``'s work, the write lock held."""
+        rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
+        cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
+        if cached < max(min_bytes, 1):
+            return 0  # (checked before reads are held back)
+        floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
         with self._gate:
             if self._reads_in_flight:
                 return 0  # a read in flight could not allocate under the lowered limit: next time
             self._releasing = True  # reads starting now wait (_read)
         try:
-            with self._write_lock:
-                rows = self._writer.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
-                cached = sum(int(v) for tag, v in rows if tag == "BASE_TABLE")
-                if cached < max(min_bytes, 1):
-                    return 0
-                floor = max(sum(int(v) for tag, v in rows if tag != "BASE_TABLE") + headroom_bytes, 2**20)
-                try:
-                    self._writer.execute(f"SET memory_limit = '{floor}B'")
-                finally:
-                    self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
-                rows = self._writer.execute(
-                    "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
-                ).fetchall()
-                return max(cached - sum(int(r[0]) for r in rows), 0)
+            try:
+                self._writer.execute(f"SET memory_limit = '{floor}B'")
+            finally:
+                self._writer.execute(f"SET memory_limit = '{self.memory_limit}'")
+            rows = self._writer.execute(
+                "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+            ).fetchall()
+            return max(cached - sum(int(r[0]) for r in rows), 0)
         finally:
             with self._gate:
                 self._releasing = False
@@ -865,7 +879,10 @@ class DuckDBSpanStore:
         counts are reused while no change was committed since they were taken."""
         counted, recounted = self._stats()
         if recounted:  # the count streamed the table's trace_id column: not kept in the buffer pool
-            self.release_cache()
+            try:  # not while a write, compaction or retention holds the store: the next count's turn
+                self.release_cache(wait=False)
+            except Exception:  # the count stands; the cache stays until the next release
+                log.warning("span store: releasing the buffer pool after a count failed", exc_info=True)
         return counted
 
     @_read
@@ -940,7 +957,7 @@ class DuckDBSpanStore:
             bound, spans_below, spans, traces_below, traces = (int(v) for v in row)
             base_spans, base_traces = (0, 0) if base is None else base[1:]
             with self._write_lock:
-                self._count_watches.remove(watch)
+                self._unwatch(watch)
                 unwatched = True
                 if any(changed < since for changed in watch):
                     return None  # what is below the base bound changed: its figures do not fit this count
@@ -952,9 +969,14 @@ class DuckDBSpanStore:
         finally:
             with self._write_lock:
                 if not unwatched:
-                    self._count_watches.remove(watch)
+                    self._unwatch(watch)
             if locked:
                 self._write_lock.release()
+
+    def _unwatch(self, watch: list[int]) -> None:
+        """Stops recording writes for one count: its own list, by identity (two counts' lists
+        are often equal, both empty)."""
+        self._count_watches = [w for w in self._count_watches if w is not watch]
 
     @_read
     def services(self) -> list[str]:

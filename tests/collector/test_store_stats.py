@@ -133,16 +133,28 @@ def test_counts_stay_exact_while_writes_and_retention_run_beside_them(
         except BaseException as exc:  # reported below
             failures.append(exc)
 
+    def count() -> None:  # serve counts from API threads and the round at once
+        try:
+            while writer.is_alive():
+                counted = store.stats()
+                assert counted.spans >= counted.traces >= 0
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
     writer = threading.Thread(target=write)
+    counters = [threading.Thread(target=count) for _ in range(3)]
     writer.start()
+    for counter in counters:
+        counter.start()
     try:
-        while writer.is_alive():
-            counted = store.stats()
-            assert counted.spans >= counted.traces >= 0
+        count()
     finally:
         stop.set()
         writer.join(60)
+        for counter in counters:
+            counter.join(60)
     assert not failures
+    assert store._count_watches == []  # every count stopped watching writes (none left to grow)
     assert store.stats() == _recount(store)
     store._stats_cache = None
     assert store.stats() == _recount(store)
@@ -156,22 +168,16 @@ class _CountInterrupted:
         self._cursor, self._before, self._after = cursor, before, after
 
     def execute(self, sql: str, *args: object) -> object:
+        counting = "WITH bound AS" in sql
+        if counting:
+            self._before()  # DuckDB runs the whole query in execute(): before it, so in its snapshot
         result = self._cursor.execute(sql, *args)  # type: ignore[attr-defined]
-        return _Fetched(result, self._before, self._after) if "WITH bound AS" in sql else result
+        if counting:
+            self._after()  # its rows computed, not yet read by the count
+        return result
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._cursor, name)
-
-
-class _Fetched:
-    def __init__(self, result: object, before: Callable[[], None], after: Callable[[], None]) -> None:
-        self._result, self._before, self._after = result, before, after
-
-    def fetchall(self) -> object:
-        self._before()  # the query runs as its rows are fetched
-        rows = self._result.fetchall()  # type: ignore[attr-defined]
-        self._after()
-        return rows
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
