@@ -968,12 +968,17 @@ class IncrementalAnalysis:
         that they are not held while the worker waits, growing with the store. DuckDB evicts
         what it can when its memory limit is lowered (and says so when what is pinned stays
         above it: that is no error here); the limit is then set back."""
+        if self.sidecar is None:
+            return  # in memory the tables are the data: a lowered limit would spill them to disk
         try:
-            self.db.execute(f"SET memory_limit = '{SIDECAR_IDLE_LIMIT}'")
-        except duckdb.OutOfMemoryException:
-            pass  # evicted what could be; pinned blocks (indexes, in-memory tables) stay
-        finally:
-            self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
+            try:
+                self.db.execute(f"SET memory_limit = '{SIDECAR_IDLE_LIMIT}'")
+            except duckdb.OutOfMemoryException:
+                pass  # evicted what could be; pinned blocks (indexes, in-memory tables) stay
+            finally:
+                self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
+        except duckdb.Error:  # the round's report stands; the blocks stay until the next round
+            log.warning("incremental analysis: emptying the sidecar's buffer pool failed", exc_info=True)
 
     def close(self) -> None:
         self.db.close()
@@ -1518,7 +1523,13 @@ def _stored_identity(sidecar: str) -> int | None:
             rows = db.execute("SELECT value FROM meta WHERE key = 'store_inode'").fetchall()
     except duckdb.Error as e:
         text = str(e)
-        if "lock" in text.lower() or "different configuration" in text:
+        # DuckDB's words for a file another process (or connection) holds; not any error that
+        # mentions a block or a path with "lock" in it (a corrupt sidecar is rebuilt, as before)
+        if (
+            "Could not set lock on file" in text
+            or "Conflicting lock" in text
+            or "different configuration" in text
+        ):
             raise StateInUse(
                 f"incremental analysis: {sidecar} is open in another process, so its state is kept"
                 f" and not analysed here ({text.splitlines()[0]})"

@@ -432,3 +432,36 @@ def test_a_round_leaves_the_sidecars_table_blocks_out_of_memory(tmp_path: Path) 
     finally:
         state.close()
         store.close()
+
+
+def test_a_corrupt_sidecar_is_started_afresh_not_taken_for_one_in_use(tmp_path: Path) -> None:
+    """DuckDB's error for a corrupt file speaks of a "block": that is not a lock held by another
+    process, so the state is made again (as before the in-use check), not refused every round."""
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    _store(db).close()
+    IncrementalAnalysis(sidecar).close()
+    size = Path(sidecar).stat().st_size
+    with open(sidecar, "r+b") as f:  # every block after the headers overwritten: checksums fail
+        f.seek(12288)
+        f.write(b"\xff" * (size - 12288))
+    state = IncrementalAnalysis(sidecar)
+    assert state.stored == set()
+    state.close()
+
+
+def test_an_in_memory_state_keeps_its_tables_in_memory_at_the_end_of_a_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a sidecar file the tables are the data: the end-of-round release does not lower
+    the limit (which pushed them to a temporary folder under the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    state = IncrementalAnalysis(None)
+    try:
+        state.db.execute("CREATE TABLE filler AS SELECT range AS i, repeat('x', 100) AS s FROM range(200000)")
+        state.release_memory()
+        assert not (tmp_path / ".tmp").exists()
+        assert state.db.execute("SELECT count(*) FROM filler").fetchall() == [(200000,)]
+    finally:
+        state.close()
