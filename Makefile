@@ -22,10 +22,14 @@ demo: install
 sample-traces: install
 	PYTHON=$(PY) scripts/generate-sample-traces
 
-# Every test. Installs headless Chromium (Debian's package) for the report-page tests when root.
+# Every test, on TEST_WORKERS pytest-xdist workers (0: in this one process). Most tests wait on
+# servers, CLI processes and sockets, so two workers overlap well on two cores; tests/conftest.py
+# keeps the tests of a module-wide fixture on one worker. Installs headless Chromium (Debian's
+# package) for the report-page tests when root.
+TEST_WORKERS ?= 2
 test: install
 	bash scripts/ensure-chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check hourglass tests bench deploy scripts

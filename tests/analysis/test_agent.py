@@ -826,8 +826,10 @@ def planted_n_plus_one_traces(count: int = 6) -> list[Any]:
     from tests.builders import TraceBuilder
 
     builders = []
-    for _ in range(count):
-        b = TraceBuilder(service="orders-api")
+    for n in range(count):
+        # ids of their own, not the builders' process-wide count: an id of digits only reads as a
+        # number the model was shown ("...0017" grounds "17"), which would depend on test order
+        b = TraceBuilder(service="orders-api", trace_id=f"a{n + 1:031x}")
         root = b.span(
             f"GET /orders?email={SECRET_EMAIL}&password={SECRET_QUERY_PASSWORD}",
             start_ms=0,

@@ -189,10 +189,13 @@ def test_store_counts_are_recounted_at_most_every_20x_their_duration() -> None:
     class SlowStats:
         path = ":memory:"
         calls = 0
+        took = 0.0  # the last count's own time: 100 ms asked, more on a loaded machine
 
         def stats(self) -> StoreStats:
             SlowStats.calls += 1
+            started = time.perf_counter()
             time.sleep(0.1)  # a count that takes 100 ms: recounted at most every 2 s
+            SlowStats.took = time.perf_counter() - started
             return StoreStats(spans=SlowStats.calls, traces=1)
 
     registry = CollectorRegistry(auto_describe=False)
@@ -200,5 +203,6 @@ def test_store_counts_are_recounted_at_most_every_20x_their_duration() -> None:
     first = value(samples(generate_latest(registry).decode()), "hourglass_store_spans")
     again = value(samples(generate_latest(registry).decode()), "hourglass_store_spans")
     assert (first, again, SlowStats.calls) == (1, 1, 1)
-    time.sleep(2.2)
+    # 20x the count's own time as it ran (a loaded machine stretches the 100 ms), with a margin
+    time.sleep(20 * SlowStats.took * 1.1 + 0.3)
     assert value(samples(generate_latest(registry).decode()), "hourglass_store_spans") == 2

@@ -1,0 +1,42 @@
+"""The suite under pytest-xdist: `make test` runs it on two workers with ``--dist loadgroup``.
+
+Tests are handed out one at a time to whichever worker is free, except that every test of a module
+that uses one of the module's own broader-scoped fixtures (a started server, a Dask cluster, a
+generated trace set: built once, read by the module's tests) is grouped onto one worker with the
+module's other tests that use it (per parameter of the fixture), so the fixture is still built
+once. The groups are handed out first (xdist orders work units by size). A test that sets its own
+``xdist_group`` keeps it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+_SHARED_SCOPES = frozenset({"class", "module", "package", "session"})
+
+
+def _group(item: pytest.Item) -> str | None:
+    """The module of a test that uses a fixture of the suite's own (not pytest's or a plugin's,
+    such as ``tmp_path_factory``) that outlives one test, with that fixture's parameter when it has
+    one (each trace set of a parametrized module fixture is a group of its own); None otherwise."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    shared = sorted(
+        name
+        for name, definitions in info.name2fixturedefs.items()
+        if any(d.scope in _SHARED_SCOPES and d.baseid for d in definitions)
+    )
+    if not shared:
+        return None
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    chosen = [f"{name}={params[name]}" for name in shared if name in params]
+    module = item.nodeid.split("::", 1)[0]
+    return f"{module}[{','.join(chosen)}]" if chosen else module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and (group := _group(item)) is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
