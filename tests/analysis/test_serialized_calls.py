@@ -328,3 +328,61 @@ def test_fixed_order_calls_that_take_input_stay_quiet() -> None:
     assert detect(*[_fixed_order_page(urls=("", ""), statements=statements) for _ in range(12)]) == []
     with_ids = [_fixed_order_page(urls=("/customer?customer=123", "/driver/42")) for _ in range(12)]
     assert detect(*with_ids) == []
+
+
+def _overlap_pairs_by_definition(calls: list[tuple[int, int, int]], tol: int) -> set[tuple[int, int]]:
+    """The pairs of operation keys (sorted) such that a call C of one starts before a call D of the
+    other that precedes C in (start, end, key) order ends, less ``tol``: every pair of calls."""
+    ordered = sorted(calls)
+    pairs = set()
+    for j, (start_c, _, op_c) in enumerate(ordered):
+        for _, end_d, op_d in ordered[:j]:
+            if op_d != op_c and start_c < end_d - tol:
+                pairs.add((min(op_c, op_d), max(op_c, op_d)))
+    return pairs
+
+
+def test_the_overlapping_pairs_of_an_instance_are_every_pair_of_calls_checked() -> None:
+    """``_patterns``' overlaps (swept per call, intervals merged per operation) are exactly the
+    pairs of operations a check of every pair of calls finds: random instances with ties in starts
+    and ends, zero-length calls, fan-outs of one operation, calls nested in others."""
+    rnd = random.Random(5)
+    tol = 3
+    for _ in range(60):
+        rows, want = [], {}
+        for row in range(rnd.randint(1, 6)):
+            ops = [rnd.getrandbits(63) for _ in range(rnd.randint(1, 7))]
+            calls = []
+            for _ in range(rnd.randint(1, 25)):
+                start = rnd.randint(0, 30)
+                calls.append((start, start + rnd.choice([0, 0, 1, 2, 5, 10, 40]), rnd.choice(ops)))
+            want[row] = _overlap_pairs_by_definition(calls, tol)
+            rows += [
+                {"parent_row": row, "caller": 1, "op": op, "start_ns": s, "end_ns": e, "tol": tol}
+                for s, e, op in calls
+            ]
+        seen = pl.DataFrame(rows, schema_overrides={"op": pl.UInt64, "caller": pl.UInt64})
+        got = serialized_calls._patterns(seen)
+        # back from (caller, order, overlaps, instances) to each instance's pairs of operation keys
+        by_pattern: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        for order, overlaps, instances in got.select("order", "overlaps", "instances").iter_rows():
+            pairs = tuple(
+                sorted(
+                    (min(order[p // 2**32], order[p % 2**32]), max(order[p // 2**32], order[p % 2**32]))
+                    for p in overlaps
+                )
+            )
+            by_pattern[(tuple(order), pairs)] = by_pattern.get((tuple(order), pairs), 0) + instances
+        expected: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        for row in want:
+            calls = [(r["start_ns"], r["op"]) for r in rows if r["parent_row"] == row]
+            first: dict[int, int] = {}
+            for s, op in sorted(calls):
+                first.setdefault(op, s)
+            if len(first) < 2:
+                continue  # (an instance of one operation holds no pattern: _instance_orders drops it)
+            order = tuple(sorted(first, key=lambda k: (first[k], k)))
+            key = (order, tuple(sorted(want[row])))
+            expected[key] = expected.get(key, 0) + 1
+        got_multi = {k: v for k, v in by_pattern.items() if len(k[0]) >= 2}
+        assert got_multi == expected

@@ -347,32 +347,7 @@ def _patterns(seen: pl.DataFrame) -> pl.DataFrame:
         .with_columns(pl.int_range(pl.len(), dtype=pl.UInt64).over("parent_row").alias("pos"))
     )
     orders = ops.group_by("parent_row", maintain_order=True).agg(pl.col("op").alias("order"))
-    # each call against each operation of its instance: the latest end of that operation's calls
-    # before it (in the instance's order)
-    against = (
-        seen.join(ops.select("parent_row", other="op", other_pos="pos"), on="parent_row")
-        .sort(["parent_row", "other", "_at"])
-        .with_columns(
-            pl.when(pl.col("op") == pl.col("other"))
-            .then(pl.col("end_ns"))
-            .cum_max()
-            .forward_fill()
-            .shift(1)
-            .over(["parent_row", "other"])
-            .alias("_other_end")
-        )
-        .filter(
-            (pl.col("op") != pl.col("other")) & (pl.col("start_ns") < pl.col("_other_end") - pl.col("tol"))
-        )
-        .join(ops.select("parent_row", "op", "pos"), on=["parent_row", "op"])
-        .select(
-            "parent_row",
-            pair=pl.min_horizontal("pos", "other_pos") * _PAIR + pl.max_horizontal("pos", "other_pos"),
-        )
-        .unique()
-        .group_by("parent_row")
-        .agg(pl.col("pair").sort().alias("overlaps"))
-    )
+    against = _overlapping_pairs(seen, ops)
     return (
         seen.group_by("parent_row")
         .agg(pl.col("caller").first())
@@ -382,6 +357,71 @@ def _patterns(seen: pl.DataFrame) -> pl.DataFrame:
         .group_by(["caller", "order", "overlaps"])
         .agg(pl.len().cast(pl.Int64).alias("instances"))
         .sort("caller", "instances")
+    )
+
+
+def _overlapping_pairs(seen: pl.DataFrame, ops: pl.DataFrame) -> pl.DataFrame:
+    """Per instance (``parent_row``), its ``overlaps``: the pairs of its operations' positions
+    (``ops``' ``pos``) such that a call C of one starts before a call D of the other that precedes
+    C (in ``seen``'s order, ``_at``) ends, less the tolerance: ``start(C) < end(D) - tol``.
+
+    Swept per call D, not per call and operation (that was every call times every operation of
+    its instance: 25M rows for one caller of 5,000 distinct calls): in (start, end, op) order the
+    calls C after D that start before ``end(D) - tol`` are the positions from D's next up to the
+    first position of the instance that starts at or after it, an interval found by an as-of
+    join. Each operation's intervals are merged (the part of D's not covered by the earlier
+    calls' of its operation), so the positions expanded are the union of what the operation's
+    calls cover, however many of its calls overlap (a fan-out of 5,000 calls to one operation:
+    ~5,000), and only overlapping calls expand at all."""
+    at = seen.select("parent_row", "op", "_at", thr=pl.col("end_ns") - pl.col("tol")).drop_nulls("thr")
+    # the first position of each start in its instance, and each instance's end
+    firsts = (
+        seen.group_by(["parent_row", "start_ns"])
+        .agg(pl.col("_at").min().cast(pl.Int64).alias("_hi"))
+        .sort("start_ns")
+    )
+    ends = seen.group_by("parent_row").agg((pl.col("_at").max().cast(pl.Int64) + 1).alias("_end"))
+    spans = (
+        at.sort("thr")
+        .join_asof(
+            firsts,
+            left_on="thr",
+            right_on="start_ns",
+            by="parent_row",
+            strategy="forward",
+            check_sortedness=False,
+        )
+        .join(ends, on="parent_row")
+        .select(
+            "parent_row",
+            other="op",
+            _at=pl.col("_at").cast(pl.Int64),
+            lo=pl.col("_at").cast(pl.Int64) + 1,
+            hi=pl.coalesce("_hi", "_end"),
+        )
+        .filter(pl.col("hi") > pl.col("lo"))
+        .sort(["parent_row", "other", "_at"])
+        .with_columns(
+            lo=pl.max_horizontal(
+                "lo", pl.col("hi").cum_max().shift(1).over(["parent_row", "other"]).fill_null(0)
+            )
+        )
+        .filter(pl.col("hi") > pl.col("lo"))
+    )
+    covered = spans.select("parent_row", "other", c=pl.int_ranges("lo", "hi")).explode("c")
+    covered = covered.with_columns(op=seen.get_column("op").gather(covered.get_column("c")))
+    pos = ops.select("parent_row", "op", "pos")
+    return (
+        covered.filter(pl.col("op") != pl.col("other"))
+        .join(pos, on=["parent_row", "op"])
+        .join(pos.select("parent_row", other="op", other_pos="pos"), on=["parent_row", "other"])
+        .select(
+            "parent_row",
+            pair=pl.min_horizontal("pos", "other_pos") * _PAIR + pl.max_horizontal("pos", "other_pos"),
+        )
+        .unique()
+        .group_by("parent_row")
+        .agg(pl.col("pair").sort().alias("overlaps"))
     )
 
 
