@@ -313,6 +313,24 @@ class _Ids:
             return _Ids(np.concatenate([p.words for p in given if p.words is not None]), None)
         return _Ids(None, pl.concat([p.series() for p in given]))
 
+    @staticmethod
+    def gather_from(parts: Sequence[_Ids], at: np.ndarray) -> _Ids:
+        """``concat(parts).gather(at)``, without the concatenation (a copy of every part's ids)
+        when the parts' ids are words of one width: only the ids at ``at`` are copied."""
+        given = [p.words for p in parts if len(p)]
+        if not given or any(w is None for w in given) or len({(w.shape[1], w.dtype) for w in given}) > 1:  # type: ignore[union-attr]
+            return _Ids.concat(parts).gather(at)
+        first = given[0]
+        assert first is not None
+        out = np.empty((len(at), first.shape[1]), dtype=first.dtype)
+        start = 0
+        for part in parts:
+            if len(part):
+                inside = (at >= start) & (at < start + len(part))
+                out[inside] = part.words[at[inside] - start]  # type: ignore[index]
+            start += len(part)
+        return _Ids(out, None)
+
     def is_in(self, wanted: pl.Series) -> np.ndarray:
         """Per id: whether it is one of ``wanted`` (a String series)."""
         if self.words is None:
@@ -1149,8 +1167,7 @@ class Occurrences(Sequence[Occurrence]):
         total = np.zeros(len(ivs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=total[1:])
         at = np.repeat(base - total[:-1], lengths) + np.arange(total[-1], dtype=np.int64)
-        pool = _Ids.concat([self._spans, self._iv_extra])
-        span_ids = pool.gather(at)
+        span_ids = _Ids.gather_from([self._spans, self._iv_extra], at)
         ptype = self._iv_ptype[ivs]
         ints = self._iv_int[ivs].copy()
         floats = self._iv_float[ivs].copy()

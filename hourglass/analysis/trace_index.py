@@ -277,6 +277,76 @@ class _Words:
         return out
 
 
+class _RowWords:
+    """The words of the span ids the interventions of findings' occurrences name, read a chunk of
+    rows at a time (:meth:`take_rows`) from each finding's occurrences, so that every finding's
+    named ids are never copied out at once: the rows are first some rows whose ids are given as
+    words (``given``, one array per row: the exemplars), then each finding's occurrences."""
+
+    def __init__(
+        self, given: list[np.ndarray], given_counts: np.ndarray, findings: list[Any], width: int
+    ) -> None:
+        self.width = width
+        self.given = np.concatenate(given) if given else np.zeros((0, width), dtype=np.uint64)
+        self.given_at = np.zeros(len(given_counts) + 1, dtype=np.int64)
+        np.cumsum(given_counts, out=self.given_at[1:])
+        self.findings = findings  # their ``occurrence_table``s
+        self.firsts = np.cumsum([len(given_counts), *(len(own) for own in findings)])
+
+    def take_rows(self, rows: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        """The words of the ids of ``rows`` (``lengths`` each), row after row: one uint64 column
+        per word."""
+        out = [np.empty(int(lengths.sum()), dtype=np.uint64) for _ in range(self.width)]
+        part = np.searchsorted(self.firsts, rows, side="right")  # 0: given; p: finding p - 1
+        ends = np.cumsum(lengths)
+        for p in np.unique(part).tolist():
+            mask = part == p
+            local = rows[mask] - (self.firsts[p - 1] if p else 0)
+            counts = lengths[mask]
+            if not counts.sum():  # (its named ids need not be words)
+                continue
+            if p == 0:
+                words = self.given[_ranges(self.given_at[local], counts)]
+            else:
+                words = self.findings[p - 1].intervention_columns(local).span_words
+            at = _ranges(ends[mask] - counts, counts)
+            for j, column in enumerate(out):
+                column[at] = words[:, j]
+        return out
+
+
+def _changed_reader(
+    changed: list[Any], changed_of: list[np.ndarray], exemplars: int, tables: list[Any]
+) -> _RowWords | None:
+    """:class:`_RowWords` of the changed spans :meth:`TraceIndex.build` collected (``changed``:
+    one part per exemplar, then one per finding, a finding's words there once counted) when they
+    would be read as words (as :func:`_word_arrays` would), else None."""
+    findings = [part for part in changed[exemplars:] if len(part)]
+    widths = {part.shape[1] for part in findings if isinstance(part, np.ndarray)}
+    if not findings or any(not isinstance(part, np.ndarray) for part in findings) or len(widths) != 1:
+        return None
+    (width,) = widths
+    given: list[np.ndarray] = []
+    for part in changed[:exemplars]:
+        if len(part):
+            words = hex_words(pl.Series(list(part), dtype=pl.String))
+            if words is None or words.shape[1] != width:
+                return None
+            given.append(words)
+    counts = np.concatenate(changed_of)
+    if not counts.sum():
+        return None
+    return _RowWords(given, counts[:exemplars], tables, width)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. starts[i] + lengths[i] - 1``, range after range."""
+    total = np.cumsum(lengths)
+    return np.repeat(starts - (total - lengths), lengths) + np.arange(
+        int(total[-1]) if len(total) else 0, dtype=np.int64
+    )
+
+
 def _word_reader(
     parts: list[Sequence[str] | pl.Series | np.ndarray], n: int
 ) -> tuple[tuple[_Words, int] | None, list[Sequence[str] | pl.Series]]:
@@ -499,6 +569,7 @@ class TraceIndex:
         involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
+        word_tables: list[Any] = []
         for finding in findings:
             rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
             if rec_code is None:
@@ -520,15 +591,22 @@ class TraceIndex:
                     kept = named_ids.is_not_null()
                     named_owner = named_owner[kept.to_numpy()]
                     named_ids = named_ids.filter(kept)
-            changed.append(named_ids)
             changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
+            word_tables.append(own)  # (its named ids read again a chunk at a time when words)
+            changed.append(named_ids)
+            ivs = named_owner = named_ids = None  # type: ignore[assignment]
+        # the named ids as words, a chunk of rows at a time (no copy of every finding's at once)
+        # when every finding holds them so, and the exemplars' are such ids, of one width
+        reader = _changed_reader(changed, changed_of, exemplars, word_tables)
+        if reader is not None:
+            changed = []  # (the words each finding holds: not held through the packing)
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
         index._pack(
             trace_parts,
             np.concatenate([np.asarray(entry_recs, dtype=np.int64), recs_of]),
             involved,
             np.concatenate(involved_of),
-            changed,
+            changed if reader is None else reader,
             np.concatenate(changed_of),
         )
         return index
@@ -539,7 +617,7 @@ class TraceIndex:
         entry_recs: np.ndarray,
         involved: list[Sequence[str] | pl.Series | np.ndarray],
         involved_of: np.ndarray,
-        changed: list[Sequence[str] | pl.Series | np.ndarray],
+        changed: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords,
         changed_of: np.ndarray,
     ) -> None:
         """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
@@ -583,10 +661,16 @@ class TraceIndex:
         keyed = words = first = trace_first = starts = None  # type: ignore[assignment]
 
         def spans(
-            parts: list[Sequence[str] | pl.Series | np.ndarray], counts: np.ndarray
+            parts: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords, counts: np.ndarray
         ) -> tuple[np.ndarray, np.ndarray, bool]:
             """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
-            hexed, text = _word_reader(parts, int(counts.sum()))
+            reading: tuple[_Words | _RowWords, int] | None
+            text: list[Sequence[str] | pl.Series]
+            if isinstance(parts, _RowWords):
+                reading, text = (parts, 8 * parts.width), []
+            else:
+                reading, text = _word_reader(parts, int(counts.sum()))
+            hexed = reading
             if hexed is None:
                 names, code = _coded(list(chain.from_iterable(text)))
                 width = max(len(names), 1)
@@ -619,10 +703,13 @@ class TraceIndex:
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
                 lo = int(out_start[a])
                 hi = int(out_start[b]) if b < rows else total
-                take = np.repeat(shift[a:b], lengths[a:b]) + np.arange(lo, hi, dtype=np.int64)
                 group = np.repeat(row_entry[a:b], lengths[a:b])
-                chunk = words.take(take)
-                del take
+                if isinstance(words, _RowWords):
+                    chunk = words.take_rows(order[a:b], lengths[a:b])
+                else:
+                    take = np.repeat(shift[a:b], lengths[a:b]) + np.arange(lo, hi, dtype=np.int64)
+                    chunk = words.take(take)
+                    del take
                 ranked = _row_order(group, chunk)
                 group = group[ranked]
                 chunk = [column[ranked] for column in chunk]

@@ -386,3 +386,53 @@ def test_spans_packed_a_chunk_of_entries_at_a_time_give_the_same_index(monkeypat
                 (t.recommendation_id, t.span_ids, t.bottleneck_span_ids) for t in index.touching(trace, spans)
             ]
             assert got == _definition(report, findings, trace, spans), (seed, trace)
+
+
+def test_named_spans_read_from_the_findings_a_chunk_at_a_time_give_the_same_index(monkeypatch: Any) -> None:
+    """The spans the findings' interventions name are read from each finding a chunk of rows at a
+    time (``_RowWords``, no copy of every finding's at once) when they are words: the index is the
+    one of every finding's named spans collected first, for chunks of any size."""
+    from hourglass.analysis import trace_index
+
+    read: list[int] = []
+    reader = trace_index._changed_reader
+    take_rows = trace_index._RowWords.take_rows
+    monkeypatch.setattr(
+        trace_index._RowWords, "take_rows", lambda self, *a: read.append(len(a[0])) or take_rows(self, *a)
+    )
+    for seed, (trace_id, span_id) in enumerate(
+        [
+            (lambda t: f"{random.Random(t).getrandbits(128):032x}", lambda s: f"{s * 2654435761:016x}"),
+            (lambda t: f"{t:016x}", lambda s: f"{s:032x}"),  # two words per span id
+        ]
+    ):
+        report, shaped, traces = _shaped_case(seed, trace_id, span_id)
+        # (an intervention of no span id makes the named ids text: collected, not read by chunk)
+        findings = [
+            _finding(
+                f.operation,
+                [
+                    o
+                    for o in f.occurrences
+                    if all(getattr(i, "span_id", "") is not None for i in o.interventions)
+                ],
+            )
+            for f in shaped
+        ]
+        assert [f.id for f in findings] == [f.id for f in shaped]
+        for chunk in (1, 7, 64, 1 << 40):
+            monkeypatch.setattr(trace_index, "_SPAN_CHUNK", chunk)
+            read.clear()
+            monkeypatch.setattr(trace_index, "_changed_reader", reader)
+            index = TraceIndex.build(report, findings)
+            assert read, (seed, chunk)  # read a chunk at a time
+            monkeypatch.setattr(trace_index, "_changed_reader", lambda *a: None)
+            collected = TraceIndex.build(report, findings)
+            assert index == collected, (seed, chunk)
+            assert vars(index)["_changed_ids"].dtype == vars(collected)["_changed_ids"].dtype
+            for trace, spans in traces.items():
+                got = [
+                    (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                    for t in index.touching(trace, spans)
+                ]
+                assert got == _definition(report, findings, trace, spans), (seed, trace)
