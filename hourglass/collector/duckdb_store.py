@@ -616,30 +616,34 @@ class DuckDBSpanStore:
         """Retention: drop whole traces whose last span ended before ``cutoff_ns``; spans removed."""
         with self._write_lock:
             self.load_staged()
-            expired = "SELECT trace_id FROM spans GROUP BY trace_id HAVING max(end_ns) < ?"
-            if self._counts:  # what the deletion takes from the last kept count (the others go)
-                bound, spans, traces = self._counts[-1]
-                gone_spans, gone_traces = self._writer.execute(
-                    f"""
-                    SELECT count(*) FILTER (whole = 0), count(*) FILTER (whole = 1) FROM (
-                        SELECT grouping(span_id) AS whole, min(ingested_ns) AS first FROM spans
-                        WHERE trace_id IN ({expired})
-                        GROUP BY GROUPING SETS ((trace_id, span_id), (trace_id))
-                    ) WHERE first < ?
-                    """,
-                    [cutoff_ns, bound],
-                ).fetchall()[0]
-                self._counts = [(bound, spans - int(gone_spans), traces - int(gone_traces))]
-            for watch in self._count_watches:
-                watch.append(_EVERY_BOUND)
-            removed = self._writer.execute(
-                """
-                DELETE FROM spans WHERE trace_id IN (
-                    SELECT trace_id FROM spans GROUP BY trace_id HAVING max(end_ns) < ?
-                )
-                """,
+            # the expired traces found once (a GROUP BY over every trace id), read by the count
+            # below and by the deletion
+            self._writer.execute(
+                "CREATE OR REPLACE TEMP TABLE _expired AS"
+                " SELECT trace_id FROM spans GROUP BY trace_id HAVING max(end_ns) < ?",
                 [cutoff_ns],
-            ).fetchall()[0][0]
+            )
+            try:
+                if self._counts:  # what the deletion takes from the last kept count (the others go)
+                    bound, spans, traces = self._counts[-1]
+                    gone_spans, gone_traces = self._writer.execute(
+                        """
+                        SELECT count(*) FILTER (whole = 0), count(*) FILTER (whole = 1) FROM (
+                            SELECT grouping(span_id) AS whole, min(ingested_ns) AS first FROM spans
+                            WHERE trace_id IN (SELECT trace_id FROM _expired)
+                            GROUP BY GROUPING SETS ((trace_id, span_id), (trace_id))
+                        ) WHERE first < ?
+                        """,
+                        [bound],
+                    ).fetchall()[0]
+                    self._counts = [(bound, spans - int(gone_spans), traces - int(gone_traces))]
+                for watch in self._count_watches:
+                    watch.append(_EVERY_BOUND)
+                removed = self._writer.execute(
+                    "DELETE FROM spans WHERE trace_id IN (SELECT trace_id FROM _expired)"
+                ).fetchall()[0][0]
+            finally:
+                self._writer.execute("DROP TABLE IF EXISTS _expired")
             self._changes += 1
             # what retention has removed so far (the incremental analysis drops the same traces'
             # rows; the criterion is the same: the trace's last span ended before the cutoff)
