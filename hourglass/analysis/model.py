@@ -457,8 +457,10 @@ class Occurrences(Sequence[Occurrence]):
     every one is a float, else the values themselves); the keys (uint64, with which are present).
     :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints.
 
-    :meth:`park` writes the columns to a file and lets them go until they are next read (serve's
-    round: a kind's findings wait there while the next kinds decide)."""
+    :meth:`park` writes the columns to a file, each on its own, and lets them go: a column is read
+    back alone when next asked for, and :meth:`release` lets the read-back columns go again (serve's
+    round: the findings wait there while the next kinds decide, and each stage after the decisions
+    reads the columns it needs and lets them go after it)."""
 
     __slots__ = (
         "_has_key",
@@ -475,6 +477,7 @@ class Occurrences(Sequence[Occurrence]):
         "_key",
         "_n",
         "_nums",
+        "_park_at",
         "_parked",
         "_shape",
         "_shapes",
@@ -503,6 +506,7 @@ class Occurrences(Sequence[Occurrence]):
     _key: np.ndarray
     _has_key: np.ndarray
     _parked: str | None  # the file of a parked table's columns (unset: never parked)
+    _park_at: dict[str, tuple[int, int]]  # a parked table's columns: where each is in the file
 
     # -- making ---------------------------------------------------------------------------------
 
@@ -888,42 +892,64 @@ class Occurrences(Sequence[Occurrence]):
     # -- parked in a file -----------------------------------------------------------------------
 
     def park(self, folder: str) -> None:
-        """Write the columns to a new file in ``folder`` and let them go: the first thing that
-        reads one of them (anything but ``len``) reads them all back and removes the file (also
-        removed when the occurrences are dropped without being read). Serve's round parks each
-        kind's findings while the next kinds decide: at 12M stored spans they held ~65 MiB under
-        the last kinds' decisions. Nothing to do when empty or parked already."""
+        """Write the columns to a new file in ``folder``, one after another, each pickled on its
+        own, and let them go: a column is read back alone the first time it is asked for (anything
+        but ``len``; an accessor reads those it uses) and stays until :meth:`release`; the file
+        is kept while the table lives (removed when it is dropped). Serve's round parks the
+        findings while the next kinds decide and between the stages that follow (at 12M stored
+        spans their columns are tens of MiB). Nothing to do when empty or parked already."""
         if self._n == 0 or getattr(self, "_parked", None) is not None:
             return
         fd, path = tempfile.mkstemp(prefix="occurrences-", suffix=".pickle", dir=folder)
+        at: dict[str, tuple[int, int]] = {}
         try:
             with os.fdopen(fd, "wb") as out:
-                pickle.dump(tuple(getattr(self, name) for name in _PARKED), out, protocol=5)
+                for name in _PARKED:
+                    start = out.tell()
+                    pickle.dump(getattr(self, name), out, protocol=5)
+                    at[name] = (start, out.tell() - start)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
         for name in _PARKED:
             delattr(self, name)
+        self._park_at = at
         self._parked = path
 
     def is_parked(self) -> bool:
+        """Whether the columns live in a file (read back one by one as asked for)."""
         return getattr(self, "_parked", None) is not None
 
+    def held(self) -> frozenset[str]:
+        """The columns in memory (a parked table's: those read back since it was parked or last
+        released; every one otherwise)."""
+        return frozenset(name for name in _PARKED if _has_slot(self, name))
+
+    def release(self) -> None:
+        """Let the columns read back go again (a parked table; nothing otherwise): what a stage of
+        serve's round read is not held through the next. A column asked for later is read from the
+        file again. Safe beside readers in other threads (a reader holds what it read; what it asks
+        for next is read back)."""
+        if getattr(self, "_parked", None) is None:
+            return
+        with _UNPARKING:
+            for name in _PARKED:
+                with contextlib.suppress(AttributeError):
+                    delattr(self, name)
+
     def __getattr__(self, name: str) -> Any:
-        """A column of a parked table: all of them read back (only called for a name not set)."""
+        """A column of a parked table, read back alone (only called for a name not set)."""
         if name in _PARKED_SET and getattr(self, "_parked", None) is not None:
             with _UNPARKING:
-                path = getattr(self, "_parked", None)
-                if path is not None:  # (else another thread read them back meanwhile)
-                    with open(path, "rb") as given:
-                        state = pickle.load(given)
-                    for column, value in zip(_PARKED, state, strict=True):
-                        setattr(self, column, value)
-                    self._parked = None
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            return object.__getattribute__(self, name)
+                if _has_slot(self, name):  # (another thread read it back meanwhile)
+                    return object.__getattribute__(self, name)
+                start, size = self._park_at[name]
+                with open(self._parked, "rb") as given:  # type: ignore[arg-type]
+                    given.seek(start)
+                    value = pickle.loads(given.read(size))
+                setattr(self, name, value)
+                return value
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __del__(self) -> None:
@@ -1187,10 +1213,19 @@ class Occurrences(Sequence[Occurrence]):
         return InterventionColumns(owner, self._iv_kind[ivs], ints, floats, span_ids, lengths)
 
 
-_COLUMNS = tuple(name for name in Occurrences.__slots__ if name != "_parked")  # what pickles
+_COLUMNS = tuple(name for name in Occurrences.__slots__ if name not in ("_parked", "_park_at"))  # what pickles
 _PARKED = tuple(name for name in _COLUMNS if name != "_n")  # what a parked table lets go
 _PARKED_SET = frozenset(_PARKED)
 _UNPARKING = threading.Lock()
+
+
+def _has_slot(table: Occurrences, name: str) -> bool:
+    """Whether ``table``'s slot ``name`` is set (not read back from its file: no ``__getattr__``)."""
+    try:
+        object.__getattribute__(table, name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _restore(state: tuple[Any, ...]) -> Occurrences:

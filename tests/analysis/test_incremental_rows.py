@@ -146,8 +146,8 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         assert any(r["id"].startswith("lock_contention") for r in report["recommendations"]), [
             r["id"] for r in report["recommendations"]
         ]
-        # the findings' occurrences waited on disk while the next kinds decided, and every one
-        # was read back (its file removed) by the report's end
+        # the findings' occurrences (every kind's, the last too) waited on disk while the next
+        # kinds decided and through the stages after, and their files went with the round's findings
         assert parked and all(was for n, was in parked if n), parked
         assert not list(state.parked.iterdir())
         state.close()

@@ -631,38 +631,51 @@ def test_empty_tables_of_any_making() -> None:
 # -- parked in a file -----------------------------------------------------------------------------
 
 
-def test_a_parked_table_lets_its_columns_go_and_reads_them_back_whole(tmp_path: Path) -> None:
+def test_a_parked_table_reads_back_only_the_columns_asked_for(tmp_path: Path) -> None:
     """``park``: the columns written to one file and let go (``len`` still answers); whatever reads
-    a column next (an occurrence, an accessor, a take, a pickle) reads them all back, exactly, and
-    the file is removed; a parked table dropped unread removes its file too."""
+    next (an occurrence, an accessor, a take, a pickle) reads back exactly the columns it uses, each
+    alone, and gets them as they were; ``release`` lets them go again (the file stays, and a column
+    asked for later is read again); a parked table dropped removes its file."""
     occurrences = _random_occurrences(15, 2000)
     table = Occurrences.from_list(occurrences)
     folder = str(tmp_path)
-    readers = [  # (what each reads, as its repr: a NaN number compares)
-        lambda t: repr(list(t)),
-        lambda t: repr(t[17]),
-        lambda t: t.trace_id_list(),
-        lambda t: t.span_columns()[0].to_list(),
-        lambda t: t.intervention_columns().span_ids.to_list(),
-        lambda t: repr(list(t.take([5, 1]))),
-        lambda t: repr(list(pickle.loads(pickle.dumps(t)))),
-        lambda t: t.number_column("calls")[1].tolist(),
+    every = table.held()
+    assert "_trace" in every and "_nums" in every and "_n" not in every
+    readers = [  # (what each reads, as its repr: a NaN number compares; the columns it needs, None: all)
+        (lambda t: repr(list(t)), None),
+        (lambda t: repr(t[17]), None),
+        (lambda t: t.trace_id_list(), {"_trace"}),
+        (lambda t: t.span_columns()[0].to_list(), {"_spans", "_span_off"}),
+        (lambda t: t.keys()[0].tolist(), {"_key", "_has_key"}),
+        (lambda t: t.number_column("calls")[1].tolist(), {"_shapes", "_shape", "_nums"}),
+        (lambda t: t.has_interventions().tolist(), {"_iv_off"}),
+        (lambda t: t.intervention_columns().span_ids.to_list(), None),
+        (lambda t: repr(list(t.take([5, 1]))), None),
+        (lambda t: repr(list(pickle.loads(pickle.dumps(t)))), None),
     ]
-    for read in readers:
-        want = read(table)
-        table.park(folder)
-        assert table.is_parked() and len(os.listdir(folder)) == 1
-        for column in ("_trace", "_spans", "_span_off", "_nums", "_key"):
-            with pytest.raises(AttributeError):
-                object.__getattribute__(table, column)  # let go, not merely hidden
-        assert len(table) == len(occurrences) and table.is_parked()  # (len reads no column)
-        got = read(table)
-        assert not table.is_parked() and os.listdir(folder) == []
-        assert got == want
-    assert table == occurrences
     table.park(folder)
+    assert table.is_parked() and len(os.listdir(folder)) == 1 and table.held() == frozenset()
+    for column in ("_trace", "_spans", "_span_off", "_nums", "_key"):
+        with pytest.raises(AttributeError):
+            object.__getattribute__(table, column)  # let go, not merely hidden
+    assert len(table) == len(occurrences) and table.held() == frozenset()  # (len reads no column)
+    whole = Occurrences.from_list(occurrences)
+    for read, needs in readers:
+        want = read(whole)
+        got = read(table)
+        assert got == want
+        assert table.is_parked() and len(os.listdir(folder)) == 1  # (the file stays)
+        if needs is not None:
+            assert table.held() == needs, read
+        table.release()
+        assert table.held() == frozenset()
+        assert read(table) == want  # (read from the file again)
+        table.release()
+    assert table == occurrences
     table.park(folder)  # (parked already: nothing more)
     assert len(os.listdir(folder)) == 1
+    whole.release()  # (not parked: nothing to let go)
+    assert whole.held() == every and whole == occurrences
     del table
     gc.collect()
     assert os.listdir(folder) == []
@@ -672,15 +685,26 @@ def test_a_parked_table_lets_its_columns_go_and_reads_them_back_whole(tmp_path: 
 
 
 def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
+    """Threads reading a parked table's columns while another releases them read the same."""
     occurrences = _random_occurrences(16, 3000)
     table = Occurrences.from_list(occurrences)
     want = table.span_columns()[0].to_list()
+    table.park(str(tmp_path))
+
+    def read(i: int) -> list[str]:
+        if i % 3 == 0:
+            table.release()
+        return table.span_columns()[0].to_list()
+
     for _ in range(5):
-        table.park(str(tmp_path))
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda _: table.span_columns()[0].to_list(), range(8)))
+            got = list(pool.map(read, range(12)))
         assert all(g == want for g in got)
-        assert os.listdir(tmp_path) == []
+        table.release()
+    assert len(os.listdir(tmp_path)) == 1
+    del table
+    gc.collect()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_table_that_cannot_be_parked_stays_whole(tmp_path: Path) -> None:
