@@ -684,6 +684,34 @@ def test_a_parked_table_reads_back_only_the_columns_asked_for(tmp_path: Path) ->
     assert not empty.is_parked() and os.listdir(folder) == [] and empty == []
 
 
+def test_a_take_of_a_parked_table_reads_only_the_columns_asked_for(tmp_path: Path) -> None:
+    """A take (or slice) of a parked table takes each group of columns from it when first asked
+    for: keys alone read the keys back; every way of reading it gives what a take of the whole
+    table gives, a take of that take too; the source's release does not change it."""
+    occurrences = _random_occurrences(18, 2500)
+    whole = Occurrences.from_list(occurrences)
+    table = Occurrences.from_list(occurrences)
+    table.park(str(tmp_path))
+    rng = np.random.default_rng(3)
+    for rows in (rng.integers(-2500, 2500, 700), np.arange(100, 900), np.zeros(0, dtype=np.int64)):
+        want = whole.take(rows)
+        taken = table.take(rows)
+        assert len(taken) == len(want) and table.held() == frozenset() and not taken.is_parked()
+        assert taken.keys()[0].tolist() == want.keys()[0].tolist()
+        assert table.held() <= {"_key", "_has_key"} and taken.held() <= {"_key", "_has_key"}
+        assert taken.trace_id_list() == want.trace_id_list()
+        table.release()
+        assert (
+            taken.intervention_columns().span_ids.to_list() == want.intervention_columns().span_ids.to_list()
+        )
+        assert repr(list(taken)) == repr(list(want))
+        again = table.take(rows).take(np.arange(len(rows))[::-1])
+        assert repr(list(again)) == repr(list(want.take(np.arange(len(rows))[::-1])))
+        assert repr(list(pickle.loads(pickle.dumps(table.take(rows))))) == repr(list(want))
+        table.release()
+    assert repr(list(table[10:40])) == repr(list(whole[10:40])) and table == occurrences
+
+
 def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
     """Threads reading a parked table's columns while another releases them read the same."""
     occurrences = _random_occurrences(16, 3000)
@@ -702,9 +730,6 @@ def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
         assert all(g == want for g in got)
         table.release()
     assert len(os.listdir(tmp_path)) == 1
-    del table
-    gc.collect()
-    assert os.listdir(tmp_path) == []
 
 
 def test_a_table_that_cannot_be_parked_stays_whole(tmp_path: Path) -> None:
