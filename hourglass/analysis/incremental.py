@@ -727,7 +727,7 @@ class IncrementalAnalysis:
             legacy.unlink(missing_ok=True)
         self._check_rows_format()
         self.spill = Spill(str(self.folder / "spill"), SPILL_BUCKETS)
-        # ``parked/``: a round's findings' occurrences while the next kinds decide
+        # ``parked/``: a round's findings' occurrences while the next kinds decide and the stages after
         # (``Occurrences.park``); what a crash left there is removed
         self.parked = self.folder / "parked"
         shutil.rmtree(self.parked, ignore_errors=True)
