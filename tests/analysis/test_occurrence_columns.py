@@ -713,10 +713,13 @@ def test_a_take_of_a_parked_table_reads_only_the_columns_asked_for(tmp_path: Pat
 
 
 def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
-    """Threads reading a parked table's columns while another releases them read the same."""
+    """Threads reading a parked table's columns while another releases them read the same, and
+    so do threads reading one take of it (its columns taken as first asked for)."""
     occurrences = _random_occurrences(16, 3000)
     table = Occurrences.from_list(occurrences)
     want = table.span_columns()[0].to_list()
+    rows = np.arange(2999, 0, -3)
+    want_taken = table.take(rows).span_columns()[0].to_list()
     table.park(str(tmp_path))
 
     def read(i: int) -> list[str]:
@@ -725,9 +728,12 @@ def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
         return table.span_columns()[0].to_list()
 
     for _ in range(5):
+        taken = table.take(rows)
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(read, range(12)))
+            got_taken = list(pool.map(lambda t: t.span_columns()[0].to_list(), [taken] * 8))
         assert all(g == want for g in got)
+        assert all(g == want_taken for g in got_taken)
         table.release()
     assert len(os.listdir(tmp_path)) == 1
 
