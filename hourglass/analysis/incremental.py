@@ -727,7 +727,7 @@ class IncrementalAnalysis:
             legacy.unlink(missing_ok=True)
         self._check_rows_format()
         self.spill = Spill(str(self.folder / "spill"), SPILL_BUCKETS)
-        # ``parked/``: a round's findings' occurrences while the next kinds decide
+        # ``parked/``: a round's findings' occurrences while the next kinds decide and the stages after
         # (``Occurrences.park``); what a crash left there is removed
         self.parked = self.folder / "parked"
         shutil.rmtree(self.parked, ignore_errors=True)
@@ -1065,7 +1065,6 @@ class IncrementalAnalysis:
                 extra is None and set(stored) == set(self.batches),
             )
             decided: dict[str, list[Finding]] = {}
-            last = list(PARTS)[-1]
             for kind in PARTS:
                 rows = partitions.combine(
                     {kind: on_the_fly[p].rows.get(kind, {})}
@@ -1078,10 +1077,12 @@ class IncrementalAnalysis:
                 memlog.note(f"rows of {kind} combined")
                 found = partitions.decide(rows, notes, batch_spill)
                 del rows
-                if kind != last:  # its occurrences wait on disk while the next kinds decide
-                    for finding in (f for fs in found.values() for f in fs):
-                        with contextlib.suppress(OSError):  # (a full disk: they stay in memory)
-                            finding.occurrence_table.park(str(self.parked))
+                # its occurrences wait on disk while the next kinds decide, and through the
+                # stages after the decisions, each of which reads back the columns it uses and
+                # lets them go after it (``pipeline._analyze_partitioned``: ``Occurrences.release``)
+                for finding in (f for fs in found.values() for f in fs):
+                    with contextlib.suppress(OSError):  # (a full disk: they stay in memory)
+                        finding.occurrence_table.park(str(self.parked))
                 decided.update(found)
         finally:
             if extra is not None:

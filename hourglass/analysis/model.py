@@ -457,8 +457,10 @@ class Occurrences(Sequence[Occurrence]):
     every one is a float, else the values themselves); the keys (uint64, with which are present).
     :meth:`from_list` round-trips exactly: ids as tuples, ints stay ints.
 
-    :meth:`park` writes the columns to a file and lets them go until they are next read (serve's
-    round: a kind's findings wait there while the next kinds decide)."""
+    :meth:`park` writes the columns to a file, each on its own, and lets them go: a column is read
+    back alone when next asked for, and :meth:`release` lets the read-back columns go again (serve's
+    round: the findings wait there while the next kinds decide, and each stage after the decisions
+    reads the columns it needs and lets them go after it)."""
 
     __slots__ = (
         "_has_key",
@@ -475,9 +477,11 @@ class Occurrences(Sequence[Occurrence]):
         "_key",
         "_n",
         "_nums",
+        "_park_at",
         "_parked",
         "_shape",
         "_shapes",
+        "_source",
         "_span_off",
         "_spans",
         "_trace",
@@ -503,6 +507,10 @@ class Occurrences(Sequence[Occurrence]):
     _key: np.ndarray
     _has_key: np.ndarray
     _parked: str | None  # the file of a parked table's columns (unset: never parked)
+    _park_at: dict[str, tuple[int, int]]  # a parked table's columns: where each is in the file
+    # a take of a parked table: (that table, the rows taken); each group of columns is taken when
+    # first asked for (unset: made whole)
+    _source: tuple[Occurrences, np.ndarray] | None
 
     # -- making ---------------------------------------------------------------------------------
 
@@ -888,42 +896,71 @@ class Occurrences(Sequence[Occurrence]):
     # -- parked in a file -----------------------------------------------------------------------
 
     def park(self, folder: str) -> None:
-        """Write the columns to a new file in ``folder`` and let them go: the first thing that
-        reads one of them (anything but ``len``) reads them all back and removes the file (also
-        removed when the occurrences are dropped without being read). Serve's round parks each
-        kind's findings while the next kinds decide: at 12M stored spans they held ~65 MiB under
-        the last kinds' decisions. Nothing to do when empty or parked already."""
+        """Write the columns to a new file in ``folder``, one after another, each pickled on its
+        own, and let them go: a column is read back alone the first time it is asked for (anything
+        but ``len``; an accessor reads those it uses) and stays until :meth:`release`; the file
+        is kept while the table lives (removed when it is dropped). Serve's round parks the
+        findings while the next kinds decide and between the stages that follow (at 12M stored
+        spans their columns are tens of MiB). Nothing to do when empty or parked already."""
         if self._n == 0 or getattr(self, "_parked", None) is not None:
             return
         fd, path = tempfile.mkstemp(prefix="occurrences-", suffix=".pickle", dir=folder)
+        at: dict[str, tuple[int, int]] = {}
         try:
             with os.fdopen(fd, "wb") as out:
-                pickle.dump(tuple(getattr(self, name) for name in _PARKED), out, protocol=5)
+                for name in _PARKED:
+                    start = out.tell()
+                    pickle.dump(getattr(self, name), out, protocol=5)
+                    at[name] = (start, out.tell() - start)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
         for name in _PARKED:
             delattr(self, name)
+        self._park_at = at
         self._parked = path
 
     def is_parked(self) -> bool:
+        """Whether the columns live in a file (read back one by one as asked for)."""
         return getattr(self, "_parked", None) is not None
 
+    def held(self) -> frozenset[str]:
+        """The columns in memory (a parked table's: those read back since it was parked or last
+        released; every one otherwise)."""
+        return frozenset(name for name in _PARKED if _has_slot(self, name))
+
+    def release(self) -> None:
+        """Let the columns read back go again (a parked table; nothing otherwise): what a stage of
+        serve's round read is not held through the next. A column asked for later is read from the
+        file again. Safe beside readers in other threads (a reader holds what it read; what it asks
+        for next is read back)."""
+        if getattr(self, "_parked", None) is None:
+            return
+        with _UNPARKING:
+            for name in _PARKED:
+                with contextlib.suppress(AttributeError):
+                    delattr(self, name)
+
     def __getattr__(self, name: str) -> Any:
-        """A column of a parked table: all of them read back (only called for a name not set)."""
+        """A column of a parked table, read back alone (only called for a name not set)."""
         if name in _PARKED_SET and getattr(self, "_parked", None) is not None:
             with _UNPARKING:
-                path = getattr(self, "_parked", None)
-                if path is not None:  # (else another thread read them back meanwhile)
-                    with open(path, "rb") as given:
-                        state = pickle.load(given)
-                    for column, value in zip(_PARKED, state, strict=True):
+                if _has_slot(self, name):  # (another thread read it back meanwhile)
+                    return object.__getattribute__(self, name)
+                start, size = self._park_at[name]
+                with open(self._parked, "rb") as given:  # type: ignore[arg-type]
+                    given.seek(start)
+                    value = pickle.loads(given.read(size))
+                setattr(self, name, value)
+                return value
+        if name in _PARKED_SET and getattr(self, "_source", None) is not None:
+            with _TAKING:
+                if not _has_slot(self, name):  # (else another thread took it meanwhile)
+                    source, rows = self._source  # type: ignore[misc]
+                    for column, value in _TAKEN_OF[name](source, rows).items():
                         setattr(self, column, value)
-                    self._parked = None
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            return object.__getattribute__(self, name)
+                return object.__getattribute__(self, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __del__(self) -> None:
@@ -1011,37 +1048,23 @@ class Occurrences(Sequence[Occurrence]):
     # -- columns --------------------------------------------------------------------------------
 
     def take(self, rows: np.ndarray | Sequence[int]) -> Occurrences:
-        """The occurrences at positions ``rows``, in that order."""
+        """The occurrences at positions ``rows``, in that order. Of a parked table: a table that
+        takes each group of columns from it when first asked for (the pricing's split by batch
+        reads the trace ids and the keys alone, unless a batch's findings are priced again)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < -self._n or rows.max() >= self._n):
             raise IndexError(f"occurrence index out of range (0..{self._n - 1})")
         rows = np.where(rows < 0, rows + self._n, rows)  # from the end, as a list's and numpy's
-        if len(rows) and rows[0] >= 0 and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
-            return self._range(int(rows[0]), int(rows[-1]) + 1)  # a run in order: views, no copy
-        self_rows = rows
         out = Occurrences.__new__(Occurrences)
         out._n = len(rows)
-        out._trace = self._trace.gather(rows)
-        flat, out._span_off = _gather_ranges(self._span_off, self_rows)
-        out._spans = self._spans.gather(flat)
-        ivs, out._iv_off = _gather_ranges(self._iv_off, self_rows)
-        out._iv_kind = self._iv_kind[ivs]
-        out._iv_start = self._iv_start[ivs]
-        out._iv_len = self._iv_len[ivs]
-        extra, out._iv_ex_off = _gather_ranges(self._iv_ex_off, ivs)
-        out._iv_extra = self._iv_extra.gather(extra)
-        out._iv_ptype = self._iv_ptype[ivs]
-        out._iv_int = self._iv_int[ivs]
-        out._iv_float = self._iv_float[ivs]
-        out._iv_obj = [self._iv_obj[i] for i in ivs.tolist()] if self._iv_obj is not None else None
-        out._shape = self._shape[rows]
-        out._shapes = self._shapes
-        out._nums = {
-            name: (column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows.tolist()])
-            for name, column in self._nums.items()
-        }
-        out._key = self._key[rows]
-        out._has_key = self._has_key[rows]
+        if self.is_parked():
+            out._source = (self, rows)
+            return out
+        if len(rows) and rows[0] >= 0 and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            return self._range(int(rows[0]), int(rows[-1]) + 1)  # a run in order: views, no copy
+        for group in _TAKEN:
+            for name, value in group(self, rows).items():
+                setattr(out, name, value)
         return out
 
     def _range(self, a: int, b: int) -> Occurrences:
@@ -1187,10 +1210,71 @@ class Occurrences(Sequence[Occurrence]):
         return InterventionColumns(owner, self._iv_kind[ivs], ints, floats, span_ids, lengths)
 
 
-_COLUMNS = tuple(name for name in Occurrences.__slots__ if name != "_parked")  # what pickles
+_KEPT_APART = ("_parked", "_park_at", "_source")  # (where the columns are: not pickled)
+_COLUMNS = tuple(name for name in Occurrences.__slots__ if name not in _KEPT_APART)  # what pickles
 _PARKED = tuple(name for name in _COLUMNS if name != "_n")  # what a parked table lets go
 _PARKED_SET = frozenset(_PARKED)
 _UNPARKING = threading.Lock()
+_TAKING = threading.RLock()  # (a take of a take of a parked table takes from the first take)
+
+
+def _taken_trace(source: Occurrences, rows: np.ndarray) -> dict[str, Any]:
+    return {"_trace": source._trace.gather(rows)}
+
+
+def _taken_spans(source: Occurrences, rows: np.ndarray) -> dict[str, Any]:
+    flat, offsets = _gather_ranges(source._span_off, rows)
+    return {"_span_off": offsets, "_spans": source._spans.gather(flat)}
+
+
+def _taken_interventions(source: Occurrences, rows: np.ndarray) -> dict[str, Any]:
+    ivs, iv_off = _gather_ranges(source._iv_off, rows)
+    extra, ex_off = _gather_ranges(source._iv_ex_off, ivs)
+    obj = source._iv_obj
+    return {
+        "_iv_off": iv_off,
+        "_iv_kind": source._iv_kind[ivs],
+        "_iv_start": source._iv_start[ivs],
+        "_iv_len": source._iv_len[ivs],
+        "_iv_ex_off": ex_off,
+        "_iv_extra": source._iv_extra.gather(extra),
+        "_iv_ptype": source._iv_ptype[ivs],
+        "_iv_int": source._iv_int[ivs],
+        "_iv_float": source._iv_float[ivs],
+        "_iv_obj": [obj[i] for i in ivs.tolist()] if obj is not None else None,
+    }
+
+
+def _taken_numbers(source: Occurrences, rows: np.ndarray) -> dict[str, Any]:
+    return {
+        "_shape": source._shape[rows],
+        "_shapes": source._shapes,
+        "_nums": {
+            name: (column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows.tolist()])
+            for name, column in source._nums.items()
+        },
+    }
+
+
+def _taken_keys(source: Occurrences, rows: np.ndarray) -> dict[str, Any]:
+    return {"_key": source._key[rows], "_has_key": source._has_key[rows]}
+
+
+# ``Occurrences.take``'s columns, in groups taken together (each group reads its own columns)
+_TAKEN = (_taken_trace, _taken_spans, _taken_interventions, _taken_numbers, _taken_keys)
+_TAKEN_OF = {
+    name: group for group in _TAKEN for name in group(Occurrences.from_list([]), np.zeros(0, dtype=np.int64))
+}
+assert set(_TAKEN_OF) == _PARKED_SET
+
+
+def _has_slot(table: Occurrences, name: str) -> bool:
+    """Whether ``table``'s slot ``name`` is set (not read back from its file: no ``__getattr__``)."""
+    try:
+        object.__getattribute__(table, name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _restore(state: tuple[Any, ...]) -> Occurrences:

@@ -546,6 +546,13 @@ def analyze_partitioned(
             _beside(split.remove)  # the process waits for it before it exits
 
 
+def _let_go(findings: list[Finding]) -> None:
+    """The columns of parked occurrences that a stage read back let go again before the next
+    (serve's round parks them: :meth:`Occurrences.release`; nothing for occurrences in memory)."""
+    for finding in findings:
+        finding.occurrence_table.release()
+
+
 def _beside(fn: Callable[[], T]) -> Future[T]:
     """``fn()`` run in a thread of its own, beside what this thread does next (a thread that is
     not a daemon: the process waits for it before it exits, so a removal is never cut short)."""
@@ -623,9 +630,11 @@ def _analyze_partitioned(
     impacts, calls = partitions.run_pricing(
         source, parts, executor, kept, progress, calls=True, trace_parts=extracted.trace_parts
     )
+    _let_go(extracted.findings)
     ranked = score(
         extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
     )
+    _let_go(extracted.findings)
     near_misses = uncovered_near_misses(notes.near_misses, ranked) if explain else None
     report = build_report(
         ranked,
@@ -633,6 +642,7 @@ def _analyze_partitioned(
         spans_analyzed=extracted.spans,
         near_misses=near_misses,
     )
+    _let_go(extracted.findings)
     resources = service_resources(
         service_traces.result() if service_traces is not None else read_traces(service_ids)
     )
@@ -645,6 +655,7 @@ def _analyze_partitioned(
     ctx.cache["call_stats"] = {fid: duration_stats(d) for fid, d in calls.items()}
     ctx.cache["scope_languages"] = scope_languages(extracted.services)
     write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
+    _let_go(extracted.findings)
 
     def priced_together(found: list[Finding]) -> dict[str, Impact]:
         return partitions.run_pricing(
@@ -665,6 +676,7 @@ def _analyze_partitioned(
     except Exception:
         log.exception("the workstream plan failed")
         report["workstreams"] = []
+    _let_go(extracted.findings)
     # The endpoints' critical paths, decided on the partitions' combined rows: the same as at once.
     report["critical_paths"] = extracted.critical_paths
     return report, ranked

@@ -28,6 +28,7 @@ import pytest
 
 from hourglass.analysis.incremental import IncrementalAnalysis, MemoExecutor, sidecar_path
 from hourglass.analysis.model import Occurrences
+from hourglass.analysis.trace_index import TraceIndex
 from hourglass.api.analysis_worker import StoreReader, run_incremental
 from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.files import read_trace_files
@@ -117,6 +118,16 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         parked.append((len(self), self.is_parked()))
 
     monkeypatch.setattr(Occurrences, "park", parking)
+    # when the trace index is built (the round's last stage): each finding's occurrences, whether
+    # parked and which columns the stages before left in memory
+    at_index: list[tuple[str, bool, frozenset[str]]] = []
+    build = TraceIndex.build
+
+    def building(report: dict[str, Any], findings: list[Any]) -> TraceIndex:
+        at_index.extend((f.kind, f.occurrence_table.is_parked(), f.occurrence_table.held()) for f in findings)
+        return build(report, findings)
+
+    monkeypatch.setattr(TraceIndex, "build", staticmethod(building))
     db = tmp_path / "spans.duckdb"
     sidecar = sidecar_path(str(db))
     assert sidecar is not None
@@ -146,10 +157,13 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         assert any(r["id"].startswith("lock_contention") for r in report["recommendations"]), [
             r["id"] for r in report["recommendations"]
         ]
-        # the findings' occurrences waited on disk while the next kinds decided, and every one
-        # was read back (its file removed) by the report's end
+        # the findings' occurrences (every kind's, the last too) waited on disk while the next
+        # kinds decided and through the stages after, and their files went with the round's findings
         assert parked and all(was for n, was in parked if n), parked
         assert not list(state.parked.iterdir())
+        # every kind's (the last decided too), each stage letting go of the columns it read back
+        assert {kind for kind, _, _ in at_index} >= {"serialized_calls", "lock_contention"}, at_index
+        assert all(was and not held for _, was, held in at_index), at_index
         state.close()
     finally:
         store.close()

@@ -631,38 +631,51 @@ def test_empty_tables_of_any_making() -> None:
 # -- parked in a file -----------------------------------------------------------------------------
 
 
-def test_a_parked_table_lets_its_columns_go_and_reads_them_back_whole(tmp_path: Path) -> None:
+def test_a_parked_table_reads_back_only_the_columns_asked_for(tmp_path: Path) -> None:
     """``park``: the columns written to one file and let go (``len`` still answers); whatever reads
-    a column next (an occurrence, an accessor, a take, a pickle) reads them all back, exactly, and
-    the file is removed; a parked table dropped unread removes its file too."""
+    next (an occurrence, an accessor, a take, a pickle) reads back exactly the columns it uses, each
+    alone, and gets them as they were; ``release`` lets them go again (the file stays, and a column
+    asked for later is read again); a parked table dropped removes its file."""
     occurrences = _random_occurrences(15, 2000)
     table = Occurrences.from_list(occurrences)
     folder = str(tmp_path)
-    readers = [  # (what each reads, as its repr: a NaN number compares)
-        lambda t: repr(list(t)),
-        lambda t: repr(t[17]),
-        lambda t: t.trace_id_list(),
-        lambda t: t.span_columns()[0].to_list(),
-        lambda t: t.intervention_columns().span_ids.to_list(),
-        lambda t: repr(list(t.take([5, 1]))),
-        lambda t: repr(list(pickle.loads(pickle.dumps(t)))),
-        lambda t: t.number_column("calls")[1].tolist(),
+    every = table.held()
+    assert "_trace" in every and "_nums" in every and "_n" not in every
+    readers = [  # (what each reads, as its repr: a NaN number compares; the columns it needs, None: all)
+        (lambda t: repr(list(t)), None),
+        (lambda t: repr(t[17]), None),
+        (lambda t: t.trace_id_list(), {"_trace"}),
+        (lambda t: t.span_columns()[0].to_list(), {"_spans", "_span_off"}),
+        (lambda t: t.keys()[0].tolist(), {"_key", "_has_key"}),
+        (lambda t: t.number_column("calls")[1].tolist(), {"_shapes", "_shape", "_nums"}),
+        (lambda t: t.has_interventions().tolist(), {"_iv_off"}),
+        (lambda t: t.intervention_columns().span_ids.to_list(), None),
+        (lambda t: repr(list(t.take([5, 1]))), None),
+        (lambda t: repr(list(pickle.loads(pickle.dumps(t)))), None),
     ]
-    for read in readers:
-        want = read(table)
-        table.park(folder)
-        assert table.is_parked() and len(os.listdir(folder)) == 1
-        for column in ("_trace", "_spans", "_span_off", "_nums", "_key"):
-            with pytest.raises(AttributeError):
-                object.__getattribute__(table, column)  # let go, not merely hidden
-        assert len(table) == len(occurrences) and table.is_parked()  # (len reads no column)
-        got = read(table)
-        assert not table.is_parked() and os.listdir(folder) == []
-        assert got == want
-    assert table == occurrences
     table.park(folder)
+    assert table.is_parked() and len(os.listdir(folder)) == 1 and table.held() == frozenset()
+    for column in ("_trace", "_spans", "_span_off", "_nums", "_key"):
+        with pytest.raises(AttributeError):
+            object.__getattribute__(table, column)  # let go, not merely hidden
+    assert len(table) == len(occurrences) and table.held() == frozenset()  # (len reads no column)
+    whole = Occurrences.from_list(occurrences)
+    for read, needs in readers:
+        want = read(whole)
+        got = read(table)
+        assert got == want
+        assert table.is_parked() and len(os.listdir(folder)) == 1  # (the file stays)
+        if needs is not None:
+            assert table.held() == needs, read
+        table.release()
+        assert table.held() == frozenset()
+        assert read(table) == want  # (read from the file again)
+        table.release()
+    assert table == occurrences
     table.park(folder)  # (parked already: nothing more)
     assert len(os.listdir(folder)) == 1
+    whole.release()  # (not parked: nothing to let go)
+    assert whole.held() == every and whole == occurrences
     del table
     gc.collect()
     assert os.listdir(folder) == []
@@ -671,16 +684,58 @@ def test_a_parked_table_lets_its_columns_go_and_reads_them_back_whole(tmp_path: 
     assert not empty.is_parked() and os.listdir(folder) == [] and empty == []
 
 
+def test_a_take_of_a_parked_table_reads_only_the_columns_asked_for(tmp_path: Path) -> None:
+    """A take (or slice) of a parked table takes each group of columns from it when first asked
+    for: keys alone read the keys back; every way of reading it gives what a take of the whole
+    table gives, a take of that take too; the source's release does not change it."""
+    occurrences = _random_occurrences(18, 2500)
+    whole = Occurrences.from_list(occurrences)
+    table = Occurrences.from_list(occurrences)
+    table.park(str(tmp_path))
+    rng = np.random.default_rng(3)
+    for rows in (rng.integers(-2500, 2500, 700), np.arange(100, 900), np.zeros(0, dtype=np.int64)):
+        want = whole.take(rows)
+        taken = table.take(rows)
+        assert len(taken) == len(want) and table.held() == frozenset() and not taken.is_parked()
+        assert taken.keys()[0].tolist() == want.keys()[0].tolist()
+        assert table.held() <= {"_key", "_has_key"} and taken.held() <= {"_key", "_has_key"}
+        assert taken.trace_id_list() == want.trace_id_list()
+        table.release()
+        assert (
+            taken.intervention_columns().span_ids.to_list() == want.intervention_columns().span_ids.to_list()
+        )
+        assert repr(list(taken)) == repr(list(want))
+        again = table.take(rows).take(np.arange(len(rows))[::-1])
+        assert repr(list(again)) == repr(list(want.take(np.arange(len(rows))[::-1])))
+        assert repr(list(pickle.loads(pickle.dumps(table.take(rows))))) == repr(list(want))
+        table.release()
+    assert repr(list(table[10:40])) == repr(list(whole[10:40])) and table == occurrences
+
+
 def test_a_parked_table_read_by_several_threads_at_once(tmp_path: Path) -> None:
+    """Threads reading a parked table's columns while another releases them read the same, and
+    so do threads reading one take of it (its columns taken as first asked for)."""
     occurrences = _random_occurrences(16, 3000)
     table = Occurrences.from_list(occurrences)
     want = table.span_columns()[0].to_list()
+    rows = np.arange(2999, 0, -3)
+    want_taken = table.take(rows).span_columns()[0].to_list()
+    table.park(str(tmp_path))
+
+    def read(i: int) -> list[str]:
+        if i % 3 == 0:
+            table.release()
+        return table.span_columns()[0].to_list()
+
     for _ in range(5):
-        table.park(str(tmp_path))
+        taken = table.take(rows)
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda _: table.span_columns()[0].to_list(), range(8)))
+            got = list(pool.map(read, range(12)))
+            got_taken = list(pool.map(lambda t: t.span_columns()[0].to_list(), [taken] * 8))
         assert all(g == want for g in got)
-        assert os.listdir(tmp_path) == []
+        assert all(g == want_taken for g in got_taken)
+        table.release()
+    assert len(os.listdir(tmp_path)) == 1
 
 
 def test_a_table_that_cannot_be_parked_stays_whole(tmp_path: Path) -> None:
