@@ -211,3 +211,96 @@ def test_a_write_below_the_bound_during_a_count_is_not_lost(tmp_path: Path, when
         expected = StoreStats(spans=5, traces=3) if when == "before" else StoreStats(spans=3, traces=2)
         assert counted == expected
         assert store.stats() == _recount(store) == StoreStats(spans=5, traces=3)
+
+
+def _check_ranges(store: DuckDBSpanStore) -> None:
+    """Every stored row ingested before the ranges' bound lies in its trace hash's range."""
+    ranges = store._trace_ranges
+    if ranges is None:
+        return
+    rows = (
+        store._cursor()
+        .execute("SELECT hash(trace_id), ingested_ns FROM spans WHERE ingested_ns < ?", [ranges.bound])
+        .fetchall()
+    )
+    for h, ingested in rows:
+        (covering,) = ranges.ranges([h]) or [None]
+        assert covering is not None and covering[0] <= ingested <= covering[1], (h, ingested)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_compaction_in_the_traces_ranges_keeps_the_first_copy_of_every_span(
+    make_store: Callable[[], DuckDBSpanStore], seed: int
+) -> None:
+    """Counts and compactions read the older rows of the traces that got rows in those traces'
+    ingest ranges (``_TraceRanges``): after any mix of writes (re-sent spans of old traces, rows
+    stamped before counted ones), counts, compactions and retention, each compaction leaves
+    exactly the first ingested copy of every span, and the ranges cover every row below their bound."""
+    rng = random.Random(seed)
+    store = make_store()
+    clock = time.time_ns() - 3600 * SECOND
+    ranged = 0  # compactions that ran with the ranges
+    for step in range(150):
+        action = rng.random()
+        if action < 0.6:
+            clock += SECOND
+            stamp = clock
+            if rng.random() < 0.2:  # stamped before rows already counted
+                stamp = clock - rng.randint(1, 400) * SECOND
+            # old traces (low numbers) get re-sent spans and new ones far apart in time
+            keys = [(rng.randint(1, 40), rng.randint(1, 6)) for _ in range(rng.randint(1, 20))]
+            keys += [(step * 100 + rng.randint(1, 3), 1)]
+            store.write(_rows(keys, stamp, end_ns=clock + rng.randint(-50, 50) * SECOND))
+        elif action < 0.75:
+            store.load_staged()
+            firsts = sorted(
+                store._cursor()
+                .execute("SELECT trace_id, span_id, min(ingested_ns) FROM spans GROUP BY ALL")
+                .fetchall()
+            )
+            ranged += store._trace_ranges is not None and store._dirty_since_ns is not None
+            store.compact()
+            kept = sorted(
+                store._cursor().execute("SELECT trace_id, span_id, ingested_ns FROM spans").fetchall()
+            )
+            assert kept == firsts, f"step {step}"
+        elif action < 0.8:
+            store.delete_older_than(clock + rng.randint(-300, -100) * SECOND)
+        if rng.random() < 0.3:  # not after every change: compactions also follow late writes uncounted
+            assert store.stats() == _recount(store), f"step {step}"
+        _check_ranges(store)
+    assert ranged > 10
+    assert store.stats() == _recount(store)
+
+
+def test_a_count_reads_the_new_traces_ranges_not_the_whole_table(tmp_path: Path) -> None:
+    """With many row groups stored, a count after a few new rows (some of an old trace) caches a
+    small part of what the count over every stored trace id cached (the whole trace_id, span_id
+    and ingested_ns columns), and is exact."""
+    path = str(tmp_path / "spans.duckdb")
+    start = time.time_ns() - 7200 * SECOND
+    with DuckDBSpanStore(path) as store:
+        for group in range(8):  # 8 row groups of 4 spans per trace, a second apart each
+            keys = [(group * 30_720 + t, s) for t in range(30_720) for s in range(4)]
+            store.write(_rows(keys, start + group * SECOND, end_ns=start))
+    with DuckDBSpanStore(path, memory_limit="256MB") as store:
+        assert store.stats() == StoreStats(spans=8 * 122_880, traces=8 * 30_720)
+        store.write(_rows([(1, 9), (10**6, 1), (10**6, 2), (5, 0)], start + 100 * SECOND, end_ns=start))
+        store.release_cache(min_bytes=1, headroom_bytes=0)
+
+        def cached() -> int:
+            return int(store.memory_usage()["by_tag"].get("BASE_TABLE", 0))
+
+        before = cached()
+        assert store._stats()[0] == StoreStats(spans=8 * 122_880 + 3, traces=8 * 30_720 + 1)
+        ranged = cached() - before
+        store.release_cache(min_bytes=1, headroom_bytes=0)
+        before = cached()
+        store._cursor().execute(  # what the count read before: every row's trace id and span id
+            "SELECT count(DISTINCT (trace_id, span_id)), min(ingested_ns) FROM spans"
+            " WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)",
+            [start + 100 * SECOND],
+        ).fetchall()
+        whole = cached() - before
+        assert whole > 4 * max(ranged, 1), (ranged, whole)
+        assert store.stats() == _recount(store)
