@@ -183,6 +183,7 @@ class _TraceRanges:
         """The ingest-time ranges of the traces with these hashes (those not held: none)."""
         import numpy as np
 
+        hashes = np.asarray(hashes, dtype=np.uint64)  # (Python ints: not compared as floats)
         if not len(self.keys) or not len(hashes):
             return []
         at = np.searchsorted(self.keys, hashes).clip(max=len(self.keys) - 1)
@@ -1354,12 +1355,10 @@ class DuckDBSpanStore:
             ranges = _merge_ranges(ingested_ranges, MAX_INGESTED_RANGES)
             conditions.append("(" + " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges)) + ")")
             params.extend(int(bound) for pair in ranges for bound in pair)  # type: ignore[misc]
-        query = (
-            f"SELECT {', '.join(selected)} FROM spans WHERE {' AND '.join(conditions)} "
-            f"{_DEDUP} ORDER BY trace_id, start_ns, span_id"
-        )
-        table = self._cursor().sql(query, params=params).to_arrow_table()
-        return self._conform(table, selected)
+        # read as stored and checked for copies (a window over the rows only when there are):
+        # the window over every row read held a second sorted copy of them in DuckDB's memory
+        source = f"(SELECT * FROM spans WHERE {' AND '.join(conditions)})"
+        return self._read_spans(selected, source, params, string_views=False)
 
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests
