@@ -964,8 +964,19 @@ class DuckDBSpanStore:
 
     @_read
     def trace(self, trace_id: str) -> pa.Table:
-        """All spans of one trace with every column (empty table when unknown)."""
-        return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
+        """All spans of one trace with every column (empty table when unknown). Read in the
+        trace's ingest range (and the rows after the ranges' bound) once the stored traces'
+        ranges are known (``_TraceRanges``), instead of looking at every stored trace id: the
+        report page reads one trace per recommendation, the REST and Jaeger APIs one per view."""
+        self.load_staged()  # first: a row it loads below the ranges' bound lowers it
+        trace_id = trace_id.lower()
+        (h,) = self._cursor().execute("SELECT hash(?::VARCHAR)", [trace_id]).fetchall()[0]
+        with self._write_lock:
+            index = self._trace_ranges
+            ranges = None if index is None else [*index.ranges([h]), (index.bound, _INT64_MAX)]
+        if ranges is None:
+            return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
+        return self.scan_traces([trace_id], ingested_ranges=ranges, columns=SPAN_COLUMNS)
 
     def stats(self) -> StoreStats:
         """Unique span and trace counts (duplicates not yet compacted are not counted); the last

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.schema import SPAN_COLUMNS
 from hourglass.collector.store import StoreStats
 from tests.builders import TraceBuilder, spans_table
 
@@ -304,3 +305,35 @@ def test_a_count_reads_the_new_traces_ranges_not_the_whole_table(tmp_path: Path)
         whole = cached() - before
         assert whole > 4 * max(ranged, 1), (ranged, whole)
         assert store.stats() == _recount(store)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_a_trace_read_in_its_ingest_range_is_the_whole_trace(
+    make_store: Callable[[], DuckDBSpanStore], seed: int
+) -> None:
+    """``trace()`` reads one trace in its ingest range once the ranges are known: the same rows as
+    the read over every stored trace id, with spans written far apart in time, stamped before
+    counted rows (no count since), copies, compactions and retention between the reads."""
+    rng = random.Random(seed)
+    store = make_store()
+    clock = time.time_ns() - 3600 * SECOND
+    ranged = 0
+    for step in range(120):
+        action = rng.random()
+        if action < 0.6:
+            clock += SECOND
+            stamp = clock if rng.random() > 0.2 else clock - rng.randint(1, 400) * SECOND
+            keys = [(rng.randint(1, 30), rng.randint(1, 6)) for _ in range(rng.randint(1, 10))]
+            store.write(_rows(keys, stamp, end_ns=clock + rng.randint(-50, 50) * SECOND))
+        elif action < 0.7:
+            store.compact()
+        elif action < 0.75:
+            store.delete_older_than(clock + rng.randint(-300, -100) * SECOND)
+        elif action < 0.9:
+            store.stats()
+        trace_id = f"{rng.randint(1, 31):032x}"
+        ranged += store._trace_ranges is not None
+        expected = store.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
+        assert store.trace(trace_id).equals(expected), f"step {step}"
+        assert store.trace(trace_id.upper()).equals(expected)
+    assert ranged > 50
