@@ -1366,10 +1366,12 @@ class DuckDBSpanStore:
             ranges = _merge_ranges(ingested_ranges, MAX_INGESTED_RANGES)
             conditions.append("(" + " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges)) + ")")
             params.extend(int(bound) for pair in ranges for bound in pair)  # type: ignore[misc]
-        # read as stored and checked for copies (a window over the rows only when there are):
-        # the window over every row read held a second sorted copy of them in DuckDB's memory
-        source = f"(SELECT * FROM spans WHERE {' AND '.join(conditions)})"
-        return self._read_spans(selected, source, params, string_views=False)
+        query = (
+            f"SELECT {', '.join(selected)} FROM spans WHERE {' AND '.join(conditions)} "
+            f"{_DEDUP} ORDER BY trace_id, start_ns, span_id"
+        )
+        table = self._cursor().sql(query, params=params).to_arrow_table()
+        return self._conform(table, selected)
 
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests
