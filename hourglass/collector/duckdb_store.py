@@ -205,13 +205,13 @@ class _TraceRanges:
             np.maximum.at(self.last, at[held], last[held])
         else:
             held = np.zeros(len(hashes), dtype=bool)
-        if not held.all():
-            new = ~held
-            keys = np.concatenate([self.keys, hashes[new]])
-            order = np.argsort(keys, kind="stable")
-            self.keys = keys[order]
-            self.first = np.concatenate([self.first, first[new]])[order]
-            self.last = np.concatenate([self.last, last[new]])[order]
+        if not held.all():  # the new hashes inserted in order (one copy of the arrays, no sort)
+            order = np.argsort(hashes[~held])
+            new_keys = hashes[~held][order]
+            at = np.searchsorted(self.keys, new_keys)
+            self.keys = np.insert(self.keys, at, new_keys)
+            self.first = np.insert(self.first, at, first[~held][order])
+            self.last = np.insert(self.last, at, last[~held][order])
         self.bound = max(self.bound, bound)
 
 

@@ -337,3 +337,41 @@ def test_a_trace_read_in_its_ingest_range_is_the_whole_trace(
         assert store.trace(trace_id).equals(expected), f"step {step}"
         assert store.trace(trace_id.upper()).equals(expected)
     assert ranged > 50
+
+
+def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
+    """``_TraceRanges.add`` widens the range of a hash it holds and inserts new hashes in order
+    (searched by ``ranges``): checked against a dict over 50 additions that repeat a third of
+    the hashes held, hashes above 2^63 included."""
+    import numpy as np
+
+    from hourglass.collector.duckdb_store import _TraceRanges
+
+    rng = np.random.default_rng(1)
+    truth: dict[int, tuple[int, int]] = {}
+
+    def figures(n: int) -> dict[str, np.ndarray]:
+        hashes = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+        if truth:
+            hashes[: n // 3] = rng.choice(np.array(list(truth), dtype=np.uint64), n // 3)
+        hashes = np.unique(hashes)
+        first = rng.integers(0, 10**6, len(hashes))
+        return {"h": hashes, "first": first, "last": first + rng.integers(0, 1000, len(hashes))}
+
+    def record(f: dict[str, np.ndarray]) -> None:
+        for h, a, b in zip(f["h"].tolist(), f["first"].tolist(), f["last"].tolist(), strict=True):
+            held = truth.get(h)
+            truth[h] = (a, b) if held is None else (min(a, held[0]), max(b, held[1]))
+
+    start = figures(1000)
+    ranges = _TraceRanges(start, 0)
+    record(start)
+    for step in range(50):
+        more = figures(300)
+        ranges.add(more, step)
+        record(more)
+    assert ranges.bound == 49
+    assert bool(np.all(ranges.keys[1:] > ranges.keys[:-1])) and len(ranges.keys) == len(truth)
+    for h, expected in truth.items():
+        assert ranges.ranges([h]) == [expected]
+    assert ranges.ranges([h for h in range(5)]) == []  # (none of these held)
