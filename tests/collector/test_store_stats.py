@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.schema import SPAN_COLUMNS
 from hourglass.collector.store import StoreStats
 from tests.builders import TraceBuilder, spans_table
 
@@ -211,3 +212,166 @@ def test_a_write_below_the_bound_during_a_count_is_not_lost(tmp_path: Path, when
         expected = StoreStats(spans=5, traces=3) if when == "before" else StoreStats(spans=3, traces=2)
         assert counted == expected
         assert store.stats() == _recount(store) == StoreStats(spans=5, traces=3)
+
+
+def _check_ranges(store: DuckDBSpanStore) -> None:
+    """Every stored row ingested before the ranges' bound lies in its trace hash's range."""
+    ranges = store._trace_ranges
+    if ranges is None:
+        return
+    rows = (
+        store._cursor()
+        .execute("SELECT hash(trace_id), ingested_ns FROM spans WHERE ingested_ns < ?", [ranges.bound])
+        .fetchall()
+    )
+    for h, ingested in rows:
+        (covering,) = ranges.ranges([h]) or [None]
+        assert covering is not None and covering[0] <= ingested <= covering[1], (h, ingested)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_compaction_in_the_traces_ranges_keeps_the_first_copy_of_every_span(
+    make_store: Callable[[], DuckDBSpanStore], seed: int
+) -> None:
+    """Counts and compactions read the older rows of the traces that got rows in those traces'
+    ingest ranges (``_TraceRanges``): after any mix of writes (re-sent spans of old traces, rows
+    stamped before counted ones), counts, compactions and retention, each compaction leaves
+    exactly the first ingested copy of every span, and the ranges cover every row below their bound."""
+    rng = random.Random(seed)
+    store = make_store()
+    clock = time.time_ns() - 3600 * SECOND
+    ranged = 0  # compactions that ran with the ranges
+    for step in range(150):
+        action = rng.random()
+        if action < 0.6:
+            clock += SECOND
+            stamp = clock
+            if rng.random() < 0.2:  # stamped before rows already counted
+                stamp = clock - rng.randint(1, 400) * SECOND
+            # old traces (low numbers) get re-sent spans and new ones far apart in time
+            keys = [(rng.randint(1, 40), rng.randint(1, 6)) for _ in range(rng.randint(1, 20))]
+            keys += [(step * 100 + rng.randint(1, 3), 1)]
+            store.write(_rows(keys, stamp, end_ns=clock + rng.randint(-50, 50) * SECOND))
+        elif action < 0.75:
+            store.load_staged()
+            firsts = sorted(
+                store._cursor()
+                .execute("SELECT trace_id, span_id, min(ingested_ns) FROM spans GROUP BY ALL")
+                .fetchall()
+            )
+            ranged += store._trace_ranges is not None and store._dirty_since_ns is not None
+            store.compact()
+            kept = sorted(
+                store._cursor().execute("SELECT trace_id, span_id, ingested_ns FROM spans").fetchall()
+            )
+            assert kept == firsts, f"step {step}"
+        elif action < 0.8:
+            store.delete_older_than(clock + rng.randint(-300, -100) * SECOND)
+        if rng.random() < 0.3:  # not after every change: compactions also follow late writes uncounted
+            assert store.stats() == _recount(store), f"step {step}"
+        _check_ranges(store)
+    assert ranged > 10
+    assert store.stats() == _recount(store)
+
+
+def test_a_count_reads_the_new_traces_ranges_not_the_whole_table(tmp_path: Path) -> None:
+    """With many row groups stored, a count after a few new rows (some of an old trace) caches a
+    small part of what the count over every stored trace id cached (the whole trace_id, span_id
+    and ingested_ns columns), and is exact."""
+    path = str(tmp_path / "spans.duckdb")
+    start = time.time_ns() - 7200 * SECOND
+    with DuckDBSpanStore(path) as store:
+        for group in range(8):  # 8 row groups of 4 spans per trace, a second apart each
+            keys = [(group * 30_720 + t, s) for t in range(30_720) for s in range(4)]
+            store.write(_rows(keys, start + group * SECOND, end_ns=start))
+    with DuckDBSpanStore(path, memory_limit="256MB") as store:
+        assert store.stats() == StoreStats(spans=8 * 122_880, traces=8 * 30_720)
+        store.write(_rows([(1, 9), (10**6, 1), (10**6, 2), (5, 0)], start + 100 * SECOND, end_ns=start))
+        store.release_cache(min_bytes=1, headroom_bytes=0)
+
+        def cached() -> int:
+            return int(store.memory_usage()["by_tag"].get("BASE_TABLE", 0))
+
+        before = cached()
+        assert store._stats()[0] == StoreStats(spans=8 * 122_880 + 3, traces=8 * 30_720 + 1)
+        ranged = cached() - before
+        store.release_cache(min_bytes=1, headroom_bytes=0)
+        before = cached()
+        store._cursor().execute(  # what the count read before: every row's trace id and span id
+            "SELECT count(DISTINCT (trace_id, span_id)), min(ingested_ns) FROM spans"
+            " WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)",
+            [start + 100 * SECOND],
+        ).fetchall()
+        whole = cached() - before
+        assert whole > 4 * max(ranged, 1), (ranged, whole)
+        assert store.stats() == _recount(store)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_a_trace_read_in_its_ingest_range_is_the_whole_trace(
+    make_store: Callable[[], DuckDBSpanStore], seed: int
+) -> None:
+    """``trace()`` reads one trace in its ingest range once the ranges are known: the same rows as
+    the read over every stored trace id, with spans written far apart in time, stamped before
+    counted rows (no count since), copies, compactions and retention between the reads."""
+    rng = random.Random(seed)
+    store = make_store()
+    clock = time.time_ns() - 3600 * SECOND
+    ranged = 0
+    for step in range(120):
+        action = rng.random()
+        if action < 0.6:
+            clock += SECOND
+            stamp = clock if rng.random() > 0.2 else clock - rng.randint(1, 400) * SECOND
+            keys = [(rng.randint(1, 30), rng.randint(1, 6)) for _ in range(rng.randint(1, 10))]
+            store.write(_rows(keys, stamp, end_ns=clock + rng.randint(-50, 50) * SECOND))
+        elif action < 0.7:
+            store.compact()
+        elif action < 0.75:
+            store.delete_older_than(clock + rng.randint(-300, -100) * SECOND)
+        elif action < 0.9:
+            store.stats()
+        trace_id = f"{rng.randint(1, 31):032x}"
+        ranged += store._trace_ranges is not None
+        expected = store.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
+        assert store.trace(trace_id).equals(expected), f"step {step}"
+        assert store.trace(trace_id.upper()).equals(expected)
+    assert ranged > 50
+
+
+def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
+    """``_TraceRanges.add`` widens the range of a hash it holds and inserts new hashes in order
+    (searched by ``ranges``): checked against a dict over 50 additions that repeat a third of
+    the hashes held, hashes above 2^63 included."""
+    import numpy as np
+
+    from hourglass.collector.duckdb_store import _TraceRanges
+
+    rng = np.random.default_rng(1)
+    truth: dict[int, tuple[int, int]] = {}
+
+    def figures(n: int) -> dict[str, np.ndarray]:
+        hashes = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+        if truth:
+            hashes[: n // 3] = rng.choice(np.array(list(truth), dtype=np.uint64), n // 3)
+        hashes = np.unique(hashes)
+        first = rng.integers(0, 10**6, len(hashes))
+        return {"h": hashes, "first": first, "last": first + rng.integers(0, 1000, len(hashes))}
+
+    def record(f: dict[str, np.ndarray]) -> None:
+        for h, a, b in zip(f["h"].tolist(), f["first"].tolist(), f["last"].tolist(), strict=True):
+            held = truth.get(h)
+            truth[h] = (a, b) if held is None else (min(a, held[0]), max(b, held[1]))
+
+    start = figures(1000)
+    ranges = _TraceRanges(start, 0)
+    record(start)
+    for step in range(50):
+        more = figures(300)
+        ranges.add(more, step)
+        record(more)
+    assert ranges.bound == 49
+    assert bool(np.all(ranges.keys[1:] > ranges.keys[:-1])) and len(ranges.keys) == len(truth)
+    for h, expected in truth.items():
+        assert ranges.ranges([h]) == [expected]
+    assert ranges.ranges([h for h in range(5)]) == []  # (none of these held)
