@@ -302,8 +302,8 @@ class MemoExecutor:
     task: an extraction reads the batch, writes its rows and drops it; a pricing reads the
     findings' traces of the batch alone (by id) into their own context, as
     ``partitions.price_part`` builds it. So a round holds one batch at a time, however many it
-    extracts. The stored batches' pricing is read from disk when a round's pricing starts and
-    dropped with the round.
+    extracts. The stored batches' pricing is read from disk when a pricing pass starts and
+    dropped when it ends.
 
     With a ``cluster`` (``serve --cluster``, :mod:`hourglass.analysis.batch_tasks`) the same work
     runs as Dask tasks, the spans read here and sent with each task (:meth:`_on_cluster`): a
@@ -360,6 +360,10 @@ class MemoExecutor:
                 return [self._priced(args, plans[args[1]], with_calls) for args in calls]
             finally:
                 self._fresh.clear()
+                # the batches' pricing read from disk again by a later pass (the workstreams'), not
+                # held through the scoring and the report (at 12M stored spans ~45 MiB; reading it
+                # again: ~0.1 s)
+                self.pricing.clear()
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
     def idle(self) -> None:
@@ -616,7 +620,8 @@ class MemoExecutor:
                 fresh = self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
                 del ctx
             for f in missing:
-                cache[f.id] = (plan.keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
+                priced = partitions.impact_numbers(fresh.impacts.get(f.id))
+                cache[f.id] = (plan.keys[f.id], priced, fresh.calls.get(f.id))
         if unit.batch is not None and (missing or plan.carried):
             self.state.store_pricing(unit.batch, cache)
         impacts = {fid: cache[fid][1] for fid in plan.keys if cache[fid][1] is not None}
@@ -858,7 +863,8 @@ class IncrementalAnalysis:
         except Exception:  # a file cut short by a crash: priced again
             log.warning("incremental analysis: %s unreadable; that batch is priced again", path)
             return {}
-        return priced
+        # (a batch priced before the trace ids were dropped: without them, as the round keeps them)
+        return {fid: (key, partitions.impact_numbers(impact), calls) for fid, (key, impact, calls) in priced.items()}
 
     def spans_by_batch(self, trace_ids: list[str]) -> dict[int, int]:
         """Of these stored traces, the spans in each batch (as last seen settled)."""
