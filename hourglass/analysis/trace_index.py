@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from hourglass.analysis import memlog
 from hourglass.analysis.model import Finding, hex_text, hex_words
 
 
@@ -522,6 +523,12 @@ class TraceIndex:
         """The index of a report alone: exemplar traces and evidence span ids (rules 2 and 3)."""
         return cls.build(report, ())
 
+    @staticmethod
+    def indexed(report: Mapping[str, Any], findings: Iterable[Finding]) -> list[Finding]:
+        """The findings :meth:`build` reads (rule 1): those the report carries, in order."""
+        carried = {str(r["id"]) for r in report.get("recommendations") or [] if r.get("id") is not None}
+        return [finding for finding in findings if finding.id in carried]
+
     @classmethod
     def build(cls, report: Mapping[str, Any], findings: Iterable[Finding]) -> TraceIndex:
         """The index of a report and the findings of the run that made it (rule 1 for every
@@ -570,10 +577,8 @@ class TraceIndex:
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
         word_tables: list[Any] = []
-        for finding in findings:
-            rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
-            if rec_code is None:
-                continue
+        for finding in cls.indexed(report, findings):
+            rec_code = code[finding.id]  # the id once per finding, not per occurrence
             own = finding.occurrence_table
             finding_recs.append(rec_code)
             finding_sizes.append(len(own))
@@ -598,6 +603,7 @@ class TraceIndex:
         # the named ids as words, a chunk of rows at a time (no copy of every finding's at once)
         # when every finding holds them so, and the exemplars' are such ids, of one width
         reader = _changed_reader(changed, changed_of, exemplars, word_tables)
+        memlog.note("trace index: the findings' columns read")
         if reader is not None:
             changed = []  # (the words each finding holds: not held through the packing)
         recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
@@ -658,6 +664,7 @@ class TraceIndex:
         self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
         # the spans need only each row's entry and the rows' order: the rest not held through them
         hexed = entry_text = None  # type: ignore[assignment]
+        memlog.note("trace index: entries sorted")
         keyed = words = first = trace_first = starts = None  # type: ignore[assignment]
 
         def spans(
@@ -731,7 +738,9 @@ class TraceIndex:
             return at, packed, True
 
         self._involved, self._involved_ids, involved_hex = spans(involved, involved_of)
+        memlog.note("trace index: involved spans packed")
         self._changed, self._changed_ids, changed_hex = spans(changed, changed_of)
+        memlog.note("trace index: changed spans packed")
         self._hexed = (trace_hex, involved_hex, changed_hex)
 
     def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:

@@ -706,7 +706,12 @@ def run_incremental(
         )
         executor.close()
         memlog.note("report built")
-        index = trace_index(report, ranked)
+        # the index reads the reported findings' occurrences alone: the ranking's scores, savings
+        # and costs, and the findings the report does not carry, let go before it is built
+        findings = TraceIndex.indexed(report, [scored.finding for scored in ranked])
+        del ranked
+        index = TraceIndex.build(report, findings)
+        del findings
         memlog.note(f"trace index built ({index.traces()} traces)")
         figures.units_read = executor.read_units
     state.release_memory()  # (the sidecar's table blocks this round read: not held until the next)
