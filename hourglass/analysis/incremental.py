@@ -864,7 +864,10 @@ class IncrementalAnalysis:
             log.warning("incremental analysis: %s unreadable; that batch is priced again", path)
             return {}
         # (a batch priced before the trace ids were dropped: without them, as the round keeps them)
-        return {fid: (key, partitions.impact_numbers(impact), calls) for fid, (key, impact, calls) in priced.items()}
+        return {
+            fid: (key, partitions.impact_numbers(impact), calls)
+            for fid, (key, impact, calls) in priced.items()
+        }
 
     def spans_by_batch(self, trace_ids: list[str]) -> dict[int, int]:
         """Of these stored traces, the spans in each batch (as last seen settled)."""
