@@ -344,8 +344,12 @@ class MemoExecutor:
             if not calls:
                 return []
             findings, with_calls = calls[0][3], calls[0][4]
-            grouped = self._group(findings)
-            plans = {args[1]: self._plan(args[1], grouped.get(args[1], {}), with_calls) for args in calls}
+            # each unit's occurrences taken for its plan alone (kept only for what is priced again)
+            grouped = self._group_rows(findings)
+            plans = {
+                args[1]: self._plan(args[1], _taken(grouped.pop(args[1], {})), with_calls) for args in calls
+            }
+            del grouped
             try:
                 if self.cluster is not None:
                     self._on_cluster(
@@ -371,9 +375,15 @@ class MemoExecutor:
 
     def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, Occurrences]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
+        return {unit: _taken(here) for unit, here in self._group_rows(findings).items()}
+
+    def _group_rows(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, _Rows]]]:
+        """:meth:`_group` before the occurrences are taken: unit -> finding id -> (finding, the
+        positions of its occurrences in that unit's traces, per table), taken a unit at a time
+        (:func:`_taken`) rather than a copy of every finding's occurrences at once."""
         if self._unit_of is None:
             self._unit_of = self._trace_units()
-        out: dict[int, dict[str, tuple[Finding, Occurrences]]] = {}
+        out: dict[int, dict[str, tuple[Finding, _Rows]]] = {}
         for finding in findings:
             occurrences = finding.occurrence_table
             if not occurrences:
@@ -388,12 +398,11 @@ class MemoExecutor:
             for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
                 unit = int(ordered[start])
                 if unit >= 0:
-                    mine = occurrences.take(order[start:end])
                     here = out.setdefault(unit, {})
                     if fid in here:  # two findings of one id: their occurrences together, as one
-                        here[fid] = (here[fid][0], Occurrences.concat([here[fid][1], mine]))
+                        here[fid][1].append((occurrences, order[start:end]))
                     else:
-                        here[fid] = (finding, mine)
+                        here[fid] = (finding, [(occurrences, order[start:end])])
         return out
 
     def _trace_units(self) -> tuple[dict[int, int], dict[str, int]]:
@@ -631,6 +640,18 @@ class MemoExecutor:
     def close(self) -> None:
         self.pricing.clear()
         self._fresh.clear()
+
+
+_Rows = list[tuple[Occurrences, np.ndarray]]  # positions in occurrence tables, table by table
+
+
+def _taken(here: dict[str, tuple[Finding, _Rows]]) -> dict[str, tuple[Finding, Occurrences]]:
+    """finding id -> (finding, the occurrences at its positions, one table's after another's)."""
+    out: dict[str, tuple[Finding, Occurrences]] = {}
+    for fid, (finding, parts) in here.items():
+        taken = [table.take(rows) for table, rows in parts]
+        out[fid] = (finding, taken[0] if len(taken) == 1 else Occurrences.concat(taken))
+    return out
 
 
 @dataclass

@@ -1049,4 +1049,7 @@ def run_pricing(
         for f in findings:
             pieces = [r.calls[f.id] for r in results if f.id in r.calls]
             durations[f.id] = np.concatenate(pieces) if pieces else np.zeros(0)
-    return merge_impacts(r.impacts for r in results), durations
+    impacts = merge_impacts(r.impacts for r in results)
+    del results
+    memlog.note("pricing results combined")
+    return impacts, durations
