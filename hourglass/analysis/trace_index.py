@@ -27,9 +27,10 @@ The index is a few dicts of the recommendations and, per trace, numpy arrays (se
 :class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply (the
 arrays out of band, in a file the server reads: ``hourglass.api.analysis_worker``). The per-trace
 arrays grow with the store (55 MiB at 12M stored spans); serve's worker writes them to a file
-beside the store instead (:meth:`TraceIndex.stored`), and the server reads what a lookup needs
-from it (:meth:`TraceIndex.open_stored`: ``pread``, from the page cache), so the index it keeps
-for as long as a report is served is not in its memory.
+beside the store instead, a chunk at a time as it builds them (:meth:`TraceIndex.build` into a
+folder: the file :meth:`TraceIndex.stored` writes of an index in memory), and the server reads
+what a lookup needs from it (:meth:`TraceIndex.open_stored`: ``pread``, from the page cache), so
+the index it keeps for as long as a report is served is not in its memory.
 """
 
 from __future__ import annotations

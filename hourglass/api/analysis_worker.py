@@ -229,8 +229,9 @@ def _store_index(reply: tuple[str, Any], folder: str | None) -> tuple[tuple[str,
     a 10-minute soak, and twice the index while a new one arrived beside the old). In a file on
     the store's disk the server reads per lookup what it needs (``TraceIndex.open_stored``);
     mapping it instead put whole large folios of the page cache in the server's RSS on each
-    lookup. Without a folder (a store that is not a file), or when the file cannot be written,
-    the arrays go with the result (:func:`_send_result`)."""
+    lookup. An index built into its file already (an incremental round: :func:`_built_index`) is
+    sent as it is. Without a folder (a store that is not a file), or when the file cannot be
+    written, the arrays go with the result (:func:`_send_result`)."""
     if reply[0] == "ok" and reply[1][1].stored_file() is not None:  # (built into its file)
         return reply, [reply[1][1].stored_file()]
     if folder is None or reply[0] != "ok" or not hasattr(os, "pread"):  # (pread: not on Windows)
