@@ -302,8 +302,8 @@ class MemoExecutor:
     task: an extraction reads the batch, writes its rows and drops it; a pricing reads the
     findings' traces of the batch alone (by id) into their own context, as
     ``partitions.price_part`` builds it. So a round holds one batch at a time, however many it
-    extracts. The stored batches' pricing is read from disk when a round's pricing starts and
-    dropped with the round.
+    extracts. The stored batches' pricing is read from disk when a pricing pass starts and
+    dropped when it ends.
 
     With a ``cluster`` (``serve --cluster``, :mod:`hourglass.analysis.batch_tasks`) the same work
     runs as Dask tasks, the spans read here and sent with each task (:meth:`_on_cluster`): a
@@ -344,8 +344,12 @@ class MemoExecutor:
             if not calls:
                 return []
             findings, with_calls = calls[0][3], calls[0][4]
-            grouped = self._group(findings)
-            plans = {args[1]: self._plan(args[1], grouped.get(args[1], {}), with_calls) for args in calls}
+            # each unit's occurrences taken for its plan alone (kept only for what is priced again)
+            grouped = self._group_rows(findings)
+            plans = {
+                args[1]: self._plan(args[1], _taken(grouped.pop(args[1], {})), with_calls) for args in calls
+            }
+            del grouped
             try:
                 if self.cluster is not None:
                     self._on_cluster(
@@ -360,6 +364,10 @@ class MemoExecutor:
                 return [self._priced(args, plans[args[1]], with_calls) for args in calls]
             finally:
                 self._fresh.clear()
+                # the batches' pricing read from disk again by a later pass (the workstreams'), not
+                # held through the scoring and the report (at 12M stored spans ~45 MiB; reading it
+                # again: ~0.1 s)
+                self.pricing.clear()
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
     def idle(self) -> None:
@@ -367,9 +375,15 @@ class MemoExecutor:
 
     def _group(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, Occurrences]]]:
         """unit -> finding id -> (finding, its occurrences in that unit's traces)."""
+        return {unit: _taken(here) for unit, here in self._group_rows(findings).items()}
+
+    def _group_rows(self, findings: list[Finding]) -> dict[int, dict[str, tuple[Finding, _Rows]]]:
+        """:meth:`_group` before the occurrences are taken: unit -> finding id -> (finding, the
+        positions of its occurrences in that unit's traces, per table), taken a unit at a time
+        (:func:`_taken`) rather than a copy of every finding's occurrences at once."""
         if self._unit_of is None:
             self._unit_of = self._trace_units()
-        out: dict[int, dict[str, tuple[Finding, Occurrences]]] = {}
+        out: dict[int, dict[str, tuple[Finding, _Rows]]] = {}
         for finding in findings:
             occurrences = finding.occurrence_table
             if not occurrences:
@@ -384,12 +398,11 @@ class MemoExecutor:
             for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)], strict=True):
                 unit = int(ordered[start])
                 if unit >= 0:
-                    mine = occurrences.take(order[start:end])
                     here = out.setdefault(unit, {})
                     if fid in here:  # two findings of one id: their occurrences together, as one
-                        here[fid] = (here[fid][0], Occurrences.concat([here[fid][1], mine]))
+                        here[fid][1].append((occurrences, order[start:end]))
                     else:
-                        here[fid] = (finding, mine)
+                        here[fid] = (finding, [(occurrences, order[start:end])])
         return out
 
     def _trace_units(self) -> tuple[dict[int, int], dict[str, int]]:
@@ -616,7 +629,8 @@ class MemoExecutor:
                 fresh = self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
                 del ctx
             for f in missing:
-                cache[f.id] = (plan.keys[f.id], fresh.impacts.get(f.id), fresh.calls.get(f.id))
+                priced = partitions.impact_numbers(fresh.impacts.get(f.id))
+                cache[f.id] = (plan.keys[f.id], priced, fresh.calls.get(f.id))
         if unit.batch is not None and (missing or plan.carried):
             self.state.store_pricing(unit.batch, cache)
         impacts = {fid: cache[fid][1] for fid in plan.keys if cache[fid][1] is not None}
@@ -626,6 +640,18 @@ class MemoExecutor:
     def close(self) -> None:
         self.pricing.clear()
         self._fresh.clear()
+
+
+_Rows = list[tuple[Occurrences, np.ndarray]]  # positions in occurrence tables, table by table
+
+
+def _taken(here: dict[str, tuple[Finding, _Rows]]) -> dict[str, tuple[Finding, Occurrences]]:
+    """finding id -> (finding, the occurrences at its positions, one table's after another's)."""
+    out: dict[str, tuple[Finding, Occurrences]] = {}
+    for fid, (finding, parts) in here.items():
+        taken = [table.take(rows) for table, rows in parts]
+        out[fid] = (finding, taken[0] if len(taken) == 1 else Occurrences.concat(taken))
+    return out
 
 
 @dataclass
@@ -858,7 +884,11 @@ class IncrementalAnalysis:
         except Exception:  # a file cut short by a crash: priced again
             log.warning("incremental analysis: %s unreadable; that batch is priced again", path)
             return {}
-        return priced
+        # (a batch priced before the trace ids were dropped: without them, as the round keeps them)
+        return {
+            fid: (key, partitions.impact_numbers(impact), calls)
+            for fid, (key, impact, calls) in priced.items()
+        }
 
     def spans_by_batch(self, trace_ids: list[str]) -> dict[int, int]:
         """Of these stored traces, the spans in each batch (as last seen settled)."""

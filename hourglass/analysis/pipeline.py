@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import partitions
+from hourglass.analysis import memlog, partitions
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
@@ -635,6 +635,7 @@ def _analyze_partitioned(
         extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
     )
     _let_go(extracted.findings)
+    memlog.note("findings scored")
     near_misses = uncovered_near_misses(notes.near_misses, ranked) if explain else None
     report = build_report(
         ranked,
@@ -651,11 +652,15 @@ def _analyze_partitioned(
     exemplars = sorted(
         {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
     )
+    memlog.note("report made")
     ctx = AnalysisContext.from_table(read_traces(exemplars))
+    memlog.note("the exemplars' traces read")
     ctx.cache["call_stats"] = {fid: duration_stats(d) for fid, d in calls.items()}
+    del calls  # (every call's duration: at 12M stored spans 20 MiB, not held through the report)
     ctx.cache["scope_languages"] = scope_languages(extracted.services)
     write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
     _let_go(extracted.findings)
+    memlog.note("texts written")
 
     def priced_together(found: list[Finding]) -> dict[str, Impact]:
         return partitions.run_pricing(
@@ -677,6 +682,7 @@ def _analyze_partitioned(
         log.exception("the workstream plan failed")
         report["workstreams"] = []
     _let_go(extracted.findings)
+    memlog.note("workstreams planned")
     # The endpoints' critical paths, decided on the partitions' combined rows: the same as at once.
     report["critical_paths"] = extracted.critical_paths
     return report, ranked

@@ -27,9 +27,10 @@ The index is a few dicts of the recommendations and, per trace, numpy arrays (se
 :class:`TraceIndex`), so it travels from the analysis worker process by pickle, cheaply (the
 arrays out of band, in a file the server reads: ``hourglass.api.analysis_worker``). The per-trace
 arrays grow with the store (55 MiB at 12M stored spans); serve's worker writes them to a file
-beside the store instead (:meth:`TraceIndex.stored`), and the server reads what a lookup needs
-from it (:meth:`TraceIndex.open_stored`: ``pread``, from the page cache), so the index it keeps
-for as long as a report is served is not in its memory.
+beside the store instead, a chunk at a time as it builds them (:meth:`TraceIndex.build` into a
+folder: the file :meth:`TraceIndex.stored` writes of an index in memory), and the server reads
+what a lookup needs from it (:meth:`TraceIndex.open_stored`: ``pread``, from the page cache), so
+the index it keeps for as long as a report is served is not in its memory.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from hourglass.analysis import memlog
 from hourglass.analysis.model import Finding, hex_text, hex_words
 
 
@@ -161,6 +163,8 @@ def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
 # the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 2 MiB
 # per column of the sort's working arrays
 _SPAN_CHUNK = 1 << 18
+# the rows (occurrences) whose keys and named span ids :meth:`TraceIndex.build` reads at a time
+_ROW_CHUNK = 1 << 13
 
 _HEX_OR_NEWLINE = b"0123456789abcdef\n"
 _SEPARATOR = ord("\n")
@@ -261,6 +265,15 @@ class _Words:
         self.starts = np.cumsum([0, *(len(a) for a in self.arrays)])
         self.width = len(columns) if columns is not None else self.arrays[0].shape[1]
 
+    def column(self, j: int) -> np.ndarray:
+        """Word ``j`` of every id (uint64, a copy)."""
+        if self.columns is not None:
+            return self.columns[j].copy()
+        out = np.empty(int(self.starts[-1]), dtype=np.uint64)
+        for array, a in zip(self.arrays, self.starts[:-1].tolist(), strict=True):
+            out[a : a + len(array)] = array[:, j]
+        return out
+
     def take(self, rows: np.ndarray) -> list[np.ndarray]:
         """The words of the ids at ``rows``: one uint64 column per word."""
         if self.columns is not None:
@@ -316,18 +329,19 @@ class _RowWords:
 
 
 def _changed_reader(
-    changed: list[Any], changed_of: list[np.ndarray], exemplars: int, tables: list[Any]
+    given_parts: list[Any], changed_of: list[np.ndarray], widths: list[int | None], tables: list[Any]
 ) -> _RowWords | None:
-    """:class:`_RowWords` of the changed spans :meth:`TraceIndex.build` collected (``changed``:
-    one part per exemplar, then one per finding, a finding's words there once counted) when they
-    would be read as words (as :func:`_word_arrays` would), else None."""
-    findings = [part for part in changed[exemplars:] if len(part)]
-    widths = {part.shape[1] for part in findings if isinstance(part, np.ndarray)}
-    if not findings or any(not isinstance(part, np.ndarray) for part in findings) or len(widths) != 1:
+    """:class:`_RowWords` of the changed spans :meth:`TraceIndex.build` collected (``given_parts``:
+    one part per exemplar; ``widths``: per finding, the width of the words its named ids are
+    held as, None when they are not words, 0 when it names none) when they would be read as
+    words (as :func:`_word_arrays` would), else None."""
+    named = {width for width in widths if width != 0}
+    if not named or None in named or len(named) != 1:
         return None
-    (width,) = widths
+    (width,) = named
+    assert width is not None
     given: list[np.ndarray] = []
-    for part in changed[:exemplars]:
+    for part in given_parts:
         if len(part):
             words = hex_words(pl.Series(list(part), dtype=pl.String))
             if words is None or words.shape[1] != width:
@@ -336,7 +350,37 @@ def _changed_reader(
     counts = np.concatenate(changed_of)
     if not counts.sum():
         return None
-    return _RowWords(given, counts[:exemplars], tables, width)
+    return _RowWords(given, counts[: len(given_parts)], tables, width)
+
+
+def _named_counts(occurrences: Any, a: int, b: int) -> tuple[np.ndarray, int | None]:
+    """(how many span ids the interventions of occurrences ``a`` to ``b`` name, each; the width of
+    the words they are held as, None when they are not words: ``None`` ids, of a ShortenSpan or
+    ScaleSelf of no span id, name none)."""
+    ivs = occurrences.intervention_columns(np.arange(a, b, dtype=np.int64))
+    owner = np.repeat(ivs.owner, ivs.span_counts) - a
+    words = ivs.span_words
+    if words is None:
+        ids = ivs.span_ids
+        if ids.null_count():
+            owner = owner[ids.is_not_null().to_numpy()]
+    return np.bincount(owner, minlength=b - a).astype(np.int64), None if words is None else words.shape[1]
+
+
+def _named_ids(occurrences: Any) -> pl.Series | np.ndarray:
+    """The span ids the interventions of every occurrence name, one after another (those of
+    :func:`_named_counts`): the words they are held as, else a String series."""
+    ivs = occurrences.intervention_columns()
+    if ivs.span_words is not None:
+        return ivs.span_words
+    ids = ivs.span_ids
+    return ids.filter(ids.is_not_null()) if ids.null_count() else ids
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of ``n`` rows ``size`` at a time."""
+    for a in range(0, n, size):
+        yield a, min(a + size, n)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -385,6 +429,28 @@ def _row_order(group: np.ndarray, words: list[np.ndarray]) -> np.ndarray:
         tied[:-1] |= same
         rows = order[tied]
         order[tied] = rows[np.lexsort((*(w[rows] for w in reversed(words)), group[rows]))]
+    return order
+
+
+def _key_order(words: _Words, recs: np.ndarray) -> np.ndarray:
+    """:func:`_row_order` of the rows by (the words of their ids, ``recs``) in one group, reading
+    only the first word of every row and all of the key of the rows whose first word's leading
+    bits tie (not every row's key copied at once)."""
+    n = len(recs)
+    key = words.column(0)  # (its own copy: shifted in place)
+    key >>= np.uint64(1)  # (as _row_order keys one group: the word's leading 63 bits)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    del key
+    same = ordered[1:] == ordered[:-1]
+    del ordered
+    if same.any():
+        tied = np.zeros(n, dtype=bool)
+        tied[1:] = same
+        tied[:-1] |= same
+        rows = order[tied]
+        keys = [*words.take(rows), recs[rows].astype(np.uint64)]
+        order[tied] = rows[np.lexsort(tuple(reversed(keys)))]
     return order
 
 
@@ -485,6 +551,127 @@ _ARRAYS = ("_trace_ids", "_entries", "_entry_recs", "_involved", "_changed", "_i
 _STORED_ALIGNMENT = 64  # each array's offset in the file
 
 
+class _Sink:
+    """Where :meth:`TraceIndex._pack` puts the per-trace arrays, one after another in the order
+    of :data:`_ARRAYS`: each begins with its length (or, None, as long as what is appended to it
+    until it ends), then its elements are put by position (or appended)."""
+
+    def begin(self, name: str, dtype: np.dtype[Any], length: int | None, capacity: int = 0) -> None:
+        raise NotImplementedError
+
+    def put(self, name: str, start: int, values: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def end(self, name: str) -> None:
+        raise NotImplementedError
+
+    def whole(self, name: str, values: np.ndarray) -> None:
+        """An array put in one piece."""
+        self.begin(name, values.dtype, len(values))
+        self.put(name, 0, values)
+
+    def result(self) -> dict[str, Any]:
+        """The arrays, by name."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """After an error: nothing left behind."""
+
+
+class _MemorySink(_Sink):
+    """The arrays in memory (an appended one in an array of its capacity, copied to its length
+    unless that is nearly all of it)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.filled: dict[str, int] = {}
+
+    def begin(self, name: str, dtype: np.dtype[Any], length: int | None, capacity: int = 0) -> None:
+        self.arrays[name] = np.empty(capacity if length is None else length, dtype=dtype)
+        self.filled[name] = 0
+
+    def put(self, name: str, start: int, values: np.ndarray) -> None:
+        self.arrays[name][start : start + len(values)] = values
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        self.put(name, self.filled[name], values)
+        self.filled[name] += len(values)
+
+    def end(self, name: str) -> None:
+        array, filled = self.arrays[name], self.filled[name]
+        self.arrays[name] = (
+            array[:filled] if filled >= len(array) - len(array) // 16 else array[:filled].copy()
+        )
+
+    def whole(self, name: str, values: np.ndarray) -> None:
+        self.arrays[name] = values
+
+    def result(self) -> dict[str, Any]:
+        return dict(self.arrays)
+
+
+class _FileSink(_Sink):
+    """The arrays written to a new file in ``folder`` as they are put, where
+    :meth:`TraceIndex.stored` would write them (each at the next multiple of
+    ``_STORED_ALIGNMENT`` after the last, zeros between): the result reads them from it."""
+
+    def __init__(self, folder: str, prefix: str) -> None:
+        self.fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=folder)
+        self.end_offset = 0  # where the arrays begun so far end
+        self.placed: dict[str, tuple[int, np.dtype[Any], int | None]] = {}  # name -> offset, dtype, length
+        self.appended = 0  # the elements of the array being appended to
+
+    def begin(self, name: str, dtype: np.dtype[Any], length: int | None, capacity: int = 0) -> None:
+        expected = _ARRAYS[len(self.placed)]
+        if name != expected or any(placed is None for _, _, placed in self.placed.values()):
+            raise RuntimeError(f"trace index file: {name} begun before {expected} (or an unfinished array)")
+        offset = self.end_offset + (-self.end_offset % _STORED_ALIGNMENT)
+        self.placed[name] = (offset, np.dtype(dtype), length)
+        self.end_offset = offset + (dtype.itemsize * length if length is not None else 0)
+        self.appended = 0
+
+    def put(self, name: str, start: int, values: np.ndarray) -> None:
+        offset, dtype, _ = self.placed[name]
+        data = np.ascontiguousarray(values, dtype=dtype).view(np.uint8)
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        at = offset + start * dtype.itemsize
+        while view:
+            done = os.pwrite(self.fd, view, at)
+            view, at = view[done:], at + done
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        self.put(name, self.appended, values)
+        self.appended += len(values)
+
+    def end(self, name: str) -> None:
+        offset, dtype, _ = self.placed[name]
+        self.placed[name] = (offset, dtype, self.appended)
+        self.end_offset = offset + dtype.itemsize * self.appended
+
+    def result(self) -> dict[str, Any]:
+        if list(self.placed) != list(_ARRAYS):
+            raise RuntimeError(f"trace index file: arrays {list(self.placed)} written, not {list(_ARRAYS)}")
+        os.ftruncate(self.fd, self.end_offset)  # (the zeros after a last array that is empty)
+        os.close(self.fd)
+        self.fd = -1
+        file = _StoredFile(self.path)
+        return {
+            name: _StoredArray(file, offset, dtype, int(length or 0))
+            for name, (offset, dtype, length) in self.placed.items()
+        }
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 @dataclass(eq=False)
 class TraceIndex:
     """trace id → recommendation id → (involved span ids, changed span ids), plus each
@@ -522,14 +709,32 @@ class TraceIndex:
         """The index of a report alone: exemplar traces and evidence span ids (rules 2 and 3)."""
         return cls.build(report, ())
 
+    @staticmethod
+    def indexed(report: Mapping[str, Any], findings: Iterable[Finding]) -> list[Finding]:
+        """The findings :meth:`build` reads (rule 1): those the report carries, in order."""
+        carried = {str(r["id"]) for r in report.get("recommendations") or [] if r.get("id") is not None}
+        return [finding for finding in findings if finding.id in carried]
+
     @classmethod
-    def build(cls, report: Mapping[str, Any], findings: Iterable[Finding]) -> TraceIndex:
+    def build(
+        cls,
+        report: Mapping[str, Any],
+        findings: Iterable[Finding],
+        *,
+        folder: str | None = None,
+        prefix: str = "trace-index-",
+    ) -> TraceIndex:
         """The index of a report and the findings of the run that made it (rule 1 for every
         affected trace; findings the report does not carry are ignored).
 
         The per-trace part is built in columns (numpy), not as per-trace Python objects:
         what each occurrence adds is read off it once (its trace, its spans, the spans its
-        interventions name), and the entries are then made unique, sorted and packed in bulk."""
+        interventions name), and the entries are then made unique, sorted and packed in bulk, a
+        chunk at a time. With ``folder`` the per-trace arrays are written to a new file there as
+        each chunk is made (the file :meth:`stored` writes, byte for byte) and the index returned
+        reads them from it, so they are never all held (serve's worker: 55 MiB at 12M stored
+        spans, and as much again of working copies); the file is the reader's to remove
+        (:meth:`open_stored`), and an error removes it."""
         index = cls()
         recs = [r for r in report.get("recommendations") or [] if r.get("id") is not None]
         by_span: dict[str, list[str]] = {}
@@ -569,46 +774,63 @@ class TraceIndex:
         involved_of: list[np.ndarray] = [np.zeros(exemplars, dtype=np.int64)]
         finding_recs: list[int] = []
         finding_sizes: list[int] = []
-        word_tables: list[Any] = []
-        for finding in findings:
-            rec_code = code.get(finding.id)  # the id once per finding, not per occurrence
-            if rec_code is None:
-                continue
+        tables: list[Any] = []
+        widths: list[int | None] = []  # per finding: its named ids' words' width (None: not words; 0: none)
+        for finding in cls.indexed(report, findings):
             own = finding.occurrence_table
-            finding_recs.append(rec_code)
+            finding_recs.append(code[finding.id])  # the id once per finding, not per occurrence
             finding_sizes.append(len(own))
             trace_words = own.trace_id_words()
             trace_parts.append(own.trace_id_series() if trace_words is None else trace_words)
             span_words = own.span_id_words()
             involved.append(own.span_columns()[0] if span_words is None else span_words)
             involved_of.append(own.span_counts())
-            ivs = own.intervention_columns()
-            named_owner = np.repeat(ivs.owner, ivs.span_counts)
-            named_ids: pl.Series | np.ndarray | None = ivs.span_words  # (words: no null)
-            if named_ids is None:
-                named_ids = ivs.span_ids  # the ids the interventions name, per occurrence
-                if named_ids.null_count():  # a ShortenSpan or ScaleSelf of no span id names none
-                    kept = named_ids.is_not_null()
-                    named_owner = named_owner[kept.to_numpy()]
-                    named_ids = named_ids.filter(kept)
-            changed_of.append(np.bincount(named_owner, minlength=len(own)).astype(np.int64))
-            word_tables.append(own)  # (its named ids read again a chunk at a time when words)
-            changed.append(named_ids)
-            ivs = named_owner = named_ids = None  # type: ignore[assignment]
-        # the named ids as words, a chunk of rows at a time (no copy of every finding's at once)
-        # when every finding holds them so, and the exemplars' are such ids, of one width
-        reader = _changed_reader(changed, changed_of, exemplars, word_tables)
-        if reader is not None:
-            changed = []  # (the words each finding holds: not held through the packing)
-        recs_of = np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes)
-        index._pack(
-            trace_parts,
-            np.concatenate([np.asarray(entry_recs, dtype=np.int64), recs_of]),
-            involved,
-            np.concatenate(involved_of),
-            changed if reader is None else reader,
-            np.concatenate(changed_of),
+            # how many ids its interventions name per occurrence, a chunk of occurrences at a
+            # time (their ids are read again when packed: not every finding's copied at once)
+            counts = np.zeros(len(own), dtype=np.int64)
+            width: int | None = 0
+            for a, b in _chunks(len(own), _ROW_CHUNK):
+                counts[a:b], words = _named_counts(own, a, b)
+                width = None if words is None or width is None else words
+            changed_of.append(counts)
+            tables.append(own)
+            widths.append(width if counts.any() else 0)
+        # the named ids as words, a chunk of rows at a time, when every finding holds them so and
+        # the exemplars' are such ids, of one width; else every finding's read (as text) here
+        reader = _changed_reader(changed, changed_of, widths, tables)
+        if reader is None:
+            changed.extend(_named_ids(own) for own in tables)
+        else:
+            changed = []
+        memlog.note("trace index: the findings' columns read")
+        # per row (the exemplars', then each finding's occurrences): its recommendation, and how
+        # many involved and changed span ids it has (the parts not held beside them)
+        row_recs = np.concatenate(
+            [
+                np.asarray(entry_recs, dtype=np.int64),
+                np.repeat(np.asarray(finding_recs, dtype=np.int64), finding_sizes),
+            ]
         )
+        row_involved = np.concatenate(involved_of)
+        row_changed = np.concatenate(changed_of)
+        del entry_recs, involved_of, changed_of
+        sink: _Sink = _MemorySink() if folder is None else _FileSink(folder, prefix)
+        try:
+            index._pack(
+                trace_parts,
+                row_recs,
+                involved,
+                row_involved,
+                changed if reader is None else reader,
+                row_changed,
+                sink,
+            )
+            arrays = sink.result()
+        except BaseException:
+            sink.discard()
+            raise
+        for name, value in arrays.items():
+            setattr(index, name, value)
         return index
 
     def _pack(
@@ -619,32 +841,56 @@ class TraceIndex:
         involved_of: np.ndarray,
         changed: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords,
         changed_of: np.ndarray,
+        sink: _Sink,
     ) -> None:
-        """The columns of :meth:`build` packed: trace ids sorted (in the byte order the lookup
-        searches in), each trace's entries by recommendation, each entry's span ids sorted and
-        unique.
+        """The columns of :meth:`build` packed into ``sink``: trace ids sorted (in the byte order
+        the lookup searches in), each trace's entries by recommendation, each entry's span ids
+        sorted and unique.
 
-        OTLP's ids (lowercase hex, :func:`_hex_words`) are sorted as the 64-bit words they spell,
-        each entry's spans brought together first so that the sort finds them nearly in order
-        (:func:`_row_order`); any other ids are coded by their rank among the distinct ones (one
-        sort of the strings), the rest in integers."""
+        OTLP's ids (lowercase hex, :func:`_hex_words`) are sorted as the 64-bit words they spell:
+        the rows' keys (trace, recommendation) sorted first, then the trace ids and entries put a
+        chunk of sorted rows at a time, then each entry's spans, a chunk of entries at a time,
+        each entry's brought together first so that the sort finds them nearly in order
+        (:func:`_row_order`). Any other ids are coded by their rank among the distinct ones (one
+        sort of the strings), the rest in integers, and put whole."""
         rows = sum(len(part) for part in entry_traces)  # (the entries' trace ids, in parts)
-        hexed, entry_text = _words(entry_traces, rows)
-        if hexed is not None:
-            words, size = hexed
-            keyed = [*words, entry_recs.astype(np.uint64)]  # (trace, recommendation)
-            order = _row_order(np.zeros(rows, dtype=np.int64), keyed)
-            keyed = [column[order] for column in keyed]
-            first = _changes(keyed)  # the first row of each entry
-            trace_first = _changes(keyed[:-1])[first]  # per entry: the first of its trace
-            self._trace_ids = _hex_bytes([column[first][trace_first] for column in keyed[:-1]], size)
-            self._entry_recs = keyed[-1][first].astype(np.int32)
-            position = np.empty(rows, dtype=np.int64)  # each row's entry
-            position[order] = np.cumsum(first) - 1
-            starts = np.flatnonzero(trace_first)
+        reading, entry_text = _word_reader(entry_traces, rows)
+        position: np.ndarray | None = None  # each row's entry (made when a text path needs it)
+        if reading is not None:
+            trace_words, size = reading
+            order = _key_order(trace_words, entry_recs)  # by (trace, recommendation)
+            # per sorted row: whether it starts an entry, and a trace (a chunk at a time: no sorted
+            # copy of every key)
+            first = np.zeros(rows, dtype=bool)
+            trace_first = np.zeros(rows, dtype=bool)
+            for a, b in _chunks(rows, _ROW_CHUNK):
+                before = max(a - 1, 0)  # (the row before the chunk, to compare its first with)
+                here = order[before:b]
+                sorted_keys = [*trace_words.take(here), entry_recs[here]]
+                first[a:b] = _changes(sorted_keys)[a - before :]
+                trace_first[a:b] = _changes(sorted_keys[:-1])[a - before :]
+                del sorted_keys, here
+            traces, entries = int(trace_first.sum()), int(first.sum())
+            sink.begin("_trace_ids", np.dtype(f"S{size}"), traces)
+            sink.begin("_entries", np.dtype(np.int64), traces + 1)
+            sink.begin("_entry_recs", np.dtype(np.int32), entries)
+            trace_at = entry_at = 0
+            for a, b in _chunks(rows, _ROW_CHUNK):
+                here, starts_entry, starts_trace = order[a:b], first[a:b], trace_first[a:b]
+                trace_rows = here[starts_trace]
+                sink.put("_trace_ids", trace_at, _hex_bytes(trace_words.take(trace_rows), size))
+                sink.put("_entry_recs", entry_at, entry_recs[here[starts_entry]].astype(np.int32))
+                # each trace's first entry (a trace starts where an entry does)
+                entry_of = entry_at + np.cumsum(starts_entry) - 1
+                sink.put("_entries", trace_at, entry_of[starts_trace].astype(np.int64))
+                trace_at += len(trace_rows)
+                entry_at += int(starts_entry.sum())
+            sink.put("_entries", traces, np.array([entries], dtype=np.int64))
+            row_entry = np.cumsum(first) - 1  # per sorted row: its entry (non-decreasing)
             trace_hex = True
+            trace_words = first = trace_first = None  # type: ignore[assignment]
         else:
-            traces, trace_code = _coded(list(chain.from_iterable(entry_text)))
+            texts, trace_code = _coded(list(chain.from_iterable(entry_text)))
             recs = max(len(self._recs), 1)
             entry_key = trace_code * recs + entry_recs
             keys = _distinct(entry_key)  # sorted: by trace, then recommendation
@@ -652,86 +898,96 @@ class TraceIndex:
             order = np.argsort(position, kind="stable")
             trace_of = keys // recs
             starts = np.flatnonzero(np.r_[True, trace_of[1:] != trace_of[:-1]]) if len(keys) else trace_of
-            self._trace_ids, trace_hex = _compact(traces[trace_of[starts]])
-            self._entry_recs = (keys % recs).astype(np.int32)
-        entries = len(self._entry_recs)
-        self._entries = np.concatenate([starts, [entries]]).astype(np.int64)
+            trace_ids, trace_hex = _compact(texts[trace_of[starts]])
+            entries = len(keys)
+            sink.whole("_trace_ids", trace_ids)
+            sink.whole("_entries", np.concatenate([starts, [entries]]).astype(np.int64))
+            sink.whole("_entry_recs", (keys % recs).astype(np.int32))
+            row_entry = position[order]
+            texts = trace_code = entry_key = keys = trace_of = starts = trace_ids = None  # type: ignore[assignment]
+        sink.begin("_involved", np.dtype(np.int64), entries + 1)
+        sink.begin("_changed", np.dtype(np.int64), entries + 1)
         # the spans need only each row's entry and the rows' order: the rest not held through them
-        hexed = entry_text = None  # type: ignore[assignment]
-        keyed = words = first = trace_first = starts = None  # type: ignore[assignment]
+        reading = entry_text = None  # type: ignore[assignment]
+        memlog.note("trace index: entries sorted")
 
         def spans(
-            parts: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords, counts: np.ndarray
-        ) -> tuple[np.ndarray, np.ndarray, bool]:
-            """(offsets per entry, span ids, whether hex-packed), each entry's sorted and unique."""
+            parts: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords,
+            counts: np.ndarray,
+            offsets: str,
+            ids: str,
+        ) -> bool:
+            """Each entry's span ids, sorted and unique, into ``ids`` and where each entry's start
+            into ``offsets``; whether they are hex-packed."""
+            nonlocal position
             reading: tuple[_Words | _RowWords, int] | None
             text: list[Sequence[str] | pl.Series]
             if isinstance(parts, _RowWords):
                 reading, text = (parts, 8 * parts.width), []
             else:
                 reading, text = _word_reader(parts, int(counts.sum()))
-            hexed = reading
-            if hexed is None:
+            if reading is None:
+                if position is None:
+                    position = np.empty(rows, dtype=np.int64)
+                    position[order] = row_entry
                 names, code = _coded(list(chain.from_iterable(text)))
                 width = max(len(names), 1)
                 owned = _distinct(np.repeat(position, counts) * width + code)  # by entry, then span id
                 group = owned // width
                 packed, hex_ids = _compact(names[owned % width])
-                at = np.searchsorted(group, np.arange(entries + 1), side="left")
-                return at.astype(np.int64), packed, hex_ids
-            words, size = hexed
+                sink.put(
+                    offsets, 0, np.searchsorted(group, np.arange(entries + 1), side="left").astype(np.int64)
+                )
+                sink.whole(ids, packed)
+                return hex_ids
+            words, size = reading
             # the rows' spans in entry order (each row's own spans stay together), then sorted
             # and made unique per entry; a chunk of whole entries at a time (about _SPAN_CHUNK
-            # spans), so the working arrays of the sort are a chunk's, not every span's (at 12M
-            # stored spans, 3M: the index's build was the round's peak, 200 MiB above the report)
+            # spans), so the working arrays of the sort are a chunk's, not every span's, and each
+            # chunk's unique spans are put after the last's (in a file: written, not held)
             lengths = counts[order]
-            out_start = np.cumsum(lengths) - lengths  # each ordered row's first place in the output
-            shift = (np.cumsum(counts) - counts)[order] - out_start
-            row_entry = position[order]  # non-decreasing
-            total, rows = int(lengths.sum()), len(lengths)
-            firsts = np.flatnonzero(_changes([row_entry])) if rows else np.zeros(0, dtype=np.int64)
-            cuts = np.r_[firsts, rows]  # a chunk starts where an entry does
+            total, n = int(lengths.sum()), len(lengths)
+            out_start = np.cumsum(lengths) - lengths  # each ordered row's first place among them
+            firsts = np.flatnonzero(_changes([row_entry])) if n else np.zeros(0, dtype=np.int64)
             cut_at = np.r_[out_start[firsts], total]
             bounds = np.unique(
-                np.r_[0, cuts[np.searchsorted(cut_at, np.arange(_SPAN_CHUNK, total, _SPAN_CHUNK))], rows]
+                np.r_[
+                    0,
+                    np.r_[firsts, n][np.searchsorted(cut_at, np.arange(_SPAN_CHUNK, total, _SPAN_CHUNK))],
+                    n,
+                ]
             )
-            # each chunk's unique spans written after the last's, and counted per entry: no list
-            # of the chunks' results joined at the end (twice the output at once)
-            out = np.empty(total, dtype=f"S{size}")
-            filled = 0
-            per_entry = np.zeros(entries, dtype=np.int64)
+            del out_start, firsts, cut_at
+            # each row's first id among the parts' (only when they are read by position)
+            row_starts = np.cumsum(counts) - counts if isinstance(words, _Words) else None
+            sink.begin(ids, np.dtype(f"S{size}"), None, capacity=total)
+            sink.put(offsets, 0, np.zeros(1, dtype=np.int64))
+            written = 0
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                lo = int(out_start[a])
-                hi = int(out_start[b]) if b < rows else total
                 group = np.repeat(row_entry[a:b], lengths[a:b])
                 if isinstance(words, _RowWords):
                     chunk = words.take_rows(order[a:b], lengths[a:b])
                 else:
-                    take = np.repeat(shift[a:b], lengths[a:b]) + np.arange(lo, hi, dtype=np.int64)
-                    chunk = words.take(take)
-                    del take
+                    assert row_starts is not None
+                    chunk = words.take(_ranges(row_starts[order[a:b]], lengths[a:b]))
                 ranked = _row_order(group, chunk)
                 group = group[ranked]
                 chunk = [column[ranked] for column in chunk]
                 del ranked
                 keep = _changes([group, *chunk])
-                kept = _hex_bytes([column[keep] for column in chunk], size)
-                out[filled : filled + len(kept)] = kept
-                filled += len(kept)
+                sink.append(ids, _hex_bytes([column[keep] for column in chunk], size))
                 low = int(row_entry[a])  # the chunk's entries: low to row_entry[b - 1]
-                counted = np.bincount(group[keep] - low)
-                per_entry[low : low + len(counted)] += counted
-                del group, chunk, keep, kept
-            del words
-            # (the spans repeated within an entry dropped: a copy of what is left, unless that is
-            # nearly all of it)
-            packed = out[:filled] if filled >= total - total // 16 else out[:filled].copy()
-            at = np.zeros(entries + 1, dtype=np.int64)
-            np.cumsum(per_entry, out=at[1:])
-            return at, packed, True
+                counted = np.bincount(group[keep] - low, minlength=int(row_entry[b - 1]) + 1 - low)
+                sink.put(offsets, low + 1, written + np.cumsum(counted))
+                written += int(counted.sum())
+                del group, chunk, keep, counted
+            sink.end(ids)
+            return True
 
-        self._involved, self._involved_ids, involved_hex = spans(involved, involved_of)
-        self._changed, self._changed_ids, changed_hex = spans(changed, changed_of)
+        involved_hex = spans(involved, involved_of, "_involved", "_involved_ids")
+        memlog.note("trace index: involved spans packed")
+        changed_hex = spans(changed, changed_of, "_changed", "_changed_ids")
+        memlog.note("trace index: changed spans packed")
         self._hexed = (trace_hex, involved_hex, changed_hex)
 
     def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -813,6 +1069,12 @@ class TraceIndex:
                 os.unlink(path)
             raise
         return dataclasses.replace(self, **arrays), path  # type: ignore[arg-type]
+
+    def stored_file(self) -> str | None:
+        """The file this index reads its per-trace arrays from (:meth:`stored`, or :meth:`build`
+        into a folder); None when it holds them."""
+        value = self._trace_ids
+        return value.file.path if isinstance(value, _StoredArray) else None
 
     def open_stored(self, *, consume: bool = True) -> None:
         """Open the file of an index made by :meth:`stored` (and passed on by pickle) so that its

@@ -78,6 +78,8 @@ class RowChanges:
 
 @dataclass
 class Impact:
+    # the affected traces, in the order of ``saved_ns`` (empty from a partitioned pricing, which
+    # keeps the numbers only: ``hourglass.analysis.partitions.merge_impacts``)
     trace_ids: list[str]
     saved_ns: np.ndarray  # per affected trace
     root_ns: np.ndarray  # old root duration per affected trace

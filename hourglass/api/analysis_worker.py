@@ -111,13 +111,20 @@ def _worker_main(conn: Connection) -> None:
                 if cluster is None and request.get("cluster"):
                     cluster = Cluster(request["cluster"])
                 started = time.perf_counter()
+                folder = usable(request.get("results"))
                 outcome = run_incremental(
-                    incremental, PipeReader(conn), request, writer=select_writer(settings), cluster=cluster
+                    incremental,
+                    PipeReader(conn),
+                    request,
+                    writer=select_writer(settings),
+                    cluster=cluster,
+                    index_folder=folder,
                 )
                 reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
             except Exception:
                 reply = ("error", traceback.format_exc())
-            reply, sent = _store_index(reply, usable(request.get("results")))
+                folder = None
+            reply, sent = _store_index(reply, folder)
             try:
                 sent += _send_result(conn, reply)
             except (OSError, ValueError):
@@ -222,8 +229,11 @@ def _store_index(reply: tuple[str, Any], folder: str | None) -> tuple[tuple[str,
     a 10-minute soak, and twice the index while a new one arrived beside the old). In a file on
     the store's disk the server reads per lookup what it needs (``TraceIndex.open_stored``);
     mapping it instead put whole large folios of the page cache in the server's RSS on each
-    lookup. Without a folder (a store that is not a file), or when the file cannot be written,
-    the arrays go with the result (:func:`_send_result`)."""
+    lookup. An index built into its file already (an incremental round: :func:`_built_index`) is
+    sent as it is. Without a folder (a store that is not a file), or when the file cannot be
+    written, the arrays go with the result (:func:`_send_result`)."""
+    if reply[0] == "ok" and reply[1][1].stored_file() is not None:  # (built into its file)
+        return reply, [reply[1][1].stored_file()]
     if folder is None or reply[0] != "ok" or not hasattr(os, "pread"):  # (pread: not on Windows)
         return reply, []
     report, index, *rest = reply[1]
@@ -536,6 +546,18 @@ def trace_index(report: dict[str, Any], ranked: list[Any]) -> TraceIndex:
     return TraceIndex.build(report, [scored.finding for scored in ranked])
 
 
+def _built_index(report: dict[str, Any], findings: list[Any], folder: str | None) -> TraceIndex:
+    """:meth:`TraceIndex.build` into a file of ``folder`` (a chunk at a time: its arrays never all
+    held), or in memory without one or when the file cannot be written (:func:`_store_index`
+    then tries again, else the arrays go with the result)."""
+    if folder is not None and hasattr(os, "pread"):  # (pread: not on Windows)
+        try:
+            return TraceIndex.build(report, findings, folder=folder, prefix=RESULT_PREFIX)
+        except OSError as exc:
+            log.warning("could not write the trace index to %s (%s): built in memory", folder, exc)
+    return TraceIndex.build(report, findings)
+
+
 # ----------------------------------------------------------------------------------------------
 # Incremental analysis (hourglass.analysis.incremental): the worker asks the server for spans
 
@@ -665,11 +687,13 @@ def run_incremental(
     *,
     writer: Any = None,
     cluster: Cluster | None = None,
+    index_folder: str | None = None,
 ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
     """One incremental round (``request["update"]``: bring the batches up to date first) and the
     report over the batches of the window (``request["since_ns"]``); with the round's figures.
     With ``cluster`` the batches read this round are extracted and priced on the Dask cluster
-    (:mod:`hourglass.analysis.batch_tasks`)."""
+    (:mod:`hourglass.analysis.batch_tasks`). With ``index_folder`` the trace index is built into
+    a file there (:meth:`TraceIndex.build`; :func:`_store_index` of the worker's result)."""
     from hourglass.analysis import memlog
     from hourglass.analysis.incremental import BatchSource, MemoExecutor
     from hourglass.analysis.pipeline import analyze_partitioned
@@ -706,7 +730,12 @@ def run_incremental(
         )
         executor.close()
         memlog.note("report built")
-        index = trace_index(report, ranked)
+        # the index reads the reported findings' occurrences alone: the ranking's scores, savings
+        # and costs, and the findings the report does not carry, let go before it is built
+        findings = TraceIndex.indexed(report, [scored.finding for scored in ranked])
+        del ranked
+        index = _built_index(report, findings, index_folder)
+        del findings
         memlog.note(f"trace index built ({index.traces()} traces)")
         figures.units_read = executor.read_units
     state.release_memory()  # (the sidecar's table blocks this round read: not held until the next)

@@ -328,3 +328,32 @@ def test_pricing_stored_with_the_batch_traces_hash_is_kept_for_the_same_occurren
         # without call durations the keys never had the hash: a key of another length stays stale
         plain = MemoExecutor(_State(dict(legacy)), executor.units)  # type: ignore[arg-type]
         assert len(plain._plan(0, plain._group([current, other])[0], False).missing) == 2
+
+
+def test_a_pricing_pass_holds_the_stored_pricing_for_that_pass_only() -> None:
+    """A pricing pass reads each batch's stored pricing and lets it go when it ends (not held
+    through the scoring and the report); the next pass (the workstreams') reads it again. The
+    savings the passes give are combined without their trace ids (``merge_impacts``)."""
+    import numpy as np
+
+    from hourglass.analysis.incremental import MemoExecutor, Unit
+    from hourglass.analysis.model import Finding
+
+    class _Loads(_State):
+        loads = 0
+
+        def load_pricing(self, batch: int) -> dict[str, Any]:
+            self.loads += 1
+            return super().load_pricing(batch)
+
+    found = Finding(
+        "fanout_straggler", "parallelization", "svc", "op", [], [Occurrence("t1", ("a",), key=1)], 1.0
+    )
+    stored = (["t1"], np.array([5]), np.array([9]))
+    state = _Loads({found.id: (_occurrence_key(found.id, found.occurrences, True), stored, np.array([2.0]))})
+    executor = MemoExecutor(state, (Unit(0, ("t1",), None, None),))  # type: ignore[arg-type]
+    for n in (1, 2):
+        (priced,) = executor.map("pricing", partitions.price_part, [(None, 0, 1, [found], True)], None)
+        assert priced.impacts == {found.id: stored} and state.loads == n and executor.pricing == {}
+    (merged,) = partitions.merge_impacts([priced.impacts, priced.impacts]).values()
+    assert merged.trace_ids == [] and merged.saved_ns.tolist() == [5, 5] and merged.root_ns.tolist() == [9, 9]

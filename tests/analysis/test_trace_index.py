@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from hourglass.analysis.model import (
     CapConcurrency,
@@ -436,3 +437,70 @@ def test_named_spans_read_from_the_findings_a_chunk_at_a_time_give_the_same_inde
                     for t in index.touching(trace, spans)
                 ]
                 assert got == _definition(report, findings, trace, spans), (seed, trace)
+
+
+def test_an_index_built_into_a_file_a_chunk_at_a_time_is_the_one_stored_byte_for_byte(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """``build(folder=...)`` (serve's worker) writes the per-trace arrays to a file as each chunk
+    of rows and of spans is made: the index is the one built in memory, its file byte for byte the
+    one ``stored`` writes of it, for ids of every shape (text ones put whole), chunks of any
+    size, a report alone and an empty one; it answers by the definition from the file."""
+    from hourglass.analysis import trace_index
+
+    cases = [
+        _shaped_case(seed, trace_id, span_id)
+        for seed, (trace_id, span_id) in enumerate(
+            [
+                (lambda t: f"{random.Random(t).getrandbits(128):032x}", lambda s: f"{s * 2654435761:016x}"),
+                (lambda t: f"{t:016x}", lambda s: f"{s:032x}"),  # two words per span id
+                (lambda t: f"{t:032x}", lambda s: "" if s % 8 == 7 else f"{s:016x}"),  # text span ids
+                (lambda t: f"trace-{t}", lambda s: f"{s:016x}"),  # text trace ids
+            ]
+        )
+    ]
+    report, _, traces = _case(13)
+    cases += [(report, [], traces), ({}, [], {})]
+    for n, (report, findings, traces) in enumerate(cases):
+        whole = TraceIndex.build(report, findings)
+        for rows, spans in ((1 << 13, 1 << 18), (1, 1), (3, 7), (64, 1000)):
+            monkeypatch.setattr(trace_index, "_ROW_CHUNK", rows)
+            monkeypatch.setattr(trace_index, "_SPAN_CHUNK", spans)
+            folder = tmp_path / f"{n}-{rows}"
+            folder.mkdir()
+            built = TraceIndex.build(report, findings, folder=str(folder), prefix="built-")
+            path = built.stored_file()
+            assert path is not None and os.path.dirname(path) == str(folder)
+            assert TraceIndex.build(report, findings) == whole  # (in memory, these chunks too)
+            _, again = whole.stored(str(folder), prefix="stored-")
+            assert Path(path).read_bytes() == Path(again).read_bytes(), (n, rows)
+            copy: TraceIndex = pickle.loads(pickle.dumps(built))
+            copy.open_stored()
+            assert os.listdir(folder) == [os.path.basename(again)]
+            assert copy == whole, (n, rows)
+            for trace, ids in list(traces.items())[:40]:
+                got = [
+                    (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                    for t in copy.touching(trace, ids)
+                ]
+                assert got == _definition(report, findings, trace, ids), (n, trace)
+
+
+def test_an_index_that_fails_being_built_into_a_file_leaves_none(tmp_path: Path, monkeypatch: Any) -> None:
+    from hourglass.analysis import trace_index
+
+    report, findings, _ = _case(11)
+    calls: list[int] = []
+    hex_bytes = trace_index._hex_bytes
+
+    def fail_later(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError("no space left")
+        return hex_bytes(*args)
+
+    monkeypatch.setattr(trace_index, "_ROW_CHUNK", 5)
+    monkeypatch.setattr(trace_index, "_hex_bytes", fail_later)
+    with pytest.raises(OSError, match="no space left"):
+        TraceIndex.build(report, findings, folder=str(tmp_path))
+    assert len(calls) > 2 and os.listdir(tmp_path) == []

@@ -121,6 +121,31 @@ def test_a_result_with_a_result_folder_keeps_the_index_in_a_file_read_per_lookup
     assert got_index.traces() == index.traces()
 
 
+def test_a_rounds_index_is_built_into_its_file_and_sent_as_it_is(tmp_path: Path) -> None:
+    """serve's round builds the trace index into a file of the result folder a chunk at a time
+    (``_built_index``): the index of the run's findings, and ``_store_index`` sends it as it is
+    (no second file). A folder that cannot be written: built in memory instead."""
+    from hourglass.analysis.context import AnalysisContext, to_analysis_frame
+    from hourglass.analysis.pipeline import analyze_context
+
+    report, ranked = analyze_context(AnalysisContext.from_table(to_analysis_frame(_serialized_calls_table())))
+    findings = [scored.finding for scored in ranked]
+    expected = analysis_worker.trace_index(report, ranked)
+    assert expected.traces() > 0
+    folder = tmp_path / "results"
+    assert analysis_worker._prepare_result_folder(str(folder), clean=True)
+    index = analysis_worker._built_index(report, findings, str(folder))
+    path = index.stored_file()
+    assert path is not None and os.listdir(folder) == [os.path.basename(path)]
+    assert os.path.basename(path).startswith(analysis_worker.RESULT_PREFIX)
+    reply, written = analysis_worker._store_index(("ok", (report, index, 1.5)), str(folder))
+    assert written == [path] and reply[1][1] is index and os.listdir(folder) == [os.path.basename(path)]
+    index.open_stored()
+    assert index == expected and os.listdir(folder) == []
+    in_memory = analysis_worker._built_index(report, findings, str(tmp_path / "missing"))
+    assert in_memory.stored_file() is None and in_memory == expected
+
+
 def _environ(pid: int) -> dict[str, str]:
     """A started process's environment, once it runs the new program (between fork and exec
     /proc shows the parent's original one)."""
