@@ -363,6 +363,11 @@ Source = StoreSource | SplitSource
 # on top of its own rows); so from 2-3 partitions on the split costs less, and more so as the
 # store grows.
 SPLIT_MIN_PARTS = 4
+# DuckDB's buffer pool while a whole store is split: the split streams every row once, so a block
+# cached after it was read is never read again, and under the store's default limit the cache
+# grew with the store (the deciding process peaked at 606 MiB splitting a 5M-span store) while
+# the workers extract their first partitions beside it (``run_extraction``'s ``later``)
+SPLIT_MEMORY_LIMIT = "128MB"
 
 
 def splits(source: Source, parts: int) -> bool:
@@ -388,7 +393,14 @@ def split_store(source: Source, parts: int, *, near: str | None = None) -> Split
 
     folder = tempfile.mkdtemp(prefix="hourglass-partitions-", dir=near)
     try:
-        store = DuckDBSpanStore(location, read_only=True)
+        # (a --since or --service filter joins the store with its matching trace ids: the
+        # store's own limit, room for that join's table)
+        filtered = source.since_ns is not None or bool(source.services)
+        store = (
+            DuckDBSpanStore(location, read_only=True)
+            if filtered
+            else DuckDBSpanStore(location, read_only=True, memory_limit=SPLIT_MEMORY_LIMIT)
+        )
         try:
             store.split_partitions(
                 folder,
