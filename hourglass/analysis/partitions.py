@@ -363,6 +363,21 @@ Source = StoreSource | SplitSource
 # on top of its own rows); so from 2-3 partitions on the split costs less, and more so as the
 # store grows.
 SPLIT_MIN_PARTS = 4
+# DuckDB's buffer pool while a whole store is split: the split streams every row once, so a block
+# cached after it was read is never read again, and under the store's default limit the cache
+# grew with the store (the deciding process peaked at 606 MiB splitting a 5M-span store) while
+# the workers extract their first partitions beside it (``run_extraction``'s ``later``)
+SPLIT_MEMORY_LIMIT = "128MB"
+
+
+def splits(source: Source, parts: int) -> bool:
+    """Whether :func:`split_store` writes ``source``'s partitions to files (a DuckDB file of this
+    machine, ``SPLIT_MIN_PARTS`` partitions or more) rather than returning None."""
+    from hourglass.collector.store import local_path
+
+    if not isinstance(source, StoreSource) or parts < max(2, SPLIT_MIN_PARTS):
+        return False
+    return local_path(source.location) == source.location and source.location != ":memory:"
 
 
 def split_store(source: Source, parts: int, *, near: str | None = None) -> SplitSource | None:
@@ -371,18 +386,21 @@ def split_store(source: Source, parts: int, *, near: str | None = None) -> Split
     (``SPLIT_MIN_PARTS``); else None (a ClickHouse store, or few partitions: the tasks scan the
     store). The folder is made in ``$TMPDIR`` (or ``near``) and removed if the split fails or is
     interrupted; the caller removes it after the run (:meth:`SplitSource.remove`)."""
-    from hourglass.collector.store import local_path
-
-    if not isinstance(source, StoreSource) or parts < max(2, SPLIT_MIN_PARTS):
+    if not isinstance(source, StoreSource) or not splits(source, parts):
         return None
     location = source.location
-    if local_path(location) != location or location == ":memory:":
-        return None
     from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     folder = tempfile.mkdtemp(prefix="hourglass-partitions-", dir=near)
     try:
-        store = DuckDBSpanStore(location, read_only=True)
+        # (a --since or --service filter joins the store with its matching trace ids: the
+        # store's own limit, room for that join's table)
+        filtered = source.since_ns is not None or bool(source.services)
+        store = (
+            DuckDBSpanStore(location, read_only=True)
+            if filtered
+            else DuckDBSpanStore(location, read_only=True, memory_limit=SPLIT_MEMORY_LIMIT)
+        )
         try:
             store.split_partitions(
                 folder,
@@ -587,8 +605,16 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
     wanted = sorted({t for f in findings for t in f.occurrence_table.trace_id_list()})
     ctx = AnalysisContext.from_table(source.load(part, parts, trace_ids=wanted))
     memlog.note(f"price {part + 1}/{parts} context")
-    durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
-    priced = Priced(price(ctx, findings), durations)
+    try:
+        durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
+        priced = Priced(price(ctx, findings), durations)
+    finally:
+        # the what-if engine the context caches (``WhatIf.of``) refers back to it: a cycle, which
+        # only the cyclic collector frees, and it seldom ran in a worker between pricing tasks, so
+        # a worker kept every task's context (spans, repair, engine): 1M spans in 12 partitions,
+        # +11 MiB of Arrow buffers and ~19 MiB resident a task; a worker pricing 18 partitions
+        # of a 5M-span store grew from 258 to 743 MiB)
+        ctx.cache.clear()
     memlog.note(f"price {part + 1}/{parts} priced")
     return priced
 
@@ -969,15 +995,26 @@ def run_extraction(
     spill: Spill | None = None,
     *,
     decide_beside: bool = False,
+    later: Future[Source | None] | None = None,
 ) -> Extracted:
     """Extract every partition (in ``executor``) and decide each split detector on the combined
     rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
     executor's tasks must reach its folder; with ``decide_beside``, some kinds in a thread of
-    their own beside the others: :func:`decide`)."""
+    their own beside the others: :func:`decide`). With ``later`` (the store being split into
+    partition files beside this: :func:`split_store`), the first ``executor.workers`` partitions
+    are read from ``source`` itself, so the workers extract while the split is written instead
+    of waiting for it, and the others from the files once they are there (None: from ``source``)."""
     memlog.note("extraction starts")
-    results = executor.map(
-        "extracting", extract_part, [(source, p, parts, spill) for p in range(parts)], progress
-    )
+    calls = [(source, p, parts, spill) for p in range(parts)]
+    if later is None:
+        results = executor.map("extracting", extract_part, calls, progress)
+    else:
+        first = min(parts, max(1, executor.workers))
+        results = executor.map("extracting", extract_part, calls[:first], _offset(progress, 0, parts))
+        split = later.result() or source
+        rest = [(split, p, parts, spill) for p in range(first, parts)]
+        if rest:
+            results += executor.map("extracting", extract_part, rest, _offset(progress, first, parts))
     # the workers are done: stopped now, so the memory they keep from their last partition is not
     # held beside the combined rows and the decision
     executor.idle()
@@ -1013,6 +1050,13 @@ def run_extraction(
     decided = decide(rows, notes, spill, beside=decide_beside)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths, trace_parts)
+
+
+def _offset(progress: Progress | None, done: int, total: int) -> Progress | None:
+    """``progress`` for a map over the partitions from ``done`` on, counted among ``total``."""
+    if progress is None:
+        return None
+    return lambda phase, finished, _: progress(phase, done + finished, total)
 
 
 def run_pricing(

@@ -522,12 +522,20 @@ def analyze_partitioned(
     tasks of every pass read instead of scanning the store, while the worker processes start; the
     files are removed when the run ends, fails or is interrupted (by a thread of their own, which
     the process waits for before it exits). Not for a Dask cluster (its
-    workers may not reach this machine's files) nor an ``extraction`` of the caller's."""
+    workers may not reach this machine's files) nor an ``extraction`` of the caller's. With worker
+    processes and more partitions than workers, the split is written by a thread of its own while
+    the workers extract their first partitions straight from the store
+    (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle."""
     split = None
+    later: Future[partitions.Source | None] | None = None
     if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
         if isinstance(executor, partitions.ProcessExecutor):
             executor.warm()
-        split = partitions.split_store(source, parts)
+        beside = isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
+        if beside and partitions.splits(source, parts):
+            later = _beside(lambda: partitions.split_store(source, parts))
+        if later is None:
+            split = partitions.split_store(source, parts)
     try:
         return _analyze_partitioned(
             split or source,
@@ -540,10 +548,24 @@ def analyze_partitioned(
             spill_buckets=spill_buckets,
             extraction=extraction,
             decide_beside=decide_beside,
+            later=later,
         )
     finally:
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):
             _beside(split.remove)  # the process waits for it before it exits
+        elif later is not None:  # (once written: a run that failed first waits for it here)
+            _beside(lambda: _remove_split(later))
+
+
+def _remove_split(later: Future[partitions.Source | None]) -> None:
+    """Removes the partition files of a split written beside the run, once it has ended (a split
+    that failed removed its own)."""
+    try:
+        split = later.result()
+    except BaseException:
+        return
+    if isinstance(split, partitions.SplitSource):
+        split.remove()
 
 
 def _let_go(findings: list[Finding]) -> None:
@@ -580,6 +602,7 @@ def _analyze_partitioned(
     spill_buckets: int = 0,
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
     decide_beside: bool = False,
+    later: Future[partitions.Source | None] | None = None,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
@@ -597,7 +620,9 @@ def _analyze_partitioned(
     bucket. ``extraction(notes)``, when given, is the first pass instead of
     :func:`partitions.run_extraction` (``serve``'s incremental analysis decides stored rows, kind
     by kind: ``hourglass.analysis.incremental``). ``decide_beside``: some kinds are decided in a
-    thread of their own beside the others (``partitions.Plan.beside``: the memory plan has room)."""
+    thread of their own beside the others (``partitions.Plan.beside``: the memory plan has room).
+    ``later``: the partition files being written beside the extraction, which every pass after
+    the extraction's first round reads (:func:`partitions.run_extraction`)."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
@@ -609,12 +634,14 @@ def _analyze_partitioned(
         spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
         try:
             extracted = partitions.run_extraction(
-                source, parts, executor, notes, progress, spill, decide_beside=decide_beside
+                source, parts, executor, notes, progress, spill, decide_beside=decide_beside, later=later
             )
         except BaseException:
             if spill is not None:
                 spill.remove()
             raise
+        if later is not None:  # written by now (the extraction's later rounds read it)
+            source = later.result() or source
         if spill is not None:  # its many small files removed beside the pricing (~1 s on a busy disk)
             removed = _beside(spill.remove)
     one_per_service = extracted.services.group_by("service").agg(pl.col("trace_id").min())["trace_id"]

@@ -225,6 +225,36 @@ def test_a_pricing_task_receives_the_occurrences_of_its_own_traces_only() -> Non
     assert sum(len(f.occurrences) for f in findings) > 100
 
 
+def test_a_pricing_task_leaves_nothing_of_its_context_behind(tmp_path: Path) -> None:
+    """``price_part``'s context (the partition's spans, repaired, and the what-if engine it caches,
+    which refers back to it) is freed when the task returns, not left to the cyclic collector: a
+    worker pricing partition after partition held every one of them."""
+    import gc
+
+    from bench.analysis import generate_spans
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(10_000, seed=5))
+    store.close()
+    source = partitions.StoreSource(db)
+    findings = [f for kind in PARTS for f in DETECTORS[kind](AnalysisContext.from_table(source.load(0, 1)))]
+
+    def contexts() -> int:
+        return sum(isinstance(o, AnalysisContext) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = contexts()
+        priced = partitions.price_part(source, 0, 2, findings, True)
+        assert priced.impacts  # the what-if engine was built and used
+        assert contexts() == before
+    finally:
+        gc.enable()
+
+
 def test_the_generated_mix_exercises_every_split_detector() -> None:
     """Guards the property test against passing on nothing; and every detector is split (a
     partitioned run decides only what ``PARTS`` lists)."""
