@@ -104,7 +104,7 @@ def _worker_main(conn: Connection) -> None:
                 if incremental is None or incremental.sidecar != request["sidecar"]:
                     if incremental is not None:
                         incremental.close()
-                    incremental = IncrementalAnalysis(request["sidecar"])
+                    incremental = IncrementalAnalysis(request["sidecar"], release_heap=server_memory.trim)
                 if cluster is not None and cluster.address != request.get("cluster"):
                     cluster.close()
                     cluster = None
