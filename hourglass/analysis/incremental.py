@@ -360,6 +360,8 @@ class MemoExecutor:
                 return [self._priced(args, plans[args[1]], with_calls) for args in calls]
             finally:
                 self._fresh.clear()
+                del grouped, plans
+                self.state.release_heap()  # the findings grouped per batch, the batches' caches
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
     def idle(self) -> None:

@@ -705,6 +705,7 @@ def run_incremental(
             extraction=lambda notes: state.extraction(units, source, executor, notes),
         )
         executor.close()
+        state.release_heap()  # (the pricing's and the scoring's freed pages, before the index's)
         memlog.note("report built")
         index = trace_index(report, ranked)
         memlog.note(f"trace index built ({index.traces()} traces)")

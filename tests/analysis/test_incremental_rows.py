@@ -19,6 +19,7 @@ on the same store. Proven structurally, not by timing or RSS:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -338,13 +339,18 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
 def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Path) -> None:
     """``release_heap`` (serve's worker: ``malloc_trim``) is called after each segment's meta is
     folded in, after the critical paths are decided and after each kind is decided, before the
-    next kind's rows are loaded (so a kind's freed pages are not resident under the next's); the
-    report is the same as without it."""
+    next kind's rows are loaded (so a kind's freed pages are not resident under the next's), then
+    after the pricing and before the trace index is built; the report is the same as without it."""
     db = tmp_path / "spans.duckdb"
     sidecar = sidecar_path(str(db))
     assert sidecar is not None
     store = _store(db)
     events: list[str] = []
+    releasing: list[str] = []  # who called release_heap, after the decisions
+
+    def release() -> None:
+        events.append("released")
+        releasing.append(sys._getframe(1).f_code.co_name)
 
     class Loads(SegmentRecording):
         def load_rows(self, batch: int, kind: str) -> Any:
@@ -360,12 +366,11 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
             return super().load_segment_meta(members)
 
     try:
-        state = Loads(
-            sidecar, batch_spans=300, segment_batches=2, release_heap=lambda: events.append("released")
-        )
+        state = Loads(sidecar, batch_spans=300, segment_batches=2, release_heap=release)
         first, _ = _round(state, store)
         assert state.segments, "no segments to read in the next round"
         events.clear()
+        releasing.clear()
         again, _ = _round(state, store)
         state.close()
     finally:
@@ -382,6 +387,8 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
         assert decisions[last + 1] == "released", (kind, decisions[last : last + 3])
         if following is not None:
             assert decisions.index(following) == last + 2, (kind, following)
+    # then the pricing (MemoExecutor.map), and the round once the report is built
+    assert releasing[-2:] == ["map", "run_incremental"], releasing
     cli = _cli(db)
     for report in (first, again):
         _same(report, cli)
