@@ -104,7 +104,7 @@ def _worker_main(conn: Connection) -> None:
                 if incremental is None or incremental.sidecar != request["sidecar"]:
                     if incremental is not None:
                         incremental.close()
-                    incremental = IncrementalAnalysis(request["sidecar"])
+                    incremental = IncrementalAnalysis(request["sidecar"], release_heap=server_memory.trim)
                 if cluster is not None and cluster.address != request.get("cluster"):
                     cluster.close()
                     cluster = None
@@ -729,6 +729,7 @@ def run_incremental(
             extraction=lambda notes: state.extraction(units, source, executor, notes),
         )
         executor.close()
+        state.release_heap()  # (the pricing's and the scoring's freed pages, before the index's)
         memlog.note("report built")
         # the index reads the reported findings' occurrences alone: the ranking's scores, savings
         # and costs, and the findings the report does not carry, let go before it is built

@@ -19,6 +19,7 @@ on the same store. Proven structurally, not by timing or RSS:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from hourglass.analysis.detectors import PARTS
 from hourglass.analysis.incremental import IncrementalAnalysis, MemoExecutor, sidecar_path
 from hourglass.analysis.model import Occurrences
 from hourglass.analysis.trace_index import TraceIndex
@@ -346,6 +348,65 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
     for report in (first, again, redone, resumed):
         _same(report, cli)
         assert report["recommendations"] == first["recommendations"]
+
+
+def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Path) -> None:
+    """``release_heap`` (serve's worker: ``malloc_trim``) is called after each segment's meta is
+    folded in, after the critical paths are decided and after each kind is decided, before the
+    next kind's rows are loaded (so a kind's freed pages are not resident under the next's), then
+    after the pricing and before the trace index is built; the report is the same as without it."""
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    events: list[str] = []
+    releasing: list[str] = []  # who called release_heap, after the decisions
+
+    def release() -> None:
+        events.append("released")
+        releasing.append(sys._getframe(1).f_code.co_name)
+
+    class Loads(SegmentRecording):
+        def load_rows(self, batch: int, kind: str) -> Any:
+            events.append(kind)
+            return super().load_rows(batch, kind)
+
+        def load_segment_rows(self, members: tuple[int, ...], kind: str) -> Any:
+            events.append(kind)
+            return super().load_segment_rows(members, kind)
+
+        def load_segment_meta(self, members: tuple[int, ...]) -> Any:
+            events.append("segment meta")
+            return super().load_segment_meta(members)
+
+    try:
+        state = Loads(sidecar, batch_spans=300, segment_batches=2, release_heap=release)
+        first, _ = _round(state, store)
+        assert state.segments, "no segments to read in the next round"
+        events.clear()
+        releasing.clear()
+        again, _ = _round(state, store)
+        state.close()
+    finally:
+        store.close()
+    kinds = [e for i, e in enumerate(events) if e not in ("released", "segment meta") and events[i - 1] != e]
+    assert kinds == list(PARTS), kinds
+    # each segment's meta released after it is folded in, then once more after the critical paths
+    metas = events[: events.index(kinds[0])]
+    assert metas == ["segment meta", "released"] * len(state.segments) + ["released"], metas
+    # each kind's decision followed by a release before the next kind's rows are loaded
+    decisions = events[len(metas) :]
+    for kind, following in zip(PARTS, [*list(PARTS)[1:], None], strict=True):
+        last = len(decisions) - 1 - decisions[::-1].index(kind)
+        assert decisions[last + 1] == "released", (kind, decisions[last : last + 3])
+        if following is not None:
+            assert decisions.index(following) == last + 2, (kind, following)
+    # then the pricing (MemoExecutor.map), and the round once the report is built
+    assert releasing[-2:] == ["map", "run_incremental"], releasing
+    cli = _cli(db)
+    for report in (first, again):
+        _same(report, cli)
+    assert {**again, "generated_at": None} == {**first, "generated_at": None}
 
 
 def test_a_crashed_rounds_leftovers_are_removed_when_the_state_opens(tmp_path: Path) -> None:
