@@ -951,7 +951,11 @@ class Occurrences(Sequence[Occurrence]):
                 start, size = self._park_at[name]
                 with open(self._parked, "rb") as given:  # type: ignore[arg-type]
                     given.seek(start)
-                    value = pickle.loads(given.read(size))
+                    # unpickled from the file, not from a copy of its bytes (that would hold
+                    # the column twice while it is read back)
+                    value = pickle.load(given)
+                    if given.tell() != start + size:
+                        raise ValueError(f"parked occurrences: {self._parked}: column {name} is damaged")
                 setattr(self, name, value)
                 return value
         if name in _PARKED_SET and getattr(self, "_source", None) is not None:
