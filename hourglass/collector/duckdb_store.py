@@ -510,9 +510,12 @@ class DuckDBSpanStore:
         self._count_watches: list[list[int]] = []
         # the stored traces' ingest-time ranges (built by the first count, widened by each kept
         # count): the count and compaction read the older rows of the traces that just got rows
-        # there only. Under the write lock; dropped by a retention that removed traces (their
-        # entries would stay), rebuilt by the next count.
+        # there only. Under the write lock; kept by a retention (the removed traces' entries stay,
+        # wider than needed) until they are more than twice the traces counted, then dropped and
+        # rebuilt by the next count. ``_ranges_moved``: how many times the ranges' bound was
+        # lowered or the ranges replaced (a reader that used them checks it did not change).
         self._trace_ranges: _TraceRanges | None = None
+        self._ranges_moved = 0
         # the ingest log: rows logged (durable) and staged here until the loader inserts them
         self._log: IngestLog | None = None
         self._staged: list[pa.Table] = []
@@ -595,8 +598,9 @@ class DuckDBSpanStore:
         the bounds above it no longer hold (the caller holds the write lock)."""
         if self._counts and ingested_ns < self._counts[-1][0]:
             self._counts = [kept for kept in self._counts if kept[0] <= ingested_ns]
-        if self._trace_ranges is not None:
-            self._trace_ranges.bound = min(self._trace_ranges.bound, ingested_ns)
+        if self._trace_ranges is not None and ingested_ns < self._trace_ranges.bound:
+            self._trace_ranges.bound = ingested_ns
+            self._ranges_moved += 1
         for watch in self._count_watches:
             watch.append(ingested_ns)
 
@@ -725,6 +729,7 @@ class DuckDBSpanStore:
                 " SELECT trace_id FROM spans GROUP BY trace_id HAVING max(end_ns) < ?",
                 [cutoff_ns],
             )
+            counts_after: list[tuple[int, int, int]] | None = None
             try:
                 if self._counts:  # what the deletion takes from the last kept count (the others go)
                     bound, spans, traces = self._counts[-1]
@@ -738,17 +743,24 @@ class DuckDBSpanStore:
                         """,
                         [bound],
                     ).fetchall()[0]
-                    self._counts = [(bound, spans - int(gone_spans), traces - int(gone_traces))]
+                    counts_after = [(bound, spans - int(gone_spans), traces - int(gone_traces))]
                 for watch in self._count_watches:
                     watch.append(_EVERY_BOUND)
                 removed = self._writer.execute(
                     "DELETE FROM spans WHERE trace_id IN (SELECT trace_id FROM _expired)"
                 ).fetchall()[0][0]
+                if counts_after is not None:  # (a deletion that failed leaves the counts as they were)
+                    self._counts = counts_after
             finally:
                 self._writer.execute("DROP TABLE IF EXISTS _expired")
             self._changes += 1
-            if removed:  # the ranges still hold, but would keep the removed traces' entries
+            ranges = self._trace_ranges
+            # the ranges still hold (each still contains its trace's rows) but keep the removed
+            # traces' entries: dropped once they are more than twice the traces counted
+            traces_counted = self._counts[-1][2] if self._counts else 0
+            if removed and ranges is not None and len(ranges.keys) > 2 * max(traces_counted, 1):
                 self._trace_ranges = None
+                self._ranges_moved += 1
             # what retention has removed so far (the incremental analysis drops the same traces'
             # rows; the criterion is the same: the trace's last span ended before the cutoff)
             self.retention_cutoff_ns = max(self.retention_cutoff_ns or cutoff_ns, cutoff_ns)
@@ -986,12 +998,20 @@ class DuckDBSpanStore:
         self.load_staged()  # first: a row it loads below the ranges' bound lowers it
         trace_id = trace_id.lower()
         (h,) = self._cursor().execute("SELECT hash(?::VARCHAR)", [trace_id]).fetchall()[0]
-        with self._write_lock:
-            index = self._trace_ranges
-            ranges = None if index is None else [*index.ranges([h]), (index.bound, _INT64_MAX)]
-        if ranges is None:
-            return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
-        return self.scan_traces([trace_id], ingested_ranges=ranges, columns=SPAN_COLUMNS)
+        for _ in range(3):
+            with self._write_lock:
+                index, moved = self._trace_ranges, self._ranges_moved
+                ranges = None if index is None else [*index.ranges([h]), (index.bound, _INT64_MAX)]
+            if ranges is None:
+                break
+            table = self.scan_traces([trace_id], ingested_ranges=ranges, columns=SPAN_COLUMNS)
+            # a write committed after the ranges were looked up, with a row of this trace below
+            # their bound, lowered the bound (under the write lock, waited for here): read again,
+            # else the read could hold part of that write only
+            with self._write_lock:
+                if self._ranges_moved == moved:
+                    return table
+        return self.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS)
 
     def stats(self) -> StoreStats:
         """Unique span and trace counts (duplicates not yet compacted are not counted); the last
@@ -1119,6 +1139,7 @@ class DuckDBSpanStore:
                     # ``bound`` (or lowered the ranges' bound)
                     if index is None:
                         self._trace_ranges = _TraceRanges(figures, bound)
+                        self._ranges_moved += 1
                     elif self._trace_ranges is index:
                         index.add(figures, bound)
             return StoreStats(spans=base_spans + spans, traces=base_traces + traces)

@@ -339,6 +339,65 @@ def test_a_trace_read_in_its_ingest_range_is_the_whole_trace(
     assert ranged > 50
 
 
+def test_a_trace_read_while_a_write_below_the_ranges_bound_commits_is_not_torn(
+    make_store: Callable[[], DuckDBSpanStore],
+) -> None:
+    """A write committed between ``trace()``'s look-up of the ranges and its query, with a row of
+    that trace stamped below their bound and outside its range (an Export stamped earlier than it
+    was inserted) and one stamped now: the read holds both rows or neither, never half the write."""
+    store = make_store()
+    t0 = time.time_ns() - 3600 * SECOND
+    store.write(_rows([(1, 1)], t0, end_ns=t0))
+    for i in range(1, 50):
+        store.write(_rows([(100 + i, 1)], t0 + i * 60 * SECOND, end_ns=t0))
+    store.stats()
+    assert store._trace_ranges is not None and store._trace_ranges.bound > t0 + 20 * 60 * SECOND
+    real = store.scan_traces
+    writes = []
+
+    def racing(*args: object, **kwargs: object) -> pa.Table:
+        if not writes:
+            late = pa.concat_tables(
+                [
+                    _rows([(1, 2)], t0 + 20 * 60 * SECOND, end_ns=t0),
+                    _rows([(1, 3)], time.time_ns() - 5 * SECOND, end_ns=t0),
+                ]
+            )
+            store.write(late)
+            writes.append(late)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.scan_traces = racing  # type: ignore[method-assign]
+    got = store.trace(f"{1:032x}")
+    store.scan_traces = real  # type: ignore[method-assign]
+    assert writes and sorted(got.column("span_id").to_pylist()) == [f"{s:016x}" for s in (1, 2, 3)]
+
+
+def test_retention_keeps_the_trace_ranges_until_they_are_twice_the_traces_counted(
+    make_store: Callable[[], DuckDBSpanStore],
+) -> None:
+    """The ranges still hold after a retention (each still contains its trace's rows): kept, so
+    the next count, compaction and trace read need not rebuild them from every row, until the
+    removed traces' entries make them more than twice the traces counted."""
+    store = make_store()
+    t0 = time.time_ns() - 3600 * SECOND
+    for i in range(40):
+        store.write(_rows([(i + 1, 1), (i + 1, 2)], t0 + i * SECOND, end_ns=t0 + i * SECOND))
+    store.stats()
+    ranges = store._trace_ranges
+    assert ranges is not None and len(ranges.keys) == 40
+    assert store.delete_older_than(t0 + 10 * SECOND) == 20  # 10 traces of 40 gone: kept
+    assert store._trace_ranges is ranges
+    assert store.stats() == _recount(store) == StoreStats(spans=60, traces=30)
+    for i in (5, 25):
+        trace_id = f"{i:032x}"
+        assert store.trace(trace_id).equals(store.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS))
+    assert store.delete_older_than(t0 + 30 * SECOND) == 40  # 10 traces left of 40 entries: dropped
+    assert store._trace_ranges is None
+    assert store.stats() == _recount(store) == StoreStats(spans=20, traces=10)
+    assert store._trace_ranges is not None and len(store._trace_ranges.keys) == 10
+
+
 def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
     """``_TraceRanges.add`` widens the range of a hash it holds and inserts new hashes in order
     (searched by ``ranges``): checked against a dict over 50 additions that repeat a third of
