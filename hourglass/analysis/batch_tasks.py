@@ -53,7 +53,11 @@ def price_table(
 ) -> partitions.Priced:
     """A Dask task: ``findings``' pricing in one batch (:func:`priced_in`)."""
     del part, parts
-    return priced_in(AnalysisContext.from_table(table), findings, calls)
+    ctx = AnalysisContext.from_table(table)
+    try:
+        return priced_in(ctx, findings, calls)
+    finally:  # the what-if engine it caches refers back to it: freed with the task, not by the collector
+        ctx.cache.clear()
 
 
 class BatchError(partitions.PartitionError):

@@ -613,9 +613,12 @@ class MemoExecutor:
         table = self._retrying("reading", parts[0], lambda: source.read(ids, first, last))
         ctx = AnalysisContext.from_table(table)
         del table
-        for part in parts:
-            price = functools.partial(priced_in, ctx, plans[part].missing, with_calls)
-            self._fresh[part] = self._retrying("pricing", part, price)
+        try:
+            for part in parts:
+                price = functools.partial(priced_in, ctx, plans[part].missing, with_calls)
+                self._fresh[part] = self._retrying("pricing", part, price)
+        finally:  # (the what-if engine it caches refers back to it: freed now, not by the collector)
+            ctx.cache.clear()
         del ctx
 
     def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
@@ -628,7 +631,10 @@ class MemoExecutor:
                 from hourglass.analysis.batch_tasks import priced_in
 
                 ctx = AnalysisContext.from_table(self._read_wanted(source, part, plan.wanted))
-                fresh = self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
+                try:
+                    fresh = self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
+                finally:  # (its cached what-if engine refers back to it: freed now)
+                    ctx.cache.clear()
                 del ctx
             for f in missing:
                 priced = partitions.impact_numbers(fresh.impacts.get(f.id))

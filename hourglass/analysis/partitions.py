@@ -26,6 +26,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -380,12 +381,15 @@ def splits(source: Source, parts: int) -> bool:
     return local_path(source.location) == source.location and source.location != ":memory:"
 
 
-def split_store(source: Source, parts: int, *, near: str | None = None) -> SplitSource | None:
+def split_store(
+    source: Source, parts: int, *, near: str | None = None, cancel: threading.Event | None = None
+) -> SplitSource | None:
     """``source``'s partitions written to their own files (:class:`SplitSource`), by one read of
     the store, when it is a DuckDB file of this machine and ``parts`` is worth it
     (``SPLIT_MIN_PARTS``); else None (a ClickHouse store, or few partitions: the tasks scan the
     store). The folder is made in ``$TMPDIR`` (or ``near``) and removed if the split fails or is
-    interrupted; the caller removes it after the run (:meth:`SplitSource.remove`)."""
+    interrupted; the caller removes it after the run (:meth:`SplitSource.remove`). ``cancel``:
+    once set, the split stops at its next batch (``SplitCancelled``) and removes its folder."""
     if not isinstance(source, StoreSource) or not splits(source, parts):
         return None
     location = source.location
@@ -408,6 +412,7 @@ def split_store(source: Source, parts: int, *, near: str | None = None) -> Split
                 since_ns=source.since_ns,
                 services=list(source.services) if source.services else None,
                 columns=ANALYSIS_COLUMNS,
+                cancel=cancel,
             )
         finally:
             store.close()

@@ -528,12 +528,13 @@ def analyze_partitioned(
     (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle."""
     split = None
     later: Future[partitions.Source | None] | None = None
+    cancel = threading.Event()  # set when the run ends first (failed, interrupted): the split stops
     if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
         if isinstance(executor, partitions.ProcessExecutor):
             executor.warm()
         beside = isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
         if beside and partitions.splits(source, parts):
-            later = _beside(lambda: partitions.split_store(source, parts))
+            later = _beside(lambda: _split_beside(source, parts, cancel))
         if later is None:
             split = partitions.split_store(source, parts)
     try:
@@ -550,11 +551,28 @@ def analyze_partitioned(
             decide_beside=decide_beside,
             later=later,
         )
+    except BaseException:
+        cancel.set()  # (a split still being written stops at its next batch and removes its files)
+        raise
     finally:
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):
             _beside(split.remove)  # the process waits for it before it exits
         elif later is not None:  # (once written: a run that failed first waits for it here)
             _beside(lambda: _remove_split(later))
+
+
+def _split_beside(source: partitions.Source, parts: int, cancel: threading.Event) -> partitions.Source | None:
+    """The split written beside the run (:func:`partitions.split_store`); a split that fails
+    (a full disk) is logged and the partitions are read from the store instead (None), as
+    the workers' first ones already are."""
+    try:
+        return partitions.split_store(source, parts, cancel=cancel)
+    except Exception as exc:
+        if not cancel.is_set():
+            log.warning(
+                "splitting the store into partition files failed (%s); reading the store instead", exc
+            )
+        return None
 
 
 def _remove_split(later: Future[partitions.Source | None]) -> None:

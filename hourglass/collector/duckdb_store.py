@@ -157,6 +157,11 @@ _TRACE_RANGES_SQL = (
 )
 
 
+class SplitCancelled(Exception):
+    """``split_partitions`` stopped because its caller no longer needs it (the run failed or was
+    interrupted)."""
+
+
 class _TraceRanges:
     """Where each stored trace's rows lie in ingest time: per 64-bit ``hash(trace_id)`` (DuckDB's),
     the first and last ``ingested_ns`` of the rows of every trace with that hash, for every row
@@ -928,6 +933,7 @@ class DuckDBSpanStore:
         services: list[str] | None = None,
         columns: tuple[str, ...] | None = None,
         batch_rows: int = 262_144,
+        cancel: threading.Event | None = None,
     ) -> list[int]:
         """One read of the store for every partition of ``parts``: the rows ``scan_partition(p,
         parts, ...)`` selects, for each ``p``, appended to ``partition_file(folder, p)`` (Arrow
@@ -937,7 +943,9 @@ class DuckDBSpanStore:
         :func:`read_partition_file` de-duplicates and orders them as ``scan_partition`` does.
         Returns the rows written per partition. Against ``scan_partition`` per partition, which
         reads the whole store each time (~0.09 s per million stored spans, each partition, each
-        pass), this costs one read and one write of every row."""
+        pass), this costs one read and one write of every row. ``cancel``: once set, the split
+        stops at its next batch with :class:`SplitCancelled` (the files written so far stay; the
+        caller removes the folder)."""
         if parts < 1:
             raise ValueError(f"split_partitions needs parts >= 1, got {parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
@@ -957,6 +965,8 @@ class DuckDBSpanStore:
             for part in range(parts):
                 writers.append(pa.ipc.new_file(partition_file(folder, part), schema))
             for batch in reader:
+                if cancel is not None and cancel.is_set():
+                    raise SplitCancelled(f"the split of {self.path} into {folder} was cancelled")
                 if not batch.num_rows:
                     continue
                 keys = batch.column(batch.num_columns - 1)

@@ -664,3 +664,75 @@ def test_a_stopped_worker_ends_at_once_with_its_output_flushed(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert done.stdout == "worker wrote 7 | pool closed\n"
     assert not marker.exists()
+
+
+def _small_store(tmp_path: Path) -> partitions.StoreSource:
+    from bench.analysis import generate_spans
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(5_000, seed=3))
+    store.close()
+    return partitions.StoreSource(db)
+
+
+def test_a_cancelled_split_stops_and_leaves_no_files(tmp_path: Path) -> None:
+    """``split_store`` with its ``cancel`` set stops at its next batch and removes its folder."""
+    import threading
+
+    from hourglass.collector.duckdb_store import SplitCancelled
+
+    source = _small_store(tmp_path)
+    assert partitions.splits(source, 8)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(SplitCancelled):
+        partitions.split_store(source, 8, near=str(tmp_path), cancel=cancel)
+    assert not list(tmp_path.glob("hourglass-partitions-*"))
+    split = partitions.split_store(source, 8, near=str(tmp_path), cancel=threading.Event())
+    assert split is not None
+    split.remove()
+
+
+def test_a_run_that_fails_first_stops_the_split_written_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``analyze --db``'s split runs in a thread beside the first extraction round; when the run
+    fails (or is interrupted) first, the split is told to stop instead of the process waiting for
+    it to read the whole store before it can exit; a split that fails by itself (a full disk) only
+    means the partitions are read from the store."""
+    import threading
+    import time
+
+    from hourglass.analysis import pipeline
+
+    source = _small_store(tmp_path)
+    seen: list[str] = []
+
+    def slow_split(source: partitions.Source, parts: int, *, cancel: threading.Event, **_: object) -> None:
+        seen.append("started")
+        if cancel.wait(30):
+            seen.append("cancelled")
+        return None
+
+    def failing_round(*args: object, **kwargs: object) -> partitions.Extracted:
+        raise RuntimeError("extraction failed")
+
+    executor = partitions.ProcessExecutor(1)
+    monkeypatch.setattr(executor, "warm", lambda: None)
+    monkeypatch.setattr(partitions, "split_store", slow_split)
+    monkeypatch.setattr(partitions, "run_extraction", failing_round)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="extraction failed"):
+        pipeline.analyze_partitioned(source, 4, executor, read_traces=lambda ids: source.load(0, 1))
+    for thread in threading.enumerate():  # the split's thread and the removal's: both end now
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(20)
+    assert seen == ["started", "cancelled"] and time.monotonic() - started < 20
+
+    def full_disk(source: partitions.Source, parts: int, **_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(partitions, "split_store", full_disk)
+    assert pipeline._split_beside(source, 4, threading.Event()) is None
