@@ -37,8 +37,9 @@ by parent id, service and operation — so they do not depend on how the traces 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -319,31 +320,121 @@ def critical_paths_from_summary(
 ) -> list[dict[str, Any]]:
     """:func:`critical_paths_from_rows` decided on the per-endpoint aggregates of the rows
     (:func:`summarize_path_rows`, :func:`combine_path_summaries`): the same list."""
+    return _critical_paths_of_endpoints(
+        summary.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len()),
+        lambda service, operation: tuple(
+            _of_endpoint(frame, service, operation)
+            for frame in (summary.roots, summary.operations, summary.paths)
+        ),
+        summary.nodes,
+        top,
+        **options,
+    )
+
+
+class SpilledPathSummary:
+    """A :class:`PathSummary` folded piece by piece with its values on disk: the groups' lists of
+    values (most of a summary's bytes: a value per trace, per trace and on-path operation) written
+    a file per piece and frame, and only the trace counts per endpoint and the merged forest held;
+    :meth:`critical_paths` reads one endpoint's groups back at a time (issue 11: a round held
+    every endpoint's values through the decision). Decides exactly what
+    :func:`critical_paths_from_summary` decides on every piece's summary combined (each figure is
+    a count, a sum or a quantile over one endpoint's values, whatever their order)."""
+
+    _FRAMES = ("roots", "operations", "paths")
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)  # created by the caller, removed by the caller
+        self.pieces = 0
+        self.counts: pl.DataFrame | None = None  # service, operation, traces
+        self.nodes: pl.DataFrame | None = None
+
+    def add(self, part: PathSummary) -> None:
+        """``part`` folded in: its frames written, its counts summed, its forest merged (as
+        ``combine_path_summaries`` over every piece at once: a merged forest without its ``root``
+        column is a forest again, whose canonical ids and summed times do not depend on the
+        grouping)."""
+        for name in self._FRAMES:
+            # (compressed: read back decoded into the round's memory, not mapped)
+            getattr(part, name).write_ipc(self.folder / f"{self.pieces:06d}-{name}.arrow", compression="lz4")
+        self.pieces += 1
+        counts = part.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len())
+        self.counts = (
+            counts
+            if self.counts is None
+            else pl.concat([self.counts, counts], how="vertical_relaxed")
+            .group_by(_ENDPOINT)
+            .agg(pl.col("traces").sum())
+        )
+        self.nodes = _merge_forests(
+            [part.nodes] if self.nodes is None else [self.nodes.drop("root"), part.nodes]
+        )
+
+    def _of_endpoint(self, service: str, operation: str) -> tuple[pl.DataFrame, ...]:
+        """The endpoint's groups of every piece, each frame's in one (the pieces' in order)."""
+        return tuple(
+            _concat(
+                [
+                    pl.scan_ipc(self.folder / f"{i:06d}-{name}.arrow")
+                    .filter((pl.col("service") == service) & (pl.col("operation") == operation))
+                    .collect()
+                    for i in range(self.pieces)
+                ]
+            )
+            for name in self._FRAMES
+        )
+
+    def critical_paths(self, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
+        """:func:`critical_paths_from_summary` of every piece's summary combined."""
+        if self.counts is None or self.nodes is None:
+            raise ValueError("SpilledPathSummary.critical_paths needs the summary of at least one piece")
+        return _critical_paths_of_endpoints(self.counts, self._of_endpoint, self.nodes, top, **options)
+
+    def report_critical_paths(self) -> list[dict[str, Any]]:
+        """:func:`report_critical_paths_from_summary` of every piece's summary combined."""
+        try:
+            return self.critical_paths(**REPORT_PATHS)
+        except Exception:
+            log.exception("critical paths of the endpoints failed")
+            return []
+
+
+def _critical_paths_of_endpoints(
+    counts: pl.DataFrame,
+    of_endpoint: Callable[[str, str], tuple[pl.DataFrame, ...]],
+    nodes: pl.DataFrame,
+    top: int,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """The critical paths of the ``top`` endpoints with the most traces (``counts``: service,
+    operation, traces; a row per endpoint and piece or summed), each decided on its groups
+    (``of_endpoint``: the endpoint's rows of a summary's roots, operations and paths)."""
     busiest = (
-        summary.roots.group_by(_ENDPOINT)
-        .agg(pl.col("durations").list.len().sum().alias("traces"))
+        counts.group_by(_ENDPOINT)
+        .agg(pl.col("traces").sum())
         .sort(["traces", "service", "operation"], descending=[True, False, False])
         .head(top)
     )
     out = []
     for service, operation, _ in busiest.iter_rows():
-        durations = _of_endpoint(summary.roots, service, operation)["durations"].explode()
+        roots, operations, paths = of_endpoint(service, operation)
+        durations = roots["durations"].explode()
+        del roots
         if durations.len() == 0:
             continue
         # each group's values in one list (a group has a row per partition), then its figures
         # over the list: no row per value
         op_stats = (
-            _of_endpoint(summary.operations, service, operation)
-            .group_by(service="op_service", name="op_name")
+            operations.group_by(service="op_service", name="op_name")
             .agg(pl.col("ns").list.explode(keep_nulls=False, empty_as_null=False))
             .select("service", "name", traces=pl.col("ns").list.len(), **_list_stats("ns", sum_as="_ns"))
         )
         path_stats = (
-            _of_endpoint(summary.paths, service, operation)
-            .group_by("key")
+            paths.group_by("key")
             .agg(pl.col("durations").list.explode(keep_nulls=False, empty_as_null=False))
             .select("key", traces=pl.col("durations").list.len(), **_list_stats("durations"))
         )
+        del operations, paths
         out.append(
             _endpoint_path(
                 service,
@@ -351,7 +442,7 @@ def critical_paths_from_summary(
                 durations,
                 op_stats,
                 path_stats,
-                summary.nodes,
+                nodes,
                 top_paths=options.get("top_paths", TOP_PATHS),
                 icicle=options.get("icicle", True),
                 max_operations=options.get("max_operations"),
