@@ -36,9 +36,10 @@ by parent id, service and operation — so they do not depend on how the traces 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -339,13 +340,14 @@ class SpilledPathSummary:
     :meth:`critical_paths` reads one endpoint's groups back at a time (issue 11: a round held
     every endpoint's values through the decision). Decides exactly what
     :func:`critical_paths_from_summary` decides on every piece's summary combined (each figure is
-    a count, a sum or a quantile over one endpoint's values, whatever their order)."""
+    a count, a sum or a quantile over one endpoint's values, whatever their order). A piece whose
+    files cannot be written (a full disk) is held in memory instead, as before."""
 
     _FRAMES = ("roots", "operations", "paths")
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)  # created by the caller, removed by the caller
-        self.pieces = 0
+        self.pieces: list[int | PathSummary] = []  # each piece's files' number, or the piece held
         self.counts: pl.DataFrame | None = None  # service, operation, traces
         self.nodes: pl.DataFrame | None = None
 
@@ -354,10 +356,19 @@ class SpilledPathSummary:
         ``combine_path_summaries`` over every piece at once: a merged forest without its ``root``
         column is a forest again, whose canonical ids and summed times do not depend on the
         grouping)."""
-        for name in self._FRAMES:
-            # (compressed: read back decoded into the round's memory, not mapped)
-            getattr(part, name).write_ipc(self.folder / f"{self.pieces:06d}-{name}.arrow", compression="lz4")
-        self.pieces += 1
+        number = len(self.pieces)
+        try:
+            for name in self._FRAMES:
+                # (compressed: read back decoded into the round's memory, not mapped)
+                getattr(part, name).write_ipc(self._file(number, name), compression="lz4")
+        except OSError:
+            log.warning("critical-path summary not written to %s; held in memory", self.folder, exc_info=True)
+            for name in self._FRAMES:
+                with contextlib.suppress(OSError):
+                    self._file(number, name).unlink(missing_ok=True)
+            self.pieces.append(replace(part, nodes=part.nodes.clear()))
+        else:
+            self.pieces.append(number)
         counts = part.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len())
         self.counts = (
             counts
@@ -370,15 +381,24 @@ class SpilledPathSummary:
             [part.nodes] if self.nodes is None else [self.nodes.drop("root"), part.nodes]
         )
 
+    def _file(self, number: int, name: str) -> Path:
+        return self.folder / f"{number:06d}-{name}.arrow"
+
     def _of_endpoint(self, service: str, operation: str) -> tuple[pl.DataFrame, ...]:
         """The endpoint's groups of every piece, each frame's in one (the pieces' in order)."""
         return tuple(
             _concat(
                 [
-                    pl.scan_ipc(self.folder / f"{i:06d}-{name}.arrow")
-                    .filter((pl.col("service") == service) & (pl.col("operation") == operation))
-                    .collect()
-                    for i in range(self.pieces)
+                    (
+                        pl.scan_ipc(self._file(piece, name)).filter(
+                            (pl.col("service") == service) & (pl.col("operation") == operation)
+                        )
+                        if isinstance(piece, int)
+                        else getattr(piece, name)
+                        .lazy()
+                        .filter((pl.col("service") == service) & (pl.col("operation") == operation))
+                    ).collect()
+                    for piece in self.pieces
                 ]
             )
             for name in self._FRAMES

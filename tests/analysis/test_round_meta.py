@@ -80,6 +80,13 @@ def test_summaries_folded_one_piece_at_a_time_decide_as_the_whole(
     assert folded.critical_paths(top=100, top_paths=100) == critical_paths(
         AnalysisContext.from_table(table.to_arrow()), top=100, top_paths=100
     )
+    # a folder that cannot be written (gone): the pieces held in memory, the same decision
+    held = SpilledPathSummary(str(tmp_path / "gone"))
+    for summary in summaries:
+        held.add(summary)
+    assert not (tmp_path / "gone").exists() and all(not isinstance(p, int) for p in held.pieces)
+    assert held.nodes is not None and held.nodes.equals(at_once.nodes)
+    assert held.report_critical_paths() == whole
 
 
 def test_services_folded_one_piece_at_a_time_are_the_whole_grouped() -> None:
