@@ -323,10 +323,7 @@ def critical_paths_from_summary(
     (:func:`summarize_path_rows`, :func:`combine_path_summaries`): the same list."""
     return _critical_paths_of_endpoints(
         summary.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len()),
-        lambda service, operation: tuple(
-            _of_endpoint(frame, service, operation)
-            for frame in (summary.roots, summary.operations, summary.paths)
-        ),
+        lambda service, operation, frame: _of_endpoint(getattr(summary, frame), service, operation),
         summary.nodes,
         top,
         **options,
@@ -384,24 +381,21 @@ class SpilledPathSummary:
     def _file(self, number: int, name: str) -> Path:
         return self.folder / f"{number:06d}-{name}.arrow"
 
-    def _of_endpoint(self, service: str, operation: str) -> tuple[pl.DataFrame, ...]:
-        """The endpoint's groups of every piece, each frame's in one (the pieces' in order)."""
-        return tuple(
-            _concat(
-                [
-                    (
-                        pl.scan_ipc(self._file(piece, name)).filter(
-                            (pl.col("service") == service) & (pl.col("operation") == operation)
-                        )
-                        if isinstance(piece, int)
-                        else getattr(piece, name)
-                        .lazy()
-                        .filter((pl.col("service") == service) & (pl.col("operation") == operation))
-                    ).collect()
-                    for piece in self.pieces
-                ]
-            )
-            for name in self._FRAMES
+    def _of_endpoint(self, service: str, operation: str, name: str) -> pl.DataFrame:
+        """The endpoint's groups in frame ``name`` of every piece, in one (the pieces' in order)."""
+        return _concat(
+            [
+                (
+                    pl.scan_ipc(self._file(piece, name)).filter(
+                        (pl.col("service") == service) & (pl.col("operation") == operation)
+                    )
+                    if isinstance(piece, int)
+                    else getattr(piece, name)
+                    .lazy()
+                    .filter((pl.col("service") == service) & (pl.col("operation") == operation))
+                ).collect()
+                for piece in self.pieces
+            ]
         )
 
     def critical_paths(self, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
@@ -421,14 +415,15 @@ class SpilledPathSummary:
 
 def _critical_paths_of_endpoints(
     counts: pl.DataFrame,
-    of_endpoint: Callable[[str, str], tuple[pl.DataFrame, ...]],
+    of_endpoint: Callable[[str, str, str], pl.DataFrame],
     nodes: pl.DataFrame,
     top: int,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """The critical paths of the ``top`` endpoints with the most traces (``counts``: service,
     operation, traces; a row per endpoint and piece or summed), each decided on its groups
-    (``of_endpoint``: the endpoint's rows of a summary's roots, operations and paths)."""
+    (``of_endpoint(service, operation, frame)``: the endpoint's rows of a summary's ``roots``,
+    ``operations`` or ``paths``, each read when its figures are taken and dropped after)."""
     busiest = (
         counts.group_by(_ENDPOINT)
         .agg(pl.col("traces").sum())
@@ -437,24 +432,23 @@ def _critical_paths_of_endpoints(
     )
     out = []
     for service, operation, _ in busiest.iter_rows():
-        roots, operations, paths = of_endpoint(service, operation)
-        durations = roots["durations"].explode()
-        del roots
+        durations = of_endpoint(service, operation, "roots")["durations"].explode()
         if durations.len() == 0:
             continue
         # each group's values in one list (a group has a row per partition), then its figures
         # over the list: no row per value
         op_stats = (
-            operations.group_by(service="op_service", name="op_name")
+            of_endpoint(service, operation, "operations")
+            .group_by(service="op_service", name="op_name")
             .agg(pl.col("ns").list.explode(keep_nulls=False, empty_as_null=False))
             .select("service", "name", traces=pl.col("ns").list.len(), **_list_stats("ns", sum_as="_ns"))
         )
         path_stats = (
-            paths.group_by("key")
+            of_endpoint(service, operation, "paths")
+            .group_by("key")
             .agg(pl.col("durations").list.explode(keep_nulls=False, empty_as_null=False))
             .select("key", traces=pl.col("durations").list.len(), **_list_stats("durations"))
         )
-        del operations, paths
         out.append(
             _endpoint_path(
                 service,
