@@ -36,9 +36,11 @@ by parent id, service and operation — so they do not depend on how the traces 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -319,27 +321,130 @@ def critical_paths_from_summary(
 ) -> list[dict[str, Any]]:
     """:func:`critical_paths_from_rows` decided on the per-endpoint aggregates of the rows
     (:func:`summarize_path_rows`, :func:`combine_path_summaries`): the same list."""
+    return _critical_paths_of_endpoints(
+        summary.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len()),
+        lambda service, operation, frame: _of_endpoint(getattr(summary, frame), service, operation),
+        summary.nodes,
+        top,
+        **options,
+    )
+
+
+class SpilledPathSummary:
+    """A :class:`PathSummary` folded piece by piece with its values on disk: the groups' lists of
+    values (most of a summary's bytes: a value per trace, per trace and on-path operation) written
+    a file per piece and frame, and only the trace counts per endpoint and the merged forest held;
+    :meth:`critical_paths` reads one endpoint's groups back at a time (issue 11: a round held
+    every endpoint's values through the decision). Decides exactly what
+    :func:`critical_paths_from_summary` decides on every piece's summary combined (each figure is
+    a count, a sum or a quantile over one endpoint's values, whatever their order). A piece whose
+    files cannot be written (a full disk) is held in memory instead, as before."""
+
+    _FRAMES = ("roots", "operations", "paths")
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)  # created by the caller, removed by the caller
+        self.pieces: list[int | PathSummary] = []  # each piece's files' number, or the piece held
+        self.counts: pl.DataFrame | None = None  # service, operation, traces
+        self.nodes: pl.DataFrame | None = None
+
+    def add(self, part: PathSummary) -> None:
+        """``part`` folded in: its frames written, its counts summed, its forest merged (as
+        ``combine_path_summaries`` over every piece at once: a merged forest without its ``root``
+        column is a forest again, whose canonical ids and summed times do not depend on the
+        grouping)."""
+        number = len(self.pieces)
+        try:
+            for name in self._FRAMES:
+                # (compressed: read back decoded into the round's memory, not mapped)
+                getattr(part, name).write_ipc(self._file(number, name), compression="lz4")
+        except OSError:
+            log.warning("critical-path summary not written to %s; held in memory", self.folder, exc_info=True)
+            for name in self._FRAMES:
+                with contextlib.suppress(OSError):
+                    self._file(number, name).unlink(missing_ok=True)
+            self.pieces.append(replace(part, nodes=part.nodes.clear()))
+        else:
+            self.pieces.append(number)
+        counts = part.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len())
+        self.counts = (
+            counts
+            if self.counts is None
+            else pl.concat([self.counts, counts], how="vertical_relaxed")
+            .group_by(_ENDPOINT)
+            .agg(pl.col("traces").sum())
+        )
+        self.nodes = _merge_forests(
+            [part.nodes] if self.nodes is None else [self.nodes.drop("root"), part.nodes]
+        )
+
+    def _file(self, number: int, name: str) -> Path:
+        return self.folder / f"{number:06d}-{name}.arrow"
+
+    def _of_endpoint(self, service: str, operation: str, name: str) -> pl.DataFrame:
+        """The endpoint's groups in frame ``name`` of every piece, in one (the pieces' in order)."""
+        return _concat(
+            [
+                (
+                    pl.scan_ipc(self._file(piece, name)).filter(
+                        (pl.col("service") == service) & (pl.col("operation") == operation)
+                    )
+                    if isinstance(piece, int)
+                    else getattr(piece, name)
+                    .lazy()
+                    .filter((pl.col("service") == service) & (pl.col("operation") == operation))
+                ).collect()
+                for piece in self.pieces
+            ]
+        )
+
+    def critical_paths(self, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
+        """:func:`critical_paths_from_summary` of every piece's summary combined."""
+        if self.counts is None or self.nodes is None:
+            raise ValueError("SpilledPathSummary.critical_paths needs the summary of at least one piece")
+        return _critical_paths_of_endpoints(self.counts, self._of_endpoint, self.nodes, top, **options)
+
+    def report_critical_paths(self) -> list[dict[str, Any]]:
+        """:func:`report_critical_paths_from_summary` of every piece's summary combined."""
+        try:
+            return self.critical_paths(**REPORT_PATHS)
+        except Exception:
+            log.exception("critical paths of the endpoints failed")
+            return []
+
+
+def _critical_paths_of_endpoints(
+    counts: pl.DataFrame,
+    of_endpoint: Callable[[str, str, str], pl.DataFrame],
+    nodes: pl.DataFrame,
+    top: int,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """The critical paths of the ``top`` endpoints with the most traces (``counts``: service,
+    operation, traces; a row per endpoint and piece or summed), each decided on its groups
+    (``of_endpoint(service, operation, frame)``: the endpoint's rows of a summary's ``roots``,
+    ``operations`` or ``paths``, each read when its figures are taken and dropped after)."""
     busiest = (
-        summary.roots.group_by(_ENDPOINT)
-        .agg(pl.col("durations").list.len().sum().alias("traces"))
+        counts.group_by(_ENDPOINT)
+        .agg(pl.col("traces").sum())
         .sort(["traces", "service", "operation"], descending=[True, False, False])
         .head(top)
     )
     out = []
     for service, operation, _ in busiest.iter_rows():
-        durations = _of_endpoint(summary.roots, service, operation)["durations"].explode()
+        durations = of_endpoint(service, operation, "roots")["durations"].explode()
         if durations.len() == 0:
             continue
         # each group's values in one list (a group has a row per partition), then its figures
         # over the list: no row per value
         op_stats = (
-            _of_endpoint(summary.operations, service, operation)
+            of_endpoint(service, operation, "operations")
             .group_by(service="op_service", name="op_name")
             .agg(pl.col("ns").list.explode(keep_nulls=False, empty_as_null=False))
             .select("service", "name", traces=pl.col("ns").list.len(), **_list_stats("ns", sum_as="_ns"))
         )
         path_stats = (
-            _of_endpoint(summary.paths, service, operation)
+            of_endpoint(service, operation, "paths")
             .group_by("key")
             .agg(pl.col("durations").list.explode(keep_nulls=False, empty_as_null=False))
             .select("key", traces=pl.col("durations").list.len(), **_list_stats("durations"))
@@ -351,7 +456,7 @@ def critical_paths_from_summary(
                 durations,
                 op_stats,
                 path_stats,
-                summary.nodes,
+                nodes,
                 top_paths=options.get("top_paths", TOP_PATHS),
                 icicle=options.get("icicle", True),
                 max_operations=options.get("max_operations"),

@@ -70,8 +70,8 @@ from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.endpoint_path import (
     PathRows,
     PathSummary,
+    SpilledPathSummary,
     combine_path_summaries,
-    report_critical_paths_from_summary,
     summarize_path_rows,
 )
 from hourglass.analysis.model import Finding, Occurrence, Occurrences, TraceRoots
@@ -103,6 +103,7 @@ TRACE_COLUMNS = ("trace_id", "root_duration_ns")
 # costs the re-reading of at most this many batches' files to build its segment again.
 SEGMENT_BATCHES = 16
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
+PATHS_PREFIX = "hourglass-paths-"  # a round's critical-path summaries' values (SpilledPathSummary)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
 # Between rounds the sidecar's buffer pool is emptied of the table blocks the round read (the
 # traces table: ~30 MiB at 12M stored spans, growing with the store) by lowering its limit to this
@@ -777,6 +778,8 @@ class IncrementalAnalysis:
         self.parked.mkdir(exist_ok=True)  # (a file the removal could not take stays; it is never read)
         for spill in self.folder.glob("hourglass-spill-*"):  # a crashed round's on-the-fly units' spill
             shutil.rmtree(spill, ignore_errors=True)
+        for spill in self.folder.glob(f"{PATHS_PREFIX}*"):  # a crashed round's critical-path values
+            shutil.rmtree(spill, ignore_errors=True)
         # per batch: its traces and their ingest-time bounds, rebuilt from the traces table
         self.batches: dict[int, Batch] = {}
         self._load_batches()
@@ -1054,6 +1057,7 @@ class IncrementalAnalysis:
             else None
         )
         on_the_fly: dict[int, partitions.PartResult] = {}
+        summary_folder: str | None = None  # the critical-path summaries' values while this round decides
         try:
             for p, result in zip(missing, fresh, strict=True):
                 if units[p].batch is None:
@@ -1070,14 +1074,16 @@ class IncrementalAnalysis:
                 return self.load_meta(unit.batch)
 
             # the stored batches in segments read as one (same rows, same order); each piece's
-            # meta folded in as it is read (the services grouped, the critical-path summaries
-            # merged), so the round holds one running total, not every piece's
+            # meta folded in as it is read (the services grouped, the critical-path summaries'
+            # values written to a folder of this round's, their counts and forests merged), so
+            # the round holds one running total, not every piece's
             pieces = self._pieces(units)
             traces_of: list[TraceRoots] = []
             all_services: pl.DataFrame | None = None
-            summary: PathSummary | None = None
             spans = 0
             complete = bool(units)
+            summary_folder = tempfile.mkdtemp(prefix=PATHS_PREFIX, dir=self.folder)
+            summary: SpilledPathSummary | None = SpilledPathSummary(summary_folder)
             for p, members in pieces:
                 traces, services, count, paths = (
                     meta(p, units[p]) if members is None else self.load_segment_meta(members)
@@ -1086,7 +1092,10 @@ class IncrementalAnalysis:
                 all_services = _fold_services(all_services, services)
                 spans += count
                 complete = complete and paths is not None
-                summary = _fold_summaries(summary, paths) if paths is not None and complete else None
+                if summary is not None and paths is not None and complete:
+                    summary.add(paths)
+                else:
+                    summary = None
                 del traces, services, paths
                 if members is not None:  # (a segment's: 16 batches' frames freed)
                     self.release_heap()
@@ -1100,10 +1109,9 @@ class IncrementalAnalysis:
             del traces_of
             memlog.note("trace summaries and services combined")
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
-            critical_paths = (
-                report_critical_paths_from_summary(summary) if complete and summary is not None else []
-            )
+            critical_paths = summary.report_critical_paths() if complete and summary is not None else []
             del summary
+            shutil.rmtree(summary_folder, ignore_errors=True)
             self.release_heap()
             memlog.note("critical paths decided")
             stored = tuple(u.batch for u in units if u.batch is not None)
@@ -1137,6 +1145,8 @@ class IncrementalAnalysis:
                 del found
                 self.release_heap()  # the kind's rows and working set freed
         finally:
+            if summary_folder is not None:
+                shutil.rmtree(summary_folder, ignore_errors=True)
             if extra is not None:
                 extra.remove()
         self.compact()  # for the next rounds
@@ -1527,16 +1537,6 @@ def _fold_services(total: pl.DataFrame | None, part: pl.DataFrame) -> pl.DataFra
     their trace ids (as grouping every piece's pairs at once: a min of mins)."""
     both = part if total is None else pl.concat([total, part], how="vertical_relaxed")
     return both.group_by("service", "scope_name").agg(pl.col("trace_id").min())
-
-
-def _fold_summaries(total: PathSummary | None, part: PathSummary) -> PathSummary:
-    """``part`` merged into the running critical-path summary ``total``: the same as
-    ``combine_path_summaries`` over every piece at once (the groups side by side in the same
-    order; the forests merged node by node, a merged forest without its ``root`` column being a
-    forest again, whose canonical ids and summed times do not depend on the grouping)."""
-    if total is None:
-        return combine_path_summaries([part])
-    return combine_path_summaries([replace(total, nodes=total.nodes.drop("root")), part])
 
 
 def _summary(paths: PathRows | PathSummary | None) -> PathSummary | None:

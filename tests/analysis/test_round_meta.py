@@ -1,8 +1,9 @@
 """What ``serve``'s round folds from each stored batch's meta (issue 11: one running total, not
 every batch's at once) decides exactly what the whole decides:
 
-* the critical-path summaries merged one piece at a time give the at-once run's critical paths
-  and the same merged forest as combining every piece's at once;
+* the critical-path summaries folded one piece at a time (their values written to a folder, an
+  endpoint's read back at a time) give the at-once run's critical paths and the same merged
+  forest as combining every piece's at once;
 * the services grouped one piece at a time are the pairs of every piece grouped at once;
 * the trace summaries held compact (:class:`TraceRoots`: OTLP's hex ids as 64-bit words) give
   pipeline.score the rows filtering the frame gives, hex ids or not.
@@ -20,13 +21,14 @@ import pytest
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.endpoint_path import (
     REPORT_PATHS,
+    SpilledPathSummary,
     combine_path_summaries,
     critical_paths,
     critical_paths_from_summary,
     path_rows,
     summarize_path_rows,
 )
-from hourglass.analysis.incremental import _fold_services, _fold_summaries
+from hourglass.analysis.incremental import _fold_services
 from hourglass.analysis.model import TraceRoots, _mixed, hex_words
 from hourglass.analysis.pipeline import _affected_roots
 from hourglass.collector.files import read_trace_files
@@ -50,21 +52,41 @@ def _parts(table: pl.DataFrame) -> list[AnalysisContext]:
     return [AnalysisContext.from_table(table.filter(part == n).to_arrow()) for n in range(PARTS)]
 
 
-def test_summaries_folded_one_piece_at_a_time_decide_as_the_whole(table: pl.DataFrame) -> None:
+def test_summaries_folded_one_piece_at_a_time_decide_as_the_whole(
+    table: pl.DataFrame, tmp_path: Path
+) -> None:
     contexts = _parts(table)
     summaries = [summarize_path_rows(path_rows(ctx)) for ctx in contexts]
     assert sum(s.roots.height > 0 for s in summaries) > 3, "the partitions must hold traces"
-    folded = None
+    folded = SpilledPathSummary(str(tmp_path))
     for summary in summaries:
-        folded = _fold_summaries(folded, summary)
-    assert folded is not None
+        folded.add(summary)
+    assert len(list(tmp_path.iterdir())) == 3 * PARTS  # the values are on disk
     at_once = combine_path_summaries(summaries)
-    assert folded.nodes.equals(at_once.nodes)
+    assert folded.nodes is not None and folded.nodes.equals(at_once.nodes)
     assert folded.nodes.height > PARTS and folded.nodes["root"].n_unique() > 1
-    for frame in ("roots", "operations", "paths"):
-        assert getattr(folded, frame).equals(getattr(at_once, frame)), frame
+    assert folded.counts is not None
+    assert folded.counts.sort("service", "operation").equals(
+        at_once.roots.group_by("service", "operation")
+        .agg(traces=pl.col("durations").list.len().sum())
+        .sort("service", "operation")
+    )
     whole = critical_paths(AnalysisContext.from_table(table.to_arrow()), **REPORT_PATHS)
-    assert whole and critical_paths_from_summary(folded, **REPORT_PATHS) == whole
+    assert len(whole) > 1
+    assert critical_paths_from_summary(at_once, **REPORT_PATHS) == whole
+    assert folded.critical_paths(**REPORT_PATHS) == whole
+    assert folded.report_critical_paths() == whole
+    # every endpoint, every path and operation (not the report's cut): the same figures
+    assert folded.critical_paths(top=100, top_paths=100) == critical_paths(
+        AnalysisContext.from_table(table.to_arrow()), top=100, top_paths=100
+    )
+    # a folder that cannot be written (gone): the pieces held in memory, the same decision
+    held = SpilledPathSummary(str(tmp_path / "gone"))
+    for summary in summaries:
+        held.add(summary)
+    assert not (tmp_path / "gone").exists() and all(not isinstance(p, int) for p in held.pieces)
+    assert held.nodes is not None and held.nodes.equals(at_once.nodes)
+    assert held.report_critical_paths() == whole
 
 
 def test_services_folded_one_piece_at_a_time_are_the_whole_grouped() -> None:
