@@ -338,12 +338,13 @@ class SpilledPathSummary:
     every endpoint's values through the decision). Decides exactly what
     :func:`critical_paths_from_summary` decides on every piece's summary combined (each figure is
     a count, a sum or a quantile over one endpoint's values, whatever their order). A piece whose
-    files cannot be written (a full disk) is held in memory instead, as before."""
+    files cannot be written (a full disk), or every piece without a ``folder``, is held in memory
+    instead, as before."""
 
     _FRAMES = ("roots", "operations", "paths")
 
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)  # created by the caller, removed by the caller
+    def __init__(self, folder: str | None) -> None:
+        self.folder = Path(folder) if folder is not None else None  # made and removed by the caller
         self.pieces: list[int | PathSummary] = []  # each piece's files' number, or the piece held
         self.counts: pl.DataFrame | None = None  # service, operation, traces
         self.nodes: pl.DataFrame | None = None
@@ -355,17 +356,19 @@ class SpilledPathSummary:
         grouping)."""
         number = len(self.pieces)
         try:
-            for name in self._FRAMES:
-                # (compressed: read back decoded into the round's memory, not mapped)
-                getattr(part, name).write_ipc(self._file(number, name), compression="lz4")
+            if self.folder is None:  # (the caller could not make one: it said so)
+                self.pieces.append(replace(part, nodes=part.nodes.clear()))
+            else:
+                for name in self._FRAMES:
+                    # (compressed: read back decoded into the round's memory, not mapped)
+                    getattr(part, name).write_ipc(self._file(number, name), compression="lz4")
+                self.pieces.append(number)
         except OSError:
             log.warning("critical-path summary not written to %s; held in memory", self.folder, exc_info=True)
             for name in self._FRAMES:
                 with contextlib.suppress(OSError):
                     self._file(number, name).unlink(missing_ok=True)
             self.pieces.append(replace(part, nodes=part.nodes.clear()))
-        else:
-            self.pieces.append(number)
         counts = part.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len())
         self.counts = (
             counts
@@ -379,6 +382,8 @@ class SpilledPathSummary:
         )
 
     def _file(self, number: int, name: str) -> Path:
+        if self.folder is None:
+            raise OSError("no folder for the critical-path summaries' values")
         return self.folder / f"{number:06d}-{name}.arrow"
 
     def _of_endpoint(self, service: str, operation: str, name: str) -> pl.DataFrame:
@@ -386,7 +391,8 @@ class SpilledPathSummary:
         return _concat(
             [
                 (
-                    pl.scan_ipc(self._file(piece, name)).filter(
+                    # (glob=False: a folder's "[" or "*" is part of its name, not a pattern)
+                    pl.scan_ipc(self._file(piece, name), glob=False).filter(
                         (pl.col("service") == service) & (pl.col("operation") == operation)
                     )
                     if isinstance(piece, int)

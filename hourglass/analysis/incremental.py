@@ -1082,7 +1082,10 @@ class IncrementalAnalysis:
             all_services: pl.DataFrame | None = None
             spans = 0
             complete = bool(units)
-            summary_folder = tempfile.mkdtemp(prefix=PATHS_PREFIX, dir=self.folder)
+            try:
+                summary_folder = tempfile.mkdtemp(prefix=PATHS_PREFIX, dir=self.folder)
+            except OSError as exc:  # (a full disk: the values held in memory, as before)
+                log.warning("critical-path summaries held in memory this round: %s", exc)
             summary: SpilledPathSummary | None = SpilledPathSummary(summary_folder)
             for p, members in pieces:
                 traces, services, count, paths = (
@@ -1111,7 +1114,8 @@ class IncrementalAnalysis:
             # every unit's path rows or none (as partitions.run_extraction); decided now, then dropped
             critical_paths = summary.report_critical_paths() if complete and summary is not None else []
             del summary
-            shutil.rmtree(summary_folder, ignore_errors=True)
+            if summary_folder is not None:
+                shutil.rmtree(summary_folder, ignore_errors=True)
             self.release_heap()
             memlog.note("critical paths decided")
             stored = tuple(u.batch for u in units if u.batch is not None)

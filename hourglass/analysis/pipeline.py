@@ -534,9 +534,9 @@ def analyze_partitioned(
             executor.warm()
         beside = isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
         if beside and partitions.splits(source, parts):
-            later = _beside(lambda: _split_beside(source, parts, cancel))
-        if later is None:
-            split = partitions.split_store(source, parts)
+            later = _beside(lambda: _split_or_store(source, parts, cancel))
+        if later is None:  # (a split that fails: the store read instead, as beside)
+            split = _split_or_store(source, parts, cancel)
     try:
         return _analyze_partitioned(
             split or source,
@@ -561,10 +561,12 @@ def analyze_partitioned(
             _beside(lambda: _remove_split(later))
 
 
-def _split_beside(source: partitions.Source, parts: int, cancel: threading.Event) -> partitions.Source | None:
-    """The split written beside the run (:func:`partitions.split_store`); a split that fails
-    (a full disk) is logged and the partitions are read from the store instead (None), as
-    the workers' first ones already are."""
+def _split_or_store(
+    source: partitions.Source, parts: int, cancel: threading.Event
+) -> partitions.SplitSource | None:
+    """The store split into partition files (:func:`partitions.split_store`), before the run or
+    beside it; a split that fails (a full disk) is logged and the partitions are read from the
+    store instead (None), as the workers' first ones are when it is written beside them."""
     try:
         return partitions.split_store(source, parts, cancel=cancel)
     except Exception as exc:

@@ -735,4 +735,17 @@ def test_a_run_that_fails_first_stops_the_split_written_beside_it(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(partitions, "split_store", full_disk)
-    assert pipeline._split_beside(source, 4, threading.Event()) is None
+    assert pipeline._split_or_store(source, 4, threading.Event()) is None
+    monkeypatch.undo()
+    # the split before a serial run too: the run reads the store, the same report
+    whole, _ = pipeline.analyze_partitioned(
+        source, 4, partitions.SerialExecutor(), read_traces=lambda ids: source.load(0, 1)
+    )
+    monkeypatch.setattr(partitions, "split_store", full_disk)
+    monkeypatch.setattr(partitions, "splits", lambda source, parts: True)
+    again, _ = pipeline.analyze_partitioned(
+        source, 4, partitions.SerialExecutor(), read_traces=lambda ids: source.load(0, 1)
+    )
+    assert {k: v for k, v in again.items() if k != "generated_at"} == {
+        k: v for k, v in whole.items() if k != "generated_at"
+    }

@@ -58,10 +58,12 @@ def test_summaries_folded_one_piece_at_a_time_decide_as_the_whole(
     contexts = _parts(table)
     summaries = [summarize_path_rows(path_rows(ctx)) for ctx in contexts]
     assert sum(s.roots.height > 0 for s in summaries) > 3, "the partitions must hold traces"
-    folded = SpilledPathSummary(str(tmp_path))
+    folder = tmp_path / "spans[1].duckdb.d"  # ("[" in a path: part of its name, not a pattern)
+    folder.mkdir()
+    folded = SpilledPathSummary(str(folder))
     for summary in summaries:
         folded.add(summary)
-    assert len(list(tmp_path.iterdir())) == 3 * PARTS  # the values are on disk
+    assert len(list(folder.iterdir())) == 3 * PARTS  # the values are on disk
     at_once = combine_path_summaries(summaries)
     assert folded.nodes is not None and folded.nodes.equals(at_once.nodes)
     assert folded.nodes.height > PARTS and folded.nodes["root"].n_unique() > 1
@@ -87,6 +89,12 @@ def test_summaries_folded_one_piece_at_a_time_decide_as_the_whole(
     assert not (tmp_path / "gone").exists() and all(not isinstance(p, int) for p in held.pieces)
     assert held.nodes is not None and held.nodes.equals(at_once.nodes)
     assert held.report_critical_paths() == whole
+    # no folder at all (the round could not make one): held in memory, the same decision
+    unfiled = SpilledPathSummary(None)
+    for summary in summaries:
+        unfiled.add(summary)
+    assert all(not isinstance(p, int) for p in unfiled.pieces)
+    assert unfiled.report_critical_paths() == whole
 
 
 def test_services_folded_one_piece_at_a_time_are_the_whole_grouped() -> None:
