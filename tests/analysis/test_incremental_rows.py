@@ -163,6 +163,8 @@ def test_batch_rows_live_on_disk_and_are_decided_kind_by_kind(
         # kinds decided and through the stages after, and their files went with the round's findings
         assert parked and all(was for n, was in parked if n), parked
         assert not list(state.parked.iterdir())
+        # the round's critical-path values went with it (its folder removed once decided)
+        assert report["critical_paths"] and not list(state.folder.glob("hourglass-paths-*"))
         # every kind's (the last decided too), each stage letting go of the columns it read back
         assert {kind for kind, _, _ in at_index} >= {"serialized_calls", "lock_contention"}, at_index
         assert all(was and not held for _, was, held in at_index), at_index
@@ -410,17 +412,20 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
 
 
 def test_a_crashed_rounds_leftovers_are_removed_when_the_state_opens(tmp_path: Path) -> None:
-    """A round that died mid-way leaves its on-the-fly units' spill folder and parked
-    occurrences in the sidecar's folder: the next start removes them (nothing else reads them)."""
+    """A round that died mid-way leaves its on-the-fly units' spill folder, its critical-path
+    values and parked occurrences in the sidecar's folder: the next start removes them (nothing
+    else reads them)."""
     sidecar = str(tmp_path / "spans.duckdb.analysis.duckdb")
     IncrementalAnalysis(sidecar).close()
     folder = Path(sidecar + ".d")
     (folder / "hourglass-spill-abc123" / "kind.table" / "b0").mkdir(parents=True)
     (folder / "hourglass-spill-abc123" / "kind.table" / "b0" / "p000001.parquet").write_bytes(b"x")
     (folder / "parked" / "occurrences-1.pickle").write_bytes(b"x")
+    (folder / "hourglass-paths-xyz789").mkdir()  # the critical-path summaries' values
+    (folder / "hourglass-paths-xyz789" / "000000-roots.arrow").write_bytes(b"x")
     state = IncrementalAnalysis(sidecar)
     try:
-        assert not list(folder.glob("hourglass-spill-*"))
+        assert not list(folder.glob("hourglass-spill-*")) and not list(folder.glob("hourglass-paths-*"))
         assert state.parked.is_dir() and not list(state.parked.iterdir())
     finally:
         state.close()
