@@ -389,7 +389,8 @@ def split_store(
     (``SPLIT_MIN_PARTS``); else None (a ClickHouse store, or few partitions: the tasks scan the
     store). The folder is made in ``$TMPDIR`` (or ``near``) and removed if the split fails or is
     interrupted; the caller removes it after the run (:meth:`SplitSource.remove`). ``cancel``:
-    once set, the split stops at its next batch (``SplitCancelled``) and removes its folder."""
+    once set, the split stops at its next batch (``SplitCancelled``) and removes its folder; a
+    ``duckdb_store.Cancel`` also interrupts the store's query, so it stops at once."""
     if not isinstance(source, StoreSource) or not splits(source, parts):
         return None
     location = source.location

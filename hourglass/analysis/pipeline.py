@@ -528,7 +528,10 @@ def analyze_partitioned(
     (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle."""
     split = None
     later: Future[partitions.Source | None] | None = None
-    cancel = threading.Event()  # set when the run ends first (failed, interrupted): the split stops
+    from hourglass.collector.duckdb_store import Cancel
+
+    # set when the run ends first (failed, interrupted): the split stops, its query interrupted
+    cancel = Cancel()
     if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
         if isinstance(executor, partitions.ProcessExecutor):
             executor.warm()
@@ -552,7 +555,7 @@ def analyze_partitioned(
             later=later,
         )
     except BaseException:
-        cancel.set()  # (a split still being written stops at its next batch and removes its files)
+        cancel.set()  # (a split still being written stops at once and removes its files)
         raise
     finally:
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):

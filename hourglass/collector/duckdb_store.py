@@ -162,6 +162,40 @@ class SplitCancelled(Exception):
     interrupted)."""
 
 
+class Cancel(threading.Event):
+    """A ``threading.Event`` that also calls, in the thread that sets it, what :meth:`calling`
+    registered meanwhile: a DuckDB query under way is interrupted at once (``interrupt()``), where
+    a flag is seen only between the batches it returns (the first batch of a ``--since`` or
+    ``--service`` split waits for DuckDB to build its filter over the whole store)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: list[Callable[[], object]] = []
+        self._calls_lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._calls_lock:  # (held while calling: no callback runs once ``calling`` has ended)
+            super().set()
+            for call in self._calls:
+                try:
+                    call()
+                except Exception:
+                    log.exception("a cancellation callback failed")
+
+    @contextlib.contextmanager
+    def calling(self, call: Callable[[], object]) -> Iterator[None]:
+        """``call()`` when this is set within the block (at once when it already is)."""
+        with self._calls_lock:
+            self._calls.append(call)
+            if self.is_set():
+                call()
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls.remove(call)
+
+
 class _TraceRanges:
     """Where each stored trace's rows lie in ingest time: per 64-bit ``hash(trace_id)`` (DuckDB's),
     the first and last ``ingested_ns`` of the rows of every trace with that hash, for every row
@@ -945,7 +979,8 @@ class DuckDBSpanStore:
         reads the whole store each time (~0.09 s per million stored spans, each partition, each
         pass), this costs one read and one write of every row. ``cancel``: once set, the split
         stops at its next batch with :class:`SplitCancelled` (the files written so far stay; the
-        caller removes the folder)."""
+        caller removes the folder); a :class:`Cancel` also interrupts the query under way, so a
+        split still waiting for its first batch stops at once too."""
         if parts < 1:
             raise ValueError(f"split_partitions needs parts >= 1, got {parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
@@ -957,7 +992,29 @@ class DuckDBSpanStore:
             source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
         key = f"(hash(trace_id) % {int(parts)})::UINTEGER"  # scan_partition's partitions
         query = f"SELECT {', '.join(selected)}, {key} AS _partition FROM {source}"
-        reader = self._cursor().sql(query, params=params or None).to_arrow_reader(batch_rows)
+        cursor = self._cursor()
+        cancelled = f"the split of {self.path} into {folder} was cancelled"
+        # a ``Cancel`` interrupts the query itself: the first batch waits for DuckDB to build the
+        # ``--since`` / ``--service`` filter over the whole store, which a flag checked between
+        # batches would wait for
+        with cancel.calling(cursor.interrupt) if isinstance(cancel, Cancel) else contextlib.nullcontext():
+            try:
+                if cancel is not None and cancel.is_set():
+                    raise SplitCancelled(cancelled)
+                reader = cursor.sql(query, params=params or None).to_arrow_reader(batch_rows)
+                return self._write_partitions(reader, folder, parts, cancel, cancelled)
+            except SplitCancelled:
+                raise
+            except Exception as exc:  # interrupted: duckdb.InterruptException, or OSError from the reader
+                if cancel is not None and cancel.is_set():
+                    raise SplitCancelled(cancelled) from exc
+                raise
+
+    @staticmethod
+    def _write_partitions(
+        reader: pa.RecordBatchReader, folder: str, parts: int, cancel: threading.Event | None, cancelled: str
+    ) -> list[int]:
+        """``split_partitions``' batches appended to their partitions' files."""
         schema = pa.schema([f for f in reader.schema if f.name != "_partition"])
         counts = [0] * parts
         writers: list[pa.ipc.RecordBatchFileWriter] = []
@@ -966,7 +1023,7 @@ class DuckDBSpanStore:
                 writers.append(pa.ipc.new_file(partition_file(folder, part), schema))
             for batch in reader:
                 if cancel is not None and cancel.is_set():
-                    raise SplitCancelled(f"the split of {self.path} into {folder} was cancelled")
+                    raise SplitCancelled(cancelled)
                 if not batch.num_rows:
                     continue
                 keys = batch.column(batch.num_columns - 1)
