@@ -578,15 +578,16 @@ def path_rows_or_none(ctx: AnalysisContext) -> PathRows | None:
         return None
 
 
-# trace ids (``()`` once dropped: :func:`impact_numbers`), saved ns, root ns
+# trace ids (always ``()``: :func:`price` neither computes nor ships them), saved ns, root ns
 PricedImpact = tuple[Sequence[str], np.ndarray, np.ndarray]
 
 
 def impact_numbers(priced: PricedImpact | None) -> PricedImpact | None:
     """A partition's pricing of a finding as the round keeps it: its per-trace savings and root
     durations (what :func:`merge_impacts` combines: the ranking and the report read their sums
-    and percentiles), without the trace ids, which nothing reads after the pricing (serve's
-    incremental rounds keep every stored batch's: at 12M stored spans 330k strings, ~30 MiB)."""
+    and percentiles), without trace ids, which nothing reads after the pricing (serve's
+    incremental rounds keep every stored batch's: at 12M stored spans 330k strings, ~30 MiB).
+    :func:`price` gives none; an older state's stored pricing may hold them."""
     return None if priced is None else ((), priced[1], priced[2])
 
 
@@ -626,7 +627,9 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
 
 
 def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
-    """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces."""
+    """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces: the
+    per-trace savings and root durations, without the traces' ids (:data:`PricedImpact`: the
+    merged :class:`Impact` has none, so a worker neither builds nor pickles a string per trace)."""
     here = ctx.traces["trace_id"]
     out: dict[str, PricedImpact] = {}
     whatif: WhatIf | None = None
@@ -638,8 +641,8 @@ def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpa
         if not mine:
             continue
         whatif = whatif or WhatIf.of(ctx)
-        impact = whatif.impact(replace(finding, occurrences=mine))
-        out[finding.id] = (impact.trace_ids, impact.saved_ns, impact.root_ns)
+        impact = whatif.impact(replace(finding, occurrences=mine), trace_ids=False)
+        out[finding.id] = ((), impact.saved_ns, impact.root_ns)
     return out
 
 

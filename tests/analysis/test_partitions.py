@@ -225,6 +225,31 @@ def test_a_pricing_task_receives_the_occurrences_of_its_own_traces_only() -> Non
     assert sum(len(f.occurrences) for f in findings) > 100
 
 
+def test_a_pricing_task_ships_the_savings_without_the_traces_ids() -> None:
+    """``price`` (a pricing task's result, pickled to the parent) carries each finding's per-trace
+    savings and root durations, not the ids of those traces: the merged ``Impact`` drops them and
+    nothing reads them. The numbers are the whole's, trace by trace."""
+    from hourglass.analysis.whatif import WhatIf
+
+    ctx = AnalysisContext.from_table(_generated())
+    findings = [f for kind in PARTS for f in DETECTORS[kind](ctx)]
+    priced = partitions.price(ctx, findings)
+    assert priced
+    whatif = WhatIf.of(ctx)
+    for finding in findings:
+        if finding.id not in priced:
+            continue
+        ids, saved, root = priced[finding.id]
+        assert tuple(ids) == ()
+        whole = whatif.impact(finding)
+        assert whole.trace_ids  # (the in-process pricing still names them)
+        assert saved.tolist() == whole.saved_ns.tolist() and root.tolist() == whole.root_ns.tolist()
+        numbers = whatif.impact(finding, trace_ids=False)
+        assert numbers.trace_ids == [] and numbers.saved_ns.tolist() == whole.saved_ns.tolist()
+    merged = partitions.merge_impacts([priced])
+    assert all(impact.trace_ids == [] for impact in merged.values())
+
+
 def test_a_pricing_task_leaves_nothing_of_its_context_behind(tmp_path: Path) -> None:
     """``price_part``'s context (the partition's spans, repaired, and the what-if engine it caches,
     which refers back to it) is freed when the task returns, not left to the cyclic collector: a
