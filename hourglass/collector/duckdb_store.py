@@ -8,7 +8,7 @@ Rules:
   durable when ``write`` returns (a kill -9 afterwards keeps them; WAL replay on the next open).
 - No PRIMARY KEY: a unique index costs 2-4x on the insert path (see the cost notes). Duplicates
   (exporter retries) are removed at read time — every read keeps one row per (trace_id, span_id),
-  the first ingested (``scan`` and ``scan_partition`` check the rows they got and pay for the
+  the first ingested, and of copies in one Export the first in it (``_dedup``; ``scan`` and ``scan_partition`` check the rows they got and pay for the
   removal only when some are copies: ``_read_spans``) — and physically by ``compact()``, which
   ``serve`` runs in the background, so after compaction "the same Export sent twice is stored
   once" holds on disk too.
@@ -84,8 +84,31 @@ COUNTS_KEPT = 8
 # the lowest int64: a change that may alter the counts below every bound (retention)
 _EVERY_BOUND = -(2**63)
 
-# Rows are kept once per (trace_id, span_id): the first ingested copy wins.
-_DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
+# Rows are kept once per (trace_id, span_id): the first ingested copy wins, and of the copies
+# ingested together (one Export that holds a span twice, with the same ``ingested_ns``) the first
+# in the Export: the lowest ``rowid`` (rows are appended in their Export's order). ``compact()``
+# keeps the same copy, so a read gives the same rows before and after it. Without the ``rowid``
+# the window chose either copy, by the threads' order (measured: with 8 DuckDB threads, ~1 span
+# in 4 read its second copy). ``_ROW``: the ``rowid`` as a column of a derived table (a subquery,
+# a partition file), where ``rowid`` itself is not visible.
+_ROW = "_row"
+
+
+def _dedup(row: str = "rowid") -> str:
+    """The window that keeps one row per (trace_id, span_id) (the rule above); ``row``: the rows'
+    ``rowid`` as the source names it."""
+    return f"QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns, {row}) = 1"
+
+
+_DEDUP = _dedup()
+
+
+def _spans_where(condition: str = "") -> str:
+    """The spans table as a derived table (every column and the ``rowid`` as ``_ROW``), of the
+    rows that meet ``condition`` (SQL) when given."""
+    return f"(SELECT *, rowid AS {_ROW} FROM spans{f' WHERE {condition}' if condition else ''})"
+
+
 _ORDER = "ORDER BY trace_id, start_ns, span_id"
 
 # Arrow output with string columns as string_view ("Utf8View"), the layout polars keeps strings
@@ -356,8 +379,9 @@ def _read_rows(
     *,
     string_views: bool,
 ) -> pa.Table:
-    """``selected`` of the rows of ``source`` (a table expression with the span columns), one row
-    per (trace_id, span_id) (the first ingested copy), in (trace_id, start_ns, span_id) order.
+    """``selected`` of the rows of ``source`` (a table expression with the span columns and the
+    rows' store ``rowid`` as ``_ROW``), one row per (trace_id, span_id) (the first ingested copy,
+    the first in its Export: ``_dedup``), in (trace_id, start_ns, span_id) order.
 
     Copies (exporter retries not compacted yet) are rare, and the window that removes them
     costs ~0.4 s of CPU per 1M spans; so the rows are read as they are and checked: as many
@@ -378,7 +402,7 @@ def _read_rows(
             if _has_copies(cursor, table):
                 table = None
         if table is None:
-            query = f"SELECT {listed} FROM {source} {_DEDUP} {_ORDER}"
+            query = f"SELECT {listed} FROM {source} {_dedup(_ROW)} {_ORDER}"
             table = cursor.sql(query, params=params or None).to_arrow_table()
     finally:
         if string_views:
@@ -389,6 +413,7 @@ def _read_rows(
 
 # The rows a partition file (``DuckDBSpanStore.split_partitions``) must hold whatever columns a
 # reader asks for: the key of its de-duplication and its order.
+# (``_ROW``, the store's ``rowid``, is written beside them: ``_dedup``'s tie-break)
 _PARTITION_FILE_KEYS = ("trace_id", "span_id", "start_ns", "ingested_ns")
 
 
@@ -917,9 +942,11 @@ class DuckDBSpanStore:
         conditions, params = _span_conditions(
             since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
         )
-        source = "spans"
+        source = _spans_where()
         if conditions:
-            source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
+            source = _spans_where(
+                f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+            )
         return self._read_spans(selected, source, params, string_views=string_views)
 
     @_read
@@ -955,7 +982,7 @@ class DuckDBSpanStore:
         if conditions:
             conditions.insert(0, in_part)
             outer.append(f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})")
-        source = f"(SELECT * FROM spans WHERE {' AND '.join(outer)})"
+        source = _spans_where(" AND ".join(outer))
         return self._read_spans(selected, source, outer_params + params, string_views=string_views)
 
     def split_partitions(
@@ -987,11 +1014,14 @@ class DuckDBSpanStore:
         selected += [c for c in _PARTITION_FILE_KEYS if c not in selected]
         self.load_staged()
         conditions, params = _span_conditions(since_ns=since_ns, services=services)
-        source = "spans"
+        source = _spans_where()
         if conditions:  # whole traces: any span that matches brings its trace (as scan_partition)
-            source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
+            source = _spans_where(
+                f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+            )
         key = f"(hash(trace_id) % {int(parts)})::UINTEGER"  # scan_partition's partitions
-        query = f"SELECT {', '.join(selected)}, {key} AS _partition FROM {source}"
+        # (with each row's rowid: a reader keeps the copy the store's reads keep, ``_dedup``)
+        query = f"SELECT {', '.join(selected)}, {_ROW}, {key} AS _partition FROM {source}"
         cursor = self._cursor()
         cancelled = f"the split of {self.path} into {folder} was cancelled"
         # a ``Cancel`` interrupts the query itself: the first batch waits for DuckDB to build the
