@@ -243,3 +243,91 @@ def test_analyze_db_ends_without_the_interpreters_teardown(
     files = _run("analyze", sample, "--format", "json", env=env)
     assert files.returncode == 0, files.stderr
     assert marker.exists()  # the hook works: a run that tears the interpreter down runs it
+
+
+def test_the_plan_splits_the_store_beside_the_workers_only_when_both_fit() -> None:
+    """A store that this machine splits into partition files is split by the deciding process
+    beside the workers' first partitions; the plan counted neither (that process' rows only, 80 MB
+    at 1M spans, against the split's ~250 MiB): 6 partitions of 1M spans under an 800 MiB budget
+    meant the split and a first partition's peak together, ~970 MiB. Now the split runs beside
+    them only when both fit, else before them, while they start (``Plan.split_beside``), in the
+    same partitions; a budget that holds not even the split beside the workers' bases says so."""
+    from hourglass.analysis import partitions as p
+
+    def first_round(plan: p.Plan, split: int) -> int:
+        bases = (plan.workers + 1) * p.PROCESS_BASE_BYTES
+        peaks = plan.workers * -(-plan.spans // plan.parts) * p.PEAK_BYTES_PER_SPAN
+        return bases + max(split, plan.spans * p.ROWS_BYTES_PER_SPAN) + (peaks if plan.split_beside else 0)
+
+    for budget, spans, filtered in [
+        (800, 1_000_000, False),
+        (700, 1_000_000, False),
+        (1024, 1_000_000, True),
+        (1536, 1_000_000, False),
+        (1536, 1_000_000, True),
+        (1536, 5_000_000, False),
+    ]:
+        got = p.plan(spans, budget * 2**20, 2, split=True, filtered=filtered)
+        plain = p.plan(spans, budget * 2**20, 2)
+        assert (got.parts, got.workers) == (plain.parts, plain.workers) and plain.split_beside
+        split = p.SPLIT_FILTERED_BYTES if filtered else p.SPLIT_BYTES
+        assert first_round(got, split) <= budget * 2**20, (budget, spans, filtered, got)
+    assert not p.plan(1_000_000, 800 * 2**20, 2, split=True).split_beside
+    assert p.plan(1_000_000, 1536 * 2**20, 2, split=True).split_beside  # the benchmark's run: as before
+    with pytest.raises(p.BudgetError, match="cannot hold the split of the store"):
+        p.plan(1_000_000, 800 * 2**20, 2, split=True, filtered=True)
+    assert p.plan(400_000, 700 * 2**20, 1, split=True).parts < p.SPLIT_MIN_PARTS  # not split: as it was
+
+
+def test_a_split_that_does_not_fit_beside_the_workers_is_written_before_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``split_beside=False``: the store is split before the extraction (whose every partition
+    then reads the files), not in a thread beside its first round."""
+    import threading
+
+    from hourglass.analysis import partitions, pipeline
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from tests.builders import TraceBuilder, spans_table
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    builders = []
+    for i in range(12):
+        b = TraceBuilder(service="frontend", base_ns=1_700_000_000_000_000_000 + i * 10**9)
+        b.span("GET /", start_ms=0, dur_ms=5)
+        builders.append(b)
+    store.write(spans_table(builders))
+    store.close()
+    source = partitions.StoreSource(db)
+    seen: list[tuple[str, object]] = []
+    split_store = partitions.split_store
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        seen.append(("split", threading.current_thread() is threading.main_thread()))
+        return split_store(*args, **kwargs)  # type: ignore[arg-type]
+
+    def extraction(
+        source: partitions.Source, parts: int, *args: object, later: object = None, **_: object
+    ) -> None:
+        seen.append(("extraction", (type(source).__name__, later)))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(partitions, "split_store", recorded)
+    monkeypatch.setattr(partitions, "run_extraction", extraction)
+    for beside in (True, False):
+        executor = partitions.ProcessExecutor(1)
+        monkeypatch.setattr(executor, "warm", lambda: None)
+        seen.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            pipeline.analyze_partitioned(
+                source, 4, executor, read_traces=lambda ids: source.load(0, 1), split_beside=beside
+            )
+        for thread in threading.enumerate():  # the split's thread, the removal's
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join(20)
+        if beside:  # (the split in a thread of its own, the extraction's first round from the store)
+            got: dict[str, Any] = dict(seen)
+            assert got["split"] is False and got["extraction"][0] == "StoreSource" and got["extraction"][1]
+        else:
+            assert seen == [("split", True), ("extraction", ("SplitSource", None))]

@@ -89,6 +89,19 @@ ROWS_BYTES_PER_SPAN = 80
 DECIDE_BYTES_PER_SPAN = 130
 BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
+# The split of a DuckDB store into partition files (``split_store``), written by a thread of the
+# deciding process while the workers extract their first partitions (``run_extraction``'s
+# ``later``) when it fits beside their peaks, else before them (``Plan.split_beside``): DuckDB's
+# scan and buffer pool (``SPLIT_MEMORY_LIMIT``) and the batches in flight, counted over
+# PROCESS_BASE_BYTES. Measured at 1M spans (HOURGLASS_MEMORY_LOG=1, ``analyze --db`` with an
+# 800 MiB budget): the deciding process peaked at 409-411 MiB splitting into 6 files and at
+# 433-449 MiB into 14 (176-186 MiB before it), where the plan counted 200 MiB and the rows'
+# 80 MB; a smaller buffer pool or batches saved little (32 MB and 65k rows: 231 against 305 MiB
+# over a bare interpreter). With a ``--since`` or ``--service`` filter the split also joins the
+# store with the matching trace ids, whatever its memory limit: +455-471 MiB over a 129 MiB base
+# at 1M with every trace matching (600 MiB in all). Neither measured at 5M (no 5M store here).
+SPLIT_BYTES = 256 * 2**20
+SPLIT_FILTERED_BYTES = 512 * 2**20
 
 
 class BudgetError(ValueError):
@@ -110,6 +123,9 @@ class Plan:
     # the kinds of ``DECIDE_BESIDE`` are decided in a thread of their own beside the others
     # (:func:`decide`): two decisions' working sets fit at once beside the workers
     beside: bool = False
+    # the store is split into partition files (``split_store``) beside the workers' first
+    # partitions; False: before them, while they start (the split and their peaks do not fit at once)
+    split_beside: bool = True
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -120,20 +136,55 @@ class Plan:
         )
 
 
-def plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
+def plan(
+    spans: int,
+    budget: int,
+    workers: int,
+    largest_trace: tuple[str, int] | None = None,
+    *,
+    split: bool = False,
+    filtered: bool = False,
+) -> Plan:
     """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
-    processes (one partition, in this process, when everything fits)."""
+    processes (one partition, in this process, when everything fits). ``split``: the store is
+    one that a run of ``SPLIT_MIN_PARTS`` partitions or more splits into partition files
+    (:func:`splits`: a DuckDB file of this machine), which this process does beside the workers'
+    first partitions when the split (``SPLIT_BYTES``, or ``SPLIT_FILTERED_BYTES`` with
+    ``filtered``: a ``--since`` or ``--service`` filter) fits beside their peaks, else before
+    them, while they start (``Plan.split_beside``): a budget too small for both at once costs
+    the split's time (~1 s at 1M spans), not more partitions (each one more read of its file and
+    one more round of every detector's per-partition work)."""
+    chosen = _plan(spans, budget, workers, largest_trace)
+    if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
+        return chosen
+    splitting = SPLIT_FILTERED_BYTES if filtered else SPLIT_BYTES
+    bases = (chosen.workers + 1) * PROCESS_BASE_BYTES
+    peaks = chosen.workers * -(-spans // chosen.parts) * PEAK_BYTES_PER_SPAN
+    if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) + peaks <= budget:
+        return chosen
+    if bases + splitting > budget:
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the split of the store into partition "
+            f"files beside the worker processes' start (about {(bases + splitting) / 2**30:.2f} GiB): "
+            "raise --memory-budget or lower --workers"
+        )
+    return replace(chosen, split_beside=False)
+
+
+def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
+    """:func:`plan` of a store read by each task (not split)."""
     whole = PROCESS_BASE_BYTES + spans * PEAK_BYTES_PER_SPAN
     if whole <= budget:
         return Plan(spans, 1, 1)
     workers = max(1, workers)
-    per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - spans * ROWS_BYTES_PER_SPAN) // workers
+    held = spans * ROWS_BYTES_PER_SPAN  # this process' rows beside the workers' pricing
+    per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - held) // workers
     if per_worker < MIN_WORKER_BYTES and workers > 1:
         # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
         # partition is one more scan of the store)
-        return plan(spans, budget, workers - 1, largest_trace)
+        return _plan(spans, budget, workers - 1, largest_trace)
     if per_worker <= 0:
-        need = 2 * PROCESS_BASE_BYTES + spans * ROWS_BYTES_PER_SPAN + 1_000 * PEAK_BYTES_PER_SPAN
+        need = 2 * PROCESS_BASE_BYTES + held + 1_000 * PEAK_BYTES_PER_SPAN
         raise BudgetError(
             f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the analysis of {spans:,} spans "
             f"(at least {need / 2**30:.2f} GiB): raise --memory-budget"
@@ -389,7 +440,8 @@ def split_store(
     (``SPLIT_MIN_PARTS``); else None (a ClickHouse store, or few partitions: the tasks scan the
     store). The folder is made in ``$TMPDIR`` (or ``near``) and removed if the split fails or is
     interrupted; the caller removes it after the run (:meth:`SplitSource.remove`). ``cancel``:
-    once set, the split stops at its next batch (``SplitCancelled``) and removes its folder."""
+    once set, the split stops at its next batch (``SplitCancelled``) and removes its folder; a
+    ``duckdb_store.Cancel`` also interrupts the store's query, so it stops at once."""
     if not isinstance(source, StoreSource) or not splits(source, parts):
         return None
     location = source.location
@@ -577,15 +629,16 @@ def path_rows_or_none(ctx: AnalysisContext) -> PathRows | None:
         return None
 
 
-# trace ids (``()`` once dropped: :func:`impact_numbers`), saved ns, root ns
+# trace ids (always ``()``: :func:`price` neither computes nor ships them), saved ns, root ns
 PricedImpact = tuple[Sequence[str], np.ndarray, np.ndarray]
 
 
 def impact_numbers(priced: PricedImpact | None) -> PricedImpact | None:
     """A partition's pricing of a finding as the round keeps it: its per-trace savings and root
     durations (what :func:`merge_impacts` combines: the ranking and the report read their sums
-    and percentiles), without the trace ids, which nothing reads after the pricing (serve's
-    incremental rounds keep every stored batch's: at 12M stored spans 330k strings, ~30 MiB)."""
+    and percentiles), without trace ids, which nothing reads after the pricing (serve's
+    incremental rounds keep every stored batch's: at 12M stored spans 330k strings, ~30 MiB).
+    :func:`price` gives none; an older state's stored pricing may hold them."""
     return None if priced is None else ((), priced[1], priced[2])
 
 
@@ -625,7 +678,9 @@ def price_part(source: Source, part: int, parts: int, findings: list[Finding], c
 
 
 def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
-    """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces."""
+    """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces: the
+    per-trace savings and root durations, without the traces' ids (:data:`PricedImpact`: the
+    merged :class:`Impact` has none, so a worker neither builds nor pickles a string per trace)."""
     here = ctx.traces["trace_id"]
     out: dict[str, PricedImpact] = {}
     whatif: WhatIf | None = None
@@ -637,8 +692,8 @@ def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpa
         if not mine:
             continue
         whatif = whatif or WhatIf.of(ctx)
-        impact = whatif.impact(replace(finding, occurrences=mine))
-        out[finding.id] = (impact.trace_ids, impact.saved_ns, impact.root_ns)
+        impact = whatif.impact(replace(finding, occurrences=mine), trace_ids=False)
+        out[finding.id] = ((), impact.saved_ns, impact.root_ns)
     return out
 
 

@@ -516,6 +516,7 @@ def analyze_partitioned(
     spill_buckets: int = 0,
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
     decide_beside: bool = False,
+    split_beside: bool = True,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`_analyze_partitioned`; on a DuckDB file of this machine, with enough partitions, the
     store is first read once into a file per partition (:func:`partitions.split_store`) that the
@@ -525,14 +526,21 @@ def analyze_partitioned(
     workers may not reach this machine's files) nor an ``extraction`` of the caller's. With worker
     processes and more partitions than workers, the split is written by a thread of its own while
     the workers extract their first partitions straight from the store
-    (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle."""
+    (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle;
+    unless ``split_beside`` is False (``partitions.Plan.split_beside``: the memory budget has no
+    room for the split beside the workers' peaks), when it is written first, while they start."""
     split = None
     later: Future[partitions.Source | None] | None = None
-    cancel = threading.Event()  # set when the run ends first (failed, interrupted): the split stops
+    from hourglass.collector.duckdb_store import Cancel
+
+    # set when the run ends first (failed, interrupted): the split stops, its query interrupted
+    cancel = Cancel()
     if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
         if isinstance(executor, partitions.ProcessExecutor):
             executor.warm()
-        beside = isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
+        beside = (
+            split_beside and isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
+        )
         if beside and partitions.splits(source, parts):
             later = _beside(lambda: _split_or_store(source, parts, cancel))
         if later is None:  # (a split that fails: the store read instead, as beside)
@@ -552,7 +560,7 @@ def analyze_partitioned(
             later=later,
         )
     except BaseException:
-        cancel.set()  # (a split still being written stops at its next batch and removes its files)
+        cancel.set()  # (a split still being written stops at once and removes its files)
         raise
     finally:
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):

@@ -539,9 +539,12 @@ class WhatIf:
             ctx.cache["whatif"] = cached
         return cached
 
-    def impact(self, finding: Finding) -> Impact:
+    def impact(self, finding: Finding, *, trace_ids: bool = True) -> Impact:
+        """The finding's saving per affected trace; without ``trace_ids``, the numbers only (its
+        ``trace_ids`` empty: a partitioned pricing ships and keeps nothing else)."""
         if not finding.occurrences or not finding.occurrence_table.any_interventions():
-            return Impact(finding.trace_ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+            ids = finding.trace_ids if trace_ids else []
+            return Impact(ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         plan = self.engine.plan(finding)
         new_dur, _, _ = self.engine.retime(plan)
         roots = np.nonzero(plan.dirty & self._is_root)[0]
@@ -552,7 +555,7 @@ class WhatIf:
         traces, first, inverse = np.unique(self._trace_index[roots], return_index=True, return_inverse=True)
         saved_per_trace = np.bincount(inverse, weights=saved, minlength=traces.size).astype(np.int64)
         root_per_trace = np.bincount(inverse, weights=old, minlength=traces.size).astype(np.int64)
-        ids = self._trace_ids.gather(pl.Series(roots[first])).to_list()
+        ids = self._trace_ids.gather(pl.Series(roots[first])).to_list() if trace_ids else []
         return Impact(ids, saved_per_trace, root_per_trace)
 
 

@@ -135,10 +135,15 @@ def analyze_store(
                 buckets = partitions.plan(spans, run.budget, run.workers).buckets
                 plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
             elif run.cluster is None:
-                plan = partitions.plan(spans, run.budget, run.workers)
+                # (a store this machine splits into partition files: where the split's memory fits)
+                split = partitions.splits(partitions.StoreSource(path), partitions.SPLIT_MIN_PARTS)
+                filtered = since_ns is not None or bool(services)
+                plan = partitions.plan(spans, run.budget, run.workers, split=split, filtered=filtered)
                 if plan.parts > 1:  # the largest trace bounds how small a partition can be
                     largest = store.largest_trace() if hasattr(store, "largest_trace") else None
-                    plan = partitions.plan(spans, run.budget, run.workers, largest)
+                    plan = partitions.plan(
+                        spans, run.budget, run.workers, largest, split=split, filtered=filtered
+                    )
             else:  # the cluster's workers hold the partitions; this process decides, by buckets
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
@@ -159,7 +164,15 @@ def analyze_store(
         store.close()
     source = partitions.StoreSource(path, since_ns, tuple(services) if services else None)
     if run.spill_buckets:
-        plan = partitions.Plan(spans, plan.parts, plan.workers, run.spill_buckets, plan.warm, plan.keep)
+        plan = partitions.Plan(
+            spans,
+            plan.parts,
+            plan.workers,
+            run.spill_buckets,
+            plan.warm,
+            plan.keep,
+            split_beside=plan.split_beside,
+        )
     executor = _executor(run, plan, in_process=path.startswith("chdb:"))
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
         plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
@@ -176,6 +189,7 @@ def analyze_store(
                 progress=progress,
                 spill_buckets=plan.buckets,
                 decide_beside=plan.beside,
+                split_beside=plan.split_beside,
             )
     except partitions.PartitionError as exc:
         raise _fail(str(exc), code=EXIT_STORE) from None

@@ -8,7 +8,7 @@ Rules:
   durable when ``write`` returns (a kill -9 afterwards keeps them; WAL replay on the next open).
 - No PRIMARY KEY: a unique index costs 2-4x on the insert path (see the cost notes). Duplicates
   (exporter retries) are removed at read time — every read keeps one row per (trace_id, span_id),
-  the first ingested (``scan`` and ``scan_partition`` check the rows they got and pay for the
+  the first ingested, and of copies in one Export the first in it (``_dedup``; ``scan`` and ``scan_partition`` check the rows they got and pay for the
   removal only when some are copies: ``_read_spans``) — and physically by ``compact()``, which
   ``serve`` runs in the background, so after compaction "the same Export sent twice is stored
   once" holds on disk too.
@@ -84,8 +84,31 @@ COUNTS_KEPT = 8
 # the lowest int64: a change that may alter the counts below every bound (retention)
 _EVERY_BOUND = -(2**63)
 
-# Rows are kept once per (trace_id, span_id): the first ingested copy wins.
-_DEDUP = "QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns) = 1"
+# Rows are kept once per (trace_id, span_id): the first ingested copy wins, and of the copies
+# ingested together (one Export that holds a span twice, with the same ``ingested_ns``) the first
+# in the Export: the lowest ``rowid`` (rows are appended in their Export's order). ``compact()``
+# keeps the same copy, so a read gives the same rows before and after it. Without the ``rowid``
+# the window chose either copy, by the threads' order (measured: with 8 DuckDB threads, ~1 span
+# in 4 read its second copy). ``_ROW``: the ``rowid`` as a column of a derived table (a subquery,
+# a partition file), where ``rowid`` itself is not visible.
+_ROW = "_row"
+
+
+def _dedup(row: str = "rowid") -> str:
+    """The window that keeps one row per (trace_id, span_id) (the rule above); ``row``: the rows'
+    ``rowid`` as the source names it."""
+    return f"QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns, {row}) = 1"
+
+
+_DEDUP = _dedup()
+
+
+def _spans_where(condition: str = "") -> str:
+    """The spans table as a derived table (every column and the ``rowid`` as ``_ROW``), of the
+    rows that meet ``condition`` (SQL) when given."""
+    return f"(SELECT *, rowid AS {_ROW} FROM spans{f' WHERE {condition}' if condition else ''})"
+
+
 _ORDER = "ORDER BY trace_id, start_ns, span_id"
 
 # Arrow output with string columns as string_view ("Utf8View"), the layout polars keeps strings
@@ -160,6 +183,40 @@ _TRACE_RANGES_SQL = (
 class SplitCancelled(Exception):
     """``split_partitions`` stopped because its caller no longer needs it (the run failed or was
     interrupted)."""
+
+
+class Cancel(threading.Event):
+    """A ``threading.Event`` that also calls, in the thread that sets it, what :meth:`calling`
+    registered meanwhile: a DuckDB query under way is interrupted at once (``interrupt()``), where
+    a flag is seen only between the batches it returns (the first batch of a ``--since`` or
+    ``--service`` split waits for DuckDB to build its filter over the whole store)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: list[Callable[[], object]] = []
+        self._calls_lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._calls_lock:  # (held while calling: no callback runs once ``calling`` has ended)
+            super().set()
+            for call in self._calls:
+                try:
+                    call()
+                except Exception:
+                    log.exception("a cancellation callback failed")
+
+    @contextlib.contextmanager
+    def calling(self, call: Callable[[], object]) -> Iterator[None]:
+        """``call()`` when this is set within the block (at once when it already is)."""
+        with self._calls_lock:
+            self._calls.append(call)
+            if self.is_set():
+                call()
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls.remove(call)
 
 
 class _TraceRanges:
@@ -322,8 +379,9 @@ def _read_rows(
     *,
     string_views: bool,
 ) -> pa.Table:
-    """``selected`` of the rows of ``source`` (a table expression with the span columns), one row
-    per (trace_id, span_id) (the first ingested copy), in (trace_id, start_ns, span_id) order.
+    """``selected`` of the rows of ``source`` (a table expression with the span columns and the
+    rows' store ``rowid`` as ``_ROW``), one row per (trace_id, span_id) (the first ingested copy,
+    the first in its Export: ``_dedup``), in (trace_id, start_ns, span_id) order.
 
     Copies (exporter retries not compacted yet) are rare, and the window that removes them
     costs ~0.4 s of CPU per 1M spans; so the rows are read as they are and checked: as many
@@ -344,7 +402,7 @@ def _read_rows(
             if _has_copies(cursor, table):
                 table = None
         if table is None:
-            query = f"SELECT {listed} FROM {source} {_DEDUP} {_ORDER}"
+            query = f"SELECT {listed} FROM {source} {_dedup(_ROW)} {_ORDER}"
             table = cursor.sql(query, params=params or None).to_arrow_table()
     finally:
         if string_views:
@@ -355,6 +413,7 @@ def _read_rows(
 
 # The rows a partition file (``DuckDBSpanStore.split_partitions``) must hold whatever columns a
 # reader asks for: the key of its de-duplication and its order.
+# (``_ROW``, the store's ``rowid``, is written beside them: ``_dedup``'s tie-break)
 _PARTITION_FILE_KEYS = ("trace_id", "span_id", "start_ns", "ingested_ns")
 
 
@@ -883,9 +942,11 @@ class DuckDBSpanStore:
         conditions, params = _span_conditions(
             since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
         )
-        source = "spans"
+        source = _spans_where()
         if conditions:
-            source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
+            source = _spans_where(
+                f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+            )
         return self._read_spans(selected, source, params, string_views=string_views)
 
     @_read
@@ -921,7 +982,7 @@ class DuckDBSpanStore:
         if conditions:
             conditions.insert(0, in_part)
             outer.append(f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})")
-        source = f"(SELECT * FROM spans WHERE {' AND '.join(outer)})"
+        source = _spans_where(" AND ".join(outer))
         return self._read_spans(selected, source, outer_params + params, string_views=string_views)
 
     def split_partitions(
@@ -945,19 +1006,45 @@ class DuckDBSpanStore:
         reads the whole store each time (~0.09 s per million stored spans, each partition, each
         pass), this costs one read and one write of every row. ``cancel``: once set, the split
         stops at its next batch with :class:`SplitCancelled` (the files written so far stay; the
-        caller removes the folder)."""
+        caller removes the folder); a :class:`Cancel` also interrupts the query under way, so a
+        split still waiting for its first batch stops at once too."""
         if parts < 1:
             raise ValueError(f"split_partitions needs parts >= 1, got {parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         selected += [c for c in _PARTITION_FILE_KEYS if c not in selected]
         self.load_staged()
         conditions, params = _span_conditions(since_ns=since_ns, services=services)
-        source = "spans"
+        source = _spans_where()
         if conditions:  # whole traces: any span that matches brings its trace (as scan_partition)
-            source = f"(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)}))"
+            source = _spans_where(
+                f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+            )
         key = f"(hash(trace_id) % {int(parts)})::UINTEGER"  # scan_partition's partitions
-        query = f"SELECT {', '.join(selected)}, {key} AS _partition FROM {source}"
-        reader = self._cursor().sql(query, params=params or None).to_arrow_reader(batch_rows)
+        # (with each row's rowid: a reader keeps the copy the store's reads keep, ``_dedup``)
+        query = f"SELECT {', '.join(selected)}, {_ROW}, {key} AS _partition FROM {source}"
+        cursor = self._cursor()
+        cancelled = f"the split of {self.path} into {folder} was cancelled"
+        # a ``Cancel`` interrupts the query itself: the first batch waits for DuckDB to build the
+        # ``--since`` / ``--service`` filter over the whole store, which a flag checked between
+        # batches would wait for
+        with cancel.calling(cursor.interrupt) if isinstance(cancel, Cancel) else contextlib.nullcontext():
+            try:
+                if cancel is not None and cancel.is_set():
+                    raise SplitCancelled(cancelled)
+                reader = cursor.sql(query, params=params or None).to_arrow_reader(batch_rows)
+                return self._write_partitions(reader, folder, parts, cancel, cancelled)
+            except SplitCancelled:
+                raise
+            except Exception as exc:  # interrupted: duckdb.InterruptException, or OSError from the reader
+                if cancel is not None and cancel.is_set():
+                    raise SplitCancelled(cancelled) from exc
+                raise
+
+    @staticmethod
+    def _write_partitions(
+        reader: pa.RecordBatchReader, folder: str, parts: int, cancel: threading.Event | None, cancelled: str
+    ) -> list[int]:
+        """``split_partitions``' batches appended to their partitions' files."""
         schema = pa.schema([f for f in reader.schema if f.name != "_partition"])
         counts = [0] * parts
         writers: list[pa.ipc.RecordBatchFileWriter] = []
@@ -966,7 +1053,7 @@ class DuckDBSpanStore:
                 writers.append(pa.ipc.new_file(partition_file(folder, part), schema))
             for batch in reader:
                 if cancel is not None and cancel.is_set():
-                    raise SplitCancelled(f"the split of {self.path} into {folder} was cancelled")
+                    raise SplitCancelled(cancelled)
                 if not batch.num_rows:
                     continue
                 keys = batch.column(batch.num_columns - 1)

@@ -225,6 +225,31 @@ def test_a_pricing_task_receives_the_occurrences_of_its_own_traces_only() -> Non
     assert sum(len(f.occurrences) for f in findings) > 100
 
 
+def test_a_pricing_task_ships_the_savings_without_the_traces_ids() -> None:
+    """``price`` (a pricing task's result, pickled to the parent) carries each finding's per-trace
+    savings and root durations, not the ids of those traces: the merged ``Impact`` drops them and
+    nothing reads them. The numbers are the whole's, trace by trace."""
+    from hourglass.analysis.whatif import WhatIf
+
+    ctx = AnalysisContext.from_table(_generated())
+    findings = [f for kind in PARTS for f in DETECTORS[kind](ctx)]
+    priced = partitions.price(ctx, findings)
+    assert priced
+    whatif = WhatIf.of(ctx)
+    for finding in findings:
+        if finding.id not in priced:
+            continue
+        ids, saved, root = priced[finding.id]
+        assert tuple(ids) == ()
+        whole = whatif.impact(finding)
+        assert whole.trace_ids  # (the in-process pricing still names them)
+        assert saved.tolist() == whole.saved_ns.tolist() and root.tolist() == whole.root_ns.tolist()
+        numbers = whatif.impact(finding, trace_ids=False)
+        assert numbers.trace_ids == [] and numbers.saved_ns.tolist() == whole.saved_ns.tolist()
+    merged = partitions.merge_impacts([priced])
+    assert all(impact.trace_ids == [] for impact in merged.values())
+
+
 def test_a_pricing_task_leaves_nothing_of_its_context_behind(tmp_path: Path) -> None:
     """``price_part``'s context (the partition's spans, repaired, and the what-if engine it caches,
     which refers back to it) is freed when the task returns, not left to the cyclic collector: a
@@ -586,7 +611,9 @@ def test_idle_workers_are_kept_through_the_decision_when_the_plan_says_their_pea
         executor.close()
 
 
-def test_workers_that_share_the_cores_get_their_share_of_polars_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_that_share_the_cores_get_their_share_of_polars_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Each worker's polars pool is sized for its share of the cores (two workers on two cores:
     one thread each), set before polars is imported there; a ``POLARS_MAX_THREADS`` the user
     set wins."""
@@ -693,6 +720,71 @@ def test_a_cancelled_split_stops_and_leaves_no_files(tmp_path: Path) -> None:
     split = partitions.split_store(source, 8, near=str(tmp_path), cancel=threading.Event())
     assert split is not None
     split.remove()
+
+
+def test_a_cancel_interrupts_the_split_while_duckdb_builds_its_first_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--since`` or ``--service`` the split's first batch waits for DuckDB to build the
+    filter over the whole store; the run's ``Cancel`` (``analyze_partitioned``) interrupts that
+    query (``interrupt()``) instead of waiting for it to return a batch. DuckDB's wait is played
+    by a query that returns nothing until it is interrupted."""
+    import dataclasses
+    import threading
+
+    import duckdb
+
+    from hourglass.collector.duckdb_store import Cancel, DuckDBSpanStore, SplitCancelled
+
+    source = dataclasses.replace(_small_store(tmp_path), since_ns=0)
+    started, interrupted = threading.Event(), threading.Event()
+    cursor_of = DuckDBSpanStore._cursor
+
+    class Building:  # the query's first batch, built until interrupted (30 s at most)
+        def __init__(self, relation: object) -> None:
+            self.relation = relation
+
+        def to_arrow_reader(self, rows: int) -> object:
+            started.set()
+            if interrupted.wait(30):
+                raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+            return self.relation.to_arrow_reader(rows)  # type: ignore[attr-defined]
+
+    class SlowCursor:
+        def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+            self.cursor = cursor
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.cursor, name)
+
+        def sql(self, query: str, params: object = None) -> Building:
+            return Building(self.cursor.sql(query, params=params))
+
+        def interrupt(self) -> None:
+            interrupted.set()
+            self.cursor.interrupt()
+
+    monkeypatch.setattr(DuckDBSpanStore, "_cursor", lambda self: SlowCursor(cursor_of(self)))
+    cancel = Cancel()
+    failed: list[BaseException] = []
+
+    def split() -> None:
+        try:
+            partitions.split_store(source, 8, near=str(tmp_path), cancel=cancel)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=split)
+    thread.start()
+    assert started.wait(30)
+    cancel.set()
+    thread.join(60)
+    assert interrupted.is_set()  # told at once, not at the first batch
+    assert len(failed) == 1 and isinstance(failed[0], SplitCancelled)
+    assert not list(tmp_path.glob("hourglass-partitions-*"))
+    # set before the split starts: nothing is read
+    with pytest.raises(SplitCancelled):
+        partitions.split_store(source, 8, near=str(tmp_path), cancel=cancel)
 
 
 def test_a_run_that_fails_first_stops_the_split_written_beside_it(

@@ -86,3 +86,44 @@ def test_an_empty_partition_has_a_file_of_no_rows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="parts >= 1"):
         store.split_partitions(str(tmp_path), 0)
     assert isinstance(read_partition_file(partition_file(str(tmp_path), 0), columns=()), pa.Table)
+
+
+def test_of_two_copies_in_one_export_every_read_keeps_the_first(tmp_path: Path) -> None:
+    """A span twice in one Export (the same ``ingested_ns``), its copies different: every read —
+    ``scan``, ``scan_partition``, ``scan_traces``, ``trace``, the partition files — keeps the first
+    in the Export (the lowest ``rowid``), the copy ``compact()`` keeps, so the rows are the same
+    before and after it. Ordered by ``ingested_ns`` alone, the window kept either copy, by the
+    order of DuckDB's threads (here 8 threads over two row groups: a quarter of the spans read
+    their second copy)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from bench.analysis import generate_spans
+
+    first = generate_spans(70_000, seed=1)  # with its copies, more than a row group
+    at = first.schema.get_field_index("ingested_ns")
+    first = first.set_column(at, first.schema.field(at), pa.array(np.full(first.num_rows, BASE_NS)))
+    at = first.schema.get_field_index("name")
+    renamed = pc.binary_join_element_wise(first.column("name"), pa.scalar("#2"), "")
+    second = first.set_column(at, first.schema.field(at), renamed)
+    store = DuckDBSpanStore(str(tmp_path / "copies.duckdb"), threads=8)
+    store.write(pa.concat_tables([first, second]))  # one Export
+    columns = ("trace_id", "span_id", "name")
+
+    def seconds(table: pa.Table) -> int:
+        return sum(name.endswith("#2") for name in table.column("name").to_pylist())
+
+    whole = store.scan(columns=columns)
+    assert whole.num_rows > 60_000 and seconds(whole) == 0
+    assert all(seconds(store.scan_partition(p, 3, columns=columns)) == 0 for p in range(3))
+    some = sorted(set(whole.column("trace_id").to_pylist()))[::50]
+    assert seconds(store.scan_traces(some, columns=columns)) == 0
+    assert seconds(store.trace(some[0])) == 0
+    folder = tmp_path / "files"
+    folder.mkdir()
+    store.split_partitions(str(folder), 3, columns=columns)
+    files = [read_partition_file(partition_file(str(folder), p), columns=columns) for p in range(3)]
+    assert sum(t.num_rows for t in files) == whole.num_rows and sum(map(seconds, files)) == 0
+    assert store.compact() == whole.num_rows
+    assert store.scan(columns=columns).to_pylist() == whole.to_pylist()
+    store.close()
