@@ -20,7 +20,7 @@ from hourglass.api import analysis_worker
 from hourglass.api.analysis_worker import AnalysisWorker, PipeReader, StoreReader, _answer_shipped
 from hourglass.collector import duckdb_store
 from hourglass.collector.duckdb_store import DuckDBSpanStore
-from hourglass.collector.schema import ANALYSIS_COLUMNS
+from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from tests.builders import repeated_trace, spans_table, spec
 
 
@@ -80,11 +80,12 @@ def _shipped_table(shipped: pa.Table | str) -> pa.Table:
     return analysis_worker._receive_table(shipped)
 
 
-@pytest.mark.parametrize("batch_rows", [7, 30, 10_000])
+@pytest.mark.parametrize(("batch_rows", "sort_rows"), [(7, 10_000), (30, 10), (10_000, 1), (10_000, 10_000)])
 def test_a_streamed_read_is_the_whole_read_in_batches_of_at_most_batch_rows(
-    batch_rows: int, store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
+    batch_rows: int, sort_rows: int, store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(duckdb_store, "STREAM_BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(duckdb_store, "STREAM_SORT_ROWS", sort_rows)
     reader = StoreReader(store)
     for request in _requests(store):
         expected = reader.answer(request)
@@ -97,7 +98,7 @@ def test_a_streamed_read_is_the_whole_read_in_batches_of_at_most_batch_rows(
         assert not os.path.exists(written)  # unlinked once mapped
         assert got.schema.equals(expected.schema, check_metadata=True), request[0]
         assert got.equals(expected), request[0]  # the same rows in the same order
-        if request[0] == "batch" and expected.num_rows > batch_rows:
+        if request[0] == "batch" and expected.num_rows > batch_rows and sort_rows >= expected.num_rows:
             assert len(sizes) == -(-expected.num_rows // batch_rows)
     assert store._reads_in_flight == 0
 
@@ -114,6 +115,23 @@ def test_a_batch_cut_across_a_trace_still_holds_the_trace_whole_and_once(
     assert table.num_rows == 3 * len(ids)  # the retried copies once
     assert table.column("trace_id").to_pylist() == sorted(table.column("trace_id").to_pylist())
     assert table.equals(store.scan_traces(ids, columns=ANALYSIS_COLUMNS))
+
+
+def test_the_parts_of_a_read_sorted_apart_are_one_snapshot(store: DuckDBSpanStore) -> None:
+    """Each part of the traces is its own query (sorted apart, ``sort_rows``), all in one
+    transaction: a write committed between two parts is not in the read, as with one query."""
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    before = store.scan_traces(ids)
+    # a late span of the last trace (the last part), ingested within the times read
+    row = store.scan_traces(ids[-1:], columns=SPAN_COLUMNS).slice(0, 1).to_pylist()[0]
+    late = pa.Table.from_pylist([{**row, "span_id": "f" * 16, "ingested_ns": 2 * 10**9}], schema=SPAN_SCHEMA)
+    with store.stream_traces(ids, batch_rows=3, sort_rows=3) as batches:
+        rows = iter(batches)
+        got = [next(rows)]  # the first trace's part: its query has run, the last one's not yet
+        store.write(late)
+        got += list(rows)
+    assert pa.Table.from_batches(got).equals(before)  # not the late span
+    assert store.scan_traces(ids).num_rows == before.num_rows + 1  # it was written
 
 
 def test_a_stream_left_early_ends_its_query_and_lets_the_cache_be_released(store: DuckDBSpanStore) -> None:
