@@ -321,11 +321,12 @@ def _ship_table(table: pa.Table) -> tuple[pa.Table | str, str | None]:
     return path, path
 
 
-# A streamed read's file is written only where there is room for this much at least (its size is
-# not known before the rows are read): a read the worker asks for is a batch of at most
-# ``incremental.BATCH_SPANS`` spans (~35 MiB as Arrow), a few exemplar traces, or one row per trace
-# of the recent rows.
-STREAM_ROOM_BYTES = 256 * 2**20
+# A streamed read's file is written only where there is room for twice this much (its size is not
+# known before the rows are read): a read the worker asks for is a batch of at most
+# ``incremental.BATCH_SPANS`` spans (~20 MiB as Arrow on the soak store), a few exemplar traces, or
+# one row per trace of the recent rows. A file that fills its directory anyway is read again
+# and shipped whole (:func:`_answer_shipped`).
+STREAM_ROOM_BYTES = 64 * 2**20
 
 
 class _WriteFailed(Exception):
