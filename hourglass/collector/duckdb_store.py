@@ -81,9 +81,6 @@ RELEASE_MIN_BYTES = 32 * 2**20
 # does not undo them; the last COUNTS_KEPT such counts, to fall back on when it does.
 COUNT_LAG_NS = 10 * 10**9
 COUNTS_KEPT = 8
-# a count (``_count``) groups the traces with new rows a part of them at a time: about this many
-# rows at or after its base bound a part
-COUNT_PART_ROWS = 32_768
 # the lowest int64: a change that may alter the counts below every bound (retention)
 _EVERY_BOUND = -(2**63)
 
@@ -1099,14 +1096,12 @@ class DuckDBSpanStore:
                 figures = cursor.execute(
                     _TRACE_RANGES_SQL, [since if index is not None else _EVERY_BOUND]
                 ).fetchnumpy()
-                head: list[Any] = [since, time.time_ns() - COUNT_LAG_NS, since, since]
-                parts = 1
+                params: list[Any] = [since, time.time_ns() - COUNT_LAG_NS, since, since]
                 if base is None:  # every row: one aggregation each (GROUPING SETS took ~2x as long here)
                     firsts = """
                         SELECT 0 AS whole, min(ingested_ns) AS first FROM spans GROUP BY trace_id, span_id
                         UNION ALL SELECT 1, min(ingested_ns) FROM spans GROUP BY trace_id
                     """
-                    within_params: list[Any] = []
                 else:  # the traces with a row at or after W, their older rows too: read in their
                     # ingest ranges only (DuckDB skips the other row groups)
                     recent = figures["last"] >= since
@@ -1123,56 +1118,35 @@ class DuckDBSpanStore:
                             older = index.ranges(figures["h"][recent])
                     ranges = _merge_ranges([*older, (since, _INT64_MAX)], MAX_INGESTED_RANGES)
                     within = " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges))
-                    # the traces counted a part at a time (by hash: a trace, and each of its spans,
-                    # in one part), about COUNT_PART_ROWS rows at or after W a part: the grouping
-                    # holds every (trace_id, span_id) it counts (+75 MiB of the server's RSS for the
-                    # 200k rows of 10 s at 20,000 spans/s, in one part)
-                    (new_rows,) = cursor.execute(
-                        "SELECT count(*) FROM spans WHERE ingested_ns >= ?", [since]
-                    ).fetchall()[0]
-                    parts = max(1, -(-int(new_rows) // COUNT_PART_ROWS))
-                    in_part = "" if parts == 1 else f"AND hash(trace_id) % {parts} = ?"
                     firsts = f"""
                         SELECT grouping(span_id) AS whole, min(ingested_ns) AS first FROM spans
-                        WHERE ({within}) {in_part}
-                            AND trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ? {in_part})
+                        WHERE ({within}) AND trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)
                         GROUP BY GROUPING SETS ((trace_id, span_id), (trace_id))
                     """
-                    within_params = [b for pair in ranges for b in pair]
-                totals = [0, 0, 0, 0]
-                bound = None
-                for part in range(parts):
-                    params = [*head, *within_params]
-                    if base is not None:
-                        params += [since] if parts == 1 else [part, since, part]
+                    params.extend(b for pair in ranges for b in pair)
                     params.append(since)
-                    row = cursor.execute(
-                        f"""
-                        WITH bound AS (
-                            SELECT greatest(?, least(?, coalesce(max(ingested_ns) + 1, ?))) AS b
-                            FROM spans WHERE ingested_ns >= ?
-                        ), firsts AS ({firsts})
-                        SELECT (SELECT b FROM bound),
-                            count(*) FILTER (whole = 0 AND first < (SELECT b FROM bound)),
-                            count(*) FILTER (whole = 0),
-                            count(*) FILTER (whole = 1 AND first < (SELECT b FROM bound)),
-                            count(*) FILTER (whole = 1)
-                        FROM firsts WHERE first >= ?
-                        """,
-                        params,
-                    ).fetchall()[0]
-                    # (one snapshot: the bound is the same in every part; the lag bound by the
-                    # first part's clock)
-                    bound = int(row[0]) if bound is None else bound
-                    head[1] = bound
-                    totals = [t + int(v) for t, v in zip(totals, row[1:], strict=True)]
+                params.append(since)
+                row = cursor.execute(
+                    f"""
+                    WITH bound AS (
+                        SELECT greatest(?, least(?, coalesce(max(ingested_ns) + 1, ?))) AS b
+                        FROM spans WHERE ingested_ns >= ?
+                    ), firsts AS ({firsts})
+                    SELECT (SELECT b FROM bound),
+                        count(*) FILTER (whole = 0 AND first < (SELECT b FROM bound)),
+                        count(*) FILTER (whole = 0),
+                        count(*) FILTER (whole = 1 AND first < (SELECT b FROM bound)),
+                        count(*) FILTER (whole = 1)
+                    FROM firsts WHERE first >= ?
+                    """,
+                    params,
+                ).fetchall()[0]
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
                     cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
-            assert bound is not None
-            spans_below, spans, traces_below, traces = totals
+            bound, spans_below, spans, traces_below, traces = (int(v) for v in row)
             base_spans, base_traces = (0, 0) if base is None else base[1:]
             with self._write_lock:
                 self._unwatch(watch)
