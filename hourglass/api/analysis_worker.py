@@ -343,6 +343,10 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
     directory = _ipc_dir(STREAM_ROOM_BYTES)
     if directory is None:
         return batches.read_all(), None
+    rows = iter(batches)
+    # the file made once the query has produced its first rows, not while it runs: a server that
+    # stops meanwhile (its reading thread is a daemon) leaves no file behind for that time
+    batch = next(rows, None)
     fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
     os.close(fd)
     try:
@@ -352,16 +356,12 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
         except OSError as exc:
             raise _WriteFailed(str(exc)) from exc
         with sink:
-            rows = iter(batches)
-            while True:
-                batch = next(rows, None)  # the read's own errors go as they are
-                if batch is None:
-                    break
+            while batch is not None:
                 try:
                     writer.write_batch(batch)
                 except OSError as exc:
                     raise _WriteFailed(str(exc)) from exc
-                del batch
+                batch = next(rows, None)  # the read's own errors go as they are
             try:
                 writer.close()
             except OSError as exc:

@@ -167,6 +167,24 @@ def test_a_read_failing_mid_stream_is_that_reads_error_and_leaves_no_file(
     assert StoreReader(store).answer(("batch", ids, None, None)).num_rows == 3 * len(ids)
 
 
+def test_the_file_is_made_once_the_first_rows_are_read(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the query runs before its first rows (a sort), no file exists: a server stopped
+    then leaves none behind."""
+    schema = pa.schema([("a", pa.int64())])
+    seen: list[list[str]] = []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        seen.append(os.listdir(shm))
+        yield pa.record_batch([pa.array([1, 2])], schema=schema)
+        seen.append(os.listdir(shm))
+        raise RuntimeError("the query failed")
+
+    with pytest.raises(RuntimeError, match="the query failed"):
+        analysis_worker._ship_stream(pa.RecordBatchReader.from_batches(schema, batches()))
+    assert seen[0] == [] and len(seen[1]) == 1
+    assert os.listdir(shm) == []
+
+
 class _BreakingReader(StoreReader):
     """A store reader whose ``batch`` stream fails after its first record batch."""
 
