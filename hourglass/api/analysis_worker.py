@@ -321,6 +321,70 @@ def _ship_table(table: pa.Table) -> tuple[pa.Table | str, str | None]:
     return path, path
 
 
+# A streamed read's file is written only where there is room for twice this much (its size is not
+# known before the rows are read): a read the worker asks for is a batch of at most
+# ``incremental.BATCH_SPANS`` spans (~20 MiB as Arrow on the soak store), a few exemplar traces, or
+# one row per trace of the recent rows. A file that fills its directory anyway is read again
+# and shipped whole (:func:`_answer_shipped`).
+STREAM_ROOM_BYTES = 64 * 2**20
+
+
+class _WriteFailed(Exception):
+    """Writing a streamed read's file failed (the directory filled up meanwhile...): the read is
+    done again and shipped by :func:`_ship_table`."""
+
+
+def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | None]:
+    """:func:`_ship_table` of a read that streams out of the store: each record batch written to
+    the Arrow IPC file as it comes (the worker maps the file as before; the table it reads is
+    chunked), so this process holds one batch of the rows, never all of them. An error of the
+    read stops it as it is, and one of writing the file as :class:`_WriteFailed`; either way the
+    file is removed. Without room for a file the rows are read whole and go through the pipe."""
+    directory = _ipc_dir(STREAM_ROOM_BYTES)
+    if directory is None:
+        return batches.read_all(), None
+    rows = iter(batches)
+    # the file made once the query has produced its first rows, not while it runs: a server that
+    # stops meanwhile (its reading thread is a daemon) leaves no file behind for that time
+    batch = next(rows, None)
+    fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
+    os.close(fd)
+    try:
+        try:
+            sink = pa.OSFile(path, "wb")
+            writer = pa.ipc.new_file(sink, batches.schema)
+        except OSError as exc:
+            raise _WriteFailed(str(exc)) from exc
+        with sink:
+            while batch is not None:
+                try:
+                    writer.write_batch(batch)
+                except OSError as exc:
+                    raise _WriteFailed(str(exc)) from exc
+                batch = next(rows, None)  # the read's own errors go as they are
+            try:
+                writer.close()
+            except OSError as exc:
+                raise _WriteFailed(str(exc)) from exc
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    return path, path
+
+
+def _answer_shipped(reader: StoreReader, request: tuple[Any, ...]) -> tuple[pa.Table | str, str | None]:
+    """One read of the worker (``request``), answered and shipped (:func:`_ship_stream` when the
+    store streams it, else :func:`_ship_table`): (what to send, the file written, if any). A read
+    whose file could not be written is read again and shipped whole."""
+    try:
+        with reader.stream(request) as batches:
+            return _ship_stream(batches)
+    except _WriteFailed as exc:
+        log.warning("could not write a span read for the analysis worker (%s); reading it again", exc)
+    return _ship_table(reader.answer(request))
+
+
 def _receive_table(shipped: pa.Table | str) -> pa.Table:
     if isinstance(shipped, pa.Table):
         return shipped
@@ -447,13 +511,13 @@ class AnalysisWorker:
                         break
                     read_started = time.perf_counter()
                     try:
-                        table = reader.answer(message[1])
+                        # streamed from the store into the file the worker maps: neither DuckDB nor
+                        # this process holds the whole read (a failed one leaves no file)
+                        shipped, written = _answer_shipped(reader, message[1])
                     except Exception as exc:
                         log.exception("reading spans for the analysis worker failed")
                         conn.send(("error", f"{type(exc).__name__}: {exc}"))
                         continue
-                    shipped, written = _ship_table(table)
-                    del table
                     if written is not None:
                         shipped_files.append(written)
                     conn.send(("table", shipped))
@@ -629,6 +693,39 @@ class StoreReader:
         if kind == "traces":
             return self.traces(*args)
         raise ValueError(f"unknown request from the analysis worker: {kind!r}")
+
+    def stream(self, request: tuple[Any, ...]) -> contextlib.AbstractContextManager[pa.RecordBatchReader]:
+        """:meth:`answer` as record batches, for the ``with`` block: the store's streamed read
+        where it has one (a DuckDB store: ``stream_traces``, ``stream_recent_arrivals``...: the
+        rows come out of the query a batch at a time, one snapshot), else the answer read whole."""
+        kind, *args = request
+        store = self.store
+        if kind == "batch" and callable(getattr(store, "stream_traces", None)):
+            from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+            trace_ids, first, last = args
+            return store.stream_traces(
+                trace_ids, ingested_from_ns=first, ingested_to_ns=last, columns=ANALYSIS_COLUMNS
+            )
+        if (
+            kind == "traces"
+            and len(args) > 1
+            and args[0]
+            and args[1]
+            and callable(getattr(store, "stream_traces", None))
+        ):
+            from hourglass.collector.schema import SPAN_COLUMNS
+
+            # (whole traces within their ingest ranges: without ranges, ``traces`` reads them whole)
+            return store.stream_traces(args[0], ingested_ranges=args[1], columns=SPAN_COLUMNS)
+        streams = {
+            "recent": "stream_recent_arrivals",
+            "arrivals": "stream_trace_arrivals",
+            "between": "stream_arrivals_between",
+        }
+        if kind in streams and callable(method := getattr(store, streams[kind], None)):
+            return method(*args)
+        return contextlib.nullcontext(self.answer(request).to_reader())
 
     def release(self) -> None:
         """Drop what the reads left cached in the store (``release_cache``: DuckDB keeps the

@@ -1,0 +1,277 @@
+"""The worker's reads streamed out of the store: the server writes a read's record batches into
+the Arrow IPC file the worker maps as DuckDB produces them (``DuckDBSpanStore.stream_traces``...,
+``analysis_worker._answer_shipped``), so neither DuckDB nor the server holds the whole result. The
+worker gets the rows of the old whole read; a read that fails in the middle reaches the worker as
+that read's error and leaves no file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from hourglass.api import analysis_worker
+from hourglass.api.analysis_worker import AnalysisWorker, PipeReader, StoreReader, _answer_shipped
+from hourglass.collector import duckdb_store
+from hourglass.collector.duckdb_store import DuckDBSpanStore
+from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
+from tests.builders import repeated_trace, spans_table, spec
+
+
+def _ingested_at(table: pa.Table, ns: int) -> pa.Table:
+    at = table.schema.get_field_index("ingested_ns")
+    return table.set_column(at, "ingested_ns", pa.array([ns] * table.num_rows, pa.int64()))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[DuckDBSpanStore]:
+    """Three exports of 40 traces (3 spans each) at 1, 2 and 3 s, and a retried part of the first
+    at 4 s (copies, which every read keeps once)."""
+    groups = [
+        spans_table(
+            repeated_trace(
+                40, f"svc{g}", spec("GET /a", 0, 10), spec("SELECT", 1, 5), spec("GET b", 6, 3, under=0)
+            )
+        )
+        for g in range(3)
+    ]
+    with DuckDBSpanStore(str(tmp_path / "spans.duckdb")) as opened:
+        for g, table in enumerate(groups):
+            opened.write(_ingested_at(table, (g + 1) * 10**9))
+        opened.write(_ingested_at(groups[0].slice(0, 10), 4 * 10**9))
+        yield opened
+
+
+@pytest.fixture
+def shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder the server writes the reads' files to (instead of /dev/shm)."""
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    monkeypatch.setattr(analysis_worker, "_ipc_dir", lambda nbytes: str(folder))
+    return folder
+
+
+def _requests(store: DuckDBSpanStore) -> list[tuple[Any, ...]]:
+    arrivals = store.trace_arrivals(0).to_pylist()
+    ids = sorted(r["trace_id"] for r in arrivals)
+    bounds = {r["trace_id"]: (r["first_ingested_ns"], r["last_ingested_ns"]) for r in arrivals}
+    some = ids[::7]
+    return [
+        ("batch", ids, 10**9, 4 * 10**9),
+        ("batch", some, 10**9, 2 * 10**9),
+        ("batch", ["0" * 32], 10**9, 4 * 10**9),  # no such trace: an empty read
+        ("traces", some, [bounds[t] for t in some]),
+        ("traces", []),
+        ("recent", 2 * 10**9, [3 * 10**9]),
+        ("recent", 0, [2 * 10**9, 4 * 10**9], 4 * 10**9),
+        ("arrivals", 2 * 10**9),
+        ("between", some, 10**9, 3 * 10**9),
+        ("bounds", 100),
+    ]
+
+
+def _shipped_table(shipped: pa.Table | str) -> pa.Table:
+    return analysis_worker._receive_table(shipped)
+
+
+@pytest.mark.parametrize(("batch_rows", "sort_rows"), [(7, 10_000), (30, 10), (10_000, 1), (10_000, 10_000)])
+def test_a_streamed_read_is_the_whole_read_in_batches_of_at_most_batch_rows(
+    batch_rows: int, sort_rows: int, store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(duckdb_store, "STREAM_BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(duckdb_store, "STREAM_SORT_ROWS", sort_rows)
+    reader = StoreReader(store)
+    for request in _requests(store):
+        expected = reader.answer(request)
+        shipped, written = _answer_shipped(reader, request)
+        assert written is not None and shipped == written  # a file, the worker maps it
+        batches = pa.ipc.open_file(pa.memory_map(written))
+        sizes = [batches.get_batch(i).num_rows for i in range(batches.num_record_batches)]
+        assert all(0 < n <= batch_rows for n in sizes), (request[0], sizes)
+        got = _shipped_table(shipped)
+        assert not os.path.exists(written)  # unlinked once mapped
+        assert got.schema.equals(expected.schema, check_metadata=True), request[0]
+        assert got.equals(expected), request[0]  # the same rows in the same order
+        if request[0] == "batch" and expected.num_rows > batch_rows and sort_rows >= expected.num_rows:
+            assert len(sizes) == -(-expected.num_rows // batch_rows)
+    assert store._reads_in_flight == 0
+
+
+def test_a_batch_cut_across_a_trace_still_holds_the_trace_whole_and_once(
+    store: DuckDBSpanStore, shm: Path
+) -> None:
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    with store.stream_traces(ids, columns=ANALYSIS_COLUMNS, batch_rows=4) as batches:
+        parts = list(batches)
+    # 3 spans a trace, 4 rows a batch: most traces straddle two batches
+    assert {b.num_rows for b in parts[:-1]} == {4}
+    table = pa.Table.from_batches(parts)
+    assert table.num_rows == 3 * len(ids)  # the retried copies once
+    assert table.column("trace_id").to_pylist() == sorted(table.column("trace_id").to_pylist())
+    assert table.equals(store.scan_traces(ids, columns=ANALYSIS_COLUMNS))
+
+
+def test_the_parts_of_a_read_sorted_apart_are_one_snapshot(store: DuckDBSpanStore) -> None:
+    """Each part of the traces is its own query (sorted apart, ``sort_rows``), all in one
+    transaction: a write committed between two parts is not in the read, as with one query."""
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    before = store.scan_traces(ids)
+    # a late span of the last trace (the last part), ingested within the times read
+    row = store.scan_traces(ids[-1:], columns=SPAN_COLUMNS).slice(0, 1).to_pylist()[0]
+    late = pa.Table.from_pylist([{**row, "span_id": "f" * 16, "ingested_ns": 2 * 10**9}], schema=SPAN_SCHEMA)
+    with store.stream_traces(ids, batch_rows=3, sort_rows=3) as batches:
+        rows = iter(batches)
+        got = [next(rows)]  # the first trace's part: its query has run, the last one's not yet
+        store.write(late)
+        got += list(rows)
+    assert pa.Table.from_batches(got).equals(before)  # not the late span
+    assert store.scan_traces(ids).num_rows == before.num_rows + 1  # it was written
+
+
+def test_a_stream_left_early_ends_its_query_and_lets_the_cache_be_released(store: DuckDBSpanStore) -> None:
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    with store.stream_traces(ids, batch_rows=5) as batches:
+        next(iter(batches))
+        assert store._reads_in_flight == 1  # release_cache waits for it
+    assert store._reads_in_flight == 0
+    assert store.scan_traces(ids[:1]).num_rows == 3  # the store reads on
+
+
+def test_a_read_failing_mid_stream_is_that_reads_error_and_leaves_no_file(
+    store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(duckdb_store, "STREAM_BATCH_ROWS", 10)
+    conformed = duckdb_store._conform_batch
+    calls = [0]
+
+    def failing_third(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("the store broke mid-read")
+        return conformed(batch, schema)
+
+    monkeypatch.setattr(duckdb_store, "_conform_batch", failing_third)
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    with pytest.raises(RuntimeError, match="broke mid-read"):
+        _answer_shipped(StoreReader(store), ("batch", ids, None, None))
+    assert calls[0] == 3  # two batches were written before it failed
+    assert os.listdir(shm) == []
+    assert store._reads_in_flight == 0
+    monkeypatch.setattr(duckdb_store, "_conform_batch", conformed)
+    assert StoreReader(store).answer(("batch", ids, None, None)).num_rows == 3 * len(ids)
+
+
+def test_the_file_is_made_once_the_first_rows_are_read(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the query runs before its first rows (a sort), no file exists: a server stopped
+    then leaves none behind."""
+    schema = pa.schema([("a", pa.int64())])
+    seen: list[list[str]] = []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        seen.append(os.listdir(shm))
+        yield pa.record_batch([pa.array([1, 2])], schema=schema)
+        seen.append(os.listdir(shm))
+        raise RuntimeError("the query failed")
+
+    with pytest.raises(RuntimeError, match="the query failed"):
+        analysis_worker._ship_stream(pa.RecordBatchReader.from_batches(schema, batches()))
+    assert seen[0] == [] and len(seen[1]) == 1
+    assert os.listdir(shm) == []
+
+
+class _BreakingReader(StoreReader):
+    """A store reader whose ``batch`` stream fails after its first record batch."""
+
+    def stream(self, request: tuple[Any, ...]) -> contextlib.AbstractContextManager[pa.RecordBatchReader]:
+        table = self.answer(request)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from table.to_batches(max_chunksize=5)[:1]
+            raise OSError("the disk under the store went away")  # (an OSError of the read, not the file)
+
+        return contextlib.nullcontext(pa.RecordBatchReader.from_batches(table.schema, batches()))
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_gets_a_mid_stream_failure_as_the_error_of_that_read(
+    store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's side of a round (``AnalysisWorker.run_incremental``) against a worker played
+    by a thread on the other end of the pipe: a read that fails after its first batch was written
+    is answered with an error, which the worker's ``PipeReader`` raises; the file is gone."""
+    import multiprocessing
+
+    parent, child = multiprocessing.Pipe()
+    worker = AnalysisWorker()
+    monkeypatch.setattr(worker, "_ensure", lambda: parent)
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    seen: dict[str, Any] = {}
+
+    def play_worker() -> None:
+        assert child.recv()[0] == "incremental"  # the round's request
+        pipe = PipeReader(child)
+        try:
+            pipe.batch(ids, None, None)
+        except RuntimeError as exc:
+            seen["error"] = str(exc)
+            seen["files"] = os.listdir(shm)
+        seen["next"] = pipe.batch(ids[:2], None, None).num_rows  # the session goes on
+        child.send(("error", "Traceback ...\nValueError: the round stopped here"))
+
+    player = threading.Thread(target=play_worker)
+    player.start()
+    reader = _BreakingReader(store)
+    calls = [0]
+    original = reader.stream
+
+    def stream(request: tuple[Any, ...]) -> contextlib.AbstractContextManager[pa.RecordBatchReader]:
+        calls[0] += 1
+        return original(request) if calls[0] == 1 else StoreReader.stream(reader, request)
+
+    monkeypatch.setattr(reader, "stream", stream)
+    with pytest.raises(RuntimeError, match="the round stopped here"):
+        worker.run_incremental({"sidecar": "x"}, reader)
+    player.join(10)
+    assert "the disk under the store went away" in seen["error"]
+    assert "could not read spans" in seen["error"]
+    assert seen["files"] == []
+    assert seen["next"] == 6
+    assert os.listdir(shm) == []
+
+
+def test_a_file_that_cannot_be_written_sends_the_read_whole_through_the_pipe(
+    store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FullDisk:
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def write_batch(self, batch: pa.RecordBatch) -> None:
+            raise OSError(28, "No space left on device")
+
+        write_table = write_batch
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(analysis_worker.pa.ipc, "new_file", FullDisk)
+    reader = StoreReader(store)
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    request = ("batch", ids, None, None)
+    shipped, written = _answer_shipped(reader, request)
+    assert written is None and isinstance(shipped, pa.Table)
+    assert shipped.equals(reader.answer(request))
+    assert os.listdir(shm) == []
+    assert store._reads_in_flight == 0
