@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 # reads only the findings' traces of a partition (about half its spans on the generated mix), but
 # no more than the partition in the worst case, so the plan keeps room for ``workers`` full
 # partitions beside ROWS_BYTES_PER_SPAN: that phase, not the extraction, bounds the partitions.
+# (A pricing task of a run on this machine now takes those traces from the few columns its
+# extraction kept, ``Prepared``, rather than reading and repairing them: less than that room.)
 # The decision runs with the workers idle (each holds its base: ``ProcessExecutor.idle`` starts
 # them anew; or, when even their peaks over a partition fit beside the decision, ``Plan.keep``,
 # they are left as they are, which spares two start-ups), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
