@@ -533,9 +533,11 @@ def analyze_partitioned(
     later: Future[partitions.Source | None] | None = None
     from hourglass.collector.duckdb_store import Cancel
 
+    prepared: partitions.Prepared | None = None
     # set when the run ends first (failed, interrupted): the split stops, its query interrupted
     cancel = Cancel()
-    if extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor):
+    here = extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor)
+    if here:
         if isinstance(executor, partitions.ProcessExecutor):
             executor.warm()
         beside = (
@@ -545,6 +547,8 @@ def analyze_partitioned(
             later = _beside(lambda: _split_or_store(source, parts, cancel))
         if later is None:  # (a split that fails: the store read instead, as beside)
             split = _split_or_store(source, parts, cancel)
+    if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
+        prepared = partitions.Prepared.create()
     try:
         return _analyze_partitioned(
             split or source,
@@ -558,11 +562,14 @@ def analyze_partitioned(
             extraction=extraction,
             decide_beside=decide_beside,
             later=later,
+            prepared=prepared,
         )
     except BaseException:
         cancel.set()  # (a split still being written stops at once and removes its files)
         raise
     finally:
+        if prepared is not None:
+            _beside(prepared.remove)
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):
             _beside(split.remove)  # the process waits for it before it exits
         elif later is not None:  # (once written: a run that failed first waits for it here)
@@ -631,6 +638,7 @@ def _analyze_partitioned(
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
     decide_beside: bool = False,
     later: Future[partitions.Source | None] | None = None,
+    prepared: partitions.Prepared | None = None,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`analyze_context` over ``parts`` partitions of whole traces, run by ``executor``:
     extraction of each partition, one decision over the combined rows, then a second pass that
@@ -650,7 +658,9 @@ def _analyze_partitioned(
     by kind: ``hourglass.analysis.incremental``). ``decide_beside``: some kinds are decided in a
     thread of their own beside the others (``partitions.Plan.beside``: the memory plan has room).
     ``later``: the partition files being written beside the extraction, which every pass after
-    the extraction's first round reads (:func:`partitions.run_extraction`)."""
+    the extraction's first round reads (:func:`partitions.run_extraction`). ``prepared``: where the
+    extraction keeps the spans it repaired, which the pricing passes read instead of repairing
+    them again (:class:`partitions.Prepared`)."""
     from hourglass.analysis.resources import scope_languages, service_resources
     from hourglass.analysis.sequence import duration_stats
 
@@ -662,7 +672,15 @@ def _analyze_partitioned(
         spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
         try:
             extracted = partitions.run_extraction(
-                source, parts, executor, notes, progress, spill, decide_beside=decide_beside, later=later
+                source,
+                parts,
+                executor,
+                notes,
+                progress,
+                spill,
+                decide_beside=decide_beside,
+                later=later,
+                prepared=prepared,
             )
         except BaseException:
             if spill is not None:
@@ -683,7 +701,14 @@ def _analyze_partitioned(
     service_traces = _beside(lambda: read_traces(service_ids)) if beside else None
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(
-        source, parts, executor, kept, progress, calls=True, trace_parts=extracted.trace_parts
+        source,
+        parts,
+        executor,
+        kept,
+        progress,
+        calls=True,
+        trace_parts=extracted.trace_parts,
+        prepared=prepared,
     )
     _let_go(extracted.findings)
     ranked = score(
@@ -719,7 +744,7 @@ def _analyze_partitioned(
 
     def priced_together(found: list[Finding]) -> dict[str, Impact]:
         return partitions.run_pricing(
-            source, parts, executor, found, progress, trace_parts=extracted.trace_parts
+            source, parts, executor, found, progress, trace_parts=extracted.trace_parts, prepared=prepared
         )[0]
 
     from hourglass.analysis.workstreams import build_workstreams

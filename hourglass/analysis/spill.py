@@ -34,7 +34,7 @@ from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.model import Finding
 
 
-def _write_whole(target: Path, write: Callable[[Path], object]) -> None:
+def write_whole(target: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a file of this process beside ``target``, then renamed into place: a reader
     sees the file whole or not at all, and a retried task (another process) writes it again."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ class Spill:
                 pieces = frame.with_columns(bucket).partition_by("_bucket", as_dict=True, include_key=False)
                 for (number,), piece in pieces.items():
                     folder = self._table_folder(kind, spillable.table) / f"b{int(number):05d}"
-                    _write_whole(
+                    write_whole(
                         folder / f"p{part:06d}.parquet",
                         partial(piece.write_parquet, compression="lz4", statistics=False),
                     )
@@ -143,7 +143,7 @@ class Spill:
         for kind, named in tables.items():
             for name, frame in named.items():
                 target = Path(self.folder) / "rows" / kind / name / f"p{part:06d}.arrow"
-                _write_whole(target, partial(frame.write_ipc, compression="lz4"))
+                write_whole(target, partial(frame.write_ipc, compression="lz4"))
 
     def kept(self, kind: str) -> dict[str, list[pl.DataFrame]]:
         """The frames :meth:`keep` wrote for ``kind``, per table, in partition order (read now;

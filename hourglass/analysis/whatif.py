@@ -521,9 +521,14 @@ class WhatIf:
     subtrees of one trace add up; their root durations make the trace's ``root_ns``.
     """
 
-    def __init__(self, ctx: AnalysisContext) -> None:
+    def __init__(self, ctx: AnalysisContext, predecessor: np.ndarray | None = None) -> None:
+        """``predecessor``: the blocking sibling each row of ``ctx.spans`` follows, when the
+        context has no critical path of its own that knows it (a pricing context built from the
+        spans an extraction repaired: ``hourglass.analysis.partitions.Prepared``)."""
         self.ctx = ctx
-        self.engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
+        if predecessor is None and ctx.critical is not None:
+            predecessor = ctx.critical.predecessor
+        self.engine = Retimer(ctx.spans, predecessor)
         trace_ids = ctx.spans["trace_id"]
         self._trace_index = (trace_ids != trace_ids.shift(1)).fill_null(True).cum_sum().to_numpy() - 1
         self._trace_ids = trace_ids
