@@ -370,7 +370,8 @@ class MemoExecutor:
                 # again: ~0.1 s)
                 self.pricing.clear()
                 del plans
-                self.state.release_heap()  # the findings grouped per batch, the batches' caches
+                # the sidecar's table blocks the pricing read (the traces' batches) let go too
+                self.state.release_memory()  # with the findings grouped per batch, the batches' caches
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
     def idle(self) -> None:
@@ -1013,12 +1014,17 @@ class IncrementalAnalysis:
         return out
 
     def release_memory(self) -> None:
-        """After a round: the sidecar connection's buffer pool emptied of the blocks of its
-        tables that the round read (they are in the file; the next round reads them again), so
-        that they are not held while the worker waits, growing with the store. DuckDB evicts
-        what it can when its memory limit is lowered (and says so when what is pinned stays
-        above it: that is no error here); the limit is then set back."""
+        """The sidecar connection's buffer pool emptied of the blocks of its tables read so far
+        (they are in the file; a later read reads them again), so that they are not held while
+        the worker waits, growing with the store, nor under the phases of a round after the
+        reads: serve's round releases after the update (its traces table: ~40 MiB at 12M stored
+        spans, held under the decision and every stage after it), after each pricing pass, and
+        when it ends. DuckDB evicts what it can when its memory limit is lowered (and says so
+        when what is pinned stays above it: that is no error here); the limit is then set back,
+        and the freed pages returned (``release_heap``: serve's worker purges DuckDB's
+        allocator, which keeps them resident otherwise)."""
         if self.sidecar is None:
+            self.release_heap()
             return  # in memory the tables are the data: a lowered limit would spill them to disk
         try:
             try:
@@ -1029,6 +1035,7 @@ class IncrementalAnalysis:
                 self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
         except duckdb.Error:  # the round's report stands; the blocks stay until the next round
             log.warning("incremental analysis: emptying the sidecar's buffer pool failed", exc_info=True)
+        self.release_heap()  # (the freed pages returned: DuckDB's allocator keeps them otherwise)
 
     def close(self) -> None:
         self.db.close()

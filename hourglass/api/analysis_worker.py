@@ -104,7 +104,9 @@ def _worker_main(conn: Connection) -> None:
                 if incremental is None or incremental.sidecar != request["sidecar"]:
                     if incremental is not None:
                         incremental.close()
-                    incremental = IncrementalAnalysis(request["sidecar"], release_heap=server_memory.trim)
+                    incremental = IncrementalAnalysis(
+                        request["sidecar"], release_heap=server_memory.trim_worker
+                    )
                 if cluster is not None and cluster.address != request.get("cluster"):
                     cluster.close()
                     cluster = None
@@ -279,7 +281,7 @@ def _round_done() -> None:
     collected now rather than when the next run allocates, and the C heap's freed pages returned
     to the system (``malloc_trim``: glibc keeps what the run's threads freed in their arenas)."""
     gc.collect()
-    server_memory.trim()
+    server_memory.trim_worker()
 
 
 def _failed(trace: str) -> RuntimeError:
@@ -805,6 +807,9 @@ def run_incremental(
             retention_cutoff_ns=request.get("retention_cutoff_ns"),
         )
         state.last = figures
+        # the sidecar's table blocks the update read (its traces table: ~40 MiB at 12M stored
+        # spans) let go before the decision, not held under every phase of the round after it
+        state.release_memory()
     units = state.units(request.get("since_ns"))
     started = time.perf_counter()
     if not units:

@@ -161,3 +161,23 @@ def trim() -> None:
     """Return glibc's freed heap pages to the system (``malloc_trim``; a no-op elsewhere)."""
     if LIBC is not None:
         LIBC.malloc_trim(0)
+
+
+# ``mallctl`` index that names every arena of a jemalloc (``MALLCTL_ARENAS_ALL``)
+_ALL_ARENAS = 4096
+
+
+def purge_duckdb() -> None:
+    """Return the pages DuckDB's own allocator freed (its bundled jemalloc keeps them resident for
+    reuse until its decay, which without background threads runs only when DuckDB allocates
+    again) to the system now: ``arena.<all>.purge``. A no-op without that allocator."""
+    if _DUCKDB_MALLCTL is not None:
+        _DUCKDB_MALLCTL(f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0)
+
+
+def trim_worker() -> None:
+    """The analysis worker's freed memory returned: glibc's (:func:`trim`) and DuckDB's
+    (:func:`purge_duckdb`: the worker's DuckDB is its sidecar, whose evicted blocks stay resident
+    otherwise)."""
+    trim()
+    purge_duckdb()

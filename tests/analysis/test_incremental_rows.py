@@ -393,9 +393,10 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
         store.close()
     kinds = [e for i, e in enumerate(events) if e not in ("released", "segment meta") and events[i - 1] != e]
     assert kinds == list(PARTS), kinds
-    # each segment's meta released after it is folded in, then once more after the critical paths
+    # released after the update (the sidecar's blocks it read), each segment's meta released
+    # after it is folded in, then once more after the critical paths
     metas = events[: events.index(kinds[0])]
-    assert metas == ["segment meta", "released"] * len(state.segments) + ["released"], metas
+    assert metas == ["released"] + ["segment meta", "released"] * len(state.segments) + ["released"], metas
     # each kind's decision followed by a release before the next kind's rows are loaded
     decisions = events[len(metas) :]
     for kind, following in zip(PARTS, [*list(PARTS)[1:], None], strict=True):
@@ -404,7 +405,8 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
         if following is not None:
             assert decisions.index(following) == last + 2, (kind, following)
     # then the pricing (MemoExecutor.map), and the round once the report is built
-    assert releasing[-2:] == ["map", "run_incremental"], releasing
+    assert releasing[0] == "release_memory", releasing  # (after the update)
+    assert releasing[-3:] == ["release_memory", "run_incremental", "release_memory"], releasing
     cli = _cli(db)
     for report in (first, again):
         _same(report, cli)
@@ -498,14 +500,24 @@ def test_a_round_leaves_the_sidecars_table_blocks_out_of_memory(tmp_path: Path) 
         state.db.execute("SELECT count(*), max(trace_id), sum(spans) FROM traces").fetchall()
         assert _pool(state) > 0
         released: list[int] = []
+        at_decision: list[int] = []
 
         def release() -> None:
             released.append(_pool(state))
             IncrementalAnalysis.release_memory(state)
 
+        def extraction(*args: Any) -> Any:
+            at_decision.append(_pool(state))
+            return IncrementalAnalysis.extraction(state, *args)
+
         state.release_memory = release  # type: ignore[method-assign]
+        state.extraction = extraction  # type: ignore[method-assign]
+        state.db.execute("SELECT count(*), max(trace_id), sum(spans) FROM traces").fetchall()
         again, _ = _round(state, store)
-        assert len(released) == 1 and released[0] > 0, "the round ends with the release"
+        # released after the update (its read of the traces table not held under the decision
+        # and the stages after it), after the pricing, and when the round ends
+        assert len(released) >= 3, released
+        assert len(at_decision) == 1 and at_decision[0] < released[0], (at_decision, released)
         assert _pool(state) < 2**20
         assert state.db.execute("SELECT current_setting('memory_limit')").fetchone() == limit
         assert again["recommendations"] == first["recommendations"]

@@ -203,3 +203,22 @@ def test_the_trace_index_is_a_mapped_file_not_the_servers_heap(tmp_path: Path, i
     assert index_files and all(p.endswith("(deleted)") for p in index_files), opened
     assert "hourglass-result-" not in maps
     assert left == []  # each index file's name removed once opened
+
+
+@pytest.mark.skipif(server_memory.duckdb_allocator() is None, reason="DuckDB's bundled jemalloc only")
+def test_the_worker_returns_the_pages_duckdb_freed() -> None:
+    """DuckDB's allocator keeps the pages of what it freed (a dropped table, evicted blocks)
+    resident; the worker's release (``trim_worker``) returns them to the system at once."""
+    db = duckdb.connect()
+    try:
+        db.execute(
+            "CREATE TABLE t AS SELECT range AS i, repeat('x', 50) || range::VARCHAR AS s FROM range(1000000)"
+        )
+        db.execute("DROP TABLE t")
+        held = server_memory.duckdb_allocator()
+        assert held is not None and held["resident"] - held["allocated"] > 40 * server_memory.MiB
+        server_memory.trim_worker()
+        after = server_memory.duckdb_allocator()
+        assert after is not None and after["resident"] < held["resident"] - 40 * server_memory.MiB
+    finally:
+        db.close()
