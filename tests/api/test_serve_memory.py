@@ -222,3 +222,26 @@ def test_the_worker_returns_the_pages_duckdb_freed() -> None:
         assert after is not None and after["resident"] < held["resident"] - 40 * server_memory.MiB
     finally:
         db.close()
+
+
+def test_the_servers_reads_for_the_worker_return_the_pages_duckdb_freed(tmp_path: Path) -> None:
+    """Between a round's reads the server returns what DuckDB's allocator keeps of them (a read's
+    result, evicted blocks: freed, but resident for reuse until its decay): ``StoreReader.release``."""
+    from hourglass.api.analysis_worker import StoreReader
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    db = duckdb.connect()
+    try:
+        db.execute(
+            "CREATE TABLE t AS SELECT range AS i, repeat('x', 50) || range::VARCHAR AS s FROM range(1000000)"
+        )
+        db.execute("DROP TABLE t")  # freed: what a shipped read leaves behind
+        held = server_memory.duckdb_allocator()
+        assert held is not None and held["resident"] - held["allocated"] > 40 * server_memory.MiB
+        StoreReader(store).release()
+        after = server_memory.duckdb_allocator()
+        assert after is not None and after["resident"] < held["resident"] - 40 * server_memory.MiB
+    finally:
+        db.close()
+        store.close()
