@@ -126,6 +126,10 @@ class Plan:
     # the store is split into partition files (``split_store``) beside the workers' first
     # partitions; False: before them, while they start (the split and their peaks do not fit at once)
     split_beside: bool = True
+    # the store is split into partition files at all (``split_store``); False: the budget holds
+    # not even the split beside the workers' bases, so each task reads its partition from the
+    # store (``scan_partition``), as a store of fewer partitions is read
+    split: bool = True
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -150,10 +154,11 @@ def plan(
     one that a run of ``SPLIT_MIN_PARTS`` partitions or more splits into partition files
     (:func:`splits`: a DuckDB file of this machine), which this process does beside the workers'
     first partitions when the split (``SPLIT_BYTES``, or ``SPLIT_FILTERED_BYTES`` with
-    ``filtered``: a ``--since`` or ``--service`` filter) fits beside their peaks, else before
-    them, while they start (``Plan.split_beside``): a budget too small for both at once costs
-    the split's time (~1 s at 1M spans), not more partitions (each one more read of its file and
-    one more round of every detector's per-partition work)."""
+    ``filtered``: a ``--since`` or ``--service`` filter) fits beside their peaks, else before them, while they start
+    (``Plan.split_beside``), else not at all (``Plan.split`` False: each task reads its partition
+    from the store, as without ``split``). A small budget costs the split's time (~1 s at 1M
+    spans) or a read of the whole store per partition and pass, never more partitions nor a
+    refused run: the partitions are those of the plan without ``split``."""
     chosen = _plan(spans, budget, workers, largest_trace)
     if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
         return chosen
@@ -162,13 +167,9 @@ def plan(
     peaks = chosen.workers * -(-spans // chosen.parts) * PEAK_BYTES_PER_SPAN
     if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) + peaks <= budget:
         return chosen
-    if bases + splitting > budget:
-        raise BudgetError(
-            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the split of the store into partition "
-            f"files beside the worker processes' start (about {(bases + splitting) / 2**30:.2f} GiB): "
-            "raise --memory-budget or lower --workers"
-        )
-    return replace(chosen, split_beside=False)
+    if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) <= budget:
+        return replace(chosen, split_beside=False)
+    return replace(chosen, split_beside=False, split=False)
 
 
 def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
