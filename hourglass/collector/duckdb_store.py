@@ -96,8 +96,11 @@ _ROW = "_row"
 
 def _dedup(row: str = "rowid") -> str:
     """The window that keeps one row per (trace_id, span_id) (the rule above); ``row``: the rows'
-    ``rowid`` as the source names it."""
-    return f"QUALIFY row_number() OVER (PARTITION BY trace_id, span_id ORDER BY ingested_ns, {row}) = 1"
+    ``rowid`` as the source names it. The row whose (ingested_ns, rowid) is the least, as
+    ``row_number() OVER (... ORDER BY ingested_ns, rowid) = 1`` keeps, without the sort within
+    each key: 1.64-1.74 s of CPU against 2.44 at 1M spans (1.41-1.56 s ordered by ingested_ns
+    alone, which chose either copy of one Export)."""
+    return f"QUALIFY {row} = arg_min({row}, (ingested_ns, {row})) OVER (PARTITION BY trace_id, span_id)"
 
 
 def _spans_where(condition: str = "") -> str:

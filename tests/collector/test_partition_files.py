@@ -167,3 +167,40 @@ def test_trace_reads_run_the_copies_window_only_when_the_rows_hold_copies(store:
     assert (
         store.scan_traces(ids, columns=("name",)).num_rows == whole.num_rows
     )  # (no key to check: the window)
+
+
+def test_the_copies_window_keeps_the_least_ingested_then_the_first_written(tmp_path: Path) -> None:
+    """The window that removes copies (``arg_min`` of (ingested_ns, rowid) per span) keeps the
+    row ``row_number() OVER (ORDER BY ingested_ns, rowid) = 1`` keeps (and ``compact()``), with
+    copies whose ingested_ns tie or not, in any order."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from bench.analysis import generate_spans
+
+    first = generate_spans(3_000, seed=3)
+    rng = np.random.default_rng(5)
+    store = DuckDBSpanStore(str(tmp_path / "copies.duckdb"), threads=4)
+    at, named = first.schema.get_field_index("ingested_ns"), first.schema.get_field_index("name")
+    for copy in range(3):
+        ingested = pa.array(BASE_NS + rng.integers(0, 3, first.num_rows))
+        table = first.set_column(at, first.schema.field(at), ingested)
+        renamed = pc.binary_join_element_wise(first.column("name"), pa.scalar(f"#{copy}"), "")
+        store.write(table.set_column(named, first.schema.field(named), renamed))
+    columns = ("trace_id", "span_id", "name")
+    want = (
+        store._cursor()
+        .sql(
+            "SELECT trace_id, span_id, name FROM spans QUALIFY row_number() OVER "
+            "(PARTITION BY trace_id, span_id ORDER BY ingested_ns, rowid) = 1 "
+            "ORDER BY trace_id, start_ns, span_id"
+        )
+        .to_arrow_table()
+        .to_pylist()
+    )
+    assert store.scan(columns=columns).to_pylist() == want
+    ids = sorted({row["trace_id"] for row in want})
+    assert store.scan_traces(ids, columns=columns).to_pylist() == want
+    store.compact()
+    assert store.scan(columns=columns).to_pylist() == want
+    store.close()
