@@ -251,7 +251,8 @@ def test_the_plan_splits_the_store_beside_the_workers_only_when_both_fit() -> No
     at 1M spans, against the split's ~250 MiB): 6 partitions of 1M spans under an 800 MiB budget
     meant the split and a first partition's peak together, ~970 MiB. Now the split runs beside
     them only when both fit, else before them, while they start (``Plan.split_beside``), else not
-    at all (``Plan.split``: the tasks read the store), in the same partitions; and no budget that the plan without a split holds is
+    at all (``Plan.split``: the tasks read the store), in the same partitions; the split's memory
+    grows with the store (``split_bytes``), and no budget that the plan without a split holds is
     refused."""
     from hourglass.analysis import partitions as p
 
@@ -270,14 +271,18 @@ def test_the_plan_splits_the_store_beside_the_workers_only_when_both_fit() -> No
                     continue
                 got = p.plan(spans, budget * 2**20, 2, split=True, filtered=filtered)
                 assert (got.parts, got.workers) == (plain.parts, plain.workers) and plain.split_beside
-                assert (
-                    first_round(got, p.SPLIT_FILTERED_BYTES if filtered else p.SPLIT_BYTES) <= budget * 2**20
-                ), (
+                assert first_round(got, p.split_bytes(spans, filtered)) <= budget * 2**20, (
                     budget,
                     spans,
                     got,
                 )
                 assert got.split or not got.split_beside
+    assert p.split_bytes(2_000_000) > p.split_bytes(1_000_000) > p.SPLIT_BYTES
+    # the measured peaks over the split's start (MiB, PROCESS_BASE_BYTES counted for the process)
+    for spans, filtered, measured in [(1, False, 249), (2, False, 287), (5, False, 322), (1, True, 410)]:
+        assert p.split_bytes(spans * 1_000_000, filtered) >= measured * 2**20
+    assert all(p.split_bytes(n * 1_000_000, True) >= m * 2**20 for n, m in [(2, 586), (5, 906)])
+    assert p.split_bytes(1_000_000, filtered=True) > p.split_bytes(1_000_000)
     assert not p.plan(1_000_000, 800 * 2**20, 2, split=True).split_beside
     assert p.plan(1_000_000, 800 * 2**20, 2, split=True).split
     assert p.plan(1_000_000, 1536 * 2**20, 2, split=True).split_beside  # the benchmark's run: as before
@@ -287,7 +292,9 @@ def test_the_plan_splits_the_store_beside_the_workers_only_when_both_fit() -> No
         (1_000_000, 800, True),
         (1_000_000, 700, True),
         (1_000_000, 600, False),
+        (2_000_000, 900, True),
         (5_000_000, 900, True),
+        (5_000_000, 1024, True),
     ]:
         got = p.plan(spans, budget * 2**20, 2, split=True, filtered=filtered)
         assert not got.split and not got.split_beside, (spans, budget, filtered, got)
