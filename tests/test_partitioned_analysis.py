@@ -250,32 +250,54 @@ def test_the_plan_splits_the_store_beside_the_workers_only_when_both_fit() -> No
     beside the workers' first partitions; the plan counted neither (that process' rows only, 80 MB
     at 1M spans, against the split's ~250 MiB): 6 partitions of 1M spans under an 800 MiB budget
     meant the split and a first partition's peak together, ~970 MiB. Now the split runs beside
-    them only when both fit, else before them, while they start (``Plan.split_beside``), in the
-    same partitions; a budget that holds not even the split beside the workers' bases says so."""
+    them only when both fit, else before them, while they start (``Plan.split_beside``), else not
+    at all (``Plan.split``: the tasks read the store), in the same partitions; the split's memory
+    grows with the store (``split_bytes``), and no budget that the plan without a split holds is
+    refused."""
     from hourglass.analysis import partitions as p
 
     def first_round(plan: p.Plan, split: int) -> int:
         bases = (plan.workers + 1) * p.PROCESS_BASE_BYTES
         peaks = plan.workers * -(-plan.spans // plan.parts) * p.PEAK_BYTES_PER_SPAN
+        split = split if plan.split else 0
         return bases + max(split, plan.spans * p.ROWS_BYTES_PER_SPAN) + (peaks if plan.split_beside else 0)
 
-    for budget, spans, filtered in [
-        (800, 1_000_000, False),
-        (700, 1_000_000, False),
-        (1024, 1_000_000, True),
-        (1536, 1_000_000, False),
-        (1536, 1_000_000, True),
-        (1536, 5_000_000, False),
+    for budget in (600, 700, 800, 900, 1024, 1536, 2048):
+        for spans in (1_000_000, 2_000_000, 5_000_000):
+            for filtered in (False, True):
+                try:
+                    plain = p.plan(spans, budget * 2**20, 2)
+                except p.BudgetError:  # (too small a budget for any plan: as it was)
+                    continue
+                got = p.plan(spans, budget * 2**20, 2, split=True, filtered=filtered)
+                assert (got.parts, got.workers) == (plain.parts, plain.workers) and plain.split_beside
+                assert first_round(got, p.split_bytes(spans, filtered)) <= budget * 2**20, (
+                    budget,
+                    spans,
+                    got,
+                )
+                assert got.split or not got.split_beside
+    assert p.split_bytes(2_000_000) > p.split_bytes(1_000_000) > p.SPLIT_BYTES
+    # the measured peaks over the split's start (MiB, PROCESS_BASE_BYTES counted for the process)
+    for spans, filtered, measured in [(1, False, 249), (2, False, 287), (5, False, 322), (1, True, 410)]:
+        assert p.split_bytes(spans * 1_000_000, filtered) >= measured * 2**20
+    assert all(p.split_bytes(n * 1_000_000, True) >= m * 2**20 for n, m in [(2, 586), (5, 906)])
+    assert p.split_bytes(1_000_000, filtered=True) > p.split_bytes(1_000_000)
+    assert not p.plan(1_000_000, 800 * 2**20, 2, split=True).split_beside
+    assert p.plan(1_000_000, 800 * 2**20, 2, split=True).split
+    assert p.plan(1_000_000, 1536 * 2**20, 2, split=True).split_beside  # the benchmark's run: as before
+    # budgets that refused the run (the split counted even before the workers did not fit): the
+    # run goes on, its tasks reading the store
+    for spans, budget, filtered in [
+        (1_000_000, 800, True),
+        (1_000_000, 700, True),
+        (1_000_000, 600, False),
+        (2_000_000, 900, True),
+        (5_000_000, 900, True),
+        (5_000_000, 1024, True),
     ]:
         got = p.plan(spans, budget * 2**20, 2, split=True, filtered=filtered)
-        plain = p.plan(spans, budget * 2**20, 2)
-        assert (got.parts, got.workers) == (plain.parts, plain.workers) and plain.split_beside
-        split = p.SPLIT_FILTERED_BYTES if filtered else p.SPLIT_BYTES
-        assert first_round(got, split) <= budget * 2**20, (budget, spans, filtered, got)
-    assert not p.plan(1_000_000, 800 * 2**20, 2, split=True).split_beside
-    assert p.plan(1_000_000, 1536 * 2**20, 2, split=True).split_beside  # the benchmark's run: as before
-    with pytest.raises(p.BudgetError, match="cannot hold the split of the store"):
-        p.plan(1_000_000, 800 * 2**20, 2, split=True, filtered=True)
+        assert not got.split and not got.split_beside, (spans, budget, filtered, got)
     assert p.plan(400_000, 700 * 2**20, 1, split=True).parts < p.SPLIT_MIN_PARTS  # not split: as it was
 
 
@@ -283,7 +305,8 @@ def test_a_split_that_does_not_fit_beside_the_workers_is_written_before_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``split_beside=False``: the store is split before the extraction (whose every partition
-    then reads the files), not in a thread beside its first round."""
+    then reads the files), not in a thread beside its first round; ``split_files=False``
+    (``Plan.split``): not split at all, every partition read from the store."""
     import threading
 
     from hourglass.analysis import partitions, pipeline
@@ -315,13 +338,18 @@ def test_a_split_that_does_not_fit_beside_the_workers_is_written_before_them(
 
     monkeypatch.setattr(partitions, "split_store", recorded)
     monkeypatch.setattr(partitions, "run_extraction", extraction)
-    for beside in (True, False):
+    for beside, files in ((True, True), (False, True), (False, False)):
         executor = partitions.ProcessExecutor(1)
         monkeypatch.setattr(executor, "warm", lambda: None)
         seen.clear()
         with pytest.raises(RuntimeError, match="stop here"):
             pipeline.analyze_partitioned(
-                source, 4, executor, read_traces=lambda ids: source.load(0, 1), split_beside=beside
+                source,
+                4,
+                executor,
+                read_traces=lambda ids: source.load(0, 1),
+                split_beside=beside,
+                split_files=files,
             )
         for thread in threading.enumerate():  # the split's thread, the removal's
             if thread is not threading.current_thread() and not thread.daemon:
@@ -329,5 +357,7 @@ def test_a_split_that_does_not_fit_beside_the_workers_is_written_before_them(
         if beside:  # (the split in a thread of its own, the extraction's first round from the store)
             got: dict[str, Any] = dict(seen)
             assert got["split"] is False and got["extraction"][0] == "StoreSource" and got["extraction"][1]
-        else:
+        elif files:
             assert seen == [("split", True), ("extraction", ("SplitSource", None))]
+        else:
+            assert seen == [("extraction", ("StoreSource", None))]

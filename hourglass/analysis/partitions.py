@@ -95,17 +95,29 @@ BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 # The split of a DuckDB store into partition files (``split_store``), written by a thread of the
 # deciding process while the workers extract their first partitions (``run_extraction``'s
-# ``later``) when it fits beside their peaks, else before them (``Plan.split_beside``): DuckDB's
-# scan and buffer pool (``SPLIT_MEMORY_LIMIT``) and the batches in flight, counted over
-# PROCESS_BASE_BYTES. Measured at 1M spans (HOURGLASS_MEMORY_LOG=1, ``analyze --db`` with an
-# 800 MiB budget): the deciding process peaked at 409-411 MiB splitting into 6 files and at
-# 433-449 MiB into 14 (176-186 MiB before it), where the plan counted 200 MiB and the rows'
-# 80 MB; a smaller buffer pool or batches saved little (32 MB and 65k rows: 231 against 305 MiB
-# over a bare interpreter). With a ``--since`` or ``--service`` filter the split also joins the
-# store with the matching trace ids, whatever its memory limit: +455-471 MiB over a 129 MiB base
-# at 1M with every trace matching (600 MiB in all). Neither measured at 5M (no 5M store here).
-SPLIT_BYTES = 256 * 2**20
-SPLIT_FILTERED_BYTES = 512 * 2**20
+# ``later``) when it fits beside their peaks, else before them, while they start
+# (``Plan.split_beside``), else not at all: the workers read their partitions from the store
+# (``scan_partition``; ``Plan.split``). Its memory (DuckDB's scan and buffer pool,
+# ``SPLIT_MEMORY_LIMIT``, and the batches in flight) grows with the store. Measured with
+# ``split_store`` alone into 8 files in a process of 119 MiB (its peak RSS): 434 MiB at 1M spans,
+# ~487 at 2M (trace ids doubled), 522 at 5M; with a ``--since`` or ``--service`` filter, which
+# also joins the store with the matching trace ids whatever its memory limit, 610, ~786 and
+# 1106 MiB (every trace matching); in ``analyze --db`` at 1M the deciding process peaked at
+# 409-449 MiB splitting. Counted over PROCESS_BASE_BYTES: SPLIT_BYTES + SPLIT_BYTES_PER_SPAN a
+# span (283 MiB at 1M, 295 at 2M, 329 at 5M), SPLIT_FILTERED_... with a filter (491, 598, 918
+# MiB): a line at or above every point (the growth slows as the store grows: it is not linear).
+SPLIT_BYTES = 272 * 2**20
+SPLIT_BYTES_PER_SPAN = 12
+SPLIT_FILTERED_BYTES = 384 * 2**20
+SPLIT_FILTERED_BYTES_PER_SPAN = 112
+
+
+def split_bytes(spans: int, filtered: bool = False) -> int:
+    """The memory the split of a store of ``spans`` spans takes over the deciding process' base
+    (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter)."""
+    if filtered:
+        return SPLIT_FILTERED_BYTES + spans * SPLIT_FILTERED_BYTES_PER_SPAN
+    return SPLIT_BYTES + spans * SPLIT_BYTES_PER_SPAN
 
 
 class BudgetError(ValueError):
@@ -130,6 +142,10 @@ class Plan:
     # the store is split into partition files (``split_store``) beside the workers' first
     # partitions; False: before them, while they start (the split and their peaks do not fit at once)
     split_beside: bool = True
+    # the store is split into partition files at all (``split_store``); False: the budget holds
+    # not even the split beside the workers' bases, so each task reads its partition from the
+    # store (``scan_partition``), as a store of fewer partitions is read
+    split: bool = True
 
     def describe(self, budget: int) -> str:
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
@@ -153,26 +169,23 @@ def plan(
     processes (one partition, in this process, when everything fits). ``split``: the store is
     one that a run of ``SPLIT_MIN_PARTS`` partitions or more splits into partition files
     (:func:`splits`: a DuckDB file of this machine), which this process does beside the workers'
-    first partitions when the split (``SPLIT_BYTES``, or ``SPLIT_FILTERED_BYTES`` with
-    ``filtered``: a ``--since`` or ``--service`` filter) fits beside their peaks, else before
-    them, while they start (``Plan.split_beside``): a budget too small for both at once costs
-    the split's time (~1 s at 1M spans), not more partitions (each one more read of its file and
-    one more round of every detector's per-partition work)."""
+    first partitions when the split (:func:`split_bytes`, more with ``filtered``: a ``--since``
+    or ``--service`` filter) fits beside their peaks, else before them, while they start
+    (``Plan.split_beside``), else not at all (``Plan.split`` False: each task reads its partition
+    from the store, as without ``split``). A small budget costs the split's time (~1 s at 1M
+    spans) or a read of the whole store per partition and pass, never more partitions nor a
+    refused run: the partitions are those of the plan without ``split``."""
     chosen = _plan(spans, budget, workers, largest_trace)
     if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
         return chosen
-    splitting = SPLIT_FILTERED_BYTES if filtered else SPLIT_BYTES
+    splitting = split_bytes(spans, filtered)
     bases = (chosen.workers + 1) * PROCESS_BASE_BYTES
     peaks = chosen.workers * -(-spans // chosen.parts) * PEAK_BYTES_PER_SPAN
     if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) + peaks <= budget:
         return chosen
-    if bases + splitting > budget:
-        raise BudgetError(
-            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the split of the store into partition "
-            f"files beside the worker processes' start (about {(bases + splitting) / 2**30:.2f} GiB): "
-            "raise --memory-budget or lower --workers"
-        )
-    return replace(chosen, split_beside=False)
+    if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) <= budget:
+        return replace(chosen, split_beside=False)
+    return replace(chosen, split_beside=False, split=False)
 
 
 def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:

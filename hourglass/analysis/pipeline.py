@@ -517,6 +517,7 @@ def analyze_partitioned(
     extraction: Callable[[NearMissSink], partitions.Extracted] | None = None,
     decide_beside: bool = False,
     split_beside: bool = True,
+    split_files: bool = True,
 ) -> tuple[dict[str, Any], list[Scored]]:
     """:func:`_analyze_partitioned`; on a DuckDB file of this machine, with enough partitions, the
     store is first read once into a file per partition (:func:`partitions.split_store`) that the
@@ -528,7 +529,9 @@ def analyze_partitioned(
     the workers extract their first partitions straight from the store
     (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle;
     unless ``split_beside`` is False (``partitions.Plan.split_beside``: the memory budget has no
-    room for the split beside the workers' peaks), when it is written first, while they start."""
+    room for the split beside the workers' peaks), when it is written first, while they start.
+    ``split_files`` False (``partitions.Plan.split``: the budget has no room for the split even
+    beside the workers' bases): no split, every task reads its partition from the store."""
     split = None
     later: Future[partitions.Source | None] | None = None
     from hourglass.collector.duckdb_store import Cancel
@@ -537,9 +540,9 @@ def analyze_partitioned(
     # set when the run ends first (failed, interrupted): the split stops, its query interrupted
     cancel = Cancel()
     here = extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor)
-    if here:
-        if isinstance(executor, partitions.ProcessExecutor):
-            executor.warm()
+    if here and isinstance(executor, partitions.ProcessExecutor):
+        executor.warm()
+    if split_files and here:
         beside = (
             split_beside and isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
         )

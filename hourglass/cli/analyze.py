@@ -172,6 +172,7 @@ def analyze_store(
             plan.warm,
             plan.keep,
             split_beside=plan.split_beside,
+            split=plan.split,
         )
     executor = _executor(run, plan, in_process=path.startswith("chdb:"))
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
@@ -190,6 +191,7 @@ def analyze_store(
                 spill_buckets=plan.buckets,
                 decide_beside=plan.beside,
                 split_beside=plan.split_beside,
+                split_files=plan.split,
             )
     except partitions.PartitionError as exc:
         raise _fail(str(exc), code=EXIT_STORE) from None
