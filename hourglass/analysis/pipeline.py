@@ -548,9 +548,9 @@ def analyze_partitioned(
             later = _beside(lambda: _split_or_store(source, parts, cancel))
         if later is None:  # (a split that fails: the store read instead, as beside)
             split = _split_or_store(source, parts, cancel)
-    if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
-        prepared = partitions.Prepared.create()
     try:
+        if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
+            prepared = partitions.Prepared.create()
         return _analyze_partitioned(
             split or source,
             parts,
@@ -567,6 +567,8 @@ def analyze_partitioned(
         )
     except BaseException:
         cancel.set()  # (a split still being written stops at once and removes its files)
+        if prepared is not None and isinstance(executor, partitions.ProcessExecutor):
+            executor.close(wait=False)  # (interrupted: no more tasks; the removal waits for them)
         raise
     finally:
         if prepared is not None:  # once no worker of the run writes to it (a failed run's may)
