@@ -149,6 +149,43 @@ def test_the_partition_files_are_removed_on_ctrl_c(store: Path, tmp_path: Path) 
     assert not list(tmp_path.glob("hourglass-partitions-*")), err
 
 
+def test_sigterm_removes_the_temporary_files_and_stops_the_workers(store: Path, tmp_path: Path) -> None:
+    """SIGTERM (a service manager, ``timeout``) ends the run as Ctrl-C does: its split and kept
+    partitions removed, no worker process left behind."""
+    command = [str(HOURGLASS), "analyze", "--db", str(store), "--format", "json", "--partitions", "8"]
+    process = subprocess.Popen(
+        [*command, "--workers", "2"],
+        cwd=ROOT,
+        env={**ENV, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # (its workers are in its process group)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("hourglass-partitions-*/p000007.arrow")):  # split under way
+            assert process.poll() is None and time.monotonic() < deadline, "no partition files seen"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, err
+    assert not list(tmp_path.glob("hourglass-*")), err
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)  # a process of its group still alive: a worker
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError("a worker process outlived the command")
+
+
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A real scheduler and two worker processes on 127.0.0.1 for the module; the first Hourglass

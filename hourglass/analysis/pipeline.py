@@ -32,6 +32,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -550,9 +551,9 @@ def analyze_partitioned(
             later = _beside(lambda: _split_or_store(source, parts, cancel))
         if later is None:  # (a split that fails: the store read instead, as beside)
             split = _split_or_store(source, parts, cancel)
-    if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
-        prepared = partitions.Prepared.create()
     try:
+        if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
+            prepared = partitions.Prepared.create()
         return _analyze_partitioned(
             split or source,
             parts,
@@ -569,14 +570,24 @@ def analyze_partitioned(
         )
     except BaseException:
         cancel.set()  # (a split still being written stops at once and removes its files)
+        if prepared is not None and isinstance(executor, partitions.ProcessExecutor):
+            executor.close(wait=False)  # (interrupted: no more tasks; the removal waits for them)
         raise
     finally:
-        if prepared is not None:
-            _beside(prepared.remove)
+        if prepared is not None:  # once no worker of the run writes to it (a failed run's may)
+            _beside(partial(_remove_prepared, prepared, executor))
         if split is not None:  # removed beside what follows (the workers' exit, the rendering):
             _beside(split.remove)  # the process waits for it before it exits
         elif later is not None:  # (once written: a run that failed first waits for it here)
             _beside(lambda: _remove_split(later))
+
+
+def _remove_prepared(prepared: partitions.Prepared, executor: object) -> None:
+    """Removes the run's kept partitions after the workers of a failed run (closed without
+    waiting, still in a task) have exited: one of them could write a file after the removal."""
+    if isinstance(executor, partitions.ProcessExecutor):
+        executor.settle()
+    prepared.remove()
 
 
 def _split_or_store(

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,13 +35,22 @@ from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.model import Finding
 
 
-def write_whole(target: Path, write: Callable[[Path], object]) -> None:
+def write_whole(target: Path, write: Callable[[Path], object], *, make_folder: bool = True) -> None:
     """``write`` to a file of this process beside ``target``, then renamed into place: a reader
-    sees the file whole or not at all, and a retried task (another process) writes it again."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    sees the file whole or not at all, and a retried task (another process) writes it again.
+    A write that fails (a full disk, an interruption) removes its unfinished file and raises.
+    ``make_folder=False``: the folder must exist (one removed meanwhile is not made again: the
+    write raises FileNotFoundError)."""
+    if make_folder:
+        target.parent.mkdir(parents=True, exist_ok=True)
     unfinished = target.with_name(f".{target.stem}.{os.getpid()}.tmp")
-    write(unfinished)
-    os.replace(unfinished, target)
+    try:
+        write(unfinished)
+        os.replace(unfinished, target)
+    except BaseException:
+        with suppress(OSError):
+            os.remove(unfinished)
+        raise
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -382,9 +384,10 @@ def analyze_command(
         table, problems = read_files(list(files), verbose=verbose, summary=input_problems)
         report = analyze(table, writer=writer, services=service, since_ns=since_ns, explain=explain)
     else:
-        report = analyze_store(
-            db or settings.db, run, services=service, since_ns=since_ns, writer=writer, explain=explain
-        )
+        with _terminate_as_interrupt():  # (its temporary files removed, its workers stopped)
+            report = analyze_store(
+                db or settings.db, run, services=service, since_ns=since_ns, writer=writer, explain=explain
+            )
     ends_at_once = not files and run.cluster is None and _is_duckdb_file(db or settings.db)
     # additive to hourglass.report/v1: the problems met in the input files, one entry per kind
     report["input_warnings"] = input_problems.as_json()
@@ -410,6 +413,26 @@ def analyze_command(
 
 
 END_JOIN_S = 30.0  # the run's own threads (the partition files' removal) end well within this
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, ``timeout``, ``kill``) ends the run as Ctrl-C does: a
+    KeyboardInterrupt, so the run's temporary folders (the split, the kept partitions) are
+    removed and its worker processes stopped instead of left behind. Only in the main thread
+    (where signal handlers run); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _is_duckdb_file(path: str) -> bool:

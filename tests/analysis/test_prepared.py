@@ -5,6 +5,12 @@ and call durations, and the store is not read again."""
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.model import Finding
 from hourglass.analysis.pipeline import analyze_partitioned
+from hourglass.analysis.spill import write_whole
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +135,129 @@ def test_a_partitioned_run_reads_each_partition_once(store: str) -> None:
         partitions.Prepared.create = original  # type: ignore[method-assign]
     assert any(traced for _, traced in reads)
     assert report == again
+
+
+def _kept_writes_fail(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """What a full disk does to the kept files' writes: part of the file written, then ``error``
+    (the spill's files, written the same way, are left alone)."""
+    real = pl.DataFrame.write_ipc
+
+    def write_ipc(self: pl.DataFrame, file: Any, *args: Any, **kwargs: Any) -> Any:
+        if "hourglass-prepared-" in str(file) or "kept" in str(file):
+            Path(file).write_bytes(b"x" * 100_000)
+            raise error
+        return real(self, file, *args, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_ipc", write_ipc)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), pl.exceptions.ComputeError("io")])
+def test_a_failed_write_leaves_no_file(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    ctx = AnalysisContext.from_table(partitions.StoreSource(store).load(0, 2))
+    (tmp_path / "kept").mkdir()
+    prepared = partitions.Prepared(str(tmp_path / "kept"))
+    _kept_writes_fail(monkeypatch, error)
+    prepared.write(0, ctx)  # (logged, not raised: the file is only an optimisation)
+    assert os.listdir(tmp_path / "kept") == []
+    assert prepared.context(0, ["x"]) is None
+
+
+def test_write_whole_removes_an_unfinished_file(tmp_path: Path) -> None:
+    def interrupted(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(tmp_path / "f.arrow", interrupted)
+    assert os.listdir(tmp_path) == []
+    # a folder that is gone is not made again (the run that kept files there has ended)
+    with pytest.raises(FileNotFoundError):
+        write_whole(tmp_path / "gone" / "f.arrow", lambda p: p.write_bytes(b"x"), make_folder=False)
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_run_whose_kept_writes_fail_reports_the_same(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hourglass.cli.analyze import _read_traces
+
+    def run() -> dict[str, Any]:
+        report, _ = analyze_partitioned(
+            partitions.StoreSource(store),
+            3,
+            partitions.SerialExecutor(),
+            read_traces=lambda ids: _read_traces(store, ids),
+            explain=True,
+        )
+        report.pop("generated_at", None)
+        return report
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    report = run()
+    _kept_writes_fail(monkeypatch, OSError(28, "No space left on device"))
+    assert run() == report
+    _wait_for_removals()
+    assert not list(tmp_path.glob("hourglass-prepared-*"))
+
+
+def test_the_kept_file_is_compressed_without_rows(store: str, tmp_path: Path) -> None:
+    ctx = AnalysisContext.from_table(partitions.StoreSource(store).load(0, 1))
+    partitions.extract_part(partitions.StoreSource(store), 0, 1, None, partitions.Prepared(str(tmp_path)))
+    kept = pl.read_ipc(tmp_path / "p000000.arrow")
+    assert "row" not in kept.columns and kept.height == ctx.spans.height
+    plain = tmp_path / "plain.arrow"
+    kept.write_ipc(plain)  # (uncompressed)
+    assert (tmp_path / "p000000.arrow").stat().st_size < 0.7 * plain.stat().st_size
+
+
+@dataclass(frozen=True)
+class FailingSource(partitions.StoreSource):
+    """Partition 0 always fails; partition 1 fails once, then its retry is slow: it is still
+    being extracted (in a worker) when the run has failed."""
+
+    mark: str = ""
+
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        if part == 0:
+            raise RuntimeError("partition 0 is broken")
+        if part == 1 and trace_ids is None:
+            if not os.path.exists(self.mark):
+                Path(self.mark).touch()
+                raise RuntimeError("partition 1 fails once")
+            time.sleep(2)
+        return super().load(part, parts, trace_ids)
+
+
+def _wait_for_removals() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "hourglass-beside":
+            thread.join(60)
+
+
+def test_a_failed_run_leaves_no_kept_files(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails while a worker still extracts (the pool abandoned) removes its kept
+    files after that worker has exited, and the worker does not make their folder again."""
+    from hourglass.cli.analyze import _read_traces
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    executor = partitions.ProcessExecutor(2)
+    try:
+        with pytest.raises(partitions.PartitionError):
+            analyze_partitioned(
+                FailingSource(store, mark=str(tmp_path / "mark")),
+                4,
+                executor,
+                read_traces=lambda ids: _read_traces(store, ids),
+            )
+    finally:
+        executor.close()
+    # the abandoned worker finishes its slow partition (on the old code: wrote it after the removal)
+    deadline = time.monotonic() + 60
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _wait_for_removals()
+    assert not list(tmp_path.glob("hourglass-prepared-*"))
