@@ -275,3 +275,67 @@ def test_a_file_that_cannot_be_written_sends_the_read_whole_through_the_pipe(
     assert shipped.equals(reader.answer(request))
     assert os.listdir(shm) == []
     assert store._reads_in_flight == 0
+
+
+def _data_queries(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The trace ids of each data query ``stream_traces`` runs (not its counts), recorded."""
+    queries: list[list[str]] = []
+    original = DuckDBSpanStore._scan_traces_query
+
+    def recorded(
+        selected: list[str], trace_ids: list[str], *args: Any, **kwargs: Any
+    ) -> tuple[str, list[Any]]:
+        if not kwargs.get("counts") and not kwargs.get("range_rows"):
+            queries.append(list(trace_ids))
+        return original(selected, trace_ids, *args, **kwargs)
+
+    monkeypatch.setattr(DuckDBSpanStore, "_scan_traces_query", staticmethod(recorded))
+    return queries
+
+
+def test_a_read_from_an_ingest_range_far_wider_than_its_rows_is_one_query(
+    store: DuckDBSpanStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part's query scans the read's whole ingest range: a few traces read from a range of
+    many more rows (a batch whose ``last`` a late span raised) are sorted by one query, not one
+    query a part (each scanning the range again)."""
+    first = sorted(
+        {
+            r["trace_id"]
+            for r in store.scan(columns=["trace_id", "ingested_ns"]).to_pylist()
+            if r["ingested_ns"] == 10**9
+        }
+    )[:5]
+    expected = store.scan_traces(first, ingested_from_ns=10**9, ingested_to_ns=4 * 10**9)
+    queries = _data_queries(monkeypatch)
+    with store.stream_traces(first, ingested_from_ns=10**9, ingested_to_ns=4 * 10**9, sort_rows=3) as batches:
+        got = pa.Table.from_batches(list(batches), schema=batches.schema)
+    assert got.equals(expected) and got.num_rows >= 15
+    assert len(queries) == 1  # 15+ rows read of 370 in the range: not 5 parts of 3 rows
+
+
+def test_a_read_from_an_ingest_range_of_about_its_rows_is_sorted_in_parts(
+    store: DuckDBSpanStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = sorted(
+        {
+            r["trace_id"]
+            for r in store.scan(columns=["trace_id", "ingested_ns"]).to_pylist()
+            if r["ingested_ns"] == 2 * 10**9
+        }
+    )
+    expected = store.scan_traces(second, ingested_from_ns=2 * 10**9, ingested_to_ns=2 * 10**9)
+    queries = _data_queries(monkeypatch)
+    with store.stream_traces(
+        second, ingested_from_ns=2 * 10**9, ingested_to_ns=2 * 10**9, sort_rows=3
+    ) as batches:
+        got = pa.Table.from_batches(list(batches), schema=batches.schema)
+    assert got.equals(expected) and got.num_rows == 120
+    assert len(queries) == 40  # 3 rows a trace, a part each
+
+
+def test_stream_parts_bounds_the_parts_by_the_rows_of_the_range() -> None:
+    counted = [(f"{i:032x}", 3) for i in range(10)]
+    assert len(duckdb_store._stream_parts(counted, 6, 120)) == 5
+    assert duckdb_store._stream_parts(counted, 6, 121) == [[t for t, _ in counted]]
+    assert duckdb_store._stream_parts([], 6, 100) == [[]]
