@@ -314,8 +314,11 @@ def _ship_table(table: pa.Table) -> tuple[pa.Table | str, str | None]:
     try:
         with os.fdopen(fd, "wb") as raw, pa.ipc.new_file(raw, table.schema) as writer:
             writer.write_table(table)
-    except OSError:
-        os.unlink(path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        if not isinstance(exc, OSError):
+            raise
         log.warning("could not write the span table to %s; sending it through the pipe", directory)
         return table, None
     return path, path
@@ -352,10 +355,13 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
     try:
         try:
             sink = pa.OSFile(path, "wb")
-            writer = pa.ipc.new_file(sink, batches.schema)
         except OSError as exc:
             raise _WriteFailed(str(exc)) from exc
         with sink:
+            try:
+                writer = pa.ipc.new_file(sink, batches.schema)
+            except OSError as exc:
+                raise _WriteFailed(str(exc)) from exc
             while batch is not None:
                 try:
                     writer.write_batch(batch)

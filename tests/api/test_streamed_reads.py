@@ -339,3 +339,39 @@ def test_stream_parts_bounds_the_parts_by_the_rows_of_the_range() -> None:
     assert len(duckdb_store._stream_parts(counted, 6, 120)) == 5
     assert duckdb_store._stream_parts(counted, 6, 121) == [[t for t, _ in counted]]
     assert duckdb_store._stream_parts([], 6, 100) == [[]]
+
+
+def test_a_table_whose_writing_is_interrupted_leaves_no_file(
+    shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only an OSError: whatever stops the writing (here a KeyboardInterrupt) removes the
+    file and goes on as it is (only an OSError falls back to the pipe)."""
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analysis_worker.pa.ipc, "new_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        analysis_worker._ship_table(pa.table({"a": [1, 2]}))
+    assert os.listdir(shm) == []
+
+
+def test_a_stream_whose_file_cannot_be_begun_closes_it(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sinks: list[Any] = []
+    real = pa.OSFile
+
+    def recorded(*args: Any) -> Any:
+        sinks.append(real(*args))
+        return sinks[-1]
+
+    def full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(analysis_worker.pa, "OSFile", recorded)
+    monkeypatch.setattr(analysis_worker.pa.ipc, "new_file", full)
+    schema = pa.schema([("a", pa.int64())])
+    reader = pa.RecordBatchReader.from_batches(schema, [pa.record_batch([pa.array([1])], schema=schema)])
+    with pytest.raises(analysis_worker._WriteFailed):
+        analysis_worker._ship_stream(reader)
+    assert len(sinks) == 1 and sinks[0].closed
+    assert os.listdir(shm) == []
