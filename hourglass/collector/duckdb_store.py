@@ -1630,14 +1630,14 @@ class DuckDBSpanStore:
             params.append([t.lower() for t in trace_ids])
         if ingested_from_ns is not None:
             conditions.append("ingested_ns >= ?")
-            params.append(int(ingested_from_ns))  # type: ignore[arg-type]
+            params.append(int(ingested_from_ns))
         if ingested_to_ns is not None:
             conditions.append("ingested_ns <= ?")
-            params.append(int(ingested_to_ns))  # type: ignore[arg-type]
+            params.append(int(ingested_to_ns))
         if ingested_ranges:
             ranges = _merge_ranges(ingested_ranges, MAX_INGESTED_RANGES)
             conditions.append("(" + " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges)) + ")")
-            params.extend(int(bound) for pair in ranges for bound in pair)  # type: ignore[misc]
+            params.extend(int(bound) for pair in ranges for bound in pair)
         where = " AND ".join(conditions) or "true"
         if range_rows:
             return f"SELECT count(*) FROM spans WHERE {where}", params
