@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import tempfile
 import threading
 import time
@@ -170,7 +171,10 @@ def _send_result(conn: Connection, reply: tuple[str, Any]) -> list[str]:
     total = sum(view.nbytes for view in views)
     directory = _ipc_dir(total) if total else None
     if directory is not None:
-        fd, path = tempfile.mkstemp(prefix="hourglass-result-", suffix=".bin", dir=directory)
+        # named after the server (the worker's parent), whose start removes those of a dead one
+        fd, path = tempfile.mkstemp(
+            prefix=_ipc_prefix(SHM_RESULT_PREFIX, os.getppid()), suffix=".bin", dir=directory
+        )
         try:
             with os.fdopen(fd, "wb") as out:
                 for view in views:
@@ -289,10 +293,56 @@ def _failed(trace: str) -> RuntimeError:
     return RuntimeError(f"analysis failed in the worker process: {lines[-1] if lines else '?'}\n{trace}")
 
 
+def _ipc_dirs() -> tuple[str, ...]:
+    """Where the files between the server and its worker go (:func:`_ipc_dir`)."""
+    return ("/dev/shm", tempfile.gettempdir())
+
+
+# the files between the server and its worker: PREFIX<server pid>-XXXX.arrow/.bin; a server killed
+# (SIGKILL, OOM) between making one and its unlinking leaves it behind, and the next server's
+# worker start removes it (:func:`remove_dead_servers_files`)
+SPAN_PREFIX = "hourglass-analysis-"
+SHM_RESULT_PREFIX = "hourglass-result-"
+_IPC_FILE = re.compile(r"^(?:hourglass-analysis-|hourglass-result-)(\d+)-.*\.(?:arrow|bin)$")
+
+
+def _ipc_prefix(prefix: str, server_pid: int) -> str:
+    return f"{prefix}{server_pid}-"
+
+
+def remove_dead_servers_files(directories: tuple[str, ...] | None = None) -> list[str]:
+    """Remove the span and result files (:data:`SPAN_PREFIX`...) in ``directories`` (default
+    :func:`_ipc_dirs`) whose server process is gone; returns them. A pid that is alive (any
+    process's, or another user's) keeps its files."""
+    removed = []
+    for directory in _ipc_dirs() if directories is None else directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            found = _IPC_FILE.match(name)
+            if found is None:
+                continue
+            pid = int(found.group(1))
+            if pid == os.getpid() or pid <= 0:
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+            except OSError:  # alive, not ours (EPERM)
+                continue
+    return removed
+
+
 def _ipc_dir(nbytes: int) -> str | None:
     """Where to put a span table for the worker: /dev/shm (memory, no disk I/O) when it has room
     for it twice over, else the temp directory when it has; None: ship it through the pipe."""
-    for directory in ("/dev/shm", tempfile.gettempdir()):
+    for directory in _ipc_dirs():
         try:
             fs = os.statvfs(directory)
         except OSError:
@@ -310,7 +360,7 @@ def _ship_table(table: pa.Table) -> tuple[pa.Table | str, str | None]:
     directory = _ipc_dir(table.nbytes)
     if directory is None:
         return table, None
-    fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=_ipc_prefix(SPAN_PREFIX, os.getpid()), suffix=".arrow", dir=directory)
     try:
         with os.fdopen(fd, "wb") as raw, pa.ipc.new_file(raw, table.schema) as writer:
             writer.write_table(table)
@@ -350,7 +400,7 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
     # the file made once the query has produced its first rows, not while it runs: a server that
     # stops meanwhile (its reading thread is a daemon) leaves no file behind for that time
     batch = next(rows, None)
-    fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=_ipc_prefix(SPAN_PREFIX, os.getpid()), suffix=".arrow", dir=directory)
     os.close(fd)
     try:
         try:
@@ -417,6 +467,7 @@ class AnalysisWorker:
         self._lock = threading.Lock()
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._swept = False  # the files of dead servers removed (remove_dead_servers_files)
 
     def start(self) -> None:
         """Start the process now (it takes ~1 s to import polars and the analysis), so the first
@@ -427,6 +478,10 @@ class AnalysisWorker:
     def _ensure(self) -> Connection:
         if self._process is None or not self._process.is_alive() or self._conn is None:
             self._kill()
+            if not self._swept:  # this worker's first process
+                self._swept = True
+                for path in remove_dead_servers_files():
+                    log.info("removed %s, left by a server that is gone", path)
             context = multiprocessing.get_context("spawn")
             parent, child = context.Pipe()
             process = context.Process(

@@ -375,3 +375,49 @@ def test_a_stream_whose_file_cannot_be_begun_closes_it(shm: Path, monkeypatch: p
         analysis_worker._ship_stream(reader)
     assert len(sinks) == 1 and sinks[0].closed
     assert os.listdir(shm) == []
+
+
+def test_the_files_of_a_dead_server_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A server killed (SIGKILL, OOM) between making a span file and its unlinking leaves it in
+    /dev/shm; the files are named after the server's pid, and a worker's start removes those of
+    pids that are gone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(gone.pid, 0)
+        pytest.skip("the pid was reused already")
+    names = {
+        "dead_span": f"hourglass-analysis-{gone.pid}-abc.arrow",
+        "dead_result": f"hourglass-result-{gone.pid}-abc.bin",
+        "live_span": f"hourglass-analysis-{os.getppid()}-abc.arrow",
+        "mine": f"hourglass-analysis-{os.getpid()}-abc.arrow",
+        "unnamed": "hourglass-analysis-abc.arrow",  # an older server's: no pid, not ours to judge
+        "other": f"something-{gone.pid}-abc.arrow",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    removed = analysis_worker.remove_dead_servers_files((str(tmp_path), str(tmp_path / "missing")))
+    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead_span", "dead_result"))
+    assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in ("live_span", "mine", "unnamed", "other"))
+
+
+def test_a_span_file_is_named_after_the_server(shm: Path) -> None:
+    _, written = analysis_worker._ship_table(pa.table({"a": [1]}))
+    assert written is not None and os.path.basename(written).startswith(f"hourglass-analysis-{os.getpid()}-")
+    assert analysis_worker._IPC_FILE.match(os.path.basename(written))
+
+
+def test_a_worker_start_removes_the_files_of_dead_servers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    swept: list[int] = []
+    monkeypatch.setattr(analysis_worker, "remove_dead_servers_files", lambda: swept.append(1) or [])
+    worker = AnalysisWorker()
+    try:
+        worker.start()
+        worker._kill()  # a worker that died: restarted, without sweeping again
+        worker.start()
+    finally:
+        worker.close()
+    assert swept == [1]
