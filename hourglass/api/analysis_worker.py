@@ -387,15 +387,39 @@ class _WriteFailed(Exception):
     done again and shipped by :func:`_ship_table`."""
 
 
-def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | None]:
+def _free_bytes(directory: str) -> int:
+    """The bytes free to an unprivileged writer in ``directory``'s file system (0: unknown)."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return 0
+    return fs.f_bavail * fs.f_frsize
+
+
+class _OverBudget(_WriteFailed):
+    """A streamed read's file outgrew half the room its directory had when it began (other reads'
+    files and the store's own may fill it too): the read is streamed again into the temp
+    directory (:func:`_answer_shipped`)."""
+
+    def __init__(self, directory: str, written: int, budget: int) -> None:
+        super().__init__(f"{written} bytes written to {directory}, more than its budget of {budget}")
+        self.directory = directory
+
+
+def _ship_stream(
+    batches: pa.RecordBatchReader, directory: str | None = None
+) -> tuple[pa.Table | str, str | None]:
     """:func:`_ship_table` of a read that streams out of the store: each record batch written to
     the Arrow IPC file as it comes (the worker maps the file as before; the table it reads is
     chunked), so this process holds one batch of the rows, never all of them. An error of the
     read stops it as it is, and one of writing the file as :class:`_WriteFailed`; either way the
-    file is removed. Without room for a file the rows are read whole and go through the pipe."""
-    directory = _ipc_dir(STREAM_ROOM_BYTES)
+    file is removed. Without room for a file the rows are read whole and go through the pipe.
+    ``directory``: the file's (default :func:`_ipc_dir`); the file may take half the room it has
+    at the start, checked after each batch (:class:`_OverBudget` beyond)."""
+    directory = _ipc_dir(STREAM_ROOM_BYTES) if directory is None else directory
     if directory is None:
         return batches.read_all(), None
+    budget = _free_bytes(directory) // 2
     rows = iter(batches)
     # the file made once the query has produced its first rows, not while it runs: a server that
     # stops meanwhile (its reading thread is a daemon) leaves no file behind for that time
@@ -415,8 +439,11 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
             while batch is not None:
                 try:
                     writer.write_batch(batch)
+                    written = sink.tell()
                 except OSError as exc:
                     raise _WriteFailed(str(exc)) from exc
+                if written > budget:
+                    raise _OverBudget(directory, written, budget)
                 batch = next(rows, None)  # the read's own errors go as they are
             try:
                 writer.close()
@@ -432,10 +459,23 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
 def _answer_shipped(reader: StoreReader, request: tuple[Any, ...]) -> tuple[pa.Table | str, str | None]:
     """One read of the worker (``request``), answered and shipped (:func:`_ship_stream` when the
     store streams it, else :func:`_ship_table`): (what to send, the file written, if any). A read
-    whose file could not be written is read again and shipped whole."""
+    whose file outgrew its budget in /dev/shm is streamed again into the temp directory; one whose
+    file could not be written is read again and shipped whole."""
     try:
-        with reader.stream(request) as batches:
-            return _ship_stream(batches)
+        try:
+            with reader.stream(request) as batches:
+                return _ship_stream(batches)
+        except _OverBudget as exc:
+            directory = tempfile.gettempdir()
+            if os.path.realpath(exc.directory) == os.path.realpath(directory):
+                raise
+            log.warning(
+                "a span read for the analysis worker outgrew its room (%s); streaming it to %s",
+                exc,
+                directory,
+            )
+            with reader.stream(request) as batches:
+                return _ship_stream(batches, directory)
     except _WriteFailed as exc:
         log.warning("could not write a span read for the analysis worker (%s); reading it again", exc)
     return _ship_table(reader.answer(request))

@@ -421,3 +421,31 @@ def test_a_worker_start_removes_the_files_of_dead_servers_once(monkeypatch: pyte
     finally:
         worker.close()
     assert swept == [1]
+
+
+def test_a_stream_outgrowing_its_room_in_shm_is_streamed_again_into_the_temp_dir(
+    store: DuckDBSpanStore, shm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room is checked once when a stream begins; the file may then take half of it, checked
+    after each batch: beyond, the read starts again in the temp directory (not whole through the
+    pipe), and there beyond its budget too, it is read again whole (``_ship_table``)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(analysis_worker.tempfile, "gettempdir", lambda: str(temp))
+    room = {str(shm): 2_000, str(temp): 10**12}
+    monkeypatch.setattr(analysis_worker, "_free_bytes", lambda directory: room[directory])
+    monkeypatch.setattr(duckdb_store, "STREAM_BATCH_ROWS", 10)
+    reader = StoreReader(store)
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    request = ("batch", ids, None, None)
+    expected = reader.answer(request)
+    shipped, written = _answer_shipped(reader, request)
+    assert written is not None and os.path.dirname(written) == str(temp)
+    assert os.listdir(shm) == []
+    assert _shipped_table(shipped).equals(expected)
+    room[str(temp)] = 2_000
+    shipped, written = _answer_shipped(reader, request)
+    assert os.listdir(temp) == []  # read again whole (``_ship_table``, its own room check)
+    assert _shipped_table(shipped).equals(expected)
+    assert os.listdir(shm) == []
+    assert store._reads_in_flight == 0
