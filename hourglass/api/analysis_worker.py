@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import tempfile
 import threading
 import time
@@ -172,7 +173,10 @@ def _send_result(conn: Connection, reply: tuple[str, Any]) -> list[str]:
     total = sum(view.nbytes for view in views)
     directory = _ipc_dir(total) if total else None
     if directory is not None:
-        fd, path = tempfile.mkstemp(prefix="hourglass-result-", suffix=".bin", dir=directory)
+        # named after the server (the worker's parent), whose start removes those of a dead one
+        fd, path = tempfile.mkstemp(
+            prefix=_ipc_prefix(SHM_RESULT_PREFIX, os.getppid()), suffix=".bin", dir=directory
+        )
         try:
             with os.fdopen(fd, "wb") as out:
                 for view in views:
@@ -291,10 +295,56 @@ def _failed(trace: str) -> RuntimeError:
     return RuntimeError(f"analysis failed in the worker process: {lines[-1] if lines else '?'}\n{trace}")
 
 
+def _ipc_dirs() -> tuple[str, ...]:
+    """Where the files between the server and its worker go (:func:`_ipc_dir`)."""
+    return ("/dev/shm", tempfile.gettempdir())
+
+
+# the files between the server and its worker: PREFIX<server pid>-XXXX.arrow/.bin; a server killed
+# (SIGKILL, OOM) between making one and its unlinking leaves it behind, and the next server's
+# worker start removes it (:func:`remove_dead_servers_files`)
+SPAN_PREFIX = "hourglass-analysis-"
+SHM_RESULT_PREFIX = "hourglass-result-"
+_IPC_FILE = re.compile(r"^(?:hourglass-analysis-|hourglass-result-)(\d+)-.*\.(?:arrow|bin)$")
+
+
+def _ipc_prefix(prefix: str, server_pid: int) -> str:
+    return f"{prefix}{server_pid}-"
+
+
+def remove_dead_servers_files(directories: tuple[str, ...] | None = None) -> list[str]:
+    """Remove the span and result files (:data:`SPAN_PREFIX`...) in ``directories`` (default
+    :func:`_ipc_dirs`) whose server process is gone; returns them. A pid that is alive (any
+    process's, or another user's) keeps its files."""
+    removed = []
+    for directory in _ipc_dirs() if directories is None else directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            found = _IPC_FILE.match(name)
+            if found is None:
+                continue
+            pid = int(found.group(1))
+            if pid == os.getpid() or pid <= 0:
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+            except OSError:  # alive, not ours (EPERM)
+                continue
+    return removed
+
+
 def _ipc_dir(nbytes: int) -> str | None:
     """Where to put a span table for the worker: /dev/shm (memory, no disk I/O) when it has room
     for it twice over, else the temp directory when it has; None: ship it through the pipe."""
-    for directory in ("/dev/shm", tempfile.gettempdir()):
+    for directory in _ipc_dirs():
         try:
             fs = os.statvfs(directory)
         except OSError:
@@ -312,12 +362,15 @@ def _ship_table(table: pa.Table) -> tuple[pa.Table | str, str | None]:
     directory = _ipc_dir(table.nbytes)
     if directory is None:
         return table, None
-    fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=_ipc_prefix(SPAN_PREFIX, os.getpid()), suffix=".arrow", dir=directory)
     try:
         with os.fdopen(fd, "wb") as raw, pa.ipc.new_file(raw, table.schema) as writer:
             writer.write_table(table)
-    except OSError:
-        os.unlink(path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        if not isinstance(exc, OSError):
+            raise
         log.warning("could not write the span table to %s; sending it through the pipe", directory)
         return table, None
     return path, path
@@ -336,33 +389,63 @@ class _WriteFailed(Exception):
     done again and shipped by :func:`_ship_table`."""
 
 
-def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | None]:
+def _free_bytes(directory: str) -> int:
+    """The bytes free to an unprivileged writer in ``directory``'s file system (0: unknown)."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return 0
+    return fs.f_bavail * fs.f_frsize
+
+
+class _OverBudget(_WriteFailed):
+    """A streamed read's file outgrew half the room its directory had when it began (other reads'
+    files and the store's own may fill it too): the read is streamed again into the temp
+    directory (:func:`_answer_shipped`)."""
+
+    def __init__(self, directory: str, written: int, budget: int) -> None:
+        super().__init__(f"{written} bytes written to {directory}, more than its budget of {budget}")
+        self.directory = directory
+
+
+def _ship_stream(
+    batches: pa.RecordBatchReader, directory: str | None = None
+) -> tuple[pa.Table | str, str | None]:
     """:func:`_ship_table` of a read that streams out of the store: each record batch written to
     the Arrow IPC file as it comes (the worker maps the file as before; the table it reads is
     chunked), so this process holds one batch of the rows, never all of them. An error of the
     read stops it as it is, and one of writing the file as :class:`_WriteFailed`; either way the
-    file is removed. Without room for a file the rows are read whole and go through the pipe."""
-    directory = _ipc_dir(STREAM_ROOM_BYTES)
+    file is removed. Without room for a file the rows are read whole and go through the pipe.
+    ``directory``: the file's (default :func:`_ipc_dir`); the file may take half the room it has
+    at the start, checked after each batch (:class:`_OverBudget` beyond)."""
+    directory = _ipc_dir(STREAM_ROOM_BYTES) if directory is None else directory
     if directory is None:
         return batches.read_all(), None
+    budget = _free_bytes(directory) // 2
     rows = iter(batches)
     # the file made once the query has produced its first rows, not while it runs: a server that
     # stops meanwhile (its reading thread is a daemon) leaves no file behind for that time
     batch = next(rows, None)
-    fd, path = tempfile.mkstemp(prefix="hourglass-analysis-", suffix=".arrow", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=_ipc_prefix(SPAN_PREFIX, os.getpid()), suffix=".arrow", dir=directory)
     os.close(fd)
     try:
         try:
             sink = pa.OSFile(path, "wb")
-            writer = pa.ipc.new_file(sink, batches.schema)
         except OSError as exc:
             raise _WriteFailed(str(exc)) from exc
         with sink:
+            try:
+                writer = pa.ipc.new_file(sink, batches.schema)
+            except OSError as exc:
+                raise _WriteFailed(str(exc)) from exc
             while batch is not None:
                 try:
                     writer.write_batch(batch)
+                    written = sink.tell()
                 except OSError as exc:
                     raise _WriteFailed(str(exc)) from exc
+                if written > budget:
+                    raise _OverBudget(directory, written, budget)
                 batch = next(rows, None)  # the read's own errors go as they are
             try:
                 writer.close()
@@ -378,10 +461,23 @@ def _ship_stream(batches: pa.RecordBatchReader) -> tuple[pa.Table | str, str | N
 def _answer_shipped(reader: StoreReader, request: tuple[Any, ...]) -> tuple[pa.Table | str, str | None]:
     """One read of the worker (``request``), answered and shipped (:func:`_ship_stream` when the
     store streams it, else :func:`_ship_table`): (what to send, the file written, if any). A read
-    whose file could not be written is read again and shipped whole."""
+    whose file outgrew its budget in /dev/shm is streamed again into the temp directory; one whose
+    file could not be written is read again and shipped whole."""
     try:
-        with reader.stream(request) as batches:
-            return _ship_stream(batches)
+        try:
+            with reader.stream(request) as batches:
+                return _ship_stream(batches)
+        except _OverBudget as exc:
+            directory = tempfile.gettempdir()
+            if os.path.realpath(exc.directory) == os.path.realpath(directory):
+                raise
+            log.warning(
+                "a span read for the analysis worker outgrew its room (%s); streaming it to %s",
+                exc,
+                directory,
+            )
+            with reader.stream(request) as batches:
+                return _ship_stream(batches, directory)
     except _WriteFailed as exc:
         log.warning("could not write a span read for the analysis worker (%s); reading it again", exc)
     return _ship_table(reader.answer(request))
@@ -413,6 +509,7 @@ class AnalysisWorker:
         self._lock = threading.Lock()
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._swept = False  # the files of dead servers removed (remove_dead_servers_files)
 
     def start(self) -> None:
         """Start the process now (it takes ~1 s to import polars and the analysis), so the first
@@ -423,6 +520,10 @@ class AnalysisWorker:
     def _ensure(self) -> Connection:
         if self._process is None or not self._process.is_alive() or self._conn is None:
             self._kill()
+            if not self._swept:  # this worker's first process
+                self._swept = True
+                for path in remove_dead_servers_files():
+                    log.info("removed %s, left by a server that is gone", path)
             context = multiprocessing.get_context("spawn")
             parent, child = context.Pipe()
             process = context.Process(

@@ -152,6 +152,27 @@ STREAM_BATCH_ROWS = 16_384
 # holds every row it orders, all columns, until the query ends (a batch read of 100k spans on the
 # 12M-span soak store: +70 MiB of the server's RSS, against +25 to +30 MiB in parts of ~12k rows)
 STREAM_SORT_ROWS = 16_384
+# ``stream_traces`` sorts in parts only while its ingest range holds at most this many times
+# the rows it reads (each part's query scans the whole range again)
+STREAM_PARTS_RANGE_FACTOR = 4
+
+
+def _stream_parts(counted: Sequence[tuple[str, int]], sort_rows: int, range_rows: int) -> list[list[str]]:
+    """The traces of a streamed read (``counted``: (trace id, rows) by trace id) in parts of
+    about ``sort_rows`` rows, each sorted by a query of its own; one part (the plain sorted query)
+    when the ingest range they are read from holds more than ``STREAM_PARTS_RANGE_FACTOR`` times
+    their rows (``range_rows``): every part's query scans that range."""
+    if range_rows > STREAM_PARTS_RANGE_FACTOR * sum(n for _, n in counted):
+        return [[trace_id for trace_id, _ in counted]]
+    parts: list[list[str]] = [[]]
+    rows = 0
+    for trace_id, n in counted:
+        if parts[-1] and rows + n > sort_rows:
+            parts.append([])
+            rows = 0
+        parts[-1].append(trace_id)
+        rows += n
+    return parts
 
 
 def _merge_ranges(ranges: Sequence[tuple[int, int]], most: int) -> list[tuple[int, int]]:
@@ -1552,7 +1573,8 @@ class DuckDBSpanStore:
         typed as ``scan_traces`` types them. The rows are ordered a part of the traces at a time
         (ascending trace ids, about ``sort_rows`` rows a part, default ``STREAM_SORT_ROWS``;
         counted first), each part one query, all in one transaction: one snapshot, as one query
-        would read, with DuckDB's sort holding a part and not the whole read."""
+        would read, with DuckDB's sort holding a part and not the whole read. One part when the
+        ingest range holds far more rows than the read (:func:`_stream_parts`)."""
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])
         if not selected or not trace_ids:
@@ -1568,14 +1590,12 @@ class DuckDBSpanStore:
             # the rows of each trace (copies too) in these ingest times, by trace id
             query, params = self._scan_traces_query(selected, trace_ids, *bounds, counts=True)
             counted = cursor.execute(query, params).fetchall()
-            parts: list[list[str]] = [[]]
-            rows = 0
-            for trace_id, n in counted:
-                if parts[-1] and rows + n > sort_rows:
-                    parts.append([])
-                    rows = 0
-                parts[-1].append(trace_id)
-                rows += n
+            # every part's query reads the whole ingest range again: parts only where the range
+            # holds not far more rows than the read (a late span of one trace can stretch a
+            # batch's range over millions of rows; parts then cost many times one query)
+            query, params = self._scan_traces_query(selected, trace_ids, *bounds, range_rows=True)
+            in_range = int(cursor.execute(query, params).fetchall()[0][0])
+            parts = _stream_parts(counted, sort_rows, in_range)
 
             def batches() -> Iterator[pa.RecordBatch]:
                 for part in parts:
@@ -1593,21 +1613,28 @@ class DuckDBSpanStore:
         ingested_from_ns: int | None,
         ingested_to_ns: int | None,
         ingested_ranges: Sequence[tuple[int, int]] | None,
+        *,
+        range_rows: bool = False,
     ) -> tuple[str, list[Any]]:
-        """The condition (SQL) and parameters of the rows of ``trace_ids`` within the ingest bounds."""
-        # IN (unnest) is a hash join; list_contains would compare every row with every id
-        conditions, params = ["trace_id IN (SELECT unnest(?::VARCHAR[]))"], [[t.lower() for t in trace_ids]]
+        """The condition (SQL) and parameters of the rows of ``trace_ids`` within the ingest
+        bounds (``range_rows``: of any trace within them)."""
+        conditions: list[str] = []
+        params: list[Any] = []
+        if not range_rows:
+            # IN (unnest) is a hash join; list_contains would compare every row with every id
+            conditions.append("trace_id IN (SELECT unnest(?::VARCHAR[]))")
+            params.append([t.lower() for t in trace_ids])
         if ingested_from_ns is not None:
             conditions.append("ingested_ns >= ?")
-            params.append(int(ingested_from_ns))  # type: ignore[arg-type]
+            params.append(int(ingested_from_ns))
         if ingested_to_ns is not None:
             conditions.append("ingested_ns <= ?")
-            params.append(int(ingested_to_ns))  # type: ignore[arg-type]
+            params.append(int(ingested_to_ns))
         if ingested_ranges:
             ranges = _merge_ranges(ingested_ranges, MAX_INGESTED_RANGES)
             conditions.append("(" + " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges)) + ")")
-            params.extend(int(bound) for pair in ranges for bound in pair)  # type: ignore[misc]
-        return " AND ".join(conditions), params
+            params.extend(int(bound) for pair in ranges for bound in pair)
+        return " AND ".join(conditions) or "true", params
 
     @staticmethod
     def _scan_traces_query(
@@ -1618,12 +1645,16 @@ class DuckDBSpanStore:
         ingested_ranges: Sequence[tuple[int, int]] | None,
         *,
         counts: bool = False,
+        range_rows: bool = False,
     ) -> tuple[str, list[Any]]:
         """``stream_traces``' query (a part of its traces), or with ``counts`` the rows it reads
-        per trace (copies included), ordered by trace id."""
+        per trace (copies included), ordered by trace id; with ``range_rows`` the number of
+        stored rows in its ingest range (any trace: what each such query scans)."""
         where, params = DuckDBSpanStore._scan_traces_where(
-            trace_ids, ingested_from_ns, ingested_to_ns, ingested_ranges
+            trace_ids, ingested_from_ns, ingested_to_ns, ingested_ranges, range_rows=range_rows
         )
+        if range_rows:
+            return f"SELECT count(*) FROM spans WHERE {where}", params
         if counts:
             return (
                 f"SELECT trace_id, count(*) FROM spans WHERE {where} GROUP BY trace_id ORDER BY trace_id",

@@ -275,3 +275,177 @@ def test_a_file_that_cannot_be_written_sends_the_read_whole_through_the_pipe(
     assert shipped.equals(reader.answer(request))
     assert os.listdir(shm) == []
     assert store._reads_in_flight == 0
+
+
+def _data_queries(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The trace ids of each data query ``stream_traces`` runs (not its counts), recorded."""
+    queries: list[list[str]] = []
+    original = DuckDBSpanStore._scan_traces_query
+
+    def recorded(
+        selected: list[str], trace_ids: list[str], *args: Any, **kwargs: Any
+    ) -> tuple[str, list[Any]]:
+        if not kwargs.get("counts") and not kwargs.get("range_rows"):
+            queries.append(list(trace_ids))
+        return original(selected, trace_ids, *args, **kwargs)
+
+    monkeypatch.setattr(DuckDBSpanStore, "_scan_traces_query", staticmethod(recorded))
+    return queries
+
+
+def test_a_read_from_an_ingest_range_far_wider_than_its_rows_is_one_query(
+    store: DuckDBSpanStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part's query scans the read's whole ingest range: a few traces read from a range of
+    many more rows (a batch whose ``last`` a late span raised) are sorted by one query, not one
+    query a part (each scanning the range again)."""
+    first = sorted(
+        {
+            r["trace_id"]
+            for r in store.scan(columns=["trace_id", "ingested_ns"]).to_pylist()
+            if r["ingested_ns"] == 10**9
+        }
+    )[:5]
+    expected = store.scan_traces(first, ingested_from_ns=10**9, ingested_to_ns=4 * 10**9)
+    queries = _data_queries(monkeypatch)
+    with store.stream_traces(first, ingested_from_ns=10**9, ingested_to_ns=4 * 10**9, sort_rows=3) as batches:
+        got = pa.Table.from_batches(list(batches), schema=batches.schema)
+    assert got.equals(expected) and got.num_rows >= 15
+    assert len(queries) == 1  # 15+ rows read of 370 in the range: not 5 parts of 3 rows
+
+
+def test_a_read_from_an_ingest_range_of_about_its_rows_is_sorted_in_parts(
+    store: DuckDBSpanStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = sorted(
+        {
+            r["trace_id"]
+            for r in store.scan(columns=["trace_id", "ingested_ns"]).to_pylist()
+            if r["ingested_ns"] == 2 * 10**9
+        }
+    )
+    expected = store.scan_traces(second, ingested_from_ns=2 * 10**9, ingested_to_ns=2 * 10**9)
+    queries = _data_queries(monkeypatch)
+    with store.stream_traces(
+        second, ingested_from_ns=2 * 10**9, ingested_to_ns=2 * 10**9, sort_rows=3
+    ) as batches:
+        got = pa.Table.from_batches(list(batches), schema=batches.schema)
+    assert got.equals(expected) and got.num_rows == 120
+    assert len(queries) == 40  # 3 rows a trace, a part each
+
+
+def test_stream_parts_bounds_the_parts_by_the_rows_of_the_range() -> None:
+    counted = [(f"{i:032x}", 3) for i in range(10)]
+    assert len(duckdb_store._stream_parts(counted, 6, 120)) == 5
+    assert duckdb_store._stream_parts(counted, 6, 121) == [[t for t, _ in counted]]
+    assert duckdb_store._stream_parts([], 6, 100) == [[]]
+
+
+def test_a_table_whose_writing_is_interrupted_leaves_no_file(
+    shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only an OSError: whatever stops the writing (here a KeyboardInterrupt) removes the
+    file and goes on as it is (only an OSError falls back to the pipe)."""
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analysis_worker.pa.ipc, "new_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        analysis_worker._ship_table(pa.table({"a": [1, 2]}))
+    assert os.listdir(shm) == []
+
+
+def test_a_stream_whose_file_cannot_be_begun_closes_it(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sinks: list[Any] = []
+    real = pa.OSFile
+
+    def recorded(*args: Any) -> Any:
+        sinks.append(real(*args))
+        return sinks[-1]
+
+    def full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(analysis_worker.pa, "OSFile", recorded)
+    monkeypatch.setattr(analysis_worker.pa.ipc, "new_file", full)
+    schema = pa.schema([("a", pa.int64())])
+    reader = pa.RecordBatchReader.from_batches(schema, [pa.record_batch([pa.array([1])], schema=schema)])
+    with pytest.raises(analysis_worker._WriteFailed):
+        analysis_worker._ship_stream(reader)
+    assert len(sinks) == 1 and sinks[0].closed
+    assert os.listdir(shm) == []
+
+
+def test_the_files_of_a_dead_server_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A server killed (SIGKILL, OOM) between making a span file and its unlinking leaves it in
+    /dev/shm; the files are named after the server's pid, and a worker's start removes those of
+    pids that are gone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(gone.pid, 0)
+        pytest.skip("the pid was reused already")
+    names = {
+        "dead_span": f"hourglass-analysis-{gone.pid}-abc.arrow",
+        "dead_result": f"hourglass-result-{gone.pid}-abc.bin",
+        "live_span": f"hourglass-analysis-{os.getppid()}-abc.arrow",
+        "mine": f"hourglass-analysis-{os.getpid()}-abc.arrow",
+        "unnamed": "hourglass-analysis-abc.arrow",  # an older server's: no pid, not ours to judge
+        "other": f"something-{gone.pid}-abc.arrow",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    removed = analysis_worker.remove_dead_servers_files((str(tmp_path), str(tmp_path / "missing")))
+    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead_span", "dead_result"))
+    assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in ("live_span", "mine", "unnamed", "other"))
+
+
+def test_a_span_file_is_named_after_the_server(shm: Path) -> None:
+    _, written = analysis_worker._ship_table(pa.table({"a": [1]}))
+    assert written is not None and os.path.basename(written).startswith(f"hourglass-analysis-{os.getpid()}-")
+    assert analysis_worker._IPC_FILE.match(os.path.basename(written))
+
+
+def test_a_worker_start_removes_the_files_of_dead_servers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    swept: list[int] = []
+    monkeypatch.setattr(analysis_worker, "remove_dead_servers_files", lambda: swept.append(1) or [])
+    worker = AnalysisWorker()
+    try:
+        worker.start()
+        worker._kill()  # a worker that died: restarted, without sweeping again
+        worker.start()
+    finally:
+        worker.close()
+    assert swept == [1]
+
+
+def test_a_stream_outgrowing_its_room_in_shm_is_streamed_again_into_the_temp_dir(
+    store: DuckDBSpanStore, shm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room is checked once when a stream begins; the file may then take half of it, checked
+    after each batch: beyond, the read starts again in the temp directory (not whole through the
+    pipe), and there beyond its budget too, it is read again whole (``_ship_table``)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(analysis_worker.tempfile, "gettempdir", lambda: str(temp))
+    room = {str(shm): 2_000, str(temp): 10**12}
+    monkeypatch.setattr(analysis_worker, "_free_bytes", lambda directory: room[directory])
+    monkeypatch.setattr(duckdb_store, "STREAM_BATCH_ROWS", 10)
+    reader = StoreReader(store)
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    request = ("batch", ids, None, None)
+    expected = reader.answer(request)
+    shipped, written = _answer_shipped(reader, request)
+    assert written is not None and os.path.dirname(written) == str(temp)
+    assert os.listdir(shm) == []
+    assert _shipped_table(shipped).equals(expected)
+    room[str(temp)] = 2_000
+    shipped, written = _answer_shipped(reader, request)
+    assert os.listdir(temp) == []  # read again whole (``_ship_table``, its own room check)
+    assert _shipped_table(shipped).equals(expected)
+    assert os.listdir(shm) == []
+    assert store._reads_in_flight == 0
