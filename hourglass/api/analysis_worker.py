@@ -305,18 +305,32 @@ def _ipc_dirs() -> tuple[str, ...]:
 # worker start removes it (:func:`remove_dead_servers_files`)
 SPAN_PREFIX = "hourglass-analysis-"
 SHM_RESULT_PREFIX = "hourglass-result-"
-_IPC_FILE = re.compile(r"^(?:hourglass-analysis-|hourglass-result-)(\d+)-.*\.(?:arrow|bin)$")
+_IPC_FILE = re.compile(r"^(?:hourglass-analysis-|hourglass-result-)(\d{1,10})-.*\.(?:arrow|bin)$", re.ASCII)
 
 
 def _ipc_prefix(prefix: str, server_pid: int) -> str:
     return f"{prefix}{server_pid}-"
 
 
+# A file younger than this is never taken for a leftover: a live server's file exists only while
+# one read is shipped (seconds), and a server in another pid namespace (a container sharing
+# /dev/shm or /tmp) has a pid that looks dead from here
+LEFTOVER_AGE_S = 600.0
+
+
 def remove_dead_servers_files(directories: tuple[str, ...] | None = None) -> list[str]:
     """Remove the span and result files (:data:`SPAN_PREFIX`...) in ``directories`` (default
-    :func:`_ipc_dirs`) whose server process is gone; returns them. A pid that is alive (any
-    process's, or another user's) keeps its files."""
+    :func:`_ipc_dirs`) left by a server that is gone; returns them. A file is a leftover when it
+    is older than :data:`LEFTOVER_AGE_S` and its pid is not alive (another user's alive pid
+    keeps it), or it carries this process's own pid but is older than this process (a server
+    that is always the same pid: pid 1 in a container). Never raises: a name it cannot read is
+    left alone."""
     removed = []
+    now = time.time()
+    try:
+        started = now - time.monotonic() + _process_started_monotonic()
+    except Exception:  # (no /proc: own-pid files are kept)
+        started = None
     for directory in _ipc_dirs() if directories is None else directories:
         try:
             names = os.listdir(directory)
@@ -326,19 +340,34 @@ def remove_dead_servers_files(directories: tuple[str, ...] | None = None) -> lis
             found = _IPC_FILE.match(name)
             if found is None:
                 continue
-            pid = int(found.group(1))
-            if pid == os.getpid() or pid <= 0:
-                continue
+            path = os.path.join(directory, name)
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                path = os.path.join(directory, name)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                    removed.append(path)
-            except OSError:  # alive, not ours (EPERM)
+                pid = int(found.group(1))
+                modified = os.stat(path).st_mtime
+                if now - modified < LEFTOVER_AGE_S or pid <= 0:
+                    continue
+                if pid == os.getpid():
+                    if started is None or modified >= started:
+                        continue
+                else:
+                    try:
+                        os.kill(pid, 0)
+                        continue  # alive
+                    except ProcessLookupError:
+                        pass
+                os.unlink(path)
+                removed.append(path)
+            except (OSError, OverflowError, ValueError):  # alive, not ours (EPERM); gone; a bad name
                 continue
     return removed
+
+
+def _process_started_monotonic() -> float:
+    """When this process started, on the monotonic clock (``/proc/self/stat``'s start time)."""
+    with open("/proc/self/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[19])  # field 22: start time in clock ticks after boot
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _ipc_dir(nbytes: int) -> str | None:
@@ -522,8 +551,11 @@ class AnalysisWorker:
             self._kill()
             if not self._swept:  # this worker's first process
                 self._swept = True
-                for path in remove_dead_servers_files():
-                    log.info("removed %s, left by a server that is gone", path)
+                try:
+                    for path in remove_dead_servers_files():
+                        log.info("removed %s, left by a server that is gone", path)
+                except Exception:  # a sweep that fails never keeps the worker from starting
+                    log.exception("removing files left by servers that are gone failed")
             context = multiprocessing.get_context("spawn")
             parent, child = context.Pipe()
             process = context.Process(

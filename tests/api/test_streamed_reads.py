@@ -380,9 +380,12 @@ def test_a_stream_whose_file_cannot_be_begun_closes_it(shm: Path, monkeypatch: p
 def test_the_files_of_a_dead_server_are_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
     """A server killed (SIGKILL, OOM) between making a span file and its unlinking leaves it in
     /dev/shm; the files are named after the server's pid, and a worker's start removes those of
-    pids that are gone."""
+    pids that are gone, once they are older than any read (a server in another pid namespace
+    looks dead from here), and this process's own pid's from before it started (pid 1 in a
+    container). A name it cannot judge never stops the sweep."""
     import subprocess
     import sys
+    import time
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -392,16 +395,24 @@ def test_the_files_of_a_dead_server_are_removed_and_a_live_ones_kept(tmp_path: P
     names = {
         "dead_span": f"hourglass-analysis-{gone.pid}-abc.arrow",
         "dead_result": f"hourglass-result-{gone.pid}-abc.bin",
+        "dead_but_young": f"hourglass-analysis-{gone.pid}-young.arrow",
         "live_span": f"hourglass-analysis-{os.getppid()}-abc.arrow",
+        "mine_before_me": f"hourglass-analysis-{os.getpid()}-old.arrow",
         "mine": f"hourglass-analysis-{os.getpid()}-abc.arrow",
         "unnamed": "hourglass-analysis-abc.arrow",  # an older server's: no pid, not ours to judge
         "other": f"something-{gone.pid}-abc.arrow",
+        "overflow": "hourglass-analysis-2147483648-abc.arrow",  # os.kill: OverflowError
     }
-    for name in names.values():
+    names["too_long"] = "hourglass-analysis-" + "9" * 200 + "-abc.arrow"
+    old = time.time() - 2 * analysis_worker.LEFTOVER_AGE_S
+    for key, name in names.items():
         (tmp_path / name).write_bytes(b"x")
+        if key not in ("dead_but_young", "mine"):
+            os.utime(tmp_path / name, (old, old))
     removed = analysis_worker.remove_dead_servers_files((str(tmp_path), str(tmp_path / "missing")))
-    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead_span", "dead_result"))
-    assert sorted(os.listdir(tmp_path)) == sorted(names[k] for k in ("live_span", "mine", "unnamed", "other"))
+    gone_keys = ("dead_span", "dead_result", "mine_before_me")
+    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in gone_keys)
+    assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in names.items() if k not in gone_keys)
 
 
 def test_a_span_file_is_named_after_the_server(shm: Path) -> None:
