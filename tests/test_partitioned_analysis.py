@@ -398,3 +398,19 @@ def test_a_split_that_does_not_fit_beside_the_workers_is_written_before_them(
             assert seen == [("split", True), ("extraction", ("SplitSource", None))]
         else:
             assert seen == [("extraction", ("StoreSource", None))]
+
+
+def test_a_run_started_to_ignore_sigterm_keeps_ignoring_it() -> None:
+    """``nohup``-like starts ignore SIGTERM on purpose: the analysis' handler is not installed then."""
+    from hourglass.cli.analyze import _terminate_as_interrupt
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with _terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

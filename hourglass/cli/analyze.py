@@ -421,7 +421,10 @@ def _terminate_as_interrupt() -> Iterator[None]:
     KeyboardInterrupt, so the run's temporary folders (the split, the kept partitions) are
     removed and its worker processes stopped instead of left behind. Only in the main thread
     (where signal handlers run); the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # (started to ignore it: kept so)
+    ):
         yield
         return
 
