@@ -135,16 +135,7 @@ def test_the_partition_files_are_removed_on_ctrl_c(store: Path, tmp_path: Path) 
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("hourglass-partitions-*/p000007.arrow")):  # split under way
-            assert process.poll() is None and time.monotonic() < deadline, "no partition files seen"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.wait()
+    err = _signalled_while_splitting(process, tmp_path, signal.SIGINT)
     assert process.returncode != 0, err
     assert not list(tmp_path.glob("hourglass-partitions-*")), err
 
@@ -162,16 +153,7 @@ def test_sigterm_removes_the_temporary_files_and_stops_the_workers(store: Path, 
         text=True,
         start_new_session=True,  # (its workers are in its process group)
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("hourglass-partitions-*/p000007.arrow")):  # split under way
-            assert process.poll() is None and time.monotonic() < deadline, "no partition files seen"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.wait()
+    err = _signalled_while_splitting(process, tmp_path, signal.SIGTERM)
     assert process.returncode == 130, err
     assert not list(tmp_path.glob("hourglass-*")), err
     deadline = time.monotonic() + 30
@@ -414,3 +396,19 @@ def test_a_run_started_to_ignore_sigterm_keeps_ignoring_it() -> None:
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _signalled_while_splitting(process: subprocess.Popen[str], tmp_path: Path, signum: int) -> str:
+    """Sends ``signum`` to an ``analyze`` run once its split into partition files (in
+    ``tmp_path``) is under way; its standard error once it ended."""
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("hourglass-partitions-*/p000007.arrow")):  # split under way
+            assert process.poll() is None and time.monotonic() < deadline, "no partition files seen"
+            time.sleep(0.01)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    return err
