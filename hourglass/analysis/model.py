@@ -748,7 +748,9 @@ class Occurrences(Sequence[Occurrence]):
         which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
         two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists (span ids equal
         to ``span_ids``: held as positions in them). ``None``: no
-        intervention (``interventions=()``; no parameter, no ``shortened``). The same
+        intervention (``interventions=()``; no parameter, no ``shortened``). ``span_ids`` may also be
+        lists of the 64-bit words the ids spell (List(UInt64), :func:`hex_words` of 16-digit ids):
+        held as they are, the same occurrences as of their text. The same
         occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
         n = len(trace_ids)
         for name, column in [("trace ids", trace_ids), ("span ids", span_ids), ("keys", keys)]:
@@ -760,10 +762,13 @@ class Occurrences(Sequence[Occurrence]):
         lengths = span_ids.list.len().to_numpy().astype(np.int64)
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._span_off[1:])
-        spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
-        if len(spans) != self._span_off[-1]:
+        spans = span_ids.explode(empty_as_null=False, keep_nulls=False)
+        if len(spans) != self._span_off[-1] or spans.null_count():
             raise ValueError("occurrences: span ids must be lists of strings, none null")
-        self._spans = _Ids.of(spans)
+        if spans.dtype == pl.UInt64:  # (the words the ids spell: as they are held)
+            self._spans = _Ids(spans.to_numpy().astype(np.uint64).reshape(-1, 1), None)
+        else:
+            self._spans = _Ids.of(spans.cast(pl.String).rename(""))
         if intervention is None:
             if parameter is not None or shortened is not None:
                 raise ValueError("occurrences: no intervention takes no parameter")

@@ -59,6 +59,10 @@ DETECTORS: dict[str, Detector] = {
 class DetectorParts:
     extract: Callable[[AnalysisContext], Rows]
     decide: Callable[[Rows, NearMissSink], list[Finding]]
+    # the rows as the decision holds them, made per partition or stored piece before they are
+    # combined (``partitions.combine``): what a decision keeps of every row smaller; ``decide``
+    # takes rows compacted or not
+    compact: Callable[[Rows], Rows] | None = None
 
 
 PARTS: dict[str, DetectorParts] = {
@@ -71,7 +75,7 @@ PARTS: dict[str, DetectorParts] = {
     "error_propagation": DetectorParts(error_propagation.extract, error_propagation.decide),
     "missing_timeout": DetectorParts(missing_timeout.extract, missing_timeout.decide),
     "batchable_calls": DetectorParts(batchable_calls.extract, batchable_calls.decide),
-    "n_plus_one": DetectorParts(n_plus_one.extract, n_plus_one.decide),
+    "n_plus_one": DetectorParts(n_plus_one.extract, n_plus_one.decide, n_plus_one.compact),
     "serialized_calls": DetectorParts(serialized_calls.extract, serialized_calls.decide),
 }
 

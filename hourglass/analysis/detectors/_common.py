@@ -34,9 +34,18 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.model import CollapseSpans, Finding, NearMissLog, Occurrence, Occurrences
+from hourglass.analysis.model import (
+    CollapseSpans,
+    Finding,
+    NearMissLog,
+    Occurrence,
+    Occurrences,
+    hex_text,
+    hex_words,
+)
 from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
 from hourglass.collector.schema import (
@@ -758,6 +767,37 @@ def occurrence_values(
     by the row's occurrence key (:func:`occurrence_keys` of ``key_columns`` and ``extra``)."""
     keys = occurrence_keys(frame, key_columns, *extra).to_list()
     return zip(*column_values(frame, names), keys, strict=True)
+
+
+def _lists(offsets: np.ndarray, values: pa.Array) -> pl.Series:
+    """A list column: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
+    made = pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), values))
+    assert isinstance(made, pl.Series)
+    return made.rename("")
+
+
+def id_words(lists: pl.Series) -> pl.Series | None:
+    """A column of span-id lists (List(String), none null) as lists of the 64-bit words the ids
+    spell (List(UInt64), as :func:`hourglass.analysis.model.hex_words` reads them: 8 bytes an id
+    instead of a polars string's 32) when every id is lowercase hex of 16 digits (OTLP's span
+    ids); else None. Made by polars, in its own memory. :func:`id_text` gives the lists back."""
+    if lists.dtype != pl.List(pl.String) or lists.null_count() or not len(lists):
+        return None
+    flat = lists.explode(empty_as_null=False, keep_nulls=False)
+    if flat.null_count() or (flat.str.len_bytes() != 16).any() or flat.str.contains("[^0-9a-f]").any():
+        return None
+    del flat
+    return lists.list.eval(pl.element().str.to_integer(base=16, dtype=pl.UInt64)).rename("")
+
+
+def id_text(words: pl.Series) -> pl.Series:
+    """The span-id lists that ``words`` (:func:`id_words`) spell, as List(String)."""
+    lengths = words.list.len().fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = words.explode(empty_as_null=False, keep_nulls=False).to_numpy().astype(np.uint64)
+    text = hex_text(flat.reshape(-1, 1)) if len(flat) else pl.Series("", [], dtype=pl.String)
+    return _lists(offsets, text.cast(pl.String).to_arrow().cast(pa.large_string()))
 
 
 OCCURRENCE_CHUNK = 1 << 14  # rows of a finding made into occurrences at a time (:func:`occurrences_by_chunk`)
