@@ -7,7 +7,6 @@ rows are split into pieces, some held as words and some as text."""
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import polars as pl

@@ -44,7 +44,6 @@ from hourglass.analysis.model import (
     Occurrence,
     Occurrences,
     hex_text,
-    hex_words,
 )
 from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
