@@ -362,6 +362,25 @@ class _Ids:
             found[rows[hit]] = True
         return found
 
+    def n_unique(self) -> int:
+        """How many distinct ids."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text.n_unique()
+        width = self.words.shape[1]
+        return pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).n_unique()
+
+    def first_unique(self, count: int) -> pl.Series:
+        """The first ``count`` distinct ids in the order first seen (a String series)."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text.unique(maintain_order=True).head(count)
+        width = self.words.shape[1]
+        frame = pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).unique(maintain_order=True)
+        return _Ids(
+            np.ascontiguousarray(frame.head(count).to_numpy(), dtype=np.uint64).reshape(-1, width), None
+        ).series()
+
     def unique(self) -> pl.Series:
         """The distinct ids in the order first seen (a String series)."""
         if self.words is None:
@@ -1120,6 +1139,15 @@ class Occurrences(Sequence[Occurrence]):
     def unique_trace_ids(self) -> list[str]:
         """The distinct trace ids in the order first seen (``Finding.trace_ids``)."""
         return self._trace.unique().to_list()
+
+    def unique_trace_count(self) -> int:
+        """How many distinct trace ids (``len(Finding.trace_ids)``, without a Python string each)."""
+        return self._trace.n_unique()
+
+    def first_trace_ids(self, count: int) -> list[str]:
+        """The first ``count`` distinct trace ids in the order first seen (``Finding.trace_ids[:count]``,
+        only those decoded)."""
+        return self._trace.first_unique(count).to_list()
 
     def has_interventions(self) -> np.ndarray:
         """Per occurrence: whether it carries an intervention."""

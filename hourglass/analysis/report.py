@@ -81,9 +81,13 @@ def finite(obj: Any) -> Any:
 
 def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
     f = scored.finding
-    trace_ids = f.trace_ids
+    # the traces counted and the first exemplars decoded, not a Python string per trace
+    # (``f.trace_ids``: a finding over 10^5 traces made ~10^5 strings here)
+    table = f.occurrence_table
     evidence: dict[str, Any] = dict(f.evidence)
-    exemplars = [str(t) for t in (evidence.get("trace_ids") or trace_ids)][:MAX_EXEMPLAR_TRACES]
+    exemplars = [str(t) for t in (evidence.get("trace_ids") or table.first_trace_ids(MAX_EXEMPLAR_TRACES))][
+        :MAX_EXEMPLAR_TRACES
+    ]
     evidence["trace_ids"] = exemplars
     # the occurrences of the exemplar traces, materialized (not every one of the finding)
     shown = f.occurrence_table.filter_traces(exemplars)
@@ -125,7 +129,7 @@ def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
             "service": f.service,
             "operation": f.operation,
             "targets": [dict(t) for t in f.targets],
-            "traces_affected": len(trace_ids),
+            "traces_affected": table.unique_trace_count(),
             "occurrences": len(f.occurrences),
             "impact": impact,
             "confidence": round(float(f.confidence), 3),
