@@ -1,0 +1,40 @@
+"""A finding's traces counted and its first exemplars decoded from the occurrence table
+(``Occurrences.unique_trace_count`` / ``first_trace_ids``, what the report reads instead of
+``Finding.trace_ids``, a Python string per trace) are those of ``Finding.trace_ids``: ids held
+as words or as text, repeated or not, parked or not."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hourglass.analysis.model import CollapseSpans, Occurrence, Occurrences
+
+
+def _table(style: str) -> Occurrences:
+    rng = random.Random(style)
+    traces = [f"{rng.getrandbits(128):032x}" for _ in range(40)]
+    if style == "text":
+        traces[7] = "Trace-Not-Hex"
+    chosen = [rng.choice(traces) for _ in range(300)]
+    return Occurrences.from_list(
+        Occurrence(t, (f"{i:016x}", f"{i + 1:016x}"), (CollapseSpans((f"{i + 1:016x}",), 5),))
+        for i, t in enumerate(chosen)
+    )
+
+
+@pytest.mark.parametrize("style", ["words", "text"])
+@pytest.mark.parametrize("count", [0, 1, 5, 40, 100])
+def test_trace_counts_and_first_exemplars_are_those_of_the_trace_ids(
+    style: str, count: int, tmp_path
+) -> None:
+    table = _table(style)
+    assert (table._trace.words is None) == (style == "text")
+    unique = table.unique_trace_ids()
+    for t in (table, table.take(list(range(0, 300, 7)))):
+        expected = t.unique_trace_ids()
+        assert t.unique_trace_count() == len(expected)
+        assert t.first_trace_ids(count) == expected[:count]
+    table.park(str(tmp_path))
+    assert table.unique_trace_count() == len(unique) and table.first_trace_ids(count) == unique[:count]
