@@ -826,7 +826,11 @@ class Occurrences(Sequence[Occurrence]):
             else:
                 self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
                 self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
-                self._iv_extra = _Ids.of(ids.cast(pl.String).rename(""))
+                self._iv_extra = (
+                    _Ids(ids.to_numpy().astype(np.uint64).reshape(-1, 1), None)
+                    if ids.dtype == pl.UInt64  # (words, as the span ids may be)
+                    else _Ids.of(ids.cast(pl.String).rename(""))
+                )
             self._iv_float = np.zeros(m, dtype=np.float64)
             self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
             self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)

@@ -66,7 +66,9 @@ class DetectorParts:
 
 
 PARTS: dict[str, DetectorParts] = {
-    "fanout_straggler": DetectorParts(fanout_straggler.extract, fanout_straggler.decide),
+    "fanout_straggler": DetectorParts(
+        fanout_straggler.extract, fanout_straggler.decide, fanout_straggler.compact
+    ),
     "fanout_concurrency_limit": DetectorParts(
         fanout_concurrency_limit.extract, fanout_concurrency_limit.decide
     ),

@@ -44,6 +44,7 @@ from hourglass.analysis.model import (
     Occurrence,
     Occurrences,
     hex_text,
+    hex_words,
 )
 from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
@@ -797,6 +798,54 @@ def id_text(words: pl.Series) -> pl.Series:
     flat = words.explode(empty_as_null=False, keep_nulls=False).to_numpy().astype(np.uint64)
     text = hex_text(flat.reshape(-1, 1)) if len(flat) else pl.Series("", [], dtype=pl.String)
     return _lists(offsets, text.cast(pl.String).to_arrow().cast(pa.large_string()))
+
+
+WORDS = "_words"  # the suffix of a list column's words (:func:`compact_id_lists`)
+
+
+def compact_id_lists(frame: pl.DataFrame, columns: list[str], keyed: list[str], key: str) -> pl.DataFrame:
+    """``frame`` as a decision holds it: each span-id list column of ``columns`` as the words its
+    ids spell (``column + WORDS``, :func:`id_words`; the text column then null) when every id of
+    every one of them is lowercase hex of 16 digits, else left as text (the words null); and each
+    row's occurrence key (``key``: :func:`occurrence_keys` of ``keyed``, hashed on the text, so
+    the keys are those made of the rows as extracted). The same columns either way, so frames
+    compacted apart combine. :func:`id_lists` reads a column back."""
+    n = frame.height
+    keys = occurrence_keys(frame, keyed).alias(key)
+    words: list[pl.Series] = []
+    for column in columns:
+        made = id_words(frame[column])
+        if made is None:
+            break
+        words.append(made)
+    if len(words) == len(columns):
+        return frame.with_columns(
+            *(pl.repeat(None, n, dtype=pl.List(pl.String), eager=True).alias(c) for c in columns),
+            *(w.alias(c + WORDS) for c, w in zip(columns, words, strict=True)),
+            keys,
+        )
+    del words
+    return frame.with_columns(
+        *(pl.repeat(None, n, dtype=pl.List(pl.UInt64), eager=True).alias(c + WORDS) for c in columns), keys
+    )
+
+
+def id_lists(frame: pl.DataFrame, column: str, head: str | None = None, *, words: bool = True) -> pl.Series:
+    """The lists of ``column`` of a frame compacted by :func:`compact_id_lists` (rows from pieces
+    held as words and as text alike), each headed by the row's ``head`` id when given: as words
+    (List(UInt64)) when ``words`` and every one of them is held so (the head's words made from its
+    text), else as text (List(String))."""
+    held = frame[column + WORDS]
+    if words and not held.null_count():
+        if head is None:
+            return held
+        heads = hex_words(frame[head]) if len(frame) else None
+        if heads is not None and heads.shape[1] == 1:
+            return pl.select(pl.concat_list(pl.Series(heads[:, 0]), held)).to_series()
+    text = frame[column]
+    if held.null_count() < len(held):
+        text = pl.select(pl.coalesce(text, id_text(held))).to_series().rename(column)
+    return text if head is None else pl.select(pl.concat_list(frame[head], text)).to_series()
 
 
 OCCURRENCE_CHUNK = 1 << 14  # rows of a finding made into occurrences at a time (:func:`occurrences_by_chunk`)

@@ -49,7 +49,7 @@ import polars as pl
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import NearMissSink, Rows, call_children
-from hourglass.analysis.model import CollapseSpans, Finding, Occurrences, hex_words
+from hourglass.analysis.model import CollapseSpans, Finding, Occurrences
 from hourglass.collector.schema import STATUS_ERROR
 
 KIND = "n_plus_one"
@@ -197,51 +197,34 @@ OCCURRENCE_KEY = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
 
 
 # The columns :func:`compact` adds: the calls' span ids as words, and the occurrence key
-SPAN_WORDS = "span_words"
+SPAN_WORDS = "span_id" + _common.WORDS
 KEY = "_key"
 
 
 def compact(rows: Rows) -> Rows:
     """The sequences as the decision holds them, made piece by piece before the pieces are
     combined (``partitions.combine``): the calls' span-id lists as the 64-bit words the ids spell
-    (:data:`SPAN_WORDS`, :func:`_common.id_words`: a million span ids at 12M stored spans, ~8
-    MiB instead of ~30 as strings; ``span_id`` then null) when every id of the piece is lowercase
-    hex of 16 digits, else left as text (``span_words`` null), and each row's occurrence key
-    (:data:`KEY`: :func:`_common.occurrence_keys` of :data:`OCCURRENCE_KEY`, hashed on the text
-    as before, so the keys and the pricing they key do not change). Rows compacted already are
-    returned as they are; :func:`decide` compacts what it is given otherwise."""
+    (:data:`SPAN_WORDS`; a million span ids at 12M stored spans, ~8 MiB instead of ~30 as
+    strings) and each row's occurrence key (:data:`KEY`, of :data:`OCCURRENCE_KEY`):
+    :func:`_common.compact_id_lists`. Rows compacted already are returned as they are;
+    :func:`decide` compacts what it is given otherwise."""
     sequences = rows.get("sequences")
     if sequences is None or KEY in sequences.columns:
         return rows
-    n = sequences.height
-    keys = _common.occurrence_keys(sequences, OCCURRENCE_KEY)
-    words = _common.id_words(sequences["span_id"])
-    if words is None:
-        text, words = sequences["span_id"], pl.repeat(None, n, dtype=pl.List(pl.UInt64), eager=True)
-    else:
-        text = pl.repeat(None, n, dtype=pl.List(pl.String), eager=True)
-    compacted = sequences.with_columns(text.alias("span_id"), words.alias(SPAN_WORDS), keys.alias(KEY))
-    return {**rows, "sequences": compacted}
+    return {**rows, "sequences": _common.compact_id_lists(sequences, ["span_id"], OCCURRENCE_KEY, KEY)}
 
 
 def _span_text(sequences: pl.DataFrame, at: pl.Series) -> pl.Series:
     """The calls' span-id lists (List(String)) of the rows ``at`` of compacted ``sequences``."""
-    text = sequences["span_id"].gather(at)
-    words = sequences[SPAN_WORDS].gather(at)
-    if words.null_count() == len(words):
-        return text
-    return pl.select(pl.coalesce(text, _common.id_text(words))).to_series().rename("span_id")
+    return _common.id_lists(sequences.select("span_id", SPAN_WORDS)[at], "span_id", words=False)
 
 
 def _span_lists(sequences: pl.DataFrame, at: pl.Series) -> pl.Series:
     """Per row ``at`` of compacted ``sequences``: the caller's span id and its calls', as words
     (List(UInt64)) when every one of them is held so, else as text."""
-    callers = sequences["caller_span_id"].gather(at)
-    words = sequences[SPAN_WORDS].gather(at)
-    caller_words = hex_words(callers) if not words.null_count() else None
-    if caller_words is not None and caller_words.shape[1] == 1:
-        return pl.select(pl.concat_list(pl.Series(caller_words[:, 0]), words)).to_series()
-    return pl.select(pl.concat_list(callers, _span_text(sequences, at))).to_series()
+    return _common.id_lists(
+        sequences.select("caller_span_id", "span_id", SPAN_WORDS)[at], "span_id", "caller_span_id"
+    )
 
 
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
