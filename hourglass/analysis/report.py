@@ -184,12 +184,19 @@ def build_report(
 ) -> dict[str, Any]:
     """The report; ``near_misses`` (given only with ``explain``) adds the two near-miss keys."""
     when = (generated_at or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    recommendations = []
+    for i, s in enumerate(ranked):
+        recommendations.append(recommendation(s, i + 1))
+        # the columns of its parked occurrences read back (serve's round: the trace ids, the
+        # exemplars' rows) let go before the next finding's are read, not held until every
+        # finding's are (``Occurrences.release``; nothing for occurrences held in memory)
+        s.finding.occurrence_table.release()
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "generated_at": when.isoformat().replace("+00:00", "Z"),
         "traces_analyzed": int(traces_analyzed),
         "spans_analyzed": int(spans_analyzed),
-        "recommendations": [recommendation(s, i + 1) for i, s in enumerate(ranked)],
+        "recommendations": recommendations,
         "writer": {"name": None, "fallback_reason": None},
     }
     if near_misses is not None:
