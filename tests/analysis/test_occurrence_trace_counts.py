@@ -38,3 +38,28 @@ def test_trace_counts_and_first_exemplars_are_those_of_the_trace_ids(
         assert t.first_trace_ids(count) == expected[:count]
     table.park(str(tmp_path))
     assert table.unique_trace_count() == len(unique) and table.first_trace_ids(count) == unique[:count]
+
+
+def test_the_report_lets_each_findings_read_back_columns_go(tmp_path) -> None:
+    """build_report reads a parked finding's columns back (its trace ids, its exemplars' rows) and
+    lets them go again before the next finding's: serve's round held every finding's at once."""
+    from hourglass.analysis import model
+    from hourglass.analysis.ranking import Scored
+    from hourglass.analysis.report import build_report
+    from tests.analysis.test_n_plus_one import detect, orders_page
+
+    findings = [*detect(*[orders_page() for _ in range(6)]), *detect(*[orders_page(n=7) for _ in range(4)])]
+    assert len(findings) == 2
+    expected = build_report(
+        [Scored(f, None, 1.0, False) for f in findings], traces_analyzed=10, spans_analyzed=1
+    )
+    for f in findings:
+        f.occurrence_table.park(str(tmp_path))
+    report = build_report(
+        [Scored(f, None, 1.0, False) for f in findings], traces_analyzed=10, spans_analyzed=1
+    )
+    for key in ("generated_at",):
+        report.pop(key), expected.pop(key)
+    assert report == expected
+    for f in findings:
+        assert not [n for n in model._PARKED if model._has_slot(f.occurrence_table, n)]
