@@ -1144,6 +1144,11 @@ class Occurrences(Sequence[Occurrence]):
         """The distinct trace ids in the order first seen (``Finding.trace_ids``)."""
         return self._trace.unique().to_list()
 
+    def unique_trace_series(self) -> pl.Series:
+        """The distinct trace ids in the order first seen, as a String series (``Finding.trace_ids``
+        without a Python string each)."""
+        return self._trace.unique()
+
     def unique_trace_count(self) -> int:
         """How many distinct trace ids (``len(Finding.trace_ids)``, without a Python string each)."""
         return self._trace.n_unique()
@@ -1374,10 +1379,13 @@ class TraceRoots:
     def height(self) -> int:
         return len(self._durations)
 
-    def roots_of(self, trace_ids: Sequence[str]) -> pl.DataFrame:
+    def roots_of(self, trace_ids: Sequence[str] | pl.Series) -> pl.DataFrame:
         """(trace_id, root_ms) of the rows whose trace is one of ``trace_ids``, in order (as
         filtering the frame they came from)."""
-        rows = np.flatnonzero(self._ids.is_in(pl.Series(list(trace_ids), dtype=pl.String)))
+        wanted = (
+            trace_ids if isinstance(trace_ids, pl.Series) else pl.Series(list(trace_ids), dtype=pl.String)
+        )
+        rows = np.flatnonzero(self._ids.is_in(wanted.cast(pl.String)))
         found = pl.DataFrame(
             {
                 "trace_id": self._ids.gather(rows).series(),

@@ -63,3 +63,23 @@ def test_the_report_lets_each_findings_read_back_columns_go(tmp_path) -> None:
     assert report == expected
     for f in findings:
         assert not [n for n in model._PARKED if model._has_slot(f.occurrence_table, n)]
+
+
+@pytest.mark.parametrize("style", ["words", "text"])
+def test_the_roots_of_a_findings_trace_series_are_those_of_its_trace_ids(style: str) -> None:
+    """pipeline.score looks up a finding's traces' roots by its trace-id series (not a Python
+    string per trace): the same rows as by the list."""
+    import polars as pl
+
+    from hourglass.analysis.model import TraceRoots
+
+    table = _table(style)
+    ids = table.unique_trace_ids()
+    assert table.unique_trace_series().to_list() == ids
+    everyone = [*ids[::2], "0" * 32, *ids[1::2]]
+    roots = TraceRoots.of(
+        pl.DataFrame({"trace_id": everyone, "root_duration_ns": list(range(len(everyone)))})
+    )
+    picked = table.take(list(range(0, 300, 3)))
+    expected = roots.roots_of(picked.unique_trace_ids())
+    assert roots.roots_of(picked.unique_trace_series()).equals(expected) and expected.height > 3
