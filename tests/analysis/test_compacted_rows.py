@@ -3,8 +3,8 @@ the ids spell, each row's occurrence key hashed beforehand; what ``partitions.co
 every partition or stored piece before combining them) are the decisions over the rows as
 extracted: the same findings, occurrences (span ids, interventions, numbers, keys), evidence and
 near misses (with their span ids), whatever the shapes of the traces and the ids, and however the
-rows are split into pieces, some held as words and some as text. n_plus_one and
-fanout_straggler."""
+rows are split into pieces, some held as words and some as text. n_plus_one, fanout_straggler
+and fanout_concurrency_limit (its per-fan-out rule and its pool sweep across traces)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ import pytest
 
 from hourglass.analysis import partitions
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors import PARTS, _common, fanout_straggler, n_plus_one
+from hourglass.analysis.detectors import (
+    PARTS,
+    _common,
+    fanout_concurrency_limit,
+    fanout_straggler,
+    n_plus_one,
+)
 from hourglass.analysis.model import NearMissLog
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+from tests.analysis.test_fanout_concurrency_limit import DURATIONS, pooled_trace, shared_pool_traces
 from tests.analysis.test_fanout_straggler import search_trace
 from tests.builders import TraceBuilder, spans_table
 
@@ -79,12 +86,24 @@ SHAPES: dict[str, Callable[[], list[TraceBuilder]]] = {
         [search_trace([40, 42, 250, 41]) for _ in range(5)]
         + [search_trace([40, 42, 43], shard_attr=True) for _ in range(3)]
     ),
+    "pool: per fan-out": lambda: [pooled_trace(DURATIONS, 3)[0] for _ in range(6)],
+    "pool: ids not hex in some traces": lambda: (
+        [pooled_trace(DURATIONS, 3)[0] for _ in range(4)]
+        + [_text_ids(pooled_trace(DURATIONS, 3)[0]) for _ in range(3)]
+    ),
+    "pool: ids not hex anywhere": lambda: [_text_ids(pooled_trace(DURATIONS, 2)[0]) for _ in range(5)],
+    "pool: shared across traces": lambda: shared_pool_traces(30, 3, arrival_gap_ms=120),
+    "pool: shared, ids not hex in some traces": lambda: [
+        _text_ids(b) if i % 10 == 0 else b
+        for i, b in enumerate(shared_pool_traces(30, 3, arrival_gap_ms=120))
+    ],
 }
-KIND_OF = {"n+1": "n_plus_one", "fan-out": "fanout_straggler"}
-TABLE = {"n_plus_one": "sequences", "fanout_straggler": "occurrences"}
+KIND_OF = {"n+1": "n_plus_one", "fan-out": "fanout_straggler", "pool": "fanout_concurrency_limit"}
+TABLE = {"n_plus_one": "sequences", "fanout_straggler": "occurrences", "fanout_concurrency_limit": "fanouts"}
 WORDS = {
     "n_plus_one": [n_plus_one.SPAN_WORDS],
     "fanout_straggler": ["child_ids_words", "straggler_ids_words"],
+    "fanout_concurrency_limit": ["child_ids_words"],
 }
 
 
@@ -141,7 +160,7 @@ def test_the_decision_over_compacted_rows_is_the_decision_over_the_rows(
         assert words.null_count() == 0
     elif parts == 1 or "anywhere" in shape:  # (one piece with ids that are not hex: text)
         assert words.null_count() == table.height
-    else:  # some pieces as words, the others as text
+    elif "shared" not in shape:  # some pieces as words, the others as text
         assert 0 < words.null_count() < table.height
 
 
@@ -171,3 +190,12 @@ def test_compacted_rows_hold_the_span_ids_as_words_and_give_them_back() -> None:
             _common.id_lists(compacted_fanouts, column, words=False).to_list()
             == fanouts["occurrences"][column].to_list()
         )
+    pools = _parts("fanout_concurrency_limit", SHAPES["pool: per fan-out"](), 1)[0][
+        "fanout_concurrency_limit"
+    ]
+    compacted_pools = fanout_concurrency_limit.compact(pools)["fanouts"]
+    assert compacted_pools["child_ids_words"].dtype == pl.List(pl.UInt64)
+    assert (
+        _common.id_lists(compacted_pools, "child_ids", words=False).to_list()
+        == pools["fanouts"]["child_ids"].to_list()
+    )

@@ -70,7 +70,7 @@ PARTS: dict[str, DetectorParts] = {
         fanout_straggler.extract, fanout_straggler.decide, fanout_straggler.compact
     ),
     "fanout_concurrency_limit": DetectorParts(
-        fanout_concurrency_limit.extract, fanout_concurrency_limit.decide
+        fanout_concurrency_limit.extract, fanout_concurrency_limit.decide, fanout_concurrency_limit.compact
     ),
     "lock_contention": DetectorParts(lock_contention.extract, lock_contention.decide),
     "retry_without_backoff": DetectorParts(retry_without_backoff.extract, retry_without_backoff.decide),
