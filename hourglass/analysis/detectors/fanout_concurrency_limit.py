@@ -181,10 +181,10 @@ LISTS = ["child_ids", "child_ids" + _common.WORDS, KEY]
 def compact(rows: Rows) -> Rows:
     """The fan-outs as the decision holds them, made piece by piece before the pieces are combined
     (``partitions.combine``): the children's span-id lists as the words the ids spell, and each
-    row's occurrence key (:func:`_common.compact_id_lists`). Rows compacted already are returned
+    row's occurrence key (:func:`_common.compact_id_lists`). Rows compacted already (or none) are returned
     as they are; :func:`decide` compacts what it is given."""
     fanouts = rows.get("fanouts")
-    if fanouts is None or KEY in fanouts.columns:
+    if fanouts is None or KEY in fanouts.columns or not fanouts.height:
         return rows
     return {**rows, "fanouts": _common.compact_id_lists(fanouts, ["child_ids"], KEYED, KEY)}
 

@@ -149,9 +149,9 @@ def compact(rows: Rows) -> Rows:
     """The occurrences as the decision holds them, made piece by piece before the pieces are
     combined (``partitions.combine``): the branches' and stragglers' span-id lists as the words
     the ids spell, and each row's occurrence key (:func:`_common.compact_id_lists`). Rows
-    compacted already are returned as they are; :func:`decide` compacts what it is given."""
+    compacted already (or none) are returned as they are; :func:`decide` compacts what it is given."""
     occurrences = rows.get("occurrences")
-    if occurrences is None or KEY in occurrences.columns:
+    if occurrences is None or KEY in occurrences.columns or not occurrences.height:
         return rows
     return {**rows, "occurrences": _common.compact_id_lists(occurrences, ID_LISTS, KEYED, KEY)}
 

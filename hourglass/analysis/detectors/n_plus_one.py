@@ -206,10 +206,10 @@ def compact(rows: Rows) -> Rows:
     combined (``partitions.combine``): the calls' span-id lists as the 64-bit words the ids spell
     (:data:`SPAN_WORDS`; a million span ids at 12M stored spans, ~8 MiB instead of ~30 as
     strings) and each row's occurrence key (:data:`KEY`, of :data:`OCCURRENCE_KEY`):
-    :func:`_common.compact_id_lists`. Rows compacted already are returned as they are;
+    :func:`_common.compact_id_lists`. Rows compacted already (or none) are returned as they are;
     :func:`decide` compacts what it is given otherwise."""
     sequences = rows.get("sequences")
-    if sequences is None or KEY in sequences.columns:
+    if sequences is None or KEY in sequences.columns or not sequences.height:
         return rows
     return {**rows, "sequences": _common.compact_id_lists(sequences, ["span_id"], OCCURRENCE_KEY, KEY)}
 
