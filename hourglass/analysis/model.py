@@ -785,7 +785,7 @@ class Occurrences(Sequence[Occurrence]):
         if len(spans) != self._span_off[-1] or spans.null_count():
             raise ValueError("occurrences: span ids must be lists of strings, none null")
         if spans.dtype == pl.UInt64:  # (the words the ids spell: as they are held)
-            self._spans = _Ids(spans.to_numpy().astype(np.uint64).reshape(-1, 1), None)
+            self._spans = _Ids(np.asarray(spans.to_numpy(), dtype=np.uint64).reshape(-1, 1), None)
         else:
             self._spans = _Ids.of(spans.cast(pl.String).rename(""))
         if intervention is None:
@@ -827,7 +827,7 @@ class Occurrences(Sequence[Occurrence]):
                 self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
                 self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
                 self._iv_extra = (
-                    _Ids(ids.to_numpy().astype(np.uint64).reshape(-1, 1), None)
+                    _Ids(np.asarray(ids.to_numpy(), dtype=np.uint64).reshape(-1, 1), None)
                     if ids.dtype == pl.UInt64  # (words, as the span ids may be)
                     else _Ids.of(ids.cast(pl.String).rename(""))
                 )
