@@ -974,7 +974,9 @@ class IncrementalAnalysis:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         for kind in PARTS:
-            rows = partitions.combine({kind: self.load_rows(b, kind)} for b in members).get(kind, {})
+            rows = partitions.combine(({kind: self.load_rows(b, kind)} for b in members), compact=False).get(
+                kind, {}
+            )
             if rows:
                 self._write(partial / f"rows-{kind}.pickle", rows)
             del rows

@@ -362,6 +362,25 @@ class _Ids:
             found[rows[hit]] = True
         return found
 
+    def n_unique(self) -> int:
+        """How many distinct ids."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text.n_unique()
+        width = self.words.shape[1]
+        return pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).n_unique()
+
+    def first_unique(self, count: int) -> pl.Series:
+        """The first ``count`` distinct ids in the order first seen (a String series)."""
+        if self.words is None:
+            assert self.text is not None
+            return self.text.unique(maintain_order=True).head(count)
+        width = self.words.shape[1]
+        frame = pl.DataFrame({f"w{j}": self.words[:, j] for j in range(width)}).unique(maintain_order=True)
+        return _Ids(
+            np.ascontiguousarray(frame.head(count).to_numpy(), dtype=np.uint64).reshape(-1, width), None
+        ).series()
+
     def unique(self) -> pl.Series:
         """The distinct ids in the order first seen (a String series)."""
         if self.words is None:
@@ -748,7 +767,9 @@ class Occurrences(Sequence[Occurrence]):
         which differs from Python's ``/`` in the last bit). ``ShortenSpan``: ``shortened`` (span ids, by_ns),
         two list columns: one ``ShortenSpan(id, int(by))`` per element of an occurrence's lists (span ids equal
         to ``span_ids``: held as positions in them). ``None``: no
-        intervention (``interventions=()``; no parameter, no ``shortened``). The same
+        intervention (``interventions=()``; no parameter, no ``shortened``). ``span_ids`` may also be
+        lists of the 64-bit words the ids spell (List(UInt64), :func:`hex_words` of 16-digit ids):
+        held as they are, the same occurrences as of their text. The same
         occurrences as :meth:`from_list` of those objects (``tests/analysis/test_occurrence_columns.py``)."""
         n = len(trace_ids)
         for name, column in [("trace ids", trace_ids), ("span ids", span_ids), ("keys", keys)]:
@@ -760,10 +781,13 @@ class Occurrences(Sequence[Occurrence]):
         lengths = span_ids.list.len().to_numpy().astype(np.int64)
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._span_off[1:])
-        spans = span_ids.explode(empty_as_null=False, keep_nulls=False).cast(pl.String).rename("")
-        if len(spans) != self._span_off[-1]:
+        spans = span_ids.explode(empty_as_null=False, keep_nulls=False)
+        if len(spans) != self._span_off[-1] or spans.null_count():
             raise ValueError("occurrences: span ids must be lists of strings, none null")
-        self._spans = _Ids.of(spans)
+        if spans.dtype == pl.UInt64:  # (the words the ids spell: as they are held)
+            self._spans = _Ids(np.asarray(spans.to_numpy(), dtype=np.uint64).reshape(-1, 1), None)
+        else:
+            self._spans = _Ids.of(spans.cast(pl.String).rename(""))
         if intervention is None:
             if parameter is not None or shortened is not None:
                 raise ValueError("occurrences: no intervention takes no parameter")
@@ -802,7 +826,11 @@ class Occurrences(Sequence[Occurrence]):
             else:
                 self._iv_start = np.full(m, -1, dtype=np.int32)  # its span id held apart
                 self._iv_ex_off = np.arange(m + 1, dtype=np.int64)
-                self._iv_extra = _Ids.of(ids.cast(pl.String).rename(""))
+                self._iv_extra = (
+                    _Ids(np.asarray(ids.to_numpy(), dtype=np.uint64).reshape(-1, 1), None)
+                    if ids.dtype == pl.UInt64  # (words, as the span ids may be)
+                    else _Ids.of(ids.cast(pl.String).rename(""))
+                )
             self._iv_float = np.zeros(m, dtype=np.float64)
             self._iv_ptype = np.full(m, _INT, dtype=np.uint8)
             self._iv_int = by.cast(pl.Int64).to_numpy().astype(np.int64)  # (int(): toward zero)
@@ -1116,6 +1144,20 @@ class Occurrences(Sequence[Occurrence]):
         """The distinct trace ids in the order first seen (``Finding.trace_ids``)."""
         return self._trace.unique().to_list()
 
+    def unique_trace_series(self) -> pl.Series:
+        """The distinct trace ids in the order first seen, as a String series (``Finding.trace_ids``
+        without a Python string each)."""
+        return self._trace.unique()
+
+    def unique_trace_count(self) -> int:
+        """How many distinct trace ids (``len(Finding.trace_ids)``, without a Python string each)."""
+        return self._trace.n_unique()
+
+    def first_trace_ids(self, count: int) -> list[str]:
+        """The first ``count`` distinct trace ids in the order first seen (``Finding.trace_ids[:count]``,
+        only those decoded)."""
+        return self._trace.first_unique(count).to_list()
+
     def has_interventions(self) -> np.ndarray:
         """Per occurrence: whether it carries an intervention."""
         return self._iv_off[1:] > self._iv_off[:-1]
@@ -1337,10 +1379,13 @@ class TraceRoots:
     def height(self) -> int:
         return len(self._durations)
 
-    def roots_of(self, trace_ids: Sequence[str]) -> pl.DataFrame:
+    def roots_of(self, trace_ids: Sequence[str] | pl.Series) -> pl.DataFrame:
         """(trace_id, root_ms) of the rows whose trace is one of ``trace_ids``, in order (as
         filtering the frame they came from)."""
-        rows = np.flatnonzero(self._ids.is_in(pl.Series(list(trace_ids), dtype=pl.String)))
+        wanted = (
+            trace_ids if isinstance(trace_ids, pl.Series) else pl.Series(list(trace_ids), dtype=pl.String)
+        )
+        rows = np.flatnonzero(self._ids.is_in(wanted.cast(pl.String)))
         found = pl.DataFrame(
             {
                 "trace_id": self._ids.gather(rows).series(),

@@ -261,11 +261,17 @@ def extract(ctx: AnalysisContext, kinds: Iterable[str] | None = None) -> dict[st
     return out
 
 
-def combine(extracted: Iterable[dict[str, Rows]]) -> dict[str, Rows]:
-    """The extractions of several partitions as one, table by table (empty tables dropped)."""
+def combine(extracted: Iterable[dict[str, Rows]], *, compact: bool = True) -> dict[str, Rows]:
+    """The extractions of several partitions as one, table by table (empty tables dropped). With
+    ``compact``, each partition's rows are first made as their kind's decision holds them
+    (``DetectorParts.compact``), one partition at a time; without, they are combined as
+    extracted (serve's stored segments: the rows stored as extracted)."""
     tables: dict[str, dict[str, list[pl.DataFrame]]] = {}
     for by_kind in extracted:
         for kind, rows in by_kind.items():
+            made = PARTS[kind].compact if compact and kind in PARTS else None
+            if made is not None:
+                rows = made(rows)
             kind_tables = tables.setdefault(kind, {})
             for name, frame in rows.items():
                 frames = kind_tables.setdefault(name, [])

@@ -81,9 +81,13 @@ def finite(obj: Any) -> Any:
 
 def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
     f = scored.finding
-    trace_ids = f.trace_ids
+    # the traces counted and the first exemplars decoded, not a Python string per trace
+    # (``f.trace_ids``: a finding over 10^5 traces made ~10^5 strings here)
+    table = f.occurrence_table
     evidence: dict[str, Any] = dict(f.evidence)
-    exemplars = [str(t) for t in (evidence.get("trace_ids") or trace_ids)][:MAX_EXEMPLAR_TRACES]
+    exemplars = [str(t) for t in (evidence.get("trace_ids") or table.first_trace_ids(MAX_EXEMPLAR_TRACES))][
+        :MAX_EXEMPLAR_TRACES
+    ]
     evidence["trace_ids"] = exemplars
     # the occurrences of the exemplar traces, materialized (not every one of the finding)
     shown = f.occurrence_table.filter_traces(exemplars)
@@ -125,7 +129,7 @@ def recommendation(scored: Scored, rank: int) -> dict[str, Any]:
             "service": f.service,
             "operation": f.operation,
             "targets": [dict(t) for t in f.targets],
-            "traces_affected": len(trace_ids),
+            "traces_affected": table.unique_trace_count(),
             "occurrences": len(f.occurrences),
             "impact": impact,
             "confidence": round(float(f.confidence), 3),
@@ -180,12 +184,19 @@ def build_report(
 ) -> dict[str, Any]:
     """The report; ``near_misses`` (given only with ``explain``) adds the two near-miss keys."""
     when = (generated_at or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    recommendations = []
+    for i, s in enumerate(ranked):
+        recommendations.append(recommendation(s, i + 1))
+        # the columns of its parked occurrences read back (serve's round: the trace ids, the
+        # exemplars' rows) let go before the next finding's are read, not held until every
+        # finding's are (``Occurrences.release``; nothing for occurrences held in memory)
+        s.finding.occurrence_table.release()
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "generated_at": when.isoformat().replace("+00:00", "Z"),
         "traces_analyzed": int(traces_analyzed),
         "spans_analyzed": int(spans_analyzed),
-        "recommendations": [recommendation(s, i + 1) for i, s in enumerate(ranked)],
+        "recommendations": recommendations,
         "writer": {"name": None, "fallback_reason": None},
     }
     if near_misses is not None:

@@ -59,19 +59,25 @@ DETECTORS: dict[str, Detector] = {
 class DetectorParts:
     extract: Callable[[AnalysisContext], Rows]
     decide: Callable[[Rows, NearMissSink], list[Finding]]
+    # the rows as the decision holds them, made per partition or stored piece before they are
+    # combined (``partitions.combine``): what a decision keeps of every row smaller; ``decide``
+    # takes rows compacted or not
+    compact: Callable[[Rows], Rows] | None = None
 
 
 PARTS: dict[str, DetectorParts] = {
-    "fanout_straggler": DetectorParts(fanout_straggler.extract, fanout_straggler.decide),
+    "fanout_straggler": DetectorParts(
+        fanout_straggler.extract, fanout_straggler.decide, fanout_straggler.compact
+    ),
     "fanout_concurrency_limit": DetectorParts(
-        fanout_concurrency_limit.extract, fanout_concurrency_limit.decide
+        fanout_concurrency_limit.extract, fanout_concurrency_limit.decide, fanout_concurrency_limit.compact
     ),
     "lock_contention": DetectorParts(lock_contention.extract, lock_contention.decide),
     "retry_without_backoff": DetectorParts(retry_without_backoff.extract, retry_without_backoff.decide),
     "error_propagation": DetectorParts(error_propagation.extract, error_propagation.decide),
     "missing_timeout": DetectorParts(missing_timeout.extract, missing_timeout.decide),
     "batchable_calls": DetectorParts(batchable_calls.extract, batchable_calls.decide),
-    "n_plus_one": DetectorParts(n_plus_one.extract, n_plus_one.decide),
+    "n_plus_one": DetectorParts(n_plus_one.extract, n_plus_one.decide, n_plus_one.compact),
     "serialized_calls": DetectorParts(serialized_calls.extract, serialized_calls.decide),
 }
 

@@ -34,9 +34,18 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.model import CollapseSpans, Finding, NearMissLog, Occurrence, Occurrences
+from hourglass.analysis.model import (
+    CollapseSpans,
+    Finding,
+    NearMissLog,
+    Occurrence,
+    Occurrences,
+    hex_text,
+    hex_words,
+)
 from hourglass.analysis.model import num as num  # detectors read it as _common.num
 from hourglass.analysis.repair import STATEMENT_NAME, TOLERANCE_FRACTION, TOLERANCE_MAX_NS, TOLERANCE_MIN_NS
 from hourglass.collector.schema import (
@@ -758,6 +767,85 @@ def occurrence_values(
     by the row's occurrence key (:func:`occurrence_keys` of ``key_columns`` and ``extra``)."""
     keys = occurrence_keys(frame, key_columns, *extra).to_list()
     return zip(*column_values(frame, names), keys, strict=True)
+
+
+def _lists(offsets: np.ndarray, values: pa.Array) -> pl.Series:
+    """A list column: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
+    made = pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), values))
+    assert isinstance(made, pl.Series)
+    return made.rename("")
+
+
+def id_words(lists: pl.Series) -> pl.Series | None:
+    """A column of span-id lists (List(String), none null) as lists of the 64-bit words the ids
+    spell (List(UInt64), as :func:`hourglass.analysis.model.hex_words` reads them: 8 bytes an id
+    instead of a polars string's 32) when every id is lowercase hex of 16 digits (OTLP's span
+    ids); else None. Made by polars, in its own memory. :func:`id_text` gives the lists back."""
+    if lists.dtype != pl.List(pl.String) or lists.null_count() or not len(lists):
+        return None
+    flat = lists.explode(empty_as_null=False, keep_nulls=False)
+    if flat.null_count() or (flat.str.len_bytes() != 16).any() or flat.str.contains("[^0-9a-f]").any():
+        return None
+    del flat
+    return lists.list.eval(pl.element().str.to_integer(base=16, dtype=pl.UInt64)).rename("")
+
+
+def id_text(words: pl.Series) -> pl.Series:
+    """The span-id lists that ``words`` (:func:`id_words`) spell, as List(String)."""
+    lengths = words.list.len().fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = words.explode(empty_as_null=False, keep_nulls=False).to_numpy().astype(np.uint64)
+    text = hex_text(flat.reshape(-1, 1)) if len(flat) else pl.Series("", [], dtype=pl.String)
+    return _lists(offsets, text.cast(pl.String).to_arrow().cast(pa.large_string()))
+
+
+WORDS = "_words"  # the suffix of a list column's words (:func:`compact_id_lists`)
+
+
+def compact_id_lists(frame: pl.DataFrame, columns: list[str], keyed: list[str], key: str) -> pl.DataFrame:
+    """``frame`` as a decision holds it: each span-id list column of ``columns`` as the words its
+    ids spell (``column + WORDS``, :func:`id_words`; the text column then null) when every id of
+    every one of them is lowercase hex of 16 digits, else left as text (the words null); and each
+    row's occurrence key (``key``: :func:`occurrence_keys` of ``keyed``, hashed on the text, so
+    the keys are those made of the rows as extracted). The same columns either way, so frames
+    compacted apart combine. :func:`id_lists` reads a column back."""
+    n = frame.height
+    keys = occurrence_keys(frame, keyed).alias(key)
+    words: list[pl.Series] = []
+    for column in columns:
+        made = id_words(frame[column])
+        if made is None:
+            break
+        words.append(made)
+    if len(words) == len(columns):
+        return frame.with_columns(
+            *(pl.repeat(None, n, dtype=pl.List(pl.String), eager=True).alias(c) for c in columns),
+            *(w.alias(c + WORDS) for c, w in zip(columns, words, strict=True)),
+            keys,
+        )
+    del words
+    return frame.with_columns(
+        *(pl.repeat(None, n, dtype=pl.List(pl.UInt64), eager=True).alias(c + WORDS) for c in columns), keys
+    )
+
+
+def id_lists(frame: pl.DataFrame, column: str, head: str | None = None, *, words: bool = True) -> pl.Series:
+    """The lists of ``column`` of a frame compacted by :func:`compact_id_lists` (rows from pieces
+    held as words and as text alike), each headed by the row's ``head`` id when given: as words
+    (List(UInt64)) when ``words`` and every one of them is held so (the head's words made from its
+    text), else as text (List(String))."""
+    held = frame[column + WORDS]
+    if words and not held.null_count():
+        if head is None:
+            return held
+        heads = hex_words(frame[head]) if len(frame) else None
+        if heads is not None and heads.shape[1] == 1:
+            return pl.select(pl.concat_list(pl.Series(heads[:, 0]), held)).to_series()
+    text = frame[column]
+    if held.null_count() < len(held):
+        text = pl.select(pl.coalesce(text, id_text(held))).to_series().rename(column)
+    return text if head is None else pl.select(pl.concat_list(frame[head], text)).to_series()
 
 
 OCCURRENCE_CHUNK = 1 << 14  # rows of a finding made into occurrences at a time (:func:`occurrences_by_chunk`)

@@ -72,6 +72,7 @@ from __future__ import annotations
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
@@ -171,8 +172,26 @@ def extract(ctx: AnalysisContext) -> Rows:
     }
 
 
+KEY = "_key"
+KEYED = ["trace_id", "parent_span_id", "child_ids"]
+# what a finding takes of its fan-outs' rows only, when it makes their occurrences (:func:`compact`'s)
+LISTS = ["child_ids", "child_ids" + _common.WORDS, KEY]
+
+
+def compact(rows: Rows) -> Rows:
+    """The fan-outs as the decision holds them, made piece by piece before the pieces are combined
+    (``partitions.combine``): the children's span-id lists as the words the ids spell, and each
+    row's occurrence key (:func:`_common.compact_id_lists`). Rows compacted already (or none) are returned
+    as they are; :func:`decide` compacts what it is given."""
+    fanouts = rows.get("fanouts")
+    if fanouts is None or KEY in fanouts.columns or not fanouts.height:
+        return rows
+    return {**rows, "fanouts": _common.compact_id_lists(fanouts, ["child_ids"], KEYED, KEY)}
+
+
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: the capped rate per signature, and the shared-pool sweep across traces."""
+    rows = compact(rows)
     misses: list[Miss] = []  # (signature, reason, traces, count)
     _no_cap_misses(rows.get("uncapped"), rows.get("fanouts"), misses)
     fanouts = rows.get("fanouts")
@@ -401,9 +420,9 @@ def _per_fanout_findings(
     findings = []
     # the children's span-id lists stay where they are (``_row``: a fan-out's position): a finding
     # takes its rows' lists a chunk at a time, when it makes their occurrences
-    lists = groups.select("child_ids")
+    lists = groups.select(LISTS)
     for frame in sorted_partitions(
-        groups.drop("child_ids").with_row_index("_row"),
+        groups.drop(LISTS).with_row_index("_row"),
         SIGNATURE,
         ["first_start_ns", "trace_id", "parent_span_id"],
         (pl.col("k") >= 2) | pl.col("pool_evidence"),
@@ -499,6 +518,8 @@ def _pool_calls(
     capped = capped.filter("in_pool")
     if capped.is_empty():
         return calls
+    if "child_ids" + _common.WORDS in capped.columns:  # (compacted: the ids as text again)
+        capped = capped.with_columns(_common.id_lists(capped, "child_ids", words=False).alias("child_ids"))
     exploded = (
         capped.select(
             *SIGNATURE,
@@ -696,7 +717,6 @@ def _finding(
     traces = frame["trace_id"].n_unique()
     k_share = float((frame["k"] == k_mode).sum()) / frame.height
     pool_evidence = bool(frame["pool_evidence"].any())
-    keyed = ["trace_id", "parent_span_id", "child_ids"]
     # the parent and its children, the children run concurrently: made in columns, no object
     # per occurrence (``Occurrences.from_columns``)
 
@@ -704,8 +724,14 @@ def _finding(
         part = frame.slice(start, length)
         if lists is not None:
             part = pl.concat([part, lists[part["_row"]]], how="horizontal")
+        compacted = "child_ids" + _common.WORDS in part.columns
+        spans = (
+            _common.id_lists(part, "child_ids", "parent_span_id")
+            if compacted
+            else part.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series()
+        )
         made = part.select(
-            pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids")).alias("_spans"),
+            spans.alias("_spans"),
             pl.col("queued_per_call_ns").fill_null(0),  # (``or 0``)
             "k",
             "n",
@@ -733,7 +759,7 @@ def _finding(
                     "cap_hits": ("cap_hits", 1),
                 },
             ),
-            keys=occurrence_keys(part, keyed),
+            keys=part[KEY] if compacted else occurrence_keys(part, KEYED),
         )
 
     occurrences = occurrences_by_chunk(frame.height, make)

@@ -54,11 +54,11 @@ import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
     fanout_finding,
-    occurrence_keys,
     occurrences_by_chunk,
     sibling_groups,
     sorted_partitions,
@@ -138,7 +138,22 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
 
 SIGNATURE = ["parent_service", "parent_name", "service", "name", "endpoint"]
 # an occurrence's span ids and how much each straggler is shortened
-LISTS = ["child_ids", "straggler_ids", "shorten_by"]
+ID_LISTS = ["child_ids", "straggler_ids"]
+KEY = "_key"
+KEYED = ["trace_id", "parent_span_id", "child_ids", "straggler_ids", "shorten_by"]
+# what a finding takes of its rows only, when it makes their occurrences (:func:`compact`'s columns)
+LISTS = [*ID_LISTS, "shorten_by", *(c + _common.WORDS for c in ID_LISTS), KEY]
+
+
+def compact(rows: Rows) -> Rows:
+    """The occurrences as the decision holds them, made piece by piece before the pieces are
+    combined (``partitions.combine``): the branches' and stragglers' span-id lists as the words
+    the ids spell, and each row's occurrence key (:func:`_common.compact_id_lists`). Rows
+    compacted already (or none) are returned as they are; :func:`decide` compacts what it is given."""
+    occurrences = rows.get("occurrences")
+    if occurrences is None or KEY in occurrences.columns or not occurrences.height:
+        return rows
+    return {**rows, "occurrences": _common.compact_id_lists(occurrences, ID_LISTS, KEYED, KEY)}
 
 
 def extract(ctx: AnalysisContext) -> Rows:
@@ -227,6 +242,7 @@ def extract(ctx: AnalysisContext) -> Rows:
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: straggler rate, skew or tail, confidence — on :func:`extract`'s rows of
     any number of partitions."""
+    rows = compact(rows)
     fanouts = rows.get("fanouts")
     if fanouts is None or fanouts.is_empty():
         return []
@@ -346,7 +362,6 @@ def _finding(frame: pl.DataFrame, lists: pl.DataFrame, notes: NearMissSink | Non
 
     ratio = frame["max_ns"] / frame["median_ns"]
     excess = frame["max_ns"] - frame["median_ns"]
-    keyed = ["trace_id", "parent_span_id", "child_ids", "straggler_ids", "shorten_by"]
     # the parent and its children, each straggler shortened to the median: made in columns, no
     # object per occurrence (``Occurrences.from_columns``); the numbers divided by numpy (as Python)
     median_ns = frame["median_ns"].cast(pl.Float64).to_numpy()
@@ -357,19 +372,21 @@ def _finding(frame: pl.DataFrame, lists: pl.DataFrame, notes: NearMissSink | Non
     def make(start: int, length: int) -> Occurrences:  # (a chunk of rows at a time: occurrences_by_chunk)
         part, rows = frame.slice(start, length), slice(start, start + length)
         part = pl.concat([part, lists[part["_row"]]], how="horizontal")
+        spans = _common.id_lists(part, "child_ids", "parent_span_id")
+        stragglers = _common.id_lists(part, "straggler_ids", words=spans.dtype == pl.List(pl.UInt64))
         return Occurrences.from_columns(
             part["trace_id"],
-            part.select(pl.concat_list(pl.col("parent_span_id"), pl.col("child_ids"))).to_series(),
+            spans,
             intervention=ShortenSpan,
-            shortened=(part["straggler_ids"], part["shorten_by"]),
+            shortened=(stragglers, part["shorten_by"]),
             numbers={
                 "branches": part["n"].cast(pl.Float64),
                 "median_ms": median_ns[rows] / 1e6,
                 "max_ms": max_ns[rows] / 1e6,
                 "max_over_median": over[rows],
-                "stragglers": part["straggler_ids"].list.len().cast(pl.Float64),
+                "stragglers": stragglers.list.len().cast(pl.Float64),
             },
-            keys=occurrence_keys(part, keyed),
+            keys=part[KEY],
         )
 
     occurrences = occurrences_by_chunk(frame.height, make)

@@ -152,7 +152,7 @@ def _note_dropped(notes: NearMissSink, sequences: pl.DataFrame, rows: pl.Series)
         (pl.col("caller_saving_ns") / pl.col("parent_duration_ns")).median().alias("caller_share"),
     )
     # (``span_id`` above is the row of the group's first sequence: its list in its place)
-    per_caller = per_caller.with_columns(sequences["span_id"].gather(per_caller["span_id"]))
+    per_caller = per_caller.with_columns(_span_text(sequences, per_caller["span_id"]))
     for r in per_caller.iter_rows(named=True):
         if r["on_path"] == 0:
             reason = f"{r['count']} sequences, none on the critical path"
@@ -196,12 +196,45 @@ DROPPED_COLUMNS = ["caller_service", "caller_name", "op_label", "trace_id", "cal
 OCCURRENCE_KEY = ["trace_id", "caller_span_id", "span_id", "batched_ns"]
 
 
+# The columns :func:`compact` adds: the calls' span ids as words, and the occurrence key
+SPAN_WORDS = "span_id" + _common.WORDS
+KEY = "_key"
+
+
+def compact(rows: Rows) -> Rows:
+    """The sequences as the decision holds them, made piece by piece before the pieces are
+    combined (``partitions.combine``): the calls' span-id lists as the 64-bit words the ids spell
+    (:data:`SPAN_WORDS`; a million span ids at 12M stored spans, ~8 MiB instead of ~30 as
+    strings) and each row's occurrence key (:data:`KEY`, of :data:`OCCURRENCE_KEY`):
+    :func:`_common.compact_id_lists`. Rows compacted already (or none) are returned as they are;
+    :func:`decide` compacts what it is given otherwise."""
+    sequences = rows.get("sequences")
+    if sequences is None or KEY in sequences.columns or not sequences.height:
+        return rows
+    return {**rows, "sequences": _common.compact_id_lists(sequences, ["span_id"], OCCURRENCE_KEY, KEY)}
+
+
+def _span_text(sequences: pl.DataFrame, at: pl.Series) -> pl.Series:
+    """The calls' span-id lists (List(String)) of the rows ``at`` of compacted ``sequences``."""
+    return _common.id_lists(sequences.select("span_id", SPAN_WORDS)[at], "span_id", words=False)
+
+
+def _span_lists(sequences: pl.DataFrame, at: pl.Series) -> pl.Series:
+    """Per row ``at`` of compacted ``sequences``: the caller's span id and its calls', as words
+    (List(UInt64)) when every one of them is held so, else as text."""
+    return _common.id_lists(
+        sequences.select("caller_span_id", "span_id", SPAN_WORDS)[at], "span_id", "caller_span_id"
+    )
+
+
 def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     """Cross-trace half: a caller's sequential share and concurrency, confidence, findings.
 
-    Decided on the sequences' key and numeric columns: the rows are ordered by an index sorted on
-    :data:`ORDER` (not sorted whole: each row carries its calls' span-id list), and the span-id
-    lists are taken only for the sequences a finding or a near miss names."""
+    Decided on the sequences' key and numeric columns (:func:`compact`: the span-id lists held as
+    words, the occurrence keys hashed when the rows were compacted): the rows are ordered by an
+    index sorted on :data:`ORDER` (not sorted whole: each row carries its calls' span-id list),
+    and the span-id lists are taken only for the sequences a finding or a near miss names."""
+    rows = compact(rows)
     sequences = rows.get("sequences")
     if sequences is None or sequences.is_empty():
         return []
@@ -218,7 +251,7 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
     concurrent_share = dict(totals.select(key_of, pl.col("overlapping") / pl.col("instances")).iter_rows())
     instances = dict(totals.select(key_of, "instances").iter_rows())
     # every kept row's occurrence key at once (a key depends on its row alone), taken per finding below
-    keys = _common.occurrence_keys(sequences, OCCURRENCE_KEY) if kept.len() else None
+    keys = sequences[KEY]
     groups = (
         sequences.select(FINDING_KEY)
         .with_row_index("_row")[kept]
@@ -248,12 +281,13 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
                     if share >= MAX_CONCURRENT_SHARE
                     else f"one after another in {group.height} of {seen} instances < {MIN_SEQUENCE_SHARE:.0%}"
                 ),
-                group["trace_id"].unique().to_list(),
-                [sequences["caller_span_id"][first], *sequences["span_id"][first]],
+                group["trace_id"]
+                .unique(maintain_order=True)
+                .to_list(),  # (in the rows' order: the same every run)
+                [sequences["caller_span_id"][first], *_span_text(sequences, at.head(1))[0]],
                 seen,
             )
             continue
-        assert keys is not None  # (kept rows exist)
         occurrences = _occurrences(group, sequences, at, keys.gather(at))
         trace_ids = group["trace_id"].unique(maintain_order=True)
         distinct_share, params_known, median_calls = _common.parameter_stats(group)
@@ -292,14 +326,14 @@ def decide(rows: Rows, notes: NearMissSink) -> list[Finding]:
 def _occurrences(group: pl.DataFrame, sequences: pl.DataFrame, at: pl.Series, keys: pl.Series) -> Occurrences:
     """One occurrence per sequence of ``group`` (the rows ``at`` of ``sequences``; ``keys``: their
     occurrence keys): the caller and its calls, collapsed into one call of ``batched_ns`` — the
-    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken,
-    a chunk of rows at a time (:func:`_common.occurrences_by_chunk`)."""
+    occurrences of :func:`_common.batch_occurrences`, with only these rows' span-id lists taken:
+    at once when every row's are held as words (:func:`compact`: taken as they are, their working
+    set a few copies of 8 bytes an id), else a chunk of rows at a time
+    (:func:`_common.occurrences_by_chunk`: their text decoded into words a chunk at a time)."""
 
     def make(start: int, length: int) -> Occurrences:
         part, rows = group.slice(start, length), at.slice(start, length)
-        spans = pl.select(
-            pl.concat_list(sequences["caller_span_id"].gather(rows), sequences["span_id"].gather(rows))
-        ).to_series()
+        spans = _span_lists(sequences, rows)
         return Occurrences.from_columns(
             part["trace_id"],
             spans,
@@ -319,6 +353,8 @@ def _occurrences(group: pl.DataFrame, sequences: pl.DataFrame, at: pl.Series, ke
             keys=keys.slice(start, length),
         )
 
+    if not sequences[SPAN_WORDS].null_count():  # (held as words: no text to decode, no chunks)
+        return make(0, group.height)
     return _common.occurrences_by_chunk(group.height, make)
 
 
