@@ -297,7 +297,9 @@ class AnalysisService:
         marker = self._change_marker()
         # The unique span count (what the status shows as the spans the run covered) examines
         # every trace written since the last compaction (1-2 s at 10M stored under 20,000
-        # spans/s): counted in a thread of its own while the worker runs the round, not before it.
+        # spans/s): counted in a thread of its own while the worker runs the round, not before it;
+        # not beside the worker's reads (the store runs one memory-heavy query at a time:
+        # ``DuckDBSpanStore.serialized``), so its hash tables and a read's sort do not add up.
         count = _Counting(self.store, stages)
         now_ns = time.time_ns()
         # imported here: the incremental module loads the detectors (~0.3 s), which starting the

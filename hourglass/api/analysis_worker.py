@@ -645,19 +645,22 @@ class AnalysisWorker:
                         status, payload = message
                         break
                     read_started = time.perf_counter()
-                    try:
-                        # streamed from the store into the file the worker maps: neither DuckDB nor
-                        # this process holds the whole read (a failed one leaves no file)
-                        shipped, written = _answer_shipped(reader, message[1])
-                    except Exception as exc:
-                        log.exception("reading spans for the analysis worker failed")
-                        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-                        continue
-                    if written is not None:
-                        shipped_files.append(written)
-                    conn.send(("table", shipped))
-                    del shipped  # a table sent through the pipe is not kept until the next read
-                    reader.release()
+                    # one memory-heavy query of the store at a time (a count of its spans, a
+                    # compaction wait for this read and its release, and it for them)
+                    with reader.serialized():
+                        try:
+                            # streamed from the store into the file the worker maps: neither DuckDB
+                            # nor this process holds the whole read (a failed one leaves no file)
+                            shipped, written = _answer_shipped(reader, message[1])
+                        except Exception as exc:
+                            log.exception("reading spans for the analysis worker failed")
+                            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                            continue
+                        if written is not None:
+                            shipped_files.append(written)
+                        conn.send(("table", shipped))
+                        del shipped  # a table sent through the pipe is not kept until the next read
+                        reader.release()
                     took = time.perf_counter() - read_started
                     reading += took
                     kind = str(message[1][0])
@@ -861,6 +864,13 @@ class StoreReader:
         if kind in streams and callable(method := getattr(store, streams[kind], None)):
             return method(*args)
         return contextlib.nullcontext(self.answer(request).to_reader())
+
+    def serialized(self) -> contextlib.AbstractContextManager[None]:
+        """For the ``with`` block, the reads are the store's one memory-heavy query at a time
+        (``DuckDBSpanStore.serialized``: its span count, compaction and retention wait for them,
+        and they for those) when the store has such a rule; else nothing."""
+        method = getattr(getattr(self, "store", None), "serialized", None)
+        return method() if callable(method) else contextlib.nullcontext()
 
     def release(self) -> None:
         """Drop what the reads left cached in the store (``release_cache``: DuckDB keeps the

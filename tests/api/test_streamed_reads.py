@@ -245,6 +245,64 @@ def test_the_worker_gets_a_mid_stream_failure_as_the_error_of_that_read(
     assert os.listdir(shm) == []
 
 
+@pytest.mark.timeout(60)
+def test_a_span_count_asked_for_during_a_read_of_the_worker_runs_after_it(
+    store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers the worker's reads as the store's one memory-heavy query at a time:
+    a count of the store's spans (the round's, started beside the worker, or one of /v1/stats)
+    asked for while a read is answered runs once that read is shipped and its cache released,
+    not beside it (a soak's server peaked where the count's hash tables and a read's sort met)."""
+    import multiprocessing
+
+    parent, child = multiprocessing.Pipe()
+    worker = AnalysisWorker()
+    monkeypatch.setattr(worker, "_ensure", lambda: parent)
+    ids = sorted(r["trace_id"] for r in store.trace_arrivals(0).to_pylist())
+    reading = threading.Event()
+    counted_while_reading: list[bool] = []
+    original_count = store._count
+
+    def count(**kwargs: Any) -> Any:
+        counted_while_reading.append(reading.is_set())
+        return original_count(**kwargs)
+
+    monkeypatch.setattr(store, "_count", count)
+    counters: list[threading.Thread] = []
+    reader = StoreReader(store)
+    original_stream = reader.stream
+
+    @contextlib.contextmanager
+    def stream(request: tuple[Any, ...]) -> Iterator[pa.RecordBatchReader]:
+        with original_stream(request) as batches:
+            reading.set()
+            counter = threading.Thread(target=store.stats)
+            counter.start()
+            counters.append(counter)
+            counter.join(0.5)  # (done at once when nothing holds it back)
+            try:
+                yield batches
+            finally:
+                reading.clear()
+
+    monkeypatch.setattr(reader, "stream", stream)
+    got: list[int] = []
+
+    def play_worker() -> None:
+        assert child.recv()[0] == "incremental"  # the round's request
+        got.append(PipeReader(child).batch(ids, None, None).num_rows)
+        child.send(("error", "Traceback ...\nValueError: the round stopped here"))
+
+    player = threading.Thread(target=play_worker)
+    player.start()
+    with pytest.raises(RuntimeError, match="the round stopped here"):
+        worker.run_incremental({"sidecar": "x"}, reader)
+    player.join(10)
+    counters[0].join(10)
+    assert got == [360]
+    assert counted_while_reading == [False]
+
+
 def test_a_file_that_cannot_be_written_sends_the_read_whole_through_the_pipe(
     store: DuckDBSpanStore, shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

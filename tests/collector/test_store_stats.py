@@ -434,3 +434,33 @@ def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
     for h, expected in truth.items():
         assert ranges.ranges([h]) == [expected]
     assert ranges.ranges([h for h in range(5)]) == []  # (none of these held)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("heavy", ["count", "compact", "retention"])
+def test_counts_compaction_and_retention_wait_for_a_serialized_read(tmp_path: Path, heavy: str) -> None:
+    """The store's memory-heavy queries run one at a time: a count of its spans, a compaction or
+    a retention asked for while a thread reads under ``serialized()`` (serve's reads for its
+    analysis worker) waits for that read to end, so their peaks do not add up (in a soak the
+    round's count ran beside the worker's reads, compaction beside both)."""
+    store = DuckDBSpanStore(str(tmp_path / "s.duckdb"))
+    try:
+        store.write(_rows([(t, s) for t in range(50) for s in range(4)], 1 * SECOND, 2 * SECOND))
+        store.write(_rows([(0, 0), (1, 1)], 2 * SECOND, 2 * SECOND))  # copies: compaction's work
+        run: Callable[[], object] = {
+            "count": store.stats,
+            "compact": store.compact,
+            "retention": lambda: store.delete_older_than(3 * SECOND),
+        }[heavy]
+        with store.serialized():
+            other = threading.Thread(target=run)
+            other.start()
+            other.join(0.5)  # (done at once when nothing holds it back)
+            assert other.is_alive()
+            # the rows stay readable meanwhile (a read not serialized does not wait)
+            assert store.scan(columns=("trace_id",)).num_rows >= 200
+        other.join(30)
+        assert not other.is_alive()
+        assert store.stats() == _recount(store)
+    finally:
+        store.close()
