@@ -782,9 +782,11 @@ class Occurrences(Sequence[Occurrence]):
         self._span_off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._span_off[1:])
         spans = span_ids.explode(empty_as_null=False, keep_nulls=False)
-        if len(spans) != self._span_off[-1] or spans.null_count():
-            raise ValueError("occurrences: span ids must be lists of strings, none null")
+        if len(spans) != self._span_off[-1]:
+            raise ValueError("occurrences: span ids must be lists of strings")
         if spans.dtype == pl.UInt64:  # (the words the ids spell: as they are held)
+            if spans.null_count():  # (a null has no word; as text it stays a None span id)
+                raise ValueError("occurrences: span ids given as words must have none null")
             self._spans = _Ids(np.asarray(spans.to_numpy(), dtype=np.uint64).reshape(-1, 1), None)
         else:
             self._spans = _Ids.of(spans.cast(pl.String).rename(""))

@@ -340,13 +340,15 @@ class _HeldNotes(NearMissLog):
 def _decide_kind(
     kind: str, rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None
 ) -> list[Finding]:
-    kind_rows = rows[kind]
+    # ``rows[kind]`` handed on, not kept here: a decision that compacts the rows it is given
+    # (``DetectorParts.compact``; spilled rows reach it as read back, not compacted per partition)
+    # lets the text go once the compact form is made, instead of holding both to the end
     try:
         with _collector_paused():
             if spill is not None and kind in SPILLABLE:
-                found = SPILLABLE[kind].decide(kind_rows, notes, spill.buckets_of(kind))
+                found = SPILLABLE[kind].decide(rows[kind], notes, spill.buckets_of(kind))
             else:
-                found = PARTS[kind].decide(kind_rows, notes)
+                found = PARTS[kind].decide(rows[kind], notes)
     except Exception as exc:
         raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
     memlog.note(f"decided {kind}")

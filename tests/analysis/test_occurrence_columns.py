@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pytest
 
 from hourglass.analysis.model import (
@@ -788,4 +789,26 @@ def test_a_null_number_made_from_columns_is_none_as_made_from_objects() -> None:
             intervention=None,
             numbers={"x": frame["mean_ns"][:2]},
             keys=frame["key"],
+        )
+
+
+def test_a_null_span_id_given_as_text_stays_a_none_span_id() -> None:
+    """The columns' form takes what the objects' form takes: a null among a row's span ids (as
+    text) is that occurrence's None span id, not an error that stops the whole analysis; only
+    ids given as 64-bit words must have none null (a null has no word)."""
+    made = Occurrences.from_columns(
+        pl.Series(["a" * 32]),
+        pl.Series([["0000000000000001", None]]),
+        intervention=None,
+        numbers={},
+        keys=pl.Series([1], dtype=pl.UInt64),
+    )
+    assert made[0].span_ids == ("0000000000000001", None)
+    with pytest.raises(ValueError, match="words"):
+        Occurrences.from_columns(
+            pl.Series(["a" * 32]),
+            pl.Series([[1, None]], dtype=pl.List(pl.UInt64)),
+            intervention=None,
+            numbers={},
+            keys=pl.Series([1], dtype=pl.UInt64),
         )
