@@ -921,8 +921,9 @@ class ProcessExecutor:
         self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: ProcessPoolExecutor | None = None
         self._starting: list[Future[None]] = []  # idle()'s start-up tasks
-        # pools closed without waiting (a task failed): their workers may still run a task
-        self._abandoned: list[Any] = []  # (their worker processes)
+        # the workers of pools closed without waiting (a task failed, the run was interrupted) not
+        # yet seen to exit: settle() waits for them
+        self._abandoned: list[multiprocessing.process.BaseProcess] = []
 
     def _ensure(self) -> ProcessPoolExecutor:
         if any(f.done() and not f.cancelled() and f.exception() is not None for f in self._starting):
@@ -941,6 +942,15 @@ class ProcessExecutor:
     def map(
         self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
     ) -> list[Any]:
+        try:
+            return self._map(phase, fn, calls, progress)
+        except BaseException:  # failed, or interrupted (Ctrl-C, SIGTERM): the running tasks are
+            self.close(wait=False)  # stopped, not waited for (their results are not wanted)
+            raise
+
+    def _map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
         results: list[Any] = [None] * len(calls)
         failures = [0] * len(calls)
         pending = set(range(len(calls)))
@@ -957,7 +967,6 @@ class ProcessExecutor:
                     broken = True
                     failures[i] += 1
                     if failures[i] > 1:
-                        self.close(wait=False)
                         raise PartitionError(
                             phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
                         ) from exc
@@ -965,7 +974,6 @@ class ProcessExecutor:
                 except Exception as exc:
                     failures[i] += 1
                     if failures[i] > 1:
-                        self.close(wait=False)
                         raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
                     log.warning(
                         "%s of partition %d/%d failed (%s); retrying once",
@@ -1010,20 +1018,44 @@ class ProcessExecutor:
         self._starting = [pool.submit(_start_worker) for _ in range(self.workers)]
 
     def close(self, wait: bool = True) -> None:
-        """Stop the worker processes (waiting for them to exit, so none outlives the command;
-        ``wait=False`` when a task failed and the pool is abandoned)."""
-        if self._pool is not None:
-            if not wait:  # (a second shutdown does not wait: its processes are joined instead)
-                self._abandoned.extend((getattr(self._pool, "_processes", None) or {}).values())
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+        """Stop the worker processes, waiting for them to exit, so none outlives the command.
+        ``wait=False`` when a task failed or the run was interrupted and the pool is abandoned:
+        its tasks still running are not waited for (seconds on a large partition) but their
+        workers terminated (:func:`_terminate`)."""
+        pool = self._pool
+        if pool is None:
+            return
+        self._pool = None
+        started = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=wait, cancel_futures=True)
+        if not wait:
+            self._abandoned.extend(started)
+            _terminate(self._abandoned)
+            self.settle()
 
     def settle(self) -> None:
-        """Wait for the workers of pools closed without waiting (a failed run's) to exit: the
-        tasks they were running write no more files after this (what the run kept, removed
-        after it, is not written again)."""
+        """Wait for the workers of pools closed without waiting (a failed or interrupted run's)
+        to exit (terminated by :meth:`close`: at once): the tasks they were running write no
+        more files after this (what the run kept, removed after it, is not written again)."""
         while self._abandoned:
-            self._abandoned.pop().join()
+            process = self._abandoned[-1]
+            process.join(TERMINATE_GRACE_S)
+            if process.exitcode is None:  # (it ignores SIGTERM: started so, as nohup does)
+                process.kill()
+                process.join()
+            self._abandoned.pop()
+
+
+TERMINATE_GRACE_S = 2.0  # a terminated worker still alive after this is killed
+
+
+def _terminate(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM to each of ``processes`` still running (a worker's task holds nothing that must be
+    written or released first: what it writes is written whole, then renamed)."""
+    for process in processes:
+        if process.exitcode is None:
+            with suppress(OSError, ValueError):  # (gone meanwhile; closed)
+                process.terminate()
 
 
 def _start_worker() -> None:

@@ -261,3 +261,62 @@ def test_a_failed_run_leaves_no_kept_files(
         time.sleep(0.1)
     _wait_for_removals()
     assert not list(tmp_path.glob("hourglass-prepared-*"))
+
+
+@dataclass(frozen=True)
+class BlockedSource(partitions.StoreSource):
+    """Partition 1 is read only once ``release`` exists (a partition that takes long to extract);
+    it writes each worker's pid to ``pids``."""
+
+    release: str = ""
+    pids: str = ""
+
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        Path(self.pids, str(os.getpid())).touch()
+        if part == 1 and trace_ids is None:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.release) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().load(part, parts, trace_ids)
+
+
+def _interrupt(phase: str, done: int, total: int) -> None:
+    raise KeyboardInterrupt  # (Ctrl-C, or SIGTERM in analyze --db) once a partition is done
+
+
+def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_tasks(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted while a worker still extracts a partition, the run stops that worker instead
+    of waiting for its task to end (seconds on a large partition), then removes its kept files:
+    no worker process and no file outlive it. (On the old code the worker ran on, and the
+    removal waited for it, until the partition was released.)"""
+    from hourglass.cli.analyze import _read_traces
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    release, pids = tmp_path / "release", tmp_path / "pids"
+    pids.mkdir()
+    executor = partitions.ProcessExecutor(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyze_partitioned(
+                BlockedSource(store, release=str(release), pids=str(pids)),
+                4,
+                executor,
+                read_traces=lambda ids: _read_traces(store, ids),
+                progress=_interrupt,
+            )
+        workers = {int(p.name) for p in pids.iterdir()}
+        assert workers and os.getpid() not in workers
+        deadline = time.monotonic() + 60  # (the blocked partition is not released meanwhile)
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not multiprocessing.active_children()
+        for pid in workers:
+            with pytest.raises(ProcessLookupError):  # (exited and reaped)
+                os.kill(pid, 0)
+        _wait_for_removals()
+        assert not list(tmp_path.glob("hourglass-prepared-*"))
+    finally:
+        release.touch()
+        executor.close()
