@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
 import re
 import shutil
@@ -920,6 +921,7 @@ class ProcessExecutor:
         self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
         self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: ProcessPoolExecutor | None = None
+        self._context: _OwnProcesses | None = None  # the pool's: every worker process it started
         self._starting: list[Future[None]] = []  # idle()'s start-up tasks
         # the workers of pools closed without waiting (a task failed, the run was interrupted) not
         # yet seen to exit: settle() waits for them
@@ -930,9 +932,10 @@ class ProcessExecutor:
             self.close(wait=False)  # a worker died starting up: its pool is broken, start anew
         self._starting = []
         if self._pool is None:
+            self._context = _OwnProcesses()
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=self._context,  # (spawn)
                 # before polars is imported: one polars thread a worker when they share the cores
                 initializer=worker_start.start,
                 initargs=(worker_start.polars_threads(self.workers),),
@@ -1022,14 +1025,13 @@ class ProcessExecutor:
         ``wait=False`` when a task failed or the run was interrupted and the pool is abandoned:
         its tasks still running are not waited for (seconds on a large partition) but their
         workers terminated (:func:`_terminate`)."""
-        pool = self._pool
-        if pool is None:
+        pool, context = self._pool, self._context
+        if pool is None or context is None:
             return
-        self._pool = None
-        started = list((getattr(pool, "_processes", None) or {}).values())
+        self._pool = self._context = None
         pool.shutdown(wait=wait, cancel_futures=True)
         if not wait:
-            self._abandoned.extend(started)
+            self._abandoned.extend(p for p in context.started if p.pid is not None)
             _terminate(self._abandoned)
             self.settle()
 
@@ -1047,6 +1049,21 @@ class ProcessExecutor:
 
 
 TERMINATE_GRACE_S = 2.0  # a terminated worker still alive after this is killed
+
+
+class _OwnProcesses(multiprocessing.context.SpawnContext):
+    """The spawn context, keeping every process it starts: a pool's workers, which the pool
+    itself keeps in a private table only. ``ProcessPoolExecutor`` starts each worker with its
+    ``mp_context``'s ``Process``, as any user of a multiprocessing context does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[multiprocessing.process.BaseProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:  # type: ignore[override]
+        process = multiprocessing.context.SpawnProcess(*args, **kwargs)
+        self.started.append(process)
+        return process
 
 
 def _terminate(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:

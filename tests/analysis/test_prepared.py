@@ -280,23 +280,29 @@ class BlockedSource(partitions.StoreSource):
         return super().load(part, parts, trace_ids)
 
 
-def _interrupt(phase: str, done: int, total: int) -> None:
-    raise KeyboardInterrupt  # (Ctrl-C, or SIGTERM in analyze --db) once a partition is done
-
-
+@pytest.mark.parametrize("table", ["private table", "no private table"])
 def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_tasks(
-    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str
 ) -> None:
     """Interrupted while a worker still extracts a partition, the run stops that worker instead
     of waiting for its task to end (seconds on a large partition), then removes its kept files:
     no worker process and no file outlive it. (On the old code the worker ran on, and the
-    removal waited for it, until the partition was released.)"""
+    removal waited for it, until the partition was released.) The workers are known without the
+    pool's private table of its processes (``_processes``, which a Python upgrade may rename:
+    "no private table"; on the old code the abandoned workers were then not waited for at all)."""
     from hourglass.cli.analyze import _read_traces
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     release, pids = tmp_path / "release", tmp_path / "pids"
     pids.mkdir()
     executor = partitions.ProcessExecutor(2)
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        if table == "no private table" and executor._pool is not None:
+            # (the pool's manager thread keeps its own reference to the table)
+            monkeypatch.setattr(executor._pool, "_processes", {})
+        raise KeyboardInterrupt  # (Ctrl-C, or SIGTERM in analyze --db) once a partition is done
+
     try:
         with pytest.raises(KeyboardInterrupt):
             analyze_partitioned(
@@ -304,7 +310,7 @@ def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_
                 4,
                 executor,
                 read_traces=lambda ids: _read_traces(store, ids),
-                progress=_interrupt,
+                progress=interrupt,
             )
         workers = {int(p.name) for p in pids.iterdir()}
         assert workers and os.getpid() not in workers
