@@ -285,8 +285,8 @@ def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str
 ) -> None:
     """Interrupted while a worker still extracts a partition, the run stops that worker instead
-    of waiting for its task to end (seconds on a large partition), then removes its kept files:
-    no worker process and no file outlive it. (On the old code the worker ran on, and the
+    of waiting for its task to end (seconds on a large partition), then removes its kept and
+    spilled files: no worker process and no file outlive it. (On the old code the worker ran on, and the
     removal waited for it, until the partition was released.) The workers are known without the
     pool's private table of its processes (``_processes``, which a Python upgrade may rename:
     "no private table"; on the old code the abandoned workers were then not waited for at all)."""
@@ -311,6 +311,7 @@ def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_
                 executor,
                 read_traces=lambda ids: _read_traces(store, ids),
                 progress=interrupt,
+                spill_buckets=3,
             )
         workers = {int(p.name) for p in pids.iterdir()}
         assert workers and os.getpid() not in workers
@@ -323,6 +324,7 @@ def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_
                 os.kill(pid, 0)
         _wait_for_removals()
         assert not list(tmp_path.glob("hourglass-prepared-*"))
+        assert not list(tmp_path.glob("hourglass-spill-*"))  # (no worker wrote after its removal)
     finally:
         release.touch()
         executor.close()
