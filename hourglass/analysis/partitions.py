@@ -29,6 +29,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -1039,16 +1040,17 @@ class ProcessExecutor:
         """Wait for the workers of pools closed without waiting (a failed or interrupted run's)
         to exit (terminated by :meth:`close`: at once): the tasks they were running write no
         more files after this (what the run kept, removed after it, is not written again)."""
+        deadline = time.monotonic() + TERMINATE_GRACE_S
         while self._abandoned:
             process = self._abandoned[-1]
-            process.join(TERMINATE_GRACE_S)
+            process.join(max(deadline - time.monotonic(), 0.0))
             if process.exitcode is None:  # (it ignores SIGTERM: started so, as nohup does)
                 process.kill()
                 process.join()
             self._abandoned.pop()
 
 
-TERMINATE_GRACE_S = 2.0  # a terminated worker still alive after this is killed
+TERMINATE_GRACE_S = 2.0  # terminated workers still alive after this (all together) are killed
 
 
 class _OwnProcesses(multiprocessing.context.SpawnContext):

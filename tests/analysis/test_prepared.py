@@ -328,3 +328,46 @@ def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_
     finally:
         release.touch()
         executor.close()
+
+
+def _stubborn(folder: str, part: int, parts: int) -> int:
+    """Partition 1 ignores SIGTERM (a worker started so, as by ``nohup``), then runs on; partition
+    0 ends once it does."""
+    import signal
+
+    if part == 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path(folder, "ignoring").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while not Path(folder, "ignoring").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return part
+
+
+def test_an_abandoned_worker_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    """A worker that ignores SIGTERM is killed after ``TERMINATE_GRACE_S``: an interrupted run
+    never waits for its task (on the old code it did, here for the task's 300 s)."""
+    import signal
+
+    executor = partitions.ProcessExecutor(2)
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.map("extracting", _stubborn, [(str(tmp_path), 0, 2), (str(tmp_path), 1, 2)], interrupt)
+        stubborn = int((tmp_path / "ignoring").read_text())
+        deadline = time.monotonic() + 60
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not multiprocessing.active_children()
+        with pytest.raises(ProcessLookupError):  # (killed and reaped)
+            os.kill(stubborn, signal.SIGKILL)
+    finally:
+        for process in multiprocessing.active_children():
+            process.kill()
+        executor.close()
