@@ -141,11 +141,12 @@ def test_the_partition_files_are_removed_on_ctrl_c(store: Path, tmp_path: Path) 
 
 
 def test_sigterm_removes_the_temporary_files_and_stops_the_workers(store: Path, tmp_path: Path) -> None:
-    """SIGTERM (a service manager, ``timeout``) ends the run as Ctrl-C does: its split and kept
-    partitions removed, no worker process left behind."""
+    """SIGTERM (a service manager, ``timeout``) ends the run as Ctrl-C does: its split, kept
+    partitions and spilled rows removed, no worker process left behind. (Before, its workers
+    finished their partitions, and wrote spilled rows after their folder was removed.)"""
     command = [str(HOURGLASS), "analyze", "--db", str(store), "--format", "json", "--partitions", "8"]
     process = subprocess.Popen(
-        [*command, "--workers", "2"],
+        [*command, "--workers", "2", "--spill-buckets", "4"],
         cwd=ROOT,
         env={**ENV, "TMPDIR": str(tmp_path)},
         stdout=subprocess.DEVNULL,

@@ -22,12 +22,14 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
 import re
 import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -928,18 +930,21 @@ class ProcessExecutor:
         self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
         self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: ProcessPoolExecutor | None = None
+        self._context: _OwnProcesses | None = None  # the pool's: every worker process it started
         self._starting: list[Future[None]] = []  # idle()'s start-up tasks
-        # pools closed without waiting (a task failed): their workers may still run a task
-        self._abandoned: list[Any] = []  # (their worker processes)
+        # the workers of pools closed without waiting (a task failed, the run was interrupted) not
+        # yet seen to exit: settle() waits for them
+        self._abandoned: list[multiprocessing.process.BaseProcess] = []
 
     def _ensure(self) -> ProcessPoolExecutor:
         if any(f.done() and not f.cancelled() and f.exception() is not None for f in self._starting):
             self.close(wait=False)  # a worker died starting up: its pool is broken, start anew
         self._starting = []
         if self._pool is None:
+            self._context = _OwnProcesses()
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=self._context,  # (spawn)
                 # before polars is imported: one polars thread a worker when they share the cores
                 initializer=worker_start.start,
                 initargs=(worker_start.polars_threads(self.workers),),
@@ -947,6 +952,15 @@ class ProcessExecutor:
         return self._pool
 
     def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+    ) -> list[Any]:
+        try:
+            return self._map(phase, fn, calls, progress)
+        except BaseException:  # failed, or interrupted (Ctrl-C, SIGTERM): the running tasks are
+            self.close(wait=False)  # stopped, not waited for (their results are not wanted)
+            raise
+
+    def _map(
         self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
     ) -> list[Any]:
         results: list[Any] = [None] * len(calls)
@@ -965,7 +979,6 @@ class ProcessExecutor:
                     broken = True
                     failures[i] += 1
                     if failures[i] > 1:
-                        self.close(wait=False)
                         raise PartitionError(
                             phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
                         ) from exc
@@ -973,7 +986,6 @@ class ProcessExecutor:
                 except Exception as exc:
                     failures[i] += 1
                     if failures[i] > 1:
-                        self.close(wait=False)
                         raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
                     log.warning(
                         "%s of partition %d/%d failed (%s); retrying once",
@@ -1018,20 +1030,59 @@ class ProcessExecutor:
         self._starting = [pool.submit(_start_worker) for _ in range(self.workers)]
 
     def close(self, wait: bool = True) -> None:
-        """Stop the worker processes (waiting for them to exit, so none outlives the command;
-        ``wait=False`` when a task failed and the pool is abandoned)."""
-        if self._pool is not None:
-            if not wait:  # (a second shutdown does not wait: its processes are joined instead)
-                self._abandoned.extend((getattr(self._pool, "_processes", None) or {}).values())
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+        """Stop the worker processes, waiting for them to exit, so none outlives the command.
+        ``wait=False`` when a task failed or the run was interrupted and the pool is abandoned:
+        its tasks still running are not waited for (seconds on a large partition) but their
+        workers terminated (:func:`_terminate`)."""
+        pool, context = self._pool, self._context
+        if pool is None or context is None:
+            return
+        self._pool = self._context = None
+        pool.shutdown(wait=wait, cancel_futures=True)
+        if not wait:
+            self._abandoned.extend(p for p in context.started if p.pid is not None)
+            _terminate(self._abandoned)
+            self.settle()
 
     def settle(self) -> None:
-        """Wait for the workers of pools closed without waiting (a failed run's) to exit: the
-        tasks they were running write no more files after this (what the run kept, removed
-        after it, is not written again)."""
+        """Wait for the workers of pools closed without waiting (a failed or interrupted run's)
+        to exit (terminated by :meth:`close`: at once): the tasks they were running write no
+        more files after this (what the run kept, removed after it, is not written again)."""
+        deadline = time.monotonic() + TERMINATE_GRACE_S
         while self._abandoned:
-            self._abandoned.pop().join()
+            process = self._abandoned[-1]
+            process.join(max(deadline - time.monotonic(), 0.0))
+            if process.exitcode is None:  # (it ignores SIGTERM: started so, as nohup does)
+                process.kill()
+                process.join()
+            self._abandoned.pop()
+
+
+TERMINATE_GRACE_S = 2.0  # terminated workers still alive after this (all together) are killed
+
+
+class _OwnProcesses(multiprocessing.context.SpawnContext):
+    """The spawn context, keeping every process it starts: a pool's workers, which the pool
+    itself keeps in a private table only. ``ProcessPoolExecutor`` starts each worker with its
+    ``mp_context``'s ``Process``, as any user of a multiprocessing context does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[multiprocessing.process.BaseProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:  # type: ignore[override]
+        process = multiprocessing.context.SpawnProcess(*args, **kwargs)
+        self.started.append(process)
+        return process
+
+
+def _terminate(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM to each of ``processes`` still running (a worker's task holds nothing that must be
+    written or released first: what it writes is written whole, then renamed)."""
+    for process in processes:
+        if process.exitcode is None:
+            with suppress(OSError, ValueError):  # (gone meanwhile; closed)
+                process.terminate()
 
 
 def _start_worker() -> None:

@@ -572,7 +572,7 @@ def analyze_partitioned(
     except BaseException:
         cancel.set()  # (a split still being written stops at once and removes its files)
         if prepared is not None and isinstance(executor, partitions.ProcessExecutor):
-            executor.close(wait=False)  # (interrupted: no more tasks; the removal waits for them)
+            executor.close(wait=False)  # (interrupted: no more tasks; its workers terminated)
         raise
     finally:
         if prepared is not None:  # once no worker of the run writes to it (a failed run's may)
@@ -585,7 +585,8 @@ def analyze_partitioned(
 
 def _remove_prepared(prepared: partitions.Prepared, executor: object) -> None:
     """Removes the run's kept partitions after the workers of a failed run (closed without
-    waiting, still in a task) have exited: one of them could write a file after the removal."""
+    waiting: terminated in their task) have exited: one of them could write a file after the
+    removal."""
     if isinstance(executor, partitions.ProcessExecutor):
         executor.settle()
     prepared.remove()

@@ -1601,9 +1601,16 @@ class DuckDBSpanStore:
         bounds = (ingested_from_ns, ingested_to_ns, ingested_ranges)
         with self._stream_cursor() as cursor:
             cursor.execute("BEGIN TRANSACTION")  # (ended when the cursor closes)
-            # the rows of each trace (copies too) in these ingest times, by trace id
+            # the rows of each trace (copies too) in these ingest times, and how many of them are
+            # copies of another, by trace id
             query, params = self._scan_traces_query(selected, trace_ids, *bounds, counts=True)
-            counted = cursor.execute(query, params).fetchall()
+            rows_copies = cursor.execute(query, params).fetchall()
+            counted = [(trace_id, rows) for trace_id, rows, _ in rows_copies]
+            # the window that removes copies (its ``rowid`` tie-break: 45-65 % more CPU than the
+            # plain read) runs only for the parts that hold one, as ``scan_traces`` runs it only
+            # on rows that do: one snapshot, so a part's rows are the rows counted
+            copied = {trace_id for trace_id, _, copies in rows_copies if copies}
+            del rows_copies
             # every part's query reads the whole ingest range again: parts only where the range
             # holds not far more rows than the read (a late span of one trace can stretch a
             # batch's range over millions of rows; parts then cost many times one query)
@@ -1615,7 +1622,8 @@ class DuckDBSpanStore:
                 for part in parts:
                     if not part:
                         continue
-                    query, params = self._scan_traces_query(selected, part, *bounds)
+                    dedup = bool(copied) and any(trace_id in copied for trace_id in part)
+                    query, params = self._scan_traces_query(selected, part, *bounds, dedup=dedup)
                     for batch in cursor.sql(query, params=params).to_arrow_reader(batch_rows):
                         yield _conform_batch(batch, schema)
 
@@ -1660,10 +1668,13 @@ class DuckDBSpanStore:
         *,
         counts: bool = False,
         range_rows: bool = False,
+        dedup: bool = True,
     ) -> tuple[str, list[Any]]:
-        """``stream_traces``' query (a part of its traces), or with ``counts`` the rows it reads
-        per trace (copies included), ordered by trace id; with ``range_rows`` the number of
-        stored rows in its ingest range (any trace: what each such query scans)."""
+        """``stream_traces``' query (a part of its traces; ``dedup``: through the window that
+        keeps one copy of a span, ``_dedup``), or with ``counts`` the rows it reads per trace
+        (copies included) and how many of them repeat a span (fewer distinct span ids than rows),
+        ordered by trace id; with ``range_rows`` the number of stored rows in its ingest range
+        (any trace: what each such query scans)."""
         where, params = DuckDBSpanStore._scan_traces_where(
             trace_ids, ingested_from_ns, ingested_to_ns, ingested_ranges, range_rows=range_rows
         )
@@ -1671,10 +1682,12 @@ class DuckDBSpanStore:
             return f"SELECT count(*) FROM spans WHERE {where}", params
         if counts:
             return (
-                f"SELECT trace_id, count(*) FROM spans WHERE {where} GROUP BY trace_id ORDER BY trace_id",
+                f"SELECT trace_id, count(*), count(*) - count(DISTINCT span_id) FROM spans WHERE {where}"
+                " GROUP BY trace_id ORDER BY trace_id",
                 params,
             )
-        query = f"SELECT {', '.join(selected)} FROM spans WHERE {where} {_dedup()} ORDER BY trace_id, start_ns, span_id"
+        window = _dedup() if dedup else ""
+        query = f"SELECT {', '.join(selected)} FROM spans WHERE {where} {window} ORDER BY trace_id, start_ns, span_id"
         return query, params
 
     @contextlib.contextmanager

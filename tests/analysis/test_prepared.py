@@ -261,3 +261,113 @@ def test_a_failed_run_leaves_no_kept_files(
         time.sleep(0.1)
     _wait_for_removals()
     assert not list(tmp_path.glob("hourglass-prepared-*"))
+
+
+@dataclass(frozen=True)
+class BlockedSource(partitions.StoreSource):
+    """Partition 1 is read only once ``release`` exists (a partition that takes long to extract);
+    it writes each worker's pid to ``pids``."""
+
+    release: str = ""
+    pids: str = ""
+
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        Path(self.pids, str(os.getpid())).touch()
+        if part == 1 and trace_ids is None:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.release) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().load(part, parts, trace_ids)
+
+
+@pytest.mark.parametrize("table", ["private table", "no private table"])
+def test_an_interrupted_run_terminates_its_workers_instead_of_waiting_for_their_tasks(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str
+) -> None:
+    """Interrupted while a worker still extracts a partition, the run stops that worker instead
+    of waiting for its task to end (seconds on a large partition), then removes its kept and
+    spilled files: no worker process and no file outlive it. (On the old code the worker ran on, and the
+    removal waited for it, until the partition was released.) The workers are known without the
+    pool's private table of its processes (``_processes``, which a Python upgrade may rename:
+    "no private table"; on the old code the abandoned workers were then not waited for at all)."""
+    from hourglass.cli.analyze import _read_traces
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    release, pids = tmp_path / "release", tmp_path / "pids"
+    pids.mkdir()
+    executor = partitions.ProcessExecutor(2)
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        if table == "no private table" and executor._pool is not None:
+            # (the pool's manager thread keeps its own reference to the table)
+            monkeypatch.setattr(executor._pool, "_processes", {})
+        raise KeyboardInterrupt  # (Ctrl-C, or SIGTERM in analyze --db) once a partition is done
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyze_partitioned(
+                BlockedSource(store, release=str(release), pids=str(pids)),
+                4,
+                executor,
+                read_traces=lambda ids: _read_traces(store, ids),
+                progress=interrupt,
+                spill_buckets=3,
+            )
+        workers = {int(p.name) for p in pids.iterdir()}
+        assert workers and os.getpid() not in workers
+        deadline = time.monotonic() + 60  # (the blocked partition is not released meanwhile)
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not multiprocessing.active_children()
+        for pid in workers:
+            with pytest.raises(ProcessLookupError):  # (exited and reaped)
+                os.kill(pid, 0)
+        _wait_for_removals()
+        assert not list(tmp_path.glob("hourglass-prepared-*"))
+        assert not list(tmp_path.glob("hourglass-spill-*"))  # (no worker wrote after its removal)
+    finally:
+        release.touch()
+        executor.close()
+
+
+def _stubborn(folder: str, part: int, parts: int) -> int:
+    """Partition 1 ignores SIGTERM (a worker started so, as by ``nohup``), then runs on; partition
+    0 ends once it does."""
+    import signal
+
+    if part == 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path(folder, "ignoring").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while not Path(folder, "ignoring").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return part
+
+
+def test_an_abandoned_worker_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    """A worker that ignores SIGTERM is killed after ``TERMINATE_GRACE_S``: an interrupted run
+    never waits for its task (on the old code it did, here for the task's 300 s)."""
+    import signal
+
+    executor = partitions.ProcessExecutor(2)
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.map("extracting", _stubborn, [(str(tmp_path), 0, 2), (str(tmp_path), 1, 2)], interrupt)
+        stubborn = int((tmp_path / "ignoring").read_text())
+        deadline = time.monotonic() + 60
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not multiprocessing.active_children()
+        with pytest.raises(ProcessLookupError):  # (killed and reaped)
+            os.kill(stubborn, signal.SIGKILL)
+    finally:
+        for process in multiprocessing.active_children():
+            process.kill()
+        executor.close()

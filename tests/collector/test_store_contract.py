@@ -399,3 +399,36 @@ def test_a_span_ending_before_it_starts_is_kept_as_it_came(make_store: StoreFact
     want = table.select(["span_id", "start_ns", "end_ns"]).to_pylist()
     assert sorted(got, key=lambda r: r["span_id"]) == sorted(want, key=lambda r: r["span_id"])
     assert any(r["end_ns"] < r["start_ns"] for r in got)
+
+
+def test_of_two_copies_in_one_export_every_read_keeps_the_first(make_store: StoreFactory) -> None:
+    """A span twice in one Export (the same ``ingested_ns``), its copies different (another
+    name, which sorts first, and another end): every read keeps the first copy in the Export, on
+    every backend (DuckDB: the lowest ``rowid``; ClickHouse: the later copies of one write are
+    not stored). On the old ClickHouse store either copy could be kept."""
+    store = make_store()
+    traces = [TraceBuilder(service=f"svc{i % 3}", base_ns=BASE_NS + i * 1_000 * MS) for i in range(40)]
+    for t in traces:
+        root = t.span("GET /a", start_ms=0, dur_ms=100)
+        t.span("SELECT", parent=root, start_ms=10, dur_ms=20)
+    first = spans_table(traces)
+    again = [
+        {**row, "name": f"!{row['name']}", "end_ns": row["end_ns"] + 7 * MS} for row in first.to_pylist()[::2]
+    ]
+    store.write(pa.concat_tables([first, pa.Table.from_pylist(again, schema=SPAN_SCHEMA)]))  # one Export
+    columns = ("trace_id", "span_id", "name", "end_ns")
+    want = sorted(first.select(list(columns)).to_pylist(), key=lambda r: (r["trace_id"], r["span_id"]))
+    ids = [t.trace_id for t in traces]
+    reads = {
+        "scan": [store.scan(columns=columns)],
+        "partitions": [store.scan_partition(p, 3, columns=columns) for p in range(3)],
+        "partitions, ids": [store.scan_partition(p, 3, columns=columns, trace_ids=ids) for p in range(3)],
+        "traces": [store.trace(t).select(list(columns)) for t in ids],
+    }
+    for name, tables in reads.items():
+        got = sorted(
+            (row for table in tables for row in table.to_pylist()),
+            key=lambda r: (r["trace_id"], r["span_id"]),
+        )
+        assert got == want, name
+    assert store.stats() == StoreStats(spans=first.num_rows, traces=len(traces))
