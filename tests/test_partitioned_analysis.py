@@ -412,3 +412,40 @@ def _signalled_while_splitting(process: subprocess.Popen[str], tmp_path: Path, s
         process.kill()
         process.wait()
     return err
+
+
+def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Path) -> None:
+    """The report's exemplar traces are read with the services' traces, beside the pricing, in
+    one read of the store (every finding's first exemplars are read then): no second read of
+    the store for them after the report is made; the report is the same as at once."""
+    from bench.analysis import generate_spans
+    from hourglass.analysis import partitions, pipeline
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.cli.analyze import _read_traces
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(6_000, seed=11))
+    whole = analyze(store.scan(columns=ANALYSIS_COLUMNS, string_views=True), explain=True)
+    store.close()
+    reads: list[list[str]] = []
+
+    def read_traces(trace_ids: list[str]) -> Any:
+        reads.append(list(trace_ids))
+        return _read_traces(db, trace_ids)
+
+    executor = partitions.ProcessExecutor(1)
+    try:
+        report, _ = pipeline.analyze_partitioned(
+            partitions.StoreSource(db), 3, executor, read_traces=read_traces, explain=True
+        )
+    finally:
+        executor.close()
+    exemplars = {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
+    assert len(exemplars) > 1
+    assert exemplars <= set(reads[0])  # read first, beside the pricing
+    assert not [ids for ids in reads[1:] if exemplars <= set(ids)]  # and not read again
+    report.pop("generated_at"), whole.pop("generated_at")
+    assert report == whole

@@ -45,7 +45,7 @@ from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
 from hourglass.analysis.model import Finding, NearMiss, NearMissLog, TraceRoots
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
-from hourglass.analysis.report import build_report
+from hourglass.analysis.report import MAX_EXEMPLAR_TRACES, build_report
 from hourglass.analysis.spill import Spill
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -617,6 +617,24 @@ def _remove_split(later: Future[partitions.Source | None]) -> None:
         split.remove()
 
 
+def _exemplar_candidates(findings: list[Finding]) -> set[str]:
+    """The trace ids a report of ``findings`` may show as exemplars: each finding's first
+    ``MAX_EXEMPLAR_TRACES`` (``report.recommendation``'s choice, whatever the ranking keeps)."""
+    out: set[str] = set()
+    for f in findings:
+        out.update(str(t) for t in (f.evidence.get("trace_ids") or f.trace_ids)[:MAX_EXEMPLAR_TRACES])
+    return out
+
+
+def _traces_of(table: pa.Table, trace_ids: list[str]) -> pa.Table:
+    """The rows of ``table`` (``read_traces``' rows of more traces) of ``trace_ids`` only, in
+    their order: what ``read_traces(trace_ids)`` returns (a store matches ids lowercased)."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted({t.lower() for t in trace_ids}), type=pa.string())
+    return table.filter(pc.is_in(table.column("trace_id").cast(pa.string()), value_set=wanted))
+
+
 def _let_go(findings: list[Finding]) -> None:
     """The columns of parked occurrences that a stage read back let go again before the next
     (serve's round parks them: :meth:`Occurrences.release`; nothing for occurrences in memory)."""
@@ -712,7 +730,10 @@ def _analyze_partitioned(
     # read's would meet; a caller's own extraction comes with a read_traces called from this
     # thread only
     beside = extraction is None and not isinstance(executor, partitions.SerialExecutor)
-    service_traces = _beside(lambda: read_traces(service_ids)) if beside else None
+    # with them, every finding's exemplar traces (the report's are among them): one read of the
+    # store beside the pricing instead of a second one after it, on the run's critical path
+    prefetched = sorted(set(service_ids) | _exemplar_candidates(extracted.findings)) if beside else []
+    service_traces = _beside(lambda: read_traces(prefetched)) if beside else None
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(
         source,
@@ -738,8 +759,9 @@ def _analyze_partitioned(
         near_misses=near_misses,
     )
     _let_go(extracted.findings)
+    read = service_traces.result() if service_traces is not None else None
     resources = service_resources(
-        service_traces.result() if service_traces is not None else read_traces(service_ids)
+        _traces_of(read, service_ids) if read is not None else read_traces(service_ids)
     )
     if removed is not None:
         removed.result()
@@ -747,7 +769,11 @@ def _analyze_partitioned(
         {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
     )
     memlog.note("report made")
-    ctx = AnalysisContext.from_table(read_traces(exemplars))
+    if read is not None and set(exemplars) <= set(prefetched):
+        ctx = AnalysisContext.from_table(_traces_of(read, exemplars))
+    else:
+        ctx = AnalysisContext.from_table(read_traces(exemplars))
+    del read
     memlog.note("the exemplars' traces read")
     ctx.cache["call_stats"] = {fid: duration_stats(d) for fid, d in calls.items()}
     del calls  # (every call's duration: at 12M stored spans 20 MiB, not held through the report)
