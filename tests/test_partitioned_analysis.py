@@ -449,3 +449,36 @@ def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Pa
     assert not [ids for ids in reads[1:] if exemplars <= set(ids)]  # and not read again
     report.pop("generated_at"), whole.pop("generated_at")
     assert report == whole
+
+
+def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
+    store: Path, whole: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``analyze --db`` starts the worker processes its plan needs from the store's span count
+    alone, before it imports the analysis (``EarlyWorkers``); the run takes those workers (no
+    second pool) and its report is the same as at once."""
+    from hourglass.analysis import partitions, planning
+    from hourglass.analysis.render import render
+    from hourglass.cli.analyze import EarlyWorkers, StoreRun, analyze_store
+
+    monkeypatch.setattr(planning, "PEAK_BYTES_PER_SPAN", 100_000)  # this small store in partitions
+    run = StoreRun(budget=1536 * 2**20, workers=2)
+    assert partitions.plan(20_000, run.budget, 2).parts > 1
+    pools: list[object] = []
+    original = partitions.worker_start.pool
+    monkeypatch.setattr(partitions.worker_start, "pool", lambda n: pools.append(n) or original(n))
+    early = EarlyWorkers.start(str(store), run, filtered=False)
+    assert early is not None and early.workers == 2 and len(pools) == 1
+    try:
+        report = analyze_store(
+            str(store), run, services=None, since_ns=None, writer=None, explain=True, early=early
+        )
+    finally:
+        early.release()
+    assert early.take(2) is None and len(pools) == 1  # taken by the run, which started no other pool
+    got = json.loads(render({**report, "input_warnings": []}, "json"))
+    got.pop("generated_at")
+    assert got == {**whole, "input_warnings": []}
+    # not a DuckDB file, or partitions given: nothing started early
+    assert EarlyWorkers.start(str(store) + ".missing", run, filtered=False) is None
+    assert EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), filtered=False) is None
