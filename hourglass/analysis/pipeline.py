@@ -548,7 +548,9 @@ def analyze_partitioned(
             split_beside and isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
         )
         if beside and partitions.splits(source, parts):
-            later = _beside(lambda: _split_or_store(source, parts, cancel))
+            # (the partitions the workers' first round reads from the store are not written)
+            first = min(parts, max(1, executor.workers))
+            later = _beside(lambda: _split_or_store(source, parts, cancel, skip=first))
         if later is None:  # (a split that fails: the store read instead, as beside)
             split = _split_or_store(source, parts, cancel)
     try:
@@ -591,13 +593,13 @@ def _remove_prepared(prepared: partitions.Prepared, executor: object) -> None:
 
 
 def _split_or_store(
-    source: partitions.Source, parts: int, cancel: threading.Event
+    source: partitions.Source, parts: int, cancel: threading.Event, *, skip: int = 0
 ) -> partitions.SplitSource | None:
     """The store split into partition files (:func:`partitions.split_store`), before the run or
     beside it; a split that fails (a full disk) is logged and the partitions are read from the
     store instead (None), as the workers' first ones are when it is written beside them."""
     try:
-        return partitions.split_store(source, parts, cancel=cancel)
+        return partitions.split_store(source, parts, cancel=cancel, skip=skip)
     except Exception as exc:
         if not cancel.is_set():
             log.warning(
