@@ -413,3 +413,73 @@ def _signalled_while_splitting(process: subprocess.Popen[str], tmp_path: Path, s
         process.kill()
         process.wait()
     return err
+
+
+def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Path) -> None:
+    """The report's exemplar traces are read with the services' traces, beside the pricing, in
+    one read of the store (every finding's first exemplars are read then): no second read of
+    the store for them after the report is made; the report is the same as at once."""
+    from bench.analysis import generate_spans
+    from hourglass.analysis import partitions, pipeline
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.cli.analyze import _read_traces
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(6_000, seed=11))
+    whole = analyze(store.scan(columns=ANALYSIS_COLUMNS, string_views=True), explain=True)
+    store.close()
+    reads: list[list[str]] = []
+
+    def read_traces(trace_ids: list[str]) -> Any:
+        reads.append(list(trace_ids))
+        return _read_traces(db, trace_ids)
+
+    executor = partitions.ProcessExecutor(1)
+    try:
+        report, _ = pipeline.analyze_partitioned(
+            partitions.StoreSource(db), 3, executor, read_traces=read_traces, explain=True
+        )
+    finally:
+        executor.close()
+    exemplars = {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
+    assert len(exemplars) > 1
+    assert exemplars <= set(reads[0])  # read first, beside the pricing
+    assert not [ids for ids in reads[1:] if exemplars <= set(ids)]  # and not read again
+    report.pop("generated_at"), whole.pop("generated_at")
+    assert report == whole
+
+
+def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
+    store: Path, whole: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``analyze --db`` starts the worker processes its plan needs from the store's span count
+    alone, before it imports the analysis (``EarlyWorkers``); the run takes those workers (no
+    second pool) and its report is the same as at once."""
+    from hourglass.analysis import partitions, planning
+    from hourglass.analysis.render import render
+    from hourglass.cli.analyze import EarlyWorkers, StoreRun, analyze_store
+
+    monkeypatch.setattr(planning, "PEAK_BYTES_PER_SPAN", 100_000)  # this small store in partitions
+    run = StoreRun(budget=1536 * 2**20, workers=2)
+    assert partitions.plan(20_000, run.budget, 2).parts > 1
+    pools: list[object] = []
+    original = partitions.worker_start.pool
+    monkeypatch.setattr(partitions.worker_start, "pool", lambda n: pools.append(n) or original(n))
+    early = EarlyWorkers.start(str(store), run, filtered=False)
+    assert early is not None and early.workers == 2 and len(pools) == 1
+    try:
+        report = analyze_store(
+            str(store), run, services=None, since_ns=None, writer=None, explain=True, early=early
+        )
+    finally:
+        early.release()
+    assert early.take(2) is None and len(pools) == 1  # taken by the run, which started no other pool
+    got = json.loads(render({**report, "input_warnings": []}, "json"))
+    got.pop("generated_at")
+    assert got == {**whole, "input_warnings": []}
+    # not a DuckDB file, or partitions given: nothing started early
+    assert EarlyWorkers.start(str(store) + ".missing", run, filtered=False) is None
+    assert EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), filtered=False) is None

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hourglass.analysis.model import num
+from hourglass.analysis.report_numbers import num
 
 DIFF_SCHEMA = "hourglass.diff/v1"
 DEFAULT_GROWTH_THRESHOLD = 0.25

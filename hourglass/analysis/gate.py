@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hourglass.analysis.model import num
+from hourglass.analysis.report_numbers import num
 
 GATE_EXIT_CODE = 3
 

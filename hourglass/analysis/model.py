@@ -29,13 +29,9 @@ from typing import Any, Literal, overload
 import numpy as np
 import polars as pl
 
+from hourglass.analysis.report_numbers import num  # noqa: F401  (where it was)
+
 Category = Literal["parallelization", "fault_tolerance"]
-
-
-def num(value: Any) -> float:
-    """A number from a report field or a polars scalar (median, max, ...) as float; 0.0 for
-    null, empty or anything that is not a number."""
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 @dataclass(frozen=True, slots=True)

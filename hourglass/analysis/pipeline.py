@@ -45,7 +45,7 @@ from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
 from hourglass.analysis.model import Finding, NearMiss, NearMissLog, TraceRoots
 from hourglass.analysis.ranking import Scored, expected_value_ms, measured_cost, rank
-from hourglass.analysis.report import build_report
+from hourglass.analysis.report import MAX_EXEMPLAR_TRACES, build_report
 from hourglass.analysis.spill import Spill
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.whatif import Impact, WhatIf
@@ -549,7 +549,9 @@ def analyze_partitioned(
             split_beside and isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
         )
         if beside and partitions.splits(source, parts):
-            later = _beside(lambda: _split_or_store(source, parts, cancel))
+            # (the partitions the workers' first round reads from the store are not written)
+            first = min(parts, max(1, executor.workers))
+            later = _beside(lambda: _split_or_store(source, parts, cancel, skip=first))
         if later is None:  # (a split that fails: the store read instead, as beside)
             split = _split_or_store(source, parts, cancel)
     try:
@@ -593,13 +595,13 @@ def _remove_prepared(prepared: partitions.Prepared, executor: object) -> None:
 
 
 def _split_or_store(
-    source: partitions.Source, parts: int, cancel: threading.Event
+    source: partitions.Source, parts: int, cancel: threading.Event, *, skip: int = 0
 ) -> partitions.SplitSource | None:
     """The store split into partition files (:func:`partitions.split_store`), before the run or
     beside it; a split that fails (a full disk) is logged and the partitions are read from the
     store instead (None), as the workers' first ones are when it is written beside them."""
     try:
-        return partitions.split_store(source, parts, cancel=cancel)
+        return partitions.split_store(source, parts, cancel=cancel, skip=skip)
     except Exception as exc:
         if not cancel.is_set():
             log.warning(
@@ -617,6 +619,24 @@ def _remove_split(later: Future[partitions.Source | None]) -> None:
         return
     if isinstance(split, partitions.SplitSource):
         split.remove()
+
+
+def _exemplar_candidates(findings: list[Finding]) -> set[str]:
+    """The trace ids a report of ``findings`` may show as exemplars: each finding's first
+    ``MAX_EXEMPLAR_TRACES`` (``report.recommendation``'s choice, whatever the ranking keeps)."""
+    out: set[str] = set()
+    for f in findings:
+        out.update(str(t) for t in (f.evidence.get("trace_ids") or f.trace_ids)[:MAX_EXEMPLAR_TRACES])
+    return out
+
+
+def _traces_of(table: pa.Table, trace_ids: list[str]) -> pa.Table:
+    """The rows of ``table`` (``read_traces``' rows of more traces) of ``trace_ids`` only, in
+    their order: what ``read_traces(trace_ids)`` returns (a store matches ids lowercased)."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted({t.lower() for t in trace_ids}), type=pa.string())
+    return table.filter(pc.is_in(table.column("trace_id").cast(pa.string()), value_set=wanted))
 
 
 def _let_go(findings: list[Finding]) -> None:
@@ -714,7 +734,10 @@ def _analyze_partitioned(
     # read's would meet; a caller's own extraction comes with a read_traces called from this
     # thread only
     beside = extraction is None and not isinstance(executor, partitions.SerialExecutor)
-    service_traces = _beside(lambda: read_traces(service_ids)) if beside else None
+    # with them, every finding's exemplar traces (the report's are among them): one read of the
+    # store beside the pricing instead of a second one after it, on the run's critical path
+    prefetched = sorted(set(service_ids) | _exemplar_candidates(extracted.findings)) if beside else []
+    service_traces = _beside(lambda: read_traces(prefetched)) if beside else None
     kept = [f for f in extracted.findings if f.confidence >= MIN_REPORTED_CONFIDENCE]
     impacts, calls = partitions.run_pricing(
         source,
@@ -744,8 +767,9 @@ def _analyze_partitioned(
         near_misses=near_misses,
     )
     _let_go(extracted.findings)
+    read = service_traces.result() if service_traces is not None else None
     resources = service_resources(
-        service_traces.result() if service_traces is not None else read_traces(service_ids)
+        _traces_of(read, service_ids) if read is not None else read_traces(service_ids)
     )
     if removed is not None:
         removed.result()
@@ -753,7 +777,11 @@ def _analyze_partitioned(
         {t for r in report["recommendations"] for t in (r.get("evidence") or {}).get("trace_ids") or []}
     )
     memlog.note("report made")
-    ctx = AnalysisContext.from_table(read_traces(exemplars))
+    if read is not None and set(exemplars) <= set(prefetched):
+        ctx = AnalysisContext.from_table(_traces_of(read, exemplars))
+    else:
+        ctx = AnalysisContext.from_table(read_traces(exemplars))
+    del read
     memlog.note("the exemplars' traces read")
     ctx.cache["call_stats"] = call_stats
     ctx.cache["scope_languages"] = scope_languages(extracted.services)

@@ -24,7 +24,6 @@ import typer
 from hourglass.analysis.diff import DEFAULT_GROWTH_THRESHOLD, diff_reports, render_markdown, render_text
 from hourglass.analysis.gate import GATE_EXIT_CODE, GateSpec, GateSpecError, gate, gate_lines
 from hourglass.cli._app import app
-from hourglass.collector import json_limits
 
 REPORT_SCHEMA = "hourglass.report/v1"
 _SAVED_REPORT_MAX_BYTES = 64 * 1024 * 1024
@@ -38,6 +37,8 @@ def _saved_report(path: Path) -> dict[str, Any] | None:
     """The report in ``path`` when it is a saved ``hourglass.report/v1`` JSON document, else None."""
     if path.suffix.lower() != ".json" or path.stat().st_size > _SAVED_REPORT_MAX_BYTES:
         return None
+    from hourglass.collector import json_limits
+
     try:
         document = json_limits.loads(path.read_text())
     except (UnicodeDecodeError, ValueError):  # invalid, or nested too deep (JsonTooDeep)

@@ -21,16 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import pyarrow as pa
 import typer
 
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
-from hourglass.collector.problem_summary import ProblemSummary
 from hourglass.settings import IMPORT
 
 if TYPE_CHECKING:  # the readers and rich load when `import` runs, not for every command
+    import pyarrow as pa
     from rich.console import Console
 
     from hourglass.collector.files import FileProblem, FileReport
@@ -50,6 +49,8 @@ class _ProblemPrinter:
 
     def __init__(self, console: Console, verbose: bool = False) -> None:
         self.console = console
+        from hourglass.collector.problem_summary import ProblemSummary
+
         self.verbose = verbose
         self.summary = ProblemSummary()
         self.first_reason: dict[str, str] = {}
@@ -76,6 +77,8 @@ class _StoreWriteFailed(Exception):
 
 
 def _write(store: Any, pending: list[pa.Table]) -> None:
+    import pyarrow as pa
+
     if pending:
         try:
             store.write(pa.concat_tables(pending) if len(pending) > 1 else pending[0])

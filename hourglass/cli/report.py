@@ -25,7 +25,6 @@ from hourglass.cli._app import app
 from hourglass.cli._options import option
 from hourglass.cli._options import since_ns as since_option_ns
 from hourglass.cli.analyze import read_files
-from hourglass.collector.schema import ANALYSIS_COLUMNS
 from hourglass.settings import REPORT
 
 
@@ -101,6 +100,8 @@ def report_command(
             from hourglass.api.store_errors import store_open_problem
 
             raise _fail(store_open_problem(redact(path), exc), code=1) from None
+        from hourglass.collector.schema import ANALYSIS_COLUMNS
+
         table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
         from hourglass.analysis.resources import attach_store_resources
 

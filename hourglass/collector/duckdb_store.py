@@ -1042,6 +1042,7 @@ class DuckDBSpanStore:
         columns: tuple[str, ...] | None = None,
         batch_rows: int = 262_144,
         cancel: threading.Event | None = None,
+        skip: int = 0,
     ) -> list[int]:
         """One read of the store for every partition of ``parts``: the rows ``scan_partition(p,
         parts, ...)`` selects, for each ``p``, appended to ``partition_file(folder, p)`` (Arrow
@@ -1054,7 +1055,8 @@ class DuckDBSpanStore:
         pass), this costs one read and one write of every row. ``cancel``: once set, the split
         stops at its next batch with :class:`SplitCancelled` (the files written so far stay; the
         caller removes the folder); a :class:`Cancel` also interrupts the query under way, so a
-        split still waiting for its first batch stops at once too."""
+        split still waiting for its first batch stops at once too. ``skip``: partitions below it
+        are neither read nor written (no file; their readers scan the store: 0 rows returned)."""
         if parts < 1:
             raise ValueError(f"split_partitions needs parts >= 1, got {parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
@@ -1069,6 +1071,9 @@ class DuckDBSpanStore:
         key = f"(hash(trace_id) % {int(parts)})::UINTEGER"  # scan_partition's partitions
         # (with each row's rowid: a reader keeps the copy the store's reads keep, ``_dedup``)
         query = f"SELECT {', '.join(selected)}, {_ROW}, {key} AS _partition FROM {source}"
+        skip = max(0, min(int(skip), parts))
+        if skip:
+            query += f" WHERE {key} >= {skip}"
         cursor = self._cursor()
         cancelled = f"the split of {self.path} into {folder} was cancelled"
         # a ``Cancel`` interrupts the query itself: the first batch waits for DuckDB to build the
@@ -1079,7 +1084,7 @@ class DuckDBSpanStore:
                 if cancel is not None and cancel.is_set():
                     raise SplitCancelled(cancelled)
                 reader = cursor.sql(query, params=params or None).to_arrow_reader(batch_rows)
-                return self._write_partitions(reader, folder, parts, cancel, cancelled)
+                return self._write_partitions(reader, folder, parts, cancel, cancelled, skip)
             except SplitCancelled:
                 raise
             except Exception as exc:  # interrupted: duckdb.InterruptException, or OSError from the reader
@@ -1089,15 +1094,20 @@ class DuckDBSpanStore:
 
     @staticmethod
     def _write_partitions(
-        reader: pa.RecordBatchReader, folder: str, parts: int, cancel: threading.Event | None, cancelled: str
+        reader: pa.RecordBatchReader,
+        folder: str,
+        parts: int,
+        cancel: threading.Event | None,
+        cancelled: str,
+        skip: int = 0,
     ) -> list[int]:
-        """``split_partitions``' batches appended to their partitions' files."""
+        """``split_partitions``' batches appended to their partitions' files (from ``skip`` on)."""
         schema = pa.schema([f for f in reader.schema if f.name != "_partition"])
         counts = [0] * parts
-        writers: list[pa.ipc.RecordBatchFileWriter] = []
+        writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
         try:
-            for part in range(parts):
-                writers.append(pa.ipc.new_file(partition_file(folder, part), schema))
+            for part in range(skip, parts):
+                writers[part] = pa.ipc.new_file(partition_file(folder, part), schema)
             for batch in reader:
                 if cancel is not None and cancel.is_set():
                     raise SplitCancelled(cancelled)
@@ -1113,7 +1123,7 @@ class DuckDBSpanStore:
                     counts[part] += rows
                     offset += rows
         finally:
-            for writer in writers:
+            for writer in writers.values():
                 writer.close()
         return counts
 

@@ -14,9 +14,10 @@ Reads de-duplicate by (trace_id, span_id): a span delivered twice is seen once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import pyarrow as pa
+if TYPE_CHECKING:  # (annotations only: the command line reads this module before pyarrow)
+    import pyarrow as pa
 
 CLICKHOUSE_SCHEMES = ("clickhouse://", "clickhouses://")
 CHDB_PREFIX = "chdb:"

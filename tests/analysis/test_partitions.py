@@ -576,6 +576,32 @@ def test_the_store_is_split_into_files_only_where_a_task_can_read_them(tmp_path:
     assert not list(tmp_path.glob("hourglass-partitions-*"))
 
 
+def test_a_split_beside_the_first_round_writes_no_file_for_the_partitions_it_reads(tmp_path: Path) -> None:
+    """``skip``: the partitions the workers' first round reads from the store while the split is
+    written get no file (nor a read of their rows); their tasks, in any later pass, read them
+    from the store: the same rows as every other partition's file and as its scan."""
+    from bench.analysis import generate_spans
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(3_000, seed=11))
+    store.close()
+    parts = partitions.SPLIT_MIN_PARTS + 2
+    source = partitions.StoreSource(db)
+    split = partitions.split_store(source, parts, near=str(tmp_path), skip=2)
+    assert split is not None
+    try:
+        written = sorted(p.name for p in Path(split.folder).iterdir())
+        assert written == [f"p{p:06d}.arrow" for p in range(2, parts)]
+        for p in range(parts):
+            assert split.load(p, parts).equals(source.load(p, parts))
+        some = source.load(0, parts)["trace_id"].to_pylist()[:3]
+        assert split.load(0, parts, trace_ids=some).equals(source.load(0, parts, trace_ids=some))
+    finally:
+        split.remove()
+
+
 def test_idle_workers_restart_during_the_decision_only_when_the_plan_says_they_fit() -> None:
     """``warm()`` starts the workers before the first task (while the store is split);
     ``idle()`` stops them, and starts new ones at once only with ``warm`` (the plan's choice)."""
@@ -602,11 +628,12 @@ def test_idle_workers_are_kept_through_the_decision_when_the_plan_says_their_pea
         assert executor.map("extracting", pow, [(2, 1, 5)], None) == [2]
         started = executor._pool
         assert started is not None
-        pids = set(started._processes)
+        pids = {p.pid for p in started.processes.started}
+        assert len(pids) == 1
         executor.idle()
-        assert executor._pool is started and set(started._processes) == pids
+        assert executor._pool is started and {p.pid for p in started.processes.started} == pids
         assert executor.map("pricing", pow, [(3, 1, 5)], None) == [3]
-        assert set(started._processes) == pids
+        assert {p.pid for p in started.processes.started} == pids
     finally:
         executor.close()
 

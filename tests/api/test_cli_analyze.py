@@ -199,3 +199,20 @@ def test_json_analysis_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
         json.loads((tmp_path / "a.json").read_text())["recommendations"]
         == json.loads((tmp_path / "b.json").read_text())["recommendations"]
     )
+
+
+def test_the_command_line_loads_no_analysis_before_a_command_runs() -> None:
+    """``import hourglass.cli`` (every command registered) imports neither polars, pyarrow nor
+    numpy: ``analyze --db`` reads the store's size and starts its worker processes before it
+    imports the analysis, so the workers' start-up and this process' imports overlap."""
+    probe = "import sys, hourglass.cli; print(sorted({'polars', 'pyarrow', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,199 @@
+"""The memory plan of a partitioned analysis: how many partitions of whole traces, on how many
+worker processes, with or without the store split into partition files (:func:`plan`).
+
+Pure arithmetic on the store's span count and the memory budget, in a module that imports
+nothing of the analysis: ``hourglass analyze --db`` plans before it imports polars and the
+detectors, so that its worker processes start while it imports them
+(``hourglass.cli.analyze``). :mod:`hourglass.analysis.partitions` runs the plan (and re-exports
+these names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# From this many partitions on, a run on a DuckDB file reads the store once into a file per
+# partition (``partitions.split_store``) rather than scanning the whole store for each partition
+# in each pass (extraction, pricing, the workstreams' pricing). CPU measured at 1M spans in 6
+# partitions: the split 0.94 s and the six files read 0.64 s, against 1.84 s for six
+# ``scan_partition``s, each of which reads every row of the store to find its partition's (at 5M
+# spans ~0.45 s a scan on top of its own rows); so from 2-3 partitions on the split costs less,
+# and more so as the store grows.
+SPLIT_MIN_PARTS = 4
+
+
+# Memory model behind the choice of partitions (peak RSS, measured with HOURGLASS_MEMORY_LOG=1 and
+# bench.scaling on mixed traces at 1M and 5M spans): a process that analyses spans costs
+# PROCESS_BASE_BYTES (interpreter, polars, pyarrow, duckdb: 145-155 MiB at the deciding process'
+# start, 170-195 MiB for a worker once it has read its first partition) plus PEAK_BYTES_PER_SPAN
+# for each span it holds — the read, the repaired frame and the detectors' intermediates at their
+# peak (a worker's peak over its start: ~2.1 KB a span in partitions of 125k spans, ~1.9 KB in
+# partitions of 312k). A partitioned run extracts in worker processes only (one at least), so
+# the process that decides holds no spans. It holds the trace summaries while the workers extract
+# (every extracted row is on disk: ``Spill.keep``): ~35 B a span at 1M, ~20 at 5M; then, through
+# the pricing pass, while the workers read the findings' traces, the findings and what the
+# decision left allocated: ROWS_BYTES_PER_SPAN of the whole (512 MiB over the start at 5M,
+# ~180 at 1M; without a spill, under --cluster, the rows themselves, ~136 resident). Pricing
+# reads only the findings' traces of a partition (about half its spans on the generated mix), but
+# no more than the partition in the worst case, so the plan keeps room for ``workers`` full
+# partitions beside ROWS_BYTES_PER_SPAN: that phase, not the extraction, bounds the partitions.
+# (A pricing task of a run on this machine now takes those traces from the few columns its
+# extraction kept, ``Prepared``, rather than reading and repairing them: less than that room.)
+# The decision runs with the workers idle (each holds its base: ``ProcessExecutor.idle`` starts
+# them anew; or, when even their peaks over a partition fit beside the decision, ``Plan.keep``,
+# they are left as they are, which spares two start-ups), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
+# their buckets under DuckDB's own memory limit (``hourglass.analysis.detectors._sweep``, whatever
+# one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M).
+# The buckets no longer bound memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with
+# keys spread evenly, within that limit.
+PROCESS_BASE_BYTES = 200 * 2**20
+PEAK_BYTES_PER_SPAN = 2_000
+ROWS_BYTES_PER_SPAN = 80
+DECIDE_BYTES_PER_SPAN = 130
+BUCKET_SPANS = 2_000_000
+MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
+# The split of a DuckDB store into partition files (``split_store``), written by a thread of the
+# deciding process while the workers extract their first partitions (``run_extraction``'s
+# ``later``) when it fits beside their peaks, else before them, while they start
+# (``Plan.split_beside``), else not at all: the workers read their partitions from the store
+# (``scan_partition``; ``Plan.split``). Its memory (DuckDB's scan and buffer pool,
+# ``SPLIT_MEMORY_LIMIT``, and the batches in flight) grows with the store. Measured with
+# ``split_store`` alone into 8 files in a process of 119 MiB (its peak RSS): 434 MiB at 1M spans,
+# ~487 at 2M (trace ids doubled), 522 at 5M; with a ``--since`` or ``--service`` filter, which
+# also joins the store with the matching trace ids whatever its memory limit, 610, ~786 and
+# 1106 MiB (every trace matching); in ``analyze --db`` at 1M the deciding process peaked at
+# 409-449 MiB splitting. Counted over PROCESS_BASE_BYTES: SPLIT_BYTES + SPLIT_BYTES_PER_SPAN a
+# span (283 MiB at 1M, 295 at 2M, 329 at 5M), SPLIT_FILTERED_... with a filter (491, 598, 918
+# MiB): a line at or above every point (the growth slows as the store grows: it is not linear).
+SPLIT_BYTES = 272 * 2**20
+SPLIT_BYTES_PER_SPAN = 12
+SPLIT_FILTERED_BYTES = 384 * 2**20
+SPLIT_FILTERED_BYTES_PER_SPAN = 112
+
+
+def split_bytes(spans: int, filtered: bool = False) -> int:
+    """The memory the split of a store of ``spans`` spans takes over the deciding process' base
+    (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter)."""
+    if filtered:
+        return SPLIT_FILTERED_BYTES + spans * SPLIT_FILTERED_BYTES_PER_SPAN
+    return SPLIT_BYTES + spans * SPLIT_BYTES_PER_SPAN
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold the analysis (one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one analysis runs: ``parts`` partitions of whole traces on ``workers`` processes."""
+
+    spans: int
+    parts: int
+    workers: int
+    buckets: int = 0  # the spilled rows' buckets (``hourglass.analysis.spill``); 0: not spilled
+    warm: bool = True  # the workers start anew while this process decides (``ProcessExecutor.idle``)
+    # the workers are kept, not stopped, while this process decides: what they may still hold from
+    # their last partition fits beside the decision (``ProcessExecutor.idle``)
+    keep: bool = False
+    # the kinds of ``DECIDE_BESIDE`` are decided in a thread of their own beside the others
+    # (``partitions.decide``): two decisions' working sets fit at once beside the workers
+    beside: bool = False
+    # the store is split into partition files (``split_store``) beside the workers' first
+    # partitions; False: before them, while they start (the split and their peaks do not fit at once)
+    split_beside: bool = True
+    # the store is split into partition files at all (``split_store``); False: the budget holds
+    # not even the split beside the workers' bases, so each task reads its partition from the
+    # store (``scan_partition``), as a store of fewer partitions is read
+    split: bool = True
+
+    def describe(self, budget: int) -> str:
+        where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
+        spilled = f", resource rows spilled to {self.buckets} buckets" if self.buckets else ""
+        return (
+            f"{self.spans:,} spans in {self.parts} partitions of whole traces {where}{spilled} "
+            f"(memory budget {budget / 2**30:.2f} GiB)"
+        )
+
+
+def plan(
+    spans: int,
+    budget: int,
+    workers: int,
+    largest_trace: tuple[str, int] | None = None,
+    *,
+    split: bool = False,
+    filtered: bool = False,
+) -> Plan:
+    """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
+    processes (one partition, in this process, when everything fits). ``split``: the store is
+    one that a run of ``SPLIT_MIN_PARTS`` partitions or more splits into partition files
+    (``partitions.splits``: a DuckDB file of this machine), which this process does beside the workers'
+    first partitions when the split (:func:`split_bytes`, more with ``filtered``: a ``--since``
+    or ``--service`` filter) fits beside their peaks, else before them, while they start
+    (``Plan.split_beside``), else not at all (``Plan.split`` False: each task reads its partition
+    from the store, as without ``split``). A small budget costs the split's time (~1 s at 1M
+    spans) or a read of the whole store per partition and pass, never more partitions nor a
+    refused run: the partitions are those of the plan without ``split``."""
+    chosen = _plan(spans, budget, workers, largest_trace)
+    if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
+        return chosen
+    splitting = split_bytes(spans, filtered)
+    bases = (chosen.workers + 1) * PROCESS_BASE_BYTES
+    peaks = chosen.workers * -(-spans // chosen.parts) * PEAK_BYTES_PER_SPAN
+    if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) + peaks <= budget:
+        return chosen
+    if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) <= budget:
+        return replace(chosen, split_beside=False)
+    return replace(chosen, split_beside=False, split=False)
+
+
+def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
+    """:func:`plan` of a store read by each task (not split)."""
+    whole = PROCESS_BASE_BYTES + spans * PEAK_BYTES_PER_SPAN
+    if whole <= budget:
+        return Plan(spans, 1, 1)
+    workers = max(1, workers)
+    held = spans * ROWS_BYTES_PER_SPAN  # this process' rows beside the workers' pricing
+    per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - held) // workers
+    if per_worker < MIN_WORKER_BYTES and workers > 1:
+        # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
+        # partition is one more scan of the store)
+        return _plan(spans, budget, workers - 1, largest_trace)
+    if per_worker <= 0:
+        need = 2 * PROCESS_BASE_BYTES + held + 1_000 * PEAK_BYTES_PER_SPAN
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the analysis of {spans:,} spans "
+            f"(at least {need / 2**30:.2f} GiB): raise --memory-budget"
+        )
+    if largest_trace is not None and largest_trace[1] * PEAK_BYTES_PER_SPAN > per_worker:
+        trace_id, count = largest_trace
+        raise BudgetError(
+            f"trace {trace_id} alone has {count:,} spans and needs about "
+            f"{count * PEAK_BYTES_PER_SPAN / 2**30:.2f} GiB, more than the {per_worker / 2**30:.2f} GiB each of "
+            f"{workers} worker(s) gets from a {budget / 2**30:.2f} GiB budget: raise --memory-budget or lower --workers"
+        )
+    deciding = PROCESS_BASE_BYTES + spans * DECIDE_BYTES_PER_SPAN
+    if deciding > budget:  # the decision runs alone, once the workers are stopped
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the decision over {spans:,} spans "
+            f"(about {deciding / 2**30:.2f} GiB): raise --memory-budget"
+        )
+    parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
+    # whole rounds of ``workers`` partitions: 7 on 2 workers ran the 7th alone while the other
+    # worker idled (4 rounds of 1/7 of the work against 4 of 1/8); smaller partitions only use less
+    parts = -(-parts // workers) * workers
+    buckets = max(1, -(-spans // BUCKET_SPANS))
+    workers = min(workers, int(parts))
+    # the workers of the pricing start while this process decides when their bases fit beside it
+    warm = deciding + workers * PROCESS_BASE_BYTES <= budget
+    # or they are kept as they are, when even their peaks over a partition fit beside it: two
+    # fewer interpreters to start (~0.6 s of CPU each, on a core the decision would leave idle
+    # only on an idle machine) and no wait for the old ones to exit
+    per_part = -(-spans // parts)
+    keep = deciding + workers * (PROCESS_BASE_BYTES + per_part * PEAK_BYTES_PER_SPAN) <= budget
+    # two kinds decided at once (``beside``): room for a second decision's working set beside the
+    # first and beside what the workers hold meanwhile (their peaks when kept, their bases when warm)
+    held = workers * PROCESS_BASE_BYTES if warm or keep else 0
+    held += workers * per_part * PEAK_BYTES_PER_SPAN if keep else 0
+    beside = deciding + spans * DECIDE_BYTES_PER_SPAN + held <= budget
+    return Plan(spans, int(parts), workers, int(buckets), warm, keep, beside)
