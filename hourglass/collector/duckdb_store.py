@@ -150,7 +150,7 @@ def _read(method: _Method) -> _Method:
 
 # compactions that removed rows whose bound ``recent_arrivals`` reports (older ones: the
 # incremental analysis counts every trace again)
-REMOVALS_KEPT = 64
+REMOVALS_KEPT = 384  # (an hour of compactions every 10 s, serve's interval)
 # scan_traces: ingest-time ranges in one query at most (more are merged, closest first)
 MAX_INGESTED_RANGES = 64
 # the streamed reads (``stream_traces``, ``stream_recent_arrivals``...): rows per record batch,
@@ -1170,12 +1170,17 @@ class DuckDBSpanStore:
     def stats(self) -> StoreStats:
         """Unique span and trace counts (duplicates not yet compacted are not counted); the last
         counts are reused while no change was committed since they were taken."""
-        counted, recounted = self._stats()
-        if recounted:  # the count streamed the table's trace_id column: not kept in the buffer pool
-            try:  # not while a write, compaction or retention holds the store: the next count's turn
-                self.release_cache(wait=False)
-            except Exception:  # the count stands; the cache stays until the next release
-                log.warning("span store: releasing the buffer pool after a count failed", exc_info=True)
+        # the one memory-heavy query at a time (the module doc), taken before the read gate and the
+        # staged rows' load: a count waiting for a serialized read is not a read in flight (which
+        # makes every release_cache meanwhile skip its turn), and counts the rows staged while it
+        # waited (else its kept bound passes rows loaded after it, and the next count drops it)
+        with self._heavy:
+            counted, recounted = self._stats()
+            if recounted:  # the count streamed the table's trace_id column: not kept in the buffer pool
+                try:  # not while a write, compaction or retention holds the store: the next count's turn
+                    self.release_cache(wait=False)
+                except Exception:  # the count stands; the cache stays until the next release
+                    log.warning("span store: releasing the buffer pool after a count failed", exc_info=True)
         return counted
 
     @_read
@@ -1189,11 +1194,10 @@ class DuckDBSpanStore:
         # GROUP BY over every trace id, a hash table as big as the store's trace count): done once
         # (_count without a base), then each count adds what was ingested after the last kept bound.
         counted = None
-        with self._heavy:  # (the count's hash tables: not beside compaction or a serialized read)
-            for attempt in range(3):  # counts that changes under it made unsure are taken again
-                counted = self._count(locked=attempt == 2)
-                if counted is not None:
-                    break
+        for attempt in range(3):  # counts that changes under it made unsure are taken again
+            counted = self._count(locked=attempt == 2)
+            if counted is not None:
+                break
         assert counted is not None  # the last attempt holds the write lock: nothing changes under it
         self._stats_cache = (changes, counted)
         return counted, True

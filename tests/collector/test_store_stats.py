@@ -464,3 +464,33 @@ def test_counts_compaction_and_retention_wait_for_a_serialized_read(tmp_path: Pa
         assert store.stats() == _recount(store)
     finally:
         store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_count_waiting_for_a_serialized_read_does_not_hold_back_the_cache_release(tmp_path: Path) -> None:
+    """A count that waits for a serialized read waits outside the read gate: it is not a read in
+    flight, so the release of the buffer pool the read ends with (serve's ``reader.release()``)
+    still frees what the read cached (it skipped its turn while a count waited)."""
+    path = str(tmp_path / "s.duckdb")
+    store = DuckDBSpanStore(path)
+    for i in range(10):
+        rows = [(t, s) for t in range(i * 20_000, (i + 1) * 20_000) for s in range(4)]
+        store.write(_rows(rows, (i + 1) * SECOND, 2 * SECOND))
+    store.stats()
+    store.close()
+    store = DuckDBSpanStore(path)  # (nothing cached yet)
+    try:
+        store.write(_rows([(999_999, 1)], 20 * SECOND, 2 * SECOND))  # a change: the next count recounts
+        with store.serialized():
+            store.scan(columns=("trace_id", "span_id", "raw"))  # the worker's read
+            count = threading.Thread(target=store.stats)
+            count.start()
+            count.join(0.3)
+            assert count.is_alive()  # (waiting for the read)
+            released = store.release_cache(min_bytes=1, headroom_bytes=0)
+            assert released > 0
+        count.join(30)
+        assert not count.is_alive()
+        assert store.stats() == _recount(store)
+    finally:
+        store.close()
