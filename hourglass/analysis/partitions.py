@@ -28,7 +28,6 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -902,26 +901,10 @@ class ProcessExecutor:
         """Wait for the workers of pools closed without waiting (a failed or interrupted run's)
         to exit (terminated by :meth:`close`: at once): the tasks they were running write no
         more files after this (what the run kept, removed after it, is not written again)."""
-        deadline = time.monotonic() + TERMINATE_GRACE_S
-        while self._abandoned:
-            process = self._abandoned[-1]
-            process.join(max(deadline - time.monotonic(), 0.0))
-            if process.exitcode is None:  # (it ignores SIGTERM: started so, as nohup does)
-                process.kill()
-                process.join()
-            self._abandoned.pop()
+        worker_start.reap(self._abandoned)
 
 
-TERMINATE_GRACE_S = 2.0  # terminated workers still alive after this (all together) are killed
-
-
-def _terminate(processes: Iterable[multiprocessing.process.BaseProcess]) -> None:
-    """SIGTERM to each of ``processes`` still running (a worker's task holds nothing that must be
-    written or released first: what it writes is written whole, then renamed)."""
-    for process in processes:
-        if process.exitcode is None:
-            with suppress(OSError, ValueError):  # (gone meanwhile; closed)
-                process.terminate()
+_terminate = worker_start.terminate
 
 
 # A task that makes a worker process start (``warm``, ``idle``): ``worker_start.start``, the

@@ -626,7 +626,9 @@ def _exemplar_candidates(findings: list[Finding]) -> set[str]:
     ``MAX_EXEMPLAR_TRACES`` (``report.recommendation``'s choice, whatever the ranking keeps)."""
     out: set[str] = set()
     for f in findings:
-        out.update(str(t) for t in (f.evidence.get("trace_ids") or f.trace_ids)[:MAX_EXEMPLAR_TRACES])
+        # (only those decoded: ``f.trace_ids`` makes a string of every trace a finding covers)
+        chosen = f.evidence.get("trace_ids") or f.occurrence_table.first_trace_ids(MAX_EXEMPLAR_TRACES)
+        out.update(str(t) for t in chosen[:MAX_EXEMPLAR_TRACES])
     return out
 
 

@@ -89,6 +89,43 @@ def pool(workers: int) -> WorkerPool:
     return WorkerPool(workers)
 
 
+TERMINATE_GRACE_S = 2.0  # terminated workers still alive after this (all together) are killed
+
+
+def terminate(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM to each of ``processes`` still running (a worker's task holds nothing that must be
+    written or released first: what it writes is written whole, then renamed)."""
+    for process in processes:
+        if process.exitcode is None:
+            with contextlib.suppress(OSError, ValueError):  # (gone meanwhile; closed)
+                process.terminate()
+
+
+def reap(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """Waits for ``processes`` (terminated) to exit, emptying the list: those still alive after
+    one shared grace (started to ignore SIGTERM, as ``nohup`` does) are killed."""
+    import time
+
+    deadline = time.monotonic() + TERMINATE_GRACE_S
+    while processes:
+        process = processes[-1]
+        with contextlib.suppress(ValueError):  # (closed)
+            process.join(max(deadline - time.monotonic(), 0.0))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        processes.pop()
+
+
+def stop(started: WorkerPool) -> None:
+    """Stops a pool no run took, at once: its workers terminated (they may still be importing),
+    not waited for until they would have started."""
+    started.shutdown(wait=False, cancel_futures=True)
+    processes = [p for p in started.processes.started if p.pid is not None]
+    terminate(processes)
+    reap(processes)
+
+
 def ready() -> None:
     """A task that makes a worker process start: the pool starts a process for each task
     submitted while none is idle, and the process runs :func:`start` before it."""

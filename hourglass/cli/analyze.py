@@ -163,6 +163,9 @@ def analyze_store(
         if plan.parts == 1 and run.cluster is None:
             from hourglass.analysis.resources import attach_store_resources
 
+            if early is not None:  # (analysed in this process: no workers held beside it)
+                early.release()
+
             # the services' languages ride along in the table's metadata (for the designs' pseudocode)
             # string views: polars takes the strings as DuckDB made them, without a copy
             table = attach_store_resources(
@@ -229,6 +232,8 @@ def _executor(
         return partitions.SerialExecutor()
     workers = max(1, plan.workers)
     started = early.take(workers) if early is not None else None
+    if early is not None and started is None:  # (another number: not held beside this run's)
+        early.release()
     return partitions.ProcessExecutor(workers, warm=plan.warm, keep=plan.keep, started=started)
 
 
@@ -276,10 +281,12 @@ class EarlyWorkers:
         return started
 
     def release(self) -> None:
-        """Stops the workers unless a run took them."""
+        """Stops the workers at once unless a run took them (terminated, as an interrupted run's)."""
         if self._started is not None:
-            self._started[0].shutdown(wait=False, cancel_futures=True)
-            self._started = None
+            from hourglass.analysis import worker_start
+
+            pool, self._started = self._started[0], None
+            worker_start.stop(pool)
 
 
 def _read_traces(path: str, trace_ids: list[str]) -> pa.Table:
@@ -438,10 +445,17 @@ def analyze_command(
         partitions=partitions,
         spill_buckets=spill_buckets,
     )
-    # a store analysed in worker processes: they start now, while this process imports the
-    # analysis (~0.4 s of CPU), instead of after it
-    early = None if files else EarlyWorkers.start(db or settings.db, run, filtered=bool(since or service))
+    # SIGTERM ends a store's run as Ctrl-C does (its temporary files removed, its workers
+    # stopped) from before its workers start: a worker started and then left by a parent killed
+    # while importing would wait on its pool's queue for ever
+    guard = contextlib.ExitStack()
+    if not files:
+        guard.enter_context(_terminate_as_interrupt())
+    early: EarlyWorkers | None = None
     try:
+        # a store analysed in worker processes: they start now, while this process imports the
+        # analysis (~0.4 s of CPU), instead of after it
+        early = None if files else EarlyWorkers.start(db or settings.db, run, filtered=bool(since or service))
         from hourglass.analysis.pipeline import analyze
         from hourglass.analysis.render import render
         from hourglass.analysis.writers import select_writer
@@ -453,19 +467,21 @@ def analyze_command(
             table, problems = read_files(list(files), verbose=verbose, summary=input_problems)
             report = analyze(table, writer=writer, services=service, since_ns=since_ns, explain=explain)
         else:
-            with _terminate_as_interrupt():  # (its temporary files removed, its workers stopped)
-                report = analyze_store(
-                    db or settings.db,
-                    run,
-                    services=service,
-                    since_ns=since_ns,
-                    writer=writer,
-                    explain=explain,
-                    early=early,
-                )
+            report = analyze_store(
+                db or settings.db,
+                run,
+                services=service,
+                since_ns=since_ns,
+                writer=writer,
+                explain=explain,
+                early=early,
+            )
     finally:
-        if early is not None:  # (not taken by the run: stopped)
-            early.release()
+        try:
+            if early is not None:  # (not taken by the run: stopped)
+                early.release()
+        finally:
+            guard.close()
     ends_at_once = not files and run.cluster is None and _is_duckdb_file(db or settings.db)
     # additive to hourglass.report/v1: the problems met in the input files, one entry per kind
     report["input_warnings"] = input_problems.as_json()

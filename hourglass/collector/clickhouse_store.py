@@ -285,7 +285,9 @@ def _first_copies(spans: pa.Table) -> pa.Table:
         .aggregate([("_row", "min")])
         .column("_row_min")
     )
-    return spans.take(pc.sort_indices(firsts))  # (in the Export's order)
+    # each span's first row, in the Export's order (the rows' numbers sorted: not the positions
+    # that would sort them)
+    return spans.take(firsts.take(pc.sort_indices(firsts)))
 
 
 def _check_columns(columns: Sequence[str]) -> list[str]:

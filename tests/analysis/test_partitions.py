@@ -868,3 +868,17 @@ def test_a_run_that_fails_first_stops_the_split_written_beside_it(
     assert {k: v for k, v in again.items() if k != "generated_at"} == {
         k: v for k, v in whole.items() if k != "generated_at"
     }
+
+
+def test_early_workers_no_run_took_are_stopped_at_once() -> None:
+    """Worker processes started before a run (``analyze --db``'s early pool) that no run takes
+    are terminated, not left to finish starting: none is alive after ``stop`` (a pool only shut
+    down leaves its workers to import the analysis first, and to wait on its queue for ever when
+    the parent that started them is killed)."""
+    from hourglass.analysis import worker_start
+
+    pool, _ = worker_start.started(2)
+    processes = list(pool.processes.started)
+    assert len(processes) == 2
+    worker_start.stop(pool)
+    assert all(p.exitcode is not None for p in processes)
