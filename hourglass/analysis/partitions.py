@@ -886,7 +886,7 @@ class ProcessExecutor:
         """Stop the worker processes, waiting for them to exit, so none outlives the command.
         ``wait=False`` when a task failed or the run was interrupted and the pool is abandoned:
         its tasks still running are not waited for (seconds on a large partition) but their
-        workers terminated (:func:`_terminate`)."""
+        workers terminated (:func:`worker_start.terminate`)."""
         pool = self._pool
         if pool is None:
             return
@@ -894,7 +894,7 @@ class ProcessExecutor:
         pool.shutdown(wait=wait, cancel_futures=True)
         if not wait:
             self._abandoned.extend(p for p in pool.processes.started if p.pid is not None)
-            _terminate(self._abandoned)
+            worker_start.terminate(self._abandoned)
             self.settle()
 
     def settle(self) -> None:
@@ -902,9 +902,6 @@ class ProcessExecutor:
         to exit (terminated by :meth:`close`: at once): the tasks they were running write no
         more files after this (what the run kept, removed after it, is not written again)."""
         worker_start.reap(self._abandoned)
-
-
-_terminate = worker_start.terminate
 
 
 # A task that makes a worker process start (``warm``, ``idle``): ``worker_start.start``, the
