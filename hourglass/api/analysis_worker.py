@@ -286,6 +286,9 @@ def _round_done() -> None:
     to the system (``malloc_trim``: glibc keeps what the run's threads freed in their arenas)."""
     gc.collect()
     server_memory.trim_worker()
+    from hourglass.analysis import memlog
+
+    memlog.note("round done, waiting")
 
 
 def _failed(trace: str) -> RuntimeError:
@@ -994,6 +997,7 @@ def run_incremental(
             extraction=lambda notes: state.extraction(
                 units, source, executor, notes, reads_done=reader.reads_done
             ),
+            release_heap=state.release_heap,
         )
         executor.close()
         state.release_heap()  # (the pricing's and the scoring's freed pages, before the index's)
