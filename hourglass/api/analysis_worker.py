@@ -58,10 +58,17 @@ WORKER_MALLOC_CONF = ("_RJEM_MALLOC_CONF", "background_thread:true,muzzy_decay_m
 # glibc malloc in the worker (read when the process starts; the server's environment wins): the
 # round's Python lists and numpy arrays come from glibc, and with its defaults the arenas of the
 # detectors' threads and a dynamic mmap threshold kept what a round freed (a 6M-span store: 212 MiB
-# freed but held after a round), as in the server (``serve.tune_malloc``)
+# freed but held after a round), as in the server (``serve.tune_malloc``). Its mmap threshold is
+# lower than the server's: a round's blocks of 128 KiB-1 MiB (numpy arrays of a finding's
+# occurrences, the pricing's lists) came from the heap, which the round's largest phase (the first
+# pricing after new batches: 126 MiB in use) had grown; the later phases' small blocks then sat
+# scattered over its freed chunks, whose pages they made resident again (a 12M-span store, rounds
+# after new batches: the heap resident 75-114 MiB with 41-45 in use; the round's peak 392-397 MiB,
+# 377-378 with this threshold and the trims after each stage, n_plus_one's decision 392 -> 379)
+WORKER_MMAP_THRESHOLD = 128 * 1024
 WORKER_GLIBC_ENV = (
     ("MALLOC_ARENA_MAX", str(default("serve_malloc_arena_max"))),
-    ("MALLOC_MMAP_THRESHOLD_", str(default("serve_malloc_mmap_threshold"))),
+    ("MALLOC_MMAP_THRESHOLD_", str(WORKER_MMAP_THRESHOLD)),
 )
 
 
