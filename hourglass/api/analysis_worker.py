@@ -85,6 +85,9 @@ def _worker_main(conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority_of_this_thread()  # the main thread: threads started later inherit it
     import hourglass.analysis.pipeline  # noqa: F401  -- imported while waiting for the first table, not after
+    from hourglass.analysis import memlog
+
+    memlog.set_detail(server_memory.memlog_detail)  # (HOURGLASS_MEMORY_LOG=detail)
     from hourglass.analysis.batch_tasks import Cluster
     from hourglass.analysis.incremental import IncrementalAnalysis
 

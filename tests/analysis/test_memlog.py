@@ -1,4 +1,5 @@
-"""``HOURGLASS_MEMORY_LOG``: one line per phase; ``detail`` adds the resident memory by allocator."""
+"""``HOURGLASS_MEMORY_LOG``: one line per phase; ``detail`` adds what is registered (serve's analysis
+worker: the resident memory by allocator, ``server_memory.memlog_detail``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from hourglass.analysis import memlog
+from hourglass.api import server_memory
 
 
 def test_a_note_prints_nothing_without_the_variable(
@@ -21,6 +23,7 @@ def test_a_note_prints_nothing_without_the_variable(
 def test_detail_adds_the_memory_by_allocator(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.setattr(memlog, "_detail", server_memory.memlog_detail)
     monkeypatch.setenv(memlog.ENV, "1")
     memlog.note("plain")
     monkeypatch.setenv(memlog.ENV, "detail")
