@@ -8,17 +8,29 @@ each line's peak belongs to the phase it closes), e.g.::
 
 Partitioned analysis notes its phases in the deciding process and in each worker (spawned
 workers inherit the variable), which is how the peak of a large ``analyze --db`` is attributed to
-a process and a phase. Without the variable ``note`` does nothing.
+a process and a phase. Without the variable ``note`` does nothing. ``HOURGLASS_MEMORY_LOG=detail``
+adds what ``set_detail`` registered (serve's analysis worker: where the anonymous memory is, by
+allocator: ``hourglass.api.server_memory.memlog_detail``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from hourglass.settings import env_var
 
 ENV = env_var("memory_log")
+# ``detail``: what a note adds (``set_detail``: serve's analysis worker registers
+# ``hourglass.api.server_memory.memlog_detail``)
+_detail: Callable[[], str] | None = None
+
+
+def set_detail(detail: Callable[[], str] | None) -> None:
+    """What each note adds with ``HOURGLASS_MEMORY_LOG=detail`` (None: nothing)."""
+    global _detail
+    _detail = detail
 
 
 def enabled() -> bool:
@@ -47,6 +59,7 @@ def note(phase: str) -> None:
     except OSError:
         pass
     sys.stderr.write(
-        f"hourglass memory: pid {os.getpid()} {phase}: rss {rss // 1024} MiB, phase peak {peak // 1024} MiB\n"
+        f"hourglass memory: pid {os.getpid()} {phase}: rss {rss // 1024} MiB, phase peak {peak // 1024} MiB"
+        f"{_detail() if _detail is not None and os.environ.get(ENV, '').strip().lower() == 'detail' else ''}\n"
     )
     sys.stderr.flush()

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -58,10 +58,17 @@ WORKER_MALLOC_CONF = ("_RJEM_MALLOC_CONF", "background_thread:true,muzzy_decay_m
 # glibc malloc in the worker (read when the process starts; the server's environment wins): the
 # round's Python lists and numpy arrays come from glibc, and with its defaults the arenas of the
 # detectors' threads and a dynamic mmap threshold kept what a round freed (a 6M-span store: 212 MiB
-# freed but held after a round), as in the server (``serve.tune_malloc``)
+# freed but held after a round), as in the server (``serve.tune_malloc``). Its mmap threshold is
+# lower than the server's: a round's blocks of 128 KiB-1 MiB (numpy arrays of a finding's
+# occurrences, the pricing's lists) came from the heap, which the round's largest phase (the first
+# pricing after new batches: 126 MiB in use) had grown; the later phases' small blocks then sat
+# scattered over its freed chunks, whose pages they made resident again (a 12M-span store, rounds
+# after new batches: the heap resident 75-114 MiB with 41-45 in use; the round's peak 392-397 MiB,
+# 377-378 with this threshold and the trims after each stage, n_plus_one's decision 392 -> 379)
+WORKER_MMAP_THRESHOLD = 128 * 1024
 WORKER_GLIBC_ENV = (
     ("MALLOC_ARENA_MAX", str(default("serve_malloc_arena_max"))),
-    ("MALLOC_MMAP_THRESHOLD_", str(default("serve_malloc_mmap_threshold"))),
+    ("MALLOC_MMAP_THRESHOLD_", str(WORKER_MMAP_THRESHOLD)),
 )
 
 
@@ -78,6 +85,9 @@ def _worker_main(conn: Connection) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority_of_this_thread()  # the main thread: threads started later inherit it
     import hourglass.analysis.pipeline  # noqa: F401  -- imported while waiting for the first table, not after
+    from hourglass.analysis import memlog
+
+    memlog.set_detail(server_memory.memlog_detail)  # (HOURGLASS_MEMORY_LOG=detail)
     from hourglass.analysis.batch_tasks import Cluster
     from hourglass.analysis.incremental import IncrementalAnalysis
 
@@ -286,6 +296,9 @@ def _round_done() -> None:
     to the system (``malloc_trim``: glibc keeps what the run's threads freed in their arenas)."""
     gc.collect()
     server_memory.trim_worker()
+    from hourglass.analysis import memlog
+
+    memlog.note("round done, waiting")
 
 
 def _failed(trace: str) -> RuntimeError:
@@ -641,6 +654,9 @@ class AnalysisWorker:
                 conn.send(("incremental", request, settings))
                 while True:
                     message = _receive_result(conn.recv())
+                    if message[0] == "reads done":
+                        reader.reads_done()
+                        continue
                     if message[0] != "ask":
                         status, payload = message
                         break
@@ -766,10 +782,19 @@ def _built_index(report: dict[str, Any], findings: list[Any], folder: str | None
 
 class StoreReader:
     """The span reads an incremental round needs, straight from a store (in-process runs; in the
-    worker process :class:`PipeReader` forwards the same calls to the server)."""
+    worker process :class:`PipeReader` forwards the same calls to the server). ``on_reads_done``:
+    called when the round has made its reads of new spans (:meth:`reads_done`; its exemplars'
+    traces may still be read at its end)."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, on_reads_done: Callable[[], None] | None = None) -> None:
         self.store = store
+        self._on_reads_done = on_reads_done
+
+    def reads_done(self) -> None:
+        """The round has read the spans it extracts (its update and its new batches); what
+        follows is its decisions (seconds of its own CPU, no reads) until the exemplars' traces."""
+        if self._on_reads_done is not None:
+            self._on_reads_done()
 
     def arrivals(self, ingested_since_ns: int) -> pa.Table:
         return self.store.trace_arrivals(ingested_since_ns)
@@ -896,6 +921,10 @@ class PipeReader(StoreReader):
         super().__init__(None)
         self.conn = conn
 
+    def reads_done(self) -> None:
+        """Told to the server (no answer): its span count of the round runs now."""
+        self.conn.send(("reads done",))
+
     def _ask(self, *request: Any) -> pa.Table:
         self.conn.send(("ask", request))
         status, payload = self.conn.recv()
@@ -975,7 +1004,10 @@ def run_incremental(
             writer=writer,
             explain=bool(request.get("explain")),
             # the stored rows decided kind by kind (the rows of every batch are never held at once)
-            extraction=lambda notes: state.extraction(units, source, executor, notes),
+            extraction=lambda notes: state.extraction(
+                units, source, executor, notes, reads_done=reader.reads_done
+            ),
+            release_heap=state.release_heap,
         )
         executor.close()
         state.release_heap()  # (the pricing's and the scoring's freed pages, before the index's)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
+import tempfile
 import tracemalloc
 from typing import Any
 
@@ -181,3 +183,57 @@ def trim_worker() -> None:
     otherwise)."""
     trim()
     purge_duckdb()
+
+
+def memlog_detail() -> str:
+    """What a memory note adds with ``HOURGLASS_MEMORY_LOG=detail`` (``memlog.set_detail``): the anonymous resident memory by allocator (MiB): glibc's
+    main heap resident (``[heap]``) and its own maps (``mmapped``), Python's small-object arenas
+    (1 MiB each on 64-bit builds), DuckDB's jemalloc resident, and the rest (``other``: polars'
+    jemalloc, Arrow's pool, glibc's other arenas); then glibc's bytes in use and freed (freed
+    bytes may be resident or not: a trim returns their pages but glibc still counts them)."""
+    rollup = smaps_rollup() or {}
+    glibc = glibc_heap() or {}
+    duck = duckdb_allocator() or {}
+    mib = 2**20
+    heap = 0  # resident: glibc's main heap ([heap])
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+            in_heap = False
+            for line in smaps:
+                first = line.split()
+                if first and "-" in first[0] and len(first) >= 5:
+                    in_heap = first[-1] == "[heap]"
+                elif in_heap and first and first[0] == "Rss:":
+                    heap += int(first[1]) * 1024
+    except OSError:
+        pass
+    arenas = _obmalloc_arenas()
+    mapped, resident = glibc.get("mmapped", 0), duck.get("resident", 0)
+    other = rollup.get("anon", 0) - heap - mapped - resident - max(arenas, 0) * mib
+    return (
+        f" [anon {rollup.get('anon', 0) / mib:.0f}: [heap] {heap / mib:.0f}, mmapped {mapped / mib:.0f},"
+        f" obmalloc arenas {arenas}, duckdb {resident / mib:.0f}, other {other / mib:.0f};"
+        f" glibc in use {glibc.get('in_use', 0) / mib:.0f}, free {glibc.get('free', 0) / mib:.0f};"
+        f" py kblocks {sys.getallocatedblocks() // 1000}]"
+    )
+
+
+def _obmalloc_arenas() -> int:
+    """Python's small-object arenas allocated now (``sys._debugmallocstats``, read from fd 2)."""
+    try:
+        with tempfile.TemporaryFile() as out:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            try:
+                os.dup2(out.fileno(), 2)
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            out.seek(0)
+            for line in out.read().decode("ascii", "replace").splitlines():
+                if line.startswith("# arenas allocated current"):
+                    return int(line.split("=")[1].replace(",", "").strip())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return -1

@@ -356,7 +356,8 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
     """``release_heap`` (serve's worker: ``malloc_trim``) is called after each segment's meta is
     folded in, after the critical paths are decided and after each kind is decided, before the
     next kind's rows are loaded (so a kind's freed pages are not resident under the next's), then
-    after the pricing and before the trace index is built; the report is the same as without it."""
+    after the pricing, after each stage that follows it (the scoring, the report, the texts, the
+    workstreams) and before the trace index is built; the report is the same as without it."""
     db = tmp_path / "spans.duckdb"
     sidecar = sidecar_path(str(db))
     assert sidecar is not None
@@ -404,9 +405,11 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
         assert decisions[last + 1] == "released", (kind, decisions[last : last + 3])
         if following is not None:
             assert decisions.index(following) == last + 2, (kind, following)
-    # then the pricing (MemoExecutor.map), and the round once the report is built
+    # then the pricing (MemoExecutor.map); after it the scoring, the report and the texts, the
+    # workstreams' pricing and the workstreams; and the round once the report is built
     assert releasing[0] == "release_memory", releasing  # (after the update)
-    assert releasing[-3:] == ["release_memory", "run_incremental", "release_memory"], releasing
+    after = ["_analyze_partitioned"] * 3 + ["release_memory", "_analyze_partitioned"]
+    assert releasing[-8:] == ["release_memory", *after, "run_incremental", "release_memory"], releasing
     cli = _cli(db)
     for report in (first, again):
         _same(report, cli)
@@ -506,9 +509,9 @@ def test_a_round_leaves_the_sidecars_table_blocks_out_of_memory(tmp_path: Path) 
             released.append(_pool(state))
             IncrementalAnalysis.release_memory(state)
 
-        def extraction(*args: Any) -> Any:
+        def extraction(*args: Any, **kwargs: Any) -> Any:
             at_decision.append(_pool(state))
-            return IncrementalAnalysis.extraction(state, *args)
+            return IncrementalAnalysis.extraction(state, *args, **kwargs)
 
         state.release_memory = release  # type: ignore[method-assign]
         state.extraction = extraction  # type: ignore[method-assign]

@@ -172,5 +172,10 @@ def test_worker_starts_with_glibc_bounds_and_the_servers_own_win(monkeypatch: py
         worker.close()
     assert env["MALLOC_ARENA_MAX"] == "4"
     assert env["MALLOC_MMAP_THRESHOLD_"] == dict(analysis_worker.WORKER_GLIBC_ENV)["MALLOC_MMAP_THRESHOLD_"]
+    # the worker's blocks of 128 KiB and more are maps of their own (returned when freed), not the
+    # heap's: lower than the server's threshold
+    from hourglass.api import serve
+
+    assert int(env["MALLOC_MMAP_THRESHOLD_"]) == 128 * 1024 < serve.MALLOC_MMAP_THRESHOLD
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the server's own environment is left as it was
     assert os.environ["MALLOC_ARENA_MAX"] == "4"
