@@ -516,3 +516,22 @@ def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
     monkeypatch.setattr(DuckDBSpanStore, "raw_row_count", lambda self: (_ for _ in ()).throw(other))
     result = CliRunner().invoke(app, ["analyze", "--db", str(path), "--format", "json", "--workers", "1"])
     assert result.exit_code != 130 and result.exception is other
+
+
+def test_a_cluster_without_workers_says_the_run_waits_for_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scheduler that answers but has no worker (none started yet, all gone) leaves the run's
+    tasks waiting, with nothing to show on the progress bar: the command says so at once rather
+    than seem hung. (Dask's tasks do wait for a worker to connect; the run goes on then.)"""
+    import logging
+
+    from hourglass.analysis import partitions
+
+    with (
+        start_dask_cluster(tmp_path / "dask", workers=0) as address,
+        caplog.at_level(logging.WARNING, logger="hourglass.analysis.partitions"),
+    ):
+        partitions.DaskExecutor(address).close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"the Dask cluster at {address} has no workers yet" in line for line in said), said
