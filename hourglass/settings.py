@@ -352,7 +352,8 @@ SETTINGS: tuple[Setting, ...] = (
     # -- serve: keeping and analysing -----------------------------------------------------------
     Setting(
         "retention_seconds", "duration", 7 * 86400.0,
-        "drop traces that ended longer ago than this, e.g. 12h, 7d; 0 keeps all",
+        "drop traces that ended longer ago than this, e.g. 12h, 7d; 0 keeps all (checked every"
+        " 5 minutes, or every tenth of a shorter retention)",
         env="HOURGLASS_RETENTION", flag="--retention", commands=(SERVE,), unit="seconds",
     ),
     Setting(

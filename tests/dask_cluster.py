@@ -69,8 +69,9 @@ def dask_cluster(
             )  # fmt: skip
         from distributed import Client
 
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(workers, timeout=60)
+        if workers:  # (a scheduler without workers: nothing to wait for)
+            with Client(address, timeout=30) as client:
+                client.wait_for_workers(workers, timeout=60)
         yield address
     finally:
         for proc in procs:

@@ -483,3 +483,55 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     # not a DuckDB file, or partitions given: nothing started early
     assert EarlyWorkers.start(str(store) + ".missing", run, filtered=False) is None
     assert EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), filtered=False) is None
+
+
+def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) while DuckDB runs one of the command's queries (the store's size, its
+    largest trace: the first seconds of a 5M-span run) ends the run as an interrupt anywhere else
+    does: exit 130, no traceback. DuckDB takes the KeyboardInterrupt and raises its own
+    ``RuntimeError('Query interrupted')`` instead, which the command reported as a crash (exit 1,
+    the traceback on the terminal)."""
+    from typer.testing import CliRunner
+
+    from bench.analysis import generate_spans
+    from hourglass.cli import app
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    path = tmp_path / "spans.duckdb"
+    written = DuckDBSpanStore(str(path))
+    written.write(generate_spans(2_000, seed=3))
+    written.close()
+
+    def interrupted(self: DuckDBSpanStore) -> int:
+        raise RuntimeError("Query interrupted")  # what duckdb 2.0 raises on SIGINT during a query
+
+    monkeypatch.setattr(DuckDBSpanStore, "raw_row_count", interrupted)
+    result = CliRunner().invoke(app, ["analyze", "--db", str(path), "--format", "json", "--workers", "1"])
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    monkeypatch.undo()
+    other = RuntimeError("Query failed")  # any other error stays an error
+    monkeypatch.setattr(DuckDBSpanStore, "raw_row_count", lambda self: (_ for _ in ()).throw(other))
+    result = CliRunner().invoke(app, ["analyze", "--db", str(path), "--format", "json", "--workers", "1"])
+    assert result.exit_code != 130 and result.exception is other
+
+
+def test_a_cluster_without_workers_says_the_run_waits_for_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scheduler that answers but has no worker (none started yet, all gone) leaves the run's
+    tasks waiting, with nothing to show on the progress bar: the command says so at once rather
+    than seem hung. (Dask's tasks do wait for a worker to connect; the run goes on then.)"""
+    import logging
+
+    from hourglass.analysis import partitions
+
+    with (
+        start_dask_cluster(tmp_path / "dask", workers=0) as address,
+        caplog.at_level(logging.WARNING, logger="hourglass.analysis.partitions"),
+    ):
+        partitions.DaskExecutor(address).close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"the Dask cluster at {address} has no workers yet" in line for line in said), said

@@ -984,7 +984,12 @@ class DaskExecutor:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s: {exc}"
             ) from None
-        self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        connected = len(self.client.scheduler_info().get("workers", {}))
+        if not connected:  # (a run that would wait without a word, with no progress to show)
+            log.warning(
+                "the Dask cluster at %s has no workers yet: its tasks wait for one to connect", address
+            )
+        self.workers = max(1, connected)
         self._run = uuid.uuid4().hex[:8]
         self._maps = 0  # each map's tasks get their own keys (a second pricing pass is other work)
 

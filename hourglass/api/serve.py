@@ -14,7 +14,8 @@ acknowledged and nothing acknowledged is lost:
 
 Maintenance runs in the background: compaction of duplicate spans every
 ``COMPACT_INTERVAL_S`` seconds and retention (``Settings.retention_seconds``; 0 disables it)
-every ``RETENTION_INTERVAL_S`` seconds.
+every ``RETENTION_INTERVAL_S`` seconds, or every tenth of a shorter retention
+(:func:`retention_every`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ log = logging.getLogger("hourglass.serve")
 # round's batch read takes, at about the same CPU per row as once a minute.
 COMPACT_INTERVAL_S = 10.0
 RETENTION_INTERVAL_S = 300.0
+# a retention shorter than RETENTION_CHECKS * RETENTION_INTERVAL_S is checked this many times over
+RETENTION_CHECKS = 10
 RECEIVER_GRACE_S = 10
 PIPELINE_CLOSE_TIMEOUT_S = 60.0
 # With the C scanner (collector.native_decode) OTLP/gRPC requests are decoded in the handler
@@ -396,6 +399,13 @@ async def _serve_async(
         store.close()
 
 
+def retention_every(retention_seconds: float, interval_s: float, compact_interval_s: float) -> float:
+    """Seconds between two retention passes: ``interval_s`` (5 minutes), or a tenth of a
+    retention shorter than ten of those, not more often than the compaction runs. (With a fixed 5
+    minutes, a short retention set to try it, ``--retention 2m``, kept traces up to 7 minutes old.)"""
+    return min(interval_s, max(compact_interval_s, retention_seconds / RETENTION_CHECKS))
+
+
 async def _maintenance(
     store: SpanStore,
     settings: Settings,
@@ -424,7 +434,8 @@ async def _maintenance(
                 dropped = await asyncio.to_thread(store.delete_older_than, cutoff)
                 if dropped:
                     _say(f"retention removed {dropped} spans older than {settings.retention_seconds:g}s")
-                next_retention = time.monotonic() + retention_interval_s
+                every = retention_every(settings.retention_seconds, retention_interval_s, compact_interval_s)
+                next_retention = time.monotonic() + every
         except Exception:  # maintenance must not stop ingest; the error is reported and retried
             log.exception("store maintenance failed")
 

@@ -409,3 +409,42 @@ def test_listening_sockets_give_accepted_connections_tcp_nodelay() -> None:
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_short_retention_is_applied_more_often_than_every_five_minutes() -> None:
+    """Retention runs every 5 minutes, or every tenth of a shorter retention (not more often
+    than compaction): with a fixed 5 minutes, ``--retention 2m`` (a short retention, set to see it
+    work) kept traces up to 7 minutes old. The default 7 days still runs every 5 minutes."""
+    import asyncio
+
+    from hourglass.api.serve import RETENTION_INTERVAL_S, _maintenance, retention_every
+    from hourglass.api.settings import Settings
+
+    assert retention_every(7 * 86400.0, RETENTION_INTERVAL_S, 10.0) == RETENTION_INTERVAL_S
+    assert retention_every(120.0, RETENTION_INTERVAL_S, 10.0) == 12.0
+    assert retention_every(30.0, RETENTION_INTERVAL_S, 10.0) == 10.0  # (not more often than compaction)
+
+    cutoffs: list[int] = []
+
+    class Store:
+        def compact(self) -> int:
+            return 0
+
+        def delete_older_than(self, cutoff_ns: int) -> int:
+            cutoffs.append(cutoff_ns)
+            return 0
+
+    settings = Settings()
+    settings.retention_seconds = 0.5  # a tenth: 0.05 s, as often as this compaction
+
+    async def run() -> None:
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(_maintenance(Store(), settings, shutdown, 0.05))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 20
+        while len(cutoffs) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        shutdown.set()
+        await task
+
+    asyncio.run(run())
+    assert len(cutoffs) >= 3  # (before: once, then not for 5 minutes)
