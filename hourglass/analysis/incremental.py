@@ -1047,13 +1047,7 @@ class IncrementalAnalysis:
     # -- the decision over the stored rows ----------------------------------------------------
 
     def extraction(
-        self,
-        units: tuple[Unit, ...],
-        source: BatchSource,
-        executor: MemoExecutor,
-        notes: NearMissSink,
-        *,
-        reads_done: Callable[[], None] = lambda: None,
+        self, units: tuple[Unit, ...], source: BatchSource, executor: MemoExecutor, notes: NearMissSink
     ) -> partitions.Extracted:
         """The first pass of a round (``analyze_partitioned``'s ``extraction``): the units not
         stored yet are extracted (``executor``: read, extracted, a batch's rows written), then
@@ -1064,9 +1058,6 @@ class IncrementalAnalysis:
         fresh = executor.map(
             "extracting", partitions.extract_part, [(source, p, len(units), None) for p in missing], None
         )
-        # the round's reads of spans are done (the exemplars' traces are read after the decisions):
-        # serve counts the store's spans now, not ahead of those reads (``reads_done``)
-        reads_done()
         # units extracted on the fly (a ``since`` window's edge) are not stored: their rows stay
         # here for this round, their resource rows in a spill of their own
         extra = (

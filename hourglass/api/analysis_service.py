@@ -300,9 +300,6 @@ class AnalysisService:
         # spans/s): counted in a thread of its own while the worker runs the round, not before it;
         # not beside the worker's reads (the store runs one memory-heavy query at a time:
         # ``DuckDBSpanStore.serialized``), so its hash tables and a read's sort do not add up.
-        # Started once the round has read its new spans (``StoreReader.reads_done``: the
-        # decisions that follow read nothing), else when the round ends: started with the round,
-        # it took the store first and the round's first read waited for it (0.1-4.6 s a round).
         count = _Counting(self.store, stages)
         now_ns = time.time_ns()
         # imported here: the incremental module loads the detectors (~0.3 s), which starting the
@@ -326,10 +323,10 @@ class AnalysisService:
             "results": result_folder(sidecar),
         }
         try:
-            report, index, figures = self._incremental_round(request, stages, reads_done=count.start)
+            report, index, figures = self._incremental_round(request, stages)
         except BaseException:
             with contextlib.suppress(Exception):  # the round's error is the one to tell
-                count.result(start=False)
+                count.result()
             raise
         spans_in_store = count.result()
         if since_ns is None:
@@ -342,15 +339,10 @@ class AnalysisService:
         return report, index, spans_in_store, marker
 
     def _incremental_round(
-        self,
-        request: dict[str, Any],
-        stages: dict[str, float],
-        *,
-        reads_done: Callable[[], None] | None = None,
+        self, request: dict[str, Any], stages: dict[str, float]
     ) -> tuple[dict[str, Any], TraceIndex, dict[str, Any]]:
-        """The round of ``request`` in the analysis worker (or here without one); ``reads_done``
-        is called when it has read its new spans (``StoreReader.reads_done``)."""
-        reader = StoreReader(self.store, on_reads_done=reads_done)
+        """The round of ``request`` in the analysis worker (or here without one)."""
+        reader = StoreReader(self.store)
         if self._worker is not None:
             reads: dict[str, float] = {}
             report, index, figures = self._worker.run_incremental(
@@ -661,22 +653,15 @@ class AnalysisService:
 
 
 class _Counting:
-    """``store.stats().spans`` counted in a thread of its own, started by ``start()`` (or by
-    ``result()``); ``result()`` waits for it and raises what the count raised. Its seconds go to
-    ``stages["store_stats"]``."""
+    """``store.stats().spans`` counted in a thread of its own (started at once); ``result()``
+    waits for it and raises what the count raised. Its seconds go to ``stages["store_stats"]``."""
 
     def __init__(self, store: Any, stages: dict[str, float]) -> None:
         self._store, self._stages = store, stages
         self._spans: int | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._count, name="hourglass-span-count", daemon=True)
-        self._starting = threading.Lock()
-
-    def start(self) -> None:
-        """Start the count (again: nothing)."""
-        with self._starting:
-            if self._thread.ident is None:
-                self._thread.start()
+        self._thread.start()
 
     def _count(self) -> None:
         started = time.perf_counter()
@@ -687,12 +672,7 @@ class _Counting:
         finally:
             self._stages["store_stats"] = time.perf_counter() - started
 
-    def result(self, *, start: bool = True) -> int:
-        """The count (``start``: started now if it was not; else a count never started raises)."""
-        if start:
-            self.start()
-        elif self._thread.ident is None:
-            raise RuntimeError("the span count was not started")
+    def result(self) -> int:
         self._thread.join()
         if self._error is not None:
             raise self._error

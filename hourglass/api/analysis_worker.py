@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -654,9 +654,6 @@ class AnalysisWorker:
                 conn.send(("incremental", request, settings))
                 while True:
                     message = _receive_result(conn.recv())
-                    if message[0] == "reads done":
-                        reader.reads_done()
-                        continue
                     if message[0] != "ask":
                         status, payload = message
                         break
@@ -782,19 +779,10 @@ def _built_index(report: dict[str, Any], findings: list[Any], folder: str | None
 
 class StoreReader:
     """The span reads an incremental round needs, straight from a store (in-process runs; in the
-    worker process :class:`PipeReader` forwards the same calls to the server). ``on_reads_done``:
-    called when the round has made its reads of new spans (:meth:`reads_done`; its exemplars'
-    traces may still be read at its end)."""
+    worker process :class:`PipeReader` forwards the same calls to the server)."""
 
-    def __init__(self, store: Any, on_reads_done: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: Any) -> None:
         self.store = store
-        self._on_reads_done = on_reads_done
-
-    def reads_done(self) -> None:
-        """The round has read the spans it extracts (its update and its new batches); what
-        follows is its decisions (seconds of its own CPU, no reads) until the exemplars' traces."""
-        if self._on_reads_done is not None:
-            self._on_reads_done()
 
     def arrivals(self, ingested_since_ns: int) -> pa.Table:
         return self.store.trace_arrivals(ingested_since_ns)
@@ -921,10 +909,6 @@ class PipeReader(StoreReader):
         super().__init__(None)
         self.conn = conn
 
-    def reads_done(self) -> None:
-        """Told to the server (no answer): its span count of the round runs now."""
-        self.conn.send(("reads done",))
-
     def _ask(self, *request: Any) -> pa.Table:
         self.conn.send(("ask", request))
         status, payload = self.conn.recv()
@@ -1004,9 +988,7 @@ def run_incremental(
             writer=writer,
             explain=bool(request.get("explain")),
             # the stored rows decided kind by kind (the rows of every batch are never held at once)
-            extraction=lambda notes: state.extraction(
-                units, source, executor, notes, reads_done=reader.reads_done
-            ),
+            extraction=lambda notes: state.extraction(units, source, executor, notes),
             release_heap=state.release_heap,
         )
         executor.close()

@@ -509,9 +509,9 @@ def test_a_round_leaves_the_sidecars_table_blocks_out_of_memory(tmp_path: Path) 
             released.append(_pool(state))
             IncrementalAnalysis.release_memory(state)
 
-        def extraction(*args: Any, **kwargs: Any) -> Any:
+        def extraction(*args: Any) -> Any:
             at_decision.append(_pool(state))
-            return IncrementalAnalysis.extraction(state, *args, **kwargs)
+            return IncrementalAnalysis.extraction(state, *args)
 
         state.release_memory = release  # type: ignore[method-assign]
         state.extraction = extraction  # type: ignore[method-assign]
