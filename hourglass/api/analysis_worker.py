@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -88,11 +89,54 @@ def _worker_main(conn: Connection) -> None:
     from hourglass.analysis import memlog
 
     memlog.set_detail(server_memory.memlog_detail)  # (HOURGLASS_MEMORY_LOG=detail)
+    state = _WorkerState()
+    # Stopped while it waits for the server (``AnalysisWorker.close``: SIGTERM), the worker closes
+    # its incremental state on the way out: the sidecar checkpointed, and an in-memory store's
+    # temporary folder removed (killed, it left both: the sidecar's data all in its WAL, and one
+    # /tmp/hourglass-incremental-* folder per serve run). Stopped in the middle of a round, it goes
+    # at once, as before: the state's writes are whole or not at all.
+    waiting = [True]
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if waiting[0]:
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        _serve_rounds(conn, waiting, state)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the closing
+        state.close()
+
+
+class _WorkerState:
+    """What the worker keeps between rounds: the incremental state and the cluster's connection."""
+
+    def __init__(self) -> None:
+        self.incremental: IncrementalAnalysis | None = None
+        self.cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler
+
+    def close(self) -> None:
+        if self.incremental is not None:
+            try:
+                self.incremental.close()
+            except Exception:  # (on the way out: the state is whole on disk whatever happens here)
+                log.warning("closing the incremental analysis state failed", exc_info=True)
+            self.incremental = None
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.close()
+            self.cluster = None
+
+
+def _serve_rounds(conn: Connection, waiting: list[bool], state: _WorkerState) -> None:
     from hourglass.analysis.batch_tasks import Cluster
     from hourglass.analysis.incremental import IncrementalAnalysis
 
-    incremental: IncrementalAnalysis | None = None
-    cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler, kept between rounds
     sent: list[str] = []  # the files of the last result: the server has read them by its next message
     cleaned: set[str] = set()  # the result folders the server named, their leftovers removed
 
@@ -103,40 +147,46 @@ def _worker_main(conn: Connection) -> None:
         return folder
 
     while True:
+        waiting[0] = True
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
         finally:
             _remove(sent)
+        waiting[0] = False
         if message[0] == "incremental":
             _, request, settings = message
             try:
-                if incremental is None or incremental.sidecar != request["sidecar"]:
-                    if incremental is not None:
-                        incremental.close()
-                    incremental = IncrementalAnalysis(
+                if state.incremental is None or state.incremental.sidecar != request["sidecar"]:
+                    if state.incremental is not None:
+                        state.incremental.close()
+                        state.incremental = None
+                    state.incremental = IncrementalAnalysis(
                         request["sidecar"], release_heap=server_memory.trim_worker
                     )
-                if cluster is not None and cluster.address != request.get("cluster"):
-                    cluster.close()
-                    cluster = None
-                if cluster is None and request.get("cluster"):
-                    cluster = Cluster(request["cluster"])
+                if state.cluster is not None and state.cluster.address != request.get("cluster"):
+                    state.cluster.close()
+                    state.cluster = None
+                if state.cluster is None and request.get("cluster"):
+                    state.cluster = Cluster(request["cluster"])
                 started = time.perf_counter()
                 folder = usable(request.get("results"))
                 outcome = run_incremental(
-                    incremental,
+                    state.incremental,
                     PipeReader(conn),
                     request,
                     writer=select_writer(settings),
-                    cluster=cluster,
+                    cluster=state.cluster,
                     index_folder=folder,
                 )
                 reply: tuple[str, Any] = ("ok", (*outcome, time.perf_counter() - started))
             except Exception:
                 reply = ("error", traceback.format_exc())
                 folder = None
+            # the round is over (the state written): what follows, its result sent, loses nothing
+            # stopped (the server stopping no longer waits for it), so SIGTERM closes the state
+            waiting[0] = True
             reply, sent = _store_index(reply, folder)
             try:
                 sent += _send_result(conn, reply)
@@ -159,6 +209,7 @@ def _worker_main(conn: Connection) -> None:
         except Exception:
             result = ("error", traceback.format_exc())
         table = shipped = None
+        waiting[0] = True
         result, sent = _store_index(result, usable(results))
         try:
             sent += _send_result(conn, result)
@@ -707,13 +758,16 @@ class AnalysisWorker:
                 self._kill()
                 raise RuntimeError(f"the analysis worker process died (exit code {code}): {exc!r}") from exc
 
-    def _kill(self) -> None:
+    def _kill(self, *, signalled: bool = False) -> None:
+        """The worker stopped: SIGTERM (unless ``signalled`` already: a second one ends its
+        closing of the state), 5 s to go, then SIGKILL."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
         if self._process is not None:
             if self._process.is_alive():
-                self._process.terminate()
+                if not signalled:
+                    self._process.terminate()
                 self._process.join(5)
                 if self._process.is_alive():
                     self._process.kill()
@@ -722,10 +776,12 @@ class AnalysisWorker:
 
     def close(self) -> None:
         """Stop the worker, also in the middle of a run (that run then fails)."""
-        if self._process is not None and self._process.is_alive():
-            self._process.terminate()  # unblocks a run waiting in recv(); it then cleans up
+        process = self._process
+        signalled = process is not None and process.is_alive()
+        if process is not None and signalled:
+            process.terminate()  # unblocks a run waiting in recv(); it then cleans up
         with self._lock:
-            self._kill()
+            self._kill(signalled=signalled)
 
 
 def analyze_spans(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from hourglass.analysis.incremental import sidecar_path
 from hourglass.api import analysis_worker
-from hourglass.api.analysis_worker import AnalysisWorker, analyze_spans
+from hourglass.api.analysis_worker import AnalysisWorker, StoreReader, analyze_spans
+from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import repeated_trace, spans_table, spec
 
@@ -179,3 +182,44 @@ def test_worker_starts_with_glibc_bounds_and_the_servers_own_win(monkeypatch: py
     assert int(env["MALLOC_MMAP_THRESHOLD_"]) == 128 * 1024 < serve.MALLOC_MMAP_THRESHOLD
     assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the server's own environment is left as it was
     assert os.environ["MALLOC_ARENA_MAX"] == "4"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_a_stopped_worker_closes_its_incremental_state(
+    on_disk: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while it waits (serve's stop: SIGTERM), the worker closes its incremental state: the
+    sidecar checkpointed (its WAL gone), an in-memory store's temporary folder removed. Killed, it
+    left both (one /tmp/hourglass-incremental-* folder per serve run on an in-memory store)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the worker's temporary folders (its environment)
+    path = str(tmp_path / "spans.duckdb")
+    sidecar = sidecar_path(path) if on_disk else None
+    worker = AnalysisWorker()
+    with DuckDBSpanStore(path) as store:
+        store.write(_serialized_calls_table())
+        request = {
+            "sidecar": sidecar,
+            "update": True,
+            "cutoff_ns": time.time_ns() + 1,  # every stored trace has settled
+            "margin_ns": 0,
+            "retention_cutoff_ns": None,
+            "since_ns": None,
+            "explain": False,
+            "cluster": None,
+        }
+        try:
+            report, _, _ = worker.run_incremental(request, StoreReader(store))
+            process = worker._process
+            assert process is not None
+            if not on_disk:
+                assert list(temp.glob("hourglass-incremental-*")), "the in-memory state's folder"
+        finally:
+            worker.close()
+    assert report["recommendations"], "the store holds serialized calls: the report must say so"
+    assert process.exitcode == 128 + signal.SIGTERM  # it left through its own way out, not killed
+    assert not list(temp.glob("hourglass-incremental-*"))
+    if sidecar is not None:
+        assert os.path.exists(sidecar) and not os.path.exists(sidecar + ".wal")
