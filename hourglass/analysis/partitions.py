@@ -193,6 +193,10 @@ def _decide_kind(
             else:
                 found = PARTS[kind].decide(rows[kind], notes)
     except Exception as exc:
+        from hourglass.collector.duckdb_store import query_interrupted
+
+        if query_interrupted(exc):  # Ctrl-C in a DuckDB sweep of the decision: not a detector's failure
+            raise KeyboardInterrupt from None
         raise RuntimeError(f"detector {kind!r} failed while deciding: {exc}") from exc
     memlog.note(f"decided {kind}")
     return found

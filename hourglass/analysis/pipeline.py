@@ -606,6 +606,10 @@ def _split_or_store(
     try:
         return partitions.split_store(source, parts, cancel=cancel, skip=skip)
     except Exception as exc:
+        from hourglass.collector.duckdb_store import query_interrupted
+
+        if query_interrupted(exc):  # Ctrl-C during the split: the run ends, it does not go on
+            raise KeyboardInterrupt from None
         if not cancel.is_set():
             log.warning(
                 "splitting the store into partition files failed (%s); reading the store instead", exc

@@ -477,7 +477,9 @@ def analyze_command(
                 early=early,
             )
     except Exception as exc:
-        if not files and _query_interrupted(exc):  # Ctrl-C (or SIGTERM) during a query of the store
+        from hourglass.collector.duckdb_store import query_interrupted
+
+        if not files and query_interrupted(exc):  # Ctrl-C (or SIGTERM) during a query of the store
             raise KeyboardInterrupt from None  # (exit 130, no traceback, as anywhere else in the run)
         raise
     finally:
@@ -534,18 +536,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _query_interrupted(exc: BaseException) -> bool:
-    """A DuckDB query that Ctrl-C (or SIGTERM, raised as Ctrl-C) interrupted: DuckDB takes the
-    KeyboardInterrupt the signal raised while it ran and ends the query with an error of its own
-    (``RuntimeError('Query interrupted')`` in duckdb 2.0, ``duckdb.InterruptException`` before), which
-    the command would report as a crash with its traceback and exit 1."""
-    import duckdb
-
-    return isinstance(exc, duckdb.InterruptException) or (
-        type(exc) is RuntimeError and str(exc) == "Query interrupted"
-    )
 
 
 def _is_duckdb_file(path: str) -> bool:

@@ -1801,3 +1801,21 @@ class DuckDBSpanStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def query_interrupted(exc: BaseException) -> bool:
+    """A DuckDB query that Ctrl-C (or SIGTERM, raised as Ctrl-C) interrupted, here or as the
+    cause of ``exc``: DuckDB takes the KeyboardInterrupt the signal raised while it ran and ends
+    the query with an error of its own (``RuntimeError('Query interrupted')`` in duckdb 2.0,
+    ``duckdb.InterruptException`` before), which a caller would otherwise report as a failure
+    (exit 1 with its traceback), or take for a failed step and go on."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # (the chain of causes, not a cycle)
+        if seen is None:
+            return False
+        if isinstance(seen, duckdb.InterruptException) or (
+            type(seen) is RuntimeError and str(seen) == "Query interrupted"
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
