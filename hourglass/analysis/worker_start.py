@@ -25,6 +25,7 @@ import multiprocessing.process
 import os
 import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +47,7 @@ def polars_threads(workers: int) -> int:
 def start(threads: int = 0) -> None:
     """Sets the worker's polars threads (``threads`` > 0, unless the user set
     ``POLARS_MAX_THREADS``), then imports the modules its tasks use, before the first task."""
-    # SIGINT blocked (already, when started by QuietProcess), not only ignored: polars installs a
-    # SIGINT handler of its own when imported, which an ignored disposition does not survive; a
-    # blocked signal reaches no handler, in this thread or any thread started after (they inherit
-    # the mask), so a running polars task goes on
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already, when started by QuietProcess)
     if threads > 0 and POLARS_THREADS not in os.environ:
         os.environ[POLARS_THREADS] = str(threads)
     import atexit
@@ -66,19 +62,22 @@ def start(threads: int = 0) -> None:
 
 
 class QuietProcess(multiprocessing.context.SpawnProcess):
-    """A spawned worker process that does not see SIGINT from its first instruction on: started
-    while this thread blocks it (a signal mask is kept across fork and exec, and the threads the
-    worker starts inherit it), so a Ctrl-C while the worker starts up or runs a task prints no
-    traceback. Blocked, not ignored: this process' own handlers (Python's, and the one polars
-    installs to stop a running operation) stay in place, and a Ctrl-C meanwhile is delivered once
-    the worker has started, not lost."""
+    """A spawned worker process that ignores SIGINT from its first instruction on: started while
+    this process ignores it (an ignored signal stays ignored across exec, and Python then installs
+    no KeyboardInterrupt handler), so a Ctrl-C while the worker is still starting up prints no
+    traceback either. Started from another thread (where no handler can be set), the worker
+    ignores SIGINT from its initializer (:func:`start`) on."""
 
     def start(self) -> None:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous is None:
+            super().start()
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a Ctrl-C in these few ms is not seen)
         try:
             super().start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.signal(signal.SIGINT, previous)
 
 
 class OwnProcesses(multiprocessing.context.SpawnContext):
