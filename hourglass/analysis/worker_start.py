@@ -7,11 +7,6 @@ get one polars thread, as their DuckDB reads already do: each polars operation t
 own worker's core, without the two pools' threads taking turns on both (measured at 1M spans in 6
 partitions on 2 workers: ~8 % less CPU, a quarter less system time).
 
-A worker ignores SIGINT (:class:`QuietProcess`): Ctrl-C on a terminal signals the whole
-foreground process group, workers included, and the command stops its workers itself
-(``ProcessExecutor.close``: SIGTERM, then SIGKILL), so the keyboard interrupt raised in each
-worker's running task only printed its traceback, a screen of it, over the command's own line.
-
 Once its pool stops it, a worker ends at once (:func:`_exit_at_once`), without the interpreter's
 teardown of everything the analysis imported and allocated: that teardown was 0.5-0.7 s of the
 deciding process' wait for its workers at the end of a run (1M spans, two workers; 0.07 s without).
@@ -23,9 +18,7 @@ import contextlib
 import multiprocessing.context
 import multiprocessing.process
 import os
-import signal
 import sys
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +40,6 @@ def polars_threads(workers: int) -> int:
 def start(threads: int = 0) -> None:
     """Sets the worker's polars threads (``threads`` > 0, unless the user set
     ``POLARS_MAX_THREADS``), then imports the modules its tasks use, before the first task."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (already, when started by QuietProcess)
     if threads > 0 and POLARS_THREADS not in os.environ:
         os.environ[POLARS_THREADS] = str(threads)
     import atexit
@@ -61,25 +53,6 @@ def start(threads: int = 0) -> None:
     import hourglass.collector.duckdb_store  # noqa: F401  (the reads)
 
 
-class QuietProcess(multiprocessing.context.SpawnProcess):
-    """A spawned worker process that ignores SIGINT from its first instruction on: started while
-    this process ignores it (an ignored signal stays ignored across exec, and Python then installs
-    no KeyboardInterrupt handler), so a Ctrl-C while the worker is still starting up prints no
-    traceback either. Started from another thread (where no handler can be set), the worker
-    ignores SIGINT from its initializer (:func:`start`) on."""
-
-    def start(self) -> None:
-        previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or previous is None:
-            super().start()
-            return
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a Ctrl-C in these few ms is not seen)
-        try:
-            super().start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 class OwnProcesses(multiprocessing.context.SpawnContext):
     """The spawn context, keeping every process it starts: a pool's workers, which the pool
     itself keeps in a private table only. ``ProcessPoolExecutor`` starts each worker with its
@@ -90,7 +63,7 @@ class OwnProcesses(multiprocessing.context.SpawnContext):
         self.started: list[multiprocessing.process.BaseProcess] = []
 
     def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:  # type: ignore[override]
-        process = QuietProcess(*args, **kwargs)
+        process = multiprocessing.context.SpawnProcess(*args, **kwargs)
         self.started.append(process)
         return process
 

@@ -882,29 +882,3 @@ def test_early_workers_no_run_took_are_stopped_at_once() -> None:
     assert len(processes) == 2
     worker_start.stop(pool)
     assert all(p.exitcode is not None for p in processes)
-
-
-def test_a_worker_ignores_ctrl_c_and_its_task_runs_on() -> None:
-    """Ctrl-C on a terminal signals the whole foreground process group, the workers of ``analyze
-    --db`` included; the command stops its workers itself (``ProcessExecutor.close``), so a worker
-    ignores SIGINT and its running task goes on until then. Before, the task raised
-    KeyboardInterrupt in every worker, whose tracebacks filled the terminal."""
-    import os
-    import signal
-    import time
-
-    from hourglass.analysis import worker_start
-
-    pool, starting = worker_start.started(1)
-    try:
-        for future in starting:
-            future.result(timeout=60)
-        (process,) = pool.processes.started
-        task = pool.submit(time.sleep, 1.0)
-        time.sleep(0.2)  # (the task is running, or about to: either way the signal must not end it)
-        assert process.pid is not None
-        os.kill(process.pid, signal.SIGINT)  # as the terminal sends it
-        assert task.exception(timeout=60) is None  # (before: KeyboardInterrupt, or a broken pool)
-        assert process.exitcode is None
-    finally:
-        worker_start.stop(pool)
