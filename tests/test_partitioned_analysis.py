@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.dask_cluster import dask_cluster as start_dask_cluster
+from tests.orphans import left_running, linux_only, spawned
 
 ROOT = Path(__file__).resolve().parents[1]
 HOURGLASS = Path(sys.executable).with_name("hourglass")
@@ -535,3 +536,35 @@ def test_a_cluster_without_workers_says_the_run_waits_for_one(
         partitions.DaskExecutor(address).close()
     said = [r.getMessage() for r in caplog.records]
     assert any(f"the Dask cluster at {address} has no workers yet" in line for line in said), said
+
+
+@linux_only
+@pytest.mark.parametrize("moment", ["as they start", "while they work"])
+def test_the_workers_end_when_the_command_is_killed(store: Path, tmp_path: Path, moment: str) -> None:
+    """``analyze --db`` killed with SIGKILL cannot stop its worker processes: they end by
+    themselves within seconds (before, they waited on their pool's queue for ever), whether the
+    parent died before a worker had set its watch (as they start) or after (while they work)."""
+    command = [str(HOURGLASS), "analyze", "--db", str(store), "--format", "json", "--partitions", "8"]
+    process = subprocess.Popen(
+        [*command, "--workers", "2"],
+        cwd=ROOT,
+        env={**ENV, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "no worker processes seen"
+            workers = spawned(process.pid)
+            time.sleep(0.01)
+        if moment == "while they work":
+            while not list(tmp_path.glob("hourglass-partitions-*/p000007.arrow")):  # split under way
+                assert process.poll() is None and time.monotonic() < deadline, "no partition files seen"
+                time.sleep(0.01)
+        process.kill()
+    finally:
+        process.kill()
+        process.wait()
+    assert not left_running(workers, within=5.0)

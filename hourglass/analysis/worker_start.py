@@ -7,6 +7,12 @@ get one polars thread, as their DuckDB reads already do: each polars operation t
 own worker's core, without the two pools' threads taking turns on both (measured at 1M spans in 6
 partitions on 2 workers: ~8 % less CPU, a quarter less system time).
 
+A worker whose parent is gone — killed with SIGKILL, which leaves it no time to stop its workers —
+ends too (:class:`WatchedProcess`): on Linux the kernel signals it when the parent dies
+(``PR_SET_PDEATHSIG``), and everywhere a thread of its own checks every ``PARENT_CHECK_S`` that
+its parent is still the process that started it. Before, such a worker waited on its pool's queue
+for ever (with the pool's resource tracker, which waits for the workers).
+
 Once its pool stops it, a worker ends at once (:func:`_exit_at_once`), without the interpreter's
 teardown of everything the analysis imported and allocated: that teardown was 0.5-0.7 s of the
 deciding process' wait for its workers at the end of a run (1M spans, two workers; 0.07 s without).
@@ -18,7 +24,10 @@ import contextlib
 import multiprocessing.context
 import multiprocessing.process
 import os
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +62,59 @@ def start(threads: int = 0) -> None:
     import hourglass.collector.duckdb_store  # noqa: F401  (the reads)
 
 
+PARENT_CHECK_S = 1.0  # how often a worker checks that its parent is alive (where no signal tells it)
+ORPHAN_GRACE_S = 10.0  # a worker signalled by its parent watch still running after this is ended
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+KILL = getattr(signal, "SIGKILL", signal.SIGTERM)  # (no SIGKILL on Windows)
+
+
+def watch_parent(parent: int, signum: int, *, pdeathsig: bool) -> None:
+    """Ends this process with ``signum`` once its parent, the process ``parent`` that started it,
+    is gone (killed with SIGKILL, it could not stop its workers). With ``pdeathsig`` (the process
+    was started by its parent's main thread: the kernel's parent death signal follows the thread
+    that started a process, not the process) on Linux, the kernel sends ``signum`` as the parent
+    dies; then, as the parent may have died before that was set, its pid is checked; and a
+    daemon thread checks it every ``PARENT_CHECK_S`` (the only watch elsewhere), sends ``signum``
+    to this process and, should it still run ``ORPHAN_GRACE_S`` later, ends it."""
+    if pdeathsig and sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):  # (no libc prctl: the thread's check alone)
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    if os.getppid() != parent:  # gone already, before the signal was set
+        _orphaned(signum)
+    threading.Thread(
+        target=_check_parent, args=(parent, signum), name="hourglass-parent-watch", daemon=True
+    ).start()
+
+
+def _check_parent(parent: int, signum: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    _orphaned(signum)
+
+
+def _orphaned(signum: int) -> None:
+    os.kill(os.getpid(), signum)  # (a handler of its own runs: serve's worker closes its state)
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(128 + signum)
+
+
+class WatchedProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that ends with ``signum`` when the process that started it is gone
+    (:func:`watch_parent`, set up before its target runs: the pool's worker loop, or serve's
+    analysis worker)."""
+
+    def __init__(self, *args: Any, signum: int = KILL, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parent_watch = (os.getpid(), int(signum), threading.current_thread() is threading.main_thread())
+
+    def run(self) -> None:
+        parent, signum, pdeathsig = self._parent_watch
+        watch_parent(parent, signum, pdeathsig=pdeathsig)
+        super().run()
+
+
 class OwnProcesses(multiprocessing.context.SpawnContext):
     """The spawn context, keeping every process it starts: a pool's workers, which the pool
     itself keeps in a private table only. ``ProcessPoolExecutor`` starts each worker with its
@@ -63,7 +125,8 @@ class OwnProcesses(multiprocessing.context.SpawnContext):
         self.started: list[multiprocessing.process.BaseProcess] = []
 
     def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:  # type: ignore[override]
-        process = multiprocessing.context.SpawnProcess(*args, **kwargs)
+        # (a worker's task holds nothing that must be written or released first: SIGKILL)
+        process = WatchedProcess(*args, signum=KILL, **kwargs)
         self.started.append(process)
         return process
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from hourglass.analysis.trace_index import TraceIndex
+from hourglass.analysis.worker_start import WatchedProcess
 from hourglass.analysis.writers import select_writer
 from hourglass.api import server_memory
 from hourglass.settings import default
@@ -622,8 +623,14 @@ class AnalysisWorker:
                     log.exception("removing files left by servers that are gone failed")
             context = multiprocessing.get_context("spawn")
             parent, child = context.Pipe()
-            process = context.Process(
-                target=_worker_main, args=(child,), name="hourglass-analysis-worker", daemon=True
+            # (a server killed with SIGKILL: the worker ends too, its state closed when it waits
+            # for a round, as when the server stops it)
+            process = WatchedProcess(
+                target=_worker_main,
+                args=(child,),
+                name="hourglass-analysis-worker",
+                daemon=True,
+                signum=signal.SIGTERM,
             )
             name, value = WORKER_MALLOC_CONF
             before = os.environ.get(name)
