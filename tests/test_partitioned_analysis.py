@@ -568,3 +568,51 @@ def test_the_workers_end_when_the_command_is_killed(store: Path, tmp_path: Path,
         process.kill()
         process.wait()
     assert not left_running(workers, within=5.0)
+
+
+def _limited_report(store: Path, soft: int, hard: int, *args: str) -> tuple[dict[str, Any], str]:
+    """The JSON report of ``analyze --db`` run with an open-files limit of ``soft`` (``hard``), and
+    its standard error."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    result = subprocess.run(
+        [str(HOURGLASS), "analyze", "--db", str(store), "--format", "json", "--explain", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env={**ENV, "HOURGLASS_MEMORY_LOG": "1"},
+        preexec_fn=limit,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    report.pop("generated_at")
+    return report, result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX limits")
+def test_a_split_of_more_files_than_the_open_files_limit_raises_it_or_says_so(
+    store: Path, whole: dict[str, Any]
+) -> None:
+    """The split writes every partition's file at once. Above the soft open-files limit it failed
+    with "Too many open files" and the run read the whole store for every partition and pass.
+    Now the soft limit is raised toward the hard one; when the hard one is too low too,
+    ``--partitions`` is lowered to what fits, in one line; below the split's minimum, the
+    partitions are read from the store, also said in one line. The report is the same."""
+    raised, said = _limited_report(store, 64, 4096, "--partitions", "60")
+    assert raised == whole
+    assert "store split into 60 partition files" in said and "failed" not in said, said
+    capped, said = _limited_report(store, 100, 100, "--partitions", "60")
+    assert capped == whole
+    lines = [line for line in said.splitlines() if line.startswith("hourglass analyze:")]
+    assert "60 partition files open at once are more than this process may open" in lines[0], said
+    parts = int(lines[0].rsplit(": ", 1)[1].split()[0])
+    assert 4 <= parts < 60 and f"in {parts} partitions" in lines[1], said
+    assert f"store split into {parts} partition files" in said and "failed" not in said, said
+    unsplit, said = _limited_report(store, 40, 40, "--partitions", "60")
+    assert unsplit == whole
+    assert "each partition is read from the store instead" in said and "store split" not in said, said
+    assert "failed" not in said, said

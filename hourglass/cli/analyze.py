@@ -188,6 +188,8 @@ def analyze_store(
             split_beside=plan.split_beside,
             split=plan.split,
         )
+    if run.cluster is None and plan.split and partitions.splits(source, plan.parts):
+        plan = _within_open_files(plan, chosen=bool(run.partitions))
     executor = _executor(run, plan, in_process=path.startswith("chdb:"), early=early)
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
         plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
@@ -212,6 +214,37 @@ def analyze_store(
     finally:
         executor.close()
     return report
+
+
+def _within_open_files(plan: Any, *, chosen: bool) -> Any:
+    """``plan``, whose store is split into a file per partition, all open at once while it is
+    written: this process' open-files limit raised toward its hard limit when they need it
+    (``partitions.room_for_open_files``); when even that is too few, one line, and partitions
+    ``--partitions`` asked for (``chosen``) are as many as fit, else (the memory budget's, which
+    fewer would not hold) the split is not made and each partition is read from the store. Before,
+    the split failed with "Too many open files" and the run read the store for every partition
+    and pass, saying only that the split failed."""
+    from dataclasses import replace
+
+    from hourglass.analysis import partitions
+
+    room = partitions.room_for_open_files(plan.parts)
+    if room >= plan.parts:
+        return plan
+    limit = partitions.open_files_limit()
+    too_many = (
+        f"{plan.parts} partition files open at once are more than this process may open "
+        f"(ulimit -n {limit}, its hard limit too)"
+    )
+    if chosen and room >= partitions.SPLIT_MIN_PARTS:
+        typer.echo(f"hourglass analyze: {too_many}: {room} partitions instead", err=True)
+        return replace(plan, parts=room, workers=min(plan.workers, room))
+    typer.echo(
+        f"hourglass analyze: {too_many}: each partition is read from the store instead "
+        "(slower; raise the limit to split the store once)",
+        err=True,
+    )
+    return replace(plan, split=False, split_beside=False)
 
 
 def _executor(
