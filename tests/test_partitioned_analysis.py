@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,6 +199,9 @@ def test_a_dask_cluster_spills_the_workers_rows_here(
     said: list[str] = []
     assert _report(store, *args, stderr=said) == whole
     assert "resource rows spilled to 5 buckets" in said[0], said
+    # the plan's line names the cluster, not worker processes of this machine
+    assert re.search(rf"on the Dask cluster at {re.escape(address)} \([12] Dask workers?\)", said[0]), said
+    assert "worker process" not in said[0], said
 
 
 def test_an_unreachable_scheduler_is_one_line_within_ten_seconds(store: Path) -> None:

@@ -1036,6 +1036,7 @@ class DaskExecutor:
             log.warning(
                 "the Dask cluster at %s has no workers yet: its tasks wait for one to connect", address
             )
+        self.connected = connected  # the Dask workers connected at the start (the plan's line)
         self.workers = max(1, connected)
         self._run = uuid.uuid4().hex[:8]
         self._maps = 0  # each map's tasks get their own keys (a second pricing pass is other work)

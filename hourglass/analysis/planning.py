@@ -106,8 +106,17 @@ class Plan:
     # store (``scan_partition``), as a store of fewer partitions is read
     split: bool = True
 
-    def describe(self, budget: int) -> str:
+    def describe(self, budget: int, cluster: str | None = None, cluster_workers: int = 0) -> str:
+        """The plan's line: where its partitions run — ``workers`` processes of this machine, or
+        the Dask ``cluster`` at that address with ``cluster_workers`` workers connected."""
         where = f"on {max(1, self.workers)} worker process{'es' if self.workers > 1 else ''}"
+        if cluster is not None:
+            connected = (
+                f"{cluster_workers} Dask worker{'s' if cluster_workers != 1 else ''}"
+                if cluster_workers
+                else "no Dask worker yet"
+            )
+            where = f"on the Dask cluster at {cluster} ({connected})"
         spilled = f", resource rows spilled to {self.buckets} buckets" if self.buckets else ""
         return (
             f"{self.spans:,} spans in {self.parts} partitions of whole traces {where}{spilled} "

@@ -191,9 +191,11 @@ def analyze_store(
     if run.cluster is None and plan.split and partitions.splits(source, plan.parts):
         plan = _within_open_files(plan, chosen=bool(run.partitions))
     executor = _executor(run, plan, in_process=path.startswith("chdb:"), early=early)
+    described = plan.describe(run.budget)
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
         plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
-    typer.echo(f"hourglass analyze: {plan.describe(run.budget)}", err=True)
+        described = plan.describe(run.budget, run.cluster, executor.connected)
+    typer.echo(f"hourglass analyze: {described}", err=True)
     try:
         with _progress_bar() as progress:
             report, _ = analyze_partitioned(
