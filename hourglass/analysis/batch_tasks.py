@@ -110,14 +110,14 @@ class Cluster:
                 # the spans travel in the task (bounded by the batch size): by design
                 warnings.filterwarnings("ignore", message=".*[Ll]arge graph.*")
                 warnings.filterwarnings("ignore", message=".*[Ll]arge object.*")
-                executor.map(phase, fn, calls, None, arrived)
+                executor.map(phase, fn, calls, None, arrived, labels)
         except partitions.PartitionError as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             if executor.client.status != "running":
                 self.close()
             raise BatchError(
                 phase, labels[exc.part], exc.part, parts, f"{type(cause).__name__}: {cause}"
-            ) from exc
+            ) from cause  # (not the executor's error, which names the round's partition N/M, not the batch)
 
     def close(self) -> None:
         if self._executor is not None:

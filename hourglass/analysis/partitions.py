@@ -1048,10 +1048,13 @@ class DaskExecutor:
         calls: list[tuple[Any, ...]],
         progress: Progress | None,
         arrived: Callable[[int, Any], Any] | None = None,
+        labels: Mapping[int, str] | None = None,
     ) -> list[Any]:
         """``fn(*args)`` for each of ``calls`` as one task each; with ``arrived``, each result is
         replaced by ``arrived(part, result)`` as it comes back (in order), so the caller need not
-        hold the results together (``serve --cluster`` writes each batch's rows there)."""
+        hold the results together (``serve --cluster`` writes each batch's rows there).
+        ``labels``: what a failed task's log line calls each part (``serve``: its batch), instead
+        of "partition N/M"."""
         spills: dict[int, Spill] = {}
         if fn is extract_part:  # (source, part, parts, spill): the spill is written here
             spills = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
@@ -1069,10 +1072,16 @@ class DaskExecutor:
                 try:
                     results[i] = futures[i].result()
                 except Exception as first:  # it raised, or its workers died (KilledWorker): once more
-                    log.warning(
-                        "%s of partition %d/%d failed on the cluster (%s: %s); retrying once",
-                        phase, calls[i][1] + 1, calls[i][2], type(first).__name__, first,
-                    )  # fmt: skip
+                    if labels is not None and calls[i][1] in labels:
+                        log.warning(
+                            "%s %s failed on the Dask cluster (%s: %s); retrying once",
+                            phase, labels[calls[i][1]], type(first).__name__, first,
+                        )  # fmt: skip
+                    else:
+                        log.warning(
+                            "%s of partition %d/%d failed on the cluster (%s: %s); retrying once",
+                            phase, calls[i][1] + 1, calls[i][2], type(first).__name__, first,
+                        )  # fmt: skip
                     futures[i] = submit(i, 1)
                     results[i] = futures[i].result()
             except Exception as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -117,7 +118,14 @@ def test_a_failed_batch_is_named_the_report_stays_and_the_next_round_retries(tmp
         later = _wait_for_report(server, traces=20, spans=server.sent_spans)  # a later round retried
         assert _analysis(server)["last_error"] is None
         _stop(server)
-    assert "KilledWorker" in server.log.read_text()  # and the log says it
+    log = server.log.read_text()
+    assert "KilledWorker" in log  # and the log says it
+    # its first failure too, naming the batch as the round's error does (not "partition 1/1")
+    first_try = (
+        r"extracting batch \d+ \(\d+ traces, partition \d+/\d+\) failed on the Dask cluster \(KilledWorker"
+    )
+    assert re.search(first_try, log), log[-4000:]
+    assert " of partition " not in log, log[-4000:]
     _assert_same_recommendations(later, _cli_report(server.db))
 
 
