@@ -620,3 +620,67 @@ def test_a_split_of_more_files_than_the_open_files_limit_raises_it_or_says_so(
     assert unsplit == whole
     assert "each partition is read from the store instead" in said and "store split" not in said, said
     assert "failed" not in said, said
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal")
+def test_the_progress_bar_shows_every_phase_on_a_terminal(
+    store: Path, whole: dict[str, Any], tmp_path: Path
+) -> None:
+    """On a terminal the bar (on stderr) shows each phase as it runs: after the extraction it
+    stayed at "N/N" through the decision, the pricing and the report (seconds of silence at 5M
+    spans); now the detectors decided are counted and each step after the pricing has its row.
+    The report written to a file is the same; without a terminal there is no bar."""
+    import pty
+    import re
+    import threading
+
+    out = tmp_path / "report.json"
+    command = [str(HOURGLASS), "analyze", "--db", str(store), "--format", "json", "--explain"]
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [*command, "--partitions", "4", "--workers", "1", "-o", str(out)],
+        cwd=ROOT,
+        env={**ENV, "TERM": "xterm-256color", "COLUMNS": "120"},
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # (the terminal closed: the command ended)
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert process.wait(timeout=240) == 0
+        reader.join(30)
+    finally:
+        process.kill()
+        os.close(master)
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    report = json.loads(out.read_text())
+    report.pop("generated_at")
+    assert report == whole
+    kinds = re.findall(r"deciding detectors\s.*?(\d+)/(\d+)", shown)
+    assert kinds and kinds[-1][0] == kinds[-1][1] and int(kinds[-1][1]) >= 6, shown[-3000:]
+    for step in [
+        "extracting partitions",
+        "pricing partitions",
+        "scoring the findings",
+        "making the report",
+        "writing the recommendations' texts",
+        "planning the workstreams",
+    ]:
+        assert step in shown, (step, shown[-3000:])
+    said: list[str] = []
+    _report(store, "--partitions", "4", "--workers", "1", stderr=said)
+    assert "deciding" not in said[0] and "extracting partitions" not in said[0], said

@@ -141,13 +141,22 @@ DECIDE_BESIDE = ("lock_contention",)
 
 
 def decide(
-    rows: Mapping[str, Rows], notes: NearMissSink, spill: Spill | None = None, *, beside: bool = False
+    rows: Mapping[str, Rows],
+    notes: NearMissSink,
+    spill: Spill | None = None,
+    *,
+    beside: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, list[Finding]]:
     """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
     read from there, one bucket at a time). With ``beside``, the kinds of ``DECIDE_BESIDE`` are
     decided in a thread of their own beside the others; the findings and the near misses (each
-    kind's noted apart, then added in the kinds' order) are the same as one kind after another."""
+    kind's noted apart, then added in the kinds' order) are the same as one kind after another.
+    ``progress``: told ("deciding", kinds decided, kinds) from this thread as they are."""
     out: dict[str, list[Finding]] = {}
+    decided, kinds = 0, len(rows)
+    if progress:
+        progress("deciding", 0, kinds)
     aside = [k for k in rows if k in DECIDE_BESIDE] if beside and len(rows) > 1 else []
     logs = {k: _HeldNotes() for k in rows} if aside else {}
     # (the collector paused over them all when a kind is decided aside: one thread's pause must
@@ -157,8 +166,14 @@ def decide(
         for kind in rows:
             if kind not in futures:
                 out[kind] = _decide_kind(kind, rows, logs.get(kind, notes), spill)
+                decided += 1
+                if progress:
+                    progress("deciding", decided, kinds)
         for kind, future in futures.items():
             out[kind] = future.result()
+            decided += 1
+            if progress:
+                progress("deciding", decided, kinds)
     for held in logs.values():  # in the kinds' order, as if decided one after another
         held.replay(notes)
     return {kind: out[kind] for kind in rows}
@@ -1142,6 +1157,8 @@ def run_extraction(
     of waiting for it, and the others from the files once they are there (None: from ``source``).
     ``prepared``: each task keeps its repaired spans there for the pricing (:class:`Prepared`)."""
     memlog.note("extraction starts")
+    if progress:  # (the bar from the start: the first partitions take a while)
+        progress("extracting", 0, parts)
     more = (prepared,) if prepared is not None else ()  # (serve's executor takes four arguments)
     calls = [(source, p, parts, spill, *more) for p in range(parts)]
     if later is None:
@@ -1156,6 +1173,8 @@ def run_extraction(
     # the workers are done: stopped now, so the memory they keep from their last partition is not
     # held beside the combined rows and the decision
     executor.idle()
+    if progress:
+        progress("combining the partitions' rows", 0, 0)
     trace_parts = pl.concat(  # by task: the n-th result is partition n of this run
         [r.traces.select("trace_id", part=pl.lit(n, pl.UInt32)) for n, r in enumerate(results)],
         how="vertical_relaxed",
@@ -1185,7 +1204,7 @@ def run_extraction(
         del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     memlog.note("rows combined, critical paths decided")
-    decided = decide(rows, notes, spill, beside=decide_beside)
+    decided = decide(rows, notes, spill, beside=decide_beside, progress=progress)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths, trace_parts)
 

@@ -555,6 +555,8 @@ def analyze_partitioned(
             first = min(parts, max(1, executor.workers))
             later = _beside(lambda: _split_or_store(source, parts, cancel, skip=first))
         if later is None:  # (a split that fails: the store read instead, as beside)
+            if progress and partitions.splits(source, parts):
+                progress("splitting the store into partition files", 0, 0)
             split = _split_or_store(source, parts, cancel)
     try:
         if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
@@ -715,6 +717,11 @@ def _analyze_partitioned(
     from hourglass.analysis.resources import scope_languages, service_resources
 
     release = release_heap or (lambda: None)
+
+    def step(phase: str) -> None:  # a step of the run with no count, on the bar
+        if progress:
+            progress(phase, 0, 0)
+
     from hourglass.analysis.sequence import duration_stats
 
     notes = NearMissLog()
@@ -771,12 +778,14 @@ def _analyze_partitioned(
     call_stats = {fid: duration_stats(d) for fid, d in calls.items()}
     del calls
     _let_go(extracted.findings)
+    step("scoring the findings")
     ranked = score(
         extracted.findings, impact_of=lambda f: impacts.get(f.id), traces=extracted.traces, notes=notes
     )
     _let_go(extracted.findings)
     release()
     memlog.note("findings scored")
+    step("making the report")
     near_misses = uncovered_near_misses(notes.near_misses, ranked) if explain else None
     report = build_report(
         ranked,
@@ -796,6 +805,7 @@ def _analyze_partitioned(
     )
     release()
     memlog.note("report made")
+    step("writing the recommendations' texts")
     if read is not None and set(exemplars) <= set(prefetched):
         ctx = AnalysisContext.from_table(_traces_of(read, exemplars))
     else:
@@ -809,12 +819,24 @@ def _analyze_partitioned(
     release()
     memlog.note("texts written")
 
+    def priced_workstreams(_: str, done: int, total: int) -> None:  # (rows of their own on the bar)
+        if progress:
+            progress("pricing workstreams", done, total)
+
     def priced_together(found: list[Finding]) -> dict[str, Impact]:
         return partitions.run_pricing(
-            source, parts, executor, found, progress, trace_parts=extracted.trace_parts, prepared=prepared
+            source,
+            parts,
+            executor,
+            found,
+            priced_workstreams if progress else None,
+            trace_parts=extracted.trace_parts,
+            prepared=prepared,
         )[0]
 
     from hourglass.analysis.workstreams import build_workstreams
+
+    step("planning the workstreams")
 
     try:
         report["workstreams"] = build_workstreams(

@@ -336,27 +336,56 @@ def _read_traces(path: str, trace_ids: list[str]) -> pa.Table:
         store.close()
 
 
+# what the bar says of a phase (``partitions.Progress``'s first argument) counted in these units;
+# a phase with a total of 0 is a step of its own, with no count (its bar pulses while it runs)
+_PHASE_TEXTS = {
+    "extracting": "extracting partitions",
+    "deciding": "deciding detectors",
+    "pricing": "pricing partitions",
+    "pricing workstreams": "pricing the workstreams' partitions",
+}
+
+
 @contextlib.contextmanager
 def _progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress bar on stderr when it is a terminal (partitions extracted, then priced)."""
+    """A progress bar on stderr when it is a terminal: a row per phase of the run, as it starts —
+    the partitions extracted, the detectors decided, the partitions priced, then the steps after
+    them (scoring, the report, its texts, the workstreams) — each with its time; a row stays when
+    its phase is done (the bar is removed at the end)."""
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Count(MofNCompleteColumn):
+        """done/total for a counted phase; nothing for a step."""
+
+        def render(self, task: Task) -> Text:
+            return super().render(task) if task.fields.get("counted") else Text("")
 
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        Count(),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         transient=True,
+        redirect_stdout=False,  # (the report goes to stdout: never through the bar)
     ) as bar:
-        tasks: dict[str, Any] = {}
+        current: list[tuple[str, Any, bool]] = []  # (phase, its row, counted)
 
         def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(f"{phase} partitions", total=total)
-            bar.update(tasks[phase], completed=done)
+            if not current or current[-1][0] != phase:  # a new phase: the step before it is done
+                if current and not current[-1][2]:
+                    bar.update(current[-1][1], total=1, completed=1)
+                counted = total > 0
+                text = _PHASE_TEXTS.get(phase, phase) if counted else phase
+                row = bar.add_task(text, total=total if counted else None, counted=counted)
+                current.append((phase, row, counted))
+            if current[-1][2]:
+                bar.update(current[-1][1], completed=done, total=total)
 
         yield update
 
