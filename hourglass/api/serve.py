@@ -414,29 +414,46 @@ async def _maintenance(
     retention_interval_s: float = RETENTION_INTERVAL_S,
     pipeline: IngestPipeline | None = None,
 ) -> None:
-    next_retention = time.monotonic()
+    # each on its own schedule: a retention every 12 s (a tenth of --retention 2m) ran at the
+    # compaction's 10-s ticks, so every 20 s
+    started = time.monotonic()
+    next_compaction = next_retention = started + compact_interval_s
     while not shutdown.is_set():
+        wake = next_compaction
+        if settings.retention_seconds > 0:
+            wake = min(wake, next_retention)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(shutdown.wait(), timeout=compact_interval_s)
+            await asyncio.wait_for(shutdown.wait(), timeout=max(0.0, wake - time.monotonic()))
         if pipeline is not None:
             log_rejected_spans(pipeline)
         if shutdown.is_set():
             return
+        now = time.monotonic()
+        compacting = now >= next_compaction
+        retaining = settings.retention_seconds > 0 and now >= next_retention
+        if compacting:  # (set first: a pass that fails is tried again at its next time, not at once)
+            next_compaction = now + compact_interval_s
+        if retaining:
+            every = retention_every(settings.retention_seconds, retention_interval_s, compact_interval_s)
+            next_retention = now + every
         try:
-            removed = await asyncio.to_thread(store.compact)
-            if removed:
-                log.info("compaction removed %d duplicate spans", removed)
-            release_cache = getattr(store, "release_cache", None)
-            if callable(release_cache):  # compaction read every recent trace's rows (an error: logged below)
-                await asyncio.to_thread(release_cache)
-            if settings.retention_seconds > 0 and time.monotonic() >= next_retention:
+            if compacting:
+                removed = await asyncio.to_thread(store.compact)
+                if removed:
+                    log.info("compaction removed %d duplicate spans", removed)
+                # compaction read every recent trace's rows (an error: logged below)
+                release_cache = getattr(store, "release_cache", None)
+                if callable(release_cache):
+                    await asyncio.to_thread(release_cache)
+        except Exception:  # maintenance must not stop ingest; the error is reported and retried
+            log.exception("store maintenance failed")
+        try:
+            if retaining:
                 cutoff = time.time_ns() - int(settings.retention_seconds * 1e9)
                 dropped = await asyncio.to_thread(store.delete_older_than, cutoff)
                 if dropped:
                     _say(f"retention removed {dropped} spans older than {settings.retention_seconds:g}s")
-                every = retention_every(settings.retention_seconds, retention_interval_s, compact_interval_s)
-                next_retention = time.monotonic() + every
-        except Exception:  # maintenance must not stop ingest; the error is reported and retried
+        except Exception:
             log.exception("store maintenance failed")
 
 

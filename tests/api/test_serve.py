@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -409,6 +410,58 @@ def test_listening_sockets_give_accepted_connections_tcp_nodelay() -> None:
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_short_retention_runs_every_tenth_of_it_not_in_whole_compaction_ticks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--retention 2m`` runs a retention pass every 12 s (a tenth of it), beside the compaction
+    every 10 s. Before, the passes waited for the compaction's 10-s ticks: every 20 s. Driven on a
+    clock of the test's own (the maintenance loop's waits advance it), so nothing is timed."""
+    import asyncio
+    import types
+
+    from hourglass.api import serve
+
+    clock = [1000.0]
+    passes: list[tuple[str, float]] = []
+
+    class Store:
+        def compact(self) -> int:
+            passes.append(("compaction", clock[0]))
+            return 0
+
+        def delete_older_than(self, cutoff_ns: int) -> int:
+            passes.append(("retention", clock[0]))
+            return 0
+
+    shutdown = asyncio.Event()
+
+    async def wait_for(awaitable: Any, timeout: float) -> None:
+        awaitable.close()  # (the shutdown's wait: never awaited, the clock moves instead)
+        clock[0] += timeout
+        if clock[0] > 1000.0 + 125:
+            shutdown.set()
+            return
+        raise TimeoutError
+
+    async def to_thread(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    fake_asyncio = types.SimpleNamespace(
+        wait_for=wait_for, to_thread=to_thread, TimeoutError=asyncio.TimeoutError
+    )
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0], time_ns=lambda: int(clock[0] * 1e9))
+    monkeypatch.setattr(serve, "asyncio", fake_asyncio)
+    monkeypatch.setattr(serve, "time", fake_time)
+    settings = types.SimpleNamespace(retention_seconds=120.0)
+    asyncio.run(serve._maintenance(Store(), settings, shutdown, 10.0))  # type: ignore[arg-type]
+
+    def times(kind: str) -> list[float]:
+        return [round(t - 1000.0, 6) for k, t in passes if k == kind]
+
+    assert times("retention") == [10.0 + 12 * n for n in range(10)]  # 10, 22, 34, ... 118
+    assert times("compaction") == [10.0 * n for n in range(1, 13)]  # every 10 s, as before
 
 
 def test_a_short_retention_is_applied_more_often_than_every_five_minutes() -> None:
