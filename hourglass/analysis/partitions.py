@@ -1157,8 +1157,6 @@ def run_extraction(
     of waiting for it, and the others from the files once they are there (None: from ``source``).
     ``prepared``: each task keeps its repaired spans there for the pricing (:class:`Prepared`)."""
     memlog.note("extraction starts")
-    if progress:  # (the bar from the start: the first partitions take a while)
-        progress("extracting", 0, parts)
     more = (prepared,) if prepared is not None else ()  # (serve's executor takes four arguments)
     calls = [(source, p, parts, spill, *more) for p in range(parts)]
     if later is None:
