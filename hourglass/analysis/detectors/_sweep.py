@@ -313,6 +313,21 @@ def _ident(path: Path) -> Ident:
     return (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+_IDENT_SCHEMA = {"name": pl.String, "ino": pl.UInt64, "mtime": pl.Int64, "size": pl.Int64}
+
+
+def _idents(files: Sequence[Path]) -> pl.DataFrame:
+    """:func:`_ident` of each file, as a frame (name, ino, mtime, size): columns, not a tuple of
+    four objects per file held through the decision."""
+    return pl.DataFrame([_ident(f) for f in files], schema=_IDENT_SCHEMA, orient="row")
+
+
+def _places(table: pl.DataFrame, idents: pl.DataFrame) -> np.ndarray:
+    """Each row of ``table``'s place in ``idents`` (-1: none)."""
+    found = table.join(idents.with_row_index("at"), on=list(_IDENT_SCHEMA), how="left", maintain_order="left")
+    return found["at"].fill_null(-1).to_numpy().astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Carry:
     """The sweep of one key's rows (in (start_ns, uid) order) that start before microsecond
@@ -518,9 +533,9 @@ class BucketSweep:
     booleans over the bucket's table of files (by name, inode, mtime and size)."""
 
     def __init__(self, files: Sequence[Path], state: Path | None, con: duckdb.DuckDBPyConnection) -> None:
-        self.files = [Path(f) for f in files]
+        self.files = [f if isinstance(f, Path) else Path(f) for f in files]
         self.state = state
-        self.idents = [_ident(f) for f in self.files]
+        self.idents = _idents(self.files)
         saved: dict[str, Any] = {}
         if state is not None and state.exists():
             try:
@@ -529,23 +544,10 @@ class BucketSweep:
                     saved = loaded
             except Exception:  # a state cut short: swept again from the files
                 saved = {}
-        n = len(self.idents)
-        place = {ident: i for i, ident in enumerate(self.idents)}
-        table: list[Ident] = (
-            list(
-                zip(
-                    saved["names"].tolist(),
-                    saved["ino"].tolist(),
-                    saved["mtime"].tolist(),
-                    saved["size"].tolist(),
-                    strict=True,
-                )
-            )
-            if saved
-            else []
-        )
+        n = self.idents.height
+        table: pl.DataFrame = saved["table"] if saved else pl.DataFrame(schema=_IDENT_SCHEMA)
         self.table = table  # the saved states' files: the current ones, then any other they folded
-        self.to_current = np.array([place.get(i, -1) for i in table], dtype=np.int64)
+        self.to_current = _places(table, self.idents)
         aggregated = np.zeros(n, dtype=bool)
         parts: list[pl.DataFrame] = []
         if saved:
@@ -588,11 +590,11 @@ class BucketSweep:
         states = _no_states()
         if saved:
             states = dict(saved["states"])
-            states["folded"] = np.unpackbits(states.pop("packed"), axis=1, count=len(table)).astype(bool)
+            states["folded"] = np.unpackbits(states.pop("packed"), axis=1, count=table.height).astype(bool)
         self.states = states
         known = self.to_current >= 0
         # a state that folded a file no longer there is not resumed from (kept while its key is not decided)
-        self.foreign = states["folded"][:, ~known].any(axis=1)
+        self.foreign: np.ndarray = np.asarray(states["folded"][:, ~known].any(axis=1))
         self.folded = np.zeros((states["gid"].size, n), dtype=bool)  # over the current files
         self.folded[:, self.to_current[known]] = states["folded"][:, known]
 
@@ -709,7 +711,7 @@ class BucketSweep:
     ) -> None:
         """Saves the latest ``CHECKPOINTS`` states of each key of the round (those still valid
         and the new ones, which folded every current file) and the kept ones of other keys."""
-        n = len(self.idents)
+        n = self.idents.height
         round_gids = np.array(gid_list, dtype=np.uint64)
         others = np.flatnonzero(~np.isin(states["gid"], round_gids))
         # the table: the current files, then the others the kept states folded
@@ -735,16 +737,11 @@ class BucketSweep:
         chosen = order[~of_round[order] | (from_end <= CHECKPOINTS)]
         saved = _taken(both, chosen)
         saved["packed"] = np.packbits(saved.pop("folded"), axis=1)
-        table = [*self.idents, *(self.table[i] for i in old.tolist())]
-        names = [i[0] for i in table]
         self._save(
             {
                 "version": _STATE_VERSION,
                 "t0": t0,
-                "names": np.array(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
-                "ino": np.array([i[1] for i in table], dtype=np.uint64),
-                "mtime": np.array([i[2] for i in table], dtype=np.int64),
-                "size": np.array([i[3] for i in table], dtype=np.int64),
+                "table": pl.concat([self.idents, self.table.select(pl.all().gather(old))]),
                 "aggregated": np.arange(width) < n,
                 "aggs": self.all,
                 "states": saved,
