@@ -496,6 +496,57 @@ def test_streamed_busy_share_counts_a_long_span_of_an_earlier_chunk(
     assert carry.peak == 2 and carry.queued == 8
 
 
+def test_kept_sweep_states_load_as_columns_not_an_object_per_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's worker loads every bucket's kept sweep states each round and keeps them through
+    the convoy decision: they come back as columns (a few arrays), not as Python objects per state
+    and per file each folded — at the 12M-span soak store those were ~400k blocks a round, which
+    grew the long-lived worker's obmalloc arenas for good. Four keys, 48 states each, folded over
+    three rounds of files; what loading them holds does not grow with the states."""
+    import gc
+    import sys
+
+    from hourglass.analysis.detectors import _sweep
+
+    monkeypatch.setattr(_sweep, "CHECKPOINT_ROWS", 2)
+    t0 = 1_764_000_000_000_000_000
+    state = tmp_path / "sweep.state"
+    files: list[Path] = []
+    for batch in range(3):
+        starts = [t0 + (batch * 1000 + i) * 10_000 for i in range(100)]
+        rows = pl.DataFrame(
+            {
+                "gid": [g for g in range(4) for _ in starts],
+                "op": [1] * (4 * len(starts)),
+                "start_ns": starts * 4,
+                "end_ns": [s + 15_000 for s in starts] * 4,
+                "duration_ns": [15_000] * (4 * len(starts)),
+                "uid": list(range(4 * len(starts))),
+            },
+            schema_overrides={"gid": pl.UInt64, "op": pl.UInt64, "uid": pl.UInt64},
+        )
+        files.append(tmp_path / f"p{batch:06d}.parquet")
+        rows.write_parquet(files[-1])
+        with _sweep.connection(tmp_path) as con:
+            swept = _sweep.BucketSweep(files, state, con).sweep(con, pl.Series(range(4), dtype=pl.UInt64), t0)
+        assert {c.started for c in swept.values()} == {100 * len(files)}
+    with _sweep.connection(tmp_path) as con:
+        _sweep.BucketSweep(files, state, con)  # (polars' and DuckDB's first-use caches)
+        gc.collect()
+        before = sys.getallocatedblocks()
+        loaded = _sweep.BucketSweep(files, state, con)
+        gc.collect()
+        held = sys.getallocatedblocks() - before
+        # the same states resumed: no row swept again
+        advanced: list[int] = []
+        real = _sweep.Carry.advanced
+        monkeypatch.setattr(_sweep.Carry, "advanced", lambda c, run, t: advanced.append(1) or real(c, run, t))
+        again = loaded.sweep(con, pl.Series(range(4), dtype=pl.UInt64), t0)
+    assert not advanced and {c.started for c in again.values()} == {300}
+    assert held < 1000, f"the 192 kept states of 4 keys hold {held} Python blocks"
+
+
 def test_the_sweeps_sums_are_exact_integers() -> None:
     """The load statistics come from the sweep's sums of duration and peers, summed by numpy in
     21-bit limbs: Python's integer sums, negative peers and the int64 extremes included."""

@@ -302,7 +302,7 @@ CHECKPOINTS = 48  # kept sweep states per key at most (the latest ones)
 # A state with more spans in flight is not kept (its size is theirs): a key that busy is swept
 # from an earlier state, or from its first row.
 MAX_OPEN_ENDS = 1 << 12
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _NO_END = int(np.iinfo(np.int64).min)
 
 Ident = tuple[str, int, int, int]
@@ -311,6 +311,21 @@ Ident = tuple[str, int, int, int]
 def _ident(path: Path) -> Ident:
     st = path.stat()
     return (path.name, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+_IDENT_SCHEMA = {"name": pl.String, "ino": pl.UInt64, "mtime": pl.Int64, "size": pl.Int64}
+
+
+def _idents(files: Sequence[Path]) -> pl.DataFrame:
+    """:func:`_ident` of each file, as a frame (name, ino, mtime, size): columns, not a tuple of
+    four objects per file held through the decision."""
+    return pl.DataFrame([_ident(f) for f in files], schema=_IDENT_SCHEMA, orient="row")
+
+
+def _places(table: pl.DataFrame, idents: pl.DataFrame) -> np.ndarray:
+    """Each row of ``table``'s place in ``idents`` (-1: none)."""
+    found = table.join(idents.with_row_index("at"), on=list(_IDENT_SCHEMA), how="left", maintain_order="left")
+    return found["at"].fill_null(-1).to_numpy().astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -425,15 +440,102 @@ def _cuts(keys: np.ndarray, every: int) -> list[int]:
         cuts.append(last)
 
 
+_SUM_BYTES = 32  # an exact sum in a kept state: signed, little-endian (a larger one: state not kept)
+_COUNTS = ("key", "started", "ended", "end_max", "overlapped", "peak", "queued")
+
+
+def _no_states() -> dict[str, np.ndarray]:
+    """Kept sweep states as columns, none: gid, the integer fields of :class:`Carry`, the five
+    exact sums as bytes, the ends still open (all states' in one array, ``open_at`` the offsets)
+    and ``folded``: which files of the bucket's table each state's rows came from."""
+    states = {"gid": np.zeros(0, np.uint64)}
+    states.update({name: np.zeros(0, np.int64) for name in _COUNTS})
+    states["sums"] = np.zeros((0, 5 * _SUM_BYTES), np.uint8)
+    states["open_at"] = np.zeros(1, np.int64)
+    states["open_ends"] = np.zeros(0, np.int64)
+    states["folded"] = np.zeros((0, 0), bool)
+    return states
+
+
+def _states_of(gids: list[int], carries: list[Carry], folded: np.ndarray) -> dict[str, np.ndarray]:
+    """``carries`` (of keys ``gids``, each folding every file where ``folded`` is set) as columns;
+    a carry whose sums do not fit ``_SUM_BYTES`` is left out (the key is swept from an earlier
+    state then)."""
+    kept = []
+    sums = []
+    for n, c in enumerate(carries):
+        try:
+            sums.append(b"".join(s.to_bytes(_SUM_BYTES, "little", signed=True) for s in c.sums))
+        except OverflowError:
+            continue
+        kept.append(n)
+    states = _no_states()
+    if not kept:
+        states["folded"] = np.zeros((0, folded.size), bool)
+        return states
+    chosen = [carries[n] for n in kept]
+    states["gid"] = np.array([gids[n] for n in kept], dtype=np.uint64)
+    for name in _COUNTS:
+        states[name] = np.array([getattr(c, name) for c in chosen], dtype=np.int64)
+    states["sums"] = np.frombuffer(b"".join(sums), dtype=np.uint8).reshape(len(kept), 5 * _SUM_BYTES)
+    states["open_at"] = np.concatenate([[0], np.cumsum([c.open_ends.size for c in chosen])]).astype(np.int64)
+    states["open_ends"] = np.concatenate([c.open_ends for c in chosen]).astype(np.int64)
+    states["folded"] = np.broadcast_to(folded, (len(kept), folded.size)).copy()
+    return states
+
+
+def _taken(states: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The states at ``rows``, in that order."""
+    out = {name: states[name][rows] for name in ("gid", *_COUNTS, "sums", "folded")}
+    lengths = np.diff(states["open_at"])[rows]
+    out["open_at"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    starts = states["open_at"][:-1][rows]
+    at = np.repeat(starts - out["open_at"][:-1], lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    out["open_ends"] = states["open_ends"][at]
+    return out
+
+
+def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    out = {name: np.concatenate([p[name] for p in parts]) for name in ("gid", *_COUNTS, "sums", "open_ends")}
+    out["folded"] = np.concatenate([p["folded"] for p in parts], axis=0)
+    lengths = np.concatenate([np.diff(p["open_at"]) for p in parts])
+    out["open_at"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return out
+
+
+def _carry_at(states: dict[str, np.ndarray], row: int) -> Carry:
+    raw = states["sums"][row].tobytes()
+    a, b = int(states["open_at"][row]), int(states["open_at"][row + 1])
+    return Carry(
+        key=int(states["key"][row]),
+        started=int(states["started"][row]),
+        ended=int(states["ended"][row]),
+        open_ends=states["open_ends"][a:b].copy(),
+        end_max=int(states["end_max"][row]),
+        overlapped=int(states["overlapped"][row]),
+        peak=int(states["peak"][row]),
+        queued=int(states["queued"][row]),
+        sums=tuple(  # type: ignore[arg-type]
+            int.from_bytes(raw[j * _SUM_BYTES : (j + 1) * _SUM_BYTES], "little", signed=True)
+            for j in range(5)
+        ),
+    )
+
+
 class BucketSweep:
     """One bucket's files, the per-file aggregates of each key (rows, operation, earliest and
     latest start, latest end) and the saved sweep states, read from ``state`` (None: nothing
-    kept between decisions)."""
+    kept between decisions).
+
+    What is kept lives across rounds of a long-lived process and is read and written every
+    round, so it is held in columns (numpy arrays, one polars frame), not in Python objects per
+    key, per state or per file: a state of the sweep is a row, the files it folded a row of
+    booleans over the bucket's table of files (by name, inode, mtime and size)."""
 
     def __init__(self, files: Sequence[Path], state: Path | None, con: duckdb.DuckDBPyConnection) -> None:
-        self.files = [Path(f) for f in files]
+        self.files = [f if isinstance(f, Path) else Path(f) for f in files]
         self.state = state
-        self.idents = [_ident(f) for f in self.files]
+        self.idents = _idents(self.files)
         saved: dict[str, Any] = {}
         if state is not None and state.exists():
             try:
@@ -442,45 +544,59 @@ class BucketSweep:
                     saved = loaded
             except Exception:  # a state cut short: swept again from the files
                 saved = {}
-        current = set(self.idents)
-        aggs: dict[Ident, pl.DataFrame] = {i: a for i, a in saved.get("aggs", {}).items() if i in current}
-        missing = [f for f, i in zip(self.files, self.idents, strict=True) if i not in aggs]
+        n = self.idents.height
+        table: pl.DataFrame = saved["table"] if saved else pl.DataFrame(schema=_IDENT_SCHEMA)
+        self.table = table  # the saved states' files: the current ones, then any other they folded
+        self.to_current = _places(table, self.idents)
+        aggregated = np.zeros(n, dtype=bool)
+        parts: list[pl.DataFrame] = []
+        if saved:
+            done = self.to_current[saved["aggregated"]]
+            aggregated[done[done >= 0]] = True
+            aggs: pl.DataFrame = saved["aggs"]
+            if aggs.height:
+                file = self.to_current[aggs["file"].to_numpy()]
+                parts.append(
+                    aggs.with_columns(file=pl.Series(file.astype(np.int32))).filter(pl.col("file") >= 0)
+                )
+        missing = [f for f, done in zip(self.files, aggregated.tolist(), strict=True) if not done]
         if missing:
-            table = con.sql(
+            table_ = con.sql(
                 "SELECT filename, gid, op, count(*) AS n, min(start_ns) AS lo, max(end_ns) AS hi,"
                 " max(start_ns) AS smax FROM read_parquet($files, filename = true) GROUP BY ALL",
                 params={"files": _files(missing)},
             ).to_arrow_table()
-            frame = pl.from_arrow(table)
+            frame = pl.from_arrow(table_)
             assert isinstance(frame, pl.DataFrame)
-            frame = frame.cast(
-                {
-                    "gid": pl.UInt64,
-                    "op": pl.UInt64,
-                    "n": pl.Int64,
-                    "lo": pl.Int64,
-                    "hi": pl.Int64,
-                    "smax": pl.Int64,
-                }
+            by_name = {str(f): i for i, f in enumerate(self.files)}
+            parts.append(
+                frame.cast(
+                    {
+                        "gid": pl.UInt64,
+                        "op": pl.UInt64,
+                        "n": pl.Int64,
+                        "lo": pl.Int64,
+                        "hi": pl.Int64,
+                        "smax": pl.Int64,
+                    }
+                )
+                .with_columns(file=pl.col("filename").replace_strict(by_name, return_dtype=pl.Int32))
+                .drop("filename")
             )
-            by_name = {str(f): i for f, i in zip(self.files, self.idents, strict=True)}
-            for (name,), part in frame.partition_by("filename", as_dict=True, include_key=False).items():
-                aggs[by_name[str(name)]] = part
-            for f in missing:
-                aggs.setdefault(by_name[str(f)], frame.clear().drop("filename"))
-        self.aggs = aggs
+        # every file's aggregates, ``file`` the file's place (one frame for all, not one per file)
+        parts = [p for p in parts if p.height]
+        self.all = pl.concat(parts) if parts else pl.DataFrame()
         self.t0: int | None = saved.get("t0")
-        self.kept: dict[int, list[tuple[frozenset[Ident], Carry]]] = saved.get("keys", {})
-        # every file's aggregates, numbered by the file's place (one column for all, not a
-        # with_columns per file: ~1,200 files a round at a 7M-span store)
-        parts = [self.aggs[i] for i in self.idents]
-        self.all = (
-            pl.concat(parts).with_columns(
-                file=pl.Series(np.repeat(np.arange(len(parts), dtype=np.int32), [p.height for p in parts]))
-            )
-            if parts
-            else pl.DataFrame()
-        )
+        states = _no_states()
+        if saved:
+            states = dict(saved["states"])
+            states["folded"] = np.unpackbits(states.pop("packed"), axis=1, count=table.height).astype(bool)
+        self.states = states
+        known = self.to_current >= 0
+        # a state that folded a file no longer there is not resumed from (kept while its key is not decided)
+        self.foreign: np.ndarray = np.asarray(states["folded"][:, ~known].any(axis=1))
+        self.folded = np.zeros((states["gid"].size, n), dtype=bool)  # over the current files
+        self.folded[:, self.to_current[known]] = states["folded"][:, known]
 
     def extents(self, excluded_ops: pl.Series | None, min_rows: int) -> pl.DataFrame | None:
         """:func:`group_extents` from the aggregates; None when a key holds rows of several
@@ -503,37 +619,48 @@ class BucketSweep:
     def sweep(self, con: duckdb.DuckDBPyConnection, gids: pl.Series, t0: int) -> dict[int, Carry]:
         """Each key's :class:`Carry` over all its rows (microseconds from ``t0``), resumed from
         the kept states; the states are then kept again (with ``state``)."""
-        kept = self.kept if self.t0 == t0 else {}
-        current = frozenset(self.idents)
-        per_key = self.all.filter(pl.col("gid").is_in(gids.cast(pl.UInt64).implode()))
-        files_of: dict[int, list[tuple[int, int, int]]] = {}
-        for gid, file, lo, smax in per_key.select("gid", "file", "lo", "smax").iter_rows():
-            files_of.setdefault(gid, []).append((file, lo, smax))
+        states = self.states if self.t0 == t0 else _no_states()
+        same_t0 = self.t0 == t0
+        gid_list = gids.to_list()
+        per_key = (
+            self.all.filter(pl.col("gid").is_in(gids.cast(pl.UInt64).implode())).sort("gid")
+            if not self.all.is_empty()
+            else pl.DataFrame(schema={"gid": pl.UInt64, "file": pl.Int32, "lo": pl.Int64, "smax": pl.Int64})
+        )
+        pk_gid = per_key["gid"].to_numpy()
+        pk_file = per_key["file"].to_numpy().astype(np.int64)
+        pk_lo = per_key["lo"].to_numpy()
+        pk_smax = per_key["smax"].to_numpy()
+        st_gid = states["gid"]
+        st_order = np.argsort(st_gid, kind="stable")  # each key's states together, in kept order
+        st_sorted = st_gid[st_order]
+        st_key = states["key"]
         start: dict[int, Carry] = {}
-        valid: dict[int, list[tuple[frozenset[Ident], Carry]]] = {}
+        valid: list[np.ndarray] = []  # the rows of the states still valid, per key of the round
         wanted_gid: list[int] = []
         wanted_from: list[int] = []
-        needed: set[int] = set()
-        for gid in gids.to_list():
-            fresh = [(f, lo, smax) for f, lo, smax in files_of.get(gid, [])]
-            ok = [
-                (folded, c)
-                for folded, c in kept.get(gid, [])
-                if c.key is not None
-                and folded <= current
-                and all(lo >= t0 + c.key * 1000 for f, lo, _ in fresh if self.idents[f] not in folded)
-            ]
-            valid[gid] = ok
-            carry = max(ok, key=lambda e: e[1].key or 0)[1] if ok else Carry()
+        needed = np.zeros(len(self.files), dtype=bool)
+        for gid in gid_list:
+            a, b = np.searchsorted(pk_gid, gid, side="left"), np.searchsorted(pk_gid, gid, side="right")
+            file, lo, smax = pk_file[a:b], pk_lo[a:b], pk_smax[a:b]
+            c, d = np.searchsorted(st_sorted, gid, side="left"), np.searchsorted(st_sorted, gid, side="right")
+            rows = st_order[c:d] if same_t0 else st_order[:0]
+            if rows.size:
+                # valid: every file folded is still there, and no other file of the key starts before it
+                since_ns = t0 + st_key[rows] * 1000
+                early = ~self.folded[rows][:, file] & (lo[None, :] < since_ns[:, None])
+                rows = rows[~self.foreign[rows] & ~early.any(axis=1)]
+            valid.append(rows)
+            carry = _carry_at(states, int(rows[np.argmax(st_key[rows])])) if rows.size else Carry()
             start[gid] = carry
             since = _NO_END if carry.key is None else t0 + carry.key * 1000
-            files = {f for f, _, smax in fresh if smax >= since}
-            if files:
-                needed |= files
+            touched = file[smax >= since]
+            if touched.size:
+                needed[touched] = True
                 wanted_gid.append(gid)
                 wanted_from.append(since)
         result = dict(start)
-        new: dict[int, list[tuple[frozenset[Ident], Carry]]] = {gid: [] for gid in wanted_gid}
+        new: dict[int, list[Carry]] = {gid: [] for gid in wanted_gid}
         if wanted_gid:
             con.register(
                 "wanted",
@@ -546,7 +673,7 @@ class BucketSweep:
             reader = con.sql(
                 f"SELECT {', '.join('r.' + c for c in columns)} FROM read_parquet($files) r JOIN wanted w"
                 " ON r.gid = w.gid WHERE r.start_ns >= w.since ORDER BY r.gid, r.start_ns, r.uid",
-                params={"files": _files([self.files[f] for f in sorted(needed)])},
+                params={"files": _files([self.files[f] for f in np.flatnonzero(needed).tolist()])},
             ).to_arrow_reader(BATCH_ROWS)
             assert reader is not None
             batches = (_numpy_columns(b, columns) for b in reader)
@@ -565,19 +692,61 @@ class BucketSweep:
                         a = b
                         if carry.open_ends.size <= MAX_OPEN_ENDS:  # a state stays small
                             kept_here = new[gid]
-                            kept_here.append((current, carry))
+                            kept_here.append(carry)
                             if len(kept_here) > 2 * CHECKPOINTS:
                                 del kept_here[:-CHECKPOINTS]
                     result[gid] = carry
             con.unregister("wanted")
         if self.state is not None:
-            keys = dict(kept)
-            for gid in gids.to_list():
-                keys[gid] = sorted([*valid[gid], *new.get(gid, [])], key=lambda e: e[1].key or 0)[
-                    -CHECKPOINTS:
-                ]
-            self._save({"version": _STATE_VERSION, "t0": t0, "aggs": self.aggs, "keys": keys})
+            self._keep(states, gid_list, valid, new, t0)
         return result
+
+    def _keep(
+        self,
+        states: dict[str, np.ndarray],
+        gid_list: list[int],
+        valid: list[np.ndarray],
+        new: dict[int, list[Carry]],
+        t0: int,
+    ) -> None:
+        """Saves the latest ``CHECKPOINTS`` states of each key of the round (those still valid
+        and the new ones, which folded every current file) and the kept ones of other keys."""
+        n = self.idents.height
+        round_gids = np.array(gid_list, dtype=np.uint64)
+        others = np.flatnonzero(~np.isin(states["gid"], round_gids))
+        # the table: the current files, then the others the kept states folded
+        old = np.flatnonzero(self.to_current < 0)
+        old = old[states["folded"][others][:, old].any(axis=0)] if others.size else old[:0]
+        width = n + old.size
+        folded_all = np.zeros(width, dtype=bool)
+        folded_all[:n] = True
+        new_gids = [g for g, cs in new.items() for _ in cs]
+        fresh = _states_of(new_gids, [c for cs in new.values() for c in cs], folded_all)
+        kept_rows = np.concatenate([others, *valid]).astype(np.int64)
+        kept = _taken(states, kept_rows)
+        folded = np.zeros((kept_rows.size, width), dtype=bool)
+        folded[:, :n] = self.folded[kept_rows]
+        folded[:, n:] = states["folded"][kept_rows][:, old]
+        kept["folded"] = folded
+        both = _joined([kept, fresh])
+        # per key of the round: its valid states then its new ones, by key (stable), the latest ones
+        of_round = np.arange(both["gid"].size) >= others.size
+        order = np.lexsort((np.arange(both["gid"].size), both["key"], both["gid"]))
+        g = both["gid"][order]
+        from_end = np.searchsorted(g, g, side="right") - np.arange(g.size)  # 1 for a key's latest
+        chosen = order[~of_round[order] | (from_end <= CHECKPOINTS)]
+        saved = _taken(both, chosen)
+        saved["packed"] = np.packbits(saved.pop("folded"), axis=1)
+        self._save(
+            {
+                "version": _STATE_VERSION,
+                "t0": t0,
+                "table": pl.concat([self.idents, self.table.select(pl.all().gather(old))]),
+                "aggregated": np.arange(width) < n,
+                "aggs": self.all,
+                "states": saved,
+            }
+        )
 
     def _save(self, value: object) -> None:
         assert self.state is not None
