@@ -662,3 +662,27 @@ def test_an_in_memory_state_keeps_its_tables_in_memory_at_the_end_of_a_round(
         assert state.db.execute("SELECT count(*) FROM filler").fetchall() == [(200000,)]
     finally:
         state.close()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [None] * 5,
+        ["", "", None, "a", ""],
+        ["é", "e", "é", "E", None, "e"],
+        ["SELECT * FROM orders WHERE customer_id = ?"] * 50 + ["b" * 40] * 50,
+        [f"distinct value number {i}" for i in range(10)],  # (no repeats: left as it is)
+    ],
+)
+def test_shared_strings_keep_the_values_and_hold_each_repeated_one_once(values: list[str | None]) -> None:
+    import polars as pl
+
+    from hourglass.analysis.partitions import shared_strings
+
+    frame = pl.DataFrame({"s": pl.Series(values, dtype=pl.String), "n": list(range(len(values)))})
+    shared = shared_strings(frame)
+    assert shared.schema == frame.schema and shared.equals(frame)
+    assert shared.sort("s", "n").equals(frame.sort("s", "n"))
+    if frame["s"].n_unique() * 2 <= frame.height:
+        held, distinct = _string_bytes(shared["s"])
+        assert held <= distinct
