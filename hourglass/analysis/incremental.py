@@ -102,6 +102,9 @@ TRACE_COLUMNS = ("trace_id", "root_duration_ns")
 # pickles, not their bytes, was the cost. One level, so a dirty batch (a late span, retention)
 # costs the re-reading of at most this many batches' files to build its segment again.
 SEGMENT_BATCHES = 16
+# The stored rows' holding (``partitions.held``), kept in the sidecar's meta as ``rows_held``: rows
+# stored without the mark (main before it, 4655ec1) or with an older one are rewritten held on start
+ROWS_HELD = 1
 SPILL_BUCKETS = 16  # buckets of whole resource keys of the stored resource rows (fixed per sidecar)
 PATHS_PREFIX = "hourglass-paths-"  # a round's critical-path summaries' values (SpilledPathSummary)
 SIDECAR_MEMORY_LIMIT = "256MB"  # the sidecar connection's buffer pool (DuckDB's default: 80 % of RAM)
@@ -830,6 +833,33 @@ class IncrementalAnalysis:
                 if path.is_dir() and (path.name in ("segments", "spill") or path.name[1:].isdigit()):
                     shutil.rmtree(path, ignore_errors=True)
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('rows_format', ?)", [current])
+        held = self.db.execute("SELECT value FROM meta WHERE key = 'rows_held'").fetchall()
+        if not held or int(held[0][0]) != ROWS_HELD:
+            self._hold_stored_rows()
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('rows_held', ?)", [ROWS_HELD])
+
+    def _hold_stored_rows(self) -> None:
+        """Stored rows written before they were stored as held (``partitions.held``: a sidecar
+        without the ``rows_held`` mark, or an older one) rewritten so, batches and segments: the
+        same values, decided the same, but a round loads them without compacting them and holds
+        less (once, on the first start; a crash midway converts again, ``held`` being idempotent)."""
+        files = [
+            f
+            for pattern in ("b*/rows-*.pickle", "segments/s*/rows-*.pickle")
+            for f in self.folder.glob(pattern)
+            if f.parent.name[1:].replace("-", "").isdigit()
+        ]
+        if not files:
+            return
+        log.info("incremental analysis: storing %d row files as held rows", len(files))
+        for path in files:
+            kind = path.name[len("rows-") : -len(".pickle")]
+            try:
+                rows = pickle.loads(path.read_bytes())
+            except Exception:  # a file cut short by a crash: left to the checks that read it
+                continue
+            self._write(path, partitions.held(kind, rows))
+            del rows
 
     def _load_batches(self) -> None:
         rows = self.db.execute(
@@ -873,8 +903,8 @@ class IncrementalAnalysis:
         folder = self._batch_folder(batch)
         folder.mkdir(exist_ok=True)
         rows = self.spill.write(batch, result.rows)
-        for kind, tables in rows.items():
-            self._write(folder / f"rows-{kind}.pickle", tables)
+        for kind, tables in rows.items():  # held: as the decision holds them (``partitions.held``)
+            self._write(folder / f"rows-{kind}.pickle", partitions.held(kind, tables))
         # the trace summaries' columns a round reads, the critical-path rows as their
         # per-endpoint aggregates (a 13th of the bytes)
         traces = result.traces.select(TRACE_COLUMNS)

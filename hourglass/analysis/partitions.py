@@ -133,6 +133,44 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return filled[0] if len(filled) == 1 else pl.concat(filled, how="vertical_relaxed")
 
 
+def held(kind: str, rows: Rows) -> Rows:
+    """A kind's rows as serve stores them: made as its decision holds them (the kind's
+    ``DetectorParts.compact``: span-id lists as words, occurrence keys hashed) and each table's
+    repeated strings held once (:func:`shared_strings`). The same values and columns as the rows
+    :func:`combine` compacts (which takes these as they are), so a decision on them is the same;
+    loaded, they need no compaction, and they hold a fraction of the memory (at 12M stored spans,
+    n_plus_one's rows: 66k sequences whose operation, label and statement are one 60-byte string
+    each, stored once per row as extracted). Idempotent."""
+    made = PARTS[kind].compact if kind in PARTS else None
+    if made is not None:
+        rows = made(rows)
+    return {name: shared_strings(frame) for name, frame in rows.items()}
+
+
+def shared_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with each String column whose values repeat (at most half as many distinct
+    values as rows) rebuilt so that every row's string points at one copy of its value: polars'
+    strings are views (16 bytes a row) into buffers, and a gather of a column's distinct values
+    shares their buffers instead of copying the bytes. The same values and dtype, so sorting,
+    grouping, joining and comparing are unchanged (a Categorical would change the dtype and what
+    those do); the views stay shared through pickling (Arrow IPC writes the buffers as they are),
+    concatenation, gathers and filters."""
+    if frame.height < 2:
+        return frame
+    shared: list[pl.Series] = []
+    for name, dtype in frame.schema.items():
+        if dtype != pl.String:
+            continue
+        column = frame[name]
+        if column.n_unique() * 2 > column.len():
+            continue
+        values = column.unique().drop_nulls().sort()
+        # the rank of a value among the distinct values (dense, from 1; a null stays null) is its
+        # place in ``values`` + 1 (both order strings by their bytes)
+        shared.append(values.gather(column.rank("dense") - 1).alias(name))
+    return frame.with_columns(shared) if shared else frame
+
+
 # Kinds whose decision runs mostly outside the GIL — lock_contention's sweep is DuckDB queries on
 # DuckDB's own threads — decided, when the caller has room for it (``Plan.beside``), in a thread of
 # their own while this thread decides the other kinds (mostly Python and polars): measured at 1M

@@ -19,6 +19,7 @@ on the same store. Proven structurally, not by timing or RSS:
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -242,6 +243,107 @@ def test_rows_of_an_older_shape_are_extracted_again(
         other.close()
     finally:
         store.close()
+
+
+def _stored_rows(sidecar: str) -> dict[Path, dict[str, Any]]:
+    """Every stored rows file of a sidecar (batches and segments) and its tables."""
+    import pickle
+
+    folder = Path(sidecar + ".d")
+    files = [*folder.glob("b*/rows-*.pickle"), *folder.glob("segments/s*/rows-*.pickle")]
+    return {f: pickle.loads(f.read_bytes()) for f in sorted(files)}
+
+
+def _string_bytes(column: Any) -> tuple[int, int]:
+    """(bytes of a String column's string buffers, bytes of its distinct values)."""
+    import polars as pl
+
+    array = column.to_arrow(compat_level=pl.CompatLevel.newest())
+    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    held = sum(b.size for c in chunks for b in c.buffers()[2:] if b is not None)
+    return held, int(column.unique().drop_nulls().str.len_bytes().sum())
+
+
+def test_stored_rows_are_held_and_rows_stored_before_are_converted_on_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's rows are stored as the decision holds them (``partitions.held``: the span-id
+    lists as words and the occurrence keys made, each repeated string's bytes once), so a round
+    loads them without compacting them. A sidecar whose rows were stored as extracted (main
+    before 4655ec1 + this change: no ``rows_held`` mark) has them rewritten held on start,
+    batches and segments, without extracting again; the reports are the same throughout."""
+    import polars as pl
+
+    from hourglass.analysis import partitions
+
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
+        first, _ = _round(state, store)
+        batches = set(state.batches)
+        assert len(batches) >= 5 and state.segments
+        state.close()
+        stored = _stored_rows(sidecar)
+        # the table each compacted kind's decision holds compacted
+        compacted = {
+            "n_plus_one": "sequences",
+            "fanout_straggler": "occurrences",
+            "fanout_concurrency_limit": "fanouts",
+        }
+        assert set(compacted) == {k for k, parts in PARTS.items() if parts.compact is not None}
+        made = [
+            f
+            for f, rows in stored.items()
+            if rows.get(compacted.get(f.name[5:-7], ""), pl.DataFrame()).height
+        ]
+        assert made, "no rows of a compacted kind stored"
+        shared = 0
+        for f, rows in stored.items():
+            if f in made:
+                assert "_key" in rows[compacted[f.name[5:-7]]].columns, f
+            for table in rows.values():
+                for name, dtype in table.schema.items():
+                    column = table[name]
+                    if str(dtype) == "String" and table.height > 1 and column.n_unique() * 2 <= table.height:
+                        held, distinct = _string_bytes(column)
+                        if f.parent.name.startswith("b"):  # (a segment: once per batch)
+                            assert held <= distinct, (f, name, held, distinct)
+                        shared += 1
+        assert shared, "no repeated strings stored"
+
+        # the same store's rows as a sidecar without the mark holds them: as extracted
+        shutil.rmtree(sidecar + ".d")
+        Path(sidecar).unlink()
+        monkeypatch.setattr(partitions, "held", lambda kind, rows: rows)
+        older = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
+        as_before, _ = _round(older, store)
+        older.db.execute("DELETE FROM meta WHERE key = 'rows_held'")
+        older.close()
+        monkeypatch.undo()
+        before = _stored_rows(sidecar)
+        assert all("_key" not in before[f][compacted[f.name[5:-7]]].columns for f in made)
+
+        converted = IncrementalAnalysis(sidecar, segment_batches=2)
+        assert converted.stored == batches and converted.segments
+        after = _stored_rows(sidecar)
+        assert set(after) == set(before)
+        for f in made:
+            assert "_key" in after[f][compacted[f.name[5:-7]]].columns, f
+        resumed, figures = _round(converted, store)
+        assert figures["partitions_read"] == 0, figures
+        converted.close()
+        # the mark kept: the next start leaves the files as they are
+        mtimes = {f: f.stat().st_mtime_ns for f in after}
+        IncrementalAnalysis(sidecar, segment_batches=2).close()
+        assert {f: f.stat().st_mtime_ns for f in after} == mtimes
+    finally:
+        store.close()
+    assert as_before["recommendations"] == first["recommendations"]
+    assert resumed["recommendations"] == first["recommendations"]
+    _same(resumed, _cli(db))
 
 
 def _holds_rows(value: Any) -> bool:
@@ -560,3 +662,27 @@ def test_an_in_memory_state_keeps_its_tables_in_memory_at_the_end_of_a_round(
         assert state.db.execute("SELECT count(*) FROM filler").fetchall() == [(200000,)]
     finally:
         state.close()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [None] * 5,
+        ["", "", None, "a", ""],
+        ["é", "e", "é", "E", None, "e"],
+        ["SELECT * FROM orders WHERE customer_id = ?"] * 50 + ["b" * 40] * 50,
+        [f"distinct value number {i}" for i in range(10)],  # (no repeats: left as it is)
+    ],
+)
+def test_shared_strings_keep_the_values_and_hold_each_repeated_one_once(values: list[str | None]) -> None:
+    import polars as pl
+
+    from hourglass.analysis.partitions import shared_strings
+
+    frame = pl.DataFrame({"s": pl.Series(values, dtype=pl.String), "n": list(range(len(values)))})
+    shared = shared_strings(frame)
+    assert shared.schema == frame.schema and shared.equals(frame)
+    assert shared.sort("s", "n").equals(frame.sort("s", "n"))
+    if frame["s"].n_unique() * 2 <= frame.height:
+        held, distinct = _string_bytes(shared["s"])
+        assert held <= distinct
