@@ -39,7 +39,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, ClassVar
@@ -938,6 +938,7 @@ class TraceIndex:
         *,
         folder: str | None = None,
         prefix: str = "trace-index-",
+        release: Callable[[], None] | None = None,
     ) -> TraceIndex:
         """The index of a report and the findings of the run that made it (rule 1 for every
         affected trace; findings the report does not carry are ignored).
@@ -949,7 +950,8 @@ class TraceIndex:
         each chunk is made (the file :meth:`stored` writes, byte for byte) and the index returned
         reads them from it, so they are never all held (serve's worker: 55 MiB at 12M stored
         spans, and as much again of working copies); the file is the reader's to remove
-        (:meth:`open_stored`), and an error removes it."""
+        (:meth:`open_stored`), and an error removes it. ``release`` (serve's worker:
+        ``malloc_trim``) is called after each range of trace ids is packed (:meth:`_bucketed`)."""
         index = cls()
         recs = [r for r in report.get("recommendations") or [] if r.get("id") is not None]
         by_span: dict[str, list[str]] = {}
@@ -987,7 +989,7 @@ class TraceIndex:
         rows = exemplars + sum(len(finding.occurrence_table) for finding in indexed)
         if rows > _BUCKET_ROWS:  # (in ranges of trace ids: not every finding's columns at once)
             arrays = index._bucketed(
-                entry_traces, entry_recs, changed, changed_of, indexed, code, folder, prefix
+                entry_traces, entry_recs, changed, changed_of, indexed, code, folder, prefix, release
             )
             if arrays is not None:
                 for name, value in arrays.items():
@@ -1068,6 +1070,7 @@ class TraceIndex:
         code: Mapping[str, int],
         folder: str | None,
         prefix: str,
+        release: Callable[[], None] | None = None,
     ) -> dict[str, Any] | None:
         """The per-trace arrays of :meth:`build` made a range of trace ids at a time (a bucket:
         about ``_BUCKET_ROWS`` rows, the ranges cut at quantiles of the trace ids' first words),
@@ -1078,7 +1081,10 @@ class TraceIndex:
         all in one bucket and the buckets' trace ids follow each other in order, so the arrays
         are the ones every row packed at once gives, while only one finding's columns and one
         bucket's rows are held (serve's worker at 12M stored spans: ~47 MiB of columns and as
-        much again of working copies were held at once)."""
+        much again of working copies were held at once). ``release`` is called after each
+        bucket: what a bucket freed (many arrays of a finding's rows in it, each of tens of KiB,
+        from glibc's heap) is not kept resident under the next's (serve's worker: ``malloc_trim``;
+        at 12M stored spans the heap grew by 25 MiB over the buckets without it)."""
         ex = len(ex_traces)
         widths: dict[str, int] = {}  # the words' widths: trace ids, span ids, named span ids
 
@@ -1172,6 +1178,8 @@ class TraceIndex:
                 ):
                     streams.discard()  # (not the ids of every row: packed as they are, at once)
                     return None
+                if release is not None:
+                    release()
                 memlog.note(f"trace index: bucket {bucket + 1}/{len(splits) + 1} packed")
             streams.append("_entries", np.array([streams.length["_entry_recs"]], dtype=np.int64))
             arrays = streams.result()
