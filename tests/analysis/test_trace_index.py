@@ -609,9 +609,11 @@ def test_parked_findings_are_read_one_at_a_time_a_range_of_trace_ids_at_a_time(
         TraceIndex, "_pack", lambda self, *a, **k: held_packing.append(holding()) or pack(self, *a, **k)
     )
     monkeypatch.setattr(trace_index, "_BUCKET_ROWS", 60)
-    index = TraceIndex.build(report, findings)
+    released: list[int] = []  # (serve's worker returns the freed heap after each range)
+    index = TraceIndex.build(report, findings, release=lambda: released.append(len(held_packing)))
     assert index == whole
     assert len(held_packing) > 5 and len(held_reading) > 5 * len(findings) - 5
+    assert released == list(range(1, len(held_packing) + 1))
     assert not any(held_reading) and not any(held_packing) and not holding()
 
 
