@@ -160,9 +160,10 @@ def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
     return "\n".join(texts)
 
 
-# the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 2 MiB
-# per column of the sort's working arrays
-_SPAN_CHUNK = 1 << 18
+# the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 0.5
+# MiB per column of the sort's working arrays (1 << 18 spans: the sort's ~20 MiB was the largest
+# part of the index's peak in serve's worker, ~2/3 of it at 2.4M stored spans; no slower)
+_SPAN_CHUNK = 1 << 16
 # the rows (occurrences) whose keys and named span ids :meth:`TraceIndex.build` reads at a time
 _ROW_CHUNK = 1 << 13
 # about the rows (occurrences and exemplars) :meth:`TraceIndex.build` packs at a time when there
@@ -1157,13 +1158,20 @@ class TraceIndex:
                 if not sum(len(p) for p in rec_parts):
                     continue
                 before = (streams.length["_involved_ids"], streams.length["_changed_ids"])
+                # each kind of ids in one array (read by position in it, not in parts), the
+                # parts let go
+                trace_parts, involved, changed = (
+                    _joined_words(trace_parts),
+                    _joined_words(involved),
+                    _joined_words(changed),
+                )
                 sink = _BucketSink(streams)
                 self._pack(
-                    _joined_words(trace_parts),  # (each read by position in one array, not in parts)
+                    trace_parts,
                     np.concatenate(rec_parts),
-                    _joined_words(involved),
+                    involved,
                     np.concatenate(involved_of),
-                    _joined_words(changed),
+                    changed,
                     np.concatenate(changed_of),
                     sink,
                     notes=False,
