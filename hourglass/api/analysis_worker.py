@@ -826,13 +826,13 @@ def _built_index(
     """:meth:`TraceIndex.build` into a file of ``folder`` (a chunk at a time: its arrays never all
     held), or in memory without one or when the file cannot be written (:func:`_store_index`
     then tries again, else the arrays go with the result). ``release``: the freed heap returned
-    after each range of trace ids (:meth:`TraceIndex.build`)."""
+    after each range of trace ids while it is built into the file (:meth:`TraceIndex.build`)."""
     if folder is not None and hasattr(os, "pread"):  # (pread: not on Windows)
         try:
             return TraceIndex.build(report, findings, folder=folder, prefix=RESULT_PREFIX, release=release)
         except OSError as exc:
             log.warning("could not write the trace index to %s (%s): built in memory", folder, exc)
-    return TraceIndex.build(report, findings, release=release)
+    return TraceIndex.build(report, findings)
 
 
 # ----------------------------------------------------------------------------------------------
