@@ -332,6 +332,12 @@ class ContextView:
                     facts = design_facts(self.ctx, scored.finding, scored.impact, rec, self.resources)
                 except Exception:  # a design without diagrams beats no report
                     log.exception("design facts of %s failed", recommendation_id)
+                finally:
+                    # the columns of its parked occurrences that the exemplars' re-timing read back
+                    # (its trace ids, spans and interventions: at 12M stored spans up to ~12 MiB a
+                    # finding) let go before the next recommendation's, not held until every
+                    # text is written (serve's round; nothing for occurrences in memory)
+                    scored.finding.occurrence_table.release()
             self._facts[recommendation_id] = facts
         return self._facts[recommendation_id]
 

@@ -39,10 +39,10 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -160,11 +160,16 @@ def _joined(parts: Iterable[Sequence[str] | pl.Series]) -> str | None:
     return "\n".join(texts)
 
 
-# the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 2 MiB
-# per column of the sort's working arrays
-_SPAN_CHUNK = 1 << 18
+# the spans of :meth:`TraceIndex._pack` sorted this many at a time (whole entries per chunk): 0.5
+# MiB per column of the sort's working arrays (1 << 18 spans: the sort's ~20 MiB was the largest
+# part of the index's peak in serve's worker, ~2/3 of it at 2.4M stored spans; no slower)
+_SPAN_CHUNK = 1 << 16
 # the rows (occurrences) whose keys and named span ids :meth:`TraceIndex.build` reads at a time
 _ROW_CHUNK = 1 << 13
+# about the rows (occurrences and exemplars) :meth:`TraceIndex.build` packs at a time when there
+# are more: those of one range of trace ids, read from each finding and packed before the next
+# range's (:meth:`TraceIndex._bucketed`)
+_BUCKET_ROWS = 1 << 16
 
 _HEX_OR_NEWLINE = b"0123456789abcdef\n"
 _SEPARATOR = ord("\n")
@@ -672,6 +677,217 @@ class _FileSink(_Sink):
             os.unlink(self.path)
 
 
+def _joined_words(parts: list[Any]) -> list[Sequence[str] | pl.Series | np.ndarray]:
+    """Parts of ids' words (arrays of one width) as one array (none: no part)."""
+    given = [part for part in parts if len(part)]
+    return [np.concatenate(given) if len(given) > 1 else given[0]] if given else []
+
+
+def _rows_in(words: np.ndarray, low: np.uint64 | None, high: np.uint64 | None) -> np.ndarray:
+    """The rows of trace ids' ``words`` whose first word is from ``low`` (None: any) to before
+    ``high`` (None: any): one bucket of :meth:`TraceIndex._bucketed`."""
+    keep = np.ones(len(words), dtype=bool)
+    if low is not None:
+        keep &= words[:, 0] >= low
+    if high is not None:
+        keep &= words[:, 0] < high
+    return np.flatnonzero(keep)
+
+
+def _bucket_rows(
+    own: Any, low: np.uint64 | None, high: np.uint64 | None, widths: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | tuple[()] | None:
+    """The occurrences of ``own`` (a finding's ``Occurrences``) in one bucket of
+    :meth:`TraceIndex._bucketed` (:func:`_rows_in` ``low`` and ``high``): (their trace
+    ids' words; their span ids' words, one occurrence after another; how many each has; the
+    words of the span ids their interventions name, likewise; how many each names), copies of
+    those rows alone; () when none is in the bucket; None when these ids are not all words, or of
+    another width than the first seen of their kind (``widths``)."""
+    words = own.trace_id_words()
+    if words is None or widths.setdefault("trace", words.shape[1]) != words.shape[1]:
+        return None
+    rows = _rows_in(words, low, high)
+    if not len(rows):
+        return ()
+    traces = words[rows]
+    counts = own.span_counts()
+    spans_of = counts[rows].astype(np.int64)
+    spans = np.zeros((0, 1), dtype=np.uint64)
+    if spans_of.any():
+        span_words = own.span_id_words()
+        if span_words is None or widths.setdefault("span", span_words.shape[1]) != span_words.shape[1]:
+            return None
+        spans = span_words[_ranges((np.cumsum(counts) - counts)[rows], spans_of)]
+    del counts
+    ivs = own.intervention_columns(rows)
+    named_of = np.bincount(
+        np.repeat(np.searchsorted(rows, ivs.owner), ivs.span_counts), minlength=len(rows)
+    ).astype(np.int64)
+    named = np.zeros((0, 1), dtype=np.uint64)
+    if named_of.any():
+        named_words = ivs.span_words
+        if named_words is None or widths.setdefault("named", named_words.shape[1]) != named_words.shape[1]:
+            return None
+        named = named_words
+    return traces, spans, spans_of, named, named_of
+
+
+class _Streams:
+    """The per-trace arrays made a bucket at a time (:meth:`TraceIndex._bucketed`), each appended
+    to as its elements come, whatever the others': in memory (chunks, joined at the end), or each
+    in a file of its own in ``folder``, copied at the end into one new file there where
+    :meth:`TraceIndex.stored` would write them (the parts' files then removed), which the result
+    reads them from."""
+
+    # the dtype of an array nothing is appended to (as :meth:`TraceIndex._pack` makes it empty)
+    EMPTY: ClassVar[dict[str, np.dtype[Any]]] = {
+        "_trace_ids": np.dtype("S1"),
+        "_entries": np.dtype(np.int64),
+        "_entry_recs": np.dtype(np.int32),
+        "_involved": np.dtype(np.int64),
+        "_changed": np.dtype(np.int64),
+        "_involved_ids": np.dtype("S1"),
+        "_changed_ids": np.dtype("S1"),
+    }
+
+    def __init__(self, folder: str | None, prefix: str) -> None:
+        self.folder, self.prefix = folder, prefix
+        self.length = dict.fromkeys(_ARRAYS, 0)
+        self.dtype: dict[str, np.dtype[Any] | None] = dict.fromkeys(_ARRAYS)
+        self.chunks: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+        self.files: dict[str, tuple[int, str]] = {}  # name -> its part's file (fd, path)
+        self.made: str | None = None  # the file of the result
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        dtype = self.dtype[name]
+        if dtype is None:
+            dtype = self.dtype[name] = values.dtype
+        elif values.dtype != dtype:
+            raise ValueError(f"trace index: {name} of {values.dtype} after {dtype}")
+        if self.folder is None:
+            self.chunks[name].append(np.array(values, copy=True))  # (not a view of a bucket's arrays)
+        else:
+            if name not in self.files:
+                fd, path = tempfile.mkstemp(prefix=f"{self.prefix}part-", suffix=".bin", dir=self.folder)
+                self.files[name] = (fd, path)
+            _write(self.files[name][0], np.ascontiguousarray(values), None)
+        self.length[name] += len(values)
+
+    def result(self) -> dict[str, Any]:
+        """The arrays, by name (the parts' files removed)."""
+        dtypes = {name: self.dtype[name] or self.EMPTY[name] for name in _ARRAYS}
+        if self.folder is None:
+            return {
+                name: np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtypes[name])
+                for name, chunks in self.chunks.items()
+            }
+        fd, self.made = tempfile.mkstemp(prefix=self.prefix, suffix=".bin", dir=self.folder)
+        file = _StoredFile(self.made)
+        out: dict[str, Any] = {}
+        try:
+            offset = 0
+            for name in _ARRAYS:
+                offset += -offset % _STORED_ALIGNMENT
+                size = self.length[name] * dtypes[name].itemsize
+                if size:
+                    _copy(self.files[name][0], fd, offset, size)
+                out[name] = _StoredArray(file, offset, dtypes[name], self.length[name])
+                offset += size
+            os.ftruncate(fd, offset)  # (the zeros before a last array that is empty)
+        finally:
+            os.close(fd)
+        self._remove_parts()
+        return out
+
+    def _remove_parts(self) -> None:
+        for fd, path in self.files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.files = {}
+
+    def discard(self) -> None:
+        """After an error, or when the buckets are not used: nothing left behind."""
+        self._remove_parts()
+        self.chunks = {name: [] for name in _ARRAYS}
+        if self.made is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.made)
+            self.made = None
+
+
+def _write(fd: int, values: np.ndarray, at: int | None) -> None:
+    """The bytes of ``values`` written to ``fd`` at ``at`` (None: where the file's offset is)."""
+    view = memoryview(values.view(np.uint8)).cast("B")  # type: ignore[arg-type]
+    while view:
+        done = os.write(fd, view) if at is None else os.pwrite(fd, view, at)
+        view = view[done:]
+        if at is not None:
+            at += done
+
+
+def _copy(source: int, target: int, at: int, size: int) -> None:
+    """The first ``size`` bytes of file ``source`` copied into file ``target`` at ``at`` (in the
+    kernel where it can: no copy through this process's memory)."""
+    done = 0
+    while done < size:
+        try:
+            step = os.copy_file_range(source, target, size - done, done, at + done)
+        except (AttributeError, OSError):  # (not on this system, or not between these files)
+            step = 0
+        if step <= 0:
+            data = os.pread(source, min(size - done, 1 << 20), done)
+            if not data:
+                raise EOFError("trace index: a part's file ends early")
+            os.pwrite(target, data, at + done)
+            step = len(data)
+        done += step
+
+
+class _BucketSink(_Sink):
+    """One bucket's arrays (:meth:`TraceIndex._pack` of the rows of one range of trace ids)
+    appended to ``streams`` after those of the buckets before it: each array's elements taken in
+    order, the entries' and the span ids' positions moved past the buckets' before, the first
+    offset of each entry's spans (0) and the trace's entries' last (their count) left to the
+    whole (:meth:`TraceIndex._bucketed` puts them once)."""
+
+    def __init__(self, streams: _Streams) -> None:
+        self.streams = streams
+        self.base = {
+            "_entries": streams.length["_entry_recs"],
+            "_involved": streams.length["_involved_ids"],
+            "_changed": streams.length["_changed_ids"],
+        }
+        self.size: dict[str, int | None] = {}
+        self.filled: dict[str, int] = {}
+        self.dtype: dict[str, np.dtype[Any]] = {}
+
+    def begin(self, name: str, dtype: np.dtype[Any], length: int | None, capacity: int = 0) -> None:
+        self.size[name], self.filled[name], self.dtype[name] = length, 0, np.dtype(dtype)
+
+    def put(self, name: str, start: int, values: np.ndarray) -> None:
+        if start != self.filled[name]:
+            raise RuntimeError(f"trace index bucket: {name} put at {start}, not after {self.filled[name]}")
+        self.filled[name] += len(values)
+        values = np.asarray(values, dtype=self.dtype[name])
+        if name == "_entries":
+            size = self.size[name]
+            assert size is not None
+            values = values[: max(size - 1 - start, 0)] + self.base[name]
+        elif name in ("_involved", "_changed"):
+            values = (values[1:] if start == 0 else values) + self.base[name]
+        self.streams.append(name, values)
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        self.put(name, self.filled[name], values)
+
+    def end(self, name: str) -> None:
+        pass
+
+
 @dataclass(eq=False)
 class TraceIndex:
     """trace id → recommendation id → (involved span ids, changed span ids), plus each
@@ -723,6 +939,7 @@ class TraceIndex:
         *,
         folder: str | None = None,
         prefix: str = "trace-index-",
+        release: Callable[[], None] | None = None,
     ) -> TraceIndex:
         """The index of a report and the findings of the run that made it (rule 1 for every
         affected trace; findings the report does not carry are ignored).
@@ -734,7 +951,8 @@ class TraceIndex:
         each chunk is made (the file :meth:`stored` writes, byte for byte) and the index returned
         reads them from it, so they are never all held (serve's worker: 55 MiB at 12M stored
         spans, and as much again of working copies); the file is the reader's to remove
-        (:meth:`open_stored`), and an error removes it."""
+        (:meth:`open_stored`), and an error removes it. ``release`` (serve's worker:
+        ``malloc_trim``) is called after each range of trace ids is packed (:meth:`_bucketed`)."""
         index = cls()
         recs = [r for r in report.get("recommendations") or [] if r.get("id") is not None]
         by_span: dict[str, list[str]] = {}
@@ -768,6 +986,16 @@ class TraceIndex:
         # rule 1: every occurrence of a reported finding, read off the finding's occurrence columns
         # (``Occurrences``) rather than one Python iteration per occurrence
         exemplars = len(entry_traces)
+        indexed = cls.indexed(report, findings)
+        rows = exemplars + sum(len(finding.occurrence_table) for finding in indexed)
+        if rows > _BUCKET_ROWS:  # (in ranges of trace ids: not every finding's columns at once)
+            arrays = index._bucketed(
+                entry_traces, entry_recs, changed, changed_of, indexed, code, folder, prefix, release
+            )
+            if arrays is not None:
+                for name, value in arrays.items():
+                    setattr(index, name, value)
+                return index
         # then each finding's (a series, or the words of its hex ids as the finding holds them)
         trace_parts: list[Sequence[str] | pl.Series | np.ndarray] = [entry_traces]
         involved: list[Sequence[str] | pl.Series | np.ndarray] = []
@@ -776,7 +1004,7 @@ class TraceIndex:
         finding_sizes: list[int] = []
         tables: list[Any] = []
         widths: list[int | None] = []  # per finding: its named ids' words' width (None: not words; 0: none)
-        for finding in cls.indexed(report, findings):
+        for finding in indexed:
             own = finding.occurrence_table
             finding_recs.append(code[finding.id])  # the id once per finding, not per occurrence
             finding_sizes.append(len(own))
@@ -833,6 +1061,142 @@ class TraceIndex:
             setattr(index, name, value)
         return index
 
+    def _bucketed(
+        self,
+        ex_traces: list[str],
+        ex_recs: list[int],
+        ex_named: list[Sequence[str] | pl.Series | np.ndarray],
+        ex_named_of: list[np.ndarray],
+        findings: list[Finding],
+        code: Mapping[str, int],
+        folder: str | None,
+        prefix: str,
+        release: Callable[[], None] | None = None,
+    ) -> dict[str, Any] | None:
+        """The per-trace arrays of :meth:`build` made a range of trace ids at a time (a bucket:
+        about ``_BUCKET_ROWS`` rows, the ranges cut at quantiles of the trace ids' first words),
+        when every id is held as words (OTLP's hex ids; None otherwise: :meth:`build` packs every
+        row at once). Each bucket's rows are read from each finding in turn, which then lets its
+        columns go (a parked finding's: :meth:`Occurrences.release`), and packed
+        (:meth:`_pack`) after the bucket before it (:class:`_BucketSink`): a trace's entries are
+        all in one bucket and the buckets' trace ids follow each other in order, so the arrays
+        are the ones every row packed at once gives, while only one finding's columns and one
+        bucket's rows are held (serve's worker at 12M stored spans: ~47 MiB of columns and as
+        much again of working copies were held at once). ``release`` is called after each
+        bucket: what a bucket freed (many arrays of a finding's rows in it, each of tens of KiB,
+        from glibc's heap) is not kept resident under the next's (serve's worker: ``malloc_trim``;
+        at 12M stored spans the heap grew by 25 MiB over the buckets without it)."""
+        ex = len(ex_traces)
+        widths: dict[str, int] = {}  # the words' widths: trace ids, span ids, named span ids
+
+        def words_of(ids: list[str], kind: str) -> np.ndarray | None:
+            words = hex_words(pl.Series(ids, dtype=pl.String)) if ids else np.zeros((0, 1), dtype=np.uint64)
+            if words is None or (ids and widths.setdefault(kind, words.shape[1]) != words.shape[1]):
+                return None
+            return words
+
+        ex_words = words_of(ex_traces, "trace")
+        flat = [str(s) for part in ex_named for s in part]
+        named_words = words_of(flat, "named")
+        if ex_words is None or named_words is None:
+            return None
+        named_of = np.concatenate(ex_named_of).astype(np.int64)  # per exemplar: the ids it names
+        named_at = np.cumsum(named_of) - named_of
+        ex_rec = np.asarray(ex_recs, dtype=np.int64)
+        # the buckets: quantiles of every row's first word of its trace id
+        firsts = [ex_words[:, 0]] if ex else []
+        for finding in findings:
+            own = finding.occurrence_table
+            if len(own):
+                words = own.trace_id_words()
+                if words is None or widths.setdefault("trace", words.shape[1]) != words.shape[1]:
+                    own.release()
+                    return None
+                firsts.append(words[:, 0].copy())
+                own.release()
+        first = np.sort(np.concatenate(firsts))
+        del firsts
+        rows, buckets = len(first), -(-len(first) // max(_BUCKET_ROWS, 1))
+        splits = np.unique(first[(np.arange(1, buckets, dtype=np.int64) * rows) // buckets])
+        del first
+        memlog.note(f"trace index: {len(splits) + 1} buckets planned")
+        streams = _Streams(folder, prefix)
+        try:
+            streams.append("_involved", np.zeros(1, dtype=np.int64))
+            streams.append("_changed", np.zeros(1, dtype=np.int64))
+            for bucket in range(len(splits) + 1):
+                low = splits[bucket - 1] if bucket else None
+                high = splits[bucket] if bucket < len(splits) else None
+                here = _rows_in(ex_words, low, high) if ex else np.zeros(0, dtype=np.int64)
+                trace_parts: list[Sequence[str] | pl.Series | np.ndarray] = [ex_words[here]]
+                rec_parts = [ex_rec[here]]
+                involved: list[Sequence[str] | pl.Series | np.ndarray] = []
+                involved_of = [np.zeros(len(here), dtype=np.int64)]
+                changed: list[Sequence[str] | pl.Series | np.ndarray] = [
+                    named_words[_ranges(named_at[here], named_of[here])]
+                ]
+                changed_of = [named_of[here]]
+                for finding in findings:
+                    own = finding.occurrence_table
+                    if not len(own):
+                        continue
+                    try:
+                        part = _bucket_rows(own, low, high, widths)
+                    finally:
+                        own.release()
+                    if part is None:
+                        streams.discard()
+                        return None
+                    if part:
+                        traces, spans, spans_of, named, named_here = part
+                        trace_parts.append(traces)
+                        rec_parts.append(np.full(len(traces), code[finding.id], dtype=np.int64))
+                        involved.append(spans)
+                        involved_of.append(spans_of)
+                        changed.append(named)
+                        changed_of.append(named_here)
+                if not sum(len(p) for p in rec_parts):
+                    continue
+                before = (streams.length["_involved_ids"], streams.length["_changed_ids"])
+                # each kind of ids in one array (read by position in it, not in parts), the
+                # parts let go
+                trace_parts, involved, changed = (
+                    _joined_words(trace_parts),
+                    _joined_words(involved),
+                    _joined_words(changed),
+                )
+                sink = _BucketSink(streams)
+                self._pack(
+                    trace_parts,
+                    np.concatenate(rec_parts),
+                    involved,
+                    np.concatenate(involved_of),
+                    changed,
+                    np.concatenate(changed_of),
+                    sink,
+                    notes=False,
+                )
+                del trace_parts, rec_parts, involved, involved_of, changed, changed_of, sink
+                trace_hex, involved_hex, changed_hex = self._hexed
+                if not trace_hex or any(
+                    streams.length[name] > count and not hexed
+                    for name, count, hexed in zip(
+                        ("_involved_ids", "_changed_ids"), before, (involved_hex, changed_hex), strict=True
+                    )
+                ):
+                    streams.discard()  # (not the ids of every row: packed as they are, at once)
+                    return None
+                if release is not None:
+                    release()
+                memlog.note(f"trace index: bucket {bucket + 1}/{len(splits) + 1} packed")
+            streams.append("_entries", np.array([streams.length["_entry_recs"]], dtype=np.int64))
+            arrays = streams.result()
+        except BaseException:
+            streams.discard()
+            raise
+        self._hexed = (True, streams.length["_involved_ids"] > 0, streams.length["_changed_ids"] > 0)
+        return arrays
+
     def _pack(
         self,
         entry_traces: list[Sequence[str] | pl.Series | np.ndarray],
@@ -842,10 +1206,12 @@ class TraceIndex:
         changed: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords,
         changed_of: np.ndarray,
         sink: _Sink,
+        *,
+        notes: bool = True,
     ) -> None:
         """The columns of :meth:`build` packed into ``sink``: trace ids sorted (in the byte order
         the lookup searches in), each trace's entries by recommendation, each entry's span ids
-        sorted and unique.
+        sorted and unique (``notes``: its phases noted, :mod:`memlog`).
 
         OTLP's ids (lowercase hex, :func:`_hex_words`) are sorted as the 64-bit words they spell:
         the rows' keys (trace, recommendation) sorted first, then the trace ids and entries put a
@@ -909,7 +1275,8 @@ class TraceIndex:
         sink.begin("_changed", np.dtype(np.int64), entries + 1)
         # the spans need only each row's entry and the rows' order: the rest not held through them
         reading = entry_text = None  # type: ignore[assignment]
-        memlog.note("trace index: entries sorted")
+        if notes:
+            memlog.note("trace index: entries sorted")
 
         def spans(
             parts: list[Sequence[str] | pl.Series | np.ndarray] | _RowWords,
@@ -985,9 +1352,11 @@ class TraceIndex:
             return True
 
         involved_hex = spans(involved, involved_of, "_involved", "_involved_ids")
-        memlog.note("trace index: involved spans packed")
+        if notes:
+            memlog.note("trace index: involved spans packed")
         changed_hex = spans(changed, changed_of, "_changed", "_changed_ids")
-        memlog.note("trace index: changed spans packed")
+        if notes:
+            memlog.note("trace index: changed spans packed")
         self._hexed = (trace_hex, involved_hex, changed_hex)
 
     def _entries_of(self, trace_id: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -824,13 +824,19 @@ def trace_index(report: dict[str, Any], ranked: list[Any]) -> TraceIndex:
     return TraceIndex.build(report, [scored.finding for scored in ranked])
 
 
-def _built_index(report: dict[str, Any], findings: list[Any], folder: str | None) -> TraceIndex:
+def _built_index(
+    report: dict[str, Any],
+    findings: list[Any],
+    folder: str | None,
+    release: Callable[[], None] | None = None,
+) -> TraceIndex:
     """:meth:`TraceIndex.build` into a file of ``folder`` (a chunk at a time: its arrays never all
     held), or in memory without one or when the file cannot be written (:func:`_store_index`
-    then tries again, else the arrays go with the result)."""
+    then tries again, else the arrays go with the result). ``release``: the freed heap returned
+    after each range of trace ids while it is built into the file (:meth:`TraceIndex.build`)."""
     if folder is not None and hasattr(os, "pread"):  # (pread: not on Windows)
         try:
-            return TraceIndex.build(report, findings, folder=folder, prefix=RESULT_PREFIX)
+            return TraceIndex.build(report, findings, folder=folder, prefix=RESULT_PREFIX, release=release)
         except OSError as exc:
             log.warning("could not write the trace index to %s (%s): built in memory", folder, exc)
     return TraceIndex.build(report, findings)
@@ -1061,7 +1067,7 @@ def run_incremental(
         # and costs, and the findings the report does not carry, let go before it is built
         findings = TraceIndex.indexed(report, [scored.finding for scored in ranked])
         del ranked
-        index = _built_index(report, findings, index_folder)
+        index = _built_index(report, findings, index_folder, state.release_heap)
         del findings
         memlog.note(f"trace index built ({index.traces()} traces)")
         figures.units_read = executor.read_units

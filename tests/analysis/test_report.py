@@ -34,7 +34,14 @@ def workload(traces: int = 6) -> pa.Table:
         root = b.span("GET /checkout", start_ms=0, dur_ms=300, kind=KIND_SERVER)
         first, second = ("users", "cart") if i % 2 else ("cart", "users")
         for svc, start in ((first, 10), (second, 111)):
-            b.span(f"GET {svc}", parent=root, start_ms=start, dur_ms=100, kind=KIND_CLIENT, http_url=f"http://{svc}/x")
+            b.span(
+                f"GET {svc}",
+                parent=root,
+                start_ms=start,
+                dur_ms=100,
+                kind=KIND_CLIENT,
+                http_url=f"http://{svc}/x",
+            )
         builders.append(b)
         n = TraceBuilder(service="shop")
         root = n.span("GET /orders", start_ms=0, dur_ms=120, kind=KIND_SERVER)
@@ -207,6 +214,26 @@ def test_writer_context_views() -> None:
     path = view.critical_path(b.trace_id)
     assert [p["name"] for p in path] == ["GET /", "GET users", "GET /users"]
     assert sum(p["self_ms"] for p in path) == 100.0
+
+
+def test_design_facts_let_a_parked_findings_columns_go_once_made(tmp_path: Path) -> None:
+    """Serve's round parks the findings' occurrences; the design facts of a recommendation read
+    back its finding's columns (the exemplars' re-timing) and let them go once made, so the
+    texts never hold every finding's at once (the facts are the same, and made once)."""
+    ctx = AnalysisContext.from_table(workload(4))
+    report, ranked = analyze_context(ctx)
+    expected = {
+        r["id"]: ContextView(ctx, report, ranked).design_facts(r["id"]) for r in report["recommendations"]
+    }
+    for scored in ranked:
+        scored.finding.occurrence_table.park(str(tmp_path))
+    tables = [s.finding.occurrence_table for s in ranked]
+    assert all(t.is_parked() and not t.held() for t in tables)
+    view = ContextView(ctx, report, ranked)
+    for rec in report["recommendations"]:
+        assert view.design_facts(rec["id"]) == expected[rec["id"]] is not None
+        assert not any(t.held() for t in tables), rec["id"]
+    assert any(expected.values())
 
 
 def test_markdown_and_table_renderings_carry_the_numbers() -> None:

@@ -504,3 +504,142 @@ def test_an_index_that_fails_being_built_into_a_file_leaves_none(tmp_path: Path,
     with pytest.raises(OSError, match="no space left"):
         TraceIndex.build(report, findings, folder=str(tmp_path))
     assert len(calls) > 2 and os.listdir(tmp_path) == []
+
+
+def _named_only(findings: list[Finding]) -> list[Finding]:
+    """``findings`` without the occurrences of an intervention that names no span (None)."""
+    return [
+        _finding(
+            f.operation,
+            [o for o in f.occurrences if all(getattr(i, "span_id", "") is not None for i in o.interventions)],
+        )
+        for f in findings
+    ]
+
+
+def test_an_index_built_a_range_of_trace_ids_at_a_time_is_the_one_of_every_row_at_once(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """With more rows than ``_BUCKET_ROWS`` the rows of each range of trace ids (a bucket) are read
+    from each finding and packed before the next range's: buckets of any size (a row, a few, one
+    range of ids that share their first word) give the index of every row at once, in memory and
+    in its file byte for byte, no other file left; ids that are not all words (text ids, an
+    intervention naming no span) are packed at once, as before."""
+    from hourglass.analysis import trace_index
+
+    packs: list[int] = []
+    pack = TraceIndex._pack
+    monkeypatch.setattr(TraceIndex, "_pack", lambda self, *a, **k: packs.append(1) or pack(self, *a, **k))
+    shapes = {
+        "random hex": (
+            lambda t: f"{random.Random(t).getrandbits(128):032x}",
+            lambda s: f"{s * 2654435761:016x}",
+        ),
+        "two-word span ids": (lambda t: f"{t:016x}", lambda s: f"{s:032x}"),
+        "one first word": (lambda t: "ab" * 8 + f"{t:016x}", lambda s: f"{s:016x}"),
+        "text span ids": (lambda t: f"{t:032x}", lambda s: "" if s % 8 == 7 else f"{s:016x}"),
+        "text trace ids": (lambda t: f"trace-{t}", lambda s: f"{s:016x}"),
+    }
+    for name, (trace_id, span_id) in shapes.items():
+        report, shaped, traces = _shaped_case(len(name), trace_id, span_id)
+        for variant, (findings, words) in enumerate(
+            ((_named_only(shaped), "text" not in name), (shaped, False))
+        ):
+            monkeypatch.setattr(trace_index, "_BUCKET_ROWS", 1 << 40)
+            whole = TraceIndex.build(report, findings)
+            for rows in (1, 7, 160):
+                monkeypatch.setattr(trace_index, "_BUCKET_ROWS", rows)
+                packs.clear()
+                index = TraceIndex.build(report, findings)
+                assert index == whole, (name, words, rows)
+                for array in ("_trace_ids", "_involved_ids", "_changed_ids"):
+                    assert vars(index)[array].dtype == vars(whole)[array].dtype, (name, rows, array)
+                if words:  # (ids that share their first word are in one bucket)
+                    assert len(packs) > 1 or name == "one first word", (name, rows)
+                folder = tmp_path / f"{name}-{variant}-{rows}"
+                folder.mkdir()
+                built = TraceIndex.build(report, findings, folder=str(folder), prefix="built-")
+                path = built.stored_file()
+                assert path is not None
+                _, again = whole.stored(str(folder), prefix="stored-")
+                assert Path(path).read_bytes() == Path(again).read_bytes(), (name, words, rows)
+                assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in (path, again))
+                copy: TraceIndex = pickle.loads(pickle.dumps(built))
+                copy.open_stored()
+                assert copy == whole
+                for trace, ids in list(traces.items())[:60]:
+                    got = [
+                        (t.recommendation_id, t.span_ids, t.bottleneck_span_ids)
+                        for t in copy.touching(trace, ids)
+                    ]
+                    assert got == _definition(report, findings, trace, ids), (name, trace)
+
+
+def test_parked_findings_are_read_one_at_a_time_a_range_of_trace_ids_at_a_time(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Serve's round builds the index of parked findings (their columns in files): with more rows
+    than ``_BUCKET_ROWS`` it reads one finding's columns at a time, for one range of trace ids,
+    and lets them go before the next finding's, so that no two findings' columns are ever held
+    at once, none while a range is packed, none after."""
+    from hourglass.analysis import trace_index
+
+    report, shaped, _ = _shaped_case(
+        3, lambda t: f"{random.Random(t).getrandbits(128):032x}", lambda s: f"{s * 2654435761:016x}"
+    )
+    findings = _named_only(shaped)
+    whole = TraceIndex.build(report, findings)
+    for finding in findings:
+        finding.occurrence_table.park(str(tmp_path))
+    assert sum(f.occurrence_table.is_parked() for f in findings) == len(findings) - 1  # (not the empty one)
+
+    def holding(but: Any = None) -> int:
+        """How many parked findings (not ``but``) hold columns read back (an empty one is not parked)."""
+        tables = [f.occurrence_table for f in findings if f.occurrence_table is not but]
+        return sum(bool(table.held()) for table in tables if table.is_parked())
+
+    held_reading: list[int] = []
+    held_packing: list[int] = []
+    bucket_rows = trace_index._bucket_rows
+    pack = TraceIndex._pack
+    monkeypatch.setattr(
+        trace_index, "_bucket_rows", lambda own, *a: held_reading.append(holding(own)) or bucket_rows(own, *a)
+    )
+    monkeypatch.setattr(
+        TraceIndex, "_pack", lambda self, *a, **k: held_packing.append(holding()) or pack(self, *a, **k)
+    )
+    monkeypatch.setattr(trace_index, "_BUCKET_ROWS", 60)
+    released: list[int] = []  # (serve's worker returns the freed heap after each range)
+    index = TraceIndex.build(report, findings, release=lambda: released.append(len(held_packing)))
+    assert index == whole
+    assert len(held_packing) > 5 and len(held_reading) > 5 * len(findings) - 5
+    assert released == list(range(1, len(held_packing) + 1))
+    assert not any(held_reading) and not any(held_packing) and not holding()
+
+
+def test_an_index_that_fails_being_built_a_range_at_a_time_leaves_no_file(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """An error in any bucket, or while the arrays are put together in the index's file, removes
+    every file the build wrote (the arrays' parts, the index's)."""
+    from hourglass.analysis import trace_index
+
+    report, findings, _ = _case(11)
+    monkeypatch.setattr(trace_index, "_BUCKET_ROWS", 40)
+    hex_bytes, copy = trace_index._hex_bytes, trace_index._copy
+    for where, after in (("_hex_bytes", 0), ("_hex_bytes", 9), ("_copy", 3)):
+        calls: list[int] = []
+
+        def fail_later(*args: Any, where: str = where, after: int = after, calls: list[int] = calls) -> Any:
+            calls.append(1)
+            if len(calls) > after:
+                raise OSError("no space left")
+            return (hex_bytes if where == "_hex_bytes" else copy)(*args)
+
+        monkeypatch.setattr(trace_index, where, fail_later)
+        folder = tmp_path / f"{where}-{after}"
+        folder.mkdir()
+        with pytest.raises(OSError, match="no space left"):
+            TraceIndex.build(report, findings, folder=str(folder))
+        assert len(calls) > after and os.listdir(folder) == [], (where, after)
+        monkeypatch.setattr(trace_index, where, hex_bytes if where == "_hex_bytes" else copy)
