@@ -55,7 +55,8 @@ def _recent(store: DuckDBSpanStore) -> tuple[bytes, int]:
 
 
 def _databases(store: DuckDBSpanStore) -> set[str]:
-    rows = store._writer.execute("SELECT database_name FROM duckdb_databases()").fetchall()
+    with store._write_lock:  # (the writer's cursor is the loader thread's too)
+        rows = store._writer.execute("SELECT database_name FROM duckdb_databases()").fetchall()
     return {str(r[0]) for r in rows}
 
 
@@ -83,7 +84,8 @@ def test_a_reopen_opens_a_new_database_with_the_same_rows_and_figures(
         thread = threading.Thread(target=other_thread)
         thread.start()
         # something that lives only as long as the database instance: gone once it was really reopened
-        store._writer.execute("ATTACH ':memory:' AS instance_probe")
+        with store._write_lock:
+            store._writer.execute("ATTACH ':memory:' AS instance_probe")
         assert "instance_probe" in _databases(store)
         assert store.rows_since_open() == 600
         while not cursor_made:
