@@ -74,28 +74,42 @@ def watch_parent(parent: int, signum: int, *, pdeathsig: bool) -> None:
     was started by its parent's main thread: the kernel's parent death signal follows the thread
     that started a process, not the process) on Linux, the kernel sends ``signum`` as the parent
     dies; then, as the parent may have died before that was set, its pid is checked; and a
-    daemon thread checks it every ``PARENT_CHECK_S`` (the only watch elsewhere), sends ``signum``
-    to this process and, should it still run ``ORPHAN_GRACE_S`` later, ends it."""
+    daemon thread checks it every ``PARENT_CHECK_S`` (the only watch elsewhere) and, once the
+    parent is gone, sends ``signum`` unless the kernel did or the process is already ending on
+    its own (:func:`closing`), and ends it should it still run ``ORPHAN_GRACE_S`` later. One
+    signal only: a handler that closes state on the first (serve's worker) is not cut short by a
+    second."""
+    kernel = False
     if pdeathsig and sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):  # (no libc prctl: the thread's check alone)
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+            kernel = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
     if os.getppid() != parent:  # gone already, before the signal was set
-        _orphaned(signum)
+        _orphaned(signum, signal_it=True)
     threading.Thread(
-        target=_check_parent, args=(parent, signum), name="hourglass-parent-watch", daemon=True
+        target=_check_parent, args=(parent, signum, not kernel), name="hourglass-parent-watch", daemon=True
     ).start()
 
 
-def _check_parent(parent: int, signum: int) -> None:
+_closing = threading.Event()
+
+
+def closing() -> None:
+    """This process is ending on its own (e.g. closing its state after its parent's pipe
+    closed): the parent watch sends it no signal, it only ends it after ``ORPHAN_GRACE_S``."""
+    _closing.set()
+
+
+def _check_parent(parent: int, signum: int, signal_it: bool) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_S)
-    _orphaned(signum)
+    _orphaned(signum, signal_it=signal_it)
 
 
-def _orphaned(signum: int) -> None:
-    os.kill(os.getpid(), signum)  # (a handler of its own runs: serve's worker closes its state)
+def _orphaned(signum: int, *, signal_it: bool) -> None:
+    if signal_it and not _closing.is_set():
+        os.kill(os.getpid(), signum)  # (a handler of its own runs: serve's worker closes its state)
     time.sleep(ORPHAN_GRACE_S)
     os._exit(128 + signum)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from hourglass.analysis import worker_start
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.worker_start import WatchedProcess
 from hourglass.analysis.writers import select_writer
@@ -111,6 +112,7 @@ def _worker_main(conn: Connection) -> None:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the closing
+        worker_start.closing()  # (the parent watch sends none of its own now)
         state.close()
 
 
