@@ -84,6 +84,9 @@ log = logging.getLogger(__name__)
 
 BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
 BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in the worker)
+# spans priced in one context at most (``MemoExecutor._priced_in_pieces``): a round's pricing
+# reads the traces of its findings in several batches at once, up to ``BATCH_SPANS`` spans
+PRICING_SPANS = 20_000
 # New spans extracted per round at most (the rest in the next rounds): a report that keeps
 # refreshing after a restart with a large backlog. Not a memory bound (a round holds one batch at a
 # time): under sustained ingest a round must take in what arrived during the one before, or the
@@ -354,6 +357,7 @@ class MemoExecutor:
                 args[1]: self._plan(args[1], _taken(grouped.pop(args[1], {})), with_calls) for args in calls
             }
             del grouped
+            self._own_shares(findings, plans)
             try:
                 if self.cluster is not None:
                     self._on_cluster(
@@ -377,6 +381,24 @@ class MemoExecutor:
                 self.state.release_memory()  # with the findings grouped per batch, the batches' caches
         raise RuntimeError(f"incremental analysis: unexpected partition task {fn!r} ({phase})")
 
+    @staticmethod
+    def _own_shares(findings: list[Finding], plans: dict[int, _Pricing]) -> None:
+        """The shares of the findings to price (their occurrences in one unit, taken from the
+        round's parked findings: :meth:`Occurrences.take`) given their own columns, a finding at a
+        time, and each finding's columns read back for them (and for the keys) let go at once: a
+        round's pricing then holds its new batches' shares of the findings, not every such
+        finding's occurrences over the whole store (read back as a share is first priced, they
+        were held until the pricing ended: at 12M stored spans ~65 MiB under every context it
+        built, growing with the store)."""
+        shares: dict[str, list[Occurrences]] = {}
+        for plan in plans.values():
+            for share in plan.missing:
+                shares.setdefault(share.id, []).append(share.occurrence_table)
+        for finding in findings:
+            for table in shares.pop(finding.id, ()):
+                table.own()
+            finding.occurrence_table.release()
+
     def idle(self) -> None:
         """Nothing to stop: the round's tasks run in this process (or on the cluster, per task)."""
 
@@ -398,6 +420,7 @@ class MemoExecutor:
             # each occurrence's unit looked up in bulk (a join, no Python string per trace), then
             # the occurrences split by unit in their order (a stable sort), the finding's id asked once
             units = self._units_of(occurrences.trace_id_series())
+            occurrences.release()  # (a parked table's trace ids, read back: not held for the others')
             order = np.argsort(units, kind="stable")
             ordered = units[order]
             starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -606,8 +629,6 @@ class MemoExecutor:
     ) -> None:
         if len(group) < 2:
             return  # read alone (``_priced``)
-        from hourglass.analysis.batch_tasks import priced_in
-
         parts = [args[1] for args in group]
         units = [self.units[p] for p in parts]
         ids = sorted(set().union(*(plans[p].wanted for p in parts)))
@@ -616,15 +637,32 @@ class MemoExecutor:
         last = None if None in lasts else max(x for x in lasts if x is not None)
         source = group[0][0]
         table = self._retrying("reading", parts[0], lambda: source.read(ids, first, last))
-        ctx = AnalysisContext.from_table(table)
-        del table
-        try:
-            for part in parts:
-                price = functools.partial(priced_in, ctx, plans[part].missing, with_calls)
-                self._fresh[part] = self._retrying("pricing", part, price)
-        finally:  # (the what-if engine it caches refers back to it: freed now, not by the collector)
-            ctx.cache.clear()
-        del ctx
+        self._fresh.update(self._priced_in_pieces(table, {p: plans[p].missing for p in parts}, with_calls))
+
+    def _priced_in_pieces(
+        self, table: pa.Table, missing: dict[int, list[Finding]], calls: bool
+    ) -> dict[int, partitions.Priced]:
+        """Each unit's ``missing`` findings priced in ``table``'s traces (``priced_in``), a
+        piece of at most ``PRICING_SPANS`` spans of whole traces at a time (:func:`_trace_pieces`):
+        one context and what-if engine of a piece's spans at a time, not of a read's (a round's
+        new batches priced together: up to ``batch_spans`` spans, which cost ~1 KiB of context and
+        engine a span). A trace's pricing is of that trace alone, and the pieces are runs of the
+        traces in the order a context sorts them, so the pieces' savings and call durations one
+        after another are the whole table's, in its order (:func:`_joined`)."""
+        from hourglass.analysis.batch_tasks import priced_in
+
+        out: dict[int, list[partitions.Priced]] = {part: [] for part in missing}
+        for piece in _trace_pieces(table, PRICING_SPANS):
+            ctx = AnalysisContext.from_table(piece)
+            del piece
+            try:
+                for part, findings in missing.items():
+                    price = functools.partial(priced_in, ctx, findings, calls)
+                    out[part].append(self._retrying("pricing", part, price))
+            finally:  # (the what-if engine it caches refers back to it: freed now, not by the collector)
+                ctx.cache.clear()
+            del ctx
+        return {part: _joined(pieces) for part, pieces in out.items()}
 
     def _priced(self, args: tuple[Any, ...], plan: _Pricing, calls: bool) -> partitions.Priced:
         source, part = args[0], args[1]
@@ -633,14 +671,9 @@ class MemoExecutor:
         if missing:
             fresh = self._fresh.get(part)
             if fresh is None:
-                from hourglass.analysis.batch_tasks import priced_in
-
-                ctx = AnalysisContext.from_table(self._read_wanted(source, part, plan.wanted))
-                try:
-                    fresh = self._retrying("pricing", part, lambda: priced_in(ctx, missing, calls))
-                finally:  # (its cached what-if engine refers back to it: freed now)
-                    ctx.cache.clear()
-                del ctx
+                table = self._read_wanted(source, part, plan.wanted)
+                fresh = self._priced_in_pieces(table, {part: missing}, calls)[part]
+                del table
             for f in missing:
                 priced = partitions.impact_numbers(fresh.impacts.get(f.id))
                 cache[f.id] = (plan.keys[f.id], priced, fresh.calls.get(f.id))
@@ -656,6 +689,52 @@ class MemoExecutor:
 
 
 _Rows = list[tuple[Occurrences, np.ndarray]]  # positions in occurrence tables, table by table
+
+
+def _trace_pieces(table: pa.Table, spans: int) -> Iterator[pa.Table]:
+    """``table``'s rows as tables of whole traces of about ``spans`` spans each (a trace is not
+    cut: a piece ends with the trace that reaches the count), each piece a run of the trace ids
+    in their sorted order (as ``AnalysisContext`` orders its traces), the pieces in that order.
+    The table itself when it holds no more than ``spans`` rows."""
+    if table.num_rows <= spans:
+        yield table
+        return
+    ids = pl.from_arrow(table.column("trace_id"))
+    assert isinstance(ids, pl.Series)
+    ids = ids.cast(pl.String)
+    # each trace's piece: where its first span falls among the spans of the traces sorted by id
+    sizes = pl.DataFrame({"trace_id": ids}).group_by("trace_id").len().sort("trace_id")
+    before = sizes["len"].cum_sum() - sizes["len"]
+    sizes = sizes.with_columns(piece=(before // spans).cast(pl.Int64))
+    piece_of = (
+        pl.DataFrame({"trace_id": ids})
+        .join(sizes.select("trace_id", "piece"), on="trace_id", how="left", maintain_order="left")["piece"]
+        .to_numpy()
+    )
+    del ids, sizes, before
+    for piece in range(int(piece_of.max()) + 1):
+        yield table.filter(pa.array(piece_of == piece))
+
+
+def _joined(pieces: list[partitions.Priced]) -> partitions.Priced:
+    """The pricing of consecutive pieces of one table's traces (:func:`_trace_pieces`) as the
+    whole table's: each finding's per-trace savings, root durations and call durations, piece
+    after piece (a finding priced in none of the pieces has no saving, as in the whole)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    impacts: dict[str, partitions.PricedImpact] = {}
+    for fid in dict.fromkeys(fid for piece in pieces for fid in piece.impacts):
+        parts = [piece.impacts[fid] for piece in pieces if fid in piece.impacts]
+        impacts[fid] = (
+            (),
+            np.concatenate([saved for _, saved, _ in parts]),
+            np.concatenate([root for _, _, root in parts]),
+        )
+    calls = {
+        fid: np.concatenate([piece.calls[fid] for piece in pieces if fid in piece.calls])
+        for fid in dict.fromkeys(fid for piece in pieces for fid in piece.calls)
+    }
+    return partitions.Priced(impacts, calls)
 
 
 def _taken(here: dict[str, tuple[Finding, _Rows]]) -> dict[str, tuple[Finding, Occurrences]]:

@@ -968,6 +968,20 @@ class Occurrences(Sequence[Occurrence]):
                 with contextlib.suppress(AttributeError):
                     delattr(self, name)
 
+    def own(self) -> None:
+        """A table taken from a parked one (:meth:`take`) given every column of its own now, so
+        that the columns the parked table reads back for it can be let go (:meth:`release`) while
+        this one is still used: serve's pricing takes a stored batch's share of each finding and
+        prices the shares later, batch by batch; taken as they are asked for, each share read
+        back its finding's whole columns (span ids, interventions: at 12M stored spans ~65 MiB
+        for the findings of a round's new batches) and held them through the round's pricing.
+        Nothing to do for any other table."""
+        if getattr(self, "_source", None) is None:
+            return
+        for name in _PARKED:
+            getattr(self, name)  # each group of columns taken once (``__getattr__``)
+        self._source = None  # (its columns are its own: the parked table is not asked again)
+
     def __getattr__(self, name: str) -> Any:
         """A column of a parked table, read back alone (only called for a name not set)."""
         if name in _PARKED_SET and getattr(self, "_parked", None) is not None:
