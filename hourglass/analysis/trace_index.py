@@ -841,7 +841,9 @@ def _copy(source: int, target: int, at: int, size: int) -> None:
         if step <= 0:
             data = os.pread(source, min(size - done, 1 << 20), done)
             if not data:
-                raise EOFError("trace index: a part's file ends early")
+                raise OSError(
+                    "trace index: a part's file ends early"
+                )  # (an OSError: the index is built in memory instead)
             os.pwrite(target, data, at + done)
             step = len(data)
         done += step

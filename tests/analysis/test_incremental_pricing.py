@@ -107,3 +107,16 @@ def test_cutting_a_read_into_pieces_does_not_import_pandas() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_trace_larger_than_a_piece_leaves_no_empty_piece() -> None:
+    """A trace of more spans than a piece holds makes the piece numbers skip; the skipped
+    numbers are not priced as empty pieces."""
+    from hourglass.analysis.incremental import _trace_pieces
+
+    ids = ["a"] * 61 + ["b"] * 3 + ["c"] * 20
+    table = pl.DataFrame({"trace_id": ids, "x": range(len(ids))}).to_arrow()
+    pieces = [p.column("trace_id").to_pylist() for p in _trace_pieces(table, 15)]
+    assert all(pieces), "an empty piece"
+    assert [sorted(set(p)) for p in pieces] == [["a"], ["b", "c"]]
+    assert sum(len(p) for p in pieces) == len(ids)
