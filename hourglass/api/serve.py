@@ -68,6 +68,7 @@ RETENTION_INTERVAL_S = 300.0
 # holds the store's inserts and reads for ~0.1-1 s, its checkpoint).
 REOPEN_ROWS = 1_000_000
 REOPEN_INTERVAL_S = 120.0
+REOPEN_RETRY_S = 30.0  # after a reopen that gave up
 # a retention shorter than RETENTION_CHECKS * RETENTION_INTERVAL_S is checked this many times over
 RETENTION_CHECKS = 10
 RECEIVER_GRACE_S = 10
@@ -473,13 +474,11 @@ async def _maintenance(
         try:
             # after a compaction tick (the reopen returns False when the store stayed busy for
             # its whole wait, and a failed one raises: a later tick tries again)
-            if (
-                compacting
-                and time.monotonic() >= next_reopen
-                and _reopen_due(store, reopen_rows)
-                and await asyncio.to_thread(store.reopen)  # type: ignore[attr-defined]
-            ):
-                next_reopen = time.monotonic() + reopen_interval_s
+            if compacting and time.monotonic() >= next_reopen and _reopen_due(store, reopen_rows):
+                # (a reopen that gave up, the store busy for its whole wait, held new reads back
+                # meanwhile: the next try a while later, not at the next tick)
+                done = await asyncio.to_thread(store.reopen)  # type: ignore[attr-defined]
+                next_reopen = time.monotonic() + (reopen_interval_s if done else REOPEN_RETRY_S)
         except Exception:  # maintenance must not stop ingest; the error is reported and retried
             log.exception("store maintenance failed")
 

@@ -94,6 +94,9 @@ COUNT_LAG_NS = 2 * 10**9
 COUNTS_KEPT = 8
 # ``reopen``: how long it waits at most for the heavy queries, reads and writes in flight to end
 REOPEN_WAIT_S = 2.0
+# ``reopen``: a connect that finds the file locked by another process is tried again this often
+RECONNECT_TRIES = 20
+RECONNECT_PAUSE_S = 0.1
 # the lowest int64: a change that may alter the counts below every bound (retention)
 _EVERY_BOUND = -(2**63)
 
@@ -648,7 +651,11 @@ class DuckDBSpanStore:
         self._loader: threading.Thread | None = None
         self._stopping = False
         if file_backed and not self.read_only and (ingest_log or log_directory.exists()):
-            self._log = IngestLog(log_directory)
+            try:
+                self._log = IngestLog(log_directory)
+            except OSError:  # (another process' live log: its database file let go of too)
+                self._con.close()
+                raise
             self._replay_log()
             if ingest_log:
                 self._loader = threading.Thread(target=self._load_loop, name="hourglass-loader", daemon=True)
@@ -1037,19 +1044,30 @@ class DuckDBSpanStore:
         if not self._disconnected:
             # first, while everything is still open: a checkpoint that fails leaves the store as it was
             self._writer.execute("CHECKPOINT")
+            self._disconnected = True  # (from here on a retry only connects)
             with self._cursors_lock:
                 for _, cursor in self._cursors:
                     _close_cursor(cursor)
                 self._cursors.clear()
             # every thread's cursor belonged to the closed connection: each makes a new one
             self._local = threading.local()
-            self._writer.close()
+            with contextlib.suppress(duckdb.Error):
+                self._writer.close()
             # (closing the last connection of the database instance releases it; the next
             # ``connect`` opens the file as a new one)
-            self._con.close()
-            self._disconnected = True
+            with contextlib.suppress(duckdb.Error):
+                self._con.close()
         try:
-            self._con = self._connect()
+            # another process may have opened the file in the moment it was closed (it finds
+            # serve's ingest log locked and lets go: IngestLog): tried again for a while
+            for attempt in range(RECONNECT_TRIES):
+                try:
+                    self._con = self._connect()
+                    break
+                except duckdb.IOException:
+                    if attempt == RECONNECT_TRIES - 1:
+                        raise
+                    time.sleep(RECONNECT_PAUSE_S)
         except (duckdb.Error, OSError):
             log.exception(
                 "span store %s: reopening the database failed; reads fail until it opens again", self.path

@@ -34,6 +34,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # (not on Windows: no lock there)
+    fcntl = None  # type: ignore[assignment]
+
 import pyarrow as pa
 
 log = logging.getLogger("hourglass.ingest_log")
@@ -63,8 +68,21 @@ def _ipc_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
+_LOCK_FILE = "lock"
+
+
+class IngestLogInUse(OSError):
+    """Another process has this ingest log open (a running ``hourglass serve``)."""
+
+
 class IngestLog:
-    """Append-only, segmented, checksummed log of Arrow tables in ``directory``."""
+    """Append-only, segmented, checksummed log of Arrow tables in ``directory``.
+
+    One process at a time: an open log holds an exclusive ``flock`` on ``directory/lock`` until
+    it is closed (or its process ends), and opening a log another process holds raises
+    :class:`IngestLogInUse` before anything in it is read, cut or replayed. (The database file's
+    own lock does not cover the log: serve's store reopens its database now and then, and in
+    that moment another process could open the file, replay serve's live log and delete it.)"""
 
     def __init__(self, directory: str | Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = Path(directory)
@@ -74,6 +92,17 @@ class IngestLog:
             # in it is trusted (an fsynced segment in a directory a crash forgets is lost)
             _fsync_directory(self.directory)
             _fsync_directory(self.directory.parent)
+        self._lock: int | None = os.open(self.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            self._lock = None
+            raise IngestLogInUse(
+                f"Could not set lock on file {self.directory}: the ingest log is in use by another process "
+                "(a running `hourglass serve`?)"
+            ) from None
         self.segment_bytes = segment_bytes
         self.applied = self._read_applied()
         self._segments: list[_Segment] = []
@@ -219,8 +248,13 @@ class IngestLog:
                 segment.path.unlink(missing_ok=True)
             self._segments = []
             (self.directory / _APPLIED_FILE).unlink(missing_ok=True)
+            if self._lock is not None:  # (still held: no other process uses the log meanwhile)
+                (self.directory / _LOCK_FILE).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # something else lives there: leave it
                 self.directory.rmdir()
+        if self._lock is not None:
+            os.close(self._lock)  # (the flock goes with it)
+            self._lock = None
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -5,6 +5,8 @@ lost or refused, no read sees a closed connection, a read in flight is never cut
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -271,3 +273,53 @@ def test_reopen_waits_for_a_heavy_query_at_most_its_wait(tmp_path: Path) -> None
         assert store.reopen(wait_s=0.2) is True
     finally:
         store.close()
+
+
+_HOLDER = """
+import sys, time
+from hourglass.collector.ingest_log import IngestLog
+log = IngestLog(sys.argv[1])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _holding(directory: Path) -> subprocess.Popen[str]:
+    """A process that holds the ingest log in ``directory`` open (as a running serve does)."""
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(directory)], stdout=subprocess.PIPE, text=True, cwd=root
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def test_a_store_whose_ingest_log_another_process_holds_is_not_opened(tmp_path: Path) -> None:
+    """In the moment serve's store reopens its database, another process could open the file:
+    before, `hourglass analyze --db` (or any store opener) then replayed serve's live ingest log
+    and deleted it, and spans serve had acknowledged were lost. The log is locked by the process
+    that has it open: the opener fails with the lock error every command explains, lets go of
+    the database file at once (serve's reconnect gets it back), and the log is left as it was."""
+    path = str(tmp_path / "s.duckdb")
+    store = DuckDBSpanStore(path, ingest_log=True)
+    store.write(_rows(0, 50, spans_per_trace=1))
+    store.close()  # (the log replayed and removed: made again below, as a live serve's)
+    log_dir = Path(f"{path}.ingest-log")
+    log_dir.mkdir()
+    (log_dir / "segment-0000000000000000.arrow").write_bytes(b"")  # a live log's content, any
+    holder = _holding(log_dir)
+    before = sorted(p.name for p in log_dir.iterdir())
+    try:
+        with pytest.raises(OSError, match="Could not set lock"):
+            DuckDBSpanStore(path, ingest_log=True)
+        with pytest.raises(OSError, match="in use by another process"):
+            DuckDBSpanStore(path)  # (a command's open: it would replay the log)
+        assert sorted(p.name for p in log_dir.iterdir()) == before  # nothing replayed, cut or removed
+        duckdb.connect(path).close()  # the database file was let go of
+    finally:
+        holder.kill()
+        holder.wait(10)
+    store = DuckDBSpanStore(path)  # the holder gone: opened as before
+    assert store.stats().spans == 50
+    store.close()
