@@ -143,7 +143,10 @@ def _blocks(
             cut = n
         else:
             g, t = batch["gid"], batch["start_key"]
-            same = (g[1:] == g[-1]) & (t[1:] == t[-1])  # rows equal to the last one, from the end
+            # the block ends after the last row that differs from the last one (before, the
+            # equality was taken from the second row on and the cut fell one row early, inside
+            # a run of one microsecond: a kept state then resumed after a row it never folded)
+            same = (g == g[-1]) & (t == t[-1])
             changes = np.flatnonzero(~same)
             cut = int(changes[-1]) + 1 if changes.size else 0
             if cut == 0 and n:
