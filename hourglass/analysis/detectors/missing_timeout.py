@@ -141,8 +141,10 @@ def extract(ctx: AnalysisContext) -> Rows:
     rule."""
     spans = ctx.spans
     parent_kind = spans["kind"].gather(spans["parent_row"].fill_null(0)).alias("parent_kind")
+    # lazily, so the filter takes the columns selected, not every span column
     calls = (
-        spans.with_columns(parent_kind)
+        spans.lazy()
+        .with_columns(parent_kind)
         .filter(_call_expr())
         .select(
             "row",
@@ -155,6 +157,7 @@ def extract(ctx: AnalysisContext) -> Rows:
             "http_route",
             target=call_target_expr(),
         )
+        .collect()
     )
     calls = _with_endpoint(calls).with_columns(op_key=pl.struct(OP).hash())
     operations = calls.select("op_key", *OP).unique(subset="op_key", keep="first")
@@ -167,8 +170,11 @@ def extract(ctx: AnalysisContext) -> Rows:
             slow["row"].cast(pl.Int64).to_numpy(), spans["parent_row"].fill_null(-1).to_numpy()
         )
     )
-    detail = spans.filter(pl.col("row").is_in(slow["row"].implode())).select(
-        "row", "trace_id", "span_id", timed_out=_timed_out_expr()
+    detail = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(slow["row"].implode()))
+        .select("row", "trace_id", "span_id", timed_out=_timed_out_expr())
+        .collect()
     )
     slow = _attribute(slow.join(detail, on="row", how="left"), spans)
     # Ancestors as span ids: rows are positions in this part only.
@@ -417,19 +423,30 @@ def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
     the call's service) and the callee (the traced SERVER child, else the call's target); a SERVER
     span with an uninstrumented caller is attributed to its parent (the caller) and targets itself."""
     rows = reported["row"].cast(pl.Int64).implode()
+    # lazily, so each filter takes the columns selected, not every span column
     callees = (
-        spans.filter(pl.col("parent_row").is_in(rows) & (pl.col("kind") == KIND_SERVER))
+        spans.lazy()
+        .filter(pl.col("parent_row").is_in(rows) & (pl.col("kind") == KIND_SERVER))
         .select(pl.col("parent_row").alias("row"), callee_service="service", callee_name="name")
         .unique("row")
+        .collect()
     )
-    own = spans.filter(pl.col("row").is_in(reported["row"].implode())).select(
-        pl.col("row").cast(pl.Int64), "kind", url_host=url_host_expr()
+    own = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(reported["row"].implode()))
+        .select(pl.col("row").cast(pl.Int64), "kind", url_host=url_host_expr())
+        .collect()
     )
-    parents = spans.filter(pl.col("row").is_in(reported["parent_row"].implode())).select(
-        pl.col("row").cast(pl.Int64).alias("parent_row"),
-        parent_service="service",
-        parent_name="name",
-        parent_span_id="span_id",
+    parents = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(reported["parent_row"].implode()))
+        .select(
+            pl.col("row").cast(pl.Int64).alias("parent_row"),
+            parent_service="service",
+            parent_name="name",
+            parent_span_id="span_id",
+        )
+        .collect()
     )
     server_side = pl.col("kind") == KIND_SERVER
     return (
