@@ -493,12 +493,15 @@ _REPEATED_CALL_COLUMNS = (
 def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
     key = ["parent_row", "op_key"]
     # groups with fewer calls are dropped before the sort (most call groups)
-    calls = calls.filter(pl.len().over(key) >= min_calls)
+    # (lazily: the filter and the sort take the columns kept, not every call column)
     return (
-        calls.with_columns(parameters().alias("params"))
+        calls.lazy()
+        .filter(pl.len().over(key) >= min_calls)
+        .with_columns(parameters().alias("params"))
         .select(*_REPEATED_CALL_COLUMNS, "params")
         .sort([*key, "start_ns", "span_id"])
         .with_columns(pl.col("end_ns").cum_max().over(key).alias("_cum_end"))
+        .collect()
     )
 
 

@@ -526,9 +526,8 @@ def extract(ctx: AnalysisContext) -> Rows:
     )
     runs = runs.with_columns(pl.col("_ops").hash().alias("opset"))
     labels = (
-        calls.sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
-        .unique(subset="op_key", keep="first", maintain_order=True)
-        .select(
+        # the columns kept, then sorted (not every call column through the sort)
+        calls.select(
             "op_key",
             "op_label",
             "target_service",
@@ -538,6 +537,8 @@ def extract(ctx: AnalysisContext) -> Rows:
             "start_ns",
             "span_id",
         )
+        .sort("trace_id", "parent_start_ns", "parent_span_id_", "start_ns", "span_id")
+        .unique(subset="op_key", keep="first", maintain_order=True)
     )
     return {
         # what the decision reads of a run: its set of operations as a 64-bit key (``opsets``: the
