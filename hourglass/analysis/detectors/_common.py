@@ -490,18 +490,22 @@ _REPEATED_CALL_COLUMNS = (
 )  # fmt: skip
 
 
+# ... and what ``parameters`` reads besides
+_REPEATED_CALL_INPUTS = list(
+    dict.fromkeys([*_REPEATED_CALL_COLUMNS, "statement", "op_detail", "http_method", "http_url"])
+)
+
+
 def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
     key = ["parent_row", "op_key"]
     # groups with fewer calls are dropped before the sort (most call groups)
-    # (lazily: the filter and the sort take the columns kept, not every call column)
+    # (on the columns kept and those ``parameters`` reads: the filter does not copy every call column)
+    calls = calls.select(_REPEATED_CALL_INPUTS).filter(pl.len().over(key) >= min_calls)
     return (
-        calls.lazy()
-        .filter(pl.len().over(key) >= min_calls)
-        .with_columns(parameters().alias("params"))
+        calls.with_columns(parameters().alias("params"))
         .select(*_REPEATED_CALL_COLUMNS, "params")
         .sort([*key, "start_ns", "span_id"])
         .with_columns(pl.col("end_ns").cum_max().over(key).alias("_cum_end"))
-        .collect()
     )
 
 
@@ -650,7 +654,9 @@ def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[st
     own = [spans[c].gather(rows) for c in columns if c not in derived]
     if "endpoint" in columns:
         call = pl.DataFrame([spans[c].gather(rows) for c in ("name", "http_route", "http_url")])
-        generic = pl.col("name").is_in(_generic_names(spans).implode())
+        # the generic names among these rows' (a name of ``spans`` is one of ``_generic_names(spans)``
+        # exactly when it is generic): the distinct names of the rows, not of every span
+        generic = pl.col("name").is_in(_generic_names(call).implode())
         endpoint = pl.when(generic).then(_endpoint()).otherwise(None)
         own.append(call.select(endpoint.fill_null("").alias("endpoint")).to_series())
     parents = [

@@ -741,13 +741,14 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
         .unique(subset="gid", keep="first", maintain_order=True)
     )
     # Traces per key and the first five trace ids (sorted), counted on the trace numbers.
-    firsts = (
-        cand.select("gid", "_trace_no")
-        .unique()
-        .group_by("gid")
-        .agg(traces=pl.len(), _trace_no=pl.col("_trace_no").sort().head(5))
+    # (per key, not over every distinct (key, trace) pair: one hash grouping, not two)
+    firsts = cand.group_by("gid").agg(
+        traces=pl.col("_trace_no").n_unique(), _trace_no=pl.col("_trace_no").unique().sort().head(5)
     )
-    trace_ids = cand.select("_trace_no", "trace_id").unique("_trace_no")
+    # each trace's first row (the trace numbers run in row order): its number and id
+    trace_ids = cand.select("_trace_no", "trace_id").filter(
+        (pl.col("_trace_no") != pl.col("_trace_no").shift(1)).fill_null(True)
+    )
     seen = (
         firsts.explode("_trace_no")
         .join(trace_ids, on="_trace_no", how="left", maintain_order="left")
