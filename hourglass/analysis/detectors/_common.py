@@ -583,18 +583,29 @@ def _generic_names(spans: pl.DataFrame) -> pl.Series:
     return names.filter(names.str.contains(_GENERIC_HTTP_NAME))
 
 
+def generic_names(ctx: AnalysisContext) -> pl.Series:
+    """The distinct span names of ``ctx`` that are generic HTTP ones (``_GENERIC_HTTP_NAME``), for
+    :func:`with_span_columns`' ``generic``. Found once per context (the distinct names of every
+    span cost a hashing of every name, and the fan-out detectors ask several times):
+    :meth:`AnalysisContext.cached`, key ``generic_names``."""
+    return ctx.cached("generic_names", lambda: _generic_names(ctx.spans))
+
+
 def sibling_groups(ctx: AnalysisContext, min_children: int) -> pl.DataFrame:
     """See :func:`_sibling_groups`. Computed once per context and ``min_children`` (both fan-out
     detectors group the same siblings): :meth:`AnalysisContext.cached`, key
     ``sibling_groups/<min_children>``."""
-    return ctx.cached(f"sibling_groups/{min_children}", lambda: _sibling_groups(ctx.spans, min_children))
+    return ctx.cached(
+        f"sibling_groups/{min_children}",
+        lambda: _sibling_groups(ctx.spans, min_children, generic_names(ctx)),
+    )
 
 
 # a call span's columns the sibling groups carry
 _CALL_COLUMNS = ("row", "parent_row", "start_ns", "end_ns", "duration_ns")
 
 
-def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
+def _sibling_groups(spans: pl.DataFrame, min_children: int, generic: pl.Series | None = None) -> pl.DataFrame:
     """Blocking children grouped by (parent, child service, child name, endpoint shape — see
     :func:`_endpoint`), one row per child, for groups with at least ``min_children`` members:
     ``row``, ``parent_row``, ``start_ns``, ``end_ns``, ``duration_ns`` and per group ``group_id``,
@@ -606,14 +617,16 @@ def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
     detector may. The endpoint (regular expressions over URLs, the dearest step) is computed only
     for children already in a group of ``min_children`` by name whose span name is a generic HTTP
     one (``GET``, ``HTTP GET``, ``http.request``): any other name is the instrumentation's own
-    statement of what the call is."""
+    statement of what the call is. ``generic``: :func:`generic_names` (found here when not given)."""
     by_name = (
         spans.lazy()
         .filter(pl.col("blocking") & pl.col("parent_row").is_not_null())
         .select(
             *_CALL_COLUMNS,
             name_key=pl.struct("parent_row", "service", "name").hash(),
-            needs_endpoint=pl.col("name").is_in(_generic_names(spans).implode())
+            needs_endpoint=pl.col("name").is_in(
+                (_generic_names(spans) if generic is None else generic).implode()
+            )
             & (pl.col("http_url").is_not_null() | pl.col("http_route").is_not_null()),
         )
         .with_columns(n=pl.len().over("name_key"))
@@ -644,21 +657,33 @@ def _sibling_groups(spans: pl.DataFrame, min_children: int) -> pl.DataFrame:
     )
 
 
-def with_span_columns(spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+def with_span_columns(
+    spans: pl.DataFrame, frame: pl.DataFrame, columns: list[str], generic: pl.Series | None = None
+) -> pl.DataFrame:
     """Adds span ``columns`` by ``row``; ``parent_service``/``parent_name`` come by ``parent_row``
-    and ``endpoint`` is :func:`_endpoint` ("" when unknown)."""
+    and ``endpoint`` is :func:`_endpoint` for a call with a generic HTTP name, else "" (and ""
+    when unknown). ``generic``: the spans' generic names (:func:`generic_names`; else found
+    among the names of these rows — a span's name is one of them exactly when it is generic)."""
     if spans.height and spans["row"][-1] != spans.height - 1:
         raise ValueError("spans.row must be each span's position in the frame (AnalysisContext contract)")
     rows = frame["row"]
     derived = ("parent_service", "parent_name", "endpoint")
     own = [spans[c].gather(rows) for c in columns if c not in derived]
     if "endpoint" in columns:
-        call = pl.DataFrame([spans[c].gather(rows) for c in ("name", "http_route", "http_url")])
-        # the generic names among these rows' (a name of ``spans`` is one of ``_generic_names(spans)``
-        # exactly when it is generic): the distinct names of the rows, not of every span
-        generic = pl.col("name").is_in(_generic_names(call).implode())
-        endpoint = pl.when(generic).then(_endpoint()).otherwise(None)
-        own.append(call.select(endpoint.fill_null("").alias("endpoint")).to_series())
+        names = next((s for s in own if s.name == "name"), None)
+        if names is None:
+            names = spans["name"].gather(rows)
+        if generic is None:
+            generic = _generic_names(names.to_frame("name"))
+        is_generic = names.is_in(generic.implode()).fill_null(False)
+        # the endpoint's regular expressions run on the calls with a generic name alone
+        endpoint = pl.repeat("", len(rows), dtype=pl.String, eager=True)
+        if is_generic.any():
+            at = rows.filter(is_generic)
+            call = pl.DataFrame([spans["http_route"].gather(at), spans["http_url"].gather(at)])
+            values = call.select(_endpoint().fill_null("")).to_series()
+            endpoint = endpoint.scatter(is_generic.arg_true(), values)
+        own.append(endpoint.alias("endpoint"))
     parents = [
         spans[c.removeprefix("parent_")].gather(frame["parent_row"]).alias(c)
         for c in columns

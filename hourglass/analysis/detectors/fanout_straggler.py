@@ -172,7 +172,8 @@ def extract(ctx: AnalysisContext) -> Rows:
         median_ns=pl.col("duration_ns").median(),
         max_ns=pl.col("duration_ns").max(),
     )
-    groups = with_span_columns(spans, groups, [*sig, "trace_id"])
+    generic = _common.generic_names(ctx)
+    groups = with_span_columns(spans, groups, [*sig, "trace_id"], generic)
     straggles = (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns")) & (
         (pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS
     )
@@ -193,7 +194,9 @@ def extract(ctx: AnalysisContext) -> Rows:
     )
     groups = groups.filter(straggles)
     kids = kids.join(groups.select("group_id", "median_ns"), on="group_id", how="inner")
-    kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"])
+    kids = with_span_columns(
+        spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"], generic
+    )
     kids = kids.with_columns(
         is_straggler=(pl.col("duration_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
         & ((pl.col("duration_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS),
