@@ -174,12 +174,12 @@ _SPAN_COLUMNS = [
 
 def normalized_statement() -> pl.Expr:
     """The db statement with its literals replaced by ``?`` so one query shape is one resource."""
-    return (
-        pl.col("db_statement")
-        .str.replace_all(r"'(?:[^']|'')*'", "?")
-        .str.replace_all(r"\b\d+(?:\.\d+)?\b", "?")
-        .str.replace_all(WHITESPACE_RUN, " ")
-    )
+    return _statement_masked().str.replace_all(WHITESPACE_RUN, " ")
+
+
+def _statement_masked(column: str = "db_statement") -> pl.Expr:
+    """:func:`normalized_statement` before its whitespace runs are collapsed: literals masked."""
+    return pl.col(column).str.replace_all(r"'(?:[^']|'')*'", "?").str.replace_all(r"\b\d+(?:\.\d+)?\b", "?")
 
 
 def _resource() -> pl.Expr:
@@ -690,19 +690,24 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     # The group key hashes every resource column (a finer split than ``_resource``'s first
     # non-null, and free of string copies); statements count by shape, normalised once per
     # distinct text.
+    # (normalized_statement in two steps: the literals masked in each distinct statement, the
+    # whitespace collapsed and hashed in each distinct masked text, a few; then a join, not a
+    # replace_strict, gives each span its shape)
     shapes = (
-        spans.select(pl.col("db_statement").unique())
-        .drop_nulls()
-        .with_columns(shape=normalized_statement().hash())
+        spans.select(pl.col("db_statement").unique()).drop_nulls().with_columns(_masked=_statement_masked())
     )
-    statement_shape = pl.col("db_statement").replace_strict(
-        shapes["db_statement"], shapes["shape"], default=None, return_dtype=pl.UInt64
+    masked = shapes.select(pl.col("_masked").unique()).with_columns(
+        shape=pl.col("_masked").str.replace_all(WHITESPACE_RUN, " ").hash()
     )
+    shapes = shapes.join(masked, on="_masked", how="left").select("db_statement", "shape")
+    statement_shape = spans.select("db_statement").join(
+        shapes, on="db_statement", how="left", maintain_order="left"
+    )["shape"]
     resource_key = pl.struct(
         "service",
         "name",
         pl.col("hints").str.extract(_RESOURCE_HINT, 1),
-        statement_shape,
+        "_shape",
         "messaging_destination",
         "peer",
         "http_route",
@@ -713,7 +718,7 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     trace_no = (pl.col("trace_id") != pl.col("trace_id").shift(1)).fill_null(True).cum_sum().cast(pl.UInt32)
     cand = (
         spans.lazy()
-        .with_columns(_trace_no=trace_no)
+        .with_columns(_trace_no=trace_no, _shape=statement_shape)
         .filter(pl.col("duration_ns") > 0)
         .select(
             "row",
