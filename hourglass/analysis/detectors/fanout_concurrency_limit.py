@@ -474,7 +474,13 @@ def _overlapping_groups(kids: pl.DataFrame) -> pl.Series:
     return (
         kids.lazy()
         .sort(["group_id", "start_ns"])
-        .with_columns(prev_end_max=pl.col("end_ns").cum_max().shift(1).over("group_id"))
+        # the group's running maximum at the previous row when that row is the group's (the
+        # groups are contiguous): one shift over the frame, not a shift inside ``over`` (group by group)
+        .with_columns(
+            prev_end_max=pl.when(pl.col("group_id") == pl.col("group_id").shift(1)).then(
+                pl.col("end_ns").cum_max().over("group_id").shift(1)
+            )
+        )
         .group_by("group_id")
         .agg(overlaps=(pl.col("start_ns") < pl.col("prev_end_max")).any())
         .filter("overlaps")

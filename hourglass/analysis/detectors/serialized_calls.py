@@ -402,8 +402,17 @@ def _overlapping_pairs(seen: pl.DataFrame, ops: pl.DataFrame) -> pl.DataFrame:
         .filter(pl.col("hi") > pl.col("lo"))
         .sort(["parent_row", "other", "_at"])
         .with_columns(
+            # the latest ``hi`` of the operation's earlier rows: the running maximum of the group
+            # at the previous row when that row is the group's (the groups are contiguous), taken
+            # by one shift over the frame — a shift inside ``over`` runs group by group, ~30x slower
             lo=pl.max_horizontal(
-                "lo", pl.col("hi").cum_max().shift(1).over(["parent_row", "other"]).fill_null(0)
+                "lo",
+                pl.when(
+                    (pl.col("parent_row") == pl.col("parent_row").shift(1))
+                    & (pl.col("other") == pl.col("other").shift(1))
+                )
+                .then(pl.col("hi").cum_max().over(["parent_row", "other"]).shift(1))
+                .fill_null(0),
             )
         )
         .filter(pl.col("hi") > pl.col("lo"))
