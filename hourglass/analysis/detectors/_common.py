@@ -590,12 +590,22 @@ def _generic_names(spans: pl.DataFrame) -> pl.Series:
     return names.filter(names.str.contains(_GENERIC_HTTP_NAME))
 
 
+def span_names(ctx: AnalysisContext) -> pl.Series:
+    """The distinct span names of ``ctx``, to find the names a rule matches by a regular expression
+    once per name, not once per span (the distinct names cost a hashing of every span's name, and
+    several detectors ask): :meth:`AnalysisContext.cached`, key ``span_names``."""
+    return ctx.cached("span_names", lambda: ctx.spans["name"].unique())
+
+
 def generic_names(ctx: AnalysisContext) -> pl.Series:
     """The distinct span names of ``ctx`` that are generic HTTP ones (``_GENERIC_HTTP_NAME``), for
-    :func:`with_span_columns`' ``generic``. Found once per context (the distinct names of every
-    span cost a hashing of every name, and the fan-out detectors ask several times):
-    :meth:`AnalysisContext.cached`, key ``generic_names``."""
-    return ctx.cached("generic_names", lambda: _generic_names(ctx.spans))
+    :func:`with_span_columns`' ``generic``: :meth:`AnalysisContext.cached`, key ``generic_names``."""
+
+    def build() -> pl.Series:
+        names = span_names(ctx)
+        return names.filter(names.str.contains(_GENERIC_HTTP_NAME))
+
+    return ctx.cached("generic_names", build)
 
 
 def sibling_groups(ctx: AnalysisContext, min_children: int) -> pl.DataFrame:

@@ -85,7 +85,7 @@ import polars as pl
 
 from hourglass.analysis import memlog
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors import _sweep
+from hourglass.analysis.detectors import _common, _sweep
 from hourglass.analysis.detectors._common import (
     WHITESPACE_RUN,
     NearMissSink,
@@ -272,17 +272,19 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _wait_span_names(spans: pl.DataFrame) -> pl.Series:
-    """Span names that name a wait (matched once per distinct name, not once per span)."""
-    names = spans["name"].unique()
+def _wait_span_names(spans: pl.DataFrame, names: pl.Series | None = None) -> pl.Series:
+    """Span names that name a wait (matched once per distinct name, not once per span).
+    ``names``: the spans' distinct names (``_common.span_names``), found here when not given."""
+    names = spans["name"].unique() if names is None else names
     return names.filter(names.str.contains(_WAIT_SPAN_NAME))
 
 
-def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
-    """One row per waiting span: the span to shorten, its wait, and who waits on what."""
+def _explicit_waits(spans: pl.DataFrame, names: pl.Series | None = None) -> pl.DataFrame:
+    """One row per waiting span: the span to shorten, its wait, and who waits on what.
+    ``names``: the spans' distinct names (``_common.span_names``), found here when not given."""
     own = pl.concat([_event_waits(spans), _attribute_waits(spans)], how="vertical_relaxed")
     own = own.sort("wait_ns", descending=True).unique(subset=["row"], keep="first")
-    wait_names = _wait_span_names(spans).implode()
+    wait_names = _wait_span_names(spans, names).implode()
     is_wait_span = (
         pl.col("name").is_in(wait_names)
         & ~pl.col("kind").is_in([KIND_PRODUCER, KIND_CONSUMER])
@@ -376,7 +378,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     the finding's names) and, to exclude and nest: ``explicit_ops`` and ``explicit_marks`` (the
     waiting spans and their parents)."""
     spans = ctx.spans
-    explicit = _explicit_waits(spans)
+    explicit = _explicit_waits(spans, _common.span_names(ctx))
     counted = (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")
     # Every acquisition the evidence shows, contended or not (the denominator of the contention
     # rate), with what the near miss of an uncontended lock reports: partial aggregates.

@@ -72,6 +72,7 @@ import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
@@ -159,7 +160,7 @@ def extract(ctx: AnalysisContext) -> Rows:
         )
         .collect()
     )
-    calls = _with_endpoint(calls).with_columns(op_key=pl.struct(OP).hash())
+    calls = _with_endpoint(calls, _common.span_names(ctx)).with_columns(op_key=pl.struct(OP).hash())
     operations = calls.select("op_key", *OP).unique(subset="op_key", keep="first")
     slow = calls.filter(pl.col("on_critical_path") & (pl.col("duration_ns") >= MIN_EXCESS_NS))
     out: Rows = {"calls": calls.select("op_key", "duration_ns"), "operations": operations}
@@ -345,11 +346,15 @@ def _note_dropped_operations(
         )
 
 
-def _with_endpoint(calls: pl.DataFrame) -> pl.DataFrame:
+def _with_endpoint(calls: pl.DataFrame, names: pl.Series | None = None) -> pl.DataFrame:
     """Adds ``endpoint`` (and drops the URL columns): the route template of calls whose span name is
-    a generic HTTP one, "" for the others. Each distinct URL is templated once."""
-    names = calls["name"].unique()
-    is_generic = pl.col("name").is_in(names.filter(names.str.contains(GENERIC_HTTP_NAME)).implode())
+    a generic HTTP one, "" for the others. Each distinct URL is templated once. ``names``: the
+    distinct names of the spans (``_common.span_names``: a superset of the calls'), else the calls'."""
+    names = calls["name"].unique() if names is None else names
+    generic = names.filter(names.str.contains(GENERIC_HTTP_NAME))
+    if generic.is_empty():  # no call to template: every endpoint is ""
+        return calls.with_columns(endpoint=pl.lit("")).drop("http_url", "http_route")
+    is_generic = pl.col("name").is_in(generic.implode())
     urls = calls.filter(is_generic).select(pl.col("http_url").unique().drop_nulls())
     urls = urls.with_columns(route_template(pl.col("http_url")).alias("_url_route"))
     endpoint = pl.coalesce(pl.col("http_route"), pl.col("_url_route"), pl.lit(""))
