@@ -277,6 +277,35 @@ def _target_host(url: pl.Expr) -> pl.Expr:
 MAX_SEQUENTIAL_OVERLAP_SHARE = 0.5
 
 
+def key_changes(key: list[str]) -> pl.Expr:
+    """True at each row whose ``key`` differs from the previous row's (nulls equal, as ``over``
+    groups them; the first row included): the first rows of the groups of a frame sorted by key."""
+    return pl.any_horizontal([pl.col(c).ne_missing(pl.col(c).shift(1)) for c in key]).fill_null(True)
+
+
+def running_max(values: pl.Series, first: pl.Series) -> pl.Series:
+    """``values.cum_max()`` started again at each row where ``first`` is true: what
+    ``cum_max().over(key)`` gives on a frame whose rows of one key are contiguous, ``first``
+    marking each key's first row. The window runs group by group (~8 ms for 40k calls in 30k
+    groups); here one running maximum over the whole column, each group's values lifted above
+    the previous groups' so that none carries into the next, when the lifted values fit in 64
+    bits (else the window)."""
+    name, n = values.name, len(values)
+    starts = first.fill_null(False).to_numpy().copy() if n else np.zeros(0, dtype=bool)
+    if n:
+        starts[0] = True
+    group = np.cumsum(starts, dtype=np.int64) - 1
+    if n and not values.null_count() and values.dtype.is_integer():
+        v = values.cast(pl.Int64).to_numpy()
+        low, width = int(v.min()), int(v.max()) - int(v.min()) + 1
+        if (int(group[-1]) + 1) * width < 1 << 62:
+            lifted = group * width + (v - low)
+            np.maximum.accumulate(lifted, out=lifted)
+            return pl.Series(name, lifted - group * width + low).cast(values.dtype)
+    framed = pl.DataFrame({"v": values, "g": group})
+    return framed.select(pl.col("v").cum_max().over("g")).to_series().alias(name)
+
+
 def overlap_share(start: pl.Expr, prev_end: pl.Expr, duration: pl.Expr, prev_duration: pl.Expr) -> pl.Expr:
     """How much of the shorter of two neighbouring calls they overlap (0: one after the other,
     1: one inside the other). Null when there is no previous call."""
@@ -508,11 +537,14 @@ def _repeated_calls(calls: pl.DataFrame, min_calls: int) -> pl.DataFrame:
     # groups with fewer calls are dropped before the sort (most call groups)
     # (on the columns kept and those ``parameters`` reads: the filter does not copy every call column)
     calls = calls.select(_REPEATED_CALL_INPUTS).filter(pl.len().over(key) >= min_calls)
-    return (
+    calls = (
         calls.with_columns(parameters().alias("params"))
         .select(*_REPEATED_CALL_COLUMNS, "params")
         .sort([*key, "start_ns", "span_id"])
-        .with_columns(pl.col("end_ns").cum_max().over(key).alias("_cum_end"))
+    )
+    # the latest end of the group's calls so far (each group's rows are contiguous after the sort)
+    return calls.with_columns(
+        running_max(calls["end_ns"], calls.select(key_changes(key)).to_series()).alias("_cum_end")
     )
 
 

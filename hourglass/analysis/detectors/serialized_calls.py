@@ -136,17 +136,18 @@ def _mark_fanouts(calls: pl.DataFrame) -> pl.DataFrame:
     share = _common.overlap_share(
         pl.col("start_ns"), pl.col("_op_end").shift(1), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
     )
-    ordered = (
-        ordered.with_columns(pl.col("end_ns").cum_max().over(key).alias("_op_end"))
-        .with_columns(
-            (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
+    # the latest end of the group's calls so far (each group's rows are contiguous after the sort)
+    ordered = ordered.with_columns(
+        _common.running_max(ordered["end_ns"], ordered.select(_common.key_changes(key)).to_series()).alias(
+            "_op_end"
         )
-        .with_columns(
-            (
-                pl.col("_conc")
-                | (pl.col("_conc").shift(-1).fill_null(False) & same.shift(-1).fill_null(False))
-            ).alias("in_fanout")
-        )
+    )
+    ordered = ordered.with_columns(
+        (same & (share >= _common.MAX_SEQUENTIAL_OVERLAP_SHARE)).fill_null(False).alias("_conc")
+    ).with_columns(
+        (
+            pl.col("_conc") | (pl.col("_conc").shift(-1).fill_null(False) & same.shift(-1).fill_null(False))
+        ).alias("in_fanout")
     )
     return calls.with_columns(ordered.sort("_pos")["in_fanout"])
 
@@ -165,9 +166,13 @@ def sequential_links(calls: pl.DataFrame) -> pl.DataFrame:
     share = _common.overlap_share(
         pl.col("start_ns"), pl.col("prev_end"), pl.col("duration_ns"), pl.col("duration_ns").shift(1)
     )
+    marked = _mark_fanouts(calls)
+    # the latest end of the parent's calls so far (``calls`` sorted by parent: contiguous)
+    cum_end = _common.running_max(
+        marked["end_ns"], marked.select(_common.key_changes(["parent_row"])).to_series()
+    )
     return (
-        _mark_fanouts(calls)
-        .with_columns(pl.col("end_ns").cum_max().over("parent_row").alias("_cum_end"))
+        marked.with_columns(cum_end.alias("_cum_end"))
         .with_columns(pl.when(same_parent).then(pl.col("_cum_end").shift(1)).alias("prev_end"))
         .with_columns(pl.when(same_parent).then(share).alias("overlap_share"))
         .with_columns(
