@@ -191,17 +191,24 @@ def extract(ctx: AnalysisContext) -> Rows:
         .sort("dep")
     )  # deterministic order: same spans, same report
     rows = np.unique(np.concatenate([dep, call, caller]))
-    info = spans[rows].select(
-        "trace_id",
-        "span_id",
-        "service",
-        "name",
-        "depth",
-        "root_duration_ns",
-        nid=pl.col("row"),
-        outgoing=outgoing_call_expr(),
-        target=call_target_expr(),
-        url_host=url_host_expr(),
+    # (``rows`` sorted and distinct, ``row`` each span's position: the rows ``spans[rows]`` gives,
+    # filtered lazily so that only the columns selected are taken, not every span column)
+    info = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(pl.Series(rows, dtype=pl.UInt32).implode()))
+        .select(
+            "trace_id",
+            "span_id",
+            "service",
+            "name",
+            "depth",
+            "root_duration_ns",
+            nid=pl.col("row"),
+            outgoing=outgoing_call_expr(),
+            target=call_target_expr(),
+            url_host=url_host_expr(),
+        )
+        .collect()
     )
     events = (
         events.join(info.rename(lambda c: f"dep_{c}"), left_on="dep", right_on="dep_nid")

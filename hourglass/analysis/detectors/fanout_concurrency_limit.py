@@ -145,9 +145,13 @@ def extract(ctx: AnalysisContext) -> Rows:
     all_kids = sibling_groups(ctx, MIN_CHILDREN)
     if all_kids.is_empty():
         return {}
+    generic = _common.generic_names(ctx)
     widths = (
         with_span_columns(
-            spans, all_kids.group_by("group_id").agg(pl.col(["row", "parent_row", "n"]).first()), SIGNATURE
+            spans,
+            all_kids.group_by("group_id").agg(pl.col(["row", "parent_row", "n"]).first()),
+            SIGNATURE,
+            generic,
         )
         .group_by([*SIGNATURE, "n"])
         .agg(fanouts=pl.len())
@@ -158,7 +162,7 @@ def extract(ctx: AnalysisContext) -> Rows:
         return {"widths": widths}
     pooled = _pool_evidence_groups(spans, queued_kids)
     overlapping = _overlapping_groups(queued_kids)
-    capped, uncapped = _capped_fanouts(spans, queued_kids, pooled, overlapping)
+    capped, uncapped = _capped_fanouts(spans, queued_kids, pooled, overlapping, generic)
     # a capped fan-out's calls are kept once, in its ``fanouts`` row (its children's ids, starts
     # and ends): the shared-pool rule takes them from there for the signatures it judges
     folded = capped.filter("in_pool")["group_id"] if capped.height else pl.Series("group_id", [], pl.UInt64)
@@ -167,7 +171,11 @@ def extract(ctx: AnalysisContext) -> Rows:
         "fanouts": capped.drop("group_id") if capped.height else capped,
         "uncapped": uncapped,
         "pool_calls": _overlapping_calls(
-            spans, queued_kids.filter(~pl.col("group_id").is_in(folded.implode())), pooled, overlapping
+            spans,
+            queued_kids.filter(~pl.col("group_id").is_in(folded.implode())),
+            pooled,
+            overlapping,
+            generic,
         ),
     }
 
@@ -308,7 +316,11 @@ def _concurrency_sweep(calls: pl.DataFrame, key: str, end_column: str) -> pl.Dat
 
 
 def _capped_fanouts(
-    spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series, overlapping: pl.Series
+    spans: pl.DataFrame,
+    kids: pl.DataFrame,
+    pooled: pl.Series,
+    overlapping: pl.Series,
+    generic: pl.Series | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The per-fan-out rule (module doc, first part) inside each trace: the capped fan-outs (with
     their ``group_id``; ``in_pool`` when their children overlap, ``overlapping``), and the others
@@ -326,7 +338,7 @@ def _capped_fanouts(
     if early.is_empty():
         return pl.DataFrame(), pl.DataFrame()
     kids = kids.join(early.select("group_id", "launch_tol_ns"), on="group_id", how="inner")
-    kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
+    kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"], generic)
 
     overlap_tol = pl.min_horizontal(
         pl.lit(OVERLAP_TOLERANCE_NS), (pl.col("duration_ns") * OVERLAP_TOLERANCE_SHARE).cast(pl.Int64)
@@ -462,7 +474,13 @@ def _overlapping_groups(kids: pl.DataFrame) -> pl.Series:
     return (
         kids.lazy()
         .sort(["group_id", "start_ns"])
-        .with_columns(prev_end_max=pl.col("end_ns").cum_max().shift(1).over("group_id"))
+        # the group's running maximum at the previous row when that row is the group's (the
+        # groups are contiguous): one shift over the frame, not a shift inside ``over`` (group by group)
+        .with_columns(
+            prev_end_max=pl.when(pl.col("group_id") == pl.col("group_id").shift(1)).then(
+                pl.col("end_ns").cum_max().over("group_id").shift(1)
+            )
+        )
         .group_by("group_id")
         .agg(overlaps=(pl.col("start_ns") < pl.col("prev_end_max")).any())
         .filter("overlaps")
@@ -488,14 +506,18 @@ _POOL_COLUMNS = [
 
 
 def _overlapping_calls(
-    spans: pl.DataFrame, kids: pl.DataFrame, pooled: pl.Series, overlapping: pl.Series
+    spans: pl.DataFrame,
+    kids: pl.DataFrame,
+    pooled: pl.Series,
+    overlapping: pl.Series,
+    generic: pl.Series | None = None,
 ) -> pl.DataFrame:
     """The calls of the queued fan-outs ``kids`` whose children overlap (``overlapping``) — loops
     are dropped before any string column is fetched — with their signature and pool evidence."""
     kids = kids.filter(pl.col("group_id").is_in(overlapping.implode()))
     if kids.is_empty():
         return pl.DataFrame()
-    kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"])
+    kids = with_span_columns(spans, kids, [*SIGNATURE, "trace_id", "span_id", "parent_span_id"], generic)
     return (
         kids.with_columns(pool_evidence=pl.col("group_id").is_in(pooled.implode()), fanout_id=_fanout_id())
         .sort(["fanout_id", "start_ns", "row"])
@@ -552,9 +574,14 @@ def _unreported(kids: pl.DataFrame | None, found: set[tuple[str, ...]]) -> pl.Da
         return kids
     text = [f"_found_{i}" for i in range(len(SIGNATURE))]
     reported = pl.DataFrame(
-        [pl.Series(name, values, pl.String) for name, values in zip(text, zip(*found, strict=True), strict=True)]
+        [
+            pl.Series(name, values, pl.String)
+            for name, values in zip(text, zip(*found, strict=True), strict=True)
+        ]
     )
-    as_text = [pl.col(c).cast(pl.String).fill_null("None").alias(t) for c, t in zip(SIGNATURE, text, strict=True)]
+    as_text = [
+        pl.col(c).cast(pl.String).fill_null("None").alias(t) for c, t in zip(SIGNATURE, text, strict=True)
+    ]
     return kids.with_columns(as_text).join(reported, on=text, how="anti", maintain_order="left").drop(text)
 
 

@@ -172,28 +172,32 @@ def extract(ctx: AnalysisContext) -> Rows:
         median_ns=pl.col("duration_ns").median(),
         max_ns=pl.col("duration_ns").max(),
     )
-    groups = with_span_columns(spans, groups, [*sig, "trace_id"])
+    generic = _common.generic_names(ctx)
+    groups = with_span_columns(spans, groups, [*sig, "trace_id"], generic)
     straggles = (pl.col("max_ns") >= STRAGGLER_RATIO * pl.col("median_ns")) & (
         (pl.col("max_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS
     )
     # Per signature (partial aggregates the decision adds up): fan-outs seen, and for the near
     # miss of a balanced signature, how close its fan-outs came to straggling.
+    # (the fan-outs are not sorted first: the decision sums these rows per signature, whatever
+    # their order, and the first five trace ids are the five smallest either way)
     fanouts_seen = (
         groups.with_columns(straggles=straggles)
-        .sort("trace_id")
-        .group_by(sig, maintain_order=True)
+        .group_by(sig)
         .agg(
             fanouts_seen=pl.len(),
             straggling=pl.col("straggles").sum(),
             ratio_max=(pl.col("max_ns") / pl.col("median_ns").clip(1)).max(),
             excess_max_ns=(pl.col("max_ns") - pl.col("median_ns")).max(),
             traces=pl.col("trace_id").n_unique(),
-            trace_ids=pl.col("trace_id").unique(maintain_order=True).head(5),
+            trace_ids=pl.col("trace_id").unique().sort().head(5),
         )
     )
     groups = groups.filter(straggles)
     kids = kids.join(groups.select("group_id", "median_ns"), on="group_id", how="inner")
-    kids = with_span_columns(spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"])
+    kids = with_span_columns(
+        spans, kids, [*_CHILD_COLUMNS, "parent_service", "parent_name", "endpoint"], generic
+    )
     kids = kids.with_columns(
         is_straggler=(pl.col("duration_ns") >= STRAGGLER_RATIO * pl.col("median_ns"))
         & ((pl.col("duration_ns") - pl.col("median_ns")) >= MIN_EXCESS_NS),

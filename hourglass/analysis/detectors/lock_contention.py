@@ -85,7 +85,7 @@ import polars as pl
 
 from hourglass.analysis import memlog
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.detectors import _sweep
+from hourglass.analysis.detectors import _common, _sweep
 from hourglass.analysis.detectors._common import (
     WHITESPACE_RUN,
     NearMissSink,
@@ -174,12 +174,12 @@ _SPAN_COLUMNS = [
 
 def normalized_statement() -> pl.Expr:
     """The db statement with its literals replaced by ``?`` so one query shape is one resource."""
-    return (
-        pl.col("db_statement")
-        .str.replace_all(r"'(?:[^']|'')*'", "?")
-        .str.replace_all(r"\b\d+(?:\.\d+)?\b", "?")
-        .str.replace_all(WHITESPACE_RUN, " ")
-    )
+    return _statement_masked().str.replace_all(WHITESPACE_RUN, " ")
+
+
+def _statement_masked(column: str = "db_statement") -> pl.Expr:
+    """:func:`normalized_statement` before its whitespace runs are collapsed: literals masked."""
+    return pl.col(column).str.replace_all(r"'(?:[^']|'')*'", "?").str.replace_all(r"\b\d+(?:\.\d+)?\b", "?")
 
 
 def _resource() -> pl.Expr:
@@ -272,17 +272,19 @@ def _attribute_waits(spans: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _wait_span_names(spans: pl.DataFrame) -> pl.Series:
-    """Span names that name a wait (matched once per distinct name, not once per span)."""
-    names = spans["name"].unique()
+def _wait_span_names(spans: pl.DataFrame, names: pl.Series | None = None) -> pl.Series:
+    """Span names that name a wait (matched once per distinct name, not once per span).
+    ``names``: the spans' distinct names (``_common.span_names``), found here when not given."""
+    names = spans["name"].unique() if names is None else names
     return names.filter(names.str.contains(_WAIT_SPAN_NAME))
 
 
-def _explicit_waits(spans: pl.DataFrame) -> pl.DataFrame:
-    """One row per waiting span: the span to shorten, its wait, and who waits on what."""
+def _explicit_waits(spans: pl.DataFrame, names: pl.Series | None = None) -> pl.DataFrame:
+    """One row per waiting span: the span to shorten, its wait, and who waits on what.
+    ``names``: the spans' distinct names (``_common.span_names``), found here when not given."""
     own = pl.concat([_event_waits(spans), _attribute_waits(spans)], how="vertical_relaxed")
     own = own.sort("wait_ns", descending=True).unique(subset=["row"], keep="first")
-    wait_names = _wait_span_names(spans).implode()
+    wait_names = _wait_span_names(spans, names).implode()
     is_wait_span = (
         pl.col("name").is_in(wait_names)
         & ~pl.col("kind").is_in([KIND_PRODUCER, KIND_CONSUMER])
@@ -376,7 +378,7 @@ def extract(ctx: AnalysisContext) -> Rows:
     the finding's names) and, to exclude and nest: ``explicit_ops`` and ``explicit_marks`` (the
     waiting spans and their parents)."""
     spans = ctx.spans
-    explicit = _explicit_waits(spans)
+    explicit = _explicit_waits(spans, _common.span_names(ctx))
     counted = (pl.col("wait_ns") >= MIN_WAIT_NS) & pl.col("on_critical_path")
     # Every acquisition the evidence shows, contended or not (the denominator of the contention
     # rate), with what the near miss of an uncontended lock reports: partial aggregates.
@@ -690,19 +692,24 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     # The group key hashes every resource column (a finer split than ``_resource``'s first
     # non-null, and free of string copies); statements count by shape, normalised once per
     # distinct text.
+    # (normalized_statement in two steps: the literals masked in each distinct statement, the
+    # whitespace collapsed and hashed in each distinct masked text, a few; then a join, not a
+    # replace_strict, gives each span its shape)
     shapes = (
-        spans.select(pl.col("db_statement").unique())
-        .drop_nulls()
-        .with_columns(shape=normalized_statement().hash())
+        spans.select(pl.col("db_statement").unique()).drop_nulls().with_columns(_masked=_statement_masked())
     )
-    statement_shape = pl.col("db_statement").replace_strict(
-        shapes["db_statement"], shapes["shape"], default=None, return_dtype=pl.UInt64
+    masked = shapes.select(pl.col("_masked").unique()).with_columns(
+        shape=pl.col("_masked").str.replace_all(WHITESPACE_RUN, " ").hash()
     )
+    shapes = shapes.join(masked, on="_masked", how="left").select("db_statement", "shape")
+    statement_shape = spans.select("db_statement").join(
+        shapes, on="db_statement", how="left", maintain_order="left"
+    )["shape"]
     resource_key = pl.struct(
         "service",
         "name",
         pl.col("hints").str.extract(_RESOURCE_HINT, 1),
-        statement_shape,
+        "_shape",
         "messaging_destination",
         "peer",
         "http_route",
@@ -713,7 +720,7 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     trace_no = (pl.col("trace_id") != pl.col("trace_id").shift(1)).fill_null(True).cum_sum().cast(pl.UInt32)
     cand = (
         spans.lazy()
-        .with_columns(_trace_no=trace_no)
+        .with_columns(_trace_no=trace_no, _shape=statement_shape)
         .filter(pl.col("duration_ns") > 0)
         .select(
             "row",
@@ -741,13 +748,14 @@ def _convoy_candidates(spans: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
         .unique(subset="gid", keep="first", maintain_order=True)
     )
     # Traces per key and the first five trace ids (sorted), counted on the trace numbers.
-    firsts = (
-        cand.select("gid", "_trace_no")
-        .unique()
-        .group_by("gid")
-        .agg(traces=pl.len(), _trace_no=pl.col("_trace_no").sort().head(5))
+    # (per key, not over every distinct (key, trace) pair: one hash grouping, not two)
+    firsts = cand.group_by("gid").agg(
+        traces=pl.col("_trace_no").n_unique(), _trace_no=pl.col("_trace_no").unique().sort().head(5)
     )
-    trace_ids = cand.select("_trace_no", "trace_id").unique("_trace_no")
+    # each trace's first row (the trace numbers run in row order): its number and id
+    trace_ids = cand.select("_trace_no", "trace_id").filter(
+        (pl.col("_trace_no") != pl.col("_trace_no").shift(1)).fill_null(True)
+    )
     seen = (
         firsts.explode("_trace_no")
         .join(trace_ids, on="_trace_no", how="left", maintain_order="left")

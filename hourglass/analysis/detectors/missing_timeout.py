@@ -72,6 +72,7 @@ import numpy as np
 import polars as pl
 
 from hourglass.analysis.context import AnalysisContext
+from hourglass.analysis.detectors import _common
 from hourglass.analysis.detectors._common import (
     NearMissSink,
     Rows,
@@ -141,8 +142,10 @@ def extract(ctx: AnalysisContext) -> Rows:
     rule."""
     spans = ctx.spans
     parent_kind = spans["kind"].gather(spans["parent_row"].fill_null(0)).alias("parent_kind")
+    # lazily, so the filter takes the columns selected, not every span column
     calls = (
-        spans.with_columns(parent_kind)
+        spans.lazy()
+        .with_columns(parent_kind)
         .filter(_call_expr())
         .select(
             "row",
@@ -155,8 +158,9 @@ def extract(ctx: AnalysisContext) -> Rows:
             "http_route",
             target=call_target_expr(),
         )
+        .collect()
     )
-    calls = _with_endpoint(calls).with_columns(op_key=pl.struct(OP).hash())
+    calls = _with_endpoint(calls, _common.span_names(ctx)).with_columns(op_key=pl.struct(OP).hash())
     operations = calls.select("op_key", *OP).unique(subset="op_key", keep="first")
     slow = calls.filter(pl.col("on_critical_path") & (pl.col("duration_ns") >= MIN_EXCESS_NS))
     out: Rows = {"calls": calls.select("op_key", "duration_ns"), "operations": operations}
@@ -167,8 +171,11 @@ def extract(ctx: AnalysisContext) -> Rows:
             slow["row"].cast(pl.Int64).to_numpy(), spans["parent_row"].fill_null(-1).to_numpy()
         )
     )
-    detail = spans.filter(pl.col("row").is_in(slow["row"].implode())).select(
-        "row", "trace_id", "span_id", timed_out=_timed_out_expr()
+    detail = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(slow["row"].implode()))
+        .select("row", "trace_id", "span_id", timed_out=_timed_out_expr())
+        .collect()
     )
     slow = _attribute(slow.join(detail, on="row", how="left"), spans)
     # Ancestors as span ids: rows are positions in this part only.
@@ -339,11 +346,15 @@ def _note_dropped_operations(
         )
 
 
-def _with_endpoint(calls: pl.DataFrame) -> pl.DataFrame:
+def _with_endpoint(calls: pl.DataFrame, names: pl.Series | None = None) -> pl.DataFrame:
     """Adds ``endpoint`` (and drops the URL columns): the route template of calls whose span name is
-    a generic HTTP one, "" for the others. Each distinct URL is templated once."""
-    names = calls["name"].unique()
-    is_generic = pl.col("name").is_in(names.filter(names.str.contains(GENERIC_HTTP_NAME)).implode())
+    a generic HTTP one, "" for the others. Each distinct URL is templated once. ``names``: the
+    distinct names of the spans (``_common.span_names``: a superset of the calls'), else the calls'."""
+    names = calls["name"].unique() if names is None else names
+    generic = names.filter(names.str.contains(GENERIC_HTTP_NAME))
+    if generic.is_empty():  # no call to template: every endpoint is ""
+        return calls.with_columns(endpoint=pl.lit("")).drop("http_url", "http_route")
+    is_generic = pl.col("name").is_in(generic.implode())
     urls = calls.filter(is_generic).select(pl.col("http_url").unique().drop_nulls())
     urls = urls.with_columns(route_template(pl.col("http_url")).alias("_url_route"))
     endpoint = pl.coalesce(pl.col("http_route"), pl.col("_url_route"), pl.lit(""))
@@ -417,19 +428,30 @@ def _attribute(reported: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
     the call's service) and the callee (the traced SERVER child, else the call's target); a SERVER
     span with an uninstrumented caller is attributed to its parent (the caller) and targets itself."""
     rows = reported["row"].cast(pl.Int64).implode()
+    # lazily, so each filter takes the columns selected, not every span column
     callees = (
-        spans.filter(pl.col("parent_row").is_in(rows) & (pl.col("kind") == KIND_SERVER))
+        spans.lazy()
+        .filter(pl.col("parent_row").is_in(rows) & (pl.col("kind") == KIND_SERVER))
         .select(pl.col("parent_row").alias("row"), callee_service="service", callee_name="name")
         .unique("row")
+        .collect()
     )
-    own = spans.filter(pl.col("row").is_in(reported["row"].implode())).select(
-        pl.col("row").cast(pl.Int64), "kind", url_host=url_host_expr()
+    own = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(reported["row"].implode()))
+        .select(pl.col("row").cast(pl.Int64), "kind", url_host=url_host_expr())
+        .collect()
     )
-    parents = spans.filter(pl.col("row").is_in(reported["parent_row"].implode())).select(
-        pl.col("row").cast(pl.Int64).alias("parent_row"),
-        parent_service="service",
-        parent_name="name",
-        parent_span_id="span_id",
+    parents = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(reported["parent_row"].implode()))
+        .select(
+            pl.col("row").cast(pl.Int64).alias("parent_row"),
+            parent_service="service",
+            parent_name="name",
+            parent_span_id="span_id",
+        )
+        .collect()
     )
     server_side = pl.col("kind") == KIND_SERVER
     return (

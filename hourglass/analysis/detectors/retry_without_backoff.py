@@ -130,9 +130,15 @@ def extract(ctx: AnalysisContext) -> Rows:
     """Per-trace half: ``sequences`` (one row per retry sequence, attributed to its caller and
     callee) and ``retries`` (one row per retry: its signature, gap and retry index)."""
     spans = ctx.spans
-    candidates = spans.filter(
-        pl.col("parent_row").is_not_null() & (attempt_failed_expr() | attempt_number_expr().is_not_null())
-    ).select("parent_row", "kind")
+    # lazily, so each filter over the spans takes the columns selected, not every span column
+    candidates = (
+        spans.lazy()
+        .filter(
+            pl.col("parent_row").is_not_null() & (attempt_failed_expr() | attempt_number_expr().is_not_null())
+        )
+        .select("parent_row", "kind")
+        .collect()
+    )
     if candidates.height == 0:
         return {}
     # A CLIENT attempt whose traced SERVER side failed failed too, even if the client span says nothing.
@@ -140,7 +146,11 @@ def extract(ctx: AnalysisContext) -> Rows:
     parent_rows = pl.concat(
         [
             candidates["parent_row"],
-            spans.filter(pl.col("row").is_in(failed_by_callee.implode()))["parent_row"].drop_nulls(),
+            spans.lazy()
+            .filter(pl.col("row").is_in(failed_by_callee.implode()))
+            .select("parent_row")
+            .collect()["parent_row"]
+            .drop_nulls(),
         ]
     ).unique()
     attempts = _attempts(spans, parent_rows.implode(), failed_by_callee.implode())
@@ -241,7 +251,8 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series, failed_by_callee: pl.
     only the attempts of sequences with at least one retry are returned."""
     key = ["parent_row", "call"]  # call: one 64-bit hash of service, name, target and request
     siblings = (
-        spans.filter(pl.col("parent_row").is_in(parent_rows))
+        spans.lazy()
+        .filter(pl.col("parent_row").is_in(parent_rows))
         .select(
             "trace_id",
             "span_id",
@@ -259,6 +270,7 @@ def _attempts(spans: pl.DataFrame, parent_rows: pl.Series, failed_by_callee: pl.
         )
         .with_columns(call=pl.struct("service", "name", "target", "request").hash())
         .sort([*key, "start_ns", "row"])
+        .collect()
     )
     same_call = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in key]).fill_null(False)
     gap = pl.col("start_ns") - pl.col("end_ns").shift(1)
@@ -330,22 +342,29 @@ def _attribute(sequences: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
     service when traced, else the call's target."""
     first_rows = sequences["first_row"].implode()
     callees = (
-        spans.filter(pl.col("parent_row").is_in(first_rows) & (pl.col("kind") == KIND_SERVER))
+        spans.lazy()
+        .filter(pl.col("parent_row").is_in(first_rows) & (pl.col("kind") == KIND_SERVER))
         .select(pl.col("parent_row").alias("first_row"), callee_service="service", callee_name="name")
         .unique("first_row")
+        .collect()
     )
-    parents = spans.filter(pl.col("row").is_in(sequences["parent_row"].implode())).select(
-        pl.col("row").cast(pl.Int64).alias("parent_row"),
-        parent_span_id="span_id",
-        parent_service="service",
-        parent_name="name",
-        parent_logs_retry=(
-            pl.col("event_names")
-            .list.eval(pl.element().str.contains(RETRY_LOG_PATTERN))
-            .list.any()
-            .fill_null(False)
-            | pl.col("event_hints").str.contains(RETRY_LOG_PATTERN).fill_null(False)
-        ),
+    parents = (
+        spans.lazy()
+        .filter(pl.col("row").is_in(sequences["parent_row"].implode()))
+        .select(
+            pl.col("row").cast(pl.Int64).alias("parent_row"),
+            parent_span_id="span_id",
+            parent_service="service",
+            parent_name="name",
+            parent_logs_retry=(
+                pl.col("event_names")
+                .list.eval(pl.element().str.contains(RETRY_LOG_PATTERN))
+                .list.any()
+                .fill_null(False)
+                | pl.col("event_hints").str.contains(RETRY_LOG_PATTERN).fill_null(False)
+            ),
+        )
+        .collect()
     )
     callee_elsewhere = pl.col("callee_service").is_not_null() & (
         pl.col("callee_service") != pl.col("service")
