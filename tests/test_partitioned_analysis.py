@@ -490,6 +490,55 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     assert EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), filtered=False) is None
 
 
+def test_a_store_another_process_reads_is_analysed_by_the_early_workers_plan(
+    store: Path, whole: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with early workers plans from what their read-only connection counted (the spans and
+    the largest trace) and does not open the store again: the second, read-write open failed
+    ("Could not set lock on file", exit 1) whenever another process had the file open, such as
+    the workers of another ``analyze --db`` of the same store. A store with an ingest log (a
+    crashed serve's) starts no early workers: the run's read-write open replays the log first."""
+    from hourglass.analysis import planning
+    from hourglass.analysis.render import render
+    from hourglass.cli.analyze import EarlyWorkers, StoreRun, analyze_store
+
+    monkeypatch.setattr(planning, "PEAK_BYTES_PER_SPAN", 100_000)  # this small store in partitions
+    run = StoreRun(budget=1536 * 2**20, workers=2)
+    reader = subprocess.Popen(  # another process with the store open (read-only, as a run's workers)
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1], read_only=True); "
+            "print('open', flush=True); sys.stdin.read()",
+            str(store),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
+        early = EarlyWorkers.start(str(store), run, filtered=False)
+        assert early is not None
+        try:
+            report = analyze_store(
+                str(store), run, services=None, since_ns=None, writer=None, explain=True, early=early
+            )
+        finally:
+            early.release()
+    finally:
+        assert reader.stdin is not None
+        reader.stdin.close()
+        reader.wait(30)
+    got = json.loads(render({**report, "input_warnings": []}, "json"))
+    got.pop("generated_at")
+    assert got == {**whole, "input_warnings": []}
+    logged = tmp_path / "logged.duckdb"
+    logged.write_bytes(store.read_bytes())
+    Path(f"{logged}.ingest-log").mkdir()
+    assert EarlyWorkers.start(str(logged), run, filtered=False) is None
+
+
 def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,6 +127,9 @@ def _spans_where(condition: str = "") -> str:
 
 _ORDER = "ORDER BY trace_id, start_ns, span_id"
 
+# the trace with the most rows and its row count (``DuckDBSpanStore.largest_trace``)
+LARGEST_TRACE_SQL = "SELECT trace_id, count(*) FROM spans GROUP BY trace_id ORDER BY 2 DESC, 1 LIMIT 1"
+
 # Arrow output with string columns as string_view ("Utf8View"), the layout polars keeps strings
 # in: ``pl.from_arrow`` then takes them as they are instead of copying every string (at 1M spans
 # ~0.2 s of CPU, and a second copy of every string held beside the first).
@@ -1475,11 +1478,7 @@ class DuckDBSpanStore:
         """The trace with the most rows and its row count (None when the store is empty): what a
         partition of whole traces can never be smaller than."""
         self.load_staged()
-        rows = (
-            self._cursor()
-            .execute("SELECT trace_id, count(*) FROM spans GROUP BY trace_id ORDER BY 2 DESC, 1 LIMIT 1")
-            .fetchall()
-        )
+        rows = self._cursor().execute(LARGEST_TRACE_SQL).fetchall()
         return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
     # -- the Jaeger query API's reads (collector.trace_query) ----------------------------------
