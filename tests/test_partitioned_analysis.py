@@ -539,6 +539,47 @@ def test_a_store_another_process_reads_is_analysed_by_the_early_workers_plan(
     assert EarlyWorkers.start(str(logged), run, filtered=False) is None
 
 
+def _wait_or_touch(path: str, part: int, parts: int) -> bool:
+    """A task for the executor: partition 0 waits (up to 30 s) until ``path`` exists and says
+    whether it did; any other touches ``path``."""
+    if part:
+        Path(path).touch()
+        return True
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_calls_that_come_later_run_beside_the_first_round(tmp_path: Path) -> None:
+    """The extraction's later partitions (read from the split once it is written) are queued as
+    soon as the split is there, behind the first round, not after the whole first round: a
+    worker done with its first partition goes on at once instead of idling until the slowest one
+    of that round is done. Here the first round's partition 0 can only finish once a later
+    partition has run, on the other worker."""
+    from concurrent.futures import Future
+
+    from hourglass.analysis import partitions
+
+    marker, other = str(tmp_path / "later"), str(tmp_path / "first")
+    split: Future[str] = Future()
+    executor = partitions.ProcessExecutor(2)
+    try:
+        split.set_result(marker)
+        results = executor.map(
+            "extracting",
+            _wait_or_touch,
+            [(marker, 0, 3), (other, 1, 3)],
+            None,
+            (split, lambda path: [(path, 2, 3)], 1),
+        )
+    finally:
+        executor.close()
+    assert results == [True, True, True]
+
+
 def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
