@@ -490,6 +490,96 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     assert EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), filtered=False) is None
 
 
+def test_a_store_another_process_reads_is_analysed_by_the_early_workers_plan(
+    store: Path, whole: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with early workers plans from what their read-only connection counted (the spans and
+    the largest trace) and does not open the store again: the second, read-write open failed
+    ("Could not set lock on file", exit 1) whenever another process had the file open, such as
+    the workers of another ``analyze --db`` of the same store. A store with an ingest log (a
+    crashed serve's) starts no early workers: the run's read-write open replays the log first."""
+    from hourglass.analysis import planning
+    from hourglass.analysis.render import render
+    from hourglass.cli.analyze import EarlyWorkers, StoreRun, analyze_store
+
+    monkeypatch.setattr(planning, "PEAK_BYTES_PER_SPAN", 100_000)  # this small store in partitions
+    run = StoreRun(budget=1536 * 2**20, workers=2)
+    reader = subprocess.Popen(  # another process with the store open (read-only, as a run's workers)
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1], read_only=True); "
+            "print('open', flush=True); sys.stdin.read()",
+            str(store),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
+        early = EarlyWorkers.start(str(store), run, filtered=False)
+        assert early is not None
+        try:
+            report = analyze_store(
+                str(store), run, services=None, since_ns=None, writer=None, explain=True, early=early
+            )
+        finally:
+            early.release()
+    finally:
+        assert reader.stdin is not None
+        reader.stdin.close()
+        reader.wait(30)
+    got = json.loads(render({**report, "input_warnings": []}, "json"))
+    got.pop("generated_at")
+    assert got == {**whole, "input_warnings": []}
+    logged = tmp_path / "logged.duckdb"
+    logged.write_bytes(store.read_bytes())
+    Path(f"{logged}.ingest-log").mkdir()
+    assert EarlyWorkers.start(str(logged), run, filtered=False) is None
+
+
+def _wait_or_touch(path: str, part: int, parts: int) -> bool:
+    """A task for the executor: partition 0 waits (up to 30 s) until ``path`` exists and says
+    whether it did; any other touches ``path``."""
+    if part:
+        Path(path).touch()
+        return True
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_calls_that_come_later_run_beside_the_first_round(tmp_path: Path) -> None:
+    """The extraction's later partitions (read from the split once it is written) are queued as
+    soon as the split is there, behind the first round, not after the whole first round: a
+    worker done with its first partition goes on at once instead of idling until the slowest one
+    of that round is done. Here the first round's partition 0 can only finish once a later
+    partition has run, on the other worker."""
+    from concurrent.futures import Future
+
+    from hourglass.analysis import partitions
+
+    marker, other = str(tmp_path / "later"), str(tmp_path / "first")
+    split: Future[str] = Future()
+    executor = partitions.ProcessExecutor(2)
+    try:
+        split.set_result(marker)
+        results = executor.map(
+            "extracting",
+            _wait_or_touch,
+            [(marker, 0, 3), (other, 1, 3)],
+            None,
+            (split, lambda path: [(path, 2, 3)], 1),
+        )
+    finally:
+        executor.close()
+    assert results == [True, True, True]
+
+
 def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, fields, replace
@@ -905,53 +905,88 @@ class ProcessExecutor:
         return self._pool
 
     def map(
-        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+        self,
+        phase: str,
+        fn: Callable[..., Any],
+        calls: list[tuple[Any, ...]],
+        progress: Progress | None,
+        more: tuple[Future[Any], Callable[[Any], list[tuple[Any, ...]]], int] | None = None,
     ) -> list[Any]:
+        """``fn(*call)`` for each of ``calls`` in the workers, results in their order. ``more``:
+        (a future, what makes further calls of its result, how many): those calls are submitted
+        as soon as the future is done, behind the ones still queued or running, and their results
+        follow; a worker that finishes its call first goes on with them instead of waiting for
+        the others' (the extraction's first round, read from the store while the split is written:
+        :func:`run_extraction`)."""
         try:
-            return self._map(phase, fn, calls, progress)
+            return self._map(phase, fn, calls, progress, more)
         except BaseException:  # failed, or interrupted (Ctrl-C, SIGTERM): the running tasks are
             self.close(wait=False)  # stopped, not waited for (their results are not wanted)
             raise
 
     def _map(
-        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Progress | None
+        self,
+        phase: str,
+        fn: Callable[..., Any],
+        calls: list[tuple[Any, ...]],
+        progress: Progress | None,
+        more: tuple[Future[Any], Callable[[Any], list[tuple[Any, ...]]], int] | None = None,
     ) -> list[Any]:
+        calls = list(calls)
+        total = len(calls) + (more[2] if more is not None else 0)
         results: list[Any] = [None] * len(calls)
         failures = [0] * len(calls)
         pending = set(range(len(calls)))
         finished = 0
-        while pending:
+        while pending or more is not None:
             pool = self._ensure()
             futures = {pool.submit(fn, *calls[i]): i for i in sorted(pending)}
+            running: set[Future[Any]] = set(futures)
             broken = False
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except BrokenProcessPool as exc:  # a worker died: every unfinished task is charged
-                    broken = True
-                    failures[i] += 1
-                    if failures[i] > 1:
-                        raise PartitionError(
-                            phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
-                        ) from exc
-                    continue
-                except Exception as exc:
-                    failures[i] += 1
-                    if failures[i] > 1:
-                        raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
-                    log.warning(
-                        "%s of partition %d/%d failed (%s); retrying once",
-                        phase,
-                        calls[i][1] + 1,
-                        calls[i][2],
-                        exc,
-                    )
-                    continue
-                pending.discard(i)
-                finished += 1
-                if progress:
-                    progress(phase, finished, len(calls))
+            while running or more is not None:
+                waited: set[Future[Any]] = running | ({more[0]} if more is not None else set())
+                done, _ = wait(waited, return_when=FIRST_COMPLETED)
+                if more is not None and more[0] in done:
+                    extra = more[1](more[0].result())
+                    more = None
+                    for call in extra:
+                        calls.append(call)
+                        results.append(None)
+                        failures.append(0)
+                        pending.add(len(calls) - 1)
+                        if not broken:
+                            future = pool.submit(fn, *call)
+                            futures[future] = len(calls) - 1
+                            running.add(future)
+                for future in done & running:
+                    running.discard(future)
+                    i = futures[future]
+                    try:
+                        results[i] = future.result()
+                    except BrokenProcessPool as exc:  # a worker died: every unfinished task is charged
+                        broken = True
+                        failures[i] += 1
+                        if failures[i] > 1:
+                            raise PartitionError(
+                                phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
+                            ) from exc
+                        continue
+                    except Exception as exc:
+                        failures[i] += 1
+                        if failures[i] > 1:
+                            raise PartitionError(phase, calls[i][1], calls[i][2], exc) from exc
+                        log.warning(
+                            "%s of partition %d/%d failed (%s); retrying once",
+                            phase,
+                            calls[i][1] + 1,
+                            calls[i][2],
+                            exc,
+                        )
+                        continue
+                    pending.discard(i)
+                    finished += 1
+                    if progress:
+                        progress(phase, finished, total)
             if broken:
                 self.close(wait=False)
         return results
@@ -1192,7 +1227,10 @@ def run_extraction(
     their own beside the others: :func:`decide`). With ``later`` (the store being split into
     partition files beside this: :func:`split_store`), the first ``executor.workers`` partitions
     are read from ``source`` itself, so the workers extract while the split is written instead
-    of waiting for it, and the others from the files once they are there (None: from ``source``).
+    of waiting for it, and the others from the files once they are there (None: from ``source``):
+    worker processes queue them as soon as the split is written, so a worker that finishes its
+    first partition goes on with them without waiting for the others' first partitions (one
+    core idled until the slowest of the first round was done: ~0.1 s at 1M spans on 2 workers).
     ``prepared``: each task keeps its repaired spans there for the pricing (:class:`Prepared`)."""
     memlog.note("extraction starts")
     more = (prepared,) if prepared is not None else ()  # (serve's executor takes four arguments)
@@ -1201,11 +1239,20 @@ def run_extraction(
         results = executor.map("extracting", extract_part, calls, progress)
     else:
         first = min(parts, max(1, executor.workers))
-        results = executor.map("extracting", extract_part, calls[:first], _offset(progress, 0, parts))
-        split = later.result() or source
-        rest = [(split, p, parts, spill, *more) for p in range(first, parts)]
-        if rest:
-            results += executor.map("extracting", extract_part, rest, _offset(progress, first, parts))
+
+        def rest(split: Source | None) -> list[tuple[Any, ...]]:
+            return [(split or source, p, parts, spill, *more) for p in range(first, parts)]
+
+        if isinstance(executor, ProcessExecutor):  # the rest queued as soon as the split is written
+            results = executor.map(
+                "extracting", extract_part, calls[:first], progress, (later, rest, parts - first)
+            )
+        else:
+            results = executor.map("extracting", extract_part, calls[:first], _offset(progress, 0, parts))
+            if first < parts:
+                results += executor.map(
+                    "extracting", extract_part, rest(later.result()), _offset(progress, first, parts)
+                )
     # the workers are done: stopped now, so the memory they keep from their last partition is not
     # held beside the combined rows and the decision
     executor.idle()

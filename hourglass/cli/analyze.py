@@ -133,9 +133,21 @@ def analyze_store(
     the analysis was imported (:class:`EarlyWorkers`), which the run takes when its plan has as
     many."""
     from hourglass.analysis import partitions
-    from hourglass.analysis.pipeline import analyze, analyze_partitioned
+    from hourglass.analysis.pipeline import analyze
     from hourglass.collector.schema import ANALYSIS_COLUMNS
 
+    counted = early.counted if early is not None else None
+    if counted is not None:  # the early workers' plan: the store is not opened again
+        return _analyze_partitions(
+            path,
+            run,
+            _store_plan(path, run, counted[0], lambda: counted[1], since_ns, services),
+            services=services,
+            since_ns=since_ns,
+            writer=writer,
+            explain=explain,
+            early=early,
+        )
     store = open_store_for_analysis(path)
     try:
         spans = store.raw_row_count()
@@ -146,15 +158,8 @@ def analyze_store(
                 buckets = partitions.plan(spans, run.budget, run.workers).buckets
                 plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
             elif run.cluster is None:
-                # (a store this machine splits into partition files: where the split's memory fits)
-                split = partitions.splits(partitions.StoreSource(path), partitions.SPLIT_MIN_PARTS)
-                filtered = since_ns is not None or bool(services)
-                plan = partitions.plan(spans, run.budget, run.workers, split=split, filtered=filtered)
-                if plan.parts > 1:  # the largest trace bounds how small a partition can be
-                    largest = store.largest_trace() if hasattr(store, "largest_trace") else None
-                    plan = partitions.plan(
-                        spans, run.budget, run.workers, largest, split=split, filtered=filtered
-                    )
+                largest_trace = getattr(store, "largest_trace", lambda: None)
+                plan = _store_plan(path, run, spans, largest_trace, since_ns, services)
             else:  # the cluster's workers hold the partitions; this process decides, by buckets
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
@@ -167,7 +172,7 @@ def analyze_store(
                 early.release()
 
             # the services' languages ride along in the table's metadata (for the designs' pseudocode)
-            # string views: polars takes the strings as DuckDB made them, without a copy
+            # string views: polars takes the strings as they are, without a copy
             table = attach_store_resources(
                 store.scan(since_ns=since_ns, services=services, columns=ANALYSIS_COLUMNS, string_views=True),
                 store,
@@ -176,6 +181,53 @@ def analyze_store(
             return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)
     finally:
         store.close()
+    return _analyze_partitions(
+        path, run, plan, services=services, since_ns=since_ns, writer=writer, explain=explain, early=early
+    )
+
+
+def _store_plan(
+    path: str,
+    run: StoreRun,
+    spans: int,
+    largest_trace: Callable[[], tuple[str, int] | None],
+    since_ns: int | None,
+    services: list[str] | None,
+) -> Any:
+    """The memory plan of a run of this machine over the store at ``path`` of ``spans`` spans:
+    with the store split into partition files where the split's memory fits, and partitions no
+    smaller than its largest trace (``largest_trace()``, asked only when there are several)."""
+    from hourglass.analysis import partitions
+
+    split = partitions.splits(partitions.StoreSource(path), partitions.SPLIT_MIN_PARTS)
+    filtered = since_ns is not None or bool(services)
+    try:
+        plan = partitions.plan(spans, run.budget, run.workers, split=split, filtered=filtered)
+        if plan.parts > 1:  # the largest trace bounds how small a partition can be
+            plan = partitions.plan(
+                spans, run.budget, run.workers, largest_trace(), split=split, filtered=filtered
+            )
+    except partitions.BudgetError as exc:
+        raise _fail(str(exc)) from None
+    return plan
+
+
+def _analyze_partitions(
+    path: str,
+    run: StoreRun,
+    plan: Any,
+    *,
+    services: list[str] | None,
+    since_ns: int | None,
+    writer: Any,
+    explain: bool,
+    early: EarlyWorkers | None,
+) -> dict[str, Any]:
+    """:func:`analyze_store`'s run of ``plan``, in partitions of whole traces."""
+    from hourglass.analysis import partitions
+    from hourglass.analysis.pipeline import analyze_partitioned
+
+    spans = plan.spans
     source = partitions.StoreSource(path, since_ns, tuple(services) if services else None)
     if run.spill_buckets:
         plan = partitions.Plan(
@@ -278,34 +330,67 @@ class EarlyWorkers:
     started its workers, one core idle): the store's span count is read with DuckDB alone and the
     memory plan (:mod:`hourglass.analysis.planning`, which imports nothing heavy) says whether the
     run needs worker processes and how many. The run takes them (:meth:`take`) when its own plan
-    has as many; else they are stopped (:meth:`release`)."""
+    has as many; else they are stopped (:meth:`release`).
 
-    def __init__(self, workers: int, started: tuple[Any, list[Any]]) -> None:
+    ``counted``: the store's span count and its largest trace (what the run's plan needs), read
+    by the same read-only connection while the workers start, so the run does not open the store
+    again (None: not read, the run opens the store as without early workers). Before, the run
+    opened it a second time, read-write: besides the second count (~0.03 s of this process' CPU
+    before its plan), that open failed ("Could not set lock on file") whenever another process
+    had the file open, such as the workers of another ``analyze --db`` of the same store."""
+
+    def __init__(
+        self,
+        workers: int,
+        started: tuple[Any, list[Any]],
+        counted: tuple[int, tuple[str, int] | None] | None = None,
+    ) -> None:
         self.workers = workers
         self._started: tuple[Any, list[Any]] | None = started
+        self.counted = counted
 
     @classmethod
     def start(cls, path: str, run: StoreRun, *, filtered: bool) -> EarlyWorkers | None:
         """The workers of ``run`` on the store at ``path``, starting; None when it is not a DuckDB
-        file of this machine, has no partitions to run in workers, or cannot be read now (the
-        run then opens it as it did and says why)."""
+        file of this machine, has no partitions to run in workers, cannot be read now (the run
+        then opens it as it did and says why) or has an ingest log to replay (a crashed
+        ``serve``'s: the run's read-write open replays it before anything reads the store)."""
         from hourglass.analysis import planning, worker_start
 
         if run.cluster is not None or run.partitions or not _is_duckdb_file(path) or not os.path.isfile(path):
             return None
+        if os.path.exists(f"{path}.ingest-log"):  # (``DuckDBSpanStore``'s log beside the file)
+            return None
         try:
             import duckdb
 
-            # (the rows ``raw_row_count`` counts: a store opened afresh has none staged)
-            with duckdb.connect(path, read_only=True) as con:
-                spans = int(con.execute("SELECT count(*) FROM spans").fetchall()[0][0])
-            chosen = planning.plan(spans, run.budget, run.workers, split=True, filtered=filtered)
-        except Exception:  # (not a store, held by a writer, a budget too small: the run says it)
+            connection = duckdb.connect(path, read_only=True)
+        except Exception:  # (not a store, held by a writer: the run says it)
             return None
-        if chosen.parts <= 1:
-            return None
-        workers = max(1, chosen.workers)
-        return cls(workers, worker_start.started(workers))
+        try:
+            try:
+                # (the rows ``raw_row_count`` counts: a store opened afresh has none staged)
+                spans = int(connection.execute("SELECT count(*) FROM spans").fetchall()[0][0])
+                chosen = planning.plan(spans, run.budget, run.workers, split=True, filtered=filtered)
+            except Exception:  # (not a store, a budget too small: the run says it)
+                return None
+            if chosen.parts <= 1:
+                return None
+            workers = max(1, chosen.workers)
+            early = cls(workers, worker_start.started(workers))
+            from hourglass.collector.duckdb_store import LARGEST_TRACE_SQL, query_interrupted
+
+            try:  # (while the workers start) what ``DuckDBSpanStore.largest_trace`` reads
+                largest = connection.execute(LARGEST_TRACE_SQL).fetchall()
+            except Exception as exc:
+                if query_interrupted(exc):  # Ctrl-C: the run ends, its workers stopped
+                    early.release()
+                    raise KeyboardInterrupt from None
+                return early  # (the run opens the store and reads it again)
+            early.counted = (spans, (str(largest[0][0]), int(largest[0][1])) if largest else None)
+            return early
+        finally:
+            connection.close()
 
     def take(self, workers: int) -> tuple[Any, list[Any]] | None:
         """The started pool and its start-up tasks, for a run of ``workers`` worker processes (None:

@@ -386,6 +386,36 @@ def test_scan_partition_splits_whole_traces(make_store: StoreFactory) -> None:
         store.scan_partition(4, 4)
 
 
+def test_every_read_orders_rows_written_in_any_order(make_store: StoreFactory) -> None:
+    """Rows written in no order (traces interleaved, a trace's spans backwards, spans that start
+    together) come back in (trace_id, start_ns, span_id) order from ``scan`` and ``scan_partition``,
+    whatever columns are asked for (the order's keys among them or not) and as string views too.
+    DuckDB reads them as stored and they are sorted after the read (``_in_order``)."""
+    store = make_store()
+    builders = []
+    for i in range(12):
+        b = TraceBuilder(service="frontend", base_ns=BASE_NS + (i % 3) * MS)
+        root = b.span("GET /", start_ms=0, dur_ms=50)
+        for k in range(4):  # two pairs that start together: span_id decides
+            b.span(f"call {k}", parent=root, start_ms=5 + k // 2, dur_ms=3, service="db")
+        builders.append(b)
+    table = spans_table(builders)
+    rows = table.to_pylist()
+    order = [*range(0, len(rows), 2), *reversed(range(1, len(rows), 2))]  # interleaved, backwards
+    store.write(pa.Table.from_pylist([rows[i] for i in order], schema=table.schema))
+    expected = sorted(rows, key=lambda r: (r["trace_id"], r["start_ns"], r["span_id"]))
+    for columns in (("trace_id", "span_id", "start_ns", "name"), ("name", "span_id", "trace_id")):
+        want = [{c: r[c] for c in columns} for r in expected]
+        assert store.scan(columns=columns).to_pylist() == want
+        pieces = [store.scan_partition(p, 3, columns=columns).to_pylist() for p in range(3)]
+        for piece in pieces:  # each partition: its traces' rows, in the same order
+            traces = {r["trace_id"] for r in piece}
+            assert piece == [r for r in want if r["trace_id"] in traces]
+        assert sum(len(piece) for piece in pieces) == len(want)
+    viewed = store.scan(columns=("trace_id", "span_id", "start_ns"), string_views=True)
+    assert viewed.to_pylist() == [{c: r[c] for c in ("trace_id", "span_id", "start_ns")} for r in expected]
+
+
 def test_a_span_ending_before_it_starts_is_kept_as_it_came(make_store: StoreFactory) -> None:
     """Clock skew the analysis repairs: the store keeps end_ns < start_ns as written (otel_traces
     has only a Duration, so the ClickHouse stores keep the end in their side table)."""
