@@ -185,11 +185,14 @@ def decide(
     *,
     beside: bool = False,
     progress: Progress | None = None,
+    elsewhere: Elsewhere | None = None,
 ) -> dict[str, list[Finding]]:
     """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
     read from there, one bucket at a time). With ``beside``, the kinds of ``DECIDE_BESIDE`` are
-    decided in a thread of their own beside the others; the findings and the near misses (each
-    kind's noted apart, then added in the kinds' order) are the same as one kind after another.
+    decided in a thread of their own beside the others — or, with ``elsewhere``, in an idle
+    worker process (:class:`Elsewhere`; here after all when it cannot start one, or the worker
+    fails); the findings and the near misses (each kind's noted apart, then
+    added in the kinds' order) are the same as one kind after another.
     ``progress``: told ("deciding", kinds decided, kinds) from this thread as they are."""
     out: dict[str, list[Finding]] = {}
     decided, kinds = 0, len(rows)
@@ -200,7 +203,15 @@ def decide(
     # (the collector paused over them all when a kind is decided aside: one thread's pause must
     # not end in the middle of the other's)
     with _collector_paused() if aside else nullcontext(), ThreadPoolExecutor(1, "hourglass-decide") as pool:
-        futures = {k: pool.submit(_decide_kind, k, rows, logs[k], spill) for k in aside}
+        futures: dict[str, Future[list[Finding]]] = {}
+        remote: set[str] = set()
+        for k in aside:
+            started = elsewhere.start(k, logs[k]) if elsewhere is not None else None
+            if started is not None:
+                futures[k] = started
+                remote.add(k)
+            else:
+                futures[k] = pool.submit(_decide_kind, k, rows, logs[k], spill)
         for kind in rows:
             if kind not in futures:
                 out[kind] = _decide_kind(kind, rows, logs.get(kind, notes), spill)
@@ -208,13 +219,69 @@ def decide(
                 if progress:
                     progress("deciding", decided, kinds)
         for kind, future in futures.items():
-            out[kind] = future.result()
+            try:
+                out[kind] = future.result()
+            except Exception as exc:
+                if kind not in remote or elsewhere is None:
+                    raise
+                # (its notes are told with its findings only: none held yet)
+                log.warning("deciding %s in a worker process failed (%s); deciding it here", kind, exc)
+                elsewhere.failed(exc)
+                out[kind] = _decide_kind(kind, rows, logs[kind], spill)
             decided += 1
             if progress:
                 progress("deciding", decided, kinds)
     for held in logs.values():  # in the kinds' order, as if decided one after another
         held.replay(notes)
     return {kind: out[kind] for kind in rows}
+
+
+class Elsewhere:
+    """Kinds of kept rows (:class:`KeptRows`) decided in a worker process of ``executor`` that
+    has nothing to do meanwhile (``ProcessExecutor.submit``: the workers kept through the
+    decision), each reading its kind's rows and buckets from ``spill`` itself: measured at 1M
+    spans, lock_contention's sweep (about half of the decision) took turns with the other kinds
+    on this process' interpreter and cores while both workers sat idle. The findings and near
+    misses come back pickled, as a pricing task's do."""
+
+    def __init__(self, executor: ProcessExecutor, spill: Spill) -> None:
+        self.executor, self.spill = executor, spill
+
+    def start(self, kind: str, notes: _HeldNotes) -> Future[list[Finding]] | None:
+        """``kind``'s decision started in a worker (None: no worker to run it now); its near
+        misses are added to ``notes`` when its findings arrive."""
+        started = self.executor.submit(decide_kept, self.spill, kind)
+        if started is None:
+            return None
+        out: Future[list[Finding]] = Future()
+
+        def arrived(done: Future[tuple[list[Finding], list[tuple[tuple[Any, ...], dict[str, Any]]]]]) -> None:
+            try:
+                found, calls = done.result()
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            notes.calls.extend(calls)
+            out.set_result(found)
+
+        started.add_done_callback(arrived)
+        return out
+
+    def failed(self, exc: BaseException) -> None:
+        """A decision that failed in a worker: a pool whose worker died is closed (the next map
+        starts another)."""
+        if isinstance(exc, BrokenProcessPool):
+            self.executor.close(wait=False)
+
+
+def decide_kept(
+    spill: Spill, kind: str
+) -> tuple[list[Finding], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """A worker's task: ``kind``'s decision over the rows the partitions kept in ``spill``
+    (:class:`KeptRows`), with the near misses it noted (every argument, in order)."""
+    held = _HeldNotes()
+    found = _decide_kind(kind, KeptRows(spill, [kind]), held, spill)
+    return found, held.calls
 
 
 class _HeldNotes(NearMissLog):
@@ -956,6 +1023,17 @@ class ProcessExecutor:
                 self.close(wait=False)
         return results
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+        """``fn(*args)`` in a worker of the pool as it is (the workers kept through the decision:
+        ``keep``), beside what this process does; None when there is no such pool (stopped, or
+        its workers still starting) or it is broken."""
+        if self._pool is None or not self.keep_when_idle or self._starting:
+            return None
+        try:
+            return self._pool.submit(fn, *args)
+        except (BrokenProcessPool, RuntimeError):  # (broken, or shut down)
+            return None
+
     def warm(self) -> None:
         """Start the worker processes now (their interpreters and the analysis' imports, ~0.4 s
         of CPU each), while this process does something else (reads the store into partition
@@ -1240,7 +1318,14 @@ def run_extraction(
         del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     memlog.note("rows combined, critical paths decided")
-    decided = decide(rows, notes, spill, beside=decide_beside, progress=progress)
+    # a kind decided beside the others in a worker kept idle through the decision, which reads
+    # its kept rows itself (not a thread of this process)
+    elsewhere = (
+        Elsewhere(executor, spill)
+        if spill is not None and isinstance(rows, KeptRows) and isinstance(executor, ProcessExecutor)
+        else None
+    )
+    decided = decide(rows, notes, spill, beside=decide_beside, progress=progress, elsewhere=elsewhere)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths, trace_parts)
 

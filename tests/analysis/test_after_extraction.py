@@ -3,8 +3,21 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hourglass.analysis import partitions
+from hourglass.analysis.model import Finding, NearMissLog
+from hourglass.analysis.spill import Spill
 
 
 def test_taking_the_prefetched_traces_apart_does_not_import_pandas() -> None:
@@ -26,3 +39,116 @@ def test_taking_the_prefetched_traces_apart_does_not_import_pandas() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def _store(tmp_path: Path) -> str:
+    from bench.analysis import generate_spans
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    try:
+        store.write(generate_spans(2_000, seed=3))
+    finally:
+        store.close()
+    return db
+
+
+class _Recording(partitions.ProcessExecutor):
+    """Worker processes that say which kinds were decided in them, and when the workstreams' pass
+    (the second pricing) begins."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitted: list[str] = []
+        self.pricings = 0
+        self.workstreams_priced = threading.Event()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+        started = super().submit(fn, *args)
+        if started is not None:
+            self.submitted.append(args[1])
+        return started
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Any
+    ) -> list[Any]:
+        if phase == "pricing":
+            self.pricings += 1
+            if self.pricings == 2:
+                self.workstreams_priced.set()
+        return super().map(phase, fn, calls, progress)
+
+
+def _extracted(
+    db: str, tmp_path: Path, executor: partitions.Executor, beside: bool
+) -> tuple[Any, NearMissLog]:
+    notes = NearMissLog()
+    spill = Spill.create(2, near=str(tmp_path))
+    try:
+        extracted = partitions.run_extraction(
+            partitions.StoreSource(db), 3, executor, notes, spill=spill, decide_beside=beside
+        )
+    finally:
+        spill.remove()
+    return extracted, notes
+
+
+def _same(a: list[Finding], b: list[Finding]) -> None:
+    assert [(f.id, f.confidence, f.evidence, f.trace_ids) for f in a] == [
+        (f.id, f.confidence, f.evidence, f.trace_ids) for f in b
+    ]
+
+
+def test_a_kind_decided_beside_the_others_is_decided_in_an_idle_worker_the_same(tmp_path: Path) -> None:
+    """With the workers kept through the decision (the plan's ``keep``), the kinds decided beside
+    the others (``DECIDE_BESIDE``: lock_contention's sweep) are decided in one of them, which
+    reads the kind's kept rows itself, not in a thread of the deciding process: the same
+    findings, in the same order, and the same near misses in the same order."""
+    db = _store(tmp_path)
+    expected, expected_notes = _extracted(db, tmp_path, partitions.SerialExecutor(), beside=False)
+    executor = _Recording(1, keep=True)
+    try:
+        got, notes = _extracted(db, tmp_path, executor, beside=True)
+    finally:
+        executor.close()
+    assert executor.submitted == list(partitions.DECIDE_BESIDE)
+    assert any(f.kind == "lock_contention" for f in expected.findings)  # (something to compare)
+    _same(got.findings, expected.findings)
+    assert notes.near_misses == expected_notes.near_misses
+
+
+def test_a_kind_whose_decision_failed_in_a_worker_is_decided_here(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = _store(tmp_path)
+    expected, expected_notes = _extracted(db, tmp_path, partitions.SerialExecutor(), beside=False)
+
+    class Failing(partitions.ProcessExecutor):
+        def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+            failed: Future[Any] = Future()
+            failed.set_exception(BrokenProcessPool("a worker died"))
+            return failed
+
+    executor = Failing(1, keep=True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            got, notes = _extracted(db, tmp_path, executor, beside=True)
+    finally:
+        executor.close()
+    assert "deciding lock_contention in a worker process failed" in caplog.text
+    _same(got.findings, expected.findings)
+    assert notes.near_misses == expected_notes.near_misses
+
+
+def test_workers_that_are_not_kept_leave_the_kind_to_a_thread_here() -> None:
+    """Workers stopped during the decision (not ``keep``: their peaks do not fit beside it), or
+    none started: nothing is submitted, the kind is decided in a thread of this process."""
+    executor = partitions.ProcessExecutor(1, keep=False)
+    try:
+        assert executor.submit(print, "x") is None  # (no pool)
+        executor.warm()
+        assert executor.submit(print, "x") is None  # (its workers still starting)
+    finally:
+        executor.close()
+
