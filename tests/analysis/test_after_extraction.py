@@ -152,3 +152,46 @@ def test_workers_that_are_not_kept_leave_the_kind_to_a_thread_here() -> None:
     finally:
         executor.close()
 
+
+def test_the_workstreams_are_priced_while_the_texts_are_written(tmp_path: Path) -> None:
+    """The workstreams' what-ifs (two recommendations of one service priced together) depend on
+    the report's recommendations alone: their pass runs beside the reading of the exemplars and
+    the writing of the texts, not after them. The report is the same as at once."""
+    from bench.analysis import generate_spans
+    from hourglass.analysis.pipeline import analyze, analyze_partitioned
+    from hourglass.analysis.writers import template_writer
+    from hourglass.cli.analyze import _read_traces
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    db = _store(tmp_path)
+    store = DuckDBSpanStore(db)
+    whole = analyze(store.scan(columns=ANALYSIS_COLUMNS, string_views=True), explain=True)
+    store.close()
+    assert [w for w in whole["workstreams"] if len(w["recommendations"]) > 1 and w["impact"]]
+    assert generate_spans  # (the store's spans: bench.analysis)
+    executor = _Recording(1)
+    seen: list[bool] = []
+
+    class Waiting:
+        name = "template"
+
+        def write(self, recommendations: list[dict[str, Any]], context: Any) -> Any:
+            # the workstreams' pass begins before the texts are done (before: after them)
+            seen.append(executor.workstreams_priced.wait(30))
+            return template_writer().write(recommendations, context)
+
+    try:
+        report, _ = analyze_partitioned(
+            partitions.StoreSource(db),
+            3,
+            executor,
+            read_traces=lambda ids: _read_traces(db, ids),
+            writer=Waiting(),  # type: ignore[arg-type]
+            explain=True,
+        )
+    finally:
+        executor.close()
+    assert seen == [True]
+    report.pop("generated_at"), whole.pop("generated_at")
+    assert report == whole
