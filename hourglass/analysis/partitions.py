@@ -246,11 +246,23 @@ class Elsewhere:
 
     def __init__(self, executor: ProcessExecutor, spill: Spill) -> None:
         self.executor, self.spill = executor, spill
+        self._early: dict[str, Future[Any] | None] = {}
+
+    def start_early(self, kinds: Iterable[str]) -> None:
+        """``kinds``' decisions started now, before this process combines what the partitions
+        returned and decides the endpoints' critical paths (which they do not read), for
+        :meth:`start` to take up."""
+        for kind in kinds:
+            self._early[kind] = self.executor.submit(decide_kept, self.spill, kind)
 
     def start(self, kind: str, notes: _HeldNotes) -> Future[list[Finding]] | None:
         """``kind``'s decision started in a worker (None: no worker to run it now); its near
         misses are added to ``notes`` when its findings arrive."""
-        started = self.executor.submit(decide_kept, self.spill, kind)
+        started = (
+            self._early.pop(kind)
+            if kind in self._early
+            else self.executor.submit(decide_kept, self.spill, kind)
+        )
         if started is None:
             return None
         out: Future[list[Finding]] = Future()
@@ -1296,6 +1308,18 @@ def run_extraction(
     # the workers are done: stopped now, so the memory they keep from their last partition is not
     # held beside the combined rows and the decision
     executor.idle()
+    # a kind decided beside the others in a worker kept idle through the decision, which reads
+    # its kept rows itself (not a thread of this process): started before the rows are combined
+    elsewhere = (
+        Elsewhere(executor, spill)
+        if spill is not None
+        and results
+        and all(r.kept for r in results)
+        and isinstance(executor, ProcessExecutor)
+        else None
+    )
+    if elsewhere is not None and decide_beside and len(PARTS) > 1:  # (as ``decide`` takes them)
+        elsewhere.start_early(k for k in PARTS if k in DECIDE_BESIDE)
     if progress:
         progress("combining the partitions' rows", 0, 0)
     trace_parts = pl.concat(  # by task: the n-th result is partition n of this run
@@ -1327,13 +1351,6 @@ def run_extraction(
         del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     memlog.note("rows combined, critical paths decided")
-    # a kind decided beside the others in a worker kept idle through the decision, which reads
-    # its kept rows itself (not a thread of this process)
-    elsewhere = (
-        Elsewhere(executor, spill)
-        if spill is not None and isinstance(rows, KeptRows) and isinstance(executor, ProcessExecutor)
-        else None
-    )
     decided = decide(rows, notes, spill, beside=decide_beside, progress=progress, elsewhere=elsewhere)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths, trace_parts)

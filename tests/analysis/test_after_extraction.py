@@ -101,19 +101,31 @@ def _same(a: list[Finding], b: list[Finding]) -> None:
     ]
 
 
-def test_a_kind_decided_beside_the_others_is_decided_in_an_idle_worker_the_same(tmp_path: Path) -> None:
+def test_a_kind_decided_beside_the_others_is_decided_in_an_idle_worker_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With the workers kept through the decision (the plan's ``keep``), the kinds decided beside
     the others (``DECIDE_BESIDE``: lock_contention's sweep) are decided in one of them, which
-    reads the kind's kept rows itself, not in a thread of the deciding process: the same
-    findings, in the same order, and the same near misses in the same order."""
+    reads the kind's kept rows itself, not in a thread of the deciding process, and starts
+    before this process combines the partitions' critical paths: the same findings, in the
+    same order, and the same near misses in the same order."""
     db = _store(tmp_path)
     expected, expected_notes = _extracted(db, tmp_path, partitions.SerialExecutor(), beside=False)
     executor = _Recording(1, keep=True)
+    when_paths: list[list[str]] = []
+    kept_paths = partitions.kept_paths
+
+    def paths(spill: Spill) -> Any:
+        when_paths.append(list(executor.submitted))
+        return kept_paths(spill)
+
+    monkeypatch.setattr(partitions, "kept_paths", paths)
     try:
         got, notes = _extracted(db, tmp_path, executor, beside=True)
     finally:
         executor.close()
     assert executor.submitted == list(partitions.DECIDE_BESIDE)
+    assert when_paths == [list(partitions.DECIDE_BESIDE)]  # (started before the paths)
     assert any(f.kind == "lock_contention" for f in expected.findings)  # (something to compare)
     _same(got.findings, expected.findings)
     assert notes.near_misses == expected_notes.near_misses
