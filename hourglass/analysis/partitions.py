@@ -185,11 +185,14 @@ def decide(
     *,
     beside: bool = False,
     progress: Progress | None = None,
+    elsewhere: Elsewhere | None = None,
 ) -> dict[str, list[Finding]]:
     """Each split detector's decision over combined rows (with ``spill``, the tables it spilled
     read from there, one bucket at a time). With ``beside``, the kinds of ``DECIDE_BESIDE`` are
-    decided in a thread of their own beside the others; the findings and the near misses (each
-    kind's noted apart, then added in the kinds' order) are the same as one kind after another.
+    decided in a thread of their own beside the others — or, with ``elsewhere``, in an idle
+    worker process (:class:`Elsewhere`; here after all when it cannot start one, or the worker
+    fails); the findings and the near misses (each kind's noted apart, then
+    added in the kinds' order) are the same as one kind after another.
     ``progress``: told ("deciding", kinds decided, kinds) from this thread as they are."""
     out: dict[str, list[Finding]] = {}
     decided, kinds = 0, len(rows)
@@ -200,7 +203,15 @@ def decide(
     # (the collector paused over them all when a kind is decided aside: one thread's pause must
     # not end in the middle of the other's)
     with _collector_paused() if aside else nullcontext(), ThreadPoolExecutor(1, "hourglass-decide") as pool:
-        futures = {k: pool.submit(_decide_kind, k, rows, logs[k], spill) for k in aside}
+        futures: dict[str, Future[list[Finding]]] = {}
+        remote: set[str] = set()
+        for k in aside:
+            started = elsewhere.start(k, logs[k]) if elsewhere is not None else None
+            if started is not None:
+                futures[k] = started
+                remote.add(k)
+            else:
+                futures[k] = pool.submit(_decide_kind, k, rows, logs[k], spill)
         for kind in rows:
             if kind not in futures:
                 out[kind] = _decide_kind(kind, rows, logs.get(kind, notes), spill)
@@ -208,13 +219,81 @@ def decide(
                 if progress:
                     progress("deciding", decided, kinds)
         for kind, future in futures.items():
-            out[kind] = future.result()
+            try:
+                out[kind] = future.result()
+            except Exception as exc:
+                if kind not in remote or elsewhere is None:
+                    raise
+                # (its notes are told with its findings only: none held yet)
+                log.warning("deciding %s in a worker process failed (%s); deciding it here", kind, exc)
+                elsewhere.failed(exc)
+                out[kind] = _decide_kind(kind, rows, logs[kind], spill)
             decided += 1
             if progress:
                 progress("deciding", decided, kinds)
     for held in logs.values():  # in the kinds' order, as if decided one after another
         held.replay(notes)
     return {kind: out[kind] for kind in rows}
+
+
+class Elsewhere:
+    """Kinds of kept rows (:class:`KeptRows`) decided in a worker process of ``executor`` that
+    has nothing to do meanwhile (``ProcessExecutor.submit``: the workers kept through the
+    decision), each reading its kind's rows and buckets from ``spill`` itself: measured at 1M
+    spans, lock_contention's sweep (about half of the decision) took turns with the other kinds
+    on this process' interpreter and cores while both workers sat idle. The findings and near
+    misses come back pickled, as a pricing task's do."""
+
+    def __init__(self, executor: ProcessExecutor, spill: Spill) -> None:
+        self.executor, self.spill = executor, spill
+        self._early: dict[str, Future[Any] | None] = {}
+
+    def start_early(self, kinds: Iterable[str]) -> None:
+        """``kinds``' decisions started now, before this process combines what the partitions
+        returned and decides the endpoints' critical paths (which they do not read), for
+        :meth:`start` to take up."""
+        for kind in kinds:
+            self._early[kind] = self.executor.submit(decide_kept, self.spill, kind)
+
+    def start(self, kind: str, notes: _HeldNotes) -> Future[list[Finding]] | None:
+        """``kind``'s decision started in a worker (None: no worker to run it now); its near
+        misses are added to ``notes`` when its findings arrive."""
+        started = (
+            self._early.pop(kind)
+            if kind in self._early
+            else self.executor.submit(decide_kept, self.spill, kind)
+        )
+        if started is None:
+            return None
+        out: Future[list[Finding]] = Future()
+
+        def arrived(done: Future[tuple[list[Finding], list[tuple[tuple[Any, ...], dict[str, Any]]]]]) -> None:
+            try:
+                found, calls = done.result()
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            notes.calls.extend(calls)
+            out.set_result(found)
+
+        started.add_done_callback(arrived)
+        return out
+
+    def failed(self, exc: BaseException) -> None:
+        """A decision that failed in a worker: a pool whose worker died is closed (the next map
+        starts another)."""
+        if isinstance(exc, BrokenProcessPool):
+            self.executor.close(wait=False)
+
+
+def decide_kept(
+    spill: Spill, kind: str
+) -> tuple[list[Finding], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """A worker's task: ``kind``'s decision over the rows the partitions kept in ``spill``
+    (:class:`KeptRows`), with the near misses it noted (every argument, in order)."""
+    held = _HeldNotes()
+    found = _decide_kind(kind, KeptRows(spill, [kind]), held, spill)
+    return found, held.calls
 
 
 class _HeldNotes(NearMissLog):
@@ -747,9 +826,12 @@ def price_part(
     if ctx is None:
         ctx = AnalysisContext.from_table(source.load(part, parts, trace_ids=wanted))
     memlog.note(f"price {part + 1}/{parts} context")
+    # the context holds every trace of the findings' occurrences (the shares of this partition:
+    # ``findings_by_partition``): none is left out, so each finding's are not looked up again
+    everywhere = ctx.traces.height == len(wanted) and set(ctx.traces["trace_id"].to_list()) == set(wanted)
     try:
         durations = {f.id: call_durations(ctx, f) for f in findings} if calls else {}
-        priced = Priced(price(ctx, findings), durations)
+        priced = Priced(price(ctx, findings, everywhere=everywhere), durations)
     finally:
         # the what-if engine the context caches (``WhatIf.of``) refers back to it: a cycle, which
         # only the cyclic collector frees, and it seldom ran in a worker between pricing tasks, so
@@ -761,10 +843,15 @@ def price_part(
     return priced
 
 
-def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpact]:
+def price(
+    ctx: AnalysisContext, findings: list[Finding], *, everywhere: bool = False
+) -> dict[str, PricedImpact]:
     """The what-if saving of each finding's occurrences that lie in ``ctx``'s traces: the
     per-trace savings and root durations, without the traces' ids (:data:`PricedImpact`: the
-    merged :class:`Impact` has none, so a worker neither builds nor pickles a string per trace)."""
+    merged :class:`Impact` has none, so a worker neither builds nor pickles a string per trace).
+    ``everywhere``: every occurrence's trace is one of ``ctx``'s (the caller checked), so none is
+    looked up (a look-up of every occurrence's trace among the context's, per finding, was ~a
+    fifth of a pricing task at 1M spans)."""
     here = ctx.traces["trace_id"]
     out: dict[str, PricedImpact] = {}
     whatif: WhatIf | None = None
@@ -772,7 +859,8 @@ def price(ctx: AnalysisContext, findings: list[Finding]) -> dict[str, PricedImpa
         occurrences = finding.occurrence_table
         if not occurrences.any_interventions():
             continue
-        mine = occurrences.take(np.flatnonzero(occurrences.has_interventions() & occurrences.in_traces(here)))
+        timed = occurrences.has_interventions()
+        mine = occurrences.take(np.flatnonzero(timed if everywhere else timed & occurrences.in_traces(here)))
         if not mine:
             continue
         whatif = whatif or WhatIf.of(ctx)
@@ -990,6 +1078,17 @@ class ProcessExecutor:
             if broken:
                 self.close(wait=False)
         return results
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
+        """``fn(*args)`` in a worker of the pool as it is (the workers kept through the decision:
+        ``keep``), beside what this process does; None when there is no such pool (stopped, or
+        its workers still starting) or it is broken."""
+        if self._pool is None or not self.keep_when_idle or self._starting:
+            return None
+        try:
+            return self._pool.submit(fn, *args)
+        except (BrokenProcessPool, RuntimeError):  # (broken, or shut down)
+            return None
 
     def warm(self) -> None:
         """Start the worker processes now (their interpreters and the analysis' imports, ~0.4 s
@@ -1256,6 +1355,18 @@ def run_extraction(
     # the workers are done: stopped now, so the memory they keep from their last partition is not
     # held beside the combined rows and the decision
     executor.idle()
+    # a kind decided beside the others in a worker kept idle through the decision, which reads
+    # its kept rows itself (not a thread of this process): started before the rows are combined
+    elsewhere = (
+        Elsewhere(executor, spill)
+        if spill is not None
+        and results
+        and all(r.kept for r in results)
+        and isinstance(executor, ProcessExecutor)
+        else None
+    )
+    if elsewhere is not None and decide_beside and len(PARTS) > 1:  # (as ``decide`` takes them)
+        elsewhere.start_early(k for k in PARTS if k in DECIDE_BESIDE)
     if progress:
         progress("combining the partitions' rows", 0, 0)
     trace_parts = pl.concat(  # by task: the n-th result is partition n of this run
@@ -1287,7 +1398,7 @@ def run_extraction(
         del paths
     del results  # the partitions' own copies: the decision holds the combined rows alone
     memlog.note("rows combined, critical paths decided")
-    decided = decide(rows, notes, spill, beside=decide_beside, progress=progress)
+    decided = decide(rows, notes, spill, beside=decide_beside, progress=progress, elsewhere=elsewhere)
     findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
     return Extracted(findings, traces, spans, services, critical_paths, trace_parts)
 

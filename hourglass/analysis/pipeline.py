@@ -652,8 +652,32 @@ def _traces_of(table: pa.Table, trace_ids: list[str]) -> pa.Table:
     their order: what ``read_traces(trace_ids)`` returns (a store matches ids lowercased)."""
     import pyarrow.compute as pc
 
-    wanted = pa.array(sorted({t.lower() for t in trace_ids}), type=pa.string())
+    # (the value set made by polars: ``pa.array`` of a Python list imports pandas, ~0.2 s of
+    # this process' time between the scoring and the texts, on the run's critical path)
+    wanted = pl.Series(sorted({t.lower() for t in trace_ids}), dtype=pl.String).to_arrow().cast(pa.string())
     return table.filter(pc.is_in(table.column("trace_id").cast(pa.string()), value_set=wanted))
+
+
+def _priced_ahead(
+    ranked: list[Scored],
+    report: dict[str, Any],
+    priced_together: Callable[[list[Finding], partitions.Progress | None], dict[str, Impact]],
+    counted: list[tuple[int, int]] | None,
+) -> tuple[list[str], dict[str, Impact]]:
+    """The findings the workstream plan of ``ranked`` and ``report`` prices together
+    (``workstreams.combined_findings``), priced: their ids and impacts. ``counted``: the pricing's
+    progress (done, total) kept there, for the thread that plans to tell."""
+    from hourglass.analysis.workstreams import combined_findings
+
+    found = combined_findings(ranked, report)
+    if not found:
+        return [], {}
+
+    def told(_: str, done: int, total: int) -> None:
+        if counted is not None:
+            counted.append((done, total))
+
+    return [f.id for f in found], priced_together(found, told if counted is not None else None)
 
 
 def _let_go(findings: list[Finding]) -> None:
@@ -799,6 +823,25 @@ def _analyze_partitioned(
         spans_analyzed=extracted.spans,
         near_misses=near_misses,
     )
+
+    def priced_together(found: list[Finding], told: partitions.Progress | None) -> dict[str, Impact]:
+        return partitions.run_pricing(
+            source, parts, executor, found, told, trace_parts=extracted.trace_parts, prepared=prepared
+        )[0]
+
+    # The workstreams' what-ifs (the recommendations of one service priced together) depend on
+    # the report's recommendations alone: priced from here, in a thread of their own, while this
+    # one reads the services' and exemplars' traces and writes the texts (the worker processes
+    # idle meanwhile), instead of after them. Only where the services' traces are read beside
+    # the pricing (``beside``): not for tasks run in this process (a store opened once per
+    # process), nor a caller's extraction (serve's round parks the findings' occurrences, which
+    # the stages between let go: priced after them, as before).
+    counted: list[tuple[int, int]] = []  # the pass' progress, told from this thread when planned
+    ahead = (
+        _beside(lambda: _priced_ahead(ranked, report, priced_together, counted if progress else None))
+        if beside
+        else None
+    )
     _let_go(extracted.findings)
     read = service_traces.result() if service_traces is not None else None
     resources = service_resources(
@@ -829,16 +872,14 @@ def _analyze_partitioned(
         if progress:
             progress("pricing workstreams", done, total)
 
-    def priced_together(found: list[Finding]) -> dict[str, Impact]:
-        return partitions.run_pricing(
-            source,
-            parts,
-            executor,
-            found,
-            priced_workstreams if progress else None,
-            trace_parts=extracted.trace_parts,
-            prepared=prepared,
-        )[0]
+    def impacts_of(found: list[Finding]) -> dict[str, Impact]:
+        if ahead is not None:
+            ids, priced = ahead.result()
+            if ids == [f.id for f in found]:  # (the same recommendations: the same findings)
+                for done, total in counted[-1:]:
+                    priced_workstreams("", done, total)
+                return priced
+        return priced_together(found, priced_workstreams if progress else None)
 
     from hourglass.analysis.workstreams import build_workstreams
 
@@ -851,7 +892,7 @@ def _analyze_partitioned(
             report,
             resources,
             traced_services=set(extracted.services["service"].to_list()),
-            impacts_of=priced_together,
+            impacts_of=impacts_of,
         )
     except Exception:
         log.exception("the workstream plan failed")

@@ -82,6 +82,38 @@ def _combined(findings: list[Finding], service: str) -> Finding | None:
     return Finding("workstream", "parallelization", service, "", [], occurrences, 1.0)
 
 
+def _timed(ids: list[str], findings: Mapping[str, Finding]) -> list[Finding]:
+    """The findings of recommendations ``ids`` that re-time something (have interventions)."""
+    members = [findings[i] for i in ids if i in findings]
+    return [f for f in members if f.occurrence_table.any_interventions()]
+
+
+def _combined_groups(recs: list[Mapping[str, Any]], findings: Mapping[str, Finding]) -> dict[str, Finding]:
+    """Workstream id -> its findings as one (:func:`_combined`), for each service whose
+    recommendations hold two or more that re-time something: the what-ifs of a plan, priced
+    together. The recommendations alone decide them (their services and ids, in their order)."""
+    members: dict[str, list[str]] = {}  # service -> its recommendations, in the report's order
+    for rec in recs:
+        members.setdefault(str(rec.get("service")), []).append(rec["id"])
+    combined: dict[str, Finding] = {}
+    for service, ids in members.items():
+        timed = _timed(ids, findings)
+        if len(timed) > 1:
+            joined = _combined(timed, service)
+            if joined is not None:
+                combined[_ws_id(service)] = joined
+    return combined
+
+
+def combined_findings(ranked: list[Scored], report: Mapping[str, Any]) -> list[Finding]:
+    """The findings :func:`build_workstreams` of ``ranked`` and ``report`` prices together (what
+    it passes to ``impacts_of``), for a caller that prices them before it builds the plan."""
+    recs = list(report.get("recommendations") or [])
+    if not recs:
+        return []
+    return list(_combined_groups(recs, {s.finding.id: s.finding for s in ranked}).values())
+
+
 def build_workstreams(
     ctx: AnalysisContext | None,
     ranked: list[Scored],
@@ -153,16 +185,11 @@ def build_workstreams(
 
     by_id = {g["id"]: g for g in groups.values()}
     impacts = {r["id"]: r.get("impact") for r in recs}
-    combined: dict[str, Finding] = {}  # group id -> its findings as one, when two or more re-time
     for g in groups.values():
-        members = [findings[i] for i in g["recommendations"] if i in findings]
-        timed = [f for f in members if f.occurrence_table.any_interventions()]
+        timed = _timed(g["recommendations"], findings)
         if len(timed) == 1:  # one finding: its own what-if is the group's
             g["impact"] = dict(impacts.get(timed[0].id) or {}) or None
-        elif timed:
-            joined = _combined(timed, g["service"])
-            if joined is not None:
-                combined[g["id"]] = joined
+    combined = _combined_groups(recs, findings)
     priced = impacts_of(list(combined.values())) if combined else {}
     for g in groups.values():
         if g["id"] in combined:
