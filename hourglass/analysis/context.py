@@ -106,15 +106,21 @@ class AnalysisContext(NearMissLog):
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
         df = to_analysis_frame(table)
-        df = repair.deduplicate(df)
         # Canonical order (trace_id, start_ns, span_id): a trace's spans are contiguous and the
-        # report does not depend on input order. Stores already return rows in this order.
-        if not _is_canonical_order(df):
-            df = df.sort(["trace_id", "start_ns", "span_id"])
+        # report does not depend on input order. Stores already return rows in this order, and
+        # then the parent links' keys, all distinct, prove there is no duplicate to remove.
+        keys = None
+        if df["trace_id"].null_count() == 0 and _is_canonical_order(df):
+            keys = repair.span_keys(df)
+        if keys is None or not repair.distinct_keys(keys):
+            df = repair.deduplicate(df)
+            if not _is_canonical_order(df):
+                df = df.sort(["trace_id", "start_ns", "span_id"])
+            keys = None
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
-        parent, orphan = repair.link_parents(df)
+        parent, orphan = repair.link_parents(df, keys)
         had_parent_id = orphan | (parent >= 0)
         parent, depth, root = repair.tree_depth_and_root(parent, start)
         orphan = had_parent_id & (parent < 0)
