@@ -105,14 +105,17 @@ class AnalysisContext(NearMissLog):
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
-        df = to_analysis_frame(table)
+        # one chunk per column (a store's read comes in batches): every pass below, and every
+        # detector's, reads contiguous columns
+        df = to_analysis_frame(table).rechunk()
         # Canonical order (trace_id, start_ns, span_id): a trace's spans are contiguous and the
         # report does not depend on input order. Stores already return rows in this order, and
         # then the parent links' keys, all distinct, prove there is no duplicate to remove.
         keys = None
         if df["trace_id"].null_count() == 0 and _is_canonical_order(df):
             keys = repair.span_keys(df)
-        if keys is None or not repair.distinct_keys(keys):
+            distinct = repair.distinct_keys(keys)
+        if keys is None or not distinct:
             df = repair.deduplicate(df)
             if not _is_canonical_order(df):
                 df = df.sort(["trace_id", "start_ns", "span_id"])
@@ -120,7 +123,7 @@ class AnalysisContext(NearMissLog):
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
-        parent, orphan = repair.link_parents(df, keys)
+        parent, orphan = repair.link_parents(df, keys, distinct if keys is not None else None)
         had_parent_id = orphan | (parent >= 0)
         parent, depth, root = repair.tree_depth_and_root(parent, start)
         orphan = had_parent_id & (parent < 0)
@@ -159,10 +162,8 @@ class AnalysisContext(NearMissLog):
             pl.Series("root_span_id", span_ids.gather(root)),
             pl.Series("root_duration_ns", duration[root]),
             pl.Series("row", np.arange(df.height, dtype=np.uint32)),
-            pl.Series("parent_row", parent, dtype=pl.Int64),
+            pl.Series("parent_row", pa.array(parent, type=pa.int64(), mask=parent < 0)),  # null for roots
             pl.Series("clock_skew_ns", shift),
-        ).with_columns(
-            pl.when(pl.col("parent_row") >= 0).then(pl.col("parent_row")).otherwise(None).alias("parent_row")
         )
         return cls(spans=spans, traces=_trace_frame(spans), critical=cp)
 

@@ -167,18 +167,23 @@ def distinct_keys(keys: pl.DataFrame) -> bool:
     return bool(keys["key"].n_unique() == keys.height)
 
 
-def link_parents(df: pl.DataFrame, keys: pl.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+def link_parents(
+    df: pl.DataFrame, keys: pl.DataFrame | None = None, distinct: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent).
 
     ``df`` must hold each trace's rows together (the context sorts by trace first). The lookup key
     is the trace's position mixed with a 64-bit hash of the span id — integers, far cheaper than
     joining string columns — and every match is verified with an independently seeded hash of the
     ids and the trace position, so a collision can only lose a link (the span becomes an orphan),
-    never make a wrong one. ``keys``: ``span_keys(df)``, when already made."""
+    never make a wrong one. ``keys``: ``span_keys(df)``, when already made (``distinct``: its
+    :func:`distinct_keys`, when known)."""
     ids = span_keys(df) if keys is None else keys
     trace = ids["trace"].to_numpy()
     has_parent_id = ids["has_parent_id"].to_numpy()
-    if distinct_keys(ids):  # (always, but for a hash collision) each parent key matches one row at most
+    if (
+        distinct_keys(ids) if distinct is None else distinct
+    ):  # (always, but for a hash collision) each parent key matches one row at most
         rows = pl.int_range(pl.len(), dtype=pl.Int64).alias("row")
         matched = ids.select(pl.col("parent_key").alias("key")).join(
             ids.select("key", rows), on="key", how="left", maintain_order="left"
