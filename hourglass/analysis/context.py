@@ -165,7 +165,11 @@ class AnalysisContext(NearMissLog):
             pl.Series("parent_row", pa.array(parent, type=pa.int64(), mask=parent < 0)),  # null for roots
             pl.Series("clock_skew_ns", shift),
         )
-        return cls(spans=spans, traces=_trace_frame(spans), critical=cp)
+        trace = (
+            keys["trace"] if keys is not None else df.select(pl.col("trace_id").rle_id()).to_series()
+        ).to_numpy()
+        traces = _trace_frame_in_order(spans, trace.astype(np.int64), parent < 0, orphan, start, duration)
+        return cls(spans=spans, traces=_trace_frame(spans) if traces is None else traces, critical=cp)
 
     # -- conveniences shared by detectors, what-if and writers -----------------------------------
 
@@ -232,6 +236,49 @@ def _is_canonical_order(df: pl.DataFrame) -> bool:
         (t == t.shift(1)) & ((s > s.shift(1)) | ((s == s.shift(1)) & (i > i.shift(1))))
     )
     return bool(df.select(later.slice(1).all()).item())
+
+
+def _trace_frame_in_order(
+    spans: pl.DataFrame,
+    trace: np.ndarray,
+    is_root: np.ndarray,
+    orphan: np.ndarray,
+    start: np.ndarray,
+    duration: np.ndarray,
+) -> pl.DataFrame | None:
+    """:func:`_trace_frame` of spans in canonical order (``trace``: each row's trace position),
+    from their arrays: the roots ordered by numpy, the counts per trace by its runs, strings
+    gathered once per trace. None when two roots of a trace tie on the order of the choice
+    (``_trace_frame`` decides those) or there are no spans."""
+    n = spans.height
+    if n == 0:
+        return None
+    first = np.flatnonzero(np.diff(trace, prepend=-1))  # each trace's first row
+    roots = np.flatnonzero(is_root)
+    by_choice = roots[np.lexsort((start[roots], -duration[roots], orphan[roots], trace[roots]))]
+    t, o, d, s = trace[by_choice], orphan[by_choice], duration[by_choice], start[by_choice]
+    if ((t[1:] == t[:-1]) & (o[1:] == o[:-1]) & (d[1:] == d[:-1]) & (s[1:] == s[:-1])).any():
+        return None
+    chosen = by_choice[np.flatnonzero(np.diff(t, prepend=-1))]
+    if chosen.size != first.size:  # (every trace has a root: cycles are cut)
+        return None
+    incomplete = (
+        np.logical_or.reduceat(orphan, first)
+        | (np.add.reduceat(is_root.astype(np.int64), first) > 1)
+        | ~np.logical_or.reduceat(is_root & ~orphan, first)
+    )
+    return pl.DataFrame(
+        [
+            spans["trace_id"].gather(chosen),
+            spans["span_id"].gather(chosen).alias("root_span_id"),
+            spans["service"].gather(chosen).alias("root_service"),
+            spans["name"].gather(chosen).alias("root_name"),
+            pl.Series("root_start_ns", start[chosen], dtype=pl.Int64),
+            pl.Series("root_duration_ns", duration[chosen], dtype=pl.Int64),
+            pl.Series("span_count", np.diff(np.append(first, n)), dtype=pl.UInt32),
+            pl.Series("incomplete", incomplete, dtype=pl.Boolean),
+        ]
+    )
 
 
 def _trace_frame(spans: pl.DataFrame) -> pl.DataFrame:
