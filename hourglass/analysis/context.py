@@ -162,7 +162,7 @@ class AnalysisContext(NearMissLog):
             pl.Series("root_span_id", span_ids.gather(root)),
             pl.Series("root_duration_ns", duration[root]),
             pl.Series("row", np.arange(df.height, dtype=np.uint32)),
-            pl.Series("parent_row", pa.array(parent, type=pa.int64(), mask=parent < 0)),  # null for roots
+            _null_below_zero(pl.Series("parent_row", parent, dtype=pl.Int64)),  # null for roots
             pl.Series("clock_skew_ns", shift),
         )
         trace = (
@@ -226,6 +226,12 @@ class AnalysisContext(NearMissLog):
 
     def summary(self) -> dict[str, Any]:
         return {"traces": self.traces.height, "spans": self.spans.height}
+
+
+def _null_below_zero(series: pl.Series) -> pl.Series:
+    """``series`` with null for its negative values: on the series alone (a pass over the whole
+    frame rechunked every column; ``pa.array`` with a mask imports pandas, ~20 MiB of each worker)."""
+    return series.to_frame().select(pl.when(pl.col(series.name) >= 0).then(pl.col(series.name))).to_series()
 
 
 def _is_canonical_order(df: pl.DataFrame) -> bool:
