@@ -111,19 +111,21 @@ class AnalysisContext(NearMissLog):
         # Canonical order (trace_id, start_ns, span_id): a trace's spans are contiguous and the
         # report does not depend on input order. Stores already return rows in this order, and
         # then the parent links' keys, all distinct, prove there is no duplicate to remove.
-        keys = None
-        if df["trace_id"].null_count() == 0 and _is_canonical_order(df):
-            keys = repair.span_keys(df)
-            distinct = repair.distinct_keys(keys)
-        if keys is None or not distinct:
+        in_order = df["trace_id"].null_count() == 0 and _is_canonical_order(df)
+        keys = repair.span_keys(df) if in_order else None
+        distinct = keys is not None and repair.distinct_keys(keys)
+        if not distinct:
             df = repair.deduplicate(df)
             if not _is_canonical_order(df):
                 df = df.sort(["trace_id", "start_ns", "span_id"])
-            keys = None
+            keys = repair.span_keys(df)
+            distinct = repair.distinct_keys(keys)
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
-        parent, orphan = repair.link_parents(df, keys, distinct if keys is not None else None)
+        parent, orphan = repair.link_parents(df, keys, distinct)
+        trace = keys["trace"].to_numpy().astype(np.int64)  # each row's trace position
+        del keys
         had_parent_id = orphan | (parent >= 0)
         parent, depth, root = repair.tree_depth_and_root(parent, start)
         orphan = had_parent_id & (parent < 0)
@@ -165,10 +167,9 @@ class AnalysisContext(NearMissLog):
             _null_below_zero(pl.Series("parent_row", parent, dtype=pl.Int64)),  # null for roots
             pl.Series("clock_skew_ns", shift),
         )
-        trace = (
-            keys["trace"] if keys is not None else df.select(pl.col("trace_id").rle_id()).to_series()
-        ).to_numpy()
-        traces = _trace_frame_in_order(spans, trace.astype(np.int64), parent < 0, orphan, start, duration)
+        traces = None
+        if df["trace_id"].null_count() == 0:  # (a run of null ids is one trace here, not in a group_by)
+            traces = _trace_frame_in_order(spans, trace, parent < 0, orphan, start, duration)
         return cls(spans=spans, traces=_trace_frame(spans) if traces is None else traces, critical=cp)
 
     # -- conveniences shared by detectors, what-if and writers -----------------------------------

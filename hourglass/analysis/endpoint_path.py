@@ -132,7 +132,7 @@ def _own_tree_on_path_in_order(ctx: AnalysisContext) -> pl.DataFrame | None:
     a span is in its root's tree when its ``root_span_id`` is its trace's, compared row by row
     instead of joined. None when the spans are not in that order."""
     spans, traces = ctx.spans, ctx.traces
-    if spans.height == 0:
+    if spans.height == 0 or spans["trace_id"].null_count():
         return None
     trace = spans.select(pl.col("trace_id").rle_id()).to_series().to_numpy()
     first = np.flatnonzero(np.diff(trace, prepend=-1))

@@ -145,11 +145,16 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 def span_keys(df: pl.DataFrame) -> pl.DataFrame:
     """The lookup keys :func:`link_parents` matches, one row per row of ``df`` (which must hold each
-    trace's rows together, and no null trace id): ``trace`` (the trace's position), ``key`` (that
+    trace's rows together): ``trace`` (the trace's position), ``key`` (that
     position mixed with a 64-bit hash of the span id), ``parent_key`` (the same of the parent id),
     ``s2``/``p2`` (independently seeded hashes of the ids), ``has_parent_id``, ``self_parent``.
     Distinct keys prove that no two rows share (trace_id, span_id) (:func:`distinct_keys`)."""
-    trace = pl.col("trace_id").rle_id().cast(pl.UInt64)
+    if df["trace_id"].null_count() == 0:
+        trace = pl.col("trace_id").rle_id().cast(pl.UInt64)
+    else:  # (each null id its own run, as link_parents always counted them)
+        trace = ((pl.col("trace_id") != pl.col("trace_id").shift(1)).fill_null(True).cum_sum() - 1).cast(
+            pl.UInt64
+        )
     mixed = trace * pl.lit(int(_MIX), dtype=pl.UInt64)  # wraps around, as numpy's uint64 does
     return df.select(
         trace.alias("trace"),

@@ -198,3 +198,15 @@ def test_building_a_context_does_not_import_pandas() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_null_trace_ids_take_the_general_paths() -> None:
+    """A null trace id is not a trace (each such span its own run when linking parents, one
+    group in the polars trace frame): the shortcuts step aside."""
+    df = random_spans(15, traces=4).with_columns(
+        pl.when(pl.int_range(pl.len()) < 3).then(None).otherwise(pl.col("trace_id")).alias("trace_id")
+    )
+    ctx = AnalysisContext.from_table(df)
+    assert ctx.traces.equals(_trace_frame(ctx.spans))
+    assert endpoint_path._own_tree_on_path_in_order(ctx) is None
+    path_rows(ctx)
