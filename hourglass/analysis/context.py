@@ -105,16 +105,27 @@ class AnalysisContext(NearMissLog):
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> AnalysisContext:
-        df = to_analysis_frame(table)
-        df = repair.deduplicate(df)
+        # one chunk per column (a store's read comes in batches): every pass below, and every
+        # detector's, reads contiguous columns
+        df = to_analysis_frame(table).rechunk()
         # Canonical order (trace_id, start_ns, span_id): a trace's spans are contiguous and the
-        # report does not depend on input order. Stores already return rows in this order.
-        if not _is_canonical_order(df):
-            df = df.sort(["trace_id", "start_ns", "span_id"])
+        # report does not depend on input order. Stores already return rows in this order, and
+        # then the parent links' keys, all distinct, prove there is no duplicate to remove.
+        in_order = df["trace_id"].null_count() == 0 and _is_canonical_order(df)
+        keys = repair.span_keys(df) if in_order else None
+        distinct = keys is not None and repair.distinct_keys(keys)
+        if not distinct:
+            df = repair.deduplicate(df)
+            if not _is_canonical_order(df):
+                df = df.sort(["trace_id", "start_ns", "span_id"])
+            keys = repair.span_keys(df)
+            distinct = repair.distinct_keys(keys)
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
-        parent, orphan = repair.link_parents(df)
+        parent, orphan = repair.link_parents(df, keys, distinct)
+        trace = keys["trace"].to_numpy().astype(np.int64)  # each row's trace position
+        del keys
         had_parent_id = orphan | (parent >= 0)
         parent, depth, root = repair.tree_depth_and_root(parent, start)
         orphan = had_parent_id & (parent < 0)
@@ -153,12 +164,13 @@ class AnalysisContext(NearMissLog):
             pl.Series("root_span_id", span_ids.gather(root)),
             pl.Series("root_duration_ns", duration[root]),
             pl.Series("row", np.arange(df.height, dtype=np.uint32)),
-            pl.Series("parent_row", parent, dtype=pl.Int64),
+            _null_below_zero(pl.Series("parent_row", parent, dtype=pl.Int64)),  # null for roots
             pl.Series("clock_skew_ns", shift),
-        ).with_columns(
-            pl.when(pl.col("parent_row") >= 0).then(pl.col("parent_row")).otherwise(None).alias("parent_row")
         )
-        return cls(spans=spans, traces=_trace_frame(spans), critical=cp)
+        traces = None
+        if df["trace_id"].null_count() == 0:  # (a run of null ids is one trace here, not in a group_by)
+            traces = _trace_frame_in_order(spans, trace, parent < 0, orphan, start, duration)
+        return cls(spans=spans, traces=_trace_frame(spans) if traces is None else traces, critical=cp)
 
     # -- conveniences shared by detectors, what-if and writers -----------------------------------
 
@@ -217,6 +229,12 @@ class AnalysisContext(NearMissLog):
         return {"traces": self.traces.height, "spans": self.spans.height}
 
 
+def _null_below_zero(series: pl.Series) -> pl.Series:
+    """``series`` with null for its negative values: on the series alone (a pass over the whole
+    frame rechunked every column; ``pa.array`` with a mask imports pandas, ~20 MiB of each worker)."""
+    return series.to_frame().select(pl.when(pl.col(series.name) >= 0).then(pl.col(series.name))).to_series()
+
+
 def _is_canonical_order(df: pl.DataFrame) -> bool:
     if df.height < 2:
         return True
@@ -225,6 +243,49 @@ def _is_canonical_order(df: pl.DataFrame) -> bool:
         (t == t.shift(1)) & ((s > s.shift(1)) | ((s == s.shift(1)) & (i > i.shift(1))))
     )
     return bool(df.select(later.slice(1).all()).item())
+
+
+def _trace_frame_in_order(
+    spans: pl.DataFrame,
+    trace: np.ndarray,
+    is_root: np.ndarray,
+    orphan: np.ndarray,
+    start: np.ndarray,
+    duration: np.ndarray,
+) -> pl.DataFrame | None:
+    """:func:`_trace_frame` of spans in canonical order (``trace``: each row's trace position),
+    from their arrays: the roots ordered by numpy, the counts per trace by its runs, strings
+    gathered once per trace. None when two roots of a trace tie on the order of the choice
+    (``_trace_frame`` decides those) or there are no spans."""
+    n = spans.height
+    if n == 0:
+        return None
+    first = np.flatnonzero(np.diff(trace, prepend=-1))  # each trace's first row
+    roots = np.flatnonzero(is_root)
+    by_choice = roots[np.lexsort((start[roots], -duration[roots], orphan[roots], trace[roots]))]
+    t, o, d, s = trace[by_choice], orphan[by_choice], duration[by_choice], start[by_choice]
+    if ((t[1:] == t[:-1]) & (o[1:] == o[:-1]) & (d[1:] == d[:-1]) & (s[1:] == s[:-1])).any():
+        return None
+    chosen = by_choice[np.flatnonzero(np.diff(t, prepend=-1))]
+    if chosen.size != first.size:  # (every trace has a root: cycles are cut)
+        return None
+    incomplete = (
+        np.logical_or.reduceat(orphan, first)
+        | (np.add.reduceat(is_root.astype(np.int64), first) > 1)
+        | ~np.logical_or.reduceat(is_root & ~orphan, first)
+    )
+    return pl.DataFrame(
+        [
+            spans["trace_id"].gather(chosen),
+            spans["span_id"].gather(chosen).alias("root_span_id"),
+            spans["service"].gather(chosen).alias("root_service"),
+            spans["name"].gather(chosen).alias("root_name"),
+            pl.Series("root_start_ns", start[chosen], dtype=pl.Int64),
+            pl.Series("root_duration_ns", duration[chosen], dtype=pl.Int64),
+            pl.Series("span_count", np.diff(np.append(first, n)), dtype=pl.UInt32),
+            pl.Series("incomplete", incomplete, dtype=pl.Boolean),
+        ]
+    )
 
 
 def _trace_frame(spans: pl.DataFrame) -> pl.DataFrame:

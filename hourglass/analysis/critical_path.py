@@ -53,13 +53,7 @@ def sibling_predecessor(
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty, empty
     par = parent[rows]
-    # Sort by (parent, end, start) with two cheap argsorts instead of a 3-key lexsort: the stable
-    # sort by start then end gives each row its rank, and parent * n + rank is a unique int64 key.
-    by_start = np.argsort(start_ns[rows], kind="stable")
-    by_end = by_start[np.argsort(end_ns[rows][by_start], kind="stable")]
-    rank = np.empty(rows.size, dtype=np.int64)
-    rank[by_end] = np.arange(rows.size)
-    order = np.argsort(par.astype(np.int64) * rows.size + rank)
+    order = _order_by_parent_and_end(par, start_ns[rows], end_ns[rows], start_ns[par])
     rows = rows[order]
     par = par[order]
     ends = end_ns[rows]
@@ -87,6 +81,39 @@ def sibling_predecessor(
     prev = np.minimum(found, positions - 1)
     prev = np.where(prev >= gstart, prev, -1)
     return rows, prev, gstart, gend
+
+
+_PACKED_LIMIT = 1 << 62
+_VALUE_LIMIT = 1 << 61  # (an end minus a start stays inside int64)
+
+
+def _order_by_parent_and_end(
+    par: np.ndarray, start: np.ndarray, end: np.ndarray, parent_start: np.ndarray
+) -> np.ndarray:
+    """The order of rows by (parent, end, start, position). Usually one stable argsort of one int64
+    key, parent and end packed (the end relative to the parent's start, which keeps it small), which
+    is nearly sorted already: children follow their parent in the frame's order. Rows of one parent
+    that end together keep their positions; that is the order by start too when their starts do not
+    decrease, else (and when the key would not fit) two more argsorts."""
+    n = par.size
+    values = (end, start, parent_start)
+    if n and max(max(abs(int(v.min())), abs(int(v.max()))) for v in values) < _VALUE_LIMIT:
+        rel = end - parent_start
+        low = int(rel.min())
+        span = int(rel.max()) - low + 1
+        if (int(par.max()) + 1) * span < _PACKED_LIMIT:
+            order = np.argsort(par.astype(np.int64) * span + (rel - low), kind="stable")
+            p, e, s = par[order], end[order], start[order]
+            tie = (p[1:] == p[:-1]) & (e[1:] == e[:-1])
+            if not (tie & (s[1:] < s[:-1])).any():
+                return order
+    # Sort by (parent, end, start) with two cheap argsorts instead of a 3-key lexsort: the stable
+    # sort by start then end gives each row its rank, and parent * n + rank is a unique int64 key.
+    by_start = np.argsort(start, kind="stable")
+    by_end = by_start[np.argsort(end[by_start], kind="stable")]
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_end] = np.arange(n)
+    return np.argsort(par.astype(np.int64) * n + rank)
 
 
 def compute_critical_path(

@@ -97,25 +97,53 @@ def path_rows(ctx: AnalysisContext, endpoint: tuple[str, str] | None = None) -> 
     roots = ctx.traces
     if endpoint is not None:
         roots = roots.filter((pl.col("root_service") == endpoint[0]) & (pl.col("root_name") == endpoint[1]))
-    on_path = _own_tree_on_path(ctx, roots)
     traces = roots.select(
         "trace_id",
         pl.col("root_service").alias("service"),
         pl.col("root_name").alias("operation"),
         "root_duration_ns",
     )
+    in_order = _own_tree_on_path_in_order(ctx) if endpoint is None else None
+    if in_order is not None:
+        on_path = in_order
+        trace = "_trace"  # the trace's row of ctx.traces: the same order as its id, cheaper to sort and group
+    else:
+        on_path = _own_tree_on_path(ctx, roots)
+        trace = "trace_id"
     operations = on_path.group_by("trace_id", "service", "name").agg(pl.col("critical_ns").sum().alias("ns"))
     step = pl.col("service") + pl.lit(":") + pl.col("name")
-    ordered = on_path.sort(["trace_id", "start_ns", "depth", "row"]).select("trace_id", step.alias("step"))
+    ordered = on_path.select(trace, "start_ns", "depth", "row", step.alias("step")).sort(
+        [trace, "start_ns", "depth", "row"]
+    )
     folded = ordered.filter(
         (pl.col("step") != pl.col("step").shift(1))
-        | (pl.col("trace_id") != pl.col("trace_id").shift(1))
+        | (pl.col(trace) != pl.col(trace).shift(1))
         | pl.col("step").shift(1).is_null()
     )
-    paths = folded.group_by("trace_id", maintain_order=True).agg(
-        pl.col("step").str.join("\u001f").alias("key")
-    )
+    paths = folded.group_by(trace, maintain_order=True).agg(pl.col("step").str.join("\u001f").alias("key"))
+    if in_order is not None:
+        paths = paths.select(ctx.traces["trace_id"].gather(paths[trace]), "key")
     return PathRows(traces, operations, paths, _forest(ctx, on_path))
+
+
+def _own_tree_on_path_in_order(ctx: AnalysisContext) -> pl.DataFrame | None:
+    """:func:`_own_tree_on_path` of every trace when the spans hold each trace's rows together in
+    ``ctx.traces``' order (a context's canonical order), with ``_trace``, the trace's row there:
+    a span is in its root's tree when its ``root_span_id`` is its trace's, compared row by row
+    instead of joined. None when the spans are not in that order."""
+    spans, traces = ctx.spans, ctx.traces
+    if spans.height == 0 or spans["trace_id"].null_count():
+        return None
+    trace = spans.select(pl.col("trace_id").rle_id()).to_series().to_numpy()
+    first = np.flatnonzero(np.diff(trace, prepend=-1))
+    if first.size != traces.height or not spans["trace_id"].gather(first).equals(traces["trace_id"]):
+        return None
+    if not traces["trace_id"].is_sorted():  # (the rows' order is the ids' order: paths come out in it)
+        return None
+    on = np.flatnonzero(spans["on_critical_path"].to_numpy())
+    own = (spans["root_span_id"].gather(on) == traces["root_span_id"].gather(trace[on])).fill_null(False)
+    rows = on[own.to_numpy()]
+    return on_path_frame(ctx, rows).with_columns(pl.Series("_trace", trace[rows]))
 
 
 _NODE_SCHEMA = {
@@ -658,11 +686,25 @@ def _icicle(
     ]
 
 
-def on_path_frame(ctx: AnalysisContext) -> pl.DataFrame:
-    """The on-path spans with the columns the aggregation reads (filter once for many endpoints)."""
-    return ctx.spans.filter(pl.col("on_critical_path")).select(
-        "trace_id", "service", "name", "start_ns", "depth", "critical_ns", "row", "parent_row", "root_span_id"
-    )
+_ON_PATH_COLUMNS = (
+    "trace_id",
+    "service",
+    "name",
+    "start_ns",
+    "depth",
+    "critical_ns",
+    "row",
+    "parent_row",
+    "root_span_id",
+)
+
+
+def on_path_frame(ctx: AnalysisContext, rows: np.ndarray | None = None) -> pl.DataFrame:
+    """The on-path spans with the columns the aggregation reads (filter once for many endpoints);
+    ``rows``: those rows instead (on the path, in order)."""
+    if rows is not None:
+        return ctx.spans.select(_ON_PATH_COLUMNS)[rows]
+    return ctx.spans.filter(pl.col("on_critical_path")).select(_ON_PATH_COLUMNS)
 
 
 def endpoints_of_rows(rows: PathRows) -> pl.DataFrame:

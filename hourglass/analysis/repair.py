@@ -143,38 +143,70 @@ def deduplicate(df: pl.DataFrame) -> pl.DataFrame:
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def link_parents(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def span_keys(df: pl.DataFrame) -> pl.DataFrame:
+    """The lookup keys :func:`link_parents` matches, one row per row of ``df`` (which must hold each
+    trace's rows together): ``trace`` (the trace's position), ``key`` (that
+    position mixed with a 64-bit hash of the span id), ``parent_key`` (the same of the parent id),
+    ``s2``/``p2`` (independently seeded hashes of the ids), ``has_parent_id``, ``self_parent``.
+    Distinct keys prove that no two rows share (trace_id, span_id) (:func:`distinct_keys`)."""
+    if df["trace_id"].null_count() == 0:
+        trace = pl.col("trace_id").rle_id().cast(pl.UInt64)
+    else:  # (each null id its own run, as link_parents always counted them)
+        trace = ((pl.col("trace_id") != pl.col("trace_id").shift(1)).fill_null(True).cum_sum() - 1).cast(
+            pl.UInt64
+        )
+    mixed = trace * pl.lit(int(_MIX), dtype=pl.UInt64)  # wraps around, as numpy's uint64 does
+    return df.select(
+        trace.alias("trace"),
+        (mixed + pl.col("span_id").hash()).alias("key"),
+        (mixed + pl.col("parent_span_id").hash()).alias("parent_key"),
+        pl.col("span_id").hash(seed=0x5EED).alias("s2"),
+        pl.col("parent_span_id").hash(seed=0x5EED).alias("p2"),
+        (pl.col("parent_span_id").is_not_null() & (pl.col("parent_span_id") != "")).alias("has_parent_id"),
+        (pl.col("parent_span_id") == pl.col("span_id")).fill_null(False).alias("self_parent"),
+    )
+
+
+def distinct_keys(keys: pl.DataFrame) -> bool:
+    """Whether every row of :func:`span_keys` has its own ``key``."""
+    return bool(keys["key"].n_unique() == keys.height)
+
+
+def link_parents(
+    df: pl.DataFrame, keys: pl.DataFrame | None = None, distinct: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Parent row index per row (-1: none) and the orphan flag (had a parent id that is absent).
 
     ``df`` must hold each trace's rows together (the context sorts by trace first). The lookup key
     is the trace's position mixed with a 64-bit hash of the span id — integers, far cheaper than
     joining string columns — and every match is verified with an independently seeded hash of the
     ids and the trace position, so a collision can only lose a link (the span becomes an orphan),
-    never make a wrong one."""
-    ids = df.select(
-        ((pl.col("trace_id") != pl.col("trace_id").shift(1)).fill_null(True).cum_sum() - 1)
-        .cast(pl.UInt64)
-        .alias("trace"),
-        pl.col("span_id").hash().alias("s"),
-        pl.col("parent_span_id").hash().alias("p"),
-        pl.col("span_id").hash(seed=0x5EED).alias("s2"),
-        pl.col("parent_span_id").hash(seed=0x5EED).alias("p2"),
-        (pl.col("parent_span_id").is_not_null() & (pl.col("parent_span_id") != "")).alias("has_parent_id"),
-        (pl.col("parent_span_id") == pl.col("span_id")).fill_null(False).alias("self_parent"),
-    )
+    never make a wrong one. ``keys``: ``span_keys(df)``, when already made (``distinct``: its
+    :func:`distinct_keys`, when known)."""
+    ids = span_keys(df) if keys is None else keys
     trace = ids["trace"].to_numpy()
-    with np.errstate(over="ignore"):
-        key = trace * _MIX + ids["s"].to_numpy()
-        parent_key = trace * _MIX + ids["p"].to_numpy()
     has_parent_id = ids["has_parent_id"].to_numpy()
-    order = np.argsort(key)
-    sorted_key = key[order]
-    query_order = np.argsort(parent_key)  # sorted queries: searchsorted walks memory in order
-    pos = np.empty(parent_key.size, dtype=np.int64)
-    pos[query_order] = np.searchsorted(sorted_key, parent_key[query_order])
-    pos = np.minimum(pos, max(key.size - 1, 0))
-    found = (sorted_key[pos] == parent_key) if key.size else np.zeros(0, dtype=bool)
-    parent = np.where(found & has_parent_id & ~ids["self_parent"].to_numpy(), order[pos], -1).astype(np.int64)
+    if (
+        distinct_keys(ids) if distinct is None else distinct
+    ):  # (always, but for a hash collision) each parent key matches one row at most
+        rows = pl.int_range(pl.len(), dtype=pl.Int64).alias("row")
+        matched = ids.select(pl.col("parent_key").alias("key")).join(
+            ids.select("key", rows), on="key", how="left", maintain_order="left"
+        )
+        up = matched["row"].fill_null(-1).to_numpy()
+        found = up >= 0
+    else:
+        key = ids["key"].to_numpy()
+        parent_key = ids["parent_key"].to_numpy()
+        order = np.argsort(key)
+        sorted_key = key[order]
+        query_order = np.argsort(parent_key)  # sorted queries: searchsorted walks memory in order
+        pos = np.empty(parent_key.size, dtype=np.int64)
+        pos[query_order] = np.searchsorted(sorted_key, parent_key[query_order])
+        pos = np.minimum(pos, max(key.size - 1, 0))
+        found = (sorted_key[pos] == parent_key) if key.size else np.zeros(0, dtype=bool)
+        up = order[pos] if key.size else np.zeros(0, dtype=np.int64)
+    parent = np.where(found & has_parent_id & ~ids["self_parent"].to_numpy(), up, -1).astype(np.int64)
     linked = np.nonzero(parent >= 0)[0]
     if linked.size:
         up = parent[linked]
