@@ -580,6 +580,53 @@ def test_the_calls_that_come_later_run_beside_the_first_round(tmp_path: Path) ->
     assert results == [True, True, True]
 
 
+def _part_number(path: str, part: int, parts: int) -> int:
+    return part
+
+
+def test_a_worker_lost_as_the_later_calls_are_queued_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies while the split is written breaks the pool before its task's future
+    fails: the later calls' submit then raises ``BrokenProcessPool`` itself. They stay pending and
+    run on the new pool, as after any worker's death, instead of ending the run with a traceback
+    (the submit's error was not caught)."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hourglass.analysis import partitions
+
+    executor = partitions.ProcessExecutor(2)
+    ensure = executor._ensure
+    raised: list[int] = []
+
+    class BreaksOnce:
+        def __init__(self, pool: Any) -> None:
+            self.pool = pool
+
+        def submit(self, fn: Any, *args: Any) -> Any:
+            if args[1] == 2 and not raised:
+                raised.append(args[1])
+                raise BrokenProcessPool("a process in the process pool was terminated abruptly")
+            return self.pool.submit(fn, *args)
+
+    monkeypatch.setattr(executor, "_ensure", lambda: BreaksOnce(ensure()))
+    split: Future[str] = Future()
+    split.set_result(str(tmp_path))
+    try:
+        results = executor.map(
+            "extracting",
+            _part_number,
+            [(str(tmp_path), 0, 3), (str(tmp_path), 1, 3)],
+            None,
+            (split, lambda path: [(path, 2, 3)], 1),
+        )
+    finally:
+        executor.close()
+    assert raised == [2]
+    assert results == [0, 1, 2]
+
+
 def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1051,7 +1051,11 @@ class ProcessExecutor:
                         failures.append(0)
                         pending.add(len(calls) - 1)
                         if not broken:
-                            future = pool.submit(fn, *call)
+                            try:
+                                future = pool.submit(fn, *call)
+                            except BrokenProcessPool:  # a worker died meanwhile, not yet seen in
+                                broken = True  # ``done``: the call stays pending for the new pool
+                                continue
                             futures[future] = len(calls) - 1
                             running.add(future)
                 for future in done & running:

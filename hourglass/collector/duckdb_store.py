@@ -447,12 +447,13 @@ def _read_rows(
     string views (measured at 1M spans, a partition of 167k read on one thread: ~0.13 s against
     ~0.21)."""
     listed = ", ".join(selected)
-    if "trace_id" in selected and "span_id" in selected:
+    if "trace_id" in selected and "span_id" in selected and _one_thread(cursor):
         keys = [c for c in _ORDER_KEYS if c not in selected]
         query = f"SELECT {', '.join([*selected, *keys])} FROM {source}"
         table = cursor.sql(query, params=params or None).to_arrow_table()
-        if not _has_copies(cursor, table):
+        if not _has_copies(cursor, table) and _takes_whole(table):
             return _in_order(table, selected, string_views=string_views)
+        del table  # (copies: the window below; too large to sort here: DuckDB's ORDER BY below)
     if string_views:
         for statement in _STRING_VIEWS_ON:
             cursor.execute(statement)
@@ -467,6 +468,28 @@ def _read_rows(
 
 
 _ORDER_KEYS = ("trace_id", "start_ns", "span_id")
+
+# The most bytes of text one column may hold for :func:`_in_order`: Arrow's take joins a
+# column's chunks into one array, whose 32-bit offsets end at 2 GiB ("offset overflow"); DuckDB's
+# ORDER BY returns batches of rows, each one well below it.
+_TAKE_BYTES = 1 << 30
+
+
+def _one_thread(cursor: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``cursor`` runs its queries on one thread (a partition's task, serve's store): there
+    Arrow's sort costs less than DuckDB's ORDER BY; on several threads DuckDB sorts in parallel
+    and is faster in wall time (a whole-store read)."""
+    rows = cursor.execute("SELECT current_setting('threads')").fetchall()
+    return bool(rows) and int(rows[0][0]) <= 1
+
+
+def _takes_whole(rows: pa.Table) -> bool:
+    """Whether every column of ``rows`` fits one Arrow array (:func:`_in_order`'s take)."""
+    return all(
+        column.nbytes < _TAKE_BYTES
+        for column in rows.columns
+        if pa.types.is_string(column.type) or pa.types.is_binary(column.type)
+    )
 
 
 def _in_order(rows: pa.Table, selected: list[str], *, string_views: bool) -> pa.Table:
@@ -523,7 +546,7 @@ def read_partition_file(
         raise ValueError(f"partition file {path} has no column(s) {missing}")
     if trace_ids is not None:
         rows = rows.filter(pc.is_in(rows.column("trace_id"), value_set=_string_array(trace_ids)))
-    if not _repeats_a_span(rows):
+    if not _repeats_a_span(rows) and _takes_whole(rows):
         # Arrow's sort of the three keys: a third of the CPU of DuckDB's ORDER BY over an Arrow
         # table (measured at 1M spans in 6 partitions: 0.33 s against 1.29)
         return _in_order(rows, selected, string_views=string_views)
