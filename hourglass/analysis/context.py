@@ -120,6 +120,7 @@ class AnalysisContext(NearMissLog):
                 df = df.sort(["trace_id", "start_ns", "span_id"])
             keys = repair.span_keys(df)
             distinct = repair.distinct_keys(keys)
+        assert keys is not None  # (made on both paths)
         start = df["start_ns"].to_numpy().astype(np.int64)
         end = df["end_ns"].to_numpy().astype(np.int64)
         end = np.maximum(end, start)  # a negative duration is a broken clock: treat as zero-length
@@ -262,7 +263,7 @@ def _trace_frame_in_order(
         return None
     first = np.flatnonzero(np.diff(trace, prepend=-1))  # each trace's first row
     roots = np.flatnonzero(is_root)
-    by_choice = roots[np.lexsort((start[roots], -duration[roots], orphan[roots], trace[roots]))]
+    by_choice = roots[np.lexsort((start[roots], ~duration[roots], orphan[roots], trace[roots]))]
     t, o, d, s = trace[by_choice], orphan[by_choice], duration[by_choice], start[by_choice]
     if ((t[1:] == t[:-1]) & (o[1:] == o[:-1]) & (d[1:] == d[:-1]) & (s[1:] == s[:-1])).any():
         return None

@@ -210,3 +210,27 @@ def test_null_trace_ids_take_the_general_paths() -> None:
     assert ctx.traces.equals(_trace_frame(ctx.spans))
     assert endpoint_path._own_tree_on_path_in_order(ctx) is None
     path_rows(ctx)
+
+
+def test_the_root_chosen_from_arrays_orders_the_widest_duration_last() -> None:
+    """A root whose duration wraps to the lowest int64 (end - start = 2^63) is the shortest to the
+    polars frame's descending sort; numpy's ``-duration`` left that value as it was, so it came
+    first and the arrays chose it as the trace's root."""
+    frame = pl.DataFrame(
+        {
+            "trace_id": ["a"] * 3,
+            "span_id": ["1", "2", "3"],
+            "parent_span_id": [None, None, "2"],
+            "service": ["s"] * 3,
+            "name": ["x", "y", "z"],
+            "kind": [0, 0, 0],
+            "start_ns": [-(2**62), BASE, BASE + 10],
+            "end_ns": [2**62, BASE + 100, BASE + 20],
+            "host": [None] * 3,
+            "follows_from": [False] * 3,
+        },
+        schema_overrides={"kind": pl.Int8},
+    )
+    ctx = AnalysisContext.from_table(frame)
+    assert ctx.traces["root_span_id"].to_list() == ["2"]
+    assert ctx.traces["root_duration_ns"].to_list() == [100]
