@@ -447,19 +447,29 @@ def _read_rows(
     string views (measured at 1M spans, a partition of 167k read on one thread: ~0.13 s against
     ~0.21)."""
     listed = ", ".join(selected)
-    if "trace_id" in selected and "span_id" in selected and _one_thread(cursor):
+    checkable = "trace_id" in selected and "span_id" in selected
+    copies: bool | None = None  # None: not checked yet
+    if checkable and _one_thread(cursor):
         keys = [c for c in _ORDER_KEYS if c not in selected]
         query = f"SELECT {', '.join([*selected, *keys])} FROM {source}"
-        table = cursor.sql(query, params=params or None).to_arrow_table()
-        if not _has_copies(cursor, table) and _takes_whole(table):
-            return _in_order(table, selected, string_views=string_views)
-        del table  # (copies: the window below; too large to sort here: DuckDB's ORDER BY below)
+        unordered = cursor.sql(query, params=params or None).to_arrow_table()
+        copies = _has_copies(cursor, unordered)
+        if not copies and _takes_whole(unordered):
+            return _in_order(unordered, selected, string_views=string_views)
+        del unordered  # (too large to sort here: DuckDB's ORDER BY below; copies: the window)
     if string_views:
         for statement in _STRING_VIEWS_ON:
             cursor.execute(statement)
     try:
-        query = f"SELECT {listed} FROM {source} {_dedup(_ROW)} {_ORDER}"
-        table = cursor.sql(query, params=params or None).to_arrow_table()
+        table = None
+        if checkable and not copies:
+            query = f"SELECT {listed} FROM {source} {_ORDER}"
+            table = cursor.sql(query, params=params or None).to_arrow_table()
+            if _has_copies(cursor, table):  # (checked again: the rows returned are checked)
+                table = None
+        if table is None:
+            query = f"SELECT {listed} FROM {source} {_dedup(_ROW)} {_ORDER}"
+            table = cursor.sql(query, params=params or None).to_arrow_table()
     finally:
         if string_views:
             for statement in _STRING_VIEWS_OFF:
