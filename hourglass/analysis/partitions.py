@@ -934,6 +934,11 @@ class PartitionError(RuntimeError):
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
+class Stopped(RuntimeError):
+    """A map of a :class:`ProcessExecutor` that :meth:`ProcessExecutor.stop` ended: the run it was
+    part of failed or was interrupted in another thread."""
+
+
 class SerialExecutor:
     """Partitions one after another in this process: bounded memory, one core for the detectors."""
 
@@ -967,6 +972,9 @@ class SerialExecutor:
         pass
 
 
+STOP_CHECK_S = 0.25  # how often a map of a ProcessExecutor looks whether it was stopped
+
+
 class ProcessExecutor:
     """Partitions in ``workers`` worker processes of this machine (spawned, so no thread state of
     this process is inherited). A task that raises, or whose worker dies, is retried once."""
@@ -991,6 +999,7 @@ class ProcessExecutor:
         # the workers of pools closed without waiting (a task failed, the run was interrupted) not
         # yet seen to exit: settle() waits for them
         self._abandoned: list[multiprocessing.process.BaseProcess] = []
+        self._stop = threading.Event()  # stop(): the maps of other threads end (Stopped)
 
     def _ensure(self) -> worker_start.WorkerPool:
         if any(f.done() and not f.cancelled() and f.exception() is not None for f in self._starting):
@@ -1016,9 +1025,18 @@ class ProcessExecutor:
         :func:`run_extraction`)."""
         try:
             return self._map(phase, fn, calls, progress, more)
+        except Stopped:  # (the thread that stopped it closes the pool)
+            raise
         except BaseException:  # failed, or interrupted (Ctrl-C, SIGTERM): the running tasks are
             self.close(wait=False)  # stopped, not waited for (their results are not wanted)
             raise
+
+    def stop(self) -> None:
+        """Ends the maps running in other threads (a pass priced beside the run's main thread)
+        within a fraction of a second, with :class:`Stopped`, before this thread closes the pool
+        (``close``): a map waits on its pool's futures, which a pool shut down from another thread
+        never resolves, and would otherwise start a new pool to retry them."""
+        self._stop.set()
 
     def _map(
         self,
@@ -1035,13 +1053,17 @@ class ProcessExecutor:
         pending = set(range(len(calls)))
         finished = 0
         while pending or more is not None:
+            if self._stop.is_set():
+                raise Stopped(f"{phase} stopped: the run ended")
             pool = self._ensure()
             futures = {pool.submit(fn, *calls[i]): i for i in sorted(pending)}
             running: set[Future[Any]] = set(futures)
             broken = False
             while running or more is not None:
                 waited: set[Future[Any]] = running | ({more[0]} if more is not None else set())
-                done, _ = wait(waited, return_when=FIRST_COMPLETED)
+                done, _ = wait(waited, timeout=STOP_CHECK_S, return_when=FIRST_COMPLETED)
+                if self._stop.is_set():
+                    raise Stopped(f"{phase} stopped: the run ended")
                 if more is not None and more[0] in done:
                     extra = more[1](more[0].result())
                     more = None
@@ -1134,6 +1156,7 @@ class ProcessExecutor:
         its tasks still running are not waited for (seconds on a large partition) but their
         workers terminated (:func:`worker_start.terminate`)."""
         pool = self._pool
+        self._stop.clear()  # (the maps it stopped have ended: the next one runs)
         if pool is None:
             return
         self._pool = None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any, TypeVar
 
@@ -687,9 +687,10 @@ def _let_go(findings: list[Finding]) -> None:
         finding.occurrence_table.release()
 
 
-def _beside(fn: Callable[[], T]) -> Future[T]:
+def _beside(fn: Callable[[], T], *, daemon: bool = False) -> Future[T]:
     """``fn()`` run in a thread of its own, beside what this thread does next (a thread that is
-    not a daemon: the process waits for it before it exits, so a removal is never cut short)."""
+    not a daemon: the process waits for it before it exits, so a removal is never cut short;
+    ``daemon`` for work that may be cut short: a pricing)."""
     future: Future[T] = Future()
 
     def run() -> None:
@@ -698,7 +699,7 @@ def _beside(fn: Callable[[], T]) -> Future[T]:
         except BaseException as exc:
             future.set_exception(exc)
 
-    threading.Thread(target=run, name="hourglass-beside").start()
+    threading.Thread(target=run, name="hourglass-beside", daemon=daemon).start()
     return future
 
 
@@ -744,8 +745,6 @@ def _analyze_partitioned(
     its heap that they touched resident until a trim; the stages after reuse a few of its free
     chunks, scattered over it (a 12M-span store: 45 MiB in use, 107 MiB resident from the
     scoring to the texts)."""
-    from hourglass.analysis.resources import scope_languages, service_resources
-
     release = release_heap or (lambda: None)
 
     def step(phase: str) -> None:  # a step of the run with no count, on the bar
@@ -838,10 +837,77 @@ def _analyze_partitioned(
     # the stages between let go: priced after them, as before).
     counted: list[tuple[int, int]] = []  # the pass' progress, told from this thread when planned
     ahead = (
-        _beside(lambda: _priced_ahead(ranked, report, priced_together, counted if progress else None))
+        _beside(
+            lambda: _priced_ahead(ranked, report, priced_together, counted if progress else None), daemon=True
+        )
         if beside
         else None
     )
+    try:
+        return _after_pricing(
+            report,
+            ranked,
+            extracted,
+            ahead=ahead,
+            counted=counted,
+            priced_together=priced_together,
+            service_traces=service_traces,
+            service_ids=service_ids,
+            prefetched=prefetched,
+            removed=removed,
+            read_traces=read_traces,
+            call_stats=call_stats,
+            source=source,
+            parts=parts,
+            writer=writer,
+            progress=progress,
+            step=step,
+            release=release,
+        )
+    except BaseException:
+        if ahead is not None:
+            _stop_ahead(executor, ahead)
+        raise
+
+
+STOP_AHEAD_S = 5.0  # how long a failed run waits for the workstreams' pricing to stop
+
+
+def _stop_ahead(executor: partitions.Executor, ahead: Future[Any]) -> None:
+    """The workstreams' pricing, running beside a run that failed or was interrupted, stopped
+    before the run's caller closes the executor and removes the files it reads: its map would
+    wait on the futures of a pool closed from this thread, which are never resolved, or retry them
+    on a new pool (:meth:`partitions.ProcessExecutor.stop`). A cluster's map ends with its client."""
+    if isinstance(executor, partitions.ProcessExecutor):
+        executor.stop()
+        wait([ahead], timeout=STOP_AHEAD_S)
+
+
+def _after_pricing(
+    report: dict[str, Any],
+    ranked: list[Scored],
+    extracted: partitions.Extracted,
+    *,
+    ahead: Future[tuple[list[str], dict[str, Impact]]] | None,
+    counted: list[tuple[int, int]],
+    priced_together: Callable[[list[Finding], partitions.Progress | None], dict[str, Impact]],
+    service_traces: Future[pa.Table] | None,
+    service_ids: list[str],
+    prefetched: list[str],
+    removed: Future[Any] | None,
+    read_traces: Callable[[list[str]], pa.Table],
+    call_stats: dict[str, Any],
+    source: partitions.Source,
+    parts: int,
+    writer: Writer | None,
+    progress: partitions.Progress | None,
+    step: Callable[[str], None],
+    release: Callable[[], None],
+) -> tuple[dict[str, Any], list[Scored]]:
+    """The stages after the pricing of :func:`_analyze_partitioned`: the services' resources, the
+    recommendations' texts, the workstreams (priced ``ahead`` when they were)."""
+    from hourglass.analysis.resources import scope_languages, service_resources
+
     _let_go(extracted.findings)
     read = service_traces.result() if service_traces is not None else None
     resources = service_resources(

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
@@ -206,6 +207,7 @@ def test_the_workstreams_are_priced_while_the_texts_are_written(tmp_path: Path) 
     finally:
         executor.close()
     assert seen == [True]
+    assert executor.pricings == 2  # (the pass priced beside is the one the workstreams took)
     report.pop("generated_at"), whole.pop("generated_at")
     assert report == whole
 
@@ -246,3 +248,60 @@ def test_a_pricing_task_of_its_own_traces_does_not_look_them_up_again(
     ctx = AnalysisContext.from_table(source.load(0, 3))
     partitions.price(ctx, shares[0])
     assert looked_up
+
+
+def _sleep_part(seconds: float, part: int, parts: int) -> int:
+    time.sleep(seconds)
+    return part
+
+
+def test_a_run_that_fails_while_the_workstreams_are_priced_stops_that_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workstreams' pass runs in a thread of its own beside the texts; when the run fails
+    meanwhile (a writer, a read, Ctrl-C to the process alone), its map is stopped before the
+    executor is closed. Before, it waited on the futures of the pool closed from the run's thread,
+    which are never resolved (the process never exited), or retried them on a new pool that
+    nobody closed."""
+    from hourglass.analysis import pipeline
+    from hourglass.cli.analyze import _read_traces
+
+    db = _store(tmp_path)
+    executor = partitions.ProcessExecutor(1)
+    started, ended, pools = threading.Event(), [], []
+    ensure = executor._ensure
+
+    def counted() -> Any:
+        before = executor._pool
+        pool = ensure()
+        if pool is not before:
+            pools.append(pool)
+        return pool
+
+    def slow_ahead(*args: Any) -> tuple[list[str], dict[str, Any]]:
+        started.set()
+        try:
+            return [], executor.map("pricing", _sleep_part, [(60.0, 0, 1)], None)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+
+    def failing_texts(*args: Any, **kwargs: Any) -> None:
+        assert started.wait(30)
+        raise RuntimeError("the writer broke")
+
+    monkeypatch.setattr(executor, "_ensure", counted)
+    monkeypatch.setattr(pipeline, "_priced_ahead", slow_ahead)
+    monkeypatch.setattr(pipeline, "write_texts", failing_texts)
+    try:
+        with pytest.raises(RuntimeError, match="the writer broke"):
+            pipeline.analyze_partitioned(
+                partitions.StoreSource(db), 3, executor, read_traces=lambda ids: _read_traces(db, ids)
+            )
+        assert [type(e) for e in ended] == [partitions.Stopped]
+        assert executor._pool is None  # closed by the failed run
+        made = len(pools)
+        time.sleep(0.5)
+        assert len(pools) == made  # and no pool started after it
+    finally:
+        executor.close()
