@@ -432,6 +432,7 @@ def _read_rows(
     params: list[Any],
     *,
     string_views: bool,
+    arrow_sort: bool = True,
 ) -> pa.Table:
     """``selected`` of the rows of ``source`` (a table expression with the span columns and the
     rows' store ``rowid`` as ``_ROW``), one row per (trace_id, span_id) (the first ingested copy,
@@ -442,14 +443,14 @@ def _read_rows(
     distinct hashes of (trace_id, span_id) as rows proves there is no copy (~0.1 s per 1M).
     Only when the check fails (copies, or a hash collision) are they read again through the
     window. The rows checked are the rows returned, so a write committed meanwhile cannot
-    slip a copy through. Rows without copies are read in no order and sorted here
-    (:func:`_in_order`), as DuckDB's plain strings: less CPU than DuckDB's ORDER BY and its
+    slip a copy through. With ``arrow_sort`` (a read-only open), rows without copies are read in
+    no order and sorted here (:func:`_in_order`), as DuckDB's plain strings: less CPU than DuckDB's ORDER BY and its
     string views (measured at 1M spans, a partition of 167k read on one thread: ~0.13 s against
     ~0.21)."""
     listed = ", ".join(selected)
     checkable = "trace_id" in selected and "span_id" in selected
     copies: bool | None = None  # None: not checked yet
-    if checkable and _one_thread(cursor):
+    if checkable and arrow_sort and _one_thread(cursor):
         keys = [c for c in _ORDER_KEYS if c not in selected]
         query = f"SELECT {', '.join([*selected, *keys])} FROM {source}"
         unordered = cursor.sql(query, params=params or None).to_arrow_table()
@@ -1319,7 +1320,12 @@ class DuckDBSpanStore:
         """``selected`` of the rows of ``source`` (a table expression over ``spans``), one row per
         (trace_id, span_id) (the first ingested copy), in (trace_id, start_ns, span_id) order
         (:func:`_read_rows`)."""
-        return _read_rows(self._cursor(), selected, source, params, string_views=string_views)
+        # sorted by Arrow in read-only opens only (a partition's task): measured there; a store that
+        # is written (serve's) keeps DuckDB's ORDER BY, whose sort stays inside its memory limit
+        # where Arrow's holds the rows read and their sorted copy at once
+        return _read_rows(
+            self._cursor(), selected, source, params, string_views=string_views, arrow_sort=self.read_only
+        )
 
     @staticmethod
     def _conform(table: pa.Table, selected: list[str], *, string_views: bool = False) -> pa.Table:
