@@ -108,7 +108,11 @@ def _branch_labels(spans: pl.DataFrame, kids: pl.DataFrame) -> pl.DataFrame:
     )
     kids = (
         kids.lazy()
-        .join(server_hosts, on="row", how="left")
+        # siblings that start together numbered by span id: the rank's ties follow the rows' order,
+        # which the unordered joins before left to the run ("position 0" in one run of a report,
+        # "position 1" in the next, for the same fan-out)
+        .sort(["group_id", "start_ns", "span_id"])
+        .join(server_hosts, on="row", how="left", maintain_order="left")
         .with_columns(
             shard=pl.col("hints").str.extract(_SHARD_HINT, 1),
             url=pl.col("http_url").str.replace(r"[?#].*$", ""),
@@ -234,7 +238,7 @@ def extract(ctx: AnalysisContext) -> Rows:
             .filter(pl.col("is_straggler"))
             .cast(pl.Int64),
             max_ns=pl.col("duration_ns").max(),
-            slow_branch=pl.col("branch").sort_by("duration_ns", descending=True).first(),
+            slow_branch=pl.col("branch").sort_by("duration_ns", descending=True, maintain_order=True).first(),
             branch_source=pl.col("branch_source").first(),
             root_start=pl.col("start_ns").min(),
         )
