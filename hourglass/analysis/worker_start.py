@@ -187,11 +187,29 @@ def reap(processes: list[multiprocessing.process.BaseProcess]) -> None:
     while processes:
         process = processes[-1]
         with contextlib.suppress(ValueError):  # (closed)
-            process.join(max(deadline - time.monotonic(), 0.0))
-            if process.exitcode is None:
+            if not _exited(process, max(deadline - time.monotonic(), 0.0)):
                 process.kill()
-                process.join()
+                _exited(process, None)
         processes.pop()
+
+
+REAPED_ELSEWHERE_S = 1.0  # how long an exited worker's status may take to be stored by another thread
+
+
+def _exited(process: multiprocessing.process.BaseProcess, timeout: float | None) -> bool:
+    """Whether ``process`` exits within ``timeout`` seconds (None: however long it takes), its exit
+    code stored when it does. A pool's own thread may wait for the same worker (a pool shut down
+    joins its processes): its ``waitpid`` takes the status and ours fails with ECHILD, so
+    ``join`` returns and ``exitcode`` stays None until that thread stores it. The worker's sentinel
+    (a pipe the kernel closes when it exits) says it has exited whoever reaps it."""
+    from multiprocessing.connection import wait
+
+    if not wait([process.sentinel], timeout):
+        return False
+    until = time.monotonic() + REAPED_ELSEWHERE_S
+    while process.exitcode is None and time.monotonic() < until:
+        time.sleep(0.005)
+    return True
 
 
 def stop(started: WorkerPool) -> None:
