@@ -198,3 +198,39 @@ def test_cli_reports_a_hot_shard_from_an_otlp_json_file(tmp_path: Path) -> None:
     # Shard 3 (90 ms) cut to the 21.5 ms median; the fan-out then ends with the 22 ms shard, so the
     # root ends 92 - 24 = 68 ms earlier.
     assert rec["impact"]["saved_ms_p50"] == pytest.approx(68.0, abs=0.01)
+
+
+def test_branches_that_start_together_are_labelled_the_same_whatever_the_rows_order() -> None:
+    """Siblings launched at the same instant, with nothing that names them (no peer, shard or
+    host), are labelled by their position among the siblings: ties in the start time are ranked by
+    span id, so the same fan-out gets the same labels and the same slow branch in every run,
+    whatever order the rows (and the joins before the ranking) leave them in."""
+    import numpy as np
+
+    traces = []
+    for i in range(6):
+        b = TraceBuilder(service="search-api")
+        root = b.span("GET /search", start_ms=0, dur_ms=300, kind=KIND_SERVER)
+        for j, dur in enumerate([40.0, 41.0, 42.0, 43.0]):
+            # the same branch (by span id order) slow in every trace, all four launched at 5 ms
+            slow = j == 1
+            b.span(
+                "query shard",
+                parent=root,
+                start_ms=5,
+                dur_ms=250.0 + i if slow else dur,
+                kind=KIND_CLIENT,
+                service="search-api",
+                span_id=f"{i:08x}{j:08x}",
+            )
+        traces.append(b)
+    table = spans_table(traces)
+    seen = set()
+    for seed in range(8):
+        order = np.random.default_rng(seed).permutation(table.num_rows)
+        (f,) = detect(AnalysisContext.from_table(table.take(order)))
+        seen.add((f.evidence["slow_branch"], f.evidence["slow_branch_share"], f.evidence["pattern"]))
+    assert len(seen) == 1, seen
+    ((slow_branch, share, pattern),) = seen
+    assert share == 1.0 and pattern == "skew"
+    assert slow_branch == "position 1", slow_branch
