@@ -986,10 +986,14 @@ class ProcessExecutor:
         warm: bool = True,
         keep: bool = False,
         started: tuple[worker_start.WorkerPool, list[Future[None]]] | None = None,
+        allocator: str = "",
     ) -> None:
         """``started``: a pool of ``workers`` processes already starting (``worker_start.started``:
-        the command line starts them before it imports the analysis), used as this executor's."""
+        the command line starts them before it imports the analysis), used as this executor's.
+        ``allocator``: the allocator options of the workers it starts (``worker_start.start``:
+        ``SHORT_LIVED_ALLOCATOR`` for ``analyze``'s; "": polars' own)."""
         self.workers = max(1, workers)
+        self.allocator = allocator
         self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
         self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: worker_start.WorkerPool | None = None
@@ -1006,7 +1010,7 @@ class ProcessExecutor:
             self.close(wait=False)  # a worker died starting up: its pool is broken, start anew
         self._starting = []
         if self._pool is None:
-            self._pool = worker_start.pool(self.workers)
+            self._pool = worker_start.pool(self.workers, self.allocator)
         return self._pool
 
     def map(
