@@ -472,7 +472,9 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     assert partitions.plan(20_000, run.budget, 2).parts > 1
     pools: list[object] = []
     original = partitions.worker_start.pool
-    monkeypatch.setattr(partitions.worker_start, "pool", lambda n: pools.append(n) or original(n))
+    monkeypatch.setattr(
+        partitions.worker_start, "pool", lambda n, *more: pools.append(more) or original(n, *more)
+    )
     early = EarlyWorkers.start(str(store), run, filtered=False)
     assert early is not None and early.workers == 2 and len(pools) == 1
     try:
@@ -482,6 +484,8 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     finally:
         early.release()
     assert early.take(2) is None and len(pools) == 1  # taken by the run, which started no other pool
+    # short-lived workers: polars' allocator keeps the pages it frees for reuse
+    assert pools == [(partitions.worker_start.SHORT_LIVED_ALLOCATOR,)]
     got = json.loads(render({**report, "input_warnings": []}, "json"))
     got.pop("generated_at")
     assert got == {**whole, "input_warnings": []}

@@ -545,12 +545,12 @@ _KEPT_COLUMNS = tuple(c for c in PREPARED_COLUMNS if c != "row")
 class Prepared:
     """The spans each extraction task repaired, kept for the pricing passes of the same run: one
     Arrow IPC file per partition in a temporary folder of this machine, with the columns the
-    pricing reads (``PREPARED_COLUMNS``, but ``row``, which is renumbered on reading; lz4
-    compressed, strings in Arrow's plain layout: ~40 bytes a span) and each span's blocking
-    predecessor (the critical path's, which the what-if engine re-times from). A pricing task
-    then takes its findings' traces from that file (:meth:`context`) instead of reading them from
-    the store again and repairing them again (measured at 1M spans in 6 partitions: ~1.8 s of
-    CPU over the run).
+    pricing reads (``PREPARED_COLUMNS``, but ``row``, which is renumbered on reading;
+    uncompressed, strings in Arrow's plain layout: ~100 bytes a span, :func:`_write_kept`) and
+    each span's blocking predecessor (the critical path's, which the what-if engine re-times
+    from). A pricing task then takes its findings' traces from that file (:meth:`context`)
+    instead of reading them from the store again and repairing them again (measured at 1M spans
+    in 6 partitions: ~1.8 s of CPU over the run).
     Repair is per trace, so the rows of some traces of a repaired partition are those traces
     repaired alone, which is what the pricing read before. A file that is missing (its write
     failed: a full disk) means that partition is read and repaired as before."""
@@ -628,10 +628,15 @@ class Prepared:
 
 
 def _write_kept(frame: pl.DataFrame, path: Path) -> None:
-    """``frame`` as a Prepared file. Its strings in Arrow's plain layout (offsets and bytes), not
-    as string views: lz4 compresses them better and in less time (a partition of 167k spans:
-    26 ms of CPU and 6.4 MB, against 31 ms and 7.2 MB); read back they are the same values."""
-    frame.write_ipc(path, compression="lz4", compat_level=pl.CompatLevel.oldest())
+    """``frame`` as a Prepared file, uncompressed (as the split's partition files: a reader maps
+    it rather than decompressing it), its strings in Arrow's plain layout (offsets and bytes), not
+    as string views; read back they are the same values. Each file is written once and read by
+    both pricing passes. Measured on a partition of 167k spans (one polars thread, CPU): written
+    in 7 ms and read with half its traces gathered in 8 ms, 16.8 MB; lz4-compressed, as before,
+    24 ms and 18 ms, 6.5 MB; string views, uncompressed, 10 ms and 13 ms, 19.4 MB. At 1M spans in 6
+    partitions: ~0.2 s less CPU over the run (6 writes, 12 reads), 100 MB of temporary files
+    instead of 39 (beside the split's, uncompressed too: 143 MB for its 4 files)."""
+    frame.write_ipc(path, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
 
 
 def open_for_reading(location: str) -> Any:
@@ -986,10 +991,14 @@ class ProcessExecutor:
         warm: bool = True,
         keep: bool = False,
         started: tuple[worker_start.WorkerPool, list[Future[None]]] | None = None,
+        allocator: str = "",
     ) -> None:
         """``started``: a pool of ``workers`` processes already starting (``worker_start.started``:
-        the command line starts them before it imports the analysis), used as this executor's."""
+        the command line starts them before it imports the analysis), used as this executor's.
+        ``allocator``: the allocator options of the workers it starts (``worker_start.start``:
+        ``SHORT_LIVED_ALLOCATOR`` for ``analyze``'s; "": polars' own)."""
         self.workers = max(1, workers)
+        self.allocator = allocator
         self.warm_when_idle = warm  # False: idle() stops the workers only (the memory plan's choice)
         self.keep_when_idle = keep  # True: idle() keeps the workers as they are (the plan's choice)
         self._pool: worker_start.WorkerPool | None = None
@@ -1006,7 +1015,7 @@ class ProcessExecutor:
             self.close(wait=False)  # a worker died starting up: its pool is broken, start anew
         self._starting = []
         if self._pool is None:
-            self._pool = worker_start.pool(self.workers)
+            self._pool = worker_start.pool(self.workers, self.allocator)
         return self._pool
 
     def map(

@@ -308,7 +308,7 @@ def _executor(
     holds the extracted rows and never a partition's spans (the memory plan counts on it); in
     this process only for an embedded ClickHouse (``in_process``), which one process opens at a
     time."""
-    from hourglass.analysis import partitions
+    from hourglass.analysis import partitions, worker_start
 
     if run.cluster is not None:
         try:
@@ -321,7 +321,14 @@ def _executor(
     started = early.take(workers) if early is not None else None
     if early is not None and started is None:  # (another number: not held beside this run's)
         early.release()
-    return partitions.ProcessExecutor(workers, warm=plan.warm, keep=plan.keep, started=started)
+    return partitions.ProcessExecutor(
+        workers,
+        warm=plan.warm,
+        keep=plan.keep,
+        started=started,
+        # (short-lived: they end with the run)
+        allocator=worker_start.SHORT_LIVED_ALLOCATOR,
+    )
 
 
 class EarlyWorkers:
@@ -377,7 +384,7 @@ class EarlyWorkers:
             if chosen.parts <= 1:
                 return None
             workers = max(1, chosen.workers)
-            early = cls(workers, worker_start.started(workers))
+            early = cls(workers, worker_start.started(workers, worker_start.SHORT_LIVED_ALLOCATOR))
             from hourglass.collector.duckdb_store import LARGEST_TRACE_SQL, query_interrupted
 
             try:  # (while the workers start) what ``DuckDBSpanStore.largest_trace`` reads

@@ -11,6 +11,7 @@ report's endpoint critical paths (``hourglass.analysis.endpoint_path``).
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from hourglass.analysis import partitions
+from hourglass.analysis import partitions, worker_start
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.endpoint_path import (
@@ -714,6 +715,40 @@ def test_workers_that_share_the_cores_get_their_share_of_polars_threads(
     executor = partitions.ProcessExecutor(2)
     try:
         assert executor.map("extracting", pl.thread_pool_size, [()], None) == [3]
+    finally:
+        executor.close()
+
+
+def _allocator_options() -> str | None:
+    return os.environ.get(worker_start.ALLOCATOR_CONF)
+
+
+def test_the_workers_of_a_short_lived_run_keep_the_pages_their_allocator_frees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers started with ``allocator`` (``analyze``'s: ``SHORT_LIVED_ALLOCATOR``) set polars'
+    allocator options before polars is imported there, after polars' own (which the later ones
+    override); a pool started without keeps polars' own; options the user set win."""
+    monkeypatch.delenv(worker_start.ALLOCATOR_CONF, raising=False)
+    own = worker_start.POLARS_DEFAULT_ALLOCATOR
+    short = worker_start.SHORT_LIVED_ALLOCATOR
+    for parent in (None, own):  # (this process' polars import sets its own: the workers inherit it)
+        if parent is not None:
+            monkeypatch.setenv(worker_start.ALLOCATOR_CONF, parent)
+        executor = partitions.ProcessExecutor(2, allocator=short)
+        try:
+            assert executor.map("extracting", _allocator_options, [()] * 2, None) == [f"{own},{short}"] * 2
+        finally:
+            executor.close()
+    executor = partitions.ProcessExecutor(1)
+    try:
+        assert executor.map("extracting", _allocator_options, [()], None) == [f"{own},{own}"]
+    finally:
+        executor.close()
+    monkeypatch.setenv(worker_start.ALLOCATOR_CONF, "dirty_decay_ms:0")
+    executor = partitions.ProcessExecutor(1, allocator=short)
+    try:
+        assert executor.map("extracting", _allocator_options, [()], None) == [f"{own},dirty_decay_ms:0"]
     finally:
         executor.close()
 
