@@ -151,16 +151,16 @@ def _joined_steps(folded: pl.DataFrame, trace: str) -> pl.DataFrame:
             pl.col("step").str.join(PATH_SEPARATOR).alias("key")
         )
     first = np.flatnonzero(np.concatenate(([True], traces[1:] != traces[:-1])))
-    offsets = pa.array(np.append(first, traces.size).astype(np.int64), type=pa.int64())
+    # (the offsets from a buffer and the separator from a polars column: pa.array and pa.scalar
+    # of Python values import pandas, which analyze --format json does not load)
+    bounds = np.append(first, traces.size).astype(np.int64)
+    offsets = pa.Array.from_buffers(pa.int64(), bounds.size, [None, pa.py_buffer(bounds)])
     steps = folded["step"].to_arrow().cast(pa.large_string())
-    keys = pc.binary_join(
-        pa.LargeListArray.from_arrays(offsets, steps), pa.scalar(PATH_SEPARATOR, pa.large_string())
-    )
+    separator = pl.Series([PATH_SEPARATOR], dtype=pl.String).to_arrow().cast(pa.large_string())[0]
+    keys = pl.from_arrow(pc.binary_join(pa.LargeListArray.from_arrays(offsets, steps), separator))
+    assert isinstance(keys, pl.Series)
     return pl.DataFrame(
-        [
-            pl.Series(trace, traces[first], dtype=folded.schema[trace]),
-            pl.Series("key", keys, dtype=pl.String),
-        ]
+        [pl.Series(trace, traces[first], dtype=folded.schema[trace]), keys.cast(pl.String).alias("key")]
     )
 
 
