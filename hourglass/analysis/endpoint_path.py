@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
 
@@ -110,7 +111,8 @@ def path_rows(ctx: AnalysisContext, endpoint: tuple[str, str] | None = None) -> 
     else:
         on_path = _own_tree_on_path(ctx, roots)
         trace = "trace_id"
-    operations = on_path.group_by("trace_id", "service", "name").agg(pl.col("critical_ns").sum().alias("ns"))
+    # (grouped by the trace's row, an integer, then named: the rows of a grouping by the id)
+    operations = on_path.group_by(trace, "service", "name").agg(pl.col("critical_ns").sum().alias("ns"))
     step = pl.col("service") + pl.lit(":") + pl.col("name")
     ordered = on_path.select(trace, "start_ns", "depth", "row", step.alias("step")).sort(
         [trace, "start_ns", "depth", "row"]
@@ -120,15 +122,52 @@ def path_rows(ctx: AnalysisContext, endpoint: tuple[str, str] | None = None) -> 
         | (pl.col(trace) != pl.col(trace).shift(1))
         | pl.col("step").shift(1).is_null()
     )
-    paths = folded.group_by(trace, maintain_order=True).agg(pl.col("step").str.join("\u001f").alias("key"))
     if in_order is not None:
+        operations = operations.select(
+            ctx.traces["trace_id"].gather(operations[trace]), "service", "name", "ns"
+        )
+        paths = _joined_steps(folded, trace)
         paths = paths.select(ctx.traces["trace_id"].gather(paths[trace]), "key")
+    else:
+        paths = folded.group_by(trace, maintain_order=True).agg(
+            pl.col("step").str.join(PATH_SEPARATOR).alias("key")
+        )
     return PathRows(traces, operations, paths, _forest(ctx, on_path))
+
+
+PATH_SEPARATOR = "\u001f"  # between the steps of a path's key
+
+
+def _joined_steps(folded: pl.DataFrame, trace: str) -> pl.DataFrame:
+    """``folded.group_by(trace, maintain_order=True).agg(pl.col("step").str.join(PATH_SEPARATOR)
+    .alias("key"))`` of rows sorted by ``trace`` (each trace's rows together, no null step): the
+    steps of a trace joined by Arrow, its rows a slice of one list array, instead of a string
+    aggregation per group (at 167k spans, 8.7k traces: ~1 ms against ~6)."""
+    import pyarrow.compute as pc  # (here: the extraction's workers have it, other readers need not)
+
+    traces = folded[trace].to_numpy()
+    if traces.size == 0 or folded["step"].null_count():
+        return folded.group_by(trace, maintain_order=True).agg(
+            pl.col("step").str.join(PATH_SEPARATOR).alias("key")
+        )
+    first = np.flatnonzero(np.concatenate(([True], traces[1:] != traces[:-1])))
+    # (the offsets from a buffer and the separator from a polars column: pa.array and pa.scalar
+    # of Python values import pandas, which analyze --format json does not load)
+    bounds = np.append(first, traces.size).astype(np.int64)
+    offsets = pa.Array.from_buffers(pa.int64(), bounds.size, [None, pa.py_buffer(bounds)])
+    steps = folded["step"].to_arrow().cast(pa.large_string())
+    separator = pl.Series([PATH_SEPARATOR], dtype=pl.String).to_arrow().cast(pa.large_string())[0]
+    keys = pl.from_arrow(pc.binary_join(pa.LargeListArray.from_arrays(offsets, steps), separator))
+    assert isinstance(keys, pl.Series)
+    return pl.DataFrame(
+        [pl.Series(trace, traces[first], dtype=folded.schema[trace]), keys.cast(pl.String).alias("key")]
+    )
 
 
 def _own_tree_on_path_in_order(ctx: AnalysisContext) -> pl.DataFrame | None:
     """:func:`_own_tree_on_path` of every trace when the spans hold each trace's rows together in
-    ``ctx.traces``' order (a context's canonical order), with ``_trace``, the trace's row there:
+    ``ctx.traces``' order (a context's canonical order), with ``_trace``, the trace's row there,
+    instead of ``trace_id`` and ``root_span_id``:
     a span is in its root's tree when its ``root_span_id`` is its trace's, compared row by row
     instead of joined. None when the spans are not in that order."""
     spans, traces = ctx.spans, ctx.traces
@@ -143,7 +182,9 @@ def _own_tree_on_path_in_order(ctx: AnalysisContext) -> pl.DataFrame | None:
     on = np.flatnonzero(spans["on_critical_path"].to_numpy())
     own = (spans["root_span_id"].gather(on) == traces["root_span_id"].gather(trace[on])).fill_null(False)
     rows = on[own.to_numpy()]
-    return on_path_frame(ctx, rows).with_columns(pl.Series("_trace", trace[rows]))
+    # (the trace told by ``_trace``: its id and root are not gathered for every span on the path)
+    columns = [c for c in _ON_PATH_COLUMNS if c not in ("trace_id", "root_span_id")]
+    return spans.select(columns)[rows].with_columns(pl.Series("_trace", trace[rows]))
 
 
 _NODE_SCHEMA = {

@@ -107,3 +107,34 @@ def test_lock_wait_dominates_the_ledger_transfer_path() -> None:
     top = path["operations"][0]
     assert top["operation"] == "lock.acquire ledger.journal" and top["share"] > 0.5
     assert path["paths"][0]["steps"][1] == "ledger:lock.acquire ledger.journal"
+
+
+def test_joined_steps_are_the_string_aggregation_per_trace() -> None:
+    """A path's key joined by Arrow over each trace's slice of the steps is the key the
+    per-trace string aggregation gives: one row per trace in the rows' order, steps in order,
+    a trace of one step, non-ASCII steps; empty rows and null steps take the aggregation."""
+    import polars as pl
+
+    from hourglass.analysis.endpoint_path import PATH_SEPARATOR, _joined_steps
+
+    def aggregated(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.group_by("_trace", maintain_order=True).agg(
+            pl.col("step").str.join(PATH_SEPARATOR).alias("key")
+        )
+
+    steps = ["api:GET /", "db:SELECT", "api:GET /", "cache:get", "wörk:ünïcode", "x:" + "y" * 40]
+    frame = pl.DataFrame(
+        {"_trace": [0, 0, 0, 3, 7, 7], "step": steps}, schema={"_trace": pl.UInt32, "step": pl.String}
+    )
+    for rows in (frame, frame.slice(3), frame.slice(0, 1), frame.clear()):
+        got = _joined_steps(rows, "_trace")
+        assert got.schema == aggregated(rows).schema and got.equals(aggregated(rows))
+    assert _joined_steps(frame, "_trace")["key"].to_list() == [
+        PATH_SEPARATOR.join(steps[:3]),
+        steps[3],
+        PATH_SEPARATOR.join(steps[4:]),
+    ]
+    with_null = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 1).then(None).otherwise(pl.col("step")).alias("step")
+    )
+    assert _joined_steps(with_null, "_trace").equals(aggregated(with_null))

@@ -705,13 +705,15 @@ def _sibling_groups(spans: pl.DataFrame, min_children: int, generic: pl.Series |
             *_CALL_COLUMNS,
             group_id=pl.struct("name_key", "endpoint_key").hash(),
         )
-        .with_columns(n=pl.len().over("group_id"))
-        .filter(pl.col("n") >= min_children)
+        # (the group's figures with its size, before the small groups are dropped: one grouping
+        # of the rows by group_id, not a second one of the rows left)
         .with_columns(
+            n=pl.len().over("group_id"),
             first_start_ns=pl.col("start_ns").min().over("group_id"),
             last_start_ns=pl.col("start_ns").max().over("group_id"),
             first_end_ns=pl.col("end_ns").min().over("group_id"),
         )
+        .filter(pl.col("n") >= min_children)
         .collect()
     )
 
