@@ -33,12 +33,10 @@ SPLIT_MIN_PARTS = 4
 # (every extracted row is on disk: ``Spill.keep``): ~35 B a span at 1M, ~20 at 5M; then, through
 # the pricing pass, while the workers read the findings' traces, the findings and what the
 # decision left allocated: ROWS_BYTES_PER_SPAN of the whole (512 MiB over the start at 5M,
-# ~180 at 1M; without a spill, under --cluster, the rows themselves, ~136 resident). Pricing
-# reads only the findings' traces of a partition (about half its spans on the generated mix), but
-# no more than the partition in the worst case, so the plan keeps room for ``workers`` full
-# partitions beside ROWS_BYTES_PER_SPAN: that phase, not the extraction, bounds the partitions.
-# (A pricing task of a run on this machine now takes those traces from the few columns its
-# extraction kept, ``Prepared``, rather than reading and repairing them: less than that room.)
+# ~180 at 1M; without a spill, under --cluster, the rows themselves, ~136 resident). The plan
+# keeps room for the workers' extraction peaks beside the summaries and for their pricing beside
+# ROWS_BYTES_PER_SPAN (SUMMARY_ and PRICE_BYTES_PER_SPAN below); it used to count
+# full partitions beside the rows, from when a pricing task read and repaired its partition again.
 # The decision runs with the workers idle (each holds its base: ``ProcessExecutor.idle`` starts
 # them anew; or, when even their peaks over a partition fit beside the decision, ``Plan.keep``,
 # they are left as they are, which spares two start-ups), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
@@ -46,9 +44,24 @@ SPLIT_MIN_PARTS = 4
 # one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M).
 # The buckets no longer bound memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with
 # keys spread evenly, within that limit.
+#
+# The pricing pass is not bounded by a full partition any more: a pricing task of a run on this
+# machine prices from its partition's Prepared file (the few columns its extraction kept, mapped,
+# with only the findings' traces gathered), PRICE_BYTES_PER_SPAN a span of its partition over its
+# base (measured at 10M spans in 52 partitions: ~190 B, 194-228 MiB a worker), while this process
+# holds ROWS_BYTES_PER_SPAN of the whole (measured at 10M: 641 MiB over its start at the pricing's
+# peak, 67 B a span, the exemplars' traces read beside included). While the workers extract, it
+# holds the trace summaries only: SUMMARY_BYTES_PER_SPAN (measured 209 MiB over its start at 10M,
+# 21 B a span; ~35 at 1M). Counting the workers' full extraction peaks beside the pricing's rows
+# left a 10M-span store one worker under the default budget (69 s against 45 s on two, whose peak
+# measured 1.55 GiB in 56 partitions under a 2 GiB budget). A pricing task whose partition has no
+# Prepared file (its write failed: a full disk) reads and repairs the partition, as an extraction
+# does: up to PEAK_BYTES_PER_SPAN a span, which the budget does not count beside the rows.
 PROCESS_BASE_BYTES = 200 * 2**20
 PEAK_BYTES_PER_SPAN = 2_000
 ROWS_BYTES_PER_SPAN = 80
+SUMMARY_BYTES_PER_SPAN = 40
+PRICE_BYTES_PER_SPAN = 400
 DECIDE_BYTES_PER_SPAN = 130
 BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
@@ -162,13 +175,19 @@ def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] 
     if whole <= budget:
         return Plan(spans, 1, 1)
     workers = max(1, workers)
-    held = spans * ROWS_BYTES_PER_SPAN  # this process' rows beside the workers' pricing
-    per_worker = (budget - (workers + 1) * PROCESS_BASE_BYTES - held) // workers
+    bases = (workers + 1) * PROCESS_BASE_BYTES
+    # each worker's room over its base: beside this process' trace summaries while they extract
+    # (a partition's peak), beside its rows while they price (a partition's pricing)
+    extracting = (budget - bases - spans * SUMMARY_BYTES_PER_SPAN) // workers
+    pricing = (budget - bases - spans * ROWS_BYTES_PER_SPAN) // workers
+    # the largest partition both allow, as the room of an extraction's peak
+    per_worker = min(extracting, pricing * PEAK_BYTES_PER_SPAN // PRICE_BYTES_PER_SPAN)
     if per_worker < MIN_WORKER_BYTES and workers > 1:
         # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
         # partition is one more scan of the store)
         return _plan(spans, budget, workers - 1, largest_trace)
     if per_worker <= 0:
+        held = spans * ROWS_BYTES_PER_SPAN
         need = 2 * PROCESS_BASE_BYTES + held + 1_000 * PEAK_BYTES_PER_SPAN
         raise BudgetError(
             f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the analysis of {spans:,} spans "
