@@ -42,6 +42,11 @@ POLARS_THREADS = "POLARS_MAX_THREADS"
 # worker it spawns inherits that.
 ALLOCATOR_CONF = "_RJEM_MALLOC_CONF"
 POLARS_DEFAULT_ALLOCATOR = "dirty_decay_ms:500,muzzy_decay_ms:1000"
+# what polars' import writes with ``POLARS_THP=1`` (transparent huge pages): its own options too
+POLARS_OWN_ALLOCATORS = (
+    POLARS_DEFAULT_ALLOCATOR,
+    POLARS_DEFAULT_ALLOCATOR + ",thp:always,metadata_thp:always",
+)
 # The allocator options of a short-lived worker (``hourglass analyze``'s, which ends with its run):
 # pages freed are kept for reuse for 2 s instead of polars' 0.5 s (dirty) and 1 s (muzzy). A
 # partition's extraction frees and allocates hundreds of MiB again and again; returned to the
@@ -72,7 +77,9 @@ def start(threads: int = 0, allocator: str = "") -> None:
     before the first task."""
     if threads > 0 and POLARS_THREADS not in os.environ:
         os.environ[POLARS_THREADS] = str(threads)
-    if allocator and os.environ.get(ALLOCATOR_CONF, POLARS_DEFAULT_ALLOCATOR) == POLARS_DEFAULT_ALLOCATOR:
+    # (polars' own options, the parent's import wrote them: the worker's import writes them again,
+    # with the huge pages' under POLARS_THP=1, before these)
+    if allocator and os.environ.get(ALLOCATOR_CONF, POLARS_DEFAULT_ALLOCATOR) in POLARS_OWN_ALLOCATORS:
         os.environ[ALLOCATOR_CONF] = allocator
     import atexit
 

@@ -745,6 +745,16 @@ def test_the_workers_of_a_short_lived_run_keep_the_pages_their_allocator_frees(
         assert executor.map("extracting", _allocator_options, [()], None) == [f"{own},{own}"]
     finally:
         executor.close()
+    # polars' own options with transparent huge pages (POLARS_THP=1) are not the user's either
+    monkeypatch.setenv("POLARS_THP", "1")
+    monkeypatch.setenv(worker_start.ALLOCATOR_CONF, worker_start.POLARS_OWN_ALLOCATORS[1])
+    executor = partitions.ProcessExecutor(1, allocator=short)
+    try:
+        (got,) = executor.map("extracting", _allocator_options, [()], None)
+        assert got.endswith(f",{short}") and "thp:always" in got, got
+    finally:
+        executor.close()
+    monkeypatch.delenv("POLARS_THP")
     monkeypatch.setenv(worker_start.ALLOCATOR_CONF, "dirty_decay_ms:0")
     executor = partitions.ProcessExecutor(1, allocator=short)
     try:
