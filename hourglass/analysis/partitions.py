@@ -641,6 +641,17 @@ def _write_kept(frame: pl.DataFrame, path: Path) -> None:
     frame.write_ipc(path, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
 
 
+# DuckDB's buffer pool of a read-only open (``open_for_reading``): a task's read of its partition
+# (``scan_partition``) and the read of the exemplars' traces by id both scan every stored trace id,
+# and DuckDB kept what they read cached up to the store's default limit (512MB), a cache that grew
+# with the store and that no later read of the same open uses. At 10M spans a partition's read
+# peaked at 566 MiB (370 under this limit, and no slower: every worker's first partitions are read
+# so), a read of 60 traces by id at 480 MiB (237), and the deciding process of ``analyze --db`` at
+# 789 MiB beside the pricing (618). The rows read are Arrow's, outside the pool (a read of 2.5M
+# spans under a 64MB limit took it, faster than under 512MB).
+READ_MEMORY_LIMIT = "128MB"
+
+
 def open_for_reading(location: str) -> Any:
     """The store a ``--db`` value names, opened for reading by one partition task: a DuckDB file
     read-only (so several processes read it at once), a ClickHouse server or chdb directory as
@@ -651,7 +662,7 @@ def open_for_reading(location: str) -> Any:
     if local_path(location) == location and location != ":memory:":
         from hourglass.collector.duckdb_store import DuckDBSpanStore
 
-        return DuckDBSpanStore(location, read_only=True, threads=1)
+        return DuckDBSpanStore(location, read_only=True, threads=1, memory_limit=READ_MEMORY_LIMIT)
     return open_store(location)
 
 

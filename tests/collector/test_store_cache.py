@@ -95,3 +95,40 @@ def test_reads_during_releases_never_run_out_of_memory(tmp_path: Path) -> None:
                 r.join(30)
     assert not failures, failures[0]
     assert released > 0  # releases did happen between the reads
+
+
+def test_a_task_s_read_only_open_caches_at_most_its_small_pool(tmp_path: Path) -> None:
+    """A partition task's open (``partitions.open_for_reading``) reads under ``READ_MEMORY_LIMIT``,
+    not the store's default: each of its reads scans every stored trace id, and the blocks it
+    read stayed cached up to the default limit (566 MiB for one partition's read at 10M spans).
+    Its reads are whole and the same as under the default."""
+    from hourglass.analysis.partitions import READ_MEMORY_LIMIT, open_for_reading
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    path = str(tmp_path / "spans.duckdb")
+    with DuckDBSpanStore(path) as store:
+        store.write(spans_table(repeated_trace(16_000, "svc", *(spec(f"op{i}", i, 1) for i in range(10)))))
+    reader = open_for_reading(path)
+    try:
+        assert _limit(reader) == _limit_of(READ_MEMORY_LIMIT)
+        assert _limit(reader) != _limit_of("512MB")  # (the store's default is larger)
+        parts = [reader.scan_partition(part, 3, columns=ANALYSIS_COLUMNS) for part in range(3)]
+        some = sorted(set(parts[0].column("trace_id").to_pylist()))[:5]
+        traces = reader.scan(trace_ids=some)
+    finally:
+        reader.close()
+    # (one process opens a file with one configuration at a time)
+    with DuckDBSpanStore(path, read_only=True) as default:
+        for part, got in enumerate(parts):
+            assert got.num_rows > 0
+            assert got.equals(default.scan_partition(part, 3, columns=ANALYSIS_COLUMNS))
+        assert traces.num_rows == 50 and traces.equals(default.scan(trace_ids=some))
+
+
+def _limit_of(text: str) -> str:
+    """DuckDB's display of a memory_limit setting of ``text``."""
+    import duckdb
+
+    with duckdb.connect() as db:
+        db.execute(f"SET memory_limit = '{text}'")
+        return str(db.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
