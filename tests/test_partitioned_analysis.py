@@ -225,7 +225,7 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     fewer = partitions.plan(6_000_000, 1 << 30, 2)
     assert fewer.workers == 1 and fewer.parts < 50
     # the workers' bases do not fit beside the decision: they are started after it, not during it
-    assert not partitions.plan(10_000_000, int(1.5 * 2**30), 1).warm
+    assert not partitions.plan(12_000_000, int(1.5 * 2**30), 1).warm
     assert partitions.plan(5_000_000, int(1.5 * 2**30), 2).warm
     # the workers are kept through the decision only when their peaks fit beside it
     assert partitions.plan(1_000_000, int(1.5 * 2**30), 2).keep
@@ -236,7 +236,7 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     assert not partitions.plan(5_000_000, int(1.5 * 2**30), 2).beside
     # room for the workers but not for the decision, which runs alone once they are stopped
     with pytest.raises(partitions.BudgetError, match="cannot hold the decision over 20,000,000 spans"):
-        partitions.plan(20_000_000, int(2.1 * 2**30), 1)
+        partitions.plan(20_000_000, int(2.0 * 2**30), 1)
     too_small = _run("analyze", "--db", store, "--memory-budget", "10MB")
     assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr
 

@@ -41,7 +41,11 @@ SPLIT_MIN_PARTS = 4
 # them anew; or, when even their peaks over a partition fit beside the decision, ``Plan.keep``,
 # they are left as they are, which spares two start-ups), one detector's rows at a time, the lock-convoy rule's resource rows streamed from
 # their buckets under DuckDB's own memory limit (``hourglass.analysis.detectors._sweep``, whatever
-# one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M).
+# one key holds): DECIDE_BYTES_PER_SPAN (a peak of 644 MiB over the start at 5M, ~245 at 1M,
+# when it was counted 130; since the spill of one file per kind and the exemplars' reads under
+# READ_MEMORY_LIMIT, 129-349 MiB at 5M (the lock-convoy sweep's DuckDB peak varies run to run) and
+# 320 at 10M: 100 keeps the 5M figure's margin, and lets the default budget run ~14.9M spans, not
+# 10.8M: a 14M-span store measured 0.95 GiB all processes on the one worker it plans).
 # The buckets no longer bound memory; BUCKET_SPANS spans a bucket keeps each bucket's sort, with
 # keys spread evenly, within that limit.
 #
@@ -62,7 +66,7 @@ PEAK_BYTES_PER_SPAN = 2_000
 ROWS_BYTES_PER_SPAN = 80
 SUMMARY_BYTES_PER_SPAN = 40
 PRICE_BYTES_PER_SPAN = 400
-DECIDE_BYTES_PER_SPAN = 130
+DECIDE_BYTES_PER_SPAN = 100
 BUCKET_SPANS = 2_000_000
 MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its base cost
 # The split of a DuckDB store into partition files (``split_store``), written by a thread of the
