@@ -214,17 +214,58 @@ def note_missing_parents(summary: ProblemSummary, files: list[tuple[str, list[pa
     orphans = orphans.sort_by([("source", "ascending"), ("trace_id", "ascending"), ("span_id", "ascending")])
     for index, (name, _) in enumerate(files):
         mine = orphans.filter(pc.equal(orphans.column("source"), index))
-        count = mine.num_rows
-        if count == 0:
-            continue
-        first = mine.slice(0, count if summary.keep_all else summary.first_positions).to_pylist()
-        for i, row in enumerate(first):
-            summary.add(
-                name,
-                f"trace {row['trace_id']} span {row['span_id']} (parent {row['parent_span_id']})",
-                MISSING_PARENT_REASON,
-                skipped=False,
-                count=count - len(first) + 1 if i == len(first) - 1 else 1,
-                kind_field="",
+        if mine.num_rows:
+            _note_orphans(
+                summary, name, mine.num_rows, mine.slice(0, _shown(summary, mine.num_rows)).to_pylist()
             )
     return orphans.num_rows
+
+
+def note_missing_parents_in(summary: ProblemSummary, names: list[str], db: Any) -> int:
+    """:func:`note_missing_parents` of spans held in a DuckDB table rather than in memory:
+    ``origins(source, trace_id, span_id, parent_span_id)`` of connection ``db``, ``source`` the
+    index in ``names`` of the file each row came from (``hourglass analyze`` of files larger than
+    its memory budget keeps them so: the anti-join runs under DuckDB's memory limit). The same
+    warnings, counts and first positions."""
+    orphans = """
+        SELECT DISTINCT source, trace_id, span_id, parent_span_id FROM origins c
+        WHERE parent_span_id IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM origins p WHERE p.trace_id = c.trace_id AND p.span_id = c.parent_span_id)
+    """
+    counts = dict(db.execute(f"SELECT source, count(*) FROM ({orphans}) GROUP BY source").fetchall())
+    # (with keep_all: as many as the summary keeps; the rest are counted on the last one shown)
+    shown = MAX_KEPT_POSITIONS if summary.keep_all else summary.first_positions
+    rows = db.execute(
+        f"""SELECT source, trace_id, span_id, parent_span_id FROM (
+                SELECT *, row_number() OVER (PARTITION BY source ORDER BY trace_id, span_id) AS n
+                FROM ({orphans})) WHERE n <= ? ORDER BY source, trace_id, span_id""",
+        [shown],
+    ).fetchall()
+    for index, name in enumerate(names):
+        count = int(counts.get(index, 0))
+        if count:
+            first = [
+                {"trace_id": t, "span_id": s, "parent_span_id": p}
+                for source, t, s, p in rows
+                if source == index
+            ]
+            _note_orphans(summary, name, count, first)
+    return int(sum(counts.values()))
+
+
+def _shown(summary: ProblemSummary, count: int) -> int:
+    return count if summary.keep_all else summary.first_positions
+
+
+def _note_orphans(summary: ProblemSummary, name: str, count: int, first: list[dict[str, Any]]) -> None:
+    """One file's spans whose parent is in none of the files: its first ones as positions, the
+    rest counted on the last."""
+    for i, row in enumerate(first):
+        summary.add(
+            name,
+            f"trace {row['trace_id']} span {row['span_id']} (parent {row['parent_span_id']})",
+            MISSING_PARENT_REASON,
+            skipped=False,
+            count=count - len(first) + 1 if i == len(first) - 1 else 1,
+            kind_field="",
+        )
