@@ -71,6 +71,49 @@ def read_files(
     as ``FILE:POSITION: reason``); ``summary`` collects them (the report's ``input_warnings``).
     Spans whose parent span is in none of the files are one warning per file. Returns (table, number of
     problems that skipped data)."""
+    read = _read_files(paths, command, verbose=verbose, summary=summary)
+    assert read.table is not None
+    return read.table, read.problems
+
+
+@dataclass
+class FileSpans:
+    """The spans of trace files: in memory (``table``), or, for an input larger than the memory
+    budget holds at once, in a temporary DuckDB store (``store``, in ``folder``: :meth:`remove`)."""
+
+    problems: int
+    table: pa.Table | None = None
+    store: str | None = None
+    folder: str | None = None
+    spans: int = 0
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# What ``hourglass analyze FILE...`` writes to its temporary store at a time, and the origins
+# table's DuckDB memory (the missing-parent check's anti-join spills beyond it)
+FILE_STORE_WRITE_ROWS = 250_000
+FILE_ORIGINS_MEMORY_LIMIT = "256MB"
+
+
+def _read_files(
+    paths: list[Path],
+    command: str = "analyze",
+    *,
+    verbose: bool = False,
+    summary: ProblemSummary | None = None,
+    at_once_spans: int | None = None,
+    on_spill: Callable[[int], None] | None = None,
+) -> FileSpans:
+    """:func:`read_files`; with ``at_once_spans``, an input of more spans is written, as it is
+    read, to a temporary DuckDB store instead of held (``on_spill(spans read so far)`` is called
+    once, when that starts): the spans read so far, then every table as the reader streams it,
+    and beside them each span's file, trace, span and parent ids for the missing-parent warnings
+    (an anti-join in DuckDB). Memory then holds a write's batch, not the input."""
     import pyarrow as pa
 
     from hourglass.collector.files import FileProblem, TraceFileReader, expand_path_origins
@@ -93,17 +136,122 @@ def read_files(
 
     reader = TraceFileReader(on_problem=on_error)
     per_file: list[tuple[str, list[pa.Table]]] = []
-    for path, from_folder in expand_path_origins([str(p) for p in paths]):
-        file_tables = [t for t in reader.read_file(path, from_folder=from_folder) if t.num_rows]
-        per_file.append((reader.reports[-1].file, file_tables))
-    # spans whose parent is in none of the files: kept (repair makes them roots), told once per file
-    note_missing_parents(collected, per_file)
+    spilled: _FileStore | None = None
+    spans = 0
+    try:
+        for source, (path, from_folder) in enumerate(expand_path_origins([str(p) for p in paths])):
+            file_tables: list[pa.Table] = []
+            for table in reader.read_file(path, from_folder=from_folder):
+                if not table.num_rows:
+                    continue
+                spans += table.num_rows
+                if spilled is not None:
+                    spilled.add(source, table)
+                    continue
+                file_tables.append(table)
+                if at_once_spans is not None and spans > at_once_spans:
+                    if on_spill is not None:
+                        on_spill(spans)
+                    spilled = _FileStore()
+                    for held_source, (_, tables) in enumerate([*per_file, ("", file_tables)]):
+                        for held in tables:
+                            spilled.add(held_source, held)
+                    per_file, file_tables = [(name, []) for name, _ in per_file], []
+            per_file.append((reader.reports[-1].file, file_tables))
+        names = [name for name, _ in per_file]
+        if spilled is not None:
+            spilled.missing_parents(collected, names)
+        else:
+            # spans whose parent is in none of the files: kept (repair makes them roots), told once per file
+            note_missing_parents(collected, per_file)
+        for kind in collected.kinds():
+            if not (verbose and kind.count == 1):  # verbose: a lone problem is already printed
+                typer.echo(f"hourglass {command}: {kind.line(verbose_hint=not verbose)}", err=True)
+        if spilled is not None:
+            spilled.close()
+            return FileSpans(problems, store=spilled.path, folder=spilled.folder, spans=spans)
+    except BaseException:
+        if spilled is not None:
+            spilled.close()
+            spilled.remove()
+        raise
     tables = [t for _, file_tables in per_file for t in file_tables]
-    for kind in collected.kinds():
-        if not (verbose and kind.count == 1):  # verbose: a lone problem is already printed
-            typer.echo(f"hourglass {command}: {kind.line(verbose_hint=not verbose)}", err=True)
     table = pa.concat_tables(tables) if tables else empty_span_table()
-    return table, problems
+    return FileSpans(problems, table=table, spans=spans)
+
+
+class _FileStore:
+    """The temporary DuckDB store of :func:`_read_files` (``spans.duckdb`` in a folder of
+    ``$TMPDIR``), with the rows' origins beside it (``origins.duckdb``)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        import duckdb
+
+        from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+        self.folder = tempfile.mkdtemp(prefix="hourglass-files-")
+        self.path = os.path.join(self.folder, "spans.duckdb")
+        self.store = DuckDBSpanStore(self.path)
+        self.origins = duckdb.connect(os.path.join(self.folder, "origins.duckdb"))
+        self.origins.execute(f"SET memory_limit = '{FILE_ORIGINS_MEMORY_LIMIT}'")
+        self.origins.execute("SET threads TO 1")
+        self.origins.execute(
+            "CREATE TABLE origins (source INTEGER, trace_id VARCHAR, span_id VARCHAR, parent_span_id VARCHAR)"
+        )
+        self.pending: list[tuple[int, pa.Table]] = []
+        self.pending_rows = 0
+        self.closed = False
+
+    def add(self, source: int, table: pa.Table) -> None:
+        self.pending.append((source, table))
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= FILE_STORE_WRITE_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.pending:
+            return
+        tables = [t for _, t in self.pending]
+        self.store.write(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+        ids = pa.concat_tables(
+            [
+                t.select(["trace_id", "span_id", "parent_span_id"]).append_column(
+                    "source", pa.array([source] * t.num_rows, pa.int32())
+                )
+                for source, t in self.pending
+            ]
+        )
+        self.origins.register("batch_ids", ids)
+        try:
+            self.origins.execute(
+                "INSERT INTO origins SELECT source, trace_id, span_id, parent_span_id FROM batch_ids"
+            )
+        finally:
+            self.origins.unregister("batch_ids")
+        self.pending, self.pending_rows = [], 0
+
+    def missing_parents(self, summary: ProblemSummary, names: list[str]) -> None:
+        from hourglass.collector.problem_summary import note_missing_parents_in
+
+        self._flush()
+        note_missing_parents_in(summary, names, self.origins)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._flush()
+        self.store.close()
+        self.origins.close()
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -605,8 +753,9 @@ def analyze_command(
     # stopped) from before its workers start: a worker started and then left by a parent killed
     # while importing would wait on its pool's queue for ever
     guard = contextlib.ExitStack()
-    if not files:
-        guard.enter_context(_terminate_as_interrupt())
+    # (files too: a large input is written to a temporary store, removed on the way out)
+    guard.enter_context(_terminate_as_interrupt())
+    spilled = False
     early: EarlyWorkers | None = None
     try:
         # a store analysed in worker processes: they start now, while this process imports the
@@ -620,8 +769,29 @@ def analyze_command(
         input_problems = ProblemSummary()
         writer = select_writer(settings)
         if files:
-            table, problems = read_files(list(files), verbose=verbose, summary=input_problems)
-            report = analyze(table, writer=writer, services=service, since_ns=since_ns, explain=explain)
+            read = _read_files(
+                list(files),
+                verbose=verbose,
+                summary=input_problems,
+                at_once_spans=_at_once_spans(run),
+                on_spill=lambda spans: _tell_spill(run),
+            )
+            problems = read.problems
+            if read.table is not None:
+                report = analyze(
+                    read.table, writer=writer, services=service, since_ns=since_ns, explain=explain
+                )
+            else:
+                spilled = True
+                try:
+                    assert read.store is not None
+                    # run on this machine: a cluster's workers do not reach the temporary store
+                    local = StoreRun(run.budget, run.workers, None, run.partitions, run.spill_buckets)
+                    report = analyze_store(
+                        read.store, local, services=service, since_ns=since_ns, writer=writer, explain=explain
+                    )
+                finally:
+                    read.remove()
         else:
             report = analyze_store(
                 db or settings.db,
@@ -644,7 +814,7 @@ def analyze_command(
                 early.release()
         finally:
             guard.close()
-    ends_at_once = not files and run.cluster is None and _is_duckdb_file(db or settings.db)
+    ends_at_once = spilled or (not files and run.cluster is None and _is_duckdb_file(db or settings.db))
     # additive to hourglass.report/v1: the problems met in the input files, one entry per kind
     report["input_warnings"] = input_problems.as_json()
     text = render(report, output_format.value)
@@ -666,6 +836,33 @@ def analyze_command(
         _end_at_once(code)
     if code:
         raise typer.Exit(code)
+
+
+def _at_once_spans(run: StoreRun) -> int:
+    """The most spans of trace files ``hourglass analyze`` analyses at once, in memory, under the
+    run's memory budget (as a store's plan of one partition); a larger input goes through a
+    temporary store and partitions of whole traces. ``--partitions`` 2 or more: none at once."""
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+
+    if run.partitions > 1:
+        return 0
+    return max(0, (run.budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
+
+
+def _tell_spill(run: StoreRun) -> None:
+    import tempfile
+
+    reason = (
+        f"--partitions {run.partitions}"
+        if run.partitions > 1
+        else f"more than the {_at_once_spans(run):,} spans the {run.budget / 2**30:.2f} GiB memory budget "
+        "analyses at once"
+    )
+    typer.echo(
+        f"hourglass analyze: the files are written to a temporary span store in {tempfile.gettempdir()} "
+        f"as they are read ({reason}) and analysed in partitions of whole traces",
+        err=True,
+    )
 
 
 END_JOIN_S = 30.0  # the run's own threads (the partition files' removal) end well within this
