@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-whatif bench-soak clean
+.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ bench-ingest bench-analysis bench-api bench-whatif bench-scaling: bench-%: insta
 
 bench-import: install bytecode
 	$(PY) -m bench.import_files
+
+# `hourglass analyze FILE` of a 2M-span OTLP file: bounded by the memory budget, beside the whole
+# file analysed at once (the baseline), and the same recommendations
+bench-files: install bytecode
+	$(PY) -m bench.files_scaling
 
 # `hourglass serve` fed 20,000 spans/s for 10 minutes: RSS, settled traces vs the report, refusals,
 # beside the whole-store re-analysis (HOURGLASS_INCREMENTAL_ANALYSIS=false). QUICK=1: 2 minutes each.
