@@ -131,10 +131,14 @@ class FileProblem:
     position: str | None
     reason: str
     skipped: bool = True
+    # the records it stands for: the spans a decoded batch rejected beyond those it itemised are one
+    # problem (``reason`` without their number, so that every batch's are one kind)
+    count: int = 1
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.position}" if self.position else self.file
-        return f"{where}: {self.reason}" if self.skipped else f"{where}: warning: {self.reason}"
+        reason = f"and {self.count} {self.reason}" if self.count > 1 else self.reason
+        return f"{where}: {reason}" if self.skipped else f"{where}: warning: {reason}"
 
 
 @dataclass
@@ -489,7 +493,7 @@ class TraceFileReader:
         more = result.rejected - len(result.errors)
         if more > 0:
             report.problems += 1
-            self._tell(FileProblem(report.file, prefix or None, f"and {more} more spans skipped for bad ids"))
+            self._tell(FileProblem(report.file, prefix or None, "more spans skipped for bad ids", count=more))
 
     def _emit(self, report: FileReport, table: pa.Table) -> Iterator[pa.Table]:
         if table.num_rows:

@@ -156,7 +156,13 @@ class ProblemSummary:
 
     def add_problem(self, problem: Any) -> None:
         """A :class:`hourglass.collector.files.FileProblem` (``file``, ``position``, ``reason``, ``skipped``)."""
-        self.add(problem.file, problem.position, problem.reason, skipped=problem.skipped)
+        self.add(
+            problem.file,
+            problem.position,
+            problem.reason,
+            skipped=problem.skipped,
+            count=getattr(problem, "count", 1),
+        )
 
     def kinds(self, source: str | None = None) -> list[ProblemKind]:
         with self._lock:

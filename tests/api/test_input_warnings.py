@@ -154,3 +154,32 @@ def test_serve_logs_rejected_spans_once_per_kind(tmp_path: Path) -> None:
     assert len(kinds) == 2, log  # the decoder's first reasons as one kind, the unlisted rest as another
     assert "resourceSpans[].scopeSpans[].spans[].traceId" in kinds[0] and "(at resourceSpans[0]" in kinds[0]
     assert sum(int(line.split("OTLP/HTTP: ")[1].split()[0]) for line in kinds) == 40
+
+
+def test_spans_rejected_beyond_the_itemised_ones_are_counted_in_one_kind(tmp_path: Path) -> None:
+    """A decoded batch names its first few rejected spans and counts the rest in one problem: that
+    problem stands for all of them (they were summarised as one span each, one kind per number)."""
+    import struct
+
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    message = trace_pb2.TracesData()
+    resource = message.resource_spans.add()
+    name = resource.resource.attributes.add()
+    name.key, name.value.string_value = "service.name", "svc"
+    scope = resource.scope_spans.add()
+    for i in range(3000):
+        span = scope.spans.add()
+        span.span_id, span.name = (i + 1).to_bytes(8, "big"), "op"
+        span.start_time_unix_nano, span.end_time_unix_nano = 10**18, 10**18 + 1000
+        span.trace_id = b"" if i % 3 else (i + 1).to_bytes(16, "big")  # two of three without a trace id
+    data = message.SerializeToString()
+    path = tmp_path / "bad-ids.binpb"
+    path.write_bytes(b"".join(struct.pack(">I", len(data)) + data for _ in range(3)))
+    result = hourglass("analyze", str(path), "--format", "json")
+    assert result.returncode == 2, result.stderr
+    warnings = json.loads(result.stdout)["input_warnings"]
+    assert sum(w["count"] for w in warnings if w["skipped"]) == 6000  # every rejected span, once
+    assert len(warnings) == 2 and len(_lines(result.stderr, "skipped")) == 2
+    [more] = [w for w in warnings if w["kind"] == "more spans skipped for bad ids"]
+    assert more["positions"] == ["byte 0", "byte 120037", "byte 240074"]
