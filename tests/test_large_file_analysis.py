@@ -126,3 +126,36 @@ def test_missing_parents_told_from_duckdb_as_from_memory() -> None:
             assert note_missing_parents_in(stored, [name for name, _ in files], db) == 18
             assert [k.as_json() for k in stored.kinds()] == [k.as_json() for k in memory.kinds()]
             assert [(k.source, k.count) for k in stored.kinds()] == [("back.json", 9), ("copy.json", 9)]
+
+
+def test_an_input_over_the_budget_is_analysed_in_partitions_by_analyze_and_report(tmp_path: Path) -> None:
+    """No option needed: a file of more spans than the memory budget analyses at once goes through
+    the temporary store, in `analyze` and in `report`, with the report of the whole file at once."""
+    from bench.analysis import build_store
+    from bench.files_scaling import export_store
+
+    store = tmp_path / "spans.duckdb"
+    build_store(store, 320_000)
+    trace_file = tmp_path / "spans.binpb"
+    export_store(store, trace_file)
+    reports: dict[str, dict[str, Any]] = {}
+    for budget in ("800MB", "64GiB"):  # ~295k spans at once, then all of them
+        env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": budget}
+        for command in ("analyze", "report"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "hourglass", command, str(trace_file), "--format", "json"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=240,
+                env=env,
+            )
+            assert proc.returncode == 0, proc.stderr
+            spilled = f"hourglass {command}: the files are written to a temporary span store" in proc.stderr
+            assert spilled == (budget == "800MB"), proc.stderr
+            reports[f"{command} {budget}"] = _report(proc)
+    whole = reports["analyze 64GiB"]
+    assert len(whole["recommendations"]) >= 5 and whole["spans_analyzed"] > 300_000
+    assert reports["analyze 800MB"] == whole
+    assert reports["report 800MB"] == reports["report 64GiB"]
+    assert not list(tmp_path.glob("hourglass-*"))

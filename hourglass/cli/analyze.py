@@ -849,7 +849,7 @@ def _at_once_spans(run: StoreRun) -> int:
     return max(0, (run.budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
 
 
-def _tell_spill(run: StoreRun) -> None:
+def _tell_spill(run: StoreRun, command: str = "analyze") -> None:
     import tempfile
 
     reason = (
@@ -859,7 +859,7 @@ def _tell_spill(run: StoreRun) -> None:
         "analyses at once"
     )
     typer.echo(
-        f"hourglass analyze: the files are written to a temporary span store in {tempfile.gettempdir()} "
+        f"hourglass {command}: the files are written to a temporary span store in {tempfile.gettempdir()} "
         f"as they are read ({reason}) and analysed in partitions of whole traces",
         err=True,
     )

@@ -13,10 +13,11 @@ was skipped (or the command line was wrong); 1 — the store could not be opened
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,7 +25,6 @@ from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
 from hourglass.cli._options import since_ns as since_option_ns
-from hourglass.cli.analyze import read_files
 from hourglass.settings import REPORT
 
 
@@ -37,6 +37,24 @@ class ReportFormat(StrEnum):
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"hourglass report: {message}", err=True)
     return typer.Exit(code)
+
+
+def _open(path: str) -> Any:
+    """The store at ``path``, or the command's one-line error (exit 1)."""
+    from hourglass.collector.backends import open_store
+    from hourglass.collector.store import StoreError, local_path, redact
+
+    local = local_path(path)
+    if local is not None and local != ":memory:" and not Path(local).exists():
+        raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
+    try:
+        return open_store(path)
+    except StoreError as exc:
+        raise _fail(str(exc), code=1) from exc
+    except Exception as exc:  # duckdb raises IOException when a running server holds the file
+        from hourglass.api.store_errors import store_open_problem
+
+        raise _fail(store_open_problem(redact(path), exc), code=1) from None
 
 
 @app.command("report")
@@ -76,55 +94,73 @@ def report_command(
     # The app's modules (FastAPI's world) load only when this command runs, not for every command.
     from hourglass.api.analysis_service import build_exemplars, dumps, select_writer, table_trace_fetcher
     from hourglass.api.report_html import render_report_html
+    from hourglass.cli.analyze import (
+        StoreRun,
+        _at_once_spans,
+        _read_files,
+        _tell_spill,
+        _terminate_as_interrupt,
+    )
+    from hourglass.cli.analyze import analyze_store as analyze_in_partitions
 
+    # under the memory budget, as ``hourglass analyze``: a store or an input of files larger than
+    # it holds at once is analysed in partitions of whole traces (files through a temporary store)
+    run = StoreRun(budget=settings.memory_budget, workers=settings.workers or os.cpu_count() or 1)
+    writer = select_writer(settings)
     skipped = False
     store = None
-    if files:
-        table, problems = read_files(list(files), command="report")
-        skipped = problems > 0
-        source = ", ".join(str(f) for f in files)
-        fetch_trace = table_trace_fetcher(table)
-    else:
-        from hourglass.collector.backends import open_store
-        from hourglass.collector.store import StoreError, local_path, redact
-
-        path = db or settings.db
-        local = local_path(path)
-        if local is not None and local != ":memory:" and not Path(local).exists():
-            raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
+    spilled = None
+    with _terminate_as_interrupt():  # (Ctrl-C and SIGTERM remove a temporary store alike)
         try:
-            store = open_store(path)
-        except StoreError as exc:
-            raise _fail(str(exc), code=1) from exc
-        except Exception as exc:  # duckdb raises IOException when a running server holds the file
-            from hourglass.api.store_errors import store_open_problem
+            if files:
+                read = _read_files(
+                    list(files),
+                    command="report",
+                    at_once_spans=_at_once_spans(run),
+                    on_spill=lambda spans: _tell_spill(run, "report"),
+                )
+                skipped = read.problems > 0
+                source = ", ".join(str(f) for f in files)
+                if read.table is not None:
+                    from hourglass.analysis.pipeline import analyze
 
-            raise _fail(store_open_problem(redact(path), exc), code=1) from None
-        from hourglass.collector.schema import ANALYSIS_COLUMNS
+                    fetch_trace = table_trace_fetcher(read.table)
+                    report = analyze(read.table, writer=writer, services=service, since_ns=since_ns)
+                else:
+                    spilled = read
+                    assert read.store is not None
+                    report = analyze_in_partitions(
+                        read.store, run, services=service, since_ns=since_ns, writer=writer, explain=False
+                    )
+                    store = _open(read.store)
+                    fetch_trace = store.trace
+            else:
+                from hourglass.collector.store import redact
 
-        table = store.scan(since_ns=since_ns, services=service, columns=ANALYSIS_COLUMNS)
-        from hourglass.analysis.resources import attach_store_resources
+                path = db or settings.db
+                store = _open(path)  # (its errors told as this command's, before the analysis opens it)
+                store.close()
+                store = None
+                report = analyze_in_partitions(
+                    path, run, services=service, since_ns=since_ns, writer=writer, explain=False
+                )
+                store = _open(path)
+                source = f"store {redact(path)}"
+                fetch_trace = store.trace
+            if fmt is ReportFormat.html:
+                exemplars = build_exemplars(report, fetch_trace)
+                text = render_report_html(report, exemplars, source=source)
+            elif fmt is ReportFormat.json:
+                text = dumps(report).decode() + "\n"
+            else:
+                from hourglass.analysis.render import render_markdown
 
-        table = attach_store_resources(table, store)  # the services' languages, for the designs
-        source = f"store {redact(path)}"
-        fetch_trace = store.trace
-
-    try:
-        from hourglass.analysis.pipeline import analyze
-
-        report = analyze(table, writer=select_writer(settings), services=service, since_ns=since_ns)
-        if fmt is ReportFormat.html:
-            exemplars = build_exemplars(report, fetch_trace)
-            text = render_report_html(report, exemplars, source=source)
-        elif fmt is ReportFormat.json:
-            text = dumps(report).decode() + "\n"
-        else:
-            from hourglass.analysis.render import render_markdown
-
-            text = render_markdown(report)
-    finally:
-        if store is not None:
-            store.close()
+                text = render_markdown(report)
+        finally:
+            if store is not None:
+                store.close()
+            if spilled is not None:
+                spilled.remove()
 
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
