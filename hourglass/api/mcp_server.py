@@ -417,6 +417,7 @@ def http_route(
 
 def run_stdio(db: str) -> None:
     from hourglass.api.analysis_service import AnalysisService
+    from hourglass.api.settings import Settings
     from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     store = DuckDBSpanStore(db)
@@ -430,7 +431,7 @@ def run_stdio(db: str) -> None:
         backend = Backend(
             report=lambda: service.wait_first(600.0),
             fetch_trace=store.trace,
-            queries=QueryEngine.over_store(store, recommendation_ids=ids),
+            queries=QueryEngine.over_store(store, recommendation_ids=ids, budget=Settings().memory_budget),
         )
         build_server(backend).run("stdio")
     finally:

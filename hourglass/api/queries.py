@@ -6,6 +6,13 @@ The background analysis keeps only the report; these questions need the repaired
 store changes, so a user trying several what-ifs in a row pays the scan and repair once. One
 context at a time is kept (bounded memory), and dropped after ``IDLE_SECONDS`` without a question;
 building runs under a lock (no two at once).
+
+A context holds every span of its window in memory (~2 KB a span at its peak), in the process
+that asks (``serve``'s, for the REST routes and MCP over HTTP): over a store it is built only when
+the window's spans fit the memory budget (``HOURGLASS_MEMORY_BUDGET``) as the at-once analysis
+counts them, else the question is refused with the count and a ``since`` that would fit
+(:class:`WindowTooLarge`), rather than the server taken down by the kernel's OOM killer with the
+ingest it serves (a critical path over a 1M-span store peaked at 1.54 GiB, linear in the spans).
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from hourglass.collector.schema import ANALYSIS_COLUMNS
 
 SINCE_STEP_NS = 10 * 1_000_000_000
 IDLE_SECONDS = 600.0
+
+
+class WindowTooLarge(WhatIfInputError):
+    """The question's window holds more spans than the memory budget allows one context."""
 
 
 @dataclass
@@ -66,6 +77,8 @@ class QueryEngine:
         recommendation_ids: Callable[[], set[str] | None] = lambda: None,
         idle_seconds: float = IDLE_SECONDS,
         reuse_seconds: float = 0.0,
+        window_spans: Callable[[int | None], int] | None = None,
+        max_spans: int | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -79,6 +92,9 @@ class QueryEngine:
         self._idle_seconds = idle_seconds
         self._reuse_seconds = reuse_seconds
         self._expiry: threading.Timer | None = None
+        # the guard (module doc): the spans a window holds, and the most one context may hold
+        self._window_spans = window_spans
+        self._max_spans = max_spans
 
     def _forget(self) -> None:
         with self._lock:
@@ -98,7 +114,10 @@ class QueryEngine:
         store: Any,
         recommendation_ids: Callable[[], set[str] | None] = lambda: None,
         reuse_seconds: float = 0.0,
+        budget: int | None = None,
     ) -> QueryEngine:
+        """Questions over ``store``; with ``budget`` (bytes), only windows whose spans fit it at once."""
+
         def scan(since_ns: int | None) -> pa.Table:
             return store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
 
@@ -106,7 +125,40 @@ class QueryEngine:
             raw = getattr(store, "raw_row_count", None)
             return int(raw()) if callable(raw) else int(store.stats().spans)
 
-        return cls(scan, marker, recommendation_ids, reuse_seconds=reuse_seconds)
+        def window_spans(since_ns: int | None) -> int:
+            count = getattr(store, "span_rows_since", None)
+            return int(count(since_ns)) if callable(count) else marker()
+
+        max_spans = None
+        if budget is not None:
+            from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+
+            max_spans = max(0, (budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
+        return cls(
+            scan,
+            marker,
+            recommendation_ids,
+            reuse_seconds=reuse_seconds,
+            window_spans=window_spans,
+            max_spans=max_spans,
+        )
+
+    def _check_window(self, since_ns: int | None) -> None:
+        """Raises :class:`WindowTooLarge` when the window holds more spans than one context may."""
+        if self._window_spans is None or self._max_spans is None:
+            return
+        spans = self._window_spans(since_ns)
+        if spans <= self._max_spans:
+            return
+        from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+
+        budget = (PROCESS_BASE_BYTES + self._max_spans * PEAK_BYTES_PER_SPAN) / 2**30
+        window = "the store" if since_ns is None else "the window"
+        raise WindowTooLarge(
+            f"{window} holds {spans:,} spans, more than the {self._max_spans:,} a what-if or critical-path "
+            f"question holds in memory at once under the {budget:.2f} GiB memory budget "
+            "(HOURGLASS_MEMORY_BUDGET): ask over a shorter window (since, e.g. 15m or 1h) or raise the budget"
+        )
 
     def _context(self, since_ns: int | None) -> _Cached:
         key = (self._marker(), since_ns)
@@ -120,6 +172,7 @@ class QueryEngine:
                 return cached
             self._cached = None  # free the old one before building the new one
             del cached
+            self._check_window(since_ns)
             ctx = AnalysisContext.from_table(self._scan(since_ns))
             engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
             built = _Cached(key, time.monotonic(), ctx, engine, detector_lookup(ctx))

@@ -606,6 +606,17 @@ class ClickHouseSpanStore:
         )
         return [str(s) for s in rows.column("service").to_pylist()] if rows.num_columns else []
 
+    def span_rows_since(self, since_ns: int | None) -> int:
+        """Physical rows of spans starting at or after ``since_ns`` (None: every row)."""
+        if since_ns is None:
+            return self.raw_row_count()
+        self._check_open()
+        rows = self._backend.query_arrow(
+            f"SELECT count() AS n FROM {self._table} "
+            f"WHERE Timestamp >= fromUnixTimestamp64Nano(toInt64({_int(since_ns)}))"
+        )
+        return int(rows.column("n")[0].as_py())
+
     def raw_row_count(self) -> int:
         """Physical ``otel_traces`` rows, duplicates included."""
         self._check_open()

@@ -1950,6 +1950,21 @@ class DuckDBSpanStore:
         with self._heavy:
             yield
 
+    def span_rows_since(self, since_ns: int | None) -> int:
+        """Physical rows (duplicates and staged rows included) of spans starting at or after
+        ``since_ns`` (None: every row): what a read of that window costs, for the query routes'
+        memory guard (``hourglass.api.queries``); whole traces that straddle the edge add a few."""
+        if since_ns is None:
+            return self.raw_row_count()
+        with self._write_lock:
+            staged = self._staged_rows
+            (n,) = (
+                self._cursor()
+                .execute("SELECT count(*) FROM spans WHERE start_ns >= ?", [since_ns])
+                .fetchall()[0]
+            )
+            return staged + int(n)
+
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests
         and compaction metrics)."""

@@ -118,6 +118,33 @@ def test_critical_path_over_rest(server: LiveServer) -> None:
         assert client.get("/v1/critical-path", params={"service": "frontend"}).status_code == 422
 
 
+def test_a_window_larger_than_the_memory_budget_is_refused_not_built(tmp_path: Path) -> None:
+    """A what-if or critical path builds the window's spans in serve's own process: one that the
+    memory budget cannot hold at once is refused with the count and a shorter window to ask
+    (it would take the server and its ingest down at staging sizes); one that fits is answered."""
+    import time
+
+    from tests.api.live_server import MS, SPANS_PER_TRACE, running_server, send_traces, wait_for_spans
+
+    budget = 200 * 2**20 + 20 * 2_000 + 1_000  # 20 spans at once (hourglass.analysis.planning)
+    with running_server(tmp_path, token=TOKEN, env={"HOURGLASS_MEMORY_BUDGET": str(budget)}) as server:
+        send_traces(server, checkout=4, home=0, base_ns=time.time_ns() - 2 * 3600 * 1_000 * MS)
+        send_traces(server, checkout=1, home=0, base_ns=time.time_ns() - 60_000 * MS)
+        wait_for_spans(server, 5 * SPANS_PER_TRACE)
+        speedup = {"speedup": {"service": "users", "operation": "GET /users", "factor": 0.5}}
+        with server.client(timeout=60) as client:
+            refused = client.post("/v1/whatif", json={"changes": [speedup]})
+            assert refused.status_code == 422, refused.text
+            detail = refused.json()["detail"]
+            assert "the store holds 35 spans, more than the 20" in detail and "since" in detail
+            path = {"service": "frontend", "operation": "GET /checkout"}
+            assert client.get("/v1/critical-path", params=path).status_code == 422
+            recent = client.post("/v1/whatif", json={"changes": [speedup], "since": "10m"})
+            assert recent.status_code == 200, recent.text
+            assert recent.json()["traces"] == 1
+            assert client.get("/v1/critical-path", params={**path, "since": "10m"}).json()["traces"] == 1
+
+
 async def _mcp_over_http(url: str, headers: dict[str, str]) -> Any:
     from mcp.client.session import ClientSession
     from mcp.client.streamable_http import streamable_http_client
