@@ -154,8 +154,36 @@ def test_an_input_over_the_budget_is_analysed_in_partitions_by_analyze_and_repor
             spilled = f"hourglass {command}: the files are written to a temporary span store" in proc.stderr
             assert spilled == (budget == "800MB"), proc.stderr
             reports[f"{command} {budget}"] = _report(proc)
+    # diff of the file against itself, both sides in partitions: nothing new, nothing gone
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": "800MB"}
+    diff = subprocess.run(
+        [sys.executable, "-m", "hourglass", "diff", str(trace_file), str(trace_file), "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert diff.returncode == 0, diff.stderr
+    assert diff.stderr.count("hourglass diff: the files are written to a temporary span store") == 2
+    compared = json.loads(diff.stdout)
+    assert not compared["new"] and not compared["resolved"] and not compared["grew"] and compared["unchanged"]
     whole = reports["analyze 64GiB"]
     assert len(whole["recommendations"]) >= 5 and whole["spans_analyzed"] > 300_000
     assert reports["analyze 800MB"] == whole
     assert reports["report 800MB"] == reports["report 64GiB"]
     assert not list(tmp_path.glob("hourglass-*"))
+
+
+def test_diff_summarises_bad_records_as_analyze_does(tmp_path: Path) -> None:
+    bad = _jaeger_file(tmp_path / "bad.json", bad=300, good=10)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hourglass", "diff", str(bad), str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "startTime" in line]
+    assert len(lines) == 2 and all(line.startswith(f"hourglass diff: {bad}: 300 skipped: ") for line in lines)

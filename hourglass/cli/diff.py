@@ -79,11 +79,18 @@ def report_for(path: Path) -> dict[str, Any]:
         saved = _saved_report(path)
         if saved is not None:
             return saved
-    from hourglass.analysis.pipeline import analyze
+    import os
 
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.api.settings import Settings
+    from hourglass.cli.analyze import StoreRun, _at_once_spans, _read_files, _tell_spill, analyze_store
+
+    # within the memory budget, as ``hourglass analyze``: a store or files larger than it holds at
+    # once are analysed in partitions of whole traces (files through a temporary store)
+    settings = Settings()
+    run = StoreRun(budget=settings.memory_budget, workers=settings.workers or os.cpu_count() or 1)
     if path.is_file() and path.suffix.lower() == ".duckdb":
         from hourglass.collector.duckdb_store import DuckDBSpanStore
-        from hourglass.collector.schema import ANALYSIS_COLUMNS
 
         try:
             store = DuckDBSpanStore(str(path))
@@ -92,25 +99,29 @@ def report_for(path: Path) -> dict[str, Any]:
 
             raise InputError(store_open_problem(str(path), exc)) from None
         try:
-            table = store.scan(columns=ANALYSIS_COLUMNS)
+            spans = store.raw_row_count()
         finally:
             store.close()
-    else:
-        import pyarrow as pa
-
-        from hourglass.collector.files import FileProblem, read_trace_files
-        from hourglass.collector.schema import empty_span_table
-
-        def report_problem(problem: FileProblem) -> None:
-            # Bad records are skipped and reported; the good spans beside them are still compared.
-            typer.echo(str(problem), err=True)
-
-        tables = list(read_trace_files(_trace_files(path), on_error=report_problem))
-        table = pa.concat_tables(tables) if tables else empty_span_table()
-    if table.num_rows == 0:
-        raise InputError(f"{path}: no spans to analyse")
-    report: dict[str, Any] = analyze(table)
-    return report
+        if spans == 0:
+            raise InputError(f"{path}: no spans to analyse")
+        return analyze_store(str(path), run, services=None, since_ns=None, writer=None, explain=False)
+    # bad records are skipped and summarised (one line per kind); the good spans beside them are compared
+    read = _read_files(
+        _trace_files(path),
+        command="diff",
+        at_once_spans=_at_once_spans(run),
+        on_spill=lambda spans: _tell_spill(run, "diff"),
+    )
+    try:
+        if read.spans == 0:
+            raise InputError(f"{path}: no spans to analyse")
+        if read.table is not None:
+            report: dict[str, Any] = analyze(read.table)
+            return report
+        assert read.store is not None
+        return analyze_store(read.store, run, services=None, since_ns=None, writer=None, explain=False)
+    finally:
+        read.remove()
 
 
 @app.command("diff")
