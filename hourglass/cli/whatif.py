@@ -23,11 +23,12 @@ from typing import Annotated, Any
 
 import typer
 
+from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
 from hourglass.cli._options import since_ns as since_option_ns
-from hourglass.cli.analyze import read_files, read_store
+from hourglass.cli.analyze import open_store_for_analysis, read_files, read_store
 from hourglass.settings import CRITICAL_PATH, WHATIF
 
 EXIT_INPUT = 2
@@ -43,16 +44,44 @@ def _fail(command: str, message: str) -> typer.Exit:
     return typer.Exit(EXIT_INPUT)
 
 
+def _check_window(command: str, spans: int, most: int, budget: int, what: str) -> None:
+    if spans > most:
+        raise _fail(
+            command,
+            f"{what} {spans:,} spans, more than the {most:,} a question holds in memory at once under the "
+            f"{budget / 2**30:.2f} GiB memory budget: ask over a shorter --since, or raise HOURGLASS_MEMORY_BUDGET",
+        )
+
+
 def _context(command: str, files: list[Path] | None, db: str | None, since: str | None) -> tuple[Any, int]:
     """(AnalysisContext of the files or the store, number of skipped records)."""
     since_ns = since_option_ns(command, since)
     if files and db is not None:
         raise _fail(command, "give trace files or --db, not both")
     problems = 0
+    # the question holds every span of its window in memory at once (~2 KB a span at its peak): a
+    # window larger than the memory budget holds is refused before it is read, as serve does
+    settings = Settings()
+    most = max(0, (settings.memory_budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
     if files:
         table, problems = read_files(list(files), command=command)
+        _check_window(command, table.num_rows, most, settings.memory_budget, "the files hold")
     else:
-        table = read_store(db or Settings().db, services=None, since_ns=since_ns)
+        path = db or settings.db
+        store = open_store_for_analysis(path)
+        try:
+            count = getattr(store, "span_rows_since", None)
+            spans = int(count(since_ns)) if callable(count) else int(store.raw_row_count())
+        finally:
+            store.close()
+        _check_window(
+            command,
+            spans,
+            most,
+            settings.memory_budget,
+            "the store holds" if since_ns is None else "the window holds",
+        )
+        table = read_store(path, services=None, since_ns=since_ns)
     from hourglass.analysis.context import AnalysisContext, to_analysis_frame
     from hourglass.analysis.pipeline import select_traces
 

@@ -186,6 +186,26 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
+def test_the_cli_refuses_a_window_larger_than_the_memory_budget(demo_store: Path) -> None:
+    """`hourglass whatif` and `critical-path` hold the window's spans at once: over the memory
+    budget they say so, with the count, before reading it (the demo store: 3,408 spans)."""
+    budget = 200 * 2**20 + 1_000 * 2_000  # 1,000 spans at once (hourglass.analysis.planning)
+    env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(budget)}
+    files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
+    for args in (
+        ("whatif", "--db", str(demo_store), "--speedup", "users:GET /users=0.5"),
+        ("critical-path", "--db", str(demo_store)),
+        ("whatif", *files, "--speedup", "users:GET /users=0.5"),
+    ):
+        proc = subprocess.run(
+            [*hourglass_executable(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr
+        held = "the files hold" if args[1] != "--db" else "the store holds"
+        assert f"{held} 3,408 spans, more than the 1,000" in proc.stderr, proc.stderr
+        assert "HOURGLASS_MEMORY_BUDGET" in proc.stderr
+
+
 def test_whatif_and_critical_path_cli(demo_store: Path) -> None:
     analyzed = hourglass("analyze", "--db", str(demo_store), "--format", "json")
     assert analyzed.returncode == 0, analyzed.stderr
