@@ -383,8 +383,9 @@ SETTINGS: tuple[Setting, ...] = (
     # -- the analysis ---------------------------------------------------------------------------
     Setting(
         "memory_budget", "size", parse_bytes("1.5GiB"),
-        "peak memory an analysis plans for, e.g. 1.5GiB: a larger store is analysed in partitions "
-        "of whole traces",
+        "peak memory an analysis plans for, e.g. 1.5GiB: a larger store or file input is analysed in "
+        "partitions of whole traces (analyze, report, diff); a what-if or critical-path window larger "
+        "than it holds at once is refused (serve, whatif, critical-path)",
         env="HOURGLASS_MEMORY_BUDGET", flag="--memory-budget", commands=(ANALYZE,), unit="bytes",
         shown_default="1.5GiB",
     ),
@@ -400,7 +401,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "partitions", "int", 0,
-        "analyse the store in this many partitions of whole traces",
+        "analyse the store (or the files) in this many partitions of whole traces",
         flag="--partitions", commands=(ANALYZE,),
         shown_default="0: as many as the memory budget needs, 1 when it fits",
     ),
