@@ -30,23 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from bench._process import hourglass_command
+from bench.ingest import _kv
 from bench.scaling import run_process
 
 BUDGET_GIB = 1.5
 FRAME_SPANS = 5_000  # spans per TracesData frame of the exported file
-
-
-def _attribute(span: Any, key: str, value: Any) -> None:
-    attribute = span.attributes.add()
-    attribute.key = key
-    if isinstance(value, bool):
-        attribute.value.bool_value = value
-    elif isinstance(value, int):
-        attribute.value.int_value = value
-    elif isinstance(value, float):
-        attribute.value.double_value = value
-    else:
-        attribute.value.string_value = str(value)
 
 
 def export_store(db: Path, out: Path) -> int:
@@ -74,9 +62,9 @@ def export_store(db: Path, out: Path) -> int:
                 scope = scopes.get(key)
                 if scope is None:
                     resource = message.resource_spans.add()
-                    _attribute(resource.resource, "service.name", r["service"])
+                    resource.resource.attributes.append(_kv("service.name", r["service"]))
                     if r["host"]:
-                        _attribute(resource.resource, "host.name", r["host"])
+                        resource.resource.attributes.append(_kv("host.name", r["host"]))
                     scope = scopes[key] = resource.scope_spans.add()
                     scope.scope.name = key[2]
                 span = scope.spans.add()
@@ -91,9 +79,11 @@ def export_store(db: Path, out: Path) -> int:
                     span.status.message = r["status_message"]
                 for column in semantic:
                     if r[column] is not None:
-                        _attribute(span, SEMANTIC_ATTRIBUTE_COLUMNS[column][0], r[column])
+                        span.attributes.append(_kv(SEMANTIC_ATTRIBUTE_COLUMNS[column][0], r[column]))
                 for name, value in json.loads(r["hints"] or "{}").items():
-                    _attribute(span, name, value)
+                    span.attributes.append(
+                        _kv(name, value if isinstance(value, bool | int | float) else str(value))
+                    )
             data = message.SerializeToString()
             file.write(struct.pack(">I", len(data)) + data)
             written += len(batch)

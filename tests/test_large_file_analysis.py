@@ -52,6 +52,17 @@ def _analyze(files: list[Path], tmp: Path, *more: str) -> subprocess.CompletedPr
     )
 
 
+def _hourglass(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hourglass", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+
+
 def _report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(proc.stdout)
     report.pop("generated_at", None)
@@ -142,28 +153,14 @@ def test_an_input_over_the_budget_is_analysed_in_partitions_by_analyze_and_repor
     for budget in ("800MB", "64GiB"):  # ~295k spans at once, then all of them
         env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": budget}
         for command in ("analyze", "report"):
-            proc = subprocess.run(
-                [sys.executable, "-m", "hourglass", command, str(trace_file), "--format", "json"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=240,
-                env=env,
-            )
+            proc = _hourglass(env, command, str(trace_file), "--format", "json")
             assert proc.returncode == 0, proc.stderr
             spilled = f"hourglass {command}: the files are written to a temporary span store" in proc.stderr
             assert spilled == (budget == "800MB"), proc.stderr
             reports[f"{command} {budget}"] = _report(proc)
     # diff of the file against itself, both sides in partitions: nothing new, nothing gone
     env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": "800MB"}
-    diff = subprocess.run(
-        [sys.executable, "-m", "hourglass", "diff", str(trace_file), str(trace_file), "--format", "json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    diff = _hourglass(env, "diff", str(trace_file), str(trace_file), "--format", "json")
     assert diff.returncode == 0, diff.stderr
     assert diff.stderr.count("hourglass diff: the files are written to a temporary span store") == 2
     compared = json.loads(diff.stdout)

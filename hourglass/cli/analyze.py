@@ -642,21 +642,25 @@ def read_store(path: str, *, services: list[str] | None, since_ns: int | None) -
         store.close()
 
 
-def open_store_for_analysis(path: str) -> Any:
+def open_store_for_analysis(path: str, command: str = "analyze") -> Any:
+    """The store at ``path``, or the ``command``'s one-line error (exit 1; a missing file: 2)."""
     from hourglass.collector.backends import open_store
     from hourglass.collector.store import StoreError, local_path, redact
 
     local = local_path(path)
     if local is not None and local != ":memory:" and not Path(local).exists():
-        raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
+        raise _fail(
+            f"{path}: no such store (import traces with `hourglass import`, or give trace files)",
+            command=command,
+        )
     try:
         return open_store(path)
     except StoreError as exc:
-        raise _fail(str(exc), code=EXIT_STORE) from exc
-    except Exception as exc:
+        raise _fail(str(exc), code=EXIT_STORE, command=command) from exc
+    except Exception as exc:  # duckdb raises IOException when a running server holds the file
         from hourglass.api.store_errors import store_open_problem
 
-        raise _fail(store_open_problem(redact(path), exc), code=EXIT_STORE) from None
+        raise _fail(store_open_problem(redact(path), exc), code=EXIT_STORE, command=command) from None
 
 
 def exit_code(report: dict[str, Any], input_problems: int) -> int:

@@ -17,7 +17,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -37,24 +37,6 @@ class ReportFormat(StrEnum):
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"hourglass report: {message}", err=True)
     return typer.Exit(code)
-
-
-def _open(path: str) -> Any:
-    """The store at ``path``, or the command's one-line error (exit 1)."""
-    from hourglass.collector.backends import open_store
-    from hourglass.collector.store import StoreError, local_path, redact
-
-    local = local_path(path)
-    if local is not None and local != ":memory:" and not Path(local).exists():
-        raise _fail(f"{path}: no such store (import traces with `hourglass import`, or give trace files)")
-    try:
-        return open_store(path)
-    except StoreError as exc:
-        raise _fail(str(exc), code=1) from exc
-    except Exception as exc:  # duckdb raises IOException when a running server holds the file
-        from hourglass.api.store_errors import store_open_problem
-
-        raise _fail(store_open_problem(redact(path), exc), code=1) from None
 
 
 @app.command("report")
@@ -100,6 +82,7 @@ def report_command(
         _read_files,
         _tell_spill,
         _terminate_as_interrupt,
+        open_store_for_analysis,
     )
     from hourglass.cli.analyze import analyze_store as analyze_in_partitions
 
@@ -132,19 +115,21 @@ def report_command(
                     report = analyze_in_partitions(
                         read.store, run, services=service, since_ns=since_ns, writer=writer, explain=False
                     )
-                    store = _open(read.store)
+                    store = open_store_for_analysis(read.store, "report")
                     fetch_trace = store.trace
             else:
                 from hourglass.collector.store import redact
 
                 path = db or settings.db
-                store = _open(path)  # (its errors told as this command's, before the analysis opens it)
+                store = open_store_for_analysis(
+                    path, "report"
+                )  # (its errors as this command's, before the analysis')
                 store.close()
                 store = None
                 report = analyze_in_partitions(
                     path, run, services=service, since_ns=since_ns, writer=writer, explain=False
                 )
-                store = _open(path)
+                store = open_store_for_analysis(path, "report")
                 source = f"store {redact(path)}"
                 fetch_trace = store.trace
             if fmt is ReportFormat.html:
