@@ -75,7 +75,7 @@ from hourglass.analysis.endpoint_path import (
     summarize_path_rows,
 )
 from hourglass.analysis.model import Finding, Occurrence, Occurrences, TraceRoots
-from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill
+from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill, write_whole
 
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
@@ -105,6 +105,14 @@ TRACE_COLUMNS = ("trace_id", "root_duration_ns")
 # pickles, not their bytes, was the cost. One level, so a dirty batch (a late span, retention)
 # costs the re-reading of at most this many batches' files to build its segment again.
 SEGMENT_BATCHES = 16
+# The spilled tables also kept combined per segment (``segments/s.../spill/<kind>.<table>/b<bucket>
+# .parquet``: its members' files of that bucket, one after another), read instead of a file per
+# batch and bucket: missing_timeout's calls and batchable_calls' span ids are read whole (of the
+# judged keys) every round, and the per-file cost of ~1,600 small Parquet files (7M stored spans,
+# 116 batches) was most of missing_timeout's decision (0.24 s of 0.31; 0.04 s from the segments'
+# files). Not lock_contention's: its sweep keeps states per batch file (``_sweep.BucketSweep``) and
+# reads only the files it has not folded yet.
+COMBINED_SPILL = ("missing_timeout", "batchable_calls")
 # The stored rows' holding (``partitions.held``), kept in the sidecar's meta as ``rows_held``: rows
 # stored without the mark (main before it, 4655ec1) or with an older one are rewritten held on start
 ROWS_HELD = 1
@@ -231,12 +239,37 @@ class BatchBuckets(Buckets):
     batches: tuple[int, ...] = ()
     extra: Path | None = None
     keep_state: bool = False  # the decision's derived state kept per bucket (every stored batch, none other)
+    # runs of ``batches`` (a segment's members, in order) -> the folder of their files combined,
+    # one per bucket (``IncrementalAnalysis._spill_segment``), read instead of the members' files
+    combined: tuple[tuple[tuple[int, ...], Path], ...] = ()
+
+    def _sources(self) -> list[int | Path]:
+        """``batches`` in order, each run of a segment with combined files as its folder."""
+        starting = {members[0]: (members, folder) for members, folder in self.combined}
+        out: list[int | Path] = []
+        i = 0
+        while i < len(self.batches):
+            run = starting.get(self.batches[i])
+            if run is not None and self.batches[i : i + len(run[0])] == run[0]:
+                out.append(run[1])
+                i += len(run[0])
+            else:
+                out.append(self.batches[i])
+                i += 1
+        return out
 
     def __iter__(self) -> Iterator[BucketFiles]:
+        sources = self._sources()
         for bucket in range(self.count):
             name = f"b{bucket:05d}"
             present = set(os.listdir(self.folder / name)) if (self.folder / name).is_dir() else set()
-            files = [self.folder / name / f for b in self.batches if (f := f"p{b:06d}.parquet") in present]
+            files: list[Path] = []
+            for source in sources:
+                if isinstance(source, Path):  # (no file: none of the segment's rows in this bucket)
+                    if (combined := source / f"{name}.parquet").exists():
+                        files.append(combined)
+                elif (f := f"p{source:06d}.parquet") in present:
+                    files.append(self.folder / name / f)
             if self.extra is not None:
                 files += sorted((self.extra / name).glob("p*.parquet"))
             if files:
@@ -252,10 +285,17 @@ class BatchSpill(Spill):
     batches: tuple[int, ...] = ()
     extra: Spill | None = None
     keep_state: bool = False  # ``batches`` are every stored batch: what a decision derives is kept
+    # the round's segments (runs of ``batches``) whose spilled rows are kept combined: their folders
+    segments: tuple[tuple[tuple[int, ...], Path], ...] = ()
 
     def buckets_of(self, kind: str) -> Buckets:
         table = SPILLABLE[kind].table
         extra = self.extra._table_folder(kind, table) if self.extra is not None else None
+        combined = (
+            tuple((members, folder / "spill" / f"{kind}.{table}") for members, folder in self.segments)
+            if kind in COMBINED_SPILL
+            else ()
+        )
         return BatchBuckets(
             self._table_folder(kind, table),
             self.buckets,
@@ -263,6 +303,7 @@ class BatchSpill(Spill):
             self.batches,
             extra,
             self.keep_state,
+            combined,
         )
 
 
@@ -1069,6 +1110,7 @@ class IncrementalAnalysis:
         summaries' forests merged)."""
         if self.segment_batches < 2:
             return
+        self._spill_segments()
         segmented = {b for members in self.segments for b in members}
         run: list[int] = []
         for b in [*sorted(self.batches), None]:
@@ -1104,10 +1146,41 @@ class IncrementalAnalysis:
             summary,
         )
         self._write(partial / "meta.pickle", meta)
+        self._spill_segment(members, partial / "spill")
         self._write(partial / "members.pickle", list(members))
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
         self.segments[members] = folder
+
+    def _spill_segment(self, members: tuple[int, ...], target: Path) -> None:
+        """The spilled tables of ``COMBINED_SPILL`` of a segment's members combined into
+        ``target`` (``<kind>.<table>/b<bucket>.parquet``: the members' files of the bucket one
+        after another, as a round reads them; none when no member has rows there)."""
+        for kind in COMBINED_SPILL:
+            name = f"{kind}.{SPILLABLE[kind].table}"
+            for bucket in range(self.spill.buckets):
+                folder = Path(self.spill.folder) / name / f"b{bucket:05d}"
+                files = [f for b in members if (f := folder / f"p{b:06d}.parquet").exists()]
+                if not files:
+                    continue
+                rows = pl.read_parquet(files)
+                write_whole(
+                    target / name / f"b{bucket:05d}.parquet",
+                    functools.partial(rows.write_parquet, compression="lz4", statistics=False),
+                )
+                del rows
+        target.mkdir(parents=True, exist_ok=True)  # (the mark of a segment combined so)
+
+    def _spill_segments(self) -> None:
+        """The segments stored before their spilled tables were kept combined get them now
+        (once; a copy cut short is made again)."""
+        for members, folder in self.segments.items():
+            if (folder / "spill").is_dir():
+                continue
+            partial = folder / "spill.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            self._spill_segment(members, partial)
+            partial.rename(folder / "spill")
 
     def _pieces(self, units: tuple[Unit, ...]) -> list[tuple[int, tuple[int, ...] | None]]:
         """The round's units in order as (position of the first, the members of a segment that
@@ -1245,6 +1318,11 @@ class IncrementalAnalysis:
                 stored,
                 extra,
                 extra is None and set(stored) == set(self.batches),
+                tuple(
+                    (members, self.segments[members])
+                    for _, members in pieces
+                    if members is not None and (self.segments[members] / "spill").is_dir()
+                ),
             )
             decided: dict[str, list[Finding]] = {}
             for kind in PARTS:
