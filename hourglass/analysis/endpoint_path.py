@@ -410,24 +410,30 @@ class SpilledPathSummary:
     :func:`critical_paths_from_summary` decides on every piece's summary combined (each figure is
     a count, a sum or a quantile over one endpoint's values, whatever their order). A piece whose
     files cannot be written (a full disk), or every piece without a ``folder``, is held in memory
-    instead, as before."""
+    instead, as before. A piece whose frames are already in files of their own
+    (:func:`write_path_values`: serve's segments, written once with the segment) is read from
+    there, not written again."""
 
     _FRAMES = ("roots", "operations", "paths")
 
     def __init__(self, folder: str | None) -> None:
         self.folder = Path(folder) if folder is not None else None  # made and removed by the caller
-        self.pieces: list[int | PathSummary] = []  # each piece's files' number, or the piece held
+        # each piece's files' number, the folder of its own files, or the piece held
+        self.pieces: list[int | Path | PathSummary] = []
         self.counts: pl.DataFrame | None = None  # service, operation, traces
         self.nodes: pl.DataFrame | None = None
 
-    def add(self, part: PathSummary) -> None:
+    def add(self, part: PathSummary, written: Path | None = None) -> None:
         """``part`` folded in: its frames written, its counts summed, its forest merged (as
         ``combine_path_summaries`` over every piece at once: a merged forest without its ``root``
         column is a forest again, whose canonical ids and summed times do not depend on the
-        grouping)."""
+        grouping). ``written``: a folder where ``part``'s frames are already
+        (:func:`write_path_values`), read from there."""
         number = len(self.pieces)
         try:
-            if self.folder is None:  # (the caller could not make one: it said so)
+            if written is not None:
+                self.pieces.append(written)
+            elif self.folder is None:  # (the caller could not make one: it said so)
                 self.pieces.append(replace(part, nodes=part.nodes.clear()))
             else:
                 for name in self._FRAMES:
@@ -458,21 +464,21 @@ class SpilledPathSummary:
         return self.folder / f"{number:06d}-{name}.arrow"
 
     def _of_endpoint(self, service: str, operation: str, name: str) -> pl.DataFrame:
-        """The endpoint's groups in frame ``name`` of every piece, in one (the pieces' in order)."""
+        """The endpoint's groups in frame ``name`` of every piece, in one (the pieces' in order;
+        the pieces' files read together: one query per endpoint and frame, not per piece)."""
+        endpoint = (pl.col("service") == service) & (pl.col("operation") == operation)
         return _concat(
-            [
-                (
+            pl.collect_all(
+                [
                     # (glob=False: a folder's "[" or "*" is part of its name, not a pattern)
-                    pl.scan_ipc(self._file(piece, name), glob=False).filter(
-                        (pl.col("service") == service) & (pl.col("operation") == operation)
-                    )
+                    pl.scan_ipc(self._file(piece, name), glob=False).filter(endpoint)
                     if isinstance(piece, int)
-                    else getattr(piece, name)
-                    .lazy()
-                    .filter((pl.col("service") == service) & (pl.col("operation") == operation))
-                ).collect()
-                for piece in self.pieces
-            ]
+                    else pl.scan_ipc(piece / f"{name}.arrow", glob=False).filter(endpoint)
+                    if isinstance(piece, Path)
+                    else getattr(piece, name).lazy().filter(endpoint)
+                    for piece in self.pieces
+                ]
+            )
         )
 
     def critical_paths(self, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
@@ -488,6 +494,16 @@ class SpilledPathSummary:
         except Exception:
             log.exception("critical paths of the endpoints failed")
             return []
+
+
+def write_path_values(summary: PathSummary, folder: Path) -> None:
+    """``summary``'s frames of values (``roots``, ``operations``, ``paths``) written to ``folder``
+    (made), a file each, as :class:`SpilledPathSummary` writes a piece's: read back by
+    ``SpilledPathSummary.add(summary, written=folder)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SpilledPathSummary._FRAMES:
+        # (compressed: read back decoded into the round's memory, not mapped)
+        getattr(summary, name).write_ipc(folder / f"{name}.arrow", compression="lz4")
 
 
 def _critical_paths_of_endpoints(

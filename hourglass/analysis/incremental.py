@@ -73,6 +73,7 @@ from hourglass.analysis.endpoint_path import (
     SpilledPathSummary,
     combine_path_summaries,
     summarize_path_rows,
+    write_path_values,
 )
 from hourglass.analysis.model import Finding, Occurrence, Occurrences, TraceRoots
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill, write_whole
@@ -1110,7 +1111,7 @@ class IncrementalAnalysis:
         summaries' forests merged)."""
         if self.segment_batches < 2:
             return
-        self._spill_segments()
+        self._complete_segments()
         segmented = {b for members in self.segments for b in members}
         run: list[int] = []
         for b in [*sorted(self.batches), None]:
@@ -1146,6 +1147,8 @@ class IncrementalAnalysis:
             summary,
         )
         self._write(partial / "meta.pickle", meta)
+        if summary is not None:
+            write_path_values(summary, partial / "paths")
         self._spill_segment(members, partial / "spill")
         self._write(partial / "members.pickle", list(members))
         shutil.rmtree(folder, ignore_errors=True)
@@ -1171,16 +1174,24 @@ class IncrementalAnalysis:
                 del rows
         target.mkdir(parents=True, exist_ok=True)  # (the mark of a segment combined so)
 
-    def _spill_segments(self) -> None:
-        """The segments stored before their spilled tables were kept combined get them now
-        (once; a copy cut short is made again)."""
+    def _complete_segments(self) -> None:
+        """The segments stored before their spilled tables were kept combined, or their
+        critical-path values in files of their own, get them now (once; a copy cut short is made
+        again)."""
         for members, folder in self.segments.items():
-            if (folder / "spill").is_dir():
-                continue
-            partial = folder / "spill.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            self._spill_segment(members, partial)
-            partial.rename(folder / "spill")
+            if not (folder / "spill").is_dir():
+                partial = folder / "spill.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                self._spill_segment(members, partial)
+                partial.rename(folder / "spill")
+            if not (folder / "paths").is_dir():
+                paths = self.load_segment_meta(members)[3]
+                if paths is not None:  # (none: no round decides the critical paths on it)
+                    partial = folder / "paths.partial"
+                    shutil.rmtree(partial, ignore_errors=True)
+                    write_path_values(paths, partial)
+                    partial.rename(folder / "paths")
+                del paths
 
     def _pieces(self, units: tuple[Unit, ...]) -> list[tuple[int, tuple[int, ...] | None]]:
         """The round's units in order as (position of the first, the members of a segment that
@@ -1289,7 +1300,9 @@ class IncrementalAnalysis:
                 spans += count
                 complete = complete and paths is not None
                 if summary is not None and paths is not None and complete:
-                    summary.add(paths)
+                    # a segment's values are in files of its own (written once): not written again
+                    written = self.segments[members] / "paths" if members is not None else None
+                    summary.add(paths, written if written is not None and written.is_dir() else None)
                 else:
                     summary = None
                 del traces, services, paths

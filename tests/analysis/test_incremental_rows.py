@@ -454,15 +454,26 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
         assert report["recommendations"] == first["recommendations"]
 
 
-def test_segments_keep_their_spilled_calls_combined_with_the_same_report(
+def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A segment keeps its members' spilled tables of ``COMBINED_SPILL`` combined, a file per
     bucket; the decision reads those instead of a file per member and bucket (lock_contention's
-    still per batch: its sweep keeps states per file). A segment stored before (no ``spill``
-    folder) gets them after the next round. The reports are the same throughout."""
-    from hourglass.analysis import incremental
+    still per batch: its sweep keeps states per file). It keeps its critical-path values in files
+    of their own too, which a round reads rather than writing them again. A segment stored before
+    (no ``spill`` or ``paths`` folder) gets them after the next round. The reports are the same
+    throughout."""
+    from hourglass.analysis import endpoint_path, incremental
     from hourglass.analysis.incremental import COMBINED_SPILL
+
+    written: list[Path | None] = []  # the folders of values each round's pieces were read from
+    real_add = endpoint_path.SpilledPathSummary.add
+
+    def add(self: endpoint_path.SpilledPathSummary, part: Any, written_in: Path | None = None) -> None:
+        written.append(written_in)
+        real_add(self, part, written_in)
+
+    monkeypatch.setattr(endpoint_path.SpilledPathSummary, "add", add)
 
     read: list[Path] = []  # the files of each bucket the decisions were given
     real_iter = incremental.BatchBuckets.__iter__
@@ -483,6 +494,11 @@ def test_segments_keep_their_spilled_calls_combined_with_the_same_report(
         assert state.segments
         for folder in state.segments.values():
             assert (folder / "spill").is_dir()
+            assert {f.name for f in (folder / "paths").iterdir()} == {
+                "roots.arrow",
+                "operations.arrow",
+                "paths.arrow",
+            }
         combined = {
             f.relative_to(folder / "spill")
             for folder in state.segments.values()
@@ -490,7 +506,11 @@ def test_segments_keep_their_spilled_calls_combined_with_the_same_report(
         }
         assert {f.parts[0].split(".")[0] for f in combined} == set(COMBINED_SPILL), combined
         read.clear()
+        written.clear()
         again, _ = _round(state, store)
+        assert sorted(w for w in written if w is not None) == sorted(
+            folder / "paths" for folder in state.segments.values()
+        )
         members = {b for m in state.segments for b in m}
         for kind in COMBINED_SPILL:
             mine = [f for f in read if any(part.startswith(f"{kind}.") for part in f.parts)]
@@ -500,8 +520,9 @@ def test_segments_keep_their_spilled_calls_combined_with_the_same_report(
         # an older segment (no combined files) gets them after a round
         older = next(iter(state.segments.values()))
         shutil.rmtree(older / "spill")
+        shutil.rmtree(older / "paths")
         redone, _ = _round(state, store)
-        assert (older / "spill").is_dir()
+        assert (older / "spill").is_dir() and (older / "paths").is_dir()
         state.close()
     finally:
         store.close()
