@@ -429,11 +429,12 @@ class SpilledPathSummary:
         column is a forest again, whose canonical ids and summed times do not depend on the
         grouping). ``written``: a folder where ``part``'s frames are already
         (:func:`write_path_values`), read from there."""
+        if written is not None:
+            self.add_written(path_counts(part), part.nodes, written)
+            return
         number = len(self.pieces)
         try:
-            if written is not None:
-                self.pieces.append(written)
-            elif self.folder is None:  # (the caller could not make one: it said so)
+            if self.folder is None:  # (the caller could not make one: it said so)
                 self.pieces.append(replace(part, nodes=part.nodes.clear()))
             else:
                 for name in self._FRAMES:
@@ -446,7 +447,16 @@ class SpilledPathSummary:
                 with contextlib.suppress(OSError):
                     self._file(number, name).unlink(missing_ok=True)
             self.pieces.append(replace(part, nodes=part.nodes.clear()))
-        counts = part.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len())
+        self._fold(path_counts(part), part.nodes)
+
+    def add_written(self, counts: pl.DataFrame, nodes: pl.DataFrame, written: Path) -> None:
+        """A piece whose frames of values are in ``written`` (:func:`write_path_values`) folded in
+        from its trace counts per endpoint (:func:`path_counts`) and its forest alone: its values
+        are read from there when an endpoint is decided."""
+        self.pieces.append(written)
+        self._fold(counts, nodes)
+
+    def _fold(self, counts: pl.DataFrame, nodes: pl.DataFrame) -> None:
         self.counts = (
             counts
             if self.counts is None
@@ -454,9 +464,7 @@ class SpilledPathSummary:
             .group_by(_ENDPOINT)
             .agg(pl.col("traces").sum())
         )
-        self.nodes = _merge_forests(
-            [part.nodes] if self.nodes is None else [self.nodes.drop("root"), part.nodes]
-        )
+        self.nodes = _merge_forests([nodes] if self.nodes is None else [self.nodes.drop("root"), nodes])
 
     def _file(self, number: int, name: str) -> Path:
         if self.folder is None:
@@ -467,19 +475,16 @@ class SpilledPathSummary:
         """The endpoint's groups in frame ``name`` of every piece, in one (the pieces' in order;
         the pieces' files read together: one query per endpoint and frame, not per piece)."""
         endpoint = (pl.col("service") == service) & (pl.col("operation") == operation)
-        return _concat(
-            pl.collect_all(
-                [
-                    # (glob=False: a folder's "[" or "*" is part of its name, not a pattern)
-                    pl.scan_ipc(self._file(piece, name), glob=False).filter(endpoint)
-                    if isinstance(piece, int)
-                    else pl.scan_ipc(piece / f"{name}.arrow", glob=False).filter(endpoint)
-                    if isinstance(piece, Path)
-                    else getattr(piece, name).lazy().filter(endpoint)
-                    for piece in self.pieces
-                ]
-            )
-        )
+        queries = [
+            # (glob=False: a folder's "[" or "*" is part of its name, not a pattern)
+            pl.scan_ipc(self._file(piece, name), glob=False).filter(endpoint)
+            if isinstance(piece, int)
+            else pl.scan_ipc(piece / f"{name}.arrow", glob=False).filter(endpoint)
+            if isinstance(piece, Path)
+            else getattr(piece, name).lazy().filter(endpoint)
+            for piece in self.pieces
+        ]
+        return _concat(pl.collect_all(queries))
 
     def critical_paths(self, top: int = TOP_ENDPOINTS, **options: Any) -> list[dict[str, Any]]:
         """:func:`critical_paths_from_summary` of every piece's summary combined."""
@@ -494,6 +499,11 @@ class SpilledPathSummary:
         except Exception:
             log.exception("critical paths of the endpoints failed")
             return []
+
+
+def path_counts(summary: PathSummary) -> pl.DataFrame:
+    """The traces of each endpoint of ``summary`` (service, operation, traces)."""
+    return summary.roots.select(*_ENDPOINT, traces=pl.col("durations").list.len())
 
 
 def write_path_values(summary: PathSummary, folder: Path) -> None:

@@ -72,6 +72,7 @@ from hourglass.analysis.endpoint_path import (
     PathSummary,
     SpilledPathSummary,
     combine_path_summaries,
+    path_counts,
     summarize_path_rows,
     write_path_values,
 )
@@ -801,6 +802,10 @@ class _Pricing:
     carried: bool = False  # entries priced under written-out keys, re-keyed (to be stored)
 
 
+# a segment's head (``IncrementalAnalysis.load_segment_head``): trace summaries, services, spans,
+# the critical paths' trace counts per endpoint and forest (None: no critical-path summary)
+_SegmentHead = tuple[TraceRoots, pl.DataFrame, int, pl.DataFrame | None, pl.DataFrame | None]
+
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)
 
 
@@ -1104,6 +1109,37 @@ class IncrementalAnalysis:
         )
         return meta
 
+    def load_segment_head(self, members: tuple[int, ...]) -> _SegmentHead | None:
+        """What a round reads of a segment's meta when its critical-path values are in files of
+        their own (``paths/``): its trace summaries already compact, its services and span count,
+        its critical paths' trace counts per endpoint and forest (None when the segment has no
+        such files: read its meta)."""
+        folder = self.segments[members]
+        try:
+            head: _SegmentHead = pickle.loads((folder / "head.pickle").read_bytes())
+        except FileNotFoundError:
+            return None
+        if head[3] is not None and not (folder / "paths").is_dir():
+            return None
+        return head
+
+    def _write_head(
+        self, folder: Path, meta: tuple[pl.DataFrame, pl.DataFrame, int, PathSummary | None]
+    ) -> None:
+        """A segment's values of its critical paths (``paths/``), then its ``head.pickle``
+        (:meth:`load_segment_head`), from its meta."""
+        traces, services, spans, paths = meta
+        if paths is not None:
+            write_path_values(paths, folder / "paths")
+        head: _SegmentHead = (
+            TraceRoots.of(traces),
+            services,
+            spans,
+            path_counts(paths) if paths is not None else None,
+            paths.nodes if paths is not None else None,
+        )
+        self._write(folder / "head.pickle", head)
+
     def compact(self) -> None:
         """Every run of ``segment_batches`` stored batches, consecutive among the known batches
         and in no segment yet, combined into a segment (each kind's rows concatenated in batch
@@ -1147,8 +1183,7 @@ class IncrementalAnalysis:
             summary,
         )
         self._write(partial / "meta.pickle", meta)
-        if summary is not None:
-            write_path_values(summary, partial / "paths")
+        self._write_head(partial, meta)
         self._spill_segment(members, partial / "spill")
         self._write(partial / "members.pickle", list(members))
         shutil.rmtree(folder, ignore_errors=True)
@@ -1184,14 +1219,9 @@ class IncrementalAnalysis:
                 shutil.rmtree(partial, ignore_errors=True)
                 self._spill_segment(members, partial)
                 partial.rename(folder / "spill")
-            if not (folder / "paths").is_dir():
-                paths = self.load_segment_meta(members)[3]
-                if paths is not None:  # (none: no round decides the critical paths on it)
-                    partial = folder / "paths.partial"
-                    shutil.rmtree(partial, ignore_errors=True)
-                    write_path_values(paths, partial)
-                    partial.rename(folder / "paths")
-                del paths
+            if not (folder / "head.pickle").exists():  # (its paths/ written again first)
+                shutil.rmtree(folder / "paths", ignore_errors=True)
+                self._write_head(folder, self.load_segment_meta(members))
 
     def _pieces(self, units: tuple[Unit, ...]) -> list[tuple[int, tuple[int, ...] | None]]:
         """The round's units in order as (position of the first, the members of a segment that
@@ -1292,6 +1322,21 @@ class IncrementalAnalysis:
                 log.warning("critical-path summaries held in memory this round: %s", exc)
             summary: SpilledPathSummary | None = SpilledPathSummary(summary_folder)
             for p, members in pieces:
+                head = self.load_segment_head(members) if members is not None else None
+                if head is not None:  # (a segment's values are in files of its own: not written again)
+                    assert members is not None
+                    roots, services, count, counts, nodes = head
+                    traces_of.append(roots)
+                    all_services = _fold_services(all_services, services)
+                    spans += count
+                    complete = complete and counts is not None and nodes is not None
+                    if summary is not None and counts is not None and nodes is not None and complete:
+                        summary.add_written(counts, nodes, self.segments[members] / "paths")
+                    else:
+                        summary = None
+                    del head, roots, services, counts, nodes
+                    self.release_heap()
+                    continue
                 traces, services, count, paths = (
                     meta(p, units[p]) if members is None else self.load_segment_meta(members)
                 )
@@ -1300,9 +1345,7 @@ class IncrementalAnalysis:
                 spans += count
                 complete = complete and paths is not None
                 if summary is not None and paths is not None and complete:
-                    # a segment's values are in files of its own (written once): not written again
-                    written = self.segments[members] / "paths" if members is not None else None
-                    summary.add(paths, written if written is not None and written.is_dir() else None)
+                    summary.add(paths)
                 else:
                     summary = None
                 del traces, services, paths

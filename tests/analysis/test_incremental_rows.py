@@ -466,14 +466,14 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
     from hourglass.analysis import endpoint_path, incremental
     from hourglass.analysis.incremental import COMBINED_SPILL
 
-    written: list[Path | None] = []  # the folders of values each round's pieces were read from
-    real_add = endpoint_path.SpilledPathSummary.add
+    written: list[Path] = []  # the folders of values each round's pieces were read from
+    real_add = endpoint_path.SpilledPathSummary.add_written
 
-    def add(self: endpoint_path.SpilledPathSummary, part: Any, written_in: Path | None = None) -> None:
-        written.append(written_in)
-        real_add(self, part, written_in)
+    def add_written(self: endpoint_path.SpilledPathSummary, counts: Any, nodes: Any, folder: Path) -> None:
+        written.append(folder)
+        real_add(self, counts, nodes, folder)
 
-    monkeypatch.setattr(endpoint_path.SpilledPathSummary, "add", add)
+    monkeypatch.setattr(endpoint_path.SpilledPathSummary, "add_written", add_written)
 
     read: list[Path] = []  # the files of each bucket the decisions were given
     real_iter = incremental.BatchBuckets.__iter__
@@ -508,9 +508,7 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
         read.clear()
         written.clear()
         again, _ = _round(state, store)
-        assert sorted(w for w in written if w is not None) == sorted(
-            folder / "paths" for folder in state.segments.values()
-        )
+        assert sorted(written) == sorted(folder / "paths" for folder in state.segments.values())
         members = {b for m in state.segments for b in m}
         for kind in COMBINED_SPILL:
             mine = [f for f in read if any(part.startswith(f"{kind}.") for part in f.parts)]
@@ -521,8 +519,10 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
         older = next(iter(state.segments.values()))
         shutil.rmtree(older / "spill")
         shutil.rmtree(older / "paths")
+        (older / "head.pickle").unlink()
         redone, _ = _round(state, store)
         assert (older / "spill").is_dir() and (older / "paths").is_dir()
+        assert (older / "head.pickle").exists()
         state.close()
     finally:
         store.close()
@@ -561,6 +561,10 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
         def load_segment_meta(self, members: tuple[int, ...]) -> Any:
             events.append("segment meta")
             return super().load_segment_meta(members)
+
+        def load_segment_head(self, members: tuple[int, ...]) -> Any:  # (what a round reads of it)
+            events.append("segment meta")
+            return super().load_segment_head(members)
 
     try:
         state = Loads(sidecar, batch_spans=300, segment_batches=2, release_heap=release)
