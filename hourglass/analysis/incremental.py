@@ -1119,7 +1119,7 @@ class IncrementalAnalysis:
             head: _SegmentHead = pickle.loads((folder / "head.pickle").read_bytes())
         except FileNotFoundError:
             return None
-        if head[3] is not None and not (folder / "paths").is_dir():
+        if head[3] is not None and not (folder / "paths" / "index.pickle").exists():
             return None
         return head
 
@@ -1219,7 +1219,11 @@ class IncrementalAnalysis:
                 shutil.rmtree(partial, ignore_errors=True)
                 self._spill_segment(members, partial)
                 partial.rename(folder / "spill")
-            if not (folder / "head.pickle").exists():  # (its paths/ written again first)
+            if not (folder / "head.pickle").exists() or (
+                (folder / "paths").is_dir() and not (folder / "paths" / "index.pickle").exists()
+            ):
+                # (the head first: a round reads the segment's meta until both are whole again)
+                (folder / "head.pickle").unlink(missing_ok=True)
                 shutil.rmtree(folder / "paths", ignore_errors=True)
                 self._write_head(folder, self.load_segment_meta(members))
 

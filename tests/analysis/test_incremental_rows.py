@@ -495,9 +495,10 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
         for folder in state.segments.values():
             assert (folder / "spill").is_dir()
             assert {f.name for f in (folder / "paths").iterdir()} == {
-                "roots.arrow",
-                "operations.arrow",
-                "paths.arrow",
+                "roots.ipcs",
+                "operations.ipcs",
+                "paths.ipcs",
+                "index.pickle",
             }
         combined = {
             f.relative_to(folder / "spill")
