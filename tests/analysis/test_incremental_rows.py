@@ -454,6 +454,85 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
         assert report["recommendations"] == first["recommendations"]
 
 
+def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment keeps its members' spilled tables of ``COMBINED_SPILL`` combined, a file per
+    bucket; the decision reads those instead of a file per member and bucket (lock_contention's
+    still per batch: its sweep keeps states per file). It keeps its critical-path values in files
+    of their own too, which a round reads rather than writing them again. A segment stored before
+    (no ``spill`` or ``paths`` folder) gets them after the next round. The reports are the same
+    throughout."""
+    from hourglass.analysis import endpoint_path, incremental
+    from hourglass.analysis.incremental import COMBINED_SPILL
+
+    written: list[Path] = []  # the folders of values each round's pieces were read from
+    real_add = endpoint_path.SpilledPathSummary.add_written
+
+    def add_written(self: endpoint_path.SpilledPathSummary, counts: Any, nodes: Any, folder: Path) -> None:
+        written.append(folder)
+        real_add(self, counts, nodes, folder)
+
+    monkeypatch.setattr(endpoint_path.SpilledPathSummary, "add_written", add_written)
+
+    read: list[Path] = []  # the files of each bucket the decisions were given
+    real_iter = incremental.BatchBuckets.__iter__
+
+    def recording(self: incremental.BatchBuckets) -> Any:
+        for bucket in real_iter(self):
+            read.extend(bucket.files)
+            yield bucket
+
+    monkeypatch.setattr(incremental.BatchBuckets, "__iter__", recording)
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
+        first, _ = _round(state, store)
+        assert state.segments
+        for folder in state.segments.values():
+            assert (folder / "spill").is_dir()
+            assert {f.name for f in (folder / "paths").iterdir()} == {
+                "roots.ipcs",
+                "operations.ipcs",
+                "paths.ipcs",
+                "index.pickle",
+            }
+        combined = {
+            f.relative_to(folder / "spill")
+            for folder in state.segments.values()
+            for f in (folder / "spill").glob("*/b*.parquet")
+        }
+        assert {f.parts[0].split(".")[0] for f in combined} == set(COMBINED_SPILL), combined
+        read.clear()
+        written.clear()
+        again, _ = _round(state, store)
+        assert sorted(written) == sorted(folder / "paths" for folder in state.segments.values())
+        members = {b for m in state.segments for b in m}
+        for kind in COMBINED_SPILL:
+            mine = [f for f in read if any(part.startswith(f"{kind}.") for part in f.parts)]
+            assert any("segments" in f.parts for f in mine), (kind, mine)
+            per_batch = {int(f.stem[1:]) for f in mine if "segments" not in f.parts}
+            assert not per_batch & members, (kind, per_batch, members)
+        # an older segment (no combined files) gets them after a round
+        older = next(iter(state.segments.values()))
+        shutil.rmtree(older / "spill")
+        shutil.rmtree(older / "paths")
+        (older / "head.pickle").unlink()
+        redone, _ = _round(state, store)
+        assert (older / "spill").is_dir() and (older / "paths").is_dir()
+        assert (older / "head.pickle").exists()
+        state.close()
+    finally:
+        store.close()
+    for report in (again, redone):
+        assert report["recommendations"] == first["recommendations"]
+        assert report["critical_paths"] == first["critical_paths"]
+    _same(first, _cli(db))
+
+
 def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Path) -> None:
     """``release_heap`` (serve's worker: ``malloc_trim``) is called after each segment's meta is
     folded in, after the critical paths are decided and after each kind is decided, before the
@@ -483,6 +562,10 @@ def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Pa
         def load_segment_meta(self, members: tuple[int, ...]) -> Any:
             events.append("segment meta")
             return super().load_segment_meta(members)
+
+        def load_segment_head(self, members: tuple[int, ...]) -> Any:  # (what a round reads of it)
+            events.append("segment meta")
+            return super().load_segment_head(members)
 
     try:
         state = Loads(sidecar, batch_spans=300, segment_batches=2, release_heap=release)
