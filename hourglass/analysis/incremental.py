@@ -1411,7 +1411,13 @@ class IncrementalAnalysis:
                 shutil.rmtree(summary_folder, ignore_errors=True)
             if extra is not None:
                 extra.remove()
-        self.compact()  # for the next rounds
+        # for the next rounds, which read segments faster but not differently: a segment that
+        # cannot be made or completed now (a full disk, a file it reads cut short) is left to the
+        # next round (its batches' own files are read meanwhile), never costs this round's report
+        try:
+            self.compact()
+        except Exception:
+            log.warning("incremental analysis: combining stored batches into segments failed", exc_info=True)
         findings = [f for kind in DETECTORS for f in decided.get(kind, [])]
         return partitions.Extracted(findings, all_traces, spans, all_services, critical_paths)
 

@@ -533,6 +533,41 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
     _same(first, _cli(db))
 
 
+def test_a_segment_that_cannot_be_completed_costs_neither_the_report_nor_the_next_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making or completing a segment (its combined spill, its head) only speeds the next rounds
+    up: when it fails (a full disk), the round still returns its report, the segment is left
+    incomplete (its batches' own files read), and a later round completes it."""
+    from hourglass.analysis import incremental
+
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    real = incremental.IncrementalAnalysis._spill_segment
+    try:
+        state = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
+        first, _ = _round(state, store)
+        older = next(iter(state.segments.values()))
+        shutil.rmtree(older / "spill")
+
+        def full_disk(self: Any, members: Any, target: Path) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(incremental.IncrementalAnalysis, "_spill_segment", full_disk)
+        failed, _ = _round(state, store)
+        assert not (older / "spill").is_dir()
+        monkeypatch.setattr(incremental.IncrementalAnalysis, "_spill_segment", real)
+        mended, _ = _round(state, store)
+        assert (older / "spill").is_dir()
+        state.close()
+    finally:
+        store.close()
+    for report in (failed, mended):
+        assert report["recommendations"] == first["recommendations"]
+
+
 def test_a_round_releases_the_heap_after_each_phase_that_freed_much(tmp_path: Path) -> None:
     """``release_heap`` (serve's worker: ``malloc_trim``) is called after each segment's meta is
     folded in, after the critical paths are decided and after each kind is decided, before the
