@@ -88,6 +88,12 @@ SPLIT_FILTERED_BYTES = 384 * 2**20
 SPLIT_FILTERED_BYTES_PER_SPAN = 112
 
 
+def at_once_spans(budget: int) -> int:
+    """The most spans one process analyses at once, in memory, within ``budget`` bytes (a store's
+    plan of one partition; what trace files, what-if and critical-path windows are held to)."""
+    return max(0, (budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
+
+
 def split_bytes(spans: int, filtered: bool = False) -> int:
     """The memory the split of a store of ``spans`` spans takes over the deciding process' base
     (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter)."""

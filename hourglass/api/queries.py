@@ -78,7 +78,7 @@ class QueryEngine:
         idle_seconds: float = IDLE_SECONDS,
         reuse_seconds: float = 0.0,
         window_spans: Callable[[int | None], int] | None = None,
-        max_spans: int | None = None,
+        budget: int | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -92,9 +92,9 @@ class QueryEngine:
         self._idle_seconds = idle_seconds
         self._reuse_seconds = reuse_seconds
         self._expiry: threading.Timer | None = None
-        # the guard (module doc): the spans a window holds, and the most one context may hold
+        # the guard (module doc): the spans a window holds, and the memory budget one context fits
         self._window_spans = window_spans
-        self._max_spans = max_spans
+        self._budget = budget
 
     def _forget(self) -> None:
         with self._lock:
@@ -129,34 +129,28 @@ class QueryEngine:
             count = getattr(store, "span_rows_since", None)
             return int(count(since_ns)) if callable(count) else marker()
 
-        max_spans = None
-        if budget is not None:
-            from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
-
-            max_spans = max(0, (budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
         return cls(
             scan,
             marker,
             recommendation_ids,
             reuse_seconds=reuse_seconds,
             window_spans=window_spans,
-            max_spans=max_spans,
+            budget=budget,
         )
 
     def _check_window(self, since_ns: int | None) -> None:
         """Raises :class:`WindowTooLarge` when the window holds more spans than one context may."""
-        if self._window_spans is None or self._max_spans is None:
+        if self._window_spans is None or self._budget is None:
             return
-        spans = self._window_spans(since_ns)
-        if spans <= self._max_spans:
-            return
-        from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+        from hourglass.analysis.planning import at_once_spans
 
-        budget = (PROCESS_BASE_BYTES + self._max_spans * PEAK_BYTES_PER_SPAN) / 2**30
+        most, spans = at_once_spans(self._budget), self._window_spans(since_ns)
+        if spans <= most:
+            return
         window = "the store" if since_ns is None else "the window"
         raise WindowTooLarge(
-            f"{window} holds {spans:,} spans, more than the {self._max_spans:,} a what-if or critical-path "
-            f"question holds in memory at once under the {budget:.2f} GiB memory budget "
+            f"{window} holds {spans:,} spans, more than the {most:,} a what-if or critical-path "
+            f"question holds in memory at once under the {self._budget / 2**30:.2f} GiB memory budget "
             "(HOURGLASS_MEMORY_BUDGET): ask over a shorter window (since, e.g. 15m or 1h) or raise the budget"
         )
 

@@ -846,11 +846,9 @@ def _at_once_spans(run: StoreRun) -> int:
     """The most spans of trace files ``hourglass analyze`` analyses at once, in memory, under the
     run's memory budget (as a store's plan of one partition); a larger input goes through a
     temporary store and partitions of whole traces. ``--partitions`` 2 or more: none at once."""
-    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.analysis.planning import at_once_spans
 
-    if run.partitions > 1:
-        return 0
-    return max(0, (run.budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
+    return 0 if run.partitions > 1 else at_once_spans(run.budget)
 
 
 def _tell_spill(run: StoreRun, command: str = "analyze") -> None:

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+from hourglass.analysis.planning import at_once_spans
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
@@ -62,7 +62,7 @@ def _context(command: str, files: list[Path] | None, db: str | None, since: str 
     # the question holds every span of its window in memory at once (~2 KB a span at its peak): a
     # window larger than the memory budget holds is refused before it is read, as serve does
     settings = Settings()
-    most = max(0, (settings.memory_budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
+    most = at_once_spans(settings.memory_budget)
     if files:
         table, problems = read_files(list(files), command=command)
         _check_window(command, table.num_rows, most, settings.memory_budget, "the files hold")

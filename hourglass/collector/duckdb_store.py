@@ -1956,14 +1956,12 @@ class DuckDBSpanStore:
         memory guard (``hourglass.api.queries``); whole traces that straddle the edge add a few."""
         if since_ns is None:
             return self.raw_row_count()
-        with self._write_lock:
+        with self._write_lock:  # (the staged rows at least: ingest is not held for the count)
             staged = self._staged_rows
-            (n,) = (
-                self._cursor()
-                .execute("SELECT count(*) FROM spans WHERE start_ns >= ?", [since_ns])
-                .fetchall()[0]
-            )
-            return staged + int(n)
+        (n,) = (
+            self._cursor().execute("SELECT count(*) FROM spans WHERE start_ns >= ?", [since_ns]).fetchall()[0]
+        )
+        return staged + int(n)
 
     def raw_row_count(self) -> int:
         """Physical rows, duplicates included, staged rows too (a cheap change marker; for tests
