@@ -23,6 +23,11 @@ What it does, in one run:
    (``--no-serve`` skips this part).
 
 Target (issue 14): what-if and critical path over 1M spans answer in seconds.
+
+A question holds every span of its window at once, and a window larger than the memory budget
+holds is refused (``hourglass.api.queries``): every command and the server run here with
+``HOURGLASS_MEMORY_BUDGET`` raised to hold the whole store (:func:`budget_env`), as a user asking
+about the whole of a large store does.
 """
 
 from __future__ import annotations
@@ -43,8 +48,21 @@ from bench._process import hourglass_command, stop
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# (set by ``main``: the memory budget that holds the store's spans at once)
+BUDGET_ENV: dict[str, str] = {}
+
+
+def budget_env(spans: int) -> dict[str, str]:
+    """``HOURGLASS_MEMORY_BUDGET`` that holds ``spans`` spans at once (the stored rows counted
+    with their copies: a margin of a tenth)."""
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+
+    return {"HOURGLASS_MEMORY_BUDGET": str(PROCESS_BASE_BYTES + int(spans * 1.1) * PEAK_BYTES_PER_SPAN)}
+
+
 def run(args: list[str]) -> tuple[float, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
+    env.update(BUDGET_ENV)
     started = time.perf_counter()
     done = subprocess.run(
         [*hourglass_command(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
@@ -71,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
             stored, seconds = build_store(db, args.spans)
             print(f"store: {stored:,} spans written to {db} in {seconds:.1f} s", flush=True)
+        import duckdb
+
+        with duckdb.connect(str(db), read_only=True) as con:
+            BUDGET_ENV.update(budget_env(int(con.execute("SELECT count(*) FROM spans").fetchall()[0][0])))
         store = ["--db", str(db)]
         baseline = ["analyze", *store, "--format", "json"]
         seconds, out = run(baseline)  # also warms the page cache for every command alike
@@ -162,6 +184,7 @@ def served(db: Path, top: dict[str, Any]) -> bool:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     env["HOURGLASS_SETTLE"] = "5s"
     env["HOURGLASS_RETENTION"] = "36500d"  # the generated spans are dated in the past: keep them
+    env.update(BUDGET_ENV)
     log_path = db.with_suffix(".serve.log")
     ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--api-port", str(api_port)]
     with log_path.open("wb") as log:
