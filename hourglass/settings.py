@@ -368,6 +368,13 @@ SETTINGS: tuple[Setting, ...] = (
         env="HOURGLASS_INCREMENTAL_ANALYSIS", shown_default="true",
     ),
     Setting(
+        "serve_partitions", "int", 0,
+        "serve's whole-store analysis (a ClickHouse store, or HOURGLASS_INCREMENTAL_ANALYSIS=false) "
+        "in this many partitions of whole traces, read one at a time by its worker",
+        env="HOURGLASS_SERVE_PARTITIONS",
+        shown_default="0: as many as the memory budget needs, 1 when it fits",
+    ),
+    Setting(
         "metrics_public", "bool", False,
         "serve /metrics without the API token (a Prometheus scraping on a trusted network)",
         env="HOURGLASS_METRICS_PUBLIC", flag="--metrics-public/--metrics-private", commands=(SERVE,),
@@ -384,7 +391,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "memory_budget", "size", parse_bytes("1.5GiB"),
         "peak memory an analysis plans for, e.g. 1.5GiB: a larger store or file input is analysed in "
-        "partitions of whole traces (analyze, report, diff); a what-if or critical-path window larger "
+        "partitions of whole traces (analyze, report, diff, serve's whole-store analysis); a what-if or critical-path window larger "
         "than it holds at once is refused (serve, whatif, critical-path)",
         env="HOURGLASS_MEMORY_BUDGET", flag="--memory-budget", commands=(ANALYZE,), unit="bytes",
         shown_default="1.5GiB",

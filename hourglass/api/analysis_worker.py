@@ -201,6 +201,36 @@ def _serve_rounds(conn: Connection, waiting: list[bool], state: _WorkerState) ->
             outcome = reply = None  # type: ignore[assignment]
             _round_done()
             continue
+        if message[0] == "partitioned":
+            _, request, settings = message
+            try:
+                started = time.perf_counter()
+                folder = usable(request.get("results"))
+                report, index = analyze_partitions(
+                    PipeReader(conn),
+                    int(request["parts"]),
+                    since_ns=request.get("since_ns"),
+                    spill_buckets=int(request.get("spill_buckets") or 0),
+                    writer=select_writer(settings),
+                    explain=bool(request.get("explain")),
+                    index_folder=folder,
+                    release_heap=server_memory.trim_worker,
+                )
+                reply = ("ok", (report, index, time.perf_counter() - started))
+            except Exception:
+                reply = ("error", traceback.format_exc())
+                folder = None
+            report = index = None  # type: ignore[assignment]
+            waiting[0] = True
+            reply, sent = _store_index(reply, folder)
+            try:
+                sent += _send_result(conn, reply)
+            except (OSError, ValueError):
+                _remove(sent)
+                return
+            reply = None  # type: ignore[assignment]
+            _round_done()
+            continue
         shipped, settings, since_ns, explain, results = message
         try:
             started = time.perf_counter()
@@ -708,41 +738,7 @@ class AnalysisWorker:
         reads = {} if reads is None else reads
         with self._session(stages) as conn:
             started = time.perf_counter()
-            reading = 0.0
-            shipped_files: list[str] = []  # the worker unlinks each when it maps it; these if it died first
-            try:
-                conn.send(("incremental", request, settings))
-                while True:
-                    message = _receive_result(conn.recv())
-                    if message[0] != "ask":
-                        status, payload = message
-                        break
-                    read_started = time.perf_counter()
-                    # one memory-heavy query of the store at a time (a count of its spans, a
-                    # compaction wait for this read and its release, and it for them)
-                    with reader.serialized():
-                        try:
-                            # streamed from the store into the file the worker maps: neither DuckDB
-                            # nor this process holds the whole read (a failed one leaves no file)
-                            shipped, written = _answer_shipped(reader, message[1])
-                        except Exception as exc:
-                            log.exception("reading spans for the analysis worker failed")
-                            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-                            continue
-                        if written is not None:
-                            shipped_files.append(written)
-                        conn.send(("table", shipped))
-                        del shipped  # a table sent through the pipe is not kept until the next read
-                        reader.release()
-                    took = time.perf_counter() - read_started
-                    reading += took
-                    kind = str(message[1][0])
-                    reads[kind] = reads.get(kind, 0.0) + took
-                    reads[f"{kind}_count"] = reads.get(f"{kind}_count", 0) + 1
-            finally:
-                for path in shipped_files:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            status, payload, reading = _converse(conn, ("incremental", request, settings), reader, reads)
         if status != "ok":
             raise _failed(payload)
         report, index, figures, _ = payload
@@ -750,6 +746,34 @@ class AnalysisWorker:
         stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
         return report, index, figures
+
+    def run_partitioned(
+        self,
+        request: dict[str, Any],
+        reader: StoreReader,
+        *,
+        settings: Any = None,
+        stages: dict[str, float] | None = None,
+        reads: dict[str, float] | None = None,
+    ) -> tuple[dict[str, Any], TraceIndex]:
+        """The report of a store too large for the worker to hold at once, analysed there in
+        ``request["parts"]`` partitions of whole traces one after another
+        (:func:`analyze_partitions`); each partition and each exemplar trace is read here from
+        ``reader`` when the worker asks for it, so neither process holds the whole store.
+        ``request``: parts, since_ns, spill_buckets, explain, results (as :meth:`run`'s). ``reads``
+        as :meth:`run_incremental`'s (``partition``, ``traces``)."""
+        stages = {} if stages is None else stages
+        reads = {} if reads is None else reads
+        with self._session(stages) as conn:
+            started = time.perf_counter()
+            status, payload, reading = _converse(conn, ("partitioned", request, settings), reader, reads)
+        if status != "ok":
+            raise _failed(payload)
+        report, index, _ = payload
+        index.open_stored()
+        stages["scan"] = reading
+        stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
+        return report, index
 
     @contextlib.contextmanager
     def _session(self, stages: dict[str, float]) -> Iterator[Connection]:
@@ -791,6 +815,49 @@ class AnalysisWorker:
             process.terminate()  # unblocks a run waiting in recv(); it then cleans up
         with self._lock:
             self._kill(signalled=signalled)
+
+
+def _converse(
+    conn: Connection, message: tuple[Any, ...], reader: StoreReader, reads: dict[str, float]
+) -> tuple[str, Any, float]:
+    """Send ``message`` to the worker and answer its span reads from ``reader`` (the store, read
+    in this process) until it sends its result: (status, payload, seconds spent reading).
+    ``reads`` gets those seconds by request kind and their count (``batch``, ``batch_count``...)."""
+    reading = 0.0
+    shipped_files: list[str] = []  # the worker unlinks each when it maps it; these if it died first
+    try:
+        conn.send(message)
+        while True:
+            answer = _receive_result(conn.recv())
+            if answer[0] != "ask":
+                status, payload = answer
+                return status, payload, reading
+            read_started = time.perf_counter()
+            # one memory-heavy query of the store at a time (a count of its spans, a
+            # compaction wait for this read and its release, and it for them)
+            with reader.serialized():
+                try:
+                    # streamed from the store into the file the worker maps: neither DuckDB
+                    # nor this process holds the whole read (a failed one leaves no file)
+                    shipped, written = _answer_shipped(reader, answer[1])
+                except Exception as exc:
+                    log.exception("reading spans for the analysis worker failed")
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                    continue
+                if written is not None:
+                    shipped_files.append(written)
+                conn.send(("table", shipped))
+                del shipped  # a table sent through the pipe is not kept until the next read
+                reader.release()
+            took = time.perf_counter() - read_started
+            reading += took
+            kind = str(answer[1][0])
+            reads[kind] = reads.get(kind, 0.0) + took
+            reads[f"{kind}_count"] = reads.get(f"{kind}_count", 0) + 1
+    finally:
+        for path in shipped_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def analyze_spans(
@@ -898,10 +965,22 @@ class StoreReader:
             return table
         return self.store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
 
+    def partition(self, part: int, parts: int, since_ns: int | None, trace_ids: list[str] | None) -> pa.Table:
+        """Partition ``part`` of ``parts`` of the store's traces (``scan_partition``: whole traces
+        by a hash of their id), those begun since ``since_ns``; with ``trace_ids``, only those."""
+        from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+        table: pa.Table = self.store.scan_partition(
+            part, parts, since_ns=since_ns, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS
+        )
+        return table
+
     def answer(self, request: tuple[Any, ...]) -> pa.Table:
         """One request of the worker: ("arrivals", ns) | ("batch", ids, first, last) |
-        ("traces", ids[, ranges])."""
+        ("traces", ids[, ranges]) | ("partition", part, parts, since_ns, ids)."""
         kind, *args = request
+        if kind == "partition":
+            return self.partition(*args)
         if kind == "arrivals":
             return self.arrivals(*args)
         if kind == "recent":
@@ -1008,6 +1087,64 @@ class PipeReader(StoreReader):
 
     def traces(self, trace_ids: list[str], ranges: list[tuple[int, int]] | None = None) -> pa.Table:
         return self._ask("traces", trace_ids, ranges)
+
+    def partition(self, part: int, parts: int, since_ns: int | None, trace_ids: list[str] | None) -> pa.Table:
+        return self._ask("partition", part, parts, since_ns, trace_ids)
+
+
+class ReaderSource:
+    """A ``partitions.Source`` (by shape: ``load``) whose partitions are read through a
+    :class:`StoreReader`: in serve's analysis worker, asked of the server, which holds the store
+    (an embedded ClickHouse or an in-memory DuckDB is open in one process only)."""
+
+    def __init__(self, reader: StoreReader, since_ns: int | None) -> None:
+        self.reader = reader
+        self.since_ns = since_ns
+
+    def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
+        return self.reader.partition(part, parts, self.since_ns, trace_ids)
+
+
+def analyze_partitions(
+    reader: StoreReader,
+    parts: int,
+    *,
+    since_ns: int | None = None,
+    spill_buckets: int = 0,
+    writer: Any = None,
+    explain: bool = False,
+    index_folder: str | None = None,
+    release_heap: Callable[[], None] | None = None,
+) -> tuple[dict[str, Any], TraceIndex]:
+    """The report and trace index of the store behind ``reader`` in ``parts`` partitions of whole
+    traces, one after another in this process (``hourglass.analysis.pipeline.analyze_partitioned``):
+    serve's analysis of a store it does not analyse incrementally (ClickHouse;
+    ``HOURGLASS_INCREMENTAL_ANALYSIS=false``) once the store holds more spans than one context
+    fits in the memory budget. The same report as :func:`analyze_spans` on the same spans."""
+    from hourglass.analysis import memlog, partitions
+    from hourglass.analysis.pipeline import analyze_partitioned
+
+    executor = partitions.SerialExecutor()
+    try:
+        report, ranked = analyze_partitioned(
+            ReaderSource(reader, since_ns),  # type: ignore[arg-type]
+            parts,
+            executor,
+            read_traces=lambda trace_ids: reader.traces(trace_ids),
+            writer=writer,
+            explain=explain,
+            spill_buckets=spill_buckets,
+            split_files=False,
+            release_heap=release_heap,
+        )
+    finally:
+        executor.close()
+    memlog.note("report built")
+    findings = TraceIndex.indexed(report, [scored.finding for scored in ranked])
+    del ranked
+    index = _built_index(report, findings, index_folder, release_heap)
+    memlog.note(f"trace index built ({index.traces()} traces)")
+    return report, index
 
 
 def run_incremental(

@@ -71,6 +71,7 @@ class Settings:
     retention_seconds: float = _from_table("retention_seconds")
     settle_seconds: float = _from_table("settle_seconds")
     incremental_analysis: bool = _from_table("incremental_analysis")
+    serve_partitions: int = _from_table("serve_partitions")
     metrics_public: bool = _from_table("metrics_public")
     self_traces_endpoint: str | None = _from_table("self_traces_endpoint")
     memory_budget: int = _from_table("memory_budget")
