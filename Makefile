@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak clean
+.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak bench-serve-whole clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ bench-files: install bytecode
 # beside the whole-store re-analysis (HOURGLASS_INCREMENTAL_ANALYSIS=false). QUICK=1: 2 minutes each.
 bench-soak: install bytecode
 	$(PY) -m bench.soak_serve $(if $(QUICK),--quick,)
+
+# `hourglass serve`'s whole-store analysis of a 1M-span embedded ClickHouse store (not incremental):
+# in partitions within the memory budget, beside the store analysed at once (the baseline)
+bench-serve-whole: install bytecode
+	$(PY) -m bench.serve_whole_store
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,8 @@ worker's round phases in brackets, and the reads by kind (count and seconds). Th
 prints what grew from the early to the late window: each server part's highest, and the longest
 round with its phases.
 
-The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` (the whole-store
+The same run is then repeated with ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` and
+``HOURGLASS_SERVE_PARTITIONS=1`` (the whole-store
 re-analysis of before, the baseline) unless ``--no-baseline``. Targets (issue 11): RSS flat and
 ≤ 2 GiB, every settled trace in the report within 60 s, ingest never refused because analysis is
 busy.
@@ -406,6 +407,8 @@ def soak(
     folder = Path(tempfile.mkdtemp(prefix=f"hourglass-soak-{label}-"))
     db = folder / "soak.duckdb"
     flag = {"HOURGLASS_INCREMENTAL_ANALYSIS": "true" if incremental else "false"}
+    if not incremental:  # the whole store at once, as every run was before: not its partitions
+        flag["HOURGLASS_SERVE_PARTITIONS"] = "1"
     proc, addresses = start_serve(db, folder / "serve.log", env=flag)
     grpc_target, api = addresses["grpc"], addresses["api"]
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
