@@ -392,7 +392,7 @@ SETTINGS: tuple[Setting, ...] = (
         "memory_budget", "size", parse_bytes("1.5GiB"),
         "peak memory an analysis plans for, e.g. 1.5GiB: a larger store or file input is analysed in "
         "partitions of whole traces (analyze, report, diff, serve's whole-store analysis); a what-if or critical-path window larger "
-        "than it holds at once is refused (serve, whatif, critical-path)",
+        "than it holds at once is asked in partitions (serve, whatif, critical-path)",
         env="HOURGLASS_MEMORY_BUDGET", flag="--memory-budget", commands=(ANALYZE,), unit="bytes",
         shown_default="1.5GiB",
     ),
@@ -408,8 +408,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "partitions", "int", 0,
-        "analyse the store (or the files) in this many partitions of whole traces",
-        flag="--partitions", commands=(ANALYZE,),
+        "analyse the store (or the files) in this many partitions of whole traces (whatif, "
+        "critical-path: ask the store in them, one at a time)",
+        flag="--partitions", commands=(ANALYZE, WHATIF, CRITICAL_PATH),
         shown_default="0: as many as the memory budget needs, 1 when it fits",
     ),
     Setting(

@@ -636,6 +636,33 @@ def endpoint_critical_path(
     return endpoint_path_from_rows(rows, service, operation, **options)
 
 
+def endpoint_critical_path_partitioned(
+    load: Callable[[int, int], AnalysisContext], parts: int, service: str | None, operation: str | None
+) -> tuple[pl.DataFrame, dict[str, Any] | None]:
+    """(:func:`endpoints`, :func:`endpoint_critical_path` of (service, operation) when both are
+    given) of a window too large for one context: ``load(part, parts)`` builds the context of each
+    partition of whole traces in turn (one held at a time); their endpoint rows are combined, as
+    the partitioned analysis combines them, and decided once."""
+    listings: list[pl.DataFrame] = []
+    rows: list[PathRows] = []
+    for part in range(parts):
+        ctx = load(part, parts)
+        listings.append(endpoints(ctx))
+        if service is not None and operation is not None:
+            rows.append(path_rows(ctx, (service, operation)))
+        ctx.cache.clear()
+        del ctx
+    listing = (
+        _concat(listings)
+        .group_by("service", "operation")
+        .agg(pl.col("traces").sum())
+        .sort(["traces", "service", "operation"], descending=[True, False, False])
+    )
+    if not rows:
+        return listing, None
+    return listing, endpoint_path_from_rows(combine_path_rows(rows), service or "", operation or "")
+
+
 def endpoint_path_from_rows(
     rows: PathRows,
     service: str,

@@ -94,6 +94,21 @@ def at_once_spans(budget: int) -> int:
     return max(0, (budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
 
 
+def question_parts(spans: int, budget: int) -> int:
+    """The partitions of whole traces a what-if or critical-path question over a window of
+    ``spans`` spans is answered in, one context at a time, within ``budget`` bytes (1: at once).
+    A quarter more than the even split: partitions by a hash of the trace id are not even."""
+    most = at_once_spans(budget)
+    if spans <= most:
+        return 1
+    if most < 1:
+        raise BudgetError(
+            f"a memory budget of {budget / 2**30:.2f} GiB cannot hold one context (at least "
+            f"{(PROCESS_BASE_BYTES + PEAK_BYTES_PER_SPAN) / 2**30:.2f} GiB)"
+        )
+    return -(-spans * 5 // (4 * most))
+
+
 def split_bytes(spans: int, filtered: bool = False) -> int:
     """The memory the split of a store of ``spans`` spans takes over the deciding process' base
     (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter)."""

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.model import Finding
@@ -267,19 +268,50 @@ def evaluate(
 ) -> dict[str, Any]:
     """Apply ``changes`` to the traces of ``ctx`` rooted at ``service``/``operation`` (each filter
     optional) and measure the root latencies before and after (see the module doc)."""
+    _check_changes(changes)
+    part = evaluate_part(ctx, changes, service=service, operation=operation, lookup=lookup, engine=engine)
+    return combine_parts([part], changes, service=service, operation=operation)
+
+
+def _check_changes(changes: Sequence[Change]) -> None:
     if not changes:
         raise WhatIfInputError("changes: the list is empty; give at least one change")
+
+
+@dataclass
+class PartAnswer:
+    """One context's share of a what-if (:func:`evaluate_part`): the parts of a window's
+    partitions of whole traces add up to the answer over the window (:func:`combine_parts`);
+    a trace's re-timing depends on its own spans alone."""
+
+    traces: int  # traces chosen (rooted at service/operation)
+    traces_seen: int  # traces in the context
+    traces_changed: int
+    saved_ns: int
+    per_root: pl.DataFrame  # root_service, root_name, before, after: one row per chosen trace
+    matched: list[bool]  # per change: some span of its service/operation is in the context
+    spans: list[int]  # per change: spans it changes
+    touched: list[int]  # per change: traces it changes
+
+
+def evaluate_part(
+    ctx: AnalysisContext,
+    changes: Sequence[Change],
+    *,
+    service: str | None = None,
+    operation: str | None = None,
+    lookup: FindingLookup | None = None,
+    engine: Retimer | None = None,
+) -> PartAnswer:
+    """:func:`evaluate` over the traces of ``ctx``, before the answer is made; a change whose
+    span is not in ``ctx`` changes nothing here (:func:`combine_parts` says when none matched
+    anywhere). ``lookup``: the recommendations' findings; one it does not know raises."""
     spans = ctx.spans
     traces = ctx.traces
     if service is not None:
         traces = traces.filter(pl.col("root_service") == service)
     if operation is not None:
         traces = traces.filter(pl.col("root_name") == operation)
-    if traces.height == 0 and (service is not None or operation is not None):
-        where = "/".join(x for x in (service, operation) if x is not None)
-        raise WhatIfInputError(
-            f"no trace has a root span {where!r} in the window ({ctx.traces.height} traces analysed)"
-        )
     engine = engine or Retimer(spans, ctx.critical.predecessor if ctx.critical is not None else None)
     selected = np.zeros(spans.height, dtype=bool)
     if traces.height:
@@ -293,7 +325,9 @@ def evaluate(
     ivalues_l: list[np.ndarray] = []
     fvalues_l: list[np.ndarray] = []
     n_iv = 0
-    echo: list[dict[str, Any]] = []
+    matched: list[bool] = []
+    changed_spans: list[int] = []
+    touched: list[int] = []
     trace_index = _trace_index(spans)
     for change in changes:
         if change.kind == "recommendation":
@@ -303,22 +337,20 @@ def evaluate(
                     f"no recommendation {change.recommendation!r} in these traces "
                     "(ids are listed by GET /v1/recommendations and `hourglass analyze`)"
                 )
+            # (occurrences in traces of other contexts resolve to no row here, and are dropped)
             rows, owner, types, ivalues, fvalues = engine._resolve(finding, None)
             keep = selected[rows]
             rows, owner = rows[keep], owner[keep]
             kinds = np.zeros(ivalues.size, dtype=np.int64)
             if types.size:
                 kinds[owner] = types
+            matched.append(True)
         else:
             in_service = names["service"] == change.service
             if change.operation != ANY_OPERATION:
                 in_service = in_service & (names["name"] == change.operation)
             match = in_service.to_numpy()
-            if not match.any():
-                raise WhatIfInputError(
-                    f"{change.label()}: no span {change.service}:{change.operation} in the "
-                    "window (service and operation are the span's service.name and span name)"
-                )
+            matched.append(bool(match.any()))
             targets = np.nonzero(match & selected)[0]
             if change.kind == "speedup":
                 rows, owner = targets, np.arange(targets.size, dtype=np.int64)
@@ -339,8 +371,8 @@ def evaluate(
         ivalues_l.append(ivalues)
         fvalues_l.append(fvalues)
         n_iv += ivalues.size
-        touched_traces = np.unique(trace_index[rows]).size if rows.size else 0
-        echo.append({**change.as_dict(), "spans": int(np.unique(rows).size), "traces": int(touched_traces)})
+        touched.append(int(np.unique(trace_index[rows]).size) if rows.size else 0)
+        changed_spans.append(int(np.unique(rows).size))
     extra = RowChanges(
         np.concatenate(rows_l),
         np.concatenate(owner_l),
@@ -364,6 +396,49 @@ def evaluate(
     per_root = main.select("root_service", "root_name").with_columns(
         pl.Series("before", old_dur[main_rows]), pl.Series("after", new_dur[main_rows])
     )
+    return PartAnswer(
+        traces=int(traces.height),
+        traces_seen=int(ctx.traces.height),
+        traces_changed=int(changed),
+        saved_ns=int(saved.sum()),
+        per_root=per_root,
+        matched=matched,
+        spans=changed_spans,
+        touched=touched,
+    )
+
+
+def combine_parts(
+    parts: Sequence[PartAnswer],
+    changes: Sequence[Change],
+    *,
+    service: str | None = None,
+    operation: str | None = None,
+) -> dict[str, Any]:
+    """The answer (module doc) of the contexts whose shares are ``parts``: disjoint sets of whole
+    traces, so counts and savings add up and the endpoints' percentiles are those of all their
+    traces. Raises what :func:`evaluate` raises: no chosen trace, a change that matches no span."""
+    chosen = sum(p.traces for p in parts)
+    if chosen == 0 and (service is not None or operation is not None):
+        where = "/".join(x for x in (service, operation) if x is not None)
+        seen = sum(p.traces_seen for p in parts)
+        raise WhatIfInputError(f"no trace has a root span {where!r} in the window ({seen} traces analysed)")
+    echo: list[dict[str, Any]] = []
+    for i, change in enumerate(changes):
+        if not any(p.matched[i] for p in parts):
+            raise WhatIfInputError(
+                f"{change.label()}: no span {change.service}:{change.operation} in the "
+                "window (service and operation are the span's service.name and span name)"
+            )
+        echo.append(
+            {
+                **change.as_dict(),
+                "spans": sum(p.spans[i] for p in parts),
+                "traces": sum(p.touched[i] for p in parts),
+            }
+        )
+    filled = [p.per_root for p in parts if p.per_root.height] or [parts[0].per_root]
+    per_root = pl.concat(filled, how="vertical_relaxed") if len(filled) > 1 else filled[0]
     endpoints_frame = (
         per_root.group_by("root_service", "root_name")
         .agg(
@@ -380,12 +455,56 @@ def evaluate(
         .rename({"root_service": "service", "root_name": "operation"})
     )
     return {
-        "traces": int(traces.height),
-        "traces_changed": int(changed),
-        "saved_ms_total": round(float(saved.sum()) / 1e6, 3),
+        "traces": int(chosen),
+        "traces_changed": int(sum(p.traces_changed for p in parts)),
+        "saved_ms_total": round(float(sum(p.saved_ns for p in parts)) / 1e6, 3),
         "endpoints": endpoints_frame.to_dicts(),
         "changes": echo,
     }
+
+
+def evaluate_partitioned(
+    load: Callable[[int, int], AnalysisContext],
+    parts: int,
+    changes: Sequence[Change],
+    *,
+    service: str | None = None,
+    operation: str | None = None,
+    lookup: FindingLookup | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` over a window too large for one context: ``load(part, parts)`` builds the
+    context of each partition of whole traces in turn (one held at a time), and the parts are
+    combined (:func:`combine_parts`). ``lookup`` gives the recommendations' findings as decided
+    over the whole window (a detector run on one partition would decide over its traces only);
+    without it a recommendation change raises."""
+    _check_changes(changes)
+    if lookup is None and any(change.kind == "recommendation" for change in changes):
+        raise WhatIfInputError("a recommendation change needs the window's findings")
+    answers = []
+    for part in range(parts):
+        ctx = load(part, parts)
+        answers.append(evaluate_part(ctx, changes, service=service, operation=operation, lookup=lookup))
+        ctx.cache.clear()  # (the engine the context caches refers back to it: freed at once)
+        del ctx
+    return combine_parts(answers, changes, service=service, operation=operation)
+
+
+def partition_contexts(
+    load: Callable[[int, int], pa.Table], since_ns: int | None = None
+) -> Callable[[int, int], AnalysisContext]:
+    """``load(part, parts)`` (a partition's spans: ``partitions.StoreSource.load``, a store's
+    ``scan_partition``) made into the context of its traces selected as a window's are
+    (``pipeline.select_traces``: whole traces with a span from ``since_ns``), for
+    :func:`evaluate_partitioned` and ``endpoint_path.endpoint_critical_path_partitioned``."""
+
+    def context(part: int, parts: int) -> AnalysisContext:
+        from hourglass.analysis.context import to_analysis_frame
+        from hourglass.analysis.pipeline import select_traces
+
+        frame = select_traces(to_analysis_frame(load(part, parts)), since_ns=since_ns)
+        return AnalysisContext.from_table(frame)
+
+    return context
 
 
 def _trace_index(spans: pl.DataFrame) -> np.ndarray:

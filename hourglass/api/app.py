@@ -439,7 +439,8 @@ def _add_query_routes(
     # under continuous ingest a context up to a settle period old (at least 30 s) answers the next
     # questions instead of rebuilding for each (the report itself is that old at least)
     reuse = max(30.0, float(getattr(app.state.settings, "settle_seconds", 0.0)))
-    # a window larger than the memory budget holds at once is refused, not built in this process
+    # a window larger than the memory budget holds at once is asked in partitions of whole traces,
+    # one context at a time, not built whole in this process
     budget = getattr(app.state.settings, "memory_budget", None)
     queries = QueryEngine.over_store(
         store, recommendation_ids=current_ids, reuse_seconds=reuse, budget=budget

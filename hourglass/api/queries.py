@@ -8,11 +8,14 @@ context at a time is kept (bounded memory), and dropped after ``IDLE_SECONDS`` w
 building runs under a lock (no two at once).
 
 A context holds every span of its window in memory (~2 KB a span at its peak), in the process
-that asks (``serve``'s, for the REST routes and MCP over HTTP): over a store it is built only when
-the window's spans fit the memory budget (``HOURGLASS_MEMORY_BUDGET``) as the at-once analysis
-counts them, else the question is refused with the count and a ``since`` that would fit
-(:class:`WindowTooLarge`), rather than the server taken down by the kernel's OOM killer with the
+that asks (``serve``'s, for the REST routes and MCP over HTTP): over a store, a window of more spans
+than the memory budget (``HOURGLASS_MEMORY_BUDGET``) holds at once, as the at-once analysis counts
+them, is asked in partitions of whole traces read one at a time (``scan_partition``;
+``whatif_query.evaluate_partitioned``, ``endpoint_path.endpoint_critical_path_partitioned``: the
+same answer), not cached, rather than the server taken down by the kernel's OOM killer with the
 ingest it serves (a critical path over a 1M-span store peaked at 1.54 GiB, linear in the spans).
+A recommendation change over such a window is refused (:class:`WindowTooLarge`): its finding is
+decided over every trace, and serve keeps the report, not the findings.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ from typing import Any
 import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.endpoint_path import endpoint_critical_path, endpoints
+from hourglass.analysis.endpoint_path import (
+    endpoint_critical_path,
+    endpoint_critical_path_partitioned,
+    endpoints,
+)
 from hourglass.analysis.whatif import Retimer
 from hourglass.analysis.whatif_query import (
     FindingLookup,
@@ -34,6 +41,7 @@ from hourglass.analysis.whatif_query import (
     changes_from_json,
     detector_lookup,
     evaluate,
+    evaluate_partitioned,
 )
 from hourglass.api.settings import parse_since
 from hourglass.collector.schema import ANALYSIS_COLUMNS
@@ -79,6 +87,7 @@ class QueryEngine:
         reuse_seconds: float = 0.0,
         window_spans: Callable[[int | None], int] | None = None,
         budget: int | None = None,
+        scan_partition: Callable[[int, int, int | None], pa.Table] | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -95,6 +104,10 @@ class QueryEngine:
         # the guard (module doc): the spans a window holds, and the memory budget one context fits
         self._window_spans = window_spans
         self._budget = budget
+        # ``scan_partition(part, parts, since_ns)``: a window larger than the budget is asked in
+        # partitions of whole traces, one context at a time (without it, refused)
+        self._scan_partition = scan_partition
+        self._partitioned = threading.Lock()
 
     def _forget(self) -> None:
         with self._lock:
@@ -129,6 +142,10 @@ class QueryEngine:
             count = getattr(store, "span_rows_since", None)
             return int(count(since_ns)) if callable(count) else marker()
 
+        def scan_partition(part: int, parts: int, since_ns: int | None) -> pa.Table:
+            table: pa.Table = store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+            return table
+
         return cls(
             scan,
             marker,
@@ -136,7 +153,36 @@ class QueryEngine:
             reuse_seconds=reuse_seconds,
             window_spans=window_spans,
             budget=budget,
+            scan_partition=scan_partition,  # (every span store reads partitions: SpanStore)
         )
+
+    def _parts(self, since_ns: int | None) -> int:
+        """The partitions of whole traces a question over the window is asked in: 1 (at once) when
+        its spans fit one context within the budget, else as many as keep each within it
+        (``planning.question_parts``) when the store reads partitions; else WindowTooLarge."""
+        if self._window_spans is None or self._budget is None:
+            return 1
+        from hourglass.analysis.planning import BudgetError, at_once_spans, question_parts
+
+        spans = self._window_spans(since_ns)
+        if spans <= at_once_spans(self._budget):
+            return 1
+        if self._scan_partition is not None:
+            try:
+                return question_parts(spans, self._budget)
+            except BudgetError:
+                pass
+        self._check_window(since_ns)
+        return 1
+
+    def _partition_contexts(self, since_ns: int | None) -> Callable[[int, int], AnalysisContext]:
+        from hourglass.analysis.whatif_query import partition_contexts
+
+        scan_partition = self._scan_partition
+        assert scan_partition is not None  # (``_parts`` gave more than one)
+        with self._lock:  # the cached context of another window is let go before the partitions
+            self._cached = None
+        return partition_contexts(lambda part, parts: scan_partition(part, parts, since_ns), since_ns)
 
     def _check_window(self, since_ns: int | None) -> None:
         """Raises :class:`WindowTooLarge` when the window holds more spans than one context may."""
@@ -196,6 +242,23 @@ class QueryEngine:
                         f"changes[{i}]: no recommendation {change.recommendation!r} in the current report"
                     )
         since_ns = since_from_text(body.get("since"))
+        parts = self._parts(since_ns)
+        if parts > 1:
+            if any(change.kind == "recommendation" for change in changes):
+                raise WindowTooLarge(
+                    f"a recommendation change over a window of {self._window_spans(since_ns) if self._window_spans else 0:,} "
+                    "spans, more than one context holds under the memory budget (HOURGLASS_MEMORY_BUDGET), "
+                    "needs the window's findings, which serve does not keep: ask over a shorter window "
+                    "(since, e.g. 15m or 1h), or with `hourglass whatif --db`, which decides them in partitions"
+                )
+            with self._partitioned:  # one partitioned question at a time (each holds a partition)
+                return evaluate_partitioned(
+                    self._partition_contexts(since_ns),
+                    parts,
+                    changes,
+                    service=body.get("service"),
+                    operation=body.get("operation"),
+                )
         cached = self._context(since_ns)
         result = evaluate(
             cached.ctx,
@@ -209,10 +272,26 @@ class QueryEngine:
 
     def critical_path(self, service: str, operation: str, since: str | None = None) -> dict[str, Any] | None:
         """The endpoint's aggregated critical path; None when no trace is rooted at it."""
-        cached = self._context(since_from_text(since))
+        since_ns = since_from_text(since)
+        parts = self._parts(since_ns)
+        if parts > 1:
+            with self._partitioned:
+                _, path = endpoint_critical_path_partitioned(
+                    self._partition_contexts(since_ns), parts, service, operation
+                )
+            return path
+        cached = self._context(since_ns)
         return endpoint_critical_path(cached.ctx, service, operation)
 
     def endpoints(self, since: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """The busiest trace roots (service, operation, traces)."""
-        cached = self._context(since_from_text(since))
+        since_ns = since_from_text(since)
+        parts = self._parts(since_ns)
+        if parts > 1:
+            with self._partitioned:
+                listing, _ = endpoint_critical_path_partitioned(
+                    self._partition_contexts(since_ns), parts, None, None
+                )
+            return listing.head(limit).to_dicts()
+        cached = self._context(since_ns)
         return endpoints(cached.ctx).head(limit).to_dicts()

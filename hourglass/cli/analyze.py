@@ -372,6 +372,60 @@ def _analyze_partitions(
     early: EarlyWorkers | None,
 ) -> dict[str, Any]:
     """:func:`analyze_store`'s run of ``plan``, in partitions of whole traces."""
+    report, _ = _run_partitions(
+        path, run, plan, services=services, since_ns=since_ns, writer=writer, explain=explain, early=early
+    )
+    return report
+
+
+def store_findings(path: str, run: StoreRun, since_ns: int | None, command: str) -> dict[str, Any]:
+    """Every finding of the store's window (``since_ns``) by id, decided as ``analyze`` decides
+    them, in partitions of whole traces (what-if's recommendation changes over a window one
+    context cannot hold: a detector run on one partition decides over its traces only)."""
+    from hourglass.analysis import partitions
+
+    if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
+        run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
+    store = open_store_for_analysis(path, command)
+    try:
+        spans = store.raw_row_count()
+        if run.partitions:  # (--partitions: as analyze_store takes them)
+            buckets = partitions.plan(spans, run.budget, run.workers).buckets
+            plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
+        else:
+            largest = getattr(store, "largest_trace", lambda: None)
+            plan = _store_plan(path, run, spans, largest, since_ns, None)
+    except partitions.BudgetError as exc:
+        raise _fail(str(exc), command=command) from None
+    finally:
+        store.close()
+    _, ranked = _run_partitions(
+        path,
+        run,
+        plan,
+        services=None,
+        since_ns=since_ns,
+        writer=None,
+        explain=False,
+        early=None,
+        command=command,
+    )
+    return {scored.finding.id: scored.finding for scored in ranked}
+
+
+def _run_partitions(
+    path: str,
+    run: StoreRun,
+    plan: Any,
+    *,
+    services: list[str] | None,
+    since_ns: int | None,
+    writer: Any,
+    explain: bool,
+    early: EarlyWorkers | None,
+    command: str = "analyze",
+) -> tuple[dict[str, Any], list[Any]]:
+    """:func:`_analyze_partitions`: the report and the ranked findings."""
     from hourglass.analysis import partitions
     from hourglass.analysis.pipeline import analyze_partitioned
 
@@ -395,10 +449,10 @@ def _analyze_partitions(
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
         plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
         described = plan.describe(run.budget, run.cluster, executor.connected)
-    typer.echo(f"hourglass analyze: {described}", err=True)
+    typer.echo(f"hourglass {command}: {described}", err=True)
     try:
         with _progress_bar() as progress:
-            report, _ = analyze_partitioned(
+            report, ranked = analyze_partitioned(
                 source,
                 plan.parts,
                 executor,
@@ -412,10 +466,10 @@ def _analyze_partitions(
                 split_files=plan.split,
             )
     except partitions.PartitionError as exc:
-        raise _fail(str(exc), code=EXIT_STORE) from None
+        raise _fail(str(exc), code=EXIT_STORE, command=command) from None
     finally:
         executor.close()
-    return report
+    return report, ranked
 
 
 def _within_open_files(plan: Any, *, chosen: bool) -> Any:

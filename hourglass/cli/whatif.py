@@ -17,6 +17,8 @@ which flag and why) or skipped records in files; 1 — the store could not be op
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,18 +51,37 @@ def _check_window(command: str, spans: int, most: int, budget: int, what: str) -
         raise _fail(
             command,
             f"{what} {spans:,} spans, more than the {most:,} a question holds in memory at once under the "
-            f"{budget / 2**30:.2f} GiB memory budget: ask over a shorter --since, or raise HOURGLASS_MEMORY_BUDGET",
+            f"{budget / 2**30:.2f} GiB memory budget: import them into a store (`hourglass import --db`), "
+            "which is asked in partitions, ask over a shorter --since, or raise HOURGLASS_MEMORY_BUDGET",
         )
 
 
-def _context(command: str, files: list[Path] | None, db: str | None, since: str | None) -> tuple[Any, int]:
-    """(AnalysisContext of the files or the store, number of skipped records)."""
+@dataclass
+class _Window:
+    """A store's window of more spans than one context holds within the memory budget: asked in
+    ``parts`` partitions of whole traces, one context at a time (``contexts(part, parts)``)."""
+
+    path: str
+    since_ns: int | None
+    parts: int
+    contexts: Callable[[int, int], Any]
+    chosen: int = 0  # --partitions (0: the memory budget's)
+
+
+def _context(
+    command: str, files: list[Path] | None, db: str | None, since: str | None, partitions: int = 0
+) -> tuple[Any, int]:
+    """(AnalysisContext of the files or the store — a :class:`_Window` of the store when its
+    window is larger than one context holds within the memory budget —, number of skipped records)."""
     since_ns = since_option_ns(command, since)
     if files and db is not None:
         raise _fail(command, "give trace files or --db, not both")
+    if files and partitions > 1:
+        raise _fail(command, "--partitions asks a store (--db) in partitions; trace files are asked at once")
     problems = 0
-    # the question holds every span of its window in memory at once (~2 KB a span at its peak): a
-    # window larger than the memory budget holds is refused before it is read, as serve does
+    # the question holds every span of its window in memory at once (~2 KB a span at its peak):
+    # files larger than the memory budget holds are refused before they are held; a store's window
+    # that large is asked in partitions of whole traces, one at a time
     settings = Settings()
     most = at_once_spans(settings.memory_budget)
     if files:
@@ -68,25 +89,61 @@ def _context(command: str, files: list[Path] | None, db: str | None, since: str 
         _check_window(command, table.num_rows, most, settings.memory_budget, "the files hold")
     else:
         path = db or settings.db
-        store = open_store_for_analysis(path)
+        store = open_store_for_analysis(path, command)
         try:
             count = getattr(store, "span_rows_since", None)
             spans = int(count(since_ns)) if callable(count) else int(store.raw_row_count())
         finally:
             store.close()
-        _check_window(
-            command,
-            spans,
-            most,
-            settings.memory_budget,
-            "the store holds" if since_ns is None else "the window holds",
-        )
+        if spans > most or partitions > 1:
+            return _window(command, path, since_ns, spans, settings.memory_budget, partitions), problems
         table = read_store(path, services=None, since_ns=since_ns)
     from hourglass.analysis.context import AnalysisContext, to_analysis_frame
     from hourglass.analysis.pipeline import select_traces
 
     frame = select_traces(to_analysis_frame(table), since_ns=since_ns)
     return AnalysisContext.from_table(frame), problems
+
+
+def _window(
+    command: str, path: str, since_ns: int | None, spans: int, budget: int, partitions: int = 0
+) -> _Window:
+    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.planning import BudgetError, question_parts
+    from hourglass.analysis.whatif_query import partition_contexts
+
+    what = "the store" if since_ns is None else "the window"
+    if partitions > 1:
+        parts = partitions
+        typer.echo(f"hourglass {command}: {what} asked in {parts} partitions of whole traces", err=True)
+    else:
+        try:
+            parts = question_parts(spans, budget)
+        except BudgetError as exc:
+            raise _fail(command, f"{exc}: raise HOURGLASS_MEMORY_BUDGET") from None
+        typer.echo(
+            f"hourglass {command}: {what} holds {spans:,} spans, more than one context holds under the "
+            f"{budget / 2**30:.2f} GiB memory budget: asked in {parts} partitions of whole traces",
+            err=True,
+        )
+    source = StoreSource(path, since_ns)
+    return _Window(path, since_ns, parts, partition_contexts(source.load, since_ns), partitions)
+
+
+def _window_findings(command: str, window: _Window) -> dict[str, Any]:
+    """The findings of ``window`` by id, decided over all its traces as ``analyze`` decides them
+    (in partitions: ``analyze.store_findings``), for its recommendation changes."""
+    import os
+
+    from hourglass.cli.analyze import StoreRun, store_findings
+
+    settings = Settings()
+    run = StoreRun(
+        budget=settings.memory_budget,
+        workers=settings.workers or os.cpu_count() or 1,
+        partitions=window.chosen,
+    )
+    return store_findings(window.path, run, window.since_ns, command)
 
 
 def _ms(value: Any) -> str:
@@ -183,11 +240,17 @@ def whatif_command(
         str | None, typer.Option("--operation", help="Only traces whose root span has this name")
     ] = None,
     since: Annotated[str | None, option("since", WHATIF)] = None,
+    partitions: Annotated[int, option("partitions", WHATIF)] = 0,
     output_format: FormatOpt = QueryFormat.table,
     output: OutputOpt = None,
 ) -> None:
     """What if an operation were faster, a caller parallel, a pool bigger, a recommendation done?"""
-    from hourglass.analysis.whatif_query import WhatIfInputError, changes_from_cli, evaluate
+    from hourglass.analysis.whatif_query import (
+        WhatIfInputError,
+        changes_from_cli,
+        evaluate,
+        evaluate_partitioned,
+    )
 
     try:
         changes = changes_from_cli(
@@ -198,9 +261,17 @@ def whatif_command(
         )
     except WhatIfInputError as exc:
         raise _fail("whatif", str(exc)) from None
-    ctx, problems = _context("whatif", files, db, since)
+    ctx, problems = _context("whatif", files, db, since, partitions)
     try:
-        result = evaluate(ctx, changes, service=service, operation=operation)
+        if isinstance(ctx, _Window):
+            lookup = None
+            if any(change.kind == "recommendation" for change in changes):
+                lookup = _window_findings("whatif", ctx).get
+            result = evaluate_partitioned(
+                ctx.contexts, ctx.parts, changes, service=service, operation=operation, lookup=lookup
+            )
+        else:
+            result = evaluate(ctx, changes, service=service, operation=operation)
     except WhatIfInputError as exc:
         raise _fail("whatif", str(exc)) from None
     text = json.dumps(result, indent=2) + "\n" if output_format is QueryFormat.json else _whatif_table(result)
@@ -218,14 +289,25 @@ def critical_path_command(
         str | None, typer.Option("--operation", help="The endpoint's root span name")
     ] = None,
     since: Annotated[str | None, option("since", CRITICAL_PATH)] = None,
+    partitions: Annotated[int, option("partitions", CRITICAL_PATH)] = 0,
     output_format: FormatOpt = QueryFormat.table,
     output: OutputOpt = None,
 ) -> None:
     """What an endpoint waits on across its traces: self time on the critical path per operation."""
-    from hourglass.analysis.endpoint_path import endpoint_critical_path, endpoints
+    from hourglass.analysis.endpoint_path import (
+        endpoint_critical_path,
+        endpoint_critical_path_partitioned,
+        endpoints,
+    )
 
-    ctx, problems = _context("critical-path", files, db, since)
-    listing = endpoints(ctx)
+    ctx, problems = _context("critical-path", files, db, since, partitions)
+    if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path
+        listing, path = endpoint_critical_path_partitioned(ctx.contexts, ctx.parts, service, operation)
+    else:
+        listing = endpoints(ctx)
+        path = (
+            None if service is None or operation is None else endpoint_critical_path(ctx, service, operation)
+        )
     if service is None or operation is None:
         names = "\n".join(
             f"  --service {s!r} --operation {o!r}  ({n} traces)" for s, o, n in listing.head(20).iter_rows()
@@ -233,7 +315,6 @@ def critical_path_command(
         raise _fail(
             "critical-path", "give --service and --operation of an endpoint (a trace root):\n" + names
         )
-    path = endpoint_critical_path(ctx, service, operation)
     if path is None:
         names = ", ".join(f"{s}:{o}" for s, o, _ in listing.head(10).iter_rows())
         raise _fail(

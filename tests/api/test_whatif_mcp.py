@@ -118,31 +118,59 @@ def test_critical_path_over_rest(server: LiveServer) -> None:
         assert client.get("/v1/critical-path", params={"service": "frontend"}).status_code == 422
 
 
-def test_a_window_larger_than_the_memory_budget_is_refused_not_built(tmp_path: Path) -> None:
+def test_a_window_larger_than_the_memory_budget_is_asked_in_partitions(tmp_path: Path) -> None:
     """A what-if or critical path builds the window's spans in serve's own process: one that the
-    memory budget cannot hold at once is refused with the count and a shorter window to ask
-    (it would take the server and its ingest down at staging sizes); one that fits is answered."""
+    memory budget cannot hold at once (it would take the server and its ingest down at staging
+    sizes) is asked in partitions of whole traces, one context at a time, and answers as the CLI
+    does at once; a recommendation change over it, whose findings serve does not keep, is refused
+    with a shorter window to ask; one that fits is answered at once."""
     import time
 
     from tests.api.live_server import MS, SPANS_PER_TRACE, running_server, send_traces, wait_for_spans
 
     budget = 200 * 2**20 + 20 * 2_000 + 1_000  # 20 spans at once (hourglass.analysis.planning)
+    speedup = {"speedup": {"service": "users", "operation": "GET /users", "factor": 0.5}}
+    path = {"service": "frontend", "operation": "GET /checkout"}
     with running_server(tmp_path, token=TOKEN, env={"HOURGLASS_MEMORY_BUDGET": str(budget)}) as server:
         send_traces(server, checkout=4, home=0, base_ns=time.time_ns() - 2 * 3600 * 1_000 * MS)
         send_traces(server, checkout=1, home=0, base_ns=time.time_ns() - 60_000 * MS)
         wait_for_spans(server, 5 * SPANS_PER_TRACE)
-        speedup = {"speedup": {"service": "users", "operation": "GET /users", "factor": 0.5}}
         with server.client(timeout=60) as client:
-            refused = client.post("/v1/whatif", json={"changes": [speedup]})
+            whole = client.post("/v1/whatif", json={"changes": [speedup]})
+            assert whole.status_code == 200, whole.text
+            assert whole.json()["traces"] == 5
+            whole_path = client.get("/v1/critical-path", params=path)
+            assert whole_path.status_code == 200, whole_path.text
+            missing = client.get("/v1/critical-path", params={**path, "operation": "GET /nope"})
+            assert missing.status_code == 404 and "GET /checkout" in missing.json()["detail"]
+            deadline = time.monotonic() + 60
+            while not (recs := client.get("/v1/recommendations").json()["recommendations"]):
+                assert time.monotonic() < deadline, "no recommendation"
+                time.sleep(0.3)
+            refused = client.post("/v1/whatif", json={"changes": [{"recommendation": recs[0]["id"]}]})
             assert refused.status_code == 422, refused.text
-            detail = refused.json()["detail"]
-            assert "the store holds 35 spans, more than the 20" in detail and "since" in detail
-            path = {"service": "frontend", "operation": "GET /checkout"}
-            assert client.get("/v1/critical-path", params=path).status_code == 422
+            assert "since" in refused.json()["detail"] and "hourglass whatif --db" in refused.json()["detail"]
             recent = client.post("/v1/whatif", json={"changes": [speedup], "since": "10m"})
             assert recent.status_code == 200, recent.text
             assert recent.json()["traces"] == 1
             assert client.get("/v1/critical-path", params={**path, "since": "10m"}).json()["traces"] == 1
+    # the same questions at once (the default budget), by the CLI over the same store
+    cli = hourglass("whatif", "--db", str(server.db), "--speedup", "users:GET /users=0.5", "--format", "json")
+    assert cli.returncode == 0, cli.stderr
+    assert whole.json() == json.loads(cli.stdout)
+    cli = hourglass(
+        "critical-path",
+        "--db",
+        str(server.db),
+        "--service",
+        "frontend",
+        "--operation",
+        "GET /checkout",
+        "--format",
+        "json",
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert whole_path.json() == json.loads(cli.stdout)
 
 
 async def _mcp_over_http(url: str, headers: dict[str, str]) -> Any:
@@ -186,24 +214,53 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
-def test_the_cli_refuses_a_window_larger_than_the_memory_budget(demo_store: Path) -> None:
-    """`hourglass whatif` and `critical-path` hold the window's spans at once: over the memory
-    budget they say so, with the count, before reading it (the demo store: 3,408 spans)."""
+def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions(demo_store: Path) -> None:
+    """`hourglass whatif` and `critical-path` hold a context of the window's spans: a store's
+    window larger than the memory budget holds is asked in partitions of whole traces, one at a
+    time, with the answer at once (the demo store: 3,408 spans, 1,000 at once); trace files that
+    large are refused before they are held. ``--partitions`` asks in that many, and a
+    recommendation change then takes its finding as ``analyze`` decides it over every trace."""
     budget = 200 * 2**20 + 1_000 * 2_000  # 1,000 spans at once (hourglass.analysis.planning)
     env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(budget)}
-    files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
-    for args in (
-        ("whatif", "--db", str(demo_store), "--speedup", "users:GET /users=0.5"),
-        ("critical-path", "--db", str(demo_store)),
-        ("whatif", *files, "--speedup", "users:GET /users=0.5"),
-    ):
-        proc = subprocess.run(
-            [*hourglass_executable(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    speedup = ("--speedup", "ledger:lock.acquire ledger.journal=0.5")
+    endpoint = ("--service", "ledger", "--operation", LEDGER_TRANSFERS, "--format", "json")
+
+    def run(*args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*hourglass_executable(), *args],
+            cwd=ROOT,
+            env=environment or _env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-        assert proc.returncode == 2, proc.stderr
-        held = "the files hold" if args[1] != "--db" else "the store holds"
-        assert f"{held} 3,408 spans, more than the 1,000" in proc.stderr, proc.stderr
-        assert "HOURGLASS_MEMORY_BUDGET" in proc.stderr
+
+    for args in (
+        ("whatif", "--db", str(demo_store), *speedup, "--format", "json"),
+        ("critical-path", "--db", str(demo_store), *endpoint),
+    ):
+        at_once = run(*args)
+        assert at_once.returncode == 0, at_once.stderr
+        asked = run(*args, environment=env)
+        assert asked.returncode == 0, asked.stderr
+        assert "the store holds 3,408 spans, more than one context holds" in asked.stderr, asked.stderr
+        assert "asked in 5 partitions of whole traces" in asked.stderr
+        assert json.loads(asked.stdout) == json.loads(at_once.stdout)
+
+    files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
+    refused = run("whatif", *files, *speedup, environment=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "the files hold 3,408 spans, more than the 1,000" in refused.stderr, refused.stderr
+    assert "HOURGLASS_MEMORY_BUDGET" in refused.stderr
+
+    report = json.loads(run("analyze", "--db", str(demo_store), "--format", "json").stdout)
+    lock = next(r for r in report["recommendations"] if r["kind"] == "lock_contention")
+    changes = ("--recommendation", lock["id"], *speedup, "--format", "json")
+    at_once = run("whatif", "--db", str(demo_store), *changes)
+    asked = run("whatif", "--db", str(demo_store), "--partitions", "3", *changes)
+    assert at_once.returncode == asked.returncode == 0, asked.stderr
+    assert "asked in 3 partitions" in asked.stderr
+    assert json.loads(asked.stdout) == json.loads(at_once.stdout)
 
 
 def test_whatif_and_critical_path_cli(demo_store: Path) -> None:
