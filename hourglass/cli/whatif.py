@@ -10,13 +10,16 @@
 changes were made, with the engine that prices the recommendations (:mod:`hourglass.analysis.whatif_query`),
 and prints the root latency before and after per endpoint. ``critical-path`` aggregates an
 endpoint's critical path over its traces (:mod:`hourglass.analysis.endpoint_path`); without ``--service`` and
-``--operation`` it lists the endpoints. Exit codes: 0 — answered; 2 — bad input (the message says
+``--operation`` it lists the endpoints. A window of more spans than one context holds within the
+memory budget (or ``--partitions N``) is asked in partitions of whole traces, one at a time (trace
+files through a temporary store, as ``analyze`` reads them): the same answer. Exit codes: 0 — answered; 2 — bad input (the message says
 which flag and why) or skipped records in files; 1 — the store could not be opened.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,7 +33,7 @@ from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
 from hourglass.cli._options import since_ns as since_option_ns
-from hourglass.cli.analyze import open_store_for_analysis, read_files, read_store
+from hourglass.cli.analyze import _read_files, _terminate_as_interrupt, open_store_for_analysis, read_store
 from hourglass.settings import CRITICAL_PATH, WHATIF
 
 EXIT_INPUT = 2
@@ -46,16 +49,6 @@ def _fail(command: str, message: str) -> typer.Exit:
     return typer.Exit(EXIT_INPUT)
 
 
-def _check_window(command: str, spans: int, most: int, budget: int, what: str) -> None:
-    if spans > most:
-        raise _fail(
-            command,
-            f"{what} {spans:,} spans, more than the {most:,} a question holds in memory at once under the "
-            f"{budget / 2**30:.2f} GiB memory budget: import them into a store (`hourglass import --db`), "
-            "which is asked in partitions, ask over a shorter --since, or raise HOURGLASS_MEMORY_BUDGET",
-        )
-
-
 @dataclass
 class _Window:
     """A store's window of more spans than one context holds within the memory budget: asked in
@@ -66,6 +59,11 @@ class _Window:
     parts: int
     contexts: Callable[[int, int], Any]
     chosen: int = 0  # --partitions (0: the memory budget's)
+    remove: Callable[[], None] | None = None  # the temporary store of trace files, removed after
+
+    def close(self) -> None:
+        if self.remove is not None:
+            self.remove()
 
 
 def _context(
@@ -76,8 +74,6 @@ def _context(
     since_ns = since_option_ns(command, since)
     if files and db is not None:
         raise _fail(command, "give trace files or --db, not both")
-    if files and partitions > 1:
-        raise _fail(command, "--partitions asks a store (--db) in partitions; trace files are asked at once")
     problems = 0
     # the question holds every span of its window in memory at once (~2 KB a span at its peak):
     # files larger than the memory budget holds are refused before they are held; a store's window
@@ -85,8 +81,37 @@ def _context(
     settings = Settings()
     most = at_once_spans(settings.memory_budget)
     if files:
-        table, problems = read_files(list(files), command=command)
-        _check_window(command, table.num_rows, most, settings.memory_budget, "the files hold")
+        # files of more spans than one context holds are written, as they are read, to a
+        # temporary span store (as `analyze` does), which is asked in partitions and removed after
+        read = _read_files(
+            list(files),
+            command,
+            at_once_spans=0 if partitions > 1 else most,
+            on_spill=lambda spans: typer.echo(
+                f"hourglass {command}: the files are written to a temporary span store in "
+                f"{tempfile.gettempdir()} as they are read (more spans than one context holds)",
+                err=True,
+            ),
+        )
+        problems = read.problems
+        if read.store is not None:
+            try:
+                window = _window(
+                    command,
+                    read.store,
+                    since_ns,
+                    read.spans,
+                    settings.memory_budget,
+                    partitions,
+                    "the files hold",
+                )
+            except BaseException:
+                read.remove()
+                raise
+            window.remove = read.remove
+            return window, problems
+        assert read.table is not None
+        table = read.table
     else:
         path = db or settings.db
         store = open_store_for_analysis(path, command)
@@ -106,13 +131,20 @@ def _context(
 
 
 def _window(
-    command: str, path: str, since_ns: int | None, spans: int, budget: int, partitions: int = 0
+    command: str,
+    path: str,
+    since_ns: int | None,
+    spans: int,
+    budget: int,
+    partitions: int = 0,
+    holds: str | None = None,
 ) -> _Window:
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.planning import BudgetError, question_parts
     from hourglass.analysis.whatif_query import partition_contexts
 
     what = "the store" if since_ns is None else "the window"
+    holds = holds or f"{what} holds"
     if partitions > 1:
         parts = partitions
         typer.echo(f"hourglass {command}: {what} asked in {parts} partitions of whole traces", err=True)
@@ -122,7 +154,7 @@ def _window(
         except BudgetError as exc:
             raise _fail(command, f"{exc}: raise HOURGLASS_MEMORY_BUDGET") from None
         typer.echo(
-            f"hourglass {command}: {what} holds {spans:,} spans, more than one context holds under the "
+            f"hourglass {command}: {holds} {spans:,} spans, more than one context holds under the "
             f"{budget / 2**30:.2f} GiB memory budget: asked in {parts} partitions of whole traces",
             err=True,
         )
@@ -261,19 +293,23 @@ def whatif_command(
         )
     except WhatIfInputError as exc:
         raise _fail("whatif", str(exc)) from None
-    ctx, problems = _context("whatif", files, db, since, partitions)
-    try:
-        if isinstance(ctx, _Window):
-            lookup = None
-            if any(change.kind == "recommendation" for change in changes):
-                lookup = _window_findings("whatif", ctx).get
-            result = evaluate_partitioned(
-                ctx.contexts, ctx.parts, changes, service=service, operation=operation, lookup=lookup
-            )
-        else:
-            result = evaluate(ctx, changes, service=service, operation=operation)
-    except WhatIfInputError as exc:
-        raise _fail("whatif", str(exc)) from None
+    with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
+        ctx, problems = _context("whatif", files, db, since, partitions)
+        try:
+            if isinstance(ctx, _Window):
+                lookup = None
+                if any(change.kind == "recommendation" for change in changes):
+                    lookup = _window_findings("whatif", ctx).get
+                result = evaluate_partitioned(
+                    ctx.contexts, ctx.parts, changes, service=service, operation=operation, lookup=lookup
+                )
+            else:
+                result = evaluate(ctx, changes, service=service, operation=operation)
+        except WhatIfInputError as exc:
+            raise _fail("whatif", str(exc)) from None
+        finally:
+            if isinstance(ctx, _Window):
+                ctx.close()
     text = json.dumps(result, indent=2) + "\n" if output_format is QueryFormat.json else _whatif_table(result)
     _emit(text, output)
     if problems:
@@ -300,10 +336,16 @@ def critical_path_command(
         endpoints,
     )
 
-    ctx, problems = _context("critical-path", files, db, since, partitions)
-    if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path
-        listing, path = endpoint_critical_path_partitioned(ctx.contexts, ctx.parts, service, operation)
-    else:
+    with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
+        ctx, problems = _context("critical-path", files, db, since, partitions)
+        if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path
+            try:
+                listing, path = endpoint_critical_path_partitioned(
+                    ctx.contexts, ctx.parts, service, operation
+                )
+            finally:
+                ctx.close()
+    if not isinstance(ctx, _Window):
         listing = endpoints(ctx)
         path = (
             None if service is None or operation is None else endpoint_critical_path(ctx, service, operation)

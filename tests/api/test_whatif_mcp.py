@@ -218,7 +218,7 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     """`hourglass whatif` and `critical-path` hold a context of the window's spans: a store's
     window larger than the memory budget holds is asked in partitions of whole traces, one at a
     time, with the answer at once (the demo store: 3,408 spans, 1,000 at once); trace files that
-    large are refused before they are held. ``--partitions`` asks in that many, and a
+    large too, through a temporary store. ``--partitions`` asks in that many, and a
     recommendation change then takes its finding as ``analyze`` decides it over every trace."""
     budget = 200 * 2**20 + 1_000 * 2_000  # 1,000 spans at once (hourglass.analysis.planning)
     env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(budget)}
@@ -247,11 +247,18 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
         assert "asked in 5 partitions of whole traces" in asked.stderr
         assert json.loads(asked.stdout) == json.loads(at_once.stdout)
 
+    # trace files that large: written to a temporary store as they are read, asked in partitions,
+    # the store removed after
     files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
-    refused = run("whatif", *files, *speedup, environment=env)
-    assert refused.returncode == 2, refused.stderr
-    assert "the files hold 3,408 spans, more than the 1,000" in refused.stderr, refused.stderr
-    assert "HOURGLASS_MEMORY_BUDGET" in refused.stderr
+    tmp = demo_store.parent / "tmp"
+    tmp.mkdir()
+    at_once = run("whatif", *files, *speedup, "--format", "json")
+    asked = run("whatif", *files, *speedup, "--format", "json", environment={**env, "TMPDIR": str(tmp)})
+    assert asked.returncode == at_once.returncode == 0, asked.stderr
+    assert "written to a temporary span store" in asked.stderr, asked.stderr
+    assert "the files hold 3,408 spans, more than one context holds" in asked.stderr
+    assert json.loads(asked.stdout) == json.loads(at_once.stdout)
+    assert list(tmp.iterdir()) == []
 
     report = json.loads(run("analyze", "--db", str(demo_store), "--format", "json").stdout)
     lock = next(r for r in report["recommendations"] if r["kind"] == "lock_contention")
