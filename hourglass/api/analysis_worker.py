@@ -734,17 +734,8 @@ class AnalysisWorker:
         ``reads`` (when given) gets the seconds of those reads by request kind (``arrivals``,
         ``batch``, ``traces``: reading the store and shipping the table) and their count
         (``batch_count``...); their sum is ``stages["scan"]``."""
-        stages = {} if stages is None else stages
-        reads = {} if reads is None else reads
-        with self._session(stages) as conn:
-            started = time.perf_counter()
-            status, payload, reading = _converse(conn, ("incremental", request, settings), reader, reads)
-        if status != "ok":
-            raise _failed(payload)
-        report, index, figures, _ = payload
+        report, index, figures, _ = self._asked(("incremental", request, settings), reader, stages, reads)
         index.open_stored()  # (its arrays in a file of request["results"]: _store_index)
-        stages["scan"] = reading  # the worker's reads of the store, answered here
-        stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
         return report, index, figures
 
     def run_partitioned(
@@ -762,18 +753,30 @@ class AnalysisWorker:
         ``reader`` when the worker asks for it, so neither process holds the whole store.
         ``request``: parts, since_ns, spill_buckets, explain, results (as :meth:`run`'s). ``reads``
         as :meth:`run_incremental`'s (``partition``, ``traces``)."""
+        report, index, _ = self._asked(("partitioned", request, settings), reader, stages, reads)
+        index.open_stored()
+        return report, index
+
+    def _asked(
+        self,
+        message: tuple[Any, ...],
+        reader: StoreReader,
+        stages: dict[str, float] | None,
+        reads: dict[str, float] | None,
+    ) -> Any:
+        """The worker's result of ``message``, its span reads answered from ``reader``
+        (:func:`_converse`); their seconds in ``stages["scan"]`` (and by kind in ``reads``), the
+        rest of the wait in ``stages["analysis"]``. A failure in the worker raises."""
         stages = {} if stages is None else stages
         reads = {} if reads is None else reads
         with self._session(stages) as conn:
             started = time.perf_counter()
-            status, payload, reading = _converse(conn, ("partitioned", request, settings), reader, reads)
+            status, payload, reading = _converse(conn, message, reader, reads)
         if status != "ok":
             raise _failed(payload)
-        report, index, _ = payload
-        index.open_stored()
-        stages["scan"] = reading
+        stages["scan"] = reading  # the worker's reads of the store, answered here
         stages["analysis"] = max(time.perf_counter() - started - reading, 0.0)
-        return report, index
+        return payload
 
     @contextlib.contextmanager
     def _session(self, stages: dict[str, float]) -> Iterator[Connection]:

@@ -275,11 +275,7 @@ class QueryEngine:
         since_ns = since_from_text(since)
         parts = self._parts(since_ns)
         if parts > 1:
-            with self._partitioned:
-                _, path = endpoint_critical_path_partitioned(
-                    self._partition_contexts(since_ns), parts, service, operation
-                )
-            return path
+            return self._paths_in_partitions(since_ns, parts, service, operation)[1]
         cached = self._context(since_ns)
         return endpoint_critical_path(cached.ctx, service, operation)
 
@@ -288,10 +284,16 @@ class QueryEngine:
         since_ns = since_from_text(since)
         parts = self._parts(since_ns)
         if parts > 1:
-            with self._partitioned:
-                listing, _ = endpoint_critical_path_partitioned(
-                    self._partition_contexts(since_ns), parts, None, None
-                )
-            return listing.head(limit).to_dicts()
+            return self._paths_in_partitions(since_ns, parts, None, None)[0].head(limit).to_dicts()
         cached = self._context(since_ns)
         return endpoints(cached.ctx).head(limit).to_dicts()
+
+    def _paths_in_partitions(
+        self, since_ns: int | None, parts: int, service: str | None, operation: str | None
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """(the endpoints, the critical path of service/operation) of the window, in ``parts``
+        partitions (``endpoint_path.endpoint_critical_path_partitioned``)."""
+        with self._partitioned:
+            return endpoint_critical_path_partitioned(
+                self._partition_contexts(since_ns), parts, service, operation
+            )

@@ -286,7 +286,7 @@ def analyze_store(
 
     counted = early.counted if early is not None else None
     if counted is not None:  # the early workers' plan: the store is not opened again
-        return _analyze_partitions(
+        return _run_partitions(
             path,
             run,
             _store_plan(path, run, counted[0], lambda: counted[1], since_ns, services),
@@ -295,7 +295,7 @@ def analyze_store(
             writer=writer,
             explain=explain,
             early=early,
-        )
+        )[0]
     store = open_store_for_analysis(path)
     try:
         spans = store.raw_row_count()
@@ -329,9 +329,9 @@ def analyze_store(
             return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)
     finally:
         store.close()
-    return _analyze_partitions(
+    return _run_partitions(
         path, run, plan, services=services, since_ns=since_ns, writer=writer, explain=explain, early=early
-    )
+    )[0]
 
 
 def _store_plan(
@@ -358,24 +358,6 @@ def _store_plan(
     except partitions.BudgetError as exc:
         raise _fail(str(exc)) from None
     return plan
-
-
-def _analyze_partitions(
-    path: str,
-    run: StoreRun,
-    plan: Any,
-    *,
-    services: list[str] | None,
-    since_ns: int | None,
-    writer: Any,
-    explain: bool,
-    early: EarlyWorkers | None,
-) -> dict[str, Any]:
-    """:func:`analyze_store`'s run of ``plan``, in partitions of whole traces."""
-    report, _ = _run_partitions(
-        path, run, plan, services=services, since_ns=since_ns, writer=writer, explain=explain, early=early
-    )
-    return report
 
 
 def store_findings(path: str, run: StoreRun, since_ns: int | None, command: str) -> dict[str, Any]:
@@ -425,7 +407,8 @@ def _run_partitions(
     early: EarlyWorkers | None,
     command: str = "analyze",
 ) -> tuple[dict[str, Any], list[Any]]:
-    """:func:`_analyze_partitions`: the report and the ranked findings."""
+    """:func:`analyze_store`'s run of ``plan``, in partitions of whole traces: the report and the
+    ranked findings."""
     from hourglass.analysis import partitions
     from hourglass.analysis.pipeline import analyze_partitioned
 
