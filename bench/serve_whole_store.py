@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=("chdb", "duckdb"), default="chdb")
     parser.add_argument("--db", help="a store to use as it is (chdb:DIR or a DuckDB file)")
     parser.add_argument("--keep", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="only the partitioned run (the store at once may not fit)"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
         "--partitions", type=int, default=0, help="HOURGLASS_SERVE_PARTITIONS of the partitioned runs"
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {db}: {written:,} spans in {time.perf_counter() - began:.0f} s", flush=True)
         chosen = {"HOURGLASS_SERVE_PARTITIONS": str(args.partitions)} if args.partitions else {}
         configs = [("at-once", {"HOURGLASS_SERVE_PARTITIONS": "1"}), ("partitioned", chosen)]
+        if args.no_baseline:
+            configs = configs[1:]
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in configs}
         for _ in range(args.rounds):
             for label, env in configs:
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{run['spans']:,} spans",
                     flush=True,
                 )
+    if args.no_baseline:
+        return 0
     before, after = runs["at-once"], runs["partitioned"]
     print(
         f"\nserve's whole-store analysis of {before[0]['spans']:,} spans ({args.store}), median of {args.rounds}:"

@@ -88,6 +88,7 @@ class QueryEngine:
         window_spans: Callable[[int | None], int] | None = None,
         budget: int | None = None,
         scan_partition: Callable[[int, int, int | None], pa.Table] | None = None,
+        read_copies: Callable[[], int] = lambda: 1,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -108,6 +109,7 @@ class QueryEngine:
         # partitions of whole traces, one context at a time (without it, refused)
         self._scan_partition = scan_partition
         self._partitioned = threading.Lock()
+        self._read_copies = read_copies  # 2: the store's engine reads in this process (chdb)
 
     def _forget(self) -> None:
         with self._lock:
@@ -154,6 +156,7 @@ class QueryEngine:
             window_spans=window_spans,
             budget=budget,
             scan_partition=scan_partition,  # (every span store reads partitions: SpanStore)
+            read_copies=lambda: 2 if getattr(store, "embedded_engine", False) else 1,
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -169,7 +172,7 @@ class QueryEngine:
             return 1
         if self._scan_partition is not None:
             try:
-                return question_parts(spans, self._budget)
+                return question_parts(spans, self._budget, self._read_copies())
             except BudgetError:
                 pass
         self._check_window(since_ns)

@@ -150,7 +150,7 @@ def _window(
         typer.echo(f"hourglass {command}: {what} asked in {parts} partitions of whole traces", err=True)
     else:
         try:
-            parts = question_parts(spans, budget)
+            parts = question_parts(spans, budget, 2 if path.startswith("chdb:") else 1)
         except BudgetError as exc:
             raise _fail(command, f"{exc}: raise HOURGLASS_MEMORY_BUDGET") from None
         typer.echo(

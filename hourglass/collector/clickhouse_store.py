@@ -311,6 +311,9 @@ class ClickHouseSpanStore:
     def __init__(self, backend: _Backend, *, database: str, table: str, name: str) -> None:
         self._backend = backend
         self.path = name  # for messages, like DuckDBSpanStore.path
+        # chdb: the engine runs in this process, so a read's buffers are held here beside its
+        # result (what-if and critical-path questions plan for both: ``planning.question_parts``)
+        self.embedded_engine = isinstance(backend, _ChdbBackend)
         self._db = database
         self._table = f"{database}.{table}"
         self._side = f"{database}.{table}_hourglass"
