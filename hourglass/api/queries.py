@@ -168,14 +168,13 @@ class QueryEngine:
         from hourglass.analysis.planning import BudgetError, at_once_spans, question_parts
 
         spans = self._window_spans(since_ns)
-        if spans <= at_once_spans(self._budget):
-            return 1
         if self._scan_partition is not None:
-            try:
+            try:  # (1 when the window fits, its read's copy counted where the engine reads here)
                 return question_parts(spans, self._budget, self._read_copies())
             except BudgetError:
                 pass
-        self._check_window(since_ns)
+        if spans > at_once_spans(self._budget):
+            self._check_window(since_ns)  # (raises)
         return 1
 
     def _partition_contexts(self, since_ns: int | None) -> Callable[[int, int], AnalysisContext]:

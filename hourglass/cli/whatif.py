@@ -120,7 +120,7 @@ def _context(
             spans = int(count(since_ns)) if callable(count) else int(store.raw_row_count())
         finally:
             store.close()
-        if spans > most or partitions > 1:
+        if spans * _read_copies(path) > most or partitions > 1:
             return _window(command, path, since_ns, spans, settings.memory_budget, partitions), problems
         table = read_store(path, services=None, since_ns=since_ns)
     from hourglass.analysis.context import AnalysisContext, to_analysis_frame
@@ -150,7 +150,7 @@ def _window(
         typer.echo(f"hourglass {command}: {what} asked in {parts} partitions of whole traces", err=True)
     else:
         try:
-            parts = question_parts(spans, budget, 2 if path.startswith("chdb:") else 1)
+            parts = question_parts(spans, budget, _read_copies(path))
         except BudgetError as exc:
             raise _fail(command, f"{exc}: raise HOURGLASS_MEMORY_BUDGET") from None
         typer.echo(
@@ -160,6 +160,12 @@ def _window(
         )
     source = StoreSource(path, since_ns)
     return _Window(path, since_ns, parts, partition_contexts(source.load, since_ns), partitions)
+
+
+def _read_copies(path: str) -> int:
+    """2 for an embedded ClickHouse, whose read of a window is held in this process beside its
+    context (``planning.question_parts``); else 1."""
+    return 2 if path.startswith("chdb:") else 1
 
 
 def _window_findings(command: str, window: _Window) -> dict[str, Any]:
