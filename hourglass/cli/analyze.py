@@ -302,12 +302,8 @@ def analyze_store(
         if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
             run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
         try:
-            if run.partitions:
-                buckets = partitions.plan(spans, run.budget, run.workers).buckets
-                plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
-            elif run.cluster is None:
-                largest_trace = getattr(store, "largest_trace", lambda: None)
-                plan = _store_plan(path, run, spans, largest_trace, since_ns, services)
+            if run.partitions or run.cluster is None:
+                plan = _local_plan(store, path, run, spans, since_ns, services)
             else:  # the cluster's workers hold the partitions; this process decides, by buckets
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
@@ -332,6 +328,19 @@ def analyze_store(
     return _run_partitions(
         path, run, plan, services=services, since_ns=since_ns, writer=writer, explain=explain, early=early
     )[0]
+
+
+def _local_plan(
+    store: Any, path: str, run: StoreRun, spans: int, since_ns: int | None, services: list[str] | None
+) -> Any:
+    """The plan of a run of this machine over the open ``store`` of ``spans`` spans: in
+    ``--partitions`` when given (on as many workers, at most), else :func:`_store_plan`'s."""
+    from hourglass.analysis import partitions
+
+    if run.partitions:
+        buckets = partitions.plan(spans, run.budget, run.workers).buckets
+        return partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
+    return _store_plan(path, run, spans, getattr(store, "largest_trace", lambda: None), since_ns, services)
 
 
 def _store_plan(
@@ -370,13 +379,7 @@ def store_findings(path: str, run: StoreRun, since_ns: int | None, command: str)
         run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
     store = open_store_for_analysis(path, command)
     try:
-        spans = store.raw_row_count()
-        if run.partitions:  # (--partitions: as analyze_store takes them)
-            buckets = partitions.plan(spans, run.budget, run.workers).buckets
-            plan = partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
-        else:
-            largest = getattr(store, "largest_trace", lambda: None)
-            plan = _store_plan(path, run, spans, largest, since_ns, None)
+        plan = _local_plan(store, path, run, store.raw_row_count(), since_ns, None)
     except partitions.BudgetError as exc:
         raise _fail(str(exc), command=command) from None
     finally:
