@@ -18,12 +18,14 @@ on the same store. Proven structurally, not by timing or RSS:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pytest
@@ -63,6 +65,29 @@ def _request(state: IncrementalAnalysis, **extra: Any) -> dict[str, Any]:
         "explain": False,
         **extra,
     }
+
+
+State = TypeVar("State", bound=IncrementalAnalysis)
+
+
+@contextlib.contextmanager
+def _segmented(
+    tmp_path: Path,
+    kind: type[State] = IncrementalAnalysis,  # type: ignore[assignment]
+) -> Iterator[tuple[Path, str, DuckDBSpanStore, State, dict[str, Any]]]:
+    """The sample traces in a store and a first round over them in batches of 300 spans and
+    segments of 2 batches (a state of ``kind``): (the store's file, its sidecar, the store, the
+    state, the round's report); the store closed after."""
+    db = tmp_path / "spans.duckdb"
+    sidecar = sidecar_path(str(db))
+    assert sidecar is not None
+    store = _store(db)
+    try:
+        state = kind(sidecar, batch_spans=300, segment_batches=2)
+        first, _ = _round(state, store)
+        yield db, sidecar, store, state, first
+    finally:
+        store.close()
 
 
 def _round(state: IncrementalAnalysis, store: DuckDBSpanStore) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -276,13 +301,7 @@ def test_stored_rows_are_held_and_rows_stored_before_are_converted_on_start(
 
     from hourglass.analysis import partitions
 
-    db = tmp_path / "spans.duckdb"
-    sidecar = sidecar_path(str(db))
-    assert sidecar is not None
-    store = _store(db)
-    try:
-        state = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
-        first, _ = _round(state, store)
+    with _segmented(tmp_path, IncrementalAnalysis) as (db, sidecar, store, state, first):
         batches = set(state.batches)
         assert len(batches) >= 5 and state.segments
         state.close()
@@ -339,8 +358,6 @@ def test_stored_rows_are_held_and_rows_stored_before_are_converted_on_start(
         mtimes = {f: f.stat().st_mtime_ns for f in after}
         IncrementalAnalysis(sidecar, segment_batches=2).close()
         assert {f: f.stat().st_mtime_ns for f in after} == mtimes
-    finally:
-        store.close()
     assert as_before["recommendations"] == first["recommendations"]
     assert resumed["recommendations"] == first["recommendations"]
     _same(resumed, _cli(db))
@@ -411,13 +428,7 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
     a round; the next rounds read a segment instead of its batches' files, and decide the CLI's
     report. A dirty batch drops its segment (its batches are read alone until it is built
     again); a restart resumes the segments; a segment cut short by a crash is dropped."""
-    db = tmp_path / "spans.duckdb"
-    sidecar = sidecar_path(str(db))
-    assert sidecar is not None
-    store = _store(db)
-    try:
-        state = SegmentRecording(sidecar, batch_spans=300, segment_batches=2)
-        first, _ = _round(state, store)
+    with _segmented(tmp_path, SegmentRecording) as (db, sidecar, store, state, first):
         batches = sorted(state.batches)
         assert len(batches) >= 5, batches
         # built after the round: consecutive pairs, the odd one out alone
@@ -446,8 +457,6 @@ def test_consecutive_batches_are_read_as_segments_with_the_same_report(tmp_path:
         assert figures["partitions_read"] == 0, figures
         assert set(resumed_state.segments) == set(state.segments)
         resumed_state.close()
-    finally:
-        store.close()
     cli = _cli(db)
     for report in (first, again, redone, resumed):
         _same(report, cli)
@@ -484,13 +493,7 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
             yield bucket
 
     monkeypatch.setattr(incremental.BatchBuckets, "__iter__", recording)
-    db = tmp_path / "spans.duckdb"
-    sidecar = sidecar_path(str(db))
-    assert sidecar is not None
-    store = _store(db)
-    try:
-        state = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
-        first, _ = _round(state, store)
+    with _segmented(tmp_path, IncrementalAnalysis) as (db, _, store, state, first):
         assert state.segments
         for folder in state.segments.values():
             assert (folder / "spill").is_dir()
@@ -525,8 +528,6 @@ def test_segments_keep_their_spilled_calls_and_path_values_with_the_same_report(
         assert (older / "spill").is_dir() and (older / "paths").is_dir()
         assert (older / "head.pickle").exists()
         state.close()
-    finally:
-        store.close()
     for report in (again, redone):
         assert report["recommendations"] == first["recommendations"]
         assert report["critical_paths"] == first["critical_paths"]
@@ -541,14 +542,8 @@ def test_a_segment_that_cannot_be_completed_costs_neither_the_report_nor_the_nex
     incomplete (its batches' own files read), and a later round completes it."""
     from hourglass.analysis import incremental
 
-    db = tmp_path / "spans.duckdb"
-    sidecar = sidecar_path(str(db))
-    assert sidecar is not None
-    store = _store(db)
     real = incremental.IncrementalAnalysis._spill_segment
-    try:
-        state = IncrementalAnalysis(sidecar, batch_spans=300, segment_batches=2)
-        first, _ = _round(state, store)
+    with _segmented(tmp_path, IncrementalAnalysis) as (_, _, store, state, first):
         older = next(iter(state.segments.values()))
         shutil.rmtree(older / "spill")
 
@@ -562,8 +557,6 @@ def test_a_segment_that_cannot_be_completed_costs_neither_the_report_nor_the_nex
         mended, _ = _round(state, store)
         assert (older / "spill").is_dir()
         state.close()
-    finally:
-        store.close()
     for report in (failed, mended):
         assert report["recommendations"] == first["recommendations"]
 
