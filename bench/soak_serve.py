@@ -402,11 +402,17 @@ def _iso_to_unix(text: str | None) -> float | None:
 
 
 def soak(
-    label: str, incremental: bool, args: argparse.Namespace, templates: list[Template]
+    label: str,
+    incremental: bool,
+    args: argparse.Namespace,
+    templates: list[Template],
+    report_max_spans: int | None = None,
 ) -> dict[str, Any]:
-    folder = Path(tempfile.mkdtemp(prefix=f"hourglass-soak-{label}-"))
+    folder = Path(tempfile.mkdtemp(prefix=f"hourglass-soak-{label.split(',')[0]}-"))
     db = folder / "soak.duckdb"
     flag = {"HOURGLASS_INCREMENTAL_ANALYSIS": "true" if incremental else "false"}
+    if report_max_spans is not None:
+        flag["HOURGLASS_REPORT_MAX_SPANS"] = str(report_max_spans)
     if not incremental:  # the whole store at once, as every run was before: not its partitions
         flag["HOURGLASS_SERVE_PARTITIONS"] = "1"
     proc, addresses = start_serve(db, folder / "serve.log", env=flag)
@@ -636,6 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the full re-analysis phase")
     parser.add_argument("--baseline-only", action="store_true", help="only the full re-analysis phase")
     parser.add_argument("--keep", action="store_true", help="keep the stores and serve logs")
+    parser.add_argument(
+        "--report-max-spans",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        help="one incremental phase per value of HOURGLASS_REPORT_MAX_SPANS, e.g. 0,4000000 "
+        "(0: the whole retention; default: one phase with serve's default)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 120.0
@@ -644,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(templates)} requests of ~{REQUEST_SPANS} spans (whole traces)")
     summaries = []
     if not args.baseline_only:
-        summaries.append(soak("incremental", True, args, templates))
+        for limit in args.report_max_spans or [None]:
+            label = "incremental" if limit is None else f"incremental, HOURGLASS_REPORT_MAX_SPANS={limit}"
+            summaries.append(soak(label, True, args, templates, limit))
     if not args.no_baseline:
         summaries.append(soak("full re-analysis (baseline)", False, args, templates))
     print("\nsummary (targets: RSS flat and <= 2 GiB, lag <= 60 s, nothing refused):")

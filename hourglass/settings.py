@@ -375,6 +375,14 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="0: as many as the memory budget needs, 1 when it fits",
     ),
     Setting(
+        "report_max_spans", "int", 20_000_000,
+        "serve's incremental report covers at most this many spans: when its window (the whole "
+        "retention, or a since window) stores more, the newest whole batches of traces up to it "
+        "(the report's window says what was left out), so a round's time and memory stop growing "
+        "with the store; 0 covers the whole window",
+        env="HOURGLASS_REPORT_MAX_SPANS", shown_default="20000000",
+    ),
+    Setting(
         "metrics_public", "bool", False,
         "serve /metrics without the API token (a Prometheus scraping on a trusted network)",
         env="HOURGLASS_METRICS_PUBLIC", flag="--metrics-public/--metrics-private", commands=(SERVE,),

@@ -46,6 +46,7 @@ def test_defaults_are_todays(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.llm_model == "claude-sonnet-5-5"
     assert s.api_token is None and s.tls_cert is None and s.tls_key is None and s.tls_client_ca is None
     assert s.metrics_public is False and s.self_traces_endpoint is None
+    assert (s.serve_partitions, s.report_max_spans) == (0, 20_000_000)
 
 
 def test_every_variable_is_read_with_its_type(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -39,6 +39,11 @@ batch keeps its critical-path summary beside its detector rows.
 
 A ``since`` window is the decision over the batches inside the window, plus the in-window traces
 of batches that straddle its edge, extracted on the fly (not stored).
+
+A round's decision still reads every row of its window, so its time and peak grow with the
+window's spans. serve caps them (``HOURGLASS_REPORT_MAX_SPANS``): a window of more spans is cut
+to its newest whole batches (:meth:`IncrementalAnalysis.units`), the whole retention's in steps
+so that the rounds between two cuts resume what they keep from the last round.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKET_NS = 3600 * 10**9  # traces are batched by the hour of their latest span start
+# a cut of the whole retention's report to HOURGLASS_REPORT_MAX_SPANS keeps this share of it: the
+# window then grows with new batches until the next cut (``IncrementalAnalysis._newest``)
+CUT_KEEPS = 0.75
 BATCH_SPANS = 100_000  # spans per batch at most (a batch is one extraction in the worker)
 # spans priced in one context at most (``MemoExecutor._priced_in_pieces``): a round's pricing
 # reads the traces of its findings in several batches at once, up to ``BATCH_SPANS`` spans
@@ -809,6 +817,27 @@ _SegmentHead = tuple[TraceRoots, pl.DataFrame, int, pl.DataFrame | None, pl.Data
 PricedEntry = tuple[str, Any, Any]  # (occurrence key, PricedImpact | None, call durations | None)
 
 
+@dataclass(frozen=True)
+class ReportWindow:
+    """A report cut to the newest batches of its window (:meth:`IncrementalAnalysis.units` with
+    ``max_spans``): what it covers and what it left out."""
+
+    max_spans: int
+    spans: int  # the spans of the batches kept
+    spans_left_out: int
+    traces_left_out: int
+    from_ns: int | None  # the earliest latest-span-start of a kept trace
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_spans": self.max_spans,
+            "spans": self.spans,
+            "spans_left_out": self.spans_left_out,
+            "traces_left_out": self.traces_left_out,
+            "from_ns": self.from_ns,
+        }
+
+
 @dataclass
 class RoundFigures:
     """What one round did (``status`` and the soak benchmark print these)."""
@@ -939,6 +968,9 @@ class IncrementalAnalysis:
             else:
                 shutil.rmtree(path, ignore_errors=True)
         self.last = RoundFigures()
+        self.window: ReportWindow | None = None  # the last units()' cut, if it cut
+        self.whole_window = False  # the last units() were the whole retention's (not a since window's)
+        self.left_out: set[int] = set()  # batches the report of the whole retention left out
         if sidecar:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('store_inode', ?)", [_identity(sidecar)])
 
@@ -1377,7 +1409,8 @@ class IncrementalAnalysis:
                 self.spill.buckets,
                 stored,
                 extra,
-                extra is None and set(stored) == set(self.batches),
+                # the whole retention's report (cut to its newest batches or not): every round's
+                extra is None and (self.whole_window or set(stored) == set(self.batches)),
                 tuple(
                     (members, self.segments[members])
                     for _, members in pieces
@@ -1730,11 +1763,91 @@ class IncrementalAnalysis:
         return [(int(first), int(last)) for first, last in rows]
 
     def units(
-        self, since_ns: int | None, read_window: Callable[[list[str]], tuple[int, int]] | None = None
+        self,
+        since_ns: int | None,
+        read_window: Callable[[list[str]], tuple[int, int]] | None = None,
+        *,
+        max_spans: int | None = None,
     ) -> tuple[Unit, ...]:
         """The partitions of a report: every batch; with ``since_ns`` the batches whose traces
         all have a span starting at or after it, plus one unit of the in-window traces of the
-        batches that straddle it."""
+        batches that straddle it. With ``max_spans`` (serve's ``HOURGLASS_REPORT_MAX_SPANS``),
+        a window of more spans than that is cut to its newest whole batches (:meth:`_newest`);
+        :attr:`window` then says what was left out (None when nothing was)."""
+        units = self._units(since_ns)
+        self.window = None
+        self.whole_window = since_ns is None
+        if max_spans is not None and max_spans > 0 and units:
+            units = self._newest(units, max_spans, whole=since_ns is None)
+        return units
+
+    def _newest(self, units: tuple[Unit, ...], max_spans: int, *, whole: bool) -> tuple[Unit, ...]:
+        """``units`` cut to the newest stored batches (by their traces' latest span start, then
+        batch id) whose spans add up to at most ``max_spans`` (at least one batch), in batch
+        order; as they are when they hold no more. What a round decides over then grows no
+        more with the store (serve's rounds, for weeks under steady traffic: each round's
+        decision reads every row of its window). Whole batches, not a time cut: a cut inside a
+        batch would extract its newer traces again every round. A ``since`` window's edge unit
+        (extracted on the fly) is the first left out: its traces are the window's oldest.
+
+        ``whole`` (the rounds' report of the whole retention): the window moves in steps. A
+        batch left out stays out (:attr:`left_out`), and a cut keeps ``CUT_KEEPS`` of
+        ``max_spans``, so the window then grows with new batches for a while before the next
+        cut. A decision that resumes from the last round's (the lock-convoy sweep's states of a
+        resource key, ``BucketSweep``) resumes only over the same older batches: a window cut
+        every round would make it start over every round."""
+        figures = {
+            int(b): (int(spans), int(newest), int(oldest))
+            for b, spans, newest, oldest in self.db.execute(
+                "SELECT batch, sum(spans), max(last_start_ns), min(last_start_ns) FROM traces GROUP BY batch"
+            ).fetchall()
+        }
+        stored = [(u.batch, u) for u in units if u.batch is not None and u.batch in figures]
+        edge = [t for u in units if u.batch is None or u.batch not in figures for t in u.trace_ids]
+        edge_spans = 0
+        if edge:
+            edge_spans = int(
+                self.db.execute(
+                    "SELECT coalesce(sum(spans), 0) FROM traces WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))",
+                    [edge],
+                ).fetchall()[0][0]
+            )
+        total = edge_spans + sum(figures[b][0] for b, _ in stored)
+        if whole:
+            self.left_out &= set(figures)  # (batches retention emptied are gone)
+            candidates = [(b, u) for b, u in stored if b not in self.left_out]
+        else:
+            candidates = stored
+        if not whole:
+            if total <= max_spans:
+                return units
+            limit = max_spans
+        elif sum(figures[b][0] for b, _ in candidates) > max_spans:
+            limit = max(int(max_spans * CUT_KEEPS), 1)  # a step: the newest CUT_KEEPS of the limit
+        elif len(candidates) == len(units):
+            return units  # (nothing left out)
+        else:
+            limit = total  # (the batches not left out before: all of them)
+        kept: list[tuple[int, Unit]] = []
+        spans = 0
+        for batch, unit in sorted(candidates, key=lambda pair: (-figures[pair[0]][1], -pair[0])):
+            if kept and spans + figures[batch][0] > limit:
+                break
+            kept.append((batch, unit))
+            spans += figures[batch][0]
+        kept.sort(key=lambda pair: pair[0])
+        if whole:
+            self.left_out |= {b for b, _ in stored} - {b for b, _ in kept}
+        self.window = ReportWindow(
+            max_spans=max_spans,
+            spans=spans,
+            spans_left_out=total - spans,
+            traces_left_out=sum(len(u.trace_ids) for u in units) - sum(len(u.trace_ids) for _, u in kept),
+            from_ns=min((figures[b][2] for b, _ in kept), default=None),
+        )
+        return tuple(unit for _, unit in kept)
+
+    def _units(self, since_ns: int | None) -> tuple[Unit, ...]:
         if since_ns is None:
             return tuple(Unit(b.id, b.trace_ids, b.first, b.last) for _, b in sorted(self.batches.items()))
         rows = self.db.execute(

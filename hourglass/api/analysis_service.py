@@ -79,6 +79,7 @@ from hourglass.api.exemplars import (
 )
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 from hourglass.collector.store import SpanStore
+from hourglass.settings import default
 
 __all__ = [
     "AnalysisService",
@@ -318,6 +319,8 @@ class AnalysisService:
             # rows go with the traces retention removed from the store (serve's maintenance)
             "retention_cutoff_ns": getattr(self.store, "retention_cutoff_ns", None),
             "since_ns": since_ns,
+            # the report's window cut to its newest spans up to this (HOURGLASS_REPORT_MAX_SPANS)
+            "max_spans": self._report_max_spans(),
             "explain": True,
             "cluster": self.cluster,
             # the trace index comes back in a file there, read per lookup (not in this process)
@@ -338,6 +341,12 @@ class AnalysisService:
                 # the run's span count is what it covers (spans_at_last_run in the status)
                 spans_in_store = max(spans_in_store - int(figures.get("pending_spans") or 0), 0)
         return report, index, spans_in_store, marker
+
+    def _report_max_spans(self) -> int | None:
+        """``HOURGLASS_REPORT_MAX_SPANS`` (None: no cut)."""
+        chosen = getattr(self._settings, "report_max_spans", None) if self._settings is not None else None
+        value = int(default("report_max_spans") if chosen is None else chosen)
+        return value if value > 0 else None
 
     def _incremental_round(
         self, request: dict[str, Any], stages: dict[str, float]

@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -1181,7 +1182,7 @@ def run_incremental(
         # the sidecar's table blocks the update read (its traces table: ~40 MiB at 12M stored
         # spans) let go before the decision, not held under every phase of the round after it
         state.release_memory()
-    units = state.units(request.get("since_ns"))
+    units = state.units(request.get("since_ns"), max_spans=request.get("max_spans"))
     started = time.perf_counter()
     if not units:
         empty = reader.traces([])
@@ -1215,4 +1216,13 @@ def run_incremental(
         figures.units_read = executor.read_units
     state.release_memory()  # (the sidecar's table blocks this round read: not held until the next)
     figures.seconds["report"] = time.perf_counter() - started
-    return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns")}
+    window = state.window.as_dict() if state.window is not None else None
+    if window is not None:  # (cut to its newest batches: the report says what it left out)
+        report["window"] = {**window, "from": _iso_ns(window["from_ns"])}
+    return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns"), "window": window}
+
+
+def _iso_ns(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -421,6 +421,7 @@ main { max-width:1340px; margin:0 auto; padding:20px 32px 48px; }
 .stat { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:10px 16px; min-width:150px; }
 .stat .v { font-size:22px; font-weight:600; }
 .stat .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.5px; }
+.window-note { background:#fff8e1; border:1px solid #f1dd9b; border-radius:8px; padding:8px 14px; margin:0 0 18px; }
 table.summary { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line);
   border-radius:8px; overflow:hidden; margin-bottom:28px; }
 table.summary th, table.summary td { padding:7px 10px; border-bottom:1px solid var(--line); text-align:left;
@@ -595,6 +596,15 @@ def render_report_html(
         '<div class="k">latency saved, all traces</div></div>',
         "</div>",
     ]
+    window = report.get("window")
+    if isinstance(window, Mapping) and window.get("spans_left_out"):
+        parts.append(
+            f'<p class="window-note">This report covers the newest {_num(window.get("spans", 0))} spans '
+            f"(traces from {esc(str(window.get('from') or '?'))} on); "
+            f"{_num(window.get('spans_left_out', 0))} older stored spans of "
+            f"{_num(window.get('traces_left_out', 0))} traces are left out "
+            "(HOURGLASS_REPORT_MAX_SPANS).</p>"
+        )
     if not recs:
         parts.append(
             '<div class="empty"><h2>No bottlenecks found</h2><p>None of the analysed traces shows serialized '

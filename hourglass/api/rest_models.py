@@ -146,6 +146,17 @@ class NearMiss(_Open):
     span_ids: list[str] = Field(default_factory=list)
 
 
+class ReportWindow(_Open):
+    max_spans: int = Field(description="HOURGLASS_REPORT_MAX_SPANS: the most spans a report of serve covers")
+    spans: int = Field(description="The spans of the traces this report covers")
+    spans_left_out: int = Field(description="Stored spans of the window this report leaves out (its oldest)")
+    traces_left_out: int
+    from_: str | None = Field(
+        None, alias="from", description="The earliest start of a covered trace's latest span (UTC)"
+    )
+    from_ns: int | None = None
+
+
 class Report(_Open):
     schema_: str = Field("hourglass.report/v1", alias="schema")
     generated_at: str
@@ -157,6 +168,11 @@ class Report(_Open):
     )
     near_misses_omitted: int | None = Field(None, description="With explain=true: near misses beyond the cap")
     workstreams: list[Workstream] = Field(default_factory=list)
+    window: ReportWindow | None = Field(
+        None,
+        description="Present when serve cut the report's window to its newest traces "
+        "(HOURGLASS_REPORT_MAX_SPANS): what it covers and what it left out",
+    )
 
 
 class TraceSpan(_Open):

@@ -72,6 +72,7 @@ class Settings:
     settle_seconds: float = _from_table("settle_seconds")
     incremental_analysis: bool = _from_table("incremental_analysis")
     serve_partitions: int = _from_table("serve_partitions")
+    report_max_spans: int = _from_table("report_max_spans")
     metrics_public: bool = _from_table("metrics_public")
     self_traces_endpoint: str | None = _from_table("self_traces_endpoint")
     memory_budget: int = _from_table("memory_budget")

@@ -798,3 +798,55 @@ def test_shared_strings_keep_the_values_and_hold_each_repeated_one_once(values: 
     if frame["s"].n_unique() * 2 <= frame.height:
         held, distinct = _string_bytes(shared["s"])
         assert held <= distinct
+
+
+def test_a_report_cut_to_its_newest_batches_is_the_cli_report_of_their_traces(tmp_path: Path) -> None:
+    """``max_spans`` (serve's ``HOURGLASS_REPORT_MAX_SPANS``) below the stored spans: the whole
+    retention's report covers the newest whole batches, within ``CUT_KEEPS`` of the limit, and is
+    the CLI's report over exactly their traces. The window then moves in steps: the next round
+    keeps the same batches (the batches left out stay out), and the rounds keep the lock-convoy
+    sweep's states to resume from. A ``since`` window of more spans than the limit is cut to the
+    limit itself and leaves the rounds' batches as they were."""
+    from hourglass.analysis.incremental import CUT_KEEPS
+
+    with _segmented(tmp_path) as (_, _sidecar, store, state, first):
+        total = first["spans_analyzed"]
+        limit = total // 2
+        for kept_state in tmp_path.rglob("sweep.state"):
+            kept_state.unlink()
+        reader = StoreReader(store)
+        cut, _, figures = run_incremental(state, reader, _request(state, max_spans=limit))
+        window = cut["window"]
+        assert figures["window"] == {k: v for k, v in window.items() if k != "from"}
+        assert window["spans"] == cut["spans_analyzed"] <= limit * CUT_KEEPS, window
+        assert window["spans"] + window["spans_left_out"] == total
+        assert cut["traces_analyzed"] + window["traces_left_out"] == first["traces_analyzed"]
+        # the newest batches: each kept one's latest span start is after every left-out one's
+        newest = dict(
+            state.db.execute("SELECT batch, max(last_start_ns) FROM traces GROUP BY batch").fetchall()
+        )
+        kept = {u.batch for u in state.units(None, max_spans=limit)}
+        assert kept and state.left_out and kept | state.left_out == set(state.batches)
+        assert min(newest[b] for b in kept) >= max(newest[b] for b in state.left_out)
+        assert list(tmp_path.rglob("sweep.state")), "the cut window's round kept no sweep state"
+
+        # the next round: the same batches, not cut again
+        again, _, _ = run_incremental(state, reader, _request(state, max_spans=limit, update=False))
+        assert again["window"] == window and again["recommendations"] == cut["recommendations"]
+
+        # a since window (all of it) of more spans than the limit: cut to the limit, in one go
+        left_out = set(state.left_out)
+        since, _, _ = run_incremental(
+            state, reader, _request(state, max_spans=limit, since_ns=1, update=False)
+        )
+        assert limit * CUT_KEEPS < since["spans_analyzed"] <= limit, since["window"]
+        assert state.left_out == left_out
+
+        # the CLI over the kept batches' traces alone
+        trace_ids = [t for b in sorted(kept) for t in state.batches[b].trace_ids]
+        part = tmp_path / "kept.duckdb"
+        kept_store = DuckDBSpanStore(str(part))
+        kept_store.write(store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS))
+        kept_store.close()
+        state.close()
+    _same(cut, _cli(part))

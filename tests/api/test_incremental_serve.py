@@ -9,7 +9,9 @@ OpenTelemetry exporter over OTLP/gRPC, read over HTTP, compared with the real CL
 * ``?since=`` is the decision over the stored rows of the window, equal to ``analyze --since``;
 * retention removes the rows with the spans: after the store dropped old traces the report
   covers the recent ones only, as the CLI does on the same store;
-* ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` gives the same recommendations by re-analysing the store.
+* ``HOURGLASS_INCREMENTAL_ANALYSIS=false`` gives the same recommendations by re-analysing the store;
+* ``HOURGLASS_REPORT_MAX_SPANS`` below the stored spans: the report covers the newest traces, says
+  what it left out, and equals the CLI's report over those traces.
 """
 
 from __future__ import annotations
@@ -185,6 +187,38 @@ def test_since_window_is_a_decision_over_the_stored_rows(tmp_path: Path) -> None
         assert window["traces_analyzed"] == 12 and window["spans_analyzed"] == server.sent_spans - old_spans
         _stop(server)
     _assert_same_recommendations(window, _cli_report(server.db, "--since", "30m"))
+
+
+def test_a_report_over_more_spans_than_its_limit_covers_the_newest_traces(tmp_path: Path) -> None:
+    """``HOURGLASS_REPORT_MAX_SPANS``: the stored traces hold more spans than that, so the report
+    covers the newest whole batches (the recent traces, 84 spans: within 3/4 of the limit; the old
+    ones, another 70, would pass it) and says what it left out — in the JSON, ``/v1/stats`` and
+    the HTML page. It is the CLI's report over the same traces (here: ``--since 30m``)."""
+    now = time.time_ns()
+    env = {"HOURGLASS_RETENTION": "0", "HOURGLASS_REPORT_MAX_SPANS": "120"}
+    with running_server(tmp_path, settle="1s", env=env) as server:
+        send_traces(server, checkout=6, home=4, base_ns=now - 2 * 3600 * 10**9)  # two hours ago
+        old_spans = server.sent_spans
+        send_traces(server, checkout=8, home=4, base_ns=now - 120 * 10**9)  # two minutes ago
+        recent_spans = server.sent_spans - old_spans
+        assert (old_spans, recent_spans) == (70, 84)
+        wait_for_spans(server, server.sent_spans)
+        served = _wait_for_report(server, traces=12, spans=recent_spans)
+        window = served["window"]
+        assert (window["max_spans"], window["spans"]) == (120, recent_spans), window
+        assert (window["spans_left_out"], window["traces_left_out"]) == (old_spans, 10), window
+        assert window["from"] is not None and window["from_ns"] >= now - 121 * 10**9
+        assert _analysis(server)["incremental_round"]["window"]["spans_left_out"] == old_spans
+        with server.client() as client:
+            page = client.get("/").text
+        assert "This report covers the newest 84 spans" in page and "70 older stored spans" in page
+        _stop(server)
+    _assert_same_recommendations(served, _cli_report(server.db, "--since", "30m"))
+    # without the limit (0) the same store is reported whole
+    with running_server(tmp_path, settle="1s", env={**env, "HOURGLASS_REPORT_MAX_SPANS": "0"}) as again:
+        whole = _wait_for_report(again, traces=22, spans=old_spans + recent_spans)
+        assert "window" not in whole
+        _stop(again)
 
 
 def test_retention_removes_the_rows_with_the_spans(tmp_path: Path) -> None:
