@@ -1816,6 +1816,9 @@ class IncrementalAnalysis:
         if whole:
             self.left_out &= set(figures)  # (batches retention emptied are gone)
             candidates = [(b, u) for b, u in stored if b not in self.left_out]
+            if not candidates:  # (every batch kept at the last cut is gone: cut afresh)
+                self.left_out.clear()
+                candidates = stored
         else:
             candidates = stored
         if not whole:

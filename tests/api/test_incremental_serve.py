@@ -208,7 +208,9 @@ def test_a_report_over_more_spans_than_its_limit_covers_the_newest_traces(tmp_pa
         assert (window["max_spans"], window["spans"]) == (120, recent_spans), window
         assert (window["spans_left_out"], window["traces_left_out"]) == (old_spans, 10), window
         assert window["from"] is not None and window["from_ns"] >= now - 121 * 10**9
-        assert _analysis(server)["incremental_round"]["window"]["spans_left_out"] == old_spans
+        analysis = _analysis(server)
+        assert analysis["incremental_round"]["window"]["spans_left_out"] == old_spans
+        assert analysis["spans_at_last_run"] == recent_spans  # (what the report covers)
         with server.client() as client:
             page = client.get("/").text
         assert "This report covers the newest 84 spans" in page and "70 older stored spans" in page
