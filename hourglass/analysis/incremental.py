@@ -1874,9 +1874,6 @@ class IncrementalAnalysis:
             out.append(Unit(None, tuple(edge[0]), int(edge[1]), int(edge[2])))
         return tuple(out)
 
-    def settled_in_report(self) -> int:
-        return sum(len(self.batches[b].trace_ids) for b in self.stored if b in self.batches)
-
 
 @dataclass(frozen=True)
 class _StoreMarks:

@@ -299,6 +299,12 @@ class HourglassCollector(Collector):
             "Spans analysed by the last run",
             value=report.get("spans_analyzed") or 0,
         )
+        window = report.get("window") or {}
+        yield GaugeMetricFamily(
+            "hourglass_analysis_spans_left_out",
+            "Stored spans the current report leaves out (its window cut to HOURGLASS_REPORT_MAX_SPANS)",
+            value=int(window.get("spans_left_out") or 0) if isinstance(window, dict) else 0,
+        )
         counts: dict[tuple[str, str], int] = {}
         for rec in report.get("recommendations") or []:
             key = (str(rec.get("kind")), str(rec.get("category")))

@@ -213,7 +213,9 @@ def test_a_report_over_more_spans_than_its_limit_covers_the_newest_traces(tmp_pa
         assert analysis["spans_at_last_run"] == recent_spans  # (what the report covers)
         with server.client() as client:
             page = client.get("/").text
+            metrics = client.get("/metrics").text
         assert "This report covers the newest 84 spans" in page and "70 older stored spans" in page
+        assert "hourglass_analysis_spans_left_out 70.0" in metrics
         _stop(server)
     _assert_same_recommendations(served, _cli_report(server.db, "--since", "30m"))
     # without the limit (0) the same store is reported whole
