@@ -214,6 +214,9 @@ class Batch:
     trace_ids: Sequence[str]
     first: int
     last: int
+    spans: int = 0  # its traces' span rows as stored (copies not yet compacted count)
+    newest_start_ns: int = 0  # the latest ``last_start_ns`` of its traces
+    oldest_start_ns: int = 0  # the earliest ``last_start_ns`` of its traces
 
 
 @dataclass(frozen=True)
@@ -1023,11 +1026,20 @@ class IncrementalAnalysis:
 
     def _load_batches(self) -> None:
         rows = self.db.execute(
-            "SELECT batch, count(*), min(first_ingested_ns), max(last_ingested_ns) FROM traces GROUP BY batch"
+            "SELECT batch, count(*), min(first_ingested_ns), max(last_ingested_ns), sum(spans),"
+            " max(last_start_ns), min(last_start_ns) FROM traces GROUP BY batch"
         ).fetchall()
         self.batches = {
-            int(b): Batch(int(b), StoredTraceIds(self.db, int(b), int(n)), int(lo), int(hi))
-            for b, n, lo, hi in rows
+            int(b): Batch(
+                int(b),
+                StoredTraceIds(self.db, int(b), int(n)),
+                int(lo),
+                int(hi),
+                int(spans),
+                int(new),
+                int(old),
+            )
+            for b, n, lo, hi, spans, new, old in rows
         }
 
     def batches_of(self, trace_ids: pl.Series) -> np.ndarray:
@@ -1409,8 +1421,9 @@ class IncrementalAnalysis:
                 self.spill.buckets,
                 stored,
                 extra,
-                # the whole retention's report (cut to its newest batches or not): every round's
-                extra is None and (self.whole_window or set(stored) == set(self.batches)),
+                # the whole retention's report (cut to its newest batches or not): a since
+                # window's decision keeps nothing, so it leaves the rounds' states as they were
+                extra is None and self.whole_window,
                 tuple(
                     (members, self.segments[members])
                     for _, members in pieces
@@ -1783,27 +1796,23 @@ class IncrementalAnalysis:
 
     def _newest(self, units: tuple[Unit, ...], max_spans: int, *, whole: bool) -> tuple[Unit, ...]:
         """``units`` cut to the newest stored batches (by their traces' latest span start, then
-        batch id) whose spans add up to at most ``max_spans`` (at least one batch), in batch
+        batch id) whose span rows add up to at most ``max_spans`` (at least one batch), in batch
         order; as they are when they hold no more. What a round decides over then grows no
         more with the store (serve's rounds, for weeks under steady traffic: each round's
         decision reads every row of its window). Whole batches, not a time cut: a cut inside a
         batch would extract its newer traces again every round. A ``since`` window's edge unit
-        (extracted on the fly) is the first left out: its traces are the window's oldest.
+        (its in-window traces of batches that straddle the window's start, extracted on the fly)
+        is left out of a cut; a window of such traces alone is not cut.
 
         ``whole`` (the rounds' report of the whole retention): the window moves in steps. A
-        batch left out stays out (:attr:`left_out`), and a cut keeps ``CUT_KEEPS`` of
-        ``max_spans``, so the window then grows with new batches for a while before the next
-        cut. A decision that resumes from the last round's (the lock-convoy sweep's states of a
-        resource key, ``BucketSweep``) resumes only over the same older batches: a window cut
-        every round would make it start over every round."""
-        figures = {
-            int(b): (int(spans), int(newest), int(oldest))
-            for b, spans, newest, oldest in self.db.execute(
-                "SELECT batch, sum(spans), max(last_start_ns), min(last_start_ns) FROM traces GROUP BY batch"
-            ).fetchall()
-        }
-        stored = [(u.batch, u) for u in units if u.batch is not None and u.batch in figures]
-        edge = [t for u in units if u.batch is None or u.batch not in figures for t in u.trace_ids]
+        batch left out stays out (:attr:`left_out`, until the stored spans fit under the limit
+        again; not kept over a restart), and a cut keeps ``CUT_KEEPS`` of ``max_spans``, so the
+        window then grows with new batches for a while before the next cut. A decision that
+        resumes from the last round's (the lock-convoy sweep's states of a resource key,
+        ``BucketSweep``) resumes only over the same older batches: a window cut every round
+        would make it start over every round."""
+        stored = [(u.batch, u) for u in units if u.batch is not None and u.batch in self.batches]
+        edge = [t for u in units if u.batch is None or u.batch not in self.batches for t in u.trace_ids]
         edge_spans = 0
         if edge:
             edge_spans = int(
@@ -1812,32 +1821,32 @@ class IncrementalAnalysis:
                     [edge],
                 ).fetchall()[0][0]
             )
-        total = edge_spans + sum(figures[b][0] for b, _ in stored)
+        total = edge_spans + sum(self.batches[b].spans for b, _ in stored)
+        if total <= max_spans or not stored:
+            if whole:
+                self.left_out.clear()  # (everything fits again: nothing stays out)
+            return units
+        candidates = stored
         if whole:
-            self.left_out &= set(figures)  # (batches retention emptied are gone)
-            candidates = [(b, u) for b, u in stored if b not in self.left_out]
-            if not candidates:  # (every batch kept at the last cut is gone: cut afresh)
-                self.left_out.clear()
-                candidates = stored
-        else:
-            candidates = stored
+            self.left_out &= set(self.batches)  # (batches retention emptied are gone)
+            candidates = [(b, u) for b, u in stored if b not in self.left_out] or stored
+            if len(candidates) == len(stored):
+                self.left_out.clear()  # (every batch kept at the last cut is gone: cut afresh)
         if not whole:
-            if total <= max_spans:
-                return units
             limit = max_spans
-        elif sum(figures[b][0] for b, _ in candidates) > max_spans:
+        elif sum(self.batches[b].spans for b, _ in candidates) > max_spans:
             limit = max(int(max_spans * CUT_KEEPS), 1)  # a step: the newest CUT_KEEPS of the limit
-        elif len(candidates) == len(units):
-            return units  # (nothing left out)
         else:
             limit = total  # (the batches not left out before: all of them)
         kept: list[tuple[int, Unit]] = []
         spans = 0
-        for batch, unit in sorted(candidates, key=lambda pair: (-figures[pair[0]][1], -pair[0])):
-            if kept and spans + figures[batch][0] > limit:
+        for batch, unit in sorted(
+            candidates, key=lambda pair: (-self.batches[pair[0]].newest_start_ns, -pair[0])
+        ):
+            if kept and spans + self.batches[batch].spans > limit:
                 break
             kept.append((batch, unit))
-            spans += figures[batch][0]
+            spans += self.batches[batch].spans
         kept.sort(key=lambda pair: pair[0])
         if whole:
             self.left_out |= {b for b, _ in stored} - {b for b, _ in kept}
@@ -1846,7 +1855,7 @@ class IncrementalAnalysis:
             spans=spans,
             spans_left_out=total - spans,
             traces_left_out=sum(len(u.trace_ids) for u in units) - sum(len(u.trace_ids) for _, u in kept),
-            from_ns=min((figures[b][2] for b, _ in kept), default=None),
+            from_ns=min(self.batches[b].oldest_start_ns for b, _ in kept),
         )
         return tuple(unit for _, unit in kept)
 

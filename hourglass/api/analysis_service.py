@@ -341,7 +341,7 @@ class AnalysisService:
                 # the run's span count is what it covers (spans_at_last_run in the status)
                 spans_in_store = max(spans_in_store - int(figures.get("pending_spans") or 0), 0)
             if figures.get("window"):  # (cut to its newest batches: what it covers)
-                spans_in_store = int(figures["window"]["spans"])
+                spans_in_store = int(report.get("spans_analyzed") or 0)
         return report, index, spans_in_store, marker
 
     def _report_max_spans(self) -> int | None:

@@ -800,39 +800,70 @@ def test_shared_strings_keep_the_values_and_hold_each_repeated_one_once(values: 
         assert held <= distinct
 
 
+def _copied(store: DuckDBSpanStore, trace_ids: list[str], prefix: str, later_ns: int) -> int:
+    """These traces written again under new ids (``prefix`` for their first characters), their
+    spans ``later_ns`` later and ingested now: newer traces of the same shapes; their spans."""
+    import pyarrow.compute as pc
+
+    table = store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS)
+    moved = {
+        "trace_id": pc.utf8_replace_slice(table["trace_id"], 0, len(prefix), prefix),
+        "start_ns": pc.add(table["start_ns"], later_ns),
+        "end_ns": pc.add(table["end_ns"], later_ns),
+        "ingested_ns": pa.array([time.time_ns()] * table.num_rows, pa.int64()),
+    }
+    for name, column in moved.items():
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    store.write(table)
+    return int(table.num_rows)
+
+
 def test_a_report_cut_to_its_newest_batches_is_the_cli_report_of_their_traces(tmp_path: Path) -> None:
     """``max_spans`` (serve's ``HOURGLASS_REPORT_MAX_SPANS``) below the stored spans: the whole
     retention's report covers the newest whole batches, within ``CUT_KEEPS`` of the limit, and is
-    the CLI's report over exactly their traces. The window then moves in steps: the next round
-    keeps the same batches (the batches left out stay out), and the rounds keep the lock-convoy
-    sweep's states to resume from. A ``since`` window of more spans than the limit is cut to the
-    limit itself and leaves the rounds' batches as they were."""
+    the CLI's report over exactly their traces (the lock-convoy finding among them, its sweep
+    resumed from the states the rounds keep). The window moves in steps: newer batches join it
+    while it fits (the batches left out stay out), the next cut keeps the newest again; once the
+    stored spans fit under the limit nothing is left out. A ``since`` window of more spans than
+    the limit is cut to the limit itself and leaves the rounds' batches as they were; one of
+    traces in straddling batches alone is not cut (not emptied)."""
     from hourglass.analysis.incremental import CUT_KEEPS
 
     with _segmented(tmp_path) as (_, _sidecar, store, state, first):
         total = first["spans_analyzed"]
-        limit = total // 2
-        for kept_state in tmp_path.rglob("sweep.state"):
-            kept_state.unlink()
+        limit = int(total * 0.9)
         reader = StoreReader(store)
+        states = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("sweep.state")}
+        assert states, "the first round kept no sweep state"
         cut, _, figures = run_incremental(state, reader, _request(state, max_spans=limit))
         window = cut["window"]
         assert figures["window"] == {k: v for k, v in window.items() if k != "from"}
         assert window["spans"] == cut["spans_analyzed"] <= limit * CUT_KEEPS, window
         assert window["spans"] + window["spans_left_out"] == total
         assert cut["traces_analyzed"] + window["traces_left_out"] == first["traces_analyzed"]
+        assert "lock_contention" in {r["kind"] for r in cut["recommendations"]}
         # the newest batches: each kept one's latest span start is after every left-out one's
-        newest = dict(
-            state.db.execute("SELECT batch, max(last_start_ns) FROM traces GROUP BY batch").fetchall()
-        )
         kept = {u.batch for u in state.units(None, max_spans=limit)}
-        assert kept and state.left_out and kept | state.left_out == set(state.batches)
-        assert min(newest[b] for b in kept) >= max(newest[b] for b in state.left_out)
-        assert list(tmp_path.rglob("sweep.state")), "the cut window's round kept no sweep state"
+        left_out = set(state.left_out)
+        assert kept and left_out and kept | left_out == set(state.batches)
+        newest = {b: state.batches[b].newest_start_ns for b in state.batches}
+        assert min(newest[b] for b in kept) >= max(newest[b] for b in left_out)
+        # the whole retention's rounds keep the sweep's states, cut or not
+        assert any(p.stat().st_mtime_ns != t for p, t in states.items() if p.exists())
 
-        # the next round: the same batches, not cut again
-        again, _, _ = run_incremental(state, reader, _request(state, max_spans=limit, update=False))
-        assert again["window"] == window and again["recommendations"] == cut["recommendations"]
+        # newer traces that fit: they join the window, nothing more is left out
+        one = min(kept)
+        added = _copied(store, list(state.batches[one].trace_ids), "0dd1", 2 * 3600 * 10**9)
+        grown, _, _ = run_incremental(state, reader, _request(state, max_spans=limit))
+        assert grown["spans_analyzed"] == cut["spans_analyzed"] + added <= limit, grown["window"]
+        assert state.left_out == left_out
+        # more than fit: cut again, to the newest
+        more = [t for b in sorted(kept) for t in state.batches[b].trace_ids]
+        _copied(store, more, "0dd2", 3 * 3600 * 10**9)
+        again, _, _ = run_incremental(state, reader, _request(state, max_spans=limit))
+        assert again["spans_analyzed"] <= limit * CUT_KEEPS and state.left_out > left_out
+        now_kept = sorted(u.batch for u in state.units(None, max_spans=limit))
+        assert min(state.batches[b].newest_start_ns for b in now_kept) > max(newest.values())
 
         # a since window (all of it) of more spans than the limit: cut to the limit, in one go
         left_out = set(state.left_out)
@@ -841,12 +872,22 @@ def test_a_report_cut_to_its_newest_batches_is_the_cli_report_of_their_traces(tm
         )
         assert limit * CUT_KEEPS < since["spans_analyzed"] <= limit, since["window"]
         assert state.left_out == left_out
+        # one of straddling batches alone (each holds traces before and after its start): not cut
+        start = max(b.oldest_start_ns for b in state.batches.values()) + 1
+        edge, _, _ = run_incremental(
+            state, reader, _request(state, max_spans=1, since_ns=start, update=False)
+        )
+        assert edge["traces_analyzed"] > 0 and "window" not in edge
 
-        # the CLI over the kept batches' traces alone
+        # the CLI over the first cut's batches' traces alone
         trace_ids = [t for b in sorted(kept) for t in state.batches[b].trace_ids]
         part = tmp_path / "kept.duckdb"
         kept_store = DuckDBSpanStore(str(part))
         kept_store.write(store.scan(trace_ids=trace_ids, columns=SPAN_COLUMNS))
         kept_store.close()
+
+        # everything fits under the limit again: nothing left out
+        whole, _, _ = run_incremental(state, reader, _request(state, max_spans=10**9))
+        assert "window" not in whole and not state.left_out
         state.close()
     _same(cut, _cli(part))
