@@ -376,10 +376,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "report_max_spans", "int", 20_000_000,
-        "serve's incremental report covers at most this many spans: when its window (the whole "
-        "retention, or a since window) stores more, the newest whole batches of traces up to it "
-        "(the report's window says what was left out), so a round's time and memory stop growing "
-        "with the store; 0 covers the whole window",
+        "serve's report covers at most about this many span rows: when its window (the whole "
+        "retention, or a since window) stores more, it covers the newest traces up to it (whole "
+        "batches of the incremental analysis; from the start time of the newest rows in a "
+        "whole-store analysis) and its window says what was left out, so a round's time and "
+        "memory stop growing with the store; 0 covers the whole window",
         env="HOURGLASS_REPORT_MAX_SPANS", shown_default="20000000",
     ),
     Setting(

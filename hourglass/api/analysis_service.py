@@ -66,6 +66,7 @@ from hourglass.api.analysis_worker import (
     AnalysisWorker,
     StoreReader,
     analyze_spans,
+    iso_ns,
     lower_priority_of_this_thread,
     result_folder,
     run_incremental,
@@ -340,8 +341,7 @@ class AnalysisService:
                 marker = -1  # traces still settling: the loop runs another round for them
                 # the run's span count is what it covers (spans_at_last_run in the status)
                 spans_in_store = max(spans_in_store - int(figures.get("pending_spans") or 0), 0)
-            if figures.get("window"):  # (cut to its newest batches: what it covers)
-                spans_in_store = int(report.get("spans_analyzed") or 0)
+            spans_in_store = _covered(report, spans_in_store)
         return report, index, spans_in_store, marker
 
     def _report_max_spans(self) -> int | None:
@@ -403,12 +403,16 @@ class AnalysisService:
             )
         started = time.perf_counter()
         marker = self._change_marker()
-        spans_in_store = self.store.stats().spans
+        stats = self.store.stats()
+        spans_in_store = stats.spans
+        asked_since = since_ns
+        since_ns = self._newest_since(since_ns)
         plan = self._partition_plan(since_ns, spans_in_store)
         stages["store_stats"] = time.perf_counter() - started
         if plan is not None:
             report, index = self._run_partitioned(plan, since_ns, stages)
-            return report, index, spans_in_store, marker
+            report = self._cut(report, asked_since, since_ns, stats)
+            return report, index, _covered(report, spans_in_store), marker
         with self._state_lock:
             self._last_partitions = 1
         started = time.perf_counter()
@@ -436,7 +440,48 @@ class AnalysisService:
             )
             stages["analysis"] = time.perf_counter() - started
         del table
-        return report, index, spans_in_store, marker
+        report = self._cut(report, asked_since, since_ns, stats)
+        return report, index, _covered(report, spans_in_store), marker
+
+    def _newest_since(self, since_ns: int | None) -> int | None:
+        """The window of a whole-store analysis (a ClickHouse store, or no incremental analysis)
+        cut to its newest ``HOURGLASS_REPORT_MAX_SPANS`` span rows, about (the traces with a span
+        starting from the store's ``newest_start_ns``), as the incremental rounds cut theirs: each
+        run re-reads its window, so without the cut its time (and an embedded ClickHouse's
+        memory) grew with the store for as long as serve ran. ``since_ns`` as it is when the
+        window holds no more, or the store cannot tell."""
+        limit = self._report_max_spans()
+        newest_start = getattr(self.store, "newest_start_ns", None)
+        if limit is None or not callable(newest_start):
+            return since_ns
+        start = newest_start(limit)
+        if start is None:
+            return since_ns
+        start = int(start) - int(start) % 1000  # (whole microseconds: what --since and ?since= take)
+        return since_ns if since_ns is not None and since_ns >= start else start
+
+    def _cut(
+        self, report: dict[str, Any], asked_since: int | None, since_ns: int | None, stats: Any
+    ) -> dict[str, Any]:
+        """``report`` with its ``window`` when :meth:`_newest_since` cut it (what it left out)."""
+        if since_ns == asked_since or since_ns is None:
+            return report
+        spans = int(report.get("spans_analyzed") or 0)
+        whole = asked_since is None  # (a since window's own span and trace counts are not known)
+        counted = getattr(self.store, "span_rows_since", None)
+        in_window = stats.spans if whole or not callable(counted) else int(counted(asked_since))
+        left_out = in_window - spans
+        report["window"] = {
+            "max_spans": self._report_max_spans(),
+            "spans": spans,
+            "spans_left_out": max(int(left_out), 0),
+            "traces_left_out": max(stats.traces - int(report.get("traces_analyzed") or 0), 0)
+            if whole
+            else None,
+            "from_ns": since_ns,
+            "from": iso_ns(since_ns),
+        }
+        return report
 
     def _partition_plan(self, since_ns: int | None, spans_in_store: int) -> Any:
         """The plan (``hourglass.analysis.planning.plan``) of a whole-store analysis of the
@@ -785,6 +830,12 @@ def release_memory(store: Any) -> None:
     with contextlib.suppress(Exception):
         pa.default_memory_pool().release_unused()
     server_memory.trim()
+
+
+def _covered(report: dict[str, Any], spans_in_store: int) -> int:
+    """The spans a run covers (the status' ``spans_at_last_run``): the store's, or the report's
+    when its window was cut to ``HOURGLASS_REPORT_MAX_SPANS``."""
+    return int(report.get("spans_analyzed") or 0) if report.get("window") else spans_in_store
 
 
 def _iso(ts: float | None) -> str | None:

@@ -1218,11 +1218,12 @@ def run_incremental(
     figures.seconds["report"] = time.perf_counter() - started
     window = state.window.as_dict() if state.window is not None else None
     if window is not None:  # (cut to its newest batches: the report says what it left out)
-        report["window"] = {**window, "from": _iso_ns(window["from_ns"])}
+        report["window"] = {**window, "from": iso_ns(window["from_ns"])}
     return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns"), "window": window}
 
 
-def _iso_ns(ns: int | None) -> str | None:
+def iso_ns(ns: int | None) -> str | None:
+    """Unix nanoseconds as an ISO 8601 UTC time (seconds), e.g. a report window's start."""
     if ns is None:
         return None
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

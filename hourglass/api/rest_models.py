@@ -150,7 +150,9 @@ class ReportWindow(_Open):
     max_spans: int = Field(description="HOURGLASS_REPORT_MAX_SPANS: the most spans a report of serve covers")
     spans: int = Field(description="The spans of the traces this report covers")
     spans_left_out: int = Field(description="Stored spans of the window this report leaves out (its oldest)")
-    traces_left_out: int
+    traces_left_out: int | None = Field(
+        None, description="Traces left out (null: a since window re-analysed whole, counted by spans only)"
+    )
     from_: str | None = Field(
         None, alias="from", description="The earliest start of a covered trace's latest span (UTC)"
     )

@@ -609,6 +609,20 @@ class ClickHouseSpanStore:
         )
         return [str(s) for s in rows.column("service").to_pylist()] if rows.num_columns else []
 
+    def newest_start_ns(self, rows: int) -> int | None:
+        """About the start time from which the newest ``rows`` span rows start (ClickHouse's
+        sampled ``quantile`` of the start times); None when the table holds no more rows than
+        that. serve's whole-store analysis cut to ``HOURGLASS_REPORT_MAX_SPANS``."""
+        total = self.raw_row_count()
+        if total <= rows:
+            return None
+        level = min(max(1.0 - rows / total, 0.0), 1.0)
+        found = self._backend.query_arrow(
+            f"SELECT toInt64(quantile({level!r})(toUnixTimestamp64Nano(Timestamp))) AS t FROM {self._table}"
+        )
+        value = found.column("t")[0].as_py() if found.num_rows else None
+        return None if value is None else int(value)
+
     def span_rows_since(self, since_ns: int | None) -> int:
         """Physical rows of spans starting at or after ``since_ns`` (None: every row)."""
         if since_ns is None:

@@ -1950,6 +1950,20 @@ class DuckDBSpanStore:
         with self._heavy:
             yield
 
+    @_read
+    def newest_start_ns(self, rows: int) -> int | None:
+        """About the start time from which the newest ``rows`` span rows start (an approximate
+        quantile of ``start_ns``, in bounded memory); None when the store holds no more rows
+        than that. serve's whole-store analysis cut to ``HOURGLASS_REPORT_MAX_SPANS``."""
+        total = int(self._cursor().execute("SELECT count(*) FROM spans").fetchall()[0][0])
+        if total <= rows:
+            return None
+        level = min(max(1.0 - rows / total, 0.0), 1.0)  # (a constant: DuckDB binds it as FLOAT)
+        (start,) = (
+            self._cursor().execute(f"SELECT approx_quantile(start_ns, {level!r}) FROM spans").fetchall()[0]
+        )
+        return None if start is None else int(start)
+
     def span_rows_since(self, since_ns: int | None) -> int:
         """Physical rows (duplicates and staged rows included) of spans starting at or after
         ``since_ns`` (None: every row): what a read of that window costs, for the query routes'

@@ -1,7 +1,9 @@
 """serve's whole-store analysis (a ClickHouse store; a DuckDB store with
 ``HOURGLASS_INCREMENTAL_ANALYSIS=false``) in partitions of whole traces: the worker reads one
 partition at a time from the server, which holds the store, instead of the whole store shipped
-at once. The report is the CLI's on the same store."""
+at once. The report is the CLI's on the same store; over more span rows than
+``HOURGLASS_REPORT_MAX_SPANS`` it covers the newest of them, and is the CLI's report ``--since``
+their start."""
 
 from __future__ import annotations
 
@@ -72,3 +74,50 @@ def test_the_memory_budget_decides_the_partitions() -> None:
     assert service._partition_plan(5, 400_000) is None  # the window: 1,000 spans
     service._settings = SimpleNamespace(memory_budget=budget, serve_partitions=1)
     assert service._partition_plan(None, 400_000) is None  # 1: at once, whatever the budget
+
+
+@pytest.mark.parametrize("store", ["", "chdb"])
+def test_a_whole_store_analysis_over_its_limit_covers_the_newest_spans(tmp_path: Path, store: str) -> None:
+    """``HOURGLASS_REPORT_MAX_SPANS`` for the whole-store analysis (a ClickHouse store; DuckDB
+    without incremental analysis): a store of more span rows than the limit is analysed from the
+    start time of about its newest ``limit`` rows on (whole traces), and the report says what it
+    left out; it is the CLI's report of that ``--since``."""
+    from datetime import UTC, datetime
+
+    if store:
+        pytest.importorskip("chdb", reason="chdb is not installed (pip install -e '.[dev]')")
+    now = time.time_ns()
+    env = {"HOURGLASS_RETENTION": "0", "HOURGLASS_REPORT_MAX_SPANS": "50"}
+    if not store:
+        env["HOURGLASS_INCREMENTAL_ANALYSIS"] = "false"
+    with running_server(tmp_path, settle="1s", store=store, env=env, stop_timeout=30) as server:
+        send_traces(server, checkout=6, home=4, base_ns=now - 2 * 3600 * 10**9)  # two hours ago
+        old_spans = server.sent_spans
+        send_traces(server, checkout=8, home=4, base_ns=now - 120 * 10**9)  # two minutes ago
+        wait_for_spans(server, server.sent_spans)
+        deadline = time.monotonic() + 60
+        with server.client() as client:
+            while True:
+                served = client.get("/v1/recommendations").json()
+                window = served.get("window")
+                if window and window["spans"] + window["spans_left_out"] == server.sent_spans:
+                    break
+                assert time.monotonic() < deadline, (served.get("spans_analyzed"), window, server.log_tail())
+                time.sleep(0.3)
+            status = client.get("/v1/stats").json()["analysis"]
+        _stop(server)
+    assert window["max_spans"] == 50 and 0 < served["spans_analyzed"] == window["spans"] < 84, window
+    assert window["traces_left_out"] == 22 - served["traces_analyzed"]
+    assert window["from_ns"] >= now - 121 * 10**9 and window["from_ns"] % 1000 == 0  # among the recent
+    assert status["spans_at_last_run"] == window["spans"] and old_spans == 70
+    since = datetime.fromtimestamp(window["from_ns"] // 10**9, UTC).replace(
+        microsecond=window["from_ns"] // 1000 % 10**6
+    )
+    db = Path(f"chdb:{server.db}") if store else server.db
+    cli = _cli_report(db, "--since", since.isoformat())
+    assert (cli["traces_analyzed"], cli["spans_analyzed"]) == (
+        served["traces_analyzed"],
+        served["spans_analyzed"],
+    )
+    assert served["recommendations"], "nothing to compare"
+    assert [r["id"] for r in served["recommendations"]] == [r["id"] for r in cli["recommendations"]]
