@@ -1223,7 +1223,9 @@ def run_incremental(
 
 
 def iso_ns(ns: int | None) -> str | None:
-    """Unix nanoseconds as an ISO 8601 UTC time (seconds), e.g. a report window's start."""
+    """Unix nanoseconds as an ISO 8601 UTC time to the microsecond (what ``--since`` and
+    ``?since=`` take back exactly), e.g. a report window's start."""
     if ns is None:
         return None
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    moment = datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=ns // 1000 % 10**6)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

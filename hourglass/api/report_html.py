@@ -600,7 +600,7 @@ def render_report_html(
     if isinstance(window, Mapping) and window.get("spans_left_out"):
         parts.append(
             f'<p class="window-note">This report covers the newest {_num(window.get("spans", 0))} spans '
-            f"(traces from {esc(str(window.get('from') or '?'))} on); "
+            f"(traces from {esc(str(window.get('from') or '?')[:19].replace('T', ' '))} UTC on); "
             f"{_num(window.get('spans_left_out', 0))} older stored spans of "
             f"{_num(window.get('traces_left_out', 0))} traces are left out "
             "(HOURGLASS_REPORT_MAX_SPANS).</p>"
