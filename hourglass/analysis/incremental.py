@@ -58,7 +58,7 @@ import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1320,13 +1320,19 @@ class IncrementalAnalysis:
     # -- the decision over the stored rows ----------------------------------------------------
 
     def extraction(
-        self, units: tuple[Unit, ...], source: BatchSource, executor: MemoExecutor, notes: NearMissSink
+        self,
+        units: tuple[Unit, ...],
+        source: BatchSource,
+        executor: MemoExecutor,
+        notes: NearMissSink,
+        kinds: Collection[str] | None = None,
     ) -> partitions.Extracted:
         """The first pass of a round (``analyze_partitioned``'s ``extraction``): the units not
         stored yet are extracted (``executor``: read, extracted, a batch's rows written), then
         each split detector decides on the combined rows of every unit, one kind at a time,
         the resource rows bucket by bucket. Same findings as ``partitions.run_extraction`` over
-        the same units."""
+        the same units. ``kinds``: only those detectors decide (a what-if's recommendations:
+        ``analysis_worker.window_findings``)."""
         missing = [p for p, unit in enumerate(units) if unit.batch is None or unit.batch not in self.stored]
         fresh = executor.map(
             "extracting", partitions.extract_part, [(source, p, len(units), None) for p in missing], None
@@ -1431,7 +1437,7 @@ class IncrementalAnalysis:
                 ),
             )
             decided: dict[str, list[Finding]] = {}
-            for kind in PARTS:
+            for kind in PARTS if kinds is None else [k for k in PARTS if k in kinds]:
                 rows = partitions.combine(
                     {kind: on_the_fly[p].rows.get(kind, {})}
                     if p in on_the_fly

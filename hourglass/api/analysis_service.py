@@ -513,6 +513,37 @@ class AnalysisService:
             return planning.Plan(spans, chosen_parts, 1, chosen.buckets)
         return chosen if chosen.parts > 1 else None
 
+    def window_findings(self, since_ns: int | None, ids: set[str]) -> dict[str, Any]:
+        """The findings ``ids`` of the window ``since_ns`` (None: the whole store) by id, decided
+        over every trace of the window as its report decides them
+        (``analysis_worker.window_findings``): what a recommendation what-if over a window
+        larger than one context applies (``hourglass.api.queries``). An incremental serve decides
+        them over its stored rows; else the window is read in the partitions of its plan (at
+        least one), in the worker. An id the window does not have is not in the result."""
+        from hourglass.api.analysis_worker import StoreReader, window_findings
+
+        reader = StoreReader(self.store)
+        request: dict[str, Any] = {"ids": sorted(ids), "since_ns": since_ns}
+        if self.incremental:
+            from hourglass.analysis.incremental import IncrementalAnalysis, sidecar_path
+
+            request["sidecar"] = sidecar_path(str(getattr(self.store, "path", ":memory:")))
+            request["cluster"] = self.cluster
+            if self._worker is not None:
+                return self._worker.findings(request, reader, settings=self._settings)
+            with self._incremental_lock:
+                if self._incremental_state is None:
+                    self._incremental_state = IncrementalAnalysis(request["sidecar"])
+                return window_findings(
+                    reader, request, state=self._incremental_state, cluster=self._cluster_connection
+                )
+        plan = self._partition_plan(since_ns, self.store.stats().spans)
+        request["parts"] = plan.parts if plan is not None else 1
+        request["spill_buckets"] = plan.buckets if plan is not None else 0
+        if self._worker is not None:
+            return self._worker.findings(request, reader, settings=self._settings)
+        return window_findings(reader, request)
+
     def _run_partitioned(
         self, plan: Any, since_ns: int | None, stages: dict[str, float]
     ) -> tuple[dict[str, Any], TraceIndex]:

@@ -38,6 +38,7 @@ from hourglass.settings import default
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
     from hourglass.analysis.incremental import IncrementalAnalysis
+    from hourglass.analysis.model import Finding
 
 log = logging.getLogger("hourglass.api.analysis")
 
@@ -124,6 +125,23 @@ class _WorkerState:
         self.incremental: IncrementalAnalysis | None = None
         self.cluster: Cluster | None = None  # serve --cluster: the connection to the scheduler
 
+    def open(self, request: dict[str, Any]) -> None:
+        """The incremental state of ``request["sidecar"]`` and the connection to its cluster
+        (``request["cluster"]``), opened once and kept for the next requests of the same."""
+        from hourglass.analysis.batch_tasks import Cluster
+        from hourglass.analysis.incremental import IncrementalAnalysis
+
+        if self.incremental is None or self.incremental.sidecar != request["sidecar"]:
+            if self.incremental is not None:
+                self.incremental.close()
+                self.incremental = None
+            self.incremental = IncrementalAnalysis(request["sidecar"], release_heap=server_memory.trim_worker)
+        if self.cluster is not None and self.cluster.address != request.get("cluster"):
+            self.cluster.close()
+            self.cluster = None
+        if self.cluster is None and request.get("cluster"):
+            self.cluster = Cluster(request["cluster"])
+
     def close(self) -> None:
         if self.incremental is not None:
             try:
@@ -138,9 +156,6 @@ class _WorkerState:
 
 
 def _serve_rounds(conn: Connection, waiting: list[bool], state: _WorkerState) -> None:
-    from hourglass.analysis.batch_tasks import Cluster
-    from hourglass.analysis.incremental import IncrementalAnalysis
-
     sent: list[str] = []  # the files of the last result: the server has read them by its next message
     cleaned: set[str] = set()  # the result folders the server named, their leftovers removed
 
@@ -162,18 +177,8 @@ def _serve_rounds(conn: Connection, waiting: list[bool], state: _WorkerState) ->
         if message[0] == "incremental":
             _, request, settings = message
             try:
-                if state.incremental is None or state.incremental.sidecar != request["sidecar"]:
-                    if state.incremental is not None:
-                        state.incremental.close()
-                        state.incremental = None
-                    state.incremental = IncrementalAnalysis(
-                        request["sidecar"], release_heap=server_memory.trim_worker
-                    )
-                if state.cluster is not None and state.cluster.address != request.get("cluster"):
-                    state.cluster.close()
-                    state.cluster = None
-                if state.cluster is None and request.get("cluster"):
-                    state.cluster = Cluster(request["cluster"])
+                state.open(request)
+                assert state.incremental is not None
                 started = time.perf_counter()
                 folder = usable(request.get("results"))
                 outcome = run_incremental(
@@ -200,6 +205,30 @@ def _serve_rounds(conn: Connection, waiting: list[bool], state: _WorkerState) ->
             # The report and the index are the server's now: not held here through the next
             # round (whose peak they added to), and the round's freed heap returned
             outcome = reply = None  # type: ignore[assignment]
+            _round_done()
+            continue
+        if message[0] == "findings":  # a what-if's recommendations over a window: few, small
+            _, request, settings = message
+            try:
+                started = time.perf_counter()
+                if request.get("sidecar") is not None:
+                    state.open(request)
+                found = window_findings(
+                    PipeReader(conn),
+                    request,
+                    state=state.incremental if request.get("sidecar") is not None else None,
+                    cluster=state.cluster,
+                )
+                reply = ("ok", (found, time.perf_counter() - started))
+            except Exception:
+                reply = ("error", traceback.format_exc())
+            waiting[0] = True
+            try:
+                sent += _send_result(conn, reply)
+            except (OSError, ValueError):
+                _remove(sent)
+                return
+            found = reply = None  # type: ignore[assignment]
             _round_done()
             continue
         if message[0] == "partitioned":
@@ -758,6 +787,16 @@ class AnalysisWorker:
         index.open_stored()
         return report, index
 
+    def findings(
+        self, request: dict[str, Any], reader: StoreReader, *, settings: Any = None
+    ) -> dict[str, Finding]:
+        """The findings of a window decided in the worker (:func:`window_findings`; ``request``:
+        ids, since_ns, and sidecar and cluster as :meth:`run_incremental`'s, or parts and
+        spill_buckets as :meth:`run_partitioned`'s), its span reads answered from ``reader``;
+        after the round the worker runs, if any."""
+        found, _ = self._asked(("findings", request, settings), reader, None, None)
+        return dict(found)
+
     def _asked(
         self,
         message: tuple[Any, ...],
@@ -1149,6 +1188,72 @@ def analyze_partitions(
     index = _built_index(report, findings, index_folder, release_heap)
     memlog.note(f"trace index built ({index.traces()} traces)")
     return report, index
+
+
+def window_findings(
+    reader: StoreReader,
+    request: dict[str, Any],
+    *,
+    state: IncrementalAnalysis | None = None,
+    cluster: Cluster | None = None,
+) -> dict[str, Finding]:
+    """The findings ``request["ids"]`` of the window ``request["since_ns"]`` (None: the whole
+    store), decided over every trace of the window as the report of that window decides them,
+    without the pricing, the texts or a cut to ``HOURGLASS_REPORT_MAX_SPANS``: what a
+    recommendation what-if applies over a window too large for one context (``hourglass.api.queries``;
+    serve keeps its reports, not their findings). With ``state`` (an incremental serve), decided
+    over its stored rows, as a round's report is (the traces no round has extracted yet are not
+    in them), leaving the rounds' state as it was; else read and extracted in
+    ``request["parts"]`` partitions of whole traces, one after another (``request["spill_buckets"]``
+    as :func:`analyze_partitions`'). An id the window's findings do not have is not in the result."""
+    from hourglass.analysis import partitions
+    from hourglass.analysis.model import NearMissLog
+
+    wanted = set(request["ids"])
+    since_ns = request.get("since_ns")
+    notes = NearMissLog()
+    if state is not None:
+        from hourglass.analysis.incremental import BatchSource, MemoExecutor
+
+        window, whole = state.window, state.whole_window  # the rounds' (units() sets both)
+        try:
+            units = state.units(since_ns)
+            # the rounds' own window (the whole retention, and their report not cut): the
+            # lock-convoy sweep resumes from their states as their next round would (the same
+            # batches: nothing is read or extracted here); any other keeps none for them
+            state.whole_window = since_ns is None and whole and window is None
+            if not units:
+                return {}
+            memo = MemoExecutor(state, units, cluster)
+            try:
+                # only the detectors of the ids decide (an id is "<kind>-<signature hash>")
+                kinds = {i.rsplit("-", 1)[0] for i in wanted}
+                extracted = state.extraction(units, BatchSource(units, reader.batch), memo, notes, kinds)
+            finally:
+                memo.close()
+        finally:
+            state.window, state.whole_window = window, whole
+            state.release_memory()
+    else:
+        from hourglass.analysis.spill import Spill
+
+        buckets = int(request.get("spill_buckets") or 0)
+        spill = Spill.create(buckets) if buckets > 0 else None
+        executor = partitions.SerialExecutor()
+        try:
+            extracted = partitions.run_extraction(
+                ReaderSource(reader, since_ns),  # type: ignore[arg-type]
+                max(int(request.get("parts") or 1), 1),
+                executor,
+                notes,
+                None,
+                spill,
+            )
+        finally:
+            executor.close()
+            if spill is not None:
+                spill.remove()
+    return {f.id: f for f in extracted.findings if f.id in wanted}
 
 
 def run_incremental(

@@ -443,7 +443,12 @@ def _add_query_routes(
     # one context at a time, not built whole in this process
     budget = getattr(app.state.settings, "memory_budget", None)
     queries = QueryEngine.over_store(
-        store, recommendation_ids=current_ids, reuse_seconds=reuse, budget=budget
+        store,
+        recommendation_ids=current_ids,
+        reuse_seconds=reuse,
+        budget=budget,
+        # a recommendation change over a window asked in partitions: its findings over all of it
+        window_findings=service.window_findings,
     )
     app.state.queries = queries
 

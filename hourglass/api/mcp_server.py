@@ -431,7 +431,12 @@ def run_stdio(db: str) -> None:
         backend = Backend(
             report=lambda: service.wait_first(600.0),
             fetch_trace=store.trace,
-            queries=QueryEngine.over_store(store, recommendation_ids=ids, budget=Settings().memory_budget),
+            queries=QueryEngine.over_store(
+                store,
+                recommendation_ids=ids,
+                budget=Settings().memory_budget,
+                window_findings=service.window_findings,
+            ),
         )
         build_server(backend).run("stdio")
     finally:

@@ -14,15 +14,17 @@ them, is asked in partitions of whole traces read one at a time (``scan_partitio
 ``whatif_query.evaluate_partitioned``, ``endpoint_path.endpoint_critical_path_partitioned``: the
 same answer), not cached, rather than the server taken down by the kernel's OOM killer with the
 ingest it serves (a critical path over a 1M-span store peaked at 1.54 GiB, linear in the spans).
-A recommendation change over such a window is refused (:class:`WindowTooLarge`): its finding is
-decided over every trace, and serve keeps the report, not the findings.
+A recommendation change over such a window applies its finding as decided over every trace of
+the window: serve keeps the report, not the findings, so they are decided again for the question
+(``AnalysisService.window_findings``: over the incremental analysis' stored rows, or read in
+partitions), as ``hourglass whatif --db`` decides them (``cli.analyze.store_findings``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +36,10 @@ from hourglass.analysis.endpoint_path import (
     endpoint_critical_path_partitioned,
     endpoints,
 )
+from hourglass.analysis.model import Finding
 from hourglass.analysis.whatif import Retimer
 from hourglass.analysis.whatif_query import (
+    Change,
     FindingLookup,
     WhatIfInputError,
     changes_from_json,
@@ -89,6 +93,7 @@ class QueryEngine:
         budget: int | None = None,
         scan_partition: Callable[[int, int, int | None], pa.Table] | None = None,
         read_copies: Callable[[], int] = lambda: 1,
+        window_findings: Callable[[int | None, set[str]], Mapping[str, Finding]] | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -110,6 +115,10 @@ class QueryEngine:
         self._scan_partition = scan_partition
         self._partitioned = threading.Lock()
         self._read_copies = read_copies  # 2: the store's engine reads in this process (chdb)
+        # ``window_findings(since_ns, ids)``: the recommendations' findings over a window asked in
+        # partitions, decided over all of it (serve: ``AnalysisService.window_findings``); without
+        # it a recommendation change over such a window is refused
+        self._window_findings = window_findings
 
     def _forget(self) -> None:
         with self._lock:
@@ -130,8 +139,11 @@ class QueryEngine:
         recommendation_ids: Callable[[], set[str] | None] = lambda: None,
         reuse_seconds: float = 0.0,
         budget: int | None = None,
+        window_findings: Callable[[int | None, set[str]], Mapping[str, Finding]] | None = None,
     ) -> QueryEngine:
-        """Questions over ``store``; with ``budget`` (bytes), only windows whose spans fit it at once."""
+        """Questions over ``store``; with ``budget`` (bytes), a window whose spans do not fit it at
+        once is asked in partitions of whole traces, its recommendations' findings decided by
+        ``window_findings`` (``AnalysisService.window_findings``)."""
 
         def scan(since_ns: int | None) -> pa.Table:
             return store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
@@ -157,6 +169,7 @@ class QueryEngine:
             budget=budget,
             scan_partition=scan_partition,  # (every span store reads partitions: SpanStore)
             read_copies=lambda: 2 if getattr(store, "embedded_engine", False) else 1,
+            window_findings=window_findings,
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -246,13 +259,7 @@ class QueryEngine:
         since_ns = since_from_text(body.get("since"))
         parts = self._parts(since_ns)
         if parts > 1:
-            if any(change.kind == "recommendation" for change in changes):
-                raise WindowTooLarge(
-                    f"a recommendation change over a window of {self._window_spans(since_ns) if self._window_spans else 0:,} "
-                    "spans, more than one context holds under the memory budget (HOURGLASS_MEMORY_BUDGET), "
-                    "needs the window's findings, which serve does not keep: ask over a shorter window "
-                    "(since, e.g. 15m or 1h), or with `hourglass whatif --db`, which decides them in partitions"
-                )
+            lookup = self._findings_of(changes, since_ns)
             with self._partitioned:  # one partitioned question at a time (each holds a partition)
                 return evaluate_partitioned(
                     self._partition_contexts(since_ns),
@@ -260,6 +267,7 @@ class QueryEngine:
                     changes,
                     service=body.get("service"),
                     operation=body.get("operation"),
+                    lookup=lookup,
                 )
         cached = self._context(since_ns)
         result = evaluate(
@@ -271,6 +279,32 @@ class QueryEngine:
             engine=cached.engine,
         )
         return result
+
+    def _findings_of(self, changes: Sequence[Change], since_ns: int | None) -> FindingLookup | None:
+        """The findings of ``changes``' recommendations decided over the whole window
+        (``window_findings``), for a what-if asked in partitions (None: no recommendation change).
+        A window whose findings cannot be had (no ``window_findings``), or that has no finding of
+        one of them, raises."""
+        wanted = {change.recommendation for change in changes if change.kind == "recommendation"}
+        if not wanted:
+            return None
+        spans = self._window_spans(since_ns) if self._window_spans is not None else 0
+        if self._window_findings is None:
+            raise WindowTooLarge(
+                f"a recommendation change over a window of {spans:,} spans, more than one context "
+                "holds under the memory budget (HOURGLASS_MEMORY_BUDGET), needs the window's findings: "
+                "ask over a shorter window (since, e.g. 15m or 1h), or with `hourglass whatif --db`, "
+                "which decides them in partitions"
+            )
+        found = dict(self._window_findings(since_ns, wanted))
+        for i, change in enumerate(changes):
+            if change.kind == "recommendation" and change.recommendation not in found:
+                window = "the store" if since_ns is None else "the window"
+                raise WhatIfInputError(
+                    f"changes[{i}]: no recommendation {change.recommendation!r} among the findings of "
+                    f"{window} ({spans:,} spans)"
+                )
+        return found.get
 
     def critical_path(self, service: str, operation: str, since: str | None = None) -> dict[str, Any] | None:
         """The endpoint's aggregated critical path; None when no trace is rooted at it."""

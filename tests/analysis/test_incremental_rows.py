@@ -891,3 +891,60 @@ def test_a_report_cut_to_its_newest_batches_is_the_cli_report_of_their_traces(tm
         assert "window" not in whole and not state.left_out
         state.close()
     _same(cut, _cli(part))
+
+
+def test_a_windows_findings_are_the_cli_findings_and_leave_the_rounds_as_they_were(tmp_path: Path) -> None:
+    """``window_findings`` (a recommendation what-if over a window larger than one context, in
+    serve): the findings asked, decided over the stored rows of every batch of the window, are
+    the ones ``hourglass whatif --db`` decides (``cli.analyze.store_findings``) occurrence for
+    occurrence, the lock-convoy finding's sweep resumed from the rounds' states or started over
+    when the rounds' report is cut; only the asked ids' detectors decide; the rounds' window,
+    left-out batches and report are as they were."""
+    from hourglass.analysis import partitions
+    from hourglass.api.analysis_worker import window_findings
+    from hourglass.cli.analyze import StoreRun, store_findings
+
+    with _segmented(tmp_path) as (_db, _sidecar, store, state, first):
+        reader = StoreReader(store)
+        ids = [r["id"] for r in first["recommendations"]]
+        assert any(i.startswith("lock_contention-") for i in ids)
+        copy = DuckDBSpanStore(str(tmp_path / "cli.duckdb"))  # (the store is open for writing here)
+        copy.write(store.scan(columns=SPAN_COLUMNS))
+        copy.close()
+        run = StoreRun(budget=2**31, workers=1, partitions=2)
+        cli = store_findings(str(tmp_path / "cli.duckdb"), run, None, "whatif")
+
+        def same(found: dict[str, Any]) -> None:
+            assert sorted(found) == sorted(ids)
+            for i in ids:
+                assert found[i].occurrence_table == cli[i].occurrence_table, i
+                assert found[i].confidence == cli[i].confidence, i
+
+        same(window_findings(reader, {"ids": ids, "since_ns": None}, state=state))
+        one = next(i for i in ids if i.startswith("serialized_calls-"))
+        asked: list[str] = []
+        real_decide = partitions.decide
+
+        def deciding(rows: Any, *args: Any) -> Any:
+            asked.extend(rows)
+            return real_decide(rows, *args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(partitions, "decide", deciding)
+            assert list(
+                window_findings(reader, {"ids": [one, "n_plus_one-0000000000000000"]}, state=state)
+            ) == [one]
+        assert sorted(set(asked)) == ["n_plus_one", "serialized_calls"]
+
+        # the rounds' report cut: decided afresh over every batch, the rounds' state untouched
+        limit = int(first["spans_analyzed"] * 0.9)
+        cut, _, _ = run_incremental(state, reader, _request(state, max_spans=limit))
+        window, left_out = state.window, set(state.left_out)
+        assert window is not None and left_out
+        states = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("sweep.state")}
+        same(window_findings(reader, {"ids": ids, "since_ns": None}, state=state))
+        assert state.window == window and state.left_out == left_out and state.whole_window
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("sweep.state")} == states
+        again, _, _ = run_incremental(state, reader, _request(state, max_spans=limit, update=False))
+        assert again["recommendations"] == cut["recommendations"] and again["window"] == cut["window"]
+        state.close()

@@ -72,3 +72,43 @@ def test_under_continuous_ingest_a_recent_context_is_reused() -> None:
     assert len(store.scans) == 1
     engine.whatif({**body, "since": "1h"})  # another window: built
     assert len(store.scans) == 2
+
+
+def test_a_recommendation_change_over_a_window_asked_in_partitions_needs_its_findings() -> None:
+    """A window larger than the budget holds at once is asked in partitions: a recommendation
+    change there applies the finding ``window_findings`` decides over the whole window; one the
+    window's findings do not have is named, and without ``window_findings`` the change is refused."""
+    store = CountingStore()
+    asked: list[tuple[int | None, set[str]]] = []
+
+    def window_findings(since_ns: int | None, ids: set[str]) -> dict[str, object]:
+        asked.append((since_ns, ids))
+        return {}
+
+    def scan_partition(part: int, parts: int, since_ns: int | None) -> pa.Table:
+        return table() if part == 0 else table().slice(0, 0)
+
+    def engine(findings: object) -> QueryEngine:
+        return QueryEngine(
+            store.scan,
+            store.change_marker,
+            window_spans=lambda since_ns: 10_000_000,
+            budget=2**30,
+            scan_partition=scan_partition,
+            window_findings=findings,  # type: ignore[arg-type]
+        )
+
+    body = {"changes": [{"recommendation": "serialized_calls-0123456789abcdef"}], "since": "1h"}
+    with pytest.raises(
+        WhatIfInputError, match=r"changes\[0\]: no recommendation .* among the findings of the window"
+    ):
+        engine(window_findings).whatif(body)
+    assert (
+        len(asked) == 1 and asked[0][0] is not None and asked[0][1] == {"serialized_calls-0123456789abcdef"}
+    )
+    with pytest.raises(WhatIfInputError, match="needs the window's findings"):
+        engine(None).whatif(body)
+    # a change of another kind is answered in the partitions without them
+    parallel = {"changes": [{"parallelize": {"service": "front", "operation": "GET /x"}}]}
+    assert engine(None).whatif(parallel)["saved_ms_total"] == pytest.approx(40.0)
+    assert store.scans == []  # (never the whole window at once)

@@ -118,12 +118,17 @@ def test_critical_path_over_rest(server: LiveServer) -> None:
         assert client.get("/v1/critical-path", params={"service": "frontend"}).status_code == 422
 
 
-def test_a_window_larger_than_the_memory_budget_is_asked_in_partitions(tmp_path: Path) -> None:
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "whole-store"])
+def test_a_window_larger_than_the_memory_budget_is_asked_in_partitions(
+    tmp_path: Path, incremental: bool
+) -> None:
     """A what-if or critical path builds the window's spans in serve's own process: one that the
     memory budget cannot hold at once (it would take the server and its ingest down at staging
     sizes) is asked in partitions of whole traces, one context at a time, and answers as the CLI
-    does at once; a recommendation change over it, whose findings serve does not keep, is refused
-    with a shorter window to ask; one that fits is answered at once."""
+    does at once; a recommendation change over it applies the finding decided over the whole
+    window (serve keeps the report, not the findings: decided again over the incremental
+    analysis' stored rows, or over the window read in partitions without it), as the CLI does;
+    one that fits is answered at once."""
     import time
 
     from tests.api.live_server import MS, SPANS_PER_TRACE, running_server, send_traces, wait_for_spans
@@ -131,7 +136,10 @@ def test_a_window_larger_than_the_memory_budget_is_asked_in_partitions(tmp_path:
     budget = 200 * 2**20 + 20 * 2_000 + 1_000  # 20 spans at once (hourglass.analysis.planning)
     speedup = {"speedup": {"service": "users", "operation": "GET /users", "factor": 0.5}}
     path = {"service": "frontend", "operation": "GET /checkout"}
-    with running_server(tmp_path, token=TOKEN, env={"HOURGLASS_MEMORY_BUDGET": str(budget)}) as server:
+    env = {"HOURGLASS_MEMORY_BUDGET": str(budget), "HOURGLASS_INCREMENTAL_ANALYSIS": str(incremental).lower()}
+    if not incremental:  # (the whole-store analysis in partitions of its own: no plan fits this budget)
+        env["HOURGLASS_SERVE_PARTITIONS"] = "2"
+    with running_server(tmp_path, token=TOKEN, env=env) as server:
         send_traces(server, checkout=4, home=0, base_ns=time.time_ns() - 2 * 3600 * 1_000 * MS)
         send_traces(server, checkout=1, home=0, base_ns=time.time_ns() - 60_000 * MS)
         wait_for_spans(server, 5 * SPANS_PER_TRACE)
@@ -147,9 +155,16 @@ def test_a_window_larger_than_the_memory_budget_is_asked_in_partitions(tmp_path:
             while not (recs := client.get("/v1/recommendations").json()["recommendations"]):
                 assert time.monotonic() < deadline, "no recommendation"
                 time.sleep(0.3)
-            refused = client.post("/v1/whatif", json={"changes": [{"recommendation": recs[0]["id"]}]})
-            assert refused.status_code == 422, refused.text
-            assert "since" in refused.json()["detail"] and "hourglass whatif --db" in refused.json()["detail"]
+            rec = recs[0]["id"]
+            applied = client.post("/v1/whatif", json={"changes": [{"recommendation": rec}]})
+            assert applied.status_code == 200, applied.text
+            assert applied.json()["traces_changed"] > 0 and applied.json()["saved_ms_total"] > 0
+            applied_since = client.post(
+                "/v1/whatif", json={"changes": [{"recommendation": rec}], "since": "3h"}
+            )
+            assert applied_since.status_code == 200, applied_since.text
+            unknown = client.post("/v1/whatif", json={"changes": [{"recommendation": rec[:-4] + "0000"}]})
+            assert unknown.status_code == 422 and "current report" in unknown.text, unknown.text
             recent = client.post("/v1/whatif", json={"changes": [speedup], "since": "10m"})
             assert recent.status_code == 200, recent.text
             assert recent.json()["traces"] == 1
@@ -158,6 +173,10 @@ def test_a_window_larger_than_the_memory_budget_is_asked_in_partitions(tmp_path:
     cli = hourglass("whatif", "--db", str(server.db), "--speedup", "users:GET /users=0.5", "--format", "json")
     assert cli.returncode == 0, cli.stderr
     assert whole.json() == json.loads(cli.stdout)
+    for answer, since in ((applied, ()), (applied_since, ("--since", "3h"))):
+        cli = hourglass("whatif", "--db", str(server.db), "--recommendation", rec, *since, "--format", "json")
+        assert cli.returncode == 0, cli.stderr
+        assert answer.json() == json.loads(cli.stdout)
     cli = hourglass(
         "critical-path",
         "--db",
