@@ -430,7 +430,7 @@ def _add_query_routes(
     """``POST /v1/whatif`` and ``GET /v1/critical-path``: answered from a context of the store that
     :class:`hourglass.api.queries.QueryEngine` builds on first use and keeps until the store changes."""
     from hourglass.analysis.whatif_query import WhatIfInputError
-    from hourglass.api.queries import QueryEngine
+    from hourglass.api.queries import FindingsFailed, QueryEngine
 
     def current_ids() -> set[str] | None:
         snapshot = service.snapshot
@@ -457,7 +457,12 @@ def _add_query_routes(
         "/whatif",
         response_model=m.WhatIfResult,
         tags=["what-if"],
-        responses={422: {"description": "A change that cannot be applied, with the reason"}},
+        responses={
+            422: {"description": "A change that cannot be applied, with the reason"},
+            500: {
+                "description": "The findings a recommendation change needs could not be decided, with the cause"
+            },
+        },
     )
     def whatif(body: m.WhatIfRequest) -> dict[str, Any]:
         """Re-time the stored traces as if the changes were made, along each trace's critical path
@@ -466,6 +471,9 @@ def _add_query_routes(
             return queries.whatif(body.model_dump(exclude_none=True))
         except WhatIfInputError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
+        except FindingsFailed as exc:  # (logged: the worker's traceback is in its cause)
+            log.error("what-if: %s", exc, exc_info=exc.__cause__)
+            raise HTTPException(status_code=500, detail=str(exc)) from None
 
     @v1(
         "GET",

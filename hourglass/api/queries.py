@@ -54,6 +54,11 @@ SINCE_STEP_NS = 10 * 1_000_000_000
 IDLE_SECONDS = 600.0
 
 
+class FindingsFailed(RuntimeError):
+    """Deciding a window's findings for a recommendation change failed (the analysis worker died,
+    the store could not be read): the cause is in the message."""
+
+
 class WindowTooLarge(WhatIfInputError):
     """The question's window holds more spans than the memory budget allows one context."""
 
@@ -296,7 +301,13 @@ class QueryEngine:
                 "ask over a shorter window (since, e.g. 15m or 1h), or with `hourglass whatif --db`, "
                 "which decides them in partitions"
             )
-        found = dict(self._window_findings(since_ns, wanted))
+        try:
+            found = dict(self._window_findings(since_ns, wanted))
+        except Exception as exc:
+            raise FindingsFailed(
+                f"deciding the findings of {', '.join(sorted(wanted))} over the window failed: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         for i, change in enumerate(changes):
             if change.kind == "recommendation" and change.recommendation not in found:
                 window = "the store" if since_ns is None else "the window"

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from hourglass.analysis.whatif_query import WhatIfInputError
-from hourglass.api.queries import QueryEngine
+from hourglass.api.queries import FindingsFailed, QueryEngine
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
 from tests.builders import TraceBuilder, spans_table
 
@@ -108,6 +108,14 @@ def test_a_recommendation_change_over_a_window_asked_in_partitions_needs_its_fin
     )
     with pytest.raises(WhatIfInputError, match="needs the window's findings"):
         engine(None).whatif(body)
+
+    def failing(since_ns: int | None, ids: set[str]) -> dict[str, object]:
+        raise RuntimeError("the analysis worker process died (exit code -9)\ntraceback...")
+
+    with pytest.raises(
+        FindingsFailed, match=r"serialized_calls-0123456789abcdef over the window failed: .*exit code -9\)$"
+    ):
+        engine(failing).whatif(body)
     # a change of another kind is answered in the partitions without them
     parallel = {"changes": [{"parallelize": {"service": "front", "operation": "GET /x"}}]}
     assert engine(None).whatif(parallel)["saved_ms_total"] == pytest.approx(40.0)
