@@ -643,13 +643,23 @@ def endpoint_critical_path_partitioned(
     given) of a window too large for one context: ``load(part, parts)`` builds the context of each
     partition of whole traces in turn (one held at a time); their endpoint rows are combined, as
     the partitioned analysis combines them, and decided once."""
+    from hourglass.analysis.partitions import compact
+
     listings: list[pl.DataFrame] = []
     rows: list[PathRows] = []
     for part in range(parts):
         ctx = load(part, parts)
-        listings.append(endpoints(ctx))
+        # each with its own strings: cut from the spans', they would keep every partition's string
+        # buffers alive until the answer is made (a critical path over a 7.2M-span store in 14
+        # partitions: 2.1 GiB held)
+        listings.append(compact(endpoints(ctx)))
         if service is not None and operation is not None:
-            rows.append(path_rows(ctx, (service, operation)))
+            made = path_rows(ctx, (service, operation))
+            rows.append(
+                PathRows(
+                    *(compact(frame) for frame in (made.traces, made.operations, made.paths, made.nodes))
+                )
+            )
         ctx.cache.clear()
         del ctx
     listing = (
