@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -527,6 +528,7 @@ class AnalysisService:
         if self.incremental:
             from hourglass.analysis.incremental import IncrementalAnalysis, sidecar_path
 
+            request["incremental"] = True
             request["sidecar"] = sidecar_path(str(getattr(self.store, "path", ":memory:")))
             request["cluster"] = self.cluster
             if self._worker is not None:
@@ -534,9 +536,12 @@ class AnalysisService:
             with self._incremental_lock:
                 if self._incremental_state is None:
                     self._incremental_state = IncrementalAnalysis(request["sidecar"])
-                return window_findings(
+                found = window_findings(
                     reader, request, state=self._incremental_state, cluster=self._cluster_connection
                 )
+            # their occurrences parked in the state's folder read back into memory, as the worker's
+            # come through its pipe: the question applies them after the lock, beside later rounds
+            return dict(pickle.loads(pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL)))
         plan = self._partition_plan(since_ns, self.store.stats().spans)
         request["parts"] = plan.parts if plan is not None else 1
         request["spill_buckets"] = plan.buckets if plan is not None else 0

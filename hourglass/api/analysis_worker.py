@@ -211,12 +211,13 @@ def _serve_rounds(conn: Connection, waiting: list[bool], state: _WorkerState) ->
             _, request, settings = message
             try:
                 started = time.perf_counter()
-                if request.get("sidecar") is not None:
+                incremental = bool(request.get("incremental"))
+                if incremental:  # (the rounds' state: of a sidecar file, or in memory for a store in memory)
                     state.open(request)
                 found = window_findings(
                     PipeReader(conn),
                     request,
-                    state=state.incremental if request.get("sidecar") is not None else None,
+                    state=state.incremental if incremental else None,
                     cluster=state.cluster,
                 )
                 reply = ("ok", (found, time.perf_counter() - started))
@@ -791,9 +792,9 @@ class AnalysisWorker:
         self, request: dict[str, Any], reader: StoreReader, *, settings: Any = None
     ) -> dict[str, Finding]:
         """The findings of a window decided in the worker (:func:`window_findings`; ``request``:
-        ids, since_ns, and sidecar and cluster as :meth:`run_incremental`'s, or parts and
-        spill_buckets as :meth:`run_partitioned`'s), its span reads answered from ``reader``;
-        after the round the worker runs, if any."""
+        ids, since_ns, and incremental (True) with sidecar and cluster as :meth:`run_incremental`'s,
+        or parts and spill_buckets as :meth:`run_partitioned`'s), its span reads answered from
+        ``reader``; after the round the worker runs, if any."""
         found, _ = self._asked(("findings", request, settings), reader, None, None)
         return dict(found)
 

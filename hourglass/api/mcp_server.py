@@ -28,7 +28,7 @@ import anyio
 from pydantic import Field
 
 from hourglass.analysis.whatif_query import WhatIfInputError
-from hourglass.api.queries import QueryEngine
+from hourglass.api.queries import FindingsFailed, QueryEngine
 
 MAX_LIMIT = 100
 MAX_SPANS_PAGE = 500
@@ -261,7 +261,7 @@ def build_server(backend: Backend) -> Any:
     async def call(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             return await anyio.to_thread.run_sync(lambda: fn(backend, *args, **kwargs))
-        except (ValueError, WhatIfInputError, ReportUnavailable) as exc:
+        except (ValueError, WhatIfInputError, ReportUnavailable, FindingsFailed) as exc:
             raise ToolError(str(exc)) from None
 
     @server.tool(name="list_recommendations", annotations=read_only)

@@ -280,8 +280,8 @@ class QueryEngine:
         since_ns = since_from_text(body.get("since"))
         parts = self._parts(since_ns)
         if parts > 1:
-            lookup = self._findings_of(changes, since_ns)
             with self._partitioned:  # one partitioned question at a time (each holds a partition)
+                lookup = self._findings_of(changes, since_ns)
                 try:
                     return evaluate_partitioned(
                         self._partition_contexts(since_ns),

@@ -921,6 +921,17 @@ def test_a_windows_findings_are_the_cli_findings_and_leave_the_rounds_as_they_we
                 assert found[i].confidence == cli[i].confidence, i
 
         same(window_findings(reader, {"ids": ids, "since_ns": None}, state=state))
+        # a since window whose start falls inside batches: their in-window traces extracted on the
+        # fly (the edge unit) beside the stored rows of the batches wholly inside it
+        starts = sorted(store.scan(columns=["start_ns"])["start_ns"].to_pylist())
+        since_ns = starts[len(starts) // 2]
+        assert any(len(u.trace_ids) and u.batch is None for u in state.units(since_ns)), "no edge unit"
+        state.units(None)  # (the rounds' window again)
+        in_window = store_findings(str(tmp_path / "cli.duckdb"), run, since_ns, "whatif")
+        found = window_findings(reader, {"ids": ids, "since_ns": since_ns}, state=state)
+        assert set(in_window) & set(ids) and set(in_window) & set(ids) <= set(found)
+        for i in set(in_window) & set(ids):
+            assert found[i].occurrence_table == in_window[i].occurrence_table, i
         one = next(i for i in ids if i.startswith("serialized_calls-"))
         asked: list[str] = []
         real_decide = partitions.decide

@@ -223,3 +223,35 @@ def test_a_stopped_worker_closes_its_incremental_state(
     assert not list(temp.glob("hourglass-incremental-*"))
     if sidecar is not None:
         assert os.path.exists(sidecar) and not os.path.exists(sidecar + ".wal")
+
+
+def test_an_in_memory_stores_findings_are_decided_over_the_rounds_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``AnalysisService.window_findings`` (a recommendation what-if over a window asked in
+    partitions) on serve's in-memory store, with its worker: decided over the rows the worker's
+    incremental rounds extracted (their state in memory, no sidecar), not over the window read
+    whole in one partition, which the memory budget ruled out."""
+    from hourglass.api.analysis_service import AnalysisService
+
+    read: list[tuple[Any, ...]] = []
+    partition = StoreReader.partition
+
+    def reading(self: StoreReader, *args: Any) -> pa.Table:
+        read.append(args)
+        return partition(self, *args)
+
+    monkeypatch.setattr(StoreReader, "partition", reading)
+    with DuckDBSpanStore(":memory:") as store:
+        store.write(_serialized_calls_table())
+        service = AnalysisService(store, settle_seconds=0.0)
+        try:
+            assert service.incremental
+            ids = set(service.run_now().by_id)
+            assert ids, "the store holds serialized calls: the report must say so"
+            found = service.window_findings(None, ids)
+            assert set(found) == ids and all(f.occurrence_table for f in found.values())
+            assert service.window_findings(None, {"n_plus_one-0000000000000000"}) == {}
+        finally:
+            service.stop()
+    assert read == []
