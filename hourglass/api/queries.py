@@ -22,6 +22,7 @@ partitions), as ``hourglass whatif --db`` decides them (``cli.analyze.store_find
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +53,19 @@ from hourglass.collector.schema import ANALYSIS_COLUMNS
 
 SINCE_STEP_NS = 10 * 1_000_000_000
 IDLE_SECONDS = 600.0
+
+
+def held_by_this_process() -> int:
+    """This process' resident memory over a fresh process' (``planning.PROCESS_BASE_BYTES``), in
+    bytes; 0 where it cannot be read (not Linux)."""
+    from hourglass.analysis.planning import PROCESS_BASE_BYTES
+
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(resident_pages * os.sysconf("SC_PAGE_SIZE") - PROCESS_BASE_BYTES, 0)
 
 
 def release_memory() -> None:
@@ -109,6 +123,7 @@ class QueryEngine:
         scan_partition: Callable[[int, int, int | None], pa.Table] | None = None,
         read_copies: Callable[[], int] = lambda: 1,
         window_findings: Callable[[int | None, set[str]], Mapping[str, Finding]] | None = None,
+        held: Callable[[], int] = lambda: 0,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -134,6 +149,9 @@ class QueryEngine:
         # partitions, decided over all of it (serve: ``AnalysisService.window_findings``); without
         # it a recommendation change over such a window is refused
         self._window_findings = window_findings
+        # what this process holds already over a fresh one's base (bytes): a question plans for
+        # the budget less that (``planning.question_room``; serve's server: ``held_by_this_process``)
+        self._held = held
 
     def _forget(self) -> None:
         with self._lock:
@@ -185,6 +203,7 @@ class QueryEngine:
             scan_partition=scan_partition,  # (every span store reads partitions: SpanStore)
             read_copies=lambda: 2 if getattr(store, "embedded_engine", False) else 1,
             window_findings=window_findings,
+            held=held_by_this_process,
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -196,14 +215,22 @@ class QueryEngine:
         from hourglass.analysis.planning import BudgetError, at_once_spans, question_parts
 
         spans = self._window_spans(since_ns)
+        room = self._room()
         if self._scan_partition is not None:
             try:  # (1 when the window fits, its read's copy counted where the engine reads here)
-                return question_parts(spans, self._budget, self._read_copies())
+                return question_parts(spans, room, self._read_copies())
             except BudgetError:
                 pass
-        if spans > at_once_spans(self._budget):
+        if spans > at_once_spans(room):
             self._check_window(since_ns)  # (raises)
         return 1
+
+    def _room(self) -> int:
+        """The memory budget less what this process holds already (``planning.question_room``)."""
+        from hourglass.analysis.planning import question_room
+
+        assert self._budget is not None
+        return question_room(self._budget, self._held())
 
     def _partition_contexts(self, since_ns: int | None) -> Callable[[int, int], AnalysisContext]:
         from hourglass.analysis.whatif_query import partition_contexts
@@ -226,14 +253,15 @@ class QueryEngine:
             return
         from hourglass.analysis.planning import at_once_spans
 
-        most, spans = at_once_spans(self._budget), self._window_spans(since_ns)
+        most, spans = at_once_spans(self._room()), self._window_spans(since_ns)
         if spans <= most:
             return
         window = "the store" if since_ns is None else "the window"
         raise WindowTooLarge(
             f"{window} holds {spans:,} spans, more than the {most:,} a what-if or critical-path "
             f"question holds in memory at once under the {self._budget / 2**30:.2f} GiB memory budget "
-            "(HOURGLASS_MEMORY_BUDGET): ask over a shorter window (since, e.g. 15m or 1h) or raise the budget"
+            "(HOURGLASS_MEMORY_BUDGET, less what this process holds already): ask over a shorter "
+            "window (since, e.g. 15m or 1h) or raise the budget"
         )
 
     def _context(self, since_ns: int | None) -> _Cached:

@@ -120,3 +120,41 @@ def test_a_recommendation_change_over_a_window_asked_in_partitions_needs_its_fin
     parallel = {"changes": [{"parallelize": {"service": "front", "operation": "GET /x"}}]}
     assert engine(None).whatif(parallel)["saved_ms_total"] == pytest.approx(40.0)
     assert store.scans == []  # (never the whole window at once)
+
+
+def test_a_question_plans_for_the_budget_less_what_the_process_holds() -> None:
+    """A what-if or critical-path question in serve's process plans its partitions for the memory
+    budget less what the process holds already (its store's cache, ingest buffers, reports), down
+    to room for ``MIN_QUESTION_SPANS`` spans a partition: more, smaller partitions in a busy
+    server, never a refusal; with nothing held, the budget's own plan."""
+    from hourglass.analysis.planning import (
+        MIN_QUESTION_SPANS,
+        PEAK_BYTES_PER_SPAN,
+        PROCESS_BASE_BYTES,
+        at_once_spans,
+        question_room,
+    )
+
+    budget = 1536 * 2**20
+    assert question_room(budget, 0) == budget
+    assert question_room(budget, 2**30) == budget - 2**30
+    assert question_room(budget, 10 * 2**30) == PROCESS_BASE_BYTES + MIN_QUESTION_SPANS * PEAK_BYTES_PER_SPAN
+    tiny = PROCESS_BASE_BYTES + 20 * PEAK_BYTES_PER_SPAN
+    assert question_room(tiny, 2**30) == tiny  # (never more than the budget)
+    store = CountingStore()
+    held = [0]
+    engine = QueryEngine(
+        store.scan,
+        store.change_marker,
+        window_spans=lambda since_ns: 7_200_000,
+        budget=budget,
+        scan_partition=lambda part, parts, since_ns: table().slice(0, 0),
+        held=lambda: held[0],
+    )
+    alone = engine._parts(None)
+    held[0] = 900 * 2**20
+    busy = engine._parts(None)
+    assert alone == -(-7_200_000 * 5 // (4 * at_once_spans(budget)))
+    assert busy == -(-7_200_000 * 5 // (4 * at_once_spans(budget - held[0]))) > alone
+    held[0] = 10 * 2**30
+    assert engine._parts(None) == -(-7_200_000 * 5 // (4 * MIN_QUESTION_SPANS))
