@@ -40,7 +40,10 @@ busy.
 Each phase ends with one verdict line per target: peak RSS ≤ 2 GiB; RSS flat (the highest RSS of
 the last minute within 10 % of the highest of minute 2 — rounds make RSS saw-toothed, so maxima
 of windows are compared — with the least-squares slope from minute 2 on; a run of less than four
-minutes compares its halves); max lag ≤ 60 s; nothing refused.
+minutes compares its halves); max lag ≤ 60 s; nothing refused. With ``--questions N``, every N
+seconds a question is asked of the running serve in turn (a what-if of its first recommendation
+over the whole store, the critical path of its busiest endpoint), each printed with its status and
+seconds, and a line per kind says how many were answered: the RSS then includes them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +383,94 @@ def round_phases(analysis: dict[str, Any], t: int, stored: int | None) -> dict[s
     return {"t": t, "stored": stored, "seconds": total, "stages": stages, "phases": phases, "text": text}
 
 
+class Questions:
+    """Every ``every`` seconds, a question a user asks of the running serve, in turn: a what-if of
+    the report's first recommendation over the whole store, then the critical path of the report's
+    busiest endpoint; each answer's status and seconds are kept (what a staging target is used for
+    beside its reports, and what its memory must hold beside the ingest)."""
+
+    def __init__(self, api: str, every: float) -> None:
+        self.api = api
+        self.every = every
+        self.asked: list[dict[str, Any]] = []  # t, kind, status, seconds, detail
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-questions", daemon=True)
+        self._started = time.monotonic()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=600)
+
+    def _run(self) -> None:
+        turn = 0
+        while not self._stop.wait(self.every):
+            try:
+                report = _get(f"{self.api}/v1/recommendations")
+            except OSError:
+                continue
+            recs, paths = report.get("recommendations") or [], report.get("critical_paths") or []
+            if turn % 2 == 0 and recs:
+                kind, request = (
+                    "what-if",
+                    urllib.request.Request(
+                        f"{self.api}/v1/whatif",
+                        data=json.dumps({"changes": [{"recommendation": recs[0]["id"]}]}).encode(),
+                        headers={"content-type": "application/json"},
+                    ),
+                )
+            elif paths:
+                query = urllib.parse.urlencode(
+                    {"service": paths[0]["service"], "operation": paths[0]["operation"]}
+                )
+                kind, request = (
+                    "critical-path",
+                    urllib.request.Request(f"{self.api}/v1/critical-path?{query}"),
+                )
+            else:
+                continue
+            turn += 1
+            asked = time.monotonic()
+            try:
+                with urllib.request.urlopen(request, timeout=900) as answer:
+                    status, detail = answer.status, ""
+                    answer.read()
+            except urllib.error.HTTPError as exc:
+                status, detail = exc.code, exc.read()[:200].decode(errors="replace")
+            except OSError as exc:
+                status, detail = 0, str(exc)[:200]
+            took = time.monotonic() - asked
+            self.asked.append(
+                {
+                    "t": round(asked - self._started),
+                    "kind": kind,
+                    "status": status,
+                    "seconds": took,
+                    "detail": detail,
+                }
+            )
+            print(
+                f"{'':>6}{kind} at {round(asked - self._started)} s: {status} in {took:.1f} s {detail}",
+                flush=True,
+            )
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind in ("what-if", "critical-path"):
+            mine = [q for q in self.asked if q["kind"] == kind]
+            took = sorted(q["seconds"] for q in mine)
+            out[kind] = {
+                "asked": len(mine),
+                "answered": sum(1 for q in mine if q["status"] == 200),
+                "median_s": took[len(took) // 2] if took else None,
+                "max_s": took[-1] if took else None,
+            }
+        return out
+
+
 def _get(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=30) as response:
         body: dict[str, Any] = json.loads(response.read())
@@ -429,6 +522,9 @@ def soak(
     started = time.monotonic()
     load.start()
     sampler = RssSampler(proc.pid)
+    questions = Questions(api, args.questions) if args.questions > 0 else None
+    if questions is not None:
+        questions.start()
     try:
         while time.monotonic() - started < args.duration:
             time.sleep(max(0.0, args.every - (time.monotonic() - started) % args.every))
@@ -487,11 +583,15 @@ def soak(
                     flush=True,
                 )
     finally:
+        if questions is not None:
+            questions.stop()
         sampler.stop()
         load.stop()
         _stop_serve(proc)
     elapsed = time.monotonic() - started
     summary = summarize(label, rows, load, elapsed, rounds)
+    if questions is not None:
+        summary["questions"] = questions.summary()
     print(
         f"== {label}: {summary['sent_spans_per_s']:,.0f} spans/s sent for {elapsed:.0f} s"
         + (f"; errors {load.errors[:3]}" if load.errors else "")
@@ -615,7 +715,13 @@ def verdicts(s: dict[str, Any]) -> list[str]:
     slope = s["rss_slope_mib_per_min"]
     flat = s["rss_early_gib"] > 0 and s["rss_late_gib"] <= s["rss_early_gib"] * (1 + FLAT_TOLERANCE)
     lag = s["max_lag_s"]
+    asked = [
+        f"{mark(q['answered'] == q['asked'])} {kind} questions answered: {q['answered']} of {q['asked']}"
+        + (f", median {q['median_s']:.1f} s, longest {q['max_s']:.1f} s" if q["asked"] else "")
+        for kind, q in (s.get("questions") or {}).items()
+    ]
     return [
+        *asked,
         f"{mark(s['peak_rss_gib'] <= GIB_LIMIT)} RSS <= {GIB_LIMIT:g} GiB: peak {s['peak_rss_gib']:.2f} GiB "
         f"(server {s['peak_server_gib']:.2f}, workers {s['peak_workers_gib']:.2f}, each at its own peak)",
         f"{mark(flat)} RSS flat: highest {s['rss_early_gib']:.2f} GiB early (minute 2), {s['rss_late_gib']:.2f} GiB "
@@ -648,6 +754,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="one incremental phase per value of HOURGLASS_REPORT_MAX_SPANS, e.g. 0,4000000 "
         "(0: the whole retention; default: one phase with serve's default)",
+    )
+    parser.add_argument(
+        "--questions",
+        type=float,
+        default=0.0,
+        help="every this many seconds, ask the running serve a question in turn: a what-if of its "
+        "first recommendation over the whole store, the critical path of its busiest endpoint "
+        "(default 0: none)",
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -102,7 +102,7 @@ MIN_QUESTION_SPANS = 50_000
 def question_room(budget: int, held: int) -> int:
     """The budget a what-if or critical-path question plans for in a process that already holds
     ``held`` bytes over ``PROCESS_BASE_BYTES`` (serve's server: its store's cache, the ingest
-    buffers, the reports): what is left of ``budget``, and never less than room for
+    buffers, the reports, and its analysis worker beside it): what is left of ``budget``, and never less than room for
     ``MIN_QUESTION_SPANS`` spans (nor more than ``budget``), so a busy server answers in smaller
     partitions instead of refusing. Planned on the budget alone, a question over a 7.2M-span
     store took serve from 0.33 to 1.13 GiB, and under 20,000 spans/s of ingest the server

@@ -22,6 +22,7 @@ partitions), as ``hourglass whatif --db`` decides them (``cli.analyze.store_find
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -56,16 +57,34 @@ IDLE_SECONDS = 600.0
 
 
 def held_by_this_process() -> int:
-    """This process' resident memory over a fresh process' (``planning.PROCESS_BASE_BYTES``), in
-    bytes; 0 where it cannot be read (not Linux)."""
+    """What this process and its children (serve's analysis worker) hold resident over a fresh
+    process' base (``planning.PROCESS_BASE_BYTES``), in bytes: the memory budget is the service's,
+    and a question in serve's server shares the machine with the worker's rounds. 0 where it
+    cannot be read (not Linux)."""
     from hourglass.analysis.planning import PROCESS_BASE_BYTES
 
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            resident_pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
+    def resident(pid: str) -> int:
+        try:
+            with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+                return int(statm.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    pages = resident("self")
+    if not pages:
         return 0
-    return max(resident_pages * os.sysconf("SC_PAGE_SIZE") - PROCESS_BASE_BYTES, 0)
+    children: set[str] = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with (
+                contextlib.suppress(OSError),
+                open(f"/proc/self/task/{task}/children", encoding="ascii") as listed,
+            ):
+                children.update(listed.read().split())
+    except OSError:
+        pass
+    pages += sum(resident(child) for child in children)
+    return max(pages * os.sysconf("SC_PAGE_SIZE") - PROCESS_BASE_BYTES, 0)
 
 
 def release_memory() -> None:
@@ -149,8 +168,9 @@ class QueryEngine:
         # partitions, decided over all of it (serve: ``AnalysisService.window_findings``); without
         # it a recommendation change over such a window is refused
         self._window_findings = window_findings
-        # what this process holds already over a fresh one's base (bytes): a question plans for
-        # the budget less that (``planning.question_room``; serve's server: ``held_by_this_process``)
+        # what this process (and its children) hold already over a fresh one's base (bytes): a
+        # question plans for the budget less that (``planning.question_room``;
+        # ``held_by_this_process``)
         self._held = held
 
     def _forget(self) -> None:

@@ -158,3 +158,29 @@ def test_a_question_plans_for_the_budget_less_what_the_process_holds() -> None:
     assert busy == -(-7_200_000 * 5 // (4 * at_once_spans(budget - held[0]))) > alone
     held[0] = 10 * 2**30
     assert engine._parts(None) == -(-7_200_000 * 5 // (4 * MIN_QUESTION_SPANS))
+
+
+def test_what_serve_holds_counts_its_children() -> None:
+    """``held_by_this_process``: the memory budget is the service's, so a question in serve's
+    server counts what its children (the analysis worker) hold beside it."""
+    import subprocess
+    import sys
+
+    from hourglass.api.queries import held_by_this_process
+
+    before = held_by_this_process()
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; x = b'x' * (300 * 2**20); print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        assert held_by_this_process() - before >= 250 * 2**20
+    finally:
+        child.kill()
+        child.wait(timeout=10)
