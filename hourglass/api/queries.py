@@ -23,10 +23,13 @@ partitions), as ``hourglass whatif --db`` decides them (``cli.analyze.store_find
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,8 @@ from hourglass.analysis.whatif_query import (
 )
 from hourglass.api.settings import parse_since
 from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+log = logging.getLogger("hourglass.api.queries")
 
 SINCE_STEP_NS = 10 * 1_000_000_000
 IDLE_SECONDS = 600.0
@@ -85,6 +90,47 @@ def held_by_this_process() -> int:
         pass
     pages += sum(resident(child) for child in children)
     return max(pages * os.sysconf("SC_PAGE_SIZE") - PROCESS_BASE_BYTES, 0)
+
+
+@contextlib.contextmanager
+def split_store_window(
+    store: Any, since_ns: int | None, parts: int
+) -> Iterator[Callable[[int, int], pa.Table] | None]:
+    """For the ``with`` block: a reader of each of the ``parts`` partitions of the window
+    ``since_ns`` of a DuckDB ``store``, from files it is split into by one read of the store
+    (``split_partitions``, in a folder beside the store's file, removed after); None when there are
+    too few partitions for it (``planning.SPLIT_MIN_PARTS``) or the split failed (a full disk:
+    each partition is then scanned). A scan per partition reads every row of the store, so a
+    question's reads grew with the square of the window: at 7.2M stored spans 14 scans of ~0.65 s
+    each, against one read and one write."""
+    from hourglass.analysis.planning import SPLIT_MIN_PARTS
+    from hourglass.collector.duckdb_store import partition_file, read_partition_file
+
+    folder: str | None = None
+    if parts >= SPLIT_MIN_PARTS:
+        path = str(getattr(store, "path", "") or "")
+        near = os.path.dirname(os.path.abspath(path)) if path and path != ":memory:" else None
+        try:
+            folder = tempfile.mkdtemp(prefix="hourglass-question-", dir=near)
+            store.split_partitions(folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+        except Exception as exc:  # (a full disk, an unwritable folder: the scans instead)
+            log.warning(
+                "splitting the window into partition files failed (%s): each partition is scanned", exc
+            )
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            folder = None
+    try:
+        if folder is None:
+            yield None
+        else:
+            done = folder
+            yield lambda part, _parts: read_partition_file(
+                partition_file(done, part), columns=ANALYSIS_COLUMNS, string_views=True
+            )
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def release_memory() -> None:
@@ -143,6 +189,10 @@ class QueryEngine:
         read_copies: Callable[[], int] = lambda: 1,
         window_findings: Callable[[int | None, set[str]], Mapping[str, Finding]] | None = None,
         held: Callable[[], int] = lambda: 0,
+        split_window: Callable[
+            [int | None, int], contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None]
+        ]
+        | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -172,6 +222,10 @@ class QueryEngine:
         # question plans for the budget less that (``planning.question_room``;
         # ``held_by_this_process``)
         self._held = held
+        # ``split_window(since_ns, parts)``: for the ``with`` block, a reader of each partition of
+        # the window from files the store split it into in one read (None: not worth it, or not
+        # possible), instead of a scan of the whole store per partition (``split_store_window``)
+        self._split_window = split_window
 
     def _forget(self) -> None:
         with self._lock:
@@ -224,6 +278,9 @@ class QueryEngine:
             read_copies=lambda: 2 if getattr(store, "embedded_engine", False) else 1,
             window_findings=window_findings,
             held=held_by_this_process,
+            split_window=(lambda since_ns, parts: split_store_window(store, since_ns, parts))
+            if callable(getattr(store, "split_partitions", None))
+            else None,
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -252,20 +309,29 @@ class QueryEngine:
         assert self._budget is not None
         return question_room(self._budget, self._held())
 
-    def _partition_contexts(self, since_ns: int | None) -> Callable[[int, int], AnalysisContext]:
+    @contextlib.contextmanager
+    def _partition_contexts(
+        self, since_ns: int | None, parts: int
+    ) -> Iterator[Callable[[int, int], AnalysisContext]]:
+        """The contexts of the window's ``parts`` partitions, one at a time, for the ``with``
+        block: read from partition files the store split the window into once (``split_window``),
+        else each by a scan of the store (``scan_partition``)."""
         from hourglass.analysis.whatif_query import partition_contexts
 
         scan_partition = self._scan_partition
         assert scan_partition is not None  # (``_parts`` gave more than one)
         with self._lock:  # the cached context of another window is let go before the partitions
             self._cached = None
-        contexts = partition_contexts(lambda part, parts: scan_partition(part, parts, since_ns), since_ns)
+        split = self._split_window(since_ns, parts) if self._split_window is not None else None
+        with split if split is not None else contextlib.nullcontext(None) as read:
+            load = read if read is not None else (lambda part, n: scan_partition(part, n, since_ns))
+            contexts = partition_contexts(load, since_ns)
 
-        def context(part: int, parts: int) -> AnalysisContext:
-            release_memory()  # the previous partition's, freed, back to the system before the next
-            return contexts(part, parts)
+            def context(part: int, parts: int) -> AnalysisContext:
+                release_memory()  # the previous partition's, freed, back to the system before the next
+                return contexts(part, parts)
 
-        return context
+            yield context
 
     def _check_window(self, since_ns: int | None) -> None:
         """Raises :class:`WindowTooLarge` when the window holds more spans than one context may."""
@@ -331,14 +397,15 @@ class QueryEngine:
             with self._partitioned:  # one partitioned question at a time (each holds a partition)
                 lookup = self._findings_of(changes, since_ns)
                 try:
-                    return evaluate_partitioned(
-                        self._partition_contexts(since_ns),
-                        parts,
-                        changes,
-                        service=body.get("service"),
-                        operation=body.get("operation"),
-                        lookup=lookup,
-                    )
+                    with self._partition_contexts(since_ns, parts) as contexts:
+                        return evaluate_partitioned(
+                            contexts,
+                            parts,
+                            changes,
+                            service=body.get("service"),
+                            operation=body.get("operation"),
+                            lookup=lookup,
+                        )
                 finally:
                     del lookup  # (the findings, with every occurrence of theirs)
                     release_memory()
@@ -410,8 +477,7 @@ class QueryEngine:
         partitions (``endpoint_path.endpoint_critical_path_partitioned``)."""
         with self._partitioned:
             try:
-                return endpoint_critical_path_partitioned(
-                    self._partition_contexts(since_ns), parts, service, operation
-                )
+                with self._partition_contexts(since_ns, parts) as contexts:
+                    return endpoint_critical_path_partitioned(contexts, parts, service, operation)
             finally:
                 release_memory()

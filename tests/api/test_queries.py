@@ -4,6 +4,7 @@ freed when idle."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -184,3 +185,59 @@ def test_what_serve_holds_counts_its_children() -> None:
     finally:
         child.kill()
         child.wait(timeout=10)
+
+
+def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A question over a DuckDB store's window in partitions reads the window once into partition
+    files beside the store (``split_store_window``), removed after, instead of scanning the whole
+    store for every partition: the same answers as the scans, which a failed split falls back to."""
+    import glob as globbing
+
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.files import read_trace_files
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    samples = sorted(
+        str(p) for p in (Path(__file__).resolve().parents[2] / "sample-traces").glob("*.otlp.jsonl")
+    )
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    for part in read_trace_files(samples, on_error=lambda problem: None):
+        if part.num_rows:
+            store.write(part.select(list(SPAN_COLUMNS)))
+    budget = PROCESS_BASE_BYTES + 300 * PEAK_BYTES_PER_SPAN  # (300 spans at once: many partitions)
+    scans: list[int] = []
+    scan_partition = store.scan_partition
+
+    def scanning(part: int, parts: int, **kwargs: object) -> pa.Table:
+        scans.append(part)
+        return scan_partition(part, parts, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "scan_partition", scanning)
+    try:
+        split = QueryEngine.over_store(store, budget=budget)
+        assert split._parts(None) >= 4
+        busiest = split.endpoints()[0]
+        assert scans == []
+        service, operation = busiest["service"], busiest["operation"]
+        body = {"changes": [{"speedup": {"service": service, "operation": "*", "factor": 0.5}}]}
+        answer = split.whatif(body)
+        assert answer["saved_ms_total"] > 0
+        path = split.critical_path(service, operation)
+        assert scans == [] and not globbing.glob(str(tmp_path / "hourglass-question-*"))
+        scanned = QueryEngine.over_store(store, budget=budget)
+        scanned._split_window = None
+        assert scanned.whatif(body) == answer and scans
+        assert scanned.critical_path(service, operation) == path
+        scans.clear()
+
+        def failing(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store, "split_partitions", failing)
+        assert QueryEngine.over_store(store, budget=budget).whatif(body) == answer and scans
+        assert not globbing.glob(str(tmp_path / "hourglass-question-*"))
+    finally:
+        store.close()
