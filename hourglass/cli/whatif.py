@@ -60,8 +60,11 @@ class _Window:
     contexts: Callable[[int, int], Any]
     chosen: int = 0  # --partitions (0: the memory budget's)
     remove: Callable[[], None] | None = None  # the temporary store of trace files, removed after
+    split: Any = None  # the window's partition files (``partitions.split_store``), removed after
 
     def close(self) -> None:
+        if self.split is not None:
+            self.split.remove()
         if self.remove is not None:
             self.remove()
 
@@ -139,7 +142,7 @@ def _window(
     partitions: int = 0,
     holds: str | None = None,
 ) -> _Window:
-    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.partitions import StoreSource, split_store
     from hourglass.analysis.planning import BudgetError, question_parts
     from hourglass.analysis.whatif_query import partition_contexts
 
@@ -159,7 +162,19 @@ def _window(
             err=True,
         )
     source = StoreSource(path, since_ns)
-    return _Window(path, since_ns, parts, partition_contexts(source.load, since_ns), partitions)
+    # a DuckDB file's window read once into a file per partition (as `analyze` does), not the
+    # whole store scanned for each partition: the reads grew with the square of the window
+    split = None
+    try:
+        split = split_store(source, parts)  # (None: a ClickHouse store, or too few partitions)
+    except Exception as exc:  # (a full disk: the scans instead)
+        typer.echo(
+            f"hourglass {command}: splitting {what} into partition files failed ({exc}); "
+            "each partition is read from the store",
+            err=True,
+        )
+    loaded = split if split is not None else source
+    return _Window(path, since_ns, parts, partition_contexts(loaded.load, since_ns), partitions, split=split)
 
 
 def _read_copies(path: str) -> int:
