@@ -330,3 +330,26 @@ def _trace_frame(spans: pl.DataFrame) -> pl.DataFrame:
         .select(TRACE_COLUMNS)
         .sort("trace_id")
     )
+
+
+def compact(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` holding only its own values. A few rows cut from the spans (five exemplar trace
+    ids, a signature's names) keep sharing the spans' string buffers, and a frame travels to
+    another process, or stays alive there, with every byte of those buffers: measured on 1M spans,
+    313 MiB of pickled rows for 42 MiB of values (a one-row table carried 5 MiB of trace ids). A
+    copy through Arrow's plain string layout keeps just the values; a frame of other columns, or
+    one whose column types would not survive the trip, is returned as it is."""
+    if not any(_has_strings(dtype) for dtype in frame.dtypes):
+        return frame
+    copied = pl.from_arrow(frame.to_arrow(compat_level=pl.CompatLevel.oldest()))
+    return copied if isinstance(copied, pl.DataFrame) and copied.schema == frame.schema else frame
+
+
+def _has_strings(dtype: pl.DataType) -> bool:
+    if dtype in (pl.String, pl.Binary):
+        return True
+    inner = getattr(dtype, "inner", None)
+    if inner is not None:
+        return _has_strings(inner)
+    fields = getattr(dtype, "fields", None)
+    return any(_has_strings(f.dtype) for f in fields or ())

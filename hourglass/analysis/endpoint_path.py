@@ -643,7 +643,7 @@ def endpoint_critical_path_partitioned(
     given) of a window too large for one context: ``load(part, parts)`` builds the context of each
     partition of whole traces in turn (one held at a time); their endpoint rows are combined, as
     the partitioned analysis combines them, and decided once."""
-    from hourglass.analysis.partitions import compact
+    from hourglass.analysis.context import compact
 
     listings: list[pl.DataFrame] = []
     rows: list[PathRows] = []

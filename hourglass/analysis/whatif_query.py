@@ -396,7 +396,7 @@ def evaluate_part(
     per_root = main.select("root_service", "root_name").with_columns(
         pl.Series("before", old_dur[main_rows]), pl.Series("after", new_dur[main_rows])
     )
-    from hourglass.analysis.partitions import compact
+    from hourglass.analysis.context import compact
 
     # its own strings: cut from the spans', they would keep every partition's string buffers alive
     # until the answer is made (a what-if over a 7.2M-span store in 14 partitions: 2.2 GiB held)

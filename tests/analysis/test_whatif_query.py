@@ -296,18 +296,18 @@ def test_applying_a_recommendation_saves_what_the_report_says() -> None:
 
 def test_a_partitions_share_of_an_answer_holds_none_of_its_spans() -> None:
     """Each partition's share of a what-if or critical-path answer is kept until the answer is
-    made: it must hold its own few values (``partitions.compact``), not string views into the
+    made: it must hold its own few values (``context.compact``), not string views into the
     partition's buffers, which would keep every partition's strings alive (a question over 14
     partitions of a 7.2M-span store held 2.2 GiB of them in serve's process). Polars' own size
     estimate counts only the bytes a view uses, so the test follows the frames through compact."""
-    from hourglass.analysis import endpoint_path, partitions
+    from hourglass.analysis import context, endpoint_path
     from hourglass.collector.files import read_trace_files
 
     files = sorted(glob.glob(str(ROOT / "sample-traces" / "*.otlp.jsonl")))
     table = pa.concat_tables([t for t in read_trace_files(files, on_error=lambda p: None) if t.num_rows])
     ctx = AnalysisContext.from_table(table)
     compacted: list[pl.DataFrame] = []
-    real = partitions.compact
+    real = context.compact
 
     def compact(frame: pl.DataFrame) -> pl.DataFrame:
         made = real(frame)
@@ -317,7 +317,7 @@ def test_a_partitions_share_of_an_answer_holds_none_of_its_spans() -> None:
     speedup = Change("speedup", service="users", operation="GET /users", factor=0.5)
     busiest = endpoint_path.endpoints(ctx).row(0, named=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(partitions, "compact", compact)
+        mp.setattr(context, "compact", compact)
         share = evaluate_part(ctx, [speedup])
         kept: list[endpoint_path.PathRows] = []
         combine = endpoint_path.combine_path_rows
