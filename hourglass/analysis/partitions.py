@@ -470,6 +470,42 @@ def room_for_open_files(files: int) -> int:
     return max(0, soft - held - OPEN_FILES_BESIDE)
 
 
+# what a question's split writes a span (the analysis columns as Arrow IPC: ~415 B measured on the
+# soak's traces), and how much more the disk must keep free than the split writes: the store's
+# ingest shares it
+SPLIT_FILE_BYTES_PER_SPAN = 450
+SPLIT_DISK_MARGIN = 2
+
+
+def question_split_refused(
+    spans: int, parts: int, free_memory: int, filtered: bool, folder: str | None
+) -> str | None:
+    """Why a what-if or critical-path question's window of ``spans`` spans in ``parts`` partitions
+    is not read once into partition files in ``folder`` (None: ``$TMPDIR``) but scanned per
+    partition; None when it is split. Not for fewer than ``SPLIT_MIN_PARTS`` partitions; nor when
+    the split's own memory (``planning.split_bytes``: a ``since`` window joins its trace ids) is
+    more than ``free_memory`` (what the budget leaves beside what the process holds); nor when
+    this process may not open a file per partition at once; nor when the disk has less than
+    ``SPLIT_DISK_MARGIN`` times what the split writes free."""
+    if parts < SPLIT_MIN_PARTS:
+        return f"{parts} partitions"
+    if split_bytes(spans, filtered) > free_memory:
+        return f"the split needs {split_bytes(spans, filtered) / 2**20:,.0f} MiB, {max(free_memory, 0) / 2**20:,.0f} MiB of the budget is left"
+    if room_for_open_files(parts) < parts:
+        return f"{parts} partition files cannot be open at once (ulimit -n)"
+    written = spans * SPLIT_FILE_BYTES_PER_SPAN
+    try:
+        free_disk = shutil.disk_usage(folder or tempfile.gettempdir()).free
+    except OSError as exc:
+        return f"the disk of {folder or tempfile.gettempdir()}: {exc}"
+    if free_disk < SPLIT_DISK_MARGIN * written:
+        return (
+            f"the split writes ~{written / 2**30:.1f} GiB and {folder or tempfile.gettempdir()} has "
+            f"{free_disk / 2**30:.1f} GiB free"
+        )
+    return None
+
+
 def open_files_limit() -> int | None:
     """This process' soft limit of open files (None: unlimited, or not on a Unix)."""
     try:

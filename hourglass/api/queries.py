@@ -92,35 +92,42 @@ def held_by_this_process() -> int:
     return max(pages * os.sysconf("SC_PAGE_SIZE") - PROCESS_BASE_BYTES, 0)
 
 
+QUESTION_FOLDER_PREFIX = "hourglass-question-"
+
+
 @contextlib.contextmanager
 def split_store_window(
-    store: Any, since_ns: int | None, parts: int
+    store: Any, since_ns: int | None, parts: int, spans: int, free_memory: int
 ) -> Iterator[Callable[[int, int], pa.Table] | None]:
     """For the ``with`` block: a reader of each of the ``parts`` partitions of the window
-    ``since_ns`` of a DuckDB ``store``, from files it is split into by one read of the store
-    (``split_partitions``, in a folder beside the store's file, removed after); None when there are
-    too few partitions for it (``planning.SPLIT_MIN_PARTS``) or the split failed (a full disk:
-    each partition is then scanned). A scan per partition reads every row of the store, so a
+    ``since_ns`` (``spans`` spans) of a DuckDB ``store``, from files it is split into by one read
+    of the store (``split_partitions``, in a folder beside the store's file, removed after); None
+    when it is not split (``partitions.question_split_refused``: too few partitions, not
+    ``free_memory`` enough for the split, not a file each, not disk enough) or the split failed:
+    each partition is then scanned. A scan per partition reads every row of the store, so a
     question's reads grew with the square of the window: at 7.2M stored spans 14 scans of ~0.65 s
     each, against one read and one write."""
-    from hourglass.analysis.planning import SPLIT_MIN_PARTS
+    from hourglass.analysis.partitions import question_split_refused
     from hourglass.collector.duckdb_store import partition_file, read_partition_file
 
+    path = str(getattr(store, "path", "") or "")
+    near = os.path.dirname(os.path.abspath(path)) if path and path != ":memory:" else None
     folder: str | None = None
-    if parts >= SPLIT_MIN_PARTS:
-        path = str(getattr(store, "path", "") or "")
-        near = os.path.dirname(os.path.abspath(path)) if path and path != ":memory:" else None
-        try:
-            folder = tempfile.mkdtemp(prefix="hourglass-question-", dir=near)
-            store.split_partitions(folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
-        except Exception as exc:  # (a full disk, an unwritable folder: the scans instead)
-            log.warning(
-                "splitting the window into partition files failed (%s): each partition is scanned", exc
-            )
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-            folder = None
     try:
+        refused = question_split_refused(spans, parts, free_memory, since_ns is not None, near)
+        if refused is not None:
+            log.info("the window is scanned per partition, not split into files: %s", refused)
+        else:
+            try:
+                folder = tempfile.mkdtemp(prefix=QUESTION_FOLDER_PREFIX, dir=near)
+                store.split_partitions(folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+            except Exception as exc:  # (a full disk, an unwritable folder: the scans instead)
+                log.warning(
+                    "splitting the window into partition files failed (%s): each partition is scanned", exc
+                )
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                folder = None
         if folder is None:
             yield None
         else:
@@ -128,9 +135,22 @@ def split_store_window(
             yield lambda part, _parts: read_partition_file(
                 partition_file(done, part), columns=ANALYSIS_COLUMNS, string_views=True
             )
-    finally:
+    finally:  # (also when the split itself is interrupted)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_question_folders(store: Any) -> None:
+    """The partition folders a question left beside ``store``'s file when its process was killed
+    (``split_store_window``; one process serves a DuckDB file, so none is in use when it opens)."""
+    path = str(getattr(store, "path", "") or "")
+    if not path or path == ":memory:" or "://" in path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(QUESTION_FOLDER_PREFIX):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def release_memory() -> None:
@@ -190,7 +210,8 @@ class QueryEngine:
         window_findings: Callable[[int | None, set[str]], Mapping[str, Finding]] | None = None,
         held: Callable[[], int] = lambda: 0,
         split_window: Callable[
-            [int | None, int], contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None]
+            [int | None, int, int, int],
+            contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None],
         ]
         | None = None,
     ) -> None:
@@ -222,9 +243,10 @@ class QueryEngine:
         # question plans for the budget less that (``planning.question_room``;
         # ``held_by_this_process``)
         self._held = held
-        # ``split_window(since_ns, parts)``: for the ``with`` block, a reader of each partition of
-        # the window from files the store split it into in one read (None: not worth it, or not
-        # possible), instead of a scan of the whole store per partition (``split_store_window``)
+        # ``split_window(since_ns, parts, spans, free_memory)``: for the ``with`` block, a reader of
+        # each partition of the window from files the store split it into in one read (None: not
+        # worth it, or not possible), instead of a scan of the whole store per partition
+        # (``split_store_window``)
         self._split_window = split_window
 
     def _forget(self) -> None:
@@ -267,6 +289,9 @@ class QueryEngine:
             table: pa.Table = store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
             return table
 
+        splits = callable(getattr(store, "split_partitions", None))
+        if splits:
+            remove_stale_question_folders(store)
         return cls(
             scan,
             marker,
@@ -278,8 +303,10 @@ class QueryEngine:
             read_copies=lambda: 2 if getattr(store, "embedded_engine", False) else 1,
             window_findings=window_findings,
             held=held_by_this_process,
-            split_window=(lambda since_ns, parts: split_store_window(store, since_ns, parts))
-            if callable(getattr(store, "split_partitions", None))
+            split_window=(
+                lambda since_ns, parts, spans, free: split_store_window(store, since_ns, parts, spans, free)
+            )
+            if splits
             else None,
         )
 
@@ -291,6 +318,14 @@ class QueryEngine:
             return 1
         from hourglass.analysis.planning import BudgetError, at_once_spans, question_parts
 
+        with self._lock:
+            cached = self._cached
+            if cached is not None and self._reusable(cached, since_ns):
+                return 1  # (built at once, and asked again before it is rebuilt)
+            # let go now, as any build or partition would first: what this process holds is
+            # measured without it (else a window it fills would plan partitions every other time)
+            self._cached = None
+            del cached
         spans = self._window_spans(since_ns)
         room = self._room()
         if self._scan_partition is not None:
@@ -301,6 +336,17 @@ class QueryEngine:
         if spans > at_once_spans(room):
             self._check_window(since_ns)  # (raises)
         return 1
+
+    def _reusable(
+        self, cached: _Cached, since_ns: int | None, key: tuple[int, int | None] | None = None
+    ) -> bool:
+        """Whether the cached context answers a question over the window ``since_ns``: built for
+        it while the store is as it was, or younger than ``reuse_seconds``."""
+        if cached.key[1] != since_ns:
+            return False
+        if time.monotonic() - cached.built_at < self._reuse_seconds:
+            return True
+        return cached.key == (key if key is not None else (self._marker(), since_ns))
 
     def _room(self) -> int:
         """The memory budget less what this process holds already (``planning.question_room``)."""
@@ -322,7 +368,13 @@ class QueryEngine:
         assert scan_partition is not None  # (``_parts`` gave more than one)
         with self._lock:  # the cached context of another window is let go before the partitions
             self._cached = None
-        split = self._split_window(since_ns, parts) if self._split_window is not None else None
+        split = None
+        if self._split_window is not None and self._window_spans is not None and self._budget is not None:
+            from hourglass.analysis.planning import PROCESS_BASE_BYTES
+
+            # (the split runs before the partitions, beside what the process holds: the budget's rest)
+            free = self._room() - PROCESS_BASE_BYTES
+            split = self._split_window(since_ns, parts, self._window_spans(since_ns), free)
         with split if split is not None else contextlib.nullcontext(None) as read:
             load = read if read is not None else (lambda part, n: scan_partition(part, n, since_ns))
             contexts = partition_contexts(load, since_ns)
@@ -355,14 +407,12 @@ class QueryEngine:
         with self._lock:
             self._touch()
             cached = self._cached
-            if cached is not None and (
-                cached.key == key
-                or (cached.key[1] == since_ns and time.monotonic() - cached.built_at < self._reuse_seconds)
-            ):
+            if cached is not None and self._reusable(cached, since_ns, key):
                 return cached
             self._cached = None  # free the old one before building the new one
             del cached
-            self._check_window(since_ns)
+            if self._scan_partition is None:  # (else ``_parts`` chose to ask at once)
+                self._check_window(since_ns)
             ctx = AnalysisContext.from_table(self._scan(since_ns))
             engine = Retimer(ctx.spans, ctx.critical.predecessor if ctx.critical is not None else None)
             built = _Cached(key, time.monotonic(), ctx, engine, detector_lookup(ctx))
@@ -395,6 +445,8 @@ class QueryEngine:
         parts = self._parts(since_ns)
         if parts > 1:
             with self._partitioned:  # one partitioned question at a time (each holds a partition)
+                # planned again once the question before (if any) is done: its partition is let go
+                parts = max(self._parts(since_ns), 1)
                 lookup = self._findings_of(changes, since_ns)
                 try:
                     with self._partition_contexts(since_ns, parts) as contexts:
@@ -476,6 +528,7 @@ class QueryEngine:
         """(the endpoints, the critical path of service/operation) of the window, in ``parts``
         partitions (``endpoint_path.endpoint_critical_path_partitioned``)."""
         with self._partitioned:
+            parts = max(self._parts(since_ns), 1)  # (planned again once the question before is done)
             try:
                 with self._partition_contexts(since_ns, parts) as contexts:
                     return endpoint_critical_path_partitioned(contexts, parts, service, operation)

@@ -60,7 +60,7 @@ class _Window:
     contexts: Callable[[int, int], Any]
     chosen: int = 0  # --partitions (0: the memory budget's)
     remove: Callable[[], None] | None = None  # the temporary store of trace files, removed after
-    split: Any = None  # the window's partition files (``partitions.split_store``), removed after
+    split: Any = None  # the window's partition files (``_SplitOnFirstRead``), removed after
 
     def close(self) -> None:
         if self.split is not None:
@@ -142,7 +142,7 @@ def _window(
     partitions: int = 0,
     holds: str | None = None,
 ) -> _Window:
-    from hourglass.analysis.partitions import StoreSource, split_store
+    from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.planning import BudgetError, question_parts
     from hourglass.analysis.whatif_query import partition_contexts
 
@@ -161,20 +161,49 @@ def _window(
             f"{budget / 2**30:.2f} GiB memory budget: asked in {parts} partitions of whole traces",
             err=True,
         )
-    source = StoreSource(path, since_ns)
-    # a DuckDB file's window read once into a file per partition (as `analyze` does), not the
-    # whole store scanned for each partition: the reads grew with the square of the window
-    split = None
-    try:
-        split = split_store(source, parts)  # (None: a ClickHouse store, or too few partitions)
-    except Exception as exc:  # (a full disk: the scans instead)
-        typer.echo(
-            f"hourglass {command}: splitting {what} into partition files failed ({exc}); "
-            "each partition is read from the store",
-            err=True,
-        )
-    loaded = split if split is not None else source
-    return _Window(path, since_ns, parts, partition_contexts(loaded.load, since_ns), partitions, split=split)
+    split = _SplitOnFirstRead(command, what, StoreSource(path, since_ns), spans, budget)
+    return _Window(path, since_ns, parts, partition_contexts(split.load, since_ns), partitions, split=split)
+
+
+class _SplitOnFirstRead:
+    """A DuckDB file's window read once into a file per partition (``partitions.split_store``, as
+    `analyze` does) when its first partition is asked for, not the whole store scanned for each
+    partition (the reads grew with the square of the window); after the recommendations' findings,
+    which `analyze`'s own run reads and splits. Scanned instead when the split does not fit
+    (``partitions.question_split_refused``) or fails."""
+
+    def __init__(self, command: str, what: str, source: Any, spans: int, budget: int) -> None:
+        self.command, self.what, self.source, self.spans, self.budget = command, what, source, spans, budget
+        self.split: Any = None
+        self.tried = False
+
+    def load(self, part: int, parts: int) -> Any:
+        if not self.tried:
+            self.tried = True
+            self.split = self._split(parts)
+        return (self.split if self.split is not None else self.source).load(part, parts)
+
+    def _split(self, parts: int) -> Any:
+        from hourglass.analysis.partitions import question_split_refused, split_store
+        from hourglass.analysis.planning import PROCESS_BASE_BYTES
+
+        filtered = self.source.since_ns is not None
+        refused = question_split_refused(self.spans, parts, self.budget - PROCESS_BASE_BYTES, filtered, None)
+        if refused is not None:
+            return None
+        try:
+            return split_store(self.source, parts)  # (None: a ClickHouse store)
+        except Exception as exc:  # (a full disk: the scans instead)
+            typer.echo(
+                f"hourglass {self.command}: splitting {self.what} into partition files failed ({exc}); "
+                "each partition is read from the store",
+                err=True,
+            )
+            return None
+
+    def remove(self) -> None:
+        if self.split is not None:
+            self.split.remove()
 
 
 def _read_copies(path: str) -> int:

@@ -216,9 +216,24 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         return scan_partition(part, parts, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "scan_partition", scanning)
+    from hourglass.analysis import partitions
+
+    # (a budget this small has no room for the split's own memory: left out here)
+    monkeypatch.setattr(partitions, "split_bytes", lambda spans, filtered=False: 0)
     try:
+        stale = tmp_path / "hourglass-question-left-by-a-killed-serve"
+        stale.mkdir()
         split = QueryEngine.over_store(store, budget=budget)
+        assert not stale.exists()  # (removed when the engine opens over the store)
         assert split._parts(None) >= 4
+        made: list[str] = []
+        real_split = store.split_partitions
+
+        def splitting(folder: str, *args: object, **kwargs: object) -> object:
+            made.append(folder)
+            return real_split(folder, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "split_partitions", splitting)
         busiest = split.endpoints()[0]
         assert scans == []
         service, operation = busiest["service"], busiest["operation"]
@@ -226,7 +241,8 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         answer = split.whatif(body)
         assert answer["saved_ms_total"] > 0
         path = split.critical_path(service, operation)
-        assert scans == [] and not globbing.glob(str(tmp_path / "hourglass-question-*"))
+        assert scans == [] and made and all(Path(folder).parent == tmp_path for folder in made)
+        assert not globbing.glob(str(tmp_path / "hourglass-question-*"))  # (beside the store, removed after)
         scanned = QueryEngine.over_store(store, budget=budget)
         scanned._split_window = None
         assert scanned.whatif(body) == answer and scans
@@ -241,3 +257,62 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         assert not globbing.glob(str(tmp_path / "hourglass-question-*"))
     finally:
         store.close()
+
+
+def test_a_cached_context_is_not_counted_against_the_question_that_replaces_it() -> None:
+    """A context built at once is reused by the next question over the same window (not planned
+    in partitions because it is held); one that will not be reused is let go before what the
+    process holds is measured, so the plan does not count it."""
+    store = CountingStore()
+    budget = 1536 * 2**20
+    engine: QueryEngine
+
+    def held() -> int:  # (a held context counts as a gigabyte)
+        return 2**30 if engine._cached is not None else 0
+
+    engine = QueryEngine(
+        store.scan,
+        store.change_marker,
+        window_spans=lambda since_ns: 500_000,
+        budget=budget,
+        scan_partition=lambda part, parts, since_ns: table().slice(0, 0),
+        held=held,
+    )
+    body = {"changes": [{"parallelize": {"service": "front", "operation": "GET /x"}}]}
+    engine.whatif(body)
+    assert engine._cached is not None and len(store.scans) == 1
+    assert engine._parts(None) == 1  # reused as it is
+    engine.whatif(body)
+    assert len(store.scans) == 1
+    store.changes = 2  # the store changed: the context is rebuilt, planned without the old one
+    assert engine._parts(None) == 1 and engine._cached is None
+    engine.whatif(body)
+    assert len(store.scans) == 2
+
+
+def test_a_questions_split_needs_partitions_memory_files_and_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``question_split_refused``: a window is split into partition files only with enough
+    partitions, room in the budget for the split (more with a ``since`` filter), a file each
+    under ``ulimit -n`` and twice what it writes free on the disk."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from hourglass.analysis import partitions
+    from hourglass.analysis.planning import split_bytes
+
+    spans, free = 7_200_000, 2**30
+    assert partitions.question_split_refused(spans, 14, free, False, None) is None
+    assert "3 partitions" in str(partitions.question_split_refused(spans, 3, free, False, None))
+    assert "the split needs" in str(
+        partitions.question_split_refused(spans, 14, split_bytes(spans, True) - 1, True, None)
+    )
+    assert partitions.question_split_refused(spans, 14, split_bytes(spans, False), False, None) is None
+    monkeypatch.setattr(partitions, "room_for_open_files", lambda files: files - 1)
+    assert "ulimit" in str(partitions.question_split_refused(spans, 14, free, False, None))
+    monkeypatch.undo()
+    usage = namedtuple("usage", "total used free")
+    written = spans * partitions.SPLIT_FILE_BYTES_PER_SPAN
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(0, 0, 2 * written - 1))
+    assert "GiB free" in str(partitions.question_split_refused(spans, 14, free, False, None))
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(0, 0, 2 * written))
+    assert partitions.question_split_refused(spans, 14, free, False, None) is None
