@@ -289,9 +289,18 @@ class QueryEngine:
             table: pa.Table = store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
             return table
 
-        splits = callable(getattr(store, "split_partitions", None))
-        if splits:
-            remove_stale_question_folders(store)
+        first_split = [True]
+
+        def split_window(
+            since_ns: int | None, parts: int, spans: int, free: int
+        ) -> contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None]:
+            if not callable(getattr(store, "split_partitions", None)):  # (a ClickHouse store)
+                return contextlib.nullcontext(None)
+            if first_split[0]:  # (looked at when asked, not when the app is made)
+                first_split[0] = False
+                remove_stale_question_folders(store)
+            return split_store_window(store, since_ns, parts, spans, free)
+
         return cls(
             scan,
             marker,
@@ -303,11 +312,7 @@ class QueryEngine:
             read_copies=lambda: 2 if getattr(store, "embedded_engine", False) else 1,
             window_findings=window_findings,
             held=held_by_this_process,
-            split_window=(
-                lambda since_ns, parts, spans, free: split_store_window(store, since_ns, parts, spans, free)
-            )
-            if splits
-            else None,
+            split_window=split_window,
         )
 
     def _parts(self, since_ns: int | None) -> int:

@@ -254,6 +254,10 @@ async def _serve_async(
         await asyncio.to_thread(check_scheduler, settings.cluster)
     _warn_about_exposure(settings)
     store = open_serve_store(settings.db)
+    from hourglass.api.queries import remove_stale_question_folders
+
+    # the partition files of a question a killed serve was answering, beside the store (gigabytes)
+    remove_stale_question_folders(store)
     if not native_decode.AVAILABLE:
         log.warning(
             "the C extension collector._otlpscan is not built (no C compiler at install?): OTLP decoding "

@@ -224,7 +224,6 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         stale = tmp_path / "hourglass-question-left-by-a-killed-serve"
         stale.mkdir()
         split = QueryEngine.over_store(store, budget=budget)
-        assert not stale.exists()  # (removed when the engine opens over the store)
         assert split._parts(None) >= 4
         made: list[str] = []
         real_split = store.split_partitions
@@ -241,6 +240,7 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         answer = split.whatif(body)
         assert answer["saved_ms_total"] > 0
         path = split.critical_path(service, operation)
+        assert not stale.exists()  # (removed before the first split over the store)
         assert scans == [] and made and all(Path(folder).parent == tmp_path for folder in made)
         assert not globbing.glob(str(tmp_path / "hourglass-question-*"))  # (beside the store, removed after)
         scanned = QueryEngine.over_store(store, budget=budget)
