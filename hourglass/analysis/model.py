@@ -225,6 +225,12 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _CHUNK = 4096  # occurrences materialized at a time when iterating
 
 
+def kind_of(finding_id: str) -> str:
+    """The detector kind of a finding's (a recommendation's) id, ``<kind>-<signature hash>``
+    (:meth:`Finding._signature_and_id`)."""
+    return finding_id.rsplit("-", 1)[0]
+
+
 def _strings(values: list[Any], what: str) -> pl.Series:
     try:
         return pl.Series(values, dtype=pl.String, strict=True)

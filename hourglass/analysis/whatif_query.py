@@ -42,7 +42,7 @@ import polars as pl
 import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
-from hourglass.analysis.model import Finding
+from hourglass.analysis.model import Finding, kind_of
 from hourglass.analysis.whatif import CAP, RUN_CONCURRENTLY, SCALE_SELF, Retimer, RowChanges
 
 ChangeKind = Literal["recommendation", "speedup", "parallelize", "cap"]
@@ -242,7 +242,7 @@ def detector_lookup(ctx: AnalysisContext) -> FindingLookup:
     found: dict[str, dict[str, Finding]] = {}
 
     def lookup(rec_id: str) -> Finding | None:
-        kind = rec_id.rsplit("-", 1)[0]
+        kind = kind_of(rec_id)
         detect = DETECTORS.get(kind)
         if detect is None:
             return None

@@ -1208,7 +1208,7 @@ def window_findings(
     ``request["parts"]`` partitions of whole traces, one after another (``request["spill_buckets"]``
     as :func:`analyze_partitions`'). An id the window's findings do not have is not in the result."""
     from hourglass.analysis import partitions
-    from hourglass.analysis.model import NearMissLog
+    from hourglass.analysis.model import NearMissLog, kind_of
 
     wanted = set(request["ids"])
     since_ns = request.get("since_ns")
@@ -1227,8 +1227,8 @@ def window_findings(
                 return {}
             memo = MemoExecutor(state, units, cluster)
             try:
-                # only the detectors of the ids decide (an id is "<kind>-<signature hash>")
-                kinds = {i.rsplit("-", 1)[0] for i in wanted}
+                # only the detectors of the ids decide
+                kinds = {kind_of(i) for i in wanted}
                 extracted = state.extraction(units, BatchSource(units, reader.batch), memo, notes, kinds)
             finally:
                 memo.close()
