@@ -406,8 +406,10 @@ SETTINGS: tuple[Setting, ...] = (
         shown_default="1.5GiB",
     ),
     Setting(
-        "workers", "int", 0, "worker processes for the partitions of one analysis",
-        env="HOURGLASS_WORKERS", flag="--workers", commands=(ANALYZE,), shown_default="0 (one per core)",
+        "workers", "int", 0, "worker processes for the partitions of one analysis (whatif, critical-path: of a window "
+        "asked in partitions)",
+        env="HOURGLASS_WORKERS", flag="--workers", commands=(ANALYZE, WHATIF, CRITICAL_PATH),
+        shown_default="0 (one per core)",
     ),
     Setting(
         "cluster", "optional_text", None,

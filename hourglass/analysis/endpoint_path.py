@@ -637,40 +637,71 @@ def endpoint_critical_path(
 
 
 def endpoint_critical_path_partitioned(
-    load: Callable[[int, int], AnalysisContext], parts: int, service: str | None, operation: str | None
+    load: Callable[[int, int], AnalysisContext],
+    parts: int,
+    service: str | None,
+    operation: str | None,
+    *,
+    runner: Any = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any] | None]:
     """(:func:`endpoints`, :func:`endpoint_critical_path` of (service, operation) when both are
     given) of a window too large for one context: ``load(part, parts)`` builds the context of each
     partition of whole traces in turn (one held at a time); their endpoint rows are combined, as
-    the partitioned analysis combines them, and decided once."""
-    from hourglass.analysis.context import compact
+    the partitioned analysis combines them, and decided once. ``runner``
+    (``whatif_query.PartsRunner``): the partitions are asked in its worker processes instead,
+    several at once (``load`` must pickle: ``whatif_query.SourceContexts``). ``progress(phase,
+    done, parts)`` as partitions are answered."""
+    from hourglass.analysis.planning import ASKING
 
-    listings: list[pl.DataFrame] = []
-    rows: list[PathRows] = []
-    for part in range(parts):
-        ctx = load(part, parts)
-        # each with its own strings: cut from the spans', they would keep every partition's string
-        # buffers alive until the answer is made (a critical path over a 7.2M-span store in 14
-        # partitions: 2.1 GiB held)
-        listings.append(compact(endpoints(ctx)))
-        if service is not None and operation is not None:
-            made = path_rows(ctx, (service, operation))
-            rows.append(
-                PathRows(
-                    *(compact(frame) for frame in (made.traces, made.operations, made.paths, made.nodes))
-                )
-            )
-        ctx.cache.clear()
-        del ctx
+    shares: list[tuple[pl.DataFrame, PathRows | None]]
+    if runner is not None:
+        calls = [(load, part, parts, service, operation) for part in range(parts)]
+        shares = runner.map(ASKING, critical_path_part, calls, progress)
+    else:
+        shares = []
+        for part in range(parts):
+            shares.append(critical_path_part(load, part, parts, service, operation))
+            if progress:
+                progress(ASKING, part + 1, parts)
     listing = (
-        _concat(listings)
+        _concat([share for share, _ in shares])
         .group_by("service", "operation")
         .agg(pl.col("traces").sum())
         .sort(["traces", "service", "operation"], descending=[True, False, False])
     )
-    if not rows:
+    rows = [made for _, made in shares if made is not None]
+    if service is None or operation is None or not rows:
         return listing, None
-    return listing, endpoint_path_from_rows(combine_path_rows(rows), service or "", operation or "")
+    return listing, endpoint_path_from_rows(combine_path_rows(rows), service, operation)
+
+
+def critical_path_part(
+    load: Callable[[int, int], AnalysisContext],
+    part: int,
+    parts: int,
+    service: str | None,
+    operation: str | None,
+) -> tuple[pl.DataFrame, PathRows | None]:
+    """Partition ``part``'s share of :func:`endpoint_critical_path_partitioned` (a worker's task
+    when it runs elsewhere): its endpoints and, when both are given, (service, operation)'s path
+    rows."""
+    from hourglass.analysis.context import compact
+
+    ctx = load(part, parts)
+    try:
+        # each with its own strings: cut from the spans', they would keep every partition's string
+        # buffers alive until the answer is made (a critical path over a 7.2M-span store in 14
+        # partitions: 2.1 GiB held)
+        listing = compact(endpoints(ctx))
+        if service is None or operation is None:
+            return listing, None
+        made = path_rows(ctx, (service, operation))
+        return listing, PathRows(
+            *(compact(frame) for frame in (made.traces, made.operations, made.paths, made.nodes))
+        )
+    finally:
+        ctx.cache.clear()
 
 
 def endpoint_path_from_rows(

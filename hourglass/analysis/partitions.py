@@ -437,6 +437,31 @@ def splits(source: Source, parts: int) -> bool:
     return local_path(source.location) == source.location and source.location != ":memory:"
 
 
+def trace_parts_of(source: Source, trace_ids: list[str], parts: int) -> pl.DataFrame | None:
+    """(trace_id, part) of ``trace_ids`` in ``source``'s ``parts`` partitions, as its tasks read
+    them: DuckDB's ``hash(trace_id) % parts`` (``scan_partition``, ``split_store``) for a DuckDB
+    file's partitions (a split is always one's); None for a ClickHouse store (its own hash)."""
+    from hourglass.collector.store import local_path
+
+    if isinstance(source, StoreSource) and (
+        local_path(source.location) != source.location or source.location == ":memory:"
+    ):
+        return None
+    import duckdb
+
+    connection = duckdb.connect()
+    try:
+        connection.register("ids", pa.table({"trace_id": pa.array(trace_ids, type=pa.string())}))
+        table = connection.sql(
+            f"SELECT trace_id, (hash(trace_id) % {int(parts)})::BIGINT AS part FROM ids"
+        ).to_arrow_table()
+    finally:
+        connection.close()
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 # the files a run holds open beside the split's partition files: the store and DuckDB's own, the
 # pipes to the worker processes, the modules' (measured: ~17 when a split of 100 partitions hit a
 # limit of 64), with room to spare

@@ -94,6 +94,10 @@ def at_once_spans(budget: int) -> int:
     return max(0, (budget - PROCESS_BASE_BYTES) // PEAK_BYTES_PER_SPAN)
 
 
+# the phase a what-if or critical-path question's partitions are counted under (``partitions.
+# Progress``: the CLI's bar; a partition that fails twice: "asking of partition 2/38 failed twice")
+ASKING = "asking"
+
 # the smallest room a question is given in a process that holds much already (``question_room``):
 # partitions of this many spans at least, rather than a refusal
 MIN_QUESTION_SPANS = 50_000
@@ -127,6 +131,27 @@ def question_parts(spans: int, budget: int, copies: int = 1) -> int:
             f"{(PROCESS_BASE_BYTES + PEAK_BYTES_PER_SPAN) / 2**30:.2f} GiB)"
         )
     return -(-spans * copies * 5 // (4 * most))
+
+
+def question_plan(spans: int, budget: int, workers: int, copies: int = 1) -> tuple[int, int]:
+    """(partitions, worker processes) of a what-if or critical-path question over a window of
+    ``spans`` spans within ``budget`` bytes, on up to ``workers`` processes. One process
+    (:func:`question_parts`, asked in this one) when the window fits at once, ``copies`` is 2
+    (an embedded ClickHouse store: opened by one process at a time), or no two workers have
+    ``MIN_WORKER_BYTES`` each beside the bases; else each worker holds a partition at a time in
+    its share of the budget (the asking process holds the answers' per-trace rows only), in
+    whole rounds of the workers: ~2x smaller partitions on 2 workers, asked two at a time."""
+    serial = question_parts(spans, budget, copies)
+    if serial <= 1 or copies > 1:
+        return serial, 1
+    for count in range(max(1, workers), 1, -1):
+        room = (budget - (count + 1) * PROCESS_BASE_BYTES) // count
+        if room < MIN_WORKER_BYTES:
+            continue
+        most = room // PEAK_BYTES_PER_SPAN
+        parts = -(-spans * 5 // (4 * most))
+        return max(count, -(-parts // count) * count), count
+    return serial, 1
 
 
 def split_bytes(spans: int, filtered: bool = False) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.model import Finding, kind_of
+from hourglass.analysis.planning import ASKING
 from hourglass.analysis.whatif import CAP, RUN_CONCURRENTLY, SCALE_SELF, Retimer, RowChanges
 
 ChangeKind = Literal["recommendation", "speedup", "parallelize", "cap"]
@@ -253,6 +254,13 @@ def detector_lookup(ctx: AnalysisContext) -> FindingLookup:
     return lookup
 
 
+def _unknown(recommendation: str) -> WhatIfInputError:
+    return WhatIfInputError(
+        f"no recommendation {recommendation!r} in these traces "
+        "(ids are listed by GET /v1/recommendations and `hourglass analyze`)"
+    )
+
+
 def _quantile(column: str, q: float) -> pl.Expr:
     return (pl.col(column).quantile(q, interpolation="linear") / 1e6).round(3)
 
@@ -333,10 +341,7 @@ def evaluate_part(
         if change.kind == "recommendation":
             finding = (lookup or detector_lookup(ctx))(change.recommendation)
             if finding is None:
-                raise WhatIfInputError(
-                    f"no recommendation {change.recommendation!r} in these traces "
-                    "(ids are listed by GET /v1/recommendations and `hourglass analyze`)"
-                )
+                raise _unknown(change.recommendation)
             # (occurrences in traces of other contexts resolve to no row here, and are dropped)
             rows, owner, types, ivalues, fvalues = engine._resolve(finding, None)
             keep = selected[rows]
@@ -468,6 +473,19 @@ def combine_parts(
     }
 
 
+class PartsRunner(Protocol):
+    """What runs a question's partitions elsewhere: ``partitions.ProcessExecutor`` (its ``map``
+    retries a failed partition once, then raises naming it)."""
+
+    workers: int
+
+    def map(
+        self, phase: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]], progress: Any
+    ) -> list[Any]: ...
+
+
+
+
 def evaluate_partitioned(
     load: Callable[[int, int], AnalysisContext],
     parts: int,
@@ -476,22 +494,101 @@ def evaluate_partitioned(
     service: str | None = None,
     operation: str | None = None,
     lookup: FindingLookup | None = None,
+    runner: PartsRunner | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    trace_parts: Callable[[list[str], int], pl.DataFrame | None] | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` over a window too large for one context: ``load(part, parts)`` builds the
     context of each partition of whole traces in turn (one held at a time), and the parts are
     combined (:func:`combine_parts`). ``lookup`` gives the recommendations' findings as decided
     over the whole window (a detector run on one partition would decide over its traces only);
-    without it a recommendation change raises."""
+    without it a recommendation change raises. ``runner``: the partitions are asked in its worker
+    processes instead, several at once (``load`` must pickle: a :class:`SourceContexts`), each
+    given the findings its changes name; the same answer (a trace's re-timing depends on its own
+    spans alone). ``trace_parts(trace_ids, parts)`` (``partitions.trace_parts_of``): the partition
+    of each trace id (trace_id, part), so that each task is given the occurrences of its own
+    traces only, not every occurrence of the window (None, or not given: every task gets them
+    all). ``progress(ASKING, done, parts)`` as partitions are answered."""
     _check_changes(changes)
     if lookup is None and any(change.kind == "recommendation" for change in changes):
         raise WhatIfInputError("a recommendation change needs the window's findings")
+    if runner is not None:
+        findings: dict[str, Finding] = {}
+        for change in changes:
+            if change.kind == "recommendation":
+                assert lookup is not None
+                found = lookup(change.recommendation)
+                if found is None:
+                    raise _unknown(change.recommendation)
+                findings[change.recommendation] = found
+        shares = _findings_by_partition(findings, parts, trace_parts)
+        calls = [
+            (load, part, parts, list(changes), service, operation, shares[part] if shares else findings)
+            for part in range(parts)
+        ]
+        answers = runner.map(ASKING, evaluate_part_task, calls, progress)
+        return combine_parts(answers, changes, service=service, operation=operation)
     answers = []
     for part in range(parts):
         ctx = load(part, parts)
         answers.append(evaluate_part(ctx, changes, service=service, operation=operation, lookup=lookup))
         ctx.cache.clear()  # (the engine the context caches refers back to it: freed at once)
         del ctx
+        if progress:
+            progress(ASKING, part + 1, parts)
     return combine_parts(answers, changes, service=service, operation=operation)
+
+
+def _findings_by_partition(
+    findings: dict[str, Finding],
+    parts: int,
+    trace_parts: Callable[[list[str], int], pl.DataFrame | None] | None,
+) -> list[dict[str, Finding]] | None:
+    """Per partition, ``findings`` with the occurrences of its traces only (None: not known where
+    the traces are): sent whole, every task would unpickle every occurrence of the window, as
+    the pricing's tasks once did (``partitions.findings_by_partition``)."""
+    if not findings or trace_parts is None:
+        return None
+    from hourglass.analysis.partitions import findings_by_partition
+
+    ids = sorted({t for f in findings.values() for t in f.occurrence_table.trace_id_series().to_list()})
+    where = trace_parts(ids, parts)
+    if where is None:
+        return None
+    keys = list(findings)
+    shares = findings_by_partition([findings[k] for k in keys], where, parts)
+    return [dict(zip(keys, share, strict=True)) for share in shares]
+
+
+def evaluate_part_task(
+    load: Callable[[int, int], AnalysisContext],
+    part: int,
+    parts: int,
+    changes: list[Change],
+    service: str | None,
+    operation: str | None,
+    findings: dict[str, Finding],
+) -> PartAnswer:
+    """A worker's task (:func:`evaluate_partitioned` with a ``runner``): partition ``part``'s
+    share of the answer."""
+    ctx = load(part, parts)
+    try:
+        return evaluate_part(ctx, changes, service=service, operation=operation, lookup=findings.get)
+    finally:
+        ctx.cache.clear()
+
+
+@dataclass(frozen=True)
+class SourceContexts:
+    """``load(part, parts)`` of a question asked in worker processes: a partition of
+    ``source`` (``partitions.SplitSource``, ``partitions.StoreSource``: each read by the task
+    itself) made into its context as :func:`partition_contexts` makes it; pickles."""
+
+    source: Any
+    since_ns: int | None = None
+
+    def __call__(self, part: int, parts: int) -> AnalysisContext:
+        return partition_contexts(self.source.load, self.since_ns)(part, parts)
 
 
 def partition_contexts(

@@ -632,6 +632,7 @@ _PHASE_TEXTS = {
     "deciding": "deciding detectors",
     "pricing": "pricing partitions",
     "pricing workstreams": "pricing the workstreams' partitions",
+    "asking": "asking partitions",  # (whatif, critical-path: ``whatif_query.ASKING``)
 }
 
 

@@ -33,7 +33,14 @@ from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
 from hourglass.cli._options import since_ns as since_option_ns
-from hourglass.cli.analyze import _read_files, _terminate_as_interrupt, open_store_for_analysis, read_store
+from hourglass.cli.analyze import (
+    EXIT_STORE,
+    _progress_bar,
+    _read_files,
+    _terminate_as_interrupt,
+    open_store_for_analysis,
+    read_store,
+)
 from hourglass.settings import CRITICAL_PATH, WHATIF
 
 EXIT_INPUT = 2
@@ -44,9 +51,9 @@ class QueryFormat(StrEnum):
     table = "table"
 
 
-def _fail(command: str, message: str) -> typer.Exit:
+def _fail(command: str, message: str, code: int = EXIT_INPUT) -> typer.Exit:
     typer.echo(f"hourglass {command}: {message}", err=True)
-    return typer.Exit(EXIT_INPUT)
+    return typer.Exit(code)
 
 
 @dataclass
@@ -61,8 +68,36 @@ class _Window:
     chosen: int = 0  # --partitions (0: the memory budget's)
     remove: Callable[[], None] | None = None  # the temporary store of trace files, removed after
     split: Any = None  # the window's partition files (``_SplitOnFirstRead``), removed after
+    workers: int = 1  # worker processes the partitions are asked in (1: this process, in turn)
+    runner: Any = None  # their ``partitions.ProcessExecutor``, once started (``asking``)
+
+    def asking(
+        self, progress: Callable[[str, int, int], None] | None
+    ) -> tuple[Callable[[int, int], Any], Any, Any]:
+        """(``load(part, parts)``, runner, ``trace_parts``) to ask the partitions with: this
+        process' contexts in turn, or, on 2+ ``workers``, their worker processes (started now,
+        while this one splits the window into partition files, which each task then reads
+        itself), with where each trace is (``partitions.trace_parts_of``)."""
+        if self.workers < 2:
+            return self.contexts, None, None
+        from functools import partial
+
+        from hourglass.analysis.partitions import ProcessExecutor, trace_parts_of
+        from hourglass.analysis.planning import PROCESS_BASE_BYTES
+        from hourglass.analysis.whatif_query import SourceContexts
+        from hourglass.analysis.worker_start import SHORT_LIVED_ALLOCATOR
+
+        self.runner = ProcessExecutor(self.workers, warm=False, allocator=SHORT_LIVED_ALLOCATOR)
+        self.runner.warm()
+        if progress:
+            progress("reading the window into partition files", 0, 0)
+        # the split's room: the budget less this process' base and the starting workers'
+        source = self.split.source_for(self.parts, self.workers * PROCESS_BASE_BYTES)
+        return SourceContexts(source, self.since_ns), self.runner, partial(trace_parts_of, source)
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         if self.split is not None:
             self.split.remove()
         if self.remove is not None:
@@ -70,7 +105,12 @@ class _Window:
 
 
 def _context(
-    command: str, files: list[Path] | None, db: str | None, since: str | None, partitions: int = 0
+    command: str,
+    files: list[Path] | None,
+    db: str | None,
+    since: str | None,
+    partitions: int = 0,
+    workers: int = 0,
 ) -> tuple[Any, int]:
     """(AnalysisContext of the files or the store — a :class:`_Window` of the store when its
     window is larger than one context holds within the memory budget —, number of skipped records)."""
@@ -83,6 +123,7 @@ def _context(
     # that large is asked in partitions of whole traces, one at a time
     settings = Settings()
     most = at_once_spans(settings.memory_budget)
+    workers = _workers(workers or settings.workers)
     if files:
         # files of more spans than one context holds are written, as they are read, to a
         # temporary span store (as `analyze` does), which is asked in partitions and removed after
@@ -107,6 +148,7 @@ def _context(
                     settings.memory_budget,
                     partitions,
                     "the files hold",
+                    workers,
                 )
             except BaseException:
                 read.remove()
@@ -124,7 +166,10 @@ def _context(
         finally:
             store.close()
         if spans * _read_copies(path) > most or partitions > 1:
-            return _window(command, path, since_ns, spans, settings.memory_budget, partitions), problems
+            return (
+                _window(command, path, since_ns, spans, settings.memory_budget, partitions, workers=workers),
+                problems,
+            )
         table = read_store(path, services=None, since_ns=since_ns)
     from hourglass.analysis.context import AnalysisContext, to_analysis_frame
     from hourglass.analysis.pipeline import select_traces
@@ -141,28 +186,60 @@ def _window(
     budget: int,
     partitions: int = 0,
     holds: str | None = None,
+    workers: int = 1,
 ) -> _Window:
     from hourglass.analysis.partitions import StoreSource
-    from hourglass.analysis.planning import BudgetError, question_parts
+    from hourglass.analysis.planning import BudgetError, question_plan
     from hourglass.analysis.whatif_query import partition_contexts
 
     what = "the store" if since_ns is None else "the window"
     holds = holds or f"{what} holds"
+    # an embedded ClickHouse store is opened by one process at a time: asked in this one
+    copies = _read_copies(path)
     if partitions > 1:
         parts = partitions
-        typer.echo(f"hourglass {command}: {what} asked in {parts} partitions of whole traces", err=True)
+        workers = 1 if copies > 1 else min(workers, parts)
+        typer.echo(
+            f"hourglass {command}: {what} asked in {parts} partitions of whole traces{_on(workers)}", err=True
+        )
     else:
         try:
-            parts = question_parts(spans, budget, _read_copies(path))
+            parts, workers = question_plan(spans, budget, workers, copies)
         except BudgetError as exc:
             raise _fail(command, f"{exc}: raise HOURGLASS_MEMORY_BUDGET") from None
         typer.echo(
             f"hourglass {command}: {holds} {spans:,} spans, more than one context holds under the "
-            f"{budget / 2**30:.2f} GiB memory budget: asked in {parts} partitions of whole traces",
+            f"{budget / 2**30:.2f} GiB memory budget: asked in {parts} partitions of whole traces{_on(workers)}",
             err=True,
         )
     split = _SplitOnFirstRead(command, what, StoreSource(path, since_ns), spans, budget)
-    return _Window(path, since_ns, parts, partition_contexts(split.load, since_ns), partitions, split=split)
+    return _Window(
+        path,
+        since_ns,
+        parts,
+        partition_contexts(split.load, since_ns),
+        partitions,
+        split=split,
+        workers=workers,
+    )
+
+
+def _workers(chosen: int) -> int:
+    """Worker processes for a question's partitions: ``chosen`` (--workers, HOURGLASS_WORKERS),
+    or 0: one per core."""
+    import os
+
+    return (
+        chosen
+        if chosen > 0
+        else len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count() or 1
+    )
+
+
+def _on(workers: int) -> str:
+    return f" on {workers} worker processes" if workers > 1 else ""
 
 
 class _SplitOnFirstRead:
@@ -178,17 +255,24 @@ class _SplitOnFirstRead:
         self.tried = False
 
     def load(self, part: int, parts: int) -> Any:
+        return self.source_for(parts).load(part, parts)
+
+    def source_for(self, parts: int, held: int = 0) -> Any:
+        """Where the partitions are read from: the window's partition files, split now when it
+        was not tried yet (in a process of ``held`` bytes over its own base: the workers'
+        bases), else the store (``partitions.StoreSource``, which each read scans). Pickles."""
         if not self.tried:
             self.tried = True
-            self.split = self._split(parts)
-        return (self.split if self.split is not None else self.source).load(part, parts)
+            self.split = self._split(parts, held)
+        return self.split if self.split is not None else self.source
 
-    def _split(self, parts: int) -> Any:
+    def _split(self, parts: int, held: int = 0) -> Any:
         from hourglass.analysis.partitions import question_split_refused, split_store
         from hourglass.analysis.planning import PROCESS_BASE_BYTES
 
         filtered = self.source.since_ns is not None
-        refused = question_split_refused(self.spans, parts, self.budget - PROCESS_BASE_BYTES, filtered, None)
+        free = self.budget - PROCESS_BASE_BYTES - held
+        refused = question_split_refused(self.spans, parts, free, filtered, None)
         if refused is not None:
             return None
         try:
@@ -323,10 +407,12 @@ def whatif_command(
     ] = None,
     since: Annotated[str | None, option("since", WHATIF)] = None,
     partitions: Annotated[int, option("partitions", WHATIF)] = 0,
+    workers: Annotated[int, option("workers", WHATIF)] = 0,
     output_format: FormatOpt = QueryFormat.table,
     output: OutputOpt = None,
 ) -> None:
     """What if an operation were faster, a caller parallel, a pool bigger, a recommendation done?"""
+    from hourglass.analysis.partitions import PartitionError
     from hourglass.analysis.whatif_query import (
         WhatIfInputError,
         changes_from_cli,
@@ -344,19 +430,31 @@ def whatif_command(
     except WhatIfInputError as exc:
         raise _fail("whatif", str(exc)) from None
     with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
-        ctx, problems = _context("whatif", files, db, since, partitions)
+        ctx, problems = _context("whatif", files, db, since, partitions, workers)
         try:
             if isinstance(ctx, _Window):
                 lookup = None
                 if any(change.kind == "recommendation" for change in changes):
                     lookup = _window_findings("whatif", ctx).get
-                result = evaluate_partitioned(
-                    ctx.contexts, ctx.parts, changes, service=service, operation=operation, lookup=lookup
-                )
+                with _progress_bar() as progress:
+                    contexts, runner, trace_parts = ctx.asking(progress)
+                    result = evaluate_partitioned(
+                        contexts,
+                        ctx.parts,
+                        changes,
+                        service=service,
+                        operation=operation,
+                        lookup=lookup,
+                        runner=runner,
+                        progress=progress,
+                        trace_parts=trace_parts,
+                    )
             else:
                 result = evaluate(ctx, changes, service=service, operation=operation)
         except WhatIfInputError as exc:
             raise _fail("whatif", str(exc)) from None
+        except PartitionError as exc:
+            raise _fail("whatif", str(exc), EXIT_STORE) from None
         finally:
             if isinstance(ctx, _Window):
                 ctx.close()
@@ -376,6 +474,7 @@ def critical_path_command(
     ] = None,
     since: Annotated[str | None, option("since", CRITICAL_PATH)] = None,
     partitions: Annotated[int, option("partitions", CRITICAL_PATH)] = 0,
+    workers: Annotated[int, option("workers", CRITICAL_PATH)] = 0,
     output_format: FormatOpt = QueryFormat.table,
     output: OutputOpt = None,
 ) -> None:
@@ -385,14 +484,19 @@ def critical_path_command(
         endpoint_critical_path_partitioned,
         endpoints,
     )
+    from hourglass.analysis.partitions import PartitionError
 
     with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
-        ctx, problems = _context("critical-path", files, db, since, partitions)
+        ctx, problems = _context("critical-path", files, db, since, partitions, workers)
         if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path
             try:
-                listing, path = endpoint_critical_path_partitioned(
-                    ctx.contexts, ctx.parts, service, operation
-                )
+                with _progress_bar() as progress:
+                    contexts, runner, _ = ctx.asking(progress)
+                    listing, path = endpoint_critical_path_partitioned(
+                        contexts, ctx.parts, service, operation, runner=runner, progress=progress
+                    )
+            except PartitionError as exc:
+                raise _fail("critical-path", str(exc), EXIT_STORE) from None
             finally:
                 ctx.close()
     if not isinstance(ctx, _Window):

@@ -4,6 +4,7 @@ and agreement with the report's own savings."""
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,117 @@ def test_a_partitions_share_of_an_answer_holds_none_of_its_spans() -> None:
     assert path is not None and len(kept) == 1
     for frame in (kept[0].traces, kept[0].operations, kept[0].paths, kept[0].nodes):
         assert any(frame is made for made in compacted)
+
+
+def test_a_question_is_planned_on_the_workers_that_have_room() -> None:
+    """A window too large for one context is asked on up to ``workers`` processes when each has
+    ``MIN_WORKER_BYTES`` beside the bases (its share of the budget: smaller partitions, in whole
+    rounds of the workers); in this process alone, in turn, when the window fits at once, when
+    no two workers have room, or for an embedded ClickHouse store (opened by one process at a
+    time)."""
+    from hourglass.analysis.planning import (
+        MIN_WORKER_BYTES,
+        PEAK_BYTES_PER_SPAN,
+        PROCESS_BASE_BYTES,
+        question_parts,
+        question_plan,
+    )
+
+    budget = 1536 * 2**20
+    assert question_plan(100_000, budget, 2) == (1, 1)  # at once
+    serial = question_parts(7_200_000, budget)
+    parts, workers = question_plan(7_200_000, budget, 2)
+    assert workers == 2 and parts % 2 == 0 and parts > serial
+    room = (budget - 3 * PROCESS_BASE_BYTES) // 2
+    assert -(-7_200_000 // parts) * PEAK_BYTES_PER_SPAN <= room  # a partition's peak in a worker's share
+    assert question_plan(7_200_000, budget, 1) == (serial, 1)
+    assert question_plan(7_200_000, budget, 2, copies=2) == (question_parts(7_200_000, budget, 2), 1)
+    small = 3 * PROCESS_BASE_BYTES + 2 * MIN_WORKER_BYTES - 1  # no two workers with room
+    assert question_plan(7_200_000, small, 2) == (question_parts(7_200_000, small), 1)
+    assert question_plan(7_200_000, 4 * budget, 3)[1] == 3
+
+
+@dataclass(frozen=True)
+class _FileParts:
+    """``load(part, parts)`` of partitions written to Arrow IPC files (pickles: the worker
+    processes read each file themselves); ``failing`` partition raises every time."""
+
+    folder: str
+    failing: int = -1
+
+    def __call__(self, part: int, parts: int) -> AnalysisContext:
+        if part == self.failing:
+            raise OSError(f"partition file {part} is unreadable")
+        return AnalysisContext.from_table(pl.read_ipc(Path(self.folder) / f"{part}.arrow"))
+
+
+def test_a_window_asked_in_worker_processes_answers_as_in_turn(tmp_path: Path) -> None:
+    """The partitions of a window asked in worker processes (``runner``: a real
+    ``ProcessExecutor`` of two) give the same what-if — speedup, parallelize and a recommendation
+    (its finding decided over the whole window and handed to the tasks) — and the same critical
+    path as asked one after another in this process; an unknown recommendation is refused before
+    any partition is asked, and a partition that fails twice names itself."""
+    from hourglass.analysis import endpoint_path, partitions
+    from hourglass.analysis.whatif_query import ANY_OPERATION, ASKING, detector_lookup, evaluate_partitioned
+    from hourglass.collector.files import read_trace_files
+
+    files = sorted(glob.glob(str(ROOT / "sample-traces" / "*.otlp.jsonl")))
+    table = pa.concat_tables([t for t in read_trace_files(files, on_error=lambda p: None) if t.num_rows])
+    whole = AnalysisContext.from_table(table)
+    parts = 3
+    for part, frame in enumerate(partitions.split_by_trace(pl.from_arrow(table), parts)):  # type: ignore[arg-type]
+        frame.write_ipc(tmp_path / f"{part}.arrow")
+    load = _FileParts(str(tmp_path))
+    report, _ = analyze_context(whole)
+    rec = next(r["id"] for r in report["recommendations"] if r["impact"]["saved_ms_total"])
+    lookup = detector_lookup(whole)
+    busiest = endpoint_path.endpoints(whole).row(0, named=True)
+    speedup = Change("speedup", service=busiest["service"], operation=ANY_OPERATION, factor=0.5)
+    parallel = Change("parallelize", service=busiest["service"], operation=busiest["operation"])
+    runner = partitions.ProcessExecutor(2, warm=False)
+    told: list[tuple[str, int, int]] = []
+
+    def trace_parts(trace_ids: list[str], parts: int, shift: int = 0) -> pl.DataFrame:
+        ids = pl.Series("trace_id", trace_ids, dtype=pl.String)  # (split_by_trace's partitions)
+        return ids.to_frame().with_columns(part=((ids.hash() % parts + shift) % parts).cast(pl.Int64))
+
+    recommendation = Change("recommendation", recommendation=rec)
+    try:
+        for changes in ([speedup], [parallel], [recommendation, speedup]):
+            in_turn = evaluate_partitioned(load, parts, changes, lookup=lookup)
+            asked = evaluate_partitioned(
+                load, parts, changes, lookup=lookup, runner=runner, progress=lambda *a: told.append(a)
+            )
+            assert asked == in_turn == evaluate(whole, changes, lookup=lookup), changes
+            # each task given its own traces' occurrences only: the same answer
+            shared = evaluate_partitioned(
+                load, parts, changes, lookup=lookup, runner=runner, trace_parts=trace_parts
+            )
+            assert shared == in_turn, changes
+        assert told[-1] == (ASKING, parts, parts)
+        # (the shares are what the tasks apply: given another partition's, the saving is lost)
+        misplaced = evaluate_partitioned(
+            load,
+            parts,
+            [recommendation],
+            lookup=lookup,
+            runner=runner,
+            trace_parts=lambda ids, parts: trace_parts(ids, parts, shift=1),
+        )
+        assert misplaced["saved_ms_total"] == 0 < in_turn["saved_ms_total"]
+        for service, operation in ((busiest["service"], busiest["operation"]), (None, None)):
+            listing, path = endpoint_path.endpoint_critical_path_partitioned(load, parts, service, operation)
+            listing_w, path_w = endpoint_path.endpoint_critical_path_partitioned(
+                load, parts, service, operation, runner=runner
+            )
+            assert listing_w.equals(listing) and path_w == path
+        with pytest.raises(WhatIfInputError, match="no recommendation 'nope-1'"):
+            evaluate_partitioned(
+                load, parts, [Change("recommendation", recommendation="nope-1")], lookup=lookup, runner=runner
+            )
+        with pytest.raises(
+            partitions.PartitionError, match=r"asking of partition 2/3 failed twice: .*unreadable"
+        ):
+            evaluate_partitioned(_FileParts(str(tmp_path), failing=1), parts, [speedup], runner=runner)
+    finally:
+        runner.close()

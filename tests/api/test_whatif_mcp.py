@@ -289,6 +289,53 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     assert json.loads(asked.stdout) == json.loads(at_once.stdout)
 
 
+def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
+    """With two workers (``--workers``, HOURGLASS_WORKERS; default one per core) a window asked in
+    partitions is split once into partition files (4 partitions: ``SPLIT_MIN_PARTS``) that the
+    worker processes read and ask, two at a time: the same what-if (a recommendation's too) and
+    critical path as one partition after another in this process, and the files removed after."""
+    speedup = ("--speedup", "ledger:lock.acquire ledger.journal=0.5")
+    report = json.loads(hourglass("analyze", "--db", str(demo_store), "--format", "json").stdout)
+    lock = next(r for r in report["recommendations"] if r["kind"] == "lock_contention")
+    env = {**_env(), "TMPDIR": str(tmp_path)}
+    for args in (
+        ("whatif", "--db", str(demo_store), *speedup, "--format", "json"),
+        ("whatif", "--db", str(demo_store), "--recommendation", lock["id"], "--format", "json"),
+        (
+            "critical-path",
+            "--db",
+            str(demo_store),
+            "--service",
+            "ledger",
+            "--operation",
+            LEDGER_TRANSFERS,
+            "--format",
+            "json",
+        ),
+    ):
+        in_turn = subprocess.run(
+            [*hourglass_executable(), *args, "--partitions", "4", "--workers", "1"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        asked = subprocess.run(
+            [*hourglass_executable(), *args, "--partitions", "4"],
+            cwd=ROOT,
+            env={**env, "HOURGLASS_WORKERS": "2"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert in_turn.returncode == asked.returncode == 0, asked.stderr
+        assert "asked in 4 partitions of whole traces\n" in in_turn.stderr, in_turn.stderr
+        assert "asked in 4 partitions of whole traces on 2 worker processes" in asked.stderr, asked.stderr
+        assert json.loads(asked.stdout) == json.loads(in_turn.stdout), args
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_whatif_and_critical_path_cli(demo_store: Path) -> None:
     analyzed = hourglass("analyze", "--db", str(demo_store), "--format", "json")
     assert analyzed.returncode == 0, analyzed.stderr
