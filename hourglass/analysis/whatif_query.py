@@ -484,8 +484,6 @@ class PartsRunner(Protocol):
     ) -> list[Any]: ...
 
 
-
-
 def evaluate_partitioned(
     load: Callable[[int, int], AnalysisContext],
     parts: int,
@@ -607,6 +605,40 @@ def partition_contexts(
         return AnalysisContext.from_table(frame)
 
     return context
+
+
+def endpoint_path_of_traces(
+    read: Callable[[int, int, list[str]], pa.Table],
+    trace_ids: list[str],
+    spans: int,
+    room: int,
+    service: str,
+    operation: str,
+    since_ns: int | None = None,
+    copies: int = 1,
+) -> tuple[dict[str, Any] | None] | None:
+    """The critical path of the endpoint (``service``, ``operation``) over a window too large for
+    one context, decided over the traces with a span of that endpoint only: ``trace_ids``, which
+    hold ``spans`` span rows (``DuckDBSpanStore.endpoint_trace_ids``; every trace rooted there is
+    among them, and a trace's path depends on its own spans alone, so the path is the window's).
+    ``read(part, parts, ids)``: those of ``ids`` in partition ``part`` of ``parts``, whole (a
+    store's ``scan_partition``); within ``room`` bytes (``planning.question_parts``), the
+    window selected as a question's is (``since_ns``). Returns (the path,) — (None,): no trace
+    of the window is rooted there —, or None when those traces need as many partitions as a
+    window is split into files for (``SPLIT_MIN_PARTS``): ask the window instead."""
+    from hourglass.analysis.endpoint_path import endpoint_critical_path_partitioned
+    from hourglass.analysis.planning import SPLIT_MIN_PARTS, BudgetError, question_parts
+
+    if not trace_ids:
+        return (None,)
+    try:
+        parts = question_parts(spans, room, copies)
+    except BudgetError:
+        return None
+    if parts >= SPLIT_MIN_PARTS:
+        return None
+    contexts = partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns)
+    return (endpoint_critical_path_partitioned(contexts, parts, service, operation)[1],)
 
 
 def _trace_index(spans: pl.DataFrame) -> np.ndarray:

@@ -290,6 +290,47 @@ class _SplitOnFirstRead:
             self.split.remove()
 
 
+def _endpoint_path(db: str | None, since: str | None, service: str, operation: str) -> dict[str, Any] | None:
+    """The critical path of (service, operation) over a store's window too large for one
+    context, decided over the traces with a span of that endpoint only (read by their ids, at
+    once or in a few partitions: ``whatif_query.endpoint_path_of_traces``) instead of every span
+    of the window; None when the window fits at once, the store cannot name those traces (a
+    ClickHouse store), they are too many to be worth it, or none is rooted there (the window's
+    own pass then lists the endpoints)."""
+    command = "critical-path"
+    since_ns = since_option_ns(command, since)
+    settings = Settings()
+    path = db or settings.db
+    store = open_store_for_analysis(path, command)
+    try:
+        count, named = getattr(store, "span_rows_since", None), getattr(store, "endpoint_trace_ids", None)
+        if not callable(count) or not callable(named):
+            return None
+        window = int(count(since_ns))
+        if window * _read_copies(path) <= at_once_spans(settings.memory_budget):
+            return None
+        ids, spans = named(service, operation)
+    finally:
+        store.close()
+    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.whatif_query import endpoint_path_of_traces
+
+    source = StoreSource(path)  # (the whole traces: the window is selected from them as read)
+    found = endpoint_path_of_traces(
+        source.load, ids, spans, settings.memory_budget, service, operation, since_ns, _read_copies(path)
+    )
+    if found is None or found[0] is None:
+        return None
+    what = "the store" if since_ns is None else "the window"
+    typer.echo(
+        f"hourglass {command}: {what} holds {window:,} spans, more than one context holds under the "
+        f"{settings.memory_budget / 2**30:.2f} GiB memory budget: asked over the {len(ids):,} traces "
+        f"with a span {service}:{operation} ({spans:,} spans)",
+        err=True,
+    )
+    return found[0]
+
+
 def _read_copies(path: str) -> int:
     """2 for an embedded ClickHouse, whose read of a window is held in this process beside its
     context (``planning.question_parts``); else 1."""
@@ -486,6 +527,16 @@ def critical_path_command(
     )
     from hourglass.analysis.partitions import PartitionError
 
+    if not files and service is not None and operation is not None and partitions <= 1:
+        found = _endpoint_path(db, since, service, operation)
+        if found is not None:
+            text = (
+                json.dumps(found, indent=2) + "\n"
+                if output_format is QueryFormat.json
+                else _path_table(found)
+            )
+            _emit(text, output)
+            return
     with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
         ctx, problems = _context("critical-path", files, db, since, partitions, workers)
         if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path

@@ -1219,6 +1219,29 @@ class DuckDBSpanStore:
         return self._read_spans(selected, source, outer_params + params, string_views=string_views)
 
     @_read
+    def endpoint_trace_ids(self, service: str, operation: str) -> tuple[list[str], int]:
+        """(the ids of the traces with a span named ``operation`` in ``service`` — every trace
+        whose root is that endpoint among them —, the span rows those traces hold: copies
+        included, an upper bound of what a read of them gives). An endpoint's critical path is
+        decided over these traces alone (``hourglass.api.queries``): a trace's path depends on
+        its own spans only."""
+        self.load_staged()
+        cursor = self._cursor()
+        ids = [
+            row[0]
+            for row in cursor.execute(
+                "SELECT DISTINCT trace_id FROM spans WHERE service = ? AND name = ? ORDER BY trace_id",
+                [service, operation],
+            ).fetchall()
+        ]
+        if not ids:
+            return [], 0
+        (spans,) = cursor.execute(
+            "SELECT count(*) FROM spans WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+        ).fetchall()[0]
+        return ids, int(spans)
+
+    @_read
     def split_partitions(
         self,
         folder: str,

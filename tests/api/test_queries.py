@@ -224,6 +224,9 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         stale = tmp_path / "hourglass-question-left-by-a-killed-serve"
         stale.mkdir()
         split = QueryEngine.over_store(store, budget=budget)
+        split._endpoint_traces = (
+            None  # (the window's partitions: the endpoint's traces alone are the next test's)
+        )
         assert split._parts(None) >= 4
         made: list[str] = []
         real_split = store.split_partitions
@@ -244,7 +247,7 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         assert scans == [] and made and all(Path(folder).parent == tmp_path for folder in made)
         assert not globbing.glob(str(tmp_path / "hourglass-question-*"))  # (beside the store, removed after)
         scanned = QueryEngine.over_store(store, budget=budget)
-        scanned._split_window = None
+        scanned._split_window = scanned._endpoint_traces = None
         assert scanned.whatif(body) == answer and scans
         assert scanned.critical_path(service, operation) == path
         scans.clear()
@@ -255,6 +258,82 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         monkeypatch.setattr(store, "split_partitions", failing)
         assert QueryEngine.over_store(store, budget=budget).whatif(body) == answer and scans
         assert not globbing.glob(str(tmp_path / "hourglass-question-*"))
+    finally:
+        store.close()
+
+
+def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a window asked in partitions, an endpoint's critical path is decided over the traces
+    with a span of that endpoint only (``DuckDBSpanStore.endpoint_trace_ids``), read by their
+    ids: the same path as the window's partitions give, with or without ``since``, and for an
+    endpoint no trace is rooted at (None); where those traces would need as many partitions as
+    a window is split for, the window's partitions answer."""
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.files import read_trace_files
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    samples = sorted(
+        str(p) for p in (Path(__file__).resolve().parents[2] / "sample-traces").glob("*.otlp.jsonl")
+    )
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    for part in read_trace_files(samples, on_error=lambda problem: None):
+        if part.num_rows:
+            store.write(part.select(list(SPAN_COLUMNS)))
+    from hourglass.analysis import partitions
+
+    monkeypatch.setattr(partitions, "split_bytes", lambda spans, filtered=False: 0)
+    read: list[int] = []
+    scan_partition = store.scan_partition
+
+    def reading(part: int, parts: int, **kwargs: object) -> pa.Table:
+        table = scan_partition(part, parts, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("trace_ids") is not None:
+            read.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(store, "scan_partition", reading)
+    try:
+        total = store.raw_row_count()
+        budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2  # (half the store at once)
+        engine = QueryEngine.over_store(store, budget=budget)
+        monkeypatch.setattr(engine, "_held", lambda: 0)
+        window = QueryEngine.over_store(store, budget=budget)
+        window._endpoint_traces = None
+        assert engine._parts(None) > 1
+        import datetime
+
+        starts = store.scan(columns=("start_ns",))["start_ns"]  # (the samples span ~26 s)
+        middle = (pa.compute.min(starts).as_py() + pa.compute.max(starts).as_py()) // 2
+        mid = datetime.datetime.fromtimestamp(middle / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        asked = 0
+        traces: dict[str | None, int] = {}
+        for endpoint in [(e["service"], e["operation"]) for e in window.endpoints(limit=50)]:
+            _, spans = store.endpoint_trace_ids(*endpoint)
+            if spans * 5 // 4 > total // 2:  # (more than a context: the next partitions' test)
+                continue
+            for since in (None, mid):
+                read.clear()
+                path = engine.critical_path(*endpoint, since=since)
+                assert read and sum(read) <= spans < total, endpoint  # (those traces only)
+                assert path == window.critical_path(*endpoint, since=since), (endpoint, since)
+                asked += path is not None
+                traces[since] = traces.get(since, 0) + (path["traces"] if path else 0)
+        assert asked >= 3
+        assert 0 < traces[mid] < traces[None]  # (the window from since: fewer of its traces)
+        read.clear()
+        assert engine.critical_path("no-such-service", "GET /") is None and read == []
+        # as many partitions as a window is split for: the window's partitions instead
+        busiest = window.endpoints()[0]
+        small = QueryEngine.over_store(store, budget=PROCESS_BASE_BYTES + 50 * PEAK_BYTES_PER_SPAN)
+        monkeypatch.setattr(small, "_held", lambda: 0)
+        read.clear()
+        assert small.critical_path(busiest["service"], busiest["operation"]) == window.critical_path(
+            busiest["service"], busiest["operation"]
+        )
+        assert read == []
     finally:
         store.close()
 
