@@ -526,6 +526,20 @@ def evaluate_partitioned(
         ]
         answers = runner.map(ASKING, evaluate_part_task, calls, progress)
         return combine_parts(answers, changes, service=service, operation=operation)
+    answers = _ask_in_turn(load, parts, changes, service, operation, lookup, progress)
+    return combine_parts(answers, changes, service=service, operation=operation)
+
+
+def _ask_in_turn(
+    load: Callable[[int, int], AnalysisContext],
+    parts: int,
+    changes: Sequence[Change],
+    service: str | None,
+    operation: str | None,
+    lookup: FindingLookup | None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[PartAnswer]:
+    """Each partition's share, one context at a time in this process."""
     answers = []
     for part in range(parts):
         ctx = load(part, parts)
@@ -534,7 +548,7 @@ def evaluate_partitioned(
         del ctx
         if progress:
             progress(ASKING, part + 1, parts)
-    return combine_parts(answers, changes, service=service, operation=operation)
+    return answers
 
 
 def _findings_by_partition(
@@ -639,6 +653,55 @@ def endpoint_path_of_traces(
         return None
     contexts = partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns)
     return (endpoint_critical_path_partitioned(contexts, parts, service, operation)[1],)
+
+
+def whatif_of_traces(
+    read: Callable[[int, int, list[str]], pa.Table],
+    trace_ids: list[str],
+    spans: int,
+    room: int,
+    changes: Sequence[Change],
+    *,
+    service: str | None,
+    operation: str | None,
+    has_span: Callable[[str, str | None], bool],
+    since_ns: int | None = None,
+    lookup: FindingLookup | None = None,
+    copies: int = 1,
+) -> dict[str, Any] | None:
+    """:func:`evaluate` of the traces rooted at ``service``/``operation`` (one at least) over a
+    window too large for one context, over the traces with a span of that endpoint only:
+    ``trace_ids``, which hold ``spans`` span rows (``DuckDBSpanStore.endpoint_trace_ids``; every
+    trace rooted there is among them, and a trace's re-timing depends on its own spans alone),
+    read by ``read(part, parts, ids)`` as :func:`endpoint_path_of_traces` reads them. What the
+    answer says of the rest of the window — whether a change's span is in it at all — is asked
+    of the store (``has_span(service, operation)``: None for every operation of the service).
+    None when no trace of the window is rooted there (the window's own pass says so, with its
+    count) or those traces need as many partitions as a window is split for: ask the window."""
+    from hourglass.analysis.planning import SPLIT_MIN_PARTS, BudgetError, question_parts
+
+    _check_changes(changes)
+    if lookup is None and any(change.kind == "recommendation" for change in changes):
+        raise WhatIfInputError("a recommendation change needs the window's findings")
+    if not trace_ids:
+        return None
+    try:
+        parts = question_parts(spans, room, copies)
+    except BudgetError:
+        return None
+    if parts >= SPLIT_MIN_PARTS:
+        return None
+    contexts = partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns)
+    answers = _ask_in_turn(contexts, parts, changes, service, operation, lookup)
+    if not sum(answer.traces for answer in answers):
+        return None
+    for i, change in enumerate(changes):
+        if change.kind != "recommendation" and not any(answer.matched[i] for answer in answers):
+            # (not in these traces; in the window's others, it changes none of the chosen ones)
+            answers[0].matched[i] = has_span(
+                change.service, None if change.operation == ANY_OPERATION else change.operation
+            )
+    return combine_parts(answers, changes, service=service, operation=operation)
 
 
 def _trace_index(spans: pl.DataFrame) -> np.ndarray:

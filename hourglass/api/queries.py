@@ -214,8 +214,9 @@ class QueryEngine:
             contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None],
         ]
         | None = None,
-        endpoint_traces: Callable[[str, str], tuple[list[str], int]] | None = None,
+        endpoint_traces: Callable[[str | None, str | None], tuple[list[str], int]] | None = None,
         read_traces: Callable[[int, int, list[str]], pa.Table] | None = None,
+        has_span: Callable[[str | None, str | None, int | None], bool] | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -256,6 +257,9 @@ class QueryEngine:
         # over those traces only (``_path_of_endpoint_traces``)
         self._endpoint_traces = endpoint_traces
         self._read_traces = read_traces
+        # ``has_span(service, operation, since_ns)``: whether the window has such a span (what
+        # a what-if over an endpoint's traces says of the window's others)
+        self._has_span = has_span
 
     def _forget(self) -> None:
         with self._lock:
@@ -330,6 +334,7 @@ class QueryEngine:
             # (a DuckDB store: it names an endpoint's traces)
             endpoint_traces=getattr(store, "endpoint_trace_ids", None),
             read_traces=read_traces,
+            has_span=getattr(store, "has_span", None),
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -471,6 +476,11 @@ class QueryEngine:
                 parts = max(self._parts(since_ns), 1)
                 lookup = self._findings_of(changes, since_ns)
                 try:
+                    answer = self._whatif_of_endpoint_traces(
+                        changes, body.get("service"), body.get("operation"), since_ns, lookup
+                    )
+                    if answer is not None:
+                        return answer
                     with self._partition_contexts(since_ns, parts) as contexts:
                         return evaluate_partitioned(
                             contexts,
@@ -493,6 +503,40 @@ class QueryEngine:
             engine=cached.engine,
         )
         return result
+
+    def _whatif_of_endpoint_traces(
+        self,
+        changes: Sequence[Change],
+        service: str | None,
+        operation: str | None,
+        since_ns: int | None,
+        lookup: FindingLookup | None,
+    ) -> dict[str, Any] | None:
+        """A what-if of the traces rooted at ``service``/``operation`` over a window asked in
+        partitions, over the traces with a span of that endpoint only
+        (``whatif_query.whatif_of_traces``), in the ``_partitioned`` lock the caller holds; None
+        when no root is chosen, the store cannot name those traces (a ClickHouse store) or they
+        are too many to be worth it: the window's partitions answer."""
+        has_span = self._has_span
+        if (service is None and operation is None) or self._endpoint_traces is None or has_span is None:
+            return None
+        assert self._read_traces is not None
+        from hourglass.analysis.whatif_query import whatif_of_traces
+
+        ids, spans = self._endpoint_traces(service, operation)
+        return whatif_of_traces(
+            self._read_traces,
+            ids,
+            spans,
+            self._room(),
+            changes,
+            service=service,
+            operation=operation,
+            has_span=lambda svc, op: has_span(svc, op, since_ns),
+            since_ns=since_ns,
+            lookup=lookup,
+            copies=self._read_copies(),
+        )
 
     def _findings_of(self, changes: Sequence[Change], since_ns: int | None) -> FindingLookup | None:
         """The findings of ``changes``' recommendations decided over the whole window

@@ -70,6 +70,8 @@ class _Window:
     split: Any = None  # the window's partition files (``_SplitOnFirstRead``), removed after
     workers: int = 1  # worker processes the partitions are asked in (1: this process, in turn)
     runner: Any = None  # their ``partitions.ProcessExecutor``, once started (``asking``)
+    told: str = ""  # the plan's line, said when the partitions are asked (``asking``)
+    holds: str = ""  # what the window holds, said of a question asked otherwise
 
     def asking(
         self, progress: Callable[[str, int, int], None] | None
@@ -78,6 +80,8 @@ class _Window:
         process' contexts in turn, or, on 2+ ``workers``, their worker processes (started now,
         while this one splits the window into partition files, which each task then reads
         itself), with where each trace is (``partitions.trace_parts_of``)."""
+        if self.told:
+            typer.echo(self.told, err=True)
         if self.workers < 2:
             return self.contexts, None, None
         from functools import partial
@@ -196,22 +200,20 @@ def _window(
     holds = holds or f"{what} holds"
     # an embedded ClickHouse store is opened by one process at a time: asked in this one
     copies = _read_copies(path)
+    large = (
+        f"hourglass {command}: {holds} {spans:,} spans, more than one context holds under the "
+        f"{budget / 2**30:.2f} GiB memory budget"
+    )
     if partitions > 1:
         parts = partitions
         workers = 1 if copies > 1 else min(workers, parts)
-        typer.echo(
-            f"hourglass {command}: {what} asked in {parts} partitions of whole traces{_on(workers)}", err=True
-        )
+        told = f"hourglass {command}: {what} asked in {parts} partitions of whole traces{_on(workers)}"
     else:
         try:
             parts, workers = question_plan(spans, budget, workers, copies)
         except BudgetError as exc:
             raise _fail(command, f"{exc}: raise HOURGLASS_MEMORY_BUDGET") from None
-        typer.echo(
-            f"hourglass {command}: {holds} {spans:,} spans, more than one context holds under the "
-            f"{budget / 2**30:.2f} GiB memory budget: asked in {parts} partitions of whole traces{_on(workers)}",
-            err=True,
-        )
+        told = f"{large}: asked in {parts} partitions of whole traces{_on(workers)}"
     split = _SplitOnFirstRead(command, what, StoreSource(path, since_ns), spans, budget)
     return _Window(
         path,
@@ -221,6 +223,8 @@ def _window(
         partitions,
         split=split,
         workers=workers,
+        told=told,
+        holds=large,
     )
 
 
@@ -329,6 +333,57 @@ def _endpoint_path(db: str | None, since: str | None, service: str, operation: s
         err=True,
     )
     return found[0]
+
+
+def _whatif_of_endpoint(
+    window: _Window, changes: Any, service: str | None, operation: str | None, lookup: Any
+) -> dict[str, Any] | None:
+    """The what-if of the traces rooted at --service/--operation over a store's window too large
+    for one context, over the traces with a span of that endpoint only
+    (``whatif_query.whatif_of_traces``) instead of every span of the window; None when no root is
+    chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store),
+    they are too many to be worth it, or none is rooted there (the window's own pass says so)."""
+    if (service is None and operation is None) or window.chosen:
+        return None
+    settings = Settings()
+    store = open_store_for_analysis(window.path, "whatif")
+    try:
+        named = getattr(store, "endpoint_trace_ids", None)
+        if not callable(named) or not callable(getattr(store, "has_span", None)):
+            return None
+        ids, spans = named(service, operation)
+    finally:
+        store.close()
+    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.whatif_query import whatif_of_traces
+
+    def has_span(svc: str | None, op: str | None) -> bool:
+        opened = open_store_for_analysis(window.path, "whatif")
+        try:
+            return bool(opened.has_span(svc, op, window.since_ns))
+        finally:
+            opened.close()
+
+    result = whatif_of_traces(
+        StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
+        ids,
+        spans,
+        settings.memory_budget,
+        changes,
+        service=service,
+        operation=operation,
+        has_span=has_span,
+        since_ns=window.since_ns,
+        lookup=lookup,
+        copies=_read_copies(window.path),
+    )
+    if result is not None:
+        root = ":".join(x for x in (service, operation) if x is not None)
+        typer.echo(
+            f"{window.holds}: asked over the {len(ids):,} traces with a span {root} ({spans:,} spans)",
+            err=True,
+        )
+    return result
 
 
 def _read_copies(path: str) -> int:
@@ -477,19 +532,21 @@ def whatif_command(
                 lookup = None
                 if any(change.kind == "recommendation" for change in changes):
                     lookup = _window_findings("whatif", ctx).get
-                with _progress_bar() as progress:
-                    contexts, runner, trace_parts = ctx.asking(progress)
-                    result = evaluate_partitioned(
-                        contexts,
-                        ctx.parts,
-                        changes,
-                        service=service,
-                        operation=operation,
-                        lookup=lookup,
-                        runner=runner,
-                        progress=progress,
-                        trace_parts=trace_parts,
-                    )
+                result = _whatif_of_endpoint(ctx, changes, service, operation, lookup)
+                if result is None:
+                    with _progress_bar() as progress:
+                        contexts, runner, trace_parts = ctx.asking(progress)
+                        result = evaluate_partitioned(
+                            contexts,
+                            ctx.parts,
+                            changes,
+                            service=service,
+                            operation=operation,
+                            lookup=lookup,
+                            runner=runner,
+                            progress=progress,
+                            trace_parts=trace_parts,
+                        )
             else:
                 result = evaluate(ctx, changes, service=service, operation=operation)
         except WhatIfInputError as exc:

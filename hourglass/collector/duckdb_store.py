@@ -119,6 +119,19 @@ def _dedup(row: str = "rowid") -> str:
     return f"QUALIFY {row} = arg_min({row}, (ingested_ns, {row})) OVER (PARTITION BY trace_id, span_id)"
 
 
+def _span_match(service: str | None, operation: str | None) -> tuple[str, list[Any]]:
+    """SQL conditions (and their parameters) of a span of ``service`` named ``operation``
+    (either None: any; not both)."""
+    conditions, params = [], []
+    for column, value in (("service", service), ("name", operation)):
+        if value is not None:
+            conditions.append(f"{column} = ?")
+            params.append(value)
+    if not conditions:
+        raise ValueError("a service or an operation is needed")
+    return " AND ".join(conditions), params
+
+
 def _spans_where(condition: str = "") -> str:
     """The spans table as a derived table (every column and the ``rowid`` as ``_ROW``), of the
     rows that meet ``condition`` (SQL) when given."""
@@ -1219,19 +1232,20 @@ class DuckDBSpanStore:
         return self._read_spans(selected, source, outer_params + params, string_views=string_views)
 
     @_read
-    def endpoint_trace_ids(self, service: str, operation: str) -> tuple[list[str], int]:
+    def endpoint_trace_ids(self, service: str | None, operation: str | None) -> tuple[list[str], int]:
         """(the ids of the traces with a span named ``operation`` in ``service`` — every trace
-        whose root is that endpoint among them —, the span rows those traces hold: copies
-        included, an upper bound of what a read of them gives). An endpoint's critical path is
-        decided over these traces alone (``hourglass.api.queries``): a trace's path depends on
-        its own spans only."""
+        whose root is that endpoint among them; either may be None: any —, the span rows those
+        traces hold: copies included, an upper bound of what a read of them gives). A question
+        about the traces rooted at an endpoint (its critical path, a what-if of its traces) is
+        answered over these traces alone (``hourglass.api.queries``): a trace's path and its
+        re-timing depend on its own spans only."""
+        conditions, params = _span_match(service, operation)
         self.load_staged()
         cursor = self._cursor()
         ids = [
             row[0]
             for row in cursor.execute(
-                "SELECT DISTINCT trace_id FROM spans WHERE service = ? AND name = ? ORDER BY trace_id",
-                [service, operation],
+                f"SELECT DISTINCT trace_id FROM spans WHERE {conditions} ORDER BY trace_id", params
             ).fetchall()
         ]
         if not ids:
@@ -1240,6 +1254,22 @@ class DuckDBSpanStore:
             "SELECT count(*) FROM spans WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
         ).fetchall()[0]
         return ids, int(spans)
+
+    @_read
+    def has_span(self, service: str | None, operation: str | None, since_ns: int | None = None) -> bool:
+        """Whether a trace of the window (``since_ns``: one with a span starting from then, as
+        ``scan`` selects) has a span named ``operation`` in ``service`` (either None: any)."""
+        conditions, params = _span_match(service, operation)
+        if since_ns is not None:
+            conditions += " AND trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
+            params.append(since_ns)
+        self.load_staged()
+        (found,) = (
+            self._cursor()
+            .execute(f"SELECT EXISTS (SELECT 1 FROM spans WHERE {conditions})", params)
+            .fetchall()[0]
+        )
+        return bool(found)
 
     @_read
     def split_partitions(

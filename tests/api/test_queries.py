@@ -338,6 +338,108 @@ def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
         store.close()
 
 
+def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A what-if of the traces rooted at an endpoint, over a window asked in partitions, is
+    answered over the traces with a span of that endpoint only: the same answer as the window's
+    partitions — for a change inside those traces, a recommendation, a change whose span is only
+    in the window's other traces (it changes none of them), with or without ``since`` — and the
+    same refusal of a change whose span is nowhere in the window (the store is asked)."""
+    from hourglass.analysis.context import AnalysisContext
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.analysis.whatif_query import detector_lookup
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.files import read_trace_files
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    samples = sorted(
+        str(p) for p in (Path(__file__).resolve().parents[2] / "sample-traces").glob("*.otlp.jsonl")
+    )
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    for part in read_trace_files(samples, on_error=lambda problem: None):
+        if part.num_rows:
+            store.write(part.select(list(SPAN_COLUMNS)))
+    from hourglass.analysis import partitions
+
+    monkeypatch.setattr(partitions, "split_bytes", lambda spans, filtered=False: 0)
+    read: list[int] = []
+    scan_partition = store.scan_partition
+
+    def reading(part: int, parts: int, **kwargs: object) -> pa.Table:
+        table = scan_partition(part, parts, **kwargs)  # type: ignore[arg-type]
+        if kwargs.get("trace_ids") is not None:
+            read.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(store, "scan_partition", reading)
+    try:
+        whole = AnalysisContext.from_table(store.scan())
+        lookup = detector_lookup(whole)
+
+        def window_findings(since_ns: int | None, ids: set[str]) -> dict[str, object]:
+            return {i: lookup(i) for i in ids if lookup(i) is not None}
+
+        total = store.raw_row_count()
+        budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2  # (half the store at once)
+        engines = [
+            QueryEngine.over_store(store, budget=budget, window_findings=window_findings)  # type: ignore[arg-type]
+            for _ in range(2)
+        ]
+        engine, window = engines
+        window._endpoint_traces = None
+        for made in engines:
+            monkeypatch.setattr(made, "_held", lambda: 0)
+        assert engine._parts(None) > 1
+        ledger = ("ledger", "POST /accounts/{account_id}/transfers")
+        _, spans = store.endpoint_trace_ids(*ledger)
+        assert spans * 5 // 4 <= total // 2  # (its traces at once)
+        ids, _ = store.endpoint_trace_ids(*ledger)
+        in_ledger = set(store.scan(trace_ids=ids, columns=("service",))["service"].to_pylist())
+        elsewhere = next(s for s in store.services() if s not in in_ledger)  # (in the window's other traces)
+        assert not store.has_span("no-such-service", None)
+        report = analyze_report(whole)
+        lock = next(r["id"] for r in report["recommendations"] if r["kind"] == "lock_contention")
+        bodies = [
+            {"changes": [{"speedup": {"service": "ledger", "operation": "*", "factor": 0.5}}]},
+            {"changes": [{"recommendation": lock}]},
+            {"changes": [{"speedup": {"service": elsewhere, "operation": "*", "factor": 0.5}}]},
+            {
+                "changes": [{"speedup": {"service": "ledger", "operation": "*", "factor": 0.5}}],
+                "service": "ledger",
+            },
+        ]
+        starts = store.scan(columns=("start_ns",))["start_ns"]
+        middle = (pa.compute.min(starts).as_py() + pa.compute.max(starts).as_py()) // 2
+        import datetime
+
+        mid = datetime.datetime.fromtimestamp(middle / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for body in bodies:
+            for since in (None, mid) if "recommendation" not in str(body) else (None,):
+                asked = {"service": ledger[0], "operation": ledger[1], **body}
+                if since is not None:
+                    asked["since"] = since
+                read.clear()
+                answer = engine.whatif(asked)
+                assert read and sum(read) < total, asked  # (the endpoint's traces only)
+                assert answer == window.whatif(asked), asked
+                if elsewhere in str(body):
+                    assert answer["changes"][0]["traces"] == 0 and answer["traces"] > 0
+        nowhere = {"changes": [{"speedup": {"service": "no-such-service", "operation": "*", "factor": 0.5}}]}
+        for made in engines:
+            with pytest.raises(WhatIfInputError, match="no span no-such-service"):
+                made.whatif({**nowhere, "service": ledger[0], "operation": ledger[1]})
+    finally:
+        store.close()
+
+
+def analyze_report(ctx: object) -> dict[str, object]:
+    from hourglass.analysis.pipeline import analyze_context
+
+    report, _ = analyze_context(ctx)  # type: ignore[arg-type]
+    return report
+
+
 def test_a_cached_context_is_not_counted_against_the_question_that_replaces_it() -> None:
     """A context built at once is reused by the next question over the same window (not planned
     in partitions because it is held); one that will not be reused is let go before what the

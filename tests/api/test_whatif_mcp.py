@@ -265,6 +265,11 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
             f"asked over the 48 traces with a span ledger:{LEDGER_TRANSFERS} (192 spans)",
         ),
         (("critical-path", "--db", str(demo_store), *endpoint, "--partitions", "5"), "asked in 5 partitions"),
+        # a what-if of an endpoint's traces: the same
+        (
+            ("whatif", "--db", str(demo_store), *speedup, *endpoint),
+            f"asked over the 48 traces with a span ledger:{LEDGER_TRANSFERS} (192 spans)",
+        ),
     ):
         at_once = run(*args[: args.index("--partitions")] if "--partitions" in args else args)
         assert at_once.returncode == 0, at_once.stderr
