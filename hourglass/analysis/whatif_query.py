@@ -641,18 +641,36 @@ def endpoint_path_of_traces(
     of the window is rooted there —, or None when those traces need as many partitions as a
     window is split into files for (``SPLIT_MIN_PARTS``): ask the window instead."""
     from hourglass.analysis.endpoint_path import endpoint_critical_path_partitioned
-    from hourglass.analysis.planning import SPLIT_MIN_PARTS, BudgetError, question_parts
 
     if not trace_ids:
         return (None,)
+    asked = _traces_in_few_parts(read, trace_ids, spans, room, copies, since_ns)
+    if asked is None:
+        return None
+    contexts, parts = asked
+    return (endpoint_critical_path_partitioned(contexts, parts, service, operation)[1],)
+
+
+def _traces_in_few_parts(
+    read: Callable[[int, int, list[str]], pa.Table],
+    trace_ids: list[str],
+    spans: int,
+    room: int,
+    copies: int,
+    since_ns: int | None,
+) -> tuple[Callable[[int, int], AnalysisContext], int] | None:
+    """(``load(part, parts)`` of ``trace_ids``' contexts, the window selected from them, and the
+    partitions they need within ``room``), or None when they need as many partitions as a window
+    is split into files for (``SPLIT_MIN_PARTS``) or none fits: asked over the window instead."""
+    from hourglass.analysis.planning import SPLIT_MIN_PARTS, BudgetError, question_parts
+
     try:
         parts = question_parts(spans, room, copies)
     except BudgetError:
         return None
     if parts >= SPLIT_MIN_PARTS:
         return None
-    contexts = partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns)
-    return (endpoint_critical_path_partitioned(contexts, parts, service, operation)[1],)
+    return partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns), parts
 
 
 def whatif_of_traces(
@@ -678,20 +696,13 @@ def whatif_of_traces(
     of the store (``has_span(service, operation)``: None for every operation of the service).
     None when no trace of the window is rooted there (the window's own pass says so, with its
     count) or those traces need as many partitions as a window is split for: ask the window."""
-    from hourglass.analysis.planning import SPLIT_MIN_PARTS, BudgetError, question_parts
-
     _check_changes(changes)
     if lookup is None and any(change.kind == "recommendation" for change in changes):
         raise WhatIfInputError("a recommendation change needs the window's findings")
-    if not trace_ids:
+    asked = _traces_in_few_parts(read, trace_ids, spans, room, copies, since_ns) if trace_ids else None
+    if asked is None:
         return None
-    try:
-        parts = question_parts(spans, room, copies)
-    except BudgetError:
-        return None
-    if parts >= SPLIT_MIN_PARTS:
-        return None
-    contexts = partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns)
+    contexts, parts = asked
     answers = _ask_in_turn(contexts, parts, changes, service, operation, lookup)
     if not sum(answer.traces for answer in answers):
         return None

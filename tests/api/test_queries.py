@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -196,17 +197,8 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
     import glob as globbing
 
     from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
-    from hourglass.collector.duckdb_store import DuckDBSpanStore
-    from hourglass.collector.files import read_trace_files
-    from hourglass.collector.schema import SPAN_COLUMNS
 
-    samples = sorted(
-        str(p) for p in (Path(__file__).resolve().parents[2] / "sample-traces").glob("*.otlp.jsonl")
-    )
-    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
-    for part in read_trace_files(samples, on_error=lambda problem: None):
-        if part.num_rows:
-            store.write(part.select(list(SPAN_COLUMNS)))
+    store = _sample_store(tmp_path)
     budget = PROCESS_BASE_BYTES + 300 * PEAK_BYTES_PER_SPAN  # (300 spans at once: many partitions)
     scans: list[int] = []
     scan_partition = store.scan_partition
@@ -262,15 +254,8 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         store.close()
 
 
-def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Over a window asked in partitions, an endpoint's critical path is decided over the traces
-    with a span of that endpoint only (``DuckDBSpanStore.endpoint_trace_ids``), read by their
-    ids: the same path as the window's partitions give, with or without ``since``, and for an
-    endpoint no trace is rooted at (None); where those traces would need as many partitions as
-    a window is split for, the window's partitions answer."""
-    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+def _sample_store(tmp_path: Path) -> Any:
+    """A DuckDB store of the sample traces (3,408 spans)."""
     from hourglass.collector.duckdb_store import DuckDBSpanStore
     from hourglass.collector.files import read_trace_files
     from hourglass.collector.schema import SPAN_COLUMNS
@@ -282,8 +267,15 @@ def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
     for part in read_trace_files(samples, on_error=lambda problem: None):
         if part.num_rows:
             store.write(part.select(list(SPAN_COLUMNS)))
+    return store
+
+
+def _sample_store_read_by_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
+    """A DuckDB store of the sample traces (its window split with no memory of its own counted)
+    and the rows of each of its reads of traces by id, as they are made."""
     from hourglass.analysis import partitions
 
+    store = _sample_store(tmp_path)
     monkeypatch.setattr(partitions, "split_bytes", lambda spans, filtered=False: 0)
     read: list[int] = []
     scan_partition = store.scan_partition
@@ -295,6 +287,20 @@ def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
         return table
 
     monkeypatch.setattr(store, "scan_partition", reading)
+    return store, read
+
+
+def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a window asked in partitions, an endpoint's critical path is decided over the traces
+    with a span of that endpoint only (``DuckDBSpanStore.endpoint_trace_ids``), read by their
+    ids: the same path as the window's partitions give, with or without ``since``, and for an
+    endpoint no trace is rooted at (None); where those traces would need as many partitions as
+    a window is split for, the window's partitions answer."""
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+
+    store, read = _sample_store_read_by_ids(tmp_path, monkeypatch)
     try:
         total = store.raw_row_count()
         budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2  # (half the store at once)
@@ -349,30 +355,8 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
     from hourglass.analysis.context import AnalysisContext
     from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
     from hourglass.analysis.whatif_query import detector_lookup
-    from hourglass.collector.duckdb_store import DuckDBSpanStore
-    from hourglass.collector.files import read_trace_files
-    from hourglass.collector.schema import SPAN_COLUMNS
 
-    samples = sorted(
-        str(p) for p in (Path(__file__).resolve().parents[2] / "sample-traces").glob("*.otlp.jsonl")
-    )
-    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
-    for part in read_trace_files(samples, on_error=lambda problem: None):
-        if part.num_rows:
-            store.write(part.select(list(SPAN_COLUMNS)))
-    from hourglass.analysis import partitions
-
-    monkeypatch.setattr(partitions, "split_bytes", lambda spans, filtered=False: 0)
-    read: list[int] = []
-    scan_partition = store.scan_partition
-
-    def reading(part: int, parts: int, **kwargs: object) -> pa.Table:
-        table = scan_partition(part, parts, **kwargs)  # type: ignore[arg-type]
-        if kwargs.get("trace_ids") is not None:
-            read.append(table.num_rows)
-        return table
-
-    monkeypatch.setattr(store, "scan_partition", reading)
+    store, read = _sample_store_read_by_ids(tmp_path, monkeypatch)
     try:
         whole = AnalysisContext.from_table(store.scan())
         lookup = detector_lookup(whole)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample-traces"
 TOKEN = "whatif-token"
 LEDGER_TRANSFERS = "POST /accounts/{account_id}/transfers"
+LEDGER_ENDPOINT = ("--service", "ledger", "--operation", LEDGER_TRANSFERS)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -315,17 +316,7 @@ def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path,
     for args in (
         ("whatif", "--db", str(demo_store), *speedup, "--format", "json"),
         ("whatif", "--db", str(demo_store), "--recommendation", lock["id"], "--format", "json"),
-        (
-            "critical-path",
-            "--db",
-            str(demo_store),
-            "--service",
-            "ledger",
-            "--operation",
-            LEDGER_TRANSFERS,
-            "--format",
-            "json",
-        ),
+        ("critical-path", "--db", str(demo_store), *LEDGER_ENDPOINT, "--format", "json"),
     ):
         in_turn = subprocess.run(
             [*hourglass_executable(), *args, "--partitions", "4", "--workers", "1"],
