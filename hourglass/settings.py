@@ -420,7 +420,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "partitions", "int", 0,
         "analyse the store (or the files) in this many partitions of whole traces (whatif, "
-        "critical-path: ask the store in them, one at a time)",
+        "critical-path: ask the store in them, on as many --workers processes as the memory budget holds "
+        "a partition each)",
         flag="--partitions", commands=(ANALYZE, WHATIF, CRITICAL_PATH),
         shown_default="0: as many as the memory budget needs, 1 when it fits",
     ),

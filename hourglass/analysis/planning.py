@@ -154,6 +154,24 @@ def question_plan(spans: int, budget: int, workers: int, copies: int = 1) -> tup
     return serial, 1
 
 
+def few_parts_spans(budget: int, copies: int = 1) -> int:
+    """The most spans a question asks in fewer partitions than a window is split into files for
+    (``SPLIT_MIN_PARTS``, :func:`question_parts`), within ``budget``: the traces of one endpoint
+    read by their ids (``whatif_query.endpoint_path_of_traces``) are worth it up to this."""
+    return (SPLIT_MIN_PARTS - 1) * 4 * at_once_spans(budget) // (5 * max(1, copies))
+
+
+def question_workers(spans: int, parts: int, budget: int, workers: int) -> int:
+    """Worker processes for a question over ``spans`` spans in ``parts`` partitions the user
+    chose (--partitions): as many of ``workers`` as hold a partition each within ``budget``
+    beside this process (1: asked in this process, one partition at a time)."""
+    per_part = PROCESS_BASE_BYTES + -(-spans * 5 // (4 * max(1, parts))) * PEAK_BYTES_PER_SPAN
+    for count in range(min(max(1, workers), parts), 1, -1):
+        if PROCESS_BASE_BYTES + count * per_part <= budget:
+            return count
+    return 1
+
+
 def split_bytes(spans: int, filtered: bool = False) -> int:
     """The memory the split of a store of ``spans`` spans takes over the deciding process' base
     (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter)."""

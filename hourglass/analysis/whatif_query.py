@@ -668,7 +668,7 @@ def _traces_in_few_parts(
         parts = question_parts(spans, room, copies)
     except BudgetError:
         return None
-    if parts >= SPLIT_MIN_PARTS:
+    if parts >= SPLIT_MIN_PARTS:  # (past ``planning.few_parts_spans``)
         return None
     return partition_contexts(lambda part, n: read(part, n, trace_ids), since_ns), parts
 

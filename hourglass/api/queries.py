@@ -214,7 +214,8 @@ class QueryEngine:
             contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None],
         ]
         | None = None,
-        endpoint_traces: Callable[[str | None, str | None], tuple[list[str], int]] | None = None,
+        endpoint_traces: Callable[[str | None, str | None, int | None, int], tuple[list[str], int] | None]
+        | None = None,
         read_traces: Callable[[int, int, list[str]], pa.Table] | None = None,
         has_span: Callable[[str | None, str | None, int | None], bool] | None = None,
     ) -> None:
@@ -251,8 +252,9 @@ class QueryEngine:
         # worth it, or not possible), instead of a scan of the whole store per partition
         # (``split_store_window``)
         self._split_window = split_window
-        # ``endpoint_traces(service, operation)``: (the ids of the traces with a span of that
-        # endpoint, their span rows), ``read_traces(part, parts, ids)`` those of ``ids`` in a
+        # ``endpoint_traces(service, operation, since_ns, most_spans)``: (the ids of the window's
+        # traces with a span of that endpoint, their span rows; None: more than ``most_spans``, or
+        # the store cannot say), ``read_traces(part, parts, ids)`` those of ``ids`` in a
         # partition: an endpoint's critical path over a window asked in partitions is decided
         # over those traces only (``_path_of_endpoint_traces``)
         self._endpoint_traces = endpoint_traces
@@ -301,6 +303,16 @@ class QueryEngine:
             table: pa.Table = store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
             return table
 
+        # (looked up when asked, not when the app is made: a DuckDB store names an endpoint's traces)
+        def endpoint_traces(
+            service: str | None, operation: str | None, since_ns: int | None, most: int
+        ) -> tuple[list[str], int] | None:
+            named = getattr(store, "endpoint_trace_ids", None)
+            return named(service, operation, since_ns, most) if callable(named) else None
+
+        def has_span(service: str | None, operation: str | None, since_ns: int | None) -> bool:
+            return bool(store.has_span(service, operation, since_ns))
+
         def read_traces(part: int, parts: int, trace_ids: list[str]) -> pa.Table:
             table: pa.Table = store.scan_partition(
                 part, parts, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS, string_views=True
@@ -331,10 +343,9 @@ class QueryEngine:
             window_findings=window_findings,
             held=held_by_this_process,
             split_window=split_window,
-            # (a DuckDB store: it names an endpoint's traces)
-            endpoint_traces=getattr(store, "endpoint_trace_ids", None),
+            endpoint_traces=endpoint_traces,
             read_traces=read_traces,
-            has_span=getattr(store, "has_span", None),
+            has_span=has_span,
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -521,21 +532,26 @@ class QueryEngine:
         if (service is None and operation is None) or self._endpoint_traces is None or has_span is None:
             return None
         assert self._read_traces is not None
+        from hourglass.analysis.planning import few_parts_spans
         from hourglass.analysis.whatif_query import whatif_of_traces
 
-        ids, spans = self._endpoint_traces(service, operation)
+        room, copies = self._room(), self._read_copies()
+        found = self._endpoint_traces(service, operation, since_ns, few_parts_spans(room, copies))
+        if found is None:
+            return None
+        ids, spans = found
         return whatif_of_traces(
             self._read_traces,
             ids,
             spans,
-            self._room(),
+            room,
             changes,
             service=service,
             operation=operation,
             has_span=lambda svc, op: has_span(svc, op, since_ns),
             since_ns=since_ns,
             lookup=lookup,
-            copies=self._read_copies(),
+            copies=copies,
         )
 
     def _findings_of(self, changes: Sequence[Change], since_ns: int | None) -> FindingLookup | None:
@@ -593,15 +609,17 @@ class QueryEngine:
         (a ClickHouse store) or they are too many to be worth it."""
         if self._endpoint_traces is None or self._read_traces is None:
             return None
+        from hourglass.analysis.planning import few_parts_spans
         from hourglass.analysis.whatif_query import endpoint_path_of_traces
 
         read = self._read_traces
         with self._partitioned:
             try:
-                ids, spans = self._endpoint_traces(service, operation)
-                return endpoint_path_of_traces(
-                    read, ids, spans, self._room(), service, operation, since_ns, self._read_copies()
-                )
+                room, copies = self._room(), self._read_copies()
+                found = self._endpoint_traces(service, operation, since_ns, few_parts_spans(room, copies))
+                if found is None:
+                    return None
+                return endpoint_path_of_traces(read, *found, room, service, operation, since_ns, copies)
             finally:
                 release_memory()
 

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hourglass.analysis.planning import at_once_spans
+from hourglass.analysis.planning import at_once_spans, few_parts_spans
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
@@ -71,6 +71,7 @@ class _Window:
     workers: int = 1  # worker processes the partitions are asked in (1: this process, in turn)
     runner: Any = None  # their ``partitions.ProcessExecutor``, once started (``asking``)
     told: str = ""  # the plan's line, said when the partitions are asked (``asking``)
+    cores: int = 1  # the worker processes asked for (--workers: 0 resolved), the findings' run's
     holds: str = ""  # what the window holds, said of a question asked otherwise
 
     def asking(
@@ -193,7 +194,7 @@ def _window(
     workers: int = 1,
 ) -> _Window:
     from hourglass.analysis.partitions import StoreSource
-    from hourglass.analysis.planning import BudgetError, question_plan
+    from hourglass.analysis.planning import BudgetError, question_plan, question_workers
     from hourglass.analysis.whatif_query import partition_contexts
 
     what = "the store" if since_ns is None else "the window"
@@ -204,9 +205,10 @@ def _window(
         f"hourglass {command}: {holds} {spans:,} spans, more than one context holds under the "
         f"{budget / 2**30:.2f} GiB memory budget"
     )
+    cores = workers
     if partitions > 1:
         parts = partitions
-        workers = 1 if copies > 1 else min(workers, parts)
+        workers = 1 if copies > 1 else question_workers(spans, parts, budget, workers)
         told = f"hourglass {command}: {what} asked in {parts} partitions of whole traces{_on(workers)}"
     else:
         try:
@@ -225,6 +227,7 @@ def _window(
         workers=workers,
         told=told,
         holds=large,
+        cores=cores,
     )
 
 
@@ -311,19 +314,23 @@ def _endpoint_path(db: str | None, since: str | None, service: str, operation: s
         if not callable(count) or not callable(named):
             return None
         window = int(count(since_ns))
-        if window * _read_copies(path) <= at_once_spans(settings.memory_budget):
+        copies = _read_copies(path)
+        if window * copies <= at_once_spans(settings.memory_budget):
             return None
-        ids, spans = named(service, operation)
+        found = named(service, operation, since_ns, few_parts_spans(settings.memory_budget, copies))
     finally:
         store.close()
+    if found is None:
+        return None
+    ids, spans = found
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.whatif_query import endpoint_path_of_traces
 
     source = StoreSource(path)  # (the whole traces: the window is selected from them as read)
-    found = endpoint_path_of_traces(
-        source.load, ids, spans, settings.memory_budget, service, operation, since_ns, _read_copies(path)
+    asked = endpoint_path_of_traces(
+        source.load, ids, spans, settings.memory_budget, service, operation, since_ns, copies
     )
-    if found is None or found[0] is None:
+    if asked is None or asked[0] is None:
         return None
     what = "the store" if since_ns is None else "the window"
     typer.echo(
@@ -332,7 +339,7 @@ def _endpoint_path(db: str | None, since: str | None, service: str, operation: s
         f"with a span {service}:{operation} ({spans:,} spans)",
         err=True,
     )
-    return found[0]
+    return asked[0]
 
 
 def _whatif_of_endpoint(
@@ -343,17 +350,21 @@ def _whatif_of_endpoint(
     (``whatif_query.whatif_of_traces``) instead of every span of the window; None when no root is
     chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store),
     they are too many to be worth it, or none is rooted there (the window's own pass says so)."""
-    if (service is None and operation is None) or window.chosen:
+    if (service is None and operation is None) or window.chosen > 1:
         return None
     settings = Settings()
+    copies = _read_copies(window.path)
     store = open_store_for_analysis(window.path, "whatif")
     try:
         named = getattr(store, "endpoint_trace_ids", None)
         if not callable(named) or not callable(getattr(store, "has_span", None)):
             return None
-        ids, spans = named(service, operation)
+        found = named(service, operation, window.since_ns, few_parts_spans(settings.memory_budget, copies))
     finally:
         store.close()
+    if found is None:
+        return None
+    ids, spans = found
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.whatif_query import whatif_of_traces
 
@@ -375,7 +386,7 @@ def _whatif_of_endpoint(
         has_span=has_span,
         since_ns=window.since_ns,
         lookup=lookup,
-        copies=_read_copies(window.path),
+        copies=copies,
     )
     if result is not None:
         root = ":".join(x for x in (service, operation) if x is not None)
@@ -395,16 +406,11 @@ def _read_copies(path: str) -> int:
 def _window_findings(command: str, window: _Window) -> dict[str, Any]:
     """The findings of ``window`` by id, decided over all its traces as ``analyze`` decides them
     (in partitions: ``analyze.store_findings``), for its recommendation changes."""
-    import os
 
     from hourglass.cli.analyze import StoreRun, store_findings
 
     settings = Settings()
-    run = StoreRun(
-        budget=settings.memory_budget,
-        workers=settings.workers or os.cpu_count() or 1,
-        partitions=window.chosen,
-    )
+    run = StoreRun(budget=settings.memory_budget, workers=window.cores, partitions=window.chosen)
     return store_findings(window.path, run, window.since_ns, command)
 
 

@@ -1232,33 +1232,44 @@ class DuckDBSpanStore:
         return self._read_spans(selected, source, outer_params + params, string_views=string_views)
 
     @_read
-    def endpoint_trace_ids(self, service: str | None, operation: str | None) -> tuple[list[str], int]:
-        """(the ids of the traces with a span named ``operation`` in ``service`` — every trace
-        whose root is that endpoint among them; either may be None: any —, the span rows those
-        traces hold: copies included, an upper bound of what a read of them gives). A question
-        about the traces rooted at an endpoint (its critical path, a what-if of its traces) is
-        answered over these traces alone (``hourglass.api.queries``): a trace's path and its
-        re-timing depend on its own spans only."""
+    def endpoint_trace_ids(
+        self,
+        service: str | None,
+        operation: str | None,
+        since_ns: int | None = None,
+        most_spans: int | None = None,
+    ) -> tuple[list[str], int] | None:
+        """(the ids of the window's traces with a span named ``operation`` in ``service`` — every
+        trace whose root is that endpoint among them; either may be None: any; ``since_ns``: a
+        trace with a span starting from then, as ``scan`` selects —, the span rows those traces
+        hold: copies included, an upper bound of what a read of them gives); None when they hold
+        more than ``most_spans`` (counted before the ids are fetched). A question about the
+        traces rooted at an endpoint (its critical path, a what-if of its traces) is answered
+        over these traces alone (``hourglass.api.queries``): a trace's path and its re-timing
+        depend on its own spans only."""
         conditions, params = _span_match(service, operation)
+        if since_ns is not None:
+            conditions += " AND trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
+            params.append(since_ns)
         self.load_staged()
         cursor = self._cursor()
-        ids = [
-            row[0]
-            for row in cursor.execute(
-                f"SELECT DISTINCT trace_id FROM spans WHERE {conditions} ORDER BY trace_id", params
-            ).fetchall()
-        ]
-        if not ids:
-            return [], 0
+        traces = f"SELECT DISTINCT trace_id FROM spans WHERE {conditions}"
         (spans,) = cursor.execute(
-            "SELECT count(*) FROM spans WHERE trace_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+            f"SELECT count(*) FROM spans WHERE trace_id IN ({traces})", params
         ).fetchall()[0]
+        if most_spans is not None and spans > most_spans:
+            return None
+        if not spans:
+            return [], 0
+        ids = [row[0] for row in cursor.execute(f"{traces} ORDER BY trace_id", params).fetchall()]
         return ids, int(spans)
 
     @_read
     def has_span(self, service: str | None, operation: str | None, since_ns: int | None = None) -> bool:
         """Whether a trace of the window (``since_ns``: one with a span starting from then, as
-        ``scan`` selects) has a span named ``operation`` in ``service`` (either None: any)."""
+        ``scan`` selects) has a span named ``operation`` in ``service`` (either None: any). Every
+        stored row counts, a span's later copies too (a read keeps its first: they differ only if
+        an exporter sent one span twice with different names or times)."""
         conditions, params = _span_match(service, operation)
         if since_ns is not None:
             conditions += " AND trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"

@@ -349,6 +349,7 @@ def test_a_question_is_planned_on_the_workers_that_have_room() -> None:
         PROCESS_BASE_BYTES,
         question_parts,
         question_plan,
+        question_workers,
     )
 
     budget = 1536 * 2**20
@@ -363,6 +364,11 @@ def test_a_question_is_planned_on_the_workers_that_have_room() -> None:
     small = 3 * PROCESS_BASE_BYTES + 2 * MIN_WORKER_BYTES - 1  # no two workers with room
     assert question_plan(7_200_000, small, 2) == (question_parts(7_200_000, small), 1)
     assert question_plan(7_200_000, 4 * budget, 3)[1] == 3
+    # --partitions N: the workers that hold a partition each beside the asking process
+    assert question_workers(3_408, 4, budget, 2) == 2
+    assert question_workers(7_200_000, 13, budget, 2) == 1  # (one 700k-span partition: 1.5 GiB)
+    assert question_workers(7_200_000, 40, budget, 8) == 2  # (225k-span partitions: 2 fit)
+    assert question_workers(7_200_000, 1, 4 * budget, 2) == 1
 
 
 @dataclass(frozen=True)

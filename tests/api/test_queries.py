@@ -317,13 +317,14 @@ def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
         asked = 0
         traces: dict[str | None, int] = {}
         for endpoint in [(e["service"], e["operation"]) for e in window.endpoints(limit=50)]:
-            _, spans = store.endpoint_trace_ids(*endpoint)
+            _, spans = store.endpoint_trace_ids(*endpoint)  # type: ignore[misc]
             if spans * 5 // 4 > total // 2:  # (more than a context: the next partitions' test)
                 continue
             for since in (None, mid):
                 read.clear()
                 path = engine.critical_path(*endpoint, since=since)
-                assert read and sum(read) <= spans < total, endpoint  # (those traces only)
+                # (those traces only; none read when none of them is in the window)
+                assert (read or path is None) and sum(read) <= spans < total, endpoint
                 assert path == window.critical_path(*endpoint, since=since), (endpoint, since)
                 asked += path is not None
                 traces[since] = traces.get(since, 0) + (path["traces"] if path else 0)
@@ -376,9 +377,9 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
             monkeypatch.setattr(made, "_held", lambda: 0)
         assert engine._parts(None) > 1
         ledger = ("ledger", "POST /accounts/{account_id}/transfers")
-        _, spans = store.endpoint_trace_ids(*ledger)
+        _, spans = store.endpoint_trace_ids(*ledger)  # type: ignore[misc]
         assert spans * 5 // 4 <= total // 2  # (its traces at once)
-        ids, _ = store.endpoint_trace_ids(*ledger)
+        ids, _ = store.endpoint_trace_ids(*ledger)  # type: ignore[misc]
         in_ledger = set(store.scan(trace_ids=ids, columns=("service",))["service"].to_pylist())
         elsewhere = next(s for s in store.services() if s not in in_ledger)  # (in the window's other traces)
         assert not store.has_span("no-such-service", None)
@@ -409,12 +410,90 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
                 assert answer == window.whatif(asked), asked
                 if elsewhere in str(body):
                     assert answer["changes"][0]["traces"] == 0 and answer["traces"] > 0
+        # the store's answers themselves: the window from since, and a cap on the spans
+        first, last = pa.compute.min(starts).as_py(), pa.compute.max(starts).as_py()
+        assert store.has_span("ledger", None, first) and not store.has_span("ledger", None, last + 1)
+        assert store.has_span(None, ledger[1]) and not store.has_span("ledger", "no-such-operation")
+        assert store.endpoint_trace_ids(*ledger, last + 1) == ([], 0)
+        assert store.endpoint_trace_ids(*ledger, most_spans=spans - 1) is None
+        assert store.endpoint_trace_ids(*ledger, most_spans=spans) == store.endpoint_trace_ids(*ledger)
+        # (serve's since is rounded to 10 s, and no endpoint of the samples crosses a round 10 s:
+        # the helpers themselves, from the middle of the endpoint's own traces)
+        from hourglass.analysis.endpoint_path import endpoint_critical_path_partitioned
+        from hourglass.analysis.whatif_query import (
+            Change,
+            endpoint_path_of_traces,
+            evaluate_partitioned,
+            partition_contexts,
+            whatif_of_traces,
+        )
+        from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+        roots = store.scan(trace_ids=ids, columns=("start_ns",))["start_ns"].to_pylist()
+        since_ns = sorted(roots)[len(roots) // 2]
+        later, later_spans = store.endpoint_trace_ids(*ledger, since_ns)  # type: ignore[misc]
+        assert 0 < len(later) < len(ids) and later_spans < spans
+
+        def by_ids(part: int, parts: int, trace_ids: list[str]) -> pa.Table:
+            return store.scan_partition(part, parts, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS)
+
+        def in_window(part: int, parts: int) -> pa.Table:
+            return store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+
+        contexts = partition_contexts(in_window, since_ns)
+        for changes in (
+            [Change("speedup", service="ledger", operation="*", factor=0.5)],
+            [Change("speedup", service=elsewhere, operation="*", factor=0.5)],
+        ):
+            fast = whatif_of_traces(
+                by_ids,
+                later,
+                later_spans,
+                budget,
+                changes,
+                service=ledger[0],
+                operation=ledger[1],
+                has_span=lambda svc, op: store.has_span(svc, op, since_ns),
+                since_ns=since_ns,
+            )
+            assert fast == evaluate_partitioned(contexts, 3, changes, service=ledger[0], operation=ledger[1])
+            assert fast is not None and 0 < fast["traces"] < len(ids)
+        path = endpoint_path_of_traces(by_ids, later, later_spans, budget, *ledger, since_ns)
+        assert path == (endpoint_critical_path_partitioned(contexts, 3, *ledger)[1],)
         nowhere = {"changes": [{"speedup": {"service": "no-such-service", "operation": "*", "factor": 0.5}}]}
         for made in engines:
             with pytest.raises(WhatIfInputError, match="no span no-such-service"):
                 made.whatif({**nowhere, "service": ledger[0], "operation": ledger[1]})
     finally:
         store.close()
+
+
+def test_where_each_trace_is_is_where_the_split_and_the_scans_put_it(tmp_path: Path) -> None:
+    """``partitions.trace_parts_of`` (which partition's task gets a recommendation's occurrences
+    in a trace) agrees with the partitions the window's split files and ``scan_partition`` hold."""
+    from hourglass.analysis import partitions
+
+    _sample_store(tmp_path).close()
+    path = str(tmp_path / "spans.duckdb")
+    source = partitions.StoreSource(path)
+    split = partitions.split_store(source, 5)
+    assert split is not None
+    every: list[dict[str, int]] = []
+    try:
+        for where in (split, source):
+            held = {
+                trace_id: part
+                for part in range(5)
+                for trace_id in set(where.load(part, 5)["trace_id"].to_pylist())
+            }
+            told = partitions.trace_parts_of(where, sorted(held), 5)
+            assert told is not None and len(held) > 100
+            assert dict(zip(told["trace_id"].to_list(), told["part"].to_list(), strict=True)) == held
+            every.append(held)
+    finally:
+        split.remove()
+    assert every[0] == every[1] and len(set(every[0].values())) == 5
+    assert partitions.trace_parts_of(partitions.StoreSource("chdb:./elsewhere"), ["a"], 5) is None
 
 
 def analyze_report(ctx: object) -> dict[str, object]:
