@@ -405,8 +405,8 @@ def _read_copies(path: str) -> int:
 
 def _window_findings(command: str, window: _Window) -> dict[str, Any]:
     """The findings of ``window`` by id, decided over all its traces as ``analyze`` decides them
-    (in partitions: ``analyze.store_findings``), for its recommendation changes."""
-
+    (in partitions: ``analyze.store_findings``, on the workers the question was given), for its
+    recommendation changes."""
     from hourglass.cli.analyze import StoreRun, store_findings
 
     settings = Settings()
