@@ -97,7 +97,12 @@ QUESTION_FOLDER_PREFIX = "hourglass-question-"
 
 @contextlib.contextmanager
 def split_store_window(
-    store: Any, since_ns: int | None, parts: int, spans: int, free_memory: int
+    store: Any,
+    since_ns: int | None,
+    parts: int,
+    spans: int,
+    free_memory: int,
+    trace_ids: list[str] | None = None,
 ) -> Iterator[Callable[[int, int], pa.Table] | None]:
     """For the ``with`` block: a reader of each of the ``parts`` partitions of the window
     ``since_ns`` (``spans`` spans) of a DuckDB ``store``, from files it is split into by one read
@@ -106,7 +111,9 @@ def split_store_window(
     ``free_memory`` enough for the split, not a file each, not disk enough) or the split failed:
     each partition is then scanned. A scan per partition reads every row of the store, so a
     question's reads grew with the square of the window: at 7.2M stored spans 14 scans of ~0.65 s
-    each, against one read and one write."""
+    each, against one read and one write. ``trace_ids``: only those traces of the window (an
+    endpoint's: ``QueryEngine.critical_path``); their ids are the split's join, not the
+    window's, so its memory is an unfiltered split's."""
     from hourglass.analysis.partitions import question_split_refused
     from hourglass.collector.duckdb_store import partition_file, read_partition_file
 
@@ -114,13 +121,16 @@ def split_store_window(
     near = os.path.dirname(os.path.abspath(path)) if path and path != ":memory:" else None
     folder: str | None = None
     try:
-        refused = question_split_refused(spans, parts, free_memory, since_ns is not None, near)
+        filtered = since_ns is not None and trace_ids is None
+        refused = question_split_refused(spans, parts, free_memory, filtered, near)
         if refused is not None:
             log.info("the window is scanned per partition, not split into files: %s", refused)
         else:
             try:
                 folder = tempfile.mkdtemp(prefix=QUESTION_FOLDER_PREFIX, dir=near)
-                store.split_partitions(folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+                store.split_partitions(
+                    folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS, trace_ids=trace_ids
+                )
             except Exception as exc:  # (a full disk, an unwritable folder: the scans instead)
                 log.warning(
                     "splitting the window into partition files failed (%s): each partition is scanned", exc
@@ -209,10 +219,7 @@ class QueryEngine:
         read_copies: Callable[[], int] = lambda: 1,
         window_findings: Callable[[int | None, set[str]], Mapping[str, Finding]] | None = None,
         held: Callable[[], int] = lambda: 0,
-        split_window: Callable[
-            [int | None, int, int, int],
-            contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None],
-        ]
+        split_window: Callable[..., contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None]]
         | None = None,
         endpoint_traces: Callable[[str | None, str | None, int | None, int], tuple[list[str], int] | None]
         | None = None,
@@ -322,14 +329,14 @@ class QueryEngine:
         first_split = [True]
 
         def split_window(
-            since_ns: int | None, parts: int, spans: int, free: int
+            since_ns: int | None, parts: int, spans: int, free: int, trace_ids: list[str] | None = None
         ) -> contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None]:
             if not callable(getattr(store, "split_partitions", None)):  # (a ClickHouse store)
                 return contextlib.nullcontext(None)
             if first_split[0]:  # (looked at when asked, not when the app is made)
                 first_split[0] = False
                 remove_stale_question_folders(store)
-            return split_store_window(store, since_ns, parts, spans, free)
+            return split_store_window(store, since_ns, parts, spans, free, trace_ids)
 
         return cls(
             scan,
@@ -616,12 +623,47 @@ class QueryEngine:
         with self._partitioned:
             try:
                 room, copies = self._room(), self._read_copies()
-                found = self._endpoint_traces(service, operation, since_ns, few_parts_spans(room, copies))
+                most = few_parts_spans(room, copies)
+                # up to three quarters of the window, those traces split into files of their own
+                window = self._window_spans(since_ns) if self._window_spans is not None else 0
+                splits = self._split_window is not None and copies == 1
+                found = self._endpoint_traces(
+                    service, operation, since_ns, max(most, window * 3 // 4) if splits else most
+                )
                 if found is None:
                     return None
-                return endpoint_path_of_traces(read, *found, room, service, operation, since_ns, copies)
+                if found[1] <= most:
+                    return endpoint_path_of_traces(read, *found, room, service, operation, since_ns, copies)
+                return self._path_of_split_traces(since_ns, service, operation, *found, room)
             finally:
                 release_memory()
+
+    def _path_of_split_traces(
+        self, since_ns: int | None, service: str, operation: str, ids: list[str], spans: int, room: int
+    ) -> tuple[dict[str, Any] | None] | None:
+        """The endpoint's critical path over its traces ``ids`` (``spans`` span rows: more than
+        a few partitions hold, less than the window), split by one read of the store into files
+        of their own (``split_window``) and asked partition by partition; None when they are not
+        split (``split_store_window``): the window's partitions answer."""
+        from hourglass.analysis.planning import PROCESS_BASE_BYTES, BudgetError, question_parts
+        from hourglass.analysis.whatif_query import partition_contexts
+
+        assert self._split_window is not None
+        try:
+            parts = question_parts(spans, room)
+        except BudgetError:
+            return None
+        # (the window's traces already: the split reads them whole, the window is selected after)
+        with self._split_window(None, parts, spans, room - PROCESS_BASE_BYTES, ids) as read:
+            if read is None:
+                return None
+            contexts = partition_contexts(read, since_ns)
+
+            def context(part: int, parts: int) -> AnalysisContext:
+                release_memory()  # the previous partition's, back to the system before the next
+                return contexts(part, parts)
+
+            return (endpoint_critical_path_partitioned(context, parts, service, operation)[1],)
 
     def endpoints(self, since: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """The busiest trace roots (service, operation, traces)."""

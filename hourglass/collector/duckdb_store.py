@@ -1294,6 +1294,7 @@ class DuckDBSpanStore:
         batch_rows: int = 262_144,
         cancel: threading.Event | None = None,
         skip: int = 0,
+        trace_ids: list[str] | None = None,
     ) -> list[int]:
         """One read of the store for every partition of ``parts``: the rows ``scan_partition(p,
         parts, ...)`` selects, for each ``p``, appended to ``partition_file(folder, p)`` (Arrow
@@ -1307,18 +1308,21 @@ class DuckDBSpanStore:
         stops at its next batch with :class:`SplitCancelled` (the files written so far stay; the
         caller removes the folder); a :class:`Cancel` also interrupts the query under way, so a
         split still waiting for its first batch stops at once too. ``skip``: partitions below it
-        are neither read nor written (no file; their readers scan the store: 0 rows returned)."""
+        are neither read nor written (no file; their readers scan the store: 0 rows returned).
+        ``trace_ids``: only those traces (an endpoint's, ``endpoint_trace_ids``), whole."""
         if parts < 1:
             raise ValueError(f"split_partitions needs parts >= 1, got {parts}")
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         selected += [c for c in _PARTITION_FILE_KEYS if c not in selected]
         self.load_staged()
         conditions, params = _span_conditions(since_ns=since_ns, services=services)
-        source = _spans_where()
+        wheres: list[str] = []
+        if trace_ids is not None:  # (IN (unnest) is a hash join: as scan_partition's)
+            wheres.append("trace_id IN (SELECT unnest(?::VARCHAR[]))")
+            params = [list(trace_ids), *params]
         if conditions:  # whole traces: any span that matches brings its trace (as scan_partition)
-            source = _spans_where(
-                f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
-            )
+            wheres.append(f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})")
+        source = _spans_where(" AND ".join(wheres))
         key = f"(hash(trace_id) % {int(parts)})::UINTEGER"  # scan_partition's partitions
         # (with each row's rowid: a reader keeps the copy the store's reads keep, ``_dedup``)
         query = f"SELECT {', '.join(selected)}, {_ROW}, {key} AS _partition FROM {source}"

@@ -345,6 +345,48 @@ def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
         store.close()
 
 
+def test_an_endpoint_with_many_spans_is_asked_from_a_split_of_its_own_traces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint whose traces hold more spans than a few partitions do, but at most three
+    quarters of the window, has its traces alone split into files (``split_partitions`` with
+    their ids) and asked partition by partition: the same path as the window's partitions."""
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES, few_parts_spans
+
+    store, read = _sample_store_read_by_ids(tmp_path, monkeypatch)
+    split_ids: list[int | None] = []
+    split_partitions = store.split_partitions
+
+    def splitting(folder: str, parts: int, **kwargs: object) -> object:
+        ids = kwargs.get("trace_ids")
+        split_ids.append(len(ids) if isinstance(ids, list) else None)
+        return split_partitions(folder, parts, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "split_partitions", splitting)
+    try:
+        total = store.raw_row_count()
+        budget = PROCESS_BASE_BYTES + 100 * PEAK_BYTES_PER_SPAN  # (100 spans at once)
+        engine = QueryEngine.over_store(store, budget=budget)
+        window = QueryEngine.over_store(store, budget=budget)
+        window._endpoint_traces = None
+        for made in (engine, window):
+            monkeypatch.setattr(made, "_held", lambda: 0)
+        asked = 0
+        for endpoint in [(e["service"], e["operation"]) for e in window.endpoints(limit=50)]:
+            ids, spans = store.endpoint_trace_ids(*endpoint)  # type: ignore[misc]
+            if not few_parts_spans(budget) < spans <= total * 3 // 4:
+                continue
+            split_ids.clear()
+            read.clear()
+            path = engine.critical_path(*endpoint)
+            assert split_ids == [len(ids)] and read == [], endpoint  # (its traces split, not scanned)
+            assert path is not None and path == window.critical_path(*endpoint), endpoint
+            asked += 1
+        assert asked >= 2
+    finally:
+        store.close()
+
+
 def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
