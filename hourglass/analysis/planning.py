@@ -154,6 +154,11 @@ def question_plan(spans: int, budget: int, workers: int, copies: int = 1) -> tup
     return serial, 1
 
 
+# the most traces a question names by id (an endpoint's: ``DuckDBSpanStore.endpoint_trace_ids``),
+# whose ids the asking process holds (~80 B each with Python's own): ~40 MiB
+ENDPOINT_MAX_TRACES = 500_000
+
+
 def few_parts_spans(budget: int, copies: int = 1) -> int:
     """The most spans a question asks in fewer partitions than a window is split into files for
     (``SPLIT_MIN_PARTS``, :func:`question_parts`), within ``budget``: the traces of one endpoint

@@ -314,8 +314,10 @@ class QueryEngine:
         def endpoint_traces(
             service: str | None, operation: str | None, since_ns: int | None, most: int
         ) -> tuple[list[str], int] | None:
+            from hourglass.analysis.planning import ENDPOINT_MAX_TRACES
+
             named = getattr(store, "endpoint_trace_ids", None)
-            return named(service, operation, since_ns, most) if callable(named) else None
+            return named(service, operation, since_ns, most, ENDPOINT_MAX_TRACES) if callable(named) else None
 
         def has_span(service: str | None, operation: str | None, since_ns: int | None) -> bool:
             return bool(store.has_span(service, operation, since_ns))

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hourglass.analysis.planning import at_once_spans, few_parts_spans
+from hourglass.analysis.planning import ENDPOINT_MAX_TRACES, at_once_spans, few_parts_spans
 from hourglass.api.settings import Settings
 from hourglass.cli._app import app
 from hourglass.cli._options import option
@@ -317,7 +317,9 @@ def _endpoint_path(db: str | None, since: str | None, service: str, operation: s
         copies = _read_copies(path)
         if window * copies <= at_once_spans(settings.memory_budget):
             return None
-        found = named(service, operation, since_ns, few_parts_spans(settings.memory_budget, copies))
+        found = named(
+            service, operation, since_ns, few_parts_spans(settings.memory_budget, copies), ENDPOINT_MAX_TRACES
+        )
     finally:
         store.close()
     if found is None:
@@ -359,7 +361,13 @@ def _whatif_of_endpoint(
         named = getattr(store, "endpoint_trace_ids", None)
         if not callable(named) or not callable(getattr(store, "has_span", None)):
             return None
-        found = named(service, operation, window.since_ns, few_parts_spans(settings.memory_budget, copies))
+        found = named(
+            service,
+            operation,
+            window.since_ns,
+            few_parts_spans(settings.memory_budget, copies),
+            ENDPOINT_MAX_TRACES,
+        )
     finally:
         store.close()
     if found is None:

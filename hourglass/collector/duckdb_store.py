@@ -1238,12 +1238,14 @@ class DuckDBSpanStore:
         operation: str | None,
         since_ns: int | None = None,
         most_spans: int | None = None,
+        most_traces: int | None = None,
     ) -> tuple[list[str], int] | None:
         """(the ids of the window's traces with a span named ``operation`` in ``service`` — every
         trace whose root is that endpoint among them; either may be None: any; ``since_ns``: a
         trace with a span starting from then, as ``scan`` selects —, the span rows those traces
         hold: copies included, an upper bound of what a read of them gives); None when they hold
-        more than ``most_spans`` (counted before the ids are fetched). A question about the
+        more than ``most_spans`` or are more than ``most_traces`` (counted before the ids are
+        fetched: the ids are held in this process). A question about the
         traces rooted at an endpoint (its critical path, a what-if of its traces) is answered
         over these traces alone (``hourglass.api.queries``): a trace's path and its re-timing
         depend on its own spans only."""
@@ -1254,10 +1256,14 @@ class DuckDBSpanStore:
         self.load_staged()
         cursor = self._cursor()
         traces = f"SELECT DISTINCT trace_id FROM spans WHERE {conditions}"
-        (spans,) = cursor.execute(
-            f"SELECT count(*) FROM spans WHERE trace_id IN ({traces})", params
+        spans, count = cursor.execute(
+            f"WITH t AS ({traces}) SELECT (SELECT count(*) FROM spans WHERE trace_id IN "
+            "(SELECT trace_id FROM t)), (SELECT count(*) FROM t)",
+            params,
         ).fetchall()[0]
-        if most_spans is not None and spans > most_spans:
+        if (most_spans is not None and spans > most_spans) or (
+            most_traces is not None and count > most_traces
+        ):
             return None
         if not spans:
             return [], 0

@@ -458,6 +458,8 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
         assert store.has_span(None, ledger[1]) and not store.has_span("ledger", "no-such-operation")
         assert store.endpoint_trace_ids(*ledger, last + 1) == ([], 0)
         assert store.endpoint_trace_ids(*ledger, most_spans=spans - 1) is None
+        assert store.endpoint_trace_ids(*ledger, most_traces=len(ids) - 1) is None
+        assert store.endpoint_trace_ids(*ledger, most_traces=len(ids)) == (ids, spans)
         assert store.endpoint_trace_ids(*ledger, most_spans=spans) == store.endpoint_trace_ids(*ledger)
         # (serve's since is rounded to 10 s, and no endpoint of the samples crosses a round 10 s:
         # the helpers themselves, from the middle of the endpoint's own traces)
