@@ -715,6 +715,84 @@ def whatif_of_traces(
     return combine_parts(answers, changes, service=service, operation=operation)
 
 
+def touched_by(
+    changes: Sequence[Change], lookup: FindingLookup | None
+) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """What ``changes`` can touch in a window: ((service, operation) of the spans a speedup,
+    parallelize or cap change names, operation None for every operation of the service), and
+    the trace ids of the recommendations' occurrences (``lookup``: the window's findings). A
+    trace with neither keeps every duration under these changes. An unknown recommendation raises."""
+    spans_of: list[tuple[str, str | None]] = []
+    trace_ids: set[str] = set()
+    for change in changes:
+        if change.kind == "recommendation":
+            finding = lookup(change.recommendation) if lookup is not None else None
+            if finding is None:
+                raise _unknown(change.recommendation)
+            trace_ids.update(finding.occurrence_table.trace_id_series().to_list())
+        else:
+            spans_of.append((change.service, None if change.operation == ANY_OPERATION else change.operation))
+    return spans_of, sorted(trace_ids)
+
+
+def whatif_of_touched_traces(
+    read: Callable[[int, int, list[str]], pa.Table],
+    roots: pa.Table,
+    room: int,
+    changes: Sequence[Change],
+    *,
+    since_ns: int | None = None,
+    lookup: FindingLookup | None = None,
+    copies: int = 1,
+    most_traces: int | None = None,
+) -> dict[str, Any] | None:
+    """:func:`evaluate` of every trace of a window too large for one context, re-timing only the
+    traces ``changes`` can touch. ``roots``: one row per trace of the window
+    (``DuckDBSpanStore.window_roots`` of :func:`touched_by`'s spans and ids): a trace to read has
+    its ``trace_id`` (and its span rows, ``spans``); any other is known by its root's service,
+    name and duration, which the changes leave as they are (a trace's re-timing depends on its
+    own spans alone, and only a change's own spans or a recommendation's occurrences move
+    anything). Those traces are read by ``read(part, parts, ids)``, whole, and asked as a
+    window's partitions are; the others add their roots (before = after) to the endpoints'
+    figures and the window's count. The same answer as the window's partitions give. None
+    when the traces to read need as many partitions as a window is split into files for
+    (``SPLIT_MIN_PARTS``), or are more than ``most_traces``: ask the window instead."""
+    _check_changes(changes)
+    frame = pl.from_arrow(roots)
+    assert isinstance(frame, pl.DataFrame)
+    asked = frame.filter(pl.col("trace_id").is_not_null())
+    if most_traces is not None and asked.height > most_traces:
+        return None
+    answers: list[PartAnswer] = []
+    if asked.height:
+        ids = asked["trace_id"].sort().to_list()
+        found = _traces_in_few_parts(read, ids, int(asked["spans"].sum()), room, copies, since_ns)
+        if found is None:
+            return None
+        contexts, parts = found
+        answers = _ask_in_turn(contexts, parts, changes, None, None, lookup)
+    rest = frame.filter(pl.col("trace_id").is_null())
+    answers.append(
+        PartAnswer(
+            traces=rest.height,
+            traces_seen=rest.height,
+            traces_changed=0,
+            saved_ns=0,
+            per_root=rest.select(
+                pl.col("root_service").cast(pl.String),
+                pl.col("root_name").cast(pl.String),
+                pl.col("root_duration_ns").cast(pl.Int64).alias("before"),
+                pl.col("root_duration_ns").cast(pl.Int64).alias("after"),
+            ),
+            # (a recommendation is matched wherever it is known; a span change, where its span is)
+            matched=[change.kind == "recommendation" for change in changes],
+            spans=[0] * len(changes),
+            touched=[0] * len(changes),
+        )
+    )
+    return combine_parts(answers, changes)
+
+
 def _trace_index(spans: pl.DataFrame) -> np.ndarray:
     """Per row, the ordinal of its trace (a trace's rows are contiguous in a context)."""
     if spans.height == 0:

@@ -225,6 +225,8 @@ class QueryEngine:
         | None = None,
         read_traces: Callable[[int, int, list[str]], pa.Table] | None = None,
         has_span: Callable[[str | None, str | None, int | None], bool] | None = None,
+        window_roots: Callable[[int | None, list[tuple[str, str | None]], list[str]], pa.Table | None]
+        | None = None,
     ) -> None:
         """``scan(since_ns)`` returns the span rows; ``change_marker()`` changes when the store
         does; ``recommendation_ids()`` the ids of the current report (None: any detector finding).
@@ -269,6 +271,11 @@ class QueryEngine:
         # ``has_span(service, operation, since_ns)``: whether the window has such a span (what
         # a what-if over an endpoint's traces says of the window's others)
         self._has_span = has_span
+        # ``window_roots(since_ns, spans_of, trace_ids)``: one row per trace of the window, those
+        # the changes touch named, the others by their roots (``DuckDBSpanStore.window_roots``;
+        # None: the store cannot say): a what-if over the whole window re-times only the touched
+        # (``_whatif_of_touched_traces``)
+        self._window_roots = window_roots
 
     def _forget(self) -> None:
         with self._lock:
@@ -322,6 +329,12 @@ class QueryEngine:
         def has_span(service: str | None, operation: str | None, since_ns: int | None) -> bool:
             return bool(store.has_span(service, operation, since_ns))
 
+        def window_roots(
+            since_ns: int | None, spans_of: list[tuple[str, str | None]], trace_ids: list[str]
+        ) -> pa.Table | None:
+            roots = getattr(store, "window_roots", None)
+            return roots(since_ns, spans_of, trace_ids) if callable(roots) else None
+
         def read_traces(part: int, parts: int, trace_ids: list[str]) -> pa.Table:
             table: pa.Table = store.scan_partition(
                 part, parts, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS, string_views=True
@@ -355,6 +368,7 @@ class QueryEngine:
             endpoint_traces=endpoint_traces,
             read_traces=read_traces,
             has_span=has_span,
+            window_roots=window_roots,
         )
 
     def _parts(self, since_ns: int | None) -> int:
@@ -499,6 +513,10 @@ class QueryEngine:
                     answer = self._whatif_of_endpoint_traces(
                         changes, body.get("service"), body.get("operation"), since_ns, lookup
                     )
+                    if answer is None:
+                        answer = self._whatif_of_touched_traces(
+                            changes, body.get("service"), body.get("operation"), since_ns, lookup
+                        )
                     if answer is not None:
                         return answer
                     with self._partition_contexts(since_ns, parts) as contexts:
@@ -561,6 +579,43 @@ class QueryEngine:
             since_ns=since_ns,
             lookup=lookup,
             copies=copies,
+        )
+
+    def _whatif_of_touched_traces(
+        self,
+        changes: Sequence[Change],
+        service: str | None,
+        operation: str | None,
+        since_ns: int | None,
+        lookup: FindingLookup | None,
+    ) -> dict[str, Any] | None:
+        """A what-if of every trace of a window asked in partitions that reads and re-times only
+        the traces its changes touch (``whatif_query.whatif_of_touched_traces``), in the
+        ``_partitioned`` lock the caller holds; None when it chooses traces by their root
+        (``_whatif_of_endpoint_traces``), the store cannot say which traces are touched (a
+        ClickHouse store), or they are too many to be worth it: the window's partitions answer."""
+        if service is not None or operation is not None or self._window_roots is None:
+            return None
+        assert self._read_traces is not None
+        from hourglass.analysis.planning import ENDPOINT_MAX_TRACES
+        from hourglass.analysis.whatif_query import touched_by, whatif_of_touched_traces
+
+        spans_of, trace_ids = touched_by(changes, lookup)
+        if len(trace_ids) > ENDPOINT_MAX_TRACES:
+            return None
+        roots = self._window_roots(since_ns, spans_of, trace_ids)
+        del trace_ids
+        if roots is None:
+            return None
+        return whatif_of_touched_traces(
+            self._read_traces,
+            roots,
+            self._room(),
+            changes,
+            since_ns=since_ns,
+            lookup=lookup,
+            copies=self._read_copies(),
+            most_traces=ENDPOINT_MAX_TRACES,
         )
 
     def _findings_of(self, changes: Sequence[Change], since_ns: int | None) -> FindingLookup | None:

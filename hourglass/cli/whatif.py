@@ -405,6 +405,49 @@ def _whatif_of_endpoint(
     return result
 
 
+def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, Any] | None:
+    """The what-if of every trace of a store's window too large for one context that reads and
+    re-times only the traces the changes touch (``whatif_query.whatif_of_touched_traces``), the
+    others known by their roots; None when ``--partitions`` was given, the store cannot say
+    which traces are touched (a ClickHouse store), or they are too many to be worth it."""
+    if window.chosen > 1:
+        return None
+    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.whatif_query import touched_by, whatif_of_touched_traces
+
+    settings = Settings()
+    spans_of, trace_ids = touched_by(changes, lookup)
+    if len(trace_ids) > ENDPOINT_MAX_TRACES:
+        return None
+    store = open_store_for_analysis(window.path, "whatif")
+    try:
+        roots_of = getattr(store, "window_roots", None)
+        if not callable(roots_of):
+            return None
+        roots = roots_of(window.since_ns, spans_of, trace_ids)
+    finally:
+        store.close()
+    del trace_ids
+    result = whatif_of_touched_traces(
+        StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
+        roots,
+        settings.memory_budget,
+        changes,
+        since_ns=window.since_ns,
+        lookup=lookup,
+        copies=_read_copies(window.path),
+        most_traces=ENDPOINT_MAX_TRACES,
+    )
+    if result is not None:
+        asked = roots.num_rows - roots["trace_id"].null_count
+        typer.echo(
+            f"{window.holds}: re-timed the {asked:,} traces the changes touch; the other "
+            f"{roots.num_rows - asked:,} keep their roots' durations",
+            err=True,
+        )
+    return result
+
+
 def _read_copies(path: str) -> int:
     """2 for an embedded ClickHouse, whose read of a window is held in this process beside its
     context (``planning.question_parts``); else 1."""
@@ -547,6 +590,8 @@ def whatif_command(
                 if any(change.kind == "recommendation" for change in changes):
                     lookup = _window_findings("whatif", ctx).get
                 result = _whatif_of_endpoint(ctx, changes, service, operation, lookup)
+                if result is None and service is None and operation is None:
+                    result = _whatif_of_touched(ctx, changes, lookup)
                 if result is None:
                     with _progress_bar() as progress:
                         contexts, runner, trace_parts = ctx.asking(progress)

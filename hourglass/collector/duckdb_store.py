@@ -1271,6 +1271,73 @@ class DuckDBSpanStore:
         return ids, int(spans)
 
     @_read
+    def window_roots(
+        self,
+        since_ns: int | None,
+        spans_of: Sequence[tuple[str, str | None]] = (),
+        trace_ids: Sequence[str] = (),
+    ) -> pa.Table:
+        """One row per trace of the window (``since_ns``: a trace with a span starting from then,
+        as ``scan`` selects), in one aggregation of the span rows, for a what-if over the whole
+        window that re-times only the traces its changes touch (``hourglass.analysis.
+        whatif_query.whatif_of_touched_traces``). Columns ``trace_id``, ``spans`` (its span rows,
+        copies included), ``root_service``, ``root_name``, ``root_duration_ns``:
+
+        * a trace that is *asked* — it has a span of one of ``spans_of`` ((service, operation);
+          operation None: any of the service), or its id is in ``trace_ids``, or its root is not
+          plain (below) — has its ``trace_id`` and null root columns: it is read and repaired;
+        * any other has a null ``trace_id`` and its root's service, name and duration
+          (``end_ns - start_ns``, 0 when negative): what the analysis context makes of it.
+
+        A root is plain when the trace has exactly one span row without a parent id, stored once
+        (no copy of it), and, with ``since_ns``, starting from then. The context then chooses that
+        span as the trace root whatever else the trace holds (a parentless span ranks before
+        orphans and spans whose cycle was cut), it is the row a read keeps, and the window's
+        selection of the read (a span from ``since_ns``) keeps the trace."""
+        parentless = "(parent_span_id IS NULL OR parent_span_id = '')"
+        window, params = "", []
+        if since_ns is not None:
+            window = "WHERE trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
+            params.append(since_ns)
+        touched, touched_params = [], []
+        for service, operation in spans_of:
+            match, match_params = _span_match(service, operation)
+            touched.append(f"({match})")
+            touched_params += match_params
+        touched_any = f"bool_or({' OR '.join(touched)})" if touched else "false"
+        plain = "a.roots = 1 AND a.trace_id NOT IN (SELECT trace_id FROM copied)"
+        if since_ns is not None:
+            plain += " AND a.root_start_ns >= ?"
+        asked = f"a.touched OR a.trace_id IN (SELECT unnest(?::VARCHAR[])) OR NOT ({plain})"
+        query = f"""
+            WITH a AS (
+                SELECT trace_id, count(*) AS spans, {touched_any} AS touched,
+                    count(*) FILTER (WHERE {parentless}) AS roots,
+                    any_value(span_id) FILTER (WHERE {parentless}) AS root_span_id,
+                    any_value(service) FILTER (WHERE {parentless}) AS root_service,
+                    any_value(name) FILTER (WHERE {parentless}) AS root_name,
+                    any_value(start_ns) FILTER (WHERE {parentless}) AS root_start_ns,
+                    any_value(greatest(end_ns - start_ns, 0)) FILTER (WHERE {parentless})
+                        AS root_duration_ns
+                FROM spans {window} GROUP BY trace_id
+            ), copied AS (
+                SELECT s.trace_id FROM spans s JOIN a
+                    ON s.trace_id = a.trace_id AND s.span_id = a.root_span_id AND a.roots = 1
+                GROUP BY s.trace_id HAVING count(*) > 1
+            ), marked AS (SELECT a.*, {asked} AS asked FROM a)
+            SELECT CASE WHEN asked THEN trace_id END AS trace_id, spans,
+                CASE WHEN asked THEN NULL ELSE root_service END AS root_service,
+                CASE WHEN asked THEN NULL ELSE root_name END AS root_name,
+                CASE WHEN asked THEN NULL ELSE root_duration_ns END AS root_duration_ns
+            FROM marked"""
+        self.load_staged()
+        all_params = [*touched_params, *params, list(trace_ids)]
+        if since_ns is not None:
+            all_params.append(since_ns)
+        table: pa.Table = self._cursor().sql(query, params=all_params).to_arrow_table()
+        return table
+
+    @_read
     def has_span(self, service: str | None, operation: str | None, since_ns: int | None = None) -> bool:
         """Whether a trace of the window (``since_ns``: one with a span starting from then, as
         ``scan`` selects) has a span named ``operation`` in ``service`` (either None: any). Every

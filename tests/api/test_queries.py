@@ -216,9 +216,9 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         stale = tmp_path / "hourglass-question-left-by-a-killed-serve"
         stale.mkdir()
         split = QueryEngine.over_store(store, budget=budget)
-        split._endpoint_traces = (
-            None  # (the window's partitions: the endpoint's traces alone are the next test's)
-        )
+        # (the window's partitions: the endpoint's traces alone, and the touched traces alone, are
+        # the next tests')
+        split._endpoint_traces = split._window_roots = None
         assert split._parts(None) >= 4
         made: list[str] = []
         real_split = store.split_partitions
@@ -239,7 +239,7 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
         assert scans == [] and made and all(Path(folder).parent == tmp_path for folder in made)
         assert not globbing.glob(str(tmp_path / "hourglass-question-*"))  # (beside the store, removed after)
         scanned = QueryEngine.over_store(store, budget=budget)
-        scanned._split_window = scanned._endpoint_traces = None
+        scanned._split_window = scanned._endpoint_traces = scanned._window_roots = None
         assert scanned.whatif(body) == answer and scans
         assert scanned.critical_path(service, operation) == path
         scans.clear()
@@ -248,7 +248,9 @@ def test_a_window_in_partitions_is_split_once_and_answers_as_scanned(
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(store, "split_partitions", failing)
-        assert QueryEngine.over_store(store, budget=budget).whatif(body) == answer and scans
+        unsplit = QueryEngine.over_store(store, budget=budget)
+        unsplit._window_roots = None
+        assert unsplit.whatif(body) == answer and scans
         assert not globbing.glob(str(tmp_path / "hourglass-question-*"))
     finally:
         store.close()
@@ -508,6 +510,194 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
         for made in engines:
             with pytest.raises(WhatIfInputError, match="no span no-such-service"):
                 made.whatif({**nowhere, "service": ledger[0], "operation": ledger[1]})
+    finally:
+        store.close()
+
+
+NOT_PLAIN = ("copied root", "orphans only", "two roots")  # (the awkward roots read, not aggregated)
+
+
+def _store_with_awkward_roots(tmp_path: Path) -> tuple[Any, dict[str, str], int]:
+    """The sample traces in a DuckDB store, five of them with awkward roots: a root stored twice
+    (first with a parent id, then without), a trace of orphans only, a trace with two parentless
+    spans, a root that ends before it starts, and a root whose parent id is empty rather than
+    null (the last two are still one plain parentless span); and a trace all of whose spans
+    start before ``since_ns`` but for a later copy of one of them (a read keeps the first, so
+    the window from ``since_ns`` has not got it). By trace id, which; and ``since_ns``, the
+    start of the middle root + 1 ns."""
+    import polars as pl
+
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    (tmp_path / "sample").mkdir()
+    sample = _sample_store(tmp_path / "sample")
+    try:
+        frame = pl.from_arrow(sample.scan(columns=tuple(SPAN_COLUMNS)))
+    finally:
+        sample.close()
+    assert isinstance(frame, pl.DataFrame)
+    parentless = pl.col("parent_span_id").is_null()
+    traces = frame.filter(parentless).group_by("trace_id").len().filter(pl.col("len") == 1)["trace_id"]
+    multi = frame.group_by("trace_id").len().filter(pl.col("len") > 2)["trace_id"]
+    chosen = [t for t in sorted(traces.to_list()) if t in set(multi.to_list())][:5]
+    awkward = dict(
+        zip(
+            chosen, ("copied root", "orphans only", "two roots", "negative root", "empty parent"), strict=True
+        )
+    )
+    which = pl.col("trace_id").replace_strict(awkward, default="")
+    # a root stored first with a parent id that is nowhere, then again without one (longer and
+    # renamed): a read keeps the first, so the trace has no parentless span
+    copy = frame.filter(parentless & (which == "copied root")).with_columns(
+        end_ns=pl.col("end_ns") + 10**9, name=pl.lit("a later copy")
+    )
+    starts = sorted(frame.filter(parentless)["start_ns"].to_list())
+    since_ns = starts[len(starts) // 2] + 1
+    last = frame.group_by("trace_id").agg(pl.col("start_ns").max())
+    early = sorted(set(last.filter(pl.col("start_ns") < since_ns)["trace_id"].to_list()) - set(chosen))
+    late = frame.filter((pl.col("trace_id") == early[0]) & ~parentless).head(1)
+    awkward[early[0]] = "late copy"
+    copy = pl.concat([copy, late.with_columns(start_ns=pl.lit(since_ns), end_ns=pl.lit(since_ns + 1000))])
+    first_child = (pl.col("trace_id") == chosen[2]) & ~parentless
+    first_child = first_child & (pl.int_range(pl.len()) == first_child.arg_max())
+    frame = frame.with_columns(
+        parent_span_id=pl.when(parentless & (which == "orphans only"))
+        .then(pl.lit("00000000deadbeef"))
+        .when(first_child)
+        .then(None)
+        .when(parentless & (which == "copied root"))  # (its parentless copy is written later)
+        .then(pl.lit("00000000cafef00d"))
+        .when(parentless & (which == "empty parent"))
+        .then(pl.lit(""))
+        .otherwise("parent_span_id"),
+        end_ns=pl.when(parentless & (which == "negative root"))
+        .then(pl.col("start_ns") - 5)
+        .otherwise("end_ns"),
+    )
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    store.write(frame.to_arrow())
+    store.write(copy.to_arrow())
+    return store, awkward, since_ns
+
+
+def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A what-if of every trace of a window asked in partitions reads and re-times only the
+    traces its changes touch and those whose root is not one plain parentless span
+    (``DuckDBSpanStore.window_roots``): the same answer as the window's partitions — a speedup of
+    one operation, of a whole service, parallelize, cap, a recommendation, several at once, with
+    and without ``since`` — the same refusal of a change whose span is nowhere, and the traces
+    with awkward roots are read, not taken from the aggregation."""
+    import polars as pl
+
+    from hourglass.analysis.context import AnalysisContext
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.analysis.whatif_query import (
+        Change,
+        detector_lookup,
+        evaluate_partitioned,
+        partition_contexts,
+        touched_by,
+        whatif_of_touched_traces,
+    )
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    store, awkward, since_ns = _store_with_awkward_roots(tmp_path)
+    try:
+        whole = AnalysisContext.from_table(store.scan())
+        assert whole.traces.filter(pl.col("trace_id").is_in(list(awkward))).height == len(awkward)
+        lookup = detector_lookup(whole)
+        report = analyze_report(whole)
+        recommendation = report["recommendations"][0]["id"]  # type: ignore[index]
+
+        def window_findings(since_ns: int | None, ids: set[str]) -> dict[str, object]:
+            return {i: lookup(i) for i in ids if lookup(i) is not None}
+
+        total = store.raw_row_count()
+        budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2  # (half the store at once)
+        engine, window = (
+            QueryEngine.over_store(store, budget=budget, window_findings=window_findings)  # type: ignore[arg-type]
+            for _ in range(2)
+        )
+        window._window_roots = None
+        for made in (engine, window):
+            monkeypatch.setattr(made, "_held", lambda: 0)
+        assert engine._parts(None) > 1
+        read: list[list[str]] = []
+        scan_partition = store.scan_partition
+
+        def reading(part: int, parts: int, **kwargs: Any) -> pa.Table:
+            if kwargs.get("trace_ids") is not None:
+                read.append(list(kwargs["trace_ids"]))
+            return scan_partition(part, parts, **kwargs)
+
+        monkeypatch.setattr(store, "scan_partition", reading)
+        ledger = {"service": "ledger", "operation": "POST /accounts/{account_id}/transfers"}
+        bodies: list[dict[str, Any]] = [
+            {"changes": [{"speedup": {**ledger, "factor": 0.5}}]},
+            {"changes": [{"speedup": {"service": "ledger", "operation": "*", "factor": 2}}]},
+            {"changes": [{"parallelize": ledger}, {"cap": {**ledger, "concurrency": 1}}]},
+            {"changes": [{"recommendation": recommendation}]},
+        ]
+        for body in bodies:
+            read.clear()
+            answer = engine.whatif(body)
+            assert answer == window.whatif(body), body
+            asked = {t for ids in read for t in ids}
+            assert asked and len(asked) < whole.traces.height, body  # (the touched traces only)
+            assert {t for t, what in awkward.items() if what in NOT_PLAIN} <= asked, body
+            assert answer["traces"] == whole.traces.height, body
+            assert answer["traces_changed"] > 0 or "parallelize" in str(body), body
+        nowhere = {"changes": [{"speedup": {"service": "no-such-service", "operation": "*", "factor": 0.5}}]}
+        for made in (engine, window):
+            with pytest.raises(WhatIfInputError, match="no span no-such-service"):
+                made.whatif(nowhere)
+        # every trace the store takes from its aggregation has the root the context chooses: the
+        # root ending before it starts and the empty parent id among them; the others are named
+        roots = store.window_roots(None)
+        named = set(roots["trace_id"].drop_null().to_pylist())
+        assert {t for t, what in awkward.items() if what in NOT_PLAIN} <= named
+        assert not named & {t for t, what in awkward.items() if what not in NOT_PLAIN}
+        plain = whole.traces.filter(~pl.col("trace_id").is_in(list(named)))
+        by_root = ["root_service", "root_name", "root_duration_ns"]
+        taken = pl.from_arrow(roots).filter(pl.col("trace_id").is_null()).select(by_root)
+        assert isinstance(taken, pl.DataFrame) and taken.height == plain.height
+        assert taken.sort(by_root).equals(plain.select(by_root).sort(by_root))
+        # with since (serve's is rounded to 10 s: the helper itself, from the middle of the window,
+        # where a trace is in the window by a later copy of a span only, and so not in it)
+
+        def by_ids(part: int, parts: int, trace_ids: list[str]) -> pa.Table:
+            return store.scan_partition(part, parts, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS)
+
+        def in_window(part: int, parts: int) -> pa.Table:
+            return store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+
+        for changes in (
+            [Change("speedup", service="ledger", operation="*", factor=0.5)],
+            [Change("recommendation", recommendation=recommendation)],
+        ):
+            spans_of, trace_ids = touched_by(changes, lookup)
+            roots = store.window_roots(since_ns, spans_of, trace_ids)
+            fast = whatif_of_touched_traces(by_ids, roots, budget, changes, since_ns=since_ns, lookup=lookup)
+            contexts = partition_contexts(in_window, since_ns)
+            assert fast == evaluate_partitioned(contexts, 3, changes, lookup=lookup), changes
+            assert fast is not None and 0 < fast["traces"] < whole.traces.height
+        # too many traces to name: the window's partitions answer
+        spans_of, trace_ids = touched_by([Change("speedup", service="ledger", operation="*")], lookup)
+        roots = store.window_roots(None, spans_of, trace_ids)
+        named = roots.num_rows - roots["trace_id"].null_count
+        assert (
+            whatif_of_touched_traces(
+                by_ids,
+                roots,
+                budget,
+                [Change("speedup", service="ledger", operation="*")],
+                most_traces=named - 1,
+            )
+            is None
+        )
     finally:
         store.close()
 

@@ -238,8 +238,10 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     """`hourglass whatif` and `critical-path` hold a context of the window's spans: a store's
     window larger than the memory budget holds is asked in partitions of whole traces, one at a
     time, with the answer at once (the demo store: 3,408 spans, 1,000 at once); trace files that
-    large too, through a temporary store. ``--partitions`` asks in that many, and a
-    recommendation change then takes its finding as ``analyze`` decides it over every trace."""
+    large too, through a temporary store. A what-if of every trace reads only the traces its
+    change touches, and an endpoint's question the traces with a span of it. ``--partitions``
+    asks the window in that many, and a recommendation change then takes its finding as
+    ``analyze`` decides it over every trace."""
     budget = 200 * 2**20 + 1_000 * 2_000  # 1,000 spans at once (hourglass.analysis.planning)
     env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(budget)}
     speedup = ("--speedup", "ledger:lock.acquire ledger.journal=0.5")
@@ -256,8 +258,14 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
         )
 
     for args, how in (
+        # a what-if of every trace: only those with a span of the change are read, the others
+        # are known by their roots (DuckDBSpanStore.window_roots); with --partitions, the window's
         (
             ("whatif", "--db", str(demo_store), *speedup, "--format", "json"),
+            "re-timed the 48 traces the changes touch; the other 376 keep their roots' durations",
+        ),
+        (
+            ("whatif", "--db", str(demo_store), *speedup, "--format", "json", "--partitions", "5"),
             "asked in 5 partitions of whole traces",
         ),
         # an endpoint's path: over the traces with a span of it only (read by their ids)
