@@ -748,10 +748,16 @@ PATHS_KIND = "_paths"  # the kind under which a partition's critical-path summar
 
 
 def extract_part(
-    source: Source, part: int, parts: int, spill: Spill | None = None, prepared: Prepared | None = None
+    source: Source,
+    part: int,
+    parts: int,
+    spill: Spill | None = None,
+    prepared: Prepared | None = None,
+    kinds: frozenset[str] | None = None,
 ) -> PartResult:
     """One task of the first pass: read a partition, repair it and extract it (:func:`part_result`);
-    with ``prepared``, its repaired spans kept there for the pricing (:class:`Prepared`)."""
+    with ``prepared``, its repaired spans kept there for the pricing (:class:`Prepared`); with
+    ``kinds``, those detectors' rows only, and no critical-path rows (findings asked for alone)."""
     table = source.load(part, parts)
     memlog.note(f"extract {part + 1}/{parts} read")
     ctx = AnalysisContext.from_table(table)
@@ -759,7 +765,7 @@ def extract_part(
     memlog.note(f"extract {part + 1}/{parts} context")
     if prepared is not None:
         prepared.write(part, ctx)
-    result = part_result(part, ctx, spill)
+    result = part_result(part, ctx, spill, kinds)
     del ctx
     # the spans' Arrow buffers, kept by Arrow's allocator for reuse (~80 MiB a partition of 166k
     # spans), back to the system: a worker kept through the decision (``Plan.keep``) holds less
@@ -775,14 +781,17 @@ def spill_here(spill: Spill, result: PartResult) -> PartResult:
     return replace(result, rows=spill.write(result.part, result.rows))
 
 
-def part_result(part: int, ctx: AnalysisContext, spill: Spill | None = None) -> PartResult:
+def part_result(
+    part: int, ctx: AnalysisContext, spill: Spill | None = None, kinds: frozenset[str] | None = None
+) -> PartResult:
     """Every detector's rows of ``ctx``'s traces (with ``spill``, the tables that grow with spans
     written to its buckets instead) and the endpoints' critical-path rows, each table compacted
     (:func:`compact`) so that it holds none of the spans' memory; with ``spill``, every table
-    written to its folder instead (:meth:`Spill.keep`) and none returned."""
+    written to its folder instead (:meth:`Spill.keep`) and none returned. ``kinds``: those
+    detectors' rows only, and no critical-path rows."""
     services = ctx.spans.group_by("service", "scope_name").agg(pl.col("trace_id").min())
-    rows = extract(ctx)
-    paths = path_rows_or_none(ctx)
+    rows = extract(ctx, kinds)
+    paths = path_rows_or_none(ctx) if kinds is None else None
     if spill is not None:  # every row to disk: the deciding process reads one kind at a time
         # not compacted first: polars writes a table's own values, not the spans' buffers its
         # strings share (a compaction was ~8 % of a partition's extraction at 1M spans)
@@ -1414,6 +1423,7 @@ def run_extraction(
     decide_beside: bool = False,
     later: Future[Source | None] | None = None,
     prepared: Prepared | None = None,
+    kinds: frozenset[str] | None = None,
 ) -> Extracted:
     """Extract every partition (in ``executor``) and decide each split detector on the combined
     rows (with ``spill``, the tables that grow with spans go through its buckets on disk: the
@@ -1425,9 +1435,13 @@ def run_extraction(
     worker processes queue them as soon as the split is written, so a worker that finishes its
     first partition goes on with them without waiting for the others' first partitions (one
     core idled until the slowest of the first round was done: ~0.1 s at 1M spans on 2 workers).
-    ``prepared``: each task keeps its repaired spans there for the pricing (:class:`Prepared`)."""
+    ``prepared``: each task keeps its repaired spans there for the pricing (:class:`Prepared`).
+    ``kinds``: those detectors only are extracted and decided, and no critical path (the findings
+    of a what-if's recommendations)."""
     memlog.note("extraction starts")
-    more = (prepared,) if prepared is not None else ()  # (serve's executor takes four arguments)
+    more: tuple[Any, ...] = (prepared,) if prepared is not None else ()  # (serve's executor takes four)
+    if kinds is not None:
+        more = (prepared, kinds)
     calls = [(source, p, parts, spill, *more) for p in range(parts)]
     if later is None:
         results = executor.map("extracting", extract_part, calls, progress)
@@ -1460,8 +1474,9 @@ def run_extraction(
         and isinstance(executor, ProcessExecutor)
         else None
     )
-    if elsewhere is not None and decide_beside and len(PARTS) > 1:  # (as ``decide`` takes them)
-        elsewhere.start_early(k for k in PARTS if k in DECIDE_BESIDE)
+    chosen = [k for k in PARTS if kinds is None or k in kinds]
+    if elsewhere is not None and decide_beside and len(chosen) > 1:  # (as ``decide`` takes them)
+        elsewhere.start_early(k for k in chosen if k in DECIDE_BESIDE)
     if progress:
         progress("combining the partitions' rows", 0, 0)
     trace_parts = pl.concat(  # by task: the n-th result is partition n of this run
@@ -1479,7 +1494,7 @@ def run_extraction(
     critical_paths: list[dict[str, Any]] = []
     # decided now, so that the decision below holds the few icicles and not every trace's path rows
     if spill is not None and results and all(r.kept for r in results):
-        rows = KeptRows(spill, PARTS)
+        rows = KeptRows(spill, chosen)
         summary = kept_paths(spill) if all(r.kept_paths for r in results) else None
         if summary is not None:
             critical_paths = report_critical_paths_from_summary(summary)

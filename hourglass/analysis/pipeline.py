@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -542,6 +543,97 @@ def analyze_partitioned(
     ``split_files`` False (``partitions.Plan.split``: the budget has no room for the split even
     beside the workers' bases): no split, every task reads its partition from the store.
     ``release_heap``: called after each stage that follows the pricing (:func:`_analyze_partitioned`)."""
+    here = extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor)
+    with _run_sources(
+        source,
+        parts,
+        executor,
+        here=here,
+        progress=progress,
+        split_beside=split_beside,
+        split_files=split_files,
+    ) as (read_from, later, prepared):
+        return _analyze_partitioned(
+            read_from,
+            parts,
+            executor,
+            read_traces=read_traces,
+            writer=writer,
+            explain=explain,
+            progress=progress,
+            spill_buckets=spill_buckets,
+            extraction=extraction,
+            decide_beside=decide_beside,
+            later=later,
+            prepared=prepared,
+            release_heap=release_heap,
+        )
+
+
+def findings_partitioned(
+    source: partitions.Source,
+    parts: int,
+    executor: partitions.SerialExecutor | partitions.ProcessExecutor,
+    kinds: frozenset[str],
+    *,
+    progress: partitions.Progress | None = None,
+    spill_buckets: int = 0,
+    decide_beside: bool = False,
+    split_beside: bool = True,
+    split_files: bool = True,
+) -> list[Finding]:
+    """The findings of the detectors ``kinds`` over ``parts`` partitions of whole traces, decided
+    as :func:`analyze_partitioned` decides them (the same partitions, split and workers), without
+    the other detectors, the critical paths, the pricing, the report or its texts: what a what-if
+    of recommendations of those kinds applies (``hourglass whatif --db --recommendation``), as
+    serve decides them for its questions (``hourglass.api.analysis_worker.window_findings``)."""
+    with _run_sources(
+        source,
+        parts,
+        executor,
+        here=True,
+        progress=progress,
+        split_beside=split_beside,
+        split_files=split_files,
+        keep_prepared=False,
+    ) as (read_from, later, _):
+        spill = Spill.create(spill_buckets) if spill_buckets > 0 else None
+        try:
+            extracted = partitions.run_extraction(
+                read_from,
+                parts,
+                executor,
+                NearMissLog(),
+                progress,
+                spill,
+                decide_beside=decide_beside,
+                later=later,
+                kinds=kinds,
+            )
+        finally:
+            if spill is not None:
+                spill.remove()
+        return extracted.findings
+
+
+@contextmanager
+def _run_sources(
+    source: partitions.Source,
+    parts: int,
+    executor: partitions.Executor,
+    *,
+    here: bool,
+    progress: partitions.Progress | None,
+    split_beside: bool,
+    split_files: bool,
+    keep_prepared: bool = True,
+) -> Iterator[tuple[partitions.Source, Future[partitions.Source | None] | None, partitions.Prepared | None]]:
+    """For the ``with`` block of a partitioned run: (where its partitions are read, the split
+    being written beside its extraction or None, where the extraction keeps its repaired spans
+    for the pricing or None), as :func:`analyze_partitioned` describes them; ``here``: the
+    executor's tasks run on this machine (a split and kept spans are made only then; kept spans
+    only with ``keep_prepared``). The files are removed when the block ends, fails or is
+    interrupted."""
     split = None
     later: Future[partitions.Source | None] | None = None
     from hourglass.collector.duckdb_store import Cancel
@@ -549,7 +641,6 @@ def analyze_partitioned(
     prepared: partitions.Prepared | None = None
     # set when the run ends first (failed, interrupted): the split stops, its query interrupted
     cancel = Cancel()
-    here = extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor)
     if here and isinstance(executor, partitions.ProcessExecutor):
         executor.warm()
     if split_files and here:
@@ -565,26 +656,12 @@ def analyze_partitioned(
                 progress("splitting the store into partition files", 0, 0)
             split = _split_or_store(source, parts, cancel)
     try:
-        if here:  # the extraction's repaired spans kept for the pricing passes (tasks of this machine)
+        if here and keep_prepared:  # the extraction's repaired spans kept for the pricing passes
             prepared = partitions.Prepared.create()
-        return _analyze_partitioned(
-            split or source,
-            parts,
-            executor,
-            read_traces=read_traces,
-            writer=writer,
-            explain=explain,
-            progress=progress,
-            spill_buckets=spill_buckets,
-            extraction=extraction,
-            decide_beside=decide_beside,
-            later=later,
-            prepared=prepared,
-            release_heap=release_heap,
-        )
+        yield split or source, later, prepared
     except BaseException:
         cancel.set()  # (a split still being written stops at once and removes its files)
-        if prepared is not None and isinstance(executor, partitions.ProcessExecutor):
+        if isinstance(executor, partitions.ProcessExecutor) and (prepared is not None or not keep_prepared):
             executor.close(wait=False)  # (interrupted: no more tasks; its workers terminated)
         raise
     finally:

@@ -378,10 +378,14 @@ def _store_plan(
     return plan
 
 
-def store_findings(path: str, run: StoreRun, since_ns: int | None, command: str) -> dict[str, Any]:
+def store_findings(
+    path: str, run: StoreRun, since_ns: int | None, command: str, kinds: frozenset[str] | None = None
+) -> dict[str, Any]:
     """Every finding of the store's window (``since_ns``) by id, decided as ``analyze`` decides
     them, in partitions of whole traces (what-if's recommendation changes over a window one
-    context cannot hold: a detector run on one partition decides over its traces only)."""
+    context cannot hold: a detector run on one partition decides over its traces only). With
+    ``kinds``, those detectors' findings only, as decided before the pricing: a finding's
+    occurrences do not depend on it (``pipeline.findings_partitioned``)."""
     from hourglass.analysis import partitions
 
     if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
@@ -393,6 +397,13 @@ def store_findings(path: str, run: StoreRun, since_ns: int | None, command: str)
         raise _fail(str(exc), command=command) from None
     finally:
         store.close()
+    if kinds is not None and run.cluster is None:
+        from hourglass.analysis.detectors import PARTS
+
+        known = frozenset(k for k in kinds if k in PARTS)  # (an id of no detector: no finding)
+        if not known:
+            return {}
+        return {f.id: f for f in _findings_in_partitions(path, run, plan, since_ns, known, command)}
     _, ranked = _run_partitions(
         path,
         run,
@@ -405,6 +416,41 @@ def store_findings(path: str, run: StoreRun, since_ns: int | None, command: str)
         command=command,
     )
     return {scored.finding.id: scored.finding for scored in ranked}
+
+
+def _findings_in_partitions(
+    path: str, run: StoreRun, plan: Any, since_ns: int | None, kinds: frozenset[str], command: str
+) -> list[Any]:
+    """:func:`store_findings` of ``kinds`` on this machine: ``plan``'s partitions extracted by
+    those detectors only and decided (``pipeline.findings_partitioned``), with a progress bar."""
+    from hourglass.analysis import partitions
+    from hourglass.analysis.pipeline import findings_partitioned
+
+    source = partitions.StoreSource(path, since_ns)
+    if plan.split and partitions.splits(source, plan.parts):
+        plan = _within_open_files(plan, chosen=bool(run.partitions))
+    executor = _executor(run, plan, in_process=path.startswith("chdb:"))
+    typer.echo(
+        f"hourglass {command}: the findings of {', '.join(sorted(kinds))}: {plan.describe(run.budget)}",
+        err=True,
+    )
+    try:
+        with _progress_bar() as progress:
+            return findings_partitioned(
+                source,
+                plan.parts,
+                executor,
+                kinds,
+                progress=progress,
+                spill_buckets=plan.buckets,
+                decide_beside=plan.beside,
+                split_beside=plan.split_beside,
+                split_files=plan.split,
+            )
+    except partitions.PartitionError as exc:
+        raise _fail(str(exc), code=EXIT_STORE, command=command) from None
+    finally:
+        executor.close()
 
 
 def _run_partitions(

@@ -454,15 +454,16 @@ def _read_copies(path: str) -> int:
     return 2 if path.startswith("chdb:") else 1
 
 
-def _window_findings(command: str, window: _Window) -> dict[str, Any]:
+def _window_findings(command: str, window: _Window, ids: set[str]) -> dict[str, Any]:
     """The findings of ``window`` by id, decided over all its traces as ``analyze`` decides them
     (in partitions: ``analyze.store_findings``, on the workers the question was given), for its
-    recommendation changes."""
+    recommendation changes ``ids``: their detectors only."""
+    from hourglass.analysis.model import kind_of
     from hourglass.cli.analyze import StoreRun, store_findings
 
     settings = Settings()
     run = StoreRun(budget=settings.memory_budget, workers=window.cores, partitions=window.chosen)
-    return store_findings(window.path, run, window.since_ns, command)
+    return store_findings(window.path, run, window.since_ns, command, frozenset(kind_of(i) for i in ids))
 
 
 def _ms(value: Any) -> str:
@@ -587,8 +588,9 @@ def whatif_command(
         try:
             if isinstance(ctx, _Window):
                 lookup = None
-                if any(change.kind == "recommendation" for change in changes):
-                    lookup = _window_findings("whatif", ctx).get
+                wanted = {change.recommendation for change in changes if change.kind == "recommendation"}
+                if wanted:
+                    lookup = _window_findings("whatif", ctx, wanted).get
                 result = _whatif_of_endpoint(ctx, changes, service, operation, lookup)
                 if result is None and service is None and operation is None:
                     result = _whatif_of_touched(ctx, changes, lookup)

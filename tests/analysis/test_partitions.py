@@ -978,3 +978,32 @@ def test_early_workers_no_run_took_are_stopped_at_once() -> None:
     assert len(processes) == 2
     worker_start.stop(pool)
     assert all(p.exitcode is not None for p in processes)
+
+
+def test_findings_of_some_detectors_are_the_reports(tmp_path: Path) -> None:
+    """``findings_partitioned`` (``hourglass whatif --db --recommendation``'s findings) extracts and
+    decides the detectors asked for only, in the same partitions as ``analyze_partitioned``, and
+    every finding of the report of those kinds is among them with the same occurrences, split
+    into files (4 partitions) or not, spilled or not; no finding of another kind."""
+    from hourglass.analysis import pipeline
+
+    source = _small_store(tmp_path)
+    _, ranked = pipeline.analyze_partitioned(
+        source, 4, partitions.SerialExecutor(), read_traces=lambda ids: source.load(0, 1)
+    )
+    reported = {scored.finding.id: scored.finding for scored in ranked}
+    kinds = {f.kind for f in reported.values()}
+    assert len(kinds) >= 3
+    asked = frozenset(sorted(kinds)[:2])
+    for parts, buckets in ((4, 0), (2, 2)):
+        found = {
+            f.id: f
+            for f in pipeline.findings_partitioned(
+                source, parts, partitions.SerialExecutor(), asked, spill_buckets=buckets
+            )
+        }
+        assert {f.kind for f in found.values()} <= asked
+        mine = {i: f for i, f in reported.items() if f.kind in asked}
+        assert mine and set(mine) <= set(found), (parts, buckets)
+        for i, finding in mine.items():
+            assert list(finding.occurrence_table) == list(found[i].occurrence_table), i
