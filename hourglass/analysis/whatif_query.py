@@ -745,6 +745,7 @@ def whatif_of_touched_traces(
     lookup: FindingLookup | None = None,
     copies: int = 1,
     most_traces: int | None = None,
+    ask_many: Callable[[list[str], int], list[PartAnswer] | None] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`evaluate` of every trace of a window too large for one context, re-timing only the
     traces ``changes`` can touch. ``roots``: one row per trace of the window
@@ -754,9 +755,11 @@ def whatif_of_touched_traces(
     own spans alone, and only a change's own spans or a recommendation's occurrences move
     anything). Those traces are read by ``read(part, parts, ids)``, whole, and asked as a
     window's partitions are; the others add their roots (before = after) to the endpoints'
-    figures and the window's count. The same answer as the window's partitions give. None
-    when the traces to read need as many partitions as a window is split into files for
-    (``SPLIT_MIN_PARTS``), or are more than ``most_traces``: ask the window instead."""
+    figures and the window's count. The same answer as the window's partitions give. When the
+    traces to read need as many partitions as a window is split into files for
+    (``SPLIT_MIN_PARTS``), ``ask_many(ids, spans)`` asks them (serve: from a split of their own),
+    its shares (:func:`ask_parts`) or None. None when they are more than ``most_traces``, or
+    need that many partitions and ``ask_many`` did not answer: ask the window instead."""
     _check_changes(changes)
     frame = pl.from_arrow(roots)
     assert isinstance(frame, pl.DataFrame)
@@ -766,11 +769,17 @@ def whatif_of_touched_traces(
     answers: list[PartAnswer] = []
     if asked.height:
         ids = asked["trace_id"].sort().to_list()
-        found = _traces_in_few_parts(read, ids, int(asked["spans"].sum()), room, copies, since_ns)
-        if found is None:
-            return None
-        contexts, parts = found
-        answers = _ask_in_turn(contexts, parts, changes, None, None, lookup)
+        spans = int(asked["spans"].sum())
+        del asked
+        found = _traces_in_few_parts(read, ids, spans, room, copies, since_ns)
+        if found is not None:
+            contexts, parts = found
+            answers = _ask_in_turn(contexts, parts, changes, None, None, lookup)
+        else:
+            shares = ask_many(ids, spans) if ask_many is not None else None
+            if shares is None:
+                return None
+            answers = shares
     rest = frame.filter(pl.col("trace_id").is_null())
     answers.append(
         PartAnswer(
@@ -791,6 +800,17 @@ def whatif_of_touched_traces(
         )
     )
     return combine_parts(answers, changes)
+
+
+def ask_parts(
+    load: Callable[[int, int], AnalysisContext],
+    parts: int,
+    changes: Sequence[Change],
+    lookup: FindingLookup | None,
+) -> list[PartAnswer]:
+    """The shares of every trace of ``parts`` contexts ``load(part, parts)``, one at a time (what
+    :func:`whatif_of_touched_traces`'s ``ask_many`` returns for the traces it is given)."""
+    return _ask_in_turn(load, parts, changes, None, None, lookup)
 
 
 def _trace_index(spans: pl.DataFrame) -> np.ndarray:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -56,6 +56,7 @@ from hourglass.api.settings import parse_since
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 
 log = logging.getLogger("hourglass.api.queries")
+T = TypeVar("T")
 
 SINCE_STEP_NS = 10 * 1_000_000_000
 IDLE_SECONDS = 600.0
@@ -598,7 +599,12 @@ class QueryEngine:
             return None
         assert self._read_traces is not None
         from hourglass.analysis.planning import ENDPOINT_MAX_TRACES
-        from hourglass.analysis.whatif_query import touched_by, whatif_of_touched_traces
+        from hourglass.analysis.whatif_query import (
+            PartAnswer,
+            ask_parts,
+            touched_by,
+            whatif_of_touched_traces,
+        )
 
         spans_of, trace_ids = touched_by(changes, lookup)
         if len(trace_ids) > ENDPOINT_MAX_TRACES:
@@ -607,15 +613,31 @@ class QueryEngine:
         del trace_ids
         if roots is None:
             return None
+        room, copies = self._room(), self._read_copies()
+        window = self._window_spans(since_ns) if self._window_spans is not None else 0
+
+        def ask_split(ids: list[str], spans: int) -> list[PartAnswer] | None:
+            # up to three quarters of the window, the touched traces split into files of their own
+            if copies != 1 or spans > window * 3 // 4:
+                return None
+            return self._ask_split_traces(
+                since_ns,
+                ids,
+                spans,
+                room,
+                lambda contexts, parts: ask_parts(contexts, parts, changes, lookup),
+            )
+
         return whatif_of_touched_traces(
             self._read_traces,
             roots,
-            self._room(),
+            room,
             changes,
             since_ns=since_ns,
             lookup=lookup,
-            copies=self._read_copies(),
+            copies=copies,
             most_traces=ENDPOINT_MAX_TRACES,
+            ask_many=ask_split,
         )
 
     def _findings_of(self, changes: Sequence[Change], since_ns: int | None) -> FindingLookup | None:
@@ -699,13 +721,36 @@ class QueryEngine:
         self, since_ns: int | None, service: str, operation: str, ids: list[str], spans: int, room: int
     ) -> tuple[dict[str, Any] | None] | None:
         """The endpoint's critical path over its traces ``ids`` (``spans`` span rows: more than
-        a few partitions hold, less than the window), split by one read of the store into files
-        of their own (``split_window``) and asked partition by partition; None when they are not
-        split (``split_store_window``): the window's partitions answer."""
+        a few partitions hold, less than the window), asked from a split of their own
+        (:meth:`_ask_split_traces`); None when they are not split: the window's partitions answer."""
+        return self._ask_split_traces(
+            since_ns,
+            ids,
+            spans,
+            room,
+            lambda contexts, parts: (
+                endpoint_critical_path_partitioned(contexts, parts, service, operation)[1],
+            ),
+        )
+
+    def _ask_split_traces(
+        self,
+        since_ns: int | None,
+        ids: list[str],
+        spans: int,
+        room: int,
+        ask: Callable[[Callable[[int, int], AnalysisContext], int], T],
+    ) -> T | None:
+        """``ask(load, parts)`` over the traces ``ids`` of the window (``spans`` span rows: more
+        than a few partitions hold, less than the window), split by one read of the store into
+        files of their own (``split_window``), ``load(part, parts)`` the context of each in turn
+        (the window selected from them as from the store); None when they are not split
+        (``split_store_window``: no room, no disk) or the store cannot split."""
         from hourglass.analysis.planning import PROCESS_BASE_BYTES, BudgetError, question_parts
         from hourglass.analysis.whatif_query import partition_contexts
 
-        assert self._split_window is not None
+        if self._split_window is None:
+            return None
         try:
             parts = question_parts(spans, room)
         except BudgetError:
@@ -720,7 +765,7 @@ class QueryEngine:
                 release_memory()  # the previous partition's, back to the system before the next
                 return contexts(part, parts)
 
-            return (endpoint_critical_path_partitioned(context, parts, service, operation)[1],)
+            return ask(context, parts)
 
     def endpoints(self, since: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """The busiest trace roots (service, operation, traces)."""

@@ -352,7 +352,8 @@ def test_an_endpoint_with_many_spans_is_asked_from_a_split_of_its_own_traces(
 ) -> None:
     """An endpoint whose traces hold more spans than a few partitions do, but at most three
     quarters of the window, has its traces alone split into files (``split_partitions`` with
-    their ids) and asked partition by partition: the same path as the window's partitions."""
+    their ids) and asked partition by partition: the same path as the window's partitions; and
+    so are the traces a what-if of the whole window touches (a speedup of that endpoint)."""
     from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES, few_parts_spans
 
     store, read = _sample_store_read_by_ids(tmp_path, monkeypatch)
@@ -370,7 +371,7 @@ def test_an_endpoint_with_many_spans_is_asked_from_a_split_of_its_own_traces(
         budget = PROCESS_BASE_BYTES + 100 * PEAK_BYTES_PER_SPAN  # (100 spans at once)
         engine = QueryEngine.over_store(store, budget=budget)
         window = QueryEngine.over_store(store, budget=budget)
-        window._endpoint_traces = None
+        window._endpoint_traces = window._window_roots = None
         for made in (engine, window):
             monkeypatch.setattr(made, "_held", lambda: 0)
         asked = 0
@@ -383,6 +384,16 @@ def test_an_endpoint_with_many_spans_is_asked_from_a_split_of_its_own_traces(
             path = engine.critical_path(*endpoint)
             assert split_ids == [len(ids)] and read == [], endpoint  # (its traces split, not scanned)
             assert path is not None and path == window.critical_path(*endpoint), endpoint
+            roots = store.window_roots(None, [endpoint])
+            touched = roots.num_rows - roots["trace_id"].null_count
+            split_ids.clear()
+            read.clear()
+            body = {
+                "changes": [{"speedup": {"service": endpoint[0], "operation": endpoint[1], "factor": 0.5}}]
+            }
+            answer = engine.whatif(body)
+            assert split_ids == [touched] and read == [], endpoint  # (the touched traces split, not scanned)
+            assert answer == window.whatif(body) and answer["traces_changed"] > 0, endpoint
             asked += 1
         assert asked >= 2
     finally:
