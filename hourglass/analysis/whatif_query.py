@@ -802,6 +802,53 @@ def whatif_of_touched_traces(
     return combine_parts(answers, changes)
 
 
+def endpoints_of_roots(
+    read: Callable[[int, int, list[str]], pa.Table],
+    roots: pa.Table,
+    room: int,
+    *,
+    since_ns: int | None = None,
+    copies: int = 1,
+    most_traces: int | None = None,
+) -> pl.DataFrame | None:
+    """``endpoint_path.endpoints`` (service, operation, traces: the trace roots, the busiest
+    first) of a window too large for one context, from ``roots`` (``DuckDBSpanStore.window_roots``
+    with no change): the traces of a plain root counted by it, the others read by their ids
+    (``read(part, parts, ids)``, in up to 3 partitions) and counted by the root their context
+    chooses. The window's own listing. None when those are more than ``most_traces`` or need
+    more partitions: ask the window instead."""
+    from hourglass.analysis.endpoint_path import endpoints
+
+    frame = pl.from_arrow(roots)
+    assert isinstance(frame, pl.DataFrame)
+    named = frame.filter(pl.col("trace_id").is_not_null())
+    if most_traces is not None and named.height > most_traces:
+        return None
+    counted = [
+        frame.filter(pl.col("trace_id").is_null())
+        .group_by(
+            pl.col("root_service").cast(pl.String).alias("service"),
+            pl.col("root_name").cast(pl.String).alias("operation"),
+        )
+        .agg(pl.len().alias("traces"))
+    ]
+    if named.height:
+        found = _traces_in_few_parts(
+            read, named["trace_id"].sort().to_list(), int(named["spans"].sum()), room, copies, since_ns
+        )
+        if found is None:
+            return None
+        contexts, parts = found
+        for part in range(parts):
+            counted.append(endpoints(contexts(part, parts)))
+    return (
+        pl.concat(counted, how="vertical_relaxed")
+        .group_by("service", "operation")
+        .agg(pl.col("traces").sum())
+        .sort(["traces", "service", "operation"], descending=[True, False, False])
+    )
+
+
 def ask_parts(
     load: Callable[[int, int], AnalysisContext],
     parts: int,

@@ -772,9 +772,38 @@ class QueryEngine:
         since_ns = since_from_text(since)
         parts = self._parts(since_ns)
         if parts > 1:
-            return self._paths_in_partitions(since_ns, parts, None, None)[0].head(limit).to_dicts()
+            listing = self._endpoints_of_roots(since_ns)
+            if listing is None:
+                listing = self._paths_in_partitions(since_ns, parts, None, None)[0]
+            return listing.head(limit).to_dicts()
         cached = self._context(since_ns)
         return endpoints(cached.ctx).head(limit).to_dicts()
+
+    def _endpoints_of_roots(self, since_ns: int | None) -> Any:
+        """The endpoints of a window asked in partitions from one aggregation of the store's rows
+        (``whatif_query.endpoints_of_roots``: the traces of a plain root counted by it, the others
+        read); None when the store cannot say (a ClickHouse store) or those others are too many:
+        the window's partitions answer."""
+        if self._window_roots is None or self._read_traces is None:
+            return None
+        from hourglass.analysis.planning import ENDPOINT_MAX_TRACES
+        from hourglass.analysis.whatif_query import endpoints_of_roots
+
+        with self._partitioned:
+            try:
+                roots = self._window_roots(since_ns, [], [])
+                if roots is None:
+                    return None
+                return endpoints_of_roots(
+                    self._read_traces,
+                    roots,
+                    self._room(),
+                    since_ns=since_ns,
+                    copies=self._read_copies(),
+                    most_traces=ENDPOINT_MAX_TRACES,
+                )
+            finally:
+                release_memory()
 
     def _paths_in_partitions(
         self, since_ns: int | None, parts: int, service: str | None, operation: str | None

@@ -638,13 +638,6 @@ def critical_path_command(
     output: OutputOpt = None,
 ) -> None:
     """What an endpoint waits on across its traces: self time on the critical path per operation."""
-    from hourglass.analysis.endpoint_path import (
-        endpoint_critical_path,
-        endpoint_critical_path_partitioned,
-        endpoints,
-    )
-    from hourglass.analysis.partitions import PartitionError
-
     if not files and service is not None and operation is not None and partitions <= 1:
         found = _endpoint_path(db, since, service, operation)
         if found is not None:
@@ -655,24 +648,14 @@ def critical_path_command(
             )
             _emit(text, output)
             return
-    with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
-        ctx, problems = _context("critical-path", files, db, since, partitions, workers)
-        if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path
-            try:
-                with _progress_bar() as progress:
-                    contexts, runner, _ = ctx.asking(progress)
-                    listing, path = endpoint_critical_path_partitioned(
-                        contexts, ctx.parts, service, operation, runner=runner, progress=progress
-                    )
-            except PartitionError as exc:
-                raise _fail("critical-path", str(exc), EXIT_STORE) from None
-            finally:
-                ctx.close()
-    if not isinstance(ctx, _Window):
-        listing = endpoints(ctx)
-        path = (
-            None if service is None or operation is None else endpoint_critical_path(ctx, service, operation)
-        )
+    listed = None
+    if not files and (service is None or operation is None) and partitions <= 1:
+        listed = _endpoints_of_store(db, since)
+    problems, listing, path = (
+        (0, listed, None)
+        if listed is not None
+        else _critical_path_pass(files, db, since, partitions, workers, service, operation)
+    )
     if service is None or operation is None:
         names = "\n".join(
             f"  --service {s!r} --operation {o!r}  ({n} traces)" for s, o, n in listing.head(20).iter_rows()
@@ -691,3 +674,85 @@ def critical_path_command(
     _emit(text, output)
     if problems:
         raise typer.Exit(EXIT_INPUT)
+
+
+def _critical_path_pass(
+    files: Any,
+    db: str | None,
+    since: str | None,
+    partitions: int,
+    workers: int,
+    service: str | None,
+    operation: str | None,
+) -> tuple[int, Any, dict[str, Any] | None]:
+    """(the input problems, the endpoints, the path of service/operation when both are given)
+    of one pass over the spans: at once, or the window's partitions."""
+    from hourglass.analysis.endpoint_path import (
+        endpoint_critical_path,
+        endpoint_critical_path_partitioned,
+        endpoints,
+    )
+    from hourglass.analysis.partitions import PartitionError
+
+    with _terminate_as_interrupt():  # (SIGTERM too removes a temporary store of trace files)
+        ctx, problems = _context("critical-path", files, db, since, partitions, workers)
+        if isinstance(ctx, _Window):  # one pass over the partitions: the endpoints and the path
+            try:
+                with _progress_bar() as progress:
+                    contexts, runner, _ = ctx.asking(progress)
+                    listing, path = endpoint_critical_path_partitioned(
+                        contexts, ctx.parts, service, operation, runner=runner, progress=progress
+                    )
+            except PartitionError as exc:
+                raise _fail("critical-path", str(exc), EXIT_STORE) from None
+            finally:
+                ctx.close()
+    if not isinstance(ctx, _Window):
+        listing = endpoints(ctx)
+        path = (
+            None if service is None or operation is None else endpoint_critical_path(ctx, service, operation)
+        )
+    return problems, listing, path
+
+
+def _endpoints_of_store(db: str | None, since: str | None) -> Any:
+    """The endpoints of a store's window too large for one context, from one aggregation of its
+    rows (``whatif_query.endpoints_of_roots``) instead of a pass over every span; None when the
+    window fits at once, the store cannot say (a ClickHouse store) or too many traces need
+    reading: the window's own pass lists them."""
+    command = "critical-path"
+    since_ns = since_option_ns(command, since)
+    settings = Settings()
+    path = db or settings.db
+    store = open_store_for_analysis(path, command)
+    try:
+        count, roots_of = getattr(store, "span_rows_since", None), getattr(store, "window_roots", None)
+        if not callable(count) or not callable(roots_of):
+            return None
+        copies = _read_copies(path)
+        window = int(count(since_ns))
+        if window * copies <= at_once_spans(settings.memory_budget):
+            return None
+        roots = roots_of(since_ns)
+    finally:
+        store.close()
+    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.whatif_query import endpoints_of_roots
+
+    listing = endpoints_of_roots(
+        StoreSource(path).load,
+        roots,
+        settings.memory_budget,
+        since_ns=since_ns,
+        copies=copies,
+        most_traces=ENDPOINT_MAX_TRACES,
+    )
+    if listing is not None:
+        what = "the store" if since_ns is None else "the window"
+        typer.echo(
+            f"hourglass {command}: {what} holds {window:,} spans, more than one context holds under the "
+            f"{settings.memory_budget / 2**30:.2f} GiB memory budget: its {roots.num_rows:,} traces "
+            "counted by their roots",
+            err=True,
+        )
+    return listing

@@ -605,9 +605,11 @@ def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
 
     from hourglass.analysis.context import AnalysisContext
     from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.analysis.endpoint_path import endpoint_critical_path_partitioned
     from hourglass.analysis.whatif_query import (
         Change,
         detector_lookup,
+        endpoints_of_roots,
         evaluate_partitioned,
         partition_contexts,
         touched_by,
@@ -665,6 +667,13 @@ def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
         for made in (engine, window):
             with pytest.raises(WhatIfInputError, match="no span no-such-service"):
                 made.whatif(nowhere)
+        # the endpoints (the MCP tool's listing, a 404's hint) are counted the same way
+        read.clear()
+        listing = engine.endpoints(limit=1000)
+        assert listing == window.endpoints(limit=1000)
+        assert sum(e["traces"] for e in listing) == whole.traces.height
+        asked = {t for ids in read for t in ids}
+        assert asked & set(awkward) == {t for t, what in awkward.items() if what in NOT_PLAIN}
         # every trace the store takes from its aggregation has the root the context chooses: the
         # root ending before it starts and the empty parent id among them; the others are named
         roots = store.window_roots(None)
@@ -695,6 +704,9 @@ def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
             contexts = partition_contexts(in_window, since_ns)
             assert fast == evaluate_partitioned(contexts, 3, changes, lookup=lookup), changes
             assert fast is not None and 0 < fast["traces"] < whole.traces.height
+        listed = endpoints_of_roots(by_ids, store.window_roots(since_ns), budget, since_ns=since_ns)
+        assert listed is not None
+        assert listed.equals(endpoint_critical_path_partitioned(contexts, 3, None, None)[0])
         # too many traces to name: the window's partitions answer
         spans_of, trace_ids = touched_by([Change("speedup", service="ledger", operation="*")], lookup)
         roots = store.window_roots(None, spans_of, trace_ids)

@@ -310,6 +310,13 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     assert at_once.returncode == asked.returncode == 0, asked.stderr
     assert "asked in 3 partitions" in asked.stderr
     assert json.loads(asked.stdout) == json.loads(at_once.stdout)
+    assert "the findings of lock_contention:" in asked.stderr  # (that detector alone)
+    # the endpoints, without --service: from one aggregation of the store's rows, as at once
+    listed = [run("critical-path", "--db", str(demo_store), environment=e) for e in (None, env)]
+    assert [r.returncode for r in listed] == [2, 2]
+    lines = [[line for line in r.stderr.splitlines() if line.startswith("  --service")] for r in listed]
+    assert lines[0] and lines[0] == lines[1], listed[1].stderr
+    assert "its 424 traces counted by their roots" in listed[1].stderr
 
 
 def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
