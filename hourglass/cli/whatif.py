@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -42,6 +42,8 @@ from hourglass.cli.analyze import (
     read_store,
 )
 from hourglass.settings import CRITICAL_PATH, WHATIF
+
+T = TypeVar("T")
 
 EXIT_INPUT = 2
 
@@ -297,6 +299,30 @@ class _SplitOnFirstRead:
             self.split.remove()
 
 
+def _large_window(
+    db: str | None, since: str | None, command: str, method: str, ask: Callable[[Any, int | None, int], T]
+) -> tuple[tuple[str, int | None, int, int], T] | None:
+    """((the store's path, the window's since_ns, its span rows, the read's copies), ``ask(the
+    store's ``method``, since_ns, copies)``) of a store whose window is too large for one context
+    under the memory budget; None when it fits at once or the store has no such method (a
+    ClickHouse store)."""
+    since_ns = since_option_ns(command, since)
+    settings = Settings()
+    path = db or settings.db
+    store = open_store_for_analysis(path, command)
+    try:
+        count, answer = getattr(store, "span_rows_since", None), getattr(store, method, None)
+        if not callable(count) or not callable(answer):
+            return None
+        window = int(count(since_ns))
+        copies = _read_copies(path)
+        if window * copies <= at_once_spans(settings.memory_budget):
+            return None
+        return (path, since_ns, window, copies), ask(answer, since_ns, copies)
+    finally:
+        store.close()
+
+
 def _endpoint_path(db: str | None, since: str | None, service: str, operation: str) -> dict[str, Any] | None:
     """The critical path of (service, operation) over a store's window too large for one
     context, decided over the traces with a span of that endpoint only (read by their ids, at
@@ -305,23 +331,19 @@ def _endpoint_path(db: str | None, since: str | None, service: str, operation: s
     ClickHouse store), they are too many to be worth it, or none is rooted there (the window's
     own pass then lists the endpoints)."""
     command = "critical-path"
-    since_ns = since_option_ns(command, since)
     settings = Settings()
-    path = db or settings.db
-    store = open_store_for_analysis(path, command)
-    try:
-        count, named = getattr(store, "span_rows_since", None), getattr(store, "endpoint_trace_ids", None)
-        if not callable(count) or not callable(named):
-            return None
-        window = int(count(since_ns))
-        copies = _read_copies(path)
-        if window * copies <= at_once_spans(settings.memory_budget):
-            return None
-        found = named(
+    large = _large_window(
+        db,
+        since,
+        command,
+        "endpoint_trace_ids",
+        lambda named, since_ns, copies: named(
             service, operation, since_ns, few_parts_spans(settings.memory_budget, copies), ENDPOINT_MAX_TRACES
-        )
-    finally:
-        store.close()
+        ),
+    )
+    if large is None:
+        return None
+    (path, since_ns, window, copies), found = large
     if found is None:
         return None
     ids, spans = found
@@ -721,21 +743,13 @@ def _endpoints_of_store(db: str | None, since: str | None) -> Any:
     window fits at once, the store cannot say (a ClickHouse store) or too many traces need
     reading: the window's own pass lists them."""
     command = "critical-path"
-    since_ns = since_option_ns(command, since)
     settings = Settings()
-    path = db or settings.db
-    store = open_store_for_analysis(path, command)
-    try:
-        count, roots_of = getattr(store, "span_rows_since", None), getattr(store, "window_roots", None)
-        if not callable(count) or not callable(roots_of):
-            return None
-        copies = _read_copies(path)
-        window = int(count(since_ns))
-        if window * copies <= at_once_spans(settings.memory_budget):
-            return None
-        roots = roots_of(since_ns)
-    finally:
-        store.close()
+    large = _large_window(
+        db, since, command, "window_roots", lambda roots_of, since_ns, _: roots_of(since_ns)
+    )
+    if large is None:
+        return None
+    (path, since_ns, window, copies), roots = large
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.whatif_query import endpoints_of_roots
 
