@@ -610,6 +610,11 @@ def findings_partitioned(
                 later=later,
                 kinds=kinds,
             )
+        except BaseException:
+            if isinstance(executor, partitions.ProcessExecutor):  # no worker writes to the spill after
+                executor.close(wait=False)
+                executor.settle()
+            raise
         finally:
             if spill is not None:
                 spill.remove()

@@ -766,11 +766,34 @@ def whatif_of_touched_traces(
     asked = frame.filter(pl.col("trace_id").is_not_null())
     if most_traces is not None and asked.height > most_traces:
         return None
+    # the untouched traces' share first, its own copy: the per-trace rows let go of before the
+    # touched traces are read (``roots`` too: a caller that hands it over keeps no reference)
+    rest = frame.filter(pl.col("trace_id").is_null())
+    from hourglass.analysis.context import compact
+
+    untouched = PartAnswer(
+        traces=rest.height,
+        traces_seen=rest.height,
+        traces_changed=0,
+        saved_ns=0,
+        per_root=compact(
+            rest.select(
+                pl.col("root_service").cast(pl.String),
+                pl.col("root_name").cast(pl.String),
+                pl.col("root_duration_ns").cast(pl.Int64).alias("before"),
+                pl.col("root_duration_ns").cast(pl.Int64).alias("after"),
+            )
+        ),
+        # (a recommendation is matched wherever it is known; a span change, where its span is)
+        matched=[change.kind == "recommendation" for change in changes],
+        spans=[0] * len(changes),
+        touched=[0] * len(changes),
+    )
+    ids = asked["trace_id"].sort().to_list()
+    spans = int(asked["spans"].sum())
+    del frame, rest, asked, roots
     answers: list[PartAnswer] = []
-    if asked.height:
-        ids = asked["trace_id"].sort().to_list()
-        spans = int(asked["spans"].sum())
-        del asked
+    if ids:
         found = _traces_in_few_parts(read, ids, spans, room, copies, since_ns)
         if found is not None:
             contexts, parts = found
@@ -780,25 +803,7 @@ def whatif_of_touched_traces(
             if shares is None:
                 return None
             answers = shares
-    rest = frame.filter(pl.col("trace_id").is_null())
-    answers.append(
-        PartAnswer(
-            traces=rest.height,
-            traces_seen=rest.height,
-            traces_changed=0,
-            saved_ns=0,
-            per_root=rest.select(
-                pl.col("root_service").cast(pl.String),
-                pl.col("root_name").cast(pl.String),
-                pl.col("root_duration_ns").cast(pl.Int64).alias("before"),
-                pl.col("root_duration_ns").cast(pl.Int64).alias("after"),
-            ),
-            # (a recommendation is matched wherever it is known; a span change, where its span is)
-            matched=[change.kind == "recommendation" for change in changes],
-            spans=[0] * len(changes),
-            touched=[0] * len(changes),
-        )
-    )
+    answers.append(untouched)
     return combine_parts(answers, changes)
 
 

@@ -171,6 +171,7 @@ def release_memory() -> None:
     partition, and left it at 1.1 GiB (811 MiB of it freed but held by glibc)."""
     from hourglass.api.server_memory import trim
 
+    pa.default_memory_pool().release_unused()  # (Arrow's allocator keeps freed blocks for reuse)
     trim()
 
 
@@ -628,9 +629,11 @@ class QueryEngine:
                 lambda contexts, parts: ask_parts(contexts, parts, changes, lookup),
             )
 
+        handed = [roots]  # (handed over: let go of before the touched traces are read)
+        del roots
         return whatif_of_touched_traces(
             self._read_traces,
-            roots,
+            handed.pop(),
             room,
             changes,
             since_ns=since_ns,

@@ -384,8 +384,10 @@ def store_findings(
     """Every finding of the store's window (``since_ns``) by id, decided as ``analyze`` decides
     them, in partitions of whole traces (what-if's recommendation changes over a window one
     context cannot hold: a detector run on one partition decides over its traces only). With
-    ``kinds``, those detectors' findings only, as decided before the pricing: a finding's
-    occurrences do not depend on it (``pipeline.findings_partitioned``)."""
+    ``kinds``, those detectors' findings only, as decided before the pricing
+    (``pipeline.findings_partitioned``; a finding's occurrences do not depend on it): also those
+    the scoring then leaves out of the report (a saving below its floor), as a window asked at
+    once finds them (``whatif_query.detector_lookup``)."""
     from hourglass.analysis import partitions
 
     if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse

@@ -450,9 +450,12 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
     finally:
         store.close()
     del trace_ids
+    total, asked = roots.num_rows, roots.num_rows - roots["trace_id"].null_count
+    handed = [roots]  # (handed over: let go of before the touched traces are read)
+    del roots
     result = whatif_of_touched_traces(
         StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
-        roots,
+        handed.pop(),
         settings.memory_budget,
         changes,
         since_ns=window.since_ns,
@@ -461,10 +464,9 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
         most_traces=ENDPOINT_MAX_TRACES,
     )
     if result is not None:
-        asked = roots.num_rows - roots["trace_id"].null_count
         typer.echo(
             f"{window.holds}: re-timed the {asked:,} traces the changes touch; the other "
-            f"{roots.num_rows - asked:,} keep their roots' durations",
+            f"{total - asked:,} keep their roots' durations",
             err=True,
         )
     return result
@@ -766,7 +768,7 @@ def _endpoints_of_store(db: str | None, since: str | None) -> Any:
         typer.echo(
             f"hourglass {command}: {what} holds {window:,} spans, more than one context holds under the "
             f"{settings.memory_budget / 2**30:.2f} GiB memory budget: its {roots.num_rows:,} traces "
-            "counted by their roots",
+            "counted by their roots (those of no plain root read)",
             err=True,
         )
     return listing

@@ -604,8 +604,8 @@ def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
     import polars as pl
 
     from hourglass.analysis.context import AnalysisContext
-    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
     from hourglass.analysis.endpoint_path import endpoint_critical_path_partitioned
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
     from hourglass.analysis.whatif_query import (
         Change,
         detector_lookup,
