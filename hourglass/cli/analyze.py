@@ -331,7 +331,13 @@ def analyze_store(
 
 
 def _local_plan(
-    store: Any, path: str, run: StoreRun, spans: int, since_ns: int | None, services: list[str] | None
+    store: Any,
+    path: str,
+    run: StoreRun,
+    spans: int,
+    since_ns: int | None,
+    services: list[str] | None,
+    command: str = "analyze",
 ) -> Any:
     """The plan of a run of this machine over the open ``store`` of ``spans`` spans: in
     ``--partitions`` when given (on as many workers, at most), else :func:`_store_plan`'s. An
@@ -347,9 +353,9 @@ def _local_plan(
         return partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
     largest = getattr(store, "largest_trace", lambda: None)
     if path.startswith("chdb:"):
-        planned = _store_plan(path, replace(run, workers=2), spans, largest, since_ns, services)
+        planned = _store_plan(path, replace(run, workers=2), spans, largest, since_ns, services, command)
         return replace(planned, workers=1) if planned.parts > 1 else planned
-    return _store_plan(path, run, spans, largest, since_ns, services)
+    return _store_plan(path, run, spans, largest, since_ns, services, command)
 
 
 def _store_plan(
@@ -359,6 +365,7 @@ def _store_plan(
     largest_trace: Callable[[], tuple[str, int] | None],
     since_ns: int | None,
     services: list[str] | None,
+    command: str = "analyze",
 ) -> Any:
     """The memory plan of a run of this machine over the store at ``path`` of ``spans`` spans:
     with the store split into partition files where the split's memory fits, and partitions no
@@ -374,7 +381,7 @@ def _store_plan(
                 spans, run.budget, run.workers, largest_trace(), split=split, filtered=filtered
             )
     except partitions.BudgetError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), command=command) from None
     return plan
 
 
@@ -394,7 +401,7 @@ def store_findings(
         run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
     store = open_store_for_analysis(path, command)
     try:
-        plan = _local_plan(store, path, run, store.raw_row_count(), since_ns, None)
+        plan = _local_plan(store, path, run, store.raw_row_count(), since_ns, None, command)
     except partitions.BudgetError as exc:
         raise _fail(str(exc), command=command) from None
     finally:

@@ -315,6 +315,9 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     assert "asked in 3 partitions" in asked.stderr
     assert json.loads(asked.stdout) == json.loads(at_once.stdout)
     assert "the findings of lock_contention:" in asked.stderr  # (that detector alone)
+    # a budget that holds no partition of the findings' run: said by the command asked
+    asked = run("whatif", "--db", str(demo_store), *changes, environment=env)
+    assert asked.returncode == 2 and asked.stderr.startswith("hourglass whatif: a memory budget of 0.20 GiB")
     # the endpoints, without --service: from one aggregation of the store's rows, as at once
     listed = [run("critical-path", "--db", str(demo_store), environment=e) for e in (None, env)]
     assert [r.returncode for r in listed] == [2, 2]
