@@ -761,14 +761,12 @@ def whatif_of_touched_traces(
     its shares (:func:`ask_parts`) or None. None when they are more than ``most_traces``, or
     need that many partitions and ``ask_many`` did not answer: ask the window instead."""
     _check_changes(changes)
-    frame = pl.from_arrow(roots)
-    assert isinstance(frame, pl.DataFrame)
-    asked = frame.filter(pl.col("trace_id").is_not_null())
-    if most_traces is not None and asked.height > most_traces:
+    split = _named_and_rest(roots, most_traces)
+    if split is None:
         return None
+    rest, ids, spans = split
     # the untouched traces' share first, its own copy: the per-trace rows let go of before the
     # touched traces are read (``roots`` too: a caller that hands it over keeps no reference)
-    rest = frame.filter(pl.col("trace_id").is_null())
     from hourglass.analysis.context import compact
 
     untouched = PartAnswer(
@@ -789,15 +787,12 @@ def whatif_of_touched_traces(
         spans=[0] * len(changes),
         touched=[0] * len(changes),
     )
-    ids = asked["trace_id"].sort().to_list()
-    spans = int(asked["spans"].sum())
-    del frame, rest, asked, roots
+    del rest, roots
     answers: list[PartAnswer] = []
     if ids:
         found = _traces_in_few_parts(read, ids, spans, room, copies, since_ns)
         if found is not None:
-            contexts, parts = found
-            answers = _ask_in_turn(contexts, parts, changes, None, None, lookup)
+            answers = ask_parts(*found, changes, lookup)
         else:
             shares = ask_many(ids, spans) if ask_many is not None else None
             if shares is None:
@@ -824,23 +819,18 @@ def endpoints_of_roots(
     more partitions: ask the window instead."""
     from hourglass.analysis.endpoint_path import endpoints
 
-    frame = pl.from_arrow(roots)
-    assert isinstance(frame, pl.DataFrame)
-    named = frame.filter(pl.col("trace_id").is_not_null())
-    if most_traces is not None and named.height > most_traces:
+    split = _named_and_rest(roots, most_traces)
+    if split is None:
         return None
+    rest, ids, spans = split
     counted = [
-        frame.filter(pl.col("trace_id").is_null())
-        .group_by(
+        rest.group_by(
             pl.col("root_service").cast(pl.String).alias("service"),
             pl.col("root_name").cast(pl.String).alias("operation"),
-        )
-        .agg(pl.len().alias("traces"))
+        ).agg(pl.len().alias("traces"))
     ]
-    if named.height:
-        found = _traces_in_few_parts(
-            read, named["trace_id"].sort().to_list(), int(named["spans"].sum()), room, copies, since_ns
-        )
+    if ids:
+        found = _traces_in_few_parts(read, ids, spans, room, copies, since_ns)
         if found is None:
             return None
         contexts, parts = found
@@ -851,6 +841,21 @@ def endpoints_of_roots(
         .group_by("service", "operation")
         .agg(pl.col("traces").sum())
         .sort(["traces", "service", "operation"], descending=[True, False, False])
+    )
+
+
+def _named_and_rest(roots: pa.Table, most_traces: int | None) -> tuple[pl.DataFrame, list[str], int] | None:
+    """``DuckDBSpanStore.window_roots``' rows as (the traces known by their roots, the ids of
+    those to read, sorted, and their span rows); None when those are more than ``most_traces``."""
+    frame = pl.from_arrow(roots)
+    assert isinstance(frame, pl.DataFrame)
+    named = frame.filter(pl.col("trace_id").is_not_null())
+    if most_traces is not None and named.height > most_traces:
+        return None
+    return (
+        frame.filter(pl.col("trace_id").is_null()),
+        named["trace_id"].sort().to_list(),
+        int(named["spans"].sum()),
     )
 
 
