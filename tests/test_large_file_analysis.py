@@ -146,29 +146,29 @@ def test_an_input_over_the_budget_is_analysed_in_partitions_by_analyze_and_repor
     from bench.files_scaling import export_store
 
     store = tmp_path / "spans.duckdb"
-    build_store(store, 320_000)
+    build_store(store, 150_000)
     trace_file = tmp_path / "spans.binpb"
     export_store(store, trace_file)
     reports: dict[str, dict[str, Any]] = {}
-    for budget in ("800MB", "64GiB"):  # ~295k spans at once, then all of them
+    for budget in ("450MB", "64GiB"):  # ~131k spans at once, then all of them
         env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": budget}
         for command in ("analyze", "report"):
             proc = _hourglass(env, command, str(trace_file), "--format", "json")
             assert proc.returncode == 0, proc.stderr
             spilled = f"hourglass {command}: the files are written to a temporary span store" in proc.stderr
-            assert spilled == (budget == "800MB"), proc.stderr
+            assert spilled == (budget == "450MB"), proc.stderr
             reports[f"{command} {budget}"] = _report(proc)
     # diff of the file against itself, both sides in partitions: nothing new, nothing gone
-    env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": "800MB"}
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HOURGLASS_MEMORY_BUDGET": "450MB"}
     diff = _hourglass(env, "diff", str(trace_file), str(trace_file), "--format", "json")
     assert diff.returncode == 0, diff.stderr
     assert diff.stderr.count("hourglass diff: the files are written to a temporary span store") == 2
     compared = json.loads(diff.stdout)
     assert not compared["new"] and not compared["resolved"] and not compared["grew"] and compared["unchanged"]
     whole = reports["analyze 64GiB"]
-    assert len(whole["recommendations"]) >= 5 and whole["spans_analyzed"] > 300_000
-    assert reports["analyze 800MB"] == whole
-    assert reports["report 800MB"] == reports["report 64GiB"]
+    assert len(whole["recommendations"]) >= 5 and whole["spans_analyzed"] > 140_000
+    assert reports["analyze 450MB"] == whole
+    assert reports["report 450MB"] == reports["report 64GiB"]
     assert not list(tmp_path.glob("hourglass-*"))
 
 

@@ -352,7 +352,7 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
 
 
 @pytest.mark.parametrize(
-    "checkpoint_rows,sure,max_open", [(5, None, None), (1 << 14, None, None), (5, 1.0, None), (5, None, 3)]
+    "checkpoint_rows,sure,max_open", [(20, None, None), (1 << 14, None, None), (20, 1.0, None), (20, None, 3)]
 )
 def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
     trace_set: tuple[str, pl.DataFrame, AnalysisContext],
@@ -454,7 +454,7 @@ def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
         assert swept <= from_nothing, f"{name}: round over parts {chosen}"
         assert compared or not from_nothing
         if (
-            name == "generated" and number == 3 and checkpoint_rows == 5 and max_open is None
+            name == "generated" and number == 3 and checkpoint_rows == 20 and max_open is None
         ):  # a part added, later in time
             assert swept < from_nothing / 2, f"round adding a part swept {swept} rows, a pass {from_nothing}"
     spill.remove()

@@ -231,6 +231,24 @@ def _named(iv: Any) -> set[str]:
     return set() if iv.span_id is None else {iv.span_id}
 
 
+_BY_TRACE: list[tuple[list[Finding], dict[str, list[tuple[str, Any]]]]] = []
+
+
+def _occurrences_by_trace(findings: list[Finding]) -> dict[str, list[tuple[str, Any]]]:
+    """Every (finding id, occurrence) of ``findings`` by trace, in the findings' order: the
+    definition's scan of every occurrence, done once per list of findings (done per trace it
+    was most of this module's time)."""
+    for known, grouped in _BY_TRACE:
+        if known is findings:
+            return grouped
+    grouped = {}
+    for finding in findings:
+        for occ in finding.occurrences:
+            grouped.setdefault(occ.trace_id, []).append((finding.id, occ))
+    _BY_TRACE[:] = [(findings, grouped)]
+    return grouped
+
+
 def _definition(
     report: dict[str, Any], findings: list[Finding], trace_id: str, spans: list[str]
 ) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
@@ -249,13 +267,10 @@ def _definition(
             changed[rec_id].update(
                 iv["span_id"] for iv in evidence.get("interventions", {}).get(trace_id, [])
             )
-    for finding in findings:
-        if finding.id not in reported:
-            continue
-        for occ in finding.occurrences:
-            if occ.trace_id == trace_id:
-                involved.setdefault(finding.id, set()).update(occ.span_ids)
-                changed.setdefault(finding.id, set()).update(*(_named(iv) for iv in occ.interventions))
+    for finding_id, occ in _occurrences_by_trace(findings).get(trace_id, []):
+        if finding_id in reported:
+            involved.setdefault(finding_id, set()).update(occ.span_ids)
+            changed.setdefault(finding_id, set()).update(*(_named(iv) for iv in occ.interventions))
     out = []
     for rec_id in sorted(involved, key=lambda r: reported[r]["rank"]):
         evidence = set(reported[rec_id]["evidence"]["span_ids"]) & present
