@@ -96,6 +96,17 @@ def held_by_this_process() -> int:
 QUESTION_FOLDER_PREFIX = "hourglass-question-"
 
 
+def one_heavy_read(store: Any) -> contextlib.AbstractContextManager[None]:
+    """For the ``with`` block: a question's read of ``store`` whose memory grows with the rows it
+    looks at (the window's per-trace roots, an endpoint's trace ids, the question's split, a
+    partition) is the store's one heavy query at a time (``DuckDBSpanStore.serialized``), as
+    the analysis worker's reads, counts, compaction and retention are: their peaks in serve's
+    process do not add up. Taken before the read (the store's order: a reopen holds it while it
+    waits for the reads in flight). A store without it (ClickHouse's): nothing."""
+    serialized = getattr(store, "serialized", None)
+    return serialized() if callable(serialized) else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def split_store_window(
     store: Any,
@@ -129,9 +140,10 @@ def split_store_window(
         else:
             try:
                 folder = tempfile.mkdtemp(prefix=QUESTION_FOLDER_PREFIX, dir=near)
-                store.split_partitions(
-                    folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS, trace_ids=trace_ids
-                )
+                with one_heavy_read(store):
+                    store.split_partitions(
+                        folder, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS, trace_ids=trace_ids
+                    )
             except Exception as exc:  # (a full disk, an unwritable folder: the scans instead)
                 log.warning(
                     "splitting the window into partition files failed (%s): each partition is scanned", exc
@@ -305,7 +317,8 @@ class QueryEngine:
         ``window_findings`` (``AnalysisService.window_findings``)."""
 
         def scan(since_ns: int | None) -> pa.Table:
-            return store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+            with one_heavy_read(store):
+                return store.scan(since_ns=since_ns, columns=ANALYSIS_COLUMNS)
 
         def marker() -> int:
             raw = getattr(store, "raw_row_count", None)
@@ -316,7 +329,10 @@ class QueryEngine:
             return int(count(since_ns)) if callable(count) else marker()
 
         def scan_partition(part: int, parts: int, since_ns: int | None) -> pa.Table:
-            table: pa.Table = store.scan_partition(part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS)
+            with one_heavy_read(store):
+                table: pa.Table = store.scan_partition(
+                    part, parts, since_ns=since_ns, columns=ANALYSIS_COLUMNS
+                )
             return table
 
         # (looked up when asked, not when the app is made: a DuckDB store names an endpoint's traces)
@@ -326,7 +342,10 @@ class QueryEngine:
             from hourglass.analysis.planning import ENDPOINT_MAX_TRACES
 
             named = getattr(store, "endpoint_trace_ids", None)
-            return named(service, operation, since_ns, most, ENDPOINT_MAX_TRACES) if callable(named) else None
+            if not callable(named):
+                return None
+            with one_heavy_read(store):
+                return named(service, operation, since_ns, most, ENDPOINT_MAX_TRACES)
 
         def has_span(service: str | None, operation: str | None, since_ns: int | None) -> bool:
             return bool(store.has_span(service, operation, since_ns))
@@ -335,12 +354,16 @@ class QueryEngine:
             since_ns: int | None, spans_of: list[tuple[str, str | None]], trace_ids: list[str]
         ) -> pa.Table | None:
             roots = getattr(store, "window_roots", None)
-            return roots(since_ns, spans_of, trace_ids) if callable(roots) else None
+            if not callable(roots):
+                return None
+            with one_heavy_read(store):
+                return roots(since_ns, spans_of, trace_ids)
 
         def read_traces(part: int, parts: int, trace_ids: list[str]) -> pa.Table:
-            table: pa.Table = store.scan_partition(
-                part, parts, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS, string_views=True
-            )
+            with one_heavy_read(store):
+                table: pa.Table = store.scan_partition(
+                    part, parts, trace_ids=trace_ids, columns=ANALYSIS_COLUMNS, string_views=True
+                )
             return table
 
         first_split = [True]

@@ -26,7 +26,7 @@ Rules:
   with no heavy query, read or write in flight, and holds back those that start meanwhile.
 - The queries whose memory grows with the rows they examine (the unique count of ``stats()``,
   compaction, retention, and the reads a caller runs under :meth:`DuckDBSpanStore.serialized`:
-  serve's reads for its analysis worker) run one at a time (``_heavy``), so their peaks do not
+  serve's reads for its analysis worker and its questions' reads) run one at a time (``_heavy``), so their peaks do not
   add up in the process. Other reads and the inserts do not wait for them.
 """
 

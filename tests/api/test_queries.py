@@ -817,3 +817,82 @@ def test_a_questions_split_needs_partitions_memory_files_and_disk(monkeypatch: p
     assert "GiB free" in str(partitions.question_split_refused(spans, 14, free, False, None))
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(0, 0, 2 * written))
     assert partitions.question_split_refused(spans, 14, free, False, None) is None
+
+
+def test_a_questions_reads_of_the_store_are_its_one_heavy_query_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's questions read the store in the server's process, beside the reads the analysis
+    worker runs there under ``DuckDBSpanStore.serialized``. Each question read whose memory grows
+    with the rows it looks at (the window's roots, an endpoint's trace ids, a split, a partition,
+    the window at once) holds the store's heavy-query lock, so it waits for a count, compaction,
+    retention or the worker's read in progress rather than adding its peak to theirs; and the
+    answer after the wait is the answer."""
+    import threading
+
+    from hourglass.analysis import partitions
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+
+    monkeypatch.setattr(
+        partitions, "split_bytes", lambda spans, filtered=False: 0
+    )  # (a split of 3,408 spans)
+    store = _sample_store(tmp_path)
+    try:
+        heavy = store._heavy
+        owned: dict[str, list[bool]] = {}
+
+        def under_lock(name: str, real: Any) -> Any:
+            def read(*args: Any, **kwargs: Any) -> Any:
+                owned.setdefault(name, []).append(heavy._is_owned())
+                return real(*args, **kwargs)
+
+            return read
+
+        for name in ("window_roots", "endpoint_trace_ids", "split_partitions", "scan_partition", "scan"):
+            monkeypatch.setattr(store, name, under_lock(name, getattr(store, name)))
+        total = store.raw_row_count()
+        half = QueryEngine.over_store(store, budget=PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2)
+        split = QueryEngine.over_store(store, budget=PROCESS_BASE_BYTES + 100 * PEAK_BYTES_PER_SPAN)
+        split._endpoint_traces = split._window_roots = None  # (the window's partitions: split)
+        whole = QueryEngine.over_store(store)
+        for engine in (half, split):
+            monkeypatch.setattr(engine, "_held", lambda: 0)
+        endpoints = [(e["service"], e["operation"]) for e in whole.endpoints(limit=3)]
+        service, operation = endpoints[1]
+        body = {"changes": [{"speedup": {"service": service, "operation": operation, "factor": 0.5}}]}
+        expected = whole.whatif(body), whole.critical_path(service, operation)
+        for engine in (half, split):
+            assert [(e["service"], e["operation"]) for e in engine.endpoints(limit=3)] == endpoints
+            assert (engine.whatif(body), engine.critical_path(service, operation)) == expected
+        assert set(owned) == {
+            "window_roots",
+            "endpoint_trace_ids",
+            "split_partitions",
+            "scan_partition",
+            "scan",
+        }
+        assert all(all(calls) for calls in owned.values()), {k: v.count(False) for k, v in owned.items()}
+
+        # a question asked while another thread holds the lock waits for it, then answers
+        path = whole.critical_path(*endpoints[0])
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with store.serialized():
+                holding.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+        answered: list[Any] = []
+        asking = threading.Thread(target=lambda: answered.append(half.critical_path(*endpoints[0])))
+        asking.start()
+        asking.join(0.5)
+        waited = asking.is_alive() and not answered
+        release.set()
+        holder.join(10)
+        asking.join(30)
+        assert waited and answered == [path]
+    finally:
+        store.close()
