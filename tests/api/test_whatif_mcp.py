@@ -326,6 +326,14 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     lines = [[line for line in r.stderr.splitlines() if line.startswith("  --service")] for r in listed]
     assert lines[0] and lines[0] == lines[1], listed[1].stderr
     assert "its 424 traces counted by their roots (those of no plain root read)" in listed[1].stderr
+    # an operation no trace is rooted at: none of the traces with a span of it is, so the
+    # endpoints it is told to pick from come from the roots, not a pass over every span
+    lock = ("--service", "ledger", "--operation", "lock.acquire ledger.journal")
+    named = [run("critical-path", "--db", str(demo_store), *lock, environment=e) for e in (None, env)]
+    assert [r.returncode for r in named] == [2, 2]
+    assert named[0].stderr.splitlines()[-1] == named[1].stderr.splitlines()[-1], named[1].stderr
+    assert "no trace has the root span ledger:lock.acquire ledger.journal (endpoints: " in named[1].stderr
+    assert "counted by their roots" in named[1].stderr and "partitions" not in named[1].stderr
 
 
 def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
