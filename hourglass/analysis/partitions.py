@@ -366,10 +366,15 @@ class StoreSource:
     location: str
     since_ns: int | None = None
     services: tuple[str, ...] | None = None
+    # only these traces, whole (a question's: an endpoint's traces, those a what-if touches)
+    trace_ids: tuple[str, ...] | None = None
 
     def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
-        """Partition ``part`` of ``parts`` (with ``trace_ids``, only those of its traces), its
-        strings as Arrow string views where the store makes them (polars takes those as they are)."""
+        """Partition ``part`` of ``parts`` (with ``trace_ids``, or the source's own, only those
+        of its traces), its strings as Arrow string views where the store makes them (polars
+        takes those as they are)."""
+        if trace_ids is None and self.trace_ids is not None:
+            trace_ids = list(self.trace_ids)
         store = open_for_reading(self.location)
         try:
             return store.scan_partition(
@@ -568,7 +573,8 @@ def split_store(
     folder = tempfile.mkdtemp(prefix="hourglass-partitions-", dir=near)
     try:
         # (a --since or --service filter joins the store with its matching trace ids: the
-        # store's own limit, room for that join's table)
+        # store's own limit, room for that join's table; the source's own trace ids are a join
+        # with a list of them, planned as an unfiltered split: ``planning.split_bytes``)
         filtered = source.since_ns is not None or bool(source.services)
         store = (
             DuckDBSpanStore(location, read_only=True)
@@ -584,6 +590,7 @@ def split_store(
                 columns=ANALYSIS_COLUMNS,
                 cancel=cancel,
                 skip=skip,
+                trace_ids=list(source.trace_ids) if source.trace_ids is not None else None,
             )
         finally:
             store.close()

@@ -336,6 +336,54 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     assert "counted by their roots" in named[1].stderr and "partitions" not in named[1].stderr
 
 
+def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
+    demo_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`critical-path --db` of an endpoint whose traces hold more spans than a few partitions do
+    (but at most three quarters of the window) splits those traces alone into partition files
+    and asks them as a window's partitions are, as serve does: the path the window at once
+    gives, the files removed after. (The split's own memory is planned at ~272 MiB, more than a
+    budget this small leaves: not counted here; nor is there room for worker processes, whose
+    reading of partition files the window's own partitions test.)"""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from hourglass.analysis import partitions
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES, few_parts_spans
+    from hourglass.cli import app
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    store = DuckDBSpanStore(str(demo_store), read_only=True)
+    try:
+        roots = store.window_roots(None, [])
+        endpoints = roots.group_by(["root_service", "root_name"]).aggregate([]).to_pylist()
+        sized = {
+            (e["root_service"], e["root_name"]): store.endpoint_trace_ids(
+                e["root_service"], e["root_name"], None, 10**9, 10**9
+            )[1]
+            for e in endpoints
+        }
+        total = store.raw_row_count()
+    finally:
+        store.close()
+    (service, operation), spans = max(sized.items(), key=lambda item: item[1])
+    assert spans <= total * 3 // 4
+    budget = PROCESS_BASE_BYTES + spans // 3 * PEAK_BYTES_PER_SPAN  # (a third of them at once)
+    assert few_parts_spans(budget) < spans
+    monkeypatch.setattr(partitions, "split_bytes", lambda spans, filtered=False: 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    asked = ["critical-path", "--db", str(demo_store), "--service", service, "--operation", operation]
+    at_once = CliRunner().invoke(app, [*asked, "--format", "json"], env=_env())
+    assert at_once.exit_code == 0, at_once.output
+    env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(budget)}
+    split = CliRunner().invoke(app, [*asked, "--format", "json"], env=env)
+    assert split.exit_code == 0, split.output
+    assert f"traces with a span {service}:{operation} hold {spans:,} spans" in split.stderr, split.stderr
+    assert json.loads(split.stdout) == json.loads(at_once.stdout)
+    assert not list(tmp_path.glob("hourglass-*"))  # (the split's files removed)
+
+
 def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
     """With two workers (``--workers``, HOURGLASS_WORKERS; default one per core) a window asked in
     partitions is split once into partition files (4 partitions: ``SPLIT_MIN_PARTS``) that the
