@@ -496,9 +496,37 @@ def evaluate_partitioned(
     progress: Callable[[str, int, int], None] | None = None,
     trace_parts: Callable[[list[str], int], pl.DataFrame | None] | None = None,
 ) -> dict[str, Any]:
-    """:func:`evaluate` over a window too large for one context: ``load(part, parts)`` builds the
-    context of each partition of whole traces in turn (one held at a time), and the parts are
-    combined (:func:`combine_parts`). ``lookup`` gives the recommendations' findings as decided
+    """:func:`evaluate` over a window too large for one context: the shares of
+    :func:`answers_partitioned`, combined (:func:`combine_parts`)."""
+    answers = answers_partitioned(
+        load,
+        parts,
+        changes,
+        service=service,
+        operation=operation,
+        lookup=lookup,
+        runner=runner,
+        progress=progress,
+        trace_parts=trace_parts,
+    )
+    return combine_parts(answers, changes, service=service, operation=operation)
+
+
+def answers_partitioned(
+    load: Callable[[int, int], AnalysisContext],
+    parts: int,
+    changes: Sequence[Change],
+    *,
+    service: str | None = None,
+    operation: str | None = None,
+    lookup: FindingLookup | None = None,
+    runner: PartsRunner | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    trace_parts: Callable[[list[str], int], pl.DataFrame | None] | None = None,
+) -> list[PartAnswer]:
+    """Each partition's share (:func:`evaluate_part`) of a window too large for one context:
+    ``load(part, parts)`` builds the context of each partition of whole traces in turn (one held
+    at a time). ``lookup`` gives the recommendations' findings as decided
     over the whole window (a detector run on one partition would decide over its traces only);
     without it a recommendation change raises. ``runner``: the partitions are asked in its worker
     processes instead, several at once (``load`` must pickle: a :class:`SourceContexts`), each
@@ -524,10 +552,8 @@ def evaluate_partitioned(
             (load, part, parts, list(changes), service, operation, shares[part] if shares else findings)
             for part in range(parts)
         ]
-        answers = runner.map(ASKING, evaluate_part_task, calls, progress)
-        return combine_parts(answers, changes, service=service, operation=operation)
-    answers = _ask_in_turn(load, parts, changes, service, operation, lookup, progress)
-    return combine_parts(answers, changes, service=service, operation=operation)
+        return list(runner.map(ASKING, evaluate_part_task, calls, progress))
+    return _ask_in_turn(load, parts, changes, service, operation, lookup, progress)
 
 
 def _ask_in_turn(

@@ -75,6 +75,7 @@ class _Window:
     told: str = ""  # the plan's line, said when the partitions are asked (``asking``)
     cores: int = 1  # the worker processes asked for (--workers: 0 resolved), the findings' run's
     holds: str = ""  # what the window holds, said of a question asked otherwise
+    spans: int = 0  # the span rows of the window
 
     def asking(
         self, progress: Callable[[str, int, int], None] | None
@@ -240,6 +241,7 @@ def _window(
         told=told,
         holds=large,
         cores=cores,
+        spans=spans,
     )
 
 
@@ -402,16 +404,30 @@ def _path_of_split_traces(
     workers: int,
 ) -> tuple[dict[str, Any] | None] | None:
     """(the endpoint's critical path,) over its traces ``ids`` (``spans`` span rows: more than a
-    few partitions hold, less than the window), split by one read of the store into partition
-    files of their own and asked as a window's partitions are, on ``workers`` (serve asks them
-    so too: ``QueryEngine._path_of_split_traces``); None when the split would not happen (no
-    room, no disk: ``partitions.question_split_refused``) or the plan refuses: the window's
-    partitions answer. Measured on a 7.2M-span store, the critical path of an endpoint of 58 %
-    of its spans: 11.8 s over the window's 38 partitions."""
+    few partitions hold, less than the window), asked from a split of their own
+    (:func:`_window_of_traces`), as serve asks them (``QueryEngine._path_of_split_traces``);
+    None when they are not split: the window's partitions answer. Measured on a 7.2M-span
+    store, the path of an endpoint of 58 % of its spans: 22 partitions of its traces instead of
+    the window's 38."""
+    holds = f"the {len(ids):,} traces with a span {service}:{operation} hold"
+    window = _window_of_traces("critical-path", path, since_ns, ids, spans, workers, holds)
+    if window is None:
+        return None
+    return (_paths_of_window(window, service, operation)[1],)
+
+
+def _window_of_traces(
+    command: str, path: str, since_ns: int | None, ids: list[str], spans: int, workers: int, holds: str
+) -> _Window | None:
+    """The traces ``ids`` of the window ``since_ns`` of the store at ``path`` (``spans`` span
+    rows: more than a few partitions hold) as a :class:`_Window` of their own: split by one read
+    of the store into partition files, asked on up to ``workers`` worker processes (0: the
+    settings'), the window selected from the whole traces as they are read. None when the split
+    would not happen (no room beside the workers, too few partitions, no disk:
+    ``partitions.question_split_refused``) or the plan refuses: the window's partitions answer."""
     from hourglass.analysis.partitions import question_split_refused
     from hourglass.analysis.planning import PROCESS_BASE_BYTES, BudgetError, question_plan
 
-    command = "critical-path"
     settings = Settings()
     budget = settings.memory_budget
     chosen = _workers(workers or settings.workers)
@@ -419,14 +435,10 @@ def _path_of_split_traces(
         parts, on = question_plan(spans, budget, chosen, 1)
     except BudgetError:
         return None
-    held = on * PROCESS_BASE_BYTES if on > 1 else 0
+    held = on * PROCESS_BASE_BYTES if on > 1 else 0  # (the split's room: as ``_Window.asking``)
     if question_split_refused(spans, parts, budget - PROCESS_BASE_BYTES - held, False, None) is not None:
         return None
-    holds = f"the {len(ids):,} traces with a span {service}:{operation} hold"
-    window = _window(command, path, since_ns, spans, budget, 0, holds, chosen, trace_ids=ids)
-    del ids
-    _, path_found = _paths_of_window(window, service, operation)
-    return (path_found,)
+    return _window(command, path, since_ns, spans, budget, 0, holds, chosen, trace_ids=ids)
 
 
 def _whatif_of_endpoint(
@@ -493,12 +505,14 @@ def _whatif_of_endpoint(
 def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, Any] | None:
     """The what-if of every trace of a store's window too large for one context that reads and
     re-times only the traces the changes touch (``whatif_query.whatif_of_touched_traces``), the
-    others known by their roots; None when ``--partitions`` was given, the store cannot say
-    which traces are touched (a ClickHouse store), or they are too many to be worth it."""
+    others known by their roots: read by their ids in a few partitions, or, more of them (up to
+    three quarters of the window), split into partition files of their own and asked on the
+    workers (:func:`_window_of_traces`); None when ``--partitions`` was given, the store cannot
+    say which traces are touched (a ClickHouse store), or they are too many to be worth it."""
     if window.chosen > 1:
         return None
     from hourglass.analysis.partitions import StoreSource
-    from hourglass.analysis.whatif_query import touched_by, whatif_of_touched_traces
+    from hourglass.analysis.whatif_query import answers_partitioned, touched_by, whatif_of_touched_traces
 
     settings = Settings()
     spans_of, trace_ids = touched_by(changes, lookup)
@@ -516,6 +530,32 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
     total, asked = roots.num_rows, roots.num_rows - roots["trace_id"].null_count
     handed = [roots]  # (handed over: let go of before the touched traces are read)
     del roots
+    copies = _read_copies(window.path)
+
+    def ask_split(ids: list[str], spans: int) -> list[Any] | None:
+        # more than a few partitions hold, up to three quarters of the window: those traces split
+        # into files of their own and asked on the workers (serve: from a split of their own too)
+        if copies != 1 or spans > window.spans * 3 // 4:
+            return None
+        holds = f"the {len(ids):,} traces the changes touch hold"
+        touched = _window_of_traces("whatif", window.path, window.since_ns, ids, spans, window.cores, holds)
+        if touched is None:
+            return None
+        try:
+            with _progress_bar() as progress:
+                contexts, runner, trace_parts = touched.asking(progress)
+                return answers_partitioned(
+                    contexts,
+                    touched.parts,
+                    changes,
+                    lookup=lookup,
+                    runner=runner,
+                    progress=progress,
+                    trace_parts=trace_parts,
+                )
+        finally:
+            touched.close()
+
     result = whatif_of_touched_traces(
         StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
         handed.pop(),
@@ -523,8 +563,9 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
         changes,
         since_ns=window.since_ns,
         lookup=lookup,
-        copies=_read_copies(window.path),
+        copies=copies,
         most_traces=ENDPOINT_MAX_TRACES,
+        ask_many=ask_split,
     )
     if result is not None:
         typer.echo(

@@ -361,13 +361,13 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
         sized = {
             (e["root_service"], e["root_name"]): store.endpoint_trace_ids(
                 e["root_service"], e["root_name"], None, 10**9, 10**9
-            )[1]
+            )
             for e in endpoints
         }
         total = store.raw_row_count()
     finally:
         store.close()
-    (service, operation), spans = max(sized.items(), key=lambda item: item[1])
+    (service, operation), (ids, spans) = max(sized.items(), key=lambda item: item[1][1])
     assert spans <= total * 3 // 4
     budget = PROCESS_BASE_BYTES + spans // 3 * PEAK_BYTES_PER_SPAN  # (a third of them at once)
     assert few_parts_spans(budget) < spans
@@ -382,6 +382,23 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
     assert f"traces with a span {service}:{operation} hold {spans:,} spans" in split.stderr, split.stderr
     assert json.loads(split.stdout) == json.loads(at_once.stdout)
     assert not list(tmp_path.glob("hourglass-*"))  # (the split's files removed)
+    # a what-if of every trace that touches those traces: the same split of them
+    speedup = [
+        "whatif",
+        "--db",
+        str(demo_store),
+        "--speedup",
+        f"{service}:{operation}=0.5",
+        "--format",
+        "json",
+    ]
+    at_once = CliRunner().invoke(app, speedup, env=_env())
+    assert at_once.exit_code == 0, at_once.output
+    split = CliRunner().invoke(app, speedup, env=env)
+    assert split.exit_code == 0, split.output
+    assert f"the {len(ids):,} traces the changes touch hold {spans:,} spans" in split.stderr, split.stderr
+    assert json.loads(split.stdout) == json.loads(at_once.stdout)
+    assert not list(tmp_path.glob("hourglass-*"))
 
 
 def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
