@@ -512,7 +512,7 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
     if window.chosen > 1:
         return None
     from hourglass.analysis.partitions import StoreSource
-    from hourglass.analysis.whatif_query import answers_partitioned, touched_by, whatif_of_touched_traces
+    from hourglass.analysis.whatif_query import touched_by, whatif_of_touched_traces
 
     settings = Settings()
     spans_of, trace_ids = touched_by(changes, lookup)
@@ -542,17 +542,7 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
         if touched is None:
             return None
         try:
-            with _progress_bar() as progress:
-                contexts, runner, trace_parts = touched.asking(progress)
-                return answers_partitioned(
-                    contexts,
-                    touched.parts,
-                    changes,
-                    lookup=lookup,
-                    runner=runner,
-                    progress=progress,
-                    trace_parts=trace_parts,
-                )
+            return _shares_of_window(touched, changes, lookup)
         finally:
             touched.close()
 
@@ -574,6 +564,32 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
             err=True,
         )
     return result
+
+
+def _shares_of_window(
+    window: _Window,
+    changes: Any,
+    lookup: Any,
+    service: str | None = None,
+    operation: str | None = None,
+) -> list[Any]:
+    """Each partition's share of a what-if of ``window`` (``whatif_query.answers_partitioned``):
+    in this process in turn or on its workers, with a progress bar."""
+    from hourglass.analysis.whatif_query import answers_partitioned
+
+    with _progress_bar() as progress:
+        contexts, runner, trace_parts = window.asking(progress)
+        return answers_partitioned(
+            contexts,
+            window.parts,
+            changes,
+            service=service,
+            operation=operation,
+            lookup=lookup,
+            runner=runner,
+            progress=progress,
+            trace_parts=trace_parts,
+        )
 
 
 def _read_copies(path: str) -> int:
@@ -698,8 +714,8 @@ def whatif_command(
     from hourglass.analysis.whatif_query import (
         WhatIfInputError,
         changes_from_cli,
+        combine_parts,
         evaluate,
-        evaluate_partitioned,
     )
 
     try:
@@ -723,19 +739,8 @@ def whatif_command(
                 if result is None and service is None and operation is None:
                     result = _whatif_of_touched(ctx, changes, lookup)
                 if result is None:
-                    with _progress_bar() as progress:
-                        contexts, runner, trace_parts = ctx.asking(progress)
-                        result = evaluate_partitioned(
-                            contexts,
-                            ctx.parts,
-                            changes,
-                            service=service,
-                            operation=operation,
-                            lookup=lookup,
-                            runner=runner,
-                            progress=progress,
-                            trace_parts=trace_parts,
-                        )
+                    shares = _shares_of_window(ctx, changes, lookup, service, operation)
+                    result = combine_parts(shares, changes, service=service, operation=operation)
             else:
                 result = evaluate(ctx, changes, service=service, operation=operation)
         except WhatIfInputError as exc:
