@@ -254,6 +254,13 @@ def detector_lookup(ctx: AnalysisContext) -> FindingLookup:
     return lookup
 
 
+def _no_root(service: str | None, operation: str | None, seen: int) -> WhatIfInputError:
+    """A what-if of the traces rooted at ``service``/``operation`` when none of the window's
+    ``seen`` traces is."""
+    where = "/".join(x for x in (service, operation) if x is not None)
+    return WhatIfInputError(f"no trace has a root span {where!r} in the window ({seen} traces analysed)")
+
+
 def _unknown(recommendation: str) -> WhatIfInputError:
     return WhatIfInputError(
         f"no recommendation {recommendation!r} in these traces "
@@ -430,9 +437,7 @@ def combine_parts(
     traces. Raises what :func:`evaluate` raises: no chosen trace, a change that matches no span."""
     chosen = sum(p.traces for p in parts)
     if chosen == 0 and (service is not None or operation is not None):
-        where = "/".join(x for x in (service, operation) if x is not None)
-        seen = sum(p.traces_seen for p in parts)
-        raise WhatIfInputError(f"no trace has a root span {where!r} in the window ({seen} traces analysed)")
+        raise _no_root(service, operation, sum(p.traces_seen for p in parts))
     echo: list[dict[str, Any]] = []
     for i, change in enumerate(changes):
         if not any(p.matched[i] for p in parts):
@@ -712,6 +717,7 @@ def whatif_of_traces(
     since_ns: int | None = None,
     lookup: FindingLookup | None = None,
     copies: int = 1,
+    window_traces: Callable[[], int | None] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`evaluate` of the traces rooted at ``service``/``operation`` (one at least) over a
     window too large for one context, over the traces with a span of that endpoint only:
@@ -720,18 +726,33 @@ def whatif_of_traces(
     read by ``read(part, parts, ids)`` as :func:`endpoint_path_of_traces` reads them. What the
     answer says of the rest of the window — whether a change's span is in it at all — is asked
     of the store (``has_span(service, operation)``: None for every operation of the service).
-    None when no trace of the window is rooted there (the window's own pass says so, with its
-    count) or those traces need as many partitions as a window is split for: ask the window."""
+    When no trace of the window is rooted there, the window's refusal, with its count of traces
+    from ``window_traces()`` (``DuckDBSpanStore.window_roots``' rows: the window's traces as its
+    contexts hold them); None when that is not given or says None (the window's own pass says
+    so), or those traces need as many partitions as a window is split for: ask the window."""
     _check_changes(changes)
     if lookup is None and any(change.kind == "recommendation" for change in changes):
         raise WhatIfInputError("a recommendation change needs the window's findings")
-    asked = _traces_in_few_parts(read, trace_ids, spans, room, copies, since_ns) if trace_ids else None
-    if asked is None:
-        return None
-    contexts, parts = asked
-    answers = _ask_in_turn(contexts, parts, changes, service, operation, lookup)
+    answers: list[PartAnswer] = []
+    if trace_ids:
+        asked = _traces_in_few_parts(read, trace_ids, spans, room, copies, since_ns)
+        if asked is None:
+            return None
+        contexts, parts = asked
+        answers = _ask_in_turn(contexts, parts, changes, service, operation, lookup)
     if not sum(answer.traces for answer in answers):
-        return None
+        # (no trace with a span of it is rooted there, so none of the window is)
+        seen = window_traces() if window_traces is not None else None
+        if seen is None:
+            return None
+        for change in changes:  # (as the window's partitions: an unknown one is said first)
+            if (
+                change.kind == "recommendation"
+                and lookup is not None
+                and lookup(change.recommendation) is None
+            ):
+                raise _unknown(change.recommendation)
+        raise _no_root(service, operation, seen)
     for i, change in enumerate(changes):
         if change.kind != "recommendation" and not any(answer.matched[i] for answer in answers):
             # (not in these traces; in the window's others, it changes none of the chosen ones)

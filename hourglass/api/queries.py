@@ -579,7 +579,8 @@ class QueryEngine:
         partitions, over the traces with a span of that endpoint only
         (``whatif_query.whatif_of_traces``), in the ``_partitioned`` lock the caller holds; None
         when no root is chosen, the store cannot name those traces (a ClickHouse store) or they
-        are too many to be worth it: the window's partitions answer."""
+        are too many to be worth it: the window's partitions answer. None rooted there: the
+        window's refusal, its traces counted from the store's rows (``window_roots``)."""
         has_span = self._has_span
         if (service is None and operation is None) or self._endpoint_traces is None or has_span is None:
             return None
@@ -592,6 +593,13 @@ class QueryEngine:
         if found is None:
             return None
         ids, spans = found
+        window_roots = self._window_roots
+
+        def window_traces() -> int | None:
+            # (none rooted there: the refusal counts the window's traces from the store's rows)
+            roots = window_roots(since_ns, [], []) if window_roots is not None else None
+            return None if roots is None else int(roots.num_rows)
+
         return whatif_of_traces(
             self._read_traces,
             ids,
@@ -604,6 +612,7 @@ class QueryEngine:
             since_ns=since_ns,
             lookup=lookup,
             copies=copies,
+            window_traces=window_traces,
         )
 
     def _whatif_of_touched_traces(

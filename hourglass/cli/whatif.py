@@ -447,8 +447,9 @@ def _whatif_of_endpoint(
     """The what-if of the traces rooted at --service/--operation over a store's window too large
     for one context, over the traces with a span of that endpoint only
     (``whatif_query.whatif_of_traces``) instead of every span of the window; None when no root is
-    chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store),
-    they are too many to be worth it, or none is rooted there (the window's own pass says so)."""
+    chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store)
+    or they are too many to be worth it. When none is rooted there, the window's refusal
+    (WhatIfInputError), its traces counted from the store's rows (``window_roots``)."""
     if (service is None and operation is None) or window.chosen > 1:
         return None
     settings = Settings()
@@ -480,6 +481,16 @@ def _whatif_of_endpoint(
         finally:
             opened.close()
 
+    def window_traces() -> int | None:
+        # (none rooted there: the refusal counts the window's traces from one aggregation of the
+        # store's rows, not from a pass over every span)
+        opened = open_store_for_analysis(window.path, "whatif")
+        try:
+            roots = getattr(opened, "window_roots", None)
+            return int(roots(window.since_ns).num_rows) if callable(roots) else None
+        finally:
+            opened.close()
+
     result = whatif_of_traces(
         StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
         ids,
@@ -492,6 +503,7 @@ def _whatif_of_endpoint(
         since_ns=window.since_ns,
         lookup=lookup,
         copies=copies,
+        window_traces=window_traces,
     )
     if result is not None:
         root = ":".join(x for x in (service, operation) if x is not None)

@@ -465,6 +465,33 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
                 assert answer == window.whatif(asked), asked
                 if elsewhere in str(body):
                     assert answer["changes"][0]["traces"] == 0 and answer["traces"] > 0
+        # an endpoint no trace is rooted at (a span inside traces, one nowhere): the window's
+        # refusal, its traces counted from the store's rows, none of the window's partitions
+        # read; an unknown recommendation is still said first
+        windows: list[bool] = []
+        scanned = store.scan_partition
+
+        def partition(part: int, parts: int, **kwargs: Any) -> pa.Table:
+            windows.append(kwargs.get("trace_ids") is None)
+            return scanned(part, parts, **kwargs)
+
+        monkeypatch.setattr(store, "scan_partition", partition)
+        speedup = {"changes": [{"speedup": {"service": "ledger", "operation": "*", "factor": 0.5}}]}
+        unknown = {"changes": [{"recommendation": "lock_contention-000000000000"}]}
+        for endpoint in (("ledger", "lock.acquire ledger.journal"), ("no-such-service", "GET /")):
+            for body, since in ((speedup, None), (speedup, mid), (unknown, None)):
+                asked = {"service": endpoint[0], "operation": endpoint[1], **body}
+                if since is not None:
+                    asked["since"] = since
+                refusals: list[tuple[str, bool]] = []
+                for made in (engine, window):
+                    windows.clear()
+                    with pytest.raises(WhatIfInputError) as refused:
+                        made.whatif(asked)
+                    refusals.append((str(refused.value), any(windows)))
+                assert refusals[0][0] == refusals[1][0] and not refusals[0][1], (asked, refusals)
+                said = "no trace has a root span" if body is speedup else "no recommendation"
+                assert said in refusals[0][0], refusals
         # the store's answers themselves: the window from since, and a cap on the spans
         first, last = pa.compute.min(starts).as_py(), pa.compute.max(starts).as_py()
         assert store.has_span("ledger", None, first) and not store.has_span("ledger", None, last + 1)

@@ -334,6 +334,13 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
     assert named[0].stderr.splitlines()[-1] == named[1].stderr.splitlines()[-1], named[1].stderr
     assert "no trace has the root span ledger:lock.acquire ledger.journal (endpoints: " in named[1].stderr
     assert "counted by their roots" in named[1].stderr and "partitions" not in named[1].stderr
+    # and a what-if of its traces: the window's refusal, its traces counted from the store's rows
+    refused = [run("whatif", "--db", str(demo_store), *speedup, *lock, environment=e) for e in (None, env)]
+    assert [r.returncode for r in refused] == [2, 2]
+    assert refused[0].stderr == refused[1].stderr, refused[1].stderr  # (nothing asked in partitions)
+    assert "no trace has a root span 'ledger/lock.acquire ledger.journal' in the window (424 traces" in (
+        refused[1].stderr
+    )
 
 
 def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
