@@ -370,11 +370,15 @@ class StoreSource:
     trace_ids: tuple[str, ...] | None = None
 
     def load(self, part: int, parts: int, trace_ids: list[str] | None = None) -> pa.Table:
-        """Partition ``part`` of ``parts`` (with ``trace_ids``, or the source's own, only those
-        of its traces), its strings as Arrow string views where the store makes them (polars
+        """Partition ``part`` of ``parts`` (with ``trace_ids`` and/or the source's own, only
+        those of its traces), its strings as Arrow string views where the store makes them (polars
         takes those as they are)."""
-        if trace_ids is None and self.trace_ids is not None:
-            trace_ids = list(self.trace_ids)
+        if self.trace_ids is not None:
+            trace_ids = (
+                list(self.trace_ids)
+                if trace_ids is None
+                else sorted(set(trace_ids).intersection(self.trace_ids))  # (never others)
+            )
         store = open_for_reading(self.location)
         try:
             return store.scan_partition(

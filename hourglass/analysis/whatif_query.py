@@ -727,9 +727,9 @@ def whatif_of_traces(
     answer says of the rest of the window — whether a change's span is in it at all — is asked
     of the store (``has_span(service, operation)``: None for every operation of the service).
     When no trace of the window is rooted there, the window's refusal, with its count of traces
-    from ``window_traces()`` (``DuckDBSpanStore.window_roots``' rows: the window's traces as its
-    contexts hold them); None when that is not given or says None (the window's own pass says
-    so), or those traces need as many partitions as a window is split for: ask the window."""
+    from ``window_traces()`` (the window's traces as its contexts keep them: the sum of
+    :func:`endpoints_of_roots`); None when that is not given or says None (the window's own pass
+    says so), or those traces need as many partitions as a window is split for: ask the window."""
     _check_changes(changes)
     if lookup is None and any(change.kind == "recommendation" for change in changes):
         raise WhatIfInputError("a recommendation change needs the window's findings")

@@ -348,7 +348,8 @@ class QueryEngine:
                 return named(service, operation, since_ns, most, ENDPOINT_MAX_TRACES)
 
         def has_span(service: str | None, operation: str | None, since_ns: int | None) -> bool:
-            return bool(store.has_span(service, operation, since_ns))
+            with one_heavy_read(store):  # (with since_ns, a join with the window's trace ids)
+                return bool(store.has_span(service, operation, since_ns))
 
         def window_roots(
             since_ns: int | None, spans_of: list[tuple[str, str | None]], trace_ids: list[str]
@@ -580,7 +581,7 @@ class QueryEngine:
         (``whatif_query.whatif_of_traces``), in the ``_partitioned`` lock the caller holds; None
         when no root is chosen, the store cannot name those traces (a ClickHouse store) or they
         are too many to be worth it: the window's partitions answer. None rooted there: the
-        window's refusal, its traces counted from the store's rows (``window_roots``)."""
+        window's refusal, its traces counted as its endpoints are (:meth:`_listing_of_roots`)."""
         has_span = self._has_span
         if (service is None and operation is None) or self._endpoint_traces is None or has_span is None:
             return None
@@ -593,12 +594,12 @@ class QueryEngine:
         if found is None:
             return None
         ids, spans = found
-        window_roots = self._window_roots
 
         def window_traces() -> int | None:
-            # (none rooted there: the refusal counts the window's traces from the store's rows)
-            roots = window_roots(since_ns, [], []) if window_roots is not None else None
-            return None if roots is None else int(roots.num_rows)
+            # (none rooted there: the refusal counts the window's traces as its endpoints do: the
+            # plain roots from the store's rows, the other traces read, as the contexts keep them)
+            listing = self._listing_of_roots(since_ns)
+            return None if listing is None else int(listing["traces"].sum())
 
         return whatif_of_traces(
             self._read_traces,
@@ -821,24 +822,30 @@ class QueryEngine:
         the window's partitions answer."""
         if self._window_roots is None or self._read_traces is None:
             return None
+        with self._partitioned:
+            try:
+                return self._listing_of_roots(since_ns)
+            finally:
+                release_memory()
+
+    def _listing_of_roots(self, since_ns: int | None) -> Any:
+        """:meth:`_endpoints_of_roots` in the ``_partitioned`` lock the caller holds."""
         from hourglass.analysis.planning import ENDPOINT_MAX_TRACES
         from hourglass.analysis.whatif_query import endpoints_of_roots
 
-        with self._partitioned:
-            try:
-                roots = self._window_roots(since_ns, [], [])
-                if roots is None:
-                    return None
-                return endpoints_of_roots(
-                    self._read_traces,
-                    roots,
-                    self._room(),
-                    since_ns=since_ns,
-                    copies=self._read_copies(),
-                    most_traces=ENDPOINT_MAX_TRACES,
-                )
-            finally:
-                release_memory()
+        if self._window_roots is None or self._read_traces is None:
+            return None
+        roots = self._window_roots(since_ns, [], [])
+        if roots is None:
+            return None
+        return endpoints_of_roots(
+            self._read_traces,
+            roots,
+            self._room(),
+            since_ns=since_ns,
+            copies=self._read_copies(),
+            most_traces=ENDPOINT_MAX_TRACES,
+        )
 
     def _paths_in_partitions(
         self, since_ns: int | None, parts: int, service: str | None, operation: str | None

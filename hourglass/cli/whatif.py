@@ -207,6 +207,8 @@ def _window(
 
     what = "the store" if since_ns is None else "the window"
     holds = holds or f"{what} holds"
+    if trace_ids is not None:
+        what = "those traces"  # (what a failed split names)
     # an embedded ClickHouse store is opened by one process at a time: asked in this one
     copies = _read_copies(path)
     large = (
@@ -449,7 +451,7 @@ def _whatif_of_endpoint(
     (``whatif_query.whatif_of_traces``) instead of every span of the window; None when no root is
     chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store)
     or they are too many to be worth it. When none is rooted there, the window's refusal
-    (WhatIfInputError), its traces counted from the store's rows (``window_roots``)."""
+    (WhatIfInputError), its traces counted as its endpoints are (:func:`_listing_of_roots`)."""
     if (service is None and operation is None) or window.chosen > 1:
         return None
     settings = Settings()
@@ -482,14 +484,16 @@ def _whatif_of_endpoint(
             opened.close()
 
     def window_traces() -> int | None:
-        # (none rooted there: the refusal counts the window's traces from one aggregation of the
-        # store's rows, not from a pass over every span)
+        # (none rooted there: the refusal counts the window's traces as its endpoints are, from
+        # the store's rows and the traces of no plain root read, not from a pass over every span)
         opened = open_store_for_analysis(window.path, "whatif")
         try:
-            roots = getattr(opened, "window_roots", None)
-            return int(roots(window.since_ns).num_rows) if callable(roots) else None
+            roots_of = getattr(opened, "window_roots", None)
+            roots = roots_of(window.since_ns) if callable(roots_of) else None
         finally:
             opened.close()
+        listing = None if roots is None else _listing_of_roots(window.path, roots, window.since_ns, copies)
+        return None if listing is None else int(listing["traces"].sum())
 
     result = whatif_of_traces(
         StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
@@ -874,6 +878,22 @@ def _paths_of_window(
             window.close()
 
 
+def _listing_of_roots(path: str, roots: Any, since_ns: int | None, copies: int) -> Any:
+    """``whatif_query.endpoints_of_roots`` of the store at ``path`` from its ``window_roots``
+    rows (the traces of no plain root read by their ids); None when those are too many."""
+    from hourglass.analysis.partitions import StoreSource
+    from hourglass.analysis.whatif_query import endpoints_of_roots
+
+    return endpoints_of_roots(
+        StoreSource(path).load,
+        roots,
+        Settings().memory_budget,
+        since_ns=since_ns,
+        copies=copies,
+        most_traces=ENDPOINT_MAX_TRACES,
+    )
+
+
 def _endpoints_of_store(db: str | None, since: str | None) -> Any:
     """The endpoints of a store's window too large for one context, from one aggregation of its
     rows (``whatif_query.endpoints_of_roots``) instead of a pass over every span; None when the
@@ -887,17 +907,7 @@ def _endpoints_of_store(db: str | None, since: str | None) -> Any:
     if large is None:
         return None
     (path, since_ns, window, copies), roots = large
-    from hourglass.analysis.partitions import StoreSource
-    from hourglass.analysis.whatif_query import endpoints_of_roots
-
-    listing = endpoints_of_roots(
-        StoreSource(path).load,
-        roots,
-        settings.memory_budget,
-        since_ns=since_ns,
-        copies=copies,
-        most_traces=ENDPOINT_MAX_TRACES,
-    )
+    listing = _listing_of_roots(path, roots, since_ns, copies)
     if listing is not None:
         what = "the store" if since_ns is None else "the window"
         typer.echo(

@@ -923,3 +923,49 @@ def test_a_questions_reads_of_the_store_are_its_one_heavy_query_at_a_time(
         assert waited and answered == [path]
     finally:
         store.close()
+
+
+def test_a_refusal_of_an_endpoint_no_trace_is_rooted_at_counts_the_windows_traces_as_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A what-if of an endpoint no trace is rooted at is refused with the window's count of
+    traces, taken from the store's rows (``_listing_of_roots``) instead of a pass: the count of
+    the traces the window's contexts keep. ``window_roots`` has a row for a trace whose only span
+    from ``since`` is a later copy, which a read drops: its rows alone would count one trace too
+    many."""
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.analysis.whatif_query import Change, WhatIfInputError, partition_contexts, whatif_of_traces
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    store, _, since_ns = _store_with_awkward_roots(tmp_path)
+    try:
+        total = store.raw_row_count()
+        engine = QueryEngine.over_store(store, budget=PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2)
+        monkeypatch.setattr(engine, "_held", lambda: 0)
+        for since in (None, since_ns):
+            contexts = partition_contexts(
+                lambda part, parts, since=since: store.scan_partition(
+                    part, parts, since_ns=since, columns=ANALYSIS_COLUMNS
+                ),
+                since,
+            )
+            kept = sum(contexts(part, 3).traces.height for part in range(3))
+            listed = int(engine._listing_of_roots(since)["traces"].sum())
+            rows = store.window_roots(since).num_rows
+            assert listed == kept and (rows == kept) == (since is None), (since, listed, kept, rows)
+            with pytest.raises(WhatIfInputError) as refused:
+                whatif_of_traces(
+                    lambda part, parts, ids: store.scan_partition(part, parts, trace_ids=ids),
+                    [],
+                    0,
+                    PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN,
+                    [Change(kind="speedup", service="ledger", operation="*", factor=0.5)],
+                    service="no-such-service",
+                    operation="GET /",
+                    has_span=lambda service, operation: True,
+                    since_ns=since,
+                    window_traces=lambda since=since: int(engine._listing_of_roots(since)["traces"].sum()),
+                )
+            assert f"in the window ({kept} traces analysed)" in str(refused.value)
+    finally:
+        store.close()
