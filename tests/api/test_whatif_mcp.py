@@ -406,6 +406,18 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
     assert f"the {len(ids):,} traces the changes touch hold {spans:,} spans" in split.stderr, split.stderr
     assert json.loads(split.stdout) == json.loads(at_once.stdout)
     assert not list(tmp_path.glob("hourglass-*"))
+    # a split that fails (a full disk): each partition of those traces alone is read from the
+    # store (the others' share is the roots': read twice, they would count twice)
+    with monkeypatch.context() as failing:
+
+        def full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        failing.setattr(partitions, "split_store", full)
+        scanned = CliRunner().invoke(app, speedup, env=env)
+    assert scanned.exit_code == 0, scanned.output
+    assert "splitting those traces into partition files failed" in scanned.stderr, scanned.stderr
+    assert json.loads(scanned.stdout) == json.loads(at_once.stdout)
 
 
 def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
