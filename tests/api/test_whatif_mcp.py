@@ -372,9 +372,14 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
             for e in endpoints
         }
         total = store.raw_row_count()
+        (service, operation), (ids, spans) = max(sized.items(), key=lambda item: item[1][1])
+        # a window from the middle second of the endpoint's traces: those with a span from then
+        starts = store.scan(trace_ids=ids, columns=("start_ns",))["start_ns"].to_pylist()
+        mid_ns = (min(starts) + max(starts)) // 2 // 10**9 * 10**9
+        since_ids, since_spans = store.endpoint_trace_ids(service, operation, mid_ns, 10**9, 10**9)
+        since_window = store.span_rows_since(mid_ns)
     finally:
         store.close()
-    (service, operation), (ids, spans) = max(sized.items(), key=lambda item: item[1][1])
     assert spans <= total * 3 // 4
     budget = PROCESS_BASE_BYTES + spans // 3 * PEAK_BYTES_PER_SPAN  # (a third of them at once)
     assert few_parts_spans(budget) < spans
@@ -389,6 +394,20 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
     assert f"traces with a span {service}:{operation} hold {spans:,} spans" in split.stderr, split.stderr
     assert json.loads(split.stdout) == json.loads(at_once.stdout)
     assert not list(tmp_path.glob("hourglass-*"))  # (the split's files removed)
+    # with --since: the window's traces with a span of it split whole, the window selected as read
+    import datetime
+
+    mid = datetime.datetime.fromtimestamp(mid_ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    since_budget = PROCESS_BASE_BYTES + since_spans // 3 * PEAK_BYTES_PER_SPAN
+    assert few_parts_spans(since_budget) < since_spans <= since_window * 3 // 4 < total
+    windowed = [*asked, "--since", mid, "--format", "json"]
+    at_once_since = CliRunner().invoke(app, windowed, env=_env())
+    since_env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(since_budget)}
+    split_since = CliRunner().invoke(app, windowed, env=since_env)
+    assert at_once_since.exit_code == split_since.exit_code == 0, split_since.output
+    told = f"the {len(since_ids):,} traces with a span {service}:{operation} hold {since_spans:,} spans"
+    assert told in split_since.stderr, split_since.stderr
+    assert json.loads(split_since.stdout) == json.loads(at_once_since.stdout) != json.loads(at_once.stdout)
     # a what-if of every trace that touches those traces: the same split of them
     speedup = [
         "whatif",
