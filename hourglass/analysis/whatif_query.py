@@ -718,6 +718,7 @@ def whatif_of_traces(
     lookup: FindingLookup | None = None,
     copies: int = 1,
     window_traces: Callable[[], int | None] | None = None,
+    ask_many: Callable[[list[str], int], list[PartAnswer] | None] | None = None,
 ) -> dict[str, Any] | None:
     """:func:`evaluate` of the traces rooted at ``service``/``operation`` (one at least) over a
     window too large for one context, over the traces with a span of that endpoint only:
@@ -729,17 +730,23 @@ def whatif_of_traces(
     When no trace of the window is rooted there, the window's refusal, with its count of traces
     from ``window_traces()`` (the window's traces as its contexts keep them: the sum of
     :func:`endpoints_of_roots`); None when that is not given or says None (the window's own pass
-    says so), or those traces need as many partitions as a window is split for: ask the window."""
+    says so). When those traces need as many partitions as a window is split into files for
+    (``SPLIT_MIN_PARTS``), ``ask_many(ids, spans)`` asks them (from a split of their own), its
+    shares of the traces rooted there (:func:`ask_parts`) or None: ask the window."""
     _check_changes(changes)
     if lookup is None and any(change.kind == "recommendation" for change in changes):
         raise WhatIfInputError("a recommendation change needs the window's findings")
     answers: list[PartAnswer] = []
     if trace_ids:
         asked = _traces_in_few_parts(read, trace_ids, spans, room, copies, since_ns)
-        if asked is None:
-            return None
-        contexts, parts = asked
-        answers = _ask_in_turn(contexts, parts, changes, service, operation, lookup)
+        if asked is not None:
+            contexts, parts = asked
+            answers = _ask_in_turn(contexts, parts, changes, service, operation, lookup)
+        else:
+            many = ask_many(trace_ids, spans) if ask_many is not None else None
+            if many is None:
+                return None
+            answers = many
     if not sum(answer.traces for answer in answers):
         # (no trace with a span of it is rooted there, so none of the window is)
         seen = window_traces() if window_traces is not None else None
@@ -911,10 +918,13 @@ def ask_parts(
     parts: int,
     changes: Sequence[Change],
     lookup: FindingLookup | None,
+    service: str | None = None,
+    operation: str | None = None,
 ) -> list[PartAnswer]:
-    """The shares of every trace of ``parts`` contexts ``load(part, parts)``, one at a time (what
-    :func:`whatif_of_touched_traces`'s ``ask_many`` returns for the traces it is given)."""
-    return _ask_in_turn(load, parts, changes, None, None, lookup)
+    """The shares of the traces of ``parts`` contexts ``load(part, parts)`` (rooted at
+    ``service``/``operation`` when given), one at a time: what the ``ask_many`` of
+    :func:`whatif_of_touched_traces` and :func:`whatif_of_traces` returns for the traces it is given."""
+    return _ask_in_turn(load, parts, changes, service, operation, lookup)
 
 
 def _trace_index(spans: pl.DataFrame) -> np.ndarray:

@@ -578,22 +578,38 @@ class QueryEngine:
     ) -> dict[str, Any] | None:
         """A what-if of the traces rooted at ``service``/``operation`` over a window asked in
         partitions, over the traces with a span of that endpoint only
-        (``whatif_query.whatif_of_traces``), in the ``_partitioned`` lock the caller holds; None
-        when no root is chosen, the store cannot name those traces (a ClickHouse store) or they
-        are too many to be worth it: the window's partitions answer. None rooted there: the
+        (``whatif_query.whatif_of_traces``; past a few partitions, up to three quarters of the
+        window, from a split of their own: :meth:`_ask_split_traces`), in the ``_partitioned``
+        lock the caller holds; None when no root is chosen, the store cannot name those traces (a
+        ClickHouse store) or they are too many to be worth it: the window's partitions answer. None rooted there: the
         window's refusal, its traces counted as its endpoints are (:meth:`_listing_of_roots`)."""
         has_span = self._has_span
         if (service is None and operation is None) or self._endpoint_traces is None or has_span is None:
             return None
         assert self._read_traces is not None
         from hourglass.analysis.planning import few_parts_spans
-        from hourglass.analysis.whatif_query import whatif_of_traces
+        from hourglass.analysis.whatif_query import PartAnswer, ask_parts, whatif_of_traces
 
         room, copies = self._room(), self._read_copies()
-        found = self._endpoint_traces(service, operation, since_ns, few_parts_spans(room, copies))
+        most = few_parts_spans(room, copies)
+        # up to three quarters of the window, those traces split into files of their own
+        window = self._window_spans(since_ns) if self._window_spans is not None else 0
+        splits = self._split_window is not None and copies == 1
+        found = self._endpoint_traces(
+            service, operation, since_ns, max(most, window * 3 // 4) if splits else most
+        )
         if found is None:
             return None
         ids, spans = found
+
+        def ask_split(ids: list[str], spans: int) -> list[PartAnswer] | None:
+            return self._ask_split_traces(
+                since_ns,
+                ids,
+                spans,
+                room,
+                lambda contexts, parts: ask_parts(contexts, parts, changes, lookup, service, operation),
+            )
 
         def window_traces() -> int | None:
             # (none rooted there: the refusal counts the window's traces as its endpoints do: the
@@ -614,6 +630,7 @@ class QueryEngine:
             lookup=lookup,
             copies=copies,
             window_traces=window_traces,
+            ask_many=ask_split,
         )
 
     def _whatif_of_touched_traces(

@@ -448,7 +448,9 @@ def _whatif_of_endpoint(
 ) -> dict[str, Any] | None:
     """The what-if of the traces rooted at --service/--operation over a store's window too large
     for one context, over the traces with a span of that endpoint only
-    (``whatif_query.whatif_of_traces``) instead of every span of the window; None when no root is
+    (``whatif_query.whatif_of_traces``) instead of every span of the window (past a few
+    partitions, up to three quarters of the window, split into files of their own and asked on
+    the workers: :func:`_window_of_traces`); None when no root is
     chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store)
     or they are too many to be worth it. When none is rooted there, the window's refusal
     (WhatIfInputError), its traces counted as its endpoints are (:func:`_listing_of_roots`)."""
@@ -461,11 +463,12 @@ def _whatif_of_endpoint(
         named = getattr(store, "endpoint_trace_ids", None)
         if not callable(named) or not callable(getattr(store, "has_span", None)):
             return None
+        few = few_parts_spans(settings.memory_budget, copies)
         found = named(
             service,
             operation,
             window.since_ns,
-            few_parts_spans(settings.memory_budget, copies),
+            max(few, window.spans * 3 // 4) if copies == 1 else few,  # (past few: split)
             ENDPOINT_MAX_TRACES,
         )
     finally:
@@ -473,6 +476,23 @@ def _whatif_of_endpoint(
     if found is None:
         return None
     ids, spans = found
+
+    root = ":".join(x for x in (service, operation) if x is not None)
+    split: list[bool] = []
+
+    def ask_split(ids: list[str], spans: int) -> list[Any] | None:
+        # more than a few partitions hold: those traces split into files of their own and asked
+        # on the workers, as an endpoint's critical path is (the plan's line says so)
+        holds = f"the {len(ids):,} traces with a span {root} hold"
+        traces = _window_of_traces("whatif", window.path, window.since_ns, ids, spans, window.cores, holds)
+        if traces is None:
+            return None
+        split.append(True)
+        try:
+            return _shares_of_window(traces, changes, lookup, service, operation)
+        finally:
+            traces.close()
+
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.whatif_query import whatif_of_traces
 
@@ -508,9 +528,9 @@ def _whatif_of_endpoint(
         lookup=lookup,
         copies=copies,
         window_traces=window_traces,
+        ask_many=ask_split,
     )
-    if result is not None:
-        root = ":".join(x for x in (service, operation) if x is not None)
+    if result is not None and not split:
         typer.echo(
             f"{window.holds}: asked over the {len(ids):,} traces with a span {root} ({spans:,} spans)",
             err=True,

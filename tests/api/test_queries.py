@@ -394,6 +394,12 @@ def test_an_endpoint_with_many_spans_is_asked_from_a_split_of_its_own_traces(
             answer = engine.whatif(body)
             assert split_ids == [touched] and read == [], endpoint  # (the touched traces split, not scanned)
             assert answer == window.whatif(body) and answer["traces_changed"] > 0, endpoint
+            # a what-if of the traces rooted there: its traces split too
+            rooted = {**body, "service": endpoint[0], "operation": endpoint[1]}
+            split_ids.clear()
+            answer = engine.whatif(rooted)
+            assert split_ids == [len(ids)] and read == [], endpoint
+            assert answer == window.whatif(rooted) and answer["traces_changed"] > 0, endpoint
             asked += 1
         assert asked >= 2
     finally:

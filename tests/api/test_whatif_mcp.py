@@ -425,6 +425,13 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
     assert f"the {len(ids):,} traces the changes touch hold {spans:,} spans" in split.stderr, split.stderr
     assert json.loads(split.stdout) == json.loads(at_once.stdout)
     assert not list(tmp_path.glob("hourglass-*"))
+    # a what-if of the traces rooted there: the same split of them
+    rooted = [*speedup, "--service", service, "--operation", operation]
+    at_once_rooted = CliRunner().invoke(app, rooted, env=_env())
+    split = CliRunner().invoke(app, rooted, env=env)
+    assert at_once_rooted.exit_code == split.exit_code == 0, split.output
+    assert f"the {len(ids):,} traces with a span {service}:{operation} hold {spans:,} spans" in split.stderr
+    assert json.loads(split.stdout) == json.loads(at_once_rooted.stdout)
     # a split that fails (a full disk): each partition of those traces alone is read from the
     # store (the others' share is the roots': read twice, they would count twice)
     with monkeypatch.context() as failing:
