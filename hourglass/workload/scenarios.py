@@ -143,7 +143,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         name="retry_without_backoff",
         kind="retry_without_backoff",
         description="Order payment retries a flaky bank (503 on 60 % of charges) immediately, up to 6 "
-        "attempts; subscription renewal retries the same bank with exponential backoff (25 ms base, doubling, equal jitter).",
+        "attempts; subscription renewal retries the same bank with exponential backoff (50 ms base, doubling, equal jitter).",
         bottleneck=Endpoint("storefront", "POST", "/orders/{order_id}/payment"),
         healthy=Endpoint("storefront", "POST", "/subscriptions/{subscription_id}/renewal"),
         requests_per_handler=40,
