@@ -484,14 +484,9 @@ def _whatif_of_endpoint(
         # more than a few partitions hold: those traces split into files of their own and asked
         # on the workers, as an endpoint's critical path is (the plan's line says so)
         holds = f"the {len(ids):,} traces with a span {root} hold"
-        traces = _window_of_traces("whatif", window.path, window.since_ns, ids, spans, window.cores, holds)
-        if traces is None:
-            return None
-        split.append(True)
-        try:
-            return _shares_of_window(traces, changes, lookup, service, operation)
-        finally:
-            traces.close()
+        shares = _shares_of_split_traces(window, ids, spans, holds, changes, lookup, service, operation)
+        split.append(shares is not None)
+        return shares
 
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.whatif_query import whatif_of_traces
@@ -530,7 +525,7 @@ def _whatif_of_endpoint(
         window_traces=window_traces,
         ask_many=ask_split,
     )
-    if result is not None and not split:
+    if result is not None and not any(split):
         typer.echo(
             f"{window.holds}: asked over the {len(ids):,} traces with a span {root} ({spans:,} spans)",
             err=True,
@@ -574,13 +569,7 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
         if copies != 1 or spans > window.spans * 3 // 4:
             return None
         holds = f"the {len(ids):,} traces the changes touch hold"
-        touched = _window_of_traces("whatif", window.path, window.since_ns, ids, spans, window.cores, holds)
-        if touched is None:
-            return None
-        try:
-            return _shares_of_window(touched, changes, lookup)
-        finally:
-            touched.close()
+        return _shares_of_split_traces(window, ids, spans, holds, changes, lookup)
 
     result = whatif_of_touched_traces(
         StoreSource(window.path).load,  # (the whole traces: the window is selected from them as read)
@@ -600,6 +589,28 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
             err=True,
         )
     return result
+
+
+def _shares_of_split_traces(
+    window: _Window,
+    ids: list[str],
+    spans: int,
+    holds: str,
+    changes: Any,
+    lookup: Any,
+    service: str | None = None,
+    operation: str | None = None,
+) -> list[Any] | None:
+    """Each partition's share of a what-if of the traces ``ids`` of ``window`` (``spans`` span
+    rows; ``holds``: what the plan's line says of them), asked from a split of their own
+    (:func:`_window_of_traces`) on the window's workers; None when they are not split."""
+    traces = _window_of_traces("whatif", window.path, window.since_ns, ids, spans, window.cores, holds)
+    if traces is None:
+        return None
+    try:
+        return _shares_of_window(traces, changes, lookup, service, operation)
+    finally:
+        traces.close()
 
 
 def _shares_of_window(
