@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors.retry_without_backoff import detect
 from hourglass.analysis.pipeline import analyze
 from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, STATUS_UNSET
@@ -185,6 +186,31 @@ def test_full_jitter_backoff_with_some_short_first_gaps_is_healthy() -> None:
         for i, g in enumerate(first_gaps)
     ]
     assert analyse(traces) == []
+
+
+def test_a_backoff_whose_noise_flattened_a_few_bursts_is_healthy() -> None:
+    """Exponential backoff from ~20 ms: most bursts grow (set aside), a few were flattened by
+    scheduling delays (45, 40, 50 ms), and some bursts retried once. Judged alone, the bursts left
+    look like a constant ~45 ms delay; over all the signature's bursts the gaps double."""
+    traces = [product_trace([20, 45, 90], outcomes=[False, False, False, True]) for _ in range(10)]
+    traces += [product_trace([45, 40, 50], outcomes=[False, False, False, True]) for _ in range(3)]
+    traces += [product_trace([30], outcomes=[False, True]) for _ in range(2)]
+    ctx = AnalysisContext.from_table(spans_table(traces))
+    assert detect(ctx) == []
+    (miss,) = [m for m in ctx.near_misses if m.kind == "retry_without_backoff"]
+    assert "over all the bursts later retries wait" in miss.reason, miss
+
+
+def test_a_constant_delay_is_flagged_though_jitter_makes_some_bursts_grow() -> None:
+    """A fixed ~40 ms sleep with a few ms of jitter: half the 3-attempt bursts grow a little by
+    chance. That is not backoff (no burst's last gap reaches 1.5 x its first)."""
+    traces = [
+        product_trace([40 + (3 if i % 2 else -1), 41, 42], outcomes=[False, False, False, True])
+        for i in range(8)
+    ]
+    (finding,) = analyse(traces)
+    assert finding.evidence["pattern"] == "constant_short_delay"
+    assert finding.evidence["bursts"] == 8
 
 
 def test_a_constant_delay_above_common_backoff_bases_is_not_flagged() -> None:

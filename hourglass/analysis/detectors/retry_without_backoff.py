@@ -18,7 +18,9 @@ attribute matching ``RETRY_LOG_PATTERN``, e.g. "Retrying GetDriver after error")
 
 A chain of retries is a *retry sequence* (the first attempt plus its retries); its *gaps* run from
 an attempt's end to the next attempt's start, and the k-th retry of a sequence has *retry index* k.
-A sequence whose gaps strictly grow beyond the immediate bound is backoff and is set aside.
+A sequence of 3+ attempts whose gaps strictly grow, its last gap beyond the immediate bound and at
+least ``GROWTH_FACTOR`` × its first, is backoff and is set aside: the rules below judge the
+signature's other sequences (a signature can mix code paths, one backing off and one not).
 
 Retries are judged per signature — (service, operation that retries, callee service, callee
 operation), the service being the retrying operation's (usually also the attempts'; HotROD traces its
@@ -30,7 +32,10 @@ backoff when it has at least ``MIN_RETRIES`` retries and either
 * **constant short delay**: the median gap is at most ``MAX_FLAT_GAP_NS`` (50 ms — below the base
   delay of common backoff policies: AWS SDKs 100 ms, gRPC 1 s, resilience4j 500 ms) and the gaps do
   not grow with the retry index: at least ``MIN_LATER_RETRIES`` retries with index ≥ 2 show a median
-  gap below ``GROWTH_FACTOR`` (1.5) × the median gap of first retries (exponential backoff doubles).
+  gap below ``GROWTH_FACTOR`` (1.5) × the median gap of first retries (exponential backoff doubles),
+  both over the sequences judged and over all the signature's sequences, set-aside ones included.
+  Setting aside the sequences that grew keeps, of a real backoff, exactly those that noise
+  flattened (scheduling delays add tens of ms to some gaps): judged alone, they would look flat.
 
 Why: retrying a failing dependency immediately multiplies its load exactly when it is struggling
 (a retry storm) and rarely succeeds, because the cause — overload, a restart, a rate limit — has not
@@ -39,7 +44,7 @@ had time to clear. Exponential backoff with jitter (and a retry budget) spreads 
 False-positive protections
 --------------------------
 * Retries with backoff — gaps that grow with the retry index, even with full jitter, or a median
-  gap above 50 ms — are healthy: nothing is reported.
+  gap above 50 ms — are healthy: nothing is reported, even when noise leaves a few of them flat.
 * A single failure, or a failure followed by a different call, is not a retry.
 * Repeated successful calls are N+1 / serialized work, not retries: the earlier attempt must fail
   or say it is a resend.
@@ -87,6 +92,8 @@ from hourglass.analysis.model import Finding, Occurrences
 from hourglass.collector.schema import KIND_SERVER
 
 KIND = "retry_without_backoff"
+# 2: ``retries`` holds every sequence's retries, with ``backed_off`` (was: only those not backed off)
+ROWS_FORMAT = 2
 MIN_RETRIES = 2  # a signature needs at least two retries across its traces
 IMMEDIATE_GAP_NS = 5_000_000  # 5 ms: no deliberate wait
 MAX_FLAT_GAP_NS = 50_000_000  # 50 ms: a constant delay below common backoff bases
@@ -159,11 +166,11 @@ def extract(ctx: AnalysisContext) -> Rows:
         return {}
     sequences = _attribute(sequences, spans)
     retries = attempts.filter(pl.col("is_retry")).join(
-        sequences.filter(~pl.col("backed_off")).select("sequence", *SIGNATURE), on="sequence", how="inner"
+        sequences.select("sequence", *SIGNATURE, "backed_off"), on="sequence", how="inner"
     )
     return {
         "sequences": sequences.drop("sequence", "parent_row", "first_row"),
-        "retries": retries.select(*SIGNATURE, "gap_ns", "retry_index"),
+        "retries": retries.select(*SIGNATURE, "gap_ns", "retry_index", "backed_off"),
     }
 
 
@@ -320,6 +327,7 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             codes=pl.col("http_status_code").filter(pl.col("failed")).drop_nulls(),
             median_gap_ns=retry_gap.median(),
             max_gap_ns=retry_gap.max(),
+            first_gap_ns=retry_gap.first(),
             last_gap_ns=retry_gap.last(),
             growing=(retry_gap.diff().drop_nulls() > 0).all(),
         )
@@ -328,6 +336,8 @@ def _sequences(attempts: pl.DataFrame) -> pl.DataFrame:
             backed_off=(pl.col("attempts") >= 3)
             & pl.col("growing")
             & (pl.col("last_gap_ns") > IMMEDIATE_GAP_NS)
+            # grown, not jittered: a constant delay's noise makes half its 3-attempt sequences "grow"
+            & (pl.col("last_gap_ns") >= GROWTH_FACTOR * pl.col("first_gap_ns"))
         )
         .with_columns(
             retry_time_ns=pl.col("last_end_ns") - pl.col("first_end_ns"),
@@ -383,21 +393,43 @@ def _attribute(sequences: pl.DataFrame, spans: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _flat_in_judged() -> pl.Expr:
+    """Over :func:`_judge`'s sequences judged, later retries wait less than 1.5 × the first."""
+    return pl.col("later_gap_p50_ns") < GROWTH_FACTOR * pl.col("first_gap_p50_ns").clip(
+        lower_bound=IMMEDIATE_GAP_NS
+    )
+
+
 def _judge(retries: pl.DataFrame) -> pl.DataFrame:
-    """Signatures whose retries wait (almost) nothing, or a constant short delay; with the gap numbers."""
+    """Signatures whose retries wait (almost) nothing, or a constant short delay; with the gap
+    numbers. ``retries``: every sequence's; the figures are those of the sequences not backed off,
+    except ``all_grow`` (later retries wait ≥ 1.5 × the first over every sequence)."""
     first = pl.col("retry_index") == 1
     later = pl.col("retry_index") >= 2
-    stats = retries.group_by(SIGNATURE).agg(
-        retries=pl.len(),
-        gap_p50_ns=pl.col("gap_ns").median(),
-        gap_max_ns=pl.col("gap_ns").max(),
-        immediate_share=(pl.col("gap_ns") <= IMMEDIATE_GAP_NS).mean(),
-        first_gap_p50_ns=pl.col("gap_ns").filter(first).median(),
-        later_gap_p50_ns=pl.col("gap_ns").filter(later).median(),
-        later_retries=later.sum(),
+    judged = ~pl.col("backed_off")
+
+    def grow(rows: pl.Expr) -> pl.Expr:
+        first_p50 = pl.col("gap_ns").filter(rows & first).median()
+        later_p50 = pl.col("gap_ns").filter(rows & later).median()
+        return (later_p50 >= GROWTH_FACTOR * first_p50.clip(lower_bound=IMMEDIATE_GAP_NS)).fill_null(False)
+
+    stats = (
+        retries.group_by(SIGNATURE)
+        .agg(
+            retries=judged.sum(),
+            gap_p50_ns=pl.col("gap_ns").filter(judged).median(),
+            gap_max_ns=pl.col("gap_ns").filter(judged).max(),
+            immediate_share=(pl.col("gap_ns").filter(judged) <= IMMEDIATE_GAP_NS).mean(),
+            first_gap_p50_ns=pl.col("gap_ns").filter(judged & first).median(),
+            later_gap_p50_ns=pl.col("gap_ns").filter(judged & later).median(),
+            later_retries=(judged & later).sum(),
+            all_grow=grow(pl.lit(True)) & (later.sum() >= MIN_LATER_RETRIES),
+        )
+        .filter(pl.col("retries") > 0)  # every sequence backed off: nothing to judge
     )
     by_index = (
-        retries.with_columns(index=pl.col("retry_index").clip(upper_bound=5))
+        retries.filter(judged)
+        .with_columns(index=pl.col("retry_index").clip(upper_bound=5))
         .group_by([*SIGNATURE, "index"])
         .agg(p50=pl.col("gap_ns").median())
         .sort("index")
@@ -408,10 +440,8 @@ def _judge(retries: pl.DataFrame) -> pl.DataFrame:
     flat = (
         (pl.col("gap_p50_ns") <= MAX_FLAT_GAP_NS)
         & (pl.col("later_retries") >= MIN_LATER_RETRIES)
-        & (
-            pl.col("later_gap_p50_ns")
-            < GROWTH_FACTOR * pl.col("first_gap_p50_ns").clip(lower_bound=IMMEDIATE_GAP_NS)
-        )
+        & _flat_in_judged()
+        & ~pl.col("all_grow")  # the sequences set aside included, the gaps grow: noise flattened the rest
     )
     return (
         stats.with_columns(lacks_backoff=(pl.col("retries") >= MIN_RETRIES) & (immediate | flat))
@@ -451,6 +481,15 @@ def _note_near_misses(
                 (pl.col("gap_p50_ns") / ms).round(3),
                 pl.lit(IMMEDIATE_GAP_NS // 1_000_000),
                 pl.col("later_retries"),
+            )
+        )
+        .when(pl.col("all_grow") & _flat_in_judged())
+        .then(
+            pl.format(
+                "median gap {} ms, flat in the bursts that did not grow, but over all the bursts later "
+                "retries wait >= {} x the first retry (backoff; noise flattened a few)",
+                (pl.col("gap_p50_ns") / ms).round(3),
+                pl.lit(GROWTH_FACTOR),
             )
         )
         .otherwise(
