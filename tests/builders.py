@@ -126,3 +126,21 @@ def deep_chain(depth: int, root_ms: float) -> tuple[TraceBuilder, str]:
     for i in range(1, depth):
         parent = b.span(f"s{i}", parent=parent, start_ms=i, dur_ms=root_ms - 2 * i)
     return b, parent
+
+
+def with_a_span_under_every_root(frame: Any, service: str, name: str) -> Any:
+    """``frame`` (span rows, a polars DataFrame) with one more span under each parentless span:
+    ``service``/``name``, 1 µs long, 1 µs after its parent starts (an audit call every request
+    makes: an operation of every trace, the root of none)."""
+    import polars as pl
+
+    roots = frame.filter(pl.col("parent_span_id").is_null())
+    added = roots.with_columns(
+        parent_span_id=pl.col("span_id"),
+        span_id=pl.col("span_id").str.slice(0, 8) + pl.lit("a0d17a0d"),
+        service=pl.lit(service),
+        name=pl.lit(name),
+        start_ns=pl.col("start_ns") + 1000,
+        end_ns=pl.col("start_ns") + 2000,
+    )
+    return pl.concat([frame, added])

@@ -238,7 +238,7 @@ class QueryEngine:
         endpoint_traces: Callable[[str | None, str | None, int | None, int], tuple[list[str], int] | None]
         | None = None,
         read_traces: Callable[[int, int, list[str]], pa.Table] | None = None,
-        has_span: Callable[[str | None, str | None, int | None], bool] | None = None,
+        has_span: Callable[[str | None, str | None, int | None, bool], bool] | None = None,
         window_roots: Callable[[int | None, list[tuple[str, str | None]], list[str]], pa.Table | None]
         | None = None,
     ) -> None:
@@ -282,8 +282,9 @@ class QueryEngine:
         # over those traces only (``_path_of_endpoint_traces``)
         self._endpoint_traces = endpoint_traces
         self._read_traces = read_traces
-        # ``has_span(service, operation, since_ns)``: whether the window has such a span (what
-        # a what-if over an endpoint's traces says of the window's others)
+        # ``has_span(service, operation, since_ns, parentless)``: whether the window has such a
+        # span (what a what-if over an endpoint's traces says of the window's others), with
+        # ``parentless`` one without a parent id (may a trace be rooted there: ``_rooted_nowhere``)
         self._has_span = has_span
         # ``window_roots(since_ns, spans_of, trace_ids)``: one row per trace of the window, those
         # the changes touch named, the others by their roots (``DuckDBSpanStore.window_roots``;
@@ -347,9 +348,11 @@ class QueryEngine:
             with one_heavy_read(store):
                 return named(service, operation, since_ns, most, ENDPOINT_MAX_TRACES)
 
-        def has_span(service: str | None, operation: str | None, since_ns: int | None) -> bool:
+        def has_span(
+            service: str | None, operation: str | None, since_ns: int | None, parentless: bool = False
+        ) -> bool:
             with one_heavy_read(store):  # (with since_ns, a join with the window's trace ids)
-                return bool(store.has_span(service, operation, since_ns))
+                return bool(store.has_span(service, operation, since_ns, parentless=parentless))
 
         def window_roots(
             since_ns: int | None, spans_of: list[tuple[str, str | None]], trace_ids: list[str]
@@ -393,7 +396,7 @@ class QueryEngine:
             split_window=split_window,
             endpoint_traces=endpoint_traces,
             read_traces=read_traces,
-            has_span=has_span,
+            has_span=has_span if callable(getattr(store, "has_span", None)) else None,
             window_roots=window_roots,
         )
 
@@ -598,8 +601,12 @@ class QueryEngine:
         found = self._endpoint_traces(
             service, operation, since_ns, max(most, window * 3 // 4) if splits else most
         )
-        if found is None:
-            return None
+        seen: int | None = None
+        if found is None:  # too many: the window's partitions, unless no trace can be rooted there
+            listing = self._rooted_nowhere(since_ns, service, operation)
+            if listing is None:
+                return None
+            found, seen = ([], 0), int(listing["traces"].sum())  # (the refusal, as the partitions')
         ids, spans = found
 
         def ask_split(ids: list[str], spans: int) -> list[PartAnswer] | None:
@@ -614,6 +621,8 @@ class QueryEngine:
         def window_traces() -> int | None:
             # (none rooted there: the refusal counts the window's traces as its endpoints do: the
             # plain roots from the store's rows, the other traces read, as the contexts keep them)
+            if seen is not None:
+                return seen
             listing = self._listing_of_roots(since_ns)
             return None if listing is None else int(listing["traces"].sum())
 
@@ -625,7 +634,7 @@ class QueryEngine:
             changes,
             service=service,
             operation=operation,
-            has_span=lambda svc, op: has_span(svc, op, since_ns),
+            has_span=lambda svc, op: has_span(svc, op, since_ns, False),
             since_ns=since_ns,
             lookup=lookup,
             copies=copies,
@@ -744,8 +753,9 @@ class QueryEngine:
         traces with a span of that endpoint only (``whatif_query.endpoint_path_of_traces``):
         read by their ids, at once or in a few partitions, instead of every span of the window
         (on a 7.2M-span store, the path of an endpoint of 6 % of its traces was a read and a
-        repair of all of them, in 14 partitions). None when the store cannot name those traces
-        (a ClickHouse store) or they are too many to be worth it."""
+        repair of all of them, in 14 partitions). (None,) when no trace is rooted there. None when
+        the store cannot name those traces (a ClickHouse store) or they are too many to be worth
+        it (and one may be rooted there: :meth:`_rooted_nowhere`)."""
         if self._endpoint_traces is None or self._read_traces is None:
             return None
         from hourglass.analysis.planning import few_parts_spans
@@ -762,8 +772,8 @@ class QueryEngine:
                 found = self._endpoint_traces(
                     service, operation, since_ns, max(most, window * 3 // 4) if splits else most
                 )
-                if found is None:
-                    return None
+                if found is None:  # (a non-root operation of most traces: no pass to say so)
+                    return None if self._rooted_nowhere(since_ns, service, operation) is None else (None,)
                 if found[1] <= most:
                     return endpoint_path_of_traces(read, *found, room, service, operation, since_ns, copies)
                 return self._path_of_split_traces(since_ns, service, operation, *found, room)
@@ -863,6 +873,25 @@ class QueryEngine:
             copies=self._read_copies(),
             most_traces=ENDPOINT_MAX_TRACES,
         )
+
+    def _rooted_nowhere(self, since_ns: int | None, service: str | None, operation: str | None) -> Any:
+        """The window's endpoints (:meth:`_listing_of_roots`) when none of its traces is rooted
+        at ``service``/``operation`` (either None: any), in the ``_partitioned`` lock the caller
+        holds: an operation in most traces but the root of none is refused without a pass over
+        every span. None when one may be (a span of it without a parent: the common case, one
+        query) or the store cannot say (a ClickHouse store; too many traces of no plain root)."""
+        if self._has_span is None or self._has_span(service, operation, since_ns, True):
+            return None
+        # (none of its spans is a plain root: only a trace of no plain root, read, can be rooted there)
+        listing = self._listing_of_roots(since_ns)
+        if listing is None:
+            return None
+        matches = listing
+        if service is not None:
+            matches = matches.filter(matches["service"] == service)
+        if operation is not None:
+            matches = matches.filter(matches["operation"] == operation)
+        return listing if matches.height == 0 else None
 
     def _paths_in_partitions(
         self, since_ns: int | None, parts: int, service: str | None, operation: str | None

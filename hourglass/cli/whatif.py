@@ -345,15 +345,17 @@ def _large_window(
 
 def _endpoint_path(
     db: str | None, since: str | None, service: str, operation: str, workers: int = 0
-) -> tuple[dict[str, Any] | None] | None:
-    """(the critical path of (service, operation),) over a store's window too large for one
+) -> tuple[dict[str, Any] | None, Any] | None:
+    """(the critical path of (service, operation), None) over a store's window too large for one
     context, decided over the traces with a span of that endpoint only instead of every span of
     the window: read by their ids, at once or in a few partitions
     (``whatif_query.endpoint_path_of_traces``); more of them, up to three quarters of the
     window, split into partition files of their own and asked as a window is, on ``workers``
-    (:func:`_path_of_split_traces`). (None,) when none of them is rooted there (then no trace of
-    the window is); None when the window fits at once, the store cannot name those traces (a
-    ClickHouse store) or they are too many to be worth it."""
+    (:func:`_path_of_split_traces`). (None, None) when none of them is rooted there (then no
+    trace of the window is); (None, the window's endpoints) when they are too many to be worth
+    it but the store's rows show no trace is rooted there (:func:`_rooted_nowhere`); None when
+    the window fits at once, the store cannot name those traces (a ClickHouse store) or they are
+    too many (and one may be rooted there)."""
     command = "critical-path"
     settings = Settings()
 
@@ -372,11 +374,16 @@ def _endpoint_path(
     if large is None:
         return None
     (path, since_ns, window, copies), found = large
-    if found is None:
-        return None
+    if found is None:  # (a non-root operation of most traces: refused without a pass)
+        listing = _rooted_nowhere(path, since_ns, copies, service, operation)
+        if listing is None:
+            return None
+        _say_counted_by_roots(command, since_ns, window, int(listing["traces"].sum()))
+        return None, listing
     ids, spans = found
     if spans > few_parts_spans(settings.memory_budget, copies):
-        return _path_of_split_traces(path, since_ns, ids, spans, service, operation, workers)
+        split = _path_of_split_traces(path, since_ns, ids, spans, service, operation, workers)
+        return None if split is None else (split[0], None)
     from hourglass.analysis.partitions import StoreSource
     from hourglass.analysis.whatif_query import endpoint_path_of_traces
 
@@ -385,7 +392,7 @@ def _endpoint_path(
         source.load, ids, spans, settings.memory_budget, service, operation, since_ns, copies
     )
     if asked is None or asked[0] is None:
-        return asked
+        return None if asked is None else (None, None)
     what = "the store" if since_ns is None else "the window"
     typer.echo(
         f"hourglass {command}: {what} holds {window:,} spans, more than one context holds under the "
@@ -393,7 +400,36 @@ def _endpoint_path(
         f"with a span {service}:{operation} ({spans:,} spans)",
         err=True,
     )
-    return asked
+    return asked[0], None
+
+
+def _rooted_nowhere(
+    path: str, since_ns: int | None, copies: int, service: str | None, operation: str | None
+) -> Any:
+    """The endpoints of the store's window (:func:`_listing_of_roots`) when none of its traces is
+    rooted at ``service``/``operation`` (either None: any), for a refusal without a pass over
+    every span; None when one may be (a span of it without a parent: the common case, one
+    query), or the store cannot say (a ClickHouse store; too many traces of no plain root)."""
+    store = open_store_for_analysis(path, "whatif")
+    try:
+        has_span, roots_of = getattr(store, "has_span", None), getattr(store, "window_roots", None)
+        if not callable(has_span) or not callable(roots_of):
+            return None
+        if has_span(service, operation, since_ns, parentless=True):
+            return None
+        # (none of its spans is a plain root: only a trace of no plain root, read, can be rooted there)
+        roots = roots_of(since_ns)
+    finally:
+        store.close()
+    listing = _listing_of_roots(path, roots, since_ns, copies)
+    if listing is None:
+        return None
+    matches = listing
+    if service is not None:
+        matches = matches.filter(matches["service"] == service)
+    if operation is not None:
+        matches = matches.filter(matches["operation"] == operation)
+    return listing if matches.height == 0 else None
 
 
 def _path_of_split_traces(
@@ -473,9 +509,13 @@ def _whatif_of_endpoint(
         )
     finally:
         store.close()
-    if found is None:
-        return None
-    ids, spans = found
+    if found is None:  # too many: a pass over the window, unless no trace can be rooted there
+        listing = _rooted_nowhere(window.path, window.since_ns, copies, service, operation)
+        if listing is None:
+            return None
+        ids, spans, seen = [], 0, int(listing["traces"].sum())  # (the refusal below, as the pass's)
+    else:
+        (ids, spans), seen = found, None
 
     root = ":".join(x for x in (service, operation) if x is not None)
     split: list[bool] = []
@@ -501,6 +541,8 @@ def _whatif_of_endpoint(
     def window_traces() -> int | None:
         # (none rooted there: the refusal counts the window's traces as its endpoints are, from
         # the store's rows and the traces of no plain root read, not from a pass over every span)
+        if seen is not None:
+            return seen
         opened = open_store_for_analysis(window.path, "whatif")
         try:
             roots_of = getattr(opened, "window_roots", None)
@@ -818,7 +860,7 @@ def critical_path_command(
     output: OutputOpt = None,
 ) -> None:
     """What an endpoint waits on across its traces: self time on the critical path per operation."""
-    rooted = True
+    rooted, found = True, None
     if not files and service is not None and operation is not None and partitions <= 1:
         found = _endpoint_path(db, since, service, operation, workers)
         if found is not None and found[0] is not None:
@@ -829,11 +871,16 @@ def critical_path_command(
             )
             _emit(text, output)
             return
-        # (None,): no trace with a span of it is rooted there, so none is: the endpoints to name
-        # are listed from the window's roots, not from a pass over every span (12 s at 7.2M)
+        # (None, listing): no trace with a span of it is rooted there, so none is: the endpoints
+        # to name are listed from the window's roots, not from a pass over every span (12 s at 7.2M)
         rooted = found is None
-    listed = None
-    if not files and (service is None or operation is None or not rooted) and partitions <= 1:
+    listed = None if found is None else found[1]
+    if (
+        listed is None
+        and not files
+        and (service is None or operation is None or not rooted)
+        and partitions <= 1
+    ):
         listed = _endpoints_of_store(db, since)
     problems, listing, path = (
         (0, listed, None)
@@ -931,7 +978,6 @@ def _endpoints_of_store(db: str | None, since: str | None) -> Any:
     window fits at once, the store cannot say (a ClickHouse store) or too many traces need
     reading: the window's own pass lists them."""
     command = "critical-path"
-    settings = Settings()
     large = _large_window(
         db, since, command, "window_roots", lambda roots_of, since_ns, *_: roots_of(since_ns)
     )
@@ -940,11 +986,15 @@ def _endpoints_of_store(db: str | None, since: str | None) -> Any:
     (path, since_ns, window, copies), roots = large
     listing = _listing_of_roots(path, roots, since_ns, copies)
     if listing is not None:
-        what = "the store" if since_ns is None else "the window"
-        typer.echo(
-            f"hourglass {command}: {what} holds {window:,} spans, more than one context holds under the "
-            f"{settings.memory_budget / 2**30:.2f} GiB memory budget: its {roots.num_rows:,} traces "
-            "counted by their roots (those of no plain root read)",
-            err=True,
-        )
+        _say_counted_by_roots(command, since_ns, window, roots.num_rows)
     return listing
+
+
+def _say_counted_by_roots(command: str, since_ns: int | None, window: int, traces: int) -> None:
+    what = "the store" if since_ns is None else "the window"
+    typer.echo(
+        f"hourglass {command}: {what} holds {window:,} spans, more than one context holds under the "
+        f"{Settings().memory_budget / 2**30:.2f} GiB memory budget: its {traces:,} traces "
+        "counted by their roots (those of no plain root read)",
+        err=True,
+    )

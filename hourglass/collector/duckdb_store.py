@@ -1338,12 +1338,21 @@ class DuckDBSpanStore:
         return table
 
     @_read
-    def has_span(self, service: str | None, operation: str | None, since_ns: int | None = None) -> bool:
+    def has_span(
+        self,
+        service: str | None,
+        operation: str | None,
+        since_ns: int | None = None,
+        parentless: bool = False,
+    ) -> bool:
         """Whether a trace of the window (``since_ns``: one with a span starting from then, as
-        ``scan`` selects) has a span named ``operation`` in ``service`` (either None: any). Every
-        stored row counts, a span's later copies too (a read keeps its first: they differ only if
-        an exporter sent one span twice with different names or times)."""
+        ``scan`` selects) has a span named ``operation`` in ``service`` (either None: any); with
+        ``parentless``, one without a parent id. Every stored row counts, a span's later copies
+        too (a read keeps its first: they differ only if an exporter sent one span twice with
+        different names or times)."""
         conditions, params = _span_match(service, operation)
+        if parentless:
+            conditions += " AND (parent_span_id IS NULL OR parent_span_id = '')"
         if since_ns is not None:
             conditions += " AND trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
             params.append(since_ns)

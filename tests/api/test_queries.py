@@ -975,3 +975,83 @@ def test_a_refusal_of_an_endpoint_no_trace_is_rooted_at_counts_the_windows_trace
             assert f"in the window ({kept} traces analysed)" in str(refused.value)
     finally:
         store.close()
+
+
+def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operation in every trace but the root of none: its traces are more than three
+    quarters of the window, so the window's partitions used to answer, a pass over every span
+    only to say no trace is rooted there. serve now says it from the store's rows (no span of it
+    without a parent; the traces of no plain root read): the same answers as the window's
+    partitions give — no critical path, the what-if's refusal with the window's count of traces
+    — and none of the window's partitions read. A trace of orphans rooted at it is asked."""
+    import polars as pl
+
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES, few_parts_spans
+    from hourglass.analysis.whatif_query import WhatIfInputError
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import SPAN_COLUMNS
+    from tests.builders import with_a_span_under_every_root
+
+    (tmp_path / "sample").mkdir()
+    sample = _sample_store(tmp_path / "sample")
+    try:
+        frame = pl.from_arrow(sample.scan(columns=tuple(SPAN_COLUMNS)))
+    finally:
+        sample.close()
+    audited = with_a_span_under_every_root(frame, "audit", "record")
+    orphan = (
+        audited.filter(pl.col("service") == "audit")
+        .head(1)
+        .with_columns(trace_id=pl.lit("0" * 31 + "1"), parent_span_id=pl.lit("00000000deadbeef"))
+    )
+    speedup = {"changes": [{"speedup": {"service": "audit", "operation": "record", "factor": 0.5}}]}
+
+    def ask(name: str, rows: Any, rooted: bool) -> None:
+        store = DuckDBSpanStore(str(tmp_path / f"{name}.duckdb"))
+        try:
+            store.write(rows.to_arrow())
+            total = store.raw_row_count()
+            budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 4  # (a quarter at once)
+            engine = QueryEngine.over_store(store, budget=budget)
+            window = QueryEngine.over_store(store, budget=budget)
+            window._endpoint_traces = None  # (the window's partitions answer)
+            for made in (engine, window):
+                monkeypatch.setattr(made, "_held", lambda: 0)
+            assert engine._parts(None) > 1
+            _, spans = store.endpoint_trace_ids("audit", "record")  # type: ignore[misc]
+            assert spans > max(total * 3 // 4, few_parts_spans(budget))  # (too many to read by id)
+            windows: list[bool] = []
+            scanned = store.scan_partition
+
+            def partition(part: int, parts: int, **kwargs: Any) -> pa.Table:
+                windows.append(kwargs.get("trace_ids") is None)
+                return scanned(part, parts, **kwargs)
+
+            monkeypatch.setattr(store, "scan_partition", partition)
+            answers: list[Any] = []
+            for made in (engine, window):
+                windows.clear()
+                path = made.critical_path("audit", "record")
+                try:
+                    made.whatif({"service": "audit", "operation": "record", **speedup})
+                    refusal = None
+                except WhatIfInputError as exc:
+                    refusal = str(exc)
+                answers.append((path, refusal, any(windows)))
+            assert answers[0][:2] == answers[1][:2], (name, answers)
+            assert answers[1][2]  # (the window's partitions read)
+            if rooted:
+                assert answers[0][0] is not None and answers[0][0]["traces"] == 1
+            else:
+                assert answers[0][0] is None and not answers[0][2], answers  # (none read)
+                traces = frame["trace_id"].n_unique()
+                assert f"no trace has a root span 'audit/record' in the window ({traces} traces" in str(
+                    answers[0][1]
+                )
+        finally:
+            store.close()
+
+    ask("everywhere", audited, False)
+    ask("rooted", pl.concat([audited, orphan]), True)

@@ -446,6 +446,82 @@ def test_the_cli_asks_an_endpoint_of_many_spans_from_a_split_of_its_own_traces(
     assert json.loads(scanned.stdout) == json.loads(at_once.stdout)
 
 
+def test_an_operation_of_most_traces_that_is_no_root_is_refused_without_a_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operation in every trace but the root of none (an audit call under every request):
+    its traces are the whole window, too many to read by their ids, so before, `critical-path`
+    and `whatif --service/--operation` made a pass over every span of the window only to refuse.
+    Now the store's rows say it first — no span of it without a parent, and none of the traces
+    of no plain root is rooted there — and the refusal is the one the window at once gives,
+    with no pass. When a trace of no plain root is rooted there (a trace of orphans), the
+    window's pass answers, as before."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from hourglass.cli import app
+    from hourglass.cli import whatif as whatif_cli
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.files import read_trace_files
+    from hourglass.collector.schema import SPAN_COLUMNS
+    from tests.builders import with_a_span_under_every_root
+
+    samples = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
+    frame = pl.concat(
+        [pl.from_arrow(t.select(list(SPAN_COLUMNS))) for t in read_trace_files(samples, on_error=print)]  # type: ignore[misc]
+    )
+    traces = frame["trace_id"].n_unique()
+    audited = with_a_span_under_every_root(frame, "audit", "record")
+    everywhere = tmp_path / "everywhere.duckdb"
+    store = DuckDBSpanStore(str(everywhere))
+    store.write(audited.to_arrow())
+    store.close()
+    budget = 200 * 2**20 + 1_000 * 2_000  # 1,000 spans at once (hourglass.analysis.planning)
+    env = {**_env(), "HOURGLASS_MEMORY_BUDGET": str(budget)}
+    audit_op = ["--service", "audit", "--operation", "record"]
+    speedup = ["--speedup", "audit:record=0.5"]
+
+    def asked(db: Path, *args: str, environment: dict[str, str]) -> Any:
+        return CliRunner().invoke(app, [*args[:1], "--db", str(db), *args[1:]], env=environment)
+
+    def no_pass(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a pass over the window's partitions")
+
+    at_once = [
+        asked(everywhere, c, *audit_op, *more, environment=_env())
+        for c, more in (("critical-path", []), ("whatif", speedup))
+    ]
+    assert [r.exit_code for r in at_once] == [2, 2]
+    with monkeypatch.context() as passless:
+        passless.setattr(whatif_cli._Window, "asking", no_pass)
+        large = [
+            asked(everywhere, c, *audit_op, *more, environment=env)
+            for c, more in (("critical-path", []), ("whatif", speedup))
+        ]
+    assert [r.exit_code for r in large] == [2, 2], large[0].output + large[1].output
+    assert "no trace has the root span audit:record (endpoints: " in large[0].stderr
+    assert large[0].stderr.splitlines()[-1] == at_once[0].stderr.splitlines()[-1], large[0].stderr
+    assert "counted by their roots" in large[0].stderr
+    assert f"no trace has a root span 'audit/record' in the window ({traces} traces" in large[1].stderr
+    assert large[1].stderr.splitlines()[-1] == at_once[1].stderr.splitlines()[-1], large[1].stderr
+    # a trace of orphans whose chosen root is an audit:record span: rooted there, so asked
+    orphan = (
+        audited.filter(pl.col("service") == "audit")
+        .head(1)
+        .with_columns(trace_id=pl.lit("0" * 31 + "1"), parent_span_id=pl.lit("00000000deadbeef"))
+    )
+    rooted = tmp_path / "rooted.duckdb"
+    store = DuckDBSpanStore(str(rooted))
+    store.write(pl.concat([audited, orphan]).to_arrow())
+    store.close()
+    path = [
+        asked(rooted, "critical-path", *audit_op, "--format", "json", environment=e) for e in (_env(), env)
+    ]
+    assert [r.exit_code for r in path] == [0, 0], path[1].output
+    assert json.loads(path[1].stdout) == json.loads(path[0].stdout)
+    assert json.loads(path[1].stdout)["traces"] == 1
+
+
 def test_the_cli_asks_a_windows_partitions_in_worker_processes(demo_store: Path, tmp_path: Path) -> None:
     """With two workers (``--workers``, HOURGLASS_WORKERS; default one per core) a window asked in
     partitions is split once into partition files (4 partitions: ``SPLIT_MIN_PARTS``) that the
