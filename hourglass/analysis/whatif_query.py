@@ -898,6 +898,17 @@ def endpoints_of_roots(
     )
 
 
+def rooted_nowhere(listing: pl.DataFrame, service: str | None, operation: str | None) -> bool:
+    """Whether no trace of the endpoints ``listing`` (:func:`endpoints_of_roots`) is rooted at
+    ``service``/``operation`` (either None: any)."""
+    matches = listing
+    if service is not None:
+        matches = matches.filter(pl.col("service") == service)
+    if operation is not None:
+        matches = matches.filter(pl.col("operation") == operation)
+    return matches.height == 0
+
+
 def _named_and_rest(roots: pa.Table, most_traces: int | None) -> tuple[pl.DataFrame, list[str], int] | None:
     """``DuckDBSpanStore.window_roots``' rows as (the traces known by their roots, the ids of
     those to read, sorted, and their span rows); None when those are more than ``most_traces``."""

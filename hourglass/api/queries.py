@@ -883,15 +883,10 @@ class QueryEngine:
         if self._has_span is None or self._has_span(service, operation, since_ns, True):
             return None
         # (none of its spans is a plain root: only a trace of no plain root, read, can be rooted there)
+        from hourglass.analysis.whatif_query import rooted_nowhere
+
         listing = self._listing_of_roots(since_ns)
-        if listing is None:
-            return None
-        matches = listing
-        if service is not None:
-            matches = matches.filter(matches["service"] == service)
-        if operation is not None:
-            matches = matches.filter(matches["operation"] == operation)
-        return listing if matches.height == 0 else None
+        return listing if listing is not None and rooted_nowhere(listing, service, operation) else None
 
     def _paths_in_partitions(
         self, since_ns: int | None, parts: int, service: str | None, operation: str | None

@@ -422,14 +422,9 @@ def _rooted_nowhere(
     finally:
         store.close()
     listing = _listing_of_roots(path, roots, since_ns, copies)
-    if listing is None:
-        return None
-    matches = listing
-    if service is not None:
-        matches = matches.filter(matches["service"] == service)
-    if operation is not None:
-        matches = matches.filter(matches["operation"] == operation)
-    return listing if matches.height == 0 else None
+    from hourglass.analysis.whatif_query import rooted_nowhere
+
+    return listing if listing is not None and rooted_nowhere(listing, service, operation) else None
 
 
 def _path_of_split_traces(
