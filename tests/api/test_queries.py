@@ -1007,6 +1007,10 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
         .with_columns(trace_id=pl.lit("0" * 31 + "1"), parent_span_id=pl.lit("00000000deadbeef"))
     )
     speedup = {"changes": [{"speedup": {"service": "audit", "operation": "record", "factor": 0.5}}]}
+    import datetime
+
+    starts = sorted(frame["start_ns"].to_list())  # (a window from the middle: a `since` too)
+    mid = datetime.datetime.fromtimestamp(starts[len(starts) // 2] / 1e9, datetime.UTC).isoformat()
 
     def ask(name: str, rows: Any, rooted: bool) -> None:
         store = DuckDBSpanStore(str(tmp_path / f"{name}.duckdb"))
@@ -1030,18 +1034,20 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
                 return scanned(part, parts, **kwargs)
 
             monkeypatch.setattr(store, "scan_partition", partition)
-            answers: list[Any] = []
-            for made in (engine, window):
-                windows.clear()
-                path = made.critical_path("audit", "record")
-                try:
-                    made.whatif({"service": "audit", "operation": "record", **speedup})
-                    refusal = None
-                except WhatIfInputError as exc:
-                    refusal = str(exc)
-                answers.append((path, refusal, any(windows)))
-            assert answers[0][:2] == answers[1][:2], (name, answers)
-            assert answers[1][2]  # (the window's partitions read)
+            for since in (mid, None):
+                answers: list[Any] = []
+                for made in (engine, window):
+                    windows.clear()
+                    path = made.critical_path("audit", "record", since=since)
+                    try:
+                        made.whatif({"service": "audit", "operation": "record", "since": since, **speedup})
+                        refusal = None
+                    except WhatIfInputError as exc:
+                        refusal = str(exc)
+                    answers.append((path, refusal, any(windows)))
+                assert answers[0][:2] == answers[1][:2], (name, since, answers)
+                assert answers[1][2]  # (the window's partitions read)
+                assert rooted or not answers[0][2], (since, answers)  # (none read)
             if rooted:
                 assert answers[0][0] is not None and answers[0][0]["traces"] == 1
             else:
