@@ -375,7 +375,7 @@ def _endpoint_path(
         return None
     (path, since_ns, window, copies), found = large
     if found is None:  # (a non-root operation of most traces: refused without a pass)
-        listing = _rooted_nowhere(path, since_ns, copies, service, operation)
+        listing = _rooted_nowhere(command, path, since_ns, copies, service, operation)
         if listing is None:
             return None
         _say_counted_by_roots(command, since_ns, window, int(listing["traces"].sum()))
@@ -404,13 +404,13 @@ def _endpoint_path(
 
 
 def _rooted_nowhere(
-    path: str, since_ns: int | None, copies: int, service: str | None, operation: str | None
+    command: str, path: str, since_ns: int | None, copies: int, service: str | None, operation: str | None
 ) -> Any:
     """The endpoints of the store's window (:func:`_listing_of_roots`) when none of its traces is
     rooted at ``service``/``operation`` (either None: any), for a refusal without a pass over
     every span; None when one may be (a span of it without a parent: the common case, one
     query), or the store cannot say (a ClickHouse store; too many traces of no plain root)."""
-    store = open_store_for_analysis(path, "whatif")
+    store = open_store_for_analysis(path, command)
     try:
         has_span, roots_of = getattr(store, "has_span", None), getattr(store, "window_roots", None)
         if not callable(has_span) or not callable(roots_of):
@@ -505,7 +505,7 @@ def _whatif_of_endpoint(
     finally:
         store.close()
     if found is None:  # too many: a pass over the window, unless no trace can be rooted there
-        listing = _rooted_nowhere(window.path, window.since_ns, copies, service, operation)
+        listing = _rooted_nowhere("whatif", window.path, window.since_ns, copies, service, operation)
         if listing is None:
             return None
         ids, spans, seen = [], 0, int(listing["traces"].sum())  # (the refusal below, as the pass's)

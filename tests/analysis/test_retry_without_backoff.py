@@ -202,6 +202,17 @@ def test_a_backoff_whose_noise_flattened_a_few_bursts_is_healthy() -> None:
     assert "over all the bursts later retries wait" in miss.reason, miss
 
 
+def test_a_fixed_sleep_path_beside_a_backoff_path_of_the_same_call_is_flagged() -> None:
+    """One code path backs off (100, 200, 400 ms), another sleeps a fixed 20 ms (each as many
+    bursts): over all the bursts the gaps grow, but the ones left wait less than the backoff's
+    first gap, so they are no backoff flattened by noise (which only adds delay): reported."""
+    traces = [product_trace([100, 200, 400], outcomes=[False, False, False, True]) for _ in range(5)]
+    traces += [product_trace([20, 20, 20], outcomes=[False, False, False, True]) for _ in range(5)]
+    (finding,) = analyse(traces)
+    assert finding.evidence["pattern"] == "constant_short_delay"
+    assert finding.evidence["bursts"] == 5 and finding.evidence["gap_ms_p50"] == 20
+
+
 def test_a_constant_delay_is_flagged_though_jitter_makes_some_bursts_grow() -> None:
     """A fixed ~40 ms sleep with a few ms of jitter: half the 3-attempt bursts grow a little by
     chance. That is not backoff (no burst's last gap reaches 1.5 x its first)."""
