@@ -238,7 +238,7 @@ class QueryEngine:
         endpoint_traces: Callable[[str | None, str | None, int | None, int], tuple[list[str], int] | None]
         | None = None,
         read_traces: Callable[[int, int, list[str]], pa.Table] | None = None,
-        has_span: Callable[[str | None, str | None, int | None, bool], bool] | None = None,
+        has_span: Callable[[str | None, str | None, int | None, bool], bool | None] | None = None,
         window_roots: Callable[[int | None, list[tuple[str, str | None]], list[str]], pa.Table | None]
         | None = None,
     ) -> None:
@@ -284,7 +284,8 @@ class QueryEngine:
         self._read_traces = read_traces
         # ``has_span(service, operation, since_ns, parentless)``: whether the window has such a
         # span (what a what-if over an endpoint's traces says of the window's others), with
-        # ``parentless`` one without a parent id (may a trace be rooted there: ``_rooted_nowhere``)
+        # ``parentless`` one without a parent id (may a trace be rooted there: ``_rooted_nowhere``);
+        # None: the store cannot say
         self._has_span = has_span
         # ``window_roots(since_ns, spans_of, trace_ids)``: one row per trace of the window, those
         # the changes touch named, the others by their roots (``DuckDBSpanStore.window_roots``;
@@ -350,9 +351,12 @@ class QueryEngine:
 
         def has_span(
             service: str | None, operation: str | None, since_ns: int | None, parentless: bool = False
-        ) -> bool:
+        ) -> bool | None:
+            found = getattr(store, "has_span", None)  # (looked up when asked, not when the app is made)
+            if not callable(found):
+                return None  # (a ClickHouse store cannot say)
             with one_heavy_read(store):  # (with since_ns, a join with the window's trace ids)
-                return bool(store.has_span(service, operation, since_ns, parentless=parentless))
+                return bool(found(service, operation, since_ns, parentless=parentless))
 
         def window_roots(
             since_ns: int | None, spans_of: list[tuple[str, str | None]], trace_ids: list[str]
@@ -396,7 +400,7 @@ class QueryEngine:
             split_window=split_window,
             endpoint_traces=endpoint_traces,
             read_traces=read_traces,
-            has_span=has_span if callable(getattr(store, "has_span", None)) else None,
+            has_span=has_span,
             window_roots=window_roots,
         )
 
@@ -634,7 +638,7 @@ class QueryEngine:
             changes,
             service=service,
             operation=operation,
-            has_span=lambda svc, op: has_span(svc, op, since_ns, False),
+            has_span=lambda svc, op: bool(has_span(svc, op, since_ns, False)),
             since_ns=since_ns,
             lookup=lookup,
             copies=copies,
@@ -880,7 +884,7 @@ class QueryEngine:
         holds: an operation in most traces but the root of none is refused without a pass over
         every span. None when one may be (a span of it without a parent: the common case, one
         query) or the store cannot say (a ClickHouse store; too many traces of no plain root)."""
-        if self._has_span is None or self._has_span(service, operation, since_ns, True):
+        if self._has_span is None or self._has_span(service, operation, since_ns, True) is not False:
             return None
         # (none of its spans is a plain root: only a trace of no plain root, read, can be rooted there)
         from hourglass.analysis.whatif_query import rooted_nowhere

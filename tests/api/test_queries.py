@@ -1065,3 +1065,25 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
 
     ask("everywhere", audited, False)
     ask("rooted", pl.concat([audited, orphan]), True)
+
+    # a store that cannot name an endpoint's traces nor say which spans it holds (as a
+    # ClickHouse store): the window's partitions answer, and refuse the same
+    class Unnamed:
+        def __init__(self, store: Any) -> None:
+            self._store = store
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("has_span", "endpoint_trace_ids", "window_roots"):
+                raise AttributeError(name)
+            return getattr(self._store, name)
+
+    store = DuckDBSpanStore(str(tmp_path / "everywhere.duckdb"))
+    try:
+        budget = PROCESS_BASE_BYTES + store.raw_row_count() * PEAK_BYTES_PER_SPAN // 4
+        unnamed = QueryEngine.over_store(Unnamed(store), budget=budget)
+        monkeypatch.setattr(unnamed, "_held", lambda: 0)
+        assert unnamed.critical_path("audit", "record") is None
+        with pytest.raises(WhatIfInputError, match="no trace has a root span 'audit/record' in the window"):
+            unnamed.whatif({"service": "audit", "operation": "record", **speedup})
+    finally:
+        store.close()
