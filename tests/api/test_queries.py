@@ -474,14 +474,7 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
         # an endpoint no trace is rooted at (a span inside traces, one nowhere): the window's
         # refusal, its traces counted from the store's rows, none of the window's partitions
         # read; an unknown recommendation is still said first
-        windows: list[bool] = []
-        scanned = store.scan_partition
-
-        def partition(part: int, parts: int, **kwargs: Any) -> pa.Table:
-            windows.append(kwargs.get("trace_ids") is None)
-            return scanned(part, parts, **kwargs)
-
-        monkeypatch.setattr(store, "scan_partition", partition)
+        windows = _window_reads(store, monkeypatch)
         speedup = {"changes": [{"speedup": {"service": "ledger", "operation": "*", "factor": 0.5}}]}
         unknown = {"changes": [{"recommendation": "lock_contention-000000000000"}]}
         for endpoint in (("ledger", "lock.acquire ledger.journal"), ("no-such-service", "GET /")):
@@ -559,6 +552,20 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
 
 
 NOT_PLAIN = ("copied root", "orphans only", "two roots")  # (the awkward roots read, not aggregated)
+
+
+def _window_reads(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per partition ``store`` reads from now on: True for a partition of the window
+    (every trace), False for one of some traces read by their ids."""
+    windows: list[bool] = []
+    scanned = store.scan_partition
+
+    def partition(part: int, parts: int, **kwargs: Any) -> pa.Table:
+        windows.append(kwargs.get("trace_ids") is None)
+        return scanned(part, parts, **kwargs)
+
+    monkeypatch.setattr(store, "scan_partition", partition)
+    return windows
 
 
 def _store_with_awkward_roots(tmp_path: Path) -> tuple[Any, dict[str, str], int]:
@@ -1026,14 +1033,7 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
             assert engine._parts(None) > 1
             _, spans = store.endpoint_trace_ids("audit", "record")  # type: ignore[misc]
             assert spans > max(total * 3 // 4, few_parts_spans(budget))  # (too many to read by id)
-            windows: list[bool] = []
-            scanned = store.scan_partition
-
-            def partition(part: int, parts: int, **kwargs: Any) -> pa.Table:
-                windows.append(kwargs.get("trace_ids") is None)
-                return scanned(part, parts, **kwargs)
-
-            monkeypatch.setattr(store, "scan_partition", partition)
+            windows = _window_reads(store, monkeypatch)
             for since in (mid, None):
                 answers: list[Any] = []
                 for made in (engine, window):
