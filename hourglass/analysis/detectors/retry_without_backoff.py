@@ -420,12 +420,19 @@ def _judge(retries: pl.DataFrame) -> pl.DataFrame:
     first = pl.col("retry_index") == 1
     later = pl.col("retry_index") >= 2
     judged = ~pl.col("backed_off")
-
-    def grow(rows: pl.Expr) -> pl.Expr:
-        first_p50 = pl.col("gap_ns").filter(rows & first).median()
-        later_p50 = pl.col("gap_ns").filter(rows & later).median()
-        return (later_p50 >= GROWTH_FACTOR * first_p50.clip(lower_bound=IMMEDIATE_GAP_NS)).fill_null(False)
-
+    gap = pl.col("gap_ns")
+    # over every sequence: later retries wait >= 1.5 x the first, and the sequences judged wait
+    # about the set-aside ones' first gaps at least: that backoff's, flattened by noise (which
+    # only adds delay), not a shorter sleep of another path
+    all_grow = (
+        (later.sum() >= MIN_LATER_RETRIES)
+        & (
+            gap.filter(later).median() >= GROWTH_FACTOR * gap.filter(first).median().clip(IMMEDIATE_GAP_NS)
+        ).fill_null(False)
+        & (gap.filter(judged).median() >= OTHER_PATH_SHARE * gap.filter(~judged & first).median()).fill_null(
+            True
+        )
+    )
     stats = (
         retries.group_by(SIGNATURE)
         .agg(
@@ -436,14 +443,7 @@ def _judge(retries: pl.DataFrame) -> pl.DataFrame:
             first_gap_p50_ns=pl.col("gap_ns").filter(judged & first).median(),
             later_gap_p50_ns=pl.col("gap_ns").filter(judged & later).median(),
             later_retries=(judged & later).sum(),
-            all_grow=grow(pl.lit(True))
-            & (later.sum() >= MIN_LATER_RETRIES)
-            # the bursts judged wait about the set-aside ones' first gaps at least: that backoff's,
-            # flattened by noise (which only adds delay), not a shorter sleep of another path
-            & (
-                pl.col("gap_ns").filter(judged).median()
-                >= OTHER_PATH_SHARE * pl.col("gap_ns").filter(~judged & first).median()
-            ).fill_null(True),
+            all_grow=all_grow,
         )
         .filter(pl.col("retries") > 0)  # every sequence backed off: nothing to judge
     )
