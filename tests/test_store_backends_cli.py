@@ -4,6 +4,7 @@ through the real CLI as a process: ``hourglass import --db X FILES`` then ``hour
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,29 @@ def test_duckdb_and_chdb_give_the_same_report_on_the_sample_traces(tmp_path: Pat
     for labels_path in sorted(SAMPLES.glob("*.labels.json")):
         check = check_report(labels_path.name, load_labels(labels_path), click)
         assert not check.missed, f"{labels_path.name}: missed {check.missed}"
+
+
+def test_an_endpoints_questions_over_a_chdb_store_too_large_for_one_context(tmp_path: Path) -> None:
+    """`critical-path` and `whatif --service/--operation` over an embedded ClickHouse store whose
+    spans one context does not hold under the budget read the endpoint's traces by their ids
+    (the store names them), and answer as the store at once does."""
+    db = f"chdb:{tmp_path / 'spans.chdb'}"
+    _run("import", "--db", db, *sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl")))
+    endpoint = ("--service", "ledger", "--operation", "POST /accounts/{account_id}/transfers")
+    budget = {"HOURGLASS_MEMORY_BUDGET": str(200 * 2**20 + 1_000 * 2_000)}  # (1,000 spans at once)
+    for question in (
+        ("critical-path", "--db", db, *endpoint, "--format", "json"),
+        ("whatif", "--db", db, *endpoint, "--speedup", "ledger:*=0.5", "--format", "json"),
+    ):
+        at_once = json.loads(_run(*question))
+        asked = subprocess.run(
+            [str(HOURGLASS), *question],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("HOURGLASS_")}, **budget},
+        )
+        assert asked.returncode == 0, asked.stderr
+        assert "asked over the 48 traces with a span ledger:POST" in asked.stderr, asked.stderr
+        assert json.loads(asked.stdout) == at_once

@@ -56,6 +56,7 @@ from hourglass.collector.otel_traces import (
     SIDE_TABLE_DDL,
     TRACE_ID_TS_DDL,
     TRACE_ID_TS_MV_DDL,
+    UNKNOWN_SERVICE,
     quote,
     select_expressions,
 )
@@ -70,6 +71,11 @@ logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 DEFAULT_TABLE = "otel_traces"
 DEFAULT_DATABASE = "default"
 CHDB_DATABASE = "otel"
+# A read of traces by id names them in its query (an IN list, twice: the rows and their side
+# rows), so an endpoint's traces are named for such reads (``endpoint_trace_ids``) only up to this
+# many: ~150 KB of ids, inside ClickHouse's default max_query_size (256 KiB). More: the window's
+# partitions answer, as for every endpoint before.
+MAX_NAMED_TRACES = 2_000
 # Columns older exporter versions did not create (-> how a read fills them in).
 OPTIONAL_OTEL_COLUMNS = {
     "ScopeName": "''",
@@ -577,6 +583,74 @@ class ClickHouseSpanStore:
             # ClickHouse answers non-Nullable columns as non-null Arrow fields: drop that flag
             arrays.append(column.cast(f.type))
         return pa.Table.from_arrays(arrays, schema=schema)
+
+    def _span_match(self, service: str | None, operation: str | None, since_ns: int | None) -> str:
+        """SQL condition of a span of ``service`` named ``operation`` (either None: any; not both),
+        as the reads name them (an empty ServiceName is ``unknown_service``), in a trace of the
+        window (``since_ns``: a trace with a span starting from then, as ``scan`` selects)."""
+        conditions = []
+        if service is not None:
+            names = [service, ""] if service == UNKNOWN_SERVICE else [service]
+            conditions.append(f"ServiceName IN {_strings(names)}")
+        if operation is not None:
+            conditions.append(f"SpanName = {quote(operation)}")
+        if not conditions:
+            raise ValueError("a service or an operation is needed")
+        if since_ns is not None:
+            conditions.append(
+                f"TraceId IN (SELECT TraceId FROM {self._table} "
+                f"WHERE Timestamp >= fromUnixTimestamp64Nano(toInt64({_int(since_ns)})))"
+            )
+        return " AND ".join(conditions)
+
+    def has_span(
+        self,
+        service: str | None,
+        operation: str | None,
+        since_ns: int | None = None,
+        parentless: bool = False,
+    ) -> bool:
+        """Whether a trace of the window has a span named ``operation`` in ``service`` (either
+        None: any); with ``parentless``, one without a parent id. Every stored row counts, a
+        span's copies too (``DuckDBSpanStore.has_span``)."""
+        self._check_open()
+        where = self._span_match(service, operation, since_ns)
+        if parentless:
+            where += " AND ParentSpanId = ''"
+        rows = self._backend.query_arrow(
+            f"SELECT count() AS n FROM (SELECT 1 FROM {self._table} WHERE {where} LIMIT 1)"
+        )
+        return int(rows.column("n")[0].as_py()) > 0
+
+    def endpoint_trace_ids(
+        self,
+        service: str | None,
+        operation: str | None,
+        since_ns: int | None = None,
+        most_spans: int | None = None,
+        most_traces: int | None = None,
+    ) -> tuple[list[str], int] | None:
+        """(the ids of the window's traces with a span named ``operation`` in ``service``, sorted;
+        the span rows those traces hold, copies included), as ``DuckDBSpanStore.
+        endpoint_trace_ids``; None when they hold more than ``most_spans`` or are more than
+        ``most_traces`` or ``MAX_NAMED_TRACES`` (counted before the ids are fetched)."""
+        self._check_open()
+        most_traces = MAX_NAMED_TRACES if most_traces is None else min(most_traces, MAX_NAMED_TRACES)
+        where = self._span_match(service, operation, since_ns)
+        traces = f"SELECT DISTINCT TraceId FROM {self._table} WHERE {where}"
+        counted = self._backend.query_arrow(
+            f"SELECT (SELECT count() FROM {self._table} WHERE TraceId IN ({traces})) AS spans, "
+            f"(SELECT count() FROM ({traces})) AS traces"
+        )
+        spans, count = int(counted.column("spans")[0].as_py()), int(counted.column("traces")[0].as_py())
+        if (most_spans is not None and spans > most_spans) or count > most_traces:
+            return None
+        if not spans:
+            return [], 0
+        found = self._backend.query_arrow(
+            f"SELECT DISTINCT lower(TraceId) AS id FROM {self._table} WHERE {where} ORDER BY id"
+        )
+        return [str(i) for i in found.column("id").to_pylist()], spans
 
     def trace(self, trace_id: str) -> pa.Table:
         """All spans of one trace with every column (empty table when unknown)."""

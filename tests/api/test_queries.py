@@ -1087,3 +1087,51 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
             unnamed.whatif({"service": "audit", "operation": "record", **speedup})
     finally:
         store.close()
+
+
+def test_an_endpoints_questions_over_an_embedded_clickhouse_store_read_its_traces_by_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ClickHouse store names an endpoint's traces too (up to ``MAX_NAMED_TRACES``, read by
+    their ids): over a window asked in partitions, an endpoint's critical path and a what-if of
+    its traces read those traces alone and answer as the window's partitions do."""
+    pytest.importorskip("chdb", reason="chdb is not installed (pip install -e '.[dev]')")
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.collector.clickhouse_store import ClickHouseSpanStore
+    from hourglass.collector.files import read_trace_files
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    samples = sorted(
+        str(p) for p in (Path(__file__).resolve().parents[2] / "sample-traces").glob("*.otlp.jsonl")
+    )
+    store = ClickHouseSpanStore.embedded(str(tmp_path / "spans.chdb"))
+    try:
+        for part in read_trace_files(samples, on_error=lambda problem: None):
+            if part.num_rows:
+                store.write(part.select(list(SPAN_COLUMNS)))
+        total = store.raw_row_count()
+        budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2  # (half the store at once)
+        engine = QueryEngine.over_store(store, budget=budget)
+        window = QueryEngine.over_store(store, budget=budget)
+        window._endpoint_traces = None  # (the window's partitions answer)
+        for made in (engine, window):
+            monkeypatch.setattr(made, "_held", lambda: 0)
+        assert engine._parts(None) > 1
+        windows = _window_reads(store, monkeypatch)
+        ledger = ("ledger", "POST /accounts/{account_id}/transfers")
+        speedup = {"changes": [{"speedup": {"service": "ledger", "operation": "*", "factor": 0.5}}]}
+        answers = []
+        for made in (engine, window):
+            windows.clear()
+            answers.append(
+                (
+                    made.critical_path(*ledger),
+                    made.whatif({"service": ledger[0], "operation": ledger[1], **speedup}),
+                    windows.copy(),
+                )
+            )
+        assert answers[0][0] is not None and answers[0][:2] == answers[1][:2]
+        assert answers[0][2] and not any(answers[0][2]), answers[0][2]  # (read by their ids only)
+        assert all(answers[1][2])  # (the window's partitions)
+    finally:
+        store.close()

@@ -205,6 +205,31 @@ def test_scan_partition_reads_only_the_traces_asked_for(make_store: StoreFactory
     assert all(store.scan_partition(p, 3, trace_ids=[]).num_rows == 0 for p in range(3))
 
 
+def test_an_endpoints_traces_and_whether_a_span_is_there(make_store: StoreFactory) -> None:
+    """``endpoint_trace_ids``: the window's traces with a span of (service, operation) — either
+    may be None —, sorted, and the span rows they hold (copies included); None past a limit.
+    ``has_span``: whether the window has such a span, with ``parentless`` one without a parent
+    (an empty parent id is none). What a question over an endpoint's traces asks of a store."""
+    store = make_store()
+    a, b = _two_traces()  # a: frontend GET /a > db SELECT; b: billing POST /pay, 10 s later
+    c = TraceBuilder(service="frontend", base_ns=BASE_NS + 20_000 * MS)
+    c.span("GET /a", start_ms=0, dur_ms=30)
+    store.write(spans_table([a, b, c]))
+    store.write(spans_table([c]))  # (c stored twice: its rows count twice)
+    later = BASE_NS + 5_000 * MS
+    assert store.endpoint_trace_ids("frontend", "GET /a") == (sorted([a.trace_id, c.trace_id]), 4)
+    assert store.endpoint_trace_ids("frontend", "GET /a", later) == ([c.trace_id], 2)
+    assert store.endpoint_trace_ids("db", None) == ([a.trace_id], 2)
+    assert store.endpoint_trace_ids(None, "POST /pay") == ([b.trace_id], 1)
+    assert store.endpoint_trace_ids("nobody", None) == ([], 0)
+    assert store.endpoint_trace_ids("frontend", None, most_spans=3) is None
+    assert store.endpoint_trace_ids("frontend", None, most_traces=1) is None
+    assert store.has_span("db", "SELECT") and not store.has_span("db", "SELECT", later)
+    assert not store.has_span("db", "SELECT", parentless=True)
+    assert store.has_span("billing", None, later, parentless=True)
+    assert not store.has_span("nobody", None)
+
+
 def test_scan_filters_return_whole_traces(make_store: StoreFactory) -> None:
     store = make_store()
     a, b = _two_traces()
