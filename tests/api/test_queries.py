@@ -272,6 +272,23 @@ def _sample_store(tmp_path: Path) -> Any:
     return store
 
 
+def _sample_frame(tmp_path: Path) -> Any:
+    """The sample traces' span rows (every column) as a polars DataFrame, read from a store of
+    them made in ``tmp_path / "sample"``."""
+    import polars as pl
+
+    from hourglass.collector.schema import SPAN_COLUMNS
+
+    (tmp_path / "sample").mkdir()
+    sample = _sample_store(tmp_path / "sample")
+    try:
+        frame = pl.from_arrow(sample.scan(columns=tuple(SPAN_COLUMNS)))
+    finally:
+        sample.close()
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 def _sample_store_read_by_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
     """A DuckDB store of the sample traces (its window split with no memory of its own counted)
     and the rows of each of its reads of traces by id, as they are made."""
@@ -579,14 +596,8 @@ def _store_with_awkward_roots(tmp_path: Path) -> tuple[Any, dict[str, str], int]
     import polars as pl
 
     from hourglass.collector.duckdb_store import DuckDBSpanStore
-    from hourglass.collector.schema import SPAN_COLUMNS
 
-    (tmp_path / "sample").mkdir()
-    sample = _sample_store(tmp_path / "sample")
-    try:
-        frame = pl.from_arrow(sample.scan(columns=tuple(SPAN_COLUMNS)))
-    finally:
-        sample.close()
+    frame = _sample_frame(tmp_path)
     assert isinstance(frame, pl.DataFrame)
     parentless = pl.col("parent_span_id").is_null()
     traces = frame.filter(parentless).group_by("trace_id").len().filter(pl.col("len") == 1)["trace_id"]
@@ -998,15 +1009,9 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
     from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES, few_parts_spans
     from hourglass.analysis.whatif_query import WhatIfInputError
     from hourglass.collector.duckdb_store import DuckDBSpanStore
-    from hourglass.collector.schema import SPAN_COLUMNS
     from tests.builders import with_a_span_under_every_root
 
-    (tmp_path / "sample").mkdir()
-    sample = _sample_store(tmp_path / "sample")
-    try:
-        frame = pl.from_arrow(sample.scan(columns=tuple(SPAN_COLUMNS)))
-    finally:
-        sample.close()
+    frame = _sample_frame(tmp_path)
     audited = with_a_span_under_every_root(frame, "audit", "record")
     orphan = (
         audited.filter(pl.col("service") == "audit")
