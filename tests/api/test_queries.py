@@ -571,6 +571,19 @@ def test_a_whatif_of_an_endpoints_traces_reads_only_the_traces_with_its_spans(
 NOT_PLAIN = ("copied root", "orphans only", "two roots")  # (the awkward roots read, not aggregated)
 
 
+def _engine_and_window(
+    store: Any, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[QueryEngine, QueryEngine]:
+    """Two engines over ``store`` under ``budget`` (nothing counted as held already): one as serve
+    makes it, one whose window's partitions answer every question (no endpoint's traces named)."""
+    engine = QueryEngine.over_store(store, budget=budget)
+    window = QueryEngine.over_store(store, budget=budget)
+    window._endpoint_traces = None
+    for made in (engine, window):
+        monkeypatch.setattr(made, "_held", lambda: 0)
+    return engine, window
+
+
 def _window_reads(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """One entry per partition ``store`` reads from now on: True for a partition of the window
     (every trace), False for one of some traces read by their ids."""
@@ -1030,11 +1043,7 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
             store.write(rows.to_arrow())
             total = store.raw_row_count()
             budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 4  # (a quarter at once)
-            engine = QueryEngine.over_store(store, budget=budget)
-            window = QueryEngine.over_store(store, budget=budget)
-            window._endpoint_traces = None  # (the window's partitions answer)
-            for made in (engine, window):
-                monkeypatch.setattr(made, "_held", lambda: 0)
+            engine, window = _engine_and_window(store, budget, monkeypatch)
             assert engine._parts(None) > 1
             _, spans = store.endpoint_trace_ids("audit", "record")  # type: ignore[misc]
             assert spans > max(total * 3 // 4, few_parts_spans(budget))  # (too many to read by id)
@@ -1116,11 +1125,7 @@ def test_an_endpoints_questions_over_an_embedded_clickhouse_store_read_its_trace
                 store.write(part.select(list(SPAN_COLUMNS)))
         total = store.raw_row_count()
         budget = PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2  # (half the store at once)
-        engine = QueryEngine.over_store(store, budget=budget)
-        window = QueryEngine.over_store(store, budget=budget)
-        window._endpoint_traces = None  # (the window's partitions answer)
-        for made in (engine, window):
-            monkeypatch.setattr(made, "_held", lambda: 0)
+        engine, window = _engine_and_window(store, budget, monkeypatch)
         assert engine._parts(None) > 1
         windows = _window_reads(store, monkeypatch)
         ledger = ("ledger", "POST /accounts/{account_id}/transfers")
