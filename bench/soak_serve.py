@@ -43,7 +43,13 @@ of windows are compared — with the least-squares slope from minute 2 on; a run
 minutes compares its halves); max lag ≤ 60 s; nothing refused. With ``--questions N``, every N
 seconds a question is asked of the running serve in turn (a what-if of its first recommendation
 over the whole store, the critical path of its busiest endpoint), each printed with its status and
-seconds, and a line per kind says how many were answered: the RSS then includes them.
+seconds, and a line per kind says how many were answered. A question's working set is transient:
+it plans for the memory budget less what serve holds (``planning.question_room``) and gives it
+back before it answers. So the flat verdict is then judged on the lines during which no question
+was in flight (whether minute 2 or the last minute holds one is an accident of timing: with one,
+the maxima compared a question's peak with a window without any), and the peak while questions are
+answered gets a verdict of its own: within the memory budget plus a fresh process' base, first
+half of the run and second half printed beside it. The RSS ≤ 2 GiB verdict counts every line.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import signal
 import struct
@@ -393,6 +400,8 @@ class Questions:
         self.api = api
         self.every = every
         self.asked: list[dict[str, Any]] = []  # t, kind, status, seconds, detail
+        # [asked, answered] monotonic times of every question; answered inf while in flight
+        self.spans: list[list[float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-questions", daemon=True)
         self._started = time.monotonic()
@@ -434,6 +443,8 @@ class Questions:
                 continue
             turn += 1
             asked = time.monotonic()
+            span = [asked, math.inf]
+            self.spans.append(span)
             try:
                 with urllib.request.urlopen(request, timeout=900) as answer:
                     status, detail = answer.status, ""
@@ -443,6 +454,7 @@ class Questions:
             except OSError as exc:
                 status, detail = 0, str(exc)[:200]
             took = time.monotonic() - asked
+            span[1] = asked + took
             self.asked.append(
                 {
                     "t": round(asked - self._started),
@@ -456,6 +468,14 @@ class Questions:
                 f"{'':>6}{kind} at {round(asked - self._started)} s: {status} in {took:.1f} s {detail}",
                 flush=True,
             )
+
+    def in_flight(self, since: float, until: float) -> bool:
+        """Whether a question was being answered at some time between the monotonic ``since``
+        and ``until`` (or within ``QUESTION_TAIL_S`` after its answer: the RSS sampled then)."""
+        for asked, answered in list(self.spans):
+            if asked <= until and answered + QUESTION_TAIL_S >= since:
+                return True
+        return False
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -525,11 +545,15 @@ def soak(
     questions = Questions(api, args.questions) if args.questions > 0 else None
     if questions is not None:
         questions.start()
+    taken = time.monotonic()
     try:
         while time.monotonic() - started < args.duration:
             time.sleep(max(0.0, args.every - (time.monotonic() - started) % args.every))
             now = time.time()
             rss, own, children = sampler.take()  # the highest since the last line
+            # a question in flight since the last line: its transient peak is in this one
+            asking = questions is not None and questions.in_flight(taken, time.monotonic())
+            taken = time.monotonic()
             try:
                 stats = _get(f"{api}/v1/stats")
                 head = _get(f"{api}/v1/recommendations?limit=1")
@@ -562,6 +586,7 @@ def soak(
                 "lag": lag,
                 "refused": load.refused,
                 "last_ms": analysis.get("last_duration_ms"),
+                "asking": asking,
             }
             row["memory"] = server_parts(stats.get("server_memory"))
             rows.append(row)
@@ -569,7 +594,7 @@ def soak(
                 f"{row['t']:>5} {rss / 2**20:>8.0f} {own / 2**20:>7.0f} {children / 2**20:>7.0f} {row['stored'] or 0:>10,} {row['sent']:>10,} "
                 f"{'-' if row['settled'] is None else format(row['settled'], ','):>9} {row['in_report'] or 0:>9,} "
                 f"{'-' if row['lag'] is None else format(row['lag'], '.0f'):>6} {row['refused']:>7}  "
-                f"{row['last_ms'] or 0:>9,.0f} ms  | {'':>11} "
+                f"{row['last_ms'] or 0:>9,.0f} ms {'q' if asking else ' '}| {'':>11} "
                 + " ".join(_mib(row["memory"].get(k), w) for k, w in MEMORY_COLUMNS),
                 flush=True,
             )
@@ -610,6 +635,7 @@ def soak(
 GIB_LIMIT = 2.0  # issue 11's targets
 LAG_LIMIT_S = 60.0
 FLAT_TOLERANCE = 0.10
+QUESTION_TAIL_S = 1.0  # after an answer, its memory is already given back (``queries.release_memory``)
 
 
 def _windows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -662,9 +688,13 @@ def summarize(
     elapsed: float,
     rounds: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    early, late = _windows(rows)
+    # flatness is judged between questions (module doc): on the lines with none in flight
+    between = [r for r in rows if not r.get("asking")]
+    early, late = _windows(between)
     lags = [r["lag"] for r in rows if r["lag"] is not None]
     rounds = rounds or []
+    asking = [r for r in rows if r.get("asking")]
+    half = (rows[-1]["t"] / 2) if rows else 0
     return {
         "server_mib_early": _highest_parts(early),
         "server_mib_late": _highest_parts(late),
@@ -678,7 +708,11 @@ def summarize(
         "peak_workers_gib": max((r["workers"] for r in rows), default=0) / GIB,
         "rss_early_gib": max((r["rss"] for r in early), default=0) / GIB,
         "rss_late_gib": max((r["rss"] for r in late), default=0) / GIB,
-        "rss_slope_mib_per_min": _slope_mib_per_min(rows),
+        "rss_slope_mib_per_min": _slope_mib_per_min(between),
+        "lines": len(rows),
+        "lines_between_questions": len(between),
+        "question_peak_first_half_gib": max((r["rss"] for r in asking if r["t"] <= half), default=0) / GIB,
+        "question_peak_second_half_gib": max((r["rss"] for r in asking if r["t"] > half), default=0) / GIB,
         "final_rss_gib": rows[-1]["rss"] / GIB if rows else 0.0,
         "max_lag_s": max(lags, default=None),
         "refused": load.refused,
@@ -714,6 +748,10 @@ def verdicts(s: dict[str, Any]) -> list[str]:
 
     slope = s["rss_slope_mib_per_min"]
     flat = s["rss_early_gib"] > 0 and s["rss_late_gib"] <= s["rss_early_gib"] * (1 + FLAT_TOLERANCE)
+    between = s.get("lines_between_questions", s.get("lines"))
+    asked_lines = (s.get("lines") or 0) - (between or 0)
+    question_peak = max(s.get("question_peak_first_half_gib", 0), s.get("question_peak_second_half_gib", 0))
+    bound = question_bound_gib()
     lag = s["max_lag_s"]
     asked = [
         f"{mark(q['answered'] == q['asked'])} {kind} questions answered: {q['answered']} of {q['asked']}"
@@ -725,11 +763,32 @@ def verdicts(s: dict[str, Any]) -> list[str]:
         f"{mark(s['peak_rss_gib'] <= GIB_LIMIT)} RSS <= {GIB_LIMIT:g} GiB: peak {s['peak_rss_gib']:.2f} GiB "
         f"(server {s['peak_server_gib']:.2f}, workers {s['peak_workers_gib']:.2f}, each at its own peak)",
         f"{mark(flat)} RSS flat: highest {s['rss_early_gib']:.2f} GiB early (minute 2), {s['rss_late_gib']:.2f} GiB "
-        f"late (last minute), slope {'n/a' if slope is None else format(slope, '+.1f')} MiB/min",
+        f"late (last minute), slope {'n/a' if slope is None else format(slope, '+.1f')} MiB/min"
+        + (f" (between questions: {between} of {s['lines']} lines)" if asked_lines else ""),
+        *(
+            [
+                f"{mark(question_peak <= bound)} RSS while questions are answered <= the memory budget + a "
+                f"process' base ({bound:.2f} GiB): highest {s['question_peak_first_half_gib']:.2f} GiB in the "
+                f"first half of the run, {s['question_peak_second_half_gib']:.2f} GiB in the second"
+            ]
+            if asked_lines
+            else []
+        ),
         f"{mark(lag is not None and lag <= LAG_LIMIT_S)} settled traces in the report within {LAG_LIMIT_S:g} s: "
         f"max lag {'n/a' if lag is None else format(lag, '.0f') + ' s'}",
         f"{mark(s['refused'] == 0)} ingest never refused: {s['refused']} refused",
     ]
+
+
+def question_bound_gib() -> float:
+    """What serve's questions plan for at most, in GiB: its default memory budget (the soak's
+    serve gets no ``HOURGLASS_*`` of the caller: ``_process.start_serve``) plus a fresh process'
+    base (``planning.question_room``: a question takes what the budget leaves over what serve and
+    its worker hold)."""
+    from hourglass.analysis.planning import PROCESS_BASE_BYTES
+    from hourglass.settings import SETTING, parse_bytes
+
+    return (parse_bytes(SETTING["memory_budget"].shown) + PROCESS_BASE_BYTES) / GIB
 
 
 def _duration(text: str) -> float:
