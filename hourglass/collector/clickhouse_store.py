@@ -71,11 +71,11 @@ logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 DEFAULT_TABLE = "otel_traces"
 DEFAULT_DATABASE = "default"
 CHDB_DATABASE = "otel"
-# A read of traces by id names them in its query (an IN list, twice: the rows and their side
-# rows), so an endpoint's traces are named for such reads (``endpoint_trace_ids``) only up to this
-# many: ~150 KB of ids, inside ClickHouse's default max_query_size (256 KiB). More: the window's
-# partitions answer, as for every endpoint before.
-MAX_NAMED_TRACES = 2_000
+# A read of more trace ids than this (``scan``/``scan_partition`` with ``trace_ids``: an endpoint's
+# traces, ``endpoint_trace_ids``) sends them beside its query as a table (``_Backend.query_arrow``'s
+# ``ids``) rather than writing them into its SQL (an IN list, twice: the rows and their side
+# rows), which ClickHouse's default max_query_size (256 KiB) held only up to ~2,000 ids.
+INLINE_TRACE_IDS = 64
 # Columns older exporter versions did not create (-> how a read fills them in).
 OPTIONAL_OTEL_COLUMNS = {
     "ScopeName": "''",
@@ -101,16 +101,29 @@ _READ_OTEL_COLUMNS = tuple(
 
 
 class _Backend(Protocol):
+    # the SQL of the table of ``query_arrow``'s ``ids`` (one String column, ``id``)
+    ids_table: str
+
     def command(self, sql: str) -> None: ...
 
-    def query_arrow(self, sql: str) -> pa.Table: ...
+    def query_arrow(self, sql: str, ids: Sequence[str] | None = None) -> pa.Table: ...
 
     def insert_arrow(self, table: str, data: pa.Table) -> None: ...
 
     def close(self) -> None: ...
 
 
+def _tsv_ids(ids: Sequence[str]) -> bytes:
+    """``ids`` as the rows of a one-column TabSeparated table (its escapes: a backslash, a tab, a
+    newline written with a backslash)."""
+    escaped = (i.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n") for i in ids)
+    return "".join(f"{i}\n" for i in escaped).encode()
+
+
 class _ServerBackend:
+    # ``ids`` go as external data of the query (a temporary table of the query alone)
+    ids_table = "hourglass_ids"
+
     def __init__(self, *, host: str, port: int, username: str, password: str, secure: bool):
         try:
             import clickhouse_connect
@@ -137,8 +150,15 @@ class _ServerBackend:
     def command(self, sql: str) -> None:
         self._client.command(sql)
 
-    def query_arrow(self, sql: str) -> pa.Table:
-        return self._client.query_arrow(sql)
+    def query_arrow(self, sql: str, ids: Sequence[str] | None = None) -> pa.Table:
+        if ids is None:
+            return self._client.query_arrow(sql)
+        from clickhouse_connect.driver.external import ExternalData
+
+        external = ExternalData(
+            file_name=f"{self.ids_table}.tsv", data=_tsv_ids(ids), fmt="TabSeparated", structure="id String"
+        )
+        return self._client.query_arrow(sql, external_data=external)
 
     def insert_arrow(self, table: str, data: pa.Table) -> None:
         self._client.insert_arrow(table, data, settings=SERVER_INSERT_SETTINGS)
@@ -151,6 +171,9 @@ class _ChdbBackend:
     """Two chdb sessions on one directory: one writes, one reads. A chdb session runs one query
     at a time, so with a single session an Export waited for a whole analysis scan (measured: an
     INSERT behind a long SELECT took as long as the SELECT; on a second session, 0.4 s)."""
+
+    # ``ids`` are read by chdb's Python() table function from the local of ``query_arrow``
+    ids_table = "Python(hourglass_ids)"
 
     def __init__(self, path: str):
         try:
@@ -170,7 +193,9 @@ class _ChdbBackend:
         with self._write_lock:
             self._writer.query(sql, "CSV")
 
-    def query_arrow(self, sql: str) -> pa.Table:
+    def query_arrow(self, sql: str, ids: Sequence[str] | None = None) -> pa.Table:
+        # (the name ``ids_table`` reads in this frame)
+        hourglass_ids = pa.table({"id": pa.array(list(ids) if ids is not None else [], type=pa.string())})  # noqa: F841
         with self._read_lock:
             result = self._reader.query(sql, "ArrowTable")
         return result if isinstance(result, pa.Table) else pa.table({})
@@ -309,6 +334,14 @@ def _int(value: int) -> str:
 
 def _strings(values: Sequence[str]) -> str:
     return "[" + ", ".join(quote(str(v)) for v in values) + "]"
+
+
+def _ids_of(trace_ids: Sequence[str] | None) -> list[str] | None:
+    """The ids a read sends beside its query (lowercase, as stored), when ``_span_conditions``
+    names them as the backend's ``ids_table`` (more than ``INLINE_TRACE_IDS``); else None."""
+    if trace_ids is None or len(trace_ids) <= INLINE_TRACE_IDS:
+        return None
+    return [t.lower() for t in trace_ids]
 
 
 class ClickHouseSpanStore:
@@ -480,9 +513,14 @@ class ClickHouseSpanStore:
         return self._read(
             selected,
             self._span_conditions(
-                since_ns=since_ns, until_ns=until_ns, services=services, trace_ids=trace_ids
+                since_ns=since_ns,
+                until_ns=until_ns,
+                services=services,
+                trace_ids=trace_ids,
+                ids_table=self._backend.ids_table,
             ),
             partition=None,
+            ids=_ids_of(trace_ids),
         )
 
     def scan_partition(
@@ -504,8 +542,11 @@ class ClickHouseSpanStore:
         selected = _check_columns(columns if columns is not None else ANALYSIS_COLUMNS)
         return self._read(
             selected,
-            self._span_conditions(since_ns=since_ns, services=services, trace_ids=trace_ids),
+            self._span_conditions(
+                since_ns=since_ns, services=services, trace_ids=trace_ids, ids_table=self._backend.ids_table
+            ),
             partition=(part, parts),
+            ids=_ids_of(trace_ids),
         )
 
     @staticmethod
@@ -514,8 +555,11 @@ class ClickHouseSpanStore:
         since_ns: int | None = None,
         until_ns: int | None = None,
         services: list[str] | None = None,
-        trace_ids: list[str] | None = None,
+        trace_ids: Sequence[str] | None = None,
+        ids_table: str = "",
     ) -> list[str]:
+        """The conditions of a read; more ``trace_ids`` than ``INLINE_TRACE_IDS`` are named as the
+        table ``ids_table`` (the backend's: the read sends them as ``_ids_of``'s)."""
         conditions: list[str] = []
         # on Timestamp itself, so ClickHouse prunes the toDate(Timestamp) partitions
         if since_ns is not None:
@@ -528,11 +572,19 @@ class ClickHouseSpanStore:
             conditions.append(f"(ServiceName IN {wanted}{unknown})")
         if trace_ids is not None:
             # ids are written in lowercase hex (by the Collector too): the bloom-filter index applies
-            conditions.append(f"TraceId IN {_strings([t.lower() for t in trace_ids])}")
+            if len(trace_ids) > INLINE_TRACE_IDS:
+                conditions.append(f"TraceId IN (SELECT id FROM {ids_table})")
+            else:
+                conditions.append(f"TraceId IN {_strings([t.lower() for t in trace_ids])}")
         return conditions
 
     def _read(
-        self, selected: list[str], conditions: list[str], *, partition: tuple[int, int] | None
+        self,
+        selected: list[str],
+        conditions: list[str],
+        *,
+        partition: tuple[int, int] | None,
+        ids: list[str] | None = None,
     ) -> pa.Table:
         self._check_open()
         if not selected:
@@ -568,7 +620,7 @@ class ClickHouseSpanStore:
             )
         order = ", ".join(exprs[c] for c in ("trace_id", "start_ns", "span_id"))
         query += f"ORDER BY {order} {_READ_SETTINGS}"
-        return self._conform(self._backend.query_arrow(query), selected)
+        return self._conform(self._backend.query_arrow(query, ids), selected)
 
     @staticmethod
     def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
@@ -633,9 +685,9 @@ class ClickHouseSpanStore:
         """(the ids of the window's traces with a span named ``operation`` in ``service``, sorted;
         the span rows those traces hold, copies included), as ``DuckDBSpanStore.
         endpoint_trace_ids``; None when they hold more than ``most_spans`` or are more than
-        ``most_traces`` or ``MAX_NAMED_TRACES`` (counted before the ids are fetched)."""
+        ``most_traces`` (counted before the ids are fetched). A read of them by id sends them
+        beside its query, however many (``INLINE_TRACE_IDS``)."""
         self._check_open()
-        most_traces = MAX_NAMED_TRACES if most_traces is None else min(most_traces, MAX_NAMED_TRACES)
         where = self._span_match(service, operation, since_ns)
         traces = f"SELECT DISTINCT TraceId FROM {self._table} WHERE {where}"
         counted = self._backend.query_arrow(
@@ -643,7 +695,9 @@ class ClickHouseSpanStore:
             f"(SELECT count() FROM ({traces})) AS traces"
         )
         spans, count = int(counted.column("spans")[0].as_py()), int(counted.column("traces")[0].as_py())
-        if (most_spans is not None and spans > most_spans) or count > most_traces:
+        if (most_spans is not None and spans > most_spans) or (
+            most_traces is not None and count > most_traces
+        ):
             return None
         if not spans:
             return [], 0

@@ -1103,15 +1103,21 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
         store.close()
 
 
+@pytest.mark.parametrize("inline", [64, 0], ids=["ids-in-sql", "ids-beside-the-query"])
 def test_an_endpoints_questions_over_an_embedded_clickhouse_store_read_its_traces_by_id(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: int
 ) -> None:
-    """A ClickHouse store names an endpoint's traces too (up to ``MAX_NAMED_TRACES``, read by
+    """A ClickHouse store names an endpoint's traces too (however many: read by
     their ids): over a window asked in partitions, an endpoint's critical path and a what-if of
-    its traces read those traces alone and answer as the window's partitions do."""
+    its traces read those traces alone and answer as the window's partitions do. Its ids are
+    written into the reads' SQL or, past ``INLINE_TRACE_IDS``, sent beside it as a table (here
+    every id, with the threshold at 0)."""
     pytest.importorskip("chdb", reason="chdb is not installed (pip install -e '.[dev]')")
     from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.collector import clickhouse_store
     from hourglass.collector.clickhouse_store import ClickHouseSpanStore
+
+    monkeypatch.setattr(clickhouse_store, "INLINE_TRACE_IDS", inline)
     from hourglass.collector.files import read_trace_files
     from hourglass.collector.schema import SPAN_COLUMNS
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -451,3 +452,35 @@ def test_a_write_does_not_wait_for_a_long_read(store: ClickHouseSpanStore) -> No
     reader.join(60)
     assert finished and wrote < finished[0], "the write waited for the read"
     assert store.stats().spans == 2
+
+
+def test_a_server_read_of_many_ids_sends_them_as_external_data() -> None:
+    """On a server, ids past ``INLINE_TRACE_IDS`` go as the query's external data: a
+    TabSeparated table ``hourglass_ids`` of one String column ``id`` (escaped), which the SQL
+    names. (The store contract runs the read itself against a server when
+    HOURGLASS_TEST_CLICKHOUSE_URL names one.)"""
+    import pyarrow as pa
+
+    from hourglass.collector.clickhouse_store import _ServerBackend, _tsv_ids
+
+    asked: list[tuple[str, Any]] = []
+
+    class Client:
+        def query_arrow(self, sql: str, external_data: Any = None) -> pa.Table:
+            asked.append((sql, external_data))
+            return pa.table({})
+
+    backend = _ServerBackend.__new__(_ServerBackend)
+    backend._client = Client()  # type: ignore[assignment]
+    backend.query_arrow("SELECT 1")
+    backend.query_arrow(f"SELECT id FROM {backend.ids_table}", ["ab", "c\td"])
+    assert asked[0] == ("SELECT 1", None)
+    sql, external = asked[1]
+    assert sql == "SELECT id FROM hourglass_ids"
+    (table,) = external.files
+    assert (table.name, table.data) == ("hourglass_ids", b"ab\nc\\td\n")
+    assert table.query_params == {
+        "hourglass_ids_format": "TabSeparated",
+        "hourglass_ids_structure": "id String",
+    }
+    assert _tsv_ids(["a\\b", "x\ny"]) == b"a\\\\b\nx\\ny\n"

@@ -230,6 +230,37 @@ def test_an_endpoints_traces_and_whether_a_span_is_there(make_store: StoreFactor
     assert not store.has_span("nobody", None)
 
 
+def test_an_endpoint_of_thousands_of_traces_is_named_and_read_by_id(make_store: StoreFactory) -> None:
+    """An endpoint's traces are named and read by their ids however many they are: a ClickHouse
+    store sends more than ``INLINE_TRACE_IDS`` beside the query rather than in its SQL (whose
+    default max_query_size of 256 KiB held ~2,000 ids, twice in a read: it named none past that).
+    The same spans come back as through the window's partitions."""
+    store = make_store()
+    traces = []
+    for i in range(7_500):  # (5,000 of them the endpoint's: ~360 KB of ids written twice)
+        t = TraceBuilder(service="frontend", base_ns=BASE_NS + i * MS)
+        root = t.span("GET /many" if i % 3 else "GET /other", start_ms=0, dur_ms=20)
+        t.span("SELECT", parent=root, start_ms=5, dur_ms=5, service="db", db_system="postgresql")
+        traces.append(t)
+    store.write(spans_table(traces))
+    wanted = sorted(t.trace_id for i, t in enumerate(traces) if i % 3)
+    found = store.endpoint_trace_ids("frontend", "GET /many")
+    assert found == (wanted, 2 * len(wanted))
+    ids = found[0]
+    pieces = [store.scan_partition(p, 3, trace_ids=ids, columns=("trace_id", "span_id")) for p in range(3)]
+    window = [store.scan_partition(p, 3, columns=("trace_id", "span_id", "name")) for p in range(3)]
+    for piece, whole in zip(pieces, window, strict=True):
+        kept = {r["trace_id"] for r in whole.to_pylist() if r["name"] == "GET /many"}
+        assert piece.to_pylist() == [
+            {"trace_id": r["trace_id"], "span_id": r["span_id"]}
+            for r in whole.to_pylist()
+            if r["trace_id"] in kept
+        ]
+    assert sum(p.num_rows for p in pieces) == 2 * len(wanted)
+    read = store.scan(trace_ids=ids[:100] + ids[-100:], columns=("trace_id",))
+    assert sorted(set(read.column("trace_id").to_pylist())) == sorted(ids[:100] + ids[-100:])
+
+
 def test_scan_filters_return_whole_traces(make_store: StoreFactory) -> None:
     store = make_store()
     a, b = _two_traces()
