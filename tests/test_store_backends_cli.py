@@ -80,3 +80,45 @@ def test_an_endpoints_questions_over_a_chdb_store_too_large_for_one_context(tmp_
         assert asked.returncode == 0, asked.stderr
         assert "asked over the 48 traces with a span ledger:POST" in asked.stderr, asked.stderr
         assert json.loads(asked.stdout) == at_once
+
+
+def _asked(question: tuple[str, ...], budget: int) -> subprocess.CompletedProcess[str]:
+    """``hourglass QUESTION`` as a process under a memory budget of ``budget`` bytes."""
+    return subprocess.run(
+        [str(HOURGLASS), *question],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("HOURGLASS_")},
+            "HOURGLASS_MEMORY_BUDGET": str(budget),
+        },
+    )
+
+
+def test_a_chdb_store_is_analysed_at_once_only_when_its_read_fits_beside_the_analysis(tmp_path: Path) -> None:
+    """An embedded ClickHouse holds its read of the spans in the analysing process beside their
+    analysis: a store whose spans fit the budget once but not twice is analysed in partitions
+    (planned at once, 250k spans peaked at 1.31 GiB under a 0.78 GiB budget), the same report."""
+    from bench.analysis import generate_spans
+    from hourglass.analysis.planning import PEAK_BYTES_PER_SPAN, PROCESS_BASE_BYTES
+    from hourglass.collector.clickhouse_store import ClickHouseSpanStore
+
+    path = tmp_path / "spans.chdb"
+    store = ClickHouseSpanStore.embedded(str(path))
+    try:
+        store.write(generate_spans(120_000))  # (the benchmark's mixed shapes)
+        spans = store.raw_row_count()
+    finally:
+        store.close()
+    db = f"chdb:{path}"
+    budget = PROCESS_BASE_BYTES + spans * PEAK_BYTES_PER_SPAN * 3 // 2  # (once, not twice)
+    asked = _asked(("analyze", "--db", db, "--format", "json"), budget)
+    assert asked.returncode == 0, asked.stderr
+    assert f"{spans:,} spans in " in asked.stderr and " partitions of whole traces" in asked.stderr, (
+        asked.stderr
+    )
+    report = json.loads(asked.stdout)
+    report.pop("generated_at")
+    assert report == _analyzed(db)

@@ -238,9 +238,11 @@ def plan(
     *,
     split: bool = False,
     filtered: bool = False,
+    copies: int = 1,
 ) -> Plan:
     """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
-    processes (one partition, in this process, when everything fits). ``split``: the store is
+    processes (one partition, in this process, when everything fits: with ``copies`` 2, its
+    spans twice, as an embedded ClickHouse's read of them is held beside their analysis). ``split``: the store is
     one that a run of ``SPLIT_MIN_PARTS`` partitions or more splits into partition files
     (``partitions.splits``: a DuckDB file of this machine), which this process does beside the workers'
     first partitions when the split (:func:`split_bytes`, more with ``filtered``: a ``--since``
@@ -249,7 +251,7 @@ def plan(
     from the store, as without ``split``). A small budget costs the split's time (~1 s at 1M
     spans) or a read of the whole store per partition and pass, never more partitions nor a
     refused run: the partitions are those of the plan without ``split``."""
-    chosen = _plan(spans, budget, workers, largest_trace)
+    chosen = _plan(spans, budget, workers, largest_trace, copies)
     if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
         return chosen
     splitting = split_bytes(spans, filtered)
@@ -262,9 +264,11 @@ def plan(
     return replace(chosen, split_beside=False, split=False)
 
 
-def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None) -> Plan:
+def _plan(
+    spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None, copies: int = 1
+) -> Plan:
     """:func:`plan` of a store read by each task (not split)."""
-    whole = PROCESS_BASE_BYTES + spans * PEAK_BYTES_PER_SPAN
+    whole = PROCESS_BASE_BYTES + copies * spans * PEAK_BYTES_PER_SPAN
     if whole <= budget:
         return Plan(spans, 1, 1)
     workers = max(1, workers)
@@ -278,7 +282,7 @@ def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] 
     if per_worker < MIN_WORKER_BYTES and workers > 1:
         # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
         # partition is one more scan of the store)
-        return _plan(spans, budget, workers - 1, largest_trace)
+        return _plan(spans, budget, workers - 1, largest_trace, copies)
     if per_worker <= 0:
         held = spans * ROWS_BYTES_PER_SPAN
         need = 2 * PROCESS_BASE_BYTES + held + 1_000 * PEAK_BYTES_PER_SPAN
@@ -299,7 +303,10 @@ def _plan(spans: int, budget: int, workers: int, largest_trace: tuple[str, int] 
             f"a memory budget of {budget / 2**30:.2f} GiB cannot hold the decision over {spans:,} spans "
             f"(about {deciding / 2**30:.2f} GiB): raise --memory-budget"
         )
-    parts = max(2, -(-spans * PEAK_BYTES_PER_SPAN // per_worker))
+    # (``copies``: a caller plans them as that many workers, each a partition's room; with fewer,
+    # each partition holds them in its worker's room)
+    held_copies = copies if workers < copies else 1
+    parts = max(2, -(-spans * held_copies * PEAK_BYTES_PER_SPAN // per_worker))
     # whole rounds of ``workers`` partitions: 7 on 2 workers ran the 7th alone while the other
     # worker idled (4 rounds of 1/7 of the work against 4 of 1/8); smaller partitions only use less
     parts = -(-parts // workers) * workers
