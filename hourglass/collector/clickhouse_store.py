@@ -600,24 +600,33 @@ class ClickHouseSpanStore:
             trace_filter.append(f"TraceId IN ({matching})")
             side_filter.append(f"trace_id IN ({matching})")
         side_needed = [c for c in SIDE_COLUMNS if c in selected]
-        exprs = select_expressions(side=bool(side_needed))
+        # a span's copies (an Export sent again): the read keeps the first ingested, as DuckDB's
+        # do, whichever rows it reads. Each otel row is joined with the first ingested side row
+        # of its own timing (start, and end: the Duration, floored at 0), the otel rows of a span
+        # ordered by that side row's ingestion (rows without one, a Collector's, after them by
+        # their own content), and the first kept: its side columns are those of the same copy.
+        # (``LIMIT 1 BY`` alone kept any copy, and another one in another read of the same trace.)
+        exprs = {c: e.replace("e.x_", "o.x_") for c, e in select_expressions(side=True).items()}
         o_where = f"WHERE {' AND '.join(trace_filter)}" if trace_filter else ""
+        e_where = f"WHERE {' AND '.join(side_filter)}" if side_filter else ""
         read = ", ".join(
             f"{OPTIONAL_OTEL_COLUMNS[c]} AS `{c}`" if c in self._absent else f"`{c}`"
             for c in _READ_OTEL_COLUMNS
         )
+        side_columns = "".join(f", {c} AS x_{c}" for c in side_needed if c != "ingested_ns")
         query = (
-            f"SELECT {', '.join(f'{exprs[c]} AS {c}' for c in selected)} FROM "
-            f"(SELECT {read} FROM {self._table} {o_where} LIMIT 1 BY TraceId, SpanId) AS o "
+            f"SELECT {', '.join(f'{exprs[c]} AS {c}' for c in selected)} FROM ("
+            f"SELECT o.*, e.* FROM (SELECT {read}, toInt64(Duration) AS o_duration "
+            f"FROM {self._table} {o_where}) AS o "
+            "LEFT JOIN (SELECT trace_id AS x_trace_id, span_id AS x_span_id, Timestamp AS x_start, "
+            "greatest(end_ns - toUnixTimestamp64Nano(Timestamp), 0) AS x_duration, "
+            f"ingested_ns AS x_ingested_ns{side_columns} FROM {self._side} {e_where} "
+            "ORDER BY ingested_ns LIMIT 1 BY trace_id, span_id, Timestamp, x_duration) AS e "
+            "ON o.TraceId = e.x_trace_id AND o.SpanId = e.x_span_id AND o.Timestamp = e.x_start "
+            "AND o.o_duration = e.x_duration "
+            "ORDER BY o.TraceId, o.SpanId, e.x_ingested_ns IS NULL, e.x_ingested_ns, o.Timestamp, "
+            "o.o_duration, o.SpanName, o.ParentSpanId LIMIT 1 BY o.TraceId, o.SpanId) AS o "
         )
-        if side_needed:
-            e_where = f"WHERE {' AND '.join(side_filter)}" if side_filter else ""
-            side_columns = ", ".join(f"{c} AS x_{c}" for c in side_needed)
-            query += (
-                f"LEFT JOIN (SELECT trace_id AS x_trace_id, span_id AS x_span_id, {side_columns} "
-                f"FROM {self._side} {e_where} ORDER BY ingested_ns LIMIT 1 BY trace_id, span_id) AS e "
-                "ON o.TraceId = e.x_trace_id AND o.SpanId = e.x_span_id "
-            )
         order = ", ".join(exprs[c] for c in ("trace_id", "start_ns", "span_id"))
         query += f"ORDER BY {order} {_READ_SETTINGS}"
         return self._conform(self._backend.query_arrow(query, ids), selected)

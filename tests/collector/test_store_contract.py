@@ -133,20 +133,27 @@ def test_duplicates_are_seen_once_and_compacted(make_store: StoreFactory) -> Non
 
 def test_the_first_ingested_copy_wins_in_every_read(make_store: StoreFactory) -> None:
     """A span stored twice with different content (written again later with another end): every
-    read keeps one copy — on DuckDB the first ingested — whether it reads the whole store, a
-    partition or some traces of a partition, with Arrow string views or plain strings."""
+    read keeps the first ingested copy, whether it reads the whole store, a partition or some
+    traces of a partition (by ids in the query's SQL or beside it), with Arrow string views or
+    plain strings."""
     import polars as pl
 
     store = make_store()
     a, b = _two_traces()
     first = spans_table([a, b])
     store.write(first)
-    rewritten = [
-        {**row, "end_ns": row["end_ns"] + 7 * MS, "ingested_ns": row["ingested_ns"] + 1_000 * MS}
+    rewritten = [  # (parentless, renamed: a ClickHouse read of a partition kept this copy)
+        {
+            **row,
+            "end_ns": row["end_ns"] + 7 * MS,
+            "ingested_ns": row["ingested_ns"] + 1_000 * MS,
+            "name": "a later copy",
+            "parent_span_id": None,
+        }
         for row in spans_table([a]).to_pylist()
     ]
     store.write(pa.Table.from_pylist(rewritten, schema=SPAN_SCHEMA))
-    columns = ("trace_id", "span_id", "end_ns")
+    columns = ("trace_id", "span_id", "end_ns", "name", "parent_span_id")
     reads = {
         "scan": store.scan(columns=columns),
         "scan, string views": store.scan(columns=columns, string_views=True),
@@ -156,7 +163,11 @@ def test_the_first_ingested_copy_wins_in_every_read(make_store: StoreFactory) ->
             for p in range(3)
         ],
     }
-    keep = list(columns) if isinstance(store, DuckDBSpanStore) else ["trace_id", "span_id"]
+    many = [a.trace_id, b.trace_id, *(f"{i:032x}" for i in range(100))]  # (ClickHouse: beside the query)
+    reads["partitions, many ids"] = [
+        store.scan_partition(p, 3, columns=columns, trace_ids=many) for p in range(3)
+    ]
+    keep = list(columns)
     want = pl.from_arrow(first.select(keep)).sort("span_id").to_dicts()
     for name, read in reads.items():
         frames = [pl.from_arrow(t) for t in (read if isinstance(read, list) else [read])]
