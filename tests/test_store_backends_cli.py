@@ -122,3 +122,30 @@ def test_a_chdb_store_is_analysed_at_once_only_when_its_read_fits_beside_the_ana
     report = json.loads(asked.stdout)
     report.pop("generated_at")
     assert report == _analyzed(db)
+
+
+def test_a_whole_window_whatif_over_a_chdb_store_re_times_only_the_touched_traces(tmp_path: Path) -> None:
+    """`whatif --db chdb:...` of every trace of a window one context does not hold re-times only
+    the traces its change touches (``ClickHouseSpanStore.window_roots``: the others keep their
+    roots' durations), and `critical-path` without an endpoint lists the endpoints from the same
+    aggregation: the answers of the store at once."""
+    db = f"chdb:{tmp_path / 'spans.chdb'}"
+    _run("import", "--db", db, *sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl")))
+    budget = 200 * 2**20 + 1_000 * 2_000  # (1,000 spans at once)
+    question = (
+        "whatif",
+        "--db",
+        db,
+        "--speedup",
+        "ledger:POST /accounts/{account_id}/transfers=0.5",
+        "--format",
+        "json",
+    )
+    at_once = json.loads(_run(*question))
+    asked = _asked(question, budget)
+    assert asked.returncode == 0, asked.stderr
+    assert "traces the changes touch; the other" in asked.stderr, asked.stderr
+    assert json.loads(asked.stdout) == at_once
+    listing = _asked(("critical-path", "--db", db), budget)
+    assert listing.returncode == 2 and "counted by their roots" in listing.stderr, listing.stderr
+    assert "--service 'ledger' --operation 'POST /accounts/{account_id}/transfers'" in listing.stderr

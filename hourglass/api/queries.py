@@ -354,7 +354,7 @@ class QueryEngine:
         ) -> bool | None:
             found = getattr(store, "has_span", None)  # (looked up when asked, not when the app is made)
             if not callable(found):
-                return None  # (a ClickHouse store cannot say)
+                return None  # (a store without it cannot say)
             with one_heavy_read(store):  # (with since_ns, a join with the window's trace ids)
                 return bool(found(service, operation, since_ns, parentless=parentless))
 
@@ -379,7 +379,7 @@ class QueryEngine:
         def split_window(
             since_ns: int | None, parts: int, spans: int, free: int, trace_ids: list[str] | None = None
         ) -> contextlib.AbstractContextManager[Callable[[int, int], pa.Table] | None]:
-            if not callable(getattr(store, "split_partitions", None)):  # (a ClickHouse store)
+            if not callable(getattr(store, "split_partitions", None)):  # (a store without the method)
                 return contextlib.nullcontext(None)
             if first_split[0]:  # (looked at when asked, not when the app is made)
                 first_split[0] = False
@@ -588,7 +588,7 @@ class QueryEngine:
         (``whatif_query.whatif_of_traces``; past a few partitions, up to three quarters of the
         window, from a split of their own: :meth:`_ask_split_traces`), in the ``_partitioned``
         lock the caller holds; None when no root is chosen, the store cannot name those traces (a
-        ClickHouse store) or they are too many to be worth it: the window's partitions answer. None rooted there: the
+        store without the method) or they are too many to be worth it: the window's partitions answer. None rooted there: the
         window's refusal, its traces counted as its endpoints are (:meth:`_listing_of_roots`)."""
         has_span = self._has_span
         if (service is None and operation is None) or self._endpoint_traces is None or has_span is None:
@@ -658,7 +658,7 @@ class QueryEngine:
         the traces its changes touch (``whatif_query.whatif_of_touched_traces``), in the
         ``_partitioned`` lock the caller holds; None when it chooses traces by their root
         (``_whatif_of_endpoint_traces``), the store cannot say which traces are touched (a
-        ClickHouse store), or they are too many to be worth it: the window's partitions answer."""
+        store without the method), or they are too many to be worth it: the window's partitions answer."""
         if service is not None or operation is not None or self._window_roots is None:
             return None
         assert self._read_traces is not None
@@ -758,7 +758,7 @@ class QueryEngine:
         read by their ids, at once or in a few partitions, instead of every span of the window
         (on a 7.2M-span store, the path of an endpoint of 6 % of its traces was a read and a
         repair of all of them, in 14 partitions). (None,) when no trace is rooted there. None when
-        the store cannot name those traces (a ClickHouse store) or they are too many to be worth
+        the store cannot name those traces (a store without the method) or they are too many to be worth
         it (and one may be rooted there: :meth:`_rooted_nowhere`)."""
         if self._endpoint_traces is None or self._read_traces is None:
             return None
@@ -849,7 +849,7 @@ class QueryEngine:
     def _endpoints_of_roots(self, since_ns: int | None) -> Any:
         """The endpoints of a window asked in partitions from one aggregation of the store's rows
         (``whatif_query.endpoints_of_roots``: the traces of a plain root counted by it, the others
-        read); None when the store cannot say (a ClickHouse store) or those others are too many:
+        read); None when the store cannot say (a store without the method) or those others are too many:
         the window's partitions answer."""
         if self._window_roots is None or self._read_traces is None:
             return None
@@ -883,7 +883,7 @@ class QueryEngine:
         at ``service``/``operation`` (either None: any), in the ``_partitioned`` lock the caller
         holds: an operation in most traces but the root of none is refused without a pass over
         every span. None when one may be (a span of it without a parent: the common case, one
-        query) or the store cannot say (a ClickHouse store; too many traces of no plain root)."""
+        query) or the store cannot say (a store without the method; too many traces of no plain root)."""
         if self._has_span is None or self._has_span(service, operation, since_ns, True) is not False:
             return None
         # (none of its spans is a plain root: only a trace of no plain root, read, can be rooted there)

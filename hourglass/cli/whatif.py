@@ -325,7 +325,7 @@ def _large_window(
     """((the store's path, the window's since_ns, its span rows, the read's copies), ``ask(the
     store's ``method``, since_ns, copies, span rows)``) of a store whose window is too large for
     one context under the memory budget; None when it fits at once or the store has no such
-    method (a ClickHouse store)."""
+    method (a store without the method)."""
     since_ns = since_option_ns(command, since)
     settings = Settings()
     path = db or settings.db
@@ -354,7 +354,7 @@ def _endpoint_path(
     (:func:`_path_of_split_traces`). (None, None) when none of them is rooted there (then no
     trace of the window is); (None, the window's endpoints) when they are too many to be worth
     it but the store's rows show no trace is rooted there (:func:`_rooted_nowhere`); None when
-    the window fits at once, the store cannot name those traces (a ClickHouse store) or they are
+    the window fits at once, the store cannot name those traces (a store without the method) or they are
     too many (and one may be rooted there)."""
     command = "critical-path"
     settings = Settings()
@@ -409,7 +409,7 @@ def _rooted_nowhere(
     """The endpoints of the store's window (:func:`_listing_of_roots`) when none of its traces is
     rooted at ``service``/``operation`` (either None: any), for a refusal without a pass over
     every span; None when one may be (a span of it without a parent: the common case, one
-    query), or the store cannot say (a ClickHouse store; too many traces of no plain root)."""
+    query), or the store cannot say (a store without the method; too many traces of no plain root)."""
     store = open_store_for_analysis(path, command)
     try:
         has_span, roots_of = getattr(store, "has_span", None), getattr(store, "window_roots", None)
@@ -482,7 +482,7 @@ def _whatif_of_endpoint(
     (``whatif_query.whatif_of_traces``) instead of every span of the window (past a few
     partitions, up to three quarters of the window, split into files of their own and asked on
     the workers: :func:`_window_of_traces`); None when no root is
-    chosen, ``--partitions`` was given, the store cannot name those traces (a ClickHouse store)
+    chosen, ``--partitions`` was given, the store cannot name those traces (a store without the method)
     or they are too many to be worth it. When none is rooted there, the window's refusal
     (WhatIfInputError), its traces counted as its endpoints are (:func:`_listing_of_roots`)."""
     if (service is None and operation is None) or window.chosen > 1:
@@ -576,7 +576,7 @@ def _whatif_of_touched(window: _Window, changes: Any, lookup: Any) -> dict[str, 
     others known by their roots: read by their ids in a few partitions, or, more of them (up to
     three quarters of the window), split into partition files of their own and asked on the
     workers (:func:`_window_of_traces`); None when ``--partitions`` was given, the store cannot
-    say which traces are touched (a ClickHouse store), or they are too many to be worth it."""
+    say which traces are touched (a store without the method), or they are too many to be worth it."""
     if window.chosen > 1:
         return None
     from hourglass.analysis.partitions import StoreSource
@@ -970,7 +970,7 @@ def _listing_of_roots(path: str, roots: Any, since_ns: int | None, copies: int) 
 def _endpoints_of_store(db: str | None, since: str | None) -> Any:
     """The endpoints of a store's window too large for one context, from one aggregation of its
     rows (``whatif_query.endpoints_of_roots``) instead of a pass over every span; None when the
-    window fits at once, the store cannot say (a ClickHouse store) or too many traces need
+    window fits at once, the store cannot say (a store without the method) or too many traces need
     reading: the window's own pass lists them."""
     command = "critical-path"
     large = _large_window(

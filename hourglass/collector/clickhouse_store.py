@@ -336,6 +336,20 @@ def _strings(values: Sequence[str]) -> str:
     return "[" + ", ".join(quote(str(v)) for v in values) + "]"
 
 
+def _named_span(service: str | None, operation: str | None) -> str:
+    """SQL condition of a span row of ``service`` named ``operation`` (either None: any; not
+    both), as the reads name them (an empty ServiceName is ``unknown_service``)."""
+    conditions = []
+    if service is not None:
+        names = [service, ""] if service == UNKNOWN_SERVICE else [service]
+        conditions.append(f"ServiceName IN {_strings(names)}")
+    if operation is not None:
+        conditions.append(f"SpanName = {quote(operation)}")
+    if not conditions:
+        raise ValueError("a service or an operation is needed")
+    return " AND ".join(conditions)
+
+
 def _ids_of(trace_ids: Sequence[str] | None) -> list[str] | None:
     """The ids a read sends beside its query (lowercase, as stored), when ``_span_conditions``
     names them as the backend's ``ids_table`` (more than ``INLINE_TRACE_IDS``); else None."""
@@ -649,20 +663,96 @@ class ClickHouseSpanStore:
         """SQL condition of a span of ``service`` named ``operation`` (either None: any; not both),
         as the reads name them (an empty ServiceName is ``unknown_service``), in a trace of the
         window (``since_ns``: a trace with a span starting from then, as ``scan`` selects)."""
-        conditions = []
-        if service is not None:
-            names = [service, ""] if service == UNKNOWN_SERVICE else [service]
-            conditions.append(f"ServiceName IN {_strings(names)}")
-        if operation is not None:
-            conditions.append(f"SpanName = {quote(operation)}")
-        if not conditions:
-            raise ValueError("a service or an operation is needed")
+        conditions = [_named_span(service, operation)]
         if since_ns is not None:
-            conditions.append(
-                f"TraceId IN (SELECT TraceId FROM {self._table} "
-                f"WHERE Timestamp >= fromUnixTimestamp64Nano(toInt64({_int(since_ns)})))"
-            )
+            conditions.append(self._in_window(since_ns))
         return " AND ".join(conditions)
+
+    def _in_window(self, since_ns: int) -> str:
+        """SQL condition of a row of a trace of the window from ``since_ns`` (one with a span row
+        starting from then, as ``scan`` selects)."""
+        return (
+            f"TraceId IN (SELECT TraceId FROM {self._table} "
+            f"WHERE Timestamp >= fromUnixTimestamp64Nano(toInt64({_int(since_ns)})))"
+        )
+
+    def window_roots(
+        self,
+        since_ns: int | None,
+        spans_of: Sequence[tuple[str, str | None]] = (),
+        trace_ids: Sequence[str] = (),
+    ) -> pa.Table:
+        """One row per trace of the window, in one aggregation of the span rows, as
+        ``DuckDBSpanStore.window_roots``: ``trace_id`` (null unless the trace is asked),
+        ``spans`` (its span rows, copies included), and for a trace not asked its root's
+        ``root_service``, ``root_name`` and ``root_duration_ns``. A trace is asked when it has a
+        span of one of ``spans_of``, its id is in ``trace_ids``, or its root is not plain.
+
+        A root is plain when the trace has exactly one span row without a parent id, stored once
+        (no copy of it), and, with ``since_ns``, starting from then: DuckDB's rule, since a read
+        here keeps the first ingested copy of a span as DuckDB's do (``_read``). Its duration is
+        the stored ``Duration`` (end minus start, 0 when negative: a read's ``end_ns -
+        start_ns`` floored at 0). Two aggregations: the span rows per span (its copies), then
+        per trace."""
+        self._check_open()
+        parentless = "ParentSpanId = ''"
+        where = f"WHERE {self._in_window(since_ns)}" if since_ns is not None else ""
+        touched = " OR ".join(f"({_named_span(service, operation)})" for service, operation in spans_of)
+        plain = "roots = 1 AND root_rows = 1"
+        if since_ns is not None:
+            plain += f" AND root_start_ns >= {_int(since_ns)}"
+        ids = _ids_of(trace_ids)  # (many: sent beside the query)
+        if not trace_ids:
+            named = "0"
+        elif ids is not None:
+            named = f"trace_id IN (SELECT id FROM {self._backend.ids_table})"
+        else:
+            named = f"trace_id IN {_strings([t.lower() for t in trace_ids])}"
+        query = f"""
+            SELECT if(asked, trace_id, NULL) AS trace_id, spans,
+                if(asked, NULL, if(root_service = '', {quote(UNKNOWN_SERVICE)}, toString(root_service)))
+                    AS root_service,
+                if(asked, NULL, toString(root_name)) AS root_name,
+                if(asked, NULL, toInt64(root_duration)) AS root_duration_ns
+            FROM (
+                SELECT lower(TraceId) AS trace_id, toInt64(sum(rows)) AS spans,
+                    max(touched) AS touched, sum(parentless) AS roots,
+                    anyIf(rows, parentless > 0) AS root_rows,
+                    anyIf(service, parentless > 0) AS root_service,
+                    anyIf(name, parentless > 0) AS root_name,
+                    anyIf(start_ns, parentless > 0) AS root_start_ns,
+                    anyIf(duration, parentless > 0) AS root_duration,
+                    (touched OR {named} OR NOT ({plain})) AS asked
+                FROM (
+                    SELECT TraceId, count() AS rows, countIf({parentless}) AS parentless,
+                        {f"countIf({touched}) > 0" if touched else "0"} AS touched,
+                        anyIf(ServiceName, {parentless}) AS service,
+                        anyIf(SpanName, {parentless}) AS name,
+                        anyIf(toUnixTimestamp64Nano(Timestamp), {parentless}) AS start_ns,
+                        anyIf(Duration, {parentless}) AS duration
+                    FROM {self._table} {where} GROUP BY TraceId, SpanId
+                )
+                GROUP BY TraceId
+            )"""
+        found = self._backend.query_arrow(query, ids)
+        schema = pa.schema(
+            [
+                ("trace_id", pa.string()),
+                ("spans", pa.int64()),
+                ("root_service", pa.string()),
+                ("root_name", pa.string()),
+                ("root_duration_ns", pa.int64()),
+            ]
+        )
+        if found.num_columns == 0:  # (chdb answers an empty result without columns)
+            return schema.empty_table()
+        columns = []
+        for f in schema:
+            column = found.column(f.name)
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            columns.append(column.cast(f.type))
+        return pa.Table.from_arrays(columns, schema=schema)
 
     def has_span(
         self,

@@ -598,8 +598,9 @@ def _window_reads(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return windows
 
 
-def _store_with_awkward_roots(tmp_path: Path) -> tuple[Any, dict[str, str], int]:
-    """The sample traces in a DuckDB store, five of them with awkward roots: a root stored twice
+def _store_with_awkward_roots(tmp_path: Path, backend: str = "duckdb") -> tuple[Any, dict[str, str], int]:
+    """The sample traces in a DuckDB store (``backend`` "chdb": an embedded ClickHouse store),
+    five of them with awkward roots: a root stored twice
     (first with a parent id, then without), a trace of orphans only, a trace with two parentless
     spans, a root that ends before it starts, and a root whose parent id is empty rather than
     null (the last two are still one plain parentless span); and a trace all of whose spans
@@ -609,6 +610,7 @@ def _store_with_awkward_roots(tmp_path: Path) -> tuple[Any, dict[str, str], int]
     import polars as pl
 
     from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import SPAN_SCHEMA
 
     frame = _sample_frame(tmp_path)
     assert isinstance(frame, pl.DataFrame)
@@ -650,21 +652,40 @@ def _store_with_awkward_roots(tmp_path: Path) -> tuple[Any, dict[str, str], int]
         .then(pl.col("start_ns") - 5)
         .otherwise("end_ns"),
     )
-    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
-    store.write(frame.to_arrow())
-    store.write(copy.to_arrow())
+    if backend == "chdb":
+        from hourglass.collector.clickhouse_store import ClickHouseSpanStore
+
+        store: Any = ClickHouseSpanStore.embedded(str(tmp_path / "spans.chdb"))
+    else:
+        store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    for rows in (frame, copy):
+        table = rows.to_arrow()
+        store.write(table.cast(pa.schema([SPAN_SCHEMA.field(name) for name in table.column_names])))
     return store, awkward, since_ns
 
 
+BACKENDS = [
+    "duckdb",
+    pytest.param(
+        "chdb",
+        marks=pytest.mark.skipif(
+            __import__("importlib").util.find_spec("chdb") is None, reason="chdb is not installed"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """A what-if of every trace of a window asked in partitions reads and re-times only the
     traces its changes touch and those whose root is not one plain parentless span
-    (``DuckDBSpanStore.window_roots``): the same answer as the window's partitions — a speedup of
-    one operation, of a whole service, parallelize, cap, a recommendation, several at once, with
-    and without ``since`` — the same refusal of a change whose span is nowhere, and the traces
-    with awkward roots are read, not taken from the aggregation."""
+    (``DuckDBSpanStore.window_roots``, ``ClickHouseSpanStore.window_roots``): the same answer as
+    the window's partitions — a speedup of one operation, of a whole service, parallelize, cap,
+    a recommendation, several at once, with and without ``since`` — the same refusal of a change
+    whose span is nowhere, and the traces with awkward roots are read, not taken from the
+    aggregation. The same over an embedded ClickHouse store."""
     import polars as pl
 
     from hourglass.analysis.context import AnalysisContext
@@ -681,7 +702,7 @@ def test_a_whatif_over_the_window_re_times_only_the_traces_its_changes_touch(
     )
     from hourglass.collector.schema import ANALYSIS_COLUMNS
 
-    store, awkward, since_ns = _store_with_awkward_roots(tmp_path)
+    store, awkward, since_ns = _store_with_awkward_roots(tmp_path, backend)
     try:
         whole = AnalysisContext.from_table(store.scan())
         assert whole.traces.filter(pl.col("trace_id").is_in(list(awkward))).height == len(awkward)
@@ -962,8 +983,9 @@ def test_a_questions_reads_of_the_store_are_its_one_heavy_query_at_a_time(
         store.close()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_refusal_of_an_endpoint_no_trace_is_rooted_at_counts_the_windows_traces_as_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """A what-if of an endpoint no trace is rooted at is refused with the window's count of
     traces, taken from the store's rows (``_listing_of_roots``) instead of a pass: the count of
@@ -974,7 +996,7 @@ def test_a_refusal_of_an_endpoint_no_trace_is_rooted_at_counts_the_windows_trace
     from hourglass.analysis.whatif_query import Change, WhatIfInputError, partition_contexts, whatif_of_traces
     from hourglass.collector.schema import ANALYSIS_COLUMNS
 
-    store, _, since_ns = _store_with_awkward_roots(tmp_path)
+    store, _, since_ns = _store_with_awkward_roots(tmp_path, backend)
     try:
         total = store.raw_row_count()
         engine = QueryEngine.over_store(store, budget=PROCESS_BASE_BYTES + total * PEAK_BYTES_PER_SPAN // 2)
@@ -1080,8 +1102,8 @@ def test_serve_refuses_an_operation_of_most_traces_that_is_no_root_without_a_pas
     ask("everywhere", audited, False)
     ask("rooted", pl.concat([audited, orphan]), True)
 
-    # a store that cannot name an endpoint's traces nor say which spans it holds (as a
-    # ClickHouse store): the window's partitions answer, and refuse the same
+    # a store that cannot name an endpoint's traces nor say which spans it holds (a store
+    # of another backend): the window's partitions answer, and refuse the same
     class Unnamed:
         def __init__(self, store: Any) -> None:
             self._store = store
