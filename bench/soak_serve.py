@@ -635,6 +635,8 @@ def soak(
 GIB_LIMIT = 2.0  # issue 11's targets
 LAG_LIMIT_S = 60.0
 FLAT_TOLERANCE = 0.10
+# lines of minute 2 and of the last minute with no question in flight that the flat verdict needs
+MIN_JUDGED_LINES = 3
 QUESTION_TAIL_S = 1.0  # after an answer, its memory is already given back (``queries.release_memory``)
 
 
@@ -688,9 +690,10 @@ def summarize(
     elapsed: float,
     rounds: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    # flatness is judged between questions (module doc): on the lines with none in flight
+    # flatness is judged between questions (module doc): on the lines of minute 2 and of the
+    # last minute with none in flight (those minutes taken of the whole run, not of those lines)
     between = [r for r in rows if not r.get("asking")]
-    early, late = _windows(between)
+    early, late = ([r for r in window if not r.get("asking")] for window in _windows(rows))
     lags = [r["lag"] for r in rows if r["lag"] is not None]
     rounds = rounds or []
     asking = [r for r in rows if r.get("asking")]
@@ -711,6 +714,8 @@ def summarize(
         "rss_slope_mib_per_min": _slope_mib_per_min(between),
         "lines": len(rows),
         "lines_between_questions": len(between),
+        "judged_lines_early": len(early),
+        "judged_lines_late": len(late),
         "question_peak_first_half_gib": max((r["rss"] for r in asking if r["t"] <= half), default=0) / GIB,
         "question_peak_second_half_gib": max((r["rss"] for r in asking if r["t"] > half), default=0) / GIB,
         "final_rss_gib": rows[-1]["rss"] / GIB if rows else 0.0,
@@ -747,7 +752,13 @@ def verdicts(s: dict[str, Any]) -> list[str]:
         return "PASS" if ok else "FAIL"
 
     slope = s["rss_slope_mib_per_min"]
-    flat = s["rss_early_gib"] > 0 and s["rss_late_gib"] <= s["rss_early_gib"] * (1 + FLAT_TOLERANCE)
+    # (too few lines between questions in either minute: not judged, so not a pass)
+    judged = min(s.get("judged_lines_early", MIN_JUDGED_LINES), s.get("judged_lines_late", MIN_JUDGED_LINES))
+    flat = (
+        judged >= MIN_JUDGED_LINES
+        and s["rss_early_gib"] > 0
+        and s["rss_late_gib"] <= s["rss_early_gib"] * (1 + FLAT_TOLERANCE)
+    )
     between = s.get("lines_between_questions", s.get("lines"))
     asked_lines = (s.get("lines") or 0) - (between or 0)
     question_peak = max(s.get("question_peak_first_half_gib", 0), s.get("question_peak_second_half_gib", 0))
@@ -764,7 +775,13 @@ def verdicts(s: dict[str, Any]) -> list[str]:
         f"(server {s['peak_server_gib']:.2f}, workers {s['peak_workers_gib']:.2f}, each at its own peak)",
         f"{mark(flat)} RSS flat: highest {s['rss_early_gib']:.2f} GiB early (minute 2), {s['rss_late_gib']:.2f} GiB "
         f"late (last minute), slope {'n/a' if slope is None else format(slope, '+.1f')} MiB/min"
-        + (f" (between questions: {between} of {s['lines']} lines)" if asked_lines else ""),
+        + (f" (between questions: {between} of {s['lines']} lines)" if asked_lines else "")
+        + (
+            f"; too few lines without a question in flight to judge ({judged} in a minute, at least "
+            f"{MIN_JUDGED_LINES}): ask less often"
+            if judged < MIN_JUDGED_LINES
+            else ""
+        ),
         *(
             [
                 f"{mark(question_peak <= bound)} RSS while questions are answered <= the memory budget + a "

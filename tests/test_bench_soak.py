@@ -55,6 +55,17 @@ def test_growth_between_questions_still_fails() -> None:
     assert flat.startswith("FAIL"), flat
 
 
+def test_growth_while_questions_cover_the_end_of_the_run_is_not_a_pass() -> None:
+    # questions in flight from 150 s on, RSS rising 800 -> 1,600 MiB under them: the last
+    # minute has no line between questions, so flatness cannot be judged (the windows are the
+    # run's minutes, not those of the lines left)
+    rows = _rows(
+        {t: 800 + (t - 150) * 16 // 10 for t in range(150, 610, 10)}, asking=set(range(150, 610, 10))
+    )
+    flat = _verdict(verdicts(_summary(rows)), "RSS flat")
+    assert flat.startswith("FAIL") and "too few lines without a question" in flat, flat
+
+
 def test_a_question_beyond_the_budget_fails_its_own_verdict() -> None:
     over = round(question_bound_gib() * 1024) + 50
     lines = verdicts(_summary(_rows({300: over}, asking={300})))
