@@ -614,11 +614,13 @@ class ClickHouseSpanStore:
             trace_filter.append(f"TraceId IN ({matching})")
             side_filter.append(f"trace_id IN ({matching})")
         side_needed = [c for c in SIDE_COLUMNS if c in selected]
-        # a span's copies (an Export sent again): the read keeps the first ingested, as DuckDB's
-        # do, whichever rows it reads. Each otel row is joined with the first ingested side row
-        # of its own timing (start, and end: the Duration, floored at 0), the otel rows of a span
-        # ordered by that side row's ingestion (rows without one, a Collector's, after them by
-        # their own content), and the first kept: its side columns are those of the same copy.
+        # a span's copies (an Export sent again): every read keeps the same one, whichever rows it
+        # reads, and of copies that differ in timing the first ingested, as DuckDB's reads do.
+        # Each otel row is joined with the first ingested side row of its own timing (start, and
+        # end: the Duration, floored at 0), the otel rows of a span ordered by that side row's
+        # ingestion (rows without one, a Collector's, after them), then by their content. Copies
+        # of the same timing share a side row: of those, the one first by name and parent is kept
+        # (DuckDB keeps the first ingested), with the first ingested one's side columns.
         # (``LIMIT 1 BY`` alone kept any copy, and another one in another read of the same trace.)
         exprs = {c: e.replace("e.x_", "o.x_") for c, e in select_expressions(side=True).items()}
         o_where = f"WHERE {' AND '.join(trace_filter)}" if trace_filter else ""

@@ -175,6 +175,46 @@ def test_the_first_ingested_copy_wins_in_every_read(make_store: StoreFactory) ->
         assert got.to_dicts() == want, name
 
 
+def test_copies_of_the_same_timing_resolve_to_one_copy_in_every_read(make_store: StoreFactory) -> None:
+    """A span written again later with the same start and end but another name and parent:
+    every read — the whole store, its partitions, some of its traces by id (in the SQL or
+    beside it) — keeps the same one copy (DuckDB: the first ingested; ClickHouse, whose copies of
+    one timing share a side row: the first by name and parent), so no two reads of a trace differ."""
+    import polars as pl
+
+    store = make_store()
+    a, b = _two_traces()
+    store.write(spans_table([a, b]))
+    again = [
+        {
+            **row,
+            "name": "AAA renamed",
+            "parent_span_id": "00000000cafef00d",
+            "ingested_ns": row["ingested_ns"] + MS,
+        }
+        for row in spans_table([a]).to_pylist()
+    ]
+    store.write(pa.Table.from_pylist(again, schema=SPAN_SCHEMA))
+    columns = ("trace_id", "span_id", "name", "parent_span_id", "end_ns")
+    many = [a.trace_id, b.trace_id, *(f"{i:032x}" for i in range(100))]
+    reads = [
+        [store.scan(columns=columns)],
+        [store.scan_partition(p, 3, columns=columns) for p in range(3)],
+        [store.scan_partition(p, 2, columns=columns, trace_ids=[a.trace_id]) for p in range(2)],
+        [store.scan_partition(p, 3, columns=columns, trace_ids=many) for p in range(3)],
+    ]
+    kept = [
+        pl.concat([f for t in read if isinstance(f := pl.from_arrow(t), pl.DataFrame)])
+        .filter(pl.col("trace_id") == a.trace_id)
+        .sort("span_id")
+        .to_dicts()
+        for read in reads
+    ]
+    assert len(kept[0]) == len(again) and all(k == kept[0] for k in kept), kept
+    if isinstance(store, DuckDBSpanStore):
+        assert {r["name"] for r in kept[0]} != {"AAA renamed"}
+
+
 def test_string_views_hold_the_same_rows(make_store: StoreFactory) -> None:
     """``string_views=True``: the same rows in the same order, string columns (and lists of
     strings) as Arrow string_view where the backend makes them; polars reads both alike."""
