@@ -194,8 +194,8 @@ class _ChdbBackend:
             self._writer.query(sql, "CSV")
 
     def query_arrow(self, sql: str, ids: Sequence[str] | None = None) -> pa.Table:
-        # (the name ``ids_table`` reads in this frame)
-        hourglass_ids = pa.table({"id": pa.array(list(ids) if ids is not None else [], type=pa.string())})  # noqa: F841
+        # (the name ``ids_table`` reads in this frame, when the query names it)
+        hourglass_ids = None if ids is None else pa.table({"id": pa.array(list(ids), type=pa.string())})  # noqa: F841
         with self._read_lock:
             result = self._reader.query(sql, "ArrowTable")
         return result if isinstance(result, pa.Table) else pa.table({})
@@ -348,6 +348,33 @@ def _named_span(service: str | None, operation: str | None) -> str:
     if not conditions:
         raise ValueError("a service or an operation is needed")
     return " AND ".join(conditions)
+
+
+# ``window_roots``' rows (DuckDBSpanStore.window_roots' columns)
+WINDOW_ROOTS_SCHEMA = pa.schema(
+    [
+        ("trace_id", pa.string()),
+        ("spans", pa.int64()),
+        ("root_service", pa.string()),
+        ("root_name", pa.string()),
+        ("root_duration_ns", pa.int64()),
+    ]
+)
+
+
+def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A query's answer as ``schema``'s columns: dictionaries decoded, types cast (ClickHouse
+    answers non-Nullable columns as non-null Arrow fields: that flag dropped); chdb answers an
+    empty result without columns: ``schema``'s empty table."""
+    if table.num_columns == 0:
+        return schema.empty_table()
+    arrays = []
+    for f in schema:
+        column = table.column(f.name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        arrays.append(column.cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _ids_of(trace_ids: Sequence[str] | None) -> list[str] | None:
@@ -570,7 +597,7 @@ class ClickHouseSpanStore:
         until_ns: int | None = None,
         services: list[str] | None = None,
         trace_ids: Sequence[str] | None = None,
-        ids_table: str = "",
+        ids_table: str,
     ) -> list[str]:
         """The conditions of a read; more ``trace_ids`` than ``INLINE_TRACE_IDS`` are named as the
         table ``ids_table`` (the backend's: the read sends them as ``_ids_of``'s)."""
@@ -649,17 +676,7 @@ class ClickHouseSpanStore:
 
     @staticmethod
     def _conform(table: pa.Table, selected: list[str]) -> pa.Table:
-        schema = pa.schema([SPAN_SCHEMA.field(c) for c in selected])
-        if table.num_columns == 0:  # chdb answers an empty result without columns
-            return schema.empty_table()
-        arrays = []
-        for name, f in zip(selected, schema, strict=True):
-            column = table.column(name)
-            if pa.types.is_dictionary(column.type):
-                column = column.cast(column.type.value_type)
-            # ClickHouse answers non-Nullable columns as non-null Arrow fields: drop that flag
-            arrays.append(column.cast(f.type))
-        return pa.Table.from_arrays(arrays, schema=schema)
+        return _conformed(table, pa.schema([SPAN_SCHEMA.field(c) for c in selected]))
 
     def _span_match(self, service: str | None, operation: str | None, since_ns: int | None) -> str:
         """SQL condition of a span of ``service`` named ``operation`` (either None: any; not both),
@@ -736,25 +753,7 @@ class ClickHouseSpanStore:
                 )
                 GROUP BY TraceId
             )"""
-        found = self._backend.query_arrow(query, ids)
-        schema = pa.schema(
-            [
-                ("trace_id", pa.string()),
-                ("spans", pa.int64()),
-                ("root_service", pa.string()),
-                ("root_name", pa.string()),
-                ("root_duration_ns", pa.int64()),
-            ]
-        )
-        if found.num_columns == 0:  # (chdb answers an empty result without columns)
-            return schema.empty_table()
-        columns = []
-        for f in schema:
-            column = found.column(f.name)
-            if pa.types.is_dictionary(column.type):
-                column = column.cast(column.type.value_type)
-            columns.append(column.cast(f.type))
-        return pa.Table.from_arrays(columns, schema=schema)
+        return _conformed(self._backend.query_arrow(query, ids), WINDOW_ROOTS_SCHEMA)
 
     def has_span(
         self,
