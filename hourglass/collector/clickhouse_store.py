@@ -42,7 +42,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow as pa
@@ -131,7 +132,8 @@ class _ServerBackend:
             raise StoreError(
                 "the ClickHouse store needs clickhouse-connect: pip install 'hourglass[clickhouse]'"
             ) from exc
-        self._client = clickhouse_connect.get_client(
+        self._connect = partial(
+            clickhouse_connect.get_client,
             host=host,
             port=port,
             username=username,
@@ -142,6 +144,10 @@ class _ServerBackend:
             # no session: the client is shared by the API's threads, and a session admits one query at a time
             autogenerate_session_id=False,
         )
+        self._client = self._connect()
+        # the client of the reads that send ids beside them, made at the first such read
+        self._ids_client: Any = None
+        self._ids_lock = threading.Lock()
 
     def version(self) -> tuple[int, ...]:
         text = str(self._client.server_version)
@@ -158,13 +164,28 @@ class _ServerBackend:
         external = ExternalData(
             file_name=f"{self.ids_table}.tsv", data=_tsv_ids(ids), fmt="TabSeparated", structure="id String"
         )
-        return self._client.query_arrow(sql, external_data=external)
+        return self._with_ids().query_arrow(sql, external_data=external)
+
+    def _with_ids(self) -> Any:
+        """The client of the reads with external data: its query sent in the request's body (a
+        form field beside the ids' file) instead of in its URL, where clickhouse-connect puts the
+        query of a read with external data. A read by ids is ~11 KB of SQL, over the 8 KB request
+        line that proxies commonly allow (nginx's default buffers); the body has room for any of
+        ours (``http_max_field_value_size``: 128 KiB). A client of its own: the setting is the
+        client's, and the other reads stay as they are sent. Made at the first read that needs it
+        (its connection checks are a few round trips)."""
+        with self._ids_lock:
+            if self._ids_client is None:
+                self._ids_client = self._connect(form_encode_query_params=True)
+            return self._ids_client
 
     def insert_arrow(self, table: str, data: pa.Table) -> None:
         self._client.insert_arrow(table, data, settings=SERVER_INSERT_SETTINGS)
 
     def close(self) -> None:
         self._client.close()
+        if self._ids_client is not None:
+            self._ids_client.close()
 
 
 class _ChdbBackend:

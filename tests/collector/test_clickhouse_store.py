@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
 import pytest
@@ -454,33 +457,85 @@ def test_a_write_does_not_wait_for_a_long_read(store: ClickHouseSpanStore) -> No
     assert store.stats().spans == 2
 
 
-def test_a_server_read_of_many_ids_sends_them_as_external_data() -> None:
-    """On a server, ids past ``INLINE_TRACE_IDS`` go as the query's external data: a
-    TabSeparated table ``hourglass_ids`` of one String column ``id`` (escaped), which the SQL
-    names. (The store contract runs the read itself against a server when
-    HOURGLASS_TEST_CLICKHOUSE_URL names one.)"""
-    import pyarrow as pa
+class _RecordingServer(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server that answers what clickhouse-connect asks of a ClickHouse server
+    when it connects (the version; the settings and a check, in Native: no rows) and answers a
+    read in Arrow with the ids of its external data ``hourglass_ids``, echoed; every request
+    recorded (request line, content type, body)."""
 
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Recorder)
+        self.requests: list[tuple[str, str, bytes]] = []
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    server: _RecordingServer
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        kind = self.headers.get("Content-Type", "")
+        self.server.requests.append((self.requestline, kind, body))
+        if body.startswith(b"SELECT version(), timezone()"):
+            self._answer(b"25.3.1.1\tUTC\n")
+        elif b"FORMAT Native" in body:
+            self._answer(b"")
+        else:  # a read: the ids of its external data, as the store's ids table holds them
+            boundary = kind.partition("boundary=")[2].encode()
+            parts = body.split(b"--" + boundary) if boundary else []
+            sent = next((p for p in parts if b'name="hourglass_ids"' in p), b"")
+            rows = sent.partition(b"\r\n\r\n")[2].rstrip(b"\r\n").decode().split("\n") if sent else []
+            sink = pa.BufferOutputStream()
+            table = pa.table({"id": pa.array(rows, pa.string())})
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            self._answer(sink.getvalue().to_pybytes())
+
+    def _answer(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_server_read_of_many_ids_sends_them_beside_a_query_in_the_body() -> None:
+    """On a server, ids past ``INLINE_TRACE_IDS`` go as the query's external data (a TabSeparated
+    table ``hourglass_ids`` of one String column ``id``, escaped), and the query goes in the
+    request's body beside them, not in its URL: a read by ids (~11 KB of SQL) would otherwise
+    pass the 8 KB request line a proxy allows. Other reads are sent as before (the SQL as the
+    body). Run by the real clickhouse-connect client against a loopback server that records what
+    it receives. (The store contract runs the reads themselves against a real server when
+    HOURGLASS_TEST_CLICKHOUSE_URL names one.)"""
+    pytest.importorskip("clickhouse_connect", reason="clickhouse-connect is not installed")
     from hourglass.collector.clickhouse_store import _ServerBackend, _tsv_ids
 
-    asked: list[tuple[str, Any]] = []
-
-    class Client:
-        def query_arrow(self, sql: str, external_data: Any = None) -> pa.Table:
-            asked.append((sql, external_data))
-            return pa.table({})
-
-    backend = _ServerBackend.__new__(_ServerBackend)
-    backend._client = Client()  # type: ignore[assignment]
-    backend.query_arrow("SELECT 1")
-    backend.query_arrow(f"SELECT id FROM {backend.ids_table}", ["ab", "c\td"])
-    assert asked[0] == ("SELECT 1", None)
-    sql, external = asked[1]
-    assert sql == "SELECT id FROM hourglass_ids"
-    (table,) = external.files
-    assert (table.name, table.data) == ("hourglass_ids", b"ab\nc\\td\n")
-    assert table.query_params == {
-        "hourglass_ids_format": "TabSeparated",
-        "hourglass_ids_structure": "id String",
-    }
-    assert _tsv_ids(["a\\b", "x\ny"]) == b"a\\\\b\nx\\ny\n"
+    server = _RecordingServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backend = None
+    try:
+        backend = _ServerBackend(
+            host="127.0.0.1", port=server.server_address[1], username="default", password="", secure=False
+        )
+        ids = [f"{i:032x}" for i in range(5_000)]
+        long_sql = f"SELECT id FROM {backend.ids_table} WHERE id NOT IN ({', '.join(['NULL'] * 2_000)})"
+        assert len(long_sql) > 8_192
+        read = backend.query_arrow(long_sql, ids)
+        assert read.column("id").to_pylist() == ids  # the ids arrived whole, in order
+        line, kind, body = server.requests[-1]
+        assert len(line) < 1_024, line[:200]  # the query is not in the URL
+        params = parse_qs(urlsplit(line.split()[1]).query)
+        assert "query" not in params and kind.startswith("multipart/form-data")
+        assert b'name="query"' in body and long_sql.encode() in body
+        assert params["hourglass_ids_structure"] == ["id String"]
+        assert params["hourglass_ids_format"] == ["TabSeparated"]
+        backend.query_arrow("SELECT 1 AS x")
+        line, kind, body = server.requests[-1]
+        assert not kind.startswith("multipart") and body.startswith(b"SELECT 1 AS x")
+    finally:
+        if backend is not None:
+            backend.close()
+        server.shutdown()
+        server.server_close()
+    assert _tsv_ids(["a\\b", "x\ny", "c\td"]) == b"a\\\\b\nx\\ny\nc\\td\n"
