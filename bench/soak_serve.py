@@ -528,6 +528,8 @@ def soak(
         flag["HOURGLASS_REPORT_MAX_SPANS"] = str(report_max_spans)
     if not incremental:  # the whole store at once, as every run was before: not its partitions
         flag["HOURGLASS_SERVE_PARTITIONS"] = "1"
+    if args.memory_log:  # each stage's RSS of serve's processes, in serve.log (keep it: --keep)
+        flag["HOURGLASS_MEMORY_LOG"] = "1"
     proc, addresses = start_serve(db, folder / "serve.log", env=flag)
     grpc_target, api = addresses["grpc"], addresses["api"]
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
@@ -824,6 +826,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the full re-analysis phase")
     parser.add_argument("--baseline-only", action="store_true", help="only the full re-analysis phase")
     parser.add_argument("--keep", action="store_true", help="keep the stores and serve logs")
+    parser.add_argument(
+        "--memory-log",
+        action="store_true",
+        help="serve notes each stage's RSS in its serve.log (HOURGLASS_MEMORY_LOG; with --keep)",
+    )
     parser.add_argument(
         "--report-max-spans",
         type=lambda text: [int(v) for v in text.split(",")],

@@ -2,9 +2,10 @@
 
 ``note(phase)`` prints, on standard error, this process's resident memory now and its peak since
 the previous note (Linux: the peak is read from ``VmHWM`` and reset through ``clear_refs``, so
-each line's peak belongs to the phase it closes), e.g.::
+each line's peak belongs to the phase it closes) and the time of day (UTC, to the millisecond: the
+processes of one run are timed on one clock), e.g.::
 
-    hourglass memory: pid 4242 extract 3/16 done: rss 612 MiB, phase peak 1180 MiB
+    hourglass memory: pid 4242 extract 3/16 done: rss 612 MiB, phase peak 1180 MiB at 05:27:01.123
 
 Partitioned analysis notes its phases in the deciding process and in each worker (spawned
 workers inherit the variable), which is how the peak of a large ``analyze --db`` is attributed to
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from hourglass.settings import env_var
@@ -58,8 +60,11 @@ def note(phase: str) -> None:
             refs.write("5")
     except OSError:
         pass
+    now = time.time()
+    at = f"{time.strftime('%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}"
     sys.stderr.write(
         f"hourglass memory: pid {os.getpid()} {phase}: rss {rss // 1024} MiB, phase peak {peak // 1024} MiB"
+        f" at {at}"
         f"{_detail() if _detail is not None and os.environ.get(ENV, '').strip().lower() == 'detail' else ''}\n"
     )
     sys.stderr.flush()
