@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -88,6 +87,10 @@ OPTIONAL_OTEL_COLUMNS = {
 # store wrote or deleted meanwhile (/v1/stats is polled; a Collector may write at any time).
 STATS_MAX_AGE_S = 5.0
 CONNECT_TIMEOUT_S = 10
+# The largest SQL a read with external data sends in a form field of its request's body (the rest,
+# in its URL): a server's ``http_max_field_value_size`` (128 KiB by default) less the FORMAT
+# clause clickhouse-connect appends
+MAX_FORM_SQL_BYTES = 128 * 1024 - 64
 # Settings of every server INSERT (see the module doc).
 SERVER_INSERT_SETTINGS = {"async_insert": 1, "wait_for_async_insert": 1}
 # Map columns, async inserts waited for, lightweight DELETE without experimental settings.
@@ -132,22 +135,27 @@ class _ServerBackend:
             raise StoreError(
                 "the ClickHouse store needs clickhouse-connect: pip install 'hourglass[clickhouse]'"
             ) from exc
-        self._connect = partial(
-            clickhouse_connect.get_client,
-            host=host,
-            port=port,
-            username=username,
-            password=password,
-            # the user's default database: every statement names its database, which may not exist yet
-            secure=secure,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            # no session: the client is shared by the API's threads, and a session admits one query at a time
-            autogenerate_session_id=False,
-        )
-        self._client = self._connect()
+
+        def connect(**more: Any) -> Any:  # (a closure: its repr names no password)
+            return clickhouse_connect.get_client(
+                host=host,
+                port=port,
+                username=username,
+                password=password,
+                # the user's default database: every statement names its database, which may not exist yet
+                secure=secure,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                # no session: the client is shared by the API's threads, and a session admits one query at a time
+                autogenerate_session_id=False,
+                **more,
+            )
+
+        self._connect = connect
+        self._client = connect()
         # the client of the reads that send ids beside them, made at the first such read
         self._ids_client: Any = None
         self._ids_lock = threading.Lock()
+        self._closed = False
 
     def version(self) -> tuple[int, ...]:
         text = str(self._client.server_version)
@@ -164,17 +172,22 @@ class _ServerBackend:
         external = ExternalData(
             file_name=f"{self.ids_table}.tsv", data=_tsv_ids(ids), fmt="TabSeparated", structure="id String"
         )
-        return self._with_ids().query_arrow(sql, external_data=external)
+        # (SQL past a form field's room, e.g. a what-if's many long names: in the URL, as before)
+        client = self._with_ids() if len(sql.encode()) <= MAX_FORM_SQL_BYTES else self._client
+        return client.query_arrow(sql, external_data=external)
 
     def _with_ids(self) -> Any:
         """The client of the reads with external data: its query sent in the request's body (a
         form field beside the ids' file) instead of in its URL, where clickhouse-connect puts the
-        query of a read with external data. A read by ids is ~11 KB of SQL, over the 8 KB request
-        line that proxies commonly allow (nginx's default buffers); the body has room for any of
-        ours (``http_max_field_value_size``: 128 KiB). A client of its own: the setting is the
-        client's, and the other reads stay as they are sent. Made at the first read that needs it
-        (its connection checks are a few round trips)."""
+        query of a read with external data. A read by ids is ~9 KB of SQL (11 KB encoded for a
+        URL), over the 8 KB request line that proxies commonly allow (nginx's default buffers). A
+        form field holds up to ``http_max_field_value_size`` (128 KiB by default): a larger query
+        goes in the URL as before (:data:`MAX_FORM_SQL_BYTES`). A client of its own: the setting is
+        the client's, and the other reads stay as they are sent. Made at the first read that needs
+        it (its connection checks are a few round trips)."""
         with self._ids_lock:
+            if self._closed:
+                raise StoreError("the ClickHouse store is closed")
             if self._ids_client is None:
                 self._ids_client = self._connect(form_encode_query_params=True)
             return self._ids_client
@@ -183,9 +196,12 @@ class _ServerBackend:
         self._client.insert_arrow(table, data, settings=SERVER_INSERT_SETTINGS)
 
     def close(self) -> None:
+        with self._ids_lock:  # (a read making the second client meanwhile finds the store closed)
+            self._closed = True
+            ids_client, self._ids_client = self._ids_client, None
         self._client.close()
-        if self._ids_client is not None:
-            self._ids_client.close()
+        if ids_client is not None:
+            ids_client.close()
 
 
 class _ChdbBackend:

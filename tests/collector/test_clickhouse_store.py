@@ -500,7 +500,9 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_server_read_of_many_ids_sends_them_beside_a_query_in_the_body() -> None:
+def test_a_server_read_of_many_ids_sends_them_beside_a_query_in_the_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """On a server, ids past ``INLINE_TRACE_IDS`` go as the query's external data (a TabSeparated
     table ``hourglass_ids`` of one String column ``id``, escaped), and the query goes in the
     request's body beside them, not in its URL: a read by ids (~11 KB of SQL) would otherwise
@@ -509,8 +511,11 @@ def test_a_server_read_of_many_ids_sends_them_beside_a_query_in_the_body() -> No
     it receives. (The store contract runs the reads themselves against a real server when
     HOURGLASS_TEST_CLICKHOUSE_URL names one.)"""
     pytest.importorskip("clickhouse_connect", reason="clickhouse-connect is not installed")
+    from hourglass.collector import clickhouse_store
     from hourglass.collector.clickhouse_store import _ServerBackend, _tsv_ids
 
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # (loopback, not a proxy)
+        monkeypatch.delenv(proxy, raising=False)
     server = _RecordingServer()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     backend = None
@@ -533,6 +538,18 @@ def test_a_server_read_of_many_ids_sends_them_beside_a_query_in_the_body() -> No
         backend.query_arrow("SELECT 1 AS x")
         line, kind, body = server.requests[-1]
         assert not kind.startswith("multipart") and body.startswith(b"SELECT 1 AS x")
+        # the second client made once, at the first read by ids: one more connection check
+        assert sum(b.startswith(b"SELECT version()") for _, _, b in server.requests) == 2
+        # SQL past a form field's room goes in the URL, as before
+        monkeypatch.setattr(clickhouse_store, "MAX_FORM_SQL_BYTES", 1_000)
+        assert backend.query_arrow(long_sql, ids[:3]).column("id").to_pylist() == ids[:3]
+        line, kind, body = server.requests[-1]
+        assert parse_qs(urlsplit(line.split()[1]).query)["query"][0].startswith(long_sql)
+        assert sum(b.startswith(b"SELECT version()") for _, _, b in server.requests) == 2
+        backend.close()
+        with pytest.raises(StoreError, match="closed"):  # (no client made after the store is closed)
+            backend.query_arrow(f"SELECT id FROM {backend.ids_table}", ids)
+        backend = None
     finally:
         if backend is not None:
             backend.close()
