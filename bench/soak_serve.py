@@ -829,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-log",
         action="store_true",
-        help="serve notes each stage's RSS in its serve.log (HOURGLASS_MEMORY_LOG; with --keep)",
+        help="serve notes each stage's RSS in its serve.log (HOURGLASS_MEMORY_LOG); implies --keep",
     )
     parser.add_argument(
         "--report-max-spans",
@@ -847,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         "(default 0: none)",
     )
     args = parser.parse_args(argv)
+    if args.memory_log:  # (the log is in serve.log, in the folder --keep keeps)
+        args.keep = True
     if args.quick:
         args.duration = 120.0
     print(f"building the load: {TEMPLATE_SPANS:,} spans of mixed-shape traces ...", flush=True)

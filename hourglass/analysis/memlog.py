@@ -5,7 +5,7 @@ the previous note (Linux: the peak is read from ``VmHWM`` and reset through ``cl
 each line's peak belongs to the phase it closes) and the time of day (UTC, to the millisecond: the
 processes of one run are timed on one clock), e.g.::
 
-    hourglass memory: pid 4242 extract 3/16 done: rss 612 MiB, phase peak 1180 MiB at 05:27:01.123
+    hourglass memory: pid 4242 extract 3/16 done: rss 612 MiB, phase peak 1180 MiB at 05:27:01.123 UTC
 
 Partitioned analysis notes its phases in the deciding process and in each worker (spawned
 workers inherit the variable), which is how the peak of a large ``analyze --db`` is attributed to
@@ -64,7 +64,7 @@ def note(phase: str) -> None:
     at = f"{time.strftime('%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}"
     sys.stderr.write(
         f"hourglass memory: pid {os.getpid()} {phase}: rss {rss // 1024} MiB, phase peak {peak // 1024} MiB"
-        f" at {at}"
+        f" at {at} UTC"
         f"{_detail() if _detail is not None and os.environ.get(ENV, '').strip().lower() == 'detail' else ''}\n"
     )
     sys.stderr.flush()
