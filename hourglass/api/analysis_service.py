@@ -59,6 +59,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from hourglass.analysis import memlog
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
 from hourglass.api import report_html, server_memory
@@ -622,6 +623,7 @@ class AnalysisService:
                     reason=reason,
                 )
                 stages["snapshot"] = time.perf_counter() - built
+                memlog.note("server: report snapshot built")
             except Exception as exc:
                 if self._stop.is_set():
                     log.info("analysis run (%s) interrupted by shutdown", reason)
@@ -665,6 +667,7 @@ class AnalysisService:
             gc.collect()
             gc.freeze()
         release_memory(self.store)
+        memlog.note("server: report published, memory released")
         with self._state_lock:
             if self._generation == snapshot.generation:
                 self._last_stages_s["release"] = time.perf_counter() - started
@@ -699,6 +702,7 @@ class AnalysisService:
                 log.exception("rendering the HTML report failed")
                 self._record_error(exc)
                 continue
+            memlog.note("server: report page rendered")
             with self._state_lock:
                 if self._generation == snapshot.generation:
                     self._last_stages_s["html"] = time.perf_counter() - started

@@ -620,6 +620,14 @@ def _answer_shipped(reader: StoreReader, request: tuple[Any, ...]) -> tuple[pa.T
     store streams it, else :func:`_ship_table`): (what to send, the file written, if any). A read
     whose file outgrew its budget in /dev/shm is streamed again into the temp directory; one whose
     file could not be written is read again and shipped whole."""
+    from hourglass.analysis import memlog
+
+    shipped = _answered(reader, request)
+    memlog.note(f"server: the worker's {request[0]} read shipped")
+    return shipped
+
+
+def _answered(reader: StoreReader, request: tuple[Any, ...]) -> tuple[pa.Table | str, str | None]:
     try:
         try:
             with reader.stream(request) as batches:
