@@ -427,8 +427,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "memory_log", "bool", False,
-        "diagnostic: the partitioned analysis (analyze's decider and workers, serve's rounds) prints "
-        "each process's resident memory and each phase's peak on standard error",
+        "diagnostic: the partitioned analysis (analyze's decider and workers, serve's rounds) and "
+        "serve's server (each read it ships to the analysis worker, each report it publishes and "
+        "renders) print each process's resident memory and each phase's peak on standard error, "
+        "with the time of day (UTC)",
         env="HOURGLASS_MEMORY_LOG", attribute=False,
     ),
     # -- the write-up agent ---------------------------------------------------------------------
