@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# numpy's OpenBLAS starts a thread per core at import, and they spin for a while once started:
+# ~1.5 % of a 1M-span `analyze --db`'s CPU on 2 cores, in each process (the CLI and its workers,
+# which inherit this). No command does floating-point linear algebra. Set before anything imports
+# numpy; a value the user set is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from hourglass.api.settings import SettingError
 
