@@ -21,6 +21,7 @@ deciding process' wait for its workers at the end of a run (1M spans, two worker
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing.context
 import multiprocessing.process
 import os
@@ -90,6 +91,10 @@ def start(threads: int = 0, allocator: str = "") -> None:
     import hourglass.analysis.sequence  # the pricing's
     import hourglass.analysis.spill
     import hourglass.collector.duckdb_store  # noqa: F401  (the reads)
+
+    # what the imports made is never garbage: out of the collector's sight, so that its full
+    # collections during the tasks do not walk it each time
+    gc.freeze()
 
 
 PARENT_CHECK_S = 1.0  # how often a worker checks that its parent is alive (where no signal tells it)

@@ -280,10 +280,13 @@ def analyze_store(
     Dask cluster, with a progress bar on a terminal. ``early``: worker processes started before
     the analysis was imported (:class:`EarlyWorkers`), which the run takes when its plan has as
     many."""
+    import gc
+
     from hourglass.analysis import partitions
     from hourglass.analysis.pipeline import analyze
     from hourglass.collector.schema import ANALYSIS_COLUMNS
 
+    gc.freeze()  # (as a worker does after its imports: ``worker_start.start``)
     counted = early.counted if early is not None else None
     if counted is not None:  # the early workers' plan: the store is not opened again
         return _run_partitions(
