@@ -401,21 +401,27 @@ def test_retention_keeps_the_trace_ranges_until_they_are_twice_the_traces_counte
 def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
     """``_TraceRanges.add`` widens the range of a hash it holds and inserts new hashes in order
     (searched by ``ranges``): checked against a dict over 50 additions that repeat a third of
-    the hashes held, hashes above 2^63 included."""
+    the hashes held, hashes above 2^63 included; each range is the true one widened to whole
+    seconds (what it keeps: 32-bit seconds), never narrower."""
     import numpy as np
 
     from hourglass.collector.duckdb_store import _TraceRanges
 
     rng = np.random.default_rng(1)
     truth: dict[int, tuple[int, int]] = {}
+    second = 1_000_000_000
+    now = 1_796_000_000 * second  # (ingest times of this decade, in ns)
 
     def figures(n: int) -> dict[str, np.ndarray]:
         hashes = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
         if truth:
             hashes[: n // 3] = rng.choice(np.array(list(truth), dtype=np.uint64), n // 3)
         hashes = np.unique(hashes)
-        first = rng.integers(0, 10**6, len(hashes))
-        return {"h": hashes, "first": first, "last": first + rng.integers(0, 1000, len(hashes))}
+        # (an hour of ingest, some rows on a second's boundary)
+        first = (
+            now + rng.integers(0, 3600, len(hashes)) * second + rng.choice([0, 1, 999_999_999], len(hashes))
+        )
+        return {"h": hashes, "first": first, "last": first + rng.integers(0, 3 * second, len(hashes))}
 
     def record(f: dict[str, np.ndarray]) -> None:
         for h, a, b in zip(f["h"].tolist(), f["first"].tolist(), f["last"].tolist(), strict=True):
@@ -431,9 +437,35 @@ def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
         record(more)
     assert ranges.bound == 49
     assert bool(np.all(ranges.keys[1:] > ranges.keys[:-1])) and len(ranges.keys) == len(truth)
-    for h, expected in truth.items():
-        assert ranges.ranges([h]) == [expected]
+    for h, (first, last) in truth.items():
+        assert ranges.ranges([h]) == [(first // second * second, -(-last // second) * second)]
     assert ranges.ranges([h for h in range(5)]) == []  # (none of these held)
+    assert ranges.keys.nbytes + ranges.first.nbytes + ranges.last.nbytes == 16 * len(truth)
+
+
+def test_trace_ranges_beyond_32_bits_of_seconds_are_open_on_that_side() -> None:
+    """An end more than 68 years from the ranges' base second does not fit their 32-bit seconds:
+    the range is open on that side (it still contains the rows), whether made so or widened to it."""
+    import numpy as np
+
+    from hourglass.collector.duckdb_store import _INT64_MAX, _TraceRanges
+
+    second = 1_000_000_000
+    now = 1_796_000_000 * second
+    far = 100 * 365 * 86_400 * second  # a century
+    h = np.array([1, 2, 3, 4], dtype=np.uint64)
+    first = np.array([now, now, now + far, now - 2 * second], dtype=np.int64)
+    last = np.array([now + second // 2, now + far, now + far + 1, now], dtype=np.int64)
+    ranges = _TraceRanges({"h": h, "first": first, "last": last}, 0)
+    assert ranges.ranges([1]) == [(now, now + second)]
+    assert ranges.ranges([2]) == [(now, _INT64_MAX)]
+    assert ranges.ranges([4]) == [(now - 2 * second, now)]  # (the base: the earliest second)
+    (third,) = ranges.ranges([3])
+    assert third[0] <= now + far and third[1] == _INT64_MAX
+    ranges.add(
+        {"h": np.array([1], dtype=np.uint64), "first": np.array([now - far]), "last": np.array([now])}, 1
+    )
+    assert ranges.ranges([1]) == [(-_INT64_MAX - 1, now + second)]
 
 
 @pytest.mark.timeout(60)
