@@ -554,6 +554,8 @@ def soak(
         flag["HOURGLASS_SERVE_PARTITIONS"] = "1"
     if args.memory_log:  # each stage's RSS of serve's processes, in serve.log (keep it: --keep)
         flag["HOURGLASS_MEMORY_LOG"] = "1"
+    if args.retention is not None:  # the store stops growing once it holds this much of the run
+        flag["HOURGLASS_RETENTION"] = f"{args.retention:g}s"
     proc, addresses = start_serve(db, folder / "serve.log", env=flag)
     grpc_target, api = addresses["grpc"], addresses["api"]
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
@@ -857,6 +859,14 @@ def main(argv: list[str] | None = None) -> int:
         help="serve notes each stage's RSS in its serve.log (HOURGLASS_MEMORY_LOG); implies --keep",
     )
     parser.add_argument(
+        "--retention",
+        type=_duration,
+        default=None,
+        help="serve's HOURGLASS_RETENTION, e.g. 5m: the store then holds about that much of the "
+        "run and stops growing, so what still rises grows with time, not with the stored spans "
+        "(default: serve's, 7 days)",
+    )
+    parser.add_argument(
         "--report-max-spans",
         type=lambda text: [int(v) for v in text.split(",")],
         default=None,
@@ -883,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.baseline_only:
         for limit in args.report_max_spans or [None]:
             label = "incremental" if limit is None else f"incremental, HOURGLASS_REPORT_MAX_SPANS={limit}"
+            if args.retention is not None:
+                label += f", HOURGLASS_RETENTION={args.retention:g}s"
             summaries.append(soak(label, True, args, templates, limit))
     if not args.no_baseline:
         summaries.append(soak("full re-analysis (baseline)", False, args, templates))
