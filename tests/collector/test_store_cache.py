@@ -32,7 +32,11 @@ def test_release_cache_drops_the_cached_blocks_and_keeps_the_data(tmp_path: Path
         before = store.scan().sort_by([("trace_id", "ascending"), ("span_id", "ascending")])
         assert before.num_rows == 160_000
         cached = _cached(store)
-        assert cached > opened + 4 * 2**20  # the scan's blocks stay cached
+        # the scan's blocks stay cached: 16 to 18 blocks of 256 KiB over the one read at open (how
+        # DuckDB compresses the rows' ingest times, the clock's at the write, varies run to run;
+        # a bar of 4 MiB failed when it was 16). Over 1 MiB at least, for the release below to
+        # be measured beyond what it may keep.
+        assert cached >= opened + 3 * 2**20
         assert store.release_cache(min_bytes=2 * cached) == 0  # below the threshold: left alone
         assert _cached(store) == cached
         released = store.release_cache(min_bytes=1, headroom_bytes=0)
