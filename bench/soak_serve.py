@@ -368,7 +368,9 @@ def resident_files(pid: int) -> dict[str, int | None]:
     code and data: polars', DuckDB's and Arrow's are ~330 MiB on disk, and a page is resident
     once a code path has run; clean, so the kernel can drop them under pressure), ``shmem``,
     mapped shared memory. RSS is ``anon`` + ``file`` + ``shmem``: what of RSS's growth is not
-    ``anon`` is in one of these."""
+    ``anon`` is in one of these. (Not ``/v1/stats``' ``file`` and ``shmem``: those are the
+    server's proportional shares, ``smaps_rollup``'s Pss, which fall as its workers map the same
+    libraries; RSS counts each page whole.)"""
     out: dict[str, int | None] = {"file": None, "shmem": None}
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
