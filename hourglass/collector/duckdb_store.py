@@ -293,7 +293,8 @@ class _TraceRanges:
     compaction look up the older rows of the traces that just got rows this way instead of
     reading the trace ids of the whole table (at 12M spans, +190 MiB of DuckDB buffer pool per
     count). Ranges only need to contain the rows: a compaction (it removes rows) or a retention
-    leaves them valid; a row written below ``bound`` lowers it.
+    leaves them valid; a row written below ``bound`` lowers it; the hashes of traces a retention
+    removed are dropped (:meth:`remove`).
 
     16 bytes per stored trace (the server holds them for every trace its retention keeps: at
     1,000 spans/s and 7 days, ~30M traces of 20 spans): the hash, and each end as whole seconds
@@ -301,19 +302,36 @@ class _TraceRanges:
     still contains the rows; a row group holds seconds of ingest at any rate worth indexing).
     An end beyond 32 bits of seconds from ``base_s`` (68 years) is open on that side.
 
+    Held in sorted runs of at most ``RUN_MAX`` hashes, each hash in one run: a count's new hashes
+    become a run of their own, merged with the newest runs while they are of like size (as a
+    binary counter carries), so a count costs a few searches per run and amortised O(log n)
+    copies per hash, not a copy of every stored trace's range (one array at 30M traces: ~120 ms
+    and 480 MiB more at each count); a retention rewrites only the runs that held removed hashes.
+
     Not thread-safe: read and changed under the store's write lock."""
+
+    RUN_MAX = 1 << 21  # hashes a run holds at most (32 MiB): what a merge or removal copies at once
 
     def __init__(self, figures: dict[str, Any], bound: int) -> None:
         import numpy as np
 
-        order = np.argsort(figures["h"], kind="stable")
         firsts = np.asarray(figures["first"], dtype=np.int64)
         # (the base: the earliest second, so offsets are small and mostly positive)
         self.base_s = int(firsts.min()) // _NS_PER_S if len(firsts) else 0
-        self.keys = np.ascontiguousarray(figures["h"][order], dtype=np.uint64)
-        self.first = np.ascontiguousarray(self._down(firsts[order]))
-        self.last = np.ascontiguousarray(self._up(np.asarray(figures["last"], dtype=np.int64)[order]))
         self.bound = bound
+        self.runs: list[_Run] = []
+        self._append(
+            np.asarray(figures["h"], dtype=np.uint64),
+            self._down(firsts),
+            self._up(np.asarray(figures["last"], dtype=np.int64)),
+        )
+
+    def __len__(self) -> int:
+        return sum(len(run.keys) for run in self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(run.keys.nbytes + run.first.nbytes + run.last.nbytes for run in self.runs)
 
     def _down(self, ns: Any) -> Any:
         """``ns`` (int64) as int32 seconds from ``base_s``, rounded down; before what 32 bits
@@ -345,14 +363,17 @@ class _TraceRanges:
         import numpy as np
 
         hashes = np.asarray(hashes, dtype=np.uint64)  # (Python ints: not compared as floats)
-        if not len(self.keys) or not len(hashes):
-            return []
-        at = np.searchsorted(self.keys, hashes).clip(max=len(self.keys) - 1)
-        at = at[self.keys[at] == hashes]
-        return [
-            (self._ns(first, last=False), self._ns(last, last=True))
-            for first, last in zip(self.first[at].tolist(), self.last[at].tolist(), strict=True)
-        ]
+        out: list[tuple[int, int]] = []
+        if not len(hashes):
+            return out
+        for run in self.runs:
+            at = run.find(hashes)
+            at = at[at >= 0]
+            out.extend(
+                (self._ns(first, last=False), self._ns(last, last=True))
+                for first, last in zip(run.first[at].tolist(), run.last[at].tolist(), strict=True)
+            )
+        return out
 
     def add(self, figures: dict[str, Any], bound: int) -> None:
         """Widen the ranges with ``figures`` (``_TRACE_RANGES_SQL``'s columns, one row per hash)
@@ -362,21 +383,96 @@ class _TraceRanges:
         hashes = np.asarray(figures["h"], dtype=np.uint64)
         first = self._down(np.asarray(figures["first"], dtype=np.int64))
         last = self._up(np.asarray(figures["last"], dtype=np.int64))
-        if len(self.keys):
-            at = np.searchsorted(self.keys, hashes).clip(max=len(self.keys) - 1)
-            held = self.keys[at] == hashes
-            np.minimum.at(self.first, at[held], first[held])
-            np.maximum.at(self.last, at[held], last[held])
-        else:
-            held = np.zeros(len(hashes), dtype=bool)
-        if not held.all():  # the new hashes inserted in order (one copy of the arrays, no sort)
-            order = np.argsort(hashes[~held])
-            new_keys = hashes[~held][order]
-            at = np.searchsorted(self.keys, new_keys)
-            self.keys = np.insert(self.keys, at, new_keys)
-            self.first = np.insert(self.first, at, first[~held][order])
-            self.last = np.insert(self.last, at, last[~held][order])
+        held = np.zeros(len(hashes), dtype=bool)
+        for run in self.runs:  # (one hash, one run: no hash is widened twice)
+            at = run.find(hashes)
+            hit = at >= 0
+            np.minimum.at(run.first, at[hit], first[hit])
+            np.maximum.at(run.last, at[hit], last[hit])
+            held |= hit
+        if not held.all():
+            new = ~held
+            self._append(hashes[new], first[new], last[new])
         self.bound = max(self.bound, bound)
+
+    def _append(self, hashes: Any, first: Any, last: Any) -> None:
+        """Hashes none of the runs holds (each once), with their ends: sorted into runs of their
+        own (at most ``RUN_MAX`` each), then the newest runs merged while they are of like size."""
+        import numpy as np
+
+        order = np.argsort(hashes, kind="stable")
+        keys, first, last = hashes[order], first[order], last[order]
+        for at in range(0, len(keys), self.RUN_MAX):  # (pieces of one sorted array: disjoint)
+            end = at + self.RUN_MAX
+            self.runs.append(_Run(keys[at:end].copy(), first[at:end].copy(), last[at:end].copy()))
+            while (
+                len(self.runs) > 1
+                and len(self.runs[-2].keys) <= 2 * len(self.runs[-1].keys)
+                and len(self.runs[-2].keys) + len(self.runs[-1].keys) <= self.RUN_MAX
+            ):
+                newer = self.runs.pop()
+                self.runs[-1] = self.runs[-1].merged(newer)
+
+    def remove(self, hashes: Any) -> int:
+        """Drops these hashes' ranges (traces no longer stored); how many were held. Only the runs
+        that held one are rewritten; runs left small are merged again, while they fit a run."""
+        import numpy as np
+
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        removed = 0
+        kept: list[_Run] = []
+        for run in self.runs:
+            at = run.find(hashes) if len(hashes) else np.empty(0, dtype=np.int64)
+            at = at[at >= 0]
+            if len(at):
+                removed += len(np.unique(at))
+                run = run.without(at)
+            if not len(run.keys):
+                continue
+            if kept and len(kept[-1].keys) + len(run.keys) <= self.RUN_MAX // 2:
+                kept[-1] = kept[-1].merged(run)
+            else:
+                kept.append(run)
+        self.runs = kept
+        return removed
+
+
+class _Run:
+    """One sorted run of :class:`_TraceRanges`: hashes ascending, their ends beside them."""
+
+    __slots__ = ("first", "keys", "last")
+
+    def __init__(self, keys: Any, first: Any, last: Any) -> None:
+        self.keys, self.first, self.last = keys, first, last
+
+    def find(self, hashes: Any) -> Any:
+        """Each hash's place in this run (-1: not held)."""
+        import numpy as np
+
+        if not len(self.keys):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        at = np.searchsorted(self.keys, hashes).clip(max=len(self.keys) - 1)
+        return np.where(self.keys[at] == hashes, at, -1)
+
+    def merged(self, other: _Run) -> _Run:
+        """This run and ``other`` (no hash in both) as one sorted run."""
+        import numpy as np
+
+        keys = np.concatenate([self.keys, other.keys])
+        order = np.argsort(keys, kind="stable")  # (two sorted runs: timsort merges them in one pass)
+        return _Run(
+            keys[order],
+            np.concatenate([self.first, other.first])[order],
+            np.concatenate([self.last, other.last])[order],
+        )
+
+    def without(self, at: Any) -> _Run:
+        """This run without the hashes at places ``at``."""
+        import numpy as np
+
+        keep = np.ones(len(self.keys), dtype=bool)
+        keep[at] = False
+        return _Run(self.keys[keep], self.first[keep], self.last[keep])
 
 
 def _create_table_sql() -> str:
@@ -952,6 +1048,27 @@ class DuckDBSpanStore:
                 self._removals_since = [*self._removals_since[-REMOVALS_KEPT + 1 :], (self._removals, since)]
             return int(removed)
 
+    def _forget_expired_ranges(self, ranges: _TraceRanges) -> None:
+        """Drops from ``ranges`` the hashes of the traces in ``_expired`` that retention just
+        deleted (the caller holds the write lock), so the ranges hold the stored traces only and
+        are not rebuilt from every row once the removed outnumber them. A hash that a trace
+        still stored shares (a 64-bit collision) keeps its range: found by one pass over the
+        stored trace ids, as the deletion's."""
+        gone = self._writer.execute("SELECT DISTINCT hash(trace_id) AS h FROM _expired").fetchnumpy()["h"]
+        if not len(gone):
+            return
+        shared = self._writer.execute(
+            "SELECT DISTINCT hash(trace_id) AS h FROM spans"
+            " WHERE hash(trace_id) IN (SELECT hash(trace_id) FROM _expired)"
+        ).fetchnumpy()["h"]
+        import numpy as np
+
+        gone = np.asarray(gone, dtype=np.uint64)
+        if len(shared):
+            gone = np.setdiff1d(gone, np.asarray(shared, dtype=np.uint64))
+        ranges.remove(gone)
+        self._ranges_moved += 1
+
     def delete_older_than(self, cutoff_ns: int) -> int:
         """Retention: drop whole traces whose last span ended before ``cutoff_ns``; spans removed."""
         with self._heavy, self._write_lock:
@@ -985,14 +1102,17 @@ class DuckDBSpanStore:
                 ).fetchall()[0][0]
                 if counts_after is not None:  # (a deletion that failed leaves the counts as they were)
                     self._counts = counts_after
+                if removed and self._trace_ranges is not None:
+                    self._forget_expired_ranges(self._trace_ranges)
             finally:
                 self._writer.execute("DROP TABLE IF EXISTS _expired")
             self._changes += 1
             ranges = self._trace_ranges
-            # the ranges still hold (each still contains its trace's rows) but keep the removed
-            # traces' entries: dropped once they are more than twice the traces counted
+            # the ranges still hold (each still contains its trace's rows); the removed traces'
+            # entries are dropped above, so this rebuild from every row (a GROUP BY of the whole
+            # store at the next count) is a backstop: entries more than twice the traces counted
             traces_counted = self._counts[-1][2] if self._counts else 0
-            if removed and ranges is not None and len(ranges.keys) > 2 * max(traces_counted, 1):
+            if removed and ranges is not None and len(ranges) > 2 * max(traces_counted, 1):
                 self._trace_ranges = None
                 self._ranges_moved += 1
             # what retention has removed so far (the incremental analysis drops the same traces'

@@ -229,14 +229,19 @@ def _check_ranges(store: DuckDBSpanStore) -> None:
         assert covering is not None and covering[0] <= ingested <= covering[1], (h, ingested)
 
 
-@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize(("seed", "run_max"), [(4, None), (5, None), (6, 4)])
 def test_compaction_in_the_traces_ranges_keeps_the_first_copy_of_every_span(
-    make_store: Callable[[], DuckDBSpanStore], seed: int
+    make_store: Callable[[], DuckDBSpanStore], seed: int, run_max: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Counts and compactions read the older rows of the traces that got rows in those traces'
     ingest ranges (``_TraceRanges``): after any mix of writes (re-sent spans of old traces, rows
     stamped before counted ones), counts, compactions and retention, each compaction leaves
-    exactly the first ingested copy of every span, and the ranges cover every row below their bound."""
+    exactly the first ingested copy of every span, and the ranges cover every row below their
+    bound. ``run_max``: the ranges held in runs of at most that many hashes (many runs)."""
+    from hourglass.collector.duckdb_store import _TraceRanges
+
+    if run_max is not None:
+        monkeypatch.setattr(_TraceRanges, "RUN_MAX", run_max)
     rng = random.Random(seed)
     store = make_store()
     clock = time.time_ns() - 3600 * SECOND
@@ -373,39 +378,54 @@ def test_a_trace_read_while_a_write_below_the_ranges_bound_commits_is_not_torn(
     assert writes and sorted(got.column("span_id").to_pylist()) == [f"{s:016x}" for s in (1, 2, 3)]
 
 
-def test_retention_keeps_the_trace_ranges_until_they_are_twice_the_traces_counted(
+def test_retention_drops_the_removed_traces_from_the_trace_ranges(
     make_store: Callable[[], DuckDBSpanStore],
 ) -> None:
     """The ranges still hold after a retention (each still contains its trace's rows): kept, so
-    the next count, compaction and trace read need not rebuild them from every row, until the
-    removed traces' entries make them more than twice the traces counted."""
+    the next count, compaction and trace read need not rebuild them from every row (a GROUP BY
+    of the whole store), with the removed traces' entries dropped, so they hold the stored
+    traces only however many retention has removed."""
     store = make_store()
     t0 = time.time_ns() - 3600 * SECOND
     for i in range(40):
         store.write(_rows([(i + 1, 1), (i + 1, 2)], t0 + i * SECOND, end_ns=t0 + i * SECOND))
     store.stats()
     ranges = store._trace_ranges
-    assert ranges is not None and len(ranges.keys) == 40
-    assert store.delete_older_than(t0 + 10 * SECOND) == 20  # 10 traces of 40 gone: kept
-    assert store._trace_ranges is ranges
+    assert ranges is not None and len(ranges) == 40
+    assert store.delete_older_than(t0 + 10 * SECOND) == 20  # 10 traces of 40 gone
+    assert store._trace_ranges is ranges and len(ranges) == 30
     assert store.stats() == _recount(store) == StoreStats(spans=60, traces=30)
     for i in (5, 25):
         trace_id = f"{i:032x}"
         assert store.trace(trace_id).equals(store.scan(trace_ids=[trace_id], columns=SPAN_COLUMNS))
-    assert store.delete_older_than(t0 + 30 * SECOND) == 40  # 10 traces left of 40 entries: dropped
-    assert store._trace_ranges is None
+    assert store.delete_older_than(t0 + 30 * SECOND) == 40  # 10 traces left of 40
+    assert store._trace_ranges is ranges and len(ranges) == 10
     assert store.stats() == _recount(store) == StoreStats(spans=20, traces=10)
-    assert store._trace_ranges is not None and len(store._trace_ranges.keys) == 10
+    _check_ranges(store)
+    # a span of a removed trace arriving later: a trace of one span, counted and read as such
+    store.write(_rows([(3, 7)], time.time_ns(), end_ns=time.time_ns()))
+    assert store.stats() == _recount(store) == StoreStats(spans=21, traces=11)
+    assert store._trace_ranges is ranges and len(ranges) == 11
+    assert store.trace(f"{3:032x}").num_rows == 1
+    _check_ranges(store)
 
 
-def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
+@pytest.mark.parametrize("run_max", [None, 64])
+def test_trace_ranges_widen_and_insert_in_hash_order(
+    run_max: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``_TraceRanges.add`` widens the range of a hash it holds and inserts new hashes in order
     (searched by ``ranges``): checked against a dict over 50 additions that repeat a third of
     the hashes held, hashes above 2^63 included; each range is the true one widened to whole
-    seconds (what it keeps: 32-bit seconds), never narrower."""
+    seconds (what it keeps: 32-bit seconds), never narrower. ``remove`` drops hashes and keeps
+    the others' ranges. ``run_max``: runs so small that the first ranges are split over many
+    and merges stop at the cap."""
     import numpy as np
 
     from hourglass.collector.duckdb_store import _TraceRanges
+
+    if run_max is not None:
+        monkeypatch.setattr(_TraceRanges, "RUN_MAX", run_max)
 
     rng = np.random.default_rng(1)
     truth: dict[int, tuple[int, int]] = {}
@@ -436,11 +456,28 @@ def test_trace_ranges_widen_and_insert_in_hash_order() -> None:
         ranges.add(more, step)
         record(more)
     assert ranges.bound == 49
-    assert bool(np.all(ranges.keys[1:] > ranges.keys[:-1])) and len(ranges.keys) == len(truth)
+    assert len(ranges) == len(truth) and ranges.nbytes == 16 * len(truth)
+    for run in ranges.runs:  # sorted runs, a hash in one run only
+        assert bool(np.all(run.keys[1:] > run.keys[:-1])) and len(run.keys) <= ranges.RUN_MAX
+    assert len(np.unique(np.concatenate([run.keys for run in ranges.runs]))) == len(truth)
+    # (merged while of like size: not a run per addition; capped runs: at least a half-full one
+    # per two runs)
+    assert len(ranges.runs) < 15 + 4 * len(truth) // ranges.RUN_MAX
     for h, (first, last) in truth.items():
         assert ranges.ranges([h]) == [(first // second * second, -(-last // second) * second)]
     assert ranges.ranges([h for h in range(5)]) == []  # (none of these held)
-    assert ranges.keys.nbytes + ranges.first.nbytes + ranges.last.nbytes == 16 * len(truth)
+    # removal: a third of the hashes held and some never held; the rest as they were
+    held = np.array(list(truth), dtype=np.uint64)
+    gone = held[::3]
+    assert ranges.remove(np.concatenate([gone, np.arange(5, dtype=np.uint64)])) == len(gone)
+    assert len(ranges) == len(truth) - len(gone)
+    assert ranges.ranges(gone) == []
+    for h in held[1::3].tolist():
+        first, last = truth[h]
+        assert ranges.ranges([h]) == [(first // second * second, -(-last // second) * second)]
+    # a removed hash seen again: a new range, its own rows only
+    ranges.add({"h": gone[:1], "first": np.array([now]), "last": np.array([now])}, 50)
+    assert ranges.ranges(gone[:1]) == [(now, now)]
 
 
 def test_trace_ranges_beyond_32_bits_of_seconds_are_open_on_that_side() -> None:
