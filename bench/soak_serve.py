@@ -558,6 +558,14 @@ def soak(
         flag["HOURGLASS_MEMORY_LOG"] = "1"
     if args.retention is not None:  # the store stops growing once it holds this much of the run
         flag["HOURGLASS_RETENTION"] = f"{args.retention:g}s"
+    if args.stored:
+        started_seed = time.monotonic()
+        seeded = seed_store(db, args.stored)
+        print(
+            f"seeded the store with {seeded:,} spans ingested over the {math.ceil(args.stored / SEED_CHUNK_SPANS)} "
+            f"hours before the run ({time.monotonic() - started_seed:.0f} s)",
+            flush=True,
+        )
     proc, addresses = start_serve(db, folder / "serve.log", env=flag)
     grpc_target, api = addresses["grpc"], addresses["api"]
     print(f"\n== {label}: serve pid {proc.pid}, {args.rate:,.0f} spans/s for {args.duration:g} s ({folder})")
@@ -661,6 +669,49 @@ def soak(
 
         shutil.rmtree(folder, ignore_errors=True)
     return summary
+
+
+SEED_CHUNK_SPANS = 1_000_000  # spans of the seeded store per hour of ingest before the run
+
+
+def seed_store(db: Path, spans: int) -> int:
+    """Writes to ``db`` about ``spans`` spans of the load's shapes (``generate_spans``), a million
+    an hour, in ingest order, the newest ingested five minutes before now: the store of a staging
+    target that has run for that many hours, which serve then starts on (a restart). Runs on it
+    show what a round and serve's memory cost once the store has outgrown the report window (a
+    store grown by the soak itself only reaches ~24M spans in 20 minutes). Returns the spans stored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from bench.analysis import BASE_NS, generate_spans
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    hours = math.ceil(spans / SEED_CHUNK_SPANS)
+    newest = time.time_ns() - 300 * 10**9
+    store = DuckDBSpanStore(str(db))
+    try:
+        first_trace = 0
+        for hour in range(hours):
+            size = min(SEED_CHUNK_SPANS, spans - hour * SEED_CHUNK_SPANS)
+            table = generate_spans(size, seed=1_000 + hour, first_trace=first_trace)
+            first_trace += size  # (more than the chunk's traces: ids never collide)
+            shift = pa.scalar(newest - (hours - hour) * 3_600 * 10**9 - BASE_NS, pa.int64())
+            for name in ("start_ns", "end_ns", "ingested_ns"):
+                at = table.schema.get_field_index(name)
+                table = table.set_column(at, table.schema.field(at), pc.add(table.column(name), shift))
+            table = table.sort_by("ingested_ns")
+            for offset in range(0, table.num_rows, 250_000):
+                store.write(table.slice(offset, 250_000))
+            del table
+        return int(store.stats().spans)
+    finally:
+        store.close()
+
+
+def _spans(text: str) -> int:
+    """``20M``, ``500k`` or a number of spans."""
+    scale = {"k": 10**3, "m": 10**6}.get(text[-1:].lower(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 GIB_LIMIT = 2.0  # issue 11's targets
@@ -876,6 +927,14 @@ def main(argv: list[str] | None = None) -> int:
         "(0: the whole retention; default: one phase with serve's default)",
     )
     parser.add_argument(
+        "--stored",
+        type=_spans,
+        default=0,
+        help="start serve on a store already holding this many spans (e.g. 20M) of the same shapes, "
+        "ingested a million an hour before the run, as after hours or days of staging "
+        "(default 0: an empty store)",
+    )
+    parser.add_argument(
         "--questions",
         type=float,
         default=0.0,
@@ -897,6 +956,8 @@ def main(argv: list[str] | None = None) -> int:
             label = "incremental" if limit is None else f"incremental, HOURGLASS_REPORT_MAX_SPANS={limit}"
             if args.retention is not None:
                 label += f", HOURGLASS_RETENTION={args.retention:g}s"
+            if args.stored:
+                label += f", {args.stored:,} spans stored before"
             summaries.append(soak(label, True, args, templates, limit))
     if not args.no_baseline:
         summaries.append(soak("full re-analysis (baseline)", False, args, templates))
