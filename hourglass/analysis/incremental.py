@@ -854,7 +854,9 @@ class RoundFigures:
     pending: int = 0  # traces with spans that have not settled yet, or left for the next round
     deferred: int = 0  # settled traces left for the next round (max_round_spans)
     pending_spans: int = 0  # the spans of the pending traces
-    oldest_deferred_ns: int | None = None  # last span arrival of the earliest-settled one of them
+    # last span arrival of the earliest-settled one of them that the report's window will hold
+    oldest_deferred_ns: int | None = None
+    deferred_outside_window: int = 0  # of the deferred traces, those the window will not hold
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -869,6 +871,7 @@ class RoundFigures:
             "pending_spans": self.pending_spans,
             "deferred_traces": self.deferred,
             "oldest_deferred_ingested_ns": self.oldest_deferred_ns,
+            "deferred_outside_window": self.deferred_outside_window,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -1654,11 +1657,15 @@ class IncrementalAnalysis:
         margin_ns: int,
         retention_cutoff_ns: int | None,
         recent: ArrivalReads | None = None,
+        window_spans: int | None = None,
     ) -> RoundFigures:
         """Bring the batches up to date with the store: new settled traces batched, batches with
         late spans or expired traces marked for re-extraction. ``recent``: the store's recent
         rows grouped by trace (``recent_arrivals``), merged with the figures kept of the older
-        ones; without it ``arrivals`` totals each recent trace over the whole store."""
+        ones; without it ``arrivals`` totals each recent trace over the whole store.
+        ``window_spans``: the span rows the report's window holds (serve's
+        ``HOURGLASS_REPORT_MAX_SPANS``; None or 0: every stored trace), so that a round with
+        more settled traces than it extracts takes those the window will hold first."""
         figures = RoundFigures()
         self.db.execute("BEGIN")
         try:
@@ -1702,14 +1709,21 @@ class IncrementalAnalysis:
                 self.db.unregister("settled_now")
                 if new.height and new["spans"].sum() > self.max_round_spans:
                     # a bounded round (memory, and a report that keeps refreshing): the traces that
-                    # settled first now, the others in the next rounds
-                    new = new.sort("last_ingested_ns", "trace_id")
+                    # settled first now, the others in the next rounds; those the report's window
+                    # will hold before those it will not (a backlog older than the window: a first
+                    # start on a large store, or its rows extracted again after an upgrade)
+                    in_window = self._in_window(new, window_spans)
+                    new = new.with_columns(_outside=~in_window if in_window is not None else pl.lit(False))
+                    new = new.sort("_outside", "last_ingested_ns", "trace_id")
                     keep = max(1, int((new["spans"].cum_sum() <= self.max_round_spans).sum()))
                     deferred = new.slice(keep)
-                    new = new.slice(0, keep)
+                    new = new.slice(0, keep).drop("_outside")
                     figures.deferred = deferred.height
                     figures.pending_spans += int(deferred["spans"].sum())
-                    figures.oldest_deferred_ns = int(deferred["last_ingested_ns"].to_numpy().min())
+                    waiting = deferred.filter(~pl.col("_outside"))
+                    figures.deferred_outside_window = deferred.height - waiting.height
+                    if waiting.height:  # (the report's lag: of the traces its window will hold)
+                        figures.oldest_deferred_ns = int(waiting["last_ingested_ns"].to_numpy().min())
                     # the next arrivals must see them again
                     cutoff_ns = min(cutoff_ns, int(deferred["last_ingested_ns"].to_numpy().min()))
                 figures.settled_new = new.height
@@ -1740,6 +1754,34 @@ class IncrementalAnalysis:
         figures.pending = pending.height + figures.deferred
         figures.pending_spans += int(pending["spans"].sum()) if pending.height else 0
         return figures
+
+    def _in_window(self, new: pl.DataFrame, window_spans: int | None) -> pl.Series | None:
+        """Which of the ``new`` settled traces the report's window of the newest
+        ``window_spans`` span rows will hold (as :meth:`_newest` cuts it: by latest span start,
+        the stored batches' and these traces' together); None when every one will (no window,
+        or all fit in it)."""
+        if not window_spans or window_spans <= 0:
+            return None
+        times = np.concatenate(
+            [
+                new["last_start_ns"].to_numpy().astype(np.int64),
+                np.array([b.newest_start_ns for b in self.batches.values()], dtype=np.int64),
+            ]
+        )
+        spans = np.concatenate(
+            [
+                new["spans"].to_numpy().astype(np.int64),
+                np.array([b.spans for b in self.batches.values()], dtype=np.int64),
+            ]
+        )
+        if int(spans.sum()) <= window_spans:
+            return None
+        order = np.argsort(-times, kind="stable")
+        held = np.cumsum(spans[order]) <= window_spans
+        if not held.any():  # (the newest alone is more than the window: it is what the window holds)
+            held[0] = True
+        threshold = int(times[order][held].min())
+        return new["last_start_ns"] >= threshold
 
     def _add_batches(self, new: pl.DataFrame) -> None:
         if new.height == 0:

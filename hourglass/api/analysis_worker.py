@@ -1291,6 +1291,8 @@ def run_incremental(
             cutoff_ns=int(request["cutoff_ns"]),
             margin_ns=int(request["margin_ns"]),
             retention_cutoff_ns=request.get("retention_cutoff_ns"),
+            # the rounds' report (of the whole retention) holds the newest ``max_spans``
+            window_spans=request.get("max_spans") if request.get("since_ns") is None else None,
         )
         state.last = figures
         # the sidecar's table blocks the update read (its traces table: ~40 MiB at 12M stored
