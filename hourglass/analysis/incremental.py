@@ -1700,11 +1700,18 @@ class IncrementalAnalysis:
                     ).to_arrow_table()
                 )
                 assert isinstance(new, pl.DataFrame)
-                # a late span: the trace keeps its batch, with its new figures
+                # a late span: the trace keeps its batch, with its new figures (only the rows
+                # that changed are rewritten: the traces seen again are mostly unchanged, e.g. the
+                # window's traces extracted while an older backlog holds the re-read back)
                 self.db.execute(
                     "UPDATE traces SET spans = s.spans, first_ingested_ns = s.first_ingested_ns,"
                     " last_ingested_ns = s.last_ingested_ns, last_start_ns = s.last_start_ns,"
                     " last_end_ns = s.last_end_ns FROM settled_now s WHERE traces.trace_id = s.trace_id"
+                    " AND (traces.spans IS DISTINCT FROM s.spans"
+                    " OR traces.first_ingested_ns IS DISTINCT FROM s.first_ingested_ns"
+                    " OR traces.last_ingested_ns IS DISTINCT FROM s.last_ingested_ns"
+                    " OR traces.last_start_ns IS DISTINCT FROM s.last_start_ns"
+                    " OR traces.last_end_ns IS DISTINCT FROM s.last_end_ns)"
                 )
                 self.db.unregister("settled_now")
                 if new.height and new["spans"].sum() > self.max_round_spans:
