@@ -410,6 +410,28 @@ def test_retention_drops_the_removed_traces_from_the_trace_ranges(
     _check_ranges(store)
 
 
+def test_retention_whose_ranges_update_fails_still_deletes_and_counts_right(
+    make_store: Callable[[], DuckDBSpanStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropping the removed traces from the ranges fails after the deletion: the deletion
+    stands, the ranges are dropped (rebuilt at the next count) and the counts are exact."""
+    store = make_store()
+    t0 = time.time_ns() - 3600 * SECOND
+    for i in range(20):
+        store.write(_rows([(i + 1, 1), (i + 1, 2)], t0 + i * SECOND, end_ns=t0 + i * SECOND))
+    assert store.stats() == StoreStats(spans=40, traces=20)
+
+    def failing(ranges: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(store, "_forget_expired_ranges", failing)
+    assert store.delete_older_than(t0 + 5 * SECOND) == 10
+    assert store._trace_ranges is None
+    assert store.stats() == _recount(store) == StoreStats(spans=30, traces=15)
+    assert store._trace_ranges is not None and len(store._trace_ranges) == 15
+    _check_ranges(store)
+
+
 @pytest.mark.parametrize("run_max", [None, 64])
 def test_trace_ranges_widen_and_insert_in_hash_order(
     run_max: int | None, monkeypatch: pytest.MonkeyPatch
