@@ -86,3 +86,36 @@ def test_in_flight_covers_an_unanswered_question_and_a_short_tail() -> None:
     assert not questions.in_flight(now - 15, now)
     questions.spans.append([now - 5, float("inf")])  # still asked
     assert questions.in_flight(now - 1, now)
+
+
+def test_a_seeded_store_holds_the_spans_asked_in_ingest_order_before_now(tmp_path: Any) -> None:
+    """``--stored``: the spans asked for (whole traces: about), a million an hour of ingest (here
+    two hours of a few thousand), in ingest order, the newest a few minutes old, every span
+    inside its ingest hour, so serve's retention keeps them and its rounds see them settled."""
+    import duckdb
+
+    from bench import soak_serve
+
+    soak_serve.SEED_CHUNK_SPANS, saved = 3_000, soak_serve.SEED_CHUNK_SPANS
+    try:
+        stored = soak_serve.seed_store(tmp_path / "seed.duckdb", 6_000)
+    finally:
+        soak_serve.SEED_CHUNK_SPANS = saved
+    assert 5_000 <= stored <= 7_000
+    con = duckdb.connect(str(tmp_path / "seed.duckdb"), read_only=True)
+    ingested = [r[0] for r in con.execute("SELECT ingested_ns FROM spans ORDER BY rowid").fetchall()]
+    oldest, newest, ends = con.execute(
+        "SELECT min(ingested_ns), max(ingested_ns), max(end_ns) FROM spans"
+    ).fetchall()[0]
+    con.close()
+    now = time.time_ns()
+    assert ingested == sorted(ingested)
+    assert now - 3 * 3_600 * 10**9 < oldest and newest < now - 240 * 10**9 and ends < now
+    assert newest - oldest > 3_600 * 10**9  # (two hours of ingest, a chunk an hour)
+
+
+def test_spans_are_given_with_a_suffix_or_none() -> None:
+    from bench.soak_serve import _spans
+
+    assert _spans("20M") == 20_000_000 and _spans("500k") == 500_000 and _spans("1.5m") == 1_500_000
+    assert _spans("1234") == 1234
