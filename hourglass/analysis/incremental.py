@@ -1764,9 +1764,9 @@ class IncrementalAnalysis:
 
     def _in_window(self, new: pl.DataFrame, window_spans: int | None) -> pl.Series | None:
         """Which of the ``new`` settled traces the report's window of the newest
-        ``window_spans`` span rows will hold (as :meth:`_newest` cuts it: by latest span start,
-        the stored batches' and these traces' together); None when every one will (no window,
-        or all fit in it)."""
+        ``window_spans`` span rows will hold, about as :meth:`_newest` cuts it (by latest span
+        start, the stored batches' and these traces' together; an order of work, so an estimate
+        is enough); None when every one will (no window, or all fit in it)."""
         if not window_spans or window_spans <= 0:
             return None
         times = np.concatenate(
