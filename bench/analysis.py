@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -398,9 +399,13 @@ def generate_spans(target_spans: int, seed: int = 7, first_trace: int = 0) -> pa
 GENERATE_CHUNK_SPANS = 1_000_000
 
 
-def build_store(path: Path, spans: int) -> tuple[int, float]:
+def build_store(path: Path, spans: int, shift_ns: Callable[[int], int] | None = None) -> tuple[int, float]:
     """A DuckDB store of about ``spans`` spans, generated and written a million spans at a time
-    (so a 10M-span store never needs the whole table in memory)."""
+    (so a 10M-span store never needs the whole table in memory). ``shift_ns``: each chunk's
+    times (start, end, ingest) moved by ``shift_ns(chunk number)`` and its rows written in ingest
+    order (else every chunk spans the same hour from ``BASE_NS``)."""
+    import pyarrow.compute as pc
+
     from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     started = time.perf_counter()
@@ -411,6 +416,12 @@ def build_store(path: Path, spans: int) -> tuple[int, float]:
             size = min(GENERATE_CHUNK_SPANS, spans - chunk_start)
             table = generate_spans(size, seed=7 + chunk_no, first_trace=first_trace)
             first_trace += size  # more than the traces in the chunk: numbers never collide
+            if shift_ns is not None:
+                shift = pa.scalar(shift_ns(chunk_no), pa.int64())
+                for name in ("start_ns", "end_ns", "ingested_ns"):
+                    at = table.schema.get_field_index(name)
+                    table = table.set_column(at, table.schema.field(at), pc.add(table.column(name), shift))
+                table = table.sort_by("ingested_ns")
             for offset in range(0, table.num_rows, 250_000):
                 store.write(table.slice(offset, 250_000))
             del table

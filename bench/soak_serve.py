@@ -559,10 +559,13 @@ def soak(
     if args.retention is not None:  # the store stops growing once it holds this much of the run
         flag["HOURGLASS_RETENTION"] = f"{args.retention:g}s"
     if args.stored:
+        from bench.analysis import GENERATE_CHUNK_SPANS
+
         started_seed = time.monotonic()
         seeded = seed_store(db, args.stored)
         print(
-            f"seeded the store with {seeded:,} spans ingested over the {math.ceil(args.stored / SEED_CHUNK_SPANS)} "
+            f"seeded the store with {seeded:,} spans ingested over the "
+            f"{math.ceil(args.stored / GENERATE_CHUNK_SPANS)} "
             f"hours before the run ({time.monotonic() - started_seed:.0f} s)",
             flush=True,
         )
@@ -674,41 +677,21 @@ def soak(
     return summary
 
 
-SEED_CHUNK_SPANS = 1_000_000  # spans of the seeded store per hour of ingest before the run
-
-
 def seed_store(db: Path, spans: int) -> int:
-    """Writes to ``db`` about ``spans`` spans of the load's shapes (``generate_spans``), a million
-    an hour, in ingest order, the newest ingested five minutes before now: the store of a staging
-    target that has run for that many hours, which serve then starts on (a restart). Runs on it
-    show what a round and serve's memory cost once the store has outgrown the report window (a
-    store grown by the soak itself only reaches ~24M spans in 20 minutes). Returns the spans stored."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """Writes to ``db`` about ``spans`` spans of the load's shapes (``build_store``), a million
+    an hour (``GENERATE_CHUNK_SPANS``), in ingest order, the newest ingested five minutes before
+    now: the store of a staging target that has run for that many hours, which serve then starts
+    on (a restart). Runs on it show what a round and serve's memory cost once the store has
+    outgrown the report window (a store grown by the soak itself only reaches ~24M spans in 20
+    minutes). Returns the spans stored."""
+    from bench import analysis
 
-    from bench.analysis import BASE_NS, generate_spans
-    from hourglass.collector.duckdb_store import DuckDBSpanStore
-
-    hours = math.ceil(spans / SEED_CHUNK_SPANS)
+    hours = math.ceil(spans / analysis.GENERATE_CHUNK_SPANS)
     newest = time.time_ns() - 300 * 10**9
-    store = DuckDBSpanStore(str(db))
-    try:
-        first_trace = 0
-        for hour in range(hours):
-            size = min(SEED_CHUNK_SPANS, spans - hour * SEED_CHUNK_SPANS)
-            table = generate_spans(size, seed=1_000 + hour, first_trace=first_trace)
-            first_trace += size  # (more than the chunk's traces: ids never collide)
-            shift = pa.scalar(newest - (hours - hour) * 3_600 * 10**9 - BASE_NS, pa.int64())
-            for name in ("start_ns", "end_ns", "ingested_ns"):
-                at = table.schema.get_field_index(name)
-                table = table.set_column(at, table.schema.field(at), pc.add(table.column(name), shift))
-            table = table.sort_by("ingested_ns")
-            for offset in range(0, table.num_rows, 250_000):
-                store.write(table.slice(offset, 250_000))
-            del table
-        return int(store.stats().spans)
-    finally:
-        store.close()
+    stored, _ = analysis.build_store(
+        db, spans, shift_ns=lambda hour: newest - (hours - hour) * 3_600 * 10**9 - analysis.BASE_NS
+    )
+    return stored
 
 
 def _spans(text: str) -> int:

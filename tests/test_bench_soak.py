@@ -94,13 +94,13 @@ def test_a_seeded_store_holds_the_spans_asked_in_ingest_order_before_now(tmp_pat
     inside its ingest hour, so serve's retention keeps them and its rounds see them settled."""
     import duckdb
 
-    from bench import soak_serve
+    from bench import analysis, soak_serve
 
-    soak_serve.SEED_CHUNK_SPANS, saved = 3_000, soak_serve.SEED_CHUNK_SPANS
+    analysis.GENERATE_CHUNK_SPANS, saved = 3_000, analysis.GENERATE_CHUNK_SPANS
     try:
         stored = soak_serve.seed_store(tmp_path / "seed.duckdb", 6_000)
     finally:
-        soak_serve.SEED_CHUNK_SPANS = saved
+        analysis.GENERATE_CHUNK_SPANS = saved
     assert 5_000 <= stored <= 7_000
     con = duckdb.connect(str(tmp_path / "seed.duckdb"), read_only=True)
     ingested = [r[0] for r in con.execute("SELECT ingested_ns FROM spans ORDER BY rowid").fetchall()]
