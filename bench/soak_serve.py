@@ -563,10 +563,10 @@ def soak(
 
         started_seed = time.monotonic()
         seeded = seed_store(db, args.stored)
+        hours = math.ceil(args.stored / GENERATE_CHUNK_SPANS)
         print(
-            f"seeded the store with {seeded:,} spans ingested over the "
-            f"{math.ceil(args.stored / GENERATE_CHUNK_SPANS)} "
-            f"hours before the run ({time.monotonic() - started_seed:.0f} s)",
+            f"seeded the store with {seeded:,} spans ingested over the {hours} hour{'s' if hours > 1 else ''}"
+            f" before the run ({time.monotonic() - started_seed:.0f} s)",
             flush=True,
         )
     serve_started = time.time()
