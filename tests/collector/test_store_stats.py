@@ -432,7 +432,7 @@ def test_retention_whose_ranges_update_fails_still_deletes_and_counts_right(
     _check_ranges(store)
 
 
-@pytest.mark.parametrize("run_max", [None, 64])
+@pytest.mark.parametrize("run_max", [None, 512])
 def test_trace_ranges_widen_and_insert_in_hash_order(
     run_max: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -440,7 +440,7 @@ def test_trace_ranges_widen_and_insert_in_hash_order(
     (searched by ``ranges``): checked against a dict over 50 additions that repeat a third of
     the hashes held, hashes above 2^63 included; each range is the true one widened to whole
     seconds (what it keeps: 32-bit seconds), never narrower. ``remove`` drops hashes and keeps
-    the others' ranges. ``run_max``: runs so small that the first ranges are split over many
+    the others' ranges. ``run_max``: runs so small that the first ranges are split over two
     and merges stop at the cap."""
     import numpy as np
 
