@@ -906,6 +906,9 @@ class IncrementalAnalysis:
             log.warning("incremental analysis: %s belongs to another store file; starting afresh", sidecar)
             _remove_state(sidecar)
         self.db = duckdb.connect(sidecar or ":memory:")
+        # (DuckDB's progress bar, on stderr for a query over 2 s: a tally rebuilt on a restart drew
+        # one in serve's log)
+        self.db.execute("SET enable_progress_bar = false")
         self.db.execute("SET threads TO 1")
         self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
         self.db.execute(

@@ -458,7 +458,9 @@ def trace_parts_of(source: Source, trace_ids: list[str], parts: int) -> pl.DataF
         return None
     import duckdb
 
-    connection = duckdb.connect()
+    from hourglass.collector.duckdb_store import quiet
+
+    connection = quiet(duckdb.connect())
     try:
         connection.register("ids", pa.table({"trace_id": pa.array(trace_ids, type=pa.string())}))
         table = connection.sql(

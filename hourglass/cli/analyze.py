@@ -189,12 +189,12 @@ class _FileStore:
 
         import duckdb
 
-        from hourglass.collector.duckdb_store import DuckDBSpanStore
+        from hourglass.collector.duckdb_store import DuckDBSpanStore, quiet
 
         self.folder = tempfile.mkdtemp(prefix="hourglass-files-")
         self.path = os.path.join(self.folder, "spans.duckdb")
         self.store = DuckDBSpanStore(self.path)
-        self.origins = duckdb.connect(os.path.join(self.folder, "origins.duckdb"))
+        self.origins = quiet(duckdb.connect(os.path.join(self.folder, "origins.duckdb")))
         self.origins.execute(f"SET memory_limit = '{FILE_ORIGINS_MEMORY_LIMIT}'")
         self.origins.execute("SET threads TO 1")
         self.origins.execute(
@@ -633,6 +633,8 @@ class EarlyWorkers:
             import duckdb
 
             connection = duckdb.connect(path, read_only=True)
+            # (as ``duckdb_store.quiet``, not imported yet: it imports pyarrow)
+            connection.execute("SET enable_progress_bar = false")
         except Exception:  # (not a store, held by a writer: the run says it)
             return None
         try:

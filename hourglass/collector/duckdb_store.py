@@ -687,6 +687,15 @@ def _string_array(values: Sequence[str]) -> pa.Array:
     return pa.LargeStringArray.from_buffers(len(encoded), pa.py_buffer(offsets), data).cast(pa.string())
 
 
+def quiet(connection: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """``connection`` (and the cursors it opens) without DuckDB's progress bar, which the Python
+    client draws on stderr for any query over two seconds: into serve's log (a tally rebuilt on a
+    restart drew one there), and over the CLI's own bar. (A session setting: DuckDB refuses it
+    in ``connect``'s config.)"""
+    connection.execute("SET enable_progress_bar = false")
+    return connection
+
+
 def read_partition_file(
     path: str,
     *,
@@ -712,7 +721,7 @@ def read_partition_file(
         # Arrow's sort of the three keys: a third of the CPU of DuckDB's ORDER BY over an Arrow
         # table (measured at 1M spans in 6 partitions: 0.33 s against 1.29)
         return _in_order(rows, selected, string_views=string_views)
-    with duckdb.connect(config={"threads": 1}) as cursor:
+    with quiet(duckdb.connect(config={"threads": 1})) as cursor:
         cursor.register("partition_rows", rows)
         return _read_rows(cursor, selected, "partition_rows", [], string_views=string_views)
 
@@ -862,8 +871,8 @@ class DuckDBSpanStore:
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if self.read_only:
-            return duckdb.connect(self.path, read_only=True, config=self._config)
-        return duckdb.connect(self.path, config=self._config)
+            return quiet(duckdb.connect(self.path, read_only=True, config=self._config))
+        return quiet(duckdb.connect(self.path, config=self._config))
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         if self._closed:

@@ -49,6 +49,7 @@ def connection(near: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     with tempfile.TemporaryDirectory(prefix="sort-", dir=near) as temp:
         con = duckdb.connect()
         try:
+            con.execute("SET enable_progress_bar = false")  # (not on the worker's stderr)
             con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
             con.execute("SET threads = 2")
             con.execute("SET preserve_insertion_order = false")
