@@ -152,15 +152,38 @@ def test_serve_report_equals_the_cli_and_follows_late_spans_and_restarts(tmp_pat
         _stop(server)
     cli = _cli_report(server.db)
     _assert_same_recommendations(late, cli)
+    tally = _tally_marks(server.db)
 
-    # A restart on the same store resumes from the stored extraction: nothing is read again.
+    # A restart on the same store resumes from the stored extraction: nothing is read again. Nor
+    # is every stored row read again for the per-trace tally: the store's clean close kept the
+    # marks the tally is valid against (``DuckDBSpanStore._seal``), so a round after the restart
+    # goes on with the same epoch instead of rebuilding the tally under a new one.
     with running_server(tmp_path, settle="1s") as again:
         resumed = _wait_for_report(again, traces=20, spans=server.sent_spans + 1)
         figures = _analysis(again)["incremental_round"]
         assert figures["settled_new_traces"] == 0 and figures["dirty_batches"] == 0, figures
         assert figures["partitions_read"] == 0, figures
         _assert_same_recommendations(resumed, cli)
+        deadline = time.monotonic() + 60
+        while _analysis(again)["runs"] < 1:  # (a round of this run, not the report kept from the last)
+            assert time.monotonic() < deadline, again.log_tail()
+            time.sleep(0.2)
         _stop(again)
+    after = _tally_marks(server.db)
+    assert after["tally_epoch"] == tally["tally_epoch"] and after["tally_upto"] >= tally["tally_upto"], (tally, after)
+
+
+def _tally_marks(db: Path) -> dict[str, int]:
+    """The incremental sidecar's tally marks (its bound, and the store epoch it is valid in)."""
+    import duckdb
+
+    from hourglass.analysis.incremental import sidecar_path
+
+    with duckdb.connect(sidecar_path(str(db)), read_only=True) as con:
+        rows = con.execute("SELECT key, value FROM meta WHERE key IN ('tally_epoch', 'tally_upto')").fetchall()
+    marks = {str(k): int(v) for k, v in rows}
+    assert set(marks) == {"tally_epoch", "tally_upto"}, marks
+    return marks
 
 
 def test_full_reanalysis_switch_gives_the_same_recommendations(tmp_path: Path) -> None:
