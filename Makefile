@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak bench-serve-whole clean
+.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak bench-restart bench-serve-whole clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ bench-files: install bytecode
 # beside the whole-store re-analysis (HOURGLASS_INCREMENTAL_ANALYSIS=false). QUICK=1: 2 minutes each.
 bench-soak: install bytecode
 	$(PY) -m bench.soak_serve $(if $(QUICK),--quick,)
+
+# `hourglass serve` restarted on a 10M-span store after a clean stop (its figures kept) and after a
+# crash (rebuilt from every row, the baseline): until listening, until its first round ends
+bench-restart: install bytecode
+	$(PY) -m bench.restart_serve --stored 10M
 
 # `hourglass serve`'s whole-store analysis of a 1M-span embedded ClickHouse store (not incremental):
 # in partitions within the memory budget, beside the store analysed at once (the baseline)
