@@ -560,3 +560,37 @@ def test_the_maintenance_reopens_the_store_after_enough_rows_and_says_so_once_at
         assert store.scan().num_rows == 1  # (the same span twice: one kept)
     finally:
         store.close()
+
+
+def test_the_store_size_is_said_after_the_listening_lines(tmp_path: Path) -> None:
+    """The receivers take spans before the store is counted, and a count after a crash reads
+    every row (seconds at 10M spans): serve says it is listening at once, and the store's size
+    when counted."""
+    db, log = tmp_path / "s.duckdb", tmp_path / "serve.log"
+    with DuckDBSpanStore(str(db)) as store:
+        store.write(_stored_rows(3, spans=4))
+    server = start_serve(db, log)
+    try:
+        deadline = time.monotonic() + 30
+        while "holds" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = log.read_text().splitlines()
+        said = [i for i, line in enumerate(lines) if "holds 12 spans, 3 traces" in line]
+        listening = [i for i, line in enumerate(lines) if "REST API listening" in line]
+        assert said and listening and listening[0] < said[0], lines
+        assert server.stop() == 0
+    finally:
+        _kill(server.process)
+
+
+def _stored_rows(traces: int, spans: int) -> Any:
+    from tests.builders import TraceBuilder, spans_table
+
+    built = []
+    for _ in range(traces):
+        b = TraceBuilder(base_ns=time.time_ns() - 60 * 10**9)
+        root = b.span("GET /", start_ms=0, dur_ms=10)
+        for k in range(spans - 1):
+            b.span(f"child {k}", parent=root, start_ms=1 + k, dur_ms=1)
+        built.append(b)
+    return spans_table(built)
