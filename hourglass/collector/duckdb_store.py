@@ -507,6 +507,22 @@ _SEAL_VERSION = 1
 _FINGERPRINT_SQL = "SELECT count(*), min(ingested_ns), max(ingested_ns) FROM spans"
 
 
+def _numpy_copy(column: pa.ChunkedArray, dtype: str) -> Any:
+    """``column`` (a fixed-width type, no nulls) as a writable numpy array of its own, from its
+    buffer: Arrow's ``to_numpy`` imports pandas, which ``analyze --format json`` loads nowhere else."""
+    import numpy as np
+
+    array = column.combine_chunks()
+    if array.null_count:
+        raise ValueError(f"{column.type} column with {array.null_count} nulls")
+    kind = np.dtype(dtype)
+    if not len(array):
+        return np.zeros(0, dtype=kind)
+    return np.frombuffer(
+        array.buffers()[1], dtype=kind, count=len(array), offset=array.offset * kind.itemsize
+    ).copy()
+
+
 def _create_table_sql() -> str:
     columns = []
     for f in SPAN_SCHEMA:
@@ -2425,13 +2441,20 @@ class DuckDBSpanStore:
             self._con.execute(f"DROP TABLE IF EXISTS {_SEAL_RANGES}")
             if ranges is not None:
                 runs = ranges.runs
-                table = pa.table(
-                    {
-                        "run": np.repeat(np.arange(len(runs), dtype=np.int32), [len(r.keys) for r in runs]),
-                        "h": np.concatenate([r.keys for r in runs]) if runs else np.zeros(0, np.uint64),
-                        "first": np.concatenate([r.first for r in runs]) if runs else np.zeros(0, np.int32),
-                        "last": np.concatenate([r.last for r in runs]) if runs else np.zeros(0, np.int32),
-                    }
+                columns = {
+                    "run": np.repeat(np.arange(len(runs), dtype=np.int32), [len(r.keys) for r in runs]),
+                    "h": np.concatenate([r.keys for r in runs]) if runs else np.zeros(0, np.uint64),
+                    "first": np.concatenate([r.first for r in runs]) if runs else np.zeros(0, np.int32),
+                    "last": np.concatenate([r.last for r in runs]) if runs else np.zeros(0, np.int32),
+                }
+                # (from the arrays' buffers: ``pa.array`` of a numpy array imports pandas, which
+                # ``analyze --format json`` does not load otherwise)
+                table = pa.Table.from_arrays(
+                    [
+                        pa.Array.from_buffers(pa.from_numpy_dtype(v.dtype), len(v), [None, pa.py_buffer(v)])
+                        for v in columns.values()
+                    ],
+                    names=list(columns),
                 )
                 self._con.from_arrow(table).create(_SEAL_RANGES)
             self._con.execute("COMMIT")
@@ -2447,7 +2470,11 @@ class DuckDBSpanStore:
             held = self._con.sql(
                 f"SELECT h, first, last FROM {_SEAL_RANGES} WHERE run = {int(run)}"
             ).to_arrow_table()
-            yield held.column("h").to_numpy(), held.column("first").to_numpy(), held.column("last").to_numpy()
+            yield (
+                _numpy_copy(held.column("h"), "uint64"),
+                _numpy_copy(held.column("first"), "int32"),
+                _numpy_copy(held.column("last"), "int32"),
+            )
 
     def _unseal(self) -> None:
         """At a read-write open: the figures the last clean close kept (:meth:`_seal`), taken up
