@@ -2437,7 +2437,9 @@ class DuckDBSpanStore:
         self._con.execute("BEGIN TRANSACTION")
         try:
             self._con.execute(f"CREATE OR REPLACE TABLE {_SEAL} (version INTEGER, state VARCHAR)")
-            self._con.execute(f"INSERT INTO {_SEAL} VALUES (?, ?)", [_SEAL_VERSION, json.dumps(state)])
+            self._con.execute(
+                f"INSERT INTO {_SEAL} VALUES (?, ?)", [_SEAL_VERSION, json.dumps(state, default=int)]
+            )
             self._con.execute(f"DROP TABLE IF EXISTS {_SEAL_RANGES}")
             if ranges is not None:
                 runs = ranges.runs

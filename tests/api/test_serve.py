@@ -85,7 +85,8 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 def _wait_until_serving(process: subprocess.Popen[bytes], db: Path, log: Path) -> Serve:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace").split("hourglass: store")[-1]
+        # (the last run's lines: a restart appends to the same log; its gRPC line comes first)
+        text = "OTLP/gRPC listening on" + log.read_text(errors="replace").split("OTLP/gRPC listening on")[-1]
         found = {
             "grpc": re.search(r"OTLP/gRPC listening on (\S+)", text),
             "http": re.search(r"OTLP/HTTP listening on (\S+)", text),
