@@ -2416,7 +2416,7 @@ class DuckDBSpanStore:
         its first report), counted every span and trace again and compacted every trace. With a
         fingerprint of the rows (count, first and last ingest time), so that rows changed by
         something else while the store was closed are not taken for these. (Under the write
-        lock, everything loaded: the last thing before the checkpoint.)"""
+        lock, everything loaded and checkpointed: the last thing ``close`` writes.)"""
         import numpy as np
 
         (rows, first, last) = self._con.execute(_FINGERPRINT_SQL).fetchall()[0]
