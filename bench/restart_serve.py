@@ -81,37 +81,22 @@ def restart(db: Path, log: Path, *, then_kill: bool, timeout: float) -> dict[str
     }
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _crash(pid: int) -> None:
     """serve killed as a crash kills it (SIGKILL, nothing of its shutdown runs), then its analysis
     worker given the time to notice and exit (it watches its parent), as it does after a crash."""
-    children = _children(pid)
+    import psutil  # (as bench.soak_serve, which reads serve's process tree)
+
+    def running(child: psutil.Process) -> bool:  # (an exited child not reaped yet, a zombie, is not)
+        try:
+            return child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    children = psutil.Process(pid).children()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+    while any(running(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (an exited process not reaped yet, a zombie, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def catch_up(db: Path, log: Path, timeout: float) -> None:
