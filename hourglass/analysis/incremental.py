@@ -83,6 +83,7 @@ from hourglass.analysis.endpoint_path import (
 )
 from hourglass.analysis.model import Finding, Occurrence, Occurrences, TraceRoots
 from hourglass.analysis.spill import SPILLABLE, BucketFiles, Buckets, Spill, write_whole
+from hourglass.collector.duckdb_store import quiet
 
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
@@ -905,10 +906,7 @@ class IncrementalAnalysis:
             # the span store was deleted and created again: this state describes other traces
             log.warning("incremental analysis: %s belongs to another store file; starting afresh", sidecar)
             _remove_state(sidecar)
-        self.db = duckdb.connect(sidecar or ":memory:")
-        # (DuckDB's progress bar, on stderr for a query over 2 s: a tally rebuilt on a restart drew
-        # one in serve's log)
-        self.db.execute("SET enable_progress_bar = false")
+        self.db = quiet(duckdb.connect(sidecar or ":memory:"))
         self.db.execute("SET threads TO 1")
         self.db.execute(f"SET memory_limit = '{SIDECAR_MEMORY_LIMIT}'")
         self.db.execute(

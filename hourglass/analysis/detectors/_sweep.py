@@ -38,6 +38,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from hourglass.collector.duckdb_store import quiet
+
 BATCH_ROWS = 1 << 18  # rows per record batch read from DuckDB (tests lower it to cross chunk cuts)
 MEMORY_LIMIT = "256MB"  # DuckDB's own, for the sort (it spills to the bucket folder beyond it)
 
@@ -47,9 +49,8 @@ def connection(near: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """One DuckDB connection for a whole decision (opening one costs tens of ms), its sorts
     spilling to a temporary folder beside ``near`` (removed afterwards)."""
     with tempfile.TemporaryDirectory(prefix="sort-", dir=near) as temp:
-        con = duckdb.connect()
+        con = quiet(duckdb.connect())
         try:
-            con.execute("SET enable_progress_bar = false")  # (not on the worker's stderr)
             con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
             con.execute("SET threads = 2")
             con.execute("SET preserve_insertion_order = false")
