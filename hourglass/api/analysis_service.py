@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import pickle
 import threading
 import time
@@ -62,7 +63,7 @@ import pyarrow as pa
 from hourglass.analysis import memlog
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.writers import select_writer
-from hourglass.api import report_html, server_memory
+from hourglass.api import kept_report, report_html, server_memory
 from hourglass.api.analysis_snapshot import ReportSnapshot, dumps
 from hourglass.api.analysis_worker import (
     AnalysisWorker,
@@ -176,9 +177,18 @@ class AnalysisService:
         self._failures = 0
         self._generation = 0
         self._windows: OrderedDict[tuple[int, int], ReportSnapshot] = OrderedDict()
+        # the last report kept beside the store for a restart (kept_report): where and with what
+        # key (None: not worked out yet; False: nothing kept for this store), and when last kept
+        self._keeping: tuple[str, dict[str, Any]] | bool | None = None
+        self._background = False  # start() ran: a service that lives on (serve's), not one read
+        self._kept: tuple[int, float] | None = None  # (generation, monotonic time) of the last kept
+        self._keep_lock = threading.Lock()
         # Called after every background/requested run with (outcome "ok"|"failed", seconds, snapshot
         # or None): the /metrics counters (api.metrics). A listener's error is logged, never raised.
         self.run_listeners: list[Callable[[str, float, ReportSnapshot | None], None]] = []
+        # what this service tells the person running it (serve: a line on its output, as the
+        # store's size); the log at INFO otherwise
+        self.say: Callable[[str], None] = log.info
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -186,6 +196,7 @@ class AnalysisService:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        self._background = True  # (its reports are kept for a restart: kept_report)
         if self._worker is not None:
             self._worker.start()
         self._thread = threading.Thread(target=self._loop, name="hourglass-analysis", daemon=True)
@@ -201,6 +212,9 @@ class AnalysisService:
         page = self._page_thread
         if page is not None:
             page.join(timeout)  # it reads the store, which the caller closes next
+        snapshot = self._snapshot
+        if snapshot is not None:  # the report a restart serves until its first round
+            self._keep(snapshot, now=True)
         if self._cluster_connection is not None:
             self._cluster_connection.close()
             self._cluster_connection = None
@@ -211,6 +225,7 @@ class AnalysisService:
 
     def _loop(self) -> None:
         lower_priority_of_this_thread()  # its store scans run in this thread (one DuckDB thread)
+        self._restore_kept()
         last_seen: int | None = None
         last_change = time.monotonic()
         first = True
@@ -658,6 +673,7 @@ class AnalysisService:
             )
         if self.render_html:
             self._render_page_soon(snapshot)
+        self._keep(snapshot)
         started = time.perf_counter()
         if self.freeze_gc:
             # A long-lived report is ~100k Python objects at 1M spans; every full collection would
@@ -672,6 +688,76 @@ class AnalysisService:
             if self._generation == snapshot.generation:
                 self._last_stages_s["release"] = time.perf_counter() - started
         return snapshot
+
+    def _keep_where(self) -> tuple[str, dict[str, Any]] | None:
+        """Where this store's report is kept and the key it is kept with (None: a store that is
+        not a file of this machine, or no ``pread`` to read a kept index with)."""
+        if self._keeping is None:
+            self._keeping = False
+            path = getattr(self.store, "path", None)
+            if isinstance(path, str) and hasattr(os, "pread"):
+                from hourglass.analysis.incremental import sidecar_path
+
+                sidecar = sidecar_path(path)
+                # (who writes the texts, without making the writer: the agent's SDK is the
+                # worker's import, not the server's)
+                writer = (
+                    type(self._writer).__name__
+                    if self._writer_resolved
+                    else ("agent" if os.environ.get("ANTHROPIC_API_KEY") else "template")
+                )
+                key = kept_report.key_of(path, self._settings, writer) if sidecar else None
+                if sidecar and key is not None:
+                    self._keeping = (kept_report.folder_of(sidecar), key)
+        return self._keeping if isinstance(self._keeping, tuple) else None
+
+    def _restore_kept(self) -> None:
+        """Serve the report kept by the last process of this store (:mod:`kept_report`) until the
+        first round of this one replaces it; its generation goes on from there."""
+        try:
+            where = self._keep_where()
+            restored = kept_report.restore(*where) if where is not None else None
+        except Exception:  # (never in the way of the rounds: they make a report anyway)
+            log.warning("could not look for a kept report", exc_info=True)
+            return
+        if restored is None:
+            return
+        with self._state_lock:
+            if self._snapshot is not None:  # a round was quicker
+                return
+            self._snapshot = restored
+            self._generation = max(self._generation, restored.generation)
+            # (kept already; the first round of this run is kept at once: a crash then restores it)
+            self._kept = (restored.generation, float("-inf"))
+        self._first_done.set()  # (readers waiting for a first report take this one)
+        self.say(
+            f"serving the report kept at {_iso(restored.finished_at)} (analysis {restored.generation},"
+            f" {len(restored.by_id)} recommendations) until this run's first analysis"
+        )
+
+    def _keep(self, snapshot: ReportSnapshot, *, now: bool = False) -> None:
+        """Keep ``snapshot`` for a restart when ``KEEP_EVERY_S`` passed since the last one kept
+        (``now``: at once, as serve stops); a restored one, or one kept already, is not kept
+        again. A failure is logged: the rounds go on, and a restart waits for its first one."""
+        if snapshot.reason == kept_report.RESTORED or not self._background:
+            return
+        with self._keep_lock:
+            kept = self._kept
+            if kept is not None and (
+                kept[0] >= snapshot.generation
+                or (not now and time.monotonic() - kept[1] < kept_report.KEEP_EVERY_S)
+            ):
+                return
+            where = None
+            try:
+                where = self._keep_where()
+                if where is None:
+                    return
+                kept_report.save(where[0], snapshot, where[1])
+            except Exception as exc:
+                folder = where[0] if where is not None else "the store's folder"
+                log.warning("could not keep the report for a restart in %s (%s)", folder, exc)
+            self._kept = (snapshot.generation, time.monotonic())
 
     def _render_page_soon(self, snapshot: ReportSnapshot) -> None:
         """Render the report page of ``snapshot`` in the page thread (started when none runs): it
@@ -773,9 +859,10 @@ class AnalysisService:
                 return cached[1]
             exemplars = build_exemplars(snapshot.report, self.store.trace, snapshot.trace_index)
             generated = datetime.fromtimestamp(snapshot.finished_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-            page = report_html.render_report_html(
-                snapshot.report, exemplars, source=f"analysis #{snapshot.generation}, finished {generated}"
-            ).encode()
+            source = f"analysis #{snapshot.generation}, finished {generated}"
+            if snapshot.reason == kept_report.RESTORED:
+                source += ", kept from before serve restarted (the next analysis replaces it)"
+            page = report_html.render_report_html(snapshot.report, exemplars, source=source).encode()
             if self._html is None or self._html[0] <= snapshot.generation:
                 self._html = (snapshot.generation, page)
             return page
@@ -811,6 +898,9 @@ class AnalysisService:
                     for k, v in self._last_reads.items()
                 },
                 "last_reason": snapshot.reason if snapshot else None,
+                # the report served is the one kept by the last process of this store, until the
+                # first round of this one (kept_report)
+                "restored": snapshot is not None and snapshot.reason == kept_report.RESTORED,
                 "spans_at_last_run": snapshot.spans_in_store if snapshot else None,
                 "last_error": self._last_error,
                 "last_error_at": _iso(self._last_error_at),

@@ -259,6 +259,11 @@ class AnalysisStatus(_Open):
     last_finished_at: str | None
     last_duration_ms: float | None
     last_reason: str | None
+    restored: bool = Field(
+        False,
+        description="The report served is the one the last serve of this store kept, until this "
+        "process's first analysis replaces it (last_reason 'restored')",
+    )
     spans_at_last_run: int | None
     last_error: str | None
     last_error_at: str | None

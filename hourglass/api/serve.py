@@ -314,6 +314,7 @@ async def _serve_async(
         )
     )
     api_app = create_app(store, settings=settings, ingest=pipeline)
+    api_app.state.analysis.say = _say  # (a kept report served after a restart: said with the rest)
     self_tracing: SelfTracing | None = None
     api_server = _Server(
         uvicorn.Config(

@@ -159,15 +159,15 @@ def test_serve_report_equals_the_cli_and_follows_late_spans_and_restarts(tmp_pat
     # marks the tally is valid against (``DuckDBSpanStore._seal``), so a round after the restart
     # goes on with the same epoch instead of rebuilding the tally under a new one.
     with running_server(tmp_path, settle="1s") as again:
+        deadline = time.monotonic() + 60
+        while _analysis(again)["runs"] < 1:  # (a round of this run, not the report kept from the last)
+            assert time.monotonic() < deadline, again.log_tail()
+            time.sleep(0.2)
         resumed = _wait_for_report(again, traces=20, spans=server.sent_spans + 1)
         figures = _analysis(again)["incremental_round"]
         assert figures["settled_new_traces"] == 0 and figures["dirty_batches"] == 0, figures
         assert figures["partitions_read"] == 0, figures
         _assert_same_recommendations(resumed, cli)
-        deadline = time.monotonic() + 60
-        while _analysis(again)["runs"] < 1:  # (a round of this run, not the report kept from the last)
-            assert time.monotonic() < deadline, again.log_tail()
-            time.sleep(0.2)
         _stop(again)
     after = _tally_marks(server.db)
     assert after["tally_epoch"] == tally["tally_epoch"] and after["tally_upto"] >= tally["tally_upto"], (tally, after)
