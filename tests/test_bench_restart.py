@@ -1,6 +1,7 @@
 """``bench.restart_serve`` run as a user runs it, on a small store: serve restarted after a clean
 stop goes on from what the store's close kept, after a crash it rebuilds the incremental tally
-from every row (the worker's ``bounds`` read: the ingest ranges of that rebuild)."""
+from every row (the worker's ``bounds`` read: the ingest ranges of that rebuild); after either,
+the report the last process kept is served until the first round."""
 
 from __future__ import annotations
 
@@ -45,3 +46,8 @@ def test_the_restart_benchmark_shows_the_kept_figures_and_the_crash_baseline(tmp
     assert "bounds" in crash["reads"], crash  # the tally rebuilt from every row
     assert "bounds" not in clean["reads"], clean
     assert clean["first_round_s"] > clean["listening_s"] > 0
+    # the report the last process kept is served until the first round (whose generation goes
+    # on from it: a first round of its own was generation 1), after a clean stop and a crash alike
+    for run in (clean, crash):
+        assert 0 < run["report_s"] <= run["first_round_s"], run
+        assert run["round_generation"] > run["report_generation"] > 1, run
