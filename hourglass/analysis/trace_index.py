@@ -502,6 +502,26 @@ class _StoredFile:
             self.fd = None
 
 
+def _copy_file(source: _StoredFile, fd: int) -> None:
+    """The whole of ``source`` (open) written to ``fd`` by the kernel (``copy_file_range``), else
+    read and written a piece at a time: never the whole file in this process's memory."""
+    assert source.fd is not None
+    size = os.fstat(source.fd).st_size
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        with contextlib.suppress(OSError):  # (not between these file systems: piece by piece)
+            while done < size:
+                copied = os.copy_file_range(source.fd, fd, size - done, done, done)
+                if copied <= 0:
+                    break
+                done += copied
+    while done < size:
+        done += os.pwrite(fd, source.read(done, min(_COPY_PIECE, size - done)), done)
+
+
+_COPY_PIECE = 8 << 20
+
+
 class _StoredArray:
     """A one-dimensional array in a :class:`_StoredFile`, read per access: an element, a slice
     (as numpy gives them) or, in :meth:`searchsorted`, the elements of a binary search."""
@@ -1422,6 +1442,20 @@ class TraceIndex:
         the file (:meth:`open_stored`) and reads what each lookup needs. The file is the
         reader's to remove (``open_stored(consume=True)``); an error writing it removes it."""
         fd, path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=folder)
+        source = self._one_stored_file()
+        if source is not None:  # stored already: its file copied by the kernel, not read in here
+            try:
+                _copy_file(source, fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            finally:
+                os.close(fd)
+            file = _StoredFile(path)
+            copied = {name: getattr(self, name) for name in _ARRAYS}
+            moved = {name: _StoredArray(file, a.offset, a.dtype, a.length) for name, a in copied.items()}
+            return dataclasses.replace(self, **moved), path  # type: ignore[arg-type]
         file = _StoredFile(path)
         arrays: dict[str, _StoredArray] = {}
         try:
@@ -1440,6 +1474,17 @@ class TraceIndex:
                 os.unlink(path)
             raise
         return dataclasses.replace(self, **arrays), path  # type: ignore[arg-type]
+
+    def _one_stored_file(self) -> _StoredFile | None:
+        """The open file every per-trace array of this index is read from (None: some are held,
+        or the file is not open)."""
+        files = {
+            id(v.file): v.file for v in (getattr(self, n) for n in _ARRAYS) if isinstance(v, _StoredArray)
+        }
+        if len(files) != 1 or not all(isinstance(getattr(self, n), _StoredArray) for n in _ARRAYS):
+            return None
+        (file,) = files.values()
+        return file if file.fd is not None else None
 
     def stored_file(self) -> str | None:
         """The file this index reads its per-trace arrays from (:meth:`stored`, or :meth:`build`

@@ -115,6 +115,36 @@ def test_every_trace_answers_by_the_definition_also_after_pickling(tmp_path: Pat
     ]
 
 
+def test_a_stored_index_stored_again_is_its_file_copied_and_answers_the_same(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """What serve keeps for a restart (``kept_report``): the served index, whose arrays are read
+    from its open (unlinked) file, stored again: the file copied as it is, no array read into
+    memory, every trace answered as before; with the kernel's copy unavailable, piece by piece."""
+    from hourglass.analysis import trace_index
+
+    report, findings, traces = _case(12)
+    index = TraceIndex.build(report, findings)
+    (tmp_path / "served").mkdir()
+    served = _stored(index, tmp_path / "served")
+    read: list[int] = []
+    monkeypatch.setattr(trace_index._StoredArray, "__array__", lambda *a, **k: read.append(1))
+    for copy_file_range in (True, False):
+        if not copy_file_range:
+            monkeypatch.delattr(os, "copy_file_range", raising=False)
+            monkeypatch.setattr(trace_index, "_COPY_PIECE", 7)
+        folder = tmp_path / f"kept-{copy_file_range}"
+        folder.mkdir()
+        kept, path = served.stored(str(folder))
+        assert os.path.dirname(path) == str(folder) and not read
+        copy: TraceIndex = pickle.loads(pickle.dumps(kept))
+        copy.open_stored(consume=False)
+        assert os.path.exists(path)  # (kept for the next start)
+        for trace_id, spans in traces.items():
+            assert copy.touching(trace_id, spans) == index.touching(trace_id, spans), trace_id
+        assert copy.ranks == index.ranks and copy.evidence_spans == index.evidence_spans
+
+
 def test_the_per_trace_part_is_arrays_not_objects_per_trace() -> None:
     report, findings, _ = _case(12)
     index = TraceIndex.build(report, findings)
