@@ -488,6 +488,106 @@ def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Pa
     assert report == whole
 
 
+def test_exemplar_traces_beyond_what_is_held_together_are_read_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exemplar traces held together for the texts are bounded by spans (traces of tens of
+    thousands of spans each took the deciding process past its budget): with room for none, each
+    design reads its exemplar alone, and the report is the same as at once, designs included."""
+    from bench.analysis import generate_spans
+    from hourglass.analysis import partitions, pipeline, planning
+    from hourglass.analysis.pipeline import analyze
+    from hourglass.cli.analyze import _read_traces
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.collector.schema import ANALYSIS_COLUMNS
+
+    db = str(tmp_path / "spans.duckdb")
+    store = DuckDBSpanStore(db)
+    store.write(generate_spans(6_000, seed=11))
+    whole = analyze(store.scan(columns=ANALYSIS_COLUMNS, string_views=True), explain=True)
+    store.close()
+    reads: list[list[str]] = []
+
+    def read_traces(trace_ids: list[str]) -> Any:
+        reads.append(list(trace_ids))
+        return _read_traces(db, trace_ids)
+
+    monkeypatch.setattr(planning, "exemplar_spans", lambda spans, parts: 0)
+    executor = partitions.ProcessExecutor(1)
+    try:
+        report, _ = pipeline.analyze_partitioned(
+            partitions.StoreSource(db), 3, executor, read_traces=read_traces, explain=True
+        )
+    finally:
+        executor.close()
+    designs = [r for r in report["recommendations"] if (r.get("design") or {}).get("sequence")]
+    assert designs, "no design drew an exemplar"
+    alone = [ids for ids in reads if len(ids) == 1]
+    assert {r["evidence"]["trace_ids"][0] for r in designs} <= {ids[0] for ids in alone}
+    report.pop("generated_at"), whole.pop("generated_at")
+    assert report == whole
+
+
+def _big_traces(count: int, calls: int) -> Any:
+    """``count`` traces of a request making ``calls`` queries one after another (an N+1 over a
+    whole table), with fixed ids: which partition each falls in is the same in every run."""
+    from hourglass.collector.schema import KIND_CLIENT, KIND_SERVER
+    from tests.builders import TraceBuilder, spans_table
+
+    builders = []
+    for n in range(count):
+        b = TraceBuilder(service="reports", trace_id=f"{0xB16 << 112 | n:032x}")
+        root = b.span("GET /report", start_ms=0, dur_ms=calls + 5, kind=KIND_SERVER)
+        for i in range(calls):
+            b.span(
+                "SELECT items",
+                parent=root,
+                start_ms=1 + i,
+                dur_ms=0.9,
+                kind=KIND_CLIENT,
+                db_system="postgresql",
+                db_statement="SELECT * FROM items WHERE id = ?",
+            )
+        builders.append(b)
+    return spans_table(builders)
+
+
+def test_partitions_stay_within_the_plan_whatever_the_sizes_of_the_traces(tmp_path: Path) -> None:
+    """A few traces of thousands of spans among small ones: by the hash of their ids some
+    partitions of the planned count hold several, far more rows than a worker's room. The plan
+    takes as many more partitions as it needs for its largest to fit (its rows those a read of
+    that partition returns); ``analyze --db`` runs that plan, and its report is the same as at
+    once."""
+    from bench.analysis import generate_spans
+    from hourglass.analysis import planning
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    db = tmp_path / "spans.duckdb"
+    store = DuckDBSpanStore(str(db))
+    try:
+        store.write(generate_spans(100_000, seed=3))
+        store.write(_big_traces(12, 8_000))
+        spans = store.raw_row_count()
+        budget = 480 * 2**20  # one worker, 6 partitions planned by the spans alone
+
+        def largest(parts: int) -> int:
+            return max(store.scan_partition(p, parts, columns=("trace_id",)).num_rows for p in range(parts))
+
+        unbalanced = planning.plan(spans, budget, 2)
+        room = planning.worker_room(spans, budget, unbalanced.workers)
+        assert largest(unbalanced.parts) * planning.PEAK_BYTES_PER_SPAN > room  # (what the plan is for)
+        balanced = planning.plan(spans, budget, 2, loads=planning.loads_of(*store.trace_sizes()))
+        assert balanced.parts > unbalanced.parts and balanced.workers == unbalanced.workers
+        assert balanced.largest_part == largest(balanced.parts)
+        assert balanced.largest_part * planning.PEAK_BYTES_PER_SPAN <= room
+    finally:
+        store.close()
+    said: list[str] = []
+    report = _report(db, "--memory-budget", str(budget), stderr=said)
+    assert f" in {balanced.parts} partitions of whole traces" in said[0], said[0]
+    assert report == _report(db, "--partitions", "1")
+
+
 def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     store: Path, whole: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import memlog, partitions
+from hourglass.analysis import memlog, partitions, planning
 from hourglass.analysis.context import AnalysisContext, to_analysis_frame
 from hourglass.analysis.detectors import DETECTORS
 from hourglass.analysis.detectors._common import NearMissSink
@@ -330,7 +330,9 @@ class ContextView:
             facts = None
             if rec is not None and scored is not None:
                 try:
-                    facts = design_facts(self.ctx, scored.finding, scored.impact, rec, self.resources)
+                    ctx = self._context_of(rec)
+                    facts = design_facts(ctx, scored.finding, scored.impact, rec, self.resources)
+                    del ctx
                 except Exception:  # a design without diagrams beats no report
                     log.exception("design facts of %s failed", recommendation_id)
                 finally:
@@ -341,6 +343,10 @@ class ContextView:
                     scored.finding.occurrence_table.release()
             self._facts[recommendation_id] = facts
         return self._facts[recommendation_id]
+
+    def _context_of(self, rec: Mapping[str, Any]) -> AnalysisContext:
+        """The context a recommendation's design reads its exemplar traces from."""
+        return self.ctx
 
     def finding_evidence(self, recommendation_id: str) -> dict[str, Any] | None:
         rec = self._recs.get(recommendation_id)
@@ -490,9 +496,27 @@ class PartitionedView(ContextView):
         source: partitions.Source,
         parts: int,
         read_traces: Callable[[list[str]], pa.Table],
+        held: set[str] | None = None,
     ) -> None:
+        """``held``: the exemplar traces ``ctx`` holds (None: every one; else the others are read
+        when a design asks for one, a trace at a time: :func:`_exemplars_held`)."""
         super().__init__(ctx, report, ranked, resources)
         self._source, self._parts, self._read_traces = source, parts, read_traces
+        self._held = held
+
+    def _context_of(self, rec: Mapping[str, Any]) -> AnalysisContext:
+        """The shared context, unless the recommendation's first exemplar trace (the one its
+        design draws: :func:`sequence.design_facts`) is not held there: then a context of that
+        trace alone, read now and let go after the design, with the shared one's measured
+        figures (the calls' statistics, the scopes' languages)."""
+        trace_ids = [str(t) for t in (rec.get("evidence") or {}).get("trace_ids") or []]
+        if self._held is None or not trace_ids or trace_ids[0] in self._held:
+            return self.ctx
+        alone = AnalysisContext.from_table(self._read_traces(trace_ids[:1]))
+        for key in ("call_stats", "scope_languages"):
+            if key in self.ctx.cache:
+                alone.cache[key] = self.ctx.cache[key]
+        return alone
 
     def trace_spans(self, trace_id: str) -> pl.DataFrame:
         spans = self.ctx.trace_spans(trace_id)
@@ -676,6 +700,61 @@ def _run_sources(
             _beside(split.remove)  # the process waits for it before it exits
         elif later is not None:  # (once written: a run that failed first waits for it here)
             _beside(lambda: _remove_split(later))
+
+
+def _exemplar_ids(report: Mapping[str, Any]) -> list[str]:
+    """The recommendations' exemplar trace ids: in rank order, each recommendation's in its order."""
+    wanted = [
+        str(t)
+        for r in report.get("recommendations") or []
+        for t in (r.get("evidence") or {}).get("trace_ids") or []
+    ]
+    return list(dict.fromkeys(wanted))
+
+
+def _exemplars_held(ordered: list[str], counts: Mapping[str, int], limit: int) -> set[str]:
+    """Of the exemplar traces ``ordered`` (:func:`_exemplar_ids`), those read together for the
+    recommendations' texts: every one whose spans (``counts``) still fit in ``limit`` with those
+    taken before. Exemplars of a few spans all fit (one read of the store for all); traces of tens
+    of thousands of spans each (a batch job, an N+1 over a whole table) would not: held together
+    they took the deciding process to 1.3 GiB at 3M spans. The others are read a trace at a time
+    when a design draws one (``PartitionedView``)."""
+    held: set[str] = set()
+    total = 0
+    for trace_id in ordered:
+        spans = int(counts.get(trace_id) or 0)
+        if total + spans <= limit:
+            held.add(trace_id)
+            total += spans
+    return held
+
+
+def _exemplar_context(
+    report: Mapping[str, Any],
+    traces: pl.DataFrame | Any,
+    limit: int,
+    read: Callable[[list[str]], pa.Table],
+) -> tuple[AnalysisContext, set[str] | None]:
+    """(the context of the exemplar traces held together, which those are: None for all of
+    them). Their spans are counted from the run's trace summaries (``traces``' ``span_count``);
+    without those (serve's compact ones) from the rows read, the ones not held let go before the
+    context is made of the others."""
+    ordered = _exemplar_ids(report)
+    if isinstance(traces, pl.DataFrame) and "span_count" in traces.columns:
+        found = traces.filter(pl.col("trace_id").is_in(pl.Series(ordered, dtype=pl.String).implode()))
+        counts = dict(zip(found["trace_id"].to_list(), found["span_count"].to_list(), strict=True))
+        held = _exemplars_held(ordered, counts, limit)
+        table = read(sorted(held))
+    else:
+        table = read(ordered)
+        ids = pl.from_arrow(table.select(["trace_id"]))
+        assert isinstance(ids, pl.DataFrame)
+        tallied = ids.group_by("trace_id").len()
+        counts = dict(zip(tallied["trace_id"].to_list(), tallied["len"].to_list(), strict=True))
+        held = _exemplars_held(ordered, counts, limit)
+        if len(held) < len(ordered):
+            table = _traces_of(table, sorted(held))
+    return AnalysisContext.from_table(table), None if len(held) == len(ordered) else held
 
 
 def _remove_prepared(prepared: partitions.Prepared, executor: object) -> None:
@@ -1003,15 +1082,22 @@ def _after_pricing(
     release()
     memlog.note("report made")
     step("writing the recommendations' texts")
-    if read is not None and set(exemplars) <= set(prefetched):
-        ctx = AnalysisContext.from_table(_traces_of(read, exemplars))
-    else:
-        ctx = AnalysisContext.from_table(read_traces(exemplars))
+    prefetched_all = read is not None and set(exemplars) <= set(prefetched)
+    ctx, held = _exemplar_context(
+        report,
+        extracted.traces,
+        planning.exemplar_spans(extracted.spans, parts),
+        partial(_traces_of, read) if prefetched_all else read_traces,
+    )
     del read
-    memlog.note("the exemplars' traces read")
+    memlog.note(
+        f"the exemplars' traces read ({len(exemplars) if held is None else len(held)} of {len(exemplars)})"
+    )
     ctx.cache["call_stats"] = call_stats
     ctx.cache["scope_languages"] = scope_languages(extracted.services)
-    write_texts(report, writer, PartitionedView(ctx, report, ranked, resources, source, parts, read_traces))
+    view = PartitionedView(ctx, report, ranked, resources, source, parts, read_traces, held)
+    write_texts(report, writer, view)
+    del view
     _let_go(extracted.findings)
     release()
     memlog.note("texts written")

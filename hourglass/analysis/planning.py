@@ -10,7 +10,9 @@ these names).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 # From this many partitions on, a run on a DuckDB file reads the store once into a file per
 # partition (``partitions.split_store``) rather than scanning the whole store for each partition
@@ -86,6 +88,19 @@ SPLIT_BYTES = 272 * 2**20
 SPLIT_BYTES_PER_SPAN = 12
 SPLIT_FILTERED_BYTES = 384 * 2**20
 SPLIT_FILTERED_BYTES_PER_SPAN = 112
+
+
+# The exemplar traces a partitioned run reads together for the recommendations' texts (after the
+# pricing, beside the rows ROWS_BYTES_PER_SPAN counts): at most half a partition's spans (a context
+# of them is well within a worker's room over a partition), and never less than this; the others
+# are read a trace at a time (``pipeline._exemplars_held``), the largest no more than a worker's
+# room (``_plan`` refuses a larger trace).
+MIN_EXEMPLAR_SPANS = 20_000
+
+
+def exemplar_spans(spans: int, parts: int) -> int:
+    """The most spans of exemplar traces held together by a run of ``spans`` in ``parts``."""
+    return max(MIN_EXEMPLAR_SPANS, -(-spans // max(1, parts)) // 2)
 
 
 def at_once_spans(budget: int) -> int:
@@ -211,6 +226,9 @@ class Plan:
     # not even the split beside the workers' bases, so each task reads its partition from the
     # store (``scan_partition``), as a store of fewer partitions is read
     split: bool = True
+    # the span rows of the largest partition, where the store said (``loads``; 0: not known, the
+    # partitions are about ``spans / parts`` each)
+    largest_part: int = 0
 
     def describe(self, budget: int, cluster: str | None = None, cluster_workers: int = 0) -> str:
         """The plan's line: where its partitions run — ``workers`` processes of this machine, or
@@ -239,6 +257,7 @@ def plan(
     split: bool = False,
     filtered: bool = False,
     copies: int = 1,
+    loads: PartitionLoads | None = None,
 ) -> Plan:
     """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
     processes (one partition, in this process, when everything fits: with ``copies`` 2, its
@@ -251,12 +270,12 @@ def plan(
     from the store, as without ``split``). A small budget costs the split's time (~1 s at 1M
     spans) or a read of the whole store per partition and pass, never more partitions nor a
     refused run: the partitions are those of the plan without ``split``."""
-    chosen = _plan(spans, budget, workers, largest_trace, copies)
+    chosen = _plan(spans, budget, workers, largest_trace, copies, loads)
     if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
         return chosen
     splitting = split_bytes(spans, filtered)
     bases = (chosen.workers + 1) * PROCESS_BASE_BYTES
-    peaks = chosen.workers * -(-spans // chosen.parts) * PEAK_BYTES_PER_SPAN
+    peaks = chosen.workers * max(-(-spans // chosen.parts), chosen.largest_part) * PEAK_BYTES_PER_SPAN
     if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) + peaks <= budget:
         return chosen
     if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) <= budget:
@@ -264,25 +283,36 @@ def plan(
     return replace(chosen, split_beside=False, split=False)
 
 
+def worker_room(spans: int, budget: int, workers: int) -> int:
+    """Each of ``workers`` worker processes' room over its base, in bytes, in a run of ``spans``
+    spans within ``budget``: the largest partition's extraction peak it can hold."""
+    bases = (workers + 1) * PROCESS_BASE_BYTES
+    # beside this process' trace summaries while they extract (a partition's peak), beside its
+    # rows while they price (a partition's pricing)
+    extracting = (budget - bases - spans * SUMMARY_BYTES_PER_SPAN) // workers
+    pricing = (budget - bases - spans * ROWS_BYTES_PER_SPAN) // workers
+    # the largest partition both allow, as the room of an extraction's peak
+    return min(extracting, pricing * PEAK_BYTES_PER_SPAN // PRICE_BYTES_PER_SPAN)
+
+
 def _plan(
-    spans: int, budget: int, workers: int, largest_trace: tuple[str, int] | None = None, copies: int = 1
+    spans: int,
+    budget: int,
+    workers: int,
+    largest_trace: tuple[str, int] | None = None,
+    copies: int = 1,
+    loads: PartitionLoads | None = None,
 ) -> Plan:
     """:func:`plan` of a store read by each task (not split)."""
     whole = PROCESS_BASE_BYTES + copies * spans * PEAK_BYTES_PER_SPAN
     if whole <= budget:
         return Plan(spans, 1, 1)
     workers = max(1, workers)
-    bases = (workers + 1) * PROCESS_BASE_BYTES
-    # each worker's room over its base: beside this process' trace summaries while they extract
-    # (a partition's peak), beside its rows while they price (a partition's pricing)
-    extracting = (budget - bases - spans * SUMMARY_BYTES_PER_SPAN) // workers
-    pricing = (budget - bases - spans * ROWS_BYTES_PER_SPAN) // workers
-    # the largest partition both allow, as the room of an extraction's peak
-    per_worker = min(extracting, pricing * PEAK_BYTES_PER_SPAN // PRICE_BYTES_PER_SPAN)
+    per_worker = worker_room(spans, budget, workers)
     if per_worker < MIN_WORKER_BYTES and workers > 1:
         # fewer processes, each with room for a useful partition, beat hundreds of tiny ones (every
         # partition is one more scan of the store)
-        return _plan(spans, budget, workers - 1, largest_trace, copies)
+        return _plan(spans, budget, workers - 1, largest_trace, copies, loads)
     if per_worker <= 0:
         held = spans * ROWS_BYTES_PER_SPAN
         need = 2 * PROCESS_BASE_BYTES + held + 1_000 * PEAK_BYTES_PER_SPAN
@@ -310,6 +340,11 @@ def _plan(
     # whole rounds of ``workers`` partitions: 7 on 2 workers ran the 7th alone while the other
     # worker idled (4 rounds of 1/7 of the work against 4 of 1/8); smaller partitions only use less
     parts = -(-parts // workers) * workers
+    largest_part = 0
+    if loads is not None and parts > 1:  # partitions of as many spans as planned, whatever the traces
+        parts, largest_part = _balanced(
+            parts, workers, per_worker // (held_copies * PEAK_BYTES_PER_SPAN), loads
+        )
     buckets = max(1, -(-spans // BUCKET_SPANS))
     workers = min(workers, int(parts))
     # the workers of the pricing start while this process decides when their bases fit beside it
@@ -317,11 +352,58 @@ def _plan(
     # or they are kept as they are, when even their peaks over a partition fit beside it: two
     # fewer interpreters to start (~0.6 s of CPU each, on a core the decision would leave idle
     # only on an idle machine) and no wait for the old ones to exit
-    per_part = -(-spans // parts)
+    per_part = max(-(-spans // parts), largest_part)
     keep = deciding + workers * (PROCESS_BASE_BYTES + per_part * PEAK_BYTES_PER_SPAN) <= budget
     # two kinds decided at once (``beside``): room for a second decision's working set beside the
     # first and beside what the workers hold meanwhile (their peaks when kept, their bases when warm)
     held = workers * PROCESS_BASE_BYTES if warm or keep else 0
     held += workers * per_part * PEAK_BYTES_PER_SPAN if keep else 0
     beside = deciding + spans * DECIDE_BYTES_PER_SPAN + held <= budget
-    return Plan(spans, int(parts), workers, int(buckets), warm, keep, beside)
+    return Plan(spans, int(parts), workers, int(buckets), warm, keep, beside, largest_part=largest_part)
+
+
+# a plan tries partition counts up to this many times the one its span count gives, when traces of
+# very different sizes leave a partition of whole traces (``hash(trace_id) % parts``) above it
+_MOST_PARTS_FACTOR = 8
+
+# ``loads(counts)``: for each partition count, the span rows of its largest partition
+PartitionLoads = Callable[[list[int]], dict[int, int]]
+
+
+def _balanced(parts: int, workers: int, most: int, loads: PartitionLoads) -> tuple[int, int]:
+    """(the fewest partitions, from ``parts`` on in steps of ``workers``, whose largest holds no
+    more than ``most`` span rows, and its rows). A store's partitions are whole traces by a hash
+    of their ids, so one of a few traces of 100k spans among small ones holds several of them by
+    chance: at 3.1M spans in 16 partitions planned at 196k each, the largest held 368k and its
+    worker peaked at 1.06 GiB, the run at 2.2 GiB under a 1.5 GiB budget. More partitions spread
+    them, not steadily (64 held 217k there, 42 199k): each count is tried in turn, the first that
+    fits taken (the count planned, on most stores: one look). When none up to
+    ``_MOST_PARTS_FACTOR`` times as many fits (a few giant traces that keep meeting), the one
+    whose largest is least."""
+    best: tuple[int, int] | None = None
+    for count in range(parts, parts * _MOST_PARTS_FACTOR + 1, workers):
+        load = loads([count]).get(count, 0)
+        if load <= most:
+            return count, load
+        if best is None or load < best[1]:
+            best = (count, load)
+    assert best is not None
+    return best
+
+
+def loads_of(hashes: Any, rows: Any) -> PartitionLoads:
+    """:data:`PartitionLoads` of a store whose traces have these hashes of their ids (the
+    store's own, as its partitions take them) and these span rows (numpy arrays)."""
+    import numpy as np
+
+    h = np.asarray(hashes, dtype=np.uint64)
+    n = np.asarray(rows, dtype=np.int64)
+
+    def loads(counts: list[int]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for count in counts:
+            placed = (h % np.uint64(count)).astype(np.int64)
+            out[count] = int(np.bincount(placed, weights=n, minlength=count).max()) if n.size else 0
+        return out
+
+    return loads

@@ -292,7 +292,7 @@ def analyze_store(
         return _run_partitions(
             path,
             run,
-            _store_plan(path, run, counted[0], lambda: counted[1], since_ns, services),
+            _store_plan(path, run, counted[0], lambda: counted[1], since_ns, services, loads=counted[2]),
             services=services,
             since_ns=since_ns,
             writer=writer,
@@ -355,6 +355,14 @@ def _local_plan(
         buckets = partitions.plan(spans, run.budget, run.workers).buckets
         return partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
     largest = getattr(store, "largest_trace", lambda: None)
+    sizes = getattr(store, "trace_sizes", None)
+    loads = None
+    if sizes is not None:  # (a DuckDB store: its partitions' rows, asked when there are several)
+        from hourglass.analysis.planning import loads_of
+
+        def loads(counts: list[int]) -> dict[int, int]:
+            return loads_of(*sizes())(counts)
+
     if path.startswith("chdb:"):
         # (at once too: the read's copy beside the analysis; planned as one, 250k spans peaked
         # at 1.31 GiB under a 0.78 GiB budget)
@@ -362,7 +370,7 @@ def _local_plan(
             path, replace(run, workers=2), spans, largest, since_ns, services, command, copies=2
         )
         return replace(planned, workers=1) if planned.parts > 1 else planned
-    return _store_plan(path, run, spans, largest, since_ns, services, command)
+    return _store_plan(path, run, spans, largest, since_ns, services, command, loads=loads)
 
 
 def _store_plan(
@@ -374,10 +382,12 @@ def _store_plan(
     services: list[str] | None,
     command: str = "analyze",
     copies: int = 1,
+    loads: Callable[[list[int]], dict[int, int]] | None = None,
 ) -> Any:
     """The memory plan of a run of this machine over the store at ``path`` of ``spans`` spans:
     with the store split into partition files where the split's memory fits, and partitions no
-    smaller than its largest trace (``largest_trace()``, asked only when there are several);
+    smaller than its largest trace (``largest_trace()``, asked only when there are several) and
+    no larger than planned whatever its traces' sizes (``loads``: ``planning.PartitionLoads``);
     ``copies`` 2: at once, the spans held twice (``planning.plan``)."""
     from hourglass.analysis import partitions
 
@@ -387,7 +397,14 @@ def _store_plan(
         plan = partitions.plan(spans, run.budget, run.workers, split=split, filtered=filtered, copies=copies)
         if plan.parts > 1:  # the largest trace bounds how small a partition can be
             plan = partitions.plan(
-                spans, run.budget, run.workers, largest_trace(), split=split, filtered=filtered, copies=copies
+                spans,
+                run.budget,
+                run.workers,
+                largest_trace(),
+                split=split,
+                filtered=filtered,
+                copies=copies,
+                loads=loads,
             )
     except partitions.BudgetError as exc:
         raise _fail(str(exc), command=command) from None
@@ -611,7 +628,8 @@ class EarlyWorkers:
         self,
         workers: int,
         started: tuple[Any, list[Any]],
-        counted: tuple[int, tuple[str, int] | None] | None = None,
+        counted: tuple[int, tuple[str, int] | None, Callable[[list[int]], dict[int, int]] | None]
+        | None = None,
     ) -> None:
         self.workers = workers
         self._started: tuple[Any, list[Any]] | None = started
@@ -648,16 +666,21 @@ class EarlyWorkers:
                 return None
             workers = max(1, chosen.workers)
             early = cls(workers, worker_start.started(workers, worker_start.SHORT_LIVED_ALLOCATOR))
-            from hourglass.collector.duckdb_store import LARGEST_TRACE_SQL, query_interrupted
+            from hourglass.collector.duckdb_store import LARGEST_TRACE_SQL, TRACE_SIZES_SQL, query_interrupted
 
-            try:  # (while the workers start) what ``DuckDBSpanStore.largest_trace`` reads
+            try:  # (while the workers start) what ``DuckDBSpanStore.largest_trace`` and ``trace_sizes`` read
                 largest = connection.execute(LARGEST_TRACE_SQL).fetchall()
+                sizes = connection.execute(TRACE_SIZES_SQL).fetchnumpy()
             except Exception as exc:
                 if query_interrupted(exc):  # Ctrl-C: the run ends, its workers stopped
                     early.release()
                     raise KeyboardInterrupt from None
                 return early  # (the run opens the store and reads it again)
-            early.counted = (spans, (str(largest[0][0]), int(largest[0][1])) if largest else None)
+            early.counted = (
+                spans,
+                (str(largest[0][0]), int(largest[0][1])) if largest else None,
+                planning.loads_of(sizes["h"], sizes["n"]),
+            )
             return early
         finally:
             connection.close()

@@ -142,6 +142,10 @@ _ORDER = "ORDER BY trace_id, start_ns, span_id"
 
 # the trace with the most rows and its row count (``DuckDBSpanStore.largest_trace``)
 LARGEST_TRACE_SQL = "SELECT trace_id, count(*) FROM spans GROUP BY trace_id ORDER BY 2 DESC, 1 LIMIT 1"
+# each trace's id hashed as the partitions take it (``scan_partition``, ``split_partitions``) and
+# its rows: what a plan needs to know how many rows its largest partition of whole traces holds
+# (``planning.loads_of``; ~0.03 s at 5M spans, 16 bytes a trace)
+TRACE_SIZES_SQL = "SELECT hash(trace_id) AS h, count(*)::BIGINT AS n FROM spans GROUP BY trace_id"
 
 # Arrow output with string columns as string_view ("Utf8View"), the layout polars keeps strings
 # in: ``pl.from_arrow`` then takes them as they are instead of copying every string (at 1M spans
@@ -1889,6 +1893,14 @@ class DuckDBSpanStore:
         self.load_staged()
         rows = self._cursor().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
         return [r[0] for r in rows]
+
+    @_read
+    def trace_sizes(self) -> tuple[Any, Any]:
+        """(each trace's id hashed as this store's partitions take it, its rows), as numpy arrays
+        (``TRACE_SIZES_SQL``): how many rows a partition of whole traces holds, for any count."""
+        self.load_staged()
+        found = self._cursor().execute(TRACE_SIZES_SQL).fetchnumpy()
+        return found["h"], found["n"]
 
     @_read
     def largest_trace(self) -> tuple[str, int] | None:
