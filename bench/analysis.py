@@ -65,13 +65,45 @@ Row = tuple[int, str, str, int, float, float, dict[str, Any]]
 def _serialized() -> list[Row]:
     return [
         (-1, "frontend", "GET /checkout", S, 0, 200, {"http_method": "GET", "http_route": "/checkout"}),
-        (0, "frontend", "GET users", C, 5, 50, {"http_method": "GET", "http_url": "http://users/api/users/{n}"}),
+        (
+            0,
+            "frontend",
+            "GET users",
+            C,
+            5,
+            50,
+            {"http_method": "GET", "http_url": "http://users/api/users/{n}"},
+        ),
         (1, "users", "GET /api/users/{id}", S, 6, 48, {"http_route": "/api/users/{id}"}),
-        (2, "users", "SELECT", C, 8, 40, {"db_system": "postgresql", "db_statement": "SELECT * FROM users WHERE id = {n}"}),
-        (0, "frontend", "GET cart", C, 56, 70, {"http_method": "GET", "http_url": "http://cart/api/carts/{n}"}),
+        (
+            2,
+            "users",
+            "SELECT",
+            C,
+            8,
+            40,
+            {"db_system": "postgresql", "db_statement": "SELECT * FROM users WHERE id = {n}"},
+        ),
+        (
+            0,
+            "frontend",
+            "GET cart",
+            C,
+            56,
+            70,
+            {"http_method": "GET", "http_url": "http://cart/api/carts/{n}"},
+        ),
         (4, "cart", "GET /api/carts/{id}", S, 57, 68, {"http_route": "/api/carts/{id}"}),
         (5, "cart", "redis GET", C, 58, 60, {"db_system": "redis", "db_statement": "GET cart:{n}"}),
-        (0, "frontend", "GET recommendations", C, 127, 60, {"http_method": "GET", "http_url": "http://recs/api/recs?u={n}"}),
+        (
+            0,
+            "frontend",
+            "GET recommendations",
+            C,
+            127,
+            60,
+            {"http_method": "GET", "http_url": "http://recs/api/recs?u={n}"},
+        ),
         (7, "recs", "GET /api/recs", S, 128, 58, {"http_route": "/api/recs"}),
         (8, "recs", "model.predict", N, 130, 50, {}),
         (0, "frontend", "render", N, 188, 10, {}),
@@ -81,11 +113,27 @@ def _serialized() -> list[Row]:
 def _n_plus_one() -> list[Row]:
     rows: list[Row] = [
         (-1, "orders", "GET /orders", S, 0, 130, {"http_method": "GET", "http_route": "/orders"}),
-        (0, "orders", "SELECT orders", C, 2, 8, {"db_system": "mysql", "db_statement": "SELECT * FROM orders WHERE user_id = {n}"}),
+        (
+            0,
+            "orders",
+            "SELECT orders",
+            C,
+            2,
+            8,
+            {"db_system": "mysql", "db_statement": "SELECT * FROM orders WHERE user_id = {n}"},
+        ),
     ]
     for k in range(14):
         rows.append(
-            (0, "orders", "SELECT items", C, 11 + k * 8.5, 8, {"db_system": "mysql", "db_statement": "SELECT * FROM items WHERE order_id = {n}" + f"{k}"})
+            (
+                0,
+                "orders",
+                "SELECT items",
+                C,
+                11 + k * 8.5,
+                8,
+                {"db_system": "mysql", "db_statement": "SELECT * FROM items WHERE order_id = {n}" + f"{k}"},
+            )
         )
     return rows
 
@@ -114,7 +162,15 @@ def _pool() -> list[Row]:
     for k in range(12):
         wave = k // 3
         rows.append(
-            (0, "thumbs", "resize", C, 2 + wave * 50, 48, {"peer": "imaging", "http_url": "http://imaging/resize"})
+            (
+                0,
+                "thumbs",
+                "resize",
+                C,
+                2 + wave * 50,
+                48,
+                {"peer": "imaging", "http_url": "http://imaging/resize"},
+            )
         )
     return rows
 
@@ -143,9 +199,33 @@ def _retry() -> list[Row]:
     err = {"status_code": STATUS_ERROR, "http_status_code": 503}
     return [
         (-1, "payments", "POST /pay", S, 0, 140, {"http_method": "POST", "http_route": "/pay"}),
-        (0, "payments", "POST charge", C, 2, 30, {"http_method": "POST", "http_url": "http://bank/charge", **err}),
-        (0, "payments", "POST charge", C, 33, 30, {"http_method": "POST", "http_url": "http://bank/charge", **err}),
-        (0, "payments", "POST charge", C, 64, 30, {"http_method": "POST", "http_url": "http://bank/charge", **err}),
+        (
+            0,
+            "payments",
+            "POST charge",
+            C,
+            2,
+            30,
+            {"http_method": "POST", "http_url": "http://bank/charge", **err},
+        ),
+        (
+            0,
+            "payments",
+            "POST charge",
+            C,
+            33,
+            30,
+            {"http_method": "POST", "http_url": "http://bank/charge", **err},
+        ),
+        (
+            0,
+            "payments",
+            "POST charge",
+            C,
+            64,
+            30,
+            {"http_method": "POST", "http_url": "http://bank/charge", **err},
+        ),
         (0, "payments", "POST charge", C, 95, 40, {"http_method": "POST", "http_url": "http://bank/charge"}),
     ]
 
@@ -223,7 +303,15 @@ def _healthy_parallel() -> list[Row]:
     rows: list[Row] = [(-1, "frontend", "GET /home", S, 0, 80, {"http_method": "GET", "http_route": "/home"})]
     for k, svc in enumerate(["ads", "news", "weather", "stocks"]):
         rows.append(
-            (0, "frontend", f"GET {svc}", C, 3 + k, 60 + 2 * k, {"http_method": "GET", "http_url": f"http://{svc}/api"})
+            (
+                0,
+                "frontend",
+                f"GET {svc}",
+                C,
+                3 + k,
+                60 + 2 * k,
+                {"http_method": "GET", "http_url": f"http://{svc}/api"},
+            )
         )
         rows.append((1 + 2 * k, svc, "GET /api", S, 4 + k, 58 + 2 * k, {"http_route": "/api"}))
     return rows
@@ -396,14 +484,155 @@ def generate_spans(target_spans: int, seed: int = 7, first_trace: int = 0) -> pa
     return pa.Table.from_arrays(arrays, names=SPAN_SCHEMA.names).cast(SPAN_SCHEMA)
 
 
+# Traces of thousands to 100k spans (a report's N+1 over a whole table, a fan-out to thousands of
+# calls, a batch import of rows of inserts), which real stores hold beside their many small ones:
+# ``generate_large_traces``, ``build_store(large_share=...)``
+LARGE_TRACE_SPANS = (2_000, 10_000, 50_000, 100_000)
+
+
+def generate_large_traces(target_spans: int, seed: int = 7, first_trace: int = 0) -> pa.Table:
+    """About ``target_spans`` spans in traces of ``LARGE_TRACE_SPANS`` spans (sizes drawn at
+    random), of three shapes in turn: an N+1 (``reports``: GET /report querying ``SELECT items``
+    one row after another), a fan-out (``gateway``: GET /prices calling ``GET /price``
+    thousands of times at once), a batch import (``batch``: POST /import, each ``import row``
+    making 50 ``INSERT lines``). Trace numbers start at ``first_trace``; their ids never meet
+    :func:`generate_spans`' (another prefix)."""
+    rng = np.random.default_rng(seed)
+    sizes: list[int] = []
+    while sum(sizes) < target_spans:
+        sizes.append(int(rng.choice(LARGE_TRACE_SPANS)))
+    if sum(sizes) > target_spans and len(sizes) > 1:
+        sizes[-1] = max(52, target_spans - sum(sizes[:-1]))
+    k = np.array(sizes, dtype=np.int64)
+    n = int(k.sum())
+    trace = np.repeat(np.arange(len(k), dtype=np.int64), k)
+    starts = np.repeat(np.cumsum(k) - k, k)
+    idx = np.arange(n, dtype=np.int64) - starts  # the span's place in its trace (0: the root)
+    shape = trace % 3  # 0 N+1, 1 fan-out, 2 batch import
+    offset = np.repeat((rng.uniform(0, 3.6e12, len(k))).astype(np.int64), k)
+    base = BASE_NS + offset
+    ms = 1_000_000
+    # the batch import: rows of 51 spans after the root, an ``import row`` then its 50 inserts
+    row_no, in_row = (idx - 1) // 51, (idx - 1) % 51
+    jitter = rng.integers(0, 5 * ms, n)
+    fan_dur = rng.integers(20 * ms, 380 * ms, n)
+    start = np.where(
+        idx == 0,
+        base,
+        np.where(
+            shape == 0,
+            base + ms + (idx - 1) * ms,
+            np.where(
+                shape == 1, base + ms + jitter, base + ms + row_no * 60 * ms + np.maximum(in_row - 1, 0) * ms
+            ),
+        ),
+    )
+    size = np.repeat(k, k)
+    root_end = np.where(
+        shape == 0,
+        base + (size + 5) * ms,
+        np.where(shape == 1, base + 400 * ms, base + (size // 51 + 2) * 60 * ms),
+    )
+    end = np.where(
+        idx == 0,
+        root_end,
+        np.where(
+            shape == 0,
+            start + 900_000,
+            np.where(shape == 1, start + fan_dur, np.where(in_row == 0, start + 55 * ms, start + 800_000)),
+        ),
+    )
+    global_no = np.arange(n, dtype=np.int64) + first_trace * 1_000_003
+    root_no = global_no - idx
+    parent_no = np.where(idx == 0, -1, np.where((shape == 2) & (in_row > 0), global_no - in_row, root_no))
+    client = (idx > 0) & ((shape != 2) | (in_row > 0))
+    kind = np.where(idx == 0, 2, np.where(client, 3, 1)).astype(np.int8)
+    shape_is = pl.col("shape")
+    frame = pl.DataFrame(
+        {
+            "trace_no": trace + first_trace,
+            "span_no": global_no,
+            "parent_no": parent_no,
+            "shape": shape,
+            "root": idx == 0,
+            "client": client,
+            "kind": kind,
+            "start_ns": start,
+            "end_ns": end,
+        }
+    ).with_columns(
+        pl.when(shape_is == 0)
+        .then(pl.lit("reports"))
+        .when(shape_is == 1)
+        .then(pl.lit("gateway"))
+        .otherwise(pl.lit("batch"))
+        .alias("service"),
+        pl.when(pl.col("root"))
+        .then(
+            pl.when(shape_is == 0)
+            .then(pl.lit("GET /report"))
+            .when(shape_is == 1)
+            .then(pl.lit("GET /prices"))
+            .otherwise(pl.lit("POST /import"))
+        )
+        .when(shape_is == 0)
+        .then(pl.lit("SELECT items"))
+        .when(shape_is == 1)
+        .then(pl.lit("GET /price"))
+        .when(pl.col("client"))
+        .then(pl.lit("INSERT lines"))
+        .otherwise(pl.lit("import row"))
+        .alias("name"),
+        pl.when(pl.col("client") & (shape_is == 0))
+        .then(pl.lit("postgresql"))
+        .when(pl.col("client") & (shape_is == 2))
+        .then(pl.lit("mysql"))
+        .otherwise(None)
+        .alias("db_system"),
+        pl.when(pl.col("client") & (shape_is == 0))
+        .then(pl.lit("SELECT * FROM items WHERE id = ?"))
+        .when(pl.col("client") & (shape_is == 2))
+        .then(pl.lit("INSERT INTO lines VALUES (?)"))
+        .otherwise(None)
+        .alias("db_statement"),
+        pl.when(pl.col("client") & (shape_is == 1))
+        .then(pl.lit("http://pricing/price"))
+        .otherwise(None)
+        .alias("http_url"),
+    )
+    out = frame.with_columns(
+        (pl.lit("b16b16b1") + pl.col("trace_no").cast(pl.String).str.zfill(24)).alias("trace_id"),
+        pl.col("span_no").cast(pl.String).str.zfill(16).alias("span_id"),
+        pl.when(pl.col("parent_no") >= 0)
+        .then(pl.col("parent_no").cast(pl.String).str.zfill(16))
+        .otherwise(None)
+        .alias("parent_span_id"),
+        pl.when(pl.col("http_url").is_not_null()).then(pl.lit("GET")).otherwise(None).alias("http_method"),
+        pl.lit(STATUS_UNSET, dtype=pl.Int8).alias("status_code"),
+        pl.lit("bench").alias("scope_name"),
+        pl.lit(False).alias("follows_from"),
+        pl.lit(b"", dtype=pl.Binary).alias("raw"),
+    ).with_columns((pl.col("start_ns").min().over("trace_no")).alias("ingested_ns"))
+    columns = {}
+    for field in SPAN_SCHEMA:
+        if field.name in out.columns:
+            columns[field.name] = out[field.name].to_arrow().cast(field.type)
+        else:
+            columns[field.name] = pa.nulls(n, field.type)
+    return pa.Table.from_pydict(columns, schema=SPAN_SCHEMA)
+
+
 GENERATE_CHUNK_SPANS = 1_000_000
 
 
-def build_store(path: Path, spans: int, shift_ns: Callable[[int], int] | None = None) -> tuple[int, float]:
+def build_store(
+    path: Path, spans: int, shift_ns: Callable[[int], int] | None = None, large_share: float = 0.0
+) -> tuple[int, float]:
     """A DuckDB store of about ``spans`` spans, generated and written a million spans at a time
     (so a 10M-span store never needs the whole table in memory). ``shift_ns``: each chunk's
     times (start, end, ingest) moved by ``shift_ns(chunk number)`` and its rows written in ingest
-    order (else every chunk spans the same hour from ``BASE_NS``)."""
+    order (else every chunk spans the same hour from ``BASE_NS``). ``large_share``: that share of
+    each chunk's spans in traces of thousands to 100k spans (:func:`generate_large_traces`)."""
     import pyarrow.compute as pc
 
     from hourglass.collector.duckdb_store import DuckDBSpanStore
@@ -414,7 +643,12 @@ def build_store(path: Path, spans: int, shift_ns: Callable[[int], int] | None = 
         first_trace = 0
         for chunk_no, chunk_start in enumerate(range(0, spans, GENERATE_CHUNK_SPANS)):
             size = min(GENERATE_CHUNK_SPANS, spans - chunk_start)
-            table = generate_spans(size, seed=7 + chunk_no, first_trace=first_trace)
+            large = int(size * large_share)
+            table = generate_spans(size - large, seed=7 + chunk_no, first_trace=first_trace)
+            if large:
+                table = pa.concat_tables(
+                    [table, generate_large_traces(large, seed=11 + chunk_no, first_trace=first_trace)]
+                )
             first_trace += size  # more than the traces in the chunk: numbers never collide
             if shift_ns is not None:
                 shift = pa.scalar(shift_ns(chunk_no), pa.int64())

@@ -16,6 +16,11 @@
 4. prints each figure beside the targets of issue 11: 1M spans end to end ≤ 8 × the reference
    pass and ≤ 1.5 GiB peak; 5M and 10M spans ≤ 2 GiB peak, time growing linearly.
 
+``--large-traces 0.4`` puts that share of each store's spans in traces of 2k to 100k spans (an
+N+1 over a whole table, a fan-out to thousands of calls, a batch import:
+:func:`bench.analysis.generate_large_traces`), beside the small ones, as real stores hold them:
+partitions of whole traces by their ids' hash are then far from even, which the plan must see.
+
 ``--workers 1,2`` runs the command with each worker count (a store larger than the memory budget
 is analysed in partitions on that many processes; one that fits, at once); ``--memory-budget``
 is passed through. Peak memory is printed for the command's own process and for all its
@@ -113,6 +118,7 @@ def reference_child(db_path: str) -> dict[str, Any]:
 
 
 BUDGET: str | None = None  # --memory-budget passed to every run (None: the CLI's default)
+LARGE_SHARE = 0.0  # --large-traces: the share of each store's spans in traces of 2k-100k spans
 
 
 def _analyze_argv(db: Path, out: Path, workers: int | None) -> list[str]:
@@ -131,18 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts, when `analyze` has --workers")
     parser.add_argument("--keep", help="keep the generated stores in this folder (reused when present)")
     parser.add_argument("--memory-budget", help="passed to every `hourglass analyze` (default: the CLI's)")
+    parser.add_argument(
+        "--large-traces",
+        type=float,
+        default=0.0,
+        help="share of each store's spans in traces of 2k-100k spans (bench.analysis.generate_large_traces)",
+    )
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference:
         print(json.dumps(reference_child(args.reference)))
         return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    global BUDGET
+    global BUDGET, LARGE_SHARE
     BUDGET = args.memory_budget
+    LARGE_SHARE = max(0.0, min(args.large_traces, 0.9))
     workers: list[int | None] = [int(w) for w in args.workers.split(",")]
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hourglass-scaling-"))
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"bench.scaling: {os.cpu_count()} cores, sizes {sizes}, stores in {folder}")
+    large = f", {LARGE_SHARE:.0%} of the spans in traces of 2k-100k spans" if LARGE_SHARE else ""
+    print(f"bench.scaling: {os.cpu_count()} cores, sizes {sizes}{large}, stores in {folder}")
     try:
         return _run(folder, sizes, workers, max(1, args.rounds))
     finally:
@@ -153,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 def _store(folder: Path, size: int) -> Path:
     from bench.analysis import build_store
 
-    path = folder / f"spans-{size}.duckdb"
+    large = f"-large{round(LARGE_SHARE * 100)}" if LARGE_SHARE else ""
+    path = folder / f"spans-{size}{large}.duckdb"
     if not path.exists():
         # built in a process of its own: the kernel's peak of each command measured after this is
         # that of a child forked from this process, which counts this process's pages at the fork
         # (a 5M store built here left it at ~1.5 GiB, and every command's peak read that)
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            stored, build_s = pool.apply(build_store, (path, size))
+            stored, build_s = pool.apply(build_store, (path, size, None, LARGE_SHARE))
         print(f"  generated and stored {stored:,} spans in {build_s:.1f} s")
     return path
 
