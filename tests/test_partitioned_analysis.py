@@ -451,10 +451,9 @@ def _signalled_while_splitting(process: subprocess.Popen[str], tmp_path: Path, s
     return err
 
 
-def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Path) -> None:
-    """The report's exemplar traces are read with the services' traces, beside the pricing, in
-    one read of the store (every finding's first exemplars are read then): no second read of
-    the store for them after the report is made; the report is the same as at once."""
+def _exemplar_run(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any], list[list[str]]]:
+    """(a store's report in 3 partitions on a worker process, its report at once, the reads of
+    traces by id the partitioned run made, in order); without ``generated_at``."""
     from bench.analysis import generate_spans
     from hourglass.analysis import partitions, pipeline
     from hourglass.analysis.pipeline import analyze
@@ -480,11 +479,19 @@ def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Pa
         )
     finally:
         executor.close()
+    report.pop("generated_at"), whole.pop("generated_at")
+    return report, whole, reads
+
+
+def test_the_exemplars_traces_come_from_the_read_beside_the_pricing(tmp_path: Path) -> None:
+    """The report's exemplar traces are read with the services' traces, beside the pricing, in
+    one read of the store (every finding's first exemplars are read then): no second read of
+    the store for them after the report is made; the report is the same as at once."""
+    report, whole, reads = _exemplar_run(tmp_path)
     exemplars = {t for r in report["recommendations"] for t in r["evidence"]["trace_ids"]}
     assert len(exemplars) > 1
     assert exemplars <= set(reads[0])  # read first, beside the pricing
     assert not [ids for ids in reads[1:] if exemplars <= set(ids)]  # and not read again
-    report.pop("generated_at"), whole.pop("generated_at")
     assert report == whole
 
 
@@ -494,37 +501,14 @@ def test_exemplar_traces_beyond_what_is_held_together_are_read_one_at_a_time(
     """The exemplar traces held together for the texts are bounded by spans (traces of tens of
     thousands of spans each took the deciding process past its budget): with room for none, each
     design reads its exemplar alone, and the report is the same as at once, designs included."""
-    from bench.analysis import generate_spans
-    from hourglass.analysis import partitions, pipeline, planning
-    from hourglass.analysis.pipeline import analyze
-    from hourglass.cli.analyze import _read_traces
-    from hourglass.collector.duckdb_store import DuckDBSpanStore
-    from hourglass.collector.schema import ANALYSIS_COLUMNS
-
-    db = str(tmp_path / "spans.duckdb")
-    store = DuckDBSpanStore(db)
-    store.write(generate_spans(6_000, seed=11))
-    whole = analyze(store.scan(columns=ANALYSIS_COLUMNS, string_views=True), explain=True)
-    store.close()
-    reads: list[list[str]] = []
-
-    def read_traces(trace_ids: list[str]) -> Any:
-        reads.append(list(trace_ids))
-        return _read_traces(db, trace_ids)
+    from hourglass.analysis import planning
 
     monkeypatch.setattr(planning, "exemplar_spans", lambda spans, parts: 0)
-    executor = partitions.ProcessExecutor(1)
-    try:
-        report, _ = pipeline.analyze_partitioned(
-            partitions.StoreSource(db), 3, executor, read_traces=read_traces, explain=True
-        )
-    finally:
-        executor.close()
+    report, whole, reads = _exemplar_run(tmp_path)
     designs = [r for r in report["recommendations"] if (r.get("design") or {}).get("sequence")]
     assert designs, "no design drew an exemplar"
     alone = [ids for ids in reads if len(ids) == 1]
     assert {r["evidence"]["trace_ids"][0] for r in designs} <= {ids[0] for ids in alone}
-    report.pop("generated_at"), whole.pop("generated_at")
     assert report == whole
 
 

@@ -74,6 +74,20 @@ def _wait_for_kept(db: Path, after: int) -> tuple[int, dict[str, Any]]:
     return kept
 
 
+def _serves_the_kept_report(
+    server: LiveServer, kept: tuple[int, dict[str, Any]], before: dict[str, Any]
+) -> None:
+    """The first read of ``server`` just started is the ``kept`` report (its generation and its
+    body), or one of this process's rounds if that was quicker (the same recommendations); the
+    server said it served the kept one."""
+    served, report = _first_read(server)
+    assert served >= kept[0], (served, kept[0])
+    assert _ids(report) == _ids(before)
+    if served == kept[0]:
+        assert report == kept[1]
+    assert "serving the report kept at" in server.log.read_text(), server.log_tail()
+
+
 def test_a_restart_serves_the_report_kept_by_the_last_process(tmp_path: Path) -> None:
     base_ns = time.time_ns() - 120_000 * MS
     with running_server(tmp_path, settle="1s") as server:
@@ -90,33 +104,23 @@ def test_a_restart_serves_the_report_kept_by_the_last_process(tmp_path: Path) ->
     # first round of this process was quicker than the read); the rounds of this process go on
     # from that generation, and the first one's report is kept at once.
     with running_server(tmp_path, settle="1s") as again:
-        served, report = _first_read(again)
-        assert served >= kept[0], (served, kept[0])
-        assert _ids(report) == _ids(before)
-        if served == kept[0]:
-            assert report == kept[1]
+        _serves_the_kept_report(again, kept, before)
         status = _wait_for_a_round(again)
         assert status["generation"] == kept[0] + status["runs"], status
         assert status["restored"] is False and status["last_reason"] != kept_report.RESTORED
-        assert "serving the report kept at" in again.log.read_text(), again.log_tail()
         kept = _wait_for_kept(server.db, after=kept[0])
         again.process.kill()  # a crash: what this process kept is served next
         again.process.wait(timeout=30)
 
     with running_server(tmp_path, settle="1s") as crashed:
-        served, report = _first_read(crashed)
-        assert served >= kept[0], (served, kept[0])
-        assert _ids(report) == _ids(before)
-        if served == kept[0]:
-            assert report == kept[1]
-        assert "serving the report kept at" in crashed.log.read_text(), crashed.log_tail()
+        _serves_the_kept_report(crashed, kept, before)
         _wait_for_a_round(crashed)
         crashed.process.terminate()
         crashed.process.wait(timeout=30)
 
     # Another report window: the kept report says something else; not served, and dropped.
     with running_server(tmp_path, settle="1s", env={"HOURGLASS_REPORT_MAX_SPANS": "100000"}) as other:
-        served, report = _first_read(other)
+        served, _ = _first_read(other)
         assert served == 1, served
         assert "serving the report kept at" not in other.log.read_text(), other.log_tail()
 
