@@ -521,7 +521,9 @@ class AnalysisService:
             # (measured at 1M spans over an embedded ClickHouse: 2 partitions planned for one
             # process, the server's peak 1.12 GiB and both 1.63; 6 partitions, 0.85 and 1.14, in
             # the same time)
-            chosen = planning.plan(spans, budget, 2)
+            sizes = getattr(self.store, "trace_sizes", None)  # (partitions by rows, whatever the traces)
+            loads = planning.loads_of(*sizes()) if callable(sizes) else None
+            chosen = planning.plan(spans, budget, 2, loads=loads)
         except planning.BudgetError as exc:
             if chosen_parts == 0:  # (the message names --memory-budget: serve reads the variable)
                 raise RuntimeError(f"{exc} (HOURGLASS_MEMORY_BUDGET)") from None

@@ -899,6 +899,20 @@ class ClickHouseSpanStore:
         )
         return int(rows.column("n")[0].as_py())
 
+    def trace_sizes(self) -> tuple[Any, Any]:
+        """(each trace's id hashed as this store's partitions take it, ``cityHash64(TraceId)``,
+        its physical rows), as numpy arrays: how many rows a partition of whole traces holds, for
+        any count (``planning.loads_of``)."""
+        import polars as pl  # (pyarrow's own to_numpy imports pandas)
+
+        self._check_open()
+        rows = self._backend.query_arrow(
+            f"SELECT cityHash64(TraceId) AS h, count() AS n FROM {self._table} GROUP BY TraceId"
+        )
+        frame = pl.from_arrow(rows)
+        assert isinstance(frame, pl.DataFrame)
+        return frame["h"].cast(pl.UInt64).to_numpy(), frame["n"].cast(pl.Int64).to_numpy()
+
     def raw_row_count(self) -> int:
         """Physical ``otel_traces`` rows, duplicates included."""
         self._check_open()

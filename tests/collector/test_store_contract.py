@@ -256,6 +256,27 @@ def test_scan_partition_reads_only_the_traces_asked_for(make_store: StoreFactory
     assert all(store.scan_partition(p, 3, trace_ids=[]).num_rows == 0 for p in range(3))
 
 
+def test_trace_sizes_give_the_rows_of_every_partition_of_whole_traces(make_store: StoreFactory) -> None:
+    """``trace_sizes``: each trace's id hashed as the store's partitions take it and its rows, so
+    that a plan knows how many rows the largest partition of any count holds (traces of very
+    different sizes: a partition by hash can hold several large ones)."""
+    from hourglass.analysis.planning import loads_of
+
+    store = make_store()
+    builders = []
+    for i in range(30):
+        b = TraceBuilder(service="frontend", base_ns=BASE_NS + i * 1_000 * MS)
+        root = b.span("GET /", start_ms=0, dur_ms=500)
+        for j in range(1 + (i % 7) * (i % 5) * 3):
+            b.span("child", parent=root, start_ms=1 + j, dur_ms=1, service="db")
+        builders.append(b)
+    store.write(spans_table(builders))
+    loads = loads_of(*store.trace_sizes())
+    for parts in (1, 2, 3, 5, 8):
+        rows = [store.scan_partition(p, parts, columns=("trace_id",)).num_rows for p in range(parts)]
+        assert loads([parts]) == {parts: max(rows)}, (parts, rows)
+
+
 def test_an_endpoints_traces_and_whether_a_span_is_there(make_store: StoreFactory) -> None:
     """``endpoint_trace_ids``: the window's traces with a span of (service, operation) — either
     may be None —, sorted, and the span rows they hold (copies included); None past a limit.
