@@ -183,6 +183,7 @@ class AnalysisService:
         self._background = False  # start() ran: a service that lives on (serve's), not one read
         self._kept: tuple[int, float] | None = None  # (generation, monotonic time) of the last kept
         self._keep_lock = threading.Lock()
+        self._keep_failures = 0
         # Called after every background/requested run with (outcome "ok"|"failed", seconds, snapshot
         # or None): the /metrics counters (api.metrics). A listener's error is logged, never raised.
         self.run_listeners: list[Callable[[str, float, ReportSnapshot | None], None]] = []
@@ -757,8 +758,16 @@ class AnalysisService:
                     return
                 kept_report.save(where[0], snapshot, where[1])
             except Exception as exc:
+                self._keep_failures += 1
                 folder = where[0] if where is not None else "the store's folder"
-                log.warning("could not keep the report for a restart in %s (%s)", folder, exc)
+                # (said the first time, then with the count every 60th: at most once a minute)
+                if self._keep_failures % 60 == 1:
+                    log.warning(
+                        "could not keep the report for a restart in %s (%s; %d time(s) so far)",
+                        folder,
+                        exc,
+                        self._keep_failures,
+                    )
             self._kept = (snapshot.generation, time.monotonic())
 
     def _render_page_soon(self, snapshot: ReportSnapshot) -> None:

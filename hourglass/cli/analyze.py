@@ -357,17 +357,21 @@ def _local_plan(
     largest = getattr(store, "largest_trace", lambda: None)
     sizes = getattr(store, "trace_sizes", None)
     loads = None
-    if sizes is not None:  # (a DuckDB store: its partitions' rows, asked when there are several)
-        from hourglass.analysis.planning import loads_of
+    if sizes is not None:  # (its partitions' rows: the store read once, when there are several)
+        from hourglass.analysis.planning import PartitionLoads, loads_of
+
+        read: list[PartitionLoads] = []
 
         def loads(counts: list[int]) -> dict[int, int]:
-            return loads_of(*sizes())(counts)
+            if not read:
+                read.append(loads_of(*sizes()))
+            return read[0](counts)
 
     if path.startswith("chdb:"):
         # (at once too: the read's copy beside the analysis; planned as one, 250k spans peaked
         # at 1.31 GiB under a 0.78 GiB budget)
         planned = _store_plan(
-            path, replace(run, workers=2), spans, largest, since_ns, services, command, copies=2
+            path, replace(run, workers=2), spans, largest, since_ns, services, command, copies=2, loads=loads
         )
         return replace(planned, workers=1) if planned.parts > 1 else planned
     return _store_plan(path, run, spans, largest, since_ns, services, command, loads=loads)
