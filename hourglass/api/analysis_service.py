@@ -760,7 +760,7 @@ class AnalysisService:
             except Exception as exc:
                 self._keep_failures += 1
                 folder = where[0] if where is not None else "the store's folder"
-                # (said the first time, then with the count every 60th: at most once a minute)
+                # (said the first time, then with the count every 60th: at most every five hours)
                 if self._keep_failures % 60 == 1:
                     log.warning(
                         "could not keep the report for a restart in %s (%s; %d time(s) so far)",

@@ -39,7 +39,10 @@ FORMAT = 1
 FOLDER = "kept-report"
 KEPT_FILE = "kept.pickle"
 INDEX_PREFIX = "trace-index-"
-KEEP_EVERY_S = 60.0  # a published report is kept at most this often (and when serve stops)
+# a published report is kept at most this often (and when serve stops): its index is a copy of the
+# served one's file, ~55 MiB at 12M stored spans; the first round after a start replaces a kept
+# report within seconds whatever its age, so keeping it more often buys nothing but writes
+KEEP_EVERY_S = 300.0
 RESTORED = "restored"  # the reason of a snapshot served from the kept report
 # the settings that change what a report says: the window it covers, what retention leaves, the
 # kind of analysis and who writes its texts (a port or a token does not)
