@@ -109,52 +109,111 @@ _SQL_VERBS = frozenset(
 )
 
 
-def _load(spans: pl.DataFrame) -> list[_Span]:
-    rows = spans.select(
-        "row",
-        "span_id",
-        "parent_row",
-        "service",
-        "name",
-        "start_ns",
-        "end_ns",
-        "peer",
-        "db_system",
-        "db_statement",
-    ).rows()
-    index = {int(r[0]): i for i, r in enumerate(rows)}
-    return [
-        _Span(
-            int(r[0]),
-            str(r[1]),
-            index.get(int(r[2]), -1) if r[2] is not None else -1,
-            str(r[3]),
-            call_label(str(r[4]), r[9]),
-            int(r[5]),
-            int(r[6]),
-            r[7],
-            r[8],
-        )
-        for r in rows
-    ]
+class _Trace:
+    """One trace's spans (sorted by ``row``) as columns. ``trace[i]`` is the :class:`_Span` at index
+    ``i``, made on first use: a diagram draws the chain, the focus span and its children, not every
+    span of the trace (Python objects for each span of a 100k-span exemplar took ~0.7 s)."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self.frame = frame
+        self.n = frame.height
+        rows = frame["row"].to_numpy().astype(np.int64)
+        parent_row = frame["parent_row"].fill_null(-1).to_numpy().astype(np.int64)
+        at = np.searchsorted(rows, parent_row).clip(0, max(self.n - 1, 0))
+        found = (parent_row >= 0) & (rows[at] == parent_row) if self.n else np.zeros(0, dtype=bool)
+        self.parent = np.where(found, at, -1).astype(np.int64)  # index into the trace, -1 for a root
+        self.start = frame["start_ns"].to_numpy().astype(np.int64)
+        self.end = frame["end_ns"].to_numpy().astype(np.int64)
+        self._spans: dict[int, _Span] = {}
+        self._columns = frame.select("row", "span_id", "service", "name", "peer", "db_system", "db_statement")
+        self._by_id: dict[str, int] | None = None
+        self._kids: tuple[np.ndarray, np.ndarray] | None = None
+        self._service: np.ndarray | None = None
+        self._span_id_rank: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> _Span:
+        i = int(i)
+        span = self._spans.get(i)
+        if span is None:
+            row, span_id, service, name, peer, db_system, statement = self._columns.row(i)
+            span = _Span(
+                int(row),
+                str(span_id),
+                int(self.parent[i]),
+                str(service),
+                call_label(str(name), statement),
+                int(self.start[i]),
+                int(self.end[i]),
+                peer,
+                db_system,
+            )
+            self._spans[i] = span
+        return span
+
+    def roots(self) -> np.ndarray:
+        return np.flatnonzero(self.parent < 0)
+
+    @property
+    def by_id(self) -> dict[str, int]:
+        """Index of each span id (the last, should one repeat)."""
+        if self._by_id is None:
+            self._by_id = {str(s): i for i, s in enumerate(self.frame["span_id"].to_list())}
+        return self._by_id
+
+    def kids(self, i: int) -> np.ndarray:
+        """The children of span ``i`` in (start, end, span id) order."""
+        if self._kids is None:
+            order = (
+                pl.DataFrame(
+                    {
+                        "parent": self.parent,
+                        "start": self.start,
+                        "end": self.end,
+                        "span_id": self.frame["span_id"].cast(pl.String),
+                        "i": np.arange(self.n, dtype=np.int64),
+                    }
+                )
+                .sort(["parent", "start", "end", "span_id"], maintain_order=True)["i"]
+                .to_numpy()
+            )
+            self._kids = (order, self.parent[order])
+        order, parents = self._kids
+        return order[np.searchsorted(parents, i, "left") : np.searchsorted(parents, i, "right")]
+
+    def service_codes(self) -> np.ndarray:
+        """One integer per service name (equal names, equal codes)."""
+        if self._service is None:
+            self._service = (
+                self.frame.select(pl.col("service").cast(pl.String).fill_null("None").rank("dense"))
+                .to_series()
+                .to_numpy()
+                .astype(np.int64)
+            )
+        return self._service
+
+    def span_id_rank(self) -> np.ndarray:
+        """Each span id's place in the sorted span ids (equal ids, equal places)."""
+        if self._span_id_rank is None:
+            self._span_id_rank = (
+                self.frame.select(pl.col("span_id").cast(pl.String).rank("dense"))
+                .to_series()
+                .to_numpy()
+                .astype(np.int64)
+            )
+        return self._span_id_rank
 
 
-def _children(spans: list[_Span]) -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for i, s in enumerate(spans):
-        if s.parent >= 0:
-            kids.setdefault(s.parent, []).append(i)
-    for k in kids.values():
-        k.sort(key=lambda i: (spans[i].start, spans[i].end, spans[i].span_id))
-    return kids
-
-
-def callee(spans: list[_Span], kids: dict[int, list[int]], i: int, caller: str) -> str:
+def callee(trace: _Trace, i: int, caller: str) -> str:
     """The participant a call reaches (see the module docstring)."""
-    s = spans[i]
-    for k in kids.get(i, []):
-        if spans[k].service != s.service:
-            return spans[k].service
+    s = trace[i]
+    kids = trace.kids(i)
+    if kids.size:
+        other = kids[trace.service_codes()[kids] != trace.service_codes()[i]]
+        if other.size:
+            return trace[int(other[0])].service
     if s.service != caller:
         return s.service
     if s.peer:
@@ -164,24 +223,26 @@ def callee(spans: list[_Span], kids: dict[int, list[int]], i: int, caller: str) 
     return caller
 
 
-def _focus(spans: list[_Span], named: list[int]) -> int:
+def _focus(trace: _Trace, named: list[int]) -> int:
     """The span whose children the diagram shows."""
     if not named:
-        return next((i for i, s in enumerate(spans) if s.parent < 0), 0)
-    parents = {spans[i].parent for i in named}
+        roots = trace.roots()
+        return int(roots[0]) if roots.size else 0
+    parents = trace.parent[np.asarray(named, dtype=np.int64)]
     first = named[0]
-    if len(named) > 1 and all(spans[i].parent == first for i in named[1:]):
+    if len(named) > 1 and bool((parents[1:] == first).all()):
         return first  # a parent/children occurrence: the parent first
-    if len(parents) == 1:
-        p = next(iter(parents))
+    distinct = np.unique(parents)
+    if distinct.size == 1:
+        p = int(distinct[0])
         return p if p >= 0 else first
-    return spans[first].parent if spans[first].parent >= 0 else first
+    return int(trace.parent[first]) if trace.parent[first] >= 0 else first
 
 
-def _chain(spans: list[_Span], focus: int) -> list[int]:
+def _chain(trace: _Trace, focus: int) -> list[int]:
     chain = [focus]
-    while spans[chain[-1]].parent >= 0 and len(chain) < 10_000:
-        chain.append(spans[chain[-1]].parent)
+    while trace.parent[chain[-1]] >= 0 and len(chain) < 10_000:
+        chain.append(int(trace.parent[chain[-1]]))
     chain.reverse()
     if len(chain) > MAX_CHAIN + 1:  # root, the last hops above the focus
         chain = [chain[0], *chain[-MAX_CHAIN:]]
@@ -330,19 +391,22 @@ def _emit(b: _Builder, calls: list[_Call]) -> None:
 
 
 def _diagram(
-    spans: list[_Span],
-    kids: dict[int, list[int]],
+    trace: _Trace,
     chain: list[int],
-    times: list[tuple[int, int]],
-    removed: set[int],
+    new_start: np.ndarray,
+    new_end: np.ndarray,
+    removed: np.ndarray | None,
     groups: dict[int, int],
     batched: dict[int, int],
     shortened: dict[int, int],
     root_before_ns: int | None,
 ) -> Diagram:
+    def took(i: int) -> int:
+        return int(new_end[i]) - int(new_start[i])
+
     b = _Builder()
-    root = spans[chain[0]]
-    root_ns = times[chain[0]][1] - times[chain[0]][0]
+    root = trace[chain[0]]
+    root_ns = took(chain[0])
     b.p(root.service)
     if root_before_ns is None:
         b.add(f"Note over {b.p(root.service)}: {mermaid_text(root.name)} · {fmt_ms(root_ns / 1e6)}")
@@ -353,47 +417,48 @@ def _diagram(
         )
     shown = [chain[0]]
     for i in chain[1:]:
-        prev = spans[shown[-1]].service
-        s = spans[i]
+        prev = trace[shown[-1]].service
+        s = trace[i]
         if s.service != prev:
-            dur = times[i][1] - times[i][0]
-            b.add(f"{b.p(prev)}->>{b.p(s.service)}: {mermaid_text(s.name)} ({fmt_ms(dur / 1e6)})")
+            b.add(f"{b.p(prev)}->>{b.p(s.service)}: {mermaid_text(s.name)} ({fmt_ms(took(i) / 1e6)})")
             shown.append(i)
     focus = chain[-1]
-    fs = spans[focus]
+    fs = trace[focus]
     if focus != chain[0]:
-        dur = times[focus][1] - times[focus][0]
-        b.add(f"Note over {b.p(fs.service)}: {mermaid_text(fs.name)} · {fmt_ms(dur / 1e6)}")
-    children = [k for k in kids.get(focus, []) if k not in removed]
-    children.sort(key=lambda k: (times[k][0], spans[k].start, spans[k].span_id))
+        b.add(f"Note over {b.p(fs.service)}: {mermaid_text(fs.name)} · {fmt_ms(took(focus) / 1e6)}")
+    children = trace.kids(focus)
+    if removed is not None:
+        children = children[~removed[children]]
+    # by new start, then start, then span id; ties keep the children's order (a stable sort)
+    children = children[
+        np.lexsort((trace.span_id_rank()[children], trace.start[children], new_start[children]))
+    ]
     more = max(0, len(children) - MAX_CALLS)
-    children = children[:MAX_CALLS]
     calls = [
         _Call(
             k,
             fs.service,
-            callee(spans, kids, k, fs.service),
-            spans[k].name,
-            times[k][0],
-            times[k][1],
+            callee(trace, k, fs.service),
+            trace[k].name,
+            int(new_start[k]),
+            int(new_end[k]),
             groups.get(k, -1),
             batched.get(k, 0),
             shortened.get(k),
         )
-        for k in children
+        for k in (int(k) for k in children[:MAX_CALLS])
     ]
     _emit(b, calls)
     if more:
         b.add(f"Note over {b.p(fs.service)}: {more} more calls not drawn")
     for i in reversed(shown[1:]):
-        parent_service = spans[shown[shown.index(i) - 1]].service
-        dur = times[i][1] - times[i][0]
-        b.add(f"{b.p(spans[i].service)}-->>{b.p(parent_service)}: {fmt_ms(dur / 1e6)}")
+        parent_service = trace[shown[shown.index(i) - 1]].service
+        b.add(f"{b.p(trace[i].service)}-->>{b.p(parent_service)}: {fmt_ms(took(i) / 1e6)}")
     return Diagram(b.participants, b.lines)
 
 
-def _named_rows(finding: Finding, trace_id: str, spans: list[_Span]) -> tuple[list[int], list[Any]]:
-    by_id = {s.span_id: i for i, s in enumerate(spans)}
+def _named_rows(finding: Finding, trace_id: str, trace: _Trace) -> tuple[list[int], list[Any]]:
+    by_id = trace.by_id
     named: list[int] = []
     interventions: list[Any] = []
     for occ in finding.occurrence_table.filter_traces([trace_id]):
@@ -436,21 +501,17 @@ def exemplar_facts(
     if frame.height == 0:
         return {}
     frame = frame.sort("row")
-    spans = _load(frame)
-    kids = _children(spans)
-    named, interventions = _named_rows(finding, trace_id, spans)
-    focus = _focus(spans, named)
-    chain = _chain(spans, focus)
-    before_times = [(s.start, s.end) for s in spans]
-    before = _diagram(spans, kids, chain, before_times, set(), {}, {}, {}, None)
+    trace = _Trace(frame)
+    named, interventions = _named_rows(finding, trace_id, trace)
+    focus = _focus(trace, named)
+    chain = _chain(trace, focus)
+    before = _diagram(trace, chain, trace.start, trace.end, None, {}, {}, {}, None)
 
     retimed = retime_trace(frame, finding)
-    new_start = retimed["new_start_ns"].to_numpy()
-    new_end = retimed["new_end_ns"].to_numpy()
-    removed_mask = retimed["removed"].to_numpy()
-    after_times = [(int(a), int(e)) for a, e in zip(new_start, new_end, strict=True)]
-    removed = {i for i, r in enumerate(removed_mask) if r}
-    by_id = {s.span_id: i for i, s in enumerate(spans)}
+    new_start = retimed["new_start_ns"].to_numpy().astype(np.int64)
+    new_end = retimed["new_end_ns"].to_numpy().astype(np.int64)
+    removed = np.asarray(retimed["removed"].to_numpy(), dtype=bool)
+    by_id = trace.by_id
     groups: dict[int, int] = {}
     batched: dict[int, int] = {}
     shortened: dict[int, int] = {}
@@ -462,57 +523,64 @@ def exemplar_facts(
         elif isinstance(iv, CollapseSpans):
             members = [by_id[s] for s in iv.span_ids if s in by_id]
             if members:
-                anchor = min(members, key=lambda i: spans[i].start)
+                anchor = min(members, key=lambda i: int(trace.start[i]))
                 batched[anchor] = len(members)
         elif isinstance(iv, ShortenSpan) and iv.span_id in by_id:
             i = by_id[iv.span_id]
-            shortened[i] = spans[i].end - spans[i].start
+            shortened[i] = int(trace.end[i]) - int(trace.start[i])
     # a "group" of one member is no concurrency
     sizes: dict[int, int] = {}
     for g in groups.values():
         sizes[g] = sizes.get(g, 0) + 1
     groups = {i: g for i, g in groups.items() if sizes[g] > 1}
     root = chain[0]
-    root_before = spans[root].end - spans[root].start
-    root_after = after_times[root][1] - after_times[root][0]
-    changed = bool(interventions) and (root_after != root_before or bool(removed) or bool(groups))
+    root_before = trace[root].end - trace[root].start
+    root_after = int(new_end[root]) - int(new_start[root])
+    changed = bool(interventions) and (root_after != root_before or bool(removed.any()) or bool(groups))
     after = _diagram(
-        spans, kids, chain, after_times, removed, groups, batched, shortened, root_before if changed else None
+        trace,
+        chain,
+        new_start,
+        new_end,
+        removed,
+        groups,
+        batched,
+        shortened,
+        root_before if changed else None,
     )
     if not changed:  # no re-timing for this kind: say so rather than draw a silent copy
         after.lines.append(
-            f"Note over {_Builder().p(spans[root].service)}: the what-if predicts no latency change; "
+            f"Note over {_Builder().p(trace[root].service)}: the what-if predicts no latency change; "
             "the design changes how failures are handled"
         )
     # the critical path after the change
     blocking = frame["blocking"].to_numpy().astype(bool)
-    parent = np.array([s.parent for s in spans], dtype=np.int64)
-    cp = compute_critical_path(parent, new_start.astype(np.int64), new_end.astype(np.int64), blocking)
-    path_rows = sorted(
-        (i for i in range(len(spans)) if cp.on_path[i] and i not in removed),
-        key=lambda i: (-int(cp.critical_ns[i]), spans[i].start),
-    )[:5]
+    cp = compute_critical_path(trace.parent, new_start, new_end, blocking)
+    critical = np.asarray(cp.critical_ns, dtype=np.int64)
+    on_path = np.flatnonzero(np.asarray(cp.on_path, dtype=bool) & ~removed)
+    # most critical time first, then the earlier start (a stable sort: ties keep span order)
+    path_rows = on_path[np.lexsort((trace.start[on_path], -critical[on_path]))][:5]
     critical_after = [
         {
-            "service": spans[i].service,
-            "operation": spans[i].name,
-            "self_ms": round(int(cp.critical_ns[i]) / 1e6, 3),
+            "service": trace[i].service,
+            "operation": trace[i].name,
+            "self_ms": round(int(critical[i]) / 1e6, 3),
         }
-        for i in path_rows
-        if cp.critical_ns[i] > 0
+        for i in (int(i) for i in path_rows)
+        if critical[i] > 0
     ]
     calls = [
         {
-            "service": callee(spans, kids, k, spans[focus].service),
-            "operation": spans[k].name,
-            "ms": round((spans[k].end - spans[k].start) / 1e6, 3),
+            "service": callee(trace, k, trace[focus].service),
+            "operation": trace[k].name,
+            "ms": round((trace[k].end - trace[k].start) / 1e6, 3),
         }
-        for k in kids.get(focus, [])[:MAX_CALLS]
+        for k in (int(k) for k in trace.kids(focus)[:MAX_CALLS])
     ]
     return {
         "trace_id": trace_id,
-        "root": {"service": spans[root].service, "operation": spans[root].name},
-        "focus": {"service": spans[focus].service, "operation": spans[focus].name},
+        "root": {"service": trace[root].service, "operation": trace[root].name},
+        "focus": {"service": trace[focus].service, "operation": trace[focus].name},
         "participants": before.participants,
         "sequence": {"before": before.text(), "after": after.text()},
         "exemplar_root_ms_before": round(root_before / 1e6, 3),

@@ -584,3 +584,39 @@ def test_hotrod_go_services_get_go_designs(tmp_path: Path) -> None:
     assert "getDriverBatch" in code and "QueryContext" not in code  # Redis calls: a batch call, not SQL
     fcl = next(r for r in report["recommendations"] if r["kind"] == "fanout_concurrency_limit")
     assert f"g.SetLimit({fcl['evidence']['n_max']})" in fcl["design"]["pseudocode"]["code"]
+
+
+def test_a_large_exemplar_is_drawn_from_its_focus_not_from_every_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An N+1 over a whole table: the diagram shows the first calls and counts the rest, with
+    each call's callee, and only the spans it draws become Python objects (a 100k-span exemplar
+    as one object per span took ~0.7 s of a report)."""
+    from hourglass.analysis import sequence
+
+    made: list[Any] = []
+
+    class Watched(sequence._Trace):
+        def __init__(self, frame: pl.DataFrame) -> None:
+            super().__init__(frame)
+            made.append(self)
+
+    monkeypatch.setattr(sequence, "_Trace", Watched)
+    calls = 3000
+    builders = []
+    for _ in range(6):
+        b = TraceBuilder(service="orders")
+        root = b.span("GET /export", start_ms=0, dur_ms=10 + calls * 2, kind=KIND_SERVER)
+        for i in range(calls):
+            client = b.span("GET /item", parent=root, start_ms=5 + i * 2, dur_ms=1.5, kind=KIND_CLIENT)
+            if i < 2:  # the first calls reach the items service: it is their callee
+                b.span("GET /item", parent=client, start_ms=5.1 + i * 2, dur_ms=1.2, service="items",
+                       kind=KIND_SERVER)  # fmt: skip
+        builders.append(b)
+    report = analyze(spans_table(builders))
+    rec = next(r for r in report["recommendations"] if r["kind"] == "n_plus_one")
+    before = rec["design"]["sequence"]["before"]
+    assert f"Note over P1: {calls - sequence.MAX_CALLS} more calls not drawn" in before
+    assert "P1->>P2: GET /item (1.5 ms)" in before  # the first call reaches items (P2)
+    assert f"loop {sequence.MAX_CALLS - 2} calls one after another" in before
+    check_sequence_matches_exemplar(rec, spans_table(builders))
+    assert made and all(trace.n > calls for trace in made)
+    assert max(len(trace._spans) for trace in made) <= 3 * sequence.MAX_CALLS
