@@ -586,7 +586,9 @@ def test_hotrod_go_services_get_go_designs(tmp_path: Path) -> None:
     assert f"g.SetLimit({fcl['evidence']['n_max']})" in fcl["design"]["pseudocode"]["code"]
 
 
-def test_a_large_exemplar_is_drawn_from_its_focus_not_from_every_span(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_exemplar_is_drawn_from_its_focus_not_from_every_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An N+1 over a whole table: the diagram shows the first calls and counts the rest, with
     each call's callee, and only the spans it draws become Python objects (a 100k-span exemplar
     as one object per span took ~0.7 s of a report)."""
