@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DB ?= hourglass.duckdb
 
-.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak bench-restart bench-serve-whole clean
+.PHONY: install bytecode demo sample-traces test lint bench bench-ingest bench-analysis bench-api bench-import bench-scaling bench-files bench-whatif bench-soak bench-restart bench-serve-whole bench-cluster clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,11 @@ bench-restart: install bytecode
 # in partitions within the memory budget, beside the store analysed at once (the baseline)
 bench-serve-whole: install bytecode
 	$(PY) -m bench.serve_whole_store
+
+# `hourglass analyze --db --cluster` of a 5M-span store on a real scheduler and two workers on
+# 127.0.0.1 that read this machine's files, beside workers that act as on other machines (the baseline)
+bench-cluster: install bytecode
+	$(PY) -m bench.cluster
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -182,26 +182,94 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 
 
 def test_a_dask_cluster_gives_the_same_report(
-    store: Path, whole: dict[str, Any], dask_cluster: tuple[str, Path]
+    store: Path, whole: dict[str, Any], dask_cluster: tuple[str, Path], tmp_path: Path
 ) -> None:
     address, died = dask_cluster
     assert _report(store, "--cluster", address, "--partitions", "3") == whole
     assert died.read_text().startswith("hourglass-")  # a worker died mid-task: its task ran again
-
-
-def test_a_dask_cluster_spills_the_workers_rows_here(
-    store: Path, whole: dict[str, Any], dask_cluster: tuple[str, Path]
-) -> None:
-    """The workers may be on other machines: the resource rows they return are spilled by the
-    client, bucket by bucket, and decided as the local run decides them."""
-    address, _ = dask_cluster
-    args = ("--cluster", address, "--partitions", "3", "--spill-buckets", "5")
+    # workers of this machine read its files: the store is split for them, their rows and repaired
+    # spans kept in this run's folders (as local worker processes do), the same report
     said: list[str] = []
-    assert _report(store, *args, stderr=said) == whole
+    env = {"HOURGLASS_MEMORY_LOG": "1", "TMPDIR": str(tmp_path)}
+    args = ("--cluster", address, "--partitions", "4", "--spill-buckets", "3")
+    assert _report(store, *args, stderr=said, env=env) == whole
+    assert "its workers read this machine's files: the store is split into a file per partition" in said[0]
+    assert "store split into 4 partition files" in said[0], said
+    assert not list(tmp_path.glob("hourglass-*")), "the run's folders are removed"
+
+
+@pytest.fixture(scope="module")
+def dask_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real scheduler and two worker processes that act as on other machines: they do not see
+    this machine's temporary files (``tests/dask_elsewhere.py``)."""
+    with start_dask_cluster(tmp_path_factory.mktemp("dask-elsewhere"), elsewhere=True) as address:
+        yield address
+
+
+def test_a_dask_cluster_elsewhere_reads_the_store_and_its_rows_are_spilled_here(
+    store: Path, whole: dict[str, Any], dask_elsewhere: str
+) -> None:
+    """Workers on other machines: each task reads its partition from the store (no split of this
+    machine's they could not read), and the resource rows they return are spilled by the client,
+    bucket by bucket, and decided as the local run decides them."""
+    args = ("--cluster", dask_elsewhere, "--partitions", "4", "--spill-buckets", "5")
+    said: list[str] = []
+    assert _report(store, *args, stderr=said, env={"HOURGLASS_MEMORY_LOG": "1"}) == whole
     assert "resource rows spilled to 5 buckets" in said[0], said
     # the plan's line names the cluster, not worker processes of this machine
-    assert re.search(rf"on the Dask cluster at {re.escape(address)} \([12] Dask workers?\)", said[0]), said
-    assert "worker process" not in said[0], said
+    assert re.search(
+        rf"on the Dask cluster at {re.escape(dask_elsewhere)} \([12] Dask workers?\)", said[0]
+    ), said
+    assert "worker process" not in said[0] and "this machine's files" not in said[0], said
+    assert "partition files" not in said[0], said  # no split
+
+
+def _rows(frame: Any) -> tuple[Any, ...]:
+    """A frame's schema and rows in a canonical order (a group-by's rows, and the values it
+    gathers into lists, come in any order)."""
+
+    def value(v: Any) -> Any:
+        return sorted(map(repr, v)) if isinstance(v, list) else v
+
+    return (frame.schema, sorted(repr(tuple(map(value, row))) for row in frame.rows()))
+
+
+def test_a_task_that_does_not_see_the_run_folders_reads_the_store_and_returns_its_rows(
+    store: Path, tmp_path: Path
+) -> None:
+    """A Dask worker that joined after the workers were found to see this machine's files, and
+    does not: its partition is read from the store, its rows come back whole and the client keeps
+    them as a task would have (the same files, so the same decision)."""
+    from hourglass.analysis import partitions
+    from hourglass.analysis.spill import Spill
+    from hourglass.collector.duckdb_store import partition_file
+
+    source = partitions.StoreSource(str(store))
+    split = partitions.split_store(source, 4, near=str(tmp_path))
+    assert split is not None
+    try:
+        os.remove(partition_file(split.folder, 2))  # (unseen by the reader)
+        assert split.load(2, 4).equals(source.load(2, 4))
+        seen, unseen = Spill.create(3, near=str(tmp_path)), Spill(str(tmp_path / "elsewhere"), 3)
+        worker = partitions.extract_part(split, 2, 4, seen)
+        assert worker.kept and not worker.rows
+        returned = partitions.extract_part(split, 2, 4, unseen)
+        assert not returned.kept and returned.rows and not (tmp_path / "elsewhere").exists()
+        here = Spill.create(3, near=str(tmp_path))
+        kept = partitions.keep_here(here, returned)
+        assert kept.kept and kept.kept_paths == worker.kept_paths and not kept.rows and kept.paths is None
+        for kind in [*partitions.PARTS, partitions.PATHS_KIND]:
+            ours, theirs = here.kept(kind), seen.kept(kind)
+            assert ours.keys() == theirs.keys(), kind
+            for name in ours:
+                assert [_rows(a) for a in ours[name]] == [_rows(b) for b in theirs[name]], (kind, name)
+        for kind in partitions.SPILLABLE:
+            ours_b, theirs_b = list(here.buckets_of(kind)), list(seen.buckets_of(kind))
+            assert len(ours_b) == len(theirs_b), kind
+            for a, b in zip(ours_b, theirs_b, strict=True):
+                assert _rows(a(None, None)) == _rows(b(None, None)), kind
+    finally:
+        split.remove()
 
 
 def test_an_unreachable_scheduler_is_one_line_within_ten_seconds(store: Path) -> None:

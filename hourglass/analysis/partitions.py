@@ -28,6 +28,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -405,7 +406,8 @@ class SplitSource:
     folder: str
     parts: int
     # partitions below ``skip`` have no file (the workers' first ones, read from the store while
-    # the split was written: ``split_store``'s ``skip``); they are read from ``store``
+    # the split was written: ``split_store``'s ``skip``); they are read from ``store``, as is any
+    # partition whose file the reading process does not see (``DaskExecutor.sees``)
     skip: int = 0
     store: StoreSource | None = None
 
@@ -414,10 +416,13 @@ class SplitSource:
 
         if parts != self.parts or not 0 <= part < parts:
             raise ValueError(f"partition {part} of {parts}: the files hold {self.parts} partitions")
-        if part < self.skip and self.store is not None:
+        file = partition_file(self.folder, part)
+        if self.store is not None and (part < self.skip or not os.path.exists(file)):
+            # (a Dask worker that joined after the workers were found to see this machine's
+            # files, and does not: ``DaskExecutor.sees``)
             return self.store.load(part, parts, trace_ids)
         return read_partition_file(
-            partition_file(self.folder, part),
+            file,
             trace_ids=trace_ids,
             columns=ANALYSIS_COLUMNS,
             string_views=True,
@@ -608,7 +613,7 @@ def split_store(
         raise
     memlog.note(f"store split into {parts} partition files")
     skip = max(0, min(skip, parts))
-    return SplitSource(folder, parts, skip, source if skip else None)
+    return SplitSource(folder, parts, skip, source)
 
 
 # What the pricing reads of a partition's repaired spans (``WhatIf``'s engine, ``call_durations``)
@@ -771,6 +776,10 @@ def extract_part(
     """One task of the first pass: read a partition, repair it and extract it (:func:`part_result`);
     with ``prepared``, its repaired spans kept there for the pricing (:class:`Prepared`); with
     ``kinds``, those detectors' rows only, and no critical-path rows (findings asked for alone)."""
+    if spill is not None and not os.path.isdir(spill.folder):
+        # (a Dask worker that does not see this machine's files after all: every row returned, for
+        # the deciding process to keep: ``keep_here``)
+        spill = None
     table = source.load(part, parts)
     memlog.note(f"extract {part + 1}/{parts} read")
     ctx = AnalysisContext.from_table(table)
@@ -792,6 +801,20 @@ def spill_here(spill: Spill, result: PartResult) -> PartResult:
     rows of a task that could not reach the spill folder: a Dask worker on another machine); the
     same files and the same rows as if the task had spilled them itself."""
     return replace(result, rows=spill.write(result.part, result.rows))
+
+
+def keep_here(spill: Spill, result: PartResult) -> PartResult:
+    """``result``, of a task that was given ``spill`` but did not see its folder (a Dask worker
+    that joined after the workers were found to see this machine's files), kept in ``spill`` by
+    this process as :func:`part_result` keeps it in a task: the same files, so the decision reads
+    every partition alike."""
+    if result.kept:
+        return result
+    rows = spill.write(result.part, result.rows)
+    spill.keep(result.part, rows)
+    if result.paths is not None:
+        spill.keep(result.part, {PATHS_KIND: dict(vars(summarize_path_rows(result.paths)))})
+    return replace(result, rows={}, paths=None, kept=True, kept_paths=result.paths is not None)
 
 
 def part_result(
@@ -1344,6 +1367,54 @@ class DaskExecutor:
         self.workers = max(1, connected)
         self._run = uuid.uuid4().hex[:8]
         self._maps = 0  # each map's tasks get their own keys (a second pricing pass is other work)
+        self._sees: dict[str, bool] = {}
+
+    def sees(self, folder: str, timeout_s: float = 10.0) -> bool:
+        """Whether every Dask worker connected now reads the files this process writes in
+        ``folder`` (the workers run on this machine, or mount it at the same path): a file of a
+        random token is written there and read back by a task pinned to each worker, within
+        ``timeout_s`` (remembered per folder). Then a run's partition files and kept repaired
+        spans (``split_store``, :class:`Prepared`) are made there for them, as for worker
+        processes, instead of every task of every pass reading the store; a worker that joins
+        later and does not see them reads the store (:meth:`SplitSource.load`,
+        :meth:`Prepared.context`)."""
+        if folder in self._sees:
+            return self._sees[folder]
+        workers = list(self.client.scheduler_info().get("workers", {}))
+        token = uuid.uuid4().hex
+        seen = False
+        try:
+            with tempfile.NamedTemporaryFile(
+                "w", dir=folder, prefix="hourglass-probe-", delete=False
+            ) as file:
+                file.write(token)
+            path = file.name
+        except OSError:
+            self._sees[folder] = False
+            return False
+        try:
+            if workers:
+                probes = [
+                    self.client.submit(
+                        _reads_token, path, token, workers=[w], allow_other_workers=False, pure=False
+                    )
+                    for w in workers
+                ]
+                deadline = time.monotonic() + timeout_s
+                try:
+                    seen = all(
+                        p.result(timeout=max(0.0, deadline - time.monotonic())) is True for p in probes
+                    )
+                except Exception as exc:  # (a worker too slow to answer, or gone: not shared)
+                    log.info("probing whether the Dask workers see %s failed (%s)", folder, exc)
+                    seen = False
+                finally:
+                    self.client.cancel(probes)
+        finally:
+            with suppress(OSError):
+                os.remove(path)
+        self._sees[folder] = seen
+        return seen
 
     def map(
         self,
@@ -1360,9 +1431,16 @@ class DaskExecutor:
         ``labels``: what a failed task's log line calls each part (``serve``: its batch), instead
         of "partition N/M"."""
         spills: dict[int, Spill] = {}
+        kept: dict[int, Spill] = {}
         if fn is extract_part:  # (source, part, parts, spill): the spill is written here
-            spills = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
-            calls = [(*args[:3], None, *args[4:]) if i in spills else args for i, args in enumerate(calls)]
+            given = {i: args[3] for i, args in enumerate(calls) if len(args) > 3 and args[3] is not None}
+            if given and all(self.sees(str(Path(s.folder).parent)) for s in given.values()):
+                kept = given  # the workers write and keep the rows there themselves, as local ones do
+            else:
+                spills = given
+                calls = [
+                    (*args[:3], None, *args[4:]) if i in spills else args for i, args in enumerate(calls)
+                ]
         self._maps += 1
 
         def submit(i: int, attempt: int) -> Any:
@@ -1395,6 +1473,8 @@ class DaskExecutor:
             futures[i] = None
             if i in spills:
                 results[i] = spill_here(spills[i], results[i])
+            elif i in kept:  # (a worker that did not see the folder after all returned them)
+                results[i] = keep_here(kept[i], results[i])
             if arrived is not None:
                 results[i] = arrived(calls[i][1], results[i])
             if progress:
@@ -1406,6 +1486,15 @@ class DaskExecutor:
 
     def idle(self) -> None:
         pass
+
+
+def _reads_token(path: str, token: str) -> bool:
+    """A Dask worker's probe (:meth:`DaskExecutor.sees`): whether it reads ``token`` at ``path``."""
+    try:
+        with open(path) as file:
+            return file.read() == token
+    except OSError:
+        return False
 
 
 Executor = SerialExecutor | ProcessExecutor | DaskExecutor

@@ -29,6 +29,7 @@ Also here: :class:`ContextView`, the read-only ``hourglass.analysis.writer.Write
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -557,8 +558,10 @@ def analyze_partitioned(
     store is first read once into a file per partition (:func:`partitions.split_store`) that the
     tasks of every pass read instead of scanning the store, while the worker processes start; the
     files are removed when the run ends, fails or is interrupted (by a thread of their own, which
-    the process waits for before it exits). Not for a Dask cluster (its
-    workers may not reach this machine's files) nor an ``extraction`` of the caller's. With worker
+    the process waits for before it exits). On a Dask cluster only when its workers read this
+    machine's temporary files (``DaskExecutor.sees``: they run here, or mount it), and the
+    extraction's repaired spans are kept for the pricing only then too; never for an
+    ``extraction`` of the caller's. With worker
     processes and more partitions than workers, the split is written by a thread of its own while
     the workers extract their first partitions straight from the store
     (:func:`partitions.run_extraction`'s ``later``): they would otherwise wait for it, idle;
@@ -567,7 +570,10 @@ def analyze_partitioned(
     ``split_files`` False (``partitions.Plan.split``: the budget has no room for the split even
     beside the workers' bases): no split, every task reads its partition from the store.
     ``release_heap``: called after each stage that follows the pricing (:func:`_analyze_partitioned`)."""
-    here = extraction is None and isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor)
+    here = extraction is None and (
+        isinstance(executor, partitions.SerialExecutor | partitions.ProcessExecutor)
+        or (isinstance(executor, partitions.DaskExecutor) and executor.sees(tempfile.gettempdir()))
+    )
     with _run_sources(
         source,
         parts,
@@ -660,8 +666,8 @@ def _run_sources(
     """For the ``with`` block of a partitioned run: (where its partitions are read, the split
     being written beside its extraction or None, where the extraction keeps its repaired spans
     for the pricing or None), as :func:`analyze_partitioned` describes them; ``here``: the
-    executor's tasks run on this machine (a split and kept spans are made only then; kept spans
-    only with ``keep_prepared``). The files are removed when the block ends, fails or is
+    executor's tasks run on this machine or see its temporary files (a split and kept spans are
+    made only then; kept spans only with ``keep_prepared``). The files are removed when the block ends, fails or is
     interrupted."""
     split = None
     later: Future[partitions.Source | None] | None = None
@@ -674,7 +680,9 @@ def _run_sources(
         executor.warm()
     if split_files and here:
         beside = (
-            split_beside and isinstance(executor, partitions.ProcessExecutor) and parts > executor.workers
+            split_beside
+            and isinstance(executor, partitions.ProcessExecutor | partitions.DaskExecutor)
+            and parts > executor.workers
         )
         if beside and partitions.splits(source, parts):
             # (the partitions the workers' first round reads from the store are not written)

@@ -25,6 +25,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -528,7 +529,14 @@ def _run_partitions(
     described = plan.describe(run.budget)
     if run.cluster is not None:  # the workers' rows are spilled here (partitions.DaskExecutor)
         plan = partitions.Plan(spans, plan.parts, executor.workers, plan.buckets)
+        shared = partitions.splits(source, plan.parts) and executor.sees(tempfile.gettempdir())
+        if shared:  # its workers read this machine's files: the store is split once, as for local workers
+            plan = _within_open_files(plan, chosen=bool(run.partitions))
         described = plan.describe(run.budget, run.cluster, executor.connected)
+        if shared and plan.split:
+            described += (
+                "; its workers read this machine's files: the store is split into a file per partition"
+            )
     typer.echo(f"hourglass {command}: {described}", err=True)
     try:
         with _progress_bar() as progress:

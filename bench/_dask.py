@@ -1,0 +1,80 @@
+"""A real Dask scheduler and worker processes on 127.0.0.1, for the benchmarks and the tests of
+``--cluster`` (``tests/dask_cluster.py`` adds the worker-death preload)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DASK = Path(sys.executable).with_name("dask")
+# a worker preload: the worker acts as on another machine, not seeing the client's temporary files
+ELSEWHERE = Path(__file__).with_name("dask_elsewhere.py")
+
+
+@contextlib.contextmanager
+def dask_cluster(
+    folder: Path,
+    *,
+    workers: int = 2,
+    preloads: Sequence[Path] = (),
+    env: dict[str, str] | None = None,
+    scheduler_env: dict[str, str] | None = None,
+    port: int = 0,
+    pids: list[int] | None = None,
+) -> Iterator[str]:
+    """A scheduler and ``workers`` worker processes (one thread each, ``preloads`` preloaded),
+    stopped on exit; yields the scheduler's address. ``env``: variables for every process;
+    ``scheduler_env``: for the scheduler only (its Dask config); ``port``: the scheduler's (0: any
+    free one); ``pids``: filled with the worker commands' process ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scheduler_file = folder / "scheduler.json"
+    scheduler_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    common = {"cwd": ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)],
+            **{**common, "env": {**env, **(scheduler_env or {})}},  # type: ignore[call-overload]
+        )
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            assert procs[0].poll() is None, f"the Dask scheduler exited with {procs[0].returncode}"
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        preload = [arg for p in preloads for arg in ("--preload", str(p))]
+        for _ in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                     "--host", "127.0.0.1", *preload],
+                    **common,  # type: ignore[call-overload]
+                )
+            )  # fmt: skip
+            if pids is not None:
+                pids.append(procs[-1].pid)
+        from distributed import Client
+
+        if workers:  # (a scheduler without workers: nothing to wait for)
+            with Client(address, timeout=30) as client:
+                client.wait_for_workers(workers, timeout=60)
+        yield address
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
