@@ -62,9 +62,12 @@ def note(phase: str) -> None:
         pass
     now = time.time()
     at = f"{time.strftime('%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}"
-    sys.stderr.write(
-        f"hourglass memory: pid {os.getpid()} {phase}: rss {rss // 1024} MiB, phase peak {peak // 1024} MiB"
-        f" at {at} UTC"
-        f"{_detail() if _detail is not None and os.environ.get(ENV, '').strip().lower() == 'detail' else ''}\n"
-    )
-    sys.stderr.flush()
+    try:  # (a diagnostic line never fails the run: a closed or broken stderr, `2>&1 | head`)
+        sys.stderr.write(
+            f"hourglass memory: pid {os.getpid()} {phase}: rss {rss // 1024} MiB, phase peak {peak // 1024} MiB"
+            f" at {at} UTC"
+            f"{_detail() if _detail is not None and os.environ.get(ENV, '').strip().lower() == 'detail' else ''}\n"
+        )
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -608,10 +608,10 @@ def split_store(
         # the batches' buffers, kept by Arrow's allocator for reuse (~90 MiB at 1M spans), back
         # to the system: this process decides, and the memory plan counts it without them
         pa.default_memory_pool().release_unused()
+        memlog.note(f"store split into {parts} partition files")
     except BaseException:  # a failure or Ctrl-C: nothing left behind
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    memlog.note(f"store split into {parts} partition files")
     skip = max(0, min(skip, parts))
     return SplitSource(folder, parts, skip, source)
 

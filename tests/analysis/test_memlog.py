@@ -43,3 +43,20 @@ def test_detail_adds_the_memory_by_allocator(
         assert part in detailed, detailed
     arenas = int(detailed.split("obmalloc arenas ")[1].split(",")[0])
     assert arenas > 0  # (read from Python's allocator statistics, not -1)
+
+
+def test_a_note_to_a_broken_stderr_does_not_fail_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HOURGLASS_MEMORY_LOG=1 hourglass analyze … 2>&1 | head``: once the reader is gone a note
+    raised BrokenPipeError in the middle of the run (in the split's thread: the run failed and
+    left its partition folder behind)."""
+
+    class Broken:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setenv(memlog.ENV, "1")
+    monkeypatch.setattr(sys, "stderr", Broken())
+    memlog.note("phase")  # no exception
