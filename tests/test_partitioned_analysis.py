@@ -5,8 +5,9 @@ of every bench shape is analysed by the real CLI as a process: at once, in 3 par
 worker process, in 4 partitions on 2 worker processes, in 3 partitions with the lock-convoy rule's
 resource rows spilled to 5 buckets on disk, and in 3 partitions on a real Dask scheduler with
 two real worker processes on 127.0.0.1 (one of them killed in the middle of its first task; and
-with the workers' resource rows spilled by the client). The JSON reports (with ``--explain``) are
-identical but for ``generated_at``. Also: an unreachable scheduler is one line, fast; a budget too small for the
+in 4 partitions, the store split for workers that see this machine's files), and on two that act
+as on other machines (each task reads the store, the client spills their resource rows). The JSON
+reports (with ``--explain``) are identical but for ``generated_at``. Also: an unreachable scheduler is one line, fast; a budget too small for the
 largest trace names it.
 """
 
