@@ -1147,6 +1147,11 @@ def _after_pricing(
     return report, ranked
 
 
+def critical_path_ids(ctx: AnalysisContext) -> list[str]:
+    """The span ids of the critical path of ``ctx``'s trace, root first (by depth, then start)."""
+    return ctx.spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])["span_id"].to_list()
+
+
 def trace_detail(
     spans_of_one_trace: pa.Table | pl.DataFrame, report: dict[str, Any], index: TraceIndex | None = None
 ) -> dict[str, Any]:
@@ -1158,7 +1163,7 @@ def trace_detail(
     ctx = AnalysisContext.from_table(spans_of_one_trace)
     spans = ctx.spans
     trace_ids = spans["trace_id"].unique().to_list()
-    path = spans.filter(pl.col("on_critical_path")).sort(["depth", "start_ns"])["span_id"].to_list()
+    path = critical_path_ids(ctx)
     index = index if index is not None else TraceIndex.from_report(report)
     touches = [t for trace_id in trace_ids for t in index.touching(trace_id, spans["span_id"].to_list())]
     columns = [

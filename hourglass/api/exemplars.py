@@ -27,12 +27,13 @@ def trace_detail(
     return analysis_trace_detail(spans, dict(report), index)
 
 
-def retime(spans: pa.Table, recommendation: Mapping[str, Any]) -> pl.DataFrame:
+def retime(spans: pa.Table | pl.DataFrame, recommendation: Mapping[str, Any]) -> pl.DataFrame:
     """The trace's repaired spans with ``new_start_ns``, ``new_end_ns`` and ``removed``, as if
-    ``recommendation`` were applied (``hourglass.analysis.whatif.retime_trace``)."""
+    ``recommendation`` were applied (``hourglass.analysis.whatif.retime_trace``); ``spans``: raw
+    span rows, or the spans of an ``AnalysisContext`` (repaired already)."""
     from hourglass.analysis.whatif import retime_trace
 
-    frame = pl.from_arrow(spans)
+    frame = spans if isinstance(spans, pl.DataFrame) else pl.from_arrow(spans)
     assert isinstance(frame, pl.DataFrame)
     return retime_trace(frame, recommendation)
 
@@ -61,15 +62,22 @@ def build_exemplar(
     raw = fetch_trace(trace_id)
     if raw.num_rows == 0:
         return report_html.Exemplar(trace_id=trace_id, spans=[], note="The trace is no longer in the store.")
+    from hourglass.analysis.context import AnalysisContext
+    from hourglass.analysis.pipeline import critical_path_ids
+
     notes: list[str] = []
     exemplar = report_html.Exemplar(trace_id=trace_id, spans=[])
+    repaired: pl.DataFrame | None = None  # (repaired once, for the critical path and the re-timing)
     try:
-        exemplar.critical_path = set(trace_detail(raw, report, index)["critical_path"])
+        ctx = AnalysisContext.from_table(raw)
+        repaired = ctx.spans
+        exemplar.critical_path = set(critical_path_ids(ctx))
+        del ctx
     except Exception as exc:
         log.exception("critical path of exemplar trace %s failed", trace_id)
         notes.append(f"Critical path unavailable ({type(exc).__name__}: {exc}).")
     try:
-        retimed = retime(raw, recommendation)
+        retimed = retime(repaired if repaired is not None else raw, recommendation)
         exemplar.spans = report_html.spans_from_rows(
             retimed.select(
                 "span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code"
