@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -76,38 +77,155 @@ def build_exemplar(
     except Exception as exc:
         log.exception("critical path of exemplar trace %s failed", trace_id)
         notes.append(f"Critical path unavailable ({type(exc).__name__}: {exc}).")
+    rec_id = str(recommendation.get("id"))
+    columns = ("span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code")
+    retimed: pl.DataFrame | None = None
     try:
         retimed = retime(repaired if repaired is not None else raw, recommendation)
-        exemplar.spans = report_html.spans_from_rows(
-            retimed.select(
-                "span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code"
-            ).to_dicts()
-        )
-        kept = retimed.filter(~pl.col("removed").fill_null(False))
-        exemplar.after = {
-            str(i): (int(a), int(b))
-            for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
-        }
     except Exception as exc:
         log.exception("re-timing exemplar trace %s for %s failed", trace_id, recommendation.get("id"))
         notes.append(f"Re-timing unavailable ({type(exc).__name__}: {exc}).")
-        columns = ("span_id", "parent_span_id", "service", "name", "start_ns", "end_ns", "status_code")
+    if retimed is None:
         exemplar.spans = report_html.spans_from_rows(
             raw.select([c for c in columns if c in raw.column_names]).to_pylist()
         )
-    if exemplar.after is not None and all(
-        exemplar.after.get(span.span_id) == (span.start_ns, span.end_ns) for span in exemplar.spans
-    ):
-        # Nothing moves (fault-tolerance gaps carry no latency estimate): one picture is enough.
-        exemplar.after = None
-        notes.append("Applying it does not change this trace's timing; the picture shows where it happens.")
-    rec_id = str(recommendation.get("id"))
-    touches = index.touching(trace_id, [s.span_id for s in exemplar.spans])
+        span_ids = [s.span_id for s in exemplar.spans]
+    else:
+        span_ids = [str(i) for i in retimed["span_id"].to_list()]
+    touches = index.touching(trace_id, span_ids)
     exemplar.bottleneck = next(
         (set(t.bottleneck_span_ids) for t in touches if t.recommendation_id == rec_id), set()
     )
+    if retimed is not None:
+        removed = retimed["removed"].fill_null(False)
+        drawn = drawn_rows(retimed, exemplar.critical_path | exemplar.bottleneck)
+        if drawn is None:  # every span to the page, which orders and cuts them itself
+            exemplar.spans = report_html.spans_from_rows(retimed.select(columns).to_dicts())
+            kept = retimed.filter(~removed)
+            exemplar.after = {
+                str(i): (int(a), int(b))
+                for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
+            }
+            moves = not all(
+                exemplar.after.get(span.span_id) == (span.start_ns, span.end_ns) for span in exemplar.spans
+            )
+        else:  # the rows the page draws, and what it measures over every span
+            shown = retimed[drawn]
+            exemplar.spans = report_html.spans_from_rows(shown.select(columns).to_dicts())
+            kept = shown.filter(~shown["removed"].fill_null(False))
+            exemplar.after = {
+                str(i): (int(a), int(b))
+                for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
+            }
+            start = retimed["start_ns"].to_numpy().astype(np.int64)
+            end = np.maximum(retimed["end_ns"].to_numpy().astype(np.int64), start)
+            new_start = retimed["new_start_ns"].to_numpy().astype(np.int64)
+            new_end = retimed["new_end_ns"].to_numpy().astype(np.int64)
+            gone = removed.to_numpy().astype(bool)
+            exemplar.span_count = retimed.height
+            exemplar.services = {str(s or "?") for s in retimed["service"].unique().to_list()}
+            exemplar.bounds = (int(start.min()), int(end.max()))
+            if not gone.all():
+                exemplar.after_bounds = (int(new_start[~gone].min()), int(new_end[~gone].max()))
+            moves = bool(gone.any()) or not (
+                bool((new_start == start).all()) and bool((new_end == end).all())
+            )
+        if not moves:
+            # Nothing moves (fault-tolerance gaps carry no latency estimate): one picture is enough.
+            exemplar.after = None
+            notes.append(
+                "Applying it does not change this trace's timing; the picture shows where it happens."
+            )
     exemplar.note = " ".join(notes) or None
     return exemplar
+
+
+# the most levels of a trace :func:`drawn_rows` orders by columns (a deeper one is ordered as before)
+DRAWN_MAX_DEPTH = 256
+
+
+def drawn_rows(
+    spans: pl.DataFrame, must_show: set[str], limit: int = report_html.MAX_ROWS
+) -> np.ndarray | None:
+    """The rows of ``spans`` (one trace's, with ``span_id``, ``parent_span_id``, ``start_ns`` and
+    ``end_ns``) that the page's waterfall draws, in its tree order: what
+    ``report_html.select_rows(report_html.tree_order(...), must_show, limit)`` keeps of every
+    span, computed on the columns, without a Python object per span (a 100k-span exemplar took
+    seconds of each report page). The rows kept hold each one's ancestors, so the page orders
+    them and places each at its depth as it would among all the spans. None when every span is
+    drawn anyway (``limit`` or fewer), or a span id repeats, a parent link loops or the trace is
+    deeper than ``DRAWN_MAX_DEPTH``: the page is given every span then, as before."""
+    n = spans.height
+    if n <= limit:
+        return None
+    ids = spans["span_id"].cast(pl.String)
+    if ids.null_count() or ids.n_unique() != n:
+        return None
+    start = spans["start_ns"].to_numpy().astype(np.int64)
+    end = np.maximum(spans["end_ns"].to_numpy().astype(np.int64), start)  # (as ``spans_from_rows``)
+    at = pl.Series(np.arange(n, dtype=np.int64))
+    parent = (
+        spans["parent_span_id"]
+        .cast(pl.String)
+        .replace_strict(ids, at, default=-1, return_dtype=pl.Int64)
+        .fill_null(-1)
+        .to_numpy()
+    )
+    parent = np.where(parent == np.arange(n), -1, parent)  # (a span its own parent is a root)
+    rank = ids.rank("dense").to_numpy().astype(np.int64)
+    # every span's level, from the roots down; a span never reached is in a loop of parent links
+    level = np.full(n, -1, dtype=np.int64)
+    level[parent < 0] = 0
+    depth = 0
+    while True:
+        below = (parent >= 0) & (level < 0)
+        below[below] = level[parent[below]] == depth
+        if not below.any():
+            break
+        depth += 1
+        if depth > DRAWN_MAX_DEPTH:
+            return None
+        level[below] = depth
+    if (level < 0).any():
+        return None
+    # subtree sizes, from the deepest level up
+    size = np.ones(n, dtype=np.int64)
+    for d in range(depth, 0, -1):
+        nodes = np.flatnonzero(level == d)
+        np.add.at(size, parent[nodes], size[nodes])
+    # siblings in the page's order (start, end, span id); each one's place after its parent is
+    # one plus the sizes of the siblings before it
+    order = np.lexsort((rank, end, start, parent))
+    grouped = parent[order]
+    sized = size[order]
+    before = np.cumsum(sized) - sized
+    first = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    group_of = np.repeat(first, np.diff(np.r_[first, n]))
+    earlier = np.empty(n, dtype=np.int64)
+    earlier[order] = before - before[group_of]
+    place = np.zeros(n, dtype=np.int64)
+    roots = level == 0
+    place[roots] = earlier[roots]
+    for d in range(1, depth + 1):
+        nodes = np.flatnonzero(level == d)
+        place[nodes] = place[parent[nodes]] + 1 + earlier[nodes]
+    tree = np.argsort(place)  # the spans in tree order
+    keep = ids.is_in(pl.Series(sorted(must_show), dtype=pl.String).implode()).to_numpy().astype(bool)
+    climbing = np.flatnonzero(keep)
+    while climbing.size:  # and their ancestors
+        up = parent[climbing]
+        up = np.unique(up[up >= 0])
+        up = up[~keep[up]]
+        keep[up] = True
+        climbing = up
+    if keep.sum() > limit:  # the first of them in tree order
+        first_kept = tree[keep[tree]][:limit]
+        keep[:] = False
+        keep[first_kept] = True
+    room = limit - int(keep.sum())
+    if room > 0:  # then the first spans in tree order
+        keep[tree[~keep[tree]][:room]] = True
+    return tree[keep[tree]]
 
 
 def build_exemplars(

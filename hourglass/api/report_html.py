@@ -95,6 +95,12 @@ class Exemplar:
     bottleneck: set[str] = field(default_factory=set)
     after: dict[str, tuple[int, int]] | None = None
     note: str | None = None
+    # when ``spans`` holds only the rows to draw (``exemplars.drawn_rows``) of a larger trace: its
+    # span count, its services, its (first start, last end) and its re-timed ones (None: from ``spans``)
+    span_count: int | None = None
+    services: set[str] | None = None
+    bounds: tuple[int, int] | None = None
+    after_bounds: tuple[int, int] | None = None
 
 
 def spans_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[WaterfallSpan]:
@@ -220,18 +226,19 @@ def render_waterfall_svg(exemplar: Exemplar, colours: Mapping[str, str], *, figu
         return '<p class="muted">The exemplar trace has no spans in the store.</p>'
     ordered = tree_order(spans)
     rows = select_rows(ordered, exemplar.critical_path | exemplar.bottleneck)
-    hidden = len(ordered) - len(rows)
+    hidden = (exemplar.span_count if exemplar.span_count is not None else len(ordered)) - len(rows)
 
-    before_start = min(s.start_ns for s in spans)
-    t_end = max(s.end_ns for s in spans)
+    before_start, t_end = exemplar.bounds or (min(s.start_ns for s in spans), max(s.end_ns for s in spans))
     before_ms = (t_end - before_start) / NS_PER_MS
     after = exemplar.after
     t0 = before_start
     after_end_ms: float | None = None  # the re-timed trace's end, in ms from t0
     after_ms: float | None = None  # the re-timed trace's duration
-    if after:
-        after_start = min(start for start, _ in after.values())
-        after_end = max(end for _, end in after.values())
+    if after is not None and (exemplar.after_bounds is not None or after):
+        after_start, after_end = exemplar.after_bounds or (
+            min(start for start, _ in after.values()),
+            max(end for _, end in after.values()),
+        )
         t0 = min(t0, after_start)
         after_end_ms = (after_end - t0) / NS_PER_MS
         after_ms = (after_end - after_start) / NS_PER_MS
@@ -560,7 +567,7 @@ def render_report_html(
     recs: list[Mapping[str, Any]] = list(report.get("recommendations") or [])
     services: set[str] = set()
     for ex in exemplars.values():
-        services.update(s.service for s in ex.spans)
+        services.update(ex.services if ex.services is not None else (s.service for s in ex.spans))
     endpoint_paths = list(report.get("critical_paths") or [])
     services.update(icicle_services(endpoint_paths))
     colours = assign_colours(services)
@@ -699,7 +706,12 @@ def _recommendation_html(
             + "</figcaption>"
         )
         out.append(render_waterfall_svg(exemplar, colours, figure_id=figure_id))
-        out.append(legend_html(colours, {s.service for s in exemplar.spans}))
+        out.append(
+            legend_html(
+                colours,
+                exemplar.services if exemplar.services is not None else {s.service for s in exemplar.spans},
+            )
+        )
         out.append("</figure>")
     out.append(design_html(rec))
     out.append("</section>")
