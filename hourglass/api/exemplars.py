@@ -99,24 +99,20 @@ def build_exemplar(
     if retimed is not None:
         removed = retimed["removed"].fill_null(False)
         drawn = drawn_rows(retimed, exemplar.critical_path | exemplar.bottleneck)
-        if drawn is None:  # every span to the page, which orders and cuts them itself
-            exemplar.spans = report_html.spans_from_rows(retimed.select(columns).to_dicts())
-            kept = retimed.filter(~removed)
-            exemplar.after = {
-                str(i): (int(a), int(b))
-                for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
-            }
+        # every span to the page, which orders and cuts them itself; or the rows it draws, and
+        # what it measures over every span
+        shown = retimed if drawn is None else retimed[drawn]
+        exemplar.spans = report_html.spans_from_rows(shown.select(columns).to_dicts())
+        kept = shown.filter(~shown["removed"].fill_null(False))
+        exemplar.after = {
+            str(i): (int(a), int(b))
+            for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
+        }
+        if drawn is None:
             moves = not all(
                 exemplar.after.get(span.span_id) == (span.start_ns, span.end_ns) for span in exemplar.spans
             )
-        else:  # the rows the page draws, and what it measures over every span
-            shown = retimed[drawn]
-            exemplar.spans = report_html.spans_from_rows(shown.select(columns).to_dicts())
-            kept = shown.filter(~shown["removed"].fill_null(False))
-            exemplar.after = {
-                str(i): (int(a), int(b))
-                for i, a, b in zip(kept["span_id"], kept["new_start_ns"], kept["new_end_ns"], strict=True)
-            }
+        else:
             start = retimed["start_ns"].to_numpy().astype(np.int64)
             end = np.maximum(retimed["end_ns"].to_numpy().astype(np.int64), start)
             new_start = retimed["new_start_ns"].to_numpy().astype(np.int64)
