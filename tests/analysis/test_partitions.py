@@ -351,16 +351,8 @@ def test_spilled_rows_decided_bucket_by_bucket_decide_like_the_whole(
     spill.remove()
 
 
-@pytest.mark.parametrize(
-    "checkpoint_rows,sure,max_open", [(20, None, None), (1 << 14, None, None), (20, 1.0, None), (20, None, 3)]
-)
 def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
-    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
-    checkpoint_rows: int,
-    sure: float | None,
-    max_open: int | None,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """serve's rounds: each bucket of the stored batches keeps the convoy sweep's states
     (``_sweep.BucketSweep``) and the next decision resumes each resource key from the latest one
@@ -372,6 +364,36 @@ def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
     on the generated mix). With ``sure`` of 1 every correlation is left to polars (the
     fallback of the statistics from the sweep's sums); with ``max_open`` of 3 a state with more
     spans in flight is not kept (and the rest of the key's rows swept at once)."""
+    _convoy_rounds(trace_set, 20, None, None, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("trace_set", ["generated", "sample-traces"], indirect=True)
+@pytest.mark.parametrize(
+    "checkpoint_rows,sure,max_open", [(1 << 14, None, None), (20, 1.0, None), (20, None, 3)]
+)
+def test_convoy_sweep_resumed_with_few_states_or_sums_left_to_polars(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
+    checkpoint_rows: int,
+    sure: float | None,
+    max_open: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rounds above with states kept rarely (``CHECKPOINT_ROWS`` of 16384), every
+    correlation left to polars, or no state kept past 3 spans in flight: on the generated mix
+    and the sample traces (their lock-contention sample among them); every set runs the default
+    case above."""
+    _convoy_rounds(trace_set, checkpoint_rows, sure, max_open, tmp_path, monkeypatch)
+
+
+def _convoy_rounds(
+    trace_set: tuple[str, pl.DataFrame, AnalysisContext],
+    checkpoint_rows: int,
+    sure: float | None,
+    max_open: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from hourglass.analysis.detectors import _sweep, lock_contention
     from hourglass.analysis.spill import BucketFiles, Spill
 

@@ -215,7 +215,10 @@ def test_a_write_below_the_bound_during_a_count_is_not_lost(tmp_path: Path, when
 
 
 def _check_ranges(store: DuckDBSpanStore) -> None:
-    """Every stored row ingested before the ranges' bound lies in its trace hash's range."""
+    """Every stored row ingested before the ranges' bound lies in its trace hash's range: each
+    hash read from the runs at once (in one run only), and a sample asked through ``ranges``."""
+    import numpy as np
+
     ranges = store._trace_ranges
     if ranges is None:
         return
@@ -224,9 +227,21 @@ def _check_ranges(store: DuckDBSpanStore) -> None:
         .execute("SELECT hash(trace_id), ingested_ns FROM spans WHERE ingested_ns < ?", [ranges.bound])
         .fetchall()
     )
+    hashes = np.array(sorted({h for h, _ in rows}), dtype=np.uint64)
+    covering: dict[int, tuple[int, int]] = {}
+    for run in ranges.runs:
+        at = run.find(hashes)
+        hit = at >= 0
+        for h, first, last in zip(
+            hashes[hit].tolist(), run.first[at[hit]].tolist(), run.last[at[hit]].tolist(), strict=True
+        ):
+            assert h not in covering, f"hash {h} in two runs"
+            covering[h] = (ranges._ns(first, last=False), ranges._ns(last, last=True))
+    for h in hashes[:: max(1, len(hashes) // 16)].tolist():
+        assert ranges.ranges([h]) == [covering[h]] if h in covering else not ranges.ranges([h])
     for h, ingested in rows:
-        (covering,) = ranges.ranges([h]) or [None]
-        assert covering is not None and covering[0] <= ingested <= covering[1], (h, ingested)
+        held = covering.get(h)
+        assert held is not None and held[0] <= ingested <= held[1], (h, ingested)
 
 
 @pytest.mark.parametrize(("seed", "run_max"), [(4, None), (5, None), (6, 4)])
