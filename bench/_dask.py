@@ -70,11 +70,14 @@ def dask_cluster(
                 client.wait_for_workers(workers, timeout=60)
         yield address
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
+        # the workers first, then the scheduler: a worker whose scheduler is gone spends seconds
+        # trying to reach it before it exits (8 s in all, against 0.5 s in this order)
+        for group in (procs[1:], procs[:1]):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=20)
