@@ -6,6 +6,10 @@ generated trace set: built once, read by the module's tests) is grouped onto one
 module's other tests that use it (per parameter of the fixture), so the fixture is still built
 once. The groups are handed out first (xdist orders work units by size). A test that sets its own
 ``xdist_group`` keeps it.
+
+The other tests are handed out in collection order, except that those marked ``slow`` (the longest,
+most of 10 s or more) come first: collected last (``tests/test_*.py``), they kept one worker busy for the last
+minute while the other had nothing left to run.
 """
 
 from __future__ import annotations
@@ -40,3 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("xdist_group") is None and (group := _group(item)) is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(  # (stable: the rest keep their order)
+        key=lambda item: (
+            item.get_closest_marker("slow") is None or item.get_closest_marker("xdist_group") is not None
+        )
+    )

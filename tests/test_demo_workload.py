@@ -66,6 +66,7 @@ def test_demo_finds_every_labelled_bottleneck_and_no_healthy_one(tmp_path: Path)
     assert check.ok, text
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_demo_over_otlp_http_stores_every_span(tmp_path: Path) -> None:
     """One scenario through the OTLP/HTTP exporter: every exported span is stored and analysed."""

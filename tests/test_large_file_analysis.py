@@ -139,6 +139,7 @@ def test_missing_parents_told_from_duckdb_as_from_memory() -> None:
             assert [(k.source, k.count) for k in stored.kinds()] == [("back.json", 9), ("copy.json", 9)]
 
 
+@pytest.mark.slow
 def test_an_input_over_the_budget_is_analysed_in_partitions_by_analyze_and_report(tmp_path: Path) -> None:
     """No option needed: a file of more spans than the memory budget analyses at once goes through
     the temporary store, in `analyze` and in `report`, with the report of the whole file at once."""

@@ -605,6 +605,7 @@ def _big_traces(count: int, calls: int) -> Any:
     return spans_table(builders)
 
 
+@pytest.mark.slow
 def test_partitions_stay_within_the_plan_whatever_the_sizes_of_the_traces(tmp_path: Path) -> None:
     """A few traces of thousands of spans among small ones: by the hash of their ids some
     partitions of the planned count hold several, far more rows than a worker's room. The plan

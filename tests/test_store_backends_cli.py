@@ -39,6 +39,7 @@ def _analyzed(db: str, *options: str) -> dict[str, Any]:
     return report
 
 
+@pytest.mark.slow
 def test_duckdb_and_chdb_give_the_same_report_on_the_sample_traces(tmp_path: Path) -> None:
     files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
     assert files
@@ -56,6 +57,7 @@ def test_duckdb_and_chdb_give_the_same_report_on_the_sample_traces(tmp_path: Pat
         assert not check.missed, f"{labels_path.name}: missed {check.missed}"
 
 
+@pytest.mark.slow
 def test_an_endpoints_questions_over_a_chdb_store_too_large_for_one_context(tmp_path: Path) -> None:
     """`critical-path` and `whatif --service/--operation` over an embedded ClickHouse store whose
     spans one context does not hold under the budget read the endpoint's traces by their ids
@@ -97,6 +99,7 @@ def _asked(question: tuple[str, ...], budget: int) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_a_chdb_store_is_analysed_at_once_only_when_its_read_fits_beside_the_analysis(tmp_path: Path) -> None:
     """An embedded ClickHouse holds its read of the spans in the analysing process beside their
     analysis: a store whose spans fit the budget once but not twice is analysed in partitions

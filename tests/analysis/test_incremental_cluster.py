@@ -86,6 +86,7 @@ def _late_span(store: DuckDBSpanStore, trace_id: str) -> None:
     store.write(late)
 
 
+@pytest.mark.slow
 def test_cluster_rounds_store_each_batch_and_price_the_findings_traces_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -115,6 +115,7 @@ def test_report_page_renders_waterfalls_offline(server: LiveServer, tmp_path: Pa
         keep_screenshots(tmp_path, "report.png", "waterfall.png")
 
 
+@pytest.mark.slow
 def test_report_file_from_the_cli_renders_offline(tmp_path: Path) -> None:
     """`hourglass report --html` writes a page that renders from disk with no request at all."""
     from playwright.sync_api import sync_playwright

@@ -86,6 +86,7 @@ def _wait_for_failure(server: LiveServer, timeout: float = 60.0) -> dict[str, An
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_failed_batch_is_named_the_report_stays_and_the_next_round_retries(tmp_path: Path) -> None:
     """A scheduler that gives up on a task as soon as its worker dies (allowed-failures 0), and
     the first two Hourglass tasks after arming kill their workers: the batch's task and its one
@@ -129,6 +130,7 @@ def test_a_failed_batch_is_named_the_report_stays_and_the_next_round_retries(tmp
     _assert_same_recommendations(later, _cli_report(server.db))
 
 
+@pytest.mark.slow
 def test_a_scheduler_that_goes_away_fails_the_rounds_until_it_is_back(tmp_path: Path) -> None:
     """serve keeps ingesting and serving its last report; the rounds fail with the cause; once a
     scheduler answers at the address again, the next round catches up."""

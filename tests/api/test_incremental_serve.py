@@ -133,6 +133,7 @@ def _send_late_span(server: LiveServer, trace_id: str, base_ns: int) -> None:
         provider.shutdown()
 
 
+@pytest.mark.slow
 def test_serve_report_equals_the_cli_and_follows_late_spans_and_restarts(tmp_path: Path) -> None:
     base_ns = time.time_ns() - 120_000 * MS
     with running_server(tmp_path, settle="1s") as server:
@@ -212,6 +213,7 @@ def test_since_window_is_a_decision_over_the_stored_rows(tmp_path: Path) -> None
     _assert_same_recommendations(window, _cli_report(server.db, "--since", "30m"))
 
 
+@pytest.mark.slow
 def test_a_report_over_more_spans_than_its_limit_covers_the_newest_traces(tmp_path: Path) -> None:
     """``HOURGLASS_REPORT_MAX_SPANS``: the stored traces hold more spans than that, so the report
     covers the newest whole batches (the recent traces, 84 spans: within 3/4 of the limit; the old

@@ -88,6 +88,7 @@ def _serves_the_kept_report(
     assert "serving the report kept at" in server.log.read_text(), server.log_tail()
 
 
+@pytest.mark.slow
 def test_a_restart_serves_the_report_kept_by_the_last_process(tmp_path: Path) -> None:
     base_ns = time.time_ns() - 120_000 * MS
     with running_server(tmp_path, settle="1s") as server:

@@ -364,6 +364,7 @@ def test_an_endpoints_critical_path_reads_only_the_traces_with_its_spans(
         store.close()
 
 
+@pytest.mark.slow
 def test_an_endpoint_with_many_spans_is_asked_from_a_split_of_its_own_traces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
