@@ -7,9 +7,9 @@ module's other tests that use it (per parameter of the fixture), so the fixture 
 once. The groups are handed out first (xdist orders work units by size). A test that sets its own
 ``xdist_group`` keeps it.
 
-The other tests are handed out in collection order, except that those marked ``slow`` (the longest,
-most of 10 s or more) come first: collected last (``tests/test_*.py``), they kept one worker busy for the last
-minute while the other had nothing left to run.
+The other tests are handed out in collection order, except that those marked ``slow`` (the
+longest, most of 10 s or more) come first: collected last (``tests/test_*.py``), they kept one
+worker busy for the last minute while the other had nothing left to run.
 """
 
 from __future__ import annotations
