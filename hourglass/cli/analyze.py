@@ -95,8 +95,8 @@ class FileSpans:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# What ``hourglass analyze FILE...`` writes to its temporary store at a time, and the origins
-# table's DuckDB memory (the missing-parent check's anti-join spills beyond it)
+# What ``hourglass analyze FILE...`` writes to its temporary store at a time, and the DuckDB memory
+# of the missing-parent check's anti-join over the rows' origins (it spills beyond it)
 FILE_STORE_WRITE_ROWS = 250_000
 FILE_ORIGINS_MEMORY_LIMIT = "256MB"
 
@@ -183,24 +183,21 @@ def _read_files(
 
 class _FileStore:
     """The temporary DuckDB store of :func:`_read_files` (``spans.duckdb`` in a folder of
-    ``$TMPDIR``), with the rows' origins beside it (``origins.duckdb``)."""
+    ``$TMPDIR``), with the rows' origins beside it: (source, trace_id, span_id, parent_span_id) in a
+    Parquet file per write, which the missing-parent check reads. (They were a DuckDB table: its
+    inserts, anti-join and checkpoint took 1.3 s of a 1M-span file, the Parquet files 0.6 s.)"""
 
     def __init__(self) -> None:
         import tempfile
 
-        import duckdb
-
-        from hourglass.collector.duckdb_store import DuckDBSpanStore, quiet
+        from hourglass.collector.duckdb_store import DuckDBSpanStore
 
         self.folder = tempfile.mkdtemp(prefix="hourglass-files-")
         self.path = os.path.join(self.folder, "spans.duckdb")
         self.store = DuckDBSpanStore(self.path)
-        self.origins = quiet(duckdb.connect(os.path.join(self.folder, "origins.duckdb")))
-        self.origins.execute(f"SET memory_limit = '{FILE_ORIGINS_MEMORY_LIMIT}'")
-        self.origins.execute("SET threads TO 1")
-        self.origins.execute(
-            "CREATE TABLE origins (source INTEGER, trace_id VARCHAR, span_id VARCHAR, parent_span_id VARCHAR)"
-        )
+        self.origins = os.path.join(self.folder, "origins")
+        os.mkdir(self.origins)
+        self.origin_files = 0
         self.pending: list[tuple[int, pa.Table]] = []
         self.pending_rows = 0
         self.closed = False
@@ -213,6 +210,7 @@ class _FileStore:
 
     def _flush(self) -> None:
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         if not self.pending:
             return
@@ -226,20 +224,25 @@ class _FileStore:
                 for source, t in self.pending
             ]
         )
-        self.origins.register("batch_ids", ids)
-        try:
-            self.origins.execute(
-                "INSERT INTO origins SELECT source, trace_id, span_id, parent_span_id FROM batch_ids"
-            )
-        finally:
-            self.origins.unregister("batch_ids")
+        pq.write_table(ids, os.path.join(self.origins, f"{self.origin_files:06d}.parquet"))
+        self.origin_files += 1
         self.pending, self.pending_rows = [], 0
 
     def missing_parents(self, summary: ProblemSummary, names: list[str]) -> None:
+        import duckdb
+
+        from hourglass.collector.duckdb_store import quiet
         from hourglass.collector.problem_summary import note_missing_parents_in
 
         self._flush()
-        note_missing_parents_in(summary, names, self.origins)
+        if not self.origin_files:
+            return
+        with quiet(duckdb.connect()) as db:
+            db.execute(f"SET memory_limit = '{FILE_ORIGINS_MEMORY_LIMIT}'")
+            db.execute("SET threads TO 1")
+            db.execute("SET temp_directory = ?", [os.path.join(self.folder, "origins.tmp")])
+            db.read_parquet(os.path.join(self.origins, "*.parquet")).create_view("origins")
+            note_missing_parents_in(summary, names, db)
 
     def close(self) -> None:
         if self.closed:
@@ -247,7 +250,6 @@ class _FileStore:
         self.closed = True
         self._flush()
         self.store.close()
-        self.origins.close()
 
     def remove(self) -> None:
         import shutil
