@@ -2403,20 +2403,17 @@ class DuckDBSpanStore:
                 return
             self._writer.close()
             if self.path != ":memory:" and not self.read_only:
-                self._con.execute("CHECKPOINT")
-                # then the figures for the next open (not kept: it counts everything, as after a
-                # crash), checkpointed too; a checkpoint refused now (a read result left pending
-                # elsewhere holds a transaction open) leaves them in the write-ahead log, which the
-                # next open replays: either way the close goes on
+                # the figures for the next open (not kept: it counts everything, as after a
+                # crash), then one checkpoint of the rows and them. (A checkpoint before the seal
+                # and another after it: 1.0 s at 1M spans, against 0.7.) A crash before the
+                # checkpoint leaves both in the write-ahead log, which the next open replays.
                 try:
                     self._seal()
                 except Exception:
                     log.warning(
                         "span store %s: could not keep its counts for the next open", self.path, exc_info=True
                     )
-                else:
-                    with contextlib.suppress(duckdb.Error):
-                        self._con.execute("CHECKPOINT")
+                self._con.execute("CHECKPOINT")
             self._con.close()
 
     def _seal(self) -> None:
@@ -2428,7 +2425,7 @@ class DuckDBSpanStore:
         its first report), counted every span and trace again and compacted every trace. With a
         fingerprint of the rows (count, first and last ingest time), so that rows changed by
         something else while the store was closed are not taken for these. (Under the write
-        lock, everything loaded and checkpointed: the last thing ``close`` writes.)"""
+        lock, everything loaded: the last thing ``close`` writes before its checkpoint.)"""
         import numpy as np
 
         (rows, first, last) = self._con.execute(_FINGERPRINT_SQL).fetchall()[0]
