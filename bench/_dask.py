@@ -18,6 +18,15 @@ DASK = Path(sys.executable).with_name("dask")
 ELSEWHERE = Path(__file__).with_name("dask_elsewhere.py")
 
 
+def _address(scheduler_file: Path) -> str | None:
+    """The address in the scheduler's file, once it is there and whole (the scheduler creates the
+    file, then writes it: read in between, it was empty)."""
+    try:
+        return str(json.loads(scheduler_file.read_text())["address"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 @contextlib.contextmanager
 def dask_cluster(
     folder: Path,
@@ -47,10 +56,10 @@ def dask_cluster(
     ]  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
+        while (address := _address(scheduler_file)) is None and time.monotonic() < deadline:
             assert procs[0].poll() is None, f"the Dask scheduler exited with {procs[0].returncode}"
             time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+        assert address is not None, f"the Dask scheduler wrote no address to {scheduler_file} in 60 s"
         assert address.startswith("tcp://127.0.0.1:")
         preload = [arg for p in preloads for arg in ("--preload", str(p))]
         for _ in range(workers):
