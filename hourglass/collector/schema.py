@@ -35,7 +35,7 @@ class _NoPandasForThisThread:
 def _pyarrow_without_pandas() -> None:
     """pyarrow asks once whether pandas is installed, on the first conversion of Python or numpy
     values (``pa.array``, ``pa.table`` of lists...), to recognise pandas objects, and imports it to
-    find out: 0.25 s and ~40 MB in every process that decodes spans, though Hourglass never hands
+    find out: 0.25 s and ~30 MB in every process that decodes spans, though Hourglass never hands
     pyarrow a pandas object. That first look is made here with pandas refused; pyarrow then never
     asks again, and code that asks for pandas outright (``to_pandas``) still gets it."""
     if "pandas" in sys.modules:
