@@ -369,13 +369,13 @@ def test_convoy_sweep_resumed_from_kept_states_decides_like_the_whole(
 
 @pytest.mark.parametrize("trace_set", ["generated", "sample-traces"], indirect=True)
 @pytest.mark.parametrize(
-    "checkpoint_rows,sure,max_open", [(1 << 14, None, None), (20, 1.0, None), (20, None, 3)]
+    "variant",
+    [(1 << 14, None, None), (20, 1.0, None), (20, None, 3)],
+    ids=["few-states", "polars", "max-open"],
 )
 def test_convoy_sweep_resumed_with_few_states_or_sums_left_to_polars(
     trace_set: tuple[str, pl.DataFrame, AnalysisContext],
-    checkpoint_rows: int,
-    sure: float | None,
-    max_open: int | None,
+    variant: tuple[int, float | None, int | None],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -383,7 +383,7 @@ def test_convoy_sweep_resumed_with_few_states_or_sums_left_to_polars(
     correlation left to polars, or no state kept past 3 spans in flight: on the generated mix
     and the sample traces (their lock-contention sample among them); every set runs the default
     case above."""
-    _convoy_rounds(trace_set, checkpoint_rows, sure, max_open, tmp_path, monkeypatch)
+    _convoy_rounds(trace_set, *variant, tmp_path, monkeypatch)
 
 
 def _convoy_rounds(
