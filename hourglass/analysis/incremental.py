@@ -1318,6 +1318,13 @@ class IncrementalAnalysis:
 
     def close(self) -> None:
         self.db.close()
+        self.remove_temporary()
+
+    def remove_temporary(self) -> None:
+        """The temporary folder of a state without a sidecar (a store in memory) removed; a state
+        of a sidecar keeps its folder. Also for a process that ends in the middle of a round
+        without closing (``analysis_worker``'s stop): such a state cannot outlive its process,
+        and its folder was left in the system's temporary folder, one per stop."""
         if self._temporary:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -207,8 +207,9 @@ class AnalysisService:
         self._stop.set()
         if self._worker is not None:
             self._worker.close()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        loop = self._thread
+        if loop is not None:
+            loop.join(timeout)
             self._thread = None
         page = self._page_thread
         if page is not None:
@@ -219,6 +220,26 @@ class AnalysisService:
         if self._cluster_connection is not None:
             self._cluster_connection.close()
             self._cluster_connection = None
+        self._close_incremental_state(running=loop is not None and loop.is_alive())
+
+    def _close_incremental_state(self, *, running: bool) -> None:
+        """The in-process incremental state (no worker) closed once its rounds stopped: the
+        sidecar's connection let go, and a store in memory's temporary folder removed (it was left
+        in the system's temporary folder, one per stop). Not while a round still runs (the loop
+        did not end within ``stop``'s timeout): that round keeps using it, and the state is whole
+        on disk between its writes."""
+        if running or not self._incremental_lock.acquire(timeout=1.0):
+            log.warning("the analysis is still running: its incremental state is left open")
+            return
+        try:
+            state, self._incremental_state = self._incremental_state, None
+        finally:
+            self._incremental_lock.release()
+        if state is not None:
+            try:
+                state.close()
+            except Exception:  # (on the way out: the state is whole on disk whatever happens here)
+                log.warning("closing the incremental analysis state failed", exc_info=True)
 
     @property
     def running(self) -> bool:

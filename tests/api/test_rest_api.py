@@ -7,6 +7,7 @@ One server per module (bearer token on), 20 traces with three serialized calls u
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import uvicorn
 
@@ -36,6 +38,8 @@ from tests.builders import TraceBuilder, spans_table
 pytestmark = pytest.mark.timeout(180)
 
 TOKEN = "s3cret-token"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with analysed_server(tmp_path_factory.mktemp("rest"), token=TOKEN, checkout=20, home=20) as srv:
@@ -361,11 +365,20 @@ def test_a_slow_analysis_is_rerun_at_most_a_tenth_of_the_time() -> None:
     service.store.close()
 
 
-def test_continuous_ingest_still_gets_fresh_reports() -> None:
-    """Spans arriving every 100 ms never settle (settle 1 s); the staleness bound (2 s) re-runs anyway."""
+def test_continuous_ingest_still_gets_fresh_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans arriving every 100 ms never settle (settle 1 s); the staleness bound (2 s) re-runs anyway.
+    Stopped, the analysis in this process (no worker) closes its incremental state: a store in
+    memory's state kept its rows in a temporary folder, left behind at every stop."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (read again from TMPDIR)
     store = DuckDBSpanStore(":memory:")
     service = AnalysisService(
-        store, settle_seconds=1.0, max_staleness_seconds=2.0, poll_seconds=0.1, writer=None, render_html=False
+        store,
+        settle_seconds=1.0,
+        max_staleness_seconds=2.0,
+        poll_seconds=0.1,
+        render_html=False,
+        writer=None,  # (a writer object keeps the analysis in this process)
     )
     stop = threading.Event()
 
@@ -391,11 +404,55 @@ def test_continuous_ingest_still_gets_fresh_reports() -> None:
         assert latest is not None and latest.spans_in_store > first.spans_in_store
         # whole-store runs wait for staleness; incremental rounds run as traces settle
         assert latest.reason in ("stale", "settling")
+        # the state's folder while it runs (the test's own check that it looks in the right place)
+        assert list(tmp_path.glob("hourglass-incremental-*"))
     finally:
         stop.set()
         writer.join(5)
         service.stop()
         store.close()
+    assert not list(tmp_path.glob("hourglass-incremental-*"))
+
+
+def test_a_worker_stopped_in_the_middle_of_a_round_leaves_no_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's analysis worker, stopped while it extracts a large batch of a store in memory,
+    removes its incremental state's temporary folder on the way out (it left one per stop in
+    the system's temporary folder); stopped between rounds, it always did."""
+    from bench.analysis import generate_spans
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # (the worker is spawned: it reads it afresh)
+    store = DuckDBSpanStore(":memory:")
+    b = TraceBuilder(service="svc")
+    b.span("call", parent=b.span("GET /", start_ms=0, dur_ms=10, kind=KIND_SERVER), start_ms=1, dur_ms=5)
+    store.write(spans_table(b))
+    service = AnalysisService(store, settle_seconds=0.2, poll_seconds=0.05, render_html=False)
+    service.start()
+    try:
+        assert service.wait_first(30) is not None
+        assert list(tmp_path.glob("hourglass-incremental-*"))  # the worker's state, in its folder
+        # a round of seconds: 100k spans of the last minutes, received now
+        burst = generate_spans(100_000)
+        shift = time.time_ns() - 60 * 10**9 - pc.min(burst["start_ns"]).as_py()
+        for column in ("start_ns", "end_ns"):
+            burst = burst.set_column(
+                burst.schema.get_field_index(column), column, pc.add(burst[column], shift)
+            )
+        received = pa.array([time.time_ns()] * burst.num_rows, pa.int64())
+        store.write(burst.set_column(burst.schema.get_field_index("ingested_ns"), "ingested_ns", received))
+        deadline = time.monotonic() + 30
+        seen: dict[str, float] = {}  # a round's start -> when this test first saw it running
+        while True:  # until a round has run for 0.3 s: the burst's (the others take milliseconds)
+            assert time.monotonic() < deadline, service.status()
+            running = service.status()["running_since"]
+            if running is not None and time.monotonic() - seen.setdefault(running, time.monotonic()) > 0.3:
+                break
+            time.sleep(0.02)
+    finally:
+        service.stop()
+        store.close()
+    assert not list(tmp_path.glob("hourglass-incremental-*"))
 
 
 def test_background_runs_asked_for_over_rest_are_bounded(tmp_path: Path) -> None:
