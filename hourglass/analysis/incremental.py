@@ -68,7 +68,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import memlog, partitions
+from hourglass.analysis import memlog, partitions, scratch
 from hourglass.analysis.context import AnalysisContext
 from hourglass.analysis.detectors import DETECTORS, PARTS, ROWS_FORMAT
 from hourglass.analysis.detectors._common import NearMissSink, Rows
@@ -935,6 +935,8 @@ class IncrementalAnalysis:
             Path(sidecar + ".d") if sidecar else Path(tempfile.mkdtemp(prefix="hourglass-incremental-"))
         )
         self.folder.mkdir(exist_ok=True)
+        if self._temporary:  # (removed by a serve worker that ends in the middle of a round)
+            scratch.hold(str(self.folder))
         for legacy in self.folder.glob("*.pickle"):  # an older layout: those batches are extracted again
             legacy.unlink(missing_ok=True)
         self._check_rows_format()
@@ -1322,11 +1324,11 @@ class IncrementalAnalysis:
 
     def remove_temporary(self) -> None:
         """The temporary folder of a state without a sidecar (a store in memory) removed; a state
-        of a sidecar keeps its folder. Also for a process that ends in the middle of a round
-        without closing (``analysis_worker``'s stop): such a state cannot outlive its process,
-        and its folder was left in the system's temporary folder, one per stop."""
+        of a sidecar keeps its folder. Such a state cannot outlive its process: a serve worker that
+        ends in the middle of a round removes it too (:mod:`hourglass.analysis.scratch`)."""
         if self._temporary:
             shutil.rmtree(self.folder, ignore_errors=True)
+            scratch.let_go(str(self.folder))
 
     # -- the decision over the stored rows ----------------------------------------------------
 

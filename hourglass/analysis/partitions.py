@@ -43,7 +43,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hourglass.analysis import memlog, worker_start
+from hourglass.analysis import memlog, scratch, worker_start
 from hourglass.analysis.context import AnalysisContext, compact
 from hourglass.analysis.detectors import DETECTORS, PARTS
 from hourglass.analysis.detectors._common import NearMissSink, Rows
@@ -642,10 +642,12 @@ class Prepared:
     def create(near: str | None = None) -> Prepared | None:
         """A fresh folder (in ``$TMPDIR``, or ``near``); None when it cannot be made."""
         try:
-            return Prepared(tempfile.mkdtemp(prefix="hourglass-prepared-", dir=near))
+            folder = tempfile.mkdtemp(prefix="hourglass-prepared-", dir=near)
         except OSError as exc:
             log.warning("no folder for the repaired partitions (%s); the pricing repairs them again", exc)
             return None
+        scratch.hold(folder)  # (removed by a serve worker that ends in the middle of the run)
+        return Prepared(folder)
 
     def file(self, part: int) -> str:
         return os.path.join(self.folder, f"p{part:06d}.arrow")
@@ -706,6 +708,7 @@ class Prepared:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        scratch.let_go(self.folder)
 
 
 def _write_kept(frame: pl.DataFrame, path: Path) -> None:

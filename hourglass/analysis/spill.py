@@ -34,6 +34,7 @@ from typing import Any
 
 import polars as pl
 
+from hourglass.analysis import scratch
 from hourglass.analysis.detectors import batchable_calls, lock_contention, missing_timeout
 from hourglass.analysis.detectors._common import NearMissSink, Rows
 from hourglass.analysis.model import Finding
@@ -155,7 +156,9 @@ class Spill:
     @staticmethod
     def create(buckets: int, near: str | None = None) -> Spill:
         """A fresh folder (in ``$TMPDIR``, or beside ``near``) for one run's spilled rows."""
-        return Spill(tempfile.mkdtemp(prefix="hourglass-spill-", dir=near), max(1, buckets))
+        folder = tempfile.mkdtemp(prefix="hourglass-spill-", dir=near)
+        scratch.hold(folder)  # (removed by a serve worker that ends in the middle of the run)
+        return Spill(folder, max(1, buckets))
 
     def _table_folder(self, kind: str, table: str) -> Path:
         return Path(self.folder) / f"{kind}.{table}"
@@ -216,3 +219,4 @@ class Spill:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        scratch.let_go(self.folder)

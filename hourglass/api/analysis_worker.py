@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from hourglass.analysis import worker_start
+from hourglass.analysis import scratch, worker_start
 from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.worker_start import WatchedProcess
 from hourglass.analysis.writers import select_writer
@@ -98,16 +98,15 @@ def _worker_main(conn: Connection) -> None:
     # its incremental state on the way out: the sidecar checkpointed, and an in-memory store's
     # temporary folder removed (killed, it left both: the sidecar's data all in its WAL, and one
     # /tmp/hourglass-incremental-* folder per serve run). Stopped in the middle of a round, it goes
-    # at once, as before: the state's writes are whole or not at all; only an in-memory store's
-    # temporary folder is removed first (nothing reads it after this process).
+    # at once, as before: the state's writes are whole or not at all; only the round's temporary
+    # folders are removed first (nothing reads them after this process: ``analysis.scratch``).
     waiting = [True]
 
     def on_sigterm(signum: int, frame: Any) -> None:
         if waiting[0]:
             raise SystemExit(128 + signum)
-        if state.incremental is not None:
-            with contextlib.suppress(Exception):  # (on the way out, whatever happens)
-                state.incremental.remove_temporary()
+        with contextlib.suppress(Exception):  # (on the way out, whatever happens)
+            scratch.remove_all()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 

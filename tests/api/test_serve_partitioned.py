@@ -116,3 +116,46 @@ def test_a_whole_store_analysis_over_its_limit_covers_the_newest_spans(tmp_path:
     )
     assert served["recommendations"], "nothing to compare"
     assert [r["id"] for r in served["recommendations"]] == [r["id"] for r in cli["recommendations"]]
+
+
+def test_a_worker_stopped_in_the_middle_of_a_partitioned_analysis_leaves_no_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's worker, stopped (SIGTERM) while it analyses the store in partitions, ends at once as
+    before, but removes the run's temporary folders first: the repaired partitions kept for the
+    pricing (~100 bytes a span) were left in the system's temporary folder at every such stop."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from bench.analysis import generate_spans
+    from hourglass.api.analysis_service import AnalysisService
+    from hourglass.api.settings import Settings
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # (the worker is spawned: it reads it afresh)
+    spans = generate_spans(200_000)  # spans of the last minutes, received a while ago: settled
+    shift = time.time_ns() - 600 * 10**9 - pc.min(spans["start_ns"]).as_py()
+    for column in ("start_ns", "end_ns"):
+        spans = spans.set_column(spans.schema.get_field_index(column), column, pc.add(spans[column], shift))
+    received = pa.array([time.time_ns() - 300 * 10**9] * spans.num_rows, pa.int64())
+    store = DuckDBSpanStore(str(tmp_path / "spans.duckdb"))
+    store.write(spans.set_column(spans.schema.get_field_index("ingested_ns"), "ingested_ns", received))
+    service = AnalysisService(
+        store,
+        settle_seconds=0.2,
+        poll_seconds=0.05,
+        render_html=False,
+        settings=Settings(incremental_analysis=False, serve_partitions=3),
+    )
+    service.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not list(scratch.glob("hourglass-prepared-*/p*.arrow")):  # a partition extracted
+            assert time.monotonic() < deadline and service.status()["runs"] == 0, service.status()
+            time.sleep(0.02)
+    finally:
+        service.stop()
+        store.close()
+    assert not list(scratch.iterdir())
