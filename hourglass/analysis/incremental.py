@@ -931,9 +931,7 @@ class IncrementalAnalysis:
         # (``spill/<kind>.<table>/b<bucket>/p<batch>.parquet``). Pickles, not DuckDB BLOBs: DuckDB
         # binds a large BLOB parameter slowly (8 s for one 100k-span batch's rows).
         self._temporary = sidecar is None
-        self.folder = (
-            Path(sidecar + ".d") if sidecar else Path(tempfile.mkdtemp(prefix="hourglass-incremental-"))
-        )
+        self.folder = Path(sidecar + ".d") if sidecar else Path(scratch.make("incremental"))
         self.folder.mkdir(exist_ok=True)
         if self._temporary:  # (removed by a serve worker that ends in the middle of a round)
             scratch.hold(str(self.folder))

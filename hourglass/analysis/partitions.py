@@ -581,7 +581,7 @@ def split_store(
     location = source.location
     from hourglass.collector.duckdb_store import DuckDBSpanStore
 
-    folder = tempfile.mkdtemp(prefix="hourglass-partitions-", dir=near)
+    folder = scratch.make("partitions", near)
     try:
         # (a --since or --service filter joins the store with its matching trace ids: the
         # store's own limit, room for that join's table; the source's own trace ids are a join
@@ -642,11 +642,11 @@ class Prepared:
     def create(near: str | None = None) -> Prepared | None:
         """A fresh folder (in ``$TMPDIR``, or ``near``); None when it cannot be made."""
         try:
-            folder = tempfile.mkdtemp(prefix="hourglass-prepared-", dir=near)
+            # (removed by a serve worker that ends in the middle of the run)
+            folder = scratch.make("prepared", near, held=True)
         except OSError as exc:
             log.warning("no folder for the repaired partitions (%s); the pricing repairs them again", exc)
             return None
-        scratch.hold(folder)  # (removed by a serve worker that ends in the middle of the run)
         return Prepared(folder)
 
     def file(self, part: int) -> str:

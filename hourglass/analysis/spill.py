@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -156,9 +155,8 @@ class Spill:
     @staticmethod
     def create(buckets: int, near: str | None = None) -> Spill:
         """A fresh folder (in ``$TMPDIR``, or beside ``near``) for one run's spilled rows."""
-        folder = tempfile.mkdtemp(prefix="hourglass-spill-", dir=near)
-        scratch.hold(folder)  # (removed by a serve worker that ends in the middle of the run)
-        return Spill(folder, max(1, buckets))
+        # (removed by a serve worker that ends in the middle of the run)
+        return Spill(scratch.make("spill", near, held=True), max(1, buckets))
 
     def _table_folder(self, kind: str, table: str) -> Path:
         return Path(self.folder) / f"{kind}.{table}"

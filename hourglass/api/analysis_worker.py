@@ -457,48 +457,12 @@ def remove_dead_servers_files(directories: tuple[str, ...] | None = None) -> lis
     that is always the same pid: pid 1 in a container). Never raises: a name it cannot read is
     left alone."""
     removed = []
-    now = time.time()
-    try:
-        started = now - time.monotonic() + _process_started_monotonic()
-    except Exception:  # (no /proc: own-pid files are kept)
-        started = None
     for directory in _ipc_dirs() if directories is None else directories:
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            found = _IPC_FILE.match(name)
-            if found is None:
-                continue
-            path = os.path.join(directory, name)
-            try:
-                pid = int(found.group(1))
-                modified = os.stat(path).st_mtime
-                if now - modified < LEFTOVER_AGE_S or pid <= 0:
-                    continue
-                if pid == os.getpid():
-                    if started is None or modified >= started:
-                        continue
-                else:
-                    try:
-                        os.kill(pid, 0)
-                        continue  # alive
-                    except ProcessLookupError:
-                        pass
+        for path in scratch.leftovers(directory, _IPC_FILE, LEFTOVER_AGE_S):
+            with contextlib.suppress(OSError):
                 os.unlink(path)
                 removed.append(path)
-            except (OSError, OverflowError, ValueError):  # alive, not ours (EPERM); gone; a bad name
-                continue
     return removed
-
-
-def _process_started_monotonic() -> float:
-    """When this process started, on the monotonic clock (``/proc/self/stat``'s start time)."""
-    with open("/proc/self/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[19])  # field 22: start time in clock ticks after boot
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _ipc_dir(nbytes: int) -> str | None:
@@ -693,6 +657,8 @@ class AnalysisWorker:
                 try:
                     for path in remove_dead_servers_files():
                         log.info("removed %s, left by a server that is gone", path)
+                    for path in scratch.sweep():  # (a run's folders, of a process killed outright)
+                        log.warning("removed %s, left by a process that was killed", path)
                 except Exception:  # a sweep that fails never keeps the worker from starting
                     log.exception("removing files left by servers that are gone failed")
             context = multiprocessing.get_context("spawn")

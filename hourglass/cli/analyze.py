@@ -188,11 +188,10 @@ class _FileStore:
     inserts, anti-join and checkpoint took 1.3 s of a 1M-span file, the Parquet files 0.6 s.)"""
 
     def __init__(self) -> None:
-        import tempfile
-
+        from hourglass.analysis import scratch
         from hourglass.collector.duckdb_store import DuckDBSpanStore
 
-        self.folder = tempfile.mkdtemp(prefix="hourglass-files-")
+        self.folder = scratch.make("files")  # (swept by a later run if this process is killed)
         self.path = os.path.join(self.folder, "spans.duckdb")
         self.store = DuckDBSpanStore(self.path)
         self.origins = os.path.join(self.folder, "origins")
@@ -821,6 +820,16 @@ def exit_code(report: dict[str, Any], input_problems: int) -> int:
     return EXIT_INPUT if input_problems else EXIT_OK
 
 
+def _sweep_leftovers() -> None:
+    """The temporary folders of runs whose process was killed outright (the out-of-memory killer:
+    a file analysis' temporary store, a split copy of a store) removed in a thread of its own
+    (:func:`hourglass.analysis.scratch.sweep`), beside the run, without a word: the run's output
+    stays the same whatever was left. A daemon: what it leaves half-removed the next run removes."""
+    from hourglass.analysis import scratch
+
+    threading.Thread(target=scratch.sweep, name="hourglass-sweep", daemon=True).start()
+
+
 @app.command("analyze")
 def analyze_command(
     files: Annotated[
@@ -912,6 +921,7 @@ def analyze_command(
     guard = contextlib.ExitStack()
     # (files too: a large input is written to a temporary store, removed on the way out)
     guard.enter_context(_terminate_as_interrupt())
+    _sweep_leftovers()
     spilled = False
     early: EarlyWorkers | None = None
     try:
