@@ -449,6 +449,15 @@ def _ipc_prefix(prefix: str, server_pid: int) -> str:
 LEFTOVER_AGE_S = 600.0
 
 
+def _sweep_folders() -> None:
+    """:func:`hourglass.analysis.scratch.sweep`, each folder removed logged."""
+    try:
+        for path in scratch.sweep():
+            log.warning("removed %s, left by a process that was killed", path)
+    except Exception:  # (never raises; a daemon thread's error would only be printed)
+        log.exception("removing the folders of killed processes failed")
+
+
 def remove_dead_servers_files(directories: tuple[str, ...] | None = None) -> list[str]:
     """Remove the span and result files (:data:`SPAN_PREFIX`...) in ``directories`` (default
     :func:`_ipc_dirs`) left by a server that is gone; returns them. A file is a leftover when it
@@ -657,8 +666,8 @@ class AnalysisWorker:
                 try:
                     for path in remove_dead_servers_files():
                         log.info("removed %s, left by a server that is gone", path)
-                    for path in scratch.sweep():  # (a run's folders, of a process killed outright)
-                        log.warning("removed %s, left by a process that was killed", path)
+                    # (a run's folders, of a process killed outright: beside, as they may be large)
+                    threading.Thread(target=_sweep_folders, name="hourglass-sweep", daemon=True).start()
                 except Exception:  # a sweep that fails never keeps the worker from starting
                     log.exception("removing files left by servers that are gone failed")
             context = multiprocessing.get_context("spawn")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -443,7 +444,6 @@ def test_the_files_of_a_dead_server_are_removed_and_a_live_ones_kept(tmp_path: P
     container). A name it cannot judge never stops the sweep."""
     import subprocess
     import sys
-    import time
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -480,8 +480,10 @@ def test_a_span_file_is_named_after_the_server(shm: Path) -> None:
 
 
 def test_a_worker_start_removes_the_files_of_dead_servers_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    swept: list[int] = []
-    monkeypatch.setattr(analysis_worker, "remove_dead_servers_files", lambda: swept.append(1) or [])
+    """The dead servers' span files, and the folders of runs killed outright (beside)."""
+    swept: list[str] = []
+    monkeypatch.setattr(analysis_worker, "remove_dead_servers_files", lambda: swept.append("files") or [])
+    monkeypatch.setattr(analysis_worker, "_sweep_folders", lambda: swept.append("folders"))
     worker = AnalysisWorker()
     try:
         worker.start()
@@ -489,7 +491,10 @@ def test_a_worker_start_removes_the_files_of_dead_servers_once(monkeypatch: pyte
         worker.start()
     finally:
         worker.close()
-    assert swept == [1]
+    deadline = time.monotonic() + 10
+    while len(swept) < 2 and time.monotonic() < deadline:  # (the folders' sweep: in a thread)
+        time.sleep(0.01)
+    assert sorted(swept) == ["files", "folders"]
 
 
 def test_a_stream_outgrowing_its_room_in_shm_is_streamed_again_into_the_temp_dir(
