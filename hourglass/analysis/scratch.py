@@ -11,17 +11,22 @@ removes the folders held here first (:func:`remove_all`).
 
 A process killed outright (SIGKILL, the kernel's out-of-memory killer) removes nothing: a file
 analysis' temporary store, a split of a store (a copy of it), the repaired partitions. Each such
-folder in ``$TMPDIR`` is named ``hourglass-<kind>-<pid>-...`` (:func:`make`), and the next
-``hourglass analyze`` or ``serve`` removes the folders of processes that are gone (:func:`sweep`).
+folder in ``$TMPDIR`` is named ``hourglass-<kind>-<namespace>-<pid>-...`` (:func:`make`), and the
+next ``hourglass analyze`` or ``serve`` removes the folders of processes that are gone
+(:func:`sweep`). ``<namespace>`` names the pid namespace: containers that share ``$TMPDIR`` each
+have their own pids, and a live run of another container looks dead from here (its run may last
+hours, longer than any age would guard), so only folders of this namespace are judged.
 
 Imports nothing of the analysis: the worker's signal handler imports it before any round."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 
@@ -51,16 +56,30 @@ def remove_all() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# the folders :func:`make` names: ``hourglass-<kind>-<pid>-<random>``
-OWNED = re.compile(r"^hourglass-(?:files|partitions|prepared|spill|incremental)-(\d+)-")
+def _namespace() -> str:
+    """8 hex digits naming this process' pid namespace (its inode, where ``/proc`` tells it; else
+    the host name, which a container has of its own)."""
+    try:
+        ident = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ident = socket.gethostname()
+    return hashlib.sha1(ident.encode(), usedforsecurity=False).hexdigest()[:8]
+
+
+NAMESPACE = _namespace()
+# the folders :func:`make` names: ``hourglass-<kind>-<namespace>-<pid>-<random>``
+OWNED = re.compile(
+    r"^hourglass-(?:files|partitions|prepared|spill|incremental)-(?P<ns>[0-9a-f]{8})-(?P<pid>\d{1,10})-",
+    re.ASCII,
+)
 # a folder this young is never swept (its process may have just made it, under a reused pid)
 LEFTOVER_AGE_S = 60.0
 
 
 def make(kind: str, near: str | None = None, *, held: bool = False) -> str:
-    """A fresh folder ``hourglass-<kind>-<this pid>-...`` in ``near`` (default ``$TMPDIR``);
-    ``held``: :func:`hold` it too."""
-    folder = tempfile.mkdtemp(prefix=f"hourglass-{kind}-{os.getpid()}-", dir=near)
+    """A fresh folder ``hourglass-<kind>-<namespace>-<this pid>-...`` in ``near`` (default
+    ``$TMPDIR``); ``held``: :func:`hold` it too."""
+    folder = tempfile.mkdtemp(prefix=f"hourglass-{kind}-{NAMESPACE}-{os.getpid()}-", dir=near)
     if held:
         hold(folder)
     return folder
@@ -76,8 +95,9 @@ def process_started_monotonic() -> float:
 
 
 def leftovers(directory: str, pattern: re.Pattern[str], min_age_s: float) -> list[str]:
-    """The entries of ``directory`` whose name matches ``pattern`` (its first group: the pid of the
-    process that made it) and whose process is gone, older than ``min_age_s``. An entry of a live
+    """The entries of ``directory`` whose name matches ``pattern`` (its group ``pid``: the process
+    that made it; a group ``ns``, if any: :data:`NAMESPACE`, else the entry is not judged) and
+    whose process is gone, older than ``min_age_s``. An entry of a live
     process is not one (also another user's, whose pid cannot be signalled), nor one of this
     process' own pid unless it is older than this process (a program that is always the same pid:
     pid 1 in a container). Never raises: a name it cannot read is left out."""
@@ -93,11 +113,11 @@ def leftovers(directory: str, pattern: re.Pattern[str], min_age_s: float) -> lis
         return found
     for name in names:
         match = pattern.match(name)
-        if match is None:
+        if match is None or match.groupdict().get("ns", NAMESPACE) != NAMESPACE:
             continue
         path = os.path.join(directory, name)
         try:
-            pid = int(match.group(1))
+            pid = int(match.group("pid"))
             modified = os.stat(path).st_mtime
             if now - modified < min_age_s or pid <= 0:
                 continue

@@ -436,7 +436,9 @@ def _ipc_dirs() -> tuple[str, ...]:
 # worker start removes it (:func:`remove_dead_servers_files`)
 SPAN_PREFIX = "hourglass-analysis-"
 SHM_RESULT_PREFIX = "hourglass-result-"
-_IPC_FILE = re.compile(r"^(?:hourglass-analysis-|hourglass-result-)(\d{1,10})-.*\.(?:arrow|bin)$", re.ASCII)
+_IPC_FILE = re.compile(
+    r"^(?:hourglass-analysis-|hourglass-result-)(?P<pid>\d{1,10})-.*\.(?:arrow|bin)$", re.ASCII
+)
 
 
 def _ipc_prefix(prefix: str, server_pid: int) -> str:

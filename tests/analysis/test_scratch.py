@@ -26,6 +26,10 @@ def _dead_pid() -> int:
     return process.pid
 
 
+def _name(kind: str, pid: int, rest: str, namespace: str = scratch.NAMESPACE) -> str:
+    return f"hourglass-{kind}-{namespace}-{pid}-{rest}"
+
+
 def _folder(parent: Path, name: str, *, age_s: float) -> Path:
     folder = parent / name
     (folder / "inside").mkdir(parents=True)
@@ -43,27 +47,29 @@ def test_the_sweep_removes_only_old_folders_of_processes_that_are_gone(
     dead = _dead_pid()
     alive = os.getppid()
     own = os.getpid()
-    gone = _folder(tmp_path, f"hourglass-files-{dead}-abc", age_s=600)
-    gone_split = _folder(tmp_path, f"hourglass-partitions-{dead}-def", age_s=600)
-    young = _folder(tmp_path, f"hourglass-prepared-{dead}-ghi", age_s=5)  # (a reused pid's, maybe)
-    living = _folder(tmp_path, f"hourglass-spill-{alive}-jkl", age_s=600)
-    mine = _folder(tmp_path, f"hourglass-files-{own}-mno", age_s=120)  # made by this process
-    before_me = _folder(tmp_path, f"hourglass-files-{own}-pqr", age_s=2000)  # by an earlier one of its pid
-    other = _folder(tmp_path, f"hourglass-other-{dead}-stu", age_s=600)  # not a run's folder
+    gone = _folder(tmp_path, _name("files", dead, "abc"), age_s=600)
+    gone_split = _folder(tmp_path, _name("partitions", dead, "def"), age_s=600)
+    young = _folder(tmp_path, _name("prepared", dead, "ghi"), age_s=5)  # (a reused pid's, maybe)
+    living = _folder(tmp_path, _name("spill", alive, "jkl"), age_s=600)
+    mine = _folder(tmp_path, _name("files", own, "mno"), age_s=120)  # made by this process
+    before_me = _folder(tmp_path, _name("files", own, "pqr"), age_s=2000)  # by an earlier one of its pid
+    # another pid namespace's (a container sharing $TMPDIR): its pids mean nothing here
+    elsewhere = _folder(tmp_path, _name("files", dead, "stu", namespace="0123abcd"), age_s=600)
+    other = _folder(tmp_path, f"hourglass-other-{scratch.NAMESPACE}-{dead}-vwx", age_s=600)  # not a run's
     old_name = _folder(tmp_path, "hourglass-prepared-vwxyz123", age_s=600)  # (no pid in its name)
 
     removed = scratch.sweep(str(tmp_path))
 
     assert sorted(removed) == sorted(str(p) for p in (gone, gone_split, before_me))
     assert not gone.exists() and not gone_split.exists() and not before_me.exists()
-    for kept in (young, living, mine, other, old_name):
+    for kept in (young, living, mine, elsewhere, other, old_name):
         assert kept.exists(), kept
 
 
 def test_made_folders_are_named_after_their_process_and_held_when_asked(tmp_path: Path) -> None:
     folder = scratch.make("prepared", str(tmp_path), held=True)
     try:
-        assert Path(folder).name.startswith(f"hourglass-prepared-{os.getpid()}-")
+        assert Path(folder).name.startswith(f"hourglass-prepared-{scratch.NAMESPACE}-{os.getpid()}-")
         assert scratch.OWNED.match(Path(folder).name)
         assert folder in scratch.held()
         scratch.remove_all()
@@ -77,7 +83,7 @@ def test_the_next_analyze_removes_what_a_killed_run_left(tmp_path: Path) -> None
     left there (its file analysis' store) is removed, and the report is made as ever."""
     temp = tmp_path / "tmp"
     temp.mkdir()
-    left = _folder(temp, f"hourglass-files-{_dead_pid()}-k1ll3d", age_s=600)
+    left = _folder(temp, _name("files", _dead_pid(), "k1ll3d"), age_s=600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "HOURGLASS_"))}
     result = subprocess.run(
         [*hourglass_executable(), "analyze", str(SAMPLE), "--format", "json"],
