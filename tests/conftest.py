@@ -14,6 +14,9 @@ worker busy for the last minute while the other had nothing left to run.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 _SHARED_SCOPES = frozenset({"class", "module", "package", "session"})
@@ -49,3 +52,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.get_closest_marker("slow") is None or item.get_closest_marker("xdist_group") is not None
         )
     )
+
+
+@pytest.fixture
+def temp_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process' temporary folder is the test's (``tempfile.gettempdir()``): what the test
+    leaves there (a state without a sidecar that it never closes: a reference to compare with) is
+    removed with the test's folder, not left in the system's, once per run of the suite."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path

@@ -20,7 +20,8 @@ from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.schema import SPAN_SCHEMA
 from tests.builders import repeated_trace, spans_table, spec
 
-pytestmark = pytest.mark.timeout(300)
+# (their reference states are not closed: temporary folders in the tests' own)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("temp_in_tmp_path")]
 
 S = 10**9
 MARGIN = 5 * S

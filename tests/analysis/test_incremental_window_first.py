@@ -16,7 +16,8 @@ from hourglass.collector.duckdb_store import DuckDBSpanStore
 from hourglass.collector.schema import SPAN_SCHEMA
 from tests.builders import repeated_trace, spans_table, spec
 
-pytestmark = pytest.mark.timeout(120)
+# (their reference states are not closed: temporary folders in the tests' own)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("temp_in_tmp_path")]
 
 S = 10**9
 T0 = 1_760_000_000 * S
