@@ -931,10 +931,9 @@ class IncrementalAnalysis:
         # (``spill/<kind>.<table>/b<bucket>/p<batch>.parquet``). Pickles, not DuckDB BLOBs: DuckDB
         # binds a large BLOB parameter slowly (8 s for one 100k-span batch's rows).
         self._temporary = sidecar is None
-        self.folder = Path(sidecar + ".d") if sidecar else Path(scratch.make("incremental"))
+        # (a temporary one held: removed by a serve worker that ends in the middle of a round)
+        self.folder = Path(sidecar + ".d") if sidecar else Path(scratch.make("incremental", held=True))
         self.folder.mkdir(exist_ok=True)
-        if self._temporary:  # (removed by a serve worker that ends in the middle of a round)
-            scratch.hold(str(self.folder))
         for legacy in self.folder.glob("*.pickle"):  # an older layout: those batches are extracted again
             legacy.unlink(missing_ok=True)
         self._check_rows_format()

@@ -7,7 +7,6 @@ One server per module (bearer token on), 20 traces with three serialized calls u
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -365,12 +364,11 @@ def test_a_slow_analysis_is_rerun_at_most_a_tenth_of_the_time() -> None:
     service.store.close()
 
 
-def test_continuous_ingest_still_gets_fresh_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_continuous_ingest_still_gets_fresh_reports(temp_in_tmp_path: Path) -> None:
     """Spans arriving every 100 ms never settle (settle 1 s); the staleness bound (2 s) re-runs anyway.
     Stopped, the analysis in this process (no worker) closes its incremental state: a store in
     memory's state kept its rows in a temporary folder, left behind at every stop."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # (read again from TMPDIR)
+    tmp_path = temp_in_tmp_path
     store = DuckDBSpanStore(":memory:")
     service = AnalysisService(
         store,
