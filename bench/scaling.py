@@ -24,7 +24,14 @@ partitions of whole traces by their ids' hash are then far from even, which the 
 ``--workers 1,2`` runs the command with each worker count (a store larger than the memory budget
 is analysed in partitions on that many processes; one that fits, at once); ``--memory-budget``
 is passed through. Peak memory is printed for the command's own process and for all its
-processes together (sampled); the targets are checked on the latter.
+processes together (sampled); the targets are checked on the latter, as is the CPU time of all
+of them (sampled too: the command ends before its worker processes, so the kernel's accounting of
+the finished child leaves theirs out), printed as the cores it kept busy.
+
+``--phases`` runs each command once more with ``HOURGLASS_MEMORY_LOG=1`` (not counted in the
+medians) and prints where that run's wall time went, from the notes its processes write
+(:mod:`hourglass.analysis.memlog`): start-up until a worker holds its first partition, the
+extraction, the decision, the pricing, then the report, the texts and the exit.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -53,15 +61,23 @@ REFERENCE_ROUNDS = 3
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_process(argv: list[str], *, stdout_path: str | None = None) -> dict[str, Any]:
+def run_process(
+    argv: list[str], *, stdout_path: str | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Runs ``argv`` to completion: wall seconds, the peak RSS (GiB) of that process from the
     kernel's accounting of the finished child (``wait4``), and the peak of the whole process tree
-    (it and its worker processes, summed), sampled every 50 ms with psutil; exit code."""
+    (it and its worker processes, summed), sampled every 50 ms with psutil; the CPU seconds of the
+    tree, each process' own as last sampled (the last few ms of each are missed; ``wait4``'s
+    count of the command includes the workers it waited for, but not those it left running);
+    exit code. ``env``: variables set for that run."""
     import psutil
 
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL  # noqa: SIM115
+    started_at = time.time()
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(
+        argv, stdout=out, stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, **env} if env else None
+    )
     reaped: dict[str, Any] = {}
 
     def reap() -> None:
@@ -74,12 +90,16 @@ def run_process(argv: list[str], *, stdout_path: str | None = None) -> dict[str,
     waiter.start()
     drain.start()
     tree_peak = 0
+    cpu: dict[int, float] = {}  # each process of the tree: its CPU seconds, as last sampled
     root = psutil.Process(proc.pid)
     while waiter.is_alive():
         with contextlib.suppress(psutil.Error):
-            tree_peak = max(
-                tree_peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            )
+            children = root.children(recursive=True)
+            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [root, *children]))
+            for process in [root, *children]:
+                with contextlib.suppress(psutil.Error):
+                    times = process.cpu_times()  # (its own: not that of children it waited for)
+                    cpu[process.pid] = times.user + times.system
         waiter.join(0.05)
     drain.join(5)
     if stdout_path:
@@ -88,9 +108,50 @@ def run_process(argv: list[str], *, stdout_path: str | None = None) -> dict[str,
         "wall_s": reaped["wall"],
         "peak_rss_gib": reaped["usage"].ru_maxrss / 1024**2,
         "tree_peak_gib": tree_peak / 1024**3,
+        "cpu_s": sum(cpu.values()),
         "code": os.waitstatus_to_exitcode(reaped["status"]),
-        "stderr": b"".join(errors).decode(errors="replace")[-2000:],
+        "stderr": b"".join(errors).decode(errors="replace"),
+        "started_at": started_at,
+        "pid": proc.pid,
     }
+
+
+_NOTE = re.compile(
+    r"hourglass memory: pid (\d+) (.*?): rss \d+ MiB, phase peak \d+ MiB at (\d\d):(\d\d):(\d\d\.\d+) UTC"
+)
+_FIRST_READ = re.compile(r"extract \d+/\d+ read$")
+
+
+def phases(stderr: str, started_at: float, wall_s: float, pid: int) -> list[tuple[str, float]] | None:
+    """Where the wall time of a partitioned ``analyze`` run went, from its processes' memory notes
+    (``HOURGLASS_MEMORY_LOG=1``; ``pid``: the command's, which decides; ``started_at``: when it
+    was started, by this clock): (phase, seconds) in order, ending at ``wall_s``. None when the
+    run was not partitioned (no worker read a partition) or a phase's note is missing."""
+    day = started_at - started_at % 86_400
+    notes: list[tuple[int, str, float]] = []
+    for m in _NOTE.finditer(stderr):
+        at = day + int(m[3]) * 3600 + int(m[4]) * 60 + float(m[5])
+        if at < started_at - 3600:  # (past midnight UTC)
+            at += 86_400
+        notes.append((int(m[1]), m[2], at - started_at))
+    first_read = [t for p, what, t in notes if p != pid and _FIRST_READ.search(what)]
+    extracted = [t for p, what, t in notes if p == pid and what == "extraction results received"]
+    decided = [t for _, what, t in notes if what.startswith("decided ")]
+    priced = [t for p, what, t in notes if p == pid and what == "pricing results combined"]
+    if not (first_read and extracted and decided and priced):
+        return None
+    ends = [
+        ("start-up until a worker holds its first partition", min(first_read)),
+        ("extraction", extracted[0]),
+        ("decision", max(decided)),
+        ("pricing", priced[0]),
+        ("report, texts and exit", wall_s),
+    ]
+    out, before = [], 0.0
+    for name, end in ends:
+        out.append((name, max(0.0, end - before)))
+        before = max(before, end)
+    return out
 
 
 def reference_child(db_path: str) -> dict[str, Any]:
@@ -143,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="share of each store's spans in traces of 2k-100k spans (bench.analysis.generate_large_traces)",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="run each command once more with HOURGLASS_MEMORY_LOG=1 and print where its time went",
+    )
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference:
@@ -158,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     large = f", {LARGE_SHARE:.0%} of the spans in traces of 2k-100k spans" if LARGE_SHARE else ""
     print(f"bench.scaling: {os.cpu_count()} cores, sizes {sizes}{large}, stores in {folder}")
     try:
-        return _run(folder, sizes, workers, max(1, args.rounds))
+        return _run(folder, sizes, workers, max(1, args.rounds), args.phases)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -179,7 +245,7 @@ def _store(folder: Path, size: int) -> Path:
     return path
 
 
-def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int) -> int:
+def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int, timed: bool = False) -> int:
     stores = {size: _store(folder, size) for size in sizes}
     ref_store = stores[min(sizes, key=lambda s: abs(s - 1_000_000))]
     out = folder / "report.json"
@@ -195,14 +261,17 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int)
                         stdout_path=str(folder / "reference.json"),
                     )
                     if ref["code"] != 0:
-                        print(ref["stderr"], file=sys.stderr)
+                        print(ref["stderr"][-2000:], file=sys.stderr)
                         return 1
                     reference.append(
                         ref | json.loads((folder / "reference.json").read_text().strip().splitlines()[-1])
                     )
                 run = run_process(_analyze_argv(stores[size], out, w))
                 if run["code"] != 0:
-                    print(f"hourglass analyze failed on {size:,} spans:\n{run['stderr']}", file=sys.stderr)
+                    print(
+                        f"hourglass analyze failed on {size:,} spans:\n{run['stderr'][-2000:]}",
+                        file=sys.stderr,
+                    )
                     return 1
                 runs.append(run)
             report = json.loads(out.read_text())
@@ -216,6 +285,7 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int)
                 "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
                 # the sampled sum can miss a short spike that wait4 saw in the command's own process
                 "tree_peak_gib": max(max(r["tree_peak_gib"], r["peak_rss_gib"]) for r in runs),
+                "cpu_s": statistics.median(r["cpu_s"] for r in runs),
             }
             rows.append(row)
             label = "1 process" if w is None else f"{w} worker(s)"
@@ -223,8 +293,11 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int)
                 f"{row['spans']:>11,} spans, {label}: hourglass analyze --db {row['wall_s']:6.2f} s "
                 f"(runs {'/'.join(f'{x:.2f}' for x in row['walls'])} s), peak RSS {row['peak_rss_gib']:.2f} GiB "
                 f"(all processes {row['tree_peak_gib']:.2f} GiB), "
-                f"{row['recommendations']} recommendations"
+                f"{row['recommendations']} recommendations; CPU {row['cpu_s']:.1f} s of all processes, "
+                f"{row['cpu_s'] / row['wall_s']:.2f} of {os.cpu_count()} cores busy"
             )
+            if timed:
+                _print_phases(_analyze_argv(stores[size], out, w))
     ref_s = min(r["reference_s"] for r in reference)
     ref = reference[0]
     print(
@@ -256,6 +329,19 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int)
     per_span = [f"{r['wall_s'] / r['spans'] * 1e6:.2f}" for r in rows]
     print("µs per span by size (flat = linear): " + ", ".join(per_span))
     return 0
+
+
+def _print_phases(argv: list[str]) -> None:
+    """One more run of ``argv`` with its memory notes, and where its wall time went."""
+    run = run_process(argv, env={"HOURGLASS_MEMORY_LOG": "1"})
+    split = phases(run["stderr"], run["started_at"], run["wall_s"], run["pid"]) if run["code"] == 0 else None
+    if split is None:
+        print(f"    where the time went: not a partitioned run ({run['wall_s']:.2f} s, exit {run['code']})")
+        return
+    print(
+        f"    where the time went (one more run with HOURGLASS_MEMORY_LOG=1, {run['wall_s']:.2f} s): "
+        + ", ".join(f"{name} {s:.2f} s ({s / run['wall_s']:.0%})" for name, s in split)
+    )
 
 
 if __name__ == "__main__":

@@ -282,6 +282,38 @@ def test_an_unreachable_scheduler_is_one_line_within_ten_seconds(store: Path) ->
     assert len(lines) == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in lines[0]
 
 
+def test_the_scaling_bench_says_where_a_partitioned_run_spent_its_time(store: Path, tmp_path: Path) -> None:
+    """``bench.scaling --phases``: the phases of a real partitioned run, read from the notes its
+    processes write (so a note renamed in the analysis fails here, not silently in the bench),
+    adding up to the run's wall time; and the CPU of all its processes."""
+    from bench._process import hourglass_command
+    from bench.scaling import phases, run_process
+
+    argv = [*hourglass_command(), "analyze", "--db", str(store), "--format", "json", "--output"]
+    argv += [str(tmp_path / "report.json"), "--partitions", "4", "--workers", "2"]
+    run = run_process(argv, env={"PYTHONPATH": str(ROOT), "HOURGLASS_MEMORY_LOG": "1"})
+    assert run["code"] == 0, run["stderr"][-2000:]
+    split = phases(run["stderr"], run["started_at"], run["wall_s"], run["pid"])
+    assert split is not None, run["stderr"][-2000:]
+    assert [name for name, _ in split] == [
+        "start-up until a worker holds its first partition",
+        "extraction",
+        "decision",
+        "pricing",
+        "report, texts and exit",
+    ]
+    assert all(seconds >= 0 for _, seconds in split)
+    assert split[0][1] > 0 and split[1][1] > 0  # (workers start, then extract)
+    assert sum(seconds for _, seconds in split) == pytest.approx(run["wall_s"])
+    assert 0 < run["cpu_s"] < run["wall_s"] * (os.cpu_count() or 1) * 1.1
+    # a run without the notes (or in one process: no worker read a partition) has no phases
+    assert phases("", run["started_at"], run["wall_s"], run["pid"]) is None
+    one = run_process(
+        [*argv[:-4], "--partitions", "1"], env={"PYTHONPATH": str(ROOT), "HOURGLASS_MEMORY_LOG": "1"}
+    )
+    assert one["code"] == 0 and phases(one["stderr"], one["started_at"], one["wall_s"], one["pid"]) is None
+
+
 def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     from hourglass.analysis import partitions
 
