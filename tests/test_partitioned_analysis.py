@@ -848,6 +848,59 @@ def test_a_worker_lost_as_the_later_calls_are_queued_is_retried(
     assert results == [0, 1, 2]
 
 
+def _killed_on_part_one(folder: str, part: int, parts: int) -> int:
+    """A task whose worker is killed (SIGKILL, as the out-of-memory killer does) on partition 1:
+    the first time only when ``folder`` is given a marker, else every time."""
+    marker = Path(folder) / "died-once"
+    if part == 1 and not (marker.exists() and marker.read_text() == "once"):
+        if marker.exists():
+            marker.write_text("once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return part
+
+
+def test_a_worker_killed_mid_task_is_said_once_and_its_partition_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker process that dies (here SIGKILL) is retried once, and the user is told so in one
+    line naming the signal and what is run again; a second death ends the run naming the
+    partition and the signal, not a bare "terminated abruptly". The calls the dead worker may
+    have been running are run one at a time, so the one named is the one that kills its worker:
+    before, every call lost with it was charged, and the run could fail naming an innocent call
+    queued behind it (here partition 3, which never ran)."""
+    from hourglass.analysis import partitions
+
+    (tmp_path / "died-once").write_text("")
+    calls = [(str(tmp_path), p, 3) for p in range(3)]
+    executor = partitions.ProcessExecutor(1)
+    try:
+        with caplog.at_level("WARNING", logger="hourglass.analysis.partitions"):
+            assert executor.map("extracting", _killed_on_part_one, list(calls), None) == [0, 1, 2]
+    finally:
+        executor.close()
+    warned = [r.getMessage() for r in caplog.records if r.name == "hourglass.analysis.partitions"]
+    assert len(warned) == 1, warned
+    said = re.fullmatch(
+        r"extracting: worker process \d+ was killed by SIGKILL \(out of memory, or killed\); "
+        r"partitions? ([-\d, and]+) of 3 retried once(, one at a time \(the worker was running one of them\))?",
+        warned[0],
+    )
+    assert said is not None, warned[0]
+    # (one worker: the call queued behind the one it ran may have been taken from the queue too)
+    assert said[1] in ("2", "2-3"), warned[0]
+    assert partitions.numbered_parts([5, 0, 2, 3, 7, 6], 28) == "partitions 1, 3-4 and 6-8 of 28"
+    (tmp_path / "died-once").unlink()  # now it dies every time
+    executor = partitions.ProcessExecutor(1)
+    try:
+        with pytest.raises(
+            partitions.PartitionError,
+            match=r"extracting of partition 2/3 failed twice: worker process \d+ was killed by SIGKILL",
+        ):
+            executor.map("extracting", _killed_on_part_one, list(calls), None)
+    finally:
+        executor.close()
+
+
 def test_ctrl_c_during_a_query_of_the_store_ends_as_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

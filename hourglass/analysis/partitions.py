@@ -1027,6 +1027,48 @@ def merge_impacts(parts: Iterable[dict[str, PricedImpact]]) -> dict[str, Impact]
     }
 
 
+def numbered_parts(parts: Iterable[int], total: int) -> str:
+    """Partitions (numbered from 0) as the user counts them, runs of them as ranges:
+    "partition 2 of 3", "partitions 1, 3-4 and 6-28 of 28"."""
+    numbers = sorted({p + 1 for p in parts})
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    named = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs]
+    listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+    return f"partition{'s' if len(numbers) > 1 else ''} {listed} of {total}"
+
+
+def how_workers_died(pool: Any) -> str:
+    """How the processes of a broken pool (:class:`worker_start.WorkerPool`) that died ended, for
+    the user: a signal by name (SIGKILL: most often the system's out-of-memory killer), or an exit
+    code. The workers the pool itself stops once it is broken (SIGTERM) are not the cause."""
+    import signal as signals
+
+    ended: list[str] = []
+    killed = False
+    for process in getattr(getattr(pool, "processes", None), "started", []):
+        with suppress(Exception):  # (a process object that cannot say: left out)
+            code = worker_start.ended_with(process)
+            if code is None or code == 0 or code == -signals.SIGTERM:
+                continue
+            if code < 0:
+                try:
+                    name = signals.Signals(-code).name
+                except ValueError:
+                    name = f"signal {-code}"
+                killed = killed or name == "SIGKILL"
+                ended.append(f"worker process {process.pid} was killed by {name}")
+            else:
+                ended.append(f"worker process {process.pid} exited with code {code}")
+    if not ended:
+        return "a worker process died"
+    return "; ".join(ended) + (" (out of memory, or killed)" if killed else "")
+
+
 class PartitionError(RuntimeError):
     """A partition task that failed twice (the first failure is retried once)."""
 
@@ -1160,13 +1202,22 @@ class ProcessExecutor:
         failures = [0] * len(calls)
         pending = set(range(len(calls)))
         finished = 0
+        # The calls a worker's death may have been running, when it could be more than one: run
+        # one at a time, so the one that kills its worker again is the one named. A pool's
+        # workers take its calls in the order they were submitted, the first ``workers + 1`` of
+        # them at once (a call queue of one more than the workers), so a call later than those
+        # had not started. A call suspected once that dies alone has died twice.
+        alone: list[int] = []
+        suspected: set[int] = set()
         while pending or more is not None:
             if self._stop.is_set():
                 raise Stopped(f"{phase} stopped: the run ended")
             pool = self._ensure()
-            futures = {pool.submit(fn, *calls[i]): i for i in sorted(pending)}
+            order = [alone[0]] if alone else sorted(pending)  # (submitted, in this order)
+            futures = {pool.submit(fn, *calls[i]): i for i in order}
             running: set[Future[Any]] = set(futures)
             broken = False
+            lost: list[int] = []  # the calls a worker's death cost, to run again
             while running or more is not None:
                 waited: set[Future[Any]] = running | ({more[0]} if more is not None else set())
                 done, _ = wait(waited, timeout=STOP_CHECK_S, return_when=FIRST_COMPLETED)
@@ -1180,26 +1231,23 @@ class ProcessExecutor:
                         results.append(None)
                         failures.append(0)
                         pending.add(len(calls) - 1)
-                        if not broken:
+                        if not broken and not alone:  # (while calls run alone, they wait their turn)
                             try:
                                 future = pool.submit(fn, *call)
                             except BrokenProcessPool:  # a worker died meanwhile, not yet seen in
                                 broken = True  # ``done``: the call stays pending for the new pool
                                 continue
                             futures[future] = len(calls) - 1
+                            order.append(len(calls) - 1)
                             running.add(future)
                 for future in done & running:
                     running.discard(future)
                     i = futures[future]
                     try:
                         results[i] = future.result()
-                    except BrokenProcessPool as exc:  # a worker died: every unfinished task is charged
+                    except BrokenProcessPool:  # a worker died: charged below, once all have ended
                         broken = True
-                        failures[i] += 1
-                        if failures[i] > 1:
-                            raise PartitionError(
-                                phase, calls[i][1], calls[i][2], f"a worker process died ({exc})"
-                            ) from exc
+                        lost.append(i)
                         continue
                     except Exception as exc:
                         failures[i] += 1
@@ -1214,12 +1262,52 @@ class ProcessExecutor:
                         )
                         continue
                     pending.discard(i)
+                    if alone and alone[0] == i:
+                        alone.pop(0)
                     finished += 1
                     if progress:
                         progress(phase, finished, total)
             if broken:
+                if lost:
+                    self._charge_death(phase, pool, calls, failures, order, lost, alone, suspected)
                 self.close(wait=False)
         return results
+
+    def _charge_death(
+        self,
+        phase: str,
+        pool: Any,
+        calls: list[tuple[Any, ...]],
+        failures: list[int],
+        order: list[int],
+        lost: list[int],
+        alone: list[int],
+        suspected: set[int],
+    ) -> None:
+        """A worker died, costing the calls ``lost`` (``order``: the pool's calls as submitted):
+        the call it ran is charged a failure when it can be told (it ran alone, or it is the only
+        one of those that had started) and the run fails once one has failed twice; else those
+        that had started are set to run one at a time (``alone``, ``suspected``). Said in one line
+        per death."""
+        how = how_workers_died(pool)
+        lost_set = set(lost)
+        started = [i for i in order if i in lost_set][: self.workers + 1]
+        total = calls[lost[0]][2]
+        if len(started) == 1:
+            i = started[0]
+            failures[i] += 1
+            if failures[i] > 1 or i in suspected:
+                raise PartitionError(phase, calls[i][1], calls[i][2], how)
+            log.warning("%s: %s; %s retried once", phase, how, numbered_parts([calls[i][1]], total))
+            return
+        alone[:] = started
+        suspected.update(started)
+        log.warning(
+            "%s: %s; %s retried once, one at a time (the worker was running one of them)",
+            phase,
+            how,
+            numbered_parts([calls[i][1] for i in started], total),
+        )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
         """``fn(*args)`` in a worker of the pool as it is (the workers kept through the decision:

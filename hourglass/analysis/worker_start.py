@@ -248,6 +248,15 @@ def _exited(process: multiprocessing.process.BaseProcess, timeout: float | None)
     return True
 
 
+def ended_with(process: multiprocessing.process.BaseProcess) -> int | None:
+    """``process``' exit code if it has exited, else None (at once: a process still running is not
+    waited for). Its code is waited for when another thread reaped it (:func:`_exited`)."""
+    with contextlib.suppress(ValueError):  # (closed)
+        if _exited(process, 0.0):
+            return process.exitcode
+    return None
+
+
 def stop(started: WorkerPool) -> None:
     """Stops a pool no run took, at once: its workers terminated (they may still be importing),
     not waited for until they would have started."""
