@@ -98,6 +98,15 @@ def parse_since(text: str, now_ns: int | None = None, name: str = "since") -> in
     return int(moment.timestamp() * 1_000_000) * 1000
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or ``taskset``'s share,
+    not the machine's count), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def format_bytes(value: int) -> str:
     """8388608 -> '8 MiB', 1610612736 -> '1.5 GiB' (as the README writes sizes)."""
     for unit, scale in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):

@@ -25,6 +25,7 @@ import multiprocessing.process
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -1046,18 +1047,16 @@ def how_workers_died(pool: Any) -> str:
     """How the processes of a broken pool (:class:`worker_start.WorkerPool`) that died ended, for
     the user: a signal by name (SIGKILL: most often the system's out-of-memory killer), or an exit
     code. The workers the pool itself stops once it is broken (SIGTERM) are not the cause."""
-    import signal as signals
-
     ended: list[str] = []
     killed = False
     for process in getattr(getattr(pool, "processes", None), "started", []):
         with suppress(Exception):  # (a process object that cannot say: left out)
             code = worker_start.ended_with(process)
-            if code is None or code == 0 or code == -signals.SIGTERM:
+            if code is None or code == 0 or code == -signal.SIGTERM:
                 continue
             if code < 0:
                 try:
-                    name = signals.Signals(-code).name
+                    name = signal.Signals(-code).name
                 except ValueError:
                     name = f"signal {-code}"
                 killed = killed or name == "SIGKILL"

@@ -63,11 +63,9 @@ SHORT_LIVED_ALLOCATOR = "dirty_decay_ms:2000,muzzy_decay_ms:2000"
 
 def polars_threads(workers: int) -> int:
     """Polars threads for each of ``workers`` processes sharing this machine's cores (at least 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
+    from hourglass.settings import usable_cores
+
+    return max(1, usable_cores() // max(1, workers))
 
 
 def start(threads: int = 0, allocator: str = "") -> None:

@@ -250,15 +250,9 @@ def _window(
 def _workers(chosen: int) -> int:
     """Worker processes for a question's partitions: ``chosen`` (--workers, HOURGLASS_WORKERS),
     or 0: one per core."""
-    import os
+    from hourglass.settings import usable_cores
 
-    return (
-        chosen
-        if chosen > 0
-        else len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count() or 1
-    )
+    return chosen if chosen > 0 else usable_cores()
 
 
 def _on(workers: int) -> str:

@@ -52,7 +52,7 @@ from hourglass.collector.ingest_log import IngestLog
 from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from hourglass.collector.store import StoreStats
 from hourglass.collector.trace_query import PSEUDO_TAGS, TAG_CHECK_COLUMNS, TraceQuery, tag_checked_trace_ids
-from hourglass.settings import default
+from hourglass.settings import default, usable_cores
 
 _ARROW_TO_DUCKDB = {
     pa.string(): "VARCHAR",
@@ -721,7 +721,7 @@ def _in_order(rows: pa.Table, selected: list[str], *, string_views: bool) -> pa.
 _PARTITION_FILE_KEYS = ("trace_id", "span_id", "start_ns", "ingested_ns")
 
 
-class _column_gatherer:
+class _ColumnGatherer:
     """Rows of a batch's columns in a new order (``pc.take``), each column in a thread of its own
     when this machine has a core to spare: Arrow's take runs on one core and releases the GIL.
     In a store's split it was most of the deciding process' time (at 5M spans, 3.4 s before any
@@ -729,10 +729,7 @@ class _column_gatherer:
     partitions when the plan has no room for both at once."""
 
     def __init__(self) -> None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not on Linux
-            cores = os.cpu_count() or 1
+        cores = usable_cores()
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(min(cores, 4), thread_name_prefix="hourglass-split")
             if cores > 1
@@ -1703,7 +1700,7 @@ class DuckDBSpanStore:
         schema = pa.schema([f for f in reader.schema if f.name != "_partition"])
         counts = [0] * parts
         writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-        gather = _column_gatherer()
+        gather = _ColumnGatherer()
         try:
             for part in range(skip, parts):
                 writers[part] = pa.ipc.new_file(partition_file(folder, part), schema)
