@@ -106,7 +106,9 @@ def gate_words(rng: random.Random) -> list[TraceBuilder]:
         twin = TraceBuilder(service="library")  # connect and authenticate first: preconditions
         root = twin.span("GET /members/{id}", start_ms=0, dur_ms=200, kind=KIND_SERVER)
         queries = [(name, 45) for name in ["connect", "authenticateMember", "SELECT library.members"]]
-        _in_a_row(twin, root, rng, queries, start_ms=4.0, gap_ms=0.5, kind=KIND_CLIENT, db_system="postgresql")
+        _in_a_row(
+            twin, root, rng, queries, start_ms=4.0, gap_ms=0.5, kind=KIND_CLIENT, db_system="postgresql"
+        )
         out += [b, twin]
     return out
 

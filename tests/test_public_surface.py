@@ -40,7 +40,9 @@ def test_one_top_level_import_package() -> None:
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert scripts == {"hourglass": "hourglass.cli:main"}
     # the source tree holds one import package (bench/ and scripts/ are not installed)
-    found = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in {"tests", "bench"})
+    found = sorted(
+        p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in {"tests", "bench"}
+    )
     assert found == ["hourglass"]
     import tomllib
 

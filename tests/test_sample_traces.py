@@ -60,7 +60,15 @@ def test_generator_writes_otlp_jsonl_that_imports_span_for_span(tmp_path: Path) 
     """Regenerate one scenario with the real script, then import it with the real CLI: every span
     the workload produced is read back, in the Collector file exporter's format, with its labels."""
     generated = subprocess.run(
-        [sys.executable, "-m", "hourglass.workload.generate", "--out", str(tmp_path), "--scenario", "lock_contention"],
+        [
+            sys.executable,
+            "-m",
+            "hourglass.workload.generate",
+            "--out",
+            str(tmp_path),
+            "--scenario",
+            "lock_contention",
+        ],
         capture_output=True,
         text=True,
         timeout=90,

@@ -133,7 +133,15 @@ def test_failing_database_call_is_attributed_to_the_service_that_queries_it() ->
         spec("GET /orders/{id}", 0, 40, kind=KIND_SERVER, http_status_code=502),
         spec("GET /orders/{id}", 1, 35, kind=KIND_CLIENT, peer="orders", http_status_code=500),
         spec("GET /orders/{id}", 2, 33, kind=KIND_SERVER, service="orders", http_status_code=500),
-        spec("SELECT orders", 3, 30, kind=KIND_CLIENT, service="orders", db_system="postgresql", status_code=STATUS_ERROR),
+        spec(
+            "SELECT orders",
+            3,
+            30,
+            kind=KIND_CLIENT,
+            service="orders",
+            db_system="postgresql",
+            status_code=STATUS_ERROR,
+        ),
     )
     findings = analyse(traces)
     assert len(findings) == 1
@@ -171,7 +179,9 @@ def test_a_fallback_used_by_another_caller_lowers_confidence() -> None:
             4,
             service,
             spec("GET /page", 0, 30, kind=KIND_SERVER, status_code=root_status),
-            spec("GET /recommendations", 1, 20, kind=KIND_CLIENT, peer="recommender", status_code=STATUS_ERROR),
+            spec(
+                "GET /recommendations", 1, 20, kind=KIND_CLIENT, peer="recommender", status_code=STATUS_ERROR
+            ),
         )
 
     alone = analyse(traces("web", STATUS_ERROR))

@@ -243,7 +243,9 @@ def test_cli_reports_a_route_pool_from_an_otlp_json_file(tmp_path: Path) -> None
         end = max(s + d for s, d in calls) + 2
         spans.append(otlp_span(t, 0, "HTTP GET /dispatch", 2, 0, end))
         for i, (s, d) in enumerate(calls):
-            spans.append(otlp_span(t, i + 1, "HTTP GET", 3, s, s + d, url=f"http://route:8083/route?pickup={i}"))
+            spans.append(
+                otlp_span(t, i + 1, "HTTP GET", 3, s, s + d, url=f"http://route:8083/route?pickup={i}")
+            )
     path = tmp_path / "dispatch.otlp.json"
     path.write_text(json.dumps(otlp_json({"frontend": spans})))
     report = analyze_file(path, timeout=120)

@@ -171,7 +171,10 @@ def test_serve_report_equals_the_cli_and_follows_late_spans_and_restarts(tmp_pat
         _assert_same_recommendations(resumed, cli)
         _stop(again)
     after = _tally_marks(server.db)
-    assert after["tally_epoch"] == tally["tally_epoch"] and after["tally_upto"] >= tally["tally_upto"], (tally, after)
+    assert after["tally_epoch"] == tally["tally_epoch"] and after["tally_upto"] >= tally["tally_upto"], (
+        tally,
+        after,
+    )
 
 
 def _tally_marks(db: Path) -> dict[str, int]:
@@ -181,7 +184,9 @@ def _tally_marks(db: Path) -> dict[str, int]:
     from hourglass.analysis.incremental import sidecar_path
 
     with duckdb.connect(sidecar_path(str(db)), read_only=True) as con:
-        rows = con.execute("SELECT key, value FROM meta WHERE key IN ('tally_epoch', 'tally_upto')").fetchall()
+        rows = con.execute(
+            "SELECT key, value FROM meta WHERE key IN ('tally_epoch', 'tally_upto')"
+        ).fetchall()
     marks = {str(k): int(v) for k, v in rows}
     assert set(marks) == {"tally_epoch", "tally_upto"}, marks
     return marks

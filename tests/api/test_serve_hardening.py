@@ -152,7 +152,16 @@ class Serve:
 def start(tmp: Path, *flags: str, env: dict[str, str] | None = None, verify: Any = True) -> Serve:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HOURGLASS_", "ANTHROPIC_"))}
     log = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "hourglass", "serve", "--db", str(tmp / "spans.duckdb"), "--host", "127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hourglass",
+        "serve",
+        "--db",
+        str(tmp / "spans.duckdb"),
+        "--host",
+        "127.0.0.1",
+    ]
     cmd += ["--grpc-port", "0", "--http-port", "0", "--api-port", "0", *flags]
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -446,8 +455,6 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-
-
 # -- 15.7: a corrupt store, a full disk --------------------------------------------------------------------
 
 
@@ -463,7 +470,11 @@ def test_a_corrupt_store_is_one_line_naming_the_file_for_serve_and_the_cli(tmp_p
         ["analyze", "--db", str(db)],
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "hourglass", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "hourglass", *command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 1, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -510,7 +521,11 @@ def test_deeply_nested_json_files_are_one_clear_line_for_the_cli(tmp_path: Path)
     deep.write_text('{"resourceSpans":' + "[" * 100_000 + "]" * 100_000 + "}")
     for command in (["diff", str(deep), str(deep)], ["analyze", str(deep)]):
         result = subprocess.run(
-            [sys.executable, "-m", "hourglass", *command], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "hourglass", *command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode != 0
         assert f"{deep}:" in result.stderr and "nested" in result.stderr

@@ -36,9 +36,17 @@ def _checkout(i: int) -> TraceBuilder:
         )  # cart's clock is late: its server span lies outside the call
         parent = call
         # the service's server span, then its query inside it
-        for name, offset, dur, kind in ((f"GET /{service}", 1, 23, KIND_SERVER), (f"SELECT {service}", 3, 18, KIND_CLIENT)):
+        for name, offset, dur, kind in (
+            (f"GET /{service}", 1, 23, KIND_SERVER),
+            (f"SELECT {service}", 3, 18, KIND_CLIENT),
+        ):
             parent = b.span(
-                name, parent=parent, service=service, start_ms=start + offset + late, dur_ms=dur, kind=kind,
+                name,
+                parent=parent,
+                service=service,
+                start_ms=start + offset + late,
+                dur_ms=dur,
+                kind=kind,
                 host=f"{service}-{j}",
             )
     return b

@@ -15,7 +15,9 @@ from hourglass.collector import native_decode
 from hourglass.collector.decode import DecodeError, decode_export_request
 from tests.collector.test_native_decode import _assert_same
 
-pytestmark = pytest.mark.skipif(not native_decode.AVAILABLE, reason="hourglass.collector._otlpscan is not built")
+pytestmark = pytest.mark.skipif(
+    not native_decode.AVAILABLE, reason="hourglass.collector._otlpscan is not built"
+)
 
 GOOD_STATUS = ("http.response.status_code", b"\x18\xc8\x01")  # int 200
 VALUES = {

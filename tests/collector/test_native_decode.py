@@ -75,7 +75,9 @@ def _assert_same(data: bytes) -> None:
 
 def test_the_c_extension_is_built() -> None:
     # make install compiles it; without it ingest falls back to the ~3x slower Python decoder
-    assert native_decode.AVAILABLE, "hourglass.collector._otlpscan is not built: run `make install` (needs gcc)"
+    assert native_decode.AVAILABLE, (
+        "hourglass.collector._otlpscan is not built: run `make install` (needs gcc)"
+    )
 
 
 def test_sdk_encoding_takes_the_native_path_and_matches() -> None:

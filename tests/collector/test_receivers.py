@@ -557,7 +557,10 @@ def test_exports_while_shutting_down_are_unavailable_with_retry_advice() -> None
         assert "shutting down" in (err.value.details() or "")
         assert _retry_delay_s(err.value) == 5.0
         reply = httpx.post(
-            r.http_url, content=make_request(1), headers={"content-type": "application/x-protobuf"}, timeout=10
+            r.http_url,
+            content=make_request(1),
+            headers={"content-type": "application/x-protobuf"},
+            timeout=10,
         )
         assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
         assert status_pb2.Status.FromString(reply.content).code == 14

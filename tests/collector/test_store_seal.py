@@ -43,9 +43,11 @@ def _figures(store: DuckDBSpanStore) -> dict[str, Any]:
 
 
 def _recount(store: DuckDBSpanStore) -> StoreStats:
-    spans, traces = store._cursor().execute(
-        "SELECT count(DISTINCT (trace_id, span_id)), count(DISTINCT trace_id) FROM spans"
-    ).fetchall()[0]
+    spans, traces = (
+        store._cursor()
+        .execute("SELECT count(DISTINCT (trace_id, span_id)), count(DISTINCT trace_id) FROM spans")
+        .fetchall()[0]
+    )
     return StoreStats(spans=int(spans), traces=int(traces))
 
 
