@@ -24,9 +24,9 @@ partitions of whole traces by their ids' hash are then far from even, which the 
 ``--workers 1,2`` runs the command with each worker count (a store larger than the memory budget
 is analysed in partitions on that many processes; one that fits, at once); ``--memory-budget``
 is passed through. Peak memory is printed for the command's own process and for all its
-processes together (sampled); the targets are checked on the latter, as is the CPU time of all
-of them (sampled too: the command ends before its worker processes, so the kernel's accounting of
-the finished child leaves theirs out), printed as the cores it kept busy.
+processes together (sampled); the targets are checked on the latter. The CPU time of all of
+them is printed too, as the cores they kept busy (sampled as well: the command ends before its
+worker processes, so the kernel's accounting of the finished child leaves theirs out).
 
 ``--phases`` runs each command once more with ``HOURGLASS_MEMORY_LOG=1`` (not counted in the
 medians) and prints where that run's wall time went, from the notes its processes write
@@ -245,7 +245,9 @@ def _store(folder: Path, size: int) -> Path:
     return path
 
 
-def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int, timed: bool = False) -> int:
+def _run(
+    folder: Path, sizes: list[int], workers: list[int | None], rounds: int, with_phases: bool = False
+) -> int:
     stores = {size: _store(folder, size) for size in sizes}
     ref_store = stores[min(sizes, key=lambda s: abs(s - 1_000_000))]
     out = folder / "report.json"
@@ -296,7 +298,7 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int,
                 f"{row['recommendations']} recommendations; CPU {row['cpu_s']:.1f} s of all processes, "
                 f"{row['cpu_s'] / row['wall_s']:.2f} of {os.cpu_count()} cores busy"
             )
-            if timed:
+            if with_phases:
                 _print_phases(_analyze_argv(stores[size], out, w))
     ref_s = min(r["reference_s"] for r in reference)
     ref = reference[0]
@@ -334,9 +336,12 @@ def _run(folder: Path, sizes: list[int], workers: list[int | None], rounds: int,
 def _print_phases(argv: list[str]) -> None:
     """One more run of ``argv`` with its memory notes, and where its wall time went."""
     run = run_process(argv, env={"HOURGLASS_MEMORY_LOG": "1"})
-    split = phases(run["stderr"], run["started_at"], run["wall_s"], run["pid"]) if run["code"] == 0 else None
+    if run["code"] != 0:
+        print(f"    where the time went: that run failed (exit {run['code']}):\n{run['stderr'][-2000:]}")
+        return
+    split = phases(run["stderr"], run["started_at"], run["wall_s"], run["pid"])
     if split is None:
-        print(f"    where the time went: not a partitioned run ({run['wall_s']:.2f} s, exit {run['code']})")
+        print(f"    where the time went: not a partitioned run ({run['wall_s']:.2f} s)")
         return
     print(
         f"    where the time went (one more run with HOURGLASS_MEMORY_LOG=1, {run['wall_s']:.2f} s): "
