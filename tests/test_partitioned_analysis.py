@@ -342,6 +342,52 @@ def test_a_budget_too_small_for_the_largest_trace_names_it(store: Path) -> None:
     assert too_small.returncode == 2 and "cannot hold the analysis" in too_small.stderr
 
 
+def _newest_quarter_ns(store: Path) -> int:
+    """A whole second from which about the newest quarter of ``store``'s spans start."""
+    import duckdb
+
+    with duckdb.connect(str(store), read_only=True) as con:
+        (start,) = con.execute("SELECT quantile_disc(start_ns, 0.75) FROM spans").fetchall()[0]
+    return int(start) // 10**9 * 10**9
+
+
+def _window_rows(store: Path, since_ns: int | None) -> int:
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+
+    opened = DuckDBSpanStore(str(store), read_only=True)
+    try:
+        return opened.window_rows(since_ns=since_ns)
+    finally:
+        opened.close()
+
+
+def test_a_window_is_planned_on_its_own_spans_not_the_stores(store: Path) -> None:
+    """``analyze --db --since`` plans on the rows of the window's traces: under a budget too small
+    for the whole store but large enough for the window, the window is analysed (before, planned
+    on the store's rows, it was refused), with the report of the same window under the default
+    budget; in partitions, its line counts the window's spans, not the store's."""
+    from datetime import UTC, datetime
+
+    from hourglass.analysis import partitions, planning
+
+    since_ns = _newest_quarter_ns(store)
+    since = datetime.fromtimestamp(since_ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stored, window = _window_rows(store, None), _window_rows(store, since_ns)
+    assert 0 < window < stored // 2
+    # at once for the window, and too small for the store whatever its partitions
+    budget = planning.PROCESS_BASE_BYTES + planning.PEAK_BYTES_PER_SPAN * ((window + stored) // 2)
+    assert planning.at_once_spans(budget) >= window
+    with pytest.raises(partitions.BudgetError):
+        partitions.plan(stored, budget, 1)
+    refused = _run("analyze", "--db", store, "--memory-budget", budget, "--workers", 1)
+    assert refused.returncode == 2 and "cannot hold the analysis" in refused.stderr
+    small = _report(store, "--since", since, "--memory-budget", budget, "--workers", 1)
+    assert small["recommendations"] and small == _report(store, "--since", since)
+    told: list[str] = []
+    assert _report(store, "--since", since, "--partitions", 3, stderr=told) == small
+    assert f"{window:,} spans in 3 partitions" in told[0], told[0]
+
+
 def test_analyze_db_ends_without_the_interpreters_teardown(
     store: Path, whole: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -692,7 +738,7 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     monkeypatch.setattr(
         partitions.worker_start, "pool", lambda n, *more: pools.append(more) or original(n, *more)
     )
-    early = EarlyWorkers.start(str(store), run, filtered=False)
+    early = EarlyWorkers.start(str(store), run, since_ns=None, services=None)
     assert early is not None and early.workers == 2 and len(pools) == 1
     try:
         report = analyze_store(
@@ -707,8 +753,16 @@ def test_the_workers_started_before_the_analysis_is_imported_run_its_partitions(
     got.pop("generated_at")
     assert got == {**whole, "input_warnings": []}
     # not a DuckDB file, or partitions given: nothing started early
-    assert EarlyWorkers.start(str(store) + ".missing", run, filtered=False) is None
-    assert EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), filtered=False) is None
+    assert EarlyWorkers.start(str(store) + ".missing", run, since_ns=None, services=None) is None
+    assert (
+        EarlyWorkers.start(str(store), StoreRun(run.budget, 2, partitions=3), since_ns=None, services=None)
+        is None
+    )
+    # a window that fits at once starts none either: planned on its own rows, not the store's
+    since_ns = _newest_quarter_ns(store)
+    window = _window_rows(store, since_ns)
+    assert partitions.plan(window, run.budget, 2).parts == 1
+    assert EarlyWorkers.start(str(store), run, since_ns=since_ns, services=None) is None
 
 
 def test_a_store_another_process_reads_is_analysed_by_the_early_workers_plan(
@@ -739,7 +793,7 @@ def test_a_store_another_process_reads_is_analysed_by_the_early_workers_plan(
     )
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
-        early = EarlyWorkers.start(str(store), run, filtered=False)
+        early = EarlyWorkers.start(str(store), run, since_ns=None, services=None)
         assert early is not None
         try:
             report = analyze_store(
@@ -757,7 +811,7 @@ def test_a_store_another_process_reads_is_analysed_by_the_early_workers_plan(
     logged = tmp_path / "logged.duckdb"
     logged.write_bytes(store.read_bytes())
     Path(f"{logged}.ingest-log").mkdir()
-    assert EarlyWorkers.start(str(logged), run, filtered=False) is None
+    assert EarlyWorkers.start(str(logged), run, since_ns=None, services=None) is None
 
 
 def _wait_or_touch(path: str, part: int, parts: int) -> bool:

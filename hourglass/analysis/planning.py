@@ -88,6 +88,12 @@ SPLIT_BYTES = 272 * 2**20
 SPLIT_BYTES_PER_SPAN = 12
 SPLIT_FILTERED_BYTES = 384 * 2**20
 SPLIT_FILTERED_BYTES_PER_SPAN = 112
+# A filtered split also scans the store's rows outside its window, beyond what an unfiltered split
+# of the window's rows would: measured over a 128 MiB process splitting into 8 files, a window of
+# 1.67M spans of a 10M-span store peaked 897 MiB over it, of 0.83M 721, of 0.84M of a 5M-span store
+# 559, of 0.41M 427, of 0.17M of a 1M-span store 186. Counted as SPLIT_FILTERED_... over the window
+# and this for each row outside it: at or above every point, never above the whole store matching.
+SPLIT_FILTERED_OUTSIDE_BYTES_PER_SPAN = 48
 
 
 # The exemplar traces a partitioned run reads together for the recommendations' texts (after the
@@ -192,11 +198,17 @@ def question_workers(spans: int, parts: int, budget: int, workers: int) -> int:
     return 1
 
 
-def split_bytes(spans: int, filtered: bool = False) -> int:
+def split_bytes(spans: int, filtered: bool = False, stored: int | None = None) -> int:
     """The memory the split of a store of ``spans`` spans takes over the deciding process' base
-    (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter)."""
+    (``SPLIT_BYTES``; ``filtered``: a ``--since`` or ``--service`` filter, whose window holds
+    ``spans`` of the store's ``stored`` rows: those outside it are scanned too)."""
     if filtered:
-        return SPLIT_FILTERED_BYTES + spans * SPLIT_FILTERED_BYTES_PER_SPAN
+        outside = max(0, (spans if stored is None else stored) - spans)
+        return (
+            SPLIT_FILTERED_BYTES
+            + spans * SPLIT_FILTERED_BYTES_PER_SPAN
+            + outside * SPLIT_FILTERED_OUTSIDE_BYTES_PER_SPAN
+        )
     return SPLIT_BYTES + spans * SPLIT_BYTES_PER_SPAN
 
 
@@ -258,6 +270,7 @@ def plan(
     filtered: bool = False,
     copies: int = 1,
     loads: PartitionLoads | None = None,
+    stored: int | None = None,
 ) -> Plan:
     """The fewest partitions that keep the analysis within ``budget`` bytes on ``workers``
     processes (one partition, in this process, when everything fits: with ``copies`` 2, its
@@ -265,7 +278,8 @@ def plan(
     one that a run of ``SPLIT_MIN_PARTS`` partitions or more splits into partition files
     (``partitions.splits``: a DuckDB file of this machine), which this process does beside the workers'
     first partitions when the split (:func:`split_bytes`, more with ``filtered``: a ``--since``
-    or ``--service`` filter) fits beside their peaks, else before them, while they start
+    or ``--service`` filter, whose window holds ``spans`` of the store's ``stored`` rows) fits
+    beside their peaks, else before them, while they start
     (``Plan.split_beside``), else not at all (``Plan.split`` False: each task reads its partition
     from the store, as without ``split``). A small budget costs the split's time (~1 s at 1M
     spans) or a read of the whole store per partition and pass, never more partitions nor a
@@ -273,7 +287,7 @@ def plan(
     chosen = _plan(spans, budget, workers, largest_trace, copies, loads)
     if not split or chosen.parts < SPLIT_MIN_PARTS:  # (too few partitions to be split)
         return chosen
-    splitting = split_bytes(spans, filtered)
+    splitting = split_bytes(spans, filtered, stored)
     bases = (chosen.workers + 1) * PROCESS_BASE_BYTES
     peaks = chosen.workers * max(-(-spans // chosen.parts), chosen.largest_part) * PEAK_BYTES_PER_SPAN
     if bases + max(spans * ROWS_BYTES_PER_SPAN, splitting) + peaks <= budget:

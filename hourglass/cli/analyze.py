@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
@@ -294,7 +294,16 @@ def analyze_store(
         return _run_partitions(
             path,
             run,
-            _store_plan(path, run, counted[0], lambda: counted[1], since_ns, services, loads=counted[2]),
+            _store_plan(
+                path,
+                run,
+                counted.spans,
+                lambda: counted.largest,
+                since_ns,
+                services,
+                loads=counted.loads,
+                stored=counted.stored,
+            ),
             services=services,
             since_ns=since_ns,
             writer=writer,
@@ -303,12 +312,13 @@ def analyze_store(
         )[0]
     store = open_store_for_analysis(path)
     try:
-        spans = store.raw_row_count()
+        stored = store.raw_row_count()
+        spans = _window_rows(store, since_ns, services, stored)
         if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
             run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
         try:
             if run.partitions or run.cluster is None:
-                plan = _local_plan(store, path, run, spans, since_ns, services)
+                plan = _local_plan(store, path, run, spans, since_ns, services, stored=stored)
             else:  # the cluster's workers hold the partitions; this process decides, by buckets
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
@@ -335,6 +345,16 @@ def analyze_store(
     )[0]
 
 
+def _window_rows(store: Any, since_ns: int | None, services: list[str] | None, stored: int) -> int:
+    """The span rows of the window of ``store`` (of ``stored`` rows) that the filters
+    ``since_ns`` and ``services`` select: every row of each trace with a span that matches them
+    (``window_rows``; ``stored`` without a filter, or from a store that cannot count them)."""
+    rows = getattr(store, "window_rows", None)
+    if (since_ns is None and not services) or rows is None:
+        return stored
+    return int(rows(since_ns=since_ns, services=services or None))
+
+
 def _local_plan(
     store: Any,
     path: str,
@@ -343,8 +363,10 @@ def _local_plan(
     since_ns: int | None,
     services: list[str] | None,
     command: str = "analyze",
+    stored: int | None = None,
 ) -> Any:
-    """The plan of a run of this machine over the open ``store`` of ``spans`` spans: in
+    """The plan of a run of this machine over the open ``store``'s window of ``spans`` spans
+    (those the filters ``since_ns`` and ``services`` select, of its ``stored`` rows): in
     ``--partitions`` when given (on as many workers, at most), else :func:`_store_plan`'s. An
     embedded ClickHouse is read and analysed in this one process, its engine's read of a partition
     held beside the partition's analysis: planned as two processes holding a partition each, run
@@ -356,8 +378,13 @@ def _local_plan(
     if run.partitions:
         buckets = partitions.plan(spans, run.budget, run.workers).buckets
         return partitions.Plan(spans, run.partitions, min(run.workers, run.partitions), buckets)
-    largest = getattr(store, "largest_trace", lambda: None)
+    largest_of = getattr(store, "largest_trace", None)
     sizes = getattr(store, "trace_sizes", None)
+    filters = {"since_ns": since_ns, "services": services or None}  # (as ``_window_rows`` counts)
+
+    def largest() -> tuple[str, int] | None:
+        return largest_of(**filters) if largest_of is not None else None
+
     loads = None
     if sizes is not None:  # (its partitions' rows: the store read once, when there are several)
         from hourglass.analysis.planning import PartitionLoads, loads_of
@@ -366,17 +393,26 @@ def _local_plan(
 
         def loads(counts: list[int]) -> dict[int, int]:
             if not read:
-                read.append(loads_of(*sizes()))
+                read.append(loads_of(*sizes(**filters)))
             return read[0](counts)
 
     if path.startswith("chdb:"):
         # (at once too: the read's copy beside the analysis; planned as one, 250k spans peaked
         # at 1.31 GiB under a 0.78 GiB budget)
         planned = _store_plan(
-            path, replace(run, workers=2), spans, largest, since_ns, services, command, copies=2, loads=loads
+            path,
+            replace(run, workers=2),
+            spans,
+            largest,
+            since_ns,
+            services,
+            command,
+            copies=2,
+            loads=loads,
+            stored=stored,
         )
         return replace(planned, workers=1) if planned.parts > 1 else planned
-    return _store_plan(path, run, spans, largest, since_ns, services, command, loads=loads)
+    return _store_plan(path, run, spans, largest, since_ns, services, command, loads=loads, stored=stored)
 
 
 def _store_plan(
@@ -389,8 +425,10 @@ def _store_plan(
     command: str = "analyze",
     copies: int = 1,
     loads: Callable[[list[int]], dict[int, int]] | None = None,
+    stored: int | None = None,
 ) -> Any:
-    """The memory plan of a run of this machine over the store at ``path`` of ``spans`` spans:
+    """The memory plan of a run of this machine over the window of ``spans`` spans (those the
+    filters ``since_ns`` and ``services`` select) of the store at ``path`` of ``stored`` rows:
     with the store split into partition files where the split's memory fits, and partitions no
     smaller than its largest trace (``largest_trace()``, asked only when there are several) and
     no larger than planned whatever its traces' sizes (``loads``: ``planning.PartitionLoads``);
@@ -400,7 +438,9 @@ def _store_plan(
     split = partitions.splits(partitions.StoreSource(path), partitions.SPLIT_MIN_PARTS)
     filtered = since_ns is not None or bool(services)
     try:
-        plan = partitions.plan(spans, run.budget, run.workers, split=split, filtered=filtered, copies=copies)
+        plan = partitions.plan(
+            spans, run.budget, run.workers, split=split, filtered=filtered, copies=copies, stored=stored
+        )
         if plan.parts > 1:  # the largest trace bounds how small a partition can be
             plan = partitions.plan(
                 spans,
@@ -411,6 +451,7 @@ def _store_plan(
                 filtered=filtered,
                 copies=copies,
                 loads=loads,
+                stored=stored,
             )
     except partitions.BudgetError as exc:
         raise _fail(str(exc), command=command) from None
@@ -433,7 +474,9 @@ def store_findings(
         run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
     store = open_store_for_analysis(path, command)
     try:
-        plan = _local_plan(store, path, run, store.raw_row_count(), since_ns, None, command)
+        stored = store.raw_row_count()
+        spans = _window_rows(store, since_ns, None, stored)
+        plan = _local_plan(store, path, run, spans, since_ns, None, command, stored=stored)
     except partitions.BudgetError as exc:
         raise _fail(str(exc), command=command) from None
     finally:
@@ -622,6 +665,17 @@ def _executor(
     )
 
 
+class Counted(NamedTuple):
+    """What a run's plan reads of a store (:class:`EarlyWorkers`): the span rows of the window it
+    analyses, its largest trace, its partitions' loads (``planning.PartitionLoads``) and the
+    store's rows (more than the window's under a ``--since`` or ``--service`` filter)."""
+
+    spans: int
+    largest: tuple[str, int] | None
+    loads: Callable[[list[int]], dict[int, int]] | None
+    stored: int
+
+
 class EarlyWorkers:
     """The worker processes of a run on a DuckDB file, started before this process imports the
     analysis (polars, the detectors, the pipeline: ~0.4 s of CPU, which a run spent before it
@@ -630,31 +684,34 @@ class EarlyWorkers:
     run needs worker processes and how many. The run takes them (:meth:`take`) when its own plan
     has as many; else they are stopped (:meth:`release`).
 
-    ``counted``: the store's span count and its largest trace (what the run's plan needs), read
+    ``counted``: the window's span count and its largest trace (what the run's plan needs), read
     by the same read-only connection while the workers start, so the run does not open the store
     again (None: not read, the run opens the store as without early workers). Before, the run
     opened it a second time, read-write: besides the second count (~0.03 s of this process' CPU
     before its plan), that open failed ("Could not set lock on file") whenever another process
     had the file open, such as the workers of another ``analyze --db`` of the same store."""
 
-    def __init__(
-        self,
-        workers: int,
-        started: tuple[Any, list[Any]],
-        counted: tuple[int, tuple[str, int] | None, Callable[[list[int]], dict[int, int]] | None]
-        | None = None,
-    ) -> None:
+    def __init__(self, workers: int, started: tuple[Any, list[Any]], counted: Counted | None = None) -> None:
         self.workers = workers
         self._started: tuple[Any, list[Any]] | None = started
         self.counted = counted
 
     @classmethod
-    def start(cls, path: str, run: StoreRun, *, filtered: bool) -> EarlyWorkers | None:
-        """The workers of ``run`` on the store at ``path``, starting; None when it is not a DuckDB
+    def start(
+        cls, path: str, run: StoreRun, *, since_ns: int | None, services: list[str] | None
+    ) -> EarlyWorkers | None:
+        """The workers of ``run`` on the store at ``path``, starting, planned on the rows of the
+        window the filters ``since_ns`` and ``services`` select; None when it is not a DuckDB
         file of this machine, has no partitions to run in workers, cannot be read now (the run
         then opens it as it did and says why) or has an ingest log to replay (a crashed
         ``serve``'s: the run's read-write open replays it before anything reads the store)."""
         from hourglass.analysis import planning, worker_start
+        from hourglass.collector.window_sql import (
+            LARGEST_TRACE_SQL,
+            TRACE_SIZES_SQL,
+            WINDOW_ROWS_SQL,
+            window_where,
+        )
 
         if run.cluster is not None or run.partitions or not _is_duckdb_file(path) or not os.path.isfile(path):
             return None
@@ -669,30 +726,40 @@ class EarlyWorkers:
         except Exception:  # (not a store, held by a writer: the run says it)
             return None
         try:
+            where, params = window_where(since_ns=since_ns, services=services)
             try:
-                # (the rows ``raw_row_count`` counts: a store opened afresh has none staged)
-                spans = int(connection.execute("SELECT count(*) FROM spans").fetchall()[0][0])
-                chosen = planning.plan(spans, run.budget, run.workers, split=True, filtered=filtered)
-            except Exception:  # (not a store, a budget too small: the run says it)
+                # (the rows ``raw_row_count`` counts: a store opened afresh has none staged; and
+                # those of the window, as ``DuckDBSpanStore.window_rows`` counts them)
+                stored = int(connection.execute("SELECT count(*) FROM spans").fetchall()[0][0])
+                spans = stored
+                if where:
+                    spans = int(
+                        connection.execute(WINDOW_ROWS_SQL.format(where=where), params).fetchall()[0][0]
+                    )
+                chosen = planning.plan(
+                    spans, run.budget, run.workers, split=True, filtered=bool(where), stored=stored
+                )
+            except Exception:  # (not a store, a budget too small, interrupted: the run says it)
                 return None
             if chosen.parts <= 1:
                 return None
             workers = max(1, chosen.workers)
             early = cls(workers, worker_start.started(workers, worker_start.SHORT_LIVED_ALLOCATOR))
-            from hourglass.collector.duckdb_store import LARGEST_TRACE_SQL, TRACE_SIZES_SQL, query_interrupted
+            from hourglass.collector.duckdb_store import query_interrupted
 
             try:  # (while the workers start) what ``DuckDBSpanStore.largest_trace`` and ``trace_sizes`` read
-                largest = connection.execute(LARGEST_TRACE_SQL).fetchall()
-                sizes = connection.execute(TRACE_SIZES_SQL).fetchnumpy()
+                largest = connection.execute(LARGEST_TRACE_SQL.format(where=where), params).fetchall()
+                sizes = connection.execute(TRACE_SIZES_SQL.format(where=where), params).fetchnumpy()
             except Exception as exc:
                 if query_interrupted(exc):  # Ctrl-C: the run ends, its workers stopped
                     early.release()
                     raise KeyboardInterrupt from None
                 return early  # (the run opens the store and reads it again)
-            early.counted = (
+            early.counted = Counted(
                 spans,
                 (str(largest[0][0]), int(largest[0][1])) if largest else None,
                 planning.loads_of(sizes["h"], sizes["n"]),
+                stored,
             )
             return early
         finally:
@@ -927,7 +994,11 @@ def analyze_command(
     try:
         # a store analysed in worker processes: they start now, while this process imports the
         # analysis (~0.4 s of CPU), instead of after it
-        early = None if files else EarlyWorkers.start(db or settings.db, run, filtered=bool(since or service))
+        early = (
+            None
+            if files
+            else EarlyWorkers.start(db or settings.db, run, since_ns=since_ns, services=service or None)
+        )
         from hourglass.analysis.pipeline import analyze
         from hourglass.analysis.render import render
         from hourglass.analysis.writers import select_writer

@@ -899,15 +899,37 @@ class ClickHouseSpanStore:
         )
         return int(rows.column("n")[0].as_py())
 
-    def trace_sizes(self) -> tuple[Any, Any]:
+    def _window_where(self, since_ns: int | None, services: list[str] | None) -> str:
+        """The ``WHERE`` clause (with its leading space; "" without a filter) of the rows a read
+        with the filters ``since_ns`` and ``services`` takes: every row of each trace with a span
+        that matches them all (as ``_read`` selects them)."""
+        conditions = self._span_conditions(since_ns=since_ns, services=services, ids_table="")
+        if not conditions:
+            return ""
+        return f" WHERE TraceId IN (SELECT TraceId FROM {self._table} WHERE {' AND '.join(conditions)})"
+
+    def window_rows(self, since_ns: int | None = None, services: list[str] | None = None) -> int:
+        """Physical rows (copies included) of the traces a read with the filters ``since_ns`` and
+        ``services`` takes (every row of each trace with a span that matches them): what a plan
+        of that window's analysis counts. Without a filter, :meth:`raw_row_count`."""
+        if since_ns is None and services is None:
+            return self.raw_row_count()
+        self._check_open()
+        where = self._window_where(since_ns, services)
+        rows = self._backend.query_arrow(f"SELECT count() AS n FROM {self._table}{where}")
+        return int(rows.column("n")[0].as_py())
+
+    def trace_sizes(self, since_ns: int | None = None, services: list[str] | None = None) -> tuple[Any, Any]:
         """(each trace's id hashed as this store's partitions take it, ``cityHash64(TraceId)``,
         its physical rows), as numpy arrays: how many rows a partition of whole traces holds, for
-        any count (``planning.loads_of``)."""
+        any count (``planning.loads_of``); of the traces a read with the filters ``since_ns`` and
+        ``services`` takes."""
         import polars as pl  # (pyarrow's own to_numpy imports pandas)
 
         self._check_open()
+        where = self._window_where(since_ns, services)
         rows = self._backend.query_arrow(
-            f"SELECT cityHash64(TraceId) AS h, count() AS n FROM {self._table} GROUP BY TraceId"
+            f"SELECT cityHash64(TraceId) AS h, count() AS n FROM {self._table}{where} GROUP BY TraceId"
         )
         frame = pl.from_arrow(rows)
         assert isinstance(frame, pl.DataFrame)

@@ -93,6 +93,17 @@ def _two_traces() -> tuple[TraceBuilder, TraceBuilder]:
     return a, b
 
 
+def _three_traces(store: SpanStore, c_name: str) -> tuple[TraceBuilder, TraceBuilder, TraceBuilder]:
+    """:func:`_two_traces` and c, one frontend span ``c_name`` 20 s after a, written to ``store``
+    (c twice: its rows count twice)."""
+    a, b = _two_traces()  # a: frontend GET /a > db SELECT; b: billing POST /pay, 10 s later
+    c = TraceBuilder(service="frontend", base_ns=BASE_NS + 20_000 * MS)
+    c.span(c_name, start_ms=0, dur_ms=30)
+    store.write(spans_table([a, b, c]))
+    store.write(spans_table([c]))
+    return a, b, c
+
+
 def test_is_a_span_store(make_store: StoreFactory) -> None:
     assert isinstance(make_store(), SpanStore)
 
@@ -277,17 +288,47 @@ def test_trace_sizes_give_the_rows_of_every_partition_of_whole_traces(make_store
         assert loads([parts]) == {parts: max(rows)}, (parts, rows)
 
 
+def test_a_windows_rows_sizes_and_largest_trace_are_those_a_filtered_read_takes(
+    make_store: StoreFactory,
+) -> None:
+    """``window_rows``, ``trace_sizes`` and (where a store has it) ``largest_trace`` with the
+    filters ``since_ns`` and ``services``: of every row of each trace with a span that matches
+    them, as ``scan`` selects the traces (copies counted, as ``raw_row_count`` counts them).
+    What ``analyze --db --since`` plans on: before, the whole store's rows, and a window that
+    fits the memory budget was refused because the store did not."""
+    store = make_store()
+    a, b, c = _three_traces(store, "GET /c")
+    later = BASE_NS + 5_000 * MS
+    windows = {  # filters -> the traces a read takes, and their rows
+        (None, None): ({a.trace_id, b.trace_id, c.trace_id}, 5),
+        (later, None): ({b.trace_id, c.trace_id}, 3),
+        (None, ("db",)): ({a.trace_id}, 2),  # (the whole trace of a span of the service)
+        (later, ("frontend",)): ({c.trace_id}, 2),
+        (later, ("db",)): (set(), 0),
+    }
+    for (since_ns, services), (traces, rows) in windows.items():
+        named = list(services) if services is not None else None
+        read = store.scan(since_ns=since_ns, services=named, columns=("trace_id",))
+        assert set(read.column("trace_id").to_pylist()) == traces, (since_ns, services)
+        assert store.window_rows(since_ns=since_ns, services=named) == rows, (since_ns, services)
+        _, counts = store.trace_sizes(since_ns=since_ns, services=named)
+        assert (len(counts), int(sum(counts))) == (len(traces), rows), (since_ns, services)
+        largest = getattr(store, "largest_trace", None)
+        if largest is not None:  # (the most rows; of several, the first id)
+            held = {a.trace_id: 2, b.trace_id: 1, c.trace_id: 2}
+            first = min(traces, key=lambda t: (-held[t], t)) if traces else None
+            expected = (first, held[first]) if first is not None else None
+            assert largest(since_ns=since_ns, services=named) == expected, (since_ns, services)
+    assert store.window_rows() == store.raw_row_count() == 5
+
+
 def test_an_endpoints_traces_and_whether_a_span_is_there(make_store: StoreFactory) -> None:
     """``endpoint_trace_ids``: the window's traces with a span of (service, operation) — either
     may be None —, sorted, and the span rows they hold (copies included); None past a limit.
     ``has_span``: whether the window has such a span, with ``parentless`` one without a parent
     (an empty parent id is none). What a question over an endpoint's traces asks of a store."""
     store = make_store()
-    a, b = _two_traces()  # a: frontend GET /a > db SELECT; b: billing POST /pay, 10 s later
-    c = TraceBuilder(service="frontend", base_ns=BASE_NS + 20_000 * MS)
-    c.span("GET /a", start_ms=0, dur_ms=30)
-    store.write(spans_table([a, b, c]))
-    store.write(spans_table([c]))  # (c stored twice: its rows count twice)
+    a, b, c = _three_traces(store, "GET /a")
     later = BASE_NS + 5_000 * MS
     assert store.endpoint_trace_ids("frontend", "GET /a") == (sorted([a.trace_id, c.trace_id]), 4)
     assert store.endpoint_trace_ids("frontend", "GET /a", later) == ([c.trace_id], 2)
