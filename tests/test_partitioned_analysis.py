@@ -365,7 +365,8 @@ def test_a_window_is_planned_on_its_own_spans_not_the_stores(store: Path) -> Non
     """``analyze --db --since`` plans on the rows of the window's traces: under a budget too small
     for the whole store but large enough for the window, the window is analysed (before, planned
     on the store's rows, it was refused), with the report of the same window under the default
-    budget; in partitions, its line counts the window's spans, not the store's."""
+    budget; in partitions, its line counts the window's spans, not the store's. The refusal of
+    the whole store says a window may fit, in the words of the command that asks."""
     from datetime import UTC, datetime
 
     from hourglass.analysis import partitions, planning
@@ -381,6 +382,12 @@ def test_a_window_is_planned_on_its_own_spans_not_the_stores(store: Path) -> Non
         partitions.plan(stored, budget, 1)
     refused = _run("analyze", "--db", store, "--memory-budget", budget, "--workers", 1)
     assert refused.returncode == 2 and "cannot hold the analysis" in refused.stderr
+    assert "raise --memory-budget, or analyse a window of it (--since 6h, --service S)" in refused.stderr
+    # a command without --memory-budget names the setting it reads instead
+    settings = {"HOURGLASS_MEMORY_BUDGET": str(budget), "HOURGLASS_WORKERS": "1"}
+    report = _run("report", "--db", store, "--format", "json", env=settings)
+    assert report.returncode == 2 and report.stderr.startswith("hourglass report: "), report.stderr
+    assert "raise HOURGLASS_MEMORY_BUDGET, or analyse a window" in report.stderr
     small = _report(store, "--since", since, "--memory-budget", budget, "--workers", 1)
     assert small["recommendations"] and small == _report(store, "--since", since)
     told: list[str] = []

@@ -276,12 +276,13 @@ def analyze_store(
     writer: Any,
     explain: bool,
     early: EarlyWorkers | None = None,
+    command: str = "analyze",
 ) -> dict[str, Any]:
     """The report of a store: at once when it fits the memory budget, else in partitions of
     whole traces (:func:`hourglass.analysis.pipeline.analyze_partitioned`) in worker processes or on the
     Dask cluster, with a progress bar on a terminal. ``early``: worker processes started before
     the analysis was imported (:class:`EarlyWorkers`), which the run takes when its plan has as
-    many."""
+    many. ``command``: the one that asks (its name starts a refusal's line)."""
     import gc
 
     from hourglass.analysis import partitions
@@ -301,6 +302,7 @@ def analyze_store(
                 lambda: counted.largest,
                 since_ns,
                 services,
+                command,
                 loads=counted.loads,
                 stored=counted.stored,
             ),
@@ -309,8 +311,9 @@ def analyze_store(
             writer=writer,
             explain=explain,
             early=early,
+            command=command,
         )[0]
-    store = open_store_for_analysis(path)
+    store = open_store_for_analysis(path, command)
     try:
         stored = store.raw_row_count()
         spans = _window_rows(store, since_ns, services, stored)
@@ -318,12 +321,12 @@ def analyze_store(
             run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
         try:
             if run.partitions or run.cluster is None:
-                plan = _local_plan(store, path, run, spans, since_ns, services, stored=stored)
+                plan = _local_plan(store, path, run, spans, since_ns, services, command, stored=stored)
             else:  # the cluster's workers hold the partitions; this process decides, by buckets
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
         except partitions.BudgetError as exc:
-            raise _fail(str(exc)) from None
+            raise _fail(_refusal(exc, since_ns, services, command), command=command) from None
         if plan.parts == 1 and run.cluster is None:
             from hourglass.analysis.resources import attach_store_resources
 
@@ -341,7 +344,15 @@ def analyze_store(
     finally:
         store.close()
     return _run_partitions(
-        path, run, plan, services=services, since_ns=since_ns, writer=writer, explain=explain, early=early
+        path,
+        run,
+        plan,
+        services=services,
+        since_ns=since_ns,
+        writer=writer,
+        explain=explain,
+        early=early,
+        command=command,
     )[0]
 
 
@@ -454,8 +465,30 @@ def _store_plan(
                 stored=stored,
             )
     except partitions.BudgetError as exc:
-        raise _fail(str(exc), command=command) from None
+        raise _fail(_refusal(exc, since_ns, services, command), command=command) from None
     return plan
+
+
+# the commands that take ``--since`` and ``--service`` (diff does not), ``--memory-budget`` (the
+# others read HOURGLASS_MEMORY_BUDGET only) and ``--workers``
+_WINDOWED = ("analyze", "report", "whatif")
+_BUDGETED = ("analyze",)
+_WORKERS = ("analyze", "whatif")
+
+
+def _refusal(exc: Exception, since_ns: int | None, services: list[str] | None, command: str) -> str:
+    """A plan's refusal (``planning.BudgetError``, which names ``analyze``'s flags) for
+    ``command``'s line: the settings it takes instead of the flags it lacks (diff and report have
+    neither ``--memory-budget`` nor ``--workers``); a refusal of the whole store's spans, which a
+    window of it may not have, names the filters too where the command takes them."""
+    message = str(exc)
+    if command not in _BUDGETED:
+        message = message.replace("--memory-budget", "HOURGLASS_MEMORY_BUDGET")
+    if command not in _WORKERS:
+        message = message.replace("--workers", "HOURGLASS_WORKERS")
+    if since_ns is None and not services and command in _WINDOWED and "cannot hold the" in message:
+        message += ", or analyse a window of it (--since 6h, --service S)"
+    return message
 
 
 def store_findings(

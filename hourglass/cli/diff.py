@@ -104,7 +104,9 @@ def report_for(path: Path) -> dict[str, Any]:
             store.close()
         if spans == 0:
             raise InputError(f"{path}: no spans to analyse")
-        return analyze_store(str(path), run, services=None, since_ns=None, writer=None, explain=False)
+        return analyze_store(
+            str(path), run, services=None, since_ns=None, writer=None, explain=False, command="diff"
+        )
     # bad records are skipped and summarised (one line per kind); the good spans beside them are compared
     read = _read_files(
         _trace_files(path),
@@ -119,7 +121,9 @@ def report_for(path: Path) -> dict[str, Any]:
             report: dict[str, Any] = analyze(read.table)
             return report
         assert read.store is not None
-        return analyze_store(read.store, run, services=None, since_ns=None, writer=None, explain=False)
+        return analyze_store(
+            read.store, run, services=None, since_ns=None, writer=None, explain=False, command="diff"
+        )
     finally:
         read.remove()
 

@@ -113,7 +113,13 @@ def report_command(
                     spilled = read
                     assert read.store is not None
                     report = analyze_in_partitions(
-                        read.store, run, services=service, since_ns=since_ns, writer=writer, explain=False
+                        read.store,
+                        run,
+                        services=service,
+                        since_ns=since_ns,
+                        writer=writer,
+                        explain=False,
+                        command="report",
                     )
                     store = open_store_for_analysis(read.store, "report")
                     fetch_trace = store.trace
@@ -127,7 +133,13 @@ def report_command(
                 store.close()
                 store = None
                 report = analyze_in_partitions(
-                    path, run, services=service, since_ns=since_ns, writer=writer, explain=False
+                    path,
+                    run,
+                    services=service,
+                    since_ns=since_ns,
+                    writer=writer,
+                    explain=False,
+                    command="report",
                 )
                 store = open_store_for_analysis(path, "report")
                 source = f"store {redact(path)}"
