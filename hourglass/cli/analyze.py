@@ -290,11 +290,23 @@ def analyze_store(
     from hourglass.collector.schema import ANALYSIS_COLUMNS
 
     gc.freeze()  # (as a worker does after its imports: ``worker_start.start``)
-    counted = early.counted if early is not None else None
-    if counted is not None:  # the early workers' plan: the store is not opened again
+
+    def partitioned(plan: Any) -> dict[str, Any]:  # (``run`` as it is then: one worker for chdb)
         return _run_partitions(
             path,
             run,
+            plan,
+            services=services,
+            since_ns=since_ns,
+            writer=writer,
+            explain=explain,
+            early=early,
+            command=command,
+        )[0]
+
+    counted = early.counted if early is not None else None
+    if counted is not None:  # the early workers' plan: the store is not opened again
+        return partitioned(
             _store_plan(
                 path,
                 run,
@@ -306,13 +318,7 @@ def analyze_store(
                 loads=counted.loads,
                 stored=counted.stored,
             ),
-            services=services,
-            since_ns=since_ns,
-            writer=writer,
-            explain=explain,
-            early=early,
-            command=command,
-        )[0]
+        )
     store = open_store_for_analysis(path, command)
     try:
         stored = store.raw_row_count()
@@ -343,17 +349,7 @@ def analyze_store(
             return analyze(table, writer=writer, services=services, since_ns=since_ns, explain=explain)
     finally:
         store.close()
-    return _run_partitions(
-        path,
-        run,
-        plan,
-        services=services,
-        since_ns=since_ns,
-        writer=writer,
-        explain=explain,
-        early=early,
-        command=command,
-    )[0]
+    return partitioned(plan)
 
 
 def _window_rows(store: Any, since_ns: int | None, services: list[str] | None, stored: int) -> int:

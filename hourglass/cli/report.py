@@ -17,7 +17,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -90,6 +90,12 @@ def report_command(
     # it holds at once is analysed in partitions of whole traces (files through a temporary store)
     run = StoreRun(budget=settings.memory_budget, workers=settings.workers or os.cpu_count() or 1)
     writer = select_writer(settings)
+
+    def analyze_store(path: str) -> dict[str, Any]:  # (a temporary store of the files, or --db)
+        return analyze_in_partitions(
+            path, run, services=service, since_ns=since_ns, writer=writer, explain=False, command="report"
+        )
+
     skipped = False
     store = None
     spilled = None
@@ -112,15 +118,7 @@ def report_command(
                 else:
                     spilled = read
                     assert read.store is not None
-                    report = analyze_in_partitions(
-                        read.store,
-                        run,
-                        services=service,
-                        since_ns=since_ns,
-                        writer=writer,
-                        explain=False,
-                        command="report",
-                    )
+                    report = analyze_store(read.store)
                     store = open_store_for_analysis(read.store, "report")
                     fetch_trace = store.trace
             else:
@@ -132,15 +130,7 @@ def report_command(
                 )  # (its errors as this command's, before the analysis')
                 store.close()
                 store = None
-                report = analyze_in_partitions(
-                    path,
-                    run,
-                    services=service,
-                    since_ns=since_ns,
-                    writer=writer,
-                    explain=False,
-                    command="report",
-                )
+                report = analyze_store(path)
                 store = open_store_for_analysis(path, "report")
                 source = f"store {redact(path)}"
                 fetch_trace = store.trace
