@@ -52,7 +52,13 @@ from hourglass.collector.ingest_log import IngestLog
 from hourglass.collector.schema import ANALYSIS_COLUMNS, SPAN_COLUMNS, SPAN_SCHEMA
 from hourglass.collector.store import StoreStats
 from hourglass.collector.trace_query import PSEUDO_TAGS, TAG_CHECK_COLUMNS, TraceQuery, tag_checked_trace_ids
-from hourglass.collector.window_sql import LARGEST_TRACE_SQL, TRACE_SIZES_SQL, WINDOW_ROWS_SQL, window_where
+from hourglass.collector.window_sql import (
+    LARGEST_TRACE_SQL,
+    TRACE_SIZES_SQL,
+    WINDOW_ROWS_SQL,
+    traces_with,
+    window_where,
+)
 from hourglass.collector.window_sql import span_conditions as _span_conditions
 from hourglass.settings import default, usable_cores
 
@@ -1416,9 +1422,7 @@ class DuckDBSpanStore:
         )
         source = _spans_where()
         if conditions:
-            source = _spans_where(
-                f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
-            )
+            source = _spans_where(traces_with(conditions))
         return self._read_spans(selected, source, params, string_views=string_views)
 
     @_read
@@ -1453,7 +1457,7 @@ class DuckDBSpanStore:
             outer_params.append(list(trace_ids))  # as stored: these come from the analysis
         if conditions:
             conditions.insert(0, in_part)
-            outer.append(f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})")
+            outer.append(traces_with(conditions))
         source = _spans_where(" AND ".join(outer))
         return self._read_spans(selected, source, outer_params + params, string_views=string_views)
 
@@ -1629,7 +1633,7 @@ class DuckDBSpanStore:
             wheres.append("trace_id IN (SELECT unnest(?::VARCHAR[]))")
             params = [list(trace_ids), *params]
         if conditions:  # whole traces: any span that matches brings its trace (as scan_partition)
-            wheres.append(f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})")
+            wheres.append(traces_with(conditions))
         source = _spans_where(" AND ".join(wheres))
         key = f"(hash(trace_id) % {int(parts)})::UINTEGER"  # scan_partition's partitions
         # (with each row's rowid: a reader keeps the copy the store's reads keep, ``_dedup``)

@@ -47,6 +47,12 @@ def span_conditions(
     return conditions, params
 
 
+def traces_with(conditions: list[str]) -> str:
+    """The condition of a row of a trace with a span that matches every one of ``conditions``
+    (:func:`span_conditions`'): the whole traces a filtered read takes."""
+    return f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+
+
 def window_where(*, since_ns: int | None = None, services: list[str] | None = None) -> tuple[str, list[Any]]:
     """The ``WHERE`` clause (with its leading space; "" without a filter) and the parameters of
     the span rows a ``scan`` with these filters reads: every row of each trace with a span that
@@ -54,4 +60,4 @@ def window_where(*, since_ns: int | None = None, services: list[str] | None = No
     conditions, params = span_conditions(since_ns=since_ns, services=services)
     if not conditions:
         return "", []
-    return f" WHERE trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})", params
+    return f" WHERE {traces_with(conditions)}", params
