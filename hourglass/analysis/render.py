@@ -67,6 +67,19 @@ def _near_misses_markdown(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _nothing_found(report: dict[str, Any], counted: bool = False) -> str:
+    """The line of a report without recommendations: of no spans at all (an empty input, or a
+    ``--since`` / ``--service`` window with none: not a clean bill of health), or of those it
+    analysed (``counted``: with their numbers, which the table prints nowhere else)."""
+    spans = int(report.get("spans_analyzed") or 0)
+    if spans == 0:
+        return "No spans to analyse: the input holds none, or none in its --since / --service window."
+    if not counted:
+        return "No bottlenecks or fault-tolerance gaps found."
+    traces = int(report.get("traces_analyzed") or 0)
+    return f"No bottlenecks or fault-tolerance gaps found in {traces:,} traces ({spans:,} spans)."
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     recs = report.get("recommendations") or []
     lines = [
@@ -77,7 +90,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if not recs:
-        lines.append("No bottlenecks or fault-tolerance gaps found.")
+        lines.append(_nothing_found(report))
         return "\n".join([*lines, *_near_misses_markdown(report)]) + "\n"
     lines += [
         "| # | Recommendation | Where | Saved p50 / p95 | Share of latency | Confidence | Traces |",
@@ -216,7 +229,7 @@ def render_table(report: dict[str, Any], console: Console | None = None) -> str:
         if recs:
             out.print(table)
         else:
-            out.print("No bottlenecks or fault-tolerance gaps found.")
+            out.print(_nothing_found(report, counted=True))
         if "near_misses" in report:
             _print_near_misses(out, report)
     return capture.get()

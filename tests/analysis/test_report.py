@@ -245,6 +245,14 @@ def test_markdown_and_table_renderings_carry_the_numbers() -> None:
     assert "Saved p50 / p95" in table and "100 ms" in table
     empty = {**report, "recommendations": []}
     assert "No bottlenecks" in render_markdown(empty) and "No bottlenecks" in render_table(empty)
+    assert (
+        f"found in {report['traces_analyzed']:,} traces ({report['spans_analyzed']:,} spans)"
+        in render_table(empty)
+    )
+    # nothing analysed (an empty --since window) is not a clean bill of health
+    none = {**empty, "traces_analyzed": 0, "spans_analyzed": 0}
+    for text in (render_markdown(none), render_table(none)):
+        assert "No bottlenecks" not in text and "No spans to analyse" in text
 
 
 def test_trace_detail_lists_path_and_touching_findings() -> None:
