@@ -393,6 +393,10 @@ def test_a_window_is_planned_on_its_own_spans_not_the_stores(store: Path) -> Non
     told: list[str] = []
     assert _report(store, "--since", since, "--partitions", 3, stderr=told) == small
     assert f"{window:,} spans in 3 partitions" in told[0], told[0]
+    # a service the store does not hold: an empty report, and a line naming those it holds
+    typo = _run("analyze", "--db", store, "--service", "frontnd")
+    assert typo.returncode == 0 and "No spans to analyse" in typo.stdout
+    assert "no service 'frontnd' in the store; it holds " in typo.stderr and "frontend" in typo.stderr
 
 
 def test_analyze_db_ends_without_the_interpreters_teardown(

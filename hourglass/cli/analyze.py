@@ -323,6 +323,8 @@ def analyze_store(
     try:
         stored = store.raw_row_count()
         spans = _window_rows(store, since_ns, services, stored)
+        if spans == 0 and services:
+            _tell_unknown_services(store, services, command)
         if path.startswith("chdb:"):  # one process at a time opens an embedded ClickHouse
             run = StoreRun(run.budget, 1, run.cluster, run.partitions, run.spill_buckets)
         try:
@@ -350,6 +352,24 @@ def analyze_store(
     finally:
         store.close()
     return partitioned(plan)
+
+
+def _tell_unknown_services(store: Any, services: list[str], command: str) -> None:
+    """One line when ``--service`` names a service the store does not hold: its empty report
+    would otherwise read as a clean one (a typo, another casing). Names the services it holds."""
+    held = getattr(store, "services", None)
+    if held is None:
+        return
+    names = [str(n) for n in held()]
+    unknown = [s for s in services if s not in names]
+    if not unknown:
+        return
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    typer.echo(
+        f"hourglass {command}: no service {', '.join(map(repr, unknown))} in the store; "
+        f"it holds {shown or 'no spans'}",
+        err=True,
+    )
 
 
 def _window_rows(store: Any, since_ns: int | None, services: list[str] | None, stored: int) -> int:
