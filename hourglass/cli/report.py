@@ -91,7 +91,7 @@ def report_command(
     run = StoreRun(budget=settings.memory_budget, workers=settings.workers or os.cpu_count() or 1)
     writer = select_writer(settings)
 
-    def analyze_store(path: str) -> dict[str, Any]:  # (a temporary store of the files, or --db)
+    def analyzed(path: str) -> dict[str, Any]:  # (a temporary store of the files, or --db)
         return analyze_in_partitions(
             path, run, services=service, since_ns=since_ns, writer=writer, explain=False, command="report"
         )
@@ -118,7 +118,7 @@ def report_command(
                 else:
                     spilled = read
                     assert read.store is not None
-                    report = analyze_store(read.store)
+                    report = analyzed(read.store)
                     store = open_store_for_analysis(read.store, "report")
                     fetch_trace = store.trace
             else:
@@ -130,7 +130,7 @@ def report_command(
                 )  # (its errors as this command's, before the analysis')
                 store.close()
                 store = None
-                report = analyze_store(path)
+                report = analyzed(path)
                 store = open_store_for_analysis(path, "report")
                 source = f"store {redact(path)}"
                 fetch_trace = store.trace
