@@ -1481,7 +1481,7 @@ class DuckDBSpanStore:
         depend on its own spans only."""
         conditions, params = _span_match(service, operation)
         if since_ns is not None:
-            conditions += " AND trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
+            conditions += f" AND {traces_with(['start_ns >= ?'])}"
             params.append(since_ns)
         self.load_staged()
         cursor = self._cursor()
@@ -1527,7 +1527,7 @@ class DuckDBSpanStore:
         parentless = "(parent_span_id IS NULL OR parent_span_id = '')"
         window, params = "", []
         if since_ns is not None:
-            window = "WHERE trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
+            window = f"WHERE {traces_with(['start_ns >= ?'])}"
             params.append(since_ns)
         touched, touched_params = [], []
         for service, operation in spans_of:
@@ -1584,7 +1584,7 @@ class DuckDBSpanStore:
         if parentless:
             conditions += " AND (parent_span_id IS NULL OR parent_span_id = '')"
         if since_ns is not None:
-            conditions += " AND trace_id IN (SELECT trace_id FROM spans WHERE start_ns >= ?)"
+            conditions += f" AND {traces_with(['start_ns >= ?'])}"
             params.append(since_ns)
         self.load_staged()
         (found,) = (

