@@ -98,6 +98,15 @@ def parse_since(text: str, now_ns: int | None = None, name: str = "since") -> in
     return int(moment.timestamp() * 1_000_000) * 1000
 
 
+def iso_ns(ns: int | None) -> str | None:
+    """Unix nanoseconds as an ISO 8601 UTC time to the microsecond (what ``--since`` and
+    ``?since=`` take back exactly: :func:`parse_since`), e.g. a report window's start."""
+    if ns is None:
+        return None
+    moment = datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=ns // 1000 % 10**6)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity: a container's or ``taskset``'s share,
     not the machine's count), at least 1."""

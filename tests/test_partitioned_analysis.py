@@ -351,6 +351,18 @@ def _newest_quarter_ns(store: Path) -> int:
     return int(start) // 10**9 * 10**9
 
 
+def _last_start_before(store: Path, before_ns: int) -> int:
+    """The latest start of a trace's last span before ``before_ns``: the window of the next trace."""
+    import duckdb
+
+    with duckdb.connect(str(store), read_only=True) as con:
+        (start,) = con.execute(
+            "SELECT max(last) FROM (SELECT max(start_ns) AS last FROM spans GROUP BY trace_id) WHERE last < ?",
+            [before_ns],
+        ).fetchall()[0]
+    return int(start)
+
+
 def _window_rows(store: Path, since_ns: int | None) -> int:
     from hourglass.collector.duckdb_store import DuckDBSpanStore
 
@@ -382,7 +394,23 @@ def test_a_window_is_planned_on_its_own_spans_not_the_stores(store: Path) -> Non
         partitions.plan(stored, budget, 1)
     refused = _run("analyze", "--db", store, "--memory-budget", budget, "--workers", 1)
     assert refused.returncode == 2 and "cannot hold the analysis" in refused.stderr
-    assert "raise --memory-budget, or analyse a window of it (--since 6h, --service S)" in refused.stderr
+    # it offers the largest window of the newest traces that fits: no smaller than the quarter
+    offered = re.search(
+        r"raise --memory-budget, or analyse a window of it: --since (\S+) holds its newest ([\d,]+) spans, "
+        r"which fit$",
+        refused.stderr.strip(),
+    )
+    assert offered is not None, refused.stderr
+    from hourglass.settings import parse_since
+
+    offered_ns = parse_since(offered[1])
+    fitting = int(offered[2].replace(",", ""))
+    assert offered_ns <= since_ns and window <= fitting == _window_rows(store, offered_ns) < stored
+    # the largest: with the trace whose last span started just before it (to the microsecond
+    # written), it would not fit
+    before = _last_start_before(store, offered_ns - 1_000)
+    assert fitting <= planning.at_once_spans(budget) < _window_rows(store, before)
+    assert _report(store, "--since", offered[1], "--memory-budget", budget, "--workers", 1)["recommendations"]
     # a command without --memory-budget names the setting it reads instead
     settings = {"HOURGLASS_MEMORY_BUDGET": str(budget), "HOURGLASS_WORKERS": "1"}
     report = _run("report", "--db", store, "--format", "json", env=settings)

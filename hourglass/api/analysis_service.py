@@ -69,7 +69,6 @@ from hourglass.api.analysis_worker import (
     AnalysisWorker,
     StoreReader,
     analyze_spans,
-    iso_ns,
     lower_priority_of_this_thread,
     result_folder,
     run_incremental,
@@ -83,7 +82,7 @@ from hourglass.api.exemplars import (
 )
 from hourglass.collector.schema import ANALYSIS_COLUMNS
 from hourglass.collector.store import SpanStore
-from hourglass.settings import default
+from hourglass.settings import default, iso_ns
 
 __all__ = [
     "AnalysisService",

@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from hourglass.analysis.trace_index import TraceIndex
 from hourglass.analysis.worker_start import WatchedProcess
 from hourglass.analysis.writers import select_writer
 from hourglass.api import server_memory
-from hourglass.settings import default
+from hourglass.settings import default, iso_ns
 
 if TYPE_CHECKING:
     from hourglass.analysis.batch_tasks import Cluster
@@ -1316,12 +1315,3 @@ def run_incremental(
     if window is not None:  # (cut to its newest batches: the report says what it left out)
         report["window"] = {**window, "from": iso_ns(window["from_ns"])}
     return report, index, {**figures.as_dict(), "cutoff_ns": request.get("cutoff_ns"), "window": window}
-
-
-def iso_ns(ns: int | None) -> str | None:
-    """Unix nanoseconds as an ISO 8601 UTC time to the microsecond (what ``--since`` and
-    ``?since=`` take back exactly), e.g. a report window's start."""
-    if ns is None:
-        return None
-    moment = datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=ns // 1000 % 10**6)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -334,7 +334,8 @@ def analyze_store(
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
         except partitions.BudgetError as exc:
-            raise _fail(_refusal(exc, since_ns, services, command), command=command) from None
+            fitting = _fitting_window(store, run, stored, services)
+            raise _fail(_refusal(exc, since_ns, services, command, fitting), command=command) from None
         if plan.parts == 1 and run.cluster is None:
             from hourglass.analysis.resources import attach_store_resources
 
@@ -437,9 +438,12 @@ def _local_plan(
             copies=2,
             loads=loads,
             stored=stored,
+            store=store,
         )
         return replace(planned, workers=1) if planned.parts > 1 else planned
-    return _store_plan(path, run, spans, largest, since_ns, services, command, loads=loads, stored=stored)
+    return _store_plan(
+        path, run, spans, largest, since_ns, services, command, loads=loads, stored=stored, store=store
+    )
 
 
 def _store_plan(
@@ -453,13 +457,15 @@ def _store_plan(
     copies: int = 1,
     loads: Callable[[list[int]], dict[int, int]] | None = None,
     stored: int | None = None,
+    store: Any = None,
 ) -> Any:
     """The memory plan of a run of this machine over the window of ``spans`` spans (those the
     filters ``since_ns`` and ``services`` select) of the store at ``path`` of ``stored`` rows:
     with the store split into partition files where the split's memory fits, and partitions no
     smaller than its largest trace (``largest_trace()``, asked only when there are several) and
     no larger than planned whatever its traces' sizes (``loads``: ``planning.PartitionLoads``);
-    ``copies`` 2: at once, the spans held twice (``planning.plan``)."""
+    ``copies`` 2: at once, the spans held twice (``planning.plan``). A refusal offers the largest
+    window of the newest traces that fits, when the open ``store`` is given to say it."""
     from hourglass.analysis import partitions
 
     split = partitions.splits(partitions.StoreSource(path), partitions.SPLIT_MIN_PARTS)
@@ -481,7 +487,8 @@ def _store_plan(
                 stored=stored,
             )
     except partitions.BudgetError as exc:
-        raise _fail(_refusal(exc, since_ns, services, command), command=command) from None
+        fitting = None if store is None else _fitting_window(store, run, stored, services, copies)
+        raise _fail(_refusal(exc, since_ns, services, command, fitting), command=command) from None
     return plan
 
 
@@ -492,19 +499,81 @@ _BUDGETED = ("analyze",)
 _WORKERS = ("analyze", "whatif")
 
 
-def _refusal(exc: Exception, since_ns: int | None, services: list[str] | None, command: str) -> str:
+def _refusal(
+    exc: Exception,
+    since_ns: int | None,
+    services: list[str] | None,
+    command: str,
+    fitting: tuple[int, int] | None = None,
+) -> str:
     """A plan's refusal (``planning.BudgetError``, which names ``analyze``'s flags) for
     ``command``'s line: the settings it takes instead of the flags it lacks (diff and report have
-    neither ``--memory-budget`` nor ``--workers``); a refusal of the whole store's spans, which a
-    window of it may not have, names the filters too where the command takes them."""
+    neither ``--memory-budget`` nor ``--workers``); a refusal of the spans of the whole store or
+    of a window, which a smaller window may not have, offers ``fitting`` where the command takes
+    the filters (:func:`_fitting_window`: the ``--since`` of the largest window of the newest
+    traces that fits, and its spans), else names the filters."""
     message = str(exc)
     if command not in _BUDGETED:
         message = message.replace("--memory-budget", "HOURGLASS_MEMORY_BUDGET")
     if command not in _WORKERS:
         message = message.replace("--workers", "HOURGLASS_WORKERS")
-    if since_ns is None and not services and command in _WINDOWED and "cannot hold the" in message:
+    if command not in _WINDOWED or "cannot hold the" not in message:
+        return message
+    whole = since_ns is None and not services
+    if fitting is not None:
+        from hourglass.settings import iso_ns
+
+        since, spans = fitting
+        window = "a window of it" if since_ns is None else "a shorter window"
+        of = " of the same --service" if services else ""
+        message += (
+            f", or analyse {window}: --since {iso_ns(since)} holds its newest {spans:,} spans{of}, which fit"
+        )
+    elif whole:
         message += ", or analyse a window of it (--since 6h, --service S)"
     return message
+
+
+def _fitting_window(
+    store: Any, run: StoreRun, stored: int | None, services: list[str] | None, copies: int = 1
+) -> tuple[int, int] | None:
+    """(the ``--since``, in ns, and the span rows) of the largest window of ``store``'s newest
+    traces (of ``services``, where given) whose analysis ``run``'s memory budget holds: what a
+    refused run offers instead of a guess (a staging store weeks old, refused whole). None when
+    no window fits (not even its newest trace's), or the store cannot say (``newest_window``).
+    The most span rows a plan accepts with partitions no smaller than a worker is worth
+    (``MIN_WORKER_BYTES`` of room: at the edge of a budget, a window is planned in thousands of
+    partitions of a few traces each) are searched (plans are arithmetic, and hold fewer spans in
+    less memory); the store then finds the earliest ``--since`` whose window holds no more."""
+    from hourglass.analysis import planning
+
+    newest = getattr(store, "newest_window", None)
+    rows = getattr(store, "window_rows", None)
+    if newest is None or rows is None or not stored:
+        return None
+
+    # (the store's largest trace, of the services: no smaller than any window's)
+    largest_of = getattr(store, "largest_trace", None)
+    largest = largest_of(services=services or None) if largest_of is not None else None
+
+    def fits(spans: int) -> bool:  # in partitions worth a worker's base (not thousands of tiny ones)
+        try:
+            chosen = planning.plan(spans, run.budget, run.workers, largest, copies=copies)
+        except planning.BudgetError:
+            return False
+        room = planning.worker_room(spans, run.budget, max(1, chosen.workers))
+        return chosen.parts == 1 or room >= planning.MIN_WORKER_BYTES
+
+    low, high = 0, stored
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    since = newest(low, services or None) if low else None
+    if since is None:
+        return None
+    since = -(-since // 1000) * 1000  # (to the microsecond ``iso_ns`` writes: up, a window no larger)
+    spans = int(rows(since_ns=since, services=services or None))
+    return (since, spans) if spans else None
 
 
 def store_findings(
@@ -527,7 +596,8 @@ def store_findings(
         spans = _window_rows(store, since_ns, None, stored)
         plan = _local_plan(store, path, run, spans, since_ns, None, command, stored=stored)
     except partitions.BudgetError as exc:
-        raise _fail(str(exc), command=command) from None
+        fitting = _fitting_window(store, run, stored, None)
+        raise _fail(_refusal(exc, since_ns, None, command, fitting), command=command) from None
     finally:
         store.close()
     if kinds is not None and run.cluster is None:

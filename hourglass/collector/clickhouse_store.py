@@ -919,6 +919,23 @@ class ClickHouseSpanStore:
         rows = self._backend.query_arrow(f"SELECT count() AS n FROM {self._table}{where}")
         return int(rows.column("n")[0].as_py())
 
+    def newest_window(self, most: int, services: list[str] | None = None) -> int | None:
+        """The earliest ``since_ns`` whose window (``window_rows(since_ns, services)``) holds at
+        most ``most`` rows: each trace's last start (of its spans of ``services``) and rows,
+        summed newest first, ties together (the window's default frame, as DuckDB's
+        ``NEWEST_WINDOW_SQL``). None: not even the newest trace fits, or none matches."""
+        self._check_open()
+        start = "toUnixTimestamp64Nano(Timestamp)"
+        conditions = self._span_conditions(services=services, ids_table="")
+        match = " AND ".join(conditions) or "1"
+        rows = self._backend.query_arrow(
+            f"SELECT min(last) AS since, count() AS n FROM (SELECT last, sum(n) OVER (ORDER BY last DESC) AS held "
+            f"FROM (SELECT maxIf({start}, {match}) AS last, count() AS n FROM {self._table} GROUP BY TraceId "
+            f"HAVING countIf({match}) > 0)) WHERE held <= {_int(most)}"
+        )
+        found = rows.column("n")[0].as_py() and rows.column("since")[0].as_py()
+        return int(found) if found else None
+
     def trace_sizes(self, since_ns: int | None = None, services: list[str] | None = None) -> tuple[Any, Any]:
         """(each trace's id hashed as this store's partitions take it, ``cityHash64(TraceId)``,
         its physical rows), as numpy arrays: how many rows a partition of whole traces holds, for

@@ -56,6 +56,7 @@ from hourglass.collector.window_sql import (
     LARGEST_TRACE_SQL,
     TRACE_SIZES_SQL,
     WINDOW_ROWS_SQL,
+    newest_window,
     traces_with,
     window_where,
 )
@@ -1928,6 +1929,16 @@ class DuckDBSpanStore:
         self.load_staged()
         where, params = window_where(since_ns=since_ns, services=services)
         return int(self._cursor().execute(WINDOW_ROWS_SQL.format(where=where), params).fetchall()[0][0])
+
+    @_read
+    def newest_window(self, most: int, services: list[str] | None = None) -> int | None:
+        """The earliest ``since_ns`` whose window (``window_rows(since_ns, services)``) holds at
+        most ``most`` rows: the largest window of the newest traces a budget holds, which a
+        refused analysis offers instead (None: not even the newest trace fits, or none matches)."""
+        self.load_staged()
+        sql, params = newest_window(most, services)
+        found = self._cursor().execute(sql, params).fetchall()
+        return int(found[0][0]) if found and found[0][0] is not None else None
 
     # -- the Jaeger query API's reads (collector.trace_query) ----------------------------------
     @_read

@@ -17,6 +17,16 @@ from typing import Any
 WINDOW_ROWS_SQL = "SELECT count(*) FROM spans{where}"
 LARGEST_TRACE_SQL = "SELECT trace_id, count(*) FROM spans{where} GROUP BY trace_id ORDER BY 2 DESC, 1 LIMIT 1"
 TRACE_SIZES_SQL = "SELECT hash(trace_id) AS h, count(*)::BIGINT AS n FROM spans{where} GROUP BY trace_id"
+# The earliest ``since`` whose window holds at most ``?`` rows (NULL: none does, not even its
+# newest trace's): a trace is in the window ``since`` when its last start — of its spans that
+# match ``{match}``, a service filter — is at or after it, with every row it has. So each trace's
+# last start and rows, summed newest first, ties together (the window's default frame takes a
+# start's peers whole): the rows of each window ``since`` = that start
+NEWEST_WINDOW_SQL = (
+    "SELECT min(last) FROM (SELECT last, sum(n) OVER (ORDER BY last DESC) AS held FROM ("
+    "SELECT max(start_ns){match} AS last, count(*) AS n FROM spans GROUP BY trace_id"
+    ") WHERE last IS NOT NULL) WHERE held <= ?"
+)
 
 
 def span_conditions(
@@ -54,6 +64,14 @@ def traces_with(conditions: list[str]) -> str:
     (measured on a 10M-span store, a window of 5.8M: counting its rows peaked at 651 MiB in
     0.50 s against 185 MiB in 0.13 s; a read of four of its columns 835 MiB against 361)."""
     return f"trace_id IN (SELECT DISTINCT trace_id FROM spans WHERE {' AND '.join(conditions)})"
+
+
+def newest_window(most: int, services: list[str] | None = None) -> tuple[str, list[Any]]:
+    """``NEWEST_WINDOW_SQL`` and its parameters: the earliest ``since`` whose window (with the
+    ``services`` filter, if any) holds at most ``most`` rows."""
+    conditions, params = span_conditions(services=services)
+    match = f" FILTER (WHERE {' AND '.join(conditions)})" if conditions else ""
+    return NEWEST_WINDOW_SQL.format(match=match), [*params, int(most)]
 
 
 def window_where(*, since_ns: int | None = None, services: list[str] | None = None) -> tuple[str, list[Any]]:

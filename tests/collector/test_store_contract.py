@@ -322,6 +322,38 @@ def test_a_windows_rows_sizes_and_largest_trace_are_those_a_filtered_read_takes(
     assert store.window_rows() == store.raw_row_count() == 5
 
 
+def test_the_newest_window_a_number_of_rows_holds(make_store: StoreFactory) -> None:
+    """``newest_window(most, services)``: the earliest ``since_ns`` whose window holds at most
+    ``most`` rows (``window_rows``), None when not even the newest trace fits. What a refused
+    ``analyze --db`` offers: the largest window of the newest traces its budget holds."""
+    store = make_store()
+    _three_traces(store, "GET /c")  # rows: a 2, b 1, c 2 (its copy)
+    newest = getattr(store, "newest_window", None)
+    if newest is None:
+        pytest.skip("this store offers no window")
+    db_start, b_start, c_start = BASE_NS + 10 * MS, BASE_NS + 10_000 * MS, BASE_NS + 20_000 * MS
+    expected = {
+        (0, None): None,
+        (1, None): None,  # (c alone has 2 rows)
+        (2, None): c_start,
+        (3, None): b_start,
+        (4, None): b_start,  # (a's 2 more rows do not fit)
+        (5, None): db_start,  # (a's last start: its db span's)
+        (50, None): db_start,
+        (1, ("db",)): None,
+        (2, ("db",)): db_start,
+        (3, ("frontend",)): c_start,
+        (4, ("frontend",)): BASE_NS,  # (a's last frontend start: its root's, not its db span's)
+        (9, ("billing", "frontend")): BASE_NS,
+        (9, ("nosuch",)): None,
+    }
+    for (most, services), since_ns in expected.items():
+        named = list(services) if services is not None else None
+        assert newest(most, named) == since_ns, (most, services)
+        if since_ns is not None:  # (the largest such window: the values above)
+            assert store.window_rows(since_ns=since_ns, services=named) <= most, (most, services)
+
+
 def test_an_endpoints_traces_and_whether_a_span_is_there(make_store: StoreFactory) -> None:
     """``endpoint_trace_ids``: the window's traces with a span of (service, operation) — either
     may be None —, sorted, and the span rows they hold (copies included); None past a limit.
