@@ -78,22 +78,25 @@ MIN_WORKER_BYTES = 256 * 2**20  # below this a worker process is not worth its b
 # (``scan_partition``; ``Plan.split``). Its memory (DuckDB's scan and buffer pool,
 # ``SPLIT_MEMORY_LIMIT``, and the batches in flight) grows with the store. Measured with
 # ``split_store`` alone into 8 files in a process of 119 MiB (its peak RSS): 434 MiB at 1M spans,
-# ~487 at 2M (trace ids doubled), 522 at 5M; with a ``--since`` or ``--service`` filter, which
-# also joins the store with the matching trace ids whatever its memory limit, 610, ~786 and
-# 1106 MiB (every trace matching); in ``analyze --db`` at 1M the deciding process peaked at
-# 409-449 MiB splitting. Counted over PROCESS_BASE_BYTES: SPLIT_BYTES + SPLIT_BYTES_PER_SPAN a
-# span (283 MiB at 1M, 295 at 2M, 329 at 5M), SPLIT_FILTERED_... with a filter (491, 598, 918
-# MiB): a line at or above every point (the growth slows as the store grows: it is not linear).
+# ~487 at 2M (trace ids doubled), 522 at 5M; in ``analyze --db`` at 1M the deciding process
+# peaked at 409-449 MiB splitting. Counted over PROCESS_BASE_BYTES: SPLIT_BYTES +
+# SPLIT_BYTES_PER_SPAN a span (283 MiB at 1M, 295 at 2M, 329 at 5M): a line at or above every
+# point (the growth slows as the store grows: it is not linear).
 SPLIT_BYTES = 272 * 2**20
 SPLIT_BYTES_PER_SPAN = 12
-SPLIT_FILTERED_BYTES = 384 * 2**20
-SPLIT_FILTERED_BYTES_PER_SPAN = 112
-# A filtered split also scans the store's rows outside its window, beyond what an unfiltered split
-# of the window's rows would: measured over a 128 MiB process splitting into 8 files, a window of
-# 1.67M spans of a 10M-span store peaked 897 MiB over it, of 0.83M 721, of 0.84M of a 5M-span store
-# 559, of 0.41M 427, of 0.17M of a 1M-span store 186. Counted as SPLIT_FILTERED_... over the window
-# and this for each row outside it: at or above every point, never above the whole store matching.
-SPLIT_FILTERED_OUTSIDE_BYTES_PER_SPAN = 48
+# A ``--since`` or ``--service`` filter also joins the store with the window's trace ids
+# (``window_sql.traces_with``), whatever the split's memory limit, and scans the store's rows
+# outside the window. Measured over a 128 MiB process splitting into 8 files, every trace
+# matching: 383 MiB at 1M spans, 708 at 5M, 910 at 10M; a window of 1.67M spans of a 10M-span
+# store 757, of 0.83M 652, of 7.5M 917; of 0.84M of a 5M-span store 487, of 0.41M 411; of 0.17M
+# of a 1M-span store 187. Counted as SPLIT_FILTERED_BYTES + SPLIT_FILTERED_BYTES_PER_SPAN a span
+# of the window + SPLIT_FILTERED_OUTSIDE_BYTES_PER_SPAN a row outside it: at or above every point
+# (401 MiB at 1M, 725 at 5M, 1131 at 10M; 789, 755, 1028; 555, 537; 367). Before the join took
+# the trace ids once each, it held one a span of the window: 1003 MiB at 5M, 856 for the 1.67M
+# window of 10M, and these were 384 MiB, 112 and 48 bytes.
+SPLIT_FILTERED_BYTES = 320 * 2**20
+SPLIT_FILTERED_BYTES_PER_SPAN = 85
+SPLIT_FILTERED_OUTSIDE_BYTES_PER_SPAN = 42
 
 
 # The exemplar traces a partitioned run reads together for the recommendations' texts (after the
