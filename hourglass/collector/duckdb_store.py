@@ -1075,11 +1075,7 @@ class DuckDBSpanStore:
             if not self._dirty:
                 return 0
             since = self._dirty_since_ns
-            where = (
-                ""
-                if since is None
-                else "WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)"
-            )
+            where = "" if since is None else f"WHERE {traces_with(['ingested_ns >= ?'])}"
             params: list[Any] = [] if since is None else [since]
             index = self._trace_ranges
             if since is not None and index is not None:
@@ -1831,7 +1827,7 @@ class DuckDBSpanStore:
                     within = " OR ".join(["ingested_ns BETWEEN ? AND ?"] * len(ranges))
                     firsts = f"""
                         SELECT grouping(span_id) AS whole, min(ingested_ns) AS first FROM spans
-                        WHERE ({within}) AND trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)
+                        WHERE ({within}) AND {traces_with(["ingested_ns >= ?"])}
                         GROUP BY GROUPING SETS ((trace_id, span_id), (trace_id))
                     """
                     params.extend(b for pair in ranges for b in pair)
@@ -2045,7 +2041,7 @@ class DuckDBSpanStore:
         return (
             f"""
             SELECT trace_id, {_ARRIVAL_FIGURES}
-            FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE ingested_ns >= ?)
+            FROM spans WHERE {traces_with(["ingested_ns >= ?"])}
             GROUP BY trace_id ORDER BY trace_id
             """,
             [int(ingested_since_ns)],
