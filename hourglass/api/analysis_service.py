@@ -542,8 +542,9 @@ class AnalysisService:
             # (measured at 1M spans over an embedded ClickHouse: 2 partitions planned for one
             # process, the server's peak 1.12 GiB and both 1.63; 6 partitions, 0.85 and 1.14, in
             # the same time)
-            sizes = getattr(self.store, "trace_sizes", None)  # (partitions by rows, whatever the traces)
-            loads = planning.loads_of(*sizes()) if callable(sizes) else None
+            # (partitions by rows, whatever the traces: the window's, as its partitions take them)
+            sizes = getattr(self.store, "trace_sizes", None)
+            loads = planning.loads_of(*sizes(since_ns=since_ns)) if callable(sizes) else None
             chosen = planning.plan(spans, budget, 2, loads=loads)
         except planning.BudgetError as exc:
             if chosen_parts == 0:  # (the message names --memory-budget: serve reads the variable)

@@ -169,8 +169,8 @@ def _context(
         path = db or settings.db
         store = open_store_for_analysis(path, command)
         try:
-            count = getattr(store, "span_rows_since", None)
-            spans = int(count(since_ns)) if callable(count) else int(store.raw_row_count())
+            count = getattr(store, "window_rows", None)  # (every row of the window's traces: what is read)
+            spans = int(count(since_ns=since_ns)) if callable(count) else int(store.raw_row_count())
         finally:
             store.close()
         if spans * _read_copies(path) > most or partitions > 1:
@@ -325,10 +325,10 @@ def _large_window(
     path = db or settings.db
     store = open_store_for_analysis(path, command)
     try:
-        count, answer = getattr(store, "span_rows_since", None), getattr(store, method, None)
+        count, answer = getattr(store, "window_rows", None), getattr(store, method, None)
         if not callable(count) or not callable(answer):
             return None
-        window = int(count(since_ns))
+        window = int(count(since_ns=since_ns))
         copies = _read_copies(path)
         if window * copies <= at_once_spans(settings.memory_budget):
             return None

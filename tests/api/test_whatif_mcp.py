@@ -295,6 +295,27 @@ def test_the_cli_asks_a_store_window_larger_than_the_memory_budget_in_partitions
             assert "the store holds 3,408 spans, more than one context holds" in asked.stderr, asked.stderr
         assert json.loads(asked.stdout) == json.loads(at_once.stdout)
 
+    # a --since window is counted as its read takes it: every row of each trace with a span in
+    # it, not only the spans that start in it (a microsecond after the first span: its trace's
+    # other spans are read too)
+    from hourglass.collector.duckdb_store import DuckDBSpanStore
+    from hourglass.settings import iso_ns
+
+    store = DuckDBSpanStore(str(demo_store), read_only=True)
+    try:
+        since_ns = (min(store.scan(columns=("start_ns",))["start_ns"].to_pylist()) // 1000 + 1) * 1000
+        window, starting = store.window_rows(since_ns=since_ns), store.span_rows_since(since_ns)
+    finally:
+        store.close()
+    assert starting < window
+    windowed = run(
+        "whatif", "--db", str(demo_store), *speedup, "--since", str(iso_ns(since_ns)), environment=env
+    )
+    assert windowed.returncode == 0, windowed.stderr
+    assert f"the window holds {window:,} spans, more than one context holds" in windowed.stderr, (
+        windowed.stderr
+    )
+
     # trace files that large: written to a temporary store as they are read, asked in partitions,
     # the store removed after
     files = sorted(str(p) for p in SAMPLES.glob("*.otlp.jsonl"))
