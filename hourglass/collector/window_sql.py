@@ -19,9 +19,9 @@ LARGEST_TRACE_SQL = "SELECT trace_id, count(*) FROM spans{where} GROUP BY trace_
 TRACE_SIZES_SQL = "SELECT hash(trace_id) AS h, count(*)::BIGINT AS n FROM spans{where} GROUP BY trace_id"
 # The earliest ``since`` whose window holds at most ``?`` rows (NULL: none does, not even its
 # newest trace's): a trace is in the window ``since`` when its last start — of its spans that
-# match ``{match}``, a service filter — is at or after it, with every row it has. So each trace's
-# last start and rows, summed newest first, ties together (the window's default frame takes a
-# start's peers whole): the rows of each window ``since`` = that start
+# match ``{match}``, a service filter — is at or after it, with every row it has. So the traces'
+# rows summed newest last start first (ties together: the window's default frame takes a row's
+# peers whole) are, at each last start, the rows of the window from that start.
 NEWEST_WINDOW_SQL = (
     "SELECT min(last) FROM (SELECT last, sum(n) OVER (ORDER BY last DESC) AS held FROM ("
     "SELECT max(start_ns){match} AS last, count(*) AS n FROM spans GROUP BY trace_id"

@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -214,7 +215,7 @@ def test_tls_and_mutual_tls_with_the_real_exporters(
     serve = start(
         tmp_path,
         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
-        verify=str(pki.ca),
+        verify=ssl.create_default_context(cafile=str(pki.ca)),
     )  # fmt: skip
     stop_after.append(serve)
     assert serve.http.startswith("https://") and serve.api.startswith("https://")
@@ -236,7 +237,7 @@ def test_tls_and_mutual_tls_with_the_real_exporters(
         ),
         "via-http-mtls",
     )
-    assert _spans(serve, verify=str(pki.ca)) == 8
+    assert _spans(serve, verify=ssl.create_default_context(cafile=str(pki.ca))) == 8
     # without a client certificate, or in clear text, nothing gets in
     _emit(
         GrpcExporter(endpoint=serve.grpc, credentials=grpc.ssl_channel_credentials(ca), timeout=2), "no-cert"
@@ -245,7 +246,7 @@ def test_tls_and_mutual_tls_with_the_real_exporters(
     _emit(GrpcExporter(endpoint=serve.grpc, insecure=True, timeout=2), "clear-text")
     with pytest.raises(httpx.HTTPError):
         httpx.get(serve.api.replace("https://", "http://") + "/healthz", timeout=5)
-    assert _spans(serve, verify=str(pki.ca)) == 8
+    assert _spans(serve, verify=ssl.create_default_context(cafile=str(pki.ca))) == 8
     assert "TLS on all three ports" in serve.log.read_text()
 
 
