@@ -403,7 +403,7 @@ async def _serve_async(
         removed = await asyncio.to_thread(store.compact)
         try:
             stats = store.stats()
-            holds = f"store holds {stats.spans} spans, {stats.traces} traces"
+            holds = f"store holds {stats.spans:,} spans, {stats.traces:,} traces"
         except Exception as exc:  # a count is not worth failing the shutdown for: the data is committed
             holds = f"store not counted ({type(exc).__name__}: {exc})"
         _say(
@@ -434,7 +434,7 @@ def _say_store_size(store: SpanStore, db: str, shutdown: asyncio.Event) -> None:
         return
     took = time.monotonic() - started
     counted = f", counted in {took:.1f} s" if took >= 1 else ""
-    _say(f"store {redact(db)} holds {stats.spans} spans, {stats.traces} traces{counted}")
+    _say(f"store {redact(db)} holds {stats.spans:,} spans, {stats.traces:,} traces{counted}")
 
 
 def retention_every(retention_seconds: float, interval_s: float, compact_interval_s: float) -> float:
