@@ -363,12 +363,12 @@ def _last_start_before(store: Path, before_ns: int) -> int:
     return int(start)
 
 
-def _window_rows(store: Path, since_ns: int | None) -> int:
+def _window_rows(store: Path, since_ns: int | None, services: list[str] | None = None) -> int:
     from hourglass.collector.duckdb_store import DuckDBSpanStore
 
     opened = DuckDBSpanStore(str(store), read_only=True)
     try:
-        return opened.window_rows(since_ns=since_ns)
+        return opened.window_rows(since_ns=since_ns, services=services)
     finally:
         opened.close()
 
@@ -411,6 +411,23 @@ def test_a_window_is_planned_on_its_own_spans_not_the_stores(store: Path) -> Non
     before = _last_start_before(store, offered_ns - 1_000)
     assert fitting <= planning.at_once_spans(budget) < _window_rows(store, before)
     assert _report(store, "--since", offered[1], "--memory-budget", budget, "--workers", 1)["recommendations"]
+    # a --service window too large: the newest of its traces that fit, the filter kept
+    serviced = _window_rows(store, None, ["frontend"])
+    tight = planning.PROCESS_BASE_BYTES + planning.PEAK_BYTES_PER_SPAN * (serviced // 2)
+    with pytest.raises(partitions.BudgetError):
+        partitions.plan(serviced, tight, 1)
+    refused = _run(
+        "analyze", "--db", store, "--service", "frontend", "--memory-budget", tight, "--workers", 1
+    )
+    offered = re.search(
+        r"--since (\S+) with the same --service holds its newest ([\d,]+) spans, which fit$",
+        refused.stderr.strip(),
+    )
+    assert refused.returncode == 2 and offered is not None, refused.stderr
+    fitting = int(offered[2].replace(",", ""))
+    assert (
+        fitting == _window_rows(store, parse_since(offered[1]), ["frontend"]) <= planning.at_once_spans(tight)
+    )
     # a command without --memory-budget names the setting it reads instead
     settings = {"HOURGLASS_MEMORY_BUDGET": str(budget), "HOURGLASS_WORKERS": "1"}
     report = _run("report", "--db", store, "--format", "json", env=settings)

@@ -525,10 +525,8 @@ def _refusal(
 
         since, spans = fitting
         window = "a window of it" if since_ns is None else "a shorter window"
-        of = " of the same --service" if services else ""
-        message += (
-            f", or analyse {window}: --since {iso_ns(since)} holds its newest {spans:,} spans{of}, which fit"
-        )
+        same = " with the same --service" if services else ""
+        message += f", or analyse {window}: --since {iso_ns(since)}{same} holds its newest {spans:,} spans, which fit"
     elif whole:
         message += ", or analyse a window of it (--since 6h, --service S)"
     return message
