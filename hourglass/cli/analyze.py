@@ -22,6 +22,7 @@ a bad ``--since``); 1 — the store could not be opened; 3 — ``--fail-on`` mat
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -334,7 +335,7 @@ def analyze_store(
                 local = partitions.plan(spans, run.budget, 1)
                 plan = partitions.Plan(spans, max(2, local.parts), 0, local.buckets)
         except partitions.BudgetError as exc:
-            fitting = _fitting_window(store, run, stored, services)
+            fitting = functools.partial(_fitting_window, store, run, stored, services)
             raise _fail(_refusal(exc, since_ns, services, command, fitting), command=command) from None
         if plan.parts == 1 and run.cluster is None:
             from hourglass.analysis.resources import attach_store_resources
@@ -487,7 +488,11 @@ def _store_plan(
                 stored=stored,
             )
     except partitions.BudgetError as exc:
-        fitting = None if store is None else _fitting_window(store, run, stored, services, copies)
+        fitting = (
+            None
+            if store is None
+            else functools.partial(_fitting_window, store, run, stored, services, copies)
+        )
         raise _fail(_refusal(exc, since_ns, services, command, fitting), command=command) from None
     return plan
 
@@ -504,14 +509,15 @@ def _refusal(
     since_ns: int | None,
     services: list[str] | None,
     command: str,
-    fitting: tuple[int, int] | None = None,
+    fitting: Callable[[], tuple[int, int] | None] | None = None,
 ) -> str:
     """A plan's refusal (``planning.BudgetError``, which names ``analyze``'s flags) for
     ``command``'s line: the settings it takes instead of the flags it lacks (diff and report have
     neither ``--memory-budget`` nor ``--workers``); a refusal of the spans of the whole store or
-    of a window, which a smaller window may not have, offers ``fitting`` where the command takes
+    of a window, which a smaller window may not have, offers ``fitting()`` where the command takes
     the filters (:func:`_fitting_window`: the ``--since`` of the largest window of the newest
-    traces that fits, and its spans), else names the filters."""
+    traces that fits, and its spans; asked only then: it reads the store, ~1 s at 10M spans),
+    else names the filters."""
     message = str(exc)
     if command not in _BUDGETED:
         message = message.replace("--memory-budget", "HOURGLASS_MEMORY_BUDGET")
@@ -520,10 +526,11 @@ def _refusal(
     if command not in _WINDOWED or "cannot hold the" not in message:
         return message
     whole = since_ns is None and not services
-    if fitting is not None:
+    offered = fitting() if fitting is not None else None
+    if offered is not None:
         from hourglass.settings import iso_ns
 
-        since, spans = fitting
+        since, spans = offered
         window = "a window of it" if since_ns is None else "a shorter window"
         same = " with the same --service" if services else ""
         message += f", or analyse {window}: --since {iso_ns(since)}{same} holds its newest {spans:,} spans, which fit"
@@ -594,7 +601,7 @@ def store_findings(
         spans = _window_rows(store, since_ns, None, stored)
         plan = _local_plan(store, path, run, spans, since_ns, None, command, stored=stored)
     except partitions.BudgetError as exc:
-        fitting = _fitting_window(store, run, stored, None)
+        fitting = functools.partial(_fitting_window, store, run, stored, None)
         raise _fail(_refusal(exc, since_ns, None, command, fitting), command=command) from None
     finally:
         store.close()
